@@ -1,0 +1,34 @@
+"""Step 3: which sublayer writes (or removes) a massive activation, and for attention, which heads."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.adapters.base import bias_of, weight_out_in
+from ..models.loading import LoadedModel
+from .results import HeadShare
+
+
+def writer(role: str, resid_in: float, attn: float, mlp: float, resid_out: float) -> str:
+    """The branch that made the change: at birth the one pushing hardest toward resid_out's sign,
+    at removal the one pushing hardest against resid_in's sign."""
+    sign = (1.0 if resid_out >= 0 else -1.0) if role == "birth" else (-1.0 if resid_in >= 0 else 1.0)
+    return "attn" if attn * sign >= mlp * sign else "mlp"
+
+
+def decomposition_gap(resid_in: float, attn: float, mlp: float, resid_out: float) -> float:
+    """|resid_in + attn + mlp - resid_out| relative to the largest term: 0 when the adapter maps the block right."""
+    scale = max(abs(resid_in), abs(attn), abs(mlp), abs(resid_out), 1e-12)
+    return abs(resid_in + attn + mlp - resid_out) / scale
+
+
+def head_split(lm: LoadedModel, layer: int, z: torch.Tensor, dim: int) -> list[HeadShare]:
+    """attn_out[dim] = sum over heads h of W_O[dim, h-slice] . z[h-slice] (+ bias), largest |contribution| first."""
+    o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
+    row = weight_out_in(o_proj)[dim].detach().double().cpu()
+    n_heads = lm.model.config.num_attention_heads
+    per_head = (row * z.double()).view(n_heads, -1).sum(dim=1)
+    bias = bias_of(o_proj)
+    total = float(per_head.sum()) + (float(bias[dim]) if bias is not None else 0.0)
+    order = per_head.abs().argsort(descending=True).tolist()
+    return [HeadShare(h, float(per_head[h]), float(per_head[h]) / total if total else float("nan")) for h in order]

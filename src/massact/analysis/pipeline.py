@@ -1,0 +1,303 @@
+"""The whole investigation: scan, detect, find the writer, open the MLP, attribute to neurons and a super weight."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..capture.probe import ATTN_Z, probe_block
+from ..errors import UsageError
+from ..models.adapters.base import weight_out_in
+from ..models.loading import LoadedModel, load, wrap
+from ..texts import gather_texts
+from . import anatomy as anatomy_step
+from .attribution import contributions, down_row, mlp_weight_stats, super_weight
+from .origin import decomposition_gap, head_split, writer
+from .results import Anatomy, Attribution, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
+from .scan import detect, group_dims, layer_stats, scan_layers
+
+CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
+
+
+@dataclass
+class Event:
+    """A (dim, text, position, block) to explain: where the dim is born, or where it is removed."""
+
+    dim: int
+    text: int
+    position: int
+    layer: int
+    role: str
+
+
+def scan(
+    model: LoadedModel | nn.Module | str | None = None,
+    texts: Sequence[str] | None = None,
+    *,
+    tokenizer=None,
+    top_k: int = 5,
+    min_abs: float = 100.0,
+    min_ratio: float = 1000.0,
+    top_neurons: int = 10,
+    dtype: str = "float32",
+    device: str = "auto",
+    on_text: Callable[[int], None] | None = None,
+) -> Report:
+    """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
+    neurons and weight that write it.
+
+    ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
+    ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences.
+    """
+    lm = _as_loaded(model, tokenizer, dtype, device)
+    texts = gather_texts(list(texts) if texts is not None else None)
+    inputs, tokens = encode(lm, texts)
+    criterion = Criterion(min_abs=min_abs, min_ratio=min_ratio)
+
+    layer_scan = scan_layers(lm, inputs, CANDIDATES, on_text)
+    criterion.median_rel_error = layer_scan.histograms[0].rel_error
+    layers = layer_stats(layer_scan, tokens, top_k)
+    massive = detect(layer_scan, tokens, criterion)
+    dims = group_dims(massive, len(layers))
+    warnings = _scan_warnings(layer_scan, massive, tokens)
+
+    origins, anatomies, attributions = [], [], []
+    events = pick_events(dims, massive)
+    probes = {}
+    for text, layer in dict.fromkeys((e.text, e.layer) for e in events):
+        positions = sorted({e.position for e in events if (e.text, e.layer) == (text, layer)})
+        probes[text, layer] = (positions, probe_block(lm, inputs[text], layer, positions))
+    tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
+    for event in events:
+        positions, vectors = probes[event.text, event.layer]
+        at = {site: v[positions.index(event.position)] for site, v in vectors.items()}
+        origin = explain_origin(lm, event, at, tokens)
+        if event.role == "removal":
+            origin.cause = removal_cause(origin.resid_out, layers[event.layer - 1].median, criterion)
+        gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
+        if gap > tolerance:
+            warnings.append(f"block {event.layer}: resid_in + attn + mlp differs from resid_out by {gap:.1e} (relative)")
+        origins.append(origin)
+        if origin.writer == "mlp":
+            attribution = attribute(lm, event, at, tokens, top_neurons)
+            if attribution.error > tolerance:
+                warnings.append(
+                    f"block {event.layer} dim {event.dim}: neuron contributions miss the output by {attribution.error:.1e}"
+                )
+            attributions.append(attribution)
+            anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
+
+    report = Report(
+        model=model_info(lm),
+        texts=texts,
+        tokens=tokens,
+        criterion=criterion,
+        layers=layers,
+        massive=massive,
+        dims=dims,
+        origin=origins,
+        anatomy=anatomies,
+        attribution=attributions,
+        conclusion=[],
+        warnings=warnings,
+        versions=_versions(),
+    )
+    report.conclusion = conclude(report)
+    return report
+
+
+def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise UsageError("a model object needs its tokenizer: scan(model, texts, tokenizer=...)")
+        return wrap(model, tokenizer)
+    return load(model, dtype=dtype, device=device)
+
+
+def encode(lm: LoadedModel, texts: list[str]) -> tuple[list[torch.Tensor], list[list[str]]]:
+    """Token ids [1, n] per text and the decoded tokens; a text longer than the model's context is refused."""
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    inputs, tokens = [], []
+    for index, text in enumerate(texts, 1):
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise UsageError(f"text {index} has no tokens")
+        if limit and ids.shape[1] > limit:
+            raise UsageError(f"text {index} has {ids.shape[1]} tokens, more than the model's context of {limit}: split it")
+        inputs.append(ids)
+        tokens.append([lm.tokenizer.decode([i]) for i in ids[0].tolist()])
+    return inputs, tokens
+
+
+def pick_events(dims: list[DimSummary], massive: list[Massive]) -> list[Event]:
+    """Per dim: its strongest entry at the birth block, and at each removal the strongest entry just before it."""
+    events = []
+    for summary in dims:
+        for role, layer, looked_at in [("birth", summary.born_at, summary.born_at)] + [
+            ("removal", r, r - 1) for r in summary.removed_at
+        ]:
+            strongest = max((m for m in massive if m.dim == summary.dim and m.layer == looked_at), key=lambda m: abs(m.value))
+            events.append(Event(summary.dim, strongest.text, strongest.position, layer, role))
+    return events
+
+
+def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens) -> Origin:
+    resid_in, attn, mlp, resid_out = (float(at[s][event.dim]) for s in ("resid_in", "attn_out", "mlp_out", "resid_out"))
+    who = writer(event.role, resid_in, attn, mlp, resid_out)
+    heads = head_split(lm, event.layer, at[ATTN_Z], event.dim) if who == "attn" else None
+    token = tokens[event.text][event.position]
+    return Origin(event.dim, event.text, event.position, token, event.layer, event.role, who, resid_in, attn, mlp, resid_out, heads)
+
+
+def removal_cause(value: float, previous_median: float, criterion: Criterion) -> str:
+    """Did the value fall ("value"), or would it still be massive against the previous block's median ("median")?"""
+    held = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * previous_median
+    return "median" if held else "value"
+
+
+def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, top: int) -> Attribution:
+    weight_row, bias = down_row(lm.adapter, lm.model, event.layer, event.dim)
+    output = float(at["mlp_out"][event.dim])
+    neurons, error, for_90 = contributions(at["mlp_act"], weight_row, bias, output, top)
+    return Attribution(
+        layer=event.layer,
+        text=event.text,
+        position=event.position,
+        token=tokens[event.text][event.position],
+        dim=event.dim,
+        role=event.role,
+        output=output,
+        bias=bias,
+        error=error,
+        neurons=neurons,
+        neurons_for_90pct=for_90,
+        super_weight=super_weight(lm.adapter, lm.model, event.layer, event.dim, neurons[0].neuron),
+        weights=mlp_weight_stats(lm.adapter, lm.model, event.layer),
+    )
+
+
+def open_mlp(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, neurons: list[int]) -> Anatomy:
+    points = anatomy_step.checkpoints(at, lm.adapter.gated)
+    function = lm.adapter.module(lm.model, event.layer, lm.adapter.act_fn)
+    pre = at["mlp_gate"] if lm.adapter.gated else at["mlp_up"]
+    impact = anatomy_step.activation_impact(function, pre, at["mlp_up"] if lm.adapter.gated else None, neurons)
+    return Anatomy(
+        layer=event.layer,
+        text=event.text,
+        position=event.position,
+        token=tokens[event.text][event.position],
+        dim=event.dim,
+        role=event.role,
+        checkpoints=points,
+        explosion_point=anatomy_step.explosion_point(points),
+        activation_impact=impact,
+    )
+
+
+def model_info(lm: LoadedModel) -> ModelInfo:
+    config = lm.model.config
+    down = lm.adapter.module(lm.model, 0, lm.adapter.mlp_down)
+    return ModelInfo(
+        name=lm.name,
+        architecture=type(lm.model).__name__,
+        family=lm.adapter.family,
+        n_layers=len(lm.adapter.blocks(lm.model)),
+        d_model=config.hidden_size,
+        d_mlp=weight_out_in(down).shape[1],
+        n_heads=config.num_attention_heads,
+        gated=lm.adapter.gated,
+        dtype=str(lm.dtype).removeprefix("torch."),
+        device=str(lm.device),
+    )
+
+
+def _scan_warnings(layer_scan, massive: list[Massive], tokens) -> list[str]:
+    warnings = []
+    if layer_scan.nonfinite:
+        layer, text, position, dim = layer_scan.nonfinite
+        warnings.append(
+            f"non-finite activation (inf/nan) first at block {layer}, text {text}, position {position}, dim {dim}:"
+            " the dtype overflowed; use bfloat16 or float32"
+        )
+    full = [layer for layer in {m.layer for m in massive} if sum(m.layer == layer for m in massive) >= CANDIDATES]
+    if full:
+        warnings.append(f"blocks {sorted(full)} have more than {CANDIDATES} massive entries; only the largest are listed")
+    return warnings
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"massact": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+_PLACES = {
+    "mlp_gate": "the gate projection (mlp_gate)",
+    "mlp_up": "the up projection (mlp_up)",
+    "mlp_out": "the down projection (mlp_out)",
+}
+
+
+def _explosion_words(name: str, gated: bool) -> str:
+    if name == "mlp_act":
+        return "the gated product act(gate) x up (mlp_act)" if gated else "the activation function (mlp_act)"
+    return _PLACES.get(name, name)
+
+
+def _removal_words(o: Origin) -> str:
+    if o.cause == "median":
+        return f"falls under the ratio at block {o.layer} because the median |a| grows (the value holds: {o.resid_in:+.1f} -> {o.resid_out:+.1f})"
+    return f"is removed by block {o.layer}'s {'MLP' if o.writer == 'mlp' else 'attention'} ({o.resid_in:+.1f} -> {o.resid_out:+.1f})"
+
+
+def conclude(report: Report) -> list[str]:
+    """Plain-language sentences, one per massive dim, built from the numbers above them in the report."""
+    if not report.dims:
+        best = max(report.layers, key=lambda s: s.ratio)
+        top = best.top[0]
+        return [
+            f"No massive activations under the criterion (|a| >= {report.criterion.min_abs:g} and >= "
+            f"{report.criterion.min_ratio:g} x median): the largest top1/median is {best.ratio:.0f}x, dim {top.dim} "
+            f"= {top.value:.1f} at block {best.layer}."
+        ]
+    sentences = []
+    gated = report.model.gated
+    for summary in report.dims:
+        birth = next(o for o in report.origin if o.dim == summary.dim and o.role == "birth")
+        written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
+        branch = birth.mlp if birth.writer == "mlp" else birth.attn
+        text = (
+            f"dim {summary.dim} at token {birth.position} ({birth.token!r}) is born in block {birth.layer}, written by its "
+            f"{written} ({branch:+.1f} of resid_out {birth.resid_out:+.1f}, resid_in was {birth.resid_in:+.1f})"
+        )
+        attribution = next((a for a in report.attribution if a.dim == summary.dim and a.role == "birth"), None)
+        anatomy = next((a for a in report.anatomy if a.dim == summary.dim and a.role == "birth"), None)
+        if attribution and anatomy:
+            top = attribution.neurons[0]
+            weight = attribution.super_weight
+            count = attribution.neurons_for_90pct
+            text += (
+                f"; {count} neuron{'s' if count != 1 else ''} give 90% of it, neuron {top.neuron} alone "
+                f"{top.share:.1%}; the explosion is at {_explosion_words(anatomy.explosion_point, gated)}; "
+                f"super weight {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
+                f"rank {weight.rank} of {weight.entries:,} entries by |w|"
+            )
+        elif birth.heads:
+            head = birth.heads[0]
+            text += f"; head {head.head} gives {head.share:.1%} of the attention output"
+        last = summary.persists[-1]
+        count = len(summary.persists)
+        text += f". It is massive in block {last}" if count == 1 else f". It is massive in {count} blocks, {summary.born_at} to {last}"
+        removals = [o for o in report.origin if o.dim == summary.dim and o.role == "removal"]
+        if removals:
+            text += ", and " + ", ".join(_removal_words(o) for o in removals)
+        else:
+            text += ", and is still massive at the last block"
+        sentences.append(text + ".")
+    return sentences

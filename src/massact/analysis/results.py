@@ -1,0 +1,252 @@
+"""Result dataclasses: what each analysis step found. Values are float32-or-wider Python numbers, blocks are 0-based."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    architecture: str
+    family: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int
+    gated: bool
+    dtype: str
+    device: str
+
+
+@dataclass
+class Criterion:
+    """An activation a is massive when |a| >= min_abs and |a| >= min_ratio x the median |a| of its hidden state."""
+
+    min_abs: float = 100.0
+    min_ratio: float = 1000.0
+    median: str = "median |a| over every token of every text at that block's output"
+    median_rel_error: float = 0.0
+
+
+@dataclass
+class Entry:
+    """One activation: its signed value at (text, position, dim); ``token`` is the decoded token there."""
+
+    value: float
+    text: int
+    position: int
+    token: str
+    dim: int
+
+
+@dataclass
+class LayerStats:
+    """A block's residual output (block i = HF hidden_states[i+1], taken before any final norm)."""
+
+    layer: int
+    median: float
+    ratio: float
+    top: list[Entry]
+
+
+@dataclass
+class Massive:
+    layer: int
+    text: int
+    position: int
+    token: str
+    dim: int
+    value: float
+    ratio: float
+
+
+@dataclass
+class DimSummary:
+    """Where a massive dim lives: the block that first makes it massive, every block where it is, where it falls back."""
+
+    dim: int
+    born_at: int
+    persists: list[int]
+    removed_at: list[int]
+    max_value: float
+    tokens: list[str]
+
+
+@dataclass
+class HeadShare:
+    head: int
+    contribution: float
+    share: float
+
+
+@dataclass
+class Origin:
+    """resid_out = resid_in + attn + mlp at (position, dim) of ``layer``; the writer is the branch that made the change.
+
+    ``cause`` at a removal: "value" when the value itself fell under the criterion, "median" when it would still be
+    massive against the previous block's median (the rest of the hidden state grew, the value held).
+    """
+
+    dim: int
+    text: int
+    position: int
+    token: str
+    layer: int
+    role: str
+    writer: str
+    resid_in: float
+    attn: float
+    mlp: float
+    resid_out: float
+    cause: str | None = None
+    heads: list[HeadShare] | None = None
+
+
+@dataclass
+class Checkpoint:
+    """One MLP checkpoint at the position: |v| statistics over its ``size`` entries.
+
+    ``change`` is max minus the max of ``previous``; ``jump`` is ratio over the previous ratio (how much sharper).
+    """
+
+    name: str
+    size: int
+    max: float
+    argmax: int
+    value: float
+    median: float
+    ratio: float
+    previous: str | None
+    change: float | None
+    change_pct: float | None
+    jump: float | None
+
+
+@dataclass
+class NeuronActivation:
+    neuron: int
+    before: float
+    after: float
+    up: float | None
+    product: float
+
+
+@dataclass
+class ActivationImpact:
+    """What the activation function does to the pre-activation (the gate in a gated MLP), over all neurons.
+
+    suppressed: |after| < 10% of |before|; flipped: the sign changed; kept_mass: sum |after| / sum |before|.
+    """
+
+    function: str
+    neurons: int
+    suppressed: int
+    flipped: int
+    kept_mass: float
+    median_before: float
+    median_after: float
+    top: list[NeuronActivation]
+
+
+@dataclass
+class Anatomy:
+    layer: int
+    text: int
+    position: int
+    token: str
+    dim: int
+    role: str
+    checkpoints: list[Checkpoint]
+    explosion_point: str
+    activation_impact: ActivationImpact
+
+
+@dataclass
+class NeuronContribution:
+    """contribution = activation x weight, the neuron's part of the output; share = contribution / output."""
+
+    neuron: int
+    activation: float
+    weight: float
+    contribution: float
+    share: float
+
+
+@dataclass
+class SuperWeight:
+    """W_down[dim, neuron] of the top neuron, located as stored: ``get_parameter(matrix)[row, col]`` is ``value``.
+
+    rank: 1 + how many entries of the matrix are larger in |w|.
+    """
+
+    matrix: str
+    row: int
+    col: int
+    value: float
+    rank: int
+    entries: int
+
+
+@dataclass
+class WeightStats:
+    matrix: str
+    shape: list[int]
+    max: float
+    argmax: list[int]
+    mean: float
+
+
+@dataclass
+class Attribution:
+    """output = sum_i activation_i x W_down[dim, i] + bias; ``error`` is the relative gap of that sum to the output."""
+
+    layer: int
+    text: int
+    position: int
+    token: str
+    dim: int
+    role: str
+    output: float
+    bias: float
+    error: float
+    neurons: list[NeuronContribution]
+    neurons_for_90pct: int
+    super_weight: SuperWeight
+    weights: list[WeightStats] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    model: ModelInfo
+    texts: list[str]
+    tokens: list[list[str]]
+    criterion: Criterion
+    layers: list[LayerStats]
+    massive: list[Massive]
+    dims: list[DimSummary]
+    origin: list[Origin]
+    anatomy: list[Anatomy]
+    attribution: list[Attribution]
+    conclusion: list[str]
+    warnings: list[str]
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value):
+    """JSON has no inf or nan (float16 overflow makes them): write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value

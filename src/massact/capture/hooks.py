@@ -1,0 +1,97 @@
+"""Small context-manager hooks: read canonical sites while the model runs, reduce them where they are.
+
+``tap`` calls a function with every value a site takes; ``Trace`` keeps what a reducer makes of it.
+Nothing is cached unless the caller's function keeps it, so a scan can keep only top-k and sketches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.adapters.base import Adapter
+from ..sites import resolve_site
+
+SiteFn = Callable[[int, str, torch.Tensor], None]
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    # transformers 5 blocks call submodules with keyword arguments (hidden_states=...).
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _hook(module: nn.Module, direction: str, fn: Callable[[torch.Tensor], None]):
+    if direction == "in":
+        return module.register_forward_pre_hook(lambda m, args, kwargs: fn(_first_tensor(args, kwargs)), with_kwargs=True)
+    return module.register_forward_hook(lambda m, args, output: fn(_output_tensor(output)))
+
+
+@contextmanager
+def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn: SiteFn) -> Iterator[None]:
+    """Within the block, call ``fn(layer, site, tensor)`` each time a requested site is computed."""
+    handles = []
+    try:
+        for layer, site in sites:
+            if site not in adapter.sites:
+                raise ValueError(f"{adapter.family} has no site {site!r}")
+            path, direction = adapter.sites[site]
+            module = adapter.module(model, layer, path)
+            handles.append(_hook(module, direction, lambda t, layer=layer, site=site: fn(layer, site, t)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def tap_module_input(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, call ``fn(tensor)`` with every input of one module (e.g. the attention's o_proj)."""
+    handle = _hook(module, "in", fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Trace:
+    """Keep ``reduce(tensor)`` for each requested site, by (layer, site).
+
+    Sites are canonical names with a layer, or TransformerLens hook names::
+
+        with Trace(model, adapter, ["blocks.3.hook_mlp_out", (3, "mlp_act")]) as trace:
+            model(input_ids)
+        trace[3, "mlp_out"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        sites: Iterable[str | tuple[int, str]],
+        reduce: Callable[[torch.Tensor], Any] = lambda t: t.detach(),
+    ):
+        self.values: dict[tuple[int, str], Any] = {}
+        requests = [resolve_site(s, adapter.gated) if isinstance(s, str) else resolve_site(s[1], adapter.gated, s[0]) for s in sites]
+        self._context = tap(model, adapter, requests, lambda layer, site, t: self.values.__setitem__((layer, site), reduce(t)))
+
+    def __enter__(self) -> Trace:
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+
+    def __getitem__(self, key: tuple[int, str]) -> Any:
+        return self.values[key]

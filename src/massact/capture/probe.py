@@ -1,0 +1,26 @@
+"""Read every site of one block at a few positions of one text: the vectors the origin and anatomy steps need."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.loading import LoadedModel
+from .hooks import tap, tap_module_input
+
+ATTN_Z = "attn_z"  # the attention output projection's input: every head's output, concatenated (TL: attn.hook_z)
+
+
+def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions: list[int]) -> dict[str, torch.Tensor]:
+    """{site: [len(positions), width] float32 on CPU} for every site of the block, plus ``attn_z``."""
+    index = torch.tensor(positions, device=lm.device)
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        kept[name] = tensor[0].detach().index_select(0, index).float().cpu()
+
+    sites = [(layer, site) for site in lm.adapter.sites]
+    o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
+    with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda _, site, t: keep(site, t)):
+        with tap_module_input(o_proj, lambda t: keep(ATTN_Z, t)):
+            lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    return kept

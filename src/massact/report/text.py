@@ -1,0 +1,233 @@
+"""The report for people: rich tables in the terminal, the same tables as plain Markdown-style text in report.txt."""
+
+from __future__ import annotations
+
+import io
+
+from rich import box
+from rich.console import Console, Group
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
+
+from ..analysis.results import Anatomy, Attribution, Report
+
+MASSIVE_ROWS = 40  # the full list is in report.json
+
+
+def num(x: float | None, signed: bool = False) -> str:
+    """A number a reader can scan: thousands separators for big values, more decimals for small ones."""
+    if x is None:
+        return "-"
+    if x != x or x in (float("inf"), float("-inf")):
+        return str(x)
+    sign = "+" if signed else ""
+    size = abs(x)
+    if size >= 1000:
+        return f"{x:{sign},.1f}"
+    if size >= 1:
+        return f"{x:{sign}.2f}"
+    if size >= 1e-3 or size == 0:
+        return f"{x:{sign}.4f}"
+    return f"{x:{sign}.2e}"
+
+
+def ratio(x: float) -> str:
+    return f"{x:,.0f}x" if x == x and x != float("inf") else str(x)
+
+
+def spans(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'"""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "-"
+
+
+def where(text: int, position: int, token: str) -> str:
+    return f"text {text} pos {position} {token!r}"
+
+
+class _Style:
+    def __init__(self, plain: bool):
+        self.plain = plain
+
+    def table(self, title: str | None, *columns: str, right: tuple[int, ...] = ()) -> Table:
+        table = Table(
+            title=title,
+            box=box.MARKDOWN if self.plain else box.SIMPLE_HEAD,
+            title_justify="left",
+            title_style="" if self.plain else "bold",
+            header_style="" if self.plain else "bold cyan",
+            pad_edge=self.plain,
+        )
+        for index, column in enumerate(columns):
+            table.add_column(column, justify="right" if index in right else "left")
+        return table
+
+    def heading(self, title: str):
+        return Text(f"\n## {title}\n") if self.plain else Rule(f"[bold]{title}", align="left")
+
+
+def renderables(report: Report, plain: bool) -> list:
+    """Every section of the report, in reading order."""
+    style = _Style(plain)
+    m, c = report.model, report.criterion
+    out: list = [
+        Text(f"massact report: {m.name}", style="" if plain else "bold"),
+        Text(
+            f"{m.architecture} ({m.family} adapter), {m.n_layers} blocks, d_model {m.d_model}, d_mlp {m.d_mlp}, "
+            f"{m.n_heads} heads, {'gated' if m.gated else 'plain'} MLP, {m.dtype} on {m.device}\n"
+            f"{len(report.texts)} text(s), {sum(len(t) for t in report.tokens)} tokens. Massive: |a| >= {c.min_abs:g} "
+            f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.1%})."
+        ),
+    ]
+    out += [style.heading("1. Layer scan: each block's residual output"), _layer_table(style, report)]
+    out += [style.heading("2. Massive activations"), *_massive_tables(style, report)]
+    out += [style.heading("3. Origin: which sublayer writes and removes them"), *_origin_tables(style, report)]
+    if report.anatomy:
+        out.append(style.heading("4. MLP anatomy at the writing block"))
+        for anatomy in report.anatomy:
+            out += _anatomy_tables(style, anatomy, m.gated)
+    if report.attribution:
+        out.append(style.heading("5. Neuron attribution and super weight"))
+        shown: set[int] = set()
+        for attribution in report.attribution:
+            out += _attribution_tables(style, attribution, attribution.layer not in shown)
+            shown.add(attribution.layer)
+    if report.warnings:
+        out.append(style.heading("Warnings"))
+        out += [Text(f"- {w}", style="" if plain else "yellow") for w in report.warnings]
+    out.append(style.heading("Conclusion"))
+    out += [Text(sentence) for sentence in report.conclusion]
+    return out
+
+
+def _layer_table(style: _Style, report: Report) -> Table:
+    massive_layers = {m.layer for m in report.massive}
+    table = style.table(None, "block", "median |a|", "top1", "top1/median", "top1 at", "top2", "top3", "massive", right=(0, 1, 2, 3, 5, 6))
+    for stats in report.layers:
+        top = stats.top
+        cell = [f"{num(e.value, True)} d{e.dim}" for e in top[1:3]] + ["-", "-"]
+        table.add_row(
+            str(stats.layer),
+            num(stats.median),
+            num(top[0].value, True) if top else "-",
+            ratio(stats.ratio),
+            f"dim {top[0].dim}, {where(top[0].text, top[0].position, top[0].token)}" if top else "-",
+            cell[0],
+            cell[1],
+            "yes" if stats.layer in massive_layers else "",
+        )
+    return table
+
+
+def _massive_tables(style: _Style, report: Report) -> list:
+    if not report.massive:
+        return [Text("None found under the criterion.")]
+    dims = style.table("By dim", "dim", "born at block", "massive in blocks", "removed at block", "largest value", "tokens", right=(0, 1, 4))
+    for d in report.dims:
+        dims.add_row(str(d.dim), str(d.born_at), spans(d.persists), spans(d.removed_at), num(d.max_value, True), ", ".join(repr(t) for t in d.tokens[:6]))
+    groups: dict[tuple[int, int, int], list] = {}
+    for e in report.massive:
+        groups.setdefault((e.dim, e.text, e.position), []).append(e)
+    entries = style.table(
+        f"Where they sit ({len(report.massive)} entries, all in report.json)",
+        "dim", "text", "pos", "token", "blocks", "largest value", "x median", right=(0, 1, 2, 5, 6),
+    )
+    for (dim, text, position), group in list(groups.items())[:MASSIVE_ROWS]:
+        top = max(group, key=lambda e: abs(e.value))
+        entries.add_row(str(dim), str(text), str(position), repr(top.token), spans(sorted(e.layer for e in group)), num(top.value, True), ratio(top.ratio))
+    rest = len(groups) - MASSIVE_ROWS
+    return [dims, entries] + ([Text(f"... and {rest} more places in report.json")] if rest > 0 else [])
+
+
+def _origin_tables(style: _Style, report: Report) -> list:
+    if not report.origin:
+        return [Text("Nothing to trace.")]
+    table = style.table(
+        "resid_out = resid_in + attn + mlp at the coordinate",
+        "dim", "block", "role", "where", "resid_in", "attn", "mlp", "resid_out", "writer",
+        right=(0, 1, 4, 5, 6, 7),
+    )
+    out: list = [table]
+    for o in report.origin:
+        who = "MLP" if o.writer == "mlp" else "attention"
+        if o.cause == "median":
+            who = "none: the median grew"
+        table.add_row(str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True), num(o.mlp, True), num(o.resid_out, True), who)
+        if o.heads:
+            heads = style.table(f"Attention heads of block {o.layer} into dim {o.dim}", "head", "contribution", "share", right=(0, 1, 2))
+            for h in o.heads[:8]:
+                heads.add_row(str(h.head), num(h.contribution, True), f"{h.share:.1%}")
+            out.append(heads)
+    return out
+
+
+def _anatomy_tables(style: _Style, a: Anatomy, gated: bool) -> list:
+    table = style.table(
+        f"Block {a.layer} MLP at {where(a.text, a.position, a.token)} ({a.role} of dim {a.dim})",
+        "checkpoint", "size", "max |v|", "at", "median |v|", "top1/median", "vs", "change in max", "x sharper",
+        right=(1, 2, 3, 4, 5, 7, 8),
+    )
+    for p in a.checkpoints:
+        change = f"{num(p.change, True)} ({p.change_pct:+.0f}%)" if p.change is not None else "-"
+        table.add_row(p.name, str(p.size), num(p.max), str(p.argmax), num(p.median), ratio(p.ratio), p.previous or "-", change, f"{p.jump:.2f}" if p.jump else "-")
+    impact = a.activation_impact
+    pre = "gate" if gated else "up"
+    lines = Text(
+        f"Explosion point: {a.explosion_point} (largest growth of top1/median).\n"
+        f"Activation {impact.function} on the {pre} pre-activation, over all {impact.neurons} neurons: "
+        f"{impact.suppressed} suppressed (|after| < 10% of |before|), {impact.flipped} flipped sign, "
+        f"{impact.kept_mass:.1%} of the total |value| kept; median |v| {num(impact.median_before)} -> {num(impact.median_after)}."
+    )
+    neurons = style.table(
+        "Top neurons (by contribution) through the activation", "neuron", f"{pre} (before)", "after act", *(["up", "act x up"] if gated else []),
+        right=(0, 1, 2, 3, 4),
+    )
+    for n in impact.top[:5]:
+        neurons.add_row(str(n.neuron), num(n.before, True), num(n.after, True), *([num(n.up, True), num(n.product, True)] if gated else []))
+    return [table, lines, neurons]
+
+
+def _attribution_tables(style: _Style, a: Attribution, with_weights: bool) -> list:
+    head = Text(
+        f"Block {a.layer} mlp_out[{a.dim}] = {num(a.output, True)} at {where(a.text, a.position, a.token)} ({a.role}): "
+        f"sum of activation x weight over all neurons + bias {num(a.bias, True)} matches it to {a.error:.1e} (relative). "
+        f"{a.neurons_for_90pct} neuron(s) give 90% of it."
+    )
+    table = style.table(None, "neuron", "activation", "weight W[dim, i]", "contribution", "share", "cumulative", right=(0, 1, 2, 3, 4, 5))
+    cumulative = 0.0
+    for n in a.neurons:
+        cumulative += n.share
+        table.add_row(str(n.neuron), num(n.activation, True), num(n.weight, True), num(n.contribution, True), f"{n.share:.1%}", f"{cumulative:.1%}")
+    w = a.super_weight
+    weight = Text(
+        f"Super weight: {w.matrix}[{w.row}, {w.col}] = {w.value:+.4f}, rank {w.rank} of {w.entries:,} entries by |w| "
+        f"(the weight from neuron {a.neurons[0].neuron} into dim {a.dim})."
+    )
+    stats = style.table("MLP weights of the block", "matrix", "shape", "max |w|", "at (row, col)", "mean |w|", right=(2, 4))
+    for s in a.weights:
+        stats.add_row(s.matrix, "x".join(map(str, s.shape)), num(s.max), f"({s.argmax[0]}, {s.argmax[1]})", num(s.mean))
+    return [head, table, weight] + ([stats] if with_weights else [])
+
+
+def to_text(report: Report, width: int = 140) -> str:
+    """The report as plain UTF-8 text (no colour codes), for report.txt."""
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, no_color=True, highlight=False)
+    console.print(Group(*renderables(report, plain=True)))
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+
+
+def print_report(report: Report, console: Console | None = None) -> None:
+    (console or terminal()).print(Group(*renderables(report, plain=False)))
+
+
+def terminal() -> Console:
+    """A console for stdout: the terminal's width there, the text file's width when output goes to a pipe or file."""
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=140)

@@ -1,0 +1,65 @@
+"""Canonical site names, one scheme for the API, the JSON and the plots.
+
+A *site* is a place in a transformer block where a vector is read. With ``layer`` the 0-based
+block index, a block computes
+
+    resid_mid = resid_in + attn_out
+    resid_out = resid_mid + mlp_out
+    mlp_out   = W_down @ mlp_act (+ bias),  mlp_act = act(mlp_up)  or  act(mlp_gate) * mlp_up
+
+``mlp_in`` is the MLP's input after its norm. TransformerLens hook names are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import UsageError
+
+SITES: tuple[str, ...] = (
+    "resid_in",
+    "attn_out",
+    "resid_mid",
+    "mlp_in",
+    "mlp_gate",
+    "mlp_up",
+    "mlp_act",
+    "mlp_out",
+    "resid_out",
+)
+
+# TransformerLens names. "mlp.hook_pre" is the pre-activation: the gate in a gated MLP, else the up projection.
+_TL_ALIASES = {
+    "hook_resid_pre": "resid_in",
+    "hook_attn_out": "attn_out",
+    "hook_resid_mid": "resid_mid",
+    "ln2.hook_normalized": "mlp_in",
+    "mlp.hook_pre_linear": "mlp_up",
+    "mlp.hook_post": "mlp_act",
+    "hook_mlp_out": "mlp_out",
+    "hook_resid_post": "resid_out",
+}
+_TL_PATTERN = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def resolve_site(name: str, gated: bool, layer: int | None = None) -> tuple[int, str]:
+    """Map a canonical site (with ``layer``) or a TransformerLens hook name to ``(layer, site)``.
+
+    >>> resolve_site("blocks.3.mlp.hook_pre", gated=True)
+    (3, 'mlp_gate')
+    """
+    match = _TL_PATTERN.match(name)
+    if match:
+        layer, hook = int(match.group(1)), match.group(2)
+        if hook == "mlp.hook_pre":
+            return layer, "mlp_gate" if gated else "mlp_up"
+        if hook not in _TL_ALIASES:
+            raise UsageError(f"unknown TransformerLens hook {name!r}; known: mlp.hook_pre, {', '.join(_TL_ALIASES)}")
+        return layer, _TL_ALIASES[hook]
+    if name not in SITES:
+        raise UsageError(f"unknown site {name!r}; canonical sites: {', '.join(SITES)}")
+    if name == "mlp_gate" and not gated:
+        raise UsageError("site 'mlp_gate' exists only in gated MLPs; this model's MLP is not gated")
+    if layer is None:
+        raise UsageError(f"site {name!r} needs a layer")
+    return layer, name
