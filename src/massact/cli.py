@@ -58,9 +58,10 @@ def _scan(args) -> int:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
     texts = gather_texts(args.text, args.file)  # read input before the slow model load, so bad input fails fast
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
-    if args.quiet or not sys.stderr.isatty():
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # our own messages say what matters, in one line each
+    if args.quiet or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
     lm = load(args.model, dtype=args.dtype, device=args.device, log=log)
     report = scan(lm, texts, top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons)

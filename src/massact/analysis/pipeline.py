@@ -34,6 +34,7 @@ class Event:
     role: str
 
 
+@torch.no_grad()
 def scan(
     model: LoadedModel | nn.Module | str | None = None,
     texts: Sequence[str] | None = None,
@@ -152,7 +153,7 @@ def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], t
     who = writer(event.role, resid_in, attn, mlp, resid_out)
     heads = head_split(lm, event.layer, at[ATTN_Z], event.dim) if who == "attn" else None
     token = tokens[event.text][event.position]
-    return Origin(event.dim, event.text, event.position, token, event.layer, event.role, who, resid_in, attn, mlp, resid_out, heads)
+    return Origin(event.dim, event.text, event.position, token, event.layer, event.role, who, resid_in, attn, mlp, resid_out, heads=heads)
 
 
 def removal_cause(value: float, previous_median: float, criterion: Criterion) -> str:

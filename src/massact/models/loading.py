@@ -80,7 +80,7 @@ def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", 
             if path.suffix.lower() != ".gguf":
                 raise UsageError(f"{spec} is not a model: expected a model directory or a .gguf file")
             source = _gguf_dir(path, log)
-        elif os.sep in spec or spec.startswith(".") or spec.startswith("~") or not _HUB_ID.match(spec):
+        elif spec.startswith((".", "/", "~", os.sep)) or not _HUB_ID.match(spec):
             raise UsageError(f"{spec}: no such file or directory")
         else:
             source = _hub_source(spec)

@@ -1,0 +1,86 @@
+"""The command line end to end on a tiny saved model, and bad input: one line on stderr, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONTEXT, plant_mlp, tiny_model
+
+LAYER, NEURON, DIM = 2, 11, 30
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    model = tiny_model("gpt2", len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "massact", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_scan_writes_every_output(model_dir, tmp_path):
+    out = tmp_path / "report"
+    result = run("scan", model_dir, "--text", "The committee met on Tuesday.", "--text", "Summer is warm.", "--out", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert data["texts"] == ["The committee met on Tuesday.", "Summer is warm."]
+    assert [d["dim"] for d in data["dims"]] == [DIM] and data["dims"][0]["born_at"] == LAYER
+    assert data["attribution"][0]["neurons"][0]["neuron"] == NEURON
+    text = (out / "report.txt").read_text(encoding="utf-8")
+    for section in ("1. Layer scan", "2. Massive activations", "3. Origin", "4. MLP anatomy", "5. Neuron attribution", "Conclusion"):
+        assert section in text
+    assert "\x1b[" not in text  # no terminal colour codes in the file
+    assert f"dim {DIM}" in result.stdout and f"wrote {out / 'report.json'}" in result.stdout
+
+
+def test_scan_reads_a_file_of_paragraphs(model_dir, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("First paragraph,\nstill the first.\n\nSecond one.\n", encoding="utf-8")
+    result = run("scan", model_dir, "--file", texts, "--out", tmp_path / "r", "--quiet")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
+    assert data["texts"] == ["First paragraph, still the first.", "Second one."]
+
+
+def test_default_output_directory_is_named_after_the_model(model_dir, tmp_path):
+    result = run("scan", model_dir, "--text", "Summer is warm.", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "massact-report" / model_dir.name / "report.json").is_file()
+
+
+def _bad(tmp_path, model_dir):
+    not_model = tmp_path / "notes.txt"
+    not_model.write_text("hello", encoding="utf-8")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    long_text = " ".join(["winter"] * (CONTEXT * 2))
+    return {
+        "unknown hub id": (["scan", "no-such-org/no-such-model-xyz"], "hub cannot be reached"),
+        "missing path": (["scan", tmp_path / "missing" / "model"], "no such file or directory"),
+        "not a model": (["scan", not_model], "is not a model"),
+        "empty text": (["scan", model_dir, "--text", "  "], "text 1 is empty"),
+        "non-UTF-8 file": (["scan", model_dir, "--file", latin1], "is not UTF-8 text"),
+        "too long": (["scan", model_dir, "--text", long_text], f"more than the model's context of {CONTEXT}"),
+        "bad option": (["scan", "--dtype", "int3"], "invalid choice"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown hub id", "missing path", "not a model", "empty text", "non-UTF-8 file", "too long", "bad option"]
+)
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, model_dir):
+    args, message = _bad(tmp_path, model_dir)[case]
+    result = run(*args, "--out", tmp_path / "out")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("massact: error:") and message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

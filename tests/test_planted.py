@@ -1,0 +1,122 @@
+"""Planted ground truth: the scan must name exactly the planted block, dim, position, writer, neuron and weight."""
+
+import pytest
+import torch
+
+import massact
+from massact.models.adapters import adapter_for
+
+from conftest import plant_attention, plant_mlp, tiny_model
+
+LAYER, NEURON, DIM, HEAD = 1, 37, 20, 2
+TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_planted_mlp_neuron_is_found(family, tokenizer):
+    model = tiny_model(family, len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+
+    assert [d.dim for d in report.dims] == [DIM]
+    dim = report.dims[0]
+    assert dim.born_at == LAYER
+    assert dim.persists == list(range(LAYER, model.config.num_hidden_layers))
+    assert dim.removed_at == []
+    assert {(m.position, m.token) for m in report.massive} == {(0, "<s>")}
+
+    birth = report.origin[0]
+    assert (birth.role, birth.layer, birth.position, birth.writer) == ("birth", LAYER, 0, "mlp")
+
+    attribution = report.attribution[0]
+    assert attribution.neurons[0].neuron == NEURON
+    assert attribution.neurons[0].share > 0.99
+    assert attribution.neurons_for_90pct == 1
+    assert attribution.error < 1e-3
+    weight = attribution.super_weight
+    stored = model.get_parameter(weight.matrix)
+    assert stored[weight.row, weight.col].item() == pytest.approx(weight.value)
+    # GPT-2's Conv1D stores the down projection as [d_mlp, d_model]; Linear as [d_model, d_mlp].
+    assert (weight.row, weight.col) == ((NEURON, DIM) if family == "gpt2" else (DIM, NEURON))
+    assert weight.rank == 1
+
+    anatomy = report.anatomy[0]
+    names = [c.name for c in anatomy.checkpoints]
+    assert names == (["mlp_in", "mlp_up", "mlp_act", "mlp_out"] if family == "gpt2" else ["mlp_in", "mlp_gate", "mlp_up", "mlp_act", "mlp_out"])
+    assert anatomy.checkpoints[-1].argmax == DIM
+    assert any(c.argmax == NEURON for c in anatomy.checkpoints if c.name == "mlp_act")
+    assert anatomy.activation_impact.top[0].neuron == NEURON
+    assert f"dim {DIM}" in report.conclusion[0] and f"block {LAYER}" in report.conclusion[0]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_planted_values_match_hf_hidden_states(family, tokenizer):
+    """The residual numbers in the origin table equal transformers' own hidden_states (a second computation)."""
+    model = tiny_model(family, len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    birth = report.origin[0]
+    ids = tokenizer(TEXTS[birth.text], return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    assert birth.resid_in == pytest.approx(hidden[LAYER][0, 0, DIM].item(), rel=1e-5)
+    assert birth.resid_out == pytest.approx(hidden[LAYER + 1][0, 0, DIM].item(), rel=1e-5)
+    assert birth.resid_in + birth.attn + birth.mlp == pytest.approx(birth.resid_out, rel=1e-5)
+    top = report.layers[LAYER].top[0]
+    assert (top.dim, top.position) == (DIM, 0)
+    largest = 0.0
+    for text in TEXTS:
+        with torch.no_grad():
+            states = model(tokenizer(text, return_tensors="pt").input_ids, output_hidden_states=True).hidden_states
+        largest = max(largest, states[LAYER + 1].abs().max().item())
+    assert abs(top.value) == pytest.approx(largest, rel=1e-6)
+
+
+def test_unplanted_neuron_model_has_no_massive_activation(tokenizer):
+    report = massact.scan(tiny_model("llama", len(tokenizer)), TEXTS, tokenizer=tokenizer)
+    assert report.massive == [] and report.dims == [] and report.origin == []
+    assert report.conclusion[0].startswith("No massive activations")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_planted_attention_head_is_named_writer(family, tokenizer):
+    model = tiny_model(family, len(tokenizer))
+    plant_attention(model, tokenizer.bos_token_id, LAYER, HEAD, DIM)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    birth = next(o for o in report.origin if o.dim == DIM and o.role == "birth")
+    assert (birth.layer, birth.position, birth.writer) == (LAYER, 0, "attn")
+    assert birth.heads[0].head == HEAD
+    assert birth.heads[0].share > 0.99
+    assert not any(a.dim == DIM and a.role == "birth" for a in report.attribution)
+    assert sum(h.contribution for h in birth.heads) == pytest.approx(birth.attn, rel=1e-4)
+
+
+def test_thresholds_are_options(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    value = massact.scan(model, TEXTS, tokenizer=tokenizer).dims[0].max_value
+    stricter = massact.scan(model, TEXTS, tokenizer=tokenizer, min_abs=abs(value) * 2)
+    assert stricter.massive == []
+
+
+def test_report_json_has_the_documented_keys(tokenizer):
+    import json
+
+    model = tiny_model("gpt2", len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    data = json.loads(massact.scan(model, TEXTS, tokenizer=tokenizer).to_json())
+    assert {"model", "texts", "criterion", "layers", "massive", "dims", "origin", "anatomy", "attribution"} <= set(data)
+    assert {"name", "architecture", "n_layers", "d_model", "d_mlp", "dtype"} <= set(data["model"])
+    assert {"layer", "median", "top"} <= set(data["layers"][0])
+    assert {"value", "position", "token", "dim"} <= set(data["layers"][0]["top"][0])
+    assert {"layer", "position", "token", "dim", "value", "ratio"} <= set(data["massive"][0])
+    assert {"dim", "born_at", "persists", "removed_at"} <= set(data["dims"][0])
+    assert {"dim", "position", "layer", "role", "writer", "resid_in", "attn", "mlp", "resid_out"} <= set(data["origin"][0])
+    anatomy = data["anatomy"][0]
+    assert {"layer", "position", "dim", "checkpoints", "explosion_point", "activation_impact"} <= set(anatomy)
+    assert {"name", "size", "max", "argmax", "median", "ratio", "change"} <= set(anatomy["checkpoints"][0])
+    attribution = data["attribution"][0]
+    assert {"layer", "position", "dim", "output", "bias", "neurons", "super_weight"} <= set(attribution)
+    assert {"neuron", "activation", "weight", "contribution", "share"} <= set(attribution["neurons"][0])
+    assert {"matrix", "row", "col", "value", "rank"} <= set(attribution["super_weight"])
+    assert data["model"]["n_layers"] == 4 and data["model"]["d_mlp"] == 256
