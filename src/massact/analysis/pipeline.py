@@ -83,7 +83,9 @@ def scan(
         if gap > tolerance:
             warnings.append(f"block {event.layer}: resid_in + attn + mlp differs from resid_out by {gap:.1e} (relative)")
         origins.append(origin)
-        if origin.writer == "mlp":
+        if origin.cause == "median":  # nothing wrote the change: there is no writer to open
+            origin.heads = None
+        elif origin.writer == "mlp":
             attribution = attribute(lm, event, at, tokens, top_neurons)
             if attribution.error > tolerance:
                 warnings.append(
@@ -269,7 +271,7 @@ def conclude(report: Report) -> list[str]:
         ]
     sentences = []
     gated = report.model.gated
-    for summary in report.dims:
+    for summary in sorted(report.dims, key=lambda d: -abs(d.max_value)):
         birth = next(o for o in report.origin if o.dim == summary.dim and o.role == "birth")
         written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
         branch = birth.mlp if birth.writer == "mlp" else birth.attn

@@ -57,7 +57,7 @@ class _Style:
 
     def table(self, title: str | None, *columns: str, right: tuple[int, ...] = ()) -> Table:
         table = Table(
-            title=title,
+            title=Text(title) if title else None,
             box=box.MARKDOWN if self.plain else box.SIMPLE_HEAD,
             title_justify="left",
             title_style="" if self.plain else "bold",
@@ -65,11 +65,16 @@ class _Style:
             pad_edge=self.plain,
         )
         for index, column in enumerate(columns):
-            table.add_column(column, justify="right" if index in right else "left")
+            table.add_column(Text(column), justify="right" if index in right else "left")
         return table
 
     def heading(self, title: str):
         return Text(f"\n## {title}\n") if self.plain else Rule(f"[bold]{title}", align="left")
+
+
+def add_row(table: Table, *cells: str) -> None:
+    """Cells as literal text: a token such as '[INST]' must not be read as rich markup."""
+    table.add_row(*(Text(cell) for cell in cells))
 
 
 def renderables(report: Report, plain: bool) -> list:
@@ -90,8 +95,11 @@ def renderables(report: Report, plain: bool) -> list:
     out += [style.heading("3. Origin: which sublayer writes and removes them"), *_origin_tables(style, report)]
     if report.anatomy:
         out.append(style.heading("4. MLP anatomy at the writing block"))
-        for anatomy in report.anatomy:
-            out += _anatomy_tables(style, anatomy, m.gated)
+        places: dict[tuple[int, int, int, str], list[Anatomy]] = {}
+        for anatomy in report.anatomy:  # dims written at one place share the MLP's checkpoints: show them once
+            places.setdefault((anatomy.layer, anatomy.text, anatomy.position, anatomy.role), []).append(anatomy)
+        for group in places.values():
+            out += _anatomy_tables(style, group[0], m.gated, [a.dim for a in group])
     if report.attribution:
         out.append(style.heading("5. Neuron attribution and super weight"))
         shown: set[int] = set()
@@ -112,7 +120,7 @@ def _layer_table(style: _Style, report: Report) -> Table:
     for stats in report.layers:
         top = stats.top
         cell = [f"{num(e.value, True)} d{e.dim}" for e in top[1:3]] + ["-", "-"]
-        table.add_row(
+        add_row(table, 
             str(stats.layer),
             num(stats.median),
             num(top[0].value, True) if top else "-",
@@ -130,7 +138,7 @@ def _massive_tables(style: _Style, report: Report) -> list:
         return [Text("None found under the criterion.")]
     dims = style.table("By dim", "dim", "born at block", "massive in blocks", "removed at block", "largest value", "tokens", right=(0, 1, 4))
     for d in report.dims:
-        dims.add_row(str(d.dim), str(d.born_at), spans(d.persists), spans(d.removed_at), num(d.max_value, True), ", ".join(repr(t) for t in d.tokens[:6]))
+        add_row(dims, str(d.dim), str(d.born_at), spans(d.persists), spans(d.removed_at), num(d.max_value, True), ", ".join(repr(t) for t in d.tokens[:6]))
     groups: dict[tuple[int, int, int], list] = {}
     for e in report.massive:
         groups.setdefault((e.dim, e.text, e.position), []).append(e)
@@ -140,7 +148,7 @@ def _massive_tables(style: _Style, report: Report) -> list:
     )
     for (dim, text, position), group in list(groups.items())[:MASSIVE_ROWS]:
         top = max(group, key=lambda e: abs(e.value))
-        entries.add_row(str(dim), str(text), str(position), repr(top.token), spans(sorted(e.layer for e in group)), num(top.value, True), ratio(top.ratio))
+        add_row(entries, str(dim), str(text), str(position), repr(top.token), spans(sorted(e.layer for e in group)), num(top.value, True), ratio(top.ratio))
     rest = len(groups) - MASSIVE_ROWS
     return [dims, entries] + ([Text(f"... and {rest} more places in report.json")] if rest > 0 else [])
 
@@ -158,24 +166,24 @@ def _origin_tables(style: _Style, report: Report) -> list:
         who = "MLP" if o.writer == "mlp" else "attention"
         if o.cause == "median":
             who = "none: the median grew"
-        table.add_row(str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True), num(o.mlp, True), num(o.resid_out, True), who)
+        add_row(table, str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True), num(o.mlp, True), num(o.resid_out, True), who)
         if o.heads:
             heads = style.table(f"Attention heads of block {o.layer} into dim {o.dim}", "head", "contribution", "share", right=(0, 1, 2))
             for h in o.heads[:8]:
-                heads.add_row(str(h.head), num(h.contribution, True), f"{h.share:.1%}")
+                add_row(heads, str(h.head), num(h.contribution, True), f"{h.share:.1%}")
             out.append(heads)
     return out
 
 
-def _anatomy_tables(style: _Style, a: Anatomy, gated: bool) -> list:
+def _anatomy_tables(style: _Style, a: Anatomy, gated: bool, dims: list[int]) -> list:
     table = style.table(
-        f"Block {a.layer} MLP at {where(a.text, a.position, a.token)} ({a.role} of dim {a.dim})",
+        f"Block {a.layer} MLP at {where(a.text, a.position, a.token)} ({a.role} of dim{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))})",
         "checkpoint", "size", "max |v|", "at", "median |v|", "top1/median", "vs", "change in max", "x sharper",
         right=(1, 2, 3, 4, 5, 7, 8),
     )
     for p in a.checkpoints:
         change = f"{num(p.change, True)} ({p.change_pct:+.0f}%)" if p.change is not None else "-"
-        table.add_row(p.name, str(p.size), num(p.max), str(p.argmax), num(p.median), ratio(p.ratio), p.previous or "-", change, f"{p.jump:.2f}" if p.jump else "-")
+        add_row(table, p.name, str(p.size), num(p.max), str(p.argmax), num(p.median), ratio(p.ratio), p.previous or "-", change, f"{p.jump:.2f}" if p.jump else "-")
     impact = a.activation_impact
     pre = "gate" if gated else "up"
     lines = Text(
@@ -189,7 +197,7 @@ def _anatomy_tables(style: _Style, a: Anatomy, gated: bool) -> list:
         right=(0, 1, 2, 3, 4),
     )
     for n in impact.top[:5]:
-        neurons.add_row(str(n.neuron), num(n.before, True), num(n.after, True), *([num(n.up, True), num(n.product, True)] if gated else []))
+        add_row(neurons, str(n.neuron), num(n.before, True), num(n.after, True), *([num(n.up, True), num(n.product, True)] if gated else []))
     return [table, lines, neurons]
 
 
@@ -203,7 +211,7 @@ def _attribution_tables(style: _Style, a: Attribution, with_weights: bool) -> li
     cumulative = 0.0
     for n in a.neurons:
         cumulative += n.share
-        table.add_row(str(n.neuron), num(n.activation, True), num(n.weight, True), num(n.contribution, True), f"{n.share:.1%}", f"{cumulative:.1%}")
+        add_row(table, str(n.neuron), num(n.activation, True), num(n.weight, True), num(n.contribution, True), f"{n.share:.1%}", f"{cumulative:.1%}")
     w = a.super_weight
     weight = Text(
         f"Super weight: {w.matrix}[{w.row}, {w.col}] = {w.value:+.4f}, rank {w.rank} of {w.entries:,} entries by |w| "
@@ -211,7 +219,7 @@ def _attribution_tables(style: _Style, a: Attribution, with_weights: bool) -> li
     )
     stats = style.table("MLP weights of the block", "matrix", "shape", "max |w|", "at (row, col)", "mean |w|", right=(2, 4))
     for s in a.weights:
-        stats.add_row(s.matrix, "x".join(map(str, s.shape)), num(s.max), f"({s.argmax[0]}, {s.argmax[1]})", num(s.mean))
+        add_row(stats, s.matrix, "x".join(map(str, s.shape)), num(s.max), f"({s.argmax[0]}, {s.argmax[1]})", num(s.mean))
     return [head, table, weight] + ([stats] if with_weights else [])
 
 
