@@ -30,14 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
     scan.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
     scan.add_argument("--top-neurons", type=int, default=10, help="neurons listed in the attribution")
+    scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                      help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
+    scan.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
     scan.add_argument("--quiet", action="store_true", help="print only the paths written")
+    verify = commands.add_parser("verify", help="re-run a saved report with verification, writing it back in place")
+    verify.add_argument("report_dir", type=Path, help="a directory holding report.json from massact scan")
+    verify.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
+    verify.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    verify.add_argument("--quiet", action="store_true", help="print only the paths written")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return _scan(args)
+        return _verify(args) if args.command == "verify" else _scan(args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -46,28 +54,74 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few dozen times: fine up to a few B
+
+
 def _scan(args) -> int:
-    from .analysis.pipeline import scan
-    from .models.loading import DEFAULT_NAME, load
-    from .report.files import slug, write_report
-    from .report.text import print_report, terminal
+    from .models.loading import DEFAULT_NAME
     from .texts import gather_texts
 
     for option in ("top_k", "top_neurons"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
     texts = gather_texts(args.text, args.file)  # read input before the slow model load, so bad input fails fast
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    eval_text = _read_eval(args.eval_file)
+    settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons)
+    out = args.out or Path("massact-report") / slug_of(args.model or DEFAULT_NAME)
+    return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, args.quiet)
+
+
+def _verify(args) -> int:
+    import json
+
+    path = args.report_dir / "report.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        model, criterion = saved["model"], saved["criterion"]
+        settings = dict(top_k=len(saved["layers"][0]["top"]) or 5, min_abs=criterion["min_abs"], min_ratio=criterion["min_ratio"])
+        texts = saved["texts"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise UsageError(f"{path}: not a massact report ({type(error).__name__}: {error})") from None
+    eval_text = _read_eval(args.eval_file)
+    return _run(model.get("source"), texts, settings, True, eval_text, model["dtype"], args.device, args.report_dir, args.quiet)
+
+
+def _read_eval(path: str | None) -> str | None:
+    if path is None:
+        return None
+    from .texts import read_text_file
+
+    return "\n\n".join(read_text_file(path))
+
+
+def slug_of(name: str) -> str:
+    from .report.files import slug
+
+    return slug(name)
+
+
+def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, quiet: bool) -> int:
     from transformers.utils import logging as hf_logging
 
+    from .analysis.pipeline import scan
+    from .models.loading import load
+    from .report.files import write_report
+    from .report.text import print_report, terminal
+
+    log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
     hf_logging.set_verbosity_error()  # our own messages say what matters, in one line each
-    if args.quiet or not sys.stderr.isatty():
+    if quiet or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
-    lm = load(args.model, dtype=args.dtype, device=args.device, log=log)
-    report = scan(lm, texts, top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons)
-    out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
+    lm = load(model, dtype=dtype, device=device, log=log)
+    if verify is None:
+        verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
+        if not verify:
+            log("skipping verification for a model this large; pass --verify to run it")
+    if verify:
+        log("verifying by intervention (ablations, super weight, zero/mean, attention sinks)")
+    report = scan(lm, texts, verify=verify, eval_text=eval_text, **settings)
     written = write_report(report, out)
-    if not args.quiet:
+    if not quiet:
         print_report(report, terminal())
     for path in written:
         print(f"wrote {path}")

@@ -15,7 +15,10 @@ from ..models.adapters.base import weight_out_in
 from ..models.loading import LoadedModel, load, wrap
 from ..texts import gather_texts
 from . import anatomy as anatomy_step
+from .attention import attention_sinks
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
+from .perplexity import default_eval_text
+from .verification import verify as verify_report
 from .origin import decomposition_gap, head_split, writer
 from .results import Anatomy, Attribution, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
 from .scan import detect, group_dims, layer_stats, scan_layers
@@ -44,12 +47,15 @@ def scan(
     min_abs: float = 100.0,
     min_ratio: float = 1000.0,
     top_neurons: int = 10,
+    verify: bool = False,
+    eval_text: str | None = None,
     dtype: str = "float32",
     device: str = "auto",
     on_text: Callable[[int], None] | None = None,
 ) -> Report:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
-    neurons and weight that write it.
+    neurons and weight that write it. With ``verify``, confirm by intervention and measure the attention sinks
+    (perplexity on ``eval_text``, default: the shipped public-domain sample).
 
     ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
     ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences.
@@ -110,6 +116,15 @@ def scan(
         versions=_versions(),
     )
     report.conclusion = conclude(report)
+    if verify and report.dims:
+        source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
+        report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source)
+        sinks: dict[int, list[int]] = {}
+        for m in massive:
+            sinks.setdefault(m.text, [])
+            if m.position not in sinks[m.text]:
+                sinks[m.text].append(m.position)
+        report.attention = attention_sinks(lm, inputs, sinks, min(d.born_at for d in dims))
     return report
 
 
@@ -217,6 +232,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         gated=lm.adapter.gated,
         dtype=str(lm.dtype).removeprefix("torch."),
         device=str(lm.device),
+        source=lm.source,
     )
 
 

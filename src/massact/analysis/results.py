@@ -19,6 +19,7 @@ class ModelInfo:
     gated: bool
     dtype: str
     device: str
+    source: str | None = None  # what was loaded: a hub id, a path, or None for the embedded default
 
 
 @dataclass
@@ -219,6 +220,61 @@ class Attribution:
 
 
 @dataclass
+class Intervention:
+    """One intervention's effect: the massive value at its birth block and at the last block it persisted in,
+    and the perplexity of the evaluation text (ratio to the unmodified model)."""
+
+    name: str
+    target: str
+    dim: int
+    layer: int
+    value_birth: float
+    value_last: float
+    still_massive: bool
+    perplexity: float | None
+    perplexity_ratio: float | None
+    confirms: bool | None
+
+
+@dataclass
+class InputDependence:
+    """The massive dim over many inputs at its birth block: its first-token value, and which tokens carry it."""
+
+    dim: int
+    layer: int
+    inputs: int
+    first_token_mean: float
+    first_token_std: float
+    first_token_massive: int
+    carriers: list[list]  # [token, count] of positions where the dim is massive, most frequent first
+    other_positions: int
+
+
+@dataclass
+class Verification:
+    baseline_perplexity: float
+    eval_tokens: int
+    eval_source: str
+    interventions: list[Intervention]
+    input_dependence: list[InputDependence]
+    claims: list[str]
+
+
+@dataclass
+class AttentionSinks:
+    """Per block and head: the attention probability later queries put on the massive-activation tokens
+    (``share``), against what a uniform spread over the visible tokens would put there (``uniform``)."""
+
+    texts: int
+    share: list[list[float]]
+    uniform: list[list[float]]
+    sink_layers: list[int]
+    first_sink_layer: int | None
+    birth_layer: int | None
+    summary: str
+
+
+@dataclass
 class Report:
     model: ModelInfo
     texts: list[str]
@@ -233,6 +289,8 @@ class Report:
     conclusion: list[str]
     warnings: list[str]
     versions: dict[str, str]
+    verification: Verification | None = None
+    attention: AttentionSinks | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

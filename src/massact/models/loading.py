@@ -36,6 +36,7 @@ class LoadedModel:
     tokenizer: object
     adapter: Adapter
     name: str
+    source: str | None = None  # the spec it was loaded from (None: the embedded default), for `massact verify`
 
     @property
     def device(self) -> torch.device:
@@ -84,7 +85,9 @@ def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", 
             raise UsageError(f"{spec}: no such file or directory")
         else:
             source = _hub_source(spec)
-    return _from_pretrained(source, name, DTYPES[dtype], target)
+    loaded = _from_pretrained(source, name, DTYPES[dtype], target)
+    loaded.source = spec
+    return loaded
 
 
 def _from_pretrained(source: str, name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:

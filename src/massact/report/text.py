@@ -106,6 +106,10 @@ def renderables(report: Report, plain: bool) -> list:
         for attribution in report.attribution:
             out += _attribution_tables(style, attribution, attribution.layer not in shown)
             shown.add(attribution.layer)
+    if report.verification:
+        out += [style.heading("6. Verification by intervention"), *_verification_tables(style, report)]
+    if report.attention:
+        out += [style.heading("7. Attention sinks on the massive tokens"), *_attention_tables(style, report)]
     if report.warnings:
         out.append(style.heading("Warnings"))
         out += [Text(f"- {w}", style="" if plain else "yellow") for w in report.warnings]
@@ -221,6 +225,48 @@ def _attribution_tables(style: _Style, a: Attribution, with_weights: bool) -> li
     for s in a.weights:
         add_row(stats, s.matrix, "x".join(map(str, s.shape)), num(s.max), f"({s.argmax[0]}, {s.argmax[1]})", num(s.mean))
     return [head, table, weight] + ([stats] if with_weights else [])
+
+
+def _verification_tables(style: _Style, report: Report) -> list:
+    v = report.verification
+    out: list = [Text(f"Perplexity on {v.eval_tokens} tokens of {v.eval_source}: {v.baseline_perplexity:.2f} unmodified.")]
+    table = style.table(None, "dim", "block", "intervention", "value at birth", "value at last block", "massive", "perplexity", "x baseline", "confirms", right=(0, 1, 3, 4, 6, 7))
+    for r in v.interventions:
+        add_row(
+            table, str(r.dim), str(r.layer), r.name,
+            num(r.value_birth, True) if r.value_birth == r.value_birth else "-",
+            num(r.value_last, True) if r.value_last == r.value_last else "-",
+            "yes" if r.still_massive else "no",
+            num(r.perplexity) if r.perplexity is not None else "",
+            f"{r.perplexity_ratio:,.2f}" if r.perplexity_ratio is not None else "",
+            {True: "yes", False: "no", None: ""}[r.confirms],
+        )
+    out.append(table)
+    dependence = style.table("Input dependence at the birth block", "dim", "block", "inputs", "first-token mean", "std", "first token massive", "carried by", right=(0, 1, 2, 3, 4, 5))
+    for d in v.input_dependence:
+        carriers = ", ".join(f"{token!r} x{count}" for token, count in d.carriers) or "-"
+        add_row(dependence, str(d.dim), str(d.layer), str(d.inputs), num(d.first_token_mean, True), num(d.first_token_std), f"{d.first_token_massive}/{d.inputs}", carriers)
+    out.append(dependence)
+    out += [Text(f"- {claim}") for claim in v.claims]
+    return out
+
+
+def _attention_tables(style: _Style, report: Report) -> list:
+    a = report.attention
+    if not a.share:
+        return [Text(a.summary)]
+    table = style.table(
+        f"Attention probability on the massive tokens, averaged over later queries of {a.texts} text(s)",
+        "block", "mean over heads", "uniform would give", "heads >= 50%", "strongest head", "sink", right=(0, 1, 2, 3),
+    )
+    for layer, (shares, uniform) in enumerate(zip(a.share, a.uniform)):
+        best = max(range(len(shares)), key=lambda h: shares[h])
+        add_row(
+            table, str(layer), f"{sum(shares) / len(shares):.1%}", f"{sum(uniform) / len(uniform):.1%}",
+            f"{sum(s >= 0.5 for s in shares)}/{len(shares)}", f"head {best}: {shares[best]:.1%}",
+            "yes" if layer in a.sink_layers else "",
+        )
+    return [table, Text(a.summary[0].upper() + a.summary[1:] + ".")]
 
 
 def to_text(report: Report, width: int = 140) -> str:

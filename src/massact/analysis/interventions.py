@@ -1,0 +1,83 @@
+"""Interventions as context managers. Each leaves the model exactly as it found it: hooks are removed and any
+weight it changes is written back, even when the body raises."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..capture.hooks import tap
+from ..models.loading import LoadedModel
+
+
+@contextmanager
+def ablate_neurons(lm: LoadedModel, layer: int, neurons: list[int]) -> Iterator[None]:
+    """Zero the given MLP neurons of a block (their entries of the down projection's input) at every position."""
+    down = lm.adapter.module(lm.model, layer, lm.adapter.mlp_down)
+    index = torch.tensor(neurons, device=lm.device)
+
+    def zero(module, args):
+        x = args[0].clone()
+        x[..., index] = 0.0
+        return (x, *args[1:])
+
+    handle = down.register_forward_pre_hook(zero)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def set_weight(lm: LoadedModel, matrix: str, row: int, col: int, value: float = 0.0) -> Iterator[None]:
+    """Set one stored entry of a parameter (e.g. the super weight) and put the original back afterwards."""
+    parameter = lm.model.get_parameter(matrix)
+    original = parameter.data[row, col].clone()
+    parameter.data[row, col] = value
+    try:
+        yield
+    finally:
+        parameter.data[row, col] = original
+
+
+def massive_mask(hidden: torch.Tensor, dim: int, min_abs: float, min_ratio: float) -> torch.Tensor:
+    """[batch, positions] True where ``dim`` is massive against the median |a| of that sequence's hidden state."""
+    magnitude = hidden[..., dim].abs()
+    median = hidden.abs().flatten(1).float().median(dim=1).values.unsqueeze(1)
+    return (magnitude >= min_abs) & (magnitude >= min_ratio * median)
+
+
+@contextmanager
+def replace_massive(
+    lm: LoadedModel, layer: int, values: dict[int, float], min_abs: float, min_ratio: float
+) -> Iterator[None]:
+    """At a block's output, set each dim to ``values[dim]`` wherever it is massive (Sun et al.: zero, or its mean)."""
+    block = lm.adapter.module(lm.model, layer, "")
+
+    def replace(module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        hidden = hidden.clone()
+        for dim, value in values.items():
+            mask = massive_mask(hidden, dim, min_abs, min_ratio)
+            hidden[..., dim] = torch.where(mask, torch.full_like(hidden[..., dim], value), hidden[..., dim])
+        return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+
+    handle = block.register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def read_coordinate(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], position: int, dim: int) -> dict[int, float]:
+    """resid_out[layer][position, dim] for each layer, in one forward pass (under whatever intervention is active)."""
+    values: dict[int, float] = {}
+
+    def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
+        values[layer] = float(hidden[0, position, dim])
+
+    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, "resid_out") for layer in layers], keep):
+        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    return values

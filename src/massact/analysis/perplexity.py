@@ -1,0 +1,40 @@
+"""Perplexity on an evaluation text: exp(mean next-token cross-entropy over every predicted token)."""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+from ..models.loading import LoadedModel
+
+
+def default_eval_text() -> str:
+    """The shipped public-domain sample: the Declaration of Independence and the Gettysburg Address."""
+    return resources.files("massact").joinpath("data/eval.txt").read_text(encoding="utf-8")
+
+
+def eval_windows(lm: LoadedModel, text: str, window: int = 256, max_tokens: int = 4096) -> list[torch.Tensor]:
+    """The text's tokens cut into [1, <= window] pieces, each with a first token like a fresh input."""
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
+    windows = [ids[start : start + window].unsqueeze(0) for start in range(0, len(ids), window)]
+    windows = [w for w in windows if w.shape[1] >= 2]
+    if not windows:
+        raise UsageError("the evaluation text has fewer than 2 tokens")
+    return windows
+
+
+@torch.no_grad()
+def perplexity(lm: LoadedModel, windows: list[torch.Tensor]) -> float:
+    """Token-weighted: exp(sum of next-token NLL / number of predicted tokens) over all windows."""
+    total, count = 0.0, 0
+    for ids in windows:
+        ids = ids.to(lm.device)
+        logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    mean = total / count
+    return math.exp(mean) if mean < 700 else float("inf")

@@ -1,0 +1,156 @@
+"""Causal checks of what the scan named: ablate neurons, zero the super weight, replace the massive values,
+and measure the massive value and the perplexity each time; plus how much the value depends on the input."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from ..capture.hooks import tap
+from ..models.loading import LoadedModel
+from .interventions import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
+from .perplexity import eval_windows, perplexity
+from .results import Attribution, InputDependence, Intervention, Report, Verification
+
+ABLATE_ALONE = 3  # top neurons ablated one at a time
+MAX_INPUTS = 64  # inputs for the input-dependence pass
+
+
+def verify(
+    lm: LoadedModel, report: Report, inputs: list[torch.Tensor], eval_text: str, eval_source: str
+) -> Verification:
+    windows = eval_windows(lm, eval_text)
+    baseline = perplexity(lm, windows)
+    criterion = report.criterion
+    rows: list[Intervention] = []
+    claims: list[str] = []
+    cache: dict[str, float] = {}
+
+    def measure(name: str, target: str, a: Attribution, context: AbstractContextManager, with_ppl: bool) -> Intervention:
+        last = next(d for d in report.dims if d.dim == a.dim).persists[-1]
+        median_birth = report.layers[a.layer].median
+        with context:
+            values = read_coordinate(lm, inputs[a.text], sorted({a.layer, last}), a.position, a.dim)
+            if with_ppl and target not in cache:
+                cache[target] = perplexity(lm, windows)
+        ppl = cache.get(target) if with_ppl else None
+        birth_value = values[a.layer]
+        still = abs(birth_value) >= criterion.min_abs and abs(birth_value) >= criterion.min_ratio * median_birth
+        return Intervention(name, target, a.dim, a.layer, birth_value, values[last], still, ppl,
+                            ppl / baseline if ppl is not None else None, None)
+
+    for a in (a for a in report.attribution if a.role == "birth"):
+        cache["baseline"] = baseline
+        rows.append(measure("none (baseline)", "baseline", a, nullcontext(), True))
+        toward = [n for n in a.neurons if n.contribution * a.output > 0]
+        for n in toward[:ABLATE_ALONE]:
+            rows.append(measure(f"ablate neuron {n.neuron}", f"neuron {a.layer}:{n.neuron}", a, ablate_neurons(lm, a.layer, [n.neuron]), False))
+        top_set = [n.neuron for n in toward[: max(a.neurons_for_90pct, 1)]]
+        row = measure(f"ablate top {len(top_set)} neuron(s) {top_set}", f"neurons {a.layer}:{top_set}", a, ablate_neurons(lm, a.layer, top_set), True)
+        row.confirms = not row.still_massive
+        rows.append(row)
+        last = next(d for d in report.dims if d.dim == a.dim).persists[-1]
+        claims.append(
+            f"dim {a.dim}: ablating neuron(s) {top_set} of block {a.layer} {'removes' if row.confirms else 'does not remove'} the massive "
+            f"activation (at block {a.layer}: {row.value_birth:+.1f}; at block {next(d for d in report.dims if d.dim == a.dim).persists[-1]}: "
+            f"{row.value_last:+.1f}); perplexity x{row.perplexity_ratio:.2f}"
+        )
+        control = _unrelated_neuron(a, lm)
+        rows.append(measure(f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
+
+        w = a.super_weight
+        row = measure(f"zero super weight [{w.row}, {w.col}]", f"weight {w.matrix}[{w.row},{w.col}]", a, set_weight(lm, w.matrix, w.row, w.col), True)
+        row.confirms = not row.still_massive
+        rows.append(row)
+        r, c, value = _similar_weight(lm, w.matrix, w.row, w.col)
+        control_row = measure(f"control: zero weight [{r}, {c}] ({value:+.3f})", f"weight {w.matrix}[{r},{c}]", a, set_weight(lm, w.matrix, r, c), True)
+        rows.append(control_row)
+        claims.append(
+            f"dim {a.dim}: zeroing the super weight {w.matrix}[{w.row}, {w.col}] {'removes' if row.confirms else 'does not remove'} it "
+            f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; "
+            f"zeroing a weight of the same size elsewhere in the matrix: x{control_row.perplexity_ratio:.2f}"
+        )
+
+    births = {(d.born_at, d.dim) for d in report.dims}
+    for layer in sorted({layer for layer, _ in births}):
+        dims = [dim for l, dim in births if l == layer]
+        means = {dim: _mean([m.value for m in report.massive if m.dim == dim and m.layer == layer]) for dim in dims}
+        for label, values in (("zero", {dim: 0.0 for dim in dims}), ("mean", means)):
+            context = replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio)
+            with context:
+                ppl = perplexity(lm, windows)
+            rows.append(Intervention(f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}", dims[0], layer,
+                                     float("nan"), float("nan"), label == "mean", ppl, ppl / baseline, None))
+        zero, mean = rows[-2], rows[-1]
+        claims.append(
+            f"block {layer}: setting the massive activations of dims {dims} to zero gives perplexity {zero.perplexity:.2f} "
+            f"(x{zero.perplexity_ratio:.2f}); to their mean over the texts, {mean.perplexity:.2f} (x{mean.perplexity_ratio:.2f}); "
+            f"unmodified {baseline:.2f}"
+        )
+
+    dependence = input_dependence(lm, report, eval_text)
+    for d in dependence:
+        constant = d.first_token_std <= 0.1 * abs(d.first_token_mean)
+        claims.append(
+            f"dim {d.dim} at block {d.layer} over {d.inputs} inputs: first token {d.first_token_mean:+.1f} +/- {d.first_token_std:.1f} "
+            f"({'a near-constant bias' if constant else 'input-dependent'}); massive on the first token in {d.first_token_massive} "
+            f"of {d.inputs} inputs and at {d.other_positions} other position(s)"
+        )
+    tokens = sum(w.shape[1] for w in windows)
+    return Verification(baseline, tokens, eval_source, rows, dependence, claims)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _unrelated_neuron(a: Attribution, lm: LoadedModel) -> int:
+    """The lowest-numbered neuron not among the listed top contributors: a control that should change nothing."""
+    listed = {n.neuron for n in a.neurons}
+    return next(i for i in range(len(listed) + 1) if i not in listed)
+
+
+def _similar_weight(lm: LoadedModel, matrix: str, row: int, col: int) -> tuple[int, int, float]:
+    """The entry of the same matrix closest in |w| to the super weight, outside its row and column."""
+    weight = lm.model.get_parameter(matrix).detach()
+    target = weight[row, col].abs()
+    distance = (weight.abs() - target).abs()
+    distance[row, :] = float("inf")
+    distance[:, col] = float("inf")
+    flat = int(distance.argmin())
+    r, c = divmod(flat, weight.shape[1])
+    return r, c, float(weight[r, c])
+
+
+def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[InputDependence]:
+    """Over the scanned texts and the evaluation text's sentences: the dim's value on the first token at its birth
+    block, and every token where it is massive."""
+    sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", eval_text) if len(s.split()) >= 4]
+    texts = (list(report.texts) + sentences)[:MAX_INPUTS]
+    found = []
+    for summary in report.dims:
+        layer, dim = summary.born_at, summary.dim
+        first: list[float] = []
+        carriers: Counter = Counter()
+        others = first_massive = 0
+        for text in texts:
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids
+            kept = {}
+            with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, "resid_out")], lambda l, s, h: kept.update(h=h.detach())):
+                lm.model(input_ids=ids.to(lm.device), use_cache=False)
+            hidden = kept["h"].float()
+            first.append(float(hidden[0, 0, dim]))
+            mask = massive_mask(hidden, dim, report.criterion.min_abs, report.criterion.min_ratio)[0]
+            first_massive += bool(mask[0])
+            for position in mask.nonzero().flatten().tolist():
+                carriers[lm.tokenizer.decode([int(ids[0, position])])] += 1
+                others += position > 0
+        values = torch.tensor(first, dtype=torch.float64)
+        found.append(
+            InputDependence(dim, layer, len(texts), float(values.mean()), float(values.std()) if len(first) > 1 else 0.0,
+                            first_massive, [[token, count] for token, count in carriers.most_common(8)], others)
+        )
+    return found
