@@ -84,3 +84,22 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, model_dir):
     assert lines[0].startswith("massact: error:") and message in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_adds_the_verification_to_a_saved_report(model_dir, tmp_path):
+    out = tmp_path / "saved"
+    assert run("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", out).returncode == 0
+    saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert saved["verification"] is None and saved["attention"] is None
+    result = run("verify", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    names = [row["name"] for row in data["verification"]["interventions"]]
+    assert f"ablate neuron {NEURON}" in names and any(n.startswith("zero super weight") for n in names)
+    assert len(data["attention"]["share"]) == 4
+    assert "6. Verification by intervention" in (out / "report.txt").read_text(encoding="utf-8")
+
+
+def test_verify_on_a_directory_without_a_report(tmp_path):
+    result = run("verify", tmp_path)
+    assert result.returncode == 2 and "not a massact report" in result.stderr and "Traceback" not in result.stderr

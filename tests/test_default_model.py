@@ -72,3 +72,20 @@ def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
     anatomy = next(a for a in report.anatomy if a.role == "birth")
     assert anatomy.explosion_point in {c.name for c in anatomy.checkpoints}
     assert f"dim {attribution.dim}" in report.conclusion[0]
+
+
+def test_ablating_the_top_neurons_removes_the_massive_activation(smol, report):
+    from massact.analysis.interventions import ablate_neurons, read_coordinate
+
+    attribution = next(a for a in report.attribution if a.role == "birth")
+    summary = next(d for d in report.dims if d.dim == attribution.dim)
+    ids = smol.tokenizer(report.texts[attribution.text], return_tensors="pt").input_ids
+    layers = [attribution.layer, summary.persists[-1]]
+    before = read_coordinate(smol, ids, layers, attribution.position, attribution.dim)
+    top = [n.neuron for n in attribution.neurons[: attribution.neurons_for_90pct]]
+    with ablate_neurons(smol, attribution.layer, top):
+        after = read_coordinate(smol, ids, layers, attribution.position, attribution.dim)
+    median = report.layers[attribution.layer].median
+    assert abs(before[attribution.layer]) >= 1000 * median
+    assert abs(after[attribution.layer]) < 1000 * median  # no longer massive at its birth block
+    assert abs(after[layers[1]]) < 0.05 * abs(before[layers[1]])  # nor where it used to persist

@@ -117,8 +117,6 @@ def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, qu
         verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
         if not verify:
             log("skipping verification for a model this large; pass --verify to run it")
-    if verify:
-        log("verifying by intervention (ablations, super weight, zero/mean, attention sinks)")
     report = scan(lm, texts, verify=verify, eval_text=eval_text, **settings)
     written = write_report(report, out)
     if not quiet:

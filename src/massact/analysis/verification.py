@@ -130,6 +130,7 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
     block, and every token where it is massive."""
     sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", eval_text) if len(s.split()) >= 4]
     texts = (list(report.texts) + sentences)[:MAX_INPUTS]
+    limit = getattr(lm.model.config, "max_position_embeddings", None) or 4096
     found = []
     for summary in report.dims:
         layer, dim = summary.born_at, summary.dim
@@ -137,7 +138,7 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
         carriers: Counter = Counter()
         others = first_massive = 0
         for text in texts:
-            ids = lm.tokenizer(text, return_tensors="pt").input_ids
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit]  # long sentences: their start is enough
             kept = {}
             with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, "resid_out")], lambda l, s, h: kept.update(h=h.detach())):
                 lm.model(input_ids=ids.to(lm.device), use_cache=False)
