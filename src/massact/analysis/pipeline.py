@@ -179,17 +179,17 @@ def removal_cause(value: float, previous_median: float, criterion: Criterion) ->
     return "median" if held else "value"
 
 
+def _place(event: Event, tokens: list[list[str]]) -> dict:
+    return dict(layer=event.layer, text=event.text, position=event.position, token=tokens[event.text][event.position],
+                dim=event.dim, role=event.role)
+
+
 def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, top: int) -> Attribution:
     weight_row, bias = down_row(lm.adapter, lm.model, event.layer, event.dim)
     output = float(at["mlp_out"][event.dim])
     neurons, error, for_90 = contributions(at["mlp_act"], weight_row, bias, output, top)
     return Attribution(
-        layer=event.layer,
-        text=event.text,
-        position=event.position,
-        token=tokens[event.text][event.position],
-        dim=event.dim,
-        role=event.role,
+        **_place(event, tokens),
         output=output,
         bias=bias,
         error=error,
@@ -206,12 +206,7 @@ def open_mlp(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens,
     pre = at["mlp_gate"] if lm.adapter.gated else at["mlp_up"]
     impact = anatomy_step.activation_impact(function, pre, at["mlp_up"] if lm.adapter.gated else None, neurons)
     return Anatomy(
-        layer=event.layer,
-        text=event.text,
-        position=event.position,
-        token=tokens[event.text][event.position],
-        dim=event.dim,
-        role=event.role,
+        **_place(event, tokens),
         checkpoints=points,
         explosion_point=anatomy_step.explosion_point(points),
         activation_impact=impact,

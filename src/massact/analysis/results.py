@@ -153,13 +153,19 @@ class ActivationImpact:
 
 
 @dataclass
-class Anatomy:
+class Place:
+    """Where a massive activation is explained: block, text, position (with its token), dim, and birth or removal."""
+
     layer: int
     text: int
     position: int
     token: str
     dim: int
     role: str
+
+
+@dataclass
+class Anatomy(Place):
     checkpoints: list[Checkpoint]
     explosion_point: str
     activation_impact: ActivationImpact
@@ -201,15 +207,9 @@ class WeightStats:
 
 
 @dataclass
-class Attribution:
+class Attribution(Place):
     """output = sum_i activation_i x W_down[dim, i] + bias; ``error`` is the relative gap of that sum to the output."""
 
-    layer: int
-    text: int
-    position: int
-    token: str
-    dim: int
-    role: str
     output: float
     bias: float
     error: float
