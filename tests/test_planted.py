@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import massact
-from massact.models.adapters import adapter_for
 
 from conftest import plant_attention, plant_mlp, tiny_model
 

@@ -70,7 +70,7 @@ def scan(
     layers = layer_stats(layer_scan, tokens, top_k)
     massive = detect(layer_scan, tokens, criterion)
     dims = group_dims(massive, len(layers))
-    warnings = _scan_warnings(layer_scan, massive, tokens)
+    warnings = _scan_warnings(layer_scan, massive)
 
     origins, anatomies, attributions = [], [], []
     events = pick_events(dims, massive)
@@ -231,7 +231,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
     )
 
 
-def _scan_warnings(layer_scan, massive: list[Massive], tokens) -> list[str]:
+def _scan_warnings(layer_scan, massive: list[Massive]) -> list[str]:
     warnings = []
     if layer_scan.nonfinite:
         layer, text, position, dim = layer_scan.nonfinite

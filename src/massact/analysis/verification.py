@@ -27,10 +27,11 @@ def verify(
     criterion = report.criterion
     rows: list[Intervention] = []
     claims: list[str] = []
-    cache: dict[str, float] = {}
+    cache: dict[str, float] = {"baseline": baseline}  # perplexity per intervention target, each measured once
+    last_block = {d.dim: d.persists[-1] for d in report.dims}
 
     def measure(name: str, target: str, a: Attribution, context: AbstractContextManager, with_ppl: bool) -> Intervention:
-        last = next(d for d in report.dims if d.dim == a.dim).persists[-1]
+        last = last_block[a.dim]
         median_birth = report.layers[a.layer].median
         with context:
             values = read_coordinate(lm, inputs[a.text], sorted({a.layer, last}), a.position, a.dim)
@@ -43,7 +44,6 @@ def verify(
                             ppl / baseline if ppl is not None else None, None)
 
     for a in (a for a in report.attribution if a.role == "birth"):
-        cache["baseline"] = baseline
         rows.append(measure("none (baseline)", "baseline", a, nullcontext(), True))
         toward = [n for n in a.neurons if n.contribution * a.output > 0]
         for n in toward[:ABLATE_ALONE]:
@@ -52,13 +52,12 @@ def verify(
         row = measure(f"ablate top {len(top_set)} neuron(s) {top_set}", f"neurons {a.layer}:{top_set}", a, ablate_neurons(lm, a.layer, top_set), True)
         row.confirms = not row.still_massive
         rows.append(row)
-        last = next(d for d in report.dims if d.dim == a.dim).persists[-1]
         claims.append(
             f"dim {a.dim}: ablating neuron(s) {top_set} of block {a.layer} {'removes' if row.confirms else 'does not remove'} the massive "
-            f"activation (at block {a.layer}: {row.value_birth:+.1f}; at block {next(d for d in report.dims if d.dim == a.dim).persists[-1]}: "
+            f"activation (at block {a.layer}: {row.value_birth:+.1f}; at block {last_block[a.dim]}: "
             f"{row.value_last:+.1f}); perplexity x{row.perplexity_ratio:.2f}"
         )
-        control = _unrelated_neuron(a, lm)
+        control = _unrelated_neuron(a)
         rows.append(measure(f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
 
         w = a.super_weight
@@ -107,7 +106,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _unrelated_neuron(a: Attribution, lm: LoadedModel) -> int:
+def _unrelated_neuron(a: Attribution) -> int:
     """The lowest-numbered neuron not among the listed top contributors: a control that should change nothing."""
     listed = {n.neuron for n in a.neurons}
     return next(i for i in range(len(listed) + 1) if i not in listed)
