@@ -59,6 +59,7 @@ VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few do
 
 def _scan(args) -> int:
     from .models.loading import DEFAULT_NAME
+    from .report.files import slug
     from .texts import gather_texts
 
     for option in ("top_k", "top_neurons"):
@@ -67,7 +68,7 @@ def _scan(args) -> int:
     texts = gather_texts(args.text, args.file)  # read input before the slow model load, so bad input fails fast
     eval_text = _read_eval(args.eval_file)
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons)
-    out = args.out or Path("massact-report") / slug_of(args.model or DEFAULT_NAME)
+    out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, args.quiet)
 
 
@@ -92,12 +93,6 @@ def _read_eval(path: str | None) -> str | None:
     from .texts import read_text_file
 
     return "\n\n".join(read_text_file(path))
-
-
-def slug_of(name: str) -> str:
-    from .report.files import slug
-
-    return slug(name)
 
 
 def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, quiet: bool) -> int:
