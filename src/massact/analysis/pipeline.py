@@ -17,11 +17,11 @@ from ..texts import gather_texts
 from . import anatomy as anatomy_step
 from .attention import attention_sinks
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
-from .perplexity import default_eval_text
-from .verification import verify as verify_report
 from .origin import decomposition_gap, head_split, writer
+from .perplexity import default_eval_text
 from .results import Anatomy, Attribution, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
 from .scan import detect, group_dims, layer_stats, scan_layers
+from .verification import verify as verify_report
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
