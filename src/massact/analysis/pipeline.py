@@ -82,16 +82,15 @@ def scan(
     for event in events:
         positions, vectors = probes[event.text, event.layer]
         at = {site: v[positions.index(event.position)] for site, v in vectors.items()}
-        origin = explain_origin(lm, event, at, tokens)
+        cause = None
         if event.role == "removal":
-            origin.cause = removal_cause(origin.resid_out, layers[event.layer - 1].median, criterion)
+            cause = removal_cause(float(at["resid_out"][event.dim]), layers[event.layer - 1].median, criterion)
+        origin = explain_origin(lm, event, at, tokens, cause)
         gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
         if gap > tolerance:
             warnings.append(f"block {event.layer}: resid_in + attn + mlp differs from resid_out by {gap:.1e} (relative)")
         origins.append(origin)
-        if origin.cause == "median":  # nothing wrote the change: there is no writer to open
-            origin.heads = None
-        elif origin.writer == "mlp":
+        if origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
             attribution = attribute(lm, event, at, tokens, top_neurons)
             if attribution.error > tolerance:
                 warnings.append(
@@ -119,12 +118,10 @@ def scan(
     if verify and report.dims:
         source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
         report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source)
-        sinks: dict[int, list[int]] = {}
+        sinks: dict[int, dict[int, None]] = {}  # text -> its massive positions, in order, once each
         for m in massive:
-            sinks.setdefault(m.text, [])
-            if m.position not in sinks[m.text]:
-                sinks[m.text].append(m.position)
-        report.attention = attention_sinks(lm, inputs, sinks, min(d.born_at for d in dims))
+            sinks.setdefault(m.text, {})[m.position] = None
+        report.attention = attention_sinks(lm, inputs, {t: list(p) for t, p in sinks.items()}, min(d.born_at for d in dims))
     return report
 
 
@@ -165,12 +162,12 @@ def pick_events(dims: list[DimSummary], massive: list[Massive]) -> list[Event]:
     return events
 
 
-def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens) -> Origin:
+def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:
     resid_in, attn, mlp, resid_out = (float(at[s][event.dim]) for s in ("resid_in", "attn_out", "mlp_out", "resid_out"))
     who = writer(event.role, resid_in, attn, mlp, resid_out)
-    heads = head_split(lm, event.layer, at[ATTN_Z], event.dim) if who == "attn" else None
-    token = tokens[event.text][event.position]
-    return Origin(event.dim, event.text, event.position, token, event.layer, event.role, who, resid_in, attn, mlp, resid_out, heads=heads)
+    # Heads are split only where attention really wrote the change: not when the median grew past the value.
+    heads = head_split(lm, event.layer, at[ATTN_Z], event.dim) if who == "attn" and cause != "median" else None
+    return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause, heads=heads)
 
 
 def removal_cause(value: float, previous_median: float, criterion: Criterion) -> str:

@@ -84,19 +84,25 @@ class HeadShare:
 
 
 @dataclass
-class Origin:
+class Place:
+    """Where a massive activation is explained: block, text, position (with its token), dim, and birth or removal."""
+
+    layer: int
+    text: int
+    position: int
+    token: str
+    dim: int
+    role: str
+
+
+@dataclass
+class Origin(Place):
     """resid_out = resid_in + attn + mlp at (position, dim) of ``layer``; the writer is the branch that made the change.
 
     ``cause`` at a removal: "value" when the value itself fell under the criterion, "median" when it would still be
     massive against the previous block's median (the rest of the hidden state grew, the value held).
     """
 
-    dim: int
-    text: int
-    position: int
-    token: str
-    layer: int
-    role: str
     writer: str
     resid_in: float
     attn: float
@@ -150,18 +156,6 @@ class ActivationImpact:
     median_before: float
     median_after: float
     top: list[NeuronActivation]
-
-
-@dataclass
-class Place:
-    """Where a massive activation is explained: block, text, position (with its token), dim, and birth or removal."""
-
-    layer: int
-    text: int
-    position: int
-    token: str
-    dim: int
-    role: str
 
 
 @dataclass
