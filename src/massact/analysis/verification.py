@@ -78,11 +78,13 @@ def verify(
         dims = [dim for l, dim in births if l == layer]
         means = {dim: _mean([m.value for m in report.massive if m.dim == dim and m.layer == layer]) for dim in dims}
         for label, values in (("zero", {dim: 0.0 for dim in dims}), ("mean", means)):
-            context = replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio)
-            with context:
+            with replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio):
                 ppl = perplexity(lm, windows)
+            # The value is what the intervention writes at the massive positions; it is not measured after it.
+            value = values[dims[0]]
+            still = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * report.layers[layer].median
             rows.append(Intervention(f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}", dims[0], layer,
-                                     float("nan"), float("nan"), label == "mean", ppl, ppl / baseline, None))
+                                     value, float("nan"), still, ppl, ppl / baseline, None))
         zero, mean = rows[-2], rows[-1]
         claims.append(
             f"block {layer}: setting the massive activations of dims {dims} to zero gives perplexity {zero.perplexity:.2f} "
@@ -125,32 +127,36 @@ def _similar_weight(lm: LoadedModel, matrix: str, row: int, col: int) -> tuple[i
 
 
 def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[InputDependence]:
-    """Over the scanned texts and the evaluation text's sentences: the dim's value on the first token at its birth
-    block, and every token where it is massive."""
+    """Over the scanned texts and the evaluation text's sentences: each dim's value on the first token at its birth
+    block, and every token where it is massive. One forward pass per text and birth block, for all its dims."""
     sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", eval_text) if len(s.split()) >= 4]
     texts = (list(report.texts) + sentences)[:MAX_INPUTS]
     limit = getattr(lm.model.config, "max_position_embeddings", None) or 4096
+    dims = [d.dim for d in report.dims]
+    first: dict[int, list[float]] = {dim: [] for dim in dims}
+    carriers: dict[int, Counter] = {dim: Counter() for dim in dims}
+    first_massive = dict.fromkeys(dims, 0)
+    others = dict.fromkeys(dims, 0)
+    births = {d.born_at for d in report.dims}
+    for text in texts:
+        ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit]  # long sentences: their start is enough
+        kept: dict[int, torch.Tensor] = {}
+        with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, "resid_out") for layer in births], lambda l, s, h: kept.__setitem__(l, h.detach().float())):
+            lm.model(input_ids=ids.to(lm.device), use_cache=False)
+        for summary in report.dims:
+            hidden, dim = kept[summary.born_at], summary.dim
+            first[dim].append(float(hidden[0, 0, dim]))
+            mask = massive_mask(hidden, dim, report.criterion.min_abs, report.criterion.min_ratio)[0]
+            first_massive[dim] += bool(mask[0])
+            for position in mask.nonzero().flatten().tolist():
+                carriers[dim][lm.tokenizer.decode([int(ids[0, position])])] += 1
+                others[dim] += position > 0
     found = []
     for summary in report.dims:
-        layer, dim = summary.born_at, summary.dim
-        first: list[float] = []
-        carriers: Counter = Counter()
-        others = first_massive = 0
-        for text in texts:
-            ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit]  # long sentences: their start is enough
-            kept = {}
-            with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, "resid_out")], lambda l, s, h: kept.update(h=h.detach())):
-                lm.model(input_ids=ids.to(lm.device), use_cache=False)
-            hidden = kept["h"].float()
-            first.append(float(hidden[0, 0, dim]))
-            mask = massive_mask(hidden, dim, report.criterion.min_abs, report.criterion.min_ratio)[0]
-            first_massive += bool(mask[0])
-            for position in mask.nonzero().flatten().tolist():
-                carriers[lm.tokenizer.decode([int(ids[0, position])])] += 1
-                others += position > 0
-        values = torch.tensor(first, dtype=torch.float64)
+        values = torch.tensor(first[summary.dim], dtype=torch.float64)
         found.append(
-            InputDependence(dim, layer, len(texts), float(values.mean()), float(values.std()) if len(first) > 1 else 0.0,
-                            first_massive, [[token, count] for token, count in carriers.most_common(8)], others)
+            InputDependence(summary.dim, summary.born_at, len(texts), float(values.mean()),
+                            float(values.std()) if len(values) > 1 else 0.0, first_massive[summary.dim],
+                            [[token, count] for token, count in carriers[summary.dim].most_common(8)], others[summary.dim])
         )
     return found
