@@ -124,7 +124,8 @@ def _layer_table(style: _Style, report: Report) -> Table:
     for stats in report.layers:
         top = stats.top
         cell = [f"{num(e.value, True)} d{e.dim}" for e in top[1:3]] + ["-", "-"]
-        add_row(table, 
+        add_row(
+            table,
             str(stats.layer),
             num(stats.median),
             num(top[0].value, True) if top else "-",
