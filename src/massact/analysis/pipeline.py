@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..capture.probe import ATTN_Z, probe_block
+from ..capture.probe import ATTN_Z, block_output, probe_block
 from ..errors import UsageError
 from ..models.adapters.base import weight_out_in
 from ..models.loading import LoadedModel, load, wrap
@@ -19,7 +19,7 @@ from .attention import attention_sinks
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .origin import decomposition_gap, head_split, writer
 from .perplexity import default_eval_text
-from .results import Anatomy, Attribution, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
+from .results import Anatomy, Attribution, BirthState, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
 from .scan import detect, group_dims, layer_stats, scan_layers
 from .verification import verify as verify_report
 
@@ -115,6 +115,7 @@ def scan(
         versions=_versions(),
     )
     report.conclusion = conclude(report)
+    report.birth_state = birth_state(lm, report, inputs)
     if verify and report.dims:
         source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
         report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source)
@@ -174,6 +175,18 @@ def removal_cause(value: float, previous_median: float, criterion: Criterion) ->
     """Did the value fall ("value"), or would it still be massive against the previous block's median ("median")?"""
     held = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * previous_median
     return "median" if held else "value"
+
+
+def birth_state(lm: LoadedModel, report: Report, inputs: list[torch.Tensor]) -> BirthState | None:
+    """The hidden state at the birth of the strongest massive dim, where its strongest entry sits."""
+    if not report.dims:
+        return None
+    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    birth = next(o for o in report.origin if o.dim == strongest.dim and o.role == "birth")
+    magnitude = block_output(lm, inputs[birth.text], birth.layer).abs()
+    dims = sorted({m.dim for m in report.massive if m.layer == birth.layer and m.text == birth.text})
+    rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
+    return BirthState(birth.layer, birth.text, report.tokens[birth.text], dims, rows)
 
 
 def _place(event: Event, tokens: list[list[str]]) -> dict:

@@ -269,6 +269,18 @@ class AttentionSinks:
 
 
 @dataclass
+class BirthState:
+    """The whole hidden state where the strongest massive dim is born: |a| of block ``layer``'s resid_out for text
+    ``text``, one row per token (4 significant digits), for the heat map."""
+
+    layer: int
+    text: int
+    tokens: list[str]
+    dims: list[int]
+    magnitude: list[list[float]]
+
+
+@dataclass
 class Report:
     model: ModelInfo
     texts: list[str]
@@ -285,6 +297,7 @@ class Report:
     versions: dict[str, str]
     verification: Verification | None = None
     attention: AttentionSinks | None = None
+    birth_state: BirthState | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

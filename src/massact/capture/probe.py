@@ -24,3 +24,11 @@ def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions:
         with tap_module_input(o_proj, lambda t: keep(ATTN_Z, t)):
             lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
     return kept
+
+
+def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """One block's resid_out for a whole text: [positions, d_model] float32 on CPU."""
+    kept: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, "resid_out")], lambda _, __, t: kept.update(out=t[0].detach().float().cpu())):
+        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    return kept["out"]

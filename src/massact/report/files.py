@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 from ..analysis.results import Report
-from .text import to_text
+from ..errors import UsageError
+
+FORMATS = ("txt", "json", "html", "png")
 
 
 def slug(name: str) -> str:
@@ -18,17 +20,41 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.replace("/", "--")).strip("-.") or "model"
 
 
-def write_atomic(path: Path, content: str) -> None:
+def parse_formats(text: str) -> set[str]:
+    """'txt,json' -> {'txt', 'json'}; an unknown format is a usage error."""
+    chosen = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = chosen - set(FORMATS)
+    if unknown or not chosen:
+        raise UsageError(f"--format takes a comma-separated list of {', '.join(FORMATS)}; got {text!r}")
+    return chosen
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(content, encoding="utf-8")
+    if isinstance(content, bytes):
+        partial.write_bytes(content)
+    else:
+        partial.write_text(content, encoding="utf-8")
     os.replace(partial, path)
 
 
-def write_report(report: Report, out: Path) -> list[Path]:
-    """report.json and report.txt in ``out`` (created); returns the paths written."""
+def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) -> list[Path]:
+    """The chosen files in ``out`` (created): report.txt, report.json, report.html, the PNG figures."""
+    from .html import to_html
+    from .plots import figures
+    from .text import to_text
+
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, content in (("report.json", report.to_json() + "\n"), ("report.txt", to_text(report))):
+    pngs = figures(report) if formats & {"html", "png"} else {}
+    contents: dict[str, str | bytes] = {}
+    if "json" in formats:
+        contents["report.json"] = report.to_json() + "\n"
+    if "txt" in formats:
+        contents["report.txt"] = to_text(report)
+    if "html" in formats:
+        contents["report.html"] = to_html(report, pngs)
+    if "png" in formats:
+        contents.update(pngs)
+    for name, content in contents.items():
         write_atomic(out / name, content)
-        written.append(out / name)
-    return written
+    return [out / name for name in contents]

@@ -1,0 +1,192 @@
+"""The report as figures (matplotlib, PNG). File names are stable; each figure is drawn only when its data exists.
+
+Every figure is FIG_SIZE inches at DPI dots per inch, so every PNG is 1200 x 600 pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from ..analysis.results import Report  # noqa: E402
+
+FIG_SIZE = (12, 6)
+DPI = 100
+PIXELS = (FIG_SIZE[0] * DPI, FIG_SIZE[1] * DPI)
+
+
+def _figure(ncols: int = 1):
+    fig, axes = plt.subplots(1, ncols, figsize=FIG_SIZE, dpi=DPI)
+    return fig, axes
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)  # no bbox_inches="tight": the pixel size stays fixed
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def layer_profile(report: Report) -> bytes:
+    """Top-1, top-2, top-3 and median |a| of every block's output, log scale, birth and removal blocks marked."""
+    fig, ax = _figure()
+    layers = [s.layer for s in report.layers]
+    for rank, style in enumerate(("-o", "--", ":")):
+        values = [abs(s.top[rank].value) if len(s.top) > rank else np.nan for s in report.layers]
+        ax.plot(layers, values, style, label=f"top-{rank + 1} |a|")
+    ax.plot(layers, [s.median for s in report.layers], "-s", color="gray", label="median |a|")
+    for d in report.dims:
+        ax.axvline(d.born_at, color="crimson", alpha=0.6)
+        ax.annotate(f"dim {d.dim} born", (d.born_at, abs(d.max_value)), textcoords="offset points",
+                    xytext=(4, 6), color="crimson", fontsize=9)
+        for removed in d.removed_at:
+            ax.axvline(removed, color="navy", alpha=0.5, linestyle="--")
+            ax.annotate(f"dim {d.dim} falls back", (removed, abs(d.max_value) / 3), textcoords="offset points", xytext=(4, 0),
+                        color="navy", fontsize=9)
+    threshold = [max(report.criterion.min_abs, report.criterion.min_ratio * s.median) for s in report.layers]
+    ax.plot(layers, threshold, color="crimson", alpha=0.3, linewidth=6, label="massive threshold")
+    ax.set_yscale("log")
+    ax.set_xlabel("block (residual output)")
+    ax.set_ylabel("|activation|")
+    ax.set_title(f"{report.model.name}: largest activations per block")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def massive_heatmap(report: Report) -> bytes:
+    """|a| over (token position, dim) at the birth block's output, in 3D as Sun et al. draw it (linear height, so
+    the massive entries stand up as spikes), and as a log-scale heat map beside it; massive entries labelled."""
+    state = report.birth_state
+    magnitude = np.array(state.magnitude)
+    fig = plt.figure(figsize=FIG_SIZE, dpi=DPI)
+    surface = fig.add_subplot(1, 2, 1, projection="3d")
+    dims, positions = np.meshgrid(np.arange(magnitude.shape[1]), np.arange(magnitude.shape[0]))
+    surface.plot_surface(dims, positions, magnitude, cmap="viridis", linewidth=0, rstride=1, cstride=1, antialiased=False)
+    surface.set_xlabel("dim")
+    surface.set_ylabel("token position")
+    surface.set_zlabel("|a|")
+    surface.set_title(f"Block {state.layer} output, text {state.text}")
+    heat = fig.add_subplot(1, 2, 2)
+    image = heat.imshow(np.maximum(magnitude, 1e-3), aspect="auto", interpolation="nearest", cmap="magma", norm=LogNorm())
+    fig.colorbar(image, ax=heat, label="|activation| (log)")
+    heat.set_yticks(range(len(state.tokens)), [repr(t) for t in state.tokens], fontsize=7)
+    heat.set_xlabel("dim")
+    for dim in state.dims:
+        position = int(magnitude[:, dim].argmax())
+        label = f"dim {dim}, {state.tokens[position]!r}: {magnitude[position, dim]:,.0f}"
+        surface.text(dim, position, magnitude[position, dim], label, color="crimson", fontsize=8)
+        heat.annotate(label, (dim, position), xytext=(-60, 25 + 15 * state.dims.index(dim)), textcoords="offset points",
+                      color="cyan", fontsize=8, arrowprops=dict(arrowstyle="->", color="cyan"))
+    fig.subplots_adjust(left=0.02, right=0.95, wspace=0.25)
+    return _png(fig)
+
+
+def mlp_anatomy(report: Report) -> bytes:
+    """Max and median |v| at each MLP checkpoint (log), top1/median on a second axis, the explosion point marked."""
+    anatomy = next(a for a in report.anatomy if a.role == "birth")
+    points = anatomy.checkpoints
+    fig, ax = _figure()
+    x = np.arange(len(points))
+    ax.bar(x - 0.2, [p.max for p in points], width=0.4, label="max |v|", color="tab:red")
+    ax.bar(x + 0.2, [p.median for p in points], width=0.4, label="median |v|", color="tab:gray")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [p.name for p in points])
+    ax.set_ylabel("|v|")
+    ratio_axis = ax.twinx()
+    ratio_axis.plot(x, [p.ratio for p in points], "-o", color="tab:blue", label="top1 / median")
+    ratio_axis.set_yscale("log")
+    ratio_axis.set_ylabel("top1 / median", color="tab:blue")
+    explosion = [p.name for p in points].index(anatomy.explosion_point)
+    ax.axvspan(explosion - 0.5, explosion + 0.5, color="gold", alpha=0.25, label="explosion point")
+    ax.set_title(f"Block {anatomy.layer} MLP at token {anatomy.position} ({anatomy.token!r}): explosion at {anatomy.explosion_point}")
+    ax.legend(loc="upper left")
+    ratio_axis.legend(loc="upper center")
+    return _png(fig)
+
+
+def attribution_waterfall(report: Report, shown: int = 8) -> bytes:
+    """The top neuron contributions stacked up to the massive output, the rest and the bias grouped."""
+    a = max((a for a in report.attribution if a.role == "birth"), key=lambda a: abs(a.output))
+    neurons = a.neurons[:shown]
+    rest = a.output - a.bias - sum(n.contribution for n in neurons)
+    labels = [f"neuron {n.neuron}" for n in neurons] + ["all other neurons", "bias"]
+    steps = [n.contribution for n in neurons] + [rest, a.bias]
+    fig, ax = _figure()
+    start = 0.0
+    for index, step in enumerate(steps):
+        ax.bar(index, step, bottom=start, color="tab:green" if step >= 0 else "tab:red")
+        start += step
+    ax.bar(len(steps), a.output, color="tab:blue")
+    ax.set_xticks(range(len(steps) + 1), labels + [f"mlp_out[{a.dim}]"], rotation=30, ha="right")
+    w = a.super_weight
+    ax.annotate(f"super weight {w.matrix.rsplit('.', 2)[-2]}[{w.row}, {w.col}] = {w.value:+.3f}\n(rank {w.rank} of {w.entries:,})",
+                (0, neurons[0].contribution), xytext=(40, -10), textcoords="offset points", fontsize=9,
+                arrowprops=dict(arrowstyle="->"))
+    ax.set_ylabel("contribution to the output")
+    ax.set_title(f"Block {a.layer} mlp_out[{a.dim}] = {a.output:,.1f}: activation x weight per neuron")
+    fig.subplots_adjust(bottom=0.22)
+    return _png(fig)
+
+
+def verification(report: Report) -> bytes:
+    """Perplexity ratio and the massive value under each intervention (log scales)."""
+    rows = [r for r in report.verification.interventions if r.perplexity is not None]
+    fig, (left, right) = _figure(2)
+    names = [f"dim {r.dim}: {r.name}"[:60] for r in rows]
+    y = np.arange(len(rows))
+    left.barh(y, [r.perplexity_ratio for r in rows], color=["tab:red" if r.perplexity_ratio > 2 else "tab:gray" for r in rows])
+    left.set_xscale("log")
+    left.set_yticks(y, names, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlabel("perplexity / unmodified")
+    left.axvline(1, color="black", linewidth=0.8)
+    values = [abs(r.value_birth) if r.value_birth == r.value_birth else np.nan for r in rows]
+    right.barh(y, np.maximum(np.nan_to_num(values, nan=0.0), 1e-3), color=["tab:orange" if r.still_massive else "tab:blue" for r in rows])
+    right.set_xscale("log")
+    right.set_yticks(y, [""] * len(rows))
+    right.invert_yaxis()
+    right.set_xlabel("|massive value| at the birth block (orange: still massive)")
+    fig.suptitle(f"Interventions: baseline perplexity {report.verification.baseline_perplexity:.2f}")
+    fig.subplots_adjust(left=0.3, wspace=0.05)
+    return _png(fig)
+
+
+def attention_sinks(report: Report) -> bytes:
+    """Share of attention on the massive tokens per block and head, birth block marked."""
+    a = report.attention
+    fig, ax = _figure()
+    share = np.array(a.share).T  # heads x blocks
+    image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="attention probability on the massive tokens")
+    if a.birth_layer is not None:
+        ax.axvline(a.birth_layer, color="crimson", linewidth=2, label=f"birth block {a.birth_layer}")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("block")
+    ax.set_ylabel("head")
+    uniform = float(np.mean(a.uniform))
+    ax.set_title(f"Attention sinks: share on the massive tokens (uniform would give {uniform:.0%})")
+    return _png(fig)
+
+
+FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], str]] = {
+    "layer_profile.png": (layer_profile, lambda r: bool(r.layers), "Layer profile: top-1..3 and median |activation| per block"),
+    "massive_heatmap.png": (massive_heatmap, lambda r: r.birth_state is not None, "The birth block's output over tokens and dims"),
+    "mlp_anatomy.png": (mlp_anatomy, lambda r: any(a.role == "birth" for a in r.anatomy), "MLP checkpoints at the writing block"),
+    "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.attribution), "Neuron contributions to the massive value"),
+    "verification.png": (verification, lambda r: r.verification is not None, "Perplexity and massive value under each intervention"),
+    "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share), "Attention on the massive tokens, block x head"),
+}
+
+
+def figures(report: Report) -> dict[str, bytes]:
+    """{file name: PNG bytes} for every figure whose data the report has."""
+    return {name: draw(report) for name, (draw, available, _) in FIGURES.items() if available(report)}
