@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
@@ -33,19 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
     scan.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
-    scan.add_argument("--quiet", action="store_true", help="print only the paths written")
+    scan.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
+    scan.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
     verify = commands.add_parser("verify", help="re-run a saved report with verification, writing it back in place")
     verify.add_argument("report_dir", type=Path, help="a directory holding report.json from massact scan")
     verify.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
     verify.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    verify.add_argument("--quiet", action="store_true", help="print only the paths written")
+    verify.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
+    verify.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
+    compare = commands.add_parser("compare", help="put saved reports side by side in one page")
+    compare.add_argument("report_dirs", type=Path, nargs="+", help="directories holding report.json")
+    compare.add_argument("--out", type=Path, default=Path("massact-report") / "compare", help="output directory")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return _verify(args) if args.command == "verify" else _scan(args)
+        return {"scan": _scan, "verify": _verify, "compare": _compare}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -59,7 +65,7 @@ VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few do
 
 def _scan(args) -> int:
     from .models.loading import DEFAULT_NAME
-    from .report.files import slug
+    from .report.files import parse_formats, slug
     from .texts import gather_texts
 
     for option in ("top_k", "top_neurons"):
@@ -69,7 +75,8 @@ def _scan(args) -> int:
     eval_text = _read_eval(args.eval_file)
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons)
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
-    return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, args.quiet)
+    formats = parse_formats(args.format)
+    return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet)
 
 
 def _verify(args) -> int:
@@ -83,8 +90,19 @@ def _verify(args) -> int:
         texts = saved["texts"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         raise UsageError(f"{path}: not a massact report ({type(error).__name__}: {error})") from None
+    from .report.files import parse_formats
+
+    formats = parse_formats(args.format)
     eval_text = _read_eval(args.eval_file)
-    return _run(model.get("source"), texts, settings, True, eval_text, model["dtype"], args.device, args.report_dir, args.quiet)
+    return _run(model.get("source"), texts, settings, True, eval_text, model["dtype"], args.device, args.report_dir, formats, args.quiet)
+
+
+def _compare(args) -> int:
+    from .report.compare import write_compare
+
+    for path in write_compare(args.report_dirs, args.out):
+        print(f"wrote {path}")
+    return 0
 
 
 def _read_eval(path: str | None) -> str | None:
@@ -95,7 +113,7 @@ def _read_eval(path: str | None) -> str | None:
     return "\n\n".join(read_text_file(path))
 
 
-def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, quiet: bool) -> int:
+def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, formats: set[str], quiet: bool) -> int:
     from transformers.utils import logging as hf_logging
 
     from .analysis.pipeline import scan
@@ -112,10 +130,30 @@ def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, qu
         verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
         if not verify:
             log("skipping verification for a model this large; pass --verify to run it")
-    report = scan(lm, texts, verify=verify, eval_text=eval_text, **settings)
-    written = write_report(report, out)
+    bars = not quiet and sys.stderr.isatty()  # no bars in a pipe, a log file or CI
+    with _progress(bars) as progress:
+        report = scan(lm, texts, verify=verify, eval_text=eval_text, progress=progress, **settings)
+    written = write_report(report, out, formats)
     if not quiet:
         print_report(report, terminal())
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+@contextmanager
+def _progress(show: bool):
+    """A rich progress bar per stage on stderr (or nothing), in the shape massact.scan's ``progress`` takes."""
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bars:
+        def stage(description: str, total: int | None):
+            task = bars.add_task(description, total=total)
+            return lambda: bars.advance(task)
+
+        yield stage

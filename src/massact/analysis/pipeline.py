@@ -26,6 +26,14 @@ from .verification import verify as verify_report
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
 
+# progress(stage, total or None) returns the function to call after each step of that stage.
+Progress = Callable[[str, "int | None"], Callable[[], None]]
+
+
+def _silent(stage: str, total: int | None) -> Callable[[], None]:
+    return lambda: None
+
+
 @dataclass
 class Event:
     """A (dim, text, position, block) to explain: where the dim is born, or where it is removed."""
@@ -51,21 +59,23 @@ def scan(
     eval_text: str | None = None,
     dtype: str = "float32",
     device: str = "auto",
-    on_text: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
     neurons and weight that write it. With ``verify``, confirm by intervention and measure the attention sinks
     (perplexity on ``eval_text``, default: the shipped public-domain sample).
 
     ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
-    ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences.
+    ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``progress``: see ``Progress``.
     """
     lm = _as_loaded(model, tokenizer, dtype, device)
     texts = gather_texts(list(texts) if texts is not None else None)
     inputs, tokens = encode(lm, texts)
     criterion = Criterion(min_abs=min_abs, min_ratio=min_ratio)
 
-    layer_scan = scan_layers(lm, inputs, CANDIDATES, on_text)
+    progress = progress or _silent
+    advance = progress("forward passes over the texts", len(inputs))
+    layer_scan = scan_layers(lm, inputs, CANDIDATES, lambda _: advance())
     criterion.median_rel_error = layer_scan.histograms[0].rel_error
     layers = layer_stats(layer_scan, tokens, top_k)
     massive = detect(layer_scan, tokens, criterion)
@@ -118,7 +128,8 @@ def scan(
     report.birth_state = birth_state(lm, report, inputs)
     if verify and report.dims:
         source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
-        report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source)
+        report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source,
+                                            progress("interventions", None))
         sinks: dict[int, dict[int, None]] = {}  # text -> its massive positions, in order, once each
         for m in massive:
             sinks.setdefault(m.text, {})[m.position] = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -20,8 +21,10 @@ MAX_INPUTS = 64  # inputs for the input-dependence pass
 
 
 def verify(
-    lm: LoadedModel, report: Report, inputs: list[torch.Tensor], eval_text: str, eval_source: str
+    lm: LoadedModel, report: Report, inputs: list[torch.Tensor], eval_text: str, eval_source: str,
+    step: Callable[[], None] = lambda: None,
 ) -> Verification:
+    """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one."""
     windows = eval_windows(lm, eval_text)
     baseline = perplexity(lm, windows)
     criterion = report.criterion
@@ -38,6 +41,7 @@ def verify(
             if with_ppl and target not in cache:
                 cache[target] = perplexity(lm, windows)
         ppl = cache.get(target) if with_ppl else None
+        step()
         birth_value = values[a.layer]
         still = abs(birth_value) >= criterion.min_abs and abs(birth_value) >= criterion.min_ratio * median_birth
         return Intervention(name, target, a.dim, a.layer, birth_value, values[last], still, ppl,
@@ -80,6 +84,7 @@ def verify(
         for label, values in (("zero", {dim: 0.0 for dim in dims}), ("mean", means)):
             with replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio):
                 ppl = perplexity(lm, windows)
+            step()
             # The value is what the intervention writes at the massive positions; it is not measured after it.
             value = values[dims[0]]
             still = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * report.layers[layer].median

@@ -28,7 +28,7 @@ def _figure(ncols: int = 1):
     return fig, axes
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)  # no bbox_inches="tight": the pixel size stays fixed
     plt.close(fig)
@@ -59,7 +59,7 @@ def layer_profile(report: Report) -> bytes:
     ax.set_title(f"{report.model.name}: largest activations per block")
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def massive_heatmap(report: Report) -> bytes:
@@ -87,7 +87,7 @@ def massive_heatmap(report: Report) -> bytes:
         heat.annotate(label, (dim, position), xytext=(-60, 25 + 15 * state.dims.index(dim)), textcoords="offset points",
                       color="cyan", fontsize=8, arrowprops=dict(arrowstyle="->", color="cyan"))
     fig.subplots_adjust(left=0.02, right=0.95, wspace=0.25)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def mlp_anatomy(report: Report) -> bytes:
@@ -110,7 +110,7 @@ def mlp_anatomy(report: Report) -> bytes:
     ax.set_title(f"Block {anatomy.layer} MLP at token {anatomy.position} ({anatomy.token!r}): explosion at {anatomy.explosion_point}")
     ax.legend(loc="upper left")
     ratio_axis.legend(loc="upper center")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def attribution_waterfall(report: Report, shown: int = 8) -> bytes:
@@ -134,7 +134,7 @@ def attribution_waterfall(report: Report, shown: int = 8) -> bytes:
     ax.set_ylabel("contribution to the output")
     ax.set_title(f"Block {a.layer} mlp_out[{a.dim}] = {a.output:,.1f}: activation x weight per neuron")
     fig.subplots_adjust(bottom=0.22)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def verification(report: Report) -> bytes:
@@ -157,7 +157,7 @@ def verification(report: Report) -> bytes:
     right.set_xlabel("|massive value| at the birth block (orange: still massive)")
     fig.suptitle(f"Interventions: baseline perplexity {report.verification.baseline_perplexity:.2f}")
     fig.subplots_adjust(left=0.3, wspace=0.05)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def attention_sinks(report: Report) -> bytes:
@@ -174,7 +174,7 @@ def attention_sinks(report: Report) -> bytes:
     ax.set_ylabel("head")
     uniform = float(np.mean(a.uniform))
     ax.set_title(f"Attention sinks: share on the massive tokens (uniform would give {uniform:.0%})")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], str]] = {
