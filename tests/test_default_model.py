@@ -89,3 +89,17 @@ def test_ablating_the_top_neurons_removes_the_massive_activation(smol, report):
     assert abs(before[attribution.layer]) >= 1000 * median
     assert abs(after[attribution.layer]) < 1000 * median  # no longer massive at its birth block
     assert abs(after[layers[1]]) < 0.05 * abs(before[layers[1]])  # nor where it used to persist
+
+
+def test_figures_of_the_default_model(report):
+    from test_visual import assert_png
+
+    from massact.report.plots import figures
+
+    pngs = figures(report)
+    assert {"layer_profile.png", "massive_heatmap.png", "mlp_anatomy.png", "attribution.png"} <= set(pngs)
+    for data in pngs.values():
+        assert_png(data)
+    assert report.birth_state.dims and max(max(row) for row in report.birth_state.magnitude) == pytest.approx(
+        abs(max(report.dims, key=lambda d: abs(d.max_value)).max_value), rel=1e-3
+    )
