@@ -55,6 +55,7 @@ def scan(
     min_abs: float = 100.0,
     min_ratio: float = 1000.0,
     top_neurons: int = 10,
+    batch_size: int = 8,
     verify: bool = False,
     eval_text: str | None = None,
     dtype: str = "float32",
@@ -75,7 +76,7 @@ def scan(
 
     progress = progress or _silent
     advance = progress("forward passes over the texts", len(inputs))
-    layer_scan = scan_layers(lm, inputs, CANDIDATES, lambda _: advance())
+    layer_scan = scan_layers(lm, inputs, CANDIDATES, lambda _: advance(), batch_size)
     criterion.median_rel_error = layer_scan.histograms[0].rel_error
     layers = layer_stats(layer_scan, tokens, top_k)
     massive = detect(layer_scan, tokens, criterion)

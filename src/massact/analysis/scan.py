@@ -25,39 +25,61 @@ class LayerScan:
         return [histogram.quantile(0.5) for histogram in self.histograms]
 
 
+def pad_batch(inputs: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad [1, n_i] token ids into [batch, max n] ids and the attention mask (1 = real token).
+
+    With right padding a causal model computes every real token exactly as alone: pads come after it and are
+    masked out as keys, and positions still count from 0.
+    """
+    longest = max(ids.shape[1] for ids in inputs)
+    ids = torch.full((len(inputs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(inputs), longest), dtype=torch.long)
+    for row, one in enumerate(inputs):
+        ids[row, : one.shape[1]] = one[0]
+        mask[row, : one.shape[1]] = 1
+    return ids, mask
+
+
 def scan_layers(
     lm: LoadedModel,
     inputs: Sequence[torch.Tensor],
     candidates: int = 512,
     on_text: Callable[[int], None] | None = None,
+    batch_size: int = 8,
 ) -> LayerScan:
-    """One forward pass per text; hooks on every block's resid_out keep only a histogram and a top-k, on device."""
+    """Batched forward passes; hooks on every block's resid_out keep only a histogram and a top-k, on device.
+    Padding positions never enter a statistic."""
     n_layers = len(lm.adapter.blocks(lm.model))
     histograms = [LogHistogram(device=lm.device) for _ in range(n_layers)]
     tops = [TopK(candidates) for _ in range(n_layers)]
     nonfinite: list[tuple[int, int, int, int]] = []
-    current = {"text": 0}
+    batch = {"first": 0, "lengths": []}
 
     def record(layer: int, site: str, hidden: torch.Tensor) -> None:
-        values = hidden[0].detach().float()  # [positions, d_model]; batch of one text, so no padding
-        width = values.shape[1]
-        histograms[layer].update(values)
-        flat = values.flatten()
-        index = flat.abs().topk(min(candidates, flat.numel())).indices
-        labels = torch.stack([torch.full_like(index, current["text"]), index // width, index % width], dim=1)
-        tops[layer].update(flat[index], labels)
-        if not nonfinite:
-            bad = (~torch.isfinite(values)).nonzero()
-            if len(bad):
-                nonfinite.append((layer, current["text"], int(bad[0, 0]), int(bad[0, 1])))
+        for row, length in enumerate(batch["lengths"]):
+            values = hidden[row, :length].detach().float()  # [real positions, d_model]: the pads are cut off here
+            text = batch["first"] + row
+            width = values.shape[1]
+            histograms[layer].update(values)
+            flat = values.flatten()
+            index = flat.abs().topk(min(candidates, flat.numel())).indices
+            labels = torch.stack([torch.full_like(index, text), index // width, index % width], dim=1)
+            tops[layer].update(flat[index], labels)
+            if not nonfinite:
+                bad = (~torch.isfinite(values)).nonzero()
+                if len(bad):
+                    nonfinite.append((layer, text, int(bad[0, 0]), int(bad[0, 1])))
 
     sites = [(layer, "resid_out") for layer in range(n_layers)]
     with torch.no_grad(), tap(lm.model, lm.adapter, sites, record):
-        for text_index, input_ids in enumerate(inputs):
-            current["text"] = text_index
-            lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+        for first in range(0, len(inputs), batch_size):
+            chunk = inputs[first : first + batch_size]
+            batch["first"], batch["lengths"] = first, [ids.shape[1] for ids in chunk]
+            ids, mask = pad_batch(chunk)
+            lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
             if on_text:
-                on_text(text_index)
+                for index in range(first, first + len(chunk)):
+                    on_text(index)
     return LayerScan(histograms, tops, nonfinite[0] if nonfinite else None)
 
 

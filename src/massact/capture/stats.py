@@ -33,7 +33,8 @@ class LogHistogram:
         return int(self.counts.sum().item())
 
     def update(self, values: torch.Tensor) -> None:
-        logs = values.detach().abs().float().flatten().clamp_min(10**self.lo).log10()
+        # .to(): with a device map the blocks, and so the values, may sit on other devices than the counts.
+        logs = values.detach().to(self.counts.device).abs().float().flatten().clamp_min(10**self.lo).log10()
         logs = logs.clamp(self.lo, self.hi - self.width / 2)
         index = ((logs - self.lo) / self.width).long().clamp_(0, self.bins - 1)
         self.counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
@@ -63,8 +64,8 @@ class TopK:
     def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
         """values: [n] signed; labels: [n, m] integers on the same device."""
         if not self._empty:
-            values = torch.cat([self.values, values])
-            labels = torch.cat([self.labels, labels])
+            values = torch.cat([self.values, values.to(self.values.device)])
+            labels = torch.cat([self.labels, labels.to(self.labels.device)])
         keep = values.abs().topk(min(self.k, values.numel())).indices
         self.values, self.labels, self._empty = values[keep], labels[keep], False
 

@@ -1,0 +1,48 @@
+"""Batching with padding, and precision: statistics must not depend on how texts are grouped, and an overflow
+must be named where it happens."""
+
+import pytest
+import torch
+
+import massact
+from massact.analysis.pipeline import encode
+from massact.analysis.scan import scan_layers
+from massact.texts import DEFAULT_TEXTS
+
+from conftest import D_MODEL, plant_mlp, tiny_model
+
+LAYER, NEURON, DIM = 1, 37, 20
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batched_and_one_by_one_statistics_agree(family, tokenizer):
+    model = tiny_model(family, len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    lm = massact.wrap(model, tokenizer)
+    inputs, _ = encode(lm, list(DEFAULT_TEXTS))
+    assert len({ids.shape[1] for ids in inputs}) > 1  # different lengths, so batches carry padding
+    alone = scan_layers(lm, inputs, candidates=64, batch_size=1)
+    batched = scan_layers(lm, inputs, candidates=64, batch_size=3)
+    tokens = sum(ids.shape[1] for ids in inputs)
+    for one, many in zip(alone.histograms, batched.histograms):
+        assert one.total == many.total == tokens * D_MODEL  # every real token once, no padding
+        assert many.quantile(0.5) == pytest.approx(one.quantile(0.5), rel=2 * one.rel_error)
+    for one, many in zip(alone.tops, batched.tops):
+        (one_values, one_labels), (many_values, many_labels) = zip(*one.items()), zip(*many.items())
+        assert list(one_labels)[:10] == list(many_labels)[:10]
+        assert list(many_values) == pytest.approx(list(one_values), rel=1e-4, abs=1e-5)
+    report_one = massact.scan(lm, list(DEFAULT_TEXTS), batch_size=1)
+    report_many = massact.scan(lm, list(DEFAULT_TEXTS), batch_size=4)
+    assert [(m.layer, m.text, m.position, m.dim) for m in report_one.massive] == [
+        (m.layer, m.text, m.position, m.dim) for m in report_many.massive
+    ]
+
+
+def test_float16_overflow_is_named_with_its_block_and_dim(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=2000.0)  # about 2e5 > float16's 65504
+    model.half()
+    report = massact.scan(model, ["Summer is warm."], tokenizer=tokenizer)
+    warning = next(w for w in report.warnings if w.startswith("non-finite"))
+    assert f"block {LAYER}," in warning and f"dim {DIM}" in warning and "bfloat16 or float32" in warning
+    report.to_json()  # inf and nan become null: the JSON stays valid
