@@ -2,7 +2,6 @@
 must be named where it happens."""
 
 import pytest
-import torch
 
 import massact
 from massact.analysis.pipeline import encode
@@ -28,14 +27,15 @@ def test_batched_and_one_by_one_statistics_agree(family, tokenizer):
         assert one.total == many.total == tokens * D_MODEL  # every real token once, no padding
         assert many.quantile(0.5) == pytest.approx(one.quantile(0.5), rel=2 * one.rel_error)
     for one, many in zip(alone.tops, batched.tops):
-        (one_values, one_labels), (many_values, many_labels) = zip(*one.items()), zip(*many.items())
-        assert list(one_labels)[:10] == list(many_labels)[:10]
-        assert list(many_values) == pytest.approx(list(one_values), rel=1e-4, abs=1e-5)
+        one_items, many_items = one.items(), many.items()
+        assert [abs(v) for v, _ in many_items] == pytest.approx([abs(v) for v, _ in one_items], rel=1e-4, abs=1e-5)
+        # Entries clearly above the smallest kept one are the same (text, position, dim); ties may swap at the edge.
+        edge = abs(one_items[-1][0]) * (1 + 1e-3) + 1e-5
+        assert {tuple(l) for v, l in one_items if abs(v) > edge} == {tuple(l) for v, l in many_items if abs(v) > edge}
     report_one = massact.scan(lm, list(DEFAULT_TEXTS), batch_size=1)
     report_many = massact.scan(lm, list(DEFAULT_TEXTS), batch_size=4)
-    assert [(m.layer, m.text, m.position, m.dim) for m in report_one.massive] == [
-        (m.layer, m.text, m.position, m.dim) for m in report_many.massive
-    ]
+    found = [sorted((m.layer, m.text, m.position, m.dim) for m in r.massive) for r in (report_one, report_many)]
+    assert found[0] == found[1] and len(found[0]) == len(DEFAULT_TEXTS) * (model.config.num_hidden_layers - LAYER)
 
 
 def test_float16_overflow_is_named_with_its_block_and_dim(tokenizer):

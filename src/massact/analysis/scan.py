@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,35 +54,42 @@ def scan_layers(
     n_layers = len(lm.adapter.blocks(lm.model))
     histograms = [LogHistogram(device=lm.device) for _ in range(n_layers)]
     tops = [TopK(candidates) for _ in range(n_layers)]
-    nonfinite: list[tuple[int, int, int, int]] = []
-    batch = {"first": 0, "lengths": []}
+    batch: dict = {}
 
     def record(layer: int, site: str, hidden: torch.Tensor) -> None:
-        for row, length in enumerate(batch["lengths"]):
-            values = hidden[row, :length].detach().float()  # [real positions, d_model]: the pads are cut off here
-            text = batch["first"] + row
-            width = values.shape[1]
-            histograms[layer].update(values)
-            flat = values.flatten()
-            index = flat.abs().topk(min(candidates, flat.numel())).indices
-            labels = torch.stack([torch.full_like(index, text), index // width, index % width], dim=1)
-            tops[layer].update(flat[index], labels)
-            if not nonfinite:
-                bad = (~torch.isfinite(values)).nonzero()
-                if len(bad):
-                    nonfinite.append((layer, text, int(bad[0, 0]), int(bad[0, 1])))
+        # A few whole-batch operations and no host sync: this runs once per block per batch.
+        values = hidden.detach().float()  # [batch, positions, d_model]
+        valid = batch["mask"].to(values.device)  # [batch, positions], False at padding
+        histograms[layer].update(values[valid])
+        width = values.shape[2]
+        magnitude = values.abs().masked_fill(~valid.unsqueeze(-1), -1.0).flatten(1)  # pads at -1: never chosen over a real value
+        top = magnitude.topk(min(candidates, magnitude.shape[1]), dim=1)
+        real = top.values != -1.0  # drops pads only; NaN and inf stay, and sort first, so overflow is seen below
+        rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1).expand_as(top.indices)
+        labels = torch.stack([rows + batch["first"], top.indices // width, top.indices % width], dim=-1)[real]
+        tops[layer].update(values.flatten(1).gather(1, top.indices)[real], labels)
 
     sites = [(layer, "resid_out") for layer in range(n_layers)]
     with torch.no_grad(), tap(lm.model, lm.adapter, sites, record):
         for first in range(0, len(inputs), batch_size):
             chunk = inputs[first : first + batch_size]
-            batch["first"], batch["lengths"] = first, [ids.shape[1] for ids in chunk]
             ids, mask = pad_batch(chunk)
+            batch.update(first=first, mask=mask.bool())
             lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
             if on_text:
                 for index in range(first, first + len(chunk)):
                     on_text(index)
-    return LayerScan(histograms, tops, nonfinite[0] if nonfinite else None)
+    return LayerScan(histograms, tops, first_nonfinite(tops))
+
+
+def first_nonfinite(tops: list[TopK]) -> tuple[int, int, int, int] | None:
+    """(layer, text, position, dim) of an inf or nan in the earliest block that has one. The top-k holds them:
+    torch sorts nan and inf above every finite |a|."""
+    for layer, top in enumerate(tops):
+        for value, (text, position, dim) in top.items():
+            if not math.isfinite(value):
+                return layer, text, position, dim
+    return None
 
 
 def layer_stats(scan: LayerScan, tokens: list[list[str]], top_k: int) -> list[LayerStats]:

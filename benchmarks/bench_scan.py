@@ -1,0 +1,106 @@
+"""Scan cost against plain forward passes and against the hand-written approach, and memory as the corpus grows.
+
+    .venv/bin/python benchmarks/bench_scan.py            # default model and a tiny GPT-2, prints a Markdown table
+
+Each measurement runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own. Three ways over
+the same corpus, batched alike (batch 8):
+  forward  plain forward passes, no hooks: the floor
+  massact  massact's corpus pass: hooks on every block's output keep a top-k and a log-histogram, on device
+  naive    what researchers write by hand: hooks keep every site's full activations (all 9 sites, every block),
+           statistics computed afterwards from the cache
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+
+
+def corpus(multiple: int) -> list[str]:
+    from massact.analysis.perplexity import default_eval_text
+
+    sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", default_eval_text()) if len(s.split()) >= 4]
+    return sentences * multiple
+
+
+def load(which: str):
+    import massact
+
+    if which == "default":
+        return massact.load(None, device="cpu", log=lambda m: None)
+    sys.path.insert(0, "tests")
+    from conftest import make_tokenizer, tiny_model
+
+    tokenizer = make_tokenizer()
+    return massact.wrap(tiny_model("gpt2", len(tokenizer)), tokenizer)
+
+
+def one(mode: str, which: str, multiple: int) -> dict:
+    import torch
+
+    from massact.analysis.scan import pad_batch, scan_layers
+    from massact.capture.hooks import tap
+
+    torch.set_num_threads(2)
+    lm = load(which)
+    limit = getattr(lm.model.config, "max_position_embeddings", 1024)
+    # The tiny model's context is 64 tokens: long sentences are cut to it (the same cut for all three ways).
+    inputs = [lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit] for text in corpus(multiple)]
+    batches = [pad_batch(inputs[i : i + 8]) for i in range(0, len(inputs), 8)]
+    start = time.perf_counter()
+    with torch.no_grad():
+        if mode == "forward":
+            for ids, mask in batches:
+                lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        elif mode == "massact":
+            scan_layers(lm, inputs, candidates=512, batch_size=8)
+        else:
+            cache: dict = {}
+            n_layers = len(lm.adapter.blocks(lm.model))
+            sites = [(layer, site) for layer in range(n_layers) for site in lm.adapter.sites]
+            with tap(lm.model, lm.adapter, sites, lambda l, s, t: cache.setdefault((l, s), []).append(t.detach().clone())):
+                for ids, mask in batches:
+                    lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            for layer in range(n_layers):  # the statistics massact keeps, from the full cache (pads included: naive)
+                values = torch.cat([t.flatten() for t in cache[layer, "resid_out"]]).abs()
+                values.topk(512)
+                values.median()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "texts": len(inputs),
+            "tokens": sum(i.shape[1] for i in inputs)}
+
+
+def measure(mode: str, which: str, multiple: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--one", mode, which, str(multiple)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    rows = []
+    for which in ("tiny", "default"):
+        base = {mode: measure(mode, which, 4) for mode in ("forward", "massact", "naive")}
+        floor = base["forward"]["seconds"]
+        for mode, result in base.items():
+            rows.append(f"| {which} | {mode} | {result['texts']} | {result['tokens']} | {result['seconds']:.2f} | "
+                        f"{result['seconds'] / floor:.2f}x | {result['rss_mb']:.0f} |")
+    print("| model | way | texts | tokens | seconds | x plain forward | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print()
+    print("| model | corpus | texts | massact seconds | massact peak RSS MiB | naive peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for which in ("tiny", "default"):
+        for multiple in (1, 4, 16):
+            ours, naive = measure("massact", which, multiple), measure("naive", which, multiple)
+            print(f"| {which} | {multiple}x | {ours['texts']} | {ours['seconds']:.2f} | {ours['rss_mb']:.0f} | {naive['rss_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--one":
+        print(json.dumps(one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    else:
+        main()
