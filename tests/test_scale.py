@@ -6,6 +6,7 @@ import pytest
 import massact
 from massact.analysis.pipeline import encode
 from massact.analysis.scan import scan_layers
+from massact.errors import UsageError
 from massact.texts import DEFAULT_TEXTS
 
 from conftest import D_MODEL, plant_mlp, tiny_model
@@ -18,7 +19,7 @@ def test_batched_and_one_by_one_statistics_agree(family, tokenizer):
     model = tiny_model(family, len(tokenizer))
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
     lm = massact.wrap(model, tokenizer)
-    inputs, _ = encode(lm, list(DEFAULT_TEXTS))
+    _, inputs, _ = encode(lm, list(DEFAULT_TEXTS))
     assert len({ids.shape[1] for ids in inputs}) > 1  # different lengths, so batches carry padding
     alone = scan_layers(lm, inputs, candidates=64, batch_size=1)
     batched = scan_layers(lm, inputs, candidates=64, batch_size=3)
@@ -46,3 +47,26 @@ def test_float16_overflow_is_named_with_its_block_and_dim(tokenizer):
     warning = next(w for w in report.warnings if w.startswith("non-finite"))
     assert f"block {LAYER}," in warning and f"dim {DIM}" in warning and "bfloat16 or float32" in warning
     report.to_json()  # inf and nan become null: the JSON stays valid
+
+
+def test_long_texts_are_split_into_windows_not_truncated(tokenizer):
+    lm = massact.wrap(tiny_model("llama", len(tokenizer)), tokenizer)
+    long_text = " ".join(DEFAULT_TEXTS)
+    n_tokens = tokenizer(long_text, return_tensors="pt").input_ids.shape[1]
+    assert n_tokens > 64  # longer than the tiny model's context
+    texts, inputs, tokens = encode(lm, [long_text, "Summer is warm."], max_length=32)
+    assert [i.shape[1] for i in inputs[:-1]] == [32] * (n_tokens // 32) + ([n_tokens % 32] if n_tokens % 32 else [])
+    assert sum(len(t) for t in tokens[:-1]) == n_tokens and texts[-1] == "Summer is warm."
+    report = massact.scan(lm, [long_text], max_length=32)
+    assert len(report.texts) == len(inputs) - 1
+    assert any("split into" in w for w in report.warnings)
+    with pytest.raises(UsageError, match="--max-length"):
+        encode(lm, [long_text], max_length=1000)
+
+
+def test_max_texts_keeps_the_first_texts(tmp_path):
+    from massact.texts import gather_texts
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i}." for i in range(100)), encoding="utf-8")
+    assert gather_texts(file=str(corpus), max_texts=3) == ["Sentence number 0.", "Sentence number 1.", "Sentence number 2."]

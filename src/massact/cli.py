@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
     scan.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
     scan.add_argument("--top-neurons", type=int, default=10, help="neurons listed in the attribution")
+    scan.add_argument("--max-texts", type=int, help="scan at most this many texts")
+    scan.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows (default: refuse texts longer than the context)")
     scan.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan (padding is never counted)")
     scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
@@ -69,13 +71,13 @@ def _scan(args) -> int:
     from .report.files import parse_formats, slug
     from .texts import gather_texts
 
-    for option in ("top_k", "top_neurons", "batch_size"):
-        if getattr(args, option) < 1:
+    for option in ("top_k", "top_neurons", "batch_size", "max_texts"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
-    texts = gather_texts(args.text, args.file)  # read input before the slow model load, so bad input fails fast
+    texts = gather_texts(args.text, args.file, args.max_texts)  # read input before the slow model load, so bad input fails fast
     eval_text = _read_eval(args.eval_file)
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, max_length=args.max_length)
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     formats = parse_formats(args.format)
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet)

@@ -43,12 +43,12 @@ def read_text_file(path: str) -> list[str]:
     return texts
 
 
-def gather_texts(texts: list[str] | None = None, file: str | None = None) -> list[str]:
-    """The texts to scan: ``texts`` and the file's, or the built-in sentences when neither is given."""
+def gather_texts(texts: list[str] | None = None, file: str | None = None, max_texts: int | None = None) -> list[str]:
+    """The texts to scan: ``texts`` and the file's (the first ``max_texts`` in all), or the built-in sentences."""
     gathered = list(texts or [])
     for index, text in enumerate(gathered, 1):
         if not text.strip():
             raise UsageError(f"text {index} is empty")
     if file is not None:
         gathered += read_text_file(file)
-    return gathered or list(DEFAULT_TEXTS)
+    return (gathered or list(DEFAULT_TEXTS))[:max_texts]

@@ -56,6 +56,7 @@ def scan(
     min_ratio: float = 1000.0,
     top_neurons: int = 10,
     batch_size: int = 8,
+    max_length: int | None = None,
     verify: bool = False,
     eval_text: str | None = None,
     dtype: str = "float32",
@@ -71,7 +72,8 @@ def scan(
     """
     lm = _as_loaded(model, tokenizer, dtype, device)
     texts = gather_texts(list(texts) if texts is not None else None)
-    inputs, tokens = encode(lm, texts)
+    given = len(texts)
+    texts, inputs, tokens = encode(lm, texts, max_length)
     criterion = Criterion(min_abs=min_abs, min_ratio=min_ratio)
 
     progress = progress or _silent
@@ -82,6 +84,9 @@ def scan(
     massive = detect(layer_scan, tokens, criterion)
     dims = group_dims(massive, len(layers))
     warnings = _scan_warnings(layer_scan, massive)
+    if len(texts) > given:
+        warnings.append(f"{given} text(s) were split into {len(texts)} windows of at most {max_length} tokens; "
+                        "each window is scanned as a text of its own")
 
     origins, anatomies, attributions = [], [], []
     events = pick_events(dims, massive)
@@ -148,19 +153,32 @@ def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
     return load(model, dtype=dtype, device=device)
 
 
-def encode(lm: LoadedModel, texts: list[str]) -> tuple[list[torch.Tensor], list[list[str]]]:
-    """Token ids [1, n] per text and the decoded tokens; a text longer than the model's context is refused."""
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
-    inputs, tokens = [], []
+def encode(
+    lm: LoadedModel, texts: list[str], max_length: int | None = None
+) -> tuple[list[str], list[torch.Tensor], list[list[str]]]:
+    """The texts as scanned, token ids [1, n] for each, and the decoded tokens.
+
+    Without ``max_length`` a text longer than the model's context is refused. With it, a longer text is split into
+    consecutive windows of at most ``max_length`` tokens, each scanned as a text of its own (never truncated).
+    """
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if max_length is not None and (max_length < 2 or (context and max_length > context)):
+        raise UsageError(f"--max-length must be between 2 and the model's context ({context} tokens)")
+    scanned, inputs, tokens = [], [], []
     for index, text in enumerate(texts, 1):
         ids = lm.tokenizer(text, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
             raise UsageError(f"text {index} has no tokens")
-        if limit and ids.shape[1] > limit:
-            raise UsageError(f"text {index} has {ids.shape[1]} tokens, more than the model's context of {limit}: split it")
-        inputs.append(ids)
-        tokens.append([lm.tokenizer.decode([i]) for i in ids[0].tolist()])
-    return inputs, tokens
+        if max_length is None and context and ids.shape[1] > context:
+            raise UsageError(
+                f"text {index} has {ids.shape[1]} tokens, more than the model's context of {context}: split it, or pass --max-length"
+            )
+        windows = [ids] if max_length is None else list(ids.split(max_length, dim=1))
+        for window in windows:
+            scanned.append(text if len(windows) == 1 else lm.tokenizer.decode(window[0]))
+            inputs.append(window)
+            tokens.append([lm.tokenizer.decode([i]) for i in window[0].tolist()])
+    return scanned, inputs, tokens
 
 
 def pick_events(dims: list[DimSummary], massive: list[Massive]) -> list[Event]:
