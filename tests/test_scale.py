@@ -1,7 +1,15 @@
 """Batching with padding, and precision: statistics must not depend on how texts are grouped, and an overflow
 must be named where it happens."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
+import torch
 
 import massact
 from massact.analysis.pipeline import encode
@@ -70,3 +78,83 @@ def test_max_texts_keeps_the_first_texts(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Sentence number {i}." for i in range(100)), encoding="utf-8")
     assert gather_texts(file=str(corpus), max_texts=3) == ["Sentence number 0.", "Sentence number 1.", "Sentence number 2."]
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("planted-llama")
+    model = tiny_model("llama", len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "massact", "scan", *map(str, args)]
+
+
+def test_a_killed_scan_resumes_to_the_same_result(planted_dir, tmp_path):
+    words = " ".join(DEFAULT_TEXTS).split()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(words[i % 40 : i % 40 + 3 + i % 7]) for i in range(800)), encoding="utf-8")
+    common = [planted_dir, "--file", corpus, "--no-verify", "--format", "json", "--quiet", "--batch-size", "1", "--checkpoint-every", "1"]
+    clean = subprocess.run(_cli(*common, "--out", tmp_path / "clean"), capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr
+
+    out = tmp_path / "killed"
+    state = out / "scan-state.pt"
+    process = subprocess.Popen(_cli(*common, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.3)  # let it get some way into the corpus
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the scan ended before it could be killed"
+    done = torch.load(state, weights_only=True)["done"]
+    assert 0 < done < 800
+    assert not (out / "report.json").exists()
+
+    resumed = subprocess.run(_cli(*common, "--out", out, "--resume"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not state.exists()  # removed once the scan is whole
+    first, second = (json.loads((d / "report.json").read_text(encoding="utf-8")) for d in (tmp_path / "clean", out))
+    assert first["dims"] == second["dims"]
+    # Every text starts with the same BOS, so equal values tie across texts: compare what does not depend on
+    # which of the tied texts the top-k kept.
+    for a, b in zip(first["layers"], second["layers"]):
+        assert a["median"] == b["median"]
+        assert [e["value"] for e in a["top"]] == [e["value"] for e in b["top"]]
+    key = lambda m: (m["layer"], m["position"], m["dim"], m["value"])
+    assert sorted(map(key, first["massive"])) == sorted(map(key, second["massive"]))
+    same = lambda a: {k: v for k, v in a.items() if k != "text"}
+    assert [same(a) for a in first["attribution"]] == [same(a) for a in second["attribution"]]
+
+
+def test_resume_refuses_the_state_of_another_scan(planted_dir, tmp_path):
+    out = tmp_path / "out"
+    common = [planted_dir, "--no-verify", "--format", "json", "--quiet", "--batch-size", "1", "--checkpoint-every", "1"]
+    subprocess.run(_cli(*common, "--text", "Summer is warm.", "--text", "Winter is cold.", "--out", out), check=True, timeout=300)
+    (out / "scan-state.pt").write_bytes(b"not a state")
+    result = subprocess.run(_cli(*common, "--text", "Summer is warm.", "--out", out, "--resume"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "cannot read the scan state" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_processes_give_the_result_of_one(planted_dir, tmp_path):
+    texts = [arg for text in DEFAULT_TEXTS for arg in ("--text", text)]
+    common = [planted_dir, *texts, "--no-verify", "--format", "json", "--quiet", "--batch-size", "2"]
+    single = subprocess.run(_cli(*common, "--out", tmp_path / "one"), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "massact", "scan"]
+    double = subprocess.run([*launch, *map(str, common), "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr
+    one, two = (json.loads((tmp_path / d / "report.json").read_text(encoding="utf-8")) for d in ("one", "two"))
+    assert [layer["median"] for layer in one["layers"]] == [layer["median"] for layer in two["layers"]]  # counts summed exactly
+    for a, b in zip(one["layers"], two["layers"]):
+        assert [abs(e["value"]) for e in a["top"]] == pytest.approx([abs(e["value"]) for e in b["top"]], rel=1e-6)
+    key = lambda m: (m["layer"], m["text"], m["position"], m["dim"])
+    assert sorted(map(key, one["massive"])) == sorted(map(key, two["massive"]))
+    assert one["dims"] == two["dims"]
+    # Every text starts with the same BOS, so which text an attribution is read from may differ among equals.
+    same = lambda a: {k: v for k, v in a.items() if k != "text"}
+    assert [same(a) for a in one["attribution"]] == [same(a) for a in two["attribution"]]

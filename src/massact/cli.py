@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,12 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--out", type=Path, help="output directory (default: ./massact-report/<model>/)")
     scan.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     scan.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    scan.add_argument("--device-map", help="spread a large model over the devices (accelerate): auto, balanced, sequential")
     scan.add_argument("--top-k", type=int, default=5, help="largest activations listed per block")
     scan.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
     scan.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
     scan.add_argument("--top-neurons", type=int, default=10, help="neurons listed in the attribution")
     scan.add_argument("--max-texts", type=int, help="scan at most this many texts")
     scan.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows (default: refuse texts longer than the context)")
+    scan.add_argument("--checkpoint-every", type=int, default=50,
+                      help="write the scan's merged state to OUT/scan-state.pt every N batches (removed when the scan ends)")
+    scan.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT/scan-state.pt")
     scan.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan (padding is never counted)")
     scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
@@ -71,7 +76,7 @@ def _scan(args) -> int:
     from .report.files import parse_formats, slug
     from .texts import gather_texts
 
-    for option in ("top_k", "top_neurons", "batch_size", "max_texts"):
+    for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
     texts = gather_texts(args.text, args.file, args.max_texts)  # read input before the slow model load, so bad input fails fast
@@ -80,7 +85,9 @@ def _scan(args) -> int:
                     batch_size=args.batch_size, max_length=args.max_length)
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     formats = parse_formats(args.format)
-    return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet)
+    settings.update(checkpoint=out / "scan-state.pt", checkpoint_every=args.checkpoint_every, resume=args.resume)
+    return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
+                args.device_map)
 
 
 def _verify(args) -> int:
@@ -117,7 +124,8 @@ def _read_eval(path: str | None) -> str | None:
     return "\n\n".join(read_text_file(path))
 
 
-def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, formats: set[str], quiet: bool) -> int:
+def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, formats: set[str], quiet: bool,
+         device_map: str | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from .analysis.pipeline import scan
@@ -129,14 +137,17 @@ def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, fo
     hf_logging.set_verbosity_error()  # our own messages say what matters, in one line each
     if quiet or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
-    lm = load(model, dtype=dtype, device=device, log=log)
+    lm = load(model, dtype=dtype, device=device, log=log, device_map=device_map)
     if verify is None:
         verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
         if not verify:
             log("skipping verification for a model this large; pass --verify to run it")
-    bars = not quiet and sys.stderr.isatty()  # no bars in a pipe, a log file or CI
+    # No bars in a pipe, a log file or CI, and one set only in a multi-process launch.
+    bars = not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
     with _progress(bars) as progress:
         report = scan(lm, texts, verify=verify, eval_text=eval_text, progress=progress, **settings)
+    if report is None:  # another process of a multi-process launch writes the report
+        return 0
     written = write_report(report, out, formats)
     if not quiet:
         print_report(report, terminal())

@@ -16,11 +16,11 @@ from ..models.loading import LoadedModel
 def ablate_neurons(lm: LoadedModel, layer: int, neurons: list[int]) -> Iterator[None]:
     """Zero the given MLP neurons of a block (their entries of the down projection's input) at every position."""
     down = lm.adapter.module(lm.model, layer, lm.adapter.mlp_down)
-    index = torch.tensor(neurons, device=lm.device)
+    index = torch.tensor(neurons)
 
     def zero(module, args):
         x = args[0].clone()
-        x[..., index] = 0.0
+        x[..., index.to(x.device)] = 0.0
         return (x, *args[1:])
 
     handle = down.register_forward_pre_hook(zero)

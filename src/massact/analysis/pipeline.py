@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .origin import decomposition_gap, head_split, writer
 from .perplexity import default_eval_text
 from .results import Anatomy, Attribution, BirthState, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
-from .scan import detect, group_dims, layer_stats, scan_layers
+from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
 from .verification import verify as verify_report
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
@@ -57,18 +58,23 @@ def scan(
     top_neurons: int = 10,
     batch_size: int = 8,
     max_length: int | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
     verify: bool = False,
     eval_text: str | None = None,
     dtype: str = "float32",
     device: str = "auto",
     progress: Progress | None = None,
-) -> Report:
+) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
     neurons and weight that write it. With ``verify``, confirm by intervention and measure the attention sinks
     (perplexity on ``eval_text``, default: the shipped public-domain sample).
 
     ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
     ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``progress``: see ``Progress``.
+    Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
+    report; the others get None.
     """
     lm = _as_loaded(model, tokenizer, dtype, device)
     texts = gather_texts(list(texts) if texts is not None else None)
@@ -78,7 +84,9 @@ def scan(
 
     progress = progress or _silent
     advance = progress("forward passes over the texts", len(inputs))
-    layer_scan = scan_layers(lm, inputs, CANDIDATES, lambda _: advance(), batch_size)
+    layer_scan = scan_layers(lm, inputs, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume)
+    if distributed_rank()[0] != 0:
+        return None  # launched as several processes: they shared the scan, the first one explains and reports
     criterion.median_rel_error = layer_scan.histograms[0].rel_error
     layers = layer_stats(layer_scan, tokens, top_k)
     massive = detect(layer_scan, tokens, criterion)

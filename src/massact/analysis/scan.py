@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..capture.hooks import tap
 from ..capture.stats import LogHistogram, TopK
+from ..errors import UsageError
 from ..models.loading import LoadedModel
 from .results import Criterion, DimSummary, Entry, LayerStats, Massive
 
@@ -48,38 +51,137 @@ def scan_layers(
     candidates: int = 512,
     on_text: Callable[[int], None] | None = None,
     batch_size: int = 8,
+    checkpoint: Path | None = None,
+    every: int = 50,
+    resume: bool = False,
 ) -> LayerScan:
     """Batched forward passes; hooks on every block's resid_out keep only a histogram and a top-k, on device.
-    Padding positions never enter a statistic."""
+    Padding positions never enter a statistic.
+
+    With ``checkpoint``, the merged state is written there (atomically) every ``every`` batches and removed at the
+    end; with ``resume``, a state found there is loaded and the scan goes on after the texts it covers. Launched as
+    several processes, each scans its share and the statistics are merged with torch.distributed collectives.
+    """
     n_layers = len(lm.adapter.blocks(lm.model))
     histograms = [LogHistogram(device=lm.device) for _ in range(n_layers)]
     tops = [TopK(candidates) for _ in range(n_layers)]
+    rank, world = distributed_rank()
+    mine = list(range(rank, len(inputs), world))  # under torchrun / accelerate launch, each process takes every world-th text
+    if world > 1 and checkpoint is not None:
+        checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}-of-{world}")
+    fingerprint = _fingerprint(inputs, candidates)
+    start = 0
+    if checkpoint is not None and resume and checkpoint.is_file():
+        start = _load_state(checkpoint, fingerprint, histograms, tops)
     batch: dict = {}
 
     def record(layer: int, site: str, hidden: torch.Tensor) -> None:
         # A few whole-batch operations and no host sync: this runs once per block per batch.
         values = hidden.detach().float()  # [batch, positions, d_model]
-        valid = batch["mask"].to(values.device)  # [batch, positions], False at padding
-        histograms[layer].update(values[valid])
-        width = values.shape[2]
-        magnitude = values.abs().masked_fill(~valid.unsqueeze(-1), -1.0).flatten(1)  # pads at -1: never chosen over a real value
-        top = magnitude.topk(min(candidates, magnitude.shape[1]), dim=1)
+        valid = batch["mask"].to(values.device).unsqueeze(-1)  # [batch, positions, 1], False at padding
+        histograms[layer].update(values, weights=valid)
+        _, length, width = values.shape
+        magnitude = values.abs().masked_fill(~valid, -1.0).flatten()  # pads at -1: never chosen over a real value
+        top = magnitude.topk(min(candidates, magnitude.numel()))  # one top-k over the whole batch
         real = top.values != -1.0  # drops pads only; NaN and inf stay, and sort first, so overflow is seen below
-        rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1).expand_as(top.indices)
-        labels = torch.stack([rows + batch["first"], top.indices // width, top.indices % width], dim=-1)[real]
-        tops[layer].update(values.flatten(1).gather(1, top.indices)[real], labels)
+        row, rest = top.indices // (length * width), top.indices % (length * width)
+        labels = torch.stack([batch["texts"].to(values.device)[row], rest // width, rest % width], dim=-1)[real]
+        tops[layer].update(values.flatten()[top.indices][real], labels)
 
     sites = [(layer, "resid_out") for layer in range(n_layers)]
     with torch.no_grad(), tap(lm.model, lm.adapter, sites, record):
-        for first in range(0, len(inputs), batch_size):
-            chunk = inputs[first : first + batch_size]
-            ids, mask = pad_batch(chunk)
-            batch.update(first=first, mask=mask.bool())
+        for count, first in enumerate(range(start, len(mine), batch_size), 1):
+            chosen = mine[first : first + batch_size]
+            ids, mask = pad_batch([inputs[i] for i in chosen])
+            batch.update(texts=torch.tensor(chosen), mask=mask.bool())
             lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+            if checkpoint is not None and count % every == 0:
+                _save_state(checkpoint, first + len(chosen), fingerprint, histograms, tops)
             if on_text:
-                for index in range(first, first + len(chunk)):
+                for index in chosen:
                     on_text(index)
+    if world > 1:
+        merge_across_processes(histograms, tops)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return LayerScan(histograms, tops, first_nonfinite(tops))
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) unless launched by torchrun or accelerate launch. The process
+    group is set up here on first use: gloo on CPU, nccl on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK]) -> None:
+    """Every process ends with the statistics of the whole corpus: histogram counts are summed, top-k lists are
+    gathered and cut back to k (exactly what one process seeing every text would keep)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for histogram in histograms:
+        dist.all_reduce(histogram.counts)
+    for top in tops:
+        values = torch.zeros(top.k, device=histograms[0].counts.device)
+        labels = torch.full((top.k, 3), -1, dtype=torch.long, device=values.device)
+        if top.values is not None:  # pad to k so every process sends the same shape
+            values[: len(top.values)] = top.values.to(values.device)
+            labels[: len(top.labels)] = top.labels.to(values.device)
+        all_values = [torch.empty_like(values) for _ in range(world)]
+        all_labels = [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(all_values, values)
+        dist.all_gather(all_labels, labels)
+        gathered, tags = torch.cat(all_values), torch.cat(all_labels)
+        real = tags[:, 0] >= 0
+        top.clear()
+        top.update(gathered[real], tags[real])
+
+
+def _fingerprint(inputs: Sequence[torch.Tensor], candidates: int) -> str:
+    """Which scan a state belongs to: the token ids of every text, and the top-k size."""
+    digest = hashlib.sha256(str(candidates).encode())
+    for ids in inputs:
+        digest.update(ids.numpy().tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHistogram], tops: list[TopK]) -> None:
+    state = {
+        "done": done,
+        "fingerprint": fingerprint,
+        "counts": [h.counts.cpu() for h in histograms],
+        "tops": [(t.values.cpu(), t.labels.cpu()) if t.values is not None else None for t in tops],
+    }
+    partial = path.with_name(path.name + ".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, partial)
+    os.replace(partial, path)  # a kill mid-write leaves the previous state whole
+
+
+def _load_state(path: Path, fingerprint: str, histograms: list[LogHistogram], tops: list[TopK]) -> int:
+    """Restore the merged statistics; returns how many texts they cover."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # a damaged file: say which, rather than a pickle traceback
+        raise UsageError(f"cannot read the scan state {path}: {error}") from None
+    if state.get("fingerprint") != fingerprint or len(state["counts"]) != len(histograms):
+        raise UsageError(f"{path} is the state of another scan (other model, texts or settings); remove it or drop --resume")
+    for histogram, counts in zip(histograms, state["counts"]):
+        histogram.counts = counts.to(histogram.counts.device)
+    for top, saved in zip(tops, state["tops"]):
+        if saved is not None:
+            top.update(*saved)
+    return int(state["done"])
+
+
+
 
 
 def first_nonfinite(tops: list[TopK]) -> tuple[int, int, int, int] | None:

@@ -12,11 +12,11 @@ ATTN_Z = "attn_z"  # the attention output projection's input: every head's outpu
 
 def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions: list[int]) -> dict[str, torch.Tensor]:
     """{site: [len(positions), width] float32 on CPU} for every site of the block, plus ``attn_z``."""
-    index = torch.tensor(positions, device=lm.device)
+    index = torch.tensor(positions)
     kept: dict[str, torch.Tensor] = {}
 
-    def keep(name: str, tensor: torch.Tensor) -> None:
-        kept[name] = tensor[0].detach().index_select(0, index).float().cpu()
+    def keep(name: str, tensor: torch.Tensor) -> None:  # on the tensor's own device: blocks may be spread by a device map
+        kept[name] = tensor[0].detach().index_select(0, index.to(tensor.device)).float().cpu()
 
     sites = [(layer, site) for site in lm.adapter.sites]
     o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)

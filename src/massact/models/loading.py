@@ -56,14 +56,19 @@ def wrap(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Under torchrun or accelerate launch, each process takes the GPU of its local rank.
+        return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} asked for, but no CUDA device is available")
     return torch.device(device)
 
 
-def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", log=None) -> LoadedModel:
-    """Load ``spec``: None for the embedded default, a directory, a .gguf file, or a hub id."""
+def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", log=None, device_map: str | None = None) -> LoadedModel:
+    """Load ``spec``: None for the embedded default, a directory, a .gguf file, or a hub id.
+
+    ``device_map`` (e.g. "auto") spreads a model too large for one device over all of them with accelerate's
+    big-model loading; ``device`` is then ignored and inputs go to the device of the first parameters.
+    """
     log = log or (lambda message: print(message, file=sys.stderr))
     if dtype not in DTYPES:
         raise UsageError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -85,12 +90,12 @@ def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", 
             raise UsageError(f"{spec}: no such file or directory")
         else:
             source = _hub_source(spec)
-    loaded = _from_pretrained(source, name, DTYPES[dtype], target)
+    loaded = _from_pretrained(source, name, DTYPES[dtype], target, device_map)
     loaded.source = spec
     return loaded
 
 
-def _from_pretrained(source: str, name: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _from_pretrained(source: str, name: str, dtype: torch.dtype, device: torch.device, device_map: str | None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -100,10 +105,12 @@ def _from_pretrained(source: str, name: str, dtype: torch.dtype, device: torch.d
     adapter = adapter_for(config)  # fail on an unsupported architecture before loading any weight
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, device_map=device_map)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load {name}: {_first_line(error)}") from None
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     return LoadedModel(model, tokenizer, adapter, name)
 
 
@@ -151,7 +158,10 @@ def _gguf_dir(path: Path, log) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    os.replace(partial, target)  # atomic: a half-written cache is never taken for a whole one
+    try:
+        os.replace(partial, target)  # atomic: a half-written cache is never taken for a whole one
+    except OSError:  # another process (a multi-process launch) finished the same conversion first
+        shutil.rmtree(partial, ignore_errors=True)
     return str(target)
 
 
