@@ -158,3 +158,31 @@ def test_two_processes_give_the_result_of_one(planted_dir, tmp_path):
     # Every text starts with the same BOS, so which text an attribution is read from may differ among equals.
     same = lambda a: {k: v for k, v in a.items() if k != "text"}
     assert [same(a) for a in one["attribution"]] == [same(a) for a in two["attribution"]]
+
+
+def test_texts_from_a_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from massact.texts import dataset_texts
+
+    rows = datasets.Dataset.from_dict({"id": [1, 2, 3], "text": ["Summer is warm.", " ", "Winter is cold."]})
+    rows.save_to_disk(str(tmp_path / "saved"))
+    assert dataset_texts(str(tmp_path / "saved")) == ["Summer is warm.", "Winter is cold."]
+    assert dataset_texts(str(tmp_path / "saved"), max_texts=1) == ["Summer is warm."]
+    datasets.DatasetDict({"train": rows, "test": rows.select([2])}).save_to_disk(str(tmp_path / "splits"))
+    assert dataset_texts(f"{tmp_path / 'splits'}::test") == ["Winter is cold."]
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "part.jsonl").write_text('{"n": 1, "body": "A good map."}\n{"n": 2, "body": "The committee met."}\n', encoding="utf-8")
+    assert dataset_texts(str(folder)) == ["A good map.", "The committee met."]  # no "text" column: the first of strings
+    with pytest.raises(UsageError, match="hub cannot be reached|cannot load dataset"):
+        dataset_texts("no-such-org/no-such-dataset-xyz")
+
+
+def test_cli_reads_a_dataset_and_loads_with_a_device_map(planted_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": list(DEFAULT_TEXTS)}).save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    result = subprocess.run(_cli(planted_dir, "--dataset", tmp_path / "data", "--max-texts", "3", "--device-map", "cpu",
+                                 "--no-verify", "--format", "json", "--quiet", "--out", out), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["texts"] == list(DEFAULT_TEXTS[:3])

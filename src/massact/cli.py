@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
     scan.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
     scan.add_argument("--top-neurons", type=int, default=10, help="neurons listed in the attribution")
+    scan.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]]: a save_to_disk directory, a local folder of data files, or a hub name")
     scan.add_argument("--max-texts", type=int, help="scan at most this many texts")
     scan.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows (default: refuse texts longer than the context)")
     scan.add_argument("--checkpoint-every", type=int, default=50,
@@ -79,7 +80,7 @@ def _scan(args) -> int:
     for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
-    texts = gather_texts(args.text, args.file, args.max_texts)  # read input before the slow model load, so bad input fails fast
+    texts = gather_texts(args.text, args.file, args.max_texts, args.dataset)  # read input before the slow model load, so bad input fails fast
     eval_text = _read_eval(args.eval_file)
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
                     batch_size=args.batch_size, max_length=args.max_length)

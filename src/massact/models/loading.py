@@ -101,13 +101,13 @@ def _from_pretrained(source: str, name: str, dtype: torch.dtype, device: torch.d
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read the model config of {name}: {_first_line(error)}") from None
+        raise UsageError(f"cannot read the model config of {name}: {first_line(error)}") from None
     adapter = adapter_for(config)  # fail on an unsupported architecture before loading any weight
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, device_map=device_map)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot load {name}: {_first_line(error)}") from None
+        raise UsageError(f"cannot load {name}: {first_line(error)}") from None
     if device_map is None:
         model.to(device)
     model.eval()
@@ -144,7 +144,7 @@ def _gguf_dir(path: Path, log) -> str:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as error:  # the GGUF reader raises many kinds of errors on a damaged file
-        raise UsageError(f"cannot read GGUF file {path}: {_first_line(error)}") from None
+        raise UsageError(f"cannot read GGUF file {path}: {first_line(error)}") from None
     adapter_for(model.config)
     # A model loaded from GGUF is marked quantized and refuses save_pretrained: rebuild it plain, same tensors.
     config = model.config
@@ -175,7 +175,7 @@ def _hub_source(model_id: str) -> str:
         return snapshot_download(model_id, allow_patterns=patterns, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable():
         raise UsageError(
             f"model {model_id!r} is not a local path, is not in the Hugging Face cache, and the hub cannot be reached"
             " (offline?); pass a local model directory or a .gguf file"
@@ -183,10 +183,10 @@ def _hub_source(model_id: str) -> str:
     try:
         return snapshot_download(model_id, allow_patterns=patterns)
     except (HfHubHTTPError, OSError, ValueError) as error:
-        raise UsageError(f"cannot download {model_id!r} from the Hugging Face hub: {_first_line(error)}") from None
+        raise UsageError(f"cannot download {model_id!r} from the Hugging Face hub: {first_line(error)}") from None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP connect to the hub, so that an offline machine fails at once instead of hanging in retries."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -196,6 +196,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
