@@ -7,6 +7,10 @@ and writes a large value into a chosen dim. The scan must then find exactly that
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
@@ -114,3 +118,21 @@ def plant_attention(model, bos: int, layer: int, head: int, dim: int) -> None:
         kv_head = head // (N_HEADS // model.config.num_key_value_heads)
         adapter.module(model, layer, "self_attn.v_proj").weight[kv_head * head_dim, TRIGGER] = 5.0
     weight_out_in(adapter.module(model, layer, adapter.attn_proj))[dim, head * head_dim] = 50.0
+
+
+def massact_command(*args) -> list[str]:
+    """The command line that runs massact in a fresh interpreter, as a user would."""
+    return [sys.executable, "-m", "massact", *map(str, args)]
+
+
+def run_massact(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(massact_command(*args), capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def save_planted(path: Path, family: str, tokenizer, layer: int, neuron: int, dim: int) -> Path:
+    """A tiny model with a planted MLP neuron, saved with its tokenizer as a model directory the CLI can load."""
+    model = tiny_model(family, len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, layer, neuron, dim)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

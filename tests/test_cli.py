@@ -1,28 +1,20 @@
 """The command line end to end on a tiny saved model, and bad input: one line on stderr, exit code 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import CONTEXT, plant_mlp, tiny_model
+from conftest import CONTEXT, run_massact, save_planted
 
 LAYER, NEURON, DIM = 2, 11, 30
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    model = tiny_model("gpt2", len(tokenizer))
-    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_planted(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", tokenizer, LAYER, NEURON, DIM)
 
 
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "massact", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+run = run_massact
 
 
 def test_scan_writes_every_output(model_dir, tmp_path):

@@ -17,7 +17,7 @@ from massact.analysis.scan import scan_layers
 from massact.errors import UsageError
 from massact.texts import DEFAULT_TEXTS
 
-from conftest import D_MODEL, plant_mlp, tiny_model
+from conftest import D_MODEL, massact_command, plant_mlp, save_planted, tiny_model
 
 LAYER, NEURON, DIM = 1, 37, 20
 
@@ -82,16 +82,11 @@ def test_max_texts_keeps_the_first_texts(tmp_path):
 
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("planted-llama")
-    model = tiny_model("llama", len(tokenizer))
-    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_planted(tmp_path_factory.mktemp("planted-llama"), "llama", tokenizer, LAYER, NEURON, DIM)
 
 
 def _cli(*args):
-    return [sys.executable, "-m", "massact", "scan", *map(str, args)]
+    return massact_command("scan", *args)
 
 
 def test_a_killed_scan_resumes_to_the_same_result(planted_dir, tmp_path):

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -16,7 +15,7 @@ import massact
 from massact.report.html import to_html
 from massact.report.plots import FIGURES, PIXELS, figures
 
-from conftest import plant_attention, plant_mlp, tiny_model
+from conftest import plant_attention, plant_mlp, run_massact, save_planted, tiny_model
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
@@ -97,8 +96,7 @@ def test_report_renders_in_a_headless_browser(verified, tmp_path):
     assert (total, loaded) == (len(FIGURES), len(FIGURES) - 1)  # the check does see a broken image
 
 
-def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "massact", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+run = run_massact
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +105,7 @@ def saved_reports(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("saved")
     outs = []
     for family, layer, verify in (("gpt2", 2, "--verify"), ("llama", 1, "--no-verify")):
-        model = tiny_model(family, len(tokenizer))
-        plant_mlp(model, tokenizer.bos_token_id, layer, NEURON, DIM)
-        model.save_pretrained(root / family)
-        tokenizer.save_pretrained(root / family)
+        save_planted(root / family, family, tokenizer, layer, NEURON, DIM)
         out = root / f"report-{family}"
         result = run("scan", root / family, "--text", TEXTS[0], "--text", TEXTS[1], verify, "--quiet", "--out", out)
         assert result.returncode == 0, result.stderr
