@@ -80,13 +80,13 @@ def _scan(args) -> int:
     for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
+    formats = parse_formats(args.format)
     texts = gather_texts(args.text, args.file, args.max_texts, args.dataset)  # read input before the slow model load, so bad input fails fast
     eval_text = _read_eval(args.eval_file)
-    settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
-                    batch_size=args.batch_size, max_length=args.max_length)
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
-    formats = parse_formats(args.format)
-    settings.update(checkpoint=out / "scan-state.pt", checkpoint_every=args.checkpoint_every, resume=args.resume)
+    settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
+                    batch_size=args.batch_size, max_length=args.max_length, checkpoint=out / "scan-state.pt",
+                    checkpoint_every=args.checkpoint_every, resume=args.resume)
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
                 args.device_map)
 
