@@ -18,13 +18,17 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from itertools import islice
 
 
-def corpus(multiple: int) -> list[str]:
+def corpus(multiple: int) -> Iterator[str]:
+    """The evaluation text's sentences, ``multiple`` times over, produced one at a time (as a file is read)."""
     from massact.analysis.perplexity import default_eval_text
 
     sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", default_eval_text()) if len(s.split()) >= 4]
-    return sentences * multiple
+    for _ in range(multiple):
+        yield from sentences
 
 
 def load(which: str):
@@ -49,29 +53,41 @@ def one(mode: str, which: str, multiple: int) -> dict:
     lm = load(which)
     limit = getattr(lm.model.config, "max_position_embeddings", 1024)
     # The tiny model's context is 64 tokens: long sentences are cut to it (the same cut for all three ways).
-    inputs = [lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit] for text in corpus(multiple)]
-    batches = [pad_batch(inputs[i : i + 8]) for i in range(0, len(inputs), 8)]
+    # Token ids are made lazily, as massact makes them from a file, so no way keeps the corpus in memory.
+    counted = {"texts": 0, "tokens": 0}
+
+    def inputs() -> Iterator[torch.Tensor]:
+        for text in corpus(multiple):
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit]
+            counted["texts"] += 1
+            counted["tokens"] += ids.shape[1]
+            yield ids
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream = inputs()
+        while group := list(islice(stream, 8)):
+            yield pad_batch(group)
+
     start = time.perf_counter()
     with torch.no_grad():
         if mode == "forward":
-            for ids, mask in batches:
+            for ids, mask in batches():
                 lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
         elif mode == "massact":
-            scan_layers(lm, inputs, candidates=512, batch_size=8)
+            scan_layers(lm, inputs(), candidates=512, batch_size=8)
         else:
             cache: dict = {}
             n_layers = len(lm.adapter.blocks(lm.model))
             sites = [(layer, site) for layer in range(n_layers) for site in lm.adapter.sites]
             with tap(lm.model, lm.adapter, sites, lambda l, s, t: cache.setdefault((l, s), []).append(t.detach().clone())):
-                for ids, mask in batches:
+                for ids, mask in batches():
                     lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
             for layer in range(n_layers):  # the statistics massact keeps, from the full cache (pads included: naive)
                 values = torch.cat([t.flatten() for t in cache[layer, "resid_out"]]).abs()
                 values.topk(512)
                 values.median()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "texts": len(inputs),
-            "tokens": sum(i.shape[1] for i in inputs)}
+    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **counted}
 
 
 def measure(mode: str, which: str, multiple: int) -> dict:

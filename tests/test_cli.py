@@ -22,7 +22,7 @@ def test_scan_writes_every_output(model_dir, tmp_path):
     result = run("scan", model_dir, "--text", "The committee met on Tuesday.", "--text", "Summer is warm.", "--out", out)
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert data["texts"] == ["The committee met on Tuesday.", "Summer is warm."]
+    assert data["texts"] == {"0": "The committee met on Tuesday.", "1": "Summer is warm."}
     assert [d["dim"] for d in data["dims"]] == [DIM] and data["dims"][0]["born_at"] == LAYER
     assert data["attribution"][0]["neurons"][0]["neuron"] == NEURON
     text = (out / "report.txt").read_text(encoding="utf-8")
@@ -38,7 +38,8 @@ def test_scan_reads_a_file_of_paragraphs(model_dir, tmp_path):
     result = run("scan", model_dir, "--file", texts, "--out", tmp_path / "r", "--quiet")
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
-    assert data["texts"] == ["First paragraph, still the first.", "Second one."]
+    assert data["texts"] == {"0": "First paragraph, still the first.", "1": "Second one."}
+    assert data["corpus"]["texts"] == 2 and data["corpus"]["spec"]["file"] == str(texts.resolve())
 
 
 def test_default_output_directory_is_named_after_the_model(model_dir, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import massact
-from massact.analysis.pipeline import encode
+from massact.analysis.pipeline import windows
 from massact.analysis.scan import scan_layers
 from massact.errors import UsageError
 from massact.texts import DEFAULT_TEXTS
@@ -27,7 +27,7 @@ def test_batched_and_one_by_one_statistics_agree(family, tokenizer):
     model = tiny_model(family, len(tokenizer))
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
     lm = massact.wrap(model, tokenizer)
-    _, inputs, _ = encode(lm, list(DEFAULT_TEXTS))
+    inputs = [w.ids for w in windows(lm, DEFAULT_TEXTS)]
     assert len({ids.shape[1] for ids in inputs}) > 1  # different lengths, so batches carry padding
     alone = scan_layers(lm, inputs, candidates=64, batch_size=1)
     batched = scan_layers(lm, inputs, candidates=64, batch_size=3)
@@ -62,22 +62,28 @@ def test_long_texts_are_split_into_windows_not_truncated(tokenizer):
     long_text = " ".join(DEFAULT_TEXTS)
     n_tokens = tokenizer(long_text, return_tensors="pt").input_ids.shape[1]
     assert n_tokens > 64  # longer than the tiny model's context
-    texts, inputs, tokens = encode(lm, [long_text, "Summer is warm."], max_length=32)
-    assert [i.shape[1] for i in inputs[:-1]] == [32] * (n_tokens // 32) + ([n_tokens % 32] if n_tokens % 32 else [])
-    assert sum(len(t) for t in tokens[:-1]) == n_tokens and texts[-1] == "Summer is warm."
+    parts = list(windows(lm, [long_text, "Summer is warm."], max_length=32))
+    assert [w.ids.shape[1] for w in parts[:-1]] == [32] * (n_tokens // 32) + ([n_tokens % 32] if n_tokens % 32 else [])
+    assert torch.equal(torch.cat([w.ids for w in parts[:-1]], dim=1), tokenizer(long_text, return_tensors="pt").input_ids)
+    assert [w.text_index for w in parts] == [0] * (len(parts) - 1) + [1] and not parts[-1].split
     report = massact.scan(lm, [long_text], max_length=32)
-    assert len(report.texts) == len(inputs) - 1
+    assert report.corpus.texts == 1 and report.corpus.windows == len(parts) - 1 == len(report.texts)
+    assert report.corpus.tokens == n_tokens
     assert any("split into" in w for w in report.warnings)
     with pytest.raises(UsageError, match="--max-length"):
-        encode(lm, [long_text], max_length=1000)
+        next(windows(lm, [long_text], max_length=1000))
+    with pytest.raises(UsageError, match="more than the model's context"):
+        list(windows(lm, [long_text]))
 
 
 def test_max_texts_keeps_the_first_texts(tmp_path):
-    from massact.texts import gather_texts
+    from massact.texts import Corpus
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Sentence number {i}." for i in range(100)), encoding="utf-8")
-    assert gather_texts(file=str(corpus), max_texts=3) == ["Sentence number 0.", "Sentence number 1.", "Sentence number 2."]
+    first = Corpus(file=str(corpus), max_texts=3)
+    assert list(first) == ["Sentence number 0.", "Sentence number 1.", "Sentence number 2."] and first.check() == 3
+    assert Corpus(("Given.",), file=str(corpus)).check() == 101
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +163,10 @@ def test_two_processes_give_the_result_of_one(planted_dir, tmp_path):
 
 def test_texts_from_a_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
-    from massact.texts import dataset_texts
+    from massact.texts import Corpus
+
+    def dataset_texts(spec, max_texts=None):
+        return list(Corpus(dataset=spec, max_texts=max_texts))
 
     rows = datasets.Dataset.from_dict({"id": [1, 2, 3], "text": ["Summer is warm.", " ", "Winter is cold."]})
     rows.save_to_disk(str(tmp_path / "saved"))
@@ -180,4 +189,35 @@ def test_cli_reads_a_dataset_and_loads_with_a_device_map(planted_dir, tmp_path):
     result = subprocess.run(_cli(planted_dir, "--dataset", tmp_path / "data", "--max-texts", "3", "--device-map", "cpu",
                                  "--no-verify", "--format", "json", "--quiet", "--out", out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["texts"] == list(DEFAULT_TEXTS[:3])
+    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["texts"] == {str(i): t for i, t in enumerate(DEFAULT_TEXTS[:3])}
+
+
+def test_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer):
+    """A file 4x larger costs no more Python memory: texts are read, tokenized and scanned lazily, and the report
+    keeps only the windows its statistics point at (plus the first few for the input-dependence check). Both corpora
+    are large enough to fill the top-k, which bounds what the report points at."""
+    import tracemalloc
+
+    from massact.analysis.verification import MAX_INPUTS
+    from massact.texts import Corpus
+
+    model = tiny_model("llama", len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    lm = massact.wrap(model, tokenizer)
+    words = " ".join(DEFAULT_TEXTS).split()
+    peaks, reports = [], []
+    for n in (1000, 4000):
+        corpus = tmp_path / f"corpus-{n}.txt"
+        corpus.write_text("\n".join(" ".join(words[i % 40 : i % 40 + 4 + i % 9]) + f" ({i})" for i in range(n)), encoding="utf-8")
+        tracemalloc.start()
+        reports.append(massact.scan(lm, Corpus(file=str(corpus)), batch_size=16))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    small, large = reports
+    assert (small.corpus.texts, large.corpus.texts) == (1000, 4000)
+    assert large.corpus.tokens > 3.9 * small.corpus.tokens
+    assert len(large.texts) < 1000 and set(range(MAX_INPUTS)) <= set(large.texts)
+    assert all(m.text in large.texts for m in large.massive)
+    # Keeping every text and its tokens would cost about 3 MB more for the 3000 extra texts (over 2x); what is kept
+    # varies a little with which tied texts the top-k holds, hence the margin.
+    assert peaks[1] < 1.25 * peaks[0], peaks

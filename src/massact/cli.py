@@ -75,13 +75,16 @@ VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few do
 def _scan(args) -> int:
     from .models.loading import DEFAULT_NAME
     from .report.files import parse_formats, slug
-    from .texts import gather_texts
+    from .texts import Corpus
 
     for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
     formats = parse_formats(args.format)
-    texts = gather_texts(args.text, args.file, args.max_texts, args.dataset)  # read input before the slow model load, so bad input fails fast
+    # Absolute, so that `massact verify` can read the file again from anywhere.
+    file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
+    texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
+    texts.check()  # read input before the slow model load, so bad input fails fast
     eval_text = _read_eval(args.eval_file)
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
@@ -94,16 +97,21 @@ def _scan(args) -> int:
 def _verify(args) -> int:
     import json
 
+    from .texts import Corpus
+
     path = args.report_dir / "report.json"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         model, criterion = saved["model"], saved["criterion"]
-        settings = dict(top_k=len(saved["layers"][0]["top"]) or 5, min_abs=criterion["min_abs"], min_ratio=criterion["min_ratio"])
-        texts = saved["texts"]
+        spec = saved["corpus"]["spec"]
+        settings = dict(top_k=len(saved["layers"][0]["top"]) or 5, min_abs=criterion["min_abs"], min_ratio=criterion["min_ratio"],
+                        max_length=spec["max_length"])
+        texts = Corpus(tuple(spec["texts"]), spec["file"], spec["dataset"], spec["max_texts"])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         raise UsageError(f"{path}: not a massact report ({type(error).__name__}: {error})") from None
     from .report.files import parse_formats
 
+    texts.check()
     formats = parse_formats(args.format)
     eval_text = _read_eval(args.eval_file)
     return _run(model.get("source"), texts, settings, True, eval_text, model["dtype"], args.device, args.report_dir, formats, args.quiet)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 
 from .errors import UsageError
@@ -17,44 +20,72 @@ DEFAULT_TEXTS: tuple[str, ...] = (
 )
 
 
-def read_text_file(path: str) -> list[str]:
-    """Texts of a UTF-8 file: paragraphs when it has blank lines between them, else one text per line."""
+def _lines(path: str) -> Iterator[str]:
+    """The file's lines, read one at a time (memory does not grow with the file), each checked to be UTF-8."""
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"{path}: no such file")
-    raw = file.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start})") from None
-    lines = content.strip().splitlines()
-    if any(not line.strip() for line in lines):
-        paragraphs, current = [], []
-        for line in lines + [""]:
-            if line.strip():
-                current.append(line.strip())
-            elif current:
-                paragraphs.append(" ".join(current))
-                current = []
-        texts = paragraphs
-    else:
-        texts = [line.strip() for line in lines if line.strip()]
+    offset = 0
+    with file.open("rb") as handle:
+        for raw in handle:
+            try:
+                line = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+            except UnicodeDecodeError as error:
+                bad = offset + error.start
+                raise UsageError(f"{path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {bad})") from None
+            offset += len(raw)
+            yield from line.splitlines() or [""]
+
+
+def _is_paragraphs(path: str) -> bool:
+    """True when a blank line separates two lines of text: the file holds paragraphs, else one text per line."""
+    seen_text = seen_gap = False
+    for line in _lines(path):
+        if line.strip():
+            if seen_gap:
+                return True
+            seen_text = True
+        elif seen_text:
+            seen_gap = True
+    return False
+
+
+def iter_text_file(path: str, paragraphs: bool | None = None) -> Iterator[str]:
+    """Texts of a UTF-8 file, read lazily: paragraphs (lines joined by spaces) when blank lines separate them, else
+    one text per line. ``paragraphs`` None: find out first (one more pass over the file)."""
+    if paragraphs is None:
+        paragraphs = _is_paragraphs(path)
+    if not paragraphs:
+        yield from (line.strip() for line in _lines(path) if line.strip())
+        return
+    current: list[str] = []
+    for line in _lines(path):
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            yield " ".join(current)
+            current = []
+    if current:
+        yield " ".join(current)
+
+
+def read_text_file(path: str) -> list[str]:
+    """Every text of a (small) file, e.g. the evaluation text; see ``iter_text_file``."""
+    texts = list(iter_text_file(path))
     if not texts:
         raise UsageError(f"{path} holds no text")
     return texts
 
 
-def dataset_texts(spec: str, max_texts: int | None = None) -> list[str]:
+def iter_dataset(spec: str) -> Iterator[str]:
     """Texts of a Hugging Face dataset, ``NAME[:CONFIG[:SPLIT]]`` (split "train" by default): a directory written by
     ``save_to_disk``, a local folder of data files, or a hub name (from the local cache, or downloaded when the hub
-    can be reached). The column is "text" when there is one, else the first column of strings. Rows are read one by
-    one and only the first ``max_texts`` are kept."""
+    can be reached). The column is "text" when there is one, else the first column of strings. The dataset is opened
+    and its first row checked now; rows are then read one at a time as the iterator is consumed."""
     try:
         import datasets
     except ImportError:
         raise UsageError("--dataset needs the package datasets: pip install datasets") from None
-    from itertools import chain, islice
-
     from .models.loading import first_line, hub_reachable
 
     name, config, split = (spec.split(":") + ["", ""])[:3]
@@ -89,23 +120,61 @@ def dataset_texts(spec: str, max_texts: int | None = None) -> list[str]:
     if column is None:
         raise UsageError(f"dataset {spec!r} has no column of text (columns: {', '.join(first) or 'none'})")
     values = (row[column] for row in chain([first], rows))
-    texts = list(islice((text for text in values if isinstance(text, str) and text.strip()), max_texts))
-    if not texts:
-        raise UsageError(f"dataset {spec!r} holds no text in column {column!r}")
-    return texts
+    return (text for text in values if isinstance(text, str) and text.strip())
 
 
-def gather_texts(
-    texts: list[str] | None = None, file: str | None = None, max_texts: int | None = None, dataset: str | None = None
-) -> list[str]:
-    """The texts to scan: ``texts``, the file's and the dataset's (the first ``max_texts`` in all), or the built-in
-    sentences when none is given."""
-    gathered = list(texts or [])
-    for index, text in enumerate(gathered, 1):
-        if not text.strip():
-            raise UsageError(f"text {index} is empty")
-    if file is not None:
-        gathered += read_text_file(file)
-    if dataset is not None and (max_texts is None or len(gathered) < max_texts):
-        gathered += dataset_texts(dataset, None if max_texts is None else max_texts - len(gathered))
-    return (gathered or list(DEFAULT_TEXTS))[:max_texts]
+@dataclass(frozen=True)
+class Corpus:
+    """The texts to scan, read lazily each time the corpus is iterated: the given ``texts``, then the file's, then
+    the dataset's, the first ``max_texts`` in all; the built-in sentences when none is given. Memory does not grow
+    with the corpus: nothing is kept between iterations."""
+
+    texts: tuple[str, ...] = ()
+    file: str | None = None
+    dataset: str | None = None
+    max_texts: int | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if not (self.texts or self.file or self.dataset):
+            return islice(DEFAULT_TEXTS, self.max_texts)
+        sources = chain(
+            self.texts,
+            iter_text_file(self.file) if self.file else (),
+            _deferred(iter_dataset, self.dataset) if self.dataset else (),
+        )
+        return islice(sources, self.max_texts)
+
+    def check(self) -> int | None:
+        """Fail now, with one clear line, on input that would fail later. Returns the number of texts, or None for
+        a dataset (known only once read). A file is read through once, lazily, as far as ``max_texts`` needs."""
+        for index, text in enumerate(self.texts, 1):
+            if not text.strip():
+                raise UsageError(f"text {index} is empty")
+        if not (self.texts or self.file or self.dataset):
+            return len(list(self))
+        count = len(self.texts)
+        if self.file:
+            remaining = None if self.max_texts is None else max(self.max_texts - count, 0)
+            found = sum(1 for _ in islice(iter_text_file(self.file), remaining))
+            if found == 0 and remaining != 0:
+                raise UsageError(f"{self.file} holds no text")
+            count += found
+        if self.max_texts is not None and count >= self.max_texts:
+            return self.max_texts
+        if self.dataset:
+            if next(iter_dataset(self.dataset), None) is None:  # opens it and reads up to its first text
+                raise UsageError(f"dataset {self.dataset!r} holds no text")
+            return None
+        return count
+
+    def describe(self) -> str:
+        parts = [f"{len(self.texts)} given text(s)"] if self.texts else []
+        parts += [f"file {self.file}"] if self.file else []
+        parts += [f"dataset {self.dataset}"] if self.dataset else []
+        limit = f", the first {self.max_texts}" if self.max_texts is not None else ""
+        return (" + ".join(parts) or "the built-in sentences") + limit
+
+
+def _deferred(open_source, spec: str) -> Iterator[str]:
+    """Open a source only when the texts before it have been read."""
+    yield from open_source(spec)

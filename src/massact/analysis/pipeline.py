@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -14,15 +15,15 @@ from ..capture.probe import ATTN_Z, block_output, probe_block
 from ..errors import UsageError
 from ..models.adapters.base import weight_out_in
 from ..models.loading import LoadedModel, load, wrap
-from ..texts import gather_texts
+from ..texts import Corpus
 from . import anatomy as anatomy_step
 from .attention import attention_sinks
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .origin import decomposition_gap, head_split, writer
 from .perplexity import default_eval_text
-from .results import Anatomy, Attribution, BirthState, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
+from .results import Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
-from .verification import verify as verify_report
+from .verification import MAX_INPUTS, verify as verify_report
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
@@ -49,7 +50,7 @@ class Event:
 @torch.no_grad()
 def scan(
     model: LoadedModel | nn.Module | str | None = None,
-    texts: Sequence[str] | None = None,
+    texts: Sequence[str] | Corpus | None = None,
     *,
     tokenizer=None,
     top_k: int = 5,
@@ -77,24 +78,33 @@ def scan(
     report; the others get None.
     """
     lm = _as_loaded(model, tokenizer, dtype, device)
-    texts = gather_texts(list(texts) if texts is not None else None)
-    given = len(texts)
-    texts, inputs, tokens = encode(lm, texts, max_length)
+    corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
+    total = corpus.check()
+    _check_max_length(lm, max_length)
     criterion = Criterion(min_abs=min_abs, min_ratio=min_ratio)
 
     progress = progress or _silent
-    advance = progress("forward passes over the texts", len(inputs))
-    layer_scan = scan_layers(lm, inputs, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume)
+    # Without --max-length a window is a text, so the number of texts is the number of forward passes.
+    advance = progress("forward passes over the texts", total if max_length is None else None)
+    counts = Counts()
+    stream = (window.ids for window in windows(lm, corpus, max_length, counts))
+    layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume)
     if distributed_rank()[0] != 0:
         return None  # launched as several processes: they shared the scan, the first one explains and reports
+    # Keep only the windows the statistics point at (and the first few, for the input-dependence check).
+    wanted = {int(t) for top in layer_scan.tops if top.labels is not None for t in top.labels[:, 0].tolist()}
+    texts, inputs, tokens = collect(lm, corpus, max_length, wanted | set(range(MAX_INPUTS)))
     criterion.median_rel_error = layer_scan.histograms[0].rel_error
     layers = layer_stats(layer_scan, tokens, top_k)
     massive = detect(layer_scan, tokens, criterion)
     dims = group_dims(massive, len(layers))
     warnings = _scan_warnings(layer_scan, massive)
-    if len(texts) > given:
-        warnings.append(f"{given} text(s) were split into {len(texts)} windows of at most {max_length} tokens; "
+    if counts.windows > counts.texts:
+        warnings.append(f"{counts.texts} text(s) were split into {counts.windows} windows of at most {max_length} tokens; "
                         "each window is scanned as a text of its own")
+    corpus_info = CorpusInfo(corpus.describe(), counts.texts, counts.windows, round(layer_scan.histograms[0].total / lm.model.config.hidden_size),
+                             dict(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset,
+                                  max_texts=corpus.max_texts, max_length=max_length))
 
     origins, anatomies, attributions = [], [], []
     events = pick_events(dims, massive)
@@ -125,6 +135,7 @@ def scan(
 
     report = Report(
         model=model_info(lm),
+        corpus=corpus_info,
         texts=texts,
         tokens=tokens,
         criterion=criterion,
@@ -161,32 +172,69 @@ def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
     return load(model, dtype=dtype, device=device)
 
 
-def encode(
-    lm: LoadedModel, texts: list[str], max_length: int | None = None
-) -> tuple[list[str], list[torch.Tensor], list[list[str]]]:
-    """The texts as scanned, token ids [1, n] for each, and the decoded tokens.
+class Window(NamedTuple):
+    """One forward pass's worth of a text: the text's index and words, and the ids [1, n] of this window of it."""
+
+    text_index: int
+    text: str
+    ids: torch.Tensor
+    split: bool  # the text is longer than --max-length, so this window holds part of it
+
+
+@dataclass
+class Counts:
+    """How many texts and windows a pass over the corpus has read so far."""
+
+    texts: int = 0
+    windows: int = 0
+
+
+def _check_max_length(lm: LoadedModel, max_length: int | None) -> None:
+    context = getattr(lm.model.config, "max_position_embeddings", None)
+    if max_length is not None and (max_length < 2 or (context and max_length > context)):
+        raise UsageError(f"--max-length must be between 2 and the model's context ({context} tokens)")
+
+
+def windows(
+    lm: LoadedModel, texts: Iterable[str], max_length: int | None = None, counts: Counts | None = None
+) -> Iterator[Window]:
+    """Each window to scan, tokenized one text at a time as they are consumed.
 
     Without ``max_length`` a text longer than the model's context is refused. With it, a longer text is split into
     consecutive windows of at most ``max_length`` tokens, each scanned as a text of its own (never truncated).
     """
+    _check_max_length(lm, max_length)
     context = getattr(lm.model.config, "max_position_embeddings", None)
-    if max_length is not None and (max_length < 2 or (context and max_length > context)):
-        raise UsageError(f"--max-length must be between 2 and the model's context ({context} tokens)")
-    scanned, inputs, tokens = [], [], []
-    for index, text in enumerate(texts, 1):
+    for index, text in enumerate(texts):
         ids = lm.tokenizer(text, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
-            raise UsageError(f"text {index} has no tokens")
+            raise UsageError(f"text {index + 1} has no tokens")
         if max_length is None and context and ids.shape[1] > context:
             raise UsageError(
-                f"text {index} has {ids.shape[1]} tokens, more than the model's context of {context}: split it, or pass --max-length"
+                f"text {index + 1} has {ids.shape[1]} tokens, more than the model's context of {context}: split it, or pass --max-length"
             )
-        windows = [ids] if max_length is None else list(ids.split(max_length, dim=1))
-        for window in windows:
-            scanned.append(text if len(windows) == 1 else lm.tokenizer.decode(window[0]))
-            inputs.append(window)
-            tokens.append([lm.tokenizer.decode([i]) for i in window[0].tolist()])
-    return scanned, inputs, tokens
+        parts = [ids] if max_length is None else list(ids.split(max_length, dim=1))
+        if counts is not None:
+            counts.texts, counts.windows = counts.texts + 1, counts.windows + len(parts)
+        for window in parts:
+            yield Window(index, text, window, len(parts) > 1)
+
+
+def collect(
+    lm: LoadedModel, texts: Iterable[str], max_length: int | None, wanted: set[int]
+) -> tuple[dict[int, str], dict[int, torch.Tensor], dict[int, list[str]]]:
+    """For the wanted window indices only: the window's text, its token ids, its decoded tokens. Reads the corpus
+    again, lazily, and stops after the last wanted window."""
+    found: tuple[dict, dict, dict] = ({}, {}, {})
+    last = max(wanted, default=-1)
+    for number, window in enumerate(windows(lm, texts, max_length)):
+        if number > last:
+            break
+        if number in wanted:
+            found[0][number] = lm.tokenizer.decode(window.ids[0]) if window.split else window.text
+            found[1][number] = window.ids
+            found[2][number] = [lm.tokenizer.decode([i]) for i in window.ids[0].tolist()]
+    return found
 
 
 def pick_events(dims: list[DimSummary], massive: list[Massive]) -> list[Event]:

@@ -23,6 +23,18 @@ class ModelInfo:
 
 
 @dataclass
+class CorpusInfo:
+    """What was scanned: where the texts came from, how many texts, windows (forward passes) and real tokens, and
+    the settings that read it again (``massact verify`` re-runs the scan from them)."""
+
+    source: str
+    texts: int
+    windows: int
+    tokens: int
+    spec: dict
+
+
+@dataclass
 class Criterion:
     """An activation a is massive when |a| >= min_abs and |a| >= min_ratio x the median |a| of its hidden state."""
 
@@ -283,8 +295,9 @@ class BirthState:
 @dataclass
 class Report:
     model: ModelInfo
-    texts: list[str]
-    tokens: list[list[str]]
+    corpus: CorpusInfo
+    texts: dict[int, str]  # by window index: only the windows the report points at, and the first few
+    tokens: dict[int, list[str]]
     criterion: Criterion
     layers: list[LayerStats]
     massive: list[Massive]

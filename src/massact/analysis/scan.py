@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,32 +47,33 @@ def pad_batch(inputs: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Te
 
 def scan_layers(
     lm: LoadedModel,
-    inputs: Sequence[torch.Tensor],
+    windows: Iterable[torch.Tensor],
     candidates: int = 512,
-    on_text: Callable[[int], None] | None = None,
+    on_window: Callable[[int], None] | None = None,
     batch_size: int = 8,
     checkpoint: Path | None = None,
     every: int = 50,
     resume: bool = False,
 ) -> LayerScan:
-    """Batched forward passes; hooks on every block's resid_out keep only a histogram and a top-k, on device.
-    Padding positions never enter a statistic.
+    """Batched forward passes over ``windows`` (token ids [1, n] each, consumed lazily: memory does not grow with the
+    corpus); hooks on every block's resid_out keep only a histogram and a top-k, on device. Padding positions never
+    enter a statistic. Labels name a window by its index in ``windows``.
 
     With ``checkpoint``, the merged state is written there (atomically) every ``every`` batches and removed at the
-    end; with ``resume``, a state found there is loaded and the scan goes on after the texts it covers. Launched as
-    several processes, each scans its share and the statistics are merged with torch.distributed collectives.
+    end; with ``resume``, a state found there is loaded and the scan goes on after the windows it covers, once the
+    token ids of those windows are checked to be the ones it saw. Launched as several processes, each scans every
+    world-th window and the statistics are merged with torch.distributed collectives.
     """
     n_layers = len(lm.adapter.blocks(lm.model))
     histograms = [LogHistogram(device=lm.device) for _ in range(n_layers)]
     tops = [TopK(candidates) for _ in range(n_layers)]
     rank, world = distributed_rank()
-    mine = list(range(rank, len(inputs), world))  # under torchrun / accelerate launch, each process takes every world-th text
     if world > 1 and checkpoint is not None:
         checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}-of-{world}")
-    fingerprint = _fingerprint(inputs, candidates)
-    start = 0
+    start, saved_fingerprint = 0, None
     if checkpoint is not None and resume and checkpoint.is_file():
-        start = _load_state(checkpoint, fingerprint, histograms, tops)
+        start, saved_fingerprint = _load_state(checkpoint, histograms, tops)
+    digest = hashlib.sha256(str(candidates).encode())  # of the top-k size and every window this process scans
     batch: dict = {}
 
     def record(layer: int, site: str, hidden: torch.Tensor) -> None:
@@ -88,18 +89,36 @@ def scan_layers(
         labels = torch.stack([batch["texts"].to(values.device)[row], rest // width, rest % width], dim=-1)[real]
         tops[layer].update(values.flatten()[top.indices][real], labels)
 
+    def forward(chosen: list[tuple[int, torch.Tensor]]) -> None:
+        ids, mask = pad_batch([one for _, one in chosen])
+        batch.update(texts=torch.tensor([index for index, _ in chosen]), mask=mask.bool())
+        lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        if on_window:
+            for index, _ in chosen:
+                on_window(index)
+
+    seen, batches, pending = 0, 0, []
     sites = [(layer, "resid_out") for layer in range(n_layers)]
     with torch.no_grad(), tap(lm.model, lm.adapter, sites, record):
-        for count, first in enumerate(range(start, len(mine), batch_size), 1):
-            chosen = mine[first : first + batch_size]
-            ids, mask = pad_batch([inputs[i] for i in chosen])
-            batch.update(texts=torch.tensor(chosen), mask=mask.bool())
-            lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-            if checkpoint is not None and count % every == 0:
-                _save_state(checkpoint, first + len(chosen), fingerprint, histograms, tops)
-            if on_text:
-                for index in chosen:
-                    on_text(index)
+        for index, ids in enumerate(windows):
+            if index % world != rank:  # under torchrun / accelerate launch, each process takes every world-th window
+                continue
+            seen += 1
+            digest.update(ids.numpy().tobytes() + b"|")
+            if seen <= start:  # covered by the resumed state: only checked
+                if seen == start and digest.hexdigest() != saved_fingerprint:
+                    raise _other_scan(checkpoint)
+                continue
+            pending.append((index, ids))
+            if len(pending) == batch_size:
+                forward(pending)
+                pending, batches = [], batches + 1
+                if checkpoint is not None and batches % every == 0:
+                    _save_state(checkpoint, seen, digest.hexdigest(), histograms, tops)
+        if pending:
+            forward(pending)
+    if seen < start:
+        raise _other_scan(checkpoint)
     if world > 1:
         merge_across_processes(histograms, tops)
     if checkpoint is not None:
@@ -144,14 +163,6 @@ def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK]) -> 
         top.update(gathered[real], tags[real])
 
 
-def _fingerprint(inputs: Sequence[torch.Tensor], candidates: int) -> str:
-    """Which scan a state belongs to: the token ids of every text, and the top-k size."""
-    digest = hashlib.sha256(str(candidates).encode())
-    for ids in inputs:
-        digest.update(ids.numpy().tobytes() + b"|")
-    return digest.hexdigest()
-
-
 def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHistogram], tops: list[TopK]) -> None:
     state = {
         "done": done,
@@ -165,23 +176,24 @@ def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHis
     os.replace(partial, path)  # a kill mid-write leaves the previous state whole
 
 
-def _load_state(path: Path, fingerprint: str, histograms: list[LogHistogram], tops: list[TopK]) -> int:
-    """Restore the merged statistics; returns how many texts they cover."""
+def _load_state(path: Path, histograms: list[LogHistogram], tops: list[TopK]) -> tuple[int, str]:
+    """Restore the merged statistics; returns how many windows they cover and the fingerprint of those windows."""
     try:
         state = torch.load(path, weights_only=True)
     except Exception as error:  # a damaged file: say which, rather than a pickle traceback
         raise UsageError(f"cannot read the scan state {path}: {error}") from None
-    if state.get("fingerprint") != fingerprint or len(state["counts"]) != len(histograms):
-        raise UsageError(f"{path} is the state of another scan (other model, texts or settings); remove it or drop --resume")
+    if len(state["counts"]) != len(histograms):
+        raise _other_scan(path)
     for histogram, counts in zip(histograms, state["counts"]):
         histogram.counts = counts.to(histogram.counts.device)
     for top, saved in zip(tops, state["tops"]):
         if saved is not None:
             top.update(*saved)
-    return int(state["done"])
+    return int(state["done"]), state["fingerprint"]
 
 
-
+def _other_scan(path: Path | None) -> UsageError:
+    return UsageError(f"{path} is the state of another scan (other model, texts or settings); remove it or drop --resume")
 
 
 def first_nonfinite(tops: list[TopK]) -> tuple[int, int, int, int] | None:

@@ -135,7 +135,7 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
     """Over the scanned texts and the evaluation text's sentences: each dim's value on the first token at its birth
     block, and every token where it is massive. One forward pass per text and birth block, for all its dims."""
     sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", eval_text) if len(s.split()) >= 4]
-    texts = (list(report.texts) + sentences)[:MAX_INPUTS]
+    texts = ([report.texts[i] for i in sorted(report.texts) if i < MAX_INPUTS] + sentences)[:MAX_INPUTS]
     limit = getattr(lm.model.config, "max_position_embeddings", None) or 4096
     dims = [d.dim for d in report.dims]
     first: dict[int, list[float]] = {dim: [] for dim in dims}

@@ -10,6 +10,8 @@ from ..analysis.results import Report
 from .plots import FIGURES, PIXELS
 from .text import to_text
 
+SHOWN_TEXTS = 20  # texts listed in the settings table; the JSON has every text the report points at
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1280px; color: #1b1b1b; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
@@ -46,7 +48,11 @@ def _settings(report: Report) -> str:
     c, m = report.criterion, report.model
     rows = [(key, str(value)) for key, value in asdict(m).items()]
     rows += [("criterion", f"|a| >= {c.min_abs:g} and |a| >= {c.min_ratio:g} x {c.median}")]
-    rows += [(f"text {i}", text) for i, text in enumerate(report.texts)]
+    rows += [("corpus", f"{report.corpus.source}: {report.corpus.texts} text(s), {report.corpus.windows} window(s), {report.corpus.tokens} tokens")]
+    shown = sorted(report.texts)[:SHOWN_TEXTS]
+    rows += [(f"text {i}", report.texts[i]) for i in shown]
+    if len(report.texts) > len(shown):
+        rows.append(("", f"and {len(report.texts) - len(shown)} more texts the report points at, in report.json"))
     rows += [(f"version of {name}", version) for name, version in report.versions.items()]
     if report.verification:
         rows.append(("evaluation text", f"{report.verification.eval_source}, {report.verification.eval_tokens} tokens"))

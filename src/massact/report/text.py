@@ -86,7 +86,7 @@ def renderables(report: Report, plain: bool) -> list:
         Text(
             f"{m.architecture} ({m.family} adapter), {m.n_layers} blocks, d_model {m.d_model}, d_mlp {m.d_mlp}, "
             f"{m.n_heads} heads, {'gated' if m.gated else 'plain'} MLP, {m.dtype} on {m.device}\n"
-            f"{len(report.texts)} text(s), {sum(len(t) for t in report.tokens)} tokens. Massive: |a| >= {c.min_abs:g} "
+            f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), {report.corpus.tokens} tokens. Massive: |a| >= {c.min_abs:g} "
             f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.1%})."
         ),
     ]
