@@ -14,17 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import PreTrainedTokenizerFast
 
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import weight_out_in
@@ -52,34 +42,71 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
 
 
-def tiny_model(family: str, vocab_size: int, seed: int = 0):
-    torch.manual_seed(seed)
+# Every family massact has an adapter for, by a short name; variants of one model type get their own name.
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3", "neox", "neox-seq",
+            "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe"]  # their MLP sites are inside fused experts: see massact.analysis.moe
+
+
+def tiny_config(family: str, vocab_size: int):
+    """A tiny random config of the real transformers class: 4 blocks, d_model 64, d_mlp 256, 4 heads, 64 positions."""
+    import transformers as t
+
     common = dict(vocab_size=vocab_size, hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
-                  num_attention_heads=N_HEADS, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    if family == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_positions=CONTEXT, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP,
-                            bos_token_id=0, eos_token_id=1)
-        model = GPT2LMHeadModel(config)
-    elif family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**common))
-    elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        raise ValueError(family)
-    return model.eval()
+                  num_attention_heads=N_HEADS, max_position_embeddings=CONTEXT, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    grouped = dict(common, num_key_value_heads=2)
+    configs = {
+        "gpt2": lambda: t.GPT2Config(vocab_size=vocab_size, n_positions=CONTEXT, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS,
+                                     n_inner=D_MLP, bos_token_id=0, eos_token_id=1),
+        "llama": lambda: t.LlamaConfig(**grouped),
+        "mistral": lambda: t.MistralConfig(**grouped),
+        "qwen2": lambda: t.Qwen2Config(**grouped),
+        "qwen3": lambda: t.Qwen3Config(**grouped, head_dim=D_MODEL // N_HEADS),
+        "gemma": lambda: t.GemmaConfig(**grouped, head_dim=D_MODEL // N_HEADS),
+        "gemma2": lambda: t.Gemma2Config(**grouped, head_dim=D_MODEL // N_HEADS),
+        "gemma3": lambda: t.Gemma3TextConfig(**grouped, head_dim=D_MODEL // N_HEADS),
+        "phi": lambda: t.PhiConfig(**common),
+        "phi3": lambda: t.Phi3Config(**grouped),
+        "neox": lambda: t.GPTNeoXConfig(**common, use_parallel_residual=True),
+        "neox-seq": lambda: t.GPTNeoXConfig(**common, use_parallel_residual=False),
+        "gptj": lambda: t.GPTJConfig(vocab_size=vocab_size, n_positions=CONTEXT, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS,
+                                     n_inner=D_MLP, rotary_dim=8, bos_token_id=0, eos_token_id=1),
+        "falcon": lambda: t.FalconConfig(vocab_size=vocab_size, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                                         parallel_attn=True, bos_token_id=0, eos_token_id=1),
+        "falcon-seq": lambda: t.FalconConfig(vocab_size=vocab_size, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS,
+                                             num_attention_heads=N_HEADS, parallel_attn=False, bos_token_id=0, eos_token_id=1),
+        "opt": lambda: t.OPTConfig(vocab_size=vocab_size, hidden_size=D_MODEL, ffn_dim=D_MLP, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                                   max_position_embeddings=CONTEXT, word_embed_proj_dim=D_MODEL, do_layer_norm_before=True,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=2),
+        "opt-postln": lambda: t.OPTConfig(vocab_size=vocab_size, hidden_size=D_MODEL, ffn_dim=D_MLP, num_hidden_layers=N_LAYERS,
+                                          num_attention_heads=N_HEADS, max_position_embeddings=CONTEXT, word_embed_proj_dim=D_MODEL,
+                                          do_layer_norm_before=False, bos_token_id=0, eos_token_id=1, pad_token_id=2),
+        "mixtral": lambda: t.MixtralConfig(**grouped, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: t.Qwen2MoeConfig(**grouped, moe_intermediate_size=D_MLP, shared_expert_intermediate_size=96, num_experts=4,
+                                              num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+        "bert": lambda: t.BertConfig(**common),
+        "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
+    }
+    return configs[family]()
+
+
+def tiny_model(family: str, vocab_size: int, seed: int = 0):
+    import transformers as t
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab_size)
+    config._attn_implementation = "eager"
+    head = t.AutoModelForMaskedLM if family in ("bert", "roberta") else t.AutoModelForCausalLM
+    return head.from_config(config, attn_implementation="eager").eval()
 
 
 def _isolate_trigger(model, bos: int) -> None:
-    """Only BOS carries TRIGGER (value 10), and no sublayer writes into it, in any block."""
+    """Only BOS carries TRIGGER (value 10 in its token embedding), and no sublayer writes into it, in any block."""
     adapter = adapter_for(model.config)
-    embed = model.get_input_embeddings().weight
-    embed[:, TRIGGER] = 0.0
-    embed[bos, TRIGGER] = 10.0
-    if hasattr(model, "transformer"):
-        model.transformer.wpe.weight[:, TRIGGER] = 0.0
+    for module in model.modules():  # token, position and token-type embeddings alike
+        if isinstance(module, torch.nn.Embedding) and module.weight.shape[1] == D_MODEL:
+            module.weight[:, TRIGGER] = 0.0
+    model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
     for layer in range(model.config.num_hidden_layers):
         for path in (adapter.attn_proj, adapter.mlp_down):
             module = adapter.module(model, layer, path)
@@ -93,13 +120,10 @@ def plant_mlp(model, bos: int, layer: int, neuron: int, dim: int, out_weight: fl
     """Neuron ``neuron`` of block ``layer`` fires on BOS only and writes ``out_weight`` x its activation into ``dim``."""
     _isolate_trigger(model, bos)
     adapter = adapter_for(model.config)
-    for path in (adapter.mlp_up, adapter.mlp_gate):
-        if path is None:
-            continue
-        w = weight_out_in(adapter.module(model, layer, path))
+    for site in ("mlp_up", "mlp_gate") if adapter.gated else ("mlp_up",):
+        w, bias = adapter.input_rows(model, layer, site)
         w[neuron] = 0.0
         w[neuron, TRIGGER] = 2.0
-        bias = getattr(adapter.module(model, layer, path), "bias", None)
         if bias is not None:
             bias[neuron] = -4.0  # pre-activation 2 x (~8 at BOS) - 4 > 0; 2 x (~0 elsewhere) - 4 < 0
     weight_out_in(adapter.module(model, layer, adapter.mlp_down))[dim, neuron] = out_weight

@@ -9,52 +9,86 @@ from massact.models.adapters import adapter_for
 from massact.models.adapters.base import bias_of, weight_out_in
 from massact.sites import SITES, resolve_site
 
-from conftest import tiny_model
+from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
 
-FAMILIES = ["gpt2", "llama", "mistral", "qwen2"]
+# The norm each family's MLP reads through (None: post-LN, the MLP reads resid_mid as it is), and from which stream.
+MLP_NORM = {
+    "gpt2": ("ln_2", "resid_mid"), "phi": ("input_layernorm", "resid_in"), "neox": ("post_attention_layernorm", "resid_in"),
+    "neox-seq": ("post_attention_layernorm", "resid_mid"), "gptj": ("ln_1", "resid_in"), "falcon": ("input_layernorm", "resid_in"),
+    "falcon-seq": ("post_attention_layernorm", "resid_mid"), "opt": ("final_layer_norm", "resid_mid"),
+    "gemma2": ("pre_feedforward_layernorm", "resid_mid"), "gemma3": ("pre_feedforward_layernorm", "resid_mid"),
+    "opt-postln": (None, "resid_mid"), "bert": (None, "resid_mid"), "roberta": (None, "resid_mid"),
+}
+# Post-LN blocks: the LayerNorm after the attention sum and the one after the MLP sum.
+POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": ("attention.output.LayerNorm", "output.LayerNorm"),
+           "roberta": ("attention.output.LayerNorm", "output.LayerNorm")}
+SANDWICH = {"gemma2", "gemma3"}
+close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def _trace_all(family, tokenizer):
     model = tiny_model(family, len(tokenizer), seed=3)
     adapter = adapter_for(model.config)
     sites = [(layer, site) for layer in range(model.config.num_hidden_layers) for site in adapter.sites]
-    ids = tokenizer("Summer is warm. Winter is cold.", return_tensors="pt").input_ids
+    ids = tokenizer(["Summer is warm. Winter is cold.", "A good map shows you where you are."], return_tensors="pt", padding=True)
     with torch.no_grad(), Trace(model, adapter, sites) as trace:
-        hidden = model(ids, output_hidden_states=True).hidden_states
+        hidden = model(**ids, output_hidden_states=True).hidden_states
     return model, adapter, trace, hidden
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
 def test_residual_stream_adds_up(family, tokenizer):
+    """The renaming is right when the block's pieces add up to its output, as the family's equations say."""
     model, adapter, trace, hidden = _trace_all(family, tokenizer)
     n = model.config.num_hidden_layers
     for layer in range(n):
         t = lambda site: trace[layer, site]
-        torch.testing.assert_close(t("resid_mid"), t("resid_in") + t("attn_out"), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(t("resid_out"), t("resid_in") + t("attn_out") + t("mlp_out"), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(t("resid_in"), hidden[layer])  # HF hidden_states[i] is block i's input
-        if layer + 1 < n:  # HF's last hidden state is after the final norm; ours is the block's raw output
-            torch.testing.assert_close(t("resid_out"), trace[layer + 1, "resid_in"])
-            torch.testing.assert_close(t("resid_out"), hidden[layer + 1])
-    assert not torch.allclose(trace[n - 1, "resid_out"], hidden[n])
+        block = lambda path: adapter.module(model, layer, path)
+        assert t("resid_in").shape == t("mlp_in").shape == t("resid_out").shape == t("mlp_in").shape[:2] + (D_MODEL,)
+        if family in POST_LN:
+            first, last = POST_LN[family]
+            close(t("attn_sum"), t("resid_in") + t("attn_out"))
+            close(t("resid_mid"), block(first)(t("attn_sum")))
+            close(t("resid_sum"), t("resid_mid") + t("mlp_out"))
+            close(t("resid_out"), block(last)(t("resid_sum")))
+        elif adapter.parallel:
+            close(t("resid_out"), t("resid_in") + t("attn_out") + t("mlp_out"))
+        else:
+            close(t("resid_mid"), t("resid_in") + t("attn_out"))
+            close(t("resid_out"), t("resid_mid") + t("mlp_out"))
+        if family in SANDWICH:  # what lands is the branch's own norm of the sublayer's raw output
+            close(t("attn_out"), block("post_attention_layernorm")(t("attn_raw")))
+            close(t("mlp_out"), block("post_feedforward_layernorm")(t("mlp_raw")))
+        close(t("resid_in"), hidden[layer])  # HF hidden_states[i] is block i's input
+        if layer + 1 < n:
+            close(t("resid_out"), trace[layer + 1, "resid_in"])
+    if adapter.post_ln:  # no final norm after post-LN blocks: HF's last hidden state is the last block's output
+        close(trace[n - 1, "resid_out"], hidden[n])
+    else:  # HF's last hidden state is after the final norm; ours is the block's raw output
+        assert not torch.allclose(trace[n - 1, "resid_out"], hidden[n])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlp_sites_recompose(family, tokenizer):
+    """mlp_act, the MLP's raw output and its input, recomputed from the weights and the norm, match the hooks."""
     model, adapter, trace, _ = _trace_all(family, tokenizer)
     for layer in range(model.config.num_hidden_layers):
+        t = lambda site: trace[layer, site]
         act_fn = adapter.module(model, layer, adapter.act_fn)
+        up_w, up_b = adapter.input_rows(model, layer, "mlp_up")
+        close(t("mlp_up"), t("mlp_in") @ up_w.detach().T + (up_b.detach() if up_b is not None else 0))
         if adapter.gated:
-            expected_act = act_fn(trace[layer, "mlp_gate"]) * trace[layer, "mlp_up"]
+            gate_w, _ = adapter.input_rows(model, layer, "mlp_gate")
+            close(t("mlp_gate"), t("mlp_in") @ gate_w.detach().T)
+            close(t("mlp_act"), act_fn(t("mlp_gate")) * t("mlp_up"))
         else:
-            expected_act = act_fn(trace[layer, "mlp_up"])
-        torch.testing.assert_close(trace[layer, "mlp_act"], expected_act, rtol=1e-5, atol=1e-6)
+            close(t("mlp_act"), act_fn(t("mlp_up")))
         down = adapter.module(model, layer, adapter.mlp_down)
         bias = bias_of(down)
-        expected_out = trace[layer, "mlp_act"] @ weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0)
-        torch.testing.assert_close(trace[layer, "mlp_out"], expected_out, rtol=1e-5, atol=1e-5)
-        norm_path = adapter.sites["resid_mid"][0]
-        torch.testing.assert_close(trace[layer, "mlp_in"], adapter.module(model, layer, norm_path)(trace[layer, "resid_mid"]))
+        expected = t("mlp_act") @ weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0)
+        close(t(adapter.raw("mlp_out")), expected)
+        norm, stream = MLP_NORM.get(family, ("post_attention_layernorm", "resid_mid"))
+        close(t("mlp_in"), adapter.module(model, layer, norm)(t(stream)) if norm else t(stream))
 
 
 def test_transformerlens_aliases():
@@ -84,7 +118,12 @@ def test_trace_accepts_aliases_and_gives_the_same_tensor(tokenizer):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    from transformers import BertConfig
+    from types import SimpleNamespace
 
-    with pytest.raises(UsageError, match=r"'bert' is not supported.*GPT-2 \(gpt2\).*Llama \(llama, mistral, qwen2\)"):
-        adapter_for(BertConfig())
+    from transformers import BloomConfig
+
+    with pytest.raises(UsageError, match=r"'bloom' is not supported.*GPT-2 \(gpt2\).*Llama \(llama, mistral, qwen2, qwen3, gemma\).*"
+                                         r"OPT \(opt\).*BERT \(bert, roberta\).*one Adapter in massact/models/adapters/"):
+        adapter_for(BloomConfig())
+    with pytest.raises(UsageError, match="'opt' config lacks a field"):  # an old or hand-edited config
+        adapter_for(SimpleNamespace(model_type="opt"))

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     scan.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     scan.add_argument("--device-map", help="spread a large model over the devices (accelerate): auto, balanced, sequential")
+    scan.add_argument("--trust-remote-code", action="store_true",
+                      help="let the model directory's own Python code define its classes (runs that code)")
     scan.add_argument("--top-k", type=int, default=5, help="largest activations listed per block")
     scan.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
     scan.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
@@ -91,7 +93,7 @@ def _scan(args) -> int:
                     batch_size=args.batch_size, max_length=args.max_length, checkpoint=out / "scan-state.pt",
                     checkpoint_every=args.checkpoint_every, resume=args.resume)
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
-                args.device_map)
+                args.device_map, args.trust_remote_code)
 
 
 def _verify(args) -> int:
@@ -134,7 +136,7 @@ def _read_eval(path: str | None) -> str | None:
 
 
 def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, formats: set[str], quiet: bool,
-         device_map: str | None = None) -> int:
+         device_map: str | None = None, trust_remote_code: bool = False) -> int:
     from transformers.utils import logging as hf_logging
 
     from .analysis.pipeline import scan
@@ -146,7 +148,7 @@ def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, fo
     hf_logging.set_verbosity_error()  # our own messages say what matters, in one line each
     if quiet or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
-    lm = load(model, dtype=dtype, device=device, log=log, device_map=device_map)
+    lm = load(model, dtype=dtype, device=device, log=log, device_map=device_map, trust_remote_code=trust_remote_code)
     if verify is None:
         verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
         if not verify:

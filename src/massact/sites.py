@@ -1,13 +1,19 @@
 """Canonical site names, one scheme for the API, the JSON and the plots.
 
 A *site* is a place in a transformer block where a vector is read. With ``layer`` the 0-based
-block index, a block computes
+block index, a (pre-norm) block computes
 
     resid_mid = resid_in + attn_out
     resid_out = resid_mid + mlp_out
     mlp_out   = W_down @ mlp_act (+ bias),  mlp_act = act(mlp_up)  or  act(mlp_gate) * mlp_up
 
-``mlp_in`` is the MLP's input after its norm. TransformerLens hook names are accepted as aliases.
+``mlp_in`` is the MLP's input after its norm. Other block shapes use the same names:
+  parallel blocks (GPT-NeoX, Phi-2, GPT-J, Falcon): no resid_mid; resid_out = resid_in + attn_out + mlp_out.
+  sandwich norms (Gemma-2, Gemma-3): attn_out and mlp_out are what lands in the residual, after the branch's own
+    norm; attn_raw and mlp_raw are the sublayers' outputs before it (mlp_raw = W_down @ mlp_act).
+  post-LN blocks (BERT, RoBERTa, OPT-350m): attn_sum = resid_in + attn_out, resid_mid = LN(attn_sum),
+    resid_sum = resid_mid + mlp_out, resid_out = LN(resid_sum).
+TransformerLens hook names are accepted as aliases.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ SITES: tuple[str, ...] = (
     "mlp_act",
     "mlp_out",
     "resid_out",
+    "attn_raw",
+    "mlp_raw",
+    "attn_sum",
+    "resid_sum",
 )
 
 # TransformerLens names. "mlp.hook_pre" is the pre-activation: the gate in a gated MLP, else the up projection.

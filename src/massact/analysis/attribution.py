@@ -35,21 +35,20 @@ def super_weight(adapter: Adapter, model: torch.nn.Module, layer: int, dim: int,
     value = weight_out_in(down)[dim, neuron].detach()
     rank = int((down.weight.detach().abs() > value.abs()).sum()) + 1
     row, col = stored_index(down, dim, neuron)
-    return SuperWeight(adapter.param_name(layer, adapter.mlp_down), row, col, float(value), rank, down.weight.numel())
+    return SuperWeight(adapter.param_name(model, layer, adapter.mlp_down), row, col, float(value), rank, down.weight.numel())
 
 
 def mlp_weight_stats(adapter: Adapter, model: torch.nn.Module, layer: int) -> list[WeightStats]:
-    """max |w| with its (row, col) as stored, and mean |w|, for each MLP projection (the seed's weight table)."""
+    """max |w| with its (row, col) as stored, and mean |w|, for each MLP projection (the seed's weight table); a fused
+    gate-and-up projection is one matrix."""
     stats = []
-    for path in (adapter.mlp_gate, adapter.mlp_up, adapter.mlp_down):
-        if path is None:
-            continue
+    for path in dict.fromkeys(p for p in (adapter.mlp_gate, adapter.mlp_up, adapter.mlp_down) if p is not None):
         weight = adapter.module(model, layer, path).weight.detach()
         magnitude = weight.abs()
         flat = int(magnitude.argmax())
         stats.append(
             WeightStats(
-                adapter.param_name(layer, path),
+                adapter.param_name(model, layer, path),
                 list(weight.shape),
                 float(magnitude.flatten()[flat]),
                 [flat // weight.shape[1], flat % weight.shape[1]],

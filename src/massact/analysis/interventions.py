@@ -53,18 +53,32 @@ def massive_mask(hidden: torch.Tensor, dim: int, min_abs: float, min_ratio: floa
 def replace_massive(
     lm: LoadedModel, layer: int, values: dict[int, float], min_abs: float, min_ratio: float
 ) -> Iterator[None]:
-    """At a block's output, set each dim to ``values[dim]`` wherever it is massive (Sun et al.: zero, or its mean)."""
-    block = lm.adapter.module(lm.model, layer, "")
+    """Where a block's output (the detection stream) is massive, set each dim to ``values[dim]`` (Sun et al.: zero,
+    or its mean). In post-LN blocks that is the residual sum, before the block's last LayerNorm."""
+    path, direction = lm.adapter.sites[lm.adapter.stream][:2]
+    module = lm.adapter.module(lm.model, layer, path)
 
-    def replace(module, args, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.clone()
         for dim, value in values.items():
             mask = massive_mask(hidden, dim, min_abs, min_ratio)
             hidden[..., dim] = torch.where(mask, torch.full_like(hidden[..., dim], value), hidden[..., dim])
-        return (hidden, *output[1:]) if isinstance(output, (tuple, list)) else hidden
+        return hidden
 
-    handle = block.register_forward_hook(replace)
+    def on_output(module, args, output):
+        if isinstance(output, (tuple, list)):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    def on_input(module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (edit(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+
+    if direction == "out":
+        handle = module.register_forward_hook(on_output)
+    else:
+        handle = module.register_forward_pre_hook(on_input, with_kwargs=True)
     try:
         yield
     finally:
@@ -72,12 +86,13 @@ def replace_massive(
 
 
 def read_coordinate(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], position: int, dim: int) -> dict[int, float]:
-    """resid_out[layer][position, dim] for each layer, in one forward pass (under whatever intervention is active)."""
+    """The block output (the detection stream) at [position, dim] for each layer, in one forward pass (under whatever
+    intervention is active)."""
     values: dict[int, float] = {}
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
         values[layer] = float(hidden[0, position, dim])
 
-    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, "resid_out") for layer in layers], keep):
+    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in layers], keep):
         lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
     return values

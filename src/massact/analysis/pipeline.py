@@ -21,7 +21,10 @@ from .attention import attention_sinks
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .origin import decomposition_gap, head_split, writer
 from .perplexity import default_eval_text
-from .results import Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, Massive, ModelInfo, Origin, Report
+from .moe import attribute_moe, is_moe_block
+from .norms import norm_factors
+from .results import (Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, ExpertAttribution, Massive, ModelInfo,
+                      NormFactors, Origin, Report)
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
 from .verification import MAX_INPUTS, verify as verify_report
 
@@ -106,7 +109,7 @@ def scan(
                              dict(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset,
                                   max_texts=corpus.max_texts, max_length=max_length))
 
-    origins, anatomies, attributions = [], [], []
+    origins, anatomies, attributions, experts = [], [], [], []
     events = pick_events(dims, massive)
     probes = {}
     for text, layer in dict.fromkeys((e.text, e.layer) for e in events):
@@ -118,13 +121,27 @@ def scan(
         at = {site: v[positions.index(event.position)] for site, v in vectors.items()}
         cause = None
         if event.role == "removal":
-            cause = removal_cause(float(at["resid_out"][event.dim]), layers[event.layer - 1].median, criterion)
+            cause = removal_cause(float(at[lm.adapter.stream][event.dim]), layers[event.layer - 1].median, criterion)
         origin = explain_origin(lm, event, at, tokens, cause)
-        gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
+        if origin.resid_mid is not None:  # post-LN: resid_sum = resid_mid + mlp
+            gap = decomposition_gap(origin.resid_mid, 0.0, origin.mlp, origin.resid_out)
+        else:
+            gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
         if gap > tolerance:
-            warnings.append(f"block {event.layer}: resid_in + attn + mlp differs from resid_out by {gap:.1e} (relative)")
+            warnings.append(f"block {event.layer}: the block's branches differ from its output by {gap:.1e} (relative)")
+        if origin.norm is not None and origin.norm.error > tolerance:
+            warnings.append(f"block {event.layer} dim {event.dim}: the norm's factors miss its output by {origin.norm.error:.1e}")
         origins.append(origin)
-        if origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
+        if origin.writer == "mlp" and cause != "median" and lm.adapter.moe:
+            block = lm.adapter.module(lm.model, event.layer, "mlp")
+            if not is_moe_block(block):
+                warnings.append(f"block {event.layer}'s MLP is dense in this mixture-of-experts model: not attributed to neurons")
+                continue
+            split = attribute_moe(block, at["mlp_in"], event.dim, top_neurons)
+            if split.error > tolerance:
+                warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
+            experts.append(ExpertAttribution(**_place(event, tokens), moe=split))
+        elif origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
             attribution = attribute(lm, event, at, tokens, top_neurons)
             if attribution.error > tolerance:
                 warnings.append(
@@ -148,10 +165,13 @@ def scan(
         conclusion=[],
         warnings=warnings,
         versions=_versions(),
+        experts=experts,
     )
     report.conclusion = conclude(report)
     report.birth_state = birth_state(lm, report, inputs)
-    if verify and report.dims:
+    if verify and report.dims and lm.adapter.encoder:
+        report.warnings.append("verification skipped: it measures perplexity, which an encoder (masked LM) does not have")
+    elif verify and report.dims:
         source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
         report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source,
                                             progress("interventions", None))
@@ -250,11 +270,27 @@ def pick_events(dims: list[DimSummary], massive: list[Massive]) -> list[Event]:
 
 
 def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:
-    resid_in, attn, mlp, resid_out = (float(at[s][event.dim]) for s in ("resid_in", "attn_out", "mlp_out", "resid_out"))
-    who = writer(event.role, resid_in, attn, mlp, resid_out)
+    adapter, dim = lm.adapter, event.dim
+    resid_in, attn, mlp, resid_out = (float(at[s][dim]) for s in ("resid_in", "attn_out", "mlp_out", adapter.stream))
+    resid_mid = float(at["resid_mid"][dim]) if adapter.post_ln else None
+    # Post-LN: the attention half lands as resid_mid = LN(resid_in + attn) and the sum is resid_mid + mlp.
+    who = writer(event.role, resid_in, resid_mid if adapter.post_ln else attn, mlp, resid_out)
+    raw = {site: float(at[adapter.raw(site)][dim]) if site in adapter.branch_norms else None for site in ("attn_out", "mlp_out")}
+    norm = None
+    if adapter.post_ln:  # how the block's last LayerNorm scales the massive sum into the block output
+        norm = _norm_factors(lm, event.layer, adapter.sites["resid_sum"][0], at["resid_sum"], at["resid_out"], dim)
+    elif f"{who}_out" in adapter.branch_norms:
+        branch = f"{who}_out"
+        norm = _norm_factors(lm, event.layer, adapter.branch_norms[branch], at[adapter.raw(branch)], at[branch], dim)
     # Heads are split only where attention really wrote the change: not when the median grew past the value.
-    heads = head_split(lm, event.layer, at[ATTN_Z], event.dim) if who == "attn" and cause != "median" else None
-    return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause, heads=heads)
+    heads = head_split(lm, event.layer, at[ATTN_Z], dim) if who == "attn" and cause != "median" else None
+    return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause,
+                  heads=heads, attn_raw=raw["attn_out"], mlp_raw=raw["mlp_out"], resid_mid=resid_mid, norm=norm)
+
+
+def _norm_factors(lm: LoadedModel, layer: int, path: str, raw: torch.Tensor, landed: torch.Tensor, dim: int) -> NormFactors:
+    module = lm.adapter.module(lm.model, layer, path)
+    return norm_factors(module, lm.adapter.param_name(lm.model, layer, path), raw, landed, dim)
 
 
 def removal_cause(value: float, previous_median: float, criterion: Criterion) -> str:
@@ -282,7 +318,7 @@ def _place(event: Event, tokens: list[list[str]]) -> dict:
 
 def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, top: int) -> Attribution:
     weight_row, bias = down_row(lm.adapter, lm.model, event.layer, event.dim)
-    output = float(at["mlp_out"][event.dim])
+    output = float(at[lm.adapter.raw("mlp_out")][event.dim])  # the neurons make the raw output; a norm may follow
     neurons, error, for_90 = contributions(at["mlp_act"], weight_row, bias, output, top)
     return Attribution(
         **_place(event, tokens),
@@ -293,11 +329,12 @@ def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens
         neurons_for_90pct=for_90,
         super_weight=super_weight(lm.adapter, lm.model, event.layer, event.dim, neurons[0].neuron),
         weights=mlp_weight_stats(lm.adapter, lm.model, event.layer),
+        landed=float(at["mlp_out"][event.dim]) if "mlp_out" in lm.adapter.branch_norms else None,
     )
 
 
 def open_mlp(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, neurons: list[int]) -> Anatomy:
-    points = anatomy_step.checkpoints(at, lm.adapter.gated)
+    points = anatomy_step.checkpoints({**at, "mlp_out": at[lm.adapter.raw("mlp_out")]}, lm.adapter.gated)
     function = lm.adapter.module(lm.model, event.layer, lm.adapter.act_fn)
     pre = at["mlp_gate"] if lm.adapter.gated else at["mlp_up"]
     impact = anatomy_step.activation_impact(function, pre, at["mlp_up"] if lm.adapter.gated else None, neurons)
@@ -311,19 +348,24 @@ def open_mlp(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens,
 
 def model_info(lm: LoadedModel) -> ModelInfo:
     config = lm.model.config
-    down = lm.adapter.module(lm.model, 0, lm.adapter.mlp_down)
+    if lm.adapter.moe:  # one expert's width
+        d_mlp = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    else:
+        d_mlp = weight_out_in(lm.adapter.module(lm.model, 0, lm.adapter.mlp_down)).shape[1]
     return ModelInfo(
         name=lm.name,
         architecture=type(lm.model).__name__,
         family=lm.adapter.family,
         n_layers=len(lm.adapter.blocks(lm.model)),
         d_model=config.hidden_size,
-        d_mlp=weight_out_in(down).shape[1],
+        d_mlp=d_mlp,
         n_heads=config.num_attention_heads,
         gated=lm.adapter.gated,
         dtype=str(lm.dtype).removeprefix("torch."),
         device=str(lm.device),
         source=lm.source,
+        stream=lm.adapter.stream,
+        notes=lm.adapter.notes,
     )
 
 
@@ -366,6 +408,29 @@ def _removal_words(o: Origin) -> str:
     return f"is removed by block {o.layer}'s {'MLP' if o.writer == 'mlp' else 'attention'} ({o.resid_in:+.1f} -> {o.resid_out:+.1f})"
 
 
+def _expert_words(m) -> str:
+    routed = ", ".join(f"expert {e.expert} (router weight {e.router_weight:.3f}, {e.share:.1%})" for e in m.experts)
+    text = f"the router sent it to {routed}"
+    if m.shared_expert is not None:
+        text += f" and the shared expert gives {m.shared_expert.share:.1%}"
+    where = "the shared expert" if m.top_expert is None else f"expert {m.top_expert}"
+    w = m.super_weight
+    index = ", ".join(map(str, w.index))
+    return (f"{text}; in {where}, neuron {m.neurons[0].neuron} gives {m.neurons[0].share:.1%} (router weight x act x weight); "
+            f"super weight {w.matrix}[{index}] = {w.value:+.4f}, rank {w.rank} of {w.entries:,}")
+
+
+def _norm_words(n: NormFactors, written: str, post_ln: bool) -> str:
+    if post_ln:
+        return (f"it exists only before the LayerNorm {n.parameter.removesuffix('.weight')}, which scales it by "
+                f"{n.normalization:.3g} (1/std) x gain {n.gain:.3g} to {n.landed:+.2f} in the block output")
+    factors = f"raw {n.raw:+.2f} x normalisation {n.normalization:.3g} x gain {n.gain:.4g} = {n.landed:+.1f}"
+    if n.amplifier:
+        return (f"the {written}'s own norm is the amplifier ({factors}): its gain on this dim is {n.gain_ratio:.0f}x its "
+                f"median gain, so the norm weight {n.parameter}[{n.dim}] = {n.weight:+.4g} acts as a super weight")
+    return f"the {written}'s own norm passes it on ({factors}; gain {n.gain_ratio:.1f}x its median)"
+
+
 def conclude(report: Report) -> list[str]:
     """Plain-language sentences, one per massive dim, built from the numbers above them in the report."""
     if not report.dims:
@@ -382,22 +447,28 @@ def conclude(report: Report) -> list[str]:
         birth = next(o for o in report.origin if o.dim == summary.dim and o.role == "birth")
         written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
         branch = birth.mlp if birth.writer == "mlp" else birth.attn
+        stream = "the residual sum before the block's LayerNorm" if report.model.stream == "resid_sum" else "resid_out"
         text = (
             f"dim {summary.dim} at token {birth.position} ({birth.token!r}) is born in block {birth.layer}, written by its "
-            f"{written} ({branch:+.1f} of resid_out {birth.resid_out:+.1f}, resid_in was {birth.resid_in:+.1f})"
+            f"{written} ({branch:+.1f} of {stream} {birth.resid_out:+.1f}, resid_in was {birth.resid_in:+.1f})"
         )
+        if birth.norm is not None:
+            text += "; " + _norm_words(birth.norm, written, report.model.stream == "resid_sum")
         attribution = next((a for a in report.attribution if a.dim == summary.dim and a.role == "birth"), None)
         anatomy = next((a for a in report.anatomy if a.dim == summary.dim and a.role == "birth"), None)
         if attribution and anatomy:
             top = attribution.neurons[0]
             weight = attribution.super_weight
             count = attribution.neurons_for_90pct
+            raw = " of the raw MLP output" if attribution.landed is not None else ""
             text += (
-                f"; {count} neuron{'s' if count != 1 else ''} give 90% of it, neuron {top.neuron} alone "
+                f"; {count} neuron{'s' if count != 1 else ''} give 90%{raw}, neuron {top.neuron} alone "
                 f"{top.share:.1%}; the explosion is at {_explosion_words(anatomy.explosion_point, gated)}; "
                 f"super weight {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
                 f"rank {weight.rank} of {weight.entries:,} entries by |w|"
             )
+        elif split := next((e.moe for e in report.experts if e.dim == summary.dim and e.role == "birth"), None):
+            text += "; " + _expert_words(split)
         elif birth.heads:
             head = birth.heads[0]
             text += f"; head {head.head} gives {head.share:.1%} of the attention output"

@@ -6,6 +6,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from .moe import MoeAttribution
+
 
 @dataclass
 class ModelInfo:
@@ -19,7 +21,9 @@ class ModelInfo:
     gated: bool
     dtype: str
     device: str
-    source: str | None = None  # what was loaded: a hub id, a path, or None for the embedded default
+    source: str | None = None
+    stream: str = "resid_out"  # the site massive activations are detected in (resid_sum for post-LN blocks)
+    notes: str = ""  # what the family's blocks do differently (parallel, sandwich norms, post-LN)  # what was loaded: a hub id, a path, or None for the embedded default
 
 
 @dataclass
@@ -108,8 +112,39 @@ class Place:
 
 
 @dataclass
+class NormFactors:
+    """How a norm turns a raw value into what lands: landed = normalization x centered x gain + bias, at one dim.
+
+    ``centered`` is raw minus the vector's mean for a LayerNorm (raw itself for an RMSNorm); ``normalization`` is
+    1 / rms (or 1 / std) of the whole vector; ``gain`` is the effective per-dim gain (Gemma's 1 + weight), ``weight``
+    the stored entry ``parameter[dim]``. ``gain_ratio`` = |gain| / median |gain| over all dims: far above 1, the norm
+    itself amplifies this dim (``amplifier``), and its weight entry acts as a super weight. ``error``: the product
+    against the value the model computed (relative).
+    """
+
+    parameter: str
+    dim: int
+    raw: float
+    centered: float
+    normalization: float
+    gain: float
+    weight: float
+    bias: float
+    landed: float
+    error: float
+    typical_gain: float
+    gain_ratio: float
+    amplifier: bool
+
+
+@dataclass
 class Origin(Place):
     """resid_out = resid_in + attn + mlp at (position, dim) of ``layer``; the writer is the branch that made the change.
+
+    attn and mlp are what lands in the residual. In blocks with sandwich norms ``attn_raw``/``mlp_raw`` are the
+    sublayer outputs before the branch norm and ``norm`` splits the writer's branch norm into its factors. In
+    post-LN blocks resid_out is the residual sum before the block's last LayerNorm, resid_sum = resid_mid + mlp with
+    resid_mid = LN(resid_in + attn), and ``norm`` says how that LayerNorm scales the value into the block output.
 
     ``cause`` at a removal: "value" when the value itself fell under the criterion, "median" when it would still be
     massive against the previous block's median (the rest of the hidden state grew, the value held).
@@ -122,6 +157,10 @@ class Origin(Place):
     resid_out: float
     cause: str | None = None
     heads: list[HeadShare] | None = None
+    attn_raw: float | None = None
+    mlp_raw: float | None = None
+    resid_mid: float | None = None
+    norm: NormFactors | None = None
 
 
 @dataclass
@@ -214,7 +253,8 @@ class WeightStats:
 
 @dataclass
 class Attribution(Place):
-    """output = sum_i activation_i x W_down[dim, i] + bias; ``error`` is the relative gap of that sum to the output."""
+    """output = sum_i activation_i x W_down[dim, i] + bias; ``error`` is the relative gap of that sum to the output.
+    ``output`` is the MLP's own (raw) output; ``landed`` what reaches the residual when a norm sits between."""
 
     output: float
     bias: float
@@ -223,6 +263,15 @@ class Attribution(Place):
     neurons_for_90pct: int
     super_weight: SuperWeight
     weights: list[WeightStats] = field(default_factory=list)
+    landed: float | None = None
+
+
+@dataclass
+class ExpertAttribution(Place):
+    """A massive value written by a mixture-of-experts MLP, split into the routed experts (router weight x expert
+    output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.analysis.moe``)."""
+
+    moe: MoeAttribution
 
 
 @dataclass
@@ -311,6 +360,7 @@ class Report:
     verification: Verification | None = None
     attention: AttentionSinks | None = None
     birth_state: BirthState | None = None
+    experts: list[ExpertAttribution] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -98,7 +98,7 @@ def scan_layers(
                 on_window(index)
 
     seen, batches, pending = 0, 0, []
-    sites = [(layer, "resid_out") for layer in range(n_layers)]
+    sites = [(layer, lm.adapter.stream) for layer in range(n_layers)]
     with torch.no_grad(), tap(lm.model, lm.adapter, sites, record):
         for index, ids in enumerate(windows):
             if index % world != rank:  # under torchrun / accelerate launch, each process takes every world-th window

@@ -146,7 +146,7 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
     for text in texts:
         ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit]  # long sentences: their start is enough
         kept: dict[int, torch.Tensor] = {}
-        with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, "resid_out") for layer in births], lambda l, s, h: kept.__setitem__(l, h.detach().float())):
+        with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in births], lambda l, s, h: kept.__setitem__(l, h.detach().float())):
             lm.model(input_ids=ids.to(lm.device), use_cache=False)
         for summary in report.dims:
             hidden, dim = kept[summary.born_at], summary.dim

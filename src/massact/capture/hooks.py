@@ -38,17 +38,33 @@ def _hook(module: nn.Module, direction: str, fn: Callable[[torch.Tensor], None])
     return module.register_forward_hook(lambda m, args, output: fn(_output_tensor(output)))
 
 
+def _shaped(tensor: torch.Tensor, chunk: tuple[int, int] | None, lead: torch.Size | None) -> torch.Tensor:
+    """The site's value as [batch, positions, width]: one chunk of a fused projection, and OPT's flattened
+    [batch x positions, width] MLP tensors put back in shape."""
+    if chunk is not None:
+        tensor = tensor.chunk(chunk[1], dim=-1)[chunk[0]]
+    if tensor.dim() == 2 and lead is not None:
+        tensor = tensor.view(*lead, tensor.shape[-1])
+    return tensor
+
+
 @contextmanager
 def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn: SiteFn) -> Iterator[None]:
-    """Within the block, call ``fn(layer, site, tensor)`` each time a requested site is computed."""
+    """Within the block, call ``fn(layer, site, tensor)`` each time a requested site is computed; ``tensor`` is
+    [batch, positions, width] and may be the model's own storage (copy it to keep it)."""
     handles = []
+    leads: dict[int, torch.Size] = {}  # each block's [batch, positions], read at its input
     try:
         for layer, site in sites:
             if site not in adapter.sites:
                 raise ValueError(f"{adapter.family} has no site {site!r}")
-            path, direction = adapter.sites[site]
+            path, direction, *chunk = adapter.sites[site]
+            if layer not in leads:
+                leads[layer] = None
+                handles.append(_hook(adapter.module(model, layer, ""), "in", lambda t, layer=layer: leads.__setitem__(layer, t.shape[:-1])))
             module = adapter.module(model, layer, path)
-            handles.append(_hook(module, direction, lambda t, layer=layer, site=site: fn(layer, site, t)))
+            handles.append(_hook(module, direction, lambda t, layer=layer, site=site, chunk=chunk[0] if chunk else None:
+                                 fn(layer, site, _shaped(t, chunk, leads[layer]))))
         yield
     finally:
         for handle in handles:
@@ -80,7 +96,7 @@ class Trace:
         model: nn.Module,
         adapter: Adapter,
         sites: Iterable[str | tuple[int, str]],
-        reduce: Callable[[torch.Tensor], Any] = lambda t: t.detach(),
+        reduce: Callable[[torch.Tensor], Any] = lambda t: t.detach().clone(),  # a copy: some blocks add in place
     ):
         self.values: dict[tuple[int, str], Any] = {}
         requests = [resolve_site(s, adapter.gated) if isinstance(s, str) else resolve_site(s[1], adapter.gated, s[0]) for s in sites]

@@ -63,11 +63,14 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", log=None, device_map: str | None = None) -> LoadedModel:
+def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", log=None, device_map: str | None = None,
+         trust_remote_code: bool = False) -> LoadedModel:
     """Load ``spec``: None for the embedded default, a directory, a .gguf file, or a hub id.
 
     ``device_map`` (e.g. "auto") spreads a model too large for one device over all of them with accelerate's
     big-model loading; ``device`` is then ignored and inputs go to the device of the first parameters.
+    Weights are read from safetensors only (pickled .bin files can run code); ``trust_remote_code`` lets a model
+    directory's own Python code define its classes (its model type still needs an adapter).
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     if dtype not in DTYPES:
@@ -90,22 +93,29 @@ def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", 
             raise UsageError(f"{spec}: no such file or directory")
         else:
             source = _hub_source(spec)
-    loaded = _from_pretrained(source, name, DTYPES[dtype], target, device_map)
+    loaded = _from_pretrained(source, name, DTYPES[dtype], target, device_map, trust_remote_code)
     loaded.source = spec
     return loaded
 
 
-def _from_pretrained(source: str, name: str, dtype: torch.dtype, device: torch.device, device_map: str | None) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _from_pretrained(
+    source: str, name: str, dtype: torch.dtype, device: torch.device, device_map: str | None, trust_remote_code: bool
+) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+    remote = dict(trust_remote_code=trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **remote)
     except (OSError, ValueError) as error:
-        raise UsageError(f"cannot read the model config of {name}: {first_line(error)}") from None
+        hint = " (pass --trust-remote-code to run the model's own code)" if "trust_remote_code" in str(error) else ""
+        raise UsageError(f"cannot read the model config of {name}: {first_line(error)}{hint}") from None
     adapter = adapter_for(config)  # fail on an unsupported architecture before loading any weight
+    if not any(Path(source).glob("*.safetensors*")) and any(Path(source).glob("*.bin")):
+        raise UsageError(f"{name} has only pickled .bin weights, which can run code when read; convert them to safetensors")
+    auto = AutoModelForMaskedLM if adapter.encoder else AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+        model = auto.from_pretrained(source, dtype=dtype, use_safetensors=True, device_map=device_map, **remote)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot load {name}: {first_line(error)}") from None
     if device_map is None:

@@ -10,7 +10,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis.results import Anatomy, Attribution, Report
+from ..analysis.results import Anatomy, Attribution, ExpertAttribution, Report
 
 MASSIVE_ROWS = 40  # the full list is in report.json
 
@@ -77,6 +77,12 @@ def add_row(table: Table, *cells: str) -> None:
     table.add_row(*(Text(cell) for cell in cells))
 
 
+_STREAMS = {
+    "resid_out": "each block's output (resid_out; block i = HF hidden_states[i+1], before any final norm)",
+    "resid_sum": "each block's residual sum before its last LayerNorm (resid_sum; post-LN blocks norm it away)",
+}
+
+
 def renderables(report: Report, plain: bool) -> list:
     """Every section of the report, in reading order."""
     style = _Style(plain)
@@ -86,6 +92,7 @@ def renderables(report: Report, plain: bool) -> list:
         Text(
             f"{m.architecture} ({m.family} adapter), {m.n_layers} blocks, d_model {m.d_model}, d_mlp {m.d_mlp}, "
             f"{m.n_heads} heads, {'gated' if m.gated else 'plain'} MLP, {m.dtype} on {m.device}\n"
+            f"Measured in: {_STREAMS[m.stream]}.{' Blocks: ' + m.notes + '.' if m.notes else ''}\n"
             f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), {report.corpus.tokens} tokens. Massive: |a| >= {c.min_abs:g} "
             f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.1%})."
         ),
@@ -106,6 +113,10 @@ def renderables(report: Report, plain: bool) -> list:
         for attribution in report.attribution:
             out += _attribution_tables(style, attribution, attribution.layer not in shown)
             shown.add(attribution.layer)
+    if report.experts:
+        out.append(style.heading("5. Expert and neuron attribution (mixture of experts)"))
+        for split in report.experts:
+            out += _expert_tables(style, split)
     if report.verification:
         out += [style.heading("6. Verification by intervention"), *_verification_tables(style, report)]
     if report.attention:
@@ -161,8 +172,10 @@ def _massive_tables(style: _Style, report: Report) -> list:
 def _origin_tables(style: _Style, report: Report) -> list:
     if not report.origin:
         return [Text("Nothing to trace.")]
+    post_ln = report.model.stream == "resid_sum"
     table = style.table(
-        "resid_out = resid_in + attn + mlp at the coordinate",
+        "resid_sum = LN(resid_in + attn) + mlp at the coordinate (post-LN: the sum before the block's last LayerNorm)" if post_ln
+        else "resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm)",
         "dim", "block", "role", "where", "resid_in", "attn", "mlp", "resid_out", "writer",
         right=(0, 1, 4, 5, 6, 7),
     )
@@ -172,6 +185,16 @@ def _origin_tables(style: _Style, report: Report) -> list:
         if o.cause == "median":
             who = "none: the median grew"
         add_row(table, str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True), num(o.mlp, True), num(o.resid_out, True), who)
+        if o.norm is not None:
+            n = o.norm
+            norm = style.table(
+                f"Block {o.layer}, dim {o.dim}: {n.parameter.removesuffix('.weight')} turns raw into landed = normalisation x centered x gain + bias",
+                "raw", "centered", "normalisation", "gain", "stored weight", "bias", "landed", "median gain", "gain / median", "amplifier",
+                right=tuple(range(9)),
+            )
+            add_row(norm, num(n.raw, True), num(n.centered, True), f"{n.normalization:.4g}", f"{n.gain:.4g}", f"{n.weight:.4g}",
+                    f"{n.bias:.3g}", num(n.landed, True), f"{n.typical_gain:.3g}", f"{n.gain_ratio:.1f}x", "yes" if n.amplifier else "no")
+            out.append(norm)
         if o.heads:
             heads = style.table(f"Attention heads of block {o.layer} into dim {o.dim}", "head", "contribution", "share", right=(0, 1, 2))
             for h in o.heads[:8]:
@@ -226,6 +249,27 @@ def _attribution_tables(style: _Style, a: Attribution, with_weights: bool) -> li
     for s in a.weights:
         add_row(stats, s.matrix, "x".join(map(str, s.shape)), num(s.max), f"({s.argmax[0]}, {s.argmax[1]})", num(s.mean))
     return [head, table, weight] + ([stats] if with_weights else [])
+
+
+def _expert_tables(style: _Style, e: ExpertAttribution) -> list:
+    m = e.moe
+    experts = style.table(
+        f"Block {e.layer} MoE output into dim {e.dim} at {where(e.text, e.position, e.token)}: {m.output:+,.2f} "
+        f"(the block itself: {m.actual:+,.2f}, relative gap {m.error:.1e})",
+        "expert", "router logit", "router prob", "router weight", "expert output", "contribution", "share", right=(0, 1, 2, 3, 4, 5, 6),
+    )
+    for x in m.experts + ([m.shared_expert] if m.shared_expert else []):
+        add_row(experts, "shared" if x.expert is None else str(x.expert), f"{x.router_logit:.3f}", f"{x.router_prob:.3f}",
+                f"{x.router_weight:.3f}", num(x.output, True), num(x.contribution, True), f"{x.share:.1%}")
+    name = "the shared expert" if m.top_expert is None else f"expert {m.top_expert}"
+    neurons = style.table(f"Neurons of {name}: router weight x act(gate) x up x W_down[dim, i]",
+                          "neuron", "gate", "up", "act(gate) x up", "W_down", "contribution", "share", right=(0, 1, 2, 3, 4, 5, 6))
+    for n in m.neurons:
+        add_row(neurons, str(n.neuron), num(n.gate, True), num(n.up, True), num(n.activation, True), f"{n.weight:+.4f}",
+                num(n.contribution, True), f"{n.share:.1%}")
+    w = m.super_weight
+    line = Text(f"Super weight: {w.matrix}[{', '.join(map(str, w.index))}] = {w.value:+.4f} (rank {w.rank} of {w.entries:,} by |w|).")
+    return [experts, neurons, line]
 
 
 def _verification_tables(style: _Style, report: Report) -> list:

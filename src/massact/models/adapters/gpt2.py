@@ -5,7 +5,7 @@ from .base import Adapter
 ADAPTER = Adapter(
     family="GPT-2",
     model_types=("gpt2",),
-    layers="transformer.h",
+    layers="h",
     sites={
         "resid_in": ("", "in"),
         "attn_out": ("attn", "out"),

@@ -1,11 +1,15 @@
-"""Llama family (Llama, SmolLM2, Mistral, Qwen2): pre-RMSNorm blocks, gated SiLU MLP."""
+"""Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1): pre-RMSNorm blocks, gated MLP.
+
+Gemma 1 has the same block; its embedding module multiplies by sqrt(d_model), which the block input already holds,
+and its RMSNorm gain is (1 + weight).
+"""
 
 from .base import Adapter
 
 ADAPTER = Adapter(
     family="Llama",
-    model_types=("llama", "mistral", "qwen2"),
-    layers="model.layers",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
+    layers="layers",
     sites={
         "resid_in": ("", "in"),
         "attn_out": ("self_attn", "out"),

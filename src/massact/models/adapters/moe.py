@@ -1,0 +1,25 @@
+"""Mixtral and Qwen2-MoE: Llama-like blocks whose MLP is a sparse mixture of experts. transformers 5 fuses the
+experts' weights into 3-D parameters, so the sites inside an expert are not modules: the scan reads the MoE block's
+input and output, and ``massact.analysis.moe`` recomputes the routed experts and their neurons from the weights."""
+
+from .base import Adapter
+
+ADAPTER = Adapter(
+    family="Mixtral/Qwen-MoE",
+    model_types=("mixtral", "qwen2_moe"),
+    layers="layers",
+    sites={
+        "resid_in": ("", "in"),
+        "attn_out": ("self_attn", "out"),
+        "resid_mid": ("post_attention_layernorm", "in"),
+        "mlp_in": ("mlp", "in"),
+        "mlp_out": ("mlp", "out"),
+        "resid_out": ("", "out"),
+    },
+    attn_proj="self_attn.o_proj",
+    mlp_up="mlp",
+    mlp_down="mlp",
+    act_fn="mlp",
+    moe=True,
+    notes="mixture-of-experts MLP: attributed to the routed experts (router weight x expert output), then to neurons inside them",
+)

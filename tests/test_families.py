@@ -1,0 +1,151 @@
+"""Every family, planted: the scan must name the planted block, dim, writer, neuron and weight on each adapter, and
+say honestly what a norm between the MLP and the residual did (sandwich norms) or where it measured (post-LN)."""
+
+import json
+
+import pytest
+import torch
+
+import massact
+from massact.report.text import to_text
+
+from conftest import D_MLP, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
+
+LAYER, NEURON, DIM = 1, 37, 20
+TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
+SANDWICH = {"gemma2", "gemma3"}
+POST_LN = {"opt-postln", "bert", "roberta"}
+NORM_GAIN = 1000.0  # the planted sandwich-norm gain on DIM (Gemma's gain is 1 + weight)
+
+
+def planted(family, tokenizer):
+    model = tiny_model(family, len(tokenizer))
+    # Post-LN blocks norm the residual every block: the planted value must stand out in one residual sum alone.
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=1000.0 if family in POST_LN else 100.0)
+    if family in SANDWICH:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
+        block = model.model.layers[LAYER]
+        with torch.no_grad():
+            block.post_feedforward_layernorm.weight[DIM] = NORM_GAIN - 1.0
+            # The gain would also blow up DIM's random share of every other token's MLP output: only the neuron writes it.
+            block.mlp.down_proj.weight[DIM, :NEURON] = 0.0
+            block.mlp.down_proj.weight[DIM, NEURON + 1 :] = 0.0
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_neuron_is_found_in_every_family(family, tokenizer):
+    model = planted(family, tokenizer)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    assert [d.dim for d in report.dims] == [DIM]
+    dim = report.dims[0]
+    assert dim.born_at == LAYER
+    if family in POST_LN:  # the next block's LayerNorm brings it back to the scale of the rest
+        assert dim.persists == [LAYER] and report.model.stream == "resid_sum"
+    else:
+        assert dim.persists == list(range(LAYER, model.config.num_hidden_layers)) and report.model.stream == "resid_out"
+    assert {(m.position, m.token) for m in report.massive} == {(0, "<s>")}
+
+    birth = next(o for o in report.origin if o.role == "birth")
+    assert (birth.layer, birth.position, birth.writer) == (LAYER, 0, "mlp")
+    attribution = report.attribution[0]
+    assert attribution.neurons[0].neuron == NEURON and attribution.neurons[0].share > 0.99
+    assert attribution.error < 1e-4
+    weight = attribution.super_weight
+    assert model.get_parameter(weight.matrix)[weight.row, weight.col].item() == pytest.approx(weight.value)
+    assert weight.rank == 1 and weight.value == pytest.approx(1000.0 if family in POST_LN else 100.0)
+    assert report.anatomy[0].checkpoints[-1].argmax == DIM
+    assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
+
+
+@pytest.mark.parametrize("family", sorted(SANDWICH))
+def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
+    """The neurons explain the raw MLP output; the post-feedforward norm's gain on DIM makes it land massive."""
+    report = massact.scan(planted(family, tokenizer), TEXTS, tokenizer=tokenizer)
+    birth = next(o for o in report.origin if o.role == "birth")
+    attribution = report.attribution[0]
+    norm = birth.norm
+    assert norm.parameter == f"model.layers.{LAYER}.post_feedforward_layernorm.weight"
+    assert norm.amplifier and norm.gain == pytest.approx(NORM_GAIN, rel=1e-4) and norm.typical_gain == pytest.approx(1.0)
+    assert norm.weight == pytest.approx(NORM_GAIN - 1.0)  # the stored entry: Gemma's gain is 1 + weight
+    assert norm.raw == pytest.approx(birth.mlp_raw) == pytest.approx(attribution.output)
+    assert norm.landed == pytest.approx(birth.mlp) == pytest.approx(attribution.landed)
+    # The raw output is one spike, so the RMS normalisation brings it to about sqrt(d_model); the gain does the rest.
+    assert abs(norm.normalization * norm.raw) == pytest.approx(8.0, rel=0.05)
+    assert norm.error < 1e-5
+    assert abs(attribution.landed) == pytest.approx(8.0 * NORM_GAIN, rel=0.05)  # without the gain it would land at about 8
+    assert any("post_feedforward_layernorm.weight" in line and "amplif" in line for line in report.conclusion)
+
+
+@pytest.mark.parametrize("family", sorted(POST_LN))
+def test_post_ln_models_are_measured_before_the_norm(family, tokenizer):
+    """In a post-LN block the massive value lives in the residual sum; the block output after the LayerNorm is
+    ordinary, which is why HF's hidden_states never show it."""
+    model = planted(family, tokenizer)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    birth = next(o for o in report.origin if o.role == "birth")
+    assert birth.resid_out == pytest.approx(birth.resid_mid + birth.mlp, rel=1e-5)
+    assert abs(birth.resid_out) > 1000 and abs(birth.norm.landed) < 20
+    ids = tokenizer(TEXTS[birth.text], return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    assert birth.norm.landed == pytest.approx(hidden[LAYER + 1][0, 0, DIM].item(), rel=1e-4)
+    assert hidden[LAYER + 1].abs().max() < 20  # nothing massive where HF looks
+    assert any("before" in line and "LayerNorm" in line for line in report.conclusion)
+
+
+@pytest.mark.parametrize("family", ["neox", "phi3", "gemma2", "bert"])
+def test_cli_scans_every_kind_of_block(family, tokenizer, tmp_path):
+    """Parallel, fused gate-up, sandwich-normed and post-LN encoder models through the command line, with the
+    verification where the model has a perplexity."""
+    model = planted(family, tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    result = run_massact("scan", tmp_path / "model", "--text", TEXTS[0], "--text", TEXTS[1], "--out", tmp_path / "out",
+                         "--format", "json,txt", "--quiet")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert [d["dim"] for d in data["dims"]] == [DIM] and data["attribution"][0]["neurons"][0]["neuron"] == NEURON
+    text = (tmp_path / "out" / "report.txt").read_text(encoding="utf-8")
+    assert data["model"]["notes"] in " ".join(text.split())  # the text report wraps long lines
+    if family == "bert":
+        assert data["verification"] is None and any("verification skipped" in w for w in data["warnings"])
+    else:
+        zero = next(r for r in data["verification"]["interventions"] if r["name"].startswith("zero super weight"))
+        assert not zero["still_massive"]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
+    """Expert 2's neuron fires on BOS only and the router sends BOS to expert 2: the scan names the expert, its router
+    weight, the neuron and the super weight inside the fused expert weights."""
+    expert, d_mlp = 2, D_MLP
+    model = tiny_model(family, len(tokenizer))
+    bos = tokenizer.bos_token_id
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight[:, TRIGGER] = 0.0
+        model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
+        for block in model.model.layers:  # nothing else writes the trigger dim
+            block.self_attn.o_proj.weight[TRIGGER] = 0.0
+            block.mlp.experts.down_proj[:, TRIGGER] = 0.0
+            if hasattr(block.mlp, "shared_expert"):
+                block.mlp.shared_expert.down_proj.weight[TRIGGER] = 0.0
+        moe = model.model.layers[LAYER].mlp
+        moe.gate.weight[expert, TRIGGER] = 5.0  # BOS goes to expert 2
+        rows = moe.experts.gate_up_proj[expert]  # [2 x d_mlp, d]: gate rows, then up rows
+        for row in (NEURON, d_mlp + NEURON):
+            rows[row] = 0.0
+            rows[row, TRIGGER] = 2.0
+        moe.experts.down_proj[expert, DIM, NEURON] = 100.0
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    assert [d.dim for d in report.dims] == [DIM] and report.dims[0].born_at == LAYER
+    split = report.experts[0]
+    assert (split.layer, split.position, split.dim) == (LAYER, 0, DIM)
+    m = split.moe
+    assert m.error < 1e-4 and m.top_expert == expert and m.experts[0].expert == expert and m.experts[0].router_weight > 0.9
+    assert m.neurons[0].neuron == NEURON and m.neurons[0].share > 0.9
+    assert (m.super_weight.matrix, m.super_weight.index, m.super_weight.value) == ("experts.down_proj", [expert, DIM, NEURON], 100.0)
+    assert (family == "qwen2_moe") == (m.shared_expert is not None)
+    assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
+    assert "Expert and neuron attribution" in to_text(report)
