@@ -67,7 +67,7 @@ def test_interventions_change_the_value_only_while_active(planted):
         unrelated = read_coordinate(planted, ids, [LAYER], 0, DIM)[LAYER]
     assert abs(ablated) < 0.01 * abs(base) and unrelated == pytest.approx(base, rel=1e-3)
     assert read_coordinate(planted, ids, [LAYER], 0, DIM)[LAYER] == base
-    matrix = planted.adapter.param_name(LAYER, planted.adapter.mlp_down)
+    matrix = planted.adapter.param_name(planted.model, LAYER, planted.adapter.mlp_down)
     before = weights_hash(planted.model)
     with pytest.raises(RuntimeError), set_weight(planted, matrix, 0, 0, 123.0):
         assert planted.model.get_parameter(matrix)[0, 0].item() == 123.0

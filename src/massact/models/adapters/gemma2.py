@@ -3,23 +3,19 @@
 ``pre_feedforward_layernorm`` is the MLP's input norm. attn_out and mlp_out are what lands; *_raw is before."""
 
 from .base import Adapter
+from .llama import ADAPTER as LLAMA
 
 ADAPTER = Adapter(
     family="Gemma-2/3",
     model_types=("gemma2", "gemma3_text"),
     layers="layers",
     sites={
-        "resid_in": ("", "in"),
+        **LLAMA.sites,
         "attn_raw": ("self_attn", "out"),
         "attn_out": ("post_attention_layernorm", "out"),
         "resid_mid": ("pre_feedforward_layernorm", "in"),
-        "mlp_in": ("mlp", "in"),
-        "mlp_gate": ("mlp.gate_proj", "out"),
-        "mlp_up": ("mlp.up_proj", "out"),
-        "mlp_act": ("mlp.down_proj", "in"),
         "mlp_raw": ("mlp", "out"),
         "mlp_out": ("post_feedforward_layernorm", "out"),
-        "resid_out": ("", "out"),
     },
     attn_proj="self_attn.o_proj",
     mlp_up="mlp.up_proj",

@@ -3,19 +3,13 @@ experts' weights into 3-D parameters, so the sites inside an expert are not modu
 input and output, and ``massact.analysis.moe`` recomputes the routed experts and their neurons from the weights."""
 
 from .base import Adapter
+from .llama import ADAPTER as LLAMA
 
 ADAPTER = Adapter(
     family="Mixtral/Qwen-MoE",
     model_types=("mixtral", "qwen2_moe"),
     layers="layers",
-    sites={
-        "resid_in": ("", "in"),
-        "attn_out": ("self_attn", "out"),
-        "resid_mid": ("post_attention_layernorm", "in"),
-        "mlp_in": ("mlp", "in"),
-        "mlp_out": ("mlp", "out"),
-        "resid_out": ("", "out"),
-    },
+    sites={site: LLAMA.sites[site] for site in ("resid_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_out")},
     attn_proj="self_attn.o_proj",
     mlp_up="mlp",
     mlp_down="mlp",

@@ -2,6 +2,7 @@
 MLP with gate and up fused in ``gate_up_proj``: the first half of its output is the gate, the second half up)."""
 
 from .base import Adapter
+from .llama import ADAPTER as LLAMA
 
 PHI2 = Adapter(
     family="Phi-2",
@@ -27,17 +28,7 @@ PHI3 = Adapter(
     family="Phi-3",
     model_types=("phi3",),
     layers="layers",
-    sites={
-        "resid_in": ("", "in"),
-        "attn_out": ("self_attn", "out"),
-        "resid_mid": ("post_attention_layernorm", "in"),
-        "mlp_in": ("mlp", "in"),
-        "mlp_gate": ("mlp.gate_up_proj", "out", (0, 2)),
-        "mlp_up": ("mlp.gate_up_proj", "out", (1, 2)),
-        "mlp_act": ("mlp.down_proj", "in"),
-        "mlp_out": ("mlp", "out"),
-        "resid_out": ("", "out"),
-    },
+    sites={**LLAMA.sites, "mlp_gate": ("mlp.gate_up_proj", "out", (0, 2)), "mlp_up": ("mlp.gate_up_proj", "out", (1, 2))},
     attn_proj="self_attn.o_proj",
     mlp_up="mlp.gate_up_proj",
     mlp_gate="mlp.gate_up_proj",
