@@ -138,7 +138,7 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
             rows[row] = 0.0
             rows[row, TRIGGER] = 2.0
         moe.experts.down_proj[expert, DIM, NEURON] = 100.0
-    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer, verify=True)
     assert [d.dim for d in report.dims] == [DIM] and report.dims[0].born_at == LAYER
     split = report.experts[0]
     assert (split.layer, split.position, split.dim) == (LAYER, 0, DIM)
@@ -149,3 +149,7 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     assert (family == "qwen2_moe") == (m.shared_expert is not None)
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
     assert "Expert and neuron attribution" in to_text(report)
+    rows = {r.name.split(" [")[0].split(" (")[0]: r for r in report.verification.interventions}
+    zero, control = rows["zero expert super weight"], next(r for r in report.verification.interventions if r.name.startswith("control"))
+    assert zero.confirms and abs(zero.value_birth) < 1.0  # the planted neuron wrote it all
+    assert control.still_massive and control.value_birth == pytest.approx(rows["none"].value_birth, rel=1e-3)

@@ -69,7 +69,7 @@ def test_interventions_change_the_value_only_while_active(planted):
     assert read_coordinate(planted, ids, [LAYER], 0, DIM)[LAYER] == base
     matrix = planted.adapter.param_name(planted.model, LAYER, planted.adapter.mlp_down)
     before = weights_hash(planted.model)
-    with pytest.raises(RuntimeError), set_weight(planted, matrix, 0, 0, 123.0):
+    with pytest.raises(RuntimeError), set_weight(planted, matrix, (0, 0), 123.0):
         assert planted.model.get_parameter(matrix)[0, 0].item() == 123.0
         raise RuntimeError("the weight is put back even when the body fails")
     assert weights_hash(planted.model) == before

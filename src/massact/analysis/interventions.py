@@ -31,15 +31,16 @@ def ablate_neurons(lm: LoadedModel, layer: int, neurons: list[int]) -> Iterator[
 
 
 @contextmanager
-def set_weight(lm: LoadedModel, matrix: str, row: int, col: int, value: float = 0.0) -> Iterator[None]:
-    """Set one stored entry of a parameter (e.g. the super weight) and put the original back afterwards."""
+def set_weight(lm: LoadedModel, matrix: str, index: tuple[int, ...], value: float = 0.0) -> Iterator[None]:
+    """Set one stored entry of a parameter (e.g. the super weight; ``index`` as stored, [expert, row, col] in fused
+    expert weights) and put the original back afterwards."""
     parameter = lm.model.get_parameter(matrix)
-    original = parameter.data[row, col].clone()
-    parameter.data[row, col] = value
+    original = parameter.data[index].clone()
+    parameter.data[index] = value
     try:
         yield
     finally:
-        parameter.data[row, col] = original
+        parameter.data[index] = original
 
 
 def massive_mask(hidden: torch.Tensor, dim: int, min_abs: float, min_ratio: float) -> torch.Tensor:

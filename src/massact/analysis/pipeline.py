@@ -23,8 +23,8 @@ from .origin import decomposition_gap, head_split, writer
 from .perplexity import default_eval_text
 from .moe import attribute_moe, is_moe_block
 from .norms import norm_factors
-from .results import (Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, ExpertAttribution, Massive, ModelInfo,
-                      NormFactors, Origin, Report)
+from .results import (Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, ExpertAttribution, LayerStats, Massive,
+                      ModelInfo, NormFactors, Origin, Report)
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
 from .verification import MAX_INPUTS, verify as verify_report
 
@@ -105,50 +105,12 @@ def scan(
     if counts.windows > counts.texts:
         warnings.append(f"{counts.texts} text(s) were split into {counts.windows} windows of at most {max_length} tokens; "
                         "each window is scanned as a text of its own")
-    corpus_info = CorpusInfo(corpus.describe(), counts.texts, counts.windows, round(layer_scan.histograms[0].total / lm.model.config.hidden_size),
-                             dict(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset,
-                                  max_texts=corpus.max_texts, max_length=max_length))
+    n_tokens = round(layer_scan.histograms[0].total / lm.model.config.hidden_size)
+    spec = dict(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts, max_length=max_length)
+    corpus_info = CorpusInfo(corpus.describe(), counts.texts, counts.windows, n_tokens, spec)
 
-    origins, anatomies, attributions, experts = [], [], [], []
-    events = pick_events(dims, massive)
-    probes = {}
-    for text, layer in dict.fromkeys((e.text, e.layer) for e in events):
-        positions = sorted({e.position for e in events if (e.text, e.layer) == (text, layer)})
-        probes[text, layer] = (positions, probe_block(lm, inputs[text], layer, positions))
-    tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
-    for event in events:
-        positions, vectors = probes[event.text, event.layer]
-        at = {site: v[positions.index(event.position)] for site, v in vectors.items()}
-        cause = None
-        if event.role == "removal":
-            cause = removal_cause(float(at[lm.adapter.stream][event.dim]), layers[event.layer - 1].median, criterion)
-        origin = explain_origin(lm, event, at, tokens, cause)
-        if origin.resid_mid is not None:  # post-LN: resid_sum = resid_mid + mlp
-            gap = decomposition_gap(origin.resid_mid, 0.0, origin.mlp, origin.resid_out)
-        else:
-            gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
-        if gap > tolerance:
-            warnings.append(f"block {event.layer}: the block's branches differ from its output by {gap:.1e} (relative)")
-        if origin.norm is not None and origin.norm.error > tolerance:
-            warnings.append(f"block {event.layer} dim {event.dim}: the norm's factors miss its output by {origin.norm.error:.1e}")
-        origins.append(origin)
-        if origin.writer == "mlp" and cause != "median" and lm.adapter.moe:
-            block = lm.adapter.module(lm.model, event.layer, "mlp")
-            if not is_moe_block(block):
-                warnings.append(f"block {event.layer}'s MLP is dense in this mixture-of-experts model: not attributed to neurons")
-                continue
-            split = attribute_moe(block, at["mlp_in"], event.dim, top_neurons)
-            if split.error > tolerance:
-                warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
-            experts.append(ExpertAttribution(**_place(event, tokens), moe=split))
-        elif origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
-            attribution = attribute(lm, event, at, tokens, top_neurons)
-            if attribution.error > tolerance:
-                warnings.append(
-                    f"block {event.layer} dim {event.dim}: neuron contributions miss the output by {attribution.error:.1e}"
-                )
-            attributions.append(attribution)
-            anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
+    origins, anatomies, attributions, experts = explain(lm, pick_events(dims, massive), inputs, tokens, layers, criterion,
+                                                        top_neurons, warnings)
 
     report = Report(
         model=model_info(lm),
@@ -267,6 +229,55 @@ def pick_events(dims: list[DimSummary], massive: list[Massive]) -> list[Event]:
             strongest = max((m for m in massive if m.dim == summary.dim and m.layer == looked_at), key=lambda m: abs(m.value))
             events.append(Event(summary.dim, strongest.text, strongest.position, layer, role))
     return events
+
+
+def explain(
+    lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor], tokens: dict[int, list[str]], layers: list[LayerStats],
+    criterion: Criterion, top_neurons: int, warnings: list[str],
+) -> tuple[list[Origin], list[Anatomy], list[Attribution], list[ExpertAttribution]]:
+    """Steps 3-6 for each event: the writer, and for an MLP writer its anatomy and neurons (or experts). One probe
+    pass per (text, block); checks that fail their second computation are appended to ``warnings``."""
+    origins, anatomies, attributions, experts = [], [], [], []
+    probes = {}
+    for text, layer in dict.fromkeys((e.text, e.layer) for e in events):
+        positions = sorted({e.position for e in events if (e.text, e.layer) == (text, layer)})
+        probes[text, layer] = (positions, probe_block(lm, inputs[text], layer, positions))
+    tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
+    for event in events:
+        positions, vectors = probes[event.text, event.layer]
+        at = {site: v[positions.index(event.position)] for site, v in vectors.items()}
+        cause = None
+        if event.role == "removal":
+            cause = removal_cause(float(at[lm.adapter.stream][event.dim]), layers[event.layer - 1].median, criterion)
+        origin = explain_origin(lm, event, at, tokens, cause)
+        if origin.resid_mid is not None:  # post-LN: resid_sum = resid_mid + mlp
+            gap = decomposition_gap(origin.resid_mid, 0.0, origin.mlp, origin.resid_out)
+        else:
+            gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
+        if gap > tolerance:
+            warnings.append(f"block {event.layer}: the block's branches differ from its output by {gap:.1e} (relative)")
+        if origin.norm is not None and origin.norm.error > tolerance:
+            warnings.append(f"block {event.layer} dim {event.dim}: the norm's factors miss its output by {origin.norm.error:.1e}")
+        origins.append(origin)
+        if origin.writer == "mlp" and cause != "median" and lm.adapter.moe:
+            block = lm.adapter.module(lm.model, event.layer, "mlp")
+            if not is_moe_block(block):
+                warnings.append(f"block {event.layer}'s MLP is dense in this mixture-of-experts model: not attributed to neurons")
+                continue
+            split = attribute_moe(block, at["mlp_in"], event.dim, top_neurons)
+            if split.error > tolerance:
+                warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
+            experts.append(ExpertAttribution(**_place(event, tokens), moe=split))
+        elif origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
+            attribution = attribute(lm, event, at, tokens, top_neurons)
+            if attribution.error > tolerance:
+                warnings.append(
+                    f"block {event.layer} dim {event.dim}: neuron contributions miss the output by {attribution.error:.1e}"
+                )
+            attributions.append(attribution)
+            anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
+
+    return origins, anatomies, attributions, experts
 
 
 def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:

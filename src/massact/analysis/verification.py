@@ -14,7 +14,7 @@ from ..capture.hooks import tap
 from ..models.loading import LoadedModel
 from .interventions import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
 from .perplexity import eval_windows, perplexity
-from .results import Attribution, InputDependence, Intervention, Report, Verification
+from .results import Attribution, ExpertAttribution, InputDependence, Intervention, Report, Verification
 
 ABLATE_ALONE = 3  # top neurons ablated one at a time
 MAX_INPUTS = 64  # inputs for the input-dependence pass
@@ -33,7 +33,7 @@ def verify(
     cache: dict[str, float] = {"baseline": baseline}  # perplexity per intervention target, each measured once
     last_block = {d.dim: d.persists[-1] for d in report.dims}
 
-    def measure(name: str, target: str, a: Attribution, context: AbstractContextManager, with_ppl: bool) -> Intervention:
+    def measure(name: str, target: str, a: Attribution | ExpertAttribution, context: AbstractContextManager, with_ppl: bool) -> Intervention:
         last = last_block[a.dim]
         median_birth = report.layers[a.layer].median
         with context:
@@ -65,16 +65,35 @@ def verify(
         rows.append(measure(f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
 
         w = a.super_weight
-        row = measure(f"zero super weight [{w.row}, {w.col}]", f"weight {w.matrix}[{w.row},{w.col}]", a, set_weight(lm, w.matrix, w.row, w.col), True)
+        row = measure(f"zero super weight [{w.row}, {w.col}]", f"weight {w.matrix}[{w.row},{w.col}]", a, set_weight(lm, w.matrix, (w.row, w.col)), True)
         row.confirms = not row.still_massive
         rows.append(row)
-        r, c, value = _similar_weight(lm, w.matrix, w.row, w.col)
-        control_row = measure(f"control: zero weight [{r}, {c}] ({value:+.3f})", f"weight {w.matrix}[{r},{c}]", a, set_weight(lm, w.matrix, r, c), True)
+        r, c, value = _similar_weight(lm.model.get_parameter(w.matrix).detach(), w.row, w.col)
+        control_row = measure(f"control: zero weight [{r}, {c}] ({value:+.3f})", f"weight {w.matrix}[{r},{c}]", a, set_weight(lm, w.matrix, (r, c)), True)
         rows.append(control_row)
         claims.append(
             f"dim {a.dim}: zeroing the super weight {w.matrix}[{w.row}, {w.col}] {'removes' if row.confirms else 'does not remove'} it "
             f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; "
             f"zeroing a weight of the same size elsewhere in the matrix: x{control_row.perplexity_ratio:.2f}"
+        )
+
+    for e in (e for e in report.experts if e.role == "birth"):  # mixture of experts: the weight inside the expert
+        rows.append(measure("none (baseline)", "baseline", e, nullcontext(), True))
+        w = e.moe.super_weight
+        matrix, index = lm.adapter.param_name(lm.model, e.layer, "mlp", w.matrix), tuple(w.index)
+        row = measure(f"zero expert super weight {list(index)}", f"weight {matrix}{list(index)}", e, set_weight(lm, matrix, index), True)
+        row.confirms = not row.still_massive
+        rows.append(row)
+        plane = lm.model.get_parameter(matrix).detach()[index[:-2]]  # the expert's own matrix
+        r, c, value = _similar_weight(plane, *index[-2:])
+        control_index = (*index[:-2], r, c)
+        control_row = measure(f"control: zero weight {list(control_index)} ({value:+.3f})", f"weight {matrix}{list(control_index)}", e,
+                              set_weight(lm, matrix, control_index), True)
+        rows.append(control_row)
+        claims.append(
+            f"dim {e.dim}: zeroing the expert super weight {matrix}{list(index)} {'removes' if row.confirms else 'does not remove'} it "
+            f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; zeroing a weight of "
+            f"the same size elsewhere in that expert: x{control_row.perplexity_ratio:.2f}"
         )
 
     births = {(d.born_at, d.dim) for d in report.dims}
@@ -119,9 +138,8 @@ def _unrelated_neuron(a: Attribution) -> int:
     return next(i for i in range(len(listed) + 1) if i not in listed)
 
 
-def _similar_weight(lm: LoadedModel, matrix: str, row: int, col: int) -> tuple[int, int, float]:
-    """The entry of the same matrix closest in |w| to the super weight, outside its row and column."""
-    weight = lm.model.get_parameter(matrix).detach()
+def _similar_weight(weight: torch.Tensor, row: int, col: int) -> tuple[int, int, float]:
+    """The entry of the same 2-D matrix closest in |w| to the super weight, outside its row and column."""
     target = weight[row, col].abs()
     distance = (weight.abs() - target).abs()
     distance[row, :] = float("inf")
