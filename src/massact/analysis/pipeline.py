@@ -471,7 +471,7 @@ def conclude(report: Report) -> list[str]:
             top = attribution.neurons[0]
             weight = attribution.super_weight
             count = attribution.neurons_for_90pct
-            raw = " of the raw MLP output" if attribution.landed is not None else ""
+            raw = " of the raw MLP output" if attribution.landed is not None else " of it"
             text += (
                 f"; {count} neuron{'s' if count != 1 else ''} give 90%{raw}, neuron {top.neuron} alone "
                 f"{top.share:.1%}; the explosion is at {_explosion_words(anatomy.explosion_point, gated)}; "
