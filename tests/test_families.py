@@ -152,4 +152,6 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     rows = {r.name.split(" [")[0].split(" (")[0]: r for r in report.verification.interventions}
     zero, control = rows["zero expert super weight"], next(r for r in report.verification.interventions if r.name.startswith("control"))
     assert zero.confirms and abs(zero.value_birth) < 1.0  # the planted neuron wrote it all
+    ablated = rows[f"ablate neuron {NEURON} of expert {expert}"]
+    assert ablated.confirms and abs(ablated.value_birth) < 1.0 and ablated.perplexity is not None
     assert control.still_massive and control.value_birth == pytest.approx(rows["none"].value_birth, rel=1e-3)

@@ -32,8 +32,8 @@ def ablate_neurons(lm: LoadedModel, layer: int, neurons: list[int]) -> Iterator[
 
 @contextmanager
 def set_weight(lm: LoadedModel, matrix: str, index: tuple[int, ...], value: float = 0.0) -> Iterator[None]:
-    """Set one stored entry of a parameter (e.g. the super weight; ``index`` as stored, [expert, row, col] in fused
-    expert weights) and put the original back afterwards."""
+    """Set stored entries of a parameter (e.g. the super weight; ``index`` as stored, [expert, row, col] in fused
+    expert weights; a slice in it sets a whole row or column) and put the originals back afterwards."""
     parameter = lm.model.get_parameter(matrix)
     original = parameter.data[index].clone()
     parameter.data[index] = value

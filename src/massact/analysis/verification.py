@@ -81,6 +81,13 @@ def verify(
         rows.append(measure("none (baseline)", "baseline", e, nullcontext(), True))
         w = e.moe.super_weight
         matrix, index = lm.adapter.param_name(lm.model, e.layer, "mlp", w.matrix), tuple(w.index)
+        # Inside fused expert weights no hook sees the neuron: ablate it by zeroing its down-projection column.
+        column = _neuron_column(index, w.dim, w.neuron)
+        where = "the shared expert" if w.expert is None else f"expert {w.expert}"
+        row = measure(f"ablate neuron {w.neuron} of {where}", f"neuron {matrix}[{w.expert}]:{w.neuron}", e,
+                      set_weight(lm, matrix, column), True)
+        row.confirms = not row.still_massive
+        rows.append(row)
         row = measure(f"zero expert super weight {list(index)}", f"weight {matrix}{list(index)}", e, set_weight(lm, matrix, index), True)
         row.confirms = not row.still_massive
         rows.append(row)
@@ -136,6 +143,13 @@ def _unrelated_neuron(a: Attribution) -> int:
     """The lowest-numbered neuron not among the listed top contributors: a control that should change nothing."""
     listed = {n.neuron for n in a.neurons}
     return next(i for i in range(len(listed) + 1) if i not in listed)
+
+
+def _neuron_column(index: tuple[int, ...], dim: int, neuron: int) -> tuple:
+    """The stored index of everything a neuron writes, from its super weight's index ([expert,] dim, neuron or
+    [expert,] neuron, dim): the dim's place takes every row."""
+    place = len(index) - 2 if index[-2:] == (dim, neuron) else len(index) - 1
+    return tuple(slice(None) if i == place else value for i, value in enumerate(index))
 
 
 def _similar_weight(weight: torch.Tensor, row: int, col: int) -> tuple[int, int, float]:
