@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import chain, islice
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def _is_paragraphs(path: str) -> bool:
 
 def iter_text_file(path: str, paragraphs: bool | None = None) -> Iterator[str]:
     """Texts of a UTF-8 file, read lazily: paragraphs (lines joined by spaces) when blank lines separate them, else
-    one text per line. ``paragraphs`` None: find out first (one more pass over the file)."""
+    one text per line. ``paragraphs`` None: find out first (one more pass over the file); a caller that reads the
+    file several times passes what it found once."""
     if paragraphs is None:
         paragraphs = _is_paragraphs(path)
     if not paragraphs:
@@ -139,7 +141,7 @@ class Corpus:
             return islice(DEFAULT_TEXTS, self.max_texts)
         sources = chain(
             self.texts,
-            iter_text_file(self.file) if self.file else (),
+            iter_text_file(self.file, self._paragraphs) if self.file else (),
             _deferred(iter_dataset, self.dataset) if self.dataset else (),
         )
         return islice(sources, self.max_texts)
@@ -155,7 +157,7 @@ class Corpus:
         count = len(self.texts)
         if self.file:
             remaining = None if self.max_texts is None else max(self.max_texts - count, 0)
-            found = sum(1 for _ in islice(iter_text_file(self.file), remaining))
+            found = sum(1 for _ in islice(iter_text_file(self.file, self._paragraphs), remaining))
             if found == 0 and remaining != 0:
                 raise UsageError(f"{self.file} holds no text")
             count += found
@@ -166,6 +168,11 @@ class Corpus:
                 raise UsageError(f"dataset {self.dataset!r} holds no text")
             return None
         return count
+
+    @cached_property
+    def _paragraphs(self) -> bool:
+        """The file's layout, found once: the corpus is read several times (check, scan, fetching texts)."""
+        return _is_paragraphs(self.file)
 
     def describe(self) -> str:
         parts = [f"{len(self.texts)} given text(s)"] if self.texts else []

@@ -21,7 +21,7 @@ from .attention import attention_sinks
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .origin import decomposition_gap, head_split, writer
 from .perplexity import default_eval_text
-from .moe import attribute_moe, is_moe_block
+from .moe import MoeAttribution, attribute_moe, is_moe_block
 from .norms import norm_factors
 from .results import (Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, ExpertAttribution, LayerStats, Massive,
                       ModelInfo, NormFactors, Origin, Report)
@@ -83,7 +83,6 @@ def scan(
     lm = _as_loaded(model, tokenizer, dtype, device)
     corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
     total = corpus.check()
-    _check_max_length(lm, max_length)
     criterion = Criterion(min_abs=min_abs, min_ratio=min_ratio)
 
     progress = progress or _silent
@@ -419,7 +418,7 @@ def _removal_words(o: Origin) -> str:
     return f"is removed by block {o.layer}'s {'MLP' if o.writer == 'mlp' else 'attention'} ({o.resid_in:+.1f} -> {o.resid_out:+.1f})"
 
 
-def _expert_words(m) -> str:
+def _expert_words(m: MoeAttribution) -> str:
     routed = ", ".join(f"expert {e.expert} (router weight {e.router_weight:.3f}, {e.share:.1%})" for e in m.experts)
     text = f"the router sent it to {routed}"
     if m.shared_expert is not None:

@@ -47,6 +47,17 @@ def verify(
         return Intervention(name, target, a.dim, a.layer, birth_value, values[last], still, ppl,
                             ppl / baseline if ppl is not None else None, None)
 
+    def zero_super_weight(a: Attribution | ExpertAttribution, label: str, matrix: str, index: tuple[int, ...]) -> tuple[Intervention, Intervention]:
+        """Zero the super weight (index as stored), then, as a control, the entry closest to it in |w| in the same
+        matrix (one expert's matrix in fused expert weights), outside its row and column."""
+        row = measure(f"zero {label} {list(index)}", f"weight {matrix}{list(index)}", a, set_weight(lm, matrix, index), True)
+        row.confirms = not row.still_massive
+        r, c, value = _similar_weight(lm.model.get_parameter(matrix).detach()[index[:-2]], *index[-2:])
+        control = (*index[:-2], r, c)
+        control_row = measure(f"control: zero weight {list(control)} ({value:+.3f})", f"weight {matrix}{list(control)}", a,
+                              set_weight(lm, matrix, control), True)
+        return row, control_row
+
     for a in (a for a in report.attribution if a.role == "birth"):
         rows.append(measure("none (baseline)", "baseline", a, nullcontext(), True))
         toward = [n for n in a.neurons if n.contribution * a.output > 0]
@@ -65,12 +76,8 @@ def verify(
         rows.append(measure(f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
 
         w = a.super_weight
-        row = measure(f"zero super weight [{w.row}, {w.col}]", f"weight {w.matrix}[{w.row},{w.col}]", a, set_weight(lm, w.matrix, (w.row, w.col)), True)
-        row.confirms = not row.still_massive
-        rows.append(row)
-        r, c, value = _similar_weight(lm.model.get_parameter(w.matrix).detach(), w.row, w.col)
-        control_row = measure(f"control: zero weight [{r}, {c}] ({value:+.3f})", f"weight {w.matrix}[{r},{c}]", a, set_weight(lm, w.matrix, (r, c)), True)
-        rows.append(control_row)
+        row, control_row = zero_super_weight(a, "super weight", w.matrix, (w.row, w.col))
+        rows += [row, control_row]
         claims.append(
             f"dim {a.dim}: zeroing the super weight {w.matrix}[{w.row}, {w.col}] {'removes' if row.confirms else 'does not remove'} it "
             f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; "
@@ -88,15 +95,8 @@ def verify(
                       set_weight(lm, matrix, column), True)
         row.confirms = not row.still_massive
         rows.append(row)
-        row = measure(f"zero expert super weight {list(index)}", f"weight {matrix}{list(index)}", e, set_weight(lm, matrix, index), True)
-        row.confirms = not row.still_massive
-        rows.append(row)
-        plane = lm.model.get_parameter(matrix).detach()[index[:-2]]  # the expert's own matrix
-        r, c, value = _similar_weight(plane, *index[-2:])
-        control_index = (*index[:-2], r, c)
-        control_row = measure(f"control: zero weight {list(control_index)} ({value:+.3f})", f"weight {matrix}{list(control_index)}", e,
-                              set_weight(lm, matrix, control_index), True)
-        rows.append(control_row)
+        row, control_row = zero_super_weight(e, "expert super weight", matrix, index)
+        rows += [row, control_row]
         claims.append(
             f"dim {e.dim}: zeroing the expert super weight {matrix}{list(index)} {'removes' if row.confirms else 'does not remove'} it "
             f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; zeroing a weight of "
