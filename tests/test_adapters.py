@@ -89,6 +89,9 @@ def test_mlp_sites_recompose(family, tokenizer):
         close(t(adapter.raw("mlp_out")), expected)
         norm, stream = MLP_NORM.get(family, ("post_attention_layernorm", "resid_mid"))
         close(t("mlp_in"), adapter.module(model, layer, norm)(t(stream)) if norm else t(stream))
+        found = adapter.mlp_norm_module(model, layer)  # what the trigger decomposition reads through
+        assert (found[0] if found else None) == norm
+        assert stream == ("resid_in" if adapter.parallel else "resid_mid")
 
 
 def test_transformerlens_aliases():

@@ -24,24 +24,32 @@ def gain_and_bias(norm: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tens
     with torch.no_grad():
         plus, minus = norm(v.to(dtype)).double().cpu(), norm((-v).to(dtype)).double().cpu()
     v = v.double().cpu()
-    scale = 1.0 / (1.0 + _eps(norm)) ** 0.5  # v's rms is exactly 1: only eps shifts the normalisation
+    scale = 1.0 / (1.0 + epsilon(norm)) ** 0.5  # v's rms is exactly 1: only eps shifts the normalisation
     return (plus - minus) / (2 * v * scale), (plus + minus) / 2
 
 
-def _eps(norm: nn.Module) -> float:
+def epsilon(norm: nn.Module) -> float:
     return float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 0.0)
 
 
-def _centers(norm: nn.Module) -> bool:
+def centers(norm: nn.Module) -> bool:
     """LayerNorm subtracts the mean; RMSNorm does not."""
     return isinstance(norm, nn.LayerNorm) or "LayerNorm" in type(norm).__name__ and "RMS" not in type(norm).__name__
+
+
+def scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The norm's normalisation factor for each vector of ``x`` [..., width], in float64: 1 / rms (RMSNorm), or
+    1 / std of the centered vector (LayerNorm), eps included. Given it, the norm is linear in its input."""
+    x = x.double()
+    centered = x - x.mean(-1, keepdim=True) if centers(norm) else x
+    return (centered.pow(2).mean(-1) + epsilon(norm)).rsqrt()
 
 
 def norm_factors(norm: nn.Module, parameter: str, raw: torch.Tensor, landed: torch.Tensor, dim: int) -> NormFactors:
     """Factors of ``landed[dim] = norm(raw)[dim]``; ``raw`` and ``landed`` are the whole vectors at one position."""
     x = raw.double()
-    centered = x - x.mean() if _centers(norm) else x
-    normalization = 1.0 / float((centered.pow(2).mean() + _eps(norm)).sqrt())
+    centered = x - x.mean() if centers(norm) else x
+    normalization = float(scale(norm, x))
     gain, bias = gain_and_bias(norm, x.numel())
     product = normalization * float(centered[dim]) * float(gain[dim]) + float(bias[dim])
     observed = float(landed[dim])

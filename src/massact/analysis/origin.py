@@ -6,14 +6,19 @@ import torch
 
 from ..models.adapters.base import bias_of, weight_out_in
 from ..models.loading import LoadedModel
-from .results import HeadShare
+from .results import Criterion, HeadShare
 
 
-def writer(role: str, resid_in: float, attn: float, mlp: float, resid_out: float) -> str:
-    """The branch that made the change: at birth the one pushing hardest toward resid_out's sign,
-    at removal the one pushing hardest against resid_in's sign."""
-    sign = (1.0 if resid_out >= 0 else -1.0) if role == "birth" else (-1.0 if resid_in >= 0 else 1.0)
-    return "attn" if attn * sign >= mlp * sign else "mlp"
+def writer(direction: float, attn: float, mlp: float) -> str:
+    """The branch that made the change: the one pushing hardest in ``direction`` (+1 or -1): toward the value's sign
+    where it is written, against it where it is erased."""
+    return "attn" if attn * direction >= mlp * direction else "mlp"
+
+
+def removal_cause(value: float, previous_median: float, criterion: Criterion) -> str:
+    """Did the value fall ("value"), or would it still be massive against the previous block's median ("median")?"""
+    held = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * previous_median
+    return "median" if held else "value"
 
 
 def decomposition_gap(resid_in: float, attn: float, mlp: float, resid_out: float) -> float:

@@ -11,20 +11,17 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..capture.probe import ATTN_Z, block_output, probe_block
 from ..errors import UsageError
 from ..models.adapters.base import weight_out_in
 from ..models.loading import LoadedModel, load, wrap
 from ..texts import Corpus
-from . import anatomy as anatomy_step
 from .attention import attention_sinks
-from .attribution import contributions, down_row, mlp_weight_stats, super_weight
-from .origin import decomposition_gap, head_split, writer
+from .conclusion import conclude
+from .explain import birth_state, explain, pick_events
+from .lifeline import lifelines
+from .trigger import CHAIN_DEPTH, triggers
 from .perplexity import default_eval_text
-from .moe import MoeAttribution, attribute_moe, is_moe_block
-from .norms import norm_factors
-from .results import (Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, ExpertAttribution, LayerStats, Massive,
-                      ModelInfo, NormFactors, Origin, Report)
+from .results import CorpusInfo, Criterion, Massive, ModelInfo, Report
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
 from .verification import MAX_INPUTS, verify as verify_report
 
@@ -39,17 +36,6 @@ def _silent(stage: str, total: int | None) -> Callable[[], None]:
     return lambda: None
 
 
-@dataclass
-class Event:
-    """A (dim, text, position, block) to explain: where the dim is born, or where it is removed."""
-
-    dim: int
-    text: int
-    position: int
-    layer: int
-    role: str
-
-
 @torch.no_grad()
 def scan(
     model: LoadedModel | nn.Module | str | None = None,
@@ -60,6 +46,7 @@ def scan(
     min_abs: float = 100.0,
     min_ratio: float = 1000.0,
     top_neurons: int = 10,
+    chain_depth: int = CHAIN_DEPTH,
     batch_size: int = 8,
     max_length: int | None = None,
     checkpoint: Path | None = None,
@@ -108,7 +95,8 @@ def scan(
     spec = dict(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts, max_length=max_length)
     corpus_info = CorpusInfo(corpus.describe(), counts.texts, counts.windows, n_tokens, spec)
 
-    origins, anatomies, attributions, experts = explain(lm, pick_events(dims, massive), inputs, tokens, layers, criterion,
+    lines = lifelines(lm, dims, massive, inputs, [s.median for s in layers], criterion)
+    origins, anatomies, attributions, experts = explain(lm, pick_events(dims, massive, lines), inputs, tokens, layers, criterion,
                                                         top_neurons, warnings)
 
     report = Report(
@@ -127,7 +115,9 @@ def scan(
         warnings=warnings,
         versions=_versions(),
         experts=experts,
+        lifeline=lines,
     )
+    report.trigger = triggers(lm, report, inputs, chain_depth)
     report.conclusion = conclude(report)
     report.birth_state = birth_state(lm, report, inputs)
     if verify and report.dims and lm.adapter.encoder:
@@ -218,144 +208,6 @@ def collect(
     return found
 
 
-def pick_events(dims: list[DimSummary], massive: list[Massive]) -> list[Event]:
-    """Per dim: its strongest entry at the birth block, and at each removal the strongest entry just before it."""
-    events = []
-    for summary in dims:
-        for role, layer, looked_at in [("birth", summary.born_at, summary.born_at)] + [
-            ("removal", r, r - 1) for r in summary.removed_at
-        ]:
-            strongest = max((m for m in massive if m.dim == summary.dim and m.layer == looked_at), key=lambda m: abs(m.value))
-            events.append(Event(summary.dim, strongest.text, strongest.position, layer, role))
-    return events
-
-
-def explain(
-    lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor], tokens: dict[int, list[str]], layers: list[LayerStats],
-    criterion: Criterion, top_neurons: int, warnings: list[str],
-) -> tuple[list[Origin], list[Anatomy], list[Attribution], list[ExpertAttribution]]:
-    """Steps 3-6 for each event: the writer, and for an MLP writer its anatomy and neurons (or experts). One probe
-    pass per (text, block); checks that fail their second computation are appended to ``warnings``."""
-    origins, anatomies, attributions, experts = [], [], [], []
-    probes = {}
-    for text, layer in dict.fromkeys((e.text, e.layer) for e in events):
-        positions = sorted({e.position for e in events if (e.text, e.layer) == (text, layer)})
-        probes[text, layer] = (positions, probe_block(lm, inputs[text], layer, positions))
-    tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
-    for event in events:
-        positions, vectors = probes[event.text, event.layer]
-        at = {site: v[positions.index(event.position)] for site, v in vectors.items()}
-        cause = None
-        if event.role == "removal":
-            cause = removal_cause(float(at[lm.adapter.stream][event.dim]), layers[event.layer - 1].median, criterion)
-        origin = explain_origin(lm, event, at, tokens, cause)
-        if origin.resid_mid is not None:  # post-LN: resid_sum = resid_mid + mlp
-            gap = decomposition_gap(origin.resid_mid, 0.0, origin.mlp, origin.resid_out)
-        else:
-            gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
-        if gap > tolerance:
-            warnings.append(f"block {event.layer}: the block's branches differ from its output by {gap:.1e} (relative)")
-        if origin.norm is not None and origin.norm.error > tolerance:
-            warnings.append(f"block {event.layer} dim {event.dim}: the norm's factors miss its output by {origin.norm.error:.1e}")
-        origins.append(origin)
-        if origin.writer == "mlp" and cause != "median" and lm.adapter.moe:
-            block = lm.adapter.module(lm.model, event.layer, "mlp")
-            if not is_moe_block(block):
-                warnings.append(f"block {event.layer}'s MLP is dense in this mixture-of-experts model: not attributed to neurons")
-                continue
-            split = attribute_moe(block, at["mlp_in"], event.dim, top_neurons)
-            if split.error > tolerance:
-                warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
-            experts.append(ExpertAttribution(**_place(event, tokens), moe=split))
-        elif origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
-            attribution = attribute(lm, event, at, tokens, top_neurons)
-            if attribution.error > tolerance:
-                warnings.append(
-                    f"block {event.layer} dim {event.dim}: neuron contributions miss the output by {attribution.error:.1e}"
-                )
-            attributions.append(attribution)
-            anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
-
-    return origins, anatomies, attributions, experts
-
-
-def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:
-    adapter, dim = lm.adapter, event.dim
-    resid_in, attn, mlp, resid_out = (float(at[s][dim]) for s in ("resid_in", "attn_out", "mlp_out", adapter.stream))
-    resid_mid = float(at["resid_mid"][dim]) if adapter.post_ln else None
-    # Post-LN: the attention half lands as resid_mid = LN(resid_in + attn) and the sum is resid_mid + mlp.
-    who = writer(event.role, resid_in, resid_mid if adapter.post_ln else attn, mlp, resid_out)
-    raw = {site: float(at[adapter.raw(site)][dim]) if site in adapter.branch_norms else None for site in ("attn_out", "mlp_out")}
-    norm = None
-    if adapter.post_ln:  # how the block's last LayerNorm scales the massive sum into the block output
-        norm = _norm_factors(lm, event.layer, adapter.sites["resid_sum"][0], at["resid_sum"], at["resid_out"], dim)
-    elif f"{who}_out" in adapter.branch_norms:
-        branch = f"{who}_out"
-        norm = _norm_factors(lm, event.layer, adapter.branch_norms[branch], at[adapter.raw(branch)], at[branch], dim)
-    # Heads are split only where attention really wrote the change: not when the median grew past the value.
-    heads = head_split(lm, event.layer, at[ATTN_Z], dim) if who == "attn" and cause != "median" else None
-    return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause,
-                  heads=heads, attn_raw=raw["attn_out"], mlp_raw=raw["mlp_out"], resid_mid=resid_mid, norm=norm)
-
-
-def _norm_factors(lm: LoadedModel, layer: int, path: str, raw: torch.Tensor, landed: torch.Tensor, dim: int) -> NormFactors:
-    module = lm.adapter.module(lm.model, layer, path)
-    return norm_factors(module, lm.adapter.param_name(lm.model, layer, path), raw, landed, dim)
-
-
-def removal_cause(value: float, previous_median: float, criterion: Criterion) -> str:
-    """Did the value fall ("value"), or would it still be massive against the previous block's median ("median")?"""
-    held = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * previous_median
-    return "median" if held else "value"
-
-
-def birth_state(lm: LoadedModel, report: Report, inputs: list[torch.Tensor]) -> BirthState | None:
-    """The hidden state at the birth of the strongest massive dim, where its strongest entry sits."""
-    if not report.dims:
-        return None
-    strongest = max(report.dims, key=lambda d: abs(d.max_value))
-    birth = next(o for o in report.origin if o.dim == strongest.dim and o.role == "birth")
-    magnitude = block_output(lm, inputs[birth.text], birth.layer).abs()
-    dims = sorted({m.dim for m in report.massive if m.layer == birth.layer and m.text == birth.text})
-    rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
-    return BirthState(birth.layer, birth.text, report.tokens[birth.text], dims, rows)
-
-
-def _place(event: Event, tokens: list[list[str]]) -> dict:
-    return dict(layer=event.layer, text=event.text, position=event.position, token=tokens[event.text][event.position],
-                dim=event.dim, role=event.role)
-
-
-def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, top: int) -> Attribution:
-    weight_row, bias = down_row(lm.adapter, lm.model, event.layer, event.dim)
-    output = float(at[lm.adapter.raw("mlp_out")][event.dim])  # the neurons make the raw output; a norm may follow
-    neurons, error, for_90 = contributions(at["mlp_act"], weight_row, bias, output, top)
-    return Attribution(
-        **_place(event, tokens),
-        output=output,
-        bias=bias,
-        error=error,
-        neurons=neurons,
-        neurons_for_90pct=for_90,
-        super_weight=super_weight(lm.adapter, lm.model, event.layer, event.dim, neurons[0].neuron),
-        weights=mlp_weight_stats(lm.adapter, lm.model, event.layer),
-        landed=float(at["mlp_out"][event.dim]) if "mlp_out" in lm.adapter.branch_norms else None,
-    )
-
-
-def open_mlp(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, neurons: list[int]) -> Anatomy:
-    points = anatomy_step.checkpoints({**at, "mlp_out": at[lm.adapter.raw("mlp_out")]}, lm.adapter.gated)
-    function = lm.adapter.module(lm.model, event.layer, lm.adapter.act_fn)
-    pre = at["mlp_gate"] if lm.adapter.gated else at["mlp_up"]
-    impact = anatomy_step.activation_impact(function, pre, at["mlp_up"] if lm.adapter.gated else None, neurons)
-    return Anatomy(
-        **_place(event, tokens),
-        checkpoints=points,
-        explosion_point=anatomy_step.explosion_point(points),
-        activation_impact=impact,
-    )
-
-
 def model_info(lm: LoadedModel) -> ModelInfo:
     config = lm.model.config
     if lm.adapter.moe:  # one expert's width
@@ -399,96 +251,3 @@ def _versions() -> dict[str, str]:
     return {"massact": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-_PLACES = {
-    "mlp_gate": "the gate projection (mlp_gate)",
-    "mlp_up": "the up projection (mlp_up)",
-    "mlp_out": "the down projection (mlp_out)",
-}
-
-
-def _explosion_words(name: str, gated: bool) -> str:
-    if name == "mlp_act":
-        return "the gated product act(gate) x up (mlp_act)" if gated else "the activation function (mlp_act)"
-    return _PLACES.get(name, name)
-
-
-def _removal_words(o: Origin) -> str:
-    if o.cause == "median":
-        return f"falls under the ratio at block {o.layer} because the median |a| grows (the value holds: {o.resid_in:+.1f} -> {o.resid_out:+.1f})"
-    return f"is removed by block {o.layer}'s {'MLP' if o.writer == 'mlp' else 'attention'} ({o.resid_in:+.1f} -> {o.resid_out:+.1f})"
-
-
-def _expert_words(m: MoeAttribution) -> str:
-    routed = ", ".join(f"expert {e.expert} (router weight {e.router_weight:.3f}, {e.share:.1%})" for e in m.experts)
-    text = f"the router sent it to {routed}"
-    if m.shared_expert is not None:
-        text += f" and the shared expert gives {m.shared_expert.share:.1%}"
-    where = "the shared expert" if m.top_expert is None else f"expert {m.top_expert}"
-    w = m.super_weight
-    index = ", ".join(map(str, w.index))
-    return (f"{text}; in {where}, neuron {m.neurons[0].neuron} gives {m.neurons[0].share:.1%} (router weight x act x weight); "
-            f"super weight {w.matrix}[{index}] = {w.value:+.4f}, rank {w.rank} of {w.entries:,}")
-
-
-def _norm_words(n: NormFactors, written: str, post_ln: bool) -> str:
-    if post_ln:
-        return (f"it exists only before the LayerNorm {n.parameter.removesuffix('.weight')}, which scales it by "
-                f"{n.normalization:.3g} (1/std) x gain {n.gain:.3g} to {n.landed:+.2f} in the block output")
-    factors = f"raw {n.raw:+.2f} x normalisation {n.normalization:.3g} x gain {n.gain:.4g} = {n.landed:+.1f}"
-    if n.amplifier:
-        return (f"the {written}'s own norm is the amplifier ({factors}): its gain on this dim is {n.gain_ratio:.0f}x its "
-                f"median gain, so the norm weight {n.parameter}[{n.dim}] = {n.weight:+.4g} acts as a super weight")
-    return f"the {written}'s own norm passes it on ({factors}; gain {n.gain_ratio:.1f}x its median)"
-
-
-def conclude(report: Report) -> list[str]:
-    """Plain-language sentences, one per massive dim, built from the numbers above them in the report."""
-    if not report.dims:
-        best = max(report.layers, key=lambda s: s.ratio)
-        top = best.top[0]
-        return [
-            f"No massive activations under the criterion (|a| >= {report.criterion.min_abs:g} and >= "
-            f"{report.criterion.min_ratio:g} x median): the largest top1/median is {best.ratio:.0f}x, dim {top.dim} "
-            f"= {top.value:.1f} at block {best.layer}."
-        ]
-    sentences = []
-    gated = report.model.gated
-    for summary in sorted(report.dims, key=lambda d: -abs(d.max_value)):
-        birth = next(o for o in report.origin if o.dim == summary.dim and o.role == "birth")
-        written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
-        branch = birth.mlp if birth.writer == "mlp" else birth.attn
-        stream = "the residual sum before the block's LayerNorm" if report.model.stream == "resid_sum" else "resid_out"
-        text = (
-            f"dim {summary.dim} at token {birth.position} ({birth.token!r}) is born in block {birth.layer}, written by its "
-            f"{written} ({branch:+.1f} of {stream} {birth.resid_out:+.1f}, resid_in was {birth.resid_in:+.1f})"
-        )
-        if birth.norm is not None:
-            text += "; " + _norm_words(birth.norm, written, report.model.stream == "resid_sum")
-        attribution = next((a for a in report.attribution if a.dim == summary.dim and a.role == "birth"), None)
-        anatomy = next((a for a in report.anatomy if a.dim == summary.dim and a.role == "birth"), None)
-        if attribution and anatomy:
-            top = attribution.neurons[0]
-            weight = attribution.super_weight
-            count = attribution.neurons_for_90pct
-            raw = " of the raw MLP output" if attribution.landed is not None else " of it"
-            text += (
-                f"; {count} neuron{'s' if count != 1 else ''} give 90%{raw}, neuron {top.neuron} alone "
-                f"{top.share:.1%}; the explosion is at {_explosion_words(anatomy.explosion_point, gated)}; "
-                f"super weight {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
-                f"rank {weight.rank} of {weight.entries:,} entries by |w|"
-            )
-        elif split := next((e.moe for e in report.experts if e.dim == summary.dim and e.role == "birth"), None):
-            text += "; " + _expert_words(split)
-        elif birth.heads:
-            head = birth.heads[0]
-            text += f"; head {head.head} gives {head.share:.1%} of the attention output"
-        last = summary.persists[-1]
-        count = len(summary.persists)
-        text += f". It is massive in block {last}" if count == 1 else f". It is massive in {count} blocks, {summary.born_at} to {last}"
-        removals = [o for o in report.origin if o.dim == summary.dim and o.role == "removal"]
-        if removals:
-            text += ", and " + ", ".join(_removal_words(o) for o in removals)
-        else:
-            text += ", and is still massive at the last block"
-        sentences.append(text + ".")
-    return sentences

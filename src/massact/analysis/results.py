@@ -342,6 +342,174 @@ class BirthState:
 
 
 @dataclass
+class LifelineStep:
+    """One block of a massive dim's life at its main carrier (values at that text, position and dim).
+
+    value = resid_in + attn + mlp (+ norm in post-LN blocks) is the detection stream: the block output, or in post-LN
+    blocks the residual sum before the last LayerNorm, which then makes ``resid_out``. attn and mlp are what lands
+    (after any branch norm). ``change`` is value minus the previous block's value (the embedding before block 0);
+    ``writer`` the term that made most of it in its direction: attn, mlp, or norm (post-LN: both LayerNorms).
+    ``median`` is the block's median |a| over the corpus; ``phase`` see ``Lifeline``.
+    """
+
+    layer: int
+    resid_in: float
+    attn: float
+    mlp: float
+    value: float
+    resid_out: float
+    change: float
+    writer: str
+    median: float
+    massive: bool
+    phase: str
+    norm: float | None = None
+
+
+@dataclass
+class Phase:
+    """Consecutive blocks of one phase and one writer, with the change they make together."""
+
+    name: str
+    first: int
+    last: int
+    writer: str
+    change: float
+    value_before: float
+    value_after: float
+
+
+@dataclass
+class Lifeline:
+    """The whole life of a massive dim at its main carrier, the (text, position) where it is largest.
+
+    Phases, per block: ``precursor`` (before the birth block, a write of at least 10% of the largest value the dim
+    reaches before birth, when that is at least min_abs: a smaller value of its own sign, written early),
+    ``precursor erasure`` (before birth, taking at least 10% of it off), ``birth``, ``growth`` (after birth, adding at
+    least 10% of the peak), ``erasure`` (taking at least 10% of the peak off), ``hold`` (neither, while the value
+    stays above half its peak), ``after`` (what is left after the erasure). ``removed_at`` are the blocks where the
+    scan stops calling it massive (``cause`` per block: "value" fell, or the "median" grew past it); ``erased_at`` the
+    blocks that really take it off. ``error``: the largest relative gap of a block's terms to its value.
+    """
+
+    dim: int
+    text: int
+    position: int
+    token: str
+    sign: int
+    born_at: int
+    peak: float
+    peak_layer: int
+    precursor: float
+    precursor_layer: int | None
+    steps: list[LifelineStep]
+    phases: list[Phase]
+    removed_at: list[int]
+    removal_causes: list[str]
+    erased_at: list[int]
+    embedding: float
+    error: float
+
+
+@dataclass
+class SourcePart:
+    """One upstream source's part of a pre-activation: at the massive position (``here``) and at the text's other
+    positions (their mean and their largest value). ``difference`` = here - others_mean: how much of why the neuron
+    is different here this source explains."""
+
+    source: str
+    layer: int | None
+    site: str
+    here: float
+    others_mean: float
+    others_max: float
+    difference: float
+
+
+@dataclass
+class PreActivationSplit:
+    """A neuron's pre-activation (``site``: mlp_gate or mlp_up) at the massive position split into its sources, which
+    sum to ``value`` exactly given ``scale``, the MLP input norm's factor (1/rms or 1/std) at the position (``scale_others``:
+    its mean elsewhere). ``error``: largest gap of the sum to the model's value, relative to its largest |value|.
+    ``sources``: largest |difference| first."""
+
+    site: str
+    value: float
+    others_mean: float
+    others_max: float
+    scale: float
+    scale_others: float
+    sources: list[SourcePart]
+    error: float
+
+
+@dataclass
+class NeuronTrigger:
+    """Why a top neuron of a writing block fires at the massive position: each of its pre-activations split."""
+
+    layer: int
+    neuron: int
+    role: str
+    splits: list[PreActivationSplit]
+
+
+@dataclass
+class ChainLink:
+    """One step back from the massive value: a neuron (its pre-activation ``site`` at the position, ``value``, and its
+    mean over the other positions), a head (``attends``: [position, token, probability] of its strongest keys), or the
+    embedding that ends the chain. ``source`` is the source it belongs to and ``feeds`` its part of the next link's
+    pre-activation at the position (``source_here`` / ``source_others``: the whole source's part here and elsewhere)."""
+
+    depth: int
+    kind: str
+    layer: int | None
+    index: int | None
+    site: str | None
+    value: float | None
+    value_others: float | None
+    source: str | None
+    feeds: float | None
+    source_here: float | None
+    source_others: float | None
+    attends: list[list] | None = None
+
+
+@dataclass
+class Carriers:
+    """Token or position? Where the scan saw the dim massive (first positions: texts and their distinct tokens; other
+    positions: their tokens), and two probes on the carrier's text at the peak block: another token put at the carrier's
+    position (``swapped``: the value there) and the carrier token moved one position later (``moved``: its value there)."""
+
+    texts: int
+    first_position_texts: int
+    first_tokens: list[list]
+    other_positions: list[list]
+    probe_layer: int
+    swapped_token: str
+    swapped: float
+    swapped_massive: bool
+    moved: float
+    moved_massive: bool
+    verdict: str
+    summary: str
+
+
+@dataclass
+class Trigger:
+    """Why a massive dim is written at its carrier and nowhere else: the writing neurons' pre-activations split into
+    sources, the chain from the token to the value (depth-limited), and the token-or-position evidence."""
+
+    dim: int
+    text: int
+    position: int
+    token: str
+    neurons: list[NeuronTrigger]
+    chain: list[ChainLink]
+    carriers: Carriers | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Report:
     model: ModelInfo
     corpus: CorpusInfo
@@ -361,6 +529,8 @@ class Report:
     attention: AttentionSinks | None = None
     birth_state: BirthState | None = None
     experts: list[ExpertAttribution] = field(default_factory=list)
+    lifeline: list[Lifeline] = field(default_factory=list)
+    trigger: list[Trigger] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,6 +29,9 @@ class Adapter:
     mlp_down: str
     act_fn: str
     mlp_gate: str | None = None
+    # The norm that makes mlp_in from the stream the MLP reads (resid_mid, or resid_in in parallel blocks); the first
+    # of these paths the block has. Empty in post-LN blocks, whose MLP reads resid_mid = LN(attn_sum) itself.
+    mlp_norm: tuple[str, ...] = ()
     # Sandwich norms: the landed site -> the norm that sits between the sublayer's raw output and the residual.
     branch_norms: dict[str, str] = field(default_factory=dict)
     # Where massive activations are detected: each block's output, or for post-LN blocks the residual sum that
@@ -51,6 +54,12 @@ class Adapter:
     @property
     def post_ln(self) -> bool:
         return self.stream == "resid_sum"
+
+    def mlp_norm_module(self, model: nn.Module, layer: int) -> tuple[str, nn.Module] | None:
+        """(path, module) of the norm in front of the MLP, or None where the MLP reads the stream unnormed."""
+        block = self.module(model, layer, "")
+        path = next((p for p in self.mlp_norm if _has_submodule(block, p)), None)
+        return (path, block.get_submodule(path)) if path is not None else None
 
     def raw(self, site: str) -> str:
         """The site holding a branch's own output before any norm: ``mlp_raw`` behind a sandwich norm, else itself."""
@@ -86,6 +95,14 @@ class Adapter:
             weight = weight[index * size : (index + 1) * size]
             bias = bias[index * size : (index + 1) * size] if bias is not None else None
         return weight, bias
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:

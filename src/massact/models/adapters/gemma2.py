@@ -22,6 +22,7 @@ ADAPTER = Adapter(
     mlp_gate="mlp.gate_proj",
     mlp_down="mlp.down_proj",
     act_fn="mlp.act_fn",
+    mlp_norm=("pre_feedforward_layernorm",),
     branch_norms={"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
     notes="sandwich norms: each branch is normed (post_attention_layernorm, post_feedforward_layernorm) before it lands",
 )

@@ -20,4 +20,5 @@ ADAPTER = Adapter(
     mlp_up="mlp.c_fc",
     mlp_down="mlp.c_proj",
     act_fn="mlp.act",
+    mlp_norm=("ln_2",),
 )

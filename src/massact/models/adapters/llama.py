@@ -26,4 +26,5 @@ ADAPTER = Adapter(
     mlp_gate="mlp.gate_proj",
     mlp_down="mlp.down_proj",
     act_fn="mlp.act_fn",
+    mlp_norm=("post_attention_layernorm",),
 )

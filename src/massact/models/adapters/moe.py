@@ -15,5 +15,6 @@ ADAPTER = Adapter(
     mlp_down="mlp",
     act_fn="mlp",
     moe=True,
+    mlp_norm=("post_attention_layernorm",),
     notes="mixture-of-experts MLP: attributed to the routed experts (router weight x expert output), then to neurons inside them",
 )

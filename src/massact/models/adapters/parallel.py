@@ -11,7 +11,7 @@ _NEOX_MLP = {
     "mlp_out": ("mlp", "out"),
 }
 _NEOX = dict(model_types=("gpt_neox",), layers="layers", attn_proj="attention.dense", mlp_up="mlp.dense_h_to_4h",
-             mlp_down="mlp.dense_4h_to_h", act_fn="mlp.act")
+             mlp_down="mlp.dense_4h_to_h", act_fn="mlp.act", mlp_norm=("post_attention_layernorm",))
 
 NEOX_PARALLEL = Adapter(
     family="GPT-NeoX",
@@ -45,6 +45,7 @@ GPTJ = Adapter(
     mlp_up="mlp.fc_in",
     mlp_down="mlp.fc_out",
     act_fn="mlp.act",
+    mlp_norm=("ln_1",),
     notes="parallel block: attention and MLP read the same normed input (one shared ln_1)",
 )
 
@@ -57,12 +58,14 @@ _FALCON_MLP = {
 }
 _FALCON = dict(model_types=("falcon",), layers="h", attn_proj="self_attention.dense", mlp_up="mlp.dense_h_to_4h",
                mlp_down="mlp.dense_4h_to_h", act_fn="mlp.act")
+# The new decoder architecture may give the MLP its own ln_mlp; otherwise it shares input_layernorm with attention.
 
 FALCON_PARALLEL = Adapter(
     family="Falcon",
     sites={"resid_in": ("", "in"), "attn_out": ("self_attention", "out"), **_FALCON_MLP, "resid_out": ("", "out")},
     when=lambda config: config.parallel_attn or config.new_decoder_architecture,
     notes="parallel block: attention and MLP both read the block input",
+    mlp_norm=("ln_mlp", "input_layernorm"),
     **_FALCON,
 )
 
@@ -70,5 +73,6 @@ FALCON_SEQUENTIAL = Adapter(
     family="Falcon",
     sites={"resid_in": ("", "in"), "attn_out": ("self_attention", "out"), "resid_mid": ("post_attention_layernorm", "in"),
            **_FALCON_MLP, "resid_out": ("", "out")},
+    mlp_norm=("post_attention_layernorm",),
     **_FALCON,
 )

@@ -21,6 +21,7 @@ PHI2 = Adapter(
     mlp_up="mlp.fc1",
     mlp_down="mlp.fc2",
     act_fn="mlp.activation_fn",
+    mlp_norm=("input_layernorm",),
     notes="parallel block: attention and MLP read the same normed input (one shared input_layernorm)",
 )
 
@@ -34,5 +35,6 @@ PHI3 = Adapter(
     mlp_gate="mlp.gate_up_proj",
     mlp_down="mlp.down_proj",
     act_fn="mlp.activation_fn",
+    mlp_norm=("post_attention_layernorm",),
     notes="gate and up projections fused in gate_up_proj (gate: first half of its rows, up: second half)",
 )

@@ -22,6 +22,7 @@ OPT_PRE_LN = Adapter(
         "resid_out": ("", "out"),
     },
     when=lambda config: config.do_layer_norm_before,
+    mlp_norm=("final_layer_norm",),
     notes="the MLP's fc1 and fc2 sit on the layer; there is no MLP module",
     **_OPT,
 )

@@ -1,0 +1,275 @@
+"""A neuron's pre-activation split exactly into what wrote the stream it reads: the embedding, every earlier block's
+attention and MLP output as it landed, and (in sequential blocks) this block's attention.
+
+Given each norm's per-position normalisation factor (1/rms, or 1/std), a norm is linear in its input, so the
+pre-activation w . norm(x) + b is a sum over the sources that add up to x. The walk goes back from the neuron's input
+row through the norms between it and each source: the MLP's input norm in pre-LN blocks, and in post-LN blocks every
+LayerNorm on the way (each source's contribution is then multiplied by the factors of all the norms it crossed).
+Each norm's bias and the projection's bias give constant terms. The sum is checked against the model's own value.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..capture.hooks import tap, tap_module_input
+from ..capture.probe import ATTN_Z
+from ..models.adapters.base import bias_of, weight_out_in
+from ..models.loading import LoadedModel
+from .norms import centers, gain_and_bias, scale
+
+NormKey = tuple[int, str]  # (block, module path) of a norm whose per-position factor multiplies a term
+
+
+@dataclass
+class Target:
+    """A pre-activation to split: ``site`` (mlp_gate or mlp_up) of ``neuron`` in block ``layer``."""
+
+    layer: int
+    neuron: int
+    site: str
+
+
+@dataclass
+class Term:
+    """One source seen from the target: contribution[t] = prod of the factors of ``norms`` at t x (reader . source[t]).
+    ``site`` is the site that holds the source (attn_out, mlp_out; embed and pos_embed for the embedding's parts)."""
+
+    label: str
+    layer: int | None
+    site: str
+    reader: torch.Tensor  # [d_model] float64
+    norms: tuple[NormKey, ...]
+
+
+@dataclass
+class Split:
+    """A target's pre-activation at every position of the text, and each source's part of it ([positions] each)."""
+
+    target: Target
+    value: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    terms: dict[str, Term]
+    factors: dict[str, torch.Tensor]  # per source: the product of the norms' factors it crossed, per position
+    scale: torch.Tensor  # the input norm's factor per position (ones where the MLP reads its stream unnormed)
+    error: float  # largest relative gap of the parts' sum to the model's value, over positions
+
+
+class Walk:
+    """Goes back from a reader vector through the stream of a block, collecting terms and constant parts."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self._gains: dict[NormKey, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+
+    def norm(self, key: NormKey) -> nn.Module:
+        return self.lm.adapter.module(self.lm.model, *key)
+
+    def _gain(self, key: NormKey) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        if key not in self._gains:
+            module = self.norm(key)
+            gain, bias = gain_and_bias(module, self.lm.model.config.hidden_size)
+            self._gains[key] = (gain, bias, centers(module))
+        return self._gains[key]
+
+    def through(self, key: NormKey, reader: torch.Tensor, norms: tuple, constants: list) -> tuple[torch.Tensor, tuple]:
+        """Carry ``reader`` back through a norm: r . (s g C(x) + beta) = s (C(g r)) . x + r . beta (C: centering)."""
+        gain, bias, centering = self._gain(key)
+        constants.append((norms, float(reader @ bias)))
+        reader = gain * reader
+        return (reader - reader.mean() if centering else reader), norms + (key,)
+
+    def terms(self, layer: int, row: torch.Tensor, bias: float) -> tuple[list[Term], list[tuple[tuple, float]], NormKey | None]:
+        """Every source feeding block ``layer``'s MLP input along ``row``, the constant parts (norms the constant
+        crossed, value), and the MLP's own input norm (None in post-LN blocks)."""
+        adapter = self.lm.adapter
+        reader, norms, constants = row, (), [((), bias)]
+        found = adapter.mlp_norm_module(self.lm.model, layer)
+        input_norm = (layer, found[0]) if found else None
+        if input_norm:
+            reader, norms = self.through(input_norm, reader, norms, constants)
+        terms: list[Term] = []
+
+        def source(block: int, site: str) -> None:
+            terms.append(Term(f"block {block} {'attention' if site == 'attn_out' else 'MLP'}", block, site, reader, norms))
+
+        if adapter.post_ln:  # the MLP reads resid_mid = LN1(resid_in + attn); resid_in = LN2(resid_sum of the block before)
+            first, last = adapter.sites["attn_sum"][0], adapter.sites["resid_sum"][0]
+            reader, norms = self.through((layer, first), reader, norms, constants)
+            source(layer, "attn_out")
+            for block in range(layer - 1, -1, -1):
+                reader, norms = self.through((block, last), reader, norms, constants)
+                source(block, "mlp_out")
+                reader, norms = self.through((block, first), reader, norms, constants)
+                source(block, "attn_out")
+        else:
+            if not adapter.parallel:  # sequential: the MLP also reads this block's attention
+                source(layer, "attn_out")
+            for block in range(layer - 1, -1, -1):
+                source(block, "mlp_out")
+                source(block, "attn_out")
+        terms.append(Term("embedding", None, "embed", reader, norms))
+        return terms, constants, input_norm
+
+
+def input_row(lm: LoadedModel, layer: int, site: str, neuron: int) -> tuple[torch.Tensor, float]:
+    """The neuron's row of the projection that makes ``site`` (float64 on CPU) and its bias (0 without)."""
+    weight, bias = lm.adapter.input_rows(lm.model, layer, site)
+    return weight[neuron].detach().double().cpu(), float(bias[neuron]) if bias is not None else 0.0
+
+
+def embedding_parts(lm: LoadedModel, input_ids: torch.Tensor, embedded: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
+    """{site: (label, [positions, d] float64)}: the block-0 input as the token embedding and, where the model adds an
+    absolute position embedding, the rest. Encoders (embedding LayerNorm) and projected embeddings stay whole."""
+    tokens = lm.model.get_input_embeddings()(input_ids.to(lm.device))[0].detach().double().cpu()
+    if lm.adapter.encoder or tokens.shape != embedded.shape:
+        return {"embed": ("embedding", embedded)}
+    rest = embedded - tokens
+    if rest.abs().max() <= 1e-6 * embedded.abs().max():
+        return {"embed": ("token embedding", embedded)}
+    return {"embed": ("token embedding", tokens), "pos_embed": ("position embedding", rest)}
+
+
+def _site_of(term: Term) -> tuple[int, str]:
+    """The (block, site) a term's source is read at: the embedding is block 0's input."""
+    return (0, "resid_in") if term.site == "embed" else (term.layer, term.site)
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """[positions, width] of a one-text batch, whether a module sees [1, positions, width] or OPT's flat rows."""
+    return tensor.detach().reshape(-1, tensor.shape[-1])
+
+
+@dataclass
+class AtPosition:
+    """What the next step of a chain needs at the massive position, for every block: the MLP's activations, the
+    heads' outputs (``attn_z``), and the raw branch outputs behind sandwich norms (to get those norms' factors)."""
+
+    vectors: dict[tuple[int, str], torch.Tensor]
+
+
+@torch.no_grad()
+def split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], position: int) -> tuple[list[Split], AtPosition]:
+    """Split each target's pre-activation over the text's positions, in one forward pass; hooks reduce every source
+    to its dot products with the readers that want it (no stream is kept whole), and keep the massive position's
+    MLP activations and head outputs for the next step of a chain."""
+    walk = Walk(lm)
+    planned = [(target, *walk.terms(target.layer, *input_row(lm, target.layer, target.site, target.neuron))) for target in targets]
+    wanted: dict[tuple[int, str], list[Term]] = {}
+    column: dict[int, tuple[tuple[int, str], int]] = {}  # id(term) -> (the site it reads, its column there)
+    norm_keys: set[NormKey] = set()
+    for _, terms, constants, _ in planned:
+        for term in terms:
+            key = _site_of(term)
+            wanted.setdefault(key, []).append(term)
+            column[id(term)] = (key, len(wanted[key]) - 1)
+            norm_keys.update(term.norms)
+        for norms, _ in constants:
+            norm_keys.update(norms)
+    readers = {key: torch.stack([t.reader for t in terms], dim=1) for key, terms in wanted.items()}  # [d, n] float64
+    dots: dict[tuple[int, str], torch.Tensor] = {}
+    scales: dict[NormKey, torch.Tensor] = {}
+    values: dict[tuple[int, str], torch.Tensor] = {}
+    at: dict[tuple[int, str], torch.Tensor] = {}
+    embedded: list[torch.Tensor] = []
+    n_layers = len(lm.adapter.blocks(lm.model))
+    last = max(t.layer for t in targets)
+
+    def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
+        hidden = hidden[0].detach()
+        if (layer, site) in readers:
+            dots[layer, site] = hidden.double() @ readers[layer, site].to(hidden.device)
+        if site == "resid_in" and layer == 0:
+            embedded.append(hidden.double().cpu())
+        if site in ("mlp_gate", "mlp_up"):
+            values[layer, site] = hidden.double()
+        if site in ("mlp_act", "attn_raw", "mlp_raw"):
+            at[layer, site] = hidden[position].double().cpu()
+
+    sites = {key for key in readers} | {(t.layer, t.site) for t in targets} | {(0, "resid_in")}
+    sites |= {(layer, site) for layer in range(min(last + 1, n_layers)) for site in ("mlp_act", "attn_raw", "mlp_raw")
+              if site in lm.adapter.sites}
+    with ExitStack() as stack:
+        stack.enter_context(tap(lm.model, lm.adapter, sorted(sites), keep))
+        for key in norm_keys:
+            stack.enter_context(tap_module_input(walk.norm(key), lambda x, key=key: scales.__setitem__(key, scale(walk.norm(key), _rows(x)))))
+        for layer in range(last + 1):
+            o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
+            stack.enter_context(tap_module_input(o_proj, lambda z, layer=layer: at.__setitem__((layer, ATTN_Z), _rows(z)[position].double().cpu())))
+        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+
+    pieces = embedding_parts(lm, input_ids, embedded[0])
+    results = []
+    for target, terms, constants, input_norm in planned:
+        def factor(norms: tuple) -> torch.Tensor:
+            out = torch.ones(input_ids.shape[1], dtype=torch.float64)
+            for key in norms:
+                out = out * scales[key].cpu()
+            return out
+
+        parts: dict[str, torch.Tensor] = {}
+        named: dict[str, Term] = {}
+        factors: dict[str, torch.Tensor] = {}
+        for term in terms:
+            key, index = column[id(term)]
+            if term.site == "embed":
+                for site, (label, tensor) in pieces.items():
+                    factors[label] = factor(term.norms)
+                    parts[label] = factors[label] * (tensor @ term.reader)
+                    named[label] = Term(label, None, site, term.reader, term.norms)
+            else:
+                factors[term.label] = factor(term.norms)
+                parts[term.label] = factors[term.label] * dots[key][:, index].cpu()
+                named[term.label] = term
+        constant = sum(factor(norms) * value for norms, value in constants)
+        if bool((constant != 0).any()):  # the projection's bias and the norms' biases, as far as they reach the neuron
+            parts["biases"] = constant
+        value = values[target.layer, target.site][:, target.neuron].cpu()
+        error = float((sum(parts.values()) - value).abs().max() / max(float(value.abs().max()), 1e-12))
+        input_scale = factor((input_norm,)) if input_norm else torch.ones(input_ids.shape[1], dtype=torch.float64)
+        results.append(Split(target, value, parts, named, factors, input_scale, error))
+    return results, AtPosition(at)
+
+
+@dataclass
+class Unit:
+    """A neuron or a head of a source block, and its part of a term at the massive position."""
+
+    kind: str
+    index: int
+    contribution: float
+
+
+def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[list[Unit], float]:
+    """A term's part at the massive position split over its block's neurons (an MLP source) or heads (attention):
+    the units, largest |contribution| first, and the sum of every unit and bias (equal to the term's part). A source
+    behind a sandwich norm is carried back through that norm first. Mixture-of-experts MLPs are not split: []."""
+    adapter, model = lm.adapter, lm.model
+    if term.site not in ("mlp_out", "attn_out") or (term.site == "mlp_out" and adapter.moe):
+        return [], float("nan")
+    reader, constant = term.reader, 0.0
+    if term.site in adapter.branch_norms:  # what landed is the branch norm of the raw output
+        norm = adapter.module(model, term.layer, adapter.branch_norms[term.site])
+        gain, beta = gain_and_bias(norm, model.config.hidden_size)
+        constant += factor * float(reader @ beta)
+        factor = factor * float(scale(norm, at.vectors[term.layer, adapter.raw(term.site)]))
+        reader = gain * reader
+        reader = reader - reader.mean() if centers(norm) else reader
+    path = adapter.mlp_down if term.site == "mlp_out" else adapter.attn_proj
+    projection = adapter.module(model, term.layer, path)
+    weight = weight_out_in(projection).detach().double().cpu()  # [d_model, inputs]
+    through = factor * (weight.T @ reader)  # what one unit of each input adds to the term
+    if term.site == "mlp_out":
+        kind, per_unit = "neuron", through * at.vectors[term.layer, "mlp_act"]
+    else:  # heads: the projection's input is every head's output, concatenated
+        kind = "head"
+        per_unit = (through * at.vectors[term.layer, ATTN_Z]).view(model.config.num_attention_heads, -1).sum(dim=1)
+    bias = bias_of(projection)
+    if bias is not None:
+        constant += factor * float(bias.detach().double().cpu() @ reader)
+    order = per_unit.abs().argsort(descending=True).tolist()
+    return [Unit(kind, i, float(per_unit[i])) for i in order], float(per_unit.sum()) + constant

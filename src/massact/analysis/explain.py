@@ -1,0 +1,176 @@
+"""Steps 3-6 for each block that writes or erases a massive dim: the sublayer that does it (with its norm and heads),
+and for an MLP its anatomy, neurons and super weight (or, in a mixture of experts, its experts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..capture.probe import ATTN_Z, block_output, probe_block
+from ..models.loading import LoadedModel
+from . import anatomy as anatomy_step
+from .attribution import contributions, down_row, mlp_weight_stats, super_weight
+from .lifeline import writers
+from .moe import attribute_moe, is_moe_block
+from .norms import norm_factors
+from .origin import decomposition_gap, head_split, removal_cause, writer
+from .results import (Anatomy, Attribution, BirthState, Criterion, DimSummary, ExpertAttribution, LayerStats, Lifeline, Massive,
+                      NormFactors, Origin, Report)
+
+
+@dataclass
+class Event:
+    """A (dim, text, position, block) to explain: a block the lifeline names as a writer or eraser of the dim (role:
+    its phase), or where the scan stops calling it massive ("removal"). ``direction`` is +1 where the block should
+    push the value up, -1 down: the writer is the branch pushing hardest that way."""
+
+    dim: int
+    text: int
+    position: int
+    layer: int
+    role: str
+    direction: float
+
+
+
+_DOWN = ("precursor erasure", "erasure")  # phases that take the value off
+
+
+def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Lifeline]) -> list[Event]:
+    """Per dim: every block its lifeline names as a writer or eraser, at the main carrier; and each block where the
+    scan stops calling it massive that the lifeline has not named, at the strongest entry just before it."""
+    events = []
+    for summary, line in zip(dims, lines):
+        for layer, phase in writers(line):
+            sign = (1 if line.precursor >= 0 else -1) if phase.startswith("precursor") else line.sign
+            events.append(Event(summary.dim, line.text, line.position, layer, phase, -sign if phase in _DOWN else sign))
+        named = {layer for layer, _ in writers(line)}
+        for removed in summary.removed_at:
+            if removed in named:
+                continue
+            strongest = max((m for m in massive if m.dim == summary.dim and m.layer == removed - 1), key=lambda m: abs(m.value))
+            events.append(Event(summary.dim, strongest.text, strongest.position, removed, "removal", -1.0 if strongest.value >= 0 else 1.0))
+    return events
+
+
+def explain(
+    lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor], tokens: dict[int, list[str]], layers: list[LayerStats],
+    criterion: Criterion, top_neurons: int, warnings: list[str],
+) -> tuple[list[Origin], list[Anatomy], list[Attribution], list[ExpertAttribution]]:
+    """Steps 3-6 for each event: the writer, and for an MLP writer its anatomy and neurons (or experts). One probe
+    pass per (text, block); checks that fail their second computation are appended to ``warnings``."""
+    origins, anatomies, attributions, experts = [], [], [], []
+    probes = {}
+    for text, layer in dict.fromkeys((e.text, e.layer) for e in events):
+        positions = sorted({e.position for e in events if (e.text, e.layer) == (text, layer)})
+        probes[text, layer] = (positions, probe_block(lm, inputs[text], layer, positions))
+    tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
+    for event in events:
+        positions, vectors = probes[event.text, event.layer]
+        at = {site: v[positions.index(event.position)] for site, v in vectors.items()}
+        cause = None
+        if event.role == "removal":
+            cause = removal_cause(float(at[lm.adapter.stream][event.dim]), layers[event.layer - 1].median, criterion)
+        origin = explain_origin(lm, event, at, tokens, cause)
+        if origin.resid_mid is not None:  # post-LN: resid_sum = resid_mid + mlp
+            gap = decomposition_gap(origin.resid_mid, 0.0, origin.mlp, origin.resid_out)
+        else:
+            gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
+        if gap > tolerance:
+            warnings.append(f"block {event.layer}: the block's branches differ from its output by {gap:.1e} (relative)")
+        if origin.norm is not None and origin.norm.error > tolerance:
+            warnings.append(f"block {event.layer} dim {event.dim}: the norm's factors miss its output by {origin.norm.error:.1e}")
+        origins.append(origin)
+        if origin.writer == "mlp" and cause != "median" and lm.adapter.moe:
+            block = lm.adapter.module(lm.model, event.layer, "mlp")
+            if not is_moe_block(block):
+                warnings.append(f"block {event.layer}'s MLP is dense in this mixture-of-experts model: not attributed to neurons")
+                continue
+            split = attribute_moe(block, at["mlp_in"], event.dim, top_neurons)
+            if split.error > tolerance:
+                warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
+            experts.append(ExpertAttribution(**_place(event, tokens), moe=split))
+        elif origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
+            attribution = attribute(lm, event, at, tokens, top_neurons)
+            if attribution.error > tolerance:
+                warnings.append(
+                    f"block {event.layer} dim {event.dim}: neuron contributions miss the output by {attribution.error:.1e}"
+                )
+            attributions.append(attribution)
+            anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
+
+    return origins, anatomies, attributions, experts
+
+
+def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:
+    adapter, dim = lm.adapter, event.dim
+    resid_in, attn, mlp, resid_out = (float(at[s][dim]) for s in ("resid_in", "attn_out", "mlp_out", adapter.stream))
+    resid_mid = float(at["resid_mid"][dim]) if adapter.post_ln else None
+    # Post-LN: the attention half lands as resid_mid = LN(resid_in + attn) and the sum is resid_mid + mlp.
+    who = writer(event.direction, resid_mid if adapter.post_ln else attn, mlp)
+    raw = {site: float(at[adapter.raw(site)][dim]) if site in adapter.branch_norms else None for site in ("attn_out", "mlp_out")}
+    norm = None
+    if adapter.post_ln:  # how the block's last LayerNorm scales the massive sum into the block output
+        norm = _norm_factors(lm, event.layer, adapter.sites["resid_sum"][0], at["resid_sum"], at["resid_out"], dim)
+    elif f"{who}_out" in adapter.branch_norms:
+        branch = f"{who}_out"
+        norm = _norm_factors(lm, event.layer, adapter.branch_norms[branch], at[adapter.raw(branch)], at[branch], dim)
+    # Heads are split only where attention really wrote the change: not when the median grew past the value.
+    heads = head_split(lm, event.layer, at[ATTN_Z], dim) if who == "attn" and cause != "median" else None
+    return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause,
+                  heads=heads, attn_raw=raw["attn_out"], mlp_raw=raw["mlp_out"], resid_mid=resid_mid, norm=norm)
+
+
+def _norm_factors(lm: LoadedModel, layer: int, path: str, raw: torch.Tensor, landed: torch.Tensor, dim: int) -> NormFactors:
+    module = lm.adapter.module(lm.model, layer, path)
+    return norm_factors(module, lm.adapter.param_name(lm.model, layer, path), raw, landed, dim)
+
+
+def birth_state(lm: LoadedModel, report: Report, inputs: list[torch.Tensor]) -> BirthState | None:
+    """The hidden state at the birth of the strongest massive dim, where its strongest entry sits."""
+    if not report.dims:
+        return None
+    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    birth = next(o for o in report.origin if o.dim == strongest.dim and o.role == "birth")
+    magnitude = block_output(lm, inputs[birth.text], birth.layer).abs()
+    dims = sorted({m.dim for m in report.massive if m.layer == birth.layer and m.text == birth.text})
+    rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
+    return BirthState(birth.layer, birth.text, report.tokens[birth.text], dims, rows)
+
+
+def _place(event: Event, tokens: list[list[str]]) -> dict:
+    return dict(layer=event.layer, text=event.text, position=event.position, token=tokens[event.text][event.position],
+                dim=event.dim, role=event.role)
+
+
+def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, top: int) -> Attribution:
+    weight_row, bias = down_row(lm.adapter, lm.model, event.layer, event.dim)
+    output = float(at[lm.adapter.raw("mlp_out")][event.dim])  # the neurons make the raw output; a norm may follow
+    neurons, error, for_90 = contributions(at["mlp_act"], weight_row, bias, output, top)
+    return Attribution(
+        **_place(event, tokens),
+        output=output,
+        bias=bias,
+        error=error,
+        neurons=neurons,
+        neurons_for_90pct=for_90,
+        super_weight=super_weight(lm.adapter, lm.model, event.layer, event.dim, neurons[0].neuron),
+        weights=mlp_weight_stats(lm.adapter, lm.model, event.layer),
+        landed=float(at["mlp_out"][event.dim]) if "mlp_out" in lm.adapter.branch_norms else None,
+    )
+
+
+def open_mlp(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, neurons: list[int]) -> Anatomy:
+    points = anatomy_step.checkpoints({**at, "mlp_out": at[lm.adapter.raw("mlp_out")]}, lm.adapter.gated)
+    function = lm.adapter.module(lm.model, event.layer, lm.adapter.act_fn)
+    pre = at["mlp_gate"] if lm.adapter.gated else at["mlp_up"]
+    impact = anatomy_step.activation_impact(function, pre, at["mlp_up"] if lm.adapter.gated else None, neurons)
+    return Anatomy(
+        **_place(event, tokens),
+        checkpoints=points,
+        explosion_point=anatomy_step.explosion_point(points),
+        activation_impact=impact,
+    )
+
+

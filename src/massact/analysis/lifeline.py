@@ -1,0 +1,144 @@
+"""The whole life of a massive dim at its main carrier: what every block adds and takes off, and the phases that
+makes (precursor, birth, growth, hold, erasure), each with the sublayer responsible."""
+
+from __future__ import annotations
+
+import torch
+
+from ..capture.hooks import tap
+from ..models.loading import LoadedModel
+from .origin import removal_cause
+from .results import Criterion, DimSummary, Lifeline, LifelineStep, Massive, Phase
+
+PHASE_SHARE = 0.1  # a block grows or erases the value when it adds or takes off 10% of the peak (of the precursor before birth)
+HOLD_SHARE = 0.5  # after birth, a quiet block holds the value while it stays above half of its largest value so far
+WRITERS = ("attn", "mlp", "norm")
+
+
+def main_carrier(massive: list[Massive], dim: int) -> Massive:
+    """The entry where ``dim`` is largest over every block and text: its lifeline is followed at that place."""
+    return max((m for m in massive if m.dim == dim), key=lambda m: (abs(m.value), -m.text, -m.position, -m.layer))
+
+
+def lifeline_sites(lm: LoadedModel) -> tuple[str, ...]:
+    """The sites a lifeline reads: the block's input, both branches as they land, the stream, the block output, and
+    in post-LN blocks the sum before the first LayerNorm and its output."""
+    extra = ("attn_sum", "resid_mid") if lm.adapter.post_ln else ()
+    return tuple(dict.fromkeys(("resid_in", "attn_out", "mlp_out", lm.adapter.stream, "resid_out") + extra))
+
+
+@torch.no_grad()
+def read_lifelines(lm: LoadedModel, input_ids: torch.Tensor, position: int, dims: list[int]) -> dict[str, torch.Tensor]:
+    """{site: [n_layers, len(dims)] float64 on CPU}: every block's value of each lifeline site at (position, dims) of
+    one text, in one forward pass."""
+    n_layers = len(lm.adapter.blocks(lm.model))
+    sites = lifeline_sites(lm)
+    kept: dict[tuple[int, str], torch.Tensor] = {}
+    index = torch.tensor(dims)
+
+    def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
+        kept[layer, site] = hidden[0, position].index_select(0, index.to(hidden.device)).double()
+
+    with tap(lm.model, lm.adapter, [(layer, site) for layer in range(n_layers) for site in sites], keep):
+        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    return {site: torch.stack([kept[layer, site].cpu() for layer in range(n_layers)]) for site in sites}
+
+
+def build_lifeline(
+    values: dict[str, list[float]], stream: str, medians: list[float], criterion: Criterion, summary: DimSummary, carrier: Massive,
+    post_ln: bool,
+) -> Lifeline:
+    """The lifeline of one dim from its per-block site values (``values[site][layer]``, see ``read_lifelines``)."""
+    n = len(medians)
+    value = values[stream]
+    embedding = values["resid_in"][0]
+    steps, error, previous = [], 0.0, embedding
+    for layer in range(n):
+        attn, mlp, resid_in = values["attn_out"][layer], values["mlp_out"][layer], values["resid_in"][layer]
+        # Post-LN: the block's first LayerNorm moves the value between the attention sum and the MLP's input.
+        norm = values["resid_mid"][layer] - values["attn_sum"][layer] if post_ln else None
+        terms = [resid_in, attn, mlp] + ([norm] if post_ln else [])
+        error = max(error, abs(sum(terms) - value[layer]) / max(*map(abs, terms), abs(value[layer]), 1e-12))
+        change = value[layer] - previous
+        # What changed the value since the previous block: the branches, and in post-LN blocks both LayerNorms
+        # (the previous block's last one, which made resid_in, and this block's first).
+        parts = {"attn": attn, "mlp": mlp, "norm": change - attn - mlp if post_ln else 0.0}
+        direction = 1.0 if change >= 0 else -1.0
+        writer = max(WRITERS, key=lambda name: parts[name] * direction)
+        massive = abs(value[layer]) >= criterion.min_abs and abs(value[layer]) >= criterion.min_ratio * medians[layer]
+        steps.append(LifelineStep(layer, resid_in, attn, mlp, value[layer], values["resid_out"][layer], change, writer,
+                                  medians[layer], massive, "", norm))
+        previous = value[layer]
+
+    peak_layer = max(range(n), key=lambda layer: abs(value[layer]))
+    peak, sign = value[peak_layer], 1 if value[peak_layer] >= 0 else -1
+    born = summary.born_at
+    before = max(range(born), key=lambda layer: abs(value[layer]), default=None)
+    precursor = value[before] if before is not None else 0.0
+    has_precursor = abs(precursor) >= criterion.min_abs
+    running = 0.0
+    for step in steps:
+        if step.layer < born:
+            toward = step.change * (1 if precursor >= 0 else -1)
+            if has_precursor and toward >= PHASE_SHARE * abs(precursor):
+                step.phase = "precursor"
+            elif has_precursor and toward <= -PHASE_SHARE * abs(precursor):
+                step.phase = "precursor erasure"
+            continue
+        running = max(running, step.value * sign)
+        toward = step.change * sign
+        if step.layer == born:
+            step.phase = "birth"
+        elif toward >= PHASE_SHARE * abs(peak):
+            step.phase = "growth"
+        elif toward <= -PHASE_SHARE * abs(peak):
+            step.phase = "erasure"
+        else:
+            step.phase = "hold" if step.value * sign >= HOLD_SHARE * running else "after"
+
+    causes = [removal_cause(value[r], medians[r - 1], criterion) for r in summary.removed_at]
+    return Lifeline(
+        dim=summary.dim, text=carrier.text, position=carrier.position, token=carrier.token, sign=sign, born_at=born, peak=peak,
+        peak_layer=peak_layer, precursor=precursor, precursor_layer=before if has_precursor else None, steps=steps,
+        phases=phases(steps, embedding), removed_at=list(summary.removed_at), removal_causes=causes,
+        erased_at=[s.layer for s in steps if s.phase == "erasure"], embedding=embedding, error=error,
+    )
+
+
+def phases(steps: list[LifelineStep], embedding: float) -> list[Phase]:
+    """Runs of consecutive blocks with one phase (and, where it writes, one writer), with their total change."""
+    runs: list[Phase] = []
+    for step in steps:
+        if not step.phase:
+            continue
+        writer = step.writer if step.phase not in ("hold", "after") else ""
+        last = runs[-1] if runs else None
+        if last and last.name == step.phase and last.writer == writer and last.last == step.layer - 1 and step.phase != "birth":
+            last.last, last.change, last.value_after = step.layer, last.change + step.change, step.value
+        else:
+            before = steps[step.layer - 1].value if step.layer else embedding
+            runs.append(Phase(step.phase, step.layer, step.layer, writer, step.change, before, step.value))
+    return runs
+
+
+def writers(line: Lifeline) -> list[tuple[int, str]]:
+    """(block, phase) of every block the lifeline names as a main writer or eraser, in depth order."""
+    named = ("precursor", "precursor erasure", "birth", "growth", "erasure")
+    return [(step.layer, step.phase) for step in line.steps if step.phase in named]
+
+
+def lifelines(
+    lm: LoadedModel, dims: list[DimSummary], massive: list[Massive], inputs: dict[int, torch.Tensor], medians: list[float],
+    criterion: Criterion,
+) -> list[Lifeline]:
+    """One lifeline per massive dim; dims that share a main carrier share its forward pass."""
+    carriers = {summary.dim: main_carrier(massive, summary.dim) for summary in dims}
+    found: dict[int, Lifeline] = {}
+    for text, position in dict.fromkeys((c.text, c.position) for c in carriers.values()):
+        group = [s for s in dims if (carriers[s.dim].text, carriers[s.dim].position) == (text, position)]
+        read = read_lifelines(lm, inputs[text], position, [s.dim for s in group])
+        for column, summary in enumerate(group):
+            values = {site: tensor[:, column].tolist() for site, tensor in read.items()}
+            found[summary.dim] = build_lifeline(values, lm.adapter.stream, medians, criterion, summary, carriers[summary.dim],
+                                                lm.adapter.post_ln)
+    return [found[summary.dim] for summary in dims]

@@ -1,0 +1,213 @@
+"""Why the writing neurons fire at the massive position and nowhere else: their pre-activations split into upstream
+sources, a chain followed back from the massive value to the token, and whether the token or the position carries it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from ..capture.probe import block_output
+from ..models.loading import LoadedModel
+from .attention import eager_attention
+from .decompose import AtPosition, Split, Target, split, units
+from .results import (Attribution, Carriers, ChainLink, Criterion, HeadShare, Lifeline, Massive, NeuronTrigger, PreActivationSplit,
+                      Report, SourcePart, Trigger)
+
+CHAIN_DEPTH = 3  # links followed back from the writing neuron (an option of scan)
+TOP_NEURONS = 3  # neurons split per writing block: those that give 90% of its output, at most this many
+WRITING = ("birth", "growth")
+
+
+def _others(values: torch.Tensor, position: int) -> torch.Tensor:
+    return torch.cat([values[:position], values[position + 1 :]])
+
+
+def _mean_max(values: torch.Tensor, position: int) -> tuple[float, float]:
+    """Mean and largest value over the positions other than ``position`` (nan for a one-token text)."""
+    rest = _others(values, position)
+    return (float(rest.mean()), float(rest.max())) if len(rest) else (float("nan"), float("nan"))
+
+
+def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
+    """The report's view of a split: every source here against elsewhere, largest |difference| first."""
+    parts = []
+    for label, part in piece.parts.items():
+        term = piece.terms.get(label)
+        mean, largest = _mean_max(part, position)
+        here = float(part[position])
+        parts.append(SourcePart(label, term.layer if term else None, term.site if term else "bias", here, mean, largest,
+                                here - mean if mean == mean else here))
+    parts.sort(key=lambda p: -abs(p.difference))
+    mean, largest = _mean_max(piece.value, position)
+    scale_mean, _ = _mean_max(piece.scale, position)
+    return PreActivationSplit(piece.target.site, float(piece.value[position]), mean, largest, float(piece.scale[position]),
+                              scale_mean, parts, piece.error)
+
+
+def top_source(piece: Split, position: int) -> str:
+    """The source that most explains why the pre-activation differs here from the other positions (toward the
+    direction it differs in); with no other position, the largest part toward its sign."""
+    mean, _ = _mean_max(piece.value, position)
+    direction = float(piece.value[position] - mean) if mean == mean else float(piece.value[position])
+    direction = 1.0 if direction >= 0 else -1.0
+
+    def pull(label: str) -> float:
+        here, (others, _) = float(piece.parts[label][position]), _mean_max(piece.parts[label], position)
+        return (here - others if others == others else here) * direction
+
+    return max((label for label in piece.parts if label in piece.terms), key=pull)
+
+
+def neuron_site(lm: LoadedModel) -> str:
+    """The pre-activation that decides whether a neuron fires: the gate in a gated MLP, else the one pre-activation."""
+    return "mlp_gate" if lm.adapter.gated else "mlp_up"
+
+
+def _link(depth: int, kind: str, layer, index, piece: Split | None, position: int, source: str | None, feeds: float | None,
+          parent: Split | None) -> ChainLink:
+    value = others = site = None
+    if piece is not None:
+        site, value, (others, _) = piece.target.site, float(piece.value[position]), _mean_max(piece.value, position)
+    here = source_others = None
+    if parent is not None and source is not None:
+        here, (source_others, _) = float(parent.parts[source][position]), _mean_max(parent.parts[source], position)
+    return ChainLink(depth, kind, layer, index, site, value, others, source, feeds, here, source_others)
+
+
+def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split, at: AtPosition, depth: int,
+           tokens: list[str], cache: dict) -> list[ChainLink]:
+    """From the writing neuron back toward the token: at each step the top source of the current neuron's
+    pre-activation, then that source's own top neuron (or head, with where it attends), whose pre-activation is split
+    in turn, up to ``depth`` steps. Ends at the embedding, at a head, or at an MLP that is not split."""
+    chain = [_link(0, "neuron", first.target.layer, first.target.neuron, first, position, None, None, None)]
+    current = first
+    for step in range(1, depth + 1):
+        label = top_source(current, position)
+        term = current.terms[label]
+        if term.layer is None:  # the embedding: the chain reaches the token itself
+            chain.append(_link(step, label, None, None, None, position, label, float(current.parts[label][position]), current))
+            break
+        found, _ = units(lm, term, float(current.factors[label][position]), at)
+        if not found:
+            chain.append(_link(step, "mlp", term.layer, None, None, position, label, float(current.parts[label][position]), current))
+            break
+        sign = 1.0 if float(current.parts[label][position]) >= 0 else -1.0
+        unit = max(found, key=lambda u: u.contribution * sign)
+        if unit.kind == "head":
+            link = _link(step, "head", term.layer, unit.index, None, position, label, unit.contribution, current)
+            link.attends = attends(lm, input_ids, term.layer, unit.index, position, tokens)
+            chain.append(link)
+            break
+        target = Target(term.layer, unit.index, neuron_site(lm))
+        pieces, at = cached_split(lm, input_ids, [target], position, cache)
+        chain.append(_link(step, "neuron", term.layer, unit.index, pieces[0], position, label, unit.contribution, current))
+        current = pieces[0]
+    return chain
+
+
+def cached_split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], position: int, cache: dict) -> tuple[list[Split], AtPosition]:
+    """``split``, computing only the targets not split before at this text and position."""
+    text_key = (tuple(input_ids[0].tolist()), position)
+    missing = [t for t in targets if (text_key, t.layer, t.neuron, t.site) not in cache]
+    if missing:
+        pieces, at = split(lm, input_ids, missing, position)
+        for piece in pieces:
+            cache[text_key, piece.target.layer, piece.target.neuron, piece.target.site] = (piece, at)
+    found = [cache[text_key, t.layer, t.neuron, t.site] for t in targets]
+    merged = AtPosition({key: vector for _, at in found for key, vector in at.vectors.items()})
+    return [piece for piece, _ in found], merged
+
+
+@torch.no_grad()
+def attends(lm: LoadedModel, input_ids: torch.Tensor, layer: int, head: int, position: int, tokens: list[str], top: int = 3) -> list[list]:
+    """[key position, token, probability] of the head's strongest keys from the query at ``position`` (eager pass)."""
+    with eager_attention(lm):
+        attention = lm.model(input_ids=input_ids.to(lm.device), output_attentions=True, use_cache=False).attentions[layer]
+    row = attention[0, head, position].float().cpu()
+    order = row.argsort(descending=True)[:top].tolist()
+    return [[key, tokens[key], float(row[key])] for key in order]
+
+
+def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: int, input_ids: torch.Tensor,
+             medians: list[float], criterion: Criterion) -> Carriers | None:
+    """Token or position: the scan's places for the dim, and two probes at the peak block on the carrier's text with
+    another token put in the carrier's place (the next token of the text; the one before at its end), which moves the
+    carrier token one position on."""
+    ids = input_ids[0]
+    if len(ids) < 2:
+        return None
+    places = {(m.text, m.position): m.token for m in massive if m.dim == line.dim}
+    first = Counter(token for (_, position), token in places.items() if position == 0)
+    other = Counter(token for (_, position), token in places.items() if position > 0)
+    p = line.position
+    # Probe where the carrier is most clearly massive: the block where its value is the most times its threshold.
+    layer = max(range(len(line.steps)), key=lambda l: abs(line.steps[l].value) / max(criterion.min_abs, criterion.min_ratio * medians[l]))
+    other_token = ids[p + 1] if p + 1 < len(ids) else ids[p - 1]
+    probe = torch.cat([ids[:p], other_token.view(1), ids[p:]]).unsqueeze(0)
+    hidden = block_output(lm, probe, layer)
+    swapped, moved = float(hidden[p, line.dim]), float(hidden[p + 1, line.dim])
+    limit = max(criterion.min_abs, criterion.min_ratio * medians[layer])
+    swapped_massive, moved_massive = abs(swapped) >= limit, abs(moved) >= limit
+    verdict = {(True, False): "position", (False, True): "token", (True, True): "both", (False, False): "context"}[swapped_massive, moved_massive]
+    name = lm.tokenizer.decode([int(other_token)])
+    seen = (f"the scan saw it at the first position of {sum(first.values())} of {windows} texts "
+            f"({len(first)} different first token{'s' if len(first) != 1 else ''})")
+    seen += f" and at {sum(other.values())} later position(s) ({', '.join(repr(t) for t, _ in other.most_common(4))})" if other else " and at no later position"
+    probes = (f"at block {layer}, with {name!r} put at position {p} it carries {swapped:+,.1f} there "
+              f"({'massive' if swapped_massive else 'not massive'}), and {line.token!r} moved to position {p + 1} carries "
+              f"{moved:+,.1f} ({'massive' if moved_massive else 'not massive'})")
+    lead = {"position": "the position, not the token", "token": "the token, not the position",
+            "both": "the token and the position both carry it", "context": "neither the token nor the position alone: it depends on the text"}[verdict]
+    return Carriers(windows, sum(first.values()), [[t, n] for t, n in first.most_common()], [[t, n] for t, n in other.most_common(8)],
+                    layer, name, swapped, swapped_massive, moved, moved_massive, verdict, f"{lead}: {probes}; {seen}")
+
+
+def trigger(
+    lm: LoadedModel, line: Lifeline, writers: list[Attribution], heads: list[HeadShare] | None, input_ids: torch.Tensor,
+    tokens: list[str], massive: list[Massive], windows: int, medians: list[float], criterion: Criterion, depth: int, cache: dict,
+) -> Trigger:
+    """The trigger of one dim at its main carrier. ``writers``: the neuron attributions of its birth and growth
+    blocks at the carrier; ``heads``: the head split where attention writes the birth instead."""
+    p = line.position
+    targets, roles = [], {}
+    for a in writers:
+        toward = [n for n in a.neurons if n.contribution * a.output > 0][: min(max(a.neurons_for_90pct, 1), TOP_NEURONS)]
+        for n in toward:
+            roles[a.layer, n.neuron] = a.role
+            targets += [Target(a.layer, n.neuron, site) for site in (("mlp_gate", "mlp_up") if lm.adapter.gated else ("mlp_up",))]
+    warnings = []
+    neurons: list[NeuronTrigger] = []
+    chain: list[ChainLink] = []
+    if targets:
+        pieces, at = cached_split(lm, input_ids, targets, p, cache)
+        for (layer, neuron), role in roles.items():
+            splits = [pre_activation_split(x, p) for x in pieces if (x.target.layer, x.target.neuron) == (layer, neuron)]
+            neurons.append(NeuronTrigger(layer, neuron, role, splits))
+            warnings += [f"block {layer} neuron {neuron} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
+        first = next(x for x in pieces if x.target.site == neuron_site(lm))
+        chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
+    elif heads:  # attention writes it: the chain starts, and ends, at the writing head
+        link = ChainLink(0, "head", line.born_at, heads[0].head, None, None, None, None, heads[0].contribution, None, None)
+        link.attends = attends(lm, input_ids, line.born_at, heads[0].head, p, tokens)
+        chain = [link]
+    return Trigger(line.dim, line.text, p, line.token, neurons, chain, carriers(lm, line, massive, windows, input_ids, medians, criterion),
+                   warnings)
+
+
+def triggers(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], depth: int = CHAIN_DEPTH) -> list[Trigger]:
+    """One trigger per lifeline; dims written by the same neurons at the same place share their splits."""
+    cache: dict = {}
+    medians = [s.median for s in report.layers]
+    found = []
+    for line in report.lifeline:
+        at_carrier = lambda item: (item.dim, item.text, item.position) == (line.dim, line.text, line.position)
+        writers = [a for a in report.attribution if at_carrier(a) and a.role in WRITING]
+        birth = next((o for o in report.origin if at_carrier(o) and o.role == "birth"), None)
+        heads = birth.heads if birth is not None and birth.writer == "attn" else None
+        one = trigger(lm, line, writers, heads, inputs[line.text], report.tokens[line.text], report.massive, report.corpus.windows,
+                      medians, report.criterion, depth, cache)
+        if any(e for e in report.experts if at_carrier(e)):
+            one.warnings.append("the writing MLP is a mixture of experts: its neurons' pre-activations are not split")
+        found.append(one)
+    return found
