@@ -25,8 +25,13 @@ def test_scan_writes_every_output(model_dir, tmp_path):
     assert data["texts"] == {"0": "The committee met on Tuesday.", "1": "Summer is warm."}
     assert [d["dim"] for d in data["dims"]] == [DIM] and data["dims"][0]["born_at"] == LAYER
     assert data["attribution"][0]["neurons"][0]["neuron"] == NEURON
+    assert data["lifeline"][0]["dim"] == DIM and data["lifeline"][0]["steps"][LAYER]["phase"] == "birth"
+    assert data["trigger"][0]["chain"][0]["index"] == NEURON
+    steps = data["super_weights"]  # verification is on by default for a model this small
+    assert [(s["neuron"], s["still_massive"]) for s in steps] == [(NEURON, False)]
     text = (out / "report.txt").read_text(encoding="utf-8")
-    for section in ("1. Layer scan", "2. Massive activations", "3. Origin", "4. MLP anatomy", "5. Neuron attribution", "Conclusion"):
+    for section in ("1. Layer scan", "2. Massive activations", "3. Lifeline", "4. Origin", "5. MLP anatomy", "6. Neuron attribution",
+                    "7. Trigger", "Conclusion"):
         assert section in text
     assert "\x1b[" not in text  # no terminal colour codes in the file
     assert f"dim {DIM}" in result.stdout and f"wrote {out / 'report.json'}" in result.stdout

@@ -103,3 +103,84 @@ def test_figures_of_the_default_model(report):
     assert report.birth_state.dims and max(max(row) for row in report.birth_state.magnitude) == pytest.approx(
         abs(max(report.dims, key=lambda d: abs(d.max_value)).max_value), rel=1e-3
     )
+
+
+def _strongest(report):
+    dim = max(report.dims, key=lambda d: abs(d.max_value)).dim
+    return next(x for x in report.lifeline if x.dim == dim)
+
+
+def test_lifeline_is_the_hidden_states_block_by_block(report, hidden):
+    line = _strongest(report)
+    for step in line.steps:  # second computation: transformers' own hidden states at the main carrier
+        assert step.value == pytest.approx(hidden[step.layer + 1][0, line.position, line.dim].item(), rel=1e-5, abs=1e-4)
+        assert step.resid_in + step.attn + step.mlp == pytest.approx(step.value, rel=1e-4, abs=1e-4)
+    assert line.error < 1e-4 and line.steps[line.born_at].phase == "birth"
+    # SmolLM2 writes it in two stages: a precursor in the same dim is written and erased before the birth block.
+    assert line.precursor_layer is not None and line.precursor_layer < line.born_at
+    assert {"precursor", "precursor erasure"} <= {p.name for p in line.phases}
+    for layer in line.erased_at:  # an erasure takes at least 10% of the peak off
+        assert line.steps[layer].change * line.sign <= -0.1 * abs(line.peak)
+    assert line.erased_at, "the last blocks erase it"
+
+
+def test_trigger_split_matches_plain_hooks(smol, report):
+    line = _strongest(report)
+    trigger = next(t for t in report.trigger if t.dim == line.dim)
+    neuron = trigger.neurons[0]
+    gate = neuron.splits[0]
+    assert gate.site == "mlp_gate" and gate.error < 1e-4
+    assert sum(s.here for s in gate.sources) == pytest.approx(gate.value, rel=1e-4)
+    top = gate.sources[0]
+    # Second computation, outside massact: the top source's output and the MLP's input norm, by plain hooks.
+    layers = smol.model.model.layers
+    block = layers[neuron.layer]
+    source = layers[top.layer].mlp if top.site == "mlp_out" else layers[top.layer].self_attn
+    seen = {}
+    handles = [block.post_attention_layernorm.register_forward_hook(lambda m, args, out: seen.update(x=args[0])),
+               source.register_forward_hook(lambda m, args, out: seen.update(src=out[0] if isinstance(out, tuple) else out))]
+    try:
+        with torch.no_grad():
+            smol.model(smol.tokenizer(report.texts[trigger.text], return_tensors="pt").input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    p, norm = trigger.position, block.post_attention_layernorm
+    x = seen["x"][0, p].double()
+    scale = float((x.pow(2).mean() + norm.variance_epsilon).rsqrt())
+    row = block.mlp.gate_proj.weight[neuron.neuron].detach().double() * norm.weight.detach().double()
+    assert top.here == pytest.approx(scale * float(row @ seen["src"][0, p].double()), rel=1e-4)
+    with torch.no_grad():
+        assert gate.value == pytest.approx(block.mlp.gate_proj(norm(seen["x"]))[0, p, neuron.neuron].item(), rel=1e-5)
+    assert trigger.chain[0].index == neuron.neuron and trigger.chain[1].source == top.source
+
+
+def test_super_weights_one_after_another(smol, report):
+    import hashlib
+
+    from massact.analysis.perplexity import eval_windows, perplexity
+    from massact.analysis.superweights import iterate
+
+    line = _strongest(report)
+    birth = next(a for a in report.attribution if a.dim == line.dim and a.role == "birth")
+    ids = smol.tokenizer(report.texts[line.text], return_tensors="pt").input_ids
+    windows = eval_windows(smol, SENTENCE)
+    digest = lambda: hashlib.sha256(smol.model.get_parameter(birth.super_weight.matrix).detach().numpy().tobytes()).hexdigest()
+    before = digest()
+    steps = iterate(smol, line, ids, [s.median for s in report.layers], report.criterion, windows, perplexity(smol, windows))
+    assert digest() == before  # every zeroed weight written back
+    assert (steps[0].weight.row, steps[0].weight.col) == (birth.super_weight.row, birth.super_weight.col)
+    assert steps[0].neuron == birth.neurons[0].neuron
+    assert all(s.still_massive for s in steps[:-1]) and not steps[-1].still_massive
+    # Second computation: zero the same weights by hand and read transformers' hidden states.
+    weight = smol.model.get_parameter(steps[0].weight.matrix)
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            for s in steps:
+                weight[s.weight.row, s.weight.col] = 0.0
+            states = smol.model(ids, output_hidden_states=True).hidden_states
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert steps[-1].value_birth == pytest.approx(states[line.born_at + 1][0, line.position, line.dim].item(), rel=1e-4)

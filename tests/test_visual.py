@@ -19,8 +19,8 @@ from conftest import plant_attention, plant_mlp, run_massact, save_planted, tiny
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
-SECTIONS = ["1. Layer scan", "2. Massive activations", "3. Origin", "4. MLP anatomy", "5. Neuron attribution",
-            "6. Verification by intervention", "7. Attention sinks", "Conclusion", "Figures", "Settings"]
+SECTIONS = ["1. Layer scan", "2. Massive activations", "3. Lifeline", "4. Origin", "5. MLP anatomy", "6. Neuron attribution",
+            "7. Trigger", "8. Super weights", "9. Verification by intervention", "10. Attention sinks", "Conclusion", "Figures", "Settings"]
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -53,7 +53,7 @@ def test_figures_without_an_mlp_writer_leave_out_the_mlp_figures(tokenizer):
     model = tiny_model("gpt2", len(tokenizer))
     plant_attention(model, tokenizer.bos_token_id, LAYER, 2, DIM)
     pngs = figures(massact.scan(model, TEXTS, tokenizer=tokenizer))
-    assert set(pngs) == {"layer_profile.png", "massive_heatmap.png"}
+    assert set(pngs) == {"layer_profile.png", "massive_heatmap.png", "lifeline.png"}  # no neuron writes: no trigger figure
 
 
 def test_html_has_every_section_and_its_images(verified):

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
     scan.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
     scan.add_argument("--top-neurons", type=int, default=10, help="neurons listed in the attribution")
+    scan.add_argument("--chain-depth", type=int, default=3,
+                      help="links followed back from the writing neuron toward the token in the trigger chain")
+    scan.add_argument("--super-weight-steps", type=int, default=5,
+                      help="super weights zeroed one after another per dim, at most (with --verify)")
     scan.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]]: a save_to_disk directory, a local folder of data files, or a hub name")
     scan.add_argument("--max-texts", type=int, help="scan at most this many texts")
     scan.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows (default: refuse texts longer than the context)")
@@ -79,7 +83,7 @@ def _scan(args) -> int:
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
-    for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every"):
+    for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every", "chain_depth", "super_weight_steps"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
     formats = parse_formats(args.format)
@@ -90,6 +94,7 @@ def _scan(args) -> int:
     eval_text = _read_eval(args.eval_file)
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
+                    chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps,
                     batch_size=args.batch_size, max_length=args.max_length, checkpoint=out / "scan-state.pt",
                     checkpoint_every=args.checkpoint_every, resume=args.resume)
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,

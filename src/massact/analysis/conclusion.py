@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .moe import MoeAttribution
-from .results import NormFactors, Origin, Report
+from .results import DimSummary, Lifeline, NormFactors, Origin, Phase, Report, SuperWeightStep, Trigger
 
 
 _PLACES = {
@@ -49,7 +49,8 @@ def _norm_words(n: NormFactors, written: str, post_ln: bool) -> str:
 
 
 def conclude(report: Report) -> list[str]:
-    """Plain-language sentences, one per massive dim, built from the numbers above them in the report."""
+    """Plain-language sentences, one paragraph per massive dim, built from the numbers above them in the report: the
+    mechanism as a chain a reader can follow from the token to the erasure."""
     if not report.dims:
         best = max(report.layers, key=lambda s: s.ratio)
         top = best.top[0]
@@ -58,44 +59,125 @@ def conclude(report: Report) -> list[str]:
             f"{report.criterion.min_ratio:g} x median): the largest top1/median is {best.ratio:.0f}x, dim {top.dim} "
             f"= {top.value:.1f} at block {best.layer}."
         ]
-    sentences = []
-    gated = report.model.gated
+    paragraphs = []
     for summary in sorted(report.dims, key=lambda d: -abs(d.max_value)):
-        birth = next(o for o in report.origin if o.dim == summary.dim and o.role == "birth")
-        written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
-        branch = birth.mlp if birth.writer == "mlp" else birth.attn
-        stream = "the residual sum before the block's LayerNorm" if report.model.stream == "resid_sum" else "resid_out"
-        text = (
-            f"dim {summary.dim} at token {birth.position} ({birth.token!r}) is born in block {birth.layer}, written by its "
-            f"{written} ({branch:+.1f} of {stream} {birth.resid_out:+.1f}, resid_in was {birth.resid_in:+.1f})"
+        line = next((x for x in report.lifeline if x.dim == summary.dim), None)
+        precursor = _precursor_words(line) if line is not None and line.precursor_layer is not None else ""
+        parts = [_birth_words(report, summary.dim, precursor)]
+        trigger = next((t for t in report.trigger if t.dim == summary.dim), None)
+        if trigger is not None and trigger.chain:
+            parts.append(_trigger_words(trigger))
+        parts.append(_fate_words(report, summary, line))
+        steps = [s for s in report.super_weights if s.dim == summary.dim]
+        if steps:
+            parts.append(_super_weight_words(steps))
+        paragraphs.append(" ".join(parts))
+    return paragraphs
+
+
+def _birth_words(report: Report, dim: int, precursor: str = "") -> str:
+    birth = next(o for o in report.origin if o.dim == dim and o.role == "birth")
+    written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
+    branch = birth.mlp if birth.writer == "mlp" else birth.attn
+    stream = "the residual sum before the block's LayerNorm" if report.model.stream == "resid_sum" else "resid_out"
+    text = (
+        f"dim {dim} at token {birth.position} ({birth.token!r}){precursor} is born in block {birth.layer}, written by its "
+        f"{written} ({branch:+.1f} of {stream} {birth.resid_out:+.1f}, resid_in was {birth.resid_in:+.1f})"
+    )
+    if birth.norm is not None:
+        text += "; " + _norm_words(birth.norm, written, report.model.stream == "resid_sum")
+    attribution = next((a for a in report.attribution if a.dim == dim and a.role == "birth"), None)
+    anatomy = next((a for a in report.anatomy if a.dim == dim and a.role == "birth"), None)
+    if attribution and anatomy:
+        top = attribution.neurons[0]
+        weight = attribution.super_weight
+        count = attribution.neurons_for_90pct
+        raw = " of the raw MLP output" if attribution.landed is not None else " of it"
+        text += (
+            f"; {count} neuron{'s' if count != 1 else ''} give 90%{raw}, neuron {top.neuron} alone "
+            f"{top.share:.1%}; the explosion is at {_explosion_words(anatomy.explosion_point, report.model.gated)}; "
+            f"super weight {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
+            f"rank {weight.rank} of {weight.entries:,} entries by |w|"
         )
-        if birth.norm is not None:
-            text += "; " + _norm_words(birth.norm, written, report.model.stream == "resid_sum")
-        attribution = next((a for a in report.attribution if a.dim == summary.dim and a.role == "birth"), None)
-        anatomy = next((a for a in report.anatomy if a.dim == summary.dim and a.role == "birth"), None)
-        if attribution and anatomy:
-            top = attribution.neurons[0]
-            weight = attribution.super_weight
-            count = attribution.neurons_for_90pct
-            raw = " of the raw MLP output" if attribution.landed is not None else " of it"
-            text += (
-                f"; {count} neuron{'s' if count != 1 else ''} give 90%{raw}, neuron {top.neuron} alone "
-                f"{top.share:.1%}; the explosion is at {_explosion_words(anatomy.explosion_point, gated)}; "
-                f"super weight {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
-                f"rank {weight.rank} of {weight.entries:,} entries by |w|"
-            )
-        elif split := next((e.moe for e in report.experts if e.dim == summary.dim and e.role == "birth"), None):
-            text += "; " + _expert_words(split)
-        elif birth.heads:
-            head = birth.heads[0]
-            text += f"; head {head.head} gives {head.share:.1%} of the attention output"
-        last = summary.persists[-1]
-        count = len(summary.persists)
-        text += f". It is massive in block {last}" if count == 1 else f". It is massive in {count} blocks, {summary.born_at} to {last}"
-        removals = [o for o in report.origin if o.dim == summary.dim and o.role == "removal"]
-        if removals:
-            text += ", and " + ", ".join(_removal_words(o) for o in removals)
-        else:
-            text += ", and is still massive at the last block"
-        sentences.append(text + ".")
-    return sentences
+    elif split := next((e.moe for e in report.experts if e.dim == dim and e.role == "birth"), None):
+        text += "; " + _expert_words(split)
+    elif birth.heads:
+        head = birth.heads[0]
+        text += f"; head {head.head} gives {head.share:.1%} of the attention output"
+    return text + "."
+
+
+def _blocks(first: int, last: int) -> str:
+    return f"block {first}" if first == last else f"blocks {first}-{last}"
+
+
+def _phase_words(phase: Phase) -> str:
+    who = {"mlp": "MLP", "attn": "attention", "norm": "norm"}[phase.writer]
+    return f"{_blocks(phase.first, phase.last)}'s {who} ({phase.value_before:+,.1f} -> {phase.value_after:+,.1f})"
+
+
+def _precursor_words(line: Lifeline) -> str:
+    """A clause for the birth sentence: the smaller value the same dim and token carried first, and who erased it."""
+    writes = [p for p in line.phases if p.name == "precursor"]
+    erases = [p for p in line.phases if p.name == "precursor erasure"]
+    sign = "" if (line.precursor >= 0) == (line.sign >= 0) else " (of the opposite sign)"
+    text = f": a precursor of {line.precursor:+,.1f}{sign} is written first by " + ", ".join(map(_phase_words, writes))
+    if erases:
+        text += " and erased by " + ", ".join(map(_phase_words, erases))
+    return text + "; then it"
+
+
+def _trigger_words(trigger: Trigger) -> str:
+    first, rest = trigger.chain[0], trigger.chain[1:]
+    if first.kind != "neuron":
+        return ""
+    name = lambda link: "gate" if link.site == "mlp_gate" else "pre-activation"
+    text = (f"Neuron {first.index} fires at token {trigger.position} because its {name(first)} is {first.value:+.1f} there against "
+            f"{first.value_others:+.1f} on average at the other tokens")
+    steps, previous = [], first
+    for link in rest:
+        step = f"{link.source} gives {link.source_here:+.1f} of that {name(previous)} ({link.source_others:+.1f} elsewhere)"
+        previous = link
+        if link.kind == "neuron":
+            step += f", {link.feeds:+.1f} through neuron {link.index}, whose {name(link)} is {link.value:+.1f} there ({link.value_others:+.1f} elsewhere)"
+        elif link.kind == "head" and link.attends:
+            step += f", {link.feeds:+.1f} through head {link.index}, which attends to {link.attends[0][1]!r} ({link.attends[0][2]:.0%})"
+        elif link.kind != "mlp":
+            step += ", straight from the token"
+        steps.append(step)
+    if steps:
+        text += ". Following the top source back: " + "; ".join(steps)
+    if trigger.carriers is not None:
+        text += f". It is {trigger.carriers.summary.split(':')[0]}"
+    patch = next((p for p in trigger.patching if p.replacement != "zero"), None)
+    if patch is not None:
+        text += (f"; replacing {patch.source}'s output there by its mean over the other tokens changes the {name(first)} by "
+                 f"{patch.total:+.1f} ({patch.direct:+.1f} directly) and leaves {patch.value_birth:+,.1f} at the birth block "
+                 f"({'still massive' if patch.still_massive else 'not massive'})")
+    return text + "."
+
+
+def _fate_words(report: Report, summary: DimSummary, line: Lifeline | None) -> str:
+    last, count = summary.persists[-1], len(summary.persists)
+    text = f"It is massive in block {last}" if count == 1 else f"It is massive in {count} blocks, {summary.born_at} to {last}"
+    if line is not None:
+        growth = [p for p in line.phases if p.name == "growth"]
+        if growth:
+            text += ", grows in " + ", ".join(map(_phase_words, growth))
+        erasure = [p for p in line.phases if p.name == "erasure"]
+        text += (", and is erased by " + ", ".join(map(_phase_words, erasure))) if erasure else ", and is never erased"
+        medians = [r for r, cause in zip(line.removed_at, line.removal_causes) if cause == "median"]
+        if medians:
+            text += (f"; the scan stops calling it massive at block {medians[0]} only because the median |a| grows there (the value "
+                     "holds)")
+        elif line.removed_at and not set(line.removed_at) <= set(line.erased_at):
+            text += f"; the scan stops calling it massive at block {line.removed_at[0]}"
+        return text + "."
+    removals = [o for o in report.origin if o.dim == summary.dim and o.role == "removal"]
+    return text + (", and " + ", ".join(_removal_words(o) for o in removals) if removals else ", and is still massive at the last block") + "."
+
+
+def _super_weight_words(steps: list[SuperWeightStep]) -> str:
+    words = [f"[{s.weight.row}, {s.weight.col}] leaves {s.value_birth:+,.1f} ({'still massive' if s.still_massive else 'not massive'}, "
+             f"perplexity x{s.perplexity_ratio:,.2f})" for s in steps]
+    return f"Its super weights in {steps[0].weight.matrix}, zeroed one after another: " + "; then ".join(words) + "."

@@ -235,6 +235,30 @@ def split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], posit
     return results, AtPosition(at)
 
 
+def _others(values: torch.Tensor, position: int) -> torch.Tensor:
+    return torch.cat([values[:position], values[position + 1 :]])
+
+
+def mean_max(values: torch.Tensor, position: int) -> tuple[float, float]:
+    """Mean and largest value over the positions other than ``position`` (nan for a one-token text)."""
+    rest = _others(values, position)
+    return (float(rest.mean()), float(rest.max())) if len(rest) else (float("nan"), float("nan"))
+
+
+def ranked_sources(piece: Split, position: int) -> list[str]:
+    """Sources by how much they explain why the pre-activation differs here from the other positions (toward the
+    direction it differs in), most first; with no other position, by their part toward its sign."""
+    mean, _ = mean_max(piece.value, position)
+    direction = float(piece.value[position] - mean) if mean == mean else float(piece.value[position])
+    direction = 1.0 if direction >= 0 else -1.0
+
+    def pull(label: str) -> float:
+        here, (others, _) = float(piece.parts[label][position]), mean_max(piece.parts[label], position)
+        return (here - others if others == others else here) * direction
+
+    return sorted((label for label in piece.parts if label in piece.terms), key=pull, reverse=True)
+
+
 @dataclass
 class Unit:
     """A neuron or a head of a source block, and its part of a term at the massive position."""

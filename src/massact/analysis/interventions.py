@@ -3,8 +3,8 @@ weight it changes is written back, even when the body raises."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -51,20 +51,11 @@ def massive_mask(hidden: torch.Tensor, dim: int, min_abs: float, min_ratio: floa
 
 
 @contextmanager
-def replace_massive(
-    lm: LoadedModel, layer: int, values: dict[int, float], min_abs: float, min_ratio: float
-) -> Iterator[None]:
-    """Where a block's output (the detection stream) is massive, set each dim to ``values[dim]`` (Sun et al.: zero,
-    or its mean). In post-LN blocks that is the residual sum, before the block's last LayerNorm."""
-    path, direction = lm.adapter.sites[lm.adapter.stream][:2]
+def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the value a site takes by ``edit(value)`` at every forward pass while active (a site read at a
+    module's output changes that output; one read at its input changes that input)."""
+    path, direction = lm.adapter.sites[site][:2]
     module = lm.adapter.module(lm.model, layer, path)
-
-    def edit(hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.clone()
-        for dim, value in values.items():
-            mask = massive_mask(hidden, dim, min_abs, min_ratio)
-            hidden[..., dim] = torch.where(mask, torch.full_like(hidden[..., dim], value), hidden[..., dim])
-        return hidden
 
     def on_output(module, args, output):
         if isinstance(output, (tuple, list)):
@@ -84,6 +75,35 @@ def replace_massive(
         yield
     finally:
         handle.remove()
+
+
+def replace_massive(
+    lm: LoadedModel, layer: int, values: dict[int, float], min_abs: float, min_ratio: float
+) -> AbstractContextManager[None]:
+    """Where a block's output (the detection stream) is massive, set each dim to ``values[dim]`` (Sun et al.: zero,
+    or its mean). In post-LN blocks that is the residual sum, before the block's last LayerNorm."""
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.clone()
+        for dim, value in values.items():
+            mask = massive_mask(hidden, dim, min_abs, min_ratio)
+            hidden[..., dim] = torch.where(mask, torch.full_like(hidden[..., dim], value), hidden[..., dim])
+        return hidden
+
+    return edit_site(lm, layer, lm.adapter.stream, edit)
+
+
+def patch_position(lm: LoadedModel, layer: int, site: str, position: int, vector: torch.Tensor) -> AbstractContextManager[None]:
+    """Put ``vector`` [width] in place of the site's value at ``position`` of a one-text batch (OPT's flat
+    [positions, width] MLP tensors included), leaving every other position as the model computes it."""
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.clone()
+        rows = hidden.view(-1, hidden.shape[-1])  # [positions, width] for a batch of one text
+        rows[position] = vector.to(hidden.device, hidden.dtype)
+        return hidden
+
+    return edit_site(lm, layer, site, edit)
 
 
 def read_coordinate(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], position: int, dim: int) -> dict[int, float]:

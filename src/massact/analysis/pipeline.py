@@ -19,6 +19,7 @@ from .attention import attention_sinks
 from .conclusion import conclude
 from .explain import birth_state, explain, pick_events
 from .lifeline import lifelines
+from .superweights import MAX_STEPS, all_super_weights
 from .trigger import CHAIN_DEPTH, triggers
 from .perplexity import default_eval_text
 from .results import CorpusInfo, Criterion, Massive, ModelInfo, Report
@@ -47,6 +48,7 @@ def scan(
     min_ratio: float = 1000.0,
     top_neurons: int = 10,
     chain_depth: int = CHAIN_DEPTH,
+    super_weight_steps: int = MAX_STEPS,
     batch_size: int = 8,
     max_length: int | None = None,
     checkpoint: Path | None = None,
@@ -64,6 +66,9 @@ def scan(
 
     ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
     ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``progress``: see ``Progress``.
+    The mechanism of each dim: its lifeline over every block, the trigger of its writing neurons (a chain of
+    ``chain_depth`` links back toward the token) and, with ``verify``, the trigger's sources patched and up to
+    ``super_weight_steps`` super weights zeroed one after another.
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
@@ -117,8 +122,7 @@ def scan(
         experts=experts,
         lifeline=lines,
     )
-    report.trigger = triggers(lm, report, inputs, chain_depth)
-    report.conclusion = conclude(report)
+    report.trigger = triggers(lm, report, inputs, chain_depth, patch=verify)
     report.birth_state = birth_state(lm, report, inputs)
     if verify and report.dims and lm.adapter.encoder:
         report.warnings.append("verification skipped: it measures perplexity, which an encoder (masked LM) does not have")
@@ -130,6 +134,10 @@ def scan(
         for m in massive:
             sinks.setdefault(m.text, {})[m.position] = None
         report.attention = attention_sinks(lm, inputs, {t: list(p) for t, p in sinks.items()}, min(d.born_at for d in dims))
+    if report.verification is not None:
+        report.super_weights = all_super_weights(lm, report, inputs, eval_text or default_eval_text(), super_weight_steps,
+                                                 progress("super weights, zeroed one by one", None))
+    report.conclusion = conclude(report)
     return report
 
 

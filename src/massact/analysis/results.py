@@ -495,6 +495,26 @@ class Carriers:
 
 
 @dataclass
+class Patch:
+    """A top source of the writing neuron's pre-activation replaced at the massive position (by its mean over the
+    text's other positions, or by zero), the rest of the model left to run. ``direct``: the change of the pre-activation
+    through that source alone, with every norm factor held (its direct contribution); ``total``: the change the model
+    really shows, through every later block too. The massive value at the birth and peak blocks under the patch, and
+    whether it is still massive at either."""
+
+    source: str
+    layer: int | None
+    site: str
+    replacement: str
+    direct: float
+    total: float
+    pre_activation: float
+    value_birth: float
+    value_peak: float
+    still_massive: bool
+
+
+@dataclass
 class Trigger:
     """Why a massive dim is written at its carrier and nowhere else: the writing neurons' pre-activations split into
     sources, the chain from the token to the value (depth-limited), and the token-or-position evidence."""
@@ -507,6 +527,27 @@ class Trigger:
     chain: list[ChainLink]
     carriers: Carriers | None
     warnings: list[str] = field(default_factory=list)
+    patching: list[Patch] = field(default_factory=list)
+
+
+@dataclass
+class SuperWeightStep:
+    """One step of Yu et al.'s iterative search for a dim's super weights: with every earlier step's weight still
+    zeroed, the top contributor of what is left at the birth block (its ``neuron``, at the main carrier) gives the next
+    super weight; it is zeroed too and the dim is measured again. ``value_birth`` / ``value_peak``: the massive value
+    left at the birth and peak blocks; ``still_massive`` at either; the perplexity of the evaluation text with every
+    weight so far zeroed. ``weight.rank`` is its rank by |w| in the unmodified matrix."""
+
+    dim: int
+    layer: int
+    step: int
+    neuron: int
+    weight: SuperWeight
+    value_birth: float
+    value_peak: float
+    still_massive: bool
+    perplexity: float | None
+    perplexity_ratio: float | None
 
 
 @dataclass
@@ -531,6 +572,7 @@ class Report:
     experts: list[ExpertAttribution] = field(default_factory=list)
     lifeline: list[Lifeline] = field(default_factory=list)
     trigger: list[Trigger] = field(default_factory=list)
+    super_weights: list[SuperWeightStep] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

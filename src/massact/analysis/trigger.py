@@ -10,7 +10,8 @@ import torch
 from ..capture.probe import block_output
 from ..models.loading import LoadedModel
 from .attention import eager_attention
-from .decompose import AtPosition, Split, Target, split, units
+from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
+from .patching import patch_sources
 from .results import (Attribution, Carriers, ChainLink, Criterion, HeadShare, Lifeline, Massive, NeuronTrigger, PreActivationSplit,
                       Report, SourcePart, Trigger)
 
@@ -19,44 +20,20 @@ TOP_NEURONS = 3  # neurons split per writing block: those that give 90% of its o
 WRITING = ("birth", "growth")
 
 
-def _others(values: torch.Tensor, position: int) -> torch.Tensor:
-    return torch.cat([values[:position], values[position + 1 :]])
-
-
-def _mean_max(values: torch.Tensor, position: int) -> tuple[float, float]:
-    """Mean and largest value over the positions other than ``position`` (nan for a one-token text)."""
-    rest = _others(values, position)
-    return (float(rest.mean()), float(rest.max())) if len(rest) else (float("nan"), float("nan"))
-
-
 def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
     """The report's view of a split: every source here against elsewhere, largest |difference| first."""
     parts = []
     for label, part in piece.parts.items():
         term = piece.terms.get(label)
-        mean, largest = _mean_max(part, position)
+        mean, largest = mean_max(part, position)
         here = float(part[position])
         parts.append(SourcePart(label, term.layer if term else None, term.site if term else "bias", here, mean, largest,
                                 here - mean if mean == mean else here))
     parts.sort(key=lambda p: -abs(p.difference))
-    mean, largest = _mean_max(piece.value, position)
-    scale_mean, _ = _mean_max(piece.scale, position)
+    mean, largest = mean_max(piece.value, position)
+    scale_mean, _ = mean_max(piece.scale, position)
     return PreActivationSplit(piece.target.site, float(piece.value[position]), mean, largest, float(piece.scale[position]),
                               scale_mean, parts, piece.error)
-
-
-def top_source(piece: Split, position: int) -> str:
-    """The source that most explains why the pre-activation differs here from the other positions (toward the
-    direction it differs in); with no other position, the largest part toward its sign."""
-    mean, _ = _mean_max(piece.value, position)
-    direction = float(piece.value[position] - mean) if mean == mean else float(piece.value[position])
-    direction = 1.0 if direction >= 0 else -1.0
-
-    def pull(label: str) -> float:
-        here, (others, _) = float(piece.parts[label][position]), _mean_max(piece.parts[label], position)
-        return (here - others if others == others else here) * direction
-
-    return max((label for label in piece.parts if label in piece.terms), key=pull)
 
 
 def neuron_site(lm: LoadedModel) -> str:
@@ -68,10 +45,10 @@ def _link(depth: int, kind: str, layer, index, piece: Split | None, position: in
           parent: Split | None) -> ChainLink:
     value = others = site = None
     if piece is not None:
-        site, value, (others, _) = piece.target.site, float(piece.value[position]), _mean_max(piece.value, position)
+        site, value, (others, _) = piece.target.site, float(piece.value[position]), mean_max(piece.value, position)
     here = source_others = None
     if parent is not None and source is not None:
-        here, (source_others, _) = float(parent.parts[source][position]), _mean_max(parent.parts[source], position)
+        here, (source_others, _) = float(parent.parts[source][position]), mean_max(parent.parts[source], position)
     return ChainLink(depth, kind, layer, index, site, value, others, source, feeds, here, source_others)
 
 
@@ -83,7 +60,7 @@ def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split
     chain = [_link(0, "neuron", first.target.layer, first.target.neuron, first, position, None, None, None)]
     current = first
     for step in range(1, depth + 1):
-        label = top_source(current, position)
+        label = ranked_sources(current, position)[0]
         term = current.terms[label]
         if term.layer is None:  # the embedding: the chain reaches the token itself
             chain.append(_link(step, label, None, None, None, position, label, float(current.parts[label][position]), current))
@@ -166,9 +143,11 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
 def trigger(
     lm: LoadedModel, line: Lifeline, writers: list[Attribution], heads: list[HeadShare] | None, input_ids: torch.Tensor,
     tokens: list[str], massive: list[Massive], windows: int, medians: list[float], criterion: Criterion, depth: int, cache: dict,
+    patch: bool = False,
 ) -> Trigger:
     """The trigger of one dim at its main carrier. ``writers``: the neuron attributions of its birth and growth
-    blocks at the carrier; ``heads``: the head split where attention writes the birth instead."""
+    blocks at the carrier; ``heads``: the head split where attention writes the birth instead. With ``patch``, the top
+    sources of the first writing neuron are patched (see ``massact.analysis.patching``)."""
     p = line.position
     targets, roles = [], {}
     for a in writers:
@@ -179,6 +158,7 @@ def trigger(
     warnings = []
     neurons: list[NeuronTrigger] = []
     chain: list[ChainLink] = []
+    patches = []
     if targets:
         pieces, at = cached_split(lm, input_ids, targets, p, cache)
         for (layer, neuron), role in roles.items():
@@ -187,16 +167,19 @@ def trigger(
             warnings += [f"block {layer} neuron {neuron} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
         first = next(x for x in pieces if x.target.site == neuron_site(lm))
         chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
+        patches = patch_sources(lm, input_ids, first, line, medians, criterion) if patch else []
     elif heads:  # attention writes it: the chain starts, and ends, at the writing head
         link = ChainLink(0, "head", line.born_at, heads[0].head, None, None, None, None, heads[0].contribution, None, None)
         link.attends = attends(lm, input_ids, line.born_at, heads[0].head, p, tokens)
         chain = [link]
     return Trigger(line.dim, line.text, p, line.token, neurons, chain, carriers(lm, line, massive, windows, input_ids, medians, criterion),
-                   warnings)
+                   warnings, patches)
 
 
-def triggers(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], depth: int = CHAIN_DEPTH) -> list[Trigger]:
-    """One trigger per lifeline; dims written by the same neurons at the same place share their splits."""
+def triggers(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], depth: int = CHAIN_DEPTH,
+             patch: bool = False) -> list[Trigger]:
+    """One trigger per lifeline; dims written by the same neurons at the same place share their splits. With
+    ``patch``, each trigger's top sources are patched."""
     cache: dict = {}
     medians = [s.median for s in report.layers]
     found = []
@@ -206,7 +189,7 @@ def triggers(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], d
         birth = next((o for o in report.origin if at_carrier(o) and o.role == "birth"), None)
         heads = birth.heads if birth is not None and birth.writer == "attn" else None
         one = trigger(lm, line, writers, heads, inputs[line.text], report.tokens[line.text], report.massive, report.corpus.windows,
-                      medians, report.criterion, depth, cache)
+                      medians, report.criterion, depth, cache, patch)
         if any(e for e in report.experts if at_carrier(e)):
             one.warnings.append("the writing MLP is a mixture of experts: its neurons' pre-activations are not split")
         found.append(one)

@@ -177,11 +177,65 @@ def attention_sinks(report: Report) -> bytes:
     return png_bytes(fig)
 
 
+_PHASE_COLOURS = {"precursor": "#fde0c5", "precursor erasure": "#d9e8fb", "birth": "#f4a6a6", "growth": "#f9c7a8",
+                  "hold": "#eeeeee", "erasure": "#a9c8f0", "after": "#f7f7f7"}
+
+
+def lifeline(report: Report) -> bytes:
+    """The strongest dim's life at its main carrier: per block the attention and MLP contributions as they land (bars),
+    the value after the block (line), the phases shaded; symmetric log scale, so the precursor shows beside the peak."""
+    line = max(report.lifeline, key=lambda x: abs(x.peak))
+    fig, ax = _figure()
+    layers = np.array([s.layer for s in line.steps])
+    ax.bar(layers - 0.2, [s.attn for s in line.steps], width=0.4, color="tab:purple", label="attention (as it lands)")
+    ax.bar(layers + 0.2, [s.mlp for s in line.steps], width=0.4, color="tab:green", label="MLP (as it lands)")
+    if any(s.norm is not None for s in line.steps):
+        ax.plot(layers, [s.norm for s in line.steps], "x", color="tab:brown", label="first LayerNorm's step")
+    ax.plot(layers, [s.value for s in line.steps], "-o", color="black", markersize=3, label=f"dim {line.dim} after the block")
+    ax.set_yscale("symlog", linthresh=max(1.0, abs(line.peak) / 1e4))
+    top = ax.get_ylim()[1]
+    for p in line.phases:
+        ax.axvspan(p.first - 0.5, p.last + 0.5, color=_PHASE_COLOURS[p.name], alpha=0.6, zorder=0)
+        ax.text((p.first + p.last) / 2, top, p.name, ha="center", va="top", fontsize=8, rotation=90 if p.last - p.first < 2 else 0)
+    for removed in line.removed_at:
+        ax.axvline(removed - 0.5, color="navy", linestyle="--", linewidth=1)
+    ax.axhline(0, color="gray", linewidth=0.5)
+    ax.set_xlabel("block (dashed: where the scan stops calling it massive)")
+    ax.set_ylabel("contribution to the dim (symlog)")
+    ax.set_title(f"Lifeline of dim {line.dim} at text {line.text} pos {line.position} {line.token!r}: peak {line.peak:+,.0f} at block {line.peak_layer}")
+    ax.legend(loc="lower left", fontsize=8)
+    return png_bytes(fig)
+
+
+def trigger(report: Report, shown: int = 10) -> bytes:
+    """Why the first writing neuron fires at the massive position: each source's part of its pre-activation there
+    against its mean (bar) and largest value (tick) at the other positions."""
+    t = max((t for t in report.trigger if t.neurons), key=lambda t: abs(next(x.peak for x in report.lifeline if x.dim == t.dim)))
+    n = t.neurons[0]
+    split = n.splits[0]
+    sources = split.sources[:shown][::-1]
+    fig, ax = _figure()
+    y = np.arange(len(sources))
+    ax.barh(y + 0.2, [s.here for s in sources], height=0.4, color="tab:red", label=f"at {t.token!r} (pos {t.position})")
+    ax.barh(y - 0.2, [s.others_mean for s in sources], height=0.4, color="tab:gray", label="other positions: mean")
+    ax.plot([s.others_max for s in sources], y - 0.2, "|", color="black", markersize=12, label="other positions: max")
+    ax.set_yticks(y, [s.source for s in sources], fontsize=8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    name = "gate" if split.site == "mlp_gate" else "pre-activation"
+    ax.set_xlabel(f"part of the {name} (sources sum to it exactly)")
+    ax.set_title(f"Block {n.layer} neuron {n.neuron} {name}: {split.value:+.1f} at pos {t.position}, {split.others_mean:+.1f} elsewhere on average")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.subplots_adjust(left=0.2)
+    return png_bytes(fig)
+
+
 FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], str]] = {
     "layer_profile.png": (layer_profile, lambda r: bool(r.layers), "Layer profile: top-1..3 and median |activation| per block"),
     "massive_heatmap.png": (massive_heatmap, lambda r: r.birth_state is not None, "The birth block's output over tokens and dims"),
+    "lifeline.png": (lifeline, lambda r: bool(r.lifeline), "Lifeline: each block's attention and MLP contributions to the strongest dim"),
     "mlp_anatomy.png": (mlp_anatomy, lambda r: any(a.role == "birth" for a in r.anatomy), "MLP checkpoints at the writing block"),
     "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.attribution), "Neuron contributions to the massive value"),
+    "trigger.png": (trigger, lambda r: any(t.neurons for t in r.trigger), "Trigger: the writing neuron's sources at the massive position and elsewhere"),
     "verification.png": (verification, lambda r: r.verification is not None, "Perplexity and massive value under each intervention"),
     "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share), "Attention on the massive tokens, block x head"),
 }

@@ -4,77 +4,15 @@ from __future__ import annotations
 
 import io
 
-from rich import box
 from rich.console import Console, Group
-from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
 from ..analysis.results import Anatomy, Attribution, ExpertAttribution, Report
+from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_weight_tables, trigger_tables
+from .tables import Style, add_row, num, ratio, spans, where
 
 MASSIVE_ROWS = 40  # the full list is in report.json
-
-
-def num(x: float | None, signed: bool = False) -> str:
-    """A number a reader can scan: thousands separators for big values, more decimals for small ones."""
-    if x is None:
-        return "-"
-    if x != x or x in (float("inf"), float("-inf")):
-        return str(x)
-    sign = "+" if signed else ""
-    size = abs(x)
-    if size >= 1000:
-        return f"{x:{sign},.1f}"
-    if size >= 1:
-        return f"{x:{sign}.2f}"
-    if size >= 1e-3 or size == 0:
-        return f"{x:{sign}.4f}"
-    return f"{x:{sign}.2e}"
-
-
-def ratio(x: float) -> str:
-    return f"{x:,.0f}x" if x == x and x != float("inf") else str(x)
-
-
-def spans(layers: list[int]) -> str:
-    """[3, 4, 5, 9] -> '3-5, 9'"""
-    runs: list[list[int]] = []
-    for layer in layers:
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "-"
-
-
-def where(text: int, position: int, token: str) -> str:
-    return f"text {text} pos {position} {token!r}"
-
-
-class _Style:
-    def __init__(self, plain: bool):
-        self.plain = plain
-
-    def table(self, title: str | None, *columns: str, right: tuple[int, ...] = ()) -> Table:
-        table = Table(
-            title=Text(title) if title else None,
-            box=box.MARKDOWN if self.plain else box.SIMPLE_HEAD,
-            title_justify="left",
-            title_style="" if self.plain else "bold",
-            header_style="" if self.plain else "bold cyan",
-            pad_edge=self.plain,
-        )
-        for index, column in enumerate(columns):
-            table.add_column(Text(column), justify="right" if index in right else "left")
-        return table
-
-    def heading(self, title: str):
-        return Text(f"\n## {title}\n") if self.plain else Rule(f"[bold]{title}", align="left")
-
-
-def add_row(table: Table, *cells: str) -> None:
-    """Cells as literal text: a token such as '[INST]' must not be read as rich markup."""
-    table.add_row(*(Text(cell) for cell in cells))
 
 
 _STREAMS = {
@@ -85,7 +23,7 @@ _STREAMS = {
 
 def renderables(report: Report, plain: bool) -> list:
     """Every section of the report, in reading order."""
-    style = _Style(plain)
+    style = Style(plain)
     m, c = report.model, report.criterion
     out: list = [
         Text(f"massact report: {m.name}", style="" if plain else "bold"),
@@ -99,28 +37,37 @@ def renderables(report: Report, plain: bool) -> list:
     ]
     out += [style.heading("1. Layer scan: each block's residual output"), _layer_table(style, report)]
     out += [style.heading("2. Massive activations"), *_massive_tables(style, report)]
-    out += [style.heading("3. Origin: which sublayer writes and removes them"), *_origin_tables(style, report)]
+    if report.lifeline:
+        out += [style.heading("3. Lifeline: how each massive dim is built, held and erased"), *lifeline_tables(style, report)]
+    out += [style.heading("4. Origin: which sublayer writes and erases them"), *_origin_tables(style, report)]
     if report.anatomy:
-        out.append(style.heading("4. MLP anatomy at the writing block"))
+        out.append(style.heading("5. MLP anatomy at the writing blocks"))
         places: dict[tuple[int, int, int, str], list[Anatomy]] = {}
         for anatomy in report.anatomy:  # dims written at one place share the MLP's checkpoints: show them once
             places.setdefault((anatomy.layer, anatomy.text, anatomy.position, anatomy.role), []).append(anatomy)
-        for group in places.values():
+        groups = list(places.values())
+        for group in (g for g in groups if g[0].role == "birth"):
             out += _anatomy_tables(style, group[0], m.gated, [a.dim for a in group])
+        out += anatomy_summary(style, [g for g in groups if g[0].role != "birth"])
     if report.attribution:
-        out.append(style.heading("5. Neuron attribution and super weight"))
+        out.append(style.heading("6. Neuron attribution and super weight"))
         shown: set[int] = set()
-        for attribution in report.attribution:
+        for attribution in (a for a in report.attribution if a.role == "birth"):
             out += _attribution_tables(style, attribution, attribution.layer not in shown)
             shown.add(attribution.layer)
+        out += attribution_summary(style, [a for a in report.attribution if a.role != "birth"])
     if report.experts:
-        out.append(style.heading("5. Expert and neuron attribution (mixture of experts)"))
+        out.append(style.heading("6. Expert and neuron attribution (mixture of experts)"))
         for split in report.experts:
             out += _expert_tables(style, split)
+    if report.trigger:
+        out += [style.heading("7. Trigger: why the writing neurons fire there"), *trigger_tables(style, report)]
+    if report.super_weights:
+        out += [style.heading("8. Super weights, zeroed one after another"), *super_weight_tables(style, report)]
     if report.verification:
-        out += [style.heading("6. Verification by intervention"), *_verification_tables(style, report)]
+        out += [style.heading("9. Verification by intervention"), *_verification_tables(style, report)]
     if report.attention:
-        out += [style.heading("7. Attention sinks on the massive tokens"), *_attention_tables(style, report)]
+        out += [style.heading("10. Attention sinks on the massive tokens"), *_attention_tables(style, report)]
     if report.warnings:
         out.append(style.heading("Warnings"))
         out += [Text(f"- {w}", style="" if plain else "yellow") for w in report.warnings]
@@ -129,7 +76,7 @@ def renderables(report: Report, plain: bool) -> list:
     return out
 
 
-def _layer_table(style: _Style, report: Report) -> Table:
+def _layer_table(style: Style, report: Report) -> Table:
     massive_layers = {m.layer for m in report.massive}
     table = style.table(None, "block", "median |a|", "top1", "top1/median", "top1 at", "top2", "top3", "massive", right=(0, 1, 2, 3, 5, 6))
     for stats in report.layers:
@@ -149,7 +96,7 @@ def _layer_table(style: _Style, report: Report) -> Table:
     return table
 
 
-def _massive_tables(style: _Style, report: Report) -> list:
+def _massive_tables(style: Style, report: Report) -> list:
     if not report.massive:
         return [Text("None found under the criterion.")]
     dims = style.table("By dim", "dim", "born at block", "massive in blocks", "removed at block", "largest value", "tokens", right=(0, 1, 4))
@@ -169,7 +116,7 @@ def _massive_tables(style: _Style, report: Report) -> list:
     return [dims, entries] + ([Text(f"... and {rest} more places in report.json")] if rest > 0 else [])
 
 
-def _origin_tables(style: _Style, report: Report) -> list:
+def _origin_tables(style: Style, report: Report) -> list:
     if not report.origin:
         return [Text("Nothing to trace.")]
     post_ln = report.model.stream == "resid_sum"
@@ -180,7 +127,7 @@ def _origin_tables(style: _Style, report: Report) -> list:
         right=(0, 1, 4, 5, 6, 7),
     )
     out: list = [table]
-    for o in report.origin:
+    for o in sorted(report.origin, key=lambda o: (o.dim, o.layer)):
         who = "MLP" if o.writer == "mlp" else "attention"
         if o.cause == "median":
             who = "none: the median grew"
@@ -203,7 +150,7 @@ def _origin_tables(style: _Style, report: Report) -> list:
     return out
 
 
-def _anatomy_tables(style: _Style, a: Anatomy, gated: bool, dims: list[int]) -> list:
+def _anatomy_tables(style: Style, a: Anatomy, gated: bool, dims: list[int]) -> list:
     table = style.table(
         f"Block {a.layer} MLP at {where(a.text, a.position, a.token)} ({a.role} of dim{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))})",
         "checkpoint", "size", "max |v|", "at", "median |v|", "top1/median", "vs", "change in max", "x sharper",
@@ -229,7 +176,7 @@ def _anatomy_tables(style: _Style, a: Anatomy, gated: bool, dims: list[int]) -> 
     return [table, lines, neurons]
 
 
-def _attribution_tables(style: _Style, a: Attribution, with_weights: bool) -> list:
+def _attribution_tables(style: Style, a: Attribution, with_weights: bool) -> list:
     head = Text(
         f"Block {a.layer} mlp_out[{a.dim}] = {num(a.output, True)} at {where(a.text, a.position, a.token)} ({a.role}): "
         f"sum of activation x weight over all neurons + bias {num(a.bias, True)} matches it to {a.error:.1e} (relative). "
@@ -251,7 +198,7 @@ def _attribution_tables(style: _Style, a: Attribution, with_weights: bool) -> li
     return [head, table, weight] + ([stats] if with_weights else [])
 
 
-def _expert_tables(style: _Style, e: ExpertAttribution) -> list:
+def _expert_tables(style: Style, e: ExpertAttribution) -> list:
     m = e.moe
     experts = style.table(
         f"Block {e.layer} MoE output into dim {e.dim} at {where(e.text, e.position, e.token)}: {m.output:+,.2f} "
@@ -272,7 +219,7 @@ def _expert_tables(style: _Style, e: ExpertAttribution) -> list:
     return [experts, neurons, line]
 
 
-def _verification_tables(style: _Style, report: Report) -> list:
+def _verification_tables(style: Style, report: Report) -> list:
     v = report.verification
     out: list = [Text(f"Perplexity on {v.eval_tokens} tokens of {v.eval_source}: {v.baseline_perplexity:.2f} unmodified.")]
     table = style.table(None, "dim", "block", "intervention", "value at birth", "value at last block", "massive", "perplexity", "x baseline", "confirms", right=(0, 1, 3, 4, 6, 7))
@@ -296,7 +243,7 @@ def _verification_tables(style: _Style, report: Report) -> list:
     return out
 
 
-def _attention_tables(style: _Style, report: Report) -> list:
+def _attention_tables(style: Style, report: Report) -> list:
     a = report.attention
     if not a.share:
         return [Text(a.summary)]

@@ -1,0 +1,71 @@
+"""Causal check of a trigger: replace each top source of the writing neuron's pre-activation at the massive position,
+by its mean over the other positions and by zero, and see whether the neuron and the massive value follow."""
+
+from __future__ import annotations
+
+import torch
+
+from ..capture.hooks import tap
+from ..models.loading import LoadedModel
+from .decompose import Split, ranked_sources
+from .interventions import patch_position
+from .results import Criterion, Lifeline, Patch
+
+PATCHED_SOURCES = 3  # top sources of the writing neuron's pre-activation that are patched
+
+
+def _site(label_site: str) -> str:
+    """The site that holds a source: the embedding's parts are block 0's input, patched whole."""
+    return "resid_in" if label_site in ("embed", "pos_embed") else label_site
+
+
+@torch.no_grad()
+def _read(lm: LoadedModel, input_ids: torch.Tensor, piece: Split, line: Lifeline, sites: list[tuple[int, str]]) -> dict:
+    """One pass: the neuron's pre-activation and the massive value at its birth and peak blocks, at the carrier; and
+    the whole value of each site in ``sites`` (to patch it with)."""
+    target, position, dim = piece.target, line.position, line.dim
+    kept: dict = {}
+
+    def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
+        rows = hidden.detach().reshape(-1, hidden.shape[-1])
+        if (layer, site) in sites:
+            kept[layer, site] = rows.clone()
+        if (layer, site) == (target.layer, target.site):
+            kept["pre"] = float(rows[position, target.neuron])
+        if site == lm.adapter.stream:
+            kept[layer] = float(rows[position, dim])
+
+    wanted = set(sites) | {(target.layer, target.site), (line.born_at, lm.adapter.stream), (line.peak_layer, lm.adapter.stream)}
+    with tap(lm.model, lm.adapter, sorted(wanted), keep):
+        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    return kept
+
+
+def patch_sources(lm: LoadedModel, input_ids: torch.Tensor, piece: Split, line: Lifeline, medians: list[float],
+                  criterion: Criterion, top: int = PATCHED_SOURCES) -> list[Patch]:
+    """Patch the ``top`` sources that most explain why the neuron differs at the carrier, each by its mean over the
+    other positions and by zero. Needs a text of at least two tokens for the mean."""
+    position = line.position
+    if input_ids.shape[1] < 2:
+        return []
+    labels = ranked_sources(piece, position)[:top]
+    sites = list(dict.fromkeys((piece.terms[l].layer or 0, _site(piece.terms[l].site)) for l in labels))
+    base = _read(lm, input_ids, piece, line, sites)
+    limit = lambda layer: max(criterion.min_abs, criterion.min_ratio * medians[layer])
+    found = []
+    for label in labels:
+        term = piece.terms[label]
+        key = (term.layer or 0, _site(term.site))
+        original = base[key]
+        others = torch.cat([original[:position], original[position + 1 :]]).mean(dim=0)
+        for name, vector in (("mean of the other positions", others), ("zero", torch.zeros_like(others))):
+            # The direct change: this source's reader through the norms' factors at the position, held fixed.
+            reader, factor = term.reader.to(original.device), float(piece.factors[label][position])
+            direct = factor * float((vector.double() - original[position].double()) @ reader)
+            with patch_position(lm, key[0], key[1], position, vector):
+                read = _read(lm, input_ids, piece, line, [])
+            still = any(abs(read[layer]) >= limit(layer) for layer in (line.born_at, line.peak_layer))
+            source = "embedding (block 0 input)" if key[1] == "resid_in" else label
+            found.append(Patch(source, term.layer, key[1], name, direct, read["pre"] - base["pre"], read["pre"],
+                               read[line.born_at], read[line.peak_layer], still))
+    return found

@@ -1,0 +1,64 @@
+"""All of a dim's super weights, Yu et al.'s iterative way: zero the super weight, measure the dim again, name the
+weight of the top contributor of what is left, zero it too, until the dim is no longer massive."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+
+import torch
+
+from ..capture.probe import probe_block
+from ..models.loading import LoadedModel
+from .attribution import down_row, super_weight
+from .interventions import read_coordinate, set_weight
+from .perplexity import eval_windows, perplexity
+from .results import Criterion, Lifeline, Report, SuperWeightStep
+
+MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
+
+
+@torch.no_grad()
+def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: list[float], criterion: Criterion,
+            windows: list[torch.Tensor], baseline: float, steps: int = MAX_STEPS,
+            step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
+    """The dim's super weights in the order the search finds them, at its birth block and main carrier; every weight
+    is written back, bit for bit, when the search ends."""
+    layer, position, dim = line.born_at, line.position, line.dim
+    limit = lambda block: max(criterion.min_abs, criterion.min_ratio * medians[block])
+    found: list[SuperWeightStep] = []
+    zeroed: list[float] = []  # |w| of the weights zeroed so far, to rank the next one in the unmodified matrix
+    with ExitStack() as stack:
+        for step in range(1, steps + 1):
+            activations = probe_block(lm, input_ids, layer, [position])["mlp_act"][0].double()
+            row, _ = down_row(lm.adapter, lm.model, layer, dim)
+            toward = activations * row * line.sign
+            if float(toward.max()) <= 0:  # nothing left writes toward the value
+                break
+            weight = super_weight(lm.adapter, lm.model, layer, dim, int(toward.argmax()))
+            weight.rank += sum(earlier > abs(weight.value) for earlier in zeroed)
+            zeroed.append(abs(weight.value))
+            stack.enter_context(set_weight(lm, weight.matrix, (weight.row, weight.col)))
+            values = read_coordinate(lm, input_ids, sorted({layer, line.peak_layer}), position, dim)
+            still = any(abs(values[block]) >= limit(block) for block in (layer, line.peak_layer))
+            ppl = perplexity(lm, windows)
+            step_done()
+            found.append(SuperWeightStep(dim, layer, step, int(toward.argmax()), weight, values[layer], values[line.peak_layer], still,
+                                         ppl, ppl / baseline))
+            if not still:
+                break
+    return found
+
+
+def all_super_weights(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], eval_text: str, steps: int = MAX_STEPS,
+                      step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
+    """The iterative search for every dim whose birth a dense MLP writes at its main carrier (attention and experts
+    have no single down projection to search), with perplexity on ``eval_text`` against the verified baseline."""
+    windows = eval_windows(lm, eval_text)
+    medians = [s.median for s in report.layers]
+    found = []
+    for line in report.lifeline:
+        if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in report.attribution):
+            found += iterate(lm, line, inputs[line.text], medians, report.criterion, windows, report.verification.baseline_perplexity,
+                             steps, step_done)
+    return found

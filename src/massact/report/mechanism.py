@@ -1,0 +1,184 @@
+"""The report's mechanism sections: each dim's lifeline, the blocks it names, the trigger and the super weights."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+from ..analysis.results import Anatomy, Attribution, ChainLink, Lifeline, Report, Trigger
+from .tables import Style, add_row, num, ratio, spans, where
+
+SHOWN_SOURCES = 8  # sources listed per pre-activation; report.json has all of them
+_WRITERS = {"attn": "attention", "mlp": "MLP", "norm": "norm", "": ""}
+
+
+def phase_words(line: Lifeline) -> list[str]:
+    """One line per phase: its blocks, the sublayer responsible, and what it does to the value."""
+    lines = []
+    for p in line.phases:
+        blocks = f"block {p.first}" if p.first == p.last else f"blocks {p.first}-{p.last}"
+        who = f", {_WRITERS[p.writer]}" if p.writer else ""
+        lines.append(f"  {p.name}: {blocks}{who}, {num(p.change, True)} ({num(p.value_before, True)} -> {num(p.value_after, True)})")
+    return lines
+
+
+def removal_words(line: Lifeline) -> str:
+    """Where the scan stops calling the dim massive against where its value is really erased."""
+    erased = f"erased at block{'s' if len(line.erased_at) != 1 else ''} {spans(line.erased_at)}" if line.erased_at else "never erased"
+    if not line.removed_at:
+        return f"The scan calls it massive to the last block; its value is {erased}."
+    parts = []
+    for removed, cause in zip(line.removed_at, line.removal_causes):
+        why = "the median |a| grew past it while the value held" if cause == "median" else "its value fell"
+        parts.append(f"block {removed} ({why})")
+    same = set(line.removed_at) <= set(line.erased_at)
+    return (f"The scan stops calling it massive at {', '.join(parts)}; its value is {erased}"
+            + ("." if same else ": the two differ, and the erasure is where the value really goes."))
+
+
+def lifeline_tables(style: Style, report: Report) -> list:
+    out: list = []
+    post_ln = report.model.stream == "resid_sum"
+    for line in report.lifeline:
+        columns = ["block", "resid_in", "attn", *(["norm"] if post_ln else []), "mlp", "value", "change", "by", "median |a|", "massive", "phase"]
+        text = {columns.index(c) for c in ("by", "massive", "phase")}
+        table = style.table(None, *columns, right=tuple(i for i in range(len(columns)) if i not in text))
+        for step in line.steps:
+            norm = [num(step.norm, True)] if post_ln else []
+            by = _WRITERS[step.writer] if step.phase not in ("", "hold", "after") else ""
+            add_row(table, str(step.layer), num(step.resid_in, True), num(step.attn, True), *norm, num(step.mlp, True), num(step.value, True),
+                    num(step.change, True), by, num(step.median), "yes" if step.massive else "", step.phase)
+        out += [Text(f"dim {line.dim} at {where(line.text, line.position, line.token)}: value = resid_in + attn{' + norm' if post_ln else ''} "
+                     f"+ mlp, as they land (embedding {num(line.embedding, True)}; largest gap of the terms to the value {line.error:.1e})"),
+                table, Text("\n".join([f"Phases of dim {line.dim} (peak {num(line.peak, True)} at block {line.peak_layer}):", *phase_words(line),
+                                       removal_words(line)]) + "\n")]
+    return out
+
+
+def anatomy_summary(style: Style, groups: list[list[Anatomy]]) -> list:
+    """One row per other block the lifeline names: where its MLP explodes and which neuron leads there."""
+    if not groups:
+        return []
+    table = style.table("The other writing and erasing blocks (full checkpoints in report.json)", "block", "role", "dims", "where",
+                        "explosion point", "top neuron at mlp_act", "its |act|", "top1/median at mlp_act", right=(0, 6, 7))
+    for group in sorted(groups, key=lambda g: (g[0].layer, g[0].role)):
+        a = group[0]
+        act = next(c for c in a.checkpoints if c.name == "mlp_act")
+        add_row(table, str(a.layer), a.role, ", ".join(str(x.dim) for x in group), where(a.text, a.position, a.token), a.explosion_point,
+                str(act.argmax), num(act.max), ratio(act.ratio))
+    return [table]
+
+
+def attribution_summary(style: Style, attributions: list[Attribution]) -> list:
+    """One row per other block the lifeline names: its MLP output into the dim and the neurons that make it."""
+    if not attributions:
+        return []
+    table = style.table("The other writing and erasing blocks (every neuron in report.json)", "block", "role", "dim", "mlp_out[dim]",
+                        "neurons for 90%", "top neurons (share)", "super weight", "rank", right=(0, 2, 3, 4, 7))
+    for a in sorted(attributions, key=lambda a: (a.dim, a.layer)):
+        top = ", ".join(f"{n.neuron} ({n.share:.0%})" for n in a.neurons[:3])
+        w = a.super_weight
+        add_row(table, str(a.layer), a.role, str(a.dim), num(a.output, True), str(a.neurons_for_90pct), top, f"[{w.row}, {w.col}] = {w.value:+.3f}",
+                f"{w.rank:,}")
+    return [table]
+
+
+def chain_words(chain: list[ChainLink], dim: int) -> list[str]:
+    """The chain, from the massive value back toward the token, one link a line."""
+    lines = []
+    for link in chain:
+        site = {"mlp_gate": "gate", "mlp_up": "pre-activation"}.get(link.site or "", link.site)
+        if link.depth == 0 and link.kind == "neuron":
+            lines.append(f"  block {link.layer} neuron {link.index} writes dim {dim}; its {site} is {num(link.value, True)} here, "
+                         f"{num(link.value_others, True)} on average at the other positions")
+            continue
+        if link.depth == 0:  # attention writes the value
+            lines.append(f"  block {link.layer} head {link.index} writes dim {dim} ({num(link.feeds, True)})" + _attends(link))
+            continue
+        feeds = f"  <- {link.source} gives {num(link.source_here, True)} of it here ({num(link.source_others, True)} elsewhere)"
+        if link.kind == "neuron":
+            lines.append(f"{feeds}, {num(link.feeds, True)} through neuron {link.index}, whose {site} is {num(link.value, True)} here "
+                         f"({num(link.value_others, True)} elsewhere)")
+        elif link.kind == "head":
+            lines.append(f"{feeds}, {num(link.feeds, True)} through head {link.index}" + _attends(link))
+        elif link.kind == "mlp":
+            lines.append(f"{feeds} (a mixture of experts: not split further)")
+        else:
+            lines.append(f"{feeds}: the chain reaches the token itself")
+    return lines
+
+
+def _attends(link: ChainLink) -> str:
+    if not link.attends:
+        return ""
+    return ", which attends to " + ", ".join(f"pos {p} {t!r} ({w:.0%})" for p, t, w in link.attends)
+
+
+def trigger_tables(style: Style, report: Report) -> list:
+    out: list = []
+    shown: dict[tuple, list[int]] = {}  # dims written by the same neurons at the same place share one set of tables
+    for t in report.trigger:
+        key = (t.text, t.position, tuple((n.layer, n.neuron) for n in t.neurons))
+        shown.setdefault(key, []).append(t.dim)
+    done: set[tuple] = set()
+    for t in report.trigger:
+        key = (t.text, t.position, tuple((n.layer, n.neuron) for n in t.neurons))
+        if key not in done:
+            done.add(key)
+            out += _split_tables(style, t, shown[key])
+        out.append(Text("\n".join([f"Chain for dim {t.dim}, from the massive value back toward the token:", *chain_words(t.chain, t.dim)])))
+        if t.carriers is not None:
+            out.append(Text(f"Token or position for dim {t.dim}: {t.carriers.summary}."))
+        if t.patching:
+            out += _patch_table(style, t)
+        out += [Text(f"- {w}") for w in t.warnings]
+    return out
+
+
+def _split_tables(style: Style, t: Trigger, dims: list[int]) -> list:
+    out: list = []
+    for n in t.neurons:
+        for s in n.splits:
+            name = {"mlp_gate": "gate", "mlp_up": "up" if len(n.splits) > 1 else "pre-activation"}[s.site]
+            out.append(Text(
+                f"Block {n.layer} neuron {n.neuron} {name} ({n.role} of dim{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))}) at "
+                f"{where(t.text, t.position, t.token)}: {num(s.value, True)} here, {num(s.others_mean, True)} on average at the other "
+                f"positions (largest {num(s.others_max, True)}); input norm factor {s.scale:.4g} here, {s.scale_others:.4g} elsewhere"))
+            table = style.table(None, "source", "here", "other positions: mean", "max", "here - mean", right=(1, 2, 3, 4))
+            for p in s.sources[:SHOWN_SOURCES]:
+                add_row(table, p.source, num(p.here, True), num(p.others_mean, True), num(p.others_max, True), num(p.difference, True))
+            rest = s.sources[SHOWN_SOURCES:]
+            if rest:
+                add_row(table, f"{len(rest)} other sources", num(sum(p.here for p in rest), True), num(sum(p.others_mean for p in rest), True),
+                        "", num(sum(p.difference for p in rest), True))
+            add_row(table, f"sum (the {name}; gap {s.error:.1e})", num(sum(p.here for p in s.sources), True),
+                    num(sum(p.others_mean for p in s.sources), True), "", num(sum(p.difference for p in s.sources), True))
+            out.append(table)
+    return out
+
+
+def _patch_table(style: Style, t: Trigger) -> list:
+    first = t.chain[0]
+    head = Text(
+        f"Patching the top sources of block {first.layer} neuron {first.index}'s {'gate' if first.site == 'mlp_gate' else 'pre-activation'} at "
+        f"{where(t.text, t.position, t.token)}: the change of the neuron's value directly through the source (norms held) and in total "
+        "(what the model shows, through every block in between)")
+    table = style.table(None, "source", "replaced by", "direct", "total", "neuron now", f"dim {t.dim} at birth", "at peak", "still massive",
+                        right=(2, 3, 4, 5, 6))
+    for p in t.patching:
+        add_row(table, p.source, p.replacement, num(p.direct, True), num(p.total, True), num(p.pre_activation, True), num(p.value_birth, True),
+                num(p.value_peak, True), "yes" if p.still_massive else "no")
+    return [head, table]
+
+
+def super_weight_tables(style: Style, report: Report) -> list:
+    matrices = ", ".join(dict.fromkeys(s.weight.matrix for s in report.super_weights))
+    head = Text(f"Each step zeroes the weight of the top contributor of what is left at the dim's birth block and main carrier, keeping "
+                f"the earlier ones zeroed; weights as stored in {matrices}, ranked by |w| in the unmodified matrix.")
+    table = style.table(None, "dim", "step", "weight [row, col]", "value", "rank", "neuron", "left at birth", "at peak", "massive", "perplexity",
+                        "x baseline", right=(0, 1, 3, 4, 5, 6, 7, 9, 10))
+    for s in report.super_weights:
+        w = s.weight
+        add_row(table, str(s.dim), str(s.step), f"[{w.row}, {w.col}]", f"{w.value:+.4f}", f"{w.rank:,}", str(s.neuron),
+                num(s.value_birth, True), num(s.value_peak, True), "yes" if s.still_massive else "no",
+                num(s.perplexity) if s.perplexity is not None else "-", f"{s.perplexity_ratio:,.2f}" if s.perplexity_ratio is not None else "-")
+    return [head, table]
