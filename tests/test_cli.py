@@ -95,7 +95,7 @@ def test_verify_adds_the_verification_to_a_saved_report(model_dir, tmp_path):
     names = [row["name"] for row in data["verification"]["interventions"]]
     assert f"ablate neuron {NEURON}" in names and any(n.startswith("zero super weight") for n in names)
     assert len(data["attention"]["share"]) == 4
-    assert "6. Verification by intervention" in (out / "report.txt").read_text(encoding="utf-8")
+    assert "9. Verification by intervention" in (out / "report.txt").read_text(encoding="utf-8")
 
 
 def test_verify_on_a_directory_without_a_report(tmp_path):

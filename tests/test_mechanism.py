@@ -179,10 +179,17 @@ def test_sources_sum_to_the_pre_activation_on_every_block_kind(family, tokenizer
 
 @pytest.mark.parametrize("family", ["gemma2", "bert", "neox"])
 def test_lifeline_adds_up_on_every_block_kind(family, tokenizer):
-    model = tiny_model(family, len(tokenizer))
-    plant_mlp(model, tokenizer.bos_token_id, 1, 37, DIM)
-    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    """Sandwich, post-LN and parallel blocks, planted as in test_families: the terms add up at every block; in a
+    post-LN model the next block's LayerNorms are what erase the value."""
+    from test_families import LAYER, planted
+
+    report = massact.scan(planted(family, tokenizer), TEXTS, tokenizer=tokenizer)
     line = next(x for x in report.lifeline if x.dim == DIM)
-    assert line.error < 1e-4 and line.steps[1].phase == "birth"
+    assert line.error < 1e-4 and line.steps[LAYER].phase == "birth" and line.steps[LAYER].writer == "mlp"
     for step in line.steps:
         assert step.resid_in + step.attn + step.mlp + (step.norm or 0.0) == pytest.approx(step.value, rel=1e-4, abs=1e-6)
+    if family == "bert":
+        assert (line.steps[LAYER + 1].phase, line.steps[LAYER + 1].writer) == ("erasure", "norm")
+        assert line.erased_at == line.removed_at == [LAYER + 1]
+    else:
+        assert line.erased_at == [] and all(s.phase == "hold" for s in line.steps[LAYER + 1 :])

@@ -117,7 +117,7 @@ def test_cli_writes_png_and_html_and_format_chooses(saved_reports, tmp_path):
     gpt2 = saved_reports[0]
     for name in FIGURES:
         assert_png((gpt2 / name).read_bytes())
-    assert "6. Verification by intervention" in (gpt2 / "report.html").read_text(encoding="utf-8")
+    assert "9. Verification by intervention" in (gpt2 / "report.html").read_text(encoding="utf-8")
     model_dir = gpt2.parent / "gpt2"
     out = tmp_path / "only-json"
     assert run("scan", model_dir, "--text", TEXTS[0], "--no-verify", "--format", "json", "--quiet", "--out", out).returncode == 0

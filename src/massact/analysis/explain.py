@@ -33,16 +33,18 @@ class Event:
     direction: float
 
 
-
 _DOWN = ("precursor erasure", "erasure")  # phases that take the value off
 
 
 def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Lifeline]) -> list[Event]:
-    """Per dim: every block its lifeline names as a writer or eraser, at the main carrier; and each block where the
-    scan stops calling it massive that the lifeline has not named, at the strongest entry just before it."""
+    """Per dim: every block its lifeline names as a writer or eraser, at the main carrier (not where a post-LN block's
+    LayerNorms do it: the lifeline's norm step is their whole story); and each block where the scan stops calling it
+    massive that the lifeline has not named, at the strongest entry just before it."""
     events = []
     for summary, line in zip(dims, lines):
         for layer, phase in writers(line):
+            if line.steps[layer].writer == "norm":
+                continue
             sign = (1 if line.precursor >= 0 else -1) if phase.startswith("precursor") else line.sign
             events.append(Event(summary.dim, line.text, line.position, layer, phase, -sign if phase in _DOWN else sign))
         named = {layer for layer, _ in writers(line)}

@@ -84,9 +84,10 @@ def attribution_summary(style: Style, attributions: list[Attribution]) -> list:
 
 def chain_words(chain: list[ChainLink], dim: int) -> list[str]:
     """The chain, from the massive value back toward the token, one link a line."""
-    lines = []
+    lines, previous = [], None
     for link in chain:
         site = {"mlp_gate": "gate", "mlp_up": "pre-activation"}.get(link.site or "", link.site)
+        before, previous = previous, site
         if link.depth == 0 and link.kind == "neuron":
             lines.append(f"  block {link.layer} neuron {link.index} writes dim {dim}; its {site} is {num(link.value, True)} here, "
                          f"{num(link.value_others, True)} on average at the other positions")
@@ -94,7 +95,7 @@ def chain_words(chain: list[ChainLink], dim: int) -> list[str]:
         if link.depth == 0:  # attention writes the value
             lines.append(f"  block {link.layer} head {link.index} writes dim {dim} ({num(link.feeds, True)})" + _attends(link))
             continue
-        feeds = f"  <- {link.source} gives {num(link.source_here, True)} of it here ({num(link.source_others, True)} elsewhere)"
+        feeds = f"  <- {link.source} gives {num(link.source_here, True)} of that {before} here ({num(link.source_others, True)} elsewhere)"
         if link.kind == "neuron":
             lines.append(f"{feeds}, {num(link.feeds, True)} through neuron {link.index}, whose {site} is {num(link.value, True)} here "
                          f"({num(link.value_others, True)} elsewhere)")

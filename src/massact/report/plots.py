@@ -193,17 +193,17 @@ def lifeline(report: Report) -> bytes:
         ax.plot(layers, [s.norm for s in line.steps], "x", color="tab:brown", label="first LayerNorm's step")
     ax.plot(layers, [s.value for s in line.steps], "-o", color="black", markersize=3, label=f"dim {line.dim} after the block")
     ax.set_yscale("symlog", linthresh=max(1.0, abs(line.peak) / 1e4))
-    top = ax.get_ylim()[1]
-    for p in line.phases:
+    bottom = ax.get_ylim()[0]
+    for p in line.phases:  # names along the bottom, clear of the value line
         ax.axvspan(p.first - 0.5, p.last + 0.5, color=_PHASE_COLOURS[p.name], alpha=0.6, zorder=0)
-        ax.text((p.first + p.last) / 2, top, p.name, ha="center", va="top", fontsize=8, rotation=90 if p.last - p.first < 2 else 0)
+        ax.text((p.first + p.last) / 2, bottom, p.name, ha="center", va="bottom", fontsize=8, rotation=90 if p.last - p.first < 2 else 0)
     for removed in line.removed_at:
         ax.axvline(removed - 0.5, color="navy", linestyle="--", linewidth=1)
     ax.axhline(0, color="gray", linewidth=0.5)
     ax.set_xlabel("block (dashed: where the scan stops calling it massive)")
     ax.set_ylabel("contribution to the dim (symlog)")
     ax.set_title(f"Lifeline of dim {line.dim} at text {line.text} pos {line.position} {line.token!r}: peak {line.peak:+,.0f} at block {line.peak_layer}")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     return png_bytes(fig)
 
 
