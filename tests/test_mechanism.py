@@ -81,7 +81,7 @@ def _hash(model) -> str:
 def chain_report(tokenizer):
     model = planted_chain(tokenizer)
     before = _hash(model)
-    report = massact.scan(model, TEXTS, tokenizer=tokenizer, min_abs=1.0, verify=True)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer, min_abs=1.0, verify=True, eval_text=" ".join(TEXTS * 4))
     assert _hash(model) == before  # every patch and every zeroed super weight was written back
     return report
 
