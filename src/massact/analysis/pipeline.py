@@ -20,11 +20,12 @@ from . import anatomy as anatomy_step
 from .attention import attention_sinks
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .origin import decomposition_gap, head_split, writer
-from .perplexity import default_eval_text
+from .perplexity import default_eval_text, eval_windows
 from .moe import MoeAttribution, attribute_moe, is_moe_block
 from .norms import norm_factors
 from .results import (Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, ExpertAttribution, LayerStats, Massive,
                       ModelInfo, NormFactors, Origin, Report)
+from .resume import scan_identity
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
 from .verification import MAX_INPUTS, verify as verify_report
 
@@ -83,6 +84,8 @@ def scan(
     lm = _as_loaded(model, tokenizer, dtype, device)
     corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
     total = corpus.check()
+    if verify:  # an evaluation text too short for perplexity fails now, not after the scan
+        eval_windows(lm, eval_text or default_eval_text())
     criterion = Criterion(min_abs=min_abs, min_ratio=min_ratio)
 
     progress = progress or _silent
@@ -90,7 +93,10 @@ def scan(
     advance = progress("forward passes over the texts", total if max_length is None else None)
     counts = Counts()
     stream = (window.ids for window in windows(lm, corpus, max_length, counts))
-    layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume)
+    identity = "" if checkpoint is None else scan_identity(lm, top_k=top_k, min_abs=min_abs, min_ratio=min_ratio,
+                                                           max_length=max_length, batch_size=batch_size)
+    layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume,
+                             identity)
     if distributed_rank()[0] != 0:
         return None  # launched as several processes: they shared the scan, the first one explains and reports
     # Keep only the windows the statistics point at (and the first few, for the input-dependence check).
