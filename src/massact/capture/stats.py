@@ -69,11 +69,22 @@ def top_order(magnitude: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def top_flat(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest entries of a flat float32 ``magnitude`` (>= 0, or negative to exclude), ties
     broken by the smaller index, in that order. One integer top-k, no host synchronisation: the key is the float's
-    bits (ordered like the value for non-negative floats, NaN above inf) in the high half and the reversed index in
-    the low half."""
-    index = torch.arange(magnitude.numel(), device=magnitude.device)
-    key = (magnitude.view(torch.int32).to(torch.int64) << 32) | ((1 << 32) - 1 - index)
+    bits (ordered like the value for non-negative floats, NaN above inf) times 2**32, minus the index."""
+    key = magnitude.view(torch.int32).to(torch.int64)
+    key <<= 32
+    key -= _index(magnitude.numel(), magnitude.device)
     return key.topk(min(k, magnitude.numel())).indices
+
+
+_INDICES: dict[torch.device, torch.Tensor] = {}
+
+
+def _index(n: int, device: torch.device) -> torch.Tensor:
+    """0..n-1 as int64 on ``device``, from one cached arange that grows to the largest n asked (batches vary)."""
+    cached = _INDICES.get(device)
+    if cached is None or len(cached) < n:
+        cached = _INDICES[device] = torch.arange(max(n, 2 * len(cached) if cached is not None else n), device=device)
+    return cached[:n]
 
 
 @dataclass
