@@ -20,8 +20,9 @@ SAMPLE = 4096  # entries of each parameter whose exact bytes go into a scan's id
 
 def weights_sample(tensor: torch.Tensor, size: int = SAMPLE) -> bytes:
     """The exact bytes of ``size`` evenly spaced entries of a tensor (all of a smaller one; the first and the last
-    always): cheap on any device (one small strided copy) and the same wherever the model runs. Two models that differ
-    only outside these entries are not told apart; another checkpoint, even a fine-tune, differs in almost all."""
+    always): cheap on any device (one small strided copy) and the same wherever the model runs. Two models that
+    differ only outside these entries are not told apart; another checkpoint, even a fine-tune, differs in almost
+    all."""
     flat = tensor.detach().flatten()
     if flat.numel() > size:  # a strided view, not an index gather, which was 40x slower on a busy 2-core CPU
         flat = torch.cat([flat[:: flat.numel() // (size - 1)][: size - 1], flat[-1:]])
