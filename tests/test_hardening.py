@@ -193,7 +193,7 @@ def _message(path: Path) -> str:
 def test_a_malicious_scan_state_from_the_cli(model_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    torch.save(Evil(), out / "scan-state.pt")
+    (out / "scan-state.pt").write_bytes(pickle.dumps(Evil()))  # a plain pickle: torch.load also warns about it
     result = run_massact("scan", model_dir, "--text", "Summer is warm.", *TINY, "--out", out, "--resume")
     line = one_line_error(result, "cannot read the scan state", "not a scan state written by massact")
     assert "weights_only" not in line and not (Path(__file__).parent / "pwned").exists()

@@ -8,6 +8,7 @@ they are read again. Anything else in the file is refused in one line, never wit
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,7 +55,9 @@ def read_state(path: Path) -> dict:
     try:
         if path.stat().st_size == 0:
             raise _refuse(path, "the file is empty")
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # e.g. on a plain pickle's protocol: more lines on stderr, saying nothing
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True, map_location="cpu")
     except UsageError:
         raise
     except Exception as error:  # torch's message is several lines and may advise unsafe loading: not relayed
