@@ -119,17 +119,9 @@ def test_a_killed_scan_resumes_to_the_same_result(planted_dir, tmp_path):
     resumed = subprocess.run(_cli(*common, "--out", out, "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert not state.exists()  # removed once the scan is whole
-    first, second = (json.loads((d / "report.json").read_text(encoding="utf-8")) for d in (tmp_path / "clean", out))
-    assert first["dims"] == second["dims"]
-    # Every text starts with the same BOS, so equal values tie across texts: compare what does not depend on
-    # which of the tied texts the top-k kept.
-    for a, b in zip(first["layers"], second["layers"]):
-        assert a["median"] == b["median"]
-        assert [e["value"] for e in a["top"]] == [e["value"] for e in b["top"]]
-    key = lambda m: (m["layer"], m["position"], m["dim"], m["value"])
-    assert sorted(map(key, first["massive"])) == sorted(map(key, second["massive"]))
-    same = lambda a: {k: v for k, v in a.items() if k != "text"}
-    assert [same(a) for a in first["attribution"]] == [same(a) for a in second["attribution"]]
+    # Every text starts with the same BOS, so equal values tie across texts; ties are broken by (text, position,
+    # dim), so the resumed report is the same, byte for byte.
+    assert (tmp_path / "clean" / "report.json").read_bytes() == (out / "report.json").read_bytes()
 
 
 def test_resume_refuses_the_state_of_another_scan(planted_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -80,12 +81,16 @@ VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few do
 
 def _scan(args) -> int:
     from .models.loading import DEFAULT_NAME
+    from .report.atomic import check_writable
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
     for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every", "chain_depth", "super_weight_steps"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
+    for option in ("min_abs", "min_ratio"):
+        if not (math.isfinite(getattr(args, option)) and getattr(args, option) > 0):
+            raise UsageError(f"--{option.replace('_', '-')} must be a positive number")
     formats = parse_formats(args.format)
     # Absolute, so that `massact verify` can read the file again from anywhere.
     file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
@@ -93,6 +98,7 @@ def _scan(args) -> int:
     texts.check()  # read input before the slow model load, so bad input fails fast
     eval_text = _read_eval(args.eval_file)
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
+    check_writable(out)  # before the slow model load and scan
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
                     chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps,
                     batch_size=args.batch_size, max_length=args.max_length, checkpoint=out / "scan-state.pt",
@@ -102,22 +108,19 @@ def _scan(args) -> int:
 
 
 def _verify(args) -> int:
-    import json
-
+    from .report.atomic import check_writable
+    from .report.load import load_report
     from .texts import Corpus
 
-    path = args.report_dir / "report.json"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        model, criterion = saved["model"], saved["criterion"]
-        spec = saved["corpus"]["spec"]
-        settings = dict(top_k=len(saved["layers"][0]["top"]) or 5, min_abs=criterion["min_abs"], min_ratio=criterion["min_ratio"],
-                        max_length=spec["max_length"])
-        texts = Corpus(tuple(spec["texts"]), spec["file"], spec["dataset"], spec["max_texts"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise UsageError(f"{path}: not a massact report ({type(error).__name__}: {error})") from None
+    saved = load_report(args.report_dir)  # every field used below is checked: one line naming a bad one
+    model, criterion = saved["model"], saved["criterion"]
+    spec = saved["corpus"]["spec"]
+    settings = dict(top_k=len(saved["layers"][0]["top"]) or 5, min_abs=criterion["min_abs"], min_ratio=criterion["min_ratio"],
+                    max_length=spec["max_length"])
+    texts = Corpus(tuple(spec["texts"]), spec["file"], spec["dataset"], spec["max_texts"])
     from .report.files import parse_formats
 
+    check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)
     eval_text = _read_eval(args.eval_file)
@@ -125,8 +128,10 @@ def _verify(args) -> int:
 
 
 def _compare(args) -> int:
+    from .report.atomic import check_writable
     from .report.compare import write_compare
 
+    check_writable(args.out)
     for path in write_compare(args.report_dirs, args.out):
         print(f"wrote {path}")
     return 0

@@ -21,14 +21,31 @@ DEFAULT_TEXTS: tuple[str, ...] = (
 )
 
 
+# The longest text massact reads, in characters (and a file's line, in bytes): 1 MiB, about 250,000 tokens of
+# English. Tokenizing costs about 150 bytes of memory per character, so a text is refused above this before it is
+# read whole (a 50 MB line would need 7 GB); a longer document is split into lines or paragraphs, and a text longer
+# than the model's context into --max-length windows.
+MAX_TEXT_CHARS = 1 << 20
+
+
+def _too_long(what: str) -> UsageError:
+    return UsageError(f"{what} is longer than {MAX_TEXT_CHARS:,} characters: split it into lines or paragraphs")
+
+
 def _lines(path: str) -> Iterator[str]:
-    """The file's lines, read one at a time (memory does not grow with the file), each checked to be UTF-8."""
+    """The file's lines, read one at a time (memory does not grow with the file, nor with a line: one longer than
+    MAX_TEXT_CHARS bytes is refused after reading that much of it), each checked to be UTF-8."""
     file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"{path} is a directory, not a file of texts")
     if not file.is_file():
         raise UsageError(f"{path}: no such file")
-    offset = 0
+    offset = number = 0
     with file.open("rb") as handle:
-        for raw in handle:
+        while raw := handle.readline(MAX_TEXT_CHARS + 2):  # a line, its line break, or a bounded part of it
+            number += 1
+            if len(raw.rstrip(b"\r\n")) > MAX_TEXT_CHARS:
+                raise _too_long(f"line {number} of {path}")
             try:
                 line = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
             except UnicodeDecodeError as error:
@@ -61,12 +78,16 @@ def iter_text_file(path: str, paragraphs: bool | None = None) -> Iterator[str]:
         yield from (line.strip() for line in _lines(path) if line.strip())
         return
     current: list[str] = []
+    size = 0
     for line in _lines(path):
         if line.strip():
             current.append(line.strip())
+            size += len(current[-1]) + 1
+            if size > MAX_TEXT_CHARS + 1:  # bounded before it is joined
+                raise _too_long(f"a paragraph of {path}")
         elif current:
             yield " ".join(current)
-            current = []
+            current, size = [], 0
     if current:
         yield " ".join(current)
 
@@ -144,7 +165,7 @@ class Corpus:
             iter_text_file(self.file, self._paragraphs) if self.file else (),
             _deferred(iter_dataset, self.dataset) if self.dataset else (),
         )
-        return islice(sources, self.max_texts)
+        return _bounded(islice(sources, self.max_texts))
 
     def check(self) -> int | None:
         """Fail now, with one clear line, on input that would fail later. Returns the number of texts, or None for
@@ -180,6 +201,14 @@ class Corpus:
         parts += [f"dataset {self.dataset}"] if self.dataset else []
         limit = f", the first {self.max_texts}" if self.max_texts is not None else ""
         return (" + ".join(parts) or "the built-in sentences") + limit
+
+
+def _bounded(texts: Iterator[str]) -> Iterator[str]:
+    """The texts, refusing one longer than MAX_TEXT_CHARS (a --text value or a dataset row) before it is tokenized."""
+    for number, text in enumerate(texts, 1):
+        if len(text) > MAX_TEXT_CHARS:
+            raise _too_long(f"text {number}")
+        yield text
 
 
 def _deferred(open_source, spec: str) -> Iterator[str]:

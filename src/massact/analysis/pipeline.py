@@ -19,10 +19,11 @@ from .attention import attention_sinks
 from .conclusion import conclude
 from .explain import birth_state, explain, pick_events
 from .lifeline import lifelines
+from .perplexity import default_eval_text, eval_windows
+from .results import CorpusInfo, Criterion, Massive, ModelInfo, Report
+from .resume import scan_identity
 from .superweights import MAX_STEPS, all_super_weights
 from .trigger import CHAIN_DEPTH, triggers
-from .perplexity import default_eval_text
-from .results import CorpusInfo, Criterion, Massive, ModelInfo, Report
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
 from .verification import MAX_INPUTS, verify as verify_report
 
@@ -75,6 +76,8 @@ def scan(
     lm = _as_loaded(model, tokenizer, dtype, device)
     corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
     total = corpus.check()
+    if verify:  # an evaluation text too short for perplexity fails now, not after the scan
+        eval_windows(lm, eval_text or default_eval_text())
     criterion = Criterion(min_abs=min_abs, min_ratio=min_ratio)
 
     progress = progress or _silent
@@ -82,7 +85,10 @@ def scan(
     advance = progress("forward passes over the texts", total if max_length is None else None)
     counts = Counts()
     stream = (window.ids for window in windows(lm, corpus, max_length, counts))
-    layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume)
+    identity = "" if checkpoint is None else scan_identity(lm, top_k=top_k, min_abs=min_abs, min_ratio=min_ratio,
+                                                           max_length=max_length, batch_size=batch_size)
+    layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume,
+                             identity)
     if distributed_rank()[0] != 0:
         return None  # launched as several processes: they shared the scan, the first one explains and reports
     # Keep only the windows the statistics point at (and the first few, for the input-dependence check).

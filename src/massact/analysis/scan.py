@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from ..capture.hooks import tap
-from ..capture.stats import LogHistogram, TopK
+from ..capture.stats import LogHistogram, TopK, top_flat
 from ..errors import UsageError
 from ..models.loading import LoadedModel
 from .results import Criterion, DimSummary, Entry, LayerStats, Massive
+from .resume import read_state, remove_partial, shape_problem
 
 
 @dataclass
@@ -54,6 +55,7 @@ def scan_layers(
     checkpoint: Path | None = None,
     every: int = 50,
     resume: bool = False,
+    identity: str = "",
 ) -> LayerScan:
     """Batched forward passes over ``windows`` (token ids [1, n] each, consumed lazily: memory does not grow with the
     corpus); hooks on every block's resid_out keep only a histogram and a top-k, on device. Padding positions never
@@ -61,7 +63,8 @@ def scan_layers(
 
     With ``checkpoint``, the merged state is written there (atomically) every ``every`` batches and removed at the
     end; with ``resume``, a state found there is loaded and the scan goes on after the windows it covers, once the
-    token ids of those windows are checked to be the ones it saw. Launched as several processes, each scans every
+    token ids of those windows are checked to be the ones it saw, and ``identity`` (the model, dtype and settings:
+    ``massact.analysis.resume.scan_identity``) to be the same. Launched as several processes, each scans every
     world-th window and the statistics are merged with torch.distributed collectives.
     """
     n_layers = len(lm.adapter.blocks(lm.model))
@@ -72,8 +75,9 @@ def scan_layers(
         checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}-of-{world}")
     start, saved_fingerprint = 0, None
     if checkpoint is not None and resume and checkpoint.is_file():
-        start, saved_fingerprint = _load_state(checkpoint, histograms, tops)
-    digest = hashlib.sha256(str(candidates).encode())  # of the top-k size and every window this process scans
+        start, saved_fingerprint = _load_state(checkpoint, histograms, tops, identity)
+    # Of the identity, the top-k size and every window this process scans.
+    digest = hashlib.sha256(f"{identity}|{candidates}|{batch_size}|".encode())
     batch: dict = {}
 
     def record(layer: int, site: str, hidden: torch.Tensor) -> None:
@@ -83,11 +87,13 @@ def scan_layers(
         histograms[layer].update(values, weights=valid)
         _, length, width = values.shape
         magnitude = values.abs().masked_fill(~valid, -1.0).flatten()  # pads at -1: never chosen over a real value
-        top = magnitude.topk(min(candidates, magnitude.numel()))  # one top-k over the whole batch
-        real = top.values != -1.0  # drops pads only; NaN and inf stay, and sort first, so overflow is seen below
-        row, rest = top.indices // (length * width), top.indices % (length * width)
+        # One top-k over the whole batch; ties go to the smaller flat index, i.e. the smaller (text, position, dim),
+        # the order TopK keeps, so the result does not depend on how the corpus was batched or resumed.
+        chosen = top_flat(magnitude, candidates)
+        real = magnitude[chosen] != -1.0  # drops pads only; NaN and inf stay, and sort first, so overflow is seen below
+        row, rest = chosen // (length * width), chosen % (length * width)
         labels = torch.stack([batch["texts"].to(values.device)[row], rest // width, rest % width], dim=-1)[real]
-        tops[layer].update(values.flatten()[top.indices][real], labels)
+        tops[layer].update(values.flatten()[chosen][real], labels)
 
     def forward(chosen: list[tuple[int, torch.Tensor]]) -> None:
         ids, mask = pad_batch([one for _, one in chosen])
@@ -114,7 +120,7 @@ def scan_layers(
                 forward(pending)
                 pending, batches = [], batches + 1
                 if checkpoint is not None and batches % every == 0:
-                    _save_state(checkpoint, seen, digest.hexdigest(), histograms, tops)
+                    _save_state(checkpoint, seen, digest.hexdigest(), histograms, tops, identity)
         if pending:
             forward(pending)
     if seen < start:
@@ -163,33 +169,41 @@ def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK]) -> 
         top.update(gathered[real], tags[real])
 
 
-def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHistogram], tops: list[TopK]) -> None:
+def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHistogram], tops: list[TopK],
+                identity: str = "") -> None:
     state = {
         "done": done,
         "fingerprint": fingerprint,
+        "identity": identity,
         "counts": [h.counts.cpu() for h in histograms],
         "tops": [(t.values.cpu(), t.labels.cpu()) if t.values is not None else None for t in tops],
     }
     partial = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, partial)
-    os.replace(partial, path)  # a kill mid-write leaves the previous state whole
-
-
-def _load_state(path: Path, histograms: list[LogHistogram], tops: list[TopK]) -> tuple[int, str]:
-    """Restore the merged statistics; returns how many windows they cover and the fingerprint of those windows."""
     try:
-        state = torch.load(path, weights_only=True)
-    except Exception as error:  # a damaged file: say which, rather than a pickle traceback
-        raise UsageError(f"cannot read the scan state {path}: {error}") from None
-    if len(state["counts"]) != len(histograms):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, partial)
+        os.replace(partial, path)  # a kill mid-write leaves the previous state whole
+    except OSError as error:
+        raise UsageError(f"cannot write the scan state {path}: {error.strerror or error}") from None
+    finally:  # a full disk or Ctrl-C: no half-written state stays (after the rename there is none)
+        remove_partial(partial)
+
+
+def _load_state(path: Path, histograms: list[LogHistogram], tops: list[TopK], identity: str = "") -> tuple[int, str]:
+    """Restore the merged statistics; returns how many windows they cover and the fingerprint of those windows.
+    A file that is not a whole state of this scan is refused in one line (see ``read_state``)."""
+    state = read_state(path)
+    if state["identity"] != identity:
         raise _other_scan(path)
+    problem = shape_problem(state, len(histograms), histograms[0].bins, tops[0].k)
+    if problem:
+        raise UsageError(f"cannot read the scan state {path}: {problem}; remove it or drop --resume")
     for histogram, counts in zip(histograms, state["counts"]):
         histogram.counts = counts.to(histogram.counts.device)
     for top, saved in zip(tops, state["tops"]):
         if saved is not None:
             top.update(*saved)
-    return int(state["done"]), state["fingerprint"]
+    return state["done"], state["fingerprint"]
 
 
 def _other_scan(path: Path | None) -> UsageError:

@@ -56,9 +56,43 @@ class LogHistogram:
         return 2 ** (self.lo + (index + 0.5) * self.width)
 
 
+def top_order(magnitude: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts entries by ``magnitude`` descending, ties by their ``labels`` rows ascending
+    (column by column): a strict total order when labels are unique, so the kept entries do not depend on the order
+    they arrived in (batches, a resumed scan, several processes). NaN sorts first, as in ``torch.topk``."""
+    order = torch.arange(len(magnitude), device=magnitude.device)
+    for column in reversed(range(labels.shape[1])):  # stable sorts, least significant key first
+        order = order[labels[order, column].sort(stable=True).indices]
+    return order[magnitude[order].sort(descending=True, stable=True).indices]
+
+
+def top_flat(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of a flat float32 ``magnitude`` (>= 0, or negative to exclude), ties
+    broken by the smaller index, in that order. One integer top-k, no host synchronisation: the key is the float's
+    bits (ordered like the value for non-negative floats, NaN above inf) times 2**32, minus the index."""
+    key = magnitude.view(torch.int32).to(torch.int64)
+    key <<= 32
+    key -= _index(magnitude.numel(), magnitude.device)
+    return key.topk(min(k, magnitude.numel())).indices
+
+
+_INDICES: dict[torch.device, torch.Tensor] = {}
+
+
+def _index(n: int, device: torch.device) -> torch.Tensor:
+    """0..n-1 as int64 on ``device``, from one cached arange that grows to the largest n asked (batches vary)."""
+    cached = _INDICES.get(device)
+    if cached is None or len(cached) < n:
+        cached = _INDICES[device] = torch.arange(max(n, 2 * len(cached) if cached is not None else n), device=device)
+    return cached[:n]
+
+
 @dataclass
 class TopK:
-    """The k largest |a| seen so far, with the signed value and a row of integer labels (e.g. text, position, dim)."""
+    """The k largest |a| seen so far, with the signed value and a row of integer labels (e.g. text, position, dim).
+
+    Ties in |a| are broken by the labels (smaller first), so what is kept is the same whatever the order and
+    grouping of the updates."""
 
     k: int
     values: torch.Tensor | None = None
@@ -76,7 +110,7 @@ class TopK:
         if not self._empty:
             values = torch.cat([self.values, values.to(self.values.device)])
             labels = torch.cat([self.labels, labels.to(self.labels.device)])
-        keep = values.abs().topk(min(self.k, values.numel())).indices
+        keep = top_order(values.abs(), labels)[: self.k]
         self.values, self.labels = values[keep], labels[keep]
 
     def merge(self, other: TopK) -> None:
@@ -87,8 +121,7 @@ class TopK:
         return other.values.device if self._empty else self.values.device
 
     def items(self) -> list[tuple[float, list[int]]]:
-        """(value, labels) pairs, largest |value| first, as Python numbers."""
+        """(value, labels) pairs, largest |value| first (ties: smaller labels first), as Python numbers."""
         if self._empty:
             return []
-        order = self.values.abs().argsort(descending=True)
-        return list(zip(self.values[order].float().tolist(), self.labels[order].tolist()))
+        return list(zip(self.values.float().tolist(), self.labels.tolist()))

@@ -6,12 +6,14 @@ cache dir, so the next load takes about a second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
 import shutil
 import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -58,9 +60,19 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         # Under torchrun or accelerate launch, each process takes the GPU of its local rank.
         return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        target = None
+    if target is None or target.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if target.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} asked for, but no CUDA device is available")
-    return torch.device(device)
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA device(s)")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {device!r} asked for, but MPS is not available")
+    return target
 
 
 def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", log=None, device_map: str | None = None,
@@ -115,13 +127,25 @@ def _from_pretrained(
     auto = AutoModelForMaskedLM if adapter.encoder else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **remote)
-        model = auto.from_pretrained(source, dtype=dtype, use_safetensors=True, device_map=device_map, **remote)
-    except (OSError, ValueError) as error:
+        # Mismatched shapes are reported below by name instead of transformers' multi-line table.
+        model, info = auto.from_pretrained(source, dtype=dtype, use_safetensors=True, device_map=device_map,
+                                           ignore_mismatched_sizes=True, output_loading_info=True, **remote)
+    except Exception as error:  # damaged safetensors (garbage, truncated) raise safetensors' own error kinds
         raise UsageError(f"cannot load {name}: {first_line(error)}") from None
+    _check_loaded(name, info)
     if device_map is None:
         model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, adapter, name)
+
+
+def _check_loaded(name: str, info: dict) -> None:
+    """Refuse weights transformers would otherwise fill in at random: a tensor of the wrong shape or a missing one."""
+    for key, stored, expected in sorted(info.get("mismatched_keys") or ()):
+        raise UsageError(f"cannot load {name}: tensor {key} has shape {list(stored)} in the weights, the config needs {list(expected)}")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise UsageError(f"cannot load {name}: {len(missing)} tensor(s) missing from the weights, first {missing[0]}")
 
 
 def default_gguf() -> Path:
@@ -151,8 +175,9 @@ def _gguf_dir(path: Path, log) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        with gguf_bar_follows_switch():
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as error:  # the GGUF reader raises many kinds of errors on a damaged file
         raise UsageError(f"cannot read GGUF file {path}: {first_line(error)}") from None
     adapter_for(model.config)
@@ -173,6 +198,22 @@ def _gguf_dir(path: Path, log) -> str:
     except OSError:  # another process (a multi-process launch) finished the same conversion first
         shutil.rmtree(partial, ignore_errors=True)
     return str(target)
+
+
+@contextmanager
+def gguf_bar_follows_switch():
+    """transformers' GGUF reader draws its own tqdm bar, which its progress-bar switch does not reach: while this is
+    open, that bar is drawn only where the switch is on (the CLI turns it off under --quiet and outside a terminal)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+    from transformers.utils import logging as hf_logging
+
+    bar = gguf.tqdm
+    if not hf_logging.is_progress_bar_enabled():
+        gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
 
 
 def _hub_source(model_id: str) -> str:

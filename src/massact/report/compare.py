@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..errors import UsageError
-from .files import write_atomic
+from .atomic import write_set
+from .load import load_report
 from .plots import DPI, FIG_SIZE, png_bytes
 
 
 def load_saved(directory: Path) -> dict:
-    path = directory / "report.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["model"]["name"], data["layers"][0]["median"]  # the keys every comparison reads
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
-        raise UsageError(f"{path}: not a massact report ({type(error).__name__}: {error})") from None
-    return data
+    return load_report(directory)  # every field a comparison reads is checked first
 
 
 def summary(data: dict) -> dict[str, str]:
@@ -95,7 +88,4 @@ img {{ max-width: 100%; height: auto; }}</style></head>
 <figcaption>Layer profiles, overlaid by depth (compare_profiles.png)</figcaption></figure>
 </body></html>
 """
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "compare.html", page)
-    write_atomic(out / "compare_profiles.png", png)
-    return [out / "compare.html", out / "compare_profiles.png"]
+    return write_set(out, {"compare.html": page, "compare_profiles.png": png})

@@ -1,4 +1,4 @@
-"""Write a report's files. Each file is written whole to a temporary name, then renamed: never half a report."""
+"""Write a report's files: each file whole, and the set of them as one (see ``write_set`` in report/atomic.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..analysis.results import Report
 from ..errors import UsageError
+from .atomic import write_set
 
 FORMATS = ("txt", "json", "html", "png")
 
@@ -31,11 +32,14 @@ def parse_formats(text: str) -> set[str]:
 
 def write_atomic(path: Path, content: str | bytes) -> None:
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    if isinstance(content, bytes):
-        partial.write_bytes(content)
-    else:
-        partial.write_text(content, encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        if isinstance(content, bytes):
+            partial.write_bytes(content)
+        else:
+            partial.write_text(content, encoding="utf-8")
+        os.replace(partial, path)
+    finally:  # on an error (a full disk), nothing half-written stays
+        partial.unlink(missing_ok=True)
 
 
 def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) -> list[Path]:
@@ -44,7 +48,6 @@ def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) ->
     from .plots import figures
     from .text import to_text
 
-    out.mkdir(parents=True, exist_ok=True)
     pngs = figures(report) if formats & {"html", "png"} else {}
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
@@ -55,6 +58,4 @@ def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) ->
         contents["report.html"] = to_html(report, pngs)
     if "png" in formats:
         contents.update(pngs)
-    for name, content in contents.items():
-        write_atomic(out / name, content)
-    return [out / name for name in contents]
+    return write_set(out, contents)
