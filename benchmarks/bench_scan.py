@@ -1,6 +1,9 @@
 """Scan cost against plain forward passes and against the hand-written approach, and memory as the corpus grows.
 
     .venv/bin/python benchmarks/bench_scan.py            # default model and a tiny GPT-2, prints a Markdown table
+    python3 benchmarks/bench_scan.py --device cuda --random-weights DIR
+        # on a GPU machine that cannot hold the default model's file: its architecture (DIR holds its config.json and
+        # tokenizer) with random weights, which cost the same to run; peak GPU memory is reported beside the RSS
 
 Each measurement runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own. Three ways over
 the same corpus, batched alike (batch 8):
@@ -34,16 +37,25 @@ def corpus(multiple: int) -> Iterator[str]:
         yield from sentences
 
 
+OPTIONS = {"device": "cpu", "random_weights": None}  # set from the command line, passed on to every subprocess
+
+
 def load(which: str):
     import massact
 
+    if which == "default" and OPTIONS["random_weights"]:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        source = OPTIONS["random_weights"]
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).to(OPTIONS["device"])
+        return massact.wrap(model, AutoTokenizer.from_pretrained(source), "SmolLM2-135M architecture, random weights")
     if which == "default":
-        return massact.load(None, device="cpu", log=lambda m: None)
+        return massact.load(None, device=OPTIONS["device"], log=lambda m: None)
     sys.path.insert(0, "tests")
     from conftest import make_tokenizer, tiny_model
 
     tokenizer = make_tokenizer()
-    return massact.wrap(tiny_model("gpt2", len(tokenizer)), tokenizer)
+    return massact.wrap(tiny_model("gpt2", len(tokenizer)).to(OPTIONS["device"]), tokenizer)
 
 
 def one(mode: str, which: str, multiple: int) -> dict:
@@ -69,7 +81,8 @@ def one(mode: str, which: str, multiple: int) -> dict:
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stream = inputs()
         while group := list(islice(stream, 8)):
-            yield pad_batch(group)
+            ids, mask = pad_batch(group)
+            yield ids.to(lm.device), mask.to(lm.device)
 
     start = time.perf_counter()
     with torch.no_grad():
@@ -89,12 +102,17 @@ def one(mode: str, which: str, multiple: int) -> dict:
                 values = torch.cat([t.flatten() for t in cache[layer, "resid_out"]]).abs()
                 values.topk(512)
                 values.median()
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **counted}
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if lm.device.type == "cuda" else 0.0
+    return {"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "gpu_mb": gpu, **counted}
 
 
 def measure(mode: str, which: str, multiple: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", mode, which, str(multiple)], capture_output=True, text=True, check=True)
+    options = ["--device", OPTIONS["device"]] + (["--random-weights", OPTIONS["random_weights"]] if OPTIONS["random_weights"] else [])
+    command = [sys.executable, __file__, "--one", mode, which, str(multiple), *options]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -105,23 +123,33 @@ def main() -> None:
         floor = base["forward"]["seconds"]
         for mode, result in base.items():
             rows.append(f"| {which} | {mode} | {result['texts']} | {result['tokens']} | {result['seconds']:.2f} | "
-                        f"{result['seconds'] / floor:.2f}x | {result['rss_mb']:.0f} |")
-    print("| model | way | texts | tokens | seconds | x plain forward | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
+                        f"{result['seconds'] / floor:.2f}x | {result['rss_mb']:.0f} | {result['gpu_mb']:.0f} |")
+    print(f"device: {OPTIONS['device']}" + (", default model's architecture with random weights" if OPTIONS["random_weights"] else ""))
+    print("| model | way | texts | tokens | seconds | x plain forward | peak RSS MiB | peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print()
-    print("| model | corpus | texts | massact seconds | massact peak RSS MiB | naive peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| model | corpus | texts | massact seconds | massact peak RSS MiB | massact peak GPU MiB | naive peak RSS MiB | naive peak GPU MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for which in ("tiny", "default"):
         for multiple in (1, 4, 16):
             ours = measure("massact", which, multiple)
             # The naive cache of the default model takes about 4 GiB per 1x of this corpus: 16x would not fit in 24 GiB.
-            naive = f"{measure('naive', which, multiple)['rss_mb']:.0f}" if which == "tiny" or multiple < 16 else "not run (out of memory)"
-            print(f"| {which} | {multiple}x | {ours['texts']} | {ours['seconds']:.2f} | {ours['rss_mb']:.0f} | {naive} |")
+            naive = measure("naive", which, multiple) if which == "tiny" or multiple < 16 else None
+            cells = f"{naive['rss_mb']:.0f} | {naive['gpu_mb']:.0f}" if naive else "not run (out of memory) | -"
+            print(f"| {which} | {multiple}x | {ours['texts']} | {ours['seconds']:.2f} | {ours['rss_mb']:.0f} | {ours['gpu_mb']:.0f} | {cells} |")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--one":
-        print(json.dumps(one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--one", nargs=3, metavar=("MODE", "MODEL", "MULTIPLE"), help="one measurement (run by main)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--random-weights", help="a directory with the default model's config.json and tokenizer")
+    args = parser.parse_args()
+    OPTIONS.update(device=args.device, random_weights=args.random_weights)
+    if args.one:
+        print(json.dumps(one(args.one[0], args.one[1], int(args.one[2]))))
     else:
         main()
