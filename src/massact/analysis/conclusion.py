@@ -71,7 +71,7 @@ def conclude(report: Report) -> list[str]:
         steps = [s for s in report.super_weights if s.dim == summary.dim]
         if steps:
             parts.append(_super_weight_words(steps))
-        paragraphs.append(" ".join(parts))
+        paragraphs.append(" ".join(part for part in parts if part))
     return paragraphs
 
 
