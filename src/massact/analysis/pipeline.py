@@ -17,7 +17,7 @@ from ..models.adapters.base import weight_out_in
 from ..models.loading import LoadedModel, load, wrap
 from ..texts import Corpus
 from . import anatomy as anatomy_step
-from .attention import attention_sinks
+from .attention import SINK_EPSILON, sink_analysis
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .origin import decomposition_gap, head_split, writer
 from .perplexity import default_eval_text
@@ -26,7 +26,7 @@ from .norms import norm_factors
 from .results import (Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, ExpertAttribution, LayerStats, Massive,
                       ModelInfo, NormFactors, Origin, Report)
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
-from .verification import MAX_INPUTS, verify as verify_report
+from .verification import MAX_INPUTS, replacement_values, verify as verify_report
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
@@ -70,6 +70,7 @@ def scan(
     dtype: str = "float32",
     device: str = "auto",
     progress: Progress | None = None,
+    sink_epsilon: float = SINK_EPSILON,
 ) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
     neurons and weight that write it. With ``verify``, confirm by intervention and measure the attention sinks
@@ -77,6 +78,7 @@ def scan(
 
     ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
     ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``progress``: see ``Progress``.
+    ``sink_epsilon``: a head is a sink head when its average attention on a sink token exceeds it (Gu et al. 2024).
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
@@ -130,16 +132,13 @@ def scan(
     )
     report.conclusion = conclude(report)
     report.birth_state = birth_state(lm, report, inputs)
-    if verify and report.dims and lm.adapter.encoder:
-        report.warnings.append("verification skipped: it measures perplexity, which an encoder (masked LM) does not have")
+    if verify and report.dims and lm.adapter.encoder and lm.tokenizer.mask_token_id is None:
+        report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
     elif verify and report.dims:
         source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
         report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source,
                                             progress("interventions", None))
-        sinks: dict[int, dict[int, None]] = {}  # text -> its massive positions, in order, once each
-        for m in massive:
-            sinks.setdefault(m.text, {})[m.position] = None
-        report.attention = attention_sinks(lm, inputs, {t: list(p) for t, p in sinks.items()}, min(d.born_at for d in dims))
+        report.attention = sink_analysis(lm, report, inputs, sink_epsilon, replacement_values(report))
     return report
 
 

@@ -13,6 +13,8 @@ import torch
 from ..capture.hooks import tap
 from ..models.loading import LoadedModel
 from .interventions import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
+from .mlm import exp_loss, masked_lm_loss, masked_windows, next_token_windows
+from .output_effects import output_effects
 from .perplexity import eval_windows, perplexity
 from .results import Attribution, ExpertAttribution, InputDependence, Intervention, Report, Verification
 
@@ -24,9 +26,26 @@ def verify(
     lm: LoadedModel, report: Report, inputs: list[torch.Tensor], eval_text: str, eval_source: str,
     step: Callable[[], None] = lambda: None,
 ) -> Verification:
-    """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one."""
-    windows = eval_windows(lm, eval_text)
-    baseline = perplexity(lm, windows)
+    """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one.
+
+    A causal LM is scored by its perplexity on ``eval_text``; an encoder by exp(masked-LM loss) on a fixed, seeded
+    15% of its tokens, the same masks for every intervention. The super-weight zeroing and the zero/mean replacements
+    also get their effect on the output distributions (``output_effects``)."""
+    if lm.adapter.encoder:
+        scored = masked_windows(lm, eval_text)
+
+        def score() -> float:
+            return exp_loss(masked_lm_loss(lm, scored)[0])
+    else:
+        windows = eval_windows(lm, eval_text)
+        scored = next_token_windows(windows)
+
+        def score() -> float:
+            return perplexity(lm, windows)
+
+    baseline = score()
+    metric = "exp(masked-LM loss)" if lm.adapter.encoder else "perplexity"
+    effects: list[tuple[str, str, Callable[[], AbstractContextManager]]] = []  # what the output loses, measured at the end
     criterion = report.criterion
     rows: list[Intervention] = []
     claims: list[str] = []
@@ -39,7 +58,7 @@ def verify(
         with context:
             values = read_coordinate(lm, inputs[a.text], sorted({a.layer, last}), a.position, a.dim)
             if with_ppl and target not in cache:
-                cache[target] = perplexity(lm, windows)
+                cache[target] = score()
         ppl = cache.get(target) if with_ppl else None
         step()
         birth_value = values[a.layer]
@@ -52,6 +71,8 @@ def verify(
         matrix (one expert's matrix in fused expert weights), outside its row and column."""
         row = measure(f"zero {label} {list(index)}", f"weight {matrix}{list(index)}", a, set_weight(lm, matrix, index), True)
         row.confirms = not row.still_massive
+        if row.target not in {target for _, target, _ in effects}:
+            effects.append((f"dim {a.dim}: {row.name}", row.target, lambda: set_weight(lm, matrix, index)))
         r, c, value = _similar_weight(lm.model.get_parameter(matrix).detach()[index[:-2]], *index[-2:])
         control = (*index[:-2], r, c)
         control_row = measure(f"control: zero weight {list(control)} ({value:+.3f})", f"weight {matrix}{list(control)}", a,
@@ -70,7 +91,7 @@ def verify(
         claims.append(
             f"dim {a.dim}: ablating neuron(s) {top_set} of block {a.layer} {'removes' if row.confirms else 'does not remove'} the massive "
             f"activation (at block {a.layer}: {row.value_birth:+.1f}; at block {last_block[a.dim]}: "
-            f"{row.value_last:+.1f}); perplexity x{row.perplexity_ratio:.2f}"
+            f"{row.value_last:+.1f}); {metric} x{row.perplexity_ratio:.2f}"
         )
         control = _unrelated_neuron(a)
         rows.append(measure(f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
@@ -80,7 +101,7 @@ def verify(
         rows += [row, control_row]
         claims.append(
             f"dim {a.dim}: zeroing the super weight {w.matrix}[{w.row}, {w.col}] {'removes' if row.confirms else 'does not remove'} it "
-            f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; "
+            f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies {metric} by {row.perplexity_ratio:.2f}; "
             f"zeroing a weight of the same size elsewhere in the matrix: x{control_row.perplexity_ratio:.2f}"
         )
 
@@ -99,18 +120,20 @@ def verify(
         rows += [row, control_row]
         claims.append(
             f"dim {e.dim}: zeroing the expert super weight {matrix}{list(index)} {'removes' if row.confirms else 'does not remove'} it "
-            f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; zeroing a weight of "
+            f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies {metric} by {row.perplexity_ratio:.2f}; zeroing a weight of "
             f"the same size elsewhere in that expert: x{control_row.perplexity_ratio:.2f}"
         )
 
-    births = {(d.born_at, d.dim) for d in report.dims}
-    for layer in sorted({layer for layer, _ in births}):
-        dims = [dim for l, dim in births if l == layer]
-        means = {dim: _mean([m.value for m in report.massive if m.dim == dim and m.layer == layer]) for dim in dims}
-        for label, values in (("zero", {dim: 0.0 for dim in dims}), ("mean", means)):
+    replaced = replacement_values(report)
+    for layer in sorted(replaced["zero"]):
+        dims = list(replaced["zero"][layer])
+        for label in ("zero", "mean"):
+            values = replaced[label][layer]
             with replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio):
-                ppl = perplexity(lm, windows)
+                ppl = score()
             step()
+            effects.append((f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}",
+                            lambda layer=layer, values=values: replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio)))
             # The value is what the intervention writes at the massive positions; it is not measured after it.
             value = values[dims[0]]
             still = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * report.layers[layer].median
@@ -118,7 +141,7 @@ def verify(
                                      value, float("nan"), still, ppl, ppl / baseline, None))
         zero, mean = rows[-2], rows[-1]
         claims.append(
-            f"block {layer}: setting the massive activations of dims {dims} to zero gives perplexity {zero.perplexity:.2f} "
+            f"block {layer}: setting the massive activations of dims {dims} to zero gives {metric} {zero.perplexity:.2f} "
             f"(x{zero.perplexity_ratio:.2f}); to their mean over the texts, {mean.perplexity:.2f} (x{mean.perplexity_ratio:.2f}); "
             f"unmodified {baseline:.2f}"
         )
@@ -131,8 +154,31 @@ def verify(
             f"({'a near-constant bias' if constant else 'input-dependent'}); massive on the first token in {d.first_token_massive} "
             f"of {d.inputs} inputs and at {d.other_positions} other position(s)"
         )
+    found = output_effects(lm, scored, effects)
+    for effect in found:
+        claims.append(
+            f"{effect.name}: KL from the unmodified model {effect.kl:.3g} nats per token; probability on stopwords "
+            f"{effect.stopword_before:.1%} -> {effect.stopword_after:.1%}, on punctuation {effect.punctuation_before:.1%} -> "
+            f"{effect.punctuation_after:.1%}; rises most: {effect.rises[0].token!r} ({effect.rises[0].before:.2%} -> "
+            f"{effect.rises[0].after:.2%})"
+        )
+    step()
+    if lm.adapter.encoder:
+        loss, masked = masked_lm_loss(lm, scored)
+        return Verification(baseline, masked, eval_source, rows, dependence, claims, "masked-LM", loss, found)
     tokens = sum(w.shape[1] for w in windows)
-    return Verification(baseline, tokens, eval_source, rows, dependence, claims)
+    return Verification(baseline, tokens, eval_source, rows, dependence, claims, output_effects=found)
+
+
+def replacement_values(report: Report) -> dict[str, dict[int, dict[int, float]]]:
+    """What the zero and mean replacements write (Sun et al.): label -> birth block -> {dim: value}, the mean being
+    over the dim's massive entries at that block."""
+    births = [(d.born_at, d.dim) for d in sorted(report.dims, key=lambda d: -abs(d.max_value))]  # strongest dim first
+    found: dict[str, dict[int, dict[int, float]]] = {"zero": {}, "mean": {}}
+    for layer, dim in births:
+        found["zero"].setdefault(layer, {})[dim] = 0.0
+        found["mean"].setdefault(layer, {})[dim] = _mean([m.value for m in report.massive if m.dim == dim and m.layer == layer])
+    return found
 
 
 def _mean(values: list[float]) -> float:
