@@ -32,7 +32,7 @@ def token_classes(lm: LoadedModel, vocab: int) -> tuple[list[str], torch.Tensor,
     """Every vocabulary entry decoded, and boolean masks [vocab] of the stopwords (the built-in English list, case and
     surrounding spaces ignored) and of the punctuation tokens (every character Unicode punctuation)."""
     known = min(vocab, len(lm.tokenizer))
-    words = [lm.tokenizer.decode([i]) for i in range(known)] + [""] * (vocab - known)
+    words = lm.tokenizer.batch_decode([[i] for i in range(known)]) + [""] * (vocab - known)
     stripped = [w.strip() for w in words]
     stop = torch.tensor([w.lower() in STOPWORDS for w in stripped])
     punct = torch.tensor([bool(w) and all(unicodedata.category(c).startswith("P") for c in w) for w in stripped])

@@ -139,6 +139,8 @@ def scan(
         report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source,
                                             progress("interventions", None))
         report.attention = sink_analysis(lm, report, inputs, sink_epsilon, replacement_values(report))
+        if report.attention.dependence:
+            report.conclusion.append(f"Attention sink: {report.attention.dependence}.")
     return report
 
 

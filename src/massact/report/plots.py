@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..analysis.results import Report  # noqa: E402
 
@@ -171,12 +172,13 @@ def attention_sinks(report: Report) -> bytes:
     fig.colorbar(image, ax=left, label="attention on the sink tokens")
     left.set_xlabel("block")
     left.set_ylabel("head")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_title(f"Attention on the sink tokens (uniform would give {float(np.mean(a.uniform)):.0%})")
     blocks = np.arange(len(a.share))
     if a.rate:
         right.plot(blocks, a.rate, "-o", color="tab:purple", label=f"sink rate (> {a.epsilon:g})")
-    for change, style in zip(a.interventions, ("--", ":")):
-        right.plot(blocks, change.rate, style, label=f"sink rate, massive values set to {change.label}")
+    for change, style, color in zip(a.interventions, ("--", ":"), ("tab:blue", "tab:green")):
+        right.plot(blocks, change.rate, style, color=color, label=f"sink rate, massive values set to {change.label}")
     right.set_ylim(-0.05, 1.05)
     right.set_xlabel("block")
     right.set_ylabel("share of heads that are sink heads")
@@ -188,6 +190,7 @@ def attention_sinks(report: Report) -> bytes:
         values.set_ylabel("value-norm ratio (median over heads)", color="tab:orange")
         values.legend(loc="lower right")
     for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if a.birth_layer is not None:
             axis.axvline(a.birth_layer, color="crimson", linewidth=2, label=f"birth block {a.birth_layer}")
     right.legend(loc="upper left", fontsize=8)
