@@ -36,6 +36,9 @@ def verify(
 
         def score() -> float:
             return exp_loss(masked_lm_loss(lm, scored)[0])
+
+        masked_loss, eval_tokens = masked_lm_loss(lm, scored)
+        baseline = exp_loss(masked_loss)
     else:
         windows = eval_windows(lm, eval_text)
         scored = next_token_windows(windows)
@@ -43,13 +46,18 @@ def verify(
         def score() -> float:
             return perplexity(lm, windows)
 
-    baseline = score()
+        masked_loss, eval_tokens = None, sum(w.shape[1] for w in windows)
+        baseline = score()
     metric = "exp(masked-LM loss)" if lm.adapter.encoder else "perplexity"
-    effects: list[tuple[str, str, Callable[[], AbstractContextManager]]] = []  # what the output loses, measured at the end
     criterion = report.criterion
+    replaced = replacement_values(report)
+    # What the output loses under the super weights' zeroing and the replacements, in one pass over the windows; the
+    # perplexities it measures on the way serve the rows below.
+    found = output_effects(lm, scored, _effect_interventions(lm, report, replaced))
+    step()
     rows: list[Intervention] = []
     claims: list[str] = []
-    cache: dict[str, float] = {"baseline": baseline}  # perplexity per intervention target, each measured once
+    cache: dict[str, float] = {"baseline": baseline, **{e.target: e.perplexity for e in found}}  # per target, measured once
     last_block = {d.dim: d.persists[-1] for d in report.dims}
 
     def measure(name: str, target: str, a: Attribution | ExpertAttribution, context: AbstractContextManager, with_ppl: bool) -> Intervention:
@@ -71,8 +79,6 @@ def verify(
         matrix (one expert's matrix in fused expert weights), outside its row and column."""
         row = measure(f"zero {label} {list(index)}", f"weight {matrix}{list(index)}", a, set_weight(lm, matrix, index), True)
         row.confirms = not row.still_massive
-        if row.target not in {target for _, target, _ in effects}:
-            effects.append((f"dim {a.dim}: {row.name}", row.target, lambda: set_weight(lm, matrix, index)))
         r, c, value = _similar_weight(lm.model.get_parameter(matrix).detach()[index[:-2]], *index[-2:])
         control = (*index[:-2], r, c)
         control_row = measure(f"control: zero weight {list(control)} ({value:+.3f})", f"weight {matrix}{list(control)}", a,
@@ -124,16 +130,11 @@ def verify(
             f"the same size elsewhere in that expert: x{control_row.perplexity_ratio:.2f}"
         )
 
-    replaced = replacement_values(report)
     for layer in sorted(replaced["zero"]):
         dims = list(replaced["zero"][layer])
         for label in ("zero", "mean"):
             values = replaced[label][layer]
-            with replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio):
-                ppl = score()
-            step()
-            effects.append((f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}",
-                            lambda layer=layer, values=values: replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio)))
+            ppl = cache[f"{label} {layer}:{dims}"]  # measured with the output effects
             # The value is what the intervention writes at the massive positions; it is not measured after it.
             value = values[dims[0]]
             still = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * report.layers[layer].median
@@ -154,7 +155,6 @@ def verify(
             f"({'a near-constant bias' if constant else 'input-dependent'}); massive on the first token in {d.first_token_massive} "
             f"of {d.inputs} inputs and at {d.other_positions} other position(s)"
         )
-    found = output_effects(lm, scored, effects)
     for effect in found:
         claims.append(
             f"{effect.name}: KL from the unmodified model {effect.kl:.3g} nats per token; probability on stopwords "
@@ -162,12 +162,32 @@ def verify(
             f"{effect.punctuation_after:.1%}; rises most: {effect.rises[0].token!r} ({effect.rises[0].before:.2%} -> "
             f"{effect.rises[0].after:.2%})"
         )
-    step()
-    if lm.adapter.encoder:
-        loss, masked = masked_lm_loss(lm, scored)
-        return Verification(baseline, masked, eval_source, rows, dependence, claims, "masked-LM", loss, found)
-    tokens = sum(w.shape[1] for w in windows)
-    return Verification(baseline, tokens, eval_source, rows, dependence, claims, output_effects=found)
+    return Verification(baseline, eval_tokens, eval_source, rows, dependence, claims,
+                        "masked-LM" if lm.adapter.encoder else "perplexity", masked_loss, found)
+
+
+def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, dict[int, dict[int, float]]]
+                          ) -> list[tuple[str, str, Callable[[], AbstractContextManager]]]:
+    """(name, target, context factory) for each super weight's zeroing (dense, or inside an expert) and each zero/mean
+    replacement; targets are spelled as the rows spell them, so their perplexities serve the rows."""
+    found: dict[str, tuple[str, str, Callable[[], AbstractContextManager]]] = {}
+    weights = [(a.dim, "super weight", a.super_weight.matrix, (a.super_weight.row, a.super_weight.col))
+               for a in report.attribution if a.role == "birth"]
+    weights += [(e.dim, "expert super weight", lm.adapter.param_name(lm.model, e.layer, "mlp", e.moe.super_weight.matrix),
+                 tuple(e.moe.super_weight.index)) for e in report.experts if e.role == "birth"]
+    for dim, label, matrix, index in weights:
+        target = f"weight {matrix}{list(index)}"
+        found.setdefault(target, (f"dim {dim}: zero {label} {list(index)}", target,
+                                  lambda matrix=matrix, index=index: set_weight(lm, matrix, index)))
+    criterion = report.criterion
+    for layer in sorted(replaced["zero"]):
+        dims = list(replaced["zero"][layer])
+        for label in ("zero", "mean"):
+            values = replaced[label][layer]
+            found[f"{label} {layer}:{dims}"] = (
+                f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}",
+                lambda layer=layer, values=values: replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio))
+    return list(found.values())
 
 
 def replacement_values(report: Report) -> dict[str, dict[int, dict[int, float]]]:
