@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import massact
-from massact.analysis.attention import attention_sinks, sink_share
+from massact.analysis.attention import sink_pass
 from massact.analysis.interventions import ablate_neurons, read_coordinate, set_weight
 from massact.analysis.perplexity import eval_windows, perplexity
 
@@ -97,19 +97,6 @@ def test_perplexity_weights_windows_by_tokens(tokenizer):
     assert perplexity(lm, windows) == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
-def test_sink_share_of_hand_made_attention():
-    heads, n = 2, 5
-    onto_first = torch.zeros(heads, n, n)
-    onto_first[:, :, 0] = 1.0
-    uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1).unsqueeze(1)
-    share, expected = sink_share(onto_first, [0])
-    assert share.tolist() == [1.0, 1.0]
-    share, expected = sink_share(uniform.expand(heads, n, n), [0])
-    # queries 1..4 see 2..5 keys: the uniform share on one sink is the mean of 1/2, 1/3, 1/4, 1/5
-    assert share.tolist() == pytest.approx([(1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) / 4] * heads)
-    assert expected.tolist() == pytest.approx(share.tolist())
-
-
 def test_uniform_attention_model_gives_the_uniform_share(tokenizer):
     model = tiny_model("llama", len(tokenizer), seed=7)
     with torch.no_grad():
@@ -118,9 +105,15 @@ def test_uniform_attention_model_gives_the_uniform_share(tokenizer):
     lm = massact.wrap(model, tokenizer)
     implementation = model.config._attn_implementation
     inputs = [tokenizer(t, return_tensors="pt").input_ids for t in TEXTS]
-    sinks = attention_sinks(lm, inputs, {0: [0], 1: [0, 3]}, birth=1)
+    sinks = sink_pass(lm, dict(enumerate(inputs)), {0: [0], 1: [0, 3]}, epsilon=0.3)
     assert sinks.texts == 2
-    for shares, uniform in zip(sinks.share, sinks.uniform):
+    for shares, uniform in zip(sinks.share.tolist(), sinks.uniform.tolist()):
         assert shares == pytest.approx(uniform, rel=1e-5)
-    assert sinks.sink_layers == [] and sinks.first_sink_layer is None
+    # The sink rate counts the (text, head) pairs above epsilon: here the texts whose uniform share exceeds 0.3.
+    def uniform_share(n: int, sinks: list[int]) -> float:
+        return sum(sum(s <= q for s in sinks) / (q + 1) for q in range(1, n)) / (n - 1)
+
+    above = [uniform_share(inputs[0].shape[1], [0]) > 0.3, uniform_share(inputs[1].shape[1], [0, 3]) > 0.3]
+    assert above == [False, True]
+    assert sinks.rate.tolist() == pytest.approx([sum(above) / 2] * len(sinks.rate))
     assert model.config._attn_implementation == implementation  # eager only for that pass

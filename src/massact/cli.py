@@ -50,11 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
     scan.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
+    scan.add_argument("--sink-epsilon", type=float, default=0.3,
+                      help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024)")
     scan.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
     scan.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
     verify = commands.add_parser("verify", help="re-run a saved report with verification, writing it back in place")
     verify.add_argument("report_dir", type=Path, help="a directory holding report.json from massact scan")
     verify.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
+    verify.add_argument("--sink-epsilon", type=float, default=0.3,
+                        help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024)")
     verify.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     verify.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
     verify.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
@@ -102,7 +106,7 @@ def _scan(args) -> int:
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
                     chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps,
                     batch_size=args.batch_size, max_length=args.max_length, checkpoint=out / "scan-state.pt",
-                    checkpoint_every=args.checkpoint_every, resume=args.resume)
+                    checkpoint_every=args.checkpoint_every, resume=args.resume, sink_epsilon=_epsilon(args.sink_epsilon))
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
                 args.device_map, args.trust_remote_code)
 
@@ -116,7 +120,7 @@ def _verify(args) -> int:
     model, criterion = saved["model"], saved["criterion"]
     spec = saved["corpus"]["spec"]
     settings = dict(top_k=len(saved["layers"][0]["top"]) or 5, min_abs=criterion["min_abs"], min_ratio=criterion["min_ratio"],
-                    max_length=spec["max_length"])
+                    max_length=spec["max_length"], sink_epsilon=_epsilon(args.sink_epsilon))
     texts = Corpus(tuple(spec["texts"]), spec["file"], spec["dataset"], spec["max_texts"])
     from .report.files import parse_formats
 
@@ -135,6 +139,12 @@ def _compare(args) -> int:
     for path in write_compare(args.report_dirs, args.out):
         print(f"wrote {path}")
     return 0
+
+
+def _epsilon(value: float) -> float:
+    if not 0 < value < 1:
+        raise UsageError("--sink-epsilon must be between 0 and 1 (an attention probability)")
+    return value
 
 
 def _read_eval(path: str | None) -> str | None:

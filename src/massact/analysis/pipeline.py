@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..models.adapters.base import weight_out_in
 from ..models.loading import LoadedModel, load, wrap
 from ..texts import Corpus
-from .attention import attention_sinks
+from .attention import SINK_EPSILON, sink_analysis
 from .conclusion import conclude
 from .explain import birth_state, explain, pick_events
 from .lifeline import lifelines
@@ -25,7 +25,7 @@ from .resume import scan_identity
 from .superweights import MAX_STEPS, all_super_weights
 from .trigger import CHAIN_DEPTH, triggers
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
-from .verification import MAX_INPUTS, verify as verify_report
+from .verification import MAX_INPUTS, replacement_values, verify as verify_report
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
@@ -60,6 +60,7 @@ def scan(
     dtype: str = "float32",
     device: str = "auto",
     progress: Progress | None = None,
+    sink_epsilon: float = SINK_EPSILON,
 ) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
     neurons and weight that write it. With ``verify``, confirm by intervention and measure the attention sinks
@@ -70,6 +71,7 @@ def scan(
     The mechanism of each dim: its lifeline over every block, the trigger of its writing neurons (a chain of
     ``chain_depth`` links back toward the token) and, with ``verify``, the trigger's sources patched and up to
     ``super_weight_steps`` super weights zeroed one after another.
+    ``sink_epsilon``: a head is a sink head when its average attention on a sink token exceeds it (Gu et al. 2024).
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
@@ -130,20 +132,19 @@ def scan(
     )
     report.trigger = triggers(lm, report, inputs, chain_depth, patch=verify)
     report.birth_state = birth_state(lm, report, inputs)
-    if verify and report.dims and lm.adapter.encoder:
-        report.warnings.append("verification skipped: it measures perplexity, which an encoder (masked LM) does not have")
+    if verify and report.dims and lm.adapter.encoder and lm.tokenizer.mask_token_id is None:
+        report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
     elif verify and report.dims:
         source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
         report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source,
                                             progress("interventions", None))
-        sinks: dict[int, dict[int, None]] = {}  # text -> its massive positions, in order, once each
-        for m in massive:
-            sinks.setdefault(m.text, {})[m.position] = None
-        report.attention = attention_sinks(lm, inputs, {t: list(p) for t, p in sinks.items()}, min(d.born_at for d in dims))
+        report.attention = sink_analysis(lm, report, inputs, sink_epsilon, replacement_values(report))
     if report.verification is not None:
         report.super_weights = all_super_weights(lm, report, inputs, eval_text or default_eval_text(), super_weight_steps,
                                                  progress("super weights, zeroed one by one", None))
     report.conclusion = conclude(report)
+    if report.attention is not None and report.attention.dependence:
+        report.conclusion.append(f"Attention sink: {report.attention.dependence}.")
     return report
 
 

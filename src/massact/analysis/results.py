@@ -306,19 +306,86 @@ class InputDependence:
 
 
 @dataclass
+class TokenShift:
+    """A token's probability averaged over the evaluation positions, unmodified (``before``) and under an intervention."""
+
+    token: str
+    id: int
+    before: float
+    after: float
+
+
+@dataclass
+class OutputEffect:
+    """What an intervention changes in the model's predictions over the evaluation positions (next tokens, or the
+    masked tokens of an encoder): the mean KL(unmodified || intervened), the perplexity (exp of the masked-LM loss
+    for an encoder) as a cross-check, the mean probability mass on stopwords and on punctuation before and after,
+    and the tokens whose mean probability rises and falls most."""
+
+    name: str
+    target: str
+    positions: int
+    kl: float
+    perplexity: float
+    stopword_before: float
+    stopword_after: float
+    punctuation_before: float
+    punctuation_after: float
+    rises: list[TokenShift]
+    falls: list[TokenShift]
+
+
+@dataclass
 class Verification:
+    """``metric``: "perplexity", or for an encoder "masked-LM" (the perplexity fields then hold exp of the masked-LM
+    loss over a fixed, seeded 15% of the evaluation tokens; ``eval_tokens`` counts the masked ones)."""
+
     baseline_perplexity: float
     eval_tokens: int
     eval_source: str
     interventions: list[Intervention]
     input_dependence: list[InputDependence]
     claims: list[str]
+    metric: str = "perplexity"
+    masked_lm_loss: float | None = None
+    output_effects: list[OutputEffect] = field(default_factory=list)
+
+
+@dataclass
+class SinkToken:
+    """A position the attention pass treats as a sink token, with the dims that make it one and why."""
+
+    text: int
+    position: int
+    token: str
+    dims: list[int]
+    reason: str
+
+
+@dataclass
+class SinkIntervention:
+    """The sink measured again with the massive values replaced (``label``: zero or mean) at ``blocks``: per block the
+    sink rate, the mean attention on the sink tokens, and whether a block that had a sink still has one (None where
+    it had none)."""
+
+    name: str
+    label: str
+    blocks: list[int]
+    rate: list[float]
+    share: list[float]
+    survives: list[bool | None]
 
 
 @dataclass
 class AttentionSinks:
-    """Per block and head: the attention probability later queries put on the massive-activation tokens
-    (``share``), against what a uniform spread over the visible tokens would put there (``uniform``)."""
+    """Per block and head: the attention probability the queries put on the sink tokens (``share``; later queries
+    in a causal model, every query in an encoder), against what a uniform spread over the visible tokens would put
+    there (``uniform``). ``rate``: per block, the sink rate of Gu et al. 2024, the share of (text, head) pairs whose
+    ``share`` exceeds ``epsilon``; a block has a sink (``sink_layers``) when the rate is at least 50%.
+    ``value_ratio``: mean |v| of the sink tokens' value vectors / median |v| of the others; ``output_share``: |sink
+    part of the head output| / |head output| (sums over queries); ``noop_heads``: per block, heads with >= 50% of
+    their attention on the sink and a value ratio under 0.5. ``interventions``: the same pass with the massive
+    values replaced; ``dependence``: whether the sink needs them, in words."""
 
     texts: int
     share: list[list[float]]
@@ -327,6 +394,18 @@ class AttentionSinks:
     first_sink_layer: int | None
     birth_layer: int | None
     summary: str
+    epsilon: float = 0.3
+    causal: bool = True
+    rule: str = ""
+    tokens: list[SinkToken] = field(default_factory=list)
+    rate: list[float] = field(default_factory=list)
+    overall_rate: float | None = None
+    value_ratio: list[list[float]] | None = None
+    output_share: list[list[float]] | None = None
+    noop_heads: list[int] = field(default_factory=list)
+    values: str = ""
+    interventions: list[SinkIntervention] = field(default_factory=list)
+    dependence: str = ""
 
 
 @dataclass

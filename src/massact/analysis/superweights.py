@@ -12,7 +12,7 @@ from ..capture.probe import probe_block
 from ..models.loading import LoadedModel
 from .attribution import down_row, super_weight
 from .interventions import read_coordinate, set_weight
-from .perplexity import eval_windows, perplexity
+from .mlm import scorer
 from .results import Criterion, Lifeline, Report, SuperWeightStep
 
 MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
@@ -20,10 +20,11 @@ MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
 
 @torch.no_grad()
 def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: list[float], criterion: Criterion,
-            windows: list[torch.Tensor], baseline: float, steps: int = MAX_STEPS,
+            score: Callable[[], float], baseline: float, steps: int = MAX_STEPS,
             step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
-    """The dim's super weights in the order the search finds them, at its birth block and main carrier; every weight
-    is written back, bit for bit, when the search ends."""
+    """The dim's super weights in the order the search finds them, at its birth block and main carrier; ``score`` is
+    the verification's perplexity (exp of the masked-LM loss for an encoder). Every weight is written back, bit for
+    bit, when the search ends."""
     layer, position, dim = line.born_at, line.position, line.dim
     limit = lambda block: max(criterion.min_abs, criterion.min_ratio * medians[block])
     found: list[SuperWeightStep] = []
@@ -41,7 +42,7 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
             stack.enter_context(set_weight(lm, weight.matrix, (weight.row, weight.col)))
             values = read_coordinate(lm, input_ids, sorted({layer, line.peak_layer}), position, dim)
             still = any(abs(values[block]) >= limit(block) for block in (layer, line.peak_layer))
-            ppl = perplexity(lm, windows)
+            ppl = score()
             step_done()
             found.append(SuperWeightStep(dim, layer, step, int(toward.argmax()), weight, values[layer], values[line.peak_layer], still,
                                          ppl, ppl / baseline))
@@ -53,12 +54,12 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
 def all_super_weights(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], eval_text: str, steps: int = MAX_STEPS,
                       step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
     """The iterative search for every dim whose birth a dense MLP writes at its main carrier (attention and experts
-    have no single down projection to search), with perplexity on ``eval_text`` against the verified baseline."""
-    windows = eval_windows(lm, eval_text)
+    have no single down projection to search), scored on ``eval_text`` as the verification is, against its baseline."""
+    score = scorer(lm, eval_text)
     medians = [s.median for s in report.layers]
     found = []
     for line in report.lifeline:
         if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in report.attribution):
-            found += iterate(lm, line, inputs[line.text], medians, report.criterion, windows, report.verification.baseline_perplexity,
+            found += iterate(lm, line, inputs[line.text], medians, report.criterion, score, report.verification.baseline_perplexity,
                              steps, step_done)
     return found

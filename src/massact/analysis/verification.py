@@ -13,6 +13,8 @@ import torch
 from ..capture.hooks import tap
 from ..models.loading import LoadedModel
 from .interventions import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
+from .mlm import exp_loss, masked_lm_loss, masked_windows, next_token_windows
+from .output_effects import output_effects
 from .perplexity import eval_windows, perplexity
 from .results import Attribution, ExpertAttribution, InputDependence, Intervention, Report, Verification
 
@@ -24,13 +26,38 @@ def verify(
     lm: LoadedModel, report: Report, inputs: list[torch.Tensor], eval_text: str, eval_source: str,
     step: Callable[[], None] = lambda: None,
 ) -> Verification:
-    """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one."""
-    windows = eval_windows(lm, eval_text)
-    baseline = perplexity(lm, windows)
+    """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one.
+
+    A causal LM is scored by its perplexity on ``eval_text``; an encoder by exp(masked-LM loss) on a fixed, seeded
+    15% of its tokens, the same masks for every intervention. The super-weight zeroing and the zero/mean replacements
+    also get their effect on the output distributions (``output_effects``)."""
+    if lm.adapter.encoder:
+        scored = masked_windows(lm, eval_text)
+
+        def score() -> float:
+            return exp_loss(masked_lm_loss(lm, scored)[0])
+
+        masked_loss, eval_tokens = masked_lm_loss(lm, scored)
+        baseline = exp_loss(masked_loss)
+    else:
+        windows = eval_windows(lm, eval_text)
+        scored = next_token_windows(windows)
+
+        def score() -> float:
+            return perplexity(lm, windows)
+
+        masked_loss, eval_tokens = None, sum(w.shape[1] for w in windows)
+        baseline = score()
+    metric = "exp(masked-LM loss)" if lm.adapter.encoder else "perplexity"
     criterion = report.criterion
+    replaced = replacement_values(report)
+    # What the output loses under the super weights' zeroing and the replacements, in one pass over the windows; the
+    # perplexities it measures on the way serve the rows below.
+    found = output_effects(lm, scored, _effect_interventions(lm, report, replaced))
+    step()
     rows: list[Intervention] = []
     claims: list[str] = []
-    cache: dict[str, float] = {"baseline": baseline}  # perplexity per intervention target, each measured once
+    cache: dict[str, float] = {"baseline": baseline, **{e.target: e.perplexity for e in found}}  # per target, measured once
     last_block = {d.dim: d.persists[-1] for d in report.dims}
 
     def measure(name: str, target: str, a: Attribution | ExpertAttribution, context: AbstractContextManager, with_ppl: bool) -> Intervention:
@@ -39,7 +66,7 @@ def verify(
         with context:
             values = read_coordinate(lm, inputs[a.text], sorted({a.layer, last}), a.position, a.dim)
             if with_ppl and target not in cache:
-                cache[target] = perplexity(lm, windows)
+                cache[target] = score()
         ppl = cache.get(target) if with_ppl else None
         step()
         birth_value = values[a.layer]
@@ -70,7 +97,7 @@ def verify(
         claims.append(
             f"dim {a.dim}: ablating neuron(s) {top_set} of block {a.layer} {'removes' if row.confirms else 'does not remove'} the massive "
             f"activation (at block {a.layer}: {row.value_birth:+.1f}; at block {last_block[a.dim]}: "
-            f"{row.value_last:+.1f}); perplexity x{row.perplexity_ratio:.2f}"
+            f"{row.value_last:+.1f}); {metric} x{row.perplexity_ratio:.2f}"
         )
         control = _unrelated_neuron(a)
         rows.append(measure(f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
@@ -80,7 +107,7 @@ def verify(
         rows += [row, control_row]
         claims.append(
             f"dim {a.dim}: zeroing the super weight {w.matrix}[{w.row}, {w.col}] {'removes' if row.confirms else 'does not remove'} it "
-            f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; "
+            f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies {metric} by {row.perplexity_ratio:.2f}; "
             f"zeroing a weight of the same size elsewhere in the matrix: x{control_row.perplexity_ratio:.2f}"
         )
 
@@ -99,18 +126,15 @@ def verify(
         rows += [row, control_row]
         claims.append(
             f"dim {e.dim}: zeroing the expert super weight {matrix}{list(index)} {'removes' if row.confirms else 'does not remove'} it "
-            f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies perplexity by {row.perplexity_ratio:.2f}; zeroing a weight of "
+            f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies {metric} by {row.perplexity_ratio:.2f}; zeroing a weight of "
             f"the same size elsewhere in that expert: x{control_row.perplexity_ratio:.2f}"
         )
 
-    births = {(d.born_at, d.dim) for d in report.dims}
-    for layer in sorted({layer for layer, _ in births}):
-        dims = [dim for l, dim in births if l == layer]
-        means = {dim: _mean([m.value for m in report.massive if m.dim == dim and m.layer == layer]) for dim in dims}
-        for label, values in (("zero", {dim: 0.0 for dim in dims}), ("mean", means)):
-            with replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio):
-                ppl = perplexity(lm, windows)
-            step()
+    for layer in sorted(replaced["zero"]):
+        dims = list(replaced["zero"][layer])
+        for label in ("zero", "mean"):
+            values = replaced[label][layer]
+            ppl = cache[f"{label} {layer}:{dims}"]  # measured with the output effects
             # The value is what the intervention writes at the massive positions; it is not measured after it.
             value = values[dims[0]]
             still = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * report.layers[layer].median
@@ -118,7 +142,7 @@ def verify(
                                      value, float("nan"), still, ppl, ppl / baseline, None))
         zero, mean = rows[-2], rows[-1]
         claims.append(
-            f"block {layer}: setting the massive activations of dims {dims} to zero gives perplexity {zero.perplexity:.2f} "
+            f"block {layer}: setting the massive activations of dims {dims} to zero gives {metric} {zero.perplexity:.2f} "
             f"(x{zero.perplexity_ratio:.2f}); to their mean over the texts, {mean.perplexity:.2f} (x{mean.perplexity_ratio:.2f}); "
             f"unmodified {baseline:.2f}"
         )
@@ -131,8 +155,50 @@ def verify(
             f"({'a near-constant bias' if constant else 'input-dependent'}); massive on the first token in {d.first_token_massive} "
             f"of {d.inputs} inputs and at {d.other_positions} other position(s)"
         )
-    tokens = sum(w.shape[1] for w in windows)
-    return Verification(baseline, tokens, eval_source, rows, dependence, claims)
+    for effect in found:
+        claims.append(
+            f"{effect.name}: KL from the unmodified model {effect.kl:.3g} nats per token; probability on stopwords "
+            f"{effect.stopword_before:.1%} -> {effect.stopword_after:.1%}, on punctuation {effect.punctuation_before:.1%} -> "
+            f"{effect.punctuation_after:.1%}; rises most: {effect.rises[0].token!r} ({effect.rises[0].before:.2%} -> "
+            f"{effect.rises[0].after:.2%})"
+        )
+    return Verification(baseline, eval_tokens, eval_source, rows, dependence, claims,
+                        "masked-LM" if lm.adapter.encoder else "perplexity", masked_loss, found)
+
+
+def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, dict[int, dict[int, float]]]
+                          ) -> list[tuple[str, str, Callable[[], AbstractContextManager]]]:
+    """(name, target, context factory) for each super weight's zeroing (dense, or inside an expert) and each zero/mean
+    replacement; targets are spelled as the rows spell them, so their perplexities serve the rows."""
+    found: dict[str, tuple[str, str, Callable[[], AbstractContextManager]]] = {}
+    weights = [(a.dim, "super weight", a.super_weight.matrix, (a.super_weight.row, a.super_weight.col))
+               for a in report.attribution if a.role == "birth"]
+    weights += [(e.dim, "expert super weight", lm.adapter.param_name(lm.model, e.layer, "mlp", e.moe.super_weight.matrix),
+                 tuple(e.moe.super_weight.index)) for e in report.experts if e.role == "birth"]
+    for dim, label, matrix, index in weights:
+        target = f"weight {matrix}{list(index)}"
+        found.setdefault(target, (f"dim {dim}: zero {label} {list(index)}", target,
+                                  lambda matrix=matrix, index=index: set_weight(lm, matrix, index)))
+    criterion = report.criterion
+    for layer in sorted(replaced["zero"]):
+        dims = list(replaced["zero"][layer])
+        for label in ("zero", "mean"):
+            values = replaced[label][layer]
+            found[f"{label} {layer}:{dims}"] = (
+                f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}",
+                lambda layer=layer, values=values: replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio))
+    return list(found.values())
+
+
+def replacement_values(report: Report) -> dict[str, dict[int, dict[int, float]]]:
+    """What the zero and mean replacements write (Sun et al.): label -> birth block -> {dim: value}, the mean being
+    over the dim's massive entries at that block."""
+    births = [(d.born_at, d.dim) for d in sorted(report.dims, key=lambda d: -abs(d.max_value))]  # strongest dim first
+    found: dict[str, dict[int, dict[int, float]]] = {"zero": {}, "mean": {}}
+    for layer, dim in births:
+        found["zero"].setdefault(layer, {})[dim] = 0.0
+        found["mean"].setdefault(layer, {})[dim] = _mean([m.value for m in report.massive if m.dim == dim and m.layer == layer])
+    return found
 
 
 def _mean(values: list[float]) -> float:

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..analysis.results import Report  # noqa: E402
 
@@ -161,19 +162,40 @@ def verification(report: Report) -> bytes:
 
 
 def attention_sinks(report: Report) -> bytes:
-    """Share of attention on the massive tokens per block and head, birth block marked."""
+    """Left: attention on the sink tokens per block and head. Right: per block the sink rate (unmodified and under
+    each replacement of the massive values) and the sink tokens' value-norm ratio (median over heads, log axis);
+    the birth block marked on both."""
     a = report.attention
-    fig, ax = _figure()
-    share = np.array(a.share).T  # heads x blocks
-    image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="attention probability on the massive tokens")
-    if a.birth_layer is not None:
-        ax.axvline(a.birth_layer, color="crimson", linewidth=2, label=f"birth block {a.birth_layer}")
-        ax.legend(loc="upper right")
-    ax.set_xlabel("block")
-    ax.set_ylabel("head")
-    uniform = float(np.mean(a.uniform))
-    ax.set_title(f"Attention sinks: share on the massive tokens (uniform would give {uniform:.0%})")
+    fig, (left, right) = _figure(2)
+    share = np.array(a.share, dtype=float).T  # heads x blocks
+    image = left.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=left, label="attention on the sink tokens")
+    left.set_xlabel("block")
+    left.set_ylabel("head")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_title(f"Attention on the sink tokens (uniform would give {float(np.mean(a.uniform)):.0%})")
+    blocks = np.arange(len(a.share))
+    if a.rate:
+        right.plot(blocks, a.rate, "-o", color="tab:purple", label=f"sink rate (> {a.epsilon:g})")
+    for change, style, color in zip(a.interventions, ("--", ":"), ("tab:blue", "tab:green")):
+        right.plot(blocks, change.rate, style, color=color, label=f"sink rate, massive values set to {change.label}")
+    right.set_ylim(-0.05, 1.05)
+    right.set_xlabel("block")
+    right.set_ylabel("share of heads that are sink heads")
+    if a.value_ratio:
+        ratio = np.array([[np.nan if v is None else v for v in row] for row in a.value_ratio], dtype=float)
+        values = right.twinx()
+        values.plot(blocks, np.nanmedian(ratio, axis=1), "-s", color="tab:orange", label="value norm: sink / median other")
+        values.set_yscale("log")
+        values.set_ylabel("value-norm ratio (median over heads)", color="tab:orange")
+        values.legend(loc="lower right")
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if a.birth_layer is not None:
+            axis.axvline(a.birth_layer, color="crimson", linewidth=2, label=f"birth block {a.birth_layer}")
+    right.legend(loc="upper left", fontsize=8)
+    right.set_title("Sink rate and the sink's value norm per block")
+    fig.subplots_adjust(left=0.06, right=0.93, wspace=0.3)
     return png_bytes(fig)
 
 
@@ -237,7 +259,7 @@ FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], st
     "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.attribution), "Neuron contributions to the massive value"),
     "trigger.png": (trigger, lambda r: any(t.neurons for t in r.trigger), "Trigger: the writing neuron's sources at the massive position and elsewhere"),
     "verification.png": (verification, lambda r: r.verification is not None, "Perplexity and massive value under each intervention"),
-    "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share), "Attention on the massive tokens, block x head"),
+    "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share), "Attention on the sink tokens (block x head), the sink rate and value-norm ratio per block"),
 }
 
 

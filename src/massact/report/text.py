@@ -221,8 +221,14 @@ def _expert_tables(style: Style, e: ExpertAttribution) -> list:
 
 def _verification_tables(style: Style, report: Report) -> list:
     v = report.verification
-    out: list = [Text(f"Perplexity on {v.eval_tokens} tokens of {v.eval_source}: {v.baseline_perplexity:.2f} unmodified.")]
-    table = style.table(None, "dim", "block", "intervention", "value at birth", "value at last block", "massive", "perplexity", "x baseline", "confirms", right=(0, 1, 3, 4, 6, 7))
+    masked = v.metric == "masked-LM"
+    if masked:
+        out: list = [Text(f"Masked-LM loss on {v.eval_tokens} masked tokens (a fixed, seeded 15%, the same for every intervention) of "
+                          f"{v.eval_source}: {v.masked_lm_loss:.3f} unmodified, exp {v.baseline_perplexity:.2f}.")]
+    else:
+        out = [Text(f"Perplexity on {v.eval_tokens} tokens of {v.eval_source}: {v.baseline_perplexity:.2f} unmodified.")]
+    table = style.table(None, "dim", "block", "intervention", "value at birth", "value at last block", "massive",
+                        "exp(MLM loss)" if masked else "perplexity", "x baseline", "confirms", right=(0, 1, 3, 4, 6, 7))
     for r in v.interventions:
         add_row(
             table, str(r.dim), str(r.layer), r.name,
@@ -239,26 +245,73 @@ def _verification_tables(style: Style, report: Report) -> list:
         carriers = ", ".join(f"{token!r} x{count}" for token, count in d.carriers) or "-"
         add_row(dependence, str(d.dim), str(d.layer), str(d.inputs), num(d.first_token_mean, True), num(d.first_token_std), f"{d.first_token_massive}/{d.inputs}", carriers)
     out.append(dependence)
+    if v.output_effects:
+        out.append(_output_effects_table(style, v))
     out += [Text(f"- {claim}") for claim in v.claims]
     return out
 
 
+def _shifts(shifts) -> str:
+    return ", ".join(f"{s.token!r} {100 * s.before:.2f}->{100 * s.after:.2f}%" for s in shifts[:2])
+
+
+def _output_effects_table(style: Style, v) -> Table:
+    """What each intervention takes from the predictions (the mean over the evaluation positions)."""
+    positions = v.output_effects[0].positions
+    table = style.table(
+        f"What the output loses: mean over {positions} {'masked' if v.metric == 'masked-LM' else 'next-token'} predictions, "
+        "against the unmodified model",
+        "intervention", "KL (nats)", "stopwords", "punctuation", "rise most (mean probability)", "fall most", right=(1,),
+    )
+    for e in v.output_effects:
+        add_row(table, e.name, f"{e.kl:.3g}", f"{e.stopword_before:.1%} -> {e.stopword_after:.1%}",
+                f"{e.punctuation_before:.1%} -> {e.punctuation_after:.1%}", _shifts(e.rises), _shifts(e.falls))
+    return table
+
+
 def _attention_tables(style: Style, report: Report) -> list:
     a = report.attention
+    shown = a.tokens[:12]
+    tokens = style.table(None, "text", "pos", "token", "dims", "why", right=(0, 1))
+    for t in shown:
+        add_row(tokens, str(t.text), str(t.position), repr(t.token), ", ".join(map(str, t.dims)), t.reason)
+    out: list = [Text(f"Sink tokens: {len(a.tokens)} in {len({t.text for t in a.tokens})} text(s). Rule: {a.rule}."), tokens]
+    out += ([Text(f"... and {len(a.tokens) - len(shown)} more in report.json")] if len(a.tokens) > len(shown) else [])
     if not a.share:
-        return [Text(a.summary)]
+        return out + [Text(a.summary[0].upper() + a.summary[1:] + ".")]
+    queries = "every query (bidirectional)" if a.causal is False else "the later queries"
+    under = {c.label: c for c in a.interventions}
+    columns = ["block", "attention on sinks", "uniform", f"sink rate (> {a.epsilon:g})", "value norm ratio", "output share",
+               "no-op heads", "sink"] + [f"{label}: rate, sink" for label in under]
     table = style.table(
-        f"Attention probability on the massive tokens, averaged over later queries of {a.texts} text(s)",
-        "block", "mean over heads", "uniform would give", "heads >= 50%", "strongest head", "sink", right=(0, 1, 2, 3),
+        f"Per block, averaged over {queries} of {a.texts} text(s) and over heads (value norm ratio and output share: median over "
+        f"heads); {a.values}", *columns, right=(0, 1, 2, 3, 4, 5, 6),
     )
+    heads = len(a.share[0])
     for layer, (shares, uniform) in enumerate(zip(a.share, a.uniform)):
-        best = max(range(len(shares)), key=lambda h: shares[h])
-        add_row(
-            table, str(layer), f"{sum(shares) / len(shares):.1%}", f"{sum(uniform) / len(uniform):.1%}",
-            f"{sum(s >= 0.5 for s in shares)}/{len(shares)}", f"head {best}: {shares[best]:.1%}",
-            "yes" if layer in a.sink_layers else "",
-        )
-    return [table, Text(a.summary[0].upper() + a.summary[1:] + ".")]
+        cells = [str(layer), f"{sum(shares) / len(shares):.1%}", f"{sum(uniform) / len(uniform):.1%}", f"{a.rate[layer]:.0%}",
+                 _median(a.value_ratio[layer]) if a.value_ratio else "-", _median(a.output_share[layer], percent=True) if a.output_share else "-",
+                 f"{a.noop_heads[layer]}/{heads}" if a.noop_heads else "-", "yes" if layer in a.sink_layers else ""]
+        for c in under.values():
+            kept = {True: "kept", False: "lost", None: ""}[c.survives[layer]]
+            cells.append(f"{c.rate[layer]:.0%} {kept}".rstrip())
+        add_row(table, *cells)
+    out.append(table)
+    lines = [a.summary[0].upper() + a.summary[1:] + "."]
+    if a.noop_heads:
+        lines.append(f"No-op heads (>= 50% of their attention on the sink tokens, whose value vectors are under half the median value "
+                     f"norm of the others): {sum(a.noop_heads)} of {heads * len(a.share)} heads.")
+    if a.dependence:
+        lines.append(a.dependence[0].upper() + a.dependence[1:] + ".")
+    return out + [Text(line) for line in lines]
+
+
+def _median(values: list[float | None], percent: bool = False) -> str:
+    finite = sorted(v for v in values if v is not None and v == v)
+    if not finite:
+        return "-"
+    middle = finite[len(finite) // 2] if len(finite) % 2 else (finite[len(finite) // 2 - 1] + finite[len(finite) // 2]) / 2
+    return f"{middle:.1%}" if percent else f"{middle:.3g}"
 
 
 def to_text(report: Report, width: int = 140) -> str:
