@@ -21,6 +21,9 @@ from .attention import attention_sinks
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .origin import decomposition_gap, head_split, writer
 from .perplexity import default_eval_text
+from .precision import headroom
+from .protect import build as build_protect
+from .quant import measure as measure_quantization
 from .moe import MoeAttribution, attribute_moe, is_moe_block
 from .norms import norm_factors
 from .results import (Anatomy, Attribution, BirthState, CorpusInfo, Criterion, DimSummary, ExpertAttribution, LayerStats, Massive,
@@ -70,6 +73,10 @@ def scan(
     dtype: str = "float32",
     device: str = "auto",
     progress: Progress | None = None,
+    quant: bool = False,
+    quant_grid: str = "default",
+    clip_z: float | None = None,
+    block_size: int | None = None,
 ) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
     neurons and weight that write it. With ``verify``, confirm by intervention and measure the attention sinks
@@ -77,6 +84,8 @@ def scan(
 
     ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
     ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``progress``: see ``Progress``.
+    With ``quant``, also measure what weight and activation quantization do (``massact.analysis.quant``; grid
+    ``quant_grid``, clipping z-score ``clip_z``, flat block size ``block_size``).
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
@@ -140,6 +149,9 @@ def scan(
         for m in massive:
             sinks.setdefault(m.text, {})[m.position] = None
         report.attention = attention_sinks(lm, inputs, {t: list(p) for t, p in sinks.items()}, min(d.born_at for d in dims))
+    report.precision = headroom(report.layers)
+    if quant and report.dims:
+        report.quantization = measure_quantization(lm, build_protect(report), eval_text, quant_grid, clip_z, block_size, progress)
     return report
 
 

@@ -10,7 +10,7 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis.results import Anatomy, Attribution, ExpertAttribution, Report
+from ..analysis.results import Anatomy, Attribution, ExpertAttribution, Precision, Quantization, Report
 
 MASSIVE_ROWS = 40  # the full list is in report.json
 
@@ -121,6 +121,10 @@ def renderables(report: Report, plain: bool) -> list:
         out += [style.heading("6. Verification by intervention"), *_verification_tables(style, report)]
     if report.attention:
         out += [style.heading("7. Attention sinks on the massive tokens"), *_attention_tables(style, report)]
+    if report.quantization:
+        out += [style.heading(QUANT_HEADING), *_quantization_tables(style, report.quantization)]
+    if report.precision:
+        out += [style.heading(PRECISION_HEADING), *_precision_tables(style, report.precision)]
     if report.warnings:
         out.append(style.heading("Warnings"))
         out += [Text(f"- {w}", style="" if plain else "yellow") for w in report.warnings]
@@ -312,6 +316,52 @@ def _attention_tables(style: _Style, report: Report) -> list:
             "yes" if layer in a.sink_layers else "",
         )
     return [table, Text(a.summary[0].upper() + a.summary[1:] + ".")]
+
+
+QUANT_HEADING = "8. Quantization: what it does to the massive activations"
+PRECISION_HEADING = "9. Precision headroom (float16, bfloat16)"
+
+
+def _quantization_tables(style: _Style, q: Quantization) -> list:
+    held = "; ".join(f"{name}{index} = {value:+.4g}" for name, index, value in q.super_weights) or "none found"
+    out: list = [Text(
+        f"Fake-quantized: the {q.matrices} linear projections of the blocks ({q.parameters:,} weights; not the embeddings, "
+        f"the output head or the norms). Perplexity on {q.eval_tokens} tokens of {q.eval_source}: {q.baseline_perplexity:.2f} in float. "
+        f"Massive value: dim {q.dim} at position {q.position} of its probe text, {num(q.value_birth, True)} at its birth block "
+        f"{q.birth_layer} and {num(q.value_peak, True)} at its peak block {q.peak_layer}.\n"
+        f"Held out (put back in full precision, left out of the range): {held}.\n"
+        f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation tokens carry a "
+        "massive activation (kept in float where said)."
+    )]
+    table = style.table(None, "method", "setting", "variant", "perplexity", "x float", f"value at block {q.birth_layer}", "kept",
+                        f"value at block {q.peak_layer}", "kept", "error on massive tokens", right=(3, 4, 5, 6, 7, 8, 9))
+    for r in q.rows:
+        add_row(table, r.method, r.setting, r.variant, num(r.perplexity), f"{r.perplexity_ratio:,.2f}", num(r.value_birth, True),
+                f"{r.kept_birth:.1%}", num(r.value_peak, True), f"{r.kept_peak:.1%}",
+                f"{r.massive_error_share:.1%}" if r.massive_error_share is not None else "")
+    out.append(table)
+    out += [Text(f"- {note}") for note in q.notes]
+    return out
+
+
+def _precision_tables(style: _Style, p: Precision) -> list:
+    out: list = [Text(p.summary[0].upper() + p.summary[1:] + ".")]
+    table = style.table(None, "block", "max |a|", "dim", "float16 headroom", "overflows", right=(0, 1, 2, 3))
+    for b in p.blocks:
+        add_row(table, str(b.layer), num(b.max_abs), str(b.dim), f"{b.headroom:,.1f}x", "yes" if b.overflows else "")
+    return out + [table]
+
+
+def quantization_text(q: Quantization | None, p: Precision | None, width: int = 140) -> str:
+    """Sections 8 and 9 alone, as plain text: what `massact quant` writes when there is no whole report."""
+    style, parts = _Style(True), []
+    if q is not None:
+        parts += [style.heading(QUANT_HEADING), *_quantization_tables(style, q)]
+    if p is not None:
+        parts += [style.heading(PRECISION_HEADING), *_precision_tables(style, p)]
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False, no_color=True, highlight=False).print(Group(*parts))
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).lstrip("\n") + "\n"
 
 
 def to_text(report: Report, width: int = 140) -> str:
