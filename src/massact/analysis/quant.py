@@ -56,7 +56,7 @@ class Setting:
             return self.fmt
         if self.method == "activation":
             return f"int8 per {self.granularity}"
-        where = {"tensor": "per tensor", "block": f"flat blocks of {self.block:,}", "row": f"row groups of {ROW_GROUP}"}
+        where = {"tensor": "per tensor", "block": f"blocks of {self.block:,}", "row": f"groups of {ROW_GROUP} per row"}
         return f"{self.bits}-bit {where[self.granularity]}"
 
 
@@ -397,11 +397,7 @@ def _weight_quantizer(setting: Setting) -> tuple[Callable[[torch.Tensor], torch.
 
 
 def _variant_words(setting: Setting, clip_z: float) -> str:
-    if setting.variant == "held out + clip":
-        return f"super weights held out, rest clipped at z {clip_z:g}"
-    if setting.variant == "held out":
-        return "super weights held out"
-    return setting.variant
+    return f"held out + clip z {clip_z:g}" if setting.variant == "held out + clip" else setting.variant
 
 
 def _kept(value: float, base: float) -> float:

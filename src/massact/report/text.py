@@ -322,6 +322,9 @@ QUANT_HEADING = "8. Quantization: what it does to the massive activations"
 PRECISION_HEADING = "9. Precision headroom (float16, bfloat16)"
 
 
+_METHODS = {"rtn": "RTN", "gguf": "GGUF", "activation": "activations"}
+
+
 def _quantization_tables(style: _Style, q: Quantization) -> list:
     held = "; ".join(f"{name}{index} = {value:+.4g}" for name, index, value in q.super_weights) or "none found"
     out: list = [Text(
@@ -329,15 +332,16 @@ def _quantization_tables(style: _Style, q: Quantization) -> list:
         f"the output head or the norms). Perplexity on {q.eval_tokens} tokens of {q.eval_source}: {q.baseline_perplexity:.2f} in float. "
         f"Massive value: dim {q.dim} at position {q.position} of its probe text, {num(q.value_birth, True)} at its birth block "
         f"{q.birth_layer} and {num(q.value_peak, True)} at its peak block {q.peak_layer}.\n"
-        f"Held out (put back in full precision, left out of the range): {held}.\n"
+        f"Held out (left out of the range, put back in full precision): {held}. Clip: the other weights of each matrix clipped at "
+        f"mean +/- z x std before quantizing. Blocks: flat blocks of consecutive entries; groups: along each row's inputs.\n"
         f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation tokens carry a "
-        "massive activation (kept in float where said)."
+        "massive activation (kept in float where said); massive error: their share of the summed squared int8 error."
     )]
-    table = style.table(None, "method", "setting", "variant", "perplexity", "x float", f"value at block {q.birth_layer}", "kept",
-                        f"value at block {q.peak_layer}", "kept", "error on massive tokens", right=(3, 4, 5, 6, 7, 8, 9))
+    table = style.table(None, "setting", "variant", "perplexity", "x float", f"at block {q.birth_layer} (kept)",
+                        f"at block {q.peak_layer} (kept)", "massive error", right=(2, 3, 4, 5, 6))
     for r in q.rows:
-        add_row(table, r.method, r.setting, r.variant, num(r.perplexity), f"{r.perplexity_ratio:,.2f}", num(r.value_birth, True),
-                f"{r.kept_birth:.1%}", num(r.value_peak, True), f"{r.kept_peak:.1%}",
+        add_row(table, f"{_METHODS[r.method]} {r.setting}", r.variant, num(r.perplexity), f"{r.perplexity_ratio:,.2f}",
+                f"{num(r.value_birth, True)} ({r.kept_birth:.1%})", f"{num(r.value_peak, True)} ({r.kept_peak:.1%})",
                 f"{r.massive_error_share:.1%}" if r.massive_error_share is not None else "")
     out.append(table)
     out += [Text(f"- {note}") for note in q.notes]
