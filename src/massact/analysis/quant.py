@@ -192,8 +192,7 @@ def quantized_weights(
                     skipped.append(name)
                     continue
                 saved[name] = parameter.data.clone()
-                work = parameter.data.float()  # a copy in float32 (or the parameter itself when already float32)
-                work = work.clone() if work is parameter.data else work
+                work = parameter.data.to(torch.float32, copy=True)
                 for index in held.get(name, []):
                     work[index] = 0.0
                 if clip_z is not None:
