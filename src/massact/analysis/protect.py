@@ -83,7 +83,9 @@ class Protect:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, ensure_ascii=False, allow_nan=False)
+        data = asdict(self)
+        ordered = {"format": data.pop("format"), "version": data.pop("version"), **data}  # what the file is, first
+        return json.dumps(ordered, indent=2, ensure_ascii=False, allow_nan=False)
 
 
 def super_weight_coordinates(report: Report | dict) -> list[tuple[str, tuple[int, ...], float]]:
