@@ -20,7 +20,8 @@ from conftest import plant_attention, plant_mlp, run_massact, save_planted, tiny
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
 SECTIONS = ["1. Layer scan", "2. Massive activations", "3. Lifeline", "4. Origin", "5. MLP anatomy", "6. Neuron attribution",
-            "7. Trigger", "8. Super weights", "9. Verification by intervention", "10. Attention sinks", "Conclusion", "Figures", "Settings"]
+            "7. Trigger", "8. Super weights", "9. Verification by intervention", "10. Attention sinks", "11. Quantization",
+            "12. Precision headroom", "Conclusion", "Figures", "Settings"]
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -36,7 +37,7 @@ def assert_png(data: bytes) -> Image.Image:
 def verified(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
-    return massact.scan(model, TEXTS, tokenizer=tokenizer, verify=True, eval_text=" ".join(TEXTS * 4))
+    return massact.scan(model, TEXTS, tokenizer=tokenizer, verify=True, eval_text=" ".join(TEXTS * 4), quant=True)
 
 
 def test_every_figure_is_drawn_for_a_verified_planted_model(verified):
@@ -115,13 +116,13 @@ def saved_reports(tmp_path_factory, tokenizer):
 
 def test_cli_writes_png_and_html_and_format_chooses(saved_reports, tmp_path):
     gpt2 = saved_reports[0]
-    for name in FIGURES:
+    for name in set(FIGURES) - {"quantization.png"}:  # scanned without --quant
         assert_png((gpt2 / name).read_bytes())
     assert "9. Verification by intervention" in (gpt2 / "report.html").read_text(encoding="utf-8")
     model_dir = gpt2.parent / "gpt2"
     out = tmp_path / "only-json"
     assert run("scan", model_dir, "--text", TEXTS[0], "--no-verify", "--format", "json", "--quiet", "--out", out).returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["protect.json", "report.json"]
 
 
 def test_compare_two_saved_reports(saved_reports, tmp_path):

@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024)")
     scan.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
     scan.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
+    scan.add_argument("--quant", action="store_true", help="also measure what weight and activation quantization do (section 8)")
+    _quant_options(scan)
+    quant = commands.add_parser("quant", help="quantization sweep and precision headroom, on a model or a saved report")
+    quant.add_argument("target", nargs="?", help="a report directory (report.json), or a model as for scan (default: embedded SmolLM2-135M-Instruct)")
+    quant.add_argument("--protect", type=Path, help="a protect.json to use instead of scanning the model (with a MODEL)")
+    quant.add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); a report directory is updated in place")
+    quant.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    quant.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    quant.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
+    quant.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
+    quant.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
+    _quant_options(quant)
     verify = commands.add_parser("verify", help="re-run a saved report with verification, writing it back in place")
     verify.add_argument("report_dir", type=Path, help="a directory holding report.json from massact scan")
     verify.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
@@ -68,10 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quant_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quant-grid", default="default", help="quantization settings: default (a few minutes on a small CPU) or full")
+    parser.add_argument("--clip-z", type=float, help="z-score at which the held-out variant clips the remaining weights (default 4)")
+    parser.add_argument("--block-size", type=int, help="entries per flat block of the block-wise RTN settings (default 16384)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"scan": _scan, "verify": _verify, "compare": _compare}[args.command](args)
+        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -106,9 +124,108 @@ def _scan(args) -> int:
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
                     chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps,
                     batch_size=args.batch_size, max_length=args.max_length, checkpoint=out / "scan-state.pt",
-                    checkpoint_every=args.checkpoint_every, resume=args.resume, sink_epsilon=_epsilon(args.sink_epsilon))
+                    checkpoint_every=args.checkpoint_every, resume=args.resume, sink_epsilon=_epsilon(args.sink_epsilon),
+                    **_quant_settings(args))
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
                 args.device_map, args.trust_remote_code)
+
+
+def _quant_settings(args) -> dict:
+    """The scan's quantization keywords from --quant, --quant-grid, --clip-z, --block-size, checked before any loading."""
+    from .analysis.quant import grid
+
+    grid(args.quant_grid)  # an unknown grid name fails here, before the model loads
+    if args.block_size is not None and args.block_size < 1:
+        raise UsageError("--block-size must be at least 1")
+    if args.clip_z is not None and not args.clip_z > 0:
+        raise UsageError("--clip-z must be above 0")
+    return dict(quant=getattr(args, "quant", True), quant_grid=args.quant_grid, clip_z=args.clip_z, block_size=args.block_size)
+
+
+def _quant(args) -> int:
+    """massact quant: on a saved report (updated in place), on a model with a protect.json (no scan), or on a model
+    (scan without verification, then the sweep)."""
+    from .models.loading import DEFAULT_NAME
+    from .report.files import parse_formats, slug
+    from .texts import Corpus
+
+    settings = _quant_settings(args)
+    formats = parse_formats(args.format)
+    eval_text = _read_eval(args.eval_file)
+    target = Path(args.target) if args.target else None
+    if target is not None and target.is_dir() and not (target / "config.json").is_file():
+        if not (target / "report.json").is_file():
+            raise UsageError(f"{target}: no report.json (not a massact report directory, nor a model directory)")
+        return _quant_report(target, args, settings, eval_text, formats)
+    out = args.out or Path("massact-report") / slug(args.target or DEFAULT_NAME)
+    if args.protect is not None:
+        return _quant_protect(args, settings, eval_text, out, formats)
+    return _run(args.target, Corpus(()), settings, False, eval_text, args.dtype, args.device, out, formats, args.quiet)
+
+
+def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set[str]) -> int:
+    from .analysis import protect as protect_list
+    from .analysis.precision import headroom
+    from .analysis.quant import measure
+    from .analysis.saved import load_report
+    from .models.loading import load
+    from .report.files import write_report
+    from .report.text import quantization_text
+
+    report = load_report(directory)
+    protect = protect_list.load(args.protect) if args.protect else protect_list.build(report)
+    lm = load(report.model.source, dtype=report.model.dtype, device=args.device, log=_log(args.quiet))
+    with _progress(_bars(args.quiet)) as progress:
+        report.quantization = measure(lm, protect, eval_text, settings["quant_grid"], settings["clip_z"], settings["block_size"], progress)
+    report.precision = headroom(report.layers)
+    written = write_report(report, directory, formats)
+    if not args.quiet:
+        print(quantization_text(report.quantization, report.precision), end="")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _quant_protect(args, settings: dict, eval_text, out: Path, formats: set[str]) -> int:
+    """A model and its protect.json: the sweep alone, written as quantization.json / .txt / .png (no whole report)."""
+    import json
+    from dataclasses import asdict
+
+    from .analysis import protect as protect_list
+    from .analysis.quant import measure
+    from .analysis.results import _finite
+    from .models.loading import load
+    from .report.files import write_atomic
+    from .report.plots import quantization_figure
+    from .report.text import quantization_text
+
+    protect = protect_list.load(args.protect)
+    lm = load(args.target, dtype=args.dtype, device=args.device, log=_log(args.quiet))
+    with _progress(_bars(args.quiet)) as progress:
+        result = measure(lm, protect, eval_text, settings["quant_grid"], settings["clip_z"], settings["block_size"], progress)
+    out.mkdir(parents=True, exist_ok=True)
+    contents: dict[str, str | bytes] = {}
+    if "json" in formats:
+        contents["quantization.json"] = json.dumps(_finite({"quantization": asdict(result)}), indent=2, ensure_ascii=False) + "\n"
+    if formats & {"txt", "html"}:
+        contents["quantization.txt"] = quantization_text(result, None)
+    if "png" in formats:
+        contents["quantization.png"] = quantization_figure(result)
+    for name, content in contents.items():
+        write_atomic(out / name, content)
+    if not args.quiet:
+        print(quantization_text(result, None), end="")
+    for name in contents:
+        print(f"wrote {out / name}")
+    return 0
+
+
+def _log(quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
+
+
+def _bars(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
 
 
 def _verify(args) -> int:

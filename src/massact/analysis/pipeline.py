@@ -24,6 +24,9 @@ from .results import CorpusInfo, Criterion, Massive, ModelInfo, Report
 from .resume import scan_identity
 from .superweights import MAX_STEPS, all_super_weights
 from .trigger import CHAIN_DEPTH, triggers
+from .precision import headroom
+from .protect import build as build_protect
+from .quant import measure as measure_quantization
 from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
 from .verification import MAX_INPUTS, replacement_values, verify as verify_report
 
@@ -61,6 +64,10 @@ def scan(
     device: str = "auto",
     progress: Progress | None = None,
     sink_epsilon: float = SINK_EPSILON,
+    quant: bool = False,
+    quant_grid: str = "default",
+    clip_z: float | None = None,
+    block_size: int | None = None,
 ) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
     neurons and weight that write it. With ``verify``, confirm by intervention and measure the attention sinks
@@ -72,6 +79,8 @@ def scan(
     ``chain_depth`` links back toward the token) and, with ``verify``, the trigger's sources patched and up to
     ``super_weight_steps`` super weights zeroed one after another.
     ``sink_epsilon``: a head is a sink head when its average attention on a sink token exceeds it (Gu et al. 2024).
+    With ``quant``, also measure what weight and activation quantization do (``massact.analysis.quant``; grid
+    ``quant_grid``, clipping z-score ``clip_z``, flat block size ``block_size``).
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
@@ -142,6 +151,9 @@ def scan(
     if report.verification is not None:
         report.super_weights = all_super_weights(lm, report, inputs, eval_text or default_eval_text(), super_weight_steps,
                                                  progress("super weights, zeroed one by one", None))
+    report.precision = headroom(report.layers)
+    if quant and report.dims:
+        report.quantization = measure_quantization(lm, build_protect(report), eval_text, quant_grid, clip_z, block_size, progress)
     report.conclusion = conclude(report)
     if report.attention is not None and report.attention.dependence:
         report.conclusion.append(f"Attention sink: {report.attention.dependence}.")

@@ -43,7 +43,8 @@ def write_atomic(path: Path, content: str | bytes) -> None:
 
 
 def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) -> list[Path]:
-    """The chosen files in ``out`` (created): report.txt, report.json, report.html, the PNG figures."""
+    """The chosen files in ``out`` (created): report.txt, report.json (and protect.json), report.html, the PNG figures."""
+    from ..analysis.protect import build as build_protect
     from .html import to_html
     from .plots import figures
     from .text import to_text
@@ -52,6 +53,7 @@ def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) ->
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
         contents["report.json"] = report.to_json() + "\n"
+        contents["protect.json"] = build_protect(report).to_json() + "\n"
     if "txt" in formats:
         contents["report.txt"] = to_text(report)
     if "html" in formats:

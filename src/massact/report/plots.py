@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..analysis.results import Report  # noqa: E402
+from ..analysis.results import Quantization, Report  # noqa: E402
 
 FIG_SIZE = (12, 6)
 DPI = 100
@@ -251,6 +251,29 @@ def trigger(report: Report, shown: int = 10) -> bytes:
     return png_bytes(fig)
 
 
+def quantization_figure(q: Quantization) -> bytes:
+    """Per setting: perplexity over the float model (log) and how much of the massive value survives at its peak block."""
+    fig, (left, right) = _figure(2)
+    names = [f"{r.setting}, {r.variant}"[:58] for r in q.rows]
+    y = np.arange(len(q.rows))
+    ratios = [r.perplexity_ratio if np.isfinite(r.perplexity_ratio) else np.nan for r in q.rows]
+    left.barh(y, np.nan_to_num(ratios, nan=max(np.nanmax(ratios), 1.0) if not np.all(np.isnan(ratios)) else 1.0),
+              color=["tab:red" if not (r <= 1.5) else "tab:gray" for r in ratios])
+    left.set_xscale("log")
+    left.set_yticks(y, names, fontsize=7)
+    left.invert_yaxis()
+    left.axvline(1, color="black", linewidth=0.8)
+    left.set_xlabel("perplexity / float (red: above 1.5)")
+    right.barh(y, [r.kept_peak for r in q.rows], color=["tab:orange" if abs(r.kept_peak - 1) > 0.1 else "tab:blue" for r in q.rows])
+    right.axvline(1, color="black", linewidth=0.8)
+    right.set_yticks(y, [""] * len(q.rows))
+    right.invert_yaxis()
+    right.set_xlabel(f"massive value at block {q.peak_layer} / float (orange: off by more than 10%)")
+    fig.suptitle(f"Quantization: dim {q.dim}, float perplexity {q.baseline_perplexity:.2f}")
+    fig.subplots_adjust(left=0.3, wspace=0.05)
+    return png_bytes(fig)
+
+
 FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], str]] = {
     "layer_profile.png": (layer_profile, lambda r: bool(r.layers), "Layer profile: top-1..3 and median |activation| per block"),
     "massive_heatmap.png": (massive_heatmap, lambda r: r.birth_state is not None, "The birth block's output over tokens and dims"),
@@ -260,6 +283,8 @@ FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], st
     "trigger.png": (trigger, lambda r: any(t.neurons for t in r.trigger), "Trigger: the writing neuron's sources at the massive position and elsewhere"),
     "verification.png": (verification, lambda r: r.verification is not None, "Perplexity and massive value under each intervention"),
     "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share), "Attention on the sink tokens (block x head), the sink rate and value-norm ratio per block"),
+    "quantization.png": (lambda r: quantization_figure(r.quantization), lambda r: r.quantization is not None and bool(r.quantization.rows),
+                         "Perplexity and the massive value under each quantization setting"),
 }
 
 

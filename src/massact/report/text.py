@@ -8,7 +8,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis.results import Anatomy, Attribution, ExpertAttribution, Report
+from ..analysis.results import Anatomy, Attribution, ExpertAttribution, Precision, Quantization, Report
 from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_weight_tables, trigger_tables
 from .tables import Style, add_row, num, ratio, spans, where
 
@@ -68,6 +68,10 @@ def renderables(report: Report, plain: bool) -> list:
         out += [style.heading("9. Verification by intervention"), *_verification_tables(style, report)]
     if report.attention:
         out += [style.heading("10. Attention sinks on the massive tokens"), *_attention_tables(style, report)]
+    if report.quantization:
+        out += [style.heading(QUANT_HEADING), *_quantization_tables(style, report.quantization)]
+    if report.precision:
+        out += [style.heading(PRECISION_HEADING), *_precision_tables(style, report.precision)]
     if report.warnings:
         out.append(style.heading("Warnings"))
         out += [Text(f"- {w}", style="" if plain else "yellow") for w in report.warnings]
@@ -312,6 +316,56 @@ def _median(values: list[float | None], percent: bool = False) -> str:
         return "-"
     middle = finite[len(finite) // 2] if len(finite) % 2 else (finite[len(finite) // 2 - 1] + finite[len(finite) // 2]) / 2
     return f"{middle:.1%}" if percent else f"{middle:.3g}"
+
+
+QUANT_HEADING = "11. Quantization: what it does to the massive activations"
+PRECISION_HEADING = "12. Precision headroom (float16, bfloat16)"
+
+
+_METHODS = {"rtn": "RTN", "gguf": "GGUF", "activation": "activations"}
+
+
+def _quantization_tables(style: Style, q: Quantization) -> list:
+    held = "; ".join(f"{name}{index} = {value:+.4g}" for name, index, value in q.super_weights) or "none found"
+    out: list = [Text(
+        f"Fake-quantized: the {q.matrices} linear projections of the blocks ({q.parameters:,} weights; not the embeddings, "
+        f"the output head or the norms). Perplexity on {q.eval_tokens} tokens of {q.eval_source}: {q.baseline_perplexity:.2f} in float. "
+        f"Massive value: dim {q.dim} at position {q.position} of its probe text, {num(q.value_birth, True)} at its birth block "
+        f"{q.birth_layer} and {num(q.value_peak, True)} at its peak block {q.peak_layer}.\n"
+        f"Held out (left out of the range, put back in full precision): {held}. Clip: the other weights of each matrix clipped at "
+        f"mean +/- z x std before quantizing. Blocks: flat blocks of consecutive entries; groups: along each row's inputs.\n"
+        f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation tokens carry a "
+        "massive activation (kept in float where said); massive error: their share of the summed squared int8 error."
+    )]
+    table = style.table(None, "setting", "variant", "perplexity", "x float", f"at block {q.birth_layer} (kept)",
+                        f"at block {q.peak_layer} (kept)", "massive error", right=(2, 3, 4, 5, 6))
+    for r in q.rows:
+        add_row(table, f"{_METHODS[r.method]} {r.setting}", r.variant, num(r.perplexity), f"{r.perplexity_ratio:,.2f}",
+                f"{num(r.value_birth, True)} ({r.kept_birth:.1%})", f"{num(r.value_peak, True)} ({r.kept_peak:.1%})",
+                f"{r.massive_error_share:.1%}" if r.massive_error_share is not None else "")
+    out.append(table)
+    out += [Text(f"- {note}") for note in q.notes]
+    return out
+
+
+def _precision_tables(style: Style, p: Precision) -> list:
+    out: list = [Text(p.summary[0].upper() + p.summary[1:] + ".")]
+    table = style.table(None, "block", "max |a|", "dim", "float16 headroom", "overflows", right=(0, 1, 2, 3))
+    for b in p.blocks:
+        add_row(table, str(b.layer), num(b.max_abs), str(b.dim), f"{b.headroom:,.1f}x", "yes" if b.overflows else "")
+    return out + [table]
+
+
+def quantization_text(q: Quantization | None, p: Precision | None, width: int = 140) -> str:
+    """Sections 8 and 9 alone, as plain text: what `massact quant` writes when there is no whole report."""
+    style, parts = Style(True), []
+    if q is not None:
+        parts += [style.heading(QUANT_HEADING), *_quantization_tables(style, q)]
+    if p is not None:
+        parts += [style.heading(PRECISION_HEADING), *_precision_tables(style, p)]
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False, no_color=True, highlight=False).print(Group(*parts))
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).lstrip("\n") + "\n"
 
 
 def to_text(report: Report, width: int = 140) -> str:

@@ -1,0 +1,217 @@
+"""protect.json: the coordinates a quantizer, a KV cache or an editing method should keep in high precision or leave
+alone. Massive dims (their blocks and the tokens that carry them), sink positions, and every super weight, with
+a version field and a schema (``SCHEMA``, JSON Schema; ``validate`` checks the subset it uses).
+
+``massact quant`` reads it instead of scanning again: each massive dim carries a probe (a text and the position
+where the dim is strongest) on which the quantized model's massive value is read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import UsageError
+from .results import Report
+
+FORMAT = "massact-protect"
+VERSION = 1
+MAX_CARRIERS = 64  # per dim, the strongest (text, position) places; a large corpus has one per text
+
+
+@dataclass
+class Carrier:
+    """A token that carries a massive dim: window ``text`` of the scan, ``position``, its largest value and block."""
+
+    text: int
+    position: int
+    token: str
+    block: int
+    value: float
+
+
+@dataclass
+class ProtectedDim:
+    """A massive dim: born at ``born_at``, massive in ``blocks``, largest at ``peak_block`` (``peak_value``).
+    ``probe_text`` and ``probe_position`` are where it is strongest at its birth block: read it there."""
+
+    dim: int
+    born_at: int
+    peak_block: int
+    peak_value: float
+    blocks: list[int]
+    removed_at: list[int]
+    probe_text: str
+    probe_position: int
+    carriers: list[Carrier]
+
+
+@dataclass
+class SinkPosition:
+    """A position that carries massive activations in some scanned text (the attention-sink candidates), with the
+    tokens seen there and in how many texts."""
+
+    position: int
+    tokens: list[str]
+    texts: int
+
+
+@dataclass
+class ProtectedWeight:
+    """A super weight: ``model.get_parameter(parameter)[tuple(index)] == value``; ``row`` and ``col`` are the last two
+    entries of the stored index (a fused expert weight has the expert first)."""
+
+    parameter: str
+    row: int
+    col: int
+    index: list[int]
+    value: float
+
+
+@dataclass
+class Protect:
+    model: str
+    source: str | None
+    min_abs: float
+    min_ratio: float
+    massive_dims: list[ProtectedDim]
+    sink_positions: list[SinkPosition]
+    super_weights: list[ProtectedWeight]
+    format: str = FORMAT
+    version: int = VERSION
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        ordered = {"format": data.pop("format"), "version": data.pop("version"), **data}  # what the file is, first
+        return json.dumps(ordered, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def super_weight_coordinates(report: Report | dict) -> list[tuple[str, tuple[int, ...], float]]:
+    """Every super weight the report names, once each: (parameter, index as stored, value). Yu et al.'s iterative
+    list (``super_weights[*].weight``) where the report has one, each born dim's attribution, and the experts'."""
+    if isinstance(report, dict):
+        get = lambda item, key: item.get(key) if isinstance(item, dict) else None  # noqa: E731
+        weights = [get(s, "weight") for s in report.get("super_weights") or []]
+        weights += [get(a, "super_weight") for a in report.get("attribution") or []]
+        moe = [(get(e.get("moe"), "super_weight"), e.get("layer")) for e in report.get("experts") or []]
+        found = [(w["matrix"], (w["row"], w["col"]), w["value"]) for w in weights if w]
+        found += [(_expert_parameter(w["matrix"], layer), tuple(w["index"]), w["value"]) for w, layer in moe if w]
+    else:
+        weights = [s.weight for s in getattr(report, "super_weights", None) or []] + [a.super_weight for a in report.attribution]
+        found = [(w.matrix, (w.row, w.col), w.value) for w in weights]
+        found += [(_expert_parameter(e.moe.super_weight.matrix, e.layer), tuple(e.moe.super_weight.index),
+                   e.moe.super_weight.value) for e in report.experts]
+    unique: dict[tuple[str, tuple[int, ...]], float] = {}
+    for matrix, index, value in found:
+        unique.setdefault((matrix, tuple(int(i) for i in index)), float(value))
+    return [(matrix, index, value) for (matrix, index), value in unique.items()]
+
+
+def _expert_parameter(matrix: str, layer: int) -> str:
+    """An expert super weight's matrix is named relative to its block's MLP; the full parameter name. Both supported
+    mixture-of-experts families (Mixtral, Qwen2-MoE) keep their blocks at ``model.layers``."""
+    return f"model.layers.{layer}.mlp.{matrix}"
+
+
+def sink_positions(report: Report) -> list[SinkPosition]:
+    """The positions the attention-sink pass treats as sinks: every position that carries a massive activation in
+    some text, with its tokens. One function, so that a sharper definition of a sink changes only this."""
+    seen: dict[int, tuple[dict[str, None], set[int]]] = {}
+    for m in report.massive:
+        tokens, texts = seen.setdefault(m.position, ({}, set()))
+        tokens[m.token] = None
+        texts.add(m.text)
+    return [SinkPosition(p, list(tokens), len(texts)) for p, (tokens, texts) in sorted(seen.items())]
+
+
+def build(report: Report) -> Protect:
+    """The protect list of a scan."""
+    dims = []
+    for d in report.dims:
+        entries = [m for m in report.massive if m.dim == d.dim]
+        peak = max(entries, key=lambda m: abs(m.value))
+        probe = max((m for m in entries if m.layer == d.born_at), key=lambda m: abs(m.value))
+        places: dict[tuple[int, int], Carrier] = {}
+        for m in entries:
+            best = places.get((m.text, m.position))
+            if best is None or abs(m.value) > abs(best.value):
+                places[m.text, m.position] = Carrier(m.text, m.position, m.token, m.layer, m.value)
+        carriers = sorted(places.values(), key=lambda c: -abs(c.value))[:MAX_CARRIERS]
+        dims.append(ProtectedDim(d.dim, d.born_at, peak.layer, peak.value, d.persists, d.removed_at, report.texts[probe.text],
+                                 probe.position, carriers))
+    weights = [ProtectedWeight(matrix, index[-2], index[-1], list(index), value) for matrix, index, value in super_weight_coordinates(report)]
+    notes = [f"carriers: the {MAX_CARRIERS} strongest places per dim at most; report.json's `massive` has every one"]
+    return Protect(report.model.name, report.model.source, report.criterion.min_abs, report.criterion.min_ratio, dims,
+                   sink_positions(report), weights, notes=notes)
+
+
+_INT = {"type": "integer"}
+_NUM = {"type": "number"}
+_STR = {"type": "string"}
+_INTS = {"type": "array", "items": _INT}
+
+
+def _object(**properties) -> dict:
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "massact protect list",
+    **_object(
+        format={"const": FORMAT},
+        version={"const": VERSION},
+        model=_STR,
+        source={"type": ["string", "null"]},
+        min_abs=_NUM,
+        min_ratio=_NUM,
+        massive_dims={"type": "array", "items": _object(
+            dim=_INT, born_at=_INT, peak_block=_INT, peak_value=_NUM, blocks=_INTS, removed_at=_INTS, probe_text=_STR,
+            probe_position=_INT,
+            carriers={"type": "array", "items": _object(text=_INT, position=_INT, token=_STR, block=_INT, value=_NUM)},
+        )},
+        sink_positions={"type": "array", "items": _object(position=_INT, tokens={"type": "array", "items": _STR}, texts=_INT)},
+        super_weights={"type": "array", "items": _object(parameter=_STR, row=_INT, col=_INT, index=_INTS, value=_NUM)},
+        notes={"type": "array", "items": _STR},
+    ),
+}
+
+_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "null": type(None)}
+
+
+def validate(data, schema: dict = SCHEMA, where: str = "protect.json") -> None:
+    """Raise UsageError naming the first place where ``data`` breaks ``schema`` (type, const, required, properties,
+    items: the part of JSON Schema that SCHEMA uses)."""
+    if "const" in schema and data != schema["const"]:
+        raise UsageError(f"{where} is {data!r}, expected {schema['const']!r}")
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        is_bool = isinstance(data, bool)  # JSON true is no number
+        if not any(isinstance(data, _TYPES[k]) and not (is_bool and k in ("integer", "number")) for k in kinds):
+            raise UsageError(f"{where} should be {' or '.join(kinds)}, not {type(data).__name__}")
+    for key in schema.get("required", []):
+        if key not in data:
+            raise UsageError(f"{where} has no {key!r}")
+    for key, sub in schema.get("properties", {}).items():
+        if key in data:
+            validate(data[key], sub, f"{where}.{key}")
+    if "items" in schema:
+        for i, item in enumerate(data):
+            validate(item, schema["items"], f"{where}[{i}]")
+
+
+def load(path: Path) -> Protect:
+    """Read and validate a protect.json. A wrong format, version or shape is a usage error (one line)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: cannot read a protect list ({type(error).__name__}: {error})") from None
+    if isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") != VERSION:
+        raise UsageError(f"{path}: protect list version {data.get('version')!r}; this massact reads version {VERSION}")
+    validate(data, where=str(path))
+    dims = [ProtectedDim(**{**d, "carriers": [Carrier(**c) for c in d["carriers"]]}) for d in data["massive_dims"]]
+    return Protect(data["model"], data["source"], data["min_abs"], data["min_ratio"], dims,
+                   [SinkPosition(**s) for s in data["sink_positions"]], [ProtectedWeight(**w) for w in data["super_weights"]],
+                   data["format"], data["version"], data.get("notes", []))

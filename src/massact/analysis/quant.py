@@ -1,0 +1,403 @@
+"""What quantization does to the massive activations (Yu et al. 2024; PrefixQuant, Chen et al. 2024).
+
+Weights: every linear projection of the blocks (not the embeddings, the output head or the norms) is fake-quantized
+(quantized, then dequantized in the model's dtype) with asymmetric min-max round-to-nearest, or with a llama.cpp block
+format through the gguf package's reference quantizer; optionally the super weights are held out (left out of the
+range and put back in full precision) and the remaining outliers clipped at a z-score. Activations: the input of
+every block projection is fake-quantized to int8 per tensor or per token, optionally with the massive tokens kept
+in float. Each setting is one perplexity pass over the evaluation text plus one read of the massive value at its
+birth and peak block; the weights are restored bit-exactly after each one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture.hooks import tap
+from ..errors import UsageError
+from ..models.adapters.base import is_transposed
+from ..models.loading import LoadedModel
+from .interventions import massive_mask, read_coordinate
+from .perplexity import default_eval_text, eval_windows, perplexity
+from .protect import Protect
+from .results import Quantization, QuantRow
+
+GRIDS = ("default", "full")
+GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+DEFAULT_BLOCK = 16384  # entries per flat block (Yu et al. vary it; larger blocks feel a super weight more)
+DEFAULT_CLIP_Z = 4.0
+ROW_GROUP = 128
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid. ``granularity``: "tensor", "block" (flat blocks of ``block`` entries) or "row" (groups
+    of 128 along each row's input dim); ``variant``: "plain", "held out" (super weights) or "held out + clip";
+    for activations: "plain" or "massive in float"."""
+
+    method: str
+    bits: int = 0
+    granularity: str = ""
+    variant: str = "plain"
+    fmt: str = ""
+    block: int = DEFAULT_BLOCK
+
+    @property
+    def label(self) -> str:
+        if self.method == "gguf":
+            return self.fmt
+        if self.method == "activation":
+            return f"int8 per {self.granularity}"
+        where = {"tensor": "per tensor", "block": f"blocks of {self.block:,}", "row": f"groups of {ROW_GROUP} per row"}
+        return f"{self.bits}-bit {where[self.granularity]}"
+
+
+def grid(name: str = "default", block: int = DEFAULT_BLOCK) -> list[Setting]:
+    """The settings of a named grid. ``default`` fits a few minutes on a small CPU; ``full`` is every combination."""
+    if name not in GRIDS:
+        raise UsageError(f"--quant-grid must be one of {', '.join(GRIDS)}; got {name!r}")
+    three = ("plain", "held out", "held out + clip")
+    if name == "default":  # about 20 perplexity passes
+        rtn = [Setting("rtn", 8, "tensor", v) for v in three[:2]]
+        rtn += [Setting("rtn", 4, "tensor", v) for v in (three[0], three[2])]
+        rtn += [Setting("rtn", 4, "block", v, block=block) for v in three]
+        rtn += [Setting("rtn", b, "row", v) for b in (4, 3) for v in three[:2]]
+        gguf_rows = [Setting("gguf", fmt="Q8_0")] + [Setting("gguf", fmt=f, variant=v) for f in ("Q4_0", "Q4_1") for v in three[:2]]
+    else:
+        rtn = [Setting("rtn", b, g, v, block=block) for b in (8, 4, 3) for g in ("tensor", "block", "row") for v in three]
+        gguf_rows = [Setting("gguf", fmt=f, variant=v) for f in GGUF_FORMATS for v in three[:2]]
+    acts = [Setting("activation", 8, g, v) for g in ("tensor", "token") for v in ("plain", "massive in float")]
+    return rtn + gguf_rows + acts
+
+
+# ---- the quantizers: small pure functions over tensors ----
+
+
+def rtn_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Asymmetric min-max round-to-nearest of each row of ``x`` [groups, size], dequantized (in float32):
+    scale = (max - min) / (2^bits - 1), zero = clamp(round(-min / scale), 0, 2^bits - 1),
+    q = clamp(round(x / scale) + zero, 0, 2^bits - 1), x' = (q - zero) x scale. A constant row is exact."""
+    x = x.float()
+    levels = 2**bits - 1
+    low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    flat = high <= low
+    scale = torch.where(flat, torch.ones_like(high), (high - low) / levels)
+    zero = torch.round(-low / scale).clamp(0, levels)
+    q = (torch.round(x / scale) + zero).clamp(0, levels)
+    return torch.where(flat, x, (q - zero) * scale)
+
+
+def _by_groups(flat: torch.Tensor, size: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` over consecutive groups of ``size`` entries of a 1-D tensor; a shorter last group is its own group."""
+    full = flat.numel() // size * size
+    parts = [fn(flat[:full].view(-1, size)).flatten()] if full else []
+    if full < flat.numel():
+        parts.append(fn(flat[full:].view(1, -1)).flatten())
+    return torch.cat(parts)
+
+
+def rtn(weight: torch.Tensor, bits: int, granularity: str, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """Fake-quantize a weight given as [..., in] (rows along the input dim), returned in float32 and the same shape.
+    ``tensor``: one range for the whole tensor; ``block``: flat blocks of ``block`` entries in row-major order;
+    ``row``: groups of 128 consecutive inputs within each row (a shorter last group where ``in`` is not a multiple)."""
+    quantize = lambda g: rtn_rows(g, bits)  # noqa: E731
+    if granularity == "tensor":
+        return rtn_rows(weight.reshape(1, -1), bits).view(weight.shape)
+    if granularity == "block":
+        return _by_groups(weight.reshape(-1), block, quantize).view(weight.shape)
+    rows = weight.reshape(-1, weight.shape[-1])
+    full = rows.shape[1] // ROW_GROUP * ROW_GROUP
+    out = torch.empty(rows.shape, dtype=torch.float32, device=weight.device)
+    if full:
+        out[:, :full] = quantize(rows[:, :full].reshape(-1, ROW_GROUP)).view(rows.shape[0], full)
+    if full < rows.shape[1]:
+        out[:, full:] = quantize(rows[:, full:])
+    return out.view(weight.shape)
+
+
+def gguf_roundtrip(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantize [..., in] with the gguf package's reference quantizer for a llama.cpp block format (blocks along the
+    input dim, as llama.cpp stores a linear weight) and dequantize with its own dequantizer; float32, same shape."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    kind = GGMLQuantizationType[fmt]
+    data = weight.detach().float().cpu().contiguous().numpy()
+    back = dequantize(quantize(data, kind), kind)
+    return torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32)).view(weight.shape).to(weight.device)
+
+
+def gguf_block_size(fmt: str) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[fmt]][0]
+
+
+def int8_rows(x: torch.Tensor, scale_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric absmax int8 of each row of ``x`` [rows, width], dequantized: scale = max |x| / 127 over the row (or
+    over the rows ``scale_rows`` marks, one scale for all of them), q = clamp(round(x / scale), -127, 127)."""
+    if scale_rows is None:
+        scale = x.abs().amax(-1, keepdim=True) / 127
+    else:
+        chosen = x[scale_rows] if scale_rows.any() else x
+        scale = chosen.abs().amax().reshape(1, 1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(x / scale).clamp(-127, 127) * scale).to(x.dtype)
+
+
+# ---- where the quantizers act ----
+
+
+def projections(lm: LoadedModel) -> list[tuple[str, nn.Parameter, bool]]:
+    """Every linear projection's weight inside the blocks: (name, parameter, stored transposed), the 2-D (and fused
+    3-D expert) weights. Norms and biases are 1-D; embeddings and the output head sit outside the blocks."""
+    found = []
+    path = lm.adapter.layers_path(lm.model)
+    for index, block in enumerate(lm.adapter.blocks(lm.model)):
+        owners = {name: module for name, module in block.named_modules()}
+        for name, parameter in block.named_parameters():
+            if parameter.ndim >= 2:
+                owner = owners[name.rpartition(".")[0]]
+                found.append((f"{path}.{index}.{name}", parameter, is_transposed(owner)))
+    return found
+
+
+@contextmanager
+def quantized_weights(
+    lm: LoadedModel, quantize: Callable[[torch.Tensor], torch.Tensor], held_out: list[tuple[str, tuple[int, ...]]] = (),
+    clip_z: float | None = None, skip: Callable[[torch.Tensor], bool] = lambda w: False,
+) -> Iterator[list[str]]:
+    """Fake-quantize every block projection with ``quantize`` (given [..., in], returns float32 of that shape).
+    ``held_out`` entries (parameter name, index as stored) are set to 0 before (so they do not stretch the range)
+    and put back in full precision after; ``clip_z`` clips the rest at mean +/- z x std of each matrix first.
+    Matrices ``skip`` says no to stay in float; their names are yielded. Every weight is restored on exit."""
+    saved: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    held: dict[str, list[tuple[int, ...]]] = {}
+    for name, index in held_out:
+        held.setdefault(name, []).append(tuple(index))
+    try:
+        with torch.no_grad():
+            for name, parameter, transposed in projections(lm):
+                view = parameter.data.transpose(-1, -2) if transposed else parameter.data
+                if skip(view):
+                    skipped.append(name)
+                    continue
+                saved[name] = parameter.data.clone()
+                work = parameter.data.to(torch.float32, copy=True)
+                for index in held.get(name, []):
+                    work[index] = 0.0
+                if clip_z is not None:
+                    mean, std = work.mean(), work.std()
+                    work.clamp_(float(mean - clip_z * std), float(mean + clip_z * std))
+                view = work.transpose(-1, -2) if transposed else work
+                done = quantize(view)
+                done = done.transpose(-1, -2) if transposed else done
+                for index in held.get(name, []):
+                    done[index] = saved[name][index].float()
+                parameter.data.copy_(done.to(parameter.dtype))
+        yield skipped
+    finally:
+        with torch.no_grad():
+            for name, original in saved.items():
+                lm.model.get_parameter(name).data.copy_(original)
+
+
+class ActivationQuant:
+    """int8 fake-quantization of every block projection's input (per tensor or per token), as forward pre-hooks.
+    ``keep`` [positions] marks the massive tokens of the current input: kept in float when ``keep_massive``, and
+    always used to split the squared error (summed over every input entry) into the massive tokens' part."""
+
+    def __init__(self, lm: LoadedModel, per_token: bool, keep_massive: bool):
+        self.lm, self.per_token, self.keep_massive = lm, per_token, keep_massive
+        self.keep: torch.Tensor | None = None
+        self.error_total = 0.0
+        self.error_massive = 0.0
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        # One sequence per pass: rows are positions (OPT's flat [positions, d] inputs included).
+        keep = self.keep.to(x.device) if self.keep is not None and self.keep.numel() == rows.shape[0] else torch.zeros(
+            rows.shape[0], dtype=torch.bool, device=x.device)
+        if self.per_token:
+            out = int8_rows(rows)
+        else:
+            out = int8_rows(rows, ~keep if self.keep_massive else torch.ones_like(keep))
+        if self.keep_massive:
+            out = torch.where(keep.unsqueeze(1), rows, out)
+        error = (out.double() - rows.double()).pow(2).sum(-1)
+        self.error_total += float(error.sum())
+        self.error_massive += float(error[keep].sum())
+        return out.view(x.shape)
+
+    @contextmanager
+    def active(self) -> Iterator["ActivationQuant"]:
+        handles = []
+        for block in self.lm.adapter.blocks(self.lm.model):
+            for module in block.modules():
+                if isinstance(module, nn.Linear) or is_transposed(module):
+                    handles.append(module.register_forward_pre_hook(lambda m, args: (self._quantize(args[0]), *args[1:])))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def massive_positions(lm: LoadedModel, ids: torch.Tensor, protect: Protect) -> torch.Tensor:
+    """[positions] True where any protected dim is massive (the protect list's criterion) at any block it lives in."""
+    keep = torch.zeros(ids.shape[1], dtype=torch.bool)
+    blocks = sorted({b for d in protect.massive_dims for b in d.blocks})
+    dims = [d.dim for d in protect.massive_dims]
+
+    def mark(layer: int, site: str, hidden: torch.Tensor) -> None:
+        nonlocal keep
+        for dim in dims:
+            keep |= massive_mask(hidden, dim, protect.min_abs, protect.min_ratio)[0].cpu()
+
+    with torch.no_grad(), tap(lm.model, lm.adapter, [(b, lm.adapter.stream) for b in blocks], mark):
+        lm.model(input_ids=ids.to(lm.device), use_cache=False)
+    return keep
+
+
+# ---- the sweep ----
+
+
+def measure(
+    lm: LoadedModel, protect: Protect, eval_text: str | None = None, grid_name: str = "default", clip_z: float | None = None,
+    block: int | None = None, progress: Callable[[str, int | None], Callable[[], None]] | None = None,
+) -> Quantization:
+    """The sweep over a named grid, on the shipped evaluation text unless ``eval_text`` is given; ``progress`` as in
+    ``massact.scan`` (one step per setting)."""
+    block = DEFAULT_BLOCK if block is None else block
+    settings = grid(grid_name, block)
+    step = progress("quantization settings", len(settings)) if progress else (lambda: None)
+    source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
+    result = sweep(lm, protect, eval_text or default_eval_text(), source, grid_name, DEFAULT_CLIP_Z if clip_z is None else clip_z,
+                   block, step, settings)
+    note = gguf_source_note(lm, protect)
+    if note:
+        result.notes.insert(0, note)
+    return result
+
+
+def gguf_source_note(lm: LoadedModel, protect: Protect) -> str | None:
+    """For a model loaded from a GGUF file (the default model is one): the formats its block projections were stored
+    in, and that its super weights are what the file dequantizes to, so they survived that format."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    from ..models.loading import default_gguf
+
+    if lm.source is not None and not str(lm.source).lower().endswith(".gguf"):
+        return None
+    path = default_gguf() if lm.source is None else lm.source
+    kinds = Counter(t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) >= 2)
+    stored = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    weights = "; ".join(f"{w.parameter}[{w.row}, {w.col}] = {w.value:+.4f}" for w in protect.super_weights) or "none found"
+    return (f"this model was loaded from a GGUF file whose block projections are stored as {stored}: every weight measured here "
+            f"is what that file dequantizes to, so its super weights ({weights}) survived that format; the rows below "
+            "quantize those weights again")
+
+
+def sweep(
+    lm: LoadedModel, protect: Protect, eval_text: str, eval_source: str, grid_name: str = "default", clip_z: float = DEFAULT_CLIP_Z,
+    block: int = DEFAULT_BLOCK, step: Callable[[], None] = lambda: None, settings: list[Setting] | None = None,
+) -> Quantization:
+    """Every setting of the grid (or ``settings``) on ``lm``: perplexity on ``eval_text``, and the strongest massive
+    dim's value at its birth and peak block on its probe. ``step`` is called after each setting."""
+    if not protect.massive_dims:
+        raise UsageError("nothing to measure: the model has no massive activations under the criterion")
+    if block < 1 or not clip_z > 0:
+        raise UsageError("--block-size must be at least 1 and --clip-z above 0")
+    started = time.perf_counter()
+    settings = settings if settings is not None else grid(grid_name, block)
+    target = max(protect.massive_dims, key=lambda d: abs(d.peak_value))
+    probe = lm.tokenizer(target.probe_text, return_tensors="pt").input_ids
+    layers = sorted({target.born_at, target.peak_block})
+    held = [(w.parameter, tuple(w.index)) for w in protect.super_weights]
+    names = {name for name, _, _ in projections(lm)}
+    missing = [name for name, _ in held if name not in names]
+    if missing:
+        raise UsageError(f"super weight {missing[0]} is not a block projection of this model (a protect list of another model?)")
+    windows = eval_windows(lm, eval_text)
+    masks = [massive_positions(lm, w, protect) for w in windows]
+    probe_mask = massive_positions(lm, probe, protect)
+
+    def read() -> dict[int, float]:
+        return read_coordinate(lm, probe, layers, target.probe_position, target.dim)
+
+    base_values = read()
+    baseline = perplexity(lm, windows)
+    rows: list[QuantRow] = []
+    notes: list[str] = []
+    for setting in settings:
+        began = time.perf_counter()
+        share = None
+        if setting.method == "activation":
+            quant = ActivationQuant(lm, setting.granularity == "token", setting.variant == "massive in float")
+            with quant.active():
+                ppl, share = _windowed_perplexity(lm, windows, masks, quant)
+                quant.keep = probe_mask
+                values = read()
+        else:
+            quantize, skip = _weight_quantizer(setting)
+            with quantized_weights(lm, quantize, held if setting.variant != "plain" else [],
+                                   clip_z if setting.variant == "held out + clip" else None, skip) as skipped:
+                ppl = perplexity(lm, windows)
+                values = read()
+            if skipped and not any(setting.fmt in n for n in notes):
+                notes.append(f"{setting.fmt}: {len(skipped)} matrices whose input dim is not a multiple of "
+                             f"{gguf_block_size(setting.fmt)} stay in float (llama.cpp falls back to another type for them)")
+        rows.append(QuantRow(setting.method, setting.label, _variant_words(setting, clip_z), ppl, ppl / baseline,
+                             values[target.born_at], values[target.peak_block], _kept(values[target.born_at], base_values[target.born_at]),
+                             _kept(values[target.peak_block], base_values[target.peak_block]), share,
+                             round(time.perf_counter() - began, 2)))
+        step()
+    params = sum(p.numel() for _, p, _ in projections(lm))
+    return Quantization(
+        baseline, sum(w.shape[1] for w in windows), eval_source, target.dim, target.born_at, target.peak_block, target.probe_position,
+        base_values[target.born_at], base_values[target.peak_block], len(names), params,
+        [[w.parameter, list(w.index), w.value] for w in protect.super_weights], int(sum(int(m.sum()) for m in masks)),
+        grid_name, clip_z, rows, round(time.perf_counter() - started, 1), notes,
+    )
+
+
+def _windowed_perplexity(
+    lm: LoadedModel, windows: list[torch.Tensor], masks: list[torch.Tensor], quant: ActivationQuant
+) -> tuple[float, float]:
+    """perplexity() one window at a time, each with its own massive tokens marked, recombined token-weighted; and
+    the massive tokens' share of the squared quantization error over the evaluation text."""
+    total, count = 0.0, 0
+    for ids, keep in zip(windows, masks):
+        quant.keep = keep
+        ppl = perplexity(lm, [ids])
+        total += math.log(ppl) * (ids.shape[1] - 1) if math.isfinite(ppl) else float("inf")
+        count += ids.shape[1] - 1
+    share = quant.error_massive / quant.error_total if quant.error_total > 0 else 0.0
+    mean = total / count
+    return (math.exp(mean) if mean < 700 else float("inf")), share
+
+
+def _weight_quantizer(setting: Setting) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], bool]]:
+    if setting.method == "gguf":
+        size = gguf_block_size(setting.fmt)
+        return (lambda w: gguf_roundtrip(w, setting.fmt)), (lambda w: w.shape[-1] % size != 0)
+    return (lambda w: rtn(w, setting.bits, setting.granularity, setting.block)), (lambda w: False)
+
+
+def _variant_words(setting: Setting, clip_z: float) -> str:
+    return f"held out + clip z {clip_z:g}" if setting.variant == "held out + clip" else setting.variant
+
+
+def _kept(value: float, base: float) -> float:
+    return value / base if base else float("nan")
