@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .attention import sink_tokens
 from ..errors import UsageError
 from .results import Report
 
@@ -116,13 +117,13 @@ def _expert_parameter(matrix: str, layer: int) -> str:
 
 
 def sink_positions(report: Report) -> list[SinkPosition]:
-    """The positions the attention-sink pass treats as sinks: every position that carries a massive activation in
-    some text, with its tokens. One function, so that a sharper definition of a sink changes only this."""
+    """The sink positions: those the attention-sink pass uses (``massact.analysis.attention.sink_tokens``: positions
+    that carry a massive dim persistently, and each dim's main carrier), with their tokens and in how many texts."""
     seen: dict[int, tuple[dict[str, None], set[int]]] = {}
-    for m in report.massive:
-        tokens, texts = seen.setdefault(m.position, ({}, set()))
-        tokens[m.token] = None
-        texts.add(m.text)
+    for sink in sink_tokens(report)[0] if report.massive else []:
+        tokens, texts = seen.setdefault(sink.position, ({}, set()))
+        tokens[sink.token] = None
+        texts.add(sink.text)
     return [SinkPosition(p, list(tokens), len(texts)) for p, (tokens, texts) in sorted(seen.items())]
 
 

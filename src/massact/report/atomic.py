@@ -27,7 +27,8 @@ from ..errors import UsageError
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.massact-(?P<pid>\d+)$")  # a staging directory: .<out name>.massact-<pid>
 # Files massact writes in an output directory (with their hidden partials): replaced by a new set, never carried.
-_OWN = re.compile(r"^(report\.(txt|json|html)|compare\.html|compare_profiles\.png|scan-state\.pt.*|\..*\.partial(-\d+)?)$")
+_OWN = re.compile(r"^(report\.(txt|json|html)|protect\.json|quantization\.(json|txt)|compare\.html|compare_profiles\.png|scan-state\.pt.*|"
+                  r"\..*\.partial(-\d+)?)$")
 
 
 def _own(name: str) -> bool:
