@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .attention import sink_tokens
 from ..errors import UsageError
+from .attention import sink_tokens
 from .results import Report
 
 FORMAT = "massact-protect"

@@ -570,6 +570,10 @@ class Carriers:
     moved: float
     moved_massive: bool
     verdict: str
+    summary: str
+
+
+@dataclass
 class QuantRow:
     """One quantization setting, measured: perplexity on the evaluation text (and its ratio to the float model) and
     the massive value at its birth and peak block on the probe (``kept_*``: as a fraction of the float value).
