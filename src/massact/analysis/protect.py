@@ -89,18 +89,23 @@ class Protect:
         return json.dumps(ordered, indent=2, ensure_ascii=False, allow_nan=False)
 
 
+WRITES = ("birth", "growth")  # the phases whose writing weights are super weights
+
+
 def super_weight_coordinates(report: Report | dict) -> list[tuple[str, tuple[int, ...], float]]:
     """Every super weight the report names, once each: (parameter, index as stored, value). Yu et al.'s iterative
-    list (``super_weights[*].weight``) where the report has one, each born dim's attribution, and the experts'."""
+    list (``super_weights[*].weight``) where the report has one, the attributions of the blocks that write a dim
+    (birth, growth: not the precursors' or erasers' top weights), and the experts'."""
     if isinstance(report, dict):
         get = lambda item, key: item.get(key) if isinstance(item, dict) else None  # noqa: E731
         weights = [get(s, "weight") for s in report.get("super_weights") or []]
-        weights += [get(a, "super_weight") for a in report.get("attribution") or []]
+        weights += [get(a, "super_weight") for a in report.get("attribution") or [] if a.get("role") in WRITES]
         moe = [(get(e.get("moe"), "super_weight"), e.get("layer")) for e in report.get("experts") or []]
         found = [(w["matrix"], (w["row"], w["col"]), w["value"]) for w in weights if w]
         found += [(_expert_parameter(w["matrix"], layer), tuple(w["index"]), w["value"]) for w, layer in moe if w]
     else:
-        weights = [s.weight for s in getattr(report, "super_weights", None) or []] + [a.super_weight for a in report.attribution]
+        weights = [s.weight for s in getattr(report, "super_weights", None) or []]
+        weights += [a.super_weight for a in report.attribution if a.role in WRITES]
         found = [(w.matrix, (w.row, w.col), w.value) for w in weights]
         found += [(_expert_parameter(e.moe.super_weight.matrix, e.layer), tuple(e.moe.super_weight.index),
                    e.moe.super_weight.value) for e in report.experts]
