@@ -337,11 +337,13 @@ def _quantization_tables(style: Style, q: Quantization) -> list:
         f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation tokens carry a "
         "massive activation (kept in float where said); massive error: their share of the summed squared int8 error."
     )]
-    table = style.table(None, "setting", "variant", "perplexity", "x float", f"at block {q.birth_layer} (kept)",
-                        f"at block {q.peak_layer} (kept)", "massive error", right=(2, 3, 4, 5, 6))
+    both = q.peak_layer != q.birth_layer  # where the birth block is the peak, one column says it
+    blocks = [f"at block {q.birth_layer} (kept)"] + ([f"at block {q.peak_layer} (kept)"] if both else [])
+    table = style.table(None, "setting", "variant", "perplexity", "x float", *blocks, "massive error",
+                        right=tuple(range(2, 5 + len(blocks))))
     for r in q.rows:
-        add_row(table, f"{_METHODS[r.method]} {r.setting}", r.variant, num(r.perplexity), f"{r.perplexity_ratio:,.2f}",
-                f"{num(r.value_birth, True)} ({r.kept_birth:.1%})", f"{num(r.value_peak, True)} ({r.kept_peak:.1%})",
+        values = [f"{num(r.value_birth, True)} ({r.kept_birth:.1%})"] + ([f"{num(r.value_peak, True)} ({r.kept_peak:.1%})"] if both else [])
+        add_row(table, f"{_METHODS[r.method]} {r.setting}", r.variant, num(r.perplexity), f"{r.perplexity_ratio:,.2f}", *values,
                 f"{r.massive_error_share:.1%}" if r.massive_error_share is not None else "")
     out.append(table)
     out += [Text(f"- {note}") for note in q.notes]
