@@ -7,6 +7,7 @@ and writes a large value into a chosen dim. The scan must then find exactly that
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,15 @@ def plant_attention(model, bos: int, layer: int, head: int, dim: int) -> None:
         kv_head = head // (N_HEADS // model.config.num_key_value_heads)
         adapter.module(model, layer, "self_attn.v_proj").weight[kv_head * head_dim, TRIGGER] = 5.0
     weight_out_in(adapter.module(model, layer, adapter.attn_proj))[dim, head * head_dim] = 50.0
+
+
+def weights_hash(model) -> str:
+    """A digest of every weight and buffer: equal before and after means an intervention restored the model exactly."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def massact_command(*args) -> list[str]:

@@ -1,8 +1,6 @@
 """The mechanism on planted chains whose every link is known by construction: lifeline phases, the trigger's sources
 and chain, patching, the iterative super weights; and the decomposition sums on every kind of block."""
 
-import hashlib
-
 import pytest
 import torch
 import transformers
@@ -12,7 +10,7 @@ from massact.analysis.decompose import Target, split
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import weight_out_in
 
-from conftest import TRIGGER, plant_mlp, tiny_config, tiny_model
+from conftest import TRIGGER, plant_mlp, tiny_config, tiny_model, weights_hash
 
 MARK, DIM = 30, 20  # the dim block 0 marks the first token in, and the dim that becomes massive
 M, P, B, C, E = 11, 12, 37, 38, 50  # neurons: the marker (block 0), precursor (1), two writers (2), the eraser (4)
@@ -70,19 +68,12 @@ def planted_chain(tokenizer):
     return model
 
 
-def _hash(model) -> str:
-    digest = hashlib.sha256()
-    for name, parameter in sorted(model.state_dict().items()):
-        digest.update(name.encode() + parameter.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def chain_report(tokenizer):
     model = planted_chain(tokenizer)
-    before = _hash(model)
+    before = weights_hash(model)
     report = massact.scan(model, TEXTS, tokenizer=tokenizer, min_abs=1.0, verify=True, eval_text=" ".join(TEXTS * 4))
-    assert _hash(model) == before  # every patch and every zeroed super weight was written back
+    assert weights_hash(model) == before  # every patch and every zeroed super weight was written back
     return report
 
 

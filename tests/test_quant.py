@@ -1,6 +1,5 @@
 """Quantization, precision headroom and the protect list, on hand-made tensors and planted tiny models."""
 
-import hashlib
 import json
 import math
 
@@ -17,19 +16,11 @@ from massact.analysis.saved import load_report
 from massact.errors import UsageError
 from massact.report.files import write_report
 
-from conftest import plant_mlp, tiny_model
+from conftest import plant_mlp, tiny_model, weights_hash
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
 EVAL = "She poured the tea, opened the window, and watched the rain fall on the garden. " * 3
-
-
-def weights_hash(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def reference_rtn(values: list[float], bits: int) -> list[float]:

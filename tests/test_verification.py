@@ -1,6 +1,5 @@
 """Interventions on planted models: they confirm the planted cause, spare unrelated parts, and restore the model."""
 
-import hashlib
 import math
 
 import pytest
@@ -11,19 +10,11 @@ from massact.analysis.attention import sink_pass
 from massact.analysis.interventions import ablate_neurons, read_coordinate, set_weight
 from massact.analysis.perplexity import eval_windows, perplexity
 
-from conftest import plant_mlp, tiny_model
+from conftest import plant_mlp, tiny_model, weights_hash
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
 EVAL = "She poured the tea, opened the window, and watched the rain fall on the garden. " * 3
-
-
-def weights_hash(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture(params=["gpt2", "llama"])
