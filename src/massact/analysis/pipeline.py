@@ -27,7 +27,7 @@ from .trigger import CHAIN_DEPTH, triggers
 from .precision import headroom
 from .protect import build as build_protect
 from .quant import measure as measure_quantization
-from .scan import detect, distributed_rank, group_dims, layer_stats, scan_layers
+from .scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
 from .verification import MAX_INPUTS, replacement_values, verify as verify_report
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
@@ -100,7 +100,10 @@ def scan(
                                                            max_length=max_length, batch_size=batch_size)
     layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume,
                              identity)
-    if distributed_rank()[0] != 0:
+    rank, world = distributed_rank()
+    if world > 1:
+        release_processes()  # the statistics are merged and no collective follows: a process may now end cleanly
+    if rank != 0:
         return None  # launched as several processes: they shared the scan, the first one explains and reports
     # Keep only the windows the statistics point at (and the first few, for the input-dependence check).
     wanted = {int(t) for top in layer_scan.tops if top.labels is not None for t in top.labels[:, 0].tolist()}

@@ -145,6 +145,16 @@ def distributed_rank() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def release_processes() -> None:
+    """End this process's part in the process group once the statistics are merged. A process that exits with the
+    group still up can abort in the collective library's threads (gloo: "terminate called without an active
+    exception") while the first process is still explaining."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK]) -> None:
     """Every process ends with the statistics of the whole corpus: histogram counts are summed, top-k lists are
     gathered and cut back to k (exactly what one process seeing every text would keep)."""
