@@ -12,9 +12,10 @@ from massact.analysis import protect as protect_list
 from massact.analysis.precision import FLOAT16_MAX, rounding_step
 from massact.analysis.quant import (ActivationQuant, Setting, grid, gguf_roundtrip, int8_rows, projections, quantized_weights, rtn,
                                     rtn_rows, sweep)
-from massact.analysis.saved import load_report
+from massact.analysis.saved import as_report
 from massact.errors import UsageError
 from massact.report.files import write_report
+from massact.report.load import load_report
 
 from conftest import plant_mlp, tiny_model, weights_hash
 
@@ -211,7 +212,7 @@ def test_protect_json_validates_and_loads_back(planted, tmp_path):
 def test_saved_report_reads_back_equal(planted, tmp_path):
     lm, report = planted
     write_report(report, tmp_path, {"json"})
-    again = load_report(tmp_path)
+    again = as_report(load_report(tmp_path))
     assert again.to_json() == report.to_json()
     assert json.loads((tmp_path / "protect.json").read_text(encoding="utf-8"))["super_weights"][0]["value"] == 100.0
 

@@ -167,12 +167,13 @@ def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set
     from .analysis import protect as protect_list
     from .analysis.precision import headroom
     from .analysis.quant import measure
-    from .analysis.saved import load_report
+    from .analysis.saved import as_report
     from .models.loading import load
     from .report.files import write_report
+    from .report.load import load_report
     from .report.text import quantization_text
 
-    report = load_report(directory)
+    report = as_report(load_report(directory), str(directory / "report.json"))  # every field checked, then typed
     protect = protect_list.load(args.protect) if args.protect else protect_list.build(report)
     lm = load(report.model.source, dtype=report.model.dtype, device=args.device, log=_log(args.quiet))
     with _progress(_bars(args.quiet)) as progress:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
-from pathlib import Path
 
 from ..errors import UsageError
 from .results import Report
@@ -35,10 +33,10 @@ def from_data(kind, data):
     return data
 
 
-def load_report(directory: Path) -> Report:
-    """``directory``/report.json as a Report; a missing or malformed file is a usage error (one line)."""
-    path = Path(directory) / "report.json"
+def as_report(data: dict, where: str = "report.json") -> Report:
+    """A saved report.json, read and checked by ``massact.report.load.load_report``, as a Report; a field of the
+    wrong shape is a usage error (one line)."""
     try:
-        return from_data(Report, json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError, StopIteration) as error:
-        raise UsageError(f"{path}: not a massact report ({type(error).__name__}: {error})") from None
+        return from_data(Report, data)
+    except (ValueError, KeyError, TypeError, StopIteration) as error:
+        raise UsageError(f"{where}: not a massact report ({type(error).__name__}: {error})") from None
