@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .moe import MoeAttribution
-from .results import DimSummary, Lifeline, NormFactors, Origin, Phase, Report, SuperWeightStep, Trigger
+from .results import DimSummary, Lifeline, NormFactors, Phase, Report, SuperWeightStep, Trigger
 
 
 _PLACES = {
@@ -17,12 +17,6 @@ def _explosion_words(name: str, gated: bool) -> str:
     if name == "mlp_act":
         return "the gated product act(gate) x up (mlp_act)" if gated else "the activation function (mlp_act)"
     return _PLACES.get(name, name)
-
-
-def _removal_words(o: Origin) -> str:
-    if o.cause == "median":
-        return f"falls under the ratio at block {o.layer} because the median |a| grows (the value holds: {o.resid_in:+.1f} -> {o.resid_out:+.1f})"
-    return f"is removed by block {o.layer}'s {'MLP' if o.writer == 'mlp' else 'attention'} ({o.resid_in:+.1f} -> {o.resid_out:+.1f})"
 
 
 def _expert_words(m: MoeAttribution) -> str:
@@ -61,13 +55,13 @@ def conclude(report: Report) -> list[str]:
         ]
     paragraphs = []
     for summary in sorted(report.dims, key=lambda d: -abs(d.max_value)):
-        line = next((x for x in report.lifeline if x.dim == summary.dim), None)
-        precursor = _precursor_words(line) if line is not None and line.precursor_layer is not None else ""
+        line = next(x for x in report.lifeline if x.dim == summary.dim)  # the scan makes one per dim
+        precursor = _precursor_words(line) if line.precursor_layer is not None else ""
         parts = [_birth_words(report, summary.dim, precursor)]
         trigger = next((t for t in report.trigger if t.dim == summary.dim), None)
         if trigger is not None and trigger.chain:
             parts.append(_trigger_words(trigger))
-        parts.append(_fate_words(report, summary, line))
+        parts.append(_fate_words(summary, line))
         steps = [s for s in report.super_weights if s.dim == summary.dim]
         if steps:
             parts.append(_super_weight_words(steps))
@@ -157,24 +151,20 @@ def _trigger_words(trigger: Trigger) -> str:
     return text + "."
 
 
-def _fate_words(report: Report, summary: DimSummary, line: Lifeline | None) -> str:
+def _fate_words(summary: DimSummary, line: Lifeline) -> str:
     last, count = summary.persists[-1], len(summary.persists)
     text = f"It is massive in block {last}" if count == 1 else f"It is massive in {count} blocks, {summary.born_at} to {last}"
-    if line is not None:
-        growth = [p for p in line.phases if p.name == "growth"]
-        if growth:
-            text += ", grows in " + ", ".join(map(_phase_words, growth))
-        erasure = [p for p in line.phases if p.name == "erasure"]
-        text += (", and is erased by " + ", ".join(map(_phase_words, erasure))) if erasure else ", and is never erased"
-        medians = [r for r, cause in zip(line.removed_at, line.removal_causes) if cause == "median"]
-        if medians:
-            text += (f"; the scan stops calling it massive at block {medians[0]} only because the median |a| grows there (the value "
-                     "holds)")
-        elif line.removed_at and not set(line.removed_at) <= set(line.erased_at):
-            text += f"; the scan stops calling it massive at block {line.removed_at[0]}"
-        return text + "."
-    removals = [o for o in report.origin if o.dim == summary.dim and o.role == "removal"]
-    return text + (", and " + ", ".join(_removal_words(o) for o in removals) if removals else ", and is still massive at the last block") + "."
+    growth = [p for p in line.phases if p.name == "growth"]
+    if growth:
+        text += ", grows in " + ", ".join(map(_phase_words, growth))
+    erasure = [p for p in line.phases if p.name == "erasure"]
+    text += (", and is erased by " + ", ".join(map(_phase_words, erasure))) if erasure else ", and is never erased"
+    medians = [r for r, cause in zip(line.removed_at, line.removal_causes) if cause == "median"]
+    if medians:
+        text += f"; the scan stops calling it massive at block {medians[0]} only because the median |a| grows there (the value holds)"
+    elif line.removed_at and not set(line.removed_at) <= set(line.erased_at):
+        text += f"; the scan stops calling it massive at block {line.removed_at[0]}"
+    return text + "."
 
 
 def _super_weight_words(steps: list[SuperWeightStep]) -> str:
