@@ -27,8 +27,8 @@ def main() -> None:
     import torch
 
     import massact
-    from massact.analysis import protect
-    from massact.analysis.quant import grid, measure
+    from massact.analysis.deploy import protect
+    from massact.analysis.deploy.quant import grid, measure
 
     lm = massact.load(args.model, dtype=args.dtype, device=args.device, log=lambda message: None)
     report = massact.scan(lm)

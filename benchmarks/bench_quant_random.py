@@ -12,8 +12,8 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import massact  # noqa: E402
-from massact.analysis import protect  # noqa: E402
-from massact.analysis.quant import measure  # noqa: E402
+from massact.analysis.deploy import protect  # noqa: E402
+from massact.analysis.deploy.quant import measure  # noqa: E402
 
 source = sys.argv[1]  # a directory with the default model's config.json, tokenizer and a protect.json of it
 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).to("cuda").eval()

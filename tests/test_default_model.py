@@ -75,7 +75,7 @@ def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
 
 
 def test_ablating_the_top_neurons_removes_the_massive_activation(smol, report):
-    from massact.analysis.interventions import ablate_neurons, read_coordinate
+    from massact.capture.edits import ablate_neurons, read_coordinate
 
     attribution = next(a for a in report.attribution if a.role == "birth")
     summary = next(d for d in report.dims if d.dim == attribution.dim)
@@ -158,8 +158,8 @@ def test_trigger_split_matches_plain_hooks(smol, report):
 def test_super_weights_one_after_another(smol, report):
     import hashlib
 
-    from massact.analysis.perplexity import eval_windows, perplexity
-    from massact.analysis.superweights import iterate
+    from massact.analysis.causal.perplexity import eval_windows, perplexity
+    from massact.analysis.causal.superweights import iterate
 
     line = _strongest(report)
     birth = next(a for a in report.attribution if a.dim == line.dim and a.role == "birth")

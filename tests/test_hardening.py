@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import massact
-from massact.analysis.scan import _load_state
+from massact.analysis.detect.scan import _load_state
 from massact.capture.stats import LogHistogram, TopK
 from massact.errors import UsageError
 from massact.models.loading import load
@@ -200,7 +200,7 @@ def test_a_malicious_scan_state_from_the_cli(model_dir, tmp_path):
 
 
 def test_a_full_disk_while_saving_the_scan_state_leaves_no_partial(tmp_path, monkeypatch):
-    from massact.analysis import scan
+    from massact.analysis.detect import scan
 
     def full(state, path):
         Path(path).write_bytes(b"half")

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import massact
-from massact.analysis.decompose import Target, split
+from massact.analysis.trigger.decompose import Target, split
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import weight_out_in
 
@@ -154,7 +154,7 @@ def test_position_embedding_trigger_is_a_position_effect(tokenizer):
 def test_sources_sum_to_the_pre_activation_on_every_block_kind(family, tokenizer):
     """Pre-LN, sandwich, parallel and post-LN blocks: the split is exact at every position, and a chain step's units
     (neurons, heads) add up to the source they split."""
-    from massact.analysis.decompose import units
+    from massact.analysis.trigger.decompose import units
 
     lm = massact.wrap(tiny_model(family, len(tokenizer), seed=1), tokenizer)
     ids = tokenizer(TEXTS[1], return_tensors="pt").input_ids

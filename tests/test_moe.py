@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from massact.analysis.moe import attribute_moe, is_moe_block
+from massact.analysis.mechanism.moe import attribute_moe, is_moe_block
 
 D_MODEL, D_MLP, EXPERTS, TOP_K, LAYER, POSITION = 64, 128, 4, 2, 1, 3
 

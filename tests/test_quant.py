@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import massact
-from massact.analysis import protect as protect_list
-from massact.analysis.precision import FLOAT16_MAX, rounding_step
-from massact.analysis.quant import (ActivationQuant, Setting, grid, gguf_roundtrip, int8_rows, projections, quantized_weights, rtn,
-                                    rtn_rows, sweep)
+from massact.analysis.deploy import protect as protect_list
+from massact.analysis.deploy.precision import FLOAT16_MAX, rounding_step
+from massact.analysis.deploy.quant import (ActivationQuant, Setting, grid, gguf_roundtrip, int8_rows, projections, quantized_weights, rtn, rtn_rows, sweep)
 from massact.analysis.saved import as_report
 from massact.errors import UsageError
 from massact.report.files import write_report

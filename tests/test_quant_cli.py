@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from massact.analysis import protect as protect_list
+from massact.analysis.deploy import protect as protect_list
 
 from conftest import run_massact, save_planted
 

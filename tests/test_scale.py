@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import massact
-from massact.analysis.pipeline import windows
-from massact.analysis.scan import scan_layers
+from massact.pipeline import windows
+from massact.analysis.detect.scan import scan_layers
 from massact.errors import UsageError
 from massact.texts import DEFAULT_TEXTS
 
@@ -190,7 +190,7 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer):
     are large enough to fill the top-k, which bounds what the report points at."""
     import tracemalloc
 
-    from massact.analysis.verification import MAX_INPUTS
+    from massact.analysis.causal.verification import MAX_INPUTS
     from massact.texts import Corpus
 
     model = tiny_model("llama", len(tokenizer))

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import massact
-from massact.analysis.attention import attention_and_values, head_metrics, sink_analysis, sink_tokens
-from massact.analysis.interventions import set_weight
-from massact.analysis.mlm import masked_lm_loss, masked_windows, next_token_windows
-from massact.analysis.output_effects import STOPWORDS, output_effects
-from massact.analysis.perplexity import eval_windows
-from massact.analysis.verification import replacement_values
+from massact.analysis.function.sinks import attention_and_values, head_metrics, sink_analysis, sink_tokens
+from massact.capture.edits import set_weight
+from massact.analysis.causal.mlm import masked_lm_loss, masked_windows, next_token_windows
+from massact.analysis.causal.output_effects import STOPWORDS, output_effects
+from massact.analysis.causal.perplexity import eval_windows
+from massact.analysis.causal.verification import replacement_values
 from massact.capture.hooks import tap_module_input
 
 from conftest import D_MODEL, N_HEADS, make_tokenizer, plant_mlp, run_massact, tiny_model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from massact.analysis.attribution import contributions
+from massact.analysis.mechanism.attribution import contributions
 from massact.capture.stats import LogHistogram, TopK
 
 

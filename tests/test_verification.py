@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import massact
-from massact.analysis.attention import sink_pass
-from massact.analysis.interventions import ablate_neurons, read_coordinate, set_weight
-from massact.analysis.perplexity import eval_windows, perplexity
+from massact.analysis.function.sinks import sink_pass
+from massact.capture.edits import ablate_neurons, read_coordinate, set_weight
+from massact.analysis.causal.perplexity import eval_windows, perplexity
 
 from conftest import plant_mlp, tiny_model, weights_hash
 

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .analysis.pipeline import scan  # noqa: E402
+from .pipeline import scan  # noqa: E402
 from .analysis.results import Report  # noqa: E402
 from .capture.hooks import Trace  # noqa: E402
 from .models.loading import LoadedModel, load, wrap  # noqa: E402

@@ -132,7 +132,7 @@ def _scan(args) -> int:
 
 def _quant_settings(args) -> dict:
     """The scan's quantization keywords from --quant, --quant-grid, --clip-z, --block-size, checked before any loading."""
-    from .analysis.quant import grid
+    from .analysis.deploy.quant import grid
 
     grid(args.quant_grid)  # an unknown grid name fails here, before the model loads
     if args.block_size is not None and args.block_size < 1:
@@ -164,9 +164,9 @@ def _quant(args) -> int:
 
 
 def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set[str]) -> int:
-    from .analysis import protect as protect_list
-    from .analysis.precision import headroom
-    from .analysis.quant import measure
+    from .analysis.deploy import protect as protect_list
+    from .analysis.deploy.precision import headroom
+    from .analysis.deploy.quant import measure
     from .analysis.saved import as_report
     from .models.loading import load
     from .report.files import write_report
@@ -192,8 +192,8 @@ def _quant_protect(args, settings: dict, eval_text, out: Path, formats: set[str]
     import json
     from dataclasses import asdict
 
-    from .analysis import protect as protect_list
-    from .analysis.quant import measure
+    from .analysis.deploy import protect as protect_list
+    from .analysis.deploy.quant import measure
     from .analysis.results import _finite
     from .models.loading import load
     from .report.files import write_atomic
@@ -277,7 +277,7 @@ def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, fo
          device_map: str | None = None, trust_remote_code: bool = False) -> int:
     from transformers.utils import logging as hf_logging
 
-    from .analysis.pipeline import scan
+    from .pipeline import scan
     from .models.loading import load
     from .report.files import write_report
     from .report.text import print_report, terminal

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from .moe import MoeAttribution
-from .results import DimSummary, Lifeline, NormFactors, Phase, Report, SuperWeightStep, Trigger
+from .mechanism.moe import MoeAttribution
+from .detect.results import DimSummary
+from .mechanism.results import Lifeline, NormFactors, Phase
+from .results import Report
+from .causal.results import SuperWeightStep
+from .trigger.results import Trigger
 
 
 _PLACES = {

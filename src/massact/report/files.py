@@ -44,7 +44,7 @@ def write_atomic(path: Path, content: str | bytes) -> None:
 
 def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) -> list[Path]:
     """The chosen files in ``out`` (created): report.txt, report.json (and protect.json), report.html, the PNG figures."""
-    from ..analysis.protect import build as build_protect
+    from ..analysis.deploy.protect import build as build_protect
     from .html import to_html
     from .plots import figures
     from .text import to_text

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from ..analysis.results import Anatomy, Attribution, ChainLink, Lifeline, Report, Trigger
+from ..analysis.mechanism.results import Anatomy, Attribution, Lifeline
+from ..analysis.trigger.results import ChainLink, Trigger
+from ..analysis.results import Report
 from .tables import Style, add_row, num, ratio, spans, where
 
 SHOWN_SOURCES = 8  # sources listed per pre-activation; report.json has all of them

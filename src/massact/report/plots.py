@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..analysis.results import Quantization, Report  # noqa: E402
+from ..analysis.deploy.results import Quantization  # noqa: E402
+from ..analysis.results import Report  # noqa: E402
 
 FIG_SIZE = (12, 6)
 DPI = 100
@@ -52,7 +53,7 @@ def layer_profile(report: Report) -> bytes:
             ax.axvline(removed, color="navy", alpha=0.5, linestyle="--")
             ax.annotate(f"dim {d.dim} falls back", (removed, abs(d.max_value) / 3), textcoords="offset points", xytext=(4, 0),
                         color="navy", fontsize=9)
-    threshold = [max(report.criterion.min_abs, report.criterion.min_ratio * s.median) for s in report.layers]
+    threshold = [report.criterion.threshold(s.median) for s in report.layers]
     ax.plot(layers, threshold, color="crimson", alpha=0.3, linewidth=6, label="massive threshold")
     ax.set_yscale("log")
     ax.set_xlabel("block (residual output)")

@@ -8,7 +8,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis.results import Anatomy, Attribution, ExpertAttribution, Precision, Quantization, Report
+from ..analysis.mechanism.results import Anatomy, Attribution, ExpertAttribution
+from ..analysis.deploy.results import Precision, Quantization
+from ..analysis.results import Report
 from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_weight_tables, trigger_tables
 from .tables import Style, add_row, num, ratio, spans, where
 

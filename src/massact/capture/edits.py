@@ -8,8 +8,9 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
-from ..capture.hooks import tap
+from .hooks import tap
 from ..models.loading import LoadedModel
+from ..settings import Criterion
 
 
 @contextmanager
@@ -43,11 +44,10 @@ def set_weight(lm: LoadedModel, matrix: str, index: tuple[int, ...], value: floa
         parameter.data[index] = original
 
 
-def massive_mask(hidden: torch.Tensor, dim: int, min_abs: float, min_ratio: float) -> torch.Tensor:
+def massive_mask(hidden: torch.Tensor, dim: int, criterion: Criterion) -> torch.Tensor:
     """[batch, positions] True where ``dim`` is massive against the median |a| of that sequence's hidden state."""
-    magnitude = hidden[..., dim].abs()
     median = hidden.abs().flatten(1).float().median(dim=1).values.unsqueeze(1)
-    return (magnitude >= min_abs) & (magnitude >= min_ratio * median)
+    return criterion.is_massive(hidden[..., dim], median)
 
 
 @contextmanager
@@ -78,7 +78,7 @@ def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tens
 
 
 def replace_massive(
-    lm: LoadedModel, layer: int, values: dict[int, float], min_abs: float, min_ratio: float
+    lm: LoadedModel, layer: int, values: dict[int, float], criterion: Criterion
 ) -> AbstractContextManager[None]:
     """Where a block's output (the detection stream) is massive, set each dim to ``values[dim]`` (Sun et al.: zero,
     or its mean). In post-LN blocks that is the residual sum, before the block's last LayerNorm."""
@@ -86,7 +86,7 @@ def replace_massive(
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.clone()
         for dim, value in values.items():
-            mask = massive_mask(hidden, dim, min_abs, min_ratio)
+            mask = massive_mask(hidden, dim, criterion)
             hidden[..., dim] = torch.where(mask, torch.full_like(hidden[..., dim], value), hidden[..., dim])
         return hidden
 

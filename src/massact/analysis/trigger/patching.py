@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from ..capture.hooks import tap
-from ..models.loading import LoadedModel
+from ...capture.hooks import tap
+from ...models.loading import LoadedModel
 from .decompose import Split, ranked_sources
-from .interventions import patch_position
-from .results import Criterion, Lifeline, Patch
+from ...capture.edits import patch_position
+from ...settings import Criterion
+from ..mechanism.results import Lifeline
+from .results import Patch
 
 PATCHED_SOURCES = 3  # top sources of the writing neuron's pre-activation that are patched
 
@@ -51,7 +53,6 @@ def patch_sources(lm: LoadedModel, input_ids: torch.Tensor, piece: Split, line: 
     labels = ranked_sources(piece, position)[:top]
     sites = list(dict.fromkeys((piece.terms[l].layer or 0, _site(piece.terms[l].site)) for l in labels))
     base = _read(lm, input_ids, piece, line, sites)
-    limit = lambda layer: max(criterion.min_abs, criterion.min_ratio * medians[layer])
     found = []
     for label in labels:
         term = piece.terms[label]
@@ -64,8 +65,8 @@ def patch_sources(lm: LoadedModel, input_ids: torch.Tensor, piece: Split, line: 
             direct = factor * float((vector.double() - original[position].double()) @ reader)
             with patch_position(lm, key[0], key[1], position, vector):
                 read = _read(lm, input_ids, piece, line, [])
-            still = any(abs(read[layer]) >= limit(layer) for layer in (line.born_at, line.peak_layer))
+            still = any(criterion.is_massive(read[layer], medians[layer]) for layer in (line.born_at, line.peak_layer))
             source = "embedding (block 0 input)" if key[1] == "resid_in" else label
-            found.append(Patch(source, term.layer, key[1], name, direct, read["pre"] - base["pre"], read["pre"],
-                               read[line.born_at], read[line.peak_layer], still))
+            found.append(Patch(source=source, layer=term.layer, site=key[1], replacement=name, direct=direct, total=read["pre"] - base["pre"], pre_activation=read["pre"],
+                               value_birth=read[line.born_at], value_peak=read[line.peak_layer], still_massive=still))
     return found

@@ -8,8 +8,8 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
-from ..models.loading import LoadedModel
+from ...errors import UsageError
+from ...models.loading import LoadedModel
 
 
 def default_eval_text() -> str:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture.hooks import tap, tap_module_input
-from ..capture.probe import ATTN_Z
-from ..models.adapters.base import bias_of, weight_out_in
-from ..models.loading import LoadedModel
-from .norms import centers, gain_and_bias, scale
+from ...capture.hooks import tap, tap_module_input
+from ...capture.probe import ATTN_Z
+from ...models.adapters.base import bias_of, weight_out_in
+from ...models.loading import LoadedModel
+from ..mechanism.norms import centers, gain_and_bias, scale
 
 NormKey = tuple[int, str]  # (block, module path) of a norm whose per-position factor multiplies a term
 

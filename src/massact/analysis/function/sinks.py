@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.loading import LoadedModel
-from .interventions import replace_massive
-from .results import AttentionSinks, Report, SinkIntervention, SinkToken
+from ...models.loading import LoadedModel
+from ...capture.edits import replace_massive
+from .results import AttentionSinks, SinkIntervention, SinkToken
+from ..results import Report
 
 SINK_SHARE = 0.5  # a block "has a sink" when at least half of its heads are sink heads (sink rate >= 50%)
 SINK_EPSILON = 0.3  # Gu et al. 2024: a head is a sink head when its average attention on the token exceeds this
@@ -82,7 +83,7 @@ def sink_tokens(report: Report) -> tuple[list[SinkToken], str]:
     for dim in blocks:
         main = max((m for m in report.massive if m.dim == dim), key=lambda m: abs(m.value))
         reasons.setdefault((main.text, main.position), {})[dim] = f"main carrier of dim {dim} ({main.value:+,.1f} at block {main.layer})"
-    tokens = [SinkToken(text, position, report.tokens[text][position], sorted(why), "; ".join(why[d] for d in sorted(why)))
+    tokens = [SinkToken(text=text, position=position, token=report.tokens[text][position], dims=sorted(why), reason="; ".join(why[d] for d in sorted(why)))
               for (text, position), why in sorted(reasons.items())]
     rule = ("a position counts as a sink token when its dim is massive there in at least half of the blocks where that dim "
             "is massive (blocks where the dim is massive at more than half of a text's positions do not count); each dim's "
@@ -239,7 +240,7 @@ def sink_analysis(
               f"value vectors of the {lm.adapter.family} family are not read (fused, interleaved q/k/v): no value norms or no-op heads")
     base = sink_pass(lm, inputs, sinks, epsilon)
     if base is None:
-        return AttentionSinks(0, [], [], [], None, birth, "no text has a massive token with later tokens to attend to it",
+        return AttentionSinks(texts=0, share=[], uniform=[], sink_layers=[], first_sink_layer=None, birth_layer=birth, summary="no text has a massive token with later tokens to attend to it",
                               epsilon=epsilon, causal=causal, rule=rule, tokens=tokens, values=values)
     found_blocks = sink_blocks(base.rate)
     changed = []
@@ -247,7 +248,7 @@ def sink_analysis(
         def context(by_block=by_block) -> AbstractContextManager:
             stack = ExitStack()
             for layer, dims in by_block.items():
-                stack.enter_context(replace_massive(lm, layer, dims, report.criterion.min_abs, report.criterion.min_ratio))
+                stack.enter_context(replace_massive(lm, layer, dims, report.criterion))
             return stack
 
         under = sink_pass(lm, inputs, sinks, epsilon, context)
@@ -256,12 +257,12 @@ def sink_analysis(
         rate = under.rate.tolist()
         survives = [rate[layer] >= SINK_SHARE if layer in found_blocks else None for layer in range(len(rate))]
         dims = sorted({dim for by_dim in by_block.values() for dim in by_dim})
-        changed.append(SinkIntervention(f"set massive dims {dims} to {label} at block(s) {sorted(by_block)}", label,
-                                        sorted(by_block), rate, under.share.mean(dim=1).tolist(), survives))
+        changed.append(SinkIntervention(name=f"set massive dims {dims} to {label} at block(s) {sorted(by_block)}", label=label,
+                                        blocks=sorted(by_block), rate=rate, share=under.share.mean(dim=1).tolist(), survives=survives))
     summary = _summary(base, found_blocks, birth, epsilon)
     return AttentionSinks(
-        base.texts, base.share.tolist(), base.uniform.tolist(), found_blocks, found_blocks[0] if found_blocks else None, birth,
-        summary, epsilon=epsilon, causal=causal, rule=rule, tokens=tokens, rate=base.rate.tolist(),
+        texts=base.texts, share=base.share.tolist(), uniform=base.uniform.tolist(), sink_layers=found_blocks, first_sink_layer=found_blocks[0] if found_blocks else None, birth_layer=birth,
+        summary=summary, epsilon=epsilon, causal=causal, rule=rule, tokens=tokens, rate=base.rate.tolist(),
         overall_rate=float(base.rate.mean()),
         value_ratio=base.value_ratio.tolist() if base.value_ratio is not None else None,
         output_share=base.output_share.tolist() if base.output_share is not None else None,

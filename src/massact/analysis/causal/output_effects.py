@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from ..models.loading import LoadedModel
+from ...models.loading import LoadedModel
 from .mlm import Scored
 from .results import OutputEffect, TokenShift
 
@@ -93,11 +93,11 @@ def output_effects(
     for (name, target_name, _), running in zip(interventions, sums):
         after = running.probability / positions
         change = after - before
-        shifts = lambda order: [TokenShift(words[i], i, float(before[i]), float(after[i])) for i in order.tolist()]
+        shifts = lambda order: [TokenShift(token=words[i], id=i, before=float(before[i]), after=float(after[i])) for i in order.tolist()]
         mean_nll = running.nll / positions
         effects.append(OutputEffect(
-            name, target_name, positions, running.kl / positions, math.exp(mean_nll) if mean_nll < 700 else float("inf"),
-            base.stop / positions, running.stop / positions, base.punct / positions, running.punct / positions,
-            shifts(change.topk(TOP_TOKENS).indices), shifts((-change).topk(TOP_TOKENS).indices),
+            name=name, target=target_name, positions=positions, kl=running.kl / positions, perplexity=math.exp(mean_nll) if mean_nll < 700 else float("inf"),
+            stopword_before=base.stop / positions, stopword_after=running.stop / positions, punctuation_before=base.punct / positions, punctuation_after=running.punct / positions,
+            rises=shifts(change.topk(TOP_TOKENS).indices), falls=shifts((-change).topk(TOP_TOKENS).indices),
         ))
     return effects

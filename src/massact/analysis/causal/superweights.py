@@ -8,12 +8,15 @@ from contextlib import ExitStack
 
 import torch
 
-from ..capture.probe import probe_block
-from ..models.loading import LoadedModel
-from .attribution import down_row, super_weight
-from .interventions import read_coordinate, set_weight
+from ...capture.probe import probe_block
+from ...models.loading import LoadedModel
+from ..mechanism.attribution import down_row, super_weight
+from ...capture.edits import read_coordinate, set_weight
 from .mlm import scorer
-from .results import Criterion, Lifeline, Report, SuperWeightStep
+from ...settings import Criterion
+from ..mechanism.results import Lifeline
+from ..results import Report
+from .results import SuperWeightStep
 
 MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
 
@@ -26,7 +29,6 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
     the verification's perplexity (exp of the masked-LM loss for an encoder). Every weight is written back, bit for
     bit, when the search ends."""
     layer, position, dim = line.born_at, line.position, line.dim
-    limit = lambda block: max(criterion.min_abs, criterion.min_ratio * medians[block])
     found: list[SuperWeightStep] = []
     zeroed: list[float] = []  # |w| of the weights zeroed so far, to rank the next one in the unmodified matrix
     with ExitStack() as stack:
@@ -41,11 +43,11 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
             zeroed.append(abs(weight.value))
             stack.enter_context(set_weight(lm, weight.matrix, (weight.row, weight.col)))
             values = read_coordinate(lm, input_ids, sorted({layer, line.peak_layer}), position, dim)
-            still = any(abs(values[block]) >= limit(block) for block in (layer, line.peak_layer))
+            still = any(criterion.is_massive(values[block], medians[block]) for block in (layer, line.peak_layer))
             ppl = score()
             step_done()
-            found.append(SuperWeightStep(dim, layer, step, int(toward.argmax()), weight, values[layer], values[line.peak_layer], still,
-                                         ppl, ppl / baseline))
+            found.append(SuperWeightStep(dim=dim, layer=layer, step=step, neuron=int(toward.argmax()), weight=weight, value_birth=values[layer], value_peak=values[line.peak_layer], still_massive=still,
+                                         perplexity=ppl, perplexity_ratio=ppl / baseline))
             if not still:
                 break
     return found

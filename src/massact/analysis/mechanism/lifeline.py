@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from ..capture.hooks import tap
-from ..models.loading import LoadedModel
+from ...capture.hooks import tap
+from ...models.loading import LoadedModel
 from .origin import removal_cause
-from .results import Criterion, DimSummary, Lifeline, LifelineStep, Massive, Phase
+from ...settings import Criterion
+from ..detect.results import DimSummary, Massive
+from .results import Lifeline, LifelineStep, Phase
 
 PHASE_SHARE = 0.1  # a block grows or erases the value when it adds or takes off 10% of the peak (of the precursor before birth)
 HOLD_SHARE = 0.5  # after birth, a quiet block holds the value while it stays above half of its largest value so far
@@ -65,9 +67,9 @@ def build_lifeline(
         parts = {"attn": attn, "mlp": mlp, "norm": change - attn - mlp if post_ln else 0.0}
         direction = 1.0 if change >= 0 else -1.0
         writer = max(WRITERS, key=lambda name: parts[name] * direction)
-        massive = abs(value[layer]) >= criterion.min_abs and abs(value[layer]) >= criterion.min_ratio * medians[layer]
-        steps.append(LifelineStep(layer, resid_in, attn, mlp, value[layer], values["resid_out"][layer], change, writer,
-                                  medians[layer], massive, "", norm))
+        massive = criterion.is_massive(value[layer], medians[layer])
+        steps.append(LifelineStep(layer=layer, resid_in=resid_in, attn=attn, mlp=mlp, value=value[layer], resid_out=values["resid_out"][layer], change=change, writer=writer,
+                                  median=medians[layer], massive=massive, phase="", norm=norm))
         previous = value[layer]
 
     peak_layer = max(range(n), key=lambda layer: abs(value[layer]))
@@ -117,7 +119,7 @@ def phases(steps: list[LifelineStep], embedding: float) -> list[Phase]:
             last.last, last.change, last.value_after = step.layer, last.change + step.change, step.value
         else:
             before = steps[step.layer - 1].value if step.layer else embedding
-            runs.append(Phase(step.phase, step.layer, step.layer, writer, step.change, before, step.value))
+            runs.append(Phase(name=step.phase, first=step.layer, last=step.layer, writer=writer, change=step.change, value_before=before, value_after=step.value))
     return runs
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from ..capture.hooks import tap
-from ..capture.stats import LogHistogram, TopK, top_flat
-from ..errors import UsageError
-from ..models.loading import LoadedModel
-from .results import Criterion, DimSummary, Entry, LayerStats, Massive
+from ...capture.hooks import tap
+from ...capture.stats import LogHistogram, TopK, top_flat
+from ...errors import UsageError
+from ...models.loading import LoadedModel
+from ...settings import Criterion
+from .results import DimSummary, Entry, LayerStats, Massive
 from .resume import read_state, remove_partial, shape_problem
 
 
@@ -233,9 +234,9 @@ def first_nonfinite(tops: list[TopK]) -> tuple[int, int, int, int] | None:
 def layer_stats(scan: LayerScan, tokens: list[list[str]], top_k: int) -> list[LayerStats]:
     stats = []
     for layer, (median, top) in enumerate(zip(scan.medians(), scan.tops)):
-        entries = [Entry(value, t, p, tokens[t][p], d) for value, (t, p, d) in top.items()[:top_k]]
+        entries = [Entry(value=value, text=t, position=p, token=tokens[t][p], dim=d) for value, (t, p, d) in top.items()[:top_k]]
         ratio = abs(entries[0].value) / median if entries and median > 0 else float("nan")
-        stats.append(LayerStats(layer, median, ratio, entries))
+        stats.append(LayerStats(layer=layer, median=median, ratio=ratio, top=entries))
     return stats
 
 
@@ -244,8 +245,8 @@ def detect(scan: LayerScan, tokens: list[list[str]], criterion: Criterion) -> li
     found = []
     for layer, (median, top) in enumerate(zip(scan.medians(), scan.tops)):
         for value, (t, p, d) in top.items():
-            if abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * median:
-                found.append(Massive(layer, t, p, tokens[t][p], d, value, abs(value) / median))
+            if criterion.is_massive(value, median):
+                found.append(Massive(layer=layer, text=t, position=p, token=tokens[t][p], dim=d, value=value, ratio=abs(value) / median))
     return found
 
 
@@ -257,5 +258,5 @@ def group_dims(massive: list[Massive], n_layers: int) -> list[DimSummary]:
         layers = sorted({m.layer for m in entries})
         removed = [layer + 1 for layer in layers if layer + 1 not in layers and layer + 1 < n_layers]
         tokens = list(dict.fromkeys(m.token for m in entries))
-        summaries.append(DimSummary(dim, layers[0], layers, removed, max((m.value for m in entries), key=abs), tokens))
+        summaries.append(DimSummary(dim=dim, born_at=layers[0], persists=layers, removed_at=removed, max_value=max((m.value for m in entries), key=abs), tokens=tokens))
     return summaries

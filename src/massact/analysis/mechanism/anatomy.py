@@ -57,7 +57,7 @@ def activation_impact(
     pre = pre.double()
     product = post * up.double() if up is not None else post
     top = [
-        NeuronActivation(i, float(pre[i]), float(post[i]), float(up[i]) if up is not None else None, float(product[i]))
+        NeuronActivation(neuron=i, before=float(pre[i]), after=float(post[i]), up=float(up[i]) if up is not None else None, product=float(product[i]))
         for i in neurons
     ]
     return ActivationImpact(

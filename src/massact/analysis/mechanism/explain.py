@@ -7,16 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture.probe import ATTN_Z, block_output, probe_block
-from ..models.loading import LoadedModel
+from ...capture.probe import ATTN_Z, block_output, probe_block
+from ...models.loading import LoadedModel
 from . import anatomy as anatomy_step
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .lifeline import writers
 from .moe import attribute_moe, is_moe_block
 from .norms import norm_factors
 from .origin import decomposition_gap, head_split, removal_cause, writer
-from .results import (Anatomy, Attribution, BirthState, Criterion, DimSummary, ExpertAttribution, LayerStats, Lifeline, Massive,
-                      NormFactors, Origin, Report)
+from .results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, NormFactors, Origin
+from ...settings import Criterion
+from ..detect.results import DimSummary, LayerStats, Massive
+from ..results import Report
 
 
 @dataclass
@@ -138,7 +140,7 @@ def birth_state(lm: LoadedModel, report: Report, inputs: list[torch.Tensor]) -> 
     magnitude = block_output(lm, inputs[birth.text], birth.layer).abs()
     dims = sorted({m.dim for m in report.massive if m.layer == birth.layer and m.text == birth.text})
     rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
-    return BirthState(birth.layer, birth.text, report.tokens[birth.text], dims, rows)
+    return BirthState(layer=birth.layer, text=birth.text, tokens=report.tokens[birth.text], dims=dims, magnitude=rows)
 
 
 def _place(event: Event, tokens: list[list[str]]) -> dict:

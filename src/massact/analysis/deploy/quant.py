@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture.hooks import tap
-from ..errors import UsageError
-from ..models.adapters.base import is_transposed
-from ..models.loading import LoadedModel
-from .interventions import massive_mask, read_coordinate
-from .perplexity import default_eval_text, eval_windows, perplexity
+from ...capture.hooks import tap
+from ...errors import UsageError
+from ...models.adapters.base import is_transposed
+from ...models.loading import LoadedModel
+from ...capture.edits import massive_mask, read_coordinate
+from ..causal.perplexity import default_eval_text, eval_windows, perplexity
 from .protect import Protect
 from .results import Quantization, QuantRow
 
@@ -261,7 +261,7 @@ def massive_positions(lm: LoadedModel, ids: torch.Tensor, protect: Protect) -> t
     def mark(layer: int, site: str, hidden: torch.Tensor) -> None:
         nonlocal keep
         for dim in dims:
-            keep |= massive_mask(hidden, dim, protect.min_abs, protect.min_ratio)[0].cpu()
+            keep |= massive_mask(hidden, dim, protect.criterion)[0].cpu()
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(b, lm.adapter.stream) for b in blocks], mark):
         lm.model(input_ids=ids.to(lm.device), use_cache=False)
@@ -296,7 +296,7 @@ def gguf_source_note(lm: LoadedModel, protect: Protect) -> str | None:
 
     from gguf import GGUFReader
 
-    from ..models.loading import default_gguf
+    from ...models.loading import default_gguf
 
     if lm.source is not None and not str(lm.source).lower().endswith(".gguf"):
         return None
@@ -358,17 +358,17 @@ def sweep(
             if skipped and not any(setting.fmt in n for n in notes):
                 notes.append(f"{setting.fmt}: {len(skipped)} matrices whose input dim is not a multiple of "
                              f"{gguf_block_size(setting.fmt)} stay in float (llama.cpp falls back to another type for them)")
-        rows.append(QuantRow(setting.method, setting.label, _variant_words(setting, clip_z), ppl, ppl / baseline,
-                             values[target.born_at], values[target.peak_block], _kept(values[target.born_at], base_values[target.born_at]),
-                             _kept(values[target.peak_block], base_values[target.peak_block]), share,
-                             round(time.perf_counter() - began, 2)))
+        rows.append(QuantRow(method=setting.method, setting=setting.label, variant=_variant_words(setting, clip_z), perplexity=ppl, perplexity_ratio=ppl / baseline,
+                             value_birth=values[target.born_at], value_peak=values[target.peak_block], kept_birth=_kept(values[target.born_at], base_values[target.born_at]),
+                             kept_peak=_kept(values[target.peak_block], base_values[target.peak_block]), massive_error_share=share,
+                             seconds=round(time.perf_counter() - began, 2)))
         step()
     params = sum(p.numel() for _, p, _ in projections(lm))
     return Quantization(
-        baseline, sum(w.shape[1] for w in windows), eval_source, target.dim, target.born_at, target.peak_block, target.probe_position,
-        base_values[target.born_at], base_values[target.peak_block], len(names), params,
-        [[w.parameter, list(w.index), w.value] for w in protect.super_weights], int(sum(int(m.sum()) for m in masks)),
-        grid_name, clip_z, rows, round(time.perf_counter() - started, 1), notes,
+        baseline_perplexity=baseline, eval_tokens=sum(w.shape[1] for w in windows), eval_source=eval_source, dim=target.dim, birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
+        value_birth=base_values[target.born_at], value_peak=base_values[target.peak_block], matrices=len(names), parameters=params,
+        super_weights=[[w.parameter, list(w.index), w.value] for w in protect.super_weights], massive_tokens=int(sum(int(m.sum()) for m in masks)),
+        grid=grid_name, clip_z=clip_z, rows=rows, seconds=round(time.perf_counter() - started, 1), notes=notes,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.adapters.base import Adapter, bias_of, stored_index, weight_out_in
+from ...models.adapters.base import Adapter, bias_of, stored_index, weight_out_in
 from .results import NeuronContribution, SuperWeight, WeightStats
 
 
@@ -20,7 +20,7 @@ def contributions(
     error = abs(total - output) / max(abs(output), 1e-12)
     order = parts.abs().argsort(descending=True)[:top].tolist()
     neurons = [
-        NeuronContribution(i, float(act[i]), float(weight[i]), float(parts[i]), float(parts[i]) / output if output else float("nan"))
+        NeuronContribution(neuron=i, activation=float(act[i]), weight=float(weight[i]), contribution=float(parts[i]), share=float(parts[i]) / output if output else float("nan"))
         for i in order
     ]
     sign = 1.0 if output - bias >= 0 else -1.0
@@ -35,7 +35,7 @@ def super_weight(adapter: Adapter, model: torch.nn.Module, layer: int, dim: int,
     value = weight_out_in(down)[dim, neuron].detach()
     rank = int((down.weight.detach().abs() > value.abs()).sum()) + 1
     row, col = stored_index(down, dim, neuron)
-    return SuperWeight(adapter.param_name(model, layer, adapter.mlp_down), row, col, float(value), rank, down.weight.numel())
+    return SuperWeight(matrix=adapter.param_name(model, layer, adapter.mlp_down), row=row, col=col, value=float(value), rank=rank, entries=down.weight.numel())
 
 
 def mlp_weight_stats(adapter: Adapter, model: torch.nn.Module, layer: int) -> list[WeightStats]:
@@ -48,11 +48,11 @@ def mlp_weight_stats(adapter: Adapter, model: torch.nn.Module, layer: int) -> li
         flat = int(magnitude.argmax())
         stats.append(
             WeightStats(
-                adapter.param_name(model, layer, path),
-                list(weight.shape),
-                float(magnitude.flatten()[flat]),
-                [flat // weight.shape[1], flat % weight.shape[1]],
-                float(magnitude.float().mean()),
+                matrix=adapter.param_name(model, layer, path),
+                shape=list(weight.shape),
+                max=float(magnitude.flatten()[flat]),
+                argmax=[flat // weight.shape[1], flat % weight.shape[1]],
+                mean=float(magnitude.float().mean()),
             )
         )
     return stats

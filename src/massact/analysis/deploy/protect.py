@@ -12,16 +12,17 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
-from .attention import sink_tokens
-from .results import Report
+from ...errors import UsageError
+from ...settings import Criterion
+from ..function.sinks import sink_tokens
+from ..results import Report
 
 FORMAT = "massact-protect"
 VERSION = 1
 MAX_CARRIERS = 64  # per dim, the strongest (text, position) places; a large corpus has one per text
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Carrier:
     """A token that carries a massive dim: window ``text`` of the scan, ``position``, its largest value and block."""
 
@@ -32,7 +33,7 @@ class Carrier:
     value: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProtectedDim:
     """A massive dim: born at ``born_at``, massive in ``blocks``, largest at ``peak_block`` (``peak_value``).
     ``probe_text`` and ``probe_position`` are where it is strongest at its birth block: read it there."""
@@ -48,7 +49,7 @@ class ProtectedDim:
     carriers: list[Carrier]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SinkPosition:
     """A position that carries massive activations in some scanned text (the attention-sink candidates), with the
     tokens seen there and in how many texts."""
@@ -58,7 +59,7 @@ class SinkPosition:
     texts: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProtectedWeight:
     """A super weight: ``model.get_parameter(parameter)[tuple(index)] == value``; ``row`` and ``col`` are the last two
     entries of the stored index (a fused expert weight has the expert first)."""
@@ -70,7 +71,7 @@ class ProtectedWeight:
     value: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Protect:
     model: str
     source: str | None
@@ -82,6 +83,11 @@ class Protect:
     format: str = FORMAT
     version: int = VERSION
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def criterion(self) -> Criterion:
+        """The scan's massive test, as saved with the list."""
+        return Criterion(min_abs=self.min_abs, min_ratio=self.min_ratio)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -129,7 +135,7 @@ def sink_positions(report: Report) -> list[SinkPosition]:
         tokens, texts = seen.setdefault(sink.position, ({}, set()))
         tokens[sink.token] = None
         texts.add(sink.text)
-    return [SinkPosition(p, list(tokens), len(texts)) for p, (tokens, texts) in sorted(seen.items())]
+    return [SinkPosition(position=p, tokens=list(tokens), texts=len(texts)) for p, (tokens, texts) in sorted(seen.items())]
 
 
 def build(report: Report) -> Protect:
@@ -143,14 +149,14 @@ def build(report: Report) -> Protect:
         for m in entries:
             best = places.get((m.text, m.position))
             if best is None or abs(m.value) > abs(best.value):
-                places[m.text, m.position] = Carrier(m.text, m.position, m.token, m.layer, m.value)
+                places[m.text, m.position] = Carrier(text=m.text, position=m.position, token=m.token, block=m.layer, value=m.value)
         carriers = sorted(places.values(), key=lambda c: -abs(c.value))[:MAX_CARRIERS]
-        dims.append(ProtectedDim(d.dim, d.born_at, peak.layer, peak.value, d.persists, d.removed_at, report.texts[probe.text],
-                                 probe.position, carriers))
-    weights = [ProtectedWeight(matrix, index[-2], index[-1], list(index), value) for matrix, index, value in super_weight_coordinates(report)]
+        dims.append(ProtectedDim(dim=d.dim, born_at=d.born_at, peak_block=peak.layer, peak_value=peak.value, blocks=d.persists, removed_at=d.removed_at, probe_text=report.texts[probe.text],
+                                 probe_position=probe.position, carriers=carriers))
+    weights = [ProtectedWeight(parameter=matrix, row=index[-2], col=index[-1], index=list(index), value=value) for matrix, index, value in super_weight_coordinates(report)]
     notes = [f"carriers: the {MAX_CARRIERS} strongest places per dim at most; report.json's `massive` has every one"]
-    return Protect(report.model.name, report.model.source, report.criterion.min_abs, report.criterion.min_ratio, dims,
-                   sink_positions(report), weights, notes=notes)
+    return Protect(model=report.model.name, source=report.model.source, min_abs=report.criterion.min_abs, min_ratio=report.criterion.min_ratio, massive_dims=dims,
+                   sink_positions=sink_positions(report), super_weights=weights, notes=notes)
 
 
 _INT = {"type": "integer"}
@@ -218,6 +224,6 @@ def load(path: Path) -> Protect:
         raise UsageError(f"{path}: protect list version {data.get('version')!r}; this massact reads version {VERSION}")
     validate(data, where=str(path))
     dims = [ProtectedDim(**{**d, "carriers": [Carrier(**c) for c in d["carriers"]]}) for d in data["massive_dims"]]
-    return Protect(data["model"], data["source"], data["min_abs"], data["min_ratio"], dims,
-                   [SinkPosition(**s) for s in data["sink_positions"]], [ProtectedWeight(**w) for w in data["super_weights"]],
-                   data["format"], data["version"], data.get("notes", []))
+    return Protect(model=data["model"], source=data["source"], min_abs=data["min_abs"], min_ratio=data["min_ratio"], massive_dims=dims,
+                   sink_positions=[SinkPosition(**s) for s in data["sink_positions"]], super_weights=[ProtectedWeight(**w) for w in data["super_weights"]],
+                   format=data["format"], version=data["version"], notes=data.get("notes", []))

@@ -7,13 +7,16 @@ from collections import Counter
 
 import torch
 
-from ..capture.probe import block_output
-from ..models.loading import LoadedModel
-from .attention import eager_attention
+from ...capture.probe import block_output
+from ...models.loading import LoadedModel
+from ..function.sinks import eager_attention
 from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
 from .patching import patch_sources
-from .results import (Attribution, Carriers, ChainLink, Criterion, HeadShare, Lifeline, Massive, NeuronTrigger, PreActivationSplit,
-                      Report, SourcePart, Trigger)
+from ..mechanism.results import Attribution, HeadShare, Lifeline
+from .results import Carriers, ChainLink, NeuronTrigger, PreActivationSplit, SourcePart, Trigger
+from ...settings import Criterion
+from ..detect.results import Massive
+from ..results import Report
 
 CHAIN_DEPTH = 3  # links followed back from the writing neuron (an option of scan)
 TOP_NEURONS = 3  # neurons split per writing block: those that give 90% of its output, at most this many
@@ -27,13 +30,13 @@ def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
         term = piece.terms.get(label)
         mean, largest = mean_max(part, position)
         here = float(part[position])
-        parts.append(SourcePart(label, term.layer if term else None, term.site if term else "bias", here, mean, largest,
-                                here - mean if mean == mean else here))
+        parts.append(SourcePart(source=label, layer=term.layer if term else None, site=term.site if term else "bias", here=here, others_mean=mean, others_max=largest,
+                                difference=here - mean if mean == mean else here))
     parts.sort(key=lambda p: -abs(p.difference))
     mean, largest = mean_max(piece.value, position)
     scale_mean, _ = mean_max(piece.scale, position)
-    return PreActivationSplit(piece.target.site, float(piece.value[position]), mean, largest, float(piece.scale[position]),
-                              scale_mean, parts, piece.error)
+    return PreActivationSplit(site=piece.target.site, value=float(piece.value[position]), others_mean=mean, others_max=largest, scale=float(piece.scale[position]),
+                              scale_others=scale_mean, sources=parts, error=piece.error)
 
 
 def neuron_site(lm: LoadedModel) -> str:
@@ -49,7 +52,7 @@ def _link(depth: int, kind: str, layer, index, piece: Split | None, position: in
     here = source_others = None
     if parent is not None and source is not None:
         here, (source_others, _) = float(parent.parts[source][position]), mean_max(parent.parts[source], position)
-    return ChainLink(depth, kind, layer, index, site, value, others, source, feeds, here, source_others)
+    return ChainLink(depth=depth, kind=kind, layer=layer, index=index, site=site, value=value, value_others=others, source=source, feeds=feeds, source_here=here, source_others=source_others)
 
 
 def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split, at: AtPosition, depth: int,
@@ -119,13 +122,12 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
     other = Counter(token for (_, position), token in places.items() if position > 0)
     p = line.position
     # Probe where the carrier is most clearly massive: the block where its value is the most times its threshold.
-    layer = max(range(len(line.steps)), key=lambda l: abs(line.steps[l].value) / max(criterion.min_abs, criterion.min_ratio * medians[l]))
+    layer = max(range(len(line.steps)), key=lambda l: abs(line.steps[l].value) / criterion.threshold(medians[l]))
     other_token = ids[p + 1] if p + 1 < len(ids) else ids[p - 1]
     probe = torch.cat([ids[:p], other_token.view(1), ids[p:]]).unsqueeze(0)
     hidden = block_output(lm, probe, layer)
     swapped, moved = float(hidden[p, line.dim]), float(hidden[p + 1, line.dim])
-    limit = max(criterion.min_abs, criterion.min_ratio * medians[layer])
-    swapped_massive, moved_massive = abs(swapped) >= limit, abs(moved) >= limit
+    swapped_massive, moved_massive = criterion.is_massive(swapped, medians[layer]), criterion.is_massive(moved, medians[layer])
     verdict = {(True, False): "position", (False, True): "token", (True, True): "both", (False, False): "context"}[swapped_massive, moved_massive]
     name = lm.tokenizer.decode([int(other_token)])
     seen = (f"the scan saw it at the first position of {sum(first.values())} of {windows} texts "
@@ -136,8 +138,8 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
               f"{moved:+,.1f} ({'massive' if moved_massive else 'not massive'})")
     lead = {"position": "the position, not the token", "token": "the token, not the position",
             "both": "the token and the position both carry it", "context": "neither the token nor the position alone: it depends on the text"}[verdict]
-    return Carriers(windows, sum(first.values()), [[t, n] for t, n in first.most_common()], [[t, n] for t, n in other.most_common(8)],
-                    layer, name, swapped, swapped_massive, moved, moved_massive, verdict, f"{lead}: {probes}; {seen}")
+    return Carriers(texts=windows, first_position_texts=sum(first.values()), first_tokens=[[t, n] for t, n in first.most_common()], other_positions=[[t, n] for t, n in other.most_common(8)],
+                    probe_layer=layer, swapped_token=name, swapped=swapped, swapped_massive=swapped_massive, moved=moved, moved_massive=moved_massive, verdict=verdict, summary=f"{lead}: {probes}; {seen}")
 
 
 def trigger(
@@ -163,17 +165,17 @@ def trigger(
         pieces, at = cached_split(lm, input_ids, targets, p, cache)
         for (layer, neuron), role in roles.items():
             splits = [pre_activation_split(x, p) for x in pieces if (x.target.layer, x.target.neuron) == (layer, neuron)]
-            neurons.append(NeuronTrigger(layer, neuron, role, splits))
+            neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits))
             warnings += [f"block {layer} neuron {neuron} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
         first = next(x for x in pieces if x.target.site == neuron_site(lm))
         chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
         patches = patch_sources(lm, input_ids, first, line, medians, criterion) if patch else []
     elif heads:  # attention writes it: the chain starts, and ends, at the writing head
-        link = ChainLink(0, "head", line.born_at, heads[0].head, None, None, None, None, heads[0].contribution, None, None)
+        link = ChainLink(depth=0, kind="head", layer=line.born_at, index=heads[0].head, site=None, value=None, value_others=None, source=None, feeds=heads[0].contribution, source_here=None, source_others=None)
         link.attends = attends(lm, input_ids, line.born_at, heads[0].head, p, tokens)
         chain = [link]
-    return Trigger(line.dim, line.text, p, line.token, neurons, chain, carriers(lm, line, massive, windows, input_ids, medians, criterion),
-                   warnings, patches)
+    return Trigger(dim=line.dim, text=line.text, position=p, token=line.token, neurons=neurons, chain=chain, carriers=carriers(lm, line, massive, windows, input_ids, medians, criterion),
+                   warnings=warnings, patching=patches)
 
 
 def triggers(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], depth: int = CHAIN_DEPTH,

@@ -10,25 +10,27 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .. import __version__
-from ..errors import UsageError
-from ..models.adapters.base import weight_out_in
-from ..models.loading import LoadedModel, load, wrap
-from ..texts import Corpus
-from .attention import SINK_EPSILON, sink_analysis
-from .conclusion import conclude
-from .explain import birth_state, explain, pick_events
-from .lifeline import lifelines
-from .perplexity import default_eval_text, eval_windows
-from .results import CorpusInfo, Criterion, Massive, ModelInfo, Report
-from .resume import scan_identity
-from .superweights import MAX_STEPS, all_super_weights
-from .trigger import CHAIN_DEPTH, triggers
-from .precision import headroom
-from .protect import build as build_protect
-from .quant import measure as measure_quantization
-from .scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
-from .verification import MAX_INPUTS, replacement_values, verify as verify_report
+from . import __version__
+from .errors import UsageError
+from .models.adapters.base import weight_out_in
+from .models.loading import LoadedModel, load, wrap
+from .texts import Corpus
+from .analysis.function.sinks import SINK_EPSILON, sink_analysis
+from .analysis.conclusion import conclude
+from .analysis.mechanism.explain import birth_state, explain, pick_events
+from .analysis.mechanism.lifeline import lifelines
+from .analysis.causal.perplexity import default_eval_text, eval_windows
+from .analysis.results import CorpusInfo, ModelInfo, Report
+from .settings import Criterion
+from .analysis.detect.results import Massive
+from .analysis.detect.resume import scan_identity
+from .analysis.causal.superweights import MAX_STEPS, all_super_weights
+from .analysis.trigger.trigger import CHAIN_DEPTH, triggers
+from .analysis.deploy.precision import headroom
+from .analysis.deploy.protect import build as build_protect
+from .analysis.deploy.quant import measure as measure_quantization
+from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
+from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify as verify_report
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
@@ -118,7 +120,7 @@ def scan(
                         "each window is scanned as a text of its own")
     n_tokens = round(layer_scan.histograms[0].total / lm.model.config.hidden_size)
     spec = dict(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts, max_length=max_length)
-    corpus_info = CorpusInfo(corpus.describe(), counts.texts, counts.windows, n_tokens, spec)
+    corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
 
     lines = lifelines(lm, dims, massive, inputs, [s.median for s in layers], criterion)
     origins, anatomies, attributions, experts = explain(lm, pick_events(dims, massive, lines), inputs, tokens, layers, criterion,

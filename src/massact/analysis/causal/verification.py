@@ -10,13 +10,15 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from ..capture.hooks import tap
-from ..models.loading import LoadedModel
-from .interventions import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
+from ...capture.hooks import tap
+from ...models.loading import LoadedModel
+from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
 from .mlm import exp_loss, masked_lm_loss, masked_windows, next_token_windows
 from .output_effects import output_effects
 from .perplexity import eval_windows, perplexity
-from .results import Attribution, ExpertAttribution, InputDependence, Intervention, Report, Verification
+from ..mechanism.results import Attribution, ExpertAttribution
+from .results import InputDependence, Intervention, Verification
+from ..results import Report
 
 ABLATE_ALONE = 3  # top neurons ablated one at a time
 MAX_INPUTS = 64  # inputs for the input-dependence pass
@@ -70,9 +72,9 @@ def verify(
         ppl = cache.get(target) if with_ppl else None
         step()
         birth_value = values[a.layer]
-        still = abs(birth_value) >= criterion.min_abs and abs(birth_value) >= criterion.min_ratio * median_birth
-        return Intervention(name, target, a.dim, a.layer, birth_value, values[last], still, ppl,
-                            ppl / baseline if ppl is not None else None, None)
+        still = criterion.is_massive(birth_value, median_birth)
+        return Intervention(name=name, target=target, dim=a.dim, layer=a.layer, value_birth=birth_value, value_last=values[last], still_massive=still, perplexity=ppl,
+                            perplexity_ratio=ppl / baseline if ppl is not None else None, confirms=None)
 
     def zero_super_weight(a: Attribution | ExpertAttribution, label: str, matrix: str, index: tuple[int, ...]) -> tuple[Intervention, Intervention]:
         """Zero the super weight (index as stored), then, as a control, the entry closest to it in |w| in the same
@@ -137,9 +139,9 @@ def verify(
             ppl = cache[f"{label} {layer}:{dims}"]  # measured with the output effects
             # The value is what the intervention writes at the massive positions; it is not measured after it.
             value = values[dims[0]]
-            still = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * report.layers[layer].median
-            rows.append(Intervention(f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}", dims[0], layer,
-                                     value, float("nan"), still, ppl, ppl / baseline, None))
+            still = criterion.is_massive(value, report.layers[layer].median)
+            rows.append(Intervention(name=f"set massive dims {dims} to {label} at block {layer}", target=f"{label} {layer}:{dims}", dim=dims[0], layer=layer,
+                                     value_birth=value, value_last=float("nan"), still_massive=still, perplexity=ppl, perplexity_ratio=ppl / baseline, confirms=None))
         zero, mean = rows[-2], rows[-1]
         claims.append(
             f"block {layer}: setting the massive activations of dims {dims} to zero gives {metric} {zero.perplexity:.2f} "
@@ -162,8 +164,8 @@ def verify(
             f"{effect.punctuation_after:.1%}; rises most: {effect.rises[0].token!r} ({effect.rises[0].before:.2%} -> "
             f"{effect.rises[0].after:.2%})"
         )
-    return Verification(baseline, eval_tokens, eval_source, rows, dependence, claims,
-                        "masked-LM" if lm.adapter.encoder else "perplexity", masked_loss, found)
+    return Verification(baseline_perplexity=baseline, eval_tokens=eval_tokens, eval_source=eval_source, interventions=rows, input_dependence=dependence, claims=claims,
+                        metric="masked-LM" if lm.adapter.encoder else "perplexity", masked_lm_loss=masked_loss, output_effects=found)
 
 
 def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, dict[int, dict[int, float]]]
@@ -186,7 +188,7 @@ def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, d
             values = replaced[label][layer]
             found[f"{label} {layer}:{dims}"] = (
                 f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}",
-                lambda layer=layer, values=values: replace_massive(lm, layer, values, criterion.min_abs, criterion.min_ratio))
+                lambda layer=layer, values=values: replace_massive(lm, layer, values, criterion))
     return list(found.values())
 
 
@@ -249,7 +251,7 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
         for summary in report.dims:
             hidden, dim = kept[summary.born_at], summary.dim
             first[dim].append(float(hidden[0, 0, dim]))
-            mask = massive_mask(hidden, dim, report.criterion.min_abs, report.criterion.min_ratio)[0]
+            mask = massive_mask(hidden, dim, report.criterion)[0]
             first_massive[dim] += bool(mask[0])
             for position in mask.nonzero().flatten().tolist():
                 carriers[dim][lm.tokenizer.decode([int(ids[0, position])])] += 1
@@ -258,8 +260,8 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
     for summary in report.dims:
         values = torch.tensor(first[summary.dim], dtype=torch.float64)
         found.append(
-            InputDependence(summary.dim, summary.born_at, len(texts), float(values.mean()),
-                            float(values.std()) if len(values) > 1 else 0.0, first_massive[summary.dim],
-                            [[token, count] for token, count in carriers[summary.dim].most_common(8)], others[summary.dim])
+            InputDependence(dim=summary.dim, layer=summary.born_at, inputs=len(texts), first_token_mean=float(values.mean()),
+                            first_token_std=float(values.std()) if len(values) > 1 else 0.0, first_token_massive=first_massive[summary.dim],
+                            carriers=[[token, count] for token, count in carriers[summary.dim].most_common(8)], other_positions=others[summary.dim])
         )
     return found

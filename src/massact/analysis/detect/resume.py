@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UsageError
-from ..models.loading import LoadedModel
+from ...errors import UsageError
+from ...models.loading import LoadedModel
 
 SAMPLE = 4096  # entries of each parameter whose exact bytes go into a scan's identity
 

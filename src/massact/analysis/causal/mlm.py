@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
-from ..models.loading import LoadedModel
+from ...errors import UsageError
+from ...models.loading import LoadedModel
 from .perplexity import eval_windows, perplexity
 
 MASK_RATE = 0.15

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..models.adapters.base import bias_of, weight_out_in
-from ..models.loading import LoadedModel
-from .results import Criterion, HeadShare
+from ...models.adapters.base import bias_of, weight_out_in
+from ...models.loading import LoadedModel
+from ...settings import Criterion
+from .results import HeadShare
 
 
 def writer(direction: float, attn: float, mlp: float) -> str:
@@ -17,8 +18,7 @@ def writer(direction: float, attn: float, mlp: float) -> str:
 
 def removal_cause(value: float, previous_median: float, criterion: Criterion) -> str:
     """Did the value fall ("value"), or would it still be massive against the previous block's median ("median")?"""
-    held = abs(value) >= criterion.min_abs and abs(value) >= criterion.min_ratio * previous_median
-    return "median" if held else "value"
+    return "median" if criterion.is_massive(value, previous_median) else "value"
 
 
 def decomposition_gap(resid_in: float, attn: float, mlp: float, resid_out: float) -> float:
@@ -36,4 +36,4 @@ def head_split(lm: LoadedModel, layer: int, z: torch.Tensor, dim: int) -> list[H
     bias = bias_of(o_proj)
     total = float(per_head.sum()) + (float(bias[dim]) if bias is not None else 0.0)
     order = per_head.abs().argsort(descending=True).tolist()
-    return [HeadShare(h, float(per_head[h]), float(per_head[h]) / total if total else float("nan")) for h in order]
+    return [HeadShare(head=h, contribution=float(per_head[h]), share=float(per_head[h]) / total if total else float("nan")) for h in order]

@@ -28,7 +28,7 @@ _FAMILIES: dict[str, bool | str] = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExpertNeuron:
     """One neuron of one expert at ``dim``: activation = act(gate) x up, weight = W_down[e][dim, neuron];
     contribution = router_weight x activation x weight (its part of the MoE output); share = contribution / output."""
@@ -42,7 +42,7 @@ class ExpertNeuron:
     share: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExpertContribution:
     """One expert's part of the MoE output at ``dim``: contribution = router_weight x output, share = contribution /
     the MoE output. ``expert`` is None for Qwen2-MoE's shared expert, whose router_logit is shared_expert_gate . x and
@@ -64,7 +64,7 @@ class ExpertContribution:
     neuron_error: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExpertSuperWeight:
     """W_down[dim, neuron] of the top neuron of the top expert, located as stored:
     ``block.get_parameter(matrix)[tuple(index)]`` is ``value`` (index [expert, dim, neuron] for ``experts.down_proj``
@@ -83,7 +83,7 @@ class ExpertSuperWeight:
     entries: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MoeAttribution:
     """The MoE block's output at ``dim`` for one token, split into experts.
 
@@ -195,13 +195,13 @@ def top_neurons(
     order = parts.abs().argsort(descending=True)[:top].tolist()
     return [
         ExpertNeuron(
-            i,
-            float(pre_gate[i]),
-            float(pre_up[i]),
-            float(activation[i]),
-            float(down_row[i]),
-            float(parts[i]),
-            float(parts[i]) / output if output else float("nan"),
+            neuron=i,
+            gate=float(pre_gate[i]),
+            up=float(pre_up[i]),
+            activation=float(activation[i]),
+            weight=float(down_row[i]),
+            contribution=float(parts[i]),
+            share=float(parts[i]) / output if output else float("nan"),
         )
         for i in order
     ]
@@ -233,7 +233,7 @@ def _super_weight(block: torch.nn.Module, expert: int | None, dim: int, neuron: 
         matrix, index = "experts.down_proj", [expert, neuron, dim] if transposed else [expert, dim, neuron]
     param = block.get_parameter(matrix)
     value = param.detach()[tuple(index)]
-    return ExpertSuperWeight(matrix, index, expert, dim, neuron, float(value), _rank(param, value), param.numel())
+    return ExpertSuperWeight(matrix=matrix, index=index, expert=expert, dim=dim, neuron=neuron, value=float(value), rank=_rank(param, value), entries=param.numel())
 
 
 def attribute_moe(block: torch.nn.Module, x: torch.Tensor, dim: int, top: int = 10) -> MoeAttribution:
@@ -257,7 +257,7 @@ def attribute_moe(block: torch.nn.Module, x: torch.Tensor, dim: int, top: int = 
         gate, up, down = expert_weights(experts, expert)
         output = float((down @ (experts.act_fn(gate @ x64) * (up @ x64)))[dim])
         pieces = neuron_parts(experts.act_fn, gate, up, down[dim], x64, weight)
-        entry = ExpertContribution(expert, float(logits[expert]), prob, weight, output, weight * output, 0.0)
+        entry = ExpertContribution(expert=expert, router_logit=float(logits[expert]), router_prob=prob, router_weight=weight, output=output, contribution=weight * output, share=0.0)
         parts.append((entry, (*pieces, down[dim])))
 
     shared = None
@@ -270,7 +270,7 @@ def attribute_moe(block: torch.nn.Module, x: torch.Tensor, dim: int, top: int = 
         scale = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64)))
         output = float((down @ (mlp.act_fn(gate @ x64) * (up @ x64)))[dim])
         pieces = neuron_parts(mlp.act_fn, gate, up, down[dim], x64, scale)
-        shared = ExpertContribution(None, logit, scale, scale, output, scale * output, 0.0)
+        shared = ExpertContribution(expert=None, router_logit=logit, router_prob=scale, router_weight=scale, output=output, contribution=scale * output, share=0.0)
         parts.append((shared, (*pieces, down[dim])))
 
     total = sum(entry.contribution for entry, _ in parts)

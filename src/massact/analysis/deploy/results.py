@@ -1,0 +1,84 @@
+"""What the deployment stage finds: the quantization sweep and the half-precision headroom."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class QuantRow:
+    """One quantization setting, measured: perplexity on the evaluation text (and its ratio to the float model) and
+    the massive value at its birth and peak block on the probe (``kept_*``: as a fraction of the float value).
+
+    ``method``: "rtn" (asymmetric min-max round-to-nearest of the block projections' weights), "gguf" (a llama.cpp
+    block format through the gguf package's reference quantizer) or "activation" (int8 of every block projection's
+    input). ``massive_error_share``: for activations, the share of the summed squared quantization error that falls
+    on the massive tokens."""
+
+    method: str
+    setting: str
+    variant: str
+    perplexity: float
+    perplexity_ratio: float
+    value_birth: float
+    value_peak: float
+    kept_birth: float
+    kept_peak: float
+    massive_error_share: float | None = None
+    seconds: float = 0.0
+
+
+
+@dataclass(kw_only=True)
+class Quantization:
+    """The quantization sweep: the float baseline, what was quantized and held out, and one row per setting."""
+
+    baseline_perplexity: float
+    eval_tokens: int
+    eval_source: str
+    dim: int
+    birth_layer: int
+    peak_layer: int
+    position: int
+    value_birth: float
+    value_peak: float
+    matrices: int
+    parameters: int
+    super_weights: list[list]  # [parameter, index as stored, value], each held out in the "held out" variants
+    massive_tokens: int  # tokens of the evaluation text that carry a massive activation (kept in float where said)
+    grid: str
+    clip_z: float
+    rows: list[QuantRow]
+    seconds: float
+    notes: list[str]
+
+
+
+@dataclass(kw_only=True)
+class BlockHeadroom:
+    """A block's largest |a| (``dim``), float16's largest finite value over it (``headroom``: below 1 it overflows)."""
+
+    layer: int
+    max_abs: float
+    dim: int
+    headroom: float
+    overflows: bool
+
+
+
+@dataclass(kw_only=True)
+class Precision:
+    """What the scan's values mean for half precision: per-block headroom against float16's 65,504, the entries
+    above it, and the rounding step of bfloat16 and float16 at the largest massive value (the gap between two
+    neighbouring representable numbers there)."""
+
+    float16_max: float
+    blocks: list[BlockHeadroom]
+    overflows: list[list]  # [block, dim, largest value] for each block and dim with a listed |a| > float16_max
+    largest: float
+    largest_layer: int
+    largest_dim: int
+    headroom: float
+    bfloat16_step: float
+    float16_step: float
+    summary: str

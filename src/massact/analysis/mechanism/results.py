@@ -1,0 +1,287 @@
+"""What the mechanism stage finds: origin (which sublayer writes), MLP anatomy, neuron attribution and super weight, norm factors, birth state, lifeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .moe import MoeAttribution
+
+
+@dataclass(kw_only=True)
+class HeadShare:
+    head: int
+    contribution: float
+    share: float
+
+
+
+@dataclass(kw_only=True)
+class Place:
+    """Where a massive activation is explained: block, text, position (with its token), dim, and birth or removal."""
+
+    layer: int
+    text: int
+    position: int
+    token: str
+    dim: int
+    role: str
+
+
+
+@dataclass(kw_only=True)
+class NormFactors:
+    """How a norm turns a raw value into what lands: landed = normalization x centered x gain + bias, at one dim.
+
+    ``centered`` is raw minus the vector's mean for a LayerNorm (raw itself for an RMSNorm); ``normalization`` is
+    1 / rms (or 1 / std) of the whole vector; ``gain`` is the effective per-dim gain (Gemma's 1 + weight), ``weight``
+    the stored entry ``parameter[dim]``. ``gain_ratio`` = |gain| / median |gain| over all dims: far above 1, the norm
+    itself amplifies this dim (``amplifier``), and its weight entry acts as a super weight. ``error``: the product
+    against the value the model computed (relative).
+    """
+
+    parameter: str
+    dim: int
+    raw: float
+    centered: float
+    normalization: float
+    gain: float
+    weight: float
+    bias: float
+    landed: float
+    error: float
+    typical_gain: float
+    gain_ratio: float
+    amplifier: bool
+
+
+
+@dataclass(kw_only=True)
+class Origin(Place):
+    """resid_out = resid_in + attn + mlp at (position, dim) of ``layer``; the writer is the branch that made the change.
+
+    attn and mlp are what lands in the residual. In blocks with sandwich norms ``attn_raw``/``mlp_raw`` are the
+    sublayer outputs before the branch norm and ``norm`` splits the writer's branch norm into its factors. In
+    post-LN blocks resid_out is the residual sum before the block's last LayerNorm, resid_sum = resid_mid + mlp with
+    resid_mid = LN(resid_in + attn), and ``norm`` says how that LayerNorm scales the value into the block output.
+
+    ``cause`` at a removal: "value" when the value itself fell under the criterion, "median" when it would still be
+    massive against the previous block's median (the rest of the hidden state grew, the value held).
+    """
+
+    writer: str
+    resid_in: float
+    attn: float
+    mlp: float
+    resid_out: float
+    cause: str | None = None
+    heads: list[HeadShare] | None = None
+    attn_raw: float | None = None
+    mlp_raw: float | None = None
+    resid_mid: float | None = None
+    norm: NormFactors | None = None
+
+
+
+@dataclass(kw_only=True)
+class Checkpoint:
+    """One MLP checkpoint at the position: |v| statistics over its ``size`` entries.
+
+    ``change`` is max minus the max of ``previous``; ``jump`` is ratio over the previous ratio (how much sharper).
+    """
+
+    name: str
+    size: int
+    max: float
+    argmax: int
+    value: float
+    median: float
+    ratio: float
+    previous: str | None
+    change: float | None
+    change_pct: float | None
+    jump: float | None
+
+
+
+@dataclass(kw_only=True)
+class NeuronActivation:
+    neuron: int
+    before: float
+    after: float
+    up: float | None
+    product: float
+
+
+
+@dataclass(kw_only=True)
+class ActivationImpact:
+    """What the activation function does to the pre-activation (the gate in a gated MLP), over all neurons.
+
+    suppressed: |after| < 10% of |before|; flipped: the sign changed; kept_mass: sum |after| / sum |before|.
+    """
+
+    function: str
+    neurons: int
+    suppressed: int
+    flipped: int
+    kept_mass: float
+    median_before: float
+    median_after: float
+    top: list[NeuronActivation]
+
+
+
+@dataclass(kw_only=True)
+class Anatomy(Place):
+    checkpoints: list[Checkpoint]
+    explosion_point: str
+    activation_impact: ActivationImpact
+
+
+
+@dataclass(kw_only=True)
+class NeuronContribution:
+    """contribution = activation x weight, the neuron's part of the output; share = contribution / output."""
+
+    neuron: int
+    activation: float
+    weight: float
+    contribution: float
+    share: float
+
+
+
+@dataclass(kw_only=True)
+class SuperWeight:
+    """W_down[dim, neuron] of the top neuron, located as stored: ``get_parameter(matrix)[row, col]`` is ``value``.
+
+    rank: 1 + how many entries of the matrix are larger in |w|.
+    """
+
+    matrix: str
+    row: int
+    col: int
+    value: float
+    rank: int
+    entries: int
+
+
+
+@dataclass(kw_only=True)
+class WeightStats:
+    matrix: str
+    shape: list[int]
+    max: float
+    argmax: list[int]
+    mean: float
+
+
+
+@dataclass(kw_only=True)
+class Attribution(Place):
+    """output = sum_i activation_i x W_down[dim, i] + bias; ``error`` is the relative gap of that sum to the output.
+    ``output`` is the MLP's own (raw) output; ``landed`` what reaches the residual when a norm sits between."""
+
+    output: float
+    bias: float
+    error: float
+    neurons: list[NeuronContribution]
+    neurons_for_90pct: int
+    super_weight: SuperWeight
+    weights: list[WeightStats] = field(default_factory=list)
+    landed: float | None = None
+
+
+
+@dataclass(kw_only=True)
+class ExpertAttribution(Place):
+    """A massive value written by a mixture-of-experts MLP, split into the routed experts (router weight x expert
+    output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.analysis.moe``)."""
+
+    moe: MoeAttribution
+
+
+
+@dataclass(kw_only=True)
+class BirthState:
+    """The whole hidden state where the strongest massive dim is born: |a| of block ``layer``'s resid_out for text
+    ``text``, one row per token (4 significant digits), for the heat map."""
+
+    layer: int
+    text: int
+    tokens: list[str]
+    dims: list[int]
+    magnitude: list[list[float]]
+
+
+
+@dataclass(kw_only=True)
+class LifelineStep:
+    """One block of a massive dim's life at its main carrier (values at that text, position and dim).
+
+    value = resid_in + attn + mlp (+ norm in post-LN blocks) is the detection stream: the block output, or in post-LN
+    blocks the residual sum before the last LayerNorm, which then makes ``resid_out``. attn and mlp are what lands
+    (after any branch norm). ``change`` is value minus the previous block's value (the embedding before block 0);
+    ``writer`` the term that made most of it in its direction: attn, mlp, or norm (post-LN: both LayerNorms).
+    ``median`` is the block's median |a| over the corpus; ``phase`` see ``Lifeline``.
+    """
+
+    layer: int
+    resid_in: float
+    attn: float
+    mlp: float
+    value: float
+    resid_out: float
+    change: float
+    writer: str
+    median: float
+    massive: bool
+    phase: str
+    norm: float | None = None
+
+
+
+@dataclass(kw_only=True)
+class Phase:
+    """Consecutive blocks of one phase and one writer, with the change they make together."""
+
+    name: str
+    first: int
+    last: int
+    writer: str
+    change: float
+    value_before: float
+    value_after: float
+
+
+
+@dataclass(kw_only=True)
+class Lifeline:
+    """The whole life of a massive dim at its main carrier, the (text, position) where it is largest.
+
+    Phases, per block: ``precursor`` (before the birth block, a write of at least 10% of the largest value the dim
+    reaches before birth, when that is at least min_abs: a smaller value of its own sign, written early),
+    ``precursor erasure`` (before birth, taking at least 10% of it off), ``birth``, ``growth`` (after birth, adding at
+    least 10% of the peak), ``erasure`` (taking at least 10% of the peak off), ``hold`` (neither, while the value
+    stays above half its peak), ``after`` (what is left after the erasure). ``removed_at`` are the blocks where the
+    scan stops calling it massive (``cause`` per block: "value" fell, or the "median" grew past it); ``erased_at`` the
+    blocks that really take it off. ``error``: the largest relative gap of a block's terms to its value.
+    """
+
+    dim: int
+    text: int
+    position: int
+    token: str
+    sign: int
+    born_at: int
+    peak: float
+    peak_layer: int
+    precursor: float
+    precursor_layer: int | None
+    steps: list[LifelineStep]
+    phases: list[Phase]
+    removed_at: list[int]
+    removal_causes: list[str]
+    erased_at: list[int]
+    embedding: float
+    error: float
