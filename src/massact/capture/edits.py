@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
-from .hooks import tap
+from .hooks import forward_until, tap
 from ..models.loading import LoadedModel
 from ..settings import Criterion
 
@@ -108,12 +108,12 @@ def patch_position(lm: LoadedModel, layer: int, site: str, position: int, vector
 
 def read_coordinate(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], position: int, dim: int) -> dict[int, float]:
     """The block output (the detection stream) at [position, dim] for each layer, in one forward pass (under whatever
-    intervention is active)."""
+    intervention is active) that stops after the last of them."""
     values: dict[int, float] = {}
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
         values[layer] = float(hidden[0, position, dim])
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in layers], keep):
-        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+        forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)
     return values

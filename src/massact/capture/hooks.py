@@ -81,6 +81,27 @@ def tap_module_input(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> I
         handle.remove()
 
 
+class _Stop(Exception):
+    """Raised by ``forward_until``'s hook to end a forward pass early."""
+
+
+def forward_until(model: nn.Module, adapter: Adapter, last: int, **inputs: Any) -> None:
+    """Run ``model(**inputs)`` only as far as block ``last``: the blocks after it, the final norm and the head are not
+    computed. For a pass that only reads sites up to that block; hooks inside it see what a full pass sees (no block
+    looks ahead), at a fraction of the cost when ``last`` is early."""
+    handle = adapter.blocks(model)[last].register_forward_hook(_raise_stop)
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
+def _raise_stop(module: nn.Module, args: tuple, output: Any) -> None:
+    raise _Stop
+
+
 class Trace:
     """Keep ``reduce(tensor)`` for each requested site, by (layer, site).
 

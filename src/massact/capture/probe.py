@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.loading import LoadedModel
-from .hooks import tap, tap_module_input
+from .hooks import forward_until, tap, tap_module_input
 
 ATTN_Z = "attn_z"  # the attention output projection's input: every head's output, concatenated (TL: attn.hook_z)
 
@@ -22,7 +22,7 @@ def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions:
     o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
     with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda _, site, t: keep(site, t)):
         with tap_module_input(o_proj, lambda t: keep(ATTN_Z, t)):
-            lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+            forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     return kept
 
 
@@ -31,5 +31,5 @@ def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int) -> torch.
     [positions, d_model] float32 on CPU."""
     kept: dict[str, torch.Tensor] = {}
     with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], lambda _, __, t: kept.update(out=t[0].detach().float().cpu())):
-        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+        forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     return kept["out"]

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from ...capture.hooks import tap
+from ...capture.hooks import forward_until, tap
 from ...models.loading import LoadedModel
 from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
 from .mlm import exp_loss, masked_lm_loss, masked_windows, next_token_windows
@@ -247,7 +247,7 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
         ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit]  # long sentences: their start is enough
         kept: dict[int, torch.Tensor] = {}
         with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in births], lambda l, s, h: kept.__setitem__(l, h.detach().float())):
-            lm.model(input_ids=ids.to(lm.device), use_cache=False)
+            forward_until(lm.model, lm.adapter, max(births), input_ids=ids.to(lm.device), use_cache=False)
         for summary in report.dims:
             hidden, dim = kept[summary.born_at], summary.dim
             first[dim].append(float(hidden[0, 0, dim]))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...capture.hooks import tap
+from ...capture.hooks import forward_until, tap
 from ...errors import UsageError
 from ...models.adapters.base import is_transposed
 from ...models.loading import LoadedModel
@@ -264,7 +264,7 @@ def massive_positions(lm: LoadedModel, ids: torch.Tensor, protect: Protect) -> t
             keep |= massive_mask(hidden, dim, protect.criterion)[0].cpu()
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(b, lm.adapter.stream) for b in blocks], mark):
-        lm.model(input_ids=ids.to(lm.device), use_cache=False)
+        forward_until(lm.model, lm.adapter, blocks[-1], input_ids=ids.to(lm.device), use_cache=False)
     return keep
 
 

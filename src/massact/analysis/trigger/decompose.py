@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...capture.hooks import tap, tap_module_input
+from ...capture.hooks import forward_until, tap, tap_module_input
 from ...capture.probe import ATTN_Z
 from ...models.adapters.base import bias_of, weight_out_in
 from ...models.loading import LoadedModel
@@ -200,7 +200,7 @@ def split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], posit
         for layer in range(last + 1):
             o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
             stack.enter_context(tap_module_input(o_proj, lambda z, layer=layer: at.__setitem__((layer, ATTN_Z), _rows(z)[position].double().cpu())))
-        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+        forward_until(lm.model, lm.adapter, min(last, n_layers - 1), input_ids=input_ids.to(lm.device), use_cache=False)
 
     pieces = embedding_parts(lm, input_ids, embedded[0])
     results = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...capture.hooks import tap
+from ...capture.hooks import forward_until, tap
 from ...models.loading import LoadedModel
 from .decompose import Split, ranked_sources
 from ...capture.edits import patch_position
@@ -39,7 +39,7 @@ def _read(lm: LoadedModel, input_ids: torch.Tensor, piece: Split, line: Lifeline
 
     wanted = set(sites) | {(target.layer, target.site), (line.born_at, lm.adapter.stream), (line.peak_layer, lm.adapter.stream)}
     with tap(lm.model, lm.adapter, sorted(wanted), keep):
-        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+        forward_until(lm.model, lm.adapter, max(layer for layer, _ in wanted), input_ids=input_ids.to(lm.device), use_cache=False)
     return kept
 
 
