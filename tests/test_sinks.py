@@ -9,8 +9,9 @@ import torch
 import massact
 from massact.analysis.function.sinks import attention_and_values, head_metrics, sink_analysis, sink_tokens
 from massact.capture.edits import set_weight
-from massact.analysis.causal.mlm import masked_lm_loss, masked_windows, next_token_windows
-from massact.analysis.causal.output_effects import STOPWORDS, output_effects
+from massact.analysis.causal.evaluation import Evaluation
+from massact.analysis.causal.mlm import masked_windows, next_token_windows
+from massact.analysis.causal.output_effects import STOPWORDS, Edit, output_effects
 from massact.analysis.causal.perplexity import eval_windows
 from massact.analysis.causal.verification import replacement_values
 from massact.capture.hooks import tap_module_input
@@ -107,7 +108,7 @@ def test_output_effects_match_the_distributions(tokenizer):
     index = (NEURON, DIM)  # GPT-2's Conv1D stores [in, out]
     windows = eval_windows(lm, EVAL, window=30)
     assert len(windows) > 1
-    [effect] = output_effects(lm, next_token_windows(windows), [("zero", "w", lambda: set_weight(lm, matrix, index))])
+    [effect] = output_effects(lm, Evaluation(lm, next_token_windows(windows)), [Edit("zero", "w", lambda: set_weight(lm, matrix, index))])
     before = torch.cat([_distributions(lm, w) for w in windows])
     with set_weight(lm, matrix, index):
         after = torch.cat([_distributions(lm, w) for w in windows])
@@ -147,8 +148,8 @@ def test_masked_lm_loss_matches_transformers(family, masked_tokenizer):
         with torch.no_grad():
             total += lm.model(input_ids=ids, labels=labels).loss.item() * n
         count += n
-    loss, masked = masked_lm_loss(lm, windows)
-    assert masked == count and loss == pytest.approx(total / count, rel=1e-5)
+    evaluation = Evaluation(lm, windows)  # the windows in padded batches
+    assert evaluation.positions == count and evaluation.baseline_nll / count == pytest.approx(total / count, rel=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "phi3", "bert"])

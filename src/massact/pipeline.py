@@ -30,6 +30,7 @@ from .analysis.deploy.precision import headroom
 from .analysis.deploy.protect import build as build_protect
 from .analysis.deploy.quant import measure as measure_quantization
 from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
+from .analysis.causal.evaluation import evaluation_for
 from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify as verify_report
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
@@ -150,12 +151,13 @@ def scan(
         report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
     elif verify and report.dims:
         source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
+        evaluation = evaluation_for(lm, report, eval_text or default_eval_text())  # shared with the super-weight search
         report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source,
-                                            progress("interventions", None))
+                                            progress("interventions", None), evaluation)
         report.attention = sink_analysis(lm, report, inputs, sink_epsilon, replacement_values(report))
     if report.verification is not None:
         report.super_weights = all_super_weights(lm, report, inputs, eval_text or default_eval_text(), super_weight_steps,
-                                                 progress("super weights, zeroed one by one", None))
+                                                 progress("super weights, zeroed one by one", None), evaluation)
     report.precision = headroom(report.layers)
     if quant and report.dims:
         report.quantization = measure_quantization(lm, build_protect(report), eval_text, quant_grid, clip_z, block_size, progress)

@@ -3,15 +3,10 @@ tokens, the same masks for every intervention. A masked LM has no perplexity; ex
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 
 from ...errors import UsageError
 from ...models.loading import LoadedModel
-from .perplexity import eval_windows, perplexity
 
 MASK_RATE = 0.15
 MASK_SEED = 0
@@ -63,30 +58,3 @@ def next_token_windows(windows: list[torch.Tensor]) -> list[Scored]:
         labels[:, :-1] = ids[:, 1:]
         scored.append((ids, labels))
     return scored
-
-
-@torch.no_grad()
-def masked_lm_loss(lm: LoadedModel, windows: list[Scored]) -> tuple[float, int]:
-    """Mean cross-entropy over every labelled position of every window (token-weighted), and how many there are."""
-    total, count = 0.0, 0
-    for ids, labels in windows:
-        logits = lm.model(input_ids=ids.to(lm.device), use_cache=False).logits[0].float()
-        target = labels[0].to(logits.device)
-        keep = target != -100
-        total += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
-        count += int(keep.sum())
-    return total / count, count
-
-
-def exp_loss(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
-def scorer(lm: LoadedModel, eval_text: str) -> Callable[[], float]:
-    """The verification's score of the model as it is now: perplexity on ``eval_text`` for a causal LM, exp(masked-LM
-    loss) on fixed, seeded masks for an encoder (the same masks at every call)."""
-    if lm.adapter.encoder:
-        scored = masked_windows(lm, eval_text)
-        return lambda: exp_loss(masked_lm_loss(lm, scored)[0])
-    windows = eval_windows(lm, eval_text)
-    return lambda: perplexity(lm, windows)

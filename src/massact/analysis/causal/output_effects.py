@@ -1,7 +1,7 @@
 """What an intervention takes from the model's predictions: the KL divergence from the unmodified model, the tokens
 whose average probability rises and falls most, and the probability mass on stopwords and punctuation (Yu et al.
-2024: without the super weight, mass moves to stopwords). One window at a time: the unmodified distributions are
-computed once per window and compared with each intervention's, and only sums are kept."""
+2024: without the super weight, mass moves to stopwords). One batch of windows at a time: the unmodified distributions
+are computed once per batch and compared with each intervention's, and only sums are kept."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import math
 import unicodedata
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 import torch
 
 from ...models.loading import LoadedModel
-from .mlm import Scored
+from .evaluation import Evaluation
 from .results import OutputEffect, TokenShift
 
 TOP_TOKENS = 5
@@ -39,6 +40,16 @@ def token_classes(lm: LoadedModel, vocab: int) -> tuple[list[str], torch.Tensor,
     return words, stop, punct
 
 
+class Edit(NamedTuple):
+    """An intervention to measure: its name and target as the report spells them, a factory of its context manager,
+    and the first block it changes (the passes under it run from there on)."""
+
+    name: str
+    target: str
+    context: Callable[[], AbstractContextManager]
+    start: int = 0
+
+
 class _Sums:
     """Running sums over the scored positions of one intervention."""
 
@@ -61,36 +72,33 @@ class _Sums:
 
 
 @torch.no_grad()
-def output_effects(
-    lm: LoadedModel, windows: list[Scored], interventions: list[tuple[str, str, Callable[[], AbstractContextManager]]],
-) -> list[OutputEffect]:
-    """For each (name, target, context factory): the effect on the distributions at every labelled position of
-    ``windows`` (next-token windows, or masked windows of an encoder), against the unmodified model."""
+def output_effects(lm: LoadedModel, evaluation: Evaluation, interventions: list[Edit]) -> list[OutputEffect]:
+    """For each intervention: the effect on the distributions at every labelled position of the evaluation windows
+    (next-token windows, or masked windows of an encoder), against the unmodified model."""
     if not interventions:
         return []
     device = lm.device
     base: _Sums | None = None
     sums: list[_Sums] = []
     positions = 0
-    for ids, labels in windows:
-        ids = ids.to(device)
-        target = labels[0].to(device)
-        keep = target != -100
-        base_log_p = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits[0, keep].float(), dim=-1)
+    # The unmodified distributions: any start gives them; the latest runs the fewest blocks.
+    latest = max(edit.start for edit in interventions)
+    for batch in evaluation.batches:
+        base_log_p, target = evaluation.log_probs(batch, latest)
         if base is None:  # the vocabulary's size is known from the first logits
             vocab = base_log_p.shape[-1]
             words, stop, punct = token_classes(lm, vocab)
             stop, punct = stop.to(device), punct.to(device)
             base, sums = _Sums(vocab, device), [_Sums(vocab, device) for _ in interventions]
-        base.add(base_log_p, target[keep], stop, punct, None)
-        for (_, _, context), running in zip(interventions, sums):
-            with context():
-                logits = lm.model(input_ids=ids, use_cache=False).logits[0, keep].float()
-            running.add(torch.log_softmax(logits, dim=-1), target[keep], stop, punct, base_log_p)
-        positions += int(keep.sum())
+        base.add(base_log_p, target, stop, punct, None)
+        for edit, running in zip(interventions, sums):
+            with edit.context():
+                log_p, _ = evaluation.log_probs(batch, edit.start)
+            running.add(log_p, target, stop, punct, base_log_p)
+        positions += len(target)
     before = base.probability / positions
     effects = []
-    for (name, target_name, _), running in zip(interventions, sums):
+    for (name, target_name, _, _), running in zip(interventions, sums):
         after = running.probability / positions
         change = after - before
         shifts = lambda order: [TokenShift(token=words[i], id=i, before=float(before[i]), after=float(after[i])) for i in order.tolist()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 
 import torch
 
@@ -12,7 +13,7 @@ from ...capture.probe import probe_block
 from ...models.loading import LoadedModel
 from ..mechanism.attribution import down_row, super_weight
 from ...capture.edits import read_coordinate, set_weight
-from .mlm import scorer
+from .evaluation import Evaluation, evaluation_for
 from ...settings import Criterion
 from ..mechanism.results import Lifeline
 from ..results import Report
@@ -23,14 +24,16 @@ MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
 
 @torch.no_grad()
 def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: list[float], criterion: Criterion,
-            score: Callable[[], float], baseline: float, steps: int = MAX_STEPS,
+            score: Callable[[str], float], baseline: float, steps: int = MAX_STEPS,
             step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
     """The dim's super weights in the order the search finds them, at its birth block and main carrier; ``score`` is
-    the verification's perplexity (exp of the masked-LM loss for an encoder). Every weight is written back, bit for
-    bit, when the search ends."""
+    the verification's perplexity (exp of the masked-LM loss for an encoder), given the target the weights zeroed so
+    far spell (the first alone is the verification's super-weight row: measured once). Every weight is written back,
+    bit for bit, when the search ends."""
     layer, position, dim = line.born_at, line.position, line.dim
     found: list[SuperWeightStep] = []
     zeroed: list[float] = []  # |w| of the weights zeroed so far, to rank the next one in the unmodified matrix
+    targets: list[str] = []
     with ExitStack() as stack:
         for step in range(1, steps + 1):
             activations = probe_block(lm, input_ids, layer, [position])["mlp_act"][0].double()
@@ -44,7 +47,8 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
             stack.enter_context(set_weight(lm, weight.matrix, (weight.row, weight.col)))
             values = read_coordinate(lm, input_ids, sorted({layer, line.peak_layer}), position, dim)
             still = any(criterion.is_massive(values[block], medians[block]) for block in (layer, line.peak_layer))
-            ppl = score()
+            targets.append(f"weight {weight.matrix}{[weight.row, weight.col]}")
+            ppl = score(" + ".join(targets))
             step_done()
             found.append(SuperWeightStep(dim=dim, layer=layer, step=step, neuron=int(toward.argmax()), weight=weight, value_birth=values[layer], value_peak=values[line.peak_layer], still_massive=still,
                                          perplexity=ppl, perplexity_ratio=ppl / baseline))
@@ -54,14 +58,17 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
 
 
 def all_super_weights(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], eval_text: str, steps: int = MAX_STEPS,
-                      step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
+                      step_done: Callable[[], None] = lambda: None, evaluation: Evaluation | None = None) -> list[SuperWeightStep]:
     """The iterative search for every dim whose birth a dense MLP writes at its main carrier (attention and experts
-    have no single down projection to search), scored on ``eval_text`` as the verification is, against its baseline."""
-    score = scorer(lm, eval_text)
+    have no single down projection to search), scored on ``eval_text`` as the verification is, against its baseline
+    (``evaluation``: the verification's, to reuse its passes; made here when not given). Every weight zeroed is in the
+    birth block, so each score runs from there on."""
+    evaluation = evaluation or evaluation_for(lm, report, eval_text)
     medians = [s.median for s in report.layers]
     found = []
     for line in report.lifeline:
         if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in report.attribution):
-            found += iterate(lm, line, inputs[line.text], medians, report.criterion, score, report.verification.baseline_perplexity,
+            found += iterate(lm, line, inputs[line.text], medians, report.criterion, partial(evaluation.score, line.born_at),
+                             report.verification.baseline_perplexity,
                              steps, step_done)
     return found

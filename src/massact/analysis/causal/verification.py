@@ -7,188 +7,211 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from ...capture.hooks import forward_until, tap
 from ...models.loading import LoadedModel
 from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
-from .mlm import exp_loss, masked_lm_loss, masked_windows, next_token_windows
-from .output_effects import output_effects
-from .perplexity import eval_windows, perplexity
+from .evaluation import Evaluation, evaluation_for
+from .output_effects import Edit, output_effects
 from ..mechanism.results import Attribution, ExpertAttribution
-from .results import InputDependence, Intervention, Verification
+from .results import InputDependence, Intervention, OutputEffect, Verification
 from ..results import Report
 
 ABLATE_ALONE = 3  # top neurons ablated one at a time
 MAX_INPUTS = 64  # inputs for the input-dependence pass
 
 
+@dataclass
+class _Run:
+    """What every step of the verification shares: the model, the report, the scanned texts' ids, the scored
+    evaluation (whose cache holds each target's score, measured once) and the progress callback."""
+
+    lm: LoadedModel
+    report: Report
+    inputs: dict[int, torch.Tensor]
+    evaluation: Evaluation
+    step: Callable[[], None]
+
+    @property
+    def baseline(self) -> float:
+        return self.evaluation.baseline
+
+    @property
+    def metric(self) -> str:
+        return "exp(masked-LM loss)" if self.lm.adapter.encoder else "perplexity"
+
+    def last_block(self, dim: int) -> int:
+        return next(d.persists[-1] for d in self.report.dims if d.dim == dim)
+
+
 def verify(
-    lm: LoadedModel, report: Report, inputs: list[torch.Tensor], eval_text: str, eval_source: str,
-    step: Callable[[], None] = lambda: None,
+    lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], eval_text: str, eval_source: str,
+    step: Callable[[], None] = lambda: None, evaluation: Evaluation | None = None,
 ) -> Verification:
     """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one.
 
     A causal LM is scored by its perplexity on ``eval_text``; an encoder by exp(masked-LM loss) on a fixed, seeded
-    15% of its tokens, the same masks for every intervention. The super-weight zeroing and the zero/mean replacements
-    also get their effect on the output distributions (``output_effects``)."""
-    if lm.adapter.encoder:
-        scored = masked_windows(lm, eval_text)
-
-        def score() -> float:
-            return exp_loss(masked_lm_loss(lm, scored)[0])
-
-        masked_loss, eval_tokens = masked_lm_loss(lm, scored)
-        baseline = exp_loss(masked_loss)
-    else:
-        windows = eval_windows(lm, eval_text)
-        scored = next_token_windows(windows)
-
-        def score() -> float:
-            return perplexity(lm, windows)
-
-        masked_loss, eval_tokens = None, sum(w.shape[1] for w in windows)
-        baseline = score()
-    metric = "exp(masked-LM loss)" if lm.adapter.encoder else "perplexity"
-    criterion = report.criterion
+    15% of its tokens, the same masks for every intervention (``evaluation``: that scoring, made here when not
+    given; pass one to share its passes with the super-weight search). The super-weight zeroing and the zero/mean
+    replacements also get their effect on the output distributions (``output_effects``)."""
+    run = _Run(lm, report, inputs, evaluation or evaluation_for(lm, report, eval_text), step)
     replaced = replacement_values(report)
     # What the output loses under the super weights' zeroing and the replacements, in one pass over the windows; the
     # perplexities it measures on the way serve the rows below.
-    found = output_effects(lm, scored, _effect_interventions(lm, report, replaced))
+    found = output_effects(lm, run.evaluation, _effect_interventions(lm, report, replaced))
+    run.evaluation.cache.update({"baseline": run.baseline, **{e.target: e.perplexity for e in found}})
     step()
     rows: list[Intervention] = []
     claims: list[str] = []
-    cache: dict[str, float] = {"baseline": baseline, **{e.target: e.perplexity for e in found}}  # per target, measured once
-    last_block = {d.dim: d.persists[-1] for d in report.dims}
-
-    def measure(name: str, target: str, a: Attribution | ExpertAttribution, context: AbstractContextManager, with_ppl: bool) -> Intervention:
-        last = last_block[a.dim]
-        median_birth = report.layers[a.layer].median
-        with context:
-            values = read_coordinate(lm, inputs[a.text], sorted({a.layer, last}), a.position, a.dim)
-            if with_ppl and target not in cache:
-                cache[target] = score()
-        ppl = cache.get(target) if with_ppl else None
-        step()
-        birth_value = values[a.layer]
-        still = criterion.is_massive(birth_value, median_birth)
-        return Intervention(name=name, target=target, dim=a.dim, layer=a.layer, value_birth=birth_value, value_last=values[last], still_massive=still, perplexity=ppl,
-                            perplexity_ratio=ppl / baseline if ppl is not None else None, confirms=None)
-
-    def zero_super_weight(a: Attribution | ExpertAttribution, label: str, matrix: str, index: tuple[int, ...]) -> tuple[Intervention, Intervention]:
-        """Zero the super weight (index as stored), then, as a control, the entry closest to it in |w| in the same
-        matrix (one expert's matrix in fused expert weights), outside its row and column."""
-        row = measure(f"zero {label} {list(index)}", f"weight {matrix}{list(index)}", a, set_weight(lm, matrix, index), True)
-        row.confirms = not row.still_massive
-        r, c, value = _similar_weight(lm.model.get_parameter(matrix).detach()[index[:-2]], *index[-2:])
-        control = (*index[:-2], r, c)
-        control_row = measure(f"control: zero weight {list(control)} ({value:+.3f})", f"weight {matrix}{list(control)}", a,
-                              set_weight(lm, matrix, control), True)
-        return row, control_row
-
     for a in (a for a in report.attribution if a.role == "birth"):
-        rows.append(measure("none (baseline)", "baseline", a, nullcontext(), True))
-        toward = [n for n in a.neurons if n.contribution * a.output > 0]
-        for n in toward[:ABLATE_ALONE]:
-            rows.append(measure(f"ablate neuron {n.neuron}", f"neuron {a.layer}:{n.neuron}", a, ablate_neurons(lm, a.layer, [n.neuron]), False))
-        top_set = [n.neuron for n in toward[: max(a.neurons_for_90pct, 1)]]
-        row = measure(f"ablate top {len(top_set)} neuron(s) {top_set}", f"neurons {a.layer}:{top_set}", a, ablate_neurons(lm, a.layer, top_set), True)
-        row.confirms = not row.still_massive
-        rows.append(row)
-        claims.append(
-            f"dim {a.dim}: ablating neuron(s) {top_set} of block {a.layer} {'removes' if row.confirms else 'does not remove'} the massive "
-            f"activation (at block {a.layer}: {row.value_birth:+.1f}; at block {last_block[a.dim]}: "
-            f"{row.value_last:+.1f}); {metric} x{row.perplexity_ratio:.2f}"
-        )
-        control = _unrelated_neuron(a)
-        rows.append(measure(f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
-
-        w = a.super_weight
-        row, control_row = zero_super_weight(a, "super weight", w.matrix, (w.row, w.col))
-        rows += [row, control_row]
-        claims.append(
-            f"dim {a.dim}: zeroing the super weight {w.matrix}[{w.row}, {w.col}] {'removes' if row.confirms else 'does not remove'} it "
-            f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies {metric} by {row.perplexity_ratio:.2f}; "
-            f"zeroing a weight of the same size elsewhere in the matrix: x{control_row.perplexity_ratio:.2f}"
-        )
-
+        rows += _dense_rows(run, a, claims)
     for e in (e for e in report.experts if e.role == "birth"):  # mixture of experts: the weight inside the expert
-        rows.append(measure("none (baseline)", "baseline", e, nullcontext(), True))
-        w = e.moe.super_weight
-        matrix, index = lm.adapter.param_name(lm.model, e.layer, "mlp", w.matrix), tuple(w.index)
-        # Inside fused expert weights no hook sees the neuron: ablate it by zeroing its down-projection column.
-        column = _neuron_column(index, w.dim, w.neuron)
-        where = "the shared expert" if w.expert is None else f"expert {w.expert}"
-        row = measure(f"ablate neuron {w.neuron} of {where}", f"neuron {matrix}[{w.expert}]:{w.neuron}", e,
-                      set_weight(lm, matrix, column), True)
-        row.confirms = not row.still_massive
-        rows.append(row)
-        row, control_row = zero_super_weight(e, "expert super weight", matrix, index)
-        rows += [row, control_row]
-        claims.append(
-            f"dim {e.dim}: zeroing the expert super weight {matrix}{list(index)} {'removes' if row.confirms else 'does not remove'} it "
-            f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies {metric} by {row.perplexity_ratio:.2f}; zeroing a weight of "
-            f"the same size elsewhere in that expert: x{control_row.perplexity_ratio:.2f}"
-        )
-
+        rows += _expert_rows(run, e, claims)
     for layer in sorted(replaced["zero"]):
-        dims = list(replaced["zero"][layer])
-        for label in ("zero", "mean"):
-            values = replaced[label][layer]
-            ppl = cache[f"{label} {layer}:{dims}"]  # measured with the output effects
-            # The value is what the intervention writes at the massive positions; it is not measured after it.
-            value = values[dims[0]]
-            still = criterion.is_massive(value, report.layers[layer].median)
-            rows.append(Intervention(name=f"set massive dims {dims} to {label} at block {layer}", target=f"{label} {layer}:{dims}", dim=dims[0], layer=layer,
-                                     value_birth=value, value_last=float("nan"), still_massive=still, perplexity=ppl, perplexity_ratio=ppl / baseline, confirms=None))
-        zero, mean = rows[-2], rows[-1]
-        claims.append(
-            f"block {layer}: setting the massive activations of dims {dims} to zero gives {metric} {zero.perplexity:.2f} "
-            f"(x{zero.perplexity_ratio:.2f}); to their mean over the texts, {mean.perplexity:.2f} (x{mean.perplexity_ratio:.2f}); "
-            f"unmodified {baseline:.2f}"
-        )
-
+        rows += _replacement_rows(run, layer, replaced, claims)
     dependence = input_dependence(lm, report, eval_text)
-    for d in dependence:
-        constant = d.first_token_std <= 0.1 * abs(d.first_token_mean)
-        claims.append(
-            f"dim {d.dim} at block {d.layer} over {d.inputs} inputs: first token {d.first_token_mean:+.1f} +/- {d.first_token_std:.1f} "
+    claims += [_dependence_claim(d) for d in dependence] + [_effect_claim(effect) for effect in found]
+    masked_loss = run.evaluation.baseline_nll / run.evaluation.positions if lm.adapter.encoder else None
+    eval_tokens = run.evaluation.positions if lm.adapter.encoder else int(sum(b.mask.sum() for b in run.evaluation.batches))
+    return Verification(baseline_perplexity=run.baseline, eval_tokens=eval_tokens, eval_source=eval_source, interventions=rows,
+                        input_dependence=dependence, claims=claims, metric="masked-LM" if lm.adapter.encoder else "perplexity",
+                        masked_lm_loss=masked_loss, output_effects=found)
+
+
+def _measure(run: _Run, name: str, target: str, a: Attribution | ExpertAttribution, context: AbstractContextManager,
+             with_ppl: bool) -> Intervention:
+    """One intervention at the attribution's block: the massive value at the birth and last blocks on the carrier's
+    text, and (``with_ppl``) the score, from the birth block on, once per target."""
+    last = run.last_block(a.dim)
+    with context:
+        values = read_coordinate(run.lm, run.inputs[a.text], sorted({a.layer, last}), a.position, a.dim)
+        ppl = run.evaluation.score(a.layer, key=target) if with_ppl else None
+    run.step()
+    still = run.report.criterion.is_massive(values[a.layer], run.report.layers[a.layer].median)
+    return Intervention(name=name, target=target, dim=a.dim, layer=a.layer, value_birth=values[a.layer], value_last=values[last],
+                        still_massive=still, perplexity=ppl, perplexity_ratio=ppl / run.baseline if ppl is not None else None, confirms=None)
+
+
+def _zero_super_weight(run: _Run, a: Attribution | ExpertAttribution, label: str, matrix: str, index: tuple[int, ...]
+                       ) -> tuple[Intervention, Intervention]:
+    """Zero the super weight (index as stored), then, as a control, the entry closest to it in |w| in the same
+    matrix (one expert's matrix in fused expert weights), outside its row and column."""
+    lm = run.lm
+    row = _measure(run, f"zero {label} {list(index)}", f"weight {matrix}{list(index)}", a, set_weight(lm, matrix, index), True)
+    row.confirms = not row.still_massive
+    r, c, value = _similar_weight(lm.model.get_parameter(matrix).detach()[index[:-2]], *index[-2:])
+    control = (*index[:-2], r, c)
+    control_row = _measure(run, f"control: zero weight {list(control)} ({value:+.3f})", f"weight {matrix}{list(control)}", a,
+                           set_weight(lm, matrix, control), True)
+    return row, control_row
+
+
+def _dense_rows(run: _Run, a: Attribution, claims: list[str]) -> list[Intervention]:
+    """A dense MLP's birth: the baseline, its top neurons ablated alone and together, an unrelated neuron, the super
+    weight and its control; the claims they support are appended to ``claims``."""
+    lm, metric, last = run.lm, run.metric, run.last_block(a.dim)
+    rows = [_measure(run, "none (baseline)", "baseline", a, nullcontext(), True)]
+    toward = [n for n in a.neurons if n.contribution * a.output > 0]
+    for n in toward[:ABLATE_ALONE]:
+        rows.append(_measure(run, f"ablate neuron {n.neuron}", f"neuron {a.layer}:{n.neuron}", a, ablate_neurons(lm, a.layer, [n.neuron]), False))
+    top_set = [n.neuron for n in toward[: max(a.neurons_for_90pct, 1)]]
+    row = _measure(run, f"ablate top {len(top_set)} neuron(s) {top_set}", f"neurons {a.layer}:{top_set}", a, ablate_neurons(lm, a.layer, top_set), True)
+    row.confirms = not row.still_massive
+    rows.append(row)
+    claims.append(
+        f"dim {a.dim}: ablating neuron(s) {top_set} of block {a.layer} {'removes' if row.confirms else 'does not remove'} the massive "
+        f"activation (at block {a.layer}: {row.value_birth:+.1f}; at block {last}: {row.value_last:+.1f}); {metric} x{row.perplexity_ratio:.2f}"
+    )
+    control = _unrelated_neuron(a)
+    rows.append(_measure(run, f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
+    w = a.super_weight
+    row, control_row = _zero_super_weight(run, a, "super weight", w.matrix, (w.row, w.col))
+    claims.append(
+        f"dim {a.dim}: zeroing the super weight {w.matrix}[{w.row}, {w.col}] {'removes' if row.confirms else 'does not remove'} it "
+        f"(block {a.layer}: {row.value_birth:+.1f}) and multiplies {metric} by {row.perplexity_ratio:.2f}; "
+        f"zeroing a weight of the same size elsewhere in the matrix: x{control_row.perplexity_ratio:.2f}"
+    )
+    return rows + [row, control_row]
+
+
+def _expert_rows(run: _Run, e: ExpertAttribution, claims: list[str]) -> list[Intervention]:
+    """A birth inside an expert: the baseline, the writing neuron (its down-projection column zeroed: inside fused
+    expert weights no hook sees the neuron), the expert super weight and its control."""
+    lm = run.lm
+    rows = [_measure(run, "none (baseline)", "baseline", e, nullcontext(), True)]
+    w = e.moe.super_weight
+    matrix, index = lm.adapter.param_name(lm.model, e.layer, "mlp", w.matrix), tuple(w.index)
+    column = _neuron_column(index, w.dim, w.neuron)
+    where = "the shared expert" if w.expert is None else f"expert {w.expert}"
+    row = _measure(run, f"ablate neuron {w.neuron} of {where}", f"neuron {matrix}[{w.expert}]:{w.neuron}", e, set_weight(lm, matrix, column), True)
+    row.confirms = not row.still_massive
+    rows.append(row)
+    row, control_row = _zero_super_weight(run, e, "expert super weight", matrix, index)
+    claims.append(
+        f"dim {e.dim}: zeroing the expert super weight {matrix}{list(index)} {'removes' if row.confirms else 'does not remove'} it "
+        f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies {run.metric} by {row.perplexity_ratio:.2f}; zeroing a weight of "
+        f"the same size elsewhere in that expert: x{control_row.perplexity_ratio:.2f}"
+    )
+    return rows + [row, control_row]
+
+
+def _replacement_rows(run: _Run, layer: int, replaced: dict[str, dict[int, dict[int, float]]], claims: list[str]) -> list[Intervention]:
+    """The zero and mean replacements at one birth block; their perplexities were measured with the output effects.
+    The value is what the intervention writes at the massive positions; it is not measured after it."""
+    dims = list(replaced["zero"][layer])
+    rows = []
+    for label in ("zero", "mean"):
+        target = f"{label} {layer}:{dims}"
+        ppl, value = run.evaluation.cache[target], replaced[label][layer][dims[0]]
+        still = run.report.criterion.is_massive(value, run.report.layers[layer].median)
+        rows.append(Intervention(name=f"set massive dims {dims} to {label} at block {layer}", target=target, dim=dims[0], layer=layer,
+                                 value_birth=value, value_last=float("nan"), still_massive=still, perplexity=ppl, perplexity_ratio=ppl / run.baseline, confirms=None))
+    zero, mean = rows
+    claims.append(
+        f"block {layer}: setting the massive activations of dims {dims} to zero gives {run.metric} {zero.perplexity:.2f} "
+        f"(x{zero.perplexity_ratio:.2f}); to their mean over the texts, {mean.perplexity:.2f} (x{mean.perplexity_ratio:.2f}); "
+        f"unmodified {run.baseline:.2f}"
+    )
+    return rows
+
+
+def _dependence_claim(d: InputDependence) -> str:
+    constant = d.first_token_std <= 0.1 * abs(d.first_token_mean)
+    return (f"dim {d.dim} at block {d.layer} over {d.inputs} inputs: first token {d.first_token_mean:+.1f} +/- {d.first_token_std:.1f} "
             f"({'a near-constant bias' if constant else 'input-dependent'}); massive on the first token in {d.first_token_massive} "
-            f"of {d.inputs} inputs and at {d.other_positions} other position(s)"
-        )
-    for effect in found:
-        claims.append(
-            f"{effect.name}: KL from the unmodified model {effect.kl:.3g} nats per token; probability on stopwords "
+            f"of {d.inputs} inputs and at {d.other_positions} other position(s)")
+
+
+def _effect_claim(effect: OutputEffect) -> str:
+    return (f"{effect.name}: KL from the unmodified model {effect.kl:.3g} nats per token; probability on stopwords "
             f"{effect.stopword_before:.1%} -> {effect.stopword_after:.1%}, on punctuation {effect.punctuation_before:.1%} -> "
             f"{effect.punctuation_after:.1%}; rises most: {effect.rises[0].token!r} ({effect.rises[0].before:.2%} -> "
-            f"{effect.rises[0].after:.2%})"
-        )
-    return Verification(baseline_perplexity=baseline, eval_tokens=eval_tokens, eval_source=eval_source, interventions=rows, input_dependence=dependence, claims=claims,
-                        metric="masked-LM" if lm.adapter.encoder else "perplexity", masked_lm_loss=masked_loss, output_effects=found)
+            f"{effect.rises[0].after:.2%})")
 
 
-def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, dict[int, dict[int, float]]]
-                          ) -> list[tuple[str, str, Callable[[], AbstractContextManager]]]:
-    """(name, target, context factory) for each super weight's zeroing (dense, or inside an expert) and each zero/mean
-    replacement; targets are spelled as the rows spell them, so their perplexities serve the rows."""
-    found: dict[str, tuple[str, str, Callable[[], AbstractContextManager]]] = {}
-    weights = [(a.dim, "super weight", a.super_weight.matrix, (a.super_weight.row, a.super_weight.col))
+def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, dict[int, dict[int, float]]]) -> list[Edit]:
+    """An ``Edit`` for each super weight's zeroing (dense, or inside an expert) and each zero/mean replacement; targets
+    are spelled as the rows spell them, so their perplexities serve the rows. Each starts at its birth block."""
+    found: dict[str, Edit] = {}
+    weights = [(a.dim, a.layer, "super weight", a.super_weight.matrix, (a.super_weight.row, a.super_weight.col))
                for a in report.attribution if a.role == "birth"]
-    weights += [(e.dim, "expert super weight", lm.adapter.param_name(lm.model, e.layer, "mlp", e.moe.super_weight.matrix),
+    weights += [(e.dim, e.layer, "expert super weight", lm.adapter.param_name(lm.model, e.layer, "mlp", e.moe.super_weight.matrix),
                  tuple(e.moe.super_weight.index)) for e in report.experts if e.role == "birth"]
-    for dim, label, matrix, index in weights:
+    for dim, layer, label, matrix, index in weights:
         target = f"weight {matrix}{list(index)}"
-        found.setdefault(target, (f"dim {dim}: zero {label} {list(index)}", target,
-                                  lambda matrix=matrix, index=index: set_weight(lm, matrix, index)))
+        found.setdefault(target, Edit(f"dim {dim}: zero {label} {list(index)}", target,
+                                      lambda matrix=matrix, index=index: set_weight(lm, matrix, index), layer))
     criterion = report.criterion
     for layer in sorted(replaced["zero"]):
         dims = list(replaced["zero"][layer])
         for label in ("zero", "mean"):
             values = replaced[label][layer]
-            found[f"{label} {layer}:{dims}"] = (
+            found[f"{label} {layer}:{dims}"] = Edit(
                 f"set massive dims {dims} to {label} at block {layer}", f"{label} {layer}:{dims}",
-                lambda layer=layer, values=values: replace_massive(lm, layer, values, criterion))
+                lambda layer=layer, values=values: replace_massive(lm, layer, values, criterion), layer)
     return list(found.values())
 
 

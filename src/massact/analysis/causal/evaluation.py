@@ -1,0 +1,115 @@
+"""The evaluation text scored many times over, once per intervention, without repeating work: its windows go through
+the model in padded batches, and the unmodified input of the blocks interventions start at is kept per batch, so a
+pass under an intervention at block L runs blocks L onward only (``massact.capture.prefix``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...capture.hooks import forward_until
+from ...capture.prefix import keep_block_inputs, run_from
+from ...models.loading import LoadedModel
+from ..detect.scan import pad_batch
+from ..results import Report
+from .mlm import Scored, masked_windows, next_token_windows
+from .perplexity import eval_windows
+
+EVAL_BATCH = 4  # windows per forward pass: 4 x 256 tokens keep the logits of a batch near 200 MB for a 49k vocabulary
+
+
+@dataclass
+class EvalBatch:
+    """Padded windows: ids and attention mask [batch, n] on the model's device, labels [batch, n] (the token each
+    position predicts, -100 where none: the last position of a causal window, unmasked tokens, padding), and per
+    start block the unmodified output of the block before it on these ids."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    inputs: dict[int, Any] = field(default_factory=dict)
+
+
+def batches(lm: LoadedModel, scored: list[Scored], size: int = EVAL_BATCH) -> list[EvalBatch]:
+    """The (ids, labels) windows, ``size`` at a time, right-padded: a real token then computes exactly as alone."""
+    found = []
+    for first in range(0, len(scored), size):
+        group = scored[first: first + size]
+        ids, mask = pad_batch([ids for ids, _ in group])
+        labels, _ = pad_batch([labels for _, labels in group], pad_id=-100)
+        found.append(EvalBatch(ids.to(lm.device), mask.to(lm.device), labels.to(lm.device)))
+    return found
+
+
+class Evaluation:
+    """Exp of the mean cross-entropy over every labelled position of the evaluation windows: perplexity for a causal
+    LM, exp(masked-LM loss) for an encoder. ``score(start)`` measures the model as it is now (under whatever
+    intervention is active) and trusts that nothing before block ``start`` differs from the unmodified model."""
+
+    def __init__(self, lm: LoadedModel, scored: list[Scored], starts: Iterable[int] = ()):
+        self.lm = lm
+        self.batches = batches(lm, scored)
+        self.positions = sum(int((b.labels != -100).sum()) for b in self.batches)
+        self.cache: dict[str, float] = {}  # score per intervention target, for passes shared between stages
+        with keep_block_inputs(lm, starts) as kept:
+            self.baseline_nll = sum(self._nll(batch, 0, kept) for batch in self.batches)
+
+    @property
+    def baseline(self) -> float:
+        return _exp_mean(self.baseline_nll, self.positions)
+
+    def _nll(self, batch: EvalBatch, start: int, kept: dict[int, Any] | None = None) -> float:
+        log_p, target = self.log_probs(batch, start)
+        if kept is not None:  # the unmodified pass that fills the block inputs
+            batch.inputs.update(kept)
+            kept.clear()
+        return float(F.nll_loss(log_p, target, reduction="sum"))
+
+    def block_input(self, batch: EvalBatch, start: int) -> Any:
+        """The unmodified output of block start-1 on this batch; a start not asked for at construction is read now,
+        by a pass that stops there (any active intervention must not touch the blocks before ``start``)."""
+        if start > 0 and start not in batch.inputs:
+            with keep_block_inputs(self.lm, [start]) as kept:
+                forward_until(self.lm.model, self.lm.adapter, start - 1, input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+            batch.inputs.update(kept)
+        return batch.inputs.get(start)
+
+    @torch.no_grad()
+    def log_probs(self, batch: EvalBatch, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities [labelled positions, vocab] (float32) and the labels there, from one pass that runs
+        blocks ``start`` onward."""
+        with run_from(self.lm, start, self.block_input(batch, start)):
+            logits = self.lm.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+        keep = batch.labels != -100
+        return torch.log_softmax(logits[keep].float(), dim=-1), batch.labels[keep]
+
+    def nll(self, start: int = 0) -> float:
+        """Summed cross-entropy over every labelled position, the model as it is now."""
+        return sum(self._nll(batch, start) for batch in self.batches)
+
+    def score(self, start: int = 0, key: str | None = None) -> float:
+        """The model's score as it is now; with ``key`` (the intervention's target), measured once and remembered."""
+        if key is not None and key in self.cache:
+            return self.cache[key]
+        value = _exp_mean(self.nll(start), self.positions)
+        if key is not None:
+            self.cache[key] = value
+        return value
+
+
+def _exp_mean(total: float, count: int) -> float:
+    mean = total / count
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+def evaluation_for(lm: LoadedModel, report: Report, eval_text: str) -> Evaluation:
+    """The evaluation every intervention is scored on (masked windows for an encoder, next-token windows for a causal
+    LM), with the unmodified input of each birth block kept: the interventions all start there."""
+    scored = masked_windows(lm, eval_text) if lm.adapter.encoder else next_token_windows(eval_windows(lm, eval_text))
+    starts = {a.layer for a in report.attribution if a.role == "birth"} | {e.layer for e in report.experts if e.role == "birth"}
+    return Evaluation(lm, scored, starts | {d.born_at for d in report.dims})

@@ -1,0 +1,61 @@
+"""Passes that change nothing before block L run from block L on: the unmodified model's output of block L-1 on the
+same inputs stands in for every block before it. An intervention at block L (an ablation, a zeroed weight, a
+replaced output) then costs only the blocks from L on, and gives exactly what the full pass gives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..models.loading import LoadedModel
+
+
+def _copy(output: Any) -> Any:
+    """A block's output (a tensor, or a tuple led by one) with its tensor copied: a block may add into its input."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    return (output[0].detach().clone(), *output[1:])
+
+
+@contextmanager
+def keep_block_inputs(lm: LoadedModel, starts: Iterable[int]) -> Iterator[dict[int, Any]]:
+    """Within the block, every forward pass fills the yielded dict: start block -> the output of the block before it
+    (what ``run_from`` needs). Start 0 needs nothing and is left out."""
+    kept: dict[int, Any] = {}
+    blocks = lm.adapter.blocks(lm.model)
+    handles = [blocks[start - 1].register_forward_hook(lambda m, args, output, start=start: kept.__setitem__(start, _copy(output)))
+               for start in sorted(set(starts)) if start > 0]
+    try:
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def run_from(lm: LoadedModel, start: int, block_input: Any) -> Iterator[None]:
+    """Within the block, a forward pass skips blocks 0..start-1: each returns (a copy of) ``block_input``, the
+    unmodified output of block start-1 on the very inputs the pass is given, so block ``start`` and everything after
+    it compute what the full pass would. Hooks on the skipped blocks see nothing: only edit and read from ``start``."""
+    if start == 0:
+        yield
+        return
+    blocks = list(lm.adapter.blocks(lm.model))[:start]
+    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate's device-map dispatch sets its own
+
+    def skipped(*args: Any, **kwargs: Any) -> Any:
+        return _copy(block_input)
+
+    try:
+        for block in blocks:
+            block.forward = skipped
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward

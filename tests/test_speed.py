@@ -1,0 +1,79 @@
+"""The fast paths give the numbers the plain ones give: a pass run from its block on cached block inputs equals the
+full pass under the same edit, batched evaluation windows equal one window at a time, a pass stopped after a block
+reads what the full pass reads there."""
+
+import pytest
+import torch
+
+import massact
+from massact.analysis.causal.evaluation import Evaluation
+from massact.analysis.causal.mlm import next_token_windows
+from massact.analysis.causal.perplexity import eval_windows, perplexity
+from massact.capture.edits import ablate_neurons, read_coordinate, replace_massive
+from massact.capture.hooks import forward_until, tap
+from massact.settings import Criterion
+
+from conftest import plant_mlp, tiny_model
+
+LAYER, NEURON, DIM = 1, 37, 20
+EVAL = "She poured the tea, opened the window, and watched the rain fall on the garden. " * 3
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def planted(request, tokenizer):
+    model = tiny_model(request.param, len(tokenizer))
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    return massact.wrap(model, tokenizer)
+
+
+def _full_logits(lm, batch) -> torch.Tensor:
+    with torch.no_grad():
+        logits = lm.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+    return torch.log_softmax(logits[batch.labels != -100].float(), dim=-1)
+
+
+@pytest.mark.parametrize("start", [1, 2, 3])
+def test_a_pass_from_its_block_equals_the_full_pass_under_the_same_edit(planted, start):
+    windows = eval_windows(planted, EVAL, window=12)  # 6 windows, the last one shorter: padded batches
+    evaluation = Evaluation(planted, next_token_windows(windows), starts=[start])
+    assert len(evaluation.batches) == 2 and all(start in b.inputs for b in evaluation.batches)
+    # Edits strong enough to move every distribution: half the neurons; two dims set wherever they exceed 0.01.
+    edits = [lambda: ablate_neurons(planted, start, list(range(0, 256, 2))),
+             lambda: replace_massive(planted, start, {DIM: 5.0, 7: -5.0}, Criterion(min_abs=0.01, min_ratio=1e-6))]
+    for edit in edits:
+        for batch in evaluation.batches:
+            with edit():
+                fast, labels = evaluation.log_probs(batch, start)
+                full = _full_logits(planted, batch)
+            assert torch.equal(labels, batch.labels[batch.labels != -100])
+            torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(fast, evaluation.log_probs(batch, start)[0], atol=1e-4)  # the edit changed them
+    with ablate_neurons(planted, start, [NEURON]):
+        assert evaluation.score(start) == pytest.approx(perplexity(planted, windows), rel=1e-5)
+
+
+def test_batched_windows_score_as_one_window_at_a_time(planted):
+    windows = eval_windows(planted, EVAL, window=16)
+    evaluation = Evaluation(planted, next_token_windows(windows))
+    assert evaluation.positions == sum(w.shape[1] - 1 for w in windows)
+    assert evaluation.baseline == pytest.approx(perplexity(planted, windows), rel=1e-5)
+    # Starts not asked for at construction: their block inputs are read now, by passes that stop there.
+    for start in (LAYER, LAYER + 1):
+        with ablate_neurons(planted, start, [NEURON]):
+            assert evaluation.score(start, key=f"ablated {start}") == pytest.approx(perplexity(planted, windows), rel=1e-5)
+    assert evaluation.cache[f"ablated {LAYER}"] != evaluation.baseline  # the planted neuron matters
+    assert evaluation.score(LAYER, key=f"ablated {LAYER}") == evaluation.cache[f"ablated {LAYER}"]  # remembered
+
+
+def test_a_pass_stopped_after_a_block_reads_what_the_full_pass_reads(planted):
+    ids = planted.tokenizer(EVAL[:60], return_tensors="pt").input_ids
+    seen: dict = {}
+    sites = [(layer, "resid_out") for layer in range(4)]
+    with torch.no_grad(), tap(planted.model, planted.adapter, sites, lambda l, s, t: seen.setdefault("full", {}).__setitem__(l, t.clone())):
+        planted.model(input_ids=ids, use_cache=False)
+    with torch.no_grad(), tap(planted.model, planted.adapter, sites, lambda l, s, t: seen.setdefault("stopped", {}).__setitem__(l, t.clone())):
+        forward_until(planted.model, planted.adapter, LAYER, input_ids=ids, use_cache=False)
+    assert sorted(seen["stopped"]) == [0, LAYER]  # the blocks after it never ran
+    for layer in (0, LAYER):
+        assert torch.equal(seen["stopped"][layer], seen["full"][layer])
+    assert read_coordinate(planted, ids, [0, LAYER], 0, DIM)[LAYER] == float(seen["full"][LAYER][0, 0, DIM])
