@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ...capture.hooks import tap
-from ...capture.stats import LogHistogram, TopK, top_flat
+from ...capture.stats import LogHistogram, TopK, float_bits, top_flat
 from ...errors import UsageError
 from ...models.loading import LoadedModel
 from ...settings import Criterion
@@ -82,23 +82,11 @@ def scan_layers(
     batch: dict = {}
 
     def record(layer: int, site: str, hidden: torch.Tensor) -> None:
-        # A few whole-batch operations and no host sync: this runs once per block per batch.
-        values = hidden.detach().float()  # [batch, positions, d_model]
-        valid = batch["mask"].to(values.device).unsqueeze(-1)  # [batch, positions, 1], False at padding
-        histograms[layer].update(values, weights=valid)
-        _, length, width = values.shape
-        magnitude = values.abs().masked_fill(~valid, -1.0).flatten()  # pads at -1: never chosen over a real value
-        # One top-k over the whole batch; ties go to the smaller flat index, i.e. the smaller (text, position, dim),
-        # the order TopK keeps, so the result does not depend on how the corpus was batched or resumed.
-        chosen = top_flat(magnitude, candidates)
-        real = magnitude[chosen] != -1.0  # drops pads only; NaN and inf stay, and sort first, so overflow is seen below
-        row, rest = chosen // (length * width), chosen % (length * width)
-        labels = torch.stack([batch["texts"].to(values.device)[row], rest // width, rest % width], dim=-1)[real]
-        tops[layer].update(values.flatten()[chosen][real], labels)
+        record_block(hidden, batch["texts"], batch["pads"], histograms[layer], tops[layer])
 
     def forward(chosen: list[tuple[int, torch.Tensor]]) -> None:
         ids, mask = pad_batch([one for _, one in chosen])
-        batch.update(texts=torch.tensor([index for index, _ in chosen]), mask=mask.bool())
+        batch.update(texts=torch.tensor([index for index, _ in chosen]), pads=(~mask.bool()).flatten().nonzero().flatten())
         lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
         if on_window:
             for index, _ in chosen:
@@ -131,6 +119,26 @@ def scan_layers(
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return LayerScan(histograms, tops, first_nonfinite(tops))
+
+
+def record_block(hidden: torch.Tensor, texts: torch.Tensor, pads: torch.Tensor, histogram: LogHistogram, top: TopK) -> None:
+    """Add one block's output on a batch to its statistics. ``hidden``: [batch, positions, d_model]; ``texts``: each
+    row's window index (the label); ``pads``: flat (row x positions + position) indices of the padding positions,
+    which enter neither statistic. Runs once per block per batch, right after the block, while its output is warm in
+    the cache: |a| is taken once for both statistics, and only the entries at or above the smallest |a| the top-k
+    keeps go on to it (after the first batches, a few per block)."""
+    _, length, width = hidden.shape
+    magnitude = hidden.detach().float().abs()
+    magnitude.view(-1, width)[pads.to(magnitude.device)] = -1.0  # pads at -1: below every real |a|, and not counted
+    histogram.add_magnitudes(magnitude, padding=len(pads) * width)
+    flat = magnitude.view(-1)
+    chosen = (float_bits(flat) >= top.floor()).nonzero().flatten()  # bits, so NaN and inf pass (overflow is seen below)
+    if len(chosen) > top.k:  # ties go to the smaller flat index, i.e. the smaller (text, position, dim): TopK's order
+        chosen = chosen[top_flat(flat[chosen], top.k)]
+    if len(chosen):
+        row, rest = chosen // (length * width), chosen % (length * width)
+        labels = torch.stack([texts.to(chosen.device)[row], rest // width, rest % width], dim=-1)
+        top.update(hidden.detach().reshape(-1)[chosen].float(), labels)
 
 
 def distributed_rank() -> tuple[int, int]:
