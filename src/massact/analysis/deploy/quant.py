@@ -27,6 +27,8 @@ from ...settings import QUANT_GRIDS
 from ...models.adapters.base import is_transposed
 from ...models.loading import LoadedModel
 from ...capture.edits import massive_mask, read_coordinate
+from ..causal.evaluation import Evaluation
+from ..causal.mlm import next_token_windows
 from ..causal.perplexity import default_eval_text, eval_windows, perplexity
 from .protect import Protect
 from .results import Quantization, QuantRow
@@ -338,7 +340,10 @@ def sweep(
         return read_coordinate(lm, probe, layers, target.probe_position, target.dim)
 
     base_values = read()
-    baseline = perplexity(lm, windows)
+    # Weight settings are scored on the windows in padded batches (one pass per few windows); activation settings
+    # mark each window's own massive tokens, so they go one window at a time.
+    evaluation = Evaluation(lm, next_token_windows(windows))
+    baseline = evaluation.baseline
     rows: list[QuantRow] = []
     notes: list[str] = []
     for setting in settings:
@@ -354,7 +359,7 @@ def sweep(
             quantize, skip = _weight_quantizer(setting)
             with quantized_weights(lm, quantize, held if setting.variant != "plain" else [],
                                    clip_z if setting.variant == "held out + clip" else None, skip) as skipped:
-                ppl = perplexity(lm, windows)
+                ppl = evaluation.score()
                 values = read()
             if skipped and not any(setting.fmt in n for n in notes):
                 notes.append(f"{setting.fmt}: {len(skipped)} matrices whose input dim is not a multiple of "
