@@ -4,8 +4,12 @@
     .venv/bin/python benchmarks/bench_quant.py --device cuda        # the same on a GPU
     .venv/bin/python benchmarks/bench_quant.py --grid full --model path/or/hub-id
 
+    .venv/bin/python benchmarks/bench_quant.py --quick              # every 5th setting: checks the script
+
 Scans the model once (no verification, not timed), then times the sweep: one float perplexity pass plus one pass per
-setting, every setting's weights restored after it. Prints the per-setting seconds and a Markdown line for the README.
+setting, every setting's weights restored after it. Prints the per-setting seconds, the time split by kind of setting
+(RTN, GGUF, activations; the rest is the float pass and the set-up), and a Markdown line for the README with the
+ratio to the 3-minute target of issue 19.
 """
 
 from __future__ import annotations
@@ -22,20 +26,23 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--grid", default="default", help="default or full")
+    parser.add_argument("--quick", action="store_true", help="every 5th setting of the grid only")
     args = parser.parse_args()
 
     import torch
 
     import massact
     from massact.analysis.deploy import protect
-    from massact.analysis.deploy.quant import grid, measure
+    from massact.analysis.deploy.quant import DEFAULT_CLIP_Z, grid, sweep
+    from massact.analysis.causal.perplexity import default_eval_text
 
     lm = massact.load(args.model, dtype=args.dtype, device=args.device, log=lambda message: None)
     report = massact.scan(lm)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    result = measure(lm, protect.build(report), grid_name=args.grid)
+    settings = grid(args.grid)[:: 5 if args.quick else 1]
+    result = sweep(lm, protect.build(report), default_eval_text(), "shipped", args.grid, DEFAULT_CLIP_Z, settings=settings)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -43,10 +50,18 @@ def main() -> None:
         print(f"{row.seconds:7.2f} s  {row.method:10s} {row.setting:32s} {row.variant:22s} ppl x{row.perplexity_ratio:,.2f}")
     device = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print("| model | grid | settings | device | dtype | sweep seconds | per setting | load average |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {lm.name} | {args.grid} | {len(grid(args.grid))} | {device} | {args.dtype} | {seconds:.1f} | "
-          f"{seconds / (len(result.rows) + 1):.2f} | {load:.1f} |")
+    kinds = {method: sum(r.seconds for r in result.rows if r.method == method) for method in ("rtn", "gguf", "activation")}
+    print("| part | seconds | share |")
+    print("|---|---|---|")
+    for method, spent in kinds.items():
+        print(f"| {method} settings | {spent:.1f} | {spent / seconds:.0%} |")
+    rest = seconds - sum(kinds.values())
+    print(f"| float pass and set-up | {rest:.1f} | {rest / seconds:.0%} |")
+    print()
+    print("| model | grid | settings | device | dtype | sweep seconds | per setting | x 180 s target | load average |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {lm.name} | {args.grid}{' (every 5th)' if args.quick else ''} | {len(settings)} | {device} | {args.dtype} | {seconds:.1f} | "
+          f"{seconds / (len(result.rows) + 1):.2f} | {seconds / 180:.2f}x | {load:.1f} |")
 
 
 if __name__ == "__main__":
