@@ -5,7 +5,6 @@ reads what the full pass reads there."""
 import pytest
 import torch
 
-import massact
 from massact.analysis.causal.evaluation import Evaluation
 from massact.analysis.causal.mlm import next_token_windows
 from massact.analysis.causal.perplexity import eval_windows, perplexity
@@ -13,17 +12,7 @@ from massact.capture.edits import ablate_neurons, read_coordinate, replace_massi
 from massact.capture.hooks import forward_until, tap
 from massact.settings import Criterion
 
-from conftest import plant_mlp, tiny_model
-
-LAYER, NEURON, DIM = 1, 37, 20
-EVAL = "She poured the tea, opened the window, and watched the rain fall on the garden. " * 3
-
-
-@pytest.fixture(params=["gpt2", "llama"])
-def planted(request, tokenizer):
-    model = tiny_model(request.param, len(tokenizer))
-    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
-    return massact.wrap(model, tokenizer)
+from test_verification import DIM, EVAL, LAYER, NEURON, planted  # noqa: F401 (planted: the fixture, gpt2 and llama)
 
 
 def _full_logits(lm, batch) -> torch.Tensor:
@@ -77,3 +66,31 @@ def test_a_pass_stopped_after_a_block_reads_what_the_full_pass_reads(planted):
     for layer in (0, LAYER):
         assert torch.equal(seen["stopped"][layer], seen["full"][layer])
     assert read_coordinate(planted, ids, [0, LAYER], 0, DIM)[LAYER] == float(seen["full"][LAYER][0, 0, DIM])
+
+
+def test_the_scan_hook_keeps_what_a_plain_computation_keeps():
+    """``record_block`` (|a| once, pads off the first bin, only entries at the top-k's floor go on) against the plain
+    way: every real entry of every batch, one histogram and one sort by (|a| desc, text, position, dim)."""
+    from massact.analysis.detect.scan import record_block
+    from massact.capture.stats import LogHistogram, TopK
+
+    generator = torch.Generator().manual_seed(0)
+    histogram, top = LogHistogram(), TopK(6)
+    real_values, real_labels = [], []
+    for first in (0, 3, 6):  # three batches of 3 windows, 5 positions, 4 dims; the last rows are padding
+        hidden = torch.randn(3, 5, 4, generator=generator).round(decimals=1)  # rounding makes ties
+        hidden[:, 0, 1] = 9.0  # the same value at every window's first position: ties across batches
+        lengths = [5, 3, 4]
+        pads = torch.tensor([row * 5 + p for row, n in enumerate(lengths) for p in range(n, 5)])
+        record_block(hidden, torch.arange(first, first + 3), pads, histogram, top)
+        for row, n in enumerate(lengths):
+            for position in range(n):
+                for dim in range(4):
+                    real_values.append(float(hidden[row, position, dim]))
+                    real_labels.append((first + row, position, dim))
+    plain = LogHistogram()
+    plain.update(torch.tensor(real_values))
+    assert torch.equal(histogram.counts, plain.counts)
+    order = sorted(range(len(real_values)), key=lambda i: (-abs(real_values[i]), real_labels[i]))[:6]
+    assert top.items() == [(real_values[i], list(real_labels[i])) for i in order]
+    assert [labels for _, labels in top.items()[:3]] == [[0, 0, 1], [1, 0, 1], [2, 0, 1]]
