@@ -23,9 +23,9 @@ def _full_logits(lm, batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("start", [1, 2, 3])
 def test_a_pass_from_its_block_equals_the_full_pass_under_the_same_edit(planted, start):
-    windows = eval_windows(planted, EVAL, window=12)  # 6 windows, the last one shorter: padded batches
+    windows = eval_windows(planted, EVAL, window=12)  # 6 windows, the last one shorter: batches of 4, 1 and 1
     evaluation = Evaluation(planted, next_token_windows(windows), starts=[start])
-    assert len(evaluation.batches) == 2 and all(start in b.inputs for b in evaluation.batches)
+    assert [len(b.ids) for b in evaluation.batches] == [4, 1, 1] and all(start in b.inputs for b in evaluation.batches)
     # Edits strong enough to move every distribution: half the neurons; two dims set wherever they exceed 0.01.
     edits = [lambda: ablate_neurons(planted, start, list(range(0, 256, 2))),
              lambda: replace_massive(planted, start, {DIM: 5.0, 7: -5.0}, Criterion(min_abs=0.01, min_ratio=1e-6))]

@@ -1,5 +1,5 @@
 """The evaluation text scored many times over, once per intervention, without repeating work: its windows go through
-the model in padded batches, and the unmodified input of the blocks interventions start at is kept per batch, so a
+the model in batches of equal-length windows, and the unmodified input of the blocks interventions start at is kept per batch, so a
 pass under an intervention at block L runs blocks L onward only (``massact.capture.prefix``)."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ EVAL_BATCH = 4  # windows per forward pass: 4 x 256 tokens keep the logits of a 
 
 @dataclass
 class EvalBatch:
-    """Padded windows: ids and attention mask [batch, n] on the model's device, labels [batch, n] (the token each
-    position predicts, -100 where none: the last position of a causal window, unmasked tokens, padding), and per
+    """Windows of one length: ids and attention mask [batch, n] on the model's device, labels [batch, n] (the token
+    each position predicts, -100 where none: the last position of a causal window, unmasked tokens), and per
     start block the unmodified output of the block before it on these ids."""
 
     ids: torch.Tensor
@@ -36,10 +36,17 @@ class EvalBatch:
 
 
 def batches(lm: LoadedModel, scored: list[Scored], size: int = EVAL_BATCH) -> list[EvalBatch]:
-    """The (ids, labels) windows, ``size`` at a time, right-padded: a real token then computes exactly as alone."""
+    """The (ids, labels) windows, up to ``size`` consecutive windows of one length at a time (the windows are cut
+    to one length but the last): no padding, so an edit that looks at a whole sequence (the massive replacement's
+    median over the sequence) sees each window exactly as alone."""
+    groups: list[list[Scored]] = []
+    for window in scored:
+        if groups and len(groups[-1]) < size and groups[-1][0][0].shape[1] == window[0].shape[1]:
+            groups[-1].append(window)
+        else:
+            groups.append([window])
     found = []
-    for first in range(0, len(scored), size):
-        group = scored[first: first + size]
+    for group in groups:
         ids, mask = pad_batch([ids for ids, _ in group])
         labels, _ = pad_batch([labels for _, labels in group], pad_id=-100)
         found.append(EvalBatch(ids.to(lm.device), mask.to(lm.device), labels.to(lm.device)))
