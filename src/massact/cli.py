@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
+from .report.sections import names, section
 
 EXIT_USAGE = 2
 
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024)")
     scan.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
     scan.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
-    scan.add_argument("--quant", action="store_true", help="also measure what weight and activation quantization do (section 8)")
+    scan.add_argument("--quant", action="store_true",
+                      help=f"also measure what weight and activation quantization do (section {section('quantization').number})")
+    scan.add_argument("--full", action="store_true", help="print the whole report (as report.txt), not the one-screen summary")
     _quant_options(scan)
     quant = commands.add_parser("quant", help="quantization sweep and precision headroom, on a model or a saved report")
     quant.add_argument("target", nargs="?", help="a report directory (report.json), or a model as for scan (default: embedded SmolLM2-135M-Instruct)")
@@ -74,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     verify.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
     verify.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
+    verify.add_argument("--full", action="store_true", help="print the whole report (as report.txt), not the one-screen summary")
+    show = commands.add_parser("show", help="print a saved report, its one-screen summary, or one section")
+    show.add_argument("report_dir", type=Path, help="a directory holding report.json")
+    show.add_argument("--section", help=f"one section by name or number: {names()}")
+    show.add_argument("--summary", action="store_true", help="the one-screen summary that massact scan prints")
     compare = commands.add_parser("compare", help="put saved reports side by side in one page")
     compare.add_argument("report_dirs", type=Path, nargs="+", help="directories holding report.json")
     compare.add_argument("--out", type=Path, default=Path("massact-report") / "compare", help="output directory")
@@ -89,7 +97,7 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant}[args.command](args)
+        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -127,7 +135,7 @@ def _scan(args) -> int:
                     checkpoint_every=args.checkpoint_every, resume=args.resume, sink_epsilon=_epsilon(args.sink_epsilon),
                     **_quant_settings(args))
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
-                args.device_map, args.trust_remote_code)
+                args.device_map, args.trust_remote_code, args.full)
 
 
 def _quant_settings(args) -> dict:
@@ -246,7 +254,29 @@ def _verify(args) -> int:
     texts.check()
     formats = parse_formats(args.format)
     eval_text = _read_eval(args.eval_file)
-    return _run(model.get("source"), texts, settings, True, eval_text, model["dtype"], args.device, args.report_dir, formats, args.quiet)
+    return _run(model.get("source"), texts, settings, True, eval_text, model["dtype"], args.device, args.report_dir, formats, args.quiet,
+                full=args.full)
+
+
+def _show(args) -> int:
+    from .analysis.saved import as_report
+    from .report.load import load_report
+    from .report.text import print_section, print_report, terminal
+    from .report import summary
+
+    if args.section is not None:
+        try:
+            section(args.section)
+        except KeyError:
+            raise UsageError(f"--section takes one of: {names()}; got {args.section!r}") from None
+    report = as_report(load_report(args.report_dir), str(args.report_dir / "report.json"))
+    if args.summary:
+        summary.show(report, terminal())
+    elif args.section is not None:
+        print_section(report, section(args.section).key, terminal())
+    else:
+        print_report(report, terminal())
+    return 0
 
 
 def _compare(args) -> int:
@@ -274,12 +304,13 @@ def _read_eval(path: str | None) -> str | None:
 
 
 def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, formats: set[str], quiet: bool,
-         device_map: str | None = None, trust_remote_code: bool = False) -> int:
+         device_map: str | None = None, trust_remote_code: bool = False, full: bool = False) -> int:
     from transformers.utils import logging as hf_logging
 
     from .pipeline import scan
     from .models.loading import load
     from .report.files import write_report
+    from .report import summary
     from .report.text import print_report, terminal
 
     log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
@@ -298,10 +329,12 @@ def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, fo
     if report is None:  # another process of a multi-process launch writes the report
         return 0
     written = write_report(report, out, formats)
-    if not quiet:
+    if full and not quiet:
         print_report(report, terminal())
-    for path in written:
-        print(f"wrote {path}")
+    elif not quiet:
+        summary.show(report, terminal())
+    for line in summary.written_lines(written):
+        print(line)
     return 0
 
 

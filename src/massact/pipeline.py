@@ -17,7 +17,7 @@ from .models.loading import LoadedModel, load, wrap
 from .texts import Corpus
 from .analysis.function.sinks import SINK_EPSILON, sink_analysis
 from .analysis.conclusion import conclude
-from .analysis.mechanism.explain import birth_state, explain, pick_events
+from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines
 from .analysis.causal.perplexity import default_eval_text, eval_windows
 from .analysis.results import CorpusInfo, ModelInfo, Report
@@ -146,6 +146,7 @@ def scan(
     )
     report.trigger = triggers(lm, report, inputs, chain_depth, patch=verify)
     report.birth_state = birth_state(lm, report, inputs)
+    report.token_values = token_values(lm, report, inputs)
     if verify and report.dims and lm.adapter.encoder and lm.tokenizer.mask_token_id is None:
         report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
     elif verify and report.dims:
