@@ -185,3 +185,17 @@ def test_super_weights_one_after_another(smol, report):
         with torch.no_grad():
             weight.copy_(saved)
     assert steps[-1].value_birth == pytest.approx(states[line.born_at + 1][0, line.position, line.dim].item(), rel=1e-4)
+
+
+def test_the_terminal_summary_fits_one_screen_and_names_the_mechanism(report):
+    from massact.report.summary import to_text
+
+    text = to_text(report)
+    lines = text.splitlines()
+    # One screen of 60 lines at 120 columns, with room for the half-dozen 'wrote' lines that follow it.
+    assert len(lines) <= 54 and max(map(len, lines)) <= 120
+    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    weight = next(a.super_weight for a in report.attribution if a.dim == strongest.dim and a.role == "birth")
+    assert f"Dim {strongest.dim} is born in block {strongest.born_at}" in text
+    assert f"mlp.down_proj[{weight.row}, {weight.col}]" in text
+    assert "## " not in text  # no section of the full report

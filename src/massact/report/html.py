@@ -174,7 +174,7 @@ def to_html(report: Report, pngs: dict[str, bytes]) -> str:
         if name in pngs:
             data = base64.b64encode(pngs[name]).decode("ascii")
             figures.append(
-                f'<figure id="{name[:-4]}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" '
+                f'<figure id="figure-{name[:-4]}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" '
                 f'width="{PIXELS[0]}" height="{PIXELS[1]}"><figcaption>{html.escape(caption)} ({name})</figcaption></figure>'
             )
     toc = [("summary", "Summary"), ("tokens", "Token view"), ("explore", "Interactive figures")]

@@ -98,7 +98,7 @@ def _row(report: Report, dim: int) -> list[str]:
 
 def _matrix(name: str) -> str:
     """'model.layers.2.mlp.down_proj.weight' -> 'mlp.down_proj': the block is the birth block, in its own column."""
-    return re.sub(r"^.*?\blayers?\.\d+\.", "", name).removesuffix(".weight")
+    return re.sub(r"^.*?\.\d+\.", "", name).removesuffix(".weight")
 
 
 def _verdict(r) -> str:
