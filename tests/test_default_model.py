@@ -71,7 +71,7 @@ def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
     assert smol.model.get_parameter(weight.matrix)[weight.row, weight.col].item() == pytest.approx(weight.value)
     anatomy = next(a for a in report.anatomy if a.role == "birth")
     assert anatomy.explosion_point in {c.name for c in anatomy.checkpoints}
-    assert f"dim {attribution.dim}" in report.conclusion[0]
+    assert f"Dim {attribution.dim} is born in block {attribution.layer}" in report.conclusion[0]
 
 
 def test_ablating_the_top_neurons_removes_the_massive_activation(smol, report):
