@@ -61,17 +61,24 @@ def _cell(text: str, key: str, column: str, anchors: set[str]) -> str:
     return f"<td>{escaped}</td>"
 
 
+_ANCHORS = {  # the paragraph or table title that opens a block's or a dim's part of a section
+    "anatomy": re.compile(r"^Block (?P<block>\d+) MLP at .*\(\w+ of dims? (?P<dims>[\d, ]+)\)"),
+    "attribution": re.compile(r"^Block (?P<block>\d+) mlp_out\[(?P<dims>\d+)\]"),
+    "lifeline": re.compile(r"^dim (?P<dims>\d+) at "),
+}
+
+
 def _anchor_for(text: str, key: str, anchors: set[str]) -> str:
-    """An id for a paragraph or table title that opens a block's (anatomy, attribution) or a dim's (lifeline) part."""
-    patterns = {"anatomy": r"^Block (\d+) MLP", "attribution": r"^Block (\d+) mlp_out", "lifeline": r"^dim (\d+) at "}
-    found = re.match(patterns[key], text) if key in patterns else None
+    """Empty anchors for the first paragraph or table title of each block and dim in the anatomy, attribution and
+    lifeline sections, to put inside it: the page's links and clicks jump there."""
+    found = _ANCHORS[key].match(text) if key in _ANCHORS else None
     if not found:
         return ""
-    anchor = f"{key}-{'dim' if key == 'lifeline' else 'block'}-{found.group(1)}"
-    if anchor in anchors:
-        return ""
-    anchors.add(anchor)
-    return f' id="{anchor}"'
+    wanted = ([f"{key}-block-{found['block']}"] if "block" in found.groupdict() else [])
+    wanted += [f"{key}-dim-{d.strip()}" for d in found["dims"].split(",")]
+    new = [name for name in wanted if name not in anchors]
+    anchors.update(new)
+    return "".join(f'<span class="anchor" id="{name}"></span>' for name in new)
 
 
 def _table(table: Table, key: str, anchors: set[str]) -> str:
@@ -81,7 +88,7 @@ def _table(table: Table, key: str, anchors: set[str]) -> str:
     rows = list(zip(*(list(c.cells) for c in columns)))
     body = "".join("<tr>" + "".join(_cell(str(cell), key, str(c.header), anchors) for cell, c in zip(row, columns)) + "</tr>"
                    for row in rows)
-    caption = f"<caption{_anchor_for(title, key, anchors)}>{html.escape(title)}</caption>" if title else ""
+    caption = f"<caption>{_anchor_for(title, key, anchors)}{html.escape(title)}</caption>" if title else ""
     markup = f'<table class="data sortable">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
     if len(rows) > FOLDED_ROWS:  # long tables start folded: the summary says what they hold
         return f"<details><summary>{html.escape(title or 'table')} ({len(rows)} rows)</summary>{markup}</details>"
@@ -96,8 +103,8 @@ def _part(part, key: str, anchors: set[str]) -> str:
         return ""
     text = str(part).strip("\n")
     if "\n  " in text:  # indented lines (phases, chains) keep their layout
-        return f"<pre{_anchor_for(text, key, anchors)}>{html.escape(text)}</pre>"
-    return f"<p{_anchor_for(text, key, anchors)}>{'<br>'.join(map(html.escape, text.splitlines()))}</p>"
+        return f"<pre>{_anchor_for(text, key, anchors)}{html.escape(text)}</pre>"
+    return f"<p>{_anchor_for(text, key, anchors)}{'<br>'.join(map(html.escape, text.splitlines()))}</p>"
 
 
 def _sections(report: Report) -> list[tuple[str, str, str]]:
@@ -133,7 +140,7 @@ def _card(report: Report) -> str:
     rows = ""
     for row in s.rows:
         dim, born = row[0], row[2]
-        cells = [f'<a href="#lifeline-dim-{dim}" data-dim="{dim}">{dim}</a>', html.escape(row[1]),
+        cells = [f'<a href="#anatomy-dim-{dim}" data-dim="{dim}">{dim}</a>', html.escape(row[1]),
                  f'<a href="#anatomy-block-{born}" data-block="{born}">{born}</a>', *map(html.escape, row[3:])]
         rows += "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
     table = (f'<table class="data"><thead><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in screen.COLUMNS)}</tr></thead>'

@@ -25,23 +25,28 @@
   // Jump to a part of the report: open the folded table that holds it, scroll, flash it.
   function jump(target) {
     if (!target) return false;
+    if (target.classList.contains("anchor")) target = target.parentElement;  // flash what the anchor marks
     for (var node = target; node; node = node.parentElement) if (node.tagName === "DETAILS") node.open = true;
     target.scrollIntoView({ block: "center" });
     target.classList.remove("flash"); void target.offsetWidth; target.classList.add("flash");
     return true;
   }
-  function goBlock(block) {
-    var anatomy = $("anatomy-block-" + block), attribution = $("attribution-block-" + block);
+  // A block or a dim: flash its attribution, then scroll to its anatomy (the attribution follows it); else its lifeline
+  // (a dim no MLP writes) or its row of the layer scan (a block that writes nothing massive).
+  function go(kind, which) {
+    var anatomy = $("anatomy-" + kind + "-" + which), attribution = $("attribution-" + kind + "-" + which);
     if (attribution) jump(attribution);
     if (anatomy) jump(anatomy);
-    if (!anatomy && !attribution) jump($("layers-block-" + block));
+    if (!anatomy && !attribution) jump($(kind === "dim" ? "lifeline-dim-" + which : "layers-block-" + which));
   }
+  function goBlock(block) { go("block", block); }
   document.addEventListener("click", function (event) {
     var link = event.target.closest("a[href^='#']");
-    if (link && jump(document.getElementById(link.getAttribute("href").slice(1)))) {
-      event.preventDefault();
-      if (link.dataset.block) goBlock(link.dataset.block);
-    }
+    if (!link) return;
+    event.preventDefault();
+    if (link.dataset.block) goBlock(link.dataset.block);
+    else if (link.dataset.dim) go("dim", link.dataset.dim);
+    else jump(document.getElementById(link.getAttribute("href").slice(1)));
   });
 
   // Sortable tables: click a header; numbers sort as numbers ("+24,494.3", "1,234x", "12.5%").
@@ -171,6 +176,11 @@
   }
 
   var L = data.layers, n = L.length;
+  // What this block's attention and MLP add to the strongest dim at its carrier (its lifeline).
+  function parts(block) {
+    var line = data.lifelines[0], step = line && line.steps[block];
+    return step ? "\ndim " + line.dim + " at its carrier: " + fmt(step[1]) + " (attention " + fmt(step[2]) + ", MLP " + fmt(step[3]) + ")" : "";
+  }
   var nth = function (k) { return L.map(function (s) { return s.top[k] ? s.top[k][0] : null; }); };
   chart($("fig-profile"), n, [
     { name: "top1 |a|", color: "#d62728", values: nth(0) }, { name: "top2", color: "#ff7f0e", values: nth(1) },
@@ -178,7 +188,8 @@
   ], true, function (b) {
     var s = L[b];
     return "block " + b + "\n" + s.top.map(function (t, k) { return "top" + (k + 1) + ": " + fmt(t[0]) + " (dim " + t[1] + ")"; }).join("\n") +
-      "\nmedian |a|: " + fmt(s.median) + (s.top[0] ? "\ntop1 / median: " + fmt(Math.abs(s.top[0][0]) / s.median) + "x" : "") + "\nclick: this block's anatomy and attribution";
+      "\nmedian |a|: " + fmt(s.median) + (s.top[0] ? "\ntop1 / median: " + fmt(Math.abs(s.top[0][0]) / s.median) + "x" : "") +
+      parts(b) + "\nclick: this block's anatomy and attribution";
   });
 
   function drawLifeline() {
