@@ -199,3 +199,13 @@ def test_the_terminal_summary_fits_one_screen_and_names_the_mechanism(report):
     assert f"Dim {strongest.dim} is born in block {strongest.born_at}" in text
     assert f"mlp.down_proj[{weight.row}, {weight.col}]" in text
     assert "## " not in text  # no section of the full report
+
+
+def test_the_page_stays_small_and_holds_the_token_view(report):
+    from massact.report.html import to_html
+    from massact.report.plots import figures
+
+    page = to_html(report, figures(report))
+    assert len(page.encode("utf-8")) < 2_000_000  # one file, figures and data embedded
+    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    assert report.token_values.dims[0] == strongest.dim and '"tokens":{"dims":[' in page
