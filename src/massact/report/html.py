@@ -1,7 +1,7 @@
 """One self-contained HTML page to explore the report: a summary card, a token view, interactive figures, every section
 as sortable and foldable tables, navigation from a block or a dim to its anatomy and attribution.
 
-No library: the figures are SVG drawn by about 200 lines of plain JavaScript (report/page.js) from the report's own
+No library: the figures are SVG drawn by about 240 lines of plain JavaScript (report/page.js) from the report's own
 numbers, embedded as JSON. A Content-Security-Policy forbids every request, so the page works offline and cannot leak.
 """
 
