@@ -91,7 +91,7 @@ def _attribution_body(style: Style, report: Report) -> list:
         shown.add(attribution.layer)
     out += attribution_summary(style, [a for a in report.attribution if a.role != "birth"])
     if report.experts:
-        out.append(Text("A mixture of experts writes it: the experts first, then the neurons of the strongest one."))
+        out.append(Text("Expert and neuron attribution (a mixture of experts): the experts first, then the neurons of the strongest one."))
         for split in report.experts:
             out += _expert_tables(style, split)
     return out
