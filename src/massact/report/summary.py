@@ -7,6 +7,7 @@ dim, the verification's verdicts, the sink and the float16 headroom. report.txt 
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +147,8 @@ def written_lines(paths: list[Path]) -> list[str]:
     figures = [p for p in paths if p.suffix == ".png"]
     lines = [f"wrote {p}" for p in paths if p.suffix != ".png"]
     if figures:
-        lines.append(f"wrote {len(figures)} figure(s) in {figures[0].parent}: {', '.join(p.name for p in figures)}")
+        lines.append(f"wrote {len(figures)} figure(s) in {figures[0].parent}:")
+        lines += textwrap.wrap(", ".join(p.name for p in figures), width=118, initial_indent="  ", subsequent_indent="  ")
     return lines
 
 
