@@ -39,7 +39,7 @@ def test_scan_writes_every_output(model_dir, tmp_path):
     lines = result.stdout.splitlines()
     screen = [line for line in lines if not line.startswith("wrote ")]  # the paths are as long as the directory's name
     assert len(lines) <= 60 and max(map(len, screen)) <= 120 and "## 1. Layer scan" not in result.stdout
-    assert f"Dim {DIM} is born in block {LAYER}" in result.stdout and f"mlp.c_proj[{NEURON}, {DIM}]" in result.stdout
+    assert f"Dim {DIM} is born in block {LAYER}" in result.stdout and f"c_proj[{NEURON}, {DIM}]" in result.stdout
     assert f"wrote {out / 'report.json'}" in result.stdout
 
 

@@ -197,7 +197,7 @@ def test_the_terminal_summary_fits_one_screen_and_names_the_mechanism(report):
     strongest = max(report.dims, key=lambda d: abs(d.max_value))
     weight = next(a.super_weight for a in report.attribution if a.dim == strongest.dim and a.role == "birth")
     assert f"Dim {strongest.dim} is born in block {strongest.born_at}" in text
-    assert f"mlp.down_proj[{weight.row}, {weight.col}]" in text
+    assert f"down_proj[{weight.row}, {weight.col}]" in text  # the table names it
     assert "## " not in text  # no section of the full report
 
 

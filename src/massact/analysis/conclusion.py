@@ -52,8 +52,9 @@ def _norm_words(n: NormFactors, written: str, post_ln: bool) -> list[str]:
 
 
 def conclude(report: Report) -> list[str]:
-    """One paragraph per massive dim, strongest first, in short sentences of one fact each, built from the numbers
-    above them in the report: the mechanism as a chain a reader can follow from the token to the erasure."""
+    """One paragraph per massive dim, strongest first, in short sentences of one fact each (a line per kind of fact),
+    built from the numbers above them in the report: the mechanism as a chain a reader can follow from the token to
+    the erasure."""
     if not report.dims:
         best = max(report.layers, key=lambda s: s.ratio)
         top = best.top[0]
@@ -62,12 +63,24 @@ def conclude(report: Report) -> list[str]:
             f"{report.criterion.min_ratio:g} x median). The largest top1/median is {best.ratio:.0f}x: dim {top.dim} "
             f"= {top.value:.1f} at block {best.layer}."
         ]
-    return [" ".join(sentence for _, sentence in story(report, summary.dim)) for summary in sorted(report.dims, key=lambda d: -abs(d.max_value))]
+    return [_lines(story(report, summary.dim)) for summary in sorted(report.dims, key=lambda d: -abs(d.max_value))]
+
+
+def _lines(sentences: list[tuple[str, str]]) -> str:
+    """The story as one paragraph, a line per run of sentences of one kind: the birth, the precursor, the writer..."""
+    lines: list[tuple[str, list[str]]] = []
+    for kind, sentence in sentences:
+        if lines and lines[-1][0] == kind:
+            lines[-1][1].append(sentence)
+        else:
+            lines.append((kind, [sentence]))
+    return "\n".join(" ".join(group) for _, group in lines)
 
 
 def story(report: Report, dim: int) -> list[tuple[str, str]]:
-    """The dim's mechanism as (kind, sentence) pairs, in reading order; kinds: precursor, birth, norm, neurons, explosion,
-    super weight, experts, heads, trigger, fate, erasure, super weights. The terminal summary picks a few kinds."""
+    """The dim's mechanism as (kind, sentence) pairs, in reading order; kinds: birth, precursor, norm, neurons, explosion,
+    super weight, experts, heads, trigger, chain, carriers, patching, fate, erasure, super weights. The terminal summary
+    picks a few kinds."""
     summary = next(d for d in report.dims if d.dim == dim)
     line = next(x for x in report.lifeline if x.dim == dim)  # the scan makes one per dim
     out = [("birth", s) for s in _birth_words(report, dim)]
@@ -76,7 +89,7 @@ def story(report: Report, dim: int) -> list[tuple[str, str]]:
     out += _mechanism_words(report, dim)
     trigger = next((t for t in report.trigger if t.dim == dim), None)
     if trigger is not None and trigger.chain:
-        out += [("trigger", s) for s in _trigger_words(trigger)]
+        out += _trigger_words(trigger)
     out += _fate_words(summary, line)
     steps = [s for s in report.super_weights if s.dim == dim]
     if steps:
@@ -139,13 +152,13 @@ def _precursor_words(line: Lifeline) -> list[str]:
     return out
 
 
-def _trigger_words(trigger: Trigger) -> list[str]:
+def _trigger_words(trigger: Trigger) -> list[tuple[str, str]]:
     first, rest = trigger.chain[0], trigger.chain[1:]
     if first.kind != "neuron":
         return []
     name = lambda link: "gate" if link.site == "mlp_gate" else "pre-activation"
-    out = [f"Neuron {first.index} fires at token {trigger.position} because its {name(first)} is {short(first.value, True)} there, "
-           f"against {short(first.value_others, True)} on average at the other tokens."]
+    out = [("trigger", f"Neuron {first.index} fires at token {trigger.position} because its {name(first)} is {short(first.value, True)} "
+                       f"there, against {short(first.value_others, True)} on average at the other tokens.")]
     previous = first
     for link in rest:
         step = f"Of that {name(previous)}, {link.source} gives {short(link.source_here, True)} there ({short(link.source_others, True)} elsewhere)"
@@ -157,14 +170,14 @@ def _trigger_words(trigger: Trigger) -> list[str]:
             step += f", {short(link.feeds, True)} through head {link.index}, which attends to {link.attends[0][1]!r} ({link.attends[0][2]:.0%})"
         elif link.kind != "mlp":
             step += ", straight from the token"
-        out.append(step + ".")
+        out.append(("chain", step + "."))
     if trigger.carriers is not None:
-        out.append(f"It is {trigger.carriers.summary.split(':')[0]}.")
+        out.append(("carriers", f"It is {trigger.carriers.summary.split(':')[0]}."))
     patch = next((p for p in trigger.patching if p.replacement != "zero"), None)
     if patch is not None:
-        out.append(f"Replacing {patch.source}'s output there by its mean over the other tokens changes the {name(first)} by "
-                   f"{short(patch.total, True)} ({short(patch.direct, True)} directly) and leaves {short(patch.value_birth, True)} "
-                   f"at the birth block ({'still massive' if patch.still_massive else 'not massive'}).")
+        out.append(("patching", f"Replacing {patch.source}'s output there by its mean over the other tokens changes the {name(first)} "
+                                f"by {short(patch.total, True)} ({short(patch.direct, True)} directly) and leaves "
+                                f"{short(patch.value_birth, True)} at the birth block ({'still massive' if patch.still_massive else 'not massive'})."))
     return out
 
 

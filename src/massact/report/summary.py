@@ -6,7 +6,6 @@ dim, the verification's verdicts, the sink and the float16 headroom. report.txt 
 
 from __future__ import annotations
 
-import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ TABLE_DIMS = 8
 SHOWN_VERDICTS = 6
 # The sentence kinds of a dim's story that the screen keeps: where it is born, who makes it, what fires it, where it goes.
 KINDS = ("birth", "neurons", "experts", "heads", "super weight", "trigger", "erasure")
-COLUMNS = ("dim", "tokens", "born at", "writer", "top neuron (share)", "super weight", "peak (x median)", "erased at")
+COLUMNS = ("dim", "tokens", "born at", "writer", "top neuron", "super weight", "peak (x median)", "erased at")
 
 
 @dataclass(kw_only=True)
@@ -92,14 +91,14 @@ def _row(report: Report, dim: int) -> list[str]:
     elif birth.heads:
         neuron = f"head {birth.heads[0].head} ({birth.heads[0].share:.0%})"
     ratio = max((e.ratio for e in report.massive if e.dim == dim), default=float("nan"))
-    tokens = ", ".join(repr(t) for t in summary.tokens[:2]) + (f" +{len(summary.tokens) - 2}" if len(summary.tokens) > 2 else "")
+    tokens = repr(summary.tokens[0]) + (f" +{len(summary.tokens) - 1} more" if len(summary.tokens) > 1 else "")
     return [str(dim), tokens, str(summary.born_at), {"mlp": "MLP", "attn": "attention"}[birth.writer], neuron, weight,
             f"{short(line.peak, True)} at {line.peak_layer} ({short(ratio)}x)", spans(line.erased_at) if line.erased_at else "never"]
 
 
 def _matrix(name: str) -> str:
-    """'model.layers.2.mlp.down_proj.weight' -> 'mlp.down_proj': the block is the birth block, in its own column."""
-    return re.sub(r"^.*?\.\d+\.", "", name).removesuffix(".weight")
+    """'model.layers.2.mlp.down_proj.weight' -> 'down_proj': the block is the birth block, in its own column."""
+    return name.removesuffix(".weight").rsplit(".", 1)[-1]
 
 
 def _verdict(r) -> str:

@@ -396,7 +396,7 @@ _BODIES = {
     "quantization": lambda style, report: _quantization_tables(style, report.quantization) if report.quantization else [],
     "precision": lambda style, report: _precision_tables(style, report.precision) if report.precision else [],
     "warnings": lambda style, report: [Text(f"- {w}", style="" if style.plain else "yellow") for w in report.warnings],
-    "conclusion": lambda style, report: [Text(sentence) for sentence in report.conclusion],
+    "conclusion": lambda style, report: [Text(paragraph + "\n") for paragraph in report.conclusion],
 }
 
 
