@@ -75,7 +75,7 @@
   // The token view.
   var tv = data.tokens, tvTip = $("tv-tip");
   function tokenColour(value, largest) {
-    var t = largest > 0 ? Math.log1p(Math.abs(value)) / Math.log1p(largest) : 0;
+    var t = largest > 0 ? Math.pow(Math.log1p(Math.abs(value)) / Math.log1p(largest), 2) : 0;  // squared: ordinary tokens stay pale
     return value >= 0 ? "rgba(214, 39, 40, " + t.toFixed(3) + ")" : "rgba(31, 90, 200, " + t.toFixed(3) + ")";
   }
   function drawTokens() {
