@@ -150,7 +150,8 @@ def _card(report: Report) -> str:
     function = "".join(f"<p>{html.escape(line)}</p>" for line in s.function)
     return (f'<section id="summary" class="card"><h2>Summary</h2><p><b>{html.escape(s.title)}</b></p><p>{html.escape(s.criterion)}</p>'
             f'<div class="scroll">{table}</div>{mechanism}'
-            + (f"<p><b>Verification</b></p><ul>{verdicts}</ul>" if verdicts else "") + function + "</section>")
+            + (f"<p><b>Verification</b></p><ul>{verdicts}</ul>" if verdicts else "") + function
+            + (f"<p>{html.escape(s.more)} in the sections below.</p>" if s.more else "") + "</section>")
 
 
 def page_data(report: Report) -> dict:

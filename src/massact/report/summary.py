@@ -28,7 +28,8 @@ COLUMNS = ("dim", "tokens", "born at", "writer", "top neuron", "super weight", "
 
 @dataclass(kw_only=True)
 class Summary:
-    """The screen's facts as words: ``rows`` match COLUMNS, ``mechanism`` holds (dim, sentences) strongest first."""
+    """The screen's facts as words: ``rows`` match COLUMNS, ``mechanism`` holds (dim, sentences) strongest first,
+    ``more`` what did not fit ('2 more dim(s)')."""
 
     title: str
     criterion: str
@@ -58,7 +59,7 @@ def summarize(report: Report) -> Summary:
         verdicts=(["Not verified: run with --verify, or `massact verify DIR`."] if report.dims and not report.verification
                   else verdicts[:SHOWN_VERDICTS]),
         function=_function_lines(report),
-        more=("; ".join(more) + " in report.txt") if more else "",
+        more="; ".join(more),
     )
 
 
@@ -137,7 +138,7 @@ def renderables(report: Report, plain: bool) -> list:
         out += [Text(f"  {v}") for v in s.verdicts]
     out += [Text(line) for line in s.function]
     if s.more:
-        out.append(Text(s.more + "."))
+        out.append(Text(f"{s.more} in report.txt."))
     return out
 
 
