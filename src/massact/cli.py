@@ -74,6 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     verify.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
     verify.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
+    track = commands.add_parser("track", help="scan checkpoints of one model (a training history, base and fine-tune) and align them")
+    track.add_argument("specs", nargs="+", metavar="SPEC",
+                       help="a model directory, a .gguf file, a hub ID@REVISION, a directory of Trainer checkpoint-<step>/ "
+                            "folders, or a monitor's .jsonl file (then only .jsonl files)")
+    track.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences)")
+    track.add_argument("--file", help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")
+    track.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]], as for scan")
+    track.add_argument("--max-texts", type=int, help="scan at most this many texts")
+    track.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows")
+    track.add_argument("--out", type=Path, default=Path("massact-report") / "track",
+                       help="output directory: track.json/.txt/.html and the figures, one report folder per checkpoint")
+    track.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    track.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    track.add_argument("--top-k", type=int, default=5, help="largest activations listed per block")
+    track.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
+    track.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
+    track.add_argument("--top-neurons", type=int, default=10, help="neurons listed in each checkpoint's attribution")
+    track.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan")
+    track.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
+                       help="verify each checkpoint by intervention and measure its attention sink (default: off)")
+    track.add_argument("--eval-file", help="UTF-8 text for perplexity under --verify (default: the shipped public-domain sample)")
+    track.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
+    track.add_argument("--quiet", action="store_true", help="no track on the terminal, no progress: only the paths written")
     compare = commands.add_parser("compare", help="put saved reports side by side in one page")
     compare.add_argument("report_dirs", type=Path, nargs="+", help="directories holding report.json")
     compare.add_argument("--out", type=Path, default=Path("massact-report") / "compare", help="output directory")
@@ -89,7 +112,7 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant}[args.command](args)
+        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "track": _track}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -107,12 +130,7 @@ def _scan(args) -> int:
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
-    for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every", "chain_depth", "super_weight_steps"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
-    for option in ("min_abs", "min_ratio"):
-        if not (math.isfinite(getattr(args, option)) and getattr(args, option) > 0):
-            raise UsageError(f"--{option.replace('_', '-')} must be a positive number")
+    _check_counts(args, ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every", "chain_depth", "super_weight_steps"))
     formats = parse_formats(args.format)
     # Absolute, so that `massact verify` can read the file again from anywhere.
     file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
@@ -128,6 +146,63 @@ def _scan(args) -> int:
                     **_quant_settings(args))
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
                 args.device_map, args.trust_remote_code)
+
+
+def _check_counts(args, counts: tuple[str, ...]) -> None:
+    """The count options given must be at least 1, and --min-abs, --min-ratio positive numbers."""
+    for option in counts:
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
+    for option in ("min_abs", "min_ratio"):
+        if not (math.isfinite(getattr(args, option)) and getattr(args, option) > 0):
+            raise UsageError(f"--{option.replace('_', '-')} must be a positive number")
+
+
+def _track(args) -> int:
+    """massact track: every checkpoint scanned with the same texts and settings, its report in its own folder (done
+    ones kept), then aligned; or a monitor's JSONL records drawn as the same timeline."""
+    from transformers.utils import logging as hf_logging
+
+    from .report.atomic import check_writable
+    from .report.files import parse_formats
+    from .report.text import terminal
+    from .report.track import renderables, write_track
+    from .texts import Corpus
+    from .track import monitor, specs
+    from .track.run import TrackOptions, run
+
+    _check_counts(args, ("top_k", "top_neurons", "batch_size", "max_texts"))
+    formats = parse_formats(args.format)
+    journals = [spec for spec in args.specs if spec.endswith(".jsonl")]
+    check_writable(args.out)
+    if journals:
+        if len(journals) < len(args.specs):
+            raise UsageError("a track is either monitor .jsonl files or checkpoints, not both")
+        track = monitor.timeline([r for path in journals for r in monitor.read_records(Path(path))], ", ".join(journals))
+    else:
+        checkpoints = specs.expand(args.specs)  # every SPEC checked before any model loads
+        file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
+        texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
+        texts.check()
+        options = TrackOptions(texts=texts, verify=args.verify, eval_text=_read_eval(args.eval_file), dtype=args.dtype,
+                               device=args.device,
+                               scan=dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio,
+                                         top_neurons=args.top_neurons, batch_size=args.batch_size, max_length=args.max_length))
+        hf_logging.set_verbosity_error()
+        if args.quiet or not sys.stderr.isatty():
+            hf_logging.disable_progress_bar()
+        with _progress(_bars(args.quiet)) as progress:
+            track = run(checkpoints, options, args.out, _log(args.quiet), progress, formats)
+        if track is None:  # another process of a multi-process launch writes the track
+            return 0
+    written = write_track(track, args.out, formats)
+    if not args.quiet:
+        from rich.console import Group
+
+        terminal().print(Group(*renderables(track, plain=False)))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def _quant_settings(args) -> dict:
