@@ -9,13 +9,14 @@ else from the folder's name. Every problem is found here, before any model loads
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
-from ..models.loading import split_revision
+from ..models.loading import _HUB_ID, _hub_source, hub_reachable, split_revision
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -55,9 +56,15 @@ def _one(spec: str) -> list[Checkpoint]:
         if (path / "config.json").is_file():
             return [Checkpoint(spec=spec, target=str(path), step=step_of(path))]
         return trainer_checkpoints(path, spec)
-    revision = split_revision(spec)[1]  # "id@" or "@rev" fails here, before any load
+    model_id, revision = split_revision(spec)  # "id@" or "@rev" fails here, before any load
+    if _HUB_ID.match(model_id) and not spec.startswith((".", "/", "~")) and _offline():
+        _hub_source(model_id, revision)  # only the cache can serve it: a missing revision fails now, in one line
     # A hub id, or a missing path: load says which, in one line.
     return [Checkpoint(spec=spec, target=spec, step=None if revision is None else _revision_step(revision))]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable()
 
 
 def _revision_step(revision: str) -> int | None:
