@@ -67,6 +67,7 @@ def run(checkpoints: Sequence[Checkpoint], options: TrackOptions, out: Path, log
 
     rank, world = _launch()
     places = folders(checkpoints, out)
+    scanned: dict[Path, Report] = {}  # reports made here need no reading back
     for index, (checkpoint, folder) in enumerate(zip(checkpoints, places)):
         if index % world != rank:
             continue
@@ -76,12 +77,12 @@ def run(checkpoints: Sequence[Checkpoint], options: TrackOptions, out: Path, log
             log(f"{where}: already done, in {folder}")
             continue
         log(f"{where}: scanning")
-        _scan_one(checkpoint, options, folder, progress, (formats or set(FORMATS)) | {"json"})
+        scanned[folder] = _scan_one(checkpoint, options, folder, progress, (formats or set(FORMATS)) | {"json"})
     if world > 1:
         _wait_for_all()
     if rank != 0:
         return None
-    reports = [read_report(folder) for folder in places]
+    reports = [scanned[folder] if folder in scanned else read_report(folder) for folder in places]
     _check_shapes(checkpoints, reports)
     states = [align.summarize(report, step=c.step, spec=c.spec, folder=folder.name)
               for c, report, folder in zip(checkpoints, reports, places)]
@@ -91,7 +92,7 @@ def run(checkpoints: Sequence[Checkpoint], options: TrackOptions, out: Path, log
     return track
 
 
-def _scan_one(checkpoint: Checkpoint, options: TrackOptions, folder: Path, progress, formats: set[str]) -> None:
+def _scan_one(checkpoint: Checkpoint, options: TrackOptions, folder: Path, progress, formats: set[str]) -> Report:
     from ..models.loading import load
     from ..pipeline import scan
     from ..report.files import write_report
@@ -103,6 +104,7 @@ def _scan_one(checkpoint: Checkpoint, options: TrackOptions, folder: Path, progr
             report = scan(lm, options.texts, verify=options.verify, eval_text=options.eval_text, progress=progress,
                           **options.scan)
         write_report(report, folder, formats)
+        return report
     finally:  # one model in memory at a time
         del lm
         gc.collect()
