@@ -11,7 +11,7 @@ import gc
 import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,28 +19,11 @@ import torch
 
 from ..analysis.results import Report
 from ..errors import UsageError
+from ..settings import ScanSettings
 from ..texts import Corpus
 from . import align
 from .results import Track
 from .specs import Checkpoint, describe, shape
-
-
-@dataclass(frozen=True)
-class TrackOptions:
-    """How every checkpoint is scanned: the same texts, the same scan keywords (``massact.scan``'s), verification or
-    not, dtype and device."""
-
-    texts: Corpus
-    scan: dict
-    verify: bool = False
-    eval_text: str | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-
-    def describe(self) -> dict:
-        """The settings as track.json records them."""
-        return {"texts": self.texts.describe(), **{k: v for k, v in self.scan.items() if not isinstance(v, Path)},
-                "verify": self.verify, "dtype": self.dtype}
 
 
 def folder_name(checkpoint: Checkpoint, index: int) -> str:
@@ -59,10 +42,11 @@ def folders(checkpoints: Sequence[Checkpoint], out: Path) -> list[Path]:
     return [out / name for name in names]
 
 
-def run(checkpoints: Sequence[Checkpoint], options: TrackOptions, out: Path, log: Callable[[str], None],
+def run(checkpoints: Sequence[Checkpoint], texts: Corpus, settings: ScanSettings, out: Path, log: Callable[[str], None],
         progress=None, formats: set[str] | None = None) -> Track | None:
-    """Scan the checkpoints not done yet (this process's share of them), then align every report into the track.
-    Returns None in every process but the first of a multi-process launch."""
+    """Scan the checkpoints not done yet (this process's share of them) on the same ``texts`` with the same
+    ``settings``, then align every report into the track. Returns None in every process but the first of a
+    multi-process launch."""
     from ..report.files import FORMATS
 
     rank, world = _launch()
@@ -73,11 +57,11 @@ def run(checkpoints: Sequence[Checkpoint], options: TrackOptions, out: Path, log
             continue
         where = f"checkpoint {index + 1}/{len(checkpoints)} ({align.label(checkpoint.step, checkpoint.spec)})"
         if (folder / "report.json").is_file():
-            check_done(folder, options)
+            check_done(folder, texts, settings)
             log(f"{where}: already done, in {folder}")
             continue
         log(f"{where}: scanning")
-        scanned[folder] = _scan_one(checkpoint, options, folder, progress, (formats or set(FORMATS)) | {"json"})
+        scanned[folder] = _scan_one(checkpoint, texts, settings, folder, progress, (formats or set(FORMATS)) | {"json"})
     if world > 1:
         _wait_for_all()
     if rank != 0:
@@ -86,23 +70,23 @@ def run(checkpoints: Sequence[Checkpoint], options: TrackOptions, out: Path, log
     _check_shapes(checkpoints, reports)
     states = [align.summarize(report, step=c.step, spec=c.spec, folder=folder.name)
               for c, report, folder in zip(checkpoints, reports, places)]
-    track = align.align(states, options.describe(), [align.listed_values(report) for report in reports])
+    described = {"texts": texts.describe(), **asdict(settings)}
+    track = align.align(states, described, [align.listed_values(report) for report in reports])
     if len(checkpoints) == 2:
         track.diff = align.diff(states[0], states[1], super_weight_matrices(checkpoints, states, track.warnings))
     return track
 
 
-def _scan_one(checkpoint: Checkpoint, options: TrackOptions, folder: Path, progress, formats: set[str]) -> Report:
+def _scan_one(checkpoint: Checkpoint, texts: Corpus, settings: ScanSettings, folder: Path, progress, formats: set[str]) -> Report:
     from ..models.loading import load
     from ..pipeline import scan
     from ..report.files import write_report
 
-    lm = load(checkpoint.target, dtype=options.dtype, device=options.device, log=lambda _: None)
+    lm = load(checkpoint.target, dtype=settings.dtype, device=settings.device, log=lambda _: None)
     lm.name = checkpoint.spec
     try:
         with single_process():
-            report = scan(lm, options.texts, verify=options.verify, eval_text=options.eval_text, progress=progress,
-                          **options.scan)
+            report = scan(lm, texts, settings, progress=progress)
         write_report(report, folder, formats)
         return report
     finally:  # one model in memory at a time
@@ -120,16 +104,17 @@ def read_report(folder: Path) -> Report:
     return as_report(load_report(folder), str(folder / "report.json"))
 
 
-def check_done(folder: Path, options: TrackOptions) -> None:
-    """A report already in the folder counts as done only if it was made with this track's texts and criterion."""
+def check_done(folder: Path, texts: Corpus, settings: ScanSettings) -> None:
+    """A report already in the folder counts as done only if it was made with this track's texts and settings (the
+    device aside: a checkpoint scanned on a GPU joins one scanned on the CPU)."""
     from ..report.load import load_report
 
     saved = load_report(folder)
-    texts = options.texts
-    same = saved["corpus"]["spec"]["texts"] == list(texts.texts) and saved["corpus"]["spec"]["dataset"] == texts.dataset \
-        and saved["corpus"]["spec"]["max_length"] == options.scan.get("max_length") \
-        and saved["criterion"]["min_abs"] == options.scan.get("min_abs", 100.0) \
-        and saved["criterion"]["min_ratio"] == options.scan.get("min_ratio", 1000.0)
+    spec = saved["corpus"]["spec"]
+    made = {key: value for key, value in (saved.get("settings") or {}).items() if key != "device"}
+    wanted = {key: value for key, value in asdict(settings).items() if key != "device"}
+    same = (spec["texts"], spec["file"], spec["dataset"], spec["max_texts"]) == (list(texts.texts), texts.file, texts.dataset,
+                                                                                texts.max_texts) and made == wanted
     if not same:
         raise UsageError(f"{folder} holds a report made with other texts or settings; remove it or choose another --out")
 
