@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/bench_monitor.py [--steps 200] [--every 100]
 
-The model, data and optimizer of benchmarks/train_from_scratch.py (a 3.9M-parameter Llama, batch 16 x 128 tokens,
+The model, data and optimizer of benchmarks/train_from_scratch.py (a 0.9M-parameter Llama, batch 8 x 64 tokens,
 AdamW). One real Trainer run of ``--steps`` steps with ``MassactCallback`` attached at ``--every`` (default: the
 monitor's default interval); the time inside the callback is measured around each of its calls, and the share is
 that time over the whole run. A second run without the callback gives the plain training time beside it (on a
@@ -19,20 +19,17 @@ import torch
 
 def run(steps: int, every: int | None) -> tuple[float, float, int]:
     """(seconds of training, seconds inside the monitor, monitor calls) for one Trainer run."""
-    from transformers import DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, TrainingArguments
 
     from massact.track.monitor import MassactCallback
-    from train_from_scratch import WINDOW, documentation, train_tokenizer, windows
+    from train_from_scratch import BATCH, documentation, model_config, train_tokenizer, windows
 
     torch.manual_seed(0)
     text = documentation()
     tokenizer = train_tokenizer(text)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=WINDOW, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                         tie_word_embeddings=True)
-    args = TrainingArguments(output_dir="/tmp/massact-bench-monitor", max_steps=steps, per_device_train_batch_size=16,
+    args = TrainingArguments(output_dir="/tmp/massact-bench-monitor", max_steps=steps, per_device_train_batch_size=BATCH,
                              learning_rate=3e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=10_000)
-    trainer = Trainer(model=LlamaForCausalLM(config), args=args, train_dataset=windows(tokenizer, text), processing_class=tokenizer,
+    trainer = Trainer(model=LlamaForCausalLM(model_config(len(tokenizer))), args=args, train_dataset=windows(tokenizer, text), processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     inside = [0.0, 0]
     if every is not None:
@@ -59,7 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=EVERY)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (as in train_from_scratch.py)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     total, inside, calls = run(args.steps, args.every)
     plain, _, _ = run(args.steps, None)
     print(f"| steps | every | monitor calls | s per call | training with monitor (s) | of it in the monitor | without monitor (s) |")

@@ -234,13 +234,7 @@ def to_html(track: Track, pngs: dict[str, bytes]) -> str:
 def write_track(track: Track, out: Path, formats: set[str]) -> list[Path]:
     """track.json, track.txt, track.html and the figures in ``out`` (beside the checkpoints' report folders)."""
     pngs = figures(track) if formats & {"html", "png"} else {}
-    contents: dict[str, str | bytes] = {}
-    if "json" in formats:
-        contents["track.json"] = to_json(track)
-    if "txt" in formats:
-        contents["track.txt"] = to_text(track)
-    if "html" in formats:
-        contents["track.html"] = to_html(track, pngs)
-    if "png" in formats:
-        contents.update(pngs)
-    return write_set(out, contents)
+    makers = {"json": ("track.json", lambda: to_json(track)), "txt": ("track.txt", lambda: to_text(track)),
+              "html": ("track.html", lambda: to_html(track, pngs))}
+    contents: dict[str, str | bytes] = {name: make() for kind, (name, make) in makers.items() if kind in formats}
+    return write_set(out, {**contents, **(pngs if "png" in formats else {})})
