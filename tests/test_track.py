@@ -181,6 +181,8 @@ def test_callback_logs_what_an_offline_scan_of_the_saved_checkpoint_finds(traine
     root, trainer, callback = trained
     logged = [entry for entry in trainer.state.log_history if "massact/block_02/top1" in entry]
     assert [entry["step"] for entry in logged] == [2, 4]
+    # The trainer's own log of the same steps (the loss) is still there.
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2, 3, 4]
     records = read_records(root / "monitor.jsonl")
     assert [r["step"] for r in records] == [2, 4] and records == callback.records
     for record, entry in zip(records, logged):

@@ -123,7 +123,9 @@ class MassactCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.monitor.write(record)
         if self.trainer is not None:
+            wanted = control.should_log  # trainer.log clears it: the trainer's own log of this step (the loss) must stay
             self.trainer.log(log_figures(record))
+            control.should_log = wanted
 
 
 _BLOCK_KEYS = {"layer": int, "top1": float, "median": float, "ratio": float, "massive": int, "top_dim": int}
