@@ -26,7 +26,8 @@ def renderables(track: Track, plain: bool) -> list:
     style = Style(plain)
     points = track.checkpoints
     out: list = [
-        Text(f"massact track: {len(points)} checkpoint(s), {points[0].label} to {points[-1].label}", style="" if plain else "bold"),
+        Text(f"massact track: {len(points)} {'checkpoint(s)' if track.settings.get('monitor') is None else 'monitor record(s)'}, "
+             f"{points[0].label} to {points[-1].label}", style="" if plain else "bold"),
         Text("Every checkpoint scanned with the same texts and settings: "
              + ", ".join(f"{key} {value}" for key, value in track.settings.items() if value is not None)),
     ]
@@ -49,13 +50,13 @@ def renderables(track: Track, plain: bool) -> list:
 
 
 def _timeline(style: Style, track: Track):
-    table = style.table(None, "checkpoint", "massive dims (value, ratio, birth block)", "largest top1/median (block)",
-                        "sink rate", "first sink block", "float16 headroom", right=(3, 4, 5))
+    table = style.table(None, "checkpoint", "massive dims (value, ratio, birth block)", "largest top1/median: block, dim",
+                        "top1", "median", "sink rate", "first sink block", "float16 headroom", right=(3, 4, 5, 6, 7))
     for point in track.checkpoints:
         dims = "; ".join(f"{d.dim} ({num(d.value, True)}, {ratio(d.ratio)}, {d.born_at})" for d in point.dims) or "none"
         best = max(point.blocks, key=lambda b: b.ratio if b.ratio == b.ratio else -1.0, default=None)
-        peak = "-" if best is None else f"{ratio(best.ratio)} ({best.layer})"
-        add_row(table, point.label, dims, peak, "-" if point.sink_rate is None else f"{point.sink_rate:.0%}",
+        peak = ("-", "-", "-") if best is None else (f"{ratio(best.ratio)}: {best.layer}, {best.top_dim}", num(best.top1), num(best.median))
+        add_row(table, point.label, dims, *peak, "-" if point.sink_rate is None else f"{point.sink_rate:.0%}",
                 "-" if point.first_sink_layer is None else str(point.first_sink_layer),
                 "-" if point.headroom is None else f"{point.headroom:,.1f}x")
     return table
@@ -164,6 +165,23 @@ def ratio_figure(track: Track) -> bytes:
     return png_bytes(fig)
 
 
+def blocks_figure(track: Track) -> bytes:
+    """Per block, top1 / median |a| over the checkpoints (log scale), against the criterion's min_ratio: the
+    trajectory toward (or away from) massive."""
+    fig, ax = _figure()
+    x = _xaxis(ax, track)
+    for layer in range(len(track.checkpoints[0].blocks)):
+        ax.plot(x, [p.blocks[layer].ratio if layer < len(p.blocks) else np.nan for p in track.checkpoints], "-", label=f"block {layer}")
+    ratio_line = track.settings.get("min_ratio")
+    if ratio_line:
+        ax.axhline(ratio_line, color="crimson", alpha=0.4, linewidth=4, label=f"massive: {ratio_line:g}x the median")
+    ax.set_yscale("log")
+    ax.set_ylabel("top1 / median |a|")
+    ax.set_title("Largest |a| over the median |a|, per block")
+    ax.legend(fontsize=8, ncol=2)
+    return png_bytes(fig)
+
+
 def super_weight_figure(track: Track) -> bytes:
     """The super weight of each dim at each checkpoint: its value and its rank in the matrix."""
     fig, (left, right) = _figure(2)
@@ -196,6 +214,7 @@ def sink_figure(track: Track) -> bytes:
 TRACK_FIGURES = {
     "track_values.png": (values_figure, lambda t: bool(t.dims), "each massive dim's largest |a| over the checkpoints"),
     "track_birth.png": (birth_figure, lambda t: bool(t.dims), "the birth block over the checkpoints"),
+    "track_blocks.png": (blocks_figure, lambda t: bool(t.checkpoints[0].blocks), "top1 / median per block over the checkpoints"),
     "track_ratio.png": (ratio_figure, lambda t: bool(t.checkpoints[0].blocks), "top1 / median per block and checkpoint"),
     "track_super_weight.png": (super_weight_figure, lambda t: any(d.super_weight for p in t.checkpoints for d in p.dims),
                                "the super weight's value and rank over the checkpoints"),
