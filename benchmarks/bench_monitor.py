@@ -2,7 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/bench_monitor.py [--steps 200] [--every 100]
 
-The model, data and optimizer of benchmarks/train_from_scratch.py (a 0.9M-parameter Llama, batch 8 x 64 tokens,
+The model, data and optimizer of benchmarks/train_from_scratch.py (a 1.2M-parameter Llama, batch 8 x 64 tokens,
 AdamW). One real Trainer run of ``--steps`` steps with ``MassactCallback`` attached at ``--every`` (default: the
 monitor's default interval); the time inside the callback is measured around each of its calls, and the share is
 that time over the whole run. A second run without the callback gives the plain training time beside it (on a

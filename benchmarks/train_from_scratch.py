@@ -5,7 +5,7 @@ and saved checkpoints, then run ``massact track`` on them. Everything is offline
 
 Data: the Python documentation that every CPython ships (``pydoc_data.topics``, about 465,000 characters, PSF
 licence), cut into 64-token windows that each start with <s>. Tokenizer: a byte-level BPE of 1,024 tokens trained on
-that text. Model: LlamaConfig, 4 blocks, d_model 128, d_mlp 512, 4 heads, tied embeddings (about 0.9 million
+that text. Model: LlamaConfig, 4 blocks, d_model 128, d_mlp 512, 4 heads, tied embeddings (1,180,800
 parameters: small enough for hundreds of steps in minutes on a shared CPU). AdamW, learning rate 3e-3 after 50
 warm-up steps, batch 8. The monitor scans the built-in sentences every ``--every`` steps;
 a checkpoint is saved every ``--save-seconds`` seconds of training and at the end.
