@@ -131,7 +131,8 @@ def test_trainer_layout_with_and_without_trainer_state(tmp_path, tokenizer):
     assert [revision_step(r) for r in ("step3000", "stage1-step5000-tokens21B", "main")] == [3000, 5000, None]
 
 
-@pytest.mark.parametrize("case", ["missing revision", "empty revision", "other architecture", "empty directory", "no config"])
+@pytest.mark.parametrize("case", ["missing revision", "empty revision", "other architecture", "empty directory", "no config",
+                                  "missing path"])
 def test_bad_specs_are_one_line_and_exit_2(case, series, tmp_path, tokenizer, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if case == "missing revision":
@@ -148,6 +149,8 @@ def test_bad_specs_are_one_line_and_exit_2(case, series, tmp_path, tokenizer, ca
     elif case == "empty directory":
         (tmp_path / "empty").mkdir()
         specs, expected = [str(tmp_path / "empty")], "neither a model directory (no config.json) nor a directory of checkpoint-<step>/"
+    elif case == "missing path":
+        specs, expected = [str(series), str(tmp_path / "nowhere")], "nowhere: no such file or directory"
     else:
         (tmp_path / "run" / "checkpoint-5").mkdir(parents=True)
         specs, expected = [str(tmp_path / "run")], "a checkpoint folder without config.json"

@@ -57,9 +57,10 @@ def _one(spec: str) -> list[Checkpoint]:
             return [Checkpoint(spec=spec, target=str(path), step=step_of(path))]
         return trainer_checkpoints(path, spec)
     model_id, revision = split_revision(spec)  # "id@" or "@rev" fails here, before any load
-    if _HUB_ID.match(model_id) and not spec.startswith((".", "/", "~")) and _offline():
+    if spec.startswith((".", "/", "~", os.sep)) or not _HUB_ID.match(model_id):
+        raise UsageError(f"{spec}: no such file or directory")
+    if _offline():
         _hub_source(model_id, revision)  # only the cache can serve it: a missing revision fails now, in one line
-    # A hub id, or a missing path: load says which, in one line.
     return [Checkpoint(spec=spec, target=spec, step=None if revision is None else _revision_step(revision))]
 
 
