@@ -61,6 +61,9 @@ def test_planted_birth_block_moves(tracked):
     for name in ("track.txt", "track.html", "track_values.png", "track_birth.png", "track_ratio.png", "track_super_weight.png"):
         assert (tracked / name).is_file(), name
     assert not (tracked / "track_sink.png").exists()  # no --verify: the sink is not measured, so not drawn
+    page = (tracked / "track.html").read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == len(list(tracked.glob("track_*.png"))) == 5
+    assert "its birth moves from block 2 to block 1 at step 300" in page
     # Each checkpoint's full report, in its own folder, is the report massact scan writes.
     report = json.loads((tracked / "step-00000300" / "report.json").read_text(encoding="utf-8"))
     assert report["dims"][0]["born_at"] == 1 and report["model"]["source"].endswith("checkpoint-300")

@@ -212,7 +212,8 @@ def listed_values(report: Report) -> dict[int, float]:
 def monitor_state(record: dict, spec: str) -> CheckpointState:
     """A monitor JSONL record (see ``massact.track.monitor``) as a checkpoint of the timeline: its blocks, and each
     dim that is the top dim of a block with massive entries, born at the first such block."""
-    blocks = [BlockState(**{**block, "ratio": math.nan if block["ratio"] is None else block["ratio"]}) for block in record["blocks"]]
+    blocks = [BlockState(**{key: math.nan if value is None and key != "top_dim" else value for key, value in block.items()})
+              for block in record["blocks"]]
     dims: dict[int, DimState] = {}
     for block in blocks:
         if block.massive and block.top_dim is not None:

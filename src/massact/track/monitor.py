@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..analysis.results import _finite
 from ..analysis.detect.scan import LayerScan, scan_layers
 from ..models.adapters import adapter_for
 from ..models.loading import LoadedModel
@@ -35,10 +34,16 @@ def block_figures(scan: LayerScan, criterion: Criterion) -> list[dict]:
     for layer, (median, top) in enumerate(zip(scan.medians(), scan.tops)):
         items = top.items()
         top1 = abs(items[0][0]) if items else 0.0
-        figures.append(dict(layer=layer, top1=top1, median=median, ratio=top1 / median if median > 0 else math.nan,
+        ratio = top1 / median if median > 0 else math.nan
+        figures.append(dict(layer=layer, top1=_number(top1), median=_number(median), ratio=_number(ratio),
                             massive=sum(bool(criterion.is_massive(value, median)) for value, _ in items),
                             top_dim=items[0][1][2] if items else None))
     return figures
+
+
+def _number(value: float) -> float | None:
+    """JSON has no inf or nan (a float16 overflow, a zero median): None instead."""
+    return value if math.isfinite(value) else None
 
 
 def log_figures(record: dict) -> dict[str, float]:
@@ -93,7 +98,7 @@ class Monitor:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as file:  # one whole line per record: a reader never sees half
-            file.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+            file.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 class MassactCallback(TrainerCallback):
@@ -129,6 +134,7 @@ class MassactCallback(TrainerCallback):
 
 
 _BLOCK_KEYS = {"layer": int, "top1": float, "median": float, "ratio": float, "massive": int, "top_dim": int}
+_MAY_BE_NULL = ("top1", "median", "ratio", "top_dim")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -172,7 +178,7 @@ def _record_problem(record) -> str | None:
             return f"field blocks[{index}] must hold exactly {', '.join(_BLOCK_KEYS)}"
         for key, kind in _BLOCK_KEYS.items():
             value = block[key]
-            if value is None and key in ("ratio", "top_dim"):
+            if value is None and key in _MAY_BE_NULL:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
                 return f"field blocks[{index}].{key} must be {'a number' if kind is float else 'an integer'}"
