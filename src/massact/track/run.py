@@ -23,7 +23,7 @@ from ..settings import ScanSettings
 from ..texts import Corpus
 from . import align
 from .results import Track
-from .specs import Checkpoint, describe, shape
+from .specs import Checkpoint, describe
 
 
 def folder_name(checkpoint: Checkpoint, index: int) -> str:
