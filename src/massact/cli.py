@@ -89,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("report_dir", type=Path, help="a directory holding report.json")
     show.add_argument("--section", help=f"one section by name or number: {names()}")
     show.add_argument("--summary", action="store_true", help="the one-screen summary that massact scan prints")
+    track = commands.add_parser("track", parents=common,
+                                help="scan checkpoints of one model (a training history, base and fine-tune) and align them")
+    track.add_argument("specs", nargs="+", metavar="SPEC",
+                       help="a model directory, a .gguf file, a hub ID@REVISION, a directory of Trainer checkpoint-<step>/ "
+                            "folders, or a training monitor's .jsonl file (then only .jsonl files)")
+    track.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences)")
+    track.add_argument("--file", help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")
+    track.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]], as for scan")
+    track.add_argument("--max-texts", type=int, help="scan at most this many texts")
+    track.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows")
+    track.add_argument("--out", type=Path, default=Path("massact-report") / "track",
+                       help="output directory: track.json/.txt/.html and the figures, one report folder per checkpoint")
+    track.add_argument("--top-k", type=int, default=5, help="largest activations listed per block")
+    track.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
+    track.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
+    track.add_argument("--top-neurons", type=int, default=10, help="neurons listed in each checkpoint's attribution")
+    track.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan")
+    track.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
+                       help="verify each checkpoint by intervention and measure its attention sink (default: off)")
     compare = commands.add_parser("compare", help="put saved reports side by side in one page")
     compare.add_argument("report_dirs", type=Path, nargs="+", help="directories holding report.json")
     compare.add_argument("--out", type=Path, default=Path("massact-report") / "compare", help="output directory")
@@ -98,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show}[args.command](args)
+        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
+                "track": _track}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -133,6 +153,49 @@ def _scan(args) -> int:
     check_writable(out)  # before the slow model load and scan
     return _run(args.model, texts, settings, out, formats, args.quiet, verify=args.verify, resume=args.resume, full=args.full,
                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+
+
+def _track(args) -> int:
+    """massact track: every checkpoint scanned with the same texts and settings, its report in its own folder (done
+    ones kept), then aligned; or a training monitor's JSONL records drawn as the same timeline."""
+    from rich.console import Group
+
+    from .report.atomic import check_writable
+    from .report.files import parse_formats
+    from .report.text import terminal
+    from .report.track import renderables, write_track
+    from .texts import Corpus
+    from .track import monitor, specs
+    from .track.run import run
+
+    if args.max_texts is not None and args.max_texts < 1:
+        raise UsageError("--max-texts must be at least 1")
+    settings = ScanSettings(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
+                            batch_size=args.batch_size, max_length=args.max_length, verify=args.verify,
+                            eval_file=_eval_file(args.eval_file), **_given(args, "dtype", "device")).check()
+    formats = parse_formats(args.format)
+    journals = [spec for spec in args.specs if spec.endswith(".jsonl")]
+    check_writable(args.out)
+    if journals:
+        if len(journals) < len(args.specs):
+            raise UsageError("a track is either monitor .jsonl files or checkpoints, not both")
+        track = monitor.timeline([r for path in journals for r in monitor.read_records(Path(path))], ", ".join(journals))
+    else:
+        checkpoints = specs.expand(args.specs)  # every SPEC checked before any model loads
+        file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
+        texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
+        texts.check()
+        _quiet_transformers(args.quiet)
+        with _progress(_bars(args.quiet)) as progress:
+            track = run(checkpoints, texts, settings, args.out, _log(args.quiet), progress, formats)
+        if track is None:  # another process of a multi-process launch writes the track
+            return 0
+    written = write_track(track, args.out, formats)
+    if not args.quiet:
+        terminal().print(Group(*renderables(track, plain=False)))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def _given(args, *names: str) -> dict:
@@ -304,8 +367,6 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
          resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False, full: bool = False) -> int:
     """Load, scan with ``settings`` and write the report. ``verify`` None: verify models up to 3B parameters. The
     terminal gets one screen, or with ``full`` the whole report."""
-    from transformers.utils import logging as hf_logging
-
     from .models.loading import load
     from .pipeline import scan
     from .report import summary
@@ -313,9 +374,7 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
     from .report.text import print_report, terminal
 
     log = _log(quiet)
-    hf_logging.set_verbosity_error()  # our own messages say what matters, in one line each
-    if quiet or not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
+    _quiet_transformers(quiet)
     lm = load(model, dtype=settings.dtype, device=settings.device, log=log, device_map=device_map,
               trust_remote_code=trust_remote_code)
     if verify is None:
@@ -335,6 +394,15 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
     for line in summary.written_lines(written):
         print(line)
     return 0
+
+
+def _quiet_transformers(quiet: bool) -> None:
+    """transformers' own messages off (ours say what matters, in one line each), and its bars where ours are off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if quiet or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
 
 
 @contextmanager
