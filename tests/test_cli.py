@@ -1,8 +1,11 @@
 """The command line end to end on a tiny saved model, and bad input: one line on stderr, exit code 2."""
 
 import json
+import re
 
 import pytest
+
+from massact.report.sections import SECTIONS
 
 from conftest import CONTEXT, run_massact, save_planted
 
@@ -30,11 +33,19 @@ def test_scan_writes_every_output(model_dir, tmp_path):
     steps = data["super_weights"]  # verification is on by default for a model this small
     assert [(s["neuron"], s["still_massive"]) for s in steps] == [(NEURON, False)]
     text = (out / "report.txt").read_text(encoding="utf-8")
-    for section in ("1. Layer scan", "2. Massive activations", "3. Lifeline", "4. Origin", "5. MLP anatomy", "6. Neuron attribution",
-                    "7. Trigger", "Conclusion"):
-        assert section in text
+    assert numbered(text) == list(range(1, len(SECTIONS) + 1)) and "## Conclusion" in text
     assert "\x1b[" not in text  # no terminal colour codes in the file
-    assert f"dim {DIM}" in result.stdout and f"wrote {out / 'report.json'}" in result.stdout
+    # The terminal gets the one-screen summary, not the report: the dim, its birth block, its writer and super weight.
+    lines = result.stdout.splitlines()
+    screen = [line for line in lines if not line.startswith("wrote ")]  # the paths are as long as the directory's name
+    assert len(lines) <= 60 and max(map(len, screen)) <= 120 and "## 1. Layer scan" not in result.stdout
+    assert f"Dim {DIM} is born in block {LAYER}" in result.stdout and f"c_proj[{NEURON}, {DIM}]" in result.stdout
+    assert f"wrote {out / 'report.json'}" in result.stdout
+
+
+def numbered(text: str) -> list[int]:
+    """The section numbers of a report.txt, in order."""
+    return [int(n) for n in re.findall(r"^## (\d+)\. ", text, flags=re.M)]
 
 
 def test_scan_reads_a_file_of_paragraphs(model_dir, tmp_path):
@@ -89,8 +100,13 @@ def test_verify_adds_the_verification_to_a_saved_report(model_dir, tmp_path):
     assert run("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", out).returncode == 0
     saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert saved["verification"] is None and saved["attention"] is None
-    result = run("verify", out, "--quiet")
+    unverified = (out / "report.txt").read_text(encoding="utf-8")
+    assert "## 9. Verification by intervention\n\nNot run: pass --verify" in unverified
+    result = run("verify", out, "--full")
     assert result.returncode == 0, result.stderr
+    text = (out / "report.txt").read_text(encoding="utf-8")
+    assert result.stdout.startswith(text) and result.stdout[len(text):].startswith("wrote ")  # --full: report.txt itself
+    assert numbered(unverified) == numbered(text) == list(range(1, len(SECTIONS) + 1))  # no gap, with or without
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     names = [row["name"] for row in data["verification"]["interventions"]]
     assert f"ablate neuron {NEURON}" in names and any(n.startswith("zero super weight") for n in names)
@@ -101,3 +117,17 @@ def test_verify_adds_the_verification_to_a_saved_report(model_dir, tmp_path):
 def test_verify_on_a_directory_without_a_report(tmp_path):
     result = run("verify", tmp_path)
     assert result.returncode == 2 and "not a massact report" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_show_prints_a_saved_report_its_summary_or_one_section(model_dir, tmp_path):
+    out = tmp_path / "shown"
+    assert run("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", out).returncode == 0
+    text = (out / "report.txt").read_text(encoding="utf-8")
+    assert run("show", out).stdout == text
+    trigger = run("show", out, "--section", "trigger").stdout
+    assert trigger.startswith("## 7. Trigger") and trigger.strip() in text and "## 8." not in trigger
+    assert run("show", out, "--section", "7").stdout == trigger
+    summary = run("show", out, "--summary").stdout
+    assert f"Dim {DIM} is born in block {LAYER}" in summary and "Not verified" in summary
+    bad = run("show", out, "--section", "nothing")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "trigger (7)" in bad.stderr

@@ -71,7 +71,7 @@ def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
     assert smol.model.get_parameter(weight.matrix)[weight.row, weight.col].item() == pytest.approx(weight.value)
     anatomy = next(a for a in report.anatomy if a.role == "birth")
     assert anatomy.explosion_point in {c.name for c in anatomy.checkpoints}
-    assert f"dim {attribution.dim}" in report.conclusion[0]
+    assert f"Dim {attribution.dim} is born in block {attribution.layer}" in report.conclusion[0]
 
 
 def test_ablating_the_top_neurons_removes_the_massive_activation(smol, report):
@@ -185,3 +185,27 @@ def test_super_weights_one_after_another(smol, report):
         with torch.no_grad():
             weight.copy_(saved)
     assert steps[-1].value_birth == pytest.approx(states[line.born_at + 1][0, line.position, line.dim].item(), rel=1e-4)
+
+
+def test_the_terminal_summary_fits_one_screen_and_names_the_mechanism(report):
+    from massact.report.summary import to_text
+
+    text = to_text(report)
+    lines = text.splitlines()
+    # One screen of 60 lines at 120 columns, with room for the half-dozen 'wrote' lines that follow it.
+    assert len(lines) <= 54 and max(map(len, lines)) <= 120
+    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    weight = next(a.super_weight for a in report.attribution if a.dim == strongest.dim and a.role == "birth")
+    assert f"Dim {strongest.dim} is born in block {strongest.born_at}" in text
+    assert f"down_proj[{weight.row}, {weight.col}]" in text  # the table names it
+    assert "## " not in text  # no section of the full report
+
+
+def test_the_page_stays_small_and_holds_the_token_view(report):
+    from massact.report.html import to_html
+    from massact.report.plots import figures
+
+    page = to_html(report, figures(report))
+    assert len(page.encode("utf-8")) < 2_000_000  # one file, figures and data embedded
+    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    assert report.token_values.dims[0] == strongest.dim and '"tokens":{"dims":[' in page

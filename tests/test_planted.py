@@ -45,7 +45,7 @@ def test_planted_mlp_neuron_is_found(family, tokenizer):
     assert anatomy.checkpoints[-1].argmax == DIM
     assert any(c.argmax == NEURON for c in anatomy.checkpoints if c.name == "mlp_act")
     assert anatomy.activation_impact.top[0].neuron == NEURON
-    assert f"dim {DIM}" in report.conclusion[0] and f"block {LAYER}" in report.conclusion[0]
+    assert f"Dim {DIM} is born in block {LAYER}" in report.conclusion[0]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -61,6 +61,14 @@ def test_planted_values_match_hf_hidden_states(family, tokenizer):
     assert birth.resid_in == pytest.approx(hidden[LAYER][0, 0, DIM].item(), rel=1e-5)
     assert birth.resid_out == pytest.approx(hidden[LAYER + 1][0, 0, DIM].item(), rel=1e-5)
     assert birth.resid_in + birth.attn + birth.mlp == pytest.approx(birth.resid_out, rel=1e-5)
+    # The token view's numbers are the same hidden states, at every block and token (3 significant digits).
+    view = report.token_values
+    assert view.dims == [DIM] and birth.text in view.texts
+    values = view.values[view.texts.index(birth.text)][0]
+    assert len(values[0]) == ids.shape[1]
+    for layer in range(len(hidden) - 2):  # HF applies the final norm to the last hidden state
+        for position in range(ids.shape[1]):
+            assert values[layer][position] == pytest.approx(hidden[layer + 1][0, position, DIM].item(), rel=5e-3, abs=1e-6)
     top = report.layers[LAYER].top[0]
     assert (top.dim, top.position) == (DIM, 0)
     largest = 0.0

@@ -13,15 +13,15 @@ from PIL import Image
 
 import massact
 from massact.report.html import to_html
+from massact.numbers import short
 from massact.report.plots import FIGURES, PIXELS, figures
+from massact.report.sections import SECTIONS
 
 from conftest import plant_attention, plant_mlp, run_massact, save_planted, tiny_model
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
-SECTIONS = ["1. Layer scan", "2. Massive activations", "3. Lifeline", "4. Origin", "5. MLP anatomy", "6. Neuron attribution",
-            "7. Trigger", "8. Super weights", "9. Verification by intervention", "10. Attention sinks", "11. Quantization",
-            "12. Precision headroom", "Conclusion", "Figures", "Settings"]
+PARTS = ["Summary", "Token view", "Interactive figures", *(s.heading for s in SECTIONS), "Conclusion", "Figures", "Settings"]
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -60,24 +60,39 @@ def test_figures_without_an_mlp_writer_leave_out_the_mlp_figures(tokenizer):
 def test_html_has_every_section_and_its_images(verified):
     pngs = figures(verified)
     page = to_html(verified, pngs)
-    for section in SECTIONS:
-        assert f"<h2>{section}" in page, section
+    for part in PARTS:
+        assert f"<h2>{html.escape(part)}</h2>" in page, part
+        assert page.count(f">{html.escape(part)}</a></li>") == 1, part  # and once in the table of contents
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert sorted(base64.b64decode(e) for e in embedded) == sorted(pngs.values())
     assert "http://" not in page and "https://" not in page  # nothing to fetch
     assert verified.conclusion[0].split(";")[0] in html.unescape(page)
 
 
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+
+
+def _dom(page_path, tmp_path) -> str:
+    return subprocess.run([BROWSER, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page_path.as_uri()],
+                          capture_output=True, text=True, timeout=120).stdout
+
+
+def _attribute(dom: str, name: str) -> str:
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    return html.unescape(re.search(fr'{name}="([^"]*)"', body).group(1))
+
+
 def _render(page_path, tmp_path):
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([BROWSER, *flags, "--dump-dom", page_path.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    flags = [*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = _dom(page_path, tmp_path)
     shot = tmp_path / "shot.png"
     subprocess.run([BROWSER, *flags, f"--screenshot={shot}", "--window-size=1280,2000", page_path.as_uri()],
                    capture_output=True, timeout=120)
     body = re.search(r"<body[^>]*>", dom).group(0)
     total = int(re.search(r'data-images-total="(\d+)"', body).group(1))
     loaded = int(re.search(r'data-images-loaded="(\d+)"', body).group(1))
+    assert _attribute(dom, "data-requests") == "0" and _attribute(dom, "data-refused") == "0"  # nothing asked of the network
     return total, loaded, Image.open(shot).convert("L")
 
 
@@ -95,6 +110,42 @@ def test_report_renders_in_a_headless_browser(verified, tmp_path):
     broken.write_text((tmp_path / "report" / "report.html").read_text().replace("base64,iVBOR", "base64,XXXX", 1))
     total, loaded, _ = _render(broken, tmp_path)
     assert (total, loaded) == (len(FIGURES), len(FIGURES) - 1)  # the check does see a broken image
+
+
+# Played in the page once it has loaded: hover the first token, then move the block slider to block 0.
+_INTERACT = """<script>
+window.addEventListener("load", function () {
+  var colours = function () { return Array.prototype.map.call(document.querySelectorAll("#tv-texts .tok"), function (s) { return s.style.background; }).join("|"); };
+  var token = document.querySelector("#tv-texts .tok");
+  token.dispatchEvent(new MouseEvent("mouseover", { bubbles: true, clientX: 20, clientY: 20 }));
+  var tip = document.getElementById("tv-tip"), before = colours(), slider = document.getElementById("tv-block");
+  document.body.setAttribute("data-test-block", slider.value);
+  slider.value = 0;
+  slider.dispatchEvent(new Event("input", { bubbles: true }));
+  document.body.setAttribute("data-test-tip", tip.hidden ? "" : tip.textContent);
+  document.body.setAttribute("data-test-changed", String(before !== colours()));
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium here (make test installs it when run as root)")
+def test_token_view_hover_and_block_slider_in_a_headless_browser(verified, tmp_path):
+    page = to_html(verified, {})
+    played = tmp_path / "played.html"
+    played.write_text(page.replace("</body>", _INTERACT), encoding="utf-8")
+    dom = _dom(played, tmp_path)
+    values = verified.token_values
+    assert values.dims[0] == DIM and _attribute(dom, "data-test-block") == str(LAYER)  # opens at the birth block
+    first = values.values[0][0][LAYER][0]  # the first token of the first text, at the birth block
+    assert abs(first) > 1000  # the planted value
+    tip = _attribute(dom, "data-test-tip")
+    assert f"position 0" in tip and f"dim {DIM} at block {LAYER}: {short(first)} " in tip
+    assert _attribute(dom, "data-test-changed") == "true"  # block 0 has no massive value: the colours change
+    assert _attribute(dom, "data-requests") == "0" and _attribute(dom, "data-refused") == "0"
+
+    leaky = tmp_path / "leaky.html"  # the check does see a request the policy refuses
+    leaky.write_text(page.replace("</main>", '<img src="http://127.0.0.1:9/x.png"></main>'), encoding="utf-8")
+    assert _attribute(_dom(leaky, tmp_path), "data-refused") == "1"
 
 
 run = run_massact

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
+from .report.sections import names, section
 from .settings import DTYPES, QUANT_GRIDS, ScanSettings
 from .texts import read_eval_file
 
@@ -31,6 +32,8 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     output = _Parser(add_help=False)
     output.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
     output.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
+    screen = _Parser(add_help=False)
+    screen.add_argument("--full", action="store_true", help="print the whole report (as report.txt), not the one-screen summary")
     sinks = _Parser(add_help=False)
     sinks.add_argument("--sink-epsilon", type=float,
                        help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024; default 0.3)")
@@ -38,7 +41,7 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     quant.add_argument("--quant-grid", choices=QUANT_GRIDS, help="quantization settings: default (a few minutes on a small CPU) or full")
     quant.add_argument("--clip-z", type=float, help="z-score at which the held-out variant clips the remaining weights (default 4)")
     quant.add_argument("--block-size", type=int, help="entries per flat block of the block-wise RTN settings (default 16384)")
-    return dict(model=model, evaluation=evaluation, output=output, sinks=sinks, quant=quant)
+    return dict(model=model, evaluation=evaluation, output=output, screen=screen, sinks=sinks, quant=quant)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     shared = _shared_options()
     common = [shared["model"], shared["evaluation"], shared["output"]]
-    scan = commands.add_parser("scan", parents=[*common, shared["sinks"], shared["quant"]],
+    scan = commands.add_parser("scan", parents=[*common, shared["screen"], shared["sinks"], shared["quant"]],
                                help="scan a model, trace its massive activations, write the report")
     scan.add_argument("model", nargs="?", help="hub id, model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     scan.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences)")
@@ -72,15 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan (padding is never counted)")
     scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
-    scan.add_argument("--quant", action="store_true", help="also measure what weight and activation quantization do")
+    scan.add_argument("--quant", action="store_true",
+                      help=f"also measure what weight and activation quantization do (section {section('quantization').number})")
     quant = commands.add_parser("quant", parents=[*common, shared["quant"]],
                                 help="quantization sweep and precision headroom, on a model or a saved report")
     quant.add_argument("target", nargs="?", help="a report directory (report.json), or a model as for scan (default: embedded SmolLM2-135M-Instruct)")
     quant.add_argument("--protect", type=Path, help="a protect.json to use instead of scanning the model (with a MODEL)")
     quant.add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); a report directory is updated in place")
-    verify = commands.add_parser("verify", parents=[*common, shared["sinks"]],
+    verify = commands.add_parser("verify", parents=[*common, shared["screen"], shared["sinks"]],
                                  help="re-run a saved report with verification and its saved settings, writing it back in place")
     verify.add_argument("report_dir", type=Path, help="a directory holding report.json from massact scan")
+    show = commands.add_parser("show", help="print a saved report, its one-screen summary, or one section")
+    show.add_argument("report_dir", type=Path, help="a directory holding report.json")
+    show.add_argument("--section", help=f"one section by name or number: {names()}")
+    show.add_argument("--summary", action="store_true", help="the one-screen summary that massact scan prints")
+    track = commands.add_parser("track", parents=common,
+                                help="scan checkpoints of one model (a training history, base and fine-tune) and align them")
+    track.add_argument("specs", nargs="+", metavar="SPEC",
+                       help="a model directory, a .gguf file, a hub ID@REVISION, a directory of Trainer checkpoint-<step>/ "
+                            "folders, or a training monitor's .jsonl file (then only .jsonl files)")
+    track.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences)")
+    track.add_argument("--file", help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")
+    track.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]], as for scan")
+    track.add_argument("--max-texts", type=int, help="scan at most this many texts")
+    track.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows")
+    track.add_argument("--out", type=Path, default=Path("massact-report") / "track",
+                       help="output directory: track.json/.txt/.html and the figures, one report folder per checkpoint")
+    track.add_argument("--top-k", type=int, default=5, help="largest activations listed per block")
+    track.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
+    track.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
+    track.add_argument("--top-neurons", type=int, default=10, help="neurons listed in each checkpoint's attribution")
+    track.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan")
+    track.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
+                       help="verify each checkpoint by intervention and measure its attention sink (default: off)")
     compare = commands.add_parser("compare", help="put saved reports side by side in one page")
     compare.add_argument("report_dirs", type=Path, nargs="+", help="directories holding report.json")
     compare.add_argument("--out", type=Path, default=Path("massact-report") / "compare", help="output directory")
@@ -90,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant}[args.command](args)
+        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
+                "track": _track}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -123,8 +151,51 @@ def _scan(args) -> int:
     texts.check()  # read input before the slow model load, so bad input fails fast
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     check_writable(out)  # before the slow model load and scan
-    return _run(args.model, texts, settings, out, formats, args.quiet, verify=args.verify, resume=args.resume,
+    return _run(args.model, texts, settings, out, formats, args.quiet, verify=args.verify, resume=args.resume, full=args.full,
                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+
+
+def _track(args) -> int:
+    """massact track: every checkpoint scanned with the same texts and settings, its report in its own folder (done
+    ones kept), then aligned; or a training monitor's JSONL records drawn as the same timeline."""
+    from rich.console import Group
+
+    from .report.atomic import check_writable
+    from .report.files import parse_formats
+    from .report.text import terminal
+    from .report.track import renderables, write_track
+    from .texts import Corpus
+    from .track import monitor, specs
+    from .track.run import run
+
+    if args.max_texts is not None and args.max_texts < 1:
+        raise UsageError("--max-texts must be at least 1")
+    settings = ScanSettings(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
+                            batch_size=args.batch_size, max_length=args.max_length, verify=args.verify,
+                            eval_file=_eval_file(args.eval_file), **_given(args, "dtype", "device")).check()
+    formats = parse_formats(args.format)
+    journals = [spec for spec in args.specs if spec.endswith(".jsonl")]
+    check_writable(args.out)
+    if journals:
+        if len(journals) < len(args.specs):
+            raise UsageError("a track is either monitor .jsonl files or checkpoints, not both")
+        track = monitor.timeline([r for path in journals for r in monitor.read_records(Path(path))], ", ".join(journals))
+    else:
+        checkpoints = specs.expand(args.specs)  # every SPEC checked before any model loads
+        file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
+        texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
+        texts.check()
+        _quiet_transformers(args.quiet)
+        with _progress(_bars(args.quiet)) as progress:
+            track = run(checkpoints, texts, settings, args.out, _log(args.quiet), progress, formats)
+        if track is None:  # another process of a multi-process launch writes the track
+            return 0
+    written = write_track(track, args.out, formats)
+    if not args.quiet:
+        terminal().print(Group(*renderables(track, plain=False)))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def _given(args, *names: str) -> dict:
@@ -250,7 +321,28 @@ def _verify(args) -> int:
     check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)
-    return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True)
+    return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True, full=args.full)
+
+
+def _show(args) -> int:
+    from .analysis.saved import as_report
+    from .report.load import load_report
+    from .report.text import print_section, print_report, terminal
+    from .report import summary
+
+    if args.section is not None:
+        try:
+            section(args.section)
+        except KeyError:
+            raise UsageError(f"--section takes one of: {names()}; got {args.section!r}") from None
+    report = as_report(load_report(args.report_dir), str(args.report_dir / "report.json"))
+    if args.summary:
+        summary.show(report, terminal())
+    elif args.section is not None:
+        print_section(report, section(args.section).key, terminal())
+    else:
+        print_report(report, terminal())
+    return 0
 
 
 def _compare(args) -> int:
@@ -272,19 +364,17 @@ def _eval_file(path: str | None) -> str | None:
 
 
 def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, *, verify: bool | None,
-         resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False) -> int:
-    """Load, scan with ``settings`` and write the report. ``verify`` None: verify models up to 3B parameters."""
-    from transformers.utils import logging as hf_logging
-
+         resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False, full: bool = False) -> int:
+    """Load, scan with ``settings`` and write the report. ``verify`` None: verify models up to 3B parameters. The
+    terminal gets one screen, or with ``full`` the whole report."""
     from .models.loading import load
     from .pipeline import scan
+    from .report import summary
     from .report.files import write_report
     from .report.text import print_report, terminal
 
     log = _log(quiet)
-    hf_logging.set_verbosity_error()  # our own messages say what matters, in one line each
-    if quiet or not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
+    _quiet_transformers(quiet)
     lm = load(model, dtype=settings.dtype, device=settings.device, log=log, device_map=device_map,
               trust_remote_code=trust_remote_code)
     if verify is None:
@@ -297,11 +387,22 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
     if report is None:  # another process of a multi-process launch writes the report
         return 0
     written = write_report(report, out, formats)
-    if not quiet:
+    if full and not quiet:
         print_report(report, terminal())
-    for path in written:
-        print(f"wrote {path}")
+    elif not quiet:
+        summary.show(report, terminal())
+    for line in summary.written_lines(written):
+        print(line)
     return 0
+
+
+def _quiet_transformers(quiet: bool) -> None:
+    """transformers' own messages off (ours say what matters, in one line each), and its bars where ours are off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if quiet or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
 
 
 @contextmanager

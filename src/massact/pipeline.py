@@ -23,7 +23,7 @@ from .analysis.detect.results import DimSummary, LayerStats, Massive
 from .analysis.detect.resume import scan_identity
 from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
 from .analysis.function.sinks import sink_analysis
-from .analysis.mechanism.explain import birth_state, explain, pick_events
+from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines
 from .analysis.results import CorpusInfo, ModelInfo, Report
 from .analysis.trigger.trigger import triggers
@@ -161,9 +161,10 @@ def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings) -
 
 def trigger_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings) -> None:
     """Why each dim fires on its carrier: the writing neurons' sources and the chain back toward the token (patched
-    when verifying), and the birth block's state on the carrier's text."""
+    when verifying), the birth block's state on the carrier's text, and each dim at every block and token (the page's token view)."""
     report.trigger = triggers(lm, report, inputs, settings.chain_depth, patch=settings.verify)
     report.birth_state = birth_state(lm, report, inputs)
+    report.token_values = token_values(lm, report, inputs)
 
 
 def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings,

@@ -8,6 +8,7 @@ from .mechanism.results import Lifeline, NormFactors, Phase
 from .results import Report
 from .causal.results import SuperWeightStep
 from .trigger.results import Trigger
+from ..numbers import short
 
 
 _PLACES = {
@@ -23,86 +24,112 @@ def _explosion_words(name: str, gated: bool) -> str:
     return _PLACES.get(name, name)
 
 
-def _expert_words(m: MoeAttribution) -> str:
-    routed = ", ".join(f"expert {e.expert} (router weight {e.router_weight:.3f}, {e.share:.1%})" for e in m.experts)
-    text = f"the router sent it to {routed}"
+def _expert_words(m: MoeAttribution) -> list[str]:
+    out = [f"The router sends it to expert {e.expert} (router weight {e.router_weight:.3f}), which gives {e.share:.0%}." for e in m.experts]
     if m.shared_expert is not None:
-        text += f" and the shared expert gives {m.shared_expert.share:.1%}"
+        out.append(f"The shared expert gives {m.shared_expert.share:.0%}.")
     where = "the shared expert" if m.top_expert is None else f"expert {m.top_expert}"
     w = m.super_weight
-    index = ", ".join(map(str, w.index))
-    return (f"{text}; in {where}, neuron {m.neurons[0].neuron} gives {m.neurons[0].share:.1%} (router weight x act x weight); "
-            f"super weight {w.matrix}[{index}] = {w.value:+.4f}, rank {w.rank} of {w.entries:,}")
+    out.append(f"In {where}, neuron {m.neurons[0].neuron} gives {m.neurons[0].share:.0%} (router weight x act x weight).")
+    out.append(f"Its super weight is {w.matrix}[{', '.join(map(str, w.index))}] = {w.value:+.4f}, {_rank(w.rank, w.entries)}.")
+    return out
 
 
-def _norm_words(n: NormFactors, written: str, post_ln: bool) -> str:
+def _rank(rank: int, entries: int) -> str:
+    return f"the largest of {short(entries)} weights" if rank == 1 else f"rank {rank:,} of {short(entries)} by |w|"
+
+
+def _norm_words(n: NormFactors, written: str, post_ln: bool) -> list[str]:
     if post_ln:
-        return (f"it exists only before the LayerNorm {n.parameter.removesuffix('.weight')}, which scales it by "
-                f"{n.normalization:.3g} (1/std) x gain {n.gain:.3g} to {n.landed:+.2f} in the block output")
-    factors = f"raw {n.raw:+.2f} x normalisation {n.normalization:.3g} x gain {n.gain:.4g} = {n.landed:+.1f}"
+        return [f"It exists only before the LayerNorm {n.parameter.removesuffix('.weight')}.",
+                f"That norm scales it by {n.normalization:.3g} (1/std) x gain {n.gain:.3g}, to {short(n.landed, True)} in the block output."]
+    factors = f"raw {short(n.raw, True)} x normalisation {n.normalization:.3g} x gain {n.gain:.4g} = {short(n.landed, True)}"
     if n.amplifier:
-        return (f"the {written}'s own norm is the amplifier ({factors}): its gain on this dim is {n.gain_ratio:.0f}x its "
-                f"median gain, so the norm weight {n.parameter}[{n.dim}] = {n.weight:+.4g} acts as a super weight")
-    return f"the {written}'s own norm passes it on ({factors}; gain {n.gain_ratio:.1f}x its median)"
+        return [f"The {written}'s own norm is the amplifier: {factors}.",
+                f"Its gain on this dim is {n.gain_ratio:.0f}x its median gain, so the norm weight {n.parameter}[{n.dim}] = "
+                f"{n.weight:+.4g} acts as a super weight."]
+    return [f"The {written}'s own norm passes it on: {factors} (gain {n.gain_ratio:.1f}x its median)."]
 
 
 def conclude(report: Report) -> list[str]:
-    """Plain-language sentences, one paragraph per massive dim, built from the numbers above them in the report: the
-    mechanism as a chain a reader can follow from the token to the erasure."""
+    """One paragraph per massive dim, strongest first, in short sentences of one fact each (a line per kind of fact),
+    built from the numbers above them in the report: the mechanism as a chain a reader can follow from the token to
+    the erasure."""
     if not report.dims:
         best = max(report.layers, key=lambda s: s.ratio)
         top = best.top[0]
         return [
             f"No massive activations under the criterion (|a| >= {report.criterion.min_abs:g} and >= "
-            f"{report.criterion.min_ratio:g} x median): the largest top1/median is {best.ratio:.0f}x, dim {top.dim} "
+            f"{report.criterion.min_ratio:g} x median). The largest top1/median is {best.ratio:.0f}x: dim {top.dim} "
             f"= {top.value:.1f} at block {best.layer}."
         ]
-    paragraphs = []
-    for summary in sorted(report.dims, key=lambda d: -abs(d.max_value)):
-        line = next(x for x in report.lifeline if x.dim == summary.dim)  # the scan makes one per dim
-        precursor = _precursor_words(line) if line.precursor_layer is not None else ""
-        parts = [_birth_words(report, summary.dim, precursor)]
-        trigger = next((t for t in report.trigger if t.dim == summary.dim), None)
-        if trigger is not None and trigger.chain:
-            parts.append(_trigger_words(trigger))
-        parts.append(_fate_words(summary, line))
-        steps = [s for s in report.super_weights if s.dim == summary.dim]
-        if steps:
-            parts.append(_super_weight_words(steps))
-        paragraphs.append(" ".join(part for part in parts if part))
-    return paragraphs
+    return [_lines(story(report, summary.dim)) for summary in sorted(report.dims, key=lambda d: -abs(d.max_value))]
 
 
-def _birth_words(report: Report, dim: int, precursor: str = "") -> str:
+def _lines(sentences: list[tuple[str, str]]) -> str:
+    """The story as one paragraph, a line per run of sentences of one kind: the birth, the precursor, the writer..."""
+    lines: list[tuple[str, list[str]]] = []
+    for kind, sentence in sentences:
+        if lines and lines[-1][0] == kind:
+            lines[-1][1].append(sentence)
+        else:
+            lines.append((kind, [sentence]))
+    return "\n".join(" ".join(group) for _, group in lines)
+
+
+def story(report: Report, dim: int) -> list[tuple[str, str]]:
+    """The dim's mechanism as (kind, sentence) pairs, in reading order; kinds: birth, precursor, norm, neurons, explosion,
+    super weight, experts, heads, trigger, chain, carriers, patching, fate, erasure, super weights. The terminal summary
+    picks a few kinds."""
+    summary = next(d for d in report.dims if d.dim == dim)
+    line = next(x for x in report.lifeline if x.dim == dim)  # the scan makes one per dim
+    out = [("birth", s) for s in _birth_words(report, dim)]
+    if line.precursor_layer is not None:
+        out[1:1] = [("precursor", s) for s in _precursor_words(line)]
+    out += _mechanism_words(report, dim)
+    trigger = next((t for t in report.trigger if t.dim == dim), None)
+    if trigger is not None and trigger.chain:
+        out += _trigger_words(trigger)
+    out += _fate_words(summary, line)
+    steps = [s for s in report.super_weights if s.dim == dim]
+    if steps:
+        out += [("super weights", s) for s in _super_weight_words(steps)]
+    return out
+
+
+def _birth_words(report: Report, dim: int) -> list[str]:
     birth = next(o for o in report.origin if o.dim == dim and o.role == "birth")
     written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
     branch = birth.mlp if birth.writer == "mlp" else birth.attn
-    stream = "the residual sum before the block's LayerNorm" if report.model.stream == "resid_sum" else "resid_out"
-    text = (
-        f"dim {dim} at token {birth.position} ({birth.token!r}){precursor} is born in block {birth.layer}, written by its "
-        f"{written} ({branch:+.1f} of {stream} {birth.resid_out:+.1f}, resid_in was {birth.resid_in:+.1f})"
-    )
-    if birth.norm is not None:
-        text += "; " + _norm_words(birth.norm, written, report.model.stream == "resid_sum")
+    stream = "the residual sum before the block's LayerNorm" if report.model.stream == "resid_sum" else "the block output"
+    return [
+        f"Dim {dim} is born in block {birth.layer}, at token {birth.position} ({birth.token!r}) of text {birth.text}.",
+        f"Block {birth.layer}'s {written} writes it: {short(branch, True)} of {short(birth.resid_out, True)} in {stream}; "
+        f"the block's input held {short(birth.resid_in, True)}.",
+    ]
+
+
+def _mechanism_words(report: Report, dim: int) -> list[tuple[str, str]]:
+    """Who inside the writing sublayer makes it: the norm, the neurons and the super weight, the experts, or the heads."""
+    birth = next(o for o in report.origin if o.dim == dim and o.role == "birth")
+    written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
+    out = [("norm", s) for s in _norm_words(birth.norm, written, report.model.stream == "resid_sum")] if birth.norm is not None else []
     attribution = next((a for a in report.attribution if a.dim == dim and a.role == "birth"), None)
     anatomy = next((a for a in report.anatomy if a.dim == dim and a.role == "birth"), None)
     if attribution and anatomy:
-        top = attribution.neurons[0]
-        weight = attribution.super_weight
-        count = attribution.neurons_for_90pct
-        raw = " of the raw MLP output" if attribution.landed is not None else " of it"
-        text += (
-            f"; {count} neuron{'s' if count != 1 else ''} give 90%{raw}, neuron {top.neuron} alone "
-            f"{top.share:.1%}; the explosion is at {_explosion_words(anatomy.explosion_point, report.model.gated)}; "
-            f"super weight {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
-            f"rank {weight.rank} of {weight.entries:,} entries by |w|"
-        )
+        top, weight, count = attribution.neurons[0], attribution.super_weight, attribution.neurons_for_90pct
+        of = " of the raw MLP output" if attribution.landed is not None else ""
+        out += [
+            ("neurons", f"Neuron {top.neuron} alone gives {top.share:.0%}{of}; {count} neuron{'s give' if count != 1 else ' gives'} 90%."),
+            ("explosion", f"The jump happens at {_explosion_words(anatomy.explosion_point, report.model.gated)}."),
+            ("super weight", f"Its super weight is {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
+                             f"{_rank(weight.rank, weight.entries)}."),
+        ]
     elif split := next((e.moe for e in report.experts if e.dim == dim and e.role == "birth"), None):
-        text += "; " + _expert_words(split)
+        out += [("experts", s) for s in _expert_words(split)]
     elif birth.heads:
-        head = birth.heads[0]
-        text += f"; head {head.head} gives {head.share:.1%} of the attention output"
-    return text + "."
+        out.append(("heads", f"Head {birth.heads[0].head} gives {birth.heads[0].share:.0%} of the attention output."))
+    return out
 
 
 def _blocks(first: int, last: int) -> str:
@@ -111,67 +138,70 @@ def _blocks(first: int, last: int) -> str:
 
 def _phase_words(phase: Phase) -> str:
     who = {"mlp": "MLP", "attn": "attention", "norm": "norm"}[phase.writer]
-    return f"{_blocks(phase.first, phase.last)}'s {who} ({phase.value_before:+,.1f} -> {phase.value_after:+,.1f})"
+    return f"{_blocks(phase.first, phase.last)}'s {who} ({short(phase.value_before, True)} -> {short(phase.value_after, True)})"
 
 
-def _precursor_words(line: Lifeline) -> str:
-    """A clause for the birth sentence: the smaller value the same dim and token carried first, and who erased it."""
+def _precursor_words(line: Lifeline) -> list[str]:
+    """The smaller value the same dim and token carried first, who wrote it and who erased it."""
     writes = [p for p in line.phases if p.name == "precursor"]
     erases = [p for p in line.phases if p.name == "precursor erasure"]
-    sign = "" if (line.precursor >= 0) == (line.sign >= 0) else " (of the opposite sign)"
-    text = f": a precursor of {line.precursor:+,.1f}{sign} is written first by " + ", ".join(map(_phase_words, writes))
+    sign = "" if (line.precursor >= 0) == (line.sign >= 0) else " of the opposite sign"
+    out = [f"Before that, a precursor{sign} of {short(line.precursor, True)} is written by " + ", ".join(map(_phase_words, writes)) + "."]
     if erases:
-        text += " and erased by " + ", ".join(map(_phase_words, erases))
-    return text + "; then it"
+        out.append("The precursor is erased by " + ", ".join(map(_phase_words, erases)) + ".")
+    return out
 
 
-def _trigger_words(trigger: Trigger) -> str:
+def _trigger_words(trigger: Trigger) -> list[tuple[str, str]]:
     first, rest = trigger.chain[0], trigger.chain[1:]
     if first.kind != "neuron":
-        return ""
+        return []
     name = lambda link: "gate" if link.site == "mlp_gate" else "pre-activation"
-    text = (f"Neuron {first.index} fires at token {trigger.position} because its {name(first)} is {first.value:+.1f} there against "
-            f"{first.value_others:+.1f} on average at the other tokens")
-    steps, previous = [], first
+    out = [("trigger", f"Neuron {first.index} fires at token {trigger.position} because its {name(first)} is {short(first.value, True)} "
+                       f"there, against {short(first.value_others, True)} on average at the other tokens.")]
+    previous = first
     for link in rest:
-        step = f"{link.source} gives {link.source_here:+.1f} of that {name(previous)} ({link.source_others:+.1f} elsewhere)"
+        step = f"Of that {name(previous)}, {link.source} gives {short(link.source_here, True)} there ({short(link.source_others, True)} elsewhere)"
         previous = link
         if link.kind == "neuron":
-            step += f", {link.feeds:+.1f} through neuron {link.index}, whose {name(link)} is {link.value:+.1f} there ({link.value_others:+.1f} elsewhere)"
+            step += (f", {short(link.feeds, True)} through neuron {link.index}, whose {name(link)} is {short(link.value, True)} there "
+                     f"({short(link.value_others, True)} elsewhere)")
         elif link.kind == "head" and link.attends:
-            step += f", {link.feeds:+.1f} through head {link.index}, which attends to {link.attends[0][1]!r} ({link.attends[0][2]:.0%})"
+            step += f", {short(link.feeds, True)} through head {link.index}, which attends to {link.attends[0][1]!r} ({link.attends[0][2]:.0%})"
         elif link.kind != "mlp":
             step += ", straight from the token"
-        steps.append(step)
-    if steps:
-        text += ". Following the top source back: " + "; ".join(steps)
+        out.append(("chain", step + "."))
     if trigger.carriers is not None:
-        text += f". It is {trigger.carriers.summary.split(':')[0]}"
+        out.append(("carriers", f"It is {trigger.carriers.summary.split(':')[0]}."))
     patch = next((p for p in trigger.patching if p.replacement != "zero"), None)
     if patch is not None:
-        text += (f"; replacing {patch.source}'s output there by its mean over the other tokens changes the {name(first)} by "
-                 f"{patch.total:+.1f} ({patch.direct:+.1f} directly) and leaves {patch.value_birth:+,.1f} at the birth block "
-                 f"({'still massive' if patch.still_massive else 'not massive'})")
-    return text + "."
+        out.append(("patching", f"Replacing {patch.source}'s output there by its mean over the other tokens changes the {name(first)} "
+                                f"by {short(patch.total, True)} ({short(patch.direct, True)} directly) and leaves "
+                                f"{short(patch.value_birth, True)} at the birth block ({'still massive' if patch.still_massive else 'not massive'})."))
+    return out
 
 
-def _fate_words(summary: DimSummary, line: Lifeline) -> str:
+def _fate_words(summary: DimSummary, line: Lifeline) -> list[tuple[str, str]]:
     last, count = summary.persists[-1], len(summary.persists)
-    text = f"It is massive in block {last}" if count == 1 else f"It is massive in {count} blocks, {summary.born_at} to {last}"
+    out = [("fate", f"It is massive in block {last} only." if count == 1 else f"It is massive in {count} blocks, {summary.born_at} to {last}.")]
     growth = [p for p in line.phases if p.name == "growth"]
     if growth:
-        text += ", grows in " + ", ".join(map(_phase_words, growth))
+        out.append(("fate", "It grows in " + ", ".join(map(_phase_words, growth)) + "."))
     erasure = [p for p in line.phases if p.name == "erasure"]
-    text += (", and is erased by " + ", ".join(map(_phase_words, erasure))) if erasure else ", and is never erased"
+    out.append(("erasure", ("It is erased by " + ", ".join(map(_phase_words, erasure)) + ".") if erasure else "It is never erased."))
     medians = [r for r, cause in zip(line.removed_at, line.removal_causes) if cause == "median"]
     if medians:
-        text += f"; the scan stops calling it massive at block {medians[0]} only because the median |a| grows there (the value holds)"
+        out.append(("erasure", f"The scan stops calling it massive at block {medians[0]} only because the median |a| grows there; "
+                               "the value holds."))
     elif line.removed_at and not set(line.removed_at) <= set(line.erased_at):
-        text += f"; the scan stops calling it massive at block {line.removed_at[0]}"
-    return text + "."
+        out.append(("erasure", f"The scan stops calling it massive at block {line.removed_at[0]}."))
+    return out
 
 
-def _super_weight_words(steps: list[SuperWeightStep]) -> str:
-    words = [f"[{s.weight.row}, {s.weight.col}] leaves {s.value_birth:+,.1f} ({'still massive' if s.still_massive else 'not massive'}, "
-             f"perplexity x{s.perplexity_ratio:,.2f})" for s in steps]
-    return f"Its super weights in {steps[0].weight.matrix}, zeroed one after another: " + "; then ".join(words) + "."
+def _super_weight_words(steps: list[SuperWeightStep]) -> list[str]:
+    out = []
+    for s in steps:
+        which = f"its super weight {s.weight.matrix}[{s.weight.row}, {s.weight.col}]" if s.step == 1 else f"[{s.weight.row}, {s.weight.col}] as well"
+        cost = f"; perplexity x{s.perplexity_ratio:,.2f}" if s.perplexity_ratio is not None else ""
+        out.append(f"Zeroing {which} leaves {short(s.value_birth, True)} at birth ({'still massive' if s.still_massive else 'not massive'}{cost}).")
+    return out

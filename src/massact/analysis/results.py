@@ -10,7 +10,7 @@ from .causal.results import SuperWeightStep, Verification
 from .deploy.results import Precision, Quantization
 from .detect.results import DimSummary, LayerStats, Massive
 from .function.results import AttentionSinks
-from .mechanism.results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, Origin
+from .mechanism.results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, Origin, TokenValues
 from .trigger.results import Trigger
 from ..settings import Criterion, ScanSettings
 
@@ -66,6 +66,7 @@ class Report:
     verification: Verification | None = None
     attention: AttentionSinks | None = None
     birth_state: BirthState | None = None
+    token_values: TokenValues | None = None  # the HTML page's token view
     experts: list[ExpertAttribution] = field(default_factory=list)
     lifeline: list[Lifeline] = field(default_factory=list)
     trigger: list[Trigger] = field(default_factory=list)

@@ -33,3 +33,18 @@ def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int) -> torch.
     with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], lambda _, __, t: kept.update(out=t[0].detach().float().cpu())):
         forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     return kept["out"]
+
+
+def stream_dims(lm: LoadedModel, input_ids: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """The detection stream (block output, or the residual sum before the last LayerNorm in post-LN blocks) of every
+    block at every position, only at ``dims``: [n_layers, positions, len(dims)] float32 on CPU, in one forward pass."""
+    n_layers = len(lm.adapter.blocks(lm.model))
+    kept: dict[int, torch.Tensor] = {}
+    index = torch.tensor(dims)
+
+    def keep(layer: int, _, hidden: torch.Tensor) -> None:
+        kept[layer] = hidden[0].detach().index_select(-1, index.to(hidden.device)).float().cpu()
+
+    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in range(n_layers)], keep):
+        lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    return torch.stack([kept[layer] for layer in range(n_layers)])

@@ -77,7 +77,8 @@ def resolve_device(device: str) -> torch.device:
 
 def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", log=None, device_map: str | None = None,
          trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``spec``: None for the embedded default, a directory, a .gguf file, or a hub id.
+    """Load ``spec``: None for the embedded default, a directory, a .gguf file, or a hub id, optionally at a revision
+    (``id@revision``: a branch, tag or commit, e.g. the training checkpoint ``EleutherAI/pythia-160m@step3000``).
 
     ``device_map`` (e.g. "auto") spreads a model too large for one device over all of them with accelerate's
     big-model loading; ``device`` is then ignored and inputs go to the device of the first parameters.
@@ -101,10 +102,10 @@ def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", 
             if path.suffix.lower() != ".gguf":
                 raise UsageError(f"{spec} is not a model: expected a model directory or a .gguf file")
             source = _gguf_dir(path, log)
-        elif spec.startswith((".", "/", "~", os.sep)) or not _HUB_ID.match(spec):
+        elif spec.startswith((".", "/", "~", os.sep)) or not _HUB_ID.match(split_revision(spec)[0]):
             raise UsageError(f"{spec}: no such file or directory")
         else:
-            source = _hub_source(spec)
+            source = _hub_source(*split_revision(spec))
     loaded = _from_pretrained(source, name, DTYPES[dtype], target, device_map, trust_remote_code)
     loaded.source = spec
     return loaded
@@ -216,23 +217,35 @@ def gguf_bar_follows_switch():
         gguf.tqdm = bar
 
 
-def _hub_source(model_id: str) -> str:
-    """The local snapshot of a hub model, downloading it when the hub is reachable; a clear error when not."""
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """A hub SPEC as (id, revision): "EleutherAI/pythia-160m@step3000" -> ("EleutherAI/pythia-160m", "step3000");
+    without "@" the revision is None (the default branch). A missing part is a usage error."""
+    if "@" not in spec:
+        return spec, None
+    model_id, _, revision = spec.rpartition("@")
+    if not model_id or not revision:
+        raise UsageError(f"{spec}: a hub model at a revision is ID@REVISION, with both parts (e.g. EleutherAI/pythia-160m@step3000)")
+    return model_id, revision
+
+
+def _hub_source(model_id: str, revision: str | None = None) -> str:
+    """The local snapshot of a hub model (at ``revision``), downloading it when the hub is reachable; a clear error
+    when not."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     try:
-        return snapshot_download(model_id, allow_patterns=patterns, local_files_only=True)
+        return snapshot_download(model_id, revision=revision, allow_patterns=patterns, local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable():
         raise UsageError(
-            f"model {model_id!r} is not a local path, is not in the Hugging Face cache, and the hub cannot be reached"
+            f"model {model_id!r}{'' if revision is None else f' at revision {revision!r}'} is not a local path, is not in the Hugging Face cache, and the hub cannot be reached"
             " (offline?); pass a local model directory or a .gguf file"
         )
     try:
-        return snapshot_download(model_id, allow_patterns=patterns)
+        return snapshot_download(model_id, revision=revision, allow_patterns=patterns)
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise UsageError(f"cannot download {model_id!r} from the Hugging Face hub: {first_line(error)}") from None
 

@@ -189,14 +189,15 @@ def attention_sinks(report: Report) -> bytes:
         values.plot(blocks, np.nanmedian(ratio, axis=1), "-s", color="tab:orange", label="value norm: sink / median other")
         values.set_yscale("log")
         values.set_ylabel("value-norm ratio (median over heads)", color="tab:orange")
-        values.legend(loc="lower right")
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if a.birth_layer is not None:
             axis.axvline(a.birth_layer, color="crimson", linewidth=2, label=f"birth block {a.birth_layer}")
-    right.legend(loc="upper left", fontsize=8)
+    # One legend for both y axes, below the plot: inside it, it covered the lines it names.
+    handles = [h for axis in fig.axes if axis is not left for h in axis.get_legend_handles_labels()[0]]
+    right.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8, frameon=False)
     right.set_title("Sink rate and the sink's value norm per block")
-    fig.subplots_adjust(left=0.06, right=0.93, wspace=0.3)
+    fig.subplots_adjust(left=0.06, right=0.93, bottom=0.27, wspace=0.3)
     return png_bytes(fig)
 
 

@@ -3,7 +3,10 @@ report.txt."""
 
 from __future__ import annotations
 
+import io
+
 from rich import box
+from rich.console import Console, Group
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
@@ -69,3 +72,10 @@ class Style:
 def add_row(table: Table, *cells: str) -> None:
     """Cells as literal text: a token such as '[INST]' must not be read as rich markup."""
     table.add_row(*(Text(cell) for cell in cells))
+
+
+def plain_text(parts: list, width: int = 140) -> str:
+    """Renderables as plain UTF-8 text (no colour codes, no trailing blanks), as the report's text files hold them."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=width, color_system=None, force_terminal=False, no_color=True, highlight=False).print(Group(*parts))
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).lstrip("\n") + "\n"

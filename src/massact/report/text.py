@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -12,7 +10,8 @@ from ..analysis.mechanism.results import Anatomy, Attribution, ExpertAttribution
 from ..analysis.deploy.results import Precision, Quantization
 from ..analysis.results import Report
 from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_weight_tables, trigger_tables
-from .tables import Style, add_row, num, ratio, spans, where
+from .sections import SECTIONS, section
+from .tables import Style, add_row, num, plain_text, ratio, spans, where
 
 MASSIVE_ROWS = 40  # the full list is in report.json
 
@@ -24,10 +23,20 @@ _STREAMS = {
 
 
 def renderables(report: Report, plain: bool) -> list:
-    """Every section of the report, in reading order."""
+    """Every section of the report, in reading order, numbered by report/sections.py."""
     style = Style(plain)
+    out: list = header(report, plain)
+    for part in SECTIONS:
+        out += section_renderables(report, part.key, style)
+    if report.warnings:
+        out += section_renderables(report, "warnings", style)
+    return out + section_renderables(report, "conclusion", style)
+
+
+def header(report: Report, plain: bool) -> list:
+    """The model, the corpus and the criterion: the lines above the first section."""
     m, c = report.model, report.criterion
-    out: list = [
+    return [
         Text(f"massact report: {m.name}", style="" if plain else "bold"),
         Text(
             f"{m.architecture} ({m.family} adapter), {m.n_layers} blocks, d_model {m.d_model}, d_mlp {m.d_mlp}, "
@@ -37,48 +46,54 @@ def renderables(report: Report, plain: bool) -> list:
             f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.1%})."
         ),
     ]
-    out += [style.heading("1. Layer scan: each block's residual output"), _layer_table(style, report)]
-    out += [style.heading("2. Massive activations"), *_massive_tables(style, report)]
-    if report.lifeline:
-        out += [style.heading("3. Lifeline: how each massive dim is built, held and erased"), *lifeline_tables(style, report)]
-    out += [style.heading("4. Origin: which sublayer writes and erases them"), *_origin_tables(style, report)]
-    if report.anatomy:
-        out.append(style.heading("5. MLP anatomy at the writing blocks"))
-        places: dict[tuple[int, int, int, str], list[Anatomy]] = {}
-        for anatomy in report.anatomy:  # dims written at one place share the MLP's checkpoints: show them once
-            places.setdefault((anatomy.layer, anatomy.text, anatomy.position, anatomy.role), []).append(anatomy)
-        groups = list(places.values())
-        for group in (g for g in groups if g[0].role == "birth"):
-            out += _anatomy_tables(style, group[0], m.gated, [a.dim for a in group])
-        out += anatomy_summary(style, [g for g in groups if g[0].role != "birth"])
-    if report.attribution:
-        out.append(style.heading("6. Neuron attribution and super weight"))
-        shown: set[int] = set()
-        for attribution in (a for a in report.attribution if a.role == "birth"):
-            out += _attribution_tables(style, attribution, attribution.layer not in shown)
-            shown.add(attribution.layer)
-        out += attribution_summary(style, [a for a in report.attribution if a.role != "birth"])
+
+
+def section_renderables(report: Report, key: str, style: Style) -> list:
+    """One section: its numbered heading and its tables, or one line saying why the run left it empty."""
+    part = section(key)
+    body = _BODIES[key](style, report)
+    if not body:
+        body = [Text(_why_empty(report, key))]
+    return [style.heading(part.heading if part in SECTIONS else part.title), *body]
+
+
+def _why_empty(report: Report, key: str) -> str:
+    if not report.dims:
+        return "Nothing massive under the criterion: nothing to trace."
+    if key in ("verification", "sinks") or (key == "super-weights" and report.verification is None):
+        return "Not run: pass --verify (on by default for models up to 3B parameters), or run `massact verify DIR`."
+    if key == "quantization":
+        return "Not run: pass --quant, or run `massact quant DIR` on this report."
+    return {
+        "anatomy": "No MLP writes a massive value: no MLP to open.",
+        "attribution": "No MLP writes a massive value: no neuron to attribute.",
+        "trigger": "No neuron writes a massive value: no trigger to follow.",
+        "super-weights": "No super weight found to zero.",
+    }.get(key, "Nothing to show.")
+
+
+def _anatomy_body(style: Style, report: Report) -> list:
+    out: list = []
+    places: dict[tuple[int, int, int, str], list[Anatomy]] = {}
+    for anatomy in report.anatomy:  # dims written at one place share the MLP's checkpoints: show them once
+        places.setdefault((anatomy.layer, anatomy.text, anatomy.position, anatomy.role), []).append(anatomy)
+    groups = list(places.values())
+    for group in (g for g in groups if g[0].role == "birth"):
+        out += _anatomy_tables(style, group[0], report.model.gated, [a.dim for a in group])
+    return out + anatomy_summary(style, [g for g in groups if g[0].role != "birth"])
+
+
+def _attribution_body(style: Style, report: Report) -> list:
+    out: list = []
+    shown: set[int] = set()
+    for attribution in (a for a in report.attribution if a.role == "birth"):
+        out += _attribution_tables(style, attribution, attribution.layer not in shown)
+        shown.add(attribution.layer)
+    out += attribution_summary(style, [a for a in report.attribution if a.role != "birth"])
     if report.experts:
-        out.append(style.heading("6. Expert and neuron attribution (mixture of experts)"))
+        out.append(Text("Expert and neuron attribution (a mixture of experts): the experts first, then the neurons of the strongest one."))
         for split in report.experts:
             out += _expert_tables(style, split)
-    if report.trigger:
-        out += [style.heading("7. Trigger: why the writing neurons fire there"), *trigger_tables(style, report)]
-    if report.super_weights:
-        out += [style.heading("8. Super weights, zeroed one after another"), *super_weight_tables(style, report)]
-    if report.verification:
-        out += [style.heading("9. Verification by intervention"), *_verification_tables(style, report)]
-    if report.attention:
-        out += [style.heading("10. Attention sinks on the massive tokens"), *_attention_tables(style, report)]
-    if report.quantization:
-        out += [style.heading(QUANT_HEADING), *_quantization_tables(style, report.quantization)]
-    if report.precision:
-        out += [style.heading(PRECISION_HEADING), *_precision_tables(style, report.precision)]
-    if report.warnings:
-        out.append(style.heading("Warnings"))
-        out += [Text(f"- {w}", style="" if plain else "yellow") for w in report.warnings]
-    out.append(style.heading("Conclusion"))
-    out += [Text(sentence) for sentence in report.conclusion]
     return out
 
 
@@ -320,10 +335,6 @@ def _median(values: list[float | None], percent: bool = False) -> str:
     return f"{middle:.1%}" if percent else f"{middle:.3g}"
 
 
-QUANT_HEADING = "11. Quantization: what it does to the massive activations"
-PRECISION_HEADING = "12. Precision headroom (float16, bfloat16)"
-
-
 _METHODS = {"rtn": "RTN", "gguf": "GGUF", "activation": "activations"}
 
 
@@ -361,27 +372,59 @@ def _precision_tables(style: Style, p: Precision) -> list:
 
 
 def quantization_text(q: Quantization | None, p: Precision | None, width: int = 140) -> str:
-    """Sections 8 and 9 alone, as plain text: what `massact quant` writes when there is no whole report."""
+    """The quantization and precision sections alone, as plain text: what `massact quant` writes when there is no whole
+    report."""
     style, parts = Style(True), []
     if q is not None:
-        parts += [style.heading(QUANT_HEADING), *_quantization_tables(style, q)]
+        parts += [style.heading(section("quantization").heading), *_quantization_tables(style, q)]
     if p is not None:
-        parts += [style.heading(PRECISION_HEADING), *_precision_tables(style, p)]
-    buffer = io.StringIO()
-    Console(file=buffer, width=width, color_system=None, force_terminal=False, no_color=True, highlight=False).print(Group(*parts))
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).lstrip("\n") + "\n"
+        parts += [style.heading(section("precision").heading), *_precision_tables(style, p)]
+    return plain_text(parts, width)
+
+
+_BODIES = {
+    "layers": lambda style, report: [_layer_table(style, report)],
+    "massive": _massive_tables,
+    "lifeline": lifeline_tables,
+    "origin": _origin_tables,
+    "anatomy": _anatomy_body,
+    "attribution": _attribution_body,
+    "trigger": trigger_tables,
+    "super-weights": lambda style, report: super_weight_tables(style, report) if report.super_weights else [],
+    "verification": lambda style, report: _verification_tables(style, report) if report.verification else [],
+    "sinks": lambda style, report: _attention_tables(style, report) if report.attention else [],
+    "quantization": lambda style, report: _quantization_tables(style, report.quantization) if report.quantization else [],
+    "precision": lambda style, report: _precision_tables(style, report.precision) if report.precision else [],
+    "warnings": lambda style, report: [Text(f"- {w}", style="" if style.plain else "yellow") for w in report.warnings],
+    "conclusion": lambda style, report: [Text(paragraph + "\n") for paragraph in report.conclusion],
+}
 
 
 def to_text(report: Report, width: int = 140) -> str:
     """The report as plain UTF-8 text (no colour codes), for report.txt."""
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, no_color=True, highlight=False)
-    console.print(Group(*renderables(report, plain=True)))
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+    return plain_text(renderables(report, plain=True), width)
 
 
 def print_report(report: Report, console: Console | None = None) -> None:
-    (console or terminal()).print(Group(*renderables(report, plain=False)))
+    """The whole report: in colour in a terminal, and in a pipe or file the very text of report.txt."""
+    console = console or terminal()
+    if console.is_terminal:
+        console.print(Group(*renderables(report, plain=False)))
+    else:
+        console.file.write(to_text(report))
+
+
+def section_text(report: Report, key: str, width: int = 140) -> str:
+    """One section as plain text, as it stands in report.txt."""
+    return plain_text(section_renderables(report, key, Style(True)), width)
+
+
+def print_section(report: Report, key: str, console: Console | None = None) -> None:
+    console = console or terminal()
+    if console.is_terminal:
+        console.print(Group(*section_renderables(report, key, Style(False))))
+    else:
+        console.file.write(section_text(report, key))
 
 
 def terminal() -> Console:

@@ -123,7 +123,7 @@ def _dense_rows(run: _Run, a: Attribution, claims: list[str]) -> list[Interventi
     rows.append(row)
     claims.append(
         f"dim {a.dim}: ablating neuron(s) {top_set} of block {a.layer} {'removes' if row.confirms else 'does not remove'} the massive "
-        f"activation (at block {a.layer}: {row.value_birth:+.1f}; at block {last}: {row.value_last:+.1f}); {metric} x{row.perplexity_ratio:.2f}"
+        f"activation ({_values_at(a.layer, row.value_birth, last, row.value_last)}); {metric} x{row.perplexity_ratio:.2f}"
     )
     control = _unrelated_neuron(a)
     rows.append(_measure(run, f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
@@ -288,3 +288,9 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
                             carriers=[[token, count] for token, count in carriers[summary.dim].most_common(8)], other_positions=others[summary.dim])
         )
     return found
+
+
+def _values_at(birth: int, value_birth: float, last: int, value_last: float) -> str:
+    """'at block 2: +0.3; at block 20: +1.2', or one clause where the birth block is the last massive one."""
+    first = f"at block {birth}: {value_birth:+.1f}"
+    return first if last == birth else f"{first}; at block {last}: {value_last:+.1f}"

@@ -282,7 +282,8 @@ def _summary(base: SinkPass, found_blocks: list[int], birth: int | None, epsilon
     if birth is not None:
         timing = (" (right after the birth block)" if first == birth + 1
                   else f" ({first - birth} blocks after the birth block {birth})" if first > birth
-                  else f" (before the birth block {birth})")
+                  else " (at the birth block itself)" if first == birth
+                  else f" ({birth - first} block{'s' if birth - first > 1 else ''} before the birth block {birth})")
     return (f"the sink forms at block {first}{timing}; {len(found_blocks)} of {len(base.rate)} blocks have a sink (at least half of "
             f"their {heads} heads put more than {epsilon:.0%} of their attention on the sink tokens); overall sink rate "
             f"{float(base.rate.mean()):.1%}, mean attention on the sink tokens {float(base.share.mean()):.1%} against a uniform "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...capture.probe import ATTN_Z, block_output, probe_block
+from ...capture.probe import ATTN_Z, block_output, probe_block, stream_dims
 from ...models.loading import LoadedModel
 from . import anatomy as anatomy_step
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
@@ -15,7 +15,7 @@ from .lifeline import writers
 from .moe import attribute_moe, is_moe_block
 from .norms import norm_factors
 from .origin import decomposition_gap, head_split, removal_cause, writer
-from .results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, NormFactors, Origin
+from .results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, NormFactors, Origin, TokenValues
 from ...settings import Criterion
 from ..detect.results import DimSummary, LayerStats, Massive
 from ..results import Report
@@ -141,6 +141,27 @@ def birth_state(lm: LoadedModel, report: Report, inputs: list[torch.Tensor]) -> 
     dims = sorted({m.dim for m in report.massive if m.layer == birth.layer and m.text == birth.text})
     rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
     return BirthState(layer=birth.layer, text=birth.text, tokens=report.tokens[birth.text], dims=dims, magnitude=rows)
+
+
+TOKEN_TEXTS = 6  # texts in the token view: the carriers of the dims first, then the first ones
+TOKEN_DIMS = 4  # the strongest dims
+TOKEN_POSITIONS = 64  # the first tokens of each text
+
+
+def token_values(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor]) -> TokenValues | None:
+    """Each of the strongest massive dims at every block and token of a few texts, one forward pass per text: what the
+    HTML page colours its tokens by. About TOKEN_TEXTS x TOKEN_DIMS x blocks x TOKEN_POSITIONS numbers."""
+    if not report.dims:
+        return None
+    dims = [d.dim for d in sorted(report.dims, key=lambda d: -abs(d.max_value))[:TOKEN_DIMS]]
+    carriers = [line.text for line in report.lifeline if line.dim in dims]
+    texts = list(dict.fromkeys(carriers + sorted(inputs)))[:TOKEN_TEXTS]
+    values = []
+    for text in texts:
+        # The whole text runs (a bidirectional model's first tokens see the rest); its first tokens are kept.
+        stream = stream_dims(lm, inputs[text], dims)[:, :TOKEN_POSITIONS]  # [blocks, positions, dims]
+        values.append([[[float(f"{v:.3g}") for v in row] for row in stream[:, :, d].tolist()] for d in range(len(dims))])
+    return TokenValues(dims=dims, texts=texts, values=values)
 
 
 def _place(event: Event, tokens: list[list[str]]) -> dict:

@@ -216,6 +216,18 @@ class BirthState:
 
 
 @dataclass(kw_only=True)
+class TokenValues:
+    """The token view's numbers: each massive dim's value in the detection stream at every block and every token of
+    a few of the report's texts (3 significant digits). ``values[t][d][block][position]`` is dim ``dims[d]`` in text
+    ``texts[t]`` (its tokens are ``Report.tokens[texts[t]]``, cut to ``len(values[t][d][0])``)."""
+
+    dims: list[int]
+    texts: list[int]
+    values: list[list[list[list[float]]]]
+
+
+
+@dataclass(kw_only=True)
 class LifelineStep:
     """One block of a massive dim's life at its main carrier (values at that text, position and dim).
 

@@ -1,0 +1,195 @@
+"""Massive activations during training, with no checkpoint on disk: every N steps, scan a fixed probe set with the
+streaming scan (eval mode, no grad, the training mode restored, the weights untouched) and record per block the
+largest |a| (top1), the median |a|, their ratio, the count of massive entries and the top dim.
+
+``Monitor.step(model, step)`` serves a custom loop; ``MassactCallback`` a ``transformers.Trainer``, logging the figures
+through the trainer's own log so that ``report_to`` (TensorBoard, W&B) receives them. Both append one JSON line per
+measurement to a file that ``massact track FILE.jsonl`` draws as a timeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..analysis.detect.scan import LayerScan, scan_layers
+from ..models.adapters import adapter_for
+from ..models.loading import LoadedModel
+from ..settings import Criterion
+from ..texts import DEFAULT_TEXTS
+
+EVERY = 100  # steps between two measurements by default: the probe scan then costs well under 2% of training time
+CANDIDATES = 512  # largest |a| kept per block, as massact.scan keeps: the massive count is the scan's own
+
+
+def block_figures(scan: LayerScan, criterion: Criterion) -> list[dict]:
+    """Per block: top1 |a|, median |a|, top1 / median, how many entries are massive, the dim of the largest."""
+    figures = []
+    for layer, (median, top) in enumerate(zip(scan.medians(), scan.tops)):
+        items = top.items()
+        top1 = abs(items[0][0]) if items else 0.0
+        ratio = top1 / median if median > 0 else math.nan
+        figures.append(dict(layer=layer, top1=_number(top1), median=_number(median), ratio=_number(ratio),
+                            massive=sum(bool(criterion.is_massive(value, median)) for value, _ in items),
+                            top_dim=items[0][1][2] if items else None))
+    return figures
+
+
+def _number(value: float) -> float | None:
+    """JSON has no inf or nan (a float16 overflow, a zero median): None instead."""
+    return value if math.isfinite(value) else None
+
+
+def log_figures(record: dict) -> dict[str, float]:
+    """A record as flat scalars for a trainer's log: ``massact/block_03/ratio`` and so on."""
+    flat = {}
+    for block in record["blocks"]:
+        for key in ("top1", "median", "ratio", "massive", "top_dim"):
+            if block[key] is not None:
+                flat[f"massact/block_{block['layer']:02d}/{key}"] = block[key]
+    return flat
+
+
+class Monitor:
+    """Scans ``texts`` (default: the built-in sentences) every ``every`` steps; ``path``: the JSONL file appended to
+    (None: nothing written). The massive test is ``criterion``'s (default |a| >= 100 and >= 1000 x the median)."""
+
+    def __init__(self, tokenizer, texts: Sequence[str] = DEFAULT_TEXTS, every: int = EVERY, path: str | Path | None = None,
+                 criterion: Criterion | None = None, batch_size: int = 8):
+        if every < 1:
+            raise ValueError("every must be at least 1")
+        if not texts or isinstance(texts, str):
+            raise ValueError("texts must be a non-empty list of strings")
+        self.tokenizer, self.every, self.batch_size = tokenizer, every, batch_size
+        self.texts = list(texts)
+        self.ids = [tokenizer(text, return_tensors="pt").input_ids for text in self.texts]
+        self.path = None if path is None else Path(path)
+        self.criterion = criterion or Criterion()
+
+    def step(self, model: nn.Module, step: int) -> dict | None:
+        """At a multiple of ``every``: measure, append the record to the file and return it; else None."""
+        if step % self.every:
+            return None
+        record = self.measure(model, step)
+        self.write(record)
+        return record
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, step: int) -> dict:
+        """The record of ``model`` now: scanned in eval mode without grad, then put back in the mode it was in."""
+        training = model.training
+        model.eval()
+        try:
+            lm = LoadedModel(model, self.tokenizer, adapter_for(model.config), "monitor")
+            scan = scan_layers(lm, iter(self.ids), CANDIDATES, batch_size=self.batch_size)
+        finally:
+            model.train(training)
+        return dict(step=int(step), texts=len(self.texts), blocks=block_figures(scan, self.criterion),
+                    criterion=dict(min_abs=self.criterion.min_abs, min_ratio=self.criterion.min_ratio))
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as file:  # one whole line per record: a reader never sees half
+            file.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+class MassactCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback``: at the end of every ``every``-th optimizer step, the probe scan. Attach it
+    with ``MassactCallback.attach(trainer, ...)`` so it can log through ``trainer.log`` (and so ``report_to``); given
+    to a Trainer otherwise, it only writes the JSONL file. Only the main process writes the file."""
+
+    def __init__(self, tokenizer, texts: Sequence[str] = DEFAULT_TEXTS, every: int = EVERY, path: str | Path | None = None,
+                 criterion: Criterion | None = None, trainer=None):
+        self.monitor = Monitor(tokenizer, texts, every, path, criterion)
+        self.trainer = trainer
+        self.records: list[dict] = []
+
+    @classmethod
+    def attach(cls, trainer, texts: Sequence[str] = DEFAULT_TEXTS, every: int = EVERY, path: str | Path | None = None,
+               criterion: Criterion | None = None) -> MassactCallback:
+        """A callback on ``trainer``, with its tokenizer, logging through it."""
+        callback = cls(trainer.processing_class, texts, every, path, criterion, trainer)
+        trainer.add_callback(callback)
+        return callback
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.monitor.every:
+            return
+        record = self.monitor.measure(model, state.global_step)
+        self.records.append(record)
+        if state.is_world_process_zero:
+            self.monitor.write(record)
+        if self.trainer is not None:
+            wanted = control.should_log  # trainer.log clears it: the trainer's own log of this step (the loss) must stay
+            self.trainer.log(log_figures(record))
+            control.should_log = wanted
+
+
+_BLOCK_KEYS = {"layer": int, "top1": float, "median": float, "ratio": float, "massive": int, "top_dim": int}
+_MAY_BE_NULL = ("top1", "median", "ratio", "top_dim")
+
+
+def read_records(path: Path) -> list[dict]:
+    """A monitor's JSONL file, every line checked (a bad one is one line naming the line and field), by step. A
+    last line cut short by a kill mid-write is skipped."""
+    from ..errors import UsageError
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                continue  # the line being written when training stopped
+            raise UsageError(f"{path}:{number}: not a JSON line") from None
+        problem = _record_problem(record)
+        if problem:
+            raise UsageError(f"{path}:{number}: not a massact monitor record ({problem})")
+        records.append(record)
+    if not records:
+        raise UsageError(f"{path}: no monitor records")
+    return sorted(records, key=lambda r: r["step"])
+
+
+def _record_problem(record) -> str | None:
+    if not isinstance(record, dict):
+        return "not an object"
+    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool) or record["step"] < 0:
+        return "field step must be an integer >= 0"
+    blocks = record.get("blocks")
+    if not isinstance(blocks, list) or not blocks:
+        return "field blocks must be a non-empty list"
+    for index, block in enumerate(blocks):
+        if not isinstance(block, dict) or set(block) != set(_BLOCK_KEYS):
+            return f"field blocks[{index}] must hold exactly {', '.join(_BLOCK_KEYS)}"
+        for key, kind in _BLOCK_KEYS.items():
+            value = block[key]
+            if value is None and key in _MAY_BE_NULL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+                return f"field blocks[{index}].{key} must be {'a number' if kind is float else 'an integer'}"
+    return None
+
+
+def timeline(records: list[dict], spec: str):
+    """Monitor records as a track: each record a checkpoint of the timeline (no report, no sink, no super weight)."""
+    from .align import align, monitor_state
+
+    states = [monitor_state(record, spec) for record in records]
+    listed = [{b.top_dim: b.top1 for b in state.blocks if b.top_dim is not None} for state in states]
+    criterion = records[0].get("criterion", {})
+    return align(states, {"monitor": spec, "probe texts": records[0].get("texts"), **criterion}, listed)
