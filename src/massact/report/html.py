@@ -33,7 +33,7 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 
 
 # Counts, for a reader and for the browser test, what the page asked for that the policy refused, the requests it made
 # (none: every image is a data URI) and the images that really loaded.
-_WATCH = """
+WATCH = """
 var refused = 0;
 document.addEventListener("securitypolicyviolation", function () { refused += 1; });
 window.addEventListener("load", function () {
@@ -46,7 +46,7 @@ window.addEventListener("load", function () {
 """
 
 
-def _asset(name: str) -> str:
+def asset(name: str) -> str:
     return resources.files("massact.report").joinpath(name).read_text(encoding="utf-8")
 
 
@@ -194,8 +194,8 @@ def to_html(report: Report, pngs: dict[str, bytes]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
-<title>{html.escape(title)}</title><style>{_asset("page.css")}</style>
-<script>{_WATCH}</script></head>
+<title>{html.escape(title)}</title><style>{asset("page.css")}</style>
+<script>{WATCH}</script></head>
 <body>
 <nav id="toc"><b>Contents</b><ul>{nav}</ul></nav>
 <main>
@@ -220,6 +220,6 @@ for the value. Sink tokens are outlined. Only the first tokens of a few texts ar
 <section id="settings"><h2>Settings</h2>{_settings(report)}</section>
 </main>
 <script type="application/json" id="massact-data">{data}</script>
-<script>{_asset("page.js")}</script>
+<script>{asset("page.js")}</script>
 </body></html>
 """

@@ -16,7 +16,7 @@ from rich.text import Text
 from ..analysis.results import _finite
 from ..track.results import Track
 from .atomic import write_set
-from .html import _IMAGE_CHECK, _STYLE
+from .html import CSP, WATCH, asset
 from .plots import PIXELS, _figure, png_bytes
 from .tables import Style, add_row, num, ratio
 
@@ -239,13 +239,15 @@ def to_html(track: Track, pngs: dict[str, bytes]) -> str:
     body = "".join(f"<section><h2>{html.escape(s.splitlines()[0])}</h2><pre>{html.escape(chr(10).join(s.splitlines()[1:]).strip())}</pre></section>"
                    for s in sections[1:])
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<title>{html.escape(title)}</title><style>{asset("page.css")}</style>
+<script>{WATCH}</script></head>
 <body>
 <h1>{html.escape(title)}</h1>
 <pre>{html.escape(sections[0].strip())}</pre>
 {body}
 <section><h2>Figures</h2>{''.join(shown) or '<p>No figures.</p>'}</section>
-<script>{_IMAGE_CHECK}</script>
 </body></html>
 """
 
