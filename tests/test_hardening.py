@@ -18,7 +18,7 @@ from massact.capture.stats import LogHistogram, TopK
 from massact.errors import UsageError
 from massact.models.loading import load
 from massact.report import atomic
-from massact.report.load import report_problem
+from massact.report.schema import read_report
 from massact.texts import MAX_TEXT_CHARS, Corpus
 
 from conftest import run_massact, save_planted
@@ -317,7 +317,8 @@ def _edited(saved: Path, target: Path, edit) -> Path:
 
 
 def test_a_saved_report_passes_the_check(saved):
-    assert report_problem(json.loads((saved / "report.json").read_text(encoding="utf-8"))) is None
+    report = read_report(json.loads((saved / "report.json").read_text(encoding="utf-8")))
+    assert report.massive[0].dim == DIM and report.dims[0].born_at == LAYER
 
 
 def test_verify_and_compare_name_the_bad_field(saved, tmp_path):

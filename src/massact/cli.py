@@ -167,14 +167,13 @@ def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set
     from .analysis.deploy import protect as protect_list
     from .analysis.deploy.precision import headroom
     from .analysis.deploy.quant import measure
-    from .analysis.saved import as_report
     from .models.loading import load
     from .report.files import write_report
-    from .report.load import load_report
+    from .report.schema import load_protect, load_report
     from .report.text import quantization_text
 
-    report = as_report(load_report(directory), str(directory / "report.json"))  # every field checked, then typed
-    protect = protect_list.load(args.protect) if args.protect else protect_list.build(report)
+    report = load_report(directory)  # every field checked while it is built
+    protect = load_protect(args.protect) if args.protect else protect_list.build(report)
     lm = load(report.model.source, dtype=report.model.dtype, device=args.device, log=_log(args.quiet))
     with _progress(_bars(args.quiet)) as progress:
         report.quantization = measure(lm, protect, eval_text, settings["quant_grid"], settings["clip_z"], settings["block_size"], progress)
@@ -190,24 +189,22 @@ def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set
 def _quant_protect(args, settings: dict, eval_text, out: Path, formats: set[str]) -> int:
     """A model and its protect.json: the sweep alone, written as quantization.json / .txt / .png (no whole report)."""
     import json
-    from dataclasses import asdict
 
-    from .analysis.deploy import protect as protect_list
     from .analysis.deploy.quant import measure
-    from .analysis.results import _finite
     from .models.loading import load
     from .report.files import write_atomic
     from .report.plots import quantization_figure
+    from .report.schema import load_protect, to_data
     from .report.text import quantization_text
 
-    protect = protect_list.load(args.protect)
+    protect = load_protect(args.protect)
     lm = load(args.target, dtype=args.dtype, device=args.device, log=_log(args.quiet))
     with _progress(_bars(args.quiet)) as progress:
         result = measure(lm, protect, eval_text, settings["quant_grid"], settings["clip_z"], settings["block_size"], progress)
     out.mkdir(parents=True, exist_ok=True)
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
-        contents["quantization.json"] = json.dumps(_finite({"quantization": asdict(result)}), indent=2, ensure_ascii=False) + "\n"
+        contents["quantization.json"] = json.dumps({"quantization": to_data(result)}, indent=2, ensure_ascii=False) + "\n"
     if formats & {"txt", "html"}:
         contents["quantization.txt"] = quantization_text(result, None)
     if "png" in formats:
@@ -231,22 +228,22 @@ def _bars(quiet: bool) -> bool:
 
 def _verify(args) -> int:
     from .report.atomic import check_writable
-    from .report.load import load_report
+    from .report.schema import load_report
     from .texts import Corpus
 
-    saved = load_report(args.report_dir)  # every field used below is checked: one line naming a bad one
-    model, criterion = saved["model"], saved["criterion"]
-    spec = saved["corpus"]["spec"]
-    settings = dict(top_k=len(saved["layers"][0]["top"]) or 5, min_abs=criterion["min_abs"], min_ratio=criterion["min_ratio"],
-                    max_length=spec["max_length"], sink_epsilon=_epsilon(args.sink_epsilon))
-    texts = Corpus(tuple(spec["texts"]), spec["file"], spec["dataset"], spec["max_texts"])
+    saved = load_report(args.report_dir)  # every field checked: one line naming a bad one
+    spec = saved.corpus.spec
+    settings = dict(top_k=len(saved.layers[0].top) or 5, min_abs=saved.criterion.min_abs, min_ratio=saved.criterion.min_ratio,
+                    max_length=spec.max_length, sink_epsilon=_epsilon(args.sink_epsilon))
+    texts = Corpus(tuple(spec.texts), spec.file, spec.dataset, spec.max_texts)
     from .report.files import parse_formats
 
     check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)
     eval_text = _read_eval(args.eval_file)
-    return _run(model.get("source"), texts, settings, True, eval_text, model["dtype"], args.device, args.report_dir, formats, args.quiet)
+    return _run(saved.model.source, texts, settings, True, eval_text, saved.model.dtype, args.device, args.report_dir, formats,
+                args.quiet)
 
 
 def _compare(args) -> int:

@@ -20,7 +20,7 @@ from .analysis.conclusion import conclude
 from .analysis.mechanism.explain import birth_state, explain, pick_events
 from .analysis.mechanism.lifeline import lifelines
 from .analysis.causal.perplexity import default_eval_text, eval_windows
-from .analysis.results import CorpusInfo, ModelInfo, Report
+from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
 from .settings import Criterion
 from .analysis.detect.results import Massive
 from .analysis.detect.resume import scan_identity
@@ -119,7 +119,7 @@ def scan(
         warnings.append(f"{counts.texts} text(s) were split into {counts.windows} windows of at most {max_length} tokens; "
                         "each window is scanned as a text of its own")
     n_tokens = round(layer_scan.histograms[0].total / lm.model.config.hidden_size)
-    spec = dict(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts, max_length=max_length)
+    spec = CorpusSpec(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts, max_length=max_length)
     corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
 
     lines = lifelines(lm, dims, massive, inputs, [s.median for s in layers], criterion)

@@ -47,13 +47,15 @@ def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) ->
     from ..analysis.deploy.protect import build as build_protect
     from .html import to_html
     from .plots import figures
+    from .schema import write_protect
+    from .schema import write_report as write_report_json
     from .text import to_text
 
     pngs = figures(report) if formats & {"html", "png"} else {}
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
-        contents["report.json"] = report.to_json() + "\n"
-        contents["protect.json"] = build_protect(report).to_json() + "\n"
+        contents["report.json"] = write_report_json(report) + "\n"
+        contents["protect.json"] = write_protect(build_protect(report)) + "\n"
     if "txt" in formats:
         contents["report.txt"] = to_text(report)
     if "html" in formats:
