@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
+from .settings import check_options
 
 EXIT_USAGE = 2
 
@@ -87,15 +89,33 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupted = _on_interrupt()
     try:
         args = build_parser().parse_args(argv)
         return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except BaseException:
+        # Ctrl-C can land inside a library's lazy import, which then raises its own error (ModuleNotFoundError)
+        # instead of KeyboardInterrupt: whatever it became, an interrupt is one line and exit 130.
+        if not interrupted:
+            raise
         print("massact: interrupted", file=sys.stderr)
         return 130
+
+
+def _on_interrupt() -> list[int]:
+    """Note every SIGINT (in the returned list) and raise KeyboardInterrupt, as Python's own handler does."""
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+    return seen
 
 
 VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few dozen times: fine up to a few B
@@ -107,12 +127,9 @@ def _scan(args) -> int:
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
-    for option in ("top_k", "top_neurons", "batch_size", "max_texts", "checkpoint_every", "chain_depth", "super_weight_steps"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
-    for option in ("min_abs", "min_ratio"):
-        if not (math.isfinite(getattr(args, option)) and getattr(args, option) > 0):
-            raise UsageError(f"--{option.replace('_', '-')} must be a positive number")
+    check_options(**{name: getattr(args, name) for name in ("top_k", "top_neurons", "batch_size", "max_texts", "max_length",
+                                                              "checkpoint_every", "chain_depth", "super_weight_steps",
+                                                              "min_abs", "min_ratio", "sink_epsilon")})
     formats = parse_formats(args.format)
     # Absolute, so that `massact verify` can read the file again from anywhere.
     file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
@@ -124,7 +141,7 @@ def _scan(args) -> int:
     settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
                     chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps,
                     batch_size=args.batch_size, max_length=args.max_length, checkpoint=out / "scan-state.pt",
-                    checkpoint_every=args.checkpoint_every, resume=args.resume, sink_epsilon=_epsilon(args.sink_epsilon),
+                    checkpoint_every=args.checkpoint_every, resume=args.resume, sink_epsilon=args.sink_epsilon,
                     **_quant_settings(args))
     return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
                 args.device_map, args.trust_remote_code)
@@ -135,10 +152,7 @@ def _quant_settings(args) -> dict:
     from .analysis.deploy.quant import grid
 
     grid(args.quant_grid)  # an unknown grid name fails here, before the model loads
-    if args.block_size is not None and args.block_size < 1:
-        raise UsageError("--block-size must be at least 1")
-    if args.clip_z is not None and not args.clip_z > 0:
-        raise UsageError("--clip-z must be above 0")
+    check_options(block_size=args.block_size, clip_z=args.clip_z)
     return dict(quant=getattr(args, "quant", True), quant_grid=args.quant_grid, clip_z=args.clip_z, block_size=args.block_size)
 
 
@@ -146,6 +160,7 @@ def _quant(args) -> int:
     """massact quant: on a saved report (updated in place), on a model with a protect.json (no scan), or on a model
     (scan without verification, then the sweep)."""
     from .models.loading import DEFAULT_NAME
+    from .report.atomic import check_writable
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
@@ -158,6 +173,7 @@ def _quant(args) -> int:
             raise UsageError(f"{target}: no report.json (not a massact report directory, nor a model directory)")
         return _quant_report(target, args, settings, eval_text, formats)
     out = args.out or Path("massact-report") / slug(args.target or DEFAULT_NAME)
+    check_writable(out)  # before the slow model load and sweep
     if args.protect is not None:
         return _quant_protect(args, settings, eval_text, out, formats)
     return _run(args.target, Corpus(()), settings, False, eval_text, args.dtype, args.device, out, formats, args.quiet)
@@ -175,6 +191,7 @@ def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set
     report = load_report(directory)  # every field checked while it is built
     protect = load_protect(args.protect) if args.protect else protect_list.build(report)
     lm = load(report.model.source, dtype=report.model.dtype, device=args.device, log=_log(args.quiet))
+    protect_list.check_model(protect, lm, f"{directory / 'report.json'}" if args.protect is None else str(args.protect))
     with _progress(_bars(args.quiet)) as progress:
         report.quantization = measure(lm, protect, eval_text, settings["quant_grid"], settings["clip_z"], settings["block_size"], progress)
     report.precision = headroom(report.layers)
@@ -192,16 +209,17 @@ def _quant_protect(args, settings: dict, eval_text, out: Path, formats: set[str]
 
     from .analysis.deploy.quant import measure
     from .models.loading import load
-    from .report.files import write_atomic
+    from .analysis.deploy.protect import check_model
+    from .report.atomic import write_set
     from .report.plots import quantization_figure
     from .report.schema import load_protect, to_data
     from .report.text import quantization_text
 
     protect = load_protect(args.protect)
     lm = load(args.target, dtype=args.dtype, device=args.device, log=_log(args.quiet))
+    check_model(protect, lm, str(args.protect))
     with _progress(_bars(args.quiet)) as progress:
         result = measure(lm, protect, eval_text, settings["quant_grid"], settings["clip_z"], settings["block_size"], progress)
-    out.mkdir(parents=True, exist_ok=True)
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
         contents["quantization.json"] = json.dumps({"quantization": to_data(result)}, indent=2, ensure_ascii=False) + "\n"
@@ -209,20 +227,27 @@ def _quant_protect(args, settings: dict, eval_text, out: Path, formats: set[str]
         contents["quantization.txt"] = quantization_text(result, None)
     if "png" in formats:
         contents["quantization.png"] = quantization_figure(result)
-    for name, content in contents.items():
-        write_atomic(out / name, content)
+    written = write_set(out, contents, keep=True)  # one set; a report already in ``out`` stays
     if not args.quiet:
         print(quantization_text(result, None), end="")
-    for name in contents:
-        print(f"wrote {out / name}")
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
 def _log(quiet: bool):
+    """Where loading and stage messages go; also silences transformers' own (its loading bar under --quiet and
+    outside a terminal), since our messages say what matters in one line each."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if quiet or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
     return (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
 
 
 def _bars(quiet: bool) -> bool:
+    """No bars in a pipe, a log file or CI, and one set only in a multi-process launch."""
     return not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
 
 
@@ -234,7 +259,8 @@ def _verify(args) -> int:
     saved = load_report(args.report_dir)  # every field checked: one line naming a bad one
     spec = saved.corpus.spec
     settings = dict(top_k=len(saved.layers[0].top) or 5, min_abs=saved.criterion.min_abs, min_ratio=saved.criterion.min_ratio,
-                    max_length=spec.max_length, sink_epsilon=_epsilon(args.sink_epsilon))
+                    max_length=spec.max_length, sink_epsilon=args.sink_epsilon)
+    check_options(sink_epsilon=args.sink_epsilon)
     texts = Corpus(tuple(spec.texts), spec.file, spec.dataset, spec.max_texts)
     from .report.files import parse_formats
 
@@ -250,16 +276,12 @@ def _compare(args) -> int:
     from .report.atomic import check_writable
     from .report.compare import write_compare
 
+    if (args.out / "report.json").exists():  # the comparison's set would replace the report's files
+        raise UsageError(f"--out {args.out} holds a report (report.json); write the comparison to another directory")
     check_writable(args.out)
     for path in write_compare(args.report_dirs, args.out):
         print(f"wrote {path}")
     return 0
-
-
-def _epsilon(value: float) -> float:
-    if not 0 < value < 1:
-        raise UsageError("--sink-epsilon must be between 0 and 1 (an attention probability)")
-    return value
 
 
 def _read_eval(path: str | None) -> str | None:
@@ -272,25 +294,18 @@ def _read_eval(path: str | None) -> str | None:
 
 def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, formats: set[str], quiet: bool,
          device_map: str | None = None, trust_remote_code: bool = False) -> int:
-    from transformers.utils import logging as hf_logging
-
     from .pipeline import scan
     from .models.loading import load
     from .report.files import write_report
     from .report.text import print_report, terminal
 
-    log = (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
-    hf_logging.set_verbosity_error()  # our own messages say what matters, in one line each
-    if quiet or not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
+    log = _log(quiet)
     lm = load(model, dtype=dtype, device=device, log=log, device_map=device_map, trust_remote_code=trust_remote_code)
     if verify is None:
         verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
         if not verify:
             log("skipping verification for a model this large; pass --verify to run it")
-    # No bars in a pipe, a log file or CI, and one set only in a multi-process launch.
-    bars = not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
-    with _progress(bars) as progress:
+    with _progress(_bars(quiet)) as progress:
         report = scan(lm, texts, verify=verify, eval_text=eval_text, progress=progress, **settings)
     if report is None:  # another process of a multi-process launch writes the report
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from .analysis.mechanism.explain import birth_state, explain, pick_events
 from .analysis.mechanism.lifeline import lifelines
 from .analysis.causal.perplexity import default_eval_text, eval_windows
 from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
-from .settings import Criterion
+from .settings import Criterion, check_options
 from .analysis.detect.results import Massive
 from .analysis.detect.resume import scan_identity
 from .analysis.causal.superweights import MAX_STEPS, all_super_weights
@@ -86,6 +87,10 @@ def scan(
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
+    check_arguments(model, texts, tokenizer)
+    check_options(top_k=top_k, min_abs=min_abs, min_ratio=min_ratio, top_neurons=top_neurons, chain_depth=chain_depth,
+                  super_weight_steps=super_weight_steps, batch_size=batch_size, max_length=max_length,
+                  checkpoint_every=checkpoint_every, sink_epsilon=sink_epsilon, clip_z=clip_z, block_size=block_size)
     lm = _as_loaded(model, tokenizer, dtype, device)
     corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
     total = corpus.check()
@@ -165,6 +170,21 @@ def scan(
     return report
 
 
+def check_arguments(model, texts, tokenizer) -> None:
+    """A TypeError naming the argument when ``model``, ``texts`` or ``tokenizer`` is not of a kind scan takes (a
+    string for ``texts`` would be scanned one character at a time)."""
+    if not (model is None or isinstance(model, (LoadedModel, str, os.PathLike)) or
+            isinstance(model, nn.Module) and hasattr(model, "config")):
+        raise TypeError(f"model must be a model name or path, a LoadedModel or a transformers model, not {type(model).__name__}")
+    if isinstance(texts, (str, bytes)) or not (texts is None or isinstance(texts, (Corpus, list, tuple))):
+        raise TypeError(f"texts must be a list of strings (e.g. [\"Hello\"]), not {type(texts).__name__}")
+    for index, text in enumerate(() if texts is None or isinstance(texts, Corpus) else texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] must be a string, not {type(text).__name__}")
+    if tokenizer is not None and not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a tokenizer (e.g. from AutoTokenizer), not {type(tokenizer).__name__}")
+
+
 def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
@@ -172,7 +192,7 @@ def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
         if tokenizer is None:
             raise UsageError("a model object needs its tokenizer: scan(model, texts, tokenizer=...)")
         return wrap(model, tokenizer)
-    return load(model, dtype=dtype, device=device)
+    return load(None if model is None else str(model), dtype=dtype, device=device)
 
 
 class Window(NamedTuple):

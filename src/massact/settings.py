@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from .errors import UsageError
 
 
 @dataclass(kw_only=True)
@@ -24,3 +27,29 @@ class Criterion:
         (``median`` broadcast against ``value``). NaN is never massive."""
         magnitude = abs(value)
         return (magnitude >= self.min_abs) & (magnitude >= self.min_ratio * median)
+
+
+MAX_COUNT = 2**31 - 1  # the largest count an option takes (islice and torch take a C integer)
+# What each numeric option of a scan takes: counts (at least 1; None allowed where the option is optional) and
+# positive numbers (an interval where the number is a probability). One table for the API and the command line.
+COUNTS = {"top_k": False, "top_neurons": False, "chain_depth": False, "super_weight_steps": False, "batch_size": False,
+          "checkpoint_every": False, "max_texts": True, "max_length": True, "block_size": True}
+POSITIVE = {"min_abs": False, "min_ratio": False, "clip_z": True}
+
+
+def check_options(**options) -> None:
+    """A UsageError (a ValueError) naming the first option out of its range (see ``COUNTS``, ``POSITIVE``);
+    ``sink_epsilon`` is an attention probability, strictly between 0 and 1."""
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None and (COUNTS.get(name) or POSITIVE.get(name)):
+            continue
+        if name in COUNTS:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+                raise UsageError(f"{flag} ({name}) must be a whole number between 1 and {MAX_COUNT}, not {value!r}")
+        elif name in POSITIVE:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{flag} ({name}) must be a positive number, not {value!r}")
+        elif name == "sink_epsilon":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise UsageError(f"{flag} ({name}) must be between 0 and 1 (an attention probability), not {value!r}")

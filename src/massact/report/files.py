@@ -30,18 +30,6 @@ def parse_formats(text: str) -> set[str]:
     return chosen
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        if isinstance(content, bytes):
-            partial.write_bytes(content)
-        else:
-            partial.write_text(content, encoding="utf-8")
-        os.replace(partial, path)
-    finally:  # on an error (a full disk), nothing half-written stays
-        partial.unlink(missing_ok=True)
-
-
 def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) -> list[Path]:
     """The chosen files in ``out`` (created): report.txt, report.json (and protect.json), report.html, the PNG figures."""
     from ..analysis.deploy.protect import build as build_protect

@@ -24,7 +24,9 @@ from ..analysis.deploy.protect import Carrier, Protect, ProtectedDim, ProtectedW
 from ..analysis.detect.results import DimSummary, Entry, LayerStats, Massive
 from ..analysis.mechanism.explain import ROLES
 from ..analysis.mechanism.lifeline import PHASES, WRITERS
-from ..analysis.mechanism.results import Lifeline, LifelineStep, Phase, Place
+from ..analysis.mechanism.results import Checkpoint, Lifeline, LifelineStep, Phase, Place
+from ..analysis.trigger.results import PreActivationSplit
+from ..models.adapters import ADAPTERS
 from ..analysis.results import CorpusSpec, ModelInfo, Report
 from ..errors import UsageError
 from ..models.loading import DTYPES
@@ -84,6 +86,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (ModelInfo, "n_layers"): _at_least(1),
     (ModelInfo, "d_model"): _at_least(1),
     (ModelInfo, "dtype"): _one_of(tuple(DTYPES)),
+    (ModelInfo, "stream"): _one_of(tuple(dict.fromkeys(adapter.stream for adapter in ADAPTERS))),
     (CorpusSpec, "max_texts"): _at_least(1),
     (CorpusSpec, "max_length"): _at_least(2),
     (Criterion, "min_abs"): _positive(),
@@ -109,6 +112,8 @@ CHECKS: dict[tuple[type, str], Check] = {
     (LifelineStep, "phase"): _one_of(("",) + PHASES),
     (LifelineStep, "writer"): _one_of(WRITERS),
     (Phase, "name"): _one_of(PHASES),
+    (Phase, "writer"): _one_of(("",) + WRITERS),
+    (PreActivationSplit, "site"): _one_of(("mlp_gate", "mlp_up")),  # the MLP's input projections, as decompose splits them
     (Protect, "format"): _one_of((PROTECT_FORMAT,)),
     (Protect, "version"): _one_of((PROTECT_VERSION,)),
     (Protect, "min_abs"): _positive(),
@@ -133,8 +138,12 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
         ("layers", lambda r: len(r.layers) == r.model.n_layers, "one entry per block (model.n_layers)"),
         ("lifeline", lambda r: sorted(line.dim for line in r.lifeline) == sorted(d.dim for d in r.dims),
          "one lifeline per entry of dims"),
+        ("massive", lambda r: all(m.text in r.tokens and m.position < len(r.tokens[m.text]) for m in r.massive),
+         "positions within the tokens of their window"),
     ],
     Lifeline: [("steps", lambda line: [s.layer for s in line.steps] == list(range(len(line.steps))), "one step per block, in order")],
+    Checkpoint: [("previous", lambda c: {c.previous is None, c.change is None, c.change_pct is None, c.jump is None} != {True, False},
+                  "null exactly where change, change_pct and jump are (the first checkpoint)")],
 }
 
 # Fields a file may lack because older versions of the writer did not write them: they read as their default.

@@ -8,8 +8,13 @@ where the dim is strongest) on which the quantized model's massive value is read
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import torch
+
+from ...errors import UsageError
+from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..function.sinks import sink_tokens
 from ..results import Report
@@ -85,6 +90,41 @@ class Protect:
     def criterion(self) -> Criterion:
         """The scan's massive test, as saved with the list."""
         return Criterion(min_abs=self.min_abs, min_ratio=self.min_ratio)
+
+
+def check_model(protect: Protect, lm: LoadedModel, where: str) -> None:
+    """Refuse a protect list (read from ``where``) that does not belong to ``lm``: a dim, block or probe position
+    outside the model, a probe text longer than its context, or a super weight whose stored value is not the model's
+    (another model of the same shapes, or an edited list). One UsageError line naming the entry."""
+    n_layers, d_model = len(lm.adapter.blocks(lm.model)), lm.model.config.hidden_size
+    context = getattr(lm.model.config, "max_position_embeddings", None) or getattr(lm.model.config, "n_positions", None)
+    for i, d in enumerate(protect.massive_dims):
+        here = f"{where}: massive_dims[{i}]"
+        if not d.dim < d_model:
+            raise UsageError(f"{here}.dim is {d.dim}; the model has {d_model} dims")
+        for name, blocks in (("born_at", [d.born_at]), ("peak_block", [d.peak_block]), ("blocks", d.blocks),
+                             ("removed_at", d.removed_at)):
+            if any(b >= n_layers for b in blocks):
+                raise UsageError(f"{here}.{name} names block {max(blocks)}; the model has {n_layers} blocks")
+        tokens = len(lm.tokenizer(d.probe_text).input_ids)
+        if context and tokens > context:
+            raise UsageError(f"{here}.probe_text is {tokens} tokens; the model's context is {context}")
+        if not d.probe_position < tokens:
+            raise UsageError(f"{here}.probe_position is {d.probe_position}; the probe text has {tokens} tokens")
+    for i, w in enumerate(protect.super_weights):
+        here = f"{where}: super_weights[{i}]"
+        try:
+            parameter = lm.model.get_parameter(w.parameter)
+        except AttributeError:
+            raise UsageError(f"{here}.parameter {w.parameter!r} is not a parameter of the model") from None
+        shape = list(parameter.shape)
+        if len(w.index) != len(shape) or any(not 0 <= k < n for k, n in zip(w.index, shape)) or w.index[-2:] != [w.row, w.col]:
+            raise UsageError(f"{here}.index {w.index} (row {w.row}, col {w.col}) is not an entry of {w.parameter}, shape {shape}")
+        stored = float(parameter.detach()[tuple(w.index)])
+        # A list made in float32 and read in bfloat16 differs by the rounding: half a step of the model's dtype.
+        if not math.isclose(stored, w.value, rel_tol=torch.finfo(parameter.dtype).eps, abs_tol=1e-6):
+            raise UsageError(f"{here}: {w.parameter}{w.index} is {stored:+.6g} in the model, the list says {w.value:+.6g}; "
+                             "is this the model the list was made for?")
 
 
 WRITES = ("birth", "growth")  # the phases whose writing weights are super weights
