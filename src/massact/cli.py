@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -11,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
-from .settings import check_options
+from .settings import DTYPES, QUANT_GRIDS, ScanSettings, whole
+from .texts import read_eval_file
 
 EXIT_USAGE = 2
 
@@ -21,16 +23,37 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """The options several commands take, declared once each (argparse parent parsers)."""
+    model = _Parser(add_help=False)
+    model.add_argument("--dtype", choices=DTYPES, help="number format of the weights (default float32; verify and quant: the report's)")
+    model.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto; verify and quant: the report's)")
+    evaluation = _Parser(add_help=False)
+    evaluation.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
+    output = _Parser(add_help=False)
+    output.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
+    output.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
+    sinks = _Parser(add_help=False)
+    sinks.add_argument("--sink-epsilon", type=float,
+                       help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024; default 0.3)")
+    quant = _Parser(add_help=False)
+    quant.add_argument("--quant-grid", choices=QUANT_GRIDS, help="quantization settings: default (a few minutes on a small CPU) or full")
+    quant.add_argument("--clip-z", type=float, help="z-score at which the held-out variant clips the remaining weights (default 4)")
+    quant.add_argument("--block-size", type=int, help="entries per flat block of the block-wise RTN settings (default 16384)")
+    return dict(model=model, evaluation=evaluation, output=output, sinks=sinks, quant=quant)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="massact", description="Find a transformer's massive activations and what writes them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    scan = commands.add_parser("scan", help="scan a model, trace its massive activations, write the report")
+    shared = _shared_options()
+    common = [shared["model"], shared["evaluation"], shared["output"]]
+    scan = commands.add_parser("scan", parents=[*common, shared["sinks"], shared["quant"]],
+                               help="scan a model, trace its massive activations, write the report")
     scan.add_argument("model", nargs="?", help="hub id, model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     scan.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences)")
     scan.add_argument("--file", help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")
     scan.add_argument("--out", type=Path, help="output directory (default: ./massact-report/<model>/)")
-    scan.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    scan.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     scan.add_argument("--device-map", help="spread a large model over the devices (accelerate): auto, balanced, sequential")
     scan.add_argument("--trust-remote-code", action="store_true",
                       help="let the model directory's own Python code define its classes (runs that code)")
@@ -51,41 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan (padding is never counted)")
     scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
-    scan.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
-    scan.add_argument("--sink-epsilon", type=float, default=0.3,
-                      help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024)")
-    scan.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
-    scan.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
-    scan.add_argument("--quant", action="store_true", help="also measure what weight and activation quantization do (section 8)")
-    _quant_options(scan)
-    quant = commands.add_parser("quant", help="quantization sweep and precision headroom, on a model or a saved report")
+    scan.add_argument("--quant", action="store_true", help="also measure what weight and activation quantization do")
+    quant = commands.add_parser("quant", parents=[*common, shared["quant"]],
+                                help="quantization sweep and precision headroom, on a model or a saved report")
     quant.add_argument("target", nargs="?", help="a report directory (report.json), or a model as for scan (default: embedded SmolLM2-135M-Instruct)")
     quant.add_argument("--protect", type=Path, help="a protect.json to use instead of scanning the model (with a MODEL)")
     quant.add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); a report directory is updated in place")
-    quant.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    quant.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    quant.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
-    quant.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
-    quant.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
-    _quant_options(quant)
-    verify = commands.add_parser("verify", help="re-run a saved report with verification, writing it back in place")
+    verify = commands.add_parser("verify", parents=[*common, shared["sinks"]],
+                                 help="re-run a saved report with verification and its saved settings, writing it back in place")
     verify.add_argument("report_dir", type=Path, help="a directory holding report.json from massact scan")
-    verify.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
-    verify.add_argument("--sink-epsilon", type=float, default=0.3,
-                        help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024)")
-    verify.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    verify.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
-    verify.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
     compare = commands.add_parser("compare", help="put saved reports side by side in one page")
     compare.add_argument("report_dirs", type=Path, nargs="+", help="directories holding report.json")
     compare.add_argument("--out", type=Path, default=Path("massact-report") / "compare", help="output directory")
     return parser
-
-
-def _quant_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quant-grid", default="default", help="quantization settings: default (a few minutes on a small CPU) or full")
-    parser.add_argument("--clip-z", type=float, help="z-score at which the held-out variant clips the remaining weights (default 4)")
-    parser.add_argument("--block-size", type=int, help="entries per flat block of the block-wise RTN settings (default 16384)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,33 +128,29 @@ def _scan(args) -> int:
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
-    check_options(**{name: getattr(args, name) for name in ("top_k", "top_neurons", "batch_size", "max_texts", "max_length",
-                                                              "checkpoint_every", "chain_depth", "super_weight_steps",
-                                                              "min_abs", "min_ratio", "sink_epsilon")})
+    if args.max_texts is not None:
+        whole("max_texts", args.max_texts, 1)
+    settings = ScanSettings(
+        top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
+        chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps, batch_size=args.batch_size,
+        max_length=args.max_length, checkpoint_every=args.checkpoint_every, verify=bool(args.verify),
+        eval_file=_eval_file(args.eval_file), **_given(args, "sink_epsilon", "quant", "quant_grid", "clip_z", "block_size",
+                                                        "dtype", "device")).check()
     formats = parse_formats(args.format)
     # Absolute, so that `massact verify` can read the file again from anywhere.
     file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
     texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
     texts.check()  # read input before the slow model load, so bad input fails fast
-    eval_text = _read_eval(args.eval_file)
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     check_writable(out)  # before the slow model load and scan
-    settings = dict(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
-                    chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps,
-                    batch_size=args.batch_size, max_length=args.max_length, checkpoint=out / "scan-state.pt",
-                    checkpoint_every=args.checkpoint_every, resume=args.resume, sink_epsilon=args.sink_epsilon,
-                    **_quant_settings(args))
-    return _run(args.model, texts, settings, args.verify, eval_text, args.dtype, args.device, out, formats, args.quiet,
-                args.device_map, args.trust_remote_code)
+    return _run(args.model, texts, settings, out, formats, args.quiet, verify=args.verify, resume=args.resume,
+                device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
 
-def _quant_settings(args) -> dict:
-    """The scan's quantization keywords from --quant, --quant-grid, --clip-z, --block-size, checked before any loading."""
-    from .analysis.deploy.quant import grid
-
-    grid(args.quant_grid)  # an unknown grid name fails here, before the model loads
-    check_options(block_size=args.block_size, clip_z=args.clip_z)
-    return dict(quant=getattr(args, "quant", True), quant_grid=args.quant_grid, clip_z=args.clip_z, block_size=args.block_size)
+def _given(args, *names: str) -> dict:
+    """The options among ``names`` given on the command line (not None), as ScanSettings fields: the rest keep the
+    settings' defaults, or a saved report's."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def _quant(args) -> int:
@@ -164,22 +161,23 @@ def _quant(args) -> int:
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
-    settings = _quant_settings(args)
+    asked = ScanSettings(quant=True, eval_file=_eval_file(args.eval_file),
+                         **_given(args, "quant_grid", "clip_z", "block_size", "dtype", "device")).check()
     formats = parse_formats(args.format)
-    eval_text = _read_eval(args.eval_file)
     target = Path(args.target) if args.target else None
     if target is not None and target.is_dir() and not (target / "config.json").is_file():
         if not (target / "report.json").is_file():
             raise UsageError(f"{target}: no report.json (not a massact report directory, nor a model directory)")
-        return _quant_report(target, args, settings, eval_text, formats)
+        return _quant_report(target, args, formats)
     out = args.out or Path("massact-report") / slug(args.target or DEFAULT_NAME)
     check_writable(out)  # before the slow model load and sweep
     if args.protect is not None:
-        return _quant_protect(args, settings, eval_text, out, formats)
-    return _run(args.target, Corpus(()), settings, False, eval_text, args.dtype, args.device, out, formats, args.quiet)
+        return _quant_protect(args, asked, out, formats)
+    return _run(args.target, Corpus(()), asked, out, formats, args.quiet, verify=False)
 
 
-def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set[str]) -> int:
+def _quant_report(directory: Path, args, formats: set[str]) -> int:
+    """The sweep on a saved report's model with the report's settings (the options given here override them)."""
     from .analysis.deploy import protect as protect_list
     from .analysis.deploy.precision import headroom
     from .analysis.deploy.quant import measure
@@ -189,12 +187,18 @@ def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set
     from .report.text import quantization_text
 
     report = load_report(directory)  # every field checked while it is built
+    settings = _saved_settings(report, directory).replace(
+        quant=True, **_given(args, "quant_grid", "clip_z", "block_size", "dtype", "device"),
+        **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
     protect = load_protect(args.protect) if args.protect else protect_list.build(report)
-    lm = load(report.model.source, dtype=report.model.dtype, device=args.device, log=_log(args.quiet))
-    protect_list.check_model(protect, lm, f"{directory / 'report.json'}" if args.protect is None else str(args.protect))
+    lm = load(report.model.source, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
+    # The model at the report's source must still be the one it was made with: its super weights, as saved.
+    protect_list.check_model(protect, lm, str(args.protect or directory / "report.json"))
+    eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
-        report.quantization = measure(lm, protect, eval_text, settings["quant_grid"], settings["clip_z"], settings["block_size"], progress)
+        report.quantization = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress)
     report.precision = headroom(report.layers)
+    report.settings = settings
     written = write_report(report, directory, formats)
     if not args.quiet:
         print(quantization_text(report.quantization, report.precision), end="")
@@ -203,23 +207,24 @@ def _quant_report(directory: Path, args, settings: dict, eval_text, formats: set
     return 0
 
 
-def _quant_protect(args, settings: dict, eval_text, out: Path, formats: set[str]) -> int:
+def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -> int:
     """A model and its protect.json: the sweep alone, written as quantization.json / .txt / .png (no whole report)."""
     import json
 
+    from .analysis.deploy.protect import check_model
     from .analysis.deploy.quant import measure
     from .models.loading import load
-    from .analysis.deploy.protect import check_model
     from .report.atomic import write_set
     from .report.plots import quantization_figure
     from .report.schema import load_protect, to_data
     from .report.text import quantization_text
 
     protect = load_protect(args.protect)
-    lm = load(args.target, dtype=args.dtype, device=args.device, log=_log(args.quiet))
+    lm = load(args.target, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
     check_model(protect, lm, str(args.protect))
+    eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
-        result = measure(lm, protect, eval_text, settings["quant_grid"], settings["clip_z"], settings["block_size"], progress)
+        result = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress)
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
         contents["quantization.json"] = json.dumps({"quantization": to_data(result)}, indent=2, ensure_ascii=False) + "\n"
@@ -233,6 +238,12 @@ def _quant_protect(args, settings: dict, eval_text, out: Path, formats: set[str]
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _saved_settings(report, directory: Path) -> ScanSettings:
+    if report.settings is None:
+        raise UsageError(f"{directory / 'report.json'}: no settings saved (made by an older massact): scan the model again")
+    return report.settings
 
 
 def _log(quiet: bool):
@@ -252,24 +263,22 @@ def _bars(quiet: bool) -> bool:
 
 
 def _verify(args) -> int:
+    """massact verify DIR: the scan again, with the settings report.json saved and verification on."""
     from .report.atomic import check_writable
+    from .report.files import parse_formats
     from .report.schema import load_report
     from .texts import Corpus
 
-    saved = load_report(args.report_dir)  # every field checked: one line naming a bad one
+    saved = load_report(args.report_dir)  # every field checked while it is built
+    settings = _saved_settings(saved, args.report_dir).replace(
+        verify=True, **_given(args, "sink_epsilon", "dtype", "device"),
+        **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
     spec = saved.corpus.spec
-    settings = dict(top_k=len(saved.layers[0].top) or 5, min_abs=saved.criterion.min_abs, min_ratio=saved.criterion.min_ratio,
-                    max_length=spec.max_length, sink_epsilon=args.sink_epsilon)
-    check_options(sink_epsilon=args.sink_epsilon)
     texts = Corpus(tuple(spec.texts), spec.file, spec.dataset, spec.max_texts)
-    from .report.files import parse_formats
-
     check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)
-    eval_text = _read_eval(args.eval_file)
-    return _run(saved.model.source, texts, settings, True, eval_text, saved.model.dtype, args.device, args.report_dir, formats,
-                args.quiet)
+    return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True)
 
 
 def _compare(args) -> int:
@@ -284,29 +293,32 @@ def _compare(args) -> int:
     return 0
 
 
-def _read_eval(path: str | None) -> str | None:
+def _eval_file(path: str | None) -> str | None:
+    """--eval-file, read now (bad input fails before the model loads) and kept as an absolute path in the settings."""
     if path is None:
         return None
-    from .texts import read_text_file
+    read_eval_file(path)
+    return str(Path(path).resolve())
 
-    return "\n\n".join(read_text_file(path))
 
-
-def _run(model, texts, settings, verify, eval_text, dtype, device, out: Path, formats: set[str], quiet: bool,
-         device_map: str | None = None, trust_remote_code: bool = False) -> int:
-    from .pipeline import scan
+def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, *, verify: bool | None,
+         resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False) -> int:
+    """Load, scan with ``settings`` and write the report. ``verify`` None: verify models up to 3B parameters."""
     from .models.loading import load
+    from .pipeline import scan
     from .report.files import write_report
     from .report.text import print_report, terminal
 
     log = _log(quiet)
-    lm = load(model, dtype=dtype, device=device, log=log, device_map=device_map, trust_remote_code=trust_remote_code)
+    lm = load(model, dtype=settings.dtype, device=settings.device, log=log, device_map=device_map,
+              trust_remote_code=trust_remote_code)
     if verify is None:
         verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
         if not verify:
             log("skipping verification for a model this large; pass --verify to run it")
     with _progress(_bars(quiet)) as progress:
-        report = scan(lm, texts, verify=verify, eval_text=eval_text, progress=progress, **settings)
+        report = scan(lm, texts, settings.replace(verify=verify), checkpoint=out / "scan-state.pt", resume=resume,
+                      progress=progress)
     if report is None:  # another process of a multi-process launch writes the report
         return 0
     written = write_report(report, out, formats)

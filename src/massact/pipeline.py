@@ -12,26 +12,26 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import UsageError
-from .models.adapters.base import weight_out_in
-from .models.loading import LoadedModel, load, wrap
-from .texts import Corpus
-from .analysis.function.sinks import SINK_EPSILON, sink_analysis
-from .analysis.conclusion import conclude
-from .analysis.mechanism.explain import birth_state, explain, pick_events
-from .analysis.mechanism.lifeline import lifelines
 from .analysis.causal.perplexity import default_eval_text, eval_windows
-from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
-from .settings import Criterion, check_options
-from .analysis.detect.results import Massive
-from .analysis.detect.resume import scan_identity
-from .analysis.causal.superweights import MAX_STEPS, all_super_weights
-from .analysis.trigger.trigger import CHAIN_DEPTH, triggers
+from .analysis.causal.superweights import all_super_weights
+from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify as verify_report
+from .analysis.conclusion import conclude
 from .analysis.deploy.precision import headroom
 from .analysis.deploy.protect import build as build_protect
 from .analysis.deploy.quant import measure as measure_quantization
+from .analysis.detect.results import DimSummary, LayerStats, Massive
+from .analysis.detect.resume import scan_identity
 from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
-from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify as verify_report
+from .analysis.function.sinks import sink_analysis
+from .analysis.mechanism.explain import birth_state, explain, pick_events
+from .analysis.mechanism.lifeline import lifelines
+from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
+from .analysis.trigger.trigger import triggers
+from .errors import UsageError
+from .models.adapters.base import weight_out_in
+from .models.loading import LoadedModel, load, wrap
+from .settings import Criterion, ScanSettings
+from .texts import Corpus, read_eval_file
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
@@ -48,129 +48,151 @@ def _silent(stage: str, total: int | None) -> Callable[[], None]:
 def scan(
     model: LoadedModel | nn.Module | str | None = None,
     texts: Sequence[str] | Corpus | None = None,
+    settings: ScanSettings | None = None,
     *,
     tokenizer=None,
-    top_k: int = 5,
-    min_abs: float = 100.0,
-    min_ratio: float = 1000.0,
-    top_neurons: int = 10,
-    chain_depth: int = CHAIN_DEPTH,
-    super_weight_steps: int = MAX_STEPS,
-    batch_size: int = 8,
-    max_length: int | None = None,
-    checkpoint: Path | None = None,
-    checkpoint_every: int = 50,
-    resume: bool = False,
-    verify: bool = False,
     eval_text: str | None = None,
-    dtype: str = "float32",
-    device: str = "auto",
+    checkpoint: Path | None = None,
+    resume: bool = False,
     progress: Progress | None = None,
-    sink_epsilon: float = SINK_EPSILON,
-    quant: bool = False,
-    quant_grid: str = "default",
-    clip_z: float | None = None,
-    block_size: int | None = None,
+    **options,
 ) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
-    neurons and weight that write it. With ``verify``, confirm by intervention and measure the attention sinks
-    (perplexity on ``eval_text``, default: the shipped public-domain sample).
+    neurons and weight that write them. With ``verify``, confirm by intervention and measure the attention sinks
+    (perplexity on ``eval_text``, default: ``settings.eval_file``, else the shipped public-domain sample).
 
     ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
-    ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``progress``: see ``Progress``.
-    The mechanism of each dim: its lifeline over every block, the trigger of its writing neurons (a chain of
-    ``chain_depth`` links back toward the token) and, with ``verify``, the trigger's sources patched and up to
-    ``super_weight_steps`` super weights zeroed one after another.
-    ``sink_epsilon``: a head is a sink head when its average attention on a sink token exceeds it (Gu et al. 2024).
-    With ``quant``, also measure what weight and activation quantization do (``massact.analysis.quant``; grid
-    ``quant_grid``, clipping z-score ``clip_z``, flat block size ``block_size``).
+    ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``settings``: a ``ScanSettings``
+    (default: the CLI's defaults); keyword ``options`` change single fields of it (``top_k=3, verify=True``).
+    ``checkpoint``: where the corpus pass saves its merged state every ``settings.checkpoint_every`` batches, and
+    ``resume`` continues from it. ``progress``: see ``Progress``.
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
-    check_arguments(model, texts, tokenizer)
-    check_options(top_k=top_k, min_abs=min_abs, min_ratio=min_ratio, top_neurons=top_neurons, chain_depth=chain_depth,
-                  super_weight_steps=super_weight_steps, batch_size=batch_size, max_length=max_length,
-                  checkpoint_every=checkpoint_every, sink_epsilon=sink_epsilon, clip_z=clip_z, block_size=block_size)
-    lm = _as_loaded(model, tokenizer, dtype, device)
+    check_arguments(model, texts, tokenizer, settings)
+    settings = (settings or ScanSettings()).replace(**options).check()
+    if eval_text is None and settings.eval_file is not None:
+        eval_text = read_eval_file(settings.eval_file)
+    lm = _as_loaded(model, tokenizer, settings.dtype, settings.device)
     corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
     total = corpus.check()
-    if verify:  # an evaluation text too short for perplexity fails now, not after the scan
+    if settings.verify:  # an evaluation text too short for perplexity fails now, not after the scan
         eval_windows(lm, eval_text or default_eval_text())
-    criterion = Criterion(min_abs=min_abs, min_ratio=min_ratio)
-
     progress = progress or _silent
-    # Without --max-length a window is a text, so the number of texts is the number of forward passes.
-    advance = progress("forward passes over the texts", total if max_length is None else None)
-    counts = Counts()
-    stream = (window.ids for window in windows(lm, corpus, max_length, counts))
-    identity = "" if checkpoint is None else scan_identity(lm, top_k=top_k, min_abs=min_abs, min_ratio=min_ratio,
-                                                           max_length=max_length, batch_size=batch_size)
-    layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), batch_size, checkpoint, checkpoint_every, resume,
-                             identity)
-    rank, world = distributed_rank()
-    if world > 1:
-        release_processes()  # the statistics are merged and no collective follows: a process may now end cleanly
-    if rank != 0:
+    found = detect_stage(lm, corpus, total, settings, checkpoint, resume, progress)
+    if found is None:
         return None  # launched as several processes: they shared the scan, the first one explains and reports
-    # Keep only the windows the statistics point at (and the first few, for the input-dependence check).
-    wanted = {int(t) for top in layer_scan.tops if top.labels is not None for t in top.labels[:, 0].tolist()}
-    texts, inputs, tokens = collect(lm, corpus, max_length, wanted | set(range(MAX_INPUTS)))
-    criterion.median_rel_error = layer_scan.histograms[0].rel_error
-    layers = layer_stats(layer_scan, tokens, top_k)
-    massive = detect(layer_scan, tokens, criterion)
-    dims = group_dims(massive, len(layers))
-    warnings = _scan_warnings(layer_scan, massive)
-    if counts.windows > counts.texts:
-        warnings.append(f"{counts.texts} text(s) were split into {counts.windows} windows of at most {max_length} tokens; "
-                        "each window is scanned as a text of its own")
-    n_tokens = round(layer_scan.histograms[0].total / lm.model.config.hidden_size)
-    spec = CorpusSpec(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts, max_length=max_length)
-    corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
-
-    lines = lifelines(lm, dims, massive, inputs, [s.median for s in layers], criterion)
-    origins, anatomies, attributions, experts = explain(lm, pick_events(dims, massive, lines), inputs, tokens, layers, criterion,
-                                                        top_neurons, warnings)
-
-    report = Report(
-        model=model_info(lm),
-        corpus=corpus_info,
-        texts=texts,
-        tokens=tokens,
-        criterion=criterion,
-        layers=layers,
-        massive=massive,
-        dims=dims,
-        origin=origins,
-        anatomy=anatomies,
-        attribution=attributions,
-        conclusion=[],
-        warnings=warnings,
-        versions=_versions(),
-        experts=experts,
-        lifeline=lines,
-    )
-    report.trigger = triggers(lm, report, inputs, chain_depth, patch=verify)
-    report.birth_state = birth_state(lm, report, inputs)
-    if verify and report.dims and lm.adapter.encoder and lm.tokenizer.mask_token_id is None:
-        report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
-    elif verify and report.dims:
-        source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
-        report.verification = verify_report(lm, report, inputs, eval_text or default_eval_text(), source,
-                                            progress("interventions", None))
-        report.attention = sink_analysis(lm, report, inputs, sink_epsilon, replacement_values(report))
-    if report.verification is not None:
-        report.super_weights = all_super_weights(lm, report, inputs, eval_text or default_eval_text(), super_weight_steps,
-                                                 progress("super weights, zeroed one by one", None))
-    report.precision = headroom(report.layers)
-    if quant and report.dims:
-        report.quantization = measure_quantization(lm, build_protect(report), eval_text, quant_grid, clip_z, block_size, progress)
+    report = mechanism_stage(lm, found, settings)
+    trigger_stage(lm, report, found.inputs, settings)
+    causal_stage(lm, report, found.inputs, settings, eval_text, progress)
+    deploy_stage(lm, report, settings, eval_text, progress)
     report.conclusion = conclude(report)
     if report.attention is not None and report.attention.dependence:
         report.conclusion.append(f"Attention sink: {report.attention.dependence}.")
     return report
 
 
-def check_arguments(model, texts, tokenizer) -> None:
+@dataclass(kw_only=True)
+class Detection:
+    """What the corpus pass found: the kept windows (text, ids, tokens by window index), per-block statistics, the
+    massive entries and dims, the corpus's description and the warnings so far."""
+
+    texts: dict[int, str]
+    inputs: dict[int, torch.Tensor]
+    tokens: dict[int, list[str]]
+    criterion: Criterion
+    layers: list[LayerStats]
+    massive: list[Massive]
+    dims: list[DimSummary]
+    corpus: CorpusInfo
+    warnings: list[str]
+
+
+def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSettings, checkpoint: Path | None,
+                 resume: bool, progress: Progress) -> Detection | None:
+    """The corpus pass (streamed, batched, resumable, shared by several processes), then the massive entries and
+    dims. None on every process but the first of a multi-process launch."""
+    # Without --max-length a window is a text, so the number of texts is the number of forward passes.
+    advance = progress("forward passes over the texts", total if settings.max_length is None else None)
+    counts = Counts()
+    stream = (window.ids for window in windows(lm, corpus, settings.max_length, counts))
+    identity = "" if checkpoint is None else scan_identity(lm, top_k=settings.top_k, min_abs=settings.min_abs,
+                                                           min_ratio=settings.min_ratio, max_length=settings.max_length,
+                                                           batch_size=settings.batch_size)
+    layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), settings.batch_size, checkpoint,
+                             settings.checkpoint_every, resume, identity)
+    rank, world = distributed_rank()
+    if world > 1:
+        release_processes()  # the statistics are merged and no collective follows: a process may now end cleanly
+    if rank != 0:
+        return None
+    # Keep only the windows the statistics point at (and the first few, for the input-dependence check).
+    wanted = {int(t) for top in layer_scan.tops if top.labels is not None for t in top.labels[:, 0].tolist()}
+    texts, inputs, tokens = collect(lm, corpus, settings.max_length, wanted | set(range(MAX_INPUTS)))
+    criterion = settings.criterion
+    criterion.median_rel_error = layer_scan.histograms[0].rel_error
+    layers = layer_stats(layer_scan, tokens, settings.top_k)
+    massive = detect(layer_scan, tokens, criterion)
+    warnings = _scan_warnings(layer_scan, massive)
+    if counts.windows > counts.texts:
+        warnings.append(f"{counts.texts} text(s) were split into {counts.windows} windows of at most {settings.max_length} "
+                        "tokens; each window is scanned as a text of its own")
+    n_tokens = round(layer_scan.histograms[0].total / lm.model.config.hidden_size)
+    spec = CorpusSpec(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts,
+                      max_length=settings.max_length)
+    corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
+    return Detection(texts=texts, inputs=inputs, tokens=tokens, criterion=criterion, layers=layers, massive=massive,
+                     dims=group_dims(massive, len(layers)), corpus=corpus_info, warnings=warnings)
+
+
+def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings) -> Report:
+    """Each dim's lifeline over every block, then origin, MLP anatomy and neuron attribution at every block it names:
+    the report, before its trigger, causal checks and deployment figures."""
+    medians = [s.median for s in found.layers]
+    lines = lifelines(lm, found.dims, found.massive, found.inputs, medians, found.criterion)
+    warnings = list(found.warnings)
+    origins, anatomies, attributions, experts = explain(lm, pick_events(found.dims, found.massive, lines), found.inputs,
+                                                        found.tokens, found.layers, found.criterion, settings.top_neurons,
+                                                        warnings)
+    return Report(model=model_info(lm), corpus=found.corpus, texts=found.texts, tokens=found.tokens,
+                  criterion=found.criterion, settings=settings, layers=found.layers, massive=found.massive,
+                  dims=found.dims, origin=origins, anatomy=anatomies, attribution=attributions, conclusion=[],
+                  warnings=warnings, versions=_versions(), experts=experts, lifeline=lines)
+
+
+def trigger_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings) -> None:
+    """Why each dim fires on its carrier: the writing neurons' sources and the chain back toward the token (patched
+    when verifying), and the birth block's state on the carrier's text."""
+    report.trigger = triggers(lm, report, inputs, settings.chain_depth, patch=settings.verify)
+    report.birth_state = birth_state(lm, report, inputs)
+
+
+def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings,
+                 eval_text: str | None, progress: Progress) -> None:
+    """With ``settings.verify``: the interventions, the output effects, the attention sinks and the super weights
+    zeroed one after another."""
+    if not (settings.verify and report.dims):
+        return
+    if lm.adapter.encoder and lm.tokenizer.mask_token_id is None:
+        report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
+        return
+    source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
+    text = eval_text or default_eval_text()
+    report.verification = verify_report(lm, report, inputs, text, source, progress("interventions", None))
+    report.attention = sink_analysis(lm, report, inputs, settings.sink_epsilon, replacement_values(report))
+    report.super_weights = all_super_weights(lm, report, inputs, text, settings.super_weight_steps,
+                                             progress("super weights, zeroed one by one", None))
+
+
+def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_text: str | None, progress: Progress) -> None:
+    """Float16 and bfloat16 headroom always; with ``settings.quant``, the quantization sweep."""
+    report.precision = headroom(report.layers)
+    if settings.quant and report.dims:
+        report.quantization = measure_quantization(lm, build_protect(report), eval_text, settings.quant_grid,
+                                                   settings.clip_z, settings.block_size, progress)
+
+
+def check_arguments(model, texts, tokenizer, settings) -> None:
     """A TypeError naming the argument when ``model``, ``texts`` or ``tokenizer`` is not of a kind scan takes (a
     string for ``texts`` would be scanned one character at a time)."""
     if not (model is None or isinstance(model, (LoadedModel, str, os.PathLike)) or
@@ -181,6 +203,8 @@ def check_arguments(model, texts, tokenizer) -> None:
     for index, text in enumerate(() if texts is None or isinstance(texts, Corpus) else texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] must be a string, not {type(text).__name__}")
+    if settings is not None and not isinstance(settings, ScanSettings):
+        raise TypeError(f"settings must be a ScanSettings, not {type(settings).__name__}")
     if tokenizer is not None and not callable(tokenizer):
         raise TypeError(f"tokenizer must be a tokenizer (e.g. from AutoTokenizer), not {type(tokenizer).__name__}")
 

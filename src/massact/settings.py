@@ -1,11 +1,20 @@
-"""What massact.settings found: its result dataclasses."""
+"""Every option of a scan in one frozen object, and the massive test they set.
+
+``ScanSettings`` is what ``massact.scan`` takes, what report.json saves whole (``settings``) and what ``massact
+verify``, ``quant`` and ``track`` read back, so that a saved report is re-run as it was made. ``Criterion`` is the one
+place where "massive" is decided.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from .errors import UsageError
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANT_GRIDS = ("default", "full")
 
 
 @dataclass(kw_only=True)
@@ -29,27 +38,94 @@ class Criterion:
         return (magnitude >= self.min_abs) & (magnitude >= self.min_ratio * median)
 
 
-MAX_COUNT = 2**31 - 1  # the largest count an option takes (islice and torch take a C integer)
-# What each numeric option of a scan takes: counts (at least 1; None allowed where the option is optional) and
-# positive numbers (an interval where the number is a probability). One table for the API and the command line.
-COUNTS = {"top_k": False, "top_neurons": False, "chain_depth": False, "super_weight_steps": False, "batch_size": False,
-          "checkpoint_every": False, "max_texts": True, "max_length": True, "block_size": True}
-POSITIVE = {"min_abs": False, "min_ratio": False, "clip_z": True}
+@dataclass(frozen=True, kw_only=True)
+class ScanSettings:
+    """The options of one scan. Defaults are the CLI's; each group feeds one stage of ``massact.pipeline``."""
+
+    # Detection: what is massive, how many of each block's largest |a| are listed.
+    min_abs: float = 100.0
+    min_ratio: float = 1000.0
+    top_k: int = 5
+    # The corpus pass: texts per forward pass, windows of at most max_length tokens (None: refuse longer texts),
+    # the merged state saved every checkpoint_every batches.
+    batch_size: int = 8
+    max_length: int | None = None
+    checkpoint_every: int = 50
+    # Mechanism and trigger: neurons listed per attribution, links followed back from the writing neuron.
+    top_neurons: int = 10
+    chain_depth: int = 3
+    # Causal checks: interventions and attention sinks (verify), super weights zeroed one after another, a head is a
+    # sink head when its average attention on a sink token exceeds sink_epsilon (Gu et al. 2024).
+    verify: bool = False
+    super_weight_steps: int = 5
+    sink_epsilon: float = 0.3
+    eval_file: str | None = None  # the evaluation text's absolute path; None: the shipped public-domain sample
+    # Deployment: the quantization sweep, its grid, the held-out variant's clipping z-score, the flat block size.
+    quant: bool = False
+    quant_grid: str = "default"
+    clip_z: float | None = None
+    block_size: int | None = None
+    # The model's number format and device as asked ("auto": a GPU where there is one).
+    dtype: str = "float32"
+    device: str = "auto"
+
+    @property
+    def criterion(self) -> Criterion:
+        return Criterion(min_abs=self.min_abs, min_ratio=self.min_ratio)
+
+    def replace(self, **changes) -> ScanSettings:
+        """A copy with ``changes``; an unknown name is a TypeError that names it."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown scan setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **changes)
+
+    def check(self) -> ScanSettings:
+        """Every value in its range, or a UsageError naming the option as the CLI spells it (one line)."""
+        for name in ("top_k", "batch_size", "checkpoint_every", "top_neurons", "chain_depth", "super_weight_steps"):
+            whole(name, getattr(self, name), 1)
+        if self.max_length is not None:
+            whole("max_length", self.max_length, 2)
+        if self.block_size is not None:
+            whole("block_size", self.block_size, 1)
+        for name in ("min_abs", "min_ratio"):
+            _number(name, getattr(self, name))
+        if self.clip_z is not None:
+            _number("clip_z", self.clip_z)
+        _number("sink_epsilon", self.sink_epsilon)
+        if not self.sink_epsilon < 1:
+            raise UsageError("--sink-epsilon must be between 0 and 1 (an attention probability)")
+        for name in ("verify", "quant"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{_option(name)} must be true or false, not {getattr(self, name)!r}")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("quant_grid", self.quant_grid, QUANT_GRIDS)
+        for name in ("device", "eval_file"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name == "eval_file")):
+                raise UsageError(f"{_option(name)} must be a string, not {value!r}")
+        return self
 
 
-def check_options(**options) -> None:
-    """A UsageError (a ValueError) naming the first option out of its range (see ``COUNTS``, ``POSITIVE``);
-    ``sink_epsilon`` is an attention probability, strictly between 0 and 1."""
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if value is None and (COUNTS.get(name) or POSITIVE.get(name)):
-            continue
-        if name in COUNTS:
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
-                raise UsageError(f"{flag} ({name}) must be a whole number between 1 and {MAX_COUNT}, not {value!r}")
-        elif name in POSITIVE:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise UsageError(f"{flag} ({name}) must be a positive number, not {value!r}")
-        elif name == "sink_epsilon":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise UsageError(f"{flag} ({name}) must be between 0 and 1 (an attention probability), not {value!r}")
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+MAX_COUNT = 2**31 - 1  # the largest count an option takes: islice and torch take C integers
+
+
+def whole(name: str, value, least: int) -> None:
+    """A UsageError unless ``value`` is a whole number from ``least`` to MAX_COUNT."""
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_COUNT:
+        raise UsageError(f"{_option(name)} must be a whole number of at least {least} (at most {MAX_COUNT}), not {value!r}")
+
+
+def _number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{_option(name)} must be a positive number, not {value!r}")
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{_option(name)} must be one of {', '.join(choices)}, not {value!r}")

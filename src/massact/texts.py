@@ -100,6 +100,11 @@ def read_text_file(path: str) -> list[str]:
     return texts
 
 
+def read_eval_file(path: str) -> str:
+    """The evaluation text of ``--eval-file``: the file's texts joined by blank lines."""
+    return "\n\n".join(read_text_file(path))
+
+
 def iter_dataset(spec: str) -> Iterator[str]:
     """Texts of a Hugging Face dataset, ``NAME[:CONFIG[:SPLIT]]`` (split "train" by default): a directory written by
     ``save_to_disk``, a local folder of data files, or a hub name (from the local cache, or downloaded when the hub

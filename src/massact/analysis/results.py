@@ -10,7 +10,7 @@ from .detect.results import DimSummary, LayerStats, Massive
 from .function.results import AttentionSinks
 from .mechanism.results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, Origin
 from .trigger.results import Trigger
-from ..settings import Criterion
+from ..settings import Criterion, ScanSettings
 
 
 @dataclass(kw_only=True)
@@ -63,6 +63,7 @@ class Report:
     texts: dict[int, str]  # by window index: only the windows the report points at, and the first few
     tokens: dict[int, list[str]]
     criterion: Criterion
+    settings: ScanSettings | None = None  # every option the scan ran with; None in a report made before settings were saved
     layers: list[LayerStats]
     massive: list[Massive]
     dims: list[DimSummary]

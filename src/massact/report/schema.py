@@ -274,6 +274,11 @@ def _object(kind: type, data, path: str, scope: Scope):
         if kind is Report and name == "texts":
             scope.windows = set(built[name])
     obj = kind(**built)
+    if callable(getattr(obj, "check", None)):  # a dataclass that checks itself (ScanSettings): the same rules as its writer
+        try:
+            obj.check()
+        except UsageError as error:
+            raise _Bad(path, message=f"is not valid: {error}") from None
     for name, test, what in AGREES.get(kind, []):
         if not test(obj):
             raise _Bad(f"{path}.{name}" if path else name, message=f"must hold {what}")

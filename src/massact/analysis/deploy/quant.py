@@ -23,6 +23,7 @@ from torch import nn
 
 from ...capture.hooks import tap
 from ...errors import UsageError
+from ...settings import QUANT_GRIDS
 from ...models.adapters.base import is_transposed
 from ...models.loading import LoadedModel
 from ...capture.edits import massive_mask, read_coordinate
@@ -30,7 +31,7 @@ from ..causal.perplexity import default_eval_text, eval_windows, perplexity
 from .protect import Protect
 from .results import Quantization, QuantRow
 
-GRIDS = ("default", "full")
+GRIDS = QUANT_GRIDS
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 DEFAULT_BLOCK = 16384  # entries per flat block (Yu et al. vary it; larger blocks feel a super weight more)
 DEFAULT_CLIP_Z = 4.0

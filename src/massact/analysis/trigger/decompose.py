@@ -158,9 +158,30 @@ def split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], posit
     to its dot products with the readers that want it (no stream is kept whole), and keep the massive position's
     MLP activations and head outputs for the next step of a chain."""
     walk = Walk(lm)
+    plan = plan_reads(lm, walk, targets)
+    seen = record(lm, walk, plan, input_ids, targets, position)
+    pieces = embedding_parts(lm, input_ids, seen.embedded)
+    splits = [assemble(target, terms, constants, input_norm, plan, seen, pieces, input_ids.shape[1])
+              for target, terms, constants, input_norm in plan.planned]
+    return splits, AtPosition(seen.at)
+
+
+@dataclass
+class ReadPlan:
+    """What one forward pass must read: each target's terms and constants (``planned``), the terms by the site whose
+    output they read, each term's column there (``column``, by id), the readers stacked per site ([d, n] float64),
+    and every norm whose per-position factor some term needs."""
+
+    planned: list[tuple[Target, list[Term], list, NormKey | None]]
+    column: dict[int, tuple[tuple[int, str], int]]
+    readers: dict[tuple[int, str], torch.Tensor]
+    norm_keys: set[NormKey]
+
+
+def plan_reads(lm: LoadedModel, walk: Walk, targets: list[Target]) -> ReadPlan:
     planned = [(target, *walk.terms(target.layer, *input_row(lm, target.layer, target.site, target.neuron))) for target in targets]
     wanted: dict[tuple[int, str], list[Term]] = {}
-    column: dict[int, tuple[tuple[int, str], int]] = {}  # id(term) -> (the site it reads, its column there)
+    column: dict[int, tuple[tuple[int, str], int]] = {}
     norm_keys: set[NormKey] = set()
     for _, terms, constants, _ in planned:
         for term in terms:
@@ -170,69 +191,87 @@ def split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], posit
             norm_keys.update(term.norms)
         for norms, _ in constants:
             norm_keys.update(norms)
-    readers = {key: torch.stack([t.reader for t in terms], dim=1) for key, terms in wanted.items()}  # [d, n] float64
-    dots: dict[tuple[int, str], torch.Tensor] = {}
-    scales: dict[NormKey, torch.Tensor] = {}
-    values: dict[tuple[int, str], torch.Tensor] = {}
-    at: dict[tuple[int, str], torch.Tensor] = {}
-    embedded: list[torch.Tensor] = []
+    readers = {key: torch.stack([t.reader for t in terms], dim=1) for key, terms in wanted.items()}
+    return ReadPlan(planned=planned, column=column, readers=readers, norm_keys=norm_keys)
+
+
+@dataclass
+class Recorded:
+    """What the forward pass kept: each read site's dot products with its readers [n, k], each norm's per-position
+    factor, the gate/up values [n, d_mlp], the massive position's activations and head outputs (``at``), and the
+    embedding output [n, d]."""
+
+    dots: dict[tuple[int, str], torch.Tensor]
+    scales: dict[NormKey, torch.Tensor]
+    values: dict[tuple[int, str], torch.Tensor]
+    at: dict[tuple[int, str], torch.Tensor]
+    embedded: torch.Tensor | None = None
+
+
+def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor, targets: list[Target],
+           position: int) -> Recorded:
+    """One forward pass whose hooks reduce every read site to its dot products (no stream kept whole)."""
+    seen = Recorded(dots={}, scales={}, values={}, at={})
     n_layers = len(lm.adapter.blocks(lm.model))
     last = max(t.layer for t in targets)
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
         hidden = hidden[0].detach()
-        if (layer, site) in readers:
-            dots[layer, site] = hidden.double() @ readers[layer, site].to(hidden.device)
+        if (layer, site) in plan.readers:
+            seen.dots[layer, site] = hidden.double() @ plan.readers[layer, site].to(hidden.device)
         if site == "resid_in" and layer == 0:
-            embedded.append(hidden.double().cpu())
+            seen.embedded = hidden.double().cpu()
         if site in ("mlp_gate", "mlp_up"):
-            values[layer, site] = hidden.double()
+            seen.values[layer, site] = hidden.double()
         if site in ("mlp_act", "attn_raw", "mlp_raw"):
-            at[layer, site] = hidden[position].double().cpu()
+            seen.at[layer, site] = hidden[position].double().cpu()
 
-    sites = {key for key in readers} | {(t.layer, t.site) for t in targets} | {(0, "resid_in")}
+    sites = set(plan.readers) | {(t.layer, t.site) for t in targets} | {(0, "resid_in")}
     sites |= {(layer, site) for layer in range(min(last + 1, n_layers)) for site in ("mlp_act", "attn_raw", "mlp_raw")
               if site in lm.adapter.sites}
     with ExitStack() as stack:
         stack.enter_context(tap(lm.model, lm.adapter, sorted(sites), keep))
-        for key in norm_keys:
-            stack.enter_context(tap_module_input(walk.norm(key), lambda x, key=key: scales.__setitem__(key, scale(walk.norm(key), _rows(x)))))
+        for key in plan.norm_keys:
+            stack.enter_context(tap_module_input(walk.norm(key), lambda x, key=key: seen.scales.__setitem__(key, scale(walk.norm(key), _rows(x)))))
         for layer in range(last + 1):
             o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
-            stack.enter_context(tap_module_input(o_proj, lambda z, layer=layer: at.__setitem__((layer, ATTN_Z), _rows(z)[position].double().cpu())))
+            stack.enter_context(tap_module_input(o_proj, lambda z, layer=layer: seen.at.__setitem__((layer, ATTN_Z), _rows(z)[position].double().cpu())))
         lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
+    return seen
 
-    pieces = embedding_parts(lm, input_ids, embedded[0])
-    results = []
-    for target, terms, constants, input_norm in planned:
-        def factor(norms: tuple) -> torch.Tensor:
-            out = torch.ones(input_ids.shape[1], dtype=torch.float64)
-            for key in norms:
-                out = out * scales[key].cpu()
-            return out
 
-        parts: dict[str, torch.Tensor] = {}
-        named: dict[str, Term] = {}
-        factors: dict[str, torch.Tensor] = {}
-        for term in terms:
-            key, index = column[id(term)]
-            if term.site == "embed":
-                for site, (label, tensor) in pieces.items():
-                    factors[label] = factor(term.norms)
-                    parts[label] = factors[label] * (tensor @ term.reader)
-                    named[label] = Term(label, None, site, term.reader, term.norms)
-            else:
-                factors[term.label] = factor(term.norms)
-                parts[term.label] = factors[term.label] * dots[key][:, index].cpu()
-                named[term.label] = term
-        constant = sum(factor(norms) * value for norms, value in constants)
-        if bool((constant != 0).any()):  # the projection's bias and the norms' biases, as far as they reach the neuron
-            parts["biases"] = constant
-        value = values[target.layer, target.site][:, target.neuron].cpu()
-        error = float((sum(parts.values()) - value).abs().max() / max(float(value.abs().max()), 1e-12))
-        input_scale = factor((input_norm,)) if input_norm else torch.ones(input_ids.shape[1], dtype=torch.float64)
-        results.append(Split(target, value, parts, named, factors, input_scale, error))
-    return results, AtPosition(at)
+def assemble(target: Target, terms: list[Term], constants: list, input_norm: NormKey | None, plan: ReadPlan,
+             seen: Recorded, pieces: dict, n_positions: int) -> Split:
+    """One target's split: each term's dot products times its norms' factors, the embedding split into its pieces,
+    the biases as one constant, and the relative error of their sum against the value the model computed."""
+
+    def factor(norms: tuple) -> torch.Tensor:
+        out = torch.ones(n_positions, dtype=torch.float64)
+        for key in norms:
+            out = out * seen.scales[key].cpu()
+        return out
+
+    parts: dict[str, torch.Tensor] = {}
+    named: dict[str, Term] = {}
+    factors: dict[str, torch.Tensor] = {}
+    for term in terms:
+        key, index = plan.column[id(term)]
+        if term.site == "embed":
+            for site, (label, tensor) in pieces.items():
+                factors[label] = factor(term.norms)
+                parts[label] = factors[label] * (tensor @ term.reader)
+                named[label] = Term(label, None, site, term.reader, term.norms)
+        else:
+            factors[term.label] = factor(term.norms)
+            parts[term.label] = factors[term.label] * seen.dots[key][:, index].cpu()
+            named[term.label] = term
+    constant = sum(factor(norms) * value for norms, value in constants)
+    if bool((constant != 0).any()):  # the projection's bias and the norms' biases, as far as they reach the neuron
+        parts["biases"] = constant
+    value = seen.values[target.layer, target.site][:, target.neuron].cpu()
+    error = float((sum(parts.values()) - value).abs().max() / max(float(value.abs().max()), 1e-12))
+    input_scale = factor((input_norm,)) if input_norm else torch.ones(n_positions, dtype=torch.float64)
+    return Split(target, value, parts, named, factors, input_scale, error)
 
 
 def _others(values: torch.Tensor, position: int) -> torch.Tensor:
