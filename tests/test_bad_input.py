@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory, tokenizer):
     return save_planted(tmp_path_factory.mktemp("planted") / "llama", "llama", tokenizer, LAYER, NEURON, DIM)
 
 
-# 4. Where the report cannot be written
+# Where the report cannot be written
 
 
 @pytest.mark.parametrize("where", ["under a file", "a file", "under /proc"])
@@ -48,7 +48,7 @@ def test_a_read_only_out(model_dir, tmp_path):
     one_line_error(run_massact("scan", model_dir, "--text", "Summer is warm.", "--out", locked / "r"), "Permission denied")
 
 
-# 5. Damaged weights and devices
+# Damaged weights and devices
 
 
 def _damage(model_dir: Path, target: Path, how: str) -> Path:
@@ -81,7 +81,7 @@ def test_an_unknown_device_is_one_line(model_dir, tmp_path):
     one_line_error(run_massact("scan", model_dir, "--device", "foo", "--out", tmp_path / "r"), "device 'foo' is not one of")
 
 
-# 6. Thresholds
+# Thresholds
 
 
 @pytest.mark.parametrize("option,value", [("--min-ratio", "-5"), ("--min-abs", "0"), ("--min-abs", "nan")])
@@ -89,7 +89,7 @@ def test_thresholds_must_be_positive(option, value, model_dir, tmp_path):
     one_line_error(run_massact("scan", model_dir, option, value, "--out", tmp_path / "r"), f"{option} must be a positive number")
 
 
-# 8. A huge line
+# A huge line
 
 
 def test_a_50_mb_line_is_refused_with_bounded_memory(model_dir, tmp_path):
@@ -113,7 +113,7 @@ def test_a_50_mb_line_is_refused_with_bounded_memory(model_dir, tmp_path):
         list(Corpus(("Short.", "x" * (MAX_TEXT_CHARS + 1))))
 
 
-# 9. Smaller ones
+# Smaller ones
 
 
 def test_a_one_token_eval_text_is_refused_before_the_scan(tmp_path):
@@ -155,3 +155,116 @@ def test_the_gguf_bar_follows_the_progress_bar_switch(capfd):
     with gguf_bar_follows_switch():
         list(gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
     assert "Converting" in capfd.readouterr().err  # the switch on: the bar is drawn
+
+
+# The second round (issue 17): every numeric option, the Python API, odd models, a report's model replaced
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """The command line in this process (no interpreter start): exit code and stderr."""
+    from massact.cli import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+NUMERIC = {"scan": ["--top-k", "--min-abs", "--min-ratio", "--top-neurons", "--chain-depth", "--super-weight-steps", "--max-texts",
+                    "--max-length", "--checkpoint-every", "--batch-size", "--sink-epsilon", "--clip-z", "--block-size"],
+           "quant": ["--clip-z", "--block-size"]}
+HUGE = "100000000000000000000000000000"
+# In range (a threshold nothing reaches, no clipping): the run goes on to the model, here one that does not exist.
+ACCEPTED = {(option, value) for option in ("--min-abs", "--min-ratio", "--clip-z") for value in ("1e30", HUGE)}
+
+
+@pytest.mark.parametrize("command,option", [(c, o) for c, options in NUMERIC.items() for o in options])
+def test_every_numeric_option_refuses_zero_negative_huge_nan_and_words(command, option, tmp_path, capsys):
+    for value in ("0", "-1", "1e30", HUGE, "nan", "inf", "abc"):
+        code, err = run_main(capsys, command, tmp_path / "no-model", option, value, "--out", tmp_path / "out")
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("massact: error:"), (option, value, err)
+        expected = "no-model: no such file or directory" if (option, value) in ACCEPTED else option
+        assert expected in lines[0], (option, value, lines[0])
+
+
+def test_the_api_checks_its_arguments(tokenizer):
+    from torch import nn
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama", len(tokenizer))
+    for texts, message in (("Hello", "texts must be a list of strings"), ([1, 2, 3], r"texts\[0\] must be a string, not int"),
+                           ([None], r"texts\[0\] must be a string, not NoneType"), ([b"Hello"], r"texts\[0\] must be a string, not bytes"),
+                           (42, "texts must be a list of strings")):
+        with pytest.raises(TypeError, match=message):
+            massact.scan(model, texts, tokenizer=tokenizer)
+    for bad_model in (123, nn.Linear(3, 3)):
+        with pytest.raises(TypeError, match="model must be a model name or path, a LoadedModel or a transformers model"):
+            massact.scan(bad_model, ["Hello"], tokenizer=tokenizer)
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizer"):
+        massact.scan(model, ["Hello"], tokenizer="x")
+    for option, value in (("top_neurons", 0), ("top_k", -1), ("batch_size", 0), ("chain_depth", -1), ("sink_epsilon", 5),
+                          ("min_abs", -1), ("top_k", 10**30)):
+        with pytest.raises(ValueError, match="--" + option.replace("_", "-")):
+            massact.scan(model, ["Hello"], tokenizer=tokenizer, **{option: value})
+
+
+def test_unused_weights_are_refused_like_missing_ones(model_dir, tmp_path):
+    """A config that says 1 block over weights of 4 would scan block 0 alone and miss the dim planted in block 1."""
+    import json as _json
+
+    shutil.copytree(model_dir, tmp_path / "short")
+    config = _json.loads((tmp_path / "short" / "config.json").read_text(encoding="utf-8"))
+    (tmp_path / "short" / "config.json").write_text(_json.dumps(dict(config, num_hidden_layers=1)), encoding="utf-8")
+    with pytest.raises(UsageError, match=r"tensor\(s\) of the weights have no place in the model its config describes, first "
+                                         r"model\.layers\.1\."):
+        load(str(tmp_path / "short"), device="cpu", log=lambda message: None)
+
+
+def test_a_relative_model_path_is_saved_absolute(model_dir, tmp_path, capsys, monkeypatch):
+    """A report made with a relative model path is verified and quantized from any directory."""
+    shutil.copytree(model_dir, tmp_path / "work" / "model")
+    monkeypatch.chdir(tmp_path / "work")
+    code, err = run_main(capsys, "scan", "model", "--text", "Summer is warm.", *TINY, "--out", tmp_path / "report")
+    assert code == 0, err
+    report = (tmp_path / "report" / "report.json").read_text(encoding="utf-8")
+    assert f'"source": "{tmp_path / "work" / "model"}"' in report
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "verify", tmp_path / "report", "--format", "json", "--quiet")
+    assert code == 0, err
+
+
+def test_compare_refuses_to_write_over_a_report(model_dir, tmp_path, capsys):
+    """compare A B --out A once replaced A's report with the comparison: data lost."""
+    out = tmp_path / "a"
+    assert run_main(capsys, "scan", model_dir, "--text", "Summer is warm.", *TINY, "--out", out)[0] == 0
+    before = sorted(p.name for p in out.iterdir())
+    code, err = run_main(capsys, "compare", out, out, "--out", out)
+    assert code == 2 and err.strip() == f"massact: error: --out {out} holds a report (report.json); write the comparison to another directory"
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("protect", [False, True])
+def test_quant_checks_out_before_the_model_loads(protect, tmp_path, capsys):
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    extra = ["--protect", tmp_path / "p.json"] if protect else []
+    for out in (tmp_path / "file" / "sub", Path("/proc/massact-test")):
+        code, err = run_main(capsys, "quant", tmp_path / "no-model", *extra, "--out", out)
+        assert code == 2 and "cannot write the report to" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_report_whose_model_was_replaced_is_refused(model_dir, tokenizer, tmp_path, capsys):
+    """The report's source now holds another model of the same shapes: its super weights are not the saved ones."""
+    from conftest import plant_mlp, tiny_model
+
+    shutil.copytree(model_dir, tmp_path / "model")
+    assert run_main(capsys, "scan", tmp_path / "model", "--text", "Summer is warm.", *TINY, "--out", tmp_path / "r")[0] == 0
+    other = tiny_model("llama", len(tokenizer), seed=1)
+    plant_mlp(other, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=90.0)
+    other.save_pretrained(tmp_path / "model")
+    code, err = run_main(capsys, "quant", tmp_path / "r", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "super_weights[0]" in err and "is +90 in the model, the list says +100; is this the model the list was made for?" in err
+    # A protect list of another model, the same check.
+    code, err = run_main(capsys, "quant", tmp_path / "model", "--protect", tmp_path / "r" / "protect.json", "--quiet",
+                         "--out", tmp_path / "q")
+    assert code == 2 and "is this the model the list was made for?" in err and len(err.strip().splitlines()) == 1, err

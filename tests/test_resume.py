@@ -69,7 +69,7 @@ def interrupt(model: Path, corpus: Path, out: Path, after: int, batch_size: int 
     return torch.load(out / "scan-state.pt", weights_only=True)["done"]
 
 
-# 1 and 2. Resuming
+# Resuming
 
 
 def test_a_resumed_scan_equals_the_uninterrupted_one_byte_for_byte(model_dir, same_word_corpus, tmp_path):
@@ -121,7 +121,7 @@ def test_resume_refuses_the_state_of_another_model_or_settings(change, model_dir
         assert run_massact("scan", model, "--file", small_corpus, *TINY, "--batch-size", "4", "--out", out, "--resume").returncode == 0
 
 
-# 3. A damaged or foreign scan state
+# A damaged or foreign scan state
 
 
 class Evil:
