@@ -38,6 +38,7 @@ def chain(model, out, eval_file, capsys, text: str = "Summer is warm. Winter is 
              ["quant", out, "--eval-file", eval_file, *QUIET],
              ["compare", out, out, "--out", out.parent / "compare"]]
     scanned = None
+    capsys.readouterr()  # what the test printed itself (saving the model)
     for step in steps:
         code = main([str(part) for part in step])
         assert code == 0, (step[0], capsys.readouterr().err)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .analysis.causal.embeddings import headless
 from .analysis.causal.perplexity import default_eval_text, eval_windows
 from .analysis.causal.superweights import all_super_weights
 from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify as verify_report
@@ -173,7 +174,7 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
     zeroed one after another."""
     if not (settings.verify and report.dims):
         return
-    if lm.adapter.encoder and lm.tokenizer.mask_token_id is None:
+    if lm.adapter.encoder and not headless(lm) and lm.tokenizer.mask_token_id is None:
         report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
         return
     source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"

@@ -134,6 +134,10 @@ def _from_pretrained(
             from transformers import AutoModel
 
             model, info = _read_weights(AutoModel, source, dtype, device_map, remote)
+            pooler = [key for key in info["missing_keys"] if key.startswith("pooler.")]
+            if pooler and getattr(model, "pooler", None) is not None:  # a masked LM has none; nothing here reads it
+                model.pooler = None
+                info["missing_keys"] = [key for key in info["missing_keys"] if key not in pooler]
     except UsageError:
         raise
     except Exception as error:  # damaged safetensors (garbage, truncated) raise safetensors' own error kinds

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ...errors import UsageError
 from ...models.loading import LoadedModel
+from .embeddings import headless, scorer as embedding_scorer
 from .perplexity import eval_windows, perplexity
 
 MASK_RATE = 0.15
@@ -85,6 +86,8 @@ def exp_loss(loss: float) -> float:
 def scorer(lm: LoadedModel, eval_text: str) -> Callable[[], float]:
     """The verification's score of the model as it is now: perplexity on ``eval_text`` for a causal LM, exp(masked-LM
     loss) on fixed, seeded masks for an encoder (the same masks at every call)."""
+    if headless(lm):
+        return embedding_scorer(lm, eval_text)[1]
     if lm.adapter.encoder:
         scored = masked_windows(lm, eval_text)
         return lambda: exp_loss(masked_lm_loss(lm, scored)[0])

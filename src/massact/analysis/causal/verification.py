@@ -13,6 +13,7 @@ import torch
 from ...capture.hooks import tap
 from ...models.loading import LoadedModel
 from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
+from .embeddings import changes as embedding_changes, claim as embedding_claim, headless, scorer as embedding_scorer
 from .mlm import exp_loss, masked_lm_loss, masked_windows, next_token_windows
 from .output_effects import output_effects
 from .perplexity import eval_windows, perplexity
@@ -33,7 +34,11 @@ def verify(
     A causal LM is scored by its perplexity on ``eval_text``; an encoder by exp(masked-LM loss) on a fixed, seeded
     15% of its tokens, the same masks for every intervention. The super-weight zeroing and the zero/mean replacements
     also get their effect on the output distributions (``output_effects``)."""
-    if lm.adapter.encoder:
+    ref = None
+    if headless(lm):  # no head to score: its embeddings (see embeddings.py)
+        ref, score = embedding_scorer(lm, eval_text)
+        scored, masked_loss, eval_tokens, baseline = [], None, ref.tokens, 1.0
+    elif lm.adapter.encoder:
         scored = masked_windows(lm, eval_text)
 
         def score() -> float:
@@ -50,16 +55,18 @@ def verify(
 
         masked_loss, eval_tokens = None, sum(w.shape[1] for w in windows)
         baseline = score()
-    metric = "exp(masked-LM loss)" if lm.adapter.encoder else "perplexity"
+    metric = "1 + embedding cosine distance" if ref else "exp(masked-LM loss)" if lm.adapter.encoder else "perplexity"
     criterion = report.criterion
     replaced = replacement_values(report)
     # What the output loses under the super weights' zeroing and the replacements, in one pass over the windows; the
     # perplexities it measures on the way serve the rows below.
-    found = output_effects(lm, scored, _effect_interventions(lm, report, replaced))
+    effects = _effect_interventions(lm, report, replaced)
+    found = output_effects(lm, scored, effects) if ref is None else []
+    changed = embedding_changes(lm, ref, effects) if ref is not None else []
     step()
     rows: list[Intervention] = []
     claims: list[str] = []
-    cache: dict[str, float] = {"baseline": baseline, **{e.target: e.perplexity for e in found}}  # per target, measured once
+    cache: dict[str, float] = {"baseline": baseline, **{e.target: e.perplexity for e in [*found, *changed]}}  # per target, measured once
     last_block = {d.dim: d.persists[-1] for d in report.dims}
 
     def measure(name: str, target: str, a: Attribution | ExpertAttribution, context: AbstractContextManager, with_ppl: bool) -> Intervention:
@@ -164,8 +171,13 @@ def verify(
             f"{effect.punctuation_after:.1%}; rises most: {effect.rises[0].token!r} ({effect.rises[0].before:.2%} -> "
             f"{effect.rises[0].after:.2%})"
         )
+    if ref is not None:
+        claims.append(f"headless encoder (the checkpoint has no masked-LM head to score): verified by its embeddings of "
+                      f"{len(ref.mean)} evaluation sentences; the perplexity columns hold 1 + (1 - their cosine to the unmodified model's)")
+        claims += [embedding_claim(c) for c in changed]
     return Verification(baseline_perplexity=baseline, eval_tokens=eval_tokens, eval_source=eval_source, interventions=rows, input_dependence=dependence, claims=claims,
-                        metric="masked-LM" if lm.adapter.encoder else "perplexity", masked_lm_loss=masked_loss, output_effects=found)
+                        metric="embeddings" if ref else "masked-LM" if lm.adapter.encoder else "perplexity", masked_lm_loss=masked_loss,
+                        output_effects=found, embedding_changes=changed)
 
 
 def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, dict[int, dict[int, float]]]
