@@ -180,3 +180,14 @@ def save_planted(path: Path, family: str, tokenizer, layer: int, neuron: int, di
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The planted Llama that the bad-input, schema and resume tests share: neuron 37 of block 1 writes dim 20.
+PLANTED = (1, 37, 20)
+TINY = ["--no-verify", "--format", "json", "--quiet"]  # the cheapest scan that writes report.json
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    return save_planted(tmp_path_factory.mktemp("planted") / "llama", "llama", tokenizer, *PLANTED)
+

@@ -14,15 +14,9 @@ from massact.errors import UsageError
 from massact.models.loading import load
 from massact.texts import MAX_TEXT_CHARS, Corpus
 
-from conftest import one_line_error, run_massact, save_planted
+from conftest import PLANTED, TINY, one_line_error, run_massact, save_planted
 
-LAYER, NEURON, DIM = 1, 37, 20
-TINY = ["--no-verify", "--format", "json", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    return save_planted(tmp_path_factory.mktemp("planted") / "llama", "llama", tokenizer, LAYER, NEURON, DIM)
+LAYER, NEURON, DIM = PLANTED
 
 
 # Where the report cannot be written

@@ -17,15 +17,9 @@ from massact.report.compare import summary
 from massact.report.schema import REPORT_VERSION, load_protect, read, read_report, write_protect, write_report
 from massact.report.text import to_text
 
-from conftest import N_LAYERS, one_line_error, run_massact, save_planted
+from conftest import N_LAYERS, PLANTED, TINY, one_line_error, run_massact
 
-LAYER, NEURON, DIM = 1, 37, 20
-TINY = ["--no-verify", "--format", "json", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    return save_planted(tmp_path_factory.mktemp("planted") / "llama", "llama", tokenizer, LAYER, NEURON, DIM)
+LAYER, NEURON, DIM = PLANTED
 
 
 @pytest.fixture(scope="module")
