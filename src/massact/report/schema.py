@@ -309,7 +309,7 @@ def parse(path: Path, what: str):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
-        raise UsageError(f"{path}: cannot read {what} ({error.strerror or error})") from None
+        raise UsageError(f"{path}: not {what} ({error.strerror or error})") from None
     except ValueError as error:  # not UTF-8, or not JSON
         raise UsageError(f"{path}: not {what} (not JSON: {str(error).splitlines()[0]})") from None
 
