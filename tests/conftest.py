@@ -163,6 +163,16 @@ def run_massact(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(massact_command(*args), capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+def one_line_error(result, *fragments: str) -> str:
+    """The run failed with exit code 2 and one line on stderr holding every fragment; returns that line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("massact: error:") and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 def save_planted(path: Path, family: str, tokenizer, layer: int, neuron: int, dim: int) -> Path:
     """A tiny model with a planted MLP neuron, saved with its tokenizer as a model directory the CLI can load."""
     model = tiny_model(family, len(tokenizer))
@@ -170,3 +180,14 @@ def save_planted(path: Path, family: str, tokenizer, layer: int, neuron: int, di
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# The planted Llama that the bad-input, schema and resume tests share: neuron 37 of block 1 writes dim 20.
+PLANTED = (1, 37, 20)
+TINY = ["--no-verify", "--format", "json", "--quiet"]  # the cheapest scan that writes report.json
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    return save_planted(tmp_path_factory.mktemp("planted") / "llama", "llama", tokenizer, *PLANTED)
+

@@ -32,6 +32,34 @@ def planted(family, tokenizer):
     return model
 
 
+EXPERT = 2
+
+
+@torch.no_grad()
+def planted_moe(family, tokenizer):
+    """Expert EXPERT's neuron NEURON of block LAYER fires on BOS only and writes 100 x its activation into DIM; the
+    router sends BOS to that expert."""
+    model = tiny_model(family, len(tokenizer))
+    bos = tokenizer.bos_token_id
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.weight[:, TRIGGER] = 0.0
+    model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
+    for block in model.model.layers:  # nothing else writes the trigger dim
+        block.self_attn.o_proj.weight[TRIGGER] = 0.0
+        block.mlp.experts.down_proj[:, TRIGGER] = 0.0
+        if hasattr(block.mlp, "shared_expert"):
+            block.mlp.shared_expert.down_proj.weight[TRIGGER] = 0.0
+    moe = model.model.layers[LAYER].mlp
+    moe.gate.weight[EXPERT, TRIGGER] = 5.0  # BOS goes to the expert
+    rows = moe.experts.gate_up_proj[EXPERT]  # [2 x d_mlp, d]: gate rows, then up rows
+    for row in (NEURON, D_MLP + NEURON):
+        rows[row] = 0.0
+        rows[row, TRIGGER] = 2.0
+    moe.experts.down_proj[EXPERT, DIM, NEURON] = 100.0
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_planted_neuron_is_found_in_every_family(family, tokenizer):
     model = planted(family, tokenizer)
@@ -119,26 +147,8 @@ def test_cli_scans_every_kind_of_block(family, tokenizer, tmp_path):
 def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     """Expert 2's neuron fires on BOS only and the router sends BOS to expert 2: the scan names the expert, its router
     weight, the neuron and the super weight inside the fused expert weights."""
-    expert, d_mlp = 2, D_MLP
-    model = tiny_model(family, len(tokenizer))
-    bos = tokenizer.bos_token_id
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Embedding):
-                module.weight[:, TRIGGER] = 0.0
-        model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
-        for block in model.model.layers:  # nothing else writes the trigger dim
-            block.self_attn.o_proj.weight[TRIGGER] = 0.0
-            block.mlp.experts.down_proj[:, TRIGGER] = 0.0
-            if hasattr(block.mlp, "shared_expert"):
-                block.mlp.shared_expert.down_proj.weight[TRIGGER] = 0.0
-        moe = model.model.layers[LAYER].mlp
-        moe.gate.weight[expert, TRIGGER] = 5.0  # BOS goes to expert 2
-        rows = moe.experts.gate_up_proj[expert]  # [2 x d_mlp, d]: gate rows, then up rows
-        for row in (NEURON, d_mlp + NEURON):
-            rows[row] = 0.0
-            rows[row, TRIGGER] = 2.0
-        moe.experts.down_proj[expert, DIM, NEURON] = 100.0
+    expert = EXPERT
+    model = planted_moe(family, tokenizer)
     report = massact.scan(model, TEXTS, tokenizer=tokenizer, verify=True)
     assert [d.dim for d in report.dims] == [DIM] and report.dims[0].born_at == LAYER
     split = report.experts[0]

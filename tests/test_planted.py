@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import massact
+from massact.report.schema import write_report
 
 from conftest import plant_attention, plant_mlp, tiny_model
 
@@ -111,7 +112,7 @@ def test_report_json_has_the_documented_keys(tokenizer):
 
     model = tiny_model("gpt2", len(tokenizer))
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
-    data = json.loads(massact.scan(model, TEXTS, tokenizer=tokenizer).to_json())
+    data = json.loads(write_report(massact.scan(model, TEXTS, tokenizer=tokenizer)))
     assert {"model", "texts", "criterion", "layers", "massive", "dims", "origin", "anatomy", "attribution"} <= set(data)
     assert {"name", "architecture", "n_layers", "d_model", "d_mlp", "dtype"} <= set(data["model"])
     assert {"layer", "median", "top"} <= set(data["layers"][0])

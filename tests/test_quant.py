@@ -11,10 +11,9 @@ import massact
 from massact.analysis.deploy import protect as protect_list
 from massact.analysis.deploy.precision import FLOAT16_MAX, rounding_step
 from massact.analysis.deploy.quant import (ActivationQuant, Setting, grid, gguf_roundtrip, int8_rows, projections, quantized_weights, rtn, rtn_rows, sweep)
-from massact.analysis.saved import as_report
 from massact.errors import UsageError
 from massact.report.files import write_report
-from massact.report.load import load_report
+from massact.report.schema import load_protect, load_report, write_protect, write_report as report_json
 
 from conftest import plant_mlp, tiny_model, weights_hash
 
@@ -190,8 +189,7 @@ def test_rounding_steps_match_torch():
 def test_protect_json_validates_and_loads_back(planted, tmp_path):
     lm, report = planted
     protect = protect_list.build(report)
-    data = json.loads(protect.to_json())
-    protect_list.validate(data)
+    data = json.loads(write_protect(protect))
     assert data["version"] == protect_list.VERSION and data["format"] == "massact-protect"
     weight = data["super_weights"][0]
     assert lm.model.get_parameter(weight["parameter"])[weight["row"], weight["col"]].item() == weight["value"] == 100.0
@@ -199,20 +197,20 @@ def test_protect_json_validates_and_loads_back(planted, tmp_path):
     assert dim["dim"] == DIM and dim["born_at"] == LAYER and dim["probe_position"] == 0 and dim["carriers"][0]["token"] == "<s>"
     assert data["sink_positions"][0]["position"] == 0
     path = tmp_path / "protect.json"
-    path.write_text(protect.to_json(), encoding="utf-8")
-    assert protect_list.load(path) == protect
+    path.write_text(write_protect(protect), encoding="utf-8")
+    assert load_protect(path) == protect
     for broken, message in ((dict(data, version=2), "version 2"), ({k: v for k, v in data.items() if k != "super_weights"}, "super_weights"),
                             (dict(data, massive_dims=[dict(dim, dim="20")]), "massive_dims[0].dim")):
         path.write_text(json.dumps(broken), encoding="utf-8")
         with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            protect_list.load(path)
+            load_protect(path)
 
 
 def test_saved_report_reads_back_equal(planted, tmp_path):
     lm, report = planted
     write_report(report, tmp_path, {"json"})
-    again = as_report(load_report(tmp_path))
-    assert again.to_json() == report.to_json()
+    again = load_report(tmp_path)
+    assert report_json(again) == report_json(report)
     assert json.loads((tmp_path / "protect.json").read_text(encoding="utf-8"))["super_weights"][0]["value"] == 100.0
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from massact.analysis.deploy import protect as protect_list
+from massact.report.schema import load_protect
 
 from conftest import run_massact, save_planted
 
@@ -41,7 +41,7 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     assert "11. Quantization" in text and "12. Precision headroom" in text and "GGUF Q4_1" in text
     page = (first / "report.html").read_text(encoding="utf-8")
     assert "<h2>11. Quantization" in page and 'id="quantization"' in page and (first / "quantization.png").is_file()
-    protect = protect_list.load(first / "protect.json")
+    protect = load_protect(first / "protect.json")
     assert [(w.parameter, w.row, w.col, w.value) for w in protect.super_weights] == [("transformer.h.2.mlp.c_proj.weight", NEURON, DIM, 100.0)]
 
     assert run_massact("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", second).returncode == 0

@@ -15,6 +15,7 @@ import massact
 from massact.pipeline import windows
 from massact.analysis.detect.scan import scan_layers
 from massact.errors import UsageError
+from massact.report.schema import write_report
 from massact.texts import DEFAULT_TEXTS
 
 from conftest import D_MODEL, massact_command, plant_mlp, save_planted, tiny_model
@@ -54,7 +55,7 @@ def test_float16_overflow_is_named_with_its_block_and_dim(tokenizer):
     report = massact.scan(model, ["Summer is warm."], tokenizer=tokenizer)
     warning = next(w for w in report.warnings if w.startswith("non-finite"))
     assert f"block {LAYER}," in warning and f"dim {DIM}" in warning and "bfloat16 or float32" in warning
-    report.to_json()  # inf and nan become null: the JSON stays valid
+    assert json.loads(write_report(report))["layers"][LAYER]["top"][0]["value"] is None  # inf is null: valid JSON
 
 
 def test_long_texts_are_split_into_windows_not_truncated(tokenizer):

@@ -2,9 +2,19 @@
 
 __version__ = "0.1.0"
 
-from .pipeline import scan  # noqa: E402
-from .analysis.results import Report  # noqa: E402
-from .capture.hooks import Trace  # noqa: E402
-from .models.loading import LoadedModel, load, wrap  # noqa: E402
+# The API is imported on first use, so that `import massact` (and the command line's start, where Ctrl-C must stay
+# one line) does not wait for torch and transformers.
+_API = {"scan": ".pipeline", "Report": ".analysis.results", "Trace": ".capture.hooks", "LoadedModel": ".models.loading",
+        "load": ".models.loading", "wrap": ".models.loading"}
 
 __all__ = ["LoadedModel", "Report", "Trace", "__version__", "load", "scan", "wrap"]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'massact' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(_API[name], __name__), name)
+    globals()[name] = value
+    return value

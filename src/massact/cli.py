@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UsageError
 from .report.sections import names, section
-from .settings import DTYPES, QUANT_GRIDS, ScanSettings
+from .settings import DTYPES, QUANT_GRIDS, ScanSettings, whole
 from .texts import read_eval_file
 
 EXIT_USAGE = 2
@@ -115,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    interrupted = _on_interrupt()
     try:
         args = build_parser().parse_args(argv)
         return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
@@ -122,9 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except BaseException:
+        # Ctrl-C can land inside a library's lazy import, which then raises its own error (ModuleNotFoundError)
+        # instead of KeyboardInterrupt: whatever it became, an interrupt is one line and exit 130.
+        if not interrupted:
+            raise
         print("massact: interrupted", file=sys.stderr)
         return 130
+
+
+def _on_interrupt() -> list[int]:
+    """Note every SIGINT (in the returned list) and raise KeyboardInterrupt, as Python's own handler does."""
+    seen: list[int] = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+    return seen
 
 
 VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few dozen times: fine up to a few B
@@ -136,8 +156,8 @@ def _scan(args) -> int:
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
-    if args.max_texts is not None and args.max_texts < 1:
-        raise UsageError("--max-texts must be at least 1")
+    if args.max_texts is not None:
+        whole("max_texts", args.max_texts, 1)
     settings = ScanSettings(
         top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
         chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps, batch_size=args.batch_size,
@@ -185,9 +205,9 @@ def _track(args) -> int:
         file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
         texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
         texts.check()
-        _quiet_transformers(args.quiet)
+        log = _log(args.quiet)  # before any load: it also quiets transformers
         with _progress(_bars(args.quiet)) as progress:
-            track = run(checkpoints, texts, settings, args.out, _log(args.quiet), progress, formats)
+            track = run(checkpoints, texts, settings, args.out, log, progress, formats)
         if track is None:  # another process of a multi-process launch writes the track
             return 0
     written = write_track(track, args.out, formats)
@@ -208,6 +228,7 @@ def _quant(args) -> int:
     """massact quant: on a saved report (updated in place), on a model with a protect.json (no scan), or on a model
     (scan without verification, then the sweep)."""
     from .models.loading import DEFAULT_NAME
+    from .report.atomic import check_writable
     from .report.files import parse_formats, slug
     from .texts import Corpus
 
@@ -220,6 +241,7 @@ def _quant(args) -> int:
             raise UsageError(f"{target}: no report.json (not a massact report directory, nor a model directory)")
         return _quant_report(target, args, formats)
     out = args.out or Path("massact-report") / slug(args.target or DEFAULT_NAME)
+    check_writable(out)  # before the slow model load and sweep
     if args.protect is not None:
         return _quant_protect(args, asked, out, formats)
     return _run(args.target, Corpus(()), asked, out, formats, args.quiet, verify=False)
@@ -230,18 +252,19 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
     from .analysis.deploy import protect as protect_list
     from .analysis.deploy.precision import headroom
     from .analysis.deploy.quant import measure
-    from .analysis.saved import as_report
     from .models.loading import load
     from .report.files import write_report
-    from .report.load import load_report
+    from .report.schema import load_protect, load_report
     from .report.text import quantization_text
 
-    report = as_report(load_report(directory), str(directory / "report.json"))  # every field checked, then typed
+    report = load_report(directory)  # every field checked while it is built
     settings = _saved_settings(report, directory).replace(
         quant=True, **_given(args, "quant_grid", "clip_z", "block_size", "dtype", "device"),
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
-    protect = protect_list.load(args.protect) if args.protect else protect_list.build(report)
+    protect = load_protect(args.protect) if args.protect else protect_list.build(report)
     lm = load(report.model.source, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
+    # The model at the report's source must still be the one it was made with: its super weights, as saved.
+    protect_list.check_model(protect, lm, str(args.protect or directory / "report.json"))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
         report.quantization = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress)
@@ -258,35 +281,33 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
 def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -> int:
     """A model and its protect.json: the sweep alone, written as quantization.json / .txt / .png (no whole report)."""
     import json
-    from dataclasses import asdict
 
-    from .analysis.deploy import protect as protect_list
+    from .analysis.deploy.protect import check_model
     from .analysis.deploy.quant import measure
-    from .analysis.results import _finite
     from .models.loading import load
-    from .report.files import write_atomic
+    from .report.atomic import write_set
     from .report.plots import quantization_figure
+    from .report.schema import load_protect, to_data
     from .report.text import quantization_text
 
-    protect = protect_list.load(args.protect)
+    protect = load_protect(args.protect)
     lm = load(args.target, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
+    check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
         result = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress)
-    out.mkdir(parents=True, exist_ok=True)
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
-        contents["quantization.json"] = json.dumps(_finite({"quantization": asdict(result)}), indent=2, ensure_ascii=False) + "\n"
+        contents["quantization.json"] = json.dumps({"quantization": to_data(result)}, indent=2, ensure_ascii=False) + "\n"
     if formats & {"txt", "html"}:
         contents["quantization.txt"] = quantization_text(result, None)
     if "png" in formats:
         contents["quantization.png"] = quantization_figure(result)
-    for name, content in contents.items():
-        write_atomic(out / name, content)
+    written = write_set(out, contents, keep=True)  # one set; a report already in ``out`` stays
     if not args.quiet:
         print(quantization_text(result, None), end="")
-    for name in contents:
-        print(f"wrote {out / name}")
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -297,27 +318,34 @@ def _saved_settings(report, directory: Path) -> ScanSettings:
 
 
 def _log(quiet: bool):
+    """Where loading and stage messages go; also silences transformers' own (its loading bar under --quiet and
+    outside a terminal), since our messages say what matters in one line each."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if quiet or not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
     return (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
 
 
 def _bars(quiet: bool) -> bool:
+    """No bars in a pipe, a log file or CI, and one set only in a multi-process launch."""
     return not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
 
 
 def _verify(args) -> int:
     """massact verify DIR: the scan again, with the settings report.json saved and verification on."""
-    from .analysis.saved import as_report
     from .report.atomic import check_writable
     from .report.files import parse_formats
-    from .report.load import load_report
+    from .report.schema import load_report
     from .texts import Corpus
 
-    saved = as_report(load_report(args.report_dir), str(args.report_dir / "report.json"))
+    saved = load_report(args.report_dir)  # every field checked while it is built
     settings = _saved_settings(saved, args.report_dir).replace(
         verify=True, **_given(args, "sink_epsilon", "dtype", "device"),
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
     spec = saved.corpus.spec
-    texts = Corpus(tuple(spec["texts"]), spec["file"], spec["dataset"], spec["max_texts"])
+    texts = Corpus(tuple(spec.texts), spec.file, spec.dataset, spec.max_texts)
     check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)
@@ -325,8 +353,7 @@ def _verify(args) -> int:
 
 
 def _show(args) -> int:
-    from .analysis.saved import as_report
-    from .report.load import load_report
+    from .report.schema import load_report
     from .report.text import print_section, print_report, terminal
     from .report import summary
 
@@ -335,7 +362,7 @@ def _show(args) -> int:
             section(args.section)
         except KeyError:
             raise UsageError(f"--section takes one of: {names()}; got {args.section!r}") from None
-    report = as_report(load_report(args.report_dir), str(args.report_dir / "report.json"))
+    report = load_report(args.report_dir)  # every field checked while it is built
     if args.summary:
         summary.show(report, terminal())
     elif args.section is not None:
@@ -349,6 +376,8 @@ def _compare(args) -> int:
     from .report.atomic import check_writable
     from .report.compare import write_compare
 
+    if (args.out / "report.json").exists():  # the comparison's set would replace the report's files
+        raise UsageError(f"--out {args.out} holds a report (report.json); write the comparison to another directory")
     check_writable(args.out)
     for path in write_compare(args.report_dirs, args.out):
         print(f"wrote {path}")
@@ -374,7 +403,6 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
     from .report.text import print_report, terminal
 
     log = _log(quiet)
-    _quiet_transformers(quiet)
     lm = load(model, dtype=settings.dtype, device=settings.device, log=log, device_map=device_map,
               trust_remote_code=trust_remote_code)
     if verify is None:
@@ -394,15 +422,6 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
     for line in summary.written_lines(written):
         print(line)
     return 0
-
-
-def _quiet_transformers(quiet: bool) -> None:
-    """transformers' own messages off (ours say what matters, in one line each), and its bars where ours are off."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if quiet or not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
 
 
 @contextmanager

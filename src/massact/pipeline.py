@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .analysis.causal.embeddings import headless
 from .analysis.causal.perplexity import default_eval_text, eval_windows
 from .analysis.causal.superweights import all_super_weights
 from .analysis.causal.evaluation import evaluation_for
@@ -25,7 +27,7 @@ from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_st
 from .analysis.function.sinks import sink_analysis
 from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines
-from .analysis.results import CorpusInfo, ModelInfo, Report
+from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
 from .analysis.trigger.trigger import triggers
 from .errors import UsageError
 from .models.adapters.base import weight_out_in
@@ -69,6 +71,7 @@ def scan(
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
+    check_arguments(model, texts, tokenizer, settings)
     settings = (settings or ScanSettings()).replace(**options).check()
     if eval_text is None and settings.eval_file is not None:
         eval_text = read_eval_file(settings.eval_file)
@@ -137,8 +140,8 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
         warnings.append(f"{counts.texts} text(s) were split into {counts.windows} windows of at most {settings.max_length} "
                         "tokens; each window is scanned as a text of its own")
     n_tokens = round(layer_scan.histograms[0].total / lm.model.config.hidden_size)
-    spec = dict(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts,
-                max_length=settings.max_length)
+    spec = CorpusSpec(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts,
+                      max_length=settings.max_length)
     corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
     return Detection(texts=texts, inputs=inputs, tokens=tokens, criterion=criterion, layers=layers, massive=massive,
                      dims=group_dims(massive, len(layers)), corpus=corpus_info, warnings=warnings)
@@ -173,7 +176,7 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
     zeroed one after another."""
     if not (settings.verify and report.dims):
         return
-    if lm.adapter.encoder and lm.tokenizer.mask_token_id is None:
+    if lm.adapter.encoder and not headless(lm) and lm.tokenizer.mask_token_id is None:
         report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
         return
     source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
@@ -193,6 +196,23 @@ def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_t
                                                    settings.clip_z, settings.block_size, progress)
 
 
+def check_arguments(model, texts, tokenizer, settings) -> None:
+    """A TypeError naming the argument when ``model``, ``texts`` or ``tokenizer`` is not of a kind scan takes (a
+    string for ``texts`` would be scanned one character at a time)."""
+    if not (model is None or isinstance(model, (LoadedModel, str, os.PathLike)) or
+            isinstance(model, nn.Module) and hasattr(model, "config")):
+        raise TypeError(f"model must be a model name or path, a LoadedModel or a transformers model, not {type(model).__name__}")
+    if isinstance(texts, (str, bytes)) or not (texts is None or isinstance(texts, (Corpus, list, tuple))):
+        raise TypeError(f"texts must be a list of strings (e.g. [\"Hello\"]), not {type(texts).__name__}")
+    for index, text in enumerate(() if texts is None or isinstance(texts, Corpus) else texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] must be a string, not {type(text).__name__}")
+    if settings is not None and not isinstance(settings, ScanSettings):
+        raise TypeError(f"settings must be a ScanSettings, not {type(settings).__name__}")
+    if tokenizer is not None and not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a tokenizer (e.g. from AutoTokenizer), not {type(tokenizer).__name__}")
+
+
 def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
     if isinstance(model, LoadedModel):
         return model
@@ -200,7 +220,7 @@ def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
         if tokenizer is None:
             raise UsageError("a model object needs its tokenizer: scan(model, texts, tokenizer=...)")
         return wrap(model, tokenizer)
-    return load(model, dtype=dtype, device=device)
+    return load(None if model is None else str(model), dtype=dtype, device=device)
 
 
 class Window(NamedTuple):

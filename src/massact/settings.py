@@ -84,11 +84,11 @@ class ScanSettings:
     def check(self) -> ScanSettings:
         """Every value in its range, or a UsageError naming the option as the CLI spells it (one line)."""
         for name in ("top_k", "batch_size", "checkpoint_every", "top_neurons", "chain_depth", "super_weight_steps"):
-            _whole(name, getattr(self, name), 1)
+            whole(name, getattr(self, name), 1)
         if self.max_length is not None:
-            _whole("max_length", self.max_length, 2)
+            whole("max_length", self.max_length, 2)
         if self.block_size is not None:
-            _whole("block_size", self.block_size, 1)
+            whole("block_size", self.block_size, 1)
         for name in ("min_abs", "min_ratio"):
             _number(name, getattr(self, name))
         if self.clip_z is not None:
@@ -112,9 +112,13 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _whole(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise UsageError(f"{_option(name)} must be a whole number of at least {least}, not {value!r}")
+MAX_COUNT = 2**31 - 1  # the largest count an option takes: islice and torch take C integers
+
+
+def whole(name: str, value, least: int) -> None:
+    """A UsageError unless ``value`` is a whole number from ``least`` to MAX_COUNT."""
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_COUNT:
+        raise UsageError(f"{_option(name)} must be a whole number of at least {least} (at most {MAX_COUNT}), not {value!r}")
 
 
 def _number(name: str, value) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from .causal.results import SuperWeightStep, Verification
 from .deploy.results import Precision, Quantization
@@ -34,6 +32,18 @@ class ModelInfo:
 
 
 @dataclass(kw_only=True)
+class CorpusSpec:
+    """How to read the corpus again: the given texts, a file, a dataset, at most ``max_texts`` texts, windows of at
+    most ``max_length`` tokens (None: texts longer than the context are refused)."""
+
+    texts: list[str]
+    file: str | None
+    dataset: str | None
+    max_texts: int | None
+    max_length: int | None
+
+
+@dataclass(kw_only=True)
 class CorpusInfo:
     """What was scanned: where the texts came from, how many texts, windows (forward passes) and real tokens, and
     the settings that read it again (``massact verify`` re-runs the scan from them)."""
@@ -42,7 +52,7 @@ class CorpusInfo:
     texts: int
     windows: int
     tokens: int
-    spec: dict
+    spec: CorpusSpec
 
 
 
@@ -73,20 +83,3 @@ class Report:
     super_weights: list[SuperWeightStep] = field(default_factory=list)
     precision: Precision | None = None
     quantization: Quantization | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=indent, ensure_ascii=False, allow_nan=False)
-
-
-def _finite(value):
-    """JSON has no inf or nan (float16 overflow makes them): write null instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value

@@ -107,7 +107,8 @@ def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", 
         else:
             source = _hub_source(*split_revision(spec))
     loaded = _from_pretrained(source, name, DTYPES[dtype], target, device_map, trust_remote_code)
-    loaded.source = spec
+    # A local path is kept absolute, so that `massact verify` and `quant` find it again from any directory.
+    loaded.source = str(Path(spec).expanduser().resolve()) if spec is not None and Path(spec).expanduser().exists() else spec
     return loaded
 
 
@@ -128,25 +129,53 @@ def _from_pretrained(
     auto = AutoModelForMaskedLM if adapter.encoder else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **remote)
-        # Mismatched shapes are reported below by name instead of transformers' multi-line table.
-        model, info = auto.from_pretrained(source, dtype=dtype, use_safetensors=True, device_map=device_map,
-                                           ignore_mismatched_sizes=True, output_loading_info=True, **remote)
+        model, info = _read_weights(auto, source, dtype, device_map, remote)
+        if adapter.encoder and _head_only(model, info["missing_keys"]):
+            # A sentence-embedding checkpoint: the encoder without its masked-LM head, verified by its embeddings.
+            from transformers import AutoModel
+
+            model, info = _read_weights(AutoModel, source, dtype, device_map, remote)
+            pooler = [key for key in info["missing_keys"] if key.startswith("pooler.")]
+            if pooler and getattr(model, "pooler", None) is not None:  # a masked LM has none; nothing here reads it
+                model.pooler = None
+                info["missing_keys"] = [key for key in info["missing_keys"] if key not in pooler]
+    except UsageError:
+        raise
     except Exception as error:  # damaged safetensors (garbage, truncated) raise safetensors' own error kinds
         raise UsageError(f"cannot load {name}: {first_line(error)}") from None
-    _check_loaded(name, info)
+    _check_loaded(name, info, adapter.layers)
     if device_map is None:
         model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, adapter, name)
 
 
-def _check_loaded(name: str, info: dict) -> None:
-    """Refuse weights transformers would otherwise fill in at random: a tensor of the wrong shape or a missing one."""
+def _read_weights(auto, source: str, dtype: torch.dtype, device_map: str | None, remote: dict):
+    """(model, loading info) of ``auto``.from_pretrained; mismatched shapes are reported by ``_check_loaded`` by
+    name instead of transformers' multi-line table."""
+    return auto.from_pretrained(source, dtype=dtype, use_safetensors=True, device_map=device_map, ignore_mismatched_sizes=True,
+                                output_loading_info=True, **remote)
+
+
+def _head_only(model: nn.Module, missing) -> bool:
+    """Whether every missing tensor belongs to the head (outside the base model, e.g. cls.predictions.bias): the
+    checkpoint is a headless encoder."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return bool(missing) and bool(prefix) and not any(key.startswith(prefix + ".") for key in missing)
+
+
+def _check_loaded(name: str, info: dict, layers: str) -> None:
+    """Refuse weights transformers would otherwise fill in at random (a tensor of the wrong shape or a missing one)
+    and blocks the config has no place for (its layer count smaller than the weights'), which would go unscanned."""
     for key, stored, expected in sorted(info.get("mismatched_keys") or ()):
         raise UsageError(f"cannot load {name}: tensor {key} has shape {list(stored)} in the weights, the config needs {list(expected)}")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise UsageError(f"cannot load {name}: {len(missing)} tensor(s) missing from the weights, first {missing[0]}")
+    unused = sorted(key for key in info.get("unexpected_keys") or () if f".{layers}." in f".{key}")
+    if unused:
+        raise UsageError(f"cannot load {name}: {len(unused)} tensor(s) of the weights have no place in the model its config "
+                         f"describes, first {unused[0]} (does config.json's layer count match the weights?)")
 
 
 def default_gguf() -> Path:

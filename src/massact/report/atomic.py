@@ -27,14 +27,14 @@ from ..errors import UsageError
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.massact-(?P<pid>\d+)$")  # a staging directory: .<out name>.massact-<pid>
 # Files massact writes in an output directory (with their hidden partials): replaced by a new set, never carried.
-_OWN = re.compile(r"^(report\.(txt|json|html)|protect\.json|quantization\.(json|txt)|compare\.html|compare_profiles\.png|scan-state\.pt.*|"
-                  r"\..*\.partial(-\d+)?)$")
+_PARTIAL = re.compile(r"^\..*\.partial(-\d+)?$")
+_OWN = re.compile(r"^(report\.(txt|json|html)|protect\.json|quantization\.(json|txt)|compare\.html|compare_profiles\.png|scan-state\.pt.*)$")
 
 
 def _own(name: str) -> bool:
     from .plots import FIGURES
 
-    return bool(_OWN.match(name)) or name in FIGURES
+    return bool(_OWN.match(name) or _PARTIAL.match(name)) or name in FIGURES
 
 
 def check_writable(out: Path) -> None:
@@ -70,21 +70,22 @@ def check_writable(out: Path) -> None:
                 pass
 
 
-def write_set(out: Path, contents: dict[str, str | bytes]) -> list[Path]:
+def write_set(out: Path, contents: dict[str, str | bytes], keep: bool = False) -> list[Path]:
     """Write ``contents`` (file name -> text or bytes) as ``out``'s set of files, atomically as a whole where the
-    filesystem allows it (see the module's docstring). Returns the paths written, under ``out`` as given."""
+    filesystem allows it (see the module's docstring). ``keep``: massact's other files stay too (the quantization
+    files written next to a report). Returns the paths written, under ``out`` as given."""
     real = Path(os.path.realpath(out))  # a symlinked directory: replace what it points to, not the link
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(real)
-        if not _write_swapped(real, contents):
+        if not _write_swapped(real, contents, keep):
             _write_in_place(real, contents)
     except OSError as error:
         raise UsageError(f"cannot write the report to {out}: {error.strerror or error}") from None
     return [Path(out) / name for name in contents]
 
 
-def _write_swapped(out: Path, contents: dict[str, str | bytes]) -> bool:
+def _write_swapped(out: Path, contents: dict[str, str | bytes], keep: bool) -> bool:
     """Stage the set next to ``out`` and exchange; False (nothing changed) where that cannot be done."""
     if out.exists() and (not out.is_dir() or not _flat(out) or _holds_cwd(out)):
         return False
@@ -104,7 +105,7 @@ def _write_swapped(out: Path, contents: dict[str, str | bytes]) -> bool:
             return True
         os.chmod(staging, stat.S_IMODE(out.stat().st_mode))
         for entry in os.scandir(out):  # the user's own files stay: the same inodes under the new directory
-            if entry.name not in contents and not _own(entry.name):
+            if entry.name not in contents and not _PARTIAL.match(entry.name) and (keep or not _own(entry.name)):
                 os.link(entry.path, staging / entry.name, follow_symlinks=False)
         return _exchange(staging, out)
     finally:

@@ -30,30 +30,20 @@ def parse_formats(text: str) -> set[str]:
     return chosen
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        if isinstance(content, bytes):
-            partial.write_bytes(content)
-        else:
-            partial.write_text(content, encoding="utf-8")
-        os.replace(partial, path)
-    finally:  # on an error (a full disk), nothing half-written stays
-        partial.unlink(missing_ok=True)
-
-
 def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) -> list[Path]:
     """The chosen files in ``out`` (created): report.txt, report.json (and protect.json), report.html, the PNG figures."""
     from ..analysis.deploy.protect import build as build_protect
     from .html import to_html
     from .plots import figures
+    from .schema import write_protect
+    from .schema import write_report as write_report_json
     from .text import to_text
 
     pngs = figures(report) if formats & {"html", "png"} else {}
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
-        contents["report.json"] = report.to_json() + "\n"
-        contents["protect.json"] = build_protect(report).to_json() + "\n"
+        contents["report.json"] = write_report_json(report) + "\n"
+        contents["protect.json"] = write_protect(build_protect(report)) + "\n"
     if "txt" in formats:
         contents["report.txt"] = to_text(report)
     if "html" in formats:

@@ -18,7 +18,8 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis.results import Report, _finite
+from ..analysis.results import Report
+from .schema import finite
 from . import summary as screen
 from .plots import FIGURES, PIXELS
 from .sections import EXTRAS, SECTIONS
@@ -168,7 +169,7 @@ def page_data(report: Report) -> dict:
         sinks = [[t.text, t.position] for t in report.attention.tokens] if report.attention else []
         tokens = {"dims": v.dims, "texts": [{"index": t, "tokens": report.tokens[t][:len(values[0][0])], "values": values}
                                             for t, values in zip(v.texts, v.values)], "sinks": sinks}
-    return _finite({"layers": layers, "lifelines": lifelines, "triggers": triggers, "tokens": tokens,
+    return finite({"layers": layers, "lifelines": lifelines, "triggers": triggers, "tokens": tokens,
                     "anchors": {"anatomy": sorted({a.layer for a in report.anatomy}),
                                 "attribution": sorted({a.layer for a in report.attribution} | {e.layer for e in report.experts})}})
 

@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console, Group
 from rich.text import Text
 
-from ..analysis.results import _finite
+from .schema import finite
 from ..track.results import Track
 from .atomic import write_set
 from .html import CSP, WATCH, asset
@@ -102,7 +102,7 @@ def to_text(track: Track, width: int = 140) -> str:
 
 
 def to_json(track: Track) -> str:
-    return json.dumps(_finite(asdict(track)), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json.dumps(finite(asdict(track)), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _axis(track: Track) -> tuple[list[float], list[str], str]:

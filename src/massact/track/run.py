@@ -98,23 +98,20 @@ def _scan_one(checkpoint: Checkpoint, texts: Corpus, settings: ScanSettings, fol
 
 def read_report(folder: Path) -> Report:
     """A checkpoint's report.json, checked and typed."""
-    from ..analysis.saved import as_report
-    from ..report.load import load_report
+    from ..report.schema import load_report
 
-    return as_report(load_report(folder), str(folder / "report.json"))
+    return load_report(folder)
 
 
 def check_done(folder: Path, texts: Corpus, settings: ScanSettings) -> None:
     """A report already in the folder counts as done only if it was made with this track's texts and settings (the
     device aside: a checkpoint scanned on a GPU joins one scanned on the CPU)."""
-    from ..report.load import load_report
-
-    saved = load_report(folder)
-    spec = saved["corpus"]["spec"]
-    made = {key: value for key, value in (saved.get("settings") or {}).items() if key != "device"}
+    saved = read_report(folder)
+    spec = saved.corpus.spec
+    made = {key: value for key, value in asdict(saved.settings).items() if key != "device"} if saved.settings else None
     wanted = {key: value for key, value in asdict(settings).items() if key != "device"}
-    same = (spec["texts"], spec["file"], spec["dataset"], spec["max_texts"]) == (list(texts.texts), texts.file, texts.dataset,
-                                                                                texts.max_texts) and made == wanted
+    same = (list(spec.texts), spec.file, spec.dataset, spec.max_texts) == (list(texts.texts), texts.file, texts.dataset,
+                                                                          texts.max_texts) and made == wanted
     if not same:
         raise UsageError(f"{folder} holds a report made with other texts or settings; remove it or choose another --out")
 

@@ -17,6 +17,7 @@ from ...capture.prefix import keep_block_inputs, run_from
 from ...models.loading import LoadedModel
 from ..detect.scan import pad_batch
 from ..results import Report
+from .embeddings import EmbeddingEvaluation, headless
 from .mlm import Scored, masked_windows, next_token_windows
 from .perplexity import eval_windows
 
@@ -114,9 +115,11 @@ def _exp_mean(total: float, count: int) -> float:
     return math.exp(mean) if mean < 700 else float("inf")
 
 
-def evaluation_for(lm: LoadedModel, report: Report, eval_text: str) -> Evaluation:
+def evaluation_for(lm: LoadedModel, report: Report, eval_text: str) -> Evaluation | EmbeddingEvaluation:
     """The evaluation every intervention is scored on (masked windows for an encoder, next-token windows for a causal
     LM), with the unmodified input of each birth block kept: the interventions all start there."""
+    if headless(lm):  # no head to score: its embeddings (see embeddings.py)
+        return EmbeddingEvaluation(lm, eval_text)
     scored = masked_windows(lm, eval_text) if lm.adapter.encoder else next_token_windows(eval_windows(lm, eval_text))
     starts = {a.layer for a in report.attribution if a.role == "birth"} | {e.layer for e in report.experts if e.role == "birth"}
     return Evaluation(lm, scored, starts | {d.born_at for d in report.dims})

@@ -73,9 +73,25 @@ class OutputEffect:
 
 
 @dataclass(kw_only=True)
+class EmbeddingChange:
+    """What an intervention does to a headless encoder's embeddings of the evaluation sentences (see
+    ``massact.analysis.causal.embeddings``): the mean cosine of the mean-pooled and [CLS] final states to the
+    unmodified model's, the Spearman correlation of the pairwise similarities, and the score 1 + (1 - mean_cosine)."""
+
+    name: str
+    target: str
+    mean_cosine: float
+    cls_cosine: float
+    spearman: float
+    perplexity: float
+
+
+@dataclass(kw_only=True)
 class Verification:
     """``metric``: "perplexity", or for an encoder "masked-LM" (the perplexity fields then hold exp of the masked-LM
-    loss over a fixed, seeded 15% of the evaluation tokens; ``eval_tokens`` counts the masked ones)."""
+    loss over a fixed, seeded 15% of the evaluation tokens; ``eval_tokens`` counts the masked ones), or for a headless
+    encoder (no masked-LM head to score) "embeddings" (they hold 1 + (1 - the cosine of the sentence embeddings to the
+    unmodified model's); ``eval_tokens`` counts the sentences' tokens; ``embedding_changes`` has every measure)."""
 
     baseline_perplexity: float
     eval_tokens: int
@@ -86,6 +102,7 @@ class Verification:
     metric: str = "perplexity"
     masked_lm_loss: float | None = None
     output_effects: list[OutputEffect] = field(default_factory=list)
+    embedding_changes: list[EmbeddingChange] = field(default_factory=list)
 
 
 

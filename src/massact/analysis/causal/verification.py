@@ -14,6 +14,7 @@ import torch
 from ...capture.hooks import forward_until, tap
 from ...models.loading import LoadedModel
 from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
+from .embeddings import EmbeddingEvaluation, changes as embedding_changes, claim as embedding_claim
 from .evaluation import Evaluation, evaluation_for
 from .output_effects import Edit, output_effects
 from ..mechanism.results import Attribution, ExpertAttribution
@@ -32,7 +33,7 @@ class _Run:
     lm: LoadedModel
     report: Report
     inputs: dict[int, torch.Tensor]
-    evaluation: Evaluation
+    evaluation: Evaluation | EmbeddingEvaluation
     step: Callable[[], None]
 
     @property
@@ -41,6 +42,8 @@ class _Run:
 
     @property
     def metric(self) -> str:
+        if isinstance(self.evaluation, EmbeddingEvaluation):
+            return "1 + embedding cosine distance"
         return "exp(masked-LM loss)" if self.lm.adapter.encoder else "perplexity"
 
     def last_block(self, dim: int) -> int:
@@ -49,20 +52,24 @@ class _Run:
 
 def verify(
     lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], eval_text: str, eval_source: str,
-    step: Callable[[], None] = lambda: None, evaluation: Evaluation | None = None,
+    step: Callable[[], None] = lambda: None, evaluation: Evaluation | EmbeddingEvaluation | None = None,
 ) -> Verification:
     """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one.
 
     A causal LM is scored by its perplexity on ``eval_text``; an encoder by exp(masked-LM loss) on a fixed, seeded
     15% of its tokens, the same masks for every intervention (``evaluation``: that scoring, made here when not
     given; pass one to share its passes with the super-weight search). The super-weight zeroing and the zero/mean
-    replacements also get their effect on the output distributions (``output_effects``)."""
+    replacements also get their effect on the output distributions (``output_effects``). A headless encoder (no head
+    to score) is scored by its embeddings instead (``embeddings.EmbeddingEvaluation``)."""
     run = _Run(lm, report, inputs, evaluation or evaluation_for(lm, report, eval_text), step)
     replaced = replacement_values(report)
+    headless = isinstance(run.evaluation, EmbeddingEvaluation)
     # What the output loses under the super weights' zeroing and the replacements, in one pass over the windows; the
     # perplexities it measures on the way serve the rows below.
-    found = output_effects(lm, run.evaluation, _effect_interventions(lm, report, replaced))
-    run.evaluation.cache.update({"baseline": run.baseline, **{e.target: e.perplexity for e in found}})
+    effects = _effect_interventions(lm, report, replaced)
+    found = [] if headless else output_effects(lm, run.evaluation, effects)
+    changed = embedding_changes(lm, run.evaluation.reference, [(e.name, e.target, e.context) for e in effects]) if headless else []
+    run.evaluation.cache.update({"baseline": run.baseline, **{e.target: e.perplexity for e in [*found, *changed]}})
     step()
     rows: list[Intervention] = []
     claims: list[str] = []
@@ -74,6 +81,14 @@ def verify(
         rows += _replacement_rows(run, layer, replaced, claims)
     dependence = input_dependence(lm, report, eval_text)
     claims += [_dependence_claim(d) for d in dependence] + [_effect_claim(effect) for effect in found]
+    if headless:
+        claims.append(f"headless encoder (the checkpoint has no masked-LM head to score): verified by its embeddings of "
+                      f"{len(run.evaluation.reference.mean)} evaluation sentences; the perplexity columns hold 1 + (1 - their "
+                      "cosine to the unmodified model's)")
+        claims += [embedding_claim(c) for c in changed]
+        return Verification(baseline_perplexity=run.baseline, eval_tokens=run.evaluation.positions, eval_source=eval_source,
+                            interventions=rows, input_dependence=dependence, claims=claims, metric="embeddings",
+                            embedding_changes=changed)
     masked_loss = run.evaluation.baseline_nll / run.evaluation.positions if lm.adapter.encoder else None
     eval_tokens = run.evaluation.positions if lm.adapter.encoder else int(sum(b.mask.sum() for b in run.evaluation.batches))
     return Verification(baseline_perplexity=run.baseline, eval_tokens=eval_tokens, eval_source=eval_source, interventions=rows,

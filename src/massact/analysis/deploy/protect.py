@@ -1,6 +1,6 @@
 """protect.json: the coordinates a quantizer, a KV cache or an editing method should keep in high precision or leave
 alone. Massive dims (their blocks and the tokens that carry them), sink positions, and every super weight, with
-a version field and a schema (``SCHEMA``, JSON Schema; ``validate`` checks the subset it uses).
+a format and version field; massact.report.schema writes it and reads it back.
 
 ``massact quant`` reads it instead of scanning again: each massive dim carries a probe (a text and the position
 where the dim is strongest) on which the quantized model's massive value is read.
@@ -8,11 +8,13 @@ where the dim is strongest) on which the quantized model's massive value is read
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import math
+from dataclasses import dataclass, field
+
+import torch
 
 from ...errors import UsageError
+from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..function.sinks import sink_tokens
 from ..results import Report
@@ -89,10 +91,40 @@ class Protect:
         """The scan's massive test, as saved with the list."""
         return Criterion(min_abs=self.min_abs, min_ratio=self.min_ratio)
 
-    def to_json(self) -> str:
-        data = asdict(self)
-        ordered = {"format": data.pop("format"), "version": data.pop("version"), **data}  # what the file is, first
-        return json.dumps(ordered, indent=2, ensure_ascii=False, allow_nan=False)
+
+def check_model(protect: Protect, lm: LoadedModel, where: str) -> None:
+    """Refuse a protect list (read from ``where``) that does not belong to ``lm``: a dim, block or probe position
+    outside the model, a probe text longer than its context, or a super weight whose stored value is not the model's
+    (another model of the same shapes, or an edited list). One UsageError line naming the entry."""
+    n_layers, d_model = len(lm.adapter.blocks(lm.model)), lm.model.config.hidden_size
+    context = getattr(lm.model.config, "max_position_embeddings", None) or getattr(lm.model.config, "n_positions", None)
+    for i, d in enumerate(protect.massive_dims):
+        here = f"{where}: massive_dims[{i}]"
+        if not d.dim < d_model:
+            raise UsageError(f"{here}.dim is {d.dim}; the model has {d_model} dims")
+        for name, blocks in (("born_at", [d.born_at]), ("peak_block", [d.peak_block]), ("blocks", d.blocks),
+                             ("removed_at", d.removed_at)):
+            if any(b >= n_layers for b in blocks):
+                raise UsageError(f"{here}.{name} names block {max(blocks)}; the model has {n_layers} blocks")
+        tokens = len(lm.tokenizer(d.probe_text).input_ids)
+        if context and tokens > context:
+            raise UsageError(f"{here}.probe_text is {tokens} tokens; the model's context is {context}")
+        if not d.probe_position < tokens:
+            raise UsageError(f"{here}.probe_position is {d.probe_position}; the probe text has {tokens} tokens")
+    for i, w in enumerate(protect.super_weights):
+        here = f"{where}: super_weights[{i}]"
+        try:
+            parameter = lm.model.get_parameter(w.parameter)
+        except AttributeError:
+            raise UsageError(f"{here}.parameter {w.parameter!r} is not a parameter of the model") from None
+        shape = list(parameter.shape)
+        if len(w.index) != len(shape) or any(not 0 <= k < n for k, n in zip(w.index, shape)) or w.index[-2:] != [w.row, w.col]:
+            raise UsageError(f"{here}.index {w.index} (row {w.row}, col {w.col}) is not an entry of {w.parameter}, shape {shape}")
+        stored = float(parameter.detach()[tuple(w.index)])
+        # A list made in float32 and read in bfloat16 differs by the rounding: half a step of the model's dtype.
+        if not math.isclose(stored, w.value, rel_tol=torch.finfo(parameter.dtype).eps, abs_tol=1e-6):
+            raise UsageError(f"{here}: {w.parameter}{w.index} is {stored:+.6g} in the model, the list says {w.value:+.6g}; "
+                             "is this the model the list was made for?")
 
 
 WRITES = ("birth", "growth")  # the phases whose writing weights are super weights
@@ -157,73 +189,3 @@ def build(report: Report) -> Protect:
     notes = [f"carriers: the {MAX_CARRIERS} strongest places per dim at most; report.json's `massive` has every one"]
     return Protect(model=report.model.name, source=report.model.source, min_abs=report.criterion.min_abs, min_ratio=report.criterion.min_ratio, massive_dims=dims,
                    sink_positions=sink_positions(report), super_weights=weights, notes=notes)
-
-
-_INT = {"type": "integer"}
-_NUM = {"type": "number"}
-_STR = {"type": "string"}
-_INTS = {"type": "array", "items": _INT}
-
-
-def _object(**properties) -> dict:
-    return {"type": "object", "required": list(properties), "properties": properties}
-
-
-SCHEMA: dict = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "massact protect list",
-    **_object(
-        format={"const": FORMAT},
-        version={"const": VERSION},
-        model=_STR,
-        source={"type": ["string", "null"]},
-        min_abs=_NUM,
-        min_ratio=_NUM,
-        massive_dims={"type": "array", "items": _object(
-            dim=_INT, born_at=_INT, peak_block=_INT, peak_value=_NUM, blocks=_INTS, removed_at=_INTS, probe_text=_STR,
-            probe_position=_INT,
-            carriers={"type": "array", "items": _object(text=_INT, position=_INT, token=_STR, block=_INT, value=_NUM)},
-        )},
-        sink_positions={"type": "array", "items": _object(position=_INT, tokens={"type": "array", "items": _STR}, texts=_INT)},
-        super_weights={"type": "array", "items": _object(parameter=_STR, row=_INT, col=_INT, index=_INTS, value=_NUM)},
-        notes={"type": "array", "items": _STR},
-    ),
-}
-
-_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "null": type(None)}
-
-
-def validate(data, schema: dict = SCHEMA, where: str = "protect.json") -> None:
-    """Raise UsageError naming the first place where ``data`` breaks ``schema`` (type, const, required, properties,
-    items: the part of JSON Schema that SCHEMA uses)."""
-    if "const" in schema and data != schema["const"]:
-        raise UsageError(f"{where} is {data!r}, expected {schema['const']!r}")
-    if "type" in schema:
-        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        is_bool = isinstance(data, bool)  # JSON true is no number
-        if not any(isinstance(data, _TYPES[k]) and not (is_bool and k in ("integer", "number")) for k in kinds):
-            raise UsageError(f"{where} should be {' or '.join(kinds)}, not {type(data).__name__}")
-    for key in schema.get("required", []):
-        if key not in data:
-            raise UsageError(f"{where} has no {key!r}")
-    for key, sub in schema.get("properties", {}).items():
-        if key in data:
-            validate(data[key], sub, f"{where}.{key}")
-    if "items" in schema:
-        for i, item in enumerate(data):
-            validate(item, schema["items"], f"{where}[{i}]")
-
-
-def load(path: Path) -> Protect:
-    """Read and validate a protect.json. A wrong format, version or shape is a usage error (one line)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path}: cannot read a protect list ({type(error).__name__}: {error})") from None
-    if isinstance(data, dict) and data.get("format") == FORMAT and data.get("version") != VERSION:
-        raise UsageError(f"{path}: protect list version {data.get('version')!r}; this massact reads version {VERSION}")
-    validate(data, where=str(path))
-    dims = [ProtectedDim(**{**d, "carriers": [Carrier(**c) for c in d["carriers"]]}) for d in data["massive_dims"]]
-    return Protect(model=data["model"], source=data["source"], min_abs=data["min_abs"], min_ratio=data["min_ratio"], massive_dims=dims,
-                   sink_positions=[SinkPosition(**s) for s in data["sink_positions"]], super_weights=[ProtectedWeight(**w) for w in data["super_weights"]],
-                   format=data["format"], version=data["version"], notes=data.get("notes", []))

@@ -11,7 +11,7 @@ from ...capture.probe import ATTN_Z, block_output, probe_block, stream_dims
 from ...models.loading import LoadedModel
 from . import anatomy as anatomy_step
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
-from .lifeline import writers
+from .lifeline import WRITING, writers
 from .moe import attribute_moe, is_moe_block
 from .norms import norm_factors
 from .origin import decomposition_gap, head_split, removal_cause, writer
@@ -36,6 +36,7 @@ class Event:
 
 
 _DOWN = ("precursor erasure", "erasure")  # phases that take the value off
+ROLES = WRITING + ("removal",)  # what an event (and the origin, anatomy and attribution it makes) can be
 
 
 def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Lifeline]) -> list[Event]:

@@ -15,6 +15,9 @@ from .results import Lifeline, LifelineStep, Phase
 PHASE_SHARE = 0.1  # a block grows or erases the value when it adds or takes off 10% of the peak (of the precursor before birth)
 HOLD_SHARE = 0.5  # after birth, a quiet block holds the value while it stays above half of its largest value so far
 WRITERS = ("attn", "mlp", "norm")
+# The phases a block's step can have; the first five name a block that writes or erases the dim (``writers``).
+PHASES = ("precursor", "precursor erasure", "birth", "growth", "erasure", "hold", "after")
+WRITING = PHASES[:5]
 
 
 def main_carrier(massive: list[Massive], dim: int) -> Massive:
@@ -125,8 +128,7 @@ def phases(steps: list[LifelineStep], embedding: float) -> list[Phase]:
 
 def writers(line: Lifeline) -> list[tuple[int, str]]:
     """(block, phase) of every block the lifeline names as a main writer or eraser, in depth order."""
-    named = ("precursor", "precursor erasure", "birth", "growth", "erasure")
-    return [(step.layer, step.phase) for step in line.steps if step.phase in named]
+    return [(step.layer, step.phase) for step in line.steps if step.phase in WRITING]
 
 
 def lifelines(

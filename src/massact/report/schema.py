@@ -1,0 +1,376 @@
+"""The one schema of every file massact writes and reads back (report.json, protect.json, and any file of result
+dataclasses, e.g. the coming track.json): the dataclasses' own type hints, plus the constraints types cannot say,
+declared once in ``CHECKS`` from the writers' own constants.
+
+``read(kind, data, where)`` checks parsed JSON against the dataclass ``kind`` and builds it in one pass; the first
+problem is one ``UsageError`` line that names the field (``report.json: field origin[0].role must be ...``).
+``write(obj)`` is the JSON the readers take back (inf and nan become null, which reads back as nan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..analysis.deploy.protect import FORMAT as PROTECT_FORMAT
+from ..analysis.deploy.protect import VERSION as PROTECT_VERSION
+from ..analysis.deploy.protect import Carrier, Protect, ProtectedDim, ProtectedWeight, SinkPosition
+from ..analysis.detect.results import DimSummary, Entry, LayerStats, Massive
+from ..analysis.mechanism.explain import ROLES
+from ..analysis.mechanism.lifeline import PHASES, WRITERS
+from ..analysis.mechanism.results import Checkpoint, Lifeline, LifelineStep, Phase, Place
+from ..analysis.trigger.results import PreActivationSplit
+from ..models.adapters import ADAPTERS
+from ..analysis.results import CorpusSpec, ModelInfo, Report
+from ..errors import UsageError
+from ..models.loading import DTYPES
+from ..settings import Criterion
+
+REPORT_FORMAT = "massact-report"
+REPORT_VERSION = 1  # reports written before the version field are version 1 too
+
+
+@dataclass
+class Scope:
+    """What a field's range depends on, filled as the reader goes (``model`` comes first in a report)."""
+
+    n_layers: int | None = None
+    d_model: int | None = None
+    windows: set[int] | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """A constraint beyond the type: ``test(value, scope)``, and what the value must be, in words."""
+
+    test: Callable[[typing.Any, Scope], bool]
+    what: Callable[[Scope], str]
+
+
+def _positive() -> Check:
+    return Check(lambda v, s: math.isfinite(v) and v > 0, lambda s: "a positive number")
+
+
+def _at_least(least: int) -> Check:
+    return Check(lambda v, s: v >= least, lambda s: f"an integer >= {least}")
+
+
+def _one_of(options) -> Check:
+    return Check(lambda v, s: v in options, lambda s: "one of " + ", ".join(repr(o) for o in options))
+
+
+def _below(bound: str, least: int = 0) -> Check:
+    """An index into the model's ``bound`` (n_layers or d_model): least <= value < bound once the bound is known."""
+    def test(value, scope: Scope) -> bool:
+        top = getattr(scope, bound)
+        return value >= least and (top is None or value < top)
+
+    return Check(test, lambda s: f"an integer in [{least}, {getattr(s, bound)})" if getattr(s, bound) else f"an integer >= {least}")
+
+
+def _window() -> Check:
+    """A window index the report keeps the text of (report.texts)."""
+    return Check(lambda v, s: s.windows is None or v in s.windows, lambda s: "a window listed in texts")
+
+
+_LAYER, _DIM, _BLOCK_AFTER = _below("n_layers"), _below("d_model"), _below("n_layers", least=1)
+
+# (dataclass, field) -> constraint; a list field's constraint applies to each item. Subclasses inherit their base's.
+CHECKS: dict[tuple[type, str], Check] = {
+    (ModelInfo, "n_layers"): _at_least(1),
+    (ModelInfo, "d_model"): _at_least(1),
+    (ModelInfo, "dtype"): _one_of(tuple(DTYPES)),
+    (ModelInfo, "stream"): _one_of(tuple(dict.fromkeys(adapter.stream for adapter in ADAPTERS))),
+    (CorpusSpec, "max_texts"): _at_least(1),
+    (CorpusSpec, "max_length"): _at_least(2),
+    (Criterion, "min_abs"): _positive(),
+    (Criterion, "min_ratio"): _positive(),
+    (LayerStats, "layer"): _LAYER,
+    (Entry, "dim"): _DIM,
+    (Massive, "layer"): _LAYER,
+    (Massive, "dim"): _DIM,
+    (Massive, "text"): _window(),
+    (DimSummary, "dim"): _DIM,
+    (DimSummary, "born_at"): _LAYER,
+    (DimSummary, "persists"): _LAYER,
+    (DimSummary, "removed_at"): _BLOCK_AFTER,
+    (Place, "layer"): _LAYER,
+    (Place, "dim"): _DIM,
+    (Place, "role"): _one_of(ROLES),
+    (Lifeline, "dim"): _DIM,
+    (Lifeline, "text"): _window(),
+    (Lifeline, "born_at"): _LAYER,
+    (Lifeline, "peak_layer"): _LAYER,
+    (Lifeline, "removed_at"): _BLOCK_AFTER,
+    (LifelineStep, "layer"): _LAYER,
+    (LifelineStep, "phase"): _one_of(("",) + PHASES),
+    (LifelineStep, "writer"): _one_of(WRITERS),
+    (Phase, "name"): _one_of(PHASES),
+    (Phase, "writer"): _one_of(("",) + WRITERS),
+    (PreActivationSplit, "site"): _one_of(("mlp_gate", "mlp_up")),  # the MLP's input projections, as decompose splits them
+    (Protect, "format"): _one_of((PROTECT_FORMAT,)),
+    (Protect, "version"): _one_of((PROTECT_VERSION,)),
+    (Protect, "min_abs"): _positive(),
+    (Protect, "min_ratio"): _positive(),
+    (ProtectedDim, "dim"): _at_least(0),
+    (ProtectedDim, "born_at"): _at_least(0),
+    (ProtectedDim, "peak_block"): _at_least(0),
+    (ProtectedDim, "blocks"): _at_least(0),
+    (ProtectedDim, "removed_at"): _at_least(1),
+    (ProtectedDim, "probe_position"): _at_least(0),
+    (Carrier, "position"): _at_least(0),
+    (Carrier, "block"): _at_least(0),
+    (SinkPosition, "position"): _at_least(0),
+    (ProtectedWeight, "row"): _at_least(0),
+    (ProtectedWeight, "col"): _at_least(0),
+    (ProtectedWeight, "index"): _at_least(0),
+}
+
+# Constraints between fields of one object: (field named in the message, test, what it must be).
+AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
+    Report: [
+        ("layers", lambda r: len(r.layers) == r.model.n_layers, "one entry per block (model.n_layers)"),
+        ("lifeline", lambda r: sorted(line.dim for line in r.lifeline) == sorted(d.dim for d in r.dims),
+         "one lifeline per entry of dims"),
+        ("massive", lambda r: all(m.text in r.tokens and m.position < len(r.tokens[m.text]) for m in r.massive),
+         "positions within the tokens of their window"),
+    ],
+    Lifeline: [("steps", lambda line: [s.layer for s in line.steps] == list(range(len(line.steps))), "one step per block, in order")],
+    # The first checkpoint has no previous one and no change; null stands for nan too (a float16 overflow), so a later
+    # checkpoint may have a null change, but then its percentage is null with it.
+    Checkpoint: [("change", lambda c: c.previous is not None or c.change is None, "null at the first checkpoint (no previous)"),
+                 ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
+}
+
+# Fields a file may lack because older versions of the writer did not write them: they read as their default.
+ADDED_LATER: set[tuple[str, str]] = {("Report", "settings")}
+
+
+def _check_for(kind: type, name: str) -> Check | None:
+    for base in kind.__mro__:
+        if (base, name) in CHECKS:
+            return CHECKS[base, name]
+    return None
+
+
+class _Bad(Exception):
+    """A field that is not what the schema says (caught once, at ``read``): its path, and either what it must be
+    (``what``, with the value found) or the whole ``message``."""
+
+    def __init__(self, path: str, what: str = "", data=None, message: str = ""):
+        self.path, self.what, self.data = path, what, data
+        text = message or f"must be {what}, not {_show(data)}"
+        super().__init__(f"field {path} {text}" if path else text)
+
+
+def _show(value) -> str:
+    return json.dumps(value)[:40] if not isinstance(value, str) or len(value) < 40 else json.dumps(value[:37]) + "..."
+
+
+def _type_name(kind) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if dataclasses.is_dataclass(kind) or kind is dict or origin is dict:
+        return "an object"
+    if kind is list or origin in (list, tuple):
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null",
+            Path: "a string"}.get(kind, str(kind))
+
+
+def _build(kind, data, path: str, scope: Scope, check: Check | None = None):
+    """``data`` as ``kind``, or _Bad naming the first field that is not what ``kind`` (and ``check``) allow."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if data is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"schema: cannot read the union {kind}")
+        try:
+            return _build(inner[0], data, path, scope, check)
+        except _Bad as bad:
+            if bad.what and bad.path == path:  # the field itself is wrong: say that null is allowed too
+                raise _Bad(path, bad.what + " or null", data) from None
+            raise
+    if dataclasses.is_dataclass(kind):
+        return _object(kind, data, path, scope)
+    if kind is list or origin in (list, tuple):
+        if not isinstance(data, list):
+            raise _Bad(path, "a list", data)
+        item = args[0] if args else typing.Any
+        built = [_build(item, value, f"{path}[{i}]", scope, check) for i, value in enumerate(data)]
+        return tuple(built) if origin is tuple else built
+    if kind is dict or origin is dict:
+        if not isinstance(data, dict):
+            raise _Bad(path, "an object", data)
+        key, value = args if args else (str, typing.Any)
+        return {_key(key, k, path): _build(value, v, f"{path}.{k}", scope) for k, v in data.items()}
+    if kind is typing.Any:
+        return data
+    value = _scalar(kind, data)
+    if value is _WRONG or (check is not None and not check.test(value, scope)):
+        raise _Bad(path, check.what(scope) if check is not None else _type_name(kind), data)
+    return value
+
+
+def _key(kind, key: str, path: str):
+    if kind is int:
+        try:
+            return int(key)
+        except ValueError:
+            raise _Bad(f"{path}.{key}", message="is not an integer key") from None
+    return key
+
+
+_WRONG = object()
+
+
+def _scalar(kind, data):
+    """``data`` as the scalar type ``kind``, or _WRONG."""
+    if kind is float:
+        if data is None:
+            return math.nan  # the writer turns inf and nan into null
+        if isinstance(data, (int, float)) and not isinstance(data, bool):
+            return float(data)
+    elif kind is int:
+        if isinstance(data, int) and not isinstance(data, bool):
+            return data
+    elif kind is bool or kind is str:
+        if isinstance(data, kind):
+            return data
+    elif kind is Path:
+        if isinstance(data, str):
+            return Path(data)
+    else:
+        raise TypeError(f"schema: no rule for the type {kind}")
+    return _WRONG
+
+
+def _object(kind: type, data, path: str, scope: Scope):
+    if not isinstance(data, dict):
+        raise _Bad(path, "an object", data)
+    hints = typing.get_type_hints(kind)
+    fields = {f.name: f for f in dataclasses.fields(kind) if f.init}
+    extra = [key for key in data if key not in fields]
+    if extra:
+        raise _Bad(f"{path}.{extra[0]}" if path else extra[0], message=f"is not a field of {kind.__name__}")
+    built = {}
+    for name, spec in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name not in data:
+            optional = spec.default is not dataclasses.MISSING or spec.default_factory is not dataclasses.MISSING
+            if optional and (kind.__name__, name) in ADDED_LATER:
+                continue
+            raise _Bad("", message=f"no field {where}")
+        built[name] = _build(hints[name], data[name], where, scope, _check_for(kind, name))
+        if kind is ModelInfo and name in ("n_layers", "d_model"):
+            setattr(scope, name, built[name])
+        if kind is Report and name == "texts":
+            scope.windows = set(built[name])
+    obj = kind(**built)
+    if callable(getattr(obj, "check", None)):  # a dataclass that checks itself (ScanSettings): the same rules as its writer
+        try:
+            obj.check()
+        except UsageError as error:
+            raise _Bad(path, message=f"is not valid: {error}") from None
+    for name, test, what in AGREES.get(kind, []):
+        if not test(obj):
+            raise _Bad(f"{path}.{name}" if path else name, message=f"must hold {what}")
+    return obj
+
+
+def read(kind: type, data, where: str):
+    """Parsed JSON ``data`` as the dataclass ``kind``, every field checked; a problem is one UsageError line that
+    starts with ``where`` (the file) and names the field: 'track.json: field steps[0].layer must be ...'."""
+    try:
+        return _build(kind, data, "", Scope())
+    except _Bad as bad:
+        raise UsageError(f"{where}: {bad}") from None
+
+
+def _read_as(kind: type, data, where: str, what: str):
+    """``read``, the message saying what the file is not: '<where>: not <what> (field ... must be ...)'."""
+    try:
+        return _build(kind, data, "", Scope())
+    except _Bad as bad:
+        raise UsageError(f"{where}: not {what} ({bad})") from None
+
+
+def parse(path: Path, what: str):
+    """The JSON in ``path``; one UsageError line when it cannot be read or is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UsageError(f"{path}: not {what} ({error.strerror or error})") from None
+    except ValueError as error:  # not UTF-8, or not JSON
+        raise UsageError(f"{path}: not {what} (not JSON: {str(error).splitlines()[0]})") from None
+
+
+def finite(value):
+    """JSON has no inf or nan (float16 overflow makes them): write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def to_data(obj, head: dict | None = None) -> dict:
+    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null."""
+    return finite({**(head or {}), **dataclasses.asdict(obj)})
+
+
+def write(obj, head: dict | None = None) -> str:
+    return json.dumps(to_data(obj, head), indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def write_report(report: Report) -> str:
+    """report.json's text: the format and its version, then the report."""
+    return write(report, {"format": REPORT_FORMAT, "version": REPORT_VERSION})
+
+
+def write_protect(protect: Protect) -> str:
+    """protect.json's text: its format and version come first, as the dataclass's fields."""
+    data = to_data(protect)
+    return json.dumps({"format": data.pop("format"), "version": data.pop("version"), **data}, indent=2, ensure_ascii=False,
+                      allow_nan=False)
+
+
+def read_report(data, where: str = "report.json") -> Report:
+    """A parsed report.json as a Report. A report without ``format`` and ``version`` is version 1 (written before
+    they were); a newer version is refused."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: not a massact report (it holds a JSON {type(data).__name__}, not an object)")
+    data = dict(data)
+    kind, version = data.pop("format", REPORT_FORMAT), data.pop("version", REPORT_VERSION)
+    if kind != REPORT_FORMAT:
+        raise UsageError(f"{where}: not a massact report (format {_show(kind)})")
+    if version != REPORT_VERSION:
+        raise UsageError(f"{where}: report format version {_show(version)}; this massact reads version {REPORT_VERSION}")
+    return _read_as(Report, data, where, "a massact report")
+
+
+def load_report(directory: Path) -> Report:
+    """``directory``/report.json, checked and built (see ``read_report``)."""
+    path = Path(directory) / "report.json"
+    return read_report(parse(path, "a massact report"), str(path))
+
+
+def load_protect(path: Path) -> Protect:
+    """A protect.json, checked and built; a wrong format, version or field is one UsageError line."""
+    data = parse(path, "a protect list")
+    if isinstance(data, dict) and data.get("format") == PROTECT_FORMAT and data.get("version") != PROTECT_VERSION:
+        raise UsageError(f"{path}: protect list version {_show(data.get('version'))}; this massact reads version {PROTECT_VERSION}")
+    return _read_as(Protect, data, str(path), "a protect list")

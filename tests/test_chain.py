@@ -1,0 +1,73 @@
+"""What the tool writes, the tool reads: scan -> verify DIR -> quant DIR -> compare, chained as README shows them, on
+the planted sandwich-norm, post-LN, parallel and mixture-of-experts models and on the default model."""
+
+import json
+
+import pytest
+
+from massact.analysis.deploy import quant
+from massact.analysis.deploy.quant import Setting
+from massact.cli import main
+from massact.report.schema import load_report
+
+from conftest import MOE_FAMILIES
+from test_families import DIM, LAYER, NEURON, planted, planted_moe
+
+QUIET = ["--format", "json,txt", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "eval.txt"
+    path.write_text("The old house stood at the end of the lane. Its windows were dark, and the garden had grown wild "
+                    "over many summers. People in the village said that nobody had lived there for years.\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def one_setting(monkeypatch):
+    """The sweep cut to one 8-bit setting: the chain tests what is read and written, test_quant*.py the sweep itself."""
+    monkeypatch.setattr(quant, "grid", lambda name="default", block=quant.DEFAULT_BLOCK: [Setting("rtn", 8, "tensor", "plain")])
+
+
+def chain(model, out, eval_file, capsys, text: str = "Summer is warm. Winter is cold.") -> tuple[dict, dict]:
+    """The four commands on ``model`` (None: the default model); each must exit 0 with nothing on stderr. Returns
+    report.json as the scan wrote it and as the chain left it."""
+    steps = [["scan", *([model] if model else []), "--text", text, "--no-verify", "--out", out, *QUIET],
+             ["verify", out, "--eval-file", eval_file, *QUIET],
+             ["quant", out, "--eval-file", eval_file, *QUIET],
+             ["compare", out, out, "--out", out.parent / "compare"]]
+    scanned = None
+    capsys.readouterr()  # what the test printed itself (saving the model)
+    for step in steps:
+        code = main([str(part) for part in step])
+        assert code == 0, (step[0], capsys.readouterr().err)
+        assert capsys.readouterr().err == "", step[0]
+        scanned = scanned or json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return scanned, json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "opt-postln", "neox", *MOE_FAMILIES])
+def test_the_chain_on_every_kind_of_block(family, tokenizer, tmp_path, eval_file, capsys, one_setting):
+    model = planted_moe(family, tokenizer) if family in MOE_FAMILIES else planted(family, tokenizer)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    _, data = chain(tmp_path / "model", tmp_path / "report", eval_file, capsys)
+    assert [d["dim"] for d in data["dims"]] == [DIM] and data["dims"][0]["born_at"] == LAYER
+    assert data["verification"] is not None and data["quantization"]["dim"] == DIM
+    assert data["settings"]["verify"] is True and data["settings"]["quant"] is True
+    report = load_report(tmp_path / "report")  # the final report reads back through the schema too
+    assert len(report.quantization.rows) == 1 and report.verification.interventions
+    if family not in MOE_FAMILIES:
+        assert report.attribution[0].neurons[0].neuron == NEURON
+    page = (tmp_path / "compare" / "compare.html").read_text(encoding="utf-8")
+    assert f"{DIM} (block {LAYER}" in page
+
+
+def test_the_chain_on_the_default_model(tmp_path, eval_file, capsys, one_setting):
+    """The default model's report holds every role the mechanism writes (precursor, erasure, removal...): the checked
+    loader once refused it."""
+    scanned, data = chain(None, tmp_path / "report", eval_file, capsys, text="The committee met on Tuesday.")
+    assert {"precursor", "birth", "erasure"} <= {o["role"] for o in scanned["origin"]}
+    assert data["verification"]["interventions"] and len(data["quantization"]["rows"]) == 1
+    assert "SmolLM2-135M-Instruct" in (tmp_path / "compare" / "compare.html").read_text(encoding="utf-8")

@@ -1,0 +1,193 @@
+"""Resuming a scan: a resumed scan is the scan it resumes, and a damaged, foreign or malicious scan state is one line."""
+
+import errno
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import massact
+from massact.analysis.detect.scan import _load_state
+from massact.capture.stats import LogHistogram, TopK
+from massact.errors import UsageError
+from massact.models.loading import load
+from massact.texts import Corpus
+
+from conftest import PLANTED, TINY, one_line_error, run_massact, save_planted
+
+LAYER, NEURON, DIM = PLANTED
+
+
+@pytest.fixture(scope="module")
+def same_word_corpus(tmp_path_factory):
+    """600 lines that all begin with the same word: far more than 512 entries of each block's top-k tie."""
+    path = tmp_path_factory.mktemp("corpus") / "same.txt"
+    tails = ["is warm.", "met on Tuesday.", "opens at nine.", "shows where you are.", "fell on the garden today."]
+    path.write_text("\n".join(f"Summer {tails[i % 5]} {i % 7}" for i in range(600)) + "\n", encoding="utf-8")
+    return path
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def small_corpus(same_word_corpus):
+    path = same_word_corpus.with_name("small.txt")
+    path.write_text("\n".join(same_word_corpus.read_text(encoding="utf-8").splitlines()[:40]), encoding="utf-8")
+    return path
+
+
+def interrupt(model: Path, corpus: Path, out: Path, after: int, batch_size: int = 4) -> int:
+    """Scan ``corpus`` as the CLI would (same model spec, default settings, a checkpoint every batch) and stop it
+    after ``after`` windows, like a kill: OUT/scan-state.pt is left. Returns how many windows the state covers."""
+
+    def progress(stage, total):
+        seen = [0]
+
+        def step():
+            seen[0] += 1
+            if seen[0] == after:
+                raise Stop
+
+        return step
+
+    lm = load(str(model), device="cpu", log=lambda message: None)
+    with pytest.raises(Stop):
+        massact.scan(lm, Corpus(file=str(corpus)), batch_size=batch_size, checkpoint=out / "scan-state.pt",
+                     checkpoint_every=1, progress=progress)
+    return torch.load(out / "scan-state.pt", weights_only=True)["done"]
+
+
+# Resuming
+
+
+def test_a_resumed_scan_equals_the_uninterrupted_one_byte_for_byte(model_dir, same_word_corpus, tmp_path):
+    common = [model_dir, "--file", same_word_corpus, *TINY, "--batch-size", "16"]
+    clean = run_massact("scan", *common, "--out", tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
+    out = tmp_path / "resumed"
+    assert interrupt(model_dir, same_word_corpus, out, after=321, batch_size=16) == 320  # the last whole batch before the stop
+    resumed = run_massact("scan", *common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    first, second = ((d / "report.json").read_bytes() for d in (tmp_path / "clean", out))
+    assert first == second  # no field is excluded: the report holds no time or run id
+    data = json.loads(first)
+    assert data["corpus"]["texts"] == 600 and len(data["massive"]) >= 512
+    # Ties were broken by the smaller (text, position, dim): the first block with massive entries keeps the
+    # first-token entries of the first texts.
+    born = [m for m in data["massive"] if m["layer"] == LAYER]
+    assert len(born) == 512 and sorted(m["text"] for m in born) == list(range(512))
+
+
+def test_the_top_k_keeps_the_same_entries_whatever_the_order_of_updates():
+    torch.manual_seed(0)
+    values = torch.randint(-3, 4, (2000,)).float()  # 7 distinct values: hundreds of ties in |a|
+    labels = torch.stack([torch.arange(2000) // 100, torch.arange(2000) % 100 // 10, torch.arange(2000) % 10], dim=1)
+    kept = []
+    for order, size in ((torch.arange(2000), 2000), (torch.randperm(2000), 7), (torch.randperm(2000), 333)):
+        top = TopK(50)
+        for part in order.split(size):
+            top.update(values[part], labels[part])
+        kept.append(top.items())
+    assert kept[0] == kept[1] == kept[2]
+    # |a| = 3 first, then by (text, position, dim): the first 50 of the 3s and -3s in label order.
+    expected = [[t, p, d] for t, p, d in labels.tolist() if abs(values[t * 100 + p * 10 + d]) == 3][:50]
+    assert [labels for _, labels in kept[0]] == expected
+
+
+@pytest.mark.parametrize("change", ["another model", "dtype", "min-ratio", "batch size"])
+def test_resume_refuses_the_state_of_another_model_or_settings(change, model_dir, small_corpus, tmp_path, tokenizer):
+    model, out = shutil.copytree(model_dir, tmp_path / "model"), tmp_path / "out"
+    interrupt(model, small_corpus, out, after=9)
+    options = ["--batch-size", "4"]
+    if change == "another model":  # the same path, class, shapes and tokenizer: only the weights differ (another neuron)
+        other = save_planted(tmp_path / "other", "llama", tokenizer, LAYER, NEURON + 1, DIM)
+        shutil.copy(other / "model.safetensors", model / "model.safetensors")
+    options += {"dtype": ["--dtype", "bfloat16"], "min-ratio": ["--min-ratio", "500"], "batch size": ["--batch-size", "2"]}.get(change, [])
+    result = run_massact("scan", model, "--file", small_corpus, *TINY, *options, "--out", out, "--resume")
+    one_line_error(result, "is the state of another scan")
+    if change == "dtype":  # while the same scan resumes
+        assert run_massact("scan", model, "--file", small_corpus, *TINY, "--batch-size", "4", "--out", out, "--resume").returncode == 0
+
+
+# A damaged or foreign scan state
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {Path(__file__).parent / 'pwned'}",))
+
+
+def _states(tmp_path: Path) -> dict[str, Path]:
+    good = {"done": 4, "fingerprint": "f", "identity": "", "counts": [torch.zeros(8192, dtype=torch.float64)] * 2,
+            "tops": [None, None]}
+    cases = {
+        "random bytes": os.urandom(4096),
+        "empty": b"",
+        "raw pickle": pickle.dumps(Evil()),
+    }
+    paths = {}
+    for name, content in cases.items():
+        paths[name] = tmp_path / f"{name}.pt"
+        paths[name].write_bytes(content)
+    objects = {
+        "malicious pickle": Evil(),
+        "a list": [1, 2, 3],
+        "no done": {k: v for k, v in good.items() if k != "done"},
+        "string done": dict(good, done="4"),
+        "wrong bins": dict(good, counts=[torch.zeros(10, dtype=torch.float64)] * 2),
+        "wrong blocks": dict(good, counts=[torch.zeros(8192, dtype=torch.float64)] * 3, tops=[None] * 3),
+        "wrong labels": dict(good, tops=[(torch.ones(3), torch.zeros(3, 2, dtype=torch.long)), None]),
+        "too many entries": dict(good, tops=[(torch.ones(600), torch.zeros(600, 3, dtype=torch.long)), None]),
+    }
+    for name, value in objects.items():
+        paths[name] = tmp_path / f"{name}.pt"
+        torch.save(value, paths[name])
+    return paths
+
+
+def test_a_damaged_or_foreign_scan_state_is_one_line(tmp_path):
+    for name, path in _states(tmp_path).items():
+        histograms, tops = [LogHistogram() for _ in range(2)], [TopK(512) for _ in range(2)]
+        with pytest.raises(UsageError) as caught:
+            _load_state(path, histograms, tops, identity="")
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(f"cannot read the scan state {path}"), (name, message)
+        assert "weights_only" not in message and "unsafe" not in message.lower(), (name, message)
+    assert "empty" in _message(tmp_path / "empty.pt") and "no 'done'" in _message(tmp_path / "no done.pt")
+    assert "8192" in _message(tmp_path / "wrong bins.pt")
+    assert not (Path(__file__).parent / "pwned").exists()  # the pickle's code never ran
+
+
+def _message(path: Path) -> str:
+    with pytest.raises(UsageError) as caught:
+        _load_state(path, [LogHistogram() for _ in range(2)], [TopK(512) for _ in range(2)], identity="")
+    return str(caught.value)
+
+
+def test_a_malicious_scan_state_from_the_cli(model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scan-state.pt").write_bytes(pickle.dumps(Evil()))  # a plain pickle: torch.load also warns about it
+    result = run_massact("scan", model_dir, "--text", "Summer is warm.", *TINY, "--out", out, "--resume")
+    line = one_line_error(result, "cannot read the scan state", "not a scan state written by massact")
+    assert "weights_only" not in line and not (Path(__file__).parent / "pwned").exists()
+
+
+def test_a_full_disk_while_saving_the_scan_state_leaves_no_partial(tmp_path, monkeypatch):
+    from massact.analysis.detect import scan
+
+    def full(state, path):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UsageError, match="cannot write the scan state .* No space left on device"):
+        scan._save_state(tmp_path / "scan-state.pt", 1, "f", [LogHistogram()], [TopK(4)])
+    assert list(tmp_path.iterdir()) == []
+
