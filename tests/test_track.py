@@ -4,6 +4,7 @@ training monitor against an offline scan of the checkpoint saved at the same ste
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 import massact
 from conftest import plant_mlp, tiny_config, tiny_model, weights_hash
 from massact.cli import main
+from massact.errors import UsageError
 from massact.texts import DEFAULT_TEXTS
 from massact.track import run as track_run
 from massact.track.monitor import MassactCallback, Monitor, read_records
@@ -223,3 +225,23 @@ def test_track_draws_the_monitor_timeline(trained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1, "blocks": [{"layer": 0}]}\n{"step": 2}\n')
     assert main(["track", str(bad), "--out", str(tmp_path / "out2")]) == 2
+
+
+def test_monitor_lines_are_read_through_the_schema(tmp_path):
+    """A monitor line is checked against the dataclasses the monitor writes: a bad field is named, with its line."""
+    from dataclasses import asdict
+
+    from massact.settings import Criterion
+    from massact.track.results import MonitorBlock, MonitorRecord
+
+    block = MonitorBlock(layer=0, top1=5.0, median=0.1, ratio=50.0, massive=0, top_dim=7)
+    good = asdict(MonitorRecord(step=3, texts=2, blocks=[block], criterion=Criterion()))
+    path = tmp_path / "monitor.jsonl"
+    path.write_text(json.dumps(good) + "\n")
+    assert read_records(path) == [good]
+    bad = {**good, "blocks": [{**good["blocks"][0], "top1": "x"}]}
+    for record, message in ((dict(good, step=-1), "field step must be an integer >= 0"),
+                            (bad, "field blocks[0].top1 must be a number or null")):
+        path.write_text(json.dumps(record) + "\n" + json.dumps(good) + "\n")
+        with pytest.raises(UsageError, match=f"monitor.jsonl:1: {re.escape(message)}"):
+            read_records(path)

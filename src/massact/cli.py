@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    interrupted = _on_interrupt()
+    interrupted, previous = _on_interrupt()
     try:
         args = build_parser().parse_args(argv)
         return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
@@ -125,26 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except BaseException:
+    except BaseException as error:
         # Ctrl-C can land inside a library's lazy import, which then raises its own error (ModuleNotFoundError)
         # instead of KeyboardInterrupt: whatever it became, an interrupt is one line and exit 130.
-        if not interrupted:
+        if not (interrupted or isinstance(error, KeyboardInterrupt)):
             raise
         print("massact: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:  # called from Python (a test, a notebook): give Ctrl-C back to the caller
+            signal.signal(signal.SIGINT, previous)
 
 
-def _on_interrupt() -> list[int]:
-    """Note every SIGINT (in the returned list) and raise KeyboardInterrupt, as Python's own handler does."""
+def _on_interrupt() -> tuple[list[int], object]:
+    """Note every SIGINT (in the returned list) and raise KeyboardInterrupt, as Python's own handler does; also the
+    handler it replaced (None off the main thread, where none is set)."""
     seen: list[int] = []
 
     def handler(signum, frame):
         seen.append(signum)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-    return seen
+    if threading.current_thread() is not threading.main_thread():
+        return seen, None
+    return seen, signal.signal(signal.SIGINT, handler)
 
 
 VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few dozen times: fine up to a few B

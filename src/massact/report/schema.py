@@ -31,6 +31,7 @@ from ..analysis.results import CorpusSpec, ModelInfo, Report
 from ..errors import UsageError
 from ..models.loading import DTYPES
 from ..settings import Criterion
+from ..track.results import MonitorBlock, MonitorRecord
 
 REPORT_FORMAT = "massact-report"
 REPORT_VERSION = 1  # reports written before the version field are version 1 too
@@ -114,6 +115,10 @@ CHECKS: dict[tuple[type, str], Check] = {
     (Phase, "name"): _one_of(PHASES),
     (Phase, "writer"): _one_of(("",) + WRITERS),
     (PreActivationSplit, "site"): _one_of(("mlp_gate", "mlp_up")),  # the MLP's input projections, as decompose splits them
+    (MonitorRecord, "step"): _at_least(0),
+    (MonitorRecord, "texts"): _at_least(1),
+    (MonitorBlock, "layer"): _at_least(0),
+    (MonitorBlock, "massive"): _at_least(0),
     (Protect, "format"): _one_of((PROTECT_FORMAT,)),
     (Protect, "version"): _one_of((PROTECT_VERSION,)),
     (Protect, "min_abs"): _positive(),

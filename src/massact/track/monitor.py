@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from ..models.adapters import adapter_for
 from ..models.loading import LoadedModel
 from ..settings import Criterion
 from ..texts import DEFAULT_TEXTS
+from .results import MonitorBlock, MonitorRecord
 
 EVERY = 100  # steps between two measurements by default: the probe scan then costs well under 2% of training time
 CANDIDATES = 512  # largest |a| kept per block, as massact.scan keeps: the massive count is the scan's own
@@ -35,9 +37,9 @@ def block_figures(scan: LayerScan, criterion: Criterion) -> list[dict]:
         items = top.items()
         top1 = abs(items[0][0]) if items else 0.0
         ratio = top1 / median if median > 0 else math.nan
-        figures.append(dict(layer=layer, top1=_number(top1), median=_number(median), ratio=_number(ratio),
-                            massive=sum(bool(criterion.is_massive(value, median)) for value, _ in items),
-                            top_dim=items[0][1][2] if items else None))
+        figures.append(asdict(MonitorBlock(layer=layer, top1=_number(top1), median=_number(median), ratio=_number(ratio),
+                                           massive=sum(bool(criterion.is_massive(value, median)) for value, _ in items),
+                                           top_dim=items[0][1][2] if items else None)))
     return figures
 
 
@@ -90,8 +92,8 @@ class Monitor:
             scan = scan_layers(lm, iter(self.ids), CANDIDATES, batch_size=self.batch_size)
         finally:
             model.train(training)
-        return dict(step=int(step), texts=len(self.texts), blocks=block_figures(scan, self.criterion),
-                    criterion=dict(min_abs=self.criterion.min_abs, min_ratio=self.criterion.min_ratio))
+        return asdict(MonitorRecord(step=int(step), texts=len(self.texts), blocks=block_figures(scan, self.criterion),
+                                    criterion=Criterion(min_abs=self.criterion.min_abs, min_ratio=self.criterion.min_ratio)))
 
     def write(self, record: dict) -> None:
         if self.path is None:
@@ -133,14 +135,11 @@ class MassactCallback(TrainerCallback):
             control.should_log = wanted
 
 
-_BLOCK_KEYS = {"layer": int, "top1": float, "median": float, "ratio": float, "massive": int, "top_dim": int}
-_MAY_BE_NULL = ("top1", "median", "ratio", "top_dim")
-
-
 def read_records(path: Path) -> list[dict]:
     """A monitor's JSONL file, every line checked (a bad one is one line naming the line and field), by step. A
     last line cut short by a kill mid-write is skipped."""
     from ..errors import UsageError
+    from ..report.schema import read
 
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -156,33 +155,11 @@ def read_records(path: Path) -> list[dict]:
             if number == len(lines):
                 continue  # the line being written when training stopped
             raise UsageError(f"{path}:{number}: not a JSON line") from None
-        problem = _record_problem(record)
-        if problem:
-            raise UsageError(f"{path}:{number}: not a massact monitor record ({problem})")
-        records.append(record)
+        # Checked against the dataclasses the monitor writes (the one schema), kept as the plain record it wrote.
+        records.append(asdict(read(MonitorRecord, record, f"{path}:{number}")))
     if not records:
         raise UsageError(f"{path}: no monitor records")
     return sorted(records, key=lambda r: r["step"])
-
-
-def _record_problem(record) -> str | None:
-    if not isinstance(record, dict):
-        return "not an object"
-    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool) or record["step"] < 0:
-        return "field step must be an integer >= 0"
-    blocks = record.get("blocks")
-    if not isinstance(blocks, list) or not blocks:
-        return "field blocks must be a non-empty list"
-    for index, block in enumerate(blocks):
-        if not isinstance(block, dict) or set(block) != set(_BLOCK_KEYS):
-            return f"field blocks[{index}] must hold exactly {', '.join(_BLOCK_KEYS)}"
-        for key, kind in _BLOCK_KEYS.items():
-            value = block[key]
-            if value is None and key in _MAY_BE_NULL:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-                return f"field blocks[{index}].{key} must be {'a number' if kind is float else 'an integer'}"
-    return None
 
 
 def timeline(records: list[dict], spec: str):

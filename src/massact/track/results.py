@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..settings import Criterion
+
 
 @dataclass(kw_only=True)
 class TrackSuperWeight:
@@ -133,3 +135,27 @@ class Track:
     settings: dict
     diff: Diff | None = None
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class MonitorBlock:
+    """One block at one training step: the largest |a| (top1), the median |a|, their ratio, how many of the kept
+    entries are massive and the dim of the largest; null where a number is not finite (a float16 overflow, a zero
+    median) or the block kept nothing."""
+
+    layer: int
+    top1: float | None
+    median: float | None
+    ratio: float | None
+    massive: int
+    top_dim: int | None
+
+
+@dataclass(kw_only=True)
+class MonitorRecord:
+    """One line of a training monitor's JSONL file: the step, how many probe texts, every block, the criterion."""
+
+    step: int
+    texts: int
+    blocks: list[MonitorBlock]
+    criterion: Criterion
