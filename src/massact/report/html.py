@@ -47,6 +47,23 @@ window.addEventListener("load", function () {
 """
 
 
+def head(title: str) -> str:
+    """A page's start, up to its body: the policy that forbids every request, the style, the watcher."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<title>{html.escape(title)}</title><style>{asset("page.css")}</style>
+<script>{WATCH}</script></head>
+"""
+
+
+def figure(anchor: str, name: str, png: bytes, caption: str) -> str:
+    """A PNG embedded as a data URI, with its caption and file name."""
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure id="{anchor}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" '
+            f'width="{PIXELS[0]}" height="{PIXELS[1]}"><figcaption>{html.escape(caption)} ({name})</figcaption></figure>')
+
+
 def asset(name: str) -> str:
     return resources.files("massact.report").joinpath(name).read_text(encoding="utf-8")
 
@@ -178,26 +195,14 @@ def to_html(report: Report, pngs: dict[str, bytes]) -> str:
     """The page, with every PNG in ``pngs`` embedded as a data URI and its data as JSON: it needs no other file."""
     title = f"massact report: {report.model.name}"
     sections = _sections(report)
-    figures = []
-    for name, (_, _, caption) in FIGURES.items():
-        if name in pngs:
-            data = base64.b64encode(pngs[name]).decode("ascii")
-            figures.append(
-                f'<figure id="figure-{name[:-4]}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" '
-                f'width="{PIXELS[0]}" height="{PIXELS[1]}"><figcaption>{html.escape(caption)} ({name})</figcaption></figure>'
-            )
+    figures = [figure(f"figure-{name[:-4]}", name, pngs[name], caption) for name, (_, _, caption) in FIGURES.items() if name in pngs]
     toc = [("summary", "Summary"), ("tokens", "Token view"), ("explore", "Interactive figures")]
     toc += [(key, heading) for key, heading, _ in sections] + [("figures", "Figures"), ("settings", "Settings")]
     nav = "".join(f'<li><a href="#{key}">{html.escape(heading)}</a></li>' for key, heading in toc)
     body = "".join(f'<section id="{key}"><h2>{html.escape(heading)}</h2>{content}</section>' for key, heading, content in sections)
     intro = html.escape(str(header(report, plain=True)[1]))
     data = json.dumps(page_data(report), ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<title>{html.escape(title)}</title><style>{asset("page.css")}</style>
-<script>{WATCH}</script></head>
-<body>
+    return f"""{head(title)}<body>
 <nav id="toc"><b>Contents</b><ul>{nav}</ul></nav>
 <main>
 <h1>{html.escape(title)}</h1>

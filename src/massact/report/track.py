@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -16,8 +15,8 @@ from rich.text import Text
 from .schema import finite
 from ..track.results import Track
 from .atomic import write_set
-from .html import CSP, WATCH, asset
-from .plots import PIXELS, _figure, png_bytes
+from .html import figure, head
+from .plots import _figure, png_bytes
 from .tables import Style, add_row, num, ratio
 
 
@@ -229,21 +228,11 @@ def figures(track: Track) -> dict[str, bytes]:
 def to_html(track: Track, pngs: dict[str, bytes]) -> str:
     """One page: the text's sections and every figure, embedded."""
     title = f"massact track: {track.checkpoints[0].label} to {track.checkpoints[-1].label}"
-    shown = []
-    for name, (_, _, caption) in TRACK_FIGURES.items():
-        if name in pngs:
-            data = base64.b64encode(pngs[name]).decode("ascii")
-            shown.append(f'<figure id="{name[:-4]}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}" '
-                         f'width="{PIXELS[0]}" height="{PIXELS[1]}"><figcaption>{html.escape(caption)} ({name})</figcaption></figure>')
+    shown = [figure(name[:-4], name, pngs[name], caption) for name, (_, _, caption) in TRACK_FIGURES.items() if name in pngs]
     sections = to_text(track).split("\n## ")
     body = "".join(f"<section><h2>{html.escape(s.splitlines()[0])}</h2><pre>{html.escape(chr(10).join(s.splitlines()[1:]).strip())}</pre></section>"
                    for s in sections[1:])
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<title>{html.escape(title)}</title><style>{asset("page.css")}</style>
-<script>{WATCH}</script></head>
-<body>
+    return f"""{head(title)}<body>
 <h1>{html.escape(title)}</h1>
 <pre>{html.escape(sections[0].strip())}</pre>
 {body}
