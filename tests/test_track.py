@@ -232,7 +232,7 @@ def test_monitor_lines_are_read_through_the_schema(tmp_path):
     from dataclasses import asdict
 
     from massact.settings import Criterion
-    from massact.track.results import MonitorBlock, MonitorRecord
+    from massact.analysis.track.results import MonitorBlock, MonitorRecord
 
     block = MonitorBlock(layer=0, top1=5.0, median=0.1, ratio=50.0, massive=0, top_dim=7)
     good = asdict(MonitorRecord(step=3, texts=2, blocks=[block], criterion=Criterion()))

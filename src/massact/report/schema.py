@@ -31,7 +31,7 @@ from ..analysis.results import CorpusSpec, ModelInfo, Report
 from ..errors import UsageError
 from ..models.loading import DTYPES
 from ..settings import Criterion
-from ..track.results import MonitorBlock, MonitorRecord
+from ..analysis.track.results import MonitorBlock, MonitorRecord
 
 REPORT_FORMAT = "massact-report"
 REPORT_VERSION = 1  # reports written before the version field are version 1 too

@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.text import Text
 
 from .schema import finite
-from ..track.results import Track
+from ..analysis.track.results import Track
 from .atomic import write_set
 from .html import figure, head
 from .plots import _figure, png_bytes

@@ -24,7 +24,7 @@ from ..models.adapters import adapter_for
 from ..models.loading import LoadedModel
 from ..settings import Criterion
 from ..texts import DEFAULT_TEXTS
-from .results import MonitorBlock, MonitorRecord
+from ..analysis.track.results import MonitorBlock, MonitorRecord
 
 EVERY = 100  # steps between two measurements by default: the probe scan then costs well under 2% of training time
 CANDIDATES = 512  # largest |a| kept per block, as massact.scan keeps: the massive count is the scan's own
@@ -164,7 +164,7 @@ def read_records(path: Path) -> list[dict]:
 
 def timeline(records: list[dict], spec: str):
     """Monitor records as a track: each record a checkpoint of the timeline (no report, no sink, no super weight)."""
-    from .align import align, monitor_state
+    from ..analysis.track.align import align, monitor_state
 
     states = [monitor_state(record, spec) for record in records]
     listed = [{b.top_dim: b.top1 for b in state.blocks if b.top_dim is not None} for state in states]

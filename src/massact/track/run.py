@@ -21,8 +21,8 @@ from ..analysis.results import Report
 from ..errors import UsageError
 from ..settings import ScanSettings
 from ..texts import Corpus
-from . import align
-from .results import Track
+from ..analysis.track import align
+from ..analysis.track.results import Track
 from .specs import Checkpoint, describe
 
 

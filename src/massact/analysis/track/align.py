@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..analysis.results import Report
+from ..results import Report
 from .results import BlockState, CheckpointState, DimState, DimTrack, Diff, RoleMove, Track, TrackSuperWeight, WeightChange
 
 TOP_NEURONS = 3  # writer neurons kept per dim and checkpoint: enough to see the writer stay or change

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..settings import Criterion
+from ...settings import Criterion
 
 
 @dataclass(kw_only=True)
