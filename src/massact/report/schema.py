@@ -29,8 +29,7 @@ from ..analysis.trigger.results import PreActivationSplit
 from ..models.adapters import ADAPTERS
 from ..analysis.results import CorpusSpec, ModelInfo, Report
 from ..errors import UsageError
-from ..models.loading import DTYPES
-from ..settings import Criterion
+from ..settings import DTYPES, Criterion
 from ..analysis.track.results import MonitorBlock, MonitorRecord
 
 REPORT_FORMAT = "massact-report"

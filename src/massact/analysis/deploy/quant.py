@@ -33,7 +33,6 @@ from ..causal.perplexity import default_eval_text, eval_windows, perplexity
 from .protect import Protect
 from .results import Quantization, QuantRow
 
-GRIDS = QUANT_GRIDS
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 DEFAULT_BLOCK = 16384  # entries per flat block (Yu et al. vary it; larger blocks feel a super weight more)
 DEFAULT_CLIP_Z = 4.0
@@ -65,8 +64,8 @@ class Setting:
 
 def grid(name: str = "default", block: int = DEFAULT_BLOCK) -> list[Setting]:
     """The settings of a named grid. ``default`` fits a few minutes on a small CPU; ``full`` is every combination."""
-    if name not in GRIDS:
-        raise UsageError(f"--quant-grid must be one of {', '.join(GRIDS)}; got {name!r}")
+    if name not in QUANT_GRIDS:
+        raise UsageError(f"--quant-grid must be one of {', '.join(QUANT_GRIDS)}; got {name!r}")
     three = ("plain", "held out", "held out + clip")
     if name == "default":  # about 20 perplexity passes
         rtn = [Setting("rtn", 8, "tensor", v) for v in three[:2]]
