@@ -1,15 +1,17 @@
+import os
 import signal
 import sys
 
 
 def _interrupted(signum, frame):
-    """Ctrl-C before the command line has set up its own handling (while it imports): one line, exit 130."""
-    print("massact: interrupted", file=sys.stderr)
-    raise SystemExit(130)
+    """Ctrl-C before the command line has set up its own handling (while it imports): one line, exit 130. It exits
+    at once rather than raising: the import may run under a compiled extension, where an exception aborts."""
+    print("massact: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 signal.signal(signal.SIGINT, _interrupted)
 
-from .cli import main  # noqa: E402
+from .cli import run  # noqa: E402
 
-raise SystemExit(main())
+run()

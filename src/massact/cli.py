@@ -116,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    interrupted, previous = _on_interrupt()
+def main(argv: list[str] | None = None, *, process: bool = False) -> int:
+    """Run one command; returns the exit code. ``process``: this interpreter is massact's own (``run``), so an
+    interrupt that lands inside an import may end it at once (see ``_on_interrupt``)."""
+    interrupted, previous = _on_interrupt(process)
     try:
         args = build_parser().parse_args(argv)
         return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
@@ -137,13 +139,34 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous)
 
 
-def _on_interrupt() -> tuple[list[int], object]:
+def run() -> None:
+    """The ``massact`` program (console script and ``python -m massact``)."""
+    raise SystemExit(main(process=True))
+
+
+def _importing(frame) -> bool:
+    """Whether the interrupted code runs inside an import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_interrupt(process: bool) -> tuple[list[int], object]:
     """Note every SIGINT (in the returned list) and raise KeyboardInterrupt, as Python's own handler does; also the
-    handler it replaced (None off the main thread, where none is set)."""
+    handler it replaced (None off the main thread, where none is set).
+
+    In massact's own process an interrupt inside an import ends it at once instead: the import may be running under
+    a compiled extension's initialisation (torch's), where a Python exception aborts the interpreter with a C++
+    traceback. An import writes none of our files, so nothing is lost."""
     seen: list[int] = []
 
     def handler(signum, frame):
         seen.append(signum)
+        if process and _importing(frame):
+            print("massact: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
