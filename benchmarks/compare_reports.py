@@ -1,5 +1,6 @@
 """Compare two report.json files field by field: everything but floats must be identical, floats may differ by a
-relative tolerance (float noise from batching and from running passes from a block on).
+relative tolerance (float noise from batching and from running passes from a block on), and so may the numbers
+printed inside a sentence (the conclusion's), the words around them being identical.
 
     .venv/bin/python benchmarks/compare_reports.py /tmp/base-report/report.json massact-report/report.json
     .venv/bin/python benchmarks/compare_reports.py A B --rel 1e-4 --ignore versions,settings
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,8 +46,26 @@ def differences(a: Any, b: Any, rel: float, ignore: set[str], path: str = "") ->
             return
         gap = abs(a - b) / max(abs(a), abs(b))
         yield path, a, b, gap
+    elif isinstance(a, str) and isinstance(b, str) and a != b:
+        yield path, a, b, _text_gap(a, b)
     elif a != b:
         yield path, a, b, math.inf
+
+
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def _text_gap(a: str, b: str) -> float:
+    """Two sentences that differ only in the printed numbers: the largest relative gap between those numbers (so
+    "perplexity x51,127.35" against "x51,127.68" is float noise at 6.5e-06); any other difference: inf."""
+    if _NUMBER.split(a) != _NUMBER.split(b):
+        return math.inf
+    gaps = [0.0]
+    for x, y in zip(_NUMBER.findall(a), _NUMBER.findall(b)):
+        u, v = float(x.replace(",", "")), float(y.replace(",", ""))
+        if u != v:
+            gaps.append(abs(u - v) / max(abs(u), abs(v)))
+    return max(gaps)
 
 
 def main() -> int:

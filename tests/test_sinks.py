@@ -162,7 +162,7 @@ def test_value_vectors_recompose_the_heads_output(family, tokenizer):
     kept = {}
     with tap_module_input(projection, lambda t: kept.update(z=t[0].detach().clone())):
         attentions, values = attention_and_values(lm, ids)
-    heads = torch.einsum("hqk,khd->qhd", attentions[1][0], values[1])
+    heads = torch.einsum("hqk,khd->qhd", attentions[1][0], values[1][0])
     assert torch.allclose(heads.flatten(1), kept["z"], atol=1e-5)
 
 
@@ -194,3 +194,50 @@ def test_tiny_bert_scan_writes_a_verified_report(tmp_path, masked_tokenizer):
 def test_sink_epsilon_out_of_range_is_a_usage_error():
     result = run_massact("scan", "--sink-epsilon", "1.5")
     assert result.returncode == 2 and result.stderr.strip() == "massact: error: --sink-epsilon must be between 0 and 1 (an attention probability)"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_texts_batched_in_a_sink_pass_measure_as_one_at_a_time(family, tokenizer, monkeypatch):
+    """Texts of different lengths in one padded pass give each text's metrics as alone, with and without the
+    massive values replaced: the replacement judges each text by the median of its own positions, not the pads."""
+    from massact.analysis.function import sinks as module
+    from massact.capture.edits import replace_massive
+    from massact.settings import Criterion
+
+    model = tiny_model(family, len(tokenizer), seed=3)
+    plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
+    lm = massact.wrap(model, tokenizer)
+    texts = [*TEXTS, "Rain.", "A cat sat on the mat and looked at the door for a long while."]
+    inputs = {i: tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(texts)}
+    assert len({ids.shape[1] for ids in inputs.values()}) == len(texts)  # every length differs: real padding
+    sinks = {i: [0] if i % 2 else [0, 2] for i in inputs}
+    criterion = Criterion(min_abs=5.0, min_ratio=20.0)
+    replaced = lambda valid: replace_massive(lm, LAYER, {DIM: 0.0}, criterion, valid)
+    found = {}
+    for size in (1, 8):
+        monkeypatch.setattr(module, "SINK_BATCH", size)
+        found[size] = [module.sink_pass(lm, inputs, sinks, 0.3), module.sink_pass(lm, inputs, sinks, 0.3, replaced)]
+    for alone, batched in zip(found[1], found[8]):
+        assert batched.texts == alone.texts == len(texts)
+        for key in ("share", "uniform", "rate", "value_ratio", "output_share"):
+            torch.testing.assert_close(getattr(batched, key), getattr(alone, key), rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert not torch.allclose(found[1][0].share, found[1][1].share)  # the replacement changed the attention
+
+
+def test_the_massive_mask_of_a_padded_batch_is_each_texts_own():
+    """With the attention mask, each row's median |a| is over its real positions: large pads neither hide a massive
+    value nor count as massive; without it, they raise the median and hide it."""
+    from massact.capture.edits import massive_mask
+    from massact.settings import Criterion
+
+    generator = torch.Generator().manual_seed(0)
+    long, short = torch.randn(1, 5, 8, generator=generator), torch.randn(1, 2, 8, generator=generator)
+    long[0, 0, 3], short[0, 1, 3] = 40.0, -40.0
+    batch = torch.full((2, 5, 8), 1000.0)
+    batch[0], batch[1, :2] = long[0], short[0]
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    criterion = Criterion(min_abs=10.0, min_ratio=20.0)
+    mask = massive_mask(batch, 3, criterion, valid)
+    assert mask[0].tolist() == massive_mask(long, 3, criterion)[0].tolist() == [True, False, False, False, False]
+    assert mask[1].tolist() == [False, True, False, False, False] and massive_mask(short, 3, criterion)[0].tolist() == [False, True]
+    assert not massive_mask(batch, 3, criterion)[1].any()  # the pads' median hides it

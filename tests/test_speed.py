@@ -25,7 +25,9 @@ def _full_logits(lm, batch) -> torch.Tensor:
 def test_a_pass_from_its_block_equals_the_full_pass_under_the_same_edit(planted, start):
     windows = eval_windows(planted, EVAL, window=12)  # 6 windows, the last one shorter: batches of 4, 1 and 1
     evaluation = Evaluation(planted, next_token_windows(windows), starts=[start])
-    assert [len(b.ids) for b in evaluation.batches] == [4, 1, 1] and all(start in b.inputs for b in evaluation.batches)
+    assert [len(b.ids) for b in evaluation.batches] == [4, 1, 1] and not any(b.inputs for b in evaluation.batches)
+    assert evaluation.baseline == pytest.approx(perplexity(planted, windows), rel=1e-5)
+    assert all(start in b.inputs for b in evaluation.batches)  # kept by the unmodified pass that gave the baseline
     # Edits strong enough to move every distribution: half the neurons; two dims set wherever they exceed 0.01.
     edits = [lambda: ablate_neurons(planted, start, list(range(0, 256, 2))),
              lambda: replace_massive(planted, start, {DIM: 5.0, 7: -5.0}, Criterion(min_abs=0.01, min_ratio=1e-6))]
@@ -94,3 +96,25 @@ def test_the_scan_hook_keeps_what_a_plain_computation_keeps():
     order = sorted(range(len(real_values)), key=lambda i: (-abs(real_values[i]), real_labels[i]))[:6]
     assert top.items() == [(real_values[i], list(real_labels[i])) for i in order]
     assert [labels for _, labels in top.items()[:3]] == [[0, 0, 1], [1, 0, 1], [2, 0, 1]]
+
+
+def test_within_reused_heap_a_freed_large_block_serves_the_next_without_page_faults():
+    """glibc serves a 64 MiB block by mmap, so each new one faults in its 16,384 pages; under ``reused_heap`` the
+    freed block is kept and the next takes it (the page faults are the process's minor faults)."""
+    import resource
+
+    from massact.capture.heap import _glibc, reused_heap
+
+    if _glibc() is None:
+        pytest.skip("not glibc: reused_heap changes nothing")
+
+    def faults() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2**20).sum()  # 64 MiB written, then freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with reused_heap():
+        faults()
+        inside = faults()
+    outside = faults()
+    assert inside < 1_000 and outside > 10_000, (inside, outside)

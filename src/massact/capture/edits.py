@@ -44,10 +44,16 @@ def set_weight(lm: LoadedModel, matrix: str, index: tuple[int, ...], value: floa
         parameter.data[index] = original
 
 
-def massive_mask(hidden: torch.Tensor, dim: int, criterion: Criterion) -> torch.Tensor:
-    """[batch, positions] True where ``dim`` is massive against the median |a| of that sequence's hidden state."""
-    median = hidden.abs().flatten(1).float().median(dim=1).values.unsqueeze(1)
-    return criterion.is_massive(hidden[..., dim], median)
+def massive_mask(hidden: torch.Tensor, dim: int, criterion: Criterion, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, positions] True where ``dim`` is massive against the median |a| of that sequence's hidden state;
+    with ``valid`` (a padded batch's attention mask, [batch, positions]), over its real positions only."""
+    if valid is None:
+        median = hidden.abs().flatten(1).float().median(dim=1).values
+    else:
+        valid = valid.to(hidden.device).bool()
+        median = torch.stack([row[keep].abs().float().median() for row, keep in zip(hidden, valid)])
+    found = criterion.is_massive(hidden[..., dim], median.unsqueeze(1))
+    return found if valid is None else found & valid
 
 
 @contextmanager
@@ -78,15 +84,16 @@ def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tens
 
 
 def replace_massive(
-    lm: LoadedModel, layer: int, values: dict[int, float], criterion: Criterion
+    lm: LoadedModel, layer: int, values: dict[int, float], criterion: Criterion, valid: torch.Tensor | None = None
 ) -> AbstractContextManager[None]:
     """Where a block's output (the detection stream) is massive, set each dim to ``values[dim]`` (Sun et al.: zero,
-    or its mean). In post-LN blocks that is the residual sum, before the block's last LayerNorm."""
+    or its mean). In post-LN blocks that is the residual sum, before the block's last LayerNorm. ``valid``: the
+    attention mask of a padded batch, so that each text is judged on its own positions, as alone."""
 
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.clone()
         for dim, value in values.items():
-            mask = massive_mask(hidden, dim, criterion)
+            mask = massive_mask(hidden, dim, criterion, valid)
             hidden[..., dim] = torch.where(mask, torch.full_like(hidden[..., dim], value), hidden[..., dim])
         return hidden
 

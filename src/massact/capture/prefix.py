@@ -4,7 +4,7 @@ replaced output) then costs only the blocks from L on, and gives exactly what th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -59,3 +59,20 @@ def run_from(lm: LoadedModel, start: int, block_input: Any) -> Iterator[None]:
                 del block.forward
             else:
                 block.forward = forward
+
+
+@contextmanager
+def head_rows(lm: LoadedModel, rows: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[bool]:
+    """Within the block, the output head (``get_output_embeddings``) is given ``rows(hidden)`` in place of its input
+    [batch, positions, width]: only the positions that are scored pay for the vocabulary-wide product, and the
+    logits come out already selected (a view of them would be copied later). Yields whether the model has such a
+    head; a model that computes its logits some other way gives them whole, which the caller checks by shape."""
+    head = lm.model.get_output_embeddings()
+    if head is None:
+        yield False
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (rows(args[0]), *args[1:]) if args else None)
+    try:
+        yield True
+    finally:
+        handle.remove()

@@ -5,7 +5,7 @@ pass under an intervention at block L runs blocks L onward only (``massact.captu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...capture.hooks import forward_until
-from ...capture.prefix import keep_block_inputs, run_from
+from ...capture.prefix import head_rows, keep_block_inputs, run_from
 from ...models.loading import LoadedModel
 from ..detect.scan import pad_batch
 from ..results import Report
@@ -57,26 +57,48 @@ def batches(lm: LoadedModel, scored: list[Scored], size: int = EVAL_BATCH) -> li
 class Evaluation:
     """Exp of the mean cross-entropy over every labelled position of the evaluation windows: perplexity for a causal
     LM, exp(masked-LM loss) for an encoder. ``score(start)`` measures the model as it is now (under whatever
-    intervention is active) and trusts that nothing before block ``start`` differs from the unmodified model."""
+    intervention is active) and trusts that nothing before block ``start`` differs from the unmodified model.
+
+    Nothing runs at construction: the first ``unmodified()`` pass (the output effects', or the one ``baseline``
+    makes) is the whole model's, and it fills the baseline and every batch's kept block inputs on the way."""
 
     def __init__(self, lm: LoadedModel, scored: list[Scored], starts: Iterable[int] = ()):
         self.lm = lm
+        self.starts = sorted(set(starts))
         self.batches = batches(lm, scored)
         self.positions = sum(int((b.labels != -100).sum()) for b in self.batches)
         self.cache: dict[str, float] = {}  # score per intervention target, for passes shared between stages
-        with keep_block_inputs(lm, starts) as kept:
-            self.baseline_nll = sum(self._nll(batch, 0, kept) for batch in self.batches)
+        self._baseline_nll: float | None = None
+
+    @property
+    def baseline_nll(self) -> float:
+        """Summed cross-entropy of the unmodified model."""
+        if self._baseline_nll is None:
+            for _ in self.unmodified():
+                pass
+        return self._baseline_nll
 
     @property
     def baseline(self) -> float:
         return _exp_mean(self.baseline_nll, self.positions)
 
-    def _nll(self, batch: EvalBatch, start: int, kept: dict[int, Any] | None = None) -> float:
-        log_p, target = self.log_probs(batch, start)
-        if kept is not None:  # the unmodified pass that fills the block inputs
+    def unmodified(self) -> Iterator[tuple[EvalBatch, torch.Tensor, torch.Tensor]]:
+        """Each batch with the unmodified model's log-probabilities and labels there (as ``log_probs``); no
+        intervention may be active while a batch is computed. The first full walk is the whole model's pass, which
+        keeps each batch's start-block inputs and sums the baseline; later walks run from the latest start."""
+        if self._baseline_nll is not None:
+            latest = self.starts[-1] if self.starts else 0
+            for batch in self.batches:
+                yield batch, *self.log_probs(batch, latest)
+            return
+        total = 0.0
+        for batch in self.batches:
+            with keep_block_inputs(self.lm, self.starts) as kept:
+                log_p, target = self.log_probs(batch, 0)
             batch.inputs.update(kept)
-            kept.clear()
-        return float(F.nll_loss(log_p, target, reduction="sum"))
+            total += float(F.nll_loss(log_p, target, reduction="sum"))
+            yield batch, log_p, target
+        self._baseline_nll = total
 
     def block_input(self, batch: EvalBatch, start: int) -> Any:
         """The unmodified output of block start-1 on this batch; a start not asked for at construction is read now,
@@ -88,17 +110,33 @@ class Evaluation:
         return batch.inputs.get(start)
 
     @torch.no_grad()
+    def logits(self, batch: EvalBatch, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [labelled positions, vocab] and the labels there, from one pass that runs blocks ``start`` onward."""
+        keep = batch.labels != -100
+        # The head sees only the labelled positions (every one but the last of a causal window, the masked ones of an
+        # encoder's), as one sequence: the model's output keeps its [batch, positions, vocab] shape.
+        with run_from(self.lm, start, self.block_input(batch, start)), head_rows(self.lm, lambda h: h[keep].unsqueeze(0) if h.shape[:-1] == keep.shape else h):
+            logits = self.lm.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+        labels = batch.labels[keep]
+        if logits.shape[:-1] != keep.shape:  # the head saw only the labelled rows
+            return logits.reshape(len(labels), -1), labels
+        return logits[keep], labels
+
     def log_probs(self, batch: EvalBatch, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities [labelled positions, vocab] (float32) and the labels there, from one pass that runs
         blocks ``start`` onward."""
-        with run_from(self.lm, start, self.block_input(batch, start)):
-            logits = self.lm.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
-        keep = batch.labels != -100
-        return torch.log_softmax(logits[keep].float(), dim=-1), batch.labels[keep]
+        logits, target = self.logits(batch, start)
+        return torch.log_softmax(logits.float(), dim=-1), target
 
     def nll(self, start: int = 0) -> float:
-        """Summed cross-entropy over every labelled position, the model as it is now."""
-        return sum(self._nll(batch, start) for batch in self.batches)
+        """Summed cross-entropy over every labelled position, the model as it is now: log-sum-exp less the label's
+        logit, which reads the logits once and writes no log-probabilities."""
+        total = 0.0
+        for batch in self.batches:
+            logits, target = self.logits(batch, start)
+            logits = logits.float()
+            total += float((torch.logsumexp(logits, dim=-1) - logits.gather(1, target.unsqueeze(1)).squeeze(1)).sum())
+        return total
 
     def score(self, start: int = 0, key: str | None = None) -> float:
         """The model's score as it is now; with ``key`` (the intervention's target), measured once and remembered."""

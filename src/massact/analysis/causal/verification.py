@@ -16,6 +16,7 @@ from ...models.loading import LoadedModel
 from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
 from .embeddings import EmbeddingEvaluation, changes as embedding_changes, claim as embedding_claim
 from .evaluation import Evaluation, evaluation_for
+from ..detect.scan import pad_batch
 from .output_effects import Edit, output_effects
 from ..mechanism.results import Attribution, ExpertAttribution
 from .results import InputDependence, Intervention, OutputEffect, Verification
@@ -23,6 +24,7 @@ from ..results import Report
 
 ABLATE_ALONE = 3  # top neurons ablated one at a time
 MAX_INPUTS = 64  # inputs for the input-dependence pass
+DEPENDENCE_BATCH = 16  # of those inputs per forward pass
 
 
 @dataclass
@@ -271,7 +273,7 @@ def _similar_weight(weight: torch.Tensor, row: int, col: int) -> tuple[int, int,
 
 def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[InputDependence]:
     """Over the scanned texts and the evaluation text's sentences: each dim's value on the first token at its birth
-    block, and every token where it is massive. One forward pass per text and birth block, for all its dims."""
+    block, and every token where it is massive. Forward passes of a few texts each, up to the last birth block."""
     sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", eval_text) if len(s.split()) >= 4]
     texts = ([report.texts[i] for i in sorted(report.texts) if i < MAX_INPUTS] + sentences)[:MAX_INPUTS]
     limit = getattr(lm.model.config, "max_position_embeddings", None) or 4096
@@ -281,18 +283,27 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
     first_massive = dict.fromkeys(dims, 0)
     others = dict.fromkeys(dims, 0)
     births = {d.born_at for d in report.dims}
-    for text in texts:
-        ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit]  # long sentences: their start is enough
+    ids = [lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit] for text in texts]  # long sentences: their start is enough
+    # Per text and dim: its value on the first token and the positions where it is massive, at the dim's birth block.
+    read: list[dict[int, tuple[float, list[int]]]] = [{} for _ in texts]
+    by_length = sorted(range(len(ids)), key=lambda i: ids[i].shape[1])  # texts of like length together: little padding
+    for start in range(0, len(ids), DEPENDENCE_BATCH):
+        group = by_length[start:start + DEPENDENCE_BATCH]
+        batch, mask = pad_batch([ids[i] for i in group])  # right padding: every real token is computed as alone
         kept: dict[int, torch.Tensor] = {}
         with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in births], lambda l, s, h: kept.__setitem__(l, h.detach().float())):
-            forward_until(lm.model, lm.adapter, max(births), input_ids=ids.to(lm.device), use_cache=False)
-        for summary in report.dims:
-            hidden, dim = kept[summary.born_at], summary.dim
-            first[dim].append(float(hidden[0, 0, dim]))
-            mask = massive_mask(hidden, dim, report.criterion)[0]
-            first_massive[dim] += bool(mask[0])
-            for position in mask.nonzero().flatten().tolist():
-                carriers[dim][lm.tokenizer.decode([int(ids[0, position])])] += 1
+            forward_until(lm.model, lm.adapter, max(births), input_ids=batch.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        for row, index in enumerate(group):
+            for summary in report.dims:
+                hidden = kept[summary.born_at][row:row + 1, :ids[index].shape[1]]
+                massive = massive_mask(hidden, summary.dim, report.criterion)[0]
+                read[index][summary.dim] = float(hidden[0, 0, summary.dim]), massive.nonzero().flatten().tolist()
+    for one, found in zip(ids, read):  # in the texts' order, so that tied carriers keep their order
+        for dim, (value, positions) in found.items():
+            first[dim].append(value)
+            first_massive[dim] += 0 in positions
+            for position in positions:
+                carriers[dim][lm.tokenizer.decode([int(one[0, position])])] += 1
                 others[dim] += position > 0
     found = []
     for summary in report.dims:

@@ -13,6 +13,7 @@ import torch
 
 from ...models.loading import LoadedModel
 from ...capture.edits import replace_massive
+from ..detect.scan import pad_batch
 from .results import AttentionSinks, SinkIntervention, SinkToken
 from ..results import Report
 
@@ -21,6 +22,7 @@ SINK_EPSILON = 0.3  # Gu et al. 2024: a head is a sink head when its average att
 NOOP_ATTENTION = 0.5  # a no-op head puts at least half its attention on the sink ...
 NOOP_VALUE = 0.5  # ... whose value vectors are under half the median value norm of the other tokens
 SINK_TEXTS = 64  # texts in each attention pass
+SINK_BATCH = 8  # of those texts per forward pass
 
 
 @contextmanager
@@ -147,11 +149,13 @@ class SinkPass:
 @torch.no_grad()
 def attention_and_values(
     lm: LoadedModel, input_ids: torch.Tensor, context: Callable[[], AbstractContextManager] = nullcontext,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], dict[int, torch.Tensor]]:
-    """One forward pass with eager attention (under ``context``, e.g. an intervention): every block's attention
-    probabilities [1, heads, queries, keys], and its value vectors [positions, query heads, head_dim] read at the
-    family's value projection (grouped-query attention: each query head gets its key/value head's values; empty
-    where the family is not covered)."""
+    """One forward pass over ``input_ids`` [batch, positions] with eager attention (under ``context``, e.g. an
+    intervention): every block's attention probabilities [batch, heads, queries, keys], and its value vectors
+    [batch, positions, query heads, head_dim] read at the family's value projection (grouped-query attention: each
+    query head gets its key/value head's values; empty where the family is not covered). With right padding
+    (``attention_mask``) each text's rows and columns up to its length are what it gives alone."""
     source = _VALUES.get(lm.adapter.family)
     config = lm.model.config
     heads = config.num_attention_heads
@@ -163,42 +167,51 @@ def attention_and_values(
         for layer in range(len(lm.adapter.blocks(lm.model))):
             module = lm.adapter.module(lm.model, layer, path)
             handles.append(module.register_forward_hook(
-                lambda m, args, output, layer=layer: values.__setitem__(layer, cut(output[0].detach(), heads, kv))))
+                lambda m, args, output, layer=layer: values.__setitem__(layer, cut(output.detach(), heads, kv))))
+    mask = None if attention_mask is None else attention_mask.to(lm.device)
     try:
         with eager_attention(lm), context():
-            attentions = lm.model(input_ids=input_ids.to(lm.device), output_attentions=True, use_cache=False).attentions
+            attentions = lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask, output_attentions=True, use_cache=False).attentions
     finally:
         for handle in handles:
             handle.remove()
-    for layer, flat in values.items():  # [positions, kv x head_dim] -> [positions, query heads, head_dim]
-        values[layer] = flat.view(flat.shape[0], kv, -1).repeat_interleave(heads // kv, dim=1)
+    for layer, flat in values.items():  # [batch, positions, kv x head_dim] -> [batch, positions, query heads, head_dim]
+        values[layer] = flat.view(*flat.shape[:2], kv, -1).repeat_interleave(heads // kv, dim=2)
     return attentions, values
 
 
 @torch.no_grad()
 def sink_pass(
     lm: LoadedModel, inputs: dict[int, torch.Tensor], sinks: dict[int, list[int]], epsilon: float,
-    context: Callable[[], AbstractContextManager] = nullcontext,
+    context: Callable[[torch.Tensor | None], AbstractContextManager] = lambda valid: nullcontext(),
 ) -> SinkPass | None:
-    """The ``head_metrics`` of every block over the texts (``sinks``: text -> its sink positions), one forward pass
-    per text. None when no text has a query that sees a sink."""
+    """The ``head_metrics`` of every block over the texts (``sinks``: text -> its sink positions), SINK_BATCH texts
+    per forward pass (``context(attention mask)``: the intervention for one such pass). None when no text has a
+    query that sees a sink."""
     causal = not lm.adapter.encoder
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, torch.Tensor] = {}
     above, counted = None, 0
-    for text, positions in sinks.items():
-        attentions, values = attention_and_values(lm, inputs[text], context)
-        metrics = [head_metrics(attention[0], values.get(layer), positions, causal) for layer, attention in enumerate(attentions)]
-        share = torch.stack([m["share"] for m in metrics])
-        if torch.isnan(share).any():
-            continue
-        counted += 1
-        above = (share > epsilon).float() if above is None else above + (share > epsilon).float()
-        for key in ("share", "uniform", "value_ratio", "output_share"):
-            stacked = torch.stack([m[key] for m in metrics])
-            valid = ~torch.isnan(stacked)
-            sums[key] = sums.get(key, 0) + torch.where(valid, stacked, 0.0)
-            counts[key] = counts.get(key, 0) + valid.float()
+    texts = list(sinks)
+    for start in range(0, len(texts), SINK_BATCH):
+        group = texts[start:start + SINK_BATCH]
+        ids, mask = pad_batch([inputs[text] for text in group])
+        valid = mask if len(group) > 1 else None
+        attentions, values = attention_and_values(lm, ids, lambda: context(valid), valid)
+        for row, text in enumerate(group):
+            n = inputs[text].shape[1]
+            metrics = [head_metrics(attention[row, :, :n, :n], values[layer][row, :n] if layer in values else None, sinks[text], causal)
+                       for layer, attention in enumerate(attentions)]
+            share = torch.stack([m["share"] for m in metrics])
+            if torch.isnan(share).any():
+                continue
+            counted += 1
+            above = (share > epsilon).float() if above is None else above + (share > epsilon).float()
+            for key in ("share", "uniform", "value_ratio", "output_share"):
+                stacked = torch.stack([m[key] for m in metrics])
+                ok = ~torch.isnan(stacked)
+                sums[key] = sums.get(key, 0) + torch.where(ok, stacked, 0.0)
+                counts[key] = counts.get(key, 0) + ok.float()
     if not counted:
         return None
     mean = {key: sums[key] / counts[key] for key in sums}  # NaN where no text gave a value
@@ -245,10 +258,10 @@ def sink_analysis(
     found_blocks = sink_blocks(base.rate)
     changed = []
     for label, by_block in (replacements or {}).items():
-        def context(by_block=by_block) -> AbstractContextManager:
+        def context(valid: torch.Tensor | None, by_block=by_block) -> AbstractContextManager:
             stack = ExitStack()
             for layer, dims in by_block.items():
-                stack.enter_context(replace_massive(lm, layer, dims, report.criterion))
+                stack.enter_context(replace_massive(lm, layer, dims, report.criterion, valid))
             return stack
 
         under = sink_pass(lm, inputs, sinks, epsilon, context)
