@@ -35,6 +35,7 @@ def test_a_pass_from_its_block_equals_the_full_pass_under_the_same_edit(planted,
         for batch in evaluation.batches:
             with edit():
                 fast, labels = evaluation.log_probs(batch, start)
+                fast = fast.clone()  # the next call writes over its memory
                 full = _full_logits(planted, batch)
             assert torch.equal(labels, batch.labels[batch.labels != -100])
             torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
@@ -97,24 +98,3 @@ def test_the_scan_hook_keeps_what_a_plain_computation_keeps():
     assert top.items() == [(real_values[i], list(real_labels[i])) for i in order]
     assert [labels for _, labels in top.items()[:3]] == [[0, 0, 1], [1, 0, 1], [2, 0, 1]]
 
-
-def test_within_reused_heap_a_freed_large_block_serves_the_next_without_page_faults():
-    """glibc serves a 64 MiB block by mmap, so each new one faults in its 16,384 pages; under ``reused_heap`` the
-    freed block is kept and the next takes it (the page faults are the process's minor faults)."""
-    import resource
-
-    from massact.capture.heap import _glibc, reused_heap
-
-    if _glibc() is None:
-        pytest.skip("not glibc: reused_heap changes nothing")
-
-    def faults() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(16 * 2**20).sum()  # 64 MiB written, then freed
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    with reused_heap():
-        faults()
-        inside = faults()
-    outside = faults()
-    assert inside < 1_000 and outside > 10_000, (inside, outside)

@@ -29,7 +29,6 @@ from .analysis.mechanism.explain import birth_state, explain, pick_events, token
 from .analysis.mechanism.lifeline import lifelines
 from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
 from .analysis.trigger.trigger import triggers
-from .capture.heap import reused_heap
 from .errors import UsageError
 from .models.adapters.base import weight_out_in
 from .models.loading import LoadedModel, load, wrap
@@ -182,12 +181,11 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
         return
     source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
     text = eval_text or default_eval_text()
-    with reused_heap():  # the scored passes' logits are large: reuse their memory (capture/heap.py)
-        evaluation = evaluation_for(lm, report, text)  # one scoring, its passes shared by the interventions and super weights
-        report.verification = verify_report(lm, report, inputs, text, source, progress("interventions", None), evaluation)
-        report.attention = sink_analysis(lm, report, inputs, settings.sink_epsilon, replacement_values(report))
-        report.super_weights = all_super_weights(lm, report, inputs, text, settings.super_weight_steps,
-                                                 progress("super weights, zeroed one by one", None), evaluation)
+    evaluation = evaluation_for(lm, report, text)  # one scoring, its passes shared by the interventions and super weights
+    report.verification = verify_report(lm, report, inputs, text, source, progress("interventions", None), evaluation)
+    report.attention = sink_analysis(lm, report, inputs, settings.sink_epsilon, replacement_values(report))
+    report.super_weights = all_super_weights(lm, report, inputs, text, settings.super_weight_steps,
+                                             progress("super weights, zeroed one by one", None), evaluation)
 
 
 def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_text: str | None, progress: Progress) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...capture.hooks import forward_until
-from ...capture.prefix import head_rows, keep_block_inputs, run_from
+from ...capture.prefix import Scratch, head_rows, keep_block_inputs, run_from
 from ...models.loading import LoadedModel
 from ..detect.scan import pad_batch
 from ..results import Report
@@ -22,6 +22,7 @@ from .mlm import Scored, masked_windows, next_token_windows
 from .perplexity import eval_windows
 
 EVAL_BATCH = 4  # windows per forward pass: 4 x 256 tokens keep the logits of a batch near 200 MB for a 49k vocabulary
+ROWS = 128  # positions reduced at a time over the vocabulary: one piece (25 MB for 49k) stays in cache
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Evaluation:
         self.positions = sum(int((b.labels != -100).sum()) for b in self.batches)
         self.cache: dict[str, float] = {}  # score per intervention target, for passes shared between stages
         self._baseline_nll: float | None = None
+        self.scratch = Scratch()  # every pass's logits (and the unmodified log-probabilities) in the same memory
 
     @property
     def baseline_nll(self) -> float:
@@ -111,11 +113,12 @@ class Evaluation:
 
     @torch.no_grad()
     def logits(self, batch: EvalBatch, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [labelled positions, vocab] and the labels there, from one pass that runs blocks ``start`` onward."""
+        """Logits [labelled positions, vocab] and the labels there, from one pass that runs blocks ``start`` onward.
+        The logits may live in memory the next pass writes over: use them before."""
         keep = batch.labels != -100
         # The head sees only the labelled positions (every one but the last of a causal window, the masked ones of an
         # encoder's), as one sequence: the model's output keeps its [batch, positions, vocab] shape.
-        with run_from(self.lm, start, self.block_input(batch, start)), head_rows(self.lm, lambda h: h[keep].unsqueeze(0) if h.shape[:-1] == keep.shape else h):
+        with run_from(self.lm, start, self.block_input(batch, start)), head_rows(self.lm, lambda h: h[keep].unsqueeze(0) if h.shape[:-1] == keep.shape else h, self.scratch):
             logits = self.lm.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
         labels = batch.labels[keep]
         if logits.shape[:-1] != keep.shape:  # the head saw only the labelled rows
@@ -124,9 +127,10 @@ class Evaluation:
 
     def log_probs(self, batch: EvalBatch, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities [labelled positions, vocab] (float32) and the labels there, from one pass that runs
-        blocks ``start`` onward."""
+        blocks ``start`` onward. They live in scratch memory the next call writes over: use them (or copy) before."""
         logits, target = self.logits(batch, start)
-        return torch.log_softmax(logits.float(), dim=-1), target
+        logits = logits.float()
+        return torch.log_softmax(logits, dim=-1, out=self.scratch.take("log_p", logits.shape, logits)), target
 
     def nll(self, start: int = 0) -> float:
         """Summed cross-entropy over every labelled position, the model as it is now: log-sum-exp less the label's
@@ -134,8 +138,9 @@ class Evaluation:
         total = 0.0
         for batch in self.batches:
             logits, target = self.logits(batch, start)
-            logits = logits.float()
-            total += float((torch.logsumexp(logits, dim=-1) - logits.gather(1, target.unsqueeze(1)).squeeze(1)).sum())
+            for rows in range(0, len(target), ROWS):  # a piece at a time: log-sum-exp's temporaries stay small
+                piece, labels = logits[rows:rows + ROWS].float(), target[rows:rows + ROWS]
+                total += float((torch.logsumexp(piece, dim=-1) - piece.gather(1, labels.unsqueeze(1)).squeeze(1)).sum())
         return total
 
     def score(self, start: int = 0, key: str | None = None) -> float:

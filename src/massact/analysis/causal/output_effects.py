@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ...models.loading import LoadedModel
-from .evaluation import Evaluation
+from .evaluation import ROWS, Evaluation
 from .results import OutputEffect, TokenShift
 
 TOP_TOKENS = 5
@@ -70,21 +70,27 @@ class _Sums:
         self.stop = 0.0
         self.punct = 0.0
 
-    def add(self, log_p: torch.Tensor, target: torch.Tensor, classes: torch.Tensor,
-            base: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """One batch: its log-probabilities [positions, vocab], labels, the stopword and punctuation masks as the
-        columns of a float matrix [vocab, 2], and (for an intervention) the unmodified log-probabilities and
-        probabilities. Each float is read from memory as few times as can be: the logits of a batch are large."""
-        p = log_p.exp()
-        # One batch's column sums are exact enough in float32 (a few thousand terms below 1); the run's in float64.
-        self.probability += p.sum(0)
-        self.nll -= float(log_p.gather(1, target.unsqueeze(1)).sum())
-        stop, punct = (p @ classes).sum(0).tolist()
-        self.stop += stop
-        self.punct += punct
-        if base is not None:  # KL(unmodified || intervened) = sum p_base (log p_base - log p_int)
-            base_log_p, base_p = base
-            self.kl += float((base_p * (base_log_p - log_p)).sum())  # sum(), not a dot: its float32 drifts by 1e-4
+    def add(self, scores: torch.Tensor, target: torch.Tensor, classes: torch.Tensor,
+            base: tuple[torch.Tensor, torch.Tensor] | None = None, normalized: bool = False) -> None:
+        """One batch: its logits [positions, vocab] (``normalized``: its log-probabilities), labels, the stopword
+        and punctuation masks as the columns of a float matrix [vocab, 2], and (for an intervention) the unmodified
+        log-probabilities and probabilities.
+
+        The batch goes ROWS positions at a time: each piece's log-probabilities are made and used while they are
+        in cache, where the whole batch's (hundreds of MB) would be written out and read back for each sum."""
+        for first in range(0, len(target), ROWS):
+            rows = slice(first, first + ROWS)
+            log_p = scores[rows] if normalized else torch.log_softmax(scores[rows].float(), dim=-1)
+            p = log_p.exp()
+            # A piece's column sums are exact enough in float32 (at most ROWS terms below 1); the run's in float64.
+            self.probability += p.sum(0)
+            self.nll -= float(log_p.gather(1, target[rows].unsqueeze(1)).sum())
+            stop, punct = (p @ classes).sum(0).tolist()
+            self.stop += stop
+            self.punct += punct
+            if base is not None:  # KL(unmodified || intervened) = sum p_base (log p_base - log p_int)
+                base_log_p, base_p = base[0][rows], base[1][rows]
+                self.kl += float((base_p * (base_log_p - log_p)).sum())  # sum(), not a dot: its float32 drifts by 1e-4
 
 
 @torch.no_grad()
@@ -104,12 +110,12 @@ def output_effects(lm: LoadedModel, evaluation: Evaluation, interventions: list[
             words, stop, punct = token_classes(lm, vocab)
             classes = torch.stack([stop, punct], dim=1).to(device=device, dtype=base_log_p.dtype)
             base, sums = _Sums(vocab, device), [_Sums(vocab, device) for _ in interventions]
-        base.add(base_log_p, target, classes, None)
-        unmodified = (base_log_p, base_log_p.exp())
+        base.add(base_log_p, target, classes, normalized=True)
+        unmodified = (base_log_p, torch.exp(base_log_p, out=evaluation.scratch.take("p", base_log_p.shape, base_log_p)))
         for edit, running in zip(interventions, sums):
             with edit.context():
-                log_p, _ = evaluation.log_probs(batch, edit.start)
-            running.add(log_p, target, classes, unmodified)
+                logits, _ = evaluation.logits(batch, edit.start)
+            running.add(logits, target, classes, unmodified)
         positions += len(target)
     before = base.probability / positions
     effects = []
