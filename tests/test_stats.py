@@ -35,3 +35,17 @@ def test_topk_keeps_largest_magnitudes_with_labels():
     other.update(torch.tensor([5.0, -0.5]), torch.tensor([[3], [4]]))
     top.merge(other)
     assert top.items() == [(-9.0, [1]), (5.0, [3]), (2.0, [2])]
+
+
+def test_a_single_value_is_reported_within_half_a_bin():
+    """The bin comes from the float's bits: one value's sketch reports the middle of the bin holding it, so within
+    rel_error of it, across the octaves; values outside the range go to the end bins."""
+    generator = torch.Generator().manual_seed(2)
+    values = (torch.rand(2000, generator=generator) * 60 - 30).exp2()  # 2**-30 .. 2**30
+    for value in values.tolist():
+        sketch = LogHistogram()
+        sketch.update(torch.tensor([value, -value]))
+        assert abs(sketch.quantile(0.5) - value) / value <= sketch.rel_error
+    edges = LogHistogram()
+    edges.update(torch.tensor([0.0, 2.0**-40, float("inf"), float("nan")]))
+    assert edges.counts[0] == 2 and edges.counts[-1] == 2 and edges.total == 4

@@ -14,19 +14,23 @@ import torch
 class LogHistogram:
     """Counts of |a| in log-spaced bins: a quantile sketch whose answer is within ``rel_error`` of a true sample.
 
-    Bins cover [2**lo, 2**hi) (about 1e-10 to 1e10 with the defaults) evenly in log2; values below (zeros included)
-    fall in the first bin, values above in the last. Inside the range, the reported quantile is the geometric middle
-    of its bin, so it is off by at most half a bin: ``rel_error = 2 ** (width / 2) - 1`` (0.29% with the defaults).
+    A bin is the float32's exponent and its ``mantissa_bits`` leading mantissa bits: each octave [2**e, 2**(e+1))
+    is cut into 2**mantissa_bits equal bins, read straight from the bits (integer work, the same on every device).
+    Octaves cover [2**lo, 2**hi) (about 1e-10 to 1e10 with the defaults); values below (zeros included) fall in
+    the first bin, values above (inf, NaN) in the last. Inside the range, the reported quantile is the middle of its
+    bin, so it is off by at most half a bin: ``rel_error = 2 ** -(mantissa_bits + 1)`` (0.2% with the defaults).
     """
 
-    def __init__(self, lo: float = -34.0, hi: float = 34.0, bins: int = 8192, device: torch.device | str = "cpu"):
-        self.lo, self.hi, self.bins = lo, hi, bins
-        self.width = (hi - lo) / bins
-        self.counts = torch.zeros(bins, dtype=torch.float64, device=device)
+    def __init__(self, lo: int = -34, hi: int = 34, mantissa_bits: int = 8, device: torch.device | str = "cpu"):
+        self.lo, self.hi, self.mantissa_bits = lo, hi, mantissa_bits
+        self.shift = 23 - mantissa_bits  # float32: 23 mantissa bits below the exponent
+        self.first = (lo + 127) << mantissa_bits  # the shifted bits of 2**lo (exponent bias 127)
+        self.bins = (hi - lo) << mantissa_bits
+        self.counts = torch.zeros(self.bins, dtype=torch.float64, device=device)
 
     @property
     def rel_error(self) -> float:
-        return 2 ** (self.width / 2) - 1
+        return 2.0 ** -(self.mantissa_bits + 1)
 
     @property
     def total(self) -> int:
@@ -40,9 +44,8 @@ class LogHistogram:
         """Count every |a| of ``magnitude``, except ``padding`` entries the caller set to a negative number: they fall
         in the first bin and are taken off it again (cheaper than selecting the real values first)."""
         # .to(): with a device map the blocks, and so the values, may sit on other devices than the counts.
-        logs = magnitude.to(self.counts.device).float().clamp_min(2.0**self.lo)
-        logs.log2_()  # log2: several times cheaper than log10 on CPU; in place, as below: one buffer for the whole step
-        index = logs.sub_(self.lo).mul_(1 / self.width).long().clamp_(0, self.bins - 1).flatten()
+        bits = magnitude.to(self.counts.device).float().contiguous().view(torch.int32)
+        index = (bits >> self.shift).sub_(self.first).clamp_(0, self.bins - 1).flatten()  # negatives (pads): bin 0
         found = torch.bincount(index, minlength=self.bins)
         found[0] -= padding
         self.counts += found
@@ -57,7 +60,8 @@ class LogHistogram:
             return math.nan
         cumulative = self.counts.cumsum(0)
         index = int(torch.searchsorted(cumulative, q * total).clamp_max(self.bins - 1).item())
-        return 2 ** (self.lo + (index + 0.5) * self.width)
+        octave, step = divmod(index, 1 << self.mantissa_bits)
+        return 2.0 ** (self.lo + octave) * (1 + (step + 0.5) / (1 << self.mantissa_bits))
 
 
 def top_order(magnitude: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

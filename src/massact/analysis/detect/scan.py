@@ -129,10 +129,16 @@ def record_block(hidden: torch.Tensor, texts: torch.Tensor, pads: torch.Tensor, 
     keeps go on to it (after the first batches, a few per block)."""
     _, length, width = hidden.shape
     magnitude = hidden.detach().float().abs()
-    magnitude.view(-1, width)[pads.to(magnitude.device)] = -1.0  # pads at -1: below every real |a|, and not counted
+    rows = magnitude.view(-1, width)
+    rows[pads.to(magnitude.device)] = -1.0  # pads at -1: below every real |a|, and not counted
     histogram.add_magnitudes(magnitude, padding=len(pads) * width)
     flat = magnitude.view(-1)
-    chosen = (float_bits(flat) >= top.floor()).nonzero().flatten()  # bits, so NaN and inf pass (overflow is seen below)
+    # Compared as bits, so NaN and inf pass (overflow is seen below). Each position's largest |a| first: only the
+    # few positions holding one at the floor are searched entry by entry (a search of every entry cost more).
+    floor = top.floor()
+    hot = (float_bits(rows.amax(dim=1)) >= floor).nonzero().flatten()
+    found = (float_bits(rows[hot]) >= floor).nonzero()
+    chosen = hot[found[:, 0]] * width + found[:, 1]  # flat indices, ascending
     if len(chosen) > top.k:  # ties go to the smaller flat index, i.e. the smaller (text, position, dim): TopK's order
         chosen = chosen[top_flat(flat[chosen], top.k)]
     if len(chosen):
