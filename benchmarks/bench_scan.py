@@ -37,7 +37,8 @@ def corpus(multiple: int) -> Iterator[str]:
         yield from sentences
 
 
-OPTIONS = {"device": "cpu", "random_weights": None, "quick": False}  # set from the command line, passed on to every subprocess
+# Set from the command line; device and random weights are passed on to every subprocess.
+OPTIONS = {"device": "cpu", "random_weights": None, "quick": False, "no_memory": False, "repeats": 2}
 
 
 def load(which: str):
@@ -122,7 +123,7 @@ def main() -> None:
     for which in models:
         # Interleaved repeats, the fastest of each kept: on a shared machine the load changes during a run.
         repeats = [{mode: measure(mode, which, 1 if OPTIONS["quick"] else 4) for mode in ("forward", "massact", "naive")}
-                   for _ in range(1 if OPTIONS["quick"] else 2)]
+                   for _ in range(1 if OPTIONS["quick"] else OPTIONS["repeats"])]
         base = {mode: min((r[mode] for r in repeats), key=lambda m: m["seconds"]) for mode in repeats[0]}
         floor = base["forward"]["seconds"]
         for mode, result in base.items():
@@ -132,6 +133,8 @@ def main() -> None:
     print("| model | way | texts | tokens | seconds | x plain forward | peak RSS MiB | peak GPU MiB |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if OPTIONS["no_memory"]:
+        return
     print()
     print("| model | corpus | texts | massact seconds | massact peak RSS MiB | massact peak GPU MiB | naive peak RSS MiB | naive peak GPU MiB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -152,8 +155,11 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--random-weights", help="a directory with the default model's config.json and tokenizer")
     parser.add_argument("--quick", action="store_true", help="the tiny model only, one repeat: checks the script")
+    parser.add_argument("--no-memory", action="store_true", help="the speed table only, not the corpus-size memory rows")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each way, the fastest kept (default 2)")
     args = parser.parse_args()
-    OPTIONS.update(device=args.device, random_weights=args.random_weights, quick=args.quick)
+    OPTIONS.update(device=args.device, random_weights=args.random_weights, quick=args.quick, no_memory=args.no_memory,
+                   repeats=args.repeats)
     if args.one:
         print(json.dumps(one(args.one[0], args.one[1], int(args.one[2]))))
     else:
