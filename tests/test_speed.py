@@ -2,6 +2,8 @@
 full pass under the same edit, batched evaluation windows equal one window at a time, a pass stopped after a block
 reads what the full pass reads there."""
 
+import math
+
 import pytest
 import torch
 
@@ -71,30 +73,38 @@ def test_a_pass_stopped_after_a_block_reads_what_the_full_pass_reads(planted):
     assert read_coordinate(planted, ids, [0, LAYER], 0, DIM)[LAYER] == float(seen["full"][LAYER][0, 0, DIM])
 
 
-def test_the_scan_hook_keeps_what_a_plain_computation_keeps():
-    """``record_block`` (|a| once, pads off the first bin, only entries at the top-k's floor go on) against the plain
-    way: every real entry of every batch, one histogram and one sort by (|a| desc, text, position, dim)."""
-    from massact.analysis.detect.scan import record_block
-    from massact.capture.stats import LogHistogram, TopK
+@pytest.mark.parametrize("group_bytes", [1, 2**20])
+def test_the_scan_recorder_keeps_what_a_plain_computation_keeps(group_bytes):
+    """``BlockRecorder`` (block outputs reduced a group at a time; pads off the first bin; only entries at the top-k's
+    floor go on) against the plain way: every real entry of every batch, one histogram and one sort by (|a| desc,
+    text, position, dim) per block. Groups of one block and of all blocks; NaN and inf among the values."""
+    from massact.capture import blocks
+    from massact.capture.stats import LogHistogram
 
     generator = torch.Generator().manual_seed(0)
-    histogram, top = LogHistogram(), TopK(6)
-    real_values, real_labels = [], []
-    for first in (0, 3, 6):  # three batches of 3 windows, 5 positions, 4 dims; the last rows are padding
-        hidden = torch.randn(3, 5, 4, generator=generator).round(decimals=1)  # rounding makes ties
-        hidden[:, 0, 1] = 9.0  # the same value at every window's first position: ties across batches
+    recorder = blocks.BlockRecorder(n_layers=2, candidates=6, device="cpu", group_bytes=group_bytes)
+    real: dict[int, list] = {0: [], 1: []}
+    for first in (0, 3, 6, 9):  # four batches of 3 windows, 5 positions, 4 dims; the last rows are padding
         lengths = [5, 3, 4]
         pads = torch.tensor([row * 5 + p for row, n in enumerate(lengths) for p in range(n, 5)])
-        record_block(hidden, torch.arange(first, first + 3), pads, histogram, top)
-        for row, n in enumerate(lengths):
-            for position in range(n):
-                for dim in range(4):
-                    real_values.append(float(hidden[row, position, dim]))
-                    real_labels.append((first + row, position, dim))
-    plain = LogHistogram()
-    plain.update(torch.tensor(real_values))
-    assert torch.equal(histogram.counts, plain.counts)
-    order = sorted(range(len(real_values)), key=lambda i: (-abs(real_values[i]), real_labels[i]))[:6]
-    assert top.items() == [(real_values[i], list(real_labels[i])) for i in order]
-    assert [labels for _, labels in top.items()[:3]] == [[0, 0, 1], [1, 0, 1], [2, 0, 1]]
+        recorder.start(torch.arange(first, first + 3), pads, 5)
+        for layer in range(2):
+            hidden = torch.randn(3, 5, 4, generator=generator).round(decimals=1)  # rounding makes ties
+            hidden[:, 0, 1] = 9.0 * (layer + 1)  # the same value at every window's first position: ties across batches
+            hidden[0, 1, 2] = -9.0 * (layer + 1)
+            if first == 6:
+                hidden[1, 2, 3], hidden[2, 3, 0] = float("inf"), float("nan")
+            recorder.add(layer, hidden)
+            real[layer] += [(float(hidden[row, position, dim]), (first + row, position, dim))
+                            for row, n in enumerate(lengths) for position in range(n) for dim in range(4)]
+        recorder.finish()
+    histograms, tops = recorder.sync()
+    for layer in range(2):
+        plain = LogHistogram()
+        plain.update(torch.tensor([value for value, _ in real[layer]]))
+        assert torch.equal(histograms[layer].counts, plain.counts)
+        order = sorted(real[layer], key=lambda entry: (not math.isnan(entry[0]), -abs(entry[0]), entry[1]))  # NaN first
+        kept = tops[layer].items()
+        assert [labels for _, labels in kept] == [list(labels) for _, labels in order[:6]]
+        assert math.isnan(kept[0][0]) and kept[1][0] == math.inf and kept[2][0] == 9.0 * (layer + 1)
 

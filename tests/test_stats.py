@@ -38,14 +38,22 @@ def test_topk_keeps_largest_magnitudes_with_labels():
 
 
 def test_a_single_value_is_reported_within_half_a_bin():
-    """The bin comes from the float's bits: one value's sketch reports the middle of the bin holding it, so within
-    rel_error of it, across the octaves; values outside the range go to the end bins."""
+    """A value's bin is its float16: one value's sketch reports that float16, within rel_error of the value across
+    the normal float16 range and within error_at below it; zero and what rounds to zero go to bin 0, what passes
+    65504 to inf, NaN above it."""
     generator = torch.Generator().manual_seed(2)
-    values = (torch.rand(2000, generator=generator) * 60 - 30).exp2()  # 2**-30 .. 2**30
+    values = (torch.rand(2000, generator=generator) * 29 - 14).exp2()  # 2**-14 .. 2**15: the normal range
     for value in values.tolist():
         sketch = LogHistogram()
         sketch.update(torch.tensor([value, -value]))
         assert abs(sketch.quantile(0.5) - value) / value <= sketch.rel_error
+    for value in (3e-5, 1e-6, 2e-7):  # subnormal float16: steps of 2**-24
+        sketch = LogHistogram()
+        sketch.update(torch.tensor([value]))
+        error = abs(sketch.quantile(0.5) - value) / value
+        assert error <= LogHistogram.error_at(sketch.quantile(0.5)) * 1.0001
     edges = LogHistogram()
-    edges.update(torch.tensor([0.0, 2.0**-40, float("inf"), float("nan")]))
-    assert edges.counts[0] == 2 and edges.counts[-1] == 2 and edges.total == 4
+    edges.update(torch.tensor([0.0, 2.0**-40, 1e6, float("inf"), float("nan")]))
+    inf = int(torch.tensor(float("inf"), dtype=torch.float16).view(torch.int16))
+    assert edges.counts[0] == 2 and edges.counts[inf] == 2 and edges.counts[inf + 1 :].sum() == 1 and edges.total == 5
+    assert LogHistogram.error_at(1.0) == LogHistogram.rel_error == 2.0**-11

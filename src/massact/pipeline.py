@@ -29,6 +29,7 @@ from .analysis.mechanism.explain import birth_state, explain, pick_events, token
 from .analysis.mechanism.lifeline import lifelines
 from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
 from .analysis.trigger.trigger import triggers
+from .capture.stats import LogHistogram
 from .errors import UsageError
 from .models.adapters.base import weight_out_in
 from .models.loading import LoadedModel, load, wrap
@@ -132,7 +133,8 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
     wanted = {int(t) for top in layer_scan.tops if top.labels is not None for t in top.labels[:, 0].tolist()}
     texts, inputs, tokens = collect(lm, corpus, settings.max_length, wanted | set(range(MAX_INPUTS)))
     criterion = settings.criterion
-    criterion.median_rel_error = layer_scan.histograms[0].rel_error
+    # The sketch's bound at the medians found: 2**-11 unless one lies below float16's normal range.
+    criterion.median_rel_error = max([LogHistogram.error_at(m) for m in layer_scan.medians() if m > 0], default=LogHistogram.rel_error)
     layers = layer_stats(layer_scan, tokens, settings.top_k)
     massive = detect(layer_scan, tokens, criterion)
     warnings = _scan_warnings(layer_scan, massive)

@@ -43,7 +43,7 @@ def header(report: Report, plain: bool) -> list:
             f"{m.n_heads} heads, {'gated' if m.gated else 'plain'} MLP, {m.dtype} on {m.device}\n"
             f"Measured in: {_STREAMS[m.stream]}.{' Blocks: ' + m.notes + '.' if m.notes else ''}\n"
             f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), {report.corpus.tokens} tokens. Massive: |a| >= {c.min_abs:g} "
-            f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.1%})."
+            f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.2%})."
         ),
     ]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ...capture.hooks import tap
-from ...capture.stats import LogHistogram, TopK, float_bits, top_flat
+from ...capture.blocks import BlockRecorder
+from ...capture.stats import LogHistogram, TopK
 from ...errors import UsageError
 from ...models.loading import LoadedModel
 from ...settings import Criterion
@@ -59,7 +60,7 @@ def scan_layers(
     identity: str = "",
 ) -> LayerScan:
     """Batched forward passes over ``windows`` (token ids [1, n] each, consumed lazily: memory does not grow with the
-    corpus); hooks on every block's resid_out keep only a histogram and a top-k, on device. Padding positions never
+    corpus); hooks on every block's resid_out feed a ``BlockRecorder``: a histogram and a top-k per block, on device. Padding positions never
     enter a statistic. Labels name a window by its index in ``windows``.
 
     With ``checkpoint``, the merged state is written there (atomically) every ``every`` batches and removed at the
@@ -69,32 +70,28 @@ def scan_layers(
     world-th window and the statistics are merged with torch.distributed collectives.
     """
     n_layers = len(lm.adapter.blocks(lm.model))
-    histograms = [LogHistogram(device=lm.device) for _ in range(n_layers)]
-    tops = [TopK(candidates) for _ in range(n_layers)]
+    recorder = BlockRecorder(n_layers, candidates, lm.device)
     rank, world = distributed_rank()
     if world > 1 and checkpoint is not None:
         checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}-of-{world}")
     start, saved_fingerprint = 0, None
     if checkpoint is not None and resume and checkpoint.is_file():
-        start, saved_fingerprint = _load_state(checkpoint, histograms, tops, identity)
+        start, saved_fingerprint = _load_state(checkpoint, recorder.histograms, recorder.tops, identity)
     # Of the identity, the top-k size and every window this process scans.
     digest = hashlib.sha256(f"{identity}|{candidates}|{batch_size}|".encode())
-    batch: dict = {}
-
-    def record(layer: int, site: str, hidden: torch.Tensor) -> None:
-        record_block(hidden, batch["texts"], batch["pads"], histograms[layer], tops[layer])
 
     def forward(chosen: list[tuple[int, torch.Tensor]]) -> None:
         ids, mask = pad_batch([one for _, one in chosen])
-        batch.update(texts=torch.tensor([index for index, _ in chosen]), pads=(~mask.bool()).flatten().nonzero().flatten())
+        recorder.start(torch.tensor([index for index, _ in chosen]), (~mask.bool()).flatten().nonzero().flatten(), ids.shape[1])
         lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        recorder.finish()
         if on_window:
             for index, _ in chosen:
                 on_window(index)
 
     seen, batches, pending = 0, 0, []
     sites = [(layer, lm.adapter.stream) for layer in range(n_layers)]
-    with torch.no_grad(), tap(lm.model, lm.adapter, sites, record):
+    with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda layer, _, hidden: recorder.add(layer, hidden)):
         for index, ids in enumerate(windows):
             if index % world != rank:  # under torchrun / accelerate launch, each process takes every world-th window
                 continue
@@ -109,42 +106,17 @@ def scan_layers(
                 forward(pending)
                 pending, batches = [], batches + 1
                 if checkpoint is not None and batches % every == 0:
-                    _save_state(checkpoint, seen, digest.hexdigest(), histograms, tops, identity)
+                    _save_state(checkpoint, seen, digest.hexdigest(), *recorder.sync(), identity)
         if pending:
             forward(pending)
     if seen < start:
         raise _other_scan(checkpoint)
+    histograms, tops = recorder.sync()
     if world > 1:
         merge_across_processes(histograms, tops)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return LayerScan(histograms, tops, first_nonfinite(tops))
-
-
-def record_block(hidden: torch.Tensor, texts: torch.Tensor, pads: torch.Tensor, histogram: LogHistogram, top: TopK) -> None:
-    """Add one block's output on a batch to its statistics. ``hidden``: [batch, positions, d_model]; ``texts``: each
-    row's window index (the label); ``pads``: flat (row x positions + position) indices of the padding positions,
-    which enter neither statistic. Runs once per block per batch, right after the block, while its output is warm in
-    the cache: |a| is taken once for both statistics, and only the entries at or above the smallest |a| the top-k
-    keeps go on to it (after the first batches, a few per block)."""
-    _, length, width = hidden.shape
-    magnitude = hidden.detach().float().abs()
-    rows = magnitude.view(-1, width)
-    rows[pads.to(magnitude.device)] = -1.0  # pads at -1: below every real |a|, and not counted
-    histogram.add_magnitudes(magnitude, padding=len(pads) * width)
-    flat = magnitude.view(-1)
-    # Compared as bits, so NaN and inf pass (overflow is seen below). Each position's largest |a| first: only the
-    # few positions holding one at the floor are searched entry by entry (a search of every entry cost more).
-    floor = top.floor()
-    hot = (float_bits(rows.amax(dim=1)) >= floor).nonzero().flatten()
-    found = (float_bits(rows[hot]) >= floor).nonzero()
-    chosen = hot[found[:, 0]] * width + found[:, 1]  # flat indices, ascending
-    if len(chosen) > top.k:  # ties go to the smaller flat index, i.e. the smaller (text, position, dim): TopK's order
-        chosen = chosen[top_flat(flat[chosen], top.k)]
-    if len(chosen):
-        row, rest = chosen // (length * width), chosen % (length * width)
-        labels = torch.stack([texts.to(chosen.device)[row], rest // width, rest % width], dim=-1)
-        top.update(hidden.detach().reshape(-1)[chosen].float(), labels)
 
 
 def distributed_rank() -> tuple[int, int]:
