@@ -34,20 +34,34 @@ class BlockRecorder:
         self.histograms = [LogHistogram(device=device) for _ in range(n_layers)]
         self.tops = [TopK(candidates) for _ in range(n_layers)]
         self.device = torch.device(device)
+        self.k = candidates
         # Counts as int64 (an integer add per block), moved into the float64 histograms only when read (``sync``).
         self._pending = torch.zeros(n_layers, LogHistogram.BINS, dtype=torch.long, device=self.device)
         self._padding = [0] * n_layers  # entries counted in the bin of 0.0 that were padding, taken off at ``sync``
+        # Every block's top-k in one tensor, so that a group's are merged with one top-k: [layer, k] signed values,
+        # [layer, k, 3] labels, each row in kept order, the first ``_kept[layer]`` of it real. Read from ``tops``
+        # at the first batch (a resumed scan's state) and written back to them at ``sync``.
+        self._values = torch.zeros(n_layers, candidates, device=self.device)
+        self._labels = torch.zeros(n_layers, candidates, 3, dtype=torch.long, device=self.device)
+        self._kept = torch.zeros(n_layers, dtype=torch.long, device=self.device)
+        self._read_tops = False
         self._buffer = torch.empty(0, device=self.device)
         self._layers: list[int] = []
 
     def start(self, texts: torch.Tensor, pads: torch.Tensor, length: int) -> None:
         """A new batch: ``texts`` [batch] labels each row; ``pads`` are the flat (row x length + position) indices
         of its padding positions, which enter no statistic."""
+        if not self._read_tops:
+            for layer, top in enumerate(self.tops):
+                if top.values is not None:
+                    kept = len(top.values)
+                    self._values[layer, :kept], self._labels[layer, :kept], self._kept[layer] = top.values, top.labels, kept
+            self._read_tops = True
         self._texts, self._pads, self._length = texts.to(self.device), pads.to(self.device), length
         self._layers = []
 
     def add(self, layer: int, hidden: torch.Tensor) -> None:
-        """Block ``layer``'s output [batch, positions, width]: reduced now, or kept until its group is complete."""
+        """Block ``layer``'s output [batch, positions, width], kept until its group is complete."""
         width = hidden.shape[-1]
         rows = hidden.numel() // width
         group = max(1, self.group_bytes // (rows * width * 4))
@@ -68,13 +82,23 @@ class BlockRecorder:
             self._layers = []
 
     def sync(self) -> tuple[list[LogHistogram], list[TopK]]:
-        """The statistics as they stand, the histograms brought up to date."""
+        """The statistics as they stand: the histograms brought up to date, the top-k lists written back."""
         self._pending[:, 0] -= torch.tensor(self._padding, device=self.device)
         for histogram, found in zip(self.histograms, self._pending):
             histogram.add_counts(found)
         self._pending.zero_()
         self._padding = [0] * len(self._padding)
+        if self._read_tops:
+            for top, values, labels, kept in zip(self.tops, self._values, self._labels, self._kept.tolist()):
+                if kept:
+                    top.assign(values[:kept].clone(), labels[:kept].clone())
         return self.histograms, self.tops
+
+    def _floors(self, layers: list[int]) -> torch.Tensor:
+        """Per block, the ``float_bits`` of the smallest |a| its top-k keeps once full (nothing below it can enter),
+        0 before."""
+        last = magnitude_bits(self._values[layers[0] : layers[-1] + 1, -1].contiguous())
+        return torch.where(self._kept[layers[0] : layers[-1] + 1] == self.k, last, 0)
 
     def _reduce(self, values: torch.Tensor, layers: list[int]) -> None:
         """Add ``values`` [group, rows, width] (float32), the outputs of consecutive blocks ``layers``."""
@@ -85,7 +109,7 @@ class BlockRecorder:
         pads = self._pads
         if len(pads):
             peak[:, pads] = -1
-        floors = torch.tensor([self.tops[layer].floor() for layer in layers], dtype=torch.int32, device=self.device)
+        floors = self._floors(layers)
         # Rounding to float16 keeps order (|a| >= floor gives bin >= the floor's bin): the positions whose peak bin
         # reaches the floor's are all the candidates, and only they are read in float32. A top-k still filling
         # (floor 0) takes every real entry instead.
@@ -95,15 +119,13 @@ class BlockRecorder:
         entries = magnitude_bits(values[hot[:, 0], hot[:, 1]])
         found = (entries >= floors[hot[:, 0]][:, None]).nonzero()  # (hot index, dim), in order
         flat = hot[found[:, 0], 1] * width + found[:, 1]
-        per_slot = torch.bincount(hot[found[:, 0], 0], minlength=group).tolist()
-        for slot, (layer, chosen, fill) in enumerate(zip(layers, flat.split(per_slot), filling.tolist())):
-            top = self.tops[layer]
+        chosen = list(flat.split(torch.bincount(hot[found[:, 0], 0], minlength=group).tolist()))
+        for slot, fill in enumerate(filling.tolist()):  # at most k per block: a filling block's, or after a cut
             if fill:
-                chosen = self._all_real(values[slot], peak[slot], top.k)
-            elif len(chosen) > top.k:
-                chosen = chosen[top_flat(values[slot].view(-1)[chosen].abs(), top.k)]
-            if len(chosen):
-                self._extend(top, values[slot].view(-1), chosen, width)
+                chosen[slot] = self._all_real(values[slot], peak[slot])
+            elif len(chosen[slot]) > self.k:
+                chosen[slot] = chosen[slot][top_flat(values[slot].view(-1)[chosen[slot]].abs(), self.k)]
+        self._merge(values, layers, chosen)
         if len(pads):
             bins[:, pads] = 0  # into the bin of 0.0, taken off again at ``sync``
         for slot, layer in enumerate(layers):  # one count per block: the counts stay small, in the cache
@@ -111,16 +133,39 @@ class BlockRecorder:
         for layer in layers:
             self._padding[layer] += len(pads) * width
 
-    @staticmethod
-    def _all_real(values: torch.Tensor, peak: torch.Tensor, k: int) -> torch.Tensor:
+    def _all_real(self, values: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
         """Flat indices of a block's k largest real |a| (ties: smaller index first), while its top-k fills."""
         rows = (peak >= 0).nonzero().flatten()  # not padding
         width = values.shape[-1]
         flat = (rows[:, None] * width + torch.arange(width, device=rows.device)).flatten()
-        return flat[top_flat(values.view(-1)[flat].abs(), k)] if len(flat) > k else flat
+        return flat[top_flat(values.view(-1)[flat].abs(), self.k)] if len(flat) > self.k else flat
 
-    def _extend(self, top: TopK, values: torch.Tensor, chosen: torch.Tensor, width: int) -> None:
-        row, dim = chosen // width, chosen % width
-        labels = torch.stack([self._texts[row // self._length], row % self._length, dim], dim=-1)
-        top.extend(values[chosen], labels)
-
+    def _merge(self, values: torch.Tensor, layers: list[int], chosen: list[torch.Tensor]) -> None:
+        """Merge each block's chosen entries (flat indices into its [rows, width], at most k, equal |a| in label
+        order) into its top-k, all blocks of the group with one integer top-k. The key is the float's bits, then the
+        order of arrival (kept entries first, in their order): labels of a later batch come after every kept one,
+        so that is the order of (|a| desc, text, position, dim), as ``TopK.update`` sorts."""
+        counts = [len(c) for c in chosen]
+        most = max(counts)
+        if most == 0:
+            return
+        group, _, width = values.shape
+        block = slice(layers[0], layers[-1] + 1)
+        flat = torch.cat(chosen)
+        slot = torch.repeat_interleave(torch.arange(group, device=self.device), torch.tensor(counts, device=self.device))
+        starts = torch.tensor([0, *counts], device=self.device).cumsum(0)[:-1]
+        place = torch.arange(len(flat), device=self.device) - starts[slot]
+        row = flat // width
+        new_values = torch.zeros(group, most, device=self.device)
+        new_values[slot, place] = values.view(group, -1)[slot, flat]
+        new_labels = torch.zeros(group, most, 3, dtype=torch.long, device=self.device)
+        new_labels[slot, place] = torch.stack([self._texts[row // self._length], row % self._length, flat % width], dim=-1)
+        arrival = torch.arange(self.k + most, device=self.device)
+        real = torch.cat([arrival[: self.k] < self._kept[block, None],
+                          torch.zeros(group, most, dtype=torch.bool, device=self.device).index_put_((slot, place), torch.tensor(True))], 1)
+        all_values = torch.cat([self._values[block], new_values], 1)
+        keys = (magnitude_bits(all_values).long() << 32) - arrival
+        keep = keys.masked_fill_(~real, -(2**62)).topk(self.k, dim=1).indices
+        self._values[block] = all_values.gather(1, keep)
+        self._labels[block] = torch.cat([self._labels[block], new_labels], 1).gather(1, keep[..., None].expand(-1, -1, 3))
+        self._kept[block] = (self._kept[block] + torch.tensor(counts, device=self.device)).clamp_(max=self.k)

@@ -6,7 +6,7 @@ Memory is fixed by their parameters, not by how many tokens go through them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -122,44 +122,29 @@ class TopK:
     k: int
     values: torch.Tensor | None = None
     labels: torch.Tensor | None = None
-    _floor: int = field(default=0, repr=False)
 
     @property
     def _empty(self) -> bool:
         return self.values is None
 
     def clear(self) -> None:
-        self.values, self.labels, self._floor = None, None, 0
+        self.values, self.labels = None, None
 
     def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
         """values: [n] signed; labels: [n, m] integers on the same device."""
         if not self._empty:
             values = torch.cat([self.values, values.to(self.values.device)])
             labels = torch.cat([self.labels, labels.to(self.labels.device)])
-        self._keep(values, labels, top_order(values.abs(), labels)[: self.k])
-
-    def extend(self, values: torch.Tensor, labels: torch.Tensor) -> None:
-        """``update`` with entries whose labels all come after every kept label, and whose equal |a| come in
-        ascending label order (a scan's next batch). A tie then goes to the entry that came first, so one integer
-        top-k over |a| and arrival order keeps exactly what ``update`` keeps, without its sorts."""
-        if not self._empty:
-            values = torch.cat([self.values, values.to(self.values.device)])
-            labels = torch.cat([self.labels, labels.to(self.labels.device)])
-        self._keep(values, labels, top_flat(values.abs().float(), self.k))
-
-    def _keep(self, values: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> None:
+        keep = top_order(values.abs(), labels)[: self.k]
         self.values, self.labels = values[keep], labels[keep]
-        # Read once per change, not at every ``floor()`` (on a GPU a read waits for the device).
-        self._floor = int(float_bits(self.values[-1:].abs().float())) if len(self.values) == self.k else 0
+
+    def assign(self, values: torch.Tensor, labels: torch.Tensor) -> None:
+        """Set the kept entries to ``values`` and ``labels``, already in kept order (|a| desc, then labels)."""
+        self.values, self.labels = values, labels
 
     def merge(self, other: TopK) -> None:
         if not other._empty:
             self.update(other.values.to(self._device(other)), other.labels.to(self._device(other)))
-
-    def floor(self) -> int:
-        """The float bits (``float_bits``) of the smallest |value| kept once k are kept (0 before): nothing below it
-        can enter, so a caller may drop smaller entries before ``update``."""
-        return self._floor
 
     def _device(self, other: TopK) -> torch.device:
         return other.values.device if self._empty else self.values.device
