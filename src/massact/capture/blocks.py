@@ -25,7 +25,8 @@ class BlockRecorder:
     dim), over every real (not padding) entry of the blocks' outputs.
 
     For each batch: ``start(texts, pads, length)``, then ``add(layer, hidden)`` for each block in order (from a hook),
-    then ``finish()``. Batches must come in increasing text order (TopK.extend's condition), as a scan reads them.
+    then ``finish()``; ``sync()`` gives the statistics. Batches must come in increasing text order (``_merge``'s
+    condition), as a scan reads them.
     """
 
     def __init__(self, n_layers: int, candidates: int, device: torch.device | str, group_bytes: int = GROUP_BYTES):
@@ -152,20 +153,19 @@ class BlockRecorder:
         group, _, width = values.shape
         block = slice(layers[0], layers[-1] + 1)
         flat = torch.cat(chosen)
-        slot = torch.repeat_interleave(torch.arange(group, device=self.device), torch.tensor(counts, device=self.device))
-        starts = torch.tensor([0, *counts], device=self.device).cumsum(0)[:-1]
-        place = torch.arange(len(flat), device=self.device) - starts[slot]
+        per_block = torch.tensor(counts, device=self.device)
+        slot = torch.repeat_interleave(torch.arange(group, device=self.device), per_block)
+        place = torch.arange(len(flat), device=self.device) - (per_block.cumsum(0) - per_block)[slot]
         row = flat // width
         new_values = torch.zeros(group, most, device=self.device)
         new_values[slot, place] = values.view(group, -1)[slot, flat]
         new_labels = torch.zeros(group, most, 3, dtype=torch.long, device=self.device)
         new_labels[slot, place] = torch.stack([self._texts[row // self._length], row % self._length, flat % width], dim=-1)
         arrival = torch.arange(self.k + most, device=self.device)
-        real = torch.cat([arrival[: self.k] < self._kept[block, None],
-                          torch.zeros(group, most, dtype=torch.bool, device=self.device).index_put_((slot, place), torch.tensor(True))], 1)
+        real = torch.cat([arrival[: self.k] < self._kept[block, None], arrival[:most] < per_block[:, None]], 1)
         all_values = torch.cat([self._values[block], new_values], 1)
         keys = (magnitude_bits(all_values).long() << 32) - arrival
         keep = keys.masked_fill_(~real, -(2**62)).topk(self.k, dim=1).indices
         self._values[block] = all_values.gather(1, keep)
         self._labels[block] = torch.cat([self._labels[block], new_labels], 1).gather(1, keep[..., None].expand(-1, -1, 3))
-        self._kept[block] = (self._kept[block] + torch.tensor(counts, device=self.device)).clamp_(max=self.k)
+        self._kept[block] = (self._kept[block] + per_block).clamp_(max=self.k)

@@ -60,8 +60,8 @@ def scan_layers(
     identity: str = "",
 ) -> LayerScan:
     """Batched forward passes over ``windows`` (token ids [1, n] each, consumed lazily: memory does not grow with the
-    corpus); hooks on every block's resid_out feed a ``BlockRecorder``: a histogram and a top-k per block, on device. Padding positions never
-    enter a statistic. Labels name a window by its index in ``windows``.
+    corpus); hooks on every block's resid_out feed a ``BlockRecorder``: a histogram and a top-k per block, on
+    device. Padding positions never enter a statistic. Labels name a window by its index in ``windows``.
 
     With ``checkpoint``, the merged state is written there (atomically) every ``every`` batches and removed at the
     end; with ``resume``, a state found there is loaded and the scan goes on after the windows it covers, once the
