@@ -1,4 +1,4 @@
-"""Streaming, mergeable statistics that stay on the model's device: a running top-k and a log-histogram median.
+"""Streaming, mergeable statistics that stay on the model's device: a running top-k and a float16-histogram median.
 
 Memory is fixed by their parameters, not by how many tokens go through them.
 """
