@@ -120,6 +120,8 @@ def _timed_recorder() -> Iterator[dict]:
     """Time spent in massact's own scan code (BlockRecorder.add from the hooks, .finish after each batch): its share
     of the pass does not drift with the machine's speed, as two separate runs' ratio does. On a GPU the device is
     synchronised around each call, so the share there is an upper bound."""
+    import torch
+
     from massact.capture.blocks import BlockRecorder
 
     spent = {"seconds": 0.0}
@@ -127,8 +129,6 @@ def _timed_recorder() -> Iterator[dict]:
 
     def timed(method):
         def run(self, *args):
-            import torch
-
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

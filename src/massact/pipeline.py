@@ -134,7 +134,8 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
     texts, inputs, tokens = collect(lm, corpus, settings.max_length, wanted | set(range(MAX_INPUTS)))
     criterion = settings.criterion
     # The sketch's bound at the medians found: 2**-11 unless one lies below float16's normal range.
-    criterion.median_rel_error = max([LogHistogram.error_at(m) for m in layer_scan.medians() if m > 0], default=LogHistogram.rel_error)
+    criterion.median_rel_error = max([LogHistogram.error_at(m) for m in layer_scan.medians() if m > 0],
+                                     default=LogHistogram.rel_error)
     layers = layer_stats(layer_scan, tokens, settings.top_k)
     massive = detect(layer_scan, tokens, criterion)
     warnings = _scan_warnings(layer_scan, massive)

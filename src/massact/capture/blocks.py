@@ -37,27 +37,27 @@ class BlockRecorder:
         self.device = torch.device(device)
         self.k = candidates
         # Counts as int64 (an integer add per block), moved into the float64 histograms only when read (``sync``).
-        self._pending = torch.zeros(n_layers, LogHistogram.BINS, dtype=torch.long, device=self.device)
+        self._pending = torch.zeros(n_layers, LogHistogram.bins, dtype=torch.long, device=self.device)
         self._padding = [0] * n_layers  # entries counted in the bin of 0.0 that were padding, taken off at ``sync``
         # Every block's top-k in one tensor, so that a group's are merged with one top-k: [layer, k] signed values,
-        # [layer, k, 3] labels, each row in kept order, the first ``_kept[layer]`` of it real. Read from ``tops``
-        # at the first batch (a resumed scan's state) and written back to them at ``sync``.
+        # [layer, k, 3] labels, each row in kept order, the first ``_kept[layer]`` of it real. Written back to
+        # ``tops`` at ``sync``.
         self._values = torch.zeros(n_layers, candidates, device=self.device)
         self._labels = torch.zeros(n_layers, candidates, 3, dtype=torch.long, device=self.device)
         self._kept = torch.zeros(n_layers, dtype=torch.long, device=self.device)
-        self._read_tops = False
         self._buffer = torch.empty(0, device=self.device)
         self._layers: list[int] = []
+
+    def read_tops(self) -> None:
+        """Go on from the top-k lists now in ``tops`` (a resumed scan's state, loaded into them)."""
+        for layer, top in enumerate(self.tops):
+            if top.values is not None:
+                kept = len(top.values)
+                self._values[layer, :kept], self._labels[layer, :kept], self._kept[layer] = top.values, top.labels, kept
 
     def start(self, texts: torch.Tensor, pads: torch.Tensor, length: int) -> None:
         """A new batch: ``texts`` [batch] labels each row; ``pads`` are the flat (row x length + position) indices
         of its padding positions, which enter no statistic."""
-        if not self._read_tops:
-            for layer, top in enumerate(self.tops):
-                if top.values is not None:
-                    kept = len(top.values)
-                    self._values[layer, :kept], self._labels[layer, :kept], self._kept[layer] = top.values, top.labels, kept
-            self._read_tops = True
         self._texts, self._pads, self._length = texts.to(self.device), pads.to(self.device), length
         self._layers = []
 
@@ -89,10 +89,9 @@ class BlockRecorder:
             histogram.add_counts(found)
         self._pending.zero_()
         self._padding = [0] * len(self._padding)
-        if self._read_tops:
-            for top, values, labels, kept in zip(self.tops, self._values, self._labels, self._kept.tolist()):
-                if kept:
-                    top.assign(values[:kept].clone(), labels[:kept].clone())
+        for top, values, labels, kept in zip(self.tops, self._values, self._labels, self._kept.tolist()):
+            if kept:
+                top.assign(values[:kept].clone(), labels[:kept].clone())
         return self.histograms, self.tops
 
     def _floors(self, layers: list[int]) -> torch.Tensor:
@@ -115,7 +114,7 @@ class BlockRecorder:
         # reaches the floor's are all the candidates, and only they are read in float32. A top-k still filling
         # (floor 0) takes every real entry instead.
         filling = floors == 0
-        bar = half_bits(floors.view(torch.float32)).int().masked_fill_(filling, LogHistogram.BINS)
+        bar = half_bits(floors.view(torch.float32)).int().masked_fill_(filling, LogHistogram.bins)
         hot = (peak >= bar[:, None]).nonzero()  # (slot, row), in order
         entries = magnitude_bits(values[hot[:, 0], hot[:, 1]])
         found = (entries >= floors[hot[:, 0]][:, None]).nonzero()  # (hot index, dim), in order
@@ -130,7 +129,7 @@ class BlockRecorder:
         if len(pads):
             bins[:, pads] = 0  # into the bin of 0.0, taken off again at ``sync``
         for slot, layer in enumerate(layers):  # one count per block: the counts stay small, in the cache
-            self._pending[layer] += torch.bincount(bins[slot].view(-1), minlength=LogHistogram.BINS)
+            self._pending[layer] += torch.bincount(bins[slot].view(-1), minlength=LogHistogram.bins)
         for layer in layers:
             self._padding[layer] += len(pads) * width
 

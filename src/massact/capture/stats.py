@@ -14,7 +14,7 @@ import torch
 class LogHistogram:
     """Counts of |a| rounded to float16: a quantile sketch whose answer is within ``rel_error`` of a true sample.
 
-    A bin is a float16 bit pattern with the sign dropped (``BINS`` of them, from 0.0 up through the subnormals, the
+    A bin is a float16 bit pattern with the sign dropped (``bins`` of them, from 0.0 up through the subnormals, the
     normals, inf and NaN): each octave from 2**-14 to 2**15 is cut into 1024 equal bins. Rounding to the nearest
     float16 is one conversion on any device, and the counts come from the bits. The reported quantile is the float16
     of its bin, so it is off by at most half a float16 step: ``rel_error = 2**-11`` (0.05%) for quantiles in the
@@ -22,11 +22,10 @@ class LogHistogram:
     values count as inf. A hidden state's median sits far inside the range.
     """
 
-    BINS = 1 << 15
+    bins = 1 << 15
     rel_error = 2.0**-11
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.bins = self.BINS
         self.counts = torch.zeros(self.bins, dtype=torch.float64, device=device)
 
     @property

@@ -77,6 +77,7 @@ def scan_layers(
     start, saved_fingerprint = 0, None
     if checkpoint is not None and resume and checkpoint.is_file():
         start, saved_fingerprint = _load_state(checkpoint, recorder.histograms, recorder.tops, identity)
+        recorder.read_tops()
     # Of the identity, the top-k size and every window this process scans.
     digest = hashlib.sha256(f"{identity}|{candidates}|{batch_size}|".encode())
 
