@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .prefix import Scratch
 from .stats import LogHistogram, TopK, half_bits, magnitude_bits, top_flat
 
 # The buffer of block outputs a group may fill: some twenty of the default model's blocks at a batch of 8 short
@@ -45,7 +46,7 @@ class BlockRecorder:
         self._values = torch.zeros(n_layers, candidates, device=self.device)
         self._labels = torch.zeros(n_layers, candidates, 3, dtype=torch.long, device=self.device)
         self._kept = torch.zeros(n_layers, dtype=torch.long, device=self.device)
-        self._buffer = torch.empty(0, device=self.device)
+        self._scratch = Scratch()
         self._layers: list[int] = []
 
     def read_tops(self) -> None:
@@ -68,18 +69,15 @@ class BlockRecorder:
         group = max(1, self.group_bytes // (rows * width * 4))
         if len(self._layers) == group:
             self.finish()
-        if self._buffer.numel() < group * rows * width:
-            self._buffer = torch.empty(group * rows * width, device=self.device)
-        slot = len(self._layers)
-        self._buffer[slot * rows * width : (slot + 1) * rows * width].view(rows, width).copy_(hidden.detach().reshape(rows, width))
+        if not self._layers:  # a group's outputs, in the same memory group after group
+            self._outputs = self._scratch.take("outputs", (group, rows, width), self._values)
+        self._outputs[len(self._layers)].copy_(hidden.detach().reshape(rows, width))
         self._layers.append(layer)
-        self._shape = (rows, width)
 
     def finish(self) -> None:
         """Reduce what the batch left in the buffer."""
         if self._layers:
-            rows, width = self._shape
-            self._reduce(self._buffer[: len(self._layers) * rows * width].view(-1, rows, width), self._layers)
+            self._reduce(self._outputs[: len(self._layers)], self._layers)
             self._layers = []
 
     def sync(self) -> tuple[list[LogHistogram], list[TopK]]:
