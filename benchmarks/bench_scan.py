@@ -124,15 +124,21 @@ def _timed_recorder() -> Iterator[dict]:
 
     from massact.capture.blocks import BlockRecorder
 
-    spent = {"seconds": 0.0}
+    spent = {"seconds": 0.0, "depth": 0}
     originals = {name: getattr(BlockRecorder, name) for name in ("add", "finish")}
 
     def timed(method):
         def run(self, *args):
+            if spent["depth"]:  # add calls finish when a group is full: that time is already add's
+                return method(self, *args)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            method(self, *args)
+            spent["depth"] += 1
+            try:
+                method(self, *args)
+            finally:
+                spent["depth"] -= 1
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             spent["seconds"] += time.perf_counter() - start

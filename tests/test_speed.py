@@ -75,7 +75,7 @@ def test_a_pass_stopped_after_a_block_reads_what_the_full_pass_reads(planted):
 
 @pytest.mark.parametrize("group_bytes", [1, 2**20])
 def test_the_scan_recorder_keeps_what_a_plain_computation_keeps(group_bytes):
-    """``BlockRecorder`` (block outputs reduced a group at a time; pads off the first bin; only entries at the top-k's
+    """``BlockRecorder`` (block outputs reduced a group at a time, real positions only; only entries at the top-k's
     floor go on) against the plain way: every real entry of every batch, one histogram and one sort by (|a| desc,
     text, position, dim) per block. Groups of one block and of all blocks; NaN and inf among the values."""
     from massact.capture import blocks
@@ -84,10 +84,10 @@ def test_the_scan_recorder_keeps_what_a_plain_computation_keeps(group_bytes):
     generator = torch.Generator().manual_seed(0)
     recorder = blocks.BlockRecorder(n_layers=2, candidates=6, device="cpu", group_bytes=group_bytes)
     real: dict[int, list] = {0: [], 1: []}
-    for first in (0, 3, 6, 9):  # four batches of 3 windows, 5 positions, 4 dims; the last rows are padding
-        lengths = [5, 3, 4]
-        pads = torch.tensor([row * 5 + p for row, n in enumerate(lengths) for p in range(n, 5)])
-        recorder.start(torch.arange(first, first + 3), pads, 5)
+    for first in (0, 3, 6, 9):  # four batches of 3 windows, 5 positions, 4 dims; the last rows are padding but in one
+        lengths = [5, 5, 5] if first == 3 else [5, 3, 4]
+        positions = torch.tensor([row * 5 + p for row, n in enumerate(lengths) for p in range(n)])
+        recorder.start(torch.arange(first, first + 3), positions, 5)
         for layer in range(2):
             hidden = torch.randn(3, 5, 4, generator=generator).round(decimals=1)  # rounding makes ties
             hidden[:, 0, 1] = 9.0 * (layer + 1)  # the same value at every window's first position: ties across batches

@@ -1,9 +1,11 @@
 """The scan's statistics of every block's output, kept on the device: a median sketch and a top-k per block.
 
-A hook only copies a block's output into a buffer; a group of blocks is then reduced with one set of operations.
+A hook only copies a block's output into a buffer, its real positions only (padding enters no statistic; in a
+batch of texts of mixed lengths it can be half the positions); a group of blocks is then reduced with one set of
+operations.
 Reducing each block in its own hook took some twenty small operations per block and batch, each with a fixed cost
 (on this project's CPU 50-150 us right after a block's matrix products; on a GPU a kernel launch, and a wait for the
-device at each ``nonzero``): 8% of a plain forward pass in massact's code, against 5-6% grouped.
+device at each ``nonzero``): 8% of a plain forward pass in massact's code, against 3% grouped, real positions only.
 Each entry is rounded to float16 once: that gives the histogram's bin and, per position, the largest bin, which
 finds the few positions that may enter the top-k (only those are read in float32).
 """
@@ -25,7 +27,7 @@ class BlockRecorder:
     """Per block, a ``LogHistogram`` of |a| (the median) and a ``TopK`` of the largest |a| labelled (text, position,
     dim), over every real (not padding) entry of the blocks' outputs.
 
-    For each batch: ``start(texts, pads, length)``, then ``add(layer, hidden)`` for each block in order (from a hook),
+    For each batch: ``start(texts, real, length)``, then ``add(layer, hidden)`` for each block in order (from a hook),
     then ``finish()``; ``sync()`` gives the statistics. Batches must come in increasing text order (``_merge``'s
     condition), as a scan reads them.
     """
@@ -39,7 +41,6 @@ class BlockRecorder:
         self.k = candidates
         # Counts as int64 (an integer add per block), moved into the float64 histograms only when read (``sync``).
         self._pending = torch.zeros(n_layers, LogHistogram.bins, dtype=torch.long, device=self.device)
-        self._padding = [0] * n_layers  # entries counted in the bin of 0.0 that were padding, taken off at ``sync``
         # Every block's top-k in one tensor, so that a group's are merged with one top-k: [layer, k] signed values,
         # [layer, k, 3] labels, each row in kept order, the first ``_kept[layer]`` of it real. Written back to
         # ``tops`` at ``sync``.
@@ -56,22 +57,27 @@ class BlockRecorder:
                 kept = len(top.values)
                 self._values[layer, :kept], self._labels[layer, :kept], self._kept[layer] = top.values, top.labels, kept
 
-    def start(self, texts: torch.Tensor, pads: torch.Tensor, length: int) -> None:
-        """A new batch: ``texts`` [batch] labels each row; ``pads`` are the flat (row x length + position) indices
-        of its padding positions, which enter no statistic."""
-        self._texts, self._pads, self._length = texts.to(self.device), pads.to(self.device), length
+    def start(self, texts: torch.Tensor, real: torch.Tensor, length: int) -> None:
+        """A new batch: ``texts`` [batch] labels each row; ``real`` are the flat (row x length + position) indices
+        of its real positions, ascending: only they enter a statistic."""
+        self._texts, self._real, self._length = texts.to(self.device), real.to(self.device), length
+        self._padded = len(real) < len(texts) * length
         self._layers = []
 
     def add(self, layer: int, hidden: torch.Tensor) -> None:
         """Block ``layer``'s output [batch, positions, width], kept until its group is complete."""
         width = hidden.shape[-1]
-        rows = hidden.numel() // width
+        rows = len(self._real)
         group = max(1, self.group_bytes // (rows * width * 4))
         if len(self._layers) == group:
             self.finish()
         if not self._layers:  # a group's outputs, in the same memory group after group
             self._outputs = self._scratch.take("outputs", (group, rows, width), self._values)
-        self._outputs[len(self._layers)].copy_(hidden.detach().reshape(rows, width))
+        slot, flat = self._outputs[len(self._layers)], hidden.detach().reshape(-1, width)
+        if self._padded:
+            torch.index_select(flat, 0, self._real, out=slot)
+        else:
+            slot.copy_(flat)
         self._layers.append(layer)
 
     def finish(self) -> None:
@@ -82,11 +88,9 @@ class BlockRecorder:
 
     def sync(self) -> tuple[list[LogHistogram], list[TopK]]:
         """The statistics as they stand: the histograms brought up to date, the top-k lists written back."""
-        self._pending[:, 0] -= torch.tensor(self._padding, device=self.device)
         for histogram, found in zip(self.histograms, self._pending):
             histogram.add_counts(found)
         self._pending.zero_()
-        self._padding = [0] * len(self._padding)
         for top, values, labels, kept in zip(self.tops, self._values, self._labels, self._kept.tolist()):
             if kept:
                 top.assign(values[:kept].clone(), labels[:kept].clone())
@@ -99,18 +103,15 @@ class BlockRecorder:
         return torch.where(self._kept[layers[0] : layers[-1] + 1] == self.k, last, 0)
 
     def _reduce(self, values: torch.Tensor, layers: list[int]) -> None:
-        """Add ``values`` [group, rows, width] (float32), the outputs of consecutive blocks ``layers``."""
+        """Add ``values`` [group, rows, width] (float32), the outputs of consecutive blocks ``layers`` at the
+        batch's real positions."""
         group, rows, width = values.shape
         bins = half_bits(values)  # |a| rounded to float16, as its bin: ordered as |a| is (NaN above inf)
-        # Each position's largest bin; padding at -1, below every real |a|.
-        peak = bins.amax(dim=2)
-        pads = self._pads
-        if len(pads):
-            peak[:, pads] = -1
+        peak = bins.amax(dim=2)  # each position's largest bin
         floors = self._floors(layers)
         # Rounding to float16 keeps order (|a| >= floor gives bin >= the floor's bin): the positions whose peak bin
         # reaches the floor's are all the candidates, and only they are read in float32. A top-k still filling
-        # (floor 0) takes every real entry instead.
+        # (floor 0) takes every entry instead.
         filling = floors == 0
         bar = half_bits(floors.view(torch.float32)).int().masked_fill_(filling, LogHistogram.bins)
         hot = (peak >= bar[:, None]).nonzero()  # (slot, row), in order
@@ -119,24 +120,13 @@ class BlockRecorder:
         flat = hot[found[:, 0], 1] * width + found[:, 1]
         chosen = list(flat.split(torch.bincount(hot[found[:, 0], 0], minlength=group).tolist()))
         for slot, fill in enumerate(filling.tolist()):  # at most k per block: a filling block's, or after a cut
-            if fill:
-                chosen[slot] = self._all_real(values[slot], peak[slot])
+            if fill:  # the k largest (ties: smaller index first)
+                chosen[slot] = top_flat(values[slot].view(-1).abs(), self.k)
             elif len(chosen[slot]) > self.k:
                 chosen[slot] = chosen[slot][top_flat(values[slot].view(-1)[chosen[slot]].abs(), self.k)]
         self._merge(values, layers, chosen)
-        if len(pads):
-            bins[:, pads] = 0  # into the bin of 0.0, taken off again at ``sync``
         for slot, layer in enumerate(layers):  # one count per block: the counts stay small, in the cache
             self._pending[layer] += torch.bincount(bins[slot].view(-1), minlength=LogHistogram.bins)
-        for layer in layers:
-            self._padding[layer] += len(pads) * width
-
-    def _all_real(self, values: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
-        """Flat indices of a block's k largest real |a| (ties: smaller index first), while its top-k fills."""
-        rows = (peak >= 0).nonzero().flatten()  # not padding
-        width = values.shape[-1]
-        flat = (rows[:, None] * width + torch.arange(width, device=rows.device)).flatten()
-        return flat[top_flat(values.view(-1)[flat].abs(), self.k)] if len(flat) > self.k else flat
 
     def _merge(self, values: torch.Tensor, layers: list[int], chosen: list[torch.Tensor]) -> None:
         """Merge each block's chosen entries (flat indices into its [rows, width], at most k, equal |a| in label
@@ -153,7 +143,7 @@ class BlockRecorder:
         per_block = torch.tensor(counts, device=self.device)
         slot = torch.repeat_interleave(torch.arange(group, device=self.device), per_block)
         place = torch.arange(len(flat), device=self.device) - (per_block.cumsum(0) - per_block)[slot]
-        row = flat // width
+        row = self._real[flat // width]  # the batch's flat (row x length + position)
         new_values = torch.zeros(group, most, device=self.device)
         new_values[slot, place] = values.view(group, -1)[slot, flat]
         new_labels = torch.zeros(group, most, 3, dtype=torch.long, device=self.device)

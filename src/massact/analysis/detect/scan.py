@@ -83,7 +83,7 @@ def scan_layers(
 
     def forward(chosen: list[tuple[int, torch.Tensor]]) -> None:
         ids, mask = pad_batch([one for _, one in chosen])
-        recorder.start(torch.tensor([index for index, _ in chosen]), (~mask.bool()).flatten().nonzero().flatten(), ids.shape[1])
+        recorder.start(torch.tensor([index for index, _ in chosen]), mask.flatten().nonzero().flatten(), ids.shape[1])
         lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
         recorder.finish()
         if on_window:
