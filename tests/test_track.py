@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,6 +71,23 @@ def test_planted_birth_block_moves(tracked):
     # Each checkpoint's full report, in its own folder, is the report massact scan writes.
     report = json.loads((tracked / "step-00000300" / "report.json").read_text(encoding="utf-8"))
     assert report["dims"][0]["born_at"] == 1 and report["model"]["source"].endswith("checkpoint-300")
+
+
+def test_two_processes_share_the_checkpoints_and_give_the_track_of_one(series, tracked, tmp_path):
+    """Under torchrun each process scans every other checkpoint (each scanned once, by one of them); the first waits
+    for the others' reports, then aligns them: the same track as one process."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "massact"]
+    out = tmp_path / "two"
+    result = subprocess.run([*launch, "track", str(series), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    said = result.stdout + result.stderr
+    for index, (step, _) in enumerate(SERIES):
+        assert said.count(f"checkpoint {index + 1}/3 (step {step}): scanning") == 1, said
+    one, two = (json.loads((folder / "track.json").read_text(encoding="utf-8")) for folder in (tracked, out))
+    assert two == one
+    for step, _ in SERIES:
+        reports = (json.loads((folder / f"step-{step:08d}" / "report.json").read_text(encoding="utf-8")) for folder in (tracked, out))
+        assert next(reports)["layers"] == next(reports)["layers"]
 
 
 def test_rerun_after_an_interrupt_redoes_only_the_unfinished(series, tmp_path, monkeypatch, capsys):
