@@ -52,6 +52,21 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     assert _rows(again) == _rows(data)  # the same sweep, from the saved report, without scanning again
     assert "11. Quantization" in (second / "report.txt").read_text(encoding="utf-8")
 
+    # verify scans again: the sweep is kept where nothing it depends on changed, measured again where something did.
+    saved = again["quantization"]
+    assert len(saved["inputs_sha256"]) == 64
+    result = run_massact("verify", second)
+    assert result.returncode == 0, result.stderr
+    assert "kept the saved quantization sweep" in result.stderr
+    verified = json.loads((second / "report.json").read_text(encoding="utf-8"))
+    assert verified["verification"] is not None and verified["quantization"] == saved  # its seconds too: not re-run
+    other = tmp_path / "other-eval.txt"
+    other.write_text(EVAL + " The garden was wet for days after.", encoding="utf-8")
+    result = run_massact("verify", second, "--eval-file", other, "--quiet")
+    assert result.returncode == 0, result.stderr
+    measured = json.loads((second / "report.json").read_text(encoding="utf-8"))["quantization"]
+    assert measured["inputs_sha256"] != saved["inputs_sha256"] and measured["eval_tokens"] > saved["eval_tokens"]
+
     result = run_massact("quant", model_dir, "--protect", first / "protect.json", "--eval-file", eval_file, "--out", tmp_path / "third", "--quiet")
     assert result.returncode == 0, result.stderr
     alone = json.loads((tmp_path / "third" / "quantization.json").read_text(encoding="utf-8"))

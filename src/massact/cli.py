@@ -376,7 +376,8 @@ def _verify(args) -> int:
     check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)
-    return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True, full=args.full)
+    return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True, full=args.full,
+                quantization=saved.quantization)
 
 
 def _show(args) -> int:
@@ -420,9 +421,11 @@ def _eval_file(path: str | None) -> str | None:
 
 
 def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, *, verify: bool | None,
-         resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False, full: bool = False) -> int:
+         resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False, full: bool = False,
+         quantization=None) -> int:
     """Load, scan with ``settings`` and write the report. ``verify`` None: verify models up to 3B parameters. The
-    terminal gets one screen, or with ``full`` the whole report."""
+    terminal gets one screen, or with ``full`` the whole report. ``quantization``: the saved sweep, kept if this scan
+    would measure it on the same inputs."""
     from .models.loading import load
     from .pipeline import scan
     from .report import summary
@@ -438,9 +441,11 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
             log("skipping verification for a model this large; pass --verify to run it")
     with _progress(_bars(quiet)) as progress:
         report = scan(lm, texts, settings.replace(verify=verify), checkpoint=out / "scan-state.pt", resume=resume,
-                      progress=progress)
+                      progress=progress, quantization=quantization)
     if report is None:  # another process of a multi-process launch writes the report
         return 0
+    if quantization is not None and report.quantization is quantization:
+        log("kept the saved quantization sweep: the same protect list, evaluation text, dtype, device and grid")
     written = write_report(report, out, formats)
     if full and not quiet:
         print_report(report, terminal())

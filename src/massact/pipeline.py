@@ -21,6 +21,7 @@ from .analysis.conclusion import conclude
 from .analysis.deploy.precision import headroom
 from .analysis.deploy.protect import build as build_protect
 from .analysis.deploy.quant import measure as measure_quantization
+from .analysis.deploy.results import Quantization
 from .analysis.detect.results import DimSummary, LayerStats, Massive
 from .analysis.detect.resume import scan_identity
 from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
@@ -58,6 +59,7 @@ def scan(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
+    quantization: Quantization | None = None,
     **options,
 ) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
@@ -68,7 +70,9 @@ def scan(
     ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``settings``: a ``ScanSettings``
     (default: the CLI's defaults); keyword ``options`` change single fields of it (``top_k=3, verify=True``).
     ``checkpoint``: where the corpus pass saves its merged state every ``settings.checkpoint_every`` batches, and
-    ``resume`` continues from it. ``progress``: see ``Progress``.
+    ``resume`` continues from it. ``progress``: see ``Progress``. ``quantization``: a saved report's sweep of this
+    model, kept (with ``settings.quant``) instead of measured again when this scan would measure it on the same
+    inputs (``Quantization.inputs_sha256``): the same protect list, evaluation text, dtype, device and grid.
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
     report; the others get None.
     """
@@ -88,7 +92,7 @@ def scan(
     report = mechanism_stage(lm, found, settings)
     trigger_stage(lm, report, found.inputs, settings)
     causal_stage(lm, report, found.inputs, settings, eval_text, progress)
-    deploy_stage(lm, report, settings, eval_text, progress)
+    deploy_stage(lm, report, settings, eval_text, progress, quantization)
     report.conclusion = conclude(report)
     if report.attention is not None and report.attention.dependence:
         report.conclusion.append(f"Attention sink: {report.attention.dependence}.")
@@ -191,12 +195,14 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
                                              progress("super weights, zeroed one by one", None), evaluation)
 
 
-def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_text: str | None, progress: Progress) -> None:
-    """Float16 and bfloat16 headroom always; with ``settings.quant``, the quantization sweep."""
+def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_text: str | None, progress: Progress,
+                 earlier: Quantization | None = None) -> None:
+    """Float16 and bfloat16 headroom always; with ``settings.quant``, the quantization sweep (``earlier`` where it
+    was measured on the same inputs)."""
     report.precision = headroom(report.layers)
     if settings.quant and report.dims:
         report.quantization = measure_quantization(lm, build_protect(report), eval_text, settings.quant_grid,
-                                                   settings.clip_z, settings.block_size, progress)
+                                                   settings.clip_z, settings.block_size, progress, earlier)
 
 
 def check_arguments(model, texts, tokenizer, settings) -> None:

@@ -11,6 +11,9 @@ birth and peak block; the weights are restored bit-exactly after each one.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -276,19 +279,34 @@ def massive_positions(lm: LoadedModel, ids: torch.Tensor, protect: Protect) -> t
 def measure(
     lm: LoadedModel, protect: Protect, eval_text: str | None = None, grid_name: str = "default", clip_z: float | None = None,
     block: int | None = None, progress: Callable[[str, int | None], Callable[[], None]] | None = None,
+    earlier: Quantization | None = None,
 ) -> Quantization:
     """The sweep over a named grid, on the shipped evaluation text unless ``eval_text`` is given; ``progress`` as in
-    ``massact.scan`` (one step per setting)."""
+    ``massact.scan`` (one step per setting). ``earlier`` (a saved report's sweep) is returned as it is when it was
+    measured on the same inputs (``sweep_inputs``): the same sweep again would give the same numbers."""
     block = DEFAULT_BLOCK if block is None else block
+    clip_z = DEFAULT_CLIP_Z if clip_z is None else clip_z
+    text = eval_text or default_eval_text()
+    inputs = sweep_inputs(lm, protect, text, grid_name, clip_z, block)
+    if earlier is not None and earlier.inputs_sha256 == inputs:
+        return earlier
     settings = grid(grid_name, block)
     step = progress("quantization settings", len(settings)) if progress else (lambda: None)
     source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
-    result = sweep(lm, protect, eval_text or default_eval_text(), source, grid_name, DEFAULT_CLIP_Z if clip_z is None else clip_z,
-                   block, step, settings)
+    result = sweep(lm, protect, text, source, grid_name, clip_z, block, step, settings)
     note = gguf_source_note(lm, protect)
     if note:
         result.notes.insert(0, note)
+    result.inputs_sha256 = inputs
     return result
+
+
+def sweep_inputs(lm: LoadedModel, protect: Protect, eval_text: str, grid_name: str, clip_z: float, block: int) -> str:
+    """The sha256 of everything a sweep's numbers depend on besides the weights, which the protect list's super
+    weights and massive values stand for: the protect list, the evaluation text, dtype, device type and grid."""
+    inputs = {"protect": dataclasses.asdict(protect), "eval_text": eval_text, "dtype": str(lm.dtype),
+              "device": lm.device.type, "grid": grid_name, "clip_z": clip_z, "block": block}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def gguf_source_note(lm: LoadedModel, protect: Protect) -> str | None:

@@ -51,6 +51,9 @@ class Quantization:
     rows: list[QuantRow]
     seconds: float
     notes: list[str]
+    # What the numbers depend on, as one sha256 (``quant.sweep_inputs``): the protect list, the evaluation text, the
+    # weights' dtype and device type, and the grid. A later scan of the model with the same inputs keeps this sweep.
+    inputs_sha256: str | None = None
 
 
 
