@@ -73,7 +73,8 @@ class BlockRecorder:
             self.finish()
         if not self._layers:  # a group's outputs, in the same memory group after group
             self._outputs = self._scratch.take("outputs", (group, rows, width), self._values)
-        slot, flat = self._outputs[len(self._layers)], hidden.detach().reshape(-1, width)
+        # A block on another device (``--device-map``) sends its output to the recorder's.
+        slot, flat = self._outputs[len(self._layers)], hidden.detach().reshape(-1, width).to(self.device)
         if self._padded:
             torch.index_select(flat, 0, self._real, out=slot)
         else:
