@@ -10,7 +10,7 @@ import torch
 import massact
 from massact.analysis.deploy import protect as protect_list
 from massact.analysis.deploy.precision import FLOAT16_MAX, rounding_step
-from massact.analysis.deploy.quant import (ActivationQuant, Setting, grid, gguf_roundtrip, int8_rows, projections, quantized_weights, rtn, rtn_rows, sweep)
+from massact.analysis.deploy.quant import (ActivationQuant, Setting, grid, gguf_roundtrip, int8_rows, projections, quantized_weights, rtn, rtn_rows, siblings, sweep)
 from massact.errors import UsageError
 from massact.report.files import write_report
 from massact.report.schema import load_protect, load_report, write_protect, write_report as report_json
@@ -124,6 +124,22 @@ def test_planted_super_weight_per_tensor_4bit(planted):
     # within the rounding of those rows; clipping the rest at z 4 cuts them, and the massive value goes.
     assert 0.8 < plain_row.kept_birth < 1.1 and 0.8 < held_row.kept_birth < 1.1
     assert abs(clipped.kept_birth) < 0.05
+
+
+def test_a_held_out_setting_after_its_plain_one_gives_what_it_gives_alone(planted):
+    """The sweep serves a "held out" setting from its plain sibling's quantized weights and quantizes again only the
+    matrix holding the super weight: its row is the row of the same setting swept alone, number for number."""
+    lm, report = planted
+    protect = protect_list.build(report)
+    before = weights_hash(lm.model)
+    plain, held, other = Setting("rtn", 4, "tensor", "plain"), Setting("rtn", 4, "tensor", "held out"), Setting("rtn", 4, "row", "held out")
+    assert siblings([plain, held, other]) == [[plain, held], [other]]
+    numbers = lambda row: (row.perplexity, row.value_birth, row.value_peak)  # noqa: E731
+    together = [numbers(row) for row in sweep(lm, protect, EVAL, "test", settings=[plain, held, other]).rows]
+    alone = [numbers(row) for row in sweep(lm, protect, EVAL, "test", settings=[held, other]).rows]
+    assert together[1:] == alone
+    assert together[0][1] != together[1][1]  # the super weight sets the plain 4-bit range: held out, the value differs
+    assert weights_hash(lm.model) == before
 
 
 def test_activation_int8_error_split(planted):

@@ -179,41 +179,72 @@ def projections(lm: LoadedModel) -> list[tuple[str, nn.Parameter, bool]]:
 def quantized_weights(
     lm: LoadedModel, quantize: Callable[[torch.Tensor], torch.Tensor], held_out: list[tuple[str, tuple[int, ...]]] = (),
     clip_z: float | None = None, skip: Callable[[torch.Tensor], bool] = lambda w: False,
-) -> Iterator[list[str]]:
+) -> Iterator[Quantized]:
     """Fake-quantize every block projection with ``quantize`` (given [..., in], returns float32 of that shape).
     ``held_out`` entries (parameter name, index as stored) are set to 0 before (so they do not stretch the range)
     and put back in full precision after; ``clip_z`` clips the rest at mean +/- z x std of each matrix first.
-    Matrices ``skip`` says no to stay in float; their names are yielded. Every weight is restored on exit."""
-    saved: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
+    Matrices ``skip`` says no to stay in float (``Quantized.skipped``). Every weight is restored on exit."""
+    done = Quantized(lm, quantize, clip_z)
+    try:
+        with torch.no_grad():
+            done.apply(held_out, skip)
+        yield done
+    finally:
+        done.restore()
+
+
+class Quantized:
+    """The block projections as ``quantized_weights`` set them, with their originals to quantize from and restore."""
+
+    def __init__(self, lm: LoadedModel, quantize: Callable[[torch.Tensor], torch.Tensor], clip_z: float | None):
+        self.lm, self.quantize, self.clip_z = lm, quantize, clip_z
+        self.skipped: list[str] = []
+        self._saved: dict[str, tuple[nn.Parameter, bool, torch.Tensor]] = {}  # name -> (parameter, transposed, original)
+
+    def apply(self, held_out: list[tuple[str, tuple[int, ...]]], skip: Callable[[torch.Tensor], bool]) -> None:
+        held = _by_name(held_out)
+        for name, parameter, transposed in projections(self.lm):
+            if skip(parameter.data.transpose(-1, -2) if transposed else parameter.data):
+                self.skipped.append(name)
+                continue
+            self._saved[name] = (parameter, transposed, parameter.data.clone())
+            self._set(name, held.get(name, []))
+
+    def hold_out(self, held_out: list[tuple[str, tuple[int, ...]]]) -> None:
+        """From a plain setting (no entries held out, no clipping) to its "held out" sibling: only the matrices that
+        hold one of ``held_out`` change, quantized again from their originals; every other one is already what the
+        sibling would make of it."""
+        with torch.no_grad():
+            for name, indices in _by_name(held_out).items():
+                if name in self._saved:  # a skipped matrix is in float, its held entries with it
+                    self._set(name, indices)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for parameter, _, original in self._saved.values():
+                parameter.data.copy_(original)
+
+    def _set(self, name: str, held: list[tuple[int, ...]]) -> None:
+        """Matrix ``name`` quantized from its original, ``held`` entries outside the range and put back after."""
+        parameter, transposed, original = self._saved[name]
+        work = original.to(torch.float32, copy=True)
+        for index in held:
+            work[index] = 0.0
+        if self.clip_z is not None:
+            mean, std = work.mean(), work.std()
+            work.clamp_(float(mean - self.clip_z * std), float(mean + self.clip_z * std))
+        done = self.quantize(work.transpose(-1, -2) if transposed else work)
+        done = done.transpose(-1, -2) if transposed else done
+        for index in held:
+            done[index] = original[index].float()
+        parameter.data.copy_(done.to(parameter.dtype))
+
+
+def _by_name(held_out: list[tuple[str, tuple[int, ...]]]) -> dict[str, list[tuple[int, ...]]]:
     held: dict[str, list[tuple[int, ...]]] = {}
     for name, index in held_out:
         held.setdefault(name, []).append(tuple(index))
-    try:
-        with torch.no_grad():
-            for name, parameter, transposed in projections(lm):
-                view = parameter.data.transpose(-1, -2) if transposed else parameter.data
-                if skip(view):
-                    skipped.append(name)
-                    continue
-                saved[name] = parameter.data.clone()
-                work = parameter.data.to(torch.float32, copy=True)
-                for index in held.get(name, []):
-                    work[index] = 0.0
-                if clip_z is not None:
-                    mean, std = work.mean(), work.std()
-                    work.clamp_(float(mean - clip_z * std), float(mean + clip_z * std))
-                view = work.transpose(-1, -2) if transposed else work
-                done = quantize(view)
-                done = done.transpose(-1, -2) if transposed else done
-                for index in held.get(name, []):
-                    done[index] = saved[name][index].float()
-                parameter.data.copy_(done.to(parameter.dtype))
-        yield skipped
-    finally:
-        with torch.no_grad():
-            for name, original in saved.items():
-                lm.model.get_parameter(name).data.copy_(original)
+    return held
 
 
 class ActivationQuant:
@@ -363,29 +394,34 @@ def sweep(
     baseline = evaluation.baseline
     rows: list[QuantRow] = []
     notes: list[str] = []
-    for setting in settings:
-        began = time.perf_counter()
-        share = None
-        if setting.method == "activation":
-            quant = ActivationQuant(lm, setting.granularity == "token", setting.variant == "massive in float")
-            with quant.active():
-                ppl, share = _windowed_perplexity(lm, windows, masks, quant)
-                quant.keep = probe_mask
-                values = read()
-        else:
-            quantize, skip = _weight_quantizer(setting)
-            with quantized_weights(lm, quantize, held if setting.variant != "plain" else [],
-                                   clip_z if setting.variant == "held out + clip" else None, skip) as skipped:
-                ppl = evaluation.score()
-                values = read()
-            if skipped and not any(setting.fmt in n for n in notes):
-                notes.append(f"{setting.fmt}: {len(skipped)} matrices whose input dim is not a multiple of "
-                             f"{gguf_block_size(setting.fmt)} stay in float (llama.cpp falls back to another type for them)")
+    def add_row(setting: Setting, ppl: float, values: dict[int, float], share: float | None, began: float) -> None:
         rows.append(QuantRow(method=setting.method, setting=setting.label, variant=_variant_words(setting, clip_z), perplexity=ppl, perplexity_ratio=ppl / baseline,
                              value_birth=values[target.born_at], value_peak=values[target.peak_block], kept_birth=_kept(values[target.born_at], base_values[target.born_at]),
                              kept_peak=_kept(values[target.peak_block], base_values[target.peak_block]), massive_error_share=share,
                              seconds=round(time.perf_counter() - began, 2)))
-        step()
+
+    for group in siblings(settings):
+        first, began = group[0], time.perf_counter()
+        if first.method == "activation":
+            quant = ActivationQuant(lm, first.granularity == "token", first.variant == "massive in float")
+            with quant.active():
+                ppl, share = _windowed_perplexity(lm, windows, masks, quant)
+                quant.keep = probe_mask
+                add_row(first, ppl, read(), share, began)
+        else:
+            quantize, skip = _weight_quantizer(first)
+            with quantized_weights(lm, quantize, held if first.variant != "plain" else [],
+                                   clip_z if first.variant == "held out + clip" else None, skip) as done:
+                add_row(first, evaluation.score(), read(), None, began)
+                for setting in group[1:]:  # the "held out" sibling of the plain setting
+                    began = time.perf_counter()
+                    done.hold_out(held)
+                    add_row(setting, evaluation.score(), read(), None, began)
+            if done.skipped and not any(first.fmt in n for n in notes):
+                notes.append(f"{first.fmt}: {len(done.skipped)} matrices whose input dim is not a multiple of "
+                             f"{gguf_block_size(first.fmt)} stay in float (llama.cpp falls back to another type for them)")
+        for _ in group:  # after the weights are restored
+            step()
     params = sum(p.numel() for _, p, _ in projections(lm))
     return Quantization(
         baseline_perplexity=baseline, eval_tokens=sum(w.shape[1] for w in windows), eval_source=eval_source, dim=target.dim, birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
@@ -393,6 +429,19 @@ def sweep(
         super_weights=[[w.parameter, list(w.index), w.value] for w in protect.super_weights], massive_tokens=int(sum(int(m.sum()) for m in masks)),
         grid=grid_name, clip_z=clip_z, rows=rows, seconds=round(time.perf_counter() - started, 1), notes=notes,
     )
+
+
+def siblings(settings: list[Setting]) -> list[list[Setting]]:
+    """``settings`` in order, a weight setting's "held out" variant right after its plain one grouped with it: the
+    plain setting's quantized weights serve the held-out one but for the matrices holding a super weight."""
+    groups: list[list[Setting]] = []
+    for setting in settings:
+        after_plain = groups and len(groups[-1]) == 1 and groups[-1][0] == dataclasses.replace(setting, variant="plain")
+        if setting.method != "activation" and setting.variant == "held out" and after_plain:
+            groups[-1].append(setting)
+        else:
+            groups.append([setting])
+    return groups
 
 
 def _windowed_perplexity(
