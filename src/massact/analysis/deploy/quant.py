@@ -202,6 +202,7 @@ class Quantized:
         self._saved: dict[str, tuple[nn.Parameter, bool, torch.Tensor]] = {}  # name -> (parameter, transposed, original)
 
     def apply(self, held_out: list[tuple[str, tuple[int, ...]]], skip: Callable[[torch.Tensor], bool]) -> None:
+        """Quantize every block projection but those ``skip`` says no to, ``held_out`` entries held out."""
         held = _by_name(held_out)
         for name, parameter, transposed in projections(self.lm):
             if skip(parameter.data.transpose(-1, -2) if transposed else parameter.data):
@@ -394,6 +395,7 @@ def sweep(
     baseline = evaluation.baseline
     rows: list[QuantRow] = []
     notes: list[str] = []
+
     def add_row(setting: Setting, ppl: float, values: dict[int, float], share: float | None, began: float) -> None:
         rows.append(QuantRow(method=setting.method, setting=setting.label, variant=_variant_words(setting, clip_z), perplexity=ppl, perplexity_ratio=ppl / baseline,
                              value_birth=values[target.born_at], value_peak=values[target.peak_block], kept_birth=_kept(values[target.born_at], base_values[target.born_at]),
