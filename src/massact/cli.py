@@ -10,11 +10,15 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .report.sections import names, section
 from .settings import DTYPES, QUANT_GRIDS, ScanSettings, whole
 from .texts import read_eval_file
+
+if TYPE_CHECKING:  # the analysis packages load only when a command needs them
+    from .analysis.deploy.results import Quantization
 
 EXIT_USAGE = 2
 
@@ -422,7 +426,7 @@ def _eval_file(path: str | None) -> str | None:
 
 def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, *, verify: bool | None,
          resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False, full: bool = False,
-         quantization=None) -> int:
+         quantization: Quantization | None = None) -> int:
     """Load, scan with ``settings`` and write the report. ``verify`` None: verify models up to 3B parameters. The
     terminal gets one screen, or with ``full`` the whole report. ``quantization``: the saved sweep, kept if this scan
     would measure it on the same inputs."""
