@@ -98,7 +98,7 @@ class BlockRecorder:
         return self.histograms, self.tops
 
     def _floors(self, layers: list[int]) -> torch.Tensor:
-        """Per block, the ``float_bits`` of the smallest |a| its top-k keeps once full (nothing below it can enter),
+        """Per block, the ``magnitude_bits`` of the smallest |a| its top-k keeps once full (nothing below it can enter),
         0 before."""
         last = magnitude_bits(self._values[layers[0] : layers[-1] + 1, -1].contiguous())
         return torch.where(self._kept[layers[0] : layers[-1] + 1] == self.k, last, 0)

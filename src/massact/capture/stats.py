@@ -86,7 +86,7 @@ def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
 
 def float_bits(magnitude: torch.Tensor) -> torch.Tensor:
     """The int32 bits of float32 magnitudes: ordered as the values for non-negative floats (NaN above inf), and
-    negative for negative floats (padding set to -1 sorts below every real |a|)."""
+    negative for negative floats (below every real |a|)."""
     return magnitude.view(torch.int32)
 
 
