@@ -61,7 +61,6 @@ class BlockRecorder:
         """A new batch: ``texts`` [batch] labels each row; ``real`` are the flat (row x length + position) indices
         of its real positions, ascending: only they enter a statistic."""
         self._texts, self._real, self._length = texts.to(self.device), real.to(self.device), length
-        self._padded = len(real) < len(texts) * length
         self._layers = []
 
     def add(self, layer: int, hidden: torch.Tensor) -> None:
@@ -75,7 +74,7 @@ class BlockRecorder:
             self._outputs = self._scratch.take("outputs", (group, rows, width), self._values)
         # A block on another device (``--device-map``) sends its output to the recorder's.
         slot, flat = self._outputs[len(self._layers)], hidden.detach().reshape(-1, width).to(self.device)
-        if self._padded:
+        if len(flat) > rows:  # padded
             torch.index_select(flat, 0, self._real, out=slot)
         else:
             slot.copy_(flat)
