@@ -74,9 +74,11 @@ class BlockRecorder:
             self._outputs = self._scratch.take("outputs", (group, rows, width), self._values)
         # A block on another device (``--device-map``) sends its output to the recorder's.
         slot, flat = self._outputs[len(self._layers)], hidden.detach().reshape(-1, width).to(self.device)
-        if len(flat) > rows:  # padded
+        if len(flat) > rows and flat.dtype == slot.dtype:  # padded: the real rows straight into the float32 slot
             torch.index_select(flat, 0, self._real, out=slot)
-        else:
+        elif len(flat) > rows:  # padded, in half precision: index_select's ``out`` takes no other dtype
+            slot.copy_(flat.index_select(0, self._real))
+        else:  # copy_ widens bfloat16 and float16 exactly
             slot.copy_(flat)
         self._layers.append(layer)
 
