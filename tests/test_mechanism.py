@@ -35,10 +35,11 @@ def _writes(model, layer: int, neuron: int, dim: int, weight: float) -> None:
 
 
 @torch.no_grad()
-def planted_chain(tokenizer):
+def planted_chain(tokenizer, erase: float = 0.999):
     """A 6-block Llama: BOS carries TRIGGER in its embedding; block 0's neuron M reads it and marks BOS in MARK; block 1's
     neuron P writes a small precursor into DIM; block 2's neurons B and C read MARK and write DIM (B x 100, C x 60: the
-    birth); block 4's neuron E reads DIM and takes 99.9% of it off (the erasure). Nothing else writes TRIGGER, MARK or DIM."""
+    birth); block 4's neuron E reads DIM and takes ``erase`` of it off (the erasure: 99.9%). Nothing else writes TRIGGER, MARK or
+    DIM."""
     config = tiny_config("llama", len(tokenizer))
     config.num_hidden_layers = 6
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def planted_chain(tokenizer):
     with massact.Trace(model, adapter, [(4, "resid_in"), (4, "mlp_act")]) as trace:
         model(ids)
     value, act = float(trace[4, "resid_in"][0, 0, DIM]), float(trace[4, "mlp_act"][0, 0, E])
-    _writes(model, 4, E, DIM, -0.999 * value / act)
+    _writes(model, 4, E, DIM, -erase * value / act)
     return model
 
 
@@ -94,6 +95,30 @@ def test_lifeline_names_each_planted_phase(chain_report):
     top = {(a.layer, a.role): a.neurons[0].neuron for a in chain_report.attribution}
     assert top == {(1, "precursor"): P, (2, "birth"): B, (4, "erasure"): E}
     assert {(o.layer, o.role, o.writer) for o in chain_report.origin} == {(1, "precursor", "mlp"), (2, "birth", "mlp"), (4, "erasure", "mlp")}
+
+
+@pytest.mark.parametrize("erase", [1.005, 2.5])
+def test_an_eraser_through_zero_keeps_the_sign_of_birth(tokenizer, erase):
+    """Block 4's eraser takes ``erase`` x the value off: at 1.005 it overshoots to -0.5% of it (not massive); at 2.5 to
+    -1.5x, massive again with the other sign and larger than the birth value (a reversal, a new event)."""
+    report = massact.scan(planted_chain(tokenizer, erase), TEXTS, tokenizer=tokenizer, min_abs=100.0, verify=False)
+    line = report.lifeline[0]
+    held = line.steps[3].value
+    assert line.steps[4].value == pytest.approx(-(erase - 1) * held, rel=1e-3)
+    assert line.sign == 1 and line.peak == pytest.approx(held) and line.peak_layer in (2, 3)
+    reversal = erase > 2
+    assert [s.phase for s in line.steps] == ["", "", "birth", "hold", "reversal" if reversal else "erasure", "hold" if reversal else "after"]
+    origins = {(o.layer, o.role): o.writer for o in report.origin}
+    assert origins == {(2, "birth"): "mlp", (4, "reversal" if reversal else "erasure"): "mlp"}
+    for (layer, _), who in origins.items():  # the lifeline's writer is the origin's at every event
+        assert line.steps[layer].writer == who
+    top = {(a.layer, a.role): (a.neurons[0].neuron, a.super_weight.row, a.super_weight.col) for a in report.attribution}
+    assert top[2, "birth"] == (B, DIM, B) and top[4, "reversal" if reversal else "erasure"] == (E, DIM, E)
+    words = " ".join(report.conclusion)
+    if reversal:
+        assert line.erased_at == [] and "At block 4 it is massive again with the other sign: block 4's MLP" in words
+    else:
+        assert line.erased_at == [4] and "Block 4 overshoots: it takes the value through zero" in words
 
 
 def test_trigger_names_the_planted_source_and_chain(chain_report):

@@ -111,3 +111,44 @@ def test_track_names_the_emergence_step_and_the_value_at_each_checkpoint(default
     assert (change["before"], change["after"]) == (0.0, pytest.approx(float(original[column])))
     assert change["matrix_mean_change"] == pytest.approx(float(original.abs().sum()) / entries, rel=1e-4)
     assert dim in data["diff"]["appear"]
+
+
+@pytest.fixture(scope="module")
+def intermediate(tmp_path_factory):
+    """The default model part way to its massive value: block 11's up_proj rows of its two writing neurons scaled by
+    0.15. Dim 507 is then born at block 11 with a few thousand, and block 28's eraser, tuned for the full value,
+    takes it through zero to a larger value of the other sign that is not massive there."""
+    lm = massact.load(None, device="cpu", log=lambda message: None)
+    with torch.no_grad():
+        lm.model.model.layers[11].mlp.up_proj.weight[[1229, 1487]] *= 0.15
+    outputs = block_outputs(lm)
+    path = tmp_path_factory.mktemp("intermediate") / "checkpoint-150"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path, outputs
+
+
+def test_an_eraser_overshooting_through_zero_keeps_the_birth_writer(intermediate, tmp_path):
+    path, outputs = intermediate
+    # The setting as the hidden states have it: born positive at block 11, and larger, negative, after block 28.
+    carrier = max(range(len(outputs[11])), key=lambda row: float(outputs[11][row, 507]))
+    birth, erased = float(outputs[11][carrier, 507]), float(outputs[28][carrier, 507])
+    assert birth > 1000 and erased < -birth  # the overshoot is larger than the birth value: the old sign came from it
+    assert main(["track", str(path), "--out", str(tmp_path / "out"), "--format", "json", "--quiet"]) == 0
+    data = json.loads((tmp_path / "out" / "track.json").read_text(encoding="utf-8"))
+    dim = next(d for d in data["checkpoints"][0]["dims"] if d["dim"] == 507)
+    assert (dim["born_at"], dim["writer"]) == (11, "mlp")
+    assert dim["neurons"][0] == 1229
+    weight = dim["super_weight"]
+    assert (weight["matrix"], weight["row"], weight["col"]) == ("model.layers.11.mlp.down_proj.weight", 507, 1229)
+    assert not any(p.startswith("growth") for p in dim["phases"]) and "erasure 28-28" in dim["phases"]
+    report = json.loads((tmp_path / "out" / "step-00000150" / "report.json").read_text(encoding="utf-8"))
+    line = next(x for x in report["lifeline"] if x["dim"] == 507)
+    assert line["sign"] == 1 and line["peak"] == pytest.approx(birth, rel=1e-3) and line["steps"][28]["phase"] == "erasure"
+    assert line["steps"][28]["value"] == pytest.approx(erased, rel=1e-3)
+    origins = {(o["layer"], o["role"]): o["writer"] for o in report["origin"] if o["dim"] == 507}
+    assert origins[11, "birth"] == "mlp" and origins[28, "erasure"] == "mlp"
+    for (layer, role), who in origins.items():  # the lifeline and the origin agree at every event
+        if role != "removal":
+            assert line["steps"][layer]["writer"] == who, (layer, role)
+    assert any("Block 28 overshoots" in c for c in report["conclusion"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .mechanism.lifeline import overshoots
 from .mechanism.moe import MoeAttribution
 from .detect.results import DimSummary
 from .mechanism.results import Lifeline, NormFactors, Phase
@@ -188,7 +189,14 @@ def _fate_words(summary: DimSummary, line: Lifeline) -> list[tuple[str, str]]:
     if growth:
         out.append(("fate", "It grows in " + ", ".join(map(_phase_words, growth)) + "."))
     erasure = [p for p in line.phases if p.name == "erasure"]
-    out.append(("erasure", ("It is erased by " + ", ".join(map(_phase_words, erasure)) + ".") if erasure else "It is never erased."))
+    reversals = [p for p in line.phases if p.name == "reversal"]
+    if erasure or not reversals:
+        out.append(("erasure", ("It is erased by " + ", ".join(map(_phase_words, erasure)) + ".") if erasure else "It is never erased."))
+    for layer in overshoots(line):
+        out.append(("erasure", f"Block {layer} overshoots: it takes the value through zero, to {short(line.steps[layer].value, True)} "
+                               "(not massive there)."))
+    for phase in reversals:
+        out.append(("erasure", f"At block {phase.first} it is massive again with the other sign: {_phase_words(phase)}."))
     medians = [r for r, cause in zip(line.removed_at, line.removal_causes) if cause == "median"]
     if medians:
         out.append(("erasure", f"The scan stops calling it massive at block {medians[0]} only because the median |a| grows there; "

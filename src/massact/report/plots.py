@@ -202,7 +202,7 @@ def attention_sinks(report: Report) -> bytes:
 
 
 _PHASE_COLOURS = {"precursor": "#fde0c5", "precursor erasure": "#d9e8fb", "birth": "#f4a6a6", "growth": "#f9c7a8",
-                  "hold": "#eeeeee", "erasure": "#a9c8f0", "after": "#f7f7f7"}
+                  "hold": "#eeeeee", "erasure": "#a9c8f0", "reversal": "#c9a9f0", "after": "#f7f7f7"}
 
 
 def lifeline(report: Report) -> bytes:

@@ -127,7 +127,7 @@ def check_model(protect: Protect, lm: LoadedModel, where: str) -> None:
                              "is this the model the list was made for?")
 
 
-WRITES = ("birth", "growth")  # the phases whose writing weights are super weights
+WRITES = ("birth", "growth", "reversal")  # the phases whose writing weights are super weights (they write a massive value)
 
 
 def super_weight_coordinates(report: Report | dict) -> list[tuple[str, tuple[int, ...], float]]:

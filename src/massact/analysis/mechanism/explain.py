@@ -11,7 +11,7 @@ from ...capture.probe import ATTN_Z, block_output, probe_block, stream_dims
 from ...models.loading import LoadedModel
 from . import anatomy as anatomy_step
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
-from .lifeline import WRITING, writers
+from .lifeline import WRITING, phase_direction, step_sign, writers
 from .moe import attribute_moe, is_moe_block
 from .norms import norm_factors
 from .origin import decomposition_gap, head_split, removal_cause, writer
@@ -35,7 +35,6 @@ class Event:
     direction: float
 
 
-_DOWN = ("precursor erasure", "erasure")  # phases that take the value off
 ROLES = WRITING + ("removal",)  # what an event (and the origin, anatomy and attribution it makes) can be
 
 
@@ -48,8 +47,8 @@ def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Life
         for layer, phase in writers(line):
             if line.steps[layer].writer == "norm":
                 continue
-            sign = (1 if line.precursor >= 0 else -1) if phase.startswith("precursor") else line.sign
-            events.append(Event(summary.dim, line.text, line.position, layer, phase, -sign if phase in _DOWN else sign))
+            direction = phase_direction(phase, step_sign(line, layer), line.precursor)
+            events.append(Event(summary.dim, line.text, line.position, layer, phase, direction))
         named = {layer for layer, _ in writers(line)}
         for removed in summary.removed_at:
             if removed in named:

@@ -15,9 +15,37 @@ from .results import Lifeline, LifelineStep, Phase
 PHASE_SHARE = 0.1  # a block grows or erases the value when it adds or takes off 10% of the peak (of the precursor before birth)
 HOLD_SHARE = 0.5  # after birth, a quiet block holds the value while it stays above half of its largest value so far
 WRITERS = ("attn", "mlp", "norm")
-# The phases a block's step can have; the first five name a block that writes or erases the dim (``writers``).
-PHASES = ("precursor", "precursor erasure", "birth", "growth", "erasure", "hold", "after")
-WRITING = PHASES[:5]
+# The phases a block's step can have; the first six name a block that writes or erases the dim (``writers``).
+# "reversal": after birth, the value is massive again with the other sign (an eraser went through zero and past the
+# threshold); the phases after it follow the new sign.
+PHASES = ("precursor", "precursor erasure", "birth", "growth", "erasure", "reversal", "hold", "after")
+WRITING = PHASES[:6]
+_DOWN = ("precursor erasure", "erasure")  # phases that take the value off
+
+
+def phase_direction(phase: str, sign: int, precursor: float) -> float:
+    """+1 or -1: the way a block of ``phase`` pushes the value (``sign``: the value's sign at that block, after any
+    reversal, the new one). A precursor's phases follow the precursor's sign; erasures push against the sign."""
+    toward = (1 if precursor >= 0 else -1) if phase.startswith("precursor") else sign
+    return -toward if phase in _DOWN else toward
+
+
+def step_sign(line: Lifeline, layer: int) -> int:
+    """The value's sign at ``layer`` after birth: ``line.sign``, turned over by each reversal up to that block."""
+    turns = sum(1 for step in line.steps[: layer + 1] if step.phase == "reversal")
+    return line.sign * (-1) ** turns
+
+
+def overshoots(line: Lifeline) -> list[int]:
+    """The erasing blocks that take the value through zero (it leaves them with the other sign, not massive)."""
+    return [step.layer for step in line.steps if step.phase == "erasure" and step.layer
+            and step.value * line.steps[step.layer - 1].value < 0]
+
+
+def _writer(step: LifelineStep, post_ln: bool, direction: float) -> str:
+    """The term that moved the value most in ``direction``: attn, mlp, or (post-LN) both LayerNorms together."""
+    parts = {"attn": step.attn, "mlp": step.mlp, "norm": step.change - step.attn - step.mlp if post_ln else 0.0}
+    return max(WRITERS, key=lambda name: parts[name] * direction)
 
 
 def main_carrier(massive: list[Massive], dim: int) -> Massive:
@@ -64,24 +92,26 @@ def build_lifeline(
         norm = values["resid_mid"][layer] - values["attn_sum"][layer] if post_ln else None
         terms = [resid_in, attn, mlp] + ([norm] if post_ln else [])
         error = max(error, abs(sum(terms) - value[layer]) / max(*map(abs, terms), abs(value[layer]), 1e-12))
-        change = value[layer] - previous
-        # What changed the value since the previous block: the branches, and in post-LN blocks both LayerNorms
-        # (the previous block's last one, which made resid_in, and this block's first).
-        parts = {"attn": attn, "mlp": mlp, "norm": change - attn - mlp if post_ln else 0.0}
-        direction = 1.0 if change >= 0 else -1.0
-        writer = max(WRITERS, key=lambda name: parts[name] * direction)
         massive = criterion.is_massive(value[layer], medians[layer])
-        steps.append(LifelineStep(layer=layer, resid_in=resid_in, attn=attn, mlp=mlp, value=value[layer], resid_out=values["resid_out"][layer], change=change, writer=writer,
-                                  median=medians[layer], massive=massive, phase="", norm=norm))
+        step = LifelineStep(layer=layer, resid_in=resid_in, attn=attn, mlp=mlp, value=value[layer], resid_out=values["resid_out"][layer],
+                            change=value[layer] - previous, writer="", median=medians[layer], massive=massive, phase="", norm=norm)
+        # What changed the value since the previous block: the branches, and in post-LN blocks both LayerNorms (the
+        # previous block's last one, which made resid_in, and this block's first). A phase judges it again below.
+        step.writer = _writer(step, post_ln, 1.0 if step.change >= 0 else -1.0)
+        steps.append(step)
         previous = value[layer]
 
-    peak_layer = max(range(n), key=lambda layer: abs(value[layer]))
-    peak, sign = value[peak_layer], 1 if value[peak_layer] >= 0 else -1
     born = summary.born_at
+    # The value's sign is its sign where it is first massive at this carrier (the birth block, or after it when this
+    # carrier grows massive later): an eraser that overshoots through zero must not turn the sign over.
+    first = next((s.layer for s in steps[born:] if s.massive), born)
+    sign = 1 if value[first] >= 0 else -1
+    peak_layer = max(range(born, n), key=lambda layer: value[layer] * sign)
+    peak = value[peak_layer]
     before = max(range(born), key=lambda layer: abs(value[layer]), default=None)
     precursor = value[before] if before is not None else 0.0
     has_precursor = abs(precursor) >= criterion.min_abs
-    running = 0.0
+    running, current = 0.0, sign
     for step in steps:
         if step.layer < born:
             toward = step.change * (1 if precursor >= 0 else -1)
@@ -89,17 +119,20 @@ def build_lifeline(
                 step.phase = "precursor"
             elif has_precursor and toward <= -PHASE_SHARE * abs(precursor):
                 step.phase = "precursor erasure"
-            continue
-        running = max(running, step.value * sign)
-        toward = step.change * sign
-        if step.layer == born:
+        elif step.layer == born:
             step.phase = "birth"
-        elif toward >= PHASE_SHARE * abs(peak):
+        elif step.massive and step.value * current < 0:  # massive again, with the other sign: a new life
+            step.phase, current, running = "reversal", -current, 0.0
+        elif step.change * current >= PHASE_SHARE * abs(peak):
             step.phase = "growth"
-        elif toward <= -PHASE_SHARE * abs(peak):
+        elif step.change * current <= -PHASE_SHARE * abs(peak):
             step.phase = "erasure"
         else:
-            step.phase = "hold" if step.value * sign >= HOLD_SHARE * running else "after"
+            step.phase = "hold" if step.value * current >= HOLD_SHARE * running else "after"
+        if step.layer >= born:
+            running = max(running, step.value * current)
+        if step.phase in WRITING:  # judged in the phase's own direction, as the origin judges the same block
+            step.writer = _writer(step, post_ln, phase_direction(step.phase, current, precursor))
 
     causes = [removal_cause(value[r], medians[r - 1], criterion) for r in summary.removed_at]
     return Lifeline(

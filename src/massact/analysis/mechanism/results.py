@@ -274,8 +274,10 @@ class Lifeline:
     Phases, per block: ``precursor`` (before the birth block, a write of at least 10% of the largest value the dim
     reaches before birth, when that is at least min_abs: a smaller value of its own sign, written early),
     ``precursor erasure`` (before birth, taking at least 10% of it off), ``birth``, ``growth`` (after birth, adding at
-    least 10% of the peak), ``erasure`` (taking at least 10% of the peak off), ``hold`` (neither, while the value
-    stays above half its peak), ``after`` (what is left after the erasure). ``removed_at`` are the blocks where the
+    least 10% of the peak), ``erasure`` (taking at least 10% of the peak off; it may overshoot through zero),
+    ``reversal`` (massive again with the other sign: the phases after it follow that sign), ``hold`` (neither, while
+    the value stays above half its peak), ``after`` (what is left after the erasure). ``sign`` is the value's sign
+    where it is first massive at this carrier, and ``peak`` its largest value in that sign from birth on. ``removed_at`` are the blocks where the
     scan stops calling it massive (``cause`` per block: "value" fell, or the "median" grew past it); ``erased_at`` the
     blocks that really take it off. ``error``: the largest relative gap of a block's terms to its value.
     """
