@@ -3,6 +3,8 @@
 The first run converts the GGUF file (about 15-45 s) and caches it; later runs load in about a second.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -209,3 +211,33 @@ def test_the_page_stays_small_and_holds_the_token_view(report):
     assert len(page.encode("utf-8")) < 2_000_000  # one file, figures and data embedded
     strongest = max(report.dims, key=lambda d: abs(d.max_value))
     assert report.token_values.dims[0] == strongest.dim and '"tokens":{"dims":[' in page
+
+
+def test_the_page_opens_the_lifeline_on_the_main_dim_with_round_ticks(smol, tmp_path):
+    """In a headless browser, on the built-in texts (dims 247 and 507): the lifeline chart opens on the strongest dim,
+    not the first by number, and its linear axis is labelled at round numbers (1, 2 or 5 x a power of ten, equally
+    spaced; it read 1.97k, 451, -307)."""
+    import re
+
+    from test_visual import BROWSER, _dom
+    from massact.report.html import to_html
+
+    if BROWSER is None:
+        pytest.skip("no Chromium here (make test installs it when run as root)")
+    report = massact.scan(smol, None, verify=False)
+    assert len(report.dims) >= 2  # there is a choice to get wrong
+    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    page = tmp_path / "report.html"
+    page.write_text(to_html(report, {}), encoding="utf-8")
+    dom = _dom(page, tmp_path)
+    options = re.findall(r'<option value="(\d+)">dim (\d+)</option>', re.search(r'<select id="fig-dim">(.*?)</select>', dom).group(1))
+    assert options[0] == ("0", str(strongest.dim))
+    svg = re.search(r'<div id="fig-lifeline" class="fig">(.*?)</svg>', dom, re.S).group(1)
+    ticks = [re.sub(r"k$", "e3", t) for t in re.findall(r'text-anchor="end">([^<]+)</text>', svg)]
+    values = [float(t) for t in ticks]
+    gaps = {round(b - a, 6) for a, b in zip(values, values[1:])}
+    assert len(values) >= 3 and len(gaps) == 1, ticks
+    gap = gaps.pop()
+    mantissa = gap / 10 ** math.floor(math.log10(gap))
+    assert round(mantissa, 6) in (1.0, 2.0, 5.0) and all(round(v / gap, 6).is_integer() for v in values), ticks
+    assert f"value of dim {strongest.dim}" in svg

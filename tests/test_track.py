@@ -14,6 +14,7 @@ import torch
 
 import massact
 from conftest import plant_mlp, tiny_config, tiny_model, weights_hash
+from test_visual import assert_policy
 from massact.cli import main
 from massact.errors import UsageError
 from massact.texts import DEFAULT_TEXTS
@@ -66,6 +67,7 @@ def test_planted_birth_block_moves(tracked):
         assert (tracked / name).is_file(), name
     assert not (tracked / "track_sink.png").exists()  # no --verify: the sink is not measured, so not drawn
     page = (tracked / "track.html").read_text(encoding="utf-8")
+    assert_policy(page)  # the report page's policy: no request, only its own scripts
     assert page.count('src="data:image/png;base64,') == len(list(tracked.glob("track_*.png"))) == 5
     assert "its birth moves from block 2 to block 1 at step 300" in page
     # Each checkpoint's full report, in its own folder, is the report massact scan writes.

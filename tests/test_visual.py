@@ -1,6 +1,7 @@
 """Figures, the HTML page (also in a real headless browser), --format, and massact compare."""
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -128,11 +129,34 @@ window.addEventListener("load", function () {
 </script></body>"""
 
 
+def _digest(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def _allowed(page: str, ending: str) -> str:
+    """The page with its "</body>" replaced by ``ending`` (a <script> element, then "</body>"), that script's hash
+    added to the policy: how the test plays an interaction in the page."""
+    script = re.search(r"<script>(.*)</script>", ending, re.S).group(1)
+    return page.replace("script-src ", f"script-src {_digest(script)} ", 1).replace("</body>", ending)
+
+
+def assert_policy(page: str) -> None:
+    """The page forbids every request and runs only its own inline scripts and styles, each allowed by its hash."""
+    csp = html.unescape(re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', page).group(1))
+    rules = dict(rule.strip().split(" ", 1) for rule in csp.split(";"))
+    assert rules["default-src"] == "'none'" and rules["img-src"] == "data:" and "unsafe" not in csp
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)  # the JSON data block is not run: it needs no hash
+    styles = re.findall(r"<style>(.*?)</style>", page, re.S)
+    assert scripts and styles
+    assert rules["script-src"].split() == [_digest(s) for s in scripts] and rules["style-src"].split() == [_digest(s) for s in styles]
+
+
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium here (make test installs it when run as root)")
 def test_token_view_hover_and_block_slider_in_a_headless_browser(verified, tmp_path):
     page = to_html(verified, {})
+    assert_policy(page)
     played = tmp_path / "played.html"
-    played.write_text(page.replace("</body>", _INTERACT), encoding="utf-8")
+    played.write_text(_allowed(page, _INTERACT), encoding="utf-8")
     dom = _dom(played, tmp_path)
     values = verified.token_values
     assert values.dims[0] == DIM and _attribute(dom, "data-test-block") == str(LAYER)  # opens at the birth block
@@ -146,6 +170,13 @@ def test_token_view_hover_and_block_slider_in_a_headless_browser(verified, tmp_p
     leaky = tmp_path / "leaky.html"  # the check does see a request the policy refuses
     leaky.write_text(page.replace("</main>", '<img src="http://127.0.0.1:9/x.png"></main>'), encoding="utf-8")
     assert _attribute(_dom(leaky, tmp_path), "data-refused") == "1"
+
+    injected = tmp_path / "injected.html"  # a script that got into the page without the policy's hash does not run
+    injected.write_text(page.replace("</main>", '<script>document.body.setAttribute("data-injected", "ran")</script></main>'),
+                        encoding="utf-8")
+    dom = _dom(injected, tmp_path)
+    assert _attribute(dom, "data-refused") == "1" and "data-injected" not in re.search(r"<body[^>]*>", dom).group(0)
+    assert _attribute(dom, "data-ready") == "1"  # the page's own script still ran
 
 
 run = run_massact
@@ -186,5 +217,7 @@ def test_compare_two_saved_reports(saved_reports, tmp_path):
         assert f"{DIM} (block {born}, MLP)" in page
         assert directory.name in page
     assert "removes it" in page  # the verified GPT-2 column carries its ablation result
+    assert_policy(page)  # the same policy as the report's page
+    assert_policy((saved_reports[0] / "report.html").read_text(encoding="utf-8"))
     assert_png((tmp_path / "cmp" / "compare_profiles.png").read_bytes())
     assert run("compare", tmp_path / "nowhere").returncode == 2

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..analysis.results import Report
 from .atomic import write_set
+from .html import head
 from .plots import DPI, FIG_SIZE, png_bytes
 from .schema import load_report
 
@@ -75,20 +76,16 @@ def write_compare(directories: list[Path], out: Path) -> list[Path]:
     reports = [load_report(d) for d in directories]  # every field checked while it is built
     columns = [summary(r) for r in reports]
     keys = list(dict.fromkeys(key for column in columns for key in column))
-    head = "".join(f"<th>{html.escape(c['model'])}<br><small>{html.escape(str(d))}</small></th>" for c, d in zip(columns, directories))
+    head_row = "".join(f"<th>{html.escape(c['model'])}<br><small>{html.escape(str(d))}</small></th>" for c, d in zip(columns, directories))
     body = "".join(
         f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{html.escape(c.get(k, '-'))}</td>" for c in columns) + "</tr>" for k in keys
     )
     png = profiles(reports, [f"{r.model.name} ({d.name})" for r, d in zip(reports, directories)])
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>massact comparison</title>
-<style>body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1280px; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }}
-img {{ max-width: 100%; height: auto; }}</style></head>
-<body><h1>massact comparison of {len(reports)} reports</h1>
-<table><tr><th></th>{head}</tr>{body}</table>
+    page = f"""{head(f"massact comparison of {len(reports)} reports")}<body><main>
+<h1>massact comparison of {len(reports)} reports</h1>
+<div class="scroll"><table class="data"><tr><th></th>{head_row}</tr>{body}</table></div>
 <figure><img src="data:image/png;base64,{base64.b64encode(png).decode('ascii')}" alt="layer profiles overlaid by depth">
 <figcaption>Layer profiles, overlaid by depth (compare_profiles.png)</figcaption></figure>
-</body></html>
+</main></body></html>
 """
     return write_set(out, {"compare.html": page, "compare_profiles.png": png})

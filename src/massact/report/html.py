@@ -8,9 +8,11 @@ numbers, embedded as JSON. A Content-Security-Policy forbids every request, so t
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from importlib import resources
 
@@ -28,8 +30,17 @@ from .text import header, section_renderables
 
 SHOWN_TEXTS = 20  # texts listed in the settings table; the JSON has every text the report points at
 FOLDED_ROWS = 12  # tables longer than this start folded
-# Nothing may be fetched: no network, no other file. Images only from data: URIs, scripts and styles only inline.
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+def policy(scripts: Iterable[str], styles: Iterable[str]) -> str:
+    """A page's Content-Security-Policy: nothing may be fetched (no network, no other file; images only from data:
+    URIs), and only the page's own inline ``scripts`` and ``styles`` run, each allowed by its sha256, so that a script
+    that ever got into the page would not run."""
+    def digest(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+    return (f"default-src 'none'; img-src data:; style-src {' '.join(map(digest, styles))}; "
+            f"script-src {' '.join(map(digest, scripts))}")
 
 
 # Counts, for a reader and for the browser test, what the page asked for that the policy refused, the requests it made
@@ -47,12 +58,14 @@ window.addEventListener("load", function () {
 """
 
 
-def head(title: str) -> str:
-    """A page's start, up to its body: the policy that forbids every request, the style, the watcher."""
+def head(title: str, scripts: Sequence[str] = ()) -> str:
+    """A page's start, up to its body: the policy (``policy``) that forbids every request and runs only the page's own
+    style, watcher and ``scripts`` (the inline scripts that come later in its body, each exactly as written there)."""
+    style = asset("page.css")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<title>{html.escape(title)}</title><style>{asset("page.css")}</style>
+<meta http-equiv="Content-Security-Policy" content="{policy([WATCH, *scripts], [style])}">
+<title>{html.escape(title)}</title><style>{style}</style>
 <script>{WATCH}</script></head>
 """
 
@@ -176,7 +189,8 @@ def page_data(report: Report) -> dict:
     """What the page's JavaScript draws: the layer profile, each dim's lifeline, the trigger's sources, the token view."""
     layers = [{"block": s.layer, "median": s.median, "top": [[e.value, e.dim] for e in s.top[:3]]} for s in report.layers]
     lifelines = [{"dim": x.dim, "born": x.born_at, "erased": x.erased_at, "token": x.token, "position": x.position, "text": x.text,
-                  "steps": [[st.layer, st.value, st.attn, st.mlp, st.resid_in] for st in x.steps]} for x in report.lifeline]
+                  "steps": [[st.layer, st.value, st.attn, st.mlp, st.resid_in] for st in x.steps]}
+                 for x in sorted(report.lifeline, key=lambda line: -abs(line.peak))]  # the main dim first: the chart opens on it
     triggers = [{"dim": t.dim, "layer": n.layer, "neuron": n.neuron, "site": s.site, "token": t.token, "position": t.position,
                  "sources": [[p.source, p.here, p.others_mean] for p in s.sources[:10]]}
                 for t in report.trigger for n in t.neurons[:1] for s in n.splits[:1]]
@@ -202,7 +216,8 @@ def to_html(report: Report, pngs: dict[str, bytes]) -> str:
     body = "".join(f'<section id="{key}"><h2>{html.escape(heading)}</h2>{content}</section>' for key, heading, content in sections)
     intro = html.escape(str(header(report, plain=True)[1]))
     data = json.dumps(page_data(report), ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-    return f"""{head(title)}<body>
+    script = asset("page.js")
+    return f"""{head(title, [script])}<body>
 <nav id="toc"><b>Contents</b><ul>{nav}</ul></nav>
 <main>
 <h1>{html.escape(title)}</h1>
@@ -226,6 +241,6 @@ for the value. Sink tokens are outlined. Only the first tokens of a few texts ar
 <section id="settings"><h2>Settings</h2>{_settings(report)}</section>
 </main>
 <script type="application/json" id="massact-data">{data}</script>
-<script>{asset("page.js")}</script>
+<script>{script}</script>
 </body></html>
 """

@@ -125,8 +125,14 @@
     series.forEach(function (s) { s.values.forEach(function (v) { if (v !== null && (!log || Math.abs(v) > 0)) values.push(log ? Math.abs(v) : v); }); });
     if (!values.length) { element.textContent = "No data."; return; }
     var lo = Math.min.apply(null, values), hi = Math.max.apply(null, values);
+    var tick = 0;  // a linear axis: round ticks (1, 2 or 5 x a power of ten), the ends on them
     if (log) { lo = Math.pow(10, Math.floor(Math.log10(lo))); hi = Math.pow(10, Math.ceil(Math.log10(hi))); }
-    else { lo = Math.min(0, lo); hi = Math.max(0, hi); if (hi === lo) hi = lo + 1; }
+    else {
+      lo = Math.min(0, lo); hi = Math.max(0, hi); if (hi === lo) hi = lo + 1;
+      var rough = (hi - lo) / 4, power = Math.pow(10, Math.floor(Math.log10(rough)));
+      tick = power * [1, 2, 5, 10].filter(function (m) { return m * power >= rough; })[0];
+      lo = Math.floor(lo / tick) * tick; hi = Math.ceil(hi / tick) * tick;
+    }
     var pw = W - M.left - M.right, ph = H - M.top - M.bottom, step = pw / n;
     var x = function (i) { return M.left + step * (i + 0.5); };
     var y = function (v) {
@@ -136,7 +142,7 @@
     var out = ['<svg width="' + W + '" height="' + H + '" viewBox="0 0 ' + W + " " + H + '" font-size="11">'];
     var ticks = [];
     if (log) for (var e = Math.log10(lo); e <= Math.log10(hi) + 1e-9; e++) ticks.push(Math.pow(10, e));
-    else for (var k = 0; k <= 4; k++) ticks.push(lo + (hi - lo) * k / 4);
+    else for (var k = 0; lo + k * tick <= hi + tick * 1e-9; k++) ticks.push(+(lo + k * tick).toPrecision(12));
     ticks.forEach(function (t) {
       out.push('<line x1="' + M.left + '" x2="' + (W - M.right) + '" y1="' + y(t) + '" y2="' + y(t) + '" stroke="#eee"/>');
       out.push('<text x="' + (M.left - 6) + '" y="' + (y(t) + 4) + '" text-anchor="end">' + fmt(t) + "</text>");
