@@ -18,7 +18,7 @@ from .settings import DTYPES, QUANT_GRIDS, ScanSettings, whole
 from .texts import read_eval_file
 
 if TYPE_CHECKING:  # the analysis packages load only when a command needs them
-    from .analysis.deploy.results import Quantization
+    from .analysis.results import Report
 
 EXIT_USAGE = 2
 
@@ -133,14 +133,15 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
         return EXIT_USAGE
     except BaseException as error:
         # Ctrl-C can land inside a library's lazy import, which then raises its own error (ModuleNotFoundError)
-        # instead of KeyboardInterrupt: whatever it became, an interrupt is one line and exit 130.
+        # instead of KeyboardInterrupt: whatever it became, an interrupt is one line and exit 128 + the signal.
         if not (interrupted or isinstance(error, KeyboardInterrupt)):
             raise
-        print("massact: interrupted", file=sys.stderr)
-        return 130
+        signum = interrupted[0] if interrupted else signal.SIGINT
+        print(_STOPPED[signum], file=sys.stderr)
+        return 128 + signum
     finally:
-        if previous is not None:  # called from Python (a test, a notebook): give Ctrl-C back to the caller
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():  # called from Python (a test, a notebook): the caller's handlers back
+            signal.signal(signum, handler)
 
 
 def run() -> None:
@@ -157,25 +158,30 @@ def _importing(frame) -> bool:
     return False
 
 
-def _on_interrupt(process: bool) -> tuple[list[int], object]:
-    """Note every SIGINT (in the returned list) and raise KeyboardInterrupt, as Python's own handler does; also the
-    handler it replaced (None off the main thread, where none is set).
+# What a stop says: Ctrl-C, or SIGTERM (what a batch scheduler sends before it kills a job). A scan run with
+# --checkpoint-every keeps its last saved state, so a preempted job resumes with --resume.
+_STOPPED = {signal.SIGINT: "massact: interrupted", signal.SIGTERM: "massact: terminated (SIGTERM)"}
 
-    In massact's own process an interrupt inside an import ends it at once instead: the import may be running under
-    a compiled extension's initialisation (torch's), where a Python exception aborts the interpreter with a C++
+
+def _on_interrupt(process: bool) -> tuple[list[int], dict[int, object]]:
+    """Note every SIGINT and SIGTERM (in the returned list) and raise KeyboardInterrupt, as Python's own handler does
+    for SIGINT; also the handlers it replaced (none off the main thread, where none is set).
+
+    In massact's own process a stop inside an import ends it at once instead: the import may be running under a
+    compiled extension's initialisation (torch's), where a Python exception aborts the interpreter with a C++
     traceback. An import writes none of our files, so nothing is lost."""
     seen: list[int] = []
 
     def handler(signum, frame):
         seen.append(signum)
         if process and _importing(frame):
-            print("massact: interrupted", file=sys.stderr, flush=True)
-            os._exit(130)
+            print(_STOPPED[signum], file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
-        return seen, None
-    return seen, signal.signal(signal.SIGINT, handler)
+        return seen, {}
+    return seen, {signum: signal.signal(signum, handler) for signum in _STOPPED}
 
 
 VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few dozen times: fine up to a few B
@@ -227,16 +233,16 @@ def _track(args) -> int:
     formats = parse_formats(args.format)
     journals = [spec for spec in args.specs if spec.endswith(".jsonl")]
     check_writable(args.out)
+    log = _log(args.quiet)  # before any SPEC is read: it also quiets transformers, whose config warnings come first
     if journals:
         if len(journals) < len(args.specs):
             raise UsageError("a track is either monitor .jsonl files or checkpoints, not both")
-        track = monitor.timeline([r for path in journals for r in monitor.read_records(Path(path))], ", ".join(journals))
+        track = monitor.timeline(monitor.read_journals([Path(path) for path in journals]), ", ".join(journals))
     else:
         checkpoints = specs.expand(args.specs)  # every SPEC checked before any model loads
         file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
         texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
         texts.check()
-        log = _log(args.quiet)  # before any load: it also quiets transformers
         with _progress(_bars(args.quiet)) as progress:
             track = run(checkpoints, texts, settings, args.out, log, progress, formats)
         if track is None:  # another process of a multi-process launch writes the track
@@ -294,8 +300,10 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
     protect = load_protect(args.protect) if args.protect else protect_list.build(report)
     lm = load(report.model.source, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
-    # The model at the report's source must still be the one it was made with: its super weights, as saved.
-    protect_list.check_model(protect, lm, str(args.protect or directory / "report.json"))
+    # The model at the report's source must still be the one it was made with: its weights and super weights, as saved.
+    protect_list.check_report_model(report, lm, str(directory / "report.json"))
+    if args.protect:
+        protect_list.check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
         report.quantization = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress)
@@ -381,7 +389,7 @@ def _verify(args) -> int:
     texts.check()
     formats = parse_formats(args.format)
     return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True, full=args.full,
-                quantization=saved.quantization)
+                saved=saved)
 
 
 def _show(args) -> int:
@@ -426,10 +434,11 @@ def _eval_file(path: str | None) -> str | None:
 
 def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, *, verify: bool | None,
          resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False, full: bool = False,
-         quantization: Quantization | None = None) -> int:
+         saved: Report | None = None) -> int:
     """Load, scan with ``settings`` and write the report. ``verify`` None: verify models up to 3B parameters. The
-    terminal gets one screen, or with ``full`` the whole report. ``quantization``: the saved sweep, kept if this scan
-    would measure it on the same inputs."""
+    terminal gets one screen, or with ``full`` the whole report. ``saved``: the report this scan re-runs (``massact
+    verify``), whose model the loaded one must be; its quantization sweep is kept if this scan would measure it on
+    the same inputs."""
     from .models.loading import load
     from .pipeline import scan
     from .report import summary
@@ -439,6 +448,12 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
     log = _log(quiet)
     lm = load(model, dtype=settings.dtype, device=settings.device, log=log, device_map=device_map,
               trust_remote_code=trust_remote_code)
+    quantization = None
+    if saved is not None:
+        from .analysis.deploy.protect import check_report_model
+
+        check_report_model(saved, lm, str(out / "report.json"))
+        quantization = saved.quantization
     if verify is None:
         verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
         if not verify:

@@ -33,6 +33,7 @@ from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
 from .errors import UsageError
 from .models.adapters.base import weight_out_in
+from .models.identity import weights_sha256
 from .models.loading import LoadedModel, load, wrap
 from .settings import Criterion, ScanSettings
 from .texts import Corpus, read_eval_file
@@ -213,6 +214,8 @@ def check_arguments(model, texts, tokenizer, settings) -> None:
         raise TypeError(f"model must be a model name or path, a LoadedModel or a transformers model, not {type(model).__name__}")
     if isinstance(texts, (str, bytes)) or not (texts is None or isinstance(texts, (Corpus, list, tuple))):
         raise TypeError(f"texts must be a list of strings (e.g. [\"Hello\"]), not {type(texts).__name__}")
+    if isinstance(texts, (list, tuple)) and not texts:
+        raise ValueError("texts is empty: give at least one text, or None for the built-in sentences")
     for index, text in enumerate(() if texts is None or isinstance(texts, Corpus) else texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] must be a string, not {type(text).__name__}")
@@ -317,6 +320,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         source=lm.source,
         stream=lm.adapter.stream,
         notes=lm.adapter.notes,
+        weights_sha256=weights_sha256(lm.model),
     )
 
 

@@ -25,9 +25,10 @@ class ModelInfo:
     gated: bool
     dtype: str
     device: str
-    source: str | None = None
+    source: str | None = None  # what was loaded: a hub id, a path, or None for the embedded default
     stream: str = "resid_out"  # the site massive activations are detected in (resid_sum for post-LN blocks)
-    notes: str = ""  # what the family's blocks do differently (parallel, sandwich norms, post-LN)  # what was loaded: a hub id, a path, or None for the embedded default
+    notes: str = ""  # what the family's blocks do differently (parallel, sandwich norms, post-LN)
+    weights_sha256: str | None = None  # models.identity's digest of the weights scanned (in ``dtype``)
 
 
 

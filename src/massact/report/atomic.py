@@ -28,7 +28,8 @@ from ..errors import UsageError
 _STAGING = re.compile(r"^\.(?P<name>.+)\.massact-(?P<pid>\d+)$")  # a staging directory: .<out name>.massact-<pid>
 # Files massact writes in an output directory (with their hidden partials): replaced by a new set, never carried.
 _PARTIAL = re.compile(r"^\..*\.partial(-\d+)?$")
-_OWN = re.compile(r"^(report\.(txt|json|html)|protect\.json|quantization\.(json|txt)|compare\.html|compare_profiles\.png|scan-state\.pt.*)$")
+_OWN = re.compile(r"^(report\.(txt|json|html)|protect\.json|quantization\.(json|txt)|compare\.html|compare_profiles\.png|"
+                  r"track\.(json|txt|html)|track_\w+\.png|scan-state\.pt.*)$")
 
 
 def _own(name: str) -> bool:
@@ -79,7 +80,7 @@ def write_set(out: Path, contents: dict[str, str | bytes], keep: bool = False) -
         real.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale(real)
         if not _write_swapped(real, contents, keep):
-            _write_in_place(real, contents)
+            _write_in_place(real, contents, keep)
     except OSError as error:
         raise UsageError(f"cannot write the report to {out}: {error.strerror or error}") from None
     return [Path(out) / name for name in contents]
@@ -112,8 +113,10 @@ def _write_swapped(out: Path, contents: dict[str, str | bytes], keep: bool) -> b
         shutil.rmtree(staging, ignore_errors=True)  # unfinished, or after the exchange the previous set
 
 
-def _write_in_place(out: Path, contents: dict[str, str | bytes]) -> None:
-    """Each file whole: every partial written first, then renamed, report.json last; partials removed on error."""
+def _write_in_place(out: Path, contents: dict[str, str | bytes], keep: bool) -> None:
+    """Each file whole: every partial written first, then renamed, report.json last; partials removed on error. Then,
+    unless ``keep``, massact's own files of the previous set that this one does not write are removed, as the
+    exchange would have taken them away (a track's old track.html beside a new --format json track)."""
     out.mkdir(parents=True, exist_ok=True)
     partials = {name: out / f".{name}.partial-{os.getpid()}" for name in contents}
     try:
@@ -124,6 +127,10 @@ def _write_in_place(out: Path, contents: dict[str, str | bytes]) -> None:
     finally:
         for partial in partials.values():
             partial.unlink(missing_ok=True)
+    if not keep:
+        for entry in os.scandir(out):
+            if entry.name not in contents and _own(entry.name) and not _PARTIAL.match(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
 
 
 def _write(path: Path, content: str | bytes) -> None:

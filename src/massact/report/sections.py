@@ -44,8 +44,11 @@ EXTRAS: tuple[Section, ...] = (Section("warnings", "Warnings"), Section("conclus
 
 def section(key: str) -> Section:
     """The section named ``key`` (a key such as 'trigger', or its number as text); KeyError for neither."""
-    for s in SECTIONS + EXTRAS:
-        if key in (s.key, str(s.number if s in SECTIONS else "")):
+    for s in SECTIONS:
+        if key in (s.key, str(s.number)):
+            return s
+    for s in EXTRAS:  # unnumbered: by name only
+        if key == s.key:
             return s
     raise KeyError(key)
 

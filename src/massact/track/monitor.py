@@ -60,22 +60,34 @@ def log_figures(record: dict) -> dict[str, float]:
 
 class Monitor:
     """Scans ``texts`` (default: the built-in sentences) every ``every`` steps; ``path``: the JSONL file appended to
-    (None: nothing written). The massive test is ``criterion``'s (default |a| >= 100 and >= 1000 x the median)."""
+    (None: nothing written). The massive test is ``criterion``'s (default |a| >= 100 and >= 1000 x the median).
+    Every argument is checked here, so that a bad one fails before training starts, not in the middle of it."""
 
     def __init__(self, tokenizer, texts: Sequence[str] = DEFAULT_TEXTS, every: int = EVERY, path: str | Path | None = None,
                  criterion: Criterion | None = None, batch_size: int = 8):
-        if every < 1:
-            raise ValueError("every must be at least 1")
-        if not texts or isinstance(texts, str):
+        _count("every", every)
+        _count("batch_size", batch_size)
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts or \
+                not all(isinstance(text, str) for text in texts):
             raise ValueError("texts must be a non-empty list of strings")
+        if criterion is not None and not isinstance(criterion, Criterion):
+            raise TypeError(f"criterion must be a massact Criterion, not {type(criterion).__name__}")
         self.tokenizer, self.every, self.batch_size = tokenizer, every, batch_size
         self.texts = list(texts)
         self.ids = [tokenizer(text, return_tensors="pt").input_ids for text in self.texts]
+        empty = next((i for i, ids in enumerate(self.ids) if ids.shape[1] == 0), None)
+        if empty is not None:
+            raise ValueError(f"texts[{empty}] has no tokens")
         self.path = None if path is None else Path(path)
+        if self.path is not None:
+            _check_appendable(self.path)
         self.criterion = criterion or Criterion()
 
     def step(self, model: nn.Module, step: int) -> dict | None:
-        """At a multiple of ``every``: measure, append the record to the file and return it; else None."""
+        """At a multiple of ``every``: measure, append the record to the file and return it; else None. The model is
+        checked at every call, so that a wrong one fails at once, not at the first multiple of ``every``."""
+        _check_model(model)
+        _count("step", step, least=0)
         if step % self.every:
             return None
         record = self.measure(model, step)
@@ -84,14 +96,17 @@ class Monitor:
 
     @torch.no_grad()
     def measure(self, model: nn.Module, step: int) -> dict:
-        """The record of ``model`` now: scanned in eval mode without grad, then put back in the mode it was in."""
-        training = model.training
+        """The record of ``model`` now: scanned in eval mode without grad, then every module put back in the mode it
+        was in (a frozen submodule in eval mode inside a model in train mode stays in eval mode)."""
+        adapter = _check_model(model)
+        modes = [(module, module.training) for module in model.modules()]
         model.eval()
         try:
-            lm = LoadedModel(model, self.tokenizer, adapter_for(model.config), "monitor")
+            lm = LoadedModel(model, self.tokenizer, adapter, "monitor")
             scan = scan_layers(lm, iter(self.ids), CANDIDATES, batch_size=self.batch_size)
         finally:
-            model.train(training)
+            for module, training in modes:
+                module.training = training
         return asdict(MonitorRecord(step=int(step), texts=len(self.texts), blocks=block_figures(scan, self.criterion),
                                     criterion=Criterion(min_abs=self.criterion.min_abs, min_ratio=self.criterion.min_ratio)))
 
@@ -135,6 +150,64 @@ class MassactCallback(TrainerCallback):
             control.should_log = wanted
 
 
+def _count(name: str, value, least: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be a whole number of at least {least}, not {value!r}")
+
+
+def _check_model(model) -> object:
+    """The model's adapter; a TypeError naming the argument when ``model`` is not a supported transformers model."""
+    from ..errors import UsageError
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers model (with a config), not {type(model).__name__}")
+    try:
+        return adapter_for(model.config)
+    except UsageError as error:
+        raise TypeError(f"model: {error}") from None
+
+
+def _check_appendable(path: Path) -> None:
+    """A ValueError naming ``path`` when the monitor could not append to it: tried once now (a file made for the try is
+    removed again), not at the first record in the middle of training."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise ValueError(f"path {str(path)!r} cannot be appended to: {error.strerror or error}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def read_journals(paths: Sequence[Path]) -> list[dict]:
+    """The records of one or more monitor JSONL files, by step, as one timeline: refused in one line where they cannot
+    be one (records of different block counts or criteria, a step recorded twice)."""
+    from ..errors import UsageError
+
+    found = [(path, record) for path in paths for record in read_records(path)]
+    first_path, first = found[0]
+    for path, record in found:
+        if len(record["blocks"]) != len(first["blocks"]):
+            raise UsageError(f"{path}: step {record['step']} has {len(record['blocks'])} blocks, {first_path} step {first['step']} "
+                             f"{len(first['blocks'])}: the records are of different models")
+        if _criterion(record) != _criterion(first):
+            raise UsageError(f"{path}: step {record['step']} was measured with another criterion ({_criterion(record)}) than "
+                             f"{first_path} step {first['step']} ({_criterion(first)}); track them apart")
+    seen: dict[int, Path] = {}
+    for path, record in found:
+        if record["step"] in seen:
+            raise UsageError(f"step {record['step']} is recorded twice ({seen[record['step']]} and {path}): a track needs one "
+                             "record per step (a restarted run appending to the same file? split the file)")
+        seen[record["step"]] = path
+    return sorted((record for _, record in found), key=lambda r: r["step"])
+
+
+def _criterion(record: dict) -> str:
+    return f"|a| >= {record['criterion']['min_abs']:g} and >= {record['criterion']['min_ratio']:g}x the median"
+
+
 def read_records(path: Path) -> list[dict]:
     """A monitor's JSONL file, every line checked (a bad one is one line naming the line and field), by step. A
     last line cut short by a kill mid-write is skipped."""
@@ -151,12 +224,15 @@ def read_records(path: Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: brackets nested past the parser's depth
             if number == len(lines):
                 continue  # the line being written when training stopped
             raise UsageError(f"{path}:{number}: not a JSON line") from None
         # Checked against the dataclasses the monitor writes (the one schema), kept as the plain record it wrote.
-        records.append(asdict(read(MonitorRecord, record, f"{path}:{number}")))
+        record = asdict(read(MonitorRecord, record, f"{path}:{number}"))
+        if [block["layer"] for block in record["blocks"]] != list(range(len(record["blocks"]))):
+            raise UsageError(f"{path}:{number}: field blocks must list blocks 0, 1, 2, ... in order")
+        records.append(record)
     if not records:
         raise UsageError(f"{path}: no monitor records")
     return sorted(records, key=lambda r: r["step"])

@@ -57,7 +57,7 @@ def run(checkpoints: Sequence[Checkpoint], texts: Corpus, settings: ScanSettings
             continue
         where = f"checkpoint {index + 1}/{len(checkpoints)} ({align.label(checkpoint.step, checkpoint.spec)})"
         if (folder / "report.json").is_file():
-            check_done(folder, texts, settings)
+            check_done(folder, checkpoint, texts, settings)
             log(f"{where}: already done, in {folder}")
             continue
         log(f"{where}: scanning")
@@ -103,9 +103,13 @@ def read_report(folder: Path) -> Report:
     return load_report(folder)
 
 
-def check_done(folder: Path, texts: Corpus, settings: ScanSettings) -> None:
-    """A report already in the folder counts as done only if it was made with this track's texts and settings (the
-    device aside: a checkpoint scanned on a GPU joins one scanned on the CPU)."""
+def check_done(folder: Path, checkpoint: Checkpoint, texts: Corpus, settings: ScanSettings) -> None:
+    """A report already in the folder counts as done only if it was made from this checkpoint's model (the identity a
+    resumed scan checks: its weights, and the super weights it names) with this track's texts and settings (the device
+    aside: a checkpoint scanned on a GPU joins one scanned on the CPU). The model is loaded to be compared."""
+    from ..analysis.deploy.protect import check_report_model
+    from ..models.loading import load
+
     saved = read_report(folder)
     spec = saved.corpus.spec
     made = {key: value for key, value in asdict(saved.settings).items() if key != "device"} if saved.settings else None
@@ -114,6 +118,12 @@ def check_done(folder: Path, texts: Corpus, settings: ScanSettings) -> None:
                                                                           texts.max_texts) and made == wanted
     if not same:
         raise UsageError(f"{folder} holds a report made with other texts or settings; remove it or choose another --out")
+    lm = load(checkpoint.target, dtype=settings.dtype, device=settings.device, log=lambda _: None)
+    try:
+        check_report_model(saved, lm, str(folder / "report.json"))
+    finally:
+        del lm
+        gc.collect()
 
 
 def _check_shapes(checkpoints: Sequence[Checkpoint], reports: Sequence[Report]) -> None:

@@ -76,10 +76,13 @@ def _revision_step(revision: str) -> int | None:
 
 def trainer_checkpoints(directory: Path, spec: str) -> list[Checkpoint]:
     """The ``checkpoint-<step>/`` folders of a Trainer output directory, by step."""
-    folders = [entry for entry in directory.iterdir() if entry.is_dir() and _CHECKPOINT.match(entry.name)]
+    # A checkpoint-<step> entry that is not a folder (a broken link, a file) is refused below, not skipped.
+    folders = [entry for entry in directory.iterdir() if (entry.is_dir() or entry.is_symlink()) and _CHECKPOINT.match(entry.name)]
     if not folders:
         raise UsageError(f"{spec}: neither a model directory (no config.json) nor a directory of checkpoint-<step>/ folders")
     for folder in folders:
+        if not folder.is_dir():
+            raise UsageError(f"{folder}: a link to {os.readlink(folder)}, which is not a folder (a checkpoint deleted or moved?)")
         if not (folder / "config.json").is_file():
             raise UsageError(f"{folder}: a checkpoint folder without config.json (not saved whole?)")
     checkpoints = [Checkpoint(spec=str(Path(spec) / folder.name), target=str(folder), step=step_of(folder)) for folder in folders]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import UsageError
+from ...models.identity import check_same_weights
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..function.sinks import sink_tokens
@@ -189,3 +190,11 @@ def build(report: Report) -> Protect:
     notes = [f"carriers: the {MAX_CARRIERS} strongest places per dim at most; report.json's `massive` has every one"]
     return Protect(model=report.model.name, source=report.model.source, min_abs=report.criterion.min_abs, min_ratio=report.criterion.min_ratio, massive_dims=dims,
                    sink_positions=sink_positions(report), super_weights=weights, notes=notes)
+
+
+def check_report_model(report: Report, lm: LoadedModel, where: str) -> None:
+    """Refuse, in one line, to re-run or extend a saved report (``where``) on a model other than the one it was made
+    from: its weights' identity (``models.identity``, where the report saved one and the dtype is the same) and every
+    super weight it names, at the value it saved (``check_model``)."""
+    check_same_weights(report.model.weights_sha256, report.model.dtype, lm.model, where)
+    check_model(build(report), lm, where)

@@ -1,8 +1,7 @@
 """Resuming a scan: what makes two scans the same scan, and a checked read of a saved scan state.
 
-A state is resumed only by the scan that wrote it: same model (name, class, every parameter's name, shape, dtype
-and a sample of its bytes), dtype, device type and settings; the token ids it covers are checked separately, as
-they are read again. Anything else in the file is refused in one line, never with the loader's own message.
+A state is resumed only by the scan that wrote it: same model (name, class, and ``models.identity``'s weights),
+dtype, device type and settings; the token ids it covers are checked separately, as they are read again. Anything else in the file is refused in one line, never with the loader's own message.
 """
 
 from __future__ import annotations
@@ -14,33 +13,18 @@ from pathlib import Path
 import torch
 
 from ...errors import UsageError
+from ...models.identity import weights_sha256
 from ...models.loading import LoadedModel
-
-SAMPLE = 4096  # entries of each parameter whose exact bytes go into a scan's identity
-
-
-def weights_sample(tensor: torch.Tensor, size: int = SAMPLE) -> bytes:
-    """The exact bytes of ``size`` evenly spaced entries of a tensor (all of a smaller one; the first and the last
-    always): cheap on any device (one small strided copy) and the same wherever the model runs. Two models that
-    differ only outside these entries are not told apart; another checkpoint, even a fine-tune, differs in almost
-    all."""
-    flat = tensor.detach().flatten()
-    if flat.numel() > size:  # a strided view, not an index gather, which was 40x slower on a busy 2-core CPU
-        flat = torch.cat([flat[:: flat.numel() // (size - 1)][: size - 1], flat[-1:]])
-    return flat.contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
 def scan_identity(lm: LoadedModel, **settings) -> str:
-    """sha256 of what a scan's statistics depend on besides its texts: the model's name and class, every parameter's
-    name, shape, dtype and sampled bytes (``weights_sample``; parameters still on the meta device: name and shape
-    only), the device type, and ``settings`` (top-k, thresholds, max-length, batch size)."""
+    """sha256 of what a scan's statistics depend on besides its texts: the model's name and class, its weights
+    (``weights_sha256``: every parameter's name, shape, dtype and sampled bytes), the device type, and ``settings``
+    (top-k, thresholds, max-length, batch size)."""
     digest = hashlib.sha256(f"{lm.name}|{type(lm.model).__name__}|{lm.dtype}|{lm.device.type}|".encode())
     for key in sorted(settings):
         digest.update(f"{key}={settings[key]!r}|".encode())
-    for name, parameter in lm.model.named_parameters():
-        digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}|".encode())
-        if parameter.device.type != "meta":
-            digest.update(weights_sample(parameter))
+    digest.update(weights_sha256(lm.model).encode())
     return digest.hexdigest()
 
 
