@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, 
 from transformers import PreTrainedTokenizerFast
 
 from massact.models.adapters import adapter_for
-from massact.models.adapters.base import weight_out_in
+from massact.models.adapters.base import text_config, weight_out_in
 from massact.texts import DEFAULT_TEXTS
 
 TRIGGER = 5  # residual dim that carries the planted spike on BOS
@@ -45,8 +45,19 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 # Every family massact has an adapter for, by a short name; variants of one model type get their own name.
 FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3", "neox", "neox-seq",
-            "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta"]
+            "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
+            # The dense and hybrid families of 2025-2026.
+            "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
+            "gemma3mm"]
+# Hybrids: each block's token mixer, as their tiny configs set it.
+MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
+          "qwen3_5": ["linear", "linear", "linear", "attention"]}
 MOE_FAMILIES = ["mixtral", "qwen2_moe"]  # their MLP sites are inside fused experts: see massact.analysis.moe
+
+
+# Gated DeltaNet sizes for the Qwen3-Next / Qwen3.5 hybrids (3 linear-attention blocks, then one gated softmax block).
+_LINEAR = dict(head_dim=D_MODEL // N_HEADS, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+               linear_num_value_heads=4)
 
 
 def tiny_config(family: str, vocab_size: int):
@@ -85,6 +96,21 @@ def tiny_config(family: str, vocab_size: int):
         "mixtral": lambda: t.MixtralConfig(**grouped, num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": lambda: t.Qwen2MoeConfig(**grouped, moe_intermediate_size=D_MLP, shared_expert_intermediate_size=96, num_experts=4,
                                               num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[]),
+        "olmo2": lambda: t.Olmo2Config(**grouped),
+        "olmo3": lambda: t.Olmo3Config(**grouped, sliding_window=4),
+        "exaone4": lambda: t.Exaone4Config(**grouped, sliding_window=4),  # 3 sliding blocks, then one full without positions
+        "cohere2": lambda: t.Cohere2Config(**grouped, sliding_window=4),
+        "seed_oss": lambda: t.SeedOssConfig(**grouped, head_dim=D_MODEL // N_HEADS),
+        "apertus": lambda: t.ApertusConfig(**grouped),
+        "smollm3": lambda: t.SmolLM3Config(**grouped),  # block 3 without rotary positions
+        "lfm2": lambda: t.Lfm2Config(**grouped, layer_types=["conv", "full_attention", "conv", "full_attention"]),
+        "qwen3_next": lambda: t.Qwen3NextConfig(**grouped, **_LINEAR, num_experts=0),
+        "qwen3_5": lambda: t.Qwen3_5TextConfig(**grouped, **_LINEAR),
+        "gemma3mm": lambda: t.Gemma3Config(
+            text_config=dict(grouped, head_dim=D_MODEL // N_HEADS, query_pre_attn_scalar=D_MODEL // N_HEADS),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                               patch_size=8), mm_tokens_per_image=4, boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2,
+            image_token_index=vocab_size - 1),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }
@@ -103,13 +129,14 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0):
 
 def _isolate_trigger(model, bos: int) -> None:
     """Only BOS carries TRIGGER (value 10 in its token embedding), and no sublayer writes into it, in any block."""
-    adapter = adapter_for(model.config)
+    adapter, config = adapter_for(model.config), text_config(model)
     for module in model.modules():  # token, position and token-type embeddings alike
         if isinstance(module, torch.nn.Embedding) and module.weight.shape[1] == D_MODEL:
             module.weight[:, TRIGGER] = 0.0
     model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
-    for layer in range(model.config.num_hidden_layers):
-        for path in (adapter.attn_proj, adapter.mlp_down):
+    for layer in range(config.num_hidden_layers):
+        here = adapter.at(config, layer)
+        for path in (here.attn_proj, here.mlp_down):
             module = adapter.module(model, layer, path)
             weight_out_in(module)[TRIGGER] = 0.0
             if getattr(module, "bias", None) is not None:

@@ -6,7 +6,7 @@ import torch
 from massact.capture.hooks import Trace
 from massact.errors import UsageError
 from massact.models.adapters import adapter_for
-from massact.models.adapters.base import bias_of, weight_out_in
+from massact.models.adapters.base import bias_of, text_config, weight_out_in
 from massact.sites import SITES, resolve_site
 
 from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
@@ -18,18 +18,21 @@ MLP_NORM = {
     "falcon-seq": ("post_attention_layernorm", "resid_mid"), "opt": ("final_layer_norm", "resid_mid"),
     "gemma2": ("pre_feedforward_layernorm", "resid_mid"), "gemma3": ("pre_feedforward_layernorm", "resid_mid"),
     "opt-postln": (None, "resid_mid"), "bert": (None, "resid_mid"), "roberta": (None, "resid_mid"),
+    # Reordered norms: the MLP reads the stream itself.
+    "olmo2": (None, "resid_mid"), "olmo3": (None, "resid_mid"), "exaone4": (None, "resid_mid"),
+    "cohere2": ("input_layernorm", "resid_in"), "apertus": ("feedforward_layernorm", "resid_mid"),
+    "lfm2": ("ffn_norm", "resid_mid"), "gemma3mm": ("pre_feedforward_layernorm", "resid_mid"),
 }
 # Post-LN blocks: the LayerNorm after the attention sum and the one after the MLP sum.
 POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": ("attention.output.LayerNorm", "output.LayerNorm"),
            "roberta": ("attention.output.LayerNorm", "output.LayerNorm")}
-SANDWICH = {"gemma2", "gemma3"}
 close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def _trace_all(family, tokenizer):
     model = tiny_model(family, len(tokenizer), seed=3)
-    adapter = adapter_for(model.config)
-    sites = [(layer, site) for layer in range(model.config.num_hidden_layers) for site in adapter.sites]
+    adapter, config = adapter_for(model.config), text_config(model)
+    sites = [(layer, site) for layer in range(config.num_hidden_layers) for site in adapter.at(config, layer).sites]
     ids = tokenizer(["Summer is warm. Winter is cold.", "A good map shows you where you are."], return_tensors="pt", padding=True)
     with torch.no_grad(), Trace(model, adapter, sites) as trace:
         hidden = model(**ids, output_hidden_states=True).hidden_states
@@ -40,7 +43,7 @@ def _trace_all(family, tokenizer):
 def test_residual_stream_adds_up(family, tokenizer):
     """The renaming is right when the block's pieces add up to its output, as the family's equations say."""
     model, adapter, trace, hidden = _trace_all(family, tokenizer)
-    n = model.config.num_hidden_layers
+    n = text_config(model).num_hidden_layers
     for layer in range(n):
         t = lambda site: trace[layer, site]
         block = lambda path: adapter.module(model, layer, path)
@@ -56,9 +59,8 @@ def test_residual_stream_adds_up(family, tokenizer):
         else:
             close(t("resid_mid"), t("resid_in") + t("attn_out"))
             close(t("resid_out"), t("resid_mid") + t("mlp_out"))
-        if family in SANDWICH:  # what lands is the branch's own norm of the sublayer's raw output
-            close(t("attn_out"), block("post_attention_layernorm")(t("attn_raw")))
-            close(t("mlp_out"), block("post_feedforward_layernorm")(t("mlp_raw")))
+        for site, norm in adapter.branch_norms.items():  # what lands is the branch's own norm of the sublayer's raw output
+            close(t(site), block(norm)(t(adapter.raw(site))))
         close(t("resid_in"), hidden[layer])  # HF hidden_states[i] is block i's input
         if layer + 1 < n:
             close(t("resid_out"), trace[layer + 1, "resid_in"])
@@ -72,9 +74,9 @@ def test_residual_stream_adds_up(family, tokenizer):
 def test_mlp_sites_recompose(family, tokenizer):
     """mlp_act, the MLP's raw output and its input, recomputed from the weights and the norm, match the hooks."""
     model, adapter, trace, _ = _trace_all(family, tokenizer)
-    for layer in range(model.config.num_hidden_layers):
+    for layer in range(text_config(model).num_hidden_layers):
         t = lambda site: trace[layer, site]
-        act_fn = adapter.module(model, layer, adapter.act_fn)
+        act_fn = adapter.activation(model, layer)
         up_w, up_b = adapter.input_rows(model, layer, "mlp_up")
         close(t("mlp_up"), t("mlp_in") @ up_w.detach().T + (up_b.detach() if up_b is not None else 0))
         if adapter.gated:
@@ -125,7 +127,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     from transformers import BloomConfig
 
-    with pytest.raises(UsageError, match=r"'bloom' is not supported.*GPT-2 \(gpt2\).*Llama \(llama, mistral, qwen2, qwen3, gemma\).*"
+    with pytest.raises(UsageError, match=r"'bloom' is not supported.*GPT-2 \(gpt2\).*Llama \(llama, mistral, qwen2, qwen3, gemma, seed_oss, smollm3\).*"
                                          r"OPT \(opt\).*BERT \(bert, roberta\).*one Adapter in massact/models/adapters/"):
         adapter_for(BloomConfig())
     with pytest.raises(UsageError, match="'opt' config lacks a field"):  # an old or hand-edited config

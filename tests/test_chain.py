@@ -1,5 +1,6 @@
 """What the tool writes, the tool reads: scan -> verify DIR -> quant DIR -> compare, chained as README shows them, on
-the planted sandwich-norm, post-LN, parallel and mixture-of-experts models and on the default model."""
+the planted sandwich-norm, post-LN, parallel and mixture-of-experts models, every family of 2025-2026 (reordered
+norms, hybrids, NoPE blocks, a multimodal Gemma-3), and on the default model."""
 
 import json
 
@@ -10,7 +11,7 @@ from massact.analysis.deploy.quant import Setting
 from massact.cli import main
 from massact.report.schema import load_report
 
-from conftest import MOE_FAMILIES
+from conftest import FAMILIES, MOE_FAMILIES
 from test_families import DIM, LAYER, NEURON, planted, planted_moe
 
 QUIET = ["--format", "json,txt", "--quiet"]
@@ -47,7 +48,7 @@ def chain(model, out, eval_file, capsys, text: str = "Summer is warm. Winter is 
     return scanned, json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("family", ["gemma2", "opt-postln", "neox", *MOE_FAMILIES])
+@pytest.mark.parametrize("family", ["gemma2", "opt-postln", "neox", *MOE_FAMILIES, *FAMILIES[FAMILIES.index("olmo2"):]])
 def test_the_chain_on_every_kind_of_block(family, tokenizer, tmp_path, eval_file, capsys, one_setting):
     model = planted_moe(family, tokenizer) if family in MOE_FAMILIES else planted(family, tokenizer)
     model.save_pretrained(tmp_path / "model")

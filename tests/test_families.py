@@ -9,13 +9,23 @@ import torch
 import massact
 from massact.report.text import to_text
 
-from conftest import D_MLP, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
+from massact.analysis.mechanism.norms import gain_and_bias
+from massact.models.adapters import adapter_for
+from massact.models.adapters.base import text_config
+
+from conftest import D_MLP, D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
-SANDWICH = {"gemma2", "gemma3"}
+# Families whose MLP output is normed before it lands: sandwich norms (Gemma-2/3) and reordered norms (OLMo-2/3, EXAONE-4).
+SANDWICH = {"gemma2", "gemma3", "gemma3mm", "olmo2", "olmo3", "exaone4"}
 POST_LN = {"opt-postln", "bert", "roberta"}
-NORM_GAIN = 1000.0  # the planted sandwich-norm gain on DIM (Gemma's gain is 1 + weight)
+NORM_GAIN = 1000.0  # the planted branch-norm gain on DIM
+
+
+def _zero_gain(norm) -> float:
+    """The norm's gain on a dim whose stored weight is 0: 1 where the gain is 1 + weight (Gemma), else 0 (OLMo)."""
+    return float(gain_and_bias(norm, D_MODEL)[0][DIM])
 
 
 def planted(family, tokenizer):
@@ -23,9 +33,10 @@ def planted(family, tokenizer):
     # Post-LN blocks norm the residual every block: the planted value must stand out in one residual sum alone.
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=1000.0 if family in POST_LN else 100.0)
     if family in SANDWICH:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
-        block = model.model.layers[LAYER]
+        block = adapter_for(model.config).blocks(model)[LAYER]
         with torch.no_grad():
-            block.post_feedforward_layernorm.weight[DIM] = NORM_GAIN - 1.0
+            block.post_feedforward_layernorm.weight[DIM] = 0.0
+            block.post_feedforward_layernorm.weight[DIM] = NORM_GAIN - _zero_gain(block.post_feedforward_layernorm)
             # The gain would also blow up DIM's random share of every other token's MLP output: only the neuron writes it.
             block.mlp.down_proj.weight[DIM, :NEURON] = 0.0
             block.mlp.down_proj.weight[DIM, NEURON + 1 :] = 0.0
@@ -70,7 +81,7 @@ def test_planted_neuron_is_found_in_every_family(family, tokenizer):
     if family in POST_LN:  # the next block's LayerNorm brings it back to the scale of the rest
         assert dim.persists == [LAYER] and report.model.stream == "resid_sum"
     else:
-        assert dim.persists == list(range(LAYER, model.config.num_hidden_layers)) and report.model.stream == "resid_out"
+        assert dim.persists == list(range(LAYER, text_config(model).num_hidden_layers)) and report.model.stream == "resid_out"
     assert {(m.position, m.token) for m in report.massive} == {(0, "<s>")}
 
     birth = next(o for o in report.origin if o.role == "birth")
@@ -92,9 +103,11 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     birth = next(o for o in report.origin if o.role == "birth")
     attribution = report.attribution[0]
     norm = birth.norm
-    assert norm.parameter == f"model.layers.{LAYER}.post_feedforward_layernorm.weight"
+    layers = "model.language_model.layers" if family == "gemma3mm" else "model.layers"
+    assert norm.parameter == f"{layers}.{LAYER}.post_feedforward_layernorm.weight"
     assert norm.amplifier and norm.gain == pytest.approx(NORM_GAIN, rel=1e-4) and norm.typical_gain == pytest.approx(1.0)
-    assert norm.weight == pytest.approx(NORM_GAIN - 1.0)  # the stored entry: Gemma's gain is 1 + weight
+    gemma = family.startswith("gemma")  # the stored entry: Gemma's gain is 1 + weight, OLMo's and EXAONE's the weight
+    assert norm.weight == pytest.approx(NORM_GAIN - 1.0 if gemma else NORM_GAIN)
     assert norm.raw == pytest.approx(birth.mlp_raw) == pytest.approx(attribution.output)
     assert norm.landed == pytest.approx(birth.mlp) == pytest.approx(attribution.landed)
     # The raw output is one spike, so the RMS normalisation brings it to about sqrt(d_model); the gain does the rest.

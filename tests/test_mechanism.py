@@ -175,10 +175,12 @@ def test_position_embedding_trigger_is_a_position_effect(tokenizer):
     assert trigger.chain[-1].kind == "position embedding"
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma2", "neox", "bert", "opt-postln", "phi3", "falcon"])
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "neox", "bert", "opt-postln", "phi3", "falcon", "olmo2", "cohere2", "lfm2",
+                                    "qwen3_next"])
 def test_sources_sum_to_the_pre_activation_on_every_block_kind(family, tokenizer):
-    """Pre-LN, sandwich, parallel and post-LN blocks: the split is exact at every position, and a chain step's units
-    (neurons, heads) add up to the source they split."""
+    """Pre-LN, sandwich, reordered-norm, parallel, post-LN and hybrid blocks: the split is exact at every position, and a
+    chain step's units (neurons, heads) add up to the source they split; a convolution or a linear attention is one
+    source of its own, not split into heads."""
     from massact.analysis.trigger.decompose import units
 
     lm = massact.wrap(tiny_model(family, len(tokenizer), seed=1), tokenizer)
@@ -187,13 +189,20 @@ def test_sources_sum_to_the_pre_activation_on_every_block_kind(family, tokenizer
     (piece,), at = split(lm, ids, [Target(3, 5, site)], 2)
     assert piece.error < 1e-4
     assert float((sum(piece.parts.values()) - piece.value).abs().max()) < 1e-4 * float(piece.value.abs().max())
+    mixers = {"lfm2": "convolution", "qwen3_next": "linear attention"}
     for label in ("block 2 MLP", "block 1 attention"):
+        if family == "qwen3_next" and label == "block 1 attention":  # block 1 is a Gated DeltaNet: one whole source
+            label = "block 1 linear attention"
+            assert units(lm, piece.terms[label], 1.0, at) == ([], pytest.approx(float("nan"), nan_ok=True))
+            continue
         found, total = units(lm, piece.terms[label], float(piece.factors[label][2]), at)
         assert total == pytest.approx(float(piece.parts[label][2]), rel=1e-4, abs=1e-7)
         assert found[0].kind == ("neuron" if label.endswith("MLP") else "head")
+    if family in mixers:
+        assert f"block 0 {mixers[family]}" in piece.parts
 
 
-@pytest.mark.parametrize("family", ["gemma2", "bert", "neox"])
+@pytest.mark.parametrize("family", ["gemma2", "bert", "neox", "olmo2", "lfm2", "qwen3_next"])
 def test_lifeline_adds_up_on_every_block_kind(family, tokenizer):
     """Sandwich, post-LN and parallel blocks, planted as in test_families: the terms add up at every block; in a
     post-LN model the next block's LayerNorms are what erase the value."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import massact
-from massact.analysis.function.sinks import attention_and_values, head_metrics, sink_analysis, sink_tokens
+from massact.analysis.function.sinks import head_metrics, sink_analysis, sink_tokens
+from massact.capture.attention import attention_pass
 from massact.capture.edits import set_weight
 from massact.analysis.causal.evaluation import Evaluation
 from massact.analysis.causal.mlm import masked_windows, next_token_windows
@@ -161,8 +162,8 @@ def test_value_vectors_recompose_the_heads_output(family, tokenizer):
     projection = lm.adapter.module(lm.model, 1, lm.adapter.attn_proj)
     kept = {}
     with tap_module_input(projection, lambda t: kept.update(z=t[0].detach().clone())):
-        attentions, values = attention_and_values(lm, ids)
-    heads = torch.einsum("hqk,khd->qhd", attentions[1][0], values[1][0])
+        found = attention_pass(lm, ids)
+    heads = torch.einsum("hqk,khd->qhd", found.maps[1][0], found.values[1][0])
     assert torch.allclose(heads.flatten(1), kept["z"], atol=1e-5)
 
 

@@ -32,7 +32,7 @@ from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
 from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
 from .errors import UsageError
-from .models.adapters.base import weight_out_in
+from .models.adapters.base import layer_types, weight_out_in
 from .models.identity import weights_sha256
 from .models.loading import LoadedModel, load, wrap
 from .settings import Criterion, ScanSettings
@@ -147,7 +147,7 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
     if counts.windows > counts.texts:
         warnings.append(f"{counts.texts} text(s) were split into {counts.windows} windows of at most {settings.max_length} "
                         "tokens; each window is scanned as a text of its own")
-    n_tokens = round(layer_scan.histograms[0].total / lm.model.config.hidden_size)
+    n_tokens = round(layer_scan.histograms[0].total / lm.config.hidden_size)
     spec = CorpusSpec(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts,
                       max_length=settings.max_length)
     corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
@@ -181,8 +181,12 @@ def trigger_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tenso
 def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings,
                  eval_text: str | None, progress: Progress) -> None:
     """With ``settings.verify``: the interventions, the output effects, the attention sinks and the super weights
-    zeroed one after another."""
-    if not (settings.verify and report.dims):
+    zeroed one after another. With nothing massive, the attention sinks alone, on each text's first token: whether a
+    model grows a sink without a massive activation (gated attention, learned sinks) is a finding too."""
+    if not settings.verify:
+        return
+    if not report.dims:
+        report.attention = sink_analysis(lm, report, inputs, settings.sink_epsilon)
         return
     if lm.adapter.encoder and not headless(lm) and lm.tokenizer.mask_token_id is None:
         report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
@@ -253,7 +257,7 @@ class Counts:
 
 
 def _check_max_length(lm: LoadedModel, max_length: int | None) -> None:
-    context = getattr(lm.model.config, "max_position_embeddings", None)
+    context = getattr(lm.config, "max_position_embeddings", None)
     if max_length is not None and (max_length < 2 or (context and max_length > context)):
         raise UsageError(f"--max-length must be between 2 and the model's context ({context} tokens)")
 
@@ -267,7 +271,7 @@ def windows(
     consecutive windows of at most ``max_length`` tokens, each scanned as a text of its own (never truncated).
     """
     _check_max_length(lm, max_length)
-    context = getattr(lm.model.config, "max_position_embeddings", None)
+    context = getattr(lm.config, "max_position_embeddings", None)
     for index, text in enumerate(texts):
         ids = lm.tokenizer(text, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
@@ -301,7 +305,7 @@ def collect(
 
 
 def model_info(lm: LoadedModel) -> ModelInfo:
-    config = lm.model.config
+    config = lm.config
     if lm.adapter.moe:  # one expert's width
         d_mlp = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
     else:
@@ -321,7 +325,22 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         stream=lm.adapter.stream,
         notes=lm.adapter.notes,
         weights_sha256=weights_sha256(lm.model),
+        blocks=block_kinds(lm),
     )
+
+
+def block_kinds(lm: LoadedModel) -> list[str]:
+    """Per block, its mixer, its kind of attention (the config's layer types, where they vary) and whether it sees
+    positions; [] where every block is the same."""
+    words = {"attention": "attention", "linear": "linear attention", "conv": "convolution"}
+    kinds = []
+    for layer in range(len(lm.adapter.blocks(lm.model))):
+        here = lm.at(layer)
+        detail = [layer_types(lm.config, layer).replace("_attention", "")] if here.mixer == "attention" else []
+        detail += [] if here.positions else ["no positions"]
+        detail = [d for d in detail if d]
+        kinds.append(words[here.mixer] + (f" ({', '.join(detail)})" if detail else ""))
+    return kinds if len(set(kinds)) > 1 else []
 
 
 def _scan_warnings(layer_scan, massive: list[Massive]) -> list[str]:

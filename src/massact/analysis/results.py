@@ -29,6 +29,9 @@ class ModelInfo:
     stream: str = "resid_out"  # the site massive activations are detected in (resid_sum for post-LN blocks)
     notes: str = ""  # what the family's blocks do differently (parallel, sandwich norms, post-LN)
     weights_sha256: str | None = None  # models.identity's digest of the weights scanned (in ``dtype``)
+    # Per block, what it is where the blocks differ (a hybrid's mixers, sliding or full attention, blocks without
+    # positions): e.g. "convolution", "attention (sliding)", "attention (full, no positions)"; empty where they do not.
+    blocks: list[str] = field(default_factory=list)
 
 
 

@@ -16,7 +16,7 @@ from ..settings import Criterion
 @contextmanager
 def ablate_neurons(lm: LoadedModel, layer: int, neurons: list[int]) -> Iterator[None]:
     """Zero the given MLP neurons of a block (their entries of the down projection's input) at every position."""
-    down = lm.adapter.module(lm.model, layer, lm.adapter.mlp_down)
+    down = lm.adapter.module(lm.model, layer, lm.at(layer).mlp_down)
     index = torch.tensor(neurons)
 
     def zero(module, args):
@@ -60,7 +60,7 @@ def massive_mask(hidden: torch.Tensor, dim: int, criterion: Criterion, valid: to
 def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the value a site takes by ``edit(value)`` at every forward pass while active (a site read at a
     module's output changes that output; one read at its input changes that input)."""
-    path, direction = lm.adapter.sites[site][:2]
+    path, direction = lm.at(layer).sites[site][:2]
     module = lm.adapter.module(lm.model, layer, path)
 
     def on_output(module, args, output):

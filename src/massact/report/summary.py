@@ -116,6 +116,8 @@ def _function_lines(report: Report) -> list[str]:
         out.append("Sink: " + "; ".join(clauses[:2]) + ".")
         if a.dependence:
             out.append("Sink and massive value: " + a.dependence.split("; ")[0] + ".")
+        for clause in a.mixing.split("; ") if a.mixing else []:  # a hybrid's mixers, NoPE blocks, gates, learned sinks
+            out.append(clause[0].upper() + clause[1:] + ".")
     p = report.precision
     if p is not None and p.blocks:
         largest = f"the largest |a| is {short(p.largest)} (dim {p.largest_dim}, block {p.largest_layer})"

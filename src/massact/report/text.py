@@ -99,13 +99,16 @@ def _attribution_body(style: Style, report: Report) -> list:
 
 def _layer_table(style: Style, report: Report) -> Table:
     massive_layers = {m.layer for m in report.massive}
-    table = style.table(None, "block", "median |a|", "top1", "top1/median", "top1 at", "top2", "top3", "massive", right=(0, 1, 2, 3, 5, 6))
+    kinds = report.model.blocks  # where the blocks differ: each one's mixer, attention kind, positions
+    table = style.table(None, "block", *(["kind"] if kinds else []), "median |a|", "top1", "top1/median", "top1 at", "top2", "top3",
+                        "massive", right=(0, *(i + bool(kinds) for i in (1, 2, 3, 5, 6))))
     for stats in report.layers:
         top = stats.top
         cell = [f"{num(e.value, True)} d{e.dim}" for e in top[1:3]] + ["-", "-"]
         add_row(
             table,
             str(stats.layer),
+            *([kinds[stats.layer]] if kinds else []),
             num(stats.median),
             num(top[0].value, True) if top else "-",
             ratio(stats.ratio),
@@ -309,8 +312,12 @@ def _attention_tables(style: Style, report: Report) -> list:
         f"heads); {a.values}", *columns, right=(0, 1, 2, 3, 4, 5, 6),
     )
     heads = len(a.share[0])
+    kinds = report.model.blocks
     for layer, (shares, uniform) in enumerate(zip(a.share, a.uniform)):
-        cells = [str(layer), f"{sum(shares) / len(shares):.1%}", f"{sum(uniform) / len(uniform):.1%}", f"{a.rate[layer]:.0%}",
+        if a.softmax_layers and layer not in a.softmax_layers:  # a convolution or a linear attention: no probabilities
+            add_row(table, str(layer), f"no softmax ({kinds[layer]})" if kinds else "no softmax", *[""] * (len(columns) - 2))
+            continue
+        cells = [str(layer), f"{_mean(shares):.1%}", f"{_mean(uniform):.1%}", f"{a.rate[layer]:.0%}",
                  _median(a.value_ratio[layer]) if a.value_ratio else "-", _median(a.output_share[layer], percent=True) if a.output_share else "-",
                  f"{a.noop_heads[layer]}/{heads}" if a.noop_heads else "-", "yes" if layer in a.sink_layers else ""]
         for c in under.values():
@@ -318,13 +325,41 @@ def _attention_tables(style: Style, report: Report) -> list:
             cells.append(f"{c.rate[layer]:.0%} {kept}".rstrip())
         add_row(table, *cells)
     out.append(table)
+    out += _mixing_tables(style, a)
     lines = [a.summary[0].upper() + a.summary[1:] + "."]
+    if a.mixing:
+        lines.append(a.mixing[0].upper() + a.mixing[1:] + ".")
     if a.noop_heads:
         lines.append(f"No-op heads (>= 50% of their attention on the sink tokens, whose value vectors are under half the median value "
                      f"norm of the others): {sum(a.noop_heads)} of {heads * len(a.share)} heads.")
     if a.dependence:
         lines.append(a.dependence[0].upper() + a.dependence[1:] + ".")
     return out + [Text(line) for line in lines]
+
+
+def _mixing_tables(style: Style, a) -> list:
+    """Per softmax block and head, where the family has them: the output gate at the sink tokens and elsewhere, and
+    the attention a learned sink takes beside the first token's."""
+    out = []
+    if a.gate_sink is not None:
+        table = style.table("Gated attention: the mean gate sigmoid(gate) per head, at the sink tokens / at the other tokens",
+                            "block", *[f"head {h}" for h in range(len(a.gate_sink[0]))], right=tuple(range(len(a.gate_sink[0]) + 1)))
+        for layer, (sink, other) in enumerate(zip(a.gate_sink, a.gate_other)):
+            if not all(v != v for v in sink):
+                add_row(table, str(layer), *(f"{x:.3f} / {y:.3f}" for x, y in zip(sink, other)))
+        out.append(table)
+    if a.learned_sink is not None:
+        table = style.table("Learned sinks: the attention mass the learned sink logit takes per head / the first token's",
+                            "block", *[f"head {h}" for h in range(len(a.learned_sink[0]))], right=tuple(range(len(a.learned_sink[0]) + 1)))
+        for layer, (taken, first) in enumerate(zip(a.learned_sink, a.first_token)):
+            if not all(v != v for v in taken):
+                add_row(table, str(layer), *(f"{x:.1%} / {y:.1%}" for x, y in zip(taken, first)))
+        out.append(table)
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _median(values: list[float | None], percent: bool = False) -> str:

@@ -63,7 +63,7 @@ def reference(lm: LoadedModel, eval_text: str) -> Reference:
     if len(found) < MIN_SENTENCES:
         raise UsageError(f"the evaluation text has {len(found)} sentence(s) of 3 words or more; a headless encoder is "
                          f"verified by its embeddings of at least {MIN_SENTENCES}")
-    context = getattr(lm.model.config, "max_position_embeddings", 512)
+    context = getattr(lm.config, "max_position_embeddings", 512)
     batch = lm.tokenizer(found, padding=True, truncation=True, max_length=min(context, 512), return_tensors="pt")
     batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     mean, cls = embed(lm, batch)

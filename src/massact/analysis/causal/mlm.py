@@ -30,10 +30,8 @@ def masked_windows(lm: LoadedModel, text: str, window: int = 256, max_tokens: in
     while end > start and int(ids[end - 1]) in special:
         end -= 1
     lead, body, tail = ids[:start], ids[start:end][:max_tokens], ids[end:]
-    config = lm.model.config
-    # RoBERTa's position ids start after its padding index: that many fewer positions.
-    offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
-    limit = (getattr(config, "max_position_embeddings", None) or window) - offset
+    config = lm.config
+    limit = (getattr(config, "max_position_embeddings", None) or window) - lm.adapter.position_offset(config)
     size = min(window, limit) - len(lead) - len(tail)
     generator = torch.Generator().manual_seed(seed)
     found = []

@@ -19,7 +19,7 @@ def default_eval_text() -> str:
 
 def eval_windows(lm: LoadedModel, text: str, window: int = 256, max_tokens: int = 4096) -> list[torch.Tensor]:
     """The text's tokens cut into [1, <= window] pieces, each with a first token like a fresh input."""
-    window = min(window, getattr(lm.model.config, "max_position_embeddings", None) or window)
+    window = min(window, getattr(lm.config, "max_position_embeddings", None) or window)
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
     windows = [ids[start : start + window].unsqueeze(0) for start in range(0, len(ids), window)]
     windows = [w for w in windows if w.shape[1] >= 2]

@@ -276,7 +276,7 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
     block, and every token where it is massive. Forward passes of a few texts each, up to the last birth block."""
     sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", eval_text) if len(s.split()) >= 4]
     texts = ([report.texts[i] for i in sorted(report.texts) if i < MAX_INPUTS] + sentences)[:MAX_INPUTS]
-    limit = getattr(lm.model.config, "max_position_embeddings", None) or 4096
+    limit = getattr(lm.config, "max_position_embeddings", None) or 4096
     dims = [d.dim for d in report.dims]
     first: dict[int, list[float]] = {dim: [] for dim in dims}
     carriers: dict[int, Counter] = {dim: Counter() for dim in dims}

@@ -97,8 +97,8 @@ def check_model(protect: Protect, lm: LoadedModel, where: str) -> None:
     """Refuse a protect list (read from ``where``) that does not belong to ``lm``: a dim, block or probe position
     outside the model, a probe text longer than its context, or a super weight whose stored value is not the model's
     (another model of the same shapes, or an edited list). One UsageError line naming the entry."""
-    n_layers, d_model = len(lm.adapter.blocks(lm.model)), lm.model.config.hidden_size
-    context = getattr(lm.model.config, "max_position_embeddings", None) or getattr(lm.model.config, "n_positions", None)
+    n_layers, d_model = len(lm.adapter.blocks(lm.model)), lm.config.hidden_size
+    context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
     for i, d in enumerate(protect.massive_dims):
         here = f"{where}: massive_dims[{i}]"
         if not d.dim < d_model:

@@ -41,7 +41,15 @@ class AttentionSinks:
     ``value_ratio``: mean |v| of the sink tokens' value vectors / median |v| of the others; ``output_share``: |sink
     part of the head output| / |head output| (sums over queries); ``noop_heads``: per block, heads with >= 50% of
     their attention on the sink and a value ratio under 0.5. ``interventions``: the same pass with the massive
-    values replaced; ``dependence``: whether the sink needs them, in words."""
+    values replaced; ``dependence``: whether the sink needs them, in words.
+
+    Blocks that do not mix tokens by softmax attention (a hybrid's convolutions and linear attentions) have no
+    attention probabilities: their rows are null, and ``softmax_layers`` lists the blocks that do (empty when every
+    block does). ``positions``: per block, whether its mixer sees positions (empty when every block does; a NoPE
+    block does not). Where the family gates attention (out = attention x sigmoid(gate), per head): ``gate_sink`` and
+    ``gate_other``, per block and head, the mean gate at the sink tokens and at the other tokens. Where it has a
+    learned sink logit per head: ``learned_sink``, the attention mass it takes, and ``first_token``, the mass on the
+    first token, beside it. ``mixing``: what these say, in words."""
 
     texts: int
     share: list[list[float]]
@@ -62,3 +70,10 @@ class AttentionSinks:
     values: str = ""
     interventions: list[SinkIntervention] = field(default_factory=list)
     dependence: str = ""
+    softmax_layers: list[int] = field(default_factory=list)
+    positions: list[bool] = field(default_factory=list)
+    gate_sink: list[list[float]] | None = None
+    gate_other: list[list[float]] | None = None
+    learned_sink: list[list[float]] | None = None
+    first_token: list[list[float]] | None = None
+    mixing: str = ""

@@ -5,14 +5,15 @@ they give (no-op heads, Bondarenko et al. 2023), and whether the sink survives w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from ...models.loading import LoadedModel
+from ...capture.attention import attention_pass, softmax_layers
 from ...capture.edits import replace_massive
+from ...models.loading import LoadedModel
 from ..detect.scan import pad_batch
 from .results import AttentionSinks, SinkIntervention, SinkToken
 from ..results import Report
@@ -25,39 +26,6 @@ SINK_TEXTS = 64  # texts in each attention pass
 SINK_BATCH = 8  # of those texts per forward pass
 
 
-@contextmanager
-def eager_attention(lm: LoadedModel) -> Iterator[None]:
-    """Attention probabilities exist only in the eager implementation: switch to it for this pass alone."""
-    before = lm.model.config._attn_implementation
-    lm.model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        lm.model.set_attn_implementation(before)
-
-
-# Where each family's value vectors are: the projection (path in the block) and how to cut the values out of its
-# output, given (output, query heads, key/value heads). GPT-NeoX and Falcon interleave q, k, v per head in one fused
-# projection whose layout depends on the config: not covered.
-_VALUES: dict[str, tuple[str, Callable[[torch.Tensor, int, int], torch.Tensor]]] = {
-    "GPT-2": ("attn.c_attn", lambda t, heads, kv: t.chunk(3, dim=-1)[2]),  # fused q | k | v
-    "Llama": ("self_attn.v_proj", lambda t, heads, kv: t),
-    "Gemma-2/3": ("self_attn.v_proj", lambda t, heads, kv: t),
-    "Mixtral/Qwen-MoE": ("self_attn.v_proj", lambda t, heads, kv: t),
-    "Phi-2": ("self_attn.v_proj", lambda t, heads, kv: t),
-    "Phi-3": ("self_attn.qkv_proj", lambda t, heads, kv: t[..., -kv * (t.shape[-1] // (heads + 2 * kv)):]),  # q | k | v
-    "GPT-J": ("attn.v_proj", lambda t, heads, kv: t),
-    "OPT": ("self_attn.v_proj", lambda t, heads, kv: t),
-    "BERT": ("attention.self.value", lambda t, heads, kv: t),
-}
-
-
-def value_source(lm: LoadedModel) -> str | None:
-    """The module path (in each block) the value vectors are read from, or None where the family is not covered."""
-    entry = _VALUES.get(lm.adapter.family)
-    return entry[0] if entry else None
-
-
 def sink_tokens(report: Report) -> tuple[list[SinkToken], str]:
     """The positions that carry a massive dim persistently, per text, and the rule in words.
 
@@ -65,8 +33,13 @@ def sink_tokens(report: Report) -> tuple[list[SinkToken], str]:
     dim is massive at all. Blocks where the dim is massive at more than half of the text's positions do not count
     for that text: they mark no token in particular (a dim that crosses the threshold everywhere in one or two blocks
     must not make every position a sink). Each dim's main carrier, the (text, position) of its largest |value|, is
-    always included.
+    always included. Where no activation is massive, each text's first token is measured instead (where sinks form
+    in most models): the sink is then measured without a massive activation.
     """
+    if not report.massive:
+        tokens = [SinkToken(text=text, position=0, token=report.tokens[text][0], dims=[], reason="first token")
+                  for text in sorted(report.tokens)]
+        return tokens, "no activation is massive: each text's first token is measured as the sink token"
     blocks: dict[int, set[int]] = {}
     marked: dict[tuple[int, int, int], set[int]] = {}  # (dim, text, block) -> positions
     for m in report.massive:
@@ -135,8 +108,12 @@ def head_metrics(attention: torch.Tensor, values: torch.Tensor | None, sinks: li
 
 @dataclass
 class SinkPass:
-    """Per block and head, averaged over the texts: the ``head_metrics``; ``rate``: per block, the share of (text,
-    head) pairs whose ``share`` exceeds epsilon (the sink rate)."""
+    """Per block and head, averaged over the texts: the ``head_metrics`` (NaN rows at blocks without softmax
+    attention); ``rate``: per block, the share of (text, head) pairs whose ``share`` exceeds epsilon (the sink rate;
+    NaN without softmax). Where the family has them: ``gate_sink`` and ``gate_other`` per block and head, the mean
+    output gate sigmoid(gate) at the sink tokens and at the other tokens (NaN rows where a block has no gate);
+    ``learned_sink``, the attention mass a learned sink logit takes (1 - the probabilities' sum over the tokens), and
+    ``first_token``, the mass on position 0, beside it."""
 
     texts: int
     share: torch.Tensor
@@ -144,40 +121,37 @@ class SinkPass:
     rate: torch.Tensor
     value_ratio: torch.Tensor | None
     output_share: torch.Tensor | None
+    gate_sink: torch.Tensor | None = None
+    gate_other: torch.Tensor | None = None
+    learned_sink: torch.Tensor | None = None
+    first_token: torch.Tensor | None = None
 
 
-@torch.no_grad()
-def attention_and_values(
-    lm: LoadedModel, input_ids: torch.Tensor, context: Callable[[], AbstractContextManager] = nullcontext,
-    attention_mask: torch.Tensor | None = None,
-) -> tuple[tuple[torch.Tensor, ...], dict[int, torch.Tensor]]:
-    """One forward pass over ``input_ids`` [batch, positions] with eager attention (under ``context``, e.g. an
-    intervention): every block's attention probabilities [batch, heads, queries, keys], and its value vectors
-    [batch, positions, query heads, head_dim] read at the family's value projection (grouped-query attention: each
-    query head gets its key/value head's values; empty where the family is not covered). With right padding
-    (``attention_mask``) each text's rows and columns up to its length are what it gives alone."""
-    source = _VALUES.get(lm.adapter.family)
-    config = lm.model.config
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    values: dict[int, torch.Tensor] = {}
-    handles = []
-    if source is not None:
-        path, cut = source
-        for layer in range(len(lm.adapter.blocks(lm.model))):
-            module = lm.adapter.module(lm.model, layer, path)
-            handles.append(module.register_forward_hook(
-                lambda m, args, output, layer=layer: values.__setitem__(layer, cut(output.detach(), heads, kv))))
-    mask = None if attention_mask is None else attention_mask.to(lm.device)
-    try:
-        with eager_attention(lm), context():
-            attentions = lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask, output_attentions=True, use_cache=False).attentions
-    finally:
-        for handle in handles:
-            handle.remove()
-    for layer, flat in values.items():  # [batch, positions, kv x head_dim] -> [batch, positions, query heads, head_dim]
-        values[layer] = flat.view(*flat.shape[:2], kv, -1).repeat_interleave(heads // kv, dim=2)
-    return attentions, values
+class _Means:
+    """Sums and counts of [blocks, heads] values over texts, NaN entries left out: the mean, NaN where none came."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, key: str, values: torch.Tensor) -> None:
+        ok = ~torch.isnan(values)
+        self.sums[key] = self.sums.get(key, 0) + torch.where(ok, values, 0.0)
+        self.counts[key] = self.counts.get(key, 0) + ok.float()
+
+    def mean(self, key: str) -> torch.Tensor | None:
+        """The mean, or None when no text gave a value anywhere."""
+        if key not in self.counts or not bool((self.counts[key] > 0).any()):
+            return None
+        return self.sums[key] / self.counts[key]
+
+
+def _gate_means(gate: torch.Tensor, sinks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the mean gate [positions, heads] at the sink positions and at the other positions."""
+    others = torch.ones(len(gate), dtype=torch.bool, device=gate.device)
+    others[sinks] = False
+    nan = torch.full((gate.shape[1],), float("nan"))
+    return gate[sinks].mean(0).cpu(), gate[others].mean(0).cpu() if others.any() else nan
 
 
 @torch.no_grad()
@@ -185,39 +159,54 @@ def sink_pass(
     lm: LoadedModel, inputs: dict[int, torch.Tensor], sinks: dict[int, list[int]], epsilon: float,
     context: Callable[[torch.Tensor | None], AbstractContextManager] = lambda valid: nullcontext(),
 ) -> SinkPass | None:
-    """The ``head_metrics`` of every block over the texts (``sinks``: text -> its sink positions), SINK_BATCH texts
-    per forward pass (``context(attention mask)``: the intervention for one such pass). None when no text has a
-    query that sees a sink."""
+    """The ``head_metrics`` of every softmax block over the texts (``sinks``: text -> its sink positions), SINK_BATCH
+    texts per forward pass (``context(attention mask)``: the intervention for one such pass), and the gates and
+    learned sinks where the family has them. None when no text has a query that sees a sink."""
     causal = not lm.adapter.encoder
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, torch.Tensor] = {}
+    n_layers, heads = len(lm.adapter.blocks(lm.model)), lm.config.num_attention_heads
+    softmax = softmax_layers(lm)
+    learned = any(lm.at(layer).sinks for layer in softmax)
+    means = _Means()
     above, counted = None, 0
     texts = list(sinks)
+
+    def per_block(rows: dict[int, torch.Tensor]) -> torch.Tensor:
+        out = torch.full((n_layers, heads), float("nan"))
+        for layer, row in rows.items():
+            out[layer] = row.float().cpu()
+        return out
+
     for start in range(0, len(texts), SINK_BATCH):
         group = texts[start:start + SINK_BATCH]
         ids, mask = pad_batch([inputs[text] for text in group])
         valid = mask if len(group) > 1 else None
-        attentions, values = attention_and_values(lm, ids, lambda: context(valid), valid)
+        found = attention_pass(lm, ids, lambda: context(valid), valid)
         for row, text in enumerate(group):
             n = inputs[text].shape[1]
-            metrics = [head_metrics(attention[row, :, :n, :n], values[layer][row, :n] if layer in values else None, sinks[text], causal)
-                       for layer, attention in enumerate(attentions)]
-            share = torch.stack([m["share"] for m in metrics])
-            if torch.isnan(share).any():
+            metrics = {layer: head_metrics(found.maps[layer][row, :, :n, :n],
+                                           found.values[layer][row, :n] if layer in found.values else None, sinks[text], causal)
+                       for layer in softmax}
+            share = per_block({layer: m["share"] for layer, m in metrics.items()})
+            if torch.isnan(share[softmax]).any():
                 continue
             counted += 1
             above = (share > epsilon).float() if above is None else above + (share > epsilon).float()
             for key in ("share", "uniform", "value_ratio", "output_share"):
-                stacked = torch.stack([m[key] for m in metrics])
-                ok = ~torch.isnan(stacked)
-                sums[key] = sums.get(key, 0) + torch.where(ok, stacked, 0.0)
-                counts[key] = counts.get(key, 0) + ok.float()
+                means.add(key, per_block({layer: m[key] for layer, m in metrics.items()}))
+            gates = {layer: _gate_means(gate[row, :n], sinks[text]) for layer, gate in found.gates.items()}
+            if gates:
+                means.add("gate_sink", per_block({layer: g[0] for layer, g in gates.items()}))
+                means.add("gate_other", per_block({layer: g[1] for layer, g in gates.items()}))
+            if learned:  # each query's probabilities sum to 1 minus what the learned sink took
+                maps = {layer: found.maps[layer][row, :, :n, :n].float() for layer in softmax}
+                means.add("learned_sink", per_block({layer: 1 - m.sum(-1).mean(-1) for layer, m in maps.items()}))
+                means.add("first_token", per_block({layer: m[:, 1:, 0].mean(-1) for layer, m in maps.items()}))
     if not counted:
         return None
-    mean = {key: sums[key] / counts[key] for key in sums}  # NaN where no text gave a value
-    has_values = bool((counts["value_ratio"] > 0).any())
-    return SinkPass(counted, mean["share"], mean["uniform"], (above / counted).mean(dim=1),
-                    mean["value_ratio"] if has_values else None, mean["output_share"] if has_values else None)
+    rate = (above / counted).mean(dim=1)
+    rate[[layer for layer in range(n_layers) if layer not in softmax]] = float("nan")
+    return SinkPass(counted, means.mean("share"), means.mean("uniform"), rate, means.mean("value_ratio"), means.mean("output_share"),
+                    means.mean("gate_sink"), means.mean("gate_other"), means.mean("learned_sink"), means.mean("first_token"))
 
 
 def sink_blocks(rate: torch.Tensor) -> list[int]:
@@ -248,13 +237,19 @@ def sink_analysis(
     sinks = dict(sorted(sinks.items())[:SINK_TEXTS])
     tokens = [t for t in tokens if t.text in sinks]
     causal = not lm.adapter.encoder
-    source = value_source(lm)
+    softmax = softmax_layers(lm)
+    source = next((lm.at(layer).values.path for layer in softmax if lm.at(layer).values is not None), None)
     values = (f"value vectors read at each block's {source}" if source else
               f"value vectors of the {lm.adapter.family} family are not read (fused, interleaved q/k/v): no value norms or no-op heads")
-    base = sink_pass(lm, inputs, sinks, epsilon)
+    n_layers = len(lm.adapter.blocks(lm.model))
+    layout = dict(softmax_layers=softmax if len(softmax) < n_layers else [],
+                  positions=[lm.at(layer).positions for layer in range(n_layers)] if not all(
+                      lm.at(layer).positions for layer in range(n_layers)) else [])
+    base = sink_pass(lm, inputs, sinks, epsilon) if softmax else None
     if base is None:
-        return AttentionSinks(texts=0, share=[], uniform=[], sink_layers=[], first_sink_layer=None, birth_layer=birth, summary="no text has a massive token with later tokens to attend to it",
-                              epsilon=epsilon, causal=causal, rule=rule, tokens=tokens, values=values)
+        why = "no block mixes tokens by softmax attention" if not softmax else "no text has a sink token with later tokens to attend to it"
+        return AttentionSinks(texts=0, share=[], uniform=[], sink_layers=[], first_sink_layer=None, birth_layer=birth, summary=why,
+                              epsilon=epsilon, causal=causal, rule=rule, tokens=tokens, values=values, **layout)
     found_blocks = sink_blocks(base.rate)
     changed = []
     for label, by_block in (replacements or {}).items():
@@ -273,23 +268,27 @@ def sink_analysis(
         changed.append(SinkIntervention(name=f"set massive dims {dims} to {label} at block(s) {sorted(by_block)}", label=label,
                                         blocks=sorted(by_block), rate=rate, share=under.share.mean(dim=1).tolist(), survives=survives))
     summary = _summary(base, found_blocks, birth, epsilon)
+    listed = lambda tensor: tensor.tolist() if tensor is not None else None  # noqa: E731
     return AttentionSinks(
         texts=base.texts, share=base.share.tolist(), uniform=base.uniform.tolist(), sink_layers=found_blocks, first_sink_layer=found_blocks[0] if found_blocks else None, birth_layer=birth,
         summary=summary, epsilon=epsilon, causal=causal, rule=rule, tokens=tokens, rate=base.rate.tolist(),
-        overall_rate=float(base.rate.mean()),
-        value_ratio=base.value_ratio.tolist() if base.value_ratio is not None else None,
-        output_share=base.output_share.tolist() if base.output_share is not None else None,
+        overall_rate=float(base.rate.nanmean()),
+        value_ratio=listed(base.value_ratio), output_share=listed(base.output_share),
         noop_heads=noop_heads(base), values=values, interventions=changed,
         dependence=dependence(found_blocks, birth, changed),
+        gate_sink=listed(base.gate_sink), gate_other=listed(base.gate_other), learned_sink=listed(base.learned_sink),
+        first_token=listed(base.first_token), mixing=mixing_words(lm, base, found_blocks, birth, bool(report.dims)), **layout,
     )
 
 
 def _summary(base: SinkPass, found_blocks: list[int], birth: int | None, epsilon: float) -> str:
     heads = base.share.shape[1]
-    uniform = float(base.uniform.mean())
+    uniform = float(base.uniform.nanmean())
+    measured = int((~torch.isnan(base.rate)).sum())
+    blocks = f"{measured} {'' if measured == len(base.rate) else 'softmax-attention '}block{'s' if measured != 1 else ''}"
     if not found_blocks:
-        return (f"no block has a sink: in no block do half of the heads put more than {epsilon:.0%} of their attention on the "
-                f"sink tokens (overall sink rate {float(base.rate.mean()):.1%}; a uniform spread gives {uniform:.1%})")
+        return (f"no block has a sink: in none of the {blocks} do half of the heads put more than {epsilon:.0%} of their "
+                f"attention on the sink tokens (overall sink rate {float(base.rate.nanmean()):.1%}; a uniform spread gives {uniform:.1%})")
     first = found_blocks[0]
     timing = ""
     if birth is not None:
@@ -297,10 +296,56 @@ def _summary(base: SinkPass, found_blocks: list[int], birth: int | None, epsilon
                   else f" ({first - birth} blocks after the birth block {birth})" if first > birth
                   else " (at the birth block itself)" if first == birth
                   else f" ({birth - first} block{'s' if birth - first > 1 else ''} before the birth block {birth})")
-    return (f"the sink forms at block {first}{timing}; {len(found_blocks)} of {len(base.rate)} blocks have a sink (at least half of "
+    return (f"the sink forms at block {first}{timing}; {len(found_blocks)} of {blocks} have a sink (at least half of "
             f"their {heads} heads put more than {epsilon:.0%} of their attention on the sink tokens); overall sink rate "
-            f"{float(base.rate.mean()):.1%}, mean attention on the sink tokens {float(base.share.mean()):.1%} against a uniform "
+            f"{float(base.rate.nanmean()):.1%}, mean attention on the sink tokens {float(base.share.nanmean()):.1%} against a uniform "
             f"share of {uniform:.1%}")
+
+
+def mixing_words(lm: LoadedModel, base: SinkPass, found_blocks: list[int], birth: int | None, massive: bool) -> str:
+    """What a hybrid's other mixers, NoPE blocks, output gates and learned sinks do to the sink, in words ("" for a
+    model whose every block is softmax attention with positions, no gate and no learned sink)."""
+    n_layers = len(base.rate)
+    softmax = softmax_layers(lm)
+    words = []
+    if len(softmax) < n_layers:
+        others = sorted({MIXER_WORDS[lm.at(layer).mixer] for layer in range(n_layers) if layer not in softmax})
+        words.append(f"sink metrics are measured on the softmax-attention {_blocks(softmax)}; the other "
+                     f"{n_layers - len(softmax)} mix tokens by {' and '.join(others)} and have no attention probabilities")
+    nope = [layer for layer in softmax if not lm.at(layer).positions]
+    if nope:
+        roped = [layer for layer in softmax if lm.at(layer).positions]
+        rate = lambda layers: float(base.rate[layers].nanmean()) if layers else float("nan")  # noqa: E731
+        share = lambda layers: float(base.share[layers].nanmean()) if layers else float("nan")  # noqa: E731
+        where = "" if birth is None else (f"; the massive value is born in block {birth}, which "
+                                          f"{'uses no positions' if birth in nope else 'uses positions'}")
+        words.append(f"{_blocks(nope)} use{'s' if len(nope) == 1 else ''} no positions (NoPE): sink rate {rate(nope):.0%}, mean attention "
+                     f"on the sink tokens {share(nope):.1%}, against {rate(roped):.0%} and {share(roped):.1%} in the blocks with "
+                     f"positions{where}")
+    if base.gate_sink is not None:
+        gated = [layer for layer in softmax if not bool(torch.isnan(base.gate_sink[layer]).all())]
+        sink, other = float(base.gate_sink[gated].nanmean()), float(base.gate_other[gated].nanmean())
+        lowest = min(gated, key=lambda layer: float(base.gate_sink[layer].nanmean()))
+        words.append(f"gated attention (output x sigmoid(gate), per head): at the sink tokens the gate averages {sink:.3f} against "
+                     f"{other:.3f} at the other tokens (lowest at block {lowest}: {float(base.gate_sink[lowest].nanmean()):.3f}); "
+                     f"{'a sink is there' if found_blocks else 'no block has a sink'}, and "
+                     f"{'massive activations are there' if massive else 'no activation is massive'}")
+    if base.learned_sink is not None:
+        taken, first = float(base.learned_sink[softmax].nanmean()), float(base.first_token[softmax].nanmean())
+        most = float(base.learned_sink[softmax].nan_to_num(-1).max())
+        words.append(f"learned sinks (a logit per head that joins the softmax): they take {taken:.1%} of the attention on average "
+                     f"(up to {most:.1%} for one head), the first token {first:.1%}; with them, the model "
+                     f"{'still' if massive else 'does not'} grow{'s' if massive else ''} a massive activation, and "
+                     f"{'still has' if found_blocks else 'has no'} token sink")
+    return "; ".join(words)
+
+
+MIXER_WORDS = {"attention": "softmax attention", "linear": "linear attention", "conv": "short convolutions"}
+
+
+def _blocks(layers: list[int]) -> str:
+    """'block 3' or 'blocks 1, 3'."""
+    return f"block{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
 
 
 def dependence(found_blocks: list[int], birth: int | None, changed: list[SinkIntervention]) -> str:

@@ -86,7 +86,7 @@ def explain(
         if origin.norm is not None and origin.norm.error > tolerance:
             warnings.append(f"block {event.layer} dim {event.dim}: the norm's factors miss its output by {origin.norm.error:.1e}")
         origins.append(origin)
-        if origin.writer == "mlp" and cause != "median" and lm.adapter.moe:
+        if origin.writer == "mlp" and cause != "median" and lm.at(event.layer).moe:
             block = lm.adapter.module(lm.model, event.layer, "mlp")
             if not is_moe_block(block):
                 warnings.append(f"block {event.layer}'s MLP is dense in this mixture-of-experts model: not attributed to neurons")
@@ -108,7 +108,7 @@ def explain(
 
 
 def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:
-    adapter, dim = lm.adapter, event.dim
+    adapter, dim = lm.at(event.layer), event.dim
     resid_in, attn, mlp, resid_out = (float(at[s][dim]) for s in ("resid_in", "attn_out", "mlp_out", adapter.stream))
     resid_mid = float(at["resid_mid"][dim]) if adapter.post_ln else None
     # Post-LN: the attention half lands as resid_mid = LN(resid_in + attn) and the sum is resid_mid + mlp.
@@ -121,7 +121,9 @@ def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], t
         branch = f"{who}_out"
         norm = _norm_factors(lm, event.layer, adapter.branch_norms[branch], at[adapter.raw(branch)], at[branch], dim)
     # Heads are split only where attention really wrote the change: not when the median grew past the value.
-    heads = head_split(lm, event.layer, at[ATTN_Z], dim) if who == "attn" and cause != "median" else None
+    # (a convolution or a linear attention has no heads whose outputs sum like softmax heads: not split)
+    split_heads = who == "attn" and cause != "median" and adapter.mixer == "attention"
+    heads = head_split(lm, event.layer, at[ATTN_Z], dim) if split_heads else None
     return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause,
                   heads=heads, attn_raw=raw["attn_out"], mlp_raw=raw["mlp_out"], resid_mid=resid_mid, norm=norm)
 
@@ -170,8 +172,9 @@ def _place(event: Event, tokens: list[list[str]]) -> dict:
 
 
 def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, top: int) -> Attribution:
-    weight_row, bias = down_row(lm.adapter, lm.model, event.layer, event.dim)
-    output = float(at[lm.adapter.raw("mlp_out")][event.dim])  # the neurons make the raw output; a norm may follow
+    here = lm.at(event.layer)
+    weight_row, bias = down_row(here, lm.model, event.layer, event.dim)
+    output = float(at[here.raw("mlp_out")][event.dim])  # the neurons make the raw output; a norm may follow
     neurons, error, for_90 = contributions(at["mlp_act"], weight_row, bias, output, top)
     return Attribution(
         **_place(event, tokens),
@@ -180,17 +183,18 @@ def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens
         error=error,
         neurons=neurons,
         neurons_for_90pct=for_90,
-        super_weight=super_weight(lm.adapter, lm.model, event.layer, event.dim, neurons[0].neuron),
-        weights=mlp_weight_stats(lm.adapter, lm.model, event.layer),
-        landed=float(at["mlp_out"][event.dim]) if "mlp_out" in lm.adapter.branch_norms else None,
+        super_weight=super_weight(here, lm.model, event.layer, event.dim, neurons[0].neuron),
+        weights=mlp_weight_stats(here, lm.model, event.layer),
+        landed=float(at["mlp_out"][event.dim]) if "mlp_out" in here.branch_norms else None,
     )
 
 
 def open_mlp(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, neurons: list[int]) -> Anatomy:
-    points = anatomy_step.checkpoints({**at, "mlp_out": at[lm.adapter.raw("mlp_out")]}, lm.adapter.gated)
-    function = lm.adapter.module(lm.model, event.layer, lm.adapter.act_fn)
-    pre = at["mlp_gate"] if lm.adapter.gated else at["mlp_up"]
-    impact = anatomy_step.activation_impact(function, pre, at["mlp_up"] if lm.adapter.gated else None, neurons)
+    here = lm.at(event.layer)
+    points = anatomy_step.checkpoints({**at, "mlp_out": at[here.raw("mlp_out")]}, here.gated)
+    function = lm.adapter.activation(lm.model, event.layer)
+    pre = at["mlp_gate"] if here.gated else at["mlp_up"]
+    impact = anatomy_step.activation_impact(function, pre, at["mlp_up"] if here.gated else None, neurons)
     return Anatomy(
         **_place(event, tokens),
         checkpoints=points,

@@ -29,9 +29,9 @@ def decomposition_gap(resid_in: float, attn: float, mlp: float, resid_out: float
 
 def head_split(lm: LoadedModel, layer: int, z: torch.Tensor, dim: int) -> list[HeadShare]:
     """attn_out[dim] = sum over heads h of W_O[dim, h-slice] . z[h-slice] (+ bias), largest |contribution| first."""
-    o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
+    o_proj = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
     row = weight_out_in(o_proj)[dim].detach().double().cpu()
-    n_heads = lm.model.config.num_attention_heads
+    n_heads = lm.config.num_attention_heads
     per_head = (row * z.double()).view(n_heads, -1).sum(dim=1)
     bias = bias_of(o_proj)
     total = float(per_head.sum()) + (float(bias[dim]) if bias is not None else 0.0)

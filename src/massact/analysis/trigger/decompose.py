@@ -23,6 +23,7 @@ from ...models.loading import LoadedModel
 from ..mechanism.norms import centers, gain_and_bias, scale
 
 NormKey = tuple[int, str]  # (block, module path) of a norm whose per-position factor multiplies a term
+MIXER_NAMES = {"attention": "attention", "linear": "linear attention", "conv": "convolution"}  # a source's name
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Walk:
     def _gain(self, key: NormKey) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if key not in self._gains:
             module = self.norm(key)
-            gain, bias = gain_and_bias(module, self.lm.model.config.hidden_size)
+            gain, bias = gain_and_bias(module, self.lm.config.hidden_size)
             self._gains[key] = (gain, bias, centers(module))
         return self._gains[key]
 
@@ -95,7 +96,8 @@ class Walk:
         terms: list[Term] = []
 
         def source(block: int, site: str) -> None:
-            terms.append(Term(f"block {block} {'attention' if site == 'attn_out' else 'MLP'}", block, site, reader, norms))
+            mixer = MIXER_NAMES[self.lm.at(block).mixer]
+            terms.append(Term(f"block {block} {mixer if site == 'attn_out' else 'MLP'}", block, site, reader, norms))
 
         if adapter.post_ln:  # the MLP reads resid_mid = LN1(resid_in + attn); resid_in = LN2(resid_sum of the block before)
             first, last = adapter.sites["attn_sum"][0], adapter.sites["resid_sum"][0]
@@ -228,13 +230,13 @@ def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor,
 
     sites = set(plan.readers) | {(t.layer, t.site) for t in targets} | {(0, "resid_in")}
     sites |= {(layer, site) for layer in range(min(last + 1, n_layers)) for site in ("mlp_act", "attn_raw", "mlp_raw")
-              if site in lm.adapter.sites}
+              if site in lm.at(layer).sites}
     with ExitStack() as stack:
         stack.enter_context(tap(lm.model, lm.adapter, sorted(sites), keep))
         for key in plan.norm_keys:
             stack.enter_context(tap_module_input(walk.norm(key), lambda x, key=key: seen.scales.__setitem__(key, scale(walk.norm(key), _rows(x)))))
         for layer in range(last + 1):
-            o_proj = lm.adapter.module(lm.model, layer, lm.adapter.attn_proj)
+            o_proj = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
             stack.enter_context(tap_module_input(o_proj, lambda z, layer=layer: seen.at.__setitem__((layer, ATTN_Z), _rows(z)[position].double().cpu())))
         forward_until(lm.model, lm.adapter, min(last, n_layers - 1), input_ids=input_ids.to(lm.device), use_cache=False)
     return seen
@@ -310,14 +312,18 @@ class Unit:
 def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[list[Unit], float]:
     """A term's part at the massive position split over its block's neurons (an MLP source) or heads (attention):
     the units, largest |contribution| first, and the sum of every unit and bias (equal to the term's part). A source
-    behind a sandwich norm is carried back through that norm first. Mixture-of-experts MLPs are not split: []."""
-    adapter, model = lm.adapter, lm.model
-    if term.site not in ("mlp_out", "attn_out") or (term.site == "mlp_out" and adapter.moe):
+    behind a sandwich norm is carried back through that norm first. Mixture-of-experts MLPs, convolutions and linear
+    attentions (no heads that sum like softmax heads) are not split: []."""
+    model = lm.model
+    if term.site not in ("mlp_out", "attn_out"):
+        return [], float("nan")
+    adapter = lm.at(term.layer)
+    if (term.site == "mlp_out" and adapter.moe) or (term.site == "attn_out" and adapter.mixer != "attention"):
         return [], float("nan")
     reader, constant = term.reader, 0.0
     if term.site in adapter.branch_norms:  # what landed is the branch norm of the raw output
         norm = adapter.module(model, term.layer, adapter.branch_norms[term.site])
-        gain, beta = gain_and_bias(norm, model.config.hidden_size)
+        gain, beta = gain_and_bias(norm, lm.config.hidden_size)
         constant += factor * float(reader @ beta)
         factor = factor * float(scale(norm, at.vectors[term.layer, adapter.raw(term.site)]))
         reader = gain * reader
@@ -330,7 +336,7 @@ def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[l
         kind, per_unit = "neuron", through * at.vectors[term.layer, "mlp_act"]
     else:  # heads: the projection's input is every head's output, concatenated
         kind = "head"
-        per_unit = (through * at.vectors[term.layer, ATTN_Z]).view(model.config.num_attention_heads, -1).sum(dim=1)
+        per_unit = (through * at.vectors[term.layer, ATTN_Z]).view(lm.config.num_attention_heads, -1).sum(dim=1)
     bias = bias_of(projection)
     if bias is not None:
         constant += factor * float(bias.detach().double().cpu() @ reader)

@@ -9,7 +9,7 @@ import torch
 
 from ...capture.probe import block_output
 from ...models.loading import LoadedModel
-from ..function.sinks import eager_attention
+from ...capture.attention import attention_pass
 from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
 from .patching import patch_sources
 from ..mechanism.results import Attribution, HeadShare, Lifeline
@@ -39,9 +39,10 @@ def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
                               scale_others=scale_mean, sources=parts, error=piece.error)
 
 
-def neuron_site(lm: LoadedModel) -> str:
-    """The pre-activation that decides whether a neuron fires: the gate in a gated MLP, else the one pre-activation."""
-    return "mlp_gate" if lm.adapter.gated else "mlp_up"
+def neuron_site(lm: LoadedModel, layer: int) -> str:
+    """The pre-activation that decides whether a neuron of block ``layer`` fires: the gate in a gated MLP, else the
+    one pre-activation."""
+    return "mlp_gate" if lm.at(layer).gated else "mlp_up"
 
 
 def _link(depth: int, kind: str, layer, index, piece: Split | None, position: int, source: str | None, feeds: float | None,
@@ -79,7 +80,7 @@ def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split
             link.attends = attends(lm, input_ids, term.layer, unit.index, position, tokens)
             chain.append(link)
             break
-        target = Target(term.layer, unit.index, neuron_site(lm))
+        target = Target(term.layer, unit.index, neuron_site(lm, term.layer))
         pieces, at = cached_split(lm, input_ids, [target], position, cache)
         chain.append(_link(step, "neuron", term.layer, unit.index, pieces[0], position, label, unit.contribution, current))
         current = pieces[0]
@@ -102,9 +103,7 @@ def cached_split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target]
 @torch.no_grad()
 def attends(lm: LoadedModel, input_ids: torch.Tensor, layer: int, head: int, position: int, tokens: list[str], top: int = 3) -> list[list]:
     """[key position, token, probability] of the head's strongest keys from the query at ``position`` (eager pass)."""
-    with eager_attention(lm):
-        attention = lm.model(input_ids=input_ids.to(lm.device), output_attentions=True, use_cache=False).attentions[layer]
-    row = attention[0, head, position].float().cpu()
+    row = attention_pass(lm, input_ids).maps[layer][0, head, position].float().cpu()
     order = row.argsort(descending=True)[:top].tolist()
     return [[key, tokens[key], float(row[key])] for key in order]
 
@@ -156,7 +155,7 @@ def trigger(
         toward = [n for n in a.neurons if n.contribution * a.output > 0][: min(max(a.neurons_for_90pct, 1), TOP_NEURONS)]
         for n in toward:
             roles[a.layer, n.neuron] = a.role
-            targets += [Target(a.layer, n.neuron, site) for site in (("mlp_gate", "mlp_up") if lm.adapter.gated else ("mlp_up",))]
+            targets += [Target(a.layer, n.neuron, site) for site in (("mlp_gate", "mlp_up") if lm.at(a.layer).gated else ("mlp_up",))]
     warnings = []
     neurons: list[NeuronTrigger] = []
     chain: list[ChainLink] = []
@@ -167,7 +166,7 @@ def trigger(
             splits = [pre_activation_split(x, p) for x in pieces if (x.target.layer, x.target.neuron) == (layer, neuron)]
             neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits))
             warnings += [f"block {layer} neuron {neuron} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
-        first = next(x for x in pieces if x.target.site == neuron_site(lm))
+        first = next(x for x in pieces if x.target.site == neuron_site(lm, x.target.layer))
         chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
         patches = patch_sources(lm, input_ids, first, line, medians, criterion) if patch else []
     elif heads:  # attention writes it: the chain starts, and ends, at the writing head

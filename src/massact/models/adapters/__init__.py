@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...errors import UsageError
-from . import gemma2, gpt2, llama, moe, parallel, phi, postln
+from . import apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln
 from .base import Adapter
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -21,6 +21,15 @@ ADAPTERS: tuple[Adapter, ...] = (
     postln.OPT_PRE_LN,
     postln.OPT_POST_LN,
     postln.BERT,
+    olmo.OLMO2,
+    olmo.EXAONE4,
+    cohere.COHERE2,
+    apertus.APERTUS,
+    llama.SMOLLM3,
+    hybrid.LFM2,
+    hybrid.QWEN3_NEXT,
+    hybrid.QWEN3_5_MULTIMODAL,
+    gemma2.GEMMA3_MULTIMODAL,
 )
 
 

@@ -4,18 +4,60 @@ A site is read either at a module's input ("in") or at its output ("out"); the p
 the block itself). A third element ``(index, count)`` takes one of ``count`` equal chunks of the last dim, for fused
 projections (Phi-3's ``gate_up_proj`` holds the gate, then up). Adding a family means adding one ``Adapter`` with
 its own module paths; ``when`` picks among variants of one model type by its config (parallel or sequential
-blocks, pre- or post-LN).
+blocks, pre- or post-LN), and ``variants`` change it at some layers only (a convolution or linear-attention mixer
+in a hybrid, a layer without rotary positions): ``Adapter.at(config, layer)`` is the adapter of one block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 SiteSpec = tuple  # (path, "in" | "out") or (path, "in" | "out", (chunk index, chunk count))
+# What mixes the tokens in a block: softmax attention (which has attention probabilities and can have a sink), a
+# linear attention (a recurrence, e.g. Gated DeltaNet) or a short convolution. Only softmax layers have sink metrics.
+MIXERS = ("attention", "linear", "conv")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A change to an adapter at some layers: ``when(config, layer)`` says at which; ``changes`` are the ``Adapter``
+    fields it sets there (``sites`` is merged into the family's sites; a site set to None is removed there)."""
+
+    when: Callable[[object, int], bool]
+    changes: Mapping[str, object]
+
+
+def kv_heads(config) -> int:
+    """How many key/value heads the attention has (grouped-query attention: fewer than the query heads)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def per_head(output: torch.Tensor, config) -> torch.Tensor:
+    """A projection's output [batch, positions, kv x head_dim] as [batch, positions, kv, head_dim]."""
+    return output.view(*output.shape[:2], kv_heads(config), -1)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where a per-head quantity is read: the module ``path`` (in the block) whose output holds it, and ``take``, which
+    cuts it out of that output as [batch, positions, heads, head_dim] given the config: the value vectors (one per
+    key/value head; from a fused q | k | v projection, or from a latent's per-head [key | value] rows), or an output
+    gate's pre-activations (one per query head)."""
+
+    path: str
+    take: Callable[[torch.Tensor, object], torch.Tensor] = per_head
+
+
+def layer_types(config, layer: int) -> str:
+    """The kind of attention the config gives ``layer`` (``layer_types``: full, sliding, linear, conv...), or "" where
+    the config does not vary it."""
+    kinds = getattr(config, "layer_types", None)
+    return str(kinds[layer]) if kinds and layer < len(kinds) else ""
 
 
 @dataclass(frozen=True)
@@ -24,10 +66,10 @@ class Adapter:
     model_types: tuple[str, ...]
     layers: str  # path of the block list in the base model (LlamaModel: "layers"), whatever head wraps it
     sites: dict[str, SiteSpec]
-    attn_proj: str
+    attn_proj: str  # the token mixer's output projection (attention's o_proj, a convolution's out_proj)
     mlp_up: str
     mlp_down: str
-    act_fn: str
+    act_fn: str | Callable[[torch.Tensor], torch.Tensor]  # the MLP's activation module, or the function it calls
     mlp_gate: str | None = None
     # The norm that makes mlp_in from the stream the MLP reads (resid_mid, or resid_in in parallel blocks); the first
     # of these paths the block has. Empty in post-LN blocks, whose MLP reads resid_mid = LN(attn_sum) itself.
@@ -41,6 +83,35 @@ class Adapter:
     moe: bool = False  # the MLP is a sparse mixture of experts: mlp_up / mlp_down / act_fn name the MoE block
     when: Callable[[object], bool] | None = None  # this variant applies to a config when this says so
     notes: str = ""  # what the report should say about this family's blocks
+    # The token mixer (see MIXERS); where its value vectors are (None: not read, e.g. q, k, v fused per head in a
+    # config-dependent layout); an output gate per head (gated attention: out = attention x sigmoid(gate));
+    # a learned sink logit per head that joins the softmax (the parameter's path in the block).
+    mixer: str = "attention"
+    values: Cut | None = None
+    gate: Cut | None = None
+    sinks: str | None = None
+    positions: bool = True  # whether the mixer sees positions (rotary or learned); a NoPE layer does not
+    # Encoders whose position ids start after the padding index (RoBERTa): how many positions that costs.
+    position_offset: Callable[[object], int] = lambda config: 0
+    variants: tuple[Variant, ...] = ()
+
+    def at(self, config, layer: int) -> Adapter:
+        """The adapter of block ``layer``: the family's, with the changes of every variant that applies there."""
+        if not self.variants:
+            return self
+        applies = tuple(bool(v.when(config, layer)) for v in self.variants)
+        key = (id(self), applies)
+        if key not in _AT:
+            sites, changes = dict(self.sites), {}
+            for variant in (v for v, on in zip(self.variants, applies) if on):
+                for name, value in variant.changes.items():
+                    if name == "sites":
+                        sites.update(value)
+                    else:
+                        changes[name] = value
+            sites = {site: spec for site, spec in sites.items() if spec is not None}
+            _AT[key] = dataclasses.replace(self, sites=sites, variants=(), **changes)
+        return _AT[key]
 
     @property
     def gated(self) -> bool:
@@ -58,8 +129,13 @@ class Adapter:
     def mlp_norm_module(self, model: nn.Module, layer: int) -> tuple[str, nn.Module] | None:
         """(path, module) of the norm in front of the MLP, or None where the MLP reads the stream unnormed."""
         block = self.module(model, layer, "")
-        path = next((p for p in self.mlp_norm if _has_submodule(block, p)), None)
+        path = next((p for p in self.at(text_config(model), layer).mlp_norm if _has_submodule(block, p)), None)
         return (path, block.get_submodule(path)) if path is not None else None
+
+    def activation(self, model: nn.Module, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The MLP's activation function at block ``layer`` (its module, or the function the MLP calls)."""
+        act = self.at(text_config(model), layer).act_fn
+        return self.module(model, layer, act) if isinstance(act, str) else act
 
     def raw(self, site: str) -> str:
         """The site holding a branch's own output before any norm: ``mlp_raw`` behind a sandwich norm, else itself."""
@@ -85,16 +161,27 @@ class Adapter:
     def input_rows(self, model: nn.Module, layer: int, site: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The [d_mlp, d_model] weight (a view: writes reach the model) and bias of the projection that makes
         ``mlp_up`` or ``mlp_gate``, this site's rows only when the projection is fused."""
-        path = self.mlp_gate if site == "mlp_gate" else self.mlp_up
+        here = self.at(text_config(model), layer)
+        path = here.mlp_gate if site == "mlp_gate" else here.mlp_up
         module = self.module(model, layer, path)
         weight, bias = weight_out_in(module), bias_of(module)
-        chunk = self.sites[site][2] if len(self.sites[site]) > 2 else None
+        chunk = here.sites[site][2] if len(here.sites[site]) > 2 else None
         if chunk is not None:
             index, count = chunk
             size = weight.shape[0] // count
             weight = weight[index * size : (index + 1) * size]
             bias = bias[index * size : (index + 1) * size] if bias is not None else None
         return weight, bias
+
+
+_AT: dict[tuple[int, tuple[bool, ...]], Adapter] = {}  # each family's adapter per combination of its variants
+
+
+def text_config(model: nn.Module):
+    """The config of the model's language part: the model's own, or a multimodal model's text config (Gemma-3 from 4B
+    up keeps hidden_size, num_hidden_layers and the layer types there)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _has_submodule(module: nn.Module, path: str) -> bool:

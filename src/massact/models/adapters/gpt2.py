@@ -1,6 +1,6 @@
 """GPT-2: pre-LN blocks, Conv1D projections (weights stored transposed), GELU MLP."""
 
-from .base import Adapter
+from .base import Adapter, Cut
 
 ADAPTER = Adapter(
     family="GPT-2",
@@ -21,4 +21,5 @@ ADAPTER = Adapter(
     mlp_down="mlp.c_proj",
     act_fn="mlp.act",
     mlp_norm=("ln_2",),
+    values=Cut("attn.c_attn", lambda t, config: t.chunk(3, dim=-1)[2].view(*t.shape[:2], config.n_head, -1)),  # q | k | v
 )

@@ -1,14 +1,17 @@
-"""Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1): pre-RMSNorm blocks, gated MLP.
+"""Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1, Seed-OSS, SmolLM3): pre-RMSNorm blocks, gated MLP.
 
 Gemma 1 has the same block; its embedding module multiplies by sqrt(d_model), which the block input already holds,
-and its RMSNorm gain is (1 + weight).
+and its RMSNorm gain is (1 + weight). SmolLM3 leaves the rotary embedding out of every fourth block
+(``no_rope_layers``: 1 uses it, 0 does not).
 """
 
-from .base import Adapter
+import dataclasses
+
+from .base import Adapter, Cut, Variant
 
 ADAPTER = Adapter(
     family="Llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "seed_oss"),
     layers="layers",
     sites={
         "resid_in": ("", "in"),
@@ -27,4 +30,12 @@ ADAPTER = Adapter(
     mlp_down="mlp.down_proj",
     act_fn="mlp.act_fn",
     mlp_norm=("post_attention_layernorm",),
+    values=Cut("self_attn.v_proj"),
+)
+
+SMOLLM3 = dataclasses.replace(
+    ADAPTER,
+    model_types=("smollm3",),
+    variants=(Variant(lambda config, layer: not config.no_rope_layers[layer], {"positions": False}),),
+    notes="blocks without rotary positions (NoPE) every fourth block",
 )

@@ -2,7 +2,7 @@
 experts' weights into 3-D parameters, so the sites inside an expert are not modules: the scan reads the MoE block's
 input and output, and ``massact.analysis.moe`` recomputes the routed experts and their neurons from the weights."""
 
-from .base import Adapter
+from .base import Adapter, Cut
 from .llama import ADAPTER as LLAMA
 
 ADAPTER = Adapter(
@@ -16,5 +16,6 @@ ADAPTER = Adapter(
     act_fn="mlp",
     moe=True,
     mlp_norm=("post_attention_layernorm",),
+    values=Cut("self_attn.v_proj"),
     notes="mixture-of-experts MLP: attributed to the routed experts (router weight x expert output), then to neurons inside them",
 )

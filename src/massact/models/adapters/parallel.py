@@ -2,7 +2,7 @@
 (parallel residual: resid_out = resid_in + attn_out + mlp_out, no resid_mid). Which variant a checkpoint uses is in
 its config, so each family has a parallel and a sequential adapter."""
 
-from .base import Adapter
+from .base import Adapter, Cut
 
 _NEOX_MLP = {
     "mlp_in": ("mlp", "in"),
@@ -46,6 +46,7 @@ GPTJ = Adapter(
     mlp_down="mlp.fc_out",
     act_fn="mlp.act",
     mlp_norm=("ln_1",),
+    values=Cut("attn.v_proj"),
     notes="parallel block: attention and MLP read the same normed input (one shared ln_1)",
 )
 

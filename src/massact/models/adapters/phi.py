@@ -1,7 +1,9 @@
 """Phi-2 (parallel block, one shared input norm, fc1/fc2 GELU MLP) and Phi-3 (sequential pre-RMSNorm block, gated
 MLP with gate and up fused in ``gate_up_proj``: the first half of its output is the gate, the second half up)."""
 
-from .base import Adapter
+import torch
+
+from .base import Adapter, Cut, kv_heads
 from .llama import ADAPTER as LLAMA
 
 PHI2 = Adapter(
@@ -22,8 +24,17 @@ PHI2 = Adapter(
     mlp_down="mlp.fc2",
     act_fn="mlp.activation_fn",
     mlp_norm=("input_layernorm",),
+    values=Cut("self_attn.v_proj"),
     notes="parallel block: attention and MLP read the same normed input (one shared input_layernorm)",
 )
+
+def _fused_values(qkv: torch.Tensor, config) -> torch.Tensor:
+    """The value vectors of Phi-3's fused q | k | v output: its last kv x head_dim columns (head_dim = width /
+    (heads + 2 kv)), per key/value head."""
+    kv = kv_heads(config)
+    head_dim = qkv.shape[-1] // (config.num_attention_heads + 2 * kv)
+    return qkv[..., -kv * head_dim:].reshape(*qkv.shape[:2], kv, head_dim)
+
 
 PHI3 = Adapter(
     family="Phi-3",
@@ -36,5 +47,6 @@ PHI3 = Adapter(
     mlp_down="mlp.down_proj",
     act_fn="mlp.activation_fn",
     mlp_norm=("post_attention_layernorm",),
+    values=Cut("self_attn.qkv_proj", lambda t, config: _fused_values(t, config)),
     notes="gate and up projections fused in gate_up_proj (gate: first half of its rows, up: second half)",
 )

@@ -4,10 +4,10 @@ In a post-LN block the residual sum is normed at the end of the block: the massi
 sum (``resid_sum``, the last LayerNorm's input) and never show in the block output. These adapters detect there.
 """
 
-from .base import Adapter
+from .base import Adapter, Cut
 
 _OPT = dict(model_types=("opt",), layers="decoder.layers", attn_proj="self_attn.out_proj", mlp_up="fc1",
-            mlp_down="fc2", act_fn="activation_fn")
+            mlp_down="fc2", act_fn="activation_fn", values=Cut("self_attn.v_proj"))
 
 OPT_PRE_LN = Adapter(
     family="OPT",
@@ -68,5 +68,8 @@ BERT = Adapter(
     act_fn="intermediate.intermediate_act_fn",
     stream="resid_sum",
     encoder=True,
+    values=Cut("attention.self.value"),
+    # RoBERTa's position ids start after its padding index: that many positions fewer for a text.
+    position_offset=lambda config: config.pad_token_id + 1 if config.model_type == "roberta" else 0,
     notes="post-LN encoder: detected in the residual sum before each block's output LayerNorm",
 )

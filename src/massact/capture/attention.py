@@ -1,0 +1,85 @@
+"""Attention as the model computes it, read in one eager pass: each softmax block's attention probabilities, its
+value vectors and, where the family gates its attention output, each head's gate.
+
+Only the eager implementation returns attention probabilities; transformers returns them for the softmax blocks only
+(a hybrid's convolution or linear-attention blocks have none), in block order, so they are matched to the blocks the
+adapter calls softmax attention (``softmax_layers``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ..models.adapters.base import kv_heads
+from ..models.loading import LoadedModel
+
+
+@contextmanager
+def eager_attention(lm: LoadedModel) -> Iterator[None]:
+    """Attention probabilities exist only in the eager implementation: switch to it for this pass alone."""
+    before = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        lm.model.set_attn_implementation(before)
+
+
+def softmax_layers(lm: LoadedModel) -> list[int]:
+    """The blocks whose token mixer is softmax attention (every block but a hybrid's convolutions and linear
+    attentions)."""
+    return [layer for layer in range(len(lm.adapter.blocks(lm.model))) if lm.at(layer).mixer == "attention"]
+
+
+@dataclass
+class AttentionPass:
+    """One eager pass, by block: ``maps`` the attention probabilities [batch, heads, queries, keys] of every softmax
+    block; ``values`` each query head's value vectors [batch, positions, heads, head_dim] where the family's are read;
+    ``gates`` each head's mean output gate sigmoid(gate) [batch, positions, heads] where the family gates attention."""
+
+    maps: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    gates: dict[int, torch.Tensor]
+
+
+@torch.no_grad()
+def attention_pass(
+    lm: LoadedModel, input_ids: torch.Tensor, context: Callable[[], AbstractContextManager] = nullcontext,
+    attention_mask: torch.Tensor | None = None,
+) -> AttentionPass:
+    """One forward pass over ``input_ids`` [batch, positions] with eager attention (under ``context``, e.g. an
+    intervention). With right padding (``attention_mask``) each text's rows and columns up to its length are what it
+    gives alone. Grouped-query attention: each query head gets its key/value head's values."""
+    config = lm.config
+    heads, kv = config.num_attention_heads, kv_heads(config)
+    layers = softmax_layers(lm)
+    values: dict[int, torch.Tensor] = {}
+    gates: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        here = lm.at(layer)
+        if here.values is not None:
+            module = lm.adapter.module(lm.model, layer, here.values.path)
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, layer=layer, cut=here.values: values.__setitem__(layer, cut.take(output.detach(), config))))
+        if here.gate is not None:
+            module = lm.adapter.module(lm.model, layer, here.gate.path)
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, layer=layer, cut=here.gate:
+                    gates.__setitem__(layer, torch.sigmoid(cut.take(output.detach(), config).float()).mean(-1))))
+    mask = None if attention_mask is None else attention_mask.to(lm.device)
+    try:
+        with eager_attention(lm), context():
+            found = lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask, output_attentions=True, use_cache=False).attentions
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(found) != len(layers):
+        raise RuntimeError(f"{len(found)} attention maps for the {len(layers)} softmax blocks {layers}: the adapter's mixers are wrong")
+    for layer, grouped in values.items():  # [batch, positions, kv, head_dim] -> [batch, positions, query heads, head_dim]
+        values[layer] = grouped.repeat_interleave(heads // grouped.shape[2], dim=2)
+    return AttentionPass(maps=dict(zip(layers, found)), values=values, gates=gates)
