@@ -1,6 +1,9 @@
 """Scan cost against plain forward passes and against the hand-written approach, and memory as the corpus grows.
 
     .venv/bin/python benchmarks/bench_scan.py            # default model and a tiny GPT-2, prints a Markdown table
+    .venv/bin/python benchmarks/bench_scan.py --models moe --no-memory
+        # a tiny mixture of experts (Qwen3-MoE: 4 blocks, 4 experts, top 2): the scan also keeps each expert's largest
+        # |output| (super experts), running the experts through massact's own loop instead of transformers' default
     python3 benchmarks/bench_scan.py --device cuda --random-weights DIR
         # on a GPU machine that cannot hold the default model's file: its architecture (DIR holds its config.json and
         # tokenizer) with random weights, which cost the same to run; peak GPU memory is reported beside the RSS
@@ -40,7 +43,7 @@ def corpus(multiple: int) -> Iterator[str]:
 
 
 # Set from the command line; device and random weights are passed on to every subprocess.
-OPTIONS = {"device": "cpu", "random_weights": None, "quick": False, "no_memory": False, "repeats": 2}
+OPTIONS = {"device": "cpu", "random_weights": None, "quick": False, "no_memory": False, "repeats": 2, "models": None}
 
 
 def load(which: str):
@@ -58,7 +61,8 @@ def load(which: str):
     from conftest import make_tokenizer, tiny_model
 
     tokenizer = make_tokenizer()
-    return massact.wrap(tiny_model("gpt2", len(tokenizer)).to(OPTIONS["device"]), tokenizer)
+    family = {"tiny": "gpt2", "moe": "qwen3_moe"}[which]
+    return massact.wrap(tiny_model(family, len(tokenizer)).to(OPTIONS["device"]), tokenizer)
 
 
 def one(mode: str, which: str, multiple: int) -> dict:
@@ -162,7 +166,7 @@ def measure(mode: str, which: str, multiple: int) -> dict:
 
 def main() -> None:
     rows = []
-    models = ("tiny",) if OPTIONS["quick"] else ("tiny", "default")
+    models = OPTIONS["models"] or (("tiny",) if OPTIONS["quick"] else ("tiny", "default"))
     for which in models:
         # Interleaved repeats, the fastest of each kept: on a shared machine the load changes during a run.
         repeats = [{mode: measure(mode, which, 1 if OPTIONS["quick"] else 4) for mode in ("forward", "massact", "naive")}
@@ -202,9 +206,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="the tiny model only, one repeat: checks the script")
     parser.add_argument("--no-memory", action="store_true", help="the speed table only, not the corpus-size memory rows")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each way, the fastest kept (default 2)")
+    parser.add_argument("--models", help="comma-separated, of tiny (a tiny GPT-2), moe (a tiny Qwen3-MoE), default")
     args = parser.parse_args()
     OPTIONS.update(device=args.device, random_weights=args.random_weights, quick=args.quick, no_memory=args.no_memory,
-                   repeats=args.repeats)
+                   repeats=args.repeats, models=tuple(args.models.split(",")) if args.models else None)
     if args.one:
         print(json.dumps(one(args.one[0], args.one[1], int(args.one[2]))))
     else:

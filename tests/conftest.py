@@ -52,12 +52,19 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"]}
-MOE_FAMILIES = ["mixtral", "qwen2_moe"]  # their MLP sites are inside fused experts: see massact.analysis.moe
+# Mixtures of experts: their MLP sites are inside fused experts (see massact.analysis.mechanism.moe).
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
+                "qwen3_next_moe", "qwen3_5_moe"]
 
 
 # Gated DeltaNet sizes for the Qwen3-Next / Qwen3.5 hybrids (3 linear-attention blocks, then one gated softmax block).
 _LINEAR = dict(head_dim=D_MODEL // N_HEADS, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                linear_num_value_heads=4)
+
+
+# DeepSeek's latent attention and routing (4 experts in 2 groups, block 0 dense).
+_MLA = dict(num_key_value_heads=N_HEADS, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+            num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1)
 
 
 def tiny_config(family: str, vocab_size: int):
@@ -111,6 +118,23 @@ def tiny_config(family: str, vocab_size: int):
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                                patch_size=8), mm_tokens_per_image=4, boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2,
             image_token_index=vocab_size - 1),
+        "qwen3_moe": lambda: t.Qwen3MoeConfig(**grouped, head_dim=D_MODEL // N_HEADS, moe_intermediate_size=D_MLP, num_experts=4,
+                                              num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0]),
+        "olmoe": lambda: t.OlmoeConfig(**grouped, num_experts=4, num_experts_per_tok=2),
+        "gpt_oss": lambda: t.GptOssConfig(**grouped, head_dim=D_MODEL // N_HEADS, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=CONTEXT),  # alternating sliding and full blocks, the window the whole text
+        "deepseek_v2": lambda: t.DeepseekV2Config(**common, **_MLA, moe_intermediate_size=D_MLP, topk_method="group_limited_greedy",
+                                                  routed_scaling_factor=2.0),
+        "deepseek_v3": lambda: t.DeepseekV3Config(**common, **_MLA, moe_intermediate_size=D_MLP, routed_scaling_factor=2.5),
+        "glm4_moe": lambda: t.Glm4MoeConfig(**grouped, head_dim=D_MODEL // N_HEADS, moe_intermediate_size=D_MLP, n_routed_experts=4,
+                                            num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                                            routed_scaling_factor=2.5, attention_bias=True),
+        "llama4": lambda: t.Llama4TextConfig(**grouped, head_dim=D_MODEL // N_HEADS, intermediate_size_mlp=D_MLP, num_local_experts=4,
+                                             num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=CONTEXT),
+        "qwen3_next_moe": lambda: t.Qwen3NextConfig(**grouped, **_LINEAR, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=D_MLP,
+                                                    shared_expert_intermediate_size=96, mlp_only_layers=[0]),
+        "qwen3_5_moe": lambda: t.Qwen3_5MoeTextConfig(**grouped, **_LINEAR, num_experts=4, num_experts_per_tok=2,
+                                                      moe_intermediate_size=D_MLP, shared_expert_intermediate_size=96),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }

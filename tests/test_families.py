@@ -11,7 +11,7 @@ from massact.report.text import to_text
 
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
-from massact.models.adapters.base import text_config
+from massact.models.adapters.base import text_config, weight_out_in
 
 from conftest import D_MLP, D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
 
@@ -46,28 +46,53 @@ def planted(family, tokenizer):
 EXPERT = 2
 
 
+def expert_rows(experts, expert: int, neuron: int, layout) -> tuple[torch.Tensor, int, int]:
+    """Expert ``expert``'s fused gate-and-up weight as [2 d_mlp, d_model] (a view: writes reach the model) and the rows
+    of ``neuron``'s gate and up, whatever the stored layout (transposed, interleaved)."""
+    fused = experts.gate_up_proj[expert]
+    fused = fused.T if layout.transposed else fused
+    width = fused.shape[0] // 2
+    return (fused, 2 * neuron, 2 * neuron + 1) if layout.interleaved else (fused, neuron, width + neuron)
+
+
 @torch.no_grad()
 def planted_moe(family, tokenizer):
     """Expert EXPERT's neuron NEURON of block LAYER fires on BOS only and writes 100 x its activation into DIM; the
-    router sends BOS to that expert."""
+    router sends BOS to that expert. Nothing else writes the trigger dim."""
     model = tiny_model(family, len(tokenizer))
+    adapter, config = adapter_for(model.config), text_config(model)
     bos = tokenizer.bos_token_id
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             module.weight[:, TRIGGER] = 0.0
     model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
-    for block in model.model.layers:  # nothing else writes the trigger dim
-        block.self_attn.o_proj.weight[TRIGGER] = 0.0
-        block.mlp.experts.down_proj[:, TRIGGER] = 0.0
-        if hasattr(block.mlp, "shared_expert"):
-            block.mlp.shared_expert.down_proj.weight[TRIGGER] = 0.0
-    moe = model.model.layers[LAYER].mlp
-    moe.gate.weight[EXPERT, TRIGGER] = 5.0  # BOS goes to the expert
-    rows = moe.experts.gate_up_proj[EXPERT]  # [2 x d_mlp, d]: gate rows, then up rows
-    for row in (NEURON, D_MLP + NEURON):
-        rows[row] = 0.0
-        rows[row, TRIGGER] = 2.0
-    moe.experts.down_proj[EXPERT, DIM, NEURON] = 100.0
+    for layer in range(config.num_hidden_layers):  # nothing else writes the trigger dim
+        here = adapter.at(config, layer)
+        weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
+        if here.moe is None:
+            weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
+            continue
+        block = adapter.module(model, layer, here.moe.block)
+        experts = block.get_submodule(here.moe.experts.path)
+        (experts.down_proj[:, :, TRIGGER] if here.moe.experts.transposed else experts.down_proj[:, TRIGGER]).zero_()
+        if here.moe.experts.biases:
+            experts.down_proj_bias[:, TRIGGER] = 0.0
+        if here.moe.shared:
+            block.get_submodule(here.moe.shared).down_proj.weight[TRIGGER] = 0.0
+    here = adapter.at(config, LAYER)
+    block = adapter.module(model, LAYER, here.moe.block)
+    block.get_submodule(here.moe.router.path).weight[EXPERT, TRIGGER] = 5.0  # BOS goes to the expert
+    experts = block.get_submodule(here.moe.experts.path)
+    fused, gate, up = expert_rows(experts, EXPERT, NEURON, here.moe.experts)
+    for row in (gate, up):
+        fused[row] = 0.0
+        fused[row, TRIGGER] = 2.0
+        if here.moe.experts.biases:
+            experts.gate_up_proj_bias[EXPERT, row] = 0.0
+    if here.moe.experts.transposed:
+        experts.down_proj[EXPERT, NEURON, DIM] = 100.0
+    else:
+        experts.down_proj[EXPERT, DIM, NEURON] = 100.0
     return model
 
 
@@ -167,10 +192,16 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     split = report.experts[0]
     assert (split.layer, split.position, split.dim) == (LAYER, 0, DIM)
     m = split.moe
-    assert m.error < 1e-4 and m.top_expert == expert and m.experts[0].expert == expert and m.experts[0].router_weight > 0.9
+    here = adapter_for(model.config).at(text_config(model), LAYER)
+    assert m.error < 1e-4 and m.top_expert == expert and m.experts[0].expert == expert and m.experts[0].router_prob > 0.9
     assert m.neurons[0].neuron == NEURON and m.neurons[0].share > 0.9
-    assert (m.super_weight.matrix, m.super_weight.index, m.super_weight.value) == ("experts.down_proj", [expert, DIM, NEURON], 100.0)
-    assert (family == "qwen2_moe") == (m.shared_expert is not None)
+    index = [expert, NEURON, DIM] if here.moe.experts.transposed else [expert, DIM, NEURON]
+    assert (m.super_weight.index, m.super_weight.value, m.super_weight.rank) == (index, 100.0, 1)
+    assert model.get_parameter(m.super_weight.matrix)[tuple(index)] == 100.0  # at its stored coordinates
+    assert (here.moe.shared is not None) == (m.shared_expert is not None)
+    # The expert's part plus the other sources sum to the block's MLP output.
+    assert sum(e.contribution for e in m.experts) + (m.shared_expert.contribution if m.shared_expert else 0.0) == \
+        pytest.approx(m.actual, rel=1e-4)
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
     assert "Expert and neuron attribution" in to_text(report)
     rows = {r.name.split(" [")[0].split(" (")[0]: r for r in report.verification.interventions}
@@ -179,3 +210,5 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     ablated = rows[f"ablate neuron {NEURON} of expert {expert}"]
     assert ablated.confirms and abs(ablated.value_birth) < 1.0 and ablated.perplexity is not None
     assert control.still_massive and control.value_birth == pytest.approx(rows["none"].value_birth, rel=1e-3)
+    rerouted = rows[f"re-route: prune expert {expert}"]  # the router picks among the others: none writes it
+    assert rerouted.confirms and abs(rerouted.value_birth) < 1.0 and rerouted.perplexity is not None

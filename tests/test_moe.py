@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from massact.analysis.mechanism.moe import attribute_moe, is_moe_block
+from massact.analysis.mechanism.moe import MoeBlock, attribute_moe as attribute
+from massact.models.adapters import adapter_for
+from massact.models.loading import LoadedModel
 
 D_MODEL, D_MLP, EXPERTS, TOP_K, LAYER, POSITION = 64, 128, 4, 2, 1, 3
 
@@ -38,6 +40,15 @@ def tiny_moe(family: str, norm_topk_prob: bool = False) -> torch.nn.Module:
     return model.eval()
 
 
+def moe_block(model: torch.nn.Module, layer: int = LAYER) -> MoeBlock | None:
+    """Block ``layer``'s mixture of experts as massact maps it (None for a dense block)."""
+    return MoeBlock.at(LoadedModel(model, None, adapter_for(model.config), "tiny"), layer)
+
+
+def attribute_moe(block: MoeBlock, x: torch.Tensor, dim: int, top: int = 10):
+    return attribute(block, "tiny", x, dim, top)
+
+
 def capture(model: torch.nn.Module, layer: int = LAYER) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE block's input and output [seq, d_model] during a real forward, taken by a hook on the block."""
     seen = {}
@@ -62,8 +73,8 @@ def largest_dim(out: torch.Tensor) -> int:
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_contributions_sum_to_hooked_block_output(family):
     model = tiny_moe(family)
-    block = model.model.layers[LAYER].mlp
-    assert is_moe_block(block)
+    block = moe_block(model)
+    assert block is not None
     x, out = capture(model)
     dim = largest_dim(out)
     hooked = out[POSITION, dim].item()
@@ -86,7 +97,7 @@ def test_contributions_sum_to_hooked_block_output(family):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_neurons_sum_to_expert_contribution(family):
     model = tiny_moe(family)
-    block = model.model.layers[LAYER].mlp
+    block = moe_block(model)
     x, out = capture(model)
     dim = largest_dim(out)
     result = attribute_moe(block, x[POSITION], dim, top=D_MLP)
@@ -109,9 +120,9 @@ def test_neurons_sum_to_expert_contribution(family):
 @pytest.mark.parametrize("family,norm", [("mixtral", True), ("qwen2_moe", False), ("qwen2_moe", True)])
 def test_selected_experts_are_router_top_k(family, norm):
     model = tiny_moe(family, norm_topk_prob=norm)
-    block = model.model.layers[LAYER].mlp
+    block = moe_block(model)
     x, out = capture(model)
-    router = block.gate.weight.detach().double()
+    router = block.router.weight.detach().double()
     for position in range(x.shape[0]):
         logits = router @ x[position].double()
         expected = logits.topk(TOP_K).indices.tolist()
@@ -126,11 +137,12 @@ def test_selected_experts_are_router_top_k(family, norm):
     assert total == pytest.approx(1.0) if norm else total < 1.0
 
 
-def plant_routed(block: torch.nn.Module, x: torch.Tensor, expert: int, neuron: int, dim: int) -> int:
+def plant_routed(moe: MoeBlock, x: torch.Tensor, expert: int, neuron: int, dim: int) -> int:
     """Expert ``expert``'s neuron reads x's largest input dim K (gate and up) and writes 500 x into ``dim``; the
     router's row for ``expert`` reads K strongly, so the token goes to it. Returns K."""
     trigger = int(x.abs().argmax())
     sign = float(x[trigger].sign())
+    block = moe.block
     with torch.no_grad():
         block.gate.weight[expert] = 0.0
         block.gate.weight[expert, trigger] = 10.0 * sign
@@ -146,7 +158,7 @@ def plant_routed(block: torch.nn.Module, x: torch.Tensor, expert: int, neuron: i
 def test_planted_expert_neuron_and_super_weight(family):
     expert, neuron, dim = 2, 77, 20
     model = tiny_moe(family, norm_topk_prob=True)
-    block = model.model.layers[LAYER].mlp
+    block = moe_block(model)
     x, _ = capture(model)
     plant_routed(block, x[POSITION], expert, neuron, dim)
     x_after, out = capture(model)
@@ -161,8 +173,9 @@ def test_planted_expert_neuron_and_super_weight(family):
     assert result.neurons[0].weight == 500.0
     assert result.neurons[0].share > 0.99
     weight = result.super_weight
-    assert (weight.matrix, weight.index, weight.expert, weight.neuron) == ("experts.down_proj", [expert, dim, neuron], expert, neuron)
-    assert block.get_parameter(weight.matrix)[tuple(weight.index)].item() == weight.value == 500.0
+    assert (weight.matrix, weight.index, weight.expert, weight.neuron) == (f"model.layers.{LAYER}.mlp.experts.down_proj",
+                                                                           [expert, dim, neuron], expert, neuron)
+    assert model.get_parameter(weight.matrix)[tuple(weight.index)].item() == weight.value == 500.0
     assert weight.rank == 1 and weight.entries == EXPERTS * D_MODEL * D_MLP
     # every token: the recomputation matches the hook, and wherever the output is massive the plant wrote it
     for position in range(x.shape[0]):
@@ -174,16 +187,16 @@ def test_planted_expert_neuron_and_super_weight(family):
 
 def test_qwen2_moe_shared_expert_is_included():
     model = tiny_moe("qwen2_moe")
-    block = model.model.layers[LAYER].mlp
+    block = moe_block(model)
     x, out = capture(model)
     dim = largest_dim(out)
     result = attribute_moe(block, x[POSITION], dim)
     shared = result.shared_expert
     assert shared is not None and shared.expert is None
     xs = x[POSITION].double()
-    gate = torch.sigmoid(block.shared_expert_gate.weight.double().reshape(-1) @ xs).item()
+    gate = torch.sigmoid(block.shared_gate.weight.double().reshape(-1) @ xs).item()
     with torch.no_grad():
-        raw = block.shared_expert(x[POSITION].unsqueeze(0))[0, dim].item()
+        raw = block.shared(x[POSITION].unsqueeze(0))[0, dim].item()
     assert shared.router_weight == pytest.approx(gate, rel=1e-12)
     assert shared.output == pytest.approx(raw, rel=1e-5)
     assert shared.contribution == pytest.approx(gate * raw, rel=1e-5)
@@ -191,19 +204,19 @@ def test_qwen2_moe_shared_expert_is_included():
     assert abs(shared.contribution) > 1e-3 * abs(routed)  # it matters: leaving it out would miss the hook
     assert routed + shared.contribution == pytest.approx(out[POSITION, dim].item(), rel=1e-5)
     assert routed != pytest.approx(out[POSITION, dim].item(), rel=1e-5)
-    assert attribute_moe(tiny_moe("mixtral").model.layers[LAYER].mlp, x[POSITION], dim).shared_expert is None
+    assert attribute_moe(moe_block(tiny_moe("mixtral")), x[POSITION], dim).shared_expert is None
 
 
 def test_planted_shared_expert_neuron_is_the_super_weight():
     neuron, dim = 11, 30
     model = tiny_moe("qwen2_moe")
-    block = model.model.layers[LAYER].mlp
+    block = moe_block(model)
     x, _ = capture(model)
     xs = x[POSITION]
     trigger = int(xs.abs().argmax())
     sign = float(xs[trigger].sign())
     with torch.no_grad():
-        shared = block.shared_expert
+        shared = block.shared
         shared.gate_proj.weight[neuron] = 0.0
         shared.gate_proj.weight[neuron, trigger] = 4.0 * sign
         shared.up_proj.weight[neuron] = 0.0
@@ -215,16 +228,17 @@ def test_planted_shared_expert_neuron_is_the_super_weight():
     assert result.output == pytest.approx(out[POSITION, dim].item(), rel=1e-5)
     assert result.top_expert is None and result.neurons[0].neuron == neuron
     weight = result.super_weight
-    assert (weight.matrix, weight.index, weight.value) == ("shared_expert.down_proj.weight", [dim, neuron], -300.0)
-    assert block.get_parameter(weight.matrix)[tuple(weight.index)].item() == -300.0
+    assert (weight.matrix, weight.index, weight.value) == (f"model.layers.{LAYER}.mlp.shared_expert.down_proj.weight", [dim, neuron], -300.0)
+    assert model.get_parameter(weight.matrix)[tuple(weight.index)].item() == -300.0
 
 
-def test_unknown_block_is_rejected():
-    model = tiny_moe("qwen2_moe")
-    with pytest.raises(ValueError, match="unsupported MoE block"):
-        attribute_moe(model.model.layers[LAYER].mlp.shared_expert, torch.zeros(D_MODEL), 0)
-    with pytest.raises(ValueError, match="unsupported MoE block"):
-        attribute_moe(torch.nn.Linear(D_MODEL, D_MODEL), torch.zeros(D_MODEL), 0)
-    assert not is_moe_block(model.model.layers[LAYER].mlp.shared_expert)
+def test_a_dense_block_has_no_experts_and_one_token_is_asked():
+    """Qwen2-MoE with block 0 dense (mlp_only_layers): massact maps no experts there; attribution takes one token."""
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=400, hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, intermediate_size=D_MLP, moe_intermediate_size=D_MLP,
+                                               shared_expert_intermediate_size=96, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
+                                               mlp_only_layers=[0]))
+    assert moe_block(model, 0) is None and moe_block(model, 1) is not None
     with pytest.raises(ValueError, match="one token"):
-        attribute_moe(model.model.layers[LAYER].mlp, torch.zeros(2, D_MODEL), 0)
+        attribute_moe(moe_block(model, 1), torch.zeros(2, D_MODEL), 0)

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan (padding is never counted)")
     scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
+    scan.add_argument("--super-expert-quantile", type=float,
+                      help="a mixture of experts' super expert: max |output| above this quantile of all experts' (default 0.995)")
+    scan.add_argument("--super-expert-fraction", type=float, help="... and above this fraction of the largest (default 0.1)")
+    scan.add_argument("--super-expert-depth", type=float, help="... in the first this-share of the blocks (default 0.75)")
     scan.add_argument("--quant", action="store_true",
                       help=f"also measure what weight and activation quantization do (section {section('quantization').number})")
     quant = commands.add_parser("quant", parents=[*common, shared["quant"]],
@@ -200,7 +204,8 @@ def _scan(args) -> int:
         chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps, batch_size=args.batch_size,
         max_length=args.max_length, checkpoint_every=args.checkpoint_every, verify=bool(args.verify),
         eval_file=_eval_file(args.eval_file), **_given(args, "sink_epsilon", "quant", "quant_grid", "clip_z", "block_size",
-                                                        "dtype", "device")).check()
+                                                        "dtype", "device", "super_expert_quantile", "super_expert_fraction",
+                                                        "super_expert_depth")).check()
     formats = parse_formats(args.format)
     # Absolute, so that `massact verify` can read the file again from anywhere.
     file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file

@@ -16,6 +16,7 @@ from .analysis.causal.embeddings import headless
 from .analysis.causal.perplexity import default_eval_text, eval_windows
 from .analysis.causal.superweights import all_super_weights
 from .analysis.causal.evaluation import evaluation_for
+from .analysis.causal.experts import prune as prune_experts
 from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify as verify_report
 from .analysis.conclusion import conclude
 from .analysis.deploy.precision import headroom
@@ -26,6 +27,7 @@ from .analysis.detect.results import DimSummary, LayerStats, Massive
 from .analysis.detect.resume import scan_identity
 from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
 from .analysis.function.sinks import sink_analysis
+from .analysis.mechanism.experts import find as super_experts
 from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines
 from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
@@ -95,8 +97,6 @@ def scan(
     causal_stage(lm, report, found.inputs, settings, eval_text, progress)
     deploy_stage(lm, report, settings, eval_text, progress, quantization)
     report.conclusion = conclude(report)
-    if report.attention is not None and report.attention.dependence:
-        report.conclusion.append(f"Attention sink: {report.attention.dependence}.")
     return report
 
 
@@ -114,6 +114,7 @@ class Detection:
     dims: list[DimSummary]
     corpus: CorpusInfo
     warnings: list[str]
+    experts: tuple[torch.Tensor, torch.Tensor] | None = None  # each expert's largest |output|: routed, shared
 
 
 def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSettings, checkpoint: Path | None,
@@ -152,7 +153,7 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
                       max_length=settings.max_length)
     corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
     return Detection(texts=texts, inputs=inputs, tokens=tokens, criterion=criterion, layers=layers, massive=massive,
-                     dims=group_dims(massive, len(layers)), corpus=corpus_info, warnings=warnings)
+                     dims=group_dims(massive, len(layers)), corpus=corpus_info, warnings=warnings, experts=layer_scan.experts)
 
 
 def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings) -> Report:
@@ -164,10 +165,12 @@ def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings) -
     origins, anatomies, attributions, experts = explain(lm, pick_events(found.dims, found.massive, lines), found.inputs,
                                                         found.tokens, found.layers, found.criterion, settings.top_neurons,
                                                         warnings)
+    supers = None if found.experts is None else super_experts(*found.experts, settings.super_expert_quantile,
+                                                              settings.super_expert_fraction, settings.super_expert_depth)
     return Report(model=model_info(lm), corpus=found.corpus, texts=found.texts, tokens=found.tokens,
                   criterion=found.criterion, settings=settings, layers=found.layers, massive=found.massive,
                   dims=found.dims, origin=origins, anatomy=anatomies, attribution=attributions, conclusion=[],
-                  warnings=warnings, versions=_versions(), experts=experts, lifeline=lines)
+                  warnings=warnings, versions=_versions(), experts=experts, lifeline=lines, super_experts=supers)
 
 
 def trigger_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings) -> None:
@@ -187,6 +190,9 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
         return
     if not report.dims:
         report.attention = sink_analysis(lm, report, inputs, settings.sink_epsilon)
+        if report.super_experts is not None and report.super_experts.found:
+            evaluation = evaluation_for(lm, report, eval_text or default_eval_text())
+            report.super_experts.pruning = prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon, report.super_experts)
         return
     if lm.adapter.encoder and not headless(lm) and lm.tokenizer.mask_token_id is None:
         report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
@@ -198,6 +204,8 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
     report.attention = sink_analysis(lm, report, inputs, settings.sink_epsilon, replacement_values(report))
     report.super_weights = all_super_weights(lm, report, inputs, text, settings.super_weight_steps,
                                              progress("super weights, zeroed one by one", None), evaluation)
+    if report.super_experts is not None:  # a mixture of experts: its super experts pruned, against a random control
+        report.super_experts.pruning = prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon, report.super_experts)
 
 
 def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_text: str | None, progress: Progress,
@@ -306,19 +314,23 @@ def collect(
 
 def model_info(lm: LoadedModel) -> ModelInfo:
     config = lm.config
-    if lm.adapter.moe:  # one expert's width
-        d_mlp = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    n_layers = len(lm.adapter.blocks(lm.model))
+    sparse = next((layer for layer in range(n_layers) if lm.at(layer).moe is not None), None)
+    if sparse is not None:  # one expert's width
+        moe = lm.at(sparse).moe
+        down = lm.adapter.module(lm.model, sparse, f"{moe.block}.{moe.experts.path}").down_proj
+        d_mlp = down.shape[-2] if moe.experts.transposed else down.shape[-1]
     else:
         d_mlp = weight_out_in(lm.adapter.module(lm.model, 0, lm.adapter.mlp_down)).shape[1]
     return ModelInfo(
         name=lm.name,
         architecture=type(lm.model).__name__,
         family=lm.adapter.family,
-        n_layers=len(lm.adapter.blocks(lm.model)),
+        n_layers=n_layers,
         d_model=config.hidden_size,
         d_mlp=d_mlp,
         n_heads=config.num_attention_heads,
-        gated=lm.adapter.gated,
+        gated=lm.adapter.gated or sparse is not None,  # experts are gated MLPs
         dtype=str(lm.dtype).removeprefix("torch."),
         device=str(lm.device),
         source=lm.source,

@@ -60,6 +60,12 @@ class ScanSettings:
     super_weight_steps: int = 5
     sink_epsilon: float = 0.3
     eval_file: str | None = None  # the evaluation text's absolute path; None: the shipped public-domain sample
+    # Super experts (Su et al. 2025), in a mixture of experts: an expert whose largest |output| over the corpus is
+    # above this quantile of every (block, expert) maximum, above this fraction of the largest, and in the first
+    # this-share of the blocks.
+    super_expert_quantile: float = 0.995
+    super_expert_fraction: float = 0.1
+    super_expert_depth: float = 0.75
     # Deployment: the quantization sweep, its grid, the held-out variant's clipping z-score, the flat block size.
     quant: bool = False
     quant_grid: str = "default"
@@ -96,6 +102,10 @@ class ScanSettings:
         _number("sink_epsilon", self.sink_epsilon)
         if not self.sink_epsilon < 1:
             raise UsageError("--sink-epsilon must be between 0 and 1 (an attention probability)")
+        for name in ("super_expert_quantile", "super_expert_fraction", "super_expert_depth"):
+            _number(name, getattr(self, name))
+            if not getattr(self, name) <= 1:
+                raise UsageError(f"{_option(name)} must be between 0 and 1, not {getattr(self, name)!r}")
         for name in ("verify", "quant"):
             if not isinstance(getattr(self, name), bool):
                 raise UsageError(f"{_option(name)} must be true or false, not {getattr(self, name)!r}")

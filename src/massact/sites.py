@@ -19,6 +19,7 @@ TransformerLens hook names are accepted as aliases.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .errors import UsageError
 
@@ -52,23 +53,25 @@ _TL_ALIASES = {
 _TL_PATTERN = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def resolve_site(name: str, gated: bool, layer: int | None = None) -> tuple[int, str]:
-    """Map a canonical site (with ``layer``) or a TransformerLens hook name to ``(layer, site)``.
+def resolve_site(name: str, gated: bool | Callable[[int], bool], layer: int | None = None) -> tuple[int, str]:
+    """Map a canonical site (with ``layer``) or a TransformerLens hook name to ``(layer, site)``. ``gated``: whether
+    the MLP is gated, or a function of the block that says (a model that mixes dense and expert blocks).
 
     >>> resolve_site("blocks.3.mlp.hook_pre", gated=True)
     (3, 'mlp_gate')
     """
     match = _TL_PATTERN.match(name)
+    is_gated = gated if callable(gated) else (lambda block: gated)
     if match:
         layer, hook = int(match.group(1)), match.group(2)
         if hook == "mlp.hook_pre":
-            return layer, "mlp_gate" if gated else "mlp_up"
+            return layer, "mlp_gate" if is_gated(layer) else "mlp_up"
         if hook not in _TL_ALIASES:
             raise UsageError(f"unknown TransformerLens hook {name!r}; known: mlp.hook_pre, {', '.join(_TL_ALIASES)}")
         return layer, _TL_ALIASES[hook]
     if name not in SITES:
         raise UsageError(f"unknown site {name!r}; canonical sites: {', '.join(SITES)}")
-    if name == "mlp_gate" and not gated:
+    if name == "mlp_gate" and not is_gated(layer if layer is not None else 0):
         raise UsageError("site 'mlp_gate' exists only in gated MLPs; this model's MLP is not gated")
     if layer is None:
         raise UsageError(f"site {name!r} needs a layer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .mechanism.experts import SuperExperts
 from .mechanism.lifeline import overshoots
 from .mechanism.moe import MoeAttribution
 from .detect.results import DimSummary
@@ -59,12 +60,36 @@ def conclude(report: Report) -> list[str]:
     if not report.dims:
         best = max(report.layers, key=lambda s: s.ratio)
         top = best.top[0]
-        return [
+        found = [
             f"No massive activations under the criterion (|a| >= {report.criterion.min_abs:g} and >= "
             f"{report.criterion.min_ratio:g} x median). The largest top1/median is {best.ratio:.0f}x: dim {top.dim} "
             f"= {top.value:.1f} at block {best.layer}."
         ]
-    return [_lines(story(report, summary.dim)) for summary in sorted(report.dims, key=lambda d: -abs(d.max_value))]
+    else:
+        found = [_lines(story(report, summary.dim)) for summary in sorted(report.dims, key=lambda d: -abs(d.max_value))]
+    if report.super_experts is not None and report.super_experts.found:
+        found.append(" ".join(super_expert_words(report.super_experts)))
+    if report.attention is not None and report.attention.dependence:
+        found.append(f"Attention sink: {report.attention.dependence}.")
+    return found
+
+
+def super_expert_words(s: SuperExperts) -> list[str]:
+    """The super experts and what pruning them (and a random control) does, in short sentences."""
+    names = ", ".join(f"expert {x.expert} of block {x.layer}" for x in s.found)
+    others = sorted((v for row in s.profile for v in row if v == v), reverse=True)
+    runner = others[len(s.found)] if len(others) > len(s.found) else float("nan")
+    out = [f"Super expert{'s' if len(s.found) > 1 else ''}: {names} (largest |output| {short(s.found[0].max_output)}, "
+           f"against {short(runner)} for the next expert)."]
+    for p in s.pruning:
+        who = "Pruning them" if p.kind == "super" else "Pruning as many random experts of the same blocks"
+        ratio = f"multiplies perplexity by {p.perplexity_ratio:,.2f}, " if p.perplexity_ratio is not None else ""
+        left = f"leaves dims {', '.join(map(str, p.massive_dims))} massive" if p.massive_dims else "leaves no dim massive"
+        decay = "" if p.sink_decay is None else (f", and the attention on the sink tokens falls by {p.sink_decay:.0%}" if p.sink_decay >= 0.005
+                                                  else f", and the attention on the sink tokens rises by {-p.sink_decay:.0%}" if p.sink_decay <= -0.005
+                                                  else ", and the attention on the sink tokens barely changes")
+        out.append(f"{who} {ratio}{left}{decay}.")
+    return out
 
 
 def _lines(sentences: list[tuple[str, str]]) -> str:
@@ -158,8 +183,13 @@ def _trigger_words(trigger: Trigger) -> list[tuple[str, str]]:
     if first.kind != "neuron":
         return []
     name = lambda link: "gate" if link.site == "mlp_gate" else "pre-activation"
-    out = [("trigger", f"Neuron {first.index} fires at token {trigger.position} because its {name(first)} is {short(first.value, True)} "
+    of = f" of expert {first.expert}" if first.expert is not None else ""
+    out = [("trigger", f"Neuron {first.index}{of} fires at token {trigger.position} because its {name(first)} is {short(first.value, True)} "
                        f"there, against {short(first.value_others, True)} on average at the other tokens.")]
+    if trigger.router is not None:
+        r = trigger.router
+        out.append(("trigger", f"The router picks expert {r.expert} there with a logit of {short(r.logit, True)}, against "
+                               f"{short(r.others_mean, True)} on average at the other tokens."))
     previous = first
     for link in rest:
         step = f"Of that {name(previous)}, {link.source} gives {short(link.source_here, True)} there ({short(link.source_others, True)} elsewhere)"

@@ -8,6 +8,7 @@ from .causal.results import SuperWeightStep, Verification
 from .deploy.results import Precision, Quantization
 from .detect.results import DimSummary, LayerStats, Massive
 from .function.results import AttentionSinks
+from .mechanism.experts import SuperExperts
 from .mechanism.results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, Origin, TokenValues
 from .trigger.results import Trigger
 from ..settings import Criterion, ScanSettings
@@ -87,3 +88,4 @@ class Report:
     super_weights: list[SuperWeightStep] = field(default_factory=list)
     precision: Precision | None = None
     quantization: Quantization | None = None
+    super_experts: SuperExperts | None = None  # a mixture of experts' super experts (Su et al. 2025)

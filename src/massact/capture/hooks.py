@@ -122,7 +122,9 @@ class Trace:
         reduce: Callable[[torch.Tensor], Any] = lambda t: t.detach().clone(),  # a copy: some blocks add in place
     ):
         self.values: dict[tuple[int, str], Any] = {}
-        requests = [resolve_site(s, adapter.gated) if isinstance(s, str) else resolve_site(s[1], adapter.gated, s[0]) for s in sites]
+        config = text_config(model)
+        gated = lambda layer: adapter.at(config, layer).gated  # noqa: E731  (dense and expert blocks may mix)
+        requests = [resolve_site(s, gated) if isinstance(s, str) else resolve_site(s[1], gated, s[0]) for s in sites]
         self._context = tap(model, adapter, requests, lambda layer, site, t: self.values.__setitem__((layer, site), reduce(t)))
 
     def __enter__(self) -> Trace:

@@ -53,22 +53,29 @@ def check_writable(out: Path) -> None:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"cannot write the report to {out}: {parent} is a file, not a directory")
-    created: list[Path] = []
-    try:
-        for directory in reversed(missing):
-            directory.mkdir()
-            created.append(directory)
-        handle, probe = tempfile.mkstemp(dir=out, prefix=".massact-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise UsageError(f"cannot write the report to {out}: {error.strerror or error}") from None
-    finally:
-        for directory in reversed(created):
-            try:
-                directory.rmdir()
-            except OSError:
-                pass
+    # Several processes of one launch check the same --out at once: a directory one of them makes (and removes) can
+    # appear or vanish under another, which then tries again.
+    for attempt in range(5):
+        created: list[Path] = []
+        try:
+            for directory in reversed(missing):
+                directory.mkdir(exist_ok=True)
+                created.append(directory)
+            handle, probe = tempfile.mkstemp(dir=out, prefix=".massact-probe-")
+            os.close(handle)
+            os.unlink(probe)
+            return
+        except FileNotFoundError:
+            if attempt == 4:
+                raise UsageError(f"cannot write the report to {out}: its directory keeps vanishing") from None
+        except OSError as error:
+            raise UsageError(f"cannot write the report to {out}: {error.strerror or error}") from None
+        finally:
+            for directory in reversed(created):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
 
 
 def write_set(out: Path, contents: dict[str, str | bytes], keep: bool = False) -> list[Path]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from rich.text import Text
 
+from ..analysis.mechanism.experts import SuperExperts
 from ..analysis.mechanism.results import Anatomy, Attribution, Lifeline
-from ..analysis.trigger.results import ChainLink, Trigger
+from ..analysis.trigger.results import ChainLink, RouterTrigger, Trigger
 from ..analysis.results import Report
 from .tables import Style, add_row, num, ratio, spans, where
 
@@ -91,7 +92,8 @@ def chain_words(chain: list[ChainLink], dim: int) -> list[str]:
         site = {"mlp_gate": "gate", "mlp_up": "pre-activation"}.get(link.site or "", link.site)
         before, previous = previous, site
         if link.depth == 0 and link.kind == "neuron":
-            lines.append(f"  block {link.layer} neuron {link.index} writes dim {dim}; its {site} is {num(link.value, True)} here, "
+            expert = f"expert {link.expert} " if link.expert is not None else ""
+            lines.append(f"  block {link.layer} {expert}neuron {link.index} writes dim {dim}; its {site} is {num(link.value, True)} here, "
                          f"{num(link.value_others, True)} on average at the other positions")
             continue
         if link.depth == 0:  # attention writes the value
@@ -108,6 +110,13 @@ def chain_words(chain: list[ChainLink], dim: int) -> list[str]:
         else:
             lines.append(f"{feeds}: the chain reaches the token itself")
     return lines
+
+
+def router_words(r: RouterTrigger) -> str:
+    """Why the router sends the massive token to the writing expert, in one sentence."""
+    return (f"Block {r.layer}'s router sends the token to expert {r.expert}: its logit is {num(r.logit, True)} there against "
+            f"{num(r.others_mean, True)} on average at the other tokens (largest {num(r.others_max, True)}), rank {r.rank} of the "
+            f"experts; it also sends {r.others_routed:.0%} of the other tokens there")
 
 
 def _attends(link: ChainLink) -> str:
@@ -129,6 +138,8 @@ def trigger_tables(style: Style, report: Report) -> list:
             done.add(key)
             out += _split_tables(style, t, shown[key])
         out.append(Text("\n".join([f"Chain for dim {t.dim}, from the massive value back toward the token:", *chain_words(t.chain, t.dim)])))
+        if t.router is not None:
+            out.append(Text(router_words(t.router) + "."))
         if t.carriers is not None:
             out.append(Text(f"Token or position for dim {t.dim}: {t.carriers.summary}."))
         if t.patching:
@@ -142,8 +153,9 @@ def _split_tables(style: Style, t: Trigger, dims: list[int]) -> list:
     for n in t.neurons:
         for s in n.splits:
             name = {"mlp_gate": "gate", "mlp_up": "up" if len(n.splits) > 1 else "pre-activation"}[s.site]
+            expert = f" expert {n.expert}" if n.expert is not None else ""
             out.append(Text(
-                f"Block {n.layer} neuron {n.neuron} {name} ({n.role} of dim{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))}) at "
+                f"Block {n.layer}{expert} neuron {n.neuron} {name} ({n.role} of dim{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))}) at "
                 f"{where(t.text, t.position, t.token)}: {num(s.value, True)} here, {num(s.others_mean, True)} on average at the other "
                 f"positions (largest {num(s.others_max, True)}); input norm factor {s.scale:.4g} here, {s.scale_others:.4g} elsewhere"))
             table = style.table(None, "source", "here", "other positions: mean", "max", "here - mean", right=(1, 2, 3, 4))
@@ -185,3 +197,33 @@ def super_weight_tables(style: Style, report: Report) -> list:
                 num(s.value_birth, True), num(s.value_peak, True), "yes" if s.still_massive else "no",
                 num(s.perplexity) if s.perplexity is not None else "-", f"{s.perplexity_ratio:,.2f}" if s.perplexity_ratio is not None else "-")
     return [head, table]
+
+
+def super_expert_tables(style: Style, s: SuperExperts) -> list:
+    """The super experts by the rule, each block's largest expert maxima, and what pruning them does."""
+    r = s.rule
+    out: list = [Text(
+        f"Super experts (Su et al. 2025): an expert whose largest |output| over the corpus (before its router weight) is above the "
+        f"{r.quantile:.1%} quantile of every (block, expert) maximum and above {r.fraction:g} x the largest (together: "
+        f"{num(r.threshold)}), in blocks 0-{r.last_block}. Found: "
+        + (", ".join(f"expert {x.expert} of block {x.layer} ({num(x.max_output)})" for x in s.found) or "none") + ".")]
+    table = style.table("Per block: its largest expert maxima (every one in report.json: super_experts.profile)", "block",
+                        "largest experts (max |output|)", "median expert", "shared expert", right=(0, 2, 3))
+    for layer, row in enumerate(s.profile):
+        seen = sorted(((v, e) for e, v in enumerate(row) if v == v), reverse=True)
+        if not seen:
+            continue
+        shared = s.shared[layer]
+        add_row(table, str(layer), ", ".join(f"{e}: {num(v)}" for v, e in seen[:3]), num(seen[len(seen) // 2][0]),
+                num(shared) if shared == shared else "-")
+    out.append(table)
+    if s.pruning:
+        table = style.table("Pruned: the router never selects them (a softmax renormalises over the rest)", "pruned", "experts",
+                            "perplexity", "x baseline", "massive dims left", "sink decay", right=(2, 3, 5))
+        for p in s.pruning:
+            add_row(table, "super experts" if p.kind == "super" else "as many random experts", ", ".join(f"{l}:{e}" for l, e in p.pruned),
+                    num(p.perplexity) if p.perplexity is not None else "-",
+                    f"{p.perplexity_ratio:,.2f}" if p.perplexity_ratio is not None else "-",
+                    ", ".join(map(str, p.massive_dims)) or "none", f"{p.sink_decay:.0%}" if p.sink_decay is not None else "-")
+        out.append(table)
+    return out

@@ -276,6 +276,24 @@ def quantization_figure(q: Quantization) -> bytes:
     return png_bytes(fig)
 
 
+def super_experts(report: Report) -> bytes:
+    """Each (block, expert)'s largest |output| over the corpus (log colour), the super experts ringed."""
+    s = report.super_experts
+    profile = np.array([[np.nan if v is None else v for v in row] for row in s.profile], dtype=float)
+    fig, ax = _figure()
+    shown = np.where(profile > 0, profile, np.nan)
+    finite = shown[np.isfinite(shown)]
+    image = ax.imshow(shown.T, aspect="auto", origin="lower", cmap="viridis",
+                      norm=LogNorm(vmin=finite.min(), vmax=finite.max()) if len(finite) else None, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="largest |expert output| over the corpus")
+    for x in s.found:
+        ax.scatter([x.layer], [x.expert], s=220, facecolors="none", edgecolors="red", linewidths=2)
+    ax.set_xlabel("block")
+    ax.set_ylabel("expert")
+    ax.set_title(f"Expert output maxima; super experts ringed ({len(s.found)}: above {s.rule.threshold:,.0f})")
+    return png_bytes(fig)
+
+
 FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], str]] = {
     "layer_profile.png": (layer_profile, lambda r: bool(r.layers), "Layer profile: top-1..3 and median |activation| per block"),
     "massive_heatmap.png": (massive_heatmap, lambda r: r.birth_state is not None, "The birth block's output over tokens and dims"),
@@ -284,6 +302,7 @@ FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], st
     "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.attribution), "Neuron contributions to the massive value"),
     "trigger.png": (trigger, lambda r: any(t.neurons for t in r.trigger), "Trigger: the writing neuron's sources at the massive position and elsewhere"),
     "verification.png": (verification, lambda r: r.verification is not None, "Perplexity and massive value under each intervention"),
+    "super_experts.png": (super_experts, lambda r: r.super_experts is not None, "Super experts: each expert's largest |output| per block"),
     "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share), "Attention on the sink tokens (block x head), the sink rate and value-norm ratio per block"),
     "quantization.png": (lambda r: quantization_figure(r.quantization), lambda r: r.quantization is not None and bool(r.quantization.rows),
                          "Perplexity and the massive value under each quantization setting"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.text import Text
 
-from ..analysis.conclusion import story
+from ..analysis.conclusion import story, super_expert_words
 from ..analysis.results import Report
 from ..numbers import short
 from .tables import Style, add_row, plain_text, spans
@@ -118,6 +118,8 @@ def _function_lines(report: Report) -> list[str]:
             out.append("Sink and massive value: " + a.dependence.split("; ")[0] + ".")
         for clause in a.mixing.split("; ") if a.mixing else []:  # a hybrid's mixers, NoPE blocks, gates, learned sinks
             out.append(clause[0].upper() + clause[1:] + ".")
+    if report.super_experts is not None and report.super_experts.found:
+        out += super_expert_words(report.super_experts)
     p = report.precision
     if p is not None and p.blocks:
         largest = f"the largest |a| is {short(p.largest)} (dim {p.largest_dim}, block {p.largest_layer})"

@@ -9,7 +9,7 @@ from rich.text import Text
 from ..analysis.mechanism.results import Anatomy, Attribution, ExpertAttribution
 from ..analysis.deploy.results import Precision, Quantization
 from ..analysis.results import Report
-from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_weight_tables, trigger_tables
+from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_expert_tables, super_weight_tables, trigger_tables
 from .sections import SECTIONS, section
 from .tables import Style, add_row, num, plain_text, ratio, spans, where
 
@@ -94,6 +94,8 @@ def _attribution_body(style: Style, report: Report) -> list:
         out.append(Text("Expert and neuron attribution (a mixture of experts): the experts first, then the neurons of the strongest one."))
         for split in report.experts:
             out += _expert_tables(style, split)
+    if report.super_experts is not None:
+        out += super_expert_tables(style, report.super_experts)
     return out
 
 

@@ -18,6 +18,7 @@ from .embeddings import EmbeddingEvaluation, changes as embedding_changes, claim
 from .evaluation import Evaluation, evaluation_for
 from ..detect.scan import pad_batch
 from .output_effects import Edit, output_effects
+from ..mechanism.moe import expert_matrix, pruned_experts
 from ..mechanism.results import Attribution, ExpertAttribution
 from .results import InputDependence, Intervention, OutputEffect, Verification
 from ..results import Report
@@ -160,19 +161,26 @@ def _expert_rows(run: _Run, e: ExpertAttribution, claims: list[str]) -> list[Int
     lm = run.lm
     rows = [_measure(run, "none (baseline)", "baseline", e, nullcontext(), True)]
     w = e.moe.super_weight
-    matrix, index = lm.adapter.param_name(lm.model, e.layer, "mlp", w.matrix), tuple(w.index)
+    matrix, index = expert_matrix(w.matrix, e.layer), tuple(w.index)
     column = _neuron_column(index, w.dim, w.neuron)
     where = "the shared expert" if w.expert is None else f"expert {w.expert}"
     row = _measure(run, f"ablate neuron {w.neuron} of {where}", f"neuron {matrix}[{w.expert}]:{w.neuron}", e, set_weight(lm, matrix, column), True)
     row.confirms = not row.still_massive
     rows.append(row)
     row, control_row = _zero_super_weight(run, e, "expert super weight", matrix, index)
+    rerouted = []
+    if w.expert is not None:  # the token goes to the experts the router picks without it (every token of that block)
+        rerouted.append(_measure(run, f"re-route: prune expert {w.expert}", f"prune {e.layer}:[{w.expert}]", e,
+                                 pruned_experts(lm, {e.layer: [w.expert]}), True))
+        rerouted[0].confirms = not rerouted[0].still_massive
     claims.append(
         f"dim {e.dim}: zeroing the expert super weight {matrix}{list(index)} {'removes' if row.confirms else 'does not remove'} it "
         f"(block {e.layer}: {row.value_birth:+.1f}) and multiplies {run.metric} by {row.perplexity_ratio:.2f}; zeroing a weight of "
         f"the same size elsewhere in that expert: x{control_row.perplexity_ratio:.2f}"
+        + (f"; routing the token past expert {w.expert} (the router picks among the others) "
+           f"{'removes' if rerouted[0].confirms else 'does not remove'} it ({rerouted[0].value_birth:+.1f})" if rerouted else "")
     )
-    return rows + [row, control_row]
+    return rows + [row, control_row, *rerouted]
 
 
 def _replacement_rows(run: _Run, layer: int, replaced: dict[str, dict[int, dict[int, float]]], claims: list[str]) -> list[Intervention]:
@@ -215,8 +223,8 @@ def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, d
     found: dict[str, Edit] = {}
     weights = [(a.dim, a.layer, "super weight", a.super_weight.matrix, (a.super_weight.row, a.super_weight.col))
                for a in report.attribution if a.role == "birth"]
-    weights += [(e.dim, e.layer, "expert super weight", lm.adapter.param_name(lm.model, e.layer, "mlp", e.moe.super_weight.matrix),
-                 tuple(e.moe.super_weight.index)) for e in report.experts if e.role == "birth"]
+    weights += [(e.dim, e.layer, "expert super weight", expert_matrix(e.moe.super_weight.matrix, e.layer), tuple(e.moe.super_weight.index))
+                for e in report.experts if e.role == "birth"]
     for dim, layer, label, matrix, index in weights:
         target = f"weight {matrix}{list(index)}"
         found.setdefault(target, Edit(f"dim {dim}: zero {label} {list(index)}", target,

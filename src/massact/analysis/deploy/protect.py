@@ -18,6 +18,7 @@ from ...models.identity import check_same_weights
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..function.sinks import sink_tokens
+from ..mechanism.moe import expert_matrix
 from ..results import Report
 
 FORMAT = "massact-protect"
@@ -141,23 +142,17 @@ def super_weight_coordinates(report: Report | dict) -> list[tuple[str, tuple[int
         weights += [get(a, "super_weight") for a in report.get("attribution") or [] if a.get("role") in WRITES]
         moe = [(get(e.get("moe"), "super_weight"), e.get("layer")) for e in report.get("experts") or []]
         found = [(w["matrix"], (w["row"], w["col"]), w["value"]) for w in weights if w]
-        found += [(_expert_parameter(w["matrix"], layer), tuple(w["index"]), w["value"]) for w, layer in moe if w]
+        found += [(expert_matrix(w["matrix"], layer), tuple(w["index"]), w["value"]) for w, layer in moe if w]
     else:
         weights = [s.weight for s in getattr(report, "super_weights", None) or []]
         weights += [a.super_weight for a in report.attribution if a.role in WRITES]
         found = [(w.matrix, (w.row, w.col), w.value) for w in weights]
-        found += [(_expert_parameter(e.moe.super_weight.matrix, e.layer), tuple(e.moe.super_weight.index),
-                   e.moe.super_weight.value) for e in report.experts]
+        found += [(expert_matrix(e.moe.super_weight.matrix, e.layer), tuple(e.moe.super_weight.index), e.moe.super_weight.value)
+                  for e in report.experts]
     unique: dict[tuple[str, tuple[int, ...]], float] = {}
     for matrix, index, value in found:
         unique.setdefault((matrix, tuple(int(i) for i in index)), float(value))
     return [(matrix, index, value) for (matrix, index), value in unique.items()]
-
-
-def _expert_parameter(matrix: str, layer: int) -> str:
-    """An expert super weight's matrix is named relative to its block's MLP; the full parameter name. Both supported
-    mixture-of-experts families (Mixtral, Qwen2-MoE) keep their blocks at ``model.layers``."""
-    return f"model.layers.{layer}.mlp.{matrix}"
 
 
 def sink_positions(report: Report) -> list[SinkPosition]:

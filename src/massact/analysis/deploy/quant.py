@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...capture.experts import instrumented
 from ...capture.hooks import forward_until, tap
 from ...errors import UsageError
 from ...settings import QUANT_GRIDS
@@ -249,9 +250,11 @@ def _by_name(held_out: list[tuple[str, tuple[int, ...]]]) -> dict[str, list[tupl
 
 
 class ActivationQuant:
-    """int8 fake-quantization of every block projection's input (per tensor or per token), as forward pre-hooks.
-    ``keep`` [positions] marks the massive tokens of the current input: kept in float when ``keep_massive``, and
-    always used to split the squared error (summed over every input entry) into the massive tokens' part."""
+    """int8 fake-quantization of every block projection's input (per tensor or per token), as forward pre-hooks; in a
+    mixture of experts also every expert's input and its neurons' activations (the fused experts run instrumented,
+    ``massact.capture.experts``). ``keep`` [positions] marks the massive tokens of the current input: kept in float
+    when ``keep_massive``, and always used to split the squared error (summed over every input entry) into the
+    massive tokens' part."""
 
     def __init__(self, lm: LoadedModel, per_token: bool, keep_massive: bool):
         self.lm, self.per_token, self.keep_massive = lm, per_token, keep_massive
@@ -259,11 +262,16 @@ class ActivationQuant:
         self.error_total = 0.0
         self.error_massive = 0.0
 
-    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` quantized; ``positions``: which position each of its rows is (an expert's tokens), else row = position."""
         rows = x.reshape(-1, x.shape[-1])
-        # One sequence per pass: rows are positions (OPT's flat [positions, d] inputs included).
-        keep = self.keep.to(x.device) if self.keep is not None and self.keep.numel() == rows.shape[0] else torch.zeros(
-            rows.shape[0], dtype=torch.bool, device=x.device)
+        # One sequence per pass: rows are positions (OPT's flat [positions, d] inputs included), or an expert's tokens.
+        if self.keep is not None and positions is not None:
+            keep = self.keep.to(x.device)[positions]
+        elif self.keep is not None and self.keep.numel() == rows.shape[0]:
+            keep = self.keep.to(x.device)
+        else:
+            keep = torch.zeros(rows.shape[0], dtype=torch.bool, device=x.device)
         if self.per_token:
             out = int8_rows(rows)
         else:
@@ -283,7 +291,8 @@ class ActivationQuant:
                 if isinstance(module, nn.Linear) or is_transposed(module):
                     handles.append(module.register_forward_pre_hook(lambda m, args: (self._quantize(args[0]), *args[1:])))
         try:
-            yield self
+            with instrumented(self.lm, transform=self._quantize):
+                yield self
         finally:
             for handle in handles:
                 handle.remove()

@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from ...capture.hooks import tap
 from ...capture.blocks import BlockRecorder
+from ...capture.experts import ExpertMaxima
 from ...capture.stats import LogHistogram, TopK
 from ...errors import UsageError
 from ...models.loading import LoadedModel
@@ -23,11 +25,14 @@ from .resume import read_state, remove_partial, shape_problem
 
 @dataclass
 class LayerScan:
-    """Per block: a median sketch and the largest |a| (candidates for massive), plus the first non-finite value."""
+    """Per block: a median sketch and the largest |a| (candidates for massive), plus the first non-finite value; in
+    a mixture of experts, each expert's largest |output| (``experts``: routed [blocks, experts] and shared [blocks],
+    -inf where none)."""
 
     histograms: list[LogHistogram]
     tops: list[TopK]
     nonfinite: tuple[int, int, int, int] | None  # (layer, text, position, dim) of the first inf/nan
+    experts: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def medians(self) -> list[float]:
         return [histogram.quantile(0.5) for histogram in self.histograms]
@@ -71,12 +76,13 @@ def scan_layers(
     """
     n_layers = len(lm.adapter.blocks(lm.model))
     recorder = BlockRecorder(n_layers, candidates, lm.device)
+    maxima = ExpertMaxima(lm) if any(lm.at(layer).moe is not None for layer in range(n_layers)) else None
     rank, world = distributed_rank()
     if world > 1 and checkpoint is not None:
         checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}-of-{world}")
     start, saved_fingerprint = 0, None
     if checkpoint is not None and resume and checkpoint.is_file():
-        start, saved_fingerprint = _load_state(checkpoint, recorder.histograms, recorder.tops, identity)
+        start, saved_fingerprint = _load_state(checkpoint, recorder.histograms, recorder.tops, identity, maxima)
         recorder.read_tops()
     # Of the identity, the top-k size and every window this process scans.
     digest = hashlib.sha256(f"{identity}|{candidates}|{batch_size}|".encode())
@@ -84,6 +90,8 @@ def scan_layers(
     def forward(chosen: list[tuple[int, torch.Tensor]]) -> None:
         ids, mask = pad_batch([one for _, one in chosen])
         recorder.start(torch.tensor([index for index, _ in chosen]), mask.flatten().nonzero().flatten(), ids.shape[1])
+        if maxima is not None:
+            maxima.real = mask.flatten().bool() if not bool(mask.all()) else None
         lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
         recorder.finish()
         if on_window:
@@ -92,7 +100,8 @@ def scan_layers(
 
     seen, batches, pending = 0, 0, []
     sites = [(layer, lm.adapter.stream) for layer in range(n_layers)]
-    with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda layer, _, hidden: recorder.add(layer, hidden)):
+    with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda layer, _, hidden: recorder.add(layer, hidden)), \
+            (maxima.recording() if maxima is not None else nullcontext()):
         for index, ids in enumerate(windows):
             if index % world != rank:  # under torchrun / accelerate launch, each process takes every world-th window
                 continue
@@ -107,17 +116,17 @@ def scan_layers(
                 forward(pending)
                 pending, batches = [], batches + 1
                 if checkpoint is not None and batches % every == 0:
-                    _save_state(checkpoint, seen, digest.hexdigest(), *recorder.sync(), identity)
+                    _save_state(checkpoint, seen, digest.hexdigest(), *recorder.sync(), identity, maxima)
         if pending:
             forward(pending)
     if seen < start:
         raise _other_scan(checkpoint)
     histograms, tops = recorder.sync()
     if world > 1:
-        merge_across_processes(histograms, tops)
+        merge_across_processes(histograms, tops, maxima)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
-    return LayerScan(histograms, tops, first_nonfinite(tops))
+    return LayerScan(histograms, tops, first_nonfinite(tops), (maxima.routed.cpu(), maxima.shared.cpu()) if maxima else None)
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -143,14 +152,17 @@ def release_processes() -> None:
         dist.destroy_process_group()
 
 
-def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK]) -> None:
+def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK], maxima: ExpertMaxima | None = None) -> None:
     """Every process ends with the statistics of the whole corpus: histogram counts are summed, top-k lists are
-    gathered and cut back to k (exactly what one process seeing every text would keep)."""
+    gathered and cut back to k (exactly what one process seeing every text would keep), experts' maxima maxed."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
     for histogram in histograms:
         dist.all_reduce(histogram.counts)
+    if maxima is not None:
+        dist.all_reduce(maxima.routed, op=dist.ReduceOp.MAX)
+        dist.all_reduce(maxima.shared, op=dist.ReduceOp.MAX)
     for top in tops:
         values = torch.zeros(top.k, device=histograms[0].counts.device)
         labels = torch.full((top.k, 3), -1, dtype=torch.long, device=values.device)
@@ -168,7 +180,7 @@ def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK]) -> 
 
 
 def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHistogram], tops: list[TopK],
-                identity: str = "") -> None:
+                identity: str = "", maxima: ExpertMaxima | None = None) -> None:
     state = {
         "done": done,
         "fingerprint": fingerprint,
@@ -176,6 +188,8 @@ def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHis
         "counts": [h.counts.cpu() for h in histograms],
         "tops": [(t.values.cpu(), t.labels.cpu()) if t.values is not None else None for t in tops],
     }
+    if maxima is not None:
+        state["experts"] = (maxima.routed.cpu(), maxima.shared.cpu())
     partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +201,8 @@ def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHis
         remove_partial(partial)
 
 
-def _load_state(path: Path, histograms: list[LogHistogram], tops: list[TopK], identity: str = "") -> tuple[int, str]:
+def _load_state(path: Path, histograms: list[LogHistogram], tops: list[TopK], identity: str = "",
+                maxima: ExpertMaxima | None = None) -> tuple[int, str]:
     """Restore the merged statistics; returns how many windows they cover and the fingerprint of those windows.
     A file that is not a whole state of this scan is refused in one line (see ``read_state``)."""
     state = read_state(path)
@@ -201,6 +216,12 @@ def _load_state(path: Path, histograms: list[LogHistogram], tops: list[TopK], id
     for top, saved in zip(tops, state["tops"]):
         if saved is not None:
             top.update(*saved)
+    if maxima is not None:
+        saved = state.get("experts")
+        if not (isinstance(saved, tuple) and len(saved) == 2 and saved[0].shape == maxima.routed.shape
+                and saved[1].shape == maxima.shared.shape):
+            raise UsageError(f"cannot read the scan state {path}: no experts' maxima of this model in it; remove it or drop --resume")
+        maxima.routed.copy_(saved[0]), maxima.shared.copy_(saved[1])
     return state["done"], state["fingerprint"]
 
 

@@ -12,7 +12,7 @@ from ...models.loading import LoadedModel
 from . import anatomy as anatomy_step
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .lifeline import WRITING, phase_direction, step_sign, writers
-from .moe import attribute_moe, is_moe_block
+from .moe import MoeBlock, attribute_moe
 from .norms import norm_factors
 from .origin import decomposition_gap, head_split, removal_cause, writer
 from .results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, NormFactors, Origin, TokenValues
@@ -86,12 +86,9 @@ def explain(
         if origin.norm is not None and origin.norm.error > tolerance:
             warnings.append(f"block {event.layer} dim {event.dim}: the norm's factors miss its output by {origin.norm.error:.1e}")
         origins.append(origin)
-        if origin.writer == "mlp" and cause != "median" and lm.at(event.layer).moe:
-            block = lm.adapter.module(lm.model, event.layer, "mlp")
-            if not is_moe_block(block):
-                warnings.append(f"block {event.layer}'s MLP is dense in this mixture-of-experts model: not attributed to neurons")
-                continue
-            split = attribute_moe(block, at["mlp_in"], event.dim, top_neurons)
+        moe = MoeBlock.at(lm, event.layer) if origin.writer == "mlp" and cause != "median" else None
+        if moe is not None:
+            split = attribute_moe(moe, lm.adapter.family, at["mlp_in"], event.dim, top_neurons)
             if split.error > tolerance:
                 warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
             experts.append(ExpertAttribution(**_place(event, tokens), moe=split))

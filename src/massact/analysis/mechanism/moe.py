@@ -1,37 +1,33 @@
-"""Mixture-of-experts attribution: split a sparse-MoE block's output at one dim into experts and their neurons.
+"""Mixture-of-experts blocks, recomputed from their weights: the routing (as the adapter's ``Router`` declares it)
+and every expert's neurons (as its ``Experts`` lays them out), in float64 and checked against the block itself.
 
-transformers 5 stores all routed experts of a block in fused 3-D parameters (``experts.gate_up_proj`` and
-``experts.down_proj``), so there is no per-expert ``nn.Linear`` a hook could see inside. This module recomputes the
-block from its weights in float64 for one token and checks the sum against the block itself:
+    moe(x)[dim] = sum over selected experts e of  w_e x expert_e(x)[dim]   (+ the shared expert: s x shared(x)[dim])
+    expert_e(x)[dim] = sum_i act_i(x) x W_down[e][dim, i]  (+ the down bias)
 
-    moe(x)[dim] = sum over selected experts e of  w_e x expert_e(x)[dim]          (routed experts)
-                  + sigmoid(g . x) x shared(x)[dim]                               (Qwen2-MoE's shared expert)
-    expert_e(x)[dim] = sum_i act(gate_e,i . x) x (up_e,i . x) x W_down[e][dim, i]
-
-Routing, as the supported families compute it (softmax over all experts, then top-k):
-
-- Mixtral: w = softmax(router . x)[top-k], always renormalised to sum to 1 over the selected experts.
-- Qwen2-MoE: the same, renormalised only when ``norm_topk_prob``; plus a shared expert on every token, scaled by
-  sigmoid(shared_expert_gate . x).
+with w_e the router's weight for expert e (Llama-4 scales the expert's input instead: expert_e(w_e x)) and act_i the
+neuron's activation, act(gate_i . x) x (up_i . x), or the expert module's own gate function (gpt-oss's clamped
+SwiGLU). ``route`` is the same routing with some experts pruned: the router never picks them, and a softmax router
+renormalises over the rest.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-# Sparse-MoE block class name -> where its renormalisation rule lives (True: always; str: the router's attribute).
-_FAMILIES: dict[str, bool | str] = {
-    "MixtralSparseMoeBlock": True,
-    "Qwen2MoeSparseMoeBlock": "norm_topk_prob",
-}
+from ...models.adapters.base import Moe
+from ...models.loading import LoadedModel
 
 
 @dataclass(kw_only=True)
 class ExpertNeuron:
-    """One neuron of one expert at ``dim``: activation = act(gate) x up, weight = W_down[e][dim, neuron];
-    contribution = router_weight x activation x weight (its part of the MoE output); share = contribution / output."""
+    """One neuron of one expert at ``dim``: gate and up are its pre-activations, activation = act(gate) x up (or the
+    expert's own gate function), weight = W_down[e][dim, neuron]; contribution = router_weight x activation x weight
+    (its part of the MoE output; Llama-4 scales the input instead); share = contribution / output."""
 
     neuron: int
     gate: float
@@ -45,9 +41,9 @@ class ExpertNeuron:
 @dataclass(kw_only=True)
 class ExpertContribution:
     """One expert's part of the MoE output at ``dim``: contribution = router_weight x output, share = contribution /
-    the MoE output. ``expert`` is None for Qwen2-MoE's shared expert, whose router_logit is shared_expert_gate . x and
-    whose router_prob and router_weight are sigmoid of it. For a routed expert router_prob is its softmax probability
-    over all experts and router_weight the weight the block applies (router_prob, renormalised where the family does).
+    the MoE output. ``expert`` is None for a shared expert: its router_logit is its gate's logit (shared_expert_gate .
+    x) and its router_prob and router_weight sigmoid of it, or 1 where it has no gate. For a routed expert router_prob
+    is its score (softmax probability over all experts, or sigmoid) and router_weight the weight the block applies.
 
     ``neurons``: the ``top`` neurons by |contribution|; all neurons together sum to ``contribution`` (``neuron_error``
     is the relative gap of that full sum, float64).
@@ -66,9 +62,10 @@ class ExpertContribution:
 
 @dataclass(kw_only=True)
 class ExpertSuperWeight:
-    """W_down[dim, neuron] of the top neuron of the top expert, located as stored:
-    ``block.get_parameter(matrix)[tuple(index)]`` is ``value`` (index [expert, dim, neuron] for ``experts.down_proj``
-    stored [E, d_model, d_mlp]; [dim, neuron] for ``shared_expert.down_proj.weight``).
+    """W_down[dim, neuron] of the top neuron of the top expert, located as stored: ``model.get_parameter(matrix)
+    [tuple(index)]`` is ``value`` (index [expert, dim, neuron] in fused experts stored [E, d_model, d_mlp], [expert,
+    neuron, dim] stored transposed, [dim, neuron] in a shared expert's ``down_proj.weight``). Reports of earlier
+    versions name the matrix relative to the block's MLP (``experts.down_proj``).
 
     rank: 1 + how many entries of the whole stored parameter (all experts) are larger in |w|; entries: its size.
     """
@@ -89,9 +86,9 @@ class MoeAttribution:
 
     output: the sum of every expert's contribution (float64); actual: the block's own output there (calling the block
     on the token); error: |output - actual| / |actual|. ``experts`` are the routed experts the router selected, by
-    router weight, highest first; ``shared_expert`` is Qwen2-MoE's shared expert (None for Mixtral). ``top_expert`` is
-    the expert with the largest |contribution| (None when that is the shared expert); ``neurons`` are its top neurons
-    and ``super_weight`` its top neuron's down-projection entry.
+    router weight, highest first; ``shared_expert`` the shared expert (None where there is none). ``top_expert`` is the
+    expert with the largest |contribution| (None when that is the shared expert); ``neurons`` are its top neurons and
+    ``super_weight`` its top neuron's down-projection entry.
     """
 
     dim: int
@@ -106,113 +103,179 @@ class MoeAttribution:
     super_weight: ExpertSuperWeight
 
 
-def is_moe_block(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a sparse-MoE block this module can attribute."""
-    return type(module).__name__ in _FAMILIES
+@dataclass
+class MoeBlock:
+    """One block's mixture of experts: its spec and modules, the model's config (for the router's settings) and the
+    full name of the experts module (``prefix``) for parameter names."""
+
+    spec: Moe
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    shared: nn.Module | None
+    shared_gate: nn.Module | None
+    config: object
+    prefix: str
+
+    @classmethod
+    def at(cls, lm: LoadedModel, layer: int) -> MoeBlock | None:
+        """Block ``layer``'s mixture of experts, or None where the block's MLP is dense."""
+        spec = lm.at(layer).moe
+        if spec is None:
+            return None
+        block = lm.adapter.module(lm.model, layer, spec.block)
+        get = lambda path: block.get_submodule(path) if path else None  # noqa: E731
+        return cls(spec, block, get(spec.router.path), get(spec.experts.path), get(spec.shared), get(spec.shared_gate), lm.config,
+                   f"{lm.adapter.layers_path(lm.model)}.{layer}.{spec.block}")
+
+    def setting(self, *names: str):
+        """The first of ``names`` the router module has, else the config's."""
+        for name in names:
+            if hasattr(self.router, name):
+                return getattr(self.router, name)
+        for name in names:
+            if hasattr(self.config, name):
+                return getattr(self.config, name)
+        raise AttributeError(f"neither the router nor the config has {' or '.join(names)}")
+
+    @property
+    def n_experts(self) -> int:
+        return self.router.weight.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return int(self.setting("top_k", "num_experts_per_tok"))
 
 
-def moe_family(block: torch.nn.Module) -> str:
-    """The block's class name, checked: a supported sparse-MoE block with a router and fused experts we understand."""
-    name = type(block).__name__
-    if name not in _FAMILIES:
-        raise ValueError(
-            f"unsupported MoE block {name}: expected one of {', '.join(sorted(_FAMILIES))} (transformers 5 layout)"
-        )
-    router, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-    if router is None or not isinstance(getattr(router, "weight", None), torch.Tensor) or not hasattr(router, "top_k"):
-        raise ValueError(f"{name}.gate is not a top-k router with a weight [experts, d_model] (transformers < 5?)")
-    if experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
-        raise ValueError(f"{name}.experts has no fused gate_up_proj / down_proj parameters (transformers < 5?)")
-    unsupported = [
-        flag
-        for flag, bad in (
-            ("has_bias", getattr(experts, "has_bias", False)),
-            ("has_post_expert_norm", getattr(experts, "has_post_expert_norm", False)),
-            ("interleaved gate/up", not getattr(experts, "is_concatenated", True)),
-            ("no gate", not getattr(experts, "has_gate", True)),
-        )
-        if bad
-    ]
-    if unsupported:
-        raise ValueError(f"{name}.experts layout not supported: {', '.join(unsupported)}")
-    return name
+@dataclass
+class Routing:
+    """A batch of tokens routed: ``logits`` and ``scores`` (softmax probabilities or sigmoids) [tokens, experts], the
+    selected experts ``indices`` and their ``weights`` [tokens, k] (float64)."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor
 
 
-def renormalises(block: torch.nn.Module) -> bool:
-    """Whether the block rescales the selected experts' softmax probabilities to sum to 1."""
-    rule = _FAMILIES[moe_family(block)]
-    return rule if isinstance(rule, bool) else bool(getattr(block.gate, rule))
+def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = ()) -> Routing:
+    """The router's choice for tokens ``x`` [tokens, d_model], recomputed in float64 from its weights; ``pruned``
+    experts are never chosen (their logits are -inf: a softmax renormalises over the rest)."""
+    spec = moe.spec.router
+    weight = moe.router.weight.detach().double()
+    bias = getattr(moe.router, "bias", None)
+    logits = x.detach().double().to(weight.device) @ weight.T
+    if isinstance(bias, torch.Tensor):
+        logits = logits + bias.detach().double()
+    masked = logits.clone()
+    if pruned:
+        masked[:, list(pruned)] = float("-inf")
+    scores = torch.softmax(masked, dim=-1) if spec.score == "softmax" else torch.sigmoid(masked)
+    choice = scores.clone()
+    if spec.correction:
+        choice = choice + getattr(moe.router, spec.correction).detach().double()
+    if pruned:
+        choice[:, list(pruned)] = float("-inf")
+    if spec.groups:
+        groups, keep = int(moe.setting("num_group", "n_group")), int(moe.setting("topk_group"))
+        grouped = choice.view(len(choice), groups, -1)
+        if spec.groups == "max":
+            score = grouped.max(-1).values
+        else:  # the sum of a group's two best; a pruned expert adds nothing (it must not take its group out with it)
+            score = grouped.topk(2, dim=-1).values.nan_to_num(neginf=0.0).sum(-1)
+        chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(keep, dim=-1).indices, True)
+        choice = choice.masked_fill(~chosen.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+    indices = choice.topk(moe.top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    renormalise = spec.renormalise if isinstance(spec.renormalise, bool) else bool(moe.setting(spec.renormalise))
+    if renormalise:
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if spec.score == "sigmoid" else 0.0))
+    if spec.scale:
+        weights = weights * float(moe.setting(spec.scale))
+    return Routing(logits, scores, indices, weights)
 
 
-def router_weights(logits: torch.Tensor, selected: torch.Tensor, renormalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(logits) over all experts at the ``selected`` experts (probabilities), and the weights the block applies:
-    those probabilities, divided by their sum when ``renormalise``."""
-    probs = torch.softmax(logits.double(), dim=-1)[selected]
-    return probs, probs / probs.sum() if renormalise else probs
-
-
-def selected_experts(block: torch.nn.Module, x: torch.Tensor) -> list[int]:
-    """The experts the block's own router picks for token ``x`` (its dtype and device, its top-k), highest first."""
-    router = block.gate
+def model_routing(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router module's own choice for tokens ``x`` [tokens, d_model]: (indices, weights) [tokens, k], sorted by
+    expert index within each token (routers may return them unsorted); Llama-4's router gives scores for every expert,
+    of which the nonzero ones are the chosen."""
     with torch.no_grad():
-        routed = router(x.detach().reshape(1, -1).to(router.weight.device, router.weight.dtype))
-    if not (isinstance(routed, tuple) and len(routed) == 3):
-        raise ValueError(f"{type(router).__name__} did not return (logits, weights, indices)")
-    return [int(e) for e in routed[2].reshape(-1)]
+        out = moe.router(x.to(moe.router.weight.device, moe.router.weight.dtype))
+    if moe.spec.router.on_input:  # (scores [tokens, experts]: sigmoid of the top-k logits, 0 elsewhere; logits)
+        scores = out[0].float()
+        indices = scores.topk(moe.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+    else:  # (logits, weights, indices)
+        weights, indices = out[1].float(), out[2]
+    order = indices.argsort(dim=-1)
+    return indices.gather(1, order).cpu(), weights.gather(1, order).cpu()
 
 
-def expert_weights(experts: torch.nn.Module, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Expert ``expert``'s gate [d_mlp, d_model], up [d_mlp, d_model] and down [d_model, d_mlp] in float64 on CPU,
-    whatever the stored layout (``is_transposed`` stores [d_model, 2 d_mlp] and [d_mlp, d_model])."""
-    gate_up = experts.gate_up_proj[expert].detach()
-    down = experts.down_proj[expert].detach()
-    if getattr(experts, "is_transposed", False):
+def expert_weights(moe: MoeBlock, expert: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Expert ``expert``'s fused gate-and-up weight as [2 d_mlp, d_model] in its stored column order (gate rows then
+    up rows, or alternating where interleaved), its bias, its down projection [d_model, d_mlp] and bias; float64."""
+    layout, experts = moe.spec.experts, moe.experts
+    gate_up, down = experts.gate_up_proj[expert].detach().double(), experts.down_proj[expert].detach().double()
+    if layout.transposed:
         gate_up, down = gate_up.T, down.T
-    gate, up = gate_up.double().cpu().chunk(2, dim=0)
-    return gate, up, down.double().cpu()
+    biases = (experts.gate_up_proj_bias[expert].detach().double(), experts.down_proj_bias[expert].detach().double()) \
+        if layout.biases else (None, None)
+    return gate_up, biases[0], down, biases[1]
 
 
-def neuron_parts(
-    act_fn, gate: torch.Tensor, up: torch.Tensor, down_row: torch.Tensor, x: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per neuron of one gated MLP: pre-activation gate . x, up . x, activation act(gate . x) x (up . x), and
-    contribution scale x activation x down_row (float64). Their sum is scale x the MLP's output at that dim."""
+def split_gate_up(moe: MoeBlock, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up parts [..., d_mlp] of fused pre-activations (or of a fused weight's rows)."""
+    if moe.spec.experts.interleaved:
+        return fused[..., 0::2], fused[..., 1::2]
+    return fused.chunk(2, dim=-1)
+
+
+def activate(moe: MoeBlock, fused: torch.Tensor) -> torch.Tensor:
+    """The neurons' activations from the fused gate-and-up pre-activations [..., 2 d_mlp]: the expert module's own gate
+    function where it has one, else act_fn(gate) x up."""
+    apply = getattr(moe.experts, "_apply_gate", None)
+    if apply is not None:
+        return apply(fused)
+    gate, up = split_gate_up(moe, fused)
+    return moe.experts.act_fn(gate) * up
+
+
+def expert_parts(moe: MoeBlock, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For the expert's input ``x`` [..., d_model] (already scaled where the router scales the input): its neurons'
+    gate and up pre-activations, activations [..., d_mlp], its down projection [d_model, d_mlp] and down bias."""
+    gate_up, bias, down, down_bias = expert_weights(moe, expert)
+    fused = x.double() @ gate_up.T + (bias if bias is not None else 0.0)
+    gate, up = split_gate_up(moe, fused)
+    return gate, up, activate(moe, fused), down, down_bias
+
+
+def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+    """The shared expert's gate and up pre-activations, activations, down projection [d_model, d_mlp], the logit of its
+    gate (0 without one) and the scale it applies (sigmoid of that logit, or 1)."""
+    mlp = moe.shared
+    gate, up, down = (getattr(mlp, name).weight.detach().double() for name in ("gate_proj", "up_proj", "down_proj"))
+    act = getattr(mlp, "act_fn", None) or mlp.activation_fn
     pre_gate, pre_up = gate @ x, up @ x
-    activation = act_fn(pre_gate) * pre_up
-    return pre_gate, pre_up, activation, scale * activation * down_row
+    logit = float(moe.shared_gate.weight.detach().double().reshape(-1) @ x) if moe.shared_gate is not None else 0.0
+    scale = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))) if moe.shared_gate is not None else 1.0
+    return pre_gate, pre_up, act(pre_gate) * pre_up, down, logit, scale
 
 
-def top_neurons(
-    pre_gate: torch.Tensor,
-    pre_up: torch.Tensor,
-    activation: torch.Tensor,
-    down_row: torch.Tensor,
-    parts: torch.Tensor,
-    output: float,
-    top: int,
-) -> list[ExpertNeuron]:
+def top_neurons(pre_gate: torch.Tensor, pre_up: torch.Tensor, activation: torch.Tensor, down_row: torch.Tensor,
+                parts: torch.Tensor, output: float, top: int) -> list[ExpertNeuron]:
     """The ``top`` neurons by |contribution|, with share = contribution / ``output`` (the MoE output at dim)."""
     order = parts.abs().argsort(descending=True)[:top].tolist()
-    return [
-        ExpertNeuron(
-            neuron=i,
-            gate=float(pre_gate[i]),
-            up=float(pre_up[i]),
-            activation=float(activation[i]),
-            weight=float(down_row[i]),
-            contribution=float(parts[i]),
-            share=float(parts[i]) / output if output else float("nan"),
-        )
-        for i in order
-    ]
+    return [ExpertNeuron(neuron=i, gate=float(pre_gate[i]), up=float(pre_up[i]), activation=float(activation[i]), weight=float(down_row[i]),
+                         contribution=float(parts[i]), share=float(parts[i]) / output if output else float("nan"))
+            for i in order]
 
 
-def block_output(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The block's own output for the single token ``x`` (called as [1, 1, d_model]; a (hidden, router_logits)
-    tuple is unpacked), as a 1-D float64 CPU tensor."""
-    param = block.gate.weight
+def block_output(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's own output for the single token ``x`` (called as [1, 1, d_model]; a (hidden, router) tuple is
+    unpacked), as a 1-D float64 CPU tensor."""
+    param = moe.router.weight
     with torch.no_grad():
-        out = block(x.detach().clone().reshape(1, 1, -1).to(param.device, param.dtype))
+        out = moe.block(x.detach().clone().reshape(1, 1, -1).to(param.device, param.dtype))
     if isinstance(out, tuple):
         out = out[0]
     return out.reshape(-1).double().cpu()
@@ -225,72 +288,107 @@ def _rank(param: torch.Tensor, value: torch.Tensor) -> int:
     return 1 + sum(int((part.abs() > threshold).sum()) for part in slices)
 
 
-def _super_weight(block: torch.nn.Module, expert: int | None, dim: int, neuron: int) -> ExpertSuperWeight:
+def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> ExpertSuperWeight:
     if expert is None:
-        matrix, index = "shared_expert.down_proj.weight", [dim, neuron]  # nn.Linear: [out, in]
+        matrix, index = f"{moe.prefix}.{moe.spec.shared}.down_proj.weight", [dim, neuron]  # nn.Linear: [out, in]
+        param = moe.shared.down_proj.weight
     else:
-        transposed = getattr(block.experts, "is_transposed", False)
-        matrix, index = "experts.down_proj", [expert, neuron, dim] if transposed else [expert, dim, neuron]
-    param = block.get_parameter(matrix)
+        matrix = f"{moe.prefix}.{moe.spec.experts.path}.down_proj"
+        index = [expert, neuron, dim] if moe.spec.experts.transposed else [expert, dim, neuron]
+        param = moe.experts.down_proj
     value = param.detach()[tuple(index)]
-    return ExpertSuperWeight(matrix=matrix, index=index, expert=expert, dim=dim, neuron=neuron, value=float(value), rank=_rank(param, value), entries=param.numel())
+    return ExpertSuperWeight(matrix=matrix, index=index, expert=expert, dim=dim, neuron=neuron, value=float(value),
+                             rank=_rank(param, value), entries=param.numel())
 
 
-def attribute_moe(block: torch.nn.Module, x: torch.Tensor, dim: int, top: int = 10) -> MoeAttribution:
-    """Split the sparse-MoE ``block``'s output at residual ``dim`` for one token into experts and neurons.
+def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: int = 10) -> MoeAttribution:
+    """Split the MoE block's output at residual ``dim`` for one token into experts and neurons.
 
-    ``x`` is the block's input at that token, [d_model]: the normed hidden state (post-attention norm output).
-    Experts are the ones the block's router selects; every number is recomputed in float64 from the weights and the
-    sum is checked against the block itself (``error``). ``top`` neurons are kept per expert.
+    ``x`` is the block's input at that token, [d_model]. Experts are the ones the block's routing selects; every number
+    is recomputed in float64 from the weights and the sum is checked against the block itself (``error``). ``top``
+    neurons are kept per expert.
     """
-    family = moe_family(block)
     if x.dim() != 1:
         raise ValueError(f"x must be one token's input vector [d_model], got shape {tuple(x.shape)}")
     x64 = x.detach().double().cpu()
-    experts = block.experts
-    logits = block.gate.weight.detach().double().cpu() @ x64
-    selected = selected_experts(block, x)
-    probs, weights = router_weights(logits, torch.tensor(selected), renormalises(block))
-
+    routing = route(moe, x64.unsqueeze(0))
+    on_input = moe.spec.router.on_input
     parts: list[tuple[ExpertContribution, tuple[torch.Tensor, ...]]] = []
-    for expert, prob, weight in zip(selected, probs.tolist(), weights.tolist()):
-        gate, up, down = expert_weights(experts, expert)
-        output = float((down @ (experts.act_fn(gate @ x64) * (up @ x64)))[dim])
-        pieces = neuron_parts(experts.act_fn, gate, up, down[dim], x64, weight)
-        entry = ExpertContribution(expert=expert, router_logit=float(logits[expert]), router_prob=prob, router_weight=weight, output=output, contribution=weight * output, share=0.0)
-        parts.append((entry, (*pieces, down[dim])))
-
+    for expert, weight in zip(routing.indices[0].tolist(), routing.weights[0].tolist()):
+        gate, up, activation, down, down_bias = expert_parts(moe, expert, x64 * weight if on_input else x64)
+        scale = 1.0 if on_input else weight  # Llama-4: the weight is already inside the activations
+        output = float(down[dim] @ activation) + (float(down_bias[dim]) if down_bias is not None else 0.0)
+        neuron_parts = scale * activation * down[dim]
+        entry = ExpertContribution(expert=expert, router_logit=float(routing.logits[0, expert]), router_prob=float(routing.scores[0, expert]),
+                                   router_weight=weight, output=output, contribution=scale * output, share=0.0)
+        bias_part = scale * float(down_bias[dim]) if down_bias is not None else 0.0
+        parts.append((entry, (gate, up, activation, neuron_parts, down[dim], bias_part)))
     shared = None
-    if hasattr(block, "shared_expert"):
-        mlp = block.shared_expert
-        gate, up, down = (
-            getattr(mlp, name).weight.detach().double().cpu() for name in ("gate_proj", "up_proj", "down_proj")
-        )
-        logit = float(block.shared_expert_gate.weight.detach().double().cpu().reshape(-1) @ x64)
-        scale = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64)))
-        output = float((down @ (mlp.act_fn(gate @ x64) * (up @ x64)))[dim])
-        pieces = neuron_parts(mlp.act_fn, gate, up, down[dim], x64, scale)
-        shared = ExpertContribution(expert=None, router_logit=logit, router_prob=scale, router_weight=scale, output=output, contribution=scale * output, share=0.0)
-        parts.append((shared, (*pieces, down[dim])))
+    if moe.shared is not None:
+        gate, up, activation, down, logit, scale = _shared_parts(moe, x64)
+        output = float(down[dim] @ activation)
+        shared = ExpertContribution(expert=None, router_logit=logit, router_prob=scale, router_weight=scale, output=output,
+                                    contribution=scale * output, share=0.0)
+        parts.append((shared, (gate, up, activation, scale * activation * down[dim], down[dim], 0.0)))
 
     total = sum(entry.contribution for entry, _ in parts)
-    actual = float(block_output(block, x)[dim])
-    for entry, (pre_gate, pre_up, activation, neuron_contribs, down_row) in parts:
+    actual = float(block_output(moe, x)[dim])
+    for entry, (gate, up, activation, neuron_parts, down_row, bias_part) in parts:
         entry.share = entry.contribution / total if total else float("nan")
-        entry.neurons = top_neurons(pre_gate, pre_up, activation, down_row, neuron_contribs, total, top)
-        entry.neuron_error = abs(float(neuron_contribs.sum()) - entry.contribution) / max(abs(entry.contribution), 1e-12)
+        entry.neurons = top_neurons(gate, up, activation, down_row, neuron_parts, total, top)
+        entry.neuron_error = abs(float(neuron_parts.sum()) + bias_part - entry.contribution) / max(abs(entry.contribution), 1e-12)
 
     best = max((entry for entry, _ in parts), key=lambda entry: abs(entry.contribution))
     routed = sorted((entry for entry, _ in parts if entry.expert is not None), key=lambda e: -e.router_weight)
     return MoeAttribution(
-        dim=dim,
-        family=family,
-        output=total,
-        actual=actual,
-        error=abs(total - actual) / max(abs(actual), 1e-12),
-        experts=routed,
-        shared_expert=shared,
-        top_expert=best.expert,
-        neurons=best.neurons,
-        super_weight=_super_weight(block, best.expert, dim, best.neurons[0].neuron),
+        dim=dim, family=family, output=total, actual=actual, error=abs(total - actual) / max(abs(actual), 1e-12), experts=routed,
+        shared_expert=shared, top_expert=best.expert, neurons=best.neurons,
+        super_weight=_super_weight(moe, best.expert, dim, best.neurons[0].neuron),
     )
+
+
+def expert_input_row(moe: MoeBlock, expert: int, neuron: int, site: str) -> tuple[torch.Tensor, float]:
+    """The row of an expert's fused gate-and-up weight that makes ``neuron``'s gate (``site`` "mlp_gate") or up
+    pre-activation from the block's input, and its bias (0 without); float64 on CPU."""
+    gate_up, bias, _, _ = expert_weights(moe, expert)
+    rows = split_gate_up(moe, gate_up.T)[0 if site == "mlp_gate" else 1].T  # [d_mlp, d_model]
+    biases = split_gate_up(moe, bias)[0 if site == "mlp_gate" else 1] if bias is not None else None
+    return rows[neuron].cpu(), float(biases[neuron]) if biases is not None else 0.0
+
+
+def expert_matrix(matrix: str, layer: int) -> str:
+    """The full parameter name of an expert super weight's ``matrix`` (earlier reports name it relative to the block's
+    MLP, at ``model.layers``, where the mixture-of-experts families they knew keep it)."""
+    return f"model.layers.{layer}.mlp.{matrix}" if matrix.startswith(("experts.", "shared_expert.")) else matrix
+
+
+@contextmanager
+def pruned_experts(lm: LoadedModel, pruned: dict[int, Sequence[int]]) -> Iterator[None]:
+    """While open, block L's router never selects the experts ``pruned[L]``: it routes as ``route`` does with them
+    pruned (a softmax renormalises over the rest), returning what the router module returns."""
+    saved = []
+    try:
+        for layer, experts in pruned.items():
+            moe = MoeBlock.at(lm, layer)
+            saved.append((moe.router, moe.router.__dict__.get("forward")))
+            moe.router.forward = _pruned_router(moe, tuple(experts))
+        yield
+    finally:
+        for router, forward in saved:
+            if forward is None:
+                del router.forward
+            else:  # an accelerate hook's forward (a device map): put it back
+                router.forward = forward
+
+
+def _pruned_router(moe: MoeBlock, experts: tuple[int, ...]):
+    def forward(hidden_states: torch.Tensor, *args, **kwargs):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        routing = route(moe, x, experts)
+        logits = routing.logits.to(x.dtype)
+        if moe.spec.router.on_input:  # Llama-4: sigmoid scores for every expert, 0 where not selected
+            scores = torch.zeros_like(routing.logits).scatter_(1, routing.indices, routing.weights)
+            return scores.to(x.dtype), logits
+        return logits, routing.weights.to(torch.float32), routing.indices
+
+    return forward

@@ -33,6 +33,7 @@ def summarize(report: Report, *, step: int | None, spec: str, folder: str | None
         sink_rate=None if attention is None else attention.overall_rate,
         first_sink_layer=None if attention is None else attention.first_sink_layer,
         headroom=None if report.precision is None else report.precision.headroom,
+        super_experts=[] if report.super_experts is None else [[x.layer, x.expert] for x in report.super_experts.found],
     )
 
 
@@ -120,6 +121,7 @@ def events(states: Sequence[CheckpointState], moves: Sequence[RoleMove] = ()) ->
     previous: CheckpointState | None = None
     for state in states:
         found += _sink_events(previous, state)
+        found += _super_expert_events(previous, state)
         before = {} if previous is None else {d.dim: d for d in previous.dims}
         for dim in state.dims:
             old = before.get(dim.dim)
@@ -138,6 +140,14 @@ def events(states: Sequence[CheckpointState], moves: Sequence[RoleMove] = ()) ->
                   for m in moves if m.label_after == state.label]
         previous = state
     return found
+
+
+def _super_expert_events(previous: CheckpointState | None, state: CheckpointState) -> list[str]:
+    """Super experts that appear or go between two checkpoints (whether post-training keeps them)."""
+    before = {tuple(x) for x in previous.super_experts} if previous is not None else set()
+    now = {tuple(x) for x in state.super_experts}
+    return ([f"expert {e} of block {layer} is a super expert from {state.label}" for layer, e in sorted(now - before)]
+            + [f"expert {e} of block {layer} is no longer a super expert at {state.label}" for layer, e in sorted(before - now)])
 
 
 def _coordinate(dim: DimState) -> str:

@@ -66,6 +66,7 @@ class CheckpointState:
     sink_rate: float | None = None
     first_sink_layer: int | None = None
     headroom: float | None = None
+    super_experts: list[list[int]] = field(default_factory=list)  # [block, expert] of each super expert (a mixture of experts)
 
 
 @dataclass(kw_only=True)

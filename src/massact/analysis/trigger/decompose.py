@@ -20,6 +20,7 @@ from ...capture.hooks import forward_until, tap, tap_module_input
 from ...capture.probe import ATTN_Z
 from ...models.adapters.base import bias_of, weight_out_in
 from ...models.loading import LoadedModel
+from ..mechanism.moe import MoeBlock, expert_input_row
 from ..mechanism.norms import centers, gain_and_bias, scale
 
 NormKey = tuple[int, str]  # (block, module path) of a norm whose per-position factor multiplies a term
@@ -28,11 +29,18 @@ MIXER_NAMES = {"attention": "attention", "linear": "linear attention", "conv": "
 
 @dataclass
 class Target:
-    """A pre-activation to split: ``site`` (mlp_gate or mlp_up) of ``neuron`` in block ``layer``."""
+    """A pre-activation to split: ``site`` (mlp_gate or mlp_up) of ``neuron`` in block ``layer``; in a mixture of
+    experts, of that neuron in ``expert`` (read from the fused expert weights, as the expert reads the block's input)."""
 
     layer: int
     neuron: int
     site: str
+    expert: int | None = None
+
+    @property
+    def key(self) -> tuple:
+        """Where its values are kept: the site's (a module computes them), or the expert's (computed from the input)."""
+        return (self.layer, self.site) if self.expert is None else (self.layer, self.site, self.expert, self.neuron)
 
 
 @dataclass
@@ -118,10 +126,13 @@ class Walk:
         return terms, constants, input_norm
 
 
-def input_row(lm: LoadedModel, layer: int, site: str, neuron: int) -> tuple[torch.Tensor, float]:
-    """The neuron's row of the projection that makes ``site`` (float64 on CPU) and its bias (0 without)."""
-    weight, bias = lm.adapter.input_rows(lm.model, layer, site)
-    return weight[neuron].detach().double().cpu(), float(bias[neuron]) if bias is not None else 0.0
+def input_row(lm: LoadedModel, target: Target) -> tuple[torch.Tensor, float]:
+    """The target neuron's row of the projection that makes its pre-activation (float64 on CPU) and its bias (0
+    without): a dense MLP's projection, or the expert's rows of the fused expert weights."""
+    if target.expert is not None:
+        return expert_input_row(MoeBlock.at(lm, target.layer), target.expert, target.neuron, target.site)
+    weight, bias = lm.adapter.input_rows(lm.model, target.layer, target.site)
+    return weight[target.neuron].detach().double().cpu(), float(bias[target.neuron]) if bias is not None else 0.0
 
 
 def embedding_parts(lm: LoadedModel, input_ids: torch.Tensor, embedded: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
@@ -181,7 +192,7 @@ class ReadPlan:
 
 
 def plan_reads(lm: LoadedModel, walk: Walk, targets: list[Target]) -> ReadPlan:
-    planned = [(target, *walk.terms(target.layer, *input_row(lm, target.layer, target.site, target.neuron))) for target in targets]
+    planned = [(target, *walk.terms(target.layer, *input_row(lm, target))) for target in targets]
     wanted: dict[tuple[int, str], list[Term]] = {}
     column: dict[int, tuple[tuple[int, str], int]] = {}
     norm_keys: set[NormKey] = set()
@@ -225,10 +236,14 @@ def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor,
             seen.embedded = hidden.double().cpu()
         if site in ("mlp_gate", "mlp_up"):
             seen.values[layer, site] = hidden.double()
+        if site == "mlp_in":  # an expert's neurons read the block's input: their values are computed from it
+            for target in (t for t in targets if t.layer == layer and t.expert is not None):
+                row, bias = input_row(lm, target)
+                seen.values[target.key] = (hidden.double() @ row.to(hidden.device) + bias).unsqueeze(1)
         if site in ("mlp_act", "attn_raw", "mlp_raw"):
             seen.at[layer, site] = hidden[position].double().cpu()
 
-    sites = set(plan.readers) | {(t.layer, t.site) for t in targets} | {(0, "resid_in")}
+    sites = set(plan.readers) | {(t.layer, t.site) if t.expert is None else (t.layer, "mlp_in") for t in targets} | {(0, "resid_in")}
     sites |= {(layer, site) for layer in range(min(last + 1, n_layers)) for site in ("mlp_act", "attn_raw", "mlp_raw")
               if site in lm.at(layer).sites}
     with ExitStack() as stack:
@@ -270,7 +285,7 @@ def assemble(target: Target, terms: list[Term], constants: list, input_norm: Nor
     constant = sum(factor(norms) * value for norms, value in constants)
     if bool((constant != 0).any()):  # the projection's bias and the norms' biases, as far as they reach the neuron
         parts["biases"] = constant
-    value = seen.values[target.layer, target.site][:, target.neuron].cpu()
+    value = seen.values[target.key][:, 0 if target.expert is not None else target.neuron].cpu()
     error = float((sum(parts.values()) - value).abs().max() / max(float(value.abs().max()), 1e-12))
     input_scale = factor((input_norm,)) if input_norm else torch.ones(n_positions, dtype=torch.float64)
     return Split(target, value, parts, named, factors, input_scale, error)

@@ -7,7 +7,7 @@ import torch
 
 from ...capture.hooks import forward_until, tap
 from ...models.loading import LoadedModel
-from .decompose import Split, ranked_sources
+from .decompose import Split, input_row, ranked_sources
 from ...capture.edits import patch_position
 from ...settings import Criterion
 from ..mechanism.results import Lifeline
@@ -27,17 +27,20 @@ def _read(lm: LoadedModel, input_ids: torch.Tensor, piece: Split, line: Lifeline
     the whole value of each site in ``sites`` (to patch it with)."""
     target, position, dim = piece.target, line.position, line.dim
     kept: dict = {}
+    # An expert's neuron is no module's output: its pre-activation is computed from the block's input.
+    read_at = (target.layer, target.site) if target.expert is None else (target.layer, "mlp_in")
+    row, bias = input_row(lm, target) if target.expert is not None else (None, 0.0)
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
         rows = hidden.detach().reshape(-1, hidden.shape[-1])
         if (layer, site) in sites:
             kept[layer, site] = rows.clone()
-        if (layer, site) == (target.layer, target.site):
-            kept["pre"] = float(rows[position, target.neuron])
+        if (layer, site) == read_at:
+            kept["pre"] = float(rows[position, target.neuron]) if row is None else float(rows[position].double().cpu() @ row) + bias
         if site == lm.adapter.stream:
             kept[layer] = float(rows[position, dim])
 
-    wanted = set(sites) | {(target.layer, target.site), (line.born_at, lm.adapter.stream), (line.peak_layer, lm.adapter.stream)}
+    wanted = set(sites) | {read_at, (line.born_at, lm.adapter.stream), (line.peak_layer, lm.adapter.stream)}
     with tap(lm.model, lm.adapter, sorted(wanted), keep):
         forward_until(lm.model, lm.adapter, max(layer for layer, _ in wanted), input_ids=input_ids.to(lm.device), use_cache=False)
     return kept

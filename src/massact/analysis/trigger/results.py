@@ -41,12 +41,31 @@ class PreActivationSplit:
 
 @dataclass(kw_only=True)
 class NeuronTrigger:
-    """Why a top neuron of a writing block fires at the massive position: each of its pre-activations split."""
+    """Why a top neuron of a writing block fires at the massive position: each of its pre-activations split.
+    ``expert``: the expert the neuron is in, where the block is a mixture of experts (its pre-activations are split as
+    they read the block's input; Llama-4's router weight then scales them)."""
 
     layer: int
     neuron: int
     role: str
     splits: list[PreActivationSplit]
+    expert: int | None = None
+
+
+@dataclass(kw_only=True)
+class RouterTrigger:
+    """Why the router sends the massive token to the writing expert: the expert's router logit at the massive token
+    (``logit``) against the other tokens of the text (mean, largest), its rank among every expert's logit there (1 =
+    the highest), and the share of the other tokens the router also sends to it. A logit far above the others says
+    the choice is the token's (or its position's) own, as the trigger's carriers then tell."""
+
+    layer: int
+    expert: int
+    logit: float
+    others_mean: float
+    others_max: float
+    rank: int
+    others_routed: float
 
 
 
@@ -55,7 +74,8 @@ class ChainLink:
     """One step back from the massive value: a neuron (its pre-activation ``site`` at the position, ``value``, and its
     mean over the other positions), a head (``attends``: [position, token, probability] of its strongest keys), or the
     embedding that ends the chain. ``source`` is the source it belongs to and ``feeds`` its part of the next link's
-    pre-activation at the position (``source_here`` / ``source_others``: the whole source's part here and elsewhere)."""
+    pre-activation at the position (``source_here`` / ``source_others``: the whole source's part here and elsewhere);
+    ``expert``: the expert a neuron is in, in a mixture of experts."""
 
     depth: int
     kind: str
@@ -69,6 +89,7 @@ class ChainLink:
     source_here: float | None
     source_others: float | None
     attends: list[list] | None = None
+    expert: int | None = None  # the neuron's expert, in a mixture of experts
 
 
 
@@ -128,3 +149,4 @@ class Trigger:
     carriers: Carriers | None
     warnings: list[str] = field(default_factory=list)
     patching: list[Patch] = field(default_factory=list)
+    router: RouterTrigger | None = None

@@ -7,13 +7,15 @@ from collections import Counter
 
 import torch
 
+from ...capture.hooks import forward_until, tap
 from ...capture.probe import block_output
 from ...models.loading import LoadedModel
 from ...capture.attention import attention_pass
 from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
 from .patching import patch_sources
-from ..mechanism.results import Attribution, HeadShare, Lifeline
-from .results import Carriers, ChainLink, NeuronTrigger, PreActivationSplit, SourcePart, Trigger
+from ..mechanism.moe import MoeBlock, route
+from ..mechanism.results import Attribution, ExpertAttribution, HeadShare, Lifeline
+from .results import Carriers, ChainLink, NeuronTrigger, PreActivationSplit, RouterTrigger, SourcePart, Trigger
 from ...settings import Criterion
 from ..detect.results import Massive
 from ..results import Report
@@ -62,6 +64,7 @@ def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split
     pre-activation, then that source's own top neuron (or head, with where it attends), whose pre-activation is split
     in turn, up to ``depth`` steps. Ends at the embedding, at a head, or at an MLP that is not split."""
     chain = [_link(0, "neuron", first.target.layer, first.target.neuron, first, position, None, None, None)]
+    chain[0].expert = first.target.expert
     current = first
     for step in range(1, depth + 1):
         label = ranked_sources(current, position)[0]
@@ -90,12 +93,12 @@ def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split
 def cached_split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], position: int, cache: dict) -> tuple[list[Split], AtPosition]:
     """``split``, computing only the targets not split before at this text and position."""
     text_key = (tuple(input_ids[0].tolist()), position)
-    missing = [t for t in targets if (text_key, t.layer, t.neuron, t.site) not in cache]
+    missing = [t for t in targets if (text_key, t.neuron, *t.key) not in cache]
     if missing:
         pieces, at = split(lm, input_ids, missing, position)
         for piece in pieces:
-            cache[text_key, piece.target.layer, piece.target.neuron, piece.target.site] = (piece, at)
-    found = [cache[text_key, t.layer, t.neuron, t.site] for t in targets]
+            cache[text_key, piece.target.neuron, *piece.target.key] = (piece, at)
+    found = [cache[text_key, t.neuron, *t.key] for t in targets]
     merged = AtPosition({key: vector for _, at in found for key, vector in at.vectors.items()})
     return [piece for piece, _ in found], merged
 
@@ -142,31 +145,40 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
 
 
 def trigger(
-    lm: LoadedModel, line: Lifeline, writers: list[Attribution], heads: list[HeadShare] | None, input_ids: torch.Tensor,
-    tokens: list[str], massive: list[Massive], windows: int, medians: list[float], criterion: Criterion, depth: int, cache: dict,
-    patch: bool = False,
+    lm: LoadedModel, line: Lifeline, writers: list[Attribution], experts: list[ExpertAttribution], heads: list[HeadShare] | None,
+    input_ids: torch.Tensor, tokens: list[str], massive: list[Massive], windows: int, medians: list[float], criterion: Criterion,
+    depth: int, cache: dict, patch: bool = False,
 ) -> Trigger:
     """The trigger of one dim at its main carrier. ``writers``: the neuron attributions of its birth and growth
-    blocks at the carrier; ``heads``: the head split where attention writes the birth instead. With ``patch``, the top
-    sources of the first writing neuron are patched (see ``massact.analysis.patching``)."""
+    blocks at the carrier; ``experts``: the same where the block is a mixture of experts (the top expert's neurons,
+    and why the router picks that expert); ``heads``: the head split where attention writes the birth instead. With
+    ``patch``, the top sources of the first writing neuron are patched (see ``massact.analysis.patching``)."""
     p = line.position
     targets, roles = [], {}
     for a in writers:
         toward = [n for n in a.neurons if n.contribution * a.output > 0][: min(max(a.neurons_for_90pct, 1), TOP_NEURONS)]
         for n in toward:
-            roles[a.layer, n.neuron] = a.role
+            roles[a.layer, n.neuron, None] = a.role
             targets += [Target(a.layer, n.neuron, site) for site in (("mlp_gate", "mlp_up") if lm.at(a.layer).gated else ("mlp_up",))]
+    router = None
+    for e in (e for e in experts if e.moe.top_expert is not None):  # a routed expert's neurons (a shared expert's: not split)
+        toward = [n for n in e.moe.neurons if n.contribution * e.moe.output > 0][:TOP_NEURONS]
+        for n in toward:
+            roles[e.layer, n.neuron, e.moe.top_expert] = e.role
+            targets += [Target(e.layer, n.neuron, site, e.moe.top_expert) for site in ("mlp_gate", "mlp_up")]
+        router = router or router_trigger(lm, input_ids, e.layer, e.moe.top_expert, p)
     warnings = []
     neurons: list[NeuronTrigger] = []
     chain: list[ChainLink] = []
     patches = []
     if targets:
         pieces, at = cached_split(lm, input_ids, targets, p, cache)
-        for (layer, neuron), role in roles.items():
-            splits = [pre_activation_split(x, p) for x in pieces if (x.target.layer, x.target.neuron) == (layer, neuron)]
-            neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits))
-            warnings += [f"block {layer} neuron {neuron} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
-        first = next(x for x in pieces if x.target.site == neuron_site(lm, x.target.layer))
+        for (layer, neuron, expert), role in roles.items():
+            splits = [pre_activation_split(x, p) for x in pieces if (x.target.layer, x.target.neuron, x.target.expert) == (layer, neuron, expert)]
+            neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits, expert=expert))
+            where = f"block {layer}{'' if expert is None else f' expert {expert}'} neuron {neuron}"
+            warnings += [f"{where} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
+        first = next(x for x in pieces if x.target.site == ("mlp_gate" if x.target.expert is not None else neuron_site(lm, x.target.layer)))
         chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
         patches = patch_sources(lm, input_ids, first, line, medians, criterion) if patch else []
     elif heads:  # attention writes it: the chain starts, and ends, at the writing head
@@ -174,7 +186,26 @@ def trigger(
         link.attends = attends(lm, input_ids, line.born_at, heads[0].head, p, tokens)
         chain = [link]
     return Trigger(dim=line.dim, text=line.text, position=p, token=line.token, neurons=neurons, chain=chain, carriers=carriers(lm, line, massive, windows, input_ids, medians, criterion),
-                   warnings=warnings, patching=patches)
+                   warnings=warnings, patching=patches, router=router)
+
+
+@torch.no_grad()
+def router_trigger(lm: LoadedModel, input_ids: torch.Tensor, layer: int, expert: int, position: int) -> RouterTrigger:
+    """The writing expert's router logit at the massive position against the text's other tokens, from the block's
+    input at every position (one pass up to the block), routed as the model routes."""
+    kept = {}
+    with tap(lm.model, lm.adapter, [(layer, "mlp_in")], lambda _, __, hidden: kept.update(x=hidden[0].detach())):
+        forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
+    routing = route(MoeBlock.at(lm, layer), kept["x"])
+    logits = routing.logits[:, expert].cpu()
+    others = torch.cat([logits[:position], logits[position + 1 :]])
+    chosen = (routing.indices == expert).any(-1).cpu()
+    rest = torch.cat([chosen[:position], chosen[position + 1 :]])
+    return RouterTrigger(layer=layer, expert=expert, logit=float(logits[position]),
+                         others_mean=float(others.mean()) if len(others) else float("nan"),
+                         others_max=float(others.max()) if len(others) else float("nan"),
+                         rank=1 + int((routing.logits[position] > routing.logits[position, expert]).sum()),
+                         others_routed=float(rest.float().mean()) if len(rest) else float("nan"))
 
 
 def triggers(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], depth: int = CHAIN_DEPTH,
@@ -187,11 +218,9 @@ def triggers(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], d
     for line in report.lifeline:
         at_carrier = lambda item: (item.dim, item.text, item.position) == (line.dim, line.text, line.position)
         writers = [a for a in report.attribution if at_carrier(a) and a.role in WRITING]
+        experts = [e for e in report.experts if at_carrier(e) and e.role in WRITING]
         birth = next((o for o in report.origin if at_carrier(o) and o.role == "birth"), None)
         heads = birth.heads if birth is not None and birth.writer == "attn" else None
-        one = trigger(lm, line, writers, heads, inputs[line.text], report.tokens[line.text], report.massive, report.corpus.windows,
-                      medians, report.criterion, depth, cache, patch)
-        if any(e for e in report.experts if at_carrier(e)):
-            one.warnings.append("the writing MLP is a mixture of experts: its neurons' pre-activations are not split")
-        found.append(one)
+        found.append(trigger(lm, line, writers, experts, heads, inputs[line.text], report.tokens[line.text], report.massive,
+                             report.corpus.windows, medians, report.criterion, depth, cache, patch))
     return found

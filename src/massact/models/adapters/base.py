@@ -53,6 +53,60 @@ class Cut:
     take: Callable[[torch.Tensor, object], torch.Tensor] = per_head
 
 
+@dataclass(frozen=True)
+class Router:
+    """How a mixture-of-experts block picks a token's experts from its router's logits (x . W^T, + b where the router
+    has a bias), at the router module ``path`` in the block:
+
+    - ``score``: "softmax" (a probability over every expert) or "sigmoid" (each expert scored alone);
+    - ``correction``: the router's buffer holding a per-expert bias that moves the choice but not the weights
+      (DeepSeek-V3's ``e_score_correction_bias``);
+    - ``groups``: only the experts of the best ``topk_group`` of ``n_group`` equal groups compete, a group scored by its
+      best expert ("max", DeepSeek-V2's group-limited greedy) or the sum of its two best ("top2", DeepSeek-V3);
+    - the ``top_k`` best are chosen; their weights are the scores, divided by their sum where ``renormalise`` (True,
+      or the name of the router's or the config's flag that says so), then times ``scale`` (the attribute holding a
+      routed scaling factor);
+    - ``on_input``: the weight multiplies the expert's input instead of its output (Llama-4: sigmoid of the top-k
+      logits, on the input).
+
+    ``top_k``, ``n_group``, ``topk_group`` and the flags are read from the router module, else from the config."""
+
+    path: str = "gate"
+    score: str = "softmax"
+    correction: str | None = None
+    groups: str | None = None
+    renormalise: bool | str = False
+    scale: str | None = None
+    on_input: bool = False
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A block's routed experts, fused in 3-D parameters of the module ``path``: ``gate_up_proj`` [experts, 2 ff, d]
+    (gate rows, then up rows) and ``down_proj`` [experts, d, ff]; ``transposed`` stores them [experts, d, 2 ff] and
+    [experts, ff, d] (x @ W); ``interleaved``: gate and up alternate column by column; ``biases``:
+    ``gate_up_proj_bias`` and ``down_proj_bias``. A neuron's activation is the module's own ``_apply_gate`` of the
+    fused pre-activations where it has one (gpt-oss's clamped SwiGLU), else act_fn(gate) x up."""
+
+    path: str = "experts"
+    transposed: bool = False
+    interleaved: bool = False
+    biases: bool = False
+
+
+@dataclass(frozen=True)
+class Moe:
+    """A sparse mixture-of-experts MLP: the block at ``block`` (in the decoder layer), its ``router`` and ``experts``,
+    and a dense ``shared`` expert every token also goes through (its module path in the block; ``shared_gate``: a
+    1-output linear whose sigmoid scales it, Qwen's ``shared_expert_gate``; None: added as it is)."""
+
+    router: Router = Router()
+    experts: Experts = Experts()
+    block: str = "mlp"
+    shared: str | None = None
+    shared_gate: str | None = None
+
+
 def layer_types(config, layer: int) -> str:
     """The kind of attention the config gives ``layer`` (``layer_types``: full, sliding, linear, conv...), or "" where
     the config does not vary it."""
@@ -80,7 +134,7 @@ class Adapter:
     # enters the block's last LayerNorm (the massive value may live only there, never in the normed output).
     stream: str = "resid_out"
     encoder: bool = False  # bidirectional (BERT-like): loaded with its masked-LM head, no perplexity
-    moe: bool = False  # the MLP is a sparse mixture of experts: mlp_up / mlp_down / act_fn name the MoE block
+    moe: Moe | None = None  # the MLP is a sparse mixture of experts (a variant gives the dense blocks their MLP)
     when: Callable[[object], bool] | None = None  # this variant applies to a config when this says so
     notes: str = ""  # what the report should say about this family's blocks
     # The token mixer (see MIXERS); where its value vectors are (None: not read, e.g. q, k, v fused per head in a

@@ -74,6 +74,7 @@ QWEN3_NEXT = Adapter(
     variants=(Variant(lambda config, layer: layer_types(config, layer) == "linear_attention",
                       {"mixer": "linear", "sites": {"attn_out": ("linear_attn", "out")}, "attn_proj": "linear_attn.out_proj",
                        "values": None, "gate": None}),),
+    when=lambda config: not getattr(config, "num_experts", 0),  # with experts: models/adapters/moe.py
     notes="hybrid: Gated DeltaNet linear attention (linear_attn) in most blocks, gated softmax attention (self_attn: "
           "output x sigmoid(gate) per head) in the others",
 )

@@ -1,0 +1,150 @@
+"""Each expert's largest |output| while the corpus pass runs, over the real tokens routed to it, before the router
+weight (Su et al. 2025's profile of super experts): one maximum per (block, expert), kept on the model's device.
+
+transformers 5 fuses a block's experts, whose forward sums their weighted outputs: no hook sees one expert's output.
+While recording, the experts of every block run through ``experts_forward``, registered as an experts
+implementation of transformers (``ExpertsInterface``): the same computation as transformers' own eager loop (each
+expert on its tokens: fused gate and up, the module's gate function, down, times the router weight, summed), which also
+keeps the maximum. Llama-4's experts are not fused that way: each expert's output is the module's, read by a hook.
+A shared expert runs on every token: its maximum is kept apart, by a hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.loading import LoadedModel
+
+IMPLEMENTATION = "massact-maxima"  # the name the recording forward is registered under
+
+
+class ExpertMaxima:
+    """Per block and expert, the largest |output| so far (``routed`` [blocks, experts], -inf for dense blocks and
+    experts never routed to); per block the shared expert's (``shared`` [blocks], -inf without one). ``real`` marks the
+    current batch's real tokens, flattened as the blocks see them ([batch x positions]); padding enters no maximum.
+    Maxima merge by their elementwise maximum (a resumed scan, several processes)."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        n_layers = len(lm.adapter.blocks(lm.model))
+        self.layers = [layer for layer in range(n_layers) if lm.at(layer).moe is not None]
+        experts = max((self._router(layer).weight.shape[0] for layer in self.layers), default=0)
+        self.routed = torch.full((n_layers, experts), float("-inf"), device=lm.device)
+        self.shared = torch.full((n_layers,), float("-inf"), device=lm.device)
+        self.real: torch.Tensor | None = None
+
+    def _module(self, layer: int, path: str | None) -> nn.Module | None:
+        moe = self.lm.at(layer).moe
+        return self.lm.adapter.module(self.lm.model, layer, f"{moe.block}.{path}") if path else None
+
+    def _router(self, layer: int) -> nn.Module:
+        return self._module(layer, self.lm.at(layer).moe.router.path)
+
+    def keep(self, layer: int, expert: int | None, output: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Take the largest |value| of ``output`` [tokens, d] (the real ones of ``rows``, the tokens' indices in the
+        batch, where given) into the maximum of (``layer``, ``expert``; None: the shared expert)."""
+        if self.real is not None:
+            real = self.real.to(output.device)
+            output = output[real[rows] if rows is not None else real[: len(output)]]
+        if not len(output):
+            return
+        largest = output.detach().abs().amax().float()
+        slot = (layer, expert) if expert is not None else (layer,)
+        target = self.routed if expert is not None else self.shared
+        target[slot] = torch.maximum(target[slot], largest)
+
+    @contextmanager
+    def recording(self) -> Iterator[ExpertMaxima]:
+        """While open, every mixture-of-experts block of the model reports its experts' maxima here."""
+        with instrumented(self.lm, maxima=self):
+            yield self
+
+    def _keep_each(self, layer: int, output: torch.Tensor) -> None:
+        """Llama-4's experts module returns [experts x tokens, d]: every expert's output for every token (0 where the
+        token is not routed to it, its input being 0)."""
+        per_expert = output.view(self.routed.shape[1], -1, output.shape[-1])
+        for expert in range(per_expert.shape[0]):
+            self.keep(layer, expert, per_expert[expert])
+
+
+Transform = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (rows, their token indices) -> rows
+
+
+@contextmanager
+def instrumented(lm: LoadedModel, maxima: ExpertMaxima | None = None, transform: Transform | None = None) -> Iterator[None]:
+    """While open, the model's fused experts run through ``experts_forward``: ``maxima`` (where given) keeps each
+    expert's largest |output|, and ``transform`` (where given) is applied to every expert's input and to its
+    neurons' activations (the down projection's input), e.g. to quantize them. Llama-4's experts, not fused that way,
+    get hooks instead: ``transform`` on their input only."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)
+    layers = [layer for layer in range(len(lm.adapter.blocks(lm.model))) if lm.at(layer).moe is not None]
+    handles, configs, instrumented_modules = [], [], []
+    try:
+        for layer in layers:
+            moe = lm.at(layer).moe
+            block = lm.adapter.module(lm.model, layer, moe.block)
+            experts = block.get_submodule(moe.experts.path)
+            if hasattr(experts, "is_transposed"):  # transformers' fused experts: run through experts_forward
+                experts._massact = (maxima, layer, transform)
+                instrumented_modules.append(experts)
+                if experts.config not in configs:
+                    configs.append(experts.config)
+            else:  # one output row per (expert, token): Llama-4
+                if maxima is not None:
+                    handles.append(experts.register_forward_hook(lambda m, args, output, layer=layer: maxima._keep_each(layer, output)))
+                if transform is not None:
+                    handles.append(experts.register_forward_pre_hook(lambda m, args: (transform(args[0], None), *args[1:])))
+            if moe.shared and maxima is not None:
+                handles.append(block.get_submodule(moe.shared).register_forward_hook(
+                    lambda m, args, output, layer=layer: maxima.keep(layer, None, output.reshape(-1, output.shape[-1]))))
+        saved = [(config, config._experts_implementation) for config in configs]
+        for config, _ in saved:
+            config._experts_implementation = IMPLEMENTATION
+        try:
+            yield
+        finally:
+            for config, implementation in saved:
+                config._experts_implementation = implementation
+    finally:
+        for handle in handles:
+            handle.remove()
+        for experts in instrumented_modules:
+            experts.__dict__.pop("_massact", None)
+
+
+def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The fused experts' forward: each expert on its tokens (fused gate and up, the module's own gate function, down,
+    with the module's layout flags), times its router weight, summed: the computation of transformers' eager loop. It
+    keeps each expert's largest |output| before the weight, and transforms its inputs and activations, as
+    ``instrumented`` asks."""
+    maxima, layer, transform = self._massact
+    out = torch.zeros_like(hidden_states)
+    for expert in top_k_index.unique().tolist():
+        if expert >= self.num_experts:  # an expert-parallel sentinel
+            continue
+        tokens, slot = torch.where(top_k_index == expert)
+        x = hidden_states[tokens]
+        x = transform(x, tokens) if transform is not None else x
+        if self.has_gate:
+            weight, bias = self.gate_up_proj[expert], self.gate_up_proj_bias[expert] if self.has_bias else None
+            fused = x @ weight + (bias if bias is not None else 0) if self.is_transposed else F.linear(x, weight, bias)
+            h = self._apply_gate(fused)
+        else:
+            weight, bias = self.up_proj[expert], self.up_proj_bias[expert] if self.has_bias else None
+            h = self.act_fn(x @ weight + (bias if bias is not None else 0) if self.is_transposed else F.linear(x, weight, bias))
+        h = transform(h, tokens) if transform is not None else h
+        down, bias = self.down_proj[expert], self.down_proj_bias[expert] if self.has_bias else None
+        y = h @ down + (bias if bias is not None else 0) if self.is_transposed else F.linear(h, down, bias)
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        if maxima is not None:
+            maxima.keep(layer, expert, y, tokens)
+        out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).to(out.dtype))
+    return out
