@@ -79,8 +79,8 @@ def test_bad_quant_input_is_one_line_and_exit_2(model_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (["scan", model_dir, "--quant", "--quant-grid", "huge"], "--quant-grid: invalid choice: 'huge' (choose from 'default', 'full')"),
-        (["quant", model_dir, "--quant-grid", "huge"], "--quant-grid: invalid choice: 'huge' (choose from 'default', 'full')"),
+        (["scan", model_dir, "--quant", "--quant-grid", "huge"], "--quant-grid: invalid choice: 'huge' (choose from 'default', 'full', 'none')"),
+        (["quant", model_dir, "--quant-grid", "huge"], "--quant-grid: invalid choice: 'huge' (choose from 'default', 'full', 'none')"),
         (["quant", empty], "no report.json"),
         (["quant", model_dir, "--protect", old, "--out", tmp_path / "out"], "protect list version 0"),
         (["quant", model_dir, "--block-size", "0"], "--block-size must be a whole number of at least 1"),

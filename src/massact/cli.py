@@ -47,6 +47,10 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     quant.add_argument("--quant-grid", choices=QUANT_GRIDS, help="quantization settings: default (a few minutes on a small CPU) or full")
     quant.add_argument("--clip-z", type=float, help="z-score at which the held-out variant clips the remaining weights (default 4)")
     quant.add_argument("--block-size", type=int, help="entries per flat block of the block-wise RTN settings (default 16384)")
+    quant.add_argument("--engine", type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), dest="engines",
+                       help="also quantize with real libraries, comma-separated: quanto, hqq, torchao, bnb (pip install "
+                            "'massact[engines]'): everything, the protect list in float, a random control, the super "
+                            "weights restored")
     return dict(model=model, evaluation=evaluation, output=output, screen=screen, sinks=sinks, quant=quant)
 
 
@@ -118,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan")
     track.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                        help="verify each checkpoint by intervention and measure its attention sink (default: off)")
+    protect = commands.add_parser("protect", help="a protect.json in the configuration a quantization engine takes")
+    protect_commands = protect.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    export = protect_commands.add_parser("export", help="write the engine's configuration that keeps the protect list's "
+                                                        "modules out of quantization (JSON)")
+    export.add_argument("protect", type=Path, help="a protect.json (written by massact scan)")
+    export.add_argument("--engine", required=True, help="quanto, hqq, torchao, bnb, llm-compressor or llama.cpp")
+    export.add_argument("--out", type=Path, help="file to write (default: the terminal)")
+    export.add_argument("--gguf-arch", default="llama", help="llama.cpp: the GGUF architecture whose tensor names to use (default llama)")
     compare = commands.add_parser("compare", help="put saved reports side by side in one page")
     compare.add_argument("report_dirs", type=Path, nargs="+", help="directories holding report.json")
     compare.add_argument("--out", type=Path, default=Path("massact-report") / "compare", help="output directory")
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
-                "track": _track}[args.command](args)
+                "track": _track, "protect": _protect}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -204,7 +216,7 @@ def _scan(args) -> int:
         chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps, batch_size=args.batch_size,
         max_length=args.max_length, checkpoint_every=args.checkpoint_every, verify=bool(args.verify),
         eval_file=_eval_file(args.eval_file), **_given(args, "sink_epsilon", "quant", "quant_grid", "clip_z", "block_size",
-                                                        "dtype", "device", "super_expert_quantile", "super_expert_fraction",
+                                                        "engines", "dtype", "device", "super_expert_quantile", "super_expert_fraction",
                                                         "super_expert_depth")).check()
     formats = parse_formats(args.format)
     # Absolute, so that `massact verify` can read the file again from anywhere.
@@ -260,6 +272,24 @@ def _track(args) -> int:
     return 0
 
 
+def _protect(args) -> int:
+    """massact protect export: the protect list as one engine's configuration, written as JSON."""
+    import json
+
+    from .analysis.deploy.exports import export
+    from .report.atomic import write_file
+    from .report.schema import load_protect
+
+    config = export(load_protect(args.protect), args.engine, args.gguf_arch)
+    text = json.dumps(config, indent=2) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    write_file(args.out, text)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _given(args, *names: str) -> dict:
     """The options among ``names`` given on the command line (not None), as ScanSettings fields: the rest keep the
     settings' defaults, or a saved report's."""
@@ -275,7 +305,7 @@ def _quant(args) -> int:
     from .texts import Corpus
 
     asked = ScanSettings(quant=True, eval_file=_eval_file(args.eval_file),
-                         **_given(args, "quant_grid", "clip_z", "block_size", "dtype", "device")).check()
+                         **_given(args, "quant_grid", "clip_z", "block_size", "engines", "dtype", "device")).check()
     formats = parse_formats(args.format)
     target = Path(args.target) if args.target else None
     if target is not None and target.is_dir() and not (target / "config.json").is_file():
@@ -301,7 +331,7 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
 
     report = load_report(directory)  # every field checked while it is built
     settings = _saved_settings(report, directory).replace(
-        quant=True, **_given(args, "quant_grid", "clip_z", "block_size", "dtype", "device"),
+        quant=True, **_given(args, "quant_grid", "clip_z", "block_size", "engines", "dtype", "device"),
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
     protect = load_protect(args.protect) if args.protect else protect_list.build(report)
     lm = load(report.model.source, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
@@ -311,7 +341,8 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
         protect_list.check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
-        report.quantization = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress)
+        report.quantization = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress,
+                        engines=tuple(settings.engines))
     report.precision = headroom(report.layers)
     report.settings = settings
     written = write_report(report, directory, formats)
@@ -339,7 +370,8 @@ def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -
     check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
-        result = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress)
+        result = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress,
+                        engines=tuple(settings.engines))
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
         contents["quantization.json"] = json.dumps({"quantization": to_data(result)}, indent=2, ensure_ascii=False) + "\n"
@@ -364,9 +396,16 @@ def _saved_settings(report, directory: Path) -> ScanSettings:
 def _log(quiet: bool):
     """Where loading and stage messages go; also silences transformers' own (its loading bar under --quiet and
     outside a terminal), since our messages say what matters in one line each."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    # torchao, which transformers imports at every model load where the quantization engines are installed, warns on
+    # stderr that its CUDA kernels do not load (on a CPU), and torch that the enums it registers are deprecated: not
+    # ours to print.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if quiet or not sys.stderr.isatty():
         hf_logging.disable_progress_bar()
     return (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))

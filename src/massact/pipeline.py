@@ -215,7 +215,7 @@ def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_t
     report.precision = headroom(report.layers)
     if settings.quant and report.dims:
         report.quantization = measure_quantization(lm, build_protect(report), eval_text, settings.quant_grid,
-                                                   settings.clip_z, settings.block_size, progress, earlier)
+                                                   settings.clip_z, settings.block_size, progress, earlier, tuple(settings.engines))
 
 
 def check_arguments(model, texts, tokenizer, settings) -> None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANT_GRIDS = ("default", "full")
+QUANT_GRIDS = ("default", "full", "none")  # none: the real engines' rows only (--engine)
+ENGINES = ("quanto", "hqq", "torchao", "bnb")  # the quantization libraries --engine drives
 
 
 @dataclass(kw_only=True)
@@ -71,6 +72,7 @@ class ScanSettings:
     quant_grid: str = "default"
     clip_z: float | None = None
     block_size: int | None = None
+    engines: tuple[str, ...] = ()  # real quantization libraries to measure the protect list in, beside the simulated grid
     # The model's number format and device as asked ("auto": a GPU where there is one).
     dtype: str = "float32"
     device: str = "auto"
@@ -111,6 +113,10 @@ class ScanSettings:
                 raise UsageError(f"{_option(name)} must be true or false, not {getattr(self, name)!r}")
         _choice("dtype", self.dtype, DTYPES)
         _choice("quant_grid", self.quant_grid, QUANT_GRIDS)
+        if not isinstance(self.engines, (tuple, list)):
+            raise UsageError(f"--engine must be a list of engines, not {self.engines!r}")
+        for name in self.engines:
+            _choice("engine", name, ENGINES)
         for name in ("device", "eval_file"):
             value = getattr(self, name)
             if not (isinstance(value, str) or (value is None and name == "eval_file")):

@@ -140,6 +140,22 @@ def _write_in_place(out: Path, contents: dict[str, str | bytes], keep: bool) -> 
                 os.unlink(entry.path)
 
 
+def write_file(path: Path, content: str) -> None:
+    """One file written whole or not at all (a temporary file beside it, renamed over it); a folder that is missing
+    or not writable is one UsageError line."""
+    if not path.parent.is_dir():
+        raise UsageError(f"{path}: its folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder, not a file")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write(temporary, content)
+        os.replace(temporary, path)
+    except PermissionError:
+        temporary.unlink(missing_ok=True)
+        raise UsageError(f"{path}: not writable") from None
+
+
 def _write(path: Path, content: str | bytes) -> None:
     try:
         if isinstance(content, bytes):

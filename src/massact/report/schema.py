@@ -158,7 +158,7 @@ ADDED_LATER: set[tuple[str, str]] = {
     *(("AttentionSinks", name) for name in ("softmax_layers", "positions", "gate_sink", "gate_other", "learned_sink",
                                              "first_token", "mixing")),
     ("NeuronTrigger", "expert"), ("ChainLink", "expert"), ("Trigger", "router"), ("Report", "super_experts"),
-    ("CheckpointState", "super_experts"),
+    ("CheckpointState", "super_experts"), ("ScanSettings", "engines"), ("Quantization", "engines"), ("Quantization", "engine_words"),
     *(("ScanSettings", name) for name in ("super_expert_quantile", "super_expert_fraction", "super_expert_depth")),
 }
 

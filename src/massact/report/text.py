@@ -377,15 +377,15 @@ _METHODS = {"rtn": "RTN", "gguf": "GGUF", "activation": "activations"}
 
 def _quantization_tables(style: Style, q: Quantization) -> list:
     held = "; ".join(f"{name}{index} = {value:+.4g}" for name, index, value in q.super_weights) or "none found"
+    grid = (f"\nHeld out (left out of the range, put back in full precision): {held}. Clip: the other weights of each matrix clipped "
+            f"at mean +/- z x std before quantizing. Blocks: flat blocks of consecutive entries; groups: along each row's inputs.\n"
+            f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation tokens carry "
+            "a massive activation (kept in float where said); massive error: their share of the summed squared int8 error.")
     out: list = [Text(
         f"Fake-quantized: the {q.matrices} linear projections of the blocks ({q.parameters:,} weights; not the embeddings, "
         f"the output head or the norms). Perplexity on {q.eval_tokens} tokens of {q.eval_source}: {q.baseline_perplexity:.2f} in float. "
         f"Massive value: dim {q.dim} at position {q.position} of its probe text, {num(q.value_birth, True)} at its birth block "
-        f"{q.birth_layer} and {num(q.value_peak, True)} at its peak block {q.peak_layer}.\n"
-        f"Held out (left out of the range, put back in full precision): {held}. Clip: the other weights of each matrix clipped at "
-        f"mean +/- z x std before quantizing. Blocks: flat blocks of consecutive entries; groups: along each row's inputs.\n"
-        f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation tokens carry a "
-        "massive activation (kept in float where said); massive error: their share of the summed squared int8 error."
+        f"{q.birth_layer} and {num(q.value_peak, True)} at its peak block {q.peak_layer}." + (grid if q.rows else "")
     )]
     both = q.peak_layer != q.birth_layer  # where the birth block is the peak, one column says it
     blocks = [f"at block {q.birth_layer} (kept)"] + ([f"at block {q.peak_layer} (kept)"] if both else [])
@@ -395,9 +395,31 @@ def _quantization_tables(style: Style, q: Quantization) -> list:
         values = [f"{num(r.value_birth, True)} ({r.kept_birth:.1%})"] + ([f"{num(r.value_peak, True)} ({r.kept_peak:.1%})"] if both else [])
         add_row(table, f"{_METHODS[r.method]} {r.setting}", r.variant, num(r.perplexity), f"{r.perplexity_ratio:,.2f}", *values,
                 f"{r.massive_error_share:.1%}" if r.massive_error_share is not None else "")
-    out.append(table)
+    if q.rows:
+        out.append(table)
     out += [Text(f"- {note}") for note in q.notes]
+    if q.engines:
+        out += _engine_tables(style, q)
     return out
+
+
+_KINDS = {"all": "everything quantized", "protected": "protect list in float", "control": "random control in float",
+          "sparse": "super weights restored"}
+
+
+def _engine_tables(style: Style, q: Quantization) -> list:
+    """The real engines' rows: each engine four ways, the protect list against a seeded random control."""
+    given = {r.engine: ", ".join(f"{k} {v}" for k, v in r.settings.items()) for r in q.engines}
+    head = Text("Real quantization engines: the block projections (nn.Linear) quantized by the library, modules kept in float, "
+                "or the super weights' quantization error added back (" + "; ".join(f"{e}: {w}" for e, w in given.items()) + ").")
+    table = style.table(None, "engine", "way", "perplexity", "x float", f"at block {q.birth_layer} (kept)", "weights MiB (float)",
+                        "in float", right=(2, 3, 4, 5))
+    for r in q.engines:
+        add_row(table, r.engine, _KINDS[r.kind],
+                num(r.perplexity), f"{r.perplexity_ratio:,.2f}", f"{num(r.value_birth, True)} ({r.kept_birth:.1%})",
+                f"{r.weight_bytes / 2**20:,.1f} ({r.float_bytes / 2**20:,.1f})",
+                ", ".join(r.modules_in_float) or (f"{r.corrections} entries" if r.kind == "sparse" else "-"))
+    return [head, table, *(Text(words[0].upper() + words[1:] + ".") for words in q.engine_words)]
 
 
 def _precision_tables(style: Style, p: Precision) -> list:

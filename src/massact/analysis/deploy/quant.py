@@ -35,7 +35,8 @@ from ..causal.evaluation import Evaluation
 from ..causal.mlm import next_token_windows
 from ..causal.perplexity import default_eval_text, eval_windows, perplexity
 from .protect import Protect
-from .results import Quantization, QuantRow
+from .engines import engine, engine_rows, engine_words
+from .results import EngineRow, Quantization, QuantRow
 
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 DEFAULT_BLOCK = 16384  # entries per flat block (Yu et al. vary it; larger blocks feel a super weight more)
@@ -71,6 +72,8 @@ def grid(name: str = "default", block: int = DEFAULT_BLOCK) -> list[Setting]:
     if name not in QUANT_GRIDS:
         raise UsageError(f"--quant-grid must be one of {', '.join(QUANT_GRIDS)}; got {name!r}")
     three = ("plain", "held out", "held out + clip")
+    if name == "none":  # the real engines' rows alone
+        return []
     if name == "default":  # about 20 perplexity passes
         rtn = [Setting("rtn", 8, "tensor", v) for v in three[:2]]
         rtn += [Setting("rtn", 4, "tensor", v) for v in (three[0], three[2])]
@@ -320,21 +323,24 @@ def massive_positions(lm: LoadedModel, ids: torch.Tensor, protect: Protect) -> t
 def measure(
     lm: LoadedModel, protect: Protect, eval_text: str | None = None, grid_name: str = "default", clip_z: float | None = None,
     block: int | None = None, progress: Callable[[str, int | None], Callable[[], None]] | None = None,
-    earlier: Quantization | None = None,
+    earlier: Quantization | None = None, engines: tuple[str, ...] = (),
 ) -> Quantization:
-    """The sweep over a named grid, on the shipped evaluation text unless ``eval_text`` is given; ``progress`` as in
-    ``massact.scan`` (one step per setting). ``earlier`` (a saved report's sweep) is returned as it is when it was
-    measured on the same inputs (``sweep_inputs``): the same sweep again would give the same numbers."""
+    """The sweep over a named grid, and the rows of each real quantization engine in ``engines``
+    (``massact.analysis.deploy.engines``), on the shipped evaluation text unless ``eval_text`` is given; ``progress``
+    as in ``massact.scan`` (one step per setting). ``earlier`` (a saved report's sweep) is returned as it is when it
+    was measured on the same inputs (``sweep_inputs``): the same sweep again would give the same numbers."""
     block = DEFAULT_BLOCK if block is None else block
     clip_z = DEFAULT_CLIP_Z if clip_z is None else clip_z
     text = eval_text or default_eval_text()
-    inputs = sweep_inputs(lm, protect, text, grid_name, clip_z, block)
+    inputs = sweep_inputs(lm, protect, text, grid_name, clip_z, block, engines)
     if earlier is not None and earlier.inputs_sha256 == inputs:
         return earlier
+    for name in engines:  # a missing library fails now, in one line, not after the sweep
+        engine(name)
     settings = grid(grid_name, block)
-    step = progress("quantization settings", len(settings)) if progress else (lambda: None)
+    step = progress("quantization settings", len(settings) + len(engines)) if progress else (lambda: None)
     source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
-    result = sweep(lm, protect, text, source, grid_name, clip_z, block, step, settings)
+    result = sweep(lm, protect, text, source, grid_name, clip_z, block, step, settings, engines)
     note = gguf_source_note(lm, protect)
     if note:
         result.notes.insert(0, note)
@@ -342,11 +348,14 @@ def measure(
     return result
 
 
-def sweep_inputs(lm: LoadedModel, protect: Protect, eval_text: str, grid_name: str, clip_z: float, block: int) -> str:
+def sweep_inputs(lm: LoadedModel, protect: Protect, eval_text: str, grid_name: str, clip_z: float, block: int,
+                 engines: tuple[str, ...] = ()) -> str:
     """The sha256 of everything a sweep's numbers depend on besides the weights, which the protect list's super
-    weights and massive values stand for: the protect list, the evaluation text, dtype, device type and grid."""
+    weights and massive values stand for: the protect list, the evaluation text, dtype, device type, grid and engines."""
     inputs = {"protect": dataclasses.asdict(protect), "eval_text": eval_text, "dtype": str(lm.dtype),
               "device": lm.device.type, "grid": grid_name, "clip_z": clip_z, "block": block}
+    if engines:  # (a sweep without engines keeps the hash it always had)
+        inputs["engines"] = list(engines)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -373,6 +382,7 @@ def gguf_source_note(lm: LoadedModel, protect: Protect) -> str | None:
 def sweep(
     lm: LoadedModel, protect: Protect, eval_text: str, eval_source: str, grid_name: str = "default", clip_z: float = DEFAULT_CLIP_Z,
     block: int = DEFAULT_BLOCK, step: Callable[[], None] = lambda: None, settings: list[Setting] | None = None,
+    engines: tuple[str, ...] = (),
 ) -> Quantization:
     """Every setting of the grid (or ``settings``) on ``lm``: perplexity on ``eval_text``, and the strongest massive
     dim's value at its birth and peak block on its probe. ``step`` is called after each setting."""
@@ -433,12 +443,17 @@ def sweep(
                              f"{gguf_block_size(first.fmt)} stay in float (llama.cpp falls back to another type for them)")
         for _ in group:  # after the weights are restored
             step()
+    found: list[EngineRow] = []
+    for name in engines:
+        found += engine_rows(lm, protect, name, evaluation.score, lambda: read()[target.born_at], baseline, base_values[target.born_at])
+        step()
     params = sum(p.numel() for _, p, _ in projections(lm))
     return Quantization(
         baseline_perplexity=baseline, eval_tokens=sum(w.shape[1] for w in windows), eval_source=eval_source, dim=target.dim, birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
         value_birth=base_values[target.born_at], value_peak=base_values[target.peak_block], matrices=len(names), parameters=params,
         super_weights=[[w.parameter, list(w.index), w.value] for w in protect.super_weights], massive_tokens=int(sum(int(m.sum()) for m in masks)),
         grid=grid_name, clip_z=clip_z, rows=rows, seconds=round(time.perf_counter() - started, 1), notes=notes,
+        engines=found, engine_words=[words for name in engines if (words := engine_words([r for r in found if r.engine == name]))],
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(kw_only=True)
@@ -30,6 +30,32 @@ class QuantRow:
 
 
 @dataclass(kw_only=True)
+class EngineRow:
+    """One quantization engine (quanto, hqq, torchao, bnb), one way (``kind``): "all" its block projections quantized,
+    "protected" the protect list's modules kept in float, "control" as many random modules of the same kinds kept in
+    float (seeded), "sparse" everything quantized and the super weights' quantization error added back. ``settings``:
+    what the engine was given (and its library's version); ``modules_in_float`` their names; ``perplexity`` on the
+    evaluation text (``perplexity_ratio`` to the float model); the massive value at its birth block on its probe
+    (``kept_birth``: as a fraction of the float value); ``weight_bytes``: the block projections' weights as stored
+    (quantized, in float where kept, plus a sparse correction's entries) against ``float_bytes`` all in float;
+    ``corrections``: entries added back, ``largest_error`` the largest of their relative quantization errors."""
+
+    engine: str
+    kind: str
+    settings: dict
+    modules_in_float: list[str]
+    perplexity: float
+    perplexity_ratio: float
+    value_birth: float
+    kept_birth: float
+    weight_bytes: int
+    float_bytes: int
+    corrections: int = 0
+    largest_error: float = 0.0  # sparse: the largest |w - w_quantized| / |w| among the super weights corrected
+    seconds: float = 0.0
+
+
+@dataclass(kw_only=True)
 class Quantization:
     """The quantization sweep: the float baseline, what was quantized and held out, and one row per setting."""
 
@@ -54,6 +80,8 @@ class Quantization:
     # What the numbers depend on, as one sha256 (``quant.sweep_inputs``): the protect list, the evaluation text, the
     # weights' dtype and device type, and the grid. A later scan of the model with the same inputs keeps this sweep.
     inputs_sha256: str | None = None
+    engines: list[EngineRow] = field(default_factory=list)  # the real engines' rows (--engine)
+    engine_words: list[str] = field(default_factory=list)  # per engine: does the protect list beat the control?
 
 
 
