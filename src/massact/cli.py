@@ -122,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan")
     track.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                        help="verify each checkpoint by intervention and measure its attention sink (default: off)")
+    profile = commands.add_parser("profile", parents=[shared["model"]],
+                                  help="profile.json: per block the massive dims, the rules that predict their carriers, the outlier severity")
+    profile.add_argument("target", nargs="?", help="a report directory (report.json: its model and texts), or a model as for scan "
+                                                   "(default: embedded SmolLM2-135M-Instruct)")
+    profile.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences, or the report's)")
+    profile.add_argument("--file", help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")
+    profile.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]], as for scan")
+    profile.add_argument("--max-texts", type=int, help="scan at most this many texts")
+    profile.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows")
+    profile.add_argument("--batch-size", type=int, help="texts per forward pass (default 8)")
+    profile.add_argument("--min-abs", type=float, help="massive: |a| at least this (default 100; a report's own)")
+    profile.add_argument("--min-ratio", type=float, help="massive: |a| at least this times the median |a| (default 1000; a report's own)")
+    profile.add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); a report "
+                                                  "directory gets profile.json beside report.json")
+    profile.add_argument("--quiet", action="store_true", help="only the path written")
     protect = commands.add_parser("protect", help="a protect.json in the configuration a quantization engine takes")
     protect_commands = protect.add_subparsers(dest="action", required=True, parser_class=_Parser)
     export = protect_commands.add_parser("export", help="write the engine's configuration that keeps the protect list's "
@@ -143,7 +158,8 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
-                "track": _track, "protect": _protect}[args.command](args)
+                "track": _track, "protect": _protect,
+                "profile": _profile}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -269,6 +285,49 @@ def _track(args) -> int:
         terminal().print(Group(*renderables(track, plain=False)))
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _profile(args) -> int:
+    """massact profile: a model's profile.json, from a saved report (its model, texts and criterion) or a scan."""
+    from .models.loading import DEFAULT_NAME, load
+    from .pipeline import profile
+    from .report.atomic import check_writable, write_file
+    from .report.files import slug
+    from .report.schema import load_report, write_profile
+    from .texts import Corpus
+
+    if args.max_texts is not None:
+        whole("max_texts", args.max_texts, 1)
+    report = None
+    if args.target and (Path(args.target) / "report.json").is_file():
+        report = load_report(Path(args.target))
+        if args.min_abs is not None or args.min_ratio is not None or args.max_length is not None:
+            raise UsageError("a report's profile uses the report's criterion and windows: --min-abs, --min-ratio and "
+                             "--max-length go with a MODEL")
+        if args.out is not None:
+            raise UsageError("a report directory gets its profile.json beside report.json: --out goes with a MODEL")
+        out, spec = Path(args.target), report.model.source
+        settings = ScanSettings(dtype=args.dtype or report.model.dtype, device=args.device or "auto",
+                                **_given(args, "batch_size")).check()
+    else:
+        out, spec = args.out or Path("massact-report") / slug(args.target or DEFAULT_NAME), args.target
+        settings = ScanSettings(**_given(args, "dtype", "device", "batch_size", "min_abs", "min_ratio", "max_length")).check()
+    file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
+    given = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
+    texts = given if (args.text or args.file or args.dataset) or report is None else None
+    if texts is not None:
+        texts.check()
+    check_writable(out)
+    log = _log(args.quiet)
+    lm = load(spec, dtype=settings.dtype, device=settings.device, log=log)
+    with _progress(_bars(args.quiet)) as progress:
+        found = profile(lm, texts, settings, report=report, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_file(out / "profile.json", write_profile(found) + "\n")
+    if not args.quiet:
+        print(repr(found))
+    print(f"wrote {out / 'profile.json'}")
     return 0
 
 

@@ -20,7 +20,7 @@ from .analysis.causal.experts import prune as prune_experts
 from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify as verify_report
 from .analysis.conclusion import conclude
 from .analysis.deploy.precision import headroom
-from .analysis.deploy.protect import build as build_protect
+from .analysis.deploy.protect import build as build_protect, check_report_model
 from .analysis.deploy.quant import measure as measure_quantization
 from .analysis.deploy.results import Quantization
 from .analysis.detect.results import DimSummary, LayerStats, Massive
@@ -30,6 +30,8 @@ from .analysis.function.sinks import sink_analysis
 from .analysis.mechanism.experts import find as super_experts
 from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines
+from .analysis.profile import build as profiling
+from .analysis.profile.results import Profile
 from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
 from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
@@ -98,6 +100,47 @@ def scan(
     deploy_stage(lm, report, settings, eval_text, progress, quantization)
     report.conclusion = conclude(report)
     return report
+
+
+@torch.no_grad()
+def profile(
+    model: LoadedModel | nn.Module | str | None = None,
+    texts: Sequence[str] | Corpus | None = None,
+    settings: ScanSettings | None = None,
+    *,
+    report: Report | None = None,
+    tokenizer=None,
+    progress: Progress | None = None,
+    **options,
+) -> Profile:
+    """What ``model``'s massive activations are, in a form other tools use (``Profile``): per block the massive dims,
+    the threshold, the rules that predict their carriers and the outlier severity, on ``texts`` (None: the built-in
+    sentences). Each block's threshold is the scan's: from ``report`` (a saved report of this model, whose texts are
+    used when ``texts`` is None), else from the corpus pass of a scan (``settings`` and ``options`` as for ``scan``:
+    ``min_abs``, ``min_ratio``, ``batch_size``, ``max_length``). Then one more batched pass counts each block's
+    carriers; memory does not grow with the corpus."""
+    check_arguments(model, texts, tokenizer, settings)
+    settings = (settings or ScanSettings()).replace(**options).check()
+    lm = _as_loaded(model, tokenizer, settings.dtype, settings.device)
+    progress = progress or _silent
+    if report is not None:
+        check_report_model(report, lm, "the report")
+        spec = report.corpus.spec
+        if texts is None:
+            texts = Corpus(tuple(spec.texts), spec.file, spec.dataset, spec.max_texts)
+        settings = settings.replace(max_length=spec.max_length, min_abs=report.criterion.min_abs, min_ratio=report.criterion.min_ratio)
+    corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
+    total = corpus.check()
+    if report is None:
+        found = detect_stage(lm, corpus, total, settings.replace(verify=False), None, False, progress)
+        layers, criterion = found.layers, found.criterion
+    else:
+        layers, criterion = report.layers, report.criterion
+    medians = [stats.median for stats in layers]
+    advance = progress("profile: forward passes over the texts", total if settings.max_length is None else None)
+    stream = (window.ids for window in windows(lm, corpus, settings.max_length))
+    counts = profiling.count(lm, stream, medians, criterion, settings.batch_size, advance)
+    return profiling.build(lm, counts, medians, criterion, lm.name, lm.source, corpus.describe(), weights_sha256(lm.model))
 
 
 @dataclass(kw_only=True)

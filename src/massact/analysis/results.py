@@ -89,3 +89,20 @@ class Report:
     precision: Precision | None = None
     quantization: Quantization | None = None
     super_experts: SuperExperts | None = None  # a mixture of experts' super experts (Su et al. 2025)
+
+    def __repr__(self) -> str:
+        """One line: the model, each massive dim and its birth block, the sections present (a REPL or a notebook
+        would otherwise print every field)."""
+        dims = ", ".join(f"{d.dim} (born at block {d.born_at})" for d in self.dims[:6]) + (", ..." if len(self.dims) > 6 else "")
+        present = [name for name, value in (("lifeline", self.lifeline), ("trigger", self.trigger), ("verification", self.verification),
+                                            ("attention sinks", self.attention), ("super experts", self.super_experts),
+                                            ("quantization", self.quantization), ("precision", self.precision)) if value]
+        return (f"Report({self.model.name}: {f'massive dims {dims}' if self.dims else 'no massive activation'}; "
+                f"{self.corpus.windows} window(s), {self.corpus.tokens:,} tokens; sections: detection, mechanism"
+                + "".join(f", {name}" for name in present) + ")")
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: report.html's summary card (the presentation layer renders it; imported only here)."""
+        from ..report.html import card
+
+        return card(self)

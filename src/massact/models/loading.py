@@ -58,6 +58,10 @@ class LoadedModel:
         """The adapter of block ``layer`` (a hybrid's blocks differ: see ``Adapter.at``)."""
         return self.adapter.at(self.config, layer)
 
+    def __repr__(self) -> str:
+        return (f"LoadedModel({self.name}: {self.adapter.family}, {len(self.adapter.blocks(self.model))} blocks, "
+                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {str(self.dtype).removeprefix('torch.')} on {self.device})")
+
 
 def wrap(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
     """Wrap a model already in memory (e.g. one built in a test) for the analysis."""

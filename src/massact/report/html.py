@@ -165,7 +165,7 @@ def _settings(report: Report) -> str:
     return f'<table class="settings">{cells}</table>'
 
 
-def _card(report: Report) -> str:
+def card(report: Report) -> str:
     """The summary card: the facts `massact scan` prints on one screen, with each dim and birth block a link."""
     s = screen.summarize(report)
     rows = ""
@@ -222,7 +222,7 @@ def to_html(report: Report, pngs: dict[str, bytes]) -> str:
 <main>
 <h1>{html.escape(title)}</h1>
 <p class="intro">{intro}</p>
-{_card(report)}
+{card(report)}
 <section id="tokens"><h2>Token view</h2>
 <p>Each token coloured by a massive dim's value at the chosen block (red positive, blue negative, darker is larger); hover
 for the value. Sink tokens are outlined. Only the first tokens of a few texts are kept (report.json: token_values).</p>

@@ -1,5 +1,5 @@
-"""The one schema of every file massact writes and reads back (report.json, protect.json, and any file of result
-dataclasses, e.g. the coming track.json): the dataclasses' own type hints, plus the constraints types cannot say,
+"""The one schema of every file massact writes and reads back (report.json, protect.json, profile.json, and any
+file of result dataclasses, such as track.json): the dataclasses' own type hints, plus the constraints types cannot say,
 declared once in ``CHECKS`` from the writers' own constants.
 
 ``read(kind, data, where)`` checks parsed JSON against the dataclass ``kind`` and builds it in one pass; the first
@@ -22,6 +22,7 @@ from ..analysis.deploy.protect import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.protect import VERSION as PROTECT_VERSION
 from ..analysis.deploy.protect import Carrier, Protect, ProtectedDim, ProtectedWeight, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, LayerStats, Massive
+from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.mechanism.explain import ROLES
 from ..analysis.mechanism.lifeline import PHASES, WRITERS
 from ..analysis.mechanism.results import Checkpoint, Lifeline, LifelineStep, Phase, Place
@@ -32,6 +33,7 @@ from ..errors import UsageError
 from ..settings import DTYPES, Criterion
 from ..analysis.track.results import MonitorBlock, MonitorRecord
 
+PROFILE_FORMAT, PROFILE_VERSION = "massact-profile", 1
 REPORT_FORMAT = "massact-report"
 REPORT_VERSION = 1  # reports written before the version field are version 1 too
 
@@ -59,6 +61,11 @@ def _positive() -> Check:
 
 def _at_least(least: int) -> Check:
     return Check(lambda v, s: v >= least, lambda s: f"an integer >= {least}")
+
+
+def _share() -> Check:
+    """A fraction, or NaN (null in the file) where there was nothing to count."""
+    return Check(lambda v, s: math.isnan(v) or 0 <= v <= 1, lambda s: "a number from 0 to 1, or null")
 
 
 def _one_of(options) -> Check:
@@ -118,6 +125,19 @@ CHECKS: dict[tuple[type, str], Check] = {
     (MonitorRecord, "texts"): _at_least(1),
     (MonitorBlock, "layer"): _at_least(0),
     (MonitorBlock, "massive"): _at_least(0),
+    (Profile, "windows"): _at_least(0),
+    (Profile, "tokens"): _at_least(0),
+    (Profile, "min_abs"): _positive(),
+    (Profile, "min_ratio"): _positive(),
+    (BlockProfile, "layer"): _at_least(0),
+    (BlockProfile, "dims"): _at_least(0),
+    (BlockProfile, "massive_tokens"): _at_least(0),
+    (BlockProfile, "carriers"): _one_of(("none", "position 0", "token ids", "position 0 + token ids", "content-dependent")),
+    (BlockProfile, "precision"): _share(),
+    (BlockProfile, "recall"): _share(),
+    (Rule, "kind"): _one_of(("position", "token")),
+    (Rule, "precision"): _share(),
+    (Rule, "recall"): _share(),
     (Protect, "format"): _one_of((PROTECT_FORMAT,)),
     (Protect, "version"): _one_of((PROTECT_VERSION,)),
     (Protect, "min_abs"): _positive(),
@@ -377,6 +397,21 @@ def load_report(directory: Path) -> Report:
     """``directory``/report.json, checked and built (see ``read_report``)."""
     path = Path(directory) / "report.json"
     return read_report(parse(path, "a massact report"), str(path))
+
+
+def write_profile(profile: Profile) -> str:
+    """profile.json's text: its format and version, then the profile."""
+    return write(profile, {"format": PROFILE_FORMAT, "version": PROFILE_VERSION})
+
+
+def load_profile(path: Path) -> Profile:
+    """A profile.json, checked and built; a wrong format, version or field is one UsageError line."""
+    data = parse(path, "a massact profile")
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise UsageError(f"{path}: not a massact profile (format {_show(data.get('format') if isinstance(data, dict) else None)})")
+    if data.get("version") != PROFILE_VERSION:
+        raise UsageError(f"{path}: profile version {_show(data.get('version'))}; this massact reads version {PROFILE_VERSION}")
+    return _read_as(Profile, {k: v for k, v in data.items() if k not in ("format", "version")}, str(path), "a massact profile")
 
 
 def load_protect(path: Path) -> Protect:
