@@ -19,17 +19,18 @@ import torch
 
 def run(steps: int, every: int | None) -> tuple[float, float, int]:
     """(seconds of training, seconds inside the monitor, monitor calls) for one Trainer run."""
+    from train_from_scratch import BATCH, documentation, model_config, train_tokenizer, windows
     from transformers import DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, TrainingArguments
 
     from massact.track.monitor import MassactCallback
-    from train_from_scratch import BATCH, documentation, model_config, train_tokenizer, windows
 
     torch.manual_seed(0)
     text = documentation()
     tokenizer = train_tokenizer(text)
     args = TrainingArguments(output_dir="/tmp/massact-bench-monitor", max_steps=steps, per_device_train_batch_size=BATCH,
                              learning_rate=3e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=10_000)
-    trainer = Trainer(model=LlamaForCausalLM(model_config(len(tokenizer))), args=args, train_dataset=windows(tokenizer, text), processing_class=tokenizer,
+    trainer = Trainer(model=LlamaForCausalLM(model_config(len(tokenizer))), args=args, train_dataset=windows(tokenizer, text),
+                      processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     inside = [0.0, 0]
     if every is not None:
@@ -61,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     total, inside, calls = run(args.steps, args.every)
     plain, _, _ = run(args.steps, None)
-    print(f"| steps | every | monitor calls | s per call | training with monitor (s) | of it in the monitor | without monitor (s) |")
+    print("| steps | every | monitor calls | s per call | training with monitor (s) | of it in the monitor | without monitor (s) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.steps} | {args.every} | {calls} | {inside / max(calls, 1):.3f} | {total:.1f} | {inside / total:.2%} | {plain:.1f} |")
 

@@ -32,9 +32,9 @@ def main() -> None:
     import torch
 
     import massact
+    from massact.analysis.causal.perplexity import default_eval_text
     from massact.analysis.deploy import protect
     from massact.analysis.deploy.quant import DEFAULT_CLIP_Z, grid, sweep
-    from massact.analysis.causal.perplexity import default_eval_text
 
     lm = massact.load(args.model, dtype=args.dtype, device=args.device, log=lambda message: None)
     report = massact.scan(lm)
@@ -48,7 +48,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     for row in result.rows:
         print(f"{row.seconds:7.2f} s  {row.method:10s} {row.setting:32s} {row.variant:22s} ppl x{row.perplexity_ratio:,.2f}")
-    device = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    device = (torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda"
+              else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     kinds = {method: sum(r.seconds for r in result.rows if r.method == method) for method in ("rtn", "gguf", "activation")}
     print("| part | seconds | share |")

@@ -12,14 +12,14 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import massact  # noqa: E402
-from massact.analysis.deploy import protect  # noqa: E402
 from massact.analysis.deploy.quant import measure  # noqa: E402
+from massact.report.schema import load_protect  # noqa: E402
 
 source = sys.argv[1]  # a directory with the default model's config.json, tokenizer and a protect.json of it
 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).to("cuda").eval()
 lm = massact.wrap(model, AutoTokenizer.from_pretrained(source), "SmolLM2-135M architecture, random weights")
 lm.source = "random-weights"
-plan = protect.load(Path(source) / "protect.json")
+plan = load_protect(Path(source) / "protect.json")
 for name in sys.argv[2:]:
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -103,7 +103,7 @@ def one(mode: str, which: str, multiple: int) -> dict:
             cache: dict = {}
             n_layers = len(lm.adapter.blocks(lm.model))
             sites = [(layer, site) for layer in range(n_layers) for site in lm.adapter.sites]
-            with tap(lm.model, lm.adapter, sites, lambda l, s, t: cache.setdefault((l, s), []).append(t.detach().clone())):
+            with tap(lm.model, lm.adapter, sites, lambda layer, s, t: cache.setdefault((layer, s), []).append(t.detach().clone())):
                 for ids, mask in batches():
                     lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
             for layer in range(n_layers):  # the statistics massact keeps, from the full cache (pads included: naive)
@@ -185,7 +185,8 @@ def main() -> None:
     if OPTIONS["no_memory"]:
         return
     print()
-    print("| model | corpus | texts | massact seconds | massact peak RSS MiB | massact peak GPU MiB | naive peak RSS MiB | naive peak GPU MiB |")
+    print("| model | corpus | texts | massact seconds | massact peak RSS MiB | massact peak GPU MiB | naive peak RSS MiB | "
+          "naive peak GPU MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for which in models:
         for multiple in ((1, 4) if OPTIONS["quick"] else (1, 4, 16)):
@@ -193,7 +194,8 @@ def main() -> None:
             # The naive cache of the default model takes about 4 GiB per 1x of this corpus: 16x would not fit in 24 GiB.
             naive = measure("naive", which, multiple) if which == "tiny" or multiple < 16 else None
             cells = f"{naive['rss_mb']:.0f} | {naive['gpu_mb']:.0f}" if naive else "not run (out of memory) | -"
-            print(f"| {which} | {multiple}x | {ours['texts']} | {ours['seconds']:.2f} | {ours['rss_mb']:.0f} | {ours['gpu_mb']:.0f} | {cells} |")
+            print(f"| {which} | {multiple}x | {ours['texts']} | {ours['seconds']:.2f} | {ours['rss_mb']:.0f} | {ours['gpu_mb']:.0f} | "
+                  f"{cells} |")
 
 
 if __name__ == "__main__":

@@ -72,14 +72,16 @@ def main() -> None:
                 reference = reference or largest
                 gap = abs(largest - reference) / abs(reference) / torch.finfo(getattr(torch, dtype)).eps
                 dims = ", ".join(f"{d} ({born})" for d, (born, _) in sorted(massive.items()))
-                print(f"| {family} | {dtype} | {'padded, 8' if batch == 8 else 'one text'} | {seconds:.2f} | {dims} | {largest:+,.1f} | {gap:.2f} |")
+                print(f"| {family} | {dtype} | {'padded, 8' if batch == 8 else 'one text'} | {seconds:.2f} | {dims} | {largest:+,.1f} | "
+                      f"{gap:.2f} |")
     model = planted("llama", tokenizer).to(args.device, torch.bfloat16)
     start = time.perf_counter()
     report = massact.scan(model, texts[:5], tokenizer=tokenizer, verify=True, quant=True, eval_text=" ".join(texts))
     print(f"\nbfloat16 on {args.device}, every stage (verify, sinks, quantization): {time.perf_counter() - start:.1f} s; "
           f"dims {[d.dim for d in report.dims]}, born at {[d.born_at for d in report.dims]}, top neuron "
           f"{report.attribution[0].neurons[0].neuron}, super weight [{report.attribution[0].super_weight.row}, "
-          f"{report.attribution[0].super_weight.col}], verification {[(r.name, r.confirms) for r in report.verification.interventions][:3]}")
+          f"{report.attribution[0].super_weight.col}], verification "
+          f"{[(r.name, r.confirms) for r in report.verification.interventions][:3]}")
 
 
 if __name__ == "__main__":

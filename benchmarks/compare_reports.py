@@ -1,6 +1,7 @@
 """Compare two report.json files field by field: everything but floats must be identical, floats may differ by a
 relative tolerance (float noise from batching and from running passes from a block on), and so may the numbers
-printed inside a sentence (the conclusion's), the words around them being identical.
+printed inside a sentence (the conclusion's), the words around them being identical. Both files are read and checked by
+massact's schema first.
 
     .venv/bin/python benchmarks/compare_reports.py /tmp/base-report/report.json massact-report/report.json
     .venv/bin/python benchmarks/compare_reports.py A B --rel 1e-4 --ignore versions,settings
@@ -12,13 +13,15 @@ differs or a float differs beyond the tolerance. Fields named in --ignore (at an
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from massact.errors import UsageError
+from massact.report.schema import parse, read_report
 
 IGNORED = ("versions", "settings", "seconds", "device")  # what a run records about itself, not about the model
 
@@ -76,7 +79,9 @@ def main() -> int:
     parser.add_argument("--ignore", default=",".join(IGNORED), help=f"fields to skip, comma-separated (default {','.join(IGNORED)})")
     parser.add_argument("--show", type=int, default=40, help="differences to print at most")
     args = parser.parse_args()
-    a, b = (json.loads(p.read_text(encoding="utf-8")) for p in (args.first, args.second))
+    a, b = (parse(p, "a massact report") for p in (args.first, args.second))
+    for path, data in ((args.first, a), (args.second, b)):
+        read_report(data, str(path))  # each checked by the schema before its fields are compared
     found = list(differences(a, b, args.rel, set(filter(None, args.ignore.split(",")))))
     exact = [d for d in found if d[3] == math.inf]
     beyond = [d for d in found if args.rel < d[3] < math.inf]
@@ -90,4 +95,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UsageError as error:  # a file that is not a report: one line
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
+from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
 from massact.capture.hooks import Trace
 from massact.errors import UsageError
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import bias_of, text_config, weight_out_in
 from massact.sites import SITES, resolve_site
-
-from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
 
 # The norm each family's MLP reads through (None: post-LN, the MLP reads resid_mid as it is), and from which stream.
 MLP_NORM = {
@@ -45,8 +44,8 @@ def test_residual_stream_adds_up(family, tokenizer):
     model, adapter, trace, hidden = _trace_all(family, tokenizer)
     n = text_config(model).num_hidden_layers
     for layer in range(n):
-        t = lambda site: trace[layer, site]
-        block = lambda path: adapter.module(model, layer, path)
+        t = lambda site, layer=layer: trace[layer, site]
+        block = lambda path, layer=layer: adapter.module(model, layer, path)
         assert t("resid_in").shape == t("mlp_in").shape == t("resid_out").shape == t("mlp_in").shape[:2] + (D_MODEL,)
         if family in POST_LN:
             first, last = POST_LN[family]
@@ -75,7 +74,7 @@ def test_mlp_sites_recompose(family, tokenizer):
     """mlp_act, the MLP's raw output and its input, recomputed from the weights and the norm, match the hooks."""
     model, adapter, trace, _ = _trace_all(family, tokenizer)
     for layer in range(text_config(model).num_hidden_layers):
-        t = lambda site: trace[layer, site]
+        t = lambda site, layer=layer: trace[layer, site]
         act_fn = adapter.activation(model, layer)
         up_w, up_b = adapter.input_rows(model, layer, "mlp_up")
         close(t("mlp_up"), t("mlp_in") @ up_w.detach().T + (up_b.detach() if up_b is not None else 0))
@@ -127,7 +126,8 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     from transformers import BloomConfig
 
-    with pytest.raises(UsageError, match=r"'bloom' is not supported.*GPT-2 \(gpt2\).*Llama \(llama, mistral, qwen2, qwen3, gemma, seed_oss, smollm3\).*"
+    with pytest.raises(UsageError,
+                       match=r"'bloom' is not supported.*GPT-2 \(gpt2\).*Llama \(llama, mistral, qwen2, qwen3, gemma, seed_oss, smollm3\).*"
                                          r"OPT \(opt\).*BERT \(bert, roberta\).*one Adapter in massact/models/adapters/"):
         adapter_for(BloomConfig())
     with pytest.raises(UsageError, match="'opt' config lacks a field"):  # an old or hand-edited config

@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import massact
+from conftest import PLANTED, TINY, one_line_error, run_massact, save_planted
 from massact.errors import UsageError
 from massact.models.loading import load
 from massact.texts import MAX_TEXT_CHARS, Corpus
-
-from conftest import PLANTED, TINY, one_line_error, run_massact, save_planted
 
 LAYER, NEURON, DIM = PLANTED
 
@@ -233,7 +232,8 @@ def test_compare_refuses_to_write_over_a_report(model_dir, tmp_path, capsys):
     assert run_main(capsys, "scan", model_dir, "--text", "Summer is warm.", *TINY, "--out", out)[0] == 0
     before = sorted(p.name for p in out.iterdir())
     code, err = run_main(capsys, "compare", out, out, "--out", out)
-    assert code == 2 and err.strip() == f"massact: error: --out {out} holds a report (report.json); write the comparison to another directory"
+    assert code == 2
+    assert err.strip() == f"massact: error: --out {out} holds a report (report.json); write the comparison to another directory"
     assert sorted(p.name for p in out.iterdir()) == before
 
 

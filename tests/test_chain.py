@@ -6,12 +6,11 @@ import json
 
 import pytest
 
+from conftest import FAMILIES, MOE_FAMILIES
 from massact.analysis.deploy import quant
 from massact.analysis.deploy.quant import Setting
 from massact.cli import main
 from massact.report.schema import load_report
-
-from conftest import FAMILIES, MOE_FAMILIES
 from test_families import DIM, LAYER, NEURON, planted, planted_moe
 
 QUIET = ["--format", "json,txt", "--quiet"]

@@ -1,13 +1,15 @@
 """The command line end to end on a tiny saved model, and bad input: one line on stderr, exit code 2."""
 
 import json
+import os
 import re
 
 import pytest
 
-from massact.report.sections import SECTIONS
-
 from conftest import CONTEXT, run_massact, save_planted
+from massact.report.schema import load_report
+from massact.report.sections import SECTIONS
+from massact.report.text import to_text
 
 LAYER, NEURON, DIM = 2, 11, 30
 
@@ -131,3 +133,12 @@ def test_show_prints_a_saved_report_its_summary_or_one_section(model_dir, tmp_pa
     assert f"Dim {DIM} is born in block {LAYER}" in summary and "Not verified" in summary
     bad = run("show", out, "--section", "nothing")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "trigger (7)" in bad.stderr
+
+    # A report.json changed after its report.txt was written: show lays out the report.json, not the older text.
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    data["warnings"] = ["a warning added by hand"]
+    (out / "report.json").write_text(json.dumps(data), encoding="utf-8")
+    later = (out / "report.txt").stat().st_mtime + 5
+    os.utime(out / "report.json", (later, later))
+    shown = run("show", out).stdout
+    assert "- a warning added by hand" in shown and shown == to_text(load_report(out))

@@ -94,9 +94,8 @@ def test_ablating_the_top_neurons_removes_the_massive_activation(smol, report):
 
 
 def test_figures_of_the_default_model(report):
-    from test_visual import assert_png
-
     from massact.report.plots import figures
+    from test_visual import assert_png
 
     pngs = figures(report)
     assert {"layer_profile.png", "massive_heatmap.png", "mlp_anatomy.png", "attribution.png"} <= set(pngs)
@@ -219,8 +218,8 @@ def test_the_page_opens_the_lifeline_on_the_main_dim_with_round_ticks(smol, tmp_
     spaced; it read 1.97k, 451, -307)."""
     import re
 
-    from test_visual import BROWSER, _dom
     from massact.report.html import to_html
+    from test_visual import BROWSER, _dom
 
     if BROWSER is None:
         pytest.skip("no Chromium here (make test installs it when run as root)")

@@ -12,16 +12,24 @@ import torch
 from torch import nn
 
 import massact
+from conftest import PLANTED, one_line_error, plant_mlp, run_massact, tiny_model, weights_hash
+from massact.analysis.causal.perplexity import default_eval_text, eval_windows
 from massact.analysis.deploy import protect as protect_list
-from massact.analysis.deploy.engines import (ENGINES, control_modules, engine, engine_rows, engine_words, projections,
-                                             protected_modules, sparse_corrections)
+from massact.analysis.deploy.engines import (
+    ENGINES,
+    control_modules,
+    engine,
+    engine_rows,
+    engine_words,
+    projections,
+    protected_modules,
+    sparse_corrections,
+)
 from massact.analysis.deploy.exports import EXPORTS, export
 from massact.analysis.deploy.quant import measure
-from massact.analysis.causal.perplexity import default_eval_text, eval_windows
+from massact.analysis.results import build_protect
 from massact.report.files import write_report
 from massact.report.schema import load_report, write_protect
-
-from conftest import PLANTED, one_line_error, plant_mlp, run_massact, tiny_model, weights_hash
 
 LAYER, NEURON, DIM = PLANTED
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
@@ -53,7 +61,7 @@ def planted(tokenizer):
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
     lm = massact.wrap(model, tokenizer)
     report = massact.scan(lm, TEXTS)
-    return lm, protect_list.build(report), report
+    return lm, build_protect(report), report
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
@@ -219,7 +227,9 @@ def test_bitsandbytes_skip_modules_are_taken_by_transformers(model_dir, protect_
     config = exported(protect_file, "bnb", tmp_path)
     assert config["llm_int8_skip_modules"] == [DOWN, "lm_head"]
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=config["llm_int8_skip_modules"]))
+        model_dir, device_map="cpu",
+                                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+                                                                                        llm_int8_skip_modules=config["llm_int8_skip_modules"]))
     assert [n for n in linear_names(model) if not quantized("bnb", model.get_submodule(n))] == [DOWN]
     assert not quantized("bnb", model.lm_head)
 
@@ -258,7 +268,8 @@ def test_export_bad_input_is_one_line(protect_file, tmp_path):
     one_line_error(run_massact("protect", "export", "--engine", "gptq", protect_file), "--engine", "gptq")
     one_line_error(run_massact("protect", "export", "--engine", "quanto", tmp_path / "missing.json"), "missing.json")
     one_line_error(run_massact("protect", "export", "--engine", "llama.cpp", "--gguf-arch", "nope", protect_file), "nope")
-    one_line_error(run_massact("protect", "export", "--engine", "quanto", protect_file, "--out", tmp_path / "no" / "x.json"), "does not exist")
+    one_line_error(run_massact("protect", "export", "--engine", "quanto", protect_file, "--out", tmp_path / "no" / "x.json"),
+                   "does not exist")
     printed = run_massact("protect", "export", "--engine", "quanto", protect_file)
     assert printed.returncode == 0 and json.loads(printed.stdout)["exclude"] == [DOWN]
     assert set(EXPORTS) == {"quanto", "hqq", "torchao", "bnb", "llm-compressor", "llama.cpp"}
@@ -283,7 +294,7 @@ def test_default_model_quanto_and_hqq_rows_match_the_libraries_directly():
     from optimum.quanto import freeze, qint4, quantize
 
     lm = massact.load(None, device="cpu", log=lambda message: None)
-    protect = protect_list.build(massact.scan(lm, ["The quick brown fox jumps over the lazy dog."]))
+    protect = build_protect(massact.scan(lm, ["The quick brown fox jumps over the lazy dog."]))
     text = default_eval_text()[:1500]
     result = measure(lm, protect, text, "none", engines=("quanto", "hqq"))
     rows = {(row.engine, row.kind): row for row in result.engines}

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 import massact
+from conftest import D_MODEL, MOE_FAMILIES, N_HEADS, TRIGGER, tiny_model
 from massact.analysis.detect.scan import pad_batch, scan_layers
 from massact.analysis.mechanism.moe import MoeBlock, model_routing, route
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
-
-from conftest import D_MODEL, MOE_FAMILIES, N_HEADS, TRIGGER, tiny_model
 from test_families import DIM, EXPERT, LAYER, NEURON, TEXTS, planted_moe
 
 EVAL = " ".join(TEXTS * 6)
@@ -58,7 +57,7 @@ def test_each_experts_recorded_maximum_is_a_hand_computation(tokenizer):
     for layer in range(model.config.num_hidden_layers):
         moe = MoeBlock.at(lm, layer)
         seen = {}
-        hook = moe.block.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
+        hook = moe.block.register_forward_pre_hook(lambda m, args, seen=seen: seen.__setitem__("x", args[0].detach()))
         try:
             expected = torch.full((4,), float("-inf"))
             for ids in windows:
@@ -132,13 +131,14 @@ def test_the_planted_super_expert_is_found_and_pruning_it_removes_the_value_and_
     assert super_.perplexity is not None and control.perplexity is not None
     words = " ".join(report.conclusion)
     assert f"Super expert: expert {EXPERT} of block {LAYER}" in words and "Pruning them" in words
-    from test_visual import assert_png
     from massact.report.plots import figures
+    from test_visual import assert_png
     assert_png(figures(report)["super_experts.png"])
 
 
 def test_the_control_is_seeded_and_keeps_the_blocks_and_counts():
-    from massact.analysis.mechanism.experts import SuperExpert, control
+    from massact.analysis.mechanism.experts import control
+    from massact.analysis.mechanism.results import SuperExpert
 
     found = [SuperExpert(layer=1, expert=2, max_output=9.0), SuperExpert(layer=1, expert=5, max_output=8.0),
              SuperExpert(layer=3, expert=0, max_output=7.0)]
@@ -199,8 +199,8 @@ def test_track_follows_the_super_experts_across_checkpoints(tokenizer, tmp_path)
 def test_activation_quantization_reaches_the_experts_inputs_and_activations(tokenizer):
     """int8 activations in a mixture of experts: besides every linear projection's input, each expert's input rows
     (its routed tokens, d_model wide) and its neurons' activations (d_mlp wide) are quantized."""
-    from massact.analysis.deploy.quant import ActivationQuant
     from conftest import D_MLP
+    from massact.analysis.deploy.quant import ActivationQuant
 
     lm = massact.wrap(planted_moe("mixtral", tokenizer), tokenizer)
     quant = ActivationQuant(lm, per_token=True, keep_massive=False)

@@ -7,13 +7,11 @@ import pytest
 import torch
 
 import massact
-from massact.report.text import to_text
-
+from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config, weight_out_in
-
-from conftest import D_MLP, D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
+from massact.report.text import to_text
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]

@@ -83,10 +83,9 @@ def test_a_float16_overflow_writes_the_whole_report_naming_it(tokenizer, tmp_pat
     where JSON has no inf, and names the overflow."""
     import json
 
+    from conftest import plant_mlp, tiny_model
     from massact.cli import main
     from massact.report.schema import load_protect, load_report
-
-    from conftest import plant_mlp, tiny_model
 
     model = tiny_model("llama", len(tokenizer))
     plant_mlp(model, tokenizer.bos_token_id, 1, 37, 20, out_weight=2500.0)  # about 2.5e5

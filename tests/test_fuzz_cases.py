@@ -19,14 +19,13 @@ import torch
 from transformers import AutoTokenizer
 
 import massact
-from massact.analysis.track.results import MonitorBlock, MonitorRecord
+from conftest import TINY, massact_command, one_line_error, plant_mlp, run_massact, save_planted, tiny_model
+from massact.analysis.track.results import MonitorBlock
 from massact.cli import main
 from massact.models.loading import _gguf_dir, default_gguf
-from massact.report.sections import SECTIONS, EXTRAS
+from massact.report.sections import EXTRAS, SECTIONS
 from massact.settings import Criterion
 from massact.track.monitor import Monitor
-
-from conftest import TINY, massact_command, one_line_error, plant_mlp, run_massact, save_planted, tiny_model
 
 NEURON, DIM = 7, 20
 
@@ -216,5 +215,6 @@ def test_sigterm_stops_a_scan_with_one_line_and_it_resumes(model_dir, tmp_path):
     resumed = run_massact("scan", *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     clean = run_massact("scan", *common[:-1], tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr
     assert (out / "report.json").read_bytes() == (tmp_path / "clean" / "report.json").read_bytes()
     shutil.rmtree(tmp_path / "clean")

@@ -8,11 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import massact
+from conftest import plant_mlp, tiny_config, tiny_model
 from massact.analysis.causal.embeddings import headless, sentences, spearman
 from massact.errors import UsageError
 from massact.models.loading import load
-
-from conftest import plant_mlp, tiny_config, tiny_model
 
 LAYER, NEURON, DIM = 1, 37, 20
 EVAL = ("The library opens at nine in the morning. Summer is warm and winter is cold. The committee met on Tuesday "

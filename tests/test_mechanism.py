@@ -6,11 +6,10 @@ import torch
 import transformers
 
 import massact
+from conftest import TRIGGER, plant_mlp, tiny_config, tiny_model, weights_hash
 from massact.analysis.trigger.decompose import Target, split
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import weight_out_in
-
-from conftest import TRIGGER, plant_mlp, tiny_config, tiny_model, weights_hash
 
 MARK, DIM = 30, 20  # the dim block 0 marks the first token in, and the dim that becomes massive
 M, P, B, C, E = 11, 12, 37, 38, 50  # neurons: the marker (block 0), precursor (1), two writers (2), the eraser (4)
@@ -94,7 +93,8 @@ def test_lifeline_names_each_planted_phase(chain_report):
     # Every block the lifeline names is explained: the precursor's and the eraser's neurons too.
     top = {(a.layer, a.role): a.neurons[0].neuron for a in chain_report.attribution}
     assert top == {(1, "precursor"): P, (2, "birth"): B, (4, "erasure"): E}
-    assert {(o.layer, o.role, o.writer) for o in chain_report.origin} == {(1, "precursor", "mlp"), (2, "birth", "mlp"), (4, "erasure", "mlp")}
+    assert {(o.layer, o.role, o.writer) for o in chain_report.origin} == {(1, "precursor", "mlp"), (2, "birth", "mlp"), (4, "erasure",
+                                                                                                                         "mlp")}
 
 
 @pytest.mark.parametrize("erase", [1.005, 2.5])
@@ -107,7 +107,8 @@ def test_an_eraser_through_zero_keeps_the_sign_of_birth(tokenizer, erase):
     assert line.steps[4].value == pytest.approx(-(erase - 1) * held, rel=1e-3)
     assert line.sign == 1 and line.peak == pytest.approx(held) and line.peak_layer in (2, 3)
     reversal = erase > 2
-    assert [s.phase for s in line.steps] == ["", "", "birth", "hold", "reversal" if reversal else "erasure", "hold" if reversal else "after"]
+    assert [s.phase for s in line.steps] == ["", "", "birth", "hold", "reversal" if reversal else "erasure",
+                                             "hold" if reversal else "after"]
     origins = {(o.layer, o.role): o.writer for o in report.origin}
     assert origins == {(2, "birth"): "mlp", (4, "reversal" if reversal else "erasure"): "mlp"}
     for (layer, _), who in origins.items():  # the lifeline's writer is the origin's at every event

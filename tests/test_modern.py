@@ -13,9 +13,8 @@ import torch
 import transformers
 
 import massact
-from massact.models.adapters import adapter_for
-
 from conftest import MIXERS
+from massact.models.adapters import adapter_for
 from test_families import DIM, LAYER, NEURON, TEXTS, planted
 
 EVAL = " ".join(TEXTS * 6)
@@ -41,7 +40,8 @@ def test_a_hybrid_passes_every_stage_and_its_sinks_are_measured_on_softmax_block
     mixers = MIXERS[family]
     softmax = [layer for layer, mixer in enumerate(mixers) if mixer == "attention"]
     assert [d.dim for d in report.dims] == [DIM] and report.dims[0].born_at == LAYER
-    assert report.model.blocks[LAYER].startswith({"conv": "convolution", "linear": "linear attention", "attention": "attention"}[mixers[LAYER]])
+    assert report.model.blocks[LAYER].startswith({"conv": "convolution", "linear": "linear attention",
+                                                  "attention": "attention"}[mixers[LAYER]])
     # Origin, attribution and super weight at the planted block, whatever its mixer.
     birth = next(o for o in report.origin if o.role == "birth")
     assert birth.writer == "mlp" and report.attribution[0].neurons[0].neuron == NEURON
@@ -112,7 +112,8 @@ def test_a_multimodal_gemma3_gives_the_report_of_its_language_model(tokenizer):
     weights = {("model." + key[len(prefix):] if key.startswith(prefix) else key): value
                for key, value in multimodal.state_dict().items() if not key.startswith(("model.vision_tower", "model.multi_modal"))}
     text.load_state_dict(weights)
-    assert type(multimodal).__name__ == "Gemma3ForConditionalGeneration" and adapter_for(multimodal.config).layers == "language_model.layers"
+    assert type(multimodal).__name__ == "Gemma3ForConditionalGeneration"
+    assert adapter_for(multimodal.config).layers == "language_model.layers"
     both = [massact.scan(model, TEXTS, tokenizer=tokenizer) for model in (multimodal, text)]
     (a, b) = both
     assert [d.dim for d in a.dims] == [d.dim for d in b.dims] == [DIM]

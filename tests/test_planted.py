@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import massact
-from massact.report.schema import write_report
-
 from conftest import plant_attention, plant_mlp, tiny_model
+from massact.report.schema import write_report
 
 LAYER, NEURON, DIM, HEAD = 1, 37, 20, 2
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
@@ -42,7 +41,8 @@ def test_planted_mlp_neuron_is_found(family, tokenizer):
 
     anatomy = report.anatomy[0]
     names = [c.name for c in anatomy.checkpoints]
-    assert names == (["mlp_in", "mlp_up", "mlp_act", "mlp_out"] if family == "gpt2" else ["mlp_in", "mlp_gate", "mlp_up", "mlp_act", "mlp_out"])
+    assert names == (["mlp_in", "mlp_up", "mlp_act", "mlp_out"] if family == "gpt2" else ["mlp_in", "mlp_gate", "mlp_up", "mlp_act",
+                                                                                          "mlp_out"])
     assert anatomy.checkpoints[-1].argmax == DIM
     assert any(c.argmax == NEURON for c in anatomy.checkpoints if c.name == "mlp_act")
     assert anatomy.activation_impact.top[0].neuron == NEURON

@@ -17,12 +17,11 @@ import pytest
 import torch
 
 import massact
+from conftest import PLANTED
 from massact.pipeline import detect_stage
 from massact.settings import ScanSettings
-from massact.texts import Corpus, DEFAULT_TEXTS
+from massact.texts import DEFAULT_TEXTS, Corpus
 from massact.track.monitor import Monitor
-
-from conftest import PLANTED
 
 DTYPES = ("float32", "bfloat16", "float16")
 BATCHES = {"padded": 8, "unpadded": 1}  # the default texts differ in length: 8 per pass pads all but the longest

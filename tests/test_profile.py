@@ -11,17 +11,18 @@ import pytest
 import torch
 
 import massact
+from conftest import TINY, TRIGGER, one_line_error, plant_mlp, run_massact, tiny_model
 from massact.analysis.profile.results import Profile
 from massact.errors import UsageError
 from massact.masks import Criterion, Hook, live
 from massact.report.schema import load_profile, write_profile
 from massact.texts import DEFAULT_TEXTS
 
-from conftest import TINY, TRIGGER, one_line_error, plant_mlp, run_massact, tiny_model
-
 HELD_OUT = ["Rivers carry sand to the sea over thousands of years.", "Please pass the salt, and the pepper too.",
             "The committee met on Tuesday; nobody agreed on anything.", "Seven swans swam slowly south.",
             "In 1969, two astronauts walked on the Moon.", "def add(a, b):\n    return a + b"]
+
+DEFAULT = Criterion()  # the scan's criterion: |a| >= 100 and >= 1000x the median
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def block_outputs(lm, texts, padding_side="right"):
     return batch.input_ids, batch.attention_mask, hidden[1:-1]
 
 
-def hand_mask(hidden, real, criterion=Criterion()):
+def hand_mask(hidden, real, criterion=DEFAULT):
     """The criterion written out: the median |a| over the real tokens' every dim, then any dim over the threshold."""
     values = sorted(hidden[real.bool()].abs().flatten().tolist())
     median = values[(len(values) - 1) // 2]  # torch's median: the lower middle

@@ -8,14 +8,28 @@ import pytest
 import torch
 
 import massact
+from conftest import plant_mlp, tiny_model, weights_hash
 from massact.analysis.deploy import protect as protect_list
 from massact.analysis.deploy.precision import FLOAT16_MAX, rounding_step
-from massact.analysis.deploy.quant import (ActivationQuant, Setting, grid, gguf_roundtrip, int8_rows, projections, quantized_weights, rtn, rtn_rows, siblings, sweep)
+from massact.analysis.deploy.quant import (
+    ActivationQuant,
+    Setting,
+    gguf_roundtrip,
+    grid,
+    int8_rows,
+    projections,
+    quantized_weights,
+    rtn,
+    rtn_rows,
+    siblings,
+    sweep,
+)
+from massact.analysis.deploy.results import VERSION as PROTECT_VERSION
+from massact.analysis.results import build_protect
 from massact.errors import UsageError
 from massact.report.files import write_report
-from massact.report.schema import load_protect, load_report, write_protect, write_report as report_json
-
-from conftest import plant_mlp, tiny_model, weights_hash
+from massact.report.schema import load_protect, load_report, write_protect
+from massact.report.schema import write_report as report_json
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
@@ -100,7 +114,8 @@ def test_gguf_blocks_run_along_the_input_dim_of_a_transposed_weight(tokenizer):
 def test_planted_super_weight_per_tensor_4bit(planted):
     lm, report = planted
     matrix = lm.adapter.param_name(lm.model, LAYER, lm.adapter.mlp_down)
-    assert protect_list.super_weight_coordinates(report) == [(matrix, (DIM, NEURON), 100.0)]
+    assert protect_list.super_weight_coordinates(report.super_weights, report.attribution,
+                                                 report.experts) == [(matrix, (DIM, NEURON), 100.0)]
     original = lm.model.get_parameter(matrix).detach().clone()
     others = torch.ones_like(original, dtype=torch.bool)
     others[DIM, NEURON] = False
@@ -115,8 +130,9 @@ def test_planted_super_weight_per_tensor_4bit(planted):
     assert (held[others] - original[others]).abs().max() <= step * 0.5 + 1e-6
     assert torch.equal(lm.model.get_parameter(matrix), original)
 
-    protect = protect_list.build(report)
-    settings = [Setting("rtn", 4, "tensor", "plain"), Setting("rtn", 4, "tensor", "held out"), Setting("rtn", 4, "tensor", "held out + clip")]
+    protect = build_protect(report)
+    settings = [Setting("rtn", 4, "tensor", "plain"), Setting("rtn", 4, "tensor", "held out"), Setting("rtn", 4, "tensor",
+                                                                                                       "held out + clip")]
     result = sweep(lm, protect, EVAL, "test", settings=settings, clip_z=4.0)
     plain_row, held_row, clipped = result.rows
     assert result.dim == DIM and result.birth_layer == LAYER and result.value_birth > 1000
@@ -130,7 +146,7 @@ def test_a_held_out_setting_after_its_plain_one_gives_what_it_gives_alone(plante
     """The sweep serves a "held out" setting from its plain sibling's quantized weights and quantizes again only the
     matrix holding the super weight: its row is the row of the same setting swept alone, number for number."""
     lm, report = planted
-    protect = protect_list.build(report)
+    protect = build_protect(report)
     before = weights_hash(lm.model)
     plain, held, other = Setting("rtn", 4, "tensor", "plain"), Setting("rtn", 4, "tensor", "held out"), Setting("rtn", 4, "row", "held out")
     assert siblings([plain, held, other]) == [[plain, held], [other]]
@@ -166,7 +182,7 @@ def test_weights_are_identical_before_and_after_every_setting(planted):
     before = weights_hash(lm.model)
     hashes = []
     settings = grid("full")
-    result = sweep(lm, protect_list.build(report), EVAL, "test", settings=settings, step=lambda: hashes.append(weights_hash(lm.model)))
+    result = sweep(lm, build_protect(report), EVAL, "test", settings=settings, step=lambda: hashes.append(weights_hash(lm.model)))
     assert len(result.rows) == len(settings) == len(hashes) and set(hashes) == {before}
     assert all(math.isfinite(r.perplexity) and r.perplexity > 0 for r in result.rows)
     tokens = sum(r.massive_error_share is not None for r in result.rows)
@@ -204,9 +220,9 @@ def test_rounding_steps_match_torch():
 
 def test_protect_json_validates_and_loads_back(planted, tmp_path):
     lm, report = planted
-    protect = protect_list.build(report)
+    protect = build_protect(report)
     data = json.loads(write_protect(protect))
-    assert data["version"] == protect_list.VERSION and data["format"] == "massact-protect"
+    assert data["version"] == PROTECT_VERSION and data["format"] == "massact-protect"
     weight = data["super_weights"][0]
     assert lm.model.get_parameter(weight["parameter"])[weight["row"], weight["col"]].item() == weight["value"] == 100.0
     dim = data["massive_dims"][0]
@@ -215,7 +231,8 @@ def test_protect_json_validates_and_loads_back(planted, tmp_path):
     path = tmp_path / "protect.json"
     path.write_text(write_protect(protect), encoding="utf-8")
     assert load_protect(path) == protect
-    for broken, message in ((dict(data, version=2), "version 2"), ({k: v for k, v in data.items() if k != "super_weights"}, "super_weights"),
+    for broken, message in ((dict(data, version=2), "version 2"),
+                            ({k: v for k, v in data.items() if k != "super_weights"}, "super_weights"),
                             (dict(data, massive_dims=[dict(dim, dim="20")]), "massive_dims[0].dim")):
         path.write_text(json.dumps(broken), encoding="utf-8")
         with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):

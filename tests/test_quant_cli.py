@@ -1,12 +1,12 @@
 """massact scan --quant and massact quant end to end on a tiny saved model, and their bad input."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from massact.report.schema import load_protect
-
 from conftest import run_massact, save_planted
+from massact.report.schema import load_protect, load_quantization, load_report
 
 LAYER, NEURON, DIM = 2, 11, 30
 EVAL = "She poured the tea, opened the window, and watched the rain fall on the garden. The kettle sang."
@@ -42,7 +42,8 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     page = (first / "report.html").read_text(encoding="utf-8")
     assert "<h2>11. Quantization" in page and 'id="quantization"' in page and (first / "quantization.png").is_file()
     protect = load_protect(first / "protect.json")
-    assert [(w.parameter, w.row, w.col, w.value) for w in protect.super_weights] == [("transformer.h.2.mlp.c_proj.weight", NEURON, DIM, 100.0)]
+    assert [(w.parameter, w.row, w.col, w.value) for w in protect.super_weights] == [("transformer.h.2.mlp.c_proj.weight", NEURON, DIM,
+                                                                                      100.0)]
 
     assert run_massact("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", second).returncode == 0
     assert json.loads((second / "report.json").read_text(encoding="utf-8"))["quantization"] is None
@@ -67,10 +68,15 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     measured = json.loads((second / "report.json").read_text(encoding="utf-8"))["quantization"]
     assert measured["inputs_sha256"] != saved["inputs_sha256"] and measured["eval_tokens"] > saved["eval_tokens"]
 
-    result = run_massact("quant", model_dir, "--protect", first / "protect.json", "--eval-file", eval_file, "--out", tmp_path / "third", "--quiet")
+    result = run_massact("quant", model_dir, "--protect", first / "protect.json", "--eval-file", eval_file, "--out", tmp_path / "third",
+                         "--quiet")
     assert result.returncode == 0, result.stderr
     alone = json.loads((tmp_path / "third" / "quantization.json").read_text(encoding="utf-8"))
     assert _rows(alone) == _rows(data) and (tmp_path / "third" / "quantization.txt").is_file()
+    assert (alone["format"], alone["version"]) == ("massact-quantization", 1)
+    # The schema reads it back as the sweep report.json holds: the same rows, timings aside.
+    read_back = load_quantization(tmp_path / "third" / "quantization.json").rows
+    assert [replace(r, seconds=0.0) for r in read_back] == [replace(r, seconds=0.0) for r in load_report(first).quantization.rows]
 
 
 def test_bad_quant_input_is_one_line_and_exit_2(model_dir, tmp_path):
@@ -79,7 +85,8 @@ def test_bad_quant_input_is_one_line_and_exit_2(model_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
-        (["scan", model_dir, "--quant", "--quant-grid", "huge"], "--quant-grid: invalid choice: 'huge' (choose from 'default', 'full', 'none')"),
+        (["scan", model_dir, "--quant", "--quant-grid", "huge"],
+         "--quant-grid: invalid choice: 'huge' (choose from 'default', 'full', 'none')"),
         (["quant", model_dir, "--quant-grid", "huge"], "--quant-grid: invalid choice: 'huge' (choose from 'default', 'full', 'none')"),
         (["quant", empty], "no report.json"),
         (["quant", model_dir, "--protect", old, "--out", tmp_path / "out"], "protect list version 0"),

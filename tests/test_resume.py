@@ -11,13 +11,12 @@ import pytest
 import torch
 
 import massact
+from conftest import PLANTED, TINY, one_line_error, run_massact, save_planted
 from massact.analysis.detect.scan import _load_state
 from massact.capture.stats import LogHistogram, TopK
 from massact.errors import UsageError
 from massact.models.loading import load
 from massact.texts import Corpus
-
-from conftest import PLANTED, TINY, one_line_error, run_massact, save_planted
 
 LAYER, NEURON, DIM = PLANTED
 

@@ -12,13 +12,12 @@ import pytest
 import torch
 
 import massact
-from massact.pipeline import windows
+from conftest import D_MODEL, massact_command, plant_mlp, save_planted, tiny_model
 from massact.analysis.detect.scan import scan_layers
+from massact.analysis.detect.windows import windows
 from massact.errors import UsageError
 from massact.report.schema import write_report
 from massact.texts import DEFAULT_TEXTS
-
-from conftest import D_MODEL, massact_command, plant_mlp, save_planted, tiny_model
 
 LAYER, NEURON, DIM = 1, 37, 20
 
@@ -41,7 +40,7 @@ def test_batched_and_one_by_one_statistics_agree(family, tokenizer):
         assert [abs(v) for v, _ in many_items] == pytest.approx([abs(v) for v, _ in one_items], rel=1e-4, abs=1e-5)
         # Entries clearly above the smallest kept one are the same (text, position, dim); ties may swap at the edge.
         edge = abs(one_items[-1][0]) * (1 + 1e-3) + 1e-5
-        assert {tuple(l) for v, l in one_items if abs(v) > edge} == {tuple(l) for v, l in many_items if abs(v) > edge}
+        assert {tuple(at) for v, at in one_items if abs(v) > edge} == {tuple(at) for v, at in many_items if abs(v) > edge}
     report_one = massact.scan(lm, list(DEFAULT_TEXTS), batch_size=1)
     report_many = massact.scan(lm, list(DEFAULT_TEXTS), batch_size=4)
     found = [sorted((m.layer, m.text, m.position, m.dim) for m in r.massive) for r in (report_one, report_many)]
@@ -130,7 +129,8 @@ def test_resume_refuses_the_state_of_another_scan(planted_dir, tmp_path):
     common = [planted_dir, "--no-verify", "--format", "json", "--quiet", "--batch-size", "1", "--checkpoint-every", "1"]
     subprocess.run(_cli(*common, "--text", "Summer is warm.", "--text", "Winter is cold.", "--out", out), check=True, timeout=300)
     (out / "scan-state.pt").write_bytes(b"not a state")
-    result = subprocess.run(_cli(*common, "--text", "Summer is warm.", "--out", out, "--resume"), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(_cli(*common, "--text", "Summer is warm.", "--out", out, "--resume"), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 2 and "cannot read the scan state" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from massact.analysis.deploy.protect import build as build_protect
+from conftest import N_LAYERS, PLANTED, TINY, one_line_error, run_massact
 from massact.analysis.deploy.protect import check_model
-from massact.analysis.mechanism.explain import ROLES
+from massact.analysis.mechanism.results import ROLES
+from massact.analysis.results import build_protect
 from massact.errors import UsageError
 from massact.models.loading import load
 from massact.report.compare import summary
 from massact.report.schema import REPORT_VERSION, load_protect, read, read_report, write_protect, write_report
 from massact.report.text import to_text
-
-from conftest import N_LAYERS, PLANTED, TINY, one_line_error, run_massact
 
 LAYER, NEURON, DIM = PLANTED
 
@@ -83,6 +82,17 @@ def test_every_role_and_phase_the_writer_uses_reads_back(saved):
         read_report(data)
 
 
+def test_every_adapter_detects_in_a_stream_the_schema_reads():
+    """The schema checks a report's detection stream against ``massact.sites.STREAMS`` (it does not import the
+    adapters, which load torch): each family's stream, and any a variant of it sets, must be one of them."""
+    from massact.models.adapters import ADAPTERS
+    from massact.sites import STREAMS
+
+    for adapter in ADAPTERS:
+        streams = {adapter.stream} | {v.changes["stream"] for v in adapter.variants if "stream" in v.changes}
+        assert streams <= set(STREAMS), (adapter.family, streams)
+
+
 def _set(data, path: tuple, value):
     """A copy of ``data`` with the field at ``path`` (keys and list indices) set to ``value`` (``DELETE``: removed)."""
     edited = copy.deepcopy(data)
@@ -105,7 +115,7 @@ DELETE = object()
     (("massive", 0, "text"), 999, "field massive[0].text must be a window listed in texts, not 999"),
     (("lifeline",), DELETE, "no field lifeline"),
     (("lifeline",), {}, "field lifeline must be a list, not {}"),
-    (("lifeline", 0, "dim"), "abc", f"field lifeline[0].dim must be an integer in [0, 64), not \"abc\""),
+    (("lifeline", 0, "dim"), "abc", "field lifeline[0].dim must be an integer in [0, 64), not \"abc\""),
     (("lifeline", 0, "steps", 0, "phase"), "hold on", "field lifeline[0].steps[0].phase must be one of"),
     (("layers",), [], "field layers must hold one entry per block (model.n_layers)"),
     (("dims", 0, "dim"), 64, "field dims[0].dim must be an integer in [0, 64), not 64"),
@@ -238,7 +248,8 @@ def test_the_protect_list_reads_back_and_fits_its_model(protect_data, planted_lm
     protect = load_protect(target)
     check_model(protect, planted_lm, str(target))
     assert json.loads(write_protect(protect)) == protect_data
-    assert [(w.parameter, w.index, w.value) for w in protect.super_weights] == [(f"model.layers.{LAYER}.mlp.down_proj.weight", [DIM, NEURON], 100.0)]
+    assert [(w.parameter, w.index, w.value) for w in protect.super_weights] == [(f"model.layers.{LAYER}.mlp.down_proj.weight",
+                                                                                 [DIM, NEURON], 100.0)]
 
 
 def test_read_takes_any_result_dataclass_for_other_files():
@@ -247,5 +258,18 @@ def test_read_takes_any_result_dataclass_for_other_files():
 
     assert read(DimSummary, {"dim": 3, "born_at": 1, "persists": [1, 2], "removed_at": [3], "max_value": 150.0, "tokens": ["<s>"]},
                 "track.json").persists == [1, 2]
-    with pytest.raises(UsageError, match=r"^track.json: field persists\[1\] must be an integer >= 0|^track.json: field persists\[1\] must be"):
+    with pytest.raises(UsageError,
+                       match=r"^track.json: field persists\[1\] must be an integer >= 0|^track.json: field persists\[1\] must be"):
         read(DimSummary, {"dim": 3, "born_at": 1, "persists": [1, "2"], "removed_at": [], "max_value": 1.0, "tokens": []}, "track.json")
+
+
+def test_a_track_dim_emerges_at_a_step_or_a_label_and_nothing_else():
+    """track.json's ``emerged_at`` is a step (int), a checkpoint's label (str) or null: each reads back as itself, and
+    anything else is one line naming the field and the three kinds."""
+    from massact.analysis.track.results import DimTrack
+
+    base = {"dim": 507, "values": [0.0, 24000.5], "born_at": [None, 11]}
+    assert [read(DimTrack, {**base, "emerged_at": at}, "track.json").emerged_at for at in (300, "base", None)] == [300, "base", None]
+    for wrong in ([300], 3.5, True):
+        with pytest.raises(UsageError, match=r"^track.json: field emerged_at must be an integer or a string or null"):
+            read(DimTrack, {**base, "emerged_at": wrong}, "track.json")

@@ -7,17 +7,16 @@ import pytest
 import torch
 
 import massact
-from massact.analysis.function.sinks import head_metrics, sink_analysis, sink_tokens
-from massact.capture.attention import attention_pass
-from massact.capture.edits import set_weight
+from conftest import D_MODEL, N_HEADS, make_tokenizer, plant_mlp, run_massact, tiny_model
 from massact.analysis.causal.evaluation import Evaluation
 from massact.analysis.causal.mlm import masked_windows, next_token_windows
 from massact.analysis.causal.output_effects import STOPWORDS, Edit, output_effects
 from massact.analysis.causal.perplexity import eval_windows
 from massact.analysis.causal.verification import replacement_values
+from massact.analysis.function.sinks import head_metrics, sink_analysis, sink_tokens
+from massact.capture.attention import attention_pass
+from massact.capture.edits import set_weight
 from massact.capture.hooks import tap_module_input
-
-from conftest import D_MODEL, N_HEADS, make_tokenizer, plant_mlp, run_massact, tiny_model
 
 LAYER, NEURON, DIM = 1, 37, 20  # the planted massive activation: block 1's MLP writes dim 20 on BOS
 SINK_LAYER, SINK_HEAD = 2, 1
@@ -72,10 +71,11 @@ def test_head_metrics_of_hand_made_attention():
 def test_planted_sink_head_is_a_sink_and_a_noop_head(tokenizer):
     lm = planted(tokenizer, [SINK_HEAD])
     report = massact.scan(lm, TEXTS)
-    tokens, _ = sink_tokens(report)
+    tokens, _ = sink_tokens(report.massive, report.tokens)
     assert [(t.text, t.position, t.token) for t in tokens] == [(0, 0, "<s>"), (1, 0, "<s>")]
     implementation = lm.model.config._attn_implementation
-    sinks = sink_analysis(lm, report, {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)})
+    sinks = sink_analysis(lm, {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}, dims=report.dims,
+                          massive=report.massive, tokens=report.tokens, criterion=report.criterion)
     assert lm.model.config._attn_implementation == implementation  # eager only for that pass
     share = sinks.share[SINK_LAYER]
     assert share[SINK_HEAD] > 0.99 and sinks.value_ratio[SINK_LAYER][SINK_HEAD] < 0.25
@@ -89,7 +89,8 @@ def test_sink_that_reads_the_massive_value_vanishes_when_it_is_zeroed(tokenizer)
     lm = planted(tokenizer, list(range(N_HEADS)))
     report = massact.scan(lm, TEXTS)
     inputs = {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}
-    sinks = sink_analysis(lm, report, inputs, replacements=replacement_values(report))
+    sinks = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens, criterion=report.criterion,
+                          replacements=replacement_values(report.dims, report.massive))
     assert sinks.sink_layers == [SINK_LAYER] and sinks.rate[SINK_LAYER] == 1.0
     zero, mean = (next(c for c in sinks.interventions if c.label == label) for label in ("zero", "mean"))
     assert zero.survives[SINK_LAYER] is False and zero.rate[SINK_LAYER] == 0.0
@@ -194,7 +195,8 @@ def test_tiny_bert_scan_writes_a_verified_report(tmp_path, masked_tokenizer):
 
 def test_sink_epsilon_out_of_range_is_a_usage_error():
     result = run_massact("scan", "--sink-epsilon", "1.5")
-    assert result.returncode == 2 and result.stderr.strip() == "massact: error: --sink-epsilon must be between 0 and 1 (an attention probability)"
+    assert result.returncode == 2
+    assert result.stderr.strip() == "massact: error: --sink-epsilon must be between 0 and 1 (an attention probability)"
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])

@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 
+import test_verification
 from massact.analysis.causal.evaluation import Evaluation
 from massact.analysis.causal.mlm import next_token_windows
 from massact.analysis.causal.perplexity import eval_windows, perplexity
 from massact.capture.edits import ablate_neurons, read_coordinate, replace_massive
 from massact.capture.hooks import forward_until, tap
 from massact.settings import Criterion
+from test_verification import DIM, EVAL, LAYER, NEURON
 
-from test_verification import DIM, EVAL, LAYER, NEURON, planted  # noqa: F401 (planted: the fixture, gpt2 and llama)
+planted = test_verification.planted  # the fixture (gpt2 and llama), shared with the verification tests
 
 
 def _full_logits(lm, batch) -> torch.Tensor:
@@ -63,9 +65,11 @@ def test_a_pass_stopped_after_a_block_reads_what_the_full_pass_reads(planted):
     ids = planted.tokenizer(EVAL[:60], return_tensors="pt").input_ids
     seen: dict = {}
     sites = [(layer, "resid_out") for layer in range(4)]
-    with torch.no_grad(), tap(planted.model, planted.adapter, sites, lambda l, s, t: seen.setdefault("full", {}).__setitem__(l, t.clone())):
+    with torch.no_grad(), tap(planted.model, planted.adapter, sites,
+                              lambda layer, s, t: seen.setdefault("full", {}).__setitem__(layer, t.clone())):
         planted.model(input_ids=ids, use_cache=False)
-    with torch.no_grad(), tap(planted.model, planted.adapter, sites, lambda l, s, t: seen.setdefault("stopped", {}).__setitem__(l, t.clone())):
+    with torch.no_grad(), tap(planted.model, planted.adapter, sites,
+                              lambda layer, s, t: seen.setdefault("stopped", {}).__setitem__(layer, t.clone())):
         forward_until(planted.model, planted.adapter, LAYER, input_ids=ids, use_cache=False)
     assert sorted(seen["stopped"]) == [0, LAYER]  # the blocks after it never ran
     for layer in (0, LAYER):

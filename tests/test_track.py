@@ -14,13 +14,15 @@ import torch
 
 import massact
 from conftest import plant_mlp, tiny_config, tiny_model, weights_hash
-from test_visual import assert_policy
 from massact.cli import main
 from massact.errors import UsageError
+from massact.report.schema import load_track
 from massact.texts import DEFAULT_TEXTS
 from massact.track import run as track_run
 from massact.track.monitor import MassactCallback, Monitor, read_records
-from massact.track.specs import _revision_step as revision_step, expand
+from massact.track.specs import _revision_step as revision_step
+from massact.track.specs import expand
+from test_visual import assert_policy
 
 NEURON, DIM = 7, 20
 SERIES = ((100, 2), (200, 2), (300, 1))  # (step, block the planted neuron writes from): the birth moves at step 300
@@ -54,6 +56,9 @@ def tracked(series, tmp_path_factory):
 
 def test_planted_birth_block_moves(tracked):
     data = json.loads((tracked / "track.json").read_text(encoding="utf-8"))
+    assert (data["format"], data["version"]) == ("massact-track", 1)
+    # The schema reads it back as the Track it was written from.
+    assert [c.step for c in load_track(tracked / "track.json").checkpoints] == [c["step"] for c in data["checkpoints"]]
     assert [c["step"] for c in data["checkpoints"]] == [100, 200, 300]
     assert [[d["dim"] for d in c["dims"]] for c in data["checkpoints"]] == [[DIM]] * 3
     assert [c["dims"][0]["born_at"] for c in data["checkpoints"]] == [layer for _, layer in SERIES]
@@ -252,8 +257,8 @@ def test_monitor_lines_are_read_through_the_schema(tmp_path):
     """A monitor line is checked against the dataclasses the monitor writes: a bad field is named, with its line."""
     from dataclasses import asdict
 
-    from massact.settings import Criterion
     from massact.analysis.track.results import MonitorBlock, MonitorRecord
+    from massact.settings import Criterion
 
     block = MonitorBlock(layer=0, top1=5.0, median=0.1, ratio=50.0, massive=0, top_dim=7)
     good = asdict(MonitorRecord(step=3, texts=2, blocks=[block], criterion=Criterion()))

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 import massact
+from conftest import plant_mlp, tiny_model, weights_hash
+from massact.analysis.causal.perplexity import eval_windows, perplexity
 from massact.analysis.function.sinks import sink_pass
 from massact.capture.edits import ablate_neurons, read_coordinate, set_weight
-from massact.analysis.causal.perplexity import eval_windows, perplexity
-
-from conftest import plant_mlp, tiny_model, weights_hash
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]

@@ -13,12 +13,11 @@ import pytest
 from PIL import Image
 
 import massact
-from massact.report.html import to_html
+from conftest import plant_attention, plant_mlp, run_massact, save_planted, tiny_model
 from massact.numbers import short
+from massact.report.html import to_html
 from massact.report.plots import FIGURES, PIXELS, figures
 from massact.report.sections import SECTIONS
-
-from conftest import plant_attention, plant_mlp, run_massact, save_planted, tiny_model
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
@@ -117,7 +116,9 @@ def test_report_renders_in_a_headless_browser(verified, tmp_path):
 # Played in the page once it has loaded: hover the first token, then move the block slider to block 0.
 _INTERACT = """<script>
 window.addEventListener("load", function () {
-  var colours = function () { return Array.prototype.map.call(document.querySelectorAll("#tv-texts .tok"), function (s) { return s.style.background; }).join("|"); };
+  var colours = function () {
+    return Array.prototype.map.call(document.querySelectorAll("#tv-texts .tok"), function (s) { return s.style.background; }).join("|");
+  };
   var token = document.querySelector("#tv-texts .tok");
   token.dispatchEvent(new MouseEvent("mouseover", { bubbles: true, clientX: 20, clientY: 20 }));
   var tip = document.getElementById("tv-tip"), before = colours(), slider = document.getElementById("tv-block");
@@ -164,7 +165,7 @@ def test_token_view_hover_and_block_slider_in_a_headless_browser(verified, tmp_p
     first = values.values[0][0][LAYER][0]  # the first token of the first text, at the birth block
     assert abs(first) > 1000  # the planted value
     tip = _attribute(dom, "data-test-tip")
-    assert f"position 0" in tip and f"dim {DIM} at block {LAYER}: {short(first)} " in tip
+    assert "position 0" in tip and f"dim {DIM} at block {LAYER}: {short(first)} " in tip
     assert _attribute(dom, "data-test-changed") == "true"  # block 0 has no massive value: the colours change
     assert _attribute(dom, "data-requests") == "0" and _attribute(dom, "data-refused") == "0"
 

@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 # The API is imported on first use, so that `import massact` (and the command line's start, where Ctrl-C must stay
 # one line) does not wait for torch and transformers.
-_API = {"scan": ".pipeline", "profile": ".pipeline", "Profile": ".analysis.profile.results", "Report": ".analysis.results", "Trace": ".capture.hooks", "LoadedModel": ".models.loading",
-        "load": ".models.loading", "wrap": ".models.loading"}
+_API = {"scan": ".pipeline", "profile": ".pipeline", "Profile": ".analysis.profile.results", "Report": ".analysis.results",
+        "Trace": ".capture.hooks", "LoadedModel": ".models.loading", "load": ".models.loading", "wrap": ".models.loading"}
 
 __all__ = ["LoadedModel", "Profile", "Report", "Trace", "__version__", "load", "masks", "profile", "scan", "wrap"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -28,115 +27,152 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_DEFAULTS = ScanSettings()  # every option's default is the settings' own
+
+
+def _default(name: str) -> str:
+    return f"default {getattr(_DEFAULTS, name)}"
+
+
+def _options(title: str, *arguments: tuple[tuple[str, ...], dict]) -> argparse.ArgumentParser:
+    """A parent parser holding one titled argument group (``massact CMD --help`` lists options by group). Options
+    default to None, so that a command takes ScanSettings's default, or a saved report's, where one is not given."""
+    parent = _Parser(add_help=False)
+    group = parent.add_argument_group(title)
+    for flags, keywords in arguments:
+        group.add_argument(*flags, **keywords)
+    return parent
+
+
 def _shared_options() -> dict[str, argparse.ArgumentParser]:
-    """The options several commands take, declared once each (argparse parent parsers)."""
-    model = _Parser(add_help=False)
-    model.add_argument("--dtype", choices=DTYPES, help="number format of the weights (default float32; verify and quant: the report's)")
-    model.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto; verify and quant: the report's)")
-    evaluation = _Parser(add_help=False)
-    evaluation.add_argument("--eval-file", help="UTF-8 text for perplexity (default: the shipped public-domain sample)")
-    output = _Parser(add_help=False)
-    output.add_argument("--format", default="txt,json,html,png", help="outputs to write, comma-separated: txt,json,html,png")
-    output.add_argument("--quiet", action="store_true", help="no report on the terminal, no progress bars: only the paths written")
-    screen = _Parser(add_help=False)
-    screen.add_argument("--full", action="store_true", help="print the whole report (as report.txt), not the one-screen summary")
-    sinks = _Parser(add_help=False)
-    sinks.add_argument("--sink-epsilon", type=float,
-                       help="a head is a sink head when its average attention on a sink token exceeds this (Gu et al. 2024; default 0.3)")
-    quant = _Parser(add_help=False)
-    quant.add_argument("--quant-grid", choices=QUANT_GRIDS, help="quantization settings: default (a few minutes on a small CPU) or full")
-    quant.add_argument("--clip-z", type=float, help="z-score at which the held-out variant clips the remaining weights (default 4)")
-    quant.add_argument("--block-size", type=int, help="entries per flat block of the block-wise RTN settings (default 16384)")
-    quant.add_argument("--engine", type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()), dest="engines",
-                       help="also quantize with real libraries, comma-separated: quanto, hqq, torchao, bnb (pip install "
-                            "'massact[engines]'): everything, the protect list in float, a random control, the super "
-                            "weights restored")
-    return dict(model=model, evaluation=evaluation, output=output, screen=screen, sinks=sinks, quant=quant)
+    """The options several commands take, declared once each, in groups (argparse parent parsers)."""
+    count = dict(type=int)
+    return dict(
+        model=_options("model", (("--dtype",), dict(choices=DTYPES, help="number format of the weights (default float32; verify "
+                                                                        "and quant: the report's)")),
+                       (("--device",), dict(help="auto, cpu, cuda or cuda:N (default auto; verify and quant: the report's)"))),
+        load=_options("loading", (("--device-map",), dict(help="spread a large model over the devices (accelerate): auto, "
+                                                               "balanced, sequential")),
+                      (("--trust-remote-code",), dict(action="store_true", help="let the model directory's own Python code "
+                                                                                "define its classes (runs that code)"))),
+        corpus=_options("corpus", (("--text",), dict(action="append", help="a text to scan (repeatable; default: built-in sentences)")),
+                        (("--file",), dict(help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")),
+                        (("--dataset",), dict(help="Hugging Face dataset NAME[:CONFIG[:SPLIT]]: a save_to_disk directory, a "
+                                                   "local folder of data files, or a hub name")),
+                        (("--max-texts",), dict(**count, help="scan at most this many texts")),
+                        (("--max-length",), dict(**count, help="split texts longer than this many tokens into windows "
+                                                                "(default: refuse texts longer than the context)"))),
+        criterion=_options("criterion", (("--min-abs",), dict(type=float, help=f"massive: |a| at least this ({_default('min_abs')})")),
+                           (("--min-ratio",), dict(type=float, help="massive: |a| at least this times the median |a| "
+                                                                    f"({_default('min_ratio')})")),
+                           (("--top-k",), dict(**count, help=f"largest activations listed per block ({_default('top_k')})"))),
+        analysis=_options("analysis", (("--top-neurons",), dict(**count, help="neurons listed in the attribution "
+                                                                               f"({_default('top_neurons')})")),
+                          (("--chain-depth",), dict(**count, help="links followed back from the writing neuron toward the token "
+                                                                   f"in the trigger chain ({_default('chain_depth')})")),
+                          (("--super-expert-quantile",), dict(type=float, help="a mixture of experts' super expert: max |output| "
+                                                                               "above this quantile of all experts' "
+                                                                               f"({_default('super_expert_quantile')})")),
+                          (("--super-expert-fraction",), dict(type=float, help="... and above this fraction of the largest "
+                                                                               f"({_default('super_expert_fraction')})")),
+                          (("--super-expert-depth",), dict(type=float, help="... in the first this-share of the blocks "
+                                                                            f"({_default('super_expert_depth')})"))),
+        verification=_options("verification", (("--sink-epsilon",), dict(type=float, help="a head is a sink head when its average "
+                                                                                         "attention on a sink token exceeds this "
+                                                                                         f"(Gu et al. 2024; {_default('sink_epsilon')})"))),
+        evaluation=_options("evaluation", (("--eval-file",), dict(help="UTF-8 text for perplexity (default: the shipped "
+                                                                        "public-domain sample)"))),
+        deployment=_options("deployment", (("--quant-grid",), dict(choices=QUANT_GRIDS, help="quantization settings: default (a few "
+                                                                                           "minutes on a small CPU), full, or none "
+                                                                                           "(the engines only)")),
+                            (("--clip-z",), dict(type=float, help="z-score at which the held-out variant clips the remaining "
+                                                                  "weights (default 4)")),
+                            (("--block-size",), dict(**count, help="entries per flat block of the block-wise RTN settings "
+                                                                   "(default 16384)")),
+                            (("--engine",), dict(type=_engines, dest="engines",
+                                                 help="also quantize with real libraries, comma-separated: quanto, hqq, torchao, "
+                                                      "bnb (pip install 'massact[engines]'): everything, the protect list in "
+                                                      "float, a random control, the super weights restored"))),
+        output=_options("output", (("--format",), dict(default="txt,json,html,png", help="outputs to write, comma-separated: "
+                                                                                        "txt,json,html,png")),
+                        (("--quiet",), dict(action="store_true", help="no report on the terminal, no progress bars: only the "
+                                                                      "paths written"))),
+        scale=_options("scale", (("--batch-size",), dict(**count, help=f"texts per forward pass (padding is never counted; "
+                                                                       f"{_default('batch_size')})"))),
+    )
+
+
+def _group(parser: argparse.ArgumentParser, title: str):
+    """The parser's argument group ``title`` (copied from a parent): a command's own options join the shared ones."""
+    return next(group for group in parser._action_groups if group.title == title)
+
+
+def _full(parser: argparse.ArgumentParser) -> None:
+    _group(parser, "output").add_argument("--full", action="store_true", help="print the whole report (as report.txt), not the "
+                                                                              "one-screen summary")
+
+
+def _engines(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="massact", description="Find a transformer's massive activations and what writes them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    shared = _shared_options()
-    common = [shared["model"], shared["evaluation"], shared["output"]]
-    scan = commands.add_parser("scan", parents=[*common, shared["screen"], shared["sinks"], shared["quant"]],
+    o = _shared_options()
+    scan = commands.add_parser("scan", parents=[o["model"], o["load"], o["corpus"], o["criterion"], o["analysis"], o["verification"],
+                                                o["evaluation"], o["deployment"], o["output"], o["scale"]],
                                help="scan a model, trace its massive activations, write the report")
     scan.add_argument("model", nargs="?", help="hub id, model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    scan.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences)")
-    scan.add_argument("--file", help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")
-    scan.add_argument("--out", type=Path, help="output directory (default: ./massact-report/<model>/)")
-    scan.add_argument("--device-map", help="spread a large model over the devices (accelerate): auto, balanced, sequential")
-    scan.add_argument("--trust-remote-code", action="store_true",
-                      help="let the model directory's own Python code define its classes (runs that code)")
-    scan.add_argument("--top-k", type=int, default=5, help="largest activations listed per block")
-    scan.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
-    scan.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
-    scan.add_argument("--top-neurons", type=int, default=10, help="neurons listed in the attribution")
-    scan.add_argument("--chain-depth", type=int, default=3,
-                      help="links followed back from the writing neuron toward the token in the trigger chain")
-    scan.add_argument("--super-weight-steps", type=int, default=5,
-                      help="super weights zeroed one after another per dim, at most (with --verify)")
-    scan.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]]: a save_to_disk directory, a local folder of data files, or a hub name")
-    scan.add_argument("--max-texts", type=int, help="scan at most this many texts")
-    scan.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows (default: refuse texts longer than the context)")
-    scan.add_argument("--checkpoint-every", type=int, default=50,
-                      help="write the scan's merged state to OUT/scan-state.pt every N batches (removed when the scan ends)")
-    scan.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT/scan-state.pt")
-    scan.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan (padding is never counted)")
-    scan.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                      help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
-    scan.add_argument("--super-expert-quantile", type=float,
-                      help="a mixture of experts' super expert: max |output| above this quantile of all experts' (default 0.995)")
-    scan.add_argument("--super-expert-fraction", type=float, help="... and above this fraction of the largest (default 0.1)")
-    scan.add_argument("--super-expert-depth", type=float, help="... in the first this-share of the blocks (default 0.75)")
-    scan.add_argument("--quant", action="store_true",
-                      help=f"also measure what weight and activation quantization do (section {section('quantization').number})")
-    quant = commands.add_parser("quant", parents=[*common, shared["quant"]],
+    checks = _group(scan, "verification")
+    checks.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
+    checks.add_argument("--super-weight-steps", type=int, help="super weights zeroed one after another per dim, at most "
+                                                                f"({_default('super_weight_steps')})")
+    _group(scan, "deployment").add_argument("--quant", action="store_true",
+                                            help="also measure what weight and activation quantization do "
+                                                 f"(section {section('quantization').number})")
+    _group(scan, "output").add_argument("--out", type=Path, help="output directory (default: ./massact-report/<model>/)")
+    _full(scan)
+    scale = _group(scan, "scale")
+    scale.add_argument("--checkpoint-every", type=int, help="write the scan's merged state to OUT/scan-state.pt every N batches "
+                                                            f"(removed when the scan ends; {_default('checkpoint_every')})")
+    scale.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT/scan-state.pt")
+    quant = commands.add_parser("quant", parents=[o["model"], o["evaluation"], o["deployment"], o["output"]],
                                 help="quantization sweep and precision headroom, on a model or a saved report")
-    quant.add_argument("target", nargs="?", help="a report directory (report.json), or a model as for scan (default: embedded SmolLM2-135M-Instruct)")
-    quant.add_argument("--protect", type=Path, help="a protect.json to use instead of scanning the model (with a MODEL)")
-    quant.add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); a report directory is updated in place")
-    verify = commands.add_parser("verify", parents=[*common, shared["screen"], shared["sinks"]],
+    quant.add_argument("target", nargs="?", help="a report directory (report.json), or a model as for scan "
+                                                 "(default: embedded SmolLM2-135M-Instruct)")
+    _group(quant, "deployment").add_argument("--protect", type=Path,
+                                             help="a protect.json to use instead of scanning the model (with a MODEL)")
+    _group(quant, "output").add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); "
+                                                                  "a report directory is updated in place")
+    verify = commands.add_parser("verify", parents=[o["model"], o["verification"], o["evaluation"], o["output"]],
                                  help="re-run a saved report with verification and its saved settings, writing it back in place")
     verify.add_argument("report_dir", type=Path, help="a directory holding report.json from massact scan")
+    _full(verify)
     show = commands.add_parser("show", help="print a saved report, its one-screen summary, or one section")
     show.add_argument("report_dir", type=Path, help="a directory holding report.json")
     show.add_argument("--section", help=f"one section by name or number: {names()}")
     show.add_argument("--summary", action="store_true", help="the one-screen summary that massact scan prints")
-    track = commands.add_parser("track", parents=common,
+    track = commands.add_parser("track", parents=[o["model"], o["corpus"], o["criterion"], o["analysis"], o["verification"],
+                                                  o["evaluation"], o["output"], o["scale"]],
                                 help="scan checkpoints of one model (a training history, base and fine-tune) and align them")
     track.add_argument("specs", nargs="+", metavar="SPEC",
                        help="a model directory, a .gguf file, a hub ID@REVISION, a directory of Trainer checkpoint-<step>/ "
                             "folders, or a training monitor's .jsonl file (then only .jsonl files)")
-    track.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences)")
-    track.add_argument("--file", help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")
-    track.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]], as for scan")
-    track.add_argument("--max-texts", type=int, help="scan at most this many texts")
-    track.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows")
-    track.add_argument("--out", type=Path, default=Path("massact-report") / "track",
-                       help="output directory: track.json/.txt/.html and the figures, one report folder per checkpoint")
-    track.add_argument("--top-k", type=int, default=5, help="largest activations listed per block")
-    track.add_argument("--min-abs", type=float, default=100.0, help="massive: |a| at least this")
-    track.add_argument("--min-ratio", type=float, default=1000.0, help="massive: |a| at least this times the median |a|")
-    track.add_argument("--top-neurons", type=int, default=10, help="neurons listed in each checkpoint's attribution")
-    track.add_argument("--batch-size", type=int, default=8, help="texts per forward pass of the scan")
-    track.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
-                       help="verify each checkpoint by intervention and measure its attention sink (default: off)")
-    profile = commands.add_parser("profile", parents=[shared["model"]],
-                                  help="profile.json: per block the massive dims, the rules that predict their carriers, the outlier severity")
+    _group(track, "output").add_argument("--out", type=Path, default=Path("massact-report") / "track",
+                                         help="output directory: track.json/.txt/.html and the figures, one report folder per checkpoint")
+    _group(track, "verification").add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
+                                               help="verify each checkpoint by intervention and measure its attention sink (default: off)")
+    profile = commands.add_parser("profile", parents=[o["model"], o["corpus"], o["criterion"], o["scale"]],
+                                  help="profile.json: per block the massive dims, the rules that predict their carriers, "
+                                       "the outlier severity")
     profile.add_argument("target", nargs="?", help="a report directory (report.json: its model and texts), or a model as for scan "
                                                    "(default: embedded SmolLM2-135M-Instruct)")
-    profile.add_argument("--text", action="append", help="a text to scan (repeatable; default: built-in sentences, or the report's)")
-    profile.add_argument("--file", help="UTF-8 file of texts: one per line, or paragraphs separated by blank lines")
-    profile.add_argument("--dataset", help="Hugging Face dataset NAME[:CONFIG[:SPLIT]], as for scan")
-    profile.add_argument("--max-texts", type=int, help="scan at most this many texts")
-    profile.add_argument("--max-length", type=int, help="split texts longer than this many tokens into windows")
-    profile.add_argument("--batch-size", type=int, help="texts per forward pass (default 8)")
-    profile.add_argument("--min-abs", type=float, help="massive: |a| at least this (default 100; a report's own)")
-    profile.add_argument("--min-ratio", type=float, help="massive: |a| at least this times the median |a| (default 1000; a report's own)")
-    profile.add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); a report "
-                                                  "directory gets profile.json beside report.json")
-    profile.add_argument("--quiet", action="store_true", help="only the path written")
+    output = profile.add_argument_group("output")
+    output.add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); a report "
+                                                 "directory gets profile.json beside report.json")
+    output.add_argument("--quiet", action="store_true", help="only the path written")
     protect = commands.add_parser("protect", help="a protect.json in the configuration a quantization engine takes")
     protect_commands = protect.add_subparsers(dest="action", required=True, parser_class=_Parser)
     export = protect_commands.add_parser("export", help="write the engine's configuration that keeps the protect list's "
@@ -223,21 +259,13 @@ def _scan(args) -> int:
     from .models.loading import DEFAULT_NAME
     from .report.atomic import check_writable
     from .report.files import parse_formats, slug
-    from .texts import Corpus
 
-    if args.max_texts is not None:
-        whole("max_texts", args.max_texts, 1)
-    settings = ScanSettings(
-        top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
-        chain_depth=args.chain_depth, super_weight_steps=args.super_weight_steps, batch_size=args.batch_size,
-        max_length=args.max_length, checkpoint_every=args.checkpoint_every, verify=bool(args.verify),
-        eval_file=_eval_file(args.eval_file), **_given(args, "sink_epsilon", "quant", "quant_grid", "clip_z", "block_size",
-                                                        "engines", "dtype", "device", "super_expert_quantile", "super_expert_fraction",
-                                                        "super_expert_depth")).check()
+    settings = ScanSettings(verify=bool(args.verify), eval_file=_eval_file(args.eval_file),
+                            **_given(args, *_SCAN_OPTIONS, "quant", "quant_grid", "clip_z", "block_size", "engines", "super_weight_steps",
+                                     "chain_depth", "checkpoint_every", "super_expert_quantile", "super_expert_fraction",
+                                     "super_expert_depth")).check()
     formats = parse_formats(args.format)
-    # Absolute, so that `massact verify` can read the file again from anywhere.
-    file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
-    texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
+    texts = _corpus(args)
     texts.check()  # read input before the slow model load, so bad input fails fast
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     check_writable(out)  # before the slow model load and scan
@@ -254,15 +282,12 @@ def _track(args) -> int:
     from .report.files import parse_formats
     from .report.text import terminal
     from .report.track import renderables, write_track
-    from .texts import Corpus
     from .track import monitor, specs
     from .track.run import run
 
-    if args.max_texts is not None and args.max_texts < 1:
-        raise UsageError("--max-texts must be at least 1")
-    settings = ScanSettings(top_k=args.top_k, min_abs=args.min_abs, min_ratio=args.min_ratio, top_neurons=args.top_neurons,
-                            batch_size=args.batch_size, max_length=args.max_length, verify=args.verify,
-                            eval_file=_eval_file(args.eval_file), **_given(args, "dtype", "device")).check()
+    settings = ScanSettings(verify=args.verify, eval_file=_eval_file(args.eval_file),
+                            **_given(args, *_SCAN_OPTIONS, "chain_depth", "super_expert_quantile", "super_expert_fraction",
+                                     "super_expert_depth", "sink_epsilon")).check()
     formats = parse_formats(args.format)
     journals = [spec for spec in args.specs if spec.endswith(".jsonl")]
     check_writable(args.out)
@@ -273,8 +298,7 @@ def _track(args) -> int:
         track = monitor.timeline(monitor.read_journals([Path(path) for path in journals]), ", ".join(journals))
     else:
         checkpoints = specs.expand(args.specs)  # every SPEC checked before any model loads
-        file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
-        texts = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
+        texts = _corpus(args)
         texts.check()
         with _progress(_bars(args.quiet)) as progress:
             track = run(checkpoints, texts, settings, args.out, log, progress, formats)
@@ -295,10 +319,7 @@ def _profile(args) -> int:
     from .report.atomic import check_writable, write_file
     from .report.files import slug
     from .report.schema import load_report, write_profile
-    from .texts import Corpus
 
-    if args.max_texts is not None:
-        whole("max_texts", args.max_texts, 1)
     report = None
     if args.target and (Path(args.target) / "report.json").is_file():
         report = load_report(Path(args.target))
@@ -313,9 +334,7 @@ def _profile(args) -> int:
     else:
         out, spec = args.out or Path("massact-report") / slug(args.target or DEFAULT_NAME), args.target
         settings = ScanSettings(**_given(args, "dtype", "device", "batch_size", "min_abs", "min_ratio", "max_length")).check()
-    file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
-    given = Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
-    texts = given if (args.text or args.file or args.dataset) or report is None else None
+    texts = _corpus(args) if (args.text or args.file or args.dataset) or report is None else None
     if texts is not None:
         texts.check()
     check_writable(out)
@@ -333,20 +352,32 @@ def _profile(args) -> int:
 
 def _protect(args) -> int:
     """massact protect export: the protect list as one engine's configuration, written as JSON."""
-    import json
-
     from .analysis.deploy.exports import export
     from .report.atomic import write_file
-    from .report.schema import load_protect
+    from .report.schema import load_protect, write_export
 
-    config = export(load_protect(args.protect), args.engine, args.gguf_arch)
-    text = json.dumps(config, indent=2) + "\n"
+    text = write_export(export(load_protect(args.protect), args.engine, args.gguf_arch)) + "\n"
     if args.out is None:
         sys.stdout.write(text)
         return 0
     write_file(args.out, text)
     print(f"wrote {args.out}")
     return 0
+
+
+# The options scan, track and profile share, as ScanSettings fields.
+_SCAN_OPTIONS = ("top_k", "min_abs", "min_ratio", "top_neurons", "batch_size", "max_length", "sink_epsilon", "dtype", "device")
+
+
+def _corpus(args):
+    """The texts the corpus options name. A file's path is made absolute, so that `massact verify` reads it again
+    from anywhere."""
+    from .texts import Corpus
+
+    if args.max_texts is not None:
+        whole("max_texts", args.max_texts, 1)
+    file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
+    return Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
 
 
 def _given(args, *names: str) -> dict:
@@ -380,10 +411,10 @@ def _quant(args) -> int:
 
 def _quant_report(directory: Path, args, formats: set[str]) -> int:
     """The sweep on a saved report's model with the report's settings (the options given here override them)."""
-    from .analysis.deploy import protect as protect_list
-    from .analysis.deploy.precision import headroom
-    from .analysis.deploy.quant import measure
+    from .analysis.deploy.protect import check_model
+    from .analysis.results import build_protect, check_report_model
     from .models.loading import load
+    from .pipeline import deploy_stage
     from .report.files import write_report
     from .report.schema import load_protect, load_report
     from .report.text import quantization_text
@@ -392,17 +423,15 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
     settings = _saved_settings(report, directory).replace(
         quant=True, **_given(args, "quant_grid", "clip_z", "block_size", "engines", "dtype", "device"),
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
-    protect = load_protect(args.protect) if args.protect else protect_list.build(report)
+    protect = load_protect(args.protect) if args.protect else build_protect(report)
     lm = load(report.model.source, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
     # The model at the report's source must still be the one it was made with: its weights and super weights, as saved.
-    protect_list.check_report_model(report, lm, str(directory / "report.json"))
+    check_report_model(report, lm, str(directory / "report.json"))
     if args.protect:
-        protect_list.check_model(protect, lm, str(args.protect))
+        check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
-        report.quantization = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress,
-                        engines=tuple(settings.engines))
-    report.precision = headroom(report.layers)
+        deploy_stage(lm, report, settings, eval_text, progress, protect=protect)
     report.settings = settings
     written = write_report(report, directory, formats)
     if not args.quiet:
@@ -414,14 +443,12 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
 
 def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -> int:
     """A model and its protect.json: the sweep alone, written as quantization.json / .txt / .png (no whole report)."""
-    import json
-
     from .analysis.deploy.protect import check_model
-    from .analysis.deploy.quant import measure
     from .models.loading import load
+    from .pipeline import quantize
     from .report.atomic import write_set
     from .report.plots import quantization_figure
-    from .report.schema import load_protect, to_data
+    from .report.schema import load_protect, write_quantization
     from .report.text import quantization_text
 
     protect = load_protect(args.protect)
@@ -429,11 +456,10 @@ def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -
     check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
-        result = measure(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size, progress,
-                        engines=tuple(settings.engines))
+        result = quantize(lm, protect, settings, eval_text, progress)
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
-        contents["quantization.json"] = json.dumps({"quantization": to_data(result)}, indent=2, ensure_ascii=False) + "\n"
+        contents["quantization.json"] = write_quantization(result) + "\n"
     if formats & {"txt", "html"}:
         contents["quantization.txt"] = quantization_text(result, None)
     if "png" in formats:
@@ -472,7 +498,9 @@ def _log(quiet: bool):
 
 def _bars(quiet: bool) -> bool:
     """No bars in a pipe, a log file or CI, and one set only in a multi-process launch."""
-    return not quiet and sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
+    from .launch import launch
+
+    return not quiet and sys.stderr.isatty() and launch()[0] == 0
 
 
 def _verify(args) -> int:
@@ -496,9 +524,10 @@ def _verify(args) -> int:
 
 
 def _show(args) -> int:
-    from .report.schema import load_report
-    from .report.text import print_section, print_report, terminal
     from .report import summary
+    from .report.files import saved_text
+    from .report.schema import load_report
+    from .report.text import print_report, print_section, terminal
 
     if args.section is not None:
         try:
@@ -511,7 +540,12 @@ def _show(args) -> int:
     elif args.section is not None:
         print_section(report, section(args.section).key, terminal())
     else:
-        print_report(report, terminal())
+        # The report's own report.txt where it is there: laying out its 600 lines again costs more than reading them.
+        saved = saved_text(args.report_dir)
+        if saved is not None:
+            sys.stdout.write(saved)
+        else:
+            print_report(report, terminal())
     return 0
 
 
@@ -553,7 +587,7 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
               trust_remote_code=trust_remote_code)
     quantization = None
     if saved is not None:
-        from .analysis.deploy.protect import check_report_model
+        from .analysis.results import check_report_model
 
         check_report_model(saved, lm, str(out / "report.json"))
         quantization = saved.quantization

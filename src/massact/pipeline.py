@@ -3,47 +3,45 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import __version__
-from .analysis.causal.embeddings import headless
+from .analysis.causal.embeddings import EmbeddingEvaluation, headless
+from .analysis.causal.evaluation import Evaluation, evaluation_for
+from .analysis.causal.experts import prune as prune_experts
 from .analysis.causal.perplexity import default_eval_text, eval_windows
 from .analysis.causal.superweights import all_super_weights
-from .analysis.causal.evaluation import evaluation_for
-from .analysis.causal.experts import prune as prune_experts
-from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify as verify_report
-from .analysis.conclusion import conclude
+from .analysis.causal.verification import MAX_INPUTS, replacement_values
+from .analysis.causal.verification import verify as verify_report
+from .analysis.conclusion import NO_MASK_TOKEN, conclude
 from .analysis.deploy.precision import headroom
-from .analysis.deploy.protect import build as build_protect, check_report_model
 from .analysis.deploy.quant import measure as measure_quantization
-from .analysis.deploy.results import Quantization
+from .analysis.deploy.results import Protect, Quantization
 from .analysis.detect.results import DimSummary, LayerStats, Massive
 from .analysis.detect.resume import scan_identity
-from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers
+from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers, scan_warnings
+from .analysis.detect.windows import Counts, collect, windows
 from .analysis.function.sinks import sink_analysis
 from .analysis.mechanism.experts import find as super_experts
 from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines
+from .analysis.mechanism.results import ExpertPruning
 from .analysis.profile import build as profiling
 from .analysis.profile.results import Profile
-from .analysis.results import CorpusInfo, CorpusSpec, ModelInfo, Report
+from .analysis.results import CorpusInfo, CorpusSpec, Report, build_protect, check_report_model
 from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
 from .errors import UsageError
-from .models.adapters.base import layer_types, weight_out_in
 from .models.identity import weights_sha256
+from .models.info import model_info
 from .models.loading import LoadedModel, load, wrap
 from .settings import Criterion, ScanSettings
 from .texts import Corpus, read_eval_file
-
-CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
-
 
 # progress(stage, total or None) returns the function to call after each step of that stage.
 Progress = Callable[[str, "int | None"], Callable[[], None]]
@@ -171,8 +169,8 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
     identity = "" if checkpoint is None else scan_identity(lm, top_k=settings.top_k, min_abs=settings.min_abs,
                                                            min_ratio=settings.min_ratio, max_length=settings.max_length,
                                                            batch_size=settings.batch_size)
-    layer_scan = scan_layers(lm, stream, CANDIDATES, lambda _: advance(), settings.batch_size, checkpoint,
-                             settings.checkpoint_every, resume, identity)
+    layer_scan = scan_layers(lm, stream, on_window=lambda _: advance(), batch_size=settings.batch_size, checkpoint=checkpoint,
+                             every=settings.checkpoint_every, resume=resume, identity=identity)
     rank, world = distributed_rank()
     if world > 1:
         release_processes()  # the statistics are merged and no collective follows: a process may now end cleanly
@@ -187,10 +185,8 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
                                      default=LogHistogram.rel_error)
     layers = layer_stats(layer_scan, tokens, settings.top_k)
     massive = detect(layer_scan, tokens, criterion)
-    warnings = _scan_warnings(layer_scan, massive)
-    if counts.windows > counts.texts:
-        warnings.append(f"{counts.texts} text(s) were split into {counts.windows} windows of at most {settings.max_length} "
-                        "tokens; each window is scanned as a text of its own")
+    split = counts.split_warning(settings.max_length)
+    warnings = scan_warnings(layer_scan, massive) + ([split] if split else [])
     n_tokens = round(layer_scan.histograms[0].total / lm.config.hidden_size)
     spec = CorpusSpec(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts,
                       max_length=settings.max_length)
@@ -219,9 +215,13 @@ def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings) -
 def trigger_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings) -> None:
     """Why each dim fires on its carrier: the writing neurons' sources and the chain back toward the token (patched
     when verifying), the birth block's state on the carrier's text, and each dim at every block and token (the page's token view)."""
-    report.trigger = triggers(lm, report, inputs, settings.chain_depth, patch=settings.verify)
-    report.birth_state = birth_state(lm, report, inputs)
-    report.token_values = token_values(lm, report, inputs)
+    report.trigger = triggers(lm, inputs, settings.chain_depth, patch=settings.verify, lifelines=report.lifeline,
+                              origin=report.origin, attribution=report.attribution, experts=report.experts,
+                              tokens=report.tokens, massive=report.massive, windows=report.corpus.windows,
+                              medians=[s.median for s in report.layers], criterion=report.criterion)
+    report.birth_state = birth_state(lm, inputs, dims=report.dims, origin=report.origin, massive=report.massive,
+                                     tokens=report.tokens)
+    report.token_values = token_values(lm, inputs, dims=report.dims, lifelines=report.lifeline)
 
 
 def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings,
@@ -231,34 +231,52 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
     model grows a sink without a massive activation (gated attention, learned sinks) is a finding too."""
     if not settings.verify:
         return
+    medians = [s.median for s in report.layers]
     if not report.dims:
-        report.attention = sink_analysis(lm, report, inputs, settings.sink_epsilon)
+        report.attention = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens,
+                                         criterion=report.criterion, epsilon=settings.sink_epsilon)
         if report.super_experts is not None and report.super_experts.found:
-            evaluation = evaluation_for(lm, report, eval_text or default_eval_text())
-            report.super_experts.pruning = prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon, report.super_experts)
+            evaluation = evaluation_for(lm, eval_text or default_eval_text(), dims=report.dims, attribution=report.attribution,
+                                        experts=report.experts)
+            report.super_experts.pruning = _prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon)
         return
     if lm.adapter.encoder and not headless(lm) and lm.tokenizer.mask_token_id is None:
-        report.warnings.append("verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured")
+        report.warnings.append(NO_MASK_TOKEN)
         return
     source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
     text = eval_text or default_eval_text()
-    evaluation = evaluation_for(lm, report, text)  # one scoring, its passes shared by the interventions and super weights
-    report.verification = verify_report(lm, report, inputs, text, source, progress("interventions", None), evaluation)
-    report.attention = sink_analysis(lm, report, inputs, settings.sink_epsilon, replacement_values(report))
-    report.super_weights = all_super_weights(lm, report, inputs, text, settings.super_weight_steps,
-                                             progress("super weights, zeroed one by one", None), evaluation)
+    # One scoring, its passes shared by the interventions and the super weights.
+    evaluation = evaluation_for(lm, text, dims=report.dims, attribution=report.attribution, experts=report.experts)
+    report.verification = verify_report(lm, inputs, text, source, progress("interventions", None), evaluation, dims=report.dims,
+                                        medians=medians, criterion=report.criterion, massive=report.massive, texts=report.texts,
+                                        attribution=report.attribution, experts=report.experts)
+    report.attention = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens,
+                                     criterion=report.criterion, epsilon=settings.sink_epsilon,
+                                     replacements=replacement_values(report.dims, report.massive))
+    report.super_weights = all_super_weights(lm, inputs, evaluation, report.verification.baseline_perplexity,
+                                             lifelines=report.lifeline, attribution=report.attribution, medians=medians,
+                                             criterion=report.criterion, steps=settings.super_weight_steps,
+                                             step_done=progress("super weights, zeroed one by one", None))
     if report.super_experts is not None:  # a mixture of experts: its super experts pruned, against a random control
-        report.super_experts.pruning = prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon, report.super_experts)
+        report.super_experts.pruning = _prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon)
 
 
 def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_text: str | None, progress: Progress,
-                 earlier: Quantization | None = None) -> None:
-    """Float16 and bfloat16 headroom always; with ``settings.quant``, the quantization sweep (``earlier`` where it
-    was measured on the same inputs)."""
+                 earlier: Quantization | None = None, protect: Protect | None = None) -> None:
+    """Float16 and bfloat16 headroom always; with ``settings.quant``, the quantization sweep of ``protect`` (default:
+    the report's own protect list, where it found massive dims; ``earlier`` where it was measured on the same inputs)."""
     report.precision = headroom(report.layers)
-    if settings.quant and report.dims:
-        report.quantization = measure_quantization(lm, build_protect(report), eval_text, settings.quant_grid,
-                                                   settings.clip_z, settings.block_size, progress, earlier, tuple(settings.engines))
+    if settings.quant and (report.dims or protect is not None):
+        report.quantization = quantize(lm, protect or build_protect(report), settings, eval_text, progress, earlier)
+
+
+def quantize(lm: LoadedModel, protect: Protect, settings: ScanSettings, eval_text: str | None = None,
+             progress: Progress | None = None, earlier: Quantization | None = None) -> Quantization:
+    """The quantization sweep of ``lm`` with ``protect`` held out (``settings.quant_grid``, ``clip_z``, ``block_size``
+    and the real ``engines``), on ``eval_text`` (None: the shipped sample); ``earlier`` is kept where it was measured
+    on the same inputs."""
+    return measure_quantization(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size,
+                                progress or _silent, earlier, tuple(settings.engines))
 
 
 def check_arguments(model, texts, tokenizer, settings) -> None:
@@ -290,126 +308,12 @@ def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
     return load(None if model is None else str(model), dtype=dtype, device=device)
 
 
-class Window(NamedTuple):
-    """One forward pass's worth of a text: the text's index and words, and the ids [1, n] of this window of it."""
-
-    text_index: int
-    text: str
-    ids: torch.Tensor
-    split: bool  # the text is longer than --max-length, so this window holds part of it
-
-
-@dataclass
-class Counts:
-    """How many texts and windows a pass over the corpus has read so far."""
-
-    texts: int = 0
-    windows: int = 0
-
-
-def _check_max_length(lm: LoadedModel, max_length: int | None) -> None:
-    context = getattr(lm.config, "max_position_embeddings", None)
-    if max_length is not None and (max_length < 2 or (context and max_length > context)):
-        raise UsageError(f"--max-length must be between 2 and the model's context ({context} tokens)")
-
-
-def windows(
-    lm: LoadedModel, texts: Iterable[str], max_length: int | None = None, counts: Counts | None = None
-) -> Iterator[Window]:
-    """Each window to scan, tokenized one text at a time as they are consumed.
-
-    Without ``max_length`` a text longer than the model's context is refused. With it, a longer text is split into
-    consecutive windows of at most ``max_length`` tokens, each scanned as a text of its own (never truncated).
-    """
-    _check_max_length(lm, max_length)
-    context = getattr(lm.config, "max_position_embeddings", None)
-    for index, text in enumerate(texts):
-        ids = lm.tokenizer(text, return_tensors="pt").input_ids
-        if ids.shape[1] == 0:
-            raise UsageError(f"text {index + 1} has no tokens")
-        if max_length is None and context and ids.shape[1] > context:
-            raise UsageError(
-                f"text {index + 1} has {ids.shape[1]} tokens, more than the model's context of {context}: split it, or pass --max-length"
-            )
-        parts = [ids] if max_length is None else list(ids.split(max_length, dim=1))
-        if counts is not None:
-            counts.texts, counts.windows = counts.texts + 1, counts.windows + len(parts)
-        for window in parts:
-            yield Window(index, text, window, len(parts) > 1)
-
-
-def collect(
-    lm: LoadedModel, texts: Iterable[str], max_length: int | None, wanted: set[int]
-) -> tuple[dict[int, str], dict[int, torch.Tensor], dict[int, list[str]]]:
-    """For the wanted window indices only: the window's text, its token ids, its decoded tokens. Reads the corpus
-    again, lazily, and stops after the last wanted window."""
-    found: tuple[dict, dict, dict] = ({}, {}, {})
-    last = max(wanted, default=-1)
-    for number, window in enumerate(windows(lm, texts, max_length)):
-        if number > last:
-            break
-        if number in wanted:
-            found[0][number] = lm.tokenizer.decode(window.ids[0]) if window.split else window.text
-            found[1][number] = window.ids
-            found[2][number] = [lm.tokenizer.decode([i]) for i in window.ids[0].tolist()]
-    return found
-
-
-def model_info(lm: LoadedModel) -> ModelInfo:
-    config = lm.config
-    n_layers = len(lm.adapter.blocks(lm.model))
-    sparse = next((layer for layer in range(n_layers) if lm.at(layer).moe is not None), None)
-    if sparse is not None:  # one expert's width
-        moe = lm.at(sparse).moe
-        down = lm.adapter.module(lm.model, sparse, f"{moe.block}.{moe.experts.path}").down_proj
-        d_mlp = down.shape[-2] if moe.experts.transposed else down.shape[-1]
-    else:
-        d_mlp = weight_out_in(lm.adapter.module(lm.model, 0, lm.adapter.mlp_down)).shape[1]
-    return ModelInfo(
-        name=lm.name,
-        architecture=type(lm.model).__name__,
-        family=lm.adapter.family,
-        n_layers=n_layers,
-        d_model=config.hidden_size,
-        d_mlp=d_mlp,
-        n_heads=config.num_attention_heads,
-        gated=lm.adapter.gated or sparse is not None,  # experts are gated MLPs
-        dtype=str(lm.dtype).removeprefix("torch."),
-        device=str(lm.device),
-        source=lm.source,
-        stream=lm.adapter.stream,
-        notes=lm.adapter.notes,
-        weights_sha256=weights_sha256(lm.model),
-        blocks=block_kinds(lm),
-    )
-
-
-def block_kinds(lm: LoadedModel) -> list[str]:
-    """Per block, its mixer, its kind of attention (the config's layer types, where they vary) and whether it sees
-    positions; [] where every block is the same."""
-    words = {"attention": "attention", "linear": "linear attention", "conv": "convolution"}
-    kinds = []
-    for layer in range(len(lm.adapter.blocks(lm.model))):
-        here = lm.at(layer)
-        detail = [layer_types(lm.config, layer).replace("_attention", "")] if here.mixer == "attention" else []
-        detail += [] if here.positions else ["no positions"]
-        detail = [d for d in detail if d]
-        kinds.append(words[here.mixer] + (f" ({', '.join(detail)})" if detail else ""))
-    return kinds if len(set(kinds)) > 1 else []
-
-
-def _scan_warnings(layer_scan, massive: list[Massive]) -> list[str]:
-    warnings = []
-    if layer_scan.nonfinite:
-        layer, text, position, dim = layer_scan.nonfinite
-        warnings.append(
-            f"non-finite activation (inf/nan) first at block {layer}, text {text}, position {position}, dim {dim}:"
-            " the dtype overflowed; use bfloat16 or float32"
-        )
-    full = [layer for layer in {m.layer for m in massive} if sum(m.layer == layer for m in massive) >= CANDIDATES]
-    if full:
-        warnings.append(f"blocks {sorted(full)} have more than {CANDIDATES} massive entries; only the largest are listed")
-    return warnings
+def _prune_experts(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation,
+                   epsilon: float) -> list[ExpertPruning]:
+    """The report's super experts pruned, and a random control (``massact.analysis.causal.experts.prune``)."""
+    return prune_experts(lm, inputs, evaluation, epsilon, report.super_experts, dims=report.dims, lifelines=report.lifeline,
+                         medians=[s.median for s in report.layers], criterion=report.criterion, massive=report.massive,
+                         tokens=report.tokens)
 
 
 def _versions() -> dict[str, str]:

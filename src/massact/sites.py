@@ -39,6 +39,10 @@ SITES: tuple[str, ...] = (
     "resid_sum",
 )
 
+# The sites massive activations can be detected in (an adapter's ``stream``): each block's output, or in post-LN blocks
+# the residual sum before the block's last LayerNorm.
+STREAMS: tuple[str, ...] = ("resid_out", "resid_sum")
+
 # TransformerLens names. "mlp.hook_pre" is the pre-activation: the gate in a gated MLP, else the up projection.
 _TL_ALIASES = {
     "hook_resid_pre": "resid_in",

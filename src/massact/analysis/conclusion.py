@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from .mechanism.experts import SuperExperts
-from .mechanism.lifeline import overshoots
-from .mechanism.moe import MoeAttribution
-from .detect.results import DimSummary
-from .mechanism.results import Lifeline, NormFactors, Phase
-from .results import Report
-from .causal.results import SuperWeightStep
-from .trigger.results import Trigger
 from ..numbers import short
+from .causal.results import SuperWeightStep
+from .detect.results import DimSummary
+from .mechanism.results import Lifeline, MoeAttribution, NormFactors, Phase, SuperExperts
+from .results import Report
+from .trigger.results import Trigger
+
+# Said in the warnings where a scan cannot verify: an encoder whose tokenizer has no mask token to score with.
+NO_MASK_TOKEN = "verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured"
 
 
 _PLACES = {
@@ -44,7 +44,8 @@ def _rank(rank: int, entries: int) -> str:
 def _norm_words(n: NormFactors, written: str, post_ln: bool) -> list[str]:
     if post_ln:
         return [f"It exists only before the LayerNorm {n.parameter.removesuffix('.weight')}.",
-                f"That norm scales it by {n.normalization:.3g} (1/std) x gain {n.gain:.3g}, to {short(n.landed, True)} in the block output."]
+                f"That norm scales it by {n.normalization:.3g} (1/std) x gain {n.gain:.3g}, to {short(n.landed, True)} in the block "
+                "output."]
     factors = f"raw {short(n.raw, True)} x normalisation {n.normalization:.3g} x gain {n.gain:.4g} = {short(n.landed, True)}"
     if n.amplifier:
         return [f"The {written}'s own norm is the amplifier: {factors}.",
@@ -85,9 +86,10 @@ def super_expert_words(s: SuperExperts) -> list[str]:
         who = "Pruning them" if p.kind == "super" else "Pruning as many random experts of the same blocks"
         ratio = f"multiplies perplexity by {p.perplexity_ratio:,.2f}, " if p.perplexity_ratio is not None else ""
         left = f"leaves dims {', '.join(map(str, p.massive_dims))} massive" if p.massive_dims else "leaves no dim massive"
-        decay = "" if p.sink_decay is None else (f", and the attention on the sink tokens falls by {p.sink_decay:.0%}" if p.sink_decay >= 0.005
-                                                  else f", and the attention on the sink tokens rises by {-p.sink_decay:.0%}" if p.sink_decay <= -0.005
-                                                  else ", and the attention on the sink tokens barely changes")
+        sink = ", and the attention on the sink tokens"
+        decay = "" if p.sink_decay is None else (f"{sink} falls by {p.sink_decay:.0%}" if p.sink_decay >= 0.005
+                                                  else f"{sink} rises by {-p.sink_decay:.0%}" if p.sink_decay <= -0.005
+                                                  else f"{sink} barely changes")
         out.append(f"{who} {ratio}{left}{decay}.")
     return out
 
@@ -184,7 +186,8 @@ def _trigger_words(trigger: Trigger) -> list[tuple[str, str]]:
         return []
     name = lambda link: "gate" if link.site == "mlp_gate" else "pre-activation"
     of = f" of expert {first.expert}" if first.expert is not None else ""
-    out = [("trigger", f"Neuron {first.index}{of} fires at token {trigger.position} because its {name(first)} is {short(first.value, True)} "
+    out = [("trigger",
+            f"Neuron {first.index}{of} fires at token {trigger.position} because its {name(first)} is {short(first.value, True)} "
                        f"there, against {short(first.value_others, True)} on average at the other tokens.")]
     if trigger.router is not None:
         r = trigger.router
@@ -192,13 +195,15 @@ def _trigger_words(trigger: Trigger) -> list[tuple[str, str]]:
                                f"{short(r.others_mean, True)} on average at the other tokens."))
     previous = first
     for link in rest:
-        step = f"Of that {name(previous)}, {link.source} gives {short(link.source_here, True)} there ({short(link.source_others, True)} elsewhere)"
+        step = (f"Of that {name(previous)}, {link.source} gives {short(link.source_here, True)} there "
+                f"({short(link.source_others, True)} elsewhere)")
         previous = link
         if link.kind == "neuron":
             step += (f", {short(link.feeds, True)} through neuron {link.index}, whose {name(link)} is {short(link.value, True)} there "
                      f"({short(link.value_others, True)} elsewhere)")
         elif link.kind == "head" and link.attends:
-            step += f", {short(link.feeds, True)} through head {link.index}, which attends to {link.attends[0][1]!r} ({link.attends[0][2]:.0%})"
+            step += (f", {short(link.feeds, True)} through head {link.index}, which attends to {link.attends[0][1]!r} "
+                     f"({link.attends[0][2]:.0%})")
         elif link.kind != "mlp":
             step += ", straight from the token"
         out.append(("chain", step + "."))
@@ -208,13 +213,15 @@ def _trigger_words(trigger: Trigger) -> list[tuple[str, str]]:
     if patch is not None:
         out.append(("patching", f"Replacing {patch.source}'s output there by its mean over the other tokens changes the {name(first)} "
                                 f"by {short(patch.total, True)} ({short(patch.direct, True)} directly) and leaves "
-                                f"{short(patch.value_birth, True)} at the birth block ({'still massive' if patch.still_massive else 'not massive'})."))
+                                f"{short(patch.value_birth, True)} at the birth block "
+                                f"({'still massive' if patch.still_massive else 'not massive'})."))
     return out
 
 
 def _fate_words(summary: DimSummary, line: Lifeline) -> list[tuple[str, str]]:
     last, count = summary.persists[-1], len(summary.persists)
-    out = [("fate", f"It is massive in block {last} only." if count == 1 else f"It is massive in {count} blocks, {summary.born_at} to {last}.")]
+    out = [("fate",
+            f"It is massive in block {last} only." if count == 1 else f"It is massive in {count} blocks, {summary.born_at} to {last}.")]
     growth = [p for p in line.phases if p.name == "growth"]
     if growth:
         out.append(("fate", "It grows in " + ", ".join(map(_phase_words, growth)) + "."))
@@ -222,7 +229,7 @@ def _fate_words(summary: DimSummary, line: Lifeline) -> list[tuple[str, str]]:
     reversals = [p for p in line.phases if p.name == "reversal"]
     if erasure or not reversals:
         out.append(("erasure", ("It is erased by " + ", ".join(map(_phase_words, erasure)) + ".") if erasure else "It is never erased."))
-    for layer in overshoots(line):
+    for layer in _overshoots(line):
         out.append(("erasure", f"Block {layer} overshoots: it takes the value through zero, to {short(line.steps[layer].value, True)} "
                                "(not massive there)."))
     for phase in reversals:
@@ -236,10 +243,18 @@ def _fate_words(summary: DimSummary, line: Lifeline) -> list[tuple[str, str]]:
     return out
 
 
+def _overshoots(line: Lifeline) -> list[int]:
+    """The erasing blocks that take the value through zero (it leaves them with the other sign, not massive)."""
+    return [step.layer for step in line.steps if step.phase == "erasure" and step.layer
+            and step.value * line.steps[step.layer - 1].value < 0]
+
+
 def _super_weight_words(steps: list[SuperWeightStep]) -> list[str]:
     out = []
     for s in steps:
-        which = f"its super weight {s.weight.matrix}[{s.weight.row}, {s.weight.col}]" if s.step == 1 else f"[{s.weight.row}, {s.weight.col}] as well"
+        at = f"[{s.weight.row}, {s.weight.col}]"
+        which = f"its super weight {s.weight.matrix}{at}" if s.step == 1 else f"{at} as well"
         cost = f"; perplexity x{s.perplexity_ratio:,.2f}" if s.perplexity_ratio is not None else ""
-        out.append(f"Zeroing {which} leaves {short(s.value_birth, True)} at birth ({'still massive' if s.still_massive else 'not massive'}{cost}).")
+        state = "still massive" if s.still_massive else "not massive"
+        out.append(f"Zeroing {which} leaves {short(s.value_birth, True)} at birth ({state}{cost}).")
     return out

@@ -1,39 +1,22 @@
-"""The report as a whole: the model, the corpus and every stage's results, and its JSON form."""
+"""The report as a whole: the model, the corpus and every stage's results, and its JSON form; and what a saved
+report gives the stages that run again on it (its protect list, the check that a model is its own)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from ..models.info import ModelInfo
+from ..settings import Criterion, ScanSettings
 from .causal.results import SuperWeightStep, Verification
-from .deploy.results import Precision, Quantization
+from .deploy.results import Precision, Protect, Quantization
 from .detect.results import DimSummary, LayerStats, Massive
 from .function.results import AttentionSinks
-from .mechanism.experts import SuperExperts
-from .mechanism.results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, Origin, TokenValues
+from .mechanism.results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, Origin, SuperExperts, TokenValues
 from .trigger.results import Trigger
-from ..settings import Criterion, ScanSettings
 
-
-@dataclass(kw_only=True)
-class ModelInfo:
-    name: str
-    architecture: str
-    family: str
-    n_layers: int
-    d_model: int
-    d_mlp: int
-    n_heads: int
-    gated: bool
-    dtype: str
-    device: str
-    source: str | None = None  # what was loaded: a hub id, a path, or None for the embedded default
-    stream: str = "resid_out"  # the site massive activations are detected in (resid_sum for post-LN blocks)
-    notes: str = ""  # what the family's blocks do differently (parallel, sandwich norms, post-LN)
-    weights_sha256: str | None = None  # models.identity's digest of the weights scanned (in ``dtype``)
-    # Per block, what it is where the blocks differ (a hybrid's mixers, sliding or full attention, blocks without
-    # positions): e.g. "convolution", "attention (sliding)", "attention (full, no positions)"; empty where they do not.
-    blocks: list[str] = field(default_factory=list)
-
+if TYPE_CHECKING:
+    from ..models.loading import LoadedModel
 
 
 @dataclass(kw_only=True)
@@ -106,3 +89,20 @@ class Report:
         from ..report.html import card
 
         return card(self)
+
+
+def build_protect(report: Report) -> Protect:
+    """The protect list of a scan (protect.json): ``massact.analysis.deploy.protect.build`` on the report's fields."""
+    from .deploy.protect import build  # torch: only where a list is built, not where a report is read
+
+    return build(model=report.model, criterion=report.criterion, dims=report.dims, massive=report.massive, texts=report.texts,
+                 tokens=report.tokens, attribution=report.attribution, experts=report.experts, super_weights=report.super_weights)
+
+
+def check_report_model(report: Report, lm: LoadedModel, where: str) -> None:
+    """Refuse, in one line, to re-run or extend a saved report (``where``) on a model other than the one it was made
+    from: its weights' identity (where the report saved one and the dtype is the same) and every super weight it
+    names, at the value it saved (``massact.analysis.deploy.protect.check_saved_model``)."""
+    from .deploy.protect import check_saved_model
+
+    check_saved_model(lm, report.model, build_protect(report), where)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.adapters.base import kv_heads
 from ..models.loading import LoadedModel
 
 
@@ -55,7 +54,7 @@ def attention_pass(
     intervention). With right padding (``attention_mask``) each text's rows and columns up to its length are what it
     gives alone. Grouped-query attention: each query head gets its key/value head's values."""
     config = lm.config
-    heads, kv = config.num_attention_heads, kv_heads(config)
+    heads = config.num_attention_heads
     layers = softmax_layers(lm)
     values: dict[int, torch.Tensor] = {}
     gates: dict[int, torch.Tensor] = {}

@@ -8,9 +8,9 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
-from .hooks import forward_until, tap
 from ..models.loading import LoadedModel
 from ..settings import Criterion
+from .hooks import forward_until, tap
 
 
 @contextmanager

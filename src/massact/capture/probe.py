@@ -31,7 +31,8 @@ def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int) -> torch.
     """One block's output (the residual sum before the last LayerNorm in post-LN blocks) for a whole text:
     [positions, d_model] float32 on CPU."""
     kept: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], lambda _, __, t: kept.update(out=t[0].detach().float().cpu())):
+    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)],
+                              lambda _, __, t: kept.update(out=t[0].detach().float().cpu())):
         forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     return kept["out"]
 

@@ -60,7 +60,8 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return (f"LoadedModel({self.name}: {self.adapter.family}, {len(self.adapter.blocks(self.model))} blocks, "
-                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {str(self.dtype).removeprefix('torch.')} on {self.device})")
+                f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {str(self.dtype).removeprefix('torch.')} "
+                f"on {self.device})")
 
 
 def wrap(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
@@ -284,7 +285,8 @@ def _hub_source(model_id: str, revision: str | None = None) -> str:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable():
         raise UsageError(
-            f"model {model_id!r}{'' if revision is None else f' at revision {revision!r}'} is not a local path, is not in the Hugging Face cache, and the hub cannot be reached"
+            f"model {model_id!r}{'' if revision is None else f' at revision {revision!r}'} is not a local path, is not in the "
+            "Hugging Face cache, and the hub cannot be reached"
             " (offline?); pass a local model directory or a .gguf file"
         )
     try:

@@ -42,7 +42,8 @@ def summary(report: Report) -> dict[str, str]:
     if verification:
         rows = verification.interventions
         ablation = [r for r in rows if r.confirms is not None and r.name.startswith("ablate top")]
-        row["ablating the top neurons"] = ", ".join(f"dim {r.dim}: {'removes it' if r.confirms else 'does not remove it'}" for r in ablation) or "-"
+        row["ablating the top neurons"] = ", ".join(f"dim {r.dim}: {'removes it' if r.confirms else 'does not remove it'}"
+                                                    for r in ablation) or "-"
         for label in ("super weight", "to zero", "to mean"):
             hits = [r for r in rows if label in r.name and not r.name.startswith("control")]
             row[f"perplexity x, {label}"] = ", ".join(f"{_number(r.perplexity_ratio):,.2f}" for r in hits) or "-"

@@ -11,6 +11,7 @@ from ..errors import UsageError
 from .atomic import write_set
 
 FORMATS = ("txt", "json", "html", "png")
+SAME_SET = 1.0  # seconds: report.txt and report.json written as one set are written well within this of each other
 
 
 def slug(name: str) -> str:
@@ -30,9 +31,9 @@ def parse_formats(text: str) -> set[str]:
     return chosen
 
 
-def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) -> list[Path]:
+def write_report(report: Report, out: Path, formats: frozenset[str] | set[str] = frozenset(FORMATS)) -> list[Path]:
     """The chosen files in ``out`` (created): report.txt, report.json (and protect.json), report.html, the PNG figures."""
-    from ..analysis.deploy.protect import build as build_protect
+    from ..analysis.results import build_protect
     from .html import to_html
     from .plots import figures
     from .schema import write_protect
@@ -51,3 +52,16 @@ def write_report(report: Report, out: Path, formats: set[str] = set(FORMATS)) ->
     if "png" in formats:
         contents.update(pngs)
     return write_set(out, contents)
+
+
+def saved_text(directory: Path) -> str | None:
+    """``directory``/report.txt where it is the text of the report.json beside it: both written in one set (their
+    modification times within ``SAME_SET``; a report.json changed later is newer), so that ``massact show`` prints it
+    without laying out the report again. None where it is missing or does not belong to that report.json."""
+    text, data = Path(directory) / "report.txt", Path(directory) / "report.json"
+    try:
+        if abs(text.stat().st_mtime - data.stat().st_mtime) > SAME_SET:
+            return None
+        return text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None

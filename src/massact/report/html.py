@@ -18,12 +18,11 @@ from importlib import resources
 
 from rich.rule import Rule
 from rich.table import Table
-from rich.text import Text
 
 from ..analysis.results import Report
-from .schema import finite
 from . import summary as screen
 from .plots import FIGURES, PIXELS
+from .schema import finite
 from .sections import EXTRAS, SECTIONS
 from .tables import Style
 from .text import header, section_renderables
@@ -153,7 +152,8 @@ def _settings(report: Report) -> str:
     c, m = report.criterion, report.model
     rows = [(key, str(value)) for key, value in asdict(m).items()]
     rows += [("criterion", f"|a| >= {c.min_abs:g} and |a| >= {c.min_ratio:g} x {c.median}")]
-    rows += [("corpus", f"{report.corpus.source}: {report.corpus.texts} text(s), {report.corpus.windows} window(s), {report.corpus.tokens} tokens")]
+    rows += [("corpus",
+              f"{report.corpus.source}: {report.corpus.texts} text(s), {report.corpus.windows} window(s), {report.corpus.tokens} tokens")]
     shown = sorted(report.texts)[:SHOWN_TEXTS]
     rows += [(f"text {i}", report.texts[i]) for i in shown]
     if len(report.texts) > len(shown):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from ..analysis.mechanism.experts import SuperExperts
-from ..analysis.mechanism.results import Anatomy, Attribution, Lifeline
-from ..analysis.trigger.results import ChainLink, RouterTrigger, Trigger
+from ..analysis.mechanism.results import Anatomy, Attribution, Lifeline, SuperExperts
 from ..analysis.results import Report
+from ..analysis.trigger.results import ChainLink, RouterTrigger, Trigger
 from .tables import Style, add_row, num, ratio, spans, where
 
 SHOWN_SOURCES = 8  # sources listed per pre-activation; report.json has all of them
@@ -42,17 +41,21 @@ def lifeline_tables(style: Style, report: Report) -> list:
     out: list = []
     post_ln = report.model.stream == "resid_sum"
     for line in report.lifeline:
-        columns = ["block", "resid_in", "attn", *(["norm"] if post_ln else []), "mlp", "value", "change", "by", "median |a|", "massive", "phase"]
+        columns = ["block", "resid_in", "attn", *(["norm"] if post_ln else []), "mlp", "value", "change", "by", "median |a|", "massive",
+                   "phase"]
         text = {columns.index(c) for c in ("by", "massive", "phase")}
         table = style.table(None, *columns, right=tuple(i for i in range(len(columns)) if i not in text))
         for step in line.steps:
             norm = [num(step.norm, True)] if post_ln else []
             by = _WRITERS[step.writer] if step.phase not in ("", "hold", "after") else ""
-            add_row(table, str(step.layer), num(step.resid_in, True), num(step.attn, True), *norm, num(step.mlp, True), num(step.value, True),
+            add_row(table, str(step.layer), num(step.resid_in, True), num(step.attn, True), *norm, num(step.mlp, True),
+                    num(step.value, True),
                     num(step.change, True), by, num(step.median), "yes" if step.massive else "", step.phase)
-        out += [Text(f"dim {line.dim} at {where(line.text, line.position, line.token)}: value = resid_in + attn{' + norm' if post_ln else ''} "
-                     f"+ mlp, as they land (embedding {num(line.embedding, True)}; largest gap of the terms to the value {line.error:.1e})"),
-                table, Text("\n".join([f"Phases of dim {line.dim} (peak {num(line.peak, True)} at block {line.peak_layer}):", *phase_words(line),
+        out += [Text(f"dim {line.dim} at {where(line.text, line.position, line.token)}: value = resid_in + "
+                     f"attn{' + norm' if post_ln else ''} + mlp, as they land (embedding {num(line.embedding, True)}; largest gap "
+                     f"of the terms to the value {line.error:.1e})"),
+                table,
+                Text("\n".join([f"Phases of dim {line.dim} (peak {num(line.peak, True)} at block {line.peak_layer}):", *phase_words(line),
                                        removal_words(line)]) + "\n")]
     return out
 
@@ -80,7 +83,8 @@ def attribution_summary(style: Style, attributions: list[Attribution]) -> list:
     for a in sorted(attributions, key=lambda a: (a.dim, a.layer)):
         top = ", ".join(f"{n.neuron} ({n.share:.0%})" for n in a.neurons[:3])
         w = a.super_weight
-        add_row(table, str(a.layer), a.role, str(a.dim), num(a.output, True), str(a.neurons_for_90pct), top, f"[{w.row}, {w.col}] = {w.value:+.3f}",
+        add_row(table, str(a.layer), a.role, str(a.dim), num(a.output, True), str(a.neurons_for_90pct), top,
+                f"[{w.row}, {w.col}] = {w.value:+.3f}",
                 f"{w.rank:,}")
     return [table]
 
@@ -155,7 +159,8 @@ def _split_tables(style: Style, t: Trigger, dims: list[int]) -> list:
             name = {"mlp_gate": "gate", "mlp_up": "up" if len(n.splits) > 1 else "pre-activation"}[s.site]
             expert = f" expert {n.expert}" if n.expert is not None else ""
             out.append(Text(
-                f"Block {n.layer}{expert} neuron {n.neuron} {name} ({n.role} of dim{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))}) at "
+                f"Block {n.layer}{expert} neuron {n.neuron} {name} ({n.role} of dim{'s' if len(dims) > 1 else ''} "
+                f"{', '.join(map(str, dims))}) at "
                 f"{where(t.text, t.position, t.token)}: {num(s.value, True)} here, {num(s.others_mean, True)} on average at the other "
                 f"positions (largest {num(s.others_max, True)}); input norm factor {s.scale:.4g} here, {s.scale_others:.4g} elsewhere"))
             table = style.table(None, "source", "here", "other positions: mean", "max", "here - mean", right=(1, 2, 3, 4))
@@ -163,7 +168,8 @@ def _split_tables(style: Style, t: Trigger, dims: list[int]) -> list:
                 add_row(table, p.source, num(p.here, True), num(p.others_mean, True), num(p.others_max, True), num(p.difference, True))
             rest = s.sources[SHOWN_SOURCES:]
             if rest:
-                add_row(table, f"{len(rest)} other sources", num(sum(p.here for p in rest), True), num(sum(p.others_mean for p in rest), True),
+                add_row(table, f"{len(rest)} other sources", num(sum(p.here for p in rest), True),
+                        num(sum(p.others_mean for p in rest), True),
                         "", num(sum(p.difference for p in rest), True))
             add_row(table, f"sum (the {name}; gap {s.error:.1e})", num(sum(p.here for p in s.sources), True),
                     num(sum(p.others_mean for p in s.sources), True), "", num(sum(p.difference for p in s.sources), True))
@@ -174,13 +180,15 @@ def _split_tables(style: Style, t: Trigger, dims: list[int]) -> list:
 def _patch_table(style: Style, t: Trigger) -> list:
     first = t.chain[0]
     head = Text(
-        f"Patching the top sources of block {first.layer} neuron {first.index}'s {'gate' if first.site == 'mlp_gate' else 'pre-activation'} at "
+        f"Patching the top sources of block {first.layer} neuron {first.index}'s "
+        f"{'gate' if first.site == 'mlp_gate' else 'pre-activation'} at "
         f"{where(t.text, t.position, t.token)}: the change of the neuron's value directly through the source (norms held) and in total "
         "(what the model shows, through every block in between)")
     table = style.table(None, "source", "replaced by", "direct", "total", "neuron now", f"dim {t.dim} at birth", "at peak", "still massive",
                         right=(2, 3, 4, 5, 6))
     for p in t.patching:
-        add_row(table, p.source, p.replacement, num(p.direct, True), num(p.total, True), num(p.pre_activation, True), num(p.value_birth, True),
+        add_row(table, p.source, p.replacement, num(p.direct, True), num(p.total, True), num(p.pre_activation, True),
+                num(p.value_birth, True),
                 num(p.value_peak, True), "yes" if p.still_massive else "no")
     return [head, table]
 
@@ -189,13 +197,15 @@ def super_weight_tables(style: Style, report: Report) -> list:
     matrices = ", ".join(dict.fromkeys(s.weight.matrix for s in report.super_weights))
     head = Text(f"Each step zeroes the weight of the top contributor of what is left at the dim's birth block and main carrier, keeping "
                 f"the earlier ones zeroed; weights as stored in {matrices}, ranked by |w| in the unmodified matrix.")
-    table = style.table(None, "dim", "step", "weight [row, col]", "value", "rank", "neuron", "left at birth", "at peak", "massive", "perplexity",
+    table = style.table(None, "dim", "step", "weight [row, col]", "value", "rank", "neuron", "left at birth", "at peak", "massive",
+                        "perplexity",
                         "x baseline", right=(0, 1, 3, 4, 5, 6, 7, 9, 10))
     for s in report.super_weights:
         w = s.weight
         add_row(table, str(s.dim), str(s.step), f"[{w.row}, {w.col}]", f"{w.value:+.4f}", f"{w.rank:,}", str(s.neuron),
                 num(s.value_birth, True), num(s.value_peak, True), "yes" if s.still_massive else "no",
-                num(s.perplexity) if s.perplexity is not None else "-", f"{s.perplexity_ratio:,.2f}" if s.perplexity_ratio is not None else "-")
+                num(s.perplexity) if s.perplexity is not None else "-",
+                f"{s.perplexity_ratio:,.2f}" if s.perplexity_ratio is not None else "-")
     return [head, table]
 
 
@@ -221,7 +231,8 @@ def super_expert_tables(style: Style, s: SuperExperts) -> list:
         table = style.table("Pruned: the router never selects them (a softmax renormalises over the rest)", "pruned", "experts",
                             "perplexity", "x baseline", "massive dims left", "sink decay", right=(2, 3, 5))
         for p in s.pruning:
-            add_row(table, "super experts" if p.kind == "super" else "as many random experts", ", ".join(f"{l}:{e}" for l, e in p.pruned),
+            add_row(table, "super experts" if p.kind == "super" else "as many random experts",
+                    ", ".join(f"{layer}:{e}" for layer, e in p.pruned),
                     num(p.perplexity) if p.perplexity is not None else "-",
                     f"{p.perplexity_ratio:,.2f}" if p.perplexity_ratio is not None else "-",
                     ", ".join(map(str, p.massive_dims)) or "none", f"{p.sink_decay:.0%}" if p.sink_decay is not None else "-")

@@ -226,7 +226,8 @@ def lifeline(report: Report) -> bytes:
     ax.axhline(0, color="gray", linewidth=0.5)
     ax.set_xlabel("block (dashed: where the scan stops calling it massive)")
     ax.set_ylabel("contribution to the dim (symlog)")
-    ax.set_title(f"Lifeline of dim {line.dim} at text {line.text} pos {line.position} {line.token!r}: peak {line.peak:+,.0f} at block {line.peak_layer}")
+    ax.set_title(f"Lifeline of dim {line.dim} at text {line.text} pos {line.position} {line.token!r}: peak {line.peak:+,.0f} "
+                 f"at block {line.peak_layer}")
     ax.legend(loc="upper left", fontsize=8)
     return png_bytes(fig)
 
@@ -247,7 +248,8 @@ def trigger(report: Report, shown: int = 10) -> bytes:
     ax.axvline(0, color="black", linewidth=0.8)
     name = "gate" if split.site == "mlp_gate" else "pre-activation"
     ax.set_xlabel(f"part of the {name} (sources sum to it exactly)")
-    ax.set_title(f"Block {n.layer} neuron {n.neuron} {name}: {split.value:+.1f} at pos {t.position}, {split.others_mean:+.1f} elsewhere on average")
+    ax.set_title(f"Block {n.layer} neuron {n.neuron} {name}: {split.value:+.1f} at pos {t.position}, {split.others_mean:+.1f} "
+                 "elsewhere on average")
     ax.legend(loc="lower right", fontsize=8)
     fig.subplots_adjust(left=0.2)
     return png_bytes(fig)
@@ -299,11 +301,14 @@ FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], st
     "massive_heatmap.png": (massive_heatmap, lambda r: r.birth_state is not None, "The birth block's output over tokens and dims"),
     "lifeline.png": (lifeline, lambda r: bool(r.lifeline), "Lifeline: each block's attention and MLP contributions to the strongest dim"),
     "mlp_anatomy.png": (mlp_anatomy, lambda r: any(a.role == "birth" for a in r.anatomy), "MLP checkpoints at the writing block"),
-    "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.attribution), "Neuron contributions to the massive value"),
-    "trigger.png": (trigger, lambda r: any(t.neurons for t in r.trigger), "Trigger: the writing neuron's sources at the massive position and elsewhere"),
+    "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.attribution),
+                        "Neuron contributions to the massive value"),
+    "trigger.png": (trigger, lambda r: any(t.neurons for t in r.trigger),
+                    "Trigger: the writing neuron's sources at the massive position and elsewhere"),
     "verification.png": (verification, lambda r: r.verification is not None, "Perplexity and massive value under each intervention"),
     "super_experts.png": (super_experts, lambda r: r.super_experts is not None, "Super experts: each expert's largest |output| per block"),
-    "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share), "Attention on the sink tokens (block x head), the sink rate and value-norm ratio per block"),
+    "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share),
+                            "Attention on the sink tokens (block x head), the sink rate and value-norm ratio per block"),
     "quantization.png": (lambda r: quantization_figure(r.quantization), lambda r: r.quantization is not None and bool(r.quantization.rows),
                          "Perplexity and the massive value under each quantization setting"),
 }

@@ -1,6 +1,6 @@
-"""The one schema of every file massact writes and reads back (report.json, protect.json, profile.json, and any
-file of result dataclasses, such as track.json): the dataclasses' own type hints, plus the constraints types cannot say,
-declared once in ``CHECKS`` from the writers' own constants.
+"""The one schema of every file massact writes and reads back (report.json, protect.json, profile.json,
+quantization.json, track.json, and an engine's configuration from ``massact protect export``): the dataclasses' own
+type hints, plus the constraints types cannot say, declared once in ``CHECKS`` from the writers' own constants.
 
 ``read(kind, data, where)`` checks parsed JSON against the dataclass ``kind`` and builds it in one pass; the first
 problem is one ``UsageError`` line that names the field (``report.json: field origin[0].role must be ...``).
@@ -10,30 +10,32 @@ problem is one ``UsageError`` line that names the field (``report.json: field or
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..analysis.deploy.protect import FORMAT as PROTECT_FORMAT
-from ..analysis.deploy.protect import VERSION as PROTECT_VERSION
-from ..analysis.deploy.protect import Carrier, Protect, ProtectedDim, ProtectedWeight, SinkPosition
+from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
+from ..analysis.deploy.results import VERSION as PROTECT_VERSION
+from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, LayerStats, Massive
+from ..analysis.mechanism.results import PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Phase, Place
 from ..analysis.profile.results import BlockProfile, Profile, Rule
-from ..analysis.mechanism.explain import ROLES
-from ..analysis.mechanism.lifeline import PHASES, WRITERS
-from ..analysis.mechanism.results import Checkpoint, Lifeline, LifelineStep, Phase, Place
+from ..analysis.results import CorpusSpec, Report
+from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
 from ..analysis.trigger.results import PreActivationSplit
-from ..models.adapters import ADAPTERS
-from ..analysis.results import CorpusSpec, ModelInfo, Report
 from ..errors import UsageError
+from ..models.info import ModelInfo
 from ..settings import DTYPES, Criterion
-from ..analysis.track.results import MonitorBlock, MonitorRecord
+from ..sites import STREAMS
 
 PROFILE_FORMAT, PROFILE_VERSION = "massact-profile", 1
+TRACK_FORMAT, TRACK_VERSION = "massact-track", 1
+QUANTIZATION_FORMAT, QUANTIZATION_VERSION = "massact-quantization", 1
 REPORT_FORMAT = "massact-report"
 REPORT_VERSION = 1  # reports written before the version field are version 1 too
 
@@ -93,7 +95,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (ModelInfo, "n_layers"): _at_least(1),
     (ModelInfo, "d_model"): _at_least(1),
     (ModelInfo, "dtype"): _one_of(tuple(DTYPES)),
-    (ModelInfo, "stream"): _one_of(tuple(dict.fromkeys(adapter.stream for adapter in ADAPTERS))),
+    (ModelInfo, "stream"): _one_of(STREAMS),
     (CorpusSpec, "max_texts"): _at_least(1),
     (CorpusSpec, "max_length"): _at_least(2),
     (Criterion, "min_abs"): _positive(),
@@ -223,8 +225,14 @@ def _build(kind, data, path: str, scope: Scope, check: Check | None = None):
         if data is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"schema: cannot read the union {kind}")
+        if len(inner) > 1:  # a union of scalars (a step or a label): the first type the value is
+            if not all(a in (int, float, str, bool) for a in inner):
+                raise TypeError(f"schema: cannot read the union {kind}")
+            for a in inner:
+                if _scalar(a, data) is not _WRONG and data is not None:
+                    return _scalar(a, data)
+            what = " or ".join(_type_name(a) for a in inner) + (" or null" if type(None) in args else "")
+            raise _Bad(path, what, data)
         try:
             return _build(inner[0], data, path, scope, check)
         except _Bad as bad:
@@ -237,7 +245,13 @@ def _build(kind, data, path: str, scope: Scope, check: Check | None = None):
         if not isinstance(data, list):
             raise _Bad(path, "a list", data)
         item = args[0] if args else typing.Any
-        built = [_build(item, value, f"{path}[{i}]", scope, check) for i, value in enumerate(data)]
+        if check is None and item in (float, int, str, bool):  # the long lists of numbers: one pass, no recursion
+            built = [_scalar(item, value) for value in data]
+            if _WRONG in built:
+                i = built.index(_WRONG)
+                raise _Bad(f"{path}[{i}]", _type_name(item), data[i])
+        else:
+            built = [_build(item, value, f"{path}[{i}]", scope, check) for i, value in enumerate(data)]
         return tuple(built) if origin is tuple else built
     if kind is dict or origin is dict:
         if not isinstance(data, dict):
@@ -285,11 +299,17 @@ def _scalar(kind, data):
     return _WRONG
 
 
+@functools.cache
+def _fields(kind: type) -> tuple[dict[str, typing.Any], dict[str, dataclasses.Field]]:
+    """The dataclass's type hints and its fields given to ``__init__``: worked out once per class (a report has
+    thousands of objects of a few dozen classes)."""
+    return typing.get_type_hints(kind), {f.name: f for f in dataclasses.fields(kind) if f.init}
+
+
 def _object(kind: type, data, path: str, scope: Scope):
     if not isinstance(data, dict):
         raise _Bad(path, "an object", data)
-    hints = typing.get_type_hints(kind)
-    fields = {f.name: f for f in dataclasses.fields(kind) if f.init}
+    hints, fields = _fields(kind)
     extra = [key for key in data if key not in fields]
     if extra:
         raise _Bad(f"{path}.{extra[0]}" if path else extra[0], message=f"is not a field of {kind.__name__}")
@@ -406,12 +426,67 @@ def write_profile(profile: Profile) -> str:
 
 def load_profile(path: Path) -> Profile:
     """A profile.json, checked and built; a wrong format, version or field is one UsageError line."""
-    data = parse(path, "a massact profile")
-    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-        raise UsageError(f"{path}: not a massact profile (format {_show(data.get('format') if isinstance(data, dict) else None)})")
-    if data.get("version") != PROFILE_VERSION:
-        raise UsageError(f"{path}: profile version {_show(data.get('version'))}; this massact reads version {PROFILE_VERSION}")
-    return _read_as(Profile, {k: v for k, v in data.items() if k not in ("format", "version")}, str(path), "a massact profile")
+    return _load_headed(path, Profile, PROFILE_FORMAT, PROFILE_VERSION, "a massact profile", "profile")
+
+
+def write_track(track: Track) -> str:
+    """track.json's text: its format and version, then the track."""
+    return write(track, {"format": TRACK_FORMAT, "version": TRACK_VERSION})
+
+
+def load_track(path: Path) -> Track:
+    """A track.json, checked and built; a wrong format, version or field is one UsageError line."""
+    return _load_headed(path, Track, TRACK_FORMAT, TRACK_VERSION, "a massact track", "track")
+
+
+def write_quantization(quantization: Quantization) -> str:
+    """quantization.json's text (``massact quant MODEL --protect``: the sweep without a report): its format and
+    version, then the sweep under ``quantization``, as in report.json."""
+    return json.dumps({"format": QUANTIZATION_FORMAT, "version": QUANTIZATION_VERSION, "quantization": to_data(quantization)},
+                      indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def load_quantization(path: Path) -> Quantization:
+    """A quantization.json, checked and built; a wrong format, version or field is one UsageError line."""
+    data = _headed(path, QUANTIZATION_FORMAT, QUANTIZATION_VERSION, "a massact quantization sweep", "quantization sweep")
+    if set(data) != {"quantization"}:
+        raise UsageError(f"{path}: not a massact quantization sweep (it must hold the one field quantization)")
+    return _read_as(Quantization, data["quantization"], str(path), "a massact quantization sweep")
+
+
+def write_export(config: dict) -> str:
+    """An engine's configuration (``massact protect export``): the keys the engine's API names, as they are, so
+    that the engine's own code reads the file; strict JSON (no inf or nan)."""
+    return json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def write_monitor_line(record: dict) -> str:
+    """One line of a training monitor's JSONL file: a ``MonitorRecord`` as data, strict JSON, no newline inside."""
+    return json.dumps(finite(record), allow_nan=False)
+
+
+def read_monitor_line(line: str, where: str) -> MonitorRecord | None:
+    """One line of a monitor's JSONL file, checked and built; None when it is not JSON at all (a line cut short by a
+    kill mid-write reads so), one UsageError line naming ``where`` and the field when it is JSON but not a record."""
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):  # RecursionError: brackets nested past the parser's depth
+        return None
+    return read(MonitorRecord, data, where)
+
+
+def _headed(path: Path, kind: str, version: int, what: str, name: str) -> dict:
+    """The parsed file at ``path`` without its ``format`` and ``version``, once they are the ones this massact reads."""
+    data = parse(path, what)
+    if not isinstance(data, dict) or data.get("format") != kind:
+        raise UsageError(f"{path}: not {what} (format {_show(data.get('format') if isinstance(data, dict) else None)})")
+    if data.get("version") != version:
+        raise UsageError(f"{path}: {name} version {_show(data.get('version'))}; this massact reads version {version}")
+    return {k: v for k, v in data.items() if k not in ("format", "version")}
+
+
+def _load_headed(path: Path, kind: type, format_: str, version: int, what: str, name: str):
+    return _read_as(kind, _headed(path, format_, version, what, name), str(path), what)
 
 
 def load_protect(path: Path) -> Protect:

@@ -87,7 +87,8 @@ def _row(report: Report, dim: int) -> list[str]:
         weight = f"{_matrix(w.matrix)}[{w.row}, {w.col}]"
     elif expert is not None:
         w = expert.super_weight
-        neuron = f"expert {expert.top_expert if expert.top_expert is not None else 'shared'} / {expert.neurons[0].neuron} ({expert.neurons[0].share:.0%})"
+        top = expert.top_expert if expert.top_expert is not None else "shared"
+        neuron = f"expert {top} / {expert.neurons[0].neuron} ({expert.neurons[0].share:.0%})"
         weight = f"{_matrix(w.matrix)}[{', '.join(map(str, w.index))}]"
     elif birth.heads:
         neuron = f"head {birth.heads[0].head} ({birth.heads[0].share:.0%})"

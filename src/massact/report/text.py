@@ -6,8 +6,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ..analysis.mechanism.results import Anatomy, Attribution, ExpertAttribution
 from ..analysis.deploy.results import Precision, Quantization
+from ..analysis.mechanism.results import Anatomy, Attribution, ExpertAttribution
 from ..analysis.results import Report
 from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_expert_tables, super_weight_tables, trigger_tables
 from .sections import SECTIONS, section
@@ -42,7 +42,8 @@ def header(report: Report, plain: bool) -> list:
             f"{m.architecture} ({m.family} adapter), {m.n_layers} blocks, d_model {m.d_model}, d_mlp {m.d_mlp}, "
             f"{m.n_heads} heads, {'gated' if m.gated else 'plain'} MLP, {m.dtype} on {m.device}\n"
             f"Measured in: {_STREAMS[m.stream]}.{' Blocks: ' + m.notes + '.' if m.notes else ''}\n"
-            f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), {report.corpus.tokens} tokens. Massive: |a| >= {c.min_abs:g} "
+            f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), "
+            f"{report.corpus.tokens} tokens. Massive: |a| >= {c.min_abs:g} "
             f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.2%})."
         ),
     ]
@@ -125,9 +126,11 @@ def _layer_table(style: Style, report: Report) -> Table:
 def _massive_tables(style: Style, report: Report) -> list:
     if not report.massive:
         return [Text("None found under the criterion.")]
-    dims = style.table("By dim", "dim", "born at block", "massive in blocks", "removed at block", "largest value", "tokens", right=(0, 1, 4))
+    dims = style.table("By dim", "dim", "born at block", "massive in blocks", "removed at block", "largest value", "tokens",
+                       right=(0, 1, 4))
     for d in report.dims:
-        add_row(dims, str(d.dim), str(d.born_at), spans(d.persists), spans(d.removed_at), num(d.max_value, True), ", ".join(repr(t) for t in d.tokens[:6]))
+        add_row(dims, str(d.dim), str(d.born_at), spans(d.persists), spans(d.removed_at), num(d.max_value, True),
+                ", ".join(repr(t) for t in d.tokens[:6]))
     groups: dict[tuple[int, int, int], list] = {}
     for e in report.massive:
         groups.setdefault((e.dim, e.text, e.position), []).append(e)
@@ -137,7 +140,8 @@ def _massive_tables(style: Style, report: Report) -> list:
     )
     for (dim, text, position), group in list(groups.items())[:MASSIVE_ROWS]:
         top = max(group, key=lambda e: abs(e.value))
-        add_row(entries, str(dim), str(text), str(position), repr(top.token), spans(sorted(e.layer for e in group)), num(top.value, True), ratio(top.ratio))
+        add_row(entries, str(dim), str(text), str(position), repr(top.token), spans(sorted(e.layer for e in group)), num(top.value, True),
+                ratio(top.ratio))
     rest = len(groups) - MASSIVE_ROWS
     return [dims, entries] + ([Text(f"... and {rest} more places in report.json")] if rest > 0 else [])
 
@@ -157,11 +161,13 @@ def _origin_tables(style: Style, report: Report) -> list:
         who = "MLP" if o.writer == "mlp" else "attention"
         if o.cause == "median":
             who = "none: the median grew"
-        add_row(table, str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True), num(o.mlp, True), num(o.resid_out, True), who)
+        add_row(table, str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True),
+                num(o.mlp, True), num(o.resid_out, True), who)
         if o.norm is not None:
             n = o.norm
             norm = style.table(
-                f"Block {o.layer}, dim {o.dim}: {n.parameter.removesuffix('.weight')} turns raw into landed = normalisation x centered x gain + bias",
+                f"Block {o.layer}, dim {o.dim}: {n.parameter.removesuffix('.weight')} turns raw into landed = normalisation x "
+                "centered x gain + bias",
                 "raw", "centered", "normalisation", "gain", "stored weight", "bias", "landed", "median gain", "gain / median", "amplifier",
                 right=tuple(range(9)),
             )
@@ -178,13 +184,15 @@ def _origin_tables(style: Style, report: Report) -> list:
 
 def _anatomy_tables(style: Style, a: Anatomy, gated: bool, dims: list[int]) -> list:
     table = style.table(
-        f"Block {a.layer} MLP at {where(a.text, a.position, a.token)} ({a.role} of dim{'s' if len(dims) > 1 else ''} {', '.join(map(str, dims))})",
+        f"Block {a.layer} MLP at {where(a.text, a.position, a.token)} ({a.role} of dim{'s' if len(dims) > 1 else ''} "
+        f"{', '.join(map(str, dims))})",
         "checkpoint", "size", "max |v|", "at", "median |v|", "top1/median", "vs", "change in max", "x sharper",
         right=(1, 2, 3, 4, 5, 7, 8),
     )
     for p in a.checkpoints:
         change = f"{num(p.change, True)} ({p.change_pct:+.0f}%)" if p.change is not None else "-"
-        add_row(table, p.name, str(p.size), num(p.max), str(p.argmax), num(p.median), ratio(p.ratio), p.previous or "-", change, f"{p.jump:.2f}" if p.jump else "-")
+        add_row(table, p.name, str(p.size), num(p.max), str(p.argmax), num(p.median), ratio(p.ratio), p.previous or "-", change,
+                f"{p.jump:.2f}" if p.jump else "-")
     impact = a.activation_impact
     pre = "gate" if gated else "up"
     lines = Text(
@@ -194,11 +202,13 @@ def _anatomy_tables(style: Style, a: Anatomy, gated: bool, dims: list[int]) -> l
         f"{impact.kept_mass:.1%} of the total |value| kept; median |v| {num(impact.median_before)} -> {num(impact.median_after)}."
     )
     neurons = style.table(
-        "Top neurons (by contribution) through the activation", "neuron", f"{pre} (before)", "after act", *(["up", "act x up"] if gated else []),
+        "Top neurons (by contribution) through the activation", "neuron", f"{pre} (before)", "after act",
+                          *(["up", "act x up"] if gated else []),
         right=(0, 1, 2, 3, 4),
     )
     for n in impact.top[:5]:
-        add_row(neurons, str(n.neuron), num(n.before, True), num(n.after, True), *([num(n.up, True), num(n.product, True)] if gated else []))
+        add_row(neurons, str(n.neuron), num(n.before, True), num(n.after, True),
+                *([num(n.up, True), num(n.product, True)] if gated else []))
     return [table, lines, neurons]
 
 
@@ -212,7 +222,8 @@ def _attribution_tables(style: Style, a: Attribution, with_weights: bool) -> lis
     cumulative = 0.0
     for n in a.neurons:
         cumulative += n.share
-        add_row(table, str(n.neuron), num(n.activation, True), num(n.weight, True), num(n.contribution, True), f"{n.share:.1%}", f"{cumulative:.1%}")
+        add_row(table, str(n.neuron), num(n.activation, True), num(n.weight, True), num(n.contribution, True), f"{n.share:.1%}",
+                f"{cumulative:.1%}")
     w = a.super_weight
     weight = Text(
         f"Super weight: {w.matrix}[{w.row}, {w.col}] = {w.value:+.4f}, rank {w.rank} of {w.entries:,} entries by |w| "
@@ -266,10 +277,12 @@ def _verification_tables(style: Style, report: Report) -> list:
             {True: "yes", False: "no", None: ""}[r.confirms],
         )
     out.append(table)
-    dependence = style.table("Input dependence at the birth block", "dim", "block", "inputs", "first-token mean", "std", "first token massive", "carried by", right=(0, 1, 2, 3, 4, 5))
+    dependence = style.table("Input dependence at the birth block", "dim", "block", "inputs", "first-token mean", "std",
+                             "first token massive", "carried by", right=(0, 1, 2, 3, 4, 5))
     for d in v.input_dependence:
         carriers = ", ".join(f"{token!r} x{count}" for token, count in d.carriers) or "-"
-        add_row(dependence, str(d.dim), str(d.layer), str(d.inputs), num(d.first_token_mean, True), num(d.first_token_std), f"{d.first_token_massive}/{d.inputs}", carriers)
+        add_row(dependence, str(d.dim), str(d.layer), str(d.inputs), num(d.first_token_mean, True), num(d.first_token_std),
+                f"{d.first_token_massive}/{d.inputs}", carriers)
     out.append(dependence)
     if v.output_effects:
         out.append(_output_effects_table(style, v))
@@ -320,7 +333,8 @@ def _attention_tables(style: Style, report: Report) -> list:
             add_row(table, str(layer), f"no softmax ({kinds[layer]})" if kinds else "no softmax", *[""] * (len(columns) - 2))
             continue
         cells = [str(layer), f"{_mean(shares):.1%}", f"{_mean(uniform):.1%}", f"{a.rate[layer]:.0%}",
-                 _median(a.value_ratio[layer]) if a.value_ratio else "-", _median(a.output_share[layer], percent=True) if a.output_share else "-",
+                 _median(a.value_ratio[layer]) if a.value_ratio else "-", _median(a.output_share[layer],
+                                                                                  percent=True) if a.output_share else "-",
                  f"{a.noop_heads[layer]}/{heads}" if a.noop_heads else "-", "yes" if layer in a.sink_layers else ""]
         for c in under.values():
             kept = {True: "kept", False: "lost", None: ""}[c.survives[layer]]
@@ -379,7 +393,8 @@ def _quantization_tables(style: Style, q: Quantization) -> list:
     held = "; ".join(f"{name}{index} = {value:+.4g}" for name, index, value in q.super_weights) or "none found"
     grid = (f"\nHeld out (left out of the range, put back in full precision): {held}. Clip: the other weights of each matrix clipped "
             f"at mean +/- z x std before quantizing. Blocks: flat blocks of consecutive entries; groups: along each row's inputs.\n"
-            f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation tokens carry "
+            f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation "
+            "tokens carry "
             "a massive activation (kept in float where said); massive error: their share of the summed squared int8 error.")
     out: list = [Text(
         f"Fake-quantized: the {q.matrices} linear projections of the blocks ({q.parameters:,} weights; not the embeddings, "

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import html
 import io
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console, Group
 from rich.text import Text
 
-from .schema import finite
 from ..analysis.track.results import Track
+from . import schema
 from .atomic import write_set
 from .html import figure, head
 from .plots import _figure, png_bytes
@@ -101,7 +99,8 @@ def to_text(track: Track, width: int = 140) -> str:
 
 
 def to_json(track: Track) -> str:
-    return json.dumps(finite(asdict(track)), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    """track.json's text, written by the schema (``massact.report.schema.load_track`` reads it back)."""
+    return schema.write_track(track) + "\n"
 
 
 def _axis(track: Track) -> tuple[list[float], list[str], str]:
@@ -155,7 +154,8 @@ def ratio_figure(track: Track) -> bytes:
 
     fig, ax = _figure()
     grid = np.array([[b.ratio if b.ratio == b.ratio and b.ratio > 0 else np.nan for b in p.blocks] for p in track.checkpoints]).T
-    image = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", norm=LogNorm(vmin=max(np.nanmin(grid), 1e-3), vmax=max(np.nanmax(grid), 1.0)))
+    norm = LogNorm(vmin=max(np.nanmin(grid), 1e-3), vmax=max(np.nanmax(grid), 1.0))
+    image = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", norm=norm)
     fig.colorbar(image, ax=ax, label="top1 / median |a|")
     ax.set_xticks(range(len(track.checkpoints)), [p.label for p in track.checkpoints], rotation=30, ha="right", fontsize=7)
     ax.set_xlabel("checkpoint")
@@ -230,7 +230,8 @@ def to_html(track: Track, pngs: dict[str, bytes]) -> str:
     title = f"massact track: {track.checkpoints[0].label} to {track.checkpoints[-1].label}"
     shown = [figure(name[:-4], name, pngs[name], caption) for name, (_, _, caption) in TRACK_FIGURES.items() if name in pngs]
     sections = to_text(track).split("\n## ")
-    body = "".join(f"<section><h2>{html.escape(s.splitlines()[0])}</h2><pre>{html.escape(chr(10).join(s.splitlines()[1:]).strip())}</pre></section>"
+    body = "".join(f"<section><h2>{html.escape(s.splitlines()[0])}</h2>"
+                   f"<pre>{html.escape(chr(10).join(s.splitlines()[1:]).strip())}</pre></section>"
                    for s in sections[1:])
     return f"""{head(title)}<body>
 <h1>{html.escape(title)}</h1>

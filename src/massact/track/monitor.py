@@ -9,7 +9,6 @@ measurement to a file that ``massact track FILE.jsonl`` draws as a timeline.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -20,14 +19,14 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..analysis.detect.scan import LayerScan, scan_layers
+from ..analysis.track.results import MonitorBlock, MonitorRecord
 from ..models.adapters import adapter_for
 from ..models.loading import LoadedModel
+from ..report.schema import write_monitor_line
 from ..settings import Criterion
 from ..texts import DEFAULT_TEXTS
-from ..analysis.track.results import MonitorBlock, MonitorRecord
 
 EVERY = 100  # steps between two measurements by default: the probe scan then costs well under 2% of training time
-CANDIDATES = 512  # largest |a| kept per block, as massact.scan keeps: the massive count is the scan's own
 
 
 def block_figures(scan: LayerScan, criterion: Criterion) -> list[dict]:
@@ -103,7 +102,7 @@ class Monitor:
         model.eval()
         try:
             lm = LoadedModel(model, self.tokenizer, adapter, "monitor")
-            scan = scan_layers(lm, iter(self.ids), CANDIDATES, batch_size=self.batch_size)
+            scan = scan_layers(lm, iter(self.ids), batch_size=self.batch_size)  # as many kept per block as the scan keeps
         finally:
             for module, training in modes:
                 module.training = training
@@ -115,7 +114,7 @@ class Monitor:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as file:  # one whole line per record: a reader never sees half
-            file.write(json.dumps(record, allow_nan=False) + "\n")
+            file.write(write_monitor_line(record) + "\n")
 
 
 class MassactCallback(TrainerCallback):
@@ -212,7 +211,7 @@ def read_records(path: Path) -> list[dict]:
     """A monitor's JSONL file, every line checked (a bad one is one line naming the line and field), by step. A
     last line cut short by a kill mid-write is skipped."""
     from ..errors import UsageError
-    from ..report.schema import read
+    from ..report.schema import read_monitor_line
 
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -222,14 +221,13 @@ def read_records(path: Path) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # RecursionError: brackets nested past the parser's depth
+        # Checked against the dataclasses the monitor writes (the one schema), kept as the plain record it wrote.
+        record = read_monitor_line(line, f"{path}:{number}")
+        if record is None:
             if number == len(lines):
                 continue  # the line being written when training stopped
-            raise UsageError(f"{path}:{number}: not a JSON line") from None
-        # Checked against the dataclasses the monitor writes (the one schema), kept as the plain record it wrote.
-        record = asdict(read(MonitorRecord, record, f"{path}:{number}"))
+            raise UsageError(f"{path}:{number}: not a JSON line")
+        record = asdict(record)
         if [block["layer"] for block in record["blocks"]] != list(range(len(record["blocks"]))):
             raise UsageError(f"{path}:{number}: field blocks must list blocks 0, 1, 2, ... in order")
         records.append(record)

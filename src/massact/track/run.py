@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from ..analysis.results import Report
+from ..analysis.track import align
+from ..analysis.track.results import CheckpointState, Track
 from ..errors import UsageError
+from ..launch import VARIABLES, launch
 from ..settings import ScanSettings
 from ..texts import Corpus
-from ..analysis.track import align
-from ..analysis.track.results import Track
 from .specs import Checkpoint, describe
 
 
@@ -49,7 +50,7 @@ def run(checkpoints: Sequence[Checkpoint], texts: Corpus, settings: ScanSettings
     multi-process launch."""
     from ..report.files import FORMATS
 
-    rank, world = _launch()
+    rank, world = launch()
     places = folders(checkpoints, out)
     scanned: dict[Path, Report] = {}  # reports made here need no reading back
     for index, (checkpoint, folder) in enumerate(zip(checkpoints, places)):
@@ -68,13 +69,19 @@ def run(checkpoints: Sequence[Checkpoint], texts: Corpus, settings: ScanSettings
         return None
     reports = [scanned[folder] if folder in scanned else read_report(folder) for folder in places]
     _check_shapes(checkpoints, reports)
-    states = [align.summarize(report, step=c.step, spec=c.spec, folder=folder.name)
-              for c, report, folder in zip(checkpoints, reports, places)]
+    states = [_state(report, c, folder) for c, report, folder in zip(checkpoints, reports, places)]
     described = {"texts": texts.describe(), **asdict(settings)}
-    track = align.align(states, described, [align.listed_values(report) for report in reports])
+    track = align.align(states, described, [align.listed_values(report.layers) for report in reports])
     if len(checkpoints) == 2:
         track.diff = align.diff(states[0], states[1], super_weight_matrices(checkpoints, states, track.warnings))
     return track
+
+
+def _state(report: Report, checkpoint: Checkpoint, folder: Path) -> CheckpointState:
+    """A checkpoint's report as the track sees it (``align.summarize`` on its fields)."""
+    return align.summarize(step=checkpoint.step, spec=checkpoint.spec, folder=folder.name, dims=report.dims, massive=report.massive,
+                           layers=report.layers, origin=report.origin, attribution=report.attribution, lifelines=report.lifeline,
+                           attention=report.attention, precision=report.precision, super_experts=report.super_experts)
 
 
 def _scan_one(checkpoint: Checkpoint, texts: Corpus, settings: ScanSettings, folder: Path, progress, formats: set[str]) -> Report:
@@ -107,7 +114,7 @@ def check_done(folder: Path, checkpoint: Checkpoint, texts: Corpus, settings: Sc
     """A report already in the folder counts as done only if it was made from this checkpoint's model (the identity a
     resumed scan checks: its weights, and the super weights it names) with this track's texts and settings (the device
     aside: a checkpoint scanned on a GPU joins one scanned on the CPU). The model is loaded to be compared."""
-    from ..analysis.deploy.protect import check_report_model
+    from ..analysis.results import check_report_model
     from ..models.loading import load
 
     saved = read_report(folder)
@@ -174,16 +181,11 @@ def model_directory(checkpoint: Checkpoint) -> Path:
     return Path(_hub_source(*split_revision(checkpoint.target)))
 
 
-def _launch() -> tuple[int, int]:
-    """(rank, world size) of a torchrun / accelerate launch, read from the environment; (0, 1) otherwise."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 @contextmanager
 def single_process():
     """While open, a scan runs as one process even under a multi-process launch: each process scans its own
     checkpoint, so the scan must not split the texts across processes."""
-    saved = {key: os.environ.pop(key, None) for key in ("WORLD_SIZE", "RANK")}
+    saved = {key: os.environ.pop(key, None) for key in VARIABLES}
     try:
         yield
     finally:

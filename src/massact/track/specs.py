@@ -50,7 +50,8 @@ def _one(spec: str) -> list[Checkpoint]:
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise UsageError(f"{spec} is not a model: expected a model directory, a .gguf file or a directory of checkpoint-<step>/ folders")
+            raise UsageError(f"{spec} is not a model: expected a model directory, a .gguf file or a directory of "
+                             "checkpoint-<step>/ folders")
         return [Checkpoint(spec=spec, target=str(path))]
     if path.is_dir():
         if (path / "config.json").is_file():

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from ...capture.hooks import forward_until
 from ...capture.prefix import Scratch, head_rows, keep_block_inputs, run_from
 from ...models.loading import LoadedModel
+from ..detect.results import DimSummary
 from ..detect.scan import pad_batch
-from ..results import Report
+from ..mechanism.results import Attribution, ExpertAttribution
 from .embeddings import EmbeddingEvaluation, headless
 from .mlm import Scored, masked_windows, next_token_windows
 from .perplexity import eval_windows
@@ -159,11 +160,13 @@ def _exp_mean(total: float, count: int) -> float:
     return math.exp(mean) if mean < 700 else float("inf")
 
 
-def evaluation_for(lm: LoadedModel, report: Report, eval_text: str) -> Evaluation | EmbeddingEvaluation:
+def evaluation_for(lm: LoadedModel, eval_text: str, *, dims: list[DimSummary], attribution: list[Attribution],
+                   experts: list[ExpertAttribution]) -> Evaluation | EmbeddingEvaluation:
     """The evaluation every intervention is scored on (masked windows for an encoder, next-token windows for a causal
-    LM), with the unmodified input of each birth block kept: the interventions all start there."""
+    LM), with the unmodified input of each birth block kept (the dims' and those of their birth ``attribution`` and
+    ``experts``): the interventions all start there."""
     if headless(lm):  # no head to score: its embeddings (see embeddings.py)
         return EmbeddingEvaluation(lm, eval_text)
     scored = masked_windows(lm, eval_text) if lm.adapter.encoder else next_token_windows(eval_windows(lm, eval_text))
-    starts = {a.layer for a in report.attribution if a.role == "birth"} | {e.layer for e in report.experts if e.role == "birth"}
-    return Evaluation(lm, scored, starts | {d.born_at for d in report.dims})
+    starts = {a.layer for a in attribution if a.role == "birth"} | {e.layer for e in experts if e.role == "birth"}
+    return Evaluation(lm, scored, starts | {d.born_at for d in dims})

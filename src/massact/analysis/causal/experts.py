@@ -5,48 +5,56 @@ attention on the sink tokens before and after."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from ...capture.edits import read_coordinate
 from ...models.loading import LoadedModel
+from ...settings import Criterion
+from ..detect.results import DimSummary, Massive
 from ..function.sinks import SINK_TEXTS, sink_blocks, sink_pass, sink_tokens
-from ..mechanism.experts import ExpertPruning, SuperExperts, control
+from ..mechanism.experts import control
 from ..mechanism.moe import MoeBlock, pruned_experts
-from ..results import Report
+from ..mechanism.results import ExpertPruning, Lifeline, SuperExperts
 from .embeddings import EmbeddingEvaluation
 from .evaluation import Evaluation
 
 
-def prune(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation,
-          epsilon: float, found: SuperExperts) -> list[ExpertPruning]:
-    """A row for the super experts pruned and one for the random control (none where no super expert was found)."""
+def prune(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation, epsilon: float,
+          found: SuperExperts, *, dims: list[DimSummary], lifelines: list[Lifeline], medians: list[float], criterion: Criterion,
+          massive: list[Massive], tokens: dict[int, list[str]]) -> list[ExpertPruning]:
+    """A row for the super experts pruned and one for the random control (none where no super expert was found). Each
+    says which of the scan's massive ``dims`` stay massive at their main carriers (``lifelines``; ``medians``: each
+    block's median |a|) and what happens to the attention on the sink tokens (``sink_tokens`` of ``massive`` and
+    ``tokens``)."""
     if not found.found:
         return []
     experts = MoeBlock.at(lm, found.found[0].layer).n_experts
     kinds = [("super", sorted([s.layer, s.expert] for s in found.found)), ("random", control(found.found, experts))]
-    sinks = _sinks(report)
+    sinks = _sinks(massive, tokens)
     before = sink_pass(lm, inputs, sinks, epsilon) if sinks else None
-    return [_pruning(lm, report, inputs, evaluation, epsilon, kind, pairs, sinks, before) for kind, pairs in kinds]
+    left = lambda: _massive_left(lm, inputs, dims, lifelines, medians, criterion)  # noqa: E731
+    return [_pruning(lm, inputs, evaluation, epsilon, kind, pairs, sinks, before, left) for kind, pairs in kinds]
 
 
-def _sinks(report: Report) -> dict[int, list[int]]:
+def _sinks(massive: list[Massive], tokens: dict[int, list[str]]) -> dict[int, list[int]]:
     """The sink positions per text, as the sink section measures them (up to SINK_TEXTS texts)."""
     found: dict[int, list[int]] = {}
-    for token in sink_tokens(report)[0]:
+    for token in sink_tokens(massive, tokens)[0]:
         found.setdefault(token.text, []).append(token.position)
     return dict(sorted(found.items())[:SINK_TEXTS])
 
 
-def _pruning(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], evaluation, epsilon: float, kind: str,
-             pairs: list[list[int]], sinks: dict[int, list[int]], before) -> ExpertPruning:
+def _pruning(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation, epsilon: float, kind: str, pairs: list[list[int]],
+             sinks: dict[int, list[int]], before, massive_left: Callable[[], list[int]]) -> ExpertPruning:
     by_layer: dict[int, list[int]] = {}
     for layer, expert in pairs:
         by_layer.setdefault(layer, []).append(expert)
     start = min(by_layer)
     with pruned_experts(lm, by_layer):
         perplexity = evaluation.score(start, key=f"prune {sorted(by_layer.items())}") if isinstance(evaluation, Evaluation) else None
-        left = _massive_left(lm, report, inputs)
+        left = massive_left()
         after = sink_pass(lm, inputs, sinks, epsilon) if before is not None else None
     baseline = evaluation.baseline if isinstance(evaluation, Evaluation) else None
     per_block = lambda found: [float(v) for v in found.share.nanmean(dim=1)] if found is not None else []  # noqa: E731
@@ -61,12 +69,13 @@ def _pruning(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], e
                          massive_dims=left, sink_decay=decay, sink_before=sink_before, sink_after=sink_after)
 
 
-def _massive_left(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor]) -> list[int]:
-    """The report's massive dims still massive, under whatever intervention is active, at some block where they were,
+def _massive_left(lm: LoadedModel, inputs: dict[int, torch.Tensor], dims: list[DimSummary], lifelines: list[Lifeline],
+                  medians: list[float], criterion: Criterion) -> list[int]:
+    """The scan's massive dims still massive, under whatever intervention is active, at some block where they were,
     at their main carriers."""
     left = []
-    for summary, line in zip(report.dims, report.lifeline):
+    for summary, line in zip(dims, lifelines):
         values = read_coordinate(lm, inputs[line.text], summary.persists, line.position, summary.dim)
-        if any(report.criterion.is_massive(values[layer], report.layers[layer].median) for layer in summary.persists):
+        if any(criterion.is_massive(values[layer], medians[layer]) for layer in summary.persists):
             left.append(summary.dim)
     return left

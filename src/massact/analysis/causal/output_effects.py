@@ -122,11 +122,14 @@ def output_effects(lm: LoadedModel, evaluation: Evaluation, interventions: list[
     for (name, target_name, _, _), running in zip(interventions, sums):
         after = running.probability / positions
         change = after - before
-        shifts = lambda order: [TokenShift(token=words[i], id=i, before=float(before[i]), after=float(after[i])) for i in order.tolist()]
+        shifts = lambda order, after=after: [TokenShift(token=words[i], id=i, before=float(before[i]), after=float(after[i]))
+                                             for i in order.tolist()]
         mean_nll = running.nll / positions
         effects.append(OutputEffect(
-            name=name, target=target_name, positions=positions, kl=running.kl / positions, perplexity=math.exp(mean_nll) if mean_nll < 700 else float("inf"),
-            stopword_before=base.stop / positions, stopword_after=running.stop / positions, punctuation_before=base.punct / positions, punctuation_after=running.punct / positions,
+            name=name, target=target_name, positions=positions, kl=running.kl / positions,
+                                    perplexity=math.exp(mean_nll) if mean_nll < 700 else float("inf"),
+            stopword_before=base.stop / positions, stopword_after=running.stop / positions, punctuation_before=base.punct / positions,
+                                    punctuation_after=running.punct / positions,
             rises=shifts(change.topk(TOP_TOKENS).indices), falls=shifts((-change).topk(TOP_TOKENS).indices),
         ))
     return effects

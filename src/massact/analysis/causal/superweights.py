@@ -9,14 +9,13 @@ from functools import partial
 
 import torch
 
+from ...capture.edits import read_coordinate, set_weight
 from ...capture.probe import probe_block
 from ...models.loading import LoadedModel
-from ..mechanism.attribution import down_row, super_weight
-from ...capture.edits import read_coordinate, set_weight
-from .evaluation import Evaluation, evaluation_for
 from ...settings import Criterion
-from ..mechanism.results import Lifeline
-from ..results import Report
+from ..mechanism.attribution import down_row, super_weight
+from ..mechanism.results import Attribution, Lifeline
+from .evaluation import Evaluation
 from .results import SuperWeightStep
 
 MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
@@ -50,25 +49,24 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
             targets.append(f"weight {weight.matrix}{[weight.row, weight.col]}")
             ppl = score(" + ".join(targets))
             step_done()
-            found.append(SuperWeightStep(dim=dim, layer=layer, step=step, neuron=int(toward.argmax()), weight=weight, value_birth=values[layer], value_peak=values[line.peak_layer], still_massive=still,
+            found.append(SuperWeightStep(dim=dim, layer=layer, step=step, neuron=int(toward.argmax()), weight=weight,
+                                         value_birth=values[layer], value_peak=values[line.peak_layer], still_massive=still,
                                          perplexity=ppl, perplexity_ratio=ppl / baseline))
             if not still:
                 break
     return found
 
 
-def all_super_weights(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], eval_text: str, steps: int = MAX_STEPS,
-                      step_done: Callable[[], None] = lambda: None, evaluation: Evaluation | None = None) -> list[SuperWeightStep]:
-    """The iterative search for every dim whose birth a dense MLP writes at its main carrier (attention and experts
-    have no single down projection to search), scored on ``eval_text`` as the verification is, against its baseline
-    (``evaluation``: the verification's, to reuse its passes; made here when not given). Every weight zeroed is in the
+def all_super_weights(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation, baseline: float, *,
+                      lifelines: list[Lifeline], attribution: list[Attribution], medians: list[float], criterion: Criterion,
+                      steps: int = MAX_STEPS, step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
+    """The iterative search for every dim whose birth a dense MLP writes at its main carrier (a birth ``attribution``
+    there: attention and experts have no single down projection to search), scored as the verification is
+    (``evaluation``: the verification's, to reuse its passes), against its ``baseline``. Every weight zeroed is in the
     birth block, so each score runs from there on."""
-    evaluation = evaluation or evaluation_for(lm, report, eval_text)
-    medians = [s.median for s in report.layers]
     found = []
-    for line in report.lifeline:
-        if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in report.attribution):
-            found += iterate(lm, line, inputs[line.text], medians, report.criterion, partial(evaluation.score, line.born_at),
-                             report.verification.baseline_perplexity,
+    for line in lifelines:
+        if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in attribution):
+            found += iterate(lm, line, inputs[line.text], medians, criterion, partial(evaluation.score, line.born_at), baseline,
                              steps, step_done)
     return found

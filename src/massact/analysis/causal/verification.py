@@ -11,17 +11,20 @@ from dataclasses import dataclass
 
 import torch
 
+from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
 from ...capture.hooks import forward_until, tap
 from ...models.loading import LoadedModel
-from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
-from .embeddings import EmbeddingEvaluation, changes as embedding_changes, claim as embedding_claim
-from .evaluation import Evaluation, evaluation_for
+from ...settings import Criterion
+from ..detect.results import DimSummary, Massive
 from ..detect.scan import pad_batch
-from .output_effects import Edit, output_effects
 from ..mechanism.moe import expert_matrix, pruned_experts
 from ..mechanism.results import Attribution, ExpertAttribution
+from .embeddings import EmbeddingEvaluation
+from .embeddings import changes as embedding_changes
+from .embeddings import claim as embedding_claim
+from .evaluation import Evaluation, evaluation_for
+from .output_effects import Edit, output_effects
 from .results import InputDependence, Intervention, OutputEffect, Verification
-from ..results import Report
 
 ABLATE_ALONE = 3  # top neurons ablated one at a time
 MAX_INPUTS = 64  # inputs for the input-dependence pass
@@ -30,11 +33,14 @@ DEPENDENCE_BATCH = 16  # of those inputs per forward pass
 
 @dataclass
 class _Run:
-    """What every step of the verification shares: the model, the report, the scanned texts' ids, the scored
+    """What every step of the verification shares: the model, the massive dims with each block's median |a| and the
+    criterion that calls a value massive, the scanned texts' ids, the scored
     evaluation (whose cache holds each target's score, measured once) and the progress callback."""
 
     lm: LoadedModel
-    report: Report
+    dims: list[DimSummary]
+    medians: list[float]
+    criterion: Criterion
     inputs: dict[int, torch.Tensor]
     evaluation: Evaluation | EmbeddingEvaluation
     step: Callable[[], None]
@@ -50,39 +56,45 @@ class _Run:
         return "exp(masked-LM loss)" if self.lm.adapter.encoder else "perplexity"
 
     def last_block(self, dim: int) -> int:
-        return next(d.persists[-1] for d in self.report.dims if d.dim == dim)
+        return next(d.persists[-1] for d in self.dims if d.dim == dim)
 
 
 def verify(
-    lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], eval_text: str, eval_source: str,
-    step: Callable[[], None] = lambda: None, evaluation: Evaluation | EmbeddingEvaluation | None = None,
+    lm: LoadedModel, inputs: dict[int, torch.Tensor], eval_text: str, eval_source: str, step: Callable[[], None] = lambda: None,
+    evaluation: Evaluation | EmbeddingEvaluation | None = None, *, dims: list[DimSummary], medians: list[float],
+    criterion: Criterion, massive: list[Massive], texts: dict[int, str], attribution: list[Attribution],
+    experts: list[ExpertAttribution],
 ) -> Verification:
-    """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one.
+    """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one. The scan's
+    findings it tests: its massive ``dims`` and ``massive`` entries (``medians``: each block's median |a|, and the
+    ``criterion`` that calls a value massive), the birth ``attribution`` and ``experts``; ``texts``: its kept windows,
+    read again for the input dependence.
 
     A causal LM is scored by its perplexity on ``eval_text``; an encoder by exp(masked-LM loss) on a fixed, seeded
     15% of its tokens, the same masks for every intervention (``evaluation``: that scoring, made here when not
     given; pass one to share its passes with the super-weight search). The super-weight zeroing and the zero/mean
     replacements also get their effect on the output distributions (``output_effects``). A headless encoder (no head
     to score) is scored by its embeddings instead (``embeddings.EmbeddingEvaluation``)."""
-    run = _Run(lm, report, inputs, evaluation or evaluation_for(lm, report, eval_text), step)
-    replaced = replacement_values(report)
+    evaluation = evaluation or evaluation_for(lm, eval_text, dims=dims, attribution=attribution, experts=experts)
+    run = _Run(lm, dims, medians, criterion, inputs, evaluation, step)
+    replaced = replacement_values(dims, massive)
     headless = isinstance(run.evaluation, EmbeddingEvaluation)
     # What the output loses under the super weights' zeroing and the replacements, in one pass over the windows; the
     # perplexities it measures on the way serve the rows below.
-    effects = _effect_interventions(lm, report, replaced)
+    effects = _effect_interventions(lm, attribution, experts, criterion, replaced)
     found = [] if headless else output_effects(lm, run.evaluation, effects)
     changed = embedding_changes(lm, run.evaluation.reference, [(e.name, e.target, e.context) for e in effects]) if headless else []
     run.evaluation.cache.update({"baseline": run.baseline, **{e.target: e.perplexity for e in [*found, *changed]}})
     step()
     rows: list[Intervention] = []
     claims: list[str] = []
-    for a in (a for a in report.attribution if a.role == "birth"):
+    for a in (a for a in attribution if a.role == "birth"):
         rows += _dense_rows(run, a, claims)
-    for e in (e for e in report.experts if e.role == "birth"):  # mixture of experts: the weight inside the expert
+    for e in (e for e in experts if e.role == "birth"):  # mixture of experts: the weight inside the expert
         rows += _expert_rows(run, e, claims)
     for layer in sorted(replaced["zero"]):
         rows += _replacement_rows(run, layer, replaced, claims)
-    dependence = input_dependence(lm, report, eval_text)
+    dependence = input_dependence(lm, eval_text, texts=texts, dims=dims, criterion=criterion)
     claims += [_dependence_claim(d) for d in dependence] + [_effect_claim(effect) for effect in found]
     if headless:
         claims.append(f"headless encoder (the checkpoint has no masked-LM head to score): verified by its embeddings of "
@@ -108,9 +120,10 @@ def _measure(run: _Run, name: str, target: str, a: Attribution | ExpertAttributi
         values = read_coordinate(run.lm, run.inputs[a.text], sorted({a.layer, last}), a.position, a.dim)
         ppl = run.evaluation.score(a.layer, key=target) if with_ppl else None
     run.step()
-    still = run.report.criterion.is_massive(values[a.layer], run.report.layers[a.layer].median)
+    still = run.criterion.is_massive(values[a.layer], run.medians[a.layer])
     return Intervention(name=name, target=target, dim=a.dim, layer=a.layer, value_birth=values[a.layer], value_last=values[last],
-                        still_massive=still, perplexity=ppl, perplexity_ratio=ppl / run.baseline if ppl is not None else None, confirms=None)
+                        still_massive=still, perplexity=ppl, perplexity_ratio=ppl / run.baseline if ppl is not None else None,
+                        confirms=None)
 
 
 def _zero_super_weight(run: _Run, a: Attribution | ExpertAttribution, label: str, matrix: str, index: tuple[int, ...]
@@ -134,9 +147,11 @@ def _dense_rows(run: _Run, a: Attribution, claims: list[str]) -> list[Interventi
     rows = [_measure(run, "none (baseline)", "baseline", a, nullcontext(), True)]
     toward = [n for n in a.neurons if n.contribution * a.output > 0]
     for n in toward[:ABLATE_ALONE]:
-        rows.append(_measure(run, f"ablate neuron {n.neuron}", f"neuron {a.layer}:{n.neuron}", a, ablate_neurons(lm, a.layer, [n.neuron]), False))
+        rows.append(_measure(run, f"ablate neuron {n.neuron}", f"neuron {a.layer}:{n.neuron}", a, ablate_neurons(lm, a.layer, [n.neuron]),
+                             False))
     top_set = [n.neuron for n in toward[: max(a.neurons_for_90pct, 1)]]
-    row = _measure(run, f"ablate top {len(top_set)} neuron(s) {top_set}", f"neurons {a.layer}:{top_set}", a, ablate_neurons(lm, a.layer, top_set), True)
+    row = _measure(run, f"ablate top {len(top_set)} neuron(s) {top_set}", f"neurons {a.layer}:{top_set}", a,
+                   ablate_neurons(lm, a.layer, top_set), True)
     row.confirms = not row.still_massive
     rows.append(row)
     claims.append(
@@ -144,7 +159,8 @@ def _dense_rows(run: _Run, a: Attribution, claims: list[str]) -> list[Interventi
         f"activation ({_values_at(a.layer, row.value_birth, last, row.value_last)}); {metric} x{row.perplexity_ratio:.2f}"
     )
     control = _unrelated_neuron(a)
-    rows.append(_measure(run, f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]), False))
+    rows.append(_measure(run, f"control: ablate neuron {control}", f"neuron {a.layer}:{control}", a, ablate_neurons(lm, a.layer, [control]),
+                         False))
     w = a.super_weight
     row, control_row = _zero_super_weight(run, a, "super weight", w.matrix, (w.row, w.col))
     claims.append(
@@ -164,7 +180,8 @@ def _expert_rows(run: _Run, e: ExpertAttribution, claims: list[str]) -> list[Int
     matrix, index = expert_matrix(w.matrix, e.layer), tuple(w.index)
     column = _neuron_column(index, w.dim, w.neuron)
     where = "the shared expert" if w.expert is None else f"expert {w.expert}"
-    row = _measure(run, f"ablate neuron {w.neuron} of {where}", f"neuron {matrix}[{w.expert}]:{w.neuron}", e, set_weight(lm, matrix, column), True)
+    row = _measure(run, f"ablate neuron {w.neuron} of {where}", f"neuron {matrix}[{w.expert}]:{w.neuron}", e,
+                   set_weight(lm, matrix, column), True)
     row.confirms = not row.still_massive
     rows.append(row)
     row, control_row = _zero_super_weight(run, e, "expert super weight", matrix, index)
@@ -191,9 +208,10 @@ def _replacement_rows(run: _Run, layer: int, replaced: dict[str, dict[int, dict[
     for label in ("zero", "mean"):
         target = f"{label} {layer}:{dims}"
         ppl, value = run.evaluation.cache[target], replaced[label][layer][dims[0]]
-        still = run.report.criterion.is_massive(value, run.report.layers[layer].median)
+        still = run.criterion.is_massive(value, run.medians[layer])
         rows.append(Intervention(name=f"set massive dims {dims} to {label} at block {layer}", target=target, dim=dims[0], layer=layer,
-                                 value_birth=value, value_last=float("nan"), still_massive=still, perplexity=ppl, perplexity_ratio=ppl / run.baseline, confirms=None))
+                                 value_birth=value, value_last=float("nan"), still_massive=still, perplexity=ppl,
+                                 perplexity_ratio=ppl / run.baseline, confirms=None))
     zero, mean = rows
     claims.append(
         f"block {layer}: setting the massive activations of dims {dims} to zero gives {run.metric} {zero.perplexity:.2f} "
@@ -217,19 +235,19 @@ def _effect_claim(effect: OutputEffect) -> str:
             f"{effect.rises[0].after:.2%})")
 
 
-def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, dict[int, dict[int, float]]]) -> list[Edit]:
+def _effect_interventions(lm: LoadedModel, attribution: list[Attribution], experts: list[ExpertAttribution], criterion: Criterion,
+                          replaced: dict[str, dict[int, dict[int, float]]]) -> list[Edit]:
     """An ``Edit`` for each super weight's zeroing (dense, or inside an expert) and each zero/mean replacement; targets
     are spelled as the rows spell them, so their perplexities serve the rows. Each starts at its birth block."""
     found: dict[str, Edit] = {}
     weights = [(a.dim, a.layer, "super weight", a.super_weight.matrix, (a.super_weight.row, a.super_weight.col))
-               for a in report.attribution if a.role == "birth"]
+               for a in attribution if a.role == "birth"]
     weights += [(e.dim, e.layer, "expert super weight", expert_matrix(e.moe.super_weight.matrix, e.layer), tuple(e.moe.super_weight.index))
-                for e in report.experts if e.role == "birth"]
+                for e in experts if e.role == "birth"]
     for dim, layer, label, matrix, index in weights:
         target = f"weight {matrix}{list(index)}"
         found.setdefault(target, Edit(f"dim {dim}: zero {label} {list(index)}", target,
                                       lambda matrix=matrix, index=index: set_weight(lm, matrix, index), layer))
-    criterion = report.criterion
     for layer in sorted(replaced["zero"]):
         dims = list(replaced["zero"][layer])
         for label in ("zero", "mean"):
@@ -240,14 +258,14 @@ def _effect_interventions(lm: LoadedModel, report: Report, replaced: dict[str, d
     return list(found.values())
 
 
-def replacement_values(report: Report) -> dict[str, dict[int, dict[int, float]]]:
+def replacement_values(dims: list[DimSummary], massive: list[Massive]) -> dict[str, dict[int, dict[int, float]]]:
     """What the zero and mean replacements write (Sun et al.): label -> birth block -> {dim: value}, the mean being
-    over the dim's massive entries at that block."""
-    births = [(d.born_at, d.dim) for d in sorted(report.dims, key=lambda d: -abs(d.max_value))]  # strongest dim first
+    over the dim's ``massive`` entries at that block."""
+    births = [(d.born_at, d.dim) for d in sorted(dims, key=lambda d: -abs(d.max_value))]  # strongest dim first
     found: dict[str, dict[int, dict[int, float]]] = {"zero": {}, "mean": {}}
     for layer, dim in births:
         found["zero"].setdefault(layer, {})[dim] = 0.0
-        found["mean"].setdefault(layer, {})[dim] = _mean([m.value for m in report.massive if m.dim == dim and m.layer == layer])
+        found["mean"].setdefault(layer, {})[dim] = _mean([m.value for m in massive if m.dim == dim and m.layer == layer])
     return found
 
 
@@ -279,32 +297,37 @@ def _similar_weight(weight: torch.Tensor, row: int, col: int) -> tuple[int, int,
     return r, c, float(weight[r, c])
 
 
-def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[InputDependence]:
-    """Over the scanned texts and the evaluation text's sentences: each dim's value on the first token at its birth
-    block, and every token where it is massive. Forward passes of a few texts each, up to the last birth block."""
+def input_dependence(lm: LoadedModel, eval_text: str, *, texts: dict[int, str], dims: list[DimSummary],
+                     criterion: Criterion) -> list[InputDependence]:
+    """Over the scanned texts (``texts``: the kept windows, by index) and the evaluation text's sentences: each dim's
+    value on the first token at its birth block, and every token where it is massive. Forward passes of a few texts
+    each, up to the last birth block."""
     sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", eval_text) if len(s.split()) >= 4]
-    texts = ([report.texts[i] for i in sorted(report.texts) if i < MAX_INPUTS] + sentences)[:MAX_INPUTS]
+    read_texts = ([texts[i] for i in sorted(texts) if i < MAX_INPUTS] + sentences)[:MAX_INPUTS]
     limit = getattr(lm.config, "max_position_embeddings", None) or 4096
-    dims = [d.dim for d in report.dims]
-    first: dict[int, list[float]] = {dim: [] for dim in dims}
-    carriers: dict[int, Counter] = {dim: Counter() for dim in dims}
-    first_massive = dict.fromkeys(dims, 0)
-    others = dict.fromkeys(dims, 0)
-    births = {d.born_at for d in report.dims}
-    ids = [lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit] for text in texts]  # long sentences: their start is enough
+    numbers = [d.dim for d in dims]
+    first: dict[int, list[float]] = {dim: [] for dim in numbers}
+    carriers: dict[int, Counter] = {dim: Counter() for dim in numbers}
+    first_massive = dict.fromkeys(numbers, 0)
+    others = dict.fromkeys(numbers, 0)
+    births = {d.born_at for d in dims}
+    ids = [lm.tokenizer(text, return_tensors="pt").input_ids[:, :limit] for text in read_texts]  # long sentences: their start is enough
     # Per text and dim: its value on the first token and the positions where it is massive, at the dim's birth block.
-    read: list[dict[int, tuple[float, list[int]]]] = [{} for _ in texts]
+    read: list[dict[int, tuple[float, list[int]]]] = [{} for _ in read_texts]
     by_length = sorted(range(len(ids)), key=lambda i: ids[i].shape[1])  # texts of like length together: little padding
     for start in range(0, len(ids), DEPENDENCE_BATCH):
         group = by_length[start:start + DEPENDENCE_BATCH]
         batch, mask = pad_batch([ids[i] for i in group])  # right padding: every real token is computed as alone
         kept: dict[int, torch.Tensor] = {}
-        with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in births], lambda l, s, h: kept.__setitem__(l, h.detach().float())):
-            forward_until(lm.model, lm.adapter, max(births), input_ids=batch.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+        sites = [(layer, lm.adapter.stream) for layer in births]
+        keep = lambda layer, site, h, kept=kept: kept.__setitem__(layer, h.detach().float())
+        with torch.no_grad(), tap(lm.model, lm.adapter, sites, keep):
+            forward_until(lm.model, lm.adapter, max(births), input_ids=batch.to(lm.device), attention_mask=mask.to(lm.device),
+                          use_cache=False)
         for row, index in enumerate(group):
-            for summary in report.dims:
+            for summary in dims:
                 hidden = kept[summary.born_at][row:row + 1, :ids[index].shape[1]]
-                massive = massive_mask(hidden, summary.dim, report.criterion)[0]
+                massive = massive_mask(hidden, summary.dim, criterion)[0]
                 read[index][summary.dim] = float(hidden[0, 0, summary.dim]), massive.nonzero().flatten().tolist()
     for one, found in zip(ids, read):  # in the texts' order, so that tied carriers keep their order
         for dim, (value, positions) in found.items():
@@ -314,12 +337,13 @@ def input_dependence(lm: LoadedModel, report: Report, eval_text: str) -> list[In
                 carriers[dim][lm.tokenizer.decode([int(one[0, position])])] += 1
                 others[dim] += position > 0
     found = []
-    for summary in report.dims:
+    for summary in dims:
         values = torch.tensor(first[summary.dim], dtype=torch.float64)
         found.append(
-            InputDependence(dim=summary.dim, layer=summary.born_at, inputs=len(texts), first_token_mean=float(values.mean()),
+            InputDependence(dim=summary.dim, layer=summary.born_at, inputs=len(read_texts), first_token_mean=float(values.mean()),
                             first_token_std=float(values.std()) if len(values) > 1 else 0.0, first_token_massive=first_massive[summary.dim],
-                            carriers=[[token, count] for token, count in carriers[summary.dim].most_common(8)], other_positions=others[summary.dim])
+                            carriers=[[token, count] for token, count in carriers[summary.dim].most_common(8)],
+                            other_positions=others[summary.dim])
         )
     return found
 

@@ -49,7 +49,8 @@ def export(protect: Protect, engine: str, gguf_arch: str = "llama") -> dict:
                   "usage": "transformers.BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=config['llm_int8_skip_modules'])"}
     elif engine == "llm-compressor":
         config = {"ignore": ["lm_head", *(f"re:^{re.escape(name)}$" for name in modules)],
-                  "usage": "llmcompressor.modifiers.quantization.QuantizationModifier(targets='Linear', scheme=..., ignore=config['ignore'])"}
+                  "usage": "llmcompressor.modifiers.quantization.QuantizationModifier(targets='Linear', scheme=..., "
+                           "ignore=config['ignore'])"}
     elif engine == "llama.cpp":
         names = gguf_names(modules, gguf_arch)
         overrides = [f"^{re.escape(name)}\\.weight$={KEEP_TYPE}" for name in names]

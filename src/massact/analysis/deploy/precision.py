@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from .results import BlockHeadroom, Precision
 from ..detect.results import LayerStats
+from .results import BlockHeadroom, Precision
 
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65,504
 
@@ -33,14 +33,16 @@ def headroom(layers: list[LayerStats], limit: float = FLOAT16_MAX) -> Precision:
             continue
         top = stats.top[0]
         size = abs(top.value) if math.isfinite(top.value) else float("inf")
-        blocks.append(BlockHeadroom(layer=stats.layer, max_abs=size, dim=top.dim, headroom=limit / size if size > 0 else float("inf"), overflows=not size <= limit))
+        blocks.append(BlockHeadroom(layer=stats.layer, max_abs=size, dim=top.dim, headroom=limit / size if size > 0 else float("inf"),
+                                    overflows=not size <= limit))
         over: dict[int, float] = {}  # dim -> its largest value above the limit in this block (one entry per dim)
         for e in stats.top:
             if not abs(e.value) <= limit and (e.dim not in over or abs(e.value) > abs(over[e.dim])):
                 over[e.dim] = e.value
         overflows += [[stats.layer, dim, value] for dim, value in over.items()]
     if not blocks:
-        return Precision(float16_max=limit, blocks=[], overflows=[], largest=0.0, largest_layer=-1, largest_dim=-1, headroom=float("inf"), bfloat16_step=float("nan"), float16_step=float("nan"), summary="no activations were scanned")
+        return Precision(float16_max=limit, blocks=[], overflows=[], largest=0.0, largest_layer=-1, largest_dim=-1, headroom=float("inf"),
+                         bfloat16_step=float("nan"), float16_step=float("nan"), summary="no activations were scanned")
     worst = max(blocks, key=lambda b: b.max_abs)
     value = next(e.value for e in layers[worst.layer].top if e.dim == worst.dim)
     if overflows:
@@ -55,5 +57,6 @@ def headroom(layers: list[LayerStats], limit: float = FLOAT16_MAX) -> Precision:
     if math.isfinite(step):
         summary += (f"; at that value bfloat16's rounding step is {step:g} (float16's: "
                     f"{rounding_step(value, torch.float16):g})")
-    return Precision(float16_max=limit, blocks=blocks, overflows=overflows, largest=abs(value), largest_layer=worst.layer, largest_dim=worst.dim, headroom=worst.headroom, bfloat16_step=step,
+    return Precision(float16_max=limit, blocks=blocks, overflows=overflows, largest=abs(value), largest_layer=worst.layer,
+                     largest_dim=worst.dim, headroom=worst.headroom, bfloat16_step=step,
                      float16_step=rounding_step(value, torch.float16), summary=summary)

@@ -24,18 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...capture.edits import massive_mask, read_coordinate
 from ...capture.experts import instrumented
 from ...capture.hooks import forward_until, tap
 from ...errors import UsageError
-from ...settings import QUANT_GRIDS
 from ...models.adapters.base import is_transposed
 from ...models.loading import LoadedModel
-from ...capture.edits import massive_mask, read_coordinate
+from ...settings import QUANT_GRIDS
 from ..causal.evaluation import Evaluation
 from ..causal.mlm import next_token_windows
 from ..causal.perplexity import default_eval_text, eval_windows, perplexity
-from .protect import Protect
 from .engines import engine, engine_rows, engine_words
+from .protect import Protect
 from .results import EngineRow, Quantization, QuantRow
 
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -416,8 +416,10 @@ def sweep(
     notes: list[str] = []
 
     def add_row(setting: Setting, ppl: float, values: dict[int, float], share: float | None, began: float) -> None:
-        rows.append(QuantRow(method=setting.method, setting=setting.label, variant=_variant_words(setting, clip_z), perplexity=ppl, perplexity_ratio=ppl / baseline,
-                             value_birth=values[target.born_at], value_peak=values[target.peak_block], kept_birth=_kept(values[target.born_at], base_values[target.born_at]),
+        rows.append(QuantRow(method=setting.method, setting=setting.label, variant=_variant_words(setting, clip_z), perplexity=ppl,
+                             perplexity_ratio=ppl / baseline,
+                             value_birth=values[target.born_at], value_peak=values[target.peak_block],
+                             kept_birth=_kept(values[target.born_at], base_values[target.born_at]),
                              kept_peak=_kept(values[target.peak_block], base_values[target.peak_block]), massive_error_share=share,
                              seconds=round(time.perf_counter() - began, 2)))
 
@@ -449,9 +451,11 @@ def sweep(
         step()
     params = sum(p.numel() for _, p, _ in projections(lm))
     return Quantization(
-        baseline_perplexity=baseline, eval_tokens=sum(w.shape[1] for w in windows), eval_source=eval_source, dim=target.dim, birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
+        baseline_perplexity=baseline, eval_tokens=sum(w.shape[1] for w in windows), eval_source=eval_source, dim=target.dim,
+                        birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
         value_birth=base_values[target.born_at], value_peak=base_values[target.peak_block], matrices=len(names), parameters=params,
-        super_weights=[[w.parameter, list(w.index), w.value] for w in protect.super_weights], massive_tokens=int(sum(int(m.sum()) for m in masks)),
+        super_weights=[[w.parameter, list(w.index), w.value] for w in protect.super_weights],
+                        massive_tokens=int(sum(int(m.sum()) for m in masks)),
         grid=grid_name, clip_z=clip_z, rows=rows, seconds=round(time.perf_counter() - started, 1), notes=notes,
         engines=found, engine_words=[words for name in engines if (words := engine_words([r for r in found if r.engine == name]))],
     )

@@ -1,8 +1,11 @@
-"""What the deployment stage finds: the quantization sweep and the half-precision headroom."""
+"""What the deployment stage finds: the quantization sweep, the half-precision headroom, and the protect list
+(protect.json, built by ``massact.analysis.deploy.protect``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ...settings import Criterion
 
 
 @dataclass(kw_only=True)
@@ -113,3 +116,75 @@ class Precision:
     bfloat16_step: float
     float16_step: float
     summary: str
+
+
+FORMAT = "massact-protect"  # protect.json's format field
+VERSION = 1  # and its version
+
+
+@dataclass(kw_only=True)
+class Carrier:
+    """A token that carries a massive dim: window ``text`` of the scan, ``position``, its largest value and block."""
+
+    text: int
+    position: int
+    token: str
+    block: int
+    value: float
+
+
+@dataclass(kw_only=True)
+class ProtectedDim:
+    """A massive dim: born at ``born_at``, massive in ``blocks``, largest at ``peak_block`` (``peak_value``).
+    ``probe_text`` and ``probe_position`` are where it is strongest at its birth block: read it there."""
+
+    dim: int
+    born_at: int
+    peak_block: int
+    peak_value: float
+    blocks: list[int]
+    removed_at: list[int]
+    probe_text: str
+    probe_position: int
+    carriers: list[Carrier]
+
+
+@dataclass(kw_only=True)
+class SinkPosition:
+    """A position that carries massive activations in some scanned text (the attention-sink candidates), with the
+    tokens seen there and in how many texts."""
+
+    position: int
+    tokens: list[str]
+    texts: int
+
+
+@dataclass(kw_only=True)
+class ProtectedWeight:
+    """A super weight: ``model.get_parameter(parameter)[tuple(index)] == value``; ``row`` and ``col`` are the last two
+    entries of the stored index (a fused expert weight has the expert first)."""
+
+    parameter: str
+    row: int
+    col: int
+    index: list[int]
+    value: float
+
+
+@dataclass(kw_only=True)
+class Protect:
+    model: str
+    source: str | None
+    min_abs: float
+    min_ratio: float
+    massive_dims: list[ProtectedDim]
+    sink_positions: list[SinkPosition]
+    super_weights: list[ProtectedWeight]
+    format: str = FORMAT
+    version: int = VERSION
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def criterion(self) -> Criterion:
+        """The scan's massive test, as saved with the list."""
+        return Criterion(min_abs=self.min_abs, min_ratio=self.min_ratio)

@@ -1,7 +1,8 @@
 """Resuming a scan: what makes two scans the same scan, and a checked read of a saved scan state.
 
 A state is resumed only by the scan that wrote it: same model (name, class, and ``models.identity``'s weights),
-dtype, device type and settings; the token ids it covers are checked separately, as they are read again. Anything else in the file is refused in one line, never with the loader's own message.
+dtype, device type and settings; the token ids it covers are checked separately, as they are read again. Anything
+else in the file is refused in one line, never with the loader's own message.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Steps 1-2: scan every block's residual output, detect massive activations, group them by dim."""
+"""The layer scan and massive activations sections: scan every block's residual output, detect massive activations, group them by dim."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from pathlib import Path
 
 import torch
 
-from ...capture.hooks import tap
 from ...capture.blocks import BlockRecorder
 from ...capture.experts import ExpertMaxima
+from ...capture.hooks import tap
 from ...capture.stats import LogHistogram, TopK
 from ...errors import UsageError
+from ...launch import launch
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from .results import DimSummary, Entry, LayerStats, Massive
 from .resume import read_state, remove_partial, shape_problem
+
+CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
 
 @dataclass
@@ -56,7 +59,7 @@ def pad_batch(inputs: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Te
 def scan_layers(
     lm: LoadedModel,
     windows: Iterable[torch.Tensor],
-    candidates: int = 512,
+    candidates: int = CANDIDATES,
     on_window: Callable[[int], None] | None = None,
     batch_size: int = 8,
     checkpoint: Path | None = None,
@@ -130,9 +133,9 @@ def scan_layers(
 
 
 def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) unless launched by torchrun or accelerate launch. The process
-    group is set up here on first use: gloo on CPU, nccl on GPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, world size) of this process; (0, 1) unless launched by torchrun or accelerate launch
+    (``massact.launch``). The process group is set up here on first use: gloo on CPU, nccl on GPUs."""
+    _, world = launch()
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
@@ -258,6 +261,22 @@ def detect(scan: LayerScan, tokens: list[list[str]], criterion: Criterion) -> li
     return found
 
 
+def scan_warnings(scan: LayerScan, massive: list[Massive], candidates: int = CANDIDATES) -> list[str]:
+    """What the report must say about the scan itself: a non-finite value (the dtype overflowed), and blocks whose
+    massive entries filled every one of the ``candidates`` kept (only the largest are listed)."""
+    warnings = []
+    if scan.nonfinite:
+        layer, text, position, dim = scan.nonfinite
+        warnings.append(
+            f"non-finite activation (inf/nan) first at block {layer}, text {text}, position {position}, dim {dim}:"
+            " the dtype overflowed; use bfloat16 or float32"
+        )
+    full = [layer for layer in {m.layer for m in massive} if sum(m.layer == layer for m in massive) >= candidates]
+    if full:
+        warnings.append(f"blocks {sorted(full)} have more than {candidates} massive entries; only the largest are listed")
+    return warnings
+
+
 def group_dims(massive: list[Massive], n_layers: int) -> list[DimSummary]:
     """Per dim: first block where it is massive, every such block, and each block after which it is not massive."""
     summaries = []
@@ -266,5 +285,6 @@ def group_dims(massive: list[Massive], n_layers: int) -> list[DimSummary]:
         layers = sorted({m.layer for m in entries})
         removed = [layer + 1 for layer in layers if layer + 1 not in layers and layer + 1 < n_layers]
         tokens = list(dict.fromkeys(m.token for m in entries))
-        summaries.append(DimSummary(dim=dim, born_at=layers[0], persists=layers, removed_at=removed, max_value=max((m.value for m in entries), key=abs), tokens=tokens))
+        summaries.append(DimSummary(dim=dim, born_at=layers[0], persists=layers, removed_at=removed,
+                                    max_value=max((m.value for m in entries), key=abs), tokens=tokens))
     return summaries

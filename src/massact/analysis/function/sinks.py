@@ -14,9 +14,10 @@ import torch
 from ...capture.attention import attention_pass, softmax_layers
 from ...capture.edits import replace_massive
 from ...models.loading import LoadedModel
+from ...settings import Criterion
+from ..detect.results import DimSummary, Massive
 from ..detect.scan import pad_batch
 from .results import AttentionSinks, SinkIntervention, SinkToken
-from ..results import Report
 
 SINK_SHARE = 0.5  # a block "has a sink" when at least half of its heads are sink heads (sink rate >= 50%)
 SINK_EPSILON = 0.3  # Gu et al. 2024: a head is a sink head when its average attention on the token exceeds this
@@ -26,8 +27,9 @@ SINK_TEXTS = 64  # texts in each attention pass
 SINK_BATCH = 8  # of those texts per forward pass
 
 
-def sink_tokens(report: Report) -> tuple[list[SinkToken], str]:
-    """The positions that carry a massive dim persistently, per text, and the rule in words.
+def sink_tokens(massive: list[Massive], tokens: dict[int, list[str]]) -> tuple[list[SinkToken], str]:
+    """The positions that carry a massive dim persistently, per text (``massive``: the scan's massive entries;
+    ``tokens``: its kept windows' tokens, by window index), and the rule in words.
 
     A position is a sink candidate in a text when its dim is massive there in at least half of the blocks where that
     dim is massive at all. Blocks where the dim is massive at more than half of the text's positions do not count
@@ -36,18 +38,17 @@ def sink_tokens(report: Report) -> tuple[list[SinkToken], str]:
     always included. Where no activation is massive, each text's first token is measured instead (where sinks form
     in most models): the sink is then measured without a massive activation.
     """
-    if not report.massive:
-        tokens = [SinkToken(text=text, position=0, token=report.tokens[text][0], dims=[], reason="first token")
-                  for text in sorted(report.tokens)]
-        return tokens, "no activation is massive: each text's first token is measured as the sink token"
+    if not massive:
+        firsts = [SinkToken(text=text, position=0, token=tokens[text][0], dims=[], reason="first token") for text in sorted(tokens)]
+        return firsts, "no activation is massive: each text's first token is measured as the sink token"
     blocks: dict[int, set[int]] = {}
     marked: dict[tuple[int, int, int], set[int]] = {}  # (dim, text, block) -> positions
-    for m in report.massive:
+    for m in massive:
         blocks.setdefault(m.dim, set()).add(m.layer)
         marked.setdefault((m.dim, m.text, m.layer), set()).add(m.position)
     counts: dict[tuple[int, int, int], int] = {}  # (dim, text, position) -> selective blocks where it is massive
     for (dim, text, _), positions in marked.items():
-        if len(positions) > len(report.tokens[text]) / 2:
+        if len(positions) > len(tokens[text]) / 2:
             continue
         for position in positions:
             counts[dim, text, position] = counts.get((dim, text, position), 0) + 1
@@ -56,14 +57,14 @@ def sink_tokens(report: Report) -> tuple[list[SinkToken], str]:
         if count >= len(blocks[dim]) / 2:
             reasons.setdefault((text, position), {})[dim] = f"dim {dim} massive in {count} of its {len(blocks[dim])} blocks"
     for dim in blocks:
-        main = max((m for m in report.massive if m.dim == dim), key=lambda m: abs(m.value))
+        main = max((m for m in massive if m.dim == dim), key=lambda m: abs(m.value))
         reasons.setdefault((main.text, main.position), {})[dim] = f"main carrier of dim {dim} ({main.value:+,.1f} at block {main.layer})"
-    tokens = [SinkToken(text=text, position=position, token=report.tokens[text][position], dims=sorted(why), reason="; ".join(why[d] for d in sorted(why)))
-              for (text, position), why in sorted(reasons.items())]
+    found = [SinkToken(text=text, position=position, token=tokens[text][position], dims=sorted(why),
+                       reason="; ".join(why[d] for d in sorted(why))) for (text, position), why in sorted(reasons.items())]
     rule = ("a position counts as a sink token when its dim is massive there in at least half of the blocks where that dim "
             "is massive (blocks where the dim is massive at more than half of a text's positions do not count); each dim's "
             "main carrier (its largest |value|) always counts")
-    return tokens, rule
+    return found, rule
 
 
 def head_metrics(attention: torch.Tensor, values: torch.Tensor | None, sinks: list[int], causal: bool) -> dict[str, torch.Tensor]:
@@ -85,7 +86,8 @@ def head_metrics(attention: torch.Tensor, values: torch.Tensor | None, sinks: li
     if len(queries) == 0:
         return dict(share=nan, uniform=nan, value_ratio=nan, output_share=nan)
     sink_index = torch.tensor(sinks, device=attention.device)
-    visible = sink_index.unsqueeze(0) <= queries.unsqueeze(1) if causal else torch.ones(len(queries), len(sinks), dtype=torch.bool, device=attention.device)
+    visible = sink_index.unsqueeze(0) <= queries.unsqueeze(1) if causal else torch.ones(len(queries), len(sinks), dtype=torch.bool,
+                                                                                        device=attention.device)
     mass = attention[:, queries][:, :, sink_index] * visible  # [heads, queries, sinks]
     seen = (queries + 1).float() if causal else torch.full((len(queries),), float(n_keys), device=attention.device)
     found = dict(share=mass.sum(-1).mean(-1).float().cpu(),
@@ -180,7 +182,7 @@ def sink_pass(
         group = texts[start:start + SINK_BATCH]
         ids, mask = pad_batch([inputs[text] for text in group])
         valid = mask if len(group) > 1 else None
-        found = attention_pass(lm, ids, lambda: context(valid), valid)
+        found = attention_pass(lm, ids, lambda valid=valid: context(valid), valid)
         for row, text in enumerate(group):
             n = inputs[text].shape[1]
             metrics = {layer: head_metrics(found.maps[layer][row, :, :n, :n],
@@ -224,18 +226,20 @@ def noop_heads(found: SinkPass) -> list[int]:
 
 
 def sink_analysis(
-    lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], epsilon: float = SINK_EPSILON,
+    lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[DimSummary], massive: list[Massive],
+    tokens: dict[int, list[str]], criterion: Criterion, epsilon: float = SINK_EPSILON,
     replacements: dict[str, dict[int, dict[int, float]]] | None = None,
 ) -> AttentionSinks:
-    """The sink tokens, the sink metrics over (up to SINK_TEXTS of) their texts, and the same metrics with the
-    massive activations replaced at their birth blocks (``replacements``: label -> block -> dim -> value)."""
-    birth = min((d.born_at for d in report.dims), default=None)
-    tokens, rule = sink_tokens(report)
+    """The sink tokens (``sink_tokens`` of the scan's ``massive`` entries and ``tokens``), the sink metrics over (up to
+    SINK_TEXTS of) their texts, and the same metrics with the massive activations replaced at their birth blocks
+    (``replacements``: label -> block -> dim -> value, written where ``criterion`` calls a value massive)."""
+    birth = min((d.born_at for d in dims), default=None)
+    sink_list, rule = sink_tokens(massive, tokens)
     sinks: dict[int, list[int]] = {}
-    for token in tokens:
+    for token in sink_list:
         sinks.setdefault(token.text, []).append(token.position)
     sinks = dict(sorted(sinks.items())[:SINK_TEXTS])
-    tokens = [t for t in tokens if t.text in sinks]
+    sink_list = [t for t in sink_list if t.text in sinks]
     causal = not lm.adapter.encoder
     softmax = softmax_layers(lm)
     source = next((lm.at(layer).values.path for layer in softmax if lm.at(layer).values is not None), None)
@@ -249,14 +253,14 @@ def sink_analysis(
     if base is None:
         why = "no block mixes tokens by softmax attention" if not softmax else "no text has a sink token with later tokens to attend to it"
         return AttentionSinks(texts=0, share=[], uniform=[], sink_layers=[], first_sink_layer=None, birth_layer=birth, summary=why,
-                              epsilon=epsilon, causal=causal, rule=rule, tokens=tokens, values=values, **layout)
+                              epsilon=epsilon, causal=causal, rule=rule, tokens=sink_list, values=values, **layout)
     found_blocks = sink_blocks(base.rate)
     changed = []
     for label, by_block in (replacements or {}).items():
         def context(valid: torch.Tensor | None, by_block=by_block) -> AbstractContextManager:
             stack = ExitStack()
-            for layer, dims in by_block.items():
-                stack.enter_context(replace_massive(lm, layer, dims, report.criterion, valid))
+            for layer, by_dim in by_block.items():
+                stack.enter_context(replace_massive(lm, layer, by_dim, criterion, valid))
             return stack
 
         under = sink_pass(lm, inputs, sinks, epsilon, context)
@@ -264,20 +268,21 @@ def sink_analysis(
             continue
         rate = under.rate.tolist()
         survives = [rate[layer] >= SINK_SHARE if layer in found_blocks else None for layer in range(len(rate))]
-        dims = sorted({dim for by_dim in by_block.values() for dim in by_dim})
-        changed.append(SinkIntervention(name=f"set massive dims {dims} to {label} at block(s) {sorted(by_block)}", label=label,
+        replaced = sorted({dim for by_dim in by_block.values() for dim in by_dim})
+        changed.append(SinkIntervention(name=f"set massive dims {replaced} to {label} at block(s) {sorted(by_block)}", label=label,
                                         blocks=sorted(by_block), rate=rate, share=under.share.mean(dim=1).tolist(), survives=survives))
     summary = _summary(base, found_blocks, birth, epsilon)
     listed = lambda tensor: tensor.tolist() if tensor is not None else None  # noqa: E731
     return AttentionSinks(
-        texts=base.texts, share=base.share.tolist(), uniform=base.uniform.tolist(), sink_layers=found_blocks, first_sink_layer=found_blocks[0] if found_blocks else None, birth_layer=birth,
-        summary=summary, epsilon=epsilon, causal=causal, rule=rule, tokens=tokens, rate=base.rate.tolist(),
+        texts=base.texts, share=base.share.tolist(), uniform=base.uniform.tolist(), sink_layers=found_blocks,
+                          first_sink_layer=found_blocks[0] if found_blocks else None, birth_layer=birth,
+        summary=summary, epsilon=epsilon, causal=causal, rule=rule, tokens=sink_list, rate=base.rate.tolist(),
         overall_rate=float(base.rate.nanmean()),
         value_ratio=listed(base.value_ratio), output_share=listed(base.output_share),
         noop_heads=noop_heads(base), values=values, interventions=changed,
         dependence=dependence(found_blocks, birth, changed),
         gate_sink=listed(base.gate_sink), gate_other=listed(base.gate_other), learned_sink=listed(base.learned_sink),
-        first_token=listed(base.first_token), mixing=mixing_words(lm, base, found_blocks, birth, bool(report.dims)), **layout,
+        first_token=listed(base.first_token), mixing=mixing_words(lm, base, found_blocks, birth, bool(dims)), **layout,
     )
 
 
@@ -363,8 +368,9 @@ def dependence(found_blocks: list[int], birth: int | None, changed: list[SinkInt
                 f"massive activation is written at block {birth}")
     lost = [layer for layer in reached if not zero.survives[layer]]
     mean = next((c for c in changed if c.label == "mean"), None)
-    kept_mean = f"; set to their mean, {sum(bool(mean.survives[l]) for l in reached)} of {len(reached)} keep it" if mean else ""
-    counts = f"with the massive values set to zero, {len(lost)} of the {len(reached)} sink blocks after block {birth} lose their sink{kept_mean}"
+    kept_mean = f"; set to their mean, {sum(bool(mean.survives[layer]) for layer in reached)} of {len(reached)} keep it" if mean else ""
+    counts = (f"with the massive values set to zero, {len(lost)} of the {len(reached)} sink blocks after block {birth} lose their "
+              f"sink{kept_mean}")
     if 2 * len(lost) > len(reached):
         if before:
             return (f"the sink forms before the massive activation (block {before[0]}, birth at block {birth}), but after it the "

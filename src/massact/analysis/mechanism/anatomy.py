@@ -1,4 +1,4 @@
-"""Step 4: the MLP's checkpoints at one position, where top1/median explodes, and what the activation does."""
+"""The MLP anatomy section: the MLP's checkpoints at one position, where top1/median explodes, and what the activation does."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def activation_impact(
     pre = pre.double()
     product = post * up.double() if up is not None else post
     top = [
-        NeuronActivation(neuron=i, before=float(pre[i]), after=float(post[i]), up=float(up[i]) if up is not None else None, product=float(product[i]))
+        NeuronActivation(neuron=i, before=float(pre[i]), after=float(post[i]), up=float(up[i]) if up is not None else None,
+                         product=float(product[i]))
         for i in neurons
     ]
     return ActivationImpact(

@@ -1,4 +1,4 @@
-"""Steps 5-6: split a massive MLP output into neuron contributions and find the super weight."""
+"""The neuron attribution and super weight section: split a massive MLP output into neuron contributions and find the super weight."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def contributions(
     error = abs(total - output) / max(abs(output), 1e-12)
     order = parts.abs().argsort(descending=True)[:top].tolist()
     neurons = [
-        NeuronContribution(neuron=i, activation=float(act[i]), weight=float(weight[i]), contribution=float(parts[i]), share=float(parts[i]) / output if output else float("nan"))
+        NeuronContribution(neuron=i, activation=float(act[i]), weight=float(weight[i]), contribution=float(parts[i]),
+                           share=float(parts[i]) / output if output else float("nan"))
         for i in order
     ]
     sign = 1.0 if output - bias >= 0 else -1.0
@@ -35,7 +36,8 @@ def super_weight(adapter: Adapter, model: torch.nn.Module, layer: int, dim: int,
     value = weight_out_in(down)[dim, neuron].detach()
     rank = int((down.weight.detach().abs() > value.abs()).sum()) + 1
     row, col = stored_index(down, dim, neuron)
-    return SuperWeight(matrix=adapter.param_name(model, layer, adapter.mlp_down), row=row, col=col, value=float(value), rank=rank, entries=down.weight.numel())
+    return SuperWeight(matrix=adapter.param_name(model, layer, adapter.mlp_down), row=row, col=col, value=float(value), rank=rank,
+                       entries=down.weight.numel())
 
 
 def mlp_weight_stats(adapter: Adapter, model: torch.nn.Module, layer: int) -> list[WeightStats]:

@@ -1,4 +1,4 @@
-"""Steps 3-6 for each block that writes or erases a massive dim: the sublayer that does it (with its norm and heads),
+"""The mechanism at each block that writes or erases a massive dim: the sublayer that does it (with its norm and heads),
 and for an MLP its anatomy, neurons and super weight (or, in a mixture of experts, its experts)."""
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ import torch
 
 from ...capture.probe import ATTN_Z, block_output, probe_block, stream_dims
 from ...models.loading import LoadedModel
+from ...settings import Criterion
+from ..detect.results import DimSummary, LayerStats, Massive
 from . import anatomy as anatomy_step
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
-from .lifeline import WRITING, phase_direction, step_sign, writers
+from .lifeline import phase_direction, step_sign, writers
 from .moe import MoeBlock, attribute_moe
 from .norms import norm_factors
 from .origin import decomposition_gap, head_split, removal_cause, writer
 from .results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, NormFactors, Origin, TokenValues
-from ...settings import Criterion
-from ..detect.results import DimSummary, LayerStats, Massive
-from ..results import Report
 
 
 @dataclass
@@ -33,9 +32,6 @@ class Event:
     layer: int
     role: str
     direction: float
-
-
-ROLES = WRITING + ("removal",)  # what an event (and the origin, anatomy and attribution it makes) can be
 
 
 def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Lifeline]) -> list[Event]:
@@ -62,7 +58,7 @@ def explain(
     lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor], tokens: dict[int, list[str]], layers: list[LayerStats],
     criterion: Criterion, top_neurons: int, warnings: list[str],
 ) -> tuple[list[Origin], list[Anatomy], list[Attribution], list[ExpertAttribution]]:
-    """Steps 3-6 for each event: the writer, and for an MLP writer its anatomy and neurons (or experts). One probe
+    """The mechanism at each event: the writer, and for an MLP writer its anatomy and neurons (or experts). One probe
     pass per (text, block); checks that fail their second computation are appended to ``warnings``."""
     origins, anatomies, attributions, experts = [], [], [], []
     probes = {}
@@ -130,16 +126,18 @@ def _norm_factors(lm: LoadedModel, layer: int, path: str, raw: torch.Tensor, lan
     return norm_factors(module, lm.adapter.param_name(lm.model, layer, path), raw, landed, dim)
 
 
-def birth_state(lm: LoadedModel, report: Report, inputs: list[torch.Tensor]) -> BirthState | None:
-    """The hidden state at the birth of the strongest massive dim, where its strongest entry sits."""
-    if not report.dims:
+def birth_state(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[DimSummary], origin: list[Origin],
+                massive: list[Massive], tokens: dict[int, list[str]]) -> BirthState | None:
+    """The hidden state at the birth of the strongest massive dim, where its strongest entry sits (its birth
+    ``origin``), with the dims ``massive`` there."""
+    if not dims:
         return None
-    strongest = max(report.dims, key=lambda d: abs(d.max_value))
-    birth = next(o for o in report.origin if o.dim == strongest.dim and o.role == "birth")
+    strongest = max(dims, key=lambda d: abs(d.max_value))
+    birth = next(o for o in origin if o.dim == strongest.dim and o.role == "birth")
     magnitude = block_output(lm, inputs[birth.text], birth.layer).abs()
-    dims = sorted({m.dim for m in report.massive if m.layer == birth.layer and m.text == birth.text})
+    there = sorted({m.dim for m in massive if m.layer == birth.layer and m.text == birth.text})
     rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
-    return BirthState(layer=birth.layer, text=birth.text, tokens=report.tokens[birth.text], dims=dims, magnitude=rows)
+    return BirthState(layer=birth.layer, text=birth.text, tokens=tokens[birth.text], dims=there, magnitude=rows)
 
 
 TOKEN_TEXTS = 6  # texts in the token view: the carriers of the dims first, then the first ones
@@ -147,20 +145,22 @@ TOKEN_DIMS = 4  # the strongest dims
 TOKEN_POSITIONS = 64  # the first tokens of each text
 
 
-def token_values(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor]) -> TokenValues | None:
-    """Each of the strongest massive dims at every block and token of a few texts, one forward pass per text: what the
-    HTML page colours its tokens by. About TOKEN_TEXTS x TOKEN_DIMS x blocks x TOKEN_POSITIONS numbers."""
-    if not report.dims:
+def token_values(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[DimSummary],
+                 lifelines: list[Lifeline]) -> TokenValues | None:
+    """Each of the strongest massive dims at every block and token of a few texts (their carriers' first, from
+    ``lifelines``), one forward pass per text: what the HTML page colours its tokens by. About TOKEN_TEXTS x TOKEN_DIMS
+    x blocks x TOKEN_POSITIONS numbers."""
+    if not dims:
         return None
-    dims = [d.dim for d in sorted(report.dims, key=lambda d: -abs(d.max_value))[:TOKEN_DIMS]]
-    carriers = [line.text for line in report.lifeline if line.dim in dims]
+    strongest = [d.dim for d in sorted(dims, key=lambda d: -abs(d.max_value))[:TOKEN_DIMS]]
+    carriers = [line.text for line in lifelines if line.dim in strongest]
     texts = list(dict.fromkeys(carriers + sorted(inputs)))[:TOKEN_TEXTS]
     values = []
     for text in texts:
         # The whole text runs (a bidirectional model's first tokens see the rest); its first tokens are kept.
-        stream = stream_dims(lm, inputs[text], dims)[:, :TOKEN_POSITIONS]  # [blocks, positions, dims]
-        values.append([[[float(f"{v:.3g}") for v in row] for row in stream[:, :, d].tolist()] for d in range(len(dims))])
-    return TokenValues(dims=dims, texts=texts, values=values)
+        stream = stream_dims(lm, inputs[text], strongest)[:, :TOKEN_POSITIONS]  # [blocks, positions, dims]
+        values.append([[[float(f"{v:.3g}") for v in row] for row in stream[:, :, d].tolist()] for d in range(len(strongest))])
+    return TokenValues(dims=strongest, texts=texts, values=values)
 
 
 def _place(event: Event, tokens: list[list[str]]) -> dict:

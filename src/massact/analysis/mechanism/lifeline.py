@@ -7,19 +7,13 @@ import torch
 
 from ...capture.hooks import tap
 from ...models.loading import LoadedModel
-from .origin import removal_cause
 from ...settings import Criterion
 from ..detect.results import DimSummary, Massive
-from .results import Lifeline, LifelineStep, Phase
+from .origin import removal_cause
+from .results import WRITERS, WRITING, Lifeline, LifelineStep, Phase
 
 PHASE_SHARE = 0.1  # a block grows or erases the value when it adds or takes off 10% of the peak (of the precursor before birth)
 HOLD_SHARE = 0.5  # after birth, a quiet block holds the value while it stays above half of its largest value so far
-WRITERS = ("attn", "mlp", "norm")
-# The phases a block's step can have; the first six name a block that writes or erases the dim (``writers``).
-# "reversal": after birth, the value is massive again with the other sign (an eraser went through zero and past the
-# threshold); the phases after it follow the new sign.
-PHASES = ("precursor", "precursor erasure", "birth", "growth", "erasure", "reversal", "hold", "after")
-WRITING = PHASES[:6]
 _DOWN = ("precursor erasure", "erasure")  # phases that take the value off
 
 
@@ -34,12 +28,6 @@ def step_sign(line: Lifeline, layer: int) -> int:
     """The value's sign at ``layer`` after birth: ``line.sign``, turned over by each reversal up to that block."""
     turns = sum(1 for step in line.steps[: layer + 1] if step.phase == "reversal")
     return line.sign * (-1) ** turns
-
-
-def overshoots(line: Lifeline) -> list[int]:
-    """The erasing blocks that take the value through zero (it leaves them with the other sign, not massive)."""
-    return [step.layer for step in line.steps if step.phase == "erasure" and step.layer
-            and step.value * line.steps[step.layer - 1].value < 0]
 
 
 def _writer(step: LifelineStep, post_ln: bool, direction: float) -> str:
@@ -155,7 +143,8 @@ def phases(steps: list[LifelineStep], embedding: float) -> list[Phase]:
             last.last, last.change, last.value_after = step.layer, last.change + step.change, step.value
         else:
             before = steps[step.layer - 1].value if step.layer else embedding
-            runs.append(Phase(name=step.phase, first=step.layer, last=step.layer, writer=writer, change=step.change, value_before=before, value_after=step.value))
+            runs.append(Phase(name=step.phase, first=step.layer, last=step.layer, writer=writer, change=step.change, value_before=before,
+                              value_after=step.value))
     return runs
 
 

@@ -14,93 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ...models.adapters.base import Moe
 from ...models.loading import LoadedModel
-
-
-@dataclass(kw_only=True)
-class ExpertNeuron:
-    """One neuron of one expert at ``dim``: gate and up are its pre-activations, activation = act(gate) x up (or the
-    expert's own gate function), weight = W_down[e][dim, neuron]; contribution = router_weight x activation x weight
-    (its part of the MoE output; Llama-4 scales the input instead); share = contribution / output."""
-
-    neuron: int
-    gate: float
-    up: float
-    activation: float
-    weight: float
-    contribution: float
-    share: float
-
-
-@dataclass(kw_only=True)
-class ExpertContribution:
-    """One expert's part of the MoE output at ``dim``: contribution = router_weight x output, share = contribution /
-    the MoE output. ``expert`` is None for a shared expert: its router_logit is its gate's logit (shared_expert_gate .
-    x) and its router_prob and router_weight sigmoid of it, or 1 where it has no gate. For a routed expert router_prob
-    is its score (softmax probability over all experts, or sigmoid) and router_weight the weight the block applies.
-
-    ``neurons``: the ``top`` neurons by |contribution|; all neurons together sum to ``contribution`` (``neuron_error``
-    is the relative gap of that full sum, float64).
-    """
-
-    expert: int | None
-    router_logit: float
-    router_prob: float
-    router_weight: float
-    output: float
-    contribution: float
-    share: float
-    neurons: list[ExpertNeuron] = field(default_factory=list)
-    neuron_error: float = 0.0
-
-
-@dataclass(kw_only=True)
-class ExpertSuperWeight:
-    """W_down[dim, neuron] of the top neuron of the top expert, located as stored: ``model.get_parameter(matrix)
-    [tuple(index)]`` is ``value`` (index [expert, dim, neuron] in fused experts stored [E, d_model, d_mlp], [expert,
-    neuron, dim] stored transposed, [dim, neuron] in a shared expert's ``down_proj.weight``). Reports of earlier
-    versions name the matrix relative to the block's MLP (``experts.down_proj``).
-
-    rank: 1 + how many entries of the whole stored parameter (all experts) are larger in |w|; entries: its size.
-    """
-
-    matrix: str
-    index: list[int]
-    expert: int | None
-    dim: int
-    neuron: int
-    value: float
-    rank: int
-    entries: int
-
-
-@dataclass(kw_only=True)
-class MoeAttribution:
-    """The MoE block's output at ``dim`` for one token, split into experts.
-
-    output: the sum of every expert's contribution (float64); actual: the block's own output there (calling the block
-    on the token); error: |output - actual| / |actual|. ``experts`` are the routed experts the router selected, by
-    router weight, highest first; ``shared_expert`` the shared expert (None where there is none). ``top_expert`` is the
-    expert with the largest |contribution| (None when that is the shared expert); ``neurons`` are its top neurons and
-    ``super_weight`` its top neuron's down-projection entry.
-    """
-
-    dim: int
-    family: str
-    output: float
-    actual: float
-    error: float
-    experts: list[ExpertContribution]
-    shared_expert: ExpertContribution | None
-    top_expert: int | None
-    neurons: list[ExpertNeuron]
-    super_weight: ExpertSuperWeight
+from .results import ExpertContribution, ExpertNeuron, ExpertSuperWeight, MoeAttribution
 
 
 @dataclass
@@ -240,7 +161,8 @@ def activate(moe: MoeBlock, fused: torch.Tensor) -> torch.Tensor:
     return moe.experts.act_fn(gate) * up
 
 
-def expert_parts(moe: MoeBlock, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def expert_parts(moe: MoeBlock, expert: int,
+                 x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For the expert's input ``x`` [..., d_model] (already scaled where the router scales the input): its neurons'
     gate and up pre-activations, activations [..., d_mlp], its down projection [d_model, d_mlp] and down bias."""
     gate_up, bias, down, down_bias = expert_weights(moe, expert)
@@ -319,7 +241,8 @@ def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: in
         scale = 1.0 if on_input else weight  # Llama-4: the weight is already inside the activations
         output = float(down[dim] @ activation) + (float(down_bias[dim]) if down_bias is not None else 0.0)
         neuron_parts = scale * activation * down[dim]
-        entry = ExpertContribution(expert=expert, router_logit=float(routing.logits[0, expert]), router_prob=float(routing.scores[0, expert]),
+        entry = ExpertContribution(expert=expert, router_logit=float(routing.logits[0, expert]),
+                                   router_prob=float(routing.scores[0, expert]),
                                    router_weight=weight, output=output, contribution=scale * output, share=0.0)
         bias_part = scale * float(down_bias[dim]) if down_bias is not None else 0.0
         parts.append((entry, (gate, up, activation, neuron_parts, down[dim], bias_part)))

@@ -1,4 +1,4 @@
-"""Step 3: which sublayer writes (or removes) a massive activation, and for attention, which heads."""
+"""The origin section: which sublayer writes (or removes) a massive activation, and for attention, which heads."""
 
 from __future__ import annotations
 

@@ -1,10 +1,18 @@
-"""What the mechanism stage finds: origin (which sublayer writes), MLP anatomy, neuron attribution and super weight, norm factors, birth state, lifeline."""
+"""What the mechanism stage finds: origin (which sublayer writes), MLP anatomy, neuron attribution and super weight, norm
+factors, birth state, lifeline, a mixture of experts' split into experts and its super experts; and the words a lifeline
+and a role can be (``PHASES``, ``WRITERS``, ``ROLES``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .moe import MoeAttribution
+WRITERS = ("attn", "mlp", "norm")  # what a lifeline step names as the writer of its change
+# The phases a block's step can have; the first six name a block that writes or erases the dim (``WRITING``).
+# "reversal": after birth, the value is massive again with the other sign (an eraser went through zero and past the
+# threshold); the phases after it follow the new sign.
+PHASES = ("precursor", "precursor erasure", "birth", "growth", "erasure", "reversal", "hold", "after")
+WRITING = PHASES[:6]
+ROLES = WRITING + ("removal",)  # what an event (and the origin, anatomy and attribution it makes) can be
 
 
 @dataclass(kw_only=True)
@@ -196,7 +204,7 @@ class Attribution(Place):
 @dataclass(kw_only=True)
 class ExpertAttribution(Place):
     """A massive value written by a mixture-of-experts MLP, split into the routed experts (router weight x expert
-    output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.analysis.moe``)."""
+    output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.analysis.mechanism.moe``)."""
 
     moe: MoeAttribution
 
@@ -219,7 +227,7 @@ class BirthState:
 class TokenValues:
     """The token view's numbers: each massive dim's value in the detection stream at every block and every token of
     a few of the report's texts (3 significant digits). ``values[t][d][block][position]`` is dim ``dims[d]`` in text
-    ``texts[t]`` (its tokens are ``Report.tokens[texts[t]]``, cut to ``len(values[t][d][0])``)."""
+    ``texts[t]`` (its tokens are the report's ``tokens[texts[t]]``, cut to ``len(values[t][d][0])``)."""
 
     dims: list[int]
     texts: list[int]
@@ -277,9 +285,10 @@ class Lifeline:
     least 10% of the peak), ``erasure`` (taking at least 10% of the peak off; it may overshoot through zero),
     ``reversal`` (massive again with the other sign: the phases after it follow that sign), ``hold`` (neither, while
     the value stays above half its peak), ``after`` (what is left after the erasure). ``sign`` is the value's sign
-    where it is first massive at this carrier, and ``peak`` its largest value in that sign from birth on. ``removed_at`` are the blocks where the
-    scan stops calling it massive (``cause`` per block: "value" fell, or the "median" grew past it); ``erased_at`` the
-    blocks that really take it off. ``error``: the largest relative gap of a block's terms to its value.
+    where it is first massive at this carrier, and ``peak`` its largest value in that sign from birth on.
+    ``removed_at`` are the blocks where the scan stops calling it massive (``cause`` per block: "value" fell, or the
+    "median" grew past it); ``erased_at`` the blocks that really take it off. ``error``: the largest relative gap of a
+    block's terms to its value.
     """
 
     dim: int
@@ -299,3 +308,139 @@ class Lifeline:
     erased_at: list[int]
     embedding: float
     error: float
+
+
+@dataclass(kw_only=True)
+class ExpertNeuron:
+    """One neuron of one expert at ``dim``: gate and up are its pre-activations, activation = act(gate) x up (or the
+    expert's own gate function), weight = W_down[e][dim, neuron]; contribution = router_weight x activation x weight
+    (its part of the MoE output; Llama-4 scales the input instead); share = contribution / output."""
+
+    neuron: int
+    gate: float
+    up: float
+    activation: float
+    weight: float
+    contribution: float
+    share: float
+
+
+@dataclass(kw_only=True)
+class ExpertContribution:
+    """One expert's part of the MoE output at ``dim``: contribution = router_weight x output, share = contribution /
+    the MoE output. ``expert`` is None for a shared expert: its router_logit is its gate's logit (shared_expert_gate .
+    x) and its router_prob and router_weight sigmoid of it, or 1 where it has no gate. For a routed expert router_prob
+    is its score (softmax probability over all experts, or sigmoid) and router_weight the weight the block applies.
+
+    ``neurons``: the ``top`` neurons by |contribution|; all neurons together sum to ``contribution`` (``neuron_error``
+    is the relative gap of that full sum, float64).
+    """
+
+    expert: int | None
+    router_logit: float
+    router_prob: float
+    router_weight: float
+    output: float
+    contribution: float
+    share: float
+    neurons: list[ExpertNeuron] = field(default_factory=list)
+    neuron_error: float = 0.0
+
+
+@dataclass(kw_only=True)
+class ExpertSuperWeight:
+    """W_down[dim, neuron] of the top neuron of the top expert, located as stored: ``model.get_parameter(matrix)
+    [tuple(index)]`` is ``value`` (index [expert, dim, neuron] in fused experts stored [E, d_model, d_mlp], [expert,
+    neuron, dim] stored transposed, [dim, neuron] in a shared expert's ``down_proj.weight``). Reports of earlier
+    versions name the matrix relative to the block's MLP (``experts.down_proj``).
+
+    rank: 1 + how many entries of the whole stored parameter (all experts) are larger in |w|; entries: its size.
+    """
+
+    matrix: str
+    index: list[int]
+    expert: int | None
+    dim: int
+    neuron: int
+    value: float
+    rank: int
+    entries: int
+
+
+@dataclass(kw_only=True)
+class MoeAttribution:
+    """The MoE block's output at ``dim`` for one token, split into experts.
+
+    output: the sum of every expert's contribution (float64); actual: the block's own output there (calling the block
+    on the token); error: |output - actual| / |actual|. ``experts`` are the routed experts the router selected, by
+    router weight, highest first; ``shared_expert`` the shared expert (None where there is none). ``top_expert`` is the
+    expert with the largest |contribution| (None when that is the shared expert); ``neurons`` are its top neurons and
+    ``super_weight`` its top neuron's down-projection entry.
+    """
+
+    dim: int
+    family: str
+    output: float
+    actual: float
+    error: float
+    experts: list[ExpertContribution]
+    shared_expert: ExpertContribution | None
+    top_expert: int | None
+    neurons: list[ExpertNeuron]
+    super_weight: ExpertSuperWeight
+
+
+@dataclass(kw_only=True)
+class SuperExpert:
+    """An expert of block ``layer`` whose largest |output| over the corpus (before its router weight) is
+    ``max_output``."""
+
+    layer: int
+    expert: int
+    max_output: float
+
+
+@dataclass(kw_only=True)
+class SuperExpertRule:
+    """The rule's three numbers (settings ``super_expert_quantile``, ``_fraction``, ``_depth``) and the threshold they
+    gave: max(the quantile of all maxima, fraction x the largest), in blocks before depth x the block count."""
+
+    quantile: float
+    fraction: float
+    depth: float
+    threshold: float
+    last_block: int
+
+
+@dataclass(kw_only=True)
+class ExpertPruning:
+    """The model with ``pruned`` experts ([block, expert] pairs) never routed to (the router chooses among the
+    others; a softmax renormalises over them): ``kind`` "super" (the super experts) or "random" (as many experts of the
+    same blocks, chosen with a fixed seed among the others). ``perplexity`` on the evaluation text (and its ratio to
+    the unmodified model's); ``massive_dims``: the report's massive dims still massive at their blocks and carriers;
+    per block, the mean attention on the sink tokens before and after (``sink_before``, ``sink_after``; null where a
+    block has no softmax attention) and ``sink_decay`` = 1 - after / before, summed over the blocks that had a sink
+    (every softmax block where none had one): the paper's attention-sink decay."""
+
+    kind: str
+    pruned: list[list[int]]
+    perplexity: float | None
+    perplexity_ratio: float | None
+    massive_dims: list[int]
+    sink_decay: float | None = None
+    sink_before: list[float] = field(default_factory=list)
+    sink_after: list[float] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class SuperExperts:
+    """``found``: the super experts by the rule, largest first; ``profile``: every (block, expert) maximum [blocks,
+    experts] (null for a dense block or an expert never routed to); ``shared``: per block the shared expert's maximum
+    (null without one), listed apart; ``pruning``: what pruning the super experts and a random control does (with
+    verification)."""
+
+    found: list[SuperExpert]
+    profile: list[list[float]]
+    shared: list[float]
+    rule: SuperExpertRule
+    pruning: list[ExpertPruning] = field(default_factory=list)

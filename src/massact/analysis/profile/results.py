@@ -80,7 +80,8 @@ class Profile:
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask, device=ids.device).bool()
+        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask,
+                                                                                                     device=ids.device).bool()
         rank = real.long().cumsum(1) - 1  # each real token's position among the sequence's real tokens
         blocks = self.blocks if layer is None else [self.blocks[layer]]
         flagged = torch.zeros_like(real)
@@ -97,7 +98,8 @@ class Profile:
         lines = [f"Profile({self.model}: {len(found)} of {len(self.blocks)} blocks with massive tokens, "
                  f"{self.tokens:,} tokens in {self.windows:,} windows; |a| >= {self.min_abs:g} and >= {self.min_ratio:g} x median)"]
         if found:
-            lines.append(f"  {'block':>5}  {'threshold':>10}  {'dims':<16} {'massive':>8}  {'carriers':<24} {'prec':>5} {'rec':>5}  {'gamma':>7} {'w/o':>6}")
+            lines.append(f"  {'block':>5}  {'threshold':>10}  {'dims':<16} {'massive':>8}  {'carriers':<24} {'prec':>5} {'rec':>5}  "
+                         f"{'gamma':>7} {'w/o':>6}")
         for b in found:
             dims = ",".join(map(str, b.dims[:4])) + ("..." if len(b.dims) > 4 else "")
             lines.append(f"  {b.layer:>5}  {b.threshold:>10,.1f}  {dims:<16} {b.massive_tokens:>8,}  {b.carriers:<24} "

@@ -12,8 +12,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..results import Report
-from .results import BlockState, CheckpointState, DimState, DimTrack, Diff, RoleMove, Track, TrackSuperWeight, WeightChange
+from ..deploy.results import Precision
+from ..detect.results import DimSummary, LayerStats, Massive
+from ..function.results import AttentionSinks
+from ..mechanism.results import Attribution, Lifeline, Origin, SuperExperts
+from .results import BlockState, CheckpointState, Diff, DimState, DimTrack, RoleMove, Track, TrackSuperWeight, WeightChange
 
 TOP_NEURONS = 3  # writer neurons kept per dim and checkpoint: enough to see the writer stay or change
 
@@ -23,41 +26,44 @@ def label(step: int | None, spec: str) -> str:
     return f"step {step}" if step is not None else spec
 
 
-def summarize(report: Report, *, step: int | None, spec: str, folder: str | None = None) -> CheckpointState:
-    """One checkpoint's report as the track sees it: its massive dims (each at its birth block), its blocks, its sink."""
-    attention = report.attention
+def summarize(*, step: int | None, spec: str, folder: str | None = None, dims: list[DimSummary], massive: list[Massive],
+              layers: list[LayerStats], origin: list[Origin], attribution: list[Attribution], lifelines: list[Lifeline],
+              attention: AttentionSinks | None, precision: Precision | None, super_experts: SuperExperts | None) -> CheckpointState:
+    """One checkpoint's scan as the track sees it: its massive dims (each at its birth block, with its writer, neurons,
+    super weight and phases), its blocks, its sink, its headroom and super experts."""
     return CheckpointState(
         step=step, spec=spec, label=label(step, spec), report=folder,
-        dims=[_dim_state(report, summary.dim) for summary in report.dims],
-        blocks=block_states(report),
+        dims=[_dim_state(summary, massive, origin, attribution, lifelines) for summary in dims],
+        blocks=block_states(layers, massive),
         sink_rate=None if attention is None else attention.overall_rate,
         first_sink_layer=None if attention is None else attention.first_sink_layer,
-        headroom=None if report.precision is None else report.precision.headroom,
-        super_experts=[] if report.super_experts is None else [[x.layer, x.expert] for x in report.super_experts.found],
+        headroom=None if precision is None else precision.headroom,
+        super_experts=[] if super_experts is None else [[x.layer, x.expert] for x in super_experts.found],
     )
 
 
-def block_states(report: Report) -> list[BlockState]:
+def block_states(layers: list[LayerStats], massive: list[Massive]) -> list[BlockState]:
     """Per block: top1 |a|, median |a|, ratio, massive entries (as listed in the report) and the top dim."""
-    counts = {layer.layer: 0 for layer in report.layers}
-    for entry in report.massive:
+    counts = {layer.layer: 0 for layer in layers}
+    for entry in massive:
         counts[entry.layer] += 1
     return [BlockState(layer=layer.layer, top1=abs(layer.top[0].value) if layer.top else 0.0, median=layer.median,
                        ratio=layer.ratio, massive=counts[layer.layer], top_dim=layer.top[0].dim if layer.top else None)
-            for layer in report.layers]
+            for layer in layers]
 
 
-def _dim_state(report: Report, dim: int) -> DimState:
-    summary = next(s for s in report.dims if s.dim == dim)
-    entries = [m for m in report.massive if m.dim == dim]
-    birth = next((o for o in report.origin if o.dim == dim and o.layer == summary.born_at and o.role == "birth"), None)
-    attribution = next((a for a in report.attribution if a.dim == dim and a.layer == summary.born_at), None)
-    lifeline = next((line for line in report.lifeline if line.dim == dim), None)
-    weight = None if attribution is None else attribution.super_weight
+def _dim_state(summary: DimSummary, massive: list[Massive], origin: list[Origin], attribution: list[Attribution],
+               lifelines: list[Lifeline]) -> DimState:
+    dim = summary.dim
+    entries = [m for m in massive if m.dim == dim]
+    birth = next((o for o in origin if o.dim == dim and o.layer == summary.born_at and o.role == "birth"), None)
+    at_birth = next((a for a in attribution if a.dim == dim and a.layer == summary.born_at), None)
+    lifeline = next((line for line in lifelines if line.dim == dim), None)
+    weight = None if at_birth is None else at_birth.super_weight
     return DimState(
         dim=dim, value=summary.max_value, ratio=max(m.ratio for m in entries), born_at=summary.born_at,
         writer=None if birth is None else birth.writer,
-        neurons=[] if attribution is None else [n.neuron for n in attribution.neurons[:TOP_NEURONS]],
+        neurons=[] if at_birth is None else [n.neuron for n in at_birth.neurons[:TOP_NEURONS]],
         super_weight=None if weight is None else TrackSuperWeight(matrix=weight.matrix, row=weight.row, col=weight.col,
                                                                   value=weight.value, rank=weight.rank),
         phases=[] if lifeline is None else [f"{p.name} {p.first}-{p.last}" for p in lifeline.phases],
@@ -127,7 +133,8 @@ def events(states: Sequence[CheckpointState], moves: Sequence[RoleMove] = ()) ->
             old = before.get(dim.dim)
             weight = _coordinate(dim)
             if old is None:
-                found.append(f"dim {dim.dim} becomes massive at {state.label} ({dim.value:+,.1f}, {dim.ratio:,.0f}x), born at block {dim.born_at}"
+                found.append(f"dim {dim.dim} becomes massive at {state.label} ({dim.value:+,.1f}, {dim.ratio:,.0f}x), "
+                             f"born at block {dim.born_at}"
                              + (f", super weight {weight}" if weight else ""))
                 continue
             if old.born_at != dim.born_at:
@@ -209,10 +216,10 @@ def _sink_diff(a: CheckpointState, b: CheckpointState) -> str:
             f"sink rate {a.sink_rate:.0%} -> {b.sink_rate:.0%}")
 
 
-def listed_values(report: Report) -> dict[int, float]:
+def listed_values(layers: list[LayerStats]) -> dict[int, float]:
     """dim -> its largest |a| among every block's listed top entries (what the report keeps of dims not massive)."""
     found: dict[int, float] = {}
-    for layer in report.layers:
+    for layer in layers:
         for entry in layer.top:
             if math.isfinite(entry.value):
                 found[entry.dim] = max(found.get(entry.dim, 0.0), abs(entry.value))

@@ -249,10 +249,13 @@ def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor,
     with ExitStack() as stack:
         stack.enter_context(tap(lm.model, lm.adapter, sorted(sites), keep))
         for key in plan.norm_keys:
-            stack.enter_context(tap_module_input(walk.norm(key), lambda x, key=key: seen.scales.__setitem__(key, scale(walk.norm(key), _rows(x)))))
+            stack.enter_context(tap_module_input(walk.norm(key),
+                                                 lambda x, key=key: seen.scales.__setitem__(key, scale(walk.norm(key), _rows(x)))))
         for layer in range(last + 1):
             o_proj = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
-            stack.enter_context(tap_module_input(o_proj, lambda z, layer=layer: seen.at.__setitem__((layer, ATTN_Z), _rows(z)[position].double().cpu())))
+            stack.enter_context(tap_module_input(o_proj,
+                                                 lambda z, layer=layer: seen.at.__setitem__((layer, ATTN_Z),
+                                                                                            _rows(z)[position].double().cpu())))
         forward_until(lm.model, lm.adapter, min(last, n_layers - 1), input_ids=input_ids.to(lm.device), use_cache=False)
     return seen
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from ...capture.edits import patch_position
 from ...capture.hooks import forward_until, tap
 from ...models.loading import LoadedModel
-from .decompose import Split, input_row, ranked_sources
-from ...capture.edits import patch_position
 from ...settings import Criterion
 from ..mechanism.results import Lifeline
+from .decompose import Split, input_row, ranked_sources
 from .results import Patch
 
 PATCHED_SOURCES = 3  # top sources of the writing neuron's pre-activation that are patched
@@ -54,7 +54,7 @@ def patch_sources(lm: LoadedModel, input_ids: torch.Tensor, piece: Split, line: 
     if input_ids.shape[1] < 2:
         return []
     labels = ranked_sources(piece, position)[:top]
-    sites = list(dict.fromkeys((piece.terms[l].layer or 0, _site(piece.terms[l].site)) for l in labels))
+    sites = list(dict.fromkeys((piece.terms[label].layer or 0, _site(piece.terms[label].site)) for label in labels))
     base = _read(lm, input_ids, piece, line, sites)
     found = []
     for label in labels:
@@ -70,6 +70,7 @@ def patch_sources(lm: LoadedModel, input_ids: torch.Tensor, piece: Split, line: 
                 read = _read(lm, input_ids, piece, line, [])
             still = any(criterion.is_massive(read[layer], medians[layer]) for layer in (line.born_at, line.peak_layer))
             source = "embedding (block 0 input)" if key[1] == "resid_in" else label
-            found.append(Patch(source=source, layer=term.layer, site=key[1], replacement=name, direct=direct, total=read["pre"] - base["pre"], pre_activation=read["pre"],
+            found.append(Patch(source=source, layer=term.layer, site=key[1], replacement=name, direct=direct,
+                               total=read["pre"] - base["pre"], pre_activation=read["pre"],
                                value_birth=read[line.born_at], value_peak=read[line.peak_layer], still_massive=still))
     return found

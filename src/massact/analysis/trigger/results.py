@@ -1,4 +1,5 @@
-"""What the trigger stage finds: each writing neuron's pre-activation split into sources, the chain back to the token, the carriers, the patching."""
+"""What the trigger stage finds: each writing neuron's pre-activation split into sources, the chain back to the token,
+the carriers, the patching."""
 
 from __future__ import annotations
 

@@ -7,18 +7,17 @@ from collections import Counter
 
 import torch
 
+from ...capture.attention import attention_pass
 from ...capture.hooks import forward_until, tap
 from ...capture.probe import block_output
 from ...models.loading import LoadedModel
-from ...capture.attention import attention_pass
-from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
-from .patching import patch_sources
-from ..mechanism.moe import MoeBlock, route
-from ..mechanism.results import Attribution, ExpertAttribution, HeadShare, Lifeline
-from .results import Carriers, ChainLink, NeuronTrigger, PreActivationSplit, RouterTrigger, SourcePart, Trigger
 from ...settings import Criterion
 from ..detect.results import Massive
-from ..results import Report
+from ..mechanism.moe import MoeBlock, route
+from ..mechanism.results import Attribution, ExpertAttribution, HeadShare, Lifeline, Origin
+from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
+from .patching import patch_sources
+from .results import Carriers, ChainLink, NeuronTrigger, PreActivationSplit, RouterTrigger, SourcePart, Trigger
 
 CHAIN_DEPTH = 3  # links followed back from the writing neuron (an option of scan)
 TOP_NEURONS = 3  # neurons split per writing block: those that give 90% of its output, at most this many
@@ -32,12 +31,14 @@ def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
         term = piece.terms.get(label)
         mean, largest = mean_max(part, position)
         here = float(part[position])
-        parts.append(SourcePart(source=label, layer=term.layer if term else None, site=term.site if term else "bias", here=here, others_mean=mean, others_max=largest,
+        parts.append(SourcePart(source=label, layer=term.layer if term else None, site=term.site if term else "bias", here=here,
+                                others_mean=mean, others_max=largest,
                                 difference=here - mean if mean == mean else here))
     parts.sort(key=lambda p: -abs(p.difference))
     mean, largest = mean_max(piece.value, position)
     scale_mean, _ = mean_max(piece.scale, position)
-    return PreActivationSplit(site=piece.target.site, value=float(piece.value[position]), others_mean=mean, others_max=largest, scale=float(piece.scale[position]),
+    return PreActivationSplit(site=piece.target.site, value=float(piece.value[position]), others_mean=mean, others_max=largest,
+                              scale=float(piece.scale[position]),
                               scale_others=scale_mean, sources=parts, error=piece.error)
 
 
@@ -55,7 +56,8 @@ def _link(depth: int, kind: str, layer, index, piece: Split | None, position: in
     here = source_others = None
     if parent is not None and source is not None:
         here, (source_others, _) = float(parent.parts[source][position]), mean_max(parent.parts[source], position)
-    return ChainLink(depth=depth, kind=kind, layer=layer, index=index, site=site, value=value, value_others=others, source=source, feeds=feeds, source_here=here, source_others=source_others)
+    return ChainLink(depth=depth, kind=kind, layer=layer, index=index, site=site, value=value, value_others=others, source=source,
+                     feeds=feeds, source_here=here, source_others=source_others)
 
 
 def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split, at: AtPosition, depth: int,
@@ -90,15 +92,16 @@ def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split
     return chain
 
 
-def cached_split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], position: int, cache: dict) -> tuple[list[Split], AtPosition]:
+def cached_split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target], position: int,
+                 cache: dict) -> tuple[list[Split], AtPosition]:
     """``split``, computing only the targets not split before at this text and position."""
     text_key = (tuple(input_ids[0].tolist()), position)
     missing = [t for t in targets if (text_key, t.neuron, *t.key) not in cache]
     if missing:
         pieces, at = split(lm, input_ids, missing, position)
         for piece in pieces:
-            cache[text_key, piece.target.neuron, *piece.target.key] = (piece, at)
-    found = [cache[text_key, t.neuron, *t.key] for t in targets]
+            cache[(text_key, piece.target.neuron, *piece.target.key)] = (piece, at)
+    found = [cache[(text_key, t.neuron, *t.key)] for t in targets]
     merged = AtPosition({key: vector for _, at in found for key, vector in at.vectors.items()})
     return [piece for piece, _ in found], merged
 
@@ -124,24 +127,29 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
     other = Counter(token for (_, position), token in places.items() if position > 0)
     p = line.position
     # Probe where the carrier is most clearly massive: the block where its value is the most times its threshold.
-    layer = max(range(len(line.steps)), key=lambda l: abs(line.steps[l].value) / criterion.threshold(medians[l]))
+    layer = max(range(len(line.steps)), key=lambda at: abs(line.steps[at].value) / criterion.threshold(medians[at]))
     other_token = ids[p + 1] if p + 1 < len(ids) else ids[p - 1]
     probe = torch.cat([ids[:p], other_token.view(1), ids[p:]]).unsqueeze(0)
     hidden = block_output(lm, probe, layer)
     swapped, moved = float(hidden[p, line.dim]), float(hidden[p + 1, line.dim])
     swapped_massive, moved_massive = criterion.is_massive(swapped, medians[layer]), criterion.is_massive(moved, medians[layer])
-    verdict = {(True, False): "position", (False, True): "token", (True, True): "both", (False, False): "context"}[swapped_massive, moved_massive]
+    verdict = {(True, False): "position", (False, True): "token", (True, True): "both", (False,
+                                                                                         False): "context"}[swapped_massive, moved_massive]
     name = lm.tokenizer.decode([int(other_token)])
     seen = (f"the scan saw it at the first position of {sum(first.values())} of {windows} texts "
             f"({len(first)} different first token{'s' if len(first) != 1 else ''})")
-    seen += f" and at {sum(other.values())} later position(s) ({', '.join(repr(t) for t, _ in other.most_common(4))})" if other else " and at no later position"
+    later = ", ".join(repr(t) for t, _ in other.most_common(4))
+    seen += f" and at {sum(other.values())} later position(s) ({later})" if other else " and at no later position"
     probes = (f"at block {layer}, with {name!r} put at position {p} it carries {swapped:+,.1f} there "
               f"({'massive' if swapped_massive else 'not massive'}), and {line.token!r} moved to position {p + 1} carries "
               f"{moved:+,.1f} ({'massive' if moved_massive else 'not massive'})")
     lead = {"position": "the position, not the token", "token": "the token, not the position",
-            "both": "the token and the position both carry it", "context": "neither the token nor the position alone: it depends on the text"}[verdict]
-    return Carriers(texts=windows, first_position_texts=sum(first.values()), first_tokens=[[t, n] for t, n in first.most_common()], other_positions=[[t, n] for t, n in other.most_common(8)],
-                    probe_layer=layer, swapped_token=name, swapped=swapped, swapped_massive=swapped_massive, moved=moved, moved_massive=moved_massive, verdict=verdict, summary=f"{lead}: {probes}; {seen}")
+            "both": "the token and the position both carry it",
+            "context": "neither the token nor the position alone: it depends on the text"}[verdict]
+    return Carriers(texts=windows, first_position_texts=sum(first.values()), first_tokens=[[t, n] for t, n in first.most_common()],
+                    other_positions=[[t, n] for t, n in other.most_common(8)],
+                    probe_layer=layer, swapped_token=name, swapped=swapped, swapped_massive=swapped_massive, moved=moved,
+                    moved_massive=moved_massive, verdict=verdict, summary=f"{lead}: {probes}; {seen}")
 
 
 def trigger(
@@ -174,7 +182,8 @@ def trigger(
     if targets:
         pieces, at = cached_split(lm, input_ids, targets, p, cache)
         for (layer, neuron, expert), role in roles.items():
-            splits = [pre_activation_split(x, p) for x in pieces if (x.target.layer, x.target.neuron, x.target.expert) == (layer, neuron, expert)]
+            splits = [pre_activation_split(x, p) for x in pieces if (x.target.layer, x.target.neuron, x.target.expert) == (layer, neuron,
+                                                                                                                           expert)]
             neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits, expert=expert))
             where = f"block {layer}{'' if expert is None else f' expert {expert}'} neuron {neuron}"
             warnings += [f"{where} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
@@ -182,10 +191,12 @@ def trigger(
         chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
         patches = patch_sources(lm, input_ids, first, line, medians, criterion) if patch else []
     elif heads:  # attention writes it: the chain starts, and ends, at the writing head
-        link = ChainLink(depth=0, kind="head", layer=line.born_at, index=heads[0].head, site=None, value=None, value_others=None, source=None, feeds=heads[0].contribution, source_here=None, source_others=None)
+        link = ChainLink(depth=0, kind="head", layer=line.born_at, index=heads[0].head, site=None, value=None, value_others=None,
+                         source=None, feeds=heads[0].contribution, source_here=None, source_others=None)
         link.attends = attends(lm, input_ids, line.born_at, heads[0].head, p, tokens)
         chain = [link]
-    return Trigger(dim=line.dim, text=line.text, position=p, token=line.token, neurons=neurons, chain=chain, carriers=carriers(lm, line, massive, windows, input_ids, medians, criterion),
+    return Trigger(dim=line.dim, text=line.text, position=p, token=line.token, neurons=neurons, chain=chain,
+                   carriers=carriers(lm, line, massive, windows, input_ids, medians, criterion),
                    warnings=warnings, patching=patches, router=router)
 
 
@@ -208,19 +219,22 @@ def router_trigger(lm: LoadedModel, input_ids: torch.Tensor, layer: int, expert:
                          others_routed=float(rest.float().mean()) if len(rest) else float("nan"))
 
 
-def triggers(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], depth: int = CHAIN_DEPTH,
-             patch: bool = False) -> list[Trigger]:
-    """One trigger per lifeline; dims written by the same neurons at the same place share their splits. With
-    ``patch``, each trigger's top sources are patched."""
+def triggers(lm: LoadedModel, inputs: dict[int, torch.Tensor], depth: int = CHAIN_DEPTH, patch: bool = False, *,
+             lifelines: list[Lifeline], origin: list[Origin], attribution: list[Attribution], experts: list[ExpertAttribution],
+             tokens: dict[int, list[str]], massive: list[Massive], windows: int, medians: list[float],
+             criterion: Criterion) -> list[Trigger]:
+    """One trigger per lifeline, from the writers the mechanism stage found at its carrier (``origin``,
+    ``attribution``, ``experts``); dims written by the same neurons at the same place share their splits. The
+    carriers' probes read the scan's ``massive`` entries over its ``windows``. With ``patch``, each trigger's top
+    sources are patched."""
     cache: dict = {}
-    medians = [s.median for s in report.layers]
     found = []
-    for line in report.lifeline:
-        at_carrier = lambda item: (item.dim, item.text, item.position) == (line.dim, line.text, line.position)
-        writers = [a for a in report.attribution if at_carrier(a) and a.role in WRITING]
-        experts = [e for e in report.experts if at_carrier(e) and e.role in WRITING]
-        birth = next((o for o in report.origin if at_carrier(o) and o.role == "birth"), None)
+    for line in lifelines:
+        at_carrier = lambda item, line=line: (item.dim, item.text, item.position) == (line.dim, line.text, line.position)
+        writers = [a for a in attribution if at_carrier(a) and a.role in WRITING]
+        routed = [e for e in experts if at_carrier(e) and e.role in WRITING]
+        birth = next((o for o in origin if at_carrier(o) and o.role == "birth"), None)
         heads = birth.heads if birth is not None and birth.writer == "attn" else None
-        found.append(trigger(lm, line, writers, experts, heads, inputs[line.text], report.tokens[line.text], report.massive,
-                             report.corpus.windows, medians, report.criterion, depth, cache, patch))
+        found.append(trigger(lm, line, writers, routed, heads, inputs[line.text], tokens[line.text], massive,
+                             windows, medians, criterion, depth, cache, patch))
     return found
