@@ -142,3 +142,34 @@ def test_show_prints_a_saved_report_its_summary_or_one_section(model_dir, tmp_pa
     os.utime(out / "report.json", (later, later))
     shown = run("show", out).stdout
     assert "- a warning added by hand" in shown and shown == to_text(load_report(out))
+
+
+def test_scan_help_groups_its_options_and_takes_every_default_from_the_settings():
+    """``massact scan --help`` lists its options by group, corpus before output; each "(default X)" is ScanSettings'
+    own value, and an option that scan and track share reads the same in both."""
+    import argparse
+    from dataclasses import fields
+
+    from massact.cli import build_parser
+    from massact.settings import QUANT_DEFAULTS, ScanSettings
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    groups = {name: {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
+              for name, parser in commands.items()}
+    titles = [t for t in groups["scan"] if groups["scan"][t] and t not in ("positional arguments", "options")]
+    assert titles == ["model", "loading", "corpus", "criterion", "analysis", "verification", "evaluation", "deployment",
+                      "output", "scale"]
+    assert "text" in groups["scan"]["corpus"] and "out" in groups["scan"]["output"] and "resume" in groups["scan"]["scale"]
+    defaults = ScanSettings()
+    stated = 0
+    for action in commands["scan"]._actions:
+        match = re.search(r"\(default ([^;)]+)\)", action.help or "")
+        if match and action.dest in {f.name for f in fields(ScanSettings)}:
+            default = getattr(defaults, action.dest)
+            assert match.group(1) == str(QUANT_DEFAULTS[action.dest] if default is None else default), action.dest
+            assert action.default is None  # not given: the settings' default, or a saved report's
+            stated += 1
+    assert stated >= 8
+    helps = [{a.dest: a.help for a in commands[name]._actions}.items() for name in ("scan", "track")]
+    shared = helps[0] & helps[1]
+    assert {"top_k", "min_abs", "min_ratio", "batch_size", "max_length", "text", "file", "dataset"} <= {dest for dest, _ in shared}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .report.sections import names, section
-from .settings import DTYPES, QUANT_GRIDS, ScanSettings, whole
+from .settings import DTYPES, QUANT_DEFAULTS, QUANT_GRIDS, ScanSettings, whole
 from .texts import read_eval_file
 
 if TYPE_CHECKING:  # the analysis packages load only when a command needs them
@@ -86,9 +86,9 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
                                                                                            "minutes on a small CPU), full, or none "
                                                                                            "(the engines only)")),
                             (("--clip-z",), dict(type=float, help="z-score at which the held-out variant clips the remaining "
-                                                                  "weights (default 4)")),
+                                                                  f"weights (default {QUANT_DEFAULTS['clip_z']})")),
                             (("--block-size",), dict(**count, help="entries per flat block of the block-wise RTN settings "
-                                                                   "(default 16384)")),
+                                                                   f"(default {QUANT_DEFAULTS['block_size']})")),
                             (("--engine",), dict(type=_engines, dest="engines",
                                                  help="also quantize with real libraries, comma-separated: quanto, hqq, torchao, "
                                                       "bnb (pip install 'massact[engines]'): everything, the protect list in "

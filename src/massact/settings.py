@@ -18,6 +18,10 @@ QUANT_GRIDS = ("default", "full", "none")  # none: the real engines' rows only (
 ENGINES = ("quanto", "hqq", "torchao", "bnb")  # the quantization libraries --engine drives
 
 
+# What the sweep uses where ``clip_z`` and ``block_size`` are None: the held-out variant's clipping z-score, and the
+# entries per flat block of the block-wise RTN settings (Yu et al. vary it; larger blocks feel a super weight more).
+QUANT_DEFAULTS = {"clip_z": 4.0, "block_size": 16384}
+
 @dataclass(kw_only=True)
 class Criterion:
     """An activation a is massive when |a| >= min_abs and |a| >= min_ratio x the median |a| of its hidden state."""
@@ -70,8 +74,8 @@ class ScanSettings:
     # Deployment: the quantization sweep, its grid, the held-out variant's clipping z-score, the flat block size.
     quant: bool = False
     quant_grid: str = "default"
-    clip_z: float | None = None
-    block_size: int | None = None
+    clip_z: float | None = None  # None: QUANT_DEFAULTS["clip_z"] (saved as None, as reports have always saved it)
+    block_size: int | None = None  # None: QUANT_DEFAULTS["block_size"]
     engines: tuple[str, ...] = ()  # real quantization libraries to measure the protect list in, beside the simulated grid
     # The model's number format and device as asked ("auto": a GPU where there is one).
     dtype: str = "float32"

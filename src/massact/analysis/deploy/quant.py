@@ -30,7 +30,7 @@ from ...capture.hooks import forward_until, tap
 from ...errors import UsageError
 from ...models.adapters.base import is_transposed
 from ...models.loading import LoadedModel
-from ...settings import QUANT_GRIDS
+from ...settings import QUANT_DEFAULTS, QUANT_GRIDS
 from ..causal.evaluation import Evaluation
 from ..causal.mlm import next_token_windows
 from ..causal.perplexity import default_eval_text, eval_windows, perplexity
@@ -39,8 +39,8 @@ from .protect import Protect
 from .results import EngineRow, Quantization, QuantRow
 
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-DEFAULT_BLOCK = 16384  # entries per flat block (Yu et al. vary it; larger blocks feel a super weight more)
-DEFAULT_CLIP_Z = 4.0
+DEFAULT_BLOCK = QUANT_DEFAULTS["block_size"]  # entries per flat block
+DEFAULT_CLIP_Z = QUANT_DEFAULTS["clip_z"]
 ROW_GROUP = 128
 
 
