@@ -81,9 +81,8 @@ def main() -> None:
         tokenizer = make_tokenizer()
         model = tiny_model("gpt2", len(tokenizer))
         plant_mlp(model, tokenizer.bos_token_id, 1, 37, 20)
-        lm, texts, eval_text = massact.wrap(model,
-                                            tokenizer), ["The library opens at nine.",
-                                                         "Summer is warm."], " ".join(["She poured the tea."] * 20)
+        lm, texts, eval_text = (massact.wrap(model, tokenizer), ["The library opens at nine.", "Summer is warm."],
+                                " ".join(["She poured the tea."] * 20))
     else:
         lm, texts, eval_text = massact.load(None, device="cpu", log=lambda m: None), None, None
     load = time.perf_counter() - started

@@ -64,8 +64,7 @@ _LINEAR = dict(head_dim=D_MODEL // N_HEADS, linear_key_head_dim=16, linear_value
 
 # DeepSeek's latent attention and routing (4 experts in 2 groups, block 0 dense).
 _MLA = dict(num_key_value_heads=N_HEADS, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
-            n_routed_experts=4,
-            num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1)
+            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1)
 
 
 def tiny_config(family: str, vocab_size: int):
@@ -92,14 +91,12 @@ def tiny_config(family: str, vocab_size: int):
         "gptj": lambda: t.GPTJConfig(vocab_size=vocab_size, n_positions=CONTEXT, n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS,
                                      n_inner=D_MLP, rotary_dim=8, bos_token_id=0, eos_token_id=1),
         "falcon": lambda: t.FalconConfig(vocab_size=vocab_size, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS,
-                                         num_attention_heads=N_HEADS,
-                                         parallel_attn=True, bos_token_id=0, eos_token_id=1),
+                                         num_attention_heads=N_HEADS, parallel_attn=True, bos_token_id=0, eos_token_id=1),
         "falcon-seq": lambda: t.FalconConfig(vocab_size=vocab_size, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS,
                                              num_attention_heads=N_HEADS, parallel_attn=False, bos_token_id=0, eos_token_id=1),
         "opt": lambda: t.OPTConfig(vocab_size=vocab_size, hidden_size=D_MODEL, ffn_dim=D_MLP, num_hidden_layers=N_LAYERS,
-                                   num_attention_heads=N_HEADS,
-                                   max_position_embeddings=CONTEXT, word_embed_proj_dim=D_MODEL, do_layer_norm_before=True,
-                                   bos_token_id=0, eos_token_id=1, pad_token_id=2),
+                                   num_attention_heads=N_HEADS, max_position_embeddings=CONTEXT, word_embed_proj_dim=D_MODEL,
+                                   do_layer_norm_before=True, bos_token_id=0, eos_token_id=1, pad_token_id=2),
         "opt-postln": lambda: t.OPTConfig(vocab_size=vocab_size, hidden_size=D_MODEL, ffn_dim=D_MLP, num_hidden_layers=N_LAYERS,
                                           num_attention_heads=N_HEADS, max_position_embeddings=CONTEXT, word_embed_proj_dim=D_MODEL,
                                           do_layer_norm_before=False, bos_token_id=0, eos_token_id=1, pad_token_id=2),

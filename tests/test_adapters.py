@@ -128,7 +128,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     with pytest.raises(UsageError,
                        match=r"'bloom' is not supported.*GPT-2 \(gpt2\).*Llama \(llama, mistral, qwen2, qwen3, gemma, seed_oss, smollm3\).*"
-                                         r"OPT \(opt\).*BERT \(bert, roberta\).*one Adapter in massact/models/adapters/"):
+                             r"OPT \(opt\).*BERT \(bert, roberta\).*one Adapter in massact/models/adapters/"):
         adapter_for(BloomConfig())
     with pytest.raises(UsageError, match="'opt' config lacks a field"):  # an old or hand-edited config
         adapter_for(SimpleNamespace(model_type="opt"))

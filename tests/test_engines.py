@@ -228,8 +228,7 @@ def test_bitsandbytes_skip_modules_are_taken_by_transformers(model_dir, protect_
     assert config["llm_int8_skip_modules"] == [DOWN, "lm_head"]
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, device_map="cpu",
-                                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True,
-                                                                                        llm_int8_skip_modules=config["llm_int8_skip_modules"]))
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=config["llm_int8_skip_modules"]))
     assert [n for n in linear_names(model) if not quantized("bnb", model.get_submodule(n))] == [DOWN]
     assert not quantized("bnb", model.lm_head)
 

@@ -93,8 +93,8 @@ def test_lifeline_names_each_planted_phase(chain_report):
     # Every block the lifeline names is explained: the precursor's and the eraser's neurons too.
     top = {(a.layer, a.role): a.neurons[0].neuron for a in chain_report.attribution}
     assert top == {(1, "precursor"): P, (2, "birth"): B, (4, "erasure"): E}
-    assert {(o.layer, o.role, o.writer) for o in chain_report.origin} == {(1, "precursor", "mlp"), (2, "birth", "mlp"), (4, "erasure",
-                                                                                                                         "mlp")}
+    assert {(o.layer, o.role, o.writer) for o in chain_report.origin} == {(1, "precursor", "mlp"), (2, "birth", "mlp"),
+                                                                          (4, "erasure", "mlp")}
 
 
 @pytest.mark.parametrize("erase", [1.005, 2.5])

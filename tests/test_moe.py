@@ -229,8 +229,8 @@ def test_planted_shared_expert_neuron_is_the_super_weight():
     assert result.output == pytest.approx(out[POSITION, dim].item(), rel=1e-5)
     assert result.top_expert is None and result.neurons[0].neuron == neuron
     weight = result.super_weight
-    assert (weight.matrix, weight.index, weight.value) == (f"model.layers.{LAYER}.mlp.shared_expert.down_proj.weight", [dim, neuron],
-                                                           -300.0)
+    assert (weight.matrix, weight.index, weight.value) == (f"model.layers.{LAYER}.mlp.shared_expert.down_proj.weight",
+                                                           [dim, neuron], -300.0)
     assert model.get_parameter(weight.matrix)[tuple(weight.index)].item() == -300.0
 
 

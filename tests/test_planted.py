@@ -41,8 +41,8 @@ def test_planted_mlp_neuron_is_found(family, tokenizer):
 
     anatomy = report.anatomy[0]
     names = [c.name for c in anatomy.checkpoints]
-    assert names == (["mlp_in", "mlp_up", "mlp_act", "mlp_out"] if family == "gpt2" else ["mlp_in", "mlp_gate", "mlp_up", "mlp_act",
-                                                                                          "mlp_out"])
+    assert names == (["mlp_in", "mlp_up", "mlp_act", "mlp_out"] if family == "gpt2"
+                     else ["mlp_in", "mlp_gate", "mlp_up", "mlp_act", "mlp_out"])
     assert anatomy.checkpoints[-1].argmax == DIM
     assert any(c.argmax == NEURON for c in anatomy.checkpoints if c.name == "mlp_act")
     assert anatomy.activation_impact.top[0].neuron == NEURON

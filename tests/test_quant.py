@@ -131,8 +131,8 @@ def test_planted_super_weight_per_tensor_4bit(planted):
     assert torch.equal(lm.model.get_parameter(matrix), original)
 
     protect = build_protect(report)
-    settings = [Setting("rtn", 4, "tensor", "plain"), Setting("rtn", 4, "tensor", "held out"), Setting("rtn", 4, "tensor",
-                                                                                                       "held out + clip")]
+    settings = [Setting("rtn", 4, "tensor", "plain"), Setting("rtn", 4, "tensor", "held out"),
+                Setting("rtn", 4, "tensor", "held out + clip")]
     result = sweep(lm, protect, EVAL, "test", settings=settings, clip_z=4.0)
     plain_row, held_row, clipped = result.rows
     assert result.dim == DIM and result.birth_layer == LAYER and result.value_birth > 1000

@@ -42,8 +42,8 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     page = (first / "report.html").read_text(encoding="utf-8")
     assert "<h2>11. Quantization" in page and 'id="quantization"' in page and (first / "quantization.png").is_file()
     protect = load_protect(first / "protect.json")
-    assert [(w.parameter, w.row, w.col, w.value) for w in protect.super_weights] == [("transformer.h.2.mlp.c_proj.weight", NEURON, DIM,
-                                                                                      100.0)]
+    assert [(w.parameter, w.row, w.col, w.value) for w in protect.super_weights] == [
+        ("transformer.h.2.mlp.c_proj.weight", NEURON, DIM, 100.0)]
 
     assert run_massact("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", second).returncode == 0
     assert json.loads((second / "report.json").read_text(encoding="utf-8"))["quantization"] is None

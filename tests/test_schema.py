@@ -248,8 +248,8 @@ def test_the_protect_list_reads_back_and_fits_its_model(protect_data, planted_lm
     protect = load_protect(target)
     check_model(protect, planted_lm, str(target))
     assert json.loads(write_protect(protect)) == protect_data
-    assert [(w.parameter, w.index, w.value) for w in protect.super_weights] == [(f"model.layers.{LAYER}.mlp.down_proj.weight",
-                                                                                 [DIM, NEURON], 100.0)]
+    assert [(w.parameter, w.index, w.value) for w in protect.super_weights] == [
+        (f"model.layers.{LAYER}.mlp.down_proj.weight", [DIM, NEURON], 100.0)]
 
 
 def test_read_takes_any_result_dataclass_for_other_files():

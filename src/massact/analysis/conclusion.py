@@ -188,7 +188,7 @@ def _trigger_words(trigger: Trigger) -> list[tuple[str, str]]:
     of = f" of expert {first.expert}" if first.expert is not None else ""
     out = [("trigger",
             f"Neuron {first.index}{of} fires at token {trigger.position} because its {name(first)} is {short(first.value, True)} "
-                       f"there, against {short(first.value_others, True)} on average at the other tokens.")]
+            f"there, against {short(first.value_others, True)} on average at the other tokens.")]
     if trigger.router is not None:
         r = trigger.router
         out.append(("trigger", f"The router picks expert {r.expert} there with a logit of {short(r.logit, True)}, against "

@@ -286,8 +286,7 @@ def _hub_source(model_id: str, revision: str | None = None) -> str:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable():
         raise UsageError(
             f"model {model_id!r}{'' if revision is None else f' at revision {revision!r}'} is not a local path, is not in the "
-            "Hugging Face cache, and the hub cannot be reached"
-            " (offline?); pass a local model directory or a .gguf file"
+            "Hugging Face cache, and the hub cannot be reached (offline?); pass a local model directory or a .gguf file"
         )
     try:
         return snapshot_download(model_id, revision=revision, allow_patterns=patterns)

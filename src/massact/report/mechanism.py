@@ -49,14 +49,13 @@ def lifeline_tables(style: Style, report: Report) -> list:
             norm = [num(step.norm, True)] if post_ln else []
             by = _WRITERS[step.writer] if step.phase not in ("", "hold", "after") else ""
             add_row(table, str(step.layer), num(step.resid_in, True), num(step.attn, True), *norm, num(step.mlp, True),
-                    num(step.value, True),
-                    num(step.change, True), by, num(step.median), "yes" if step.massive else "", step.phase)
+                    num(step.value, True), num(step.change, True), by, num(step.median), "yes" if step.massive else "", step.phase)
         out += [Text(f"dim {line.dim} at {where(line.text, line.position, line.token)}: value = resid_in + "
                      f"attn{' + norm' if post_ln else ''} + mlp, as they land (embedding {num(line.embedding, True)}; largest gap "
                      f"of the terms to the value {line.error:.1e})"),
                 table,
                 Text("\n".join([f"Phases of dim {line.dim} (peak {num(line.peak, True)} at block {line.peak_layer}):", *phase_words(line),
-                                       removal_words(line)]) + "\n")]
+                                removal_words(line)]) + "\n")]
     return out
 
 
@@ -84,8 +83,7 @@ def attribution_summary(style: Style, attributions: list[Attribution]) -> list:
         top = ", ".join(f"{n.neuron} ({n.share:.0%})" for n in a.neurons[:3])
         w = a.super_weight
         add_row(table, str(a.layer), a.role, str(a.dim), num(a.output, True), str(a.neurons_for_90pct), top,
-                f"[{w.row}, {w.col}] = {w.value:+.3f}",
-                f"{w.rank:,}")
+                f"[{w.row}, {w.col}] = {w.value:+.3f}", f"{w.rank:,}")
     return [table]
 
 
@@ -169,8 +167,7 @@ def _split_tables(style: Style, t: Trigger, dims: list[int]) -> list:
             rest = s.sources[SHOWN_SOURCES:]
             if rest:
                 add_row(table, f"{len(rest)} other sources", num(sum(p.here for p in rest), True),
-                        num(sum(p.others_mean for p in rest), True),
-                        "", num(sum(p.difference for p in rest), True))
+                        num(sum(p.others_mean for p in rest), True), "", num(sum(p.difference for p in rest), True))
             add_row(table, f"sum (the {name}; gap {s.error:.1e})", num(sum(p.here for p in s.sources), True),
                     num(sum(p.others_mean for p in s.sources), True), "", num(sum(p.difference for p in s.sources), True))
             out.append(table)
@@ -188,8 +185,7 @@ def _patch_table(style: Style, t: Trigger) -> list:
                         right=(2, 3, 4, 5, 6))
     for p in t.patching:
         add_row(table, p.source, p.replacement, num(p.direct, True), num(p.total, True), num(p.pre_activation, True),
-                num(p.value_birth, True),
-                num(p.value_peak, True), "yes" if p.still_massive else "no")
+                num(p.value_birth, True), num(p.value_peak, True), "yes" if p.still_massive else "no")
     return [head, table]
 
 
@@ -198,8 +194,7 @@ def super_weight_tables(style: Style, report: Report) -> list:
     head = Text(f"Each step zeroes the weight of the top contributor of what is left at the dim's birth block and main carrier, keeping "
                 f"the earlier ones zeroed; weights as stored in {matrices}, ranked by |w| in the unmodified matrix.")
     table = style.table(None, "dim", "step", "weight [row, col]", "value", "rank", "neuron", "left at birth", "at peak", "massive",
-                        "perplexity",
-                        "x baseline", right=(0, 1, 3, 4, 5, 6, 7, 9, 10))
+                        "perplexity", "x baseline", right=(0, 1, 3, 4, 5, 6, 7, 9, 10))
     for s in report.super_weights:
         w = s.weight
         add_row(table, str(s.dim), str(s.step), f"[{w.row}, {w.col}]", f"{w.value:+.4f}", f"{w.rank:,}", str(s.neuron),

@@ -203,7 +203,7 @@ def _anatomy_tables(style: Style, a: Anatomy, gated: bool, dims: list[int]) -> l
     )
     neurons = style.table(
         "Top neurons (by contribution) through the activation", "neuron", f"{pre} (before)", "after act",
-                          *(["up", "act x up"] if gated else []),
+        *(["up", "act x up"] if gated else []),
         right=(0, 1, 2, 3, 4),
     )
     for n in impact.top[:5]:
@@ -333,8 +333,8 @@ def _attention_tables(style: Style, report: Report) -> list:
             add_row(table, str(layer), f"no softmax ({kinds[layer]})" if kinds else "no softmax", *[""] * (len(columns) - 2))
             continue
         cells = [str(layer), f"{_mean(shares):.1%}", f"{_mean(uniform):.1%}", f"{a.rate[layer]:.0%}",
-                 _median(a.value_ratio[layer]) if a.value_ratio else "-", _median(a.output_share[layer],
-                                                                                  percent=True) if a.output_share else "-",
+                 _median(a.value_ratio[layer]) if a.value_ratio else "-",
+                 _median(a.output_share[layer], percent=True) if a.output_share else "-",
                  f"{a.noop_heads[layer]}/{heads}" if a.noop_heads else "-", "yes" if layer in a.sink_layers else ""]
         for c in under.values():
             kept = {True: "kept", False: "lost", None: ""}[c.survives[layer]]
@@ -394,8 +394,8 @@ def _quantization_tables(style: Style, q: Quantization) -> list:
     grid = (f"\nHeld out (left out of the range, put back in full precision): {held}. Clip: the other weights of each matrix clipped "
             f"at mean +/- z x std before quantizing. Blocks: flat blocks of consecutive entries; groups: along each row's inputs.\n"
             f"Grid {q.grid!r}, {len(q.rows)} settings in {q.seconds:.0f} s; {q.massive_tokens} of the {q.eval_tokens} evaluation "
-            "tokens carry "
-            "a massive activation (kept in float where said); massive error: their share of the summed squared int8 error.")
+            "tokens carry a massive activation (kept in float where said); massive error: their share of the summed squared int8 "
+            "error.")
     out: list = [Text(
         f"Fake-quantized: the {q.matrices} linear projections of the blocks ({q.parameters:,} weights; not the embeddings, "
         f"the output head or the norms). Perplexity on {q.eval_tokens} tokens of {q.eval_source}: {q.baseline_perplexity:.2f} in float. "

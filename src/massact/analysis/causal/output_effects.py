@@ -127,9 +127,9 @@ def output_effects(lm: LoadedModel, evaluation: Evaluation, interventions: list[
         mean_nll = running.nll / positions
         effects.append(OutputEffect(
             name=name, target=target_name, positions=positions, kl=running.kl / positions,
-                                    perplexity=math.exp(mean_nll) if mean_nll < 700 else float("inf"),
-            stopword_before=base.stop / positions, stopword_after=running.stop / positions, punctuation_before=base.punct / positions,
-                                    punctuation_after=running.punct / positions,
+            perplexity=math.exp(mean_nll) if mean_nll < 700 else float("inf"),
+            stopword_before=base.stop / positions, stopword_after=running.stop / positions,
+            punctuation_before=base.punct / positions, punctuation_after=running.punct / positions,
             rises=shifts(change.topk(TOP_TOKENS).indices), falls=shifts((-change).topk(TOP_TOKENS).indices),
         ))
     return effects

@@ -246,8 +246,7 @@ def engine_rows(lm: LoadedModel, protect: Protect, name: str, score: Callable[[]
         stored = sum(float_bytes[m] if m in in_float else the_engine.nbytes(quantized[m]) for m in originals) + corrected * 12
         return EngineRow(engine=name, kind=kind, settings=the_engine.settings, modules_in_float=in_float, perplexity=ppl,
                          perplexity_ratio=ppl / baseline, value_birth=value,
-                         kept_birth=value / float_value if float_value else float("nan"),
-                         weight_bytes=int(stored),
+                         kept_birth=value / float_value if float_value else float("nan"), weight_bytes=int(stored),
                          float_bytes=int(sum(float_bytes.values())), corrections=corrected, largest_error=largest,
                          seconds=round(time.perf_counter() - began + quantize_seconds / 4, 2))
 

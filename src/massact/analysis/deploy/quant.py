@@ -417,8 +417,7 @@ def sweep(
 
     def add_row(setting: Setting, ppl: float, values: dict[int, float], share: float | None, began: float) -> None:
         rows.append(QuantRow(method=setting.method, setting=setting.label, variant=_variant_words(setting, clip_z), perplexity=ppl,
-                             perplexity_ratio=ppl / baseline,
-                             value_birth=values[target.born_at], value_peak=values[target.peak_block],
+                             perplexity_ratio=ppl / baseline, value_birth=values[target.born_at], value_peak=values[target.peak_block],
                              kept_birth=_kept(values[target.born_at], base_values[target.born_at]),
                              kept_peak=_kept(values[target.peak_block], base_values[target.peak_block]), massive_error_share=share,
                              seconds=round(time.perf_counter() - began, 2)))
@@ -452,10 +451,10 @@ def sweep(
     params = sum(p.numel() for _, p, _ in projections(lm))
     return Quantization(
         baseline_perplexity=baseline, eval_tokens=sum(w.shape[1] for w in windows), eval_source=eval_source, dim=target.dim,
-                        birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
+        birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
         value_birth=base_values[target.born_at], value_peak=base_values[target.peak_block], matrices=len(names), parameters=params,
         super_weights=[[w.parameter, list(w.index), w.value] for w in protect.super_weights],
-                        massive_tokens=int(sum(int(m.sum()) for m in masks)),
+        massive_tokens=int(sum(int(m.sum()) for m in masks)),
         grid=grid_name, clip_z=clip_z, rows=rows, seconds=round(time.perf_counter() - started, 1), notes=notes,
         engines=found, engine_words=[words for name in engines if (words := engine_words([r for r in found if r.engine == name]))],
     )

@@ -86,8 +86,8 @@ def head_metrics(attention: torch.Tensor, values: torch.Tensor | None, sinks: li
     if len(queries) == 0:
         return dict(share=nan, uniform=nan, value_ratio=nan, output_share=nan)
     sink_index = torch.tensor(sinks, device=attention.device)
-    visible = sink_index.unsqueeze(0) <= queries.unsqueeze(1) if causal else torch.ones(len(queries), len(sinks), dtype=torch.bool,
-                                                                                        device=attention.device)
+    visible = (sink_index.unsqueeze(0) <= queries.unsqueeze(1) if causal
+               else torch.ones(len(queries), len(sinks), dtype=torch.bool, device=attention.device))
     mass = attention[:, queries][:, :, sink_index] * visible  # [heads, queries, sinks]
     seen = (queries + 1).float() if causal else torch.full((len(queries),), float(n_keys), device=attention.device)
     found = dict(share=mass.sum(-1).mean(-1).float().cpu(),
@@ -275,7 +275,7 @@ def sink_analysis(
     listed = lambda tensor: tensor.tolist() if tensor is not None else None  # noqa: E731
     return AttentionSinks(
         texts=base.texts, share=base.share.tolist(), uniform=base.uniform.tolist(), sink_layers=found_blocks,
-                          first_sink_layer=found_blocks[0] if found_blocks else None, birth_layer=birth,
+        first_sink_layer=found_blocks[0] if found_blocks else None, birth_layer=birth,
         summary=summary, epsilon=epsilon, causal=causal, rule=rule, tokens=sink_list, rate=base.rate.tolist(),
         overall_rate=float(base.rate.nanmean()),
         value_ratio=listed(base.value_ratio), output_share=listed(base.output_share),

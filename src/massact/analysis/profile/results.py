@@ -80,8 +80,8 @@ class Profile:
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
-        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask,
-                                                                                                     device=ids.device).bool()
+        real = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
+                else torch.as_tensor(attention_mask, device=ids.device).bool())
         rank = real.long().cumsum(1) - 1  # each real token's position among the sequence's real tokens
         blocks = self.blocks if layer is None else [self.blocks[layer]]
         flagged = torch.zeros_like(real)

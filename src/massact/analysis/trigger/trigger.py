@@ -32,14 +32,12 @@ def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
         mean, largest = mean_max(part, position)
         here = float(part[position])
         parts.append(SourcePart(source=label, layer=term.layer if term else None, site=term.site if term else "bias", here=here,
-                                others_mean=mean, others_max=largest,
-                                difference=here - mean if mean == mean else here))
+                                others_mean=mean, others_max=largest, difference=here - mean if mean == mean else here))
     parts.sort(key=lambda p: -abs(p.difference))
     mean, largest = mean_max(piece.value, position)
     scale_mean, _ = mean_max(piece.scale, position)
     return PreActivationSplit(site=piece.target.site, value=float(piece.value[position]), others_mean=mean, others_max=largest,
-                              scale=float(piece.scale[position]),
-                              scale_others=scale_mean, sources=parts, error=piece.error)
+                              scale=float(piece.scale[position]), scale_others=scale_mean, sources=parts, error=piece.error)
 
 
 def neuron_site(lm: LoadedModel, layer: int) -> str:
@@ -133,8 +131,8 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
     hidden = block_output(lm, probe, layer)
     swapped, moved = float(hidden[p, line.dim]), float(hidden[p + 1, line.dim])
     swapped_massive, moved_massive = criterion.is_massive(swapped, medians[layer]), criterion.is_massive(moved, medians[layer])
-    verdict = {(True, False): "position", (False, True): "token", (True, True): "both", (False,
-                                                                                         False): "context"}[swapped_massive, moved_massive]
+    verdict = {(True, False): "position", (False, True): "token", (True, True): "both",
+               (False, False): "context"}[swapped_massive, moved_massive]
     name = lm.tokenizer.decode([int(other_token)])
     seen = (f"the scan saw it at the first position of {sum(first.values())} of {windows} texts "
             f"({len(first)} different first token{'s' if len(first) != 1 else ''})")
@@ -182,8 +180,8 @@ def trigger(
     if targets:
         pieces, at = cached_split(lm, input_ids, targets, p, cache)
         for (layer, neuron, expert), role in roles.items():
-            splits = [pre_activation_split(x, p) for x in pieces if (x.target.layer, x.target.neuron, x.target.expert) == (layer, neuron,
-                                                                                                                           expert)]
+            splits = [pre_activation_split(x, p) for x in pieces
+                      if (x.target.layer, x.target.neuron, x.target.expert) == (layer, neuron, expert)]
             neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits, expert=expert))
             where = f"block {layer}{'' if expert is None else f' expert {expert}'} neuron {neuron}"
             warnings += [f"{where} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
