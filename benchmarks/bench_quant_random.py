@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, "src")  # run from the repository root: the GPU machine has no install of massact
-import torch  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import massact  # noqa: E402
-from massact.analysis.deploy.quant import measure  # noqa: E402
-from massact.report.schema import load_protect  # noqa: E402
+import massact
+from massact.analysis.deploy.quant import measure
+from massact.report.schema import load_protect
 
 source = sys.argv[1]  # a directory with the default model's config.json, tokenizer and a protect.json of it
 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).to("cuda").eval()

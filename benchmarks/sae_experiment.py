@@ -72,7 +72,7 @@ def special_token_ids(tokenizer) -> list[int]:
     for name in names:
         try:
             value = getattr(tokenizer, name)
-        except Exception:  # noqa: BLE001 - an attribute that cannot be read is not a special id
+        except Exception:  # an attribute that cannot be read is not a special id
             continue
         if isinstance(value, int):
             ids.add(value)
@@ -282,7 +282,7 @@ def machine() -> dict:
     def run(*command):
         try:
             return subprocess.run(command, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:  # noqa: BLE001
+        except Exception:
             return None
 
     return {"nproc": run("nproc"), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -343,7 +343,7 @@ def main() -> None:
 
     train_seqs = slice(0, seqs - args.heldout_seqs)
     held_seqs = slice(seqs - args.heldout_seqs, seqs)
-    flat = lambda t, s: t[s].reshape(-1, *t.shape[2:])  # noqa: E731
+    flat = lambda t, s: t[s].reshape(-1, *t.shape[2:])
     x_train, live_train = flat(cache["acts"], train_seqs), flat(cache["live"], train_seqs)
     pred_train, special_train = flat(cache["predicted"], train_seqs), flat(cache["special"], train_seqs)
     x_held, live_held = flat(cache["acts"], held_seqs), flat(cache["live"], held_seqs)

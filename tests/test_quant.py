@@ -119,7 +119,7 @@ def test_planted_super_weight_per_tensor_4bit(planted):
     original = lm.model.get_parameter(matrix).detach().clone()
     others = torch.ones_like(original, dtype=torch.bool)
     others[DIM, NEURON] = False
-    four_bit = lambda w: rtn(w, 4, "tensor")  # noqa: E731
+    four_bit = lambda w: rtn(w, 4, "tensor")
     with quantized_weights(lm, four_bit):  # the super weight sets the range: a step of ~6.7, every other weight -> 0
         plain = lm.model.get_parameter(matrix).detach().clone()
     with quantized_weights(lm, four_bit, [(matrix, (DIM, NEURON))]):  # held out: the rest keeps a step of ~0.01
@@ -150,7 +150,7 @@ def test_a_held_out_setting_after_its_plain_one_gives_what_it_gives_alone(plante
     before = weights_hash(lm.model)
     plain, held, other = Setting("rtn", 4, "tensor", "plain"), Setting("rtn", 4, "tensor", "held out"), Setting("rtn", 4, "row", "held out")
     assert siblings([plain, held, other]) == [[plain, held], [other]]
-    numbers = lambda row: (row.perplexity, row.value_birth, row.value_peak)  # noqa: E731
+    numbers = lambda row: (row.perplexity, row.value_birth, row.value_peak)
     together = [numbers(row) for row in sweep(lm, protect, EVAL, "test", settings=[plain, held, other]).rows]
     alone = [numbers(row) for row in sweep(lm, protect, EVAL, "test", settings=[held, other]).rows]
     assert together[1:] == alone

@@ -123,7 +123,7 @@ class Trace:
     ):
         self.values: dict[tuple[int, str], Any] = {}
         config = text_config(model)
-        gated = lambda layer: adapter.at(config, layer).gated  # noqa: E731  (dense and expert blocks may mix)
+        gated = lambda layer: adapter.at(config, layer).gated  # dense and expert blocks may mix
         requests = [resolve_site(s, gated) if isinstance(s, str) else resolve_site(s[1], gated, s[0]) for s in sites]
         self._context = tap(model, adapter, requests, lambda layer, site, t: self.values.__setitem__((layer, site), reduce(t)))
 

@@ -12,13 +12,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.ticker import MaxNLocator
 
-from ..analysis.deploy.results import Quantization  # noqa: E402
-from ..analysis.results import Report  # noqa: E402
+from ..analysis.deploy.results import Quantization
+from ..analysis.results import Report
 
 FIG_SIZE = (12, 6)
 DPI = 100

@@ -119,7 +119,7 @@ class Evaluation:
         keep = batch.labels != -100
         # The head sees only the labelled positions (every one but the last of a causal window, the masked ones of an
         # encoder's), as one sequence: the model's output keeps its [batch, positions, vocab] shape.
-        labelled = lambda h: h[keep].unsqueeze(0) if h.shape[:-1] == keep.shape else h  # noqa: E731
+        labelled = lambda h: h[keep].unsqueeze(0) if h.shape[:-1] == keep.shape else h
         with run_from(self.lm, start, self.block_input(batch, start)), head_rows(self.lm, labelled, self.scratch):
             logits = self.lm.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
         labels = batch.labels[keep]

@@ -34,7 +34,7 @@ def prune(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluati
     kinds = [("super", sorted([s.layer, s.expert] for s in found.found)), ("random", control(found.found, experts))]
     sinks = _sinks(massive, tokens)
     before = sink_pass(lm, inputs, sinks, epsilon) if sinks else None
-    left = lambda: _massive_left(lm, inputs, dims, lifelines, medians, criterion)  # noqa: E731
+    left = lambda: _massive_left(lm, inputs, dims, lifelines, medians, criterion)
     return [_pruning(lm, inputs, evaluation, epsilon, kind, pairs, sinks, before, left) for kind, pairs in kinds]
 
 
@@ -57,7 +57,7 @@ def _pruning(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation, epsil
         left = massive_left()
         after = sink_pass(lm, inputs, sinks, epsilon) if before is not None else None
     baseline = evaluation.baseline if isinstance(evaluation, Evaluation) else None
-    per_block = lambda found: [float(v) for v in found.share.nanmean(dim=1)] if found is not None else []  # noqa: E731
+    per_block = lambda found: [float(v) for v in found.share.nanmean(dim=1)] if found is not None else []
     sink_before, sink_after = per_block(before), per_block(after)
     # Over the blocks that had a sink (all softmax blocks where none had one): where the sink is, not diluted.
     blocks = sink_blocks(before.rate) if before is not None else []

@@ -160,7 +160,7 @@ def control_modules(lm: LoadedModel, protected: list[str], seed: int = SEED) -> 
     with ``seed`` among the others."""
     names = projections(lm)
     prefix = lm.adapter.layers_path(lm.model) + "."
-    kind = lambda name: name.removeprefix(prefix).split(".", 1)[1]  # noqa: E731  ("11.mlp.down_proj" -> "mlp.down_proj")
+    kind = lambda name: name.removeprefix(prefix).split(".", 1)[1]  # "11.mlp.down_proj" -> "mlp.down_proj"
     draw = random.Random(seed)
     chosen = []
     for name in protected:

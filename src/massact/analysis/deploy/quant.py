@@ -117,7 +117,7 @@ def rtn(weight: torch.Tensor, bits: int, granularity: str, block: int = DEFAULT_
     """Fake-quantize a weight given as [..., in] (rows along the input dim), returned in float32 and the same shape.
     ``tensor``: one range for the whole tensor; ``block``: flat blocks of ``block`` entries in row-major order;
     ``row``: groups of 128 consecutive inputs within each row (a shorter last group where ``in`` is not a multiple)."""
-    quantize = lambda g: rtn_rows(g, bits)  # noqa: E731
+    quantize = lambda g: rtn_rows(g, bits)
     if granularity == "tensor":
         return rtn_rows(weight.reshape(1, -1), bits).view(weight.shape)
     if granularity == "block":

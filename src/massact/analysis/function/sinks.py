@@ -272,7 +272,7 @@ def sink_analysis(
         changed.append(SinkIntervention(name=f"set massive dims {replaced} to {label} at block(s) {sorted(by_block)}", label=label,
                                         blocks=sorted(by_block), rate=rate, share=under.share.mean(dim=1).tolist(), survives=survives))
     summary = _summary(base, found_blocks, birth, epsilon)
-    listed = lambda tensor: tensor.tolist() if tensor is not None else None  # noqa: E731
+    listed = lambda tensor: tensor.tolist() if tensor is not None else None
     return AttentionSinks(
         texts=base.texts, share=base.share.tolist(), uniform=base.uniform.tolist(), sink_layers=found_blocks,
         first_sink_layer=found_blocks[0] if found_blocks else None, birth_layer=birth,
@@ -320,8 +320,8 @@ def mixing_words(lm: LoadedModel, base: SinkPass, found_blocks: list[int], birth
     nope = [layer for layer in softmax if not lm.at(layer).positions]
     if nope:
         roped = [layer for layer in softmax if lm.at(layer).positions]
-        rate = lambda layers: float(base.rate[layers].nanmean()) if layers else float("nan")  # noqa: E731
-        share = lambda layers: float(base.share[layers].nanmean()) if layers else float("nan")  # noqa: E731
+        rate = lambda layers: float(base.rate[layers].nanmean()) if layers else float("nan")
+        share = lambda layers: float(base.share[layers].nanmean()) if layers else float("nan")
         where = "" if birth is None else (f"; the massive value is born in block {birth}, which "
                                           f"{'uses no positions' if birth in nope else 'uses positions'}")
         words.append(f"{_blocks(nope)} use{'s' if len(nope) == 1 else ''} no positions (NoPE): sink rate {rate(nope):.0%}, mean attention "

@@ -22,7 +22,7 @@ def find(routed: torch.Tensor, shared: torch.Tensor, quantile: float, fraction: 
     found = [SuperExpert(layer=int(layer), expert=int(expert), max_output=float(routed[layer, expert]))
              for layer, expert in (routed >= threshold).nonzero().tolist() if layer <= last]
     found.sort(key=lambda s: -s.max_output)
-    nan = lambda t: torch.where(torch.isfinite(t), t, torch.full_like(t, float("nan"))).tolist()  # noqa: E731
+    nan = lambda t: torch.where(torch.isfinite(t), t, torch.full_like(t, float("nan"))).tolist()
     return SuperExperts(found=found, profile=nan(routed), shared=nan(shared),
                         rule=SuperExpertRule(quantile=quantile, fraction=fraction, depth=depth, threshold=threshold, last_block=last))
 

@@ -45,7 +45,7 @@ class MoeBlock:
         if spec is None:
             return None
         block = lm.adapter.module(lm.model, layer, spec.block)
-        get = lambda path: block.get_submodule(path) if path else None  # noqa: E731
+        get = lambda path: block.get_submodule(path) if path else None
         return cls(spec, block, get(spec.router.path), get(spec.experts.path), get(spec.shared), get(spec.shared_gate), lm.config,
                    f"{lm.adapter.layers_path(lm.model)}.{layer}.{spec.block}")
 

@@ -136,7 +136,7 @@ def build(lm: LoadedModel, counts: Counts, medians: list[float], criterion: Crit
           corpus: str, weights_sha256: str | None) -> Profile:
     """The profile from the pass's counts."""
     blocks = []
-    decode = lambda token_id: lm.tokenizer.decode([token_id])  # noqa: E731
+    decode = lambda token_id: lm.tokenizer.decode([token_id])
     for layer, median in enumerate(medians):
         rules, carriers, precision, recall = block_rules(counts, layer, decode)
         blocks.append(BlockProfile(
