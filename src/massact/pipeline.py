@@ -218,7 +218,7 @@ def trigger_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tenso
     report.trigger = triggers(lm, inputs, settings.chain_depth, patch=settings.verify, lifelines=report.lifeline,
                               origin=report.origin, attribution=report.attribution, experts=report.experts,
                               tokens=report.tokens, massive=report.massive, windows=report.corpus.windows,
-                              medians=[s.median for s in report.layers], criterion=report.criterion)
+                              medians=report.medians, criterion=report.criterion)
     report.birth_state = birth_state(lm, inputs, dims=report.dims, origin=report.origin, massive=report.massive,
                                      tokens=report.tokens)
     report.token_values = token_values(lm, inputs, dims=report.dims, lifelines=report.lifeline)
@@ -231,7 +231,6 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
     model grows a sink without a massive activation (gated attention, learned sinks) is a finding too."""
     if not settings.verify:
         return
-    medians = [s.median for s in report.layers]
     if not report.dims:
         report.attention = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens,
                                          criterion=report.criterion, epsilon=settings.sink_epsilon)
@@ -248,13 +247,13 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
     # One scoring, its passes shared by the interventions and the super weights.
     evaluation = evaluation_for(lm, text, dims=report.dims, attribution=report.attribution, experts=report.experts)
     report.verification = verify_report(lm, inputs, text, source, progress("interventions", None), evaluation, dims=report.dims,
-                                        medians=medians, criterion=report.criterion, massive=report.massive, texts=report.texts,
+                                        medians=report.medians, criterion=report.criterion, massive=report.massive, texts=report.texts,
                                         attribution=report.attribution, experts=report.experts)
     report.attention = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens,
                                      criterion=report.criterion, epsilon=settings.sink_epsilon,
                                      replacements=replacement_values(report.dims, report.massive))
     report.super_weights = all_super_weights(lm, inputs, evaluation, report.verification.baseline_perplexity,
-                                             lifelines=report.lifeline, attribution=report.attribution, medians=medians,
+                                             lifelines=report.lifeline, attribution=report.attribution, medians=report.medians,
                                              criterion=report.criterion, steps=settings.super_weight_steps,
                                              step_done=progress("super weights, zeroed one by one", None))
     if report.super_experts is not None:  # a mixture of experts: its super experts pruned, against a random control
@@ -312,7 +311,7 @@ def _prune_experts(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tens
                    epsilon: float) -> list[ExpertPruning]:
     """The report's super experts pruned, and a random control (``massact.analysis.causal.experts.prune``)."""
     return prune_experts(lm, inputs, evaluation, epsilon, report.super_experts, dims=report.dims, lifelines=report.lifeline,
-                         medians=[s.median for s in report.layers], criterion=report.criterion, massive=report.massive,
+                         medians=report.medians, criterion=report.criterion, massive=report.massive,
                          tokens=report.tokens)
 
 

@@ -73,6 +73,11 @@ class Report:
     quantization: Quantization | None = None
     super_experts: SuperExperts | None = None  # a mixture of experts' super experts (Su et al. 2025)
 
+    @property
+    def medians(self) -> list[float]:
+        """Each block's median |a| over the scanned tokens: what the criterion's ratio is taken against."""
+        return [stats.median for stats in self.layers]
+
     def __repr__(self) -> str:
         """One line: the model, each massive dim and its birth block, the sections present (a REPL or a notebook
         would otherwise print every field)."""

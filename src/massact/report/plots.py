@@ -44,7 +44,7 @@ def layer_profile(report: Report) -> bytes:
     for rank, style in enumerate(("-o", "--", ":")):
         values = [abs(s.top[rank].value) if len(s.top) > rank else np.nan for s in report.layers]
         ax.plot(layers, values, style, label=f"top-{rank + 1} |a|")
-    ax.plot(layers, [s.median for s in report.layers], "-s", color="gray", label="median |a|")
+    ax.plot(layers, report.medians, "-s", color="gray", label="median |a|")
     for d in report.dims:
         ax.axvline(d.born_at, color="crimson", alpha=0.6)
         ax.annotate(f"dim {d.dim} born", (d.born_at, abs(d.max_value)), textcoords="offset points",

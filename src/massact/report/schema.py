@@ -229,8 +229,9 @@ def _build(kind, data, path: str, scope: Scope, check: Check | None = None):
             if not all(a in (int, float, str, bool) for a in inner):
                 raise TypeError(f"schema: cannot read the union {kind}")
             for a in inner:
-                if _scalar(a, data) is not _WRONG and data is not None:
-                    return _scalar(a, data)
+                value = _scalar(a, data)
+                if value is not _WRONG and data is not None:  # not null read as a float's nan
+                    return value
             what = " or ".join(_type_name(a) for a in inner) + (" or null" if type(None) in args else "")
             raise _Bad(path, what, data)
         try:
@@ -383,8 +384,13 @@ def to_data(obj, head: dict | None = None) -> dict:
     return finite({**(head or {}), **dataclasses.asdict(obj)})
 
 
+def _text(data) -> str:
+    """JSON-ready data as a file's text: indented, UTF-8 as it is, strict (no inf or nan)."""
+    return json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False)
+
+
 def write(obj, head: dict | None = None) -> str:
-    return json.dumps(to_data(obj, head), indent=2, ensure_ascii=False, allow_nan=False)
+    return _text(to_data(obj, head))
 
 
 def write_report(report: Report) -> str:
@@ -395,8 +401,7 @@ def write_report(report: Report) -> str:
 def write_protect(protect: Protect) -> str:
     """protect.json's text: its format and version come first, as the dataclass's fields."""
     data = to_data(protect)
-    return json.dumps({"format": data.pop("format"), "version": data.pop("version"), **data}, indent=2, ensure_ascii=False,
-                      allow_nan=False)
+    return _text({"format": data.pop("format"), "version": data.pop("version"), **data})
 
 
 def read_report(data, where: str = "report.json") -> Report:
@@ -426,7 +431,7 @@ def write_profile(profile: Profile) -> str:
 
 def load_profile(path: Path) -> Profile:
     """A profile.json, checked and built; a wrong format, version or field is one UsageError line."""
-    return _load_headed(path, Profile, PROFILE_FORMAT, PROFILE_VERSION, "a massact profile", "profile")
+    return _load_headed(path, Profile, PROFILE_FORMAT, PROFILE_VERSION, "a massact profile")
 
 
 def write_track(track: Track) -> str:
@@ -436,19 +441,18 @@ def write_track(track: Track) -> str:
 
 def load_track(path: Path) -> Track:
     """A track.json, checked and built; a wrong format, version or field is one UsageError line."""
-    return _load_headed(path, Track, TRACK_FORMAT, TRACK_VERSION, "a massact track", "track")
+    return _load_headed(path, Track, TRACK_FORMAT, TRACK_VERSION, "a massact track")
 
 
 def write_quantization(quantization: Quantization) -> str:
     """quantization.json's text (``massact quant MODEL --protect``: the sweep without a report): its format and
     version, then the sweep under ``quantization``, as in report.json."""
-    return json.dumps({"format": QUANTIZATION_FORMAT, "version": QUANTIZATION_VERSION, "quantization": to_data(quantization)},
-                      indent=2, ensure_ascii=False, allow_nan=False)
+    return _text({"format": QUANTIZATION_FORMAT, "version": QUANTIZATION_VERSION, "quantization": to_data(quantization)})
 
 
 def load_quantization(path: Path) -> Quantization:
     """A quantization.json, checked and built; a wrong format, version or field is one UsageError line."""
-    data = _headed(path, QUANTIZATION_FORMAT, QUANTIZATION_VERSION, "a massact quantization sweep", "quantization sweep")
+    data = _headed(path, QUANTIZATION_FORMAT, QUANTIZATION_VERSION, "a massact quantization sweep")
     if set(data) != {"quantization"}:
         raise UsageError(f"{path}: not a massact quantization sweep (it must hold the one field quantization)")
     return _read_as(Quantization, data["quantization"], str(path), "a massact quantization sweep")
@@ -456,8 +460,8 @@ def load_quantization(path: Path) -> Quantization:
 
 def write_export(config: dict) -> str:
     """An engine's configuration (``massact protect export``): the keys the engine's API names, as they are, so
-    that the engine's own code reads the file; strict JSON (no inf or nan)."""
-    return json.dumps(config, indent=2, ensure_ascii=False, allow_nan=False)
+    that the engine's own code reads the file."""
+    return _text(config)
 
 
 def write_monitor_line(record: dict) -> str:
@@ -475,18 +479,20 @@ def read_monitor_line(line: str, where: str) -> MonitorRecord | None:
     return read(MonitorRecord, data, where)
 
 
-def _headed(path: Path, kind: str, version: int, what: str, name: str) -> dict:
-    """The parsed file at ``path`` without its ``format`` and ``version``, once they are the ones this massact reads."""
+def _headed(path: Path, kind: str, version: int, what: str) -> dict:
+    """The parsed file at ``path`` without its ``format`` and ``version``, once they are the ones this massact reads
+    (``what``: "a massact profile"; its version is then called the "profile version")."""
     data = parse(path, what)
     if not isinstance(data, dict) or data.get("format") != kind:
         raise UsageError(f"{path}: not {what} (format {_show(data.get('format') if isinstance(data, dict) else None)})")
     if data.get("version") != version:
-        raise UsageError(f"{path}: {name} version {_show(data.get('version'))}; this massact reads version {version}")
+        raise UsageError(f"{path}: {what.removeprefix('a massact ')} version {_show(data.get('version'))}; this massact reads "
+                         f"version {version}")
     return {k: v for k, v in data.items() if k not in ("format", "version")}
 
 
-def _load_headed(path: Path, kind: type, format_: str, version: int, what: str, name: str):
-    return _read_as(kind, _headed(path, format_, version, what, name), str(path), what)
+def _load_headed(path: Path, kind: type, format_: str, version: int, what: str):
+    return _read_as(kind, _headed(path, format_, version, what), str(path), what)
 
 
 def load_protect(path: Path) -> Protect:
