@@ -43,10 +43,14 @@ def policy(scripts: Iterable[str], styles: Iterable[str]) -> str:
 
 
 # Counts, for a reader and for the browser test, what the page asked for that the policy refused, the requests it made
-# (none: every image is a data URI) and the images that really loaded.
+# (none: every image is a data URI) and the images that really loaded. A refusal is reported by an event that may come
+# after the load event: the count is written again at each one.
 WATCH = """
 var refused = 0;
-document.addEventListener("securitypolicyviolation", function () { refused += 1; });
+document.addEventListener("securitypolicyviolation", function () {
+  refused += 1;
+  if (document.body) document.body.setAttribute("data-refused", refused);
+});
 window.addEventListener("load", function () {
   var images = Array.prototype.slice.call(document.images), body = document.body;
   body.setAttribute("data-images-total", images.length);
