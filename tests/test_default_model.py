@@ -43,7 +43,7 @@ def test_massive_dim_is_born_where_the_hidden_states_say(report, hidden):
     assert abs(birth.resid_out) >= 100 and abs(birth.resid_out) >= 1000 * after.abs().median().item()
     assert abs(birth.resid_in) < 1000 * before.abs().median().item()
     # It is the largest activation of that hidden state, and the writer made most of the change.
-    assert after.abs().max().item() == pytest.approx(abs(birth.resid_out), rel=1e-6)
+    assert after.abs().max().item() == pytest.approx(abs(birth.resid_out), rel=1e-5)  # batched scan against one text: the sums' order
     written = birth.mlp if birth.writer == "mlp" else birth.attn
     assert abs(written) > 0.9 * abs(birth.resid_out - birth.resid_in)
 

@@ -77,7 +77,7 @@ def test_planted_values_match_hf_hidden_states(family, tokenizer):
         with torch.no_grad():
             states = model(tokenizer(text, return_tensors="pt").input_ids, output_hidden_states=True).hidden_states
         largest = max(largest, states[LAYER + 1].abs().max().item())
-    assert abs(top.value) == pytest.approx(largest, rel=1e-6)
+    assert abs(top.value) == pytest.approx(largest, rel=1e-5)  # the batched scan against one text at a time: the sums' order
 
 
 def test_unplanted_neuron_model_has_no_massive_activation(tokenizer):
