@@ -146,7 +146,9 @@ def verification(report: Report) -> bytes:
     names = [f"dim {r.dim}: {r.name}"[:60] for r in rows]
     y = np.arange(len(rows))
     left.barh(y, [r.perplexity_ratio for r in rows], color=["tab:red" if r.perplexity_ratio > 2 else "tab:gray" for r in rows])
-    left.set_xscale("log")
+    # No log axis without one positive finite ratio (a model whose perplexity is inf or nan): matplotlib would refuse it.
+    if any(0 < r.perplexity_ratio < float("inf") for r in rows):
+        left.set_xscale("log")
     left.set_yticks(y, names, fontsize=7)
     left.invert_yaxis()
     left.set_xlabel("perplexity / unmodified")
@@ -162,6 +164,19 @@ def verification(report: Report) -> bytes:
     return png_bytes(fig)
 
 
+def median_over_heads(rows: list[list[float | None]]) -> np.ndarray:
+    """Per block, the median over heads of a per-head number, NaN (no point: matplotlib leaves a gap) for a block none
+    of whose heads has one: a convolution or linear-attention block of a hybrid has no softmax heads. NaN and None
+    heads (a head with nothing to measure) are left out of the median."""
+    out = np.full(len(rows), np.nan)
+    for block, row in enumerate(rows):
+        heads = np.array([np.nan if v is None else v for v in row], dtype=float)
+        heads = heads[~np.isnan(heads)]
+        if heads.size:  # the median of no heads is not 0: the block keeps its NaN
+            out[block] = np.median(heads)
+    return out
+
+
 def attention_sinks(report: Report) -> bytes:
     """Left: attention on the sink tokens per block and head. Right: per block the sink rate (unmodified and under
     each replacement of the massive values) and the sink tokens' value-norm ratio (median over heads, log axis);
@@ -174,19 +189,22 @@ def attention_sinks(report: Report) -> bytes:
     left.set_xlabel("block")
     left.set_ylabel("head")
     left.yaxis.set_major_locator(MaxNLocator(integer=True))
-    left.set_title(f"Attention on the sink tokens (uniform would give {float(np.mean(a.uniform)):.0%})")
+    uniform = np.array(a.uniform, dtype=float)
+    uniform = uniform[~np.isnan(uniform)]  # the blocks without softmax heads have no uniform share
+    left.set_title("Attention on the sink tokens" + (f" (uniform would give {float(uniform.mean()):.0%})" if uniform.size else ""))
     blocks = np.arange(len(a.share))
+    # Markers on every line: a hybrid's softmax blocks may stand apart (NaN between them), where a bare line draws nothing.
     if a.rate:
         right.plot(blocks, a.rate, "-o", color="tab:purple", label=f"sink rate (> {a.epsilon:g})")
-    for change, style, color in zip(a.interventions, ("--", ":"), ("tab:blue", "tab:green")):
+    for change, style, color in zip(a.interventions, ("--v", ":^"), ("tab:blue", "tab:green")):
         right.plot(blocks, change.rate, style, color=color, label=f"sink rate, massive values set to {change.label}")
+    right.set_xlim(-0.5, len(blocks) - 0.5)  # the blocks of the heat map beside it, those without attention included
     right.set_ylim(-0.05, 1.05)
     right.set_xlabel("block")
     right.set_ylabel("share of heads that are sink heads")
     if a.value_ratio:
-        ratio = np.array([[np.nan if v is None else v for v in row] for row in a.value_ratio], dtype=float)
         values = right.twinx()
-        values.plot(blocks, np.nanmedian(ratio, axis=1), "-s", color="tab:orange", label="value norm: sink / median other")
+        values.plot(blocks, median_over_heads(a.value_ratio), "-s", color="tab:orange", label="value norm: sink / median other")
         values.set_yscale("log")
         values.set_ylabel("value-norm ratio (median over heads)", color="tab:orange")
     for axis in (left, right):

@@ -6,6 +6,7 @@ dim, the verification's verdicts, the sink and the float16 headroom. report.txt 
 
 from __future__ import annotations
 
+import math
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,9 @@ def _function_lines(report: Report) -> list[str]:
     if report.super_experts is not None and report.super_experts.found:
         out += super_expert_words(report.super_experts)
     p = report.precision
-    if p is not None and p.blocks:
+    if p is not None and p.blocks and math.isnan(p.largest):  # every block's largest entries are NaN: no magnitude to weigh
+        out.append("float16 headroom: not measured, the largest activations are NaN (section 12 says where they begin).")
+    elif p is not None and p.blocks:
         largest = f"the largest |a| is {short(p.largest)} (dim {p.largest_dim}, block {p.largest_layer})"
         out.append(f"float16 overflows: {largest}." if p.overflows else f"float16 headroom: {p.headroom:,.1f}x; {largest}.")
     return out

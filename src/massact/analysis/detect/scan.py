@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,12 +30,23 @@ CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, s
 class LayerScan:
     """Per block: a median sketch and the largest |a| (candidates for massive), plus the first non-finite value; in
     a mixture of experts, each expert's largest |output| (``experts``: routed [blocks, experts] and shared [blocks],
-    -inf where none)."""
+    -inf where none). Where a value is non-finite, what says why: the scan's ``dtype`` and the model's parameters and
+    buffers holding inf or nan (``nonfinite_weights``: (name, how many of its entries))."""
 
     histograms: list[LogHistogram]
     tops: list[TopK]
     nonfinite: tuple[int, int, int, int] | None  # (layer, text, position, dim) of the first inf/nan
     experts: tuple[torch.Tensor, torch.Tensor] | None = None
+    dtype: torch.dtype | None = None
+    stream: str = "resid_out"  # the site every block is read at
+    nonfinite_weights: list[tuple[str, int]] = field(default_factory=list)
+
+    def nonfinite_value(self) -> float | None:
+        """The first non-finite value itself (inf, -inf or nan), None where every value is finite."""
+        if self.nonfinite is None:
+            return None
+        layer, *at = self.nonfinite
+        return next((value for value, labels in self.tops[layer].items() if labels == at), float("nan"))
 
     def medians(self) -> list[float]:
         return [histogram.quantile(0.5) for histogram in self.histograms]
@@ -129,7 +140,22 @@ def scan_layers(
         merge_across_processes(histograms, tops, maxima)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
-    return LayerScan(histograms, tops, first_nonfinite(tops), (maxima.routed.cpu(), maxima.shared.cpu()) if maxima else None)
+    nonfinite = first_nonfinite(tops)
+    return LayerScan(histograms, tops, nonfinite, (maxima.routed.cpu(), maxima.shared.cpu()) if maxima else None, dtype=lm.dtype,
+                     stream=lm.adapter.stream, nonfinite_weights=nonfinite_weights(lm.model) if nonfinite is not None else [])
+
+
+def nonfinite_weights(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """(name, how many of its entries are inf or nan) for every parameter and buffer of ``model`` that holds one, in
+    the model's order. Read only when a scan met a non-finite value: one pass over the weights. Weights that are not
+    in memory (the meta device of an offloaded model) are not read."""
+    found = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                found.append((name, bad))
+    return found
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -261,16 +287,44 @@ def detect(scan: LayerScan, tokens: list[list[str]], criterion: Criterion) -> li
     return found
 
 
+def nonfinite_warning(scan: LayerScan) -> str | None:
+    """The warning for the scan's first non-finite value (None where there is none), saying what made it.
+
+    An inf is an overflow of the scan's dtype; only float16's range (65,504) is smaller than another format's, so only
+    there does a dtype help. A NaN is no overflow where the weights hold non-finite values (they are named) or where
+    the dtype has float32's range (bfloat16, float32); in float16 with finite weights it most likely comes from an
+    intermediate value that overflowed (inf - inf, inf x 0)."""
+    if scan.nonfinite is None:
+        return None
+    layer, text, position, dim = scan.nonfinite
+    value = scan.nonfinite_value()
+    dtype = str(scan.dtype).removeprefix("torch.") if scan.dtype is not None else "this dtype"
+    kind = "NaN" if math.isnan(value) else "inf"
+    where = f"non-finite activation ({kind}) first at block {layer}, text {text}, position {position}, dim {dim} (site {scan.stream})"
+    weights = scan.nonfinite_weights
+    if weights:
+        names = ", ".join(f"{name} ({count:,} entr{'y' if count == 1 else 'ies'})" for name, count in weights[:3])
+        more = f" and {len(weights) - 3} more" if len(weights) > 3 else ""
+        # A float16 load turns a checkpoint's weight above 65,504 into inf: there the dtype may be the cause.
+        cause = ("; where they are finite in the checkpoint, float16 cannot hold them: use bfloat16 or float32"
+                 if scan.dtype == torch.float16 else "")
+        return f"{where}: the model's weights hold inf or nan, in {names}{more}{cause}"
+    if scan.dtype == torch.float16:
+        what = "the value overflowed" if kind == "inf" else "most likely an intermediate value overflowed (inf - inf, inf x 0)"
+        return f"{where}: {what} float16's largest finite value, 65,504; use bfloat16 or float32"
+    if kind == "inf":
+        return f"{where}: the value overflowed {dtype}'s largest finite value, {torch.finfo(scan.dtype or torch.float32).max:.2e}"
+    return (f"{where}: a NaN in {dtype} is no overflow and no weight holds one: an operation of the model made it (0/0, inf - inf, "
+            "the square root or log of a negative number), or its inputs hold one")
+
+
 def scan_warnings(scan: LayerScan, massive: list[Massive], candidates: int = CANDIDATES) -> list[str]:
-    """What the report must say about the scan itself: a non-finite value (the dtype overflowed), and blocks whose
-    massive entries filled every one of the ``candidates`` kept (only the largest are listed)."""
+    """What the report must say about the scan itself: a non-finite value (``nonfinite_warning``: where, and what made
+    it), and blocks whose massive entries filled every one of the ``candidates`` kept (only the largest are listed)."""
     warnings = []
-    if scan.nonfinite:
-        layer, text, position, dim = scan.nonfinite
-        warnings.append(
-            f"non-finite activation (inf/nan) first at block {layer}, text {text}, position {position}, dim {dim}:"
-            " the dtype overflowed; use bfloat16 or float32"
-        )
+    nonfinite = nonfinite_warning(scan)
+    if nonfinite:
+        warnings.append(nonfinite)
     full = [layer for layer in {m.layer for m in massive} if sum(m.layer == layer for m in massive) >= candidates]
     if full:
         warnings.append(f"blocks {sorted(full)} have more than {candidates} massive entries; only the largest are listed")

@@ -26,8 +26,9 @@ from .results import ExpertContribution, ExpertNeuron, ExpertSuperWeight, MoeAtt
 
 @dataclass
 class MoeBlock:
-    """One block's mixture of experts: its spec and modules, the model's config (for the router's settings) and the
-    full name of the experts module (``prefix``) for parameter names."""
+    """One block's mixture of experts: its spec and modules, the model's config (for the router's settings), the
+    full name of the experts module (``prefix``) for parameter names and ``dtype``, that of the hidden states the block
+    reads in the model's forward (the residual stream's, whatever its router keeps its weight in)."""
 
     spec: Moe
     block: nn.Module
@@ -37,6 +38,7 @@ class MoeBlock:
     shared_gate: nn.Module | None
     config: object
     prefix: str
+    dtype: torch.dtype
 
     @classmethod
     def at(cls, lm: LoadedModel, layer: int) -> MoeBlock | None:
@@ -47,7 +49,7 @@ class MoeBlock:
         block = lm.adapter.module(lm.model, layer, spec.block)
         get = lambda path: block.get_submodule(path) if path else None
         return cls(spec, block, get(spec.router.path), get(spec.experts.path), get(spec.shared), get(spec.shared_gate), lm.config,
-                   f"{lm.adapter.layers_path(lm.model)}.{layer}.{spec.block}")
+                   f"{lm.adapter.layers_path(lm.model)}.{layer}.{spec.block}", lm.dtype)
 
     def setting(self, *names: str):
         """The first of ``names`` the router module has, else the config's."""
@@ -120,8 +122,8 @@ def model_routing(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """The router module's own choice for tokens ``x`` [tokens, d_model]: (indices, weights) [tokens, k], sorted by
     expert index within each token (routers may return them unsorted); Llama-4's router gives scores for every expert,
     of which the nonzero ones are the chosen."""
-    with torch.no_grad():
-        out = moe.router(x.to(moe.router.weight.device, moe.router.weight.dtype))
+    with torch.no_grad():  # the router gets what the model gives it: it casts for itself (DeepSeek's to float32)
+        out = moe.router(x.to(moe.router.weight.device, moe.dtype))
     if moe.spec.router.on_input:  # (scores [tokens, experts]: sigmoid of the top-k logits, 0 elsewhere; logits)
         scores = out[0].float()
         indices = scores.topk(moe.top_k, dim=-1).indices
@@ -194,10 +196,14 @@ def top_neurons(pre_gate: torch.Tensor, pre_up: torch.Tensor, activation: torch.
 
 def block_output(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
     """The block's own output for the single token ``x`` (called as [1, 1, d_model]; a (hidden, router) tuple is
-    unpacked), as a 1-D float64 CPU tensor."""
+    unpacked), as a 1-D float64 CPU tensor.
+
+    The token goes in as the model's hidden states do, in the residual stream's dtype: each part of the block then
+    casts as its own forward does (DeepSeek's and GLM's routers to float32, the experts and shared experts in the
+    model's dtype). The router's dtype is not the block's: transformers keeps some routers in float32."""
     param = moe.router.weight
     with torch.no_grad():
-        out = moe.block(x.detach().clone().reshape(1, 1, -1).to(param.device, param.dtype))
+        out = moe.block(x.detach().clone().reshape(1, 1, -1).to(param.device, moe.dtype))
     if isinstance(out, tuple):
         out = out[0]
     return out.reshape(-1).double().cpu()
@@ -308,7 +314,8 @@ def _pruned_router(moe: MoeBlock, experts: tuple[int, ...]):
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         routing = route(moe, x, experts)
-        logits = routing.logits.to(x.dtype)
+        # in the dtype the router's own logits have: float32 where transformers keeps the router in float32
+        logits = routing.logits.to(torch.promote_types(x.dtype, moe.router.weight.dtype))
         if moe.spec.router.on_input:  # Llama-4: sigmoid scores for every expert, 0 where not selected
             scores = torch.zeros_like(routing.logits).scatter_(1, routing.indices, routing.weights)
             return scores.to(x.dtype), logits
