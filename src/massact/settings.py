@@ -31,6 +31,15 @@ class Criterion:
     median: str = "median |a| over every token of every text at that block's output"
     median_rel_error: float = 0.0
 
+    def __post_init__(self) -> None:
+        # A negative or NaN bound would flag everything or nothing without a word; 0 is a bound that always holds.
+        for name in ("min_abs", "min_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"Criterion {name} must be a number, not {type(value).__name__}")
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"Criterion {name} must be a finite number >= 0, not {value!r}")
+
     def threshold(self, median):
         """The smallest |a| that is massive against ``median``: max(min_abs, min_ratio x median)."""
         return max(self.min_abs, self.min_ratio * median) if isinstance(median, (int, float)) else \

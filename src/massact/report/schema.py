@@ -30,7 +30,7 @@ from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
 from ..analysis.trigger.results import PreActivationSplit
 from ..errors import UsageError
 from ..models.info import ModelInfo
-from ..settings import DTYPES, Criterion
+from ..settings import DTYPES, MAX_COUNT, Criterion
 from ..sites import STREAMS
 
 PROFILE_FORMAT, PROFILE_VERSION = "massact-profile", 1
@@ -83,6 +83,11 @@ def _below(bound: str, least: int = 0) -> Check:
     return Check(test, lambda s: f"an integer in [{least}, {getattr(s, bound)})" if getattr(s, bound) else f"an integer >= {least}")
 
 
+def _index() -> Check:
+    """A token id or a position in a sequence: an integer torch can compare with (at most MAX_COUNT)."""
+    return Check(lambda v, s: 0 <= v <= MAX_COUNT, lambda s: f"an integer from 0 to {MAX_COUNT}")
+
+
 def _window() -> Check:
     """A window index the report keeps the text of (report.texts)."""
     return Check(lambda v, s: s.windows is None or v in s.windows, lambda s: "a window listed in texts")
@@ -131,13 +136,20 @@ CHECKS: dict[tuple[type, str], Check] = {
     (Profile, "tokens"): _at_least(0),
     (Profile, "min_abs"): _positive(),
     (Profile, "min_ratio"): _positive(),
+    (Profile, "pad_token_id"): _index(),
+    (Profile, "bos_token_id"): _index(),
     (BlockProfile, "layer"): _at_least(0),
     (BlockProfile, "dims"): _at_least(0),
     (BlockProfile, "massive_tokens"): _at_least(0),
+    (BlockProfile, "tokens"): _at_least(0),
     (BlockProfile, "carriers"): _one_of(("none", "position 0", "token ids", "position 0 + token ids", "content-dependent")),
     (BlockProfile, "precision"): _share(),
     (BlockProfile, "recall"): _share(),
     (Rule, "kind"): _one_of(("position", "token")),
+    (Rule, "position"): _index(),
+    (Rule, "token_id"): _index(),
+    (Rule, "carriers"): _at_least(0),
+    (Rule, "predicted"): _at_least(0),
     (Rule, "precision"): _share(),
     (Rule, "recall"): _share(),
     (Protect, "format"): _one_of((PROTECT_FORMAT,)),
@@ -168,6 +180,13 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
          "positions within the tokens of their window"),
     ],
     Lifeline: [("steps", lambda line: [s.layer for s in line.steps] == list(range(len(line.steps))), "one step per block, in order")],
+    # Profile.mask finds block L at blocks[L], and a rule flags by its position or its token id, never by neither.
+    Profile: [("blocks", lambda p: [b.layer for b in p.blocks] == list(range(len(p.blocks))),
+               "one block per layer, in order: layers 0, 1, 2, ...")],
+    BlockProfile: [("massive_tokens", lambda b: b.massive_tokens <= b.tokens, "a count of at most tokens (the block's real tokens)")],
+    Rule: [("position", lambda r: (r.position is not None) == (r.kind == "position"), 'an integer exactly when kind is "position"'),
+           ("token_id", lambda r: (r.token_id is not None) == (r.kind == "token"), 'an integer exactly when kind is "token"'),
+           ("carriers", lambda r: r.carriers <= r.predicted, "a count of at most predicted (the tokens the rule flags)")],
     # The first checkpoint has no previous one and no change; null stands for nan too (a float16 overflow), so a later
     # checkpoint may have a null change, but then its percentage is null with it.
     Checkpoint: [("change", lambda c: c.previous is not None or c.change is None, "null at the first checkpoint (no previous)"),
@@ -176,11 +195,13 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
 
 # Fields a file may lack because older versions of the writer did not write them: they read as their default.
 ADDED_LATER: set[tuple[str, str]] = {
+    ("Profile", "bos_token_id"),
     ("Report", "settings"), ("Quantization", "inputs_sha256"), ("ModelInfo", "weights_sha256"), ("ModelInfo", "blocks"),
     *(("AttentionSinks", name) for name in ("softmax_layers", "positions", "gate_sink", "gate_other", "learned_sink",
                                              "first_token", "mixing")),
     ("NeuronTrigger", "expert"), ("ChainLink", "expert"), ("Trigger", "router"), ("Report", "super_experts"),
     ("CheckpointState", "super_experts"), ("ScanSettings", "engines"), ("Quantization", "engines"), ("Quantization", "engine_words"),
+    ("EngineRow", "refused"), ("EngineRow", "not_kept"),
     *(("ScanSettings", name) for name in ("super_expert_quantile", "super_expert_fraction", "super_expert_depth")),
 }
 
@@ -430,7 +451,9 @@ def write_profile(profile: Profile) -> str:
 
 
 def load_profile(path: Path) -> Profile:
-    """A profile.json, checked and built; a wrong format, version or field is one UsageError line."""
+    """A profile.json, checked and built; a wrong format, version or field is one UsageError line. Beyond the types:
+    one block per layer in order, at most ``tokens`` massive tokens per block, and each rule with the position or the
+    token id its kind needs (ids and positions from 0 to MAX_COUNT)."""
     return _load_headed(path, Profile, PROFILE_FORMAT, PROFILE_VERSION, "a massact profile")
 
 

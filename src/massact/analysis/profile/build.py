@@ -147,4 +147,4 @@ def build(lm: LoadedModel, counts: Counts, medians: list[float], criterion: Crit
             gamma_without=gamma(counts.sums[layer, 1], counts.squares[layer, 1], float(counts.counts[layer, 1]))))
     return Profile(model=name, source=source, weights_sha256=weights_sha256, corpus=corpus, windows=counts.windows,
                    tokens=int(counts.counts[0, 0]) if blocks else 0, min_abs=criterion.min_abs, min_ratio=criterion.min_ratio,
-                   pad_token_id=lm.tokenizer.pad_token_id, blocks=blocks)
+                   pad_token_id=lm.tokenizer.pad_token_id, bos_token_id=lm.tokenizer.bos_token_id, blocks=blocks)

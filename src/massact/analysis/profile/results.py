@@ -5,6 +5,7 @@ torch only when called."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -53,7 +54,9 @@ class BlockProfile:
 @dataclass(kw_only=True)
 class Profile:
     """What a model's massive activations are, block by block, on ``windows`` scanned windows (``tokens`` real
-    tokens) with the criterion |a| >= ``min_abs`` and >= ``min_ratio`` x the block's median |a|."""
+    tokens) with the criterion |a| >= ``min_abs`` and >= ``min_ratio`` x the block's median |a|. ``pad_token_id``
+    and ``bos_token_id``: the tokenizer's padding and BOS ids (None: it has none), which ``mask`` reads to infer
+    padding without an attention mask. ``blocks``: one per block, ``blocks[i].layer == i``."""
 
     model: str
     source: str | None
@@ -64,6 +67,7 @@ class Profile:
     min_abs: float
     min_ratio: float
     pad_token_id: int | None = None
+    bos_token_id: int | None = None
     blocks: list[BlockProfile]
 
     def massive_blocks(self) -> list[BlockProfile]:
@@ -72,26 +76,92 @@ class Profile:
 
     def mask(self, input_ids, layer: int | None = None, attention_mask=None):
         """bool [batch, positions]: True where a token is predicted to carry a massive activation at block ``layer``
-        (None: at any block), from the rules alone (no forward pass). ``input_ids``: [batch, positions] (a tensor or
-        nested lists); ``attention_mask`` (1 = real token) handles left or right padding: padding is never flagged,
-        and "position 0" is each sequence's first real token."""
+        (None: at any block; else an integer from 0 to the last block), from the rules alone (no forward pass).
+        ``input_ids``: integer token ids [batch, positions], a tensor or nested lists; one sequence [positions] is
+        read as one row, and its mask is [1, positions]. ``attention_mask`` (1 = real token, 0 = padding; the ids'
+        shape) handles left or right padding: padding is never flagged, and "position 0" is each sequence's first
+        real token.
+
+        Without ``attention_mask``, padding is inferred from ``pad_token_id``: the run of that id each row starts
+        with (left padding) and the run it ends with (right padding) are padding, every other token is real (all of
+        them when the profile has no pad id). That is sound only when the pad id never opens or closes a real text:
+        true of a dedicated padding token, not of a pad that is also a token the texts hold. Two such cases are
+        refused with a ValueError asking for ``attention_mask``, because the ids alone cannot tell padding from the
+        text there: a row that starts with the pad id when the pad id is the tokenizer's BOS (``bos_token_id``:
+        the BOS that opens each text is then inside the run), and a batch with the pad id at a row's edge when a
+        rule being applied flags that very id. A pad that is the EOS (a window cut from a stream of documents may
+        open or close with it) is not detected: pass ``attention_mask`` there (``torch.ones_like(ids)`` when
+        nothing is padded)."""
         import torch
 
         ids = torch.as_tensor(input_ids)
-        if ids.dim() == 1:
+        if ids.numel() == 0:
+            ids = ids.long()  # torch reads an empty list as float
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"input_ids must hold integer token ids, not {ids.dtype}")
+        one_row = ids.dim() == 1
+        if one_row:
             ids = ids.unsqueeze(0)
-        real = (torch.ones_like(ids, dtype=torch.bool) if attention_mask is None
-                else torch.as_tensor(attention_mask, device=ids.device).bool())
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, positions] (or one sequence [positions]), not of shape {list(ids.shape)}")
+        ids = ids.long()
+        blocks = self._blocks_at(layer)
+        if attention_mask is None:
+            real = self._inferred_real(ids, blocks)
+        else:
+            real = torch.as_tensor(attention_mask, device=ids.device)
+            if one_row and real.dim() == 1:
+                real = real.unsqueeze(0)
+            if real.shape != ids.shape:
+                raise ValueError(f"attention_mask must have the shape of input_ids, {list(ids.shape)}, not {list(real.shape)}")
+            if not ((real == 0) | (real == 1)).all():
+                raise ValueError("attention_mask must hold 1 (a real token) and 0 (padding) only")
+            real = real.bool()
         rank = real.long().cumsum(1) - 1  # each real token's position among the sequence's real tokens
-        blocks = self.blocks if layer is None else [self.blocks[layer]]
+        largest = torch.iinfo(torch.long).max
         flagged = torch.zeros_like(real)
         for block in blocks:
             for rule in block.rules:
-                if rule.kind == "position":
+                # A position past the row or an id past int64 flags nothing (and torch cannot compare with it).
+                if rule.kind == "position" and rule.position is not None and 0 <= rule.position < ids.shape[1]:
                     flagged |= rank == rule.position
-                else:
+                elif rule.kind == "token" and rule.token_id is not None and 0 <= rule.token_id <= largest:
                     flagged |= ids == rule.token_id
         return flagged & real
+
+    def _blocks_at(self, layer) -> list[BlockProfile]:
+        """The blocks whose rules ``mask`` applies: every block for None, else block ``layer``, or the error naming
+        ``layer`` and the range."""
+        if layer is None:
+            return self.blocks
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"layer must be a block index (an integer) or None (any block), not {layer!r}")
+        for block in self.blocks:
+            if block.layer == layer:
+                return [block]
+        valid = f"from 0 to {len(self.blocks) - 1}" if self.blocks else "(this profile has no blocks)"
+        raise ValueError(f"layer must be a block index {valid}, or None (any block), not {layer}")
+
+    def _inferred_real(self, ids, blocks: list[BlockProfile]):
+        """bool [batch, positions], real tokens as ``mask`` infers them without an attention mask (see there)."""
+        import torch
+
+        real = torch.ones_like(ids, dtype=torch.bool)
+        if self.pad_token_id is None:
+            return real
+        pad = ids == self.pad_token_id
+        leading = pad.long().cumprod(1).bool()  # the run of pad ids a row starts with
+        trailing = pad.flip(1).long().cumprod(1).flip(1).bool()  # ... and the run it ends with
+        edges = leading | trailing
+        if not edges.any():
+            return real
+        if self.pad_token_id == self.bos_token_id and leading.any():
+            raise ValueError(f"a row starts with the pad id {self.pad_token_id}, which is also the tokenizer's BOS: padding "
+                             "cannot be told from the BOS that opens each text; pass attention_mask")
+        if any(rule.kind == "token" and rule.token_id == self.pad_token_id for block in blocks for rule in block.rules):
+            raise ValueError(f"a rule flags the pad id {self.pad_token_id}, and rows start or end with it: padding cannot be "
+                             "told from real tokens; pass attention_mask")
+        return ~edges
 
     def __repr__(self) -> str:
         found = self.massive_blocks()
