@@ -434,14 +434,32 @@ def _engine_tables(style: Style, q: Quantization) -> list:
                 num(r.perplexity), f"{r.perplexity_ratio:,.2f}", f"{num(r.value_birth, True)} ({r.kept_birth:.1%})",
                 f"{r.weight_bytes / 2**20:,.1f} ({r.float_bytes / 2**20:,.1f})",
                 ", ".join(r.modules_in_float) or (f"{r.corrections} entries" if r.kind == "sparse" else "-"))
-    return [head, table, *(Text(words[0].upper() + words[1:] + ".") for words in q.engine_words)]
+    return [head, table, *_refused_lines(q), *(Text(words[0].upper() + words[1:] + ".") for words in q.engine_words)]
+
+
+def _refused_lines(q: Quantization) -> list:
+    """Per engine and reason, the block projections it cannot take, named: they stay in float in every way."""
+    lines = []
+    for engine in dict.fromkeys(r.engine for r in q.engines):
+        first = next(r for r in q.engines if r.engine == engine)
+        by_reason: dict[str, list[str]] = {}
+        for module, why in first.refused.items():
+            by_reason.setdefault(why, []).append(module)
+        for why, modules in by_reason.items():
+            lines.append(Text(f"- {engine} cannot take {len(modules)} block projection{'s' if len(modules) != 1 else ''}, kept in float "
+                              f"in every way ({why}): {', '.join(modules)}"))
+    return lines
 
 
 def _precision_tables(style: Style, p: Precision) -> list:
     out: list = [Text(p.summary[0].upper() + p.summary[1:] + ".")]
     table = style.table(None, "block", "max |a|", "dim", "float16 headroom", "overflows", right=(0, 1, 2, 3))
     for b in p.blocks:
-        add_row(table, str(b.layer), num(b.max_abs), str(b.dim), f"{b.headroom:,.1f}x", "yes" if b.overflows else "")
+        if b.max_abs != b.max_abs:  # NaN: a saved inf reads back as NaN too; an overflowing block's largest |a| was inf
+            add_row(table, str(b.layer), "inf" if b.overflows else "NaN", str(b.dim), "0.0x" if b.overflows else "-",
+                    "yes" if b.overflows else "")
+        else:
+            add_row(table, str(b.layer), num(b.max_abs), str(b.dim), f"{b.headroom:,.1f}x", "yes" if b.overflows else "")
     return out + [table]
 
 

@@ -1,7 +1,8 @@
 """Protect lists measured in the quantization engines people deploy with, against a control.
 
-Each engine quantizes the block projections (every ``nn.Linear`` inside the blocks; the embeddings and the output
-head stay as they are) with the real library, and the model is scored four ways:
+Each engine quantizes the block projections (every ``nn.Linear`` inside the blocks but a mixture of experts' router,
+which the adapter names; the embeddings and the output head stay as they are) with the real library, and the model is
+scored four ways:
 
 - ``all``: every block projection quantized;
 - ``protected``: the modules that hold a super weight of the protect list kept in float;
@@ -11,23 +12,29 @@ head stay as they are) with the real library, and the model is scored four ways:
   sparse correction of the output (a hook adds correction x input[col] to output[row]): Yu et al.'s "restore the super
   weight", on a real engine, for a few scalars instead of a whole module.
 
-Each projection is quantized once; the four ways swap the float or the engine's module in. The engines are optional
-extras (``pip install massact[engines]``).
+Each projection is quantized once; the four ways swap the float or the engine's module in. A projection the engine
+cannot take (torchao's groups of 64 need an input size that is a multiple of 64) stays in float in every way and is
+named in each row (``EngineRow.refused``), as are the protect list's super weights that no quantized module holds
+(``EngineRow.not_kept``: fused experts' 3-D parameters, which these engines do not quantize); where none of the list is
+in a module the engine quantizes, only the ``all`` way is measured and the words say why there is no comparison. The
+engines are optional extras (``pip install massact[engines]``).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ...errors import UsageError
+from ...models.adapters.base import text_config
 from ...models.loading import LoadedModel
 from . import exports
 from .protect import Protect
@@ -36,11 +43,12 @@ from .results import EngineRow
 SEED = 0  # the control's draw
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Engine:
     """A quantization library, as massact drives it: ``quantize`` makes one ``nn.Linear``'s quantized module,
     ``weight`` gives a quantized module's weight back in float [out, in], ``nbytes`` the bytes it stores its weight in;
-    ``settings`` are what the engine is given (written into each row), ``package`` what to install."""
+    ``refuses`` says why the library cannot take a linear (None: it can); ``settings`` are what the engine is given
+    (written into each row), ``package`` what to install."""
 
     name: str
     package: str
@@ -48,6 +56,7 @@ class Engine:
     quantize: Callable[[nn.Linear], nn.Module]
     weight: Callable[[nn.Module], torch.Tensor]
     nbytes: Callable[[nn.Module], int]
+    refuses: Callable[[nn.Linear], str | None] = field(default=lambda linear: None)
 
 
 def _quanto() -> Engine:
@@ -59,29 +68,37 @@ def _quanto() -> Engine:
         freeze(holder)
         return holder[0]
 
-    return Engine("quanto", "optimum-quanto", {"weights": "qint4", "group_size": 128, "library": _version("optimum-quanto")},
-                  one, lambda m: m.weight.dequantize(), lambda m: _state_bytes(m, "weight."))
+    # (quanto takes every shape: inputs of 7 to 256 and a single output row quantize and run, groups of 128 or not)
+    return Engine(name="quanto", package="optimum-quanto",
+                  settings={"weights": "qint4", "group_size": 128, "library": _version("optimum-quanto")},
+                  quantize=one, weight=lambda m: m.weight.dequantize(), nbytes=lambda m: _state_bytes(m, "weight."))
 
 
 def _hqq() -> Engine:
     from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
 
     HQQLinear.set_backend(HQQBackend.PYTORCH)
-    config = BaseQuantizeConfig(nbits=3, group_size=64)
+    group = 64
+    config = BaseQuantizeConfig(nbits=3, group_size=group)
 
     def one(linear: nn.Linear) -> nn.Module:
         weight = linear.weight
         return HQQLinear(copy.deepcopy(linear), quant_config=config, compute_dtype=weight.dtype, device=str(weight.device), del_orig=True)
 
-    return Engine("hqq", "hqq", {"nbits": 3, "group_size": 64, "library": _version("hqq")}, one,
-                  lambda m: m.dequantize().reshape(m.meta["shape"]),
-                  lambda m: m.W_q.nbytes + m.meta["scale"].nbytes + m.meta["zero"].nbytes)
+    def refuses(linear: nn.Linear) -> str | None:  # HQQ cuts the flattened weight into groups: its size must divide
+        size = linear.weight.numel()
+        return f"its {size:,} weights are not a multiple of HQQ's group size {group}" if size % group else None
+
+    return Engine(name="hqq", package="hqq", settings={"nbits": 3, "group_size": group, "library": _version("hqq")}, quantize=one,
+                  weight=lambda m: m.dequantize().reshape(m.meta["shape"]),
+                  nbytes=lambda m: m.W_q.nbytes + m.meta["scale"].nbytes + m.meta["zero"].nbytes, refuses=refuses)
 
 
 def _torchao() -> Engine:
     from torchao.quantization import IntxWeightOnlyConfig, PerGroup, quantize_
 
-    config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))
+    group = 64
+    config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group))
 
     def one(linear: nn.Linear) -> nn.Module:
         copied = copy.deepcopy(linear)
@@ -92,13 +109,21 @@ def _torchao() -> Engine:
         weight = module.weight
         return sum(getattr(weight, name).nbytes for name in weight.__tensor_flatten__()[0] if getattr(weight, name) is not None)
 
-    return Engine("torchao", "torchao", {"config": "IntxWeightOnlyConfig(int4, PerGroup(64))", "library": _version("torchao")},
-                  one, lambda m: m.weight.dequantize(), nbytes)
+    def refuses(linear: nn.Linear) -> str | None:  # torchao's groups run along each row: the input size must divide
+        size = linear.in_features
+        return f"its input size {size} is not a multiple of torchao's group size {group}" if size % group else None
+
+    return Engine(name="torchao", package="torchao",
+                  settings={"config": f"IntxWeightOnlyConfig(int4, PerGroup({group}))", "library": _version("torchao")},
+                  quantize=one, weight=lambda m: m.weight.dequantize(), nbytes=nbytes, refuses=refuses)
 
 
 def _bnb() -> Engine:
-    import bitsandbytes.functional as bnb_functional
-    from bitsandbytes.nn import Linear4bit, Params4bit
+    # bitsandbytes' CPU backend logs at import, on every CPU with AVX512-BF16, that an optional kernel package is not
+    # installed (its plain CPU code runs instead): a library's note, not massact's to print.
+    with _quiet("bitsandbytes.backends.cpu.ops"):
+        import bitsandbytes.functional as bnb_functional
+        from bitsandbytes.nn import Linear4bit, Params4bit
 
     def one(linear: nn.Linear) -> nn.Module:
         new = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=linear.weight.dtype,
@@ -116,7 +141,22 @@ def _bnb() -> Engine:
         state = module.weight.quant_state
         return module.weight.data.nbytes + state.absmax.nbytes
 
-    return Engine("bnb", "bitsandbytes", {"quant_type": "nf4", "blocksize": 64, "library": _version("bitsandbytes")}, one, weight, nbytes)
+    # (bitsandbytes' blocks of 64 run over the flattened weight, its last one short where it must be: every shape)
+    return Engine(name="bnb", package="bitsandbytes",
+                  settings={"quant_type": "nf4", "blocksize": 64, "library": _version("bitsandbytes")},
+                  quantize=one, weight=weight, nbytes=nbytes)
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """While open, the library logger ``logger`` says nothing below an error; its level is put back after."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 ENGINES: dict[str, Callable[[], Engine]] = {"quanto": _quanto, "hqq": _hqq, "torchao": _torchao, "bnb": _bnb}
@@ -144,10 +184,29 @@ def _state_bytes(module: nn.Module, prefix: str) -> int:
 
 
 def projections(lm: LoadedModel) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the blocks, by its full module name (the modules an engine quantizes)."""
-    path = lm.adapter.layers_path(lm.model)
-    return {f"{path}.{index}.{name}": module for index, block in enumerate(lm.adapter.blocks(lm.model))
-            for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+    """Every ``nn.Linear`` inside the blocks, by its full module name (the modules an engine quantizes), but the
+    routers the adapter names (and anything inside them): a router picks experts, it is no projection of the stream."""
+    model, path = lm.model, lm.adapter.layers_path(lm.model)
+    found = {}
+    for index, block in enumerate(lm.adapter.blocks(model)):
+        routers = lm.adapter.routers(text_config(model), index)
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) and not any(name == r or name.startswith(r + ".") for r in routers):
+                found[f"{path}.{index}.{name}"] = module
+    return found
+
+
+def refused_modules(the_engine: Engine, originals: dict[str, nn.Linear]) -> dict[str, str]:
+    """The projections ``the_engine`` cannot take, each with why: a subclass of ``nn.Linear`` with a forward of its own
+    (the engine's module computes x W^T + b and nothing else), or a shape the library's rule says no to."""
+    refused = {}
+    for name, linear in originals.items():
+        if type(linear).forward is not nn.Linear.forward:
+            refused[name] = (f"it is a {type(linear).__name__}, whose forward is its own, not nn.Linear's: the engine's "
+                             "quantized linear would not compute it")
+        elif (why := the_engine.refuses(linear)) is not None:
+            refused[name] = why
+    return refused
 
 
 def protected_modules(lm: LoadedModel, protect: Protect) -> list[str]:
@@ -155,10 +214,28 @@ def protected_modules(lm: LoadedModel, protect: Protect) -> list[str]:
     return sorted(set(exports.protected_modules(protect)) & set(projections(lm)))
 
 
-def control_modules(lm: LoadedModel, protected: list[str], seed: int = SEED) -> list[str]:
+def not_kept(protect: Protect, name: str, originals: dict[str, nn.Linear], quantized: Collection[str],
+             refused: dict[str, str]) -> dict[str, str]:
+    """The protect list's super weights (parameter names) that no module the engine ``name`` quantizes holds, each
+    with why (a clause that follows the name): they stay in float in every way, so keeping them out is no choice this
+    engine has."""
+    why = {}
+    for weight in protect.super_weights:
+        module = weight.parameter.removesuffix(".weight")
+        if len(weight.index) != 2:
+            why[weight.parameter] = (f"is in fused experts (one 3-D parameter that holds every expert), which {name} leaves in "
+                                     "float: it quantizes nn.Linear modules only")
+        elif module in refused:
+            why[weight.parameter] = f"is in a module {name} cannot take, left in float: {refused[module]}"
+        elif module not in quantized or module not in originals:
+            why[weight.parameter] = f"is in no nn.Linear block projection, and those are all {name} quantizes"
+    return why
+
+
+def control_modules(lm: LoadedModel, protected: list[str], seed: int = SEED, *, among: Collection[str] | None = None) -> list[str]:
     """As many block projections as ``protected``, of the same kinds (the same path inside a block), chosen at random
-    with ``seed`` among the others."""
-    names = projections(lm)
+    with ``seed`` among the others (``among``: the ones an engine quantizes; default every projection)."""
+    names = projections(lm) if among is None else among
     prefix = lm.adapter.layers_path(lm.model) + "."
     kind = lambda name: name.removeprefix(prefix).split(".", 1)[1]  # "11.mlp.down_proj" -> "mlp.down_proj"
     draw = random.Random(seed)
@@ -224,46 +301,70 @@ def sparse_corrections(quantized: dict[str, nn.Module], engine_: Engine, origina
 
 def engine_rows(lm: LoadedModel, protect: Protect, name: str, score: Callable[[], float], read: Callable[[], float],
                 baseline: float, float_value: float) -> list[EngineRow]:
-    """The four rows of one engine (see the module's docstring): ``score`` is the perplexity of the model as it is
-    now, ``read`` the massive value at its birth block on its probe (``float_value`` in the float model)."""
+    """The rows of one engine (see the module's docstring): ``score`` is the perplexity of the model as it is now,
+    ``read`` the massive value at its birth block on its probe (``float_value`` in the float model). Four rows, or the
+    ``all`` row alone where no super weight of the protect list is in a module the engine quantizes."""
     the_engine = engine(name)
     originals = projections(lm)
     if not originals:
         raise UsageError(f"the {name} engine quantizes nn.Linear modules, and this model's blocks have none (Conv1D weights)")
-    protected = protected_modules(lm, protect)
-    control = control_modules(lm, protected)
+    refused = refused_modules(the_engine, originals)
     started = time.perf_counter()
-    quantized = {module: the_engine.quantize(linear) for module, linear in originals.items()}
+    quantized = {}
+    for module, linear in originals.items():
+        if module in refused:
+            continue
+        try:
+            quantized[module] = the_engine.quantize(linear)
+        except (AssertionError, ValueError) as error:  # a library's own shape or dtype rule that ``refuses`` does not know
+            refused[module] = f"{name} refused it: " + (str(error).strip().splitlines() or [type(error).__name__])[0]
     quantize_seconds = time.perf_counter() - started
+    if not quantized:
+        module, why = next(iter(refused.items()))
+        raise UsageError(f"the {name} engine can take none of this model's {len(originals)} block projections ({module}: {why})")
+    protected = [module for module in protected_modules(lm, protect) if module in quantized]
+    outside = not_kept(protect, name, originals, quantized, refused)
+    control = control_modules(lm, protected, among=quantized)
     float_bytes = {module: linear.weight.nbytes for module, linear in originals.items()}
     coordinates = [(w.parameter.removesuffix(".weight"), w.index[-2], w.index[-1]) for w in protect.super_weights
-                   if w.parameter.removesuffix(".weight") in originals]
+                   if len(w.index) == 2 and w.parameter.removesuffix(".weight") in quantized]
     rows = []
 
     def measure(kind: str, in_float: list[str], corrected: int = 0, largest: float = 0.0) -> EngineRow:
         began = time.perf_counter()
         ppl, value = score(), read()
-        stored = sum(float_bytes[m] if m in in_float else the_engine.nbytes(quantized[m]) for m in originals) + corrected * 12
+        stored = sum(float_bytes[m] if m in in_float or m not in quantized else the_engine.nbytes(quantized[m]) for m in originals)
         return EngineRow(engine=name, kind=kind, settings=the_engine.settings, modules_in_float=in_float, perplexity=ppl,
                          perplexity_ratio=ppl / baseline, value_birth=value,
-                         kept_birth=value / float_value if float_value else float("nan"), weight_bytes=int(stored),
+                         kept_birth=value / float_value if float_value else float("nan"), weight_bytes=int(stored + corrected * 12),
                          float_bytes=int(sum(float_bytes.values())), corrections=corrected, largest_error=largest,
-                         seconds=round(time.perf_counter() - began + quantize_seconds / 4, 2))
+                         seconds=round(time.perf_counter() - began + quantize_seconds / 4, 2), refused=dict(refused),
+                         not_kept=dict(outside))
 
-    for kind, in_float in (("all", []), ("protected", protected), ("control", control)):
+    # With nothing of the protect list in a quantized module, keeping it out and the control would both keep 0
+    # modules and restoring would correct 0 entries: three copies of the "all" row, so it is measured alone.
+    ways = (("all", []), ("protected", protected), ("control", control)) if protected else (("all", []),)
+    for kind, in_float in ways:
         with swapped(lm, {m: module for m, module in quantized.items() if m not in in_float}):
             rows.append(measure(kind, in_float))
-    with swapped(lm, quantized), sparse_corrections(quantized, the_engine, originals, coordinates) as (corrected, largest):
-        rows.append(measure("sparse", [], corrected, largest))
+    if protected:
+        with swapped(lm, quantized), sparse_corrections(quantized, the_engine, originals, coordinates) as (corrected, largest):
+            rows.append(measure("sparse", [], corrected, largest))
     return rows
 
 
 def engine_words(rows: list[EngineRow]) -> str:
-    """Whether keeping the protect list's modules in float does better than keeping as many random ones, in words."""
+    """Whether keeping the protect list's modules in float does better than keeping as many random ones, in words;
+    where the engine quantizes none of the list's super weights, that there is no such comparison, and why."""
     found = {row.kind: row for row in rows}
     all_, protected, control, sparse = (found.get(kind) for kind in ("all", "protected", "control", "sparse"))
-    if not (all_ and protected and control):
+    if all_ is None:
         return ""
+    outside = "; ".join(f"{parameter} {why}" for parameter, why in all_.not_kept.items())
+    if not (protected and control):
+        return (f"with {all_.engine}, everything quantized gives perplexity {all_.perplexity:,.2f}; the protect list names no module "
+                f"{all_.engine} quantizes, so {all_.engine} cannot keep it out and nothing is compared with a control: "
+                + (outside or "it names no super weight"))
     n = len(protected.modules_in_float)
     verdict = ("does better than the control" if protected.perplexity < control.perplexity
                else "does no better than the control: here the protect list's modules matter no more than any others")
@@ -276,4 +377,6 @@ def engine_words(rows: list[EngineRow]) -> str:
         if abs(sparse.perplexity - all_.perplexity) < 0.01 * all_.perplexity:
             words += (f", no better: the super weights themselves survive this engine (their largest error is {sparse.largest_error:.1%} "
                       f"of the weight), so what the module kept in float gives is the rest of its matrix")
+    if outside:
+        words += f"; of the protect list's other super weights, {outside}"
     return words

@@ -41,7 +41,10 @@ class EngineRow:
     evaluation text (``perplexity_ratio`` to the float model); the massive value at its birth block on its probe
     (``kept_birth``: as a fraction of the float value); ``weight_bytes``: the block projections' weights as stored
     (quantized, in float where kept, plus a sparse correction's entries) against ``float_bytes`` all in float;
-    ``corrections``: entries added back, ``largest_error`` the largest of their relative quantization errors."""
+    ``corrections``: entries added back, ``largest_error`` the largest of their relative quantization errors.
+    ``refused``: the block projections the engine cannot take (module -> why), in float in every way and counted at
+    their float bytes; ``not_kept``: the protect list's super weights (parameter -> why) that no module the engine
+    quantizes holds (fused experts' 3-D parameters), so that keeping them out is no choice this engine has."""
 
     engine: str
     kind: str
@@ -56,6 +59,8 @@ class EngineRow:
     corrections: int = 0
     largest_error: float = 0.0  # sparse: the largest |w - w_quantized| / |w| among the super weights corrected
     seconds: float = 0.0
+    refused: dict[str, str] = field(default_factory=dict)
+    not_kept: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

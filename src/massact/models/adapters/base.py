@@ -167,6 +167,13 @@ class Adapter:
             _AT[key] = dataclasses.replace(self, sites=sites, variants=(), **changes)
         return _AT[key]
 
+    def routers(self, config, layer: int) -> tuple[str, ...]:
+        """Paths in block ``layer`` of the modules that route its tokens to experts (none in a dense block). They are
+        no block projection: a quantization engine leaves them as they are (Llama-4's router is an ``nn.Linear`` whose
+        forward returns scores and logits, which an engine's quantized linear would not)."""
+        moe = self.at(config, layer).moe
+        return (f"{moe.block}.{moe.router.path}",) if moe is not None else ()
+
     @property
     def gated(self) -> bool:
         return self.mlp_gate is not None
