@@ -1,5 +1,6 @@
 """The command line end to end on a tiny saved model, and bad input: one line on stderr, exit code 2."""
 
+import hashlib
 import json
 import os
 import re
@@ -107,7 +108,8 @@ def test_verify_adds_the_verification_to_a_saved_report(model_dir, tmp_path):
     result = run("verify", out, "--full")
     assert result.returncode == 0, result.stderr
     text = (out / "report.txt").read_text(encoding="utf-8")
-    assert result.stdout.startswith(text) and result.stdout[len(text):].startswith("wrote ")  # --full: report.txt itself
+    body = text.removesuffix("\n").rsplit("\n", 1)[0] + "\n"  # report.txt without the line naming its report.json
+    assert result.stdout.startswith(body) and result.stdout[len(body):].startswith("wrote ")  # --full: report.txt itself
     assert numbered(unverified) == numbered(text) == list(range(1, len(SECTIONS) + 1))  # no gap, with or without
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
     names = [row["name"] for row in data["verification"]["interventions"]]
@@ -125,7 +127,9 @@ def test_show_prints_a_saved_report_its_summary_or_one_section(model_dir, tmp_pa
     out = tmp_path / "shown"
     assert run("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", out).returncode == 0
     text = (out / "report.txt").read_text(encoding="utf-8")
-    assert run("show", out).stdout == text
+    body, last = text.removesuffix("\n").rsplit("\n", 1)
+    assert last == "Laid out from report.json sha256 " + hashlib.sha256((out / "report.json").read_bytes()).hexdigest()
+    assert run("show", out).stdout == body + "\n" == to_text(load_report(out))  # the saved text, as laid out again
     trigger = run("show", out, "--section", "trigger").stdout
     assert trigger.startswith("## 7. Trigger") and trigger.strip() in text and "## 8." not in trigger
     assert run("show", out, "--section", "7").stdout == trigger

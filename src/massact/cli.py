@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from .errors import UsageError
 from .report.sections import names, section
-from .settings import DTYPES, QUANT_DEFAULTS, QUANT_GRIDS, ScanSettings, whole
+from .settings import DTYPES, ENGINES, QUANT_DEFAULTS, QUANT_GRIDS, ScanSettings, whole
 from .texts import read_eval_file
 
 if TYPE_CHECKING:  # the analysis packages load only when a command needs them
@@ -49,8 +49,10 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     count = dict(type=int)
     return dict(
         model=_options("model", (("--dtype",), dict(choices=DTYPES, help="number format of the weights (default float32; verify "
-                                                                        "and quant: the report's)")),
-                       (("--device",), dict(help="auto, cpu, cuda or cuda:N (default auto; verify and quant: the report's)"))),
+                                                                        "and quant: the report's; quant on a report: for its "
+                                                                        "sweep only, the report keeps its own)")),
+                       (("--device",), dict(help="auto, cpu, cuda or cuda:N (default auto; verify and quant: the report's; "
+                                                 "quant on a report: for its sweep only)"))),
         load=_options("loading", (("--device-map",), dict(help="spread a large model over the devices (accelerate): auto, "
                                                                "balanced, sequential")),
                       (("--trust-remote-code",), dict(action="store_true", help="let the model directory's own Python code "
@@ -113,7 +115,15 @@ def _full(parser: argparse.ArgumentParser) -> None:
 
 
 def _engines(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    """--engine's comma-separated names, each once in the order given; an empty list or an unknown name is refused
+    here, while the options are read (before a model loads or an engine's library is imported)."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:  # "" would save no engines and drop a report's engine rows
+        raise argparse.ArgumentTypeError(f"give at least one engine: {', '.join(ENGINES)} (comma-separated), not {text!r}")
+    unknown = [name for name in names if name not in ENGINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(ENGINES)}, not {unknown[0]!r}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     interrupted, previous = _on_interrupt(process)
     try:
         args = build_parser().parse_args(argv)
-        return {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
+        code = {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
                 "track": _track, "protect": _protect,
                 "profile": _profile}[args.command](args)
     except UsageError as error:
@@ -202,19 +212,51 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     except BaseException as error:
         # Ctrl-C can land inside a library's lazy import, which then raises its own error (ModuleNotFoundError)
         # instead of KeyboardInterrupt: whatever it became, an interrupt is one line and exit 128 + the signal.
-        if not (interrupted or isinstance(error, KeyboardInterrupt)):
+        if interrupted or isinstance(error, KeyboardInterrupt):
+            return _stopped(interrupted[0] if interrupted else signal.SIGINT)
+        failure = _model_failure(error)
+        if failure is None:
             raise
-        signum = interrupted[0] if interrupted else signal.SIGINT
-        print(_STOPPED[signum], file=sys.stderr)
-        return 128 + signum
+        print(f"massact: error: {failure}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         for signum, handler in previous.items():  # called from Python (a test, a notebook): the caller's handlers back
-            signal.signal(signum, handler)
+            # massact's own process: a signal from here on, while the interpreter tears torch down (up to a second),
+            # finds the work done; it is one line and exit 128 + the signal, not Python's silent death by SIGINT.
+            signal.signal(signum, _late_stop if process else handler)
+    # A signal whose KeyboardInterrupt Python swallowed (raised inside a garbage-collection or weakref callback,
+    # which Python reports and ignores) still ends the run as a stop: its files are whole, its exit code says so.
+    return _stopped(interrupted[0]) if interrupted else code
 
 
 def run() -> None:
     """The ``massact`` program (console script and ``python -m massact``)."""
     raise SystemExit(main(process=True))
+
+
+def _late_stop(signum, frame) -> None:
+    """A stop after the command's work: what it printed is flushed, then one line and exit 128 + the signal."""
+    try:
+        sys.stdout.flush()
+    except (OSError, RuntimeError):  # a closed pipe, or the signal landed inside a write to stdout
+        pass
+    os.write(2, (_STOPPED[signum] + "\n").encode())
+    os._exit(128 + signum)
+
+
+def _stopped(signum: int) -> int:
+    print(_STOPPED[signum], file=sys.stderr)
+    return 128 + signum
+
+
+def _model_failure(error: BaseException) -> str | None:
+    """One line where the model's own code raised (see models/failures.py); None for any other error. Only where
+    torch is loaded: without it no model ran."""
+    if "torch" not in sys.modules:
+        return None
+    from .models.failures import describe
+
+    return describe(error)
 
 
 def _importing(frame) -> bool:
@@ -316,7 +358,7 @@ def _profile(args) -> int:
     """massact profile: a model's profile.json, from a saved report (its model, texts and criterion) or a scan."""
     from .models.loading import DEFAULT_NAME, load
     from .pipeline import profile
-    from .report.atomic import check_writable, write_file
+    from .report.atomic import check_writable, write_set
     from .report.files import slug
     from .report.schema import load_report, write_profile
 
@@ -342,8 +384,7 @@ def _profile(args) -> int:
     lm = load(spec, dtype=settings.dtype, device=settings.device, log=log)
     with _progress(_bars(args.quiet)) as progress:
         found = profile(lm, texts, settings, report=report, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    write_file(out / "profile.json", write_profile(found) + "\n")
+    write_set(out, {"profile.json": write_profile(found) + "\n"}, keep=True)  # a new folder appears only whole
     if not args.quiet:
         print(repr(found))
     print(f"wrote {out / 'profile.json'}")
@@ -356,7 +397,10 @@ def _protect(args) -> int:
     from .report.atomic import write_file
     from .report.schema import load_protect, write_export
 
-    text = write_export(export(load_protect(args.protect), args.engine, args.gguf_arch)) + "\n"
+    config = export(load_protect(args.protect), args.engine, args.gguf_arch)
+    text = write_export(config) + "\n"
+    for note in config.get("notes", ()):  # what the list could not name as a module (fused experts): said, not hidden
+        print(f"massact: note: {args.engine}: {note}", file=sys.stderr)
     if args.out is None:
         sys.stdout.write(text)
         return 0
@@ -410,7 +454,9 @@ def _quant(args) -> int:
 
 
 def _quant_report(directory: Path, args, formats: set[str]) -> int:
-    """The sweep on a saved report's model with the report's settings (the options given here override them)."""
+    """The sweep on a saved report's model with the report's settings (the quantization options given here override
+    them, and are saved for a later verify). --dtype and --device apply to this sweep only: the report's scan was made
+    in its saved dtype and device, which its settings keep (a note in the sweep says where its dtype differs)."""
     from .analysis.deploy.protect import check_model
     from .analysis.results import build_protect, check_report_model
     from .models.loading import load
@@ -421,18 +467,25 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
 
     report = load_report(directory)  # every field checked while it is built
     settings = _saved_settings(report, directory).replace(
-        quant=True, **_given(args, "quant_grid", "clip_z", "block_size", "engines", "dtype", "device"),
+        quant=True, **_given(args, "quant_grid", "clip_z", "block_size", "engines"),
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
+    run = settings.replace(**_given(args, "dtype", "device")).check()
     protect = load_protect(args.protect) if args.protect else build_protect(report)
-    lm = load(report.model.source, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
+    if not protect.massive_dims:  # said now, before the model loads and an engine's library is imported
+        raise UsageError("nothing to measure: the model has no massive activations under the criterion")
+    lm = load(report.model.source, dtype=run.dtype, device=run.device, log=_log(args.quiet))
     # The model at the report's source must still be the one it was made with: its weights and super weights, as saved.
     check_report_model(report, lm, str(directory / "report.json"))
     if args.protect:
         check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
-        deploy_stage(lm, report, settings, eval_text, progress, protect=protect)
-    report.settings = settings
+        deploy_stage(lm, report, run, eval_text, progress, protect=protect)
+    note = (f"measured with the weights in {run.dtype} (massact quant --dtype); the rest of the report is the scan's, in "
+            f"{settings.dtype}, and a later massact verify runs {settings.dtype} again")
+    if run.dtype != settings.dtype and report.quantization is not None and note not in report.quantization.notes:
+        report.quantization.notes.insert(0, note)
+    report.settings = settings  # the scan's dtype and device, as it was made and as verify re-runs it
     written = write_report(report, directory, formats)
     if not args.quiet:
         print(quantization_text(report.quantization, report.precision), end="")

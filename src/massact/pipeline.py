@@ -37,6 +37,7 @@ from .analysis.results import CorpusInfo, CorpusSpec, Report, build_protect, che
 from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
 from .errors import UsageError
+from .models.failures import guarded
 from .models.identity import weights_sha256
 from .models.info import model_info
 from .models.loading import LoadedModel, load, wrap
@@ -51,6 +52,7 @@ def _silent(stage: str, total: int | None) -> Callable[[], None]:
     return lambda: None
 
 
+@guarded
 @torch.no_grad()
 def scan(
     model: LoadedModel | nn.Module | str | None = None,
@@ -100,6 +102,7 @@ def scan(
     return report
 
 
+@guarded
 @torch.no_grad()
 def profile(
     model: LoadedModel | nn.Module | str | None = None,
@@ -118,6 +121,8 @@ def profile(
     ``min_abs``, ``min_ratio``, ``batch_size``, ``max_length``). Then one more batched pass counts each block's
     carriers; memory does not grow with the corpus."""
     check_arguments(model, texts, tokenizer, settings)
+    if report is not None and not isinstance(report, Report):  # a report's folder is read by load_report, not here
+        raise TypeError(f"report must be a Report (e.g. massact.report.schema.load_report(folder)), not {type(report).__name__}")
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = _as_loaded(model, tokenizer, settings.dtype, settings.device)
     progress = progress or _silent
@@ -260,6 +265,7 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
         report.super_experts.pruning = _prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon)
 
 
+@guarded
 def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_text: str | None, progress: Progress,
                  earlier: Quantization | None = None, protect: Protect | None = None) -> None:
     """Float16 and bfloat16 headroom always; with ``settings.quant``, the quantization sweep of ``protect`` (default:
@@ -269,6 +275,7 @@ def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_t
         report.quantization = quantize(lm, protect or build_protect(report), settings, eval_text, progress, earlier)
 
 
+@guarded
 def quantize(lm: LoadedModel, protect: Protect, settings: ScanSettings, eval_text: str | None = None,
              progress: Progress | None = None, earlier: Quantization | None = None) -> Quantization:
     """The quantization sweep of ``lm`` with ``protect`` held out (``settings.quant_grid``, ``clip_z``, ``block_size``

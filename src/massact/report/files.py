@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -11,7 +13,9 @@ from ..errors import UsageError
 from .atomic import write_set
 
 FORMATS = ("txt", "json", "html", "png")
-SAME_SET = 1.0  # seconds: report.txt and report.json written as one set are written well within this of each other
+# report.txt's last line names the report.json it was laid out from by its digest: times cannot tell (a copy keeps
+# them, a clone resets them, an edit can fall within the same second).
+LAID_OUT_FROM = "Laid out from report.json sha256 "
 
 
 def slug(name: str) -> str:
@@ -46,7 +50,13 @@ def write_report(report: Report, out: Path, formats: frozenset[str] | set[str] =
         contents["report.json"] = write_report_json(report) + "\n"
         contents["protect.json"] = write_protect(build_protect(report)) + "\n"
     if "txt" in formats:
-        contents["report.txt"] = to_text(report)
+        text = to_text(report)
+        if "report.json" in contents:
+            text += f"{LAID_OUT_FROM}{_digest(contents['report.json'].encode('utf-8'))}\n"
+        contents["report.txt"] = text
+    profile = _same_model_profile(out, report.model.weights_sha256)
+    if profile is not None:  # a profile of another model's weights goes with the previous set
+        contents["profile.json"] = profile
     if "html" in formats:
         contents["report.html"] = to_html(report, pngs)
     if "png" in formats:
@@ -54,14 +64,28 @@ def write_report(report: Report, out: Path, formats: frozenset[str] | set[str] =
     return write_set(out, contents)
 
 
-def saved_text(directory: Path) -> str | None:
-    """``directory``/report.txt where it is the text of the report.json beside it: both written in one set (their
-    modification times within ``SAME_SET``; a report.json changed later is newer), so that ``massact show`` prints it
-    without laying out the report again. None where it is missing or does not belong to that report.json."""
-    text, data = Path(directory) / "report.txt", Path(directory) / "report.json"
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _same_model_profile(out: Path, weights_sha256: str | None) -> bytes | None:
+    """``out``/profile.json as it is, where it was made from the same weights as this report; else None."""
     try:
-        if abs(text.stat().st_mtime - data.stat().st_mtime) > SAME_SET:
-            return None
-        return text.read_text(encoding="utf-8")
+        data = (Path(out) / "profile.json").read_bytes()
+        made_from = json.loads(data).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if weights_sha256 is not None and made_from == weights_sha256 else None
+
+
+def saved_text(directory: Path) -> str | None:
+    """``directory``/report.txt without its last line, where that line names the report.json beside it by its
+    digest, so that ``massact show`` prints it without laying out the report again. None where either is missing, or
+    the text was laid out from another report.json (edited, replaced, or copied in from elsewhere)."""
+    try:
+        text = (Path(directory) / "report.txt").read_text(encoding="utf-8")
+        digest = _digest((Path(directory) / "report.json").read_bytes())
     except (OSError, UnicodeDecodeError):
         return None
+    body, _, last = text.removesuffix("\n").rpartition("\n")
+    return body + "\n" if last == f"{LAID_OUT_FROM}{digest}" else None

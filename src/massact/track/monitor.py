@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from ..analysis.detect.scan import LayerScan, scan_layers
 from ..analysis.track.results import MonitorBlock, MonitorRecord
 from ..models.adapters import adapter_for
+from ..models.failures import guarded
 from ..models.loading import LoadedModel
 from ..report.schema import write_monitor_line
 from ..settings import Criterion
@@ -93,6 +94,7 @@ class Monitor:
         self.write(record)
         return record
 
+    @guarded
     @torch.no_grad()
     def measure(self, model: nn.Module, step: int) -> dict:
         """The record of ``model`` now: scanned in eval mode without grad, then every module put back in the mode it

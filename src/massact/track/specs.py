@@ -118,16 +118,13 @@ def describe(found: tuple[str, int, int]) -> str:
 
 def check_series(checkpoints: Sequence[Checkpoint]) -> None:
     """Refuse, before any load, a local checkpoint of another architecture or shape than the first local one."""
-    from transformers import AutoConfig
+    from ..models.loading import read_config
 
     first: tuple[Checkpoint, tuple] | None = None
     for checkpoint in checkpoints:
         if checkpoint.local is None:
             continue
-        try:
-            found = shape(AutoConfig.from_pretrained(checkpoint.local))
-        except (OSError, ValueError, KeyError) as error:
-            raise UsageError(f"cannot read the model config of {checkpoint.spec}: {str(error).strip().splitlines()[0]}") from None
+        found = shape(read_config(checkpoint.local, checkpoint.spec))
         if first is None:
             first = checkpoint, found
         elif found != first[1]:
