@@ -20,13 +20,12 @@ EVAL = " ".join(TEXTS * 6)
 SINK_LAYER = 2
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_the_recomputed_routing_is_the_models_own(family, tokenizer):
-    """On a padded batch of a random model, at every mixture-of-experts block: the same experts and weights."""
-    lm = massact.wrap(tiny_model(family, len(tokenizer), seed=2), tokenizer)
-    inputs = {}
+def router_inputs(lm, tokenizer) -> dict[int, tuple[MoeBlock, torch.Tensor]]:
+    """Every mixture-of-experts block of ``lm`` and what its router was given [tokens, d_model] in one padded batch of
+    the planted texts."""
     blocks = {layer: MoeBlock.at(lm, layer) for layer in range(text_config(lm.model).num_hidden_layers)}
     blocks = {layer: moe for layer, moe in blocks.items() if moe is not None}
+    inputs = {}
     hooks = [moe.router.register_forward_pre_hook(lambda m, args, layer=layer: inputs.__setitem__(layer, args[0].detach()))
              for layer, moe in blocks.items()]
     ids, mask = pad_batch([tokenizer(text, return_tensors="pt").input_ids for text in TEXTS])
@@ -37,8 +36,14 @@ def test_the_recomputed_routing_is_the_models_own(family, tokenizer):
         for hook in hooks:
             hook.remove()
     assert blocks
-    for layer, moe in blocks.items():
-        x = inputs[layer].reshape(-1, inputs[layer].shape[-1])
+    return {layer: (moe, inputs[layer].reshape(-1, inputs[layer].shape[-1])) for layer, moe in blocks.items()}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_the_recomputed_routing_is_the_models_own(family, tokenizer):
+    """On a padded batch of a random model, at every mixture-of-experts block: the same experts and weights."""
+    lm = massact.wrap(tiny_model(family, len(tokenizer), seed=2), tokenizer)
+    for layer, (moe, x) in router_inputs(lm, tokenizer).items():
         indices, weights = model_routing(moe, x)
         mine = route(moe, x)
         order = mine.indices.argsort(dim=-1)

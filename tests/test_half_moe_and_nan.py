@@ -22,11 +22,10 @@ import massact
 from conftest import MIXERS, tiny_model
 from massact.analysis.deploy.precision import headroom
 from massact.analysis.detect.results import Entry, LayerStats
-from massact.analysis.detect.scan import pad_batch
 from massact.analysis.mechanism.moe import MoeBlock, model_routing, route
-from massact.models.adapters.base import text_config
 from massact.report import plots
 from massact.report.text import to_text
+from test_experts import router_inputs
 from test_families import DIM, EXPERT, LAYER, NEURON, TEXTS, planted, planted_moe
 
 FLOAT32_ROUTERS = ["deepseek_v2", "deepseek_v3", "glm4_moe"]  # transformers keeps these routers in float32
@@ -100,21 +99,7 @@ def test_the_recomputed_routing_is_the_models_own_in_half_precision(family, dtyp
     tiny_model(family, len(tokenizer), seed=2).save_pretrained(tmp_path / family)
     tokenizer.save_pretrained(tmp_path / family)
     lm = massact.load(str(tmp_path / family), dtype=dtype, device="cpu", log=_quiet)
-    blocks = {layer: MoeBlock.at(lm, layer) for layer in range(text_config(lm.model).num_hidden_layers)}
-    blocks = {layer: moe for layer, moe in blocks.items() if moe is not None}
-    inputs = {}
-    hooks = [moe.router.register_forward_pre_hook(lambda m, args, layer=layer: inputs.__setitem__(layer, args[0].detach()))
-             for layer, moe in blocks.items()]
-    ids, mask = pad_batch([tokenizer(text, return_tensors="pt").input_ids for text in TEXTS])
-    try:
-        with torch.no_grad():
-            lm.model(input_ids=ids, attention_mask=mask)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert blocks
-    for layer, moe in blocks.items():
-        x = inputs[layer].reshape(-1, inputs[layer].shape[-1])
+    for layer, (moe, x) in router_inputs(lm, tokenizer).items():
         assert x.dtype == getattr(torch, dtype)  # what the router is given: the model's hidden states
         indices, weights = model_routing(moe, x)
         mine = route(moe, x)
