@@ -148,14 +148,14 @@ def test_show_prints_a_saved_report_its_summary_or_one_section(model_dir, tmp_pa
     assert "- a warning added by hand" in shown and shown == to_text(load_report(out))
 
 
-def test_scan_help_groups_its_options_and_takes_every_default_from_the_settings():
-    """``massact scan --help`` lists its options by group, corpus before output; each "(default X)" is ScanSettings'
-    own value, and an option that scan and track share reads the same in both."""
+def test_scan_help_groups_its_options_and_states_the_defaults_a_scan_runs_with(model_dir, tmp_path):
+    """``massact scan --help`` lists its options by group, corpus before output; each "(default X)" it states is the
+    value a scan given no options ran with (the settings saved in its report.json), so a CLI that passed another
+    default than the one it documents fails; an option that scan and track share reads the same in both."""
     import argparse
-    from dataclasses import fields
 
-    from massact.cli import build_parser
-    from massact.settings import QUANT_DEFAULTS, ScanSettings
+    from massact.cli import build_parser, main
+    from massact.settings import QUANT_DEFAULTS
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     groups = {name: {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
@@ -164,13 +164,16 @@ def test_scan_help_groups_its_options_and_takes_every_default_from_the_settings(
     assert titles == ["model", "loading", "corpus", "criterion", "analysis", "verification", "evaluation", "deployment",
                       "output", "scale"]
     assert "text" in groups["scan"]["corpus"] and "out" in groups["scan"]["output"] and "resume" in groups["scan"]["scale"]
-    defaults = ScanSettings()
+    out = tmp_path / "defaults"
+    assert main(["scan", str(model_dir), "--no-verify", "--format", "json", "--quiet", "--out", str(out)]) == 0
+    ran = json.loads((out / "report.json").read_text(encoding="utf-8"))["settings"]
     stated = 0
     for action in commands["scan"]._actions:
         match = re.search(r"\(default ([^;)]+)\)", action.help or "")
-        if match and action.dest in {f.name for f in fields(ScanSettings)}:
-            default = getattr(defaults, action.dest)
-            assert match.group(1) == str(QUANT_DEFAULTS[action.dest] if default is None else default), action.dest
+        if match:
+            assert action.dest in ran, action.dest  # a stated default is a setting the report saves
+            value = ran[action.dest]  # None: the sweep's own default (saved as None, as reports have always saved it)
+            assert match.group(1) == str(QUANT_DEFAULTS.get(action.dest) if value is None else value), action.dest
             assert action.default is None  # not given: the settings' default, or a saved report's
             stated += 1
     assert stated >= 8

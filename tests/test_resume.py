@@ -13,6 +13,7 @@ import torch
 import massact
 from conftest import PLANTED, TINY, one_line_error, run_massact, save_planted
 from massact.analysis.detect.scan import _load_state
+from massact.capture.blocks import BlockRecorder
 from massact.capture.stats import LogHistogram, TopK
 from massact.errors import UsageError
 from massact.models.loading import load
@@ -125,9 +126,17 @@ class Evil:
 BINS = LogHistogram().bins
 
 
+def _blocks(n: int = 2, **changes) -> dict:
+    """A recorder's state of ``n`` blocks, nothing seen yet, with ``changes`` to its first block's statistics
+    ("histogram" and "top": fields of their states)."""
+    state = BlockRecorder(n, 512, "cpu").state_dict()
+    state["histograms"][0] |= changes.get("histogram", {})
+    state["tops"][0] |= changes.get("top", {})
+    return state
+
+
 def _states(tmp_path: Path) -> dict[str, Path]:
-    good = {"done": 4, "fingerprint": "f", "identity": "", "counts": [torch.zeros(BINS, dtype=torch.float64)] * 2,
-            "tops": [None, None]}
+    good = {"done": 4, "fingerprint": "f", "identity": "", "blocks": _blocks(), "experts": None}
     cases = {
         "random bytes": os.urandom(4096),
         "empty": b"",
@@ -142,10 +151,17 @@ def _states(tmp_path: Path) -> dict[str, Path]:
         "a list": [1, 2, 3],
         "no done": {k: v for k, v in good.items() if k != "done"},
         "string done": dict(good, done="4"),
-        "wrong bins": dict(good, counts=[torch.zeros(10, dtype=torch.float64)] * 2),
-        "wrong blocks": dict(good, counts=[torch.zeros(BINS, dtype=torch.float64)] * 3, tops=[None] * 3),
-        "wrong labels": dict(good, tops=[(torch.ones(3), torch.zeros(3, 2, dtype=torch.long)), None]),
-        "too many entries": dict(good, tops=[(torch.ones(600), torch.zeros(600, 3, dtype=torch.long)), None]),
+        "the old format": {k: v for k, v in good.items() if k != "blocks"} | {"counts": [torch.zeros(BINS, dtype=torch.float64)] * 2,
+                                                                                   "tops": [None, None]},
+        "wrong bins": dict(good, blocks=_blocks(histogram={"counts": torch.zeros(10, dtype=torch.float64)})),
+        "wrong blocks": dict(good, blocks=_blocks(3)),
+        "wrong labels": dict(good, blocks=_blocks(top={"values": torch.ones(3), "labels": torch.zeros(3, 2, dtype=torch.long)})),
+        "too many entries": dict(good, blocks=_blocks(top={"values": torch.ones(600), "labels": torch.zeros(600, 3, dtype=torch.long)})),
+        "another top-k": dict(good, blocks=_blocks(top={"k": 4})),
+        "a histogram for a top-k": dict(good, blocks=_blocks(top=LogHistogram().state_dict())),
+        "unordered entries": dict(good, blocks=_blocks(top={"values": torch.tensor([1.0, 2.0]),
+                                                            "labels": torch.zeros(2, 3, dtype=torch.long)})),
+        "experts of no mixture": dict(good, experts={"kind": "ExpertMaxima", "routed": torch.zeros(2, 4), "shared": torch.zeros(2)}),
     }
     for name, value in objects.items():
         paths[name] = tmp_path / f"{name}.pt"
@@ -155,21 +171,49 @@ def _states(tmp_path: Path) -> dict[str, Path]:
 
 def test_a_damaged_or_foreign_scan_state_is_one_line(tmp_path):
     for name, path in _states(tmp_path).items():
-        histograms, tops = [LogHistogram() for _ in range(2)], [TopK(512) for _ in range(2)]
         with pytest.raises(UsageError) as caught:
-            _load_state(path, histograms, tops, identity="")
+            _load_state(path, BlockRecorder(2, 512, "cpu"), identity="")
         message = str(caught.value)
         assert "\n" not in message and message.startswith(f"cannot read the scan state {path}"), (name, message)
         assert "weights_only" not in message and "unsafe" not in message.lower(), (name, message)
     assert "empty" in _message(tmp_path / "empty.pt") and "no 'done'" in _message(tmp_path / "no done.pt")
-    assert f"not {BINS}" in _message(tmp_path / "wrong bins.pt")
+    assert "no 'blocks'" in _message(tmp_path / "the old format.pt")
+    # The statistic's field is named, under the block that holds it.
+    assert f"blocks: histograms[0]: counts: has 10 bins, not {BINS}" in _message(tmp_path / "wrong bins.pt")
+    assert "blocks: histograms: 3 blocks, the model 2" in _message(tmp_path / "wrong blocks.pt")
+    assert "blocks: tops[0]: labels: 2 per entry, not 3" in _message(tmp_path / "wrong labels.pt")
+    assert "blocks: tops[0]: values: holds 600 entries, more than k = 512" in _message(tmp_path / "too many entries.pt")
+    assert "blocks: tops[0]: k: the state keeps 4 entries" in _message(tmp_path / "another top-k.pt")
+    assert "blocks: tops[0]: kind: 'LogHistogram', not 'TopK'" in _message(tmp_path / "a histogram for a top-k.pt")
+    assert "blocks: tops[0]: values: not in kept order" in _message(tmp_path / "unordered entries.pt")
+    assert "no mixture-of-experts block" in _message(tmp_path / "experts of no mixture.pt")
     assert not (Path(__file__).parent / "pwned").exists()  # the pickle's code never ran
 
 
 def _message(path: Path) -> str:
     with pytest.raises(UsageError) as caught:
-        _load_state(path, [LogHistogram() for _ in range(2)], [TopK(512) for _ in range(2)], identity="")
+        _load_state(path, BlockRecorder(2, 512, "cpu"), identity="")
     return str(caught.value)
+
+
+def test_a_saved_scan_state_loads_back_into_the_recorder_exactly(tmp_path):
+    """What ``_save_state`` writes, ``_load_state`` reads back: every block's counts and kept entries, and the count
+    of windows and the fingerprint."""
+    from massact.analysis.detect import scan
+
+    generator = torch.Generator().manual_seed(3)
+    saved = BlockRecorder(2, 6, "cpu")
+    saved.start(torch.arange(3), torch.arange(15), 5)
+    for layer in range(2):
+        hidden = torch.randn(3, 5, 4, generator=generator).round(decimals=1)  # rounding makes ties
+        hidden[1, 2, layer] = float("nan")
+        saved.add(layer, hidden)
+    saved.finish()
+    scan._save_state(tmp_path / "scan-state.pt", 3, "f", saved)
+    loaded = BlockRecorder(2, 6, "cpu")
+    assert _load_state(tmp_path / "scan-state.pt", loaded, identity="") == (3, "f")
+    for (h1, t1), (h2, t2) in zip(zip(*saved.sync()), zip(*loaded.sync())):
+        assert torch.equal(h1.counts, h2.counts) and repr(t1.items()) == repr(t2.items()) and len(t1.items()) == 6
 
 
 def test_a_malicious_scan_state_from_the_cli(model_dir, tmp_path):
@@ -190,6 +234,38 @@ def test_a_full_disk_while_saving_the_scan_state_leaves_no_partial(tmp_path, mon
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(UsageError, match="cannot write the scan state .* No space left on device"):
-        scan._save_state(tmp_path / "scan-state.pt", 1, "f", [LogHistogram()], [TopK(4)])
+        scan._save_state(tmp_path / "scan-state.pt", 1, "f", BlockRecorder(1, 4, "cpu"))
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_a_resumed_mixture_of_experts_scan_keeps_every_statistic_of_the_uninterrupted_one(tokenizer, tmp_path):
+    """The scan state holds the experts' maxima beside the blocks' statistics: a Mixtral scan stopped after 3 of its
+    5 batches and resumed has the histograms, top-k lists and experts' maxima of one that ran through."""
+    from conftest import tiny_model
+    from massact.analysis.detect.scan import scan_layers
+
+    lm = massact.wrap(tiny_model("mixtral", len(tokenizer), seed=3), tokenizer)
+    texts = [f"Summer {word} on day {i}." for i, word in enumerate(["is warm", "met", "opens", "shows", "fell"] * 2)]
+    windows = [tokenizer(text, return_tensors="pt").input_ids for text in texts]
+    clean = scan_layers(lm, iter(windows), 8, batch_size=2)
+
+    def stop_at(index: int) -> None:
+        if index == 6:  # inside the fourth batch: the state holds three
+            raise Stop
+
+    state = tmp_path / "scan-state.pt"
+    with pytest.raises(Stop):
+        scan_layers(lm, iter(windows), 8, on_window=stop_at, batch_size=2, checkpoint=state, every=1, identity="i")
+    assert torch.load(state, weights_only=True)["done"] == 6
+    resumed = scan_layers(lm, iter(windows), 8, batch_size=2, checkpoint=state, every=1, resume=True, identity="i")
+    assert not state.exists()
+    for one, other in zip(clean.histograms, resumed.histograms):
+        assert torch.equal(one.counts, other.counts)
+    assert [top.items() for top in clean.tops] == [top.items() for top in resumed.tops]
+    assert clean.experts[0].isfinite().any() and all(torch.equal(a, b) for a, b in zip(clean.experts, resumed.experts))
+    with pytest.raises(Stop):  # a state without the experts' maxima is not this model's
+        scan_layers(lm, iter(windows), 8, on_window=stop_at, batch_size=2, checkpoint=state, every=1, identity="i")
+    torch.save(torch.load(state, weights_only=True) | {"experts": None}, state)
+    with pytest.raises(UsageError, match="no experts' maxima of this model in it"):
+        scan_layers(lm, iter(windows), 8, batch_size=2, checkpoint=state, resume=True, identity="i")

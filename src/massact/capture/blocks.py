@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .prefix import Scratch
-from .stats import LogHistogram, TopK, half_bits, magnitude_bits, top_flat
+from .stats import LogHistogram, State, TopK, check_state, half_bits, magnitude_bits, top_flat
 
 # The buffer of block outputs a group may fill: some twenty of the default model's blocks at a batch of 8 short
 # texts, one or a few at long ones; memory stays flat in the corpus size. On the project's CPU 32 MiB cost less than
@@ -29,7 +29,8 @@ class BlockRecorder:
 
     For each batch: ``start(texts, real, length)``, then ``add(layer, hidden)`` for each block in order (from a hook),
     then ``finish()``; ``sync()`` gives the statistics. Batches must come in increasing text order (``_merge``'s
-    condition), as a scan reads them.
+    condition), as a scan reads them. Between batches, ``state_dict()`` is every block's statistics and
+    ``load_state_dict`` goes on from one (a resumed scan).
     """
 
     def __init__(self, n_layers: int, candidates: int, device: torch.device | str, group_bytes: int = GROUP_BYTES):
@@ -50,8 +51,48 @@ class BlockRecorder:
         self._scratch = Scratch()
         self._layers: list[int] = []
 
-    def read_tops(self) -> None:
-        """Go on from the top-k lists now in ``tops`` (a resumed scan's state, loaded into them)."""
+    def state_dict(self) -> State:
+        """Per block, the histogram's and the top-k's ``state_dict()`` (``histograms`` and ``tops``, one per block in
+        order), brought up to date first (``sync``). Taken between batches: a batch's blocks not yet reduced are not
+        in it."""
+        histograms, tops = self.sync()
+        return {"kind": "BlockRecorder", "histograms": [h.state_dict() for h in histograms], "tops": [t.state_dict() for t in tops]}
+
+    def load_state_dict(self, state: State) -> None:
+        """Go on from a ``state_dict()`` (a resumed scan's): every block's statistics replaced by the state's, or, where
+        any block's does not fit (another number of blocks, bins or k, labels that are not (text, position, dim),
+        values that are not float32), a ValueError naming the field, e.g. "tops[3]: k: ...", and nothing changed."""
+        check_state(state, "BlockRecorder", ["histograms", "tops"])
+        loaded: dict[str, list] = {}
+        for name, make in (("histograms", lambda one: LogHistogram.from_state(one, self.device)), ("tops", self._top)):
+            if not isinstance(state[name], list):
+                raise ValueError(f"{name}: a {type(state[name]).__name__}, not a list")
+            if len(state[name]) != len(self.histograms):
+                raise ValueError(f"{name}: {len(state[name])} blocks, the model {len(self.histograms)}")
+            loaded[name] = []
+            for block, one in enumerate(state[name]):
+                try:
+                    loaded[name].append(make(one))
+                except ValueError as error:
+                    raise ValueError(f"{name}[{block}]: {error}") from None
+        self.histograms, self.tops = loaded["histograms"], loaded["tops"]
+        self._pending.zero_()
+        self._kept.zero_()
+        self._read_tops()
+
+    def _top(self, state: State) -> TopK:
+        """A block's top-k from its state, checked to be what this recorder keeps: k, (text, position, dim) labels,
+        float32 values (``_values``'s dtype, so that the copy into it is exact)."""
+        top = TopK(self.k)
+        top.load_state_dict(state)
+        if top.values is not None and top.values.dtype != self._values.dtype:
+            raise ValueError(f"values: dtype {str(top.values.dtype).removeprefix('torch.')}, not float32")
+        if top.labels is not None and top.labels.shape[1] != 3:
+            raise ValueError(f"labels: {top.labels.shape[1]} per entry, not 3 (text, position, dim)")
+        return top
+
+    def _read_tops(self) -> None:
+        """Go on from the top-k lists now in ``tops`` (a loaded state's)."""
         for layer, top in enumerate(self.tops):
             if top.values is not None:
                 kept = len(top.values)

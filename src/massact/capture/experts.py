@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.loading import LoadedModel
+from .stats import State, check_state, state_tensor
 
 IMPLEMENTATION = "massact-maxima"  # the name the recording forward is registered under
 
@@ -37,6 +38,26 @@ class ExpertMaxima:
         self.routed = torch.full((n_layers, experts), float("-inf"), device=lm.device)
         self.shared = torch.full((n_layers,), float("-inf"), device=lm.device)
         self.real: torch.Tensor | None = None
+
+    def merge(self, other: ExpertMaxima) -> None:
+        """Take ``other``'s maxima into these (their elementwise maximum; NaN stays NaN, as in ``keep``)."""
+        torch.maximum(self.routed, other.routed.to(self.routed.device), out=self.routed)
+        torch.maximum(self.shared, other.shared.to(self.shared.device), out=self.shared)
+
+    def state_dict(self) -> State:
+        """The maxima (``routed`` [blocks, experts], ``shared`` [blocks], float32 on the CPU): a snapshot, which later
+        updates leave as it is."""
+        return {"kind": "ExpertMaxima", "routed": self.routed.detach().to("cpu", copy=True),
+                "shared": self.shared.detach().to("cpu", copy=True)}
+
+    def load_state_dict(self, state: State) -> None:
+        """Set the maxima to a ``state_dict()``'s, on the model's device; a state of another kind, or maxima of another
+        shape or dtype (another model's blocks or experts), is a ValueError naming the field."""
+        check_state(state, "ExpertMaxima", ["routed", "shared"])
+        routed = state_tensor(state, "routed", tuple(self.routed.shape), "float32")
+        shared = state_tensor(state, "shared", tuple(self.shared.shape), "float32")
+        self.routed.copy_(routed)
+        self.shared.copy_(shared)
 
     def _module(self, layer: int, path: str | None) -> nn.Module | None:
         moe = self.lm.at(layer).moe

@@ -1,14 +1,58 @@
 """Streaming, mergeable statistics that stay on the model's device: a running top-k and a float16-histogram median.
 
-Memory is fixed by their parameters, not by how many tokens go through them.
+Memory is fixed by their parameters, not by how many tokens go through them. Each has the state protocol of torch
+modules: ``state_dict()`` (a snapshot of plain values and CPU tensors, which ``torch.load(weights_only=True)`` reads)
+and ``load_state_dict(state)``, which restores it exactly or refuses a state of the wrong kind or shape with a
+``ValueError`` naming the field; a resumed scan is made of them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+State = dict[str, Any]  # a statistic's ``state_dict()``: its kind (str), ints, floats, CPU tensors, None, nested states
+
+
+def check_state(state: object, kind: str, fields: Iterable[str]) -> State:
+    """``state`` itself if it is a dict of ``kind`` (its "kind" field) with exactly ``fields`` besides it; otherwise a
+    ValueError naming the field (torch's strict ``load_state_dict`` also refuses missing and unexpected keys)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"a {kind} state is a dict, not a {type(state).__name__}")
+    if state.get("kind") != kind:
+        raise ValueError(f"kind: {state.get('kind')!r}, not {kind!r}")
+    expected = {"kind", *fields}
+    missing, unexpected = sorted(expected - state.keys()), sorted(map(str, state.keys() - expected))
+    if missing:
+        raise ValueError(f"{missing[0]}: missing")
+    if unexpected:
+        raise ValueError(f"{unexpected[0]}: not a field of a {kind} state")
+    return state
+
+
+def state_tensor(state: State, name: str, shape: tuple[int | None, ...], what: str = "floating") -> torch.Tensor:
+    """``state[name]``, checked to be a tensor of ``shape`` (None: any length there) whose dtype is ``what``
+    ("floating", "integer" or a dtype's name, e.g. "float64"); otherwise a ValueError naming the field."""
+    value = state[name]
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: a {type(value).__name__}, not a tensor")
+    if value.dim() != len(shape) or any(want is not None and have != want for have, want in zip(value.shape, shape)):
+        wanted = ", ".join("n" if want is None else str(want) for want in shape)
+        raise ValueError(f"{name}: shape {list(value.shape)}, not [{wanted}]")
+    integer = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    fits = value.is_floating_point() if what == "floating" else integer if what == "integer" else str(value.dtype) == f"torch.{what}"
+    if not fits:
+        raise ValueError(f"{name}: dtype {str(value.dtype).removeprefix('torch.')}, not {what}")
+    return value
+
+
+def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``tensor`` that later updates of the statistic do not change."""
+    return tensor.detach().to("cpu", copy=True)
 
 
 class LogHistogram:
@@ -50,6 +94,27 @@ class LogHistogram:
 
     def merge(self, other: LogHistogram) -> None:
         self.counts += other.counts.to(self.counts.device)
+
+    def state_dict(self) -> State:
+        """The counts per bin (float64 [bins], on the CPU): a snapshot, which later updates leave as it is."""
+        return {"kind": "LogHistogram", "counts": _snapshot(self.counts)}
+
+    def load_state_dict(self, state: State) -> None:
+        """Set the counts to a ``state_dict()``'s, on this histogram's device; a state of another kind, another number
+        of bins, or counts that are not whole numbers >= 0 is a ValueError naming the field."""
+        counts = state_tensor(check_state(state, "LogHistogram", ["counts"]), "counts", (None,), "float64")
+        if len(counts) != self.bins:
+            raise ValueError(f"counts: has {len(counts)} bins, not {self.bins}")
+        if not bool(((counts >= 0) & (counts == counts.round())).all()):  # NaN fails both
+            raise ValueError("counts: holds a negative, fractional or NaN count")
+        self.counts.copy_(counts)
+
+    @classmethod
+    def from_state(cls, state: State, device: torch.device | str = "cpu") -> LogHistogram:
+        """A histogram on ``device`` holding ``state`` (see ``load_state_dict``)."""
+        histogram = cls(device=device)
+        histogram.load_state_dict(state)
+        return histogram
 
     def quantile(self, q: float) -> float:
         """The q-quantile of |a| (q=0.5: the median), as the float16 of the bin that holds it."""
@@ -147,6 +212,48 @@ class TopK:
 
     def _device(self, other: TopK) -> torch.device:
         return other.values.device if self._empty else self.values.device
+
+    def state_dict(self) -> State:
+        """k, and the kept entries in kept order on the CPU (values [n] signed, labels [n, m]; None before any entry):
+        a snapshot, which later updates leave as it is."""
+        kept = (None, None) if self._empty else (_snapshot(self.values), _snapshot(self.labels))
+        return {"kind": "TopK", "k": self.k, "values": kept[0], "labels": kept[1]}
+
+    def load_state_dict(self, state: State) -> None:
+        """Keep exactly a ``state_dict()``'s entries, on the device of the entries they replace (where the state's
+        are when there are none). A state of another kind or k, values and labels of other shapes or dtypes, more
+        than k entries, or entries out of kept order (NaN, then |a| desc, then labels) is a ValueError naming the
+        field."""
+        check_state(state, "TopK", ["k", "values", "labels"])
+        if not isinstance(state["k"], int) or isinstance(state["k"], bool):
+            raise ValueError(f"k: a {type(state['k']).__name__}, not an int")
+        if state["k"] != self.k:
+            raise ValueError(f"k: the state keeps {state['k']} entries, this top-k {self.k}")
+        if state["values"] is None or state["labels"] is None:
+            if state["values"] is not None or state["labels"] is not None:
+                raise ValueError(f"{'labels' if state['labels'] is None else 'values'}: None while the other is not")
+            self.clear()
+            return
+        values = state_tensor(state, "values", (None,), "floating")
+        labels = state_tensor(state, "labels", (len(values), None), "integer")
+        if len(values) > self.k:
+            raise ValueError(f"values: holds {len(values)} entries, more than k = {self.k}")
+        # NaN comes first, in any order among them: a recorder orders NaNs by their bits, which differ between
+        # kernels (a vectorized maximum makes all-ones NaNs), where ``top_order`` takes them as ties.
+        nans = int(values.isnan().sum())
+        rest = torch.arange(len(values) - nans, device=values.device)
+        if not (values[:nans].isnan().all() and torch.equal(top_order(values[nans:].abs(), labels[nans:]), rest)):
+            raise ValueError("values: not in kept order (NaN, then |a| descending, ties by labels ascending)")
+        device = values.device if self._empty else self.values.device
+        self.values, self.labels = values.to(device, copy=True), labels.to(device, copy=True)
+
+    @classmethod
+    def from_state(cls, state: State) -> TopK:
+        """A top-k holding ``state`` (see ``load_state_dict``), its k the state's."""
+        k = state.get("k") if isinstance(state, dict) else None
+        top = cls(k if isinstance(k, int) and not isinstance(k, bool) else 0)
+        top.load_state_dict(state)
+        return top
 
     def items(self) -> list[tuple[float, list[int]]]:
         """(value, labels) pairs, largest |value| first (ties: smaller labels first), as Python numbers."""

@@ -29,67 +29,43 @@ def scan_identity(lm: LoadedModel, **settings) -> str:
     return digest.hexdigest()
 
 
-def _refuse(path: Path, why: str) -> UsageError:
+def state_refused(path: Path, why: str) -> UsageError:
+    """The one line that refuses the scan state at ``path``, saying ``why``."""
     return UsageError(f"cannot read the scan state {path}: {why}; remove it or drop --resume")
 
 
 def read_state(path: Path) -> dict:
     """The saved state at ``path``, checked to have the structure ``_save_state`` writes: done (int >= 0), fingerprint
-    and identity (str), counts (one 1-D float64 tensor per block) and tops (per block None or (values [n] float,
-    labels [n, 3] int64)). torch.load runs with weights_only=True: a pickle that would run code is refused."""
+    and identity (str), blocks (a dict: the recorder's ``state_dict()``) and experts (a dict, the experts' maxima's,
+    or None). What the statistics hold is checked by their ``load_state_dict``. torch.load runs with
+    weights_only=True: a pickle that would run code is refused."""
     try:
         if path.stat().st_size == 0:
-            raise _refuse(path, "the file is empty")
+            raise state_refused(path, "the file is empty")
         with warnings.catch_warnings():  # e.g. on a plain pickle's protocol: more lines on stderr, saying nothing
             warnings.simplefilter("ignore")
             state = torch.load(path, weights_only=True, map_location="cpu")
     except UsageError:
         raise
     except Exception as error:  # torch's message is several lines and may advise unsafe loading: not relayed
-        raise _refuse(path, f"not a scan state written by massact ({type(error).__name__})") from None
+        raise state_refused(path, f"not a scan state written by massact ({type(error).__name__})") from None
     problem = _structure_problem(state)
     if problem:
-        raise _refuse(path, problem)
+        raise state_refused(path, problem)
     return state
 
 
 def _structure_problem(state) -> str | None:
     if not isinstance(state, dict):
         return f"holds a {type(state).__name__}, not a scan state"
-    for key, kind in (("done", int), ("fingerprint", str), ("identity", str), ("counts", list), ("tops", list)):
+    for key, kind in (("done", int), ("fingerprint", str), ("identity", str), ("blocks", dict), ("experts", (dict, type(None)))):
         if key not in state:
             return f"no {key!r} in it"
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            return f"{key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+            names = " or ".join("None" if k is type(None) else k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            return f"{key!r} is a {type(state[key]).__name__}, not a {names}"
     if state["done"] < 0:
         return "'done' is negative"
-    if len(state["tops"]) != len(state["counts"]):
-        return "'counts' and 'tops' have different lengths"
-    for block, counts in enumerate(state["counts"]):
-        if not isinstance(counts, torch.Tensor) or counts.dtype != torch.float64 or counts.dim() != 1:
-            return f"counts[{block}] is not a 1-D float64 tensor"
-    for block, top in enumerate(state["tops"]):
-        if top is None:
-            continue
-        if not (isinstance(top, (tuple, list)) and len(top) == 2 and all(isinstance(t, torch.Tensor) for t in top)):
-            return f"tops[{block}] is not a pair of tensors"
-        values, labels = top
-        if values.dim() != 1 or not values.is_floating_point() or labels.dtype != torch.int64 \
-                or tuple(labels.shape) != (len(values), 3):
-            return f"tops[{block}] is not values [n] and labels [n, 3]"
-    return None
-
-
-def shape_problem(state: dict, n_layers: int, bins: int, k: int) -> str | None:
-    """Why a well-formed state cannot belong to a scan of ``n_layers`` blocks, ``bins`` histogram bins and top-``k``
-    lists (None when it can)."""
-    if len(state["counts"]) != n_layers:
-        return f"it has {len(state['counts'])} blocks, the model {n_layers}"
-    for block, (counts, top) in enumerate(zip(state["counts"], state["tops"])):
-        if len(counts) != bins:
-            return f"counts[{block}] has {len(counts)} bins, not {bins}"
-        if top is not None and len(top[0]) > k:
-            return f"tops[{block}] holds {len(top[0])} entries, more than {k}"
     return None
 
 

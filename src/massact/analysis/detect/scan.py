@@ -21,7 +21,7 @@ from ...launch import launch
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from .results import DimSummary, Entry, LayerStats, Massive
-from .resume import read_state, remove_partial, shape_problem
+from .resume import read_state, remove_partial, state_refused
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
@@ -96,8 +96,7 @@ def scan_layers(
         checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}-of-{world}")
     start, saved_fingerprint = 0, None
     if checkpoint is not None and resume and checkpoint.is_file():
-        start, saved_fingerprint = _load_state(checkpoint, recorder.histograms, recorder.tops, identity, maxima)
-        recorder.read_tops()
+        start, saved_fingerprint = _load_state(checkpoint, recorder, identity, maxima)
     # Of the identity, the top-k size and every window this process scans.
     digest = hashlib.sha256(f"{identity}|{candidates}|{batch_size}|".encode())
 
@@ -130,7 +129,7 @@ def scan_layers(
                 forward(pending)
                 pending, batches = [], batches + 1
                 if checkpoint is not None and batches % every == 0:
-                    _save_state(checkpoint, seen, digest.hexdigest(), *recorder.sync(), identity, maxima)
+                    _save_state(checkpoint, seen, digest.hexdigest(), recorder, identity, maxima)
         if pending:
             forward(pending)
     if seen < start:
@@ -208,17 +207,18 @@ def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK], max
         top.update(gathered[real], tags[real])
 
 
-def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHistogram], tops: list[TopK],
-                identity: str = "", maxima: ExpertMaxima | None = None) -> None:
+def _save_state(path: Path, done: int, fingerprint: str, recorder: BlockRecorder, identity: str = "",
+                maxima: ExpertMaxima | None = None) -> None:
+    """Write the scan state atomically: ``done`` (windows it covers), their ``fingerprint``, the scan's ``identity``,
+    and the statistics' own ``state_dict()``: the recorder's (``blocks``) and the experts' maxima's (``experts``, None
+    for a model without a mixture of experts). ``read_state`` and ``_load_state`` read it back."""
     state = {
         "done": done,
         "fingerprint": fingerprint,
         "identity": identity,
-        "counts": [h.counts.cpu() for h in histograms],
-        "tops": [(t.values.cpu(), t.labels.cpu()) if t.values is not None else None for t in tops],
+        "blocks": recorder.state_dict(),
+        "experts": maxima.state_dict() if maxima is not None else None,
     }
-    if maxima is not None:
-        state["experts"] = (maxima.routed.cpu(), maxima.shared.cpu())
     partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,27 +230,23 @@ def _save_state(path: Path, done: int, fingerprint: str, histograms: list[LogHis
         remove_partial(partial)
 
 
-def _load_state(path: Path, histograms: list[LogHistogram], tops: list[TopK], identity: str = "",
-                maxima: ExpertMaxima | None = None) -> tuple[int, str]:
-    """Restore the merged statistics; returns how many windows they cover and the fingerprint of those windows.
-    A file that is not a whole state of this scan is refused in one line (see ``read_state``)."""
+def _load_state(path: Path, recorder: BlockRecorder, identity: str = "", maxima: ExpertMaxima | None = None) -> tuple[int, str]:
+    """Restore the merged statistics into ``recorder`` and ``maxima`` (their ``load_state_dict``); returns how many
+    windows they cover and the fingerprint of those windows. A file that is not a whole state of this scan is
+    refused in one line (see ``read_state``; a statistic's field that does not fit is named)."""
     state = read_state(path)
     if state["identity"] != identity:
         raise _other_scan(path)
-    problem = shape_problem(state, len(histograms), histograms[0].bins, tops[0].k)
-    if problem:
-        raise UsageError(f"cannot read the scan state {path}: {problem}; remove it or drop --resume")
-    for histogram, counts in zip(histograms, state["counts"]):
-        histogram.counts = counts.to(histogram.counts.device)
-    for top, saved in zip(tops, state["tops"]):
-        if saved is not None:
-            top.update(*saved)
-    if maxima is not None:
-        saved = state.get("experts")
-        if not (isinstance(saved, tuple) and len(saved) == 2 and saved[0].shape == maxima.routed.shape
-                and saved[1].shape == maxima.shared.shape):
-            raise UsageError(f"cannot read the scan state {path}: no experts' maxima of this model in it; remove it or drop --resume")
-        maxima.routed.copy_(saved[0]), maxima.shared.copy_(saved[1])
+    if maxima is not None and state["experts"] is None:
+        raise state_refused(path, "no experts' maxima of this model in it")
+    if maxima is None and state["experts"] is not None:
+        raise state_refused(path, "it holds experts' maxima, and the model has no mixture-of-experts block")
+    for name, statistic in (("blocks", recorder), ("experts", maxima)):
+        if statistic is not None:
+            try:
+                statistic.load_state_dict(state[name])
+            except ValueError as error:  # names the field: "blocks: tops[3]: k: ..."
+                raise state_refused(path, f"{name}: {error}") from None
     return state["done"], state["fingerprint"]
 
 
