@@ -9,7 +9,7 @@
 Scans the model once (no verification, not timed), then times the sweep: one float perplexity pass plus one pass per
 setting, every setting's weights restored after it. Prints the per-setting seconds, the time split by kind of setting
 (RTN, GGUF, activations; the rest is the float pass and the set-up), and a Markdown line for the README with the
-ratio to the 3-minute target of issue 19.
+ratio to the 3-minute target.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ def main() -> None:
     import torch
 
     import massact
-    from massact.analysis.causal.perplexity import default_eval_text
     from massact.analysis.deploy import protect
     from massact.analysis.deploy.quant import DEFAULT_CLIP_Z, grid, sweep
+    from massact.analysis.evaluation.perplexity import default_eval_text
 
     lm = massact.load(args.model, dtype=args.dtype, device=args.device, log=lambda message: None)
     report = massact.scan(lm)

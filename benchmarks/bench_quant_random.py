@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import massact
-from massact.analysis.deploy.quant import measure
+from massact.analysis.deploy.quant import measure_quantization
 from massact.report.schema import load_protect
 
 source = sys.argv[1]  # a directory with the default model's config.json, tokenizer and a protect.json of it
@@ -23,7 +23,7 @@ plan = load_protect(Path(source) / "protect.json")
 for name in sys.argv[2:]:
     torch.cuda.synchronize()
     start = time.perf_counter()
-    result = measure(lm, plan, grid_name=name)
+    result = measure_quantization(lm, plan, grid_name=name)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     for row in result.rows:

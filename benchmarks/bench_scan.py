@@ -32,7 +32,7 @@ from itertools import islice
 
 def corpus(multiple: int) -> Iterator[str]:
     """The evaluation text's sentences, ``multiple`` times over, produced one at a time (as a file is read)."""
-    from massact.analysis.causal.perplexity import default_eval_text
+    from massact.analysis.evaluation.perplexity import default_eval_text
 
     sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s+|\n+", default_eval_text()) if len(s.split()) >= 4]
     # A whole number of batches of 8: every copy of the corpus is then batched, and padded, exactly alike, so a larger
@@ -68,7 +68,8 @@ def load(which: str):
 def one(mode: str, which: str, multiple: int) -> dict:
     import torch
 
-    from massact.analysis.detect.scan import pad_batch, scan_layers
+    from massact.analysis.detect.scan import scan_layers
+    from massact.capture.batches import pad_batch
     from massact.capture.hooks import tap
 
     torch.set_num_threads(2)

@@ -46,13 +46,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
 # Every family massact has an adapter for, by a short name; variants of one model type get their own name.
 FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3", "neox", "neox-seq",
             "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
-            # The dense and hybrid families of 2025-2026.
+            # The newer dense and hybrid families.
             "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
             "gemma3mm"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"]}
-# Mixtures of experts: their MLP sites are inside fused experts (see massact.analysis.mechanism.moe).
+# Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe"]
 

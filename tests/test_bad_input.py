@@ -150,7 +150,7 @@ def test_the_gguf_bar_follows_the_progress_bar_switch(capfd):
     assert "Converting" in capfd.readouterr().err  # the switch on: the bar is drawn
 
 
-# The second round (issue 17): every numeric option, the Python API, odd models, a report's model replaced
+# Every numeric option, the Python API, odd models, a report's model replaced
 
 
 def run_main(capsys, *args) -> tuple[int, str]:

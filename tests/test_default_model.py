@@ -159,8 +159,8 @@ def test_trigger_split_matches_plain_hooks(smol, report):
 def test_super_weights_one_after_another(smol, report):
     import hashlib
 
-    from massact.analysis.causal.perplexity import eval_windows, perplexity
     from massact.analysis.causal.superweights import iterate
+    from massact.analysis.evaluation.perplexity import eval_windows, perplexity
 
     line = _strongest(report)
     birth = next(a for a in report.attribution if a.dim == line.dim and a.role == "birth")

@@ -13,7 +13,6 @@ from torch import nn
 
 import massact
 from conftest import PLANTED, one_line_error, plant_mlp, run_massact, tiny_model, weights_hash
-from massact.analysis.causal.perplexity import default_eval_text, eval_windows
 from massact.analysis.deploy import protect as protect_list
 from massact.analysis.deploy.engines import (
     ENGINES,
@@ -26,7 +25,8 @@ from massact.analysis.deploy.engines import (
     sparse_corrections,
 )
 from massact.analysis.deploy.exports import EXPORTS, export
-from massact.analysis.deploy.quant import measure
+from massact.analysis.deploy.quant import measure_quantization
+from massact.analysis.evaluation.perplexity import default_eval_text, eval_windows
 from massact.analysis.results import build_protect
 from massact.report.files import write_report
 from massact.report.schema import load_report, write_protect
@@ -137,7 +137,7 @@ def test_the_sparse_correction_restores_the_float_output_at_the_super_weight(pla
 
 def test_engine_rows_go_through_the_sweep_its_words_and_the_schema(planted, tmp_path):
     lm, protect, report = planted
-    result = measure(lm, protect, " ".join(TEXTS * 4), "none", engines=("quanto",))
+    result = measure_quantization(lm, protect, " ".join(TEXTS * 4), "none", engines=("quanto",))
     assert result.rows == [] and [row.kind for row in result.engines] == ["all", "protected", "control", "sparse"]
     baseline = result.baseline_perplexity
     for row in result.engines:
@@ -295,7 +295,7 @@ def test_default_model_quanto_and_hqq_rows_match_the_libraries_directly():
     lm = massact.load(None, device="cpu", log=lambda message: None)
     protect = build_protect(massact.scan(lm, ["The quick brown fox jumps over the lazy dog."]))
     text = default_eval_text()[:1500]
-    result = measure(lm, protect, text, "none", engines=("quanto", "hqq"))
+    result = measure_quantization(lm, protect, text, "none", engines=("quanto", "hqq"))
     rows = {(row.engine, row.kind): row for row in result.engines}
     assert rows["quanto", "protected"].modules_in_float == ["model.layers.11.mlp.down_proj"]
     windows = eval_windows(lm, text)
@@ -322,5 +322,5 @@ def test_default_model_quanto_and_hqq_rows_match_the_libraries_directly():
             row = rows[name, kind]
             direct = direct_perplexity(build(row.modules_in_float), windows)
             assert math.isclose(row.perplexity, direct, rel_tol=2e-3), (name, kind, row.perplexity, direct)
-        # The protect list matters on this model (issue 29's table): far better than everything quantized.
+        # The protect list matters on this model: far better than everything quantized.
         assert rows[name, "protected"].perplexity < 0.95 * rows[name, "all"].perplexity

@@ -10,8 +10,9 @@ import torch
 
 import massact
 from conftest import D_MODEL, MOE_FAMILIES, N_HEADS, TRIGGER, tiny_model
-from massact.analysis.detect.scan import pad_batch, scan_layers
-from massact.analysis.mechanism.moe import MoeBlock, model_routing, route
+from massact.analysis.detect.scan import scan_layers
+from massact.capture.batches import pad_batch
+from massact.capture.routing import MoeBlock, model_routing, route
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
 from test_families import DIM, EXPERT, LAYER, NEURON, TEXTS, planted_moe
@@ -142,8 +143,8 @@ def test_the_planted_super_expert_is_found_and_pruning_it_removes_the_value_and_
 
 
 def test_the_control_is_seeded_and_keeps_the_blocks_and_counts():
-    from massact.analysis.mechanism.experts import control
     from massact.analysis.mechanism.results import SuperExpert
+    from massact.analysis.mechanism.super_experts import control
 
     found = [SuperExpert(layer=1, expert=2, max_output=9.0), SuperExpert(layer=1, expert=5, max_output=8.0),
              SuperExpert(layer=3, expert=0, max_output=7.0)]

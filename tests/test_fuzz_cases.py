@@ -1,6 +1,6 @@
-"""The cases a fuzz of the newer surfaces (track, the monitor, verify, show, the Python API, signals) found failing, one
-test each: the wrong model's numbers under another's name, a training flag lost, a traceback, a silent merge, files
-of two runs side by side, an argument accepted that fails mid-training, a silent skip, stray lines before the error.
+"""Refusals and guarantees of track, the monitor, verify, show, the Python API and signals, one test each, against:
+the wrong model's numbers under another's name, a training flag lost, a traceback, a silent merge, files of two runs
+side by side, an argument accepted that fails mid-training, a silent skip, stray lines before the error.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _error(capsys) -> str:
     return lines[0]
 
 
-# 1. A track's finished checkpoint folder is reused only for the same model.
+# A track's finished checkpoint folder is reused only for the same model.
 def test_a_track_into_another_runs_folder_is_refused(tokenizer, tmp_path, capsys):
     _checkpoint(tmp_path / "run-a" / "checkpoint-100", tokenizer, seed=0)
     _checkpoint(tmp_path / "run-b" / "checkpoint-100", tokenizer, seed=1)  # the same planted writer, other weights
@@ -59,7 +59,7 @@ def test_a_track_into_another_runs_folder_is_refused(tokenizer, tmp_path, capsys
     assert (out / "step-00000100" / "report.json").read_bytes() == made  # nothing lost, nothing overwritten
 
 
-# 2. The monitor restores every module's own training flag.
+# The monitor restores every module's own training flag.
 def test_the_monitor_restores_every_modules_training_flag(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     model.train()
@@ -76,7 +76,7 @@ def _record(step: int, blocks: int = 2, min_ratio: float = 1000.0) -> str:
     return json.dumps({"step": step, "texts": 2, "blocks": block, "criterion": asdict(Criterion(min_ratio=min_ratio))})
 
 
-# 3 and 4. Monitor journals that cannot be one timeline are one line each, never a traceback or a silent merge.
+# Monitor journals that cannot be one timeline are one line each, never a traceback or a silent merge.
 @pytest.mark.parametrize("lines, expected", [
     ([_record(1, blocks=2), _record(2, blocks=3)], "step 2 has 3 blocks"),
     (["[" * 100_000 + "]" * 100_000, _record(2)], "monitor.jsonl:1: not a JSON line"),
@@ -100,7 +100,7 @@ def test_two_journals_with_the_same_step_are_refused(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--quiet"]) == 2  # the same file twice is the same steps twice
 
 
-# 5. verify re-runs a report only on the model it was made from.
+# verify re-runs a report only on the model it was made from.
 @pytest.mark.parametrize("change", ["retrained", "super weight"])
 def test_verify_refuses_a_model_whose_weights_changed(change, tokenizer, tmp_path, capsys):
     model_dir = _checkpoint(tmp_path / "model", tokenizer)
@@ -120,7 +120,7 @@ def test_verify_refuses_a_model_whose_weights_changed(change, tokenizer, tmp_pat
     _error(capsys)
 
 
-# 6. A track's files are replaced as one set.
+# A track's files are replaced as one set.
 def test_a_track_rerun_with_fewer_outputs_leaves_none_of_the_earlier_files(tokenizer, tmp_path):
     run = tmp_path / "run"
     for step, layer in ((100, 2), (200, 1)):
@@ -134,7 +134,7 @@ def test_a_track_rerun_with_fewer_outputs_leaves_none_of_the_earlier_files(token
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["step-00000100", "step-00000200"]
 
 
-# 8. The monitor checks its arguments when it is made, and the model at every step.
+# The monitor checks its arguments when it is made, and the model at every step.
 @pytest.fixture(scope="module")
 def plain_tokenizer():
     """The default model's tokenizer: it adds no BOS, so an empty text has no token."""
@@ -163,14 +163,14 @@ def test_the_monitor_refuses_a_model_it_cannot_scan_at_any_step(plain_tokenizer,
         monitor.step(torch.nn.Linear(2, 2), 1)  # not a multiple of every: still refused now
 
 
-# 9. An empty list of texts is not "no texts given".
+# An empty list of texts is not "no texts given".
 def test_scan_refuses_an_empty_list_of_texts(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     with pytest.raises(ValueError, match="texts is empty"):
         massact.scan(model, [], tokenizer=tokenizer)
 
 
-# 10. A broken checkpoint link is refused, not skipped.
+# A broken checkpoint link is refused, not skipped.
 def test_a_broken_checkpoint_link_is_refused(tokenizer, tmp_path, capsys):
     _checkpoint(tmp_path / "run" / "checkpoint-10", tokenizer)
     (tmp_path / "run" / "checkpoint-20").symlink_to(tmp_path / "gone")
@@ -178,7 +178,7 @@ def test_a_broken_checkpoint_link_is_refused(tokenizer, tmp_path, capsys):
     assert "checkpoint-20: a link to" in _error(capsys)
 
 
-# 11. One line, with nothing of transformers' before it.
+# One line, with nothing of transformers' before it.
 def test_a_track_of_two_architectures_is_one_line(tokenizer, tmp_path):
     save_planted(tmp_path / "llama", "llama", tokenizer, 1, NEURON, DIM)
     save_planted(tmp_path / "gpt2", "gpt2", tokenizer, 1, NEURON, DIM)
@@ -188,7 +188,7 @@ def test_a_track_of_two_architectures_is_one_line(tokenizer, tmp_path):
     one_line_error(run_massact("track", tmp_path / "llama", tmp_path / "gpt2", "--out", tmp_path / "out"), "another architecture")
 
 
-# 12. --section takes a section, and its error names every one.
+# --section takes a section, and its error names every one.
 @pytest.mark.parametrize("name", ["", "13", "x"])
 def test_show_refuses_a_section_that_does_not_exist(name, tmp_path, capsys):
     assert main(["show", str(tmp_path), "--section", name]) == 2

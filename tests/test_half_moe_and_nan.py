@@ -22,7 +22,7 @@ import massact
 from conftest import MIXERS, tiny_model
 from massact.analysis.deploy.precision import headroom
 from massact.analysis.detect.results import Entry, LayerStats
-from massact.analysis.mechanism.moe import MoeBlock, model_routing, route
+from massact.capture.routing import MoeBlock, model_routing, route
 from massact.report import plots
 from massact.report.text import to_text
 from test_experts import router_inputs

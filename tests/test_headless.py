@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import massact
 from conftest import plant_mlp, tiny_config, tiny_model
-from massact.analysis.causal.embeddings import headless, sentences, spearman
+from massact.analysis.evaluation.embeddings import headless, sentences, spearman
 from massact.errors import UsageError
 from massact.models.loading import load
 

@@ -1,5 +1,6 @@
-"""The dense and hybrid families of 2025-2026 and what their designs do, on planted tiny models of the real
-transformers classes: hybrid mixers (LFM2's convolutions, Qwen3-Next's Gated DeltaNet) pass through every stage and
+"""The newer dense and hybrid families (OLMo-2 and -3, EXAONE-4, Cohere-2, Seed-OSS, Apertus, SmolLM3, LFM2,
+Qwen3-Next, Qwen3.5, multimodal Gemma-3) and what their designs do, on planted tiny models of the real transformers
+classes: hybrid mixers (LFM2's convolutions, Qwen3-Next's Gated DeltaNet) pass through every stage and
 are left out of the sink metrics only; Qwen3-Next's output gates are read per head as the model computes them; NoPE
 blocks are reported per block; a multimodal Gemma-3 gives the report of its language model alone.
 (Every family's planted truth and block sums: test_families.py and test_adapters.py; the CLI chain: test_chain.py.)"""

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from massact.analysis.mechanism.moe import MoeBlock
-from massact.analysis.mechanism.moe import attribute_moe as attribute
+from massact.analysis.mechanism.expert_attribution import attribute_moe as attribute
+from massact.capture.routing import MoeBlock
 from massact.models.adapters import adapter_for
 from massact.models.loading import LoadedModel
 

@@ -172,7 +172,7 @@ def test_every_field_null_wrong_type_or_out_of_range_reads_back_or_is_one_line(s
 
 
 def test_nulls_the_writer_writes_for_inf_and_nan_compare(saved, tmp_path):
-    """Case 6: null where the format writes null for inf/nan (as a float16 overflow makes) reads back as nan."""
+    """Null where the format writes null for inf/nan (as a float16 overflow makes) reads back as nan."""
     data = _data(saved)
     for path in [("attribution", 0, "output"), ("attribution", 0, "neurons", 0, "share"), ("attribution", 0, "super_weight", "value"),
                  ("massive", 0, "value"), ("layers", 0, "top", 0, "value"), ("layers", 0, "median")]:

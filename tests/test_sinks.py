@@ -8,11 +8,11 @@ import torch
 
 import massact
 from conftest import D_MODEL, N_HEADS, make_tokenizer, plant_mlp, run_massact, tiny_model
-from massact.analysis.causal.evaluation import Evaluation
-from massact.analysis.causal.mlm import masked_windows, next_token_windows
 from massact.analysis.causal.output_effects import STOPWORDS, Edit, output_effects
-from massact.analysis.causal.perplexity import eval_windows
 from massact.analysis.causal.verification import replacement_values
+from massact.analysis.evaluation.mlm import masked_windows, next_token_windows
+from massact.analysis.evaluation.perplexity import eval_windows
+from massact.analysis.evaluation.windows import Evaluation
 from massact.analysis.function.sinks import head_metrics, sink_analysis, sink_tokens
 from massact.capture.attention import attention_pass
 from massact.capture.edits import set_weight

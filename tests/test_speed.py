@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import test_verification
-from massact.analysis.causal.evaluation import Evaluation
-from massact.analysis.causal.mlm import next_token_windows
-from massact.analysis.causal.perplexity import eval_windows, perplexity
+from massact.analysis.evaluation.mlm import next_token_windows
+from massact.analysis.evaluation.perplexity import eval_windows, perplexity
+from massact.analysis.evaluation.windows import Evaluation
 from massact.capture.edits import ablate_neurons, read_coordinate, replace_massive
 from massact.capture.hooks import forward_until, tap
 from massact.settings import Criterion

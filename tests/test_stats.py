@@ -206,7 +206,7 @@ def _keep_some(maxima, generator: torch.Generator, rounds: int) -> None:
 
 
 def test_the_experts_maxima_state_round_trips_goes_on_the_same_and_halves_merge_to_one_pass(moe_lm):
-    from massact.capture.experts import ExpertMaxima
+    from massact.capture.expert_maxima import ExpertMaxima
 
     generator = torch.Generator().manual_seed(8)
     original = ExpertMaxima(moe_lm)
@@ -276,7 +276,7 @@ def test_a_state_of_the_wrong_kind_or_shape_is_refused_by_field(make, state, fie
 
 def test_the_recorder_and_the_experts_refuse_a_state_that_is_not_theirs_and_keep_their_own(moe_lm):
     from massact.capture.blocks import BlockRecorder
-    from massact.capture.experts import ExpertMaxima
+    from massact.capture.expert_maxima import ExpertMaxima
 
     recorder = BlockRecorder(2, 6, "cpu")
     _recorder_batches(recorder, torch.Generator().manual_seed(10), 0, 1)

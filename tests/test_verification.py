@@ -7,7 +7,7 @@ import torch
 
 import massact
 from conftest import plant_mlp, tiny_model, weights_hash
-from massact.analysis.causal.perplexity import eval_windows, perplexity
+from massact.analysis.evaluation.perplexity import eval_windows, perplexity
 from massact.analysis.function.sinks import sink_pass
 from massact.capture.edits import ablate_neurons, read_coordinate, set_weight
 

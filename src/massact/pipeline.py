@@ -11,27 +11,25 @@ import torch
 from torch import nn
 
 from . import __version__
-from .analysis.causal.embeddings import EmbeddingEvaluation, headless
-from .analysis.causal.evaluation import Evaluation, evaluation_for
-from .analysis.causal.experts import prune as prune_experts
-from .analysis.causal.perplexity import default_eval_text, eval_windows
+from .analysis.causal.expert_pruning import prune_super_experts
 from .analysis.causal.superweights import all_super_weights
-from .analysis.causal.verification import MAX_INPUTS, replacement_values
-from .analysis.causal.verification import verify as verify_report
-from .analysis.conclusion import NO_MASK_TOKEN, conclude
+from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify_by_intervention
 from .analysis.deploy.precision import headroom
-from .analysis.deploy.quant import measure as measure_quantization
+from .analysis.deploy.quant import measure_quantization
 from .analysis.deploy.results import Protect, Quantization
 from .analysis.detect.results import DimSummary, LayerStats, Massive
 from .analysis.detect.resume import scan_identity
 from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers, scan_warnings
 from .analysis.detect.windows import Counts, collect, windows
+from .analysis.evaluation.embeddings import EmbeddingEvaluation, headless
+from .analysis.evaluation.perplexity import default_eval_text, eval_windows
+from .analysis.evaluation.windows import Evaluation, evaluation_for
 from .analysis.function.sinks import sink_analysis
-from .analysis.mechanism.experts import find as super_experts
 from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines
 from .analysis.mechanism.results import ExpertPruning
-from .analysis.profile import build as profiling
+from .analysis.mechanism.super_experts import find_super_experts
+from .analysis.profile.build import build_profile, count_carriers
 from .analysis.profile.results import Profile
 from .analysis.results import CorpusInfo, CorpusSpec, Report, build_protect, check_report_model
 from .analysis.trigger.trigger import triggers
@@ -41,6 +39,7 @@ from .models.failures import guarded
 from .models.identity import weights_sha256
 from .models.info import model_info
 from .models.loading import LoadedModel, load, wrap
+from .report.conclusion import NO_MASK_TOKEN, conclude
 from .settings import Criterion, ScanSettings
 from .texts import Corpus, read_eval_file
 
@@ -68,18 +67,36 @@ def scan(
     **options,
 ) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
-    neurons and weight that write them. With ``verify``, confirm by intervention and measure the attention sinks
-    (perplexity on ``eval_text``, default: ``settings.eval_file``, else the shipped public-domain sample).
-
-    ``model``: a name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
-    ``nn.Module`` with ``tokenizer``. ``texts``: None for the built-in sentences. ``settings``: a ``ScanSettings``
-    (default: the CLI's defaults); keyword ``options`` change single fields of it (``top_k=3, verify=True``).
-    ``checkpoint``: where the corpus pass saves its merged state every ``settings.checkpoint_every`` batches, and
-    ``resume`` continues from it. ``progress``: see ``Progress``. ``quantization``: a saved report's sweep of this
-    model, kept (with ``settings.quant``) instead of measured again when this scan would measure it on the same
-    inputs (``Quantization.inputs_sha256``): the same protect list, evaluation text, dtype, device and grid.
+    neurons and weight that write them. With ``verify``, confirm by intervention and measure the attention sinks.
     Launched as several processes (torchrun, accelerate launch), all share the corpus scan and only rank 0 gets the
-    report; the others get None.
+    report.
+
+    Args:
+        model: A name for ``massact.models.load`` (None: the embedded SmolLM2-135M-Instruct), a loaded model, or an
+            ``nn.Module`` with ``tokenizer``.
+        texts: The texts to scan, a list of strings; None for the built-in sentences.
+        settings: A ``ScanSettings`` (default: the CLI's defaults).
+        tokenizer: The tokenizer of an ``nn.Module`` ``model``.
+        eval_text: The text perplexity is measured on when verifying (default: ``settings.eval_file``, else the
+            shipped public-domain sample).
+        checkpoint: Where the corpus pass saves its merged state every ``settings.checkpoint_every`` batches.
+        resume: Continue the corpus pass from ``checkpoint``.
+        progress: Reports the stages' progress; see ``Progress``.
+        quantization: A saved report's sweep of this model, kept (with ``settings.quant``) instead of measured again
+            when this scan would measure it on the same inputs (``Quantization.inputs_sha256``): the same protect
+            list, evaluation text, dtype, device and grid.
+        **options: Single fields of ``settings`` to change (``top_k=3, verify=True``).
+
+    Returns:
+        The report; None on every process but rank 0 of a multi-process launch.
+
+    Raises:
+        TypeError: ``model``, ``texts``, ``tokenizer`` or ``settings`` is not of a kind scan takes, or an option
+            name is unknown.
+        ValueError: ``texts`` is empty.
+        UsageError: Bad input a user can fix (a ``ValueError``): an option out of range, a model that cannot be
+            loaded or is not supported, a text longer than the model's context.
+        ModelCodeError: The model's own forward pass failed (a ``UsageError``).
     """
     check_arguments(model, texts, tokenizer, settings)
     settings = (settings or ScanSettings()).replace(**options).check()
@@ -119,7 +136,29 @@ def profile(
     sentences). Each block's threshold is the scan's: from ``report`` (a saved report of this model, whose texts are
     used when ``texts`` is None), else from the corpus pass of a scan (``settings`` and ``options`` as for ``scan``:
     ``min_abs``, ``min_ratio``, ``batch_size``, ``max_length``). Then one more batched pass counts each block's
-    carriers; memory does not grow with the corpus."""
+    carriers; memory does not grow with the corpus.
+
+    Args:
+        model: As for ``scan``: a name (None: the embedded default), a loaded model, or an ``nn.Module`` with
+            ``tokenizer``.
+        texts: The texts to count on, a list of strings; None for ``report``'s texts, or without ``report`` the
+            built-in sentences.
+        settings: A ``ScanSettings`` (default: the CLI's defaults).
+        report: A ``Report`` of this model (e.g. from ``massact.report.schema.load_report``), whose criterion,
+            medians and ``max_length`` are used instead of a new corpus pass.
+        tokenizer: The tokenizer of an ``nn.Module`` ``model``.
+        progress: Reports the passes' progress; see ``Progress``.
+        **options: Single fields of ``settings`` to change (``min_abs=50``).
+
+    Returns:
+        The profile, one ``BlockProfile`` per block.
+
+    Raises:
+        TypeError: An argument is not of a kind profile takes (``report`` a folder name instead of a ``Report``).
+        ValueError: ``texts`` is empty.
+        UsageError: Bad input a user can fix (a ``ValueError``), or ``report`` was made from another model.
+        ModelCodeError: The model's own forward pass failed (a ``UsageError``).
+    """
     check_arguments(model, texts, tokenizer, settings)
     if report is not None and not isinstance(report, Report):  # a report's folder is read by load_report, not here
         raise TypeError(f"report must be a Report (e.g. massact.report.schema.load_report(folder)), not {type(report).__name__}")
@@ -142,8 +181,8 @@ def profile(
     medians = [stats.median for stats in layers]
     advance = progress("profile: forward passes over the texts", total if settings.max_length is None else None)
     stream = (window.ids for window in windows(lm, corpus, settings.max_length))
-    counts = profiling.count(lm, stream, medians, criterion, settings.batch_size, advance)
-    return profiling.build(lm, counts, medians, criterion, lm.name, lm.source, corpus.describe(), weights_sha256(lm.model))
+    counts = count_carriers(lm, stream, medians, criterion, settings.batch_size, advance)
+    return build_profile(lm, counts, medians, criterion, lm.name, lm.source, corpus.describe(), weights_sha256(lm.model))
 
 
 @dataclass(kw_only=True)
@@ -209,7 +248,7 @@ def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings) -
     origins, anatomies, attributions, experts = explain(lm, pick_events(found.dims, found.massive, lines), found.inputs,
                                                         found.tokens, found.layers, found.criterion, settings.top_neurons,
                                                         warnings)
-    supers = None if found.experts is None else super_experts(*found.experts, settings.super_expert_quantile,
+    supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
                                                               settings.super_expert_fraction, settings.super_expert_depth)
     return Report(model=model_info(lm), corpus=found.corpus, texts=found.texts, tokens=found.tokens,
                   criterion=found.criterion, settings=settings, layers=found.layers, massive=found.massive,
@@ -251,7 +290,7 @@ def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor
     text = eval_text or default_eval_text()
     # One scoring, its passes shared by the interventions and the super weights.
     evaluation = evaluation_for(lm, text, dims=report.dims, attribution=report.attribution, experts=report.experts)
-    report.verification = verify_report(lm, inputs, text, source, progress("interventions", None), evaluation, dims=report.dims,
+    report.verification = verify_by_intervention(lm, inputs, text, source, progress("interventions", None), evaluation, dims=report.dims,
                                         medians=report.medians, criterion=report.criterion, massive=report.massive, texts=report.texts,
                                         attribution=report.attribution, experts=report.experts)
     report.attention = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens,
@@ -316,8 +355,8 @@ def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
 
 def _prune_experts(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation,
                    epsilon: float) -> list[ExpertPruning]:
-    """The report's super experts pruned, and a random control (``massact.analysis.causal.experts.prune``)."""
-    return prune_experts(lm, inputs, evaluation, epsilon, report.super_experts, dims=report.dims, lifelines=report.lifeline,
+    """The report's super experts pruned, and a random control (``massact.analysis.causal.expert_pruning.prune_super_experts``)."""
+    return prune_super_experts(lm, inputs, evaluation, epsilon, report.super_experts, dims=report.dims, lifelines=report.lifeline,
                          medians=report.medians, criterion=report.criterion, massive=report.massive,
                          tokens=report.tokens)
 

@@ -24,7 +24,18 @@ QUANT_DEFAULTS = {"clip_z": 4.0, "block_size": 16384}
 
 @dataclass(kw_only=True)
 class Criterion:
-    """An activation a is massive when |a| >= min_abs and |a| >= min_ratio x the median |a| of its hidden state."""
+    """An activation a is massive when |a| >= min_abs and |a| >= min_ratio x the median |a| of its hidden state.
+
+    Args:
+        min_abs: The smallest massive |a|, a finite number >= 0.
+        min_ratio: The smallest massive |a| / median |a|, a finite number >= 0.
+        median: What the median is taken over, as the report says it.
+        median_rel_error: The median's relative error bound; the scan sets it from its median sketch (default 0).
+
+    Raises:
+        TypeError: ``min_abs`` or ``min_ratio`` is not a number.
+        UsageError: ``min_abs`` or ``min_ratio`` is negative, NaN or infinite (a ``ValueError``).
+    """
 
     min_abs: float = 100.0
     min_ratio: float = 1000.0

@@ -23,7 +23,19 @@ def live(hidden: torch.Tensor, criterion: Criterion | None = None, attention_mas
     """bool [batch, positions]: True where some dim of ``hidden`` [batch, positions, width] has |a| >= min_abs and
     |a| >= min_ratio x the median |a| of the batch's hidden state, over its real tokens and every dim (as the scan's
     criterion takes the median over every token at a block). ``attention_mask`` (1 = real token): padding is never
-    flagged and never enters the median."""
+    flagged and never enters the median.
+
+    Args:
+        hidden: A hidden state [batch, positions, width], e.g. one of a transformers model's ``hidden_states``.
+        criterion: The massive test (default: ``Criterion()``, |a| >= 100 and >= 1000 x the median).
+        attention_mask: [batch, positions], 1 for a real token and 0 for padding (default: every position real).
+
+    Returns:
+        bool [batch, positions], on ``hidden``'s device: True where some dim is massive.
+
+    Raises:
+        TypeError: ``criterion`` is not a ``Criterion``.
+    """
     if criterion is not None and not isinstance(criterion, Criterion):
         raise TypeError(f"criterion must be a massact.masks.Criterion, not {type(criterion).__name__}")
     criterion = criterion or Criterion()
@@ -73,6 +85,19 @@ class Hook:
         with massact.masks.Hook(model, layers=[12]) as hook:
             model(**batch)
         keep = ~hook.masks[12]
+
+    Args:
+        model: A ``LoadedModel`` (``massact.load`` or ``massact.wrap``) or a transformers model massact can map.
+        layers: The blocks to record, 0-based integers (default: every block).
+        criterion: The massive test (default: ``Criterion()``).
+
+    Raises:
+        TypeError: ``model`` is neither, ``layers`` is not a list of integers, or ``criterion`` is not a
+            ``Criterion``.
+        ValueError: A block index in ``layers`` is out of range (or ``layers`` is empty); at a forward pass, an
+            attention mask whose shape does not match the blocks' output.
+        UsageError: ``model``'s architecture is not supported.
+        RuntimeError: The Hook is entered while it is open.
     """
 
     def __init__(self, model: LoadedModel | nn.Module, layers: Iterable[int] | None = None, criterion: Criterion | None = None):

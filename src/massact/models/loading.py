@@ -10,7 +10,6 @@ import functools
 import importlib.util
 import os
 import re
-import shutil
 import socket
 import sys
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..writes import replace_whole
 from .adapters import Adapter, adapter_for
 from .adapters.base import text_config
 from .failures import register_blocks
@@ -69,7 +69,19 @@ class LoadedModel:
 
 
 def wrap(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
-    """Wrap a model already in memory (e.g. one built in a test) for the analysis."""
+    """Wrap a model already in memory (e.g. one built in a test) for the analysis.
+
+    Args:
+        model: A transformers model of a supported architecture (it is put in eval mode).
+        tokenizer: Its tokenizer.
+        name: How reports call it (default: the config's ``name_or_path``, else the class name).
+
+    Returns:
+        The model with its tokenizer and its family's adapter.
+
+    Raises:
+        UsageError: The model's architecture is not supported, or its config lacks a field the adapter needs.
+    """
     adapter = adapter_for(model.config)
     model.eval()
     return LoadedModel(model, tokenizer, adapter, name or getattr(model.config, "name_or_path", "") or type(model).__name__)
@@ -103,6 +115,22 @@ def load(spec: str | None = None, dtype: str = "float32", device: str = "auto", 
     big-model loading; ``device`` is then ignored and inputs go to the device of the first parameters.
     Weights are read from safetensors only (pickled .bin files can run code); ``trust_remote_code`` lets a model
     directory's own Python code define its classes (its model type still needs an adapter).
+
+    Args:
+        spec: None for the embedded default, a model directory, a ``.gguf`` file, or a hub id (``id@revision``).
+        dtype: The number format the model computes in: "float32", "bfloat16" or "float16".
+        device: "auto" (a GPU where there is one), "cpu", "cuda", "cuda:N" or "mps".
+        log: Called with each progress message (default: printed on stderr).
+        device_map: Spread the model over every device (e.g. "auto"); ``device`` is then ignored.
+        trust_remote_code: Let the model directory's own Python code define its classes (it runs that code).
+
+    Returns:
+        The model in eval mode, its tokenizer and its family's adapter.
+
+    Raises:
+        UsageError: The spec is not a model (a missing path, a directory without config.json, a file that is not
+            ``.gguf``), the hub cannot be reached, the config or weights cannot be read, the architecture is not
+            supported, or ``dtype`` or ``device`` is not one of those above.
     """
     log = log or (lambda message: print(message, file=sys.stderr))
     if dtype not in DTYPES:
@@ -246,14 +274,16 @@ def _gguf_dir(path: Path, log) -> str:
         plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(model.state_dict(), assign=True)
     plain.tie_weights()
-    partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    def save(partial: Path) -> None:
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+
     try:
-        os.replace(partial, target)  # atomic: a half-written cache is never taken for a whole one
-    except OSError:  # another process (a multi-process launch) finished the same conversion first
-        shutil.rmtree(partial, ignore_errors=True)
+        replace_whole(target, save, target.with_name(target.name + f".partial-{os.getpid()}"))  # never half a cache
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # Another process of a multi-process launch finished the same conversion first: its copy is whole.
     return str(target)
 
 

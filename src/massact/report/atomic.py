@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UsageError
+from ..writes import replace_whole
 
 _STAGING = re.compile(r"^\.(?P<name>.+)\.massact-(?P<pid>\d+)$")  # a staging directory: .<out name>.massact-<pid>
 # Files massact writes in an output directory (with their hidden partials): replaced by a new set, never carried.
@@ -147,12 +148,9 @@ def write_file(path: Path, content: str) -> None:
         raise UsageError(f"{path}: its folder {path.parent} does not exist")
     if path.is_dir():
         raise UsageError(f"{path} is a folder, not a file")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        _write(temporary, content)
-        os.replace(temporary, path)
+        replace_whole(path, lambda partial: _write(partial, content))
     except OSError as error:  # not ours to write, a full disk, a place that takes no files (/proc)
-        temporary.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from None
 
 

@@ -440,7 +440,18 @@ def read_report(data, where: str = "report.json") -> Report:
 
 
 def load_report(directory: Path) -> Report:
-    """``directory``/report.json, checked and built (see ``read_report``)."""
+    """``directory``/report.json, checked and built (see ``read_report``).
+
+    Args:
+        directory: The report's folder (what ``massact scan --out`` wrote into).
+
+    Returns:
+        The report, every field checked while its dataclasses are built.
+
+    Raises:
+        UsageError: report.json is missing or unreadable, is not a massact report, has another format version,
+            or a field is missing, of the wrong type or out of range (one line naming the field).
+    """
     path = Path(directory) / "report.json"
     return read_report(parse(path, "a massact report"), str(path))
 
@@ -453,7 +464,18 @@ def write_profile(profile: Profile) -> str:
 def load_profile(path: Path) -> Profile:
     """A profile.json, checked and built; a wrong format, version or field is one UsageError line. Beyond the types:
     one block per layer in order, at most ``tokens`` massive tokens per block, and each rule with the position or the
-    token id its kind needs (ids and positions from 0 to MAX_COUNT)."""
+    token id its kind needs (ids and positions from 0 to MAX_COUNT).
+
+    Args:
+        path: The profile.json file.
+
+    Returns:
+        The profile, every field checked.
+
+    Raises:
+        UsageError: The file is missing or unreadable, is not a massact profile, has another version, or a field is
+            wrong (one line naming the field).
+    """
     return _load_headed(path, Profile, PROFILE_FORMAT, PROFILE_VERSION, "a massact profile")
 
 
@@ -519,7 +541,18 @@ def _load_headed(path: Path, kind: type, format_: str, version: int, what: str):
 
 
 def load_protect(path: Path) -> Protect:
-    """A protect.json, checked and built; a wrong format, version or field is one UsageError line."""
+    """A protect.json, checked and built; a wrong format, version or field is one UsageError line.
+
+    Args:
+        path: The protect.json file.
+
+    Returns:
+        The protect list, every field checked.
+
+    Raises:
+        UsageError: The file is missing or unreadable, is not a protect list, has another version, or a field is
+            wrong (one line naming the field).
+    """
     data = parse(path, "a protect list")
     if isinstance(data, dict) and data.get("format") == PROTECT_FORMAT and data.get("version") != PROTECT_VERSION:
         raise UsageError(f"{path}: protect list version {_show(data.get('version'))}; this massact reads version {PROTECT_VERSION}")

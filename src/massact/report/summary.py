@@ -14,9 +14,9 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.text import Text
 
-from ..analysis.conclusion import story, super_expert_words
 from ..analysis.results import Report
 from ..numbers import short
+from .conclusion import story, super_expert_words
 from .tables import Style, add_row, plain_text, spans
 
 SHOWN_DIMS = 3  # dims told in sentences; the table lists up to TABLE_DIMS, report.txt all of them

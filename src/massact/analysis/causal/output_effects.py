@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ...models.loading import LoadedModel
-from .evaluation import ROWS, Evaluation
+from ..evaluation.windows import ROWS, Evaluation
 from .results import OutputEffect, TokenShift
 
 TOP_TOKENS = 5

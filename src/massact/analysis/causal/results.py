@@ -75,7 +75,7 @@ class OutputEffect:
 @dataclass(kw_only=True)
 class EmbeddingChange:
     """What an intervention does to a headless encoder's embeddings of the evaluation sentences (see
-    ``massact.analysis.causal.embeddings``): the mean cosine of the mean-pooled and [CLS] final states to the
+    ``massact.analysis.evaluation.embeddings``): the mean cosine of the mean-pooled and [CLS] final states to the
     unmodified model's, the Spearman correlation of the pairwise similarities, and the score 1 + (1 - mean_cosine)."""
 
     name: str

@@ -13,9 +13,9 @@ from ...capture.edits import read_coordinate, set_weight
 from ...capture.probe import probe_block
 from ...models.loading import LoadedModel
 from ...settings import Criterion
+from ..evaluation.windows import Evaluation
 from ..mechanism.attribution import down_row, super_weight
 from ..mechanism.results import Attribution, Lifeline
-from .evaluation import Evaluation
 from .results import SuperWeightStep
 
 MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)

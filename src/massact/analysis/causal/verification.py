@@ -11,18 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ...capture.batches import pad_batch
 from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
 from ...capture.hooks import forward_until, tap
+from ...capture.routing import expert_matrix, pruned_experts
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..detect.results import DimSummary, Massive
-from ..detect.scan import pad_batch
-from ..mechanism.moe import expert_matrix, pruned_experts
+from ..evaluation.embeddings import EmbeddingEvaluation
+from ..evaluation.embeddings import changes as embedding_changes
+from ..evaluation.embeddings import claim as embedding_claim
+from ..evaluation.windows import Evaluation, evaluation_for
 from ..mechanism.results import Attribution, ExpertAttribution
-from .embeddings import EmbeddingEvaluation
-from .embeddings import changes as embedding_changes
-from .embeddings import claim as embedding_claim
-from .evaluation import Evaluation, evaluation_for
 from .output_effects import Edit, output_effects
 from .results import InputDependence, Intervention, OutputEffect, Verification
 
@@ -59,7 +59,7 @@ class _Run:
         return next(d.persists[-1] for d in self.dims if d.dim == dim)
 
 
-def verify(
+def verify_by_intervention(
     lm: LoadedModel, inputs: dict[int, torch.Tensor], eval_text: str, eval_source: str, step: Callable[[], None] = lambda: None,
     evaluation: Evaluation | EmbeddingEvaluation | None = None, *, dims: list[DimSummary], medians: list[float],
     criterion: Criterion, massive: list[Massive], texts: dict[int, str], attribution: list[Attribution],

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ...capture.routing import expert_matrix
 from ...errors import UsageError
 from ...models.identity import check_same_weights
 from ...models.info import ModelInfo
@@ -20,7 +21,6 @@ from ...settings import Criterion
 from ..causal.results import SuperWeightStep
 from ..detect.results import DimSummary, Massive
 from ..function.sinks import sink_tokens
-from ..mechanism.moe import expert_matrix
 from ..mechanism.results import Attribution, ExpertAttribution
 
 # The list's dataclasses live with the stage's other results; imported from here too, as the documentation does.

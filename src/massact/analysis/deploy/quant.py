@@ -25,15 +25,15 @@ import torch
 from torch import nn
 
 from ...capture.edits import massive_mask, read_coordinate
-from ...capture.experts import instrumented
+from ...capture.expert_maxima import instrumented
 from ...capture.hooks import forward_until, tap
 from ...errors import UsageError
 from ...models.adapters.base import is_transposed
 from ...models.loading import LoadedModel
 from ...settings import QUANT_DEFAULTS, QUANT_GRIDS
-from ..causal.evaluation import Evaluation
-from ..causal.mlm import next_token_windows
-from ..causal.perplexity import default_eval_text, eval_windows, perplexity
+from ..evaluation.mlm import next_token_windows
+from ..evaluation.perplexity import default_eval_text, eval_windows, perplexity
+from ..evaluation.windows import Evaluation
 from .engines import engine, engine_rows, engine_words
 from .protect import Protect
 from .results import EngineRow, Quantization, QuantRow
@@ -255,7 +255,7 @@ def _by_name(held_out: list[tuple[str, tuple[int, ...]]]) -> dict[str, list[tupl
 class ActivationQuant:
     """int8 fake-quantization of every block projection's input (per tensor or per token), as forward pre-hooks; in a
     mixture of experts also every expert's input and its neurons' activations (the fused experts run instrumented,
-    ``massact.capture.experts``). ``keep`` [positions] marks the massive tokens of the current input: kept in float
+    ``massact.capture.expert_maxima``). ``keep`` [positions] marks the massive tokens of the current input: kept in float
     when ``keep_massive``, and always used to split the squared error (summed over every input entry) into the
     massive tokens' part."""
 
@@ -320,7 +320,7 @@ def massive_positions(lm: LoadedModel, ids: torch.Tensor, protect: Protect) -> t
 # ---- the sweep ----
 
 
-def measure(
+def measure_quantization(
     lm: LoadedModel, protect: Protect, eval_text: str | None = None, grid_name: str = "default", clip_z: float | None = None,
     block: int | None = None, progress: Callable[[str, int | None], Callable[[], None]] | None = None,
     earlier: Quantization | None = None, engines: tuple[str, ...] = (),

@@ -67,11 +67,3 @@ def _structure_problem(state) -> str | None:
     if state["done"] < 0:
         return "'done' is negative"
     return None
-
-
-def remove_partial(path: Path) -> None:
-    """Remove a half-written file (e.g. after a full disk), ignoring that it may not exist."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass

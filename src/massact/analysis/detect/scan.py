@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ...capture.batches import pad_batch
 from ...capture.blocks import BlockRecorder
-from ...capture.experts import ExpertMaxima
+from ...capture.expert_maxima import ExpertMaxima
 from ...capture.hooks import tap
 from ...capture.stats import LogHistogram, TopK
 from ...errors import UsageError
 from ...launch import launch
 from ...models.loading import LoadedModel
 from ...settings import Criterion
+from ...writes import replace_whole
 from .results import DimSummary, Entry, LayerStats, Massive
-from .resume import read_state, remove_partial, state_refused
+from .resume import read_state, state_refused
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
 
@@ -50,21 +51,6 @@ class LayerScan:
 
     def medians(self) -> list[float]:
         return [histogram.quantile(0.5) for histogram in self.histograms]
-
-
-def pad_batch(inputs: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad [1, n_i] token ids into [batch, max n] ids and the attention mask (1 = real token).
-
-    With right padding a causal model computes every real token exactly as alone: pads come after it and are
-    masked out as keys, and positions still count from 0.
-    """
-    longest = max(ids.shape[1] for ids in inputs)
-    ids = torch.full((len(inputs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(inputs), longest), dtype=torch.long)
-    for row, one in enumerate(inputs):
-        ids[row, : one.shape[1]] = one[0]
-        mask[row, : one.shape[1]] = 1
-    return ids, mask
 
 
 def scan_layers(
@@ -219,15 +205,12 @@ def _save_state(path: Path, done: int, fingerprint: str, recorder: BlockRecorder
         "blocks": recorder.state_dict(),
         "experts": maxima.state_dict() if maxima is not None else None,
     }
-    partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, partial)
-        os.replace(partial, path)  # a kill mid-write leaves the previous state whole
+        # A kill mid-write leaves the previous state whole; a full disk or Ctrl-C leaves no half-written one.
+        replace_whole(path, lambda partial: torch.save(state, partial), path.with_name(path.name + ".partial"))
     except OSError as error:
         raise UsageError(f"cannot write the scan state {path}: {error.strerror or error}") from None
-    finally:  # a full disk or Ctrl-C: no half-written state stays (after the rename there is none)
-        remove_partial(partial)
 
 
 def _load_state(path: Path, recorder: BlockRecorder, identity: str = "", maxima: ExpertMaxima | None = None) -> tuple[int, str]:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from ...capture.attention import attention_pass, softmax_layers
+from ...capture.batches import pad_batch
 from ...capture.edits import replace_massive
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..detect.results import DimSummary, Massive
-from ..detect.scan import pad_batch
 from .results import AttentionSinks, SinkIntervention, SinkToken
 
 SINK_SHARE = 0.5  # a block "has a sink" when at least half of its heads are sink heads (sink rate >= 50%)

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 import torch
 
 from ...capture.probe import ATTN_Z, block_output, probe_block, stream_dims
+from ...capture.routing import MoeBlock
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..detect.results import DimSummary, LayerStats, Massive
 from . import anatomy as anatomy_step
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
+from .expert_attribution import attribute_moe
 from .lifeline import phase_direction, step_sign, writers
-from .moe import MoeBlock, attribute_moe
 from .norms import norm_factors
 from .origin import decomposition_gap, head_split, removal_cause, writer
 from .results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, NormFactors, Origin, TokenValues

@@ -204,7 +204,7 @@ class Attribution(Place):
 @dataclass(kw_only=True)
 class ExpertAttribution(Place):
     """A massive value written by a mixture-of-experts MLP, split into the routed experts (router weight x expert
-    output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.analysis.mechanism.moe``)."""
+    output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.capture.routing``)."""
 
     moe: MoeAttribution
 

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from ...capture.batches import pad_batch
 from ...capture.hooks import tap
 from ...models.loading import LoadedModel
 from ...settings import Criterion
-from ..detect.scan import pad_batch
 from .results import BlockProfile, Profile, Rule
 
 MIN_PRECISION = 0.5  # a rule is kept when at least half of what it flags is massive ...
@@ -70,7 +70,7 @@ def gamma(sums: torch.Tensor, squares: torch.Tensor, count: float) -> float:
     return float(mean.norm() / std.norm())
 
 
-def count(lm: LoadedModel, windows: Iterable[torch.Tensor], medians: list[float], criterion: Criterion,
+def count_carriers(lm: LoadedModel, windows: Iterable[torch.Tensor], medians: list[float], criterion: Criterion,
           batch_size: int = 8, on_window: Callable[[], None] = lambda: None) -> Counts:
     """The batched pass over ``windows`` (token ids [1, n] each, read lazily), every block's tokens counted against
     max(min_abs, min_ratio x that block's median)."""
@@ -132,7 +132,7 @@ def block_rules(counts: Counts, layer: int, decode: Callable[[int], str]) -> tup
     return rules, carriers, _rate(found, predicted), recall
 
 
-def build(lm: LoadedModel, counts: Counts, medians: list[float], criterion: Criterion, name: str, source: str | None,
+def build_profile(lm: LoadedModel, counts: Counts, medians: list[float], criterion: Criterion, name: str, source: str | None,
           corpus: str, weights_sha256: str | None) -> Profile:
     """The profile from the pass's counts."""
     blocks = []

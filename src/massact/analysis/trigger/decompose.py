@@ -18,9 +18,9 @@ from torch import nn
 
 from ...capture.hooks import forward_until, tap, tap_module_input
 from ...capture.probe import ATTN_Z
+from ...capture.routing import MoeBlock, expert_input_row
 from ...models.adapters.base import bias_of, weight_out_in
 from ...models.loading import LoadedModel
-from ..mechanism.moe import MoeBlock, expert_input_row
 from ..mechanism.norms import centers, gain_and_bias, scale
 
 NormKey = tuple[int, str]  # (block, module path) of a norm whose per-position factor multiplies a term

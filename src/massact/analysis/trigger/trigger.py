@@ -10,10 +10,10 @@ import torch
 from ...capture.attention import attention_pass
 from ...capture.hooks import forward_until, tap
 from ...capture.probe import block_output
+from ...capture.routing import MoeBlock, route
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..detect.results import Massive
-from ..mechanism.moe import MoeBlock, route
 from ..mechanism.results import Attribution, ExpertAttribution, HeadShare, Lifeline, Origin
 from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
 from .patching import patch_sources

@@ -1,7 +1,7 @@
 """Mixtures of experts: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V2 and V3, Llama-4, GLM-4.5, and the
 expert blocks of Qwen3-Next and Qwen3.5-MoE. transformers 5 fuses each block's experts into 3-D parameters, so no hook
 sees a neuron inside an expert: the scan reads the MoE block's input and output, and
-``massact.analysis.mechanism.moe`` recomputes the routing (as ``Router`` declares it) and every expert's neurons
+``massact.capture.routing`` recomputes the routing (as ``Router`` declares it) and every expert's neurons
 from the weights (as ``Experts`` lays them out). Where a family mixes dense blocks in (``first_k_dense_replace``,
 ``mlp_only_layers`` and ``decoder_sparse_step``, ``moe_layers``), a variant gives those blocks their dense MLP.
 

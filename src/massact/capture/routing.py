@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...models.adapters.base import Moe
-from ...models.loading import LoadedModel
-from .results import ExpertContribution, ExpertNeuron, ExpertSuperWeight, MoeAttribution
+from ..models.adapters.base import Moe
+from ..models.loading import LoadedModel
 
 
 @dataclass
@@ -185,15 +184,6 @@ def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return pre_gate, pre_up, act(pre_gate) * pre_up, down, logit, scale
 
 
-def top_neurons(pre_gate: torch.Tensor, pre_up: torch.Tensor, activation: torch.Tensor, down_row: torch.Tensor,
-                parts: torch.Tensor, output: float, top: int) -> list[ExpertNeuron]:
-    """The ``top`` neurons by |contribution|, with share = contribution / ``output`` (the MoE output at dim)."""
-    order = parts.abs().argsort(descending=True)[:top].tolist()
-    return [ExpertNeuron(neuron=i, gate=float(pre_gate[i]), up=float(pre_up[i]), activation=float(activation[i]), weight=float(down_row[i]),
-                         contribution=float(parts[i]), share=float(parts[i]) / output if output else float("nan"))
-            for i in order]
-
-
 def block_output(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
     """The block's own output for the single token ``x`` (called as [1, 1, d_model]; a (hidden, router) tuple is
     unpacked), as a 1-D float64 CPU tensor.
@@ -207,73 +197,6 @@ def block_output(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
     if isinstance(out, tuple):
         out = out[0]
     return out.reshape(-1).double().cpu()
-
-
-def _rank(param: torch.Tensor, value: torch.Tensor) -> int:
-    """1 + how many entries of ``param`` are larger in |w| than ``value``, counted one leading slice at a time."""
-    threshold = value.abs().to(param.device, param.dtype)
-    slices = param.detach() if param.dim() > 2 else param.detach().unsqueeze(0)
-    return 1 + sum(int((part.abs() > threshold).sum()) for part in slices)
-
-
-def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> ExpertSuperWeight:
-    if expert is None:
-        matrix, index = f"{moe.prefix}.{moe.spec.shared}.down_proj.weight", [dim, neuron]  # nn.Linear: [out, in]
-        param = moe.shared.down_proj.weight
-    else:
-        matrix = f"{moe.prefix}.{moe.spec.experts.path}.down_proj"
-        index = [expert, neuron, dim] if moe.spec.experts.transposed else [expert, dim, neuron]
-        param = moe.experts.down_proj
-    value = param.detach()[tuple(index)]
-    return ExpertSuperWeight(matrix=matrix, index=index, expert=expert, dim=dim, neuron=neuron, value=float(value),
-                             rank=_rank(param, value), entries=param.numel())
-
-
-def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: int = 10) -> MoeAttribution:
-    """Split the MoE block's output at residual ``dim`` for one token into experts and neurons.
-
-    ``x`` is the block's input at that token, [d_model]. Experts are the ones the block's routing selects; every number
-    is recomputed in float64 from the weights and the sum is checked against the block itself (``error``). ``top``
-    neurons are kept per expert.
-    """
-    if x.dim() != 1:
-        raise ValueError(f"x must be one token's input vector [d_model], got shape {tuple(x.shape)}")
-    x64 = x.detach().double().cpu()
-    routing = route(moe, x64.unsqueeze(0))
-    on_input = moe.spec.router.on_input
-    parts: list[tuple[ExpertContribution, tuple[torch.Tensor, ...]]] = []
-    for expert, weight in zip(routing.indices[0].tolist(), routing.weights[0].tolist()):
-        gate, up, activation, down, down_bias = expert_parts(moe, expert, x64 * weight if on_input else x64)
-        scale = 1.0 if on_input else weight  # Llama-4: the weight is already inside the activations
-        output = float(down[dim] @ activation) + (float(down_bias[dim]) if down_bias is not None else 0.0)
-        neuron_parts = scale * activation * down[dim]
-        entry = ExpertContribution(expert=expert, router_logit=float(routing.logits[0, expert]),
-                                   router_prob=float(routing.scores[0, expert]),
-                                   router_weight=weight, output=output, contribution=scale * output, share=0.0)
-        bias_part = scale * float(down_bias[dim]) if down_bias is not None else 0.0
-        parts.append((entry, (gate, up, activation, neuron_parts, down[dim], bias_part)))
-    shared = None
-    if moe.shared is not None:
-        gate, up, activation, down, logit, scale = _shared_parts(moe, x64)
-        output = float(down[dim] @ activation)
-        shared = ExpertContribution(expert=None, router_logit=logit, router_prob=scale, router_weight=scale, output=output,
-                                    contribution=scale * output, share=0.0)
-        parts.append((shared, (gate, up, activation, scale * activation * down[dim], down[dim], 0.0)))
-
-    total = sum(entry.contribution for entry, _ in parts)
-    actual = float(block_output(moe, x)[dim])
-    for entry, (gate, up, activation, neuron_parts, down_row, bias_part) in parts:
-        entry.share = entry.contribution / total if total else float("nan")
-        entry.neurons = top_neurons(gate, up, activation, down_row, neuron_parts, total, top)
-        entry.neuron_error = abs(float(neuron_parts.sum()) + bias_part - entry.contribution) / max(abs(entry.contribution), 1e-12)
-
-    best = max((entry for entry, _ in parts), key=lambda entry: abs(entry.contribution))
-    routed = sorted((entry for entry, _ in parts if entry.expert is not None), key=lambda e: -e.router_weight)
-    return MoeAttribution(
-        dim=dim, family=family, output=total, actual=actual, error=abs(total - actual) / max(abs(actual), 1e-12), experts=routed,
-        shared_expert=shared, top_expert=best.expert, neurons=best.neurons,
-        super_weight=_super_weight(moe, best.expert, dim, best.neurons[0].neuron),
-    )
 
 
 def expert_input_row(moe: MoeBlock, expert: int, neuron: int, site: str) -> tuple[torch.Tensor, float]:

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...capture.batches import pad_batch
 from ...capture.hooks import forward_until
 from ...capture.prefix import Scratch, head_rows, keep_block_inputs, run_from
 from ...models.loading import LoadedModel
 from ..detect.results import DimSummary
-from ..detect.scan import pad_batch
 from ..mechanism.results import Attribution, ExpertAttribution
 from .embeddings import EmbeddingEvaluation, headless
 from .mlm import Scored, masked_windows, next_token_windows

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ...errors import UsageError
 from ...models.loading import LoadedModel
-from .results import EmbeddingChange
+from ..causal.results import EmbeddingChange
 
 MAX_SENTENCES = 32  # enough pairs (496) for a stable rank correlation, one small batch
 MIN_SENTENCES = 4

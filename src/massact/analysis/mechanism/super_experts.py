@@ -1,6 +1,6 @@
 """Super experts (Su et al. 2025, "Unveiling Super Experts in Mixture-of-Experts Large Language Models"): the few
 experts whose outputs are far larger than every other expert's, found from each expert's largest |output| over the
-corpus (the scan keeps it: ``massact.capture.experts``), by the paper's rule.
+corpus (the scan keeps it: ``massact.capture.expert_maxima``), by the paper's rule.
 
 An expert is a super expert when its maximum is above the ``quantile`` (99.5%) of every (block, expert) maximum, above
 ``fraction`` (a tenth) of the largest, and its block in the first ``depth`` (three quarters) of the model.
@@ -13,7 +13,7 @@ import torch
 from .results import SuperExpert, SuperExpertRule, SuperExperts
 
 
-def find(routed: torch.Tensor, shared: torch.Tensor, quantile: float, fraction: float, depth: float) -> SuperExperts:
+def find_super_experts(routed: torch.Tensor, shared: torch.Tensor, quantile: float, fraction: float, depth: float) -> SuperExperts:
     """The super experts of a [blocks, experts] profile of maxima (-inf where none) by the rule."""
     n_layers = routed.shape[0]
     values = routed[torch.isfinite(routed)].double()

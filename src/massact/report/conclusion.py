@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from ..analysis.causal.results import SuperWeightStep
+from ..analysis.detect.results import DimSummary
+from ..analysis.mechanism.results import Lifeline, MoeAttribution, NormFactors, Phase, SuperExperts
+from ..analysis.results import Report
+from ..analysis.trigger.results import Trigger
 from ..numbers import short
-from .causal.results import SuperWeightStep
-from .detect.results import DimSummary
-from .mechanism.results import Lifeline, MoeAttribution, NormFactors, Phase, SuperExperts
-from .results import Report
-from .trigger.results import Trigger
 
 # Said in the warnings where a scan cannot verify: an encoder whose tokenizer has no mask token to score with.
 NO_MASK_TOKEN = "verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured"

@@ -10,18 +10,18 @@ from collections.abc import Callable
 import torch
 
 from ...capture.edits import read_coordinate
+from ...capture.routing import MoeBlock, pruned_experts
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..detect.results import DimSummary, Massive
+from ..evaluation.embeddings import EmbeddingEvaluation
+from ..evaluation.windows import Evaluation
 from ..function.sinks import SINK_TEXTS, sink_blocks, sink_pass, sink_tokens
-from ..mechanism.experts import control
-from ..mechanism.moe import MoeBlock, pruned_experts
 from ..mechanism.results import ExpertPruning, Lifeline, SuperExperts
-from .embeddings import EmbeddingEvaluation
-from .evaluation import Evaluation
+from ..mechanism.super_experts import control
 
 
-def prune(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation, epsilon: float,
+def prune_super_experts(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation, epsilon: float,
           found: SuperExperts, *, dims: list[DimSummary], lifelines: list[Lifeline], medians: list[float], criterion: Criterion,
           massive: list[Massive], tokens: dict[int, list[str]]) -> list[ExpertPruning]:
     """A row for the super experts pruned and one for the random control (none where no super expert was found). Each
