@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from massact.models.adapters import adapter_for
-from massact.models.adapters.base import text_config, weight_out_in
+from massact.models.adapters.base import text_config
 from massact.texts import DEFAULT_TEXTS
 
 TRIGGER = 5  # residual dim that carries the planted spike on BOS
@@ -162,7 +162,7 @@ def _isolate_trigger(model, bos: int) -> None:
         here = adapter.at(config, layer)
         for path in (here.attn_proj, here.mlp_down):
             module = adapter.module(model, layer, path)
-            weight_out_in(module)[TRIGGER] = 0.0
+            adapter.weight_out_in(module)[TRIGGER] = 0.0
             if getattr(module, "bias", None) is not None:
                 module.bias[TRIGGER] = 0.0
 
@@ -178,7 +178,7 @@ def plant_mlp(model, bos: int, layer: int, neuron: int, dim: int, out_weight: fl
         w[neuron, TRIGGER] = 2.0
         if bias is not None:
             bias[neuron] = -4.0  # pre-activation 2 x (~8 at BOS) - 4 > 0; 2 x (~0 elsewhere) - 4 < 0
-    weight_out_in(adapter.module(model, layer, adapter.mlp_down))[dim, neuron] = out_weight
+    adapter.weight_out_in(adapter.module(model, layer, adapter.mlp_down))[dim, neuron] = out_weight
 
 
 @torch.no_grad()
@@ -193,7 +193,7 @@ def plant_attention(model, bos: int, layer: int, head: int, dim: int) -> None:
     else:
         kv_head = head // (N_HEADS // model.config.num_key_value_heads)
         adapter.module(model, layer, "self_attn.v_proj").weight[kv_head * head_dim, TRIGGER] = 5.0
-    weight_out_in(adapter.module(model, layer, adapter.attn_proj))[dim, head * head_dim] = 50.0
+    adapter.weight_out_in(adapter.module(model, layer, adapter.attn_proj))[dim, head * head_dim] = 50.0
 
 
 def weights_hash(model) -> str:

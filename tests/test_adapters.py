@@ -7,7 +7,7 @@ from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
 from massact.capture.hooks import Trace
 from massact.errors import UsageError
 from massact.models.adapters import adapter_for
-from massact.models.adapters.base import bias_of, text_config, weight_out_in
+from massact.models.adapters.base import bias_of, text_config
 from massact.sites import SITES, resolve_site
 
 # The norm each family's MLP reads through (None: post-LN, the MLP reads resid_mid as it is), and from which stream.
@@ -86,7 +86,7 @@ def test_mlp_sites_recompose(family, tokenizer):
             close(t("mlp_act"), act_fn(t("mlp_up")))
         down = adapter.module(model, layer, adapter.mlp_down)
         bias = bias_of(down)
-        expected = t("mlp_act") @ weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0)
+        expected = t("mlp_act") @ adapter.weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0)
         close(t(adapter.raw("mlp_out")), expected)
         norm, stream = MLP_NORM.get(family, ("post_attention_layernorm", "resid_mid"))
         close(t("mlp_in"), adapter.module(model, layer, norm)(t(stream)) if norm else t(stream))

@@ -10,7 +10,7 @@ import massact
 from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
-from massact.models.adapters.base import text_config, weight_out_in
+from massact.models.adapters.base import text_config
 from massact.report.text import to_text
 
 LAYER, NEURON, DIM = 1, 37, 20
@@ -66,9 +66,9 @@ def planted_moe(family, tokenizer):
     model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
     for layer in range(config.num_hidden_layers):  # nothing else writes the trigger dim
         here = adapter.at(config, layer)
-        weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
+        adapter.weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
         if here.moe is None:
-            weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
+            adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
             continue
         block = adapter.module(model, layer, here.moe.block)
         experts = block.get_submodule(here.moe.experts.path)
@@ -76,7 +76,7 @@ def planted_moe(family, tokenizer):
         if here.moe.experts.biases:
             experts.down_proj_bias[:, TRIGGER] = 0.0
         if here.moe.shared:
-            block.get_submodule(here.moe.shared).down_proj.weight[TRIGGER] = 0.0
+            block.get_submodule(here.moe.shared.part(here.moe.shared.down)).weight[TRIGGER] = 0.0
     here = adapter.at(config, LAYER)
     block = adapter.module(model, LAYER, here.moe.block)
     block.get_submodule(here.moe.router.path).weight[EXPERT, TRIGGER] = 5.0  # BOS goes to the expert

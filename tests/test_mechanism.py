@@ -9,7 +9,6 @@ import massact
 from conftest import TRIGGER, plant_mlp, tiny_config, tiny_model, weights_hash
 from massact.analysis.trigger.decompose import Target, split
 from massact.models.adapters import adapter_for
-from massact.models.adapters.base import weight_out_in
 
 MARK, DIM = 30, 20  # the dim block 0 marks the first token in, and the dim that becomes massive
 M, P, B, C, E = 11, 12, 37, 38, 50  # neurons: the marker (block 0), precursor (1), two writers (2), the eraser (4)
@@ -28,7 +27,7 @@ def _rows(model, layer: int, neuron: int, reads: int, weight: float) -> None:
 def _writes(model, layer: int, neuron: int, dim: int, weight: float) -> None:
     """The neuron writes ``weight`` x its activation into ``dim`` and nothing anywhere else."""
     adapter = adapter_for(model.config)
-    down = weight_out_in(adapter.module(model, layer, adapter.mlp_down))
+    down = adapter.weight_out_in(adapter.module(model, layer, adapter.mlp_down))
     down[:, neuron] = 0.0
     down[dim, neuron] = weight
 
@@ -49,7 +48,7 @@ def planted_chain(tokenizer, erase: float = 0.999):
     embedding[tokenizer.bos_token_id, TRIGGER] = 10.0
     for layer in range(config.num_hidden_layers):
         for path in (adapter.attn_proj, adapter.mlp_down):
-            weight_out_in(adapter.module(model, layer, path))[[TRIGGER, MARK, DIM]] = 0.0
+            adapter.weight_out_in(adapter.module(model, layer, path))[[TRIGGER, MARK, DIM]] = 0.0
     _rows(model, 0, M, TRIGGER, 2.0)
     _writes(model, 0, M, MARK, 0.02)
     _rows(model, 1, P, TRIGGER, 2.0)

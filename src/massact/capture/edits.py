@@ -101,8 +101,8 @@ def replace_massive(
 
 
 def patch_position(lm: LoadedModel, layer: int, site: str, position: int, vector: torch.Tensor) -> AbstractContextManager[None]:
-    """Put ``vector`` [width] in place of the site's value at ``position`` of a one-text batch (OPT's flat
-    [positions, width] MLP tensors included), leaving every other position as the model computes it."""
+    """Put ``vector`` [width] in place of the site's value at ``position`` of a one-text batch (flat
+    [positions, width] MLP tensors included, an adapter's ``flat_rows``), leaving every other position as the model computes it."""
 
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.clone()

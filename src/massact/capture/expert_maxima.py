@@ -3,10 +3,10 @@ weight (Su et al. 2025's profile of super experts): one maximum per (block, expe
 
 transformers 5 fuses a block's experts, whose forward sums their weighted outputs: no hook sees one expert's output.
 While recording, the experts of every block run through ``experts_forward``, registered as an experts
-implementation of transformers (``ExpertsInterface``): the same computation as transformers' own eager loop (each
+implementation of transformers (``Experts.run_with``): the same computation as transformers' own eager loop (each
 expert on its tokens: fused gate and up, the module's gate function, down, times the router weight, summed), which also
-keeps the maximum. Llama-4's experts are not fused that way: each expert's output is the module's, read by a hook.
-A shared expert runs on every token: its maximum is kept apart, by a hook.
+keeps the maximum. Stacked experts (``Experts.stacked``) call no implementation: each expert's output is in the
+module's, read by a hook. A shared expert runs on every token: its maximum is kept apart, by a hook.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.adapters.base import Experts
 from ..models.loading import LoadedModel
 from .stats import State, check_state, state_tensor
 
@@ -86,8 +87,8 @@ class ExpertMaxima:
             yield self
 
     def _keep_each(self, layer: int, output: torch.Tensor) -> None:
-        """Llama-4's experts module returns [experts x tokens, d]: every expert's output for every token (0 where the
-        token is not routed to it, its input being 0)."""
+        """Stacked experts return [experts x tokens, d]: every expert's output for every token (0 where the token is
+        not routed to it, its input being 0)."""
         per_expert = output.view(self.routed.shape[1], -1, output.shape[-1])
         for expert in range(per_expert.shape[0]):
             self.keep(layer, expert, per_expert[expert])
@@ -100,39 +101,28 @@ Transform = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (rows
 def instrumented(lm: LoadedModel, maxima: ExpertMaxima | None = None, transform: Transform | None = None) -> Iterator[None]:
     """While open, the model's fused experts run through ``experts_forward``: ``maxima`` (where given) keeps each
     expert's largest |output|, and ``transform`` (where given) is applied to every expert's input and to its
-    neurons' activations (the down projection's input), e.g. to quantize them. Llama-4's experts, not fused that way,
+    neurons' activations (the down projection's input), e.g. to quantize them. Stacked experts (``Experts.stacked``)
     get hooks instead: ``transform`` on their input only."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, experts_forward)
     layers = [layer for layer in range(len(lm.adapter.blocks(lm.model))) if lm.at(layer).moe is not None]
-    handles, configs, instrumented_modules = [], [], []
+    handles, instrumented_modules = [], []
     try:
         for layer in layers:
             moe = lm.at(layer).moe
             block = lm.adapter.module(lm.model, layer, moe.block)
             experts = block.get_submodule(moe.experts.path)
-            if hasattr(experts, "is_transposed"):  # transformers' fused experts: run through experts_forward
-                experts._massact = (maxima, layer, transform)
-                instrumented_modules.append(experts)
-                if experts.config not in configs:
-                    configs.append(experts.config)
-            else:  # one output row per (expert, token): Llama-4
+            if moe.experts.stacked:  # one output row per (expert, token)
                 if maxima is not None:
                     handles.append(experts.register_forward_hook(lambda m, args, output, layer=layer: maxima._keep_each(layer, output)))
                 if transform is not None:
                     handles.append(experts.register_forward_pre_hook(lambda m, args: (transform(args[0], None), *args[1:])))
+            else:  # fused experts: run through experts_forward
+                experts._massact = (maxima, layer, transform)
+                instrumented_modules.append(experts)
             if moe.shared and maxima is not None:
-                handles.append(block.get_submodule(moe.shared).register_forward_hook(
+                handles.append(block.get_submodule(moe.shared.path).register_forward_hook(
                     lambda m, args, output, layer=layer: maxima.keep(layer, None, output.reshape(-1, output.shape[-1]))))
-        saved = [(config, config._experts_implementation) for config in configs]
-        for config, _ in saved:
-            config._experts_implementation = IMPLEMENTATION
-        try:
+        with Experts.run_with(instrumented_modules, IMPLEMENTATION, experts_forward):
             yield
-        finally:
-            for config, implementation in saved:
-                config._experts_implementation = implementation
     finally:
         for handle in handles:
             handle.remove()

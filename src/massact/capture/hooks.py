@@ -39,11 +39,12 @@ def _hook(module: nn.Module, direction: str, fn: Callable[[torch.Tensor], None])
 
 
 def _shaped(tensor: torch.Tensor, chunk: tuple[int, int] | None, lead: torch.Size | None) -> torch.Tensor:
-    """The site's value as [batch, positions, width]: one chunk of a fused projection, and OPT's flattened
-    [batch x positions, width] MLP tensors put back in shape."""
+    """The site's value as [batch, positions, width]: one chunk of a fused projection, and flattened
+    [batch x positions, width] MLP tensors (``lead``: the block's [batch, positions], where its adapter declares
+    ``flat_rows``) put back in shape."""
     if chunk is not None:
         tensor = tensor.chunk(chunk[1], dim=-1)[chunk[0]]
-    if tensor.dim() == 2 and lead is not None:
+    if lead is not None and tensor.dim() == 2:
         tensor = tensor.view(*lead, tensor.shape[-1])
     return tensor
 
@@ -53,7 +54,7 @@ def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn
     """Within the block, call ``fn(layer, site, tensor)`` each time a requested site is computed; ``tensor`` is
     [batch, positions, width] and may be the model's own storage (copy it to keep it)."""
     handles = []
-    leads: dict[int, torch.Size] = {}  # each block's [batch, positions], read at its input
+    leads: dict[int, torch.Size | None] = {}  # a flat-rows block's [batch, positions], read at its input
     config = text_config(model)
     try:
         for layer, site in sites:
@@ -61,12 +62,12 @@ def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn
             if site not in here.sites:
                 raise ValueError(f"{adapter.family} has no site {site!r} at block {layer}")
             path, direction, *chunk = here.sites[site]
-            if layer not in leads:
+            if here.flat_rows and layer not in leads:
                 leads[layer] = None
                 handles.append(_hook(adapter.module(model, layer, ""), "in", lambda t, layer=layer: leads.__setitem__(layer, t.shape[:-1])))
             module = adapter.module(model, layer, path)
             handles.append(_hook(module, direction, lambda t, layer=layer, site=site, chunk=chunk[0] if chunk else None:
-                                 fn(layer, site, _shaped(t, chunk, leads[layer]))))
+                                 fn(layer, site, _shaped(t, chunk, leads.get(layer)))))
         yield
     finally:
         for handle in handles:

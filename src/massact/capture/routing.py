@@ -47,7 +47,8 @@ class MoeBlock:
             return None
         block = lm.adapter.module(lm.model, layer, spec.block)
         get = lambda path: block.get_submodule(path) if path else None
-        return cls(spec, block, get(spec.router.path), get(spec.experts.path), get(spec.shared), get(spec.shared_gate), lm.config,
+        return cls(spec, block, get(spec.router.path), get(spec.experts.path), get(spec.shared.path) if spec.shared else None,
+                   get(spec.shared_gate), lm.config,
                    f"{lm.adapter.layers_path(lm.model)}.{layer}.{spec.block}", lm.dtype)
 
     def setting(self, *names: str):
@@ -175,9 +176,9 @@ def expert_parts(moe: MoeBlock, expert: int,
 def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
     """The shared expert's gate and up pre-activations, activations, down projection [d_model, d_mlp], the logit of its
     gate (0 without one) and the scale it applies (sigmoid of that logit, or 1)."""
-    mlp = moe.shared
-    gate, up, down = (getattr(mlp, name).weight.detach().double() for name in ("gate_proj", "up_proj", "down_proj"))
-    act = getattr(mlp, "act_fn", None) or mlp.activation_fn
+    mlp, parts = moe.shared, moe.spec.shared
+    gate, up, down = (mlp.get_submodule(name).weight.detach().double() for name in (parts.gate, parts.up, parts.down))
+    act = mlp.get_submodule(parts.act) if isinstance(parts.act, str) else parts.act
     pre_gate, pre_up = gate @ x, up @ x
     logit = float(moe.shared_gate.weight.detach().double().reshape(-1) @ x) if moe.shared_gate is not None else 0.0
     scale = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))) if moe.shared_gate is not None else 1.0

@@ -35,7 +35,6 @@ class ModelInfo:
 def model_info(lm: LoadedModel) -> ModelInfo:
     """The model as a report describes it: its shape, family, dtype and device, detection stream, the weights'
     digest and each block's kind where they differ."""
-    from .adapters.base import weight_out_in  # torch: only where a model is loaded
     from .identity import weights_sha256
 
     config = lm.config
@@ -46,7 +45,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         down = lm.adapter.module(lm.model, sparse, f"{moe.block}.{moe.experts.path}").down_proj
         d_mlp = down.shape[-2] if moe.experts.transposed else down.shape[-1]
     else:
-        d_mlp = weight_out_in(lm.adapter.module(lm.model, 0, lm.adapter.mlp_down)).shape[1]
+        d_mlp = lm.adapter.weight_out_in(lm.adapter.module(lm.model, 0, lm.adapter.mlp_down)).shape[1]
     return ModelInfo(
         name=lm.name,
         architecture=type(lm.model).__name__,

@@ -28,7 +28,6 @@ from ...capture.edits import massive_mask, read_coordinate
 from ...capture.expert_maxima import instrumented
 from ...capture.hooks import forward_until, tap
 from ...errors import UsageError
-from ...models.adapters.base import is_transposed
 from ...models.loading import LoadedModel
 from ...settings import QUANT_DEFAULTS, QUANT_GRIDS
 from ..evaluation.mlm import next_token_windows
@@ -175,7 +174,7 @@ def projections(lm: LoadedModel) -> list[tuple[str, nn.Parameter, bool]]:
         for name, parameter in block.named_parameters():
             if parameter.ndim >= 2:
                 owner = owners[name.rpartition(".")[0]]
-                found.append((f"{path}.{index}.{name}", parameter, is_transposed(owner)))
+                found.append((f"{path}.{index}.{name}", parameter, lm.adapter.is_in_out(owner)))
     return found
 
 
@@ -268,7 +267,7 @@ class ActivationQuant:
     def _quantize(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` quantized; ``positions``: which position each of its rows is (an expert's tokens), else row = position."""
         rows = x.reshape(-1, x.shape[-1])
-        # One sequence per pass: rows are positions (OPT's flat [positions, d] inputs included), or an expert's tokens.
+        # One sequence per pass: rows are positions (flat [positions, d] inputs included), or an expert's tokens.
         if self.keep is not None and positions is not None:
             keep = self.keep.to(x.device)[positions]
         elif self.keep is not None and self.keep.numel() == rows.shape[0]:
@@ -291,7 +290,7 @@ class ActivationQuant:
         handles = []
         for block in self.lm.adapter.blocks(self.lm.model):
             for module in block.modules():
-                if isinstance(module, nn.Linear) or is_transposed(module):
+                if self.lm.adapter.is_projection(module):
                     handles.append(module.register_forward_pre_hook(lambda m, args: (self._quantize(args[0]), *args[1:])))
         try:
             with instrumented(self.lm, transform=self._quantize):

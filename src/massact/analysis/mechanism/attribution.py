@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...models.adapters.base import Adapter, bias_of, stored_index, weight_out_in
+from ...models.adapters.base import Adapter, bias_of
 from .results import NeuronContribution, SuperWeight, WeightStats
 
 
@@ -33,9 +33,9 @@ def contributions(
 def super_weight(adapter: Adapter, model: torch.nn.Module, layer: int, dim: int, neuron: int) -> SuperWeight:
     """The down projection's entry from ``neuron`` into ``dim``, with its rank among all |entries| of the matrix."""
     down = adapter.module(model, layer, adapter.mlp_down)
-    value = weight_out_in(down)[dim, neuron].detach()
+    value = adapter.weight_out_in(down)[dim, neuron].detach()
     rank = int((down.weight.detach().abs() > value.abs()).sum()) + 1
-    row, col = stored_index(down, dim, neuron)
+    row, col = adapter.stored_index(down, dim, neuron)
     return SuperWeight(matrix=adapter.param_name(model, layer, adapter.mlp_down), row=row, col=col, value=float(value), rank=rank,
                        entries=down.weight.numel())
 
@@ -64,4 +64,4 @@ def down_row(adapter: Adapter, model: torch.nn.Module, layer: int, dim: int) -> 
     """W_down[dim, :] (one weight per neuron) and bias[dim] (0 without bias), on CPU in float64."""
     down = adapter.module(model, layer, adapter.mlp_down)
     bias = bias_of(down)
-    return weight_out_in(down)[dim].detach().double().cpu(), float(bias[dim]) if bias is not None else 0.0
+    return adapter.weight_out_in(down)[dim].detach().double().cpu(), float(bias[dim]) if bias is not None else 0.0

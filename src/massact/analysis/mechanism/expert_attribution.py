@@ -28,8 +28,9 @@ def _rank(param: torch.Tensor, value: torch.Tensor) -> int:
 
 def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> ExpertSuperWeight:
     if expert is None:
-        matrix, index = f"{moe.prefix}.{moe.spec.shared}.down_proj.weight", [dim, neuron]  # nn.Linear: [out, in]
-        param = moe.shared.down_proj.weight
+        down = moe.spec.shared.down
+        matrix, index = f"{moe.prefix}.{moe.spec.shared.part(down)}.weight", [dim, neuron]  # nn.Linear: [out, in]
+        param = moe.shared.get_submodule(down).weight
     else:
         matrix = f"{moe.prefix}.{moe.spec.experts.path}.down_proj"
         index = [expert, neuron, dim] if moe.spec.experts.transposed else [expert, dim, neuron]

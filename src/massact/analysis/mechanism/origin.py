@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...models.adapters.base import bias_of, weight_out_in
+from ...models.adapters.base import bias_of
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from .results import HeadShare
@@ -30,7 +30,7 @@ def decomposition_gap(resid_in: float, attn: float, mlp: float, resid_out: float
 def head_split(lm: LoadedModel, layer: int, z: torch.Tensor, dim: int) -> list[HeadShare]:
     """attn_out[dim] = sum over heads h of W_O[dim, h-slice] . z[h-slice] (+ bias), largest |contribution| first."""
     o_proj = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
-    row = weight_out_in(o_proj)[dim].detach().double().cpu()
+    row = lm.adapter.weight_out_in(o_proj)[dim].detach().double().cpu()
     n_heads = lm.config.num_attention_heads
     per_head = (row * z.double()).view(n_heads, -1).sum(dim=1)
     bias = bias_of(o_proj)

@@ -19,7 +19,7 @@ from torch import nn
 from ...capture.hooks import forward_until, tap, tap_module_input
 from ...capture.probe import ATTN_Z
 from ...capture.routing import MoeBlock, expert_input_row
-from ...models.adapters.base import bias_of, weight_out_in
+from ...models.adapters.base import bias_of
 from ...models.loading import LoadedModel
 from ..mechanism.norms import centers, gain_and_bias, scale
 
@@ -153,7 +153,8 @@ def _site_of(term: Term) -> tuple[int, str]:
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """[positions, width] of a one-text batch, whether a module sees [1, positions, width] or OPT's flat rows."""
+    """[positions, width] of a one-text batch, whether a module sees [1, positions, width] or flat rows (an adapter's
+    ``flat_rows``)."""
     return tensor.detach().reshape(-1, tensor.shape[-1])
 
 
@@ -348,7 +349,7 @@ def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[l
         reader = reader - reader.mean() if centers(norm) else reader
     path = adapter.mlp_down if term.site == "mlp_out" else adapter.attn_proj
     projection = adapter.module(model, term.layer, path)
-    weight = weight_out_in(projection).detach().double().cpu()  # [d_model, inputs]
+    weight = adapter.weight_out_in(projection).detach().double().cpu()  # [d_model, inputs]
     through = factor * (weight.T @ reader)  # what one unit of each input adds to the term
     if term.site == "mlp_out":
         kind, per_unit = "neuron", through * at.vectors[term.layer, "mlp_act"]

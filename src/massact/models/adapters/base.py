@@ -1,17 +1,25 @@
-"""One declarative adapter per architecture family: where each canonical site lives in a block.
+"""One declarative adapter per architecture family: the modules of its block, declared once, and the canonical sites
+derived from them.
 
-A site is read either at a module's input ("in") or at its output ("out"); the path is relative to the block ("" is
-the block itself). A third element ``(index, count)`` takes one of ``count`` equal chunks of the last dim, for fused
-projections (Phi-3's ``gate_up_proj`` holds the gate, then up). Adding a family means adding one ``Adapter`` with
-its own module paths; ``when`` picks among variants of one model type by its config (parallel or sequential
-blocks, pre- or post-LN), and ``variants`` change it at some layers only (a convolution or linear-attention mixer
-in a hybrid, a layer without rotary positions): ``Adapter.at(config, layer)`` is the adapter of one block.
+A family declares its block as a component tree: the token mixer (``attention`` and its output projection), the MLP
+(``Mlp``: its up, gate and down projections and activation) or the mixture of experts (``Moe``), and its norms
+(``mlp_norm``, ``branch_norms``, ``post_norms``), with the flags that place them (``parallel``). ``block_sites``
+computes every site from that tree, so a path is stated once. A site is read either at a module's input ("in") or at
+its output ("out"); the path is relative to the block ("" is the block itself). A third element ``(index, count)``
+takes one of ``count`` equal chunks of the last dim, for fused projections (Phi-3's ``gate_up_proj`` holds the gate,
+then up). Layouts are declared too: projections that store their weight [in, out] (``in_out``), MLP modules that see
+flat rows (``flat_rows``), experts stored transposed or run one row block per expert (``Experts``).
+
+``when`` picks among variants of one model type by its config (parallel or sequential blocks, pre- or post-LN), and
+``variants`` change it at some layers only (a convolution or linear-attention mixer in a hybrid, a layer without
+rotary positions): ``Adapter.at(config, layer)`` is the adapter of one block.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +31,10 @@ SiteSpec = tuple  # (path, "in" | "out") or (path, "in" | "out", (chunk index, c
 MIXERS = ("attention", "linear", "conv")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Variant:
     """A change to an adapter at some layers: ``when(config, layer)`` says at which; ``changes`` are the ``Adapter``
-    fields it sets there (``sites`` is merged into the family's sites; a site set to None is removed there)."""
+    fields it sets there (the sites are derived again from the changed tree)."""
 
     when: Callable[[object, int], bool]
     changes: Mapping[str, object]
@@ -53,7 +61,7 @@ class Cut:
     take: Callable[[torch.Tensor, object], torch.Tensor] = per_head
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Router:
     """How a mixture-of-experts block picks a token's experts from its router's logits (x . W^T, + b where the router
     has a bias), at the router module ``path`` in the block:
@@ -80,30 +88,98 @@ class Router:
     on_input: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Experts:
     """A block's routed experts, fused in 3-D parameters of the module ``path``: ``gate_up_proj`` [experts, 2 ff, d]
     (gate rows, then up rows) and ``down_proj`` [experts, d, ff]; ``transposed`` stores them [experts, d, 2 ff] and
     [experts, ff, d] (x @ W); ``interleaved``: gate and up alternate column by column; ``biases``:
     ``gate_up_proj_bias`` and ``down_proj_bias``. A neuron's activation is the module's own ``_apply_gate`` of the
-    fused pre-activations where it has one (gpt-oss's clamped SwiGLU), else act_fn(gate) x up."""
+    fused pre-activations where it has one (gpt-oss's clamped SwiGLU), else act_fn(gate) x up.
+
+    How the module runs: transformers' fused experts call the experts implementation their config names (``run_with``
+    swaps in another); ``stacked`` experts instead return every expert's output for every token, [experts x tokens, d]
+    (0 where a token is not routed to the expert, its input being 0), and call no implementation."""
 
     path: str = "experts"
     transposed: bool = False
     interleaved: bool = False
     biases: bool = False
+    stacked: bool = False
+
+    @staticmethod
+    @contextmanager
+    def run_with(modules: Sequence[nn.Module], name: str, forward: Callable[..., torch.Tensor]) -> Iterator[None]:
+        """While open, the fused (not stacked) experts ``modules`` run ``forward(module, hidden_states, top_k_index,
+        top_k_weights)``, registered under ``name`` among transformers' experts implementations: each module's config
+        names the implementation it runs (transformers' private ``_experts_implementation``), set back on exit."""
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        ALL_EXPERTS_FUNCTIONS.register(name, forward)
+        configs = list({id(module.config): module.config for module in modules}.values())
+        saved = [(config, config._experts_implementation) for config in configs]
+        for config, _ in saved:
+            config._experts_implementation = name
+        try:
+            yield
+        finally:
+            for config, implementation in saved:
+                config._experts_implementation = implementation
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class Mlp:
+    """A dense MLP: ``path``, its module in the block ("" where its projections sit on the block itself: mlp_in is
+    then the up projection's input and mlp_out the down projection's output), and in it the ``up``, ``gate`` (None: an
+    ungated MLP) and ``down`` projections and ``act``, the activation module (or the function the MLP calls).
+    ``fused``: ``up`` makes both, the gate in the first half of its outputs and up in the second (Phi-3's
+    ``gate_up_proj``). ``out_at_down``: mlp_out is read at the down projection's output, where the block writes into
+    the MLP module's output tensor in place."""
+
+    path: str = "mlp"
+    up: str = "up_proj"
+    gate: str | None = "gate_proj"
+    down: str = "down_proj"
+    act: str | Callable[[torch.Tensor], torch.Tensor] = "act_fn"
+    fused: bool = False
+    out_at_down: bool = False
+
+    def __post_init__(self):
+        if self.fused and self.gate is not None:
+            raise ValueError("a fused MLP makes its gate in the up projection: it has no gate module")
+
+    def part(self, name: str) -> str:
+        """The block-relative path of the MLP's module ``name`` (a path in the MLP)."""
+        return _join(self.path, name)
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.fused
+
+    def sites(self) -> dict[str, SiteSpec]:
+        """The MLP's sites: its input, gate and up pre-activations, activations (the down projection's input) and
+        output."""
+        up, down = self.part(self.up), self.part(self.down)
+        sites: dict[str, SiteSpec] = {"mlp_in": (self.path, "in") if self.path else (up, "in")}
+        if self.fused:
+            sites |= {"mlp_gate": (up, "out", (0, 2)), "mlp_up": (up, "out", (1, 2))}
+        else:
+            sites |= {"mlp_gate": (self.part(self.gate), "out")} if self.gate is not None else {}
+            sites["mlp_up"] = (up, "out")
+        sites["mlp_act"] = (down, "in")
+        sites["mlp_out"] = (self.path, "out") if self.path and not self.out_at_down else (down, "out")
+        return sites
+
+
+@dataclass(frozen=True, kw_only=True)
 class Moe:
     """A sparse mixture-of-experts MLP: the block at ``block`` (in the decoder layer), its ``router`` and ``experts``,
-    and a dense ``shared`` expert every token also goes through (its module path in the block; ``shared_gate``: a
-    1-output linear whose sigmoid scales it, Qwen's ``shared_expert_gate``; None: added as it is)."""
+    and a dense ``shared`` expert every token also goes through (its MLP, whose path is in the block;
+    ``shared_gate``: a 1-output linear whose sigmoid scales it, Qwen's ``shared_expert_gate``; None: added as it is)."""
 
     router: Router = Router()
     experts: Experts = Experts()
     block: str = "mlp"
-    shared: str | None = None
+    shared: Mlp | None = None
     shared_gate: str | None = None
 
 
@@ -114,31 +190,38 @@ def layer_types(config, layer: int) -> str:
     return str(kinds[layer]) if kinds and layer < len(kinds) else ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Adapter:
+    """A family's block: where its modules are and how they are laid out; ``sites`` is derived from them."""
+
     family: str
     model_types: tuple[str, ...]
     layers: str  # path of the block list in the base model (LlamaModel: "layers"), whatever head wraps it
-    sites: dict[str, SiteSpec]
-    attn_proj: str  # the token mixer's output projection (attention's o_proj, a convolution's out_proj)
-    mlp_up: str
-    mlp_down: str
-    act_fn: str | Callable[[torch.Tensor], torch.Tensor]  # the MLP's activation module, or the function it calls
-    mlp_gate: str | None = None
+    # The token mixer's module (attn_out is read at its output) and its output projection in it (attention's o_proj,
+    # a convolution's out_proj; "": the module is the projection).
+    attention: str = "self_attn"
+    attention_out: str = "o_proj"
+    mlp: Mlp | None = None  # the dense MLP; None where the block's MLP is a mixture of experts (``moe``)
+    moe: Moe | None = None  # the MLP is a sparse mixture of experts (a variant gives the dense blocks their ``mlp``)
     # The norm that makes mlp_in from the stream the MLP reads (resid_mid, or resid_in in parallel blocks); the first
-    # of these paths the block has. Empty in post-LN blocks, whose MLP reads resid_mid = LN(attn_sum) itself.
+    # of these paths the block has. Empty where the MLP reads the stream itself (reordered norms, post-LN blocks).
     mlp_norm: tuple[str, ...] = ()
     # Sandwich norms: the landed site -> the norm that sits between the sublayer's raw output and the residual.
     branch_norms: dict[str, str] = field(default_factory=dict)
-    # Where massive activations are detected: each block's output, or for post-LN blocks the residual sum that
-    # enters the block's last LayerNorm (the massive value may live only there, never in the normed output).
-    stream: str = "resid_out"
+    parallel: bool = False  # attention and MLP both read the block input: there is no resid_mid between them
+    # Post-LN blocks: (the norm of resid_in + attn_out, whose output the MLP reads; the norm of the block's last
+    # residual sum). Massive activations are detected in that sum (``stream``): the massive value may live only
+    # there, never in the normed output.
+    post_norms: tuple[str, str] | None = None
+    # Projection classes that store their weight [in, out] (y = x @ W + b: GPT-2's Conv1D); nn.Linear stores
+    # [out, in] (y = x @ W.T + b).
+    in_out: tuple[type[nn.Module], ...] = ()
+    flat_rows: bool = False  # MLP sites hold [batch x positions, width] rows, not [batch, positions, width]
     encoder: bool = False  # bidirectional (BERT-like): loaded with its masked-LM head, no perplexity
-    moe: Moe | None = None  # the MLP is a sparse mixture of experts (a variant gives the dense blocks their MLP)
     when: Callable[[object], bool] | None = None  # this variant applies to a config when this says so
     notes: str = ""  # what the report should say about this family's blocks
-    # The token mixer (see MIXERS); where its value vectors are (None: not read, e.g. q, k, v fused per head in a
-    # config-dependent layout); an output gate per head (gated attention: out = attention x sigmoid(gate));
+    # The token mixer's kind (see MIXERS); where its value vectors are (None: not read, e.g. q, k, v fused per head in
+    # a config-dependent layout); an output gate per head (gated attention: out = attention x sigmoid(gate));
     # a learned sink logit per head that joins the softmax (the parameter's path in the block).
     mixer: str = "attention"
     values: Cut | None = None
@@ -148,24 +231,27 @@ class Adapter:
     # Encoders whose position ids start after the padding index (RoBERTa): how many positions that costs.
     position_offset: Callable[[object], int] = lambda config: 0
     variants: tuple[Variant, ...] = ()
+    sites: dict[str, SiteSpec] = field(init=False)  # canonical site -> where it is read, from ``block_sites``
+    # The adapter of a block per combination of the variants that apply there (``at``).
+    _at: dict[tuple[bool, ...], Adapter] = field(init=False, default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if (self.mlp is None) == (self.moe is None):
+            which = "both" if self.mlp is not None else "neither"
+            raise ValueError(f"{self.family}: a block has either a dense mlp or a mixture of experts (moe), not {which}")
+        object.__setattr__(self, "sites", block_sites(self))
 
     def at(self, config, layer: int) -> Adapter:
         """The adapter of block ``layer``: the family's, with the changes of every variant that applies there."""
         if not self.variants:
             return self
         applies = tuple(bool(v.when(config, layer)) for v in self.variants)
-        key = (id(self), applies)
-        if key not in _AT:
-            sites, changes = dict(self.sites), {}
+        if applies not in self._at:
+            changes: dict[str, object] = {}
             for variant in (v for v, on in zip(self.variants, applies) if on):
-                for name, value in variant.changes.items():
-                    if name == "sites":
-                        sites.update(value)
-                    else:
-                        changes[name] = value
-            sites = {site: spec for site, spec in sites.items() if spec is not None}
-            _AT[key] = dataclasses.replace(self, sites=sites, variants=(), **changes)
-        return _AT[key]
+                changes |= variant.changes
+            self._at[applies] = dataclasses.replace(self, variants=(), **changes)
+        return self._at[applies]
 
     def routers(self, config, layer: int) -> tuple[str, ...]:
         """Paths in block ``layer`` of the modules that route its tokens to experts (none in a dense block). They are
@@ -175,17 +261,47 @@ class Adapter:
         return (f"{moe.block}.{moe.router.path}",) if moe is not None else ()
 
     @property
-    def gated(self) -> bool:
-        return self.mlp_gate is not None
+    def attn_proj(self) -> str:
+        """The token mixer's output projection (its path in the block)."""
+        return _join(self.attention, self.attention_out)
 
     @property
-    def parallel(self) -> bool:
-        """Attention and MLP both read the block input: there is no resid_mid between them."""
-        return "resid_mid" not in self.sites
+    def mlp_up(self) -> str | None:
+        """The dense MLP's up projection (gate and up where fused); None in a mixture-of-experts block."""
+        return self.mlp.part(self.mlp.up) if self.mlp is not None else None
+
+    @property
+    def mlp_gate(self) -> str | None:
+        """The projection that makes the dense MLP's gate (the up projection where fused); None where ungated."""
+        if self.mlp is None or not self.mlp.gated:
+            return None
+        return self.mlp.part(self.mlp.up if self.mlp.fused else self.mlp.gate)
+
+    @property
+    def mlp_down(self) -> str | None:
+        """The dense MLP's down projection; None in a mixture-of-experts block."""
+        return self.mlp.part(self.mlp.down) if self.mlp is not None else None
+
+    @property
+    def act_fn(self) -> str | Callable[[torch.Tensor], torch.Tensor] | None:
+        """The dense MLP's activation: its module's path in the block, or the function the MLP calls."""
+        if self.mlp is None:
+            return None
+        return self.mlp.part(self.mlp.act) if isinstance(self.mlp.act, str) else self.mlp.act
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp is not None and self.mlp.gated
 
     @property
     def post_ln(self) -> bool:
-        return self.stream == "resid_sum"
+        return self.post_norms is not None
+
+    @property
+    def stream(self) -> str:
+        """The site massive activations are detected at: each block's output, or in post-LN blocks the residual sum
+        that enters the block's last norm."""
+        return "resid_sum" if self.post_ln else "resid_out"
 
     def mlp_norm_module(self, model: nn.Module, layer: int) -> tuple[str, nn.Module] | None:
         """(path, module) of the norm in front of the MLP, or None where the MLP reads the stream unnormed."""
@@ -215,6 +331,23 @@ class Adapter:
         block = self.blocks(model)[layer]
         return block.get_submodule(path) if path else block
 
+    def is_projection(self, module: nn.Module) -> bool:
+        """Whether ``module`` is one of the block's linear projections (nn.Linear, or a class of ``in_out``)."""
+        return isinstance(module, (nn.Linear, *self.in_out))
+
+    def is_in_out(self, module: nn.Module) -> bool:
+        """Whether the projection stores its weight [in, out] (a class of ``in_out``)."""
+        return isinstance(module, self.in_out)
+
+    def weight_out_in(self, module: nn.Module) -> torch.Tensor:
+        """The projection's weight as [out_features, in_features] (a view: writes reach the model), whatever the
+        storage."""
+        return module.weight.T if self.is_in_out(module) else module.weight
+
+    def stored_index(self, module: nn.Module, out_index: int, in_index: int) -> tuple[int, int]:
+        """(row, col) of W[out_index, in_index] in the parameter as it is stored."""
+        return (in_index, out_index) if self.is_in_out(module) else (out_index, in_index)
+
     def param_name(self, model: nn.Module, layer: int, path: str, parameter: str = "weight") -> str:
         """Full parameter name, as ``model.get_parameter`` takes it."""
         return f"{self.layers_path(model)}.{layer}.{path}.{parameter}"
@@ -225,7 +358,7 @@ class Adapter:
         here = self.at(text_config(model), layer)
         path = here.mlp_gate if site == "mlp_gate" else here.mlp_up
         module = self.module(model, layer, path)
-        weight, bias = weight_out_in(module), bias_of(module)
+        weight, bias = self.weight_out_in(module), bias_of(module)
         chunk = here.sites[site][2] if len(here.sites[site]) > 2 else None
         if chunk is not None:
             index, count = chunk
@@ -235,7 +368,41 @@ class Adapter:
         return weight, bias
 
 
-_AT: dict[tuple[int, tuple[bool, ...]], Adapter] = {}  # each family's adapter per combination of its variants
+def _join(*parts: str) -> str:
+    """A module path from its parts ("" parts dropped: the block itself)."""
+    return ".".join(part for part in parts if part)
+
+
+def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
+    """Every canonical site of the adapter's block, from its component tree:
+
+    - resid_in and resid_out: the block's input and output;
+    - attn_out: the mixer's output, or where a branch norm follows it, that norm's output (the mixer's is attn_raw);
+    - resid_mid: what the MLP's norm reads (the MLP's input where it has none), or in post-LN blocks the output of
+      the norm after the attention sum (whose input is attn_sum); none in parallel blocks;
+    - mlp_in, mlp_gate, mlp_up, mlp_act, mlp_out from the MLP (a mixture of experts: its block's input and output),
+      mlp_out behind a branch norm as attn_out is (mlp_raw before it);
+    - resid_sum in post-LN blocks: the input of the block's last norm."""
+    mlp = adapter.mlp.sites() if adapter.mlp is not None else {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
+    sites: dict[str, SiteSpec] = {"resid_in": ("", "in"), **_landed(adapter, "attn_out", (adapter.attention, "out"))}
+    if adapter.post_norms is not None:
+        sites |= {"attn_sum": (adapter.post_norms[0], "in"), "resid_mid": (adapter.post_norms[0], "out")}
+    elif not adapter.parallel:
+        sites["resid_mid"] = (adapter.mlp_norm[0], "in") if adapter.mlp_norm else mlp["mlp_in"]
+    mlp_out = mlp.pop("mlp_out")
+    sites |= mlp | _landed(adapter, "mlp_out", mlp_out)
+    if adapter.post_norms is not None:
+        sites["resid_sum"] = (adapter.post_norms[1], "in")
+    sites["resid_out"] = ("", "out")
+    return sites
+
+
+def _landed(adapter: Adapter, branch: str, raw: SiteSpec) -> dict[str, SiteSpec]:
+    """A branch's output as it lands in the residual: behind its branch norm where it has one (the raw output is then
+    the branch's *_raw site)."""
+    if branch in adapter.branch_norms:
+        return {adapter.raw(branch): raw, branch: (adapter.branch_norms[branch], "out")}
+    return {branch: raw}
 
 
 def text_config(model: nn.Module):
@@ -251,23 +418,6 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The projection's weight as [out_features, in_features], whatever the storage.
-
-    GPT-2's Conv1D stores [in, out] (y = x @ W + b), nn.Linear stores [out, in] (y = x @ W.T + b).
-    """
-    return module.weight.T if is_transposed(module) else module.weight
-
-
-def is_transposed(module: nn.Module) -> bool:
-    return not isinstance(module, nn.Linear) and hasattr(module, "nf")
-
-
-def stored_index(module: nn.Module, out_index: int, in_index: int) -> tuple[int, int]:
-    """(row, col) of W[out_index, in_index] in the parameter as it is stored."""
-    return (in_index, out_index) if is_transposed(module) else (out_index, in_index)
 
 
 def bias_of(module: nn.Module) -> torch.Tensor | None:

@@ -8,29 +8,14 @@ the same blocks under ``language_model``, and a text-only input never runs the v
 
 import dataclasses
 
-from .base import Adapter, Cut
 from .llama import ADAPTER as LLAMA
 
-ADAPTER = Adapter(
+ADAPTER = dataclasses.replace(
+    LLAMA,
     family="Gemma-2/3",
     model_types=("gemma2", "gemma3_text"),
-    layers="layers",
-    sites={
-        **LLAMA.sites,
-        "attn_raw": ("self_attn", "out"),
-        "attn_out": ("post_attention_layernorm", "out"),
-        "resid_mid": ("pre_feedforward_layernorm", "in"),
-        "mlp_raw": ("mlp", "out"),
-        "mlp_out": ("post_feedforward_layernorm", "out"),
-    },
-    attn_proj="self_attn.o_proj",
-    mlp_up="mlp.up_proj",
-    mlp_gate="mlp.gate_proj",
-    mlp_down="mlp.down_proj",
-    act_fn="mlp.act_fn",
     mlp_norm=("pre_feedforward_layernorm",),
     branch_norms={"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
-    values=Cut("self_attn.v_proj"),
     notes="sandwich norms: each branch is normed (post_attention_layernorm, post_feedforward_layernorm) before it lands",
 )
 

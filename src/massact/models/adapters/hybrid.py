@@ -13,32 +13,18 @@ import dataclasses
 
 import torch.nn.functional as F
 
-from .base import Adapter, Cut, Variant, layer_types
+from .base import Cut, Mlp, Variant, layer_types
+from .llama import ADAPTER as LLAMA
 
-LFM2 = Adapter(
+LFM2 = dataclasses.replace(
+    LLAMA,
     family="LFM2",
     model_types=("lfm2",),
-    layers="layers",
-    sites={
-        "resid_in": ("", "in"),
-        "attn_out": ("self_attn", "out"),
-        "resid_mid": ("ffn_norm", "in"),
-        "mlp_in": ("feed_forward", "in"),
-        "mlp_gate": ("feed_forward.w1", "out"),
-        "mlp_up": ("feed_forward.w3", "out"),
-        "mlp_act": ("feed_forward.w2", "in"),
-        "mlp_out": ("feed_forward", "out"),
-        "resid_out": ("", "out"),
-    },
-    attn_proj="self_attn.out_proj",
-    mlp_up="feed_forward.w3",
-    mlp_gate="feed_forward.w1",
-    mlp_down="feed_forward.w2",
-    act_fn=F.silu,  # the MLP calls silu as a function: w2(silu(w1 x) x w3 x)
+    attention_out="out_proj",
+    mlp=Mlp(path="feed_forward", up="w3", gate="w1", down="w2", act=F.silu),  # the MLP calls silu: w2(silu(w1 x) x w3 x)
     mlp_norm=("ffn_norm",),
-    values=Cut("self_attn.v_proj"),
-    variants=(Variant(lambda config, layer: layer_types(config, layer) == "conv",
-                      {"mixer": "conv", "sites": {"attn_out": ("conv", "out")}, "attn_proj": "conv.out_proj", "values": None}),),
+    variants=(Variant(when=lambda config, layer: layer_types(config, layer) == "conv",
+                      changes={"mixer": "conv", "attention": "conv", "values": None}),),
     notes="hybrid: short gated convolutions (conv) in most blocks, softmax attention (self_attn) in the others",
 )
 
@@ -48,32 +34,14 @@ def _gate(q_proj, config):
     return q_proj.view(*q_proj.shape[:2], config.num_attention_heads, -1)[..., config.head_dim:]
 
 
-QWEN3_NEXT = Adapter(
+QWEN3_NEXT = dataclasses.replace(
+    LLAMA,
     family="Qwen3-Next/3.5",
     model_types=("qwen3_next", "qwen3_5_text"),
-    layers="layers",
-    sites={
-        "resid_in": ("", "in"),
-        "attn_out": ("self_attn", "out"),
-        "resid_mid": ("post_attention_layernorm", "in"),
-        "mlp_in": ("mlp", "in"),
-        "mlp_gate": ("mlp.gate_proj", "out"),
-        "mlp_up": ("mlp.up_proj", "out"),
-        "mlp_act": ("mlp.down_proj", "in"),
-        "mlp_out": ("mlp", "out"),
-        "resid_out": ("", "out"),
-    },
-    attn_proj="self_attn.o_proj",
-    mlp_up="mlp.up_proj",
-    mlp_gate="mlp.gate_proj",
-    mlp_down="mlp.down_proj",
-    act_fn="mlp.act_fn",
-    mlp_norm=("post_attention_layernorm",),
-    values=Cut("self_attn.v_proj"),
     gate=Cut("self_attn.q_proj", _gate),
-    variants=(Variant(lambda config, layer: layer_types(config, layer) == "linear_attention",
-                      {"mixer": "linear", "sites": {"attn_out": ("linear_attn", "out")}, "attn_proj": "linear_attn.out_proj",
-                       "values": None, "gate": None}),),
+    variants=(Variant(when=lambda config, layer: layer_types(config, layer) == "linear_attention",
+                      changes={"mixer": "linear", "attention": "linear_attn", "attention_out": "out_proj", "values": None,
+                               "gate": None}),),
     when=lambda config: not getattr(config, "num_experts", 0),  # with experts: models/adapters/moe.py
     notes="hybrid: Gated DeltaNet linear attention (linear_attn) in most blocks, gated softmax attention (self_attn: "
           "output x sigmoid(gate) per head) in the others",

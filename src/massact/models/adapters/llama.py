@@ -3,32 +3,21 @@
 Gemma 1 has the same block; its embedding module multiplies by sqrt(d_model), which the block input already holds,
 and its RMSNorm gain is (1 + weight). SmolLM3 leaves the rotary embedding out of every fourth block
 (``no_rope_layers``: 1 uses it, 0 does not).
+
+``ADAPTER`` is the base most decoder families share: ``self_attn`` with ``o_proj`` and ``v_proj``, an ``mlp`` with
+``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn``, and ``post_attention_layernorm`` in front of the MLP; the
+others are it with their differences (``dataclasses.replace``).
 """
 
 import dataclasses
 
-from .base import Adapter, Cut, Variant
+from .base import Adapter, Cut, Mlp, Variant
 
 ADAPTER = Adapter(
     family="Llama",
     model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "seed_oss"),
     layers="layers",
-    sites={
-        "resid_in": ("", "in"),
-        "attn_out": ("self_attn", "out"),
-        "resid_mid": ("post_attention_layernorm", "in"),
-        "mlp_in": ("mlp", "in"),
-        "mlp_gate": ("mlp.gate_proj", "out"),
-        "mlp_up": ("mlp.up_proj", "out"),
-        "mlp_act": ("mlp.down_proj", "in"),
-        "mlp_out": ("mlp", "out"),
-        "resid_out": ("", "out"),
-    },
-    attn_proj="self_attn.o_proj",
-    mlp_up="mlp.up_proj",
-    mlp_gate="mlp.gate_proj",
-    mlp_down="mlp.down_proj",
-    act_fn="mlp.act_fn",
+    mlp=Mlp(),
     mlp_norm=("post_attention_layernorm",),
     values=Cut("self_attn.v_proj"),
 )
@@ -36,6 +25,6 @@ ADAPTER = Adapter(
 SMOLLM3 = dataclasses.replace(
     ADAPTER,
     model_types=("smollm3",),
-    variants=(Variant(lambda config, layer: not config.no_rope_layers[layer], {"positions": False}),),
+    variants=(Variant(when=lambda config, layer: not config.no_rope_layers[layer], changes={"positions": False}),),
     notes="blocks without rotary positions (NoPE) every fourth block",
 )

@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import Adapter, Cut, Experts, Moe, Router, Variant
+from .base import Cut, Experts, Mlp, Moe, Router, Variant
 from .hybrid import QWEN3_NEXT
 from .llama import ADAPTER as LLAMA
 
 
 def _dense(block: str = "mlp", activation: str = "act_fn") -> dict:
     """The changes that give a dense block of a mixture-of-experts model its gated MLP at ``block``."""
-    return {
-        "moe": None,
-        "sites": {"mlp_gate": (f"{block}.gate_proj", "out"), "mlp_up": (f"{block}.up_proj", "out"),
-                  "mlp_act": (f"{block}.down_proj", "in")},
-        "mlp_up": f"{block}.up_proj", "mlp_gate": f"{block}.gate_proj", "mlp_down": f"{block}.down_proj",
-        "act_fn": f"{block}.{activation}",
-    }
+    return {"moe": None, "mlp": Mlp(path=block, act=activation)}
 
 
 def _sparse_step(config, layer: int) -> bool:
@@ -41,37 +35,36 @@ def _first_k(config, layer: int) -> bool:
     return layer < config.first_k_dense_replace
 
 
-# Sites of a MoE block: its input and output (the neurons inside fused experts are not modules).
-_MOE_SITES = {site: LLAMA.sites[site] for site in ("resid_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_out")}
-_COMMON = dict(layers="layers", sites=_MOE_SITES, attn_proj="self_attn.o_proj", mlp_up="mlp", mlp_down="mlp", act_fn="mlp",
-               mlp_norm=("post_attention_layernorm",), values=Cut("self_attn.v_proj"))
+def _sparse(base, family: str, model_types: tuple[str, ...], moe: Moe, **changes):
+    """``base`` (a dense family's adapter) with a mixture of experts for its MLP: the scan reads the block's input and
+    output (the neurons inside fused experts are not modules)."""
+    return dataclasses.replace(base, family=family, model_types=model_types, mlp=None, moe=moe, **changes)
+
+
 _NOTE = "mixture-of-experts MLP: attributed to the routed experts (router weight x expert output), then to neurons inside them"
 _SOFTMAX = Router(renormalise="norm_topk_prob")  # softmax over every expert, top-k, renormalised where the config says
+_QWEN_SHARED = dict(shared=Mlp(path="shared_expert"), shared_gate="shared_expert_gate")  # scaled by sigmoid(gate . x)
+_DEEPSEEK_SHARED = Mlp(path="shared_experts")  # added as it is
 
-MIXTRAL = Adapter(family="Mixtral", model_types=("mixtral",), moe=Moe(router=Router(renormalise=True)), notes=_NOTE, **_COMMON)
+MIXTRAL = _sparse(LLAMA, "Mixtral", ("mixtral",), Moe(router=Router(renormalise=True)), notes=_NOTE)
 
-QWEN2_MOE = Adapter(
-    family="Qwen2-MoE",
-    model_types=("qwen2_moe",),
-    moe=Moe(router=_SOFTMAX, shared="shared_expert", shared_gate="shared_expert_gate"),
-    variants=(Variant(_sparse_step, _dense()),),
+QWEN2_MOE = _sparse(
+    LLAMA, "Qwen2-MoE", ("qwen2_moe",), Moe(router=_SOFTMAX, **_QWEN_SHARED),
+    variants=(Variant(when=_sparse_step, changes=_dense()),),
     notes=_NOTE + ", plus a shared expert scaled by sigmoid(shared_expert_gate . x)",
-    **_COMMON,
 )
 
 QWEN3_MOE = dataclasses.replace(QWEN2_MOE, family="Qwen3-MoE", model_types=("qwen3_moe",), moe=Moe(router=_SOFTMAX), notes=_NOTE)
 
-OLMOE = Adapter(family="OLMoE", model_types=("olmoe",), moe=Moe(router=_SOFTMAX), notes=_NOTE, **_COMMON)
+OLMOE = _sparse(LLAMA, "OLMoE", ("olmoe",), Moe(router=_SOFTMAX), notes=_NOTE)
 
-GPT_OSS = Adapter(
-    family="gpt-oss",
-    model_types=("gpt_oss",),
+GPT_OSS = _sparse(
+    LLAMA, "gpt-oss", ("gpt_oss",),
     # Top-k of the logits (with the router's bias), then a softmax over those k: the same as a softmax over every
     # expert renormalised over the k.
-    moe=Moe(router=Router(path="router", renormalise=True), experts=Experts(transposed=True, interleaved=True, biases=True)),
+    Moe(router=Router(path="router", renormalise=True), experts=Experts(transposed=True, interleaved=True, biases=True)),
     sinks="self_attn.sinks",
     notes=_NOTE + "; learned attention sinks: a logit per head joins the softmax and takes attention no token receives",
-    **_COMMON,
 )
 
 
@@ -81,75 +74,59 @@ def _mla_values(kv_b_proj, config):
     return per_head[..., config.qk_nope_head_dim:]
 
 
-_DEEPSEEK = dict(_COMMON, values=Cut("self_attn.kv_b_proj", _mla_values))
 _DEEPSEEK_NOTE = (_NOTE + "; multi-head latent attention: keys and values come from one latent per token (kv_b_proj); "
                   "shared experts added as they are")
+_MLA = dataclasses.replace(LLAMA, values=Cut("self_attn.kv_b_proj", _mla_values))
+# Softmax, top-k within the best groups (scored by their best expert) where topk_method says so, no renormalisation.
+_DEEPSEEK_V2_ROUTER = Router(scale="routed_scaling_factor")
 
-DEEPSEEK_V2 = Adapter(
-    family="DeepSeek-V2",
-    model_types=("deepseek_v2",),
-    # Softmax, top-k within the best groups (scored by their best expert) where topk_method says so, no renormalisation.
-    moe=Moe(router=Router(scale="routed_scaling_factor"), shared="shared_experts"),
-    variants=(Variant(_first_k, _dense()),
-              Variant(lambda config, layer: config.topk_method == "group_limited_greedy" and not _first_k(config, layer),
-                      {"moe": Moe(router=Router(scale="routed_scaling_factor", groups="max"), shared="shared_experts")})),
+DEEPSEEK_V2 = _sparse(
+    _MLA, "DeepSeek-V2", ("deepseek_v2",), Moe(router=_DEEPSEEK_V2_ROUTER, shared=_DEEPSEEK_SHARED),
+    variants=(Variant(when=_first_k, changes=_dense()),
+              Variant(when=lambda config, layer: config.topk_method == "group_limited_greedy" and not _first_k(config, layer),
+                      changes={"moe": Moe(router=dataclasses.replace(_DEEPSEEK_V2_ROUTER, groups="max"), shared=_DEEPSEEK_SHARED)})),
     notes=_DEEPSEEK_NOTE,
-    **_DEEPSEEK,
 )
 
 _SIGMOID = Router(score="sigmoid", correction="e_score_correction_bias", groups="top2", renormalise="norm_topk_prob",
                   scale="routed_scaling_factor")
 
-DEEPSEEK_V3 = Adapter(
-    family="DeepSeek-V3",
-    model_types=("deepseek_v3",),
-    moe=Moe(router=_SIGMOID, shared="shared_experts"),
-    variants=(Variant(_first_k, _dense()),),
+DEEPSEEK_V3 = _sparse(
+    _MLA, "DeepSeek-V3", ("deepseek_v3",), Moe(router=_SIGMOID, shared=_DEEPSEEK_SHARED),
+    variants=(Variant(when=_first_k, changes=_dense()),),
     notes=_DEEPSEEK_NOTE,
-    **_DEEPSEEK,
 )
 
-GLM4_MOE = Adapter(
-    family="GLM-4.5",
-    model_types=("glm4_moe",),
-    moe=Moe(router=_SIGMOID, shared="shared_experts"),
-    variants=(Variant(_first_k, _dense()),),
+GLM4_MOE = _sparse(
+    LLAMA, "GLM-4.5", ("glm4_moe",), Moe(router=_SIGMOID, shared=_DEEPSEEK_SHARED),
+    variants=(Variant(when=_first_k, changes=_dense()),),
     notes=_NOTE + "; sigmoid routing with a correction bias and group-limited top-k (as DeepSeek-V3); shared experts",
-    **_COMMON,
 )
 
-LLAMA4 = Adapter(
-    family="Llama-4",
-    model_types=("llama4_text",),
+LLAMA4 = _sparse(
+    LLAMA, "Llama-4", ("llama4_text",),
+    # The router's sigmoid weight scales the expert's input; the experts return one row block per expert.
+    Moe(router=Router(path="router", score="sigmoid", on_input=True), experts=Experts(transposed=True, stacked=True),
+        block="feed_forward", shared=Mlp(path="shared_expert", act="activation_fn")),
     layers="model.layers",  # Llama4ForCausalLM names its base prefix language_model but keeps the model at .model
-    sites={**_MOE_SITES, "mlp_in": ("feed_forward", "in"), "mlp_out": ("feed_forward", "out")},
-    attn_proj="self_attn.o_proj",
-    mlp_up="feed_forward",
-    mlp_down="feed_forward",
-    act_fn="feed_forward",
-    mlp_norm=("post_attention_layernorm",),
-    values=Cut("self_attn.v_proj"),
-    moe=Moe(router=Router(path="router", score="sigmoid", on_input=True), experts=Experts(transposed=True),
-            block="feed_forward", shared="shared_expert"),
-    variants=(Variant(lambda config, layer: layer not in config.moe_layers, _dense("feed_forward", "activation_fn")),
-              Variant(lambda config, layer: not config.no_rope_layers[layer], {"positions": False})),
+    flat_rows=True,  # the mixture-of-experts block returns [batch x positions, d]
+    variants=(Variant(when=lambda config, layer: layer not in config.moe_layers, changes=_dense("feed_forward", "activation_fn")),
+              Variant(when=lambda config, layer: not config.no_rope_layers[layer], changes={"positions": False})),
     notes=_NOTE + "; the router's sigmoid weight scales each expert's input; a shared expert on every token; blocks without "
                   "rotary positions (NoPE) every fourth block",
 )
 
 _QWEN3_NEXT_MOE = dict(
-    sites={site: spec for site, spec in QWEN3_NEXT.sites.items() if site not in ("mlp_gate", "mlp_up", "mlp_act")},
-    mlp_up="mlp", mlp_down="mlp", act_fn="mlp", mlp_gate=None, variants=(*QWEN3_NEXT.variants, Variant(_sparse_step, _dense())),
+    variants=(*QWEN3_NEXT.variants, Variant(when=_sparse_step, changes=_dense())),
     notes=QWEN3_NEXT.notes + "; " + _NOTE + ", plus a shared expert scaled by sigmoid(shared_expert_gate . x)",
 )
-QWEN3_NEXT_MOE = dataclasses.replace(
-    QWEN3_NEXT, family="Qwen3-Next-MoE", model_types=("qwen3_next",), when=lambda config: config.num_experts > 0,
-    moe=Moe(router=Router(renormalise="norm_topk_prob"), shared="shared_expert", shared_gate="shared_expert_gate"),
-    **_QWEN3_NEXT_MOE,
+QWEN3_NEXT_MOE = _sparse(
+    QWEN3_NEXT, "Qwen3-Next-MoE", ("qwen3_next",), Moe(router=Router(renormalise="norm_topk_prob"), **_QWEN_SHARED),
+    when=lambda config: config.num_experts > 0, **_QWEN3_NEXT_MOE,
 )
 # Qwen3.5-MoE: every block sparse, the top-k weights always renormalised.
-QWEN3_5_MOE = dataclasses.replace(
-    QWEN3_NEXT, family="Qwen3.5-MoE", model_types=("qwen3_5_moe_text",), when=None,
-    moe=Moe(router=Router(renormalise=True), shared="shared_expert", shared_gate="shared_expert_gate"), **_QWEN3_NEXT_MOE,
+QWEN3_5_MOE = _sparse(
+    QWEN3_NEXT, "Qwen3.5-MoE", ("qwen3_5_moe_text",), Moe(router=Router(renormalise=True), **_QWEN_SHARED), when=None,
+    **_QWEN3_NEXT_MOE,
 )
 QWEN3_5_MOE_MULTIMODAL = dataclasses.replace(QWEN3_5_MOE, model_types=("qwen3_5_moe",), layers="language_model.layers")

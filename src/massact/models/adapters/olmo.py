@@ -8,40 +8,27 @@ factors (``branch_norms``, as for Gemma's sandwich norms) name it. OLMo-3 altern
 EXAONE-4 does too, and its full-attention blocks use no rotary positions where it has a sliding window (NoPE).
 """
 
-from .base import Adapter, Cut, Variant, layer_types
+import dataclasses
 
-_SITES = {
-    "resid_in": ("", "in"),
-    "attn_raw": ("self_attn", "out"),
-    "attn_out": ("post_attention_layernorm", "out"),
-    "resid_mid": ("mlp", "in"),  # the MLP reads the stream itself
-    "mlp_in": ("mlp", "in"),
-    "mlp_gate": ("mlp.gate_proj", "out"),
-    "mlp_up": ("mlp.up_proj", "out"),
-    "mlp_act": ("mlp.down_proj", "in"),
-    "mlp_raw": ("mlp", "out"),
-    "mlp_out": ("post_feedforward_layernorm", "out"),
-    "resid_out": ("", "out"),
-}
-_COMMON = dict(layers="layers", sites=_SITES, attn_proj="self_attn.o_proj", mlp_up="mlp.up_proj", mlp_gate="mlp.gate_proj",
-               mlp_down="mlp.down_proj", act_fn="mlp.act_fn", values=Cut("self_attn.v_proj"),
-               branch_norms={"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"})
+from .base import Variant, layer_types
+from .llama import ADAPTER as LLAMA
 
-OLMO2 = Adapter(
+OLMO2 = dataclasses.replace(
+    LLAMA,
     family="OLMo-2/3",
     model_types=("olmo2", "olmo3"),
+    mlp_norm=(),  # the MLP reads the stream itself: resid_mid is its input
+    branch_norms={"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},
     notes="reordered norms: no norm before a sublayer; each branch is normed (post_attention_layernorm, "
           "post_feedforward_layernorm) before it lands",
-    **_COMMON,
 )
 
-EXAONE4 = Adapter(
+EXAONE4 = dataclasses.replace(
+    OLMO2,
     family="EXAONE-4",
     model_types=("exaone4",),
     # With a sliding window, the full-attention blocks skip the rotary embedding ("global NoPE").
-    variants=(Variant(lambda config, layer: config.sliding_window is not None and layer_types(config, layer) == "full_attention",
-                      {"positions": False}),),
-    notes="reordered norms: no norm before a sublayer; each branch is normed (post_attention_layernorm, "
-          "post_feedforward_layernorm) before it lands; full-attention blocks use no rotary positions",
-    **_COMMON,
+    variants=(Variant(when=lambda config, layer: config.sliding_window is not None and layer_types(config, layer) == "full_attention",
+                      changes={"positions": False}),),
+    notes=OLMO2.notes + "; full-attention blocks use no rotary positions",
 )

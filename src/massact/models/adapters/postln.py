@@ -4,69 +4,40 @@ In a post-LN block the residual sum is normed at the end of the block: the massi
 sum (``resid_sum``, the last LayerNorm's input) and never show in the block output. These adapters detect there.
 """
 
-from .base import Adapter, Cut
+import dataclasses
 
-_OPT = dict(model_types=("opt",), layers="decoder.layers", attn_proj="self_attn.out_proj", mlp_up="fc1",
-            mlp_down="fc2", act_fn="activation_fn", values=Cut("self_attn.v_proj"))
+from .base import Adapter, Cut, Mlp
 
 OPT_PRE_LN = Adapter(
     family="OPT",
-    sites={
-        "resid_in": ("", "in"),
-        "attn_out": ("self_attn", "out"),
-        "resid_mid": ("final_layer_norm", "in"),
-        "mlp_in": ("fc1", "in"),
-        "mlp_up": ("fc1", "out"),
-        "mlp_act": ("fc2", "in"),
-        "mlp_out": ("fc2", "out"),
-        "resid_out": ("", "out"),
-    },
-    when=lambda config: config.do_layer_norm_before,
+    model_types=("opt",),
+    layers="decoder.layers",
+    attention_out="out_proj",
+    mlp=Mlp(path="", up="fc1", gate=None, down="fc2", act="activation_fn"),
+    flat_rows=True,  # the layer flattens the batch before fc1: fc1 and fc2 see [batch x positions, width]
     mlp_norm=("final_layer_norm",),
+    values=Cut("self_attn.v_proj"),
+    when=lambda config: config.do_layer_norm_before,
     notes="the MLP's fc1 and fc2 sit on the layer; there is no MLP module",
-    **_OPT,
 )
 
-OPT_POST_LN = Adapter(
-    family="OPT",
-    sites={
-        "resid_in": ("", "in"),
-        "attn_out": ("self_attn", "out"),
-        "attn_sum": ("self_attn_layer_norm", "in"),
-        "resid_mid": ("self_attn_layer_norm", "out"),
-        "mlp_in": ("fc1", "in"),
-        "mlp_up": ("fc1", "out"),
-        "mlp_act": ("fc2", "in"),
-        "mlp_out": ("fc2", "out"),
-        "resid_sum": ("final_layer_norm", "in"),
-        "resid_out": ("", "out"),
-    },
-    stream="resid_sum",
+OPT_POST_LN = dataclasses.replace(
+    OPT_PRE_LN,
+    mlp_norm=(),
+    post_norms=("self_attn_layer_norm", "final_layer_norm"),
+    when=lambda config: not config.do_layer_norm_before,
     notes="post-LN blocks: detected in the residual sum before each block's final LayerNorm",
-    **_OPT,
 )
 
 BERT = Adapter(
     family="BERT",
     model_types=("bert", "roberta"),
     layers="encoder.layer",
-    sites={
-        "resid_in": ("", "in"),
-        "attn_out": ("attention.output.dense", "out"),
-        "attn_sum": ("attention.output.LayerNorm", "in"),
-        "resid_mid": ("attention.output", "out"),
-        "mlp_in": ("intermediate", "in"),
-        "mlp_up": ("intermediate.dense", "out"),
-        "mlp_act": ("output.dense", "in"),
-        "mlp_out": ("output.dense", "out"),
-        "resid_sum": ("output.LayerNorm", "in"),
-        "resid_out": ("", "out"),
-    },
-    attn_proj="attention.output.dense",
-    mlp_up="intermediate.dense",
-    mlp_down="output.dense",
-    act_fn="intermediate.intermediate_act_fn",
-    stream="resid_sum",
+    # The attention's output module is its projection, its dropout and the norm of the sum: attn_out is the projection's.
+    attention="attention.output.dense",
+    attention_out="",
+    mlp=Mlp(path="", up="intermediate.dense", gate=None, down="output.dense", act="intermediate.intermediate_act_fn"),
+    post_norms=("attention.output.LayerNorm", "output.LayerNorm"),
     encoder=True,
     values=Cut("attention.self.value"),
     # RoBERTa's position ids start after its padding index: that many positions fewer for a text.
