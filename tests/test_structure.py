@@ -76,3 +76,174 @@ def test_the_schema_and_show_load_no_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]"]
+
+
+# ---- family knowledge lives in the adapters ----
+
+# Names outside models/ that equal a family's name or model type but are none: (file, constant, why).
+NOT_A_FAMILY = {
+    ("cli.py", "llama"),  # --gguf-arch's default: a GGUF architecture (llama.cpp's tensor names), not a model type
+    ("analysis/deploy/exports.py", "llama"),  # the same default of export()
+}
+# Attribute probes outside models/ that tell no family from another: (file, attribute).
+NOT_A_FAMILY_PROBE = {
+    ("capture/masks.py", "config"),  # a transformers model (it has a config) from any other input
+    ("pipeline.py", "config"),  # the same
+    ("track/monitor.py", "config"),  # the same
+}
+
+
+def _family_names() -> set[str]:
+    from massact.models.adapters import registry
+
+    return {name.lower() for entry in registry() for name in (entry.adapter.family, *entry.adapter.model_types)}
+
+
+def test_no_module_outside_models_names_a_family_or_probes_for_one():
+    """Only the adapters know families: outside massact/models/, no string is a family's name or model type, and no
+    ``hasattr(x, "...")`` tells one module's layout from another's (a layout is a field the adapter declares)."""
+    names, found = _family_names(), []
+    for path in sorted(SRC.rglob("*.py")):
+        name = path.relative_to(SRC).as_posix()
+        if name.startswith("models/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in names:
+                if (name, node.value) not in NOT_A_FAMILY:
+                    found.append(f"{name}:{node.lineno} names {node.value!r}")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr" and len(node.args) == 2:
+                attribute = node.args[1]
+                if isinstance(attribute, ast.Constant) and (name, attribute.value) not in NOT_A_FAMILY_PROBE:
+                    found.append(f"{name}:{node.lineno} probes {ast.unparse(node)}")
+    assert found == []
+
+
+def _declared(adapter) -> list[str]:
+    """The module paths (in the block) the adapter's tree states: each component's own, as the sites derive from."""
+    paths = [adapter.attention, adapter.attn_proj if adapter.attention_out else None, *adapter.mlp_norm,
+             *adapter.branch_norms.values(), *(adapter.post_norms or ()), adapter.sinks,
+             adapter.values.path if adapter.values else None, adapter.gate.path if adapter.gate else None]
+    if adapter.mlp is not None:
+        mlp = adapter.mlp
+        paths += [mlp.path or None, mlp.part(mlp.up), mlp.part(mlp.gate) if mlp.gate else None, mlp.part(mlp.down),
+                  mlp.part(mlp.act) if isinstance(mlp.act, str) else None]
+    if adapter.moe is not None:
+        moe = adapter.moe
+        paths += [moe.block, f"{moe.block}.{moe.router.path}", f"{moe.block}.{moe.experts.path}",
+                  f"{moe.block}.{moe.shared.path}" if moe.shared else None, f"{moe.block}.{moe.shared_gate}" if moe.shared_gate else None]
+    return [path for path in paths if path is not None]
+
+
+def _every_block(adapter):
+    """The adapter at each combination of its variants that can be built (a block is dense or sparse, not both)."""
+    import dataclasses
+    import itertools
+
+    for applies in itertools.product([False, True], repeat=len(adapter.variants)):
+        changes = {}
+        for variant, on in zip(adapter.variants, applies):
+            changes |= variant.changes if on else {}
+        try:
+            yield dataclasses.replace(adapter, variants=(), **changes)
+        except ValueError:
+            continue
+
+
+def test_every_adapter_declares_each_module_once():
+    """Each block's tree names a module once (two components never hold one path), and its sites are the ones
+    ``block_sites`` derives from that tree: no site is stated apart from its module."""
+    from massact.models.adapters import registry
+    from massact.models.adapters.base import block_sites
+
+    twice = []
+    for entry in registry():
+        for here in _every_block(entry.adapter):
+            paths = _declared(here)
+            twice += [f"{here.family}: {path}" for path in dict.fromkeys(paths) if paths.count(path) > 1]
+            assert here.sites == block_sites(here)
+    assert twice == []
+
+
+# ---- the registry checks itself ----
+
+
+def _configs(model_type: str):
+    """The model type's default config, and one per boolean field flipped (the fields a variant's ``when`` reads)."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type)
+    yield config
+    for name, value in list(vars(config).items()):
+        if isinstance(value, bool):
+            yield transformers.AutoConfig.for_model(model_type, **{name: not value})
+    if getattr(config, "num_experts", None):
+        yield transformers.AutoConfig.for_model(model_type, num_experts=0)
+
+
+def test_no_config_of_a_registered_model_type_matches_two_adapters():
+    """Every registered model type's config (default, and with each flag flipped) maps to one adapter, never two."""
+    from massact.errors import UsageError
+    from massact.models.adapters import adapter_for, registry
+
+    unmapped = []
+    for model_type in dict.fromkeys(t for entry in registry() for t in entry.adapter.model_types):
+        for index, config in enumerate(_configs(model_type)):
+            try:
+                adapter_for(config)
+            except UsageError as error:
+                assert "more than one adapter" not in str(error), error
+                if index == 0:
+                    unmapped.append(model_type)
+    assert unmapped == []
+
+
+def test_two_adapters_claiming_one_model_type_are_an_error_naming_both():
+    import dataclasses
+
+    import pytest
+
+    from massact.models.adapters import Registered, check, registry
+
+    llama = next(entry for entry in registry() if entry.adapter.family == "Llama")
+    copy = Registered(adapter=dataclasses.replace(llama.adapter, family="Copy"), source="tests.copy")
+    with pytest.raises(ValueError, match=r"Llama \(massact\.models\.adapters\.llama\.ADAPTER\) and by Copy \(tests\.copy\)"):
+        check((llama, copy))
+
+
+def test_an_entry_point_adds_an_adapter_and_says_where_it_comes_from(tmp_path, monkeypatch):
+    """A package registers adapters under ``massact.adapters``: a tiny distribution on sys.path defines one for a
+    made-up model type with Llama's layout, and one that claims OPT's configs again (which is then an error naming
+    both)."""
+    import types
+
+    import pytest
+    import transformers
+
+    from massact.errors import UsageError
+    from massact.models.adapters import GROUP, adapter_for, refresh, source
+
+    (tmp_path / "toy_massact_adapters.py").write_text(
+        "import dataclasses\n"
+        "from massact.models.adapters.llama import ADAPTER as LLAMA\n"
+        "from massact.models.adapters.postln import OPT_PRE_LN\n"
+        "TOY = dataclasses.replace(LLAMA, family='Toy', model_types=('toy_lm',))\n"
+        "GREEDY = dataclasses.replace(OPT_PRE_LN, family='Greedy OPT', when=lambda config: True)\n", encoding="utf-8")
+    info = tmp_path / "toy_massact_adapters-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-massact-adapters\nVersion: 0.1\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text(f"[{GROUP}]\ntoy = toy_massact_adapters:TOY\ngreedy = toy_massact_adapters:GREEDY\n",
+                                           encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    refresh()
+    try:
+        adapter = adapter_for(types.SimpleNamespace(model_type="toy_lm"))
+        assert adapter.family == "Toy" and adapter.sites["mlp_act"] == ("mlp.down_proj", "in")
+        assert source(adapter) == "entry point toy = toy_massact_adapters:TOY in toy-massact-adapters 0.1"
+        with pytest.raises(UsageError, match=r"OPT \(massact\.models\.adapters\.postln\.OPT_PRE_LN\) and Greedy OPT \(entry point greedy"):
+            adapter_for(transformers.OPTConfig())
+    finally:
+        monkeypatch.undo()
+        sys.modules.pop("toy_massact_adapters", None)
+        refresh()
+    with pytest.raises(UsageError, match="not supported"):
+        adapter_for(types.SimpleNamespace(model_type="toy_lm"))

@@ -1,11 +1,24 @@
-"""Adapter registry: the model's ``config.model_type`` picks the family, and the family's ``when`` its variant."""
+"""Adapter registry: the model's ``config.model_type`` picks the family, and the family's ``when`` its variant.
+
+The built-in adapters come from the modules of this package; other packages add theirs through the entry point group
+``massact.adapters`` (in their metadata, ``[project.entry-points."massact.adapters"]``: ``name = "package.module:ADAPTER"``,
+an ``Adapter`` or a tuple of them). Every adapter is registered with its source, and the registry checks itself: two
+adapters claiming one model type must both have a ``when`` (at import and when entry points load), and a config that
+two of them match is an error naming both.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 from ...errors import UsageError
 from . import apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln
 from .base import Adapter
 
+GROUP = "massact.adapters"  # the entry point group other packages register adapters under
+
+# The built-in adapters, in the order they are tried (``registry`` adds those of other packages).
 ADAPTERS: tuple[Adapter, ...] = (
     gpt2.ADAPTER,
     llama.ADAPTER,
@@ -44,25 +57,104 @@ ADAPTERS: tuple[Adapter, ...] = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class Registered:
+    """An adapter and where it comes from: the module that defines it (``massact.models.adapters.llama``), or for one
+    from another package the entry point (``name = module:attribute``) and its distribution."""
+
+    adapter: Adapter
+    source: str
+
+
+def check(registered: tuple[Registered, ...]) -> None:
+    """Raise a ValueError naming both adapters (and their sources) where two claim one model type and either has no
+    ``when`` to tell them apart."""
+    claims: dict[str, Registered] = {}
+    for entry in registered:
+        for model_type in entry.adapter.model_types:
+            other = claims.setdefault(model_type, entry)
+            if other is not entry and (other.adapter.when is None or entry.adapter.when is None):
+                raise ValueError(f"model type {model_type!r} is claimed by {_named(other)} and by {_named(entry)}, and one of them "
+                                 "has no `when` to tell them apart")
+
+
+def _named(entry: Registered) -> str:
+    return f"{entry.adapter.family} ({entry.source})"
+
+
+def _built_in() -> tuple[Registered, ...]:
+    modules = (apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln)
+    names = {id(value): f"{module.__name__}.{name}"
+             for module in modules for name, value in vars(module).items() if isinstance(value, Adapter)}
+    return tuple(Registered(adapter=adapter, source=names[id(adapter)]) for adapter in ADAPTERS)
+
+
+def _plugins() -> tuple[Registered, ...]:
+    """The adapters other installed packages register under ``GROUP``."""
+    found = []
+    for point in entry_points(group=GROUP):
+        loaded = point.load()
+        adapters = loaded if isinstance(loaded, tuple) else (loaded,)
+        if not all(isinstance(adapter, Adapter) for adapter in adapters):
+            raise ValueError(f"entry point {point.name} = {point.value} in {GROUP} is not an Adapter or a tuple of them")
+        dist = f" in {point.dist.name} {point.dist.version}" if point.dist is not None else ""
+        found += [Registered(adapter=adapter, source=f"entry point {point.name} = {point.value}{dist}") for adapter in adapters]
+    return tuple(found)
+
+
+_BUILT_IN = _built_in()
+check(_BUILT_IN)
+_registry: tuple[Registered, ...] | None = None  # built-in and entry-point adapters, once the entry points are read
+
+
+def registry() -> tuple[Registered, ...]:
+    """Every registered adapter with its source: the built-in ones, then those of the entry points (read once; see
+    ``refresh``)."""
+    global _registry
+    if _registry is None:
+        entries = _BUILT_IN + _plugins()
+        check(entries)
+        _registry = entries
+    return _registry
+
+
+def refresh() -> None:
+    """Read the entry points again at the next lookup (after a package is installed, or a path added)."""
+    global _registry
+    _registry = None
+
+
+def source(adapter: Adapter) -> str:
+    """Where ``adapter`` comes from (its module, or its entry point and distribution)."""
+    return next(entry.source for entry in registry() if entry.adapter is adapter)
+
+
 def supported() -> str:
     families: dict[str, list[str]] = {}
-    for adapter in ADAPTERS:
-        types = families.setdefault(adapter.family, [])
-        types += [t for t in adapter.model_types if t not in types]
+    for entry in registry():
+        types = families.setdefault(entry.adapter.family, [])
+        types += [t for t in entry.adapter.model_types if t not in types]
     return "; ".join(f"{family} ({', '.join(types)})" for family, types in families.items())
 
 
 def adapter_for(config) -> Adapter:
+    """The adapter of ``config``'s model type whose ``when`` holds; a UsageError where none does, or where two do."""
     model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type not in adapter.model_types:
+    matching = []
+    for entry in registry():
+        if model_type not in entry.adapter.model_types:
             continue
         try:
-            if adapter.when is None or adapter.when(config):
-                return adapter
+            if entry.adapter.when is None or entry.adapter.when(config):
+                matching.append(entry)
         except AttributeError as error:  # a config without a field the variant depends on
             raise UsageError(f"the {model_type!r} config lacks a field massact needs to map its blocks: {error}") from None
+    if len(matching) > 1:
+        raise UsageError(f"the {model_type!r} config matches more than one adapter: " + " and ".join(map(_named, matching)))
+    if matching:
+        return matching[0].adapter
     raise UsageError(
         f"architecture {model_type!r} is not supported; supported families: {supported()}"
-        " (a new family is one Adapter in massact/models/adapters/, with a test in tests/test_adapters.py)"
+        " (a new family is one Adapter in massact/models/adapters/ or in another package's massact.adapters entry point,"
+        " with a test in tests/test_adapters.py)"
     )

@@ -3,11 +3,11 @@
 
 import dataclasses
 
+from . import llama
 from .base import Mlp
-from .llama import ADAPTER as LLAMA
 
 APERTUS = dataclasses.replace(
-    LLAMA,
+    llama.ADAPTER,
     family="Apertus",
     model_types=("apertus",),
     mlp=Mlp(gate=None),

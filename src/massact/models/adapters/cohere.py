@@ -4,11 +4,11 @@ full-attention blocks (one in four) use none (NoPE)."""
 
 import dataclasses
 
+from . import llama
 from .base import Variant, layer_types
-from .llama import ADAPTER as LLAMA
 
 COHERE2 = dataclasses.replace(
-    LLAMA,
+    llama.ADAPTER,
     family="Cohere-2",
     model_types=("cohere2",),
     parallel=True,

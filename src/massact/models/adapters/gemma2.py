@@ -8,10 +8,10 @@ the same blocks under ``language_model``, and a text-only input never runs the v
 
 import dataclasses
 
-from .llama import ADAPTER as LLAMA
+from . import llama
 
 ADAPTER = dataclasses.replace(
-    LLAMA,
+    llama.ADAPTER,
     family="Gemma-2/3",
     model_types=("gemma2", "gemma3_text"),
     mlp_norm=("pre_feedforward_layernorm",),

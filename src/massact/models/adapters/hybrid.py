@@ -13,11 +13,11 @@ import dataclasses
 
 import torch.nn.functional as F
 
+from . import llama
 from .base import Cut, Mlp, Variant, layer_types
-from .llama import ADAPTER as LLAMA
 
 LFM2 = dataclasses.replace(
-    LLAMA,
+    llama.ADAPTER,
     family="LFM2",
     model_types=("lfm2",),
     attention_out="out_proj",
@@ -35,7 +35,7 @@ def _gate(q_proj, config):
 
 
 QWEN3_NEXT = dataclasses.replace(
-    LLAMA,
+    llama.ADAPTER,
     family="Qwen3-Next/3.5",
     model_types=("qwen3_next", "qwen3_5_text"),
     gate=Cut("self_attn.q_proj", _gate),

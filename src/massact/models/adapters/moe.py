@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import hybrid, llama
 from .base import Cut, Experts, Mlp, Moe, Router, Variant
-from .hybrid import QWEN3_NEXT
-from .llama import ADAPTER as LLAMA
 
 
 def _dense(block: str = "mlp", activation: str = "act_fn") -> dict:
@@ -46,20 +45,20 @@ _SOFTMAX = Router(renormalise="norm_topk_prob")  # softmax over every expert, to
 _QWEN_SHARED = dict(shared=Mlp(path="shared_expert"), shared_gate="shared_expert_gate")  # scaled by sigmoid(gate . x)
 _DEEPSEEK_SHARED = Mlp(path="shared_experts")  # added as it is
 
-MIXTRAL = _sparse(LLAMA, "Mixtral", ("mixtral",), Moe(router=Router(renormalise=True)), notes=_NOTE)
+MIXTRAL = _sparse(llama.ADAPTER, "Mixtral", ("mixtral",), Moe(router=Router(renormalise=True)), notes=_NOTE)
 
 QWEN2_MOE = _sparse(
-    LLAMA, "Qwen2-MoE", ("qwen2_moe",), Moe(router=_SOFTMAX, **_QWEN_SHARED),
+    llama.ADAPTER, "Qwen2-MoE", ("qwen2_moe",), Moe(router=_SOFTMAX, **_QWEN_SHARED),
     variants=(Variant(when=_sparse_step, changes=_dense()),),
     notes=_NOTE + ", plus a shared expert scaled by sigmoid(shared_expert_gate . x)",
 )
 
 QWEN3_MOE = dataclasses.replace(QWEN2_MOE, family="Qwen3-MoE", model_types=("qwen3_moe",), moe=Moe(router=_SOFTMAX), notes=_NOTE)
 
-OLMOE = _sparse(LLAMA, "OLMoE", ("olmoe",), Moe(router=_SOFTMAX), notes=_NOTE)
+OLMOE = _sparse(llama.ADAPTER, "OLMoE", ("olmoe",), Moe(router=_SOFTMAX), notes=_NOTE)
 
 GPT_OSS = _sparse(
-    LLAMA, "gpt-oss", ("gpt_oss",),
+    llama.ADAPTER, "gpt-oss", ("gpt_oss",),
     # Top-k of the logits (with the router's bias), then a softmax over those k: the same as a softmax over every
     # expert renormalised over the k.
     Moe(router=Router(path="router", renormalise=True), experts=Experts(transposed=True, interleaved=True, biases=True)),
@@ -76,7 +75,7 @@ def _mla_values(kv_b_proj, config):
 
 _DEEPSEEK_NOTE = (_NOTE + "; multi-head latent attention: keys and values come from one latent per token (kv_b_proj); "
                   "shared experts added as they are")
-_MLA = dataclasses.replace(LLAMA, values=Cut("self_attn.kv_b_proj", _mla_values))
+_MLA = dataclasses.replace(llama.ADAPTER, values=Cut("self_attn.kv_b_proj", _mla_values))
 # Softmax, top-k within the best groups (scored by their best expert) where topk_method says so, no renormalisation.
 _DEEPSEEK_V2_ROUTER = Router(scale="routed_scaling_factor")
 
@@ -98,13 +97,13 @@ DEEPSEEK_V3 = _sparse(
 )
 
 GLM4_MOE = _sparse(
-    LLAMA, "GLM-4.5", ("glm4_moe",), Moe(router=_SIGMOID, shared=_DEEPSEEK_SHARED),
+    llama.ADAPTER, "GLM-4.5", ("glm4_moe",), Moe(router=_SIGMOID, shared=_DEEPSEEK_SHARED),
     variants=(Variant(when=_first_k, changes=_dense()),),
     notes=_NOTE + "; sigmoid routing with a correction bias and group-limited top-k (as DeepSeek-V3); shared experts",
 )
 
 LLAMA4 = _sparse(
-    LLAMA, "Llama-4", ("llama4_text",),
+    llama.ADAPTER, "Llama-4", ("llama4_text",),
     # The router's sigmoid weight scales the expert's input; the experts return one row block per expert.
     Moe(router=Router(path="router", score="sigmoid", on_input=True), experts=Experts(transposed=True, stacked=True),
         block="feed_forward", shared=Mlp(path="shared_expert", act="activation_fn")),
@@ -117,16 +116,16 @@ LLAMA4 = _sparse(
 )
 
 _QWEN3_NEXT_MOE = dict(
-    variants=(*QWEN3_NEXT.variants, Variant(when=_sparse_step, changes=_dense())),
-    notes=QWEN3_NEXT.notes + "; " + _NOTE + ", plus a shared expert scaled by sigmoid(shared_expert_gate . x)",
+    variants=(*hybrid.QWEN3_NEXT.variants, Variant(when=_sparse_step, changes=_dense())),
+    notes=hybrid.QWEN3_NEXT.notes + "; " + _NOTE + ", plus a shared expert scaled by sigmoid(shared_expert_gate . x)",
 )
 QWEN3_NEXT_MOE = _sparse(
-    QWEN3_NEXT, "Qwen3-Next-MoE", ("qwen3_next",), Moe(router=Router(renormalise="norm_topk_prob"), **_QWEN_SHARED),
+    hybrid.QWEN3_NEXT, "Qwen3-Next-MoE", ("qwen3_next",), Moe(router=Router(renormalise="norm_topk_prob"), **_QWEN_SHARED),
     when=lambda config: config.num_experts > 0, **_QWEN3_NEXT_MOE,
 )
 # Qwen3.5-MoE: every block sparse, the top-k weights always renormalised.
 QWEN3_5_MOE = _sparse(
-    QWEN3_NEXT, "Qwen3.5-MoE", ("qwen3_5_moe_text",), Moe(router=Router(renormalise=True), **_QWEN_SHARED), when=None,
+    hybrid.QWEN3_NEXT, "Qwen3.5-MoE", ("qwen3_5_moe_text",), Moe(router=Router(renormalise=True), **_QWEN_SHARED), when=None,
     **_QWEN3_NEXT_MOE,
 )
 QWEN3_5_MOE_MULTIMODAL = dataclasses.replace(QWEN3_5_MOE, model_types=("qwen3_5_moe",), layers="language_model.layers")

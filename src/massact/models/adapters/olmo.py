@@ -10,11 +10,11 @@ EXAONE-4 does too, and its full-attention blocks use no rotary positions where i
 
 import dataclasses
 
+from . import llama
 from .base import Variant, layer_types
-from .llama import ADAPTER as LLAMA
 
 OLMO2 = dataclasses.replace(
-    LLAMA,
+    llama.ADAPTER,
     family="OLMo-2/3",
     model_types=("olmo2", "olmo3"),
     mlp_norm=(),  # the MLP reads the stream itself: resid_mid is its input

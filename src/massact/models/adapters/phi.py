@@ -5,8 +5,8 @@ import dataclasses
 
 import torch
 
+from . import llama
 from .base import Adapter, Cut, Mlp, kv_heads
-from .llama import ADAPTER as LLAMA
 
 PHI2 = Adapter(
     family="Phi-2",
@@ -30,7 +30,7 @@ def _fused_values(qkv: torch.Tensor, config) -> torch.Tensor:
 
 
 PHI3 = dataclasses.replace(
-    LLAMA,
+    llama.ADAPTER,
     family="Phi-3",
     model_types=("phi3",),
     mlp=Mlp(up="gate_up_proj", gate=None, fused=True, act="activation_fn"),
