@@ -160,13 +160,13 @@ def test_quant_dtype_applies_to_its_sweep_only_and_verify_keeps_the_scans(report
     report = load_report(report_dir)
     assert report.settings.dtype == report.model.dtype == "float32"
     assert list(report.settings.engines) == ["bnb"] and report.settings.quant_grid == "none"
-    assert any("bfloat16" in note and "float32" in note for note in report.quantization.notes)
-    assert [row.engine for row in report.quantization.engines] == ["bnb"] * 4
+    assert any("bfloat16" in note and "float32" in note for note in report.deploy.quantization.notes)
+    assert [row.engine for row in report.deploy.quantization.engines] == ["bnb"] * 4
     result = run_massact("verify", report_dir, "--quiet", "--format", "json")
     assert result.returncode == 0, result.stderr
     report = load_report(report_dir)
     assert report.settings.dtype == report.model.dtype == "float32"
-    assert not any("bfloat16" in note for note in report.quantization.notes)  # measured again, in the report's dtype
+    assert not any("bfloat16" in note for note in report.deploy.quantization.notes)  # measured again, in the report's dtype
 
 
 def test_engine_lists_are_checked_before_anything_loads(report_dir, tmp_path):

@@ -77,10 +77,10 @@ def test_a_resumed_scan_equals_the_uninterrupted_one_byte_for_byte(model_dir, sa
     first, second = ((d / "report.json").read_bytes() for d in (tmp_path / "clean", out))
     assert first == second  # no field is excluded: the report holds no time or run id
     data = json.loads(first)
-    assert data["corpus"]["texts"] == 600 and len(data["massive"]) >= 512
+    assert data["corpus"]["texts"] == 600 and len(data["findings"]["massive"]) >= 512
     # Ties were broken by the smaller (text, position, dim): the first block with massive entries keeps the
     # first-token entries of the first texts.
-    born = [m for m in data["massive"] if m["layer"] == LAYER]
+    born = [m for m in data["findings"]["massive"] if m["layer"] == LAYER]
     assert len(born) == 512 and sorted(m["text"] for m in born) == list(range(512))
 
 

@@ -39,18 +39,18 @@ def _edited(saved: Path, target: Path, edit) -> Path:
 
 def test_a_saved_report_passes_the_check(saved):
     report = read_report(json.loads((saved / "report.json").read_text(encoding="utf-8")))
-    assert report.massive[0].dim == DIM and report.dims[0].born_at == LAYER
+    assert report.findings.massive[0].dim == DIM and report.findings.dims[0].born_at == LAYER
 
 
 def test_verify_and_compare_name_the_bad_field(saved, tmp_path):
-    text_threshold = _edited(saved, tmp_path / "a", lambda d: d["criterion"].update(min_abs="100"))
+    text_threshold = _edited(saved, tmp_path / "a", lambda d: d["findings"]["criterion"].update(min_abs="100"))
     one_line_error(run_massact("verify", text_threshold), "field criterion.min_abs must be a positive number")
     negative = _edited(saved, tmp_path / "b", lambda d: d["corpus"]["spec"].update(max_texts=-3))
     one_line_error(run_massact("verify", negative), "field corpus.spec.max_texts must be an integer >= 1 or null")
-    no_origin = _edited(saved, tmp_path / "c", lambda d: d.pop("origin"))
+    no_origin = _edited(saved, tmp_path / "c", lambda d: d["mechanism"].pop("origin"))
     one_line_error(run_massact("compare", saved, no_origin, "--out", tmp_path / "cmp"), "no field origin")
     assert not (tmp_path / "cmp").exists()
-    bad_top = _edited(saved, tmp_path / "d", lambda d: d["layers"][2]["top"][0].update(value="big"))
+    bad_top = _edited(saved, tmp_path / "d", lambda d: d["findings"]["layers"][2]["top"][0].update(value="big"))
     one_line_error(run_massact("compare", bad_top, "--out", tmp_path / "cmp"), "field layers[2].top[0].value must be a number")
 
 
@@ -75,9 +75,9 @@ def test_every_role_and_phase_the_writer_uses_reads_back(saved):
     """The checked loader once refused the default model's own reports (role "precursor")."""
     data = _data(saved)
     for role in ROLES:
-        data["origin"][0]["role"] = role
+        data["mechanism"]["origin"][0]["role"] = role
         assert read_report(data).origin[0].role == role
-    data["origin"][0]["role"] = "bogus"
+    data["mechanism"]["origin"][0]["role"] = "bogus"
     with pytest.raises(UsageError, match=r"field origin\[0\].role must be one of 'precursor', 'precursor erasure', 'birth'"):
         read_report(data)
 
@@ -164,7 +164,7 @@ def test_every_field_null_wrong_type_or_out_of_range_reads_back_or_is_one_line(s
                 assert "\n" not in str(error) and "field " in str(error), (path, value, error)
                 continue
             summary(report)
-            if report.dims:
+            if report.findings.dims:
                 build_protect(report)
             to_text(report)
             write_report(report)
@@ -181,7 +181,7 @@ def test_nulls_the_writer_writes_for_inf_and_nan_compare(saved, tmp_path):
     edited.mkdir()
     (edited / "report.json").write_text(json.dumps(data), encoding="utf-8")
     report = read_report(data)
-    assert math.isnan(report.massive[0].value) and math.isnan(report.attribution[0].super_weight.value)
+    assert math.isnan(report.findings.massive[0].value) and math.isnan(report.mechanism.attribution[0].super_weight.value)
     result = run_massact("compare", saved, edited, "--out", tmp_path / "cmp")
     assert result.returncode == 0, result.stderr
     page = (tmp_path / "cmp" / "compare.html").read_text(encoding="utf-8")
