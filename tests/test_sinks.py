@@ -74,8 +74,7 @@ def test_planted_sink_head_is_a_sink_and_a_noop_head(tokenizer):
     tokens, _ = sink_tokens(report.findings.massive, report.findings.tokens)
     assert [(t.text, t.position, t.token) for t in tokens] == [(0, 0, "<s>"), (1, 0, "<s>")]
     implementation = lm.model.config._attn_implementation
-    sinks = sink_analysis(lm, {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}, dims=report.findings.dims,
-                          massive=report.findings.massive, tokens=report.findings.tokens, criterion=report.findings.criterion)
+    sinks = sink_analysis(lm, {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}, report.findings)
     assert lm.model.config._attn_implementation == implementation  # eager only for that pass
     share = sinks.share[SINK_LAYER]
     assert share[SINK_HEAD] > 0.99 and sinks.value_ratio[SINK_LAYER][SINK_HEAD] < 0.25
@@ -89,7 +88,7 @@ def test_sink_that_reads_the_massive_value_vanishes_when_it_is_zeroed(tokenizer)
     lm = planted(tokenizer, list(range(N_HEADS)))
     report = massact.scan(lm, TEXTS)
     inputs = {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}
-    sinks = sink_analysis(lm, inputs, dims=report.findings.dims, massive=report.findings.massive, tokens=report.findings.tokens, criterion=report.findings.criterion,
+    sinks = sink_analysis(lm, inputs, report.findings,
                           replacements=replacement_values(report.findings.dims, report.findings.massive))
     assert sinks.sink_layers == [SINK_LAYER] and sinks.rate[SINK_LAYER] == 1.0
     zero, mean = (next(c for c in sinks.interventions if c.label == label) for label in ("zero", "mean"))
