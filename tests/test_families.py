@@ -173,7 +173,8 @@ def test_cli_scans_every_kind_of_block(family, tokenizer, tmp_path):
     text = (tmp_path / "out" / "report.txt").read_text(encoding="utf-8")
     assert data["model"]["notes"] in " ".join(text.split())  # the text report wraps long lines
     if family == "bert":
-        assert data["causal"]["verification"] is None and any("verification skipped: the tokenizer has no mask token" in w for w in data["warnings"])
+        assert data["causal"]["verification"] is None
+        assert any("verification skipped: the tokenizer has no mask token" in w for w in data["warnings"])
     else:
         zero = next(r for r in data["causal"]["verification"]["interventions"] if r["name"].startswith("zero super weight"))
         assert not zero["still_massive"]
@@ -203,7 +204,8 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
     assert "Expert and neuron attribution" in to_text(report)
     rows = {r.name.split(" [")[0].split(" (")[0]: r for r in report.causal.verification.interventions}
-    zero, control = rows["zero expert super weight"], next(r for r in report.causal.verification.interventions if r.name.startswith("control"))
+    zero = rows["zero expert super weight"]
+    control = next(r for r in report.causal.verification.interventions if r.name.startswith("control"))
     assert zero.confirms and abs(zero.value_birth) < 1.0  # the planted neuron wrote it all
     ablated = rows[f"ablate neuron {NEURON} of expert {expert}"]
     assert ablated.confirms and abs(ablated.value_birth) < 1.0 and ablated.perplexity is not None

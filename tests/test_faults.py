@@ -97,7 +97,7 @@ def test_a_float16_overflow_writes_the_whole_report_naming_it(tokenizer, tmp_pat
     data = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
     assert any(w.startswith("non-finite") and "dim 20" in w for w in data["warnings"])
     assert data["findings"]["layers"][1]["top"][0]["value"] is None  # inf, written as null
-    assert load_report(tmp_path / "r").dims and load_protect(tmp_path / "r" / "protect.json").massive_dims
+    assert load_report(tmp_path / "r").findings.dims and load_protect(tmp_path / "r" / "protect.json").massive_dims
 
 
 @pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])

@@ -102,9 +102,9 @@ def test_planted_attention_head_is_named_writer(family, tokenizer):
 def test_thresholds_are_options(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
-    value = massact.scan(model, TEXTS, tokenizer=tokenizer).dims[0].max_value
+    value = massact.scan(model, TEXTS, tokenizer=tokenizer).findings.dims[0].max_value
     stricter = massact.scan(model, TEXTS, tokenizer=tokenizer, min_abs=abs(value) * 2)
-    assert stricter.massive == []
+    assert stricter.findings.massive == []
 
 
 def test_report_json_has_the_documented_keys(tokenizer):
@@ -113,7 +113,9 @@ def test_report_json_has_the_documented_keys(tokenizer):
     model = tiny_model("gpt2", len(tokenizer))
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM)
     data = json.loads(write_report(massact.scan(model, TEXTS, tokenizer=tokenizer)))
-    assert {"model", "texts", "criterion", "layers", "massive", "dims", "origin", "anatomy", "attribution"} <= set(data)
+    assert {"model", "corpus", "settings", "findings", "mechanism", "trigger", "causal", "deploy", "conclusion"} <= set(data)
+    assert {"texts", "tokens", "criterion", "layers", "massive", "dims"} == set(data["findings"])
+    assert {"lifelines", "origin", "anatomy", "attribution", "experts", "super_experts"} <= set(data["mechanism"])
     assert {"name", "architecture", "n_layers", "d_model", "d_mlp", "dtype"} <= set(data["model"])
     assert {"layer", "median", "top"} <= set(data["findings"]["layers"][0])
     assert {"value", "position", "token", "dim"} <= set(data["findings"]["layers"][0]["top"][0])

@@ -143,7 +143,8 @@ def test_two_processes_give_the_result_of_one(planted_dir, tmp_path):
     double = subprocess.run([*launch, *map(str, common), "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr
     one, two = (json.loads((tmp_path / d / "report.json").read_text(encoding="utf-8")) for d in ("one", "two"))
-    assert [layer["median"] for layer in one["findings"]["layers"]] == [layer["median"] for layer in two["findings"]["layers"]]  # counts summed exactly
+    # the counts summed exactly
+    assert [layer["median"] for layer in one["findings"]["layers"]] == [layer["median"] for layer in two["findings"]["layers"]]
     for a, b in zip(one["findings"]["layers"], two["findings"]["layers"]):
         assert [abs(e["value"]) for e in a["top"]] == pytest.approx([abs(e["value"]) for e in b["top"]], rel=1e-6)
     key = lambda m: (m["layer"], m["text"], m["position"], m["dim"])

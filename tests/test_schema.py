@@ -66,11 +66,11 @@ def test_the_report_reads_back_as_it_was_written(saved):
     data = _data(saved)
     assert (data["format"], data["version"]) == ("massact-report", REPORT_VERSION)
     assert json.loads(write_report(read_report(data))) == data
-    # A report written before the format and version fields (and the settings) is version 1 and still reads.
-    old = {k: v for k, v in data.items() if k not in ("format", "version", "settings")}
-    assert read_report(old).massive == read_report(data).massive
-    with pytest.raises(UsageError, match="report format version 2; this massact reads version 1"):
-        read_report(dict(data, version=2))
+    # A flat report without the format and version fields is version 1 and is converted; a newer version is refused.
+    old = {k: v for k, v in json.loads(V1.read_text(encoding="utf-8")).items() if k not in ("format", "version")}
+    assert read_report(old).findings.massive == read_report(dict(old, version=1)).findings.massive
+    with pytest.raises(UsageError, match="report format version 3; this massact reads versions 1 and 2"):
+        read_report(dict(data, version=3))
 
 
 def test_every_role_and_phase_the_writer_uses_reads_back(saved):
@@ -78,7 +78,7 @@ def test_every_role_and_phase_the_writer_uses_reads_back(saved):
     data = _data(saved)
     for role in ROLES:
         data["mechanism"]["origin"][0]["role"] = role
-        assert read_report(data).origin[0].role == role
+        assert read_report(data).mechanism.origin[0].role == role
     data["mechanism"]["origin"][0]["role"] = "bogus"
     with pytest.raises(UsageError, match=r"field mechanism.origin\[0\].role must be one of 'precursor', 'precursor erasure', 'birth'"):
         read_report(data)
@@ -178,7 +178,8 @@ def test_nulls_the_writer_writes_for_inf_and_nan_compare(saved, tmp_path):
     """Null where the format writes null for inf/nan (as a float16 overflow makes) reads back as nan."""
     data = _data(saved)
     for path in [("mechanism", "attribution", 0, "output"), ("mechanism", "attribution", 0, "neurons", 0, "share"),
-                 ("mechanism", "attribution", 0, "super_weight", "value"), ("findings", "massive", 0, "value"), ("findings", "layers", 0, "top", 0, "value"), ("findings", "layers", 0, "median")]:
+                 ("mechanism", "attribution", 0, "super_weight", "value"), ("findings", "massive", 0, "value"),
+                 ("findings", "layers", 0, "top", 0, "value"), ("findings", "layers", 0, "median")]:
         data = _set(data, path, None)
     edited = tmp_path / "nulls"
     edited.mkdir()

@@ -61,5 +61,6 @@ def test_verify_reads_the_saved_settings(tmp_path, tokenizer):
     assert again["settings"] == {**saved["settings"], "verify": True}
     assert [len(layer["top"]) for layer in again["findings"]["layers"]] == [3] * len(again["findings"]["layers"])
     assert again["findings"]["criterion"]["min_abs"] == 50
-    assert [len(a["neurons"]) for a in again["mechanism"]["attribution"]] == [2] * len(again["mechanism"]["attribution"])  # --top-neurons 2 kept
+    attributions = again["mechanism"]["attribution"]
+    assert [len(a["neurons"]) for a in attributions] == [2] * len(attributions)  # --top-neurons 2 kept
     assert again["causal"]["verification"] is not None and again["findings"]["dims"] == saved["findings"]["dims"]

@@ -316,18 +316,22 @@ def super_experts(report: Report) -> bytes:
 
 FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], str]] = {
     "layer_profile.png": (layer_profile, lambda r: bool(r.findings.layers), "Layer profile: top-1..3 and median |activation| per block"),
-    "massive_heatmap.png": (massive_heatmap, lambda r: r.mechanism.birth_state is not None, "The birth block's output over tokens and dims"),
-    "lifeline.png": (lifeline, lambda r: bool(r.mechanism.lifelines), "Lifeline: each block's attention and MLP contributions to the strongest dim"),
+    "massive_heatmap.png": (massive_heatmap, lambda r: r.mechanism.birth_state is not None,
+                            "The birth block's output over tokens and dims"),
+    "lifeline.png": (lifeline, lambda r: bool(r.mechanism.lifelines),
+                     "Lifeline: each block's attention and MLP contributions to the strongest dim"),
     "mlp_anatomy.png": (mlp_anatomy, lambda r: any(a.role == "birth" for a in r.mechanism.anatomy), "MLP checkpoints at the writing block"),
     "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.mechanism.attribution),
                         "Neuron contributions to the massive value"),
     "trigger.png": (trigger, lambda r: any(t.neurons for t in r.trigger),
                     "Trigger: the writing neuron's sources at the massive position and elsewhere"),
     "verification.png": (verification, lambda r: r.causal.verification is not None, "Perplexity and massive value under each intervention"),
-    "super_experts.png": (super_experts, lambda r: r.mechanism.super_experts is not None, "Super experts: each expert's largest |output| per block"),
+    "super_experts.png": (super_experts, lambda r: r.mechanism.super_experts is not None,
+                          "Super experts: each expert's largest |output| per block"),
     "attention_sinks.png": (attention_sinks, lambda r: r.causal.attention is not None and bool(r.causal.attention.share),
                             "Attention on the sink tokens (block x head), the sink rate and value-norm ratio per block"),
-    "quantization.png": (lambda r: quantization_figure(r.deploy.quantization), lambda r: r.deploy.quantization is not None and bool(r.deploy.quantization.rows),
+    "quantization.png": (lambda r: quantization_figure(r.deploy.quantization),
+                         lambda r: r.deploy.quantization is not None and bool(r.deploy.quantization.rows),
                          "Perplexity and the massive value under each quantization setting"),
 }
 

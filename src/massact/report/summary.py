@@ -44,7 +44,8 @@ class Summary:
 def summarize(report: Report) -> Summary:
     m, c = report.model, report.findings.criterion
     dims = sorted(report.findings.dims, key=lambda d: -abs(d.max_value))
-    verdicts = [_verdict(r) for r in report.causal.verification.interventions if r.confirms is not None] if report.causal.verification else []
+    verification = report.causal.verification
+    verdicts = [_verdict(r) for r in verification.interventions if r.confirms is not None] if verification else []
     more = []
     if len(dims) > SHOWN_DIMS:
         more.append(f"{len(dims) - SHOWN_DIMS} more dim(s)")
