@@ -206,7 +206,8 @@ def page_data(report: Report) -> dict:
                                             for t, values in zip(v.texts, v.values)], "sinks": sinks}
     return finite({"layers": layers, "lifelines": lifelines, "triggers": triggers, "tokens": tokens,
                     "anchors": {"anatomy": sorted({a.layer for a in report.mechanism.anatomy}),
-                                "attribution": sorted({a.layer for a in report.mechanism.attribution} | {e.layer for e in report.mechanism.experts})}})
+                                "attribution": sorted({a.layer for a in report.mechanism.attribution}
+                                                      | {e.layer for e in report.mechanism.experts})}})
 
 
 def to_html(report: Report, pngs: dict[str, bytes]) -> str:

@@ -115,9 +115,9 @@ def build(model: ModelInfo, findings: Findings, mechanism: Mechanism, super_weig
                                       carriers=carriers))
     weights = [ProtectedWeight(parameter=matrix, row=index[-2], col=index[-1], index=list(index), value=value)
                for matrix, index, value in super_weight_coordinates(super_weights, mechanism.attribution, mechanism.experts)]
-    notes = [f"carriers: the {MAX_CARRIERS} strongest places per dim at most; report.json's `massive` has every one"]
-    return Protect(model=model.name, source=model.source, min_abs=findings.criterion.min_abs,
-                   min_ratio=findings.criterion.min_ratio, massive_dims=protected, sink_positions=sink_positions(massive, tokens), super_weights=weights, notes=notes)
+    notes = [f"carriers: the {MAX_CARRIERS} strongest places per dim at most; report.json's `findings.massive` has every one"]
+    return Protect(model=model.name, source=model.source, min_abs=findings.criterion.min_abs, min_ratio=findings.criterion.min_ratio,
+                   massive_dims=protected, sink_positions=sink_positions(massive, tokens), super_weights=weights, notes=notes)
 
 
 def check_saved_model(lm: LoadedModel, model: ModelInfo, protect: Protect, where: str) -> None:

@@ -79,8 +79,9 @@ def scan_layers(
 
     With ``state``, the merged state is written to its path (atomically) every ``state.every`` batches and removed at
     the end; with ``state.resume``, a state found there is loaded and the scan goes on after the windows it covers,
-    once the token ids of those windows are checked to be the ones it saw, and its identity to be the same. Launched as several processes, each scans every
-    world-th window and the statistics are merged with torch.distributed collectives.
+    once the token ids of those windows are checked to be the ones it saw, and its identity to be the same. Launched as
+    several processes, each scans every world-th window and the statistics are merged with torch.distributed
+    collectives.
     """
     checkpoint, every, resume, identity = (None, 50, False, "") if state is None else (state.path, state.every, state.resume,
                                                                                       state.identity)
