@@ -120,7 +120,7 @@ def check_done(folder: Path, checkpoint: Checkpoint, texts: Corpus, settings: Sc
 
     saved = read_report(folder)
     spec = saved.corpus.spec
-    made = {key: value for key, value in asdict(saved.settings).items() if key != "device"} if saved.settings else None
+    made = {key: value for key, value in asdict(saved.settings).items() if key != "device"}
     wanted = {key: value for key, value in asdict(settings).items() if key != "device"}
     same = (list(spec.texts), spec.file, spec.dataset, spec.max_texts) == (list(texts.texts), texts.file, texts.dataset,
                                                                           texts.max_texts) and made == wanted
