@@ -3,6 +3,7 @@ seeded control, the super weights restored as a sparse correction, and the expor
 libraries themselves; on a planted Llama, and on the default model against the libraries driven directly."""
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -148,10 +149,9 @@ def test_engine_rows_go_through_the_sweep_its_words_and_the_schema(planted, tmp_
     assert words == engine_words(result.engines) and f"{result.engines[0].perplexity:,.2f}" in words
     better = result.engines[1].perplexity < result.engines[2].perplexity
     assert ("does better than the control" in words) == better and ("does no better" in words) == (not better)
-    saved = copy.copy(report)
-    saved.quantization = result
+    saved = dataclasses.replace(report, deploy=dataclasses.replace(report.deploy, quantization=result))
     write_report(saved, tmp_path, {"json", "txt"})
-    assert load_report(tmp_path).quantization.engines == result.engines
+    assert load_report(tmp_path).deploy.quantization.engines == result.engines
     assert "super weights restored" in (tmp_path / "report.txt").read_text(encoding="utf-8")
 
 

@@ -43,7 +43,7 @@ class CorpusInfo:
 
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)  # slots: a stale flat name (report.dims = ...) fails, not sets
 class Report:
     """A scan, nested by stage (report.json's version 2): what was scanned and how (``model``, ``corpus``, every
     option in ``settings``), then each stage's results in the order they run, the conclusion's sentences, the

@@ -127,7 +127,7 @@ class SuperWeightStep:
     perplexity_ratio: float | None
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class Causal:
     """What intervening on the model shows (with ``--verify``; empty without): the interventions on each massive dim,
     the attention sinks on the massive tokens (measured on each text's first token where nothing is massive), the

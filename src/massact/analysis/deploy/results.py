@@ -195,7 +195,7 @@ class Protect:
         return Criterion(min_abs=self.min_abs, min_ratio=self.min_ratio)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class Deploy:
     """What deploying the model in lower precision meets: each block's float16 and bfloat16 headroom (None before
     the deploy stage ran), and with ``--quant`` the quantization sweep."""

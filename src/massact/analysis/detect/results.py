@@ -54,7 +54,7 @@ class DimSummary:
     tokens: list[str]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class Findings:
     """What the detection stage hands every later stage: the kept windows (``texts`` and their ``tokens``, by window
     index: only the windows the report points at, and the first few), the ``criterion`` that calls a value massive,

@@ -444,7 +444,7 @@ class SuperExperts:
     rule: SuperExpertRule
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class Mechanism:
     """How each massive dim is written: its ``lifelines`` over every block, then at each block they name the writing
     sublayer (``origin``), the MLP's anatomy and neurons (``attribution``, or a mixture's ``experts``), a mixture of
