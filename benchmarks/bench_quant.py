@@ -32,9 +32,9 @@ def main() -> None:
     import torch
 
     import massact
-    from massact.analysis.deploy import protect
     from massact.analysis.deploy.quant import DEFAULT_CLIP_Z, grid, sweep
     from massact.analysis.evaluation.perplexity import default_eval_text
+    from massact.analysis.results import build_protect
 
     lm = massact.load(args.model, dtype=args.dtype, device=args.device, log=lambda message: None)
     report = massact.scan(lm)
@@ -42,7 +42,7 @@ def main() -> None:
         torch.cuda.synchronize()
     started = time.perf_counter()
     settings = grid(args.grid)[:: 5 if args.quick else 1]
-    result = sweep(lm, protect.build(report), default_eval_text(), "shipped", args.grid, DEFAULT_CLIP_Z, settings=settings)
+    result = sweep(lm, build_protect(report), default_eval_text(), "shipped", args.grid, DEFAULT_CLIP_Z, settings=settings)
     if lm.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started

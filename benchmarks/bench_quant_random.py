@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import massact
 from massact.analysis.deploy.quant import measure_quantization
 from massact.report.schema import load_protect
+from massact.settings import ScanSettings
 
 source = sys.argv[1]  # a directory with the default model's config.json, tokenizer and a protect.json of it
 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).to("cuda").eval()
@@ -23,7 +24,7 @@ plan = load_protect(Path(source) / "protect.json")
 for name in sys.argv[2:]:
     torch.cuda.synchronize()
     start = time.perf_counter()
-    result = measure_quantization(lm, plan, grid_name=name)
+    result = measure_quantization(lm, plan, None, ScanSettings(quant_grid=name))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     for row in result.rows:

@@ -25,10 +25,10 @@ TARGET = 30.0  # seconds: the target for the full default report
 # (module, attribute, label, depth): the stages, then the steps inside them worth seeing.
 TIMED = [
     ("massact.pipeline", "detect_stage", "corpus scan and detection", 0),
-    ("massact.pipeline", "mechanism_stage", "lifelines, origin, anatomy, attribution", 0),
-    ("massact.pipeline", "trigger_stage", "trigger (split, chain, carriers, patching)", 0),
+    ("massact.pipeline", "mechanism_stage", "lifelines, origin, anatomy, attribution, birth state, token values", 0),
+    ("massact.pipeline", "triggers", "trigger (split, chain, carriers, patching)", 0),
     ("massact.pipeline", "causal_stage", "causal stage", 0),
-    ("massact.pipeline", "verify_report", "verification", 1),
+    ("massact.pipeline", "verify_by_intervention", "verification", 1),
     ("massact.analysis.causal.verification", "output_effects", "the unmodified pass, then the output effects (a pass per edit)", 2),
     ("massact.analysis.causal.verification", "_dense_rows", "ablations and controls (scored passes, value reads)", 2),
     ("massact.analysis.causal.verification", "input_dependence", "input dependence (up to 64 texts, to the birth block)", 2),

@@ -78,10 +78,10 @@ def main() -> None:
     start = time.perf_counter()
     report = massact.scan(model, texts[:5], tokenizer=tokenizer, verify=True, quant=True, eval_text=" ".join(texts))
     print(f"\nbfloat16 on {args.device}, every stage (verify, sinks, quantization): {time.perf_counter() - start:.1f} s; "
-          f"dims {[d.dim for d in report.dims]}, born at {[d.born_at for d in report.dims]}, top neuron "
-          f"{report.attribution[0].neurons[0].neuron}, super weight [{report.attribution[0].super_weight.row}, "
-          f"{report.attribution[0].super_weight.col}], verification "
-          f"{[(r.name, r.confirms) for r in report.verification.interventions][:3]}")
+          f"dims {[d.dim for d in report.findings.dims]}, born at {[d.born_at for d in report.findings.dims]}, top neuron "
+          f"{report.mechanism.attribution[0].neurons[0].neuron}, super weight [{report.mechanism.attribution[0].super_weight.row}, "
+          f"{report.mechanism.attribution[0].super_weight.col}], verification "
+          f"{[(r.name, r.confirms) for r in report.causal.verification.interventions][:3]}")
 
 
 if __name__ == "__main__":

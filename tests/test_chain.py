@@ -53,13 +53,13 @@ def test_the_chain_on_every_kind_of_block(family, tokenizer, tmp_path, eval_file
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     _, data = chain(tmp_path / "model", tmp_path / "report", eval_file, capsys)
-    assert [d["dim"] for d in data["dims"]] == [DIM] and data["dims"][0]["born_at"] == LAYER
-    assert data["verification"] is not None and data["quantization"]["dim"] == DIM
+    assert [d["dim"] for d in data["findings"]["dims"]] == [DIM] and data["findings"]["dims"][0]["born_at"] == LAYER
+    assert data["causal"]["verification"] is not None and data["deploy"]["quantization"]["dim"] == DIM
     assert data["settings"]["verify"] is True and data["settings"]["quant"] is True
     report = load_report(tmp_path / "report")  # the final report reads back through the schema too
-    assert len(report.quantization.rows) == 1 and report.verification.interventions
+    assert len(report.deploy.quantization.rows) == 1 and report.causal.verification.interventions
     if family not in MOE_FAMILIES:
-        assert report.attribution[0].neurons[0].neuron == NEURON
+        assert report.mechanism.attribution[0].neurons[0].neuron == NEURON
     page = (tmp_path / "compare" / "compare.html").read_text(encoding="utf-8")
     assert f"{DIM} (block {LAYER}" in page
 
@@ -68,6 +68,6 @@ def test_the_chain_on_the_default_model(tmp_path, eval_file, capsys, one_setting
     """The default model's report holds every role the mechanism writes (precursor, erasure, removal...): the checked
     loader once refused it."""
     scanned, data = chain(None, tmp_path / "report", eval_file, capsys, text="The committee met on Tuesday.")
-    assert {"precursor", "birth", "erasure"} <= {o["role"] for o in scanned["origin"]}
-    assert data["verification"]["interventions"] and len(data["quantization"]["rows"]) == 1
+    assert {"precursor", "birth", "erasure"} <= {o["role"] for o in scanned["mechanism"]["origin"]}
+    assert data["causal"]["verification"]["interventions"] and len(data["deploy"]["quantization"]["rows"]) == 1
     assert "SmolLM2-135M-Instruct" in (tmp_path / "compare" / "compare.html").read_text(encoding="utf-8")

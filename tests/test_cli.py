@@ -28,12 +28,12 @@ def test_scan_writes_every_output(model_dir, tmp_path):
     result = run("scan", model_dir, "--text", "The committee met on Tuesday.", "--text", "Summer is warm.", "--out", out)
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert data["texts"] == {"0": "The committee met on Tuesday.", "1": "Summer is warm."}
-    assert [d["dim"] for d in data["dims"]] == [DIM] and data["dims"][0]["born_at"] == LAYER
-    assert data["attribution"][0]["neurons"][0]["neuron"] == NEURON
-    assert data["lifeline"][0]["dim"] == DIM and data["lifeline"][0]["steps"][LAYER]["phase"] == "birth"
+    assert data["findings"]["texts"] == {"0": "The committee met on Tuesday.", "1": "Summer is warm."}
+    assert [d["dim"] for d in data["findings"]["dims"]] == [DIM] and data["findings"]["dims"][0]["born_at"] == LAYER
+    assert data["mechanism"]["attribution"][0]["neurons"][0]["neuron"] == NEURON
+    assert data["mechanism"]["lifelines"][0]["dim"] == DIM and data["mechanism"]["lifelines"][0]["steps"][LAYER]["phase"] == "birth"
     assert data["trigger"][0]["chain"][0]["index"] == NEURON
-    steps = data["super_weights"]  # verification is on by default for a model this small
+    steps = data["causal"]["super_weights"]  # verification is on by default for a model this small
     assert [(s["neuron"], s["still_massive"]) for s in steps] == [(NEURON, False)]
     text = (out / "report.txt").read_text(encoding="utf-8")
     assert numbered(text) == list(range(1, len(SECTIONS) + 1)) and "## Conclusion" in text
@@ -57,7 +57,7 @@ def test_scan_reads_a_file_of_paragraphs(model_dir, tmp_path):
     result = run("scan", model_dir, "--file", texts, "--out", tmp_path / "r", "--quiet")
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
-    assert data["texts"] == {"0": "First paragraph, still the first.", "1": "Second one."}
+    assert data["findings"]["texts"] == {"0": "First paragraph, still the first.", "1": "Second one."}
     assert data["corpus"]["texts"] == 2 and data["corpus"]["spec"]["file"] == str(texts.resolve())
 
 
@@ -102,7 +102,7 @@ def test_verify_adds_the_verification_to_a_saved_report(model_dir, tmp_path):
     out = tmp_path / "saved"
     assert run("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", out).returncode == 0
     saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert saved["verification"] is None and saved["attention"] is None
+    assert saved["causal"]["verification"] is None and saved["causal"]["attention"] is None
     unverified = (out / "report.txt").read_text(encoding="utf-8")
     assert "## 9. Verification by intervention\n\nNot run: pass --verify" in unverified
     result = run("verify", out, "--full")
@@ -112,9 +112,9 @@ def test_verify_adds_the_verification_to_a_saved_report(model_dir, tmp_path):
     assert result.stdout.startswith(body) and result.stdout[len(body):].startswith("wrote ")  # --full: report.txt itself
     assert numbered(unverified) == numbered(text) == list(range(1, len(SECTIONS) + 1))  # no gap, with or without
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    names = [row["name"] for row in data["verification"]["interventions"]]
+    names = [row["name"] for row in data["causal"]["verification"]["interventions"]]
     assert f"ablate neuron {NEURON}" in names and any(n.startswith("zero super weight") for n in names)
-    assert len(data["attention"]["share"]) == 4
+    assert len(data["causal"]["attention"]["share"]) == 4
     assert "9. Verification by intervention" in (out / "report.txt").read_text(encoding="utf-8")
 
 

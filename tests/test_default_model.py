@@ -32,9 +32,9 @@ def hidden(smol):
 
 def test_massive_dim_is_born_where_the_hidden_states_say(report, hidden):
     assert report.model.architecture == "LlamaForCausalLM" and report.model.n_layers == 30
-    assert report.dims, "SmolLM2 has a massive activation"
-    strongest = max(report.dims, key=lambda d: abs(d.max_value))
-    birth = next(o for o in report.origin if o.dim == strongest.dim and o.role == "birth")
+    assert report.findings.dims, "SmolLM2 has a massive activation"
+    strongest = max(report.findings.dims, key=lambda d: abs(d.max_value))
+    birth = next(o for o in report.mechanism.origin if o.dim == strongest.dim and o.role == "birth")
     after, before = hidden[birth.layer + 1][0], hidden[birth.layer][0]
     # The reported numbers are transformers' own hidden states.
     assert birth.resid_out == pytest.approx(after[birth.position, birth.dim].item(), rel=1e-5)
@@ -49,7 +49,7 @@ def test_massive_dim_is_born_where_the_hidden_states_say(report, hidden):
 
 
 def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
-    attribution = next(a for a in report.attribution if a.role == "birth")
+    attribution = next(a for a in report.mechanism.attribution if a.role == "birth")
     assert attribution.error < 1e-3
     # Second computation: a plain PyTorch hook on the block's MLP, outside massact.
     layer = smol.model.model.layers[attribution.layer]
@@ -57,7 +57,7 @@ def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
     handle = layer.mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
     try:
         with torch.no_grad():
-            smol.model(smol.tokenizer(report.texts[attribution.text], return_tensors="pt").input_ids)
+            smol.model(smol.tokenizer(report.findings.texts[attribution.text], return_tensors="pt").input_ids)
     finally:
         handle.remove()
     x = seen["x"][0, attribution.position]
@@ -71,7 +71,7 @@ def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
     assert top.contribution == pytest.approx(parts[top.neuron].item(), rel=1e-4)
     weight = attribution.super_weight
     assert smol.model.get_parameter(weight.matrix)[weight.row, weight.col].item() == pytest.approx(weight.value)
-    anatomy = next(a for a in report.anatomy if a.role == "birth")
+    anatomy = next(a for a in report.mechanism.anatomy if a.role == "birth")
     assert anatomy.explosion_point in {c.name for c in anatomy.checkpoints}
     assert f"Dim {attribution.dim} is born in block {attribution.layer}" in report.conclusion[0]
 
@@ -79,15 +79,15 @@ def test_neuron_contributions_add_up_to_the_mlp_output(smol, report):
 def test_ablating_the_top_neurons_removes_the_massive_activation(smol, report):
     from massact.capture.edits import ablate_neurons, read_coordinate
 
-    attribution = next(a for a in report.attribution if a.role == "birth")
-    summary = next(d for d in report.dims if d.dim == attribution.dim)
-    ids = smol.tokenizer(report.texts[attribution.text], return_tensors="pt").input_ids
+    attribution = next(a for a in report.mechanism.attribution if a.role == "birth")
+    summary = next(d for d in report.findings.dims if d.dim == attribution.dim)
+    ids = smol.tokenizer(report.findings.texts[attribution.text], return_tensors="pt").input_ids
     layers = [attribution.layer, summary.persists[-1]]
     before = read_coordinate(smol, ids, layers, attribution.position, attribution.dim)
     top = [n.neuron for n in attribution.neurons[: attribution.neurons_for_90pct]]
     with ablate_neurons(smol, attribution.layer, top):
         after = read_coordinate(smol, ids, layers, attribution.position, attribution.dim)
-    median = report.layers[attribution.layer].median
+    median = report.findings.layers[attribution.layer].median
     assert abs(before[attribution.layer]) >= 1000 * median
     assert abs(after[attribution.layer]) < 1000 * median  # no longer massive at its birth block
     assert abs(after[layers[1]]) < 0.05 * abs(before[layers[1]])  # nor where it used to persist
@@ -101,14 +101,14 @@ def test_figures_of_the_default_model(report):
     assert {"layer_profile.png", "massive_heatmap.png", "mlp_anatomy.png", "attribution.png"} <= set(pngs)
     for data in pngs.values():
         assert_png(data)
-    assert report.birth_state.dims and max(max(row) for row in report.birth_state.magnitude) == pytest.approx(
-        abs(max(report.dims, key=lambda d: abs(d.max_value)).max_value), rel=1e-3
+    assert report.mechanism.birth_state.dims and max(max(row) for row in report.mechanism.birth_state.magnitude) == pytest.approx(
+        abs(max(report.findings.dims, key=lambda d: abs(d.max_value)).max_value), rel=1e-3
     )
 
 
 def _strongest(report):
-    dim = max(report.dims, key=lambda d: abs(d.max_value)).dim
-    return next(x for x in report.lifeline if x.dim == dim)
+    dim = max(report.findings.dims, key=lambda d: abs(d.max_value)).dim
+    return next(x for x in report.mechanism.lifelines if x.dim == dim)
 
 
 def test_lifeline_is_the_hidden_states_block_by_block(report, hidden):
@@ -142,7 +142,7 @@ def test_trigger_split_matches_plain_hooks(smol, report):
                source.register_forward_hook(lambda m, args, out: seen.update(src=out[0] if isinstance(out, tuple) else out))]
     try:
         with torch.no_grad():
-            smol.model(smol.tokenizer(report.texts[trigger.text], return_tensors="pt").input_ids)
+            smol.model(smol.tokenizer(report.findings.texts[trigger.text], return_tensors="pt").input_ids)
     finally:
         for handle in handles:
             handle.remove()
@@ -163,12 +163,12 @@ def test_super_weights_one_after_another(smol, report):
     from massact.analysis.evaluation.perplexity import eval_windows, perplexity
 
     line = _strongest(report)
-    birth = next(a for a in report.attribution if a.dim == line.dim and a.role == "birth")
-    ids = smol.tokenizer(report.texts[line.text], return_tensors="pt").input_ids
+    birth = next(a for a in report.mechanism.attribution if a.dim == line.dim and a.role == "birth")
+    ids = smol.tokenizer(report.findings.texts[line.text], return_tensors="pt").input_ids
     windows = eval_windows(smol, SENTENCE)
     digest = lambda: hashlib.sha256(smol.model.get_parameter(birth.super_weight.matrix).detach().numpy().tobytes()).hexdigest()
     before = digest()
-    steps = iterate(smol, line, ids, [s.median for s in report.layers], report.criterion, lambda target: perplexity(smol, windows),
+    steps = iterate(smol, line, ids, report.findings.medians, report.findings.criterion, lambda target: perplexity(smol, windows),
                     perplexity(smol, windows))
     assert digest() == before  # every zeroed weight written back
     assert (steps[0].weight.row, steps[0].weight.col) == (birth.super_weight.row, birth.super_weight.col)
@@ -195,8 +195,8 @@ def test_the_terminal_summary_fits_one_screen_and_names_the_mechanism(report):
     lines = text.splitlines()
     # One screen of 60 lines at 120 columns, with room for the half-dozen 'wrote' lines that follow it.
     assert len(lines) <= 54 and max(map(len, lines)) <= 120
-    strongest = max(report.dims, key=lambda d: abs(d.max_value))
-    weight = next(a.super_weight for a in report.attribution if a.dim == strongest.dim and a.role == "birth")
+    strongest = max(report.findings.dims, key=lambda d: abs(d.max_value))
+    weight = next(a.super_weight for a in report.mechanism.attribution if a.dim == strongest.dim and a.role == "birth")
     assert f"Dim {strongest.dim} is born in block {strongest.born_at}" in text
     assert f"down_proj[{weight.row}, {weight.col}]" in text  # the table names it
     assert "## " not in text  # no section of the full report
@@ -208,8 +208,8 @@ def test_the_page_stays_small_and_holds_the_token_view(report):
 
     page = to_html(report, figures(report))
     assert len(page.encode("utf-8")) < 2_000_000  # one file, figures and data embedded
-    strongest = max(report.dims, key=lambda d: abs(d.max_value))
-    assert report.token_values.dims[0] == strongest.dim and '"tokens":{"dims":[' in page
+    strongest = max(report.findings.dims, key=lambda d: abs(d.max_value))
+    assert report.mechanism.token_values.dims[0] == strongest.dim and '"tokens":{"dims":[' in page
 
 
 def test_the_page_opens_the_lifeline_on_the_main_dim_with_round_ticks(smol, tmp_path):
@@ -224,8 +224,8 @@ def test_the_page_opens_the_lifeline_on_the_main_dim_with_round_ticks(smol, tmp_
     if BROWSER is None:
         pytest.skip("no Chromium here (make test installs it when run as root)")
     report = massact.scan(smol, None, verify=False)
-    assert len(report.dims) >= 2  # there is a choice to get wrong
-    strongest = max(report.dims, key=lambda d: abs(d.max_value))
+    assert len(report.findings.dims) >= 2  # there is a choice to get wrong
+    strongest = max(report.findings.dims, key=lambda d: abs(d.max_value))
     page = tmp_path / "report.html"
     page.write_text(to_html(report, {}), encoding="utf-8")
     dom = _dom(page, tmp_path)

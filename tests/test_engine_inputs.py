@@ -53,7 +53,7 @@ def test_llama4_router_is_left_alone_and_the_engine_runs(llama4, name):
     kept = lm.model.get_submodule(router)
     assert isinstance(kept, nn.Linear) and router not in projections(lm)  # an nn.Linear, but no block projection
     assert "model.layers.1.feed_forward.shared_expert.down_proj" in projections(lm)
-    result = measure_quantization(lm, protect, TEXT, "none", engines=(name,))
+    result = measure_quantization(lm, protect, TEXT, ScanSettings(quant_grid="none", engines=[name]))
     assert [row.kind for row in result.engines] == ["all"] and result.engines[0].perplexity > 1
     assert lm.model.get_submodule(router) is kept and type(kept).__name__ == "Llama4Router"
 
@@ -75,7 +75,7 @@ def test_torchao_keeps_what_it_cannot_take_in_float_and_names_it(tokenizer, fami
     lm, protect = planted(family, tokenizer)
     odd = {module: linear.in_features for module, linear in projections(lm).items() if linear.in_features % 64}
     assert odd  # qwen2_moe: the shared expert's down_proj (input 96); deepseek_v3: the latent projections (32, 16)
-    result = measure_quantization(lm, protect, TEXT, "none", engines=("torchao",))
+    result = measure_quantization(lm, protect, TEXT, ScanSettings(quant_grid="none", engines=["torchao"]))
     for row in result.engines:
         assert set(row.refused) == set(odd)
         for module, size in odd.items():
@@ -94,7 +94,7 @@ def test_torchao_keeps_what_it_cannot_take_in_float_and_names_it(tokenizer, fami
 def test_no_protect_list_comparison_where_the_super_weight_is_in_fused_experts(qwen3_moe):
     lm, protect = qwen3_moe
     assert [w.parameter for w in protect.super_weights] == [EXPERTS]
-    result = measure_quantization(lm, protect, TEXT, "none", engines=("quanto", "hqq"))
+    result = measure_quantization(lm, protect, TEXT, ScanSettings(quant_grid="none", engines=["quanto", "hqq"]))
     assert [(row.engine, row.kind) for row in result.engines] == [("quanto", "all"), ("hqq", "all")]
     assert len(result.engine_words) == 2
     for words, name in zip(result.engine_words, ("quanto", "hqq")):
@@ -160,13 +160,13 @@ def test_quant_dtype_applies_to_its_sweep_only_and_verify_keeps_the_scans(report
     report = load_report(report_dir)
     assert report.settings.dtype == report.model.dtype == "float32"
     assert list(report.settings.engines) == ["bnb"] and report.settings.quant_grid == "none"
-    assert any("bfloat16" in note and "float32" in note for note in report.quantization.notes)
-    assert [row.engine for row in report.quantization.engines] == ["bnb"] * 4
+    assert any("bfloat16" in note and "float32" in note for note in report.deploy.quantization.notes)
+    assert [row.engine for row in report.deploy.quantization.engines] == ["bnb"] * 4
     result = run_massact("verify", report_dir, "--quiet", "--format", "json")
     assert result.returncode == 0, result.stderr
     report = load_report(report_dir)
     assert report.settings.dtype == report.model.dtype == "float32"
-    assert not any("bfloat16" in note for note in report.quantization.notes)  # measured again, in the report's dtype
+    assert not any("bfloat16" in note for note in report.deploy.quantization.notes)  # measured again, in the report's dtype
 
 
 def test_engine_lists_are_checked_before_anything_loads(report_dir, tmp_path):

@@ -3,6 +3,7 @@ seeded control, the super weights restored as a sparse correction, and the expor
 libraries themselves; on a planted Llama, and on the default model against the libraries driven directly."""
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -30,6 +31,7 @@ from massact.analysis.evaluation.perplexity import default_eval_text, eval_windo
 from massact.analysis.results import build_protect
 from massact.report.files import write_report
 from massact.report.schema import load_report, write_protect
+from massact.settings import ScanSettings
 
 LAYER, NEURON, DIM = PLANTED
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
@@ -137,7 +139,7 @@ def test_the_sparse_correction_restores_the_float_output_at_the_super_weight(pla
 
 def test_engine_rows_go_through_the_sweep_its_words_and_the_schema(planted, tmp_path):
     lm, protect, report = planted
-    result = measure_quantization(lm, protect, " ".join(TEXTS * 4), "none", engines=("quanto",))
+    result = measure_quantization(lm, protect, " ".join(TEXTS * 4), ScanSettings(quant_grid="none", engines=["quanto"]))
     assert result.rows == [] and [row.kind for row in result.engines] == ["all", "protected", "control", "sparse"]
     baseline = result.baseline_perplexity
     for row in result.engines:
@@ -147,10 +149,9 @@ def test_engine_rows_go_through_the_sweep_its_words_and_the_schema(planted, tmp_
     assert words == engine_words(result.engines) and f"{result.engines[0].perplexity:,.2f}" in words
     better = result.engines[1].perplexity < result.engines[2].perplexity
     assert ("does better than the control" in words) == better and ("does no better" in words) == (not better)
-    saved = copy.copy(report)
-    saved.quantization = result
+    saved = dataclasses.replace(report, deploy=dataclasses.replace(report.deploy, quantization=result))
     write_report(saved, tmp_path, {"json", "txt"})
-    assert load_report(tmp_path).quantization.engines == result.engines
+    assert load_report(tmp_path).deploy.quantization.engines == result.engines
     assert "super weights restored" in (tmp_path / "report.txt").read_text(encoding="utf-8")
 
 
@@ -295,7 +296,7 @@ def test_default_model_quanto_and_hqq_rows_match_the_libraries_directly():
     lm = massact.load(None, device="cpu", log=lambda message: None)
     protect = build_protect(massact.scan(lm, ["The quick brown fox jumps over the lazy dog."]))
     text = default_eval_text()[:1500]
-    result = measure_quantization(lm, protect, text, "none", engines=("quanto", "hqq"))
+    result = measure_quantization(lm, protect, text, ScanSettings(quant_grid="none", engines=["quanto", "hqq"]))
     rows = {(row.engine, row.kind): row for row in result.engines}
     assert rows["quanto", "protected"].modules_in_float == ["model.layers.11.mlp.down_proj"]
     windows = eval_windows(lm, text)

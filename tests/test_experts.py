@@ -121,13 +121,13 @@ def pruned(tokenizer):
 @pytest.mark.parametrize("family", ROUTERS)
 def test_the_planted_super_expert_is_found_and_pruning_it_removes_the_value_and_the_sink(family, pruned):
     report = pruned[family]
-    s = report.super_experts
+    s = report.mechanism.super_experts
     assert [(x.layer, x.expert) for x in s.found] == [(LAYER, EXPERT)]
     assert s.found[0].max_output == pytest.approx(s.profile[LAYER][EXPERT]) and s.found[0].max_output > 1000
     assert (s.rule.quantile, s.rule.fraction, s.rule.depth) == (0.995, 0.1, 0.75)
     others = [v for layer, row in enumerate(s.profile) for e, v in enumerate(row) if v == v and (layer, e) != (LAYER, EXPERT)]
     assert max(others) < s.rule.threshold
-    assert report.attention.sink_layers and SINK_LAYER in report.attention.sink_layers  # the planted heads make a sink
+    assert report.causal.attention.sink_layers and SINK_LAYER in report.causal.attention.sink_layers  # the planted heads make a sink
     super_, control = s.pruning
     assert (super_.kind, super_.pruned) == ("super", [[LAYER, EXPERT]])
     assert control.kind == "random" and len(control.pruned) == 1 and control.pruned[0][0] == LAYER and control.pruned[0][1] != EXPERT
@@ -164,8 +164,8 @@ def test_learned_sinks_are_measured_per_head_beside_the_first_token(tokenizer):
             block.self_attn.sinks[0] = 20.0
             block.self_attn.sinks[1] = -30.0
     report = massact.scan(model, TEXTS, tokenizer=tokenizer, verify=True, eval_text=EVAL)
-    a = report.attention
-    assert not report.dims and a.tokens and all(t.position == 0 for t in a.tokens)  # nothing massive: the first tokens
+    a = report.causal.attention
+    assert not report.findings.dims and a.tokens and all(t.position == 0 for t in a.tokens)  # nothing massive: the first tokens
     assert all(row[0] > 0.99 and row[1] < 1e-6 for row in a.learned_sink)
     assert all(row[0] < 0.01 for row in a.first_token) and all(0 < row[1] <= 1 for row in a.first_token)
     assert "learned sinks (a logit per head that joins the softmax): they take" in a.mixing

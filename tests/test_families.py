@@ -98,24 +98,24 @@ def planted_moe(family, tokenizer):
 def test_planted_neuron_is_found_in_every_family(family, tokenizer):
     model = planted(family, tokenizer)
     report = massact.scan(model, TEXTS, tokenizer=tokenizer)
-    assert [d.dim for d in report.dims] == [DIM]
-    dim = report.dims[0]
+    assert [d.dim for d in report.findings.dims] == [DIM]
+    dim = report.findings.dims[0]
     assert dim.born_at == LAYER
     if family in POST_LN:  # the next block's LayerNorm brings it back to the scale of the rest
         assert dim.persists == [LAYER] and report.model.stream == "resid_sum"
     else:
         assert dim.persists == list(range(LAYER, text_config(model).num_hidden_layers)) and report.model.stream == "resid_out"
-    assert {(m.position, m.token) for m in report.massive} == {(0, "<s>")}
+    assert {(m.position, m.token) for m in report.findings.massive} == {(0, "<s>")}
 
-    birth = next(o for o in report.origin if o.role == "birth")
+    birth = next(o for o in report.mechanism.origin if o.role == "birth")
     assert (birth.layer, birth.position, birth.writer) == (LAYER, 0, "mlp")
-    attribution = report.attribution[0]
+    attribution = report.mechanism.attribution[0]
     assert attribution.neurons[0].neuron == NEURON and attribution.neurons[0].share > 0.99
     assert attribution.error < 1e-4
     weight = attribution.super_weight
     assert model.get_parameter(weight.matrix)[weight.row, weight.col].item() == pytest.approx(weight.value)
     assert weight.rank == 1 and weight.value == pytest.approx(1000.0 if family in POST_LN else 100.0)
-    assert report.anatomy[0].checkpoints[-1].argmax == DIM
+    assert report.mechanism.anatomy[0].checkpoints[-1].argmax == DIM
     assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
 
 
@@ -123,8 +123,8 @@ def test_planted_neuron_is_found_in_every_family(family, tokenizer):
 def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     """The neurons explain the raw MLP output; the post-feedforward norm's gain on DIM makes it land massive."""
     report = massact.scan(planted(family, tokenizer), TEXTS, tokenizer=tokenizer)
-    birth = next(o for o in report.origin if o.role == "birth")
-    attribution = report.attribution[0]
+    birth = next(o for o in report.mechanism.origin if o.role == "birth")
+    attribution = report.mechanism.attribution[0]
     norm = birth.norm
     layers = "model.language_model.layers" if family == "gemma3mm" else "model.layers"
     assert norm.parameter == f"{layers}.{LAYER}.post_feedforward_layernorm.weight"
@@ -146,7 +146,7 @@ def test_post_ln_models_are_measured_before_the_norm(family, tokenizer):
     ordinary, which is why HF's hidden_states never show it."""
     model = planted(family, tokenizer)
     report = massact.scan(model, TEXTS, tokenizer=tokenizer)
-    birth = next(o for o in report.origin if o.role == "birth")
+    birth = next(o for o in report.mechanism.origin if o.role == "birth")
     assert birth.resid_out == pytest.approx(birth.resid_mid + birth.mlp, rel=1e-5)
     assert abs(birth.resid_out) > 1000 and abs(birth.norm.landed) < 20
     ids = tokenizer(TEXTS[birth.text], return_tensors="pt").input_ids
@@ -169,13 +169,14 @@ def test_cli_scans_every_kind_of_block(family, tokenizer, tmp_path):
                          "--format", "json,txt", "--quiet")
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
-    assert [d["dim"] for d in data["dims"]] == [DIM] and data["attribution"][0]["neurons"][0]["neuron"] == NEURON
+    assert [d["dim"] for d in data["findings"]["dims"]] == [DIM] and data["mechanism"]["attribution"][0]["neurons"][0]["neuron"] == NEURON
     text = (tmp_path / "out" / "report.txt").read_text(encoding="utf-8")
     assert data["model"]["notes"] in " ".join(text.split())  # the text report wraps long lines
     if family == "bert":
-        assert data["verification"] is None and any("verification skipped: the tokenizer has no mask token" in w for w in data["warnings"])
+        assert data["causal"]["verification"] is None
+        assert any("verification skipped: the tokenizer has no mask token" in w for w in data["warnings"])
     else:
-        zero = next(r for r in data["verification"]["interventions"] if r["name"].startswith("zero super weight"))
+        zero = next(r for r in data["causal"]["verification"]["interventions"] if r["name"].startswith("zero super weight"))
         assert not zero["still_massive"]
 
 
@@ -186,8 +187,8 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     expert = EXPERT
     model = planted_moe(family, tokenizer)
     report = massact.scan(model, TEXTS, tokenizer=tokenizer, verify=True)
-    assert [d.dim for d in report.dims] == [DIM] and report.dims[0].born_at == LAYER
-    split = report.experts[0]
+    assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
+    split = report.mechanism.experts[0]
     assert (split.layer, split.position, split.dim) == (LAYER, 0, DIM)
     m = split.moe
     here = adapter_for(model.config).at(text_config(model), LAYER)
@@ -202,8 +203,9 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
         pytest.approx(m.actual, rel=1e-4)
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
     assert "Expert and neuron attribution" in to_text(report)
-    rows = {r.name.split(" [")[0].split(" (")[0]: r for r in report.verification.interventions}
-    zero, control = rows["zero expert super weight"], next(r for r in report.verification.interventions if r.name.startswith("control"))
+    rows = {r.name.split(" [")[0].split(" (")[0]: r for r in report.causal.verification.interventions}
+    zero = rows["zero expert super weight"]
+    control = next(r for r in report.causal.verification.interventions if r.name.startswith("control"))
     assert zero.confirms and abs(zero.value_birth) < 1.0  # the planted neuron wrote it all
     ablated = rows[f"ablate neuron {NEURON} of expert {expert}"]
     assert ablated.confirms and abs(ablated.value_birth) < 1.0 and ablated.perplexity is not None

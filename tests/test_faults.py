@@ -96,8 +96,8 @@ def test_a_float16_overflow_writes_the_whole_report_naming_it(tokenizer, tmp_pat
     assert code == 0, capsys.readouterr().err
     data = json.loads((tmp_path / "r" / "report.json").read_text(encoding="utf-8"))
     assert any(w.startswith("non-finite") and "dim 20" in w for w in data["warnings"])
-    assert data["layers"][1]["top"][0]["value"] is None  # inf, written as null
-    assert load_report(tmp_path / "r").dims and load_protect(tmp_path / "r" / "protect.json").massive_dims
+    assert data["findings"]["layers"][1]["top"][0]["value"] is None  # inf, written as null
+    assert load_report(tmp_path / "r").findings.dims and load_protect(tmp_path / "r" / "protect.json").massive_dims
 
 
 @pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])

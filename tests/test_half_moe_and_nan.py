@@ -76,8 +76,8 @@ def test_a_float32_router_beside_half_experts_scans_and_names_the_planted_expert
     assert moe.router.weight.dtype == torch.float32 and moe.experts.down_proj.dtype == getattr(torch, dtype)
     report = massact.scan(lm, TEXTS, verify=False)
     assert report.model.dtype == dtype
-    assert [d.dim for d in report.dims] == [DIM] and report.dims[0].born_at == LAYER
-    split = report.experts[0]
+    assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
+    split = report.mechanism.experts[0]
     assert (split.layer, split.position, split.dim) == (LAYER, 0, DIM)
     m = split.moe
     assert m.top_expert == EXPERT and m.experts[0].expert == EXPERT and m.neurons[0].neuron == NEURON
@@ -86,7 +86,7 @@ def test_a_float32_router_beside_half_experts_scans_and_names_the_planted_expert
     # once (half a step) and its parts' products before that; two steps bound both.
     assert m.error <= 2 * _eps(dtype), m.error
     # ... and that output is the block's own in the model's forward on the whole text, at BOS (position 0).
-    hooked = float(_hooked_block_output(lm, report.texts[split.text])[0, DIM])
+    hooked = float(_hooked_block_output(lm, report.findings.texts[split.text])[0, DIM])
     assert abs(m.actual - hooked) <= 2 * _eps(dtype) * abs(hooked), (m.actual, hooked)
     assert not any("miss the output" in w for w in report.warnings), report.warnings
 
@@ -118,7 +118,7 @@ def test_a_nan_weight_is_named_as_nan_at_its_block_not_as_an_overflow(tokenizer)
     assert "NaN" in warning and "first at block 1," in warning and "dim 3" in warning
     assert "model.layers.1.mlp.down_proj.weight (1 entry)" in warning  # the one weight that holds it
     assert "overflow" not in warning and "bfloat16" not in warning and "float32" not in warning, warning
-    summary = report.precision.summary
+    summary = report.deploy.precision.summary
     assert "NaN" in summary and "from block 1 on" in summary, summary
     assert "reaches inf" not in summary and "use bfloat16" not in summary and "overflowed" not in summary, summary
     text = to_text(report)
@@ -177,12 +177,12 @@ def test_blocks_without_softmax_heads_are_left_out_of_the_figures_without_warnin
     numpy_warnings = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
     assert not numpy_warnings, numpy_warnings
     softmax = [block for block, mixer in enumerate(MIXERS[family]) if mixer == "attention"]
-    medians = plots.median_over_heads(report.attention.value_ratio)
+    medians = plots.median_over_heads(report.causal.attention.value_ratio)
     lines = _sink_figure_lines(report)
     assert [float(v) for v in medians] == pytest.approx(lines["value norm: sink / median other"], nan_ok=True)
     for block in range(len(MIXERS[family])):
         if block in softmax:  # the median of the heads' ratios
-            heads = [v for v in report.attention.value_ratio[block] if v == v]
+            heads = [v for v in report.causal.attention.value_ratio[block] if v == v]
             assert heads and medians[block] == pytest.approx(statistics.median(heads))
         else:  # absent, not zero: no point is drawn there
             assert math.isnan(medians[block]) and math.isnan(lines["value norm: sink / median other"][block])

@@ -47,8 +47,8 @@ def test_a_headless_encoder_is_scanned_and_verified_by_its_embeddings(layout, ch
     lm = load(str(checkpoints / layout), device="cpu", log=lambda message: None)
     assert headless(lm) and type(lm.model).__name__ == "BertModel"
     report = massact.scan(lm, ["Summer is warm. Winter is cold.", "The library opens at nine."], verify=True, eval_text=EVAL)
-    assert [d.dim for d in report.dims] == [DIM] and report.attribution[0].neurons[0].neuron == NEURON
-    v = report.verification
+    assert [d.dim for d in report.findings.dims] == [DIM] and report.mechanism.attribution[0].neurons[0].neuron == NEURON
+    v = report.causal.verification
     assert v.metric == "embeddings" and v.baseline_perplexity == 1.0 and v.output_effects == []
     assert any(c.startswith("headless encoder") for c in v.claims)
     zero = next(r for r in v.interventions if r.name.startswith("zero super weight"))

@@ -101,18 +101,18 @@ def test_an_eraser_through_zero_keeps_the_sign_of_birth(tokenizer, erase):
     """Block 4's eraser takes ``erase`` x the value off: at 1.005 it overshoots to -0.5% of it (not massive); at 2.5 to
     -1.5x, massive again with the other sign and larger than the birth value (a reversal, a new event)."""
     report = massact.scan(planted_chain(tokenizer, erase), TEXTS, tokenizer=tokenizer, min_abs=100.0, verify=False)
-    line = report.lifeline[0]
+    line = report.mechanism.lifelines[0]
     held = line.steps[3].value
     assert line.steps[4].value == pytest.approx(-(erase - 1) * held, rel=1e-3)
     assert line.sign == 1 and line.peak == pytest.approx(held) and line.peak_layer in (2, 3)
     reversal = erase > 2
     assert [s.phase for s in line.steps] == ["", "", "birth", "hold", "reversal" if reversal else "erasure",
                                              "hold" if reversal else "after"]
-    origins = {(o.layer, o.role): o.writer for o in report.origin}
+    origins = {(o.layer, o.role): o.writer for o in report.mechanism.origin}
     assert origins == {(2, "birth"): "mlp", (4, "reversal" if reversal else "erasure"): "mlp"}
     for (layer, _), who in origins.items():  # the lifeline's writer is the origin's at every event
         assert line.steps[layer].writer == who
-    top = {(a.layer, a.role): (a.neurons[0].neuron, a.super_weight.row, a.super_weight.col) for a in report.attribution}
+    top = {(a.layer, a.role): (a.neurons[0].neuron, a.super_weight.row, a.super_weight.col) for a in report.mechanism.attribution}
     assert top[2, "birth"] == (B, DIM, B) and top[4, "reversal" if reversal else "erasure"] == (E, DIM, E)
     words = " ".join(report.conclusion)
     if reversal:
@@ -209,7 +209,7 @@ def test_lifeline_adds_up_on_every_block_kind(family, tokenizer):
     from test_families import LAYER, planted
 
     report = massact.scan(planted(family, tokenizer), TEXTS, tokenizer=tokenizer)
-    line = next(x for x in report.lifeline if x.dim == DIM)
+    line = next(x for x in report.mechanism.lifelines if x.dim == DIM)
     assert line.error < 1e-4 and line.steps[LAYER].phase == "birth" and line.steps[LAYER].writer == "mlp"
     for step in line.steps:
         assert step.resid_in + step.attn + step.mlp + (step.norm or 0.0) == pytest.approx(step.value, rel=1e-4, abs=1e-6)

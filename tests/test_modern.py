@@ -40,29 +40,29 @@ def test_a_hybrid_passes_every_stage_and_its_sinks_are_measured_on_softmax_block
     model, report = reports(family)
     mixers = MIXERS[family]
     softmax = [layer for layer, mixer in enumerate(mixers) if mixer == "attention"]
-    assert [d.dim for d in report.dims] == [DIM] and report.dims[0].born_at == LAYER
+    assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
     assert report.model.blocks[LAYER].startswith({"conv": "convolution", "linear": "linear attention",
                                                   "attention": "attention"}[mixers[LAYER]])
     # Origin, attribution and super weight at the planted block, whatever its mixer.
-    birth = next(o for o in report.origin if o.role == "birth")
-    assert birth.writer == "mlp" and report.attribution[0].neurons[0].neuron == NEURON
+    birth = next(o for o in report.mechanism.origin if o.role == "birth")
+    assert birth.writer == "mlp" and report.mechanism.attribution[0].neurons[0].neuron == NEURON
     # The trigger splits the writing neuron's gate over sources named by their mixers, and is patched.
     trigger = report.trigger[0]
     sources = {s.source for s in trigger.neurons[0].splits[0].sources}
     kind = {"conv": "convolution", "linear": "linear attention"}[mixers[0]]
     assert f"block 0 {kind}" in sources and trigger.patching
     # Verification and perplexity.
-    zero = next(r for r in report.verification.interventions if r.name.startswith("zero super weight"))
+    zero = next(r for r in report.causal.verification.interventions if r.name.startswith("zero super weight"))
     assert not zero.still_massive and zero.perplexity is not None
     # Sinks: on the softmax blocks only; the others have no rows, and the report says which blocks it measured.
-    a = report.attention
+    a = report.causal.attention
     assert a.softmax_layers == softmax and a.texts > 0
     for layer in range(len(mixers)):
         measured = not math.isnan(a.rate[layer])
         assert measured == (layer in softmax) and all(math.isnan(v) != measured for v in a.share[layer])
     assert f"measured on the softmax-attention block{'s' if len(softmax) > 1 else ''} {', '.join(map(str, softmax))}" in a.mixing
     # Quantization and headroom.
-    assert report.quantization.rows and report.precision.headroom > 0
+    assert report.deploy.quantization.rows and report.deploy.precision.headroom > 0
 
 
 def test_qwen3_next_gates_equal_a_hand_computation_from_the_gate_projection(tokenizer, reports):
@@ -75,7 +75,7 @@ def test_qwen3_next_gates_equal_a_hand_computation_from_the_gate_projection(toke
     hook = attn.q_proj.register_forward_pre_hook(lambda m, args: inputs.__setitem__("x", args[0][0].detach()))
     sink, other = [], []
     try:
-        for token in sorted({(t.text, t.position) for t in report.attention.tokens}):
+        for token in sorted({(t.text, t.position) for t in report.causal.attention.tokens}):
             ids = tokenizer(TEXTS[token[0]], return_tensors="pt").input_ids
             with torch.no_grad():
                 model(ids)
@@ -85,7 +85,7 @@ def test_qwen3_next_gates_equal_a_hand_computation_from_the_gate_projection(toke
             other.append(torch.cat([gate[: token[1]], gate[token[1] + 1 :]]).mean(0))
     finally:
         hook.remove()
-    a = report.attention
+    a = report.causal.attention
     assert a.gate_sink[layer] == pytest.approx(torch.stack(sink).mean(0).tolist(), abs=1e-5)
     assert a.gate_other[layer] == pytest.approx(torch.stack(other).mean(0).tolist(), abs=1e-5)
     assert all(math.isnan(v) for v in a.gate_sink[0])  # a linear-attention block has no gate
@@ -97,7 +97,7 @@ def test_blocks_without_positions_are_reported_per_block(family, nope, reports):
     """SmolLM3 leaves rotary positions out of every fourth block; EXAONE-4 and Cohere-2 out of their full-attention
     blocks (here the fourth)."""
     _, report = reports(family)
-    a = report.attention
+    a = report.causal.attention
     assert a.positions == [layer not in nope for layer in range(4)]
     assert report.model.blocks[3].endswith("no positions)") and "no positions" not in report.model.blocks[0]
     assert f"block {nope[0]} uses no positions (NoPE): sink rate" in a.mixing

@@ -46,7 +46,7 @@ def models(request, model_dir):
 
 def _detect(lm, batch_size: int):
     corpus = Corpus(())
-    return detect_stage(lm, corpus, corpus.check(), ScanSettings(batch_size=batch_size), None, False, lambda *_: lambda: None)
+    return detect_stage(lm, corpus, corpus.check(), ScanSettings(batch_size=batch_size), None, False, lambda *_: lambda: None).findings
 
 
 def _eps(dtype: str) -> float:
@@ -110,10 +110,10 @@ def test_a_whole_padded_scan_in_half_precision_names_the_same_mechanism(models, 
     report = massact.scan(lms[dtype], None, batch_size=8, verify=False)
     assert report.model.dtype == dtype
     layer, neuron, dim = (11, 1229, 507) if name == "default" else PLANTED
-    birth = next(a for a in report.attribution if a.dim == dim and a.role == "birth")
+    birth = next(a for a in report.mechanism.attribution if a.dim == dim and a.role == "birth")
     assert (birth.layer, birth.neurons[0].neuron) == (layer, neuron)
     assert (birth.super_weight.row, birth.super_weight.col) == (dim, neuron)
-    line = next(x for x in report.lifeline if x.dim == dim)
+    line = next(x for x in report.mechanism.lifelines if x.dim == dim)
     assert (line.born_at, line.sign) == (layer, 1)
     if name == "default":
         assert line.erased_at == [28, 29]

@@ -189,7 +189,7 @@ def test_cli_profile_of_a_report_and_of_a_model(model_dir, tmp_path):
     assert "Profile(" in result.stdout
     saved = load_profile(report_dir / "profile.json")
     report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
-    assert [b.median for b in saved.blocks] == [layer["median"] for layer in report["layers"]]
+    assert [b.median for b in saved.blocks] == [layer["median"] for layer in report["findings"]["layers"]]
     assert saved.blocks[1].dims == [20] and saved.blocks[1].carriers == "position 0" and saved.windows == report["corpus"]["windows"]
     # The same model and texts given directly give the same profile.
     out = tmp_path / "direct"

@@ -114,8 +114,8 @@ def test_gguf_blocks_run_along_the_input_dim_of_a_transposed_weight(tokenizer):
 def test_planted_super_weight_per_tensor_4bit(planted):
     lm, report = planted
     matrix = lm.adapter.param_name(lm.model, LAYER, lm.adapter.mlp_down)
-    assert protect_list.super_weight_coordinates(report.super_weights, report.attribution,
-                                                 report.experts) == [(matrix, (DIM, NEURON), 100.0)]
+    assert protect_list.super_weight_coordinates(report.causal.super_weights, report.mechanism.attribution,
+                                                 report.mechanism.experts) == [(matrix, (DIM, NEURON), 100.0)]
     original = lm.model.get_parameter(matrix).detach().clone()
     others = torch.ones_like(original, dtype=torch.bool)
     others[DIM, NEURON] = False
@@ -199,8 +199,8 @@ def test_headroom_flags_a_planted_value_above_float16(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=400.0)
     report = massact.scan(massact.wrap(model, tokenizer), TEXTS)
-    p = report.precision
-    value = max((m.value for m in report.massive if m.dim == DIM and m.layer == LAYER), key=abs)
+    p = report.deploy.precision
+    value = max((m.value for m in report.findings.massive if m.dim == DIM and m.layer == LAYER), key=abs)
     assert abs(value) > FLOAT16_MAX and p.largest == pytest.approx(abs(value)) and p.largest_dim == DIM
     assert p.overflows[0] == [LAYER, DIM, value] and [o[0] for o in p.overflows] == [1, 2, 3]
     assert p.blocks[LAYER].overflows and not p.blocks[0].overflows
@@ -223,7 +223,7 @@ def test_protect_json_validates_and_loads_back(planted, tmp_path):
     protect = build_protect(report)
     data = json.loads(write_protect(protect))
     assert data["version"] == PROTECT_VERSION and data["format"] == "massact-protect"
-    weight = data["super_weights"][0]
+    weight = data["causal"]["super_weights"][0]
     assert lm.model.get_parameter(weight["parameter"])[weight["row"], weight["col"]].item() == weight["value"] == 100.0
     dim = data["massive_dims"][0]
     assert dim["dim"] == DIM and dim["born_at"] == LAYER and dim["probe_position"] == 0 and dim["carriers"][0]["token"] == "<s>"

@@ -25,7 +25,7 @@ def eval_file(tmp_path_factory):
 
 
 def _rows(data: dict) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in data["quantization"]["rows"]]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in data["deploy"]["quantization"]["rows"]]
 
 
 def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tmp_path):
@@ -33,10 +33,10 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     result = run_massact("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quant", "--eval-file", eval_file, "--out", first)
     assert result.returncode == 0, result.stderr
     data = json.loads((first / "report.json").read_text(encoding="utf-8"))
-    q = data["quantization"]
+    q = data["deploy"]["quantization"]
     assert q["dim"] == DIM and q["birth_layer"] == LAYER and len(q["rows"]) == 20 and q["grid"] == "default"
     assert q["super_weights"] == [["transformer.h.2.mlp.c_proj.weight", [NEURON, DIM], 100.0]]  # Conv1D: stored [in, out]
-    assert data["precision"]["largest_dim"] == DIM and data["precision"]["overflows"] == []
+    assert data["deploy"]["precision"]["largest_dim"] == DIM and data["deploy"]["precision"]["overflows"] == []
     text = (first / "report.txt").read_text(encoding="utf-8")
     assert "11. Quantization" in text and "12. Precision headroom" in text and "GGUF Q4_1" in text
     page = (first / "report.html").read_text(encoding="utf-8")
@@ -54,13 +54,13 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     assert "11. Quantization" in (second / "report.txt").read_text(encoding="utf-8")
 
     # verify scans again: the sweep is kept where nothing it depends on changed, measured again where something did.
-    saved = again["quantization"]
+    saved = again["deploy"]["quantization"]
     assert len(saved["inputs_sha256"]) == 64
     result = run_massact("verify", second)
     assert result.returncode == 0, result.stderr
     assert "kept the saved quantization sweep" in result.stderr
     verified = json.loads((second / "report.json").read_text(encoding="utf-8"))
-    assert verified["verification"] is not None and verified["quantization"] == saved  # its seconds too: not re-run
+    assert verified["causal"]["verification"] is not None and verified["deploy"]["quantization"] == saved  # its seconds too: not re-run
     other = tmp_path / "other-eval.txt"
     other.write_text(EVAL + " The garden was wet for days after.", encoding="utf-8")
     result = run_massact("verify", second, "--eval-file", other, "--quiet")

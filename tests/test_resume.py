@@ -77,10 +77,10 @@ def test_a_resumed_scan_equals_the_uninterrupted_one_byte_for_byte(model_dir, sa
     first, second = ((d / "report.json").read_bytes() for d in (tmp_path / "clean", out))
     assert first == second  # no field is excluded: the report holds no time or run id
     data = json.loads(first)
-    assert data["corpus"]["texts"] == 600 and len(data["massive"]) >= 512
+    assert data["corpus"]["texts"] == 600 and len(data["findings"]["massive"]) >= 512
     # Ties were broken by the smaller (text, position, dim): the first block with massive entries keeps the
     # first-token entries of the first texts.
-    born = [m for m in data["massive"] if m["layer"] == LAYER]
+    born = [m for m in data["findings"]["massive"] if m["layer"] == LAYER]
     assert len(born) == 512 and sorted(m["text"] for m in born) == list(range(512))
 
 
@@ -243,7 +243,7 @@ def test_a_resumed_mixture_of_experts_scan_keeps_every_statistic_of_the_uninterr
     """The scan state holds the experts' maxima beside the blocks' statistics: a Mixtral scan stopped after 3 of its
     5 batches and resumed has the histograms, top-k lists and experts' maxima of one that ran through."""
     from conftest import tiny_model
-    from massact.analysis.detect.scan import scan_layers
+    from massact.analysis.detect.scan import Checkpointing, scan_layers
 
     lm = massact.wrap(tiny_model("mixtral", len(tokenizer), seed=3), tokenizer)
     texts = [f"Summer {word} on day {i}." for i, word in enumerate(["is warm", "met", "opens", "shows", "fell"] * 2)]
@@ -256,16 +256,16 @@ def test_a_resumed_mixture_of_experts_scan_keeps_every_statistic_of_the_uninterr
 
     state = tmp_path / "scan-state.pt"
     with pytest.raises(Stop):
-        scan_layers(lm, iter(windows), 8, on_window=stop_at, batch_size=2, checkpoint=state, every=1, identity="i")
+        scan_layers(lm, iter(windows), 8, on_window=stop_at, batch_size=2, state=Checkpointing(path=state, every=1, identity="i"))
     assert torch.load(state, weights_only=True)["done"] == 6
-    resumed = scan_layers(lm, iter(windows), 8, batch_size=2, checkpoint=state, every=1, resume=True, identity="i")
+    resumed = scan_layers(lm, iter(windows), 8, batch_size=2, state=Checkpointing(path=state, every=1, resume=True, identity="i"))
     assert not state.exists()
     for one, other in zip(clean.histograms, resumed.histograms):
         assert torch.equal(one.counts, other.counts)
     assert [top.items() for top in clean.tops] == [top.items() for top in resumed.tops]
     assert clean.experts[0].isfinite().any() and all(torch.equal(a, b) for a, b in zip(clean.experts, resumed.experts))
     with pytest.raises(Stop):  # a state without the experts' maxima is not this model's
-        scan_layers(lm, iter(windows), 8, on_window=stop_at, batch_size=2, checkpoint=state, every=1, identity="i")
+        scan_layers(lm, iter(windows), 8, on_window=stop_at, batch_size=2, state=Checkpointing(path=state, every=1, identity="i"))
     torch.save(torch.load(state, weights_only=True) | {"experts": None}, state)
     with pytest.raises(UsageError, match="no experts' maxima of this model in it"):
-        scan_layers(lm, iter(windows), 8, batch_size=2, checkpoint=state, resume=True, identity="i")
+        scan_layers(lm, iter(windows), 8, batch_size=2, state=Checkpointing(path=state, resume=True, identity="i"))

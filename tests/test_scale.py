@@ -67,7 +67,7 @@ def test_long_texts_are_split_into_windows_not_truncated(tokenizer):
     assert torch.equal(torch.cat([w.ids for w in parts[:-1]], dim=1), tokenizer(long_text, return_tensors="pt").input_ids)
     assert [w.text_index for w in parts] == [0] * (len(parts) - 1) + [1] and not parts[-1].split
     report = massact.scan(lm, [long_text], max_length=32)
-    assert report.corpus.texts == 1 and report.corpus.windows == len(parts) - 1 == len(report.texts)
+    assert report.corpus.texts == 1 and report.corpus.windows == len(parts) - 1 == len(report.findings.texts)
     assert report.corpus.tokens == n_tokens
     assert any("split into" in w for w in report.warnings)
     with pytest.raises(UsageError, match="--max-length"):
@@ -143,15 +143,16 @@ def test_two_processes_give_the_result_of_one(planted_dir, tmp_path):
     double = subprocess.run([*launch, *map(str, common), "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr
     one, two = (json.loads((tmp_path / d / "report.json").read_text(encoding="utf-8")) for d in ("one", "two"))
-    assert [layer["median"] for layer in one["layers"]] == [layer["median"] for layer in two["layers"]]  # counts summed exactly
-    for a, b in zip(one["layers"], two["layers"]):
+    # the counts summed exactly
+    assert [layer["median"] for layer in one["findings"]["layers"]] == [layer["median"] for layer in two["findings"]["layers"]]
+    for a, b in zip(one["findings"]["layers"], two["findings"]["layers"]):
         assert [abs(e["value"]) for e in a["top"]] == pytest.approx([abs(e["value"]) for e in b["top"]], rel=1e-6)
     key = lambda m: (m["layer"], m["text"], m["position"], m["dim"])
-    assert sorted(map(key, one["massive"])) == sorted(map(key, two["massive"]))
-    assert one["dims"] == two["dims"]
+    assert sorted(map(key, one["findings"]["massive"])) == sorted(map(key, two["findings"]["massive"]))
+    assert one["findings"]["dims"] == two["findings"]["dims"]
     # Every text starts with the same BOS, so which text an attribution is read from may differ among equals.
     same = lambda a: {k: v for k, v in a.items() if k != "text"}
-    assert [same(a) for a in one["attribution"]] == [same(a) for a in two["attribution"]]
+    assert [same(a) for a in one["mechanism"]["attribution"]] == [same(a) for a in two["mechanism"]["attribution"]]
 
 
 def test_texts_from_a_dataset(tmp_path):

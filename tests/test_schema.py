@@ -2,6 +2,7 @@
 field is one line naming it."""
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from conftest import N_LAYERS, PLANTED, TINY, one_line_error, run_massact
+from massact.analysis.causal.results import Causal
 from massact.analysis.deploy.protect import check_model
 from massact.analysis.mechanism.results import ROLES
 from massact.analysis.results import build_protect
 from massact.errors import UsageError
 from massact.models.loading import load
 from massact.report.compare import summary
-from massact.report.schema import REPORT_VERSION, load_protect, read, read_report, write_protect, write_report
+from massact.report.schema import REPORT_VERSION, load_protect, load_report, read, read_report, write_protect, write_report
 from massact.report.text import to_text
 
 LAYER, NEURON, DIM = PLANTED
@@ -39,19 +41,19 @@ def _edited(saved: Path, target: Path, edit) -> Path:
 
 def test_a_saved_report_passes_the_check(saved):
     report = read_report(json.loads((saved / "report.json").read_text(encoding="utf-8")))
-    assert report.massive[0].dim == DIM and report.dims[0].born_at == LAYER
+    assert report.findings.massive[0].dim == DIM and report.findings.dims[0].born_at == LAYER
 
 
 def test_verify_and_compare_name_the_bad_field(saved, tmp_path):
-    text_threshold = _edited(saved, tmp_path / "a", lambda d: d["criterion"].update(min_abs="100"))
-    one_line_error(run_massact("verify", text_threshold), "field criterion.min_abs must be a positive number")
+    text_threshold = _edited(saved, tmp_path / "a", lambda d: d["findings"]["criterion"].update(min_abs="100"))
+    one_line_error(run_massact("verify", text_threshold), "field findings.criterion.min_abs must be a positive number")
     negative = _edited(saved, tmp_path / "b", lambda d: d["corpus"]["spec"].update(max_texts=-3))
     one_line_error(run_massact("verify", negative), "field corpus.spec.max_texts must be an integer >= 1 or null")
-    no_origin = _edited(saved, tmp_path / "c", lambda d: d.pop("origin"))
-    one_line_error(run_massact("compare", saved, no_origin, "--out", tmp_path / "cmp"), "no field origin")
+    no_origin = _edited(saved, tmp_path / "c", lambda d: d["mechanism"].pop("origin"))
+    one_line_error(run_massact("compare", saved, no_origin, "--out", tmp_path / "cmp"), "no field mechanism.origin")
     assert not (tmp_path / "cmp").exists()
-    bad_top = _edited(saved, tmp_path / "d", lambda d: d["layers"][2]["top"][0].update(value="big"))
-    one_line_error(run_massact("compare", bad_top, "--out", tmp_path / "cmp"), "field layers[2].top[0].value must be a number")
+    bad_top = _edited(saved, tmp_path / "d", lambda d: d["findings"]["layers"][2]["top"][0].update(value="big"))
+    one_line_error(run_massact("compare", bad_top, "--out", tmp_path / "cmp"), "field findings.layers[2].top[0].value must be a number")
 
 
 
@@ -64,21 +66,21 @@ def test_the_report_reads_back_as_it_was_written(saved):
     data = _data(saved)
     assert (data["format"], data["version"]) == ("massact-report", REPORT_VERSION)
     assert json.loads(write_report(read_report(data))) == data
-    # A report written before the format and version fields (and the settings) is version 1 and still reads.
-    old = {k: v for k, v in data.items() if k not in ("format", "version", "settings")}
-    assert read_report(old).massive == read_report(data).massive
-    with pytest.raises(UsageError, match="report format version 2; this massact reads version 1"):
-        read_report(dict(data, version=2))
+    # A flat report without the format and version fields is version 1 and is converted; a newer version is refused.
+    old = {k: v for k, v in json.loads(V1.read_text(encoding="utf-8")).items() if k not in ("format", "version")}
+    assert read_report(old).findings.massive == read_report(dict(old, version=1)).findings.massive
+    with pytest.raises(UsageError, match="report format version 3; this massact reads versions 1 and 2"):
+        read_report(dict(data, version=3))
 
 
 def test_every_role_and_phase_the_writer_uses_reads_back(saved):
     """The checked loader once refused the default model's own reports (role "precursor")."""
     data = _data(saved)
     for role in ROLES:
-        data["origin"][0]["role"] = role
-        assert read_report(data).origin[0].role == role
-    data["origin"][0]["role"] = "bogus"
-    with pytest.raises(UsageError, match=r"field origin\[0\].role must be one of 'precursor', 'precursor erasure', 'birth'"):
+        data["mechanism"]["origin"][0]["role"] = role
+        assert read_report(data).mechanism.origin[0].role == role
+    data["mechanism"]["origin"][0]["role"] = "bogus"
+    with pytest.raises(UsageError, match=r"field mechanism.origin\[0\].role must be one of 'precursor', 'precursor erasure', 'birth'"):
         read_report(data)
 
 
@@ -111,23 +113,24 @@ DELETE = object()
 
 
 @pytest.mark.parametrize("path,value,message", [
-    (("texts",), ["Summer is warm."], "field texts must be an object"),
-    (("massive", 0, "text"), 999, "field massive[0].text must be a window listed in texts, not 999"),
-    (("lifeline",), DELETE, "no field lifeline"),
-    (("lifeline",), {}, "field lifeline must be a list, not {}"),
-    (("lifeline", 0, "dim"), "abc", "field lifeline[0].dim must be an integer in [0, 64), not \"abc\""),
-    (("lifeline", 0, "steps", 0, "phase"), "hold on", "field lifeline[0].steps[0].phase must be one of"),
-    (("layers",), [], "field layers must hold one entry per block (model.n_layers)"),
-    (("dims", 0, "dim"), 64, "field dims[0].dim must be an integer in [0, 64), not 64"),
-    (("origin", 0, "layer"), N_LAYERS, f"field origin[0].layer must be an integer in [0, {N_LAYERS}), not {N_LAYERS}"),
-    (("dims", 0, "removed_at"), [0], "field dims[0].removed_at[0] must be an integer in [1, 4), not 0"),
-    (("massive", 0, "bonus"), 1, "field massive[0].bonus is not a field of Massive"),
+    (("findings", "texts"), ["Summer is warm."], "field findings.texts must be an object"),
+    (("findings", "massive", 0, "text"), 999, "field findings.massive[0].text must be a window listed in texts, not 999"),
+    (("mechanism", "lifelines"), DELETE, "no field mechanism.lifelines"),
+    (("mechanism", "lifelines"), {}, "field mechanism.lifelines must be a list, not {}"),
+    (("mechanism", "lifelines", 0, "dim"), "abc", "field mechanism.lifelines[0].dim must be an integer in [0, 64), not \"abc\""),
+    (("mechanism", "lifelines", 0, "steps", 0, "phase"), "hold on", "field mechanism.lifelines[0].steps[0].phase must be one of"),
+    (("findings", "layers"), [], "field findings.layers must hold one entry per block (model.n_layers)"),
+    (("findings", "dims", 0, "dim"), 64, "field findings.dims[0].dim must be an integer in [0, 64), not 64"),
+    (("mechanism", "origin", 0, "layer"), N_LAYERS,
+     f"field mechanism.origin[0].layer must be an integer in [0, {N_LAYERS}), not {N_LAYERS}"),
+    (("findings", "dims", 0, "removed_at"), [0], "field findings.dims[0].removed_at[0] must be an integer in [1, 4), not 0"),
+    (("findings", "massive", 0, "bonus"), 1, "field findings.massive[0].bonus is not a field of Massive"),
     (("model", "name"), None, "field model.name must be a string, not null"),
     (("model", "dtype"), "float8", "field model.dtype must be one of 'float32', 'bfloat16', 'float16'"),
-    (("criterion", "min_abs"), None, "field criterion.min_abs must be a positive number, not null"),
+    (("findings", "criterion", "min_abs"), None, "field findings.criterion.min_abs must be a positive number, not null"),
     (("corpus", "spec", "max_length"), 1, "field corpus.spec.max_length must be an integer >= 2 or null, not 1"),
-    (("verification",), [], "field verification must be an object or null, not []"),
-    (("tokens", "x"), [], "field tokens.x is not an integer key"),
+    (("causal", "verification"), [], "field causal.verification must be an object or null, not []"),
+    (("findings", "tokens", "x"), [], "field findings.tokens.x is not an integer key"),
 ])
 def test_an_edited_report_names_the_field(saved, path, value, message):
     with pytest.raises(UsageError) as caught:
@@ -164,7 +167,7 @@ def test_every_field_null_wrong_type_or_out_of_range_reads_back_or_is_one_line(s
                 assert "\n" not in str(error) and "field " in str(error), (path, value, error)
                 continue
             summary(report)
-            if report.dims:
+            if report.findings.dims:
                 build_protect(report)
             to_text(report)
             write_report(report)
@@ -174,14 +177,15 @@ def test_every_field_null_wrong_type_or_out_of_range_reads_back_or_is_one_line(s
 def test_nulls_the_writer_writes_for_inf_and_nan_compare(saved, tmp_path):
     """Null where the format writes null for inf/nan (as a float16 overflow makes) reads back as nan."""
     data = _data(saved)
-    for path in [("attribution", 0, "output"), ("attribution", 0, "neurons", 0, "share"), ("attribution", 0, "super_weight", "value"),
-                 ("massive", 0, "value"), ("layers", 0, "top", 0, "value"), ("layers", 0, "median")]:
+    for path in [("mechanism", "attribution", 0, "output"), ("mechanism", "attribution", 0, "neurons", 0, "share"),
+                 ("mechanism", "attribution", 0, "super_weight", "value"), ("findings", "massive", 0, "value"),
+                 ("findings", "layers", 0, "top", 0, "value"), ("findings", "layers", 0, "median")]:
         data = _set(data, path, None)
     edited = tmp_path / "nulls"
     edited.mkdir()
     (edited / "report.json").write_text(json.dumps(data), encoding="utf-8")
     report = read_report(data)
-    assert math.isnan(report.massive[0].value) and math.isnan(report.attribution[0].super_weight.value)
+    assert math.isnan(report.findings.massive[0].value) and math.isnan(report.mechanism.attribution[0].super_weight.value)
     result = run_massact("compare", saved, edited, "--out", tmp_path / "cmp")
     assert result.returncode == 0, result.stderr
     page = (tmp_path / "cmp" / "compare.html").read_text(encoding="utf-8")
@@ -273,3 +277,62 @@ def test_a_track_dim_emerges_at_a_step_or_a_label_and_nothing_else():
     for wrong in ([300], 3.5, True):
         with pytest.raises(UsageError, match=r"^track.json: field emerged_at must be an integer or a string or null"):
             read(DimTrack, {**base, "emerged_at": wrong}, "track.json")
+
+
+V1 = Path(__file__).parent / "data" / "report_v1.json"  # the planted Llama, built-in sentences, --no-verify, format version 1
+
+
+def _v1_dir(model_dir: Path, target: Path) -> Path:
+    """tests/data/report_v1.json in a report folder of its own, pointing at this session's planted model (the same
+    weights, saved at another path)."""
+    data = json.loads(V1.read_text(encoding="utf-8"))
+    data["model"].update(name=str(model_dir), source=str(model_dir))
+    target.mkdir()
+    (target / "report.json").write_text(json.dumps(data), encoding="utf-8")
+    return target
+
+
+def _same(old, new, where: str = "report") -> None:
+    """Field by field, floats within 1e-5 relative (nan equal to nan)."""
+    if dataclasses.is_dataclass(old):
+        assert type(old) is type(new), where
+        for spec in dataclasses.fields(old):
+            _same(getattr(old, spec.name), getattr(new, spec.name), f"{where}.{spec.name}")
+    elif isinstance(old, dict):
+        assert old.keys() == new.keys(), where
+        for key in old:
+            _same(old[key], new[key], f"{where}[{key!r}]")
+    elif isinstance(old, (list, tuple)):
+        assert len(old) == len(new), where
+        for i, (a, b) in enumerate(zip(old, new)):
+            _same(a, b, f"{where}[{i}]")
+    elif isinstance(old, float):
+        assert (math.isnan(old) and math.isnan(new)) or old == pytest.approx(new, rel=1e-5, abs=1e-9), where
+    else:
+        assert old == new, where
+
+
+def test_a_version_1_report_reads_back_as_the_same_scan_made_now(model_dir, tmp_path):
+    old = load_report(_v1_dir(model_dir, tmp_path / "v1"))
+    result = run_massact("scan", model_dir, "--no-verify", "--format", "json", "--quiet", "--out", tmp_path / "v2")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "v2" / "report.json").read_text(encoding="utf-8"))
+    assert (written["format"], written["version"]) == ("massact-report", REPORT_VERSION) == ("massact-report", 2)
+    new = load_report(tmp_path / "v2")
+    old.versions, new.versions = {}, {}  # the libraries that made each, not what they found
+    _same(old, new)
+    assert old.findings.dims[0].dim == DIM and old.mechanism.lifelines and old.causal == Causal()
+
+
+def test_verify_quant_and_compare_take_a_version_1_report(model_dir, tmp_path):
+    v1 = _v1_dir(model_dir, tmp_path / "v1")
+    result = run_massact("compare", v1, v1, "--out", tmp_path / "cmp")
+    assert result.returncode == 0, result.stderr
+    result = run_massact("quant", v1, "--quant-grid", "none", "--engine", "quanto", "--quiet", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((v1 / "report.json").read_text(encoding="utf-8"))
+    assert data["version"] == REPORT_VERSION and data["deploy"]["quantization"]["engines"]
+    result = run_massact("verify", v1, "--quiet", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    verified = load_report(v1)
+    assert verified.causal.verification is not None and verified.findings.dims[0].dim == DIM

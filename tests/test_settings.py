@@ -59,7 +59,8 @@ def test_verify_reads_the_saved_settings(tmp_path, tokenizer):
     assert verified.returncode == 0, verified.stderr
     again = json.loads((out / "report.json").read_text())
     assert again["settings"] == {**saved["settings"], "verify": True}
-    assert [len(layer["top"]) for layer in again["layers"]] == [3] * len(again["layers"])
-    assert again["criterion"]["min_abs"] == 50
-    assert [len(a["neurons"]) for a in again["attribution"]] == [2] * len(again["attribution"])  # --top-neurons 2 kept
-    assert again["verification"] is not None and again["dims"] == saved["dims"]
+    assert [len(layer["top"]) for layer in again["findings"]["layers"]] == [3] * len(again["findings"]["layers"])
+    assert again["findings"]["criterion"]["min_abs"] == 50
+    attributions = again["mechanism"]["attribution"]
+    assert [len(a["neurons"]) for a in attributions] == [2] * len(attributions)  # --top-neurons 2 kept
+    assert again["causal"]["verification"] is not None and again["findings"]["dims"] == saved["findings"]["dims"]

@@ -71,11 +71,10 @@ def test_head_metrics_of_hand_made_attention():
 def test_planted_sink_head_is_a_sink_and_a_noop_head(tokenizer):
     lm = planted(tokenizer, [SINK_HEAD])
     report = massact.scan(lm, TEXTS)
-    tokens, _ = sink_tokens(report.massive, report.tokens)
+    tokens, _ = sink_tokens(report.findings.massive, report.findings.tokens)
     assert [(t.text, t.position, t.token) for t in tokens] == [(0, 0, "<s>"), (1, 0, "<s>")]
     implementation = lm.model.config._attn_implementation
-    sinks = sink_analysis(lm, {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}, dims=report.dims,
-                          massive=report.massive, tokens=report.tokens, criterion=report.criterion)
+    sinks = sink_analysis(lm, {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}, report.findings)
     assert lm.model.config._attn_implementation == implementation  # eager only for that pass
     share = sinks.share[SINK_LAYER]
     assert share[SINK_HEAD] > 0.99 and sinks.value_ratio[SINK_LAYER][SINK_HEAD] < 0.25
@@ -89,8 +88,8 @@ def test_sink_that_reads_the_massive_value_vanishes_when_it_is_zeroed(tokenizer)
     lm = planted(tokenizer, list(range(N_HEADS)))
     report = massact.scan(lm, TEXTS)
     inputs = {i: lm.tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}
-    sinks = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens, criterion=report.criterion,
-                          replacements=replacement_values(report.dims, report.massive))
+    sinks = sink_analysis(lm, inputs, report.findings,
+                          replacements=replacement_values(report.findings.dims, report.findings.massive))
     assert sinks.sink_layers == [SINK_LAYER] and sinks.rate[SINK_LAYER] == 1.0
     zero, mean = (next(c for c in sinks.interventions if c.label == label) for label in ("zero", "mean"))
     assert zero.survives[SINK_LAYER] is False and zero.rate[SINK_LAYER] == 0.0
@@ -180,13 +179,13 @@ def test_tiny_bert_scan_writes_a_verified_report(tmp_path, masked_tokenizer):
     import json
 
     saved = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
-    v = saved["verification"]
+    v = saved["causal"]["verification"]
     assert v["metric"] == "masked-LM" and v["masked_lm_loss"] > 0
     assert v["baseline_perplexity"] == pytest.approx(math.exp(v["masked_lm_loss"]), rel=1e-6)
     names = [r["name"] for r in v["interventions"]]
     assert f"ablate top 1 neuron(s) [{NEURON}]" in names and any(n.startswith("zero super weight") for n in names)
     assert {e["target"].split()[0] for e in v["output_effects"]} == {"weight", "zero", "mean"}
-    a = saved["attention"]
+    a = saved["causal"]["attention"]
     assert a["causal"] is False and a["epsilon"] == 0.4 and len(a["rate"]) == 4
     assert [c["label"] for c in a["interventions"]] == ["zero", "mean"]
     text = (tmp_path / "out" / "report.txt").read_text(encoding="utf-8")

@@ -247,3 +247,32 @@ def test_an_entry_point_adds_an_adapter_and_says_where_it_comes_from(tmp_path, m
         refresh()
     with pytest.raises(UsageError, match="not supported"):
         adapter_for(types.SimpleNamespace(model_type="toy_lm"))
+
+
+def test_the_stages_the_pipeline_calls_take_at_most_six_parameters():
+    """A stage takes the loaded model, the findings or an earlier stage's result, the settings and what else it truly
+    needs, not a dozen unpacked fields. Checked on the stage entry points: the functions ``pipeline.py`` and
+    ``track/run.py`` import from ``analysis/<stage>/`` modules (positional and keyword-only parameters); their
+    internal helpers are free to take more."""
+    wanted: dict[Path, set[str]] = {}
+    for caller in (SRC / "pipeline.py", SRC / "track" / "run.py"):
+        tree = ast.parse(caller.read_text(encoding="utf-8"))
+        package = caller.relative_to(SRC).parts[:-1]
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or not node.module:
+                continue
+            parts = [*package[:len(package) - node.level + 1], *node.module.split(".")] if node.level else node.module.split(".")[1:]
+            if len(parts) == 3 and parts[0] == "analysis":
+                wanted.setdefault(SRC.joinpath(*parts).with_suffix(".py"), set()).update(a.name for a in node.names)
+            elif len(parts) == 2 and parts[0] == "analysis" and SRC.joinpath(*parts).is_dir():
+                for alias in node.names:  # a module imported whole (``from ..analysis.track import align``)
+                    wanted.setdefault(SRC.joinpath(*parts, alias.name).with_suffix(".py"), set()).add("*")
+    too_many, checked = [], 0
+    for path, names in wanted.items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef) and (node.name in names or "*" in names and not node.name.startswith("_")):
+                checked += 1
+                count = len([a for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs if a.arg != "self"])
+                if count > 6:
+                    too_many.append(f"{path.relative_to(SRC).as_posix()}: {node.name} takes {count}")
+    assert checked > 20 and too_many == []

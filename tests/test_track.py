@@ -77,7 +77,7 @@ def test_planted_birth_block_moves(tracked):
     assert "its birth moves from block 2 to block 1 at step 300" in page
     # Each checkpoint's full report, in its own folder, is the report massact scan writes.
     report = json.loads((tracked / "step-00000300" / "report.json").read_text(encoding="utf-8"))
-    assert report["dims"][0]["born_at"] == 1 and report["model"]["source"].endswith("checkpoint-300")
+    assert report["findings"]["dims"][0]["born_at"] == 1 and report["model"]["source"].endswith("checkpoint-300")
 
 
 def test_two_processes_share_the_checkpoints_and_give_the_track_of_one(series, tracked, tmp_path):
@@ -94,7 +94,7 @@ def test_two_processes_share_the_checkpoints_and_give_the_track_of_one(series, t
     assert two == one
     for step, _ in SERIES:
         reports = (json.loads((folder / f"step-{step:08d}" / "report.json").read_text(encoding="utf-8")) for folder in (tracked, out))
-        assert next(reports)["layers"] == next(reports)["layers"]
+        assert next(reports)["findings"]["layers"] == next(reports)["findings"]["layers"]
 
 
 def test_rerun_after_an_interrupt_redoes_only_the_unfinished(series, tmp_path, monkeypatch, capsys):
@@ -222,8 +222,8 @@ def test_callback_logs_what_an_offline_scan_of_the_saved_checkpoint_finds(traine
     for record, entry in zip(records, logged):
         lm = massact.load(str(root / "run" / f"checkpoint-{record['step']}"), device="cpu", log=lambda m: None)
         report = massact.scan(lm, list(DEFAULT_TEXTS))
-        massive = [sum(m.layer == layer.layer for m in report.massive) for layer in report.layers]
-        for block, layer, count in zip(record["blocks"], report.layers, massive):
+        massive = [sum(m.layer == layer.layer for m in report.findings.massive) for layer in report.findings.layers]
+        for block, layer, count in zip(record["blocks"], report.findings.layers, massive):
             assert block["median"] == pytest.approx(layer.median, rel=1e-4)
             assert block["top1"] == pytest.approx(abs(layer.top[0].value), rel=1e-4)
             assert (block["top_dim"], block["massive"]) == (layer.top[0].dim, count)

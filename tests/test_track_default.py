@@ -143,10 +143,10 @@ def test_an_eraser_overshooting_through_zero_keeps_the_birth_writer(intermediate
     assert (weight["matrix"], weight["row"], weight["col"]) == ("model.layers.11.mlp.down_proj.weight", 507, 1229)
     assert not any(p.startswith("growth") for p in dim["phases"]) and "erasure 28-28" in dim["phases"]
     report = json.loads((tmp_path / "out" / "step-00000150" / "report.json").read_text(encoding="utf-8"))
-    line = next(x for x in report["lifeline"] if x["dim"] == 507)
+    line = next(x for x in report["mechanism"]["lifelines"] if x["dim"] == 507)
     assert line["sign"] == 1 and line["peak"] == pytest.approx(birth, rel=1e-3) and line["steps"][28]["phase"] == "erasure"
     assert line["steps"][28]["value"] == pytest.approx(erased, rel=1e-3)
-    origins = {(o["layer"], o["role"]): o["writer"] for o in report["origin"] if o["dim"] == 507}
+    origins = {(o["layer"], o["role"]): o["writer"] for o in report["mechanism"]["origin"] if o["dim"] == 507}
     assert origins[11, "birth"] == "mlp" and origins[28, "erasure"] == "mlp"
     for (layer, role), who in origins.items():  # the lifeline and the origin agree at every event
         if role != "removal":

@@ -28,22 +28,22 @@ def test_verification_confirms_the_planted_neuron_and_weight(planted):
     report = massact.scan(planted, TEXTS, verify=True, eval_text=EVAL)
     assert weights_hash(planted.model) == before
 
-    rows = {r.name: r for r in report.verification.interventions}
+    rows = {r.name: r for r in report.causal.verification.interventions}
     baseline = rows["none (baseline)"]
-    assert baseline.still_massive and baseline.perplexity == pytest.approx(report.verification.baseline_perplexity)
+    assert baseline.still_massive and baseline.perplexity == pytest.approx(report.causal.verification.baseline_perplexity)
     alone = rows[f"ablate neuron {NEURON}"]
     assert not alone.still_massive and abs(alone.value_birth) < 0.01 * abs(baseline.value_birth)
     top = rows[f"ablate top 1 neuron(s) [{NEURON}]"]
     assert top.confirms is True and top.value_last == pytest.approx(alone.value_last)
-    control = next(r for r in report.verification.interventions if r.name.startswith("control: ablate neuron"))
+    control = next(r for r in report.causal.verification.interventions if r.name.startswith("control: ablate neuron"))
     assert control.still_massive and control.value_birth == pytest.approx(baseline.value_birth, rel=1e-3)
-    weight = next(r for r in report.verification.interventions if r.name.startswith("zero super weight"))
+    weight = next(r for r in report.causal.verification.interventions if r.name.startswith("zero super weight"))
     assert weight.confirms is True
-    weight_control = next(r for r in report.verification.interventions if r.name.startswith("control: zero weight"))
+    weight_control = next(r for r in report.causal.verification.interventions if r.name.startswith("control: zero weight"))
     assert weight_control.still_massive
-    zero = next(r for r in report.verification.interventions if r.name.endswith(f"to zero at block {LAYER}"))
+    zero = next(r for r in report.causal.verification.interventions if r.name.endswith(f"to zero at block {LAYER}"))
     assert zero.perplexity > 0 and math.isfinite(zero.perplexity_ratio)
-    dependence = report.verification.input_dependence[0]
+    dependence = report.causal.verification.input_dependence[0]
     assert dependence.dim == DIM and dependence.first_token_massive == dependence.inputs  # BOS always carries it
     assert dependence.other_positions == 0 and dependence.carriers[0][0] == "<s>"
 

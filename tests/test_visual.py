@@ -215,7 +215,7 @@ def test_compare_two_saved_reports(saved_reports, tmp_path):
     page = (tmp_path / "cmp" / "compare.html").read_text(encoding="utf-8")
     for directory in saved_reports:
         data = json.loads((directory / "report.json").read_text(encoding="utf-8"))
-        born = data["dims"][0]["born_at"]
+        born = data["findings"]["dims"][0]["born_at"]
         assert f"{DIM} (block {born}, MLP)" in page
         assert directory.name in page
     assert "removes it" in page  # the verified GPT-2 column carries its ablation result

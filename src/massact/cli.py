@@ -460,13 +460,13 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
     from .analysis.deploy.protect import check_model
     from .analysis.results import build_protect, check_report_model
     from .models.loading import load
-    from .pipeline import deploy_stage
+    from .pipeline import quantize
     from .report.files import write_report
     from .report.schema import load_protect, load_report
     from .report.text import quantization_text
 
     report = load_report(directory)  # every field checked while it is built
-    settings = _saved_settings(report, directory).replace(
+    settings = report.settings.replace(
         quant=True, **_given(args, "quant_grid", "clip_z", "block_size", "engines"),
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
     run = settings.replace(**_given(args, "dtype", "device")).check()
@@ -480,15 +480,15 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
         check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
     with _progress(_bars(args.quiet)) as progress:
-        deploy_stage(lm, report, run, eval_text, progress, protect=protect)
+        report.deploy.quantization = quantize(lm, protect, run, eval_text, progress)
     note = (f"measured with the weights in {run.dtype} (massact quant --dtype); the rest of the report is the scan's, in "
             f"{settings.dtype}, and a later massact verify runs {settings.dtype} again")
-    if run.dtype != settings.dtype and report.quantization is not None and note not in report.quantization.notes:
-        report.quantization.notes.insert(0, note)
+    if run.dtype != settings.dtype and report.deploy.quantization is not None and note not in report.deploy.quantization.notes:
+        report.deploy.quantization.notes.insert(0, note)
     report.settings = settings  # the scan's dtype and device, as it was made and as verify re-runs it
     written = write_report(report, directory, formats)
     if not args.quiet:
-        print(quantization_text(report.quantization, report.precision), end="")
+        print(quantization_text(report.deploy.quantization, report.deploy.precision), end="")
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -525,12 +525,6 @@ def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -
     return 0
 
 
-def _saved_settings(report, directory: Path) -> ScanSettings:
-    if report.settings is None:
-        raise UsageError(f"{directory / 'report.json'}: no settings saved (made by an older massact): scan the model again")
-    return report.settings
-
-
 def _log(quiet: bool):
     """Where loading and stage messages go; also silences transformers' own (its loading bar under --quiet and
     outside a terminal), since our messages say what matters in one line each."""
@@ -564,7 +558,7 @@ def _verify(args) -> int:
     from .texts import Corpus
 
     saved = load_report(args.report_dir)  # every field checked while it is built
-    settings = _saved_settings(saved, args.report_dir).replace(
+    settings = saved.settings.replace(
         verify=True, **_given(args, "sink_epsilon", "dtype", "device"),
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
     spec = saved.corpus.spec
@@ -643,7 +637,7 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
         from .analysis.results import check_report_model
 
         check_report_model(saved, lm, str(out / "report.json"))
-        quantization = saved.quantization
+        quantization = saved.deploy.quantization
     if verify is None:
         verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
         if not verify:
@@ -653,7 +647,7 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
                       progress=progress, quantization=quantization)
     if report is None:  # another process of a multi-process launch writes the report
         return 0
-    if quantization is not None and report.quantization is quantization:
+    if quantization is not None and report.deploy.quantization is quantization:
         log("kept the saved quantization sweep: the same protect list, evaluation text, dtype, device and grid")
     written = write_report(report, out, formats)
     if full and not quiet:

@@ -12,22 +12,32 @@ from torch import nn
 
 from . import __version__
 from .analysis.causal.expert_pruning import prune_super_experts
+from .analysis.causal.results import Causal
 from .analysis.causal.superweights import all_super_weights
 from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify_by_intervention
 from .analysis.deploy.precision import headroom
 from .analysis.deploy.quant import measure_quantization
-from .analysis.deploy.results import Protect, Quantization
-from .analysis.detect.results import DimSummary, LayerStats, Massive
+from .analysis.deploy.results import Deploy, Protect, Quantization
+from .analysis.detect.results import Findings
 from .analysis.detect.resume import scan_identity
-from .analysis.detect.scan import detect, distributed_rank, group_dims, layer_stats, release_processes, scan_layers, scan_warnings
+from .analysis.detect.scan import (
+    Checkpointing,
+    detect,
+    distributed_rank,
+    group_dims,
+    layer_stats,
+    release_processes,
+    scan_layers,
+    scan_warnings,
+)
 from .analysis.detect.windows import Counts, collect, windows
-from .analysis.evaluation.embeddings import EmbeddingEvaluation, headless
-from .analysis.evaluation.perplexity import default_eval_text, eval_windows
-from .analysis.evaluation.windows import Evaluation, evaluation_for
+from .analysis.evaluation.embeddings import headless
+from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
+from .analysis.evaluation.windows import evaluation_for
 from .analysis.function.sinks import sink_analysis
 from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines
-from .analysis.mechanism.results import ExpertPruning
+from .analysis.mechanism.results import Mechanism
 from .analysis.mechanism.super_experts import find_super_experts
 from .analysis.profile.build import build_profile, count_carriers
 from .analysis.profile.results import Profile
@@ -36,11 +46,10 @@ from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
 from .errors import UsageError
 from .models.failures import guarded
-from .models.identity import weights_sha256
 from .models.info import model_info
 from .models.loading import LoadedModel, load, wrap
 from .report.conclusion import NO_MASK_TOKEN, conclude
-from .settings import Criterion, ScanSettings
+from .settings import ScanSettings
 from .texts import Corpus, read_eval_file
 
 # progress(stage, total or None) returns the function to call after each step of that stage.
@@ -111,10 +120,14 @@ def scan(
     found = detect_stage(lm, corpus, total, settings, checkpoint, resume, progress)
     if found is None:
         return None  # launched as several processes: they shared the scan, the first one explains and reports
-    report = mechanism_stage(lm, found, settings)
-    trigger_stage(lm, report, found.inputs, settings)
-    causal_stage(lm, report, found.inputs, settings, eval_text, progress)
-    deploy_stage(lm, report, settings, eval_text, progress, quantization)
+    findings, warnings = found.findings, list(found.warnings)
+    mechanism = mechanism_stage(lm, found, settings, warnings)
+    trigger = triggers(lm, found.inputs, findings, mechanism, settings, found.corpus.windows)
+    causal, causal_warnings = causal_stage(lm, found, mechanism, settings, eval_text, progress)
+    report = Report(model=model_info(lm), corpus=found.corpus, settings=settings, findings=findings, mechanism=mechanism,
+                    trigger=trigger, causal=causal, deploy=Deploy(), conclusion=[], warnings=warnings + causal_warnings,
+                    versions=_versions())
+    report.deploy = deploy_stage(lm, report, settings, eval_text, progress, quantization)
     report.conclusion = conclude(report)
     return report
 
@@ -170,33 +183,29 @@ def profile(
         spec = report.corpus.spec
         if texts is None:
             texts = Corpus(tuple(spec.texts), spec.file, spec.dataset, spec.max_texts)
-        settings = settings.replace(max_length=spec.max_length, min_abs=report.criterion.min_abs, min_ratio=report.criterion.min_ratio)
+        criterion = report.findings.criterion
+        settings = settings.replace(max_length=spec.max_length, min_abs=criterion.min_abs, min_ratio=criterion.min_ratio)
     corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
     total = corpus.check()
     if report is None:
         found = detect_stage(lm, corpus, total, settings.replace(verify=False), None, False, progress)
-        layers, criterion = found.layers, found.criterion
+        findings = found.findings
     else:
-        layers, criterion = report.layers, report.criterion
-    medians = [stats.median for stats in layers]
+        findings = report.findings
+    medians, criterion = findings.medians, findings.criterion
     advance = progress("profile: forward passes over the texts", total if settings.max_length is None else None)
     stream = (window.ids for window in windows(lm, corpus, settings.max_length))
     counts = count_carriers(lm, stream, medians, criterion, settings.batch_size, advance)
-    return build_profile(lm, counts, medians, criterion, lm.name, lm.source, corpus.describe(), weights_sha256(lm.model))
+    return build_profile(lm, counts, medians, criterion, corpus.describe())
 
 
 @dataclass(kw_only=True)
 class Detection:
-    """What the corpus pass found: the kept windows (text, ids, tokens by window index), per-block statistics, the
-    massive entries and dims, the corpus's description and the warnings so far."""
+    """What the corpus pass found: the ``findings`` every later stage reads, the kept windows' token ids
+    (``inputs``, by window index), the corpus's description and the warnings so far."""
 
-    texts: dict[int, str]
+    findings: Findings
     inputs: dict[int, torch.Tensor]
-    tokens: dict[int, list[str]]
-    criterion: Criterion
-    layers: list[LayerStats]
-    massive: list[Massive]
-    dims: list[DimSummary]
     corpus: CorpusInfo
     warnings: list[str]
     experts: tuple[torch.Tensor, torch.Tensor] | None = None  # each expert's largest |output|: routed, shared
@@ -210,11 +219,12 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
     advance = progress("forward passes over the texts", total if settings.max_length is None else None)
     counts = Counts()
     stream = (window.ids for window in windows(lm, corpus, settings.max_length, counts))
-    identity = "" if checkpoint is None else scan_identity(lm, top_k=settings.top_k, min_abs=settings.min_abs,
-                                                           min_ratio=settings.min_ratio, max_length=settings.max_length,
-                                                           batch_size=settings.batch_size)
-    layer_scan = scan_layers(lm, stream, on_window=lambda _: advance(), batch_size=settings.batch_size, checkpoint=checkpoint,
-                             every=settings.checkpoint_every, resume=resume, identity=identity)
+    state = None if checkpoint is None else Checkpointing(path=checkpoint, every=settings.checkpoint_every, resume=resume,
+                                                          identity=scan_identity(lm, top_k=settings.top_k, min_abs=settings.min_abs,
+                                                                                min_ratio=settings.min_ratio,
+                                                                                max_length=settings.max_length,
+                                                                                batch_size=settings.batch_size))
+    layer_scan = scan_layers(lm, stream, on_window=lambda _: advance(), batch_size=settings.batch_size, state=state)
     rank, world = distributed_rank()
     if world > 1:
         release_processes()  # the statistics are merged and no collective follows: a process may now end cleanly
@@ -235,83 +245,68 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
     spec = CorpusSpec(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts,
                       max_length=settings.max_length)
     corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
-    return Detection(texts=texts, inputs=inputs, tokens=tokens, criterion=criterion, layers=layers, massive=massive,
-                     dims=group_dims(massive, len(layers)), corpus=corpus_info, warnings=warnings, experts=layer_scan.experts)
+    findings = Findings(texts=texts, tokens=tokens, criterion=criterion, layers=layers, massive=massive,
+                        dims=group_dims(massive, len(layers)))
+    return Detection(findings=findings, inputs=inputs, corpus=corpus_info, warnings=warnings, experts=layer_scan.experts)
 
 
-def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings) -> Report:
-    """Each dim's lifeline over every block, then origin, MLP anatomy and neuron attribution at every block it names:
-    the report, before its trigger, causal checks and deployment figures."""
-    medians = [s.median for s in found.layers]
-    lines = lifelines(lm, found.dims, found.massive, found.inputs, medians, found.criterion)
-    warnings = list(found.warnings)
-    origins, anatomies, attributions, experts = explain(lm, pick_events(found.dims, found.massive, lines), found.inputs,
-                                                        found.tokens, found.layers, found.criterion, settings.top_neurons,
-                                                        warnings)
+def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings, warnings: list[str]) -> Mechanism:
+    """Each dim's lifeline over every block, then origin, MLP anatomy and neuron attribution at every block it names,
+    a mixture's super experts, the birth block's state on the carrier's text and each dim at every block and token
+    (the page's token view); checks that fail their second computation are appended to ``warnings``."""
+    findings, inputs = found.findings, found.inputs
+    lines = lifelines(lm, findings, inputs)
+    origins, anatomies, attributions, experts = explain(lm, pick_events(findings.dims, findings.massive, lines), inputs, findings,
+                                                        settings, warnings)
     supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
-                                                              settings.super_expert_fraction, settings.super_expert_depth)
-    return Report(model=model_info(lm), corpus=found.corpus, texts=found.texts, tokens=found.tokens,
-                  criterion=found.criterion, settings=settings, layers=found.layers, massive=found.massive,
-                  dims=found.dims, origin=origins, anatomy=anatomies, attribution=attributions, conclusion=[],
-                  warnings=warnings, versions=_versions(), experts=experts, lifeline=lines, super_experts=supers)
+                                                                   settings.super_expert_fraction, settings.super_expert_depth)
+    return Mechanism(lifelines=lines, origin=origins, anatomy=anatomies, attribution=attributions, experts=experts,
+                     super_experts=supers,
+                     birth_state=birth_state(lm, inputs, dims=findings.dims, origin=origins, massive=findings.massive,
+                                             tokens=findings.tokens),
+                     token_values=token_values(lm, inputs, dims=findings.dims, lifelines=lines))
 
 
-def trigger_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings) -> None:
-    """Why each dim fires on its carrier: the writing neurons' sources and the chain back toward the token (patched
-    when verifying), the birth block's state on the carrier's text, and each dim at every block and token (the page's token view)."""
-    report.trigger = triggers(lm, inputs, settings.chain_depth, patch=settings.verify, lifelines=report.lifeline,
-                              origin=report.origin, attribution=report.attribution, experts=report.experts,
-                              tokens=report.tokens, massive=report.massive, windows=report.corpus.windows,
-                              medians=report.medians, criterion=report.criterion)
-    report.birth_state = birth_state(lm, inputs, dims=report.dims, origin=report.origin, massive=report.massive,
-                                     tokens=report.tokens)
-    report.token_values = token_values(lm, inputs, dims=report.dims, lifelines=report.lifeline)
-
-
-def causal_stage(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], settings: ScanSettings,
-                 eval_text: str | None, progress: Progress) -> None:
+def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settings: ScanSettings, eval_text: str | None,
+                 progress: Progress) -> tuple[Causal, list[str]]:
     """With ``settings.verify``: the interventions, the output effects, the attention sinks and the super weights
-    zeroed one after another. With nothing massive, the attention sinks alone, on each text's first token: whether a
-    model grows a sink without a massive activation (gated attention, learned sinks) is a finding too."""
+    zeroed one after another, and the warnings raised. With nothing massive, the attention sinks alone, on each text's
+    first token: whether a model grows a sink without a massive activation (gated attention, learned sinks) is a
+    finding too."""
+    findings, inputs = found.findings, found.inputs
     if not settings.verify:
-        return
-    if not report.dims:
-        report.attention = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens,
-                                         criterion=report.criterion, epsilon=settings.sink_epsilon)
-        if report.super_experts is not None and report.super_experts.found:
-            evaluation = evaluation_for(lm, eval_text or default_eval_text(), dims=report.dims, attribution=report.attribution,
-                                        experts=report.experts)
-            report.super_experts.pruning = _prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon)
-        return
+        return Causal(), []
+    text = EvalText(text=eval_text or default_eval_text(),
+                    source="massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None
+                    else "--eval-file")
+    if not findings.dims:
+        causal = Causal(attention=sink_analysis(lm, inputs, findings, settings.sink_epsilon))
+        if mechanism.super_experts is not None and mechanism.super_experts.found:
+            causal.expert_pruning = prune_super_experts(lm, inputs, evaluation_for(lm, text, findings, mechanism), findings,
+                                                        mechanism, settings)
+        return causal, []
     if lm.adapter.encoder and not headless(lm) and lm.tokenizer.mask_token_id is None:
-        report.warnings.append(NO_MASK_TOKEN)
-        return
-    source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
-    text = eval_text or default_eval_text()
+        return Causal(), [NO_MASK_TOKEN]
     # One scoring, its passes shared by the interventions and the super weights.
-    evaluation = evaluation_for(lm, text, dims=report.dims, attribution=report.attribution, experts=report.experts)
-    report.verification = verify_by_intervention(lm, inputs, text, source, progress("interventions", None), evaluation, dims=report.dims,
-                                        medians=report.medians, criterion=report.criterion, massive=report.massive, texts=report.texts,
-                                        attribution=report.attribution, experts=report.experts)
-    report.attention = sink_analysis(lm, inputs, dims=report.dims, massive=report.massive, tokens=report.tokens,
-                                     criterion=report.criterion, epsilon=settings.sink_epsilon,
-                                     replacements=replacement_values(report.dims, report.massive))
-    report.super_weights = all_super_weights(lm, inputs, evaluation, report.verification.baseline_perplexity,
-                                             lifelines=report.lifeline, attribution=report.attribution, medians=report.medians,
-                                             criterion=report.criterion, steps=settings.super_weight_steps,
-                                             step_done=progress("super weights, zeroed one by one", None))
-    if report.super_experts is not None:  # a mixture of experts: its super experts pruned, against a random control
-        report.super_experts.pruning = _prune_experts(lm, report, inputs, evaluation, settings.sink_epsilon)
+    evaluation = evaluation_for(lm, text, findings, mechanism)
+    causal = Causal(verification=verify_by_intervention(lm, inputs, findings, mechanism, evaluation, progress("interventions", None)))
+    causal.attention = sink_analysis(lm, inputs, findings, settings.sink_epsilon, replacement_values(findings.dims, findings.massive))
+    causal.super_weights = all_super_weights(lm, inputs, evaluation, findings, mechanism, settings)
+    if mechanism.super_experts is not None:  # a mixture of experts: its super experts pruned, against a random control
+        causal.expert_pruning = prune_super_experts(lm, inputs, evaluation, findings, mechanism, settings)
+    return causal, []
 
 
 @guarded
 def deploy_stage(lm: LoadedModel, report: Report, settings: ScanSettings, eval_text: str | None, progress: Progress,
-                 earlier: Quantization | None = None, protect: Protect | None = None) -> None:
-    """Float16 and bfloat16 headroom always; with ``settings.quant``, the quantization sweep of ``protect`` (default:
-    the report's own protect list, where it found massive dims; ``earlier`` where it was measured on the same inputs)."""
-    report.precision = headroom(report.layers)
-    if settings.quant and (report.dims or protect is not None):
-        report.quantization = quantize(lm, protect or build_protect(report), settings, eval_text, progress, earlier)
+                 earlier: Quantization | None = None) -> Deploy:
+    """Float16 and bfloat16 headroom always; with ``settings.quant``, the quantization sweep of the report's own
+    protect list, where it found massive dims (``earlier``: a saved sweep, kept where it was measured on the same
+    inputs)."""
+    deploy = Deploy(precision=headroom(report.findings.layers))
+    if settings.quant and report.findings.dims:
+        deploy.quantization = quantize(lm, build_protect(report), settings, eval_text, progress, earlier)
+    return deploy
 
 
 @guarded
@@ -320,8 +315,7 @@ def quantize(lm: LoadedModel, protect: Protect, settings: ScanSettings, eval_tex
     """The quantization sweep of ``lm`` with ``protect`` held out (``settings.quant_grid``, ``clip_z``, ``block_size``
     and the real ``engines``), on ``eval_text`` (None: the shipped sample); ``earlier`` is kept where it was measured
     on the same inputs."""
-    return measure_quantization(lm, protect, eval_text, settings.quant_grid, settings.clip_z, settings.block_size,
-                                progress or _silent, earlier, tuple(settings.engines))
+    return measure_quantization(lm, protect, eval_text, settings, progress or _silent, earlier)
 
 
 def check_arguments(model, texts, tokenizer, settings) -> None:
@@ -351,14 +345,6 @@ def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
             raise UsageError("a model object needs its tokenizer: scan(model, texts, tokenizer=...)")
         return wrap(model, tokenizer)
     return load(None if model is None else str(model), dtype=dtype, device=device)
-
-
-def _prune_experts(lm: LoadedModel, report: Report, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation,
-                   epsilon: float) -> list[ExpertPruning]:
-    """The report's super experts pruned, and a random control (``massact.analysis.causal.expert_pruning.prune_super_experts``)."""
-    return prune_super_experts(lm, inputs, evaluation, epsilon, report.super_experts, dims=report.dims, lifelines=report.lifeline,
-                         medians=report.medians, criterion=report.criterion, massive=report.massive,
-                         tokens=report.tokens)
 
 
 def _versions() -> dict[str, str]:

@@ -3,16 +3,15 @@ report gives the stages that run again on it (its protect list, the check that a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..models.info import ModelInfo
-from ..settings import Criterion, ScanSettings
-from .causal.results import SuperWeightStep, Verification
-from .deploy.results import Precision, Protect, Quantization
-from .detect.results import DimSummary, LayerStats, Massive
-from .function.results import AttentionSinks
-from .mechanism.results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, Origin, SuperExperts, TokenValues
+from ..settings import ScanSettings
+from .causal.results import Causal
+from .deploy.results import Deploy, Protect
+from .detect.results import Findings
+from .mechanism.results import Mechanism
 from .trigger.results import Trigger
 
 if TYPE_CHECKING:
@@ -44,48 +43,39 @@ class CorpusInfo:
 
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)  # slots: a stale flat name (report.dims = ...) fails, not sets
 class Report:
+    """A scan, nested by stage (report.json's version 2): what was scanned and how (``model``, ``corpus``, every
+    option in ``settings``), then each stage's results in the order they run, the conclusion's sentences, the
+    warnings raised on the way and the versions of massact, torch and transformers that made it."""
+
     model: ModelInfo
     corpus: CorpusInfo
-    texts: dict[int, str]  # by window index: only the windows the report points at, and the first few
-    tokens: dict[int, list[str]]
-    criterion: Criterion
-    settings: ScanSettings | None = None  # every option the scan ran with; None in a report made before settings were saved
-    layers: list[LayerStats]
-    massive: list[Massive]
-    dims: list[DimSummary]
-    origin: list[Origin]
-    anatomy: list[Anatomy]
-    attribution: list[Attribution]
+    settings: ScanSettings
+    findings: Findings
+    mechanism: Mechanism
+    trigger: list[Trigger]  # one per lifeline: why its dim fires on its carrier
+    causal: Causal
+    deploy: Deploy
     conclusion: list[str]
     warnings: list[str]
     versions: dict[str, str]
-    verification: Verification | None = None
-    attention: AttentionSinks | None = None
-    birth_state: BirthState | None = None
-    token_values: TokenValues | None = None  # the HTML page's token view
-    experts: list[ExpertAttribution] = field(default_factory=list)
-    lifeline: list[Lifeline] = field(default_factory=list)
-    trigger: list[Trigger] = field(default_factory=list)
-    super_weights: list[SuperWeightStep] = field(default_factory=list)
-    precision: Precision | None = None
-    quantization: Quantization | None = None
-    super_experts: SuperExperts | None = None  # a mixture of experts' super experts (Su et al. 2025)
 
     @property
     def medians(self) -> list[float]:
         """Each block's median |a| over the scanned tokens: what the criterion's ratio is taken against."""
-        return [stats.median for stats in self.layers]
+        return self.findings.medians
 
     def __repr__(self) -> str:
         """One line: the model, each massive dim and its birth block, the sections present (a REPL or a notebook
         would otherwise print every field)."""
-        dims = ", ".join(f"{d.dim} (born at block {d.born_at})" for d in self.dims[:6]) + (", ..." if len(self.dims) > 6 else "")
-        present = [name for name, value in (("lifeline", self.lifeline), ("trigger", self.trigger), ("verification", self.verification),
-                                            ("attention sinks", self.attention), ("super experts", self.super_experts),
-                                            ("quantization", self.quantization), ("precision", self.precision)) if value]
-        return (f"Report({self.model.name}: {f'massive dims {dims}' if self.dims else 'no massive activation'}; "
+        found = self.findings.dims
+        dims = ", ".join(f"{d.dim} (born at block {d.born_at})" for d in found[:6]) + (", ..." if len(found) > 6 else "")
+        present = [name for name, value in (("lifeline", self.mechanism.lifelines), ("trigger", self.trigger),
+                                            ("verification", self.causal.verification), ("attention sinks", self.causal.attention),
+                                            ("super experts", self.mechanism.super_experts),
+                                            ("quantization", self.deploy.quantization), ("precision", self.deploy.precision)) if value]
+        return (f"Report({self.model.name}: {f'massive dims {dims}' if found else 'no massive activation'}; "
                 f"{self.corpus.windows} window(s), {self.corpus.tokens:,} tokens; sections: detection, mechanism"
                 + "".join(f", {name}" for name in present) + ")")
 
@@ -97,11 +87,10 @@ class Report:
 
 
 def build_protect(report: Report) -> Protect:
-    """The protect list of a scan (protect.json): ``massact.analysis.deploy.protect.build`` on the report's fields."""
+    """The protect list of a scan (protect.json): ``massact.analysis.deploy.protect.build`` on the report's stages."""
     from .deploy.protect import build  # torch: only where a list is built, not where a report is read
 
-    return build(model=report.model, criterion=report.criterion, dims=report.dims, massive=report.massive, texts=report.texts,
-                 tokens=report.tokens, attribution=report.attribution, experts=report.experts, super_weights=report.super_weights)
+    return build(report.model, report.findings, report.mechanism, report.causal.super_weights)
 
 
 def check_report_model(report: Report, lm: LoadedModel, where: str) -> None:

@@ -19,18 +19,18 @@ from .schema import load_report
 def summary(report: Report) -> dict[str, str]:
     """One column of the comparison: what a reader compares across models, as text (nan where the report has null)."""
     model = report.model
-    births = [o for o in report.origin if o.role == "birth"]
+    births = [o for o in report.mechanism.origin if o.role == "birth"]
     dims = ", ".join(f"{o.dim} (block {o.layer}, {o.writer.upper()})" for o in births) or "none"
-    massive = report.massive
+    massive = report.findings.massive
     row = {
         "model": model.name,
         "architecture": f"{model.architecture}, {model.n_layers} blocks, d_model {model.d_model}, {model.dtype}",
         "massive dims (birth block, writer)": dims,
         "largest |a|": f"{max((abs(m.value) for m in massive), default=0):,.1f}",
         "largest |a| / median": f"{max((m.ratio for m in massive), default=0):,.0f}x",
-        "removed at": ", ".join(f"{d.dim}: {d.removed_at or 'never'}" for d in report.dims) or "-",
+        "removed at": ", ".join(f"{d.dim}: {d.removed_at or 'never'}" for d in report.findings.dims) or "-",
     }
-    attribution = [a for a in report.attribution if a.role == "birth"]
+    attribution = [a for a in report.mechanism.attribution if a.role == "birth"]
     if attribution:
         a = max(attribution, key=lambda a: abs(a.output) if a.output == a.output else -1.0)
         weight = a.super_weight
@@ -38,7 +38,7 @@ def summary(report: Report) -> dict[str, str]:
             top = a.neurons[0]
             row["top neuron share"] = f"neuron {top.neuron}: {top.share:.1%} of dim {a.dim}; {a.neurons_for_90pct} for 90%"
         row["super weight"] = f"{weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f} (rank {weight.rank})"
-    verification = report.verification
+    verification = report.causal.verification
     if verification:
         rows = verification.interventions
         ablation = [r for r in rows if r.confirms is not None and r.name.startswith("ablate top")]
@@ -59,11 +59,11 @@ def profiles(reports: list[Report], labels: list[str]) -> bytes:
     """top1/median per block for every report, blocks scaled to depth 0..1 so models of any size overlay."""
     fig, ax = plt.subplots(figsize=FIG_SIZE, dpi=DPI)
     for report, label in zip(reports, labels):
-        layers = report.layers
+        layers = report.findings.layers
         depth = np.linspace(0, 1, len(layers)) if len(layers) > 1 else np.zeros(1)
         ratio = [abs(s.top[0].value) / s.median if s.top and s.median else np.nan for s in layers]
         ax.plot(depth, ratio, "-o", markersize=3, label=label)
-    ax.axhline(reports[-1].criterion.min_ratio, color="crimson", alpha=0.4, linewidth=4, label="massive ratio")
+    ax.axhline(reports[-1].findings.criterion.min_ratio, color="crimson", alpha=0.4, linewidth=4, label="massive ratio")
     ax.set_yscale("log")
     ax.set_xlabel("depth (block / last block)")
     ax.set_ylabel("top-1 |a| / median |a|")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..analysis.causal.results import SuperWeightStep
 from ..analysis.detect.results import DimSummary
-from ..analysis.mechanism.results import Lifeline, MoeAttribution, NormFactors, Phase, SuperExperts
+from ..analysis.mechanism.results import ExpertPruning, Lifeline, MoeAttribution, NormFactors, Phase, SuperExperts
 from ..analysis.results import Report
 from ..analysis.trigger.results import Trigger
 from ..numbers import short
@@ -58,31 +58,32 @@ def conclude(report: Report) -> list[str]:
     """One paragraph per massive dim, strongest first, in short sentences of one fact each (a line per kind of fact),
     built from the numbers above them in the report: the mechanism as a chain a reader can follow from the token to
     the erasure."""
-    if not report.dims:
-        best = max(report.layers, key=lambda s: s.ratio)
+    if not report.findings.dims:
+        best = max(report.findings.layers, key=lambda s: s.ratio)
         top = best.top[0]
         found = [
-            f"No massive activations under the criterion (|a| >= {report.criterion.min_abs:g} and >= "
-            f"{report.criterion.min_ratio:g} x median). The largest top1/median is {best.ratio:.0f}x: dim {top.dim} "
+            f"No massive activations under the criterion (|a| >= {report.findings.criterion.min_abs:g} and >= "
+            f"{report.findings.criterion.min_ratio:g} x median). The largest top1/median is {best.ratio:.0f}x: dim {top.dim} "
             f"= {top.value:.1f} at block {best.layer}."
         ]
     else:
-        found = [_lines(story(report, summary.dim)) for summary in sorted(report.dims, key=lambda d: -abs(d.max_value))]
-    if report.super_experts is not None and report.super_experts.found:
-        found.append(" ".join(super_expert_words(report.super_experts)))
-    if report.attention is not None and report.attention.dependence:
-        found.append(f"Attention sink: {report.attention.dependence}.")
+        found = [_lines(story(report, summary.dim)) for summary in sorted(report.findings.dims, key=lambda d: -abs(d.max_value))]
+    if report.mechanism.super_experts is not None and report.mechanism.super_experts.found:
+        found.append(" ".join(super_expert_words(report.mechanism.super_experts, report.causal.expert_pruning)))
+    if report.causal.attention is not None and report.causal.attention.dependence:
+        found.append(f"Attention sink: {report.causal.attention.dependence}.")
     return found
 
 
-def super_expert_words(s: SuperExperts) -> list[str]:
-    """The super experts and what pruning them (and a random control) does, in short sentences."""
+def super_expert_words(s: SuperExperts, pruning: list[ExpertPruning]) -> list[str]:
+    """The super experts and what pruning them (and a random control: ``pruning``, the causal stage's) does, in short
+    sentences."""
     names = ", ".join(f"expert {x.expert} of block {x.layer}" for x in s.found)
     others = sorted((v for row in s.profile for v in row if v == v), reverse=True)
     runner = others[len(s.found)] if len(others) > len(s.found) else float("nan")
     out = [f"Super expert{'s' if len(s.found) > 1 else ''}: {names} (largest |output| {short(s.found[0].max_output)}, "
            f"against {short(runner)} for the next expert)."]
-    for p in s.pruning:
+    for p in pruning:
         who = "Pruning them" if p.kind == "super" else "Pruning as many random experts of the same blocks"
         ratio = f"multiplies perplexity by {p.perplexity_ratio:,.2f}, " if p.perplexity_ratio is not None else ""
         left = f"leaves dims {', '.join(map(str, p.massive_dims))} massive" if p.massive_dims else "leaves no dim massive"
@@ -109,8 +110,8 @@ def story(report: Report, dim: int) -> list[tuple[str, str]]:
     """The dim's mechanism as (kind, sentence) pairs, in reading order; kinds: birth, precursor, norm, neurons, explosion,
     super weight, experts, heads, trigger, chain, carriers, patching, fate, erasure, super weights. The terminal summary
     picks a few kinds."""
-    summary = next(d for d in report.dims if d.dim == dim)
-    line = next(x for x in report.lifeline if x.dim == dim)  # the scan makes one per dim
+    summary = next(d for d in report.findings.dims if d.dim == dim)
+    line = next(x for x in report.mechanism.lifelines if x.dim == dim)  # the scan makes one per dim
     out = [("birth", s) for s in _birth_words(report, dim)]
     if line.precursor_layer is not None:
         out[1:1] = [("precursor", s) for s in _precursor_words(line)]
@@ -119,14 +120,14 @@ def story(report: Report, dim: int) -> list[tuple[str, str]]:
     if trigger is not None and trigger.chain:
         out += _trigger_words(trigger)
     out += _fate_words(summary, line)
-    steps = [s for s in report.super_weights if s.dim == dim]
+    steps = [s for s in report.causal.super_weights if s.dim == dim]
     if steps:
         out += [("super weights", s) for s in _super_weight_words(steps)]
     return out
 
 
 def _birth_words(report: Report, dim: int) -> list[str]:
-    birth = next(o for o in report.origin if o.dim == dim and o.role == "birth")
+    birth = next(o for o in report.mechanism.origin if o.dim == dim and o.role == "birth")
     written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
     branch = birth.mlp if birth.writer == "mlp" else birth.attn
     stream = "the residual sum before the block's LayerNorm" if report.model.stream == "resid_sum" else "the block output"
@@ -139,11 +140,11 @@ def _birth_words(report: Report, dim: int) -> list[str]:
 
 def _mechanism_words(report: Report, dim: int) -> list[tuple[str, str]]:
     """Who inside the writing sublayer makes it: the norm, the neurons and the super weight, the experts, or the heads."""
-    birth = next(o for o in report.origin if o.dim == dim and o.role == "birth")
+    birth = next(o for o in report.mechanism.origin if o.dim == dim and o.role == "birth")
     written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
     out = [("norm", s) for s in _norm_words(birth.norm, written, report.model.stream == "resid_sum")] if birth.norm is not None else []
-    attribution = next((a for a in report.attribution if a.dim == dim and a.role == "birth"), None)
-    anatomy = next((a for a in report.anatomy if a.dim == dim and a.role == "birth"), None)
+    attribution = next((a for a in report.mechanism.attribution if a.dim == dim and a.role == "birth"), None)
+    anatomy = next((a for a in report.mechanism.anatomy if a.dim == dim and a.role == "birth"), None)
     if attribution and anatomy:
         top, weight, count = attribution.neurons[0], attribution.super_weight, attribution.neurons_for_90pct
         of = " of the raw MLP output" if attribution.landed is not None else ""
@@ -153,7 +154,7 @@ def _mechanism_words(report: Report, dim: int) -> list[tuple[str, str]]:
             ("super weight", f"Its super weight is {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
                              f"{_rank(weight.rank, weight.entries)}."),
         ]
-    elif split := next((e.moe for e in report.experts if e.dim == dim and e.role == "birth"), None):
+    elif split := next((e.moe for e in report.mechanism.experts if e.dim == dim and e.role == "birth"), None):
         out += [("experts", s) for s in _expert_words(split)]
     elif birth.heads:
         out.append(("heads", f"Head {birth.heads[0].head} gives {birth.heads[0].share:.0%} of the attention output."))

@@ -153,18 +153,18 @@ def _sections(report: Report) -> list[tuple[str, str, str]]:
 
 
 def _settings(report: Report) -> str:
-    c, m = report.criterion, report.model
+    c, m = report.findings.criterion, report.model
     rows = [(key, str(value)) for key, value in asdict(m).items()]
     rows += [("criterion", f"|a| >= {c.min_abs:g} and |a| >= {c.min_ratio:g} x {c.median}")]
     rows += [("corpus",
               f"{report.corpus.source}: {report.corpus.texts} text(s), {report.corpus.windows} window(s), {report.corpus.tokens} tokens")]
-    shown = sorted(report.texts)[:SHOWN_TEXTS]
-    rows += [(f"text {i}", report.texts[i]) for i in shown]
-    if len(report.texts) > len(shown):
-        rows.append(("", f"and {len(report.texts) - len(shown)} more texts the report points at, in report.json"))
+    shown = sorted(report.findings.texts)[:SHOWN_TEXTS]
+    rows += [(f"text {i}", report.findings.texts[i]) for i in shown]
+    if len(report.findings.texts) > len(shown):
+        rows.append(("", f"and {len(report.findings.texts) - len(shown)} more texts the report points at, in report.json"))
     rows += [(f"version of {name}", version) for name, version in report.versions.items()]
-    if report.verification:
-        rows.append(("evaluation text", f"{report.verification.eval_source}, {report.verification.eval_tokens} tokens"))
+    if report.causal.verification:
+        rows.append(("evaluation text", f"{report.causal.verification.eval_source}, {report.causal.verification.eval_tokens} tokens"))
     cells = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return f'<table class="settings">{cells}</table>'
 
@@ -191,22 +191,23 @@ def card(report: Report) -> str:
 
 def page_data(report: Report) -> dict:
     """What the page's JavaScript draws: the layer profile, each dim's lifeline, the trigger's sources, the token view."""
-    layers = [{"block": s.layer, "median": s.median, "top": [[e.value, e.dim] for e in s.top[:3]]} for s in report.layers]
+    layers = [{"block": s.layer, "median": s.median, "top": [[e.value, e.dim] for e in s.top[:3]]} for s in report.findings.layers]
     lifelines = [{"dim": x.dim, "born": x.born_at, "erased": x.erased_at, "token": x.token, "position": x.position, "text": x.text,
                   "steps": [[st.layer, st.value, st.attn, st.mlp, st.resid_in] for st in x.steps]}
-                 for x in sorted(report.lifeline, key=lambda line: -abs(line.peak))]  # the main dim first: the chart opens on it
+                 for x in sorted(report.mechanism.lifelines, key=lambda line: -abs(line.peak))]  # the main dim first: the chart opens on it
     triggers = [{"dim": t.dim, "layer": n.layer, "neuron": n.neuron, "site": s.site, "token": t.token, "position": t.position,
                  "sources": [[p.source, p.here, p.others_mean] for p in s.sources[:10]]}
                 for t in report.trigger for n in t.neurons[:1] for s in n.splits[:1]]
     tokens = None
-    if report.token_values is not None:
-        v = report.token_values
-        sinks = [[t.text, t.position] for t in report.attention.tokens] if report.attention else []
-        tokens = {"dims": v.dims, "texts": [{"index": t, "tokens": report.tokens[t][:len(values[0][0])], "values": values}
+    if report.mechanism.token_values is not None:
+        v = report.mechanism.token_values
+        sinks = [[t.text, t.position] for t in report.causal.attention.tokens] if report.causal.attention else []
+        tokens = {"dims": v.dims, "texts": [{"index": t, "tokens": report.findings.tokens[t][:len(values[0][0])], "values": values}
                                             for t, values in zip(v.texts, v.values)], "sinks": sinks}
     return finite({"layers": layers, "lifelines": lifelines, "triggers": triggers, "tokens": tokens,
-                    "anchors": {"anatomy": sorted({a.layer for a in report.anatomy}),
-                                "attribution": sorted({a.layer for a in report.attribution} | {e.layer for e in report.experts})}})
+                    "anchors": {"anatomy": sorted({a.layer for a in report.mechanism.anatomy}),
+                                "attribution": sorted({a.layer for a in report.mechanism.attribution}
+                                                      | {e.layer for e in report.mechanism.experts})}})
 
 
 def to_html(report: Report, pngs: dict[str, bytes]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from ..analysis.mechanism.results import Anatomy, Attribution, Lifeline, SuperExperts
+from ..analysis.mechanism.results import Anatomy, Attribution, ExpertPruning, Lifeline, SuperExperts
 from ..analysis.results import Report
 from ..analysis.trigger.results import ChainLink, RouterTrigger, Trigger
 from .tables import Style, add_row, num, ratio, spans, where
@@ -40,7 +40,7 @@ def removal_words(line: Lifeline) -> str:
 def lifeline_tables(style: Style, report: Report) -> list:
     out: list = []
     post_ln = report.model.stream == "resid_sum"
-    for line in report.lifeline:
+    for line in report.mechanism.lifelines:
         columns = ["block", "resid_in", "attn", *(["norm"] if post_ln else []), "mlp", "value", "change", "by", "median |a|", "massive",
                    "phase"]
         text = {columns.index(c) for c in ("by", "massive", "phase")}
@@ -190,12 +190,12 @@ def _patch_table(style: Style, t: Trigger) -> list:
 
 
 def super_weight_tables(style: Style, report: Report) -> list:
-    matrices = ", ".join(dict.fromkeys(s.weight.matrix for s in report.super_weights))
+    matrices = ", ".join(dict.fromkeys(s.weight.matrix for s in report.causal.super_weights))
     head = Text(f"Each step zeroes the weight of the top contributor of what is left at the dim's birth block and main carrier, keeping "
                 f"the earlier ones zeroed; weights as stored in {matrices}, ranked by |w| in the unmodified matrix.")
     table = style.table(None, "dim", "step", "weight [row, col]", "value", "rank", "neuron", "left at birth", "at peak", "massive",
                         "perplexity", "x baseline", right=(0, 1, 3, 4, 5, 6, 7, 9, 10))
-    for s in report.super_weights:
+    for s in report.causal.super_weights:
         w = s.weight
         add_row(table, str(s.dim), str(s.step), f"[{w.row}, {w.col}]", f"{w.value:+.4f}", f"{w.rank:,}", str(s.neuron),
                 num(s.value_birth, True), num(s.value_peak, True), "yes" if s.still_massive else "no",
@@ -204,8 +204,9 @@ def super_weight_tables(style: Style, report: Report) -> list:
     return [head, table]
 
 
-def super_expert_tables(style: Style, s: SuperExperts) -> list:
-    """The super experts by the rule, each block's largest expert maxima, and what pruning them does."""
+def super_expert_tables(style: Style, s: SuperExperts, pruning: list[ExpertPruning]) -> list:
+    """The super experts by the rule, each block's largest expert maxima, and what pruning them does (``pruning``:
+    the causal stage's rows)."""
     r = s.rule
     out: list = [Text(
         f"Super experts (Su et al. 2025): an expert whose largest |output| over the corpus (before its router weight) is above the "
@@ -222,10 +223,10 @@ def super_expert_tables(style: Style, s: SuperExperts) -> list:
         add_row(table, str(layer), ", ".join(f"{e}: {num(v)}" for v, e in seen[:3]), num(seen[len(seen) // 2][0]),
                 num(shared) if shared == shared else "-")
     out.append(table)
-    if s.pruning:
+    if pruning:
         table = style.table("Pruned: the router never selects them (a softmax renormalises over the rest)", "pruned", "experts",
                             "perplexity", "x baseline", "massive dims left", "sink decay", right=(2, 3, 5))
-        for p in s.pruning:
+        for p in pruning:
             add_row(table, "super experts" if p.kind == "super" else "as many random experts",
                     ", ".join(f"{layer}:{e}" for layer, e in p.pruned),
                     num(p.perplexity) if p.perplexity is not None else "-",

@@ -40,12 +40,12 @@ def png_bytes(fig) -> bytes:
 def layer_profile(report: Report) -> bytes:
     """Top-1, top-2, top-3 and median |a| of every block's output, log scale, birth and removal blocks marked."""
     fig, ax = _figure()
-    layers = [s.layer for s in report.layers]
+    layers = [s.layer for s in report.findings.layers]
     for rank, style in enumerate(("-o", "--", ":")):
-        values = [abs(s.top[rank].value) if len(s.top) > rank else np.nan for s in report.layers]
+        values = [abs(s.top[rank].value) if len(s.top) > rank else np.nan for s in report.findings.layers]
         ax.plot(layers, values, style, label=f"top-{rank + 1} |a|")
     ax.plot(layers, report.medians, "-s", color="gray", label="median |a|")
-    for d in report.dims:
+    for d in report.findings.dims:
         ax.axvline(d.born_at, color="crimson", alpha=0.6)
         ax.annotate(f"dim {d.dim} born", (d.born_at, abs(d.max_value)), textcoords="offset points",
                     xytext=(4, 6), color="crimson", fontsize=9)
@@ -53,7 +53,7 @@ def layer_profile(report: Report) -> bytes:
             ax.axvline(removed, color="navy", alpha=0.5, linestyle="--")
             ax.annotate(f"dim {d.dim} falls back", (removed, abs(d.max_value) / 3), textcoords="offset points", xytext=(4, 0),
                         color="navy", fontsize=9)
-    threshold = [report.criterion.threshold(s.median) for s in report.layers]
+    threshold = [report.findings.criterion.threshold(s.median) for s in report.findings.layers]
     ax.plot(layers, threshold, color="crimson", alpha=0.3, linewidth=6, label="massive threshold")
     ax.set_yscale("log")
     ax.set_xlabel("block (residual output)")
@@ -67,7 +67,7 @@ def layer_profile(report: Report) -> bytes:
 def massive_heatmap(report: Report) -> bytes:
     """|a| over (token position, dim) at the birth block's output, in 3D as Sun et al. draw it (linear height, so
     the massive entries stand up as spikes), and as a log-scale heat map beside it; massive entries labelled."""
-    state = report.birth_state
+    state = report.mechanism.birth_state
     magnitude = np.array(state.magnitude)
     fig = plt.figure(figsize=FIG_SIZE, dpi=DPI)
     surface = fig.add_subplot(1, 2, 1, projection="3d")
@@ -94,7 +94,7 @@ def massive_heatmap(report: Report) -> bytes:
 
 def mlp_anatomy(report: Report) -> bytes:
     """Max and median |v| at each MLP checkpoint (log), top1/median on a second axis, the explosion point marked."""
-    anatomy = next(a for a in report.anatomy if a.role == "birth")
+    anatomy = next(a for a in report.mechanism.anatomy if a.role == "birth")
     points = anatomy.checkpoints
     fig, ax = _figure()
     x = np.arange(len(points))
@@ -117,7 +117,7 @@ def mlp_anatomy(report: Report) -> bytes:
 
 def attribution_waterfall(report: Report, shown: int = 8) -> bytes:
     """The top neuron contributions stacked up to the massive output, the rest and the bias grouped."""
-    a = max((a for a in report.attribution if a.role == "birth"), key=lambda a: abs(a.output))
+    a = max((a for a in report.mechanism.attribution if a.role == "birth"), key=lambda a: abs(a.output))
     neurons = a.neurons[:shown]
     rest = a.output - a.bias - sum(n.contribution for n in neurons)
     labels = [f"neuron {n.neuron}" for n in neurons] + ["all other neurons", "bias"]
@@ -141,7 +141,7 @@ def attribution_waterfall(report: Report, shown: int = 8) -> bytes:
 
 def verification(report: Report) -> bytes:
     """Perplexity ratio and the massive value under each intervention (log scales)."""
-    rows = [r for r in report.verification.interventions if r.perplexity is not None]
+    rows = [r for r in report.causal.verification.interventions if r.perplexity is not None]
     fig, (left, right) = _figure(2)
     names = [f"dim {r.dim}: {r.name}"[:60] for r in rows]
     y = np.arange(len(rows))
@@ -159,7 +159,7 @@ def verification(report: Report) -> bytes:
     right.set_yticks(y, [""] * len(rows))
     right.invert_yaxis()
     right.set_xlabel("|massive value| at the birth block (orange: still massive)")
-    fig.suptitle(f"Interventions: baseline perplexity {report.verification.baseline_perplexity:.2f}")
+    fig.suptitle(f"Interventions: baseline perplexity {report.causal.verification.baseline_perplexity:.2f}")
     fig.subplots_adjust(left=0.3, wspace=0.05)
     return png_bytes(fig)
 
@@ -181,7 +181,7 @@ def attention_sinks(report: Report) -> bytes:
     """Left: attention on the sink tokens per block and head. Right: per block the sink rate (unmodified and under
     each replacement of the massive values) and the sink tokens' value-norm ratio (median over heads, log axis);
     the birth block marked on both."""
-    a = report.attention
+    a = report.causal.attention
     fig, (left, right) = _figure(2)
     share = np.array(a.share, dtype=float).T  # heads x blocks
     image = left.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
@@ -226,7 +226,7 @@ _PHASE_COLOURS = {"precursor": "#fde0c5", "precursor erasure": "#d9e8fb", "birth
 def lifeline(report: Report) -> bytes:
     """The strongest dim's life at its main carrier: per block the attention and MLP contributions as they land (bars),
     the value after the block (line), the phases shaded; symmetric log scale, so the precursor shows beside the peak."""
-    line = max(report.lifeline, key=lambda x: abs(x.peak))
+    line = max(report.mechanism.lifelines, key=lambda x: abs(x.peak))
     fig, ax = _figure()
     layers = np.array([s.layer for s in line.steps])
     ax.bar(layers - 0.2, [s.attn for s in line.steps], width=0.4, color="tab:purple", label="attention (as it lands)")
@@ -253,7 +253,7 @@ def lifeline(report: Report) -> bytes:
 def trigger(report: Report, shown: int = 10) -> bytes:
     """Why the first writing neuron fires at the massive position: each source's part of its pre-activation there
     against its mean (bar) and largest value (tick) at the other positions."""
-    t = max((t for t in report.trigger if t.neurons), key=lambda t: abs(next(x.peak for x in report.lifeline if x.dim == t.dim)))
+    t = max((t for t in report.trigger if t.neurons), key=lambda t: abs(next(x.peak for x in report.mechanism.lifelines if x.dim == t.dim)))
     n = t.neurons[0]
     split = n.splits[0]
     sources = split.sources[:shown][::-1]
@@ -298,7 +298,7 @@ def quantization_figure(q: Quantization) -> bytes:
 
 def super_experts(report: Report) -> bytes:
     """Each (block, expert)'s largest |output| over the corpus (log colour), the super experts ringed."""
-    s = report.super_experts
+    s = report.mechanism.super_experts
     profile = np.array([[np.nan if v is None else v for v in row] for row in s.profile], dtype=float)
     fig, ax = _figure()
     shown = np.where(profile > 0, profile, np.nan)
@@ -315,19 +315,23 @@ def super_experts(report: Report) -> bytes:
 
 
 FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], str]] = {
-    "layer_profile.png": (layer_profile, lambda r: bool(r.layers), "Layer profile: top-1..3 and median |activation| per block"),
-    "massive_heatmap.png": (massive_heatmap, lambda r: r.birth_state is not None, "The birth block's output over tokens and dims"),
-    "lifeline.png": (lifeline, lambda r: bool(r.lifeline), "Lifeline: each block's attention and MLP contributions to the strongest dim"),
-    "mlp_anatomy.png": (mlp_anatomy, lambda r: any(a.role == "birth" for a in r.anatomy), "MLP checkpoints at the writing block"),
-    "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.attribution),
+    "layer_profile.png": (layer_profile, lambda r: bool(r.findings.layers), "Layer profile: top-1..3 and median |activation| per block"),
+    "massive_heatmap.png": (massive_heatmap, lambda r: r.mechanism.birth_state is not None,
+                            "The birth block's output over tokens and dims"),
+    "lifeline.png": (lifeline, lambda r: bool(r.mechanism.lifelines),
+                     "Lifeline: each block's attention and MLP contributions to the strongest dim"),
+    "mlp_anatomy.png": (mlp_anatomy, lambda r: any(a.role == "birth" for a in r.mechanism.anatomy), "MLP checkpoints at the writing block"),
+    "attribution.png": (attribution_waterfall, lambda r: any(a.role == "birth" for a in r.mechanism.attribution),
                         "Neuron contributions to the massive value"),
     "trigger.png": (trigger, lambda r: any(t.neurons for t in r.trigger),
                     "Trigger: the writing neuron's sources at the massive position and elsewhere"),
-    "verification.png": (verification, lambda r: r.verification is not None, "Perplexity and massive value under each intervention"),
-    "super_experts.png": (super_experts, lambda r: r.super_experts is not None, "Super experts: each expert's largest |output| per block"),
-    "attention_sinks.png": (attention_sinks, lambda r: r.attention is not None and bool(r.attention.share),
+    "verification.png": (verification, lambda r: r.causal.verification is not None, "Perplexity and massive value under each intervention"),
+    "super_experts.png": (super_experts, lambda r: r.mechanism.super_experts is not None,
+                          "Super experts: each expert's largest |output| per block"),
+    "attention_sinks.png": (attention_sinks, lambda r: r.causal.attention is not None and bool(r.causal.attention.share),
                             "Attention on the sink tokens (block x head), the sink rate and value-norm ratio per block"),
-    "quantization.png": (lambda r: quantization_figure(r.quantization), lambda r: r.quantization is not None and bool(r.quantization.rows),
+    "quantization.png": (lambda r: quantization_figure(r.deploy.quantization),
+                         lambda r: r.deploy.quantization is not None and bool(r.deploy.quantization.rows),
                          "Perplexity and the massive value under each quantization setting"),
 }
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
-from ..analysis.detect.results import DimSummary, Entry, LayerStats, Massive
+from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
 from ..analysis.mechanism.results import PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Phase, Place
 from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.results import CorpusSpec, Report
@@ -37,7 +37,7 @@ PROFILE_FORMAT, PROFILE_VERSION = "massact-profile", 1
 TRACK_FORMAT, TRACK_VERSION = "massact-track", 1
 QUANTIZATION_FORMAT, QUANTIZATION_VERSION = "massact-quantization", 1
 REPORT_FORMAT = "massact-report"
-REPORT_VERSION = 1  # reports written before the version field are version 1 too
+REPORT_VERSION = 2  # nested by stage; version 1 (flat, or without the version field) is read and converted
 
 
 @dataclass
@@ -89,7 +89,7 @@ def _index() -> Check:
 
 
 def _window() -> Check:
-    """A window index the report keeps the text of (report.texts)."""
+    """A window index the report keeps the text of (report.findings.texts)."""
     return Check(lambda v, s: s.windows is None or v in s.windows, lambda s: "a window listed in texts")
 
 
@@ -173,10 +173,12 @@ CHECKS: dict[tuple[type, str], Check] = {
 # Constraints between fields of one object: (field named in the message, test, what it must be).
 AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
     Report: [
-        ("layers", lambda r: len(r.layers) == r.model.n_layers, "one entry per block (model.n_layers)"),
-        ("lifeline", lambda r: sorted(line.dim for line in r.lifeline) == sorted(d.dim for d in r.dims),
-         "one lifeline per entry of dims"),
-        ("massive", lambda r: all(m.text in r.tokens and m.position < len(r.tokens[m.text]) for m in r.massive),
+        ("findings.layers", lambda r: len(r.findings.layers) == r.model.n_layers, "one entry per block (model.n_layers)"),
+        ("mechanism.lifelines", lambda r: sorted(line.dim for line in r.mechanism.lifelines) == sorted(d.dim for d in r.findings.dims),
+         "one lifeline per entry of findings.dims"),
+    ],
+    Findings: [
+        ("massive", lambda f: all(m.text in f.tokens and m.position < len(f.tokens[m.text]) for m in f.massive),
          "positions within the tokens of their window"),
     ],
     Lifeline: [("steps", lambda line: [s.layer for s in line.steps] == list(range(len(line.steps))), "one step per block, in order")],
@@ -192,19 +194,6 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
     Checkpoint: [("change", lambda c: c.previous is not None or c.change is None, "null at the first checkpoint (no previous)"),
                  ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
 }
-
-# Fields a file may lack because older versions of the writer did not write them: they read as their default.
-ADDED_LATER: set[tuple[str, str]] = {
-    ("Profile", "bos_token_id"),
-    ("Report", "settings"), ("Quantization", "inputs_sha256"), ("ModelInfo", "weights_sha256"), ("ModelInfo", "blocks"),
-    *(("AttentionSinks", name) for name in ("softmax_layers", "positions", "gate_sink", "gate_other", "learned_sink",
-                                             "first_token", "mixing")),
-    ("NeuronTrigger", "expert"), ("ChainLink", "expert"), ("Trigger", "router"), ("Report", "super_experts"),
-    ("CheckpointState", "super_experts"), ("ScanSettings", "engines"), ("Quantization", "engines"), ("Quantization", "engine_words"),
-    ("EngineRow", "refused"), ("EngineRow", "not_kept"),
-    *(("ScanSettings", name) for name in ("super_expert_quantile", "super_expert_fraction", "super_expert_depth")),
-}
-
 
 def _check_for(kind: type, name: str) -> Check | None:
     for base in kind.__mro__:
@@ -336,17 +325,14 @@ def _object(kind: type, data, path: str, scope: Scope):
     if extra:
         raise _Bad(f"{path}.{extra[0]}" if path else extra[0], message=f"is not a field of {kind.__name__}")
     built = {}
-    for name, spec in fields.items():
+    for name in fields:
         where = f"{path}.{name}" if path else name
         if name not in data:
-            optional = spec.default is not dataclasses.MISSING or spec.default_factory is not dataclasses.MISSING
-            if optional and (kind.__name__, name) in ADDED_LATER:
-                continue
             raise _Bad("", message=f"no field {where}")
         built[name] = _build(hints[name], data[name], where, scope, _check_for(kind, name))
         if kind is ModelInfo and name in ("n_layers", "d_model"):
             setattr(scope, name, built[name])
-        if kind is Report and name == "texts":
+        if kind is Findings and name == "texts":
             scope.windows = set(built[name])
     obj = kind(**built)
     if callable(getattr(obj, "check", None)):  # a dataclass that checks itself (ScanSettings): the same rules as its writer
@@ -425,17 +411,51 @@ def write_protect(protect: Protect) -> str:
     return _text({"format": data.pop("format"), "version": data.pop("version"), **data})
 
 
+# Version 1's flat fields, by the stage of version 2 that holds them: (v1 name, v2 name).
+_V1_STAGES: dict[str, list[tuple[str, str]]] = {
+    "findings": [(name, name) for name in ("texts", "tokens", "criterion", "layers", "massive", "dims")],
+    "mechanism": [("lifeline", "lifelines"), *((name, name) for name in ("origin", "anatomy", "attribution", "experts", "super_experts",
+                                                                          "birth_state", "token_values"))],
+    "causal": [(name, name) for name in ("verification", "attention", "super_weights")],
+    "deploy": [(name, name) for name in ("precision", "quantization")],
+}
+# Version 1 fields that had a default in the flat Report: a version 1 file may lack them.
+_V1_DEFAULTS = {"verification": None, "attention": None, "birth_state": None, "token_values": None, "experts": [], "lifeline": [],
+                "trigger": [], "super_weights": [], "precision": None, "quantization": None, "super_experts": None}
+
+
+def from_version_1(data: dict) -> dict:
+    """A version 1 report.json (flat: every stage's results side by side) as version 2 data (nested by stage), values
+    as they are: the super experts' pruning, which the causal stage measures, moves to ``causal.expert_pruning``. A
+    field version 1 did not have stays where it is, so that the reader names it."""
+    flat = {**{k: v for k, v in _V1_DEFAULTS.items() if k not in data}, **data}
+    nested: dict = {name: flat.pop(name) for name in ("model", "corpus", "settings") if name in flat}
+    for stage, names in _V1_STAGES.items():
+        nested[stage] = {new: flat.pop(old) for old, new in names if old in flat}
+    nested["trigger"] = flat.pop("trigger")
+    supers = nested["mechanism"].get("super_experts")
+    pruning = []
+    if isinstance(supers, dict) and "pruning" in supers:
+        supers = dict(supers)
+        pruning = supers.pop("pruning")
+        nested["mechanism"]["super_experts"] = supers
+    nested["causal"]["expert_pruning"] = pruning
+    return {**nested, **flat}
+
+
 def read_report(data, where: str = "report.json") -> Report:
-    """A parsed report.json as a Report. A report without ``format`` and ``version`` is version 1 (written before
-    they were); a newer version is refused."""
+    """A parsed report.json as a Report. A version 1 report (flat; one without ``format`` and ``version`` is version
+    1 too) is converted to version 2 first (``from_version_1``); a newer version is refused."""
     if not isinstance(data, dict):
         raise UsageError(f"{where}: not a massact report (it holds a JSON {type(data).__name__}, not an object)")
     data = dict(data)
-    kind, version = data.pop("format", REPORT_FORMAT), data.pop("version", REPORT_VERSION)
+    kind, version = data.pop("format", REPORT_FORMAT), data.pop("version", 1)
     if kind != REPORT_FORMAT:
         raise UsageError(f"{where}: not a massact report (format {_show(kind)})")
-    if version != REPORT_VERSION:
-        raise UsageError(f"{where}: report format version {_show(version)}; this massact reads version {REPORT_VERSION}")
+    if version == 1:
+        data = from_version_1(data)
+    elif version != REPORT_VERSION:
+        raise UsageError(f"{where}: report format version {_show(version)}; this massact reads versions 1 and {REPORT_VERSION}")
     return _read_as(Report, data, where, "a massact report")
 
 
@@ -449,8 +469,8 @@ def load_report(directory: Path) -> Report:
         The report, every field checked while its dataclasses are built.
 
     Raises:
-        UsageError: report.json is missing or unreadable, is not a massact report, has another format version,
-            or a field is missing, of the wrong type or out of range (one line naming the field).
+        UsageError: report.json is missing or unreadable, is not a massact report, has a format version other than
+            1 or 2, or a field is missing, of the wrong type or out of range (one line naming the field).
     """
     path = Path(directory) / "report.json"
     return read_report(parse(path, "a massact report"), str(path))

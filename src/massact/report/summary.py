@@ -42,9 +42,10 @@ class Summary:
 
 
 def summarize(report: Report) -> Summary:
-    m, c = report.model, report.criterion
-    dims = sorted(report.dims, key=lambda d: -abs(d.max_value))
-    verdicts = [_verdict(r) for r in report.verification.interventions if r.confirms is not None] if report.verification else []
+    m, c = report.model, report.findings.criterion
+    dims = sorted(report.findings.dims, key=lambda d: -abs(d.max_value))
+    verification = report.causal.verification
+    verdicts = [_verdict(r) for r in verification.interventions if r.confirms is not None] if verification else []
     more = []
     if len(dims) > SHOWN_DIMS:
         more.append(f"{len(dims) - SHOWN_DIMS} more dim(s)")
@@ -57,7 +58,7 @@ def summarize(report: Report) -> Summary:
                   + (f"{len(dims)} massive dim(s)." if dims else "None found."),
         rows=[_row(report, d.dim) for d in dims[:TABLE_DIMS]],
         mechanism=[(d.dim, _first_of_each(story(report, d.dim))) for d in dims[:SHOWN_DIMS]],
-        verdicts=(["Not verified: run with --verify, or `massact verify DIR`."] if report.dims and not report.verification
+        verdicts=(["Not verified: run with --verify, or `massact verify DIR`."] if report.findings.dims and not report.causal.verification
                   else verdicts[:SHOWN_VERDICTS]),
         function=_function_lines(report),
         more="; ".join(more),
@@ -76,11 +77,11 @@ def _first_of_each(sentences: list[tuple[str, str]]) -> list[str]:
 
 
 def _row(report: Report, dim: int) -> list[str]:
-    summary = next(d for d in report.dims if d.dim == dim)
-    birth = next(o for o in report.origin if o.dim == dim and o.role == "birth")
-    line = next(x for x in report.lifeline if x.dim == dim)
-    attribution = next((a for a in report.attribution if a.dim == dim and a.role == "birth"), None)
-    expert = next((e.moe for e in report.experts if e.dim == dim and e.role == "birth"), None)
+    summary = next(d for d in report.findings.dims if d.dim == dim)
+    birth = next(o for o in report.mechanism.origin if o.dim == dim and o.role == "birth")
+    line = next(x for x in report.mechanism.lifelines if x.dim == dim)
+    attribution = next((a for a in report.mechanism.attribution if a.dim == dim and a.role == "birth"), None)
+    expert = next((e.moe for e in report.mechanism.experts if e.dim == dim and e.role == "birth"), None)
     neuron, weight = "-", "-"
     if attribution is not None:
         w = attribution.super_weight
@@ -93,7 +94,7 @@ def _row(report: Report, dim: int) -> list[str]:
         weight = f"{_matrix(w.matrix)}[{', '.join(map(str, w.index))}]"
     elif birth.heads:
         neuron = f"head {birth.heads[0].head} ({birth.heads[0].share:.0%})"
-    ratio = max((e.ratio for e in report.massive if e.dim == dim), default=float("nan"))
+    ratio = max((e.ratio for e in report.findings.massive if e.dim == dim), default=float("nan"))
     tokens = repr(summary.tokens[0]) + (f" +{len(summary.tokens) - 1} more" if len(summary.tokens) > 1 else "")
     return [str(dim), tokens, str(summary.born_at), {"mlp": "MLP", "attn": "attention"}[birth.writer], neuron, weight,
             f"{short(line.peak, True)} at {line.peak_layer} ({short(ratio)}x)", spans(line.erased_at) if line.erased_at else "never"]
@@ -112,7 +113,7 @@ def _verdict(r) -> str:
 
 def _function_lines(report: Report) -> list[str]:
     out = []
-    a = report.attention
+    a = report.causal.attention
     if a is not None:
         clauses = a.summary.split("; ")
         out.append("Sink: " + "; ".join(clauses[:2]) + ".")
@@ -120,9 +121,9 @@ def _function_lines(report: Report) -> list[str]:
             out.append("Sink and massive value: " + a.dependence.split("; ")[0] + ".")
         for clause in a.mixing.split("; ") if a.mixing else []:  # a hybrid's mixers, NoPE blocks, gates, learned sinks
             out.append(clause[0].upper() + clause[1:] + ".")
-    if report.super_experts is not None and report.super_experts.found:
-        out += super_expert_words(report.super_experts)
-    p = report.precision
+    if report.mechanism.super_experts is not None and report.mechanism.super_experts.found:
+        out += super_expert_words(report.mechanism.super_experts, report.causal.expert_pruning)
+    p = report.deploy.precision
     if p is not None and p.blocks and math.isnan(p.largest):  # every block's largest entries are NaN: no magnitude to weigh
         out.append("float16 headroom: not measured, the largest activations are NaN (section 12 says where they begin).")
     elif p is not None and p.blocks:

@@ -35,7 +35,7 @@ def renderables(report: Report, plain: bool) -> list:
 
 def header(report: Report, plain: bool) -> list:
     """The model, the corpus and the criterion: the lines above the first section."""
-    m, c = report.model, report.criterion
+    m, c = report.model, report.findings.criterion
     return [
         Text(f"massact report: {m.name}", style="" if plain else "bold"),
         Text(
@@ -59,9 +59,9 @@ def section_renderables(report: Report, key: str, style: Style) -> list:
 
 
 def _why_empty(report: Report, key: str) -> str:
-    if not report.dims:
+    if not report.findings.dims:
         return "Nothing massive under the criterion: nothing to trace."
-    if key in ("verification", "sinks") or (key == "super-weights" and report.verification is None):
+    if key in ("verification", "sinks") or (key == "super-weights" and report.causal.verification is None):
         return "Not run: pass --verify (on by default for models up to 3B parameters), or run `massact verify DIR`."
     if key == "quantization":
         return "Not run: pass --quant, or run `massact quant DIR` on this report."
@@ -76,7 +76,7 @@ def _why_empty(report: Report, key: str) -> str:
 def _anatomy_body(style: Style, report: Report) -> list:
     out: list = []
     places: dict[tuple[int, int, int, str], list[Anatomy]] = {}
-    for anatomy in report.anatomy:  # dims written at one place share the MLP's checkpoints: show them once
+    for anatomy in report.mechanism.anatomy:  # dims written at one place share the MLP's checkpoints: show them once
         places.setdefault((anatomy.layer, anatomy.text, anatomy.position, anatomy.role), []).append(anatomy)
     groups = list(places.values())
     for group in (g for g in groups if g[0].role == "birth"):
@@ -87,25 +87,25 @@ def _anatomy_body(style: Style, report: Report) -> list:
 def _attribution_body(style: Style, report: Report) -> list:
     out: list = []
     shown: set[int] = set()
-    for attribution in (a for a in report.attribution if a.role == "birth"):
+    for attribution in (a for a in report.mechanism.attribution if a.role == "birth"):
         out += _attribution_tables(style, attribution, attribution.layer not in shown)
         shown.add(attribution.layer)
-    out += attribution_summary(style, [a for a in report.attribution if a.role != "birth"])
-    if report.experts:
+    out += attribution_summary(style, [a for a in report.mechanism.attribution if a.role != "birth"])
+    if report.mechanism.experts:
         out.append(Text("Expert and neuron attribution (a mixture of experts): the experts first, then the neurons of the strongest one."))
-        for split in report.experts:
+        for split in report.mechanism.experts:
             out += _expert_tables(style, split)
-    if report.super_experts is not None:
-        out += super_expert_tables(style, report.super_experts)
+    if report.mechanism.super_experts is not None:
+        out += super_expert_tables(style, report.mechanism.super_experts, report.causal.expert_pruning)
     return out
 
 
 def _layer_table(style: Style, report: Report) -> Table:
-    massive_layers = {m.layer for m in report.massive}
+    massive_layers = {m.layer for m in report.findings.massive}
     kinds = report.model.blocks  # where the blocks differ: each one's mixer, attention kind, positions
     table = style.table(None, "block", *(["kind"] if kinds else []), "median |a|", "top1", "top1/median", "top1 at", "top2", "top3",
                         "massive", right=(0, *(i + bool(kinds) for i in (1, 2, 3, 5, 6))))
-    for stats in report.layers:
+    for stats in report.findings.layers:
         top = stats.top
         cell = [f"{num(e.value, True)} d{e.dim}" for e in top[1:3]] + ["-", "-"]
         add_row(
@@ -124,18 +124,18 @@ def _layer_table(style: Style, report: Report) -> Table:
 
 
 def _massive_tables(style: Style, report: Report) -> list:
-    if not report.massive:
+    if not report.findings.massive:
         return [Text("None found under the criterion.")]
     dims = style.table("By dim", "dim", "born at block", "massive in blocks", "removed at block", "largest value", "tokens",
                        right=(0, 1, 4))
-    for d in report.dims:
+    for d in report.findings.dims:
         add_row(dims, str(d.dim), str(d.born_at), spans(d.persists), spans(d.removed_at), num(d.max_value, True),
                 ", ".join(repr(t) for t in d.tokens[:6]))
     groups: dict[tuple[int, int, int], list] = {}
-    for e in report.massive:
+    for e in report.findings.massive:
         groups.setdefault((e.dim, e.text, e.position), []).append(e)
     entries = style.table(
-        f"Where they sit ({len(report.massive)} entries, all in report.json)",
+        f"Where they sit ({len(report.findings.massive)} entries, all in report.json)",
         "dim", "text", "pos", "token", "blocks", "largest value", "x median", right=(0, 1, 2, 5, 6),
     )
     for (dim, text, position), group in list(groups.items())[:MASSIVE_ROWS]:
@@ -147,7 +147,7 @@ def _massive_tables(style: Style, report: Report) -> list:
 
 
 def _origin_tables(style: Style, report: Report) -> list:
-    if not report.origin:
+    if not report.mechanism.origin:
         return [Text("Nothing to trace.")]
     post_ln = report.model.stream == "resid_sum"
     table = style.table(
@@ -157,7 +157,7 @@ def _origin_tables(style: Style, report: Report) -> list:
         right=(0, 1, 4, 5, 6, 7),
     )
     out: list = [table]
-    for o in sorted(report.origin, key=lambda o: (o.dim, o.layer)):
+    for o in sorted(report.mechanism.origin, key=lambda o: (o.dim, o.layer)):
         who = "MLP" if o.writer == "mlp" else "attention"
         if o.cause == "median":
             who = "none: the median grew"
@@ -257,7 +257,7 @@ def _expert_tables(style: Style, e: ExpertAttribution) -> list:
 
 
 def _verification_tables(style: Style, report: Report) -> list:
-    v = report.verification
+    v = report.causal.verification
     masked = v.metric == "masked-LM"
     if masked:
         out: list = [Text(f"Masked-LM loss on {v.eval_tokens} masked tokens (a fixed, seeded 15%, the same for every intervention) of "
@@ -309,7 +309,7 @@ def _output_effects_table(style: Style, v) -> Table:
 
 
 def _attention_tables(style: Style, report: Report) -> list:
-    a = report.attention
+    a = report.causal.attention
     shown = a.tokens[:12]
     tokens = style.table(None, "text", "pos", "token", "dims", "why", right=(0, 1))
     for t in shown:
@@ -482,11 +482,11 @@ _BODIES = {
     "anatomy": _anatomy_body,
     "attribution": _attribution_body,
     "trigger": trigger_tables,
-    "super-weights": lambda style, report: super_weight_tables(style, report) if report.super_weights else [],
-    "verification": lambda style, report: _verification_tables(style, report) if report.verification else [],
-    "sinks": lambda style, report: _attention_tables(style, report) if report.attention else [],
-    "quantization": lambda style, report: _quantization_tables(style, report.quantization) if report.quantization else [],
-    "precision": lambda style, report: _precision_tables(style, report.precision) if report.precision else [],
+    "super-weights": lambda style, report: super_weight_tables(style, report) if report.causal.super_weights else [],
+    "verification": lambda style, report: _verification_tables(style, report) if report.causal.verification else [],
+    "sinks": lambda style, report: _attention_tables(style, report) if report.causal.attention else [],
+    "quantization": lambda style, report: _quantization_tables(style, report.deploy.quantization) if report.deploy.quantization else [],
+    "precision": lambda style, report: _precision_tables(style, report.deploy.precision) if report.deploy.precision else [],
     "warnings": lambda style, report: [Text(f"- {w}", style="" if style.plain else "yellow") for w in report.warnings],
     "conclusion": lambda style, report: [Text(paragraph + "\n") for paragraph in report.conclusion],
 }

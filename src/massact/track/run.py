@@ -71,7 +71,7 @@ def run(checkpoints: Sequence[Checkpoint], texts: Corpus, settings: ScanSettings
     _check_shapes(checkpoints, reports)
     states = [_state(report, c, folder) for c, report, folder in zip(checkpoints, reports, places)]
     described = {"texts": texts.describe(), **asdict(settings)}
-    track = align.align(states, described, [align.listed_values(report.layers) for report in reports])
+    track = align.align(states, described, [align.listed_values(report.findings.layers) for report in reports])
     if len(checkpoints) == 2:
         track.diff = align.diff(states[0], states[1], super_weight_matrices(checkpoints, states, track.warnings))
     return track
@@ -79,9 +79,10 @@ def run(checkpoints: Sequence[Checkpoint], texts: Corpus, settings: ScanSettings
 
 def _state(report: Report, checkpoint: Checkpoint, folder: Path) -> CheckpointState:
     """A checkpoint's report as the track sees it (``align.summarize`` on its fields)."""
-    return align.summarize(step=checkpoint.step, spec=checkpoint.spec, folder=folder.name, dims=report.dims, massive=report.massive,
-                           layers=report.layers, origin=report.origin, attribution=report.attribution, lifelines=report.lifeline,
-                           attention=report.attention, precision=report.precision, super_experts=report.super_experts)
+    state = align.summarize(report.findings, report.mechanism, report.causal.attention, report.deploy.precision, checkpoint.step,
+                            checkpoint.spec)
+    state.report = folder.name
+    return state
 
 
 def _scan_one(checkpoint: Checkpoint, texts: Corpus, settings: ScanSettings, folder: Path, progress, formats: set[str]) -> Report:
@@ -119,7 +120,7 @@ def check_done(folder: Path, checkpoint: Checkpoint, texts: Corpus, settings: Sc
 
     saved = read_report(folder)
     spec = saved.corpus.spec
-    made = {key: value for key, value in asdict(saved.settings).items() if key != "device"} if saved.settings else None
+    made = {key: value for key, value in asdict(saved.settings).items() if key != "device"}
     wanted = {key: value for key, value in asdict(settings).items() if key != "device"}
     same = (list(spec.texts), spec.file, spec.dataset, spec.max_texts) == (list(texts.texts), texts.file, texts.dataset,
                                                                           texts.max_texts) and made == wanted

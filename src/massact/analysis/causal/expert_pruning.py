@@ -12,23 +12,25 @@ import torch
 from ...capture.edits import read_coordinate
 from ...capture.routing import MoeBlock, pruned_experts
 from ...models.loading import LoadedModel
-from ...settings import Criterion
-from ..detect.results import DimSummary, Massive
+from ...settings import Criterion, ScanSettings
+from ..detect.results import DimSummary, Findings, Massive
 from ..evaluation.embeddings import EmbeddingEvaluation
 from ..evaluation.windows import Evaluation
 from ..function.sinks import SINK_TEXTS, sink_blocks, sink_pass, sink_tokens
-from ..mechanism.results import ExpertPruning, Lifeline, SuperExperts
+from ..mechanism.results import ExpertPruning, Lifeline, Mechanism
 from ..mechanism.super_experts import control
 
 
-def prune_super_experts(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation, epsilon: float,
-          found: SuperExperts, *, dims: list[DimSummary], lifelines: list[Lifeline], medians: list[float], criterion: Criterion,
-          massive: list[Massive], tokens: dict[int, list[str]]) -> list[ExpertPruning]:
-    """A row for the super experts pruned and one for the random control (none where no super expert was found). Each
-    says which of the scan's massive ``dims`` stay massive at their main carriers (``lifelines``; ``medians``: each
-    block's median |a|) and what happens to the attention on the sink tokens (``sink_tokens`` of ``massive`` and
-    ``tokens``)."""
-    if not found.found:
+def prune_super_experts(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation | EmbeddingEvaluation,
+                        findings: Findings, mechanism: Mechanism, settings: ScanSettings) -> list[ExpertPruning]:
+    """A row for the mechanism's super experts pruned and one for the random control (none where no super expert was
+    found), scored on ``evaluation``. Each says which of the scan's massive dims stay massive at their main carriers
+    (the mechanism's lifelines) and what happens to the attention on the sink tokens (``sink_tokens`` of the findings;
+    a head attends to a sink above ``settings.sink_epsilon``)."""
+    found, epsilon = mechanism.super_experts, settings.sink_epsilon
+    dims, lifelines, medians, criterion = findings.dims, mechanism.lifelines, findings.medians, findings.criterion
+    massive, tokens = findings.massive, findings.tokens
+    if found is None or not found.found:
         return []
     experts = MoeBlock.at(lm, found.found[0].layer).n_experts
     kinds = [("super", sorted([s.layer, s.expert] for s in found.found)), ("random", control(found.found, experts))]

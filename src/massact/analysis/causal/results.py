@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..mechanism.results import SuperWeight
+from ..function.results import AttentionSinks
+from ..mechanism.results import ExpertPruning, SuperWeight
 
 
 @dataclass(kw_only=True)
@@ -124,3 +125,15 @@ class SuperWeightStep:
     still_massive: bool
     perplexity: float | None
     perplexity_ratio: float | None
+
+
+@dataclass(kw_only=True, slots=True)
+class Causal:
+    """What intervening on the model shows (with ``--verify``; empty without): the interventions on each massive dim,
+    the attention sinks on the massive tokens (measured on each text's first token where nothing is massive), the
+    super weights zeroed one after another, and a mixture's super experts pruned against a random control."""
+
+    verification: Verification | None = None
+    attention: AttentionSinks | None = None
+    super_weights: list[SuperWeightStep] = field(default_factory=list)
+    expert_pruning: list[ExpertPruning] = field(default_factory=list)

@@ -12,10 +12,11 @@ import torch
 from ...capture.edits import read_coordinate, set_weight
 from ...capture.probe import probe_block
 from ...models.loading import LoadedModel
-from ...settings import Criterion
+from ...settings import Criterion, ScanSettings
+from ..detect.results import Findings
 from ..evaluation.windows import Evaluation
 from ..mechanism.attribution import down_row, super_weight
-from ..mechanism.results import Attribution, Lifeline
+from ..mechanism.results import Lifeline, Mechanism
 from .results import SuperWeightStep
 
 MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
@@ -57,16 +58,18 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
     return found
 
 
-def all_super_weights(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation, baseline: float, *,
-                      lifelines: list[Lifeline], attribution: list[Attribution], medians: list[float], criterion: Criterion,
-                      steps: int = MAX_STEPS, step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
-    """The iterative search for every dim whose birth a dense MLP writes at its main carrier (a birth ``attribution``
-    there: attention and experts have no single down projection to search), scored as the verification is
-    (``evaluation``: the verification's, to reuse its passes), against its ``baseline``. Every weight zeroed is in the
-    birth block, so each score runs from there on."""
+def all_super_weights(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation, findings: Findings,
+                      mechanism: Mechanism, settings: ScanSettings) -> list[SuperWeightStep]:
+    """The iterative search, at most ``settings.super_weight_steps`` weights per dim, for every dim whose birth a dense
+    MLP writes at its main carrier (a birth attribution of the ``mechanism`` there: attention and experts have no
+    single down projection to search), scored as the verification is (``evaluation``: the verification's, to reuse
+    its passes), against the unmodified model's score. Every weight zeroed is in the birth block, so each score runs
+    from there on."""
+    attribution, medians, criterion, baseline = mechanism.attribution, findings.medians, findings.criterion, evaluation.baseline
+    steps = settings.super_weight_steps
     found = []
-    for line in lifelines:
+    for line in mechanism.lifelines:
         if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in attribution):
             found += iterate(lm, line, inputs[line.text], medians, criterion, partial(evaluation.score, line.born_at), baseline,
-                             steps, step_done)
+                             steps)
     return found

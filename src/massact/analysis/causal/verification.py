@@ -17,12 +17,12 @@ from ...capture.hooks import forward_until, tap
 from ...capture.routing import expert_matrix, pruned_experts
 from ...models.loading import LoadedModel
 from ...settings import Criterion
-from ..detect.results import DimSummary, Massive
+from ..detect.results import DimSummary, Findings, Massive
 from ..evaluation.embeddings import EmbeddingEvaluation
 from ..evaluation.embeddings import changes as embedding_changes
 from ..evaluation.embeddings import claim as embedding_claim
-from ..evaluation.windows import Evaluation, evaluation_for
-from ..mechanism.results import Attribution, ExpertAttribution
+from ..evaluation.windows import Evaluation
+from ..mechanism.results import Attribution, ExpertAttribution, Mechanism
 from .output_effects import Edit, output_effects
 from .results import InputDependence, Intervention, OutputEffect, Verification
 
@@ -60,22 +60,24 @@ class _Run:
 
 
 def verify_by_intervention(
-    lm: LoadedModel, inputs: dict[int, torch.Tensor], eval_text: str, eval_source: str, step: Callable[[], None] = lambda: None,
-    evaluation: Evaluation | EmbeddingEvaluation | None = None, *, dims: list[DimSummary], medians: list[float],
-    criterion: Criterion, massive: list[Massive], texts: dict[int, str], attribution: list[Attribution],
-    experts: list[ExpertAttribution],
+    lm: LoadedModel, inputs: dict[int, torch.Tensor], findings: Findings, mechanism: Mechanism,
+    evaluation: Evaluation | EmbeddingEvaluation, step: Callable[[], None] = lambda: None,
 ) -> Verification:
     """Every intervention on every born dim with an MLP attribution; ``step`` is called after each one. The scan's
-    findings it tests: its massive ``dims`` and ``massive`` entries (``medians``: each block's median |a|, and the
-    ``criterion`` that calls a value massive), the birth ``attribution`` and ``experts``; ``texts``: its kept windows,
-    read again for the input dependence.
+    ``findings`` it tests: its massive dims and entries (against each block's median |a|, and the criterion that
+    calls a value massive), the ``mechanism``'s birth attribution and experts; the findings' kept windows are read
+    again for the input dependence.
 
-    A causal LM is scored by its perplexity on ``eval_text``; an encoder by exp(masked-LM loss) on a fixed, seeded
-    15% of its tokens, the same masks for every intervention (``evaluation``: that scoring, made here when not
-    given; pass one to share its passes with the super-weight search). The super-weight zeroing and the zero/mean
+    A causal LM is scored by its perplexity on the evaluation text; an encoder by exp(masked-LM loss) on a fixed,
+    seeded 15% of its tokens, the same masks for every intervention (``evaluation``: that scoring, from
+    ``evaluation_for``, whose passes the super-weight search shares). The super-weight zeroing and the zero/mean
     replacements also get their effect on the output distributions (``output_effects``). A headless encoder (no head
     to score) is scored by its embeddings instead (``embeddings.EmbeddingEvaluation``)."""
-    evaluation = evaluation or evaluation_for(lm, eval_text, dims=dims, attribution=attribution, experts=experts)
+    dims, medians, criterion, massive, texts = findings.dims, findings.medians, findings.criterion, findings.massive, findings.texts
+    attribution, experts = mechanism.attribution, mechanism.experts
+    if evaluation.text is None:
+        raise ValueError("verify_by_intervention needs the scoring evaluation_for makes (it names its evaluation text)")
+    eval_text, eval_source = evaluation.text.text, evaluation.text.source
     run = _Run(lm, dims, medians, criterion, inputs, evaluation, step)
     replaced = replacement_values(dims, massive)
     headless = isinstance(run.evaluation, EmbeddingEvaluation)

@@ -17,11 +17,10 @@ from ...errors import UsageError
 from ...models.identity import check_same_weights
 from ...models.info import ModelInfo
 from ...models.loading import LoadedModel
-from ...settings import Criterion
 from ..causal.results import SuperWeightStep
-from ..detect.results import DimSummary, Massive
+from ..detect.results import Findings, Massive
 from ..function.sinks import sink_tokens
-from ..mechanism.results import Attribution, ExpertAttribution
+from ..mechanism.results import Attribution, ExpertAttribution, Mechanism
 
 # The list's dataclasses live with the stage's other results; imported from here too, as the documentation does.
 from .results import Carrier, Protect, ProtectedDim, ProtectedWeight, SinkPosition
@@ -95,11 +94,11 @@ def sink_positions(massive: list[Massive], tokens: dict[int, list[str]]) -> list
     return [SinkPosition(position=p, tokens=list(words), texts=len(texts)) for p, (words, texts) in sorted(seen.items())]
 
 
-def build(*, model: ModelInfo, criterion: Criterion, dims: list[DimSummary], massive: list[Massive], texts: dict[int, str],
-          tokens: dict[int, list[str]], attribution: list[Attribution], experts: list[ExpertAttribution],
-          super_weights: list[SuperWeightStep]) -> Protect:
-    """The protect list of a scan: each massive dim with its carriers and the probe it is read on (``texts``: the
-    scan's kept windows, by index), the sink positions (``tokens``: the windows' tokens) and every super weight."""
+def build(model: ModelInfo, findings: Findings, mechanism: Mechanism, super_weights: list[SuperWeightStep]) -> Protect:
+    """The protect list of a scan: each massive dim of ``findings`` with its carriers and the probe it is read on (a
+    kept window's text), the sink positions and every super weight (``super_weights``: the causal stage's, located
+    in their matrices by the ``mechanism``'s attribution)."""
+    dims, massive, texts, tokens = findings.dims, findings.massive, findings.texts, findings.tokens
     protected = []
     for d in dims:
         entries = [m for m in massive if m.dim == d.dim]
@@ -115,9 +114,9 @@ def build(*, model: ModelInfo, criterion: Criterion, dims: list[DimSummary], mas
                                       removed_at=d.removed_at, probe_text=texts[probe.text], probe_position=probe.position,
                                       carriers=carriers))
     weights = [ProtectedWeight(parameter=matrix, row=index[-2], col=index[-1], index=list(index), value=value)
-               for matrix, index, value in super_weight_coordinates(super_weights, attribution, experts)]
-    notes = [f"carriers: the {MAX_CARRIERS} strongest places per dim at most; report.json's `massive` has every one"]
-    return Protect(model=model.name, source=model.source, min_abs=criterion.min_abs, min_ratio=criterion.min_ratio,
+               for matrix, index, value in super_weight_coordinates(super_weights, mechanism.attribution, mechanism.experts)]
+    notes = [f"carriers: the {MAX_CARRIERS} strongest places per dim at most; report.json's `findings.massive` has every one"]
+    return Protect(model=model.name, source=model.source, min_abs=findings.criterion.min_abs, min_ratio=findings.criterion.min_ratio,
                    massive_dims=protected, sink_positions=sink_positions(massive, tokens), super_weights=weights, notes=notes)
 
 

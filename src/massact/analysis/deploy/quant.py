@@ -29,7 +29,7 @@ from ...capture.expert_maxima import instrumented
 from ...capture.hooks import forward_until, tap
 from ...errors import UsageError
 from ...models.loading import LoadedModel
-from ...settings import QUANT_DEFAULTS, QUANT_GRIDS
+from ...settings import QUANT_DEFAULTS, QUANT_GRIDS, ScanSettings
 from ..evaluation.mlm import next_token_windows
 from ..evaluation.perplexity import default_eval_text, eval_windows, perplexity
 from ..evaluation.windows import Evaluation
@@ -320,26 +320,27 @@ def massive_positions(lm: LoadedModel, ids: torch.Tensor, protect: Protect) -> t
 
 
 def measure_quantization(
-    lm: LoadedModel, protect: Protect, eval_text: str | None = None, grid_name: str = "default", clip_z: float | None = None,
-    block: int | None = None, progress: Callable[[str, int | None], Callable[[], None]] | None = None,
-    earlier: Quantization | None = None, engines: tuple[str, ...] = (),
+    lm: LoadedModel, protect: Protect, eval_text: str | None, settings: ScanSettings,
+    progress: Callable[[str, int | None], Callable[[], None]] | None = None, earlier: Quantization | None = None,
 ) -> Quantization:
-    """The sweep over a named grid, and the rows of each real quantization engine in ``engines``
-    (``massact.analysis.deploy.engines``), on the shipped evaluation text unless ``eval_text`` is given; ``progress``
-    as in ``massact.scan`` (one step per setting). ``earlier`` (a saved report's sweep) is returned as it is when it
-    was measured on the same inputs (``sweep_inputs``): the same sweep again would give the same numbers."""
-    block = DEFAULT_BLOCK if block is None else block
-    clip_z = DEFAULT_CLIP_Z if clip_z is None else clip_z
+    """The sweep over the grid ``settings.quant_grid`` (its ``clip_z`` and ``block_size``; None: the defaults), and the
+    rows of each real quantization engine in ``settings.engines`` (``massact.analysis.deploy.engines``), on the shipped
+    evaluation text unless ``eval_text`` is given; ``progress`` as in ``massact.scan`` (one step per setting).
+    ``earlier`` (a saved report's sweep) is returned as it is when it was measured on the same inputs
+    (``sweep_inputs``): the same sweep again would give the same numbers."""
+    grid_name, engines = settings.quant_grid, tuple(settings.engines)
+    block = DEFAULT_BLOCK if settings.block_size is None else settings.block_size
+    clip_z = DEFAULT_CLIP_Z if settings.clip_z is None else settings.clip_z
     text = eval_text or default_eval_text()
     inputs = sweep_inputs(lm, protect, text, grid_name, clip_z, block, engines)
     if earlier is not None and earlier.inputs_sha256 == inputs:
         return earlier
     for name in engines:  # a missing library fails now, in one line, not after the sweep
         engine(name)
-    settings = grid(grid_name, block)
-    step = progress("quantization settings", len(settings) + len(engines)) if progress else (lambda: None)
+    points = grid(grid_name, block)
+    step = progress("quantization settings", len(points) + len(engines)) if progress else (lambda: None)
     source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
-    result = sweep(lm, protect, text, source, grid_name, clip_z, block, step, settings, engines)
+    result = sweep(lm, protect, text, source, grid_name, clip_z, block, step, points, engines)
     note = gguf_source_note(lm, protect)
     if note:
         result.notes.insert(0, note)

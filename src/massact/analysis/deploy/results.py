@@ -193,3 +193,12 @@ class Protect:
     def criterion(self) -> Criterion:
         """The scan's massive test, as saved with the list."""
         return Criterion(min_abs=self.min_abs, min_ratio=self.min_ratio)
+
+
+@dataclass(kw_only=True, slots=True)
+class Deploy:
+    """What deploying the model in lower precision meets: each block's float16 and bfloat16 headroom (None before
+    the deploy stage ran), and with ``--quant`` the quantization sweep."""
+
+    precision: Precision | None = None
+    quantization: Quantization | None = None

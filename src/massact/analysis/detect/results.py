@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...settings import Criterion
+
 
 @dataclass(kw_only=True)
 class Entry:
@@ -50,3 +52,22 @@ class DimSummary:
     removed_at: list[int]
     max_value: float
     tokens: list[str]
+
+
+@dataclass(kw_only=True, slots=True)
+class Findings:
+    """What the detection stage hands every later stage: the kept windows (``texts`` and their ``tokens``, by window
+    index: only the windows the report points at, and the first few), the ``criterion`` that calls a value massive,
+    each block's statistics, the massive entries and the massive dims they group into."""
+
+    texts: dict[int, str]
+    tokens: dict[int, list[str]]
+    criterion: Criterion
+    layers: list[LayerStats]
+    massive: list[Massive]
+    dims: list[DimSummary]
+
+    @property
+    def medians(self) -> list[float]:
+        """Each block's median |a| over the scanned tokens: what the criterion's ratio is taken against."""
+        return [stats.median for stats in self.layers]

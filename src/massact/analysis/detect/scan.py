@@ -53,27 +53,38 @@ class LayerScan:
         return [histogram.quantile(0.5) for histogram in self.histograms]
 
 
+@dataclass(frozen=True, kw_only=True)
+class Checkpointing:
+    """Where a corpus pass saves its merged state (``path``), every ``every`` batches; with ``resume``, a state found
+    there is continued once ``identity`` (the model, dtype and settings: ``massact.analysis.detect.resume.scan_identity``)
+    is checked to be the same."""
+
+    path: Path
+    every: int = 50
+    resume: bool = False
+    identity: str = ""
+
+
 def scan_layers(
     lm: LoadedModel,
     windows: Iterable[torch.Tensor],
     candidates: int = CANDIDATES,
     on_window: Callable[[int], None] | None = None,
     batch_size: int = 8,
-    checkpoint: Path | None = None,
-    every: int = 50,
-    resume: bool = False,
-    identity: str = "",
+    state: Checkpointing | None = None,
 ) -> LayerScan:
     """Batched forward passes over ``windows`` (token ids [1, n] each, consumed lazily: memory does not grow with the
     corpus); hooks on every block's resid_out feed a ``BlockRecorder``: a histogram and a top-k per block, on
     device. Padding positions never enter a statistic. Labels name a window by its index in ``windows``.
 
-    With ``checkpoint``, the merged state is written there (atomically) every ``every`` batches and removed at the
-    end; with ``resume``, a state found there is loaded and the scan goes on after the windows it covers, once the
-    token ids of those windows are checked to be the ones it saw, and ``identity`` (the model, dtype and settings:
-    ``massact.analysis.resume.scan_identity``) to be the same. Launched as several processes, each scans every
-    world-th window and the statistics are merged with torch.distributed collectives.
+    With ``state``, the merged state is written to its path (atomically) every ``state.every`` batches and removed at
+    the end; with ``state.resume``, a state found there is loaded and the scan goes on after the windows it covers,
+    once the token ids of those windows are checked to be the ones it saw, and its identity to be the same. Launched as
+    several processes, each scans every world-th window and the statistics are merged with torch.distributed
+    collectives.
     """
+    checkpoint, every, resume, identity = (None, 50, False, "") if state is None else (state.path, state.every, state.resume,
+                                                                                      state.identity)
     n_layers = len(lm.adapter.blocks(lm.model))
     recorder = BlockRecorder(n_layers, candidates, lm.device)
     maxima = ExpertMaxima(lm) if any(lm.at(layer).moe is not None for layer in range(n_layers)) else None

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ...errors import UsageError
 from ...models.loading import LoadedModel
 from ..causal.results import EmbeddingChange
+from .perplexity import EvalText
 
 MAX_SENTENCES = 32  # enough pairs (496) for a stable rank correlation, one small batch
 MIN_SENTENCES = 4
@@ -106,8 +107,9 @@ class EmbeddingEvaluation:
     (the unmodified model), ``positions`` the sentences' tokens. Every pass runs the whole encoder (``start`` is taken
     and ignored: the sentences are one small batch)."""
 
-    def __init__(self, lm: LoadedModel, eval_text: str):
+    def __init__(self, lm: LoadedModel, eval_text: str, text: EvalText | None = None):
         self.lm = lm
+        self.text = text  # the evaluation text and its source, where the causal stage made this scoring
         self.reference = reference(lm, eval_text)
         self.baseline = 1.0
         self.positions = self.reference.tokens

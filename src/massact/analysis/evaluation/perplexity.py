@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
@@ -10,6 +11,15 @@ import torch.nn.functional as F
 
 from ...errors import UsageError
 from ...models.loading import LoadedModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalText:
+    """The text the causal stage scores the model on, and where it came from, in the words the verification names it
+    with (the shipped sample, or --eval-file)."""
+
+    text: str
+    source: str
 
 
 def default_eval_text() -> str:

@@ -16,11 +16,11 @@ from ...capture.batches import pad_batch
 from ...capture.hooks import forward_until
 from ...capture.prefix import Scratch, head_rows, keep_block_inputs, run_from
 from ...models.loading import LoadedModel
-from ..detect.results import DimSummary
-from ..mechanism.results import Attribution, ExpertAttribution
+from ..detect.results import Findings
+from ..mechanism.results import Mechanism
 from .embeddings import EmbeddingEvaluation, headless
 from .mlm import Scored, masked_windows, next_token_windows
-from .perplexity import eval_windows
+from .perplexity import EvalText, eval_windows
 
 EVAL_BATCH = 4  # windows per forward pass: 4 x 256 tokens keep the logits of a batch near 200 MB for a 49k vocabulary
 ROWS = 128  # positions reduced at a time over the vocabulary: one piece (25 MB for 49k) stays in cache
@@ -64,8 +64,9 @@ class Evaluation:
     Nothing runs at construction: the first ``unmodified()`` pass (the output effects', or the one ``baseline``
     makes) is the whole model's, and it fills the baseline and every batch's kept block inputs on the way."""
 
-    def __init__(self, lm: LoadedModel, scored: list[Scored], starts: Iterable[int] = ()):
+    def __init__(self, lm: LoadedModel, scored: list[Scored], starts: Iterable[int] = (), text: EvalText | None = None):
         self.lm = lm
+        self.text = text  # the evaluation text and its source, where the causal stage made this scoring
         self.starts = sorted(set(starts))
         self.batches = batches(lm, scored)
         self.positions = sum(int((b.labels != -100).sum()) for b in self.batches)
@@ -160,13 +161,13 @@ def _exp_mean(total: float, count: int) -> float:
     return math.exp(mean) if mean < 700 else float("inf")
 
 
-def evaluation_for(lm: LoadedModel, eval_text: str, *, dims: list[DimSummary], attribution: list[Attribution],
-                   experts: list[ExpertAttribution]) -> Evaluation | EmbeddingEvaluation:
-    """The evaluation every intervention is scored on (masked windows for an encoder, next-token windows for a causal
-    LM), with the unmodified input of each birth block kept (the dims' and those of their birth ``attribution`` and
-    ``experts``): the interventions all start there."""
+def evaluation_for(lm: LoadedModel, text: EvalText, findings: Findings, mechanism: Mechanism) -> Evaluation | EmbeddingEvaluation:
+    """The evaluation every intervention is scored on (masked windows of ``text`` for an encoder, next-token windows
+    for a causal LM), with the unmodified input of each birth block kept (the findings' dims' and those of the
+    mechanism's birth attribution and experts): the interventions all start there."""
+    eval_text, dims, attribution, experts = text.text, findings.dims, mechanism.attribution, mechanism.experts
     if headless(lm):  # no head to score: its embeddings (see embeddings.py)
-        return EmbeddingEvaluation(lm, eval_text)
+        return EmbeddingEvaluation(lm, eval_text, text)
     scored = masked_windows(lm, eval_text) if lm.adapter.encoder else next_token_windows(eval_windows(lm, eval_text))
     starts = {a.layer for a in attribution if a.role == "birth"} | {e.layer for e in experts if e.role == "birth"}
-    return Evaluation(lm, scored, starts | {d.born_at for d in dims})
+    return Evaluation(lm, scored, starts | {d.born_at for d in dims}, text)

@@ -15,8 +15,7 @@ from ...capture.attention import attention_pass, softmax_layers
 from ...capture.batches import pad_batch
 from ...capture.edits import replace_massive
 from ...models.loading import LoadedModel
-from ...settings import Criterion
-from ..detect.results import DimSummary, Massive
+from ..detect.results import Findings, Massive
 from .results import AttentionSinks, SinkIntervention, SinkToken
 
 SINK_SHARE = 0.5  # a block "has a sink" when at least half of its heads are sink heads (sink rate >= 50%)
@@ -226,13 +225,14 @@ def noop_heads(found: SinkPass) -> list[int]:
 
 
 def sink_analysis(
-    lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[DimSummary], massive: list[Massive],
-    tokens: dict[int, list[str]], criterion: Criterion, epsilon: float = SINK_EPSILON,
+    lm: LoadedModel, inputs: dict[int, torch.Tensor], findings: Findings, epsilon: float = SINK_EPSILON,
     replacements: dict[str, dict[int, dict[int, float]]] | None = None,
 ) -> AttentionSinks:
-    """The sink tokens (``sink_tokens`` of the scan's ``massive`` entries and ``tokens``), the sink metrics over (up to
-    SINK_TEXTS of) their texts, and the same metrics with the massive activations replaced at their birth blocks
-    (``replacements``: label -> block -> dim -> value, written where ``criterion`` calls a value massive)."""
+    """The sink tokens (``sink_tokens`` of the scan's massive entries and tokens in ``findings``), the sink metrics over
+    (up to SINK_TEXTS of) their texts, a head attending to a sink above ``epsilon``, and the same metrics with the
+    massive activations replaced at their birth blocks (``replacements``: label -> block -> dim -> value, written where
+    the findings' criterion calls a value massive)."""
+    dims, massive, tokens, criterion = findings.dims, findings.massive, findings.tokens, findings.criterion
     birth = min((d.born_at for d in dims), default=None)
     sink_list, rule = sink_tokens(massive, tokens)
     sinks: dict[int, list[int]] = {}

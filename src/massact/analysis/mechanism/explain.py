@@ -10,8 +10,8 @@ import torch
 from ...capture.probe import ATTN_Z, block_output, probe_block, stream_dims
 from ...capture.routing import MoeBlock
 from ...models.loading import LoadedModel
-from ...settings import Criterion
-from ..detect.results import DimSummary, LayerStats, Massive
+from ...settings import ScanSettings
+from ..detect.results import DimSummary, Findings, Massive
 from . import anatomy as anatomy_step
 from .attribution import contributions, down_row, mlp_weight_stats, super_weight
 from .expert_attribution import attribute_moe
@@ -56,11 +56,13 @@ def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Life
 
 
 def explain(
-    lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor], tokens: dict[int, list[str]], layers: list[LayerStats],
-    criterion: Criterion, top_neurons: int, warnings: list[str],
+    lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor], findings: Findings, settings: ScanSettings,
+    warnings: list[str],
 ) -> tuple[list[Origin], list[Anatomy], list[Attribution], list[ExpertAttribution]]:
     """The mechanism at each event: the writer, and for an MLP writer its anatomy and neurons (or experts). One probe
-    pass per (text, block); checks that fail their second computation are appended to ``warnings``."""
+    pass per (text, block), the ``settings.top_neurons`` largest neurons kept; checks that fail their second computation
+    are appended to ``warnings``."""
+    tokens, layers, criterion, top_neurons = findings.tokens, findings.layers, findings.criterion, settings.top_neurons
     origins, anatomies, attributions, experts = [], [], [], []
     probes = {}
     for text, layer in dict.fromkeys((e.text, e.layer) for e in events):

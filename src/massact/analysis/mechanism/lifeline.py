@@ -8,7 +8,7 @@ import torch
 from ...capture.hooks import tap
 from ...models.loading import LoadedModel
 from ...settings import Criterion
-from ..detect.results import DimSummary, Massive
+from ..detect.results import DimSummary, Findings, Massive
 from .origin import removal_cause
 from .results import WRITERS, WRITING, Lifeline, LifelineStep, Phase
 
@@ -153,11 +153,10 @@ def writers(line: Lifeline) -> list[tuple[int, str]]:
     return [(step.layer, step.phase) for step in line.steps if step.phase in WRITING]
 
 
-def lifelines(
-    lm: LoadedModel, dims: list[DimSummary], massive: list[Massive], inputs: dict[int, torch.Tensor], medians: list[float],
-    criterion: Criterion,
-) -> list[Lifeline]:
-    """One lifeline per massive dim; dims that share a main carrier share its forward pass."""
+def lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor]) -> list[Lifeline]:
+    """One lifeline per massive dim of ``findings``; dims that share a main carrier share its forward pass (``inputs``:
+    the kept windows' token ids)."""
+    dims, massive, medians, criterion = findings.dims, findings.massive, findings.medians, findings.criterion
     carriers = {summary.dim: main_carrier(massive, summary.dim) for summary in dims}
     found: dict[int, Lifeline] = {}
     for text, position in dict.fromkeys((c.text, c.position) for c in carriers.values()):

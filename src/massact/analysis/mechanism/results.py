@@ -436,11 +436,26 @@ class ExpertPruning:
 class SuperExperts:
     """``found``: the super experts by the rule, largest first; ``profile``: every (block, expert) maximum [blocks,
     experts] (null for a dense block or an expert never routed to); ``shared``: per block the shared expert's maximum
-    (null without one), listed apart; ``pruning``: what pruning the super experts and a random control does (with
-    verification)."""
+    (null without one), listed apart (what pruning them does is the causal stage's, ``Causal.expert_pruning``)."""
 
     found: list[SuperExpert]
     profile: list[list[float]]
     shared: list[float]
     rule: SuperExpertRule
-    pruning: list[ExpertPruning] = field(default_factory=list)
+
+
+@dataclass(kw_only=True, slots=True)
+class Mechanism:
+    """How each massive dim is written: its ``lifelines`` over every block, then at each block they name the writing
+    sublayer (``origin``), the MLP's anatomy and neurons (``attribution``, or a mixture's ``experts``), a mixture of
+    experts' super experts (Su et al. 2025; None for a dense model), the birth block's state on the carrier's text
+    and each dim at every block and token (``token_values``: the HTML page's token view)."""
+
+    lifelines: list[Lifeline]
+    origin: list[Origin]
+    anatomy: list[Anatomy]
+    attribution: list[Attribution]
+    experts: list[ExpertAttribution]
+    super_experts: SuperExperts | None
+    birth_state: BirthState | None
+    token_values: TokenValues | None

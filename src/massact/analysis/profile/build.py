@@ -12,6 +12,7 @@ import torch
 
 from ...capture.batches import pad_batch
 from ...capture.hooks import tap
+from ...models.identity import weights_sha256
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from .results import BlockProfile, Profile, Rule
@@ -132,9 +133,9 @@ def block_rules(counts: Counts, layer: int, decode: Callable[[int], str]) -> tup
     return rules, carriers, _rate(found, predicted), recall
 
 
-def build_profile(lm: LoadedModel, counts: Counts, medians: list[float], criterion: Criterion, name: str, source: str | None,
-          corpus: str, weights_sha256: str | None) -> Profile:
-    """The profile from the pass's counts."""
+def build_profile(lm: LoadedModel, counts: Counts, medians: list[float], criterion: Criterion, corpus: str) -> Profile:
+    """The profile of ``lm`` from the pass's counts (each block's ``medians`` and the ``criterion`` the thresholds came
+    from), on the ``corpus`` described in words."""
     blocks = []
     decode = lambda token_id: lm.tokenizer.decode([token_id])
     for layer, median in enumerate(medians):
@@ -145,6 +146,6 @@ def build_profile(lm: LoadedModel, counts: Counts, medians: list[float], criteri
             tokens=int(counts.counts[layer, 0]), carriers=carriers, rules=rules, precision=precision, recall=recall,
             gamma=gamma(counts.sums[layer, 0], counts.squares[layer, 0], float(counts.counts[layer, 0])),
             gamma_without=gamma(counts.sums[layer, 1], counts.squares[layer, 1], float(counts.counts[layer, 1]))))
-    return Profile(model=name, source=source, weights_sha256=weights_sha256, corpus=corpus, windows=counts.windows,
+    return Profile(model=lm.name, source=lm.source, weights_sha256=weights_sha256(lm.model), corpus=corpus, windows=counts.windows,
                    tokens=int(counts.counts[0, 0]) if blocks else 0, min_abs=criterion.min_abs, min_ratio=criterion.min_ratio,
                    pad_token_id=lm.tokenizer.pad_token_id, bos_token_id=lm.tokenizer.bos_token_id, blocks=blocks)

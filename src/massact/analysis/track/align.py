@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..deploy.results import Precision
-from ..detect.results import DimSummary, LayerStats, Massive
+from ..detect.results import DimSummary, Findings, LayerStats, Massive
 from ..function.results import AttentionSinks
-from ..mechanism.results import Attribution, Lifeline, Origin, SuperExperts
+from ..mechanism.results import Attribution, Lifeline, Mechanism, Origin
 from .results import BlockState, CheckpointState, Diff, DimState, DimTrack, RoleMove, Track, TrackSuperWeight, WeightChange
 
 TOP_NEURONS = 3  # writer neurons kept per dim and checkpoint: enough to see the writer stay or change
@@ -26,13 +26,15 @@ def label(step: int | None, spec: str) -> str:
     return f"step {step}" if step is not None else spec
 
 
-def summarize(*, step: int | None, spec: str, folder: str | None = None, dims: list[DimSummary], massive: list[Massive],
-              layers: list[LayerStats], origin: list[Origin], attribution: list[Attribution], lifelines: list[Lifeline],
-              attention: AttentionSinks | None, precision: Precision | None, super_experts: SuperExperts | None) -> CheckpointState:
+def summarize(findings: Findings, mechanism: Mechanism, attention: AttentionSinks | None, precision: Precision | None,
+              step: int | None, spec: str) -> CheckpointState:
     """One checkpoint's scan as the track sees it: its massive dims (each at its birth block, with its writer, neurons,
-    super weight and phases), its blocks, its sink, its headroom and super experts."""
+    super weight and phases), its blocks, its sink (``attention``: the causal stage's), its headroom and super experts.
+    The checkpoint is ``step`` (None where unknown) of ``spec``; the caller names its report folder."""
+    dims, massive, layers = findings.dims, findings.massive, findings.layers
+    origin, attribution, lifelines, super_experts = mechanism.origin, mechanism.attribution, mechanism.lifelines, mechanism.super_experts
     return CheckpointState(
-        step=step, spec=spec, label=label(step, spec), report=folder,
+        step=step, spec=spec, label=label(step, spec), report=None,
         dims=[_dim_state(summary, massive, origin, attribution, lifelines) for summary in dims],
         blocks=block_states(layers, massive),
         sink_rate=None if attention is None else attention.overall_rate,

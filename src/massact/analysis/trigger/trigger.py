@@ -12,9 +12,9 @@ from ...capture.hooks import forward_until, tap
 from ...capture.probe import block_output
 from ...capture.routing import MoeBlock, route
 from ...models.loading import LoadedModel
-from ...settings import Criterion
-from ..detect.results import Massive
-from ..mechanism.results import Attribution, ExpertAttribution, HeadShare, Lifeline, Origin
+from ...settings import Criterion, ScanSettings
+from ..detect.results import Findings, Massive
+from ..mechanism.results import Attribution, ExpertAttribution, HeadShare, Lifeline, Mechanism
 from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
 from .patching import patch_sources
 from .results import Carriers, ChainLink, NeuronTrigger, PreActivationSplit, RouterTrigger, SourcePart, Trigger
@@ -217,17 +217,18 @@ def router_trigger(lm: LoadedModel, input_ids: torch.Tensor, layer: int, expert:
                          others_routed=float(rest.float().mean()) if len(rest) else float("nan"))
 
 
-def triggers(lm: LoadedModel, inputs: dict[int, torch.Tensor], depth: int = CHAIN_DEPTH, patch: bool = False, *,
-             lifelines: list[Lifeline], origin: list[Origin], attribution: list[Attribution], experts: list[ExpertAttribution],
-             tokens: dict[int, list[str]], massive: list[Massive], windows: int, medians: list[float],
-             criterion: Criterion) -> list[Trigger]:
-    """One trigger per lifeline, from the writers the mechanism stage found at its carrier (``origin``,
-    ``attribution``, ``experts``); dims written by the same neurons at the same place share their splits. The
-    carriers' probes read the scan's ``massive`` entries over its ``windows``. With ``patch``, each trigger's top
-    sources are patched."""
+def triggers(lm: LoadedModel, inputs: dict[int, torch.Tensor], findings: Findings, mechanism: Mechanism, settings: ScanSettings,
+             windows: int) -> list[Trigger]:
+    """One trigger per lifeline of the ``mechanism``, from the writers it found at its carrier (origin, attribution,
+    experts), each chain followed ``settings.chain_depth`` links back; dims written by the same neurons at the same
+    place share their splits. The carriers' probes read the scan's massive entries over its ``windows`` (the number of
+    windows scanned). With ``settings.verify``, each trigger's top sources are patched."""
+    tokens, massive, medians, criterion = findings.tokens, findings.massive, findings.medians, findings.criterion
+    origin, attribution, experts = mechanism.origin, mechanism.attribution, mechanism.experts
+    depth, patch = settings.chain_depth, settings.verify
     cache: dict = {}
     found = []
-    for line in lifelines:
+    for line in mechanism.lifelines:
         at_carrier = lambda item, line=line: (item.dim, item.text, item.position) == (line.dim, line.text, line.position)
         writers = [a for a in attribution if at_carrier(a) and a.role in WRITING]
         routed = [e for e in experts if at_carrier(e) and e.role in WRITING]
