@@ -46,7 +46,7 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
         ("transformer.h.2.mlp.c_proj.weight", NEURON, DIM, 100.0)]
 
     assert run_massact("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", second).returncode == 0
-    assert json.loads((second / "report.json").read_text(encoding="utf-8"))["quantization"] is None
+    assert json.loads((second / "report.json").read_text(encoding="utf-8"))["deploy"]["quantization"] is None
     result = run_massact("quant", second, "--eval-file", eval_file, "--quiet")
     assert result.returncode == 0, result.stderr
     again = json.loads((second / "report.json").read_text(encoding="utf-8"))
@@ -65,7 +65,7 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     other.write_text(EVAL + " The garden was wet for days after.", encoding="utf-8")
     result = run_massact("verify", second, "--eval-file", other, "--quiet")
     assert result.returncode == 0, result.stderr
-    measured = json.loads((second / "report.json").read_text(encoding="utf-8"))["quantization"]
+    measured = json.loads((second / "report.json").read_text(encoding="utf-8"))["deploy"]["quantization"]
     assert measured["inputs_sha256"] != saved["inputs_sha256"] and measured["eval_tokens"] > saved["eval_tokens"]
 
     result = run_massact("quant", model_dir, "--protect", first / "protect.json", "--eval-file", eval_file, "--out", tmp_path / "third",
