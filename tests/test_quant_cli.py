@@ -25,7 +25,9 @@ def eval_file(tmp_path_factory):
 
 
 def _rows(data: dict) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in data["deploy"]["quantization"]["rows"]]
+    """The sweep's rows without their times, from report.json (under deploy) or quantization.json."""
+    sweep = data["deploy"]["quantization"] if "deploy" in data else data["quantization"]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in sweep["rows"]]
 
 
 def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tmp_path):
@@ -76,7 +78,7 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     assert (alone["format"], alone["version"]) == ("massact-quantization", 1)
     # The schema reads it back as the sweep report.json holds: the same rows, timings aside.
     read_back = load_quantization(tmp_path / "third" / "quantization.json").rows
-    assert [replace(r, seconds=0.0) for r in read_back] == [replace(r, seconds=0.0) for r in load_report(first).quantization.rows]
+    assert [replace(r, seconds=0.0) for r in read_back] == [replace(r, seconds=0.0) for r in load_report(first).deploy.quantization.rows]
 
 
 def test_bad_quant_input_is_one_line_and_exit_2(model_dir, tmp_path):
