@@ -128,7 +128,7 @@ def test_the_planted_super_expert_is_found_and_pruning_it_removes_the_value_and_
     others = [v for layer, row in enumerate(s.profile) for e, v in enumerate(row) if v == v and (layer, e) != (LAYER, EXPERT)]
     assert max(others) < s.rule.threshold
     assert report.causal.attention.sink_layers and SINK_LAYER in report.causal.attention.sink_layers  # the planted heads make a sink
-    super_, control = s.pruning
+    super_, control = report.causal.expert_pruning
     assert (super_.kind, super_.pruned) == ("super", [[LAYER, EXPERT]])
     assert control.kind == "random" and len(control.pruned) == 1 and control.pruned[0][0] == LAYER and control.pruned[0][1] != EXPERT
     assert super_.massive_dims == [] and control.massive_dims == [DIM]

@@ -77,8 +77,8 @@ def chain_report(tokenizer):
 
 
 def test_lifeline_names_each_planted_phase(chain_report):
-    assert [d.dim for d in chain_report.dims] == [DIM]
-    line = chain_report.lifeline[0]
+    assert [d.dim for d in chain_report.findings.dims] == [DIM]
+    line = chain_report.mechanism.lifelines[0]
     assert (line.dim, line.position, line.token) == (DIM, 0, "<s>")
     assert [s.phase for s in line.steps] == ["", "precursor", "birth", "hold", "erasure", "after"]
     assert [(p.name, p.first, p.last, p.writer) for p in line.phases] == [
@@ -90,9 +90,9 @@ def test_lifeline_names_each_planted_phase(chain_report):
     for step in line.steps:  # the terms add up to the value at every block
         assert step.resid_in + step.attn + step.mlp == pytest.approx(step.value, rel=1e-4, abs=1e-6)
     # Every block the lifeline names is explained: the precursor's and the eraser's neurons too.
-    top = {(a.layer, a.role): a.neurons[0].neuron for a in chain_report.attribution}
+    top = {(a.layer, a.role): a.neurons[0].neuron for a in chain_report.mechanism.attribution}
     assert top == {(1, "precursor"): P, (2, "birth"): B, (4, "erasure"): E}
-    assert {(o.layer, o.role, o.writer) for o in chain_report.origin} == {(1, "precursor", "mlp"), (2, "birth", "mlp"),
+    assert {(o.layer, o.role, o.writer) for o in chain_report.mechanism.origin} == {(1, "precursor", "mlp"), (2, "birth", "mlp"),
                                                                           (4, "erasure", "mlp")}
 
 
@@ -150,7 +150,7 @@ def test_patching_the_planted_source_removes_the_massive_value(chain_report):
 
 
 def test_iterative_super_weights_find_each_planted_weight_in_order(chain_report):
-    steps = chain_report.super_weights
+    steps = chain_report.causal.super_weights
     assert [(s.step, s.neuron, s.weight.row, s.weight.col) for s in steps] == [(1, B, DIM, B), (2, C, DIM, C)]
     assert [s.weight.value for s in steps] == [pytest.approx(100.0), pytest.approx(60.0)]
     assert [s.weight.rank for s in steps] == [1, 2]  # ranks in the unmodified matrix

@@ -117,11 +117,12 @@ def test_a_multimodal_gemma3_gives_the_report_of_its_language_model(tokenizer):
     assert adapter_for(multimodal.config).layers == "language_model.layers"
     both = [massact.scan(model, TEXTS, tokenizer=tokenizer) for model in (multimodal, text)]
     (a, b) = both
-    assert [d.dim for d in a.dims] == [d.dim for d in b.dims] == [DIM]
-    assert [(m.layer, m.text, m.position, m.dim) for m in a.massive] == [(m.layer, m.text, m.position, m.dim) for m in b.massive]
-    assert [m.value for m in a.massive] == pytest.approx([m.value for m in b.massive], rel=1e-5)
-    assert [s.median for s in a.layers] == pytest.approx([s.median for s in b.layers], rel=1e-5)
-    wa, wb = a.attribution[0].super_weight, b.attribution[0].super_weight
+    assert [d.dim for d in a.findings.dims] == [d.dim for d in b.findings.dims] == [DIM]
+    assert [(m.layer, m.text, m.position, m.dim) for m in a.findings.massive] == \
+        [(m.layer, m.text, m.position, m.dim) for m in b.findings.massive]
+    assert [m.value for m in a.findings.massive] == pytest.approx([m.value for m in b.findings.massive], rel=1e-5)
+    assert [s.median for s in a.findings.layers] == pytest.approx([s.median for s in b.findings.layers], rel=1e-5)
+    wa, wb = a.mechanism.attribution[0].super_weight, b.mechanism.attribution[0].super_weight
     assert (wa.row, wa.col, wa.value, wa.rank) == (wb.row, wb.col, wb.value, wb.rank) == (DIM, NEURON, wb.value, 1)
     assert wa.matrix == f"model.language_model.layers.{LAYER}.mlp.down_proj.weight" and multimodal.get_parameter(wa.matrix) is not None
     assert "the vision tower is not run" in a.model.notes and "vision" not in b.model.notes

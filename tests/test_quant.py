@@ -223,7 +223,7 @@ def test_protect_json_validates_and_loads_back(planted, tmp_path):
     protect = build_protect(report)
     data = json.loads(write_protect(protect))
     assert data["version"] == PROTECT_VERSION and data["format"] == "massact-protect"
-    weight = data["causal"]["super_weights"][0]
+    weight = data["super_weights"][0]
     assert lm.model.get_parameter(weight["parameter"])[weight["row"], weight["col"]].item() == weight["value"] == 100.0
     dim = data["massive_dims"][0]
     assert dim["dim"] == DIM and dim["born_at"] == LAYER and dim["probe_position"] == 0 and dim["carriers"][0]["token"] == "<s>"

@@ -25,7 +25,9 @@ def eval_file(tmp_path_factory):
 
 
 def _rows(data: dict) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in data["deploy"]["quantization"]["rows"]]
+    """The sweep's rows without their times, from report.json (under deploy) or quantization.json."""
+    sweep = data["deploy"]["quantization"] if "deploy" in data else data["quantization"]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in sweep["rows"]]
 
 
 def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tmp_path):
@@ -46,7 +48,7 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
         ("transformer.h.2.mlp.c_proj.weight", NEURON, DIM, 100.0)]
 
     assert run_massact("scan", model_dir, "--text", "Summer is warm.", "--no-verify", "--quiet", "--out", second).returncode == 0
-    assert json.loads((second / "report.json").read_text(encoding="utf-8"))["quantization"] is None
+    assert json.loads((second / "report.json").read_text(encoding="utf-8"))["deploy"]["quantization"] is None
     result = run_massact("quant", second, "--eval-file", eval_file, "--quiet")
     assert result.returncode == 0, result.stderr
     again = json.loads((second / "report.json").read_text(encoding="utf-8"))
@@ -65,7 +67,7 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     other.write_text(EVAL + " The garden was wet for days after.", encoding="utf-8")
     result = run_massact("verify", second, "--eval-file", other, "--quiet")
     assert result.returncode == 0, result.stderr
-    measured = json.loads((second / "report.json").read_text(encoding="utf-8"))["quantization"]
+    measured = json.loads((second / "report.json").read_text(encoding="utf-8"))["deploy"]["quantization"]
     assert measured["inputs_sha256"] != saved["inputs_sha256"] and measured["eval_tokens"] > saved["eval_tokens"]
 
     result = run_massact("quant", model_dir, "--protect", first / "protect.json", "--eval-file", eval_file, "--out", tmp_path / "third",
@@ -76,7 +78,7 @@ def test_scan_quant_and_quant_on_the_saved_report_agree(model_dir, eval_file, tm
     assert (alone["format"], alone["version"]) == ("massact-quantization", 1)
     # The schema reads it back as the sweep report.json holds: the same rows, timings aside.
     read_back = load_quantization(tmp_path / "third" / "quantization.json").rows
-    assert [replace(r, seconds=0.0) for r in read_back] == [replace(r, seconds=0.0) for r in load_report(first).quantization.rows]
+    assert [replace(r, seconds=0.0) for r in read_back] == [replace(r, seconds=0.0) for r in load_report(first).deploy.quantization.rows]
 
 
 def test_bad_quant_input_is_one_line_and_exit_2(model_dir, tmp_path):

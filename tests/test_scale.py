@@ -43,7 +43,7 @@ def test_batched_and_one_by_one_statistics_agree(family, tokenizer):
         assert {tuple(at) for v, at in one_items if abs(v) > edge} == {tuple(at) for v, at in many_items if abs(v) > edge}
     report_one = massact.scan(lm, list(DEFAULT_TEXTS), batch_size=1)
     report_many = massact.scan(lm, list(DEFAULT_TEXTS), batch_size=4)
-    found = [sorted((m.layer, m.text, m.position, m.dim) for m in r.massive) for r in (report_one, report_many)]
+    found = [sorted((m.layer, m.text, m.position, m.dim) for m in r.findings.massive) for r in (report_one, report_many)]
     assert found[0] == found[1] and len(found[0]) == len(DEFAULT_TEXTS) * (model.config.num_hidden_layers - LAYER)
 
 
@@ -54,7 +54,7 @@ def test_float16_overflow_is_named_with_its_block_and_dim(tokenizer):
     report = massact.scan(model, ["Summer is warm."], tokenizer=tokenizer)
     warning = next(w for w in report.warnings if w.startswith("non-finite"))
     assert f"block {LAYER}," in warning and f"dim {DIM}" in warning and "bfloat16 or float32" in warning
-    assert json.loads(write_report(report))["layers"][LAYER]["top"][0]["value"] is None  # inf is null: valid JSON
+    assert json.loads(write_report(report))["findings"]["layers"][LAYER]["top"][0]["value"] is None  # inf is null: valid JSON
 
 
 def test_long_texts_are_split_into_windows_not_truncated(tokenizer):
@@ -183,7 +183,8 @@ def test_cli_reads_a_dataset_and_loads_with_a_device_map(planted_dir, tmp_path):
     result = subprocess.run(_cli(planted_dir, "--dataset", tmp_path / "data", "--max-texts", "3", "--device-map", "cpu",
                                  "--no-verify", "--format", "json", "--quiet", "--out", out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / "report.json").read_text(encoding="utf-8"))["texts"] == {str(i): t for i, t in enumerate(DEFAULT_TEXTS[:3])}
+    saved = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert saved["findings"]["texts"] == {str(i): t for i, t in enumerate(DEFAULT_TEXTS[:3])}
 
 
 def test_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer):
@@ -210,8 +211,8 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer):
     small, large = reports
     assert (small.corpus.texts, large.corpus.texts) == (1000, 4000)
     assert large.corpus.tokens > 3.9 * small.corpus.tokens
-    assert len(large.texts) < 1000 and set(range(MAX_INPUTS)) <= set(large.texts)
-    assert all(m.text in large.texts for m in large.massive)
+    assert len(large.findings.texts) < 1000 and set(range(MAX_INPUTS)) <= set(large.findings.texts)
+    assert all(m.text in large.findings.texts for m in large.findings.massive)
     # Keeping every text and its tokens would cost about 3 MB more for the 3000 extra texts (over 2x); what is kept
     # varies a little with which tied texts the top-k holds, hence the margin.
     assert peaks[1] < 1.25 * peaks[0], peaks

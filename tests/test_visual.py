@@ -46,8 +46,8 @@ def test_every_figure_is_drawn_for_a_verified_planted_model(verified):
     for data in pngs.values():
         image = assert_png(data).convert("L")
         assert max(image.tobytes()) - min(image.tobytes()) > 100  # something is drawn, not a blank canvas
-    assert verified.birth_state.layer == LAYER and DIM in verified.birth_state.dims
-    assert len(verified.birth_state.magnitude) == len(verified.tokens[verified.birth_state.text])
+    assert verified.mechanism.birth_state.layer == LAYER and DIM in verified.mechanism.birth_state.dims
+    assert len(verified.mechanism.birth_state.magnitude) == len(verified.findings.tokens[verified.mechanism.birth_state.text])
 
 
 def test_figures_without_an_mlp_writer_leave_out_the_mlp_figures(tokenizer):
@@ -160,7 +160,7 @@ def test_token_view_hover_and_block_slider_in_a_headless_browser(verified, tmp_p
     played = tmp_path / "played.html"
     played.write_text(_allowed(page, _INTERACT), encoding="utf-8")
     dom = _dom(played, tmp_path)
-    values = verified.token_values
+    values = verified.mechanism.token_values
     assert values.dims[0] == DIM and _attribute(dom, "data-test-block") == str(LAYER)  # opens at the birth block
     first = values.values[0][0][LAYER][0]  # the first token of the first text, at the birth block
     assert abs(first) > 1000  # the planted value
