@@ -292,7 +292,10 @@ def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settin
     evaluation = evaluation_for(lm, text, findings, mechanism)
     causal = Causal(verification=verify_by_intervention(lm, inputs, findings, mechanism, evaluation, progress("interventions", None)))
     causal.attention = sink_analysis(lm, inputs, findings, settings.sink_epsilon, replacement_values(findings.dims, findings.massive))
-    causal.super_weights = all_super_weights(lm, inputs, evaluation, findings, mechanism, settings)
+    advance = progress("super weights, zeroed one by one", None)
+    for step in all_super_weights(lm, inputs, evaluation, findings, mechanism, settings):
+        causal.super_weights.append(step)
+        advance()
     if mechanism.super_experts is not None:  # a mixture of experts: its super experts pruned, against a random control
         causal.expert_pruning = prune_super_experts(lm, inputs, evaluation, findings, mechanism, settings)
     return causal, []
