@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import massact
-from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
+from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_trigger, plant_mlp, run_massact, tiny_model
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
@@ -16,7 +16,7 @@ from massact.report.text import to_text
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
 # Families whose MLP output is normed before it lands: sandwich norms (Gemma-2/3) and reordered norms (OLMo-2/3, EXAONE-4).
-SANDWICH = {"gemma2", "gemma3", "gemma3mm", "olmo2", "olmo3", "exaone4"}
+SANDWICH = {"gemma2", "gemma3", "gemma3mm", "gemma4", "olmo2", "olmo3", "exaone4"}
 POST_LN = {"opt-postln", "bert", "roberta"}
 NORM_GAIN = 1000.0  # the planted branch-norm gain on DIM
 
@@ -129,7 +129,8 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     layers = "model.language_model.layers" if family == "gemma3mm" else "model.layers"
     assert norm.parameter == f"{layers}.{LAYER}.post_feedforward_layernorm.weight"
     assert norm.amplifier and norm.gain == pytest.approx(NORM_GAIN, rel=1e-4) and norm.typical_gain == pytest.approx(1.0)
-    gemma = family.startswith("gemma")  # the stored entry: Gemma's gain is 1 + weight, OLMo's and EXAONE's the weight
+    # The stored entry: Gemma-2/3's gain is 1 + weight; Gemma-4's, OLMo's and EXAONE's the weight.
+    gemma = family.startswith("gemma") and family != "gemma4"
     assert norm.weight == pytest.approx(NORM_GAIN - 1.0 if gemma else NORM_GAIN)
     assert norm.raw == pytest.approx(birth.mlp_raw) == pytest.approx(attribution.output)
     assert norm.landed == pytest.approx(birth.mlp) == pytest.approx(attribution.landed)
@@ -138,6 +139,38 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     assert norm.error < 1e-5
     assert abs(attribution.landed) == pytest.approx(8.0 * NORM_GAIN, rel=0.05)  # without the gain it would land at about 8
     assert any("post_feedforward_layernorm.weight" in line and "amplif" in line for line in report.conclusion)
+
+
+PLE_UNIT = 3  # the per-layer input unit the plant opens
+
+
+def test_a_value_planted_through_the_per_layer_input_is_attributed_to_it(tokenizer):
+    """Gemma-4: per-layer input unit PLE_UNIT of block LAYER opens on BOS only (its gate reads the trigger dim) and
+    writes DIM alone; its norm's gain on DIM makes it land massive. The origin names the per-layer input as the writer,
+    with its norm as the amplifier, and the lifeline's birth phase does too."""
+    model = tiny_model("gemma4", len(tokenizer))
+    block = adapter_for(model.config).blocks(model)[LAYER]
+    with torch.no_grad():
+        _isolate_trigger(model, tokenizer.bos_token_id)
+        block.per_layer_input_gate.weight[PLE_UNIT] = 0.0
+        block.per_layer_input_gate.weight[PLE_UNIT, TRIGGER] = 1.0
+        block.per_layer_projection.weight[DIM] = 0.0
+        block.per_layer_projection.weight[DIM, PLE_UNIT] = 1.0
+        block.post_per_layer_input_norm.weight[DIM] = NORM_GAIN
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
+    birth = next(o for o in report.mechanism.origin if o.role == "birth")
+    assert (birth.layer, birth.position, birth.writer) == (LAYER, 0, "ple")
+    # What lands is the norm of one spike: about sqrt(d_model) x the gain; attention and the MLP write nothing there.
+    assert abs(birth.ple) == pytest.approx(8.0 * NORM_GAIN, rel=0.05) and abs(birth.attn) + abs(birth.mlp) < 1e-3 * abs(birth.ple)
+    assert birth.resid_out == pytest.approx(birth.scale * (birth.resid_in + birth.attn + birth.mlp + birth.ple), rel=1e-5)
+    assert birth.norm.parameter == f"model.layers.{LAYER}.post_per_layer_input_norm.weight" and birth.norm.amplifier
+    assert birth.norm.raw == pytest.approx(birth.ple_raw)
+    line = report.mechanism.lifelines[0]
+    assert next(p for p in line.phases if p.name == "birth").writer == "ple"
+    assert not report.mechanism.attribution  # no MLP neuron to attribute
+    assert any("per-layer input" in sentence for sentence in report.conclusion)
+    assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
 
 
 @pytest.mark.parametrize("family", sorted(POST_LN))

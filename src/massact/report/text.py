@@ -158,7 +158,7 @@ def _origin_tables(style: Style, report: Report) -> list:
     )
     out: list = [table]
     for o in sorted(report.mechanism.origin, key=lambda o: (o.dim, o.layer)):
-        who = "MLP" if o.writer == "mlp" else "attention"
+        who = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}[o.writer]
         if o.cause == "median":
             who = "none: the median grew"
         add_row(table, str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True),
@@ -355,7 +355,7 @@ def _attention_tables(style: Style, report: Report) -> list:
 
 def _mixing_tables(style: Style, a) -> list:
     """Per softmax block and head, where the family has them: the output gate at the sink tokens and elsewhere, and
-    the attention a learned sink takes beside the first token's."""
+    the attention a learned sink takes beside the first token's; per block, how often an indexer picks the sink."""
     out = []
     if a.gate_sink is not None:
         table = style.table("Gated attention: the mean gate sigmoid(gate) per head, at the sink tokens / at the other tokens",
@@ -370,6 +370,13 @@ def _mixing_tables(style: Style, a) -> list:
         for layer, (taken, first) in enumerate(zip(a.learned_sink, a.first_token)):
             if not all(v != v for v in taken):
                 add_row(table, str(layer), *(f"{x:.1%} / {y:.1%}" for x, y in zip(taken, first)))
+        out.append(table)
+    if a.indexer_selected is not None:
+        table = style.table("Sparse attention: the share of the queries that can see a sink token whose indexer picked it among "
+                            "their keys", "block", "sink picked", right=(0, 1))
+        for layer, picked in enumerate(a.indexer_selected):
+            if picked == picked:
+                add_row(table, str(layer), f"{picked:.1%}")
         out.append(table)
     return out
 
