@@ -150,3 +150,14 @@ def test_unsupported_architecture_names_the_supported_ones():
         adapter_for(BloomConfig())
     with pytest.raises(UsageError, match="'opt' config lacks a field"):  # an old or hand-edited config
         adapter_for(SimpleNamespace(model_type="opt"))
+
+
+def test_a_gemma4_with_experts_beside_its_mlp_is_refused_in_one_line(tokenizer):
+    """Gemma-4's adapter maps the dense blocks; with ``enable_moe_block`` (a router and experts beside the MLP) it does
+    not apply, and the message says the family is known but this variant is not mapped."""
+    from conftest import tiny_config
+
+    config = tiny_config("gemma4", len(tokenizer))
+    config.enable_moe_block = True
+    with pytest.raises(UsageError, match=r"^this 'gemma4_text' config is a variant massact does not map: the Gemma-4 adapters "):
+        adapter_for(config)

@@ -144,19 +144,25 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
 PLE_UNIT = 3  # the per-layer input unit the plant opens
 
 
-def test_a_value_planted_through_the_per_layer_input_is_attributed_to_it(tokenizer):
+@torch.no_grad()
+def planted_per_layer_input(tokenizer):
     """Gemma-4: per-layer input unit PLE_UNIT of block LAYER opens on BOS only (its gate reads the trigger dim) and
-    writes DIM alone; its norm's gain on DIM makes it land massive. The origin names the per-layer input as the writer,
-    with its norm as the amplifier, and the lifeline's birth phase does too."""
+    writes DIM alone; its norm's gain on DIM makes it land massive."""
     model = tiny_model("gemma4", len(tokenizer))
     block = adapter_for(model.config).blocks(model)[LAYER]
-    with torch.no_grad():
-        _isolate_trigger(model, tokenizer.bos_token_id)
-        block.per_layer_input_gate.weight[PLE_UNIT] = 0.0
-        block.per_layer_input_gate.weight[PLE_UNIT, TRIGGER] = 1.0
-        block.per_layer_projection.weight[DIM] = 0.0
-        block.per_layer_projection.weight[DIM, PLE_UNIT] = 1.0
-        block.post_per_layer_input_norm.weight[DIM] = NORM_GAIN
+    _isolate_trigger(model, tokenizer.bos_token_id)
+    block.per_layer_input_gate.weight[PLE_UNIT] = 0.0
+    block.per_layer_input_gate.weight[PLE_UNIT, TRIGGER] = 1.0
+    block.per_layer_projection.weight[DIM] = 0.0
+    block.per_layer_projection.weight[DIM, PLE_UNIT] = 1.0
+    block.post_per_layer_input_norm.weight[DIM] = NORM_GAIN
+    return model
+
+
+def test_a_value_planted_through_the_per_layer_input_is_attributed_to_it(tokenizer):
+    """The origin names the planted per-layer input as the writer, with its norm as the amplifier, and the lifeline's
+    birth phase does too."""
+    model = planted_per_layer_input(tokenizer)
     report = massact.scan(model, TEXTS, tokenizer=tokenizer)
     assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
     birth = next(o for o in report.mechanism.origin if o.role == "birth")
@@ -171,6 +177,31 @@ def test_a_value_planted_through_the_per_layer_input_is_attributed_to_it(tokeniz
     assert not report.mechanism.attribution  # no MLP neuron to attribute
     assert any("per-layer input" in sentence for sentence in report.conclusion)
     assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
+
+
+def test_the_trigger_split_counts_the_per_layer_input_and_the_layer_scalars(tokenizer):
+    """A neuron of block LAYER + 1 that reads DIM: its pre-activation splits into the embedding and every earlier
+    branch, block LAYER's per-layer input the largest at BOS; with layer scalars other than 1 (each multiplies every
+    source that crossed its block's output) the parts still add up to the model's value."""
+    from massact.analysis.trigger.decompose import Target, split
+
+    model = planted_per_layer_input(tokenizer)
+    adapter = adapter_for(model.config)
+    with torch.no_grad():
+        for layer, scale in enumerate((0.5, 2.0, 1.5, 1.0)):
+            adapter.blocks(model)[layer].layer_scalar.fill_(scale)
+        adapter.blocks(model)[LAYER + 1].mlp.gate_proj.weight[NEURON, DIM] = 1.0
+    lm = massact.wrap(model, tokenizer)
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    (piece,), _ = split(lm, ids, [Target(layer=LAYER + 1, neuron=NEURON, site="mlp_gate")], position=0)
+    assert piece.error < 1e-5
+    sources = {f"block {b} {w}" for b in range(LAYER + 1) for w in ("attention", "MLP", "per-layer input")}
+    assert sources | {f"block {LAYER + 1} attention", "token embedding"} <= set(piece.parts)
+    at_bos = {label: float(part[0]) for label, part in piece.parts.items()}
+    assert max(at_bos, key=lambda label: abs(at_bos[label])) == f"block {LAYER} per-layer input"
+    # The per-layer input lands about 8 x NORM_GAIN on DIM; block LAYER's scalar (2.0) doubles it, then block 2's
+    # input norm (RMS over a vector dominated by that spike) brings it to about sqrt(d_model) x its gain on DIM.
+    assert abs(at_bos[f"block {LAYER} per-layer input"]) > 0.9 * abs(float(piece.value[0]))
 
 
 @pytest.mark.parametrize("family", sorted(POST_LN))

@@ -156,6 +156,10 @@ def adapter_for(config) -> Adapter:
         raise UsageError(f"the {model_type!r} config matches more than one adapter: " + " and ".join(map(_named, matching)))
     if matching:
         return matching[0].adapter
+    claimed = list(dict.fromkeys(entry.adapter.family for entry in registry() if model_type in entry.adapter.model_types))
+    if claimed:  # the family is known, but none of its variants maps this config (each one's `when` refuses it)
+        raise UsageError(f"this {model_type!r} config is a variant massact does not map: the {' and '.join(claimed)} adapters "
+                         "do not apply to it (see docs/families.md for what each maps)")
     raise UsageError(
         f"architecture {model_type!r} is not supported; supported families: {supported()}"
         " (a new family is one Adapter in massact/models/adapters/ or in another package's massact.adapters entry point,"
