@@ -292,3 +292,23 @@ def test_the_indexer_picks_of_the_sink_token_are_reported(family, tokenizer):
     table = plain_text(_mixing_tables(Style(plain=True), self_only))
     cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("|")]
     assert "whose indexer" in table and [row for row in cells if row[0].isdigit()] == [[str(layer), "0.0%"] for layer in own]
+
+
+def test_the_indexer_picks_read_back_and_a_report_without_them_reads_as_none():
+    """``indexer_selected`` came after version 2's first files: one written before it reads back with None; one with it
+    reads back its values (null: a block without an indexer), and a share above 1 is refused in one line."""
+    import json
+
+    from massact.analysis.function.results import AttentionSinks
+    from massact.errors import UsageError
+    from massact.report.schema import read, to_data
+
+    sinks = AttentionSinks(texts=1, share=[[0.5]] * 2, uniform=[[0.5]] * 2, sink_layers=[], first_sink_layer=None, birth_layer=None,
+                           summary="", indexer_selected=[float("nan"), 0.25])
+    data = json.loads(json.dumps(to_data(sinks)))
+    assert data["indexer_selected"] == [None, 0.25]
+    back = read(AttentionSinks, data, "report.json")
+    assert math.isnan(back.indexer_selected[0]) and back.indexer_selected[1] == 0.25
+    assert read(AttentionSinks, {k: v for k, v in data.items() if k != "indexer_selected"}, "report.json").indexer_selected is None
+    with pytest.raises(UsageError, match=r"^report.json: field indexer_selected\[1\] must be a number from 0 to 1, or null"):
+        read(AttentionSinks, {**data, "indexer_selected": [None, 1.5]}, "report.json")

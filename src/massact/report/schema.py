@@ -23,7 +23,8 @@ from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
-from ..analysis.mechanism.results import PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Phase, Place
+from ..analysis.function.results import AttentionSinks
+from ..analysis.mechanism.results import BRANCHES, PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Origin, Phase, Place
 from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.results import CorpusSpec, Report
 from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
@@ -125,6 +126,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (LifelineStep, "layer"): _LAYER,
     (LifelineStep, "phase"): _one_of(("",) + PHASES),
     (LifelineStep, "writer"): _one_of(WRITERS),
+    (Origin, "writer"): _one_of(BRANCHES),
     (Phase, "name"): _one_of(PHASES),
     (Phase, "writer"): _one_of(("",) + WRITERS),
     (PreActivationSplit, "site"): _one_of(("mlp_gate", "mlp_up")),  # the MLP's input projections, as decompose splits them
@@ -143,6 +145,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (BlockProfile, "massive_tokens"): _at_least(0),
     (BlockProfile, "tokens"): _at_least(0),
     (BlockProfile, "carriers"): _one_of(("none", "position 0", "token ids", "position 0 + token ids", "content-dependent")),
+    (AttentionSinks, "indexer_selected"): _share(),  # per block; null where a block has no indexer of its own
     (BlockProfile, "precision"): _share(),
     (BlockProfile, "recall"): _share(),
     (Rule, "kind"): _one_of(("position", "token")),
@@ -194,6 +197,14 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
     Checkpoint: [("change", lambda c: c.previous is not None or c.change is None, "null at the first checkpoint (no previous)"),
                  ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
 }
+
+# Fields added to version 2 after its first files were written: a file without one reads with the field's default (a
+# Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer picks).
+LATER: frozenset[tuple[type, str]] = frozenset({
+    (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
+    (AttentionSinks, "indexer_selected"),
+})
+
 
 def _check_for(kind: type, name: str) -> Check | None:
     for base in kind.__mro__:
@@ -328,6 +339,8 @@ def _object(kind: type, data, path: str, scope: Scope):
     for name in fields:
         where = f"{path}.{name}" if path else name
         if name not in data:
+            if (kind, name) in LATER:
+                continue
             raise _Bad("", message=f"no field {where}")
         built[name] = _build(hints[name], data[name], where, scope, _check_for(kind, name))
         if kind is ModelInfo and name in ("n_layers", "d_model"):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 # What a lifeline step names as the writer of its change: a branch (attention, MLP, a per-layer input), the norms
 # (post-LN), or the block's output scale.
 WRITERS = ("attn", "mlp", "norm", "ple", "scale")
+BRANCHES = ("attn", "mlp", "ple")  # what the origin names as the writer: the branch that made the block's change
 # The phases a block's step can have; the first six name a block that writes or erases the dim (``WRITING``).
 # "reversal": after birth, the value is massive again with the other sign (an eraser went through zero and past the
 # threshold); the phases after it follow the new sign.
