@@ -199,7 +199,8 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
 }
 
 # Fields added to version 2 after its first files were written: a file without one reads with the field's default (a
-# Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer picks).
+# Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer picks), and the writer leaves them
+# out where they are None (the other models' files stay as they were).
 LATER: frozenset[tuple[type, str]] = frozenset({
     (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
     (AttentionSinks, "indexer_selected"),
@@ -400,8 +401,22 @@ def finite(value):
 
 
 def to_data(obj, head: dict | None = None) -> dict:
-    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null."""
-    return finite({**(head or {}), **dataclasses.asdict(obj)})
+    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null; a field of
+    ``LATER`` is left out where it holds None, so that a model without it writes the file it wrote before."""
+    return finite({**(head or {}), **_as_data(obj)})
+
+
+def _as_data(value):
+    """``dataclasses.asdict``, without the unset ``LATER`` fields."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = type(value)
+        return {f.name: _as_data(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not ((kind, f.name) in LATER and getattr(value, f.name) is None)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_data(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _as_data(item) for key, item in value.items()}
+    return value
 
 
 def _text(data) -> str:
