@@ -289,6 +289,7 @@ def test_the_indexer_picks_of_the_sink_token_are_reported(family, tokenizer):
             assert math.isnan(sink.indexer_selected[layer]) and math.isnan(self_only.indexer_selected[layer])
         assert sink.share[layer] == pytest.approx([1.0] * N_HEADS) and self_only.share[layer] == pytest.approx([0.0] * N_HEADS, abs=1e-6)
     assert "the indexer picks the sink tokens for 100.0% of the queries" in sink.mixing
+    assert "; " not in sink.mixing  # one clause: the summary shows each clause of the mixing words as its own line
     table = plain_text(_mixing_tables(Style(plain=True), self_only))
     cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("|")]
     assert "whose indexer" in table and [row for row in cells if row[0].isdigit()] == [[str(layer), "0.0%"] for layer in own]

@@ -370,8 +370,8 @@ def mixing_words(lm: LoadedModel, base: SinkPass, found_blocks: list[int], birth
         indexed = [layer for layer in softmax if not bool(torch.isnan(base.indexed[layer]))]
         picked = float(base.indexed[indexed].mean())
         fewest = min(indexed, key=lambda layer: float(base.indexed[layer]))
-        words.append(f"sparse attention (an indexer picks the keys each query attends to; the attention above is over those "
-                     f"keys): the indexer picks the sink tokens for {picked:.1%} of the queries that can see them on average "
+        words.append(f"sparse attention (an indexer picks the keys each query attends to, and the attention is measured over "
+                     f"those keys): the indexer picks the sink tokens for {picked:.1%} of the queries that can see them on average "
                      f"over {_blocks(indexed)} (fewest at block {fewest}: {float(base.indexed[fewest]):.1%})")
     return "; ".join(words)
 
