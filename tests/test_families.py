@@ -176,6 +176,10 @@ def test_a_value_planted_through_the_per_layer_input_is_attributed_to_it(tokeniz
     assert next(p for p in line.phases if p.name == "birth").writer == "ple"
     assert not report.mechanism.attribution  # no MLP neuron to attribute
     assert any("per-layer input" in sentence for sentence in report.conclusion)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in to_text(report).splitlines() if line.startswith("|")]
+    header = next(row for row in rows if row[:2] == ["dim", "block"] and "ple" in row)  # the origin table, with the ple column
+    row = dict(zip(header, next(row for row in rows if row[:3] == [str(DIM), str(LAYER), "birth"] and len(row) == len(header))))
+    assert row["writer"] == "per-layer input" and row["scale"] == "1" and row["ple"].startswith(("+7,9", "-7,9"))
     assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
 
 

@@ -150,19 +150,21 @@ def _origin_tables(style: Style, report: Report) -> list:
     if not report.mechanism.origin:
         return [Text("Nothing to trace.")]
     post_ln = report.model.stream == "resid_sum"
-    table = style.table(
-        "resid_sum = LN(resid_in + attn) + mlp at the coordinate (post-LN: the sum before the block's last LayerNorm)" if post_ln
-        else "resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm)",
-        "dim", "block", "role", "where", "resid_in", "attn", "mlp", "resid_out", "writer",
-        right=(0, 1, 4, 5, 6, 7),
-    )
+    ple = any(o.ple is not None for o in report.mechanism.origin)  # a per-layer input writes too (Gemma-4)
+    title = ("resid_sum = LN(resid_in + attn) + mlp at the coordinate (post-LN: the sum before the block's last LayerNorm)" if post_ln
+             else "resid_out = scale x (resid_in + attn + mlp + ple) at the coordinate (the branches as they land, after any norm; "
+                  "scale: the block's layer scalar)" if ple
+             else "resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm)")
+    columns = ["dim", "block", "role", "where", "resid_in", "attn", "mlp", *(["ple", "scale"] if ple else []), "resid_out", "writer"]
+    table = style.table(title, *columns, right=tuple(i for i in range(len(columns) - 1) if i not in (2, 3)))
     out: list = [table]
     for o in sorted(report.mechanism.origin, key=lambda o: (o.dim, o.layer)):
         who = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}[o.writer]
         if o.cause == "median":
             who = "none: the median grew"
+        extra = [num(o.ple, True), f"{o.scale:.4g}" if o.scale is not None else "-"] if ple else []
         add_row(table, str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True),
-                num(o.mlp, True), num(o.resid_out, True), who)
+                num(o.mlp, True), *extra, num(o.resid_out, True), who)
         if o.norm is not None:
             n = o.norm
             norm = style.table(
