@@ -13,6 +13,8 @@ block index, a (pre-norm) block computes
     norm; attn_raw and mlp_raw are the sublayers' outputs before it (mlp_raw = W_down @ mlp_act).
   post-LN blocks (BERT, RoBERTa, OPT-350m): attn_sum = resid_in + attn_out, resid_mid = LN(attn_sum),
     resid_sum = resid_mid + mlp_out, resid_out = LN(resid_sum).
+  per-layer inputs (Gemma-4): a third branch after the MLP reads ple_in = resid_mid + mlp_out and writes ple_out (its
+    norm of the projection's raw output ple_raw); resid_out = scale x (ple_in + ple_out), the block's layer scalar.
 TransformerLens hook names are accepted as aliases.
 """
 
@@ -37,6 +39,9 @@ SITES: tuple[str, ...] = (
     "mlp_raw",
     "attn_sum",
     "resid_sum",
+    "ple_in",
+    "ple_raw",
+    "ple_out",
 )
 
 # The sites massive activations can be detected in (an adapter's ``stream``): each block's output, or in post-LN blocks

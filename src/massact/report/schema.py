@@ -23,7 +23,8 @@ from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
-from ..analysis.mechanism.results import PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Phase, Place
+from ..analysis.function.results import AttentionSinks
+from ..analysis.mechanism.results import BRANCHES, PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Origin, Phase, Place
 from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.results import Report
 from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
@@ -125,6 +126,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (LifelineStep, "layer"): _LAYER,
     (LifelineStep, "phase"): _one_of(("",) + PHASES),
     (LifelineStep, "writer"): _one_of(WRITERS),
+    (Origin, "writer"): _one_of(BRANCHES),
     (Phase, "name"): _one_of(PHASES),
     (Carriers, "verdict"): _one_of(VERDICTS),
     (Phase, "writer"): _one_of(("",) + WRITERS),
@@ -144,6 +146,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (BlockProfile, "massive_tokens"): _at_least(0),
     (BlockProfile, "tokens"): _at_least(0),
     (BlockProfile, "carriers"): _one_of(("none", "position 0", "token ids", "position 0 + token ids", "content-dependent")),
+    (AttentionSinks, "indexer_selected"): _share(),  # per block; null where a block has no indexer of its own
     (BlockProfile, "precision"): _share(),
     (BlockProfile, "recall"): _share(),
     (Rule, "kind"): _one_of(("position", "token")),
@@ -195,6 +198,15 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
     Checkpoint: [("change", lambda c: c.previous is not None or c.change is None, "null at the first checkpoint (no previous)"),
                  ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
 }
+
+# Fields added to version 2 after its first files were written: a file without one reads with the field's default (a
+# Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer picks), and the writer leaves them
+# out where they are None (the other models' files stay as they were).
+LATER: frozenset[tuple[type, str]] = frozenset({
+    (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
+    (AttentionSinks, "indexer_selected"),
+})
+
 
 def _check_for(kind: type, name: str) -> Check | None:
     for base in kind.__mro__:
@@ -329,6 +341,8 @@ def _object(kind: type, data, path: str, scope: Scope):
     for name in fields:
         where = f"{path}.{name}" if path else name
         if name not in data:
+            if (kind, name) in LATER:
+                continue
             raise _Bad("", message=f"no field {where}")
         built[name] = _build(hints[name], data[name], where, scope, _check_for(kind, name))
         if kind is ModelInfo and name in ("n_layers", "d_model"):
@@ -388,8 +402,22 @@ def finite(value):
 
 
 def to_data(obj, head: dict | None = None) -> dict:
-    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null."""
-    return finite({**(head or {}), **dataclasses.asdict(obj)})
+    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null; a field of
+    ``LATER`` is left out where it holds None, so that a model without it writes the file it wrote before."""
+    return finite({**(head or {}), **_as_data(obj)})
+
+
+def _as_data(value):
+    """``dataclasses.asdict``, without the unset ``LATER`` fields."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = type(value)
+        return {f.name: _as_data(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not ((kind, f.name) in LATER and getattr(value, f.name) is None)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_data(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _as_data(item) for key, item in value.items()}
+    return value
 
 
 def _text(data) -> str:

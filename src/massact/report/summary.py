@@ -96,7 +96,8 @@ def _row(report: Report, dim: int) -> list[str]:
         neuron = f"head {birth.heads[0].head} ({birth.heads[0].share:.0%})"
     ratio = max((e.ratio for e in report.findings.massive if e.dim == dim), default=float("nan"))
     tokens = repr(summary.tokens[0]) + (f" +{len(summary.tokens) - 1} more" if len(summary.tokens) > 1 else "")
-    return [str(dim), tokens, str(summary.born_at), {"mlp": "MLP", "attn": "attention"}[birth.writer], neuron, weight,
+    writer = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}[birth.writer]
+    return [str(dim), tokens, str(summary.born_at), writer, neuron, weight,
             f"{short(line.peak, True)} at {line.peak_layer} ({short(ratio)}x)", spans(line.erased_at) if line.erased_at else "never"]
 
 
