@@ -7,8 +7,8 @@ checked one, or refused (with the reason).
 Each type is built tiny from its own config class (2 blocks, d_model 64, 4 heads, 2 key/value heads, vocabulary 512,
 a few experts where it has them) with random weights, and handed to ``massact.models.wrap``: a type a registered
 adapter claims is mapped by hand; any other is inferred and checked on a padded probe batch. A type whose tiny model
-cannot be built (a config that needs fields beyond these, a class that needs extra packages) is counted apart, with
-transformers' own error.
+cannot be built or does not run on the probe batch by itself (a config that needs fields beyond these, a class that
+needs extra packages) is counted apart, with transformers' own error.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def build(model_type: str):
     import torch
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+    from massact.models.inference import probe_inputs
+
     config_class = CONFIG_MAPPING[model_type]
     config = config_class(**SMALL)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -45,7 +47,10 @@ def build(model_type: str):
             if hasattr(text, key):
                 setattr(text, key, value)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # the tiny model must run on its own before massact maps it
+        model(**probe_inputs(model), use_cache=False)
+    return model
 
 
 LIMIT_S = 60  # a type whose tiny model takes longer to build and load (sizes its config ignores) is counted unbuilt

@@ -138,3 +138,17 @@ def test_the_inferred_llama_gives_the_hand_written_report(tokenizer):
     assert by_inference.findings == by_hand.findings
     assert by_inference.mechanism.attribution == by_hand.mechanism.attribution
     assert by_inference.mechanism.origin == by_hand.mechanism.origin
+
+
+def test_a_saved_model_without_an_adapter_loads_by_inference(tokenizer, tmp_path):
+    """From a model directory, as the command line loads it: the type is inferred once the weights are read."""
+    from massact.models import load
+
+    _tiny_unwritten("helium", len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    lm = load(str(tmp_path), device="cpu", log=lambda message: None)
+    assert lm.adapter.family == "helium (inferred)" and lm.adapter.layers_path(lm.model) == "model.layers"
+    assert [check.split(" (")[0] for check in lm.inferred] == [
+        "resid_in = hidden state", "resid_mid = resid_in + attn_out", "resid_out = resid_mid + mlp_out",
+        "mlp_in = post_attention_layernorm(resid_mid)", "mlp_up = mlp_in @ W^T + b", "mlp_gate = mlp_in @ W^T + b",
+        "mlp_act = act(mlp_gate) x mlp_up", "mlp_out = down(mlp_act)"]
