@@ -20,31 +20,51 @@ import warnings
 from collections import Counter
 
 D_MODEL, N_HEADS = 64, 4
-# Small sizes under every name transformers' config classes use for them (a config ignores the names it lacks only
-# in the sense that it keeps them as attributes, which no model reads).
+# Small sizes under the names transformers' config classes use for them; a class gets those it has (directly or
+# through its attribute map), so that no config gains a field, such as an expert count, its type does not have.
 SMALL = dict(
     vocab_size=512, hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=2, num_attention_heads=N_HEADS,
     num_key_value_heads=2, head_dim=D_MODEL // N_HEADS, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
     pad_token_id=2, moe_intermediate_size=64, shared_expert_intermediate_size=64, num_experts=4, num_local_experts=4,
     n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, ffn_hidden_size=128,
-    n_positions=128, n_ctx=128, n_embd=D_MODEL, n_layer=2, n_head=N_HEADS, n_inner=128, d_model=D_MODEL, ffn_dim=128,
-    tie_word_embeddings=False,
+    n_positions=128, n_ctx=128, n_inner=128, ffn_dim=128, rotary_dim=8, tie_word_embeddings=False,
+    # Latent attention (DeepSeek-V2/V3 and their kin), and the decoder of an encoder-decoder class.
+    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+    decoder_layers=2, encoder_layers=2, decoder_attention_heads=N_HEADS, encoder_attention_heads=N_HEADS,
+    decoder_ffn_dim=128, encoder_ffn_dim=128,
 )
+# Changes tried in turn where a class refuses the sizes above (None drops the field): a head_dim it derives or has no
+# setter for; latent attention, whose key/value heads are the query heads.
+RETRIES = ({}, {"head_dim": None}, {"head_dim": None, "num_key_value_heads": N_HEADS})
 
 
 def build(model_type: str):
-    """A tiny random causal LM of ``model_type``, eager attention."""
+    """A tiny random causal LM of ``model_type``, eager attention, that runs on the probe batch by itself."""
+    error = None
+    for changes in RETRIES:
+        try:
+            return _build(model_type, {key: value for key, value in {**SMALL, **changes}.items() if value is not None})
+        except TimeoutError:
+            raise
+        except Exception as failed:  # each config class and model validates its own fields, with its own error kinds
+            error = error or failed
+    raise error
+
+
+def _build(model_type: str, sizes: dict):
     import torch
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     from massact.models.inference import probe_inputs
 
     config_class = CONFIG_MAPPING[model_type]
-    config = config_class(**SMALL)
+    default = config_class()
+    text_default = default.get_text_config() if hasattr(default, "get_text_config") else default
+    config = config_class(**{key: value for key, value in sizes.items() if hasattr(default, key)})
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text is not config:  # a multimodal class: its language part gets the small sizes too
-        for key, value in SMALL.items():
-            if hasattr(text, key):
+        for key, value in sizes.items():
+            if hasattr(text_default, key):
                 setattr(text, key, value)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()

@@ -181,7 +181,10 @@ def _record(model: nn.Module, block: nn.Module) -> list[_Call]:
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+    """Whether two tensors hold the same rows, [batch, positions, width] or flattened [batch x positions, width]."""
+    if a is None or b is None or a.shape[-1:] != b.shape[-1:] or a.numel() != b.numel():
+        return False
+    return torch.equal(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
 
 
 def _leaf_weight(module: nn.Module) -> torch.Tensor | None:
@@ -242,14 +245,14 @@ def _children(block: nn.Module, calls: list[_Call]) -> list[_Call]:
 COMMON_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
 
-def _activations(model: nn.Module, block: nn.Module, mlp: str, calls: list[_Call],
+def _activations(model: nn.Module, block: nn.Module, prefix: str, inside: list[_Call],
                  pre: torch.Tensor) -> list[tuple[str | Callable, Callable]]:
     """Candidates for the activation applied to ``pre``, each (how the adapter names it, the function): a module of
     the MLP called on it, then the config's ``hidden_act`` and common activations as functions (the MLP calls one)."""
     from transformers.activations import ACT2FN
 
-    found = [(c.path.removeprefix(mlp + "."), block.get_submodule(c.path)) for c in calls
-             if c.path.startswith(mlp + ".") and _same(c.input, pre) and _leaf_weight(block.get_submodule(c.path)) is None]
+    found = [(c.path.removeprefix(prefix), block.get_submodule(c.path)) for c in inside
+             if _same(c.input, pre) and _leaf_weight(block.get_submodule(c.path)) is None]
     config = text_config(model)
     named = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
     names = ([named] if isinstance(named, str) else []) + [n for n in COMMON_ACTIVATIONS if n != named]
@@ -260,18 +263,18 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _mlp(model: nn.Module, block: nn.Module, calls: list[_Call], mlp: _Call, width: int) -> tuple[Mlp, tuple[type, ...]]:
-    """The MLP's component tree and the projection classes stored [in, out]."""
-    inside = [c for c in calls if c.path.startswith(mlp.path + ".")]
+def _mlp(model: nn.Module, block: nn.Module, inside: list[_Call], mlp: _Call, width: int) -> tuple[Mlp, tuple[type, ...]]:
+    """The MLP's component tree and the projection classes stored [in, out], from the calls ``inside`` it."""
     projections = [c for c in inside if _leaf_weight(block.get_submodule(c.path)) is not None and c.output is not None]
     in_out = {type(block.get_submodule(c.path)) for c in projections if _in_out(model, block.get_submodule(c.path), c)}
     down = next((c for c in reversed(projections) if c.output.shape[-1] == width), None)
     if down is None:
         raise cannot(model, f"no projection in {mlp.path} writes d_model {width}")
     reading = [c for c in projections if c is not down and _same(c.input, mlp.input)]
-    relative = lambda call: call.path.removeprefix(mlp.path + ".")
+    prefix = mlp.path + "." if mlp.path else ""
+    relative = lambda call: call.path.removeprefix(prefix)
     ff = down.input.shape[-1]
-    found = lambda pre: _activations(model, block, mlp.path, calls, pre)
+    found = lambda pre: _activations(model, block, prefix, inside, pre)
     if len(reading) == 1 and reading[0].output.shape[-1] == ff:
         for name, act in found(reading[0].output):
             if _close(act(reading[0].output), down.input):
@@ -306,32 +309,40 @@ def _infer_block(model: nn.Module, block: nn.Module, calls: list[_Call], layers:
     convolutions = {id(p) for m in block.modules() if isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters()}
     if any(p.dim() == 3 and id(p) not in convolutions for p in block.parameters()):
         raise cannot(model, "its blocks hold 3-D expert weights (a mixture of experts), whose routing inference does not map")
-    hidden = lambda t: t is not None and t.dim() == 3 and t.shape[-1] == width
+    # Hidden states as [batch, positions, d_model], or flattened to rows (OPT flattens them before its MLP's norm).
+    hidden = lambda t: t is not None and t.dim() in (2, 3) and t.shape[-1] == width
     children = [c for c in _children(block, calls) if hidden(c.input) and hidden(c.output) and not _same(c.input, c.output)]
-    branches = [c for c in children if _has_projection(block.get_submodule(c.path))]
+    branches = [c for c in children if _has_projection(block.get_submodule(c.path)) and c.input.dim() == 3]
     norms = [c for c in children if not _has_projection(block.get_submodule(c.path))]
     kinds = {c.path: _changed_positions(c, block.get_submodule(c.path)) for c in branches}
     mixers = [c for c in branches if any(p > POSITION for p in kinds[c.path])]
     mlps = [c for c in branches if kinds[c.path] == {POSITION}]
-    if len(mixers) != 1 or len(mlps) != 1:
+    if len(mixers) != 1 or len(mlps) > 1:
         raise cannot(model, f"block 0 has {len(mixers)} token mixer(s) and {len(mlps)} position-wise MLP module(s) among its "
                             "children (one of each expected)")
-    mixer, mlp_call = mixers[0], mlps[0]
-    inside = [c for c in calls if c.path.startswith(mixer.path + ".") and c.output is not None]
-    out = next((c for c in reversed(inside) if _leaf_weight(block.get_submodule(c.path)) is not None and c.output.shape[-1] == width), None)
+    mixer = mixers[0]
+    order = {id(c): i for i, c in enumerate(calls)}
+    if mlps:
+        mlp_call = reader = mlps[0]
+        inside = [c for c in calls if c.path.startswith(mlp_call.path + ".")]
+    else:
+        mlp_call, reader, inside = _block_mlp(model, block, calls, mixer, order, width)
+    in_mixer = [c for c in calls if c.path.startswith(mixer.path + ".") and c.output is not None]
+    writes = lambda c: _leaf_weight(block.get_submodule(c.path)) is not None and c.output.shape[-1] == width
+    out = next((c for c in reversed(in_mixer) if writes(c)), None)
     if out is None:
         raise cannot(model, f"no projection in {mixer.path} writes d_model {width}")
-    mlp, in_out = _mlp(model, block, calls, mlp_call, width)
+    mlp, in_out = _mlp(model, block, inside, mlp_call, width)
     in_out = tuple({*in_out, *(() if not _in_out(model, block.get_submodule(out.path), out) else (type(block.get_submodule(out.path)),))})
-    order = {id(c): i for i, c in enumerate(calls)}
     # The norm called last before the MLP whose output the MLP reads (two norms of one input give equal outputs while
     # their gains are equal, as at initialisation); a branch norm: the first called after its branch, on its output.
-    mlp_norm = tuple(c.path for c in norms if _same(c.output, mlp_call.input) and order[id(c)] < order[id(mlp_call)])[-1:]
-    after = lambda branch: [c for c in norms if _same(c.input, branch.output) and order[id(c)] > order[id(branch)]]
-    branch_norms = {site: after(branch)[0].path for site, branch in (("attn_out", mixer), ("mlp_out", mlp_call)) if after(branch)}
+    mlp_norm = tuple(c.path for c in norms if _same(c.output, mlp_call.input) and order[id(c)] < order[id(reader)])[-1:]
+    after = lambda branch, at: [c for c in norms if _same(c.input, branch.output) and order[id(c)] > order[id(at)]]
+    branch_norms = {site: after(branch, at)[0].path for site, branch, at in (("attn_out", mixer, mixer), ("mlp_out", mlp_call, reader))
+                    if after(branch, at)}
     if not mlp_norm and not _same(mlp_call.input, mixer.input) and not _reads_stream(model, block, calls, mixer, mlp_call, branch_norms):
         raise cannot(model, f"the input of {mlp_call.path} is neither a norm's output nor the residual stream")
-    parallel = not _mixer_feeds_mlp(block, calls, mixer, mlp_call)
+    parallel = not _mixer_feeds_mlp(block, calls, mixer, reader)
     kind = _mixer_kind(model, block.get_submodule(mixer.path))
     return Adapter(
         family=f"{getattr(text_config(model), 'model_type', type(model).__name__)} (inferred)",
@@ -344,6 +355,7 @@ def _infer_block(model: nn.Module, block: nn.Module, calls: list[_Call], layers:
         branch_norms=branch_norms,
         parallel=parallel,
         in_out=in_out,
+        flat_rows=mlp_call.input.dim() == 2,
         mixer=kind,
         values=None,
         notes=_notes(parallel, mlp_norm, branch_norms),
@@ -384,8 +396,24 @@ def _reads_stream(model, block, calls, mixer: _Call, mlp: _Call, branch_norms: d
     return _close(calls[0].input + landed, mlp.input)
 
 
+def _block_mlp(model: nn.Module, block: nn.Module, calls: list[_Call], mixer: _Call, order: dict[int, int],
+               width: int) -> tuple[_Call, _Call, list[_Call]]:
+    """An MLP whose projections sit on the block itself (no module of its own): (the MLP as one call, path "": the
+    first projection's input, the last d_model-wide projection's output; that first projection, which reads the
+    MLP's input; the block's own calls after the mixer)."""
+    inside = [c for c in calls if c.path and "." not in c.path and order[id(c)] > order[id(mixer)]]
+    projections = [c for c in inside if _leaf_weight(block.get_submodule(c.path)) is not None and c.output is not None]
+    down = next((c for c in reversed(projections) if c.output.shape[-1] == width), None)
+    if not projections or down is projections[0]:
+        raise cannot(model, "block 0 has a token mixer but no MLP: no position-wise child module, and no projections of "
+                            "its own after the mixer")
+    first = projections[0]
+    return _Call(path="", args=(), kwargs={}, input=first.input, output=down.output), first, inside
+
+
 def _mixer_feeds_mlp(block: nn.Module, calls: list[_Call], mixer: _Call, mlp: _Call) -> bool:
-    """Whether the MLP's input moves when the mixer's output is perturbed (sequential block) or not (parallel)."""
+    """Whether the MLP's input (``mlp``: the call that reads it) moves when the mixer's output is perturbed
+    (sequential block) or not (parallel)."""
     seen: list[torch.Tensor] = []
 
     def nudge(module, args, output):
@@ -473,6 +501,7 @@ def _trace(model: nn.Module, adapter: Adapter) -> tuple[dict[tuple[int, str], to
 
     def keep(layer: int, site: str, tensor, chunk) -> None:
         tensor = _first(tensor).detach().clone()  # a copy: some blocks add in place
+        tensor = tensor.view(2, PROBE_LENGTH, -1) if tensor.dim() == 2 else tensor  # flat MLP rows put back in shape
         values[layer, site] = tensor.chunk(chunk[1], dim=-1)[chunk[0]] if chunk else tensor
 
     try:
