@@ -112,7 +112,14 @@ def _classify(model_type: str) -> tuple[str, str]:
         raise
     except Exception as error:  # the model's own code failing under the hand-written adapter's hooks
         return "refused", _line(error)
-    return ("by hand", lm.adapter.family) if hand else ("inferred", f"{len(lm.inferred)} checks")
+    if hand:
+        return "by hand", lm.adapter.family
+    shape = lm.adapter.notes or "sequential, a norm in front of each branch"
+    experts = [key for key in ("num_experts", "n_routed_experts", "num_local_experts") if getattr(lm.config, key, 0)]
+    # A type whose first blocks are dense (first_k_dense_replace) may have only dense blocks when built this small;
+    # a checkpoint's expert blocks would be refused.
+    dense = f"; the config has {experts[0]}, and these tiny blocks are dense" if experts else ""
+    return "inferred", f"{len(lm.inferred)} checks; {shape}{dense}"
 
 
 def _line(error: BaseException) -> str:

@@ -3,6 +3,7 @@ inferred tree must give the hand-written sites and layout, a block whose pieces 
 equation that failed, and a model type no adapter is written for must load by inference and have its planted neuron
 found."""
 
+import json
 import re
 
 import pytest
@@ -14,6 +15,7 @@ from massact.errors import UsageError
 from massact.models import wrap
 from massact.models.adapters import claimed
 from massact.models.inference import infer_and_check, probe_inputs
+from massact.report.schema import read_report, write_report
 from massact.report.text import to_text
 
 # What inference refuses among the hand-written families, and why (the refusal's end).
@@ -129,6 +131,10 @@ def test_a_type_without_an_adapter_loads_by_inference_and_its_planted_neuron_is_
     text = " ".join(to_text(report).split())
     assert "Adapter inferred from the model's modules; checks passed on a padded probe batch: resid_in = hidden state" in text
     assert report.model.family == f"{model_type} (inferred)" and TRIGGER != DIM
+    data = json.loads(write_report(report))
+    assert data["model"]["inferred"] == list(lm.inferred)
+    del data["model"]["inferred"]  # a version 2 report.json written before the field existed
+    assert read_report(data).model.inferred == []
 
 
 def test_the_inferred_llama_gives_the_hand_written_report(tokenizer):
