@@ -164,3 +164,18 @@ def test_a_saved_model_without_an_adapter_loads_by_inference(tokenizer, tmp_path
         "resid_in = hidden state", "resid_mid = resid_in + attn_out", "resid_out = resid_mid + mlp_out",
         "mlp_in = post_attention_layernorm(resid_mid)", "mlp_up = mlp_in @ W^T + b", "mlp_gate = mlp_in @ W^T + b",
         "mlp_act = act(mlp_gate) x mlp_up", "mlp_out = down(mlp_act)"]
+
+
+def test_the_type_count_classifies_a_handful_of_types():
+    """benchmarks/count_types.py on three types: one mapped by hand, one inferred, one refused with its reason."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "count_types.py"
+    spec = importlib.util.spec_from_file_location("count_types", path)
+    count = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(count)
+    assert count.classify("gpt2") == ("by hand", "GPT-2")
+    assert count.classify("persimmon") == ("inferred", "7 checks; sequential, a norm in front of each branch")
+    how, why = count.classify("bloom")  # BLOOM's attention adds the residual inside its own module
+    assert how == "refused" and why.startswith("resid_mid = resid_in + attn_out at block 0: max abs error ")
