@@ -44,8 +44,6 @@ def build(model_type: str):
     for changes in RETRIES:
         try:
             return _build(model_type, {key: value for key, value in {**SMALL, **changes}.items() if value is not None})
-        except TimeoutError:
-            raise
         except Exception as failed:  # each config class and model validates its own fields, with its own error kinds
             error = error or failed
     raise error
@@ -76,8 +74,12 @@ def _build(model_type: str, sizes: dict):
 LIMIT_S = 60  # a type whose tiny model takes longer to build and load (sizes its config ignores) is counted unbuilt
 
 
+class OutOfTime(BaseException):
+    """The type's time is up: a BaseException, so that no handler of the model's own errors takes it."""
+
+
 def _out_of_time(signum, frame):
-    raise TimeoutError(f"over {LIMIT_S} s")
+    raise OutOfTime(f"over {LIMIT_S} s")
 
 
 def classify(model_type: str) -> tuple[str, str]:
@@ -86,7 +88,7 @@ def classify(model_type: str) -> tuple[str, str]:
     signal.alarm(LIMIT_S)
     try:
         return _classify(model_type)
-    except TimeoutError as error:
+    except OutOfTime as error:
         return "not built", _line(error)
     finally:
         signal.alarm(0)
@@ -99,8 +101,6 @@ def _classify(model_type: str) -> tuple[str, str]:
 
     try:
         model = build(model_type)
-    except TimeoutError:
-        raise
     except Exception as error:  # each config class and model validates its own fields, with its own error kinds
         return "not built", _line(error)
     hand = claimed(model.config)
@@ -108,8 +108,6 @@ def _classify(model_type: str) -> tuple[str, str]:
         lm = wrap(model, tokenizer=None, name=model_type)
     except UsageError as error:
         return "refused", str(error).split("cannot map its blocks: ")[-1].split("does not hold: ")[-1]
-    except TimeoutError:
-        raise
     except Exception as error:  # the model's own code failing under the hand-written adapter's hooks
         return "refused", _line(error)
     if hand:

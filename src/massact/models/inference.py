@@ -69,12 +69,13 @@ def infer_and_check(model: nn.Module) -> Inferred:
     """
     try:
         adapter = infer(model)
+        checks = check(model, adapter)
     except UsageError:
         raise
     except Exception as error:  # the model's own code, run on perturbed inputs, raises its own kinds of errors
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise cannot(model, f"probing its first block failed: {text}") from None
-    return Inferred(adapter=adapter, checks=check(model, adapter))
+        raise cannot(model, f"probing its blocks failed: {text}") from None
+    return Inferred(adapter=adapter, checks=checks)
 
 
 def refuse(model: nn.Module, why: str) -> UsageError:
