@@ -163,9 +163,9 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0):
     return head.from_config(config, attn_implementation="eager").eval()
 
 
-def _isolate_trigger(model, bos: int) -> None:
+def _isolate_trigger(model, bos: int, adapter=None) -> None:
     """Only BOS carries TRIGGER (value 10 in its token embedding), and no sublayer writes into it, in any block."""
-    adapter, config = adapter_for(model.config), text_config(model)
+    adapter, config = adapter or adapter_for(model.config), text_config(model)
     for module in model.modules():  # token, position and token-type embeddings alike
         if isinstance(module, torch.nn.Embedding) and module.weight.shape[1] == D_MODEL:
             module.weight[:, TRIGGER] = 0.0
@@ -181,10 +181,11 @@ def _isolate_trigger(model, bos: int) -> None:
 
 
 @torch.no_grad()
-def plant_mlp(model, bos: int, layer: int, neuron: int, dim: int, out_weight: float = 100.0) -> None:
-    """Neuron ``neuron`` of block ``layer`` fires on BOS only and writes ``out_weight`` x its activation into ``dim``."""
-    _isolate_trigger(model, bos)
-    adapter = adapter_for(model.config)
+def plant_mlp(model, bos: int, layer: int, neuron: int, dim: int, out_weight: float = 100.0, adapter=None) -> None:
+    """Neuron ``neuron`` of block ``layer`` fires on BOS only and writes ``out_weight`` x its activation into ``dim``
+    (``adapter``: the model's, where no registered adapter claims its type)."""
+    adapter = adapter or adapter_for(model.config)
+    _isolate_trigger(model, bos, adapter)
     for site in ("mlp_up", "mlp_gate") if adapter.gated else ("mlp_up",):
         w, bias = adapter.input_rows(model, layer, site)
         w[neuron] = 0.0

@@ -97,6 +97,9 @@ def _window() -> Check:
 
 _LAYER, _DIM, _BLOCK_AFTER = _below("n_layers"), _below("d_model"), _below("n_layers", least=1)
 
+# Fields added to version 2 after its first files were written: a file without one reads it as empty.
+MAY_LACK: set[tuple[type, str]] = {(ModelInfo, "inferred")}
+
 # (dataclass, field) -> constraint; a list field's constraint applies to each item. Subclasses inherit their base's.
 CHECKS: dict[tuple[type, str], Check] = {
     (ModelInfo, "n_layers"): _at_least(1),
@@ -340,6 +343,9 @@ def _object(kind: type, data, path: str, scope: Scope):
     built = {}
     for name in fields:
         where = f"{path}.{name}" if path else name
+        if name not in data and (kind, name) in MAY_LACK:
+            built[name] = fields[name].default_factory()
+            continue
         if name not in data:
             if (kind, name) in LATER:
                 continue

@@ -42,7 +42,9 @@ def header(report: Report, plain: bool) -> list:
             f"{m.architecture} ({m.family} adapter), {m.n_layers} blocks, d_model {m.d_model}, d_mlp {m.d_mlp}, "
             f"{m.n_heads} heads, {'gated' if m.gated else 'plain'} MLP, {m.dtype} on {m.device}\n"
             f"Measured in: {_STREAMS[m.stream]}.{' Blocks: ' + m.notes + '.' if m.notes else ''}\n"
-            f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), "
+            + (f"Adapter inferred from the model's modules; checks passed on a padded probe batch: {'; '.join(m.inferred)}.\n"
+               if m.inferred else "")
+            + f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), "
             f"{report.corpus.tokens} tokens. Massive: |a| >= {c.min_abs:g} "
             f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.2%})."
         ),

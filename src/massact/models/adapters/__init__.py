@@ -140,6 +140,13 @@ def supported() -> str:
     return "; ".join(f"{family} ({', '.join(types)})" for family, types in families.items())
 
 
+def claimed(config) -> bool:
+    """Whether a registered adapter claims ``config``'s model type (where none does, ``models.inference`` infers one
+    from the model itself)."""
+    model_type = getattr(config, "model_type", None)
+    return any(model_type in entry.adapter.model_types for entry in registry())
+
+
 def adapter_for(config) -> Adapter:
     """The adapter of ``config``'s model type whose ``when`` holds; a UsageError where none does, or where two do."""
     model_type = getattr(config, "model_type", None)
