@@ -97,9 +97,6 @@ def _window() -> Check:
 
 _LAYER, _DIM, _BLOCK_AFTER = _below("n_layers"), _below("d_model"), _below("n_layers", least=1)
 
-# Fields added to version 2 after its first files were written: a file without one reads it as empty.
-MAY_LACK: set[tuple[type, str]] = {(ModelInfo, "inferred")}
-
 # (dataclass, field) -> constraint; a list field's constraint applies to each item. Subclasses inherit their base's.
 CHECKS: dict[tuple[type, str], Check] = {
     (ModelInfo, "n_layers"): _at_least(1),
@@ -202,13 +199,17 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
                  ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
 }
 
-# Fields added to version 2 after its first files were written: a file without one reads with the field's default (a
-# Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer picks), and the writer leaves them
-# out where they are None (the other models' files stay as they were).
-LATER: frozenset[tuple[type, str]] = frozenset({
+# Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer
+# picks, the checks an inferred adapter passed): the writer leaves one out where it holds its default (None, or
+# empty), and the reader gives the default where it is absent, so that the other models' files do not carry them.
+OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
-    (AttentionSinks, "indexer_selected"),
+    (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
 })
+
+
+def _default(spec: dataclasses.Field):
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
 
 
 def _check_for(kind: type, name: str) -> Check | None:
@@ -343,11 +344,9 @@ def _object(kind: type, data, path: str, scope: Scope):
     built = {}
     for name in fields:
         where = f"{path}.{name}" if path else name
-        if name not in data and (kind, name) in MAY_LACK:
-            built[name] = fields[name].default_factory()
-            continue
         if name not in data:
-            if (kind, name) in LATER:
+            if (kind, name) in OPTIONAL:
+                built[name] = _default(fields[name])
                 continue
             raise _Bad("", message=f"no field {where}")
         built[name] = _build(hints[name], data[name], where, scope, _check_for(kind, name))
@@ -409,16 +408,16 @@ def finite(value):
 
 def to_data(obj, head: dict | None = None) -> dict:
     """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null; a field of
-    ``LATER`` is left out where it holds None, so that a model without it writes the file it wrote before."""
+    ``OPTIONAL`` is left out where it holds its default."""
     return finite({**(head or {}), **_as_data(obj)})
 
 
 def _as_data(value):
-    """``dataclasses.asdict``, without the unset ``LATER`` fields."""
+    """``dataclasses.asdict``, without the ``OPTIONAL`` fields at their default."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         kind = type(value)
         return {f.name: _as_data(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if not ((kind, f.name) in LATER and getattr(value, f.name) is None)}
+                if not ((kind, f.name) in OPTIONAL and getattr(value, f.name) == _default(f))}
     if isinstance(value, (list, tuple)):
         return type(value)(_as_data(item) for item in value)
     if isinstance(value, dict):
