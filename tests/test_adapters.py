@@ -132,3 +132,14 @@ def test_unsupported_architecture_names_the_supported_ones():
         adapter_for(BloomConfig())
     with pytest.raises(UsageError, match="'opt' config lacks a field"):  # an old or hand-edited config
         adapter_for(SimpleNamespace(model_type="opt"))
+
+
+def test_a_laguna_config_whose_head_count_varies_by_block_is_one_line(tokenizer):
+    """Laguna may give each block its own head count; massact's attention passes take one, so it says so."""
+    from conftest import tiny_config
+
+    config = tiny_config("laguna", len(tokenizer))
+    assert adapter_for(config).family == "Laguna"
+    config.num_attention_heads_per_layer = [4, 4, 8, 4]
+    with pytest.raises(UsageError, match=r"2 different head counts \(num_attention_heads_per_layer\).*4 heads in every block"):
+        adapter_for(config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ...errors import UsageError
 from . import llama
 from .base import Cut, Moe, Router, Variant, kv_heads, layer_types
 from .moe import _DEEPSEEK_SHARED, _NOTE, _SIGMOID, _dense, _sparse
@@ -145,12 +146,24 @@ MIMO_V2_FLASH = _sparse(
                   "joins the softmax)",
 )
 
+def _uniform_heads(config) -> bool:
+    """Laguna may give each block its own head count (``num_attention_heads_per_layer``); massact's attention passes
+    take one count for every block, so such a config is refused in one line."""
+    counts = set(config.num_attention_heads_per_layer or [config.num_attention_heads])
+    if counts != {config.num_attention_heads}:
+        raise UsageError(f"this Laguna config gives its blocks {len(counts)} different head counts "
+                         f"(num_attention_heads_per_layer); massact maps Laguna only with {config.num_attention_heads} "
+                         "heads in every block")
+    return True
+
+
 LAGUNA = _sparse(
     llama.ADAPTER, "Laguna", ("laguna",),
     Moe(router=Router(score="sigmoid", correction="e_score_correction_bias", renormalise=True,
                       softcap="router_logit_softcapping", scale="moe_routed_scaling_factor", scaled_after=True),
         shared=_DEEPSEEK_SHARED),
     variants=(Variant(when=_mlp_type("not sparse"), changes=_dense()),),
+    when=_uniform_heads,
     notes=_NOTE + "; sigmoid routing of softcapped logits with a correction bias, top-k renormalised; the block scales the "
                   "experts' sum by moe_routed_scaling_factor;" + _SHARED + "; each head's output is gated by softplus(g_proj) "
                   "(the gate is not measured)",
