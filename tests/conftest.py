@@ -54,12 +54,17 @@ MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["li
           "qwen3_5": ["linear", "linear", "linear", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
-                "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa"]
+                "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "minimax_m2", "ernie4_5_moe", "exaone_moe",
+                "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna"]
 
 
 # Gated DeltaNet sizes for the Qwen3-Next / Qwen3.5 hybrids (3 linear-attention blocks, then one gated softmax block).
 _LINEAR = dict(head_dim=D_MODEL // N_HEADS, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                linear_num_value_heads=4)
+
+
+# The blocks' MLPs of the families that list them: block 0 dense, then experts.
+_FIRST_DENSE = ["dense", "sparse", "sparse", "sparse"]
 
 
 # DeepSeek's latent attention and routing (4 experts in 2 groups, block 0 dense).
@@ -147,6 +152,27 @@ def tiny_config(family: str, vocab_size: int):
                                                     shared_expert_intermediate_size=96, mlp_only_layers=[0]),
         "qwen3_5_moe": lambda: t.Qwen3_5MoeTextConfig(**grouped, **_LINEAR, num_experts=4, num_experts_per_tok=2,
                                                       moe_intermediate_size=D_MLP, shared_expert_intermediate_size=96),
+        "minimax_m2": lambda: t.MiniMaxM2Config(**grouped, head_dim=D_MODEL // N_HEADS, num_local_experts=4, num_experts_per_tok=2),
+        "ernie4_5_moe": lambda: t.Ernie4_5_MoeConfig(**grouped, moe_intermediate_size=D_MLP, num_experts=4, num_experts_per_tok=2,
+                                                     moe_num_shared_experts=1, moe_layer_start_index=1),  # block 0 dense
+        "exaone_moe": lambda: t.ExaoneMoeConfig(**grouped, head_dim=D_MODEL // N_HEADS, moe_intermediate_size=D_MLP, num_experts=4,
+                                                num_experts_per_tok=2, num_shared_experts=1, n_group=2, topk_group=1,
+                                                routed_scaling_factor=2.5, sliding_window=4, mlp_layer_types=_FIRST_DENSE),
+        # Shared experts averaged with the routed ones (the config's default strategy); block 0 dense.
+        "cohere2_moe": lambda: t.Cohere2MoeConfig(**grouped, head_dim=D_MODEL // N_HEADS, num_experts=4, num_experts_per_tok=2,
+                                                  num_shared_experts=1, sliding_window=4, sliding_window_pattern=2, first_k_dense_replace=1,
+                                                  prefix_dense_intermediate_size=D_MLP),
+        "afmoe": lambda: t.AfmoeConfig(**grouped, head_dim=D_MODEL // N_HEADS, moe_intermediate_size=D_MLP, num_experts=4,
+                                       num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1, route_scale=2.0,
+                                       sliding_window=4, global_attn_every_n_layers=2),
+        "mimo_v2_flash": lambda: t.MiMoV2FlashConfig(**grouped, head_dim=D_MODEL // N_HEADS, v_head_dim=8, moe_intermediate_size=D_MLP,
+                                                     num_local_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                                     routed_scaling_factor=2.0, sliding_window=4,
+                                                     layer_types=["sliding_attention", "full_attention"] * 2),
+        "laguna": lambda: t.LagunaConfig(**grouped, head_dim=D_MODEL // N_HEADS, moe_intermediate_size=D_MLP,
+                                         shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                                         moe_routed_scaling_factor=2.0, moe_router_logit_softcapping=30.0, sliding_window=4,
+                                         layer_types=["sliding_attention", "full_attention"] * 2),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }

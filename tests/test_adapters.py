@@ -161,3 +161,14 @@ def test_a_gemma4_with_experts_beside_its_mlp_is_refused_in_one_line(tokenizer):
     config.enable_moe_block = True
     with pytest.raises(UsageError, match=r"^this 'gemma4_text' config is a variant massact does not map: the Gemma-4 adapters "):
         adapter_for(config)
+
+
+def test_a_laguna_config_whose_head_count_varies_by_block_is_one_line(tokenizer):
+    """Laguna may give each block its own head count; massact's attention passes take one, so it says so."""
+    from conftest import tiny_config
+
+    config = tiny_config("laguna", len(tokenizer))
+    assert adapter_for(config).family == "Laguna"
+    config.num_attention_heads_per_layer = [4, 4, 8, 4]
+    with pytest.raises(UsageError, match=r"2 different head counts \(num_attention_heads_per_layer\).*4 heads in every block"):
+        adapter_for(config)

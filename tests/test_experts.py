@@ -52,6 +52,43 @@ def test_the_recomputed_routing_is_the_models_own(family, tokenizer):
         assert torch.allclose(mine.weights.gather(1, order).float().cpu(), weights, rtol=1e-4, atol=1e-6), (family, layer)
 
 
+# Routers with a correction bias (on the router, nested in it, or on the block), softcapped logits, or a scale the block
+# applies after the router.
+CORRECTED = ["minimax_m2", "ernie4_5_moe", "exaone_moe", "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", CORRECTED)
+def test_a_random_correction_bias_and_softcap_are_recomputed_as_the_router_applies_them(family, tokenizer):
+    """The correction biases set at random (they start at 0) and Laguna's softcap at 0.5 (the logits saturate): the
+    recomputed routing is still the router's own, the biases move the choice, and a router routing through massact
+    (``pruned_experts``, nothing pruned) gives the block's own output (the block's after-router scale applied once)."""
+    from massact.capture.routing import block_output, pruned_experts
+
+    torch.manual_seed(1)
+    lm = massact.wrap(tiny_model(family, len(tokenizer), seed=2), tokenizer)
+    moved = 0
+    for layer, (moe, x) in router_inputs(lm, tokenizer).items():
+        if moe.correction is not None:
+            moe.correction.copy_(torch.randn_like(moe.correction) * 0.3)
+        if moe.spec.router.softcap:
+            setattr(moe.router, moe.spec.router.softcap, 0.5)
+        indices, weights = model_routing(moe, x)
+        mine = route(moe, x)
+        order = mine.indices.argsort(dim=-1)
+        assert torch.equal(mine.indices.gather(1, order).cpu(), indices), (family, layer)
+        assert torch.allclose(mine.weights.gather(1, order).float().cpu(), weights, rtol=1e-4, atol=1e-6), (family, layer)
+        plain = mine.scores.topk(moe.top_k, dim=-1).indices.sort(dim=-1).values.cpu()
+        moved += int((plain != indices).any(-1).sum())
+        before = [block_output(moe, row) for row in x[:6]]
+        with pruned_experts(lm, {layer: []}):
+            after = [block_output(moe, row) for row in x[:6]]
+        for one, other in zip(before, after):
+            torch.testing.assert_close(other, one, rtol=1e-5, atol=1e-6)
+    has_bias = any(moe.correction is not None for moe, _ in router_inputs(lm, tokenizer).values())
+    assert moved > 0 if has_bias else moved == 0  # Cohere-2-MoE has no bias: its choice is the plain top-k
+
+
 @torch.no_grad()
 def test_each_experts_recorded_maximum_is_a_hand_computation(tokenizer):
     """Mixtral, planted: per (block, expert), the largest |output| over the real tokens routed to it, computed here

@@ -79,7 +79,7 @@ def planted_moe(family, tokenizer):
             block.get_submodule(here.moe.shared.part(here.moe.shared.down)).weight[TRIGGER] = 0.0
     here = adapter.at(config, LAYER)
     block = adapter.module(model, LAYER, here.moe.block)
-    block.get_submodule(here.moe.router.path).weight[EXPERT, TRIGGER] = 5.0  # BOS goes to the expert
+    here.moe.router.linear(block.get_submodule(here.moe.router.path)).weight[EXPERT, TRIGGER] = 5.0  # BOS goes to the expert
     experts = block.get_submodule(here.moe.experts.path)
     fused, gate, up = expert_rows(experts, EXPERT, NEURON, here.moe.experts)
     for row in (gate, up):
@@ -87,6 +87,15 @@ def planted_moe(family, tokenizer):
         fused[row, TRIGGER] = 2.0
         if here.moe.experts.biases:
             experts.gate_up_proj_bias[EXPERT, row] = 0.0
+    if "mlp_out" in here.branch_norms:  # a sandwich norm: its gain makes the one writer of DIM land massive (as in planted)
+        for layer in range(config.num_hidden_layers):  # every other branch norm lands nothing in DIM (a normed branch is O(1))
+            for site, path in adapter.at(config, layer).branch_norms.items():
+                norm = adapter.module(model, layer, path)
+                norm.weight[DIM] = 0.0
+                norm.weight[DIM] = (NORM_GAIN if (layer, site) == (LAYER, "mlp_out") else 0.0) - _zero_gain(norm)
+        (experts.down_proj[:, :, DIM] if here.moe.experts.transposed else experts.down_proj[:, DIM]).zero_()
+        if here.moe.shared:
+            block.get_submodule(here.moe.shared.part(here.moe.shared.down)).weight[DIM] = 0.0
     if here.moe.experts.transposed:
         experts.down_proj[EXPERT, NEURON, DIM] = 100.0
     else:

@@ -22,7 +22,7 @@ from massact.models.failures import ModelCodeError
 from massact.track.monitor import Monitor
 from test_families import planted_moe
 
-_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")  # what each family calls its expert count
+_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # what each family calls its expert count
 
 
 def _save(model, tokenizer, path: Path) -> Path:

@@ -175,7 +175,10 @@ def _configs(model_type: str):
     yield config
     for name, value in list(vars(config).items()):
         if isinstance(value, bool):
-            yield transformers.AutoConfig.for_model(model_type, **{name: not value})
+            try:
+                yield transformers.AutoConfig.for_model(model_type, **{name: not value})
+            except NotImplementedError:  # a flag the config class refuses flipped (Laguna's router weight on the input)
+                continue
     if getattr(config, "num_experts", None):
         yield transformers.AutoConfig.for_model(model_type, num_experts=0)
 

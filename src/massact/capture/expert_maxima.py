@@ -35,7 +35,7 @@ class ExpertMaxima:
         self.lm = lm
         n_layers = len(lm.adapter.blocks(lm.model))
         self.layers = [layer for layer in range(n_layers) if lm.at(layer).moe is not None]
-        experts = max((self._router(layer).weight.shape[0] for layer in self.layers), default=0)
+        experts = max((self.lm.at(layer).moe.router.linear(self._router(layer)).weight.shape[0] for layer in self.layers), default=0)
         self.routed = torch.full((n_layers, experts), float("-inf"), device=lm.device)
         self.shared = torch.full((n_layers,), float("-inf"), device=lm.device)
         self.real: torch.Tensor | None = None

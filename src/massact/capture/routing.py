@@ -12,6 +12,7 @@ renormalises over the rest.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,8 +63,29 @@ class MoeBlock:
         raise AttributeError(f"neither the router nor the config has {' or '.join(names)}")
 
     @property
+    def router_weight(self) -> torch.Tensor:
+        """The router's [experts, d_model] weight (in the linear the router spec names)."""
+        return self.spec.router.linear(self.router).weight
+
+    @property
     def n_experts(self) -> int:
-        return self.router.weight.shape[0]
+        return self.router_weight.shape[0]
+
+    @property
+    def correction(self) -> torch.Tensor | None:
+        """The per-expert bias that moves the choice (on the router, or on the block where the block passes it)."""
+        spec = self.spec.router
+        if not spec.correction:
+            return None
+        return functools.reduce(getattr, spec.correction.split("."), self.block if spec.passed else self.router)
+
+    @property
+    def scale(self) -> float:
+        """The factor the routed experts' weights are scaled by (1 without one)."""
+        scale = self.spec.router.scale
+        if scale is None:
+            return 1.0
+        return float(scale) if isinstance(scale, (int, float)) else float(self.setting(scale))
 
     @property
     def top_k(self) -> int:
@@ -85,18 +107,22 @@ def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = ()) -> Routing
     """The router's choice for tokens ``x`` [tokens, d_model], recomputed in float64 from its weights; ``pruned``
     experts are never chosen (their logits are -inf: a softmax renormalises over the rest)."""
     spec = moe.spec.router
-    weight = moe.router.weight.detach().double()
-    bias = getattr(moe.router, "bias", None)
+    linear = spec.linear(moe.router)
+    weight = linear.weight.detach().double()
+    bias = getattr(linear, "bias", None)
     logits = x.detach().double().to(weight.device) @ weight.T
     if isinstance(bias, torch.Tensor):
         logits = logits + bias.detach().double()
+    cap = float(getattr(moe.router, spec.softcap)) if spec.softcap else 0.0
+    if cap > 0:
+        logits = torch.tanh(logits / cap) * cap
     masked = logits.clone()
     if pruned:
         masked[:, list(pruned)] = float("-inf")
     scores = torch.softmax(masked, dim=-1) if spec.score == "softmax" else torch.sigmoid(masked)
     choice = scores.clone()
     if spec.correction:
-        choice = choice + getattr(moe.router, spec.correction).detach().double()
+        choice = choice + moe.correction.detach().double().to(choice.device)
     if pruned:
         choice[:, list(pruned)] = float("-inf")
     if spec.groups:
@@ -113,23 +139,27 @@ def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = ()) -> Routing
     renormalise = spec.renormalise if isinstance(spec.renormalise, bool) else bool(moe.setting(spec.renormalise))
     if renormalise:
         weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if spec.score == "sigmoid" else 0.0))
-    if spec.scale:
-        weights = weights * float(moe.setting(spec.scale))
+    if spec.scale is not None:
+        weights = weights * moe.scale
     return Routing(logits, scores, indices, weights)
 
 
 def model_routing(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The router module's own choice for tokens ``x`` [tokens, d_model]: (indices, weights) [tokens, k], sorted by
-    expert index within each token (routers may return them unsorted); Llama-4's router gives scores for every expert,
-    of which the nonzero ones are the chosen."""
+    expert index within each token (routers may return them unsorted), the weights times the scale the block applies
+    after the router where it does; Llama-4's router gives scores for every expert, of which the nonzero ones are the
+    chosen."""
+    spec = moe.spec.router
+    rows = x.to(moe.router_weight.device, moe.dtype)
+    args = (rows.unsqueeze(0) if spec.batched else rows, *([moe.correction] if spec.passed else []))
     with torch.no_grad():  # the router gets what the model gives it: it casts for itself (DeepSeek's to float32)
-        out = moe.router(x.to(moe.router.weight.device, moe.dtype))
+        out = moe.router(*args)
     if moe.spec.router.on_input:  # (scores [tokens, experts]: sigmoid of the top-k logits, 0 elsewhere; logits)
         scores = out[0].float()
         indices = scores.topk(moe.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
     else:  # (logits, weights, indices)
-        weights, indices = out[1].float(), out[2]
+        weights, indices = out[1].float() * (moe.scale if spec.scaled_after else 1.0), out[2]
     order = indices.argsort(dim=-1)
     return indices.gather(1, order).cpu(), weights.gather(1, order).cpu()
 
@@ -181,6 +211,7 @@ def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     pre_gate, pre_up = gate @ x, up @ x
     logit = float(moe.shared_gate.weight.detach().double().reshape(-1) @ x) if moe.shared_gate is not None else 0.0
     scale = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))) if moe.shared_gate is not None else 1.0
+    scale *= moe.spec.shared_scale
     return pre_gate, pre_up, act(pre_gate) * pre_up, down, logit, scale
 
 
@@ -191,7 +222,7 @@ def block_output(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
     The token goes in as the model's hidden states do, in the residual stream's dtype: each part of the block then
     casts as its own forward does (DeepSeek's and GLM's routers to float32, the experts and shared experts in the
     model's dtype). The router's dtype is not the block's: transformers keeps some routers in float32."""
-    param = moe.router.weight
+    param = moe.router_weight
     with torch.no_grad():
         out = moe.block(x.detach().clone().reshape(1, 1, -1).to(param.device, moe.dtype))
     if isinstance(out, tuple):
@@ -238,10 +269,11 @@ def _pruned_router(moe: MoeBlock, experts: tuple[int, ...]):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         routing = route(moe, x, experts)
         # in the dtype the router's own logits have: float32 where transformers keeps the router in float32
-        logits = routing.logits.to(torch.promote_types(x.dtype, moe.router.weight.dtype))
+        logits = routing.logits.to(torch.promote_types(x.dtype, moe.router_weight.dtype))
         if moe.spec.router.on_input:  # Llama-4: sigmoid scores for every expert, 0 where not selected
             scores = torch.zeros_like(routing.logits).scatter_(1, routing.indices, routing.weights)
             return scores.to(x.dtype), logits
-        return logits, routing.weights.to(torch.float32), routing.indices
+        weights = routing.weights / moe.scale if moe.spec.router.scaled_after else routing.weights  # the block scales them
+        return logits, weights.to(torch.float32), routing.indices
 
     return forward

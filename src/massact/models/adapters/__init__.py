@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from ...errors import UsageError
-from . import apertus, cohere, dsa, gemma2, gemma4, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln
+from . import apertus, cohere, dsa, gemma2, gemma4, gpt2, hybrid, llama, moe, moe_recent, olmo, parallel, phi, postln
 from .base import Adapter
 
 GROUP = "massact.adapters"  # the entry point group other packages register adapters under
@@ -57,6 +57,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     gemma4.ADAPTER,
     dsa.GLM_MOE_DSA,
     dsa.DEEPSEEK_V32,
+    *moe_recent.ADAPTERS,
 )
 
 
@@ -86,7 +87,7 @@ def _named(entry: Registered) -> str:
 
 
 def _built_in() -> tuple[Registered, ...]:
-    modules = (apertus, cohere, dsa, gemma2, gemma4, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln)
+    modules = (apertus, cohere, dsa, gemma2, gemma4, gpt2, hybrid, llama, moe, moe_recent, olmo, parallel, phi, postln)
     names = {id(value): f"{module.__name__}.{name}"
              for module in modules for name, value in vars(module).items() if isinstance(value, Adapter)}
     return tuple(Registered(adapter=adapter, source=names[id(adapter)]) for adapter in ADAPTERS)

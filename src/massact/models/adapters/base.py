@@ -77,15 +77,38 @@ class Router:
     - ``on_input``: the weight multiplies the expert's input instead of its output (Llama-4: sigmoid of the top-k
       logits, on the input).
 
-    ``top_k``, ``n_group``, ``topk_group`` and the flags are read from the router module, else from the config."""
+    ``top_k``, ``n_group``, ``topk_group`` and the flags are read from the router module, else from the config.
+
+    Where routers differ in how they are laid out or called:
+
+    - ``weight``: the linear in the router module that holds its [experts, d_model] weight ("": the module itself;
+      AFMoE's router keeps it in ``gate``);
+    - ``correction`` is a path in the router module (ERNIE-4.5 keeps it in ``moe_statics``), or where ``passed`` in
+      the mixture-of-experts block, which passes it to the router's forward after the hidden states (MiniMax-M2,
+      AFMoE);
+    - ``batched``: the router takes the hidden states as [batch, positions, d_model], not as rows (AFMoE);
+    - ``softcap``: the router's attribute holding c, which caps the logits to c x tanh(logits / c) where c > 0
+      (Laguna);
+    - ``scale`` may be the factor itself, a number; ``scaled_after``: the block multiplies the experts' weighted sum by
+      it after the router returned its weights (Laguna, Cohere-2-MoE's average with the shared expert), where other
+      routers scale the weights they return."""
 
     path: str = "gate"
     score: str = "softmax"
     correction: str | None = None
     groups: str | None = None
     renormalise: bool | str = False
-    scale: str | None = None
+    scale: str | float | None = None
     on_input: bool = False
+    weight: str = ""
+    passed: bool = False
+    batched: bool = False
+    softcap: str | None = None
+    scaled_after: bool = False
+
+    def linear(self, router: nn.Module) -> nn.Module:
+        """The module of ``router`` (the router module) that holds its weight."""
+        return router.get_submodule(self.weight) if self.weight else router
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,13 +200,15 @@ class Mlp:
 class Moe:
     """A sparse mixture-of-experts MLP: the block at ``block`` (in the decoder layer), its ``router`` and ``experts``,
     and a dense ``shared`` expert every token also goes through (its MLP, whose path is in the block;
-    ``shared_gate``: a 1-output linear whose sigmoid scales it, Qwen's ``shared_expert_gate``; None: added as it is)."""
+    ``shared_gate``: a 1-output linear whose sigmoid scales it, Qwen's ``shared_expert_gate``; None: added as it is,
+    times ``shared_scale``: Cohere-2-MoE averages the routed and the shared experts' outputs, 0.5 each)."""
 
     router: Router = Router()
     experts: Experts = Experts()
     block: str = "mlp"
     shared: Mlp | None = None
     shared_gate: str | None = None
+    shared_scale: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
