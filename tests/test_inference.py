@@ -30,8 +30,13 @@ REFUSED = {
     **{family: MAPS + "1 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)"
        for family in ("qwen3_next", "qwen3_5", "qwen3_next_moe")},
     # Mixtures of experts: routed experts in 3-D weights, or dense blocks first and experts after.
-    **{family: MAPS + "its blocks hold 3-D expert weights" for family in ("mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe")},
-    **{family: MAPS + "a later block differs from block 0" for family in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4")},
+    **{family: MAPS + "its blocks hold 3-D expert weights" for family in ("mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe",
+                                                                           "minimax_m2")},
+    **{family: MAPS + "a later block differs from block 0" for family in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
+                                                                           "deepseek_v32", "glm_moe_dsa", "ernie4_5_moe", "exaone_moe",
+                                                                           "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna")},
+    # Gemma-4's per-layer input writes the stream beside attention and the MLP: a branch no inferred piece holds.
+    "gemma4": "its inferred adapter does not hold: resid_out = resid_mid + mlp_out at block 0",
 }
 # Sites the inferred adapter reads elsewhere than the hand-written one, both right: Falcon adds the attention output
 # into the MLP's output tensor in place after the MLP returns, so the MLP module's output (read at once) is mlp_out, as
