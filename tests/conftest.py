@@ -48,7 +48,10 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
             # The newer dense and hybrid families.
             "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
-            "gemma3mm", "gemma4"]
+            "gemma3mm", "gemma4",
+            # Plain-layout decoders: Llama's block with its scales (Granite), its norms (OLMo, GLM-4, StarCoder2), its MLP
+            # (GLM-4, StarCoder2) or its attention (Ministral, Ministral-3) changed.
+            "granite", "olmo", "glm4", "starcoder2", "internlm3", "ministral", "ministral3"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"]}
@@ -131,6 +134,19 @@ def tiny_config(family: str, vocab_size: int):
         "gemma4": lambda: t.Gemma4TextConfig(**grouped, head_dim=D_MODEL // N_HEADS, global_head_dim=32, sliding_window=4,
                                              layer_types=["sliding_attention"] * 3 + ["full_attention"],
                                              hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab_size),
+        # Granite 3's scales: branches x 0.22, embeddings x 12, attention scores x 1/head_dim, logits / 8.
+        "granite": lambda: t.GraniteConfig(**grouped, residual_multiplier=0.22, embedding_multiplier=12.0,
+                                           attention_multiplier=1.0 / (D_MODEL // N_HEADS), logits_scaling=8.0),
+        "olmo": lambda: t.OlmoConfig(**grouped, clip_qkv=8.0),
+        "glm4": lambda: t.Glm4Config(**grouped, head_dim=D_MODEL // N_HEADS),
+        "starcoder2": lambda: t.Starcoder2Config(**grouped),
+        "internlm3": lambda: t.InternLM3Config(**grouped, head_dim=D_MODEL // N_HEADS),
+        "ministral": lambda: t.MinistralConfig(**grouped, head_dim=D_MODEL // N_HEADS, sliding_window=4,
+                                               layer_types=["sliding_attention", "full_attention"] * 2),
+        # YaRN over 16 x 4 positions; the queries scaled by 1 + 0.1 log(1 + floor(position / 4)).
+        "ministral3": lambda: t.Ministral3Config(**grouped, head_dim=D_MODEL // N_HEADS, rope_parameters=dict(
+            rope_type="yarn", rope_theta=1e6, factor=16.0, original_max_position_embeddings=CONTEXT // 16, beta_fast=32.0,
+            beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0, llama_4_scaling_beta=0.1)),
         "qwen3_moe": lambda: t.Qwen3MoeConfig(**grouped, head_dim=D_MODEL // N_HEADS, moe_intermediate_size=D_MLP, num_experts=4,
                                               num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0]),
         "olmoe": lambda: t.OlmoeConfig(**grouped, num_experts=4, num_experts_per_tok=2),

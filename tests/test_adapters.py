@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
+from massact.capture.edits import patch_position
 from massact.capture.hooks import Trace
 from massact.errors import UsageError
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import bias_of, text_config
+from massact.models.loading import wrap
 from massact.sites import SITES, resolve_site
 
 # The norm each family's MLP reads through (None: post-LN, the MLP reads resid_mid as it is), and from which stream.
@@ -29,6 +31,9 @@ POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": (
 close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+TEXTS = ["Summer is warm. Winter is cold.", "A good map shows you where you are."]
+
+
 def _trace_all(family, tokenizer):
     model = tiny_model(family, len(tokenizer), seed=3)
     adapter, config = adapter_for(model.config), text_config(model)
@@ -37,7 +42,7 @@ def _trace_all(family, tokenizer):
         if path is not None:
             adapter.blocks(model)[layer].get_buffer(path).fill_(0.5 + layer / 4)
     sites = [(layer, site) for layer in range(config.num_hidden_layers) for site in adapter.at(config, layer).sites]
-    ids = tokenizer(["Summer is warm. Winter is cold.", "A good map shows you where you are."], return_tensors="pt", padding=True)
+    ids = tokenizer(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad(), Trace(model, adapter, sites) as trace:
         hidden = model(**ids, output_hidden_states=True).hidden_states
     return model, adapter, trace, hidden
@@ -78,9 +83,16 @@ def test_residual_stream_adds_up(family, tokenizer):
             close(t("resid_out"), adapter.scale_of(model, layer) * (t("resid_in") + landed))
         for site, norm in adapter.branch_norms.items():  # what lands is the branch's own norm of the sublayer's raw output
             close(t(site), block(norm)(t(adapter.raw(site))))
+        if adapter.branch_scale is not None:  # what lands is the sublayer's raw output times the config's scale
+            for site in ("attn_out", "mlp_out"):
+                close(t(site), getattr(text_config(model), adapter.branch_scale) * t(adapter.raw(site)))
         close(t("resid_in"), hidden[layer])  # HF hidden_states[i] is block i's input
         if layer + 1 < n:
             close(t("resid_out"), trace[layer + 1, "resid_in"])
+    if adapter.embedding_scale is not None:  # the base model scales the token embeddings before block 0
+        ids = tokenizer(TEXTS, return_tensors="pt", padding=True).input_ids
+        with torch.no_grad():
+            close(hidden[0], model.get_input_embeddings()(ids) * getattr(text_config(model), adapter.embedding_scale))
     if adapter.post_ln:  # no final norm after post-LN blocks: HF's last hidden state is the last block's output
         close(trace[n - 1, "resid_out"], hidden[n])
     else:  # HF's last hidden state is after the final norm; ours is the block's raw output
@@ -111,6 +123,21 @@ def test_mlp_sites_recompose(family, tokenizer):
         found = adapter.mlp_norm_module(model, layer)  # what the trigger decomposition reads through
         assert (found[0] if found else None) == norm
         assert stream == ("resid_in" if adapter.parallel else "resid_mid")
+
+
+def test_a_patched_scaled_branch_lands_as_patched(tokenizer):
+    """Granite multiplies each branch by 0.22 before it lands: a vector patched into attn_out (what lands) is what the
+    stream receives, and the attention module's own output holds it divided by 0.22."""
+    model = tiny_model("granite", len(tokenizer))
+    lm = wrap(model, tokenizer)
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    vector = torch.arange(D_MODEL, dtype=torch.float32)
+    sites = [(1, "resid_in"), (1, "attn_raw"), (1, "attn_out"), (1, "resid_mid")]
+    with torch.no_grad(), patch_position(lm, 1, "attn_out", 2, vector), Trace(model, lm.adapter, sites) as trace:
+        model(ids)
+    close(trace[1, "attn_out"][0, 2], vector)
+    close(trace[1, "resid_mid"][0, 2], trace[1, "resid_in"][0, 2] + vector)
+    close(trace[1, "attn_raw"][0, 2], vector / 0.22)
 
 
 def test_transformerlens_aliases():

@@ -15,8 +15,9 @@ from massact.report.text import to_text
 
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
-# Families whose MLP output is normed before it lands: sandwich norms (Gemma-2/3) and reordered norms (OLMo-2/3, EXAONE-4).
-SANDWICH = {"gemma2", "gemma3", "gemma3mm", "gemma4", "olmo2", "olmo3", "exaone4"}
+# Families whose MLP output is normed before it lands: sandwich norms (Gemma-2/3/4, GLM-4) and reordered norms (OLMo-2/3,
+# EXAONE-4).
+SANDWICH = {"gemma2", "gemma3", "gemma3mm", "gemma4", "olmo2", "olmo3", "exaone4", "glm4"}
 POST_LN = {"opt-postln", "bert", "roberta"}
 NORM_GAIN = 1000.0  # the planted branch-norm gain on DIM
 
@@ -31,13 +32,15 @@ def planted(family, tokenizer):
     # Post-LN blocks norm the residual every block: the planted value must stand out in one residual sum alone.
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=1000.0 if family in POST_LN else 100.0)
     if family in SANDWICH:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
-        block = adapter_for(model.config).blocks(model)[LAYER]
+        adapter = adapter_for(model.config)
+        norm = adapter.module(model, LAYER, adapter.branch_norms["mlp_out"])
+        down = adapter.module(model, LAYER, adapter.mlp_down)
         with torch.no_grad():
-            block.post_feedforward_layernorm.weight[DIM] = 0.0
-            block.post_feedforward_layernorm.weight[DIM] = NORM_GAIN - _zero_gain(block.post_feedforward_layernorm)
+            norm.weight[DIM] = 0.0
+            norm.weight[DIM] = NORM_GAIN - _zero_gain(norm)
             # The gain would also blow up DIM's random share of every other token's MLP output: only the neuron writes it.
-            block.mlp.down_proj.weight[DIM, :NEURON] = 0.0
-            block.mlp.down_proj.weight[DIM, NEURON + 1 :] = 0.0
+            down.weight[DIM, :NEURON] = 0.0
+            down.weight[DIM, NEURON + 1 :] = 0.0
     return model
 
 
@@ -124,8 +127,16 @@ def test_planted_neuron_is_found_in_every_family(family, tokenizer):
     weight = attribution.super_weight
     assert model.get_parameter(weight.matrix)[weight.row, weight.col].item() == pytest.approx(weight.value)
     assert weight.rank == 1 and weight.value == pytest.approx(1000.0 if family in POST_LN else 100.0)
+    scale = adapter_for(model.config).branch_scale
+    if scale is not None:  # the neurons explain the raw output; what lands is it times the scale (Granite's 0.22)
+        assert attribution.landed == pytest.approx(getattr(model.config, scale) * attribution.output, rel=1e-5)
+        assert birth.mlp == pytest.approx(attribution.landed) and birth.mlp_raw == pytest.approx(attribution.output)
     assert report.mechanism.anatomy[0].checkpoints[-1].argmax == DIM
     assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
+    # The trigger's sources, carried back through every norm on the way (each with its eps), sum to the neuron's
+    # pre-activations.
+    splits = [split for neuron in report.trigger[0].neurons for split in neuron.splits]
+    assert splits and max(split.error for split in splits) < 1e-5
 
 
 @pytest.mark.parametrize("family", sorted(SANDWICH))
@@ -136,9 +147,10 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     attribution = report.mechanism.attribution[0]
     norm = birth.norm
     layers = "model.language_model.layers" if family == "gemma3mm" else "model.layers"
-    assert norm.parameter == f"{layers}.{LAYER}.post_feedforward_layernorm.weight"
+    path = {"glm4": "post_mlp_layernorm"}.get(family, "post_feedforward_layernorm")
+    assert norm.parameter == f"{layers}.{LAYER}.{path}.weight"
     assert norm.amplifier and norm.gain == pytest.approx(NORM_GAIN, rel=1e-4) and norm.typical_gain == pytest.approx(1.0)
-    # The stored entry: Gemma-2/3's gain is 1 + weight; Gemma-4's, OLMo's and EXAONE's the weight.
+    # The stored entry: Gemma-2/3's gain is 1 + weight; Gemma-4's, OLMo's, EXAONE's and GLM-4's the weight.
     gemma = family.startswith("gemma") and family != "gemma4"
     assert norm.weight == pytest.approx(NORM_GAIN - 1.0 if gemma else NORM_GAIN)
     assert norm.raw == pytest.approx(birth.mlp_raw) == pytest.approx(attribution.output)
@@ -147,7 +159,7 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     assert abs(norm.normalization * norm.raw) == pytest.approx(8.0, rel=0.05)
     assert norm.error < 1e-5
     assert abs(attribution.landed) == pytest.approx(8.0 * NORM_GAIN, rel=0.05)  # without the gain it would land at about 8
-    assert any("post_feedforward_layernorm.weight" in line and "amplif" in line for line in report.conclusion)
+    assert any(f"{path}.weight" in line and "amplif" in line for line in report.conclusion)
 
 
 PLE_UNIT = 3  # the per-layer input unit the plant opens

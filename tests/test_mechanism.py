@@ -176,11 +176,11 @@ def test_position_embedding_trigger_is_a_position_effect(tokenizer):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma2", "neox", "bert", "opt-postln", "phi3", "falcon", "olmo2", "cohere2", "lfm2",
-                                    "qwen3_next"])
+                                    "qwen3_next", "granite", "olmo"])
 def test_sources_sum_to_the_pre_activation_on_every_block_kind(family, tokenizer):
-    """Pre-LN, sandwich, reordered-norm, parallel, post-LN and hybrid blocks: the split is exact at every position, and a
-    chain step's units (neurons, heads) add up to the source they split; a convolution or a linear attention is one
-    source of its own, not split into heads."""
+    """Pre-LN, sandwich, reordered-norm, parallel, post-LN, hybrid, branch-scaled (Granite) blocks and LayerNorms that
+    do not state their eps (OLMo): the split is exact at every position, and a chain step's units (neurons, heads) add
+    up to the source they split; a convolution or a linear attention is one source of its own, not split into heads."""
     from massact.analysis.trigger.decompose import units
 
     lm = massact.wrap(tiny_model(family, len(tokenizer), seed=1), tokenizer)
@@ -200,6 +200,8 @@ def test_sources_sum_to_the_pre_activation_on_every_block_kind(family, tokenizer
         assert found[0].kind == ("neuron" if label.endswith("MLP") else "head")
     if family in mixers:
         assert f"block 0 {mixers[family]}" in piece.parts
+    if family == "granite":  # block 0's input is the token embedding times the embedding multiplier: no other part
+        assert "token embedding" in piece.parts and "position embedding" not in piece.parts
 
 
 @pytest.mark.parametrize("family", ["gemma2", "bert", "neox", "olmo2", "lfm2", "qwen3_next"])

@@ -11,6 +11,8 @@ block index, a (pre-norm) block computes
   parallel blocks (GPT-NeoX, Phi-2, GPT-J, Falcon): no resid_mid; resid_out = resid_in + attn_out + mlp_out.
   sandwich norms (Gemma-2, Gemma-3): attn_out and mlp_out are what lands in the residual, after the branch's own
     norm; attn_raw and mlp_raw are the sublayers' outputs before it (mlp_raw = W_down @ mlp_act).
+  branch scales (Granite): attn_out and mlp_out are the sublayers' outputs times the residual multiplier, what
+    lands; attn_raw and mlp_raw the outputs before it.
   post-LN blocks (BERT, RoBERTa, OPT-350m): attn_sum = resid_in + attn_out, resid_mid = LN(attn_sum),
     resid_sum = resid_mid + mlp_out, resid_out = LN(resid_sum).
   per-layer inputs (Gemma-4): a third branch after the MLP reads ple_in = resid_mid + mlp_out and writes ple_out (its

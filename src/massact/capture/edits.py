@@ -59,9 +59,14 @@ def massive_mask(hidden: torch.Tensor, dim: int, criterion: Criterion, valid: to
 @contextmanager
 def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the value a site takes by ``edit(value)`` at every forward pass while active (a site read at a
-    module's output changes that output; one read at its input changes that input)."""
-    path, direction = lm.at(layer).sites[site][:2]
+    module's output changes that output; one read at its input changes that input; a branch-scaled site, the module's
+    output times the scale, changes that output so that the scaled value is the edited one)."""
+    here = lm.at(layer)
+    path, direction = here.sites[site][:2]
     module = lm.adapter.module(lm.model, layer, path)
+    factor = here.landing(lm.config, site)
+    if factor != 1.0:
+        edit = _in_landed_units(edit, factor)
 
     def on_output(module, args, output):
         if isinstance(output, (tuple, list)):
@@ -81,6 +86,11 @@ def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tens
         yield
     finally:
         handle.remove()
+
+
+def _in_landed_units(edit: Callable[[torch.Tensor], torch.Tensor], factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``edit`` of a landed value applied to the module's own output, which lands times ``factor``."""
+    return lambda output: edit(output * factor) / factor
 
 
 def replace_massive(

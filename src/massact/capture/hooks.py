@@ -38,15 +38,15 @@ def _hook(module: nn.Module, direction: str, fn: Callable[[torch.Tensor], None])
     return module.register_forward_hook(lambda m, args, output: fn(_output_tensor(output)))
 
 
-def _shaped(tensor: torch.Tensor, chunk: tuple[int, int] | None, lead: torch.Size | None) -> torch.Tensor:
+def _shaped(tensor: torch.Tensor, chunk: tuple[int, int] | None, lead: torch.Size | None, factor: float = 1.0) -> torch.Tensor:
     """The site's value as [batch, positions, width]: one chunk of a fused projection, and flattened
     [batch x positions, width] MLP tensors (``lead``: the block's [batch, positions], where its adapter declares
-    ``flat_rows``) put back in shape."""
+    ``flat_rows``) put back in shape; times ``factor`` where the site is the module's output scaled (a branch scale)."""
     if chunk is not None:
         tensor = tensor.chunk(chunk[1], dim=-1)[chunk[0]]
     if lead is not None and tensor.dim() == 2:
         tensor = tensor.view(*lead, tensor.shape[-1])
-    return tensor
+    return tensor * factor if factor != 1.0 else tensor
 
 
 @contextmanager
@@ -66,8 +66,9 @@ def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn
                 leads[layer] = None
                 handles.append(_hook(adapter.module(model, layer, ""), "in", lambda t, layer=layer: leads.__setitem__(layer, t.shape[:-1])))
             module = adapter.module(model, layer, path)
-            handles.append(_hook(module, direction, lambda t, layer=layer, site=site, chunk=chunk[0] if chunk else None:
-                                 fn(layer, site, _shaped(t, chunk, leads.get(layer)))))
+            factor = here.landing(config, site)
+            handles.append(_hook(module, direction, lambda t, layer=layer, site=site, chunk=chunk[0] if chunk else None, factor=factor:
+                                 fn(layer, site, _shaped(t, chunk, leads.get(layer), factor))))
         yield
     finally:
         for handle in handles:

@@ -112,7 +112,7 @@ def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], t
     scale = lm.adapter.scale_of(lm.model, event.layer) if adapter.output_scale is not None else None
     # Post-LN: the attention half lands as resid_mid = LN(resid_in + attn) and the sum is resid_mid + mlp.
     who = writer(event.direction, resid_mid if adapter.post_ln else attn, mlp, ple)
-    raw = {site: float(at[adapter.raw(site)][dim]) if site in adapter.branch_norms else None for site in ("attn_out", "mlp_out")}
+    raw = {site: float(at[adapter.raw(site)][dim]) if adapter.reshapes(site) else None for site in ("attn_out", "mlp_out")}
     norm = None
     if adapter.post_ln:  # how the block's last LayerNorm scales the massive sum into the block output
         norm = _norm_factors(lm, event.layer, adapter.sites["resid_sum"][0], at["resid_sum"], at["resid_out"], dim)
@@ -180,7 +180,7 @@ def _place(event: Event, tokens: list[list[str]]) -> dict:
 def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, top: int) -> Attribution:
     here = lm.at(event.layer)
     weight_row, bias = down_row(here, lm.model, event.layer, event.dim)
-    output = float(at[here.raw("mlp_out")][event.dim])  # the neurons make the raw output; a norm may follow
+    output = float(at[here.raw("mlp_out")][event.dim])  # the neurons make the raw output; a norm or a scale may follow
     neurons, error, for_90 = contributions(at["mlp_act"], weight_row, bias, output, top)
     return Attribution(
         **_place(event, tokens),
@@ -191,7 +191,7 @@ def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens
         neurons_for_90pct=for_90,
         super_weight=super_weight(here, lm.model, event.layer, event.dim, neurons[0].neuron),
         weights=mlp_weight_stats(here, lm.model, event.layer),
-        landed=float(at["mlp_out"][event.dim]) if "mlp_out" in here.branch_norms else None,
+        landed=float(at["mlp_out"][event.dim]) if here.reshapes("mlp_out") else None,
     )
 
 

@@ -6,6 +6,8 @@ norms the residual sum. A norm's gain on a massive dim far above its typical gai
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -24,12 +26,40 @@ def gain_and_bias(norm: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tens
     with torch.no_grad():
         plus, minus = norm(v.to(dtype)).double().cpu(), norm((-v).to(dtype)).double().cpu()
     v = v.double().cpu()
-    scale = 1.0 / (1.0 + epsilon(norm)) ** 0.5  # v's rms is exactly 1: only eps shifts the normalisation
+    scale = 1.0 / (1.0 + epsilon(norm, width)) ** 0.5  # v's rms is exactly 1: only eps shifts the normalisation
     return (plus - minus) / (2 * v * scale), (plus + minus) / 2
 
 
-def epsilon(norm: nn.Module) -> float:
-    return float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 0.0)
+def epsilon(norm: nn.Module, width: int) -> float:
+    """The eps the norm (of vectors of ``width``) adds to the mean square: its ``eps`` or ``variance_epsilon``, else
+    measured on the module (a norm that has it in its forward alone, as a LayerNorm without parameters may)."""
+    stated = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None)
+    if stated is not None:
+        return float(stated)
+    if norm not in _MEASURED:
+        _MEASURED[norm] = _measured_epsilon(norm, width)
+    return _MEASURED[norm]
+
+
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+_PROBE = 1e-2  # the rms of the small probe vector: eps ~ 1e-5 moves its normalisation by a few percent
+
+
+def _measured_epsilon(norm: nn.Module, width: int) -> float:
+    """eps from the norm's odd part on v = (+1, -1, ...) (mean 0, rms 1) and on t v: it is gain x v x t / sqrt(t^2 +
+    eps), so the ratio R of the two is t sqrt(1 + eps) / sqrt(t^2 + eps), and eps = t^2 (1 - R^2) / (R^2 - t^2). 0 where
+    the norm has no gain to see it through."""
+    parameter = next(norm.parameters(), None)
+    device, dtype = (parameter.device, parameter.dtype) if parameter is not None else ("cpu", torch.float32)
+    v = torch.ones(width, dtype=torch.float32, device=device)
+    v[1::2] = -1.0
+    with torch.no_grad():  # forward itself: it may be measured from inside a hook on the norm
+        odd = [(norm.forward((t * v).to(dtype)).double() - norm.forward((-t * v).to(dtype)).double()).abs().sum()
+               for t in (1.0, _PROBE)]
+    if float(odd[0]) == 0.0:
+        return 0.0
+    ratio = float(odd[1] / odd[0])
+    return max(_PROBE**2 * (1 - ratio**2) / (ratio**2 - _PROBE**2), 0.0)
 
 
 def centers(norm: nn.Module) -> bool:
@@ -42,7 +72,7 @@ def scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     1 / std of the centered vector (LayerNorm), eps included. Given it, the norm is linear in its input."""
     x = x.double()
     centered = x - x.mean(-1, keepdim=True) if centers(norm) else x
-    return (centered.pow(2).mean(-1) + epsilon(norm)).rsqrt()
+    return (centered.pow(2).mean(-1) + epsilon(norm, x.shape[-1])).rsqrt()
 
 
 def norm_factors(norm: nn.Module, parameter: str, raw: torch.Tensor, landed: torch.Tensor, dim: int) -> NormFactors:

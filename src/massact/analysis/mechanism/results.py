@@ -71,7 +71,8 @@ class Origin(Place):
     """resid_out = resid_in + attn + mlp at (position, dim) of ``layer``; the writer is the branch that made the change.
 
     attn and mlp are what lands in the residual. In blocks with sandwich norms ``attn_raw``/``mlp_raw`` are the
-    sublayer outputs before the branch norm and ``norm`` splits the writer's branch norm into its factors. In
+    sublayer outputs before the branch norm and ``norm`` splits the writer's branch norm into its factors; in blocks
+    that scale each branch before it lands (Granite's residual multiplier) they are the outputs before the scale. In
     post-LN blocks resid_out is the residual sum before the block's last LayerNorm, resid_sum = resid_mid + mlp with
     resid_mid = LN(resid_in + attn), and ``norm`` says how that LayerNorm scales the value into the block output.
 
@@ -198,7 +199,8 @@ class WeightStats:
 @dataclass(kw_only=True)
 class Attribution(Place):
     """output = sum_i activation_i x W_down[dim, i] + bias; ``error`` is the relative gap of that sum to the output.
-    ``output`` is the MLP's own (raw) output; ``landed`` what reaches the residual when a norm sits between."""
+    ``output`` is the MLP's own (raw) output; ``landed`` what reaches the residual when a norm or a branch scale sits
+    between."""
 
     output: float
     bias: float

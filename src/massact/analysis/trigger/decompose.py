@@ -142,6 +142,7 @@ def embedding_parts(lm: LoadedModel, input_ids: torch.Tensor, embedded: torch.Te
     """{site: (label, [positions, d] float64)}: the block-0 input as the token embedding and, where the model adds an
     absolute position embedding, the rest. Encoders (embedding LayerNorm) and projected embeddings stay whole."""
     tokens = lm.model.get_input_embeddings()(input_ids.to(lm.device))[0].detach().double().cpu()
+    tokens = tokens * lm.adapter.embedding_factor(lm.config)  # as the base model scales them before block 0
     if lm.adapter.encoder or tokens.shape != embedded.shape:
         return {"embed": ("embedding", embedded)}
     rest = embedded - tokens
@@ -334,8 +335,9 @@ class Unit:
 def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[list[Unit], float]:
     """A term's part at the massive position split over its block's neurons (an MLP source) or heads (attention):
     the units, largest |contribution| first, and the sum of every unit and bias (equal to the term's part). A source
-    behind a sandwich norm is carried back through that norm first. Mixture-of-experts MLPs, convolutions and linear
-    attentions (no heads that sum like softmax heads) are not split: []."""
+    behind a sandwich norm is carried back through that norm first, one times a branch scale by that scale.
+    Mixture-of-experts MLPs, convolutions and linear attentions (no heads that sum like softmax heads) are not
+    split: []."""
     model = lm.model
     if term.site not in ("mlp_out", "attn_out"):
         return [], float("nan")
@@ -350,6 +352,7 @@ def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[l
         factor = factor * float(scale(norm, at.vectors[term.layer, adapter.raw(term.site)]))
         reader = gain * reader
         reader = reader - reader.mean() if centers(norm) else reader
+    factor = factor * adapter.landing(lm.config, term.site)  # what landed is the raw output times a branch scale
     path = adapter.mlp_down if term.site == "mlp_out" else adapter.attn_proj
     projection = adapter.module(model, term.layer, path)
     weight = adapter.weight_out_in(projection).detach().double().cpu()  # [d_model, inputs]

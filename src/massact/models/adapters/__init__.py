@@ -9,11 +9,30 @@ two of them match is an error naming both.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from ...errors import UsageError
-from . import apertus, cohere, dsa, gemma2, gemma4, gpt2, hybrid, llama, moe, moe_recent, olmo, parallel, phi, postln
+from . import (
+    apertus,
+    cohere,
+    dsa,
+    gemma2,
+    gemma4,
+    glm4,
+    gpt2,
+    granite,
+    hybrid,
+    llama,
+    moe,
+    moe_recent,
+    olmo,
+    parallel,
+    phi,
+    postln,
+    starcoder2,
+)
 from .base import Adapter
 
 GROUP = "massact.adapters"  # the entry point group other packages register adapters under
@@ -58,6 +77,13 @@ ADAPTERS: tuple[Adapter, ...] = (
     dsa.GLM_MOE_DSA,
     dsa.DEEPSEEK_V32,
     *moe_recent.ADAPTERS,
+    granite.GRANITE,
+    olmo.OLMO,
+    glm4.GLM4,
+    starcoder2.STARCODER2,
+    llama.INTERNLM3,
+    llama.MINISTRAL,
+    llama.MINISTRAL3,
 )
 
 
@@ -87,7 +113,7 @@ def _named(entry: Registered) -> str:
 
 
 def _built_in() -> tuple[Registered, ...]:
-    modules = (apertus, cohere, dsa, gemma2, gemma4, gpt2, hybrid, llama, moe, moe_recent, olmo, parallel, phi, postln)
+    modules = [module for name, module in sys.modules.items() if name.startswith(f"{__name__}.")]  # this package's, imported above
     names = {id(value): f"{module.__name__}.{name}"
              for module in modules for name, value in vars(module).items() if isinstance(value, Adapter)}
     return tuple(Registered(adapter=adapter, source=names[id(adapter)]) for adapter in ADAPTERS)

@@ -7,8 +7,10 @@ A family declares its block as a component tree: the token mixer (``attention`` 
 computes every site from that tree, so a path is stated once. A site is read either at a module's input ("in") or at
 its output ("out"); the path is relative to the block ("" is the block itself). A third element ``(index, count)``
 takes one of ``count`` equal chunks of the last dim, for fused projections (Phi-3's ``gate_up_proj`` holds the gate,
-then up). Layouts are declared too: projections that store their weight [in, out] (``in_out``), MLP modules that see
-flat rows (``flat_rows``), experts stored transposed or run one row block per expert (``Experts``).
+then up). A block that multiplies each branch by a number before it lands (``branch_scale``) has its landed sites
+read at the sublayer's output and multiplied by it (``Adapter.landing``). Layouts are declared too: projections that
+store their weight [in, out] (``in_out``), MLP modules that see flat rows (``flat_rows``), experts stored transposed or
+run one row block per expert (``Experts``).
 
 ``when`` picks among variants of one model type by its config (parallel or sequential blocks, pre- or post-LN), and
 ``variants`` change it at some layers only (a convolution or linear-attention mixer in a hybrid, a layer without
@@ -29,6 +31,7 @@ SiteSpec = tuple  # (path, "in" | "out") or (path, "in" | "out", (chunk index, c
 # What mixes the tokens in a block: softmax attention (which has attention probabilities and can have a sink), a
 # linear attention (a recurrence, e.g. Gated DeltaNet) or a short convolution. Only softmax layers have sink metrics.
 MIXERS = ("attention", "linear", "conv")
+BRANCHES = ("attn_out", "mlp_out")  # the sites where a block's two branches land in the residual
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,6 +260,13 @@ class Adapter:
     mlp_norm: tuple[str, ...] = ()
     # Sandwich norms: the landed site -> the norm that sits between the sublayer's raw output and the residual.
     branch_norms: dict[str, str] = field(default_factory=dict)
+    # The config attribute holding a number each branch's output is multiplied by before it lands (Granite's
+    # residual_multiplier): attn_out and mlp_out are then the scaled outputs, what lands; attn_raw and mlp_raw the
+    # sublayers' own. Both are read at the sublayer's output (``landing``).
+    branch_scale: str | None = None
+    # The config attribute holding a number the base model multiplies the token embeddings by before the first block
+    # (Granite's embedding_multiplier): block 0's input holds the product, the embedding module's output does not.
+    embedding_scale: str | None = None
     parallel: bool = False  # attention and MLP both read the block input: there is no resid_mid between them
     # Post-LN blocks: (the norm of resid_in + attn_out, whose output the MLP reads; the norm of the block's last
     # residual sum). Massive activations are detected in that sum (``stream``): the massive value may live only
@@ -296,6 +306,8 @@ class Adapter:
         if (self.mlp is None) == (self.moe is None):
             which = "both" if self.mlp is not None else "neither"
             raise ValueError(f"{self.family}: a block has either a dense mlp or a mixture of experts (moe), not {which}")
+        if self.branch_norms and self.branch_scale is not None:
+            raise ValueError(f"{self.family}: a branch lands through its norm or times a scale, not both")
         object.__setattr__(self, "sites", block_sites(self))
 
     def at(self, config, layer: int) -> Adapter:
@@ -381,10 +393,25 @@ class Adapter:
         act = self.at(text_config(model), layer).act_fn
         return self.module(model, layer, act) if isinstance(act, str) else act
 
+    def reshapes(self, site: str) -> bool:
+        """Whether what the branch ``site`` (attn_out, mlp_out) lands differs from the sublayer's own output: a branch
+        norm or a branch scale sits between them."""
+        return site in self.branch_norms or (self.branch_scale is not None and site in BRANCHES)
+
     def raw(self, site: str) -> str:
-        """The site holding a branch's own output before any norm: ``mlp_raw`` behind a sandwich norm, else itself."""
-        raw = site.replace("_out", "_raw")
-        return raw if site in self.branch_norms else site
+        """The site holding a branch's own output before any norm or scale: ``mlp_raw`` behind a sandwich norm or a
+        branch scale, else the site itself."""
+        return site.replace("_out", "_raw") if self.reshapes(site) else site
+
+    def landing(self, config, site: str) -> float:
+        """The number the module output a site is read at is multiplied by to give the site's value: the branch scale
+        for a scaled branch's landed output, else 1."""
+        return float(getattr(config, self.branch_scale)) if self.branch_scale is not None and site in BRANCHES else 1.0
+
+    def embedding_factor(self, config) -> float:
+        """The number the token embeddings are multiplied by before the first block (1 where the embedding module's
+        output is block 0's input, or holds the scale itself, as Gemma's does)."""
+        return float(getattr(config, self.embedding_scale)) if self.embedding_scale is not None else 1.0
 
     def layers_path(self, model: nn.Module) -> str:
         """The block list's path in ``model``: under the base model's prefix when a head wraps it."""
@@ -444,11 +471,12 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
     """Every canonical site of the adapter's block, from its component tree:
 
     - resid_in and resid_out: the block's input and output;
-    - attn_out: the mixer's output, or where a branch norm follows it, that norm's output (the mixer's is attn_raw);
+    - attn_out: the mixer's output, or where a branch norm follows it, that norm's output (the mixer's is attn_raw),
+      or where a branch scale multiplies it, the mixer's output times the scale (the unscaled output is attn_raw);
     - resid_mid: what the MLP's norm reads (the MLP's input where it has none), or in post-LN blocks the output of
       the norm after the attention sum (whose input is attn_sum); none in parallel blocks;
     - mlp_in, mlp_gate, mlp_up, mlp_act, mlp_out from the MLP (a mixture of experts: its block's input and output),
-      mlp_out behind a branch norm as attn_out is (mlp_raw before it);
+      mlp_out behind a branch norm or times a branch scale as attn_out is (mlp_raw before it);
     - resid_sum in post-LN blocks: the input of the block's last norm;
     - ple_in, ple_raw and ple_out where a per-layer input writes the stream after the MLP (``PerLayerInput``)."""
     mlp = adapter.mlp.sites() if adapter.mlp is not None else {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
@@ -468,10 +496,13 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
 
 
 def _landed(adapter: Adapter, branch: str, raw: SiteSpec) -> dict[str, SiteSpec]:
-    """A branch's output as it lands in the residual: behind its branch norm where it has one (the raw output is then
-    the branch's *_raw site)."""
+    """A branch's output as it lands in the residual: behind its branch norm where it has one, or the raw output
+    itself, times the branch scale (``Adapter.landing``) where the block scales it; the raw output is then the
+    branch's *_raw site."""
     if branch in adapter.branch_norms:
         return {adapter.raw(branch): raw, branch: (adapter.branch_norms[branch], "out")}
+    if adapter.reshapes(branch):
+        return {adapter.raw(branch): raw, branch: raw}
     return {branch: raw}
 
 

@@ -6,6 +6,9 @@ before it lands (``post_attention_layernorm`` on the attention, ``post_feedforwa
 A normed branch is about as large as its gain: a massive value needs a large gain on its dim, and the branch norm's
 factors (``branch_norms``, as for Gemma's sandwich norms) name it. OLMo-3 alternates sliding and full attention;
 EXAONE-4 does too, and its full-attention blocks use no rotary positions where it has a sliding window (NoPE).
+
+OLMo (the first, ``olmo``) has Llama's pre-norm block, its norms LayerNorms without a gain or a bias: a norm in front
+of a sublayer cannot amplify one dim. ``clip_qkv`` clamps the queries, keys and values where the config sets it.
 """
 
 import dataclasses
@@ -31,4 +34,11 @@ EXAONE4 = dataclasses.replace(
     variants=(Variant(when=lambda config, layer: config.sliding_window is not None and layer_types(config, layer) == "full_attention",
                       changes={"positions": False}),),
     notes=OLMO2.notes + "; full-attention blocks use no rotary positions",
+)
+
+OLMO = dataclasses.replace(
+    llama.ADAPTER,
+    family="OLMo",
+    model_types=("olmo",),
+    notes="LayerNorms without a gain or a bias in front of each sublayer; q, k and v clamped to clip_qkv where it is set",
 )
