@@ -35,6 +35,8 @@ REFUSED = {
     **{family: MAPS + "a later block differs from block 0" for family in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                                                                            "deepseek_v32", "glm_moe_dsa", "ernie4_5_moe", "exaone_moe",
                                                                            "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna")},
+    # Granite scales each branch before it lands (residual_multiplier): the sum of the raw branches does not hold.
+    "granite": "its inferred adapter does not hold: resid_mid = resid_in + attn_out at block 0",
     # Gemma-4's per-layer input writes the stream beside attention and the MLP: a branch no inferred piece holds.
     "gemma4": "its inferred adapter does not hold: resid_out = resid_mid + mlp_out at block 0",
 }
