@@ -9,6 +9,7 @@ problem is one ``UsageError`` line that names the field (``report.json: field or
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -29,6 +30,7 @@ from ..analysis.results import CorpusSpec, Report
 from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
 from ..analysis.trigger.results import PreActivationSplit
 from ..errors import UsageError
+from ..fields import default_of, is_optional
 from ..models.info import ModelInfo
 from ..settings import DTYPES, MAX_COUNT, Criterion
 from ..sites import STREAMS
@@ -327,6 +329,9 @@ def _object(kind: type, data, path: str, scope: Scope):
     built = {}
     for name in fields:
         where = f"{path}.{name}" if path else name
+        if name not in data and is_optional(fields[name]):  # a field newer than the file: its default
+            built[name] = default_of(fields[name])
+            continue
         if name not in data:
             raise _Bad("", message=f"no field {where}")
         built[name] = _build(hints[name], data[name], where, scope, _check_for(kind, name))
@@ -386,9 +391,22 @@ def finite(value):
     return value
 
 
+def _as_data(value):
+    """``dataclasses.asdict`` that leaves out the optional fields (``massact.fields``) holding their default."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _as_data(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (is_optional(f) and getattr(value, f.name) == default_of(f))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_data(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _as_data(item) for key, item in value.items()}
+    return copy.deepcopy(value)
+
+
 def to_data(obj, head: dict | None = None) -> dict:
-    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null."""
-    return finite({**(head or {}), **dataclasses.asdict(obj)})
+    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null; an optional
+    field holding its default is left out."""
+    return finite({**(head or {}), **_as_data(obj)})
 
 
 def _text(data) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from ...errors import UsageError
-from . import apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln
+from . import apertus, cohere, gemma2, gpt2, hybrid, hyper, llama, moe, olmo, parallel, phi, postln
 from .base import Adapter
 
 GROUP = "massact.adapters"  # the entry point group other packages register adapters under
@@ -54,6 +54,9 @@ ADAPTERS: tuple[Adapter, ...] = (
     moe.QWEN3_5_MOE,
     moe.QWEN3_5_MOE_MULTIMODAL,
     gemma2.GEMMA3_MULTIMODAL,
+    hyper.DEEPSEEK_V4,
+    hyper.HY_V4,
+    hyper.QWEN4_EXP,
 )
 
 
@@ -83,7 +86,7 @@ def _named(entry: Registered) -> str:
 
 
 def _built_in() -> tuple[Registered, ...]:
-    modules = (apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln)
+    modules = (apertus, cohere, gemma2, gpt2, hybrid, hyper, llama, moe, olmo, parallel, phi, postln)
     names = {id(value): f"{module.__name__}.{name}"
              for module in modules for name, value in vars(module).items() if isinstance(value, Adapter)}
     return tuple(Registered(adapter=adapter, source=names[id(adapter)]) for adapter in ADAPTERS)
