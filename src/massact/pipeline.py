@@ -281,7 +281,8 @@ def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, tor
     for line in lines:
         after = {line.born_at + 1} if line.born_at + 1 < len(line.steps) else set()
         layers = sorted({layer for layer, _ in writers(line)} | after)
-        origins += stream_origins(lm, inputs[line.text], line.text, line.position, [(layer, int(line.stream[1:]), line.dim) for layer in layers])
+        stream = int(line.stream[1:])
+        origins += stream_origins(lm, inputs[line.text], line.text, line.position, [(layer, stream, line.dim) for layer in layers])
     if findings.dims:
         warnings.append("hyper-connections: the origin is split through the streams' write and mixing weights "
                         "(mechanism.streams); the sublayers' anatomy, neurons, experts and super weights are not traced yet")

@@ -31,7 +31,7 @@ Qwen4-exp (``attn_hyper_connection`` and ``mlp_hyper_connection``, a gated resid
 import dataclasses
 
 from . import hybrid, llama, moe
-from .base import Adapter, Connection, Experts, HyperConnections, Mlp, Moe, Router, Variant, layer_types
+from .base import Connection, Experts, HyperConnections, Mlp, Moe, Router, Variant, layer_types
 
 _HC_NOTE = ("hyper-connections: the residual is N streams; each sublayer reads a learned, input-dependent combination of "
             "them and writes its output into every stream with a weight")
