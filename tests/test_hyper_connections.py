@@ -63,9 +63,9 @@ def test_streams_add_up_against_transformers(family, tokenizer):
     position = text.shape[1] - 1
     probes = probe_streams(lm, text, list(range(4)), [0, position])
     for layer, probe in probes.items():
-        mid = torch.einsum("pjk,pjd->pkd", probe["attn_mix"], probe["resid_in"]) + probe["attn_write"][..., None] * probe["attn_out"][:, None]
-        end = torch.einsum("pjk,pjd->pkd", probe["mlp_mix"], probe["resid_mid"]) + probe["mlp_write"][..., None] * probe["mlp_out"][:, None]
-        assert _close(mid, probe["resid_mid"]) and _close(end, probe["resid_out"]), layer
+        for part, before, after in (("attn", "resid_in", "resid_mid"), ("mlp", "resid_mid", "resid_out")):
+            mixed = torch.einsum("pjk,pjd->pkd", probe[f"{part}_mix"], probe[before])
+            assert _close(mixed + probe[f"{part}_write"][..., None] * probe[f"{part}_out"][:, None], probe[after]), (layer, part)
 
 
 @torch.no_grad()
@@ -181,4 +181,5 @@ def test_the_chain_on_deepseek_v4(tokenizer, tmp_path, capsys, monkeypatch):
     assert data["findings"]["dims"][0]["streams"] == ["s2", "read"] and data["mechanism"]["streams"][0]["stream"] == "s2"
     report = load_report(out)
     assert report.findings.massive[0].stream == "s2" and report.deploy.quantization.dim == DIM
-    assert report.causal.verification is not None
+    zero = next(i for i in report.causal.verification.interventions if i.target == f"zero {LAYER}:[{DIM}]")
+    assert zero.value_birth == 0.0 and not zero.still_massive  # zeroed in stream s2, where it is massive

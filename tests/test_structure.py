@@ -13,7 +13,8 @@ import massact
 SRC = Path(massact.__file__).parent
 # Each layer may import the layers before it, never one after it.
 ORDER = ["settings", "models", "capture", "analysis", "report", "pipeline", "track", "cli"]
-BASE = {"errors", "sites", "numbers", "launch", "texts", "writes", "__init__", "__main__", "masks", "data"}  # shared by every layer
+# shared by every layer
+BASE = {"errors", "sites", "numbers", "fields", "launch", "texts", "writes", "__init__", "__main__", "masks", "data"}
 # Jupyter's view of a Report renders the page's summary card: imported inside ``_repr_html_`` only when it is called.
 ALLOWED_UP = {("analysis/results.py", "report.html")}
 
@@ -170,6 +171,7 @@ def test_every_adapter_declares_each_module_once():
 def _configs(model_type: str):
     """The model type's default config, and one per boolean field flipped (the fields a variant's ``when`` reads)."""
     import transformers
+    from huggingface_hub.errors import StrictDataclassClassValidationError
 
     config = transformers.AutoConfig.for_model(model_type)
     yield config
@@ -177,7 +179,11 @@ def _configs(model_type: str):
         if isinstance(value, bool):
             yield transformers.AutoConfig.for_model(model_type, **{name: not value})
     if getattr(config, "num_experts", None):
-        yield transformers.AutoConfig.for_model(model_type, num_experts=0)
+        try:
+            dense = transformers.AutoConfig.for_model(model_type, num_experts=0)
+        except StrictDataclassClassValidationError:  # a config with no dense variant (Qwen4-exp's wants num_experts > 0)
+            return
+        yield dense
 
 
 def test_no_config_of_a_registered_model_type_matches_two_adapters():
