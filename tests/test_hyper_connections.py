@@ -125,6 +125,8 @@ def test_a_value_planted_in_one_stream(family, tokenizer):
     assert {m.stream for m in report.findings.massive} == set(streams) and {m.position for m in report.findings.massive} == {0}
     stats = report.findings.layers[LAYER]
     assert [s.stream for s in stats.streams] == ["s0", "s1", "s2", "s3", "read"] and stats.top[0].stream == "s2"
+    entry = next(m for m in report.findings.massive if m.layer == LAYER and m.stream == "s2")
+    assert entry.ratio == pytest.approx(abs(entry.value) / stats.streams[STREAM].median, rel=1e-9)  # against its stream's median
     (line,) = report.mechanism.lifelines
     assert line.stream == "s2" and line.steps[LAYER].phase == "birth" and line.steps[LAYER].writer == "mlp"
     birth, carried = report.mechanism.streams[:2]
@@ -183,3 +185,15 @@ def test_the_chain_on_deepseek_v4(tokenizer, tmp_path, capsys, monkeypatch):
     assert report.findings.massive[0].stream == "s2" and report.deploy.quantization.dim == DIM
     zero = next(i for i in report.causal.verification.interventions if i.target == f"zero {LAYER}:[{DIM}]")
     assert zero.value_birth == 0.0 and not zero.still_massive  # zeroed in stream s2, where it is massive
+
+
+def test_stream_fields_are_optional_in_the_json():
+    """The stream fields are written only where a state has several streams, and a file without them (every report of
+    a one-stream model, version 2 as before) reads them as their defaults."""
+    from massact.analysis.detect.results import Massive
+    from massact.report.schema import read, to_data
+
+    one = Massive(layer=1, text=0, position=0, token="<s>", dim=20, value=300.0, ratio=5000.0)
+    assert "stream" not in to_data(one) and read(Massive, to_data(one), "report.json").stream == ""
+    several = Massive(layer=1, text=0, position=0, token="<s>", dim=20, value=300.0, ratio=5000.0, stream="s2")
+    assert to_data(several)["stream"] == "s2" and read(Massive, to_data(several), "report.json") == several
