@@ -42,7 +42,7 @@ def test_streams_add_up_against_transformers(family, tokenizer):
     adapter = lm.adapter
     assert adapter is adapter_for(lm.model.config) and adapter.streams(lm.config) == STREAMS
     ids, mask = pad_batch([tokenizer(text, return_tensors="pt").input_ids for text in TEXTS])
-    sites = [(layer, site) for layer in range(4) for site in ("resid_in", "resid_out", "resid_out.s2")]
+    sites = [(layer, site) for layer in range(4) for site in ("resid_in", "resid_out", "resid_out.s2", "mlp_read", "mlp_in")]
     final = {}
     with torch.no_grad(), Trace(lm.model, adapter, sites) as trace, tap_final(lm.model, adapter, lambda t: final.update(read=t.clone())):
         out = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -55,6 +55,11 @@ def test_streams_add_up_against_transformers(family, tokenizer):
         assert torch.equal(trace[layer, "resid_out.s2"], trace[layer, "resid_out"][..., 2, :])
         if layer:
             assert torch.equal(trace[layer - 1, "resid_out"], trace[layer, "resid_in"])
+        # the MLP reads its combination through its norm (read at the norm's input), or as it is (Qwen4-exp)
+        path, direction = adapter.sites["mlp_read"]
+        with torch.no_grad():
+            read = adapter.module(lm.model, layer, path)(trace[layer, "mlp_read"]) if direction == "in" else trace[layer, "mlp_read"]
+        assert _close(read[real], trace[layer, "mlp_in"][real])
     norm = adapter.hyper.final_norm
     with torch.no_grad():
         last = adapter.base(lm.model).get_submodule(norm)(final["read"]) if norm else final["read"]
