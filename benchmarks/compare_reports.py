@@ -1,7 +1,7 @@
 """Compare two report.json files field by field: everything but floats must be identical, floats may differ by a
 relative tolerance (float noise from batching and from running passes from a block on), and so may the numbers
 printed inside a sentence (the conclusion's), the words around them being identical. Both files are read and checked by
-massact's schema first.
+massact's schema first, a version 1 report converted to the current version.
 
     .venv/bin/python benchmarks/compare_reports.py /tmp/base-report/report.json massact-report/report.json
     .venv/bin/python benchmarks/compare_reports.py A B --rel 1e-4 --ignore versions,settings
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from massact.errors import UsageError
-from massact.report.schema import parse, read_report
+from massact.report.schema import parse, read_report, to_data
 
 IGNORED = ("versions", "settings", "seconds", "device")  # what a run records about itself, not about the model
 
@@ -79,9 +79,9 @@ def main() -> int:
     parser.add_argument("--ignore", default=",".join(IGNORED), help=f"fields to skip, comma-separated (default {','.join(IGNORED)})")
     parser.add_argument("--show", type=int, default=40, help="differences to print at most")
     args = parser.parse_args()
-    a, b = (parse(p, "a massact report") for p in (args.first, args.second))
-    for path, data in ((args.first, a), (args.second, b)):
-        read_report(data, str(path))  # each checked by the schema before its fields are compared
+    # Each read and checked by the schema (a version 1 report converted to the current version), then compared as
+    # the current version writes it.
+    a, b = (to_data(read_report(parse(path, "a massact report"), str(path))) for path in (args.first, args.second))
     found = list(differences(a, b, args.rel, set(filter(None, args.ignore.split(",")))))
     exact = [d for d in found if d[3] == math.inf]
     beyond = [d for d in found if args.rel < d[3] < math.inf]

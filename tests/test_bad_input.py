@@ -103,7 +103,7 @@ def test_a_50_mb_line_is_refused_with_bounded_memory(model_dir, tmp_path):
     with pytest.raises(UsageError, match="a paragraph of"):
         list(Corpus(file=str(paragraph)))
     with pytest.raises(UsageError, match="text 2 is longer than"):
-        list(Corpus(("Short.", "x" * (MAX_TEXT_CHARS + 1))))
+        list(Corpus(texts=("Short.", "x" * (MAX_TEXT_CHARS + 1))))
 
 
 # Smaller ones

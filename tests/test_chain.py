@@ -1,5 +1,5 @@
-"""What the tool writes, the tool reads: scan -> verify DIR -> quant DIR -> compare, chained as README shows them, on
-the planted sandwich-norm, post-LN, parallel and mixture-of-experts models, every family of 2025-2026 (reordered
+"""What the tool writes, the tool reads: scan -> verify DIR -> quant DIR -> compare -> profile DIR, chained as README shows them, on
+the planted sandwich-norm, post-LN, parallel and mixture-of-experts models, the newer dense and hybrid families (reordered
 norms, hybrids, NoPE blocks, a multimodal Gemma-3), and on the default model."""
 
 import json
@@ -10,7 +10,7 @@ from conftest import FAMILIES, MOE_FAMILIES
 from massact.analysis.deploy import quant
 from massact.analysis.deploy.quant import Setting
 from massact.cli import main
-from massact.report.schema import load_report
+from massact.report.schema import load_profile, load_report
 from test_families import DIM, LAYER, NEURON, planted, planted_moe
 
 QUIET = ["--format", "json,txt", "--quiet"]
@@ -31,12 +31,13 @@ def one_setting(monkeypatch):
 
 
 def chain(model, out, eval_file, capsys, text: str = "Summer is warm. Winter is cold.") -> tuple[dict, dict]:
-    """The four commands on ``model`` (None: the default model); each must exit 0 with nothing on stderr. Returns
-    report.json as the scan wrote it and as the chain left it."""
+    """The five commands on ``model`` (None: the default model); each must exit 0 with nothing on stderr. Returns
+    report.json as the scan wrote it and as the chain left it; the profile is beside it, in profile.json."""
     steps = [["scan", *([model] if model else []), "--text", text, "--no-verify", "--out", out, *QUIET],
              ["verify", out, "--eval-file", eval_file, *QUIET],
              ["quant", out, "--eval-file", eval_file, *QUIET],
-             ["compare", out, out, "--out", out.parent / "compare"]]
+             ["compare", out, out, "--out", out.parent / "compare"],
+             ["profile", out, "--quiet"]]
     scanned = None
     capsys.readouterr()  # what the test printed itself (saving the model)
     for step in steps:
@@ -62,6 +63,10 @@ def test_the_chain_on_every_kind_of_block(family, tokenizer, tmp_path, eval_file
         assert report.mechanism.attribution[0].neurons[0].neuron == NEURON
     page = (tmp_path / "compare" / "compare.html").read_text(encoding="utf-8")
     assert f"{DIM} (block {LAYER}" in page
+    profile = load_profile(tmp_path / "report" / "profile.json")  # the report's texts and criterion, read back checked
+    born = profile.blocks[LAYER]
+    assert DIM in born.dims and born.massive_tokens > 0 and "position 0" in born.carriers
+    assert [b.layer for b in profile.massive_blocks()][0] == LAYER
 
 
 def test_the_chain_on_the_default_model(tmp_path, eval_file, capsys, one_setting):

@@ -168,8 +168,8 @@ def test_super_weights_one_after_another(smol, report):
     windows = eval_windows(smol, SENTENCE)
     digest = lambda: hashlib.sha256(smol.model.get_parameter(birth.super_weight.matrix).detach().numpy().tobytes()).hexdigest()
     before = digest()
-    steps = iterate(smol, line, ids, report.findings.medians, report.findings.criterion, lambda target: perplexity(smol, windows),
-                    perplexity(smol, windows))
+    steps = list(iterate(smol, line, ids, report.findings.medians, report.findings.criterion,
+                         lambda target: perplexity(smol, windows), perplexity(smol, windows)))
     assert digest() == before  # every zeroed weight written back
     assert (steps[0].weight.row, steps[0].weight.col) == (birth.super_weight.row, birth.super_weight.col)
     assert steps[0].neuron == birth.neurons[0].neuron

@@ -45,8 +45,8 @@ def models(request, model_dir):
 
 
 def _detect(lm, batch_size: int):
-    corpus = Corpus(())
-    return detect_stage(lm, corpus, corpus.check(), ScanSettings(batch_size=batch_size), None, False, lambda *_: lambda: None).findings
+    corpus = Corpus()
+    return detect_stage(lm, corpus, corpus.check(), ScanSettings(batch_size=batch_size), None, lambda *_: lambda: None).findings
 
 
 def _eps(dtype: str) -> float:

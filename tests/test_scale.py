@@ -83,7 +83,7 @@ def test_max_texts_keeps_the_first_texts(tmp_path):
     corpus.write_text("\n".join(f"Sentence number {i}." for i in range(100)), encoding="utf-8")
     first = Corpus(file=str(corpus), max_texts=3)
     assert list(first) == ["Sentence number 0.", "Sentence number 1.", "Sentence number 2."] and first.check() == 3
-    assert Corpus(("Given.",), file=str(corpus)).check() == 101
+    assert Corpus(texts=("Given.",), file=str(corpus)).check() == 101
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from massact.analysis.results import build_protect
 from massact.errors import UsageError
 from massact.models.loading import load
 from massact.report.compare import summary
+from massact.report.mechanism import carrier_words
 from massact.report.schema import REPORT_VERSION, load_protect, load_report, read, read_report, write_protect, write_report
 from massact.report.text import to_text
 
@@ -128,7 +129,8 @@ DELETE = object()
     (("model", "name"), None, "field model.name must be a string, not null"),
     (("model", "dtype"), "float8", "field model.dtype must be one of 'float32', 'bfloat16', 'float16'"),
     (("findings", "criterion", "min_abs"), None, "field findings.criterion.min_abs must be a positive number, not null"),
-    (("corpus", "spec", "max_length"), 1, "field corpus.spec.max_length must be an integer >= 2 or null, not 1"),
+    (("corpus", "spec", "max_length"), 64, "field corpus.spec.max_length is not a field of Corpus"),
+    (("corpus", "spec", "texts", 0), 7, "field corpus.spec.texts[0] must be a string, not 7"),
     (("causal", "verification"), [], "field causal.verification must be an object or null, not []"),
     (("findings", "tokens", "x"), [], "field findings.tokens.x is not an integer key"),
 ])
@@ -283,7 +285,7 @@ V1 = Path(__file__).parent / "data" / "report_v1.json"  # the planted Llama, bui
 
 
 def _v1_dir(model_dir: Path, target: Path) -> Path:
-    """tests/data/report_v1.json in a report folder of its own, pointing at this session's planted model (the same
+    """tests/data/report_v1.json in a report folder of its own, pointing at the test run's planted model (the same
     weights, saved at another path)."""
     data = json.loads(V1.read_text(encoding="utf-8"))
     data["model"].update(name=str(model_dir), source=str(model_dir))
@@ -322,6 +324,9 @@ def test_a_version_1_report_reads_back_as_the_same_scan_made_now(model_dir, tmp_
     old.versions, new.versions = {}, {}  # the libraries that made each, not what they found
     _same(old, new)
     assert old.findings.dims[0].dim == DIM and old.mechanism.lifelines and old.causal == Causal()
+    # Version 1 stored the token-or-position words; the report words them now from the verdict and the probes.
+    stored = json.loads(V1.read_text(encoding="utf-8"))["trigger"][0]["carriers"]["summary"]
+    assert carrier_words(old.trigger[0]) == carrier_words(new.trigger[0]) == stored
 
 
 def test_verify_quant_and_compare_take_a_version_1_report(model_dir, tmp_path):

@@ -25,8 +25,17 @@ def planted(request, tokenizer):
 
 def test_verification_confirms_the_planted_neuron_and_weight(planted):
     before = weights_hash(planted.model)
-    report = massact.scan(planted, TEXTS, verify=True, eval_text=EVAL)
+    ticks: dict[str, int] = {}
+
+    def progress(stage: str, total: int | None):
+        def advance():
+            ticks[stage] = ticks.get(stage, 0) + 1
+        return advance
+
+    report = massact.scan(planted, TEXTS, verify=True, eval_text=EVAL, progress=progress)
     assert weights_hash(planted.model) == before
+    # The iterative search ticks once per weight it zeroes.
+    assert ticks["super weights, zeroed one by one"] == len(report.causal.super_weights) >= 1
 
     rows = {r.name: r for r in report.causal.verification.interventions}
     baseline = rows["none (baseline)"]

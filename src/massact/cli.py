@@ -421,7 +421,7 @@ def _corpus(args):
     if args.max_texts is not None:
         whole("max_texts", args.max_texts, 1)
     file = str(Path(args.file).resolve()) if args.file and Path(args.file).is_file() else args.file
-    return Corpus(tuple(args.text or ()), file, args.dataset, args.max_texts)
+    return Corpus(texts=tuple(args.text or ()), file=file, dataset=args.dataset, max_texts=args.max_texts)
 
 
 def _given(args, *names: str) -> dict:
@@ -450,7 +450,7 @@ def _quant(args) -> int:
     check_writable(out)  # before the slow model load and sweep
     if args.protect is not None:
         return _quant_protect(args, asked, out, formats)
-    return _run(args.target, Corpus(()), asked, out, formats, args.quiet, verify=False)
+    return _run(args.target, Corpus(), asked, out, formats, args.quiet, verify=False)
 
 
 def _quant_report(directory: Path, args, formats: set[str]) -> int:
@@ -555,14 +555,12 @@ def _verify(args) -> int:
     from .report.atomic import check_writable
     from .report.files import parse_formats
     from .report.schema import load_report
-    from .texts import Corpus
 
     saved = load_report(args.report_dir)  # every field checked while it is built
     settings = saved.settings.replace(
         verify=True, **_given(args, "sink_epsilon", "dtype", "device"),
         **({"eval_file": _eval_file(args.eval_file)} if args.eval_file else {})).check()
-    spec = saved.corpus.spec
-    texts = Corpus(tuple(spec.texts), spec.file, spec.dataset, spec.max_texts)
+    texts = saved.corpus.spec
     check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)

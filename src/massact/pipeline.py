@@ -42,7 +42,7 @@ from .analysis.mechanism.streams import stream_origins
 from .analysis.mechanism.super_experts import find_super_experts
 from .analysis.profile.build import build_profile, count_carriers
 from .analysis.profile.results import Profile
-from .analysis.results import CorpusInfo, CorpusSpec, Report, build_protect, check_report_model
+from .analysis.results import CorpusInfo, Report, build_protect, check_report_model
 from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
 from .errors import UsageError
@@ -113,12 +113,12 @@ def scan(
     if eval_text is None and settings.eval_file is not None:
         eval_text = read_eval_file(settings.eval_file)
     lm = _as_loaded(model, tokenizer, settings.dtype, settings.device)
-    corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
+    corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
     total = corpus.check()
     if settings.verify:  # an evaluation text too short for perplexity fails now, not after the scan
         eval_windows(lm, eval_text or default_eval_text())
     progress = progress or _silent
-    found = detect_stage(lm, corpus, total, settings, checkpoint, resume, progress)
+    found = detect_stage(lm, corpus, total, settings, checkpointing(lm, settings, checkpoint, resume), progress)
     if found is None:
         return None  # launched as several processes: they shared the scan, the first one explains and reports
     findings, warnings = found.findings, list(found.warnings)
@@ -182,15 +182,14 @@ def profile(
     progress = progress or _silent
     if report is not None:
         check_report_model(report, lm, "the report")
-        spec = report.corpus.spec
         if texts is None:
-            texts = Corpus(tuple(spec.texts), spec.file, spec.dataset, spec.max_texts)
+            texts = report.corpus.spec
         criterion = report.findings.criterion
-        settings = settings.replace(max_length=spec.max_length, min_abs=criterion.min_abs, min_ratio=criterion.min_ratio)
-    corpus = texts if isinstance(texts, Corpus) else Corpus(tuple(texts) if texts is not None else ())
+        settings = settings.replace(max_length=report.settings.max_length, min_abs=criterion.min_abs, min_ratio=criterion.min_ratio)
+    corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
     total = corpus.check()
     if report is None:
-        found = detect_stage(lm, corpus, total, settings.replace(verify=False), None, False, progress)
+        found = detect_stage(lm, corpus, total, settings.replace(verify=False), None, progress)
         findings = found.findings
     else:
         findings = report.findings
@@ -213,19 +212,23 @@ class Detection:
     experts: tuple[torch.Tensor, torch.Tensor] | None = None  # each expert's largest |output|: routed, shared
 
 
-def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSettings, checkpoint: Path | None,
-                 resume: bool, progress: Progress) -> Detection | None:
-    """The corpus pass (streamed, batched, resumable, shared by several processes), then the massive entries and
-    dims. None on every process but the first of a multi-process launch."""
+def checkpointing(lm: LoadedModel, settings: ScanSettings, path: Path | None, resume: bool) -> Checkpointing | None:
+    """Where the corpus pass saves its state (None: nowhere), and the identity a resumed pass must match."""
+    if path is None:
+        return None
+    identity = scan_identity(lm, top_k=settings.top_k, min_abs=settings.min_abs, min_ratio=settings.min_ratio,
+                             max_length=settings.max_length, batch_size=settings.batch_size)
+    return Checkpointing(path=path, every=settings.checkpoint_every, resume=resume, identity=identity)
+
+
+def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSettings, state: Checkpointing | None,
+                 progress: Progress) -> Detection | None:
+    """The corpus pass (streamed, batched, resumable through ``state``, shared by several processes), then the
+    massive entries and dims. None on every process but the first of a multi-process launch."""
     # Without --max-length a window is a text, so the number of texts is the number of forward passes.
     advance = progress("forward passes over the texts", total if settings.max_length is None else None)
     counts = Counts()
     stream = (window.ids for window in windows(lm, corpus, settings.max_length, counts))
-    state = None if checkpoint is None else Checkpointing(path=checkpoint, every=settings.checkpoint_every, resume=resume,
-                                                          identity=scan_identity(lm, top_k=settings.top_k, min_abs=settings.min_abs,
-                                                                                min_ratio=settings.min_ratio,
-                                                                                max_length=settings.max_length,
-                                                                                batch_size=settings.batch_size))
     layer_scan = scan_layers(lm, stream, on_window=lambda _: advance(), batch_size=settings.batch_size, state=state)
     rank, world = distributed_rank()
     if world > 1:
@@ -244,9 +247,7 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
     split = counts.split_warning(settings.max_length)
     warnings = scan_warnings(layer_scan, massive) + ([split] if split else [])
     n_tokens = round(layer_scan.histograms[0].total / lm.config.hidden_size)
-    spec = CorpusSpec(texts=list(corpus.texts), file=corpus.file, dataset=corpus.dataset, max_texts=corpus.max_texts,
-                      max_length=settings.max_length)
-    corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=spec)
+    corpus_info = CorpusInfo(source=corpus.describe(), texts=counts.texts, windows=counts.windows, tokens=n_tokens, spec=corpus)
     findings = Findings(texts=texts, tokens=tokens, criterion=criterion, layers=layers, massive=massive,
                         dims=group_dims(massive, len(layers)))
     return Detection(findings=findings, inputs=inputs, corpus=corpus_info, warnings=warnings, experts=layer_scan.experts)
@@ -314,7 +315,10 @@ def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settin
     evaluation = evaluation_for(lm, text, findings, mechanism)
     causal = Causal(verification=verify_by_intervention(lm, inputs, findings, mechanism, evaluation, progress("interventions", None)))
     causal.attention = sink_analysis(lm, inputs, findings, settings.sink_epsilon, replacement_values(findings.dims, findings.massive))
-    causal.super_weights = all_super_weights(lm, inputs, evaluation, findings, mechanism, settings)
+    advance = progress("super weights, zeroed one by one", None)
+    for step in all_super_weights(lm, inputs, evaluation, findings, mechanism, settings):
+        causal.super_weights.append(step)
+        advance()
     if mechanism.super_experts is not None:  # a mixture of experts: its super experts pruned, against a random control
         causal.expert_pruning = prune_super_experts(lm, inputs, evaluation, findings, mechanism, settings)
     return causal, []

@@ -151,11 +151,12 @@ def iter_dataset(spec: str) -> Iterator[str]:
     return (text for text in values if isinstance(text, str) and text.strip())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Corpus:
     """The texts to scan, read lazily each time the corpus is iterated: the given ``texts``, then the file's, then
     the dataset's, the first ``max_texts`` in all; the built-in sentences when none is given. Memory does not grow
-    with the corpus: nothing is kept between iterations."""
+    with the corpus: nothing is kept between iterations. A report keeps it (``CorpusInfo.spec``) to read the same
+    texts again."""
 
     texts: tuple[str, ...] = ()
     file: str | None = None

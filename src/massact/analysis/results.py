@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..models.info import ModelInfo
 from ..settings import ScanSettings
+from ..texts import Corpus
 from .causal.results import Causal
 from .deploy.results import Deploy, Protect
 from .detect.results import Findings
@@ -19,28 +20,16 @@ if TYPE_CHECKING:
 
 
 @dataclass(kw_only=True)
-class CorpusSpec:
-    """How to read the corpus again: the given texts, a file, a dataset, at most ``max_texts`` texts, windows of at
-    most ``max_length`` tokens (None: texts longer than the context are refused)."""
-
-    texts: list[str]
-    file: str | None
-    dataset: str | None
-    max_texts: int | None
-    max_length: int | None
-
-
-@dataclass(kw_only=True)
 class CorpusInfo:
     """What was scanned: where the texts came from, how many texts, windows (forward passes) and real tokens, and
-    the settings that read it again (``massact verify`` re-runs the scan from them)."""
+    the corpus that reads it again (``massact verify`` re-runs the scan from it, in windows of the settings'
+    ``max_length``)."""
 
     source: str
     texts: int
     windows: int
     tokens: int
-    spec: CorpusSpec
-
+    spec: Corpus
 
 
 @dataclass(kw_only=True, slots=True)  # slots: a stale flat name (report.dims = ...) fails, not sets

@@ -116,7 +116,7 @@ def instrumented(lm: LoadedModel, maxima: ExpertMaxima | None = None, transform:
                 if transform is not None:
                     handles.append(experts.register_forward_pre_hook(lambda m, args: (transform(args[0], None), *args[1:])))
             else:  # fused experts: run through experts_forward
-                experts._massact = (maxima, layer, transform)
+                experts._massact = (maxima, layer, transform, moe.experts)
                 instrumented_modules.append(experts)
             if moe.shared and maxima is not None:
                 handles.append(block.get_submodule(moe.shared.path).register_forward_hook(
@@ -130,12 +130,19 @@ def instrumented(lm: LoadedModel, maxima: ExpertMaxima | None = None, transform:
             experts.__dict__.pop("_massact", None)
 
 
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """x through one expert's projection, stored [out, in] (F.linear) or, transposed, [in, out] (x @ W)."""
+    if not transposed:
+        return F.linear(x, weight, bias)
+    return x @ weight + bias if bias is not None else x @ weight
+
+
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The fused experts' forward: each expert on its tokens (fused gate and up, the module's own gate function, down,
-    with the module's layout flags), times its router weight, summed: the computation of transformers' eager loop. It
-    keeps each expert's largest |output| before the weight, and transforms its inputs and activations, as
+    """The fused experts' forward: each expert on its tokens (gate and up, the module's own gate function, down, laid
+    out as the adapter's ``Experts`` declares), times its router weight, summed: the computation of transformers' eager
+    loop. It keeps each expert's largest |output| before the weight, and transforms its inputs and activations, as
     ``instrumented`` asks."""
-    maxima, layer, transform = self._massact
+    maxima, layer, transform, layout = self._massact
     out = torch.zeros_like(hidden_states)
     for expert in top_k_index.unique().tolist():
         if expert >= self.num_experts:  # an expert-parallel sentinel
@@ -143,18 +150,14 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
         tokens, slot = torch.where(top_k_index == expert)
         x = hidden_states[tokens]
         x = transform(x, tokens) if transform is not None else x
-        if self.has_gate:
-            weight, bias = self.gate_up_proj[expert], self.gate_up_proj_bias[expert] if self.has_bias else None
-            fused = x @ weight + (bias if bias is not None else 0) if self.is_transposed else F.linear(x, weight, bias)
-            h = self._apply_gate(fused)
+        if layout.gated:
+            bias = self.gate_up_proj_bias[expert] if layout.biases else None
+            h = self._apply_gate(_project(x, self.gate_up_proj[expert], bias, layout.transposed))
         else:
-            weight, bias = self.up_proj[expert], self.up_proj_bias[expert] if self.has_bias else None
-            h = self.act_fn(x @ weight + (bias if bias is not None else 0) if self.is_transposed else F.linear(x, weight, bias))
+            bias = self.up_proj_bias[expert] if layout.biases else None
+            h = self.act_fn(_project(x, self.up_proj[expert], bias, layout.transposed))
         h = transform(h, tokens) if transform is not None else h
-        down, bias = self.down_proj[expert], self.down_proj_bias[expert] if self.has_bias else None
-        y = h @ down + (bias if bias is not None else 0) if self.is_transposed else F.linear(h, down, bias)
-        if self.has_post_expert_norm:
-            y = self.post_expert_norm(y)
+        y = _project(h, self.down_proj[expert], self.down_proj_bias[expert] if layout.biases else None, layout.transposed)
         if maxima is not None:
             maxima.keep(layer, expert, y, tokens)
         out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).to(out.dtype))

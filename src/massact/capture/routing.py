@@ -171,11 +171,10 @@ def split_gate_up(moe: MoeBlock, fused: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def activate(moe: MoeBlock, fused: torch.Tensor) -> torch.Tensor:
-    """The neurons' activations from the fused gate-and-up pre-activations [..., 2 d_mlp]: the expert module's own gate
-    function where it has one, else act_fn(gate) x up."""
-    apply = getattr(moe.experts, "_apply_gate", None)
-    if apply is not None:
-        return apply(fused)
+    """The neurons' activations from the fused gate-and-up pre-activations [..., 2 d_mlp]: the fused experts module's
+    own gate function; stacked experts compute act_fn(gate) x up in their forward (see ``Experts``)."""
+    if not moe.spec.experts.stacked:
+        return moe.experts._apply_gate(fused)
     gate, up = split_gate_up(moe, fused)
     return moe.experts.act_fn(gate) * up
 

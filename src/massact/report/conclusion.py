@@ -8,6 +8,7 @@ from ..analysis.mechanism.results import ExpertPruning, Lifeline, MoeAttribution
 from ..analysis.results import Report
 from ..analysis.trigger.results import Trigger
 from ..numbers import short
+from .mechanism import CARRIER_VERDICTS
 
 # Said in the warnings where a scan cannot verify: an encoder whose tokenizer has no mask token to score with.
 NO_MASK_TOKEN = "verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured"
@@ -233,7 +234,7 @@ def _trigger_words(trigger: Trigger) -> list[tuple[str, str]]:
             step += ", straight from the token"
         out.append(("chain", step + "."))
     if trigger.carriers is not None:
-        out.append(("carriers", f"It is {trigger.carriers.summary.split(':')[0]}."))
+        out.append(("carriers", f"It is {CARRIER_VERDICTS[trigger.carriers.verdict].split(':')[0]}."))
     patch = next((p for p in trigger.patching if p.replacement != "zero"), None)
     if patch is not None:
         out.append(("patching", f"Replacing {patch.source}'s output there by its mean over the other tokens changes the {name(first)} "

@@ -121,6 +121,25 @@ def router_words(r: RouterTrigger) -> str:
             f"experts; it also sends {r.others_routed:.0%} of the other tokens there")
 
 
+CARRIER_VERDICTS = {"position": "the position, not the token", "token": "the token, not the position",
+                    "both": "the token and the position both carry it",
+                    "context": "neither the token nor the position alone: it depends on the text"}
+
+
+def carrier_words(t: Trigger) -> str:
+    """The token-or-position verdict for ``t``'s dim, the two probes behind it and where the scan saw the dim."""
+    c = t.carriers
+    probes = (f"at block {c.probe_layer}, with {c.swapped_token!r} put at position {t.position} it carries {c.swapped:+,.1f} there "
+              f"({'massive' if c.swapped_massive else 'not massive'}), and {t.token!r} moved to position {t.position + 1} "
+              f"carries {c.moved:+,.1f} ({'massive' if c.moved_massive else 'not massive'})")
+    distinct = len(c.first_tokens)
+    seen = (f"the scan saw it at the first position of {c.first_position_texts} of {c.texts} texts "
+            f"({distinct} different first token{'s' if distinct != 1 else ''})")
+    later = ", ".join(f"{token!r} x{count}" for token, count in c.other_positions[:4])
+    seen += f" and at later positions ({later})" if later else " and at no later position"
+    return f"{CARRIER_VERDICTS[c.verdict]}: {probes}; {seen}"
+
+
 def _attends(link: ChainLink) -> str:
     if not link.attends:
         return ""
@@ -143,7 +162,7 @@ def trigger_tables(style: Style, report: Report) -> list:
         if t.router is not None:
             out.append(Text(router_words(t.router) + "."))
         if t.carriers is not None:
-            out.append(Text(f"Token or position for dim {t.dim}: {t.carriers.summary}."))
+            out.append(Text(f"Token or position for dim {t.dim}: {carrier_words(t)}."))
         if t.patching:
             out += _patch_table(style, t)
         out += [Text(f"- {w}") for w in t.warnings]

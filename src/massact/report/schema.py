@@ -26,14 +26,15 @@ from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedW
 from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
 from ..analysis.mechanism.results import PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Phase, Place
 from ..analysis.profile.results import BlockProfile, Profile, Rule
-from ..analysis.results import CorpusSpec, Report
+from ..analysis.results import Report
 from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
-from ..analysis.trigger.results import PreActivationSplit
+from ..analysis.trigger.results import VERDICTS, Carriers, PreActivationSplit
 from ..errors import UsageError
 from ..fields import default_of, is_optional
 from ..models.info import ModelInfo
-from ..settings import DTYPES, MAX_COUNT, Criterion
+from ..settings import DTYPES, MAX_COUNT, Criterion, ScanSettings
 from ..sites import STREAMS
+from ..texts import Corpus
 
 PROFILE_FORMAT, PROFILE_VERSION = "massact-profile", 1
 TRACK_FORMAT, TRACK_VERSION = "massact-track", 1
@@ -103,8 +104,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (ModelInfo, "d_model"): _at_least(1),
     (ModelInfo, "dtype"): _one_of(tuple(DTYPES)),
     (ModelInfo, "stream"): _one_of(STREAMS),
-    (CorpusSpec, "max_texts"): _at_least(1),
-    (CorpusSpec, "max_length"): _at_least(2),
+    (Corpus, "max_texts"): _at_least(1),
     (Criterion, "min_abs"): _positive(),
     (Criterion, "min_ratio"): _positive(),
     (LayerStats, "layer"): _LAYER,
@@ -128,6 +128,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (LifelineStep, "phase"): _one_of(("",) + PHASES),
     (LifelineStep, "writer"): _one_of(WRITERS),
     (Phase, "name"): _one_of(PHASES),
+    (Carriers, "verdict"): _one_of(VERDICTS),
     (Phase, "writer"): _one_of(("",) + WRITERS),
     (PreActivationSplit, "site"): _one_of(("mlp_gate", "mlp_up")),  # the MLP's input projections, as decompose splits them
     (MonitorRecord, "step"): _at_least(0),
@@ -340,7 +341,7 @@ def _object(kind: type, data, path: str, scope: Scope):
         if kind is Findings and name == "texts":
             scope.windows = set(built[name])
     obj = kind(**built)
-    if callable(getattr(obj, "check", None)):  # a dataclass that checks itself (ScanSettings): the same rules as its writer
+    if kind is ScanSettings:  # the settings check themselves: the same rules as their writer
         try:
             obj.check()
         except UsageError as error:
@@ -448,9 +449,17 @@ def from_version_1(data: dict) -> dict:
     field version 1 did not have stays where it is, so that the reader names it."""
     flat = {**{k: v for k, v in _V1_DEFAULTS.items() if k not in data}, **data}
     nested: dict = {name: flat.pop(name) for name in ("model", "corpus", "settings") if name in flat}
+    # Version 1's corpus spec repeated the settings' max_length; version 2 keeps it in the settings alone.
+    corpus = nested.get("corpus")
+    if isinstance(corpus, dict) and isinstance(corpus.get("spec"), dict):
+        nested["corpus"] = {**corpus, "spec": {k: v for k, v in corpus["spec"].items() if k != "max_length"}}
     for stage, names in _V1_STAGES.items():
         nested[stage] = {new: flat.pop(old) for old, new in names if old in flat}
+    # Version 1 stored the token-or-position verdict's words; version 2 words it in the report from the verdict.
     nested["trigger"] = flat.pop("trigger")
+    if isinstance(nested["trigger"], list):
+        nested["trigger"] = [{**t, "carriers": {k: v for k, v in t["carriers"].items() if k != "summary"}}
+                             if isinstance(t, dict) and isinstance(t.get("carriers"), dict) else t for t in nested["trigger"]]
     supers = nested["mechanism"].get("super_experts")
     pruning = []
     if isinstance(supers, dict) and "pruning" in supers:

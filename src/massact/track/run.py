@@ -119,11 +119,9 @@ def check_done(folder: Path, checkpoint: Checkpoint, texts: Corpus, settings: Sc
     from ..models.loading import load
 
     saved = read_report(folder)
-    spec = saved.corpus.spec
     made = {key: value for key, value in asdict(saved.settings).items() if key != "device"}
     wanted = {key: value for key, value in asdict(settings).items() if key != "device"}
-    same = (list(spec.texts), spec.file, spec.dataset, spec.max_texts) == (list(texts.texts), texts.file, texts.dataset,
-                                                                          texts.max_texts) and made == wanted
+    same = saved.corpus.spec == texts and made == wanted
     if not same:
         raise UsageError(f"{folder} holds a report made with other texts or settings; remove it or choose another --out")
     lm = load(checkpoint.target, dtype=settings.dtype, device=settings.device, log=lambda _: None)

@@ -107,9 +107,8 @@ def step_of(folder: Path) -> int | None:
 
 def shape(config) -> tuple[str, int, int]:
     """What must agree across a track for dims to be matched by index: the model type, the width and the depth."""
-    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    return config.model_type, width, depth
+    # transformers' configs answer the common names whatever their own (GPT-2's n_embd is its hidden_size).
+    return config.model_type, getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
 
 
 def describe(found: tuple[str, int, int]) -> str:

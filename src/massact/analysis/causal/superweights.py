@@ -3,7 +3,7 @@ weight of the top contributor of what is left, zero it too, until the dim is no 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from functools import partial
 
@@ -24,14 +24,12 @@ MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
 
 @torch.no_grad()
 def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: list[float], criterion: Criterion,
-            score: Callable[[str], float], baseline: float, steps: int = MAX_STEPS,
-            step_done: Callable[[], None] = lambda: None) -> list[SuperWeightStep]:
-    """The dim's super weights in the order the search finds them, at its birth block and main carrier; ``score`` is
-    the verification's perplexity (exp of the masked-LM loss for an encoder), given the target the weights zeroed so
-    far spell (the first alone is the verification's super-weight row: measured once). Every weight is written back,
-    bit for bit, when the search ends."""
+            score: Callable[[str], float], baseline: float, steps: int = MAX_STEPS) -> Iterator[SuperWeightStep]:
+    """The dim's super weights in the order the search finds them (each yielded as it is found), at its birth block
+    and main carrier; ``score`` is the verification's perplexity (exp of the masked-LM loss for an encoder), given the
+    target the weights zeroed so far spell (the first alone is the verification's super-weight row: measured once).
+    Every weight is written back, bit for bit, when the search ends (the iterator is exhausted or closed)."""
     layer, position, dim = line.born_at, line.position, line.dim
-    found: list[SuperWeightStep] = []
     zeroed: list[float] = []  # |w| of the weights zeroed so far, to rank the next one in the unmodified matrix
     targets: list[str] = []
     with ExitStack() as stack:
@@ -49,27 +47,23 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
             still = any(criterion.is_massive(values[block], medians[block]) for block in (layer, line.peak_layer))
             targets.append(f"weight {weight.matrix}{[weight.row, weight.col]}")
             ppl = score(" + ".join(targets))
-            step_done()
-            found.append(SuperWeightStep(dim=dim, layer=layer, step=step, neuron=int(toward.argmax()), weight=weight,
-                                         value_birth=values[layer], value_peak=values[line.peak_layer], still_massive=still,
-                                         perplexity=ppl, perplexity_ratio=ppl / baseline))
+            yield SuperWeightStep(dim=dim, layer=layer, step=step, neuron=int(toward.argmax()), weight=weight,
+                                  value_birth=values[layer], value_peak=values[line.peak_layer], still_massive=still,
+                                  perplexity=ppl, perplexity_ratio=ppl / baseline)
             if not still:
                 break
-    return found
 
 
 def all_super_weights(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluation: Evaluation, findings: Findings,
-                      mechanism: Mechanism, settings: ScanSettings) -> list[SuperWeightStep]:
+                      mechanism: Mechanism, settings: ScanSettings) -> Iterator[SuperWeightStep]:
     """The iterative search, at most ``settings.super_weight_steps`` weights per dim, for every dim whose birth a dense
     MLP writes at its main carrier (a birth attribution of the ``mechanism`` there: attention and experts have no
     single down projection to search), scored as the verification is (``evaluation``: the verification's, to reuse
-    its passes), against the unmodified model's score. Every weight zeroed is in the birth block, so each score runs
-    from there on."""
+    its passes), against the unmodified model's score, each step yielded as it is found. Every weight zeroed is in the
+    birth block, so each score runs from there on."""
     attribution, medians, criterion, baseline = mechanism.attribution, findings.medians, findings.criterion, evaluation.baseline
     steps = settings.super_weight_steps
-    found = []
     for line in mechanism.lifelines:
         if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in attribution):
-            found += iterate(lm, line, inputs[line.text], medians, criterion, partial(evaluation.score, line.born_at), baseline,
-                             steps)
-    return found
+            yield from iterate(lm, line, inputs[line.text], medians, criterion, partial(evaluation.score, line.born_at),
+                               baseline, steps)

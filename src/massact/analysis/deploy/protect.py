@@ -33,7 +33,7 @@ def check_model(protect: Protect, lm: LoadedModel, where: str) -> None:
     outside the model, a probe text longer than its context, or a super weight whose stored value is not the model's
     (another model of the same shapes, or an edited list). One UsageError line naming the entry."""
     n_layers, d_model = len(lm.adapter.blocks(lm.model)), lm.config.hidden_size
-    context = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+    context = getattr(lm.config, "max_position_embeddings", None)
     for i, d in enumerate(protect.massive_dims):
         here = f"{where}: massive_dims[{i}]"
         if not d.dim < d_model:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Token or position: which of the two probes keeps the dim massive (the position alone, the token alone, either, neither).
+VERDICTS = ("position", "token", "both", "context")
+
 
 @dataclass(kw_only=True)
 class SourcePart:
@@ -110,8 +113,7 @@ class Carriers:
     swapped_massive: bool
     moved: float
     moved_massive: bool
-    verdict: str
-    summary: str
+    verdict: str  # one of VERDICTS
 
 
 

@@ -133,21 +133,10 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
     swapped_massive, moved_massive = criterion.is_massive(swapped, medians[layer]), criterion.is_massive(moved, medians[layer])
     verdict = {(True, False): "position", (False, True): "token", (True, True): "both",
                (False, False): "context"}[swapped_massive, moved_massive]
-    name = lm.tokenizer.decode([int(other_token)])
-    seen = (f"the scan saw it at the first position of {sum(first.values())} of {windows} texts "
-            f"({len(first)} different first token{'s' if len(first) != 1 else ''})")
-    later = ", ".join(repr(t) for t, _ in other.most_common(4))
-    seen += f" and at {sum(other.values())} later position(s) ({later})" if other else " and at no later position"
-    probes = (f"at block {layer}, with {name!r} put at position {p} it carries {swapped:+,.1f} there "
-              f"({'massive' if swapped_massive else 'not massive'}), and {line.token!r} moved to position {p + 1} carries "
-              f"{moved:+,.1f} ({'massive' if moved_massive else 'not massive'})")
-    lead = {"position": "the position, not the token", "token": "the token, not the position",
-            "both": "the token and the position both carry it",
-            "context": "neither the token nor the position alone: it depends on the text"}[verdict]
     return Carriers(texts=windows, first_position_texts=sum(first.values()), first_tokens=[[t, n] for t, n in first.most_common()],
-                    other_positions=[[t, n] for t, n in other.most_common(8)],
-                    probe_layer=layer, swapped_token=name, swapped=swapped, swapped_massive=swapped_massive, moved=moved,
-                    moved_massive=moved_massive, verdict=verdict, summary=f"{lead}: {probes}; {seen}")
+                    other_positions=[[t, n] for t, n in other.most_common(8)], probe_layer=layer,
+                    swapped_token=lm.tokenizer.decode([int(other_token)]), swapped=swapped, swapped_massive=swapped_massive,
+                    moved=moved, moved_massive=moved_massive, verdict=verdict)
 
 
 def trigger(

@@ -139,8 +139,10 @@ class Experts:
     """A block's routed experts, fused in 3-D parameters of the module ``path``: ``gate_up_proj`` [experts, 2 ff, d]
     (gate rows, then up rows) and ``down_proj`` [experts, d, ff]; ``transposed`` stores them [experts, d, 2 ff] and
     [experts, ff, d] (x @ W); ``interleaved``: gate and up alternate column by column; ``biases``:
-    ``gate_up_proj_bias`` and ``down_proj_bias``. A neuron's activation is the module's own ``_apply_gate`` of the
-    fused pre-activations where it has one (gpt-oss's clamped SwiGLU), else act_fn(gate) x up.
+    ``gate_up_proj_bias`` and ``down_proj_bias``; ``gated`` False: an ``up_proj`` [experts, ff, d] in place of
+    ``gate_up_proj``, the neuron's activation act_fn(up). A gated neuron's activation is the module's own
+    ``_apply_gate`` of the fused pre-activations (transformers gives every fused experts module one: act_fn(gate) x up
+    unless the family has its own, e.g. gpt-oss's clamped SwiGLU); stacked experts compute act_fn(gate) x up.
 
     How the module runs: transformers' fused experts call the experts implementation their config names (``run_with``
     swaps in another); ``stacked`` experts instead return every expert's output for every token, [experts x tokens, d]
@@ -150,6 +152,7 @@ class Experts:
     transposed: bool = False
     interleaved: bool = False
     biases: bool = False
+    gated: bool = True
     stacked: bool = False
 
     @staticmethod
