@@ -48,13 +48,13 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
             # The newer dense and hybrid families.
             "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
-            "gemma3mm"]
+            "gemma3mm", "gemma4"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
-                "qwen3_next_moe", "qwen3_5_moe"]
+                "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa"]
 
 # Hyper-connections: the residual is 4 streams (see massact.models.adapters.hyper and tests/test_hyper_connections.py).
 HYPER_FAMILIES = ["deepseek_v4", "hy_v4", "qwen4_exp"]
@@ -68,6 +68,10 @@ _LINEAR = dict(head_dim=D_MODEL // N_HEADS, linear_key_head_dim=16, linear_value
 # DeepSeek's latent attention and routing (4 experts in 2 groups, block 0 dense).
 _MLA = dict(num_key_value_heads=N_HEADS, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
             n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1)
+
+
+# DeepSeek sparse attention: an indexer of 2 heads picks each query's 4 best keys.
+_DSA = dict(_MLA, index_topk=4, index_head_dim=16, index_n_heads=2)
 
 
 def tiny_config(family: str, vocab_size: int):
@@ -121,6 +125,10 @@ def tiny_config(family: str, vocab_size: int):
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                                patch_size=8), mm_tokens_per_image=4, boi_token_index=vocab_size - 3, eoi_token_index=vocab_size - 2,
             image_token_index=vocab_size - 1),
+        # Per-layer inputs of width 8; the full-attention block has heads of 32 (global_head_dim), the sliding ones 16.
+        "gemma4": lambda: t.Gemma4TextConfig(**grouped, head_dim=D_MODEL // N_HEADS, global_head_dim=32, sliding_window=4,
+                                             layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                                             hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab_size),
         "qwen3_moe": lambda: t.Qwen3MoeConfig(**grouped, head_dim=D_MODEL // N_HEADS, moe_intermediate_size=D_MLP, num_experts=4,
                                               num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0]),
         "olmoe": lambda: t.OlmoeConfig(**grouped, num_experts=4, num_experts_per_tok=2),
@@ -129,6 +137,10 @@ def tiny_config(family: str, vocab_size: int):
         "deepseek_v2": lambda: t.DeepseekV2Config(**common, **_MLA, moe_intermediate_size=D_MLP, topk_method="group_limited_greedy",
                                                   routed_scaling_factor=2.0),
         "deepseek_v3": lambda: t.DeepseekV3Config(**common, **_MLA, moe_intermediate_size=D_MLP, routed_scaling_factor=2.5),
+        "deepseek_v32": lambda: t.DeepseekV32Config(**common, **_DSA, moe_intermediate_size=D_MLP, routed_scaling_factor=2.5),
+        # Block 2 reuses block 1's selection.
+        "glm_moe_dsa": lambda: t.GlmMoeDsaConfig(**common, **_DSA, moe_intermediate_size=D_MLP, routed_scaling_factor=2.5,
+                                                 indexer_types=["full", "full", "shared", "full"]),
         "glm4_moe": lambda: t.Glm4MoeConfig(**grouped, head_dim=D_MODEL // N_HEADS, moe_intermediate_size=D_MLP, n_routed_experts=4,
                                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
                                             routed_scaling_factor=2.5, attention_bias=True),
@@ -169,16 +181,17 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0):
     return head.from_config(config, attn_implementation="eager").eval()
 
 
-def _isolate_trigger(model, bos: int) -> None:
+def _isolate_trigger(model, bos: int, adapter=None) -> None:
     """Only BOS carries TRIGGER (value 10 in its token embedding), and no sublayer writes into it, in any block."""
-    adapter, config = adapter_for(model.config), text_config(model)
+    adapter, config = adapter or adapter_for(model.config), text_config(model)
     for module in model.modules():  # token, position and token-type embeddings alike
         if isinstance(module, torch.nn.Embedding) and module.weight.shape[1] == D_MODEL:
             module.weight[:, TRIGGER] = 0.0
     model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
     for layer in range(config.num_hidden_layers):
         here = adapter.at(config, layer)
-        for path in (here.attn_proj, here.mlp_down):
+        ple = here.per_layer_input
+        for path in (here.attn_proj, here.mlp_down) + ((ple.projection,) if ple is not None else ()):
             module = adapter.module(model, layer, path)
             adapter.weight_out_in(module)[TRIGGER] = 0.0
             if getattr(module, "bias", None) is not None:
@@ -186,10 +199,11 @@ def _isolate_trigger(model, bos: int) -> None:
 
 
 @torch.no_grad()
-def plant_mlp(model, bos: int, layer: int, neuron: int, dim: int, out_weight: float = 100.0) -> None:
-    """Neuron ``neuron`` of block ``layer`` fires on BOS only and writes ``out_weight`` x its activation into ``dim``."""
-    _isolate_trigger(model, bos)
-    adapter = adapter_for(model.config)
+def plant_mlp(model, bos: int, layer: int, neuron: int, dim: int, out_weight: float = 100.0, adapter=None) -> None:
+    """Neuron ``neuron`` of block ``layer`` fires on BOS only and writes ``out_weight`` x its activation into ``dim``
+    (``adapter``: the model's, where no registered adapter claims its type)."""
+    adapter = adapter or adapter_for(model.config)
+    _isolate_trigger(model, bos, adapter)
     for site in ("mlp_up", "mlp_gate") if adapter.gated else ("mlp_up",):
         w, bias = adapter.input_rows(model, layer, site)
         w[neuron] = 0.0

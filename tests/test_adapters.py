@@ -21,6 +21,7 @@ MLP_NORM = {
     "olmo2": (None, "resid_mid"), "olmo3": (None, "resid_mid"), "exaone4": (None, "resid_mid"),
     "cohere2": ("input_layernorm", "resid_in"), "apertus": ("feedforward_layernorm", "resid_mid"),
     "lfm2": ("ffn_norm", "resid_mid"), "gemma3mm": ("pre_feedforward_layernorm", "resid_mid"),
+    "gemma4": ("pre_feedforward_layernorm", "resid_mid"),
 }
 # Post-LN blocks: the LayerNorm after the attention sum and the one after the MLP sum.
 POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": ("attention.output.LayerNorm", "output.LayerNorm"),
@@ -31,6 +32,10 @@ close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 def _trace_all(family, tokenizer):
     model = tiny_model(family, len(tokenizer), seed=3)
     adapter, config = adapter_for(model.config), text_config(model)
+    for layer in range(config.num_hidden_layers):  # a block output scale other than 1, so that the equations show it
+        path = adapter.at(config, layer).output_scale
+        if path is not None:
+            adapter.blocks(model)[layer].get_buffer(path).fill_(0.5 + layer / 4)
     sites = [(layer, site) for layer in range(config.num_hidden_layers) for site in adapter.at(config, layer).sites]
     ids = tokenizer(["Summer is warm. Winter is cold.", "A good map shows you where you are."], return_tensors="pt", padding=True)
     with torch.no_grad(), Trace(model, adapter, sites) as trace:
@@ -42,7 +47,8 @@ def _trace_all(family, tokenizer):
 def test_residual_stream_adds_up(family, tokenizer):
     """The renaming is right when the block's pieces add up to its output, as the family's equations say."""
     model, adapter, trace, hidden = _trace_all(family, tokenizer)
-    n = text_config(model).num_hidden_layers
+    config = text_config(model)
+    n = config.num_hidden_layers
     for layer in range(n):
         t = lambda site, layer=layer: trace[layer, site]
         block = lambda path, layer=layer: adapter.module(model, layer, path)
@@ -57,7 +63,19 @@ def test_residual_stream_adds_up(family, tokenizer):
             close(t("resid_out"), t("resid_in") + t("attn_out") + t("mlp_out"))
         else:
             close(t("resid_mid"), t("resid_in") + t("attn_out"))
-            close(t("resid_out"), t("resid_mid") + t("mlp_out"))
+            ple = adapter.at(config, layer).per_layer_input
+            if ple is None:
+                close(t("resid_out"), t("resid_mid") + t("mlp_out"))
+            else:  # a third writer reads the stream the MLP left, and the sum is scaled by the block's layer scalar
+                close(t("ple_in"), t("resid_mid") + t("mlp_out"))
+                close(t("ple_out"), block(ple.norm)(t("ple_raw")))
+                scale = adapter.scale_of(model, layer)
+                assert scale == 0.5 + layer / 4
+                close(t("resid_out"), scale * (t("ple_in") + t("ple_out")))
+        # Every writer as it lands, summed: what the origin and the trigger split count as the block's branches.
+        if not adapter.post_ln:
+            landed = sum(t(site) for site in adapter.writers(config, layer))
+            close(t("resid_out"), adapter.scale_of(model, layer) * (t("resid_in") + landed))
         for site, norm in adapter.branch_norms.items():  # what lands is the branch's own norm of the sublayer's raw output
             close(t(site), block(norm)(t(adapter.raw(site))))
         close(t("resid_in"), hidden[layer])  # HF hidden_states[i] is block i's input
@@ -132,3 +150,14 @@ def test_unsupported_architecture_names_the_supported_ones():
         adapter_for(BloomConfig())
     with pytest.raises(UsageError, match="'opt' config lacks a field"):  # an old or hand-edited config
         adapter_for(SimpleNamespace(model_type="opt"))
+
+
+def test_a_gemma4_with_experts_beside_its_mlp_is_refused_in_one_line(tokenizer):
+    """Gemma-4's adapter maps the dense blocks; with ``enable_moe_block`` (a router and experts beside the MLP) it does
+    not apply, and the message says the family is known but this variant is not mapped."""
+    from conftest import tiny_config
+
+    config = tiny_config("gemma4", len(tokenizer))
+    config.enable_moe_block = True
+    with pytest.raises(UsageError, match=r"^this 'gemma4_text' config is a variant massact does not map: the Gemma-4 adapters "):
+        adapter_for(config)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import massact
-from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, run_massact, tiny_model
+from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_trigger, plant_mlp, run_massact, tiny_model
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
@@ -16,7 +16,7 @@ from massact.report.text import to_text
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
 # Families whose MLP output is normed before it lands: sandwich norms (Gemma-2/3) and reordered norms (OLMo-2/3, EXAONE-4).
-SANDWICH = {"gemma2", "gemma3", "gemma3mm", "olmo2", "olmo3", "exaone4"}
+SANDWICH = {"gemma2", "gemma3", "gemma3mm", "gemma4", "olmo2", "olmo3", "exaone4"}
 POST_LN = {"opt-postln", "bert", "roberta"}
 NORM_GAIN = 1000.0  # the planted branch-norm gain on DIM
 
@@ -129,7 +129,8 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     layers = "model.language_model.layers" if family == "gemma3mm" else "model.layers"
     assert norm.parameter == f"{layers}.{LAYER}.post_feedforward_layernorm.weight"
     assert norm.amplifier and norm.gain == pytest.approx(NORM_GAIN, rel=1e-4) and norm.typical_gain == pytest.approx(1.0)
-    gemma = family.startswith("gemma")  # the stored entry: Gemma's gain is 1 + weight, OLMo's and EXAONE's the weight
+    # The stored entry: Gemma-2/3's gain is 1 + weight; Gemma-4's, OLMo's and EXAONE's the weight.
+    gemma = family.startswith("gemma") and family != "gemma4"
     assert norm.weight == pytest.approx(NORM_GAIN - 1.0 if gemma else NORM_GAIN)
     assert norm.raw == pytest.approx(birth.mlp_raw) == pytest.approx(attribution.output)
     assert norm.landed == pytest.approx(birth.mlp) == pytest.approx(attribution.landed)
@@ -138,6 +139,73 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     assert norm.error < 1e-5
     assert abs(attribution.landed) == pytest.approx(8.0 * NORM_GAIN, rel=0.05)  # without the gain it would land at about 8
     assert any("post_feedforward_layernorm.weight" in line and "amplif" in line for line in report.conclusion)
+
+
+PLE_UNIT = 3  # the per-layer input unit the plant opens
+
+
+@torch.no_grad()
+def planted_per_layer_input(tokenizer):
+    """Gemma-4: per-layer input unit PLE_UNIT of block LAYER opens on BOS only (its gate reads the trigger dim) and
+    writes DIM alone; its norm's gain on DIM makes it land massive."""
+    model = tiny_model("gemma4", len(tokenizer))
+    block = adapter_for(model.config).blocks(model)[LAYER]
+    _isolate_trigger(model, tokenizer.bos_token_id)
+    block.per_layer_input_gate.weight[PLE_UNIT] = 0.0
+    block.per_layer_input_gate.weight[PLE_UNIT, TRIGGER] = 1.0
+    block.per_layer_projection.weight[DIM] = 0.0
+    block.per_layer_projection.weight[DIM, PLE_UNIT] = 1.0
+    block.post_per_layer_input_norm.weight[DIM] = NORM_GAIN
+    return model
+
+
+def test_a_value_planted_through_the_per_layer_input_is_attributed_to_it(tokenizer):
+    """The origin names the planted per-layer input as the writer, with its norm as the amplifier, and the lifeline's
+    birth phase does too."""
+    model = planted_per_layer_input(tokenizer)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer)
+    assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
+    birth = next(o for o in report.mechanism.origin if o.role == "birth")
+    assert (birth.layer, birth.position, birth.writer) == (LAYER, 0, "ple")
+    # What lands is the norm of one spike: about sqrt(d_model) x the gain; attention and the MLP write nothing there.
+    assert abs(birth.ple) == pytest.approx(8.0 * NORM_GAIN, rel=0.05) and abs(birth.attn) + abs(birth.mlp) < 1e-3 * abs(birth.ple)
+    assert birth.resid_out == pytest.approx(birth.scale * (birth.resid_in + birth.attn + birth.mlp + birth.ple), rel=1e-5)
+    assert birth.norm.parameter == f"model.layers.{LAYER}.post_per_layer_input_norm.weight" and birth.norm.amplifier
+    assert birth.norm.raw == pytest.approx(birth.ple_raw)
+    line = report.mechanism.lifelines[0]
+    assert next(p for p in line.phases if p.name == "birth").writer == "ple"
+    assert not report.mechanism.attribution  # no MLP neuron to attribute
+    assert any("per-layer input" in sentence for sentence in report.conclusion)
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in to_text(report).splitlines() if line.startswith("|")]
+    header = next(row for row in rows if row[:2] == ["dim", "block"] and "ple" in row)  # the origin table, with the ple column
+    row = dict(zip(header, next(row for row in rows if row[:3] == [str(DIM), str(LAYER), "birth"] and len(row) == len(header))))
+    assert row["writer"] == "per-layer input" and row["scale"] == "1" and row["ple"].startswith(("+7,9", "-7,9"))
+    assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
+
+
+def test_the_trigger_split_counts_the_per_layer_input_and_the_layer_scalars(tokenizer):
+    """A neuron of block LAYER + 1 that reads DIM: its pre-activation splits into the embedding and every earlier
+    branch, block LAYER's per-layer input the largest at BOS; with layer scalars other than 1 (each multiplies every
+    source that crossed its block's output) the parts still add up to the model's value."""
+    from massact.analysis.trigger.decompose import Target, split
+
+    model = planted_per_layer_input(tokenizer)
+    adapter = adapter_for(model.config)
+    with torch.no_grad():
+        for layer, scale in enumerate((0.5, 2.0, 1.5, 1.0)):
+            adapter.blocks(model)[layer].layer_scalar.fill_(scale)
+        adapter.blocks(model)[LAYER + 1].mlp.gate_proj.weight[NEURON, DIM] = 1.0
+    lm = massact.wrap(model, tokenizer)
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    (piece,), _ = split(lm, ids, [Target(layer=LAYER + 1, neuron=NEURON, site="mlp_gate")], position=0)
+    assert piece.error < 1e-5
+    sources = {f"block {b} {w}" for b in range(LAYER + 1) for w in ("attention", "MLP", "per-layer input")}
+    assert sources | {f"block {LAYER + 1} attention", "token embedding"} <= set(piece.parts)
+    at_bos = {label: float(part[0]) for label, part in piece.parts.items()}
+    assert max(at_bos, key=lambda label: abs(at_bos[label])) == f"block {LAYER} per-layer input"
+    # The per-layer input lands about 8 x NORM_GAIN on DIM; block LAYER's scalar (2.0) doubles it, then block 2's
+    # input norm (RMS over a vector dominated by that spike) brings it to about sqrt(d_model) x its gain on DIM.
+    assert abs(at_bos[f"block {LAYER} per-layer input"]) > 0.9 * abs(float(piece.value[0]))
 
 
 @pytest.mark.parametrize("family", sorted(POST_LN))

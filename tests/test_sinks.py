@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import massact
-from conftest import D_MODEL, N_HEADS, make_tokenizer, plant_mlp, run_massact, tiny_model
+from conftest import D_MODEL, N_HEADS, N_LAYERS, make_tokenizer, plant_mlp, run_massact, tiny_model
 from massact.analysis.causal.output_effects import STOPWORDS, Edit, output_effects
 from massact.analysis.causal.verification import replacement_values
 from massact.analysis.evaluation.mlm import masked_windows, next_token_windows
@@ -243,3 +243,73 @@ def test_the_massive_mask_of_a_padded_batch_is_each_texts_own():
     assert mask[0].tolist() == massive_mask(long, 3, criterion)[0].tolist() == [True, False, False, False, False]
     assert mask[1].tolist() == [False, True, False, False, False] and massive_mask(short, 3, criterion)[0].tolist() == [False, True]
     assert not massive_mask(batch, 3, criterion)[1].any()  # the pads' median hides it
+
+
+def _forced(picks):
+    """A forward hook that replaces an indexer's top-k key positions by ``picks(queries)`` [queries, k], for every
+    text of the batch."""
+    def hook(module, args, output):
+        chosen = picks(output.shape[1]).to(output.dtype)
+        return chosen.unsqueeze(0).expand(output.shape[0], -1, -1).contiguous()
+    return hook
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+def test_the_indexer_picks_of_the_sink_token_are_reported(family, tokenizer):
+    """DeepSeek sparse attention: forced to pick only key 0 for every query, the indexer picks the sink token (the first
+    token, no activation being massive) for 100% of the queries that see it, and the heads, which see no other key, put
+    all their attention there; forced to pick each query's own position only, 0% and no attention on it. GLM-5's
+    block 2 reuses block 1's picks ("shared" indexer): its attention follows them, but it has no picks of its own."""
+    from massact.analysis.detect.results import Findings
+    from massact.report.tables import Style, plain_text
+    from massact.report.text import _mixing_tables
+    from massact.settings import Criterion
+
+    lm = massact.wrap(tiny_model(family, len(tokenizer)), tokenizer)
+    inputs = {i: tokenizer(t, return_tensors="pt").input_ids for i, t in enumerate(TEXTS)}
+    findings = Findings(texts=dict(enumerate(TEXTS)), tokens={i: tokenizer.convert_ids_to_tokens(ids[0]) for i, ids in inputs.items()},
+                        criterion=Criterion(min_abs=100.0, min_ratio=1000.0), layers=[], massive=[], dims=[])
+    own = [layer for layer in range(N_LAYERS) if lm.at(layer).indexer is not None]
+    assert own == ([0, 1, 3] if family == "glm_moe_dsa" else [0, 1, 2, 3])
+    indexers = [lm.adapter.module(lm.model, layer, lm.at(layer).indexer) for layer in own]
+    found = {}
+    for name, picks in (("sink", lambda n: torch.zeros(n, 1, dtype=torch.long)), ("self", lambda n: torch.arange(n).unsqueeze(1))):
+        handles = [indexer.register_forward_hook(_forced(picks)) for indexer in indexers]
+        try:
+            found[name] = sink_analysis(lm, inputs, findings)
+        finally:
+            for handle in handles:
+                handle.remove()
+    sink, self_only = found["sink"], found["self"]
+    assert [t.position for t in sink.tokens] == [0, 0]
+    for layer in range(N_LAYERS):
+        if layer in own:
+            assert sink.indexer_selected[layer] == 1.0 and self_only.indexer_selected[layer] == 0.0
+        else:
+            assert math.isnan(sink.indexer_selected[layer]) and math.isnan(self_only.indexer_selected[layer])
+        assert sink.share[layer] == pytest.approx([1.0] * N_HEADS) and self_only.share[layer] == pytest.approx([0.0] * N_HEADS, abs=1e-6)
+    assert "the indexer picks the sink tokens for 100.0% of the queries" in sink.mixing
+    assert "; " not in sink.mixing  # one clause: the summary shows each clause of the mixing words as its own line
+    table = plain_text(_mixing_tables(Style(plain=True), self_only))
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("|")]
+    assert "whose indexer" in table and [row for row in cells if row[0].isdigit()] == [[str(layer), "0.0%"] for layer in own]
+
+
+def test_the_indexer_picks_read_back_and_a_report_without_them_reads_as_none():
+    """``indexer_selected`` came after version 2's first files: one written before it reads back with None; one with it
+    reads back its values (null: a block without an indexer), and a share above 1 is refused in one line."""
+    import json
+
+    from massact.analysis.function.results import AttentionSinks
+    from massact.errors import UsageError
+    from massact.report.schema import read, to_data
+
+    sinks = AttentionSinks(texts=1, share=[[0.5]] * 2, uniform=[[0.5]] * 2, sink_layers=[], first_sink_layer=None, birth_layer=None,
+                           summary="", indexer_selected=[float("nan"), 0.25])
+    data = json.loads(json.dumps(to_data(sinks)))
+    assert data["indexer_selected"] == [None, 0.25]
+    back = read(AttentionSinks, data, "report.json")
+    assert math.isnan(back.indexer_selected[0]) and back.indexer_selected[1] == 0.25
+    assert read(AttentionSinks, {k: v for k, v in data.items() if k != "indexer_selected"}, "report.json").indexer_selected is None
+    with pytest.raises(UsageError, match=r"^report.json: field indexer_selected\[1\] must be a number from 0 to 1, or null"):
+        read(AttentionSinks, {**data, "indexer_selected": [None, 1.5]}, "report.json")

@@ -13,8 +13,7 @@ import massact
 SRC = Path(massact.__file__).parent
 # Each layer may import the layers before it, never one after it.
 ORDER = ["settings", "models", "capture", "analysis", "report", "pipeline", "track", "cli"]
-# shared by every layer
-BASE = {"errors", "sites", "numbers", "fields", "launch", "texts", "writes", "__init__", "__main__", "masks", "data"}
+BASE = {"errors", "sites", "numbers", "launch", "texts", "writes", "__init__", "__main__", "masks", "data"}  # shared by every layer
 # Jupyter's view of a Report renders the page's summary card: imported inside ``_repr_html_`` only when it is called.
 ALLOWED_UP = {("analysis/results.py", "report.html")}
 

@@ -13,6 +13,8 @@ block index, a (pre-norm) block computes
     norm; attn_raw and mlp_raw are the sublayers' outputs before it (mlp_raw = W_down @ mlp_act).
   post-LN blocks (BERT, RoBERTa, OPT-350m): attn_sum = resid_in + attn_out, resid_mid = LN(attn_sum),
     resid_sum = resid_mid + mlp_out, resid_out = LN(resid_sum).
+  per-layer inputs (Gemma-4): a third branch after the MLP reads ple_in = resid_mid + mlp_out and writes ple_out (its
+    norm of the projection's raw output ple_raw); resid_out = scale x (ple_in + ple_out), the block's layer scalar.
   hyper-connections (DeepSeek-V4, HY-V4, Qwen4-exp): resid_in, resid_mid and resid_out hold N streams
     [batch, positions, N, width]; ``resid_out.s2`` is stream 2 alone. attn_read and mlp_read are the combinations
     of the streams the attention and the MLP read (before their own norm).
@@ -40,6 +42,9 @@ SITES: tuple[str, ...] = (
     "mlp_raw",
     "attn_sum",
     "resid_sum",
+    "ple_in",
+    "ple_raw",
+    "ple_out",
     "attn_read",
     "mlp_read",
 )

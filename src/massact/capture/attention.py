@@ -1,5 +1,6 @@
 """Attention as the model computes it, read in one eager pass: each softmax block's attention probabilities, its
-value vectors and, where the family gates its attention output, each head's gate.
+value vectors, where the family gates its attention output, each head's gate, and where an indexer picks the keys each
+query sees (DeepSeek sparse attention), the keys it picked.
 
 Only the eager implementation returns attention probabilities; transformers returns them for the softmax blocks only
 (a hybrid's convolution or linear-attention blocks have none), in block order, so they are matched to the blocks the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,11 +39,20 @@ def softmax_layers(lm: LoadedModel) -> list[int]:
 class AttentionPass:
     """One eager pass, by block: ``maps`` the attention probabilities [batch, heads, queries, keys] of every softmax
     block; ``values`` each query head's value vectors [batch, positions, heads, head_dim] where the family's are read;
-    ``gates`` each head's mean output gate sigmoid(gate) [batch, positions, heads] where the family gates attention."""
+    ``gates`` each head's mean output gate sigmoid(gate) [batch, positions, heads] where the family gates attention;
+    ``selected`` where a block's indexer picks its keys: [batch, queries, keys], True at the keys it picked (the only
+    keys the query attends to)."""
 
     maps: dict[int, torch.Tensor]
     values: dict[int, torch.Tensor]
     gates: dict[int, torch.Tensor]
+    selected: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _picked(indices: torch.Tensor, keys: int) -> torch.Tensor:
+    """An indexer's top-k key positions [batch, queries, k] as a mask [batch, queries, keys], True where picked."""
+    mask = torch.zeros(*indices.shape[:2], keys, dtype=torch.bool, device=indices.device)
+    return mask.scatter(-1, indices.long(), True)
 
 
 @torch.no_grad()
@@ -58,6 +68,8 @@ def attention_pass(
     layers = softmax_layers(lm)
     values: dict[int, torch.Tensor] = {}
     gates: dict[int, torch.Tensor] = {}
+    selected: dict[int, torch.Tensor] = {}
+    keys = input_ids.shape[1]  # no cache: the keys are the text's own positions
     handles = []
     for layer in layers:
         here = lm.at(layer)
@@ -70,6 +82,10 @@ def attention_pass(
             handles.append(module.register_forward_hook(
                 lambda m, args, output, layer=layer, cut=here.gate:
                     gates.__setitem__(layer, torch.sigmoid(cut.take(output.detach(), config).float()).mean(-1))))
+        if here.indexer is not None:
+            module = lm.adapter.module(lm.model, layer, here.indexer)
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, layer=layer: selected.__setitem__(layer, _picked(output.detach(), keys))))
     mask = None if attention_mask is None else attention_mask.to(lm.device)
     try:
         with eager_attention(lm), context():
@@ -81,4 +97,4 @@ def attention_pass(
         raise RuntimeError(f"{len(found)} attention maps for the {len(layers)} softmax blocks {layers}: the adapter's mixers are wrong")
     for layer, grouped in values.items():  # [batch, positions, kv, head_dim] -> [batch, positions, query heads, head_dim]
         values[layer] = grouped.repeat_interleave(heads // grouped.shape[2], dim=2)
-    return AttentionPass(maps=dict(zip(layers, found)), values=values, gates=gates)
+    return AttentionPass(maps=dict(zip(layers, found)), values=values, gates=gates, selected=selected)

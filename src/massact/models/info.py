@@ -30,6 +30,10 @@ class ModelInfo:
     # Per block, what it is where the blocks differ (a hybrid's mixers, sliding or full attention, blocks without
     # positions): e.g. "convolution", "attention (sliding)", "attention (full, no positions)"; empty where they do not.
     blocks: list[str] = field(default_factory=list)
+    # Where no adapter is written for the model type: the equations its inferred adapter held on a padded probe batch
+    # before anything was measured, each with its largest relative error (models.inference); empty for a hand-written
+    # adapter. Reports written before this field lack it: read as empty.
+    inferred: list[str] = field(default_factory=list)
 
 
 def model_info(lm: LoadedModel) -> ModelInfo:
@@ -62,6 +66,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         notes=lm.adapter.notes,
         weights_sha256=weights_sha256(lm.model),
         blocks=block_kinds(lm),
+        inferred=list(lm.inferred),
     )
 
 

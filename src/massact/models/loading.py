@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..writes import replace_whole
-from .adapters import Adapter, adapter_for
+from .adapters import Adapter, adapter_for, claimed
 from .adapters.base import text_config
 from .failures import register_blocks
 
@@ -41,6 +41,9 @@ class LoadedModel:
     adapter: Adapter
     name: str
     source: str | None = None  # the spec it was loaded from (None: the embedded default), for `massact verify`
+    # Where no adapter is written for the model type: the equations its inferred adapter held on the probe batch
+    # (``models.inference``); empty for a hand-written adapter.
+    inferred: tuple[str, ...] = ()
 
     def __post_init__(self):
         register_blocks(self.adapter.blocks(self.model))  # so that a failure of the model's own code names its block
@@ -77,14 +80,27 @@ def wrap(model: nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
         name: How reports call it (default: the config's ``name_or_path``, else the class name).
 
     Returns:
-        The model with its tokenizer and its family's adapter.
+        The model with its tokenizer and its family's adapter (inferred from the model and checked where no adapter
+        is written for its type).
 
     Raises:
-        UsageError: The model's architecture is not supported, or its config lacks a field the adapter needs.
+        UsageError: The model's architecture is not supported (inference cannot map it, or its inferred adapter fails
+            a check), or its config lacks a field the adapter needs.
     """
-    adapter = adapter_for(model.config)
     model.eval()
-    return LoadedModel(model, tokenizer, adapter, name or getattr(model.config, "name_or_path", "") or type(model).__name__)
+    adapter, checks = _adapter(model)
+    return LoadedModel(model, tokenizer, adapter, name or getattr(model.config, "name_or_path", "") or type(model).__name__,
+                       inferred=checks)
+
+
+def _adapter(model: nn.Module) -> tuple[Adapter, tuple[str, ...]]:
+    """The model's registered adapter, or one inferred from the model and checked (with the checks that held)."""
+    if claimed(model.config):
+        return adapter_for(model.config), ()
+    from .inference import infer_and_check
+
+    inferred = infer_and_check(model)
+    return inferred.adapter, inferred.checks
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,14 +182,16 @@ def _from_pretrained(
 
     remote = dict(trust_remote_code=trust_remote_code)
     config = read_config(source, name, trust_remote_code)
-    adapter = adapter_for(config)  # fail on an unsupported architecture before loading any weight
+    # Fail on an unsupported architecture before loading any weight; a type no adapter claims is inferred once loaded.
+    adapter = adapter_for(config) if claimed(config) else None
     if not any(Path(source).glob("*.safetensors*")) and any(Path(source).glob("*.bin")):
         raise UsageError(f"{name} has only pickled .bin weights, which can run code when read; convert them to safetensors")
-    auto = AutoModelForMaskedLM if adapter.encoder else AutoModelForCausalLM
+    encoder = adapter is not None and adapter.encoder
+    auto = AutoModelForMaskedLM if encoder else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **remote)
         model, info = _read_weights(auto, source, dtype, device_map, remote)
-        if adapter.encoder and _head_only(model, info["missing_keys"]):
+        if encoder and _head_only(model, info["missing_keys"]):
             # A sentence-embedding checkpoint: the encoder without its masked-LM head, verified by its embeddings.
             from transformers import AutoModel
 
@@ -186,11 +204,12 @@ def _from_pretrained(
         raise
     except Exception as error:  # damaged safetensors (garbage, truncated) raise safetensors' own error kinds
         raise UsageError(f"cannot load {name}: {first_line(error)}") from None
-    _check_loaded(name, info, adapter.layers)
     if device_map is None:
         model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, adapter, name)
+    adapter, checks = _adapter(model)
+    _check_loaded(name, info, adapter.layers)
+    return LoadedModel(model, tokenizer, adapter, name, inferred=checks)
 
 
 def read_config(source: str, name: str, trust_remote_code: bool = False):
@@ -265,7 +284,8 @@ def _gguf_dir(path: Path, log) -> str:
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as error:  # the GGUF reader raises many kinds of errors on a damaged file
         raise UsageError(f"cannot read GGUF file {path}: {first_line(error)}") from None
-    adapter_for(model.config)
+    if claimed(model.config):  # a type no adapter claims is inferred (and checked) when the conversion is loaded
+        adapter_for(model.config)
     # A model loaded from GGUF is marked quantized and refuses save_pretrained: rebuild it plain, same tensors.
     config = model.config
     if hasattr(config, "quantization_config"):

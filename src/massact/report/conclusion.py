@@ -133,8 +133,8 @@ def story(report: Report, dim: int) -> list[tuple[str, str]]:
 
 def _birth_words(report: Report, dim: int) -> list[str]:
     birth = next(o for o in report.mechanism.origin if o.dim == dim and o.role == "birth")
-    written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
-    branch = birth.mlp if birth.writer == "mlp" else birth.attn
+    written = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}[birth.writer]
+    branch = {"mlp": birth.mlp, "attn": birth.attn, "ple": birth.ple}[birth.writer]
     stream = "the residual sum before the block's LayerNorm" if report.model.stream == "resid_sum" else "the block output"
     return [
         f"Dim {dim} is born in block {birth.layer}, at token {birth.position} ({birth.token!r}) of text {birth.text}.",
@@ -166,7 +166,7 @@ def _stream_words(report: Report, summary: DimSummary, line: Lifeline) -> list[s
 def _mechanism_words(report: Report, dim: int) -> list[tuple[str, str]]:
     """Who inside the writing sublayer makes it: the norm, the neurons and the super weight, the experts, or the heads."""
     birth = next(o for o in report.mechanism.origin if o.dim == dim and o.role == "birth")
-    written = {"mlp": "MLP", "attn": "attention"}[birth.writer]
+    written = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}[birth.writer]
     out = [("norm", s) for s in _norm_words(birth.norm, written, report.model.stream == "resid_sum")] if birth.norm is not None else []
     attribution = next((a for a in report.mechanism.attribution if a.dim == dim and a.role == "birth"), None)
     anatomy = next((a for a in report.mechanism.anatomy if a.dim == dim and a.role == "birth"), None)
@@ -191,7 +191,8 @@ def _blocks(first: int, last: int) -> str:
 
 
 def _phase_words(phase: Phase) -> str:
-    who = {"mlp": "MLP", "attn": "attention", "norm": "norm", "mix": "stream mixing"}[phase.writer]
+    who = {"mlp": "MLP", "attn": "attention", "norm": "norm", "ple": "per-layer input", "scale": "layer scalar",
+           "mix": "stream mixing"}[phase.writer]
     return f"{_blocks(phase.first, phase.last)}'s {who} ({short(phase.value_before, True)} -> {short(phase.value_after, True)})"
 
 

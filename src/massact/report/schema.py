@@ -9,7 +9,6 @@ problem is one ``UsageError`` line that names the field (``report.json: field or
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -24,13 +23,25 @@ from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
-from ..analysis.mechanism.results import PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Phase, Place
+from ..analysis.function.results import AttentionSinks
+from ..analysis.mechanism.results import (
+    BRANCHES,
+    PHASES,
+    ROLES,
+    WRITERS,
+    Checkpoint,
+    Lifeline,
+    LifelineStep,
+    Mechanism,
+    Origin,
+    Phase,
+    Place,
+)
 from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.results import Report
 from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
 from ..analysis.trigger.results import VERDICTS, Carriers, PreActivationSplit
 from ..errors import UsageError
-from ..fields import default_of, is_optional
 from ..models.info import ModelInfo
 from ..settings import DTYPES, MAX_COUNT, Criterion, ScanSettings
 from ..sites import STREAMS
@@ -127,6 +138,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (LifelineStep, "layer"): _LAYER,
     (LifelineStep, "phase"): _one_of(("",) + PHASES),
     (LifelineStep, "writer"): _one_of(WRITERS),
+    (Origin, "writer"): _one_of(BRANCHES),
     (Phase, "name"): _one_of(PHASES),
     (Carriers, "verdict"): _one_of(VERDICTS),
     (Phase, "writer"): _one_of(("",) + WRITERS),
@@ -146,6 +158,7 @@ CHECKS: dict[tuple[type, str], Check] = {
     (BlockProfile, "massive_tokens"): _at_least(0),
     (BlockProfile, "tokens"): _at_least(0),
     (BlockProfile, "carriers"): _one_of(("none", "position 0", "token ids", "position 0 + token ids", "content-dependent")),
+    (AttentionSinks, "indexer_selected"): _share(),  # per block; null where a block has no indexer of its own
     (BlockProfile, "precision"): _share(),
     (BlockProfile, "recall"): _share(),
     (Rule, "kind"): _one_of(("position", "token")),
@@ -197,6 +210,22 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
     Checkpoint: [("change", lambda c: c.previous is not None or c.change is None, "null at the first checkpoint (no previous)"),
                  ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
 }
+
+# Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer
+# picks, the checks an inferred adapter passed, hyper-connections' streams): the writer leaves one out where it holds
+# its default (None, or empty), and the reader gives the default where it is absent, so that the other models' files
+# do not carry them.
+OPTIONAL: frozenset[tuple[type, str]] = frozenset({
+    (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
+    (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
+    (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
+    (LifelineStep, "mix"), (Mechanism, "streams"),
+})
+
+
+def _default(spec: dataclasses.Field):
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+
 
 def _check_for(kind: type, name: str) -> Check | None:
     for base in kind.__mro__:
@@ -330,10 +359,10 @@ def _object(kind: type, data, path: str, scope: Scope):
     built = {}
     for name in fields:
         where = f"{path}.{name}" if path else name
-        if name not in data and is_optional(fields[name]):  # a field newer than the file: its default
-            built[name] = default_of(fields[name])
-            continue
         if name not in data:
+            if (kind, name) in OPTIONAL:
+                built[name] = _default(fields[name])
+                continue
             raise _Bad("", message=f"no field {where}")
         built[name] = _build(hints[name], data[name], where, scope, _check_for(kind, name))
         if kind is ModelInfo and name in ("n_layers", "d_model"):
@@ -392,22 +421,23 @@ def finite(value):
     return value
 
 
+def to_data(obj, head: dict | None = None) -> dict:
+    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null; a field of
+    ``OPTIONAL`` is left out where it holds its default."""
+    return finite({**(head or {}), **_as_data(obj)})
+
+
 def _as_data(value):
-    """``dataclasses.asdict`` that leaves out the optional fields (``massact.fields``) holding their default."""
+    """``dataclasses.asdict``, without the ``OPTIONAL`` fields at their default."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = type(value)
         return {f.name: _as_data(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if not (is_optional(f) and getattr(value, f.name) == default_of(f))}
+                if not ((kind, f.name) in OPTIONAL and getattr(value, f.name) == _default(f))}
     if isinstance(value, (list, tuple)):
         return type(value)(_as_data(item) for item in value)
     if isinstance(value, dict):
         return {key: _as_data(item) for key, item in value.items()}
-    return copy.deepcopy(value)
-
-
-def to_data(obj, head: dict | None = None) -> dict:
-    """A result dataclass as JSON-ready data: ``head`` (format, version) first, inf and nan as null; an optional
-    field holding its default is left out."""
-    return finite({**(head or {}), **_as_data(obj)})
+    return value
 
 
 def _text(data) -> str:

@@ -80,7 +80,7 @@ def _row(report: Report, dim: int) -> list[str]:
     summary = next(d for d in report.findings.dims if d.dim == dim)
     birth = next((o for o in report.mechanism.origin if o.dim == dim and o.role == "birth"), None)
     line = next(x for x in report.mechanism.lifelines if x.dim == dim)
-    who = {"mlp": "MLP", "attn": "attention"}
+    who = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}
     if birth is None:  # hyper-connections: the stream origin at the birth block names the writer, and the stream
         origin = next((o for o in report.mechanism.streams if o.dim == dim and o.layer == summary.born_at), None)
         writer = f"{who.get(origin.carrier, 'stream mixing')} ({origin.stream})" if origin is not None else "-"

@@ -42,7 +42,9 @@ def header(report: Report, plain: bool) -> list:
             f"{m.architecture} ({m.family} adapter), {m.n_layers} blocks, d_model {m.d_model}, d_mlp {m.d_mlp}, "
             f"{m.n_heads} heads, {'gated' if m.gated else 'plain'} MLP, {m.dtype} on {m.device}\n"
             f"Measured in: {_STREAMS[m.stream]}.{' Blocks: ' + m.notes + '.' if m.notes else ''}\n"
-            f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), "
+            + (f"Adapter inferred from the model's modules; checks passed on a padded probe batch: {'; '.join(m.inferred)}.\n"
+               if m.inferred else "")
+            + f"{report.corpus.texts} text(s) from {report.corpus.source}: {report.corpus.windows} forward pass(es), "
             f"{report.corpus.tokens} tokens. Massive: |a| >= {c.min_abs:g} "
             f"and |a| >= {c.min_ratio:g} x the {c.median} (sketch error under {c.median_rel_error:.2%})."
         ),
@@ -178,19 +180,21 @@ def _origin_tables(style: Style, report: Report) -> list:
     if not report.mechanism.origin:
         return [Text("Nothing to trace.")]
     post_ln = report.model.stream == "resid_sum"
-    table = style.table(
-        "resid_sum = LN(resid_in + attn) + mlp at the coordinate (post-LN: the sum before the block's last LayerNorm)" if post_ln
-        else "resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm)",
-        "dim", "block", "role", "where", "resid_in", "attn", "mlp", "resid_out", "writer",
-        right=(0, 1, 4, 5, 6, 7),
-    )
+    ple = any(o.ple is not None for o in report.mechanism.origin)  # a per-layer input writes too (Gemma-4)
+    title = ("resid_sum = LN(resid_in + attn) + mlp at the coordinate (post-LN: the sum before the block's last LayerNorm)" if post_ln
+             else "resid_out = scale x (resid_in + attn + mlp + ple) at the coordinate (the branches as they land, after any norm; "
+                  "scale: the block's layer scalar)" if ple
+             else "resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm)")
+    columns = ["dim", "block", "role", "where", "resid_in", "attn", "mlp", *(["ple", "scale"] if ple else []), "resid_out", "writer"]
+    table = style.table(title, *columns, right=tuple(i for i in range(len(columns) - 1) if i not in (2, 3)))
     out: list = [table]
     for o in sorted(report.mechanism.origin, key=lambda o: (o.dim, o.layer)):
-        who = "MLP" if o.writer == "mlp" else "attention"
+        who = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}[o.writer]
         if o.cause == "median":
             who = "none: the median grew"
+        extra = [num(o.ple, True), f"{o.scale:.4g}" if o.scale is not None else "-"] if ple else []
         add_row(table, str(o.dim), str(o.layer), o.role, where(o.text, o.position, o.token), num(o.resid_in, True), num(o.attn, True),
-                num(o.mlp, True), num(o.resid_out, True), who)
+                num(o.mlp, True), *extra, num(o.resid_out, True), who)
         if o.norm is not None:
             n = o.norm
             norm = style.table(
@@ -383,7 +387,7 @@ def _attention_tables(style: Style, report: Report) -> list:
 
 def _mixing_tables(style: Style, a) -> list:
     """Per softmax block and head, where the family has them: the output gate at the sink tokens and elsewhere, and
-    the attention a learned sink takes beside the first token's."""
+    the attention a learned sink takes beside the first token's; per block, how often an indexer picks the sink."""
     out = []
     if a.gate_sink is not None:
         table = style.table("Gated attention: the mean gate sigmoid(gate) per head, at the sink tokens / at the other tokens",
@@ -398,6 +402,13 @@ def _mixing_tables(style: Style, a) -> list:
         for layer, (taken, first) in enumerate(zip(a.learned_sink, a.first_token)):
             if not all(v != v for v in taken):
                 add_row(table, str(layer), *(f"{x:.1%} / {y:.1%}" for x, y in zip(taken, first)))
+        out.append(table)
+    if a.indexer_selected is not None:
+        table = style.table("Sparse attention: the share of the queries that can see a sink token whose indexer picked it among "
+                            "their keys", "block", "sink picked", right=(0, 1))
+        for layer, picked in enumerate(a.indexer_selected):
+            if picked == picked:
+                add_row(table, str(layer), f"{picked:.1%}")
         out.append(table)
     return out
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ...fields import optional
 from ...settings import Criterion
 
 
@@ -19,7 +18,7 @@ class Entry:
     position: int
     token: str
     dim: int
-    stream: str = optional("")
+    stream: str = ""
 
 
 
@@ -33,7 +32,7 @@ class LayerStats:
     median: float
     ratio: float
     top: list[Entry]
-    streams: list[StreamStats] = optional(factory=list)
+    streams: list[StreamStats] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -60,7 +59,7 @@ class Massive:
     dim: int
     value: float
     ratio: float
-    stream: str = optional("")
+    stream: str = ""
 
 
 
@@ -74,7 +73,7 @@ class DimSummary:
     removed_at: list[int]
     max_value: float
     tokens: list[str]
-    streams: list[str] = optional(factory=list)  # with hyper-connections: the streams it is massive in, in order
+    streams: list[str] = field(default_factory=list)  # with hyper-connections: the streams it is massive in, in order
 
 
 @dataclass(kw_only=True, slots=True)

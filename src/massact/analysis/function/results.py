@@ -49,7 +49,10 @@ class AttentionSinks:
     block does not). Where the family gates attention (out = attention x sigmoid(gate), per head): ``gate_sink`` and
     ``gate_other``, per block and head, the mean gate at the sink tokens and at the other tokens. Where it has a
     learned sink logit per head: ``learned_sink``, the attention mass it takes, and ``first_token``, the mass on the
-    first token, beside it. ``mixing``: what these say, in words."""
+    first token, beside it. Where an indexer picks the keys each query attends to (DeepSeek sparse attention; the
+    probabilities above are then over the picked keys): ``indexer_selected``, per block, the share of the (query, sink
+    token) pairs, over the queries that can see a sink token, where the indexer picked the sink token (null at blocks
+    without an indexer). ``mixing``: what these say, in words."""
 
     texts: int
     share: list[list[float]]
@@ -76,4 +79,5 @@ class AttentionSinks:
     gate_other: list[list[float]] | None = None
     learned_sink: list[list[float]] | None = None
     first_token: list[list[float]] | None = None
+    indexer_selected: list[float] | None = None
     mixing: str = ""

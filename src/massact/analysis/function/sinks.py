@@ -107,6 +107,21 @@ def head_metrics(attention: torch.Tensor, values: torch.Tensor | None, sinks: li
     return found
 
 
+def indexed_share(selected: torch.Tensor, sinks: list[int], causal: bool) -> float:
+    """One block of one text: of the (query, sink token) pairs where the query can see the sink token (the queries
+    ``head_metrics`` averages over), the share where the indexer picked the sink token among the query's keys
+    (``selected``: [queries, keys], True at the picked keys). NaN without such a pair."""
+    first = min(sinks)
+    queries = torch.arange(first + 1 if causal else 0, selected.shape[0], device=selected.device)
+    sink_index = torch.tensor(sinks, device=selected.device)
+    visible = (sink_index.unsqueeze(0) <= queries.unsqueeze(1) if causal
+               else torch.ones(len(queries), len(sinks), dtype=torch.bool, device=selected.device))
+    if not bool(visible.any()):
+        return float("nan")
+    picked = selected[queries][:, sink_index] & visible
+    return float(picked.sum() / visible.sum())
+
+
 @dataclass
 class SinkPass:
     """Per block and head, averaged over the texts: the ``head_metrics`` (NaN rows at blocks without softmax
@@ -114,7 +129,8 @@ class SinkPass:
     NaN without softmax). Where the family has them: ``gate_sink`` and ``gate_other`` per block and head, the mean
     output gate sigmoid(gate) at the sink tokens and at the other tokens (NaN rows where a block has no gate);
     ``learned_sink``, the attention mass a learned sink logit takes (1 - the probabilities' sum over the tokens), and
-    ``first_token``, the mass on position 0, beside it."""
+    ``first_token``, the mass on position 0, beside it. ``indexed``: per block, the share of the (query, sink token)
+    pairs where the block's indexer picked the sink token (NaN at blocks without one; None where no block has one)."""
 
     texts: int
     share: torch.Tensor
@@ -126,6 +142,7 @@ class SinkPass:
     gate_other: torch.Tensor | None = None
     learned_sink: torch.Tensor | None = None
     first_token: torch.Tensor | None = None
+    indexed: torch.Tensor | None = None
 
 
 class _Means:
@@ -202,12 +219,18 @@ def sink_pass(
                 maps = {layer: found.maps[layer][row, :, :n, :n].float() for layer in softmax}
                 means.add("learned_sink", per_block({layer: 1 - m.sum(-1).mean(-1) for layer, m in maps.items()}))
                 means.add("first_token", per_block({layer: m[:, 1:, 0].mean(-1) for layer, m in maps.items()}))
+            if found.selected:
+                picked = torch.full((n_layers,), float("nan"))
+                for layer, mask in found.selected.items():
+                    picked[layer] = indexed_share(mask[row, :n, :n], sinks[text], causal)
+                means.add("indexed", picked)
     if not counted:
         return None
     rate = (above / counted).mean(dim=1)
     rate[[layer for layer in range(n_layers) if layer not in softmax]] = float("nan")
     return SinkPass(counted, means.mean("share"), means.mean("uniform"), rate, means.mean("value_ratio"), means.mean("output_share"),
-                    means.mean("gate_sink"), means.mean("gate_other"), means.mean("learned_sink"), means.mean("first_token"))
+                    means.mean("gate_sink"), means.mean("gate_other"), means.mean("learned_sink"), means.mean("first_token"),
+                    means.mean("indexed"))
 
 
 def sink_blocks(rate: torch.Tensor) -> list[int]:
@@ -282,7 +305,8 @@ def sink_analysis(
         noop_heads=noop_heads(base), values=values, interventions=changed,
         dependence=dependence(found_blocks, birth, changed),
         gate_sink=listed(base.gate_sink), gate_other=listed(base.gate_other), learned_sink=listed(base.learned_sink),
-        first_token=listed(base.first_token), mixing=mixing_words(lm, base, found_blocks, birth, bool(dims)), **layout,
+        first_token=listed(base.first_token), indexer_selected=listed(base.indexed),
+        mixing=mixing_words(lm, base, found_blocks, birth, bool(dims)), **layout,
     )
 
 
@@ -342,6 +366,13 @@ def mixing_words(lm: LoadedModel, base: SinkPass, found_blocks: list[int], birth
                      f"(up to {most:.1%} for one head), the first token {first:.1%}; with them, the model "
                      f"{'still' if massive else 'does not'} grow{'s' if massive else ''} a massive activation, and "
                      f"{'still has' if found_blocks else 'has no'} token sink")
+    if base.indexed is not None:
+        indexed = [layer for layer in softmax if not bool(torch.isnan(base.indexed[layer]))]
+        picked = float(base.indexed[indexed].mean())
+        fewest = min(indexed, key=lambda layer: float(base.indexed[layer]))
+        words.append(f"sparse attention (an indexer picks the keys each query attends to, and the attention is measured over "
+                     f"those keys): the indexer picks the sink tokens for {picked:.1%} of the queries that can see them on average "
+                     f"over {_blocks(indexed)} (fewest at block {fewest}: {float(base.indexed[fewest]):.1%})")
     return "; ".join(words)
 
 

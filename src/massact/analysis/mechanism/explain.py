@@ -42,7 +42,7 @@ def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Life
     events = []
     for summary, line in zip(dims, lines):
         for layer, phase in writers(line):
-            if line.steps[layer].writer == "norm":
+            if line.steps[layer].writer in ("norm", "scale"):  # no branch to open: the norms or the output scale did it
                 continue
             direction = phase_direction(phase, step_sign(line, layer), line.precursor)
             events.append(Event(summary.dim, line.text, line.position, layer, phase, direction))
@@ -79,7 +79,8 @@ def explain(
         if origin.resid_mid is not None:  # post-LN: resid_sum = resid_mid + mlp
             gap = decomposition_gap(origin.resid_mid, 0.0, origin.mlp, origin.resid_out)
         else:
-            gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out)
+            gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out, origin.ple or 0.0,
+                                    origin.scale if origin.scale is not None else 1.0)
         if gap > tolerance:
             warnings.append(f"block {event.layer}: the block's branches differ from its output by {gap:.1e} (relative)")
         if origin.norm is not None and origin.norm.error > tolerance:
@@ -107,12 +108,16 @@ def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], t
     adapter, dim = lm.at(event.layer), event.dim
     resid_in, attn, mlp, resid_out = (float(at[s][dim]) for s in ("resid_in", "attn_out", "mlp_out", adapter.stream))
     resid_mid = float(at["resid_mid"][dim]) if adapter.post_ln else None
+    ple = float(at["ple_out"][dim]) if adapter.per_layer_input is not None else None
+    scale = lm.adapter.scale_of(lm.model, event.layer) if adapter.output_scale is not None else None
     # Post-LN: the attention half lands as resid_mid = LN(resid_in + attn) and the sum is resid_mid + mlp.
-    who = writer(event.direction, resid_mid if adapter.post_ln else attn, mlp)
+    who = writer(event.direction, resid_mid if adapter.post_ln else attn, mlp, ple)
     raw = {site: float(at[adapter.raw(site)][dim]) if site in adapter.branch_norms else None for site in ("attn_out", "mlp_out")}
     norm = None
     if adapter.post_ln:  # how the block's last LayerNorm scales the massive sum into the block output
         norm = _norm_factors(lm, event.layer, adapter.sites["resid_sum"][0], at["resid_sum"], at["resid_out"], dim)
+    elif who == "ple" and adapter.per_layer_input.norm is not None:  # the per-layer input lands through its own norm
+        norm = _norm_factors(lm, event.layer, adapter.per_layer_input.norm, at["ple_raw"], at["ple_out"], dim)
     elif f"{who}_out" in adapter.branch_norms:
         branch = f"{who}_out"
         norm = _norm_factors(lm, event.layer, adapter.branch_norms[branch], at[adapter.raw(branch)], at[branch], dim)
@@ -121,7 +126,8 @@ def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], t
     split_heads = who == "attn" and cause != "median" and adapter.mixer == "attention"
     heads = head_split(lm, event.layer, at[ATTN_Z], dim) if split_heads else None
     return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause,
-                  heads=heads, attn_raw=raw["attn_out"], mlp_raw=raw["mlp_out"], resid_mid=resid_mid, norm=norm)
+                  heads=heads, attn_raw=raw["attn_out"], mlp_raw=raw["mlp_out"], resid_mid=resid_mid, norm=norm, ple=ple,
+                  ple_raw=float(at["ple_raw"][dim]) if "ple_raw" in adapter.sites else None, scale=scale)
 
 
 def _norm_factors(lm: LoadedModel, layer: int, path: str, raw: torch.Tensor, landed: torch.Tensor, dim: int) -> NormFactors:

@@ -33,8 +33,12 @@ def step_sign(line: Lifeline, layer: int) -> int:
 
 
 def _writer(step: LifelineStep, post_ln: bool, direction: float) -> str:
-    """The term that moved the value most in ``direction``: attn, mlp, or (post-LN) both LayerNorms together."""
-    parts = {"attn": step.attn, "mlp": step.mlp, "norm": step.change - step.attn - step.mlp if post_ln else 0.0,
+    """The term that moved the value most in ``direction``: attn, mlp, a per-layer input (ple), or what is left of the
+    change: both LayerNorms together (post-LN), or the block's output scale (scale); with hyper-connections, the stream mixing (mix)."""
+    branches = step.attn + step.mlp + (step.ple or 0.0)
+    rest = step.change - branches
+    parts = {"attn": step.attn, "mlp": step.mlp, "norm": rest if post_ln else 0.0, "ple": step.ple or 0.0,
+             "scale": rest if step.scale is not None else 0.0,
              "mix": step.mix if step.mix is not None else 0.0}
     return max(WRITERS, key=lambda name: parts[name] * direction)
 
@@ -45,9 +49,9 @@ def main_carrier(massive: list[Massive], dim: int) -> Massive:
 
 
 def lifeline_sites(lm: LoadedModel) -> tuple[str, ...]:
-    """The sites a lifeline reads: the block's input, both branches as they land, the stream, the block output, and
-    in post-LN blocks the sum before the first LayerNorm and its output."""
-    extra = ("attn_sum", "resid_mid") if lm.adapter.post_ln else ()
+    """The sites a lifeline reads: the block's input, both branches as they land, the stream, the block output, in
+    post-LN blocks the sum before the first LayerNorm and its output, and a per-layer input's branch where it writes."""
+    extra = ("attn_sum", "resid_mid") if lm.adapter.post_ln else ("ple_out",) if "ple_out" in lm.adapter.sites else ()
     return tuple(dict.fromkeys(("resid_in", "attn_out", "mlp_out", lm.adapter.stream, "resid_out") + extra))
 
 
@@ -70,9 +74,10 @@ def read_lifelines(lm: LoadedModel, input_ids: torch.Tensor, position: int, dims
 
 def build_lifeline(
     values: dict[str, list[float]], stream: str, medians: list[float], criterion: Criterion, summary: DimSummary, carrier: Massive,
-    post_ln: bool,
+    post_ln: bool, scales: list[float] | None = None,
 ) -> Lifeline:
-    """The lifeline of one dim from its per-block site values (``values[site][layer]``, see ``read_lifelines``)."""
+    """The lifeline of one dim from its per-block site values (``values[site][layer]``, see ``read_lifelines``);
+    ``scales``: each block's output scale, where the blocks have one (value = scale x (resid_in + the branches))."""
     n = len(medians)
     value = values[stream]
     embedding = values["resid_in"][0]
@@ -81,13 +86,15 @@ def build_lifeline(
         attn, mlp, resid_in = values["attn_out"][layer], values["mlp_out"][layer], values["resid_in"][layer]
         # Post-LN: the block's first LayerNorm moves the value between the attention sum and the MLP's input.
         norm = values["resid_mid"][layer] - values["attn_sum"][layer] if post_ln else None
+        ple = values["ple_out"][layer] if "ple_out" in values else None
+        scale = scales[layer] if scales is not None else None
         mix = values["mix"][layer] if "mix" in values else None  # hyper-connections: the stream-mixing's change
-        terms = [resid_in, attn, mlp] + ([norm] if post_ln else []) + ([mix] if mix is not None else [])
-        error = max(error, abs(sum(terms) - value[layer]) / max(*map(abs, terms), abs(value[layer]), 1e-12))
+        terms = [resid_in, attn, mlp] + ([norm] if post_ln else []) + [part for part in (ple, mix) if part is not None]
+        error = max(error, abs(sum(terms) * (scale or 1.0) - value[layer]) / max(*map(abs, terms), abs(value[layer]), 1e-12))
         massive = criterion.is_massive(value[layer], medians[layer])
         step = LifelineStep(layer=layer, resid_in=resid_in, attn=attn, mlp=mlp, value=value[layer], resid_out=values["resid_out"][layer],
                             change=value[layer] - previous, writer="", median=medians[layer], massive=massive, phase="", norm=norm,
-                            mix=mix)
+                            ple=ple, scale=scale, mix=mix)
         # What changed the value since the previous block: the branches, and in post-LN blocks both LayerNorms (the
         # previous block's last one, which made resid_in, and this block's first). A phase judges it again below.
         step.writer = _writer(step, post_ln, 1.0 if step.change >= 0 else -1.0)
@@ -190,6 +197,9 @@ def lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tenso
     the kept windows' token ids)."""
     dims, massive, medians, criterion = findings.dims, findings.massive, findings.medians, findings.criterion
     carriers = {summary.dim: main_carrier(massive, summary.dim) for summary in dims}
+    n_layers = len(lm.adapter.blocks(lm.model))
+    scaled = any(lm.at(layer).output_scale is not None for layer in range(n_layers))
+    scales = [lm.adapter.scale_of(lm.model, layer) for layer in range(n_layers)] if scaled else None
     found: dict[int, Lifeline] = {}
     for text, position in dict.fromkeys((c.text, c.position) for c in carriers.values()):
         group = [s for s in dims if (carriers[s.dim].text, carriers[s.dim].position) == (text, position)]
@@ -197,5 +207,5 @@ def lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tenso
         for column, summary in enumerate(group):
             values = {site: tensor[:, column].tolist() for site, tensor in read.items()}
             found[summary.dim] = build_lifeline(values, lm.adapter.stream, medians, criterion, summary, carriers[summary.dim],
-                                                lm.adapter.post_ln)
+                                                lm.adapter.post_ln, scales)
     return [found[summary.dim] for summary in dims]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...fields import optional
-
-# What a lifeline step names as the writer of its change; "mix": a hyper-connection block's stream-mixing weights.
-WRITERS = ("attn", "mlp", "norm", "mix")
+# What a lifeline step names as the writer of its change: a branch (attention, MLP, a per-layer input), the norms
+# (post-LN), the block's output scale, or a hyper-connection block's stream-mixing weights ("mix").
+WRITERS = ("attn", "mlp", "norm", "ple", "scale", "mix")
+BRANCHES = ("attn", "mlp", "ple")  # what the origin names as the writer: the branch that made the block's change
 # The phases a block's step can have; the first six name a block that writes or erases the dim (``WRITING``).
 # "reversal": after birth, the value is massive again with the other sign (an eraser went through zero and past the
 # threshold); the phases after it follow the new sign.
@@ -77,6 +77,10 @@ class Origin(Place):
 
     ``cause`` at a removal: "value" when the value itself fell under the criterion, "median" when it would still be
     massive against the previous block's median (the rest of the hidden state grew, the value held).
+
+    Where a per-layer input writes the stream after the MLP (Gemma-4): ``ple`` is what it lands (``ple_raw`` before its
+    norm), a third writer (writer "ple"), and ``scale`` the block's output scale: resid_out = scale x (resid_in + attn
+    + mlp + ple).
     """
 
     writer: str
@@ -90,6 +94,9 @@ class Origin(Place):
     mlp_raw: float | None = None
     resid_mid: float | None = None
     norm: NormFactors | None = None
+    ple: float | None = None
+    ple_raw: float | None = None
+    scale: float | None = None
 
 
 
@@ -246,7 +253,9 @@ class LifelineStep:
     blocks the residual sum before the last LayerNorm, which then makes ``resid_out``. attn and mlp are what lands
     (after any branch norm). ``change`` is value minus the previous block's value (the embedding before block 0);
     ``writer`` the term that made most of it in its direction: attn, mlp, or norm (post-LN: both LayerNorms).
-    ``median`` is the block's median |a| over the corpus; ``phase`` see ``Lifeline``.
+    ``median`` is the block's median |a| over the corpus; ``phase`` see ``Lifeline``. Where a per-layer input writes
+    the stream (Gemma-4): ``ple``, what it lands (writer "ple"), and ``scale``, the block's output scale: value =
+    scale x (resid_in + attn + mlp + ple); what the scale changes is writer "scale".
     """
 
     layer: int
@@ -261,10 +270,12 @@ class LifelineStep:
     massive: bool
     phase: str
     norm: float | None = None
+    ple: float | None = None
+    scale: float | None = None
     # With hyper-connections (the lifeline follows one stream): what the mixing weights change of the stream's value
     # (carried from every input stream, minus the stream's own input value); attn and mlp are then the sublayers'
     # outputs times their weights into this stream.
-    mix: float | None = optional(None)
+    mix: float | None = None
 
 
 
@@ -315,7 +326,7 @@ class Lifeline:
     erased_at: list[int]
     embedding: float
     error: float
-    stream: str = optional("")  # with hyper-connections: the stream followed (the main carrier's)
+    stream: str = ""  # with hyper-connections: the stream followed (the main carrier's)
 
 
 @dataclass(kw_only=True)
@@ -467,7 +478,7 @@ class Mechanism:
     super_experts: SuperExperts | None
     birth_state: BirthState | None
     token_values: TokenValues | None
-    streams: list[StreamOrigin] = optional(factory=list)  # with hyper-connections: each written block's stream origin
+    streams: list[StreamOrigin] = field(default_factory=list)  # with hyper-connections: each written block's stream origin
 
 
 @dataclass(kw_only=True)

@@ -1,5 +1,6 @@
 """A neuron's pre-activation split exactly into what wrote the stream it reads: the embedding, every earlier block's
-attention and MLP output as it landed, and (in sequential blocks) this block's attention.
+attention and MLP output (and per-layer input, where one writes) as it landed, and (in sequential blocks) this block's
+attention. A block's output scale (Gemma-4's layer scalar) multiplies every source that crossed that block's output.
 
 Given each norm's per-position normalisation factor (1/rms, or 1/std), a norm is linear in its input, so the
 pre-activation w . norm(x) + b is a sum over the sources that add up to x. The walk goes back from the neuron's input
@@ -104,8 +105,8 @@ class Walk:
         terms: list[Term] = []
 
         def source(block: int, site: str) -> None:
-            mixer = MIXER_NAMES[self.lm.at(block).mixer]
-            terms.append(Term(f"block {block} {mixer if site == 'attn_out' else 'MLP'}", block, site, reader, norms))
+            name = {"attn_out": MIXER_NAMES[self.lm.at(block).mixer], "mlp_out": "MLP", "ple_out": "per-layer input"}[site]
+            terms.append(Term(f"block {block} {name}", block, site, reader, norms))
 
         if adapter.post_ln:  # the MLP reads resid_mid = LN1(resid_in + attn); resid_in = LN2(resid_sum of the block before)
             first, last = adapter.sites["attn_sum"][0], adapter.sites["resid_sum"][0]
@@ -120,8 +121,10 @@ class Walk:
             if not adapter.parallel:  # sequential: the MLP also reads this block's attention
                 source(layer, "attn_out")
             for block in range(layer - 1, -1, -1):
-                source(block, "mlp_out")
-                source(block, "attn_out")
+                # The block's output scale multiplies everything that reached its output, its own branches included.
+                reader = reader * adapter.scale_of(self.lm.model, block)
+                for site in reversed(adapter.writers(self.lm.config, block)):
+                    source(block, site)
         terms.append(Term("embedding", None, "embed", reader, norms))
         return terms, constants, input_norm
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from ...errors import UsageError
-from . import apertus, cohere, gemma2, gpt2, hybrid, hyper, llama, moe, olmo, parallel, phi, postln
+from . import apertus, cohere, dsa, gemma2, gemma4, gpt2, hybrid, hyper, llama, moe, olmo, parallel, phi, postln
 from .base import Adapter
 
 GROUP = "massact.adapters"  # the entry point group other packages register adapters under
@@ -54,6 +54,9 @@ ADAPTERS: tuple[Adapter, ...] = (
     moe.QWEN3_5_MOE,
     moe.QWEN3_5_MOE_MULTIMODAL,
     gemma2.GEMMA3_MULTIMODAL,
+    gemma4.ADAPTER,
+    dsa.GLM_MOE_DSA,
+    dsa.DEEPSEEK_V32,
     hyper.DEEPSEEK_V4,
     hyper.HY_V4,
     hyper.QWEN4_EXP,
@@ -86,7 +89,7 @@ def _named(entry: Registered) -> str:
 
 
 def _built_in() -> tuple[Registered, ...]:
-    modules = (apertus, cohere, gemma2, gpt2, hybrid, hyper, llama, moe, olmo, parallel, phi, postln)
+    modules = (apertus, cohere, dsa, gemma2, gemma4, gpt2, hybrid, hyper, llama, moe, olmo, parallel, phi, postln)
     names = {id(value): f"{module.__name__}.{name}"
              for module in modules for name, value in vars(module).items() if isinstance(value, Adapter)}
     return tuple(Registered(adapter=adapter, source=names[id(adapter)]) for adapter in ADAPTERS)
@@ -140,6 +143,13 @@ def supported() -> str:
     return "; ".join(f"{family} ({', '.join(types)})" for family, types in families.items())
 
 
+def claimed(config) -> bool:
+    """Whether a registered adapter claims ``config``'s model type (where none does, ``models.inference`` infers one
+    from the model itself)."""
+    model_type = getattr(config, "model_type", None)
+    return any(model_type in entry.adapter.model_types for entry in registry())
+
+
 def adapter_for(config) -> Adapter:
     """The adapter of ``config``'s model type whose ``when`` holds; a UsageError where none does, or where two do."""
     model_type = getattr(config, "model_type", None)
@@ -156,6 +166,10 @@ def adapter_for(config) -> Adapter:
         raise UsageError(f"the {model_type!r} config matches more than one adapter: " + " and ".join(map(_named, matching)))
     if matching:
         return matching[0].adapter
+    claimed = list(dict.fromkeys(entry.adapter.family for entry in registry() if model_type in entry.adapter.model_types))
+    if claimed:  # the family is known, but none of its variants maps this config (each one's `when` refuses it)
+        raise UsageError(f"this {model_type!r} config is a variant massact does not map: the {' and '.join(claimed)} adapters "
+                         "do not apply to it (see docs/families.md for what each maps)")
     raise UsageError(
         f"architecture {model_type!r} is not supported; supported families: {supported()}"
         " (a new family is one Adapter in massact/models/adapters/ or in another package's massact.adapters entry point,"

@@ -232,6 +232,27 @@ class Moe:
     shared_gate: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class PerLayerInput:
+    """A third branch that writes the stream after the MLP from an input the model hands each block (Gemma-4's
+    per-layer embeddings: per token and block, a looked-up embedding mixed with a projection of the token's input
+    embedding): ``gate`` reads the stream as the MLP left it (ple_in) and its activation ``act`` multiplies the
+    per-layer input; ``projection`` maps the product back to the stream (its output is ple_raw where ``norm`` follows,
+    else ple_out); ``norm`` norms it before it lands (ple_out)."""
+
+    gate: str = "per_layer_input_gate"
+    act: str = "act_fn"
+    projection: str = "per_layer_projection"
+    norm: str | None = "post_per_layer_input_norm"
+
+    def sites(self) -> dict[str, SiteSpec]:
+        """ple_in (the stream the gate reads), and ple_raw and ple_out (what lands), or ple_out alone without a norm."""
+        sites: dict[str, SiteSpec] = {"ple_in": (self.gate, "in")}
+        if self.norm is None:
+            return sites | {"ple_out": (self.projection, "out")}
+        return sites | {"ple_raw": (self.projection, "out"), "ple_out": (self.norm, "out")}
+
+
 def layer_types(config, layer: int) -> str:
     """The kind of attention the config gives ``layer`` (``layer_types``: full, sliding, linear, conv...), or "" where
     the config does not vary it."""
@@ -277,6 +298,14 @@ class Adapter:
     gate: Cut | None = None
     sinks: str | None = None
     positions: bool = True  # whether the mixer sees positions (rotary or learned); a NoPE layer does not
+    # The module (its path in the block) that picks the keys each query attends to: DeepSeek sparse attention's
+    # indexer, whose output is the top-k key positions per query [batch, queries, k]; None where every key is seen.
+    indexer: str | None = None
+    # A branch after the MLP that writes a per-layer input into the stream (Gemma-4's per-layer embeddings).
+    per_layer_input: PerLayerInput | None = None
+    # A buffer (its path in the block) that multiplies the block's output, after every branch has landed (Gemma-4's
+    # ``layer_scalar``): resid_out = scale x (resid_in + the branches). None: no such factor.
+    output_scale: str | None = None
     # Encoders whose position ids start after the padding index (RoBERTa): how many positions that costs.
     position_offset: Callable[[object], int] = lambda config: 0
     variants: tuple[Variant, ...] = ()
@@ -306,6 +335,16 @@ class Adapter:
                 changes |= variant.changes
             self._at[applies] = dataclasses.replace(self, variants=(), **changes)
         return self._at[applies]
+
+    def scale_of(self, model: nn.Module, layer: int) -> float:
+        """The factor block ``layer`` multiplies its output by (``output_scale``), 1.0 where it has none."""
+        path = self.at(text_config(model), layer).output_scale
+        return float(self.blocks(model)[layer].get_buffer(path)) if path is not None else 1.0
+
+    def writers(self, config, layer: int) -> tuple[str, ...]:
+        """The sites of block ``layer``'s branches as they land in the stream, in the block's order: attn_out, mlp_out,
+        and ple_out where a per-layer input writes it too."""
+        return ("attn_out", "mlp_out") + (("ple_out",) if self.at(config, layer).per_layer_input is not None else ())
 
     def routers(self, config, layer: int) -> tuple[str, ...]:
         """Paths in block ``layer`` of the modules that route its tokens to experts (none in a dense block). They are
@@ -447,6 +486,7 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
     - mlp_in, mlp_gate, mlp_up, mlp_act, mlp_out from the MLP (a mixture of experts: its block's input and output),
       mlp_out behind a branch norm as attn_out is (mlp_raw before it);
     - resid_sum in post-LN blocks: the input of the block's last norm;
+    - ple_in, ple_raw and ple_out where a per-layer input writes the stream after the MLP (``PerLayerInput``);
     - with hyper-connections: resid_mid is the streams the MLP's connection reads, and attn_read and mlp_read the
       combinations of the streams the two sublayers read (before their own norms)."""
     mlp = adapter.mlp.sites() if adapter.mlp is not None else {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
@@ -461,6 +501,8 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
     sites |= mlp | _landed(adapter, "mlp_out", mlp_out)
     if adapter.post_norms is not None:
         sites["resid_sum"] = (adapter.post_norms[1], "in")
+    if adapter.per_layer_input is not None:
+        sites |= adapter.per_layer_input.sites()
     sites["resid_out"] = ("", "out")
     return sites
 
