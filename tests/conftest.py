@@ -60,6 +60,9 @@ MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepse
                 "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "minimax_m2", "ernie4_5_moe", "exaone_moe",
                 "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna"]
 
+# Hyper-connections: the residual is 4 streams (see massact.models.adapters.hyper and tests/test_hyper_connections.py).
+HYPER_FAMILIES = ["deepseek_v4", "hy_v4", "qwen4_exp"]
+
 
 # Gated DeltaNet sizes for the Qwen3-Next / Qwen3.5 hybrids (3 linear-attention blocks, then one gated softmax block).
 _LINEAR = dict(head_dim=D_MODEL // N_HEADS, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
@@ -189,6 +192,21 @@ def tiny_config(family: str, vocab_size: int):
                                          shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
                                          moe_routed_scaling_factor=2.0, moe_router_logit_softcapping=30.0, sliding_window=4,
                                          layer_types=["sliding_attention", "full_attention"] * 2),
+        # 4 streams; DeepSeek-V4: block 0 hash-routed, sliding attention over the whole text, 3 Sinkhorn iterations.
+        "deepseek_v4": lambda: t.DeepseekV4Config(
+            **common, moe_intermediate_size=D_MLP, head_dim=16, qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16,
+            n_routed_experts=4, num_experts_per_tok=2, layer_types=["sliding_attention"] * N_LAYERS,
+            mlp_layer_types=["hash_moe"] + ["moe"] * (N_LAYERS - 1), sliding_window=CONTEXT, hc_mult=4, hc_sinkhorn_iters=3),
+        "hy_v4": lambda: t.HYV4Config(
+            **common, moe_intermediate_size=D_MLP, num_key_value_heads=N_HEADS, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+            mlp_layer_types=["dense"] + ["sparse"] * (N_LAYERS - 1), layer_types=["indexed_attention"] * N_LAYERS,
+            indexer_types=["full", "shared", "full", "shared"], index_topk=CONTEXT, index_head_dim=16, index_n_heads=2, hc_mult=4),
+        "qwen4_exp": lambda: t.Qwen4ExpTextConfig(
+            **grouped, head_dim=D_MODEL // N_HEADS, **{k: v for k, v in _LINEAR.items() if k != "head_dim"}, moe_intermediate_size=D_MLP,
+            shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+            layer_types=["linear_attention"] * 3 + ["indexed_attention"], hc_count=4, hc_lowrank=16, indexer_n_heads=2,
+            indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=CONTEXT, indexer_compress_ratio=4),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }

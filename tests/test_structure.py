@@ -182,7 +182,11 @@ def _configs(model_type: str):
             except (NotImplementedError, StrictDataclassClassValidationError):  # a flag the config class refuses flipped
                 continue
     if getattr(config, "num_experts", None):
-        yield transformers.AutoConfig.for_model(model_type, num_experts=0)
+        try:
+            dense = transformers.AutoConfig.for_model(model_type, num_experts=0)
+        except StrictDataclassClassValidationError:  # a config with no dense variant (Qwen4-exp's wants num_experts > 0)
+            return
+        yield dense
 
 
 def test_no_config_of_a_registered_model_type_matches_two_adapters():

@@ -36,8 +36,9 @@ from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_wi
 from .analysis.evaluation.windows import evaluation_for
 from .analysis.function.sinks import sink_analysis
 from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
-from .analysis.mechanism.lifeline import lifelines
+from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
 from .analysis.mechanism.results import Mechanism
+from .analysis.mechanism.streams import stream_origins
 from .analysis.mechanism.super_experts import find_super_experts
 from .analysis.profile.build import build_profile, count_carriers
 from .analysis.profile.results import Profile
@@ -122,7 +123,8 @@ def scan(
         return None  # launched as several processes: they shared the scan, the first one explains and reports
     findings, warnings = found.findings, list(found.warnings)
     mechanism = mechanism_stage(lm, found, settings, warnings)
-    trigger = triggers(lm, found.inputs, findings, mechanism, settings, found.corpus.windows)
+    # The trigger's positional and token swaps read one stream: not traced through hyper-connections yet.
+    trigger = [] if lm.adapter.hyper is not None else triggers(lm, found.inputs, findings, mechanism, settings, found.corpus.windows)
     causal, causal_warnings = causal_stage(lm, found, mechanism, settings, eval_text, progress)
     report = Report(model=model_info(lm), corpus=found.corpus, settings=settings, findings=findings, mechanism=mechanism,
                     trigger=trigger, causal=causal, deploy=Deploy(), conclusion=[], warnings=warnings + causal_warnings,
@@ -256,16 +258,37 @@ def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings, w
     a mixture's super experts, the birth block's state on the carrier's text and each dim at every block and token
     (the page's token view); checks that fail their second computation are appended to ``warnings``."""
     findings, inputs = found.findings, found.inputs
+    supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
+                                                                   settings.super_expert_fraction, settings.super_expert_depth)
+    if lm.adapter.hyper is not None:
+        return _stream_mechanism(lm, findings, inputs, supers, warnings)
     lines = lifelines(lm, findings, inputs)
     origins, anatomies, attributions, experts = explain(lm, pick_events(findings.dims, findings.massive, lines), inputs, findings,
                                                         settings, warnings)
-    supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
-                                                                   settings.super_expert_fraction, settings.super_expert_depth)
     return Mechanism(lifelines=lines, origin=origins, anatomy=anatomies, attribution=attributions, experts=experts,
                      super_experts=supers,
                      birth_state=birth_state(lm, inputs, dims=findings.dims, origin=origins, massive=findings.massive,
                                              tokens=findings.tokens),
                      token_values=token_values(lm, inputs, dims=findings.dims, lifelines=lines))
+
+
+def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor], supers, warnings: list[str]) -> Mechanism:
+    """With hyper-connections: each dim's lifeline in its main carrier's stream, and that stream's origin (the terms
+    through the write and mixing weights) at every block the lifeline names as a writer and at the block after birth
+    (where the mixing carries it on). The sublayers' anatomy, neurons and experts, the birth state and the token view
+    are not computed through the streams yet."""
+    lines = stream_lifelines(lm, findings, inputs)
+    origins = []
+    for line in lines:
+        after = {line.born_at + 1} if line.born_at + 1 < len(line.steps) else set()
+        layers = sorted({layer for layer, _ in writers(line)} | after)
+        stream = int(line.stream[1:])
+        origins += stream_origins(lm, inputs[line.text], line.text, line.position, [(layer, stream, line.dim) for layer in layers])
+    if findings.dims:
+        warnings.append("hyper-connections: the origin is split through the streams' write and mixing weights "
+                        "(mechanism.streams); the sublayers' anatomy, neurons, experts and super weights are not traced yet")
+    return Mechanism(lifelines=lines, origin=[], anatomy=[], attribution=[], experts=[], super_experts=supers, birth_state=None,
+                     token_values=None, streams=origins)
 
 
 def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settings: ScanSettings, eval_text: str | None,

@@ -17,6 +17,9 @@ block index, a (pre-norm) block computes
     resid_sum = resid_mid + mlp_out, resid_out = LN(resid_sum).
   per-layer inputs (Gemma-4): a third branch after the MLP reads ple_in = resid_mid + mlp_out and writes ple_out (its
     norm of the projection's raw output ple_raw); resid_out = scale x (ple_in + ple_out), the block's layer scalar.
+  hyper-connections (DeepSeek-V4, HY-V4, Qwen4-exp): resid_in, resid_mid and resid_out hold N streams
+    [batch, positions, N, width]; ``resid_out.s2`` is stream 2 alone. attn_read and mlp_read are the combinations
+    of the streams the attention and the MLP read (before their own norm).
 TransformerLens hook names are accepted as aliases.
 """
 
@@ -44,7 +47,24 @@ SITES: tuple[str, ...] = (
     "ple_in",
     "ple_raw",
     "ple_out",
+    "attn_read",
+    "mlp_read",
 )
+
+# The sites that hold the block state: several streams with hyper-connections, one without.
+STATE_SITES: tuple[str, ...] = ("resid_in", "resid_mid", "resid_out")
+_STREAM_PATTERN = re.compile(r"^(resid_in|resid_mid|resid_out)\.s(\d+)$")
+
+
+def stream_site(site: str, stream: int) -> str:
+    """The name of one stream of a block-state site: ``stream_site("resid_out", 2)`` is "resid_out.s2"."""
+    return f"{site}.s{stream}"
+
+
+def split_stream(name: str) -> tuple[str, int | None]:
+    """(site, stream) of a per-stream name ("resid_out.s2": ("resid_out", 2)); (name, None) for any other name."""
+    match = _STREAM_PATTERN.match(name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
 
 # The sites massive activations can be detected in (an adapter's ``stream``): each block's output, or in post-LN blocks
 # the residual sum before the block's last LayerNorm.
@@ -80,7 +100,7 @@ def resolve_site(name: str, gated: bool | Callable[[int], bool], layer: int | No
         if hook not in _TL_ALIASES:
             raise UsageError(f"unknown TransformerLens hook {name!r}; known: mlp.hook_pre, {', '.join(_TL_ALIASES)}")
         return layer, _TL_ALIASES[hook]
-    if name not in SITES:
+    if split_stream(name)[0] not in SITES:  # "resid_out.s2": one stream of a hyper-connection block's state
         raise UsageError(f"unknown site {name!r}; canonical sites: {', '.join(SITES)}")
     if name == "mlp_gate" and not is_gated(layer if layer is not None else 0):
         raise UsageError("site 'mlp_gate' exists only in gated MLPs; this model's MLP is not gated")

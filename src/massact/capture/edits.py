@@ -10,7 +10,7 @@ import torch
 
 from ..models.loading import LoadedModel
 from ..settings import Criterion
-from .hooks import forward_until, tap
+from .hooks import forward_until, state_streams, tap
 
 
 @contextmanager
@@ -44,9 +44,22 @@ def set_weight(lm: LoadedModel, matrix: str, index: tuple[int, ...], value: floa
         parameter.data[index] = original
 
 
-def massive_mask(hidden: torch.Tensor, dim: int, criterion: Criterion, valid: torch.Tensor | None = None) -> torch.Tensor:
+def massive_mask(hidden: torch.Tensor, dim: int, criterion: Criterion, valid: torch.Tensor | None = None,
+                 per_stream: bool = False) -> torch.Tensor:
     """[batch, positions] True where ``dim`` is massive against the median |a| of that sequence's hidden state;
-    with ``valid`` (a padded batch's attention mask, [batch, positions]), over its real positions only."""
+    with ``valid`` (a padded batch's attention mask, [batch, positions]), over its real positions only. A
+    hyper-connection block's state [batch, positions, N, width] is judged per stream, against each stream's median
+    (the scan's criterion): True where ``dim`` is massive in any stream, or with ``per_stream`` [batch, positions, N]."""
+    if hidden.dim() == 4:
+        streams = hidden.transpose(1, 2)  # [batch, N, positions, width]: each stream as a sequence of its own
+        if valid is None:
+            median = streams.abs().flatten(2).float().median(dim=2).values
+        else:
+            valid = valid.to(hidden.device).bool()
+            median = torch.stack([row[:, keep].abs().flatten(1).float().median(dim=1).values for row, keep in zip(streams, valid)])
+        found = criterion.is_massive(hidden[..., dim], median.unsqueeze(1))
+        found = found if valid is None else found & valid.unsqueeze(-1)
+        return found if per_stream else found.any(-1)
     if valid is None:
         median = hidden.abs().flatten(1).float().median(dim=1).values
     else:
@@ -54,6 +67,15 @@ def massive_mask(hidden: torch.Tensor, dim: int, criterion: Criterion, valid: to
         median = torch.stack([row[keep].abs().float().median() for row, keep in zip(hidden, valid)])
     found = criterion.is_massive(hidden[..., dim], median.unsqueeze(1))
     return found if valid is None else found & valid
+
+
+def at_dim(hidden: torch.Tensor, dim: int) -> torch.Tensor:
+    """``dim``'s values [batch, positions]; from a hyper-connection block's state [batch, positions, N, width], each
+    position's value in the stream where it is largest in magnitude."""
+    values = hidden[..., dim]
+    if hidden.dim() == 4:
+        values = values.gather(-1, values.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    return values
 
 
 @contextmanager
@@ -67,6 +89,10 @@ def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tens
     factor = here.landing(lm.config, site)
     if factor != 1.0:
         edit = _in_landed_units(edit, factor)
+    streams = state_streams(lm.adapter, lm.config, site)
+    if streams is not None and streams[1]:  # streams stored flat: edited as [batch, positions, N, width]
+        given, count = edit, streams[0]
+        edit = lambda hidden: given(hidden.unflatten(-1, (count, -1))).flatten(-2)
 
     def on_output(module, args, output):
         if isinstance(output, (tuple, list)):
@@ -98,12 +124,13 @@ def replace_massive(
 ) -> AbstractContextManager[None]:
     """Where a block's output (the detection stream) is massive, set each dim to ``values[dim]`` (Sun et al.: zero,
     or its mean). In post-LN blocks that is the residual sum, before the block's last LayerNorm. ``valid``: the
-    attention mask of a padded batch, so that each text is judged on its own positions, as alone."""
+    attention mask of a padded batch, so that each text is judged on its own positions, as alone. With
+    hyper-connections, in each stream where the dim is massive (judged against that stream's median)."""
 
     def edit(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.clone()
         for dim, value in values.items():
-            mask = massive_mask(hidden, dim, criterion, valid)
+            mask = massive_mask(hidden, dim, criterion, valid, per_stream=True)
             hidden[..., dim] = torch.where(mask, torch.full_like(hidden[..., dim], value), hidden[..., dim])
         return hidden
 
@@ -125,11 +152,12 @@ def patch_position(lm: LoadedModel, layer: int, site: str, position: int, vector
 
 def read_coordinate(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], position: int, dim: int) -> dict[int, float]:
     """The block output (the detection stream) at [position, dim] for each layer, in one forward pass (under whatever
-    intervention is active) that stops after the last of them."""
+    intervention is active) that stops after the last of them; with hyper-connections, in the stream where it is
+    largest in magnitude."""
     values: dict[int, float] = {}
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
-        values[layer] = float(hidden[0, position, dim])
+        values[layer] = float(at_dim(hidden, dim)[0, position])
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in layers], keep):
         forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..models.adapters.base import Adapter, text_config
-from ..sites import resolve_site
+from ..sites import STATE_SITES, resolve_site, split_stream
 
 SiteFn = Callable[[int, str, torch.Tensor], None]
 
@@ -38,41 +38,76 @@ def _hook(module: nn.Module, direction: str, fn: Callable[[torch.Tensor], None])
     return module.register_forward_hook(lambda m, args, output: fn(_output_tensor(output)))
 
 
-def _shaped(tensor: torch.Tensor, chunk: tuple[int, int] | None, lead: torch.Size | None, factor: float = 1.0) -> torch.Tensor:
+def _shaped(tensor: torch.Tensor, chunk: tuple[int, int] | None, lead: torch.Size | None, factor: float = 1.0,
+            streams: tuple[int, bool, int | None] | None = None) -> torch.Tensor:
     """The site's value as [batch, positions, width]: one chunk of a fused projection, and flattened
     [batch x positions, width] MLP tensors (``lead``: the block's [batch, positions], where its adapter declares
-    ``flat_rows``) put back in shape; times ``factor`` where the site is the module's output scaled (a branch scale)."""
+    ``flat_rows``) put back in shape; times ``factor`` where the site is the module's output scaled (a branch scale).
+    A hyper-connection block's state (``streams``: how many, whether stored flat, and the one stream asked for or
+    None) as [batch, positions, N, width], or one stream of it."""
     if chunk is not None:
         tensor = tensor.chunk(chunk[1], dim=-1)[chunk[0]]
     if lead is not None and tensor.dim() == 2:
         tensor = tensor.view(*lead, tensor.shape[-1])
+    if streams is not None:
+        count, flat, stream = streams
+        if flat:
+            tensor = tensor.unflatten(-1, (count, -1))
+        if stream is not None:
+            tensor = tensor[..., stream, :]
     return tensor * factor if factor != 1.0 else tensor
+
+
+def state_streams(adapter: Adapter, config, site: str) -> tuple[int, bool, int | None] | None:
+    """(how many streams, whether stored flat, the stream named) where ``site`` ("resid_out" or one stream of it,
+    "resid_out.s2") is a hyper-connection block's state; None for any other site or family."""
+    base, stream = split_stream(site)
+    if adapter.hyper is None or base not in STATE_SITES:
+        return None
+    count = adapter.hyper.count(config)
+    if stream is not None and stream >= count:
+        raise ValueError(f"{adapter.family} has {count} streams: no stream {stream} ({site!r})")
+    return count, adapter.hyper.flat, stream
 
 
 @contextmanager
 def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn: SiteFn) -> Iterator[None]:
     """Within the block, call ``fn(layer, site, tensor)`` each time a requested site is computed; ``tensor`` is
-    [batch, positions, width] and may be the model's own storage (copy it to keep it)."""
+    [batch, positions, width] and may be the model's own storage (copy it to keep it). With hyper-connections the
+    block state (resid_in, resid_mid, resid_out) is [batch, positions, N, width], and "resid_out.s2" its stream 2."""
     handles = []
     leads: dict[int, torch.Size | None] = {}  # a flat-rows block's [batch, positions], read at its input
     config = text_config(model)
     try:
         for layer, site in sites:
             here = adapter.at(config, layer)  # a hybrid's blocks differ: a site may live elsewhere, or not at all
-            if site not in here.sites:
+            if split_stream(site)[0] not in here.sites:
                 raise ValueError(f"{adapter.family} has no site {site!r} at block {layer}")
-            path, direction, *chunk = here.sites[site]
+            path, direction, *chunk = here.sites[split_stream(site)[0]]
+            streams = state_streams(adapter, config, site)
             if here.flat_rows and layer not in leads:
                 leads[layer] = None
                 handles.append(_hook(adapter.module(model, layer, ""), "in", lambda t, layer=layer: leads.__setitem__(layer, t.shape[:-1])))
             module = adapter.module(model, layer, path)
             factor = here.landing(config, site)
-            handles.append(_hook(module, direction, lambda t, layer=layer, site=site, chunk=chunk[0] if chunk else None, factor=factor:
-                                 fn(layer, site, _shaped(t, chunk, leads.get(layer), factor))))
+            handles.append(_hook(module, direction, lambda t, layer=layer, site=site, chunk=chunk[0] if chunk else None, factor=factor,
+                                 streams=streams: fn(layer, site, _shaped(t, chunk, leads.get(layer), factor, streams))))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def tap_final(model: nn.Module, adapter: Adapter, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """With hyper-connections, call ``fn(tensor)`` with the combination of the last block's streams that the final
+    norm reads (the adapter's ``hyper.final``), [batch, positions, width]."""
+    path, direction = adapter.hyper.final
+    handle = _hook(adapter.base(model).get_submodule(path), direction, fn)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager

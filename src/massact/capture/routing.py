@@ -103,10 +103,23 @@ class Routing:
     weights: torch.Tensor
 
 
-def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = ()) -> Routing:
+def _scores(score: str, logits: torch.Tensor) -> torch.Tensor:
+    """Each expert's score from the router's logits [tokens, experts], as ``Router.score`` names it."""
+    if score == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if score == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits).sqrt()
+    return torch.sigmoid(logits)
+
+
+def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = (), token_ids: torch.Tensor | None = None) -> Routing:
     """The router's choice for tokens ``x`` [tokens, d_model], recomputed in float64 from its weights; ``pruned``
-    experts are never chosen (their logits are -inf: a softmax renormalises over the rest)."""
+    experts are never chosen (their logits are -inf: a softmax renormalises over the rest). A hash router
+    (``Router.table``) chooses by the tokens' ids ``token_ids`` [tokens], which it then needs: a pruned expert stays
+    chosen there (the table is the choice), and only the weights are recomputed."""
     spec = moe.spec.router
+    if spec.table is not None and token_ids is None:
+        raise ValueError("a hash-routed block chooses its experts by token id: route() needs token_ids")
     linear = spec.linear(moe.router)
     weight = linear.weight.detach().double()
     bias = getattr(linear, "bias", None)
@@ -119,7 +132,7 @@ def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = ()) -> Routing
     masked = logits.clone()
     if pruned:
         masked[:, list(pruned)] = float("-inf")
-    scores = torch.softmax(masked, dim=-1) if spec.score == "softmax" else torch.sigmoid(masked)
+    scores = _scores(spec.score, masked)
     choice = scores.clone()
     if spec.correction:
         choice = choice + moe.correction.detach().double().to(choice.device)
@@ -134,24 +147,29 @@ def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = ()) -> Routing
             score = grouped.topk(2, dim=-1).values.nan_to_num(neginf=0.0).sum(-1)
         chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(keep, dim=-1).indices, True)
         choice = choice.masked_fill(~chosen.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
-    indices = choice.topk(moe.top_k, dim=-1).indices
+    if spec.table is not None:
+        indices = getattr(moe.router, spec.table)[token_ids.reshape(-1).to(logits.device)].long()
+    else:
+        indices = choice.topk(moe.top_k, dim=-1).indices
     weights = scores.gather(1, indices)
     renormalise = spec.renormalise if isinstance(spec.renormalise, bool) else bool(moe.setting(spec.renormalise))
     if renormalise:
-        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if spec.score == "sigmoid" else 0.0))
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if spec.score != "softmax" else 0.0))
     if spec.scale is not None:
         weights = weights * moe.scale
     return Routing(logits, scores, indices, weights)
 
 
-def model_routing(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def model_routing(moe: MoeBlock, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The router module's own choice for tokens ``x`` [tokens, d_model]: (indices, weights) [tokens, k], sorted by
     expert index within each token (routers may return them unsorted), the weights times the scale the block applies
     after the router where it does; Llama-4's router gives scores for every expert, of which the nonzero ones are the
-    chosen."""
+    chosen. A hash router is called with the tokens' ids ``token_ids``."""
     spec = moe.spec.router
     rows = x.to(moe.router_weight.device, moe.dtype)
     args = (rows.unsqueeze(0) if spec.batched else rows, *([moe.correction] if spec.passed else []))
+    if spec.table is not None:
+        args = (*args, token_ids.to(rows.device))
     with torch.no_grad():  # the router gets what the model gives it: it casts for itself (DeepSeek's to float32)
         out = moe.router(*args)
     if moe.spec.router.on_input:  # (scores [tokens, experts]: sigmoid of the top-k logits, 0 elsewhere; logits)
@@ -267,7 +285,8 @@ def pruned_experts(lm: LoadedModel, pruned: dict[int, Sequence[int]]) -> Iterato
 def _pruned_router(moe: MoeBlock, experts: tuple[int, ...]):
     def forward(hidden_states: torch.Tensor, *args, **kwargs):
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        routing = route(moe, x, experts)
+        # a hash router is called with the token ids, which make its choice
+        routing = route(moe, x, experts, (args[0] if args else kwargs["input_ids"]) if moe.spec.router.table is not None else None)
         # in the dtype the router's own logits have: float32 where transformers keeps the router in float32
         logits = routing.logits.to(torch.promote_types(x.dtype, moe.router_weight.dtype))
         if moe.spec.router.on_input:  # Llama-4: sigmoid scores for every expert, 0 where not selected

@@ -113,10 +113,14 @@ def story(report: Report, dim: int) -> list[tuple[str, str]]:
     picks a few kinds."""
     summary = next(d for d in report.findings.dims if d.dim == dim)
     line = next(x for x in report.mechanism.lifelines if x.dim == dim)  # the scan makes one per dim
-    out = [("birth", s) for s in _birth_words(report, dim)]
+    if line.stream:  # hyper-connections: the origin is split through the streams' weights
+        out = [("birth", s) for s in _stream_words(report, summary, line)]
+    else:
+        out = [("birth", s) for s in _birth_words(report, dim)]
     if line.precursor_layer is not None:
         out[1:1] = [("precursor", s) for s in _precursor_words(line)]
-    out += _mechanism_words(report, dim)
+    if not line.stream:
+        out += _mechanism_words(report, dim)
     trigger = next((t for t in report.trigger if t.dim == dim), None)
     if trigger is not None and trigger.chain:
         out += _trigger_words(trigger)
@@ -137,6 +141,26 @@ def _birth_words(report: Report, dim: int) -> list[str]:
         f"Block {birth.layer}'s {written} writes it: {short(branch, True)} of {short(birth.resid_out, True)} in {stream}; "
         f"the block's input held {short(birth.resid_in, True)}.",
     ]
+
+
+def _stream_words(report: Report, summary: DimSummary, line: Lifeline) -> list[str]:
+    """Where a hyper-connection model's dim lives: the streams it is massive in, who writes it into the followed stream
+    at birth and through which weight, and the mixing weights that carry it on."""
+    streams = [name for name in summary.streams if name != "read"]
+    read = " and in the combination the next sublayer reads" if "read" in summary.streams else ""
+    out = [f"Dim {line.dim} is born in block {line.born_at}, at token {line.position} ({line.token!r}) of text {line.text}; "
+           f"it is massive in stream{'s' if len(streams) != 1 else ''} {', '.join(streams) or 'none'}{read}."]
+    who = {"mlp": "MLP", "attn": "attention"}
+    for origin in (o for o in report.mechanism.streams if o.dim == line.dim):
+        term = next(t for t in origin.terms if t.source == origin.carrier)
+        if origin.carrier in who:
+            out.append(f"Block {origin.layer}'s {who[origin.carrier]} writes it into stream {origin.stream} with weight "
+                       f"{term.weight:.3g}: {short(term.value, True)} of {short(origin.value, True)}.")
+        else:
+            moved = "" if origin.role == "carry" else f", moved in from stream {origin.carrier}"
+            out.append(f"Block {origin.layer}'s stream mixing carries it in stream {origin.stream} with weight {term.weight:.3g}"
+                       f"{moved}: {short(term.value, True)} of {short(origin.value, True)}.")
+    return out
 
 
 def _mechanism_words(report: Report, dim: int) -> list[tuple[str, str]]:
@@ -167,7 +191,8 @@ def _blocks(first: int, last: int) -> str:
 
 
 def _phase_words(phase: Phase) -> str:
-    who = {"mlp": "MLP", "attn": "attention", "norm": "norm", "ple": "per-layer input", "scale": "layer scalar"}[phase.writer]
+    who = {"mlp": "MLP", "attn": "attention", "norm": "norm", "ple": "per-layer input", "scale": "layer scalar",
+           "mix": "stream mixing"}[phase.writer]
     return f"{_blocks(phase.first, phase.last)}'s {who} ({short(phase.value_before, True)} -> {short(phase.value_after, True)})"
 
 

@@ -10,7 +10,8 @@ from ..analysis.trigger.results import ChainLink, RouterTrigger, Trigger
 from .tables import Style, add_row, num, ratio, spans, where
 
 SHOWN_SOURCES = 8  # sources listed per pre-activation; report.json has all of them
-_WRITERS = {"attn": "attention", "mlp": "MLP", "norm": "norm", "ple": "per-layer input", "scale": "layer scalar", "": ""}
+_WRITERS = {"attn": "attention", "mlp": "MLP", "norm": "norm", "ple": "per-layer input", "scale": "layer scalar",
+            "mix": "stream mixing", "": ""}
 
 
 def phase_words(line: Lifeline) -> list[str]:

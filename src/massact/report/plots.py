@@ -47,7 +47,8 @@ def layer_profile(report: Report) -> bytes:
     ax.plot(layers, report.medians, "-s", color="gray", label="median |a|")
     for d in report.findings.dims:
         ax.axvline(d.born_at, color="crimson", alpha=0.6)
-        ax.annotate(f"dim {d.dim} born", (d.born_at, abs(d.max_value)), textcoords="offset points",
+        streams = f" ({', '.join(d.streams)})" if d.streams else ""  # hyper-connections: the streams it is massive in
+        ax.annotate(f"dim {d.dim}{streams} born", (d.born_at, abs(d.max_value)), textcoords="offset points",
                     xytext=(4, 6), color="crimson", fontsize=9)
         for removed in d.removed_at:
             ax.axvline(removed, color="navy", alpha=0.5, linestyle="--")
@@ -233,7 +234,10 @@ def lifeline(report: Report) -> bytes:
     ax.bar(layers + 0.2, [s.mlp for s in line.steps], width=0.4, color="tab:green", label="MLP (as it lands)")
     if any(s.norm is not None for s in line.steps):
         ax.plot(layers, [s.norm for s in line.steps], "x", color="tab:brown", label="first LayerNorm's step")
-    ax.plot(layers, [s.value for s in line.steps], "-o", color="black", markersize=3, label=f"dim {line.dim} after the block")
+    if any(s.mix is not None for s in line.steps):
+        ax.plot(layers, [s.mix for s in line.steps], "+", color="tab:orange", label="stream mixing's change")
+    stream = f" (stream {line.stream})" if line.stream else ""
+    ax.plot(layers, [s.value for s in line.steps], "-o", color="black", markersize=3, label=f"dim {line.dim}{stream} after the block")
     ax.set_yscale("symlog", linthresh=max(1.0, abs(line.peak) / 1e4))
     bottom = ax.get_ylim()[0]
     for p in line.phases:  # names along the bottom, clear of the value line
@@ -244,7 +248,7 @@ def lifeline(report: Report) -> bytes:
     ax.axhline(0, color="gray", linewidth=0.5)
     ax.set_xlabel("block (dashed: where the scan stops calling it massive)")
     ax.set_ylabel("contribution to the dim (symlog)")
-    ax.set_title(f"Lifeline of dim {line.dim} at text {line.text} pos {line.position} {line.token!r}: peak {line.peak:+,.0f} "
+    ax.set_title(f"Lifeline of dim {line.dim}{stream} at text {line.text} pos {line.position} {line.token!r}: peak {line.peak:+,.0f} "
                  f"at block {line.peak_layer}")
     ax.legend(loc="upper left", fontsize=8)
     return png_bytes(fig)

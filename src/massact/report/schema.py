@@ -24,7 +24,19 @@ from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
 from ..analysis.function.results import AttentionSinks
-from ..analysis.mechanism.results import BRANCHES, PHASES, ROLES, WRITERS, Checkpoint, Lifeline, LifelineStep, Origin, Phase, Place
+from ..analysis.mechanism.results import (
+    BRANCHES,
+    PHASES,
+    ROLES,
+    WRITERS,
+    Checkpoint,
+    Lifeline,
+    LifelineStep,
+    Mechanism,
+    Origin,
+    Phase,
+    Place,
+)
 from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.results import Report
 from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
@@ -200,11 +212,14 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
 }
 
 # Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer
-# picks, the checks an inferred adapter passed): the writer leaves one out where it holds its default (None, or
-# empty), and the reader gives the default where it is absent, so that the other models' files do not carry them.
+# picks, the checks an inferred adapter passed, hyper-connections' streams): the writer leaves one out where it holds
+# its default (None, or empty), and the reader gives the default where it is absent, so that the other models' files
+# do not carry them.
 OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
     (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
+    (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
+    (LifelineStep, "mix"), (Mechanism, "streams"),
 })
 
 

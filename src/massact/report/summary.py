@@ -78,8 +78,14 @@ def _first_of_each(sentences: list[tuple[str, str]]) -> list[str]:
 
 def _row(report: Report, dim: int) -> list[str]:
     summary = next(d for d in report.findings.dims if d.dim == dim)
-    birth = next(o for o in report.mechanism.origin if o.dim == dim and o.role == "birth")
+    birth = next((o for o in report.mechanism.origin if o.dim == dim and o.role == "birth"), None)
     line = next(x for x in report.mechanism.lifelines if x.dim == dim)
+    who = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}
+    if birth is None:  # hyper-connections: the stream origin at the birth block names the writer, and the stream
+        origin = next((o for o in report.mechanism.streams if o.dim == dim and o.layer == summary.born_at), None)
+        writer = f"{who.get(origin.carrier, 'stream mixing')} ({origin.stream})" if origin is not None else "-"
+    else:
+        writer = who[birth.writer]
     attribution = next((a for a in report.mechanism.attribution if a.dim == dim and a.role == "birth"), None)
     expert = next((e.moe for e in report.mechanism.experts if e.dim == dim and e.role == "birth"), None)
     neuron, weight = "-", "-"
@@ -92,11 +98,10 @@ def _row(report: Report, dim: int) -> list[str]:
         top = expert.top_expert if expert.top_expert is not None else "shared"
         neuron = f"expert {top} / {expert.neurons[0].neuron} ({expert.neurons[0].share:.0%})"
         weight = f"{_matrix(w.matrix)}[{', '.join(map(str, w.index))}]"
-    elif birth.heads:
+    elif birth is not None and birth.heads:
         neuron = f"head {birth.heads[0].head} ({birth.heads[0].share:.0%})"
     ratio = max((e.ratio for e in report.findings.massive if e.dim == dim), default=float("nan"))
     tokens = repr(summary.tokens[0]) + (f" +{len(summary.tokens) - 1} more" if len(summary.tokens) > 1 else "")
-    writer = {"mlp": "MLP", "attn": "attention", "ple": "per-layer input"}[birth.writer]
     return [str(dim), tokens, str(summary.born_at), writer, neuron, weight,
             f"{short(line.peak, True)} at {line.peak_layer} ({short(ratio)}x)", spans(line.erased_at) if line.erased_at else "never"]
 

@@ -109,7 +109,7 @@ def _layer_table(style: Style, report: Report) -> Table:
                         "massive", right=(0, *(i + bool(kinds) for i in (1, 2, 3, 5, 6))))
     for stats in report.findings.layers:
         top = stats.top
-        cell = [f"{num(e.value, True)} d{e.dim}" for e in top[1:3]] + ["-", "-"]
+        cell = [f"{num(e.value, True)} d{e.dim}{_stream(e.stream, '.')}" for e in top[1:3]] + ["-", "-"]
         add_row(
             table,
             str(stats.layer),
@@ -117,7 +117,7 @@ def _layer_table(style: Style, report: Report) -> Table:
             num(stats.median),
             num(top[0].value, True) if top else "-",
             ratio(stats.ratio),
-            f"dim {top[0].dim}, {where(top[0].text, top[0].position, top[0].token)}" if top else "-",
+            f"dim {top[0].dim}{_stream(top[0].stream)}, {where(top[0].text, top[0].position, top[0].token)}" if top else "-",
             cell[0],
             cell[1],
             "yes" if stats.layer in massive_layers else "",
@@ -131,7 +131,8 @@ def _massive_tables(style: Style, report: Report) -> list:
     dims = style.table("By dim", "dim", "born at block", "massive in blocks", "removed at block", "largest value", "tokens",
                        right=(0, 1, 4))
     for d in report.findings.dims:
-        add_row(dims, str(d.dim), str(d.born_at), spans(d.persists), spans(d.removed_at), num(d.max_value, True),
+        add_row(dims, f"{d.dim}{_stream(', '.join(d.streams))}", str(d.born_at), spans(d.persists), spans(d.removed_at),
+                num(d.max_value, True),
                 ", ".join(repr(t) for t in d.tokens[:6]))
     groups: dict[tuple[int, int, int], list] = {}
     for e in report.findings.massive:
@@ -142,13 +143,40 @@ def _massive_tables(style: Style, report: Report) -> list:
     )
     for (dim, text, position), group in list(groups.items())[:MASSIVE_ROWS]:
         top = max(group, key=lambda e: abs(e.value))
-        add_row(entries, str(dim), str(text), str(position), repr(top.token), spans(sorted(e.layer for e in group)), num(top.value, True),
-                ratio(top.ratio))
+        add_row(entries, f"{dim}{_stream(top.stream)}", str(text), str(position), repr(top.token), spans(sorted({e.layer for e in group})),
+                num(top.value, True), ratio(top.ratio))
     rest = len(groups) - MASSIVE_ROWS
     return [dims, entries] + ([Text(f"... and {rest} more places in report.json")] if rest > 0 else [])
 
 
+def _stream(name: str, joint: str = " ") -> str:
+    """A hyper-connection stream's label after a dim ("dim 20 (s2)", "d20.s2"); nothing where the state is one stream."""
+    if not name:
+        return ""
+    return f".{name}" if joint == "." else f" ({name})"
+
+
+def _stream_origin_table(style: Style, report: Report) -> Table:
+    """Each stream origin: the stream's value split into what the mixing carries from each input stream and what
+    each sublayer writes through its weight (``massact.analysis.mechanism.streams``)."""
+    table = style.table(
+        "stream = sum_i mix[i, stream] x input stream i + attn x its weight + mlp x its weight, at the coordinate",
+        "dim", "block", "stream", "where", "value", "carried (weight)", "attn (weight)", "mlp (weight)", "carrier", "role",
+        right=(0, 1, 4),
+    )
+    for o in report.mechanism.streams:
+        terms = {t.source: t for t in o.terms}
+        carried = [t for t in o.terms if t.source not in ("attn", "mlp")]
+        main = max(carried, key=lambda t: abs(t.value))
+        add_row(table, str(o.dim), str(o.layer), o.stream, where(o.text, o.position, report.findings.tokens[o.text][o.position]),
+                num(o.value, True), f"{num(sum(t.value for t in carried), True)} ({main.source} x {main.weight:.3g})",
+                *(f"{num(terms[part].value, True)} (x {terms[part].weight:.3g})" for part in ("attn", "mlp")), o.carrier, o.role)
+    return table
+
+
 def _origin_tables(style: Style, report: Report) -> list:
+    if report.mechanism.streams:
+        return [_stream_origin_table(style, report)]
     if not report.mechanism.origin:
         return [Text("Nothing to trace.")]
     post_ln = report.model.stream == "resid_sum"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ...capture.batches import pad_batch
-from ...capture.edits import ablate_neurons, massive_mask, read_coordinate, replace_massive, set_weight
+from ...capture.edits import ablate_neurons, at_dim, massive_mask, read_coordinate, replace_massive, set_weight
 from ...capture.hooks import forward_until, tap
 from ...capture.routing import expert_matrix, pruned_experts
 from ...models.loading import LoadedModel
@@ -330,7 +330,7 @@ def input_dependence(lm: LoadedModel, eval_text: str, *, texts: dict[int, str], 
             for summary in dims:
                 hidden = kept[summary.born_at][row:row + 1, :ids[index].shape[1]]
                 massive = massive_mask(hidden, summary.dim, criterion)[0]
-                read[index][summary.dim] = float(hidden[0, 0, summary.dim]), massive.nonzero().flatten().tolist()
+                read[index][summary.dim] = float(at_dim(hidden, summary.dim)[0, 0]), massive.nonzero().flatten().tolist()
     for one, found in zip(ids, read):  # in the texts' order, so that tied carriers keep their order
         for dim, (value, positions) in found.items():
             first[dim].append(value)

@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...settings import Criterion
 
 
 @dataclass(kw_only=True)
 class Entry:
-    """One activation: its signed value at (text, position, dim); ``token`` is the decoded token there."""
+    """One activation: its signed value at (text, position, dim); ``token`` is the decoded token there. ``stream``:
+    with hyper-connections, the stream of the block state it is in ("s0", "s1", ...) or "read", the combination of the
+    streams the next sublayer (after the last block, the final norm) reads; "" where the state is one stream."""
 
     value: float
     text: int
     position: int
     token: str
     dim: int
+    stream: str = ""
 
 
 
 @dataclass(kw_only=True)
 class LayerStats:
-    """A block's residual output (block i = HF hidden_states[i+1], taken before any final norm)."""
+    """A block's residual output (block i = HF hidden_states[i+1], taken before any final norm). With
+    hyper-connections, ``median`` and ``top`` are over every stream, and ``streams`` has each stream's own statistics
+    (and those of the combination the next sublayer reads)."""
 
     layer: int
+    median: float
+    ratio: float
+    top: list[Entry]
+    streams: list[StreamStats] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class StreamStats:
+    """One stream of a hyper-connection block's output ("s0", ...; "read": the combination the next sublayer, or the
+    final norm, reads): its median |a|, the ratio of its largest |a| to it, and its largest entries."""
+
+    stream: str
     median: float
     ratio: float
     top: list[Entry]
@@ -32,6 +49,9 @@ class LayerStats:
 
 @dataclass(kw_only=True)
 class Massive:
+    """A massive entry; ``ratio`` is |value| over its block's median |a| (with hyper-connections, over its stream's:
+    the criterion holds per stream, and ``stream`` names it as ``Entry.stream`` does)."""
+
     layer: int
     text: int
     position: int
@@ -39,6 +59,7 @@ class Massive:
     dim: int
     value: float
     ratio: float
+    stream: str = ""
 
 
 
@@ -52,6 +73,7 @@ class DimSummary:
     removed_at: list[int]
     max_value: float
     tokens: list[str]
+    streams: list[str] = field(default_factory=list)  # with hyper-connections: the streams it is massive in, in order
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,14 +14,14 @@ import torch
 from ...capture.batches import pad_batch
 from ...capture.blocks import BlockRecorder
 from ...capture.expert_maxima import ExpertMaxima
-from ...capture.hooks import tap
+from ...capture.hooks import tap, tap_final
 from ...capture.stats import LogHistogram, TopK
 from ...errors import UsageError
 from ...launch import launch
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ...writes import replace_whole
-from .results import DimSummary, Entry, LayerStats, Massive
+from .results import DimSummary, Entry, LayerStats, Massive, StreamStats
 from .resume import read_state, state_refused
 
 CANDIDATES = 512  # largest |a| kept per block; massive entries are a handful, so this bounds nothing real
@@ -41,6 +41,14 @@ class LayerScan:
     dtype: torch.dtype | None = None
     stream: str = "resid_out"  # the site every block is read at
     nonfinite_weights: list[tuple[str, int]] = field(default_factory=list)
+    # With hyper-connections, each block has one histogram and top-k per slot: its output's streams ("s0", ...), then
+    # "read", the combination of them the next sublayer (or the final norm) reads; () where the state is one stream.
+    # ``histograms`` and ``tops`` are then by block, then slot; ``nonfinite``'s layer is a block.
+    slots: tuple[str, ...] = ()
+
+    def per_block(self) -> int:
+        """How many statistics each block has: one, or one per slot."""
+        return max(1, len(self.slots))
 
     def nonfinite_value(self) -> float | None:
         """The first non-finite value itself (inf, -inf or nan), None where every value is finite."""
@@ -50,7 +58,31 @@ class LayerScan:
         return next((value for value, labels in self.tops[layer].items() if labels == at), float("nan"))
 
     def medians(self) -> list[float]:
+        """Each block's median |a| (with hyper-connections, over every stream of its output)."""
+        per = self.per_block()
+        if per == 1:
+            return [histogram.quantile(0.5) for histogram in self.histograms]
+        return [_merged(self.histograms[block * per : block * per + len(self.slots) - 1]).quantile(0.5)
+                for block in range(len(self.histograms) // per)]
+
+    def slot_medians(self) -> list[float]:
+        """Each statistic's median |a|: one per block, or per block and slot."""
         return [histogram.quantile(0.5) for histogram in self.histograms]
+
+
+def _merged(histograms: list[LogHistogram]) -> LogHistogram:
+    """One histogram of all the entries of ``histograms``."""
+    merged = LogHistogram(device=histograms[0].counts.device)
+    for histogram in histograms:
+        merged.merge(histogram)
+    return merged
+
+
+def stream_slots(lm: LoadedModel) -> tuple[str, ...]:
+    """The slots a hyper-connection model's scan keeps per block (its streams, then "read"); () for one stream."""
+    if lm.adapter.hyper is None:
+        return ()
+    return (*(f"s{stream}" for stream in range(lm.adapter.streams(lm.config))), "read")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +118,8 @@ def scan_layers(
     checkpoint, every, resume, identity = (None, 50, False, "") if state is None else (state.path, state.every, state.resume,
                                                                                       state.identity)
     n_layers = len(lm.adapter.blocks(lm.model))
-    recorder = BlockRecorder(n_layers, candidates, lm.device)
+    slots = stream_slots(lm)
+    recorder = BlockRecorder(n_layers * max(1, len(slots)), candidates, lm.device)
     maxima = ExpertMaxima(lm) if any(lm.at(layer).moe is not None for layer in range(n_layers)) else None
     rank, world = distributed_rank()
     if world > 1 and checkpoint is not None:
@@ -109,9 +142,7 @@ def scan_layers(
                 on_window(index)
 
     seen, batches, pending = 0, 0, []
-    sites = [(layer, lm.adapter.stream) for layer in range(n_layers)]
-    with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda layer, _, hidden: recorder.add(layer, hidden)), \
-            (maxima.recording() if maxima is not None else nullcontext()):
+    with torch.no_grad(), _recording(lm, recorder, n_layers, slots), (maxima.recording() if maxima is not None else nullcontext()):
         for index, ids in enumerate(windows):
             if index % world != rank:  # under torchrun / accelerate launch, each process takes every world-th window
                 continue
@@ -137,8 +168,38 @@ def scan_layers(
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     nonfinite = first_nonfinite(tops)
+    if nonfinite is not None and slots:
+        nonfinite = (nonfinite[0] // len(slots), *nonfinite[1:])
     return LayerScan(histograms, tops, nonfinite, (maxima.routed.cpu(), maxima.shared.cpu()) if maxima else None, dtype=lm.dtype,
-                     stream=lm.adapter.stream, nonfinite_weights=nonfinite_weights(lm.model) if nonfinite is not None else [])
+                     stream=lm.adapter.stream, nonfinite_weights=nonfinite_weights(lm.model) if nonfinite is not None else [],
+                     slots=slots)
+
+
+def _recording(lm: LoadedModel, recorder: BlockRecorder, n_layers: int, slots: tuple[str, ...]):
+    """The hooks that feed ``recorder`` every block's output: as it is, or with hyper-connections each stream of it
+    (statistic block x slots + stream), then the combination the next block's attention reads (block L's "read" is
+    block L + 1's attn_read; the last block's, what the final norm reads), in the order the forward pass makes them."""
+    if not slots:
+        sites = [(layer, lm.adapter.stream) for layer in range(n_layers)]
+        return tap(lm.model, lm.adapter, sites, lambda layer, _, hidden: recorder.add(layer, hidden))
+    per, streams = len(slots), len(slots) - 1
+
+    def add(layer: int, site: str, hidden: torch.Tensor) -> None:
+        if site == "attn_read":  # what block ``layer`` reads: the previous block's "read" slot
+            recorder.add((layer - 1) * per + streams, hidden)
+        else:
+            for stream in range(streams):
+                recorder.add(layer * per + stream, hidden[..., stream, :])
+
+    sites = [(layer, lm.adapter.stream) for layer in range(n_layers)] + [(layer, "attn_read") for layer in range(1, n_layers)]
+    return _both(tap(lm.model, lm.adapter, sites, add),
+                 tap_final(lm.model, lm.adapter, lambda hidden: recorder.add((n_layers - 1) * per + streams, hidden)))
+
+
+@contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 def nonfinite_weights(model: torch.nn.Module) -> list[tuple[str, int]]:
@@ -258,22 +319,46 @@ def first_nonfinite(tops: list[TopK]) -> tuple[int, int, int, int] | None:
     return None
 
 
+def _entries(top: TopK, tokens: list[list[str]], top_k: int, stream: str = "") -> list[Entry]:
+    return [Entry(value=value, text=t, position=p, token=tokens[t][p], dim=d, stream=stream) for value, (t, p, d) in top.items()[:top_k]]
+
+
+def _ratio(entries: list[Entry], median: float) -> float:
+    return abs(entries[0].value) / median if entries and median > 0 else float("nan")
+
+
 def layer_stats(scan: LayerScan, tokens: list[list[str]], top_k: int) -> list[LayerStats]:
-    stats = []
-    for layer, (median, top) in enumerate(zip(scan.medians(), scan.tops)):
-        entries = [Entry(value=value, text=t, position=p, token=tokens[t][p], dim=d) for value, (t, p, d) in top.items()[:top_k]]
-        ratio = abs(entries[0].value) / median if entries and median > 0 else float("nan")
-        stats.append(LayerStats(layer=layer, median=median, ratio=ratio, top=entries))
+    """Each block's median, ratio and largest entries; with hyper-connections over all its streams (each entry
+    naming its stream), with each stream's and the next read's own statistics in ``streams``."""
+    stats, per = [], scan.per_block()
+    medians, slot_medians = scan.medians(), scan.slot_medians()
+    for layer, median in enumerate(medians):
+        if per == 1:
+            entries = _entries(scan.tops[layer], tokens, top_k)
+            stats.append(LayerStats(layer=layer, median=median, ratio=_ratio(entries, median), top=entries))
+            continue
+        streams = []
+        for slot, name in enumerate(scan.slots):
+            entries = _entries(scan.tops[layer * per + slot], tokens, top_k, name)
+            streams.append(StreamStats(stream=name, median=slot_medians[layer * per + slot],
+                                       ratio=_ratio(entries, slot_medians[layer * per + slot]), top=entries))
+        # over the streams themselves, not the read (a combination of them): by |a|, then the stream's order
+        entries = sorted((e for one in streams[:-1] for e in one.top), key=lambda e: -abs(e.value))[:top_k]
+        stats.append(LayerStats(layer=layer, median=median, ratio=_ratio(entries, median), top=entries, streams=streams))
     return stats
 
 
 def detect(scan: LayerScan, tokens: list[list[str]], criterion: Criterion) -> list[Massive]:
-    """Every candidate with |a| >= min_abs and |a| >= min_ratio x its block's median |a|, by block then |a|."""
-    found = []
-    for layer, (median, top) in enumerate(zip(scan.medians(), scan.tops)):
+    """Every candidate with |a| >= min_abs and |a| >= min_ratio x its block's median |a|, by block then |a|. With
+    hyper-connections the criterion holds per stream (each stream's own median), and each entry names its stream;
+    by block, then stream, then |a|."""
+    found, per = [], scan.per_block()
+    for slot, (median, top) in enumerate(zip(scan.slot_medians(), scan.tops)):
+        stream = scan.slots[slot % per] if scan.slots else ""
         for value, (t, p, d) in top.items():
             if criterion.is_massive(value, median):
-                found.append(Massive(layer=layer, text=t, position=p, token=tokens[t][p], dim=d, value=value, ratio=abs(value) / median))
+                found.append(Massive(layer=slot // per, text=t, position=p, token=tokens[t][p], dim=d, value=value,
+                                     ratio=abs(value) / median, stream=stream))
     return found
 
 
@@ -321,6 +406,11 @@ def scan_warnings(scan: LayerScan, massive: list[Massive], candidates: int = CAN
     return warnings
 
 
+def _stream_order(name: str) -> tuple[int, int]:
+    """The streams in order ("s0", "s1", ...), then "read"."""
+    return (1, 0) if name == "read" else (0, int(name[1:]))
+
+
 def group_dims(massive: list[Massive], n_layers: int) -> list[DimSummary]:
     """Per dim: first block where it is massive, every such block, and each block after which it is not massive."""
     summaries = []
@@ -329,6 +419,7 @@ def group_dims(massive: list[Massive], n_layers: int) -> list[DimSummary]:
         layers = sorted({m.layer for m in entries})
         removed = [layer + 1 for layer in layers if layer + 1 not in layers and layer + 1 < n_layers]
         tokens = list(dict.fromkeys(m.token for m in entries))
+        streams = sorted({m.stream for m in entries if m.stream}, key=_stream_order)
         summaries.append(DimSummary(dim=dim, born_at=layers[0], persists=layers, removed_at=removed,
-                                    max_value=max((m.value for m in entries), key=abs), tokens=tokens))
+                                    max_value=max((m.value for m in entries), key=abs), tokens=tokens, streams=streams))
     return summaries

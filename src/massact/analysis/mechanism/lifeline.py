@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 from ...capture.hooks import tap
+from ...capture.streams import probe_streams
 from ...models.loading import LoadedModel
 from ...settings import Criterion
 from ..detect.results import DimSummary, Findings, Massive
 from .origin import removal_cause
 from .results import WRITERS, WRITING, Lifeline, LifelineStep, Phase
+from .streams import stream_terms
 
 PHASE_SHARE = 0.1  # a block grows or erases the value when it adds or takes off 10% of the peak (of the precursor before birth)
 HOLD_SHARE = 0.5  # after birth, a quiet block holds the value while it stays above half of its largest value so far
@@ -32,11 +34,12 @@ def step_sign(line: Lifeline, layer: int) -> int:
 
 def _writer(step: LifelineStep, post_ln: bool, direction: float) -> str:
     """The term that moved the value most in ``direction``: attn, mlp, a per-layer input (ple), or what is left of the
-    change: both LayerNorms together (post-LN), or the block's output scale (scale)."""
+    change: both LayerNorms together (post-LN), or the block's output scale (scale); with hyper-connections, the stream mixing (mix)."""
     branches = step.attn + step.mlp + (step.ple or 0.0)
     rest = step.change - branches
     parts = {"attn": step.attn, "mlp": step.mlp, "norm": rest if post_ln else 0.0, "ple": step.ple or 0.0,
-             "scale": rest if step.scale is not None else 0.0}
+             "scale": rest if step.scale is not None else 0.0,
+             "mix": step.mix if step.mix is not None else 0.0}
     return max(WRITERS, key=lambda name: parts[name] * direction)
 
 
@@ -85,12 +88,13 @@ def build_lifeline(
         norm = values["resid_mid"][layer] - values["attn_sum"][layer] if post_ln else None
         ple = values["ple_out"][layer] if "ple_out" in values else None
         scale = scales[layer] if scales is not None else None
-        terms = [resid_in, attn, mlp] + ([norm] if post_ln else []) + ([ple] if ple is not None else [])
+        mix = values["mix"][layer] if "mix" in values else None  # hyper-connections: the stream-mixing's change
+        terms = [resid_in, attn, mlp] + ([norm] if post_ln else []) + [part for part in (ple, mix) if part is not None]
         error = max(error, abs(sum(terms) * (scale or 1.0) - value[layer]) / max(*map(abs, terms), abs(value[layer]), 1e-12))
         massive = criterion.is_massive(value[layer], medians[layer])
         step = LifelineStep(layer=layer, resid_in=resid_in, attn=attn, mlp=mlp, value=value[layer], resid_out=values["resid_out"][layer],
                             change=value[layer] - previous, writer="", median=medians[layer], massive=massive, phase="", norm=norm,
-                            ple=ple, scale=scale)
+                            ple=ple, scale=scale, mix=mix)
         # What changed the value since the previous block: the branches, and in post-LN blocks both LayerNorms (the
         # previous block's last one, which made resid_in, and this block's first). A phase judges it again below.
         step.writer = _writer(step, post_ln, 1.0 if step.change >= 0 else -1.0)
@@ -159,6 +163,33 @@ def phases(steps: list[LifelineStep], embedding: float) -> list[Phase]:
 def writers(line: Lifeline) -> list[tuple[int, str]]:
     """(block, phase) of every block the lifeline names as a main writer or eraser, in depth order."""
     return [(step.layer, step.phase) for step in line.steps if step.phase in WRITING]
+
+
+def stream_lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor]) -> list[Lifeline]:
+    """With hyper-connections: one lifeline per massive dim, followed in the stream of its main carrier (the entry
+    where it is largest among the streams themselves), against that stream's medians. Per block the stream's value is
+    its input value + the mixing's change + the attention's and the MLP's writes into it
+    (``massact.analysis.mechanism.streams``)."""
+    n_layers = len(lm.adapter.blocks(lm.model))
+    found = []
+    for summary in findings.dims:
+        carrier = main_carrier([m for m in findings.massive if m.stream != "read"] or findings.massive, summary.dim)
+        stream = int(carrier.stream[1:]) if carrier.stream != "read" else 0
+        probes = probe_streams(lm, inputs[carrier.text], list(range(n_layers)), [carrier.position])
+        values: dict[str, list[float]] = {name: [] for name in ("resid_in", "attn_out", "mlp_out", "mix", "resid_out")}
+        for layer in range(n_layers):
+            terms = {term.source: term.value for term in stream_terms(probes[layer], stream, summary.dim)}
+            own = float(probes[layer]["resid_in"][0, stream, summary.dim])
+            values["resid_in"].append(own)
+            values["attn_out"].append(terms.pop("attn"))
+            values["mlp_out"].append(terms.pop("mlp"))
+            values["mix"].append(sum(terms.values()) - own)
+            values["resid_out"].append(float(probes[layer]["resid_out"][0, stream, summary.dim]))
+        medians = [stats.streams[stream].median for stats in findings.layers]
+        line = build_lifeline(values, "resid_out", medians, findings.criterion, summary, carrier, post_ln=False)
+        line.stream = f"s{stream}"
+        found.append(line)
+    return found
 
 
 def lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor]) -> list[Lifeline]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # What a lifeline step names as the writer of its change: a branch (attention, MLP, a per-layer input), the norms
-# (post-LN), or the block's output scale.
-WRITERS = ("attn", "mlp", "norm", "ple", "scale")
+# (post-LN), the block's output scale, or a hyper-connection block's stream-mixing weights ("mix").
+WRITERS = ("attn", "mlp", "norm", "ple", "scale", "mix")
 BRANCHES = ("attn", "mlp", "ple")  # what the origin names as the writer: the branch that made the block's change
 # The phases a block's step can have; the first six name a block that writes or erases the dim (``WRITING``).
 # "reversal": after birth, the value is massive again with the other sign (an eraser went through zero and past the
@@ -274,6 +274,10 @@ class LifelineStep:
     norm: float | None = None
     ple: float | None = None
     scale: float | None = None
+    # With hyper-connections (the lifeline follows one stream): what the mixing weights change of the stream's value
+    # (carried from every input stream, minus the stream's own input value); attn and mlp are then the sublayers'
+    # outputs times their weights into this stream.
+    mix: float | None = None
 
 
 
@@ -324,6 +328,7 @@ class Lifeline:
     erased_at: list[int]
     embedding: float
     error: float
+    stream: str = ""  # with hyper-connections: the stream followed (the main carrier's)
 
 
 @dataclass(kw_only=True)
@@ -475,3 +480,37 @@ class Mechanism:
     super_experts: SuperExperts | None
     birth_state: BirthState | None
     token_values: TokenValues | None
+    streams: list[StreamOrigin] = field(default_factory=list)  # with hyper-connections: each written block's stream origin
+
+
+@dataclass(kw_only=True)
+class StreamTerm:
+    """One term of a hyper-connection stream's value at one dim (``massact.analysis.mechanism.streams``): ``source``
+    "s0", "s1", ...: that input stream carried by the mixing weights, ``weight`` = (m_attn m_mlp)[source, stream];
+    "attn" or "mlp": the sublayer's output through its write weight (the attention's then mixed by the MLP's
+    connection). ``input`` is the source's value at the dim, ``value`` = weight x input."""
+
+    source: str
+    weight: float
+    input: float
+    value: float
+
+
+@dataclass(kw_only=True)
+class StreamOrigin:
+    """Stream ``stream``'s ``value`` at ``dim`` of block ``layer``'s output (text, position), split into ``terms`` that
+    add up to it (``error``: their relative gap). ``carrier``: the term with the largest share in the value's
+    direction; ``role``: "carry" (the mixing weight keeps the stream's own value), "move" (it brings the value in from
+    another stream), "write" (a sublayer writes it) or "amplifier" (a sublayer writes it through a write weight far
+    above the block's typical one)."""
+
+    layer: int
+    dim: int
+    text: int
+    position: int
+    stream: str
+    value: float
+    terms: list[StreamTerm]
+    carrier: str
+    role: str
+    error: float

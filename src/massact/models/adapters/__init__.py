@@ -24,6 +24,7 @@ from . import (
     gpt2,
     granite,
     hybrid,
+    hyper,
     llama,
     moe,
     moe_recent,
@@ -84,6 +85,9 @@ ADAPTERS: tuple[Adapter, ...] = (
     llama.INTERNLM3,
     llama.MINISTRAL,
     llama.MINISTRAL3,
+    hyper.DEEPSEEK_V4,
+    hyper.HY_V4,
+    hyper.QWEN4_EXP,
 )
 
 

@@ -78,7 +78,12 @@ class Router:
       or the name of the router's or the config's flag that says so), then times ``scale`` (the attribute holding a
       routed scaling factor);
     - ``on_input``: the weight multiplies the expert's input instead of its output (Llama-4: sigmoid of the top-k
-      logits, on the input).
+      logits, on the input);
+    - ``table``: hash routing, the router's buffer [vocab, top_k] that names each token id's experts (DeepSeek-V4's
+      ``tid2eid`` in its first blocks): the choice is a fixed function of the token id, the weights are still the
+      scores of the chosen experts (renormalised and scaled as above). The router is called with the token ids.
+
+    ``score`` may also be "sqrtsoftplus" (sqrt(softplus(logit)) per expert, DeepSeek-V4).
 
     ``top_k``, ``n_group``, ``topk_group`` and the flags are read from the router module, else from the config.
 
@@ -108,10 +113,51 @@ class Router:
     batched: bool = False
     softcap: str | None = None
     scaled_after: bool = False
+    table: str | None = None
 
     def linear(self, router: nn.Module) -> nn.Module:
         """The module of ``router`` (the router module) that holds its weight."""
         return router.get_submodule(self.weight) if self.weight else router
+
+
+@dataclass(frozen=True, kw_only=True)
+class Connection:
+    """One sublayer's hyper-connection: the module ``path`` (in the block) that computes, from the N streams, the
+    weights around the sublayer, and where its output tuple holds them: ``write`` [batch, positions, N], the weight
+    with which the sublayer's output is added to each stream; ``mix`` [batch, positions, N, N], the stream-mixing
+    matrix m with new stream k = sum_j m[j, k] x stream j + write[k] x output (None: each stream carries itself over,
+    m the identity). The combination the sublayer reads is the adapter's ``attn_read`` or ``mlp_read`` site."""
+
+    path: str
+    write: int
+    mix: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HyperConnections:
+    """The residual is N streams (hyper-connections): the block's input, middle and output (resid_in, resid_mid,
+    resid_out) hold N vectors of d_model per position, N the config's ``streams`` attribute, stored [batch, positions,
+    N, d_model] or, ``flat``, [batch, positions, N x d_model] (stream-major). Each sublayer reads one combination of
+    the streams (``read``, in words; the ``attn_read``/``mlp_read`` sites hold it) and writes its output into every
+    stream with a weight, around a stream-mixing matrix (``attn`` and ``mlp``: ``Connection``). ``dynamic``: the
+    weights are computed per token from the streams themselves (else they are parameters).
+
+    After the last block, ``final`` (a path in the base model, and which output of it, as a site: (path, "in"|"out"))
+    holds the combination the final norm reads (``final_norm``, a path in the base model; None where the combination
+    is the model's last hidden state)."""
+
+    streams: str
+    flat: bool = False
+    attn: Connection
+    mlp: Connection
+    read: str
+    final: SiteSpec
+    final_norm: str | None = None
+    dynamic: bool = True
+
+    def count(self, config) -> int:
+        """How many streams the config gives the block state."""
+        return int(getattr(config, self.streams))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,6 +344,11 @@ class Adapter:
     # Encoders whose position ids start after the padding index (RoBERTa): how many positions that costs.
     position_offset: Callable[[object], int] = lambda config: 0
     variants: tuple[Variant, ...] = ()
+    # Hyper-connections: the residual is several streams (None: one stream, as in every other family); with them the
+    # sites where each sublayer reads its combination of the streams.
+    hyper: HyperConnections | None = None
+    attn_read: SiteSpec | None = None
+    mlp_read: SiteSpec | None = None
     sites: dict[str, SiteSpec] = field(init=False)  # canonical site -> where it is read, from ``block_sites``
     # The adapter of a block per combination of the variants that apply there (``at``).
     _at: dict[tuple[bool, ...], Adapter] = field(init=False, default_factory=dict, repr=False, compare=False)
@@ -382,6 +433,10 @@ class Adapter:
         that enters the block's last norm."""
         return "resid_sum" if self.post_ln else "resid_out"
 
+    def streams(self, config) -> int:
+        """How many residual streams the block state holds: 1 without hyper-connections."""
+        return self.hyper.count(config) if self.hyper is not None else 1
+
     def mlp_norm_module(self, model: nn.Module, layer: int) -> tuple[str, nn.Module] | None:
         """(path, module) of the norm in front of the MLP, or None where the MLP reads the stream unnormed."""
         block = self.module(model, layer, "")
@@ -417,6 +472,12 @@ class Adapter:
         """The block list's path in ``model``: under the base model's prefix when a head wraps it."""
         prefix = getattr(model, "base_model_prefix", "")
         return f"{prefix}.{self.layers}" if prefix and isinstance(getattr(model, prefix, None), nn.Module) else self.layers
+
+    def base(self, model: nn.Module) -> nn.Module:
+        """The module that holds the block list (the base model: its embeddings, final norm and, with
+        hyper-connections, the final read of the streams)."""
+        path = self.layers_path(model)
+        return model.get_submodule(path.rpartition(".")[0]) if "." in path else model
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path(model))
@@ -478,11 +539,15 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
     - mlp_in, mlp_gate, mlp_up, mlp_act, mlp_out from the MLP (a mixture of experts: its block's input and output),
       mlp_out behind a branch norm or times a branch scale as attn_out is (mlp_raw before it);
     - resid_sum in post-LN blocks: the input of the block's last norm;
-    - ple_in, ple_raw and ple_out where a per-layer input writes the stream after the MLP (``PerLayerInput``)."""
+    - ple_in, ple_raw and ple_out where a per-layer input writes the stream after the MLP (``PerLayerInput``);
+    - with hyper-connections: resid_mid is the streams the MLP's connection reads, and attn_read and mlp_read the
+      combinations of the streams the two sublayers read (before their own norms)."""
     mlp = adapter.mlp.sites() if adapter.mlp is not None else {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
     sites: dict[str, SiteSpec] = {"resid_in": ("", "in"), **_landed(adapter, "attn_out", (adapter.attention, "out"))}
     if adapter.post_norms is not None:
         sites |= {"attn_sum": (adapter.post_norms[0], "in"), "resid_mid": (adapter.post_norms[0], "out")}
+    elif adapter.hyper is not None:
+        sites |= {"attn_read": adapter.attn_read, "resid_mid": (adapter.hyper.mlp.path, "in"), "mlp_read": adapter.mlp_read}
     elif not adapter.parallel:
         sites["resid_mid"] = (adapter.mlp_norm[0], "in") if adapter.mlp_norm else mlp["mlp_in"]
     mlp_out = mlp.pop("mlp_out")

@@ -1,0 +1,204 @@
+"""Hyper-connections (DeepSeek-V4, HY-V4, Qwen4-exp): the block state is 4 streams. The pieces massact reads add up
+against transformers' own hidden states; a value planted in one stream, through a write weight that writes only that
+stream, is found in that stream, born by its writer and carried on by the mixing weight that keeps it there; the hash
+router's choice is recomputed from the token ids; and scan -> verify -> quant -> compare runs on one of them."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import HYPER_FAMILIES, TRIGGER, tiny_model
+from massact.analysis.deploy import quant
+from massact.analysis.deploy.quant import Setting
+from massact.capture.batches import pad_batch
+from massact.capture.hooks import Trace, tap_final
+from massact.capture.routing import MoeBlock, model_routing, route
+from massact.capture.streams import probe_streams
+from massact.cli import main
+from massact.models.adapters import adapter_for
+from massact.models.loading import wrap
+from massact.report.schema import load_report
+
+STREAMS, LAYER, NEURON, DIM, STREAM = 4, 1, 7, 20, 2  # the planted value: block 1's MLP writes dim 20 into stream 2 only
+TEXTS = ["The sun rose over the hills.", "Rain fell all day long and the river rose high."]
+
+
+def _lm(family, tokenizer, model=None):
+    return wrap(model if model is not None else tiny_model(family, len(tokenizer)), tokenizer, name=family)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float32 rounding of two computation orders: 1e-5 of the larger magnitude."""
+    return bool((a - b).abs().max() <= 1e-5 * max(float(a.abs().max()), float(b.abs().max()), 1.0))
+
+
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_streams_add_up_against_transformers(family, tokenizer):
+    """On a padded batch: each block's input and output streams are transformers' hidden states; "resid_out.s2" is
+    stream 2; every stream of resid_mid and resid_out is the mixing of the streams before it plus the sublayer's
+    output through its write weight; the final read is what the final norm turns into the last hidden state."""
+    lm = _lm(family, tokenizer)
+    adapter = lm.adapter
+    assert adapter is adapter_for(lm.model.config) and adapter.streams(lm.config) == STREAMS
+    ids, mask = pad_batch([tokenizer(text, return_tensors="pt").input_ids for text in TEXTS])
+    sites = [(layer, site) for layer in range(4) for site in ("resid_in", "resid_out", "resid_out.s2", "mlp_read", "mlp_in")]
+    final = {}
+    with torch.no_grad(), Trace(lm.model, adapter, sites) as trace, tap_final(lm.model, adapter, lambda t: final.update(read=t.clone())):
+        out = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    real = mask.bool()
+    shape = lambda h: h.view(*h.shape[:2], STREAMS, -1)  # Qwen4-exp keeps the streams flat, [batch, positions, N x d]
+    # transformers' hidden states: each block's input streams, then the last hidden state (after the final read)
+    for layer in range(4):
+        assert trace[layer, "resid_in"].shape == (2, ids.shape[1], STREAMS, 64)
+        assert _close(trace[layer, "resid_in"][real], shape(out.hidden_states[layer])[real])
+        assert torch.equal(trace[layer, "resid_out.s2"], trace[layer, "resid_out"][..., 2, :])
+        if layer:
+            assert torch.equal(trace[layer - 1, "resid_out"], trace[layer, "resid_in"])
+        # the MLP reads its combination through its norm (read at the norm's input), or as it is (Qwen4-exp)
+        path, direction = adapter.sites["mlp_read"]
+        with torch.no_grad():
+            read = adapter.module(lm.model, layer, path)(trace[layer, "mlp_read"]) if direction == "in" else trace[layer, "mlp_read"]
+        assert _close(read[real], trace[layer, "mlp_in"][real])
+    norm = adapter.hyper.final_norm
+    with torch.no_grad():
+        last = adapter.base(lm.model).get_submodule(norm)(final["read"]) if norm else final["read"]
+    assert _close(last[real], out.hidden_states[4][real])
+    text = ids[1:, : int(mask[1].sum())]
+    position = text.shape[1] - 1
+    probes = probe_streams(lm, text, list(range(4)), [0, position])
+    for layer, probe in probes.items():
+        for part, before, after in (("attn", "resid_in", "resid_mid"), ("mlp", "resid_mid", "resid_out")):
+            mixed = torch.einsum("pjk,pjd->pkd", probe[f"{part}_mix"], probe[before])
+            assert _close(mixed + probe[f"{part}_write"][..., None] * probe[f"{part}_out"][:, None], probe[after]), (layer, part)
+
+
+@torch.no_grad()
+def _plant(model, bos: int) -> None:
+    """Only BOS carries TRIGGER (10 in its embedding, in every stream) and nothing writes it; neuron NEURON of block
+    LAYER's (shared) MLP fires on it and writes DIM; block LAYER's MLP connection writes into stream STREAM only, and
+    from there on each stream carries itself (DeepSeek-V4's mixing made the identity)."""
+    adapter, config = adapter_for(model.config), model.config
+    base = adapter.base(model)
+    base.embed_tokens.weight[:, TRIGGER] = 0.0
+    base.embed_tokens.weight[bos, TRIGGER] = 10.0
+    for layer, block in enumerate(adapter.blocks(model)):
+        here = adapter.at(config, layer)
+        adapter.weight_out_in(block.get_submodule(here.attn_proj))[TRIGGER] = 0.0
+        if here.moe is None:  # HY-V4's dense first block
+            block.get_submodule(here.mlp_down).weight[TRIGGER] = 0.0
+            continue
+        moe = block.get_submodule(here.moe.block)
+        moe.experts.down_proj[:, TRIGGER, :] = 0.0
+        moe.get_submodule(here.moe.shared.path).down_proj.weight[TRIGGER] = 0.0
+    here = adapter.at(config, LAYER)
+    shared = adapter.module(model, LAYER, f"{here.moe.block}.{here.moe.shared.path}")
+    for projection in (shared.gate_proj, shared.up_proj):
+        projection.weight[NEURON] = 0.0
+        projection.weight[NEURON, TRIGGER] = 0.5
+    shared.down_proj.weight[DIM, NEURON] = 100.0
+    connection = adapter.module(model, LAYER, adapter.hyper.mlp.path)
+    if adapter.hyper.flat:  # Qwen4-exp: 2 sigmoid(w . normed / N), only TRIGGER (at BOS) moves it off 1
+        weight = connection.block_inject_weight.weight
+        weight.zero_()
+        weight[:, [stream * 64 + TRIGGER for stream in range(STREAMS)]] = -40.0
+        weight[STREAM, [stream * 64 + TRIGGER for stream in range(STREAMS)]] = 40.0
+        return
+    connection.fn[STREAMS : 2 * STREAMS] = 0.0  # post = magnitude x sigmoid(base): ~0 but in STREAM
+    connection.base[STREAMS : 2 * STREAMS] = -30.0
+    connection.base[STREAMS + STREAM] = 30.0
+    if adapter.hyper.mlp.mix is not None:
+        for block in adapter.blocks(model)[LAYER:]:
+            for hc in (block.attn_hc, block.ffn_hc):
+                hc.fn[2 * STREAMS :] = 0.0
+                hc.base[2 * STREAMS :] = (30.0 * torch.eye(STREAMS)).flatten()
+
+
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_a_value_planted_in_one_stream(family, tokenizer):
+    """The scan finds DIM massive in stream s2 only (and in what the next sublayer reads), born at block LAYER; the
+    stream origin names the MLP's write weight there and, one block on, the mixing weight that carries it in s2."""
+    import massact
+
+    model = tiny_model(family, len(tokenizer))
+    _plant(model, tokenizer.bos_token_id)
+    report = massact.scan(model, tokenizer=tokenizer, texts=TEXTS, verify=False)
+    (summary,) = report.findings.dims
+    # Qwen4-exp's sublayers read the streams each RMS-normed: what they read holds no massive value
+    streams = ["s2"] if family == "qwen4_exp" else ["s2", "read"]
+    assert (summary.dim, summary.born_at, summary.streams) == (DIM, LAYER, streams)
+    assert {m.stream for m in report.findings.massive} == set(streams) and {m.position for m in report.findings.massive} == {0}
+    stats = report.findings.layers[LAYER]
+    assert [s.stream for s in stats.streams] == ["s0", "s1", "s2", "s3", "read"] and stats.top[0].stream == "s2"
+    entry = next(m for m in report.findings.massive if m.layer == LAYER and m.stream == "s2")
+    assert entry.ratio == pytest.approx(abs(entry.value) / stats.streams[STREAM].median, rel=1e-9)  # against its stream's median
+    (line,) = report.mechanism.lifelines
+    assert line.stream == "s2" and line.steps[LAYER].phase == "birth" and line.steps[LAYER].writer == "mlp"
+    birth, carried = report.mechanism.streams[:2]
+    assert (birth.layer, birth.stream, birth.carrier, birth.role) == (LAYER, "s2", "mlp", "write")
+    # the write weight: 2 sigmoid(30) (DeepSeek-V4), hc_magnitude 2 x sigmoid(30) (HY-V4), 2 sigmoid(40 x ~8 / 4) (Qwen4-exp)
+    assert next(t for t in birth.terms if t.source == "mlp").weight == pytest.approx(2.0, rel=1e-5)
+    assert (carried.layer, carried.carrier, carried.role) == (LAYER + 1, "s2", "carry")
+    assert next(t for t in carried.terms if t.source == "s2").weight == pytest.approx(1.0, rel=1e-5)
+    assert max(birth.error, carried.error) < 1e-5
+    assert any("stream s2" in sentence for sentence in report.conclusion)
+
+
+def test_the_hash_router_is_recomputed_from_the_token_ids(tokenizer):
+    """DeepSeek-V4's block 0 routes by its token-id table: the recomputed choice is the table's, its weights
+    (sqrt-softplus scores, renormalised and scaled) the router module's; block 1 routes by top-k as the module does."""
+    model = tiny_model("deepseek_v4", len(tokenizer))
+    lm = _lm("deepseek_v4", tokenizer, model)
+    torch.manual_seed(1)
+    table = MoeBlock.at(lm, 0).router.tid2eid
+    table.copy_(torch.stack([torch.randperm(4)[:2] for _ in range(len(table))]))
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids[0]
+    x = torch.randn(len(ids), 64)
+    for layer, token_ids in ((0, ids), (1, None)):
+        moe = MoeBlock.at(lm, layer)
+        routing = route(moe, x, token_ids=token_ids)
+        indices, weights = model_routing(moe, x, token_ids)
+        order = routing.indices.argsort(-1)
+        assert torch.equal(routing.indices.gather(1, order).cpu(), indices)
+        assert _close(routing.weights.gather(1, order).float(), weights)
+    assert torch.equal(route(MoeBlock.at(lm, 0), x, token_ids=ids).indices, table[ids])
+    with pytest.raises(ValueError, match="needs token_ids"):
+        route(MoeBlock.at(lm, 0), x)
+
+
+def test_the_chain_on_deepseek_v4(tokenizer, tmp_path, capsys, monkeypatch):
+    """scan -> verify DIR -> quant DIR -> compare on the planted DeepSeek-V4; the streams read back through the
+    schema, and the verification's zeroing in stream s2 takes the value off."""
+    monkeypatch.setattr(quant, "grid", lambda name="default", block=quant.DEFAULT_BLOCK: [Setting("rtn", 8, "tensor", "plain")])
+    model = tiny_model("deepseek_v4", len(tokenizer))
+    _plant(model, tokenizer.bos_token_id)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("The old house stood at the end of the lane. Its windows were dark, and the garden had grown wild "
+                         "over many summers. People in the village said that nobody had lived there for years.\n", encoding="utf-8")
+    out, quiet = tmp_path / "report", ["--format", "json,txt", "--quiet"]
+    capsys.readouterr()  # what saving the model printed
+    for step in (["scan", tmp_path / "model", "--text", TEXTS[0], "--no-verify", "--out", out, *quiet],
+                 ["verify", out, "--eval-file", eval_file, *quiet], ["quant", out, "--eval-file", eval_file, *quiet],
+                 ["compare", out, out, "--out", tmp_path / "compare"]):
+        code = main([str(part) for part in step])
+        assert code == 0 and capsys.readouterr().err == "", step[0]
+    data = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert data["findings"]["dims"][0]["streams"] == ["s2", "read"] and data["mechanism"]["streams"][0]["stream"] == "s2"
+    report = load_report(out)
+    assert report.findings.massive[0].stream == "s2" and report.deploy.quantization.dim == DIM
+    zero = next(i for i in report.causal.verification.interventions if i.target == f"zero {LAYER}:[{DIM}]")
+    assert zero.value_birth == 0.0 and not zero.still_massive  # zeroed in stream s2, where it is massive
+
+
+def test_stream_fields_are_optional_in_the_json():
+    """The stream fields are written only where a state has several streams, and a file without them (every report of
+    a one-stream model, version 2 as before) reads them as their defaults."""
+    from massact.analysis.detect.results import Massive
+    from massact.report.schema import read, to_data
+
+    one = Massive(layer=1, text=0, position=0, token="<s>", dim=20, value=300.0, ratio=5000.0)
+    assert "stream" not in to_data(one) and read(Massive, to_data(one), "report.json").stream == ""
+    several = Massive(layer=1, text=0, position=0, token="<s>", dim=20, value=300.0, ratio=5000.0, stream="s2")
+    assert to_data(several)["stream"] == "s2" and read(Massive, to_data(several), "report.json") == several
