@@ -48,18 +48,23 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
             # The newer dense and hybrid families.
             "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
-            "gemma3mm"]
+            "gemma3mm", "nemotron_h", "bamba"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
-          "qwen3_5": ["linear", "linear", "linear", "attention"]}
+          "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
+          "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "ssm", "attention", "ssm"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
-                "qwen3_next_moe", "qwen3_5_moe"]
+                "qwen3_next_moe", "qwen3_5_moe", "jamba"]
 
 
 # Gated DeltaNet sizes for the Qwen3-Next / Qwen3.5 hybrids (3 linear-attention blocks, then one gated softmax block).
 _LINEAR = dict(head_dim=D_MODEL // N_HEADS, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                linear_num_value_heads=4)
+
+
+# Mamba-2 sizes (Nemotron-H, Bamba): 4 heads of 32 over the expanded width 2 x 64, one group, state 16, chunks of 16.
+_MAMBA2 = dict(ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=32, n_groups=1, chunk_size=16)
 
 
 # DeepSeek's latent attention and routing (4 experts in 2 groups, block 0 dense).
@@ -135,6 +140,15 @@ def tiny_config(family: str, vocab_size: int):
                                                     shared_expert_intermediate_size=96, mlp_only_layers=[0]),
         "qwen3_5_moe": lambda: t.Qwen3_5MoeTextConfig(**grouped, **_LINEAR, num_experts=4, num_experts_per_tok=2,
                                                       moe_intermediate_size=D_MLP, shared_expert_intermediate_size=96),
+        # Mamba-2, an MLP block (at the planted block 1), attention, an MLP block.
+        "nemotron_h": lambda: t.NemotronHConfig(**{k: v for k, v in grouped.items() if k != "num_hidden_layers"}, **_MAMBA2,
+                                                head_dim=D_MODEL // N_HEADS,
+                                                layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"]),
+        "bamba": lambda: t.BambaConfig(**grouped, attn_layer_indices=[2], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
+                                       mamba_d_state=16, mamba_chunk_size=16),
+        # Mamba, Mamba, attention, Mamba; experts in blocks 1 and 3.
+        "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=4, attn_layer_offset=2, num_experts=4, num_experts_per_tok=2,
+                                       expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }
@@ -160,7 +174,7 @@ def _isolate_trigger(model, bos: int) -> None:
     model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
     for layer in range(config.num_hidden_layers):
         here = adapter.at(config, layer)
-        for path in (here.attn_proj, here.mlp_down):
+        for path in (p for p in (here.attn_proj, here.mlp_down) if p is not None):  # a block may be one sublayer
             module = adapter.module(model, layer, path)
             adapter.weight_out_in(module)[TRIGGER] = 0.0
             if getattr(module, "bias", None) is not None:

@@ -21,6 +21,7 @@ MLP_NORM = {
     "olmo2": (None, "resid_mid"), "olmo3": (None, "resid_mid"), "exaone4": (None, "resid_mid"),
     "cohere2": ("input_layernorm", "resid_in"), "apertus": ("feedforward_layernorm", "resid_mid"),
     "lfm2": ("ffn_norm", "resid_mid"), "gemma3mm": ("pre_feedforward_layernorm", "resid_mid"),
+    "nemotron_h": ("norm", "resid_in"), "bamba": ("pre_ff_layernorm", "resid_mid"),
 }
 # Post-LN blocks: the LayerNorm after the attention sum and the one after the MLP sum.
 POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": ("attention.output.LayerNorm", "output.LayerNorm"),
@@ -46,8 +47,13 @@ def test_residual_stream_adds_up(family, tokenizer):
     for layer in range(n):
         t = lambda site, layer=layer: trace[layer, site]
         block = lambda path, layer=layer: adapter.module(model, layer, path)
-        assert t("resid_in").shape == t("mlp_in").shape == t("resid_out").shape == t("mlp_in").shape[:2] + (D_MODEL,)
-        if family in POST_LN:
+        here = adapter.at(text_config(model), layer)
+        assert t("resid_in").shape == t("resid_out").shape == t("resid_in").shape[:2] + (D_MODEL,)
+        if not here.has_mlp or here.mixer is None:  # one sublayer, one residual add: no resid_mid, no site of the other
+            branch, missing = ("attn_out", "mlp_out") if here.mixer is not None else ("mlp_out", "attn_out")
+            assert missing not in here.sites and "resid_mid" not in here.sites
+            close(t("resid_out"), t("resid_in") + t(branch))
+        elif family in POST_LN:
             first, last = POST_LN[family]
             close(t("attn_sum"), t("resid_in") + t("attn_out"))
             close(t("resid_mid"), block(first)(t("attn_sum")))
@@ -74,6 +80,10 @@ def test_mlp_sites_recompose(family, tokenizer):
     """mlp_act, the MLP's raw output and its input, recomputed from the weights and the norm, match the hooks."""
     model, adapter, trace, _ = _trace_all(family, tokenizer)
     for layer in range(text_config(model).num_hidden_layers):
+        here = adapter.at(text_config(model), layer)
+        if not here.has_mlp:  # a block that is its token mixer alone
+            assert not any(site.startswith("mlp_") for site in here.sites)
+            continue
         t = lambda site, layer=layer: trace[layer, site]
         act_fn = adapter.activation(model, layer)
         up_w, up_b = adapter.input_rows(model, layer, "mlp_up")
@@ -92,7 +102,8 @@ def test_mlp_sites_recompose(family, tokenizer):
         close(t("mlp_in"), adapter.module(model, layer, norm)(t(stream)) if norm else t(stream))
         found = adapter.mlp_norm_module(model, layer)  # what the trigger decomposition reads through
         assert (found[0] if found else None) == norm
-        assert stream == ("resid_in" if adapter.parallel else "resid_mid")
+        assert stream == ("resid_mid" if "resid_mid" in here.sites else "resid_in")  # an MLP alone reads the block input
+        assert adapter.parallel == (stream == "resid_in" and here.mixer is not None)
 
 
 def test_transformerlens_aliases():

@@ -14,9 +14,9 @@ import torch
 import transformers
 
 import massact
-from conftest import MIXERS
+from conftest import MIXERS, MOE_FAMILIES
 from massact.models.adapters import adapter_for
-from test_families import DIM, LAYER, NEURON, TEXTS, planted
+from test_families import DIM, EXPERT, LAYER, NEURON, TEXTS, planted, planted_moe
 
 EVAL = " ".join(TEXTS * 6)
 
@@ -28,7 +28,7 @@ def reports(tokenizer):
 
     def get(family):
         if family not in cache:
-            model = planted(family, tokenizer)
+            model = planted_moe(family, tokenizer) if family in MOE_FAMILIES else planted(family, tokenizer)
             cache[family] = (model, massact.scan(model, TEXTS, tokenizer=tokenizer, verify=True, quant=True, eval_text=EVAL))
         return cache[family]
 
@@ -41,18 +41,26 @@ def test_a_hybrid_passes_every_stage_and_its_sinks_are_measured_on_softmax_block
     mixers = MIXERS[family]
     softmax = [layer for layer, mixer in enumerate(mixers) if mixer == "attention"]
     assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
-    assert report.model.blocks[LAYER].startswith({"conv": "convolution", "linear": "linear attention",
-                                                  "attention": "attention"}[mixers[LAYER]])
+    kinds = {"conv": "convolution", "linear": "linear attention", "ssm": "state-space scan", "attention": "attention",
+             None: "MLP alone"}
+    assert [block.split(" (")[0] for block in report.model.blocks] == [kinds[mixer] for mixer in mixers]
     # Origin, attribution and super weight at the planted block, whatever its mixer.
     birth = next(o for o in report.mechanism.origin if o.role == "birth")
-    assert birth.writer == "mlp" and report.mechanism.attribution[0].neurons[0].neuron == NEURON
+    assert birth.writer == "mlp"
+    if family in MOE_FAMILIES:
+        moe = report.mechanism.experts[0].moe
+        assert moe.top_expert == EXPERT and moe.neurons[0].neuron == NEURON
+    else:
+        assert report.mechanism.attribution[0].neurons[0].neuron == NEURON
+    # A block of one sublayer reports no other branch (None), and its output is its input plus that one.
+    if mixers[LAYER] is None:
+        assert birth.attn is None and birth.resid_out == pytest.approx(birth.resid_in + birth.mlp, rel=1e-5)
     # The trigger splits the writing neuron's gate over sources named by their mixers, and is patched.
     trigger = report.trigger[0]
     sources = {s.source for s in trigger.neurons[0].splits[0].sources}
-    kind = {"conv": "convolution", "linear": "linear attention"}[mixers[0]]
-    assert f"block 0 {kind}" in sources and trigger.patching
+    assert f"block 0 {kinds[mixers[0]]}" in sources and trigger.patching
     # Verification and perplexity.
-    zero = next(r for r in report.causal.verification.interventions if r.name.startswith("zero super weight"))
+    zero = next(r for r in report.causal.verification.interventions if r.name.startswith(("zero super weight", "zero expert")))
     assert not zero.still_massive and zero.perplexity is not None
     # Sinks: on the softmax blocks only; the others have no rows, and the report says which blocks it measured.
     a = report.causal.attention

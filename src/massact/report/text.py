@@ -152,7 +152,8 @@ def _origin_tables(style: Style, report: Report) -> list:
     post_ln = report.model.stream == "resid_sum"
     table = style.table(
         "resid_sum = LN(resid_in + attn) + mlp at the coordinate (post-LN: the sum before the block's last LayerNorm)" if post_ln
-        else "resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm)",
+        else "resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm"
+             + ("; -: the block has no such branch)" if any(None in (o.attn, o.mlp) for o in report.mechanism.origin) else ")"),
         "dim", "block", "role", "where", "resid_in", "attn", "mlp", "resid_out", "writer",
         right=(0, 1, 4, 5, 6, 7),
     )

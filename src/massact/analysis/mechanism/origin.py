@@ -10,9 +10,11 @@ from ...settings import Criterion
 from .results import HeadShare
 
 
-def writer(direction: float, attn: float, mlp: float) -> str:
+def writer(direction: float, attn: float | None, mlp: float | None) -> str:
     """The branch that made the change: the one pushing hardest in ``direction`` (+1 or -1): toward the value's sign
-    where it is written, against it where it is erased."""
+    where it is written, against it where it is erased. A block of one sublayer (the other None) has only that one."""
+    if attn is None or mlp is None:
+        return "mlp" if attn is None else "attn"
     return "attn" if attn * direction >= mlp * direction else "mlp"
 
 
@@ -21,10 +23,12 @@ def removal_cause(value: float, previous_median: float, criterion: Criterion) ->
     return "median" if criterion.is_massive(value, previous_median) else "value"
 
 
-def decomposition_gap(resid_in: float, attn: float, mlp: float, resid_out: float) -> float:
-    """|resid_in + attn + mlp - resid_out| relative to the largest term: 0 when the adapter maps the block right."""
-    scale = max(abs(resid_in), abs(attn), abs(mlp), abs(resid_out), 1e-12)
-    return abs(resid_in + attn + mlp - resid_out) / scale
+def decomposition_gap(resid_in: float, attn: float | None, mlp: float | None, resid_out: float) -> float:
+    """|resid_in + attn + mlp - resid_out| relative to the largest term (a branch the block lacks, None, counts
+    nothing): 0 when the adapter maps the block right."""
+    terms = [resid_in, *(term for term in (attn, mlp) if term is not None)]
+    scale = max(*map(abs, terms), abs(resid_out), 1e-12)
+    return abs(sum(terms) - resid_out) / scale
 
 
 def head_split(lm: LoadedModel, layer: int, z: torch.Tensor, dim: int) -> list[HeadShare]:

@@ -67,7 +67,8 @@ class NormFactors:
 class Origin(Place):
     """resid_out = resid_in + attn + mlp at (position, dim) of ``layer``; the writer is the branch that made the change.
 
-    attn and mlp are what lands in the residual. In blocks with sandwich norms ``attn_raw``/``mlp_raw`` are the
+    attn and mlp are what lands in the residual; None where the block has no such branch (a block of one sublayer:
+    a token mixer alone, or an MLP alone). In blocks with sandwich norms ``attn_raw``/``mlp_raw`` are the
     sublayer outputs before the branch norm and ``norm`` splits the writer's branch norm into its factors. In
     post-LN blocks resid_out is the residual sum before the block's last LayerNorm, resid_sum = resid_mid + mlp with
     resid_mid = LN(resid_in + attn), and ``norm`` says how that LayerNorm scales the value into the block output.
@@ -78,8 +79,8 @@ class Origin(Place):
 
     writer: str
     resid_in: float
-    attn: float
-    mlp: float
+    attn: float | None
+    mlp: float | None
     resid_out: float
     cause: str | None = None
     heads: list[HeadShare] | None = None
@@ -241,7 +242,8 @@ class LifelineStep:
 
     value = resid_in + attn + mlp (+ norm in post-LN blocks) is the detection stream: the block output, or in post-LN
     blocks the residual sum before the last LayerNorm, which then makes ``resid_out``. attn and mlp are what lands
-    (after any branch norm). ``change`` is value minus the previous block's value (the embedding before block 0);
+    (after any branch norm), 0 where the block has no such branch (``model.blocks`` says which blocks are one
+    sublayer). ``change`` is value minus the previous block's value (the embedding before block 0);
     ``writer`` the term that made most of it in its direction: attn, mlp, or norm (post-LN: both LayerNorms).
     ``median`` is the block's median |a| over the corpus; ``phase`` see ``Lifeline``.
     """

@@ -24,7 +24,7 @@ from ...models.loading import LoadedModel
 from ..mechanism.norms import centers, gain_and_bias, scale
 
 NormKey = tuple[int, str]  # (block, module path) of a norm whose per-position factor multiplies a term
-MIXER_NAMES = {"attention": "attention", "linear": "linear attention", "conv": "convolution"}  # a source's name
+MIXER_NAMES = {"attention": "attention", "linear": "linear attention", "conv": "convolution", "ssm": "state-space scan"}  # a source's name
 
 
 @dataclass
@@ -104,7 +104,10 @@ class Walk:
         terms: list[Term] = []
 
         def source(block: int, site: str) -> None:
-            mixer = MIXER_NAMES[self.lm.at(block).mixer]
+            here = self.lm.at(block)
+            if site not in here.sites:  # a block of one sublayer writes the stream once
+                return
+            mixer = MIXER_NAMES[here.mixer] if site == "attn_out" else ""
             terms.append(Term(f"block {block} {mixer if site == 'attn_out' else 'MLP'}", block, site, reader, norms))
 
         if adapter.post_ln:  # the MLP reads resid_mid = LN1(resid_in + attn); resid_in = LN2(resid_sum of the block before)
@@ -252,7 +255,7 @@ def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor,
         for key in plan.norm_keys:
             stack.enter_context(tap_module_input(walk.norm(key),
                                                  lambda x, key=key: seen.scales.__setitem__(key, scale(walk.norm(key), _rows(x)))))
-        for layer in range(last + 1):
+        for layer in (layer for layer in range(last + 1) if lm.at(layer).attn_proj is not None):
             o_proj = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
             stack.enter_context(tap_module_input(o_proj,
                                                  lambda z, layer=layer: seen.at.__setitem__((layer, ATTN_Z),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from ...errors import UsageError
-from . import apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln
+from . import apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln, ssm
 from .base import Adapter
 
 GROUP = "massact.adapters"  # the entry point group other packages register adapters under
@@ -54,6 +54,9 @@ ADAPTERS: tuple[Adapter, ...] = (
     moe.QWEN3_5_MOE,
     moe.QWEN3_5_MOE_MULTIMODAL,
     gemma2.GEMMA3_MULTIMODAL,
+    ssm.NEMOTRON_H,
+    ssm.BAMBA,
+    ssm.JAMBA,
 )
 
 
@@ -83,7 +86,7 @@ def _named(entry: Registered) -> str:
 
 
 def _built_in() -> tuple[Registered, ...]:
-    modules = (apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln)
+    modules = (apertus, cohere, gemma2, gpt2, hybrid, llama, moe, olmo, parallel, phi, postln, ssm)
     names = {id(value): f"{module.__name__}.{name}"
              for module in modules for name, value in vars(module).items() if isinstance(value, Adapter)}
     return tuple(Registered(adapter=adapter, source=names[id(adapter)]) for adapter in ADAPTERS)
@@ -140,10 +143,11 @@ def supported() -> str:
 def adapter_for(config) -> Adapter:
     """The adapter of ``config``'s model type whose ``when`` holds; a UsageError where none does, or where two do."""
     model_type = getattr(config, "model_type", None)
-    matching = []
+    matching, claiming = [], []
     for entry in registry():
         if model_type not in entry.adapter.model_types:
             continue
+        claiming.append(entry)
         try:
             if entry.adapter.when is None or entry.adapter.when(config):
                 matching.append(entry)
@@ -153,6 +157,9 @@ def adapter_for(config) -> Adapter:
         raise UsageError(f"the {model_type!r} config matches more than one adapter: " + " and ".join(map(_named, matching)))
     if matching:
         return matching[0].adapter
+    if claiming:  # the family is known, this variant of it is not (each adapter's notes say what it maps)
+        raise UsageError(f"this {model_type!r} config is a variant no adapter maps: "
+                         + "; ".join(f"{_named(entry)}: {entry.adapter.notes}" for entry in claiming))
     raise UsageError(
         f"architecture {model_type!r} is not supported; supported families: {supported()}"
         " (a new family is one Adapter in massact/models/adapters/ or in another package's massact.adapters entry point,"

@@ -27,8 +27,9 @@ from torch import nn
 
 SiteSpec = tuple  # (path, "in" | "out") or (path, "in" | "out", (chunk index, chunk count))
 # What mixes the tokens in a block: softmax attention (which has attention probabilities and can have a sink), a
-# linear attention (a recurrence, e.g. Gated DeltaNet) or a short convolution. Only softmax layers have sink metrics.
-MIXERS = ("attention", "linear", "conv")
+# linear attention (a recurrence, e.g. Gated DeltaNet), a short convolution or a state-space model (Mamba, Mamba-2: a
+# selective scan). Each writes the stream through its output projection; only softmax layers have sink metrics.
+MIXERS = ("attention", "linear", "conv", "ssm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,6 +204,9 @@ class Adapter:
     attention_out: str = "o_proj"
     mlp: Mlp | None = None  # the dense MLP; None where the block's MLP is a mixture of experts (``moe``)
     moe: Moe | None = None  # the MLP is a sparse mixture of experts (a variant gives the dense blocks their ``mlp``)
+    # The block is its token mixer alone, with one norm and one residual add (Nemotron-H's Mamba and attention
+    # blocks): it has neither ``mlp`` nor ``moe``, and no MLP sites. A block that is its MLP alone has ``mixer`` None.
+    no_mlp: bool = False
     # The norm that makes mlp_in from the stream the MLP reads (resid_mid, or resid_in in parallel blocks); the first
     # of these paths the block has. Empty where the MLP reads the stream itself (reordered norms, post-LN blocks).
     mlp_norm: tuple[str, ...] = ()
@@ -220,10 +224,11 @@ class Adapter:
     encoder: bool = False  # bidirectional (BERT-like): loaded with its masked-LM head, no perplexity
     when: Callable[[object], bool] | None = None  # this variant applies to a config when this says so
     notes: str = ""  # what the report should say about this family's blocks
-    # The token mixer's kind (see MIXERS); where its value vectors are (None: not read, e.g. q, k, v fused per head in
+    # The token mixer's kind (see MIXERS; None: the block has no token mixer, it is its MLP alone, and no attn_out);
+    # where its value vectors are (None: not read, e.g. q, k, v fused per head in
     # a config-dependent layout); an output gate per head (gated attention: out = attention x sigmoid(gate));
     # a learned sink logit per head that joins the softmax (the parameter's path in the block).
-    mixer: str = "attention"
+    mixer: str | None = "attention"
     values: Cut | None = None
     gate: Cut | None = None
     sinks: str | None = None
@@ -236,9 +241,15 @@ class Adapter:
     _at: dict[tuple[bool, ...], Adapter] = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        if (self.mlp is None) == (self.moe is None):
+        if self.no_mlp:
+            if self.mlp is not None or self.moe is not None or self.mixer is None:
+                raise ValueError(f"{self.family}: a block without an MLP (no_mlp) has a token mixer and neither mlp nor moe")
+        elif (self.mlp is None) == (self.moe is None):
             which = "both" if self.mlp is not None else "neither"
-            raise ValueError(f"{self.family}: a block has either a dense mlp or a mixture of experts (moe), not {which}")
+            raise ValueError(f"{self.family}: a block has either a dense mlp or a mixture of experts (moe), not {which} "
+                             "(a block that is its token mixer alone says no_mlp)")
+        if self.mixer is not None and self.mixer not in MIXERS:
+            raise ValueError(f"{self.family}: mixer {self.mixer!r} is none of {', '.join(MIXERS)}")
         object.__setattr__(self, "sites", block_sites(self))
 
     def at(self, config, layer: int) -> Adapter:
@@ -261,9 +272,14 @@ class Adapter:
         return (f"{moe.block}.{moe.router.path}",) if moe is not None else ()
 
     @property
-    def attn_proj(self) -> str:
-        """The token mixer's output projection (its path in the block)."""
-        return _join(self.attention, self.attention_out)
+    def has_mlp(self) -> bool:
+        """Whether the block has an MLP (dense or a mixture of experts)."""
+        return not self.no_mlp
+
+    @property
+    def attn_proj(self) -> str | None:
+        """The token mixer's output projection (its path in the block); None in a block without a token mixer."""
+        return _join(self.attention, self.attention_out) if self.mixer is not None else None
 
     @property
     def mlp_up(self) -> str | None:
@@ -378,19 +394,29 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
 
     - resid_in and resid_out: the block's input and output;
     - attn_out: the mixer's output, or where a branch norm follows it, that norm's output (the mixer's is attn_raw);
+      none in a block without a token mixer;
     - resid_mid: what the MLP's norm reads (the MLP's input where it has none), or in post-LN blocks the output of
-      the norm after the attention sum (whose input is attn_sum); none in parallel blocks;
+      the norm after the attention sum (whose input is attn_sum); none in parallel blocks, nor in a block of one
+      sublayer (its output is resid_in plus that sublayer's);
     - mlp_in, mlp_gate, mlp_up, mlp_act, mlp_out from the MLP (a mixture of experts: its block's input and output),
-      mlp_out behind a branch norm as attn_out is (mlp_raw before it);
+      mlp_out behind a branch norm as attn_out is (mlp_raw before it); none in a block without an MLP;
     - resid_sum in post-LN blocks: the input of the block's last norm."""
-    mlp = adapter.mlp.sites() if adapter.mlp is not None else {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
-    sites: dict[str, SiteSpec] = {"resid_in": ("", "in"), **_landed(adapter, "attn_out", (adapter.attention, "out"))}
+    if adapter.mlp is not None:
+        mlp = adapter.mlp.sites()
+    elif adapter.moe is not None:
+        mlp = {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
+    else:
+        mlp = {}
+    sites: dict[str, SiteSpec] = {"resid_in": ("", "in")}
+    if adapter.mixer is not None:
+        sites |= _landed(adapter, "attn_out", (adapter.attention, "out"))
     if adapter.post_norms is not None:
         sites |= {"attn_sum": (adapter.post_norms[0], "in"), "resid_mid": (adapter.post_norms[0], "out")}
-    elif not adapter.parallel:
+    elif not adapter.parallel and mlp and adapter.mixer is not None:
         sites["resid_mid"] = (adapter.mlp_norm[0], "in") if adapter.mlp_norm else mlp["mlp_in"]
-    mlp_out = mlp.pop("mlp_out")
-    sites |= mlp | _landed(adapter, "mlp_out", mlp_out)
+    if mlp:
+        mlp_out = mlp.pop("mlp_out")
+        sites |= mlp | _landed(adapter, "mlp_out", mlp_out)
     if adapter.post_norms is not None:
         sites["resid_sum"] = (adapter.post_norms[1], "in")
     sites["resid_out"] = ("", "out")
