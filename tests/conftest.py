@@ -48,11 +48,12 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
             # The newer dense and hybrid families.
             "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
-            "gemma3mm", "nemotron_h", "bamba"]
+            "gemma3mm", "nemotron_h", "bamba", "olmo_hybrid"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
-          "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "ssm", "attention", "ssm"]}
+          "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "ssm", "attention", "ssm"],
+          "olmo_hybrid": ["linear", "linear", "linear", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "jamba"]
@@ -149,6 +150,8 @@ def tiny_config(family: str, vocab_size: int):
         # Mamba, Mamba, attention, Mamba; experts in blocks 1 and 3.
         "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=4, attn_layer_offset=2, num_experts=4, num_experts_per_tok=2,
                                        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8),
+        "olmo_hybrid": lambda: t.OlmoHybridConfig(**grouped, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                                                  linear_num_value_heads=4),  # 3 linear-attention blocks, then a softmax one
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }

@@ -22,6 +22,8 @@ MLP_NORM = {
     "cohere2": ("input_layernorm", "resid_in"), "apertus": ("feedforward_layernorm", "resid_mid"),
     "lfm2": ("ffn_norm", "resid_mid"), "gemma3mm": ("pre_feedforward_layernorm", "resid_mid"),
     "nemotron_h": ("norm", "resid_in"), "bamba": ("pre_ff_layernorm", "resid_mid"),
+    # Per block where the blocks differ: OLMo-hybrid's linear-attention blocks are pre-norm, its softmax block reordered.
+    "olmo_hybrid": [("post_attention_layernorm", "resid_mid")] * 3 + [(None, "resid_mid")],
 }
 # Post-LN blocks: the LayerNorm after the attention sum and the one after the MLP sum.
 POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": ("attention.output.LayerNorm", "output.LayerNorm"),
@@ -64,8 +66,8 @@ def test_residual_stream_adds_up(family, tokenizer):
         else:
             close(t("resid_mid"), t("resid_in") + t("attn_out"))
             close(t("resid_out"), t("resid_mid") + t("mlp_out"))
-        for site, norm in adapter.branch_norms.items():  # what lands is the branch's own norm of the sublayer's raw output
-            close(t(site), block(norm)(t(adapter.raw(site))))
+        for site, norm in here.branch_norms.items():  # what lands is the branch's own norm of the sublayer's raw output
+            close(t(site), block(norm)(t(here.raw(site))))
         close(t("resid_in"), hidden[layer])  # HF hidden_states[i] is block i's input
         if layer + 1 < n:
             close(t("resid_out"), trace[layer + 1, "resid_in"])
@@ -88,17 +90,17 @@ def test_mlp_sites_recompose(family, tokenizer):
         act_fn = adapter.activation(model, layer)
         up_w, up_b = adapter.input_rows(model, layer, "mlp_up")
         close(t("mlp_up"), t("mlp_in") @ up_w.detach().T + (up_b.detach() if up_b is not None else 0))
-        if adapter.gated:
+        if here.gated:
             gate_w, _ = adapter.input_rows(model, layer, "mlp_gate")
             close(t("mlp_gate"), t("mlp_in") @ gate_w.detach().T)
             close(t("mlp_act"), act_fn(t("mlp_gate")) * t("mlp_up"))
         else:
             close(t("mlp_act"), act_fn(t("mlp_up")))
-        down = adapter.module(model, layer, adapter.mlp_down)
+        down = adapter.module(model, layer, here.mlp_down)
         bias = bias_of(down)
-        expected = t("mlp_act") @ adapter.weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0)
-        close(t(adapter.raw("mlp_out")), expected)
-        norm, stream = MLP_NORM.get(family, ("post_attention_layernorm", "resid_mid"))
+        close(t(here.raw("mlp_out")), t("mlp_act") @ adapter.weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0))
+        expected = MLP_NORM.get(family, ("post_attention_layernorm", "resid_mid"))
+        norm, stream = expected[layer] if isinstance(expected, list) else expected
         close(t("mlp_in"), adapter.module(model, layer, norm)(t(stream)) if norm else t(stream))
         found = adapter.mlp_norm_module(model, layer)  # what the trigger decomposition reads through
         assert (found[0] if found else None) == norm
@@ -143,3 +145,21 @@ def test_unsupported_architecture_names_the_supported_ones():
         adapter_for(BloomConfig())
     with pytest.raises(UsageError, match="'opt' config lacks a field"):  # an old or hand-edited config
         adapter_for(SimpleNamespace(model_type="opt"))
+
+
+def test_a_block_of_one_sublayer_is_declared_and_has_only_its_sites():
+    """A block without an MLP says so (no_mlp), one without a token mixer has mixer None; neither gets a placeholder
+    for what it lacks, and a block must keep one sublayer."""
+    from massact.models.adapters.base import Adapter, Mlp
+
+    alone = Adapter(family="toy", model_types=("toy",), layers="layers", mixer="ssm", attention="mixer", attention_out="out_proj",
+                    no_mlp=True)
+    assert alone.sites == {"resid_in": ("", "in"), "attn_out": ("mixer", "out"), "resid_out": ("", "out")}
+    assert alone.attn_proj == "mixer.out_proj" and alone.mlp_down is None and not alone.has_mlp
+    mlp = Adapter(family="toy", model_types=("toy",), layers="layers", mixer=None, mlp=Mlp(path="mixer", gate=None), mlp_norm=("norm",))
+    assert list(mlp.sites) == ["resid_in", "mlp_in", "mlp_up", "mlp_act", "mlp_out", "resid_out"] and mlp.attn_proj is None
+    assert mlp.sites["mlp_in"] == ("mixer", "in")
+    for wrong, message in [(dict(), "no_mlp"), (dict(no_mlp=True, mlp=Mlp()), "neither mlp nor moe"),
+                           (dict(no_mlp=True, mixer=None), "has a token mixer"), (dict(mlp=Mlp(), mixer="mamba"), "none of")]:
+        with pytest.raises(ValueError, match=message):
+            Adapter(family="toy", model_types=("toy",), layers="layers", **wrong)

@@ -57,6 +57,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     ssm.NEMOTRON_H,
     ssm.BAMBA,
     ssm.JAMBA,
+    hybrid.OLMO_HYBRID,
 )
 
 

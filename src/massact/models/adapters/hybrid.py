@@ -1,5 +1,6 @@
 """Hybrids whose token mixer changes along the depth (``config.layer_types``): LFM2 (short gated convolutions and
-softmax attention) and Qwen3-Next / Qwen3.5 (Gated DeltaNet linear attention and gated softmax attention). A
+softmax attention), Qwen3-Next / Qwen3.5 (Gated DeltaNet linear attention and gated softmax attention) and
+OLMo-hybrid (Gated DeltaNet blocks with pre-norms, softmax blocks with OLMo-2's reordered norms). A
 convolution or a linear attention writes the stream as attention does, through its output projection: the origin
 and the lifeline hold as they are; only softmax blocks have attention probabilities (and sink metrics).
 
@@ -13,7 +14,7 @@ import dataclasses
 
 import torch.nn.functional as F
 
-from . import llama
+from . import llama, olmo
 from .base import Cut, Mlp, Variant, layer_types
 
 LFM2 = dataclasses.replace(
@@ -50,3 +51,16 @@ QWEN3_NEXT = dataclasses.replace(
 # Qwen3.5's multimodal class: the same language model under ``language_model`` (AutoModelForCausalLM loads the text
 # model alone, model type qwen3_5_text).
 QWEN3_5_MULTIMODAL = dataclasses.replace(QWEN3_NEXT, model_types=("qwen3_5",), layers="language_model.layers")
+
+# OLMo-hybrid: its softmax blocks are OLMo-2's (no norm before a sublayer, each branch normed before it lands); its
+# Gated DeltaNet blocks are pre-norm (input_layernorm before the mixer, post_attention_layernorm before the MLP).
+OLMO_HYBRID = dataclasses.replace(
+    olmo.OLMO2,
+    family="OLMo-hybrid",
+    model_types=("olmo_hybrid",),
+    variants=(Variant(when=lambda config, layer: layer_types(config, layer) == "linear_attention",
+                      changes={"mixer": "linear", "attention": "linear_attn", "values": None, "branch_norms": {},
+                               "mlp_norm": ("post_attention_layernorm",)}),),
+    notes="hybrid: Gated DeltaNet linear attention (linear_attn) in pre-norm blocks, softmax attention (self_attn) in blocks "
+          "with reordered norms (each branch normed before it lands: post_attention_layernorm, post_feedforward_layernorm)",
+)
