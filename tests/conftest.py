@@ -48,12 +48,12 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
             # The newer dense and hybrid families.
             "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
-            "gemma3mm", "nemotron_h", "bamba", "olmo_hybrid"]
+            "gemma3mm", "nemotron_h", "bamba", "olmo_hybrid", "lfm3"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
           "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "ssm", "attention", "ssm"],
-          "olmo_hybrid": ["linear", "linear", "linear", "attention"]}
+          "olmo_hybrid": ["linear", "linear", "linear", "attention"], "lfm3": ["conv", "conv", "attention", "conv"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "jamba"]
@@ -152,6 +152,7 @@ def tiny_config(family: str, vocab_size: int):
                                        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8),
         "olmo_hybrid": lambda: t.OlmoHybridConfig(**grouped, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                                                   linear_num_value_heads=4),  # 3 linear-attention blocks, then a softmax one
+        "lfm3": lambda: t.Lfm3Config(**grouped, head_dim=D_MODEL // N_HEADS),  # conv, conv, full attention, conv; sandwich norms
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }

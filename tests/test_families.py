@@ -16,7 +16,7 @@ from massact.report.text import to_text
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
 # Families whose MLP output is normed before it lands: sandwich norms (Gemma-2/3) and reordered norms (OLMo-2/3, EXAONE-4).
-SANDWICH = {"gemma2", "gemma3", "gemma3mm", "olmo2", "olmo3", "exaone4"}
+SANDWICH = {"gemma2", "gemma3", "gemma3mm", "olmo2", "olmo3", "exaone4", "lfm3"}
 POST_LN = {"opt-postln", "bert", "roberta"}
 NORM_GAIN = 1000.0  # the planted branch-norm gain on DIM
 
@@ -31,13 +31,15 @@ def planted(family, tokenizer):
     # Post-LN blocks norm the residual every block: the planted value must stand out in one residual sum alone.
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=1000.0 if family in POST_LN else 100.0)
     if family in SANDWICH:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
-        block = adapter_for(model.config).blocks(model)[LAYER]
+        adapter = adapter_for(model.config)
+        here, block = adapter.at(text_config(model), LAYER), adapter.blocks(model)[LAYER]
+        norm, down = block.get_submodule(here.branch_norms["mlp_out"]), block.get_submodule(here.mlp_down)
         with torch.no_grad():
-            block.post_feedforward_layernorm.weight[DIM] = 0.0
-            block.post_feedforward_layernorm.weight[DIM] = NORM_GAIN - _zero_gain(block.post_feedforward_layernorm)
+            norm.weight[DIM] = 0.0
+            norm.weight[DIM] = NORM_GAIN - _zero_gain(norm)
             # The gain would also blow up DIM's random share of every other token's MLP output: only the neuron writes it.
-            block.mlp.down_proj.weight[DIM, :NEURON] = 0.0
-            block.mlp.down_proj.weight[DIM, NEURON + 1 :] = 0.0
+            down.weight[DIM, :NEURON] = 0.0
+            down.weight[DIM, NEURON + 1 :] = 0.0
     return model
 
 
@@ -127,7 +129,8 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     attribution = report.mechanism.attribution[0]
     norm = birth.norm
     layers = "model.language_model.layers" if family == "gemma3mm" else "model.layers"
-    assert norm.parameter == f"{layers}.{LAYER}.post_feedforward_layernorm.weight"
+    branch_norm = "post_ffn_norm" if family == "lfm3" else "post_feedforward_layernorm"
+    assert norm.parameter == f"{layers}.{LAYER}.{branch_norm}.weight"
     assert norm.amplifier and norm.gain == pytest.approx(NORM_GAIN, rel=1e-4) and norm.typical_gain == pytest.approx(1.0)
     gemma = family.startswith("gemma")  # the stored entry: Gemma's gain is 1 + weight, OLMo's and EXAONE's the weight
     assert norm.weight == pytest.approx(NORM_GAIN - 1.0 if gemma else NORM_GAIN)
@@ -137,7 +140,7 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     assert abs(norm.normalization * norm.raw) == pytest.approx(8.0, rel=0.05)
     assert norm.error < 1e-5
     assert abs(attribution.landed) == pytest.approx(8.0 * NORM_GAIN, rel=0.05)  # without the gain it would land at about 8
-    assert any("post_feedforward_layernorm.weight" in line and "amplif" in line for line in report.conclusion)
+    assert any(f"{branch_norm}.weight" in line and "amplif" in line for line in report.conclusion)
 
 
 @pytest.mark.parametrize("family", sorted(POST_LN))

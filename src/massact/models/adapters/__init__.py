@@ -58,6 +58,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     ssm.BAMBA,
     ssm.JAMBA,
     hybrid.OLMO_HYBRID,
+    hybrid.LFM3,
 )
 
 

@@ -1,8 +1,9 @@
 """Hybrids whose token mixer changes along the depth (``config.layer_types``): LFM2 (short gated convolutions and
-softmax attention), Qwen3-Next / Qwen3.5 (Gated DeltaNet linear attention and gated softmax attention) and
-OLMo-hybrid (Gated DeltaNet blocks with pre-norms, softmax blocks with OLMo-2's reordered norms). A
-convolution or a linear attention writes the stream as attention does, through its output projection: the origin
-and the lifeline hold as they are; only softmax blocks have attention probabilities (and sink metrics).
+softmax attention; LFM3 adds sandwich norms and a scalar output gate per head), Qwen3-Next / Qwen3.5 (Gated DeltaNet
+linear attention and gated softmax attention) and OLMo-hybrid (Gated DeltaNet blocks with pre-norms, softmax blocks
+with OLMo-2's reordered norms). A convolution or a linear attention writes the stream as attention does, through its
+output projection: the origin and the lifeline hold as they are; only softmax blocks have attention probabilities
+(and sink metrics).
 
 Qwen3-Next and Qwen3.5 gate every softmax head's output: out = o_proj(attention x sigmoid(gate)), the gate computed by
 ``q_proj`` beside the query (per head, [query | gate]), which Qiu et al. 2025 report removes massive activations and
@@ -29,6 +30,31 @@ LFM2 = dataclasses.replace(
     notes="hybrid: short gated convolutions (conv) in most blocks, softmax attention (self_attn) in the others",
 )
 
+
+
+def _head_gate(g_proj, config):
+    """LFM3's output gate pre-activations [batch, positions, heads, 1]: ``g_proj`` gives one scalar per head."""
+    return g_proj.unsqueeze(-1)
+
+
+# LFM3: LFM2's block with attention's o_proj, an output gate per head (out = o_proj(attention x sigmoid(g_proj x)))
+# where ``use_attention_gate``, and sandwich norms where ``use_sandwich_norm`` (post_operator_norm, post_ffn_norm norm
+# each branch before it lands; without them the modules are identities and nothing is declared).
+LFM3 = dataclasses.replace(
+    LFM2,
+    family="LFM3",
+    model_types=("lfm3",),
+    attention_out="o_proj",
+    gate=Cut("self_attn.g_proj", _head_gate),
+    variants=(Variant(when=lambda config, layer: not config.use_attention_gate, changes={"gate": None}),
+              Variant(when=lambda config, layer: config.use_sandwich_norm,
+                      changes={"branch_norms": {"attn_out": "post_operator_norm", "mlp_out": "post_ffn_norm"}}),
+              Variant(when=lambda config, layer: layer_types(config, layer) == "conv",
+                      changes={"mixer": "conv", "attention": "conv", "attention_out": "out_proj", "values": None, "gate": None})),
+    notes="hybrid: short gated convolutions (conv) in most blocks, softmax attention (self_attn) in the others, its output "
+          "x sigmoid(g_proj) per head where use_attention_gate; sandwich norms (post_operator_norm, post_ffn_norm) where "
+          "use_sandwich_norm",
+)
 
 def _gate(q_proj, config):
     """The output gate's pre-activations [batch, positions, heads, head_dim]: ``q_proj`` gives per head [query | gate]."""
