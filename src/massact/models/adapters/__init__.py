@@ -59,6 +59,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     ssm.JAMBA,
     hybrid.OLMO_HYBRID,
     hybrid.LFM3,
+    moe.KIMI_LINEAR,
 )
 
 
