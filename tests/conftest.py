@@ -52,9 +52,9 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
-          "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "ssm", "attention", "ssm"],
+          "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "attention", "ssm", "attention"],
           "olmo_hybrid": ["linear", "linear", "linear", "attention"], "lfm3": ["conv", "conv", "attention", "conv"],
-          "kimi_linear": ["linear", "linear", "linear", "attention"]}
+          "kimi_linear": ["linear", "attention", "linear", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "jamba", "kimi_linear"]
@@ -148,17 +148,19 @@ def tiny_config(family: str, vocab_size: int):
                                                 layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"]),
         "bamba": lambda: t.BambaConfig(**grouped, attn_layer_indices=[2], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
                                        mamba_d_state=16, mamba_chunk_size=16),
-        # Mamba, Mamba, attention, Mamba; experts in blocks 1 and 3.
-        "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=4, attn_layer_offset=2, num_experts=4, num_experts_per_tok=2,
+        # Mamba, attention, Mamba, attention (two scans only: their reference recurrence is slow on a CPU); experts in
+        # blocks 1 and 3.
+        "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
                                        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8),
         "olmo_hybrid": lambda: t.OlmoHybridConfig(**grouped, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                                                   linear_num_value_heads=4),  # 3 linear-attention blocks, then a softmax one
         "lfm3": lambda: t.Lfm3Config(**grouped, head_dim=D_MODEL // N_HEADS),  # conv, conv, full attention, conv; sandwich norms
-        # 3 Kimi Delta Attention blocks, then latent attention; block 0 dense, the others 4 experts and a shared one.
+        # Kimi Delta Attention and latent attention, alternating (two linear blocks only: their reference kernel is slow on
+        # a CPU); block 0 dense, the others 4 experts and a shared one.
         "kimi_linear": lambda: t.KimiLinearConfig(
             **common, num_key_value_heads=N_HEADS, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
             moe_intermediate_size=D_MLP, num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1, linear_head_dim=16,
-            linear_num_heads=4, layer_types=["linear_attention"] * 3 + ["full_attention"], mlp_layer_types=["dense"] + ["sparse"] * 3),
+            linear_num_heads=4, layer_types=["linear_attention", "full_attention"] * 2, mlp_layer_types=["dense"] + ["sparse"] * 3),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }
