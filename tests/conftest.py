@@ -48,7 +48,7 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
             # The newer dense and hybrid families.
             "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
-            "gemma3mm", "nemotron_h", "bamba", "olmo_hybrid", "lfm3"]
+            "gemma3mm", "nemotron_h", "bamba", "olmo_hybrid", "lfm3", "jamba"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
@@ -57,7 +57,7 @@ MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["li
           "kimi_linear": ["linear", "attention", "linear", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
-                "qwen3_next_moe", "qwen3_5_moe", "jamba", "kimi_linear"]
+                "qwen3_next_moe", "qwen3_5_moe", "kimi_linear"]
 
 
 # Gated DeltaNet sizes for the Qwen3-Next / Qwen3.5 hybrids (3 linear-attention blocks, then one gated softmax block).
@@ -149,9 +149,9 @@ def tiny_config(family: str, vocab_size: int):
         "bamba": lambda: t.BambaConfig(**grouped, attn_layer_indices=[2], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
                                        mamba_d_state=16, mamba_chunk_size=16),
         # Mamba, attention, Mamba, attention (two scans only: their reference recurrence is slow on a CPU); experts in
-        # blocks 1 and 3.
+        # blocks 0 and 2, dense MLPs in 1 (the planted block) and 3.
         "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
-                                       expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8),
+                                       expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8),
         "olmo_hybrid": lambda: t.OlmoHybridConfig(**grouped, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                                                   linear_num_value_heads=4),  # 3 linear-attention blocks, then a softmax one
         "lfm3": lambda: t.Lfm3Config(**grouped, head_dim=D_MODEL // N_HEADS),  # conv, conv, full attention, conv; sandwich norms
@@ -191,6 +191,9 @@ def _isolate_trigger(model, bos: int) -> None:
             adapter.weight_out_in(module)[TRIGGER] = 0.0
             if getattr(module, "bias", None) is not None:
                 module.bias[TRIGGER] = 0.0
+        if here.moe is not None:  # a dense family's expert blocks (Jamba's): no expert writes it either
+            experts = adapter.module(model, layer, f"{here.moe.block}.{here.moe.experts.path}")
+            (experts.down_proj[:, :, TRIGGER] if here.moe.experts.transposed else experts.down_proj[:, TRIGGER]).zero_()
 
 
 @torch.no_grad()
@@ -198,13 +201,14 @@ def plant_mlp(model, bos: int, layer: int, neuron: int, dim: int, out_weight: fl
     """Neuron ``neuron`` of block ``layer`` fires on BOS only and writes ``out_weight`` x its activation into ``dim``."""
     _isolate_trigger(model, bos)
     adapter = adapter_for(model.config)
-    for site in ("mlp_up", "mlp_gate") if adapter.gated else ("mlp_up",):
+    here = adapter.at(text_config(model), layer)  # the planted block's own MLP (a family's blocks may differ)
+    for site in ("mlp_up", "mlp_gate") if here.gated else ("mlp_up",):
         w, bias = adapter.input_rows(model, layer, site)
         w[neuron] = 0.0
         w[neuron, TRIGGER] = 2.0
         if bias is not None:
             bias[neuron] = -4.0  # pre-activation 2 x (~8 at BOS) - 4 > 0; 2 x (~0 elsewhere) - 4 < 0
-    adapter.weight_out_in(adapter.module(model, layer, adapter.mlp_down))[dim, neuron] = out_weight
+    adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[dim, neuron] = out_weight
 
 
 @torch.no_grad()

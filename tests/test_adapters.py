@@ -24,6 +24,7 @@ MLP_NORM = {
     "nemotron_h": ("norm", "resid_in"), "bamba": ("pre_ff_layernorm", "resid_mid"),
     # Per block where the blocks differ: OLMo-hybrid's linear-attention blocks are pre-norm, its softmax block reordered.
     "olmo_hybrid": [("post_attention_layernorm", "resid_mid")] * 3 + [(None, "resid_mid")], "lfm3": ("ffn_norm", "resid_mid"),
+    "jamba": ("pre_ff_layernorm", "resid_mid"),
 }
 # Post-LN blocks: the LayerNorm after the attention sum and the one after the MLP sum.
 POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": ("attention.output.LayerNorm", "output.LayerNorm"),
@@ -85,6 +86,9 @@ def test_mlp_sites_recompose(family, tokenizer):
         here = adapter.at(text_config(model), layer)
         if not here.has_mlp:  # a block that is its token mixer alone
             assert not any(site.startswith("mlp_") for site in here.sites)
+            continue
+        if here.moe is not None:  # a dense family's expert blocks (Jamba's): the block's input and output only
+            assert {site for site in here.sites if site.startswith("mlp_")} == {"mlp_in", "mlp_out"}
             continue
         t = lambda site, layer=layer: trace[layer, site]
         act_fn = adapter.activation(model, layer)

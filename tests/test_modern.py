@@ -35,8 +35,7 @@ def reports(tokenizer):
     return get
 
 
-# The dense hybrids; a mixture-of-experts hybrid (Jamba, whose Mamba scan runs its slow reference recurrence on a CPU)
-# goes through every stage in test_chain.py.
+# The hybrids planted in a dense MLP; a mixture-of-experts hybrid (Kimi-Linear) goes through every stage in test_chain.py.
 @pytest.mark.parametrize("family", sorted(set(MIXERS) - set(MOE_FAMILIES)))
 def test_a_hybrid_passes_every_stage_and_its_sinks_are_measured_on_softmax_blocks_only(family, reports):
     model, report = reports(family)
