@@ -48,7 +48,7 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             "gptj", "falcon", "falcon-seq", "opt", "opt-postln", "bert", "roberta",
             # The newer dense and hybrid families.
             "olmo2", "olmo3", "exaone4", "cohere2", "seed_oss", "apertus", "smollm3", "lfm2", "qwen3_next", "qwen3_5",
-            "gemma3mm", "nemotron_h", "bamba", "olmo_hybrid", "lfm3", "jamba"]
+            "gemma3mm", "nemotron_h", "bamba", "olmo_hybrid", "lfm3", "jamba", "kimi_linear"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
@@ -57,7 +57,7 @@ MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["li
           "kimi_linear": ["linear", "attention", "linear", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
-                "qwen3_next_moe", "qwen3_5_moe", "kimi_linear"]
+                "qwen3_next_moe", "qwen3_5_moe"]
 
 
 # Gated DeltaNet sizes for the Qwen3-Next / Qwen3.5 hybrids (3 linear-attention blocks, then one gated softmax block).
@@ -156,11 +156,11 @@ def tiny_config(family: str, vocab_size: int):
                                                   linear_num_value_heads=4),  # 3 linear-attention blocks, then a softmax one
         "lfm3": lambda: t.Lfm3Config(**grouped, head_dim=D_MODEL // N_HEADS),  # conv, conv, full attention, conv; sandwich norms
         # Kimi Delta Attention and latent attention, alternating (two linear blocks only: their reference kernel is slow on
-        # a CPU); block 0 dense, the others 4 experts and a shared one.
+        # a CPU); 4 experts and a shared one in blocks 0 and 2, dense MLPs in 1 (the planted block) and 3.
         "kimi_linear": lambda: t.KimiLinearConfig(
             **common, num_key_value_heads=N_HEADS, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
             moe_intermediate_size=D_MLP, num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1, linear_head_dim=16,
-            linear_num_heads=4, layer_types=["linear_attention", "full_attention"] * 2, mlp_layer_types=["dense"] + ["sparse"] * 3),
+            linear_num_heads=4, layer_types=["linear_attention", "full_attention"] * 2, mlp_layer_types=["sparse", "dense"] * 2),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }
@@ -191,9 +191,11 @@ def _isolate_trigger(model, bos: int) -> None:
             adapter.weight_out_in(module)[TRIGGER] = 0.0
             if getattr(module, "bias", None) is not None:
                 module.bias[TRIGGER] = 0.0
-        if here.moe is not None:  # a dense family's expert blocks (Jamba's): no expert writes it either
+        if here.moe is not None:  # the expert blocks of a family planted in a dense block: no expert writes it either
             experts = adapter.module(model, layer, f"{here.moe.block}.{here.moe.experts.path}")
             (experts.down_proj[:, :, TRIGGER] if here.moe.experts.transposed else experts.down_proj[:, TRIGGER]).zero_()
+            if here.moe.shared is not None:
+                adapter.module(model, layer, f"{here.moe.block}.{here.moe.shared.part(here.moe.shared.down)}").weight[TRIGGER] = 0.0
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ def test_mlp_sites_recompose(family, tokenizer):
         if not here.has_mlp:  # a block that is its token mixer alone
             assert not any(site.startswith("mlp_") for site in here.sites)
             continue
-        if here.moe is not None:  # a dense family's expert blocks (Jamba's): the block's input and output only
+        if here.moe is not None:  # the expert blocks of a family planted in a dense block: the block's input and output
             assert {site for site in here.sites if site.startswith("mlp_")} == {"mlp_in", "mlp_out"}
             continue
         t = lambda site, layer=layer: trace[layer, site]

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import massact
-from conftest import MIXERS, MOE_FAMILIES
+from conftest import MIXERS
 from massact.models.adapters import adapter_for
 from test_families import DIM, LAYER, NEURON, TEXTS, planted
 
@@ -35,8 +35,7 @@ def reports(tokenizer):
     return get
 
 
-# The hybrids planted in a dense MLP; a mixture-of-experts hybrid (Kimi-Linear) goes through every stage in test_chain.py.
-@pytest.mark.parametrize("family", sorted(set(MIXERS) - set(MOE_FAMILIES)))
+@pytest.mark.parametrize("family", sorted(MIXERS))
 def test_a_hybrid_passes_every_stage_and_its_sinks_are_measured_on_softmax_blocks_only(family, reports):
     model, report = reports(family)
     mixers = MIXERS[family]
