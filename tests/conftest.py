@@ -51,10 +51,15 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             "gemma3mm", "gemma4",
             # Plain-layout decoders: Llama's block with its scales (Granite), its norms (OLMo, GLM-4, StarCoder2), its MLP
             # (GLM-4, StarCoder2) or its attention (Ministral, Ministral-3) changed.
-            "granite", "olmo", "glm4", "starcoder2", "internlm3", "ministral", "ministral3"]
+            "granite", "olmo", "glm4", "starcoder2", "internlm3", "ministral", "ministral3",
+            # State-space and other hybrids: blocks of one sublayer, Mamba mixers, linear attention.
+            "nemotron_h", "bamba", "olmo_hybrid", "lfm3", "jamba", "kimi_linear"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
-          "qwen3_5": ["linear", "linear", "linear", "attention"]}
+          "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
+          "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "attention", "ssm", "attention"],
+          "olmo_hybrid": ["linear", "linear", "linear", "attention"], "lfm3": ["conv", "conv", "attention", "conv"],
+          "kimi_linear": ["linear", "attention", "linear", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "minimax_m2", "ernie4_5_moe", "exaone_moe",
@@ -71,6 +76,8 @@ _LINEAR = dict(head_dim=D_MODEL // N_HEADS, linear_key_head_dim=16, linear_value
 
 # The blocks' MLPs of the families that list them: block 0 dense, then experts.
 _FIRST_DENSE = ["dense", "sparse", "sparse", "sparse"]
+# Mamba-2 sizes (Nemotron-H, Bamba): 4 heads of 32 over the expanded width 2 x 64, one group, state 16, chunks of 16.
+_MAMBA2 = dict(ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=32, n_groups=1, chunk_size=16)
 
 
 # DeepSeek's latent attention and routing (4 experts in 2 groups, block 0 dense).
@@ -207,6 +214,25 @@ def tiny_config(family: str, vocab_size: int):
             shared_expert_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
             layer_types=["linear_attention"] * 3 + ["indexed_attention"], hc_count=4, hc_lowrank=16, indexer_n_heads=2,
             indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=CONTEXT, indexer_compress_ratio=4),
+        # Mamba-2, an MLP block (at the planted block 1), attention, an MLP block.
+        "nemotron_h": lambda: t.NemotronHConfig(**{k: v for k, v in grouped.items() if k != "num_hidden_layers"}, **_MAMBA2,
+                                                head_dim=D_MODEL // N_HEADS,
+                                                layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"]),
+        "bamba": lambda: t.BambaConfig(**grouped, attn_layer_indices=[2], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
+                                       mamba_d_state=16, mamba_chunk_size=16),
+        # Mamba, attention, Mamba, attention (two scans only: their reference recurrence is slow on a CPU); experts in
+        # blocks 0 and 2, dense MLPs in 1 (the planted block) and 3.
+        "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                                       expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8),
+        "olmo_hybrid": lambda: t.OlmoHybridConfig(**grouped, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                                                  linear_num_value_heads=4),  # 3 linear-attention blocks, then a softmax one
+        "lfm3": lambda: t.Lfm3Config(**grouped, head_dim=D_MODEL // N_HEADS),  # conv, conv, full attention, conv; sandwich norms
+        # Kimi Delta Attention and latent attention, alternating (two linear blocks only: their reference kernel is slow on
+        # a CPU); 4 experts and a shared one in blocks 0 and 2, dense MLPs in 1 (the planted block) and 3.
+        "kimi_linear": lambda: t.KimiLinearConfig(
+            **common, num_key_value_heads=N_HEADS, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+            moe_intermediate_size=D_MLP, num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1, linear_head_dim=16,
+            linear_num_heads=4, layer_types=["linear_attention", "full_attention"] * 2, mlp_layer_types=["sparse", "dense"] * 2),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }
@@ -233,11 +259,17 @@ def _isolate_trigger(model, bos: int, adapter=None) -> None:
     for layer in range(config.num_hidden_layers):
         here = adapter.at(config, layer)
         ple = here.per_layer_input
-        for path in (here.attn_proj, here.mlp_down) + ((ple.projection,) if ple is not None else ()):
+        paths = (here.attn_proj, here.mlp_down) + ((ple.projection,) if ple is not None else ())
+        for path in (p for p in paths if p is not None):  # a block may be one sublayer
             module = adapter.module(model, layer, path)
             adapter.weight_out_in(module)[TRIGGER] = 0.0
             if getattr(module, "bias", None) is not None:
                 module.bias[TRIGGER] = 0.0
+        if here.moe is not None:  # the expert blocks of a family planted in a dense block: no expert writes it either
+            experts = adapter.module(model, layer, f"{here.moe.block}.{here.moe.experts.path}")
+            (experts.down_proj[:, :, TRIGGER] if here.moe.experts.transposed else experts.down_proj[:, TRIGGER]).zero_()
+            if here.moe.shared is not None:
+                adapter.module(model, layer, f"{here.moe.block}.{here.moe.shared.part(here.moe.shared.down)}").weight[TRIGGER] = 0.0
 
 
 @torch.no_grad()
@@ -246,13 +278,14 @@ def plant_mlp(model, bos: int, layer: int, neuron: int, dim: int, out_weight: fl
     (``adapter``: the model's, where no registered adapter claims its type)."""
     adapter = adapter or adapter_for(model.config)
     _isolate_trigger(model, bos, adapter)
-    for site in ("mlp_up", "mlp_gate") if adapter.gated else ("mlp_up",):
+    here = adapter.at(text_config(model), layer)  # the planted block's own MLP (a family's blocks may differ)
+    for site in ("mlp_up", "mlp_gate") if here.gated else ("mlp_up",):
         w, bias = adapter.input_rows(model, layer, site)
         w[neuron] = 0.0
         w[neuron, TRIGGER] = 2.0
         if bias is not None:
             bias[neuron] = -4.0  # pre-activation 2 x (~8 at BOS) - 4 > 0; 2 x (~0 elsewhere) - 4 < 0
-    adapter.weight_out_in(adapter.module(model, layer, adapter.mlp_down))[dim, neuron] = out_weight
+    adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[dim, neuron] = out_weight
 
 
 @torch.no_grad()

@@ -24,6 +24,10 @@ MLP_NORM = {
     "cohere2": ("input_layernorm", "resid_in"), "apertus": ("feedforward_layernorm", "resid_mid"),
     "lfm2": ("ffn_norm", "resid_mid"), "gemma3mm": ("pre_feedforward_layernorm", "resid_mid"),
     "gemma4": ("pre_feedforward_layernorm", "resid_mid"),
+    "nemotron_h": ("norm", "resid_in"), "bamba": ("pre_ff_layernorm", "resid_mid"),
+    # Per block where the blocks differ: OLMo-hybrid's linear-attention blocks are pre-norm, its softmax block reordered.
+    "olmo_hybrid": [("post_attention_layernorm", "resid_mid")] * 3 + [(None, "resid_mid")], "lfm3": ("ffn_norm", "resid_mid"),
+    "jamba": ("pre_ff_layernorm", "resid_mid"),
 }
 # Post-LN blocks: the LayerNorm after the attention sum and the one after the MLP sum.
 POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": ("attention.output.LayerNorm", "output.LayerNorm"),
@@ -57,8 +61,13 @@ def test_residual_stream_adds_up(family, tokenizer):
     for layer in range(n):
         t = lambda site, layer=layer: trace[layer, site]
         block = lambda path, layer=layer: adapter.module(model, layer, path)
-        assert t("resid_in").shape == t("mlp_in").shape == t("resid_out").shape == t("mlp_in").shape[:2] + (D_MODEL,)
-        if family in POST_LN:
+        here = adapter.at(text_config(model), layer)
+        assert t("resid_in").shape == t("resid_out").shape == t("resid_in").shape[:2] + (D_MODEL,)
+        if not here.has_mlp or here.mixer is None:  # one sublayer, one residual add: no resid_mid, no site of the other
+            branch, missing = ("attn_out", "mlp_out") if here.mixer is not None else ("mlp_out", "attn_out")
+            assert missing not in here.sites and "resid_mid" not in here.sites
+            close(t("resid_out"), t("resid_in") + t(branch))
+        elif family in POST_LN:
             first, last = POST_LN[family]
             close(t("attn_sum"), t("resid_in") + t("attn_out"))
             close(t("resid_mid"), block(first)(t("attn_sum")))
@@ -68,7 +77,7 @@ def test_residual_stream_adds_up(family, tokenizer):
             close(t("resid_out"), t("resid_in") + t("attn_out") + t("mlp_out"))
         else:
             close(t("resid_mid"), t("resid_in") + t("attn_out"))
-            ple = adapter.at(config, layer).per_layer_input
+            ple = here.per_layer_input
             if ple is None:
                 close(t("resid_out"), t("resid_mid") + t("mlp_out"))
             else:  # a third writer reads the stream the MLP left, and the sum is scaled by the block's layer scalar
@@ -81,11 +90,11 @@ def test_residual_stream_adds_up(family, tokenizer):
         if not adapter.post_ln:
             landed = sum(t(site) for site in adapter.writers(config, layer))
             close(t("resid_out"), adapter.scale_of(model, layer) * (t("resid_in") + landed))
-        for site, norm in adapter.branch_norms.items():  # what lands is the branch's own norm of the sublayer's raw output
-            close(t(site), block(norm)(t(adapter.raw(site))))
-        if adapter.branch_scale is not None:  # what lands is the sublayer's raw output times the config's scale
+        for site, norm in here.branch_norms.items():  # what lands is the branch's own norm of the sublayer's raw output
+            close(t(site), block(norm)(t(here.raw(site))))
+        if here.branch_scale is not None:  # what lands is the sublayer's raw output times the config's scale
             for site in ("attn_out", "mlp_out"):
-                close(t(site), getattr(text_config(model), adapter.branch_scale) * t(adapter.raw(site)))
+                close(t(site), getattr(text_config(model), here.branch_scale) * t(here.raw(site)))
         close(t("resid_in"), hidden[layer])  # HF hidden_states[i] is block i's input
         if layer + 1 < n:
             close(t("resid_out"), trace[layer + 1, "resid_in"])
@@ -104,25 +113,33 @@ def test_mlp_sites_recompose(family, tokenizer):
     """mlp_act, the MLP's raw output and its input, recomputed from the weights and the norm, match the hooks."""
     model, adapter, trace, _ = _trace_all(family, tokenizer)
     for layer in range(text_config(model).num_hidden_layers):
+        here = adapter.at(text_config(model), layer)
+        if not here.has_mlp:  # a block that is its token mixer alone
+            assert not any(site.startswith("mlp_") for site in here.sites)
+            continue
+        if here.moe is not None:  # the expert blocks of a family planted in a dense block: the block's input and output
+            assert {site for site in here.sites if site.startswith("mlp_")} == {"mlp_in", "mlp_out"}
+            continue
         t = lambda site, layer=layer: trace[layer, site]
         act_fn = adapter.activation(model, layer)
         up_w, up_b = adapter.input_rows(model, layer, "mlp_up")
         close(t("mlp_up"), t("mlp_in") @ up_w.detach().T + (up_b.detach() if up_b is not None else 0))
-        if adapter.gated:
+        if here.gated:
             gate_w, _ = adapter.input_rows(model, layer, "mlp_gate")
             close(t("mlp_gate"), t("mlp_in") @ gate_w.detach().T)
             close(t("mlp_act"), act_fn(t("mlp_gate")) * t("mlp_up"))
         else:
             close(t("mlp_act"), act_fn(t("mlp_up")))
-        down = adapter.module(model, layer, adapter.mlp_down)
+        down = adapter.module(model, layer, here.mlp_down)
         bias = bias_of(down)
-        expected = t("mlp_act") @ adapter.weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0)
-        close(t(adapter.raw("mlp_out")), expected)
-        norm, stream = MLP_NORM.get(family, ("post_attention_layernorm", "resid_mid"))
+        close(t(here.raw("mlp_out")), t("mlp_act") @ adapter.weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0))
+        expected = MLP_NORM.get(family, ("post_attention_layernorm", "resid_mid"))
+        norm, stream = expected[layer] if isinstance(expected, list) else expected
         close(t("mlp_in"), adapter.module(model, layer, norm)(t(stream)) if norm else t(stream))
         found = adapter.mlp_norm_module(model, layer)  # what the trigger decomposition reads through
         assert (found[0] if found else None) == norm
-        assert stream == ("resid_in" if adapter.parallel else "resid_mid")
+        assert stream == ("resid_mid" if "resid_mid" in here.sites else "resid_in")  # an MLP alone reads the block input
+        assert adapter.parallel == (stream == "resid_in" and here.mixer is not None)
 
 
 def test_a_patched_scaled_branch_lands_as_patched(tokenizer):
@@ -199,3 +216,21 @@ def test_a_laguna_config_whose_head_count_varies_by_block_is_one_line(tokenizer)
     config.num_attention_heads_per_layer = [4, 4, 8, 4]
     with pytest.raises(UsageError, match=r"2 different head counts \(num_attention_heads_per_layer\).*4 heads in every block"):
         adapter_for(config)
+
+
+def test_a_block_of_one_sublayer_is_declared_and_has_only_its_sites():
+    """A block without an MLP says so (no_mlp), one without a token mixer has mixer None; neither gets a placeholder
+    for what it lacks, and a block must keep one sublayer."""
+    from massact.models.adapters.base import Adapter, Mlp
+
+    alone = Adapter(family="toy", model_types=("toy",), layers="layers", mixer="ssm", attention="mixer", attention_out="out_proj",
+                    no_mlp=True)
+    assert alone.sites == {"resid_in": ("", "in"), "attn_out": ("mixer", "out"), "resid_out": ("", "out")}
+    assert alone.attn_proj == "mixer.out_proj" and alone.mlp_down is None and not alone.has_mlp
+    mlp = Adapter(family="toy", model_types=("toy",), layers="layers", mixer=None, mlp=Mlp(path="mixer", gate=None), mlp_norm=("norm",))
+    assert list(mlp.sites) == ["resid_in", "mlp_in", "mlp_up", "mlp_act", "mlp_out", "resid_out"] and mlp.attn_proj is None
+    assert mlp.sites["mlp_in"] == ("mixer", "in")
+    for wrong, message in [(dict(), "no_mlp"), (dict(no_mlp=True, mlp=Mlp()), "neither mlp nor moe"),
+                           (dict(no_mlp=True, mixer=None), "has a token mixer"), (dict(mlp=Mlp(), mixer="mamba"), "none of")]:
+        with pytest.raises(ValueError, match=message):
+            Adapter(family="toy", model_types=("toy",), layers="layers", **wrong)

@@ -16,8 +16,8 @@ from massact.report.text import to_text
 LAYER, NEURON, DIM = 1, 37, 20
 TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is cold."]
 # Families whose MLP output is normed before it lands: sandwich norms (Gemma-2/3/4, GLM-4) and reordered norms (OLMo-2/3,
-# EXAONE-4).
-SANDWICH = {"gemma2", "gemma3", "gemma3mm", "gemma4", "olmo2", "olmo3", "exaone4", "glm4"}
+# EXAONE-4), and LFM3's where its config asks.
+SANDWICH = {"gemma2", "gemma3", "gemma3mm", "gemma4", "olmo2", "olmo3", "exaone4", "glm4", "lfm3"}
 POST_LN = {"opt-postln", "bert", "roberta"}
 NORM_GAIN = 1000.0  # the planted branch-norm gain on DIM
 
@@ -33,8 +33,8 @@ def planted(family, tokenizer):
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=1000.0 if family in POST_LN else 100.0)
     if family in SANDWICH:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
         adapter = adapter_for(model.config)
-        norm = adapter.module(model, LAYER, adapter.branch_norms["mlp_out"])
-        down = adapter.module(model, LAYER, adapter.mlp_down)
+        here, block = adapter.at(text_config(model), LAYER), adapter.blocks(model)[LAYER]
+        norm, down = block.get_submodule(here.branch_norms["mlp_out"]), block.get_submodule(here.mlp_down)
         with torch.no_grad():
             norm.weight[DIM] = 0.0
             norm.weight[DIM] = NORM_GAIN - _zero_gain(norm)
@@ -147,7 +147,7 @@ def test_a_sandwich_norm_is_named_as_the_amplifier(family, tokenizer):
     attribution = report.mechanism.attribution[0]
     norm = birth.norm
     layers = "model.language_model.layers" if family == "gemma3mm" else "model.layers"
-    path = {"glm4": "post_mlp_layernorm"}.get(family, "post_feedforward_layernorm")
+    path = {"glm4": "post_mlp_layernorm", "lfm3": "post_ffn_norm"}.get(family, "post_feedforward_layernorm")
     assert norm.parameter == f"{layers}.{LAYER}.{path}.weight"
     assert norm.amplifier and norm.gain == pytest.approx(NORM_GAIN, rel=1e-4) and norm.typical_gain == pytest.approx(1.0)
     # The stored entry: Gemma-2/3's gain is 1 + weight; Gemma-4's, OLMo's, EXAONE's and GLM-4's the weight.

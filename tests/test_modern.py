@@ -41,16 +41,19 @@ def test_a_hybrid_passes_every_stage_and_its_sinks_are_measured_on_softmax_block
     mixers = MIXERS[family]
     softmax = [layer for layer, mixer in enumerate(mixers) if mixer == "attention"]
     assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
-    assert report.model.blocks[LAYER].startswith({"conv": "convolution", "linear": "linear attention",
-                                                  "attention": "attention"}[mixers[LAYER]])
+    kinds = {"conv": "convolution", "linear": "linear attention", "ssm": "state-space scan", "attention": "attention",
+             None: "MLP alone"}
+    assert [block.split(" (")[0] for block in report.model.blocks] == [kinds[mixer] for mixer in mixers]
     # Origin, attribution and super weight at the planted block, whatever its mixer.
     birth = next(o for o in report.mechanism.origin if o.role == "birth")
     assert birth.writer == "mlp" and report.mechanism.attribution[0].neurons[0].neuron == NEURON
+    # A block of one sublayer reports no other branch (None), and its output is its input plus that one.
+    if mixers[LAYER] is None:
+        assert birth.attn is None and birth.resid_out == pytest.approx(birth.resid_in + birth.mlp, rel=1e-5)
     # The trigger splits the writing neuron's gate over sources named by their mixers, and is patched.
     trigger = report.trigger[0]
     sources = {s.source for s in trigger.neurons[0].splits[0].sources}
-    kind = {"conv": "convolution", "linear": "linear attention"}[mixers[0]]
-    assert f"block 0 {kind}" in sources and trigger.patching
+    assert f"block 0 {kinds[mixers[0]]}" in sources and trigger.patching
     # Verification and perplexity.
     zero = next(r for r in report.causal.verification.interventions if r.name.startswith("zero super weight"))
     assert not zero.still_massive and zero.perplexity is not None
@@ -61,6 +64,8 @@ def test_a_hybrid_passes_every_stage_and_its_sinks_are_measured_on_softmax_block
         measured = not math.isnan(a.rate[layer])
         assert measured == (layer in softmax) and all(math.isnan(v) != measured for v in a.share[layer])
     assert f"measured on the softmax-attention block{'s' if len(softmax) > 1 else ''} {', '.join(map(str, softmax))}" in a.mixing
+    alone = mixers.count(None)  # blocks that are an MLP alone are named apart from the other mixers (Nemotron-H: 2)
+    assert (f"{alone} are MLPs alone, with no token mixer" in a.mixing) if alone else ("alone" not in a.mixing)
     # Quantization and headroom.
     assert report.deploy.quantization.rows and report.deploy.precision.headroom > 0
 

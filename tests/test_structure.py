@@ -189,8 +189,14 @@ def _configs(model_type: str):
         yield dense
 
 
+# Model types whose transformers default config is a variant no adapter maps (Nemotron-H's default holds
+# mixture-of-experts blocks, whose ungated experts behind latent projections are not mapped): refused in one line.
+UNMAPPED_DEFAULTS = {"nemotron_h"}
+
+
 def test_no_config_of_a_registered_model_type_matches_two_adapters():
-    """Every registered model type's config (default, and with each flag flipped) maps to one adapter, never two."""
+    """Every registered model type's config (default, and with each flag flipped) maps to one adapter, never two; a
+    default no adapter maps is refused as a variant, naming what the family's adapters map."""
     from massact.errors import UsageError
     from massact.models.adapters import adapter_for, registry
 
@@ -202,8 +208,9 @@ def test_no_config_of_a_registered_model_type_matches_two_adapters():
             except UsageError as error:
                 assert "more than one adapter" not in str(error), error
                 if index == 0:
+                    assert f"this {model_type!r} config is a variant no adapter maps" in str(error)
                     unmapped.append(model_type)
-    assert unmapped == []
+    assert set(unmapped) == UNMAPPED_DEFAULTS
 
 
 def test_two_adapters_claiming_one_model_type_are_an_error_naming_both():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 
 from ..models.loading import LoadedModel
@@ -11,7 +13,8 @@ ATTN_Z = "attn_z"  # the attention output projection's input: every head's outpu
 
 
 def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions: list[int]) -> dict[str, torch.Tensor]:
-    """{site: [len(positions), width] float32 on CPU} for every site of the block, plus ``attn_z``."""
+    """{site: [len(positions), width] float32 on CPU} for every site of the block, plus ``attn_z`` where it has a token
+    mixer."""
     index = torch.tensor(positions)
     kept: dict[str, torch.Tensor] = {}
 
@@ -20,10 +23,10 @@ def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions:
 
     here = lm.at(layer)
     sites = [(layer, site) for site in here.sites]
-    o_proj = lm.adapter.module(lm.model, layer, here.attn_proj)
-    with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda _, site, t: keep(site, t)):
-        with tap_module_input(o_proj, lambda t: keep(ATTN_Z, t)):
-            forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
+    with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda _, site, t: keep(site, t)), ExitStack() as stack:
+        if here.attn_proj is not None:
+            stack.enter_context(tap_module_input(lm.adapter.module(lm.model, layer, here.attn_proj), lambda t: keep(ATTN_Z, t)))
+        forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     return kept
 
 

@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
 
 
+# A token mixer's kind (models.adapters.base.MIXERS) as the report names a block.
+MIXER_KINDS = {"attention": "attention", "linear": "linear attention", "conv": "convolution", "ssm": "state-space scan"}
+
+
 @dataclass(kw_only=True)
 class ModelInfo:
     name: str
@@ -48,8 +52,9 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         moe = lm.at(sparse).moe
         down = lm.adapter.module(lm.model, sparse, f"{moe.block}.{moe.experts.path}").down_proj
         d_mlp = down.shape[-2] if moe.experts.transposed else down.shape[-1]
-    else:
-        d_mlp = lm.adapter.weight_out_in(lm.adapter.module(lm.model, 0, lm.adapter.mlp_down)).shape[1]
+    else:  # the first dense MLP's width (a block may have no MLP)
+        dense = next(layer for layer in range(n_layers) if lm.at(layer).mlp is not None)
+        d_mlp = lm.adapter.weight_out_in(lm.adapter.module(lm.model, dense, lm.at(dense).mlp_down)).shape[1]
     return ModelInfo(
         name=lm.name,
         architecture=type(lm.model).__name__,
@@ -71,16 +76,19 @@ def model_info(lm: LoadedModel) -> ModelInfo:
 
 
 def block_kinds(lm: LoadedModel) -> list[str]:
-    """Per block, its mixer, its kind of attention (the config's layer types, where they vary) and whether it sees
-    positions; [] where every block is the same."""
+    """Per block, its mixer, its kind of attention (the config's layer types, where they vary), whether it sees
+    positions, and whether it has an MLP ("MLP alone": a block without a token mixer); [] where every block is the
+    same."""
     from .adapters.base import layer_types
 
-    words = {"attention": "attention", "linear": "linear attention", "conv": "convolution"}
     kinds = []
     for layer in range(len(lm.adapter.blocks(lm.model))):
         here = lm.at(layer)
+        if here.mixer is None:
+            kinds.append("MLP alone")
+            continue
         detail = [layer_types(lm.config, layer).replace("_attention", "")] if here.mixer == "attention" else []
-        detail += [] if here.positions else ["no positions"]
+        detail += ([] if here.positions else ["no positions"]) + ([] if here.has_mlp else ["no MLP"])
         detail = [d for d in detail if d]
-        kinds.append(words[here.mixer] + (f" ({', '.join(detail)})" if detail else ""))
+        kinds.append(MIXER_KINDS[here.mixer] + (f" ({', '.join(detail)})" if detail else ""))
     return kinds if len(set(kinds)) > 1 else []

@@ -181,10 +181,11 @@ def _origin_tables(style: Style, report: Report) -> list:
         return [Text("Nothing to trace.")]
     post_ln = report.model.stream == "resid_sum"
     ple = any(o.ple is not None for o in report.mechanism.origin)  # a per-layer input writes too (Gemma-4)
+    lacking = "; -: the block has no such branch" if any(None in (o.attn, o.mlp) for o in report.mechanism.origin) else ""
     title = ("resid_sum = LN(resid_in + attn) + mlp at the coordinate (post-LN: the sum before the block's last LayerNorm)" if post_ln
              else "resid_out = scale x (resid_in + attn + mlp + ple) at the coordinate (the branches as they land, after any norm; "
-                  "scale: the block's layer scalar)" if ple
-             else "resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm)")
+                  f"scale: the block's layer scalar{lacking})" if ple
+             else f"resid_out = resid_in + attn + mlp at the coordinate (attn and mlp as they land, after any branch norm{lacking})")
     columns = ["dim", "block", "role", "where", "resid_in", "attn", "mlp", *(["ple", "scale"] if ple else []), "resid_out", "writer"]
     table = style.table(title, *columns, right=tuple(i for i in range(len(columns) - 1) if i not in (2, 3)))
     out: list = [table]

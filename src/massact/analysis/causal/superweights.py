@@ -35,11 +35,11 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
     with ExitStack() as stack:
         for step in range(1, steps + 1):
             activations = probe_block(lm, input_ids, layer, [position])["mlp_act"][0].double()
-            row, _ = down_row(lm.adapter, lm.model, layer, dim)
+            row, _ = down_row(lm.at(layer), lm.model, layer, dim)  # the birth block's own MLP (blocks may differ)
             toward = activations * row * line.sign
             if float(toward.max()) <= 0:  # nothing left writes toward the value
                 break
-            weight = super_weight(lm.adapter, lm.model, layer, dim, int(toward.argmax()))
+            weight = super_weight(lm.at(layer), lm.model, layer, dim, int(toward.argmax()))
             weight.rank += sum(earlier > abs(weight.value) for earlier in zeroed)
             zeroed.append(abs(weight.value))
             stack.enter_context(set_weight(lm, weight.matrix, (weight.row, weight.col)))

@@ -338,9 +338,16 @@ def mixing_words(lm: LoadedModel, base: SinkPass, found_blocks: list[int], birth
     softmax = softmax_layers(lm)
     words = []
     if len(softmax) < n_layers:
-        others = sorted({MIXER_WORDS[lm.at(layer).mixer] for layer in range(n_layers) if layer not in softmax})
-        words.append(f"sink metrics are measured on the softmax-attention {_blocks(softmax)}; the other "
-                     f"{n_layers - len(softmax)} mix tokens by {' and '.join(others)} and have no attention probabilities")
+        mixing = [layer for layer in range(n_layers) if layer not in softmax and lm.at(layer).mixer is not None]
+        alone = n_layers - len(softmax) - len(mixing)  # blocks without a token mixer: an MLP alone
+        others = " and ".join(sorted({MIXER_WORDS[lm.at(layer).mixer] for layer in mixing}))
+        verbs = ("mixes", "has") if len(mixing) == 1 and alone else ("mix", "have")
+        parts = [f"{len(mixing)} {verbs[0]} tokens by {others} and {verbs[1]} no attention probabilities"] if mixing else []
+        parts += [f"{alone} {'is an MLP' if alone == 1 else 'are MLPs'} alone, with no token mixer"] if alone else []
+        # One kind of other block: "the other 2 mix tokens by ..."; both: "of the other 3, 1 mixes ..., 2 are ...".
+        rest = (f"the other {parts[0]}" if len(parts) == 1
+                else f"of the other {n_layers - len(softmax)}, {', '.join(parts)}")
+        words.append(f"sink metrics are measured on the softmax-attention {_blocks(softmax)}; {rest}")
     nope = [layer for layer in softmax if not lm.at(layer).positions]
     if nope:
         roped = [layer for layer in softmax if lm.at(layer).positions]
@@ -376,7 +383,8 @@ def mixing_words(lm: LoadedModel, base: SinkPass, found_blocks: list[int], birth
     return "; ".join(words)
 
 
-MIXER_WORDS = {"attention": "softmax attention", "linear": "linear attention", "conv": "short convolutions"}
+MIXER_WORDS = {"attention": "softmax attention", "linear": "linear attention", "conv": "short convolutions",
+               "ssm": "state-space scans"}
 
 
 def _blocks(layers: list[int]) -> str:

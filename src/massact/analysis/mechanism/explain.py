@@ -77,7 +77,7 @@ def explain(
             cause = removal_cause(float(at[lm.adapter.stream][event.dim]), layers[event.layer - 1].median, criterion)
         origin = explain_origin(lm, event, at, tokens, cause)
         if origin.resid_mid is not None:  # post-LN: resid_sum = resid_mid + mlp
-            gap = decomposition_gap(origin.resid_mid, 0.0, origin.mlp, origin.resid_out)
+            gap = decomposition_gap(origin.resid_mid, None, origin.mlp, origin.resid_out)
         else:
             gap = decomposition_gap(origin.resid_in, origin.attn, origin.mlp, origin.resid_out, origin.ple or 0.0,
                                     origin.scale if origin.scale is not None else 1.0)
@@ -106,7 +106,9 @@ def explain(
 
 def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:
     adapter, dim = lm.at(event.layer), event.dim
-    resid_in, attn, mlp, resid_out = (float(at[s][dim]) for s in ("resid_in", "attn_out", "mlp_out", adapter.stream))
+    resid_in, resid_out = float(at["resid_in"][dim]), float(at[adapter.stream][dim])
+    # A block of one sublayer has no other branch: None, not a zero it never wrote.
+    attn, mlp = (float(at[s][dim]) if s in at else None for s in ("attn_out", "mlp_out"))
     resid_mid = float(at["resid_mid"][dim]) if adapter.post_ln else None
     ple = float(at["ple_out"][dim]) if adapter.per_layer_input is not None else None
     scale = lm.adapter.scale_of(lm.model, event.layer) if adapter.output_scale is not None else None

@@ -50,7 +50,8 @@ def main_carrier(massive: list[Massive], dim: int) -> Massive:
 
 def lifeline_sites(lm: LoadedModel) -> tuple[str, ...]:
     """The sites a lifeline reads: the block's input, both branches as they land, the stream, the block output, in
-    post-LN blocks the sum before the first LayerNorm and its output, and a per-layer input's branch where it writes."""
+    post-LN blocks the sum before the first LayerNorm and its output, and a per-layer input's branch where it writes
+    (a block reads those it has)."""
     extra = ("attn_sum", "resid_mid") if lm.adapter.post_ln else ("ple_out",) if "ple_out" in lm.adapter.sites else ()
     return tuple(dict.fromkeys(("resid_in", "attn_out", "mlp_out", lm.adapter.stream, "resid_out") + extra))
 
@@ -58,7 +59,7 @@ def lifeline_sites(lm: LoadedModel) -> tuple[str, ...]:
 @torch.no_grad()
 def read_lifelines(lm: LoadedModel, input_ids: torch.Tensor, position: int, dims: list[int]) -> dict[str, torch.Tensor]:
     """{site: [n_layers, len(dims)] float64 on CPU}: every block's value of each lifeline site at (position, dims) of
-    one text, in one forward pass."""
+    one text, in one forward pass; 0 at a block without that branch (a block of one sublayer writes nothing there)."""
     n_layers = len(lm.adapter.blocks(lm.model))
     sites = lifeline_sites(lm)
     kept: dict[tuple[int, str], torch.Tensor] = {}
@@ -67,9 +68,12 @@ def read_lifelines(lm: LoadedModel, input_ids: torch.Tensor, position: int, dims
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
         kept[layer, site] = hidden[0, position].index_select(0, index.to(hidden.device)).double()
 
-    with tap(lm.model, lm.adapter, [(layer, site) for layer in range(n_layers) for site in sites], keep):
+    requests = [(layer, site) for layer in range(n_layers) for site in sites if site in lm.at(layer).sites]
+    with tap(lm.model, lm.adapter, requests, keep):
         lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
-    return {site: torch.stack([kept[layer, site].cpu() for layer in range(n_layers)]) for site in sites}
+    none = torch.zeros(len(dims), dtype=torch.float64)
+    return {site: torch.stack([kept[layer, site].cpu() if (layer, site) in kept else none for layer in range(n_layers)])
+            for site in sites}
 
 
 def build_lifeline(

@@ -10,11 +10,11 @@ from ...settings import Criterion
 from .results import HeadShare
 
 
-def writer(direction: float, attn: float, mlp: float, ple: float | None = None) -> str:
+def writer(direction: float, attn: float | None, mlp: float | None, ple: float | None = None) -> str:
     """The branch that made the change: the one pushing hardest in ``direction`` (+1 or -1): toward the value's sign
-    where it is written, against it where it is erased. ``ple``: a per-layer input's branch, where the block has one
-    (a tie goes to the earlier branch)."""
-    branches = {"attn": attn, "mlp": mlp} | ({"ple": ple} if ple is not None else {})
+    where it is written, against it where it is erased. A block of one sublayer (the other None) has only that one;
+    ``ple``: a per-layer input's branch, where the block has one (a tie goes to the earlier branch)."""
+    branches = {name: value for name, value in (("attn", attn), ("mlp", mlp), ("ple", ple)) if value is not None}
     return max(branches, key=lambda name: branches[name] * direction)
 
 
@@ -23,11 +23,14 @@ def removal_cause(value: float, previous_median: float, criterion: Criterion) ->
     return "median" if criterion.is_massive(value, previous_median) else "value"
 
 
-def decomposition_gap(resid_in: float, attn: float, mlp: float, resid_out: float, ple: float = 0.0, scale: float = 1.0) -> float:
+def decomposition_gap(resid_in: float, attn: float | None, mlp: float | None, resid_out: float, ple: float = 0.0,
+                      scale: float = 1.0) -> float:
     """|scale x (resid_in + attn + mlp + ple) - resid_out| relative to the largest term: 0 when the adapter maps the
-    block right (``ple``: a per-layer input's branch; ``scale``: the block's output scale, 1 without one)."""
-    largest = max(abs(resid_in), abs(attn), abs(mlp), abs(ple), abs(resid_out), 1e-12)
-    return abs(scale * (resid_in + attn + mlp + ple) - resid_out) / largest
+    block right (a branch the block lacks, None, counts nothing; ``ple``: a per-layer input's branch; ``scale``: the
+    block's output scale, 1 without one)."""
+    terms = [resid_in, *(term for term in (attn, mlp) if term is not None), ple]
+    largest = max(*map(abs, terms), abs(resid_out), 1e-12)
+    return abs(scale * sum(terms) - resid_out) / largest
 
 
 def head_split(lm: LoadedModel, layer: int, z: torch.Tensor, dim: int) -> list[HeadShare]:

@@ -70,7 +70,8 @@ class NormFactors:
 class Origin(Place):
     """resid_out = resid_in + attn + mlp at (position, dim) of ``layer``; the writer is the branch that made the change.
 
-    attn and mlp are what lands in the residual. In blocks with sandwich norms ``attn_raw``/``mlp_raw`` are the
+    attn and mlp are what lands in the residual; None where the block has no such branch (a block of one sublayer:
+    a token mixer alone, or an MLP alone). In blocks with sandwich norms ``attn_raw``/``mlp_raw`` are the
     sublayer outputs before the branch norm and ``norm`` splits the writer's branch norm into its factors; in blocks
     that scale each branch before it lands (Granite's residual multiplier) they are the outputs before the scale. In
     post-LN blocks resid_out is the residual sum before the block's last LayerNorm, resid_sum = resid_mid + mlp with
@@ -86,8 +87,8 @@ class Origin(Place):
 
     writer: str
     resid_in: float
-    attn: float
-    mlp: float
+    attn: float | None
+    mlp: float | None
     resid_out: float
     cause: str | None = None
     heads: list[HeadShare] | None = None
@@ -253,7 +254,8 @@ class LifelineStep:
 
     value = resid_in + attn + mlp (+ norm in post-LN blocks) is the detection stream: the block output, or in post-LN
     blocks the residual sum before the last LayerNorm, which then makes ``resid_out``. attn and mlp are what lands
-    (after any branch norm). ``change`` is value minus the previous block's value (the embedding before block 0);
+    (after any branch norm), 0 where the block has no such branch (``model.blocks`` says which blocks are one
+    sublayer). ``change`` is value minus the previous block's value (the embedding before block 0);
     ``writer`` the term that made most of it in its direction: attn, mlp, or norm (post-LN: both LayerNorms).
     ``median`` is the block's median |a| over the corpus; ``phase`` see ``Lifeline``. Where a per-layer input writes
     the stream (Gemma-4): ``ple``, what it lands (writer "ple"), and ``scale``, the block's output scale: value =

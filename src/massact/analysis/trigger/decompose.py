@@ -25,7 +25,7 @@ from ...models.loading import LoadedModel
 from ..mechanism.norms import centers, gain_and_bias, scale
 
 NormKey = tuple[int, str]  # (block, module path) of a norm whose per-position factor multiplies a term
-MIXER_NAMES = {"attention": "attention", "linear": "linear attention", "conv": "convolution"}  # a source's name
+MIXER_NAMES = {"attention": "attention", "linear": "linear attention", "conv": "convolution", "ssm": "state-space scan"}  # a source's name
 
 
 @dataclass
@@ -105,7 +105,10 @@ class Walk:
         terms: list[Term] = []
 
         def source(block: int, site: str) -> None:
-            name = {"attn_out": MIXER_NAMES[self.lm.at(block).mixer], "mlp_out": "MLP", "ple_out": "per-layer input"}[site]
+            here = self.lm.at(block)
+            if site not in here.sites:  # a block of one sublayer writes the stream once
+                return
+            name = {"attn_out": MIXER_NAMES[here.mixer] if here.mixer else "", "mlp_out": "MLP", "ple_out": "per-layer input"}[site]
             terms.append(Term(f"block {block} {name}", block, site, reader, norms))
 
         if adapter.post_ln:  # the MLP reads resid_mid = LN1(resid_in + attn); resid_in = LN2(resid_sum of the block before)
@@ -256,7 +259,7 @@ def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor,
         for key in plan.norm_keys:
             stack.enter_context(tap_module_input(walk.norm(key),
                                                  lambda x, key=key: seen.scales.__setitem__(key, scale(walk.norm(key), _rows(x)))))
-        for layer in range(last + 1):
+        for layer in (layer for layer in range(last + 1) if lm.at(layer).attn_proj is not None):
             o_proj = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
             stack.enter_context(tap_module_input(o_proj,
                                                  lambda z, layer=layer: seen.at.__setitem__((layer, ATTN_Z),

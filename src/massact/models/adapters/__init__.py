@@ -32,6 +32,7 @@ from . import (
     parallel,
     phi,
     postln,
+    ssm,
     starcoder2,
 )
 from .base import Adapter
@@ -88,6 +89,12 @@ ADAPTERS: tuple[Adapter, ...] = (
     hyper.DEEPSEEK_V4,
     hyper.HY_V4,
     hyper.QWEN4_EXP,
+    ssm.NEMOTRON_H,
+    ssm.BAMBA,
+    ssm.JAMBA,
+    hybrid.OLMO_HYBRID,
+    hybrid.LFM3,
+    moe.KIMI_LINEAR,
 )
 
 

@@ -29,8 +29,9 @@ from torch import nn
 
 SiteSpec = tuple  # (path, "in" | "out") or (path, "in" | "out", (chunk index, chunk count))
 # What mixes the tokens in a block: softmax attention (which has attention probabilities and can have a sink), a
-# linear attention (a recurrence, e.g. Gated DeltaNet) or a short convolution. Only softmax layers have sink metrics.
-MIXERS = ("attention", "linear", "conv")
+# linear attention (a recurrence, e.g. Gated DeltaNet), a short convolution or a state-space model (Mamba, Mamba-2: a
+# selective scan). Each writes the stream through its output projection; only softmax layers have sink metrics.
+MIXERS = ("attention", "linear", "conv", "ssm")
 BRANCHES = ("attn_out", "mlp_out")  # the sites where a block's two branches land in the residual
 
 
@@ -301,6 +302,9 @@ class Adapter:
     attention_out: str = "o_proj"
     mlp: Mlp | None = None  # the dense MLP; None where the block's MLP is a mixture of experts (``moe``)
     moe: Moe | None = None  # the MLP is a sparse mixture of experts (a variant gives the dense blocks their ``mlp``)
+    # The block is its token mixer alone, with one norm and one residual add (Nemotron-H's Mamba and attention
+    # blocks): it has neither ``mlp`` nor ``moe``, and no MLP sites. A block that is its MLP alone has ``mixer`` None.
+    no_mlp: bool = False
     # The norm that makes mlp_in from the stream the MLP reads (resid_mid, or resid_in in parallel blocks); the first
     # of these paths the block has. Empty where the MLP reads the stream itself (reordered norms, post-LN blocks).
     mlp_norm: tuple[str, ...] = ()
@@ -325,10 +329,11 @@ class Adapter:
     encoder: bool = False  # bidirectional (BERT-like): loaded with its masked-LM head, no perplexity
     when: Callable[[object], bool] | None = None  # this variant applies to a config when this says so
     notes: str = ""  # what the report should say about this family's blocks
-    # The token mixer's kind (see MIXERS); where its value vectors are (None: not read, e.g. q, k, v fused per head in
+    # The token mixer's kind (see MIXERS; None: the block has no token mixer, it is its MLP alone, and no attn_out);
+    # where its value vectors are (None: not read, e.g. q, k, v fused per head in
     # a config-dependent layout); an output gate per head (gated attention: out = attention x sigmoid(gate));
     # a learned sink logit per head that joins the softmax (the parameter's path in the block).
-    mixer: str = "attention"
+    mixer: str | None = "attention"
     values: Cut | None = None
     gate: Cut | None = None
     sinks: str | None = None
@@ -354,11 +359,17 @@ class Adapter:
     _at: dict[tuple[bool, ...], Adapter] = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
-        if (self.mlp is None) == (self.moe is None):
+        if self.no_mlp:
+            if self.mlp is not None or self.moe is not None or self.mixer is None:
+                raise ValueError(f"{self.family}: a block without an MLP (no_mlp) has a token mixer and neither mlp nor moe")
+        elif (self.mlp is None) == (self.moe is None):
             which = "both" if self.mlp is not None else "neither"
-            raise ValueError(f"{self.family}: a block has either a dense mlp or a mixture of experts (moe), not {which}")
+            raise ValueError(f"{self.family}: a block has either a dense mlp or a mixture of experts (moe), not {which} "
+                             "(a block that is its token mixer alone says no_mlp)")
         if self.branch_norms and self.branch_scale is not None:
             raise ValueError(f"{self.family}: a branch lands through its norm or times a scale, not both")
+        if self.mixer is not None and self.mixer not in MIXERS:
+            raise ValueError(f"{self.family}: mixer {self.mixer!r} is none of {', '.join(MIXERS)}")
         object.__setattr__(self, "sites", block_sites(self))
 
     def at(self, config, layer: int) -> Adapter:
@@ -379,9 +390,10 @@ class Adapter:
         return float(self.blocks(model)[layer].get_buffer(path)) if path is not None else 1.0
 
     def writers(self, config, layer: int) -> tuple[str, ...]:
-        """The sites of block ``layer``'s branches as they land in the stream, in the block's order: attn_out, mlp_out,
-        and ple_out where a per-layer input writes it too."""
-        return ("attn_out", "mlp_out") + (("ple_out",) if self.at(config, layer).per_layer_input is not None else ())
+        """The sites of block ``layer``'s branches as they land in the stream, in the block's order: attn_out, mlp_out
+        (those the block has: a block of one sublayer has one), and ple_out where a per-layer input writes it too."""
+        here = self.at(config, layer)
+        return tuple(site for site in BRANCHES if site in here.sites) + (("ple_out",) if here.per_layer_input is not None else ())
 
     def routers(self, config, layer: int) -> tuple[str, ...]:
         """Paths in block ``layer`` of the modules that route its tokens to experts (none in a dense block). They are
@@ -391,9 +403,14 @@ class Adapter:
         return (f"{moe.block}.{moe.router.path}",) if moe is not None else ()
 
     @property
-    def attn_proj(self) -> str:
-        """The token mixer's output projection (its path in the block)."""
-        return _join(self.attention, self.attention_out)
+    def has_mlp(self) -> bool:
+        """Whether the block has an MLP (dense or a mixture of experts)."""
+        return not self.no_mlp
+
+    @property
+    def attn_proj(self) -> str | None:
+        """The token mixer's output projection (its path in the block); None in a block without a token mixer."""
+        return _join(self.attention, self.attention_out) if self.mixer is not None else None
 
     @property
     def mlp_up(self) -> str | None:
@@ -534,24 +551,35 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
     - resid_in and resid_out: the block's input and output;
     - attn_out: the mixer's output, or where a branch norm follows it, that norm's output (the mixer's is attn_raw),
       or where a branch scale multiplies it, the mixer's output times the scale (the unscaled output is attn_raw);
+      none in a block without a token mixer;
     - resid_mid: what the MLP's norm reads (the MLP's input where it has none), or in post-LN blocks the output of
-      the norm after the attention sum (whose input is attn_sum); none in parallel blocks;
+      the norm after the attention sum (whose input is attn_sum); none in parallel blocks, nor in a block of one
+      sublayer (its output is resid_in plus that sublayer's);
     - mlp_in, mlp_gate, mlp_up, mlp_act, mlp_out from the MLP (a mixture of experts: its block's input and output),
-      mlp_out behind a branch norm or times a branch scale as attn_out is (mlp_raw before it);
+      mlp_out behind a branch norm or times a branch scale as attn_out is (mlp_raw before it); none in a block without
+      an MLP;
     - resid_sum in post-LN blocks: the input of the block's last norm;
     - ple_in, ple_raw and ple_out where a per-layer input writes the stream after the MLP (``PerLayerInput``);
     - with hyper-connections: resid_mid is the streams the MLP's connection reads, and attn_read and mlp_read the
       combinations of the streams the two sublayers read (before their own norms)."""
-    mlp = adapter.mlp.sites() if adapter.mlp is not None else {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
-    sites: dict[str, SiteSpec] = {"resid_in": ("", "in"), **_landed(adapter, "attn_out", (adapter.attention, "out"))}
+    if adapter.mlp is not None:
+        mlp = adapter.mlp.sites()
+    elif adapter.moe is not None:
+        mlp = {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
+    else:
+        mlp = {}
+    sites: dict[str, SiteSpec] = {"resid_in": ("", "in")}
+    if adapter.mixer is not None:
+        sites |= _landed(adapter, "attn_out", (adapter.attention, "out"))
     if adapter.post_norms is not None:
         sites |= {"attn_sum": (adapter.post_norms[0], "in"), "resid_mid": (adapter.post_norms[0], "out")}
     elif adapter.hyper is not None:
         sites |= {"attn_read": adapter.attn_read, "resid_mid": (adapter.hyper.mlp.path, "in"), "mlp_read": adapter.mlp_read}
-    elif not adapter.parallel:
+    elif not adapter.parallel and mlp and adapter.mixer is not None:
         sites["resid_mid"] = (adapter.mlp_norm[0], "in") if adapter.mlp_norm else mlp["mlp_in"]
-    mlp_out = mlp.pop("mlp_out")
-    sites |= mlp | _landed(adapter, "mlp_out", mlp_out)
+    if mlp:
+        mlp_out = mlp.pop("mlp_out")
+        sites |= mlp | _landed(adapter, "mlp_out", mlp_out)
     if adapter.post_norms is not None:
         sites["resid_sum"] = (adapter.post_norms[1], "in")
     if adapter.per_layer_input is not None:

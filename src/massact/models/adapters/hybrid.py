@@ -1,7 +1,9 @@
 """Hybrids whose token mixer changes along the depth (``config.layer_types``): LFM2 (short gated convolutions and
-softmax attention) and Qwen3-Next / Qwen3.5 (Gated DeltaNet linear attention and gated softmax attention). A
-convolution or a linear attention writes the stream as attention does, through its output projection: the origin
-and the lifeline hold as they are; only softmax blocks have attention probabilities (and sink metrics).
+softmax attention; LFM3 adds sandwich norms and a scalar output gate per head), Qwen3-Next / Qwen3.5 (Gated DeltaNet
+linear attention and gated softmax attention) and OLMo-hybrid (Gated DeltaNet blocks with pre-norms, softmax blocks
+with OLMo-2's reordered norms). A convolution or a linear attention writes the stream as attention does, through its
+output projection: the origin and the lifeline hold as they are; only softmax blocks have attention probabilities
+(and sink metrics).
 
 Qwen3-Next and Qwen3.5 gate every softmax head's output: out = o_proj(attention x sigmoid(gate)), the gate computed by
 ``q_proj`` beside the query (per head, [query | gate]), which Qiu et al. 2025 report removes massive activations and
@@ -13,7 +15,7 @@ import dataclasses
 
 import torch.nn.functional as F
 
-from . import llama
+from . import llama, olmo
 from .base import Cut, Mlp, Variant, layer_types
 
 LFM2 = dataclasses.replace(
@@ -28,6 +30,31 @@ LFM2 = dataclasses.replace(
     notes="hybrid: short gated convolutions (conv) in most blocks, softmax attention (self_attn) in the others",
 )
 
+
+
+def _head_gate(g_proj, config):
+    """LFM3's output gate pre-activations [batch, positions, heads, 1]: ``g_proj`` gives one scalar per head."""
+    return g_proj.unsqueeze(-1)
+
+
+# LFM3: LFM2's block with attention's o_proj, an output gate per head (out = o_proj(attention x sigmoid(g_proj x)))
+# where ``use_attention_gate``, and sandwich norms where ``use_sandwich_norm`` (post_operator_norm, post_ffn_norm norm
+# each branch before it lands; without them the modules are identities and nothing is declared).
+LFM3 = dataclasses.replace(
+    LFM2,
+    family="LFM3",
+    model_types=("lfm3",),
+    attention_out="o_proj",
+    gate=Cut("self_attn.g_proj", _head_gate),
+    variants=(Variant(when=lambda config, layer: not config.use_attention_gate, changes={"gate": None}),
+              Variant(when=lambda config, layer: config.use_sandwich_norm,
+                      changes={"branch_norms": {"attn_out": "post_operator_norm", "mlp_out": "post_ffn_norm"}}),
+              Variant(when=lambda config, layer: layer_types(config, layer) == "conv",
+                      changes={"mixer": "conv", "attention": "conv", "attention_out": "out_proj", "values": None, "gate": None})),
+    notes="hybrid: short gated convolutions (conv) in most blocks, softmax attention (self_attn) in the others, its output "
+          "x sigmoid(g_proj) per head where use_attention_gate; sandwich norms (post_operator_norm, post_ffn_norm) where "
+          "use_sandwich_norm",
+)
 
 def _gate(q_proj, config):
     """The output gate's pre-activations [batch, positions, heads, head_dim]: ``q_proj`` gives per head [query | gate]."""
@@ -50,3 +77,16 @@ QWEN3_NEXT = dataclasses.replace(
 # Qwen3.5's multimodal class: the same language model under ``language_model`` (AutoModelForCausalLM loads the text
 # model alone, model type qwen3_5_text).
 QWEN3_5_MULTIMODAL = dataclasses.replace(QWEN3_NEXT, model_types=("qwen3_5",), layers="language_model.layers")
+
+# OLMo-hybrid: its softmax blocks are OLMo-2's (no norm before a sublayer, each branch normed before it lands); its
+# Gated DeltaNet blocks are pre-norm (input_layernorm before the mixer, post_attention_layernorm before the MLP).
+OLMO_HYBRID = dataclasses.replace(
+    olmo.OLMO2,
+    family="OLMo-hybrid",
+    model_types=("olmo_hybrid",),
+    variants=(Variant(when=lambda config, layer: layer_types(config, layer) == "linear_attention",
+                      changes={"mixer": "linear", "attention": "linear_attn", "values": None, "branch_norms": {},
+                               "mlp_norm": ("post_attention_layernorm",)}),),
+    notes="hybrid: Gated DeltaNet linear attention (linear_attn) in pre-norm blocks, softmax attention (self_attn) in blocks "
+          "with reordered norms (each branch normed before it lands: post_attention_layernorm, post_feedforward_layernorm)",
+)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import hybrid, llama
-from .base import Cut, Experts, Mlp, Moe, Router, Variant
+from .base import Cut, Experts, Mlp, Moe, Router, Variant, layer_types
 
 
 def _dense(block: str = "mlp", activation: str = "act_fn") -> dict:
@@ -129,3 +129,14 @@ QWEN3_5_MOE = _sparse(
     **_QWEN3_NEXT_MOE,
 )
 QWEN3_5_MOE_MULTIMODAL = dataclasses.replace(QWEN3_5_MOE, model_types=("qwen3_5_moe",), layers="language_model.layers")
+
+# Kimi-Linear: DeepSeek-V3's latent attention and routing, with Kimi Delta Attention (a gated linear attention, at
+# ``self_attn`` too) in most blocks; ``mlp_layer_types`` says which blocks are dense.
+KIMI_LINEAR = _sparse(
+    _MLA, "Kimi-Linear", ("kimi_linear",), Moe(router=_SIGMOID, shared=_DEEPSEEK_SHARED),
+    variants=(Variant(when=lambda config, layer: config.mlp_layer_types[layer] == "dense", changes=_dense()),
+              Variant(when=lambda config, layer: layer_types(config, layer) == "linear_attention",
+                      changes={"mixer": "linear", "values": None})),
+    notes="hybrid: Kimi Delta Attention (linear attention, self_attn) in most blocks, multi-head latent attention in the others; "
+          + _NOTE + "; DeepSeek-V3's sigmoid routing with a correction bias; shared experts added as they are",
+)

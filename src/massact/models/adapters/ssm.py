@@ -1,0 +1,74 @@
+"""State-space hybrids: Nemotron-H, Jamba and Bamba, whose token mixer is a Mamba (or Mamba-2) selective scan in most
+blocks and softmax attention in the others. The scan writes the stream through its ``out_proj`` as a convolution
+does: the origin, the lifeline and the trigger's sources hold as they are; it has no attention probabilities, so
+only the softmax blocks have sink metrics.
+
+Jamba and Bamba keep the two-sublayer block (mixer, then MLP: ``input_layernorm``, ``pre_ff_layernorm``); Jamba's
+MLP is a mixture of experts every ``expert_layer_period`` blocks. A Nemotron-H block is one sublayer, a Mamba-2 scan,
+an attention or an ungated MLP (``mixer`` in each), behind one norm and added once to the residual: a scan or
+attention block has no MLP (``no_mlp``), an MLP block no token mixer (``mixer`` None).
+"""
+
+import dataclasses
+
+from . import llama
+from .base import Adapter, Cut, Experts, Mlp, Moe, Router, Variant
+
+
+def _block_type(config, layer: int) -> str:
+    """Nemotron-H's and Jamba's block kind (``layers_block_type``): mamba / linear_attention, attention / full_attention,
+    mlp, moe."""
+    return str(config.layers_block_type[layer])
+
+
+_NEMOTRON_NOTE = ("one sublayer per block (a Mamba-2 scan, an attention or an ungated ReLU^2 MLP, each at `mixer`) behind "
+                  "one norm: scan and attention blocks have no MLP, MLP blocks no token mixer; mixture-of-experts blocks "
+                  "(ungated experts behind latent projections) are not mapped")
+
+_ALONE = {"attention": "mixer", "mlp": None, "no_mlp": True}  # a token mixer at ``mixer``, with no MLP after it
+
+NEMOTRON_H = Adapter(
+    family="Nemotron-H",
+    model_types=("nemotron_h",),
+    layers="layers",
+    mixer=None,  # an MLP block: up_proj -> act_fn (ReLU^2) -> down_proj at ``mixer``, ungated, with no token mixer
+    mlp=Mlp(path="mixer", gate=None),
+    mlp_norm=("norm",),
+    variants=(
+        Variant(when=lambda config, layer: _block_type(config, layer) == "linear_attention",
+                changes=_ALONE | {"mixer": "ssm", "attention_out": "out_proj"}),
+        Variant(when=lambda config, layer: _block_type(config, layer) == "full_attention",
+                changes=_ALONE | {"mixer": "attention", "values": Cut("mixer.v_proj")}),
+    ),
+    # Its mixture-of-experts blocks hold ungated experts (up_proj, down_proj) behind latent projections, a layout
+    # massact.capture.routing does not recompute: a config with them has no adapter.
+    when=lambda config: "moe" not in config.layers_block_type,
+    notes=_NEMOTRON_NOTE,
+)
+
+_MAMBA = {"mixer": "ssm", "attention": "mamba", "attention_out": "out_proj", "values": None}
+_SSM_NOTE = "hybrid: Mamba state-space scans (mamba, out_proj) in most blocks, softmax attention (self_attn) in the others"
+
+BAMBA = dataclasses.replace(
+    llama.ADAPTER,
+    family="Bamba",
+    model_types=("bamba",),
+    mlp=Mlp(path="feed_forward"),
+    mlp_norm=("pre_ff_layernorm",),
+    variants=(Variant(when=lambda config, layer: _block_type(config, layer) == "linear_attention", changes=_MAMBA),),
+    notes=_SSM_NOTE.replace("Mamba", "Mamba-2"),
+)
+
+JAMBA = dataclasses.replace(
+    BAMBA,
+    family="Jamba",
+    model_types=("jamba",),
+    mlp=None,
+    # Softmax over every expert, the top-k weights left as they are.
+    moe=Moe(router=Router(path="router"), experts=Experts(), block="feed_forward"),
+    variants=(Variant(when=lambda config, layer: _block_type(config, layer) == "mamba", changes=_MAMBA),
+              Variant(when=lambda config, layer: config.layers_num_experts[layer] == 1,
+                      changes={"moe": None, "mlp": Mlp(path="feed_forward")})),
+    notes=_SSM_NOTE + "; a mixture-of-experts MLP every expert_layer_period blocks (softmax, top-k, not renormalised), dense "
+                      "MLPs between",
+)
