@@ -28,10 +28,12 @@ REFUSED = {
     # Hybrids: convolutions or linear attention beside softmax attention.
     "lfm2": MAPS + "2 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)",
     **{family: MAPS + "1 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)"
-       for family in ("qwen3_next", "qwen3_5", "qwen3_next_moe")},
+       for family in ("qwen3_next", "qwen3_5", "qwen3_next_moe", "bamba", "olmo_hybrid", "lfm3")},
+    # Nemotron-H: a block is one sublayer, its mixer alone or its MLP alone.
+    "nemotron_h": MAPS + "block 0 has a token mixer but no MLP",
     # Mixtures of experts: routed experts in 3-D weights, or dense blocks first and experts after.
     **{family: MAPS + "its blocks hold 3-D expert weights" for family in ("mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe",
-                                                                           "minimax_m2")},
+                                                                           "minimax_m2", "jamba", "kimi_linear")},
     **{family: MAPS + "a later block differs from block 0" for family in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                                                                            "deepseek_v32", "glm_moe_dsa", "ernie4_5_moe", "exaone_moe",
                                                                            "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna")},

@@ -189,7 +189,7 @@ def _configs(model_type: str):
         yield dense
 
 
-# Model types whose transformers default config is a variant no adapter maps (Nemotron-H's default holds
+# Model types whose transformers default config is a variant massact does not map (Nemotron-H's default holds
 # mixture-of-experts blocks, whose ungated experts behind latent projections are not mapped): refused in one line.
 UNMAPPED_DEFAULTS = {"nemotron_h"}
 
@@ -208,7 +208,7 @@ def test_no_config_of_a_registered_model_type_matches_two_adapters():
             except UsageError as error:
                 assert "more than one adapter" not in str(error), error
                 if index == 0:
-                    assert f"this {model_type!r} config is a variant no adapter maps" in str(error)
+                    assert f"this {model_type!r} config is a variant massact does not map" in str(error)
                     unmapped.append(model_type)
     assert set(unmapped) == UNMAPPED_DEFAULTS
 
