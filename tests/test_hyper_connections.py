@@ -12,6 +12,7 @@ from conftest import HYPER_FAMILIES, TRIGGER, tiny_model
 from massact.analysis.deploy import quant
 from massact.analysis.deploy.quant import Setting
 from massact.capture.batches import pad_batch
+from massact.capture.edits import ablate_neurons, read_coordinate, set_weight
 from massact.capture.hooks import Trace, tap_final
 from massact.capture.routing import MoeBlock, model_routing, route
 from massact.capture.streams import probe_streams
@@ -22,6 +23,8 @@ from massact.report.schema import load_report
 
 STREAMS, LAYER, NEURON, DIM, STREAM = 4, 1, 7, 20, 2  # the planted value: block 1's MLP writes dim 20 into stream 2 only
 TEXTS = ["The sun rose over the hills.", "Rain fell all day long and the river rose high."]
+EVAL = ("The old house stood at the end of the lane. Its windows were dark, and the garden had grown wild over many "
+        "summers. People in the village said that nobody had lived there for years.")
 
 
 def _lm(family, tokenizer, model=None):
@@ -74,10 +77,10 @@ def test_streams_add_up_against_transformers(family, tokenizer):
 
 
 @torch.no_grad()
-def _plant(model, bos: int) -> None:
+def _plant(model, bos: int, at: int = LAYER) -> None:
     """Only BOS carries TRIGGER (10 in its embedding, in every stream) and nothing writes it; neuron NEURON of block
-    LAYER's (shared) MLP fires on it and writes DIM; block LAYER's MLP connection writes into stream STREAM only, and
-    from there on each stream carries itself (DeepSeek-V4's mixing made the identity)."""
+    ``at``'s MLP (its shared expert in a mixture) fires on it and writes DIM; block ``at``'s MLP connection writes into
+    stream STREAM only, and from there on each stream carries itself (DeepSeek-V4's mixing made the identity)."""
     adapter, config = adapter_for(model.config), model.config
     base = adapter.base(model)
     base.embed_tokens.weight[:, TRIGGER] = 0.0
@@ -91,13 +94,13 @@ def _plant(model, bos: int) -> None:
         moe = block.get_submodule(here.moe.block)
         moe.experts.down_proj[:, TRIGGER, :] = 0.0
         moe.get_submodule(here.moe.shared.path).down_proj.weight[TRIGGER] = 0.0
-    here = adapter.at(config, LAYER)
-    shared = adapter.module(model, LAYER, f"{here.moe.block}.{here.moe.shared.path}")
-    for projection in (shared.gate_proj, shared.up_proj):
+    here = adapter.at(config, at)
+    mlp = adapter.module(model, at, here.mlp.path if here.moe is None else f"{here.moe.block}.{here.moe.shared.path}")
+    for projection in (mlp.gate_proj, mlp.up_proj):
         projection.weight[NEURON] = 0.0
         projection.weight[NEURON, TRIGGER] = 0.5
-    shared.down_proj.weight[DIM, NEURON] = 100.0
-    connection = adapter.module(model, LAYER, adapter.hyper.mlp.path)
+    mlp.down_proj.weight[DIM, NEURON] = 100.0
+    connection = adapter.module(model, at, adapter.hyper.mlp.path)
     if adapter.hyper.flat:  # Qwen4-exp: 2 sigmoid(w . normed / N), only TRIGGER (at BOS) moves it off 1
         weight = connection.block_inject_weight.weight
         weight.zero_()
@@ -108,7 +111,7 @@ def _plant(model, bos: int) -> None:
     connection.base[STREAMS : 2 * STREAMS] = -30.0
     connection.base[STREAMS + STREAM] = 30.0
     if adapter.hyper.mlp.mix is not None:
-        for block in adapter.blocks(model)[LAYER:]:
+        for block in adapter.blocks(model)[at:]:
             for hc in (block.attn_hc, block.ffn_hc):
                 hc.fn[2 * STREAMS :] = 0.0
                 hc.base[2 * STREAMS :] = (30.0 * torch.eye(STREAMS)).flatten()
@@ -142,6 +145,66 @@ def test_a_value_planted_in_one_stream(family, tokenizer):
     assert next(t for t in carried.terms if t.source == "s2").weight == pytest.approx(1.0, rel=1e-5)
     assert max(birth.error, carried.error) < 1e-5
     assert any("stream s2" in sentence for sentence in report.conclusion)
+    # inside the writer: the planted neuron of the shared expert, its super weight where it is stored, and the write
+    # weight (~2) between the MLP's output and stream s2
+    (expert,) = report.mechanism.experts
+    split = expert.moe
+    assert (expert.layer, expert.role, expert.stream, expert.position) == (LAYER, "birth", "s2", 0)
+    assert split.top_expert is None and split.neurons[0].neuron == NEURON and split.error < 1e-4
+    assert split.shared_expert.share == pytest.approx(1.0, abs=1e-3)  # the routed experts write nothing into DIM
+    path = "shared_expert" if family == "qwen4_exp" else "shared_experts"
+    weight = split.super_weight
+    assert (weight.matrix, weight.index, weight.value, weight.rank) == (f"model.layers.{LAYER}.mlp.{path}.down_proj.weight",
+                                                                       [DIM, NEURON], 100.0, 1)
+    assert float(model.get_parameter(weight.matrix)[DIM, NEURON]) == 100.0  # the name and index as the model stores them
+    assert expert.write == pytest.approx(2.0, rel=1e-5)
+    assert expert.landed == pytest.approx(next(t.value for t in birth.terms if t.source == "mlp"), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["hy_v4", "deepseek_v4"])
+def test_a_neuron_planted_in_block_0(family, tokenizer):
+    """Planted in block 0: HY-V4's dense MLP (its neuron, super weight as stored, anatomy) and DeepSeek-V4's hash-routed
+    mixture (the table's choice, recomputed from the token id). The verification's edits, read in stream s2: ablating
+    the neuron and zeroing its super weight take the value off; ablating another neuron leaves it."""
+    import massact
+
+    model = tiny_model(family, len(tokenizer))
+    _plant(model, tokenizer.bos_token_id, at=0)
+    lm = _lm(family, tokenizer, model)
+    report = massact.scan(lm, texts=TEXTS[:1], verify=False)
+    (summary,) = report.findings.dims
+    assert (summary.dim, summary.born_at) == (DIM, 0)
+    birth = report.mechanism.streams[0]
+    landed = next(t.value for t in birth.terms if t.source == "mlp")
+    if family == "hy_v4":
+        (attribution,) = report.mechanism.attribution
+        assert (attribution.layer, attribution.stream, attribution.neurons[0].neuron) == (0, "s2", NEURON)
+        assert attribution.error < 1e-4 and attribution.neurons[0].share == pytest.approx(1.0, abs=1e-3)
+        assert attribution.write == pytest.approx(2.0, rel=1e-5) and attribution.landed == pytest.approx(landed, rel=1e-5)
+        weight = attribution.super_weight
+        assert (weight.matrix, weight.row, weight.col, weight.value, weight.rank) == ("model.layers.0.mlp.down_proj.weight", DIM,
+                                                                                  NEURON, 100.0, 1)
+        (anatomy,) = report.mechanism.anatomy
+        assert anatomy.layer == 0 and anatomy.activation_impact.top[0].neuron == NEURON
+        edits = {"neuron": ablate_neurons(lm, 0, [NEURON]), "weight": set_weight(lm, weight.matrix, (DIM, NEURON)),
+                 "other": ablate_neurons(lm, 0, [NEURON + 1])}
+    else:
+        (expert,) = report.mechanism.experts
+        split = expert.moe
+        assert (expert.layer, expert.stream, split.top_expert, split.neurons[0].neuron) == (0, "s2", None, NEURON)
+        table = model.model.layers[0].mlp.gate.tid2eid[tokenizer.bos_token_id]
+        assert sorted(e.expert for e in split.experts) == sorted(table.tolist())
+        assert split.error < 1e-4 and expert.landed == pytest.approx(landed, rel=1e-5)
+        matrix = "model.layers.0.mlp.shared_experts.down_proj.weight"
+        assert (split.super_weight.matrix, split.super_weight.index) == (matrix, [DIM, NEURON])
+        edits = {"neuron": set_weight(lm, matrix, (slice(None), NEURON)), "weight": set_weight(lm, matrix, (DIM, NEURON)),
+                 "other": set_weight(lm, matrix, (slice(None), NEURON + 1))}
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    assert read_coordinate(lm, ids, [0], 0, DIM, "s2")[0] == pytest.approx(birth.value, rel=1e-5)
+    for name, edit in edits.items():
+        with edit:
+            value = read_coordinate(lm, ids, [0], 0, DIM, "s2")[0]
+        assert (abs(value) < 1e-3 * abs(birth.value)) == (name != "other"), name
 
 
 def test_the_hash_router_is_recomputed_from_the_token_ids(tokenizer):
@@ -188,8 +251,16 @@ def test_the_chain_on_deepseek_v4(tokenizer, tmp_path, capsys, monkeypatch):
     assert data["findings"]["dims"][0]["streams"] == ["s2", "read"] and data["mechanism"]["streams"][0]["stream"] == "s2"
     report = load_report(out)
     assert report.findings.massive[0].stream == "s2" and report.deploy.quantization.dim == DIM
-    zero = next(i for i in report.causal.verification.interventions if i.target == f"zero {LAYER}:[{DIM}]")
+    rows = {row.name: row for row in report.causal.verification.interventions}
+    zero = next(i for i in rows.values() if i.target == f"zero {LAYER}:[{DIM}]")
     assert zero.value_birth == 0.0 and not zero.still_massive  # zeroed in stream s2, where it is massive
+    # inside the shared expert, read in stream s2: the neuron's column and its super weight zeroed take the value off,
+    # a weight of like size elsewhere in the matrix does not
+    baseline, weight = rows["none (baseline)"], report.mechanism.experts[0].moe.super_weight
+    assert baseline.value_birth == pytest.approx(report.mechanism.streams[0].value, rel=1e-5) and baseline.still_massive
+    for name in (f"ablate neuron {NEURON} of the shared expert", f"zero expert super weight {weight.index}"):
+        assert rows[name].confirms and abs(rows[name].value_birth) < 1e-3 * abs(baseline.value_birth), name
+    assert next(row for name, row in rows.items() if name.startswith("control: zero weight")).still_massive
 
 
 def test_stream_fields_are_optional_in_the_json():

@@ -35,7 +35,7 @@ from .analysis.evaluation.embeddings import headless
 from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
 from .analysis.evaluation.windows import evaluation_for
 from .analysis.function.sinks import sink_analysis
-from .analysis.mechanism.explain import birth_state, explain, pick_events, token_values
+from .analysis.mechanism.explain import birth_state, explain, explain_streams, pick_events, token_values
 from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
 from .analysis.mechanism.results import Mechanism
 from .analysis.mechanism.streams import stream_origins
@@ -261,7 +261,7 @@ def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings, w
     supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
                                                                    settings.super_expert_fraction, settings.super_expert_depth)
     if lm.adapter.hyper is not None:
-        return _stream_mechanism(lm, findings, inputs, supers, warnings)
+        return _stream_mechanism(lm, findings, inputs, settings, supers, warnings)
     lines = lifelines(lm, findings, inputs)
     origins, anatomies, attributions, experts = explain(lm, pick_events(findings.dims, findings.massive, lines), inputs, findings,
                                                         settings, warnings)
@@ -272,11 +272,13 @@ def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings, w
                      token_values=token_values(lm, inputs, dims=findings.dims, lifelines=lines))
 
 
-def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor], supers, warnings: list[str]) -> Mechanism:
+def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor], settings: ScanSettings, supers,
+                      warnings: list[str]) -> Mechanism:
     """With hyper-connections: each dim's lifeline in its main carrier's stream, and that stream's origin (the terms
     through the write and mixing weights) at every block the lifeline names as a writer and at the block after birth
-    (where the mixing carries it on). The sublayers' anatomy, neurons and experts, the birth state and the token view
-    are not computed through the streams yet."""
+    (where the mixing carries it on); where that origin's carrier is the MLP, its anatomy and neurons (dense) or its
+    experts and their neurons (a mixture), with the write weight into the stream. The attention's heads, the birth
+    state and the token view are not computed through the streams yet."""
     lines = stream_lifelines(lm, findings, inputs)
     origins = []
     for line in lines:
@@ -284,11 +286,14 @@ def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, tor
         layers = sorted({layer for layer, _ in writers(line)} | after)
         stream = int(line.stream[1:])
         origins += stream_origins(lm, inputs[line.text], line.text, line.position, [(layer, stream, line.dim) for layer in layers])
+    anatomies, attributions, experts, failed = explain_streams(lm, lines, origins, inputs, findings, settings)
+    warnings += failed
     if findings.dims:
         warnings.append("hyper-connections: the origin is split through the streams' write and mixing weights "
-                        "(mechanism.streams); the sublayers' anatomy, neurons, experts and super weights are not traced yet")
-    return Mechanism(lifelines=lines, origin=[], anatomy=[], attribution=[], experts=[], super_experts=supers, birth_state=None,
-                     token_values=None, streams=origins)
+                        "(mechanism.streams) and an MLP writer into its neurons or experts; the attention's heads, the "
+                        "birth state, the token view and the trigger are not traced through the streams yet")
+    return Mechanism(lifelines=lines, origin=[], anatomy=anatomies, attribution=attributions, experts=experts, super_experts=supers,
+                     birth_state=None, token_values=None, streams=origins)
 
 
 def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settings: ScanSettings, eval_text: str | None,

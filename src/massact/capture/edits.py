@@ -150,14 +150,15 @@ def patch_position(lm: LoadedModel, layer: int, site: str, position: int, vector
     return edit_site(lm, layer, site, edit)
 
 
-def read_coordinate(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], position: int, dim: int) -> dict[int, float]:
+def read_coordinate(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], position: int, dim: int,
+                    stream: str = "") -> dict[int, float]:
     """The block output (the detection stream) at [position, dim] for each layer, in one forward pass (under whatever
-    intervention is active) that stops after the last of them; with hyper-connections, in the stream where it is
-    largest in magnitude."""
+    intervention is active) that stops after the last of them; with hyper-connections, in ``stream`` ("s0", ...), or
+    without one in the stream where it is largest in magnitude."""
     values: dict[int, float] = {}
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
-        values[layer] = float(at_dim(hidden, dim)[0, position])
+        values[layer] = float(hidden[0, position, int(stream[1:]), dim] if stream else at_dim(hidden, dim)[0, position])
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in layers], keep):
         forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)

@@ -233,16 +233,18 @@ def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return pre_gate, pre_up, act(pre_gate) * pre_up, down, logit, scale
 
 
-def block_output(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
+def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) -> torch.Tensor:
     """The block's own output for the single token ``x`` (called as [1, 1, d_model]; a (hidden, router) tuple is
-    unpacked), as a 1-D float64 CPU tensor.
+    unpacked), as a 1-D float64 CPU tensor. A hash-routed block (``Router.table``) is given the token's id
+    ``token_id`` as the model's forward gives it (``input_ids``), which makes its choice.
 
     The token goes in as the model's hidden states do, in the residual stream's dtype: each part of the block then
     casts as its own forward does (DeepSeek's and GLM's routers to float32, the experts and shared experts in the
     model's dtype). The router's dtype is not the block's: transformers keeps some routers in float32."""
     param = moe.router_weight
     with torch.no_grad():
-        out = moe.block(x.detach().clone().reshape(1, 1, -1).to(param.device, moe.dtype))
+        kwargs = {"input_ids": torch.tensor([[token_id]], device=param.device)} if moe.spec.router.table is not None else {}
+        out = moe.block(x.detach().clone().reshape(1, 1, -1).to(param.device, moe.dtype), **kwargs)
     if isinstance(out, tuple):
         out = out[0]
     return out.reshape(-1).double().cpu()

@@ -119,8 +119,7 @@ def story(report: Report, dim: int) -> list[tuple[str, str]]:
         out = [("birth", s) for s in _birth_words(report, dim)]
     if line.precursor_layer is not None:
         out[1:1] = [("precursor", s) for s in _precursor_words(line)]
-    if not line.stream:
-        out += _mechanism_words(report, dim)
+    out += _mechanism_words(report, dim) if not line.stream else _stream_mechanism_words(report, dim)
     trigger = next((t for t in report.trigger if t.dim == dim), None)
     if trigger is not None and trigger.chain:
         out += _trigger_words(trigger)
@@ -160,6 +159,28 @@ def _stream_words(report: Report, summary: DimSummary, line: Lifeline) -> list[s
             moved = "" if origin.role == "carry" else f", moved in from stream {origin.carrier}"
             out.append(f"Block {origin.layer}'s stream mixing carries it in stream {origin.stream} with weight {term.weight:.3g}"
                        f"{moved}: {short(term.value, True)} of {short(origin.value, True)}.")
+    return out
+
+
+def _stream_mechanism_words(report: Report, dim: int) -> list[tuple[str, str]]:
+    """With hyper-connections: who inside the MLP that writes the stream at birth makes its output (the neurons and
+    the super weight, or the experts), and the write weight that lands that output in the stream."""
+    attribution = next((a for a in report.mechanism.attribution if a.dim == dim and a.role == "birth"), None)
+    expert = next((e for e in report.mechanism.experts if e.dim == dim and e.role == "birth"), None)
+    if attribution is not None:
+        top, weight, count = attribution.neurons[0], attribution.super_weight, attribution.neurons_for_90pct
+        out = [("neurons", f"Neuron {top.neuron} alone gives {top.share:.0%} of the MLP output; {count} "
+                           f"neuron{'s give' if count != 1 else ' gives'} 90%."),
+               ("super weight", f"Its super weight is {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
+                                f"{_rank(weight.rank, weight.entries)}.")]
+        output, write, landed, stream = attribution.output, attribution.write, attribution.landed, attribution.stream
+    elif expert is not None:
+        out = [("experts", s) for s in _expert_words(expert.moe)]
+        output, write, landed, stream = expert.moe.actual, expert.write, expert.landed, expert.stream
+    else:
+        return []
+    out.append(("write weight", f"The MLP's write weight {write:.3g} lands its output {short(output, True)} as "
+                                f"{short(landed, True)} in stream {stream}."))
     return out
 
 

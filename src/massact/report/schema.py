@@ -29,7 +29,9 @@ from ..analysis.mechanism.results import (
     PHASES,
     ROLES,
     WRITERS,
+    Attribution,
     Checkpoint,
+    ExpertAttribution,
     Lifeline,
     LifelineStep,
     Mechanism,
@@ -219,7 +221,8 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
     (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
     (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
-    (LifelineStep, "mix"), (Mechanism, "streams"),
+    (LifelineStep, "mix"), (Mechanism, "streams"), (Attribution, "stream"), (Attribution, "write"), (ExpertAttribution, "stream"),
+    (ExpertAttribution, "write"), (ExpertAttribution, "landed"),
 })
 
 

@@ -265,7 +265,15 @@ def _attribution_tables(style: Style, a: Attribution, with_weights: bool) -> lis
     stats = style.table("MLP weights of the block", "matrix", "shape", "max |w|", "at (row, col)", "mean |w|", right=(2, 4))
     for s in a.weights:
         add_row(stats, s.matrix, "x".join(map(str, s.shape)), num(s.max), f"({s.argmax[0]}, {s.argmax[1]})", num(s.mean))
-    return [head, table, weight] + ([stats] if with_weights else [])
+    return [head, table, weight, *_write_line(a.stream, a.write, a.output, a.landed)] + ([stats] if with_weights else [])
+
+
+def _write_line(stream: str, write: float | None, output: float, landed: float | None) -> list:
+    """With hyper-connections: the write weight that lands the MLP's output in the followed stream (nothing else)."""
+    if not stream:
+        return []
+    return [Text(f"Into stream {stream}: write weight w_mlp[{stream}] = {write:.4g} x mlp_out {num(output, True)} = {num(landed, True)} "
+                 "(the shares above are of mlp_out; the write weight is the amplifier between it and the stream).")]
 
 
 def _expert_tables(style: Style, e: ExpertAttribution) -> list:
@@ -286,7 +294,7 @@ def _expert_tables(style: Style, e: ExpertAttribution) -> list:
                 num(n.contribution, True), f"{n.share:.1%}")
     w = m.super_weight
     line = Text(f"Super weight: {w.matrix}[{', '.join(map(str, w.index))}] = {w.value:+.4f} (rank {w.rank} of {w.entries:,} by |w|).")
-    return [experts, neurons, line]
+    return [experts, neurons, line, *_write_line(e.stream, e.write, m.actual, e.landed)]
 
 
 def _verification_tables(style: Style, report: Report) -> list:

@@ -26,8 +26,9 @@ MAX_STEPS = 5  # super weights zeroed per dim at most (an option of scan)
 def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: list[float], criterion: Criterion,
             score: Callable[[str], float], baseline: float, steps: int = MAX_STEPS) -> Iterator[SuperWeightStep]:
     """The dim's super weights in the order the search finds them (each yielded as it is found), at its birth block
-    and main carrier; ``score`` is the verification's perplexity (exp of the masked-LM loss for an encoder), given the
-    target the weights zeroed so far spell (the first alone is the verification's super-weight row: measured once).
+    and main carrier (in its stream, with hyper-connections); ``score`` is the verification's perplexity (exp of the
+    masked-LM loss for an encoder), given the target the weights zeroed so far spell (the first alone is the
+    verification's super-weight row: measured once).
     Every weight is written back, bit for bit, when the search ends (the iterator is exhausted or closed)."""
     layer, position, dim = line.born_at, line.position, line.dim
     zeroed: list[float] = []  # |w| of the weights zeroed so far, to rank the next one in the unmodified matrix
@@ -43,7 +44,7 @@ def iterate(lm: LoadedModel, line: Lifeline, input_ids: torch.Tensor, medians: l
             weight.rank += sum(earlier > abs(weight.value) for earlier in zeroed)
             zeroed.append(abs(weight.value))
             stack.enter_context(set_weight(lm, weight.matrix, (weight.row, weight.col)))
-            values = read_coordinate(lm, input_ids, sorted({layer, line.peak_layer}), position, dim)
+            values = read_coordinate(lm, input_ids, sorted({layer, line.peak_layer}), position, dim, line.stream)
             still = any(criterion.is_massive(values[block], medians[block]) for block in (layer, line.peak_layer))
             targets.append(f"weight {weight.matrix}{[weight.row, weight.col]}")
             ppl = score(" + ".join(targets))
@@ -60,10 +61,19 @@ def all_super_weights(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluati
     MLP writes at its main carrier (a birth attribution of the ``mechanism`` there: attention and experts have no
     single down projection to search), scored as the verification is (``evaluation``: the verification's, to reuse
     its passes), against the unmodified model's score, each step yielded as it is found. Every weight zeroed is in the
-    birth block, so each score runs from there on."""
-    attribution, medians, criterion, baseline = mechanism.attribution, findings.medians, findings.criterion, evaluation.baseline
+    birth block, so each score runs from there on. With hyper-connections the value is read in the lifeline's stream,
+    against that stream's median |a|."""
+    attribution, criterion, baseline = mechanism.attribution, findings.criterion, evaluation.baseline
     steps = settings.super_weight_steps
     for line in mechanism.lifelines:
+        medians = _medians(findings, line.stream)
         if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in attribution):
             yield from iterate(lm, line, inputs[line.text], medians, criterion, partial(evaluation.score, line.born_at),
                                baseline, steps)
+
+
+def _medians(findings: Findings, stream: str) -> list[float]:
+    """Each block's median |a|, or with a hyper-connection ``stream`` ("s0", ...) that stream's own."""
+    if not stream:
+        return findings.medians
+    return [next(s.median for s in stats.streams if s.stream == stream) for stats in findings.layers]

@@ -44,6 +44,12 @@ class _Run:
     inputs: dict[int, torch.Tensor]
     evaluation: Evaluation | EmbeddingEvaluation
     step: Callable[[], None]
+    stream_medians: dict[tuple[int, str], float]  # with hyper-connections: (block, stream) -> that stream's median |a|
+
+    def median(self, layer: int, stream: str) -> float:
+        """What a value in ``stream`` of block ``layer`` is judged against: the stream's own median |a| (the scan's
+        criterion), or the block's where there is one stream."""
+        return self.stream_medians[layer, stream] if stream else self.medians[layer]
 
     @property
     def baseline(self) -> float:
@@ -78,7 +84,8 @@ def verify_by_intervention(
     if evaluation.text is None:
         raise ValueError("verify_by_intervention needs the scoring evaluation_for makes (it names its evaluation text)")
     eval_text, eval_source = evaluation.text.text, evaluation.text.source
-    run = _Run(lm, dims, medians, criterion, inputs, evaluation, step)
+    streams = {(layer, s.stream): s.median for layer, stats in enumerate(findings.layers) for s in stats.streams}
+    run = _Run(lm, dims, medians, criterion, inputs, evaluation, step, streams)
     replaced = replacement_values(dims, massive)
     headless = isinstance(run.evaluation, EmbeddingEvaluation)
     # What the output loses under the super weights' zeroing and the replacements, in one pass over the windows; the
@@ -116,13 +123,14 @@ def verify_by_intervention(
 def _measure(run: _Run, name: str, target: str, a: Attribution | ExpertAttribution, context: AbstractContextManager,
              with_ppl: bool) -> Intervention:
     """One intervention at the attribution's block: the massive value at the birth and last blocks on the carrier's
-    text, and (``with_ppl``) the score, from the birth block on, once per target."""
+    text (with hyper-connections, in the attribution's stream), and (``with_ppl``) the score, from the birth block on,
+    once per target."""
     last = run.last_block(a.dim)
     with context:
-        values = read_coordinate(run.lm, run.inputs[a.text], sorted({a.layer, last}), a.position, a.dim)
+        values = read_coordinate(run.lm, run.inputs[a.text], sorted({a.layer, last}), a.position, a.dim, a.stream)
         ppl = run.evaluation.score(a.layer, key=target) if with_ppl else None
     run.step()
-    still = run.criterion.is_massive(values[a.layer], run.medians[a.layer])
+    still = run.criterion.is_massive(values[a.layer], run.median(a.layer, a.stream))
     return Intervention(name=name, target=target, dim=a.dim, layer=a.layer, value_birth=values[a.layer], value_last=values[last],
                         still_massive=still, perplexity=ppl, perplexity_ratio=ppl / run.baseline if ppl is not None else None,
                         confirms=None)

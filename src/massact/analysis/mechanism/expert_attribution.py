@@ -40,17 +40,18 @@ def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> E
                              rank=_rank(param, value), entries=param.numel())
 
 
-def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: int = 10) -> MoeAttribution:
+def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: int = 10, token_id: int | None = None) -> MoeAttribution:
     """Split the MoE block's output at residual ``dim`` for one token into experts and neurons.
 
     ``x`` is the block's input at that token, [d_model]. Experts are the ones the block's routing selects; every number
     is recomputed in float64 from the weights and the sum is checked against the block itself (``error``). ``top``
-    neurons are kept per expert.
+    neurons are kept per expert. A hash-routed block (``Router.table``) chooses by the token's id ``token_id``, which
+    it then needs.
     """
     if x.dim() != 1:
         raise ValueError(f"x must be one token's input vector [d_model], got shape {tuple(x.shape)}")
     x64 = x.detach().double().cpu()
-    routing = route(moe, x64.unsqueeze(0))
+    routing = route(moe, x64.unsqueeze(0), token_ids=None if token_id is None else torch.tensor([token_id]))
     on_input = moe.spec.router.on_input
     parts: list[tuple[ExpertContribution, tuple[torch.Tensor, ...]]] = []
     for expert, weight in zip(routing.indices[0].tolist(), routing.weights[0].tolist()):
@@ -72,7 +73,7 @@ def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: in
         parts.append((shared, (gate, up, activation, scale * activation * down[dim], down[dim], 0.0)))
 
     total = sum(entry.contribution for entry, _ in parts)
-    actual = float(block_output(moe, x)[dim])
+    actual = float(block_output(moe, x, token_id)[dim])
     for entry, (gate, up, activation, neuron_parts, down_row, bias_part) in parts:
         entry.share = entry.contribution / total if total else float("nan")
         entry.neurons = top_neurons(gate, up, activation, down_row, neuron_parts, total, top)

@@ -18,7 +18,7 @@ from .expert_attribution import attribute_moe
 from .lifeline import phase_direction, step_sign, writers
 from .norms import norm_factors
 from .origin import decomposition_gap, head_split, removal_cause, writer
-from .results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, NormFactors, Origin, TokenValues
+from .results import Anatomy, Attribution, BirthState, ExpertAttribution, Lifeline, NormFactors, Origin, StreamOrigin, TokenValues
 
 
 @dataclass
@@ -102,6 +102,46 @@ def explain(
             anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
 
     return origins, anatomies, attributions, experts
+
+
+def explain_streams(
+    lm: LoadedModel, lines: list[Lifeline], origins: list[StreamOrigin], inputs: dict[int, torch.Tensor], findings: Findings,
+    settings: ScanSettings,
+) -> tuple[list[Anatomy], list[Attribution], list[ExpertAttribution], list[str]]:
+    """With hyper-connections: at each block a lifeline names as a writer where the stream origin's carrier is the
+    MLP (its output through its write weight), the MLP's anatomy and neurons (dense) or its experts and their neurons
+    (a mixture), of the MLP's output; each carries the write weight into the followed stream (value in stream s =
+    ... + w_mlp[s] x mlp_out), the amplifier between the neurons' sum and the stream. One probe pass per (text,
+    block); last, a warning for each check that fails its second computation."""
+    tokens, top = findings.tokens, settings.top_neurons
+    tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
+    by_place = {(o.layer, o.stream, o.dim, o.text, o.position): o for o in origins}
+    anatomies, attributions, experts, warnings = [], [], [], []
+    for line in lines:
+        for layer, phase in writers(line):
+            origin = by_place.get((layer, line.stream, line.dim, line.text, line.position))
+            if origin is None or origin.carrier != "mlp":
+                continue
+            write = next(term.weight for term in origin.terms if term.source == "mlp")
+            event = Event(line.dim, line.text, line.position, layer, phase,
+                          phase_direction(phase, step_sign(line, layer), line.precursor))
+            at = {site: v[0] for site, v in probe_block(lm, inputs[line.text], layer, [line.position]).items()}
+            moe = MoeBlock.at(lm, layer)
+            if moe is not None:
+                token = int(inputs[line.text][0, line.position])
+                split = attribute_moe(moe, lm.adapter.family, at["mlp_in"], line.dim, top, token_id=token)
+                if split.error > tolerance:
+                    warnings.append(f"block {layer} dim {line.dim}: the experts' contributions miss the output by {split.error:.1e}")
+                experts.append(ExpertAttribution(**_place(event, tokens), moe=split, stream=line.stream, write=write,
+                                                 landed=write * split.actual))
+                continue
+            attribution = attribute(lm, event, at, tokens, top)
+            if attribution.error > tolerance:
+                warnings.append(f"block {layer} dim {line.dim}: neuron contributions miss the output by {attribution.error:.1e}")
+            attribution.stream, attribution.write, attribution.landed = line.stream, write, write * attribution.output
+            attributions.append(attribution)
+            anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
+    return anatomies, attributions, experts, warnings
 
 
 def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:

@@ -201,7 +201,9 @@ class WeightStats:
 class Attribution(Place):
     """output = sum_i activation_i x W_down[dim, i] + bias; ``error`` is the relative gap of that sum to the output.
     ``output`` is the MLP's own (raw) output; ``landed`` what reaches the residual when a norm or a branch scale sits
-    between."""
+    between. With hyper-connections, ``stream`` is the stream the value is followed in and ``write`` the MLP's write
+    weight into it (w_mlp[stream]): the stream gets ``landed`` = write x output, the write weight the amplifier between
+    the neurons' sum and the stream, as a norm's gain is."""
 
     output: float
     bias: float
@@ -211,15 +213,23 @@ class Attribution(Place):
     super_weight: SuperWeight
     weights: list[WeightStats] = field(default_factory=list)
     landed: float | None = None
+    stream: str = ""
+    write: float | None = None
 
 
 
 @dataclass(kw_only=True)
 class ExpertAttribution(Place):
     """A massive value written by a mixture-of-experts MLP, split into the routed experts (router weight x expert
-    output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.capture.routing``)."""
+    output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.capture.routing``). With
+    hyper-connections, ``stream`` is the stream the value is followed in, ``write`` the MLP's write weight into it
+    (w_mlp[stream]) and ``landed`` = write x the block's output at the dim: what the stream gets (the experts' shares
+    are of the output)."""
 
     moe: MoeAttribution
+    stream: str = ""
+    write: float | None = None
+    landed: float | None = None
 
 
 
