@@ -112,11 +112,12 @@ def explain_streams(
     MLP (its output through its write weight), the MLP's anatomy and neurons (dense) or its experts and their neurons
     (a mixture), of the MLP's output; each carries the write weight into the followed stream (value in stream s =
     ... + w_mlp[s] x mlp_out), the amplifier between the neurons' sum and the stream. One probe pass per (text,
-    block); last, a warning for each check that fails its second computation."""
+    block, position); last, a warning for each check that fails its second computation."""
     tokens, top = findings.tokens, settings.top_neurons
     tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
     by_place = {(o.layer, o.stream, o.dim, o.text, o.position): o for o in origins}
     anatomies, attributions, experts, warnings = [], [], [], []
+    probes: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
     for line in lines:
         for layer, phase in writers(line):
             origin = by_place.get((layer, line.stream, line.dim, line.text, line.position))
@@ -125,7 +126,10 @@ def explain_streams(
             write = next(term.weight for term in origin.terms if term.source == "mlp")
             event = Event(line.dim, line.text, line.position, layer, phase,
                           phase_direction(phase, step_sign(line, layer), line.precursor))
-            at = {site: v[0] for site, v in probe_block(lm, inputs[line.text], layer, [line.position]).items()}
+            place = (line.text, layer, line.position)
+            if place not in probes:
+                probes[place] = {site: v[0] for site, v in probe_block(lm, inputs[line.text], layer, [line.position]).items()}
+            at = probes[place]
             moe = MoeBlock.at(lm, layer)
             if moe is not None:
                 token = int(inputs[line.text][0, line.position])
