@@ -72,3 +72,29 @@ JAMBA = dataclasses.replace(
     notes=_SSM_NOTE + "; a mixture-of-experts MLP every expert_layer_period blocks (softmax, top-k, not renormalised), dense "
                       "MLPs between",
 )
+
+_GRANITE_H_NOTE = ("hybrid: Mamba-2 scans (mamba, out_proj) in most blocks, softmax attention (self_attn) in the others, then "
+                   "a dense gated MLP (shared_mlp: gate and up fused in input_linear); each branch is multiplied by the "
+                   "config's residual_multiplier before it lands (attn_out, mlp_out: what lands; attn_raw, mlp_raw: the "
+                   "sublayers' own outputs), the token embeddings by its embedding_multiplier; configs with experts are not mapped")
+
+# Granite-4.0-H: Granite's scales on Bamba's block. A config with experts (``num_local_experts`` > 0) adds the routed
+# experts' output (block_sparse_moe) to the shared MLP's, two sibling modules whose sum no module returns: mlp_out
+# would be no module's input or output, so such configs have no adapter.
+GRANITE_4_H = Adapter(
+    family="Granite-4.0-H",
+    model_types=("granitemoehybrid",),
+    layers="layers",
+    mlp=Mlp(path="shared_mlp", up="input_linear", gate=None, down="output_linear", act="activation", fused=True),
+    mlp_norm=("post_attention_layernorm",),
+    values=Cut("self_attn.v_proj"),
+    branch_scale="residual_multiplier",
+    embedding_scale="embedding_multiplier",
+    variants=(
+        Variant(when=lambda config, layer: _block_type(config, layer) == "linear_attention", changes=_MAMBA),
+        # The attention sees positions only where the config gives it rotary embeddings (Granite-4.0-H's are "nope").
+        Variant(when=lambda config, layer: config.position_embedding_type != "rope", changes={"positions": False}),
+    ),
+    when=lambda config: not config.num_local_experts,
+    notes=_GRANITE_H_NOTE,
+)
