@@ -93,7 +93,8 @@ GRANITE_4_H = Adapter(
     variants=(
         Variant(when=lambda config, layer: _block_type(config, layer) == "linear_attention", changes=_MAMBA),
         # The attention sees positions only where the config gives it rotary embeddings (Granite-4.0-H's are "nope").
-        Variant(when=lambda config, layer: config.position_embedding_type != "rope", changes={"positions": False}),
+        Variant(when=lambda config, layer: _block_type(config, layer) != "linear_attention" and config.position_embedding_type != "rope",
+                changes={"positions": False}),
     ),
     when=lambda config: not config.num_local_experts,
     notes=_GRANITE_H_NOTE,
