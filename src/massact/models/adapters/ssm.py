@@ -1,4 +1,4 @@
-"""State-space hybrids: Nemotron-H, Jamba and Bamba, whose token mixer is a Mamba (or Mamba-2) selective scan in most
+"""State-space hybrids: Nemotron-H, Jamba, Bamba and Granite-4.0-H, whose token mixer is a Mamba (or Mamba-2) selective scan in most
 blocks and softmax attention in the others. The scan writes the stream through its ``out_proj`` as a convolution
 does: the origin, the lifeline and the trigger's sources hold as they are; it has no attention probabilities, so
 only the softmax blocks have sink metrics.
@@ -6,7 +6,8 @@ only the softmax blocks have sink metrics.
 Jamba and Bamba keep the two-sublayer block (mixer, then MLP: ``input_layernorm``, ``pre_ff_layernorm``); Jamba's
 MLP is a mixture of experts every ``expert_layer_period`` blocks. A Nemotron-H block is one sublayer, a Mamba-2 scan,
 an attention or an ungated MLP (``mixer`` in each), behind one norm and added once to the residual: a scan or
-attention block has no MLP (``no_mlp``), an MLP block no token mixer (``mixer`` None).
+attention block has no MLP (``no_mlp``), an MLP block no token mixer (``mixer`` None). Granite-4.0-H is Bamba's
+block with Granite's scales (``branch_scale``, ``embedding_scale``) and its MLP in ``shared_mlp``.
 """
 
 import dataclasses
