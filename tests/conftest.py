@@ -53,13 +53,14 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             # (GLM-4, StarCoder2) or its attention (Ministral, Ministral-3) changed.
             "granite", "olmo", "glm4", "starcoder2", "internlm3", "ministral", "ministral3",
             # State-space and other hybrids: blocks of one sublayer, Mamba mixers, linear attention.
-            "nemotron_h", "bamba", "olmo_hybrid", "lfm3", "jamba", "kimi_linear"]
+            "nemotron_h", "bamba", "olmo_hybrid", "lfm3", "jamba", "kimi_linear", "granitemoehybrid"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
           "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "attention", "ssm", "attention"],
           "olmo_hybrid": ["linear", "linear", "linear", "attention"], "lfm3": ["conv", "conv", "attention", "conv"],
-          "kimi_linear": ["linear", "attention", "linear", "attention"]}
+          "kimi_linear": ["linear", "attention", "linear", "attention"],
+          "granitemoehybrid": ["ssm", "attention", "ssm", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "minimax_m2", "ernie4_5_moe", "exaone_moe",
@@ -220,6 +221,13 @@ def tiny_config(family: str, vocab_size: int):
                                                 layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"]),
         "bamba": lambda: t.BambaConfig(**grouped, attn_layer_indices=[2], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
                                        mamba_d_state=16, mamba_chunk_size=16),
+        # Granite-4.0-H with a dense MLP only (no experts): Mamba-2, attention without positions, alternating (two scans
+        # only: their reference kernel is slow on a CPU); Granite's scales (branches x 0.22, embeddings x 12).
+        "granitemoehybrid": lambda: t.GraniteMoeHybridConfig(
+            **{k: v for k, v in grouped.items() if k != "intermediate_size"}, shared_intermediate_size=D_MLP, num_local_experts=0,
+            layer_types=["linear_attention", "full_attention"] * 2, mamba_n_heads=4,
+            mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16, residual_multiplier=0.22,
+            embedding_multiplier=12.0, attention_multiplier=1.0 / (D_MODEL // N_HEADS), logits_scaling=8.0),
         # Mamba, attention, Mamba, attention (two scans only: their reference recurrence is slow on a CPU); experts in
         # blocks 0 and 2, dense MLPs in 1 (the planted block) and 3.
         "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,

@@ -207,6 +207,18 @@ def test_a_gemma4_with_experts_beside_its_mlp_is_refused_in_one_line(tokenizer):
         adapter_for(config)
 
 
+def test_a_granite_4_h_with_experts_is_refused_in_one_line(tokenizer):
+    """Granite-4.0-H's adapter maps the blocks whose MLP is the shared MLP alone; with experts, the block adds the
+    experts' output to the shared MLP's, a sum no module returns, and the config is refused as a variant."""
+    from conftest import tiny_config
+
+    config = tiny_config("granitemoehybrid", len(tokenizer))
+    assert adapter_for(config).family == "Granite-4.0-H"
+    config.num_local_experts = 4
+    with pytest.raises(UsageError, match=r"^this 'granitemoehybrid' config is a variant massact does not map: the Granite-4.0-H "):
+        adapter_for(config)
+
+
 def test_a_laguna_config_whose_head_count_varies_by_block_is_one_line(tokenizer):
     """Laguna may give each block its own head count; massact's attention passes take one, so it says so."""
     from conftest import tiny_config

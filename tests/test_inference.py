@@ -26,7 +26,8 @@ REFUSED = {
     # The MLP's projections sit in two modules (intermediate, output), the second of which also adds and norms.
     **{family: MAPS + "block 0 has a token mixer but no MLP" for family in ("bert", "roberta")},
     # Hybrids: convolutions or linear attention beside softmax attention.
-    "lfm2": MAPS + "2 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)",
+    **{family: MAPS + "2 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)"
+       for family in ("lfm2", "granitemoehybrid")},
     **{family: MAPS + "1 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)"
        for family in ("qwen3_next", "qwen3_5", "qwen3_next_moe", "bamba", "olmo_hybrid", "lfm3")},
     # Nemotron-H: a block is one sublayer, its mixer alone or its MLP alone.

@@ -190,8 +190,9 @@ def _configs(model_type: str):
 
 
 # Model types whose transformers default config is a variant massact does not map (Nemotron-H's default holds
-# mixture-of-experts blocks, whose ungated experts behind latent projections are not mapped): refused in one line.
-UNMAPPED_DEFAULTS = {"nemotron_h"}
+# mixture-of-experts blocks, whose ungated experts behind latent projections are not mapped; Granite-4.0-H's holds 8
+# experts beside its shared MLP, a sum no module returns): refused in one line.
+UNMAPPED_DEFAULTS = {"nemotron_h", "granitemoehybrid"}
 
 
 def test_no_config_of_a_registered_model_type_matches_two_adapters():

@@ -92,6 +92,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     ssm.NEMOTRON_H,
     ssm.BAMBA,
     ssm.JAMBA,
+    ssm.GRANITE_4_H,
     hybrid.OLMO_HYBRID,
     hybrid.LFM3,
     moe.KIMI_LINEAR,

@@ -1,4 +1,4 @@
-"""State-space hybrids: Nemotron-H, Jamba and Bamba, whose token mixer is a Mamba (or Mamba-2) selective scan in most
+"""State-space hybrids: Nemotron-H, Jamba, Bamba and Granite-4.0-H, whose token mixer is a Mamba (or Mamba-2) selective scan in most
 blocks and softmax attention in the others. The scan writes the stream through its ``out_proj`` as a convolution
 does: the origin, the lifeline and the trigger's sources hold as they are; it has no attention probabilities, so
 only the softmax blocks have sink metrics.
@@ -6,7 +6,8 @@ only the softmax blocks have sink metrics.
 Jamba and Bamba keep the two-sublayer block (mixer, then MLP: ``input_layernorm``, ``pre_ff_layernorm``); Jamba's
 MLP is a mixture of experts every ``expert_layer_period`` blocks. A Nemotron-H block is one sublayer, a Mamba-2 scan,
 an attention or an ungated MLP (``mixer`` in each), behind one norm and added once to the residual: a scan or
-attention block has no MLP (``no_mlp``), an MLP block no token mixer (``mixer`` None).
+attention block has no MLP (``no_mlp``), an MLP block no token mixer (``mixer`` None). Granite-4.0-H is Bamba's
+block with Granite's scales (``branch_scale``, ``embedding_scale``) and its MLP in ``shared_mlp``.
 """
 
 import dataclasses
@@ -71,4 +72,31 @@ JAMBA = dataclasses.replace(
                       changes={"moe": None, "mlp": Mlp(path="feed_forward")})),
     notes=_SSM_NOTE + "; a mixture-of-experts MLP every expert_layer_period blocks (softmax, top-k, not renormalised), dense "
                       "MLPs between",
+)
+
+_GRANITE_H_NOTE = ("hybrid: Mamba-2 scans (mamba, out_proj) in most blocks, softmax attention (self_attn) in the others, then "
+                   "a dense gated MLP (shared_mlp: gate and up fused in input_linear); each branch is multiplied by the "
+                   "config's residual_multiplier before it lands (attn_out, mlp_out: what lands; attn_raw, mlp_raw: the "
+                   "sublayers' own outputs), the token embeddings by its embedding_multiplier; configs with experts are not mapped")
+
+# Granite-4.0-H: Granite's scales on Bamba's block. A config with experts (``num_local_experts`` > 0) adds the routed
+# experts' output (block_sparse_moe) to the shared MLP's, two sibling modules whose sum no module returns: mlp_out
+# would be no module's input or output, so such configs have no adapter.
+GRANITE_4_H = Adapter(
+    family="Granite-4.0-H",
+    model_types=("granitemoehybrid",),
+    layers="layers",
+    mlp=Mlp(path="shared_mlp", up="input_linear", gate=None, down="output_linear", act="activation", fused=True),
+    mlp_norm=("post_attention_layernorm",),
+    values=Cut("self_attn.v_proj"),
+    branch_scale="residual_multiplier",
+    embedding_scale="embedding_multiplier",
+    variants=(
+        Variant(when=lambda config, layer: _block_type(config, layer) == "linear_attention", changes=_MAMBA),
+        # The attention sees positions only where the config gives it rotary embeddings (Granite-4.0-H's are "nope").
+        Variant(when=lambda config, layer: _block_type(config, layer) != "linear_attention" and config.position_embedding_type != "rope",
+                changes={"positions": False}),
+    ),
+    when=lambda config: not config.num_local_experts,
+    notes=_GRANITE_H_NOTE,
 )
