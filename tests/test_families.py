@@ -49,9 +49,12 @@ EXPERT = 2
 
 def expert_rows(experts, expert: int, neuron: int, layout) -> tuple[torch.Tensor, int, int]:
     """Expert ``expert``'s fused gate-and-up weight as [2 d_mlp, d_model] (a view: writes reach the model) and the rows
-    of ``neuron``'s gate and up, whatever the stored layout (transposed, interleaved)."""
-    fused = experts.gate_up_proj[expert]
+    of ``neuron``'s gate and up, whatever the stored layout (transposed, interleaved); ungated experts: the up weight
+    [d_mlp, d_model], whose one row stands for both."""
+    fused = experts.gate_up_proj[expert] if layout.gated else experts.up_proj[expert]
     fused = fused.T if layout.transposed else fused
+    if not layout.gated:
+        return fused, neuron, neuron
     width = fused.shape[0] // 2
     return (fused, 2 * neuron, 2 * neuron + 1) if layout.interleaved else (fused, neuron, width + neuron)
 
@@ -69,9 +72,11 @@ def planted_moe(family, tokenizer):
     model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
     for layer in range(config.num_hidden_layers):  # nothing else writes the trigger dim
         here = adapter.at(config, layer)
-        adapter.weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
+        if here.attn_proj is not None:  # a block of one sublayer has a token mixer or an MLP (Nemotron-H)
+            adapter.weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
         if here.moe is None:
-            adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
+            if here.mlp_down is not None:
+                adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
             continue
         block = adapter.module(model, layer, here.moe.block)
         experts = block.get_submodule(here.moe.experts.path)

@@ -189,9 +189,9 @@ def _configs(model_type: str):
         yield dense
 
 
-# Model types whose transformers default config is a variant massact does not map (Nemotron-H's default holds
-# mixture-of-experts blocks, whose ungated experts behind latent projections are not mapped): refused in one line.
-UNMAPPED_DEFAULTS = {"nemotron_h"}
+# Model types whose transformers default config is a variant massact does not map, refused in one line: none (every
+# default, Nemotron-H's with its mixture-of-experts block included, is mapped).
+UNMAPPED_DEFAULTS: set[str] = set()
 
 
 def test_no_config_of_a_registered_model_type_matches_two_adapters():
