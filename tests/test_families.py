@@ -296,7 +296,11 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     assert sum(e.contribution for e in m.experts) + (m.shared_expert.contribution if m.shared_expert else 0.0) == \
         pytest.approx(m.actual, rel=1e-4)
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
-    assert "Expert and neuron attribution" in to_text(report)
+    text = to_text(report)
+    assert "Expert and neuron attribution" in text
+    # Ungated experts (Nemotron-H's) have one pre-activation: the neuron table shows up and act(up), no gate.
+    assert m.gated == here.moe.experts.gated and report.model.gated == here.moe.experts.gated
+    assert ("x act(gate) x up x W_down" if m.gated else "x act(up) x W_down") in text
     rows = {r.name.split(" [")[0].split(" (")[0]: r for r in report.causal.verification.interventions}
     zero = rows["zero expert super weight"]
     control = next(r for r in report.causal.verification.interventions if r.name.startswith("control"))

@@ -33,6 +33,7 @@ from ..analysis.mechanism.results import (
     Lifeline,
     LifelineStep,
     Mechanism,
+    MoeAttribution,
     Origin,
     Phase,
     Place,
@@ -219,7 +220,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
     (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
     (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
-    (LifelineStep, "mix"), (Mechanism, "streams"),
+    (LifelineStep, "mix"), (Mechanism, "streams"), (MoeAttribution, "gated"),
 })
 
 
