@@ -60,11 +60,12 @@ MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["li
           "bamba": ["ssm", "ssm", "attention", "ssm"], "jamba": ["ssm", "attention", "ssm", "attention"],
           "olmo_hybrid": ["linear", "linear", "linear", "attention"], "lfm3": ["conv", "conv", "attention", "conv"],
           "kimi_linear": ["linear", "attention", "linear", "attention"],
-          "granitemoehybrid": ["ssm", "attention", "ssm", "attention"]}
+          "granitemoehybrid": ["ssm", "attention", "ssm", "attention"],
+          "nemotron_h_moe": ["ssm", None, "attention", None]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "minimax_m2", "ernie4_5_moe", "exaone_moe",
-                "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna"]
+                "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe"]
 
 # Hyper-connections: the residual is 4 streams (see massact.models.adapters.hyper and tests/test_hyper_connections.py).
 HYPER_FAMILIES = ["deepseek_v4", "hy_v4", "qwen4_exp"]
@@ -219,6 +220,13 @@ def tiny_config(family: str, vocab_size: int):
         "nemotron_h": lambda: t.NemotronHConfig(**{k: v for k, v in grouped.items() if k != "num_hidden_layers"}, **_MAMBA2,
                                                 head_dim=D_MODEL // N_HEADS,
                                                 layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"]),
+        # The default config's pattern: Mamba-2, a mixture of experts (at the planted block 1: 4 ungated experts in 2
+        # groups, top-2, and a shared expert), attention, an MLP block.
+        "nemotron_h_moe": lambda: t.NemotronHConfig(**{k: v for k, v in grouped.items() if k != "num_hidden_layers"}, **_MAMBA2,
+                                                    head_dim=D_MODEL // N_HEADS, n_routed_experts=4, num_experts_per_tok=2,
+                                                    n_group=2, topk_group=1, moe_intermediate_size=D_MLP,
+                                                    moe_shared_expert_intermediate_size=96,
+                                                    layers_block_type=["linear_attention", "moe", "full_attention", "mlp"]),
         "bamba": lambda: t.BambaConfig(**grouped, attn_layer_indices=[2], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
                                        mamba_d_state=16, mamba_chunk_size=16),
         # Granite-4.0-H with a dense MLP only (no experts): Mamba-2, attention without positions, alternating (two scans

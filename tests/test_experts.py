@@ -54,7 +54,7 @@ def test_the_recomputed_routing_is_the_models_own(family, tokenizer):
 
 # Routers with a correction bias (on the router, nested in it, or on the block), softcapped logits, or a scale the block
 # applies after the router.
-CORRECTED = ["minimax_m2", "ernie4_5_moe", "exaone_moe", "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna"]
+CORRECTED = ["minimax_m2", "ernie4_5_moe", "exaone_moe", "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe"]
 
 
 @torch.no_grad()
@@ -90,15 +90,20 @@ def test_a_random_correction_bias_and_softcap_are_recomputed_as_the_router_appli
 
 
 @torch.no_grad()
-def test_each_experts_recorded_maximum_is_a_hand_computation(tokenizer):
-    """Mixtral, planted: per (block, expert), the largest |output| over the real tokens routed to it, computed here
-    from the block's input, the router and each expert's weights (x -> down(silu(gate x) x up x))."""
-    model = planted_moe("mixtral", tokenizer)
+@pytest.mark.parametrize("family", ["mixtral", "nemotron_h_moe"])
+def test_each_experts_recorded_maximum_is_a_hand_computation(family, tokenizer):
+    """Planted: per (block, expert), the largest |output| over the real tokens routed to it, computed here from the
+    block's input, the router and each expert's weights (Mixtral: x -> down(silu(gate x) x up x); Nemotron-H's ungated
+    experts: x -> down(relu(up x)^2))."""
+    model = planted_moe(family, tokenizer)
     lm = massact.wrap(model, tokenizer)
     windows = [tokenizer(text, return_tensors="pt").input_ids for text in TEXTS]
     routed, _ = scan_layers(lm, iter(windows), 512, batch_size=2).experts
     for layer in range(model.config.num_hidden_layers):
         moe = MoeBlock.at(lm, layer)
+        if moe is None:  # a block without experts records none
+            assert routed[layer].tolist() == [float("-inf")] * 4
+            continue
         seen = {}
         hook = moe.block.register_forward_pre_hook(lambda m, args, seen=seen: seen.__setitem__("x", args[0].detach()))
         try:
@@ -110,8 +115,12 @@ def test_each_experts_recorded_maximum_is_a_hand_computation(tokenizer):
                 for expert in range(4):
                     tokens = (chosen == expert).any(-1)
                     if tokens.any():
-                        gate, up = (moe.experts.gate_up_proj[expert].double() @ x[tokens].T).chunk(2, dim=0)
-                        out = moe.experts.down_proj[expert].double() @ (torch.nn.functional.silu(gate) * up)
+                        if moe.spec.experts.gated:
+                            gate, up = (moe.experts.gate_up_proj[expert].double() @ x[tokens].T).chunk(2, dim=0)
+                            hidden = torch.nn.functional.silu(gate) * up
+                        else:
+                            hidden = torch.relu(moe.experts.up_proj[expert].double() @ x[tokens].T) ** 2
+                        out = moe.experts.down_proj[expert].double() @ hidden
                         expected[expert] = max(expected[expert], float(out.abs().max()))
         finally:
             hook.remove()

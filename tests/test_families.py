@@ -49,9 +49,12 @@ EXPERT = 2
 
 def expert_rows(experts, expert: int, neuron: int, layout) -> tuple[torch.Tensor, int, int]:
     """Expert ``expert``'s fused gate-and-up weight as [2 d_mlp, d_model] (a view: writes reach the model) and the rows
-    of ``neuron``'s gate and up, whatever the stored layout (transposed, interleaved)."""
-    fused = experts.gate_up_proj[expert]
+    of ``neuron``'s gate and up, whatever the stored layout (transposed, interleaved); ungated experts: the up weight
+    [d_mlp, d_model], whose one row stands for both."""
+    fused = experts.gate_up_proj[expert] if layout.gated else experts.up_proj[expert]
     fused = fused.T if layout.transposed else fused
+    if not layout.gated:
+        return fused, neuron, neuron
     width = fused.shape[0] // 2
     return (fused, 2 * neuron, 2 * neuron + 1) if layout.interleaved else (fused, neuron, width + neuron)
 
@@ -69,9 +72,11 @@ def planted_moe(family, tokenizer):
     model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
     for layer in range(config.num_hidden_layers):  # nothing else writes the trigger dim
         here = adapter.at(config, layer)
-        adapter.weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
+        if here.attn_proj is not None:  # a block of one sublayer has a token mixer or an MLP (Nemotron-H)
+            adapter.weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
         if here.moe is None:
-            adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
+            if here.mlp_down is not None:
+                adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
             continue
         block = adapter.module(model, layer, here.moe.block)
         experts = block.get_submodule(here.moe.experts.path)
@@ -291,7 +296,11 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     assert sum(e.contribution for e in m.experts) + (m.shared_expert.contribution if m.shared_expert else 0.0) == \
         pytest.approx(m.actual, rel=1e-4)
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
-    assert "Expert and neuron attribution" in to_text(report)
+    text = to_text(report)
+    assert "Expert and neuron attribution" in text
+    # Ungated experts (Nemotron-H's) have one pre-activation: the neuron table shows up and act(up), no gate.
+    assert m.gated == here.moe.experts.gated and report.model.gated == here.moe.experts.gated
+    assert ("x act(gate) x up x W_down" if m.gated else "x act(up) x W_down") in text
     rows = {r.name.split(" [")[0].split(" (")[0]: r for r in report.causal.verification.interventions}
     zero = rows["zero expert super weight"]
     control = next(r for r in report.causal.verification.interventions if r.name.startswith("control"))

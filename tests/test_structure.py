@@ -189,10 +189,9 @@ def _configs(model_type: str):
         yield dense
 
 
-# Model types whose transformers default config is a variant massact does not map (Nemotron-H's default holds
-# mixture-of-experts blocks, whose ungated experts behind latent projections are not mapped; Granite-4.0-H's holds 8
-# experts beside its shared MLP, a sum no module returns): refused in one line.
-UNMAPPED_DEFAULTS = {"nemotron_h", "granitemoehybrid"}
+# Model types whose transformers default config is a variant massact does not map (Granite-4.0-H's holds 8 experts
+# beside its shared MLP, a sum no module returns): refused in one line.
+UNMAPPED_DEFAULTS = {"granitemoehybrid"}
 
 
 def test_no_config_of_a_registered_model_type_matches_two_adapters():

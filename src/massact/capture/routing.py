@@ -6,8 +6,8 @@ and every expert's neurons (as its ``Experts`` lays them out), in float64 and ch
 
 with w_e the router's weight for expert e (Llama-4 scales the expert's input instead: expert_e(w_e x)) and act_i the
 neuron's activation, act(gate_i . x) x (up_i . x), or the expert module's own gate function (gpt-oss's clamped
-SwiGLU). ``route`` is the same routing with some experts pruned: the router never picks them, and a softmax router
-renormalises over the rest.
+SwiGLU), or in ungated experts act(up_i . x) (Nemotron-H). ``route`` is the same routing with some experts pruned:
+the router never picks them, and a softmax router renormalises over the rest.
 """
 
 from __future__ import annotations
@@ -183,27 +183,35 @@ def model_routing(moe: MoeBlock, x: torch.Tensor, token_ids: torch.Tensor | None
 
 
 def expert_weights(moe: MoeBlock, expert: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """Expert ``expert``'s fused gate-and-up weight as [2 d_mlp, d_model] in its stored column order (gate rows then
-    up rows, or alternating where interleaved), its bias, its down projection [d_model, d_mlp] and bias; float64."""
+    """Expert ``expert``'s input weight, its bias, its down projection [d_model, d_mlp] and bias; float64. The input
+    weight is the fused gate and up [2 d_mlp, d_model] in its stored row order (gate rows then up rows, or alternating
+    where interleaved), or in ungated experts the up projection [d_mlp, d_model]."""
     layout, experts = moe.spec.experts, moe.experts
-    gate_up, down = experts.gate_up_proj[expert].detach().double(), experts.down_proj[expert].detach().double()
+    name = "gate_up_proj" if layout.gated else "up_proj"
+    weight, down = getattr(experts, name)[expert].detach().double(), experts.down_proj[expert].detach().double()
     if layout.transposed:
-        gate_up, down = gate_up.T, down.T
-    biases = (experts.gate_up_proj_bias[expert].detach().double(), experts.down_proj_bias[expert].detach().double()) \
+        weight, down = weight.T, down.T
+    biases = (getattr(experts, f"{name}_bias")[expert].detach().double(), experts.down_proj_bias[expert].detach().double()) \
         if layout.biases else (None, None)
-    return gate_up, biases[0], down, biases[1]
+    return weight, biases[0], down, biases[1]
 
 
 def split_gate_up(moe: MoeBlock, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate and up parts [..., d_mlp] of fused pre-activations (or of a fused weight's rows)."""
+    """The gate and up parts [..., d_mlp] of fused pre-activations (or of a fused weight's rows). Ungated experts have
+    one pre-activation, up, which also decides whether the neuron fires: it stands for both."""
+    if not moe.spec.experts.gated:
+        return fused, fused
     if moe.spec.experts.interleaved:
         return fused[..., 0::2], fused[..., 1::2]
     return fused.chunk(2, dim=-1)
 
 
 def activate(moe: MoeBlock, fused: torch.Tensor) -> torch.Tensor:
-    """The neurons' activations from the fused gate-and-up pre-activations [..., 2 d_mlp]: the fused experts module's
-    own gate function; stacked experts compute act_fn(gate) x up in their forward (see ``Experts``)."""
+    """The neurons' activations from the pre-activations (fused gate and up [..., 2 d_mlp], or up [..., d_mlp] in
+    ungated experts): the fused experts module's own gate function; stacked experts compute act_fn(gate) x up in their
+    forward, ungated ones act_fn(up) (see ``Experts``)."""
+    if not moe.spec.experts.gated:
+        return moe.experts.act_fn(fused)
     if not moe.spec.experts.stacked:
         return moe.experts._apply_gate(fused)
     gate, up = split_gate_up(moe, fused)
@@ -213,24 +221,26 @@ def activate(moe: MoeBlock, fused: torch.Tensor) -> torch.Tensor:
 def expert_parts(moe: MoeBlock, expert: int,
                  x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For the expert's input ``x`` [..., d_model] (already scaled where the router scales the input): its neurons'
-    gate and up pre-activations, activations [..., d_mlp], its down projection [d_model, d_mlp] and down bias."""
-    gate_up, bias, down, down_bias = expert_weights(moe, expert)
-    fused = x.double() @ gate_up.T + (bias if bias is not None else 0.0)
+    gate and up pre-activations (both up in ungated experts), activations [..., d_mlp], its down projection
+    [d_model, d_mlp] and down bias."""
+    weight, bias, down, down_bias = expert_weights(moe, expert)
+    fused = x.double() @ weight.T + (bias if bias is not None else 0.0)
     gate, up = split_gate_up(moe, fused)
     return gate, up, activate(moe, fused), down, down_bias
 
 
 def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
-    """The shared expert's gate and up pre-activations, activations, down projection [d_model, d_mlp], the logit of its
-    gate (0 without one) and the scale it applies (sigmoid of that logit, or 1)."""
+    """The shared expert's gate and up pre-activations (both up where it is ungated), activations, down projection
+    [d_model, d_mlp], the logit of its gate (0 without one) and the scale it applies (sigmoid of that logit, or 1)."""
     mlp, parts = moe.shared, moe.spec.shared
-    gate, up, down = (mlp.get_submodule(name).weight.detach().double() for name in (parts.gate, parts.up, parts.down))
+    weight = lambda name: mlp.get_submodule(name).weight.detach().double()
     act = mlp.get_submodule(parts.act) if isinstance(parts.act, str) else parts.act
-    pre_gate, pre_up = gate @ x, up @ x
+    pre_up, down = weight(parts.up) @ x, weight(parts.down)
+    pre_gate = weight(parts.gate) @ x if parts.gate is not None else pre_up
     logit = float(moe.shared_gate.weight.detach().double().reshape(-1) @ x) if moe.shared_gate is not None else 0.0
     scale = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))) if moe.shared_gate is not None else 1.0
     scale *= moe.spec.shared_scale
-    return pre_gate, pre_up, act(pre_gate) * pre_up, down, logit, scale
+    return pre_gate, pre_up, act(pre_gate) * pre_up if parts.gate is not None else act(pre_up), down, logit, scale
 
 
 def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) -> torch.Tensor:
@@ -251,10 +261,11 @@ def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) ->
 
 
 def expert_input_row(moe: MoeBlock, expert: int, neuron: int, site: str) -> tuple[torch.Tensor, float]:
-    """The row of an expert's fused gate-and-up weight that makes ``neuron``'s gate (``site`` "mlp_gate") or up
-    pre-activation from the block's input, and its bias (0 without); float64 on CPU."""
-    gate_up, bias, _, _ = expert_weights(moe, expert)
-    rows = split_gate_up(moe, gate_up.T)[0 if site == "mlp_gate" else 1].T  # [d_mlp, d_model]
+    """The row of an expert's input weight that makes ``neuron``'s gate (``site`` "mlp_gate") or up pre-activation
+    from the block's input (ungated experts: the up row, their one pre-activation), and its bias (0 without); float64
+    on CPU."""
+    weight, bias, _, _ = expert_weights(moe, expert)
+    rows = split_gate_up(moe, weight.T)[0 if site == "mlp_gate" else 1].T  # [d_mlp, d_model]
     biases = split_gate_up(moe, bias)[0 if site == "mlp_gate" else 1] if bias is not None else None
     return rows[neuron].cpu(), float(biases[neuron]) if biases is not None else 0.0
 

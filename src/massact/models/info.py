@@ -63,7 +63,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
         d_model=config.hidden_size,
         d_mlp=d_mlp,
         n_heads=config.num_attention_heads,
-        gated=lm.adapter.gated or sparse is not None,  # experts are gated MLPs
+        gated=lm.adapter.gated or (sparse is not None and lm.at(sparse).moe.experts.gated),
         dtype=str(lm.dtype).removeprefix("torch."),
         device=str(lm.device),
         source=lm.source,

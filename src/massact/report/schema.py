@@ -35,6 +35,7 @@ from ..analysis.mechanism.results import (
     Lifeline,
     LifelineStep,
     Mechanism,
+    MoeAttribution,
     Origin,
     Phase,
     Place,
@@ -222,7 +223,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
     (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
     (LifelineStep, "mix"), (Mechanism, "streams"), (Attribution, "stream"), (Attribution, "write"), (ExpertAttribution, "stream"),
-    (ExpertAttribution, "write"), (ExpertAttribution, "landed"),
+    (ExpertAttribution, "write"), (ExpertAttribution, "landed"), (MoeAttribution, "gated"),
 })
 
 

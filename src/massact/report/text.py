@@ -287,11 +287,15 @@ def _expert_tables(style: Style, e: ExpertAttribution) -> list:
         add_row(experts, "shared" if x.expert is None else str(x.expert), f"{x.router_logit:.3f}", f"{x.router_prob:.3f}",
                 f"{x.router_weight:.3f}", num(x.output, True), num(x.contribution, True), f"{x.share:.1%}")
     name = "the shared expert" if m.top_expert is None else f"expert {m.top_expert}"
-    neurons = style.table(f"Neurons of {name}: router weight x act(gate) x up x W_down[dim, i]",
-                          "neuron", "gate", "up", "act(gate) x up", "W_down", "contribution", "share", right=(0, 1, 2, 3, 4, 5, 6))
+    if m.gated:
+        neurons = style.table(f"Neurons of {name}: router weight x act(gate) x up x W_down[dim, i]",
+                              "neuron", "gate", "up", "act(gate) x up", "W_down", "contribution", "share", right=(0, 1, 2, 3, 4, 5, 6))
+    else:  # one pre-activation, up
+        neurons = style.table(f"Neurons of {name}: router weight x act(up) x W_down[dim, i]",
+                              "neuron", "up", "act(up)", "W_down", "contribution", "share", right=(0, 1, 2, 3, 4, 5))
     for n in m.neurons:
-        add_row(neurons, str(n.neuron), num(n.gate, True), num(n.up, True), num(n.activation, True), f"{n.weight:+.4f}",
-                num(n.contribution, True), f"{n.share:.1%}")
+        add_row(neurons, str(n.neuron), *([num(n.gate, True)] if m.gated else []), num(n.up, True), num(n.activation, True),
+                f"{n.weight:+.4f}", num(n.contribution, True), f"{n.share:.1%}")
     w = m.super_weight
     line = Text(f"Super weight: {w.matrix}[{', '.join(map(str, w.index))}] = {w.value:+.4f} (rank {w.rank} of {w.entries:,} by |w|).")
     return [experts, neurons, line, *_write_line(e.stream, e.write, m.actual, e.landed)]

@@ -85,4 +85,5 @@ def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: in
         dim=dim, family=family, output=total, actual=actual, error=abs(total - actual) / max(abs(actual), 1e-12), experts=routed,
         shared_expert=shared, top_expert=best.expert, neurons=best.neurons,
         super_weight=_super_weight(moe, best.expert, dim, best.neurons[0].neuron),
+        gated=moe.spec.shared.gated if best.expert is None else moe.spec.experts.gated,
     )

@@ -408,7 +408,8 @@ class MoeAttribution:
     on the token); error: |output - actual| / |actual|. ``experts`` are the routed experts the router selected, by
     router weight, highest first; ``shared_expert`` the shared expert (None where there is none). ``top_expert`` is the
     expert with the largest |contribution| (None when that is the shared expert); ``neurons`` are its top neurons and
-    ``super_weight`` its top neuron's down-projection entry.
+    ``super_weight`` its top neuron's down-projection entry. ``gated``: that expert's neurons are gated (act(gate) x
+    up); else their activation is act(up), and each neuron's ``gate`` holds its up pre-activation, the only one.
     """
 
     dim: int
@@ -421,6 +422,7 @@ class MoeAttribution:
     top_expert: int | None
     neurons: list[ExpertNeuron]
     super_weight: ExpertSuperWeight
+    gated: bool = True
 
 
 @dataclass(kw_only=True)

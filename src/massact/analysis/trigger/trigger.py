@@ -41,9 +41,20 @@ def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
 
 
 def neuron_site(lm: LoadedModel, layer: int) -> str:
-    """The pre-activation that decides whether a neuron of block ``layer`` fires: the gate in a gated MLP, else the
-    one pre-activation."""
-    return "mlp_gate" if lm.at(layer).gated else "mlp_up"
+    """The pre-activation that decides whether a neuron of block ``layer`` (of its MLP, or of its experts) fires: the
+    gate in a gated MLP, else the one pre-activation."""
+    return "mlp_gate" if _gated(lm, layer) else "mlp_up"
+
+
+def _gated(lm: LoadedModel, layer: int) -> bool:
+    """Whether block ``layer``'s neurons are gated: its dense MLP's, or its routed experts'."""
+    here = lm.at(layer)
+    return here.moe.experts.gated if here.moe is not None else here.gated
+
+
+def _pre_activations(lm: LoadedModel, layer: int) -> tuple[str, ...]:
+    """The pre-activation sites of block ``layer``'s neurons: gate and up where gated, else up."""
+    return ("mlp_gate", "mlp_up") if _gated(lm, layer) else ("mlp_up",)
 
 
 def _link(depth: int, kind: str, layer, index, piece: Split | None, position: int, source: str | None, feeds: float | None,
@@ -154,13 +165,13 @@ def trigger(
         toward = [n for n in a.neurons if n.contribution * a.output > 0][: min(max(a.neurons_for_90pct, 1), TOP_NEURONS)]
         for n in toward:
             roles[a.layer, n.neuron, None] = a.role
-            targets += [Target(a.layer, n.neuron, site) for site in (("mlp_gate", "mlp_up") if lm.at(a.layer).gated else ("mlp_up",))]
+            targets += [Target(a.layer, n.neuron, site) for site in _pre_activations(lm, a.layer)]
     router = None
     for e in (e for e in experts if e.moe.top_expert is not None):  # a routed expert's neurons (a shared expert's: not split)
         toward = [n for n in e.moe.neurons if n.contribution * e.moe.output > 0][:TOP_NEURONS]
         for n in toward:
             roles[e.layer, n.neuron, e.moe.top_expert] = e.role
-            targets += [Target(e.layer, n.neuron, site, e.moe.top_expert) for site in ("mlp_gate", "mlp_up")]
+            targets += [Target(e.layer, n.neuron, site, e.moe.top_expert) for site in _pre_activations(lm, e.layer)]
         router = router or router_trigger(lm, input_ids, e.layer, e.moe.top_expert, p)
     warnings = []
     neurons: list[NeuronTrigger] = []
@@ -174,7 +185,7 @@ def trigger(
             neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits, expert=expert))
             where = f"block {layer}{'' if expert is None else f' expert {expert}'} neuron {neuron}"
             warnings += [f"{where} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
-        first = next(x for x in pieces if x.target.site == ("mlp_gate" if x.target.expert is not None else neuron_site(lm, x.target.layer)))
+        first = next(x for x in pieces if x.target.site == neuron_site(lm, x.target.layer))
         chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
         patches = patch_sources(lm, input_ids, first, line, medians, criterion) if patch else []
     elif heads:  # attention writes it: the chain starts, and ends, at the writing head

@@ -5,15 +5,18 @@ only the softmax blocks have sink metrics.
 
 Jamba and Bamba keep the two-sublayer block (mixer, then MLP: ``input_layernorm``, ``pre_ff_layernorm``); Jamba's
 MLP is a mixture of experts every ``expert_layer_period`` blocks. A Nemotron-H block is one sublayer, a Mamba-2 scan,
-an attention or an ungated MLP (``mixer`` in each), behind one norm and added once to the residual: a scan or
-attention block has no MLP (``no_mlp``), an MLP block no token mixer (``mixer`` None). Granite-4.0-H is Bamba's
-block with Granite's scales (``branch_scale``, ``embedding_scale``) and its MLP in ``shared_mlp``.
+an attention, an ungated MLP or a mixture of experts (``mixer`` in each), behind one norm and added once to the
+residual: a scan or attention block has no MLP (``no_mlp``), an MLP or expert block no token mixer (``mixer`` None).
+Its experts are ungated (``up_proj``, ``down_proj``: act_fn(up), ReLU^2), routed as DeepSeek-V3's (sigmoid, a
+correction bias, group-limited top-k, renormalised, scaled), beside an ungated shared expert. Granite-4.0-H is
+Bamba's block with Granite's scales (``branch_scale``, ``embedding_scale``) and its MLP in ``shared_mlp``.
 """
 
 import dataclasses
 
 from . import llama
 from .base import Adapter, Cut, Experts, Mlp, Moe, Router, Variant
+from .moe import _SIGMOID  # DeepSeek-V3's routing
 
 
 def _block_type(config, layer: int) -> str:
@@ -22,9 +25,10 @@ def _block_type(config, layer: int) -> str:
     return str(config.layers_block_type[layer])
 
 
-_NEMOTRON_NOTE = ("one sublayer per block (a Mamba-2 scan, an attention or an ungated ReLU^2 MLP, each at `mixer`) behind "
-                  "one norm: scan and attention blocks have no MLP, MLP blocks no token mixer; mixture-of-experts blocks "
-                  "(ungated experts behind latent projections) are not mapped")
+_NEMOTRON_NOTE = ("one sublayer per block (a Mamba-2 scan, an attention, an ungated ReLU^2 MLP or a mixture of experts, "
+                  "each at `mixer`) behind one norm: scan and attention blocks have no MLP, MLP and expert blocks no token "
+                  "mixer; ungated experts, DeepSeek-V3's sigmoid routing with a correction bias, an ungated shared expert "
+                  "added as it is")
 
 _ALONE = {"attention": "mixer", "mlp": None, "no_mlp": True}  # a token mixer at ``mixer``, with no MLP after it
 
@@ -40,10 +44,15 @@ NEMOTRON_H = Adapter(
                 changes=_ALONE | {"mixer": "ssm", "attention_out": "out_proj"}),
         Variant(when=lambda config, layer: _block_type(config, layer) == "full_attention",
                 changes=_ALONE | {"mixer": "attention", "values": Cut("mixer.v_proj")}),
+        Variant(when=lambda config, layer: _block_type(config, layer) == "moe",
+                changes={"mlp": None, "moe": Moe(router=_SIGMOID, experts=Experts(gated=False), block="mixer",
+                                                 shared=Mlp(path="shared_experts", gate=None))}),
     ),
-    # Its mixture-of-experts blocks hold ungated experts (up_proj, down_proj) behind latent projections, a layout
-    # massact.capture.routing does not recompute: a config with them has no adapter.
-    when=lambda config: "moe" not in config.layers_block_type,
+    # Latent experts (``moe_latent_size``) read and write through fc1_latent_proj and fc2_latent_proj, around the
+    # weighted sum: an expert's down projection writes the latent, not the stream, so no entry of it is a super weight
+    # at a residual dim. With ``mlp_bias`` the shared expert has biases, which its recomputation leaves out. Configs
+    # with either in their expert blocks have no adapter.
+    when=lambda config: "moe" not in config.layers_block_type or (config.moe_latent_size is None and not config.mlp_bias),
     notes=_NEMOTRON_NOTE,
 )
 
