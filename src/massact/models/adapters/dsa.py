@@ -16,19 +16,15 @@ _NOTE = (moe._DEEPSEEK_NOTE + "; DeepSeek sparse attention: an indexer picks the
          "sink section reports how often the sink tokens are among them)")
 
 
-def _dense(config, layer: int) -> bool:
-    return config.mlp_layer_types[layer] == "dense"
-
-
 DEEPSEEK_V32 = moe._sparse(
     moe._MLA, "DeepSeek-V3.2", ("deepseek_v32",), Moe(router=moe._SIGMOID, shared=moe._DEEPSEEK_SHARED),
-    indexer=_INDEXER, variants=(Variant(when=_dense, changes=moe._dense()),), notes=_NOTE,
+    indexer=_INDEXER, variants=(Variant(when=moe._listed_dense, changes=moe._dense()),), notes=_NOTE,
 )
 
 GLM_MOE_DSA = moe._sparse(
     moe._MLA, "GLM-5", ("glm_moe_dsa",), Moe(router=moe._SIGMOID, shared=moe._DEEPSEEK_SHARED),
     indexer=_INDEXER,
-    variants=(Variant(when=_dense, changes=moe._dense()),
+    variants=(Variant(when=moe._listed_dense, changes=moe._dense()),
               Variant(when=lambda config, layer: config.indexer_types[layer] == "shared", changes={"indexer": None})),
     notes=_NOTE + "; blocks of indexer type \"shared\" reuse the previous block's selection (not read there)",
 )

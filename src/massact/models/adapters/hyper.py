@@ -75,22 +75,17 @@ DEEPSEEK_V4 = dataclasses.replace(
 _HY_V4_HC = dataclasses.replace(_DEEPSEEK_V4_HC, attn=Connection(path="attn_hc", write=0), mlp=Connection(path="ffn_hc", write=0))
 
 
-def _dense_hy(config, layer: int) -> bool:
-    return config.mlp_layer_types[layer] == "dense"
-
-
 HY_V4 = dataclasses.replace(
     moe._MLA,
     family="HY-V4",
     model_types=("hy_v4",),
     mlp=None,
-    moe=Moe(router=Router(score="sigmoid", correction="e_score_correction_bias", groups="top2", renormalise="norm_topk_prob",
-                          scale="routed_scaling_factor"), shared=Mlp(path="shared_experts")),
+    moe=Moe(router=moe._SIGMOID, shared=moe._DEEPSEEK_SHARED),
     mlp_norm=(),
     hyper=_HY_V4_HC,
     attn_read=("input_layernorm", "in"),
     mlp_read=("post_attention_layernorm", "in"),
-    variants=(Variant(when=_dense_hy, changes={"moe": None, "mlp": Mlp()}),),
+    variants=(Variant(when=moe._listed_dense, changes={"moe": None, "mlp": Mlp()}),),
     notes=_HC_NOTE + " (pre and post from attn_hc and ffn_hc; no mixing: each stream carries itself over); "
     "multi-head latent attention; " + moe._NOTE,
 )

@@ -29,6 +29,11 @@ def _sparse_step(config, layer: int) -> bool:
             or (layer + 1) % getattr(config, "decoder_sparse_step", 1) != 0)
 
 
+def _listed_dense(config, layer: int) -> bool:
+    """The rule of the families that list each block's MLP in ``mlp_layer_types``: dense where it says "dense"."""
+    return config.mlp_layer_types[layer] == "dense"
+
+
 def _first_k(config, layer: int) -> bool:
     """DeepSeek's and GLM's rule: the first ``first_k_dense_replace`` blocks are dense."""
     return layer < config.first_k_dense_replace
@@ -134,7 +139,7 @@ QWEN3_5_MOE_MULTIMODAL = dataclasses.replace(QWEN3_5_MOE, model_types=("qwen3_5_
 # ``self_attn`` too) in most blocks; ``mlp_layer_types`` says which blocks are dense.
 KIMI_LINEAR = _sparse(
     _MLA, "Kimi-Linear", ("kimi_linear",), Moe(router=_SIGMOID, shared=_DEEPSEEK_SHARED),
-    variants=(Variant(when=lambda config, layer: config.mlp_layer_types[layer] == "dense", changes=_dense()),
+    variants=(Variant(when=_listed_dense, changes=_dense()),
               Variant(when=lambda config, layer: layer_types(config, layer) == "linear_attention",
                       changes={"mixer": "linear", "values": None})),
     notes="hybrid: Kimi Delta Attention (linear attention, self_attn) in most blocks, multi-head latent attention in the others; "

@@ -26,17 +26,15 @@ import dataclasses
 from ...errors import UsageError
 from . import llama
 from .base import Cut, Moe, Router, Variant, kv_heads, layer_types
-from .moe import _DEEPSEEK_SHARED, _NOTE, _SIGMOID, _dense, _sparse
+from .moe import _DEEPSEEK_SHARED, _NOTE, _SIGMOID, _dense, _listed_dense, _sparse
 
 _SHARED = " plus shared experts added as they are"
 
 
-def _mlp_type(dense: str):
-    """The rule of the families that list each block's MLP in ``mlp_layer_types``: a block is dense where it says
-    so (``dense`` "dense"), or where it is not "sparse" (``dense`` "not sparse"), as each family's code decides."""
-    if dense == "dense":
-        return lambda config, layer: config.mlp_layer_types[layer] == "dense"
-    return lambda config, layer: config.mlp_layer_types[layer] != "sparse"
+def _not_sparse(config, layer: int) -> bool:
+    """The rule of the families whose code takes every block ``mlp_layer_types`` does not call "sparse" as dense
+    (the others' rule, "dense" where it says so, is ``moe._listed_dense``)."""
+    return config.mlp_layer_types[layer] != "sparse"
 
 
 MINIMAX_M2 = _sparse(
@@ -64,7 +62,7 @@ ERNIE4_5_MOE = _sparse(
 
 EXAONE_MOE = _sparse(
     llama.ADAPTER, "EXAONE-MoE", ("exaone_moe",), Moe(router=_SIGMOID, shared=_DEEPSEEK_SHARED),
-    variants=(Variant(when=_mlp_type("not sparse"), changes=_dense()),
+    variants=(Variant(when=_not_sparse, changes=_dense()),
               # With a sliding window, the full-attention blocks skip the rotary embedding ("global NoPE").
               Variant(when=lambda config, layer: config.sliding_window is not None and layer_types(config, layer) != "sliding_attention",
                       changes={"positions": False})),
@@ -97,10 +95,10 @@ COHERE2_MOE = _sparse(
     variants=(*(Variant(when=_cohere_kind(score, strategy), changes={"moe": _cohere_moe(score, strategy)})
                 for score in ("softmax", "sigmoid") for strategy in (None, "sum", "average")
                 if (score, strategy) != ("softmax", None)),
-              Variant(when=_mlp_type("dense"), changes=_dense()),
+              Variant(when=_listed_dense, changes=_dense()),
               # Only sliding-window blocks use rotary positions, and the dense prefix blocks where their pattern is 1.
               Variant(when=lambda config, layer: not (layer_types(config, layer) == "sliding_attention"
-                                                      or (config.mlp_layer_types[layer] == "dense"
+                                                      or (_listed_dense(config, layer)
                                                           and config.prefix_dense_sliding_window_pattern == 1)),
                       changes={"positions": False})),
     notes="parallel block: attention and the experts read the same normed input (one shared input_layernorm); " + _NOTE
@@ -138,7 +136,7 @@ def _swa_values(v_proj, config):
 
 MIMO_V2_FLASH = _sparse(
     llama.ADAPTER, "MiMo-V2-Flash", ("mimo_v2_flash",), Moe(router=_SIGMOID),
-    variants=(Variant(when=_mlp_type("not sparse"), changes=_dense()),
+    variants=(Variant(when=_not_sparse, changes=_dense()),
               Variant(when=lambda config, layer: layer_types(config, layer) == "sliding_attention",
                       changes={"sinks": "self_attn.sinks", "values": Cut("self_attn.v_proj", _swa_values)})),
     notes=_NOTE + "; sigmoid routing with a correction bias and group-limited top-k (as DeepSeek-V3), no shared expert; "
@@ -162,7 +160,7 @@ LAGUNA = _sparse(
     Moe(router=Router(score="sigmoid", correction="e_score_correction_bias", renormalise=True,
                       softcap="router_logit_softcapping", scale="moe_routed_scaling_factor", scaled_after=True),
         shared=_DEEPSEEK_SHARED),
-    variants=(Variant(when=_mlp_type("not sparse"), changes=_dense()),),
+    variants=(Variant(when=_not_sparse, changes=_dense()),),
     when=_uniform_heads,
     notes=_NOTE + "; sigmoid routing of softcapped logits with a correction bias, top-k renormalised; the block scales the "
                   "experts' sum by moe_routed_scaling_factor;" + _SHARED + "; each head's output is gated by softplus(g_proj) "
