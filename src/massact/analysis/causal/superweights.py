@@ -66,14 +66,7 @@ def all_super_weights(lm: LoadedModel, inputs: dict[int, torch.Tensor], evaluati
     attribution, criterion, baseline = mechanism.attribution, findings.criterion, evaluation.baseline
     steps = settings.super_weight_steps
     for line in mechanism.lifelines:
-        medians = _medians(findings, line.stream)
+        medians = findings.stream_medians(line.stream)
         if any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position) for a in attribution):
             yield from iterate(lm, line, inputs[line.text], medians, criterion, partial(evaluation.score, line.born_at),
                                baseline, steps)
-
-
-def _medians(findings: Findings, stream: str) -> list[float]:
-    """Each block's median |a|, or with a hyper-connection ``stream`` ("s0", ...) that stream's own."""
-    if not stream:
-        return findings.medians
-    return [next(s.median for s in stats.streams if s.stream == stream) for stats in findings.layers]

@@ -44,12 +44,12 @@ class _Run:
     inputs: dict[int, torch.Tensor]
     evaluation: Evaluation | EmbeddingEvaluation
     step: Callable[[], None]
-    stream_medians: dict[tuple[int, str], float]  # with hyper-connections: (block, stream) -> that stream's median |a|
+    findings: Findings  # with hyper-connections, each stream's median |a| (``median``)
 
     def median(self, layer: int, stream: str) -> float:
         """What a value in ``stream`` of block ``layer`` is judged against: the stream's own median |a| (the scan's
         criterion), or the block's where there is one stream."""
-        return self.stream_medians[layer, stream] if stream else self.medians[layer]
+        return self.findings.stream_medians(stream)[layer]
 
     @property
     def baseline(self) -> float:
@@ -84,8 +84,7 @@ def verify_by_intervention(
     if evaluation.text is None:
         raise ValueError("verify_by_intervention needs the scoring evaluation_for makes (it names its evaluation text)")
     eval_text, eval_source = evaluation.text.text, evaluation.text.source
-    streams = {(layer, s.stream): s.median for layer, stats in enumerate(findings.layers) for s in stats.streams}
-    run = _Run(lm, dims, medians, criterion, inputs, evaluation, step, streams)
+    run = _Run(lm, dims, medians, criterion, inputs, evaluation, step, findings)
     replaced = replacement_values(dims, massive)
     headless = isinstance(run.evaluation, EmbeddingEvaluation)
     # What the output loses under the super weights' zeroing and the replacements, in one pass over the windows; the

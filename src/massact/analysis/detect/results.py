@@ -93,3 +93,10 @@ class Findings:
     def medians(self) -> list[float]:
         """Each block's median |a| over the scanned tokens: what the criterion's ratio is taken against."""
         return [stats.median for stats in self.layers]
+
+    def stream_medians(self, stream: str) -> list[float]:
+        """Each block's median |a| in hyper-connection ``stream`` ("s0", ...): what a value there is judged against;
+        ``medians`` where ``stream`` is "" (one stream)."""
+        if not stream:
+            return self.medians
+        return [next(s.median for s in stats.streams if s.stream == stream) for stats in self.layers]

@@ -189,8 +189,8 @@ def stream_lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torc
             values["mlp_out"].append(terms.pop("mlp"))
             values["mix"].append(sum(terms.values()) - own)
             values["resid_out"].append(float(probes[layer]["resid_out"][0, stream, summary.dim]))
-        medians = [stats.streams[stream].median for stats in findings.layers]
-        line = build_lifeline(values, "resid_out", medians, findings.criterion, summary, carrier, post_ln=False)
+        line = build_lifeline(values, "resid_out", findings.stream_medians(f"s{stream}"), findings.criterion, summary, carrier,
+                              post_ln=False)
         line.stream = f"s{stream}"
         found.append(line)
     return found
