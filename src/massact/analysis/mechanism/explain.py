@@ -68,7 +68,7 @@ def explain(
     for text, layer in dict.fromkeys((e.text, e.layer) for e in events):
         positions = sorted({e.position for e in events if (e.text, e.layer) == (text, layer)})
         probes[text, layer] = (positions, probe_block(lm, inputs[text], layer, positions))
-    tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
+    tolerance = _tolerance(lm)
     for event in events:
         positions, vectors = probes[event.text, event.layer]
         at = {site: v[positions.index(event.position)] for site, v in vectors.items()}
@@ -86,22 +86,37 @@ def explain(
         if origin.norm is not None and origin.norm.error > tolerance:
             warnings.append(f"block {event.layer} dim {event.dim}: the norm's factors miss its output by {origin.norm.error:.1e}")
         origins.append(origin)
-        moe = MoeBlock.at(lm, event.layer) if origin.writer == "mlp" and cause != "median" else None
-        if moe is not None:
-            split = attribute_moe(moe, lm.adapter.family, at["mlp_in"], event.dim, top_neurons)
-            if split.error > tolerance:
-                warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
-            experts.append(ExpertAttribution(**_place(event, tokens), moe=split))
-        elif origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
-            attribution = attribute(lm, event, at, tokens, top_neurons)
-            if attribution.error > tolerance:
-                warnings.append(
-                    f"block {event.layer} dim {event.dim}: neuron contributions miss the output by {attribution.error:.1e}"
-                )
-            attributions.append(attribution)
-            anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
+        if origin.writer == "mlp" and cause != "median":  # when the median grew, nothing wrote the change
+            found, anatomy = _open_writer(lm, event, at, tokens, top_neurons, tolerance, warnings)
+            if anatomy is None:
+                experts.append(found)
+            else:
+                attributions.append(found)
+                anatomies.append(anatomy)
 
     return origins, anatomies, attributions, experts
+
+
+def _tolerance(lm: LoadedModel) -> float:
+    """How far a second computation may miss in the model's dtype before a warning says so."""
+    return 1e-3 if lm.dtype == torch.float32 else 2e-2
+
+
+def _open_writer(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens: list[list[str]], top: int, tolerance: float,
+                 warnings: list[str], token_id: int | None = None) -> tuple[Attribution | ExpertAttribution, Anatomy | None]:
+    """The MLP that wrote ``event``, opened: its experts and their neurons (a mixture: anatomy None; ``token_id`` for a
+    hash router), or its neurons and anatomy (dense). A split that misses the output by more than ``tolerance``
+    appends a warning."""
+    moe = MoeBlock.at(lm, event.layer)
+    if moe is not None:
+        split = attribute_moe(moe, lm.adapter.family, at["mlp_in"], event.dim, top, token_id=token_id)
+        if split.error > tolerance:
+            warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
+        return ExpertAttribution(**_place(event, tokens), moe=split), None
+    attribution = attribute(lm, event, at, tokens, top)
+    if attribution.error > tolerance:
+        warnings.append(f"block {event.layer} dim {event.dim}: neuron contributions miss the output by {attribution.error:.1e}")
+    return attribution, open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons])
 
 
 def explain_streams(
@@ -114,7 +129,7 @@ def explain_streams(
     ... + w_mlp[s] x mlp_out), the amplifier between the neurons' sum and the stream. One probe pass per (text,
     block, position); last, a warning for each check that fails its second computation."""
     tokens, top = findings.tokens, settings.top_neurons
-    tolerance = 1e-3 if lm.dtype == torch.float32 else 2e-2
+    tolerance = _tolerance(lm)
     by_place = {(o.layer, o.stream, o.dim, o.text, o.position): o for o in origins}
     anatomies, attributions, experts, warnings = [], [], [], []
     probes: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
@@ -129,22 +144,16 @@ def explain_streams(
             place = (line.text, layer, line.position)
             if place not in probes:
                 probes[place] = {site: v[0] for site, v in probe_block(lm, inputs[line.text], layer, [line.position]).items()}
-            at = probes[place]
-            moe = MoeBlock.at(lm, layer)
-            if moe is not None:
-                token = int(inputs[line.text][0, line.position])
-                split = attribute_moe(moe, lm.adapter.family, at["mlp_in"], line.dim, top, token_id=token)
-                if split.error > tolerance:
-                    warnings.append(f"block {layer} dim {line.dim}: the experts' contributions miss the output by {split.error:.1e}")
-                experts.append(ExpertAttribution(**_place(event, tokens), moe=split, stream=line.stream, write=write,
-                                                 landed=write * split.actual))
-                continue
-            attribution = attribute(lm, event, at, tokens, top)
-            if attribution.error > tolerance:
-                warnings.append(f"block {layer} dim {line.dim}: neuron contributions miss the output by {attribution.error:.1e}")
-            attribution.stream, attribution.write, attribution.landed = line.stream, write, write * attribution.output
-            attributions.append(attribution)
-            anatomies.append(open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons]))
+            found, anatomy = _open_writer(lm, event, probes[place], tokens, top, tolerance, warnings,
+                                          token_id=int(inputs[line.text][0, line.position]))
+            found.stream, found.write = line.stream, write
+            if anatomy is None:
+                found.landed = write * found.moe.actual
+                experts.append(found)
+            else:
+                found.landed = write * found.output
+                attributions.append(found)
+                anatomies.append(anatomy)
     return anatomies, attributions, experts, warnings
 
 
