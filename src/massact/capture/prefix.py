@@ -15,7 +15,7 @@ from torch import nn
 from ..models.loading import LoadedModel
 
 
-def _copy(output: Any) -> Any:
+def copy_output(output: Any) -> Any:
     """A block's output (a tensor, or a tuple led by one) with its tensor copied: a block may add into its input."""
     if isinstance(output, torch.Tensor):
         return output.detach().clone()
@@ -28,7 +28,7 @@ def keep_block_inputs(lm: LoadedModel, starts: Iterable[int]) -> Iterator[dict[i
     (what ``run_from`` needs). Start 0 needs nothing and is left out."""
     kept: dict[int, Any] = {}
     blocks = lm.adapter.blocks(lm.model)
-    handles = [blocks[start - 1].register_forward_hook(lambda m, args, output, start=start: kept.__setitem__(start, _copy(output)))
+    handles = [blocks[start - 1].register_forward_hook(lambda m, args, output, start=start: kept.__setitem__(start, copy_output(output)))
                for start in sorted(set(starts)) if start > 0]
     try:
         yield kept
@@ -49,7 +49,7 @@ def run_from(lm: LoadedModel, start: int, block_input: Any) -> Iterator[None]:
     saved = [block.__dict__.get("forward") for block in blocks]  # accelerate's device-map dispatch sets its own
 
     def skipped(*args: Any, **kwargs: Any) -> Any:
-        return _copy(block_input)
+        return copy_output(block_input)
 
     try:
         for block in blocks:
