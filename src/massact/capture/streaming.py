@@ -67,9 +67,9 @@ def _libc():
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-    except OSError:
+        return libc if libc is not None and libc.malloc_trim else None
+    except (OSError, AttributeError):  # no C library found, or not glibc (musl, macOS): nothing to hand back
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only (not musl, macOS)
 
 
 _LIBC = _libc()
