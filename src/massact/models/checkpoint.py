@@ -3,9 +3,9 @@ safetensors shards when a pass reaches that block, then released.
 
 The tensors go through transformers' own loading (``convert_and_load_state_dict_in_model``), with the key renamings
 and conversions its ``from_pretrained`` applies (per-expert tensors fused into 3-D parameters, for example) and the
-dtype conversion: a streamed block holds exactly what the model loaded in memory holds. Only the parameters are
-built empty; buffers that the model computes (rotary frequencies) are real from the start, and those that the
-checkpoint stores are read with their block.
+dtype conversion: a streamed block holds exactly what the model loaded in memory holds. The model is built on the
+meta device; the buffers it computes rather than stores (rotary frequencies) are then computed as transformers'
+loading computes them, and those that the checkpoint stores are read with their block.
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ def scan_layers(
                 on_window(index)
 
     seen, batches, pending = 0, 0, []
-    with torch.no_grad(), _recording(lm, recorder, n_layers, slots), (maxima.recording() if maxima is not None else nullcontext()):
+    recording = block_recording(lm, recorder, range(n_layers), True, slots)
+    with torch.no_grad(), recording, (maxima.recording() if maxima is not None else nullcontext()):
         for index, ids in enumerate(windows):
             if index % world != rank:  # under torchrun / accelerate launch, each process takes every world-th window
                 continue
@@ -167,21 +168,31 @@ def scan_layers(
         merge_across_processes(histograms, tops, maxima)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
+    return layer_scan(lm, histograms, tops, maxima, lm.dtype, slots)
+
+
+def layer_scan(lm: LoadedModel, histograms: list[LogHistogram], tops: list[TopK], maxima: ExpertMaxima | None,
+               dtype: torch.dtype, slots: tuple[str, ...]) -> LayerScan:
+    """The finished scan's ``LayerScan``, from its statistics: the first non-finite value (its layer a block, with
+    hyper-connections) and, where there is one, the weights in memory that hold inf or nan."""
     nonfinite = first_nonfinite(tops)
     if nonfinite is not None and slots:
         nonfinite = (nonfinite[0] // len(slots), *nonfinite[1:])
-    return LayerScan(histograms, tops, nonfinite, (maxima.routed.cpu(), maxima.shared.cpu()) if maxima else None, dtype=lm.dtype,
+    return LayerScan(histograms, tops, nonfinite, (maxima.routed.cpu(), maxima.shared.cpu()) if maxima else None, dtype=dtype,
                      stream=lm.adapter.stream, nonfinite_weights=nonfinite_weights(lm.model) if nonfinite is not None else [],
                      slots=slots)
 
 
-def _recording(lm: LoadedModel, recorder: BlockRecorder, n_layers: int, slots: tuple[str, ...]):
-    """The hooks that feed ``recorder`` every block's output: as it is, or with hyper-connections each stream of it
-    (statistic block x slots + stream), then the combination the next block's attention reads (block L's "read" is
-    block L + 1's attn_read; the last block's, what the final norm reads), in the order the forward pass makes them."""
+def block_recording(lm: LoadedModel, recorder: BlockRecorder, layers: Iterable[int], final: bool, slots: tuple[str, ...]):
+    """The hooks that feed ``recorder`` the output of each block of ``layers``: as it is, or with hyper-connections
+    each stream of it (statistic block x slots + stream), then the combination the next block's attention reads
+    (block L's "read" is block L + 1's attn_read; with ``final``, the last block's is what the final norm reads), in
+    the order the forward pass makes them."""
+    layers = list(layers)
     if not slots:
-        sites = [(layer, lm.adapter.stream) for layer in range(n_layers)]
+        sites = [(layer, lm.adapter.stream) for layer in layers]
         return tap(lm.model, lm.adapter, sites, lambda layer, _, hidden: recorder.add(layer, hidden))
+    n_layers = len(lm.adapter.blocks(lm.model))
     per, streams = len(slots), len(slots) - 1
 
     def add(layer: int, site: str, hidden: torch.Tensor) -> None:
@@ -191,9 +202,11 @@ def _recording(lm: LoadedModel, recorder: BlockRecorder, n_layers: int, slots: t
             for stream in range(streams):
                 recorder.add(layer * per + stream, hidden[..., stream, :])
 
-    sites = [(layer, lm.adapter.stream) for layer in range(n_layers)] + [(layer, "attn_read") for layer in range(1, n_layers)]
-    return _both(tap(lm.model, lm.adapter, sites, add),
-                 tap_final(lm.model, lm.adapter, lambda hidden: recorder.add((n_layers - 1) * per + streams, hidden)))
+    sites = [(layer, lm.adapter.stream) for layer in layers] + [(layer, "attn_read") for layer in layers if layer > 0]
+    hooks = tap(lm.model, lm.adapter, sites, add)
+    if not final:
+        return hooks
+    return _both(hooks, tap_final(lm.model, lm.adapter, lambda hidden: recorder.add((n_layers - 1) * per + streams, hidden)))
 
 
 @contextmanager

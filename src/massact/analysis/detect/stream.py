@@ -4,17 +4,16 @@ fed to the same recorder as the in-memory scan, so that the statistics are the s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from ...capture.batches import pad_batch
 from ...capture.blocks import BlockRecorder
 from ...capture.expert_maxima import ExpertMaxima
-from ...capture.hooks import tap, tap_final
 from ...capture.streaming import Batch, carry
 from ...models.checkpoint import StreamedModel
-from .scan import CANDIDATES, LayerScan, first_nonfinite, stream_slots
+from .scan import CANDIDATES, LayerScan, block_recording, layer_scan, stream_slots
 
 
 def corpus_batches(windows: Iterable[torch.Tensor], batch_size: int) -> list[Batch]:
@@ -44,8 +43,7 @@ def stream_layers(streamed: StreamedModel, windows: Iterable[torch.Tensor], cand
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
     slots = stream_slots(lm)
-    per = max(1, len(slots))
-    recorder = BlockRecorder(n_layers * per, candidates, lm.device)
+    recorder = BlockRecorder(n_layers * max(1, len(slots)), candidates, lm.device)
     maxima = ExpertMaxima(lm) if any(lm.at(layer).moe is not None for layer in range(n_layers)) else None
     batches = corpus_batches(windows, batch_size)
 
@@ -57,40 +55,13 @@ def stream_layers(streamed: StreamedModel, windows: Iterable[torch.Tensor], cand
 
     @contextmanager
     def at_block(layer: int):
-        with ExitStack() as stack:
-            stack.enter_context(_block_hooks(lm, recorder, layer, n_layers, slots))
+        with block_recording(lm, recorder, [layer] if layer < n_layers else [], layer == n_layers, slots):
             yield
             recorder.finish()
         if on_block is not None and layer < n_layers:
             on_block(layer)
 
-    with maxima.recording() if maxima is not None else ExitStack():
+    with maxima.recording() if maxima is not None else nullcontext():
         carry(streamed, batches, at_block, on_batch=start, head=bool(slots))
     histograms, tops = recorder.sync()
-    nonfinite = first_nonfinite(tops)
-    if nonfinite is not None and slots:
-        nonfinite = (nonfinite[0] // len(slots), *nonfinite[1:])
-    return LayerScan(histograms, tops, nonfinite, (maxima.routed.cpu(), maxima.shared.cpu()) if maxima else None, dtype=streamed.dtype,
-                     stream=lm.adapter.stream, slots=slots)
-
-
-def _block_hooks(lm, recorder: BlockRecorder, layer: int, n_layers: int, slots: tuple[str, ...]):
-    """The hooks that feed ``recorder`` while block ``layer``'s batches run (``layer`` = n_layers: the head's): its
-    output, or with hyper-connections each stream of it and the combination this block reads (the previous block's
-    "read" slot); after the last block, the combination the final norm reads."""
-    if not slots:
-        return tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], lambda at, _, hidden: recorder.add(at, hidden)) \
-            if layer < n_layers else ExitStack()
-    per, streams = len(slots), len(slots) - 1
-    if layer == n_layers:
-        return tap_final(lm.model, lm.adapter, lambda hidden: recorder.add((n_layers - 1) * per + streams, hidden))
-
-    def add(at: int, site: str, hidden: torch.Tensor) -> None:
-        if site == "attn_read":
-            recorder.add((at - 1) * per + streams, hidden)
-        else:
-            for stream in range(streams):
-                recorder.add(at * per + stream, hidden[..., stream, :])
-
-    sites = [(layer, lm.adapter.stream)] + ([(layer, "attn_read")] if layer > 0 else [])
-    return tap(lm.model, lm.adapter, sites, add)
+    return layer_scan(lm, histograms, tops, maxima, streamed.dtype, slots)
