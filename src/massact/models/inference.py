@@ -490,36 +490,23 @@ def check(model: nn.Module, adapter: Adapter) -> tuple[str, ...]:
                      act(t("mlp_gate")) * t("mlp_up") if adapter.gated else act(t("mlp_up")), layer)
             down = part(adapter.mlp_down)
             bias = getattr(down, "bias", None)
-            equation("mlp_out = down(mlp_act)", t(adapter.raw("mlp_out")),
-                     t("mlp_act") @ adapter.weight_out_in(down).T + (bias if bias is not None else 0), layer)
+            projected = t("mlp_act") @ adapter.weight_out_in(down).T + (bias if bias is not None else 0)
+            if "mlp_out" in adapter.branch_norms:  # the down projection makes the raw output, which the norm lands
+                equation("mlp_out = down(mlp_act)", t(adapter.raw("mlp_out")), projected, layer)
+            else:  # times a branch scale or the MLP's own down scale, where it has one
+                landing = adapter.landing(config, "mlp_out")
+                equation("mlp_out = down(mlp_act)" + (f" x {landing:g}" if landing != 1.0 else ""), t("mlp_out"), projected * landing, layer)
     return tuple(f"{name} (relative error {rel:.1e})" for name, (rel, _) in worst.items())
 
 
 def _trace(model: nn.Module, adapter: Adapter) -> tuple[dict[tuple[int, str], torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Every site of every block on the probe batch, by (layer, site), and transformers' hidden states."""
+    """Every site of every block on the probe batch, by (layer, site), read as every stage reads them
+    (``capture.hooks.tap``), and transformers' hidden states."""
+    from ..capture.hooks import tap
+
     values: dict[tuple[int, str], torch.Tensor] = {}
-    handles = []
-
-    def keep(layer: int, site: str, tensor, chunk) -> None:
-        tensor = _first(tensor).detach().clone()  # a copy: some blocks add in place
-        tensor = tensor.view(2, PROBE_LENGTH, -1) if tensor.dim() == 2 else tensor  # flat MLP rows put back in shape
-        values[layer, site] = tensor.chunk(chunk[1], dim=-1)[chunk[0]] if chunk else tensor
-
-    try:
-        for layer in range(text_config(model).num_hidden_layers):
-            for site, (path, direction, *chunk) in adapter.sites.items():
-                module = adapter.module(model, layer, path)
-                chunk = chunk[0] if chunk else None
-                if direction == "in":
-                    handles.append(module.register_forward_pre_hook(
-                        lambda m, args, kwargs, layer=layer, site=site, chunk=chunk: keep(layer, site, _input(args, kwargs), chunk),
-                        with_kwargs=True))
-                else:
-                    handles.append(module.register_forward_hook(
-                        lambda m, args, output, layer=layer, site=site, chunk=chunk: keep(layer, site, output, chunk)))
-        with torch.no_grad():
-            hidden = model(**probe_inputs(model), use_cache=False, output_hidden_states=True).hidden_states
-    finally:
-        for handle in handles:
-            handle.remove()
+    sites = [(layer, site) for layer in range(text_config(model).num_hidden_layers) for site in adapter.at(text_config(model), layer).sites]
+    keep = lambda layer, site, tensor: values.__setitem__((layer, site), tensor.detach().clone())  # a copy: some blocks add in place
+    with torch.no_grad(), tap(model, adapter, sites, keep):
+        hidden = model(**probe_inputs(model), use_cache=False, output_hidden_states=True).hidden_states
     return values, hidden
