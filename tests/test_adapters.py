@@ -161,36 +161,38 @@ def test_a_patched_scaled_branch_lands_as_patched(tokenizer):
 
 def _module_reads(model, paths: dict[str, tuple[str, str]]) -> tuple[dict, list]:
     """Plain forward hooks (no massact reader) on the named modules of every block: {(layer, name): tensor}, where
-    ``paths`` maps a name to (module path in the block, "in" or "out"); returns the dict and the handles."""
+    ``paths`` maps a name to (module path in the block, "" the block, and "in" or "out"); returns the dict and the
+    handles."""
     seen, handles = {}, []
+    first = lambda value: (value[0] if isinstance(value, (tuple, list)) else value).clone()
     for layer, block in enumerate(model.model.layers):
         for name, (path, direction) in paths.items():
             module = block.get_submodule(path)
             if direction == "in":
                 handles.append(module.register_forward_pre_hook(
-                    lambda m, args, kwargs, key=(layer, name): seen.__setitem__(key, (args[0] if args else kwargs["hidden_states"]).clone()),
+                    lambda m, args, kwargs, key=(layer, name): seen.__setitem__(key, first(args or kwargs["hidden_states"])),
                     with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(
-                    lambda m, args, output, key=(layer, name): seen.__setitem__(key, (output[0] if isinstance(output, tuple) else output).clone())))
+                    lambda m, args, output, key=(layer, name): seen.__setitem__(key, first(output))))
     return seen, handles
 
 
 @pytest.mark.parametrize("family, site", [("falcon_h1", "attn_out"), ("granitemoehybrid_moe", "mlp_out")])
 def test_a_summed_branch_is_what_lands_and_edits_as_asked(family, site, tokenizer):
     """A branch no module returns is the sum of its parts. Falcon-H1's attn_out (the scan's output x
-    ssm_out_multiplier + the attention's x attention_out_multiplier) is transformers' next hidden state less the
-    block's input less the MLP module's output; Granite-4.0-H's mlp_out ((experts + shared MLP) x residual_multiplier)
-    is that state less the input of the MLP's norm. Adding a vector to the summed site adds exactly it to the stream."""
+    ssm_out_multiplier + the attention's x attention_out_multiplier) is what the MLP's norm reads less the block's
+    input; Granite-4.0-H's mlp_out ((experts + shared MLP) x residual_multiplier) is the block's output less what the
+    MLP's norm reads. Adding a vector to the summed site adds exactly it to the stream."""
     model = tiny_model(family, len(tokenizer), seed=3)
     lm = wrap(model, tokenizer)
     config = text_config(model)
     ids = tokenizer(TEXTS, return_tensors="pt", padding=True)
     if family == "falcon_h1":
-        paths = {"mamba": ("mamba", "out"), "attention": ("self_attn", "out"), "mlp": ("feed_forward", "out"),
-                 "mid": ("pre_ff_layernorm", "in")}
+        paths = {"mamba": ("mamba", "out"), "attention": ("self_attn", "out"), "mid": ("pre_ff_layernorm", "in")}
     else:
         paths = {"experts": ("block_sparse_moe", "out"), "shared": ("shared_mlp", "out"), "mid": ("post_attention_layernorm", "in")}
+    paths["out"] = ("", "out")
     n = config.num_hidden_layers
     seen, handles = _module_reads(model, paths)
     try:
@@ -201,11 +203,11 @@ def test_a_summed_branch_is_what_lands_and_edits_as_asked(family, site, tokenize
             handle.remove()
     for layer in range(n):
         if family == "falcon_h1":
-            close(trace[layer, site], hidden[layer + 1] - hidden[layer] - seen[layer, "mlp"])
+            close(trace[layer, site], seen[layer, "mid"] - hidden[layer])
             parts = config.ssm_out_multiplier * seen[layer, "mamba"] + config.attention_out_multiplier * seen[layer, "attention"]
             assert config.ssm_out_multiplier != 1.0 and config.attention_out_multiplier != 1.0
         else:
-            close(trace[layer, site], hidden[layer + 1] - seen[layer, "mid"])
+            close(trace[layer, site], seen[layer, "out"] - seen[layer, "mid"])
             parts = config.residual_multiplier * (seen[layer, "experts"] + seen[layer, "shared"])
             assert seen[layer, "shared"].abs().max() > 1e-2 * seen[layer, "experts"].abs().max()  # both parts count
         close(trace[layer, site], parts)
@@ -225,7 +227,7 @@ def test_a_summed_branch_is_what_lands_and_edits_as_asked(family, site, tokenize
     if family == "falcon_h1":  # the stream the MLP reads holds the edited branch
         close(seen[layer, "mid"], hidden[layer] + trace[layer, site] + delta)
     else:  # the block's output, the branch being the last thing added
-        close(after[layer + 1], hidden[layer + 1] + delta)
+        close(seen[layer, "out"], hidden[layer + 1] + delta)
     with torch.no_grad():  # and the model is as it was
         close(model(**ids, output_hidden_states=True).hidden_states[-1], hidden[-1])
 
