@@ -279,7 +279,12 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0):
     config = tiny_config(family, vocab_size)
     config._attn_implementation = "eager"
     head = t.AutoModelForMaskedLM if family in ("bert", "roberta") else t.AutoModelForCausalLM
-    return head.from_config(config, attn_implementation="eager").eval()
+    model = head.from_config(config, attn_implementation="eager").eval()
+    if family == "falcon_h1":  # its scan's output starts ~1e-4 of the attention's: made as large, so that both parts count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mamba.out_proj.weight *= 3000.0
+    return model
 
 
 def _isolate_trigger(model, bos: int, adapter=None) -> None:

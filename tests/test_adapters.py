@@ -206,6 +206,7 @@ def test_a_summed_branch_is_what_lands_and_edits_as_asked(family, site, tokenize
             close(trace[layer, site], seen[layer, "mid"] - hidden[layer])
             parts = config.ssm_out_multiplier * seen[layer, "mamba"] + config.attention_out_multiplier * seen[layer, "attention"]
             assert config.ssm_out_multiplier != 1.0 and config.attention_out_multiplier != 1.0
+            assert seen[layer, "mamba"].abs().max() > 1e-1 * seen[layer, "attention"].abs().max()  # both parts count
         else:
             close(trace[layer, site], seen[layer, "out"] - seen[layer, "mid"])
             parts = config.residual_multiplier * (seen[layer, "experts"] + seen[layer, "shared"])
