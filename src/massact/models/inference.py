@@ -495,7 +495,8 @@ def check(model: nn.Module, adapter: Adapter) -> tuple[str, ...]:
                 equation("mlp_out = down(mlp_act)", t(adapter.raw("mlp_out")), projected, layer)
             else:  # times a branch scale or the MLP's own down scale, where it has one
                 landing = adapter.landing(config, "mlp_out")
-                equation("mlp_out = down(mlp_act)" + (f" x {landing:g}" if landing != 1.0 else ""), t("mlp_out"), projected * landing, layer)
+                name = "mlp_out = down(mlp_act)" + (f" x {landing:g}" if landing != 1.0 else "")
+                equation(name, t("mlp_out"), projected * landing, layer)
     return tuple(f"{name} (relative error {rel:.1e})" for name, (rel, _) in worst.items())
 
 

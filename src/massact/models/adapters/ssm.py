@@ -1,7 +1,7 @@
-"""State-space hybrids: Nemotron-H, Jamba, Bamba and Granite-4.0-H, whose token mixer is a Mamba (or Mamba-2) selective scan in most
-blocks and softmax attention in the others, and Falcon-H1, which runs both side by side in every block. The scan writes the stream through its ``out_proj`` as a convolution
-does: the origin, the lifeline and the trigger's sources hold as they are; it has no attention probabilities, so
-only the softmax blocks have sink metrics.
+"""State-space hybrids: Nemotron-H, Jamba, Bamba and Granite-4.0-H, whose token mixer is a Mamba (or Mamba-2) selective
+scan in most blocks and softmax attention in the others, and Falcon-H1, which runs both side by side in every block. The
+scan writes the stream through its ``out_proj`` as a convolution does: the origin, the lifeline and the trigger's sources
+hold as they are; it has no attention probabilities, so only the softmax blocks have sink metrics.
 
 Jamba and Bamba keep the two-sublayer block (mixer, then MLP: ``input_layernorm``, ``pre_ff_layernorm``); Jamba's
 MLP is a mixture of experts every ``expert_layer_period`` blocks. A Nemotron-H block is one sublayer, a Mamba-2 scan,
