@@ -70,24 +70,6 @@ def state_streams(adapter: Adapter, config, site: str) -> tuple[int, bool, int |
     return count, adapter.hyper.flat, stream
 
 
-def on_sum(block: nn.Module, spec: Summed, config, fn: Callable[[torch.Tensor], None]) -> list:
-    """Hooks on the parts of a summed site (``spec``) in ``block`` that call ``fn(total)`` once per forward, when the
-    last part has run: total = sum over the parts of the part's output times its factor, added in call order as the
-    block adds them. Returns the handles."""
-    factors = spec.factors(config)
-    total: list[torch.Tensor | None] = [None]
-
-    def add(index: int, output: torch.Tensor) -> None:
-        term = output * factors[index] if factors[index] != 1.0 else output
-        total[0] = term if index == 0 else total[0] + term
-        if index == len(factors) - 1:
-            done, total[0] = total[0], None
-            fn(done)
-
-    return [_hook(block.get_submodule(part.path), "out", lambda t, index=index: add(index, t))
-            for index, part in enumerate(spec.parts)]
-
-
 @contextmanager
 def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn: SiteFn) -> Iterator[None]:
     """Within the block, call ``fn(layer, site, tensor)`` each time a requested site is computed; ``tensor`` is
@@ -109,7 +91,7 @@ def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn
                 handles.append(_hook(adapter.module(model, layer, ""), "in", lambda t, layer=layer: leads.__setitem__(layer, t.shape[:-1])))
             factor = here.landing(config, site)
             if isinstance(spec, Summed):
-                handles += on_sum(adapter.module(model, layer, ""), spec, config, lambda t, layer=layer, site=site, factor=factor,
+                handles += spec.watch(adapter.module(model, layer, ""), config, lambda t, layer=layer, site=site, factor=factor,
                                   streams=streams: fn(layer, site, _shaped(t, None, leads.get(layer), factor, streams)))
                 continue
             path, direction, *chunk = spec

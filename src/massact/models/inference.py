@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .adapters.base import Adapter, Mlp, text_config
+from .adapters.base import Adapter, Mlp, Summed, text_config
 
 PROBE_LENGTH = 8  # tokens per probe text; the second text is padded after its 5th token
 POSITION = 2  # the probe position perturbed to tell a token mixer from a position-wise MLP
@@ -501,13 +501,40 @@ def check(model: nn.Module, adapter: Adapter) -> tuple[str, ...]:
 
 
 def _trace(model: nn.Module, adapter: Adapter) -> tuple[dict[tuple[int, str], torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Every site of every block on the probe batch, by (layer, site), read as every stage reads them
-    (``capture.hooks.tap``), and transformers' hidden states."""
-    from ..capture.hooks import tap
-
+    """Every site of every block on the probe batch, by (layer, site), and transformers' hidden states. A site read
+    at a module that the block scales before it lands is times that scale (``Adapter.landing``), a summed site the sum
+    of its parts (``Summed.watch``), as every stage reads them."""
+    config = text_config(model)
     values: dict[tuple[int, str], torch.Tensor] = {}
-    sites = [(layer, site) for layer in range(text_config(model).num_hidden_layers) for site in adapter.at(text_config(model), layer).sites]
-    keep = lambda layer, site, tensor: values.__setitem__((layer, site), tensor.detach().clone())  # a copy: some blocks add in place
-    with torch.no_grad(), tap(model, adapter, sites, keep):
-        hidden = model(**probe_inputs(model), use_cache=False, output_hidden_states=True).hidden_states
+    handles = []
+
+    def keep(layer: int, site: str, tensor, chunk) -> None:
+        tensor = _first(tensor).detach().clone()  # a copy: some blocks add in place
+        tensor = tensor.view(2, PROBE_LENGTH, -1) if tensor.dim() == 2 else tensor  # flat MLP rows put back in shape
+        tensor = tensor.chunk(chunk[1], dim=-1)[chunk[0]] if chunk else tensor
+        factor = adapter.landing(config, site)
+        values[layer, site] = tensor * factor if factor != 1.0 else tensor
+
+    try:
+        for layer in range(config.num_hidden_layers):
+            for site, spec in adapter.sites.items():
+                if isinstance(spec, Summed):
+                    handles += spec.watch(adapter.module(model, layer, ""), config,
+                                          lambda tensor, layer=layer, site=site: keep(layer, site, tensor, None))
+                    continue
+                path, direction, *chunk = spec
+                module = adapter.module(model, layer, path)
+                chunk = chunk[0] if chunk else None
+                if direction == "in":
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, args, kwargs, layer=layer, site=site, chunk=chunk: keep(layer, site, _input(args, kwargs), chunk),
+                        with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(
+                        lambda m, args, output, layer=layer, site=site, chunk=chunk: keep(layer, site, output, chunk)))
+        with torch.no_grad():
+            hidden = model(**probe_inputs(model), use_cache=False, output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
     return values, hidden

@@ -69,6 +69,24 @@ class Summed:
         """Each part's factor, in order."""
         return [factor_of(config, part.factor) for part in self.parts]
 
+    def watch(self, block: nn.Module, config, fn: Callable[[torch.Tensor], None]) -> list:
+        """Forward hooks on the parts in ``block`` that call ``fn(total)`` once per forward, when the last part has
+        run: total = the sum over the parts of each one's output (the first element of a tuple) times its factor,
+        added in call order as the block adds them. Returns the handles."""
+        factors = self.factors(config)
+        total: list[torch.Tensor | None] = [None]
+
+        def add(index: int, output) -> None:
+            output = output[0] if isinstance(output, (tuple, list)) else output
+            term = output * factors[index] if factors[index] != 1.0 else output
+            total[0] = term if index == 0 else total[0] + term
+            if index == len(factors) - 1:
+                done, total[0] = total[0], None
+                fn(done)
+
+        return [block.get_submodule(part.path).register_forward_hook(lambda m, args, output, index=index: add(index, output))
+                for index, part in enumerate(self.parts)]
+
 
 # (path, "in" | "out"), (path, "in" | "out", (chunk index, chunk count)), or a sum of module outputs (``Summed``)
 SiteSpec = tuple | Summed
