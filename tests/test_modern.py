@@ -147,6 +147,8 @@ def test_falcon_h1_measures_sinks_on_every_block_and_splits_the_attentions_part_
     a = report.causal.attention
     assert a.softmax_layers == [] and not any(math.isnan(rate) for rate in a.rate) and report.model.blocks == []
     assert report.deploy.quantization.rows and report.trigger[0].patching
+    # The activation acts on the gate times mlp_multipliers[0], and the report says so.
+    assert report.mechanism.anatomy[0].activation_impact.function == f"SiLUActivation({model.config.mlp_multipliers[0]:g} x)"
 
     block, seen = model.model.layers[2], {}
     hooks = [block.self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("z", args[0][0, 3].detach())),

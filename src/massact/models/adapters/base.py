@@ -673,8 +673,8 @@ class ScaledInput(nn.Module):
 
     @property
     def name(self) -> str:
-        """The activation's class name and the factor, as a report names it."""
-        return f"{type(self.act).__name__} of x {self.factor:g}"
+        """The activation's class name applied to its input times the factor, as a report names it: "SiLUActivation(0.75 x)"."""
+        return f"{type(self.act).__name__}({self.factor:g} x)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x * self.factor)
