@@ -53,7 +53,9 @@ FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "ge
             # (GLM-4, StarCoder2) or its attention (Ministral, Ministral-3) changed.
             "granite", "olmo", "glm4", "starcoder2", "internlm3", "ministral", "ministral3",
             # State-space and other hybrids: blocks of one sublayer, Mamba mixers, linear attention.
-            "nemotron_h", "bamba", "olmo_hybrid", "lfm3", "jamba", "kimi_linear", "granitemoehybrid"]
+            "nemotron_h", "bamba", "olmo_hybrid", "lfm3", "jamba", "kimi_linear", "granitemoehybrid",
+            # A Mamba-2 scan and softmax attention side by side in every block, their outputs summed into one branch.
+            "falcon_h1"]
 # Hybrids: each block's token mixer, as their tiny configs set it.
 MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["linear", "linear", "linear", "attention"],
           "qwen3_5": ["linear", "linear", "linear", "attention"], "nemotron_h": ["ssm", None, "attention", None],
@@ -61,11 +63,12 @@ MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["li
           "olmo_hybrid": ["linear", "linear", "linear", "attention"], "lfm3": ["conv", "conv", "attention", "conv"],
           "kimi_linear": ["linear", "attention", "linear", "attention"],
           "granitemoehybrid": ["ssm", "attention", "ssm", "attention"],
+          "granitemoehybrid_moe": ["ssm", "attention", "ssm", "attention"],
           "nemotron_h_moe": ["ssm", None, "attention", None]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "minimax_m2", "ernie4_5_moe", "exaone_moe",
-                "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe"]
+                "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe", "granitemoehybrid_moe"]
 
 # Hyper-connections: the residual is 4 streams (see massact.models.adapters.hyper and tests/test_hyper_connections.py).
 HYPER_FAMILIES = ["deepseek_v4", "hy_v4", "qwen4_exp"]
@@ -236,6 +239,20 @@ def tiny_config(family: str, vocab_size: int):
             layer_types=["linear_attention", "full_attention"] * 2, mamba_n_heads=4,
             mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16, residual_multiplier=0.22,
             embedding_multiplier=12.0, attention_multiplier=1.0 / (D_MODEL // N_HEADS), logits_scaling=8.0),
+        # Granite-4.0-H with experts (the config's default kind): 4 experts, top-2, and beside them the shared MLP (96
+        # wide), in every block; the same scales and alternating mixers as above.
+        "granitemoehybrid_moe": lambda: t.GraniteMoeHybridConfig(
+            **grouped, shared_intermediate_size=96, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["linear_attention", "full_attention"] * 2, mamba_n_heads=4,
+            mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16, residual_multiplier=0.22,
+            embedding_multiplier=12.0, attention_multiplier=1.0 / (D_MODEL // N_HEADS), logits_scaling=8.0),
+        # Falcon-H1: a Mamba-2 scan (4 heads of 32 over 128, state 16) beside the attention in every block, with muP
+        # multipliers other than 1 of the sizes the released models have, so that a factor left out shows.
+        "falcon_h1": lambda: t.FalconH1Config(
+            **grouped, mamba_d_ssm=2 * D_MODEL, mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16,
+            mamba_chunk_size=16, embedding_multiplier=4.0, lm_head_multiplier=0.25, mlp_multipliers=[0.75, 0.5],
+            key_multiplier=0.5, attention_in_multiplier=0.8, attention_out_multiplier=0.9, ssm_in_multiplier=1.25,
+            ssm_out_multiplier=0.25, ssm_multipliers=[0.35, 0.25, 0.35, 0.5, 0.35]),
         # Mamba, attention, Mamba, attention (two scans only: their reference recurrence is slow on a CPU); experts in
         # blocks 0 and 2, dense MLPs in 1 (the planted block) and 3.
         "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
@@ -262,7 +279,12 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0):
     config = tiny_config(family, vocab_size)
     config._attn_implementation = "eager"
     head = t.AutoModelForMaskedLM if family in ("bert", "roberta") else t.AutoModelForCausalLM
-    return head.from_config(config, attn_implementation="eager").eval()
+    model = head.from_config(config, attn_implementation="eager").eval()
+    if family == "falcon_h1":  # its scan's output starts ~1e-4 of the attention's: made as large, so that both parts count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mamba.out_proj.weight *= 3000.0
+    return model
 
 
 def _isolate_trigger(model, bos: int, adapter=None) -> None:
@@ -275,7 +297,7 @@ def _isolate_trigger(model, bos: int, adapter=None) -> None:
     for layer in range(config.num_hidden_layers):
         here = adapter.at(config, layer)
         ple = here.per_layer_input
-        paths = (here.attn_proj, here.mlp_down) + ((ple.projection,) if ple is not None else ())
+        paths = (*here.mixer_projections, here.mlp_down) + ((ple.projection,) if ple is not None else ())
         for path in (p for p in paths if p is not None):  # a block may be one sublayer
             module = adapter.module(model, layer, path)
             adapter.weight_out_in(module)[TRIGGER] = 0.0
@@ -285,7 +307,7 @@ def _isolate_trigger(model, bos: int, adapter=None) -> None:
             experts = adapter.module(model, layer, f"{here.moe.block}.{here.moe.experts.path}")
             (experts.down_proj[:, :, TRIGGER] if here.moe.experts.transposed else experts.down_proj[:, TRIGGER]).zero_()
             if here.moe.shared is not None:
-                adapter.module(model, layer, f"{here.moe.block}.{here.moe.shared.part(here.moe.shared.down)}").weight[TRIGGER] = 0.0
+                adapter.module(model, layer, here.moe.shared_part(here.moe.shared.down)).weight[TRIGGER] = 0.0
 
 
 @torch.no_grad()

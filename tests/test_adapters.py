@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
-from massact.capture.edits import patch_position
+from massact.capture.edits import edit_site, patch_position
 from massact.capture.hooks import Trace
 from massact.errors import UsageError
 from massact.models.adapters import adapter_for
@@ -27,7 +27,7 @@ MLP_NORM = {
     "nemotron_h": ("norm", "resid_in"), "bamba": ("pre_ff_layernorm", "resid_mid"),
     # Per block where the blocks differ: OLMo-hybrid's linear-attention blocks are pre-norm, its softmax block reordered.
     "olmo_hybrid": [("post_attention_layernorm", "resid_mid")] * 3 + [(None, "resid_mid")], "lfm3": ("ffn_norm", "resid_mid"),
-    "jamba": ("pre_ff_layernorm", "resid_mid"),
+    "jamba": ("pre_ff_layernorm", "resid_mid"), "falcon_h1": ("pre_ff_layernorm", "resid_mid"),
 }
 # Post-LN blocks: the LayerNorm after the attention sum and the one after the MLP sum.
 POST_LN = {"opt-postln": ("self_attn_layer_norm", "final_layer_norm"), "bert": ("attention.output.LayerNorm", "output.LayerNorm"),
@@ -95,6 +95,8 @@ def test_residual_stream_adds_up(family, tokenizer):
         if here.branch_scale is not None:  # what lands is the sublayer's raw output times the config's scale
             for site in ("attn_out", "mlp_out"):
                 close(t(site), getattr(text_config(model), here.branch_scale) * t(here.raw(site)))
+        if here.mlp is not None and here.mlp.down_scale is not None:  # Falcon-H1: the down projection's output x down_multiplier
+            close(t("mlp_out"), text_config(model).mlp_multipliers[1] * t("mlp_raw"))
         close(t("resid_in"), hidden[layer])  # HF hidden_states[i] is block i's input
         if layer + 1 < n:
             close(t("resid_out"), trace[layer + 1, "resid_in"])
@@ -157,6 +159,80 @@ def test_a_patched_scaled_branch_lands_as_patched(tokenizer):
     close(trace[1, "attn_raw"][0, 2], vector / 0.22)
 
 
+def _module_reads(model, paths: dict[str, tuple[str, str]]) -> tuple[dict, list]:
+    """Plain forward hooks (no massact reader) on the named modules of every block: {(layer, name): tensor}, where
+    ``paths`` maps a name to (module path in the block, "" the block, and "in" or "out"); returns the dict and the
+    handles."""
+    seen, handles = {}, []
+    first = lambda value: (value[0] if isinstance(value, (tuple, list)) else value).clone()
+    for layer, block in enumerate(model.model.layers):
+        for name, (path, direction) in paths.items():
+            module = block.get_submodule(path)
+            if direction == "in":
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, key=(layer, name): seen.__setitem__(key, first(args or kwargs["hidden_states"])),
+                    with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, args, output, key=(layer, name): seen.__setitem__(key, first(output))))
+    return seen, handles
+
+
+@pytest.mark.parametrize("family, site", [("falcon_h1", "attn_out"), ("granitemoehybrid_moe", "mlp_out")])
+def test_a_summed_branch_is_what_lands_and_edits_as_asked(family, site, tokenizer):
+    """A branch no module returns is the sum of its parts. Falcon-H1's attn_out (the scan's output x
+    ssm_out_multiplier + the attention's x attention_out_multiplier) is what the MLP's norm reads less the block's
+    input; Granite-4.0-H's mlp_out ((experts + shared MLP) x residual_multiplier) is the block's output less what the
+    MLP's norm reads. Adding a vector to the summed site adds exactly it to the stream."""
+    model = tiny_model(family, len(tokenizer), seed=3)
+    lm = wrap(model, tokenizer)
+    config = text_config(model)
+    ids = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    if family == "falcon_h1":
+        paths = {"mamba": ("mamba", "out"), "attention": ("self_attn", "out"), "mid": ("pre_ff_layernorm", "in")}
+    else:
+        paths = {"experts": ("block_sparse_moe", "out"), "shared": ("shared_mlp", "out"), "mid": ("post_attention_layernorm", "in")}
+    paths["out"] = ("", "out")
+    n = config.num_hidden_layers
+    seen, handles = _module_reads(model, paths)
+    try:
+        with torch.no_grad(), Trace(model, lm.adapter, [(layer, site) for layer in range(n)]) as trace:
+            hidden = model(**ids, output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer in range(n):
+        if family == "falcon_h1":
+            close(trace[layer, site], seen[layer, "mid"] - hidden[layer])
+            parts = config.ssm_out_multiplier * seen[layer, "mamba"] + config.attention_out_multiplier * seen[layer, "attention"]
+            assert config.ssm_out_multiplier != 1.0 and config.attention_out_multiplier != 1.0
+            assert seen[layer, "mamba"].abs().max() > 1e-1 * seen[layer, "attention"].abs().max()  # both parts count
+        else:
+            close(trace[layer, site], seen[layer, "out"] - seen[layer, "mid"])
+            parts = config.residual_multiplier * (seen[layer, "experts"] + seen[layer, "shared"])
+            assert seen[layer, "shared"].abs().max() > 1e-2 * seen[layer, "experts"].abs().max()  # both parts count
+        close(trace[layer, site], parts)
+
+    layer = 1
+    delta = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(0))
+    seen, handles = _module_reads(model, paths)
+    try:
+        with torch.no_grad(), edit_site(lm, layer, site, lambda value: value + delta), \
+                Trace(model, lm.adapter, [(layer, site)]) as edited:
+            after = model(**ids, output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    close(edited[layer, site], trace[layer, site] + delta)
+    close(after[layer], hidden[layer])  # blocks before it are untouched
+    if family == "falcon_h1":  # the stream the MLP reads holds the edited branch
+        close(seen[layer, "mid"], hidden[layer] + trace[layer, site] + delta)
+    else:  # the block's output, the branch being the last thing added
+        close(seen[layer, "out"], hidden[layer + 1] + delta)
+    with torch.no_grad():  # and the model is as it was
+        close(model(**ids, output_hidden_states=True).hidden_states[-1], hidden[-1])
+
+
 def test_transformerlens_aliases():
     assert resolve_site("blocks.2.hook_resid_pre", gated=False) == (2, "resid_in")
     assert resolve_site("blocks.2.mlp.hook_pre", gated=False) == (2, "mlp_up")
@@ -207,16 +283,19 @@ def test_a_gemma4_with_experts_beside_its_mlp_is_refused_in_one_line(tokenizer):
         adapter_for(config)
 
 
-def test_a_granite_4_h_with_experts_is_refused_in_one_line(tokenizer):
-    """Granite-4.0-H's adapter maps the blocks whose MLP is the shared MLP alone; with experts, the block adds the
-    experts' output to the shared MLP's, a sum no module returns, and the config is refused as a variant."""
+def test_a_granite_4_h_config_maps_its_experts_where_it_has_them(tokenizer):
+    """Granite-4.0-H's default config holds 8 experts beside its shared MLP: it maps to the adapter with experts,
+    whose mlp_out is the sum of the two modules; a config without experts, to the dense one."""
+    import transformers
+
     from conftest import tiny_config
 
+    default = adapter_for(transformers.GraniteMoeHybridConfig())
+    assert default.moe is not None and default.moe.shared_beside and default.mlp is None
     config = tiny_config("granitemoehybrid", len(tokenizer))
-    assert adapter_for(config).family == "Granite-4.0-H"
-    config.num_local_experts = 4
-    with pytest.raises(UsageError, match=r"^this 'granitemoehybrid' config is a variant massact does not map: the Granite-4.0-H "):
-        adapter_for(config)
+    dense = adapter_for(config)
+    assert dense.family == default.family == "Granite-4.0-H" and dense.moe is None and dense.mlp is not None
+    assert [part.path for part in default.sites["mlp_out"].parts] == ["block_sparse_moe", "shared_mlp"]
 
 
 @pytest.mark.parametrize("change", [{"moe_latent_size": 32}, {"mlp_bias": True}])

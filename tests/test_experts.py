@@ -264,3 +264,31 @@ def test_activation_quantization_reaches_the_experts_inputs_and_activations(toke
         lm.model(ids)
     assert (D_MLP, True) in widths and (D_MODEL, True) in widths  # an expert's activations and its input rows
     assert quant.error_total > 0
+
+
+def test_a_shared_expert_beside_the_mixture_adds_up_to_the_summed_mlp_output(tokenizer):
+    """Granite-4.0-H with experts adds its shared MLP (a sibling of ``block_sparse_moe`` in the decoder layer) to the
+    routed experts' output: at every dim of a token, the routed experts' and the shared expert's contributions sum to
+    mlp_raw, read by plain hooks on the two modules (experts' output + shared_mlp's), and the shared part counts."""
+    from massact.analysis.mechanism.expert_attribution import attribute_moe
+
+    lm = massact.wrap(tiny_model("granitemoehybrid_moe", len(tokenizer), seed=2), tokenizer)
+    layer, position = 1, 3
+    block, seen = lm.model.model.layers[layer], {}
+    hooks = [block.post_attention_layernorm.register_forward_hook(lambda m, args, output: seen.__setitem__("x", output[0, position])),
+             block.block_sparse_moe.register_forward_hook(lambda m, args, output: seen.__setitem__("moe", output[0, position])),
+             block.shared_mlp.register_forward_hook(lambda m, args, output: seen.__setitem__("shared", output[0, position]))]
+    try:
+        with torch.no_grad():
+            lm.model(tokenizer(TEXTS[0], return_tensors="pt").input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    moe = MoeBlock.at(lm, layer)
+    for dim in range(0, D_MODEL, 8):
+        result = attribute_moe(moe, lm.adapter.family, seen["x"], dim)
+        expected = float(seen["moe"][dim] + seen["shared"][dim])
+        assert result.shared_expert is not None and result.shared_expert.expert is None
+        assert result.output == pytest.approx(expected, rel=1e-4, abs=1e-6) and result.error < 1e-4
+        assert result.shared_expert.contribution == pytest.approx(float(seen["shared"][dim]), rel=1e-4, abs=1e-6)
+    assert seen["shared"].abs().max() > 0.1 * seen["moe"].abs().max()

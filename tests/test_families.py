@@ -72,8 +72,8 @@ def planted_moe(family, tokenizer):
     model.get_input_embeddings().weight[bos, TRIGGER] = 10.0
     for layer in range(config.num_hidden_layers):  # nothing else writes the trigger dim
         here = adapter.at(config, layer)
-        if here.attn_proj is not None:  # a block of one sublayer has a token mixer or an MLP (Nemotron-H)
-            adapter.weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
+        for path in here.mixer_projections:  # a block of one sublayer has a token mixer or an MLP (Nemotron-H)
+            adapter.weight_out_in(adapter.module(model, layer, path))[TRIGGER] = 0.0
         if here.moe is None:
             if here.mlp_down is not None:
                 adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
@@ -84,7 +84,7 @@ def planted_moe(family, tokenizer):
         if here.moe.experts.biases:
             experts.down_proj_bias[:, TRIGGER] = 0.0
         if here.moe.shared:
-            block.get_submodule(here.moe.shared.part(here.moe.shared.down)).weight[TRIGGER] = 0.0
+            adapter.module(model, layer, here.moe.shared_part(here.moe.shared.down)).weight[TRIGGER] = 0.0
     here = adapter.at(config, LAYER)
     block = adapter.module(model, LAYER, here.moe.block)
     here.moe.router.linear(block.get_submodule(here.moe.router.path)).weight[EXPERT, TRIGGER] = 5.0  # BOS goes to the expert
@@ -103,7 +103,7 @@ def planted_moe(family, tokenizer):
                 norm.weight[DIM] = (NORM_GAIN if (layer, site) == (LAYER, "mlp_out") else 0.0) - _zero_gain(norm)
         (experts.down_proj[:, :, DIM] if here.moe.experts.transposed else experts.down_proj[:, DIM]).zero_()
         if here.moe.shared:
-            block.get_submodule(here.moe.shared.part(here.moe.shared.down)).weight[DIM] = 0.0
+            adapter.module(model, LAYER, here.moe.shared_part(here.moe.shared.down)).weight[DIM] = 0.0
     if here.moe.experts.transposed:
         experts.down_proj[EXPERT, NEURON, DIM] = 100.0
     else:
@@ -132,9 +132,12 @@ def test_planted_neuron_is_found_in_every_family(family, tokenizer):
     weight = attribution.super_weight
     assert model.get_parameter(weight.matrix)[weight.row, weight.col].item() == pytest.approx(weight.value)
     assert weight.rank == 1 and weight.value == pytest.approx(1000.0 if family in POST_LN else 100.0)
-    scale = adapter_for(model.config).branch_scale
-    if scale is not None:  # the neurons explain the raw output; what lands is it times the scale (Granite's 0.22)
-        assert attribution.landed == pytest.approx(getattr(model.config, scale) * attribution.output, rel=1e-5)
+    here = adapter_for(model.config).at(text_config(model), LAYER)
+    if here.reshapes("mlp_out") and "mlp_out" not in here.branch_norms:
+        # The neurons explain the raw output; what lands is it times the scales (Granite's 0.22, Falcon-H1's
+        # down_multiplier), read here from the config.
+        scale = getattr(model.config, here.branch_scale) if here.branch_scale else model.config.mlp_multipliers[1]
+        assert attribution.landed == pytest.approx(scale * attribution.output, rel=1e-5)
         assert birth.mlp == pytest.approx(attribution.landed) and birth.mlp_raw == pytest.approx(attribution.output)
     assert report.mechanism.anatomy[0].checkpoints[-1].argmax == DIM
     assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings

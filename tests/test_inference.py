@@ -14,7 +14,7 @@ from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, plant_mlp, tiny_m
 from massact.errors import UsageError
 from massact.models import wrap
 from massact.models.adapters import claimed
-from massact.models.inference import infer_and_check, probe_inputs
+from massact.models.inference import check, infer_and_check, probe_inputs
 from massact.report.schema import read_report, write_report
 from massact.report.text import to_text
 
@@ -30,11 +30,14 @@ REFUSED = {
        for family in ("lfm2", "granitemoehybrid")},
     **{family: MAPS + "1 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)"
        for family in ("qwen3_next", "qwen3_5", "qwen3_next_moe", "bamba", "olmo_hybrid", "lfm3")},
+    # Falcon-H1: a Mamba-2 scan and an attention side by side, their outputs summed into one branch.
+    "falcon_h1": MAPS + "block 0 has 2 token mixer(s) and 1 position-wise MLP module(s) among its children (one of each expected)",
     # Nemotron-H: a block is one sublayer, its mixer alone or its MLP alone.
     **{family: MAPS + "block 0 has a token mixer but no MLP" for family in ("nemotron_h", "nemotron_h_moe")},
     # Mixtures of experts: routed experts in 3-D weights, or dense blocks first and experts after.
     **{family: MAPS + "its blocks hold 3-D expert weights" for family in ("mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe",
-                                                                           "minimax_m2", "jamba", "kimi_linear")},
+                                                                           "minimax_m2", "jamba", "kimi_linear",
+                                                                           "granitemoehybrid_moe")},
     **{family: MAPS + "a later block differs from block 0" for family in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                                                                            "deepseek_v32", "glm_moe_dsa", "ernie4_5_moe", "exaone_moe",
                                                                            "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna")},
@@ -91,6 +94,20 @@ def _llama_with_a_hidden_term(tokenizer):
     block.forward = hidden_term
     model.config.model_type = "llama_hidden_term"  # a type no adapter claims: loading infers its adapter
     return model
+
+
+@pytest.mark.parametrize("family, scale", [("granite", "residual_multiplier"), ("falcon_h1", None)])
+def test_the_equations_hold_on_a_hand_written_adapter_with_scales(family, scale, tokenizer):
+    """The checks inference runs hold on the hand-written adapters whose branches land scaled (Granite's
+    residual_multiplier; Falcon-H1's summed attention branch and its MLP's muP multipliers, gate x mlp_multipliers[0]
+    before the activation, the down projection's output x mlp_multipliers[1]): mlp_out = down(mlp_act) x the scale."""
+    model = tiny_model(family, len(tokenizer))
+    config = model.config
+    landing = getattr(config, scale) if scale else config.mlp_multipliers[1]
+    assert landing != 1.0 and (scale or config.mlp_multipliers[0] != 1.0)
+    equations = [line.split(" (relative error")[0] for line in check(model, wrap(model, tokenizer).adapter)]
+    assert equations[:3] == ["resid_in = hidden state", "resid_mid = resid_in + attn_out", "resid_out = resid_mid + mlp_out"]
+    assert equations[-2:] == ["mlp_act = act(mlp_gate) x mlp_up", f"mlp_out = down(mlp_act) x {landing:g}"]
 
 
 def test_a_block_whose_pieces_do_not_add_up_is_refused_with_the_equation(tokenizer):

@@ -131,3 +131,39 @@ def test_a_multimodal_gemma3_gives_the_report_of_its_language_model(tokenizer):
     assert (wa.row, wa.col, wa.value, wa.rank) == (wb.row, wb.col, wb.value, wb.rank) == (DIM, NEURON, wb.value, 1)
     assert wa.matrix == f"model.language_model.layers.{LAYER}.mlp.down_proj.weight" and multimodal.get_parameter(wa.matrix) is not None
     assert "the vision tower is not run" in a.model.notes and "vision" not in b.model.notes
+
+
+def test_falcon_h1_measures_sinks_on_every_block_and_splits_the_attentions_part_over_heads(reports, tokenizer):
+    """Falcon-H1 runs a Mamba-2 scan beside the attention in every block: the planted neuron passes every stage, the
+    sink metrics are measured on all four blocks (each has softmax attention: no list of them), and the heads split the attention's
+    part of the summed branch alone (o_proj's output x attention_out_multiplier, read here by plain hooks), not the
+    scan's."""
+    from massact.analysis.mechanism.origin import head_split
+
+    model, report = reports("falcon_h1")
+    assert [d.dim for d in report.findings.dims] == [DIM] and report.findings.dims[0].born_at == LAYER
+    birth = next(o for o in report.mechanism.origin if o.role == "birth")
+    assert birth.writer == "mlp" and report.mechanism.attribution[0].neurons[0].neuron == NEURON
+    a = report.causal.attention
+    assert a.softmax_layers == [] and not any(math.isnan(rate) for rate in a.rate) and report.model.blocks == []
+    assert report.deploy.quantization.rows and report.trigger[0].patching
+    # The activation acts on the gate times mlp_multipliers[0], and the report says so.
+    assert report.mechanism.anatomy[0].activation_impact.function == f"SiLUActivation({model.config.mlp_multipliers[0]:g} x)"
+
+    block, seen = model.model.layers[2], {}
+    hooks = [block.self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("z", args[0][0, 3].detach())),
+             block.self_attn.register_forward_hook(lambda m, args, output: seen.__setitem__("attn", output[0][0, 3].detach())),
+             block.mamba.register_forward_hook(lambda m, args, output: seen.__setitem__("mamba", output[0, 3].detach()))]
+    try:
+        with torch.no_grad():
+            model(tokenizer(TEXTS[0], return_tensors="pt").input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    config, lm = model.config, massact.wrap(model, tokenizer)
+    for dim in range(4):
+        heads = head_split(lm, 2, seen["z"], dim)
+        attention = config.attention_out_multiplier * float(seen["attn"][dim])
+        assert sum(h.contribution for h in heads) == pytest.approx(attention, rel=1e-4, abs=1e-6)
+        assert sum(h.share for h in heads) == pytest.approx(1.0)
+        assert abs(config.ssm_out_multiplier * float(seen["mamba"][dim])) > 1e-3  # the scan's part, which no head holds

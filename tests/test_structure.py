@@ -189,9 +189,8 @@ def _configs(model_type: str):
         yield dense
 
 
-# Model types whose transformers default config is a variant massact does not map (Granite-4.0-H's holds 8 experts
-# beside its shared MLP, a sum no module returns): refused in one line.
-UNMAPPED_DEFAULTS = {"granitemoehybrid"}
+# Model types whose transformers default config is a variant massact does not map: refused in one line (none today).
+UNMAPPED_DEFAULTS: set[str] = set()
 
 
 def test_no_config_of_a_registered_model_type_matches_two_adapters():

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
+from ..models.adapters.base import Summed
 from ..models.loading import LoadedModel
 from ..settings import Criterion
 from .hooks import forward_until, state_streams, tap
@@ -82,10 +83,10 @@ def at_dim(hidden: torch.Tensor, dim: int) -> torch.Tensor:
 def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the value a site takes by ``edit(value)`` at every forward pass while active (a site read at a
     module's output changes that output; one read at its input changes that input; a branch-scaled site, the module's
-    output times the scale, changes that output so that the scaled value is the edited one)."""
+    output times the scale, changes that output so that the scaled value is the edited one; a summed site changes its
+    last part's output so that the sum is the edited value)."""
     here = lm.at(layer)
-    path, direction = here.sites[site][:2]
-    module = lm.adapter.module(lm.model, layer, path)
+    spec = here.sites[site]
     factor = here.landing(lm.config, site)
     if factor != 1.0:
         edit = _in_landed_units(edit, factor)
@@ -93,6 +94,19 @@ def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tens
     if streams is not None and streams[1]:  # streams stored flat: edited as [batch, positions, N, width]
         given, count = edit, streams[0]
         edit = lambda hidden: given(hidden.unflatten(-1, (count, -1))).flatten(-2)
+    if isinstance(spec, Summed):
+        handles = _edit_sum(lm.adapter.module(lm.model, layer, ""), spec, lm.config, edit)
+    else:
+        handles = [_edit_module(lm.adapter.module(lm.model, layer, spec[0]), spec[1], edit)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _edit_module(module: torch.nn.Module, direction: str, edit: Callable[[torch.Tensor], torch.Tensor]):
+    """The hook that replaces the module's output (``direction`` "out") or input ("in") by ``edit`` of it."""
 
     def on_output(module, args, output):
         if isinstance(output, (tuple, list)):
@@ -105,13 +119,35 @@ def edit_site(lm: LoadedModel, layer: int, site: str, edit: Callable[[torch.Tens
         return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
 
     if direction == "out":
-        handle = module.register_forward_hook(on_output)
-    else:
-        handle = module.register_forward_pre_hook(on_input, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+        return module.register_forward_hook(on_output)
+    return module.register_forward_pre_hook(on_input, with_kwargs=True)
+
+
+def _edit_sum(block: torch.nn.Module, spec: Summed, config, edit: Callable[[torch.Tensor], torch.Tensor]) -> list:
+    """Hooks that make a summed site's value ``edit(sum)``: the earlier parts' outputs, times their factors, are kept
+    as they run; the last part's output becomes (edit(sum) - the kept terms) / its factor. Returns the handles."""
+    factors = spec.factors(config)
+    kept: list[torch.Tensor | None] = [None]
+
+    def keep(index: int, output) -> None:
+        term = _first(output) * factors[index]
+        kept[0] = term if index == 0 else kept[0] + term
+
+    def last(module, args, output):
+        own = _first(output)
+        before = kept[0]
+        kept[0] = None
+        changed = ((edit(before + own * factors[-1]) - before) / factors[-1]).to(own.dtype)
+        return (changed, *output[1:]) if isinstance(output, (tuple, list)) else changed
+
+    *earlier, final = spec.parts
+    handles = [block.get_submodule(part.path).register_forward_hook(lambda m, args, output, index=index: keep(index, output))
+               for index, part in enumerate(earlier)]
+    return handles + [block.get_submodule(final.path).register_forward_hook(last)]
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _in_landed_units(edit: Callable[[torch.Tensor], torch.Tensor], factor: float) -> Callable[[torch.Tensor], torch.Tensor]:

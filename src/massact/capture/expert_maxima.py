@@ -119,7 +119,7 @@ def instrumented(lm: LoadedModel, maxima: ExpertMaxima | None = None, transform:
                 experts._massact = (maxima, layer, transform, moe.experts)
                 instrumented_modules.append(experts)
             if moe.shared and maxima is not None:
-                handles.append(block.get_submodule(moe.shared.path).register_forward_hook(
+                handles.append(lm.adapter.module(lm.model, layer, moe.shared_part()).register_forward_hook(
                     lambda m, args, output, layer=layer: maxima.keep(layer, None, output.reshape(-1, output.shape[-1]))))
         with Experts.run_with(instrumented_modules, IMPLEMENTATION, experts_forward):
             yield

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.adapters.base import Adapter, text_config
+from ..models.adapters.base import Adapter, Summed, text_config
 from ..sites import STATE_SITES, resolve_site, split_stream
 
 SiteFn = Callable[[int, str, torch.Tensor], None]
@@ -74,7 +74,8 @@ def state_streams(adapter: Adapter, config, site: str) -> tuple[int, bool, int |
 def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn: SiteFn) -> Iterator[None]:
     """Within the block, call ``fn(layer, site, tensor)`` each time a requested site is computed; ``tensor`` is
     [batch, positions, width] and may be the model's own storage (copy it to keep it). With hyper-connections the
-    block state (resid_in, resid_mid, resid_out) is [batch, positions, N, width], and "resid_out.s2" its stream 2."""
+    block state (resid_in, resid_mid, resid_out) is [batch, positions, N, width], and "resid_out.s2" its stream 2. A
+    summed site (``Summed``) is given once per forward, when its last part has run."""
     handles = []
     leads: dict[int, torch.Size | None] = {}  # a flat-rows block's [batch, positions], read at its input
     config = text_config(model)
@@ -83,13 +84,18 @@ def tap(model: nn.Module, adapter: Adapter, sites: Iterable[tuple[int, str]], fn
             here = adapter.at(config, layer)  # a hybrid's blocks differ: a site may live elsewhere, or not at all
             if split_stream(site)[0] not in here.sites:
                 raise ValueError(f"{adapter.family} has no site {site!r} at block {layer}")
-            path, direction, *chunk = here.sites[split_stream(site)[0]]
+            spec = here.sites[split_stream(site)[0]]
             streams = state_streams(adapter, config, site)
             if here.flat_rows and layer not in leads:
                 leads[layer] = None
                 handles.append(_hook(adapter.module(model, layer, ""), "in", lambda t, layer=layer: leads.__setitem__(layer, t.shape[:-1])))
-            module = adapter.module(model, layer, path)
             factor = here.landing(config, site)
+            if isinstance(spec, Summed):
+                handles += spec.watch(adapter.module(model, layer, ""), config, lambda t, layer=layer, site=site, factor=factor,
+                                  streams=streams: fn(layer, site, _shaped(t, None, leads.get(layer), factor, streams)))
+                continue
+            path, direction, *chunk = spec
+            module = adapter.module(model, layer, path)
             handles.append(_hook(module, direction, lambda t, layer=layer, site=site, chunk=chunk[0] if chunk else None, factor=factor,
                                  streams=streams: fn(layer, site, _shaped(t, chunk, leads.get(layer), factor, streams))))
         yield

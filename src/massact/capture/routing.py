@@ -26,9 +26,11 @@ from ..models.loading import LoadedModel
 
 @dataclass
 class MoeBlock:
-    """One block's mixture of experts: its spec and modules, the model's config (for the router's settings), the
-    full name of the experts module (``prefix``) for parameter names and ``dtype``, that of the hidden states the block
-    reads in the model's forward (the residual stream's, whatever its router keeps its weight in)."""
+    """One block's mixture of experts: its spec and modules (the shared expert's where it sits, in the block or beside
+    it), the model's config (for the router's settings), the full names of the mixture-of-experts module (``prefix``)
+    and of the shared expert's (``shared_prefix``, "" without one) for parameter names, and ``dtype``, that of the
+    hidden states the block reads in the model's forward (the residual stream's, whatever its router keeps its weight
+    in)."""
 
     spec: Moe
     block: nn.Module
@@ -39,6 +41,7 @@ class MoeBlock:
     config: object
     prefix: str
     dtype: torch.dtype
+    shared_prefix: str = ""
 
     @classmethod
     def at(cls, lm: LoadedModel, layer: int) -> MoeBlock | None:
@@ -48,9 +51,10 @@ class MoeBlock:
             return None
         block = lm.adapter.module(lm.model, layer, spec.block)
         get = lambda path: block.get_submodule(path) if path else None
-        return cls(spec, block, get(spec.router.path), get(spec.experts.path), get(spec.shared.path) if spec.shared else None,
-                   get(spec.shared_gate), lm.config,
-                   f"{lm.adapter.layers_path(lm.model)}.{layer}.{spec.block}", lm.dtype)
+        shared = lm.adapter.module(lm.model, layer, spec.shared_part()) if spec.shared else None
+        names = f"{lm.adapter.layers_path(lm.model)}.{layer}"
+        return cls(spec, block, get(spec.router.path), get(spec.experts.path), shared, get(spec.shared_gate), lm.config,
+                   f"{names}.{spec.block}", lm.dtype, shared_prefix=f"{names}.{spec.shared_part()}" if spec.shared else "")
 
     def setting(self, *names: str):
         """The first of ``names`` the router module has, else the config's."""
@@ -231,21 +235,26 @@ def expert_parts(moe: MoeBlock, expert: int,
 
 def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
     """The shared expert's gate and up pre-activations (both up where it is ungated), activations, down projection
-    [d_model, d_mlp], the logit of its gate (0 without one) and the scale it applies (sigmoid of that logit, or 1)."""
+    [d_model, d_mlp], the logit of its gate (0 without one) and the scale it applies (sigmoid of that logit, or 1). A
+    fused gate-and-up projection holds the gate first, then up."""
     mlp, parts = moe.shared, moe.spec.shared
     weight = lambda name: mlp.get_submodule(name).weight.detach().double()
     act = mlp.get_submodule(parts.act) if isinstance(parts.act, str) else parts.act
     pre_up, down = weight(parts.up) @ x, weight(parts.down)
-    pre_gate = weight(parts.gate) @ x if parts.gate is not None else pre_up
+    if parts.fused:
+        pre_gate, pre_up = pre_up.chunk(2)
+    else:
+        pre_gate = weight(parts.gate) @ x if parts.gate is not None else pre_up
     logit = float(moe.shared_gate.weight.detach().double().reshape(-1) @ x) if moe.shared_gate is not None else 0.0
     scale = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))) if moe.shared_gate is not None else 1.0
     scale *= moe.spec.shared_scale
-    return pre_gate, pre_up, act(pre_gate) * pre_up if parts.gate is not None else act(pre_up), down, logit, scale
+    return pre_gate, pre_up, act(pre_gate) * pre_up if parts.gated else act(pre_up), down, logit, scale
 
 
 def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) -> torch.Tensor:
-    """The block's own output for the single token ``x`` (called as [1, 1, d_model]; a (hidden, router) tuple is
-    unpacked), as a 1-D float64 CPU tensor. A hash-routed block (``Router.table``) is given the token's id
+    """The mixture's own output for the single token ``x`` (the block called as [1, 1, d_model]; a (hidden, router)
+    tuple is unpacked), plus the shared expert's where it sits beside the block (``Moe.shared_beside``, added as the
+    decoder layer adds it), as a 1-D float64 CPU tensor. A hash-routed block (``Router.table``) is given the token's id
     ``token_id`` as the model's forward gives it (``input_ids``), which makes its choice.
 
     The token goes in as the model's hidden states do, in the residual stream's dtype: each part of the block then
@@ -254,10 +263,17 @@ def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) ->
     param = moe.router_weight
     with torch.no_grad():
         kwargs = {"input_ids": torch.tensor([[token_id]], device=param.device)} if moe.spec.router.table is not None else {}
-        out = moe.block(x.detach().clone().reshape(1, 1, -1).to(param.device, moe.dtype), **kwargs)
-    if isinstance(out, tuple):
-        out = out[0]
+        token = x.detach().clone().reshape(1, 1, -1).to(param.device, moe.dtype)
+        out = moe.block(token, **kwargs)
+        if isinstance(out, tuple):
+            out = out[0]
+        if moe.spec.shared_beside:
+            out = out + moe.shared(token.to(_device_of(moe.shared))).to(out.device)
     return out.reshape(-1).double().cpu()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def expert_input_row(moe: MoeBlock, expert: int, neuron: int, site: str) -> tuple[torch.Tensor, float]:

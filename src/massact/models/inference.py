@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .adapters.base import Adapter, Mlp, text_config
+from .adapters.base import Adapter, Mlp, Summed, text_config
 
 PROBE_LENGTH = 8  # tokens per probe text; the second text is padded after its 5th token
 POSITION = 2  # the probe position perturbed to tell a token mixer from a position-wise MLP
@@ -490,24 +490,39 @@ def check(model: nn.Module, adapter: Adapter) -> tuple[str, ...]:
                      act(t("mlp_gate")) * t("mlp_up") if adapter.gated else act(t("mlp_up")), layer)
             down = part(adapter.mlp_down)
             bias = getattr(down, "bias", None)
-            equation("mlp_out = down(mlp_act)", t(adapter.raw("mlp_out")),
-                     t("mlp_act") @ adapter.weight_out_in(down).T + (bias if bias is not None else 0), layer)
+            projected = t("mlp_act") @ adapter.weight_out_in(down).T + (bias if bias is not None else 0)
+            if "mlp_out" in adapter.branch_norms:  # the down projection makes the raw output, which the norm lands
+                equation("mlp_out = down(mlp_act)", t(adapter.raw("mlp_out")), projected, layer)
+            else:  # times a branch scale or the MLP's own down scale, where it has one
+                landing = adapter.landing(config, "mlp_out")
+                name = "mlp_out = down(mlp_act)" + (f" x {landing:g}" if landing != 1.0 else "")
+                equation(name, t("mlp_out"), projected * landing, layer)
     return tuple(f"{name} (relative error {rel:.1e})" for name, (rel, _) in worst.items())
 
 
 def _trace(model: nn.Module, adapter: Adapter) -> tuple[dict[tuple[int, str], torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Every site of every block on the probe batch, by (layer, site), and transformers' hidden states."""
+    """Every site of every block on the probe batch, by (layer, site), and transformers' hidden states. A site read
+    at a module that the block scales before it lands is times that scale (``Adapter.landing``), a summed site the sum
+    of its parts (``Summed.watch``), as every stage reads them."""
+    config = text_config(model)
     values: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
 
     def keep(layer: int, site: str, tensor, chunk) -> None:
         tensor = _first(tensor).detach().clone()  # a copy: some blocks add in place
         tensor = tensor.view(2, PROBE_LENGTH, -1) if tensor.dim() == 2 else tensor  # flat MLP rows put back in shape
-        values[layer, site] = tensor.chunk(chunk[1], dim=-1)[chunk[0]] if chunk else tensor
+        tensor = tensor.chunk(chunk[1], dim=-1)[chunk[0]] if chunk else tensor
+        factor = adapter.landing(config, site)
+        values[layer, site] = tensor * factor if factor != 1.0 else tensor
 
     try:
-        for layer in range(text_config(model).num_hidden_layers):
-            for site, (path, direction, *chunk) in adapter.sites.items():
+        for layer in range(config.num_hidden_layers):
+            for site, spec in adapter.sites.items():
+                if isinstance(spec, Summed):
+                    handles += spec.watch(adapter.module(model, layer, ""), config,
+                                          lambda tensor, layer=layer, site=site: keep(layer, site, tensor, None))
+                    continue
+                path, direction, *chunk = spec
                 module = adapter.module(model, layer, path)
                 chunk = chunk[0] if chunk else None
                 if direction == "in":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...models.adapters.base import ScaledInput
 from .results import ActivationImpact, Checkpoint, NeuronActivation
 
 SUPPRESSED = 0.1  # a neuron is suppressed when the activation leaves under 10% of its pre-activation magnitude
@@ -62,7 +63,7 @@ def activation_impact(
         for i in neurons
     ]
     return ActivationImpact(
-        function=type(function).__name__,
+        function=function.name if isinstance(function, ScaledInput) else type(function).__name__,
         neurons=pre.numel(),
         suppressed=int((post.abs() < SUPPRESSED * pre.abs()).sum()),
         flipped=int((pre * post < 0).sum()),

@@ -29,7 +29,7 @@ def _rank(param: torch.Tensor, value: torch.Tensor) -> int:
 def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> ExpertSuperWeight:
     if expert is None:
         down = moe.spec.shared.down
-        matrix, index = f"{moe.prefix}.{moe.spec.shared.part(down)}.weight", [dim, neuron]  # nn.Linear: [out, in]
+        matrix, index = f"{moe.shared_prefix}.{down}.weight", [dim, neuron]  # nn.Linear: [out, in]
         param = moe.shared.get_submodule(down).weight
     else:
         matrix = f"{moe.prefix}.{moe.spec.experts.path}.down_proj"

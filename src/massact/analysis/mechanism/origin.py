@@ -34,12 +34,16 @@ def decomposition_gap(resid_in: float, attn: float | None, mlp: float | None, re
 
 
 def head_split(lm: LoadedModel, layer: int, z: torch.Tensor, dim: int) -> list[HeadShare]:
-    """attn_out[dim] = sum over heads h of W_O[dim, h-slice] . z[h-slice] (+ bias), largest |contribution| first."""
-    o_proj = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
-    row = lm.adapter.weight_out_in(o_proj)[dim].detach().double().cpu()
+    """attn_out[dim] = sum over heads h of W_O[dim, h-slice] . z[h-slice] (+ bias), largest |contribution| first.
+    Where attn_out is a sum of the attention and other mixers (``Adapter.mixer_parts``), the heads split the
+    attention's part alone (its output times its factor), and the shares are of that part."""
+    here = lm.at(layer)
+    o_proj = lm.adapter.module(lm.model, layer, here.attn_proj)
+    factor = here.part_factor(lm.config, "attn_out", here.attention)
+    row = factor * lm.adapter.weight_out_in(o_proj)[dim].detach().double().cpu()
     n_heads = lm.config.num_attention_heads
     per_head = (row * z.double()).view(n_heads, -1).sum(dim=1)
     bias = bias_of(o_proj)
-    total = float(per_head.sum()) + (float(bias[dim]) if bias is not None else 0.0)
+    total = float(per_head.sum()) + (factor * float(bias[dim]) if bias is not None else 0.0)
     order = per_head.abs().argsort(descending=True).tolist()
     return [HeadShare(head=h, contribution=float(per_head[h]), share=float(per_head[h]) / total if total else float("nan")) for h in order]

@@ -337,8 +337,9 @@ class Unit:
 
 def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[list[Unit], float]:
     """A term's part at the massive position split over its block's neurons (an MLP source) or heads (attention):
-    the units, largest |contribution| first, and the sum of every unit and bias (equal to the term's part). A source
-    behind a sandwich norm is carried back through that norm first, one times a branch scale by that scale.
+    the units, largest |contribution| first, and the sum of every unit and bias (equal to the term's part, or where
+    the branch is a sum of mixers to the attention's part of it). A source behind a sandwich norm is carried back
+    through that norm first, one times a branch scale by that scale.
     Mixture-of-experts MLPs, convolutions and linear attentions (no heads that sum like softmax heads) are not
     split: []."""
     model = lm.model
@@ -356,6 +357,8 @@ def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[l
         reader = gain * reader
         reader = reader - reader.mean() if centers(norm) else reader
     factor = factor * adapter.landing(lm.config, term.site)  # what landed is the raw output times a branch scale
+    if term.site == "attn_out":  # where the branch is a sum of mixers, the heads write the attention's part of it
+        factor = factor * adapter.part_factor(lm.config, term.site, adapter.attention)
     path = adapter.mlp_down if term.site == "mlp_out" else adapter.attn_proj
     projection = adapter.module(model, term.layer, path)
     weight = adapter.weight_out_in(projection).detach().double().cpu()  # [d_model, inputs]

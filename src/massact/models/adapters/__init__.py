@@ -93,6 +93,8 @@ ADAPTERS: tuple[Adapter, ...] = (
     ssm.BAMBA,
     ssm.JAMBA,
     ssm.GRANITE_4_H,
+    ssm.GRANITE_4_H_MOE,
+    ssm.FALCON_H1,
     hybrid.OLMO_HYBRID,
     hybrid.LFM3,
     moe.KIMI_LINEAR,

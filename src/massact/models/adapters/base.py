@@ -8,7 +8,9 @@ computes every site from that tree, so a path is stated once. A site is read eit
 its output ("out"); the path is relative to the block ("" is the block itself). A third element ``(index, count)``
 takes one of ``count`` equal chunks of the last dim, for fused projections (Phi-3's ``gate_up_proj`` holds the gate,
 then up). A block that multiplies each branch by a number before it lands (``branch_scale``) has its landed sites
-read at the sublayer's output and multiplied by it (``Adapter.landing``). Layouts are declared too: projections that
+read at the sublayer's output and multiplied by it (``Adapter.landing``). A branch that no single module returns is
+a ``Summed`` site: the sum of several modules' outputs (its ``Part``s), each times a factor (Falcon-H1's Mamba-2 and
+attention side by side, Granite-4.0-H's experts beside its shared MLP). Layouts are declared too: projections that
 store their weight [in, out] (``in_out``), MLP modules that see flat rows (``flat_rows``), experts stored transposed or
 run one row block per expert (``Experts``).
 
@@ -27,7 +29,67 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-SiteSpec = tuple  # (path, "in" | "out") or (path, "in" | "out", (chunk index, chunk count))
+# A number a module's output is multiplied by: the config attribute holding it, the number itself, or (the config
+# attribute holding a list, the index of the number in it: Falcon-H1's mlp_multipliers hold the gate's and the down
+# projection's).
+Factor = str | float | tuple[str, int]
+
+
+def factor_of(config, factor: Factor) -> float:
+    """The number ``factor`` stands for in ``config``."""
+    if isinstance(factor, str):
+        return float(getattr(config, factor))
+    if isinstance(factor, tuple):
+        name, index = factor
+        return float(getattr(config, name)[index])
+    return float(factor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Part:
+    """One module whose output is a term of a ``Summed`` site: its ``path`` in the block, the ``factor`` the block
+    multiplies its output by before the sum, and ``projection``, the path in it of the linear that writes d_model (""
+    where it holds no single one: a mixture of experts)."""
+
+    path: str
+    factor: Factor = 1.0
+    projection: str = ""
+
+
+@dataclass(frozen=True)
+class Summed:
+    """A site no module returns: the sum of several modules' outputs at the block, each times its part's factor
+    (Falcon-H1's attn_out: the Mamba-2 scan's and the attention's; Granite-4.0-H's mlp_out: the routed experts' and
+    the shared MLP's). ``parts`` are in the order the block calls them: the sum is whole when the last has run. Read
+    by ``capture.hooks.tap``, written by ``capture.edits.edit_site`` (through its last part)."""
+
+    parts: tuple[Part, ...]
+
+    def factors(self, config) -> list[float]:
+        """Each part's factor, in order."""
+        return [factor_of(config, part.factor) for part in self.parts]
+
+    def watch(self, block: nn.Module, config, fn: Callable[[torch.Tensor], None]) -> list:
+        """Forward hooks on the parts in ``block`` that call ``fn(total)`` once per forward, when the last part has
+        run: total = the sum over the parts of each one's output (the first element of a tuple) times its factor,
+        added in call order as the block adds them. Returns the handles."""
+        factors = self.factors(config)
+        total: list[torch.Tensor | None] = [None]
+
+        def add(index: int, output) -> None:
+            output = output[0] if isinstance(output, (tuple, list)) else output
+            term = output * factors[index] if factors[index] != 1.0 else output
+            total[0] = term if index == 0 else total[0] + term
+            if index == len(factors) - 1:
+                done, total[0] = total[0], None
+                fn(done)
+
+        return [block.get_submodule(part.path).register_forward_hook(lambda m, args, output, index=index: add(index, output))
+                for index, part in enumerate(self.parts)]
+
+
+# (path, "in" | "out"), (path, "in" | "out", (chunk index, chunk count)), or a sum of module outputs (``Summed``)
+SiteSpec = tuple | Summed
 # What mixes the tokens in a block: softmax attention (which has attention probabilities and can have a sink), a
 # linear attention (a recurrence, e.g. Gated DeltaNet), a short convolution or a state-space model (Mamba, Mamba-2: a
 # selective scan). Each writes the stream through its output projection; only softmax layers have sink metrics.
@@ -209,7 +271,10 @@ class Mlp:
     ungated MLP) and ``down`` projections and ``act``, the activation module (or the function the MLP calls).
     ``fused``: ``up`` makes both, the gate in the first half of its outputs and up in the second (Phi-3's
     ``gate_up_proj``). ``out_at_down``: mlp_out is read at the down projection's output, where the block writes into
-    the MLP module's output tensor in place."""
+    the MLP module's output tensor in place. ``gate_scale``: the gate pre-activation is multiplied by this factor
+    before the activation (mlp_act = act(mlp_gate x gate_scale) x mlp_up); ``down_scale``: the down projection's output
+    is multiplied by this factor to give the MLP's (Falcon-H1's muP mlp_multipliers): mlp_raw is then the down
+    projection's output, and mlp_out (what lands) it times the factor (``Adapter.landing``)."""
 
     path: str = "mlp"
     up: str = "up_proj"
@@ -218,10 +283,14 @@ class Mlp:
     act: str | Callable[[torch.Tensor], torch.Tensor] = "act_fn"
     fused: bool = False
     out_at_down: bool = False
+    gate_scale: Factor | None = None
+    down_scale: Factor | None = None
 
     def __post_init__(self):
         if self.fused and self.gate is not None:
             raise ValueError("a fused MLP makes its gate in the up projection: it has no gate module")
+        if self.gate_scale is not None and not self.gated:
+            raise ValueError("an ungated MLP has no gate to scale")
 
     def part(self, name: str) -> str:
         """The block-relative path of the MLP's module ``name`` (a path in the MLP)."""
@@ -242,7 +311,9 @@ class Mlp:
             sites |= {"mlp_gate": (self.part(self.gate), "out")} if self.gate is not None else {}
             sites["mlp_up"] = (up, "out")
         sites["mlp_act"] = (down, "in")
-        sites["mlp_out"] = (self.path, "out") if self.path and not self.out_at_down else (down, "out")
+        # Where the down projection's output is scaled after it, mlp_out is read there and times the scale.
+        at_down = self.out_at_down or self.down_scale is not None
+        sites["mlp_out"] = (self.path, "out") if self.path and not at_down else (down, "out")
         return sites
 
 
@@ -251,7 +322,10 @@ class Moe:
     """A sparse mixture-of-experts MLP: the block at ``block`` (in the decoder layer), its ``router`` and ``experts``,
     and a dense ``shared`` expert every token also goes through (its MLP, whose path is in the block;
     ``shared_gate``: a 1-output linear whose sigmoid scales it, Qwen's ``shared_expert_gate``; None: added as it is,
-    times ``shared_scale``: Cohere-2-MoE averages the routed and the shared experts' outputs, 0.5 each)."""
+    times ``shared_scale``: Cohere-2-MoE averages the routed and the shared experts' outputs, 0.5 each).
+    ``shared_beside``: the shared expert is no module of the block but its sibling in the decoder layer (its path is in
+    the layer), and the MLP's output is the block's plus the shared expert's, a sum no module returns (Granite-4.0-H's
+    ``shared_mlp`` beside ``block_sparse_moe``): mlp_out is then ``Summed``."""
 
     router: Router = Router()
     experts: Experts = Experts()
@@ -259,6 +333,23 @@ class Moe:
     shared: Mlp | None = None
     shared_gate: str | None = None
     shared_scale: float = 1.0
+    shared_beside: bool = False
+
+    def __post_init__(self):
+        if self.shared_beside and self.shared is None:
+            raise ValueError("a shared expert beside the mixture of experts needs its MLP (shared)")
+
+    def shared_part(self, name: str = "") -> str:
+        """The path in the decoder layer of the shared expert's module ``name`` (a path in the shared MLP; "": the
+        shared MLP itself), wherever the shared expert sits: in the block, or beside it."""
+        return _join(*(() if self.shared_beside else (self.block,)), self.shared.path, name)
+
+    def output(self) -> SiteSpec:
+        """Where the MLP's output (mlp_out before any scale) is read: the block's output, or with the shared expert
+        beside it, the sum of the two."""
+        if not self.shared_beside:
+            return (self.block, "out")
+        return Summed((Part(path=self.block), Part(path=self.shared.path, projection=self.shared.down)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,6 +391,11 @@ class Adapter:
     # a convolution's out_proj; "": the module is the projection).
     attention: str = "self_attn"
     attention_out: str = "o_proj"
+    # A token mixer's branch that is the sum of several modules run side by side on the block's normed input
+    # (Falcon-H1's Mamba-2 scan and softmax attention): the parts, in call order, each with its factor; attn_out is
+    # then their ``Summed`` output, and ``attention`` is the path of the part that is the mixer named by ``mixer``
+    # (its probabilities, values and heads are read there). Empty: attn_out is ``attention``'s output alone.
+    mixer_parts: tuple[Part, ...] = ()
     mlp: Mlp | None = None  # the dense MLP; None where the block's MLP is a mixture of experts (``moe``)
     moe: Moe | None = None  # the MLP is a sparse mixture of experts (a variant gives the dense blocks their ``mlp``)
     # The block is its token mixer alone, with one norm and one residual add (Nemotron-H's Mamba and attention
@@ -370,6 +466,8 @@ class Adapter:
             raise ValueError(f"{self.family}: a branch lands through its norm or times a scale, not both")
         if self.mixer is not None and self.mixer not in MIXERS:
             raise ValueError(f"{self.family}: mixer {self.mixer!r} is none of {', '.join(MIXERS)}")
+        if self.mixer_parts and self.attention not in [part.path for part in self.mixer_parts]:
+            raise ValueError(f"{self.family}: the mixer's parts hold no {self.attention!r} (attention)")
         object.__setattr__(self, "sites", block_sites(self))
 
     def at(self, config, layer: int) -> Adapter:
@@ -411,6 +509,22 @@ class Adapter:
     def attn_proj(self) -> str | None:
         """The token mixer's output projection (its path in the block); None in a block without a token mixer."""
         return _join(self.attention, self.attention_out) if self.mixer is not None else None
+
+    @property
+    def mixer_projections(self) -> tuple[str, ...]:
+        """Every projection that writes the token mixer's branch (paths in the block): its output projection, or
+        each part's where the branch is a sum; () in a block without a token mixer."""
+        if self.mixer is None:
+            return ()
+        return tuple(_join(part.path, part.projection) for part in self.mixer_parts) or (self.attn_proj,)
+
+    def part_factor(self, config, site: str, path: str) -> float:
+        """The factor the block multiplies module ``path``'s output by in the sum that is ``site`` (1 where the site
+        is no sum): the share of a summed branch that ``path`` writes, before any branch scale."""
+        spec = self.sites[site]
+        if not isinstance(spec, Summed):
+            return 1.0
+        return next(factor for part, factor in zip(spec.parts, spec.factors(config)) if part.path == path)
 
     @property
     def mlp_up(self) -> str | None:
@@ -461,14 +575,19 @@ class Adapter:
         return (path, block.get_submodule(path)) if path is not None else None
 
     def activation(self, model: nn.Module, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The MLP's activation function at block ``layer`` (its module, or the function the MLP calls)."""
-        act = self.at(text_config(model), layer).act_fn
-        return self.module(model, layer, act) if isinstance(act, str) else act
+        """The MLP's activation function at block ``layer`` (its module, or the function the MLP calls), as it acts
+        on mlp_gate (on mlp_up where ungated): times the MLP's ``gate_scale`` first where it has one."""
+        here = self.at(text_config(model), layer)
+        act = self.module(model, layer, here.act_fn) if isinstance(here.act_fn, str) else here.act_fn
+        if here.mlp is None or here.mlp.gate_scale is None:
+            return act
+        return ScaledInput(act, factor_of(text_config(model), here.mlp.gate_scale))
 
     def reshapes(self, site: str) -> bool:
         """Whether what the branch ``site`` (attn_out, mlp_out) lands differs from the sublayer's own output: a branch
-        norm or a branch scale sits between them."""
-        return site in self.branch_norms or (self.branch_scale is not None and site in BRANCHES)
+        norm or a branch scale sits between them (the MLP's ``down_scale`` is one of mlp_out)."""
+        scaled = self.branch_scale is not None or (site == "mlp_out" and self.mlp is not None and self.mlp.down_scale is not None)
+        return site in self.branch_norms or (scaled and site in BRANCHES)
 
     def raw(self, site: str) -> str:
         """The site holding a branch's own output before any norm or scale: ``mlp_raw`` behind a sandwich norm or a
@@ -476,9 +595,14 @@ class Adapter:
         return site.replace("_out", "_raw") if self.reshapes(site) else site
 
     def landing(self, config, site: str) -> float:
-        """The number the module output a site is read at is multiplied by to give the site's value: the branch scale
-        for a scaled branch's landed output, else 1."""
-        return float(getattr(config, self.branch_scale)) if self.branch_scale is not None and site in BRANCHES else 1.0
+        """The number the module output a site is read at (or the sum of its parts) is multiplied by to give the
+        site's value: for a landed branch the branch scale, and for mlp_out the MLP's ``down_scale``; else 1."""
+        if site not in BRANCHES:
+            return 1.0
+        factor = float(getattr(config, self.branch_scale)) if self.branch_scale is not None else 1.0
+        if site == "mlp_out" and self.mlp is not None and self.mlp.down_scale is not None:
+            factor *= factor_of(config, self.mlp.down_scale)
+        return factor
 
     def embedding_factor(self, config) -> float:
         """The number the token embeddings are multiplied by before the first block (1 where the embedding module's
@@ -540,6 +664,22 @@ class Adapter:
         return weight, bias
 
 
+class ScaledInput(nn.Module):
+    """An activation applied to its input times ``factor``: act(x x factor) (Falcon-H1's act(gate x gate_multiplier))."""
+
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], factor: float):
+        super().__init__()
+        self.act, self.factor = act, factor
+
+    @property
+    def name(self) -> str:
+        """The activation's class name applied to its input times the factor, as a report names it: "SiLUActivation(0.75 x)"."""
+        return f"{type(self.act).__name__}({self.factor:g} x)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x * self.factor)
+
+
 def _join(*parts: str) -> str:
     """A module path from its parts ("" parts dropped: the block itself)."""
     return ".".join(part for part in parts if part)
@@ -549,13 +689,15 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
     """Every canonical site of the adapter's block, from its component tree:
 
     - resid_in and resid_out: the block's input and output;
-    - attn_out: the mixer's output, or where a branch norm follows it, that norm's output (the mixer's is attn_raw),
+    - attn_out: the mixer's output (the sum of its parts' where it has several, ``mixer_parts``), or where a branch
+      norm follows it, that norm's output (the mixer's is attn_raw),
       or where a branch scale multiplies it, the mixer's output times the scale (the unscaled output is attn_raw);
       none in a block without a token mixer;
     - resid_mid: what the MLP's norm reads (the MLP's input where it has none), or in post-LN blocks the output of
       the norm after the attention sum (whose input is attn_sum); none in parallel blocks, nor in a block of one
       sublayer (its output is resid_in plus that sublayer's);
-    - mlp_in, mlp_gate, mlp_up, mlp_act, mlp_out from the MLP (a mixture of experts: its block's input and output),
+    - mlp_in, mlp_gate, mlp_up, mlp_act, mlp_out from the MLP (a mixture of experts: its block's input and output,
+      plus the shared expert's output where that sits beside the block),
       mlp_out behind a branch norm or times a branch scale as attn_out is (mlp_raw before it); none in a block without
       an MLP;
     - resid_sum in post-LN blocks: the input of the block's last norm;
@@ -565,12 +707,13 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
     if adapter.mlp is not None:
         mlp = adapter.mlp.sites()
     elif adapter.moe is not None:
-        mlp = {"mlp_in": (adapter.moe.block, "in"), "mlp_out": (adapter.moe.block, "out")}
+        mlp = {"mlp_in": (adapter.moe.block, "in"), "mlp_out": adapter.moe.output()}
     else:
         mlp = {}
     sites: dict[str, SiteSpec] = {"resid_in": ("", "in")}
     if adapter.mixer is not None:
-        sites |= _landed(adapter, "attn_out", (adapter.attention, "out"))
+        mixer = Summed(adapter.mixer_parts) if adapter.mixer_parts else (adapter.attention, "out")
+        sites |= _landed(adapter, "attn_out", mixer)
     if adapter.post_norms is not None:
         sites |= {"attn_sum": (adapter.post_norms[0], "in"), "resid_mid": (adapter.post_norms[0], "out")}
     elif adapter.hyper is not None:

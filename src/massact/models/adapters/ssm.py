@@ -1,7 +1,7 @@
-"""State-space hybrids: Nemotron-H, Jamba, Bamba and Granite-4.0-H, whose token mixer is a Mamba (or Mamba-2) selective scan in most
-blocks and softmax attention in the others. The scan writes the stream through its ``out_proj`` as a convolution
-does: the origin, the lifeline and the trigger's sources hold as they are; it has no attention probabilities, so
-only the softmax blocks have sink metrics.
+"""State-space hybrids: Nemotron-H, Jamba, Bamba and Granite-4.0-H, whose token mixer is a Mamba (or Mamba-2) selective
+scan in most blocks and softmax attention in the others, and Falcon-H1, which runs both side by side in every block. The
+scan writes the stream through its ``out_proj`` as a convolution does: the origin, the lifeline and the trigger's sources
+hold as they are; it has no attention probabilities, so only the softmax blocks have sink metrics.
 
 Jamba and Bamba keep the two-sublayer block (mixer, then MLP: ``input_layernorm``, ``pre_ff_layernorm``); Jamba's
 MLP is a mixture of experts every ``expert_layer_period`` blocks. A Nemotron-H block is one sublayer, a Mamba-2 scan,
@@ -9,13 +9,22 @@ an attention, an ungated MLP or a mixture of experts (``mixer`` in each), behind
 residual: a scan or attention block has no MLP (``no_mlp``), an MLP or expert block no token mixer (``mixer`` None).
 Its experts are ungated (``up_proj``, ``down_proj``: act_fn(up), ReLU^2), routed as DeepSeek-V3's (sigmoid, a
 correction bias, group-limited top-k, renormalised, scaled), beside an ungated shared expert. Granite-4.0-H is
-Bamba's block with Granite's scales (``branch_scale``, ``embedding_scale``) and its MLP in ``shared_mlp``.
+Bamba's block with Granite's scales (``branch_scale``, ``embedding_scale``) and its MLP in ``shared_mlp``; with experts
+(``num_local_experts`` > 0, the config's default) the MLP's output is the routed experts' (``block_sparse_moe``) plus the
+shared MLP's, two sibling modules whose sum no module returns (``Moe.shared_beside``: mlp_out is ``Summed``).
+
+A Falcon-H1 block runs a Mamba-2 scan and softmax attention on the same normed input and adds both outputs, each times
+its muP multiplier, as one branch: attn_out is the ``Summed`` output of the two (``mixer_parts``), and the attention
+(its probabilities, heads and values) is the ``self_attn`` part. Its gated MLP multiplies the gate pre-activation and
+the down projection's output by the config's ``mlp_multipliers`` (``Mlp.gate_scale``, ``down_scale``); the token
+embeddings are multiplied by ``embedding_multiplier``. ``key_multiplier``, ``attention_in_multiplier`` and the scan's
+own multipliers act inside the mixers, ``lm_head_multiplier`` on the logits: no site reads between them.
 """
 
 import dataclasses
 
 from . import llama
-from .base import Adapter, Cut, Experts, Mlp, Moe, Router, Variant
+from .base import Adapter, Cut, Experts, Mlp, Moe, Part, Router, Variant
 from .moe import _SIGMOID  # DeepSeek-V3's routing
 
 
@@ -86,11 +95,9 @@ JAMBA = dataclasses.replace(
 _GRANITE_H_NOTE = ("hybrid: Mamba-2 scans (mamba, out_proj) in most blocks, softmax attention (self_attn) in the others, then "
                    "a dense gated MLP (shared_mlp: gate and up fused in input_linear); each branch is multiplied by the "
                    "config's residual_multiplier before it lands (attn_out, mlp_out: what lands; attn_raw, mlp_raw: the "
-                   "sublayers' own outputs), the token embeddings by its embedding_multiplier; configs with experts are not mapped")
+                   "sublayers' own outputs), the token embeddings by its embedding_multiplier")
 
-# Granite-4.0-H: Granite's scales on Bamba's block. A config with experts (``num_local_experts`` > 0) adds the routed
-# experts' output (block_sparse_moe) to the shared MLP's, two sibling modules whose sum no module returns: mlp_out
-# would be no module's input or output, so such configs have no adapter.
+# Granite-4.0-H: Granite's scales on Bamba's block, its MLP the shared MLP alone where the config has no experts.
 GRANITE_4_H = Adapter(
     family="Granite-4.0-H",
     model_types=("granitemoehybrid",),
@@ -108,4 +115,38 @@ GRANITE_4_H = Adapter(
     ),
     when=lambda config: not config.num_local_experts,
     notes=_GRANITE_H_NOTE,
+)
+
+# With experts, every block adds the routed experts' output (block_sparse_moe: a top-k of the router's logits, then a
+# softmax over those k, the same as a softmax over every expert renormalised over the k) to the shared MLP's, which
+# sits beside the mixture of experts in the decoder layer.
+GRANITE_4_H_MOE = dataclasses.replace(
+    GRANITE_4_H,
+    mlp=None,
+    moe=Moe(router=Router(path="router", renormalise=True), experts=Experts(), block="block_sparse_moe",
+            shared=GRANITE_4_H.mlp, shared_beside=True),
+    when=lambda config: bool(config.num_local_experts),
+    notes=_GRANITE_H_NOTE.replace("then a dense gated MLP (shared_mlp: gate and up fused in input_linear)",
+                                  "then a mixture of experts (block_sparse_moe: softmax over the top-k logits) plus, beside it, "
+                                  "a dense gated shared MLP (shared_mlp: gate and up fused in input_linear) on the same input; "
+                                  "mlp_out is their sum"),
+)
+
+FALCON_H1 = Adapter(
+    family="Falcon-H1",
+    model_types=("falcon_h1",),
+    layers="layers",
+    mixer="attention",
+    # The scan, then the attention (on its input times attention_in_multiplier), each output times its multiplier.
+    mixer_parts=(Part(path="mamba", factor="ssm_out_multiplier", projection="out_proj"),
+                 Part(path="self_attn", factor="attention_out_multiplier", projection="o_proj")),
+    values=Cut("self_attn.v_proj"),
+    # down_proj(up x act(gate x gate_multiplier)) x down_multiplier
+    mlp=Mlp(path="feed_forward", gate_scale=("mlp_multipliers", 0), down_scale=("mlp_multipliers", 1)),
+    mlp_norm=("pre_ff_layernorm",),
+    embedding_scale="embedding_multiplier",
+    notes="parallel mixers: every block runs a Mamba-2 scan (mamba, out_proj) and softmax attention (self_attn) on the same "
+          "normed input, and attn_out is their sum, each times its multiplier (ssm_out_multiplier, attention_out_multiplier): "
+          "the heads split the attention's part; a gated MLP with muP multipliers (act(gate x mlp_multipliers[0]), the down "
+          "projection's output x mlp_multipliers[1]: mlp_raw, then mlp_out); the token embeddings x embedding_multiplier",
 )
