@@ -251,7 +251,12 @@ class Moe:
     """A sparse mixture-of-experts MLP: the block at ``block`` (in the decoder layer), its ``router`` and ``experts``,
     and a dense ``shared`` expert every token also goes through (its MLP, whose path is in the block;
     ``shared_gate``: a 1-output linear whose sigmoid scales it, Qwen's ``shared_expert_gate``; None: added as it is,
-    times ``shared_scale``: Cohere-2-MoE averages the routed and the shared experts' outputs, 0.5 each)."""
+    times ``shared_scale``: Cohere-2-MoE averages the routed and the shared experts' outputs, 0.5 each).
+
+    ``latent``: the routed experts work in a latent of their own, (into, out of) it: two linears in the block
+    (Nemotron-H's ``fc1_latent_proj``, ``fc2_latent_proj``). The experts read into(x), and their weighted sum lands
+    through out of it: moe(x) = out(sum_e w_e expert_e(into(x))) (+ the shared expert), so an expert's down projection
+    writes the latent, and its neuron reaches a residual dim through the out-projection's row for that dim."""
 
     router: Router = Router()
     experts: Experts = Experts()
@@ -259,6 +264,7 @@ class Moe:
     shared: Mlp | None = None
     shared_gate: str | None = None
     shared_scale: float = 1.0
+    latent: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
