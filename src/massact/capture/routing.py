@@ -11,7 +11,7 @@ SwiGLU), or in ungated experts act(up_i . x) (Nemotron-H). Latent experts (``Moe
 
     moe(x)[dim] = sum over selected experts e of  w_e x (W_out[dim] . expert_e(z))  + b_out[dim]  (+ the shared expert)
 
-so a neuron writes dim through its latent column: W_out[dim] . W_down[e][:, i]. ``route`` is the same routing with
+so a neuron writes dim through its latent column: ``W_out[dim] . W_down[e][:, i]``. ``route`` is the same routing with
 some experts pruned: the router never picks them, and a softmax router renormalises over the rest.
 """
 
