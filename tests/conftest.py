@@ -64,11 +64,16 @@ MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["li
           "kimi_linear": ["linear", "attention", "linear", "attention"],
           "granitemoehybrid": ["ssm", "attention", "ssm", "attention"],
           "granitemoehybrid_moe": ["ssm", "attention", "ssm", "attention"],
-          "nemotron_h_moe": ["ssm", None, "attention", None]}
+          "nemotron_h_moe": ["ssm", None, "attention", None], "nemotron_h_latent": ["ssm", None, "attention", None],
+          "jamba_moe": ["ssm", "attention", "ssm", "attention"], "kimi_linear_moe": ["linear", "attention", "linear", "attention"]}
 # Mixtures of experts: their MLP sites are inside fused experts (see massact.capture.routing).
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "minimax_m2", "ernie4_5_moe", "exaone_moe",
-                "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe", "granitemoehybrid_moe"]
+                "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe", "nemotron_h_latent", "jamba_moe",
+                "kimi_linear_moe", "granitemoehybrid_moe"]
+# Families whose biases start at random values (transformers starts them at 0, which would hide a recomputation that
+# leaves them out).
+RANDOM_BIASES = {"nemotron_h_latent"}
 
 # Hyper-connections: the residual is 4 streams (see massact.models.adapters.hyper and tests/test_hyper_connections.py).
 HYPER_FAMILIES = ["deepseek_v4", "hy_v4", "qwen4_exp"]
@@ -230,6 +235,13 @@ def tiny_config(family: str, vocab_size: int):
                                                     n_group=2, topk_group=1, moe_intermediate_size=D_MLP,
                                                     moe_shared_expert_intermediate_size=96,
                                                     layers_block_type=["linear_attention", "moe", "full_attention", "mlp"]),
+        # Nemotron-H's expert block with latent experts (a latent of 32, fc1_latent_proj and fc2_latent_proj around the
+        # experts) and mlp_bias (biases in those, the shared expert and the dense MLP).
+        "nemotron_h_latent": lambda: t.NemotronHConfig(**{k: v for k, v in grouped.items() if k != "num_hidden_layers"}, **_MAMBA2,
+                                                       head_dim=D_MODEL // N_HEADS, n_routed_experts=4, num_experts_per_tok=2,
+                                                       n_group=2, topk_group=1, moe_intermediate_size=D_MLP,
+                                                       moe_shared_expert_intermediate_size=96, moe_latent_size=32, mlp_bias=True,
+                                                       layers_block_type=["linear_attention", "moe", "full_attention", "mlp"]),
         "bamba": lambda: t.BambaConfig(**grouped, attn_layer_indices=[2], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
                                        mamba_d_state=16, mamba_chunk_size=16),
         # Granite-4.0-H with a dense MLP only (no experts): Mamba-2, attention without positions, alternating (two scans
@@ -257,6 +269,9 @@ def tiny_config(family: str, vocab_size: int):
         # blocks 0 and 2, dense MLPs in 1 (the planted block) and 3.
         "jamba": lambda: t.JambaConfig(**grouped, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
                                        expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8),
+        # The same mixers, experts in blocks 1 (the planted block) and 3, dense MLPs in 0 and 2.
+        "jamba_moe": lambda: t.JambaConfig(**grouped, attn_layer_period=2, attn_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                                           expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8),
         "olmo_hybrid": lambda: t.OlmoHybridConfig(**grouped, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
                                                   linear_num_value_heads=4),  # 3 linear-attention blocks, then a softmax one
         "lfm3": lambda: t.Lfm3Config(**grouped, head_dim=D_MODEL // N_HEADS),  # conv, conv, full attention, conv; sandwich norms
@@ -266,6 +281,11 @@ def tiny_config(family: str, vocab_size: int):
             **common, num_key_value_heads=N_HEADS, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
             moe_intermediate_size=D_MLP, num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1, linear_head_dim=16,
             linear_num_heads=4, layer_types=["linear_attention", "full_attention"] * 2, mlp_layer_types=["sparse", "dense"] * 2),
+        # The same mixers, experts in blocks 1 (the planted block) and 3, dense MLPs in 0 and 2.
+        "kimi_linear_moe": lambda: t.KimiLinearConfig(
+            **common, num_key_value_heads=N_HEADS, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+            moe_intermediate_size=D_MLP, num_local_experts=4, num_experts_per_tok=2, n_shared_experts=1, linear_head_dim=16,
+            linear_num_heads=4, layer_types=["linear_attention", "full_attention"] * 2, mlp_layer_types=["dense", "sparse"] * 2),
         "bert": lambda: t.BertConfig(**common),
         "roberta": lambda: t.RobertaConfig(**dict(common, max_position_embeddings=CONTEXT + 3)),
     }
@@ -284,6 +304,11 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0):
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.mamba.out_proj.weight *= 3000.0
+    if family in RANDOM_BIASES:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_(0.0, 0.02)
     return model
 
 
@@ -304,10 +329,26 @@ def _isolate_trigger(model, bos: int, adapter=None) -> None:
             if getattr(module, "bias", None) is not None:
                 module.bias[TRIGGER] = 0.0
         if here.moe is not None:  # the expert blocks of a family planted in a dense block: no expert writes it either
-            experts = adapter.module(model, layer, f"{here.moe.block}.{here.moe.experts.path}")
-            (experts.down_proj[:, :, TRIGGER] if here.moe.experts.transposed else experts.down_proj[:, TRIGGER]).zero_()
-            if here.moe.shared is not None:
-                adapter.module(model, layer, here.moe.shared_part(here.moe.shared.down)).weight[TRIGGER] = 0.0
+            _isolate_experts(adapter, model, layer, here.moe)
+
+
+def _isolate_experts(adapter, model, layer: int, moe) -> None:
+    """No expert of block ``layer``'s mixture of experts ``moe`` writes TRIGGER: the routed experts (through their
+    latent out-projection where they work in a latent) and the shared expert (in the block or beside it), weights and
+    biases."""
+    block = adapter.module(model, layer, moe.block)
+    experts = block.get_submodule(moe.experts.path)
+    writers = [adapter.module(model, layer, moe.shared_part(moe.shared.down))] if moe.shared is not None else []
+    if moe.latent is not None:
+        writers.append(block.get_submodule(moe.latent[1]))
+    else:
+        (experts.down_proj[:, :, TRIGGER] if moe.experts.transposed else experts.down_proj[:, TRIGGER]).zero_()
+        if moe.experts.biases:
+            experts.down_proj_bias[:, TRIGGER] = 0.0
+    for linear in writers:
+        linear.weight[TRIGGER] = 0.0
+        if linear.bias is not None:
+            linear.bias[TRIGGER] = 0.0
 
 
 @torch.no_grad()

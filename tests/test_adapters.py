@@ -298,20 +298,6 @@ def test_a_granite_4_h_config_maps_its_experts_where_it_has_them(tokenizer):
     assert [part.path for part in default.sites["mlp_out"].parts] == ["block_sparse_moe", "shared_mlp"]
 
 
-@pytest.mark.parametrize("change", [{"moe_latent_size": 32}, {"mlp_bias": True}])
-def test_a_nemotron_h_with_latent_or_biased_experts_is_refused_in_one_line(tokenizer, change):
-    """Nemotron-H's expert blocks are mapped as they are in the default config; experts behind latent projections
-    (their down projection writes the latent, not the stream) or with biases in the shared expert are not."""
-    from conftest import tiny_config
-
-    config = tiny_config("nemotron_h_moe", len(tokenizer))
-    assert adapter_for(config).family == "Nemotron-H"
-    for name, value in change.items():
-        setattr(config, name, value)
-    with pytest.raises(UsageError, match=r"^this 'nemotron_h' config is a variant massact does not map: the Nemotron-H adapters "):
-        adapter_for(config)
-
-
 def test_a_laguna_config_whose_head_count_varies_by_block_is_one_line(tokenizer):
     """Laguna may give each block its own head count; massact's attention passes take one, so it says so."""
     from conftest import tiny_config

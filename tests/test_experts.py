@@ -54,7 +54,8 @@ def test_the_recomputed_routing_is_the_models_own(family, tokenizer):
 
 # Routers with a correction bias (on the router, nested in it, or on the block), softcapped logits, or a scale the block
 # applies after the router.
-CORRECTED = ["minimax_m2", "ernie4_5_moe", "exaone_moe", "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe"]
+CORRECTED = ["minimax_m2", "ernie4_5_moe", "exaone_moe", "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe",
+             "nemotron_h_latent", "kimi_linear_moe"]
 
 
 @torch.no_grad()
@@ -90,11 +91,12 @@ def test_a_random_correction_bias_and_softcap_are_recomputed_as_the_router_appli
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["mixtral", "nemotron_h_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "nemotron_h_moe", "nemotron_h_latent"])
 def test_each_experts_recorded_maximum_is_a_hand_computation(family, tokenizer):
     """Planted: per (block, expert), the largest |output| over the real tokens routed to it, computed here from the
     block's input, the router and each expert's weights (Mixtral: x -> down(silu(gate x) x up x); Nemotron-H's ungated
-    experts: x -> down(relu(up x)^2))."""
+    experts: x -> down(relu(up x)^2); its latent experts: x -> W_fc2 down(relu(up fc1(x))^2), as the output reaches the
+    stream, without fc2's bias, which is no expert's)."""
     model = planted_moe(family, tokenizer)
     lm = massact.wrap(model, tokenizer)
     windows = [tokenizer(text, return_tensors="pt").input_ids for text in TEXTS]
@@ -112,15 +114,18 @@ def test_each_experts_recorded_maximum_is_a_hand_computation(family, tokenizer):
                 model(ids)
                 x = seen["x"].reshape(-1, D_MODEL).double()
                 chosen = route(moe, x).indices
+                into, out_of = (moe.block.get_submodule(path) for path in moe.spec.latent) if moe.spec.latent else (None, None)
+                z = x @ into.weight.double().T + into.bias.double() if into is not None else x
                 for expert in range(4):
                     tokens = (chosen == expert).any(-1)
                     if tokens.any():
                         if moe.spec.experts.gated:
-                            gate, up = (moe.experts.gate_up_proj[expert].double() @ x[tokens].T).chunk(2, dim=0)
+                            gate, up = (moe.experts.gate_up_proj[expert].double() @ z[tokens].T).chunk(2, dim=0)
                             hidden = torch.nn.functional.silu(gate) * up
                         else:
-                            hidden = torch.relu(moe.experts.up_proj[expert].double() @ x[tokens].T) ** 2
+                            hidden = torch.relu(moe.experts.up_proj[expert].double() @ z[tokens].T) ** 2
                         out = moe.experts.down_proj[expert].double() @ hidden
+                        out = out_of.weight.double() @ out if out_of is not None else out
                         expected[expert] = max(expected[expert], float(out.abs().max()))
         finally:
             hook.remove()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import massact
-from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_trigger, plant_mlp, run_massact, tiny_model
+from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_experts, _isolate_trigger, plant_mlp, run_massact, tiny_model
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
@@ -45,6 +45,8 @@ def planted(family, tokenizer):
 
 
 EXPERT = 2
+# Latent experts: the planted neuron reads TRIGGER through latent unit LATENT_IN and writes DIM through LATENT_OUT alone.
+LATENT_IN, LATENT_OUT = 3, 11
 
 
 def expert_rows(experts, expert: int, neuron: int, layout) -> tuple[torch.Tensor, int, int]:
@@ -62,7 +64,8 @@ def expert_rows(experts, expert: int, neuron: int, layout) -> tuple[torch.Tensor
 @torch.no_grad()
 def planted_moe(family, tokenizer):
     """Expert EXPERT's neuron NEURON of block LAYER fires on BOS only and writes 100 x its activation into DIM; the
-    router sends BOS to that expert. Nothing else writes the trigger dim."""
+    router sends BOS to that expert. Nothing else writes the trigger dim. Latent experts: the neuron reads TRIGGER through
+    latent unit LATENT_IN and writes latent unit LATENT_OUT, which the out-projection carries into DIM alone."""
     model = tiny_model(family, len(tokenizer))
     adapter, config = adapter_for(model.config), text_config(model)
     bos = tokenizer.bos_token_id
@@ -76,23 +79,30 @@ def planted_moe(family, tokenizer):
             adapter.weight_out_in(adapter.module(model, layer, path))[TRIGGER] = 0.0
         if here.moe is None:
             if here.mlp_down is not None:
-                adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
+                down = adapter.module(model, layer, here.mlp_down)
+                adapter.weight_out_in(down)[TRIGGER] = 0.0
+                if down.bias is not None:
+                    down.bias[TRIGGER] = 0.0
             continue
-        block = adapter.module(model, layer, here.moe.block)
-        experts = block.get_submodule(here.moe.experts.path)
-        (experts.down_proj[:, :, TRIGGER] if here.moe.experts.transposed else experts.down_proj[:, TRIGGER]).zero_()
-        if here.moe.experts.biases:
-            experts.down_proj_bias[:, TRIGGER] = 0.0
-        if here.moe.shared:
-            adapter.module(model, layer, here.moe.shared_part(here.moe.shared.down)).weight[TRIGGER] = 0.0
+        _isolate_experts(adapter, model, layer, here.moe)
     here = adapter.at(config, LAYER)
     block = adapter.module(model, LAYER, here.moe.block)
     here.moe.router.linear(block.get_submodule(here.moe.router.path)).weight[EXPERT, TRIGGER] = 5.0  # BOS goes to the expert
     experts = block.get_submodule(here.moe.experts.path)
     fused, gate, up = expert_rows(experts, EXPERT, NEURON, here.moe.experts)
+    reads, writes = TRIGGER, DIM  # what the expert reads and writes: the stream's dims, or the latent's units
+    if here.moe.latent is not None:
+        into, out = (block.get_submodule(path) for path in here.moe.latent)
+        into.weight[LATENT_IN] = 0.0
+        into.weight[LATENT_IN, TRIGGER] = 1.0
+        if into.bias is not None:
+            into.bias[LATENT_IN] = 0.0
+        out.weight[:, LATENT_OUT] = 0.0
+        out.weight[DIM, LATENT_OUT] = 1.0
+        reads, writes = LATENT_IN, LATENT_OUT
     for row in (gate, up):
         fused[row] = 0.0
-        fused[row, TRIGGER] = 2.0
+        fused[row, reads] = 2.0
         if here.moe.experts.biases:
             experts.gate_up_proj_bias[EXPERT, row] = 0.0
     if "mlp_out" in here.branch_norms:  # a sandwich norm: its gain makes the one writer of DIM land massive (as in planted)
@@ -105,9 +115,9 @@ def planted_moe(family, tokenizer):
         if here.moe.shared:
             adapter.module(model, LAYER, here.moe.shared_part(here.moe.shared.down)).weight[DIM] = 0.0
     if here.moe.experts.transposed:
-        experts.down_proj[EXPERT, NEURON, DIM] = 100.0
+        experts.down_proj[EXPERT, NEURON, writes] = 100.0
     else:
-        experts.down_proj[EXPERT, DIM, NEURON] = 100.0
+        experts.down_proj[EXPERT, writes, NEURON] = 100.0
     return model
 
 
@@ -291,12 +301,13 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     here = adapter_for(model.config).at(text_config(model), LAYER)
     assert m.error < 1e-4 and m.top_expert == expert and m.experts[0].expert == expert and m.experts[0].router_prob > 0.9
     assert m.neurons[0].neuron == NEURON and m.neurons[0].share > 0.9
-    index = [expert, NEURON, DIM] if here.moe.experts.transposed else [expert, DIM, NEURON]
+    row = LATENT_OUT if here.moe.latent is not None else DIM  # latent experts' down projection writes the latent unit
+    index = [expert, NEURON, row] if here.moe.experts.transposed else [expert, row, NEURON]
     assert (m.super_weight.index, m.super_weight.value, m.super_weight.rank) == (index, 100.0, 1)
     assert model.get_parameter(m.super_weight.matrix)[tuple(index)] == 100.0  # at its stored coordinates
     assert (here.moe.shared is not None) == (m.shared_expert is not None)
     # The expert's part plus the other sources sum to the block's MLP output.
-    assert sum(e.contribution for e in m.experts) + (m.shared_expert.contribution if m.shared_expert else 0.0) == \
+    assert sum(e.contribution for e in m.experts) + (m.shared_expert.contribution if m.shared_expert else 0.0) + m.bias == \
         pytest.approx(m.actual, rel=1e-4)
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
     text = to_text(report)

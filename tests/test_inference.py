@@ -27,13 +27,13 @@ REFUSED = {
     **{family: MAPS + "block 0 has a token mixer but no MLP" for family in ("bert", "roberta")},
     # Hybrids: convolutions or linear attention beside softmax attention.
     **{family: MAPS + "2 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)"
-       for family in ("lfm2", "granitemoehybrid")},
+       for family in ("lfm2", "granitemoehybrid", "jamba_moe", "kimi_linear_moe")},
     **{family: MAPS + "1 of its 4 blocks return attention probabilities (a hybrid, whose blocks differ)"
        for family in ("qwen3_next", "qwen3_5", "qwen3_next_moe", "bamba", "olmo_hybrid", "lfm3")},
     # Falcon-H1: a Mamba-2 scan and an attention side by side, their outputs summed into one branch.
     "falcon_h1": MAPS + "block 0 has 2 token mixer(s) and 1 position-wise MLP module(s) among its children (one of each expected)",
     # Nemotron-H: a block is one sublayer, its mixer alone or its MLP alone.
-    **{family: MAPS + "block 0 has a token mixer but no MLP" for family in ("nemotron_h", "nemotron_h_moe")},
+    **{family: MAPS + "block 0 has a token mixer but no MLP" for family in ("nemotron_h", "nemotron_h_moe", "nemotron_h_latent")},
     # Mixtures of experts: routed experts in 3-D weights, or dense blocks first and experts after.
     **{family: MAPS + "its blocks hold 3-D expert weights" for family in ("mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe",
                                                                            "minimax_m2", "jamba", "kimi_linear",

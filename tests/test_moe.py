@@ -244,3 +244,47 @@ def test_a_dense_block_has_no_experts_and_one_token_is_asked():
     assert moe_block(model, 0) is None and moe_block(model, 1) is not None
     with pytest.raises(ValueError, match="one token"):
         attribute_moe(moe_block(model, 1), torch.zeros(2, D_MODEL), 0)
+
+
+# The hybrids' expert blocks: Jamba's (softmax, top-k, not renormalised), Kimi-Linear's and Nemotron-H's (sigmoid with a
+# correction bias, groups, renormalised and scaled), Nemotron-H's latent experts with biases (mlp_bias) beside them.
+HYBRID_EXPERTS = ["jamba_moe", "kimi_linear_moe", "nemotron_h_moe", "nemotron_h_latent"]
+
+
+@pytest.mark.parametrize("family", HYBRID_EXPERTS)
+def test_a_hybrids_expert_blocks_add_up_at_every_dim_on_a_padded_batch(family, tokenizer):
+    """A random model (its biases random where it has them) on a padded batch: at every expert block and real token,
+    the experts, the shared expert and the latent out-projection's bias sum, dim by dim, to the block's output in the
+    model's own forward; the experts are the router's own choice."""
+    from conftest import tiny_model
+    from massact.capture.batches import pad_batch
+    from massact.capture.routing import model_routing, route
+
+    model = tiny_model(family, len(tokenizer), seed=2)
+    lm = LoadedModel(model, tokenizer, adapter_for(model.config), "tiny")
+    blocks = {layer: MoeBlock.at(lm, layer) for layer in range(model.config.num_hidden_layers)}
+    blocks = {layer: moe for layer, moe in blocks.items() if moe is not None}
+    seen = {}
+    hooks = [moe.block.register_forward_hook(lambda m, args, out, layer=layer: seen.__setitem__(layer, (args[0].detach(), out.detach())))
+             for layer, moe in blocks.items()]
+    ids, mask = pad_batch([tokenizer(text, return_tensors="pt").input_ids for text in ["Summer is warm. Winter is cold.", "A map."]])
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert blocks and set(seen) == set(blocks)
+    for layer, moe in blocks.items():
+        x, out = seen[layer]
+        real = mask.bool()
+        x, out = x[real], out[real]
+        indices, _ = model_routing(moe, x)
+        for token in (0, 3, len(x) - 1):  # the first text's first and fourth, the second's last (beside its padding)
+            split = [attribute_moe(moe, x[token], dim) for dim in range(D_MODEL)]
+            recomputed = torch.tensor([s.output for s in split], dtype=torch.float64)
+            torch.testing.assert_close(recomputed, out[token].double(), rtol=1e-4, atol=1e-6)
+            recomputed_choice = sorted(route(moe, x[token:token + 1]).indices[0].tolist())
+            assert sorted(e.expert for e in split[0].experts) == sorted(indices[token].tolist()) == recomputed_choice
+            if moe.latent_out is not None:  # the bias the weighted sum passes through once is part of the sum
+                assert [s.bias for s in split] == moe.latent_out.bias.double().tolist() != [0.0] * D_MODEL

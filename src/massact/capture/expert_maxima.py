@@ -6,7 +6,9 @@ While recording, the experts of every block run through ``experts_forward``, reg
 implementation of transformers (``Experts.run_with``): the same computation as transformers' own eager loop (each
 expert on its tokens: fused gate and up, the module's gate function, down, times the router weight, summed), which also
 keeps the maximum. Stacked experts (``Experts.stacked``) call no implementation: each expert's output is in the
-module's, read by a hook. A shared expert runs on every token: its maximum is kept apart, by a hook.
+module's, read by a hook. A shared expert runs on every token: its maximum is kept apart, by a hook. Latent experts
+(``Moe.latent``) write the latent: an expert's output is taken as it reaches the stream, through the out-projection's
+weight (its bias belongs to no expert).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def instrumented(lm: LoadedModel, maxima: ExpertMaxima | None = None, transform:
                 if transform is not None:
                     handles.append(experts.register_forward_pre_hook(lambda m, args: (transform(args[0], None), *args[1:])))
             else:  # fused experts: run through experts_forward
-                experts._massact = (maxima, layer, transform, moe.experts)
+                landing = block.get_submodule(moe.latent[1]).weight if moe.latent else None  # latent -> stream
+                experts._massact = (maxima, layer, transform, moe.experts, landing)
                 instrumented_modules.append(experts)
             if moe.shared and maxima is not None:
                 handles.append(lm.adapter.module(lm.model, layer, moe.shared_part()).register_forward_hook(
@@ -141,8 +144,8 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     """The fused experts' forward: each expert on its tokens (gate and up, the module's own gate function, down, laid
     out as the adapter's ``Experts`` declares), times its router weight, summed: the computation of transformers' eager
     loop. It keeps each expert's largest |output| before the weight, and transforms its inputs and activations, as
-    ``instrumented`` asks."""
-    maxima, layer, transform, layout = self._massact
+    ``instrumented`` asks (latent experts: their output through the out-projection's weight ``landing``)."""
+    maxima, layer, transform, layout, landing = self._massact
     out = torch.zeros_like(hidden_states)
     for expert in top_k_index.unique().tolist():
         if expert >= self.num_experts:  # an expert-parallel sentinel
@@ -159,6 +162,6 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
         h = transform(h, tokens) if transform is not None else h
         y = _project(h, self.down_proj[expert], self.down_proj_bias[expert] if layout.biases else None, layout.transposed)
         if maxima is not None:
-            maxima.keep(layer, expert, y, tokens)
+            maxima.keep(layer, expert, y if landing is None else F.linear(y, landing), tokens)
         out.index_add_(0, tokens, (y * top_k_weights[tokens, slot, None]).to(out.dtype))
     return out

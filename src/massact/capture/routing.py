@@ -6,8 +6,13 @@ and every expert's neurons (as its ``Experts`` lays them out), in float64 and ch
 
 with w_e the router's weight for expert e (Llama-4 scales the expert's input instead: expert_e(w_e x)) and act_i the
 neuron's activation, act(gate_i . x) x (up_i . x), or the expert module's own gate function (gpt-oss's clamped
-SwiGLU), or in ungated experts act(up_i . x) (Nemotron-H). ``route`` is the same routing with some experts pruned:
-the router never picks them, and a softmax router renormalises over the rest.
+SwiGLU), or in ungated experts act(up_i . x) (Nemotron-H). Latent experts (``Moe.latent``, Nemotron-H's
+``moe_latent_size``) read z = into(x) for x, and their weighted sum lands through the out-projection:
+
+    moe(x)[dim] = sum over selected experts e of  w_e x (W_out[dim] . expert_e(z))  + b_out[dim]  (+ the shared expert)
+
+so a neuron writes dim through its latent column: ``W_out[dim] . W_down[e][:, i]``. ``route`` is the same routing with
+some experts pruned: the router never picks them, and a softmax router renormalises over the rest.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class MoeBlock:
     it), the model's config (for the router's settings), the full names of the mixture-of-experts module (``prefix``)
     and of the shared expert's (``shared_prefix``, "" without one) for parameter names, and ``dtype``, that of the
     hidden states the block reads in the model's forward (the residual stream's, whatever its router keeps its weight
-    in)."""
+    in); ``latent_in`` and ``latent_out`` the linears into and out of the experts' latent (None where the experts read
+    and write the stream)."""
 
     spec: Moe
     block: nn.Module
@@ -42,6 +48,8 @@ class MoeBlock:
     prefix: str
     dtype: torch.dtype
     shared_prefix: str = ""
+    latent_in: nn.Module | None = None
+    latent_out: nn.Module | None = None
 
     @classmethod
     def at(cls, lm: LoadedModel, layer: int) -> MoeBlock | None:
@@ -53,8 +61,10 @@ class MoeBlock:
         get = lambda path: block.get_submodule(path) if path else None
         shared = lm.adapter.module(lm.model, layer, spec.shared_part()) if spec.shared else None
         names = f"{lm.adapter.layers_path(lm.model)}.{layer}"
+        latent = spec.latent or (None, None)
         return cls(spec, block, get(spec.router.path), get(spec.experts.path), shared, get(spec.shared_gate), lm.config,
-                   f"{names}.{spec.block}", lm.dtype, shared_prefix=f"{names}.{spec.shared_part()}" if spec.shared else "")
+                   f"{names}.{spec.block}", lm.dtype, shared_prefix=f"{names}.{spec.shared_part()}" if spec.shared else "",
+                   latent_in=get(latent[0]), latent_out=get(latent[1]))
 
     def setting(self, *names: str):
         """The first of ``names`` the router module has, else the config's."""
@@ -233,22 +243,52 @@ def expert_parts(moe: MoeBlock, expert: int,
     return gate, up, activate(moe, fused), down, down_bias
 
 
+def expert_input(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """What the routed experts read for the block's input ``x`` [..., d_model], float64: ``x`` itself, or where they
+    work in a latent, into(x) [..., latent] (its bias included)."""
+    if moe.latent_in is None:
+        return x.double()
+    weight, bias = moe.latent_in.weight.detach().double().to(x.device), moe.latent_in.bias
+    return x.double() @ weight.T + (bias.detach().double().to(x.device) if bias is not None else 0.0)
+
+
+def landing(moe: MoeBlock, dim: int) -> tuple[torch.Tensor | None, float]:
+    """How the routed experts' weighted sum reaches residual ``dim``: the latent out-projection's row [latent] for it
+    and its bias there (float64 on CPU), or (None, 0.0) where the sum lands as it is."""
+    if moe.latent_out is None:
+        return None, 0.0
+    bias = moe.latent_out.bias
+    return moe.latent_out.weight.detach()[dim].double().cpu(), float(bias.detach()[dim]) if bias is not None else 0.0
+
+
+def _bias(linear: nn.Module) -> torch.Tensor | float:
+    """A linear's bias in float64 (0.0 without one)."""
+    return linear.bias.detach().double() if getattr(linear, "bias", None) is not None else 0.0
+
+
 def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
     """The shared expert's gate and up pre-activations (both up where it is ungated), activations, down projection
     [d_model, d_mlp], the logit of its gate (0 without one) and the scale it applies (sigmoid of that logit, or 1). A
     fused gate-and-up projection holds the gate first, then up."""
     mlp, parts = moe.shared, moe.spec.shared
     weight = lambda name: mlp.get_submodule(name).weight.detach().double()
+    project = lambda name: weight(name) @ x + _bias(mlp.get_submodule(name))  # with its bias (Nemotron-H's mlp_bias)
     act = mlp.get_submodule(parts.act) if isinstance(parts.act, str) else parts.act
-    pre_up, down = weight(parts.up) @ x, weight(parts.down)
+    pre_up, down = project(parts.up), weight(parts.down)
     if parts.fused:
         pre_gate, pre_up = pre_up.chunk(2)
     else:
-        pre_gate = weight(parts.gate) @ x if parts.gate is not None else pre_up
+        pre_gate = project(parts.gate) if parts.gate is not None else pre_up
     logit = float(moe.shared_gate.weight.detach().double().reshape(-1) @ x) if moe.shared_gate is not None else 0.0
     scale = float(torch.sigmoid(torch.tensor(logit, dtype=torch.float64))) if moe.shared_gate is not None else 1.0
     scale *= moe.spec.shared_scale
     return pre_gate, pre_up, act(pre_gate) * pre_up if parts.gated else act(pre_up), down, logit, scale
+
+
+def shared_down_bias(moe: MoeBlock, dim: int) -> float:
+    """The shared expert's down-projection bias at ``dim`` (0.0 without one)."""
+    bias = _bias(moe.shared.get_submodule(moe.spec.shared.down))
+    return float(bias[dim]) if isinstance(bias, torch.Tensor) else 0.0
 
 
 def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) -> torch.Tensor:
@@ -279,11 +319,17 @@ def _device_of(module: nn.Module) -> torch.device:
 def expert_input_row(moe: MoeBlock, expert: int, neuron: int, site: str) -> tuple[torch.Tensor, float]:
     """The row of an expert's input weight that makes ``neuron``'s gate (``site`` "mlp_gate") or up pre-activation
     from the block's input (ungated experts: the up row, their one pre-activation), and its bias (0 without); float64
-    on CPU."""
+    on CPU. Latent experts read into(x): the row is the expert's latent row through into's weight, the bias its
+    latent row . into's bias plus the expert's own."""
     weight, bias, _, _ = expert_weights(moe, expert)
-    rows = split_gate_up(moe, weight.T)[0 if site == "mlp_gate" else 1].T  # [d_mlp, d_model]
+    rows = split_gate_up(moe, weight.T)[0 if site == "mlp_gate" else 1].T  # [d_mlp, d_model or latent]
     biases = split_gate_up(moe, bias)[0 if site == "mlp_gate" else 1] if bias is not None else None
-    return rows[neuron].cpu(), float(biases[neuron]) if biases is not None else 0.0
+    row, constant = rows[neuron].cpu(), float(biases[neuron]) if biases is not None else 0.0
+    if moe.latent_in is None:
+        return row, constant
+    into = moe.latent_in
+    bias = float(row @ into.bias.detach().double().cpu()) if into.bias is not None else 0.0
+    return row @ into.weight.detach().double().cpu(), constant + bias
 
 
 def expert_matrix(matrix: str, layer: int) -> str:

@@ -224,6 +224,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
     (LifelineStep, "mix"), (Mechanism, "streams"), (Attribution, "stream"), (Attribution, "write"), (ExpertAttribution, "stream"),
     (ExpertAttribution, "write"), (ExpertAttribution, "landed"), (MoeAttribution, "gated"),
+    (MoeAttribution, "bias"),
 })
 
 

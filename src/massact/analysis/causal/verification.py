@@ -187,7 +187,7 @@ def _expert_rows(run: _Run, e: ExpertAttribution, claims: list[str]) -> list[Int
     rows = [_measure(run, "none (baseline)", "baseline", e, nullcontext(), True)]
     w = e.moe.super_weight
     matrix, index = expert_matrix(w.matrix, e.layer), tuple(w.index)
-    column = _neuron_column(index, w.dim, w.neuron)
+    column = _neuron_column(index, w.expert is not None and lm.at(e.layer).moe.experts.transposed)
     where = "the shared expert" if w.expert is None else f"expert {w.expert}"
     row = _measure(run, f"ablate neuron {w.neuron} of {where}", f"neuron {matrix}[{w.expert}]:{w.neuron}", e,
                    set_weight(lm, matrix, column), True)
@@ -288,10 +288,11 @@ def _unrelated_neuron(a: Attribution) -> int:
     return next(i for i in range(len(listed) + 1) if i not in listed)
 
 
-def _neuron_column(index: tuple[int, ...], dim: int, neuron: int) -> tuple:
-    """The stored index of everything a neuron writes, from its super weight's index ([expert,] dim, neuron or
-    [expert,] neuron, dim): the dim's place takes every row."""
-    place = len(index) - 2 if index[-2:] == (dim, neuron) else len(index) - 1
+def _neuron_column(index: tuple[int, ...], transposed: bool) -> tuple:
+    """The stored index of everything a neuron writes, from its super weight's index ([expert,] row, neuron, or
+    ``transposed`` [expert,] neuron, row; the row a residual dim, or latent experts' latent unit): the row's place
+    takes every row."""
+    place = len(index) - 1 if transposed else len(index) - 2
     return tuple(slice(None) if i == place else value for i, value in enumerate(index))
 
 

@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from ...capture.routing import MoeBlock, _shared_parts, block_output, expert_parts, route
+from ...capture.routing import (
+    MoeBlock,
+    _shared_parts,
+    block_output,
+    expert_input,
+    expert_parts,
+    expert_weights,
+    landing,
+    route,
+    shared_down_bias,
+)
 from .results import ExpertContribution, ExpertNeuron, ExpertSuperWeight, MoeAttribution
 
 
@@ -26,6 +36,14 @@ def _rank(param: torch.Tensor, value: torch.Tensor) -> int:
     return 1 + sum(int((part.abs() > threshold).sum()) for part in slices)
 
 
+def _latent_unit(moe: MoeBlock, expert: int, dim: int, neuron: int) -> int:
+    """The latent unit on the neuron's largest path into residual ``dim``: argmax over l of |W_out[dim, l] x
+    W_down[e][l, neuron]| (its down projection writes the latent, which the out-projection carries into the stream)."""
+    row, _ = landing(moe, dim)
+    down = expert_weights(moe, expert)[2]  # [latent, d_mlp]
+    return int((row * down[:, neuron].cpu()).abs().argmax())
+
+
 def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> ExpertSuperWeight:
     if expert is None:
         down = moe.spec.shared.down
@@ -33,7 +51,9 @@ def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> E
         param = moe.shared.get_submodule(down).weight
     else:
         matrix = f"{moe.prefix}.{moe.spec.experts.path}.down_proj"
-        index = [expert, neuron, dim] if moe.spec.experts.transposed else [expert, dim, neuron]
+        # Latent experts write the latent: the entry is on the unit that carries most of the neuron's write into dim.
+        row = _latent_unit(moe, expert, dim, neuron) if moe.latent_out is not None else dim
+        index = [expert, neuron, row] if moe.spec.experts.transposed else [expert, row, neuron]
         param = moe.experts.down_proj
     value = param.detach()[tuple(index)]
     return ExpertSuperWeight(matrix=matrix, index=index, expert=expert, dim=dim, neuron=neuron, value=float(value),
@@ -53,26 +73,31 @@ def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: in
     x64 = x.detach().double().cpu()
     routing = route(moe, x64.unsqueeze(0), token_ids=None if token_id is None else torch.tensor([token_id]))
     on_input = moe.spec.router.on_input
+    z = expert_input(moe, x64)  # the block's input, or latent experts' latent
+    latent_row, latent_bias = landing(moe, dim)
     parts: list[tuple[ExpertContribution, tuple[torch.Tensor, ...]]] = []
     for expert, weight in zip(routing.indices[0].tolist(), routing.weights[0].tolist()):
-        gate, up, activation, down, down_bias = expert_parts(moe, expert, x64 * weight if on_input else x64)
+        gate, up, activation, down, down_bias = expert_parts(moe, expert, z * weight if on_input else z)
         scale = 1.0 if on_input else weight  # Llama-4: the weight is already inside the activations
-        output = float(down[dim] @ activation) + (float(down_bias[dim]) if down_bias is not None else 0.0)
-        neuron_parts = scale * activation * down[dim]
+        # What each neuron writes into dim: its down column's entry there, or through the latent out-projection's row.
+        writes = down[dim] if latent_row is None else latent_row @ down
+        bias = 0.0 if down_bias is None else float(down_bias[dim] if latent_row is None else latent_row @ down_bias)
+        output = float(writes @ activation) + bias
+        neuron_parts = scale * activation * writes
         entry = ExpertContribution(expert=expert, router_logit=float(routing.logits[0, expert]),
                                    router_prob=float(routing.scores[0, expert]),
                                    router_weight=weight, output=output, contribution=scale * output, share=0.0)
-        bias_part = scale * float(down_bias[dim]) if down_bias is not None else 0.0
-        parts.append((entry, (gate, up, activation, neuron_parts, down[dim], bias_part)))
+        parts.append((entry, (gate, up, activation, neuron_parts, writes, scale * bias)))
     shared = None
     if moe.shared is not None:
         gate, up, activation, down, logit, scale = _shared_parts(moe, x64)
-        output = float(down[dim] @ activation)
+        bias = shared_down_bias(moe, dim)
+        output = float(down[dim] @ activation) + bias
         shared = ExpertContribution(expert=None, router_logit=logit, router_prob=scale, router_weight=scale, output=output,
                                     contribution=scale * output, share=0.0)
-        parts.append((shared, (gate, up, activation, scale * activation * down[dim], down[dim], 0.0)))
+        parts.append((shared, (gate, up, activation, scale * activation * down[dim], down[dim], scale * bias)))
 
-    total = sum(entry.contribution for entry, _ in parts)
+    total = sum(entry.contribution for entry, _ in parts) + latent_bias
     actual = float(block_output(moe, x, token_id)[dim])
     for entry, (gate, up, activation, neuron_parts, down_row, bias_part) in parts:
         entry.share = entry.contribution / total if total else float("nan")
@@ -82,7 +107,8 @@ def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: in
     best = max((entry for entry, _ in parts), key=lambda entry: abs(entry.contribution))
     routed = sorted((entry for entry, _ in parts if entry.expert is not None), key=lambda e: -e.router_weight)
     return MoeAttribution(
-        dim=dim, family=family, output=total, actual=actual, error=abs(total - actual) / max(abs(actual), 1e-12), experts=routed,
+        dim=dim, family=family, output=total, actual=actual, bias=latent_bias, error=abs(total - actual) / max(abs(actual), 1e-12),
+        experts=routed,
         shared_expert=shared, top_expert=best.expert, neurons=best.neurons,
         super_weight=_super_weight(moe, best.expert, dim, best.neurons[0].neuron),
         gated=moe.spec.shared.gated if best.expert is None else moe.spec.experts.gated,

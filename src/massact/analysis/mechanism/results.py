@@ -346,8 +346,9 @@ class Lifeline:
 @dataclass(kw_only=True)
 class ExpertNeuron:
     """One neuron of one expert at ``dim``: gate and up are its pre-activations, activation = act(gate) x up (or the
-    expert's own gate function), weight = W_down[e][dim, neuron]; contribution = router_weight x activation x weight
-    (its part of the MoE output; Llama-4 scales the input instead); share = contribution / output."""
+    expert's own gate function), weight = W_down[e][dim, neuron] (latent experts: W_out[dim] . W_down[e][:, neuron],
+    what the neuron writes into dim through the latent out-projection); contribution = router_weight x activation x
+    weight (its part of the MoE output; Llama-4 scales the input instead); share = contribution / output."""
 
     neuron: int
     gate: float
@@ -384,7 +385,9 @@ class ExpertContribution:
 class ExpertSuperWeight:
     """W_down[dim, neuron] of the top neuron of the top expert, located as stored: ``model.get_parameter(matrix)
     [tuple(index)]`` is ``value`` (index [expert, dim, neuron] in fused experts stored [E, d_model, d_mlp], [expert,
-    neuron, dim] stored transposed, [dim, neuron] in a shared expert's ``down_proj.weight``). Reports of earlier
+    neuron, dim] stored transposed, [dim, neuron] in a shared expert's ``down_proj.weight``). Latent experts' down
+    projection writes the latent: the index is [expert, latent unit, neuron], the unit l on the neuron's largest path
+    into dim (|W_out[dim, l] x W_down[e][l, neuron]|), and ``dim`` stays the residual dim. Reports of earlier
     versions name the matrix relative to the block's MLP (``experts.down_proj``).
 
     rank: 1 + how many entries of the whole stored parameter (all experts) are larger in |w|; entries: its size.
@@ -404,8 +407,9 @@ class ExpertSuperWeight:
 class MoeAttribution:
     """The MoE block's output at ``dim`` for one token, split into experts.
 
-    output: the sum of every expert's contribution (float64); actual: the block's own output there (calling the block
-    on the token); error: |output - actual| / |actual|. ``experts`` are the routed experts the router selected, by
+    output: the sum of every expert's contribution (float64), plus ``bias``, the latent out-projection's bias at dim
+    (latent experts: their weighted sum passes through it once; 0 otherwise); actual: the block's own output there
+    (calling the block on the token); error: |output - actual| / |actual|. ``experts`` are the routed experts the router selected, by
     router weight, highest first; ``shared_expert`` the shared expert (None where there is none). ``top_expert`` is the
     expert with the largest |contribution| (None when that is the shared expert); ``neurons`` are its top neurons and
     ``super_weight`` its top neuron's down-projection entry. ``gated``: that expert's neurons are gated (act(gate) x
@@ -423,6 +427,7 @@ class MoeAttribution:
     neurons: list[ExpertNeuron]
     super_weight: ExpertSuperWeight
     gated: bool = True
+    bias: float = 0.0
 
 
 @dataclass(kw_only=True)

@@ -325,7 +325,12 @@ class Moe:
     times ``shared_scale``: Cohere-2-MoE averages the routed and the shared experts' outputs, 0.5 each).
     ``shared_beside``: the shared expert is no module of the block but its sibling in the decoder layer (its path is in
     the layer), and the MLP's output is the block's plus the shared expert's, a sum no module returns (Granite-4.0-H's
-    ``shared_mlp`` beside ``block_sparse_moe``): mlp_out is then ``Summed``."""
+    ``shared_mlp`` beside ``block_sparse_moe``): mlp_out is then ``Summed``.
+
+    ``latent``: the routed experts work in a latent of their own, (into, out of) it: two linears in the block
+    (Nemotron-H's ``fc1_latent_proj``, ``fc2_latent_proj``). The experts read into(x), and their weighted sum lands
+    through out of it: moe(x) = out(sum_e w_e expert_e(into(x))) (+ the shared expert), so an expert's down projection
+    writes the latent, and its neuron reaches a residual dim through the out-projection's row for that dim."""
 
     router: Router = Router()
     experts: Experts = Experts()
@@ -334,6 +339,7 @@ class Moe:
     shared_gate: str | None = None
     shared_scale: float = 1.0
     shared_beside: bool = False
+    latent: tuple[str, str] | None = None
 
     def __post_init__(self):
         if self.shared_beside and self.shared is None:

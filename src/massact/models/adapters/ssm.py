@@ -37,9 +37,12 @@ def _block_type(config, layer: int) -> str:
 _NEMOTRON_NOTE = ("one sublayer per block (a Mamba-2 scan, an attention, an ungated ReLU^2 MLP or a mixture of experts, "
                   "each at `mixer`) behind one norm: scan and attention blocks have no MLP, MLP and expert blocks no token "
                   "mixer; ungated experts, DeepSeek-V3's sigmoid routing with a correction bias, an ungated shared expert "
-                  "added as it is")
+                  "added as it is; latent experts (moe_latent_size) read fc1_latent_proj(x) and land through "
+                  "fc2_latent_proj: an expert super weight is then [expert, latent unit, neuron] of the experts' down_proj, "
+                  "the entry on the neuron's largest path through the latent into the dim")
 
 _ALONE = {"attention": "mixer", "mlp": None, "no_mlp": True}  # a token mixer at ``mixer``, with no MLP after it
+_NEMOTRON_MOE = Moe(router=_SIGMOID, experts=Experts(gated=False), block="mixer", shared=Mlp(path="shared_experts", gate=None))
 
 NEMOTRON_H = Adapter(
     family="Nemotron-H",
@@ -53,15 +56,14 @@ NEMOTRON_H = Adapter(
                 changes=_ALONE | {"mixer": "ssm", "attention_out": "out_proj"}),
         Variant(when=lambda config, layer: _block_type(config, layer) == "full_attention",
                 changes=_ALONE | {"mixer": "attention", "values": Cut("mixer.v_proj")}),
-        Variant(when=lambda config, layer: _block_type(config, layer) == "moe",
-                changes={"mlp": None, "moe": Moe(router=_SIGMOID, experts=Experts(gated=False), block="mixer",
-                                                 shared=Mlp(path="shared_experts", gate=None))}),
+        Variant(when=lambda config, layer: _block_type(config, layer) == "moe", changes={"mlp": None, "moe": _NEMOTRON_MOE}),
+        # Latent experts (``moe_latent_size``): the experts read fc1_latent_proj(x), their weighted sum lands through
+        # fc2_latent_proj (identities without it). ``mlp_bias`` gives these, the shared expert and the dense MLPs
+        # biases, which the recomputations read from the modules.
+        Variant(when=lambda config, layer: _block_type(config, layer) == "moe" and config.moe_latent_size is not None,
+                changes={"mlp": None,
+                         "moe": dataclasses.replace(_NEMOTRON_MOE, latent=("fc1_latent_proj", "fc2_latent_proj"))}),
     ),
-    # Latent experts (``moe_latent_size``) read and write through fc1_latent_proj and fc2_latent_proj, around the
-    # weighted sum: an expert's down projection writes the latent, not the stream, so no entry of it is a super weight
-    # at a residual dim. With ``mlp_bias`` the shared expert has biases, which its recomputation leaves out. Configs
-    # with either in their expert blocks have no adapter.
-    when=lambda config: "moe" not in config.layers_block_type or (config.moe_latent_size is None and not config.mlp_bias),
     notes=_NEMOTRON_NOTE,
 )
 
