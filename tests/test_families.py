@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import massact
-from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_trigger, plant_mlp, run_massact, tiny_model
+from conftest import BESIDE_FAMILIES, D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_trigger, plant_mlp, run_massact, tiny_model
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
@@ -19,6 +19,8 @@ TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is
 # EXAONE-4), and LFM3's where its config asks.
 SANDWICH = {"gemma2", "gemma3", "gemma3mm", "gemma4", "olmo2", "olmo3", "exaone4", "glm4", "lfm3"}
 POST_LN = {"opt-postln", "bert", "roberta"}
+# Experts beside the dense MLP, summed before the branch norm (Gemma-4's MoE block): planted as the sandwich families.
+BESIDE = set(BESIDE_FAMILIES)
 NORM_GAIN = 1000.0  # the planted branch-norm gain on DIM
 
 
@@ -31,7 +33,7 @@ def planted(family, tokenizer):
     model = tiny_model(family, len(tokenizer))
     # Post-LN blocks norm the residual every block: the planted value must stand out in one residual sum alone.
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=1000.0 if family in POST_LN else 100.0)
-    if family in SANDWICH:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
+    if family in SANDWICH | BESIDE:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
         adapter = adapter_for(model.config)
         here, block = adapter.at(text_config(model), LAYER), adapter.blocks(model)[LAYER]
         norm, down = block.get_submodule(here.branch_norms["mlp_out"]), block.get_submodule(here.mlp_down)
@@ -41,6 +43,8 @@ def planted(family, tokenizer):
             # The gain would also blow up DIM's random share of every other token's MLP output: only the neuron writes it.
             down.weight[DIM, :NEURON] = 0.0
             down.weight[DIM, NEURON + 1 :] = 0.0
+            if here.moe is not None:  # nor do the experts beside it
+                block.get_submodule(here.moe.part(here.moe.experts.path)).down_proj[:, DIM] = 0.0
     return model
 
 
@@ -74,9 +78,11 @@ def planted_moe(family, tokenizer):
         here = adapter.at(config, layer)
         if here.attn_proj is not None:  # a block of one sublayer has a token mixer or an MLP (Nemotron-H)
             adapter.weight_out_in(adapter.module(model, layer, here.attn_proj))[TRIGGER] = 0.0
+        if here.per_layer_input is not None:  # a third writer after the MLP (Gemma-4's per-layer input)
+            adapter.module(model, layer, here.per_layer_input.projection).weight[TRIGGER] = 0.0
+        if here.mlp_down is not None:  # a dense block's MLP, or the dense MLP beside the experts
+            adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
         if here.moe is None:
-            if here.mlp_down is not None:
-                adapter.weight_out_in(adapter.module(model, layer, here.mlp_down))[TRIGGER] = 0.0
             continue
         block = adapter.module(model, layer, here.moe.block)
         experts = block.get_submodule(here.moe.experts.path)
@@ -104,6 +110,8 @@ def planted_moe(family, tokenizer):
         (experts.down_proj[:, :, DIM] if here.moe.experts.transposed else experts.down_proj[:, DIM]).zero_()
         if here.moe.shared:
             block.get_submodule(here.moe.shared.part(here.moe.shared.down)).weight[DIM] = 0.0
+        if here.mlp_down is not None:  # the dense MLP beside the experts
+            adapter.weight_out_in(adapter.module(model, LAYER, here.mlp_down))[DIM] = 0.0
     if here.moe.experts.transposed:
         experts.down_proj[EXPERT, NEURON, DIM] = 100.0
     else:
@@ -111,7 +119,7 @@ def planted_moe(family, tokenizer):
     return model
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + BESIDE_FAMILIES)
 def test_planted_neuron_is_found_in_every_family(family, tokenizer):
     model = planted(family, tokenizer)
     report = massact.scan(model, TEXTS, tokenizer=tokenizer)

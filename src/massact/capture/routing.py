@@ -28,7 +28,8 @@ from ..models.loading import LoadedModel
 class MoeBlock:
     """One block's mixture of experts: its spec and modules, the model's config (for the router's settings), the
     full name of the experts module (``prefix``) for parameter names and ``dtype``, that of the hidden states the block
-    reads in the model's forward (the residual stream's, whatever its router keeps its weight in)."""
+    reads in the model's forward (the residual stream's, whatever its router keeps its weight in). Experts beside a
+    dense MLP (``Moe.beside``) read the block's input through ``expert_norm``; the router reads it as it is."""
 
     spec: Moe
     block: nn.Module
@@ -39,6 +40,7 @@ class MoeBlock:
     config: object
     prefix: str
     dtype: torch.dtype
+    expert_norm: nn.Module | None = None
 
     @classmethod
     def at(cls, lm: LoadedModel, layer: int) -> MoeBlock | None:
@@ -48,9 +50,10 @@ class MoeBlock:
             return None
         block = lm.adapter.module(lm.model, layer, spec.block)
         get = lambda path: block.get_submodule(path) if path else None
+        prefix = ".".join(part for part in (lm.adapter.layers_path(lm.model), str(layer), spec.block) if part)
         return cls(spec, block, get(spec.router.path), get(spec.experts.path), get(spec.shared.path) if spec.shared else None,
-                   get(spec.shared_gate), lm.config,
-                   f"{lm.adapter.layers_path(lm.model)}.{layer}.{spec.block}", lm.dtype)
+                   get(spec.shared_gate), lm.config, prefix, lm.dtype,
+                   block.get_submodule(spec.beside.norm) if spec.beside is not None else None)
 
     def setting(self, *names: str):
         """The first of ``names`` the router module has, else the config's."""
@@ -89,7 +92,7 @@ class MoeBlock:
 
     @property
     def top_k(self) -> int:
-        return int(self.setting("top_k", "num_experts_per_tok"))
+        return int(self.setting("top_k", "num_experts_per_tok", "top_k_experts"))
 
 
 @dataclass
@@ -112,6 +115,19 @@ def _scores(score: str, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits)
 
 
+def router_input(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """What the router's linear reads from the tokens ``x`` [tokens, d_model] (float64): ``x`` itself, or where the
+    router prepares its input (``Router.norm``, ``Router.input_scales``) its gainless RMS norm times those scales."""
+    spec = moe.spec.router
+    if spec.norm is not None:
+        eps = float(moe.router.get_submodule(spec.norm).eps)
+        x = x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    for name in spec.input_scales:
+        value = getattr(moe.router, name)
+        x = x * (value.detach().double().to(x.device) if isinstance(value, torch.Tensor) else float(value))
+    return x
+
+
 def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = (), token_ids: torch.Tensor | None = None) -> Routing:
     """The router's choice for tokens ``x`` [tokens, d_model], recomputed in float64 from its weights; ``pruned``
     experts are never chosen (their logits are -inf: a softmax renormalises over the rest). A hash router
@@ -123,7 +139,7 @@ def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = (), token_ids:
     linear = spec.linear(moe.router)
     weight = linear.weight.detach().double()
     bias = getattr(linear, "bias", None)
-    logits = x.detach().double().to(weight.device) @ weight.T
+    logits = router_input(moe, x.detach().double().to(weight.device)) @ weight.T
     if isinstance(bias, torch.Tensor):
         logits = logits + bias.detach().double()
     cap = float(getattr(moe.router, spec.softcap)) if spec.softcap else 0.0
@@ -155,6 +171,8 @@ def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = (), token_ids:
     renormalise = spec.renormalise if isinstance(spec.renormalise, bool) else bool(moe.setting(spec.renormalise))
     if renormalise:
         weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if spec.score != "softmax" else 0.0))
+    if spec.expert_scale is not None:
+        weights = weights * getattr(moe.router, spec.expert_scale).detach().double().to(weights.device)[indices]
     if spec.scale is not None:
         weights = weights * moe.scale
     return Routing(logits, scores, indices, weights)
@@ -245,13 +263,19 @@ def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) -> torch.Tensor:
     """The block's own output for the single token ``x`` (called as [1, 1, d_model]; a (hidden, router) tuple is
-    unpacked), as a 1-D float64 CPU tensor. A hash-routed block (``Router.table``) is given the token's id
+    unpacked), as a 1-D float64 CPU tensor; experts beside a dense MLP: their weighted sum (moe_raw), the router
+    called on ``x`` and the experts on its ``expert_norm``, as the decoder layer calls them. A hash-routed block (``Router.table``) is given the token's id
     ``token_id`` as the model's forward gives it (``input_ids``), which makes its choice.
 
     The token goes in as the model's hidden states do, in the residual stream's dtype: each part of the block then
     casts as its own forward does (DeepSeek's and GLM's routers to float32, the experts and shared experts in the
     model's dtype). The router's dtype is not the block's: transformers keeps some routers in float32."""
     param = moe.router_weight
+    if moe.spec.beside is not None:  # no module computes the experts' part alone: run the router and experts as the block does
+        rows = x.detach().clone().reshape(1, -1).to(param.device, moe.dtype)
+        with torch.no_grad():
+            _, weights, indices = moe.router(rows)
+            return moe.experts(moe.expert_norm(rows), indices, weights).reshape(-1).double().cpu()
     with torch.no_grad():
         kwargs = {"input_ids": torch.tensor([[token_id]], device=param.device)} if moe.spec.router.table is not None else {}
         out = moe.block(x.detach().clone().reshape(1, 1, -1).to(param.device, moe.dtype), **kwargs)

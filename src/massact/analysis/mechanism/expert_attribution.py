@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ...capture.routing import MoeBlock, _shared_parts, block_output, expert_parts, route
+from .norms import centers, gain_and_bias, scale
 from .results import ExpertContribution, ExpertNeuron, ExpertSuperWeight, MoeAttribution
 
 
@@ -40,11 +41,23 @@ def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> E
                              rank=_rank(param, value), entries=param.numel())
 
 
+def expert_input(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """What the routed experts read of the block's input ``x`` [d_model] (float64): ``x`` itself, or where they sit
+    beside a dense MLP, their own norm of it (linear in ``x`` given its normalisation factor, from its gain and bias)."""
+    norm = moe.expert_norm
+    if norm is None:
+        return x
+    gain, bias = gain_and_bias(norm, x.numel())
+    centered = x - x.mean() if centers(norm) else x
+    return float(scale(norm, x)) * centered * gain + bias
+
+
 def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: int = 10, token_id: int | None = None) -> MoeAttribution:
     """Split the MoE block's output at residual ``dim`` for one token into experts and neurons.
 
-    ``x`` is the block's input at that token, [d_model]. Experts are the ones the block's routing selects; every number
-    is recomputed in float64 from the weights and the sum is checked against the block itself (``error``). ``top``
+    ``x`` is the block's input at that token, [d_model] (the router's: beside a dense MLP the experts read their norm
+    of it). Experts are the ones the block's routing selects; every number is recomputed in float64 from the weights
+    and the sum is checked against the block itself (``error``; beside a dense MLP, the experts' weighted sum). ``top``
     neurons are kept per expert. A hash-routed block (``Router.table``) chooses by the token's id ``token_id``, which
     it then needs.
     """
@@ -53,9 +66,10 @@ def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: in
     x64 = x.detach().double().cpu()
     routing = route(moe, x64.unsqueeze(0), token_ids=None if token_id is None else torch.tensor([token_id]))
     on_input = moe.spec.router.on_input
+    reads = expert_input(moe, x64)
     parts: list[tuple[ExpertContribution, tuple[torch.Tensor, ...]]] = []
     for expert, weight in zip(routing.indices[0].tolist(), routing.weights[0].tolist()):
-        gate, up, activation, down, down_bias = expert_parts(moe, expert, x64 * weight if on_input else x64)
+        gate, up, activation, down, down_bias = expert_parts(moe, expert, reads * weight if on_input else reads)
         scale = 1.0 if on_input else weight  # Llama-4: the weight is already inside the activations
         output = float(down[dim] @ activation) + (float(down_bias[dim]) if down_bias is not None else 0.0)
         neuron_parts = scale * activation * down[dim]
