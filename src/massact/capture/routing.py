@@ -264,8 +264,9 @@ def _shared_parts(moe: MoeBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) -> torch.Tensor:
     """The block's own output for the single token ``x`` (called as [1, 1, d_model]; a (hidden, router) tuple is
     unpacked), as a 1-D float64 CPU tensor; experts beside a dense MLP: their weighted sum (moe_raw), the router
-    called on ``x`` and the experts on its ``expert_norm``, as the decoder layer calls them. A hash-routed block (``Router.table``) is given the token's id
-    ``token_id`` as the model's forward gives it (``input_ids``), which makes its choice.
+    called on ``x`` and the experts on its ``expert_norm``, as the decoder layer calls them. A hash-routed block
+    (``Router.table``) is given the token's id ``token_id`` as the model's forward gives it (``input_ids``), which
+    makes its choice.
 
     The token goes in as the model's hidden states do, in the residual stream's dtype: each part of the block then
     casts as its own forward does (DeepSeek's and GLM's routers to float32, the experts and shared experts in the
