@@ -23,6 +23,7 @@ from massact.track.monitor import Monitor
 from test_families import planted_moe
 
 _EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # what each family calls its expert count
+_PER_TOKEN = ("top_k_experts", "num_experts_per_tok")  # and its experts per token (Gemma-4: top_k_experts)
 
 
 def _save(model, tokenizer, path: Path) -> Path:
@@ -58,10 +59,11 @@ def moe_dirs(tmp_path_factory, tokenizer):
 
 def _top_k(value):
     def edit(config):
+        key = next((key for key in _PER_TOKEN if key in config), "num_experts_per_tok")
         if value is None:
-            config.pop("num_experts_per_tok", None)  # the config class's own default: more than the tiny model's experts
+            config.pop(key, None)  # the config class's own default: more than the tiny model's experts
         else:
-            config["num_experts_per_tok"] = value
+            config[key] = value
     return edit
 
 

@@ -92,7 +92,7 @@ class MoeBlock:
 
     @property
     def top_k(self) -> int:
-        return int(self.setting("top_k", "num_experts_per_tok", "top_k_experts"))
+        return int(self.setting("top_k", "top_k_experts", "num_experts_per_tok"))
 
 
 @dataclass
