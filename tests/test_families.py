@@ -11,6 +11,7 @@ from conftest import BESIDE_FAMILIES, D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, 
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
+from massact.numbers import short
 from massact.report.text import to_text
 
 LAYER, NEURON, DIM = 1, 37, 20
@@ -146,6 +147,14 @@ def test_planted_neuron_is_found_in_every_family(family, tokenizer):
         assert birth.mlp == pytest.approx(attribution.landed) and birth.mlp_raw == pytest.approx(attribution.output)
     assert report.mechanism.anatomy[0].checkpoints[-1].argmax == DIM
     assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
+    if family in BESIDE:  # the branch norm's input is the dense MLP's part alone (the experts write nothing to DIM)
+        here = adapter_for(model.config).at(text_config(model), LAYER)
+        assert birth.mlp_routed == 0.0 and birth.mlp_dense == pytest.approx(birth.mlp_raw, rel=1e-6)
+        own = attribution.norm  # the dense MLP's own norm, from the neurons' sum to its part
+        assert own.parameter == f"model.layers.{LAYER}.{here.beside.dense_norm}.weight"
+        assert own.raw == pytest.approx(attribution.output, rel=1e-6) and own.landed == pytest.approx(birth.mlp_dense, rel=1e-5)
+        assert own.normalization * own.raw * own.gain == pytest.approx(own.landed, rel=1e-5)
+        assert f"dense MLP's part {short(birth.mlp_dense, True)}" in report.conclusion[0]
     # The trigger's sources, carried back through every norm on the way (each with its eps), sum to the neuron's
     # pre-activations.
     splits = [split for neuron in report.trigger[0].neurons for split in neuron.splits]
@@ -304,6 +313,13 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     assert sum(e.contribution for e in m.experts) + (m.shared_expert.contribution if m.shared_expert else 0.0) == \
         pytest.approx(m.actual, rel=1e-4)
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
+    if family in BESIDE:  # the experts' weighted sum, through their own norm, is the branch norm's input alone
+        birth = next(o for o in report.mechanism.origin if o.role == "birth")
+        assert birth.mlp_dense == 0.0 and birth.mlp_routed == pytest.approx(birth.mlp_raw, rel=1e-6)
+        own = split.norm
+        assert own.parameter == f"model.layers.{LAYER}.{here.beside.routed_norm}.weight"
+        assert own.raw == pytest.approx(m.actual, rel=1e-6) and own.landed == pytest.approx(birth.mlp_routed, rel=1e-5)
+        assert own.normalization * own.raw * own.gain == pytest.approx(own.landed, rel=1e-5)
     text = to_text(report)
     assert "Expert and neuron attribution" in text
     # Ungated experts (Nemotron-H's) have one pre-activation: the neuron table shows up and act(up), no gate.
