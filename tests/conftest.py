@@ -70,10 +70,13 @@ MIXERS = {"lfm2": ["conv", "attention", "conv", "attention"], "qwen3_next": ["li
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                 "qwen3_next_moe", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "minimax_m2", "ernie4_5_moe", "exaone_moe",
                 "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna", "nemotron_h_moe", "nemotron_h_latent", "jamba_moe",
-                "kimi_linear_moe", "granitemoehybrid_moe"]
+                "kimi_linear_moe", "granitemoehybrid_moe", "gemma4_moe"]
 # Families whose biases start at random values (transformers starts them at 0, which would hide a recomputation that
 # leaves them out).
 RANDOM_BIASES = {"nemotron_h_latent"}
+# Experts beside a dense MLP in every block (Gemma-4's MoE block): planted in an expert with MOE_FAMILIES, and in a
+# dense neuron with FAMILIES (tests that plant a dense neuron run FAMILIES + BESIDE_FAMILIES).
+BESIDE_FAMILIES = ["gemma4_moe"]
 
 # Hyper-connections: the residual is 4 streams (see massact.models.adapters.hyper and tests/test_hyper_connections.py).
 HYPER_FAMILIES = ["deepseek_v4", "hy_v4", "qwen4_exp"]
@@ -154,6 +157,11 @@ def tiny_config(family: str, vocab_size: int):
         "gemma4": lambda: t.Gemma4TextConfig(**grouped, head_dim=D_MODEL // N_HEADS, global_head_dim=32, sliding_window=4,
                                              layer_types=["sliding_attention"] * 3 + ["full_attention"],
                                              hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab_size),
+        # The same with 4 routed experts (top-2, width 64) beside the dense MLP in every block.
+        "gemma4_moe": lambda: t.Gemma4TextConfig(**grouped, head_dim=D_MODEL // N_HEADS, global_head_dim=32, sliding_window=4,
+                                                 layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                                                 hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab_size,
+                                                 enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=64),
         # Granite 3's scales: branches x 0.22, embeddings x 12, attention scores x 1/head_dim, logits / 8.
         "granite": lambda: t.GraniteConfig(**grouped, residual_multiplier=0.22, embedding_multiplier=12.0,
                                            attention_multiplier=1.0 / (D_MODEL // N_HEADS), logits_scaling=8.0),
@@ -328,7 +336,7 @@ def _isolate_trigger(model, bos: int, adapter=None) -> None:
             adapter.weight_out_in(module)[TRIGGER] = 0.0
             if getattr(module, "bias", None) is not None:
                 module.bias[TRIGGER] = 0.0
-        if here.moe is not None:  # the expert blocks of a family planted in a dense block: no expert writes it either
+        if here.moe is not None:  # the expert blocks of a family planted in a dense block (or beside it): no expert writes it
             _isolate_experts(adapter, model, layer, here.moe)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
+from conftest import BESIDE_FAMILIES, D_MODEL, FAMILIES, MOE_FAMILIES, tiny_model
 from massact.capture.edits import edit_site, patch_position
 from massact.capture.hooks import Trace
 from massact.errors import UsageError
@@ -23,7 +23,7 @@ MLP_NORM = {
     "olmo2": (None, "resid_mid"), "olmo3": (None, "resid_mid"), "exaone4": (None, "resid_mid"),
     "cohere2": ("input_layernorm", "resid_in"), "apertus": ("feedforward_layernorm", "resid_mid"),
     "lfm2": ("ffn_norm", "resid_mid"), "gemma3mm": ("pre_feedforward_layernorm", "resid_mid"),
-    "gemma4": ("pre_feedforward_layernorm", "resid_mid"),
+    "gemma4": ("pre_feedforward_layernorm", "resid_mid"), "gemma4_moe": ("pre_feedforward_layernorm", "resid_mid"),
     "nemotron_h": ("norm", "resid_in"), "bamba": ("pre_ff_layernorm", "resid_mid"),
     # Per block where the blocks differ: OLMo-hybrid's linear-attention blocks are pre-norm, its softmax block reordered.
     "olmo_hybrid": [("post_attention_layernorm", "resid_mid")] * 3 + [(None, "resid_mid")], "lfm3": ("ffn_norm", "resid_mid"),
@@ -92,6 +92,12 @@ def test_residual_stream_adds_up(family, tokenizer):
             close(t("resid_out"), adapter.scale_of(model, layer) * (t("resid_in") + landed))
         for site, norm in here.branch_norms.items():  # what lands is the branch's own norm of the sublayer's raw output
             close(t(site), block(norm)(t(here.raw(site))))
+        if here.beside is not None:  # the MLP branch's raw output is the dense part plus the experts' part, each normed
+            beside = here.beside
+            close(t("dense_out"), block(beside.dense_norm)(t("dense_raw")))
+            close(t("moe_out"), block(beside.routed_norm)(t("moe_raw")))
+            close(t("moe_in"), block(beside.norm)(t("resid_mid")))
+            close(t("mlp_raw"), t("dense_out") + t("moe_out"))
         if here.branch_scale is not None:  # what lands is the sublayer's raw output times the config's scale
             for site in ("attn_out", "mlp_out"):
                 close(t(site), getattr(text_config(model), here.branch_scale) * t(here.raw(site)))
@@ -110,7 +116,7 @@ def test_residual_stream_adds_up(family, tokenizer):
         assert not torch.allclose(trace[n - 1, "resid_out"], hidden[n])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + BESIDE_FAMILIES)
 def test_mlp_sites_recompose(family, tokenizer):
     """mlp_act, the MLP's raw output and its input, recomputed from the weights and the norm, match the hooks."""
     model, adapter, trace, _ = _trace_all(family, tokenizer)
@@ -119,7 +125,7 @@ def test_mlp_sites_recompose(family, tokenizer):
         if not here.has_mlp:  # a block that is its token mixer alone
             assert not any(site.startswith("mlp_") for site in here.sites)
             continue
-        if here.moe is not None:  # the expert blocks of a family planted in a dense block: the block's input and output
+        if here.moe is not None and here.beside is None:  # a family's expert blocks: the mixture's input and output
             assert {site for site in here.sites if site.startswith("mlp_")} == {"mlp_in", "mlp_out"}
             continue
         t = lambda site, layer=layer: trace[layer, site]
@@ -134,7 +140,7 @@ def test_mlp_sites_recompose(family, tokenizer):
             close(t("mlp_act"), act_fn(t("mlp_up")))
         down = adapter.module(model, layer, here.mlp_down)
         bias = bias_of(down)
-        close(t(here.raw("mlp_out")), t("mlp_act") @ adapter.weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0))
+        close(t(here.dense_site), t("mlp_act") @ adapter.weight_out_in(down).detach().T + (bias.detach() if bias is not None else 0))
         expected = MLP_NORM.get(family, ("post_attention_layernorm", "resid_mid"))
         norm, stream = expected[layer] if isinstance(expected, list) else expected
         close(t("mlp_in"), adapter.module(model, layer, norm)(t(stream)) if norm else t(stream))
@@ -272,15 +278,29 @@ def test_unsupported_architecture_names_the_supported_ones():
         adapter_for(SimpleNamespace(model_type="opt"))
 
 
-def test_a_gemma4_with_experts_beside_its_mlp_is_refused_in_one_line(tokenizer):
-    """Gemma-4's adapter maps the dense blocks; with ``enable_moe_block`` (a router and experts beside the MLP) it does
-    not apply, and the message says the family is known but this variant is not mapped."""
+def test_experts_beside_the_mlp_are_declared_with_the_norm_of_their_sum(tokenizer):
+    """Gemma-4 with ``enable_moe_block`` maps to the adapter whose blocks hold the dense MLP and the experts beside it:
+    the MLP's sites are the dense MLP's, mlp_raw and mlp_out the input and output of the norm of the sum, and each part
+    has its own sites. A block declaring experts beside its MLP needs that MLP and that norm."""
     from conftest import tiny_config
+    from massact.models.adapters import gemma4
+    from massact.models.adapters.base import Adapter, Beside, Mlp, Moe
 
     config = tiny_config("gemma4", len(tokenizer))
+    assert adapter_for(config) is gemma4.ADAPTER
     config.enable_moe_block = True
-    with pytest.raises(UsageError, match=r"^this 'gemma4_text' config is a variant massact does not map: the Gemma-4 adapters "):
-        adapter_for(config)
+    here = adapter_for(config).at(config, 1)
+    assert here.beside is not None and (here.router_site, here.expert_site, here.dense_site) == ("resid_mid", "moe_in", "dense_raw")
+    assert here.sites["mlp_in"] == ("mlp", "in") and here.mlp_down == "mlp.down_proj"
+    assert here.sites["mlp_raw"] == ("post_feedforward_layernorm", "in") and here.sites["mlp_out"] == ("post_feedforward_layernorm", "out")
+    assert (here.sites["dense_raw"], here.sites["moe_raw"]) == (("mlp", "out"), ("experts", "out"))
+    assert here.routers(config, 1) == ("router",)
+    beside = Moe(block="", beside=Beside(norm="n2", dense_norm="p1", routed_norm="p2"))
+    for wrong in (dict(moe=beside), dict(moe=beside, mlp=Mlp())):  # no dense MLP, or no norm of the sum
+        with pytest.raises(ValueError, match="beside the MLP"):
+            Adapter(family="toy", model_types=("toy",), layers="layers", **wrong)
+    with pytest.raises(ValueError, match="not both"):
+        Adapter(family="toy", model_types=("toy",), layers="layers", mlp=Mlp(), moe=Moe())
 
 
 def test_a_granite_4_h_config_maps_its_experts_where_it_has_them(tokenizer):

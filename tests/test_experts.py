@@ -91,6 +91,43 @@ def test_a_random_correction_bias_and_softcap_are_recomputed_as_the_router_appli
 
 
 @torch.no_grad()
+def test_a_router_that_norms_its_input_and_scales_each_chosen_expert_is_recomputed_as_it_routes(tokenizer):
+    """Gemma-4's router reads the unnormed stream and norms it itself: x / rms(x) x scale x d^-0.5, a softmax over
+    the experts, the top 2 renormalised, each times per_expert_scale[expert]. With both scales random (they start
+    at 1): the recomputed routing is the router's own and this formula's, and the per-dim scale moves the choice."""
+    from massact.capture.routing import block_output, pruned_experts
+
+    torch.manual_seed(1)
+    lm = massact.wrap(tiny_model("gemma4_moe", len(tokenizer), seed=2), tokenizer)
+    for layer in range(text_config(lm.model).num_hidden_layers):
+        router = MoeBlock.at(lm, layer).router
+        router.scale.copy_(torch.rand_like(router.scale) * 2 + 0.1)
+        router.per_expert_scale.copy_(torch.rand_like(router.per_expert_scale) + 0.5)
+    moved = 0
+    for layer, (moe, x) in router_inputs(lm, tokenizer).items():
+        indices, weights = model_routing(moe, x)
+        mine = route(moe, x)
+        order = mine.indices.argsort(dim=-1)
+        assert torch.equal(mine.indices.gather(1, order).cpu(), indices), layer
+        assert torch.allclose(mine.weights.gather(1, order).float().cpu(), weights, rtol=1e-5, atol=1e-6), layer
+        router, h = moe.router, x.double()
+        unscaled = h * (h.pow(2).mean(-1, keepdim=True) + router.eps).rsqrt() * D_MODEL**-0.5
+        probabilities = torch.softmax((unscaled * router.scale.double()) @ router.proj.weight.double().T, dim=-1)
+        top = probabilities.topk(2, dim=-1)
+        expected = top.values / top.values.sum(-1, keepdim=True) * router.per_expert_scale.double()[top.indices]
+        assert torch.equal(top.indices.sort(-1).values, indices), layer
+        torch.testing.assert_close(mine.weights, expected, rtol=1e-9, atol=1e-12)
+        plain = torch.softmax(unscaled @ router.proj.weight.double().T, dim=-1).topk(2, dim=-1).indices.sort(-1).values
+        moved += int((plain != indices).any(-1).sum())
+        before = [block_output(moe, row) for row in x[:6]]  # routing through massact, nothing pruned: the same experts' sum
+        with pruned_experts(lm, {layer: []}):
+            after = [block_output(moe, row) for row in x[:6]]
+        for one, other in zip(before, after):
+            torch.testing.assert_close(other, one, rtol=1e-5, atol=1e-6)
+    assert moved > 0
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("family", ["mixtral", "nemotron_h_moe", "nemotron_h_latent"])
 def test_each_experts_recorded_maximum_is_a_hand_computation(family, tokenizer):
     """Planted: per (block, expert), the largest |output| over the real tokens routed to it, computed here from the

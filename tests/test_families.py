@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import massact
-from conftest import D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_experts, _isolate_trigger, plant_mlp, run_massact, tiny_model
+from conftest import BESIDE_FAMILIES, D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_experts, _isolate_trigger, plant_mlp, run_massact, tiny_model
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
+from massact.numbers import short
 from massact.report.text import to_text
 
 LAYER, NEURON, DIM = 1, 37, 20
@@ -19,6 +20,8 @@ TEXTS = ["The library opens at nine in the morning.", "Summer is warm. Winter is
 # EXAONE-4), and LFM3's where its config asks.
 SANDWICH = {"gemma2", "gemma3", "gemma3mm", "gemma4", "olmo2", "olmo3", "exaone4", "glm4", "lfm3"}
 POST_LN = {"opt-postln", "bert", "roberta"}
+# Experts beside the dense MLP, summed before the branch norm (Gemma-4's MoE block): planted as the sandwich families.
+BESIDE = set(BESIDE_FAMILIES)
 NORM_GAIN = 1000.0  # the planted branch-norm gain on DIM
 
 
@@ -31,7 +34,7 @@ def planted(family, tokenizer):
     model = tiny_model(family, len(tokenizer))
     # Post-LN blocks norm the residual every block: the planted value must stand out in one residual sum alone.
     plant_mlp(model, tokenizer.bos_token_id, LAYER, NEURON, DIM, out_weight=1000.0 if family in POST_LN else 100.0)
-    if family in SANDWICH:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
+    if family in SANDWICH | BESIDE:  # the branch norm rescales the raw output to rms 1: only its gain can make it land massive
         adapter = adapter_for(model.config)
         here, block = adapter.at(text_config(model), LAYER), adapter.blocks(model)[LAYER]
         norm, down = block.get_submodule(here.branch_norms["mlp_out"]), block.get_submodule(here.mlp_down)
@@ -41,6 +44,8 @@ def planted(family, tokenizer):
             # The gain would also blow up DIM's random share of every other token's MLP output: only the neuron writes it.
             down.weight[DIM, :NEURON] = 0.0
             down.weight[DIM, NEURON + 1 :] = 0.0
+            if here.moe is not None:  # nor do the experts beside it
+                block.get_submodule(here.moe.part(here.moe.experts.path)).down_proj[:, DIM] = 0.0
     return model
 
 
@@ -77,12 +82,14 @@ def planted_moe(family, tokenizer):
         here = adapter.at(config, layer)
         for path in here.mixer_projections:  # a block of one sublayer has a token mixer or an MLP (Nemotron-H)
             adapter.weight_out_in(adapter.module(model, layer, path))[TRIGGER] = 0.0
+        if here.per_layer_input is not None:  # a third writer after the MLP (Gemma-4's per-layer input)
+            adapter.module(model, layer, here.per_layer_input.projection).weight[TRIGGER] = 0.0
+        if here.mlp_down is not None:  # a dense block's MLP, or the dense MLP beside the experts
+            down = adapter.module(model, layer, here.mlp_down)
+            adapter.weight_out_in(down)[TRIGGER] = 0.0
+            if down.bias is not None:
+                down.bias[TRIGGER] = 0.0
         if here.moe is None:
-            if here.mlp_down is not None:
-                down = adapter.module(model, layer, here.mlp_down)
-                adapter.weight_out_in(down)[TRIGGER] = 0.0
-                if down.bias is not None:
-                    down.bias[TRIGGER] = 0.0
             continue
         _isolate_experts(adapter, model, layer, here.moe)
     here = adapter.at(config, LAYER)
@@ -114,6 +121,8 @@ def planted_moe(family, tokenizer):
         (experts.down_proj[:, :, DIM] if here.moe.experts.transposed else experts.down_proj[:, DIM]).zero_()
         if here.moe.shared:
             adapter.module(model, LAYER, here.moe.shared_part(here.moe.shared.down)).weight[DIM] = 0.0
+        if here.mlp_down is not None:  # the dense MLP beside the experts
+            adapter.weight_out_in(adapter.module(model, LAYER, here.mlp_down))[DIM] = 0.0
     if here.moe.experts.transposed:
         experts.down_proj[EXPERT, NEURON, writes] = 100.0
     else:
@@ -121,7 +130,7 @@ def planted_moe(family, tokenizer):
     return model
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + BESIDE_FAMILIES)
 def test_planted_neuron_is_found_in_every_family(family, tokenizer):
     model = planted(family, tokenizer)
     report = massact.scan(model, TEXTS, tokenizer=tokenizer)
@@ -151,6 +160,14 @@ def test_planted_neuron_is_found_in_every_family(family, tokenizer):
         assert birth.mlp == pytest.approx(attribution.landed) and birth.mlp_raw == pytest.approx(attribution.output)
     assert report.mechanism.anatomy[0].checkpoints[-1].argmax == DIM
     assert not any("differ" in w or "miss" in w for w in report.warnings), report.warnings
+    if family in BESIDE:  # the branch norm's input is the dense MLP's part alone (the experts write nothing to DIM)
+        here = adapter_for(model.config).at(text_config(model), LAYER)
+        assert birth.mlp_routed == 0.0 and birth.mlp_dense == pytest.approx(birth.mlp_raw, rel=1e-6)
+        own = attribution.norm  # the dense MLP's own norm, from the neurons' sum to its part
+        assert own.parameter == f"model.layers.{LAYER}.{here.beside.dense_norm}.weight"
+        assert own.raw == pytest.approx(attribution.output, rel=1e-6) and own.landed == pytest.approx(birth.mlp_dense, rel=1e-5)
+        assert own.normalization * own.raw * own.gain == pytest.approx(own.landed, rel=1e-5)
+        assert f"dense MLP's part {short(birth.mlp_dense, True)}" in report.conclusion[0]
     # The trigger's sources, carried back through every norm on the way (each with its eps), sum to the neuron's
     # pre-activations.
     splits = [split for neuron in report.trigger[0].neurons for split in neuron.splits]
@@ -310,6 +327,13 @@ def test_a_planted_expert_neuron_is_found_through_the_router(family, tokenizer):
     assert sum(e.contribution for e in m.experts) + (m.shared_expert.contribution if m.shared_expert else 0.0) + m.bias == \
         pytest.approx(m.actual, rel=1e-4)
     assert f"expert {expert}" in report.conclusion[0] and f"neuron {NEURON}" in report.conclusion[0]
+    if family in BESIDE:  # the experts' weighted sum, through their own norm, is the branch norm's input alone
+        birth = next(o for o in report.mechanism.origin if o.role == "birth")
+        assert birth.mlp_dense == 0.0 and birth.mlp_routed == pytest.approx(birth.mlp_raw, rel=1e-6)
+        own = split.norm
+        assert own.parameter == f"model.layers.{LAYER}.{here.beside.routed_norm}.weight"
+        assert own.raw == pytest.approx(m.actual, rel=1e-6) and own.landed == pytest.approx(birth.mlp_routed, rel=1e-5)
+        assert own.normalization * own.raw * own.gain == pytest.approx(own.landed, rel=1e-5)
     text = to_text(report)
     assert "Expert and neuron attribution" in text
     # Ungated experts (Nemotron-H's) have one pre-activation: the neuron table shows up and act(up), no gate.

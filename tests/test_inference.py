@@ -37,7 +37,7 @@ REFUSED = {
     # Mixtures of experts: routed experts in 3-D weights, or dense blocks first and experts after.
     **{family: MAPS + "its blocks hold 3-D expert weights" for family in ("mixtral", "qwen2_moe", "olmoe", "gpt_oss", "qwen3_5_moe",
                                                                            "minimax_m2", "jamba", "kimi_linear",
-                                                                           "granitemoehybrid_moe")},
+                                                                           "granitemoehybrid_moe", "gemma4_moe")},
     **{family: MAPS + "a later block differs from block 0" for family in ("qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "llama4",
                                                                            "deepseek_v32", "glm_moe_dsa", "ernie4_5_moe", "exaone_moe",
                                                                            "cohere2_moe", "afmoe", "mimo_v2_flash", "laguna")},

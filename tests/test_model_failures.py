@@ -23,7 +23,7 @@ from massact.track.monitor import Monitor
 from test_families import planted_moe
 
 _EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # what each family calls its expert count
-_TOP_K = ("num_experts_per_tok", "num_experts_per_token")  # and its experts per token, in config.json (Kimi-Linear: the latter)
+_TOP_K = ("top_k_experts", "num_experts_per_tok", "num_experts_per_token")  # and its experts per token, in config.json
 
 
 def _save(model, tokenizer, path: Path) -> Path:
@@ -59,7 +59,7 @@ def moe_dirs(tmp_path_factory, tokenizer):
 
 def _top_k(value):
     def edit(config):
-        key = next((key for key in _TOP_K if key in config), _TOP_K[0])
+        key = next((key for key in _TOP_K if key in config), _TOP_K[1])
         if value is None:
             config.pop(key, None)  # the config class's own default: more than the tiny model's experts
         else:

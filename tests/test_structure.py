@@ -129,8 +129,10 @@ def _declared(adapter) -> list[str]:
                   mlp.part(mlp.act) if isinstance(mlp.act, str) else None]
     if adapter.moe is not None:
         moe = adapter.moe
-        paths += [moe.block, f"{moe.block}.{moe.router.path}", f"{moe.block}.{moe.experts.path}",
-                  f"{moe.block}.{moe.shared.path}" if moe.shared else None, f"{moe.block}.{moe.shared_gate}" if moe.shared_gate else None]
+        paths += [moe.block or None, moe.part(moe.router.path), moe.part(moe.experts.path),
+                  moe.part(moe.shared.path) if moe.shared else None, moe.part(moe.shared_gate) if moe.shared_gate else None]
+        if moe.beside is not None:
+            paths += [moe.beside.norm, moe.beside.dense_norm, moe.beside.routed_norm]
     return [path for path in paths if path is not None]
 
 

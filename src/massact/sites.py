@@ -17,6 +17,9 @@ block index, a (pre-norm) block computes
     resid_sum = resid_mid + mlp_out, resid_out = LN(resid_sum).
   per-layer inputs (Gemma-4): a third branch after the MLP reads ple_in = resid_mid + mlp_out and writes ple_out (its
     norm of the projection's raw output ple_raw); resid_out = scale x (ple_in + ple_out), the block's layer scalar.
+  experts beside the dense MLP (Gemma-4's MoE block): mlp_in ... mlp_act are the dense MLP's, dense_raw its output
+    and dense_out that normed; moe_in is the experts' input, moe_raw their weighted sum and moe_out that normed;
+    mlp_raw = dense_out + moe_out is the branch norm's input, mlp_out its output.
   hyper-connections (DeepSeek-V4, HY-V4, Qwen4-exp): resid_in, resid_mid and resid_out hold N streams
     [batch, positions, N, width]; ``resid_out.s2`` is stream 2 alone. attn_read and mlp_read are the combinations
     of the streams the attention and the MLP read (before their own norm).
@@ -49,6 +52,11 @@ SITES: tuple[str, ...] = (
     "ple_out",
     "attn_read",
     "mlp_read",
+    "dense_raw",
+    "dense_out",
+    "moe_in",
+    "moe_raw",
+    "moe_out",
 )
 
 # The sites that hold the block state: several streams with hyper-connections, one without.

@@ -64,7 +64,7 @@ class ExpertMaxima:
 
     def _module(self, layer: int, path: str | None) -> nn.Module | None:
         moe = self.lm.at(layer).moe
-        return self.lm.adapter.module(self.lm.model, layer, f"{moe.block}.{path}") if path else None
+        return self.lm.adapter.module(self.lm.model, layer, moe.part(path)) if path else None
 
     def _router(self, layer: int) -> nn.Module:
         return self._module(layer, self.lm.at(layer).moe.router.path)

@@ -36,7 +36,8 @@ class MoeBlock:
     and of the shared expert's (``shared_prefix``, "" without one) for parameter names, and ``dtype``, that of the
     hidden states the block reads in the model's forward (the residual stream's, whatever its router keeps its weight
     in); ``latent_in`` and ``latent_out`` the linears into and out of the experts' latent (None where the experts read
-    and write the stream)."""
+    and write the stream). Experts beside a dense MLP (``Moe.beside``) read the block's input through
+    ``expert_norm``; the router reads it as it is."""
 
     spec: Moe
     block: nn.Module
@@ -50,6 +51,7 @@ class MoeBlock:
     shared_prefix: str = ""
     latent_in: nn.Module | None = None
     latent_out: nn.Module | None = None
+    expert_norm: nn.Module | None = None
 
     @classmethod
     def at(cls, lm: LoadedModel, layer: int) -> MoeBlock | None:
@@ -60,11 +62,12 @@ class MoeBlock:
         block = lm.adapter.module(lm.model, layer, spec.block)
         get = lambda path: block.get_submodule(path) if path else None
         shared = lm.adapter.module(lm.model, layer, spec.shared_part()) if spec.shared else None
-        names = f"{lm.adapter.layers_path(lm.model)}.{layer}"
+        name = lambda path: ".".join(part for part in (lm.adapter.layers_path(lm.model), str(layer), path) if part)
         latent = spec.latent or (None, None)
         return cls(spec, block, get(spec.router.path), get(spec.experts.path), shared, get(spec.shared_gate), lm.config,
-                   f"{names}.{spec.block}", lm.dtype, shared_prefix=f"{names}.{spec.shared_part()}" if spec.shared else "",
-                   latent_in=get(latent[0]), latent_out=get(latent[1]))
+                   name(spec.block), lm.dtype, shared_prefix=name(spec.shared_part()) if spec.shared else "",
+                   latent_in=get(latent[0]), latent_out=get(latent[1]),
+                   expert_norm=block.get_submodule(spec.beside.norm) if spec.beside is not None else None)
 
     def setting(self, *names: str):
         """The first of ``names`` the router module has, else the config's."""
@@ -103,7 +106,7 @@ class MoeBlock:
 
     @property
     def top_k(self) -> int:
-        return int(self.setting("top_k", "num_experts_per_tok"))
+        return int(self.setting("top_k", "top_k_experts", "num_experts_per_tok"))
 
 
 @dataclass
@@ -126,6 +129,19 @@ def _scores(score: str, logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits)
 
 
+def router_input(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """What the router's linear reads from the tokens ``x`` [tokens, d_model] (float64): ``x`` itself, or where the
+    router prepares its input (``Router.norm``, ``Router.input_scales``) its gainless RMS norm times those scales."""
+    spec = moe.spec.router
+    if spec.norm is not None:
+        eps = float(moe.router.get_submodule(spec.norm).eps)
+        x = x * (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    for name in spec.input_scales:
+        value = getattr(moe.router, name)
+        x = x * (value.detach().double().to(x.device) if isinstance(value, torch.Tensor) else float(value))
+    return x
+
+
 def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = (), token_ids: torch.Tensor | None = None) -> Routing:
     """The router's choice for tokens ``x`` [tokens, d_model], recomputed in float64 from its weights; ``pruned``
     experts are never chosen (their logits are -inf: a softmax renormalises over the rest). A hash router
@@ -137,7 +153,7 @@ def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = (), token_ids:
     linear = spec.linear(moe.router)
     weight = linear.weight.detach().double()
     bias = getattr(linear, "bias", None)
-    logits = x.detach().double().to(weight.device) @ weight.T
+    logits = router_input(moe, x.detach().double().to(weight.device)) @ weight.T
     if isinstance(bias, torch.Tensor):
         logits = logits + bias.detach().double()
     cap = float(getattr(moe.router, spec.softcap)) if spec.softcap else 0.0
@@ -169,6 +185,8 @@ def route(moe: MoeBlock, x: torch.Tensor, pruned: Sequence[int] = (), token_ids:
     renormalise = spec.renormalise if isinstance(spec.renormalise, bool) else bool(moe.setting(spec.renormalise))
     if renormalise:
         weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if spec.score != "softmax" else 0.0))
+    if spec.expert_scale is not None:
+        weights = weights * getattr(moe.router, spec.expert_scale).detach().double().to(weights.device)[indices]
     if spec.scale is not None:
         weights = weights * moe.scale
     return Routing(logits, scores, indices, weights)
@@ -294,13 +312,20 @@ def shared_down_bias(moe: MoeBlock, dim: int) -> float:
 def block_output(moe: MoeBlock, x: torch.Tensor, token_id: int | None = None) -> torch.Tensor:
     """The mixture's own output for the single token ``x`` (the block called as [1, 1, d_model]; a (hidden, router)
     tuple is unpacked), plus the shared expert's where it sits beside the block (``Moe.shared_beside``, added as the
-    decoder layer adds it), as a 1-D float64 CPU tensor. A hash-routed block (``Router.table``) is given the token's id
-    ``token_id`` as the model's forward gives it (``input_ids``), which makes its choice.
+    decoder layer adds it), as a 1-D float64 CPU tensor; experts beside a dense MLP: their weighted sum (moe_raw), the
+    router called on ``x`` and the experts on its ``expert_norm``, as the decoder layer calls them. A hash-routed block
+    (``Router.table``) is given the token's id ``token_id`` as the model's forward gives it (``input_ids``), which
+    makes its choice.
 
     The token goes in as the model's hidden states do, in the residual stream's dtype: each part of the block then
     casts as its own forward does (DeepSeek's and GLM's routers to float32, the experts and shared experts in the
     model's dtype). The router's dtype is not the block's: transformers keeps some routers in float32."""
     param = moe.router_weight
+    if moe.spec.beside is not None:  # no module computes the experts' part alone: run the router and experts as the block does
+        rows = x.detach().clone().reshape(1, -1).to(param.device, moe.dtype)
+        with torch.no_grad():
+            _, weights, indices = moe.router(rows)
+            return moe.experts(moe.expert_norm(rows), indices, weights).reshape(-1).double().cpu()
     with torch.no_grad():
         kwargs = {"input_ids": torch.tensor([[token_id]], device=param.device)} if moe.spec.router.table is not None else {}
         token = x.detach().clone().reshape(1, 1, -1).to(param.device, moe.dtype)

@@ -50,7 +50,7 @@ def model_info(lm: LoadedModel) -> ModelInfo:
     sparse = next((layer for layer in range(n_layers) if lm.at(layer).moe is not None), None)
     if sparse is not None:  # one expert's width
         moe = lm.at(sparse).moe
-        down = lm.adapter.module(lm.model, sparse, f"{moe.block}.{moe.experts.path}").down_proj
+        down = lm.adapter.module(lm.model, sparse, moe.part(moe.experts.path)).down_proj
         d_mlp = down.shape[-2] if moe.experts.transposed else down.shape[-1]
     else:  # the first dense MLP's width (a block may have no MLP)
         dense = next(layer for layer in range(n_layers) if lm.at(layer).mlp is not None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..analysis.causal.results import SuperWeightStep
 from ..analysis.detect.results import DimSummary
-from ..analysis.mechanism.results import ExpertPruning, Lifeline, MoeAttribution, NormFactors, Phase, SuperExperts
+from ..analysis.mechanism.results import ExpertPruning, Lifeline, MoeAttribution, NormFactors, Origin, Phase, SuperExperts
 from ..analysis.results import Report
 from ..analysis.trigger.results import Trigger
 from ..numbers import short
@@ -191,6 +191,10 @@ def _mechanism_words(report: Report, dim: int) -> list[tuple[str, str]]:
     out = [("norm", s) for s in _norm_words(birth.norm, written, report.model.stream == "resid_sum")] if birth.norm is not None else []
     attribution = next((a for a in report.mechanism.attribution if a.dim == dim and a.role == "birth"), None)
     anatomy = next((a for a in report.mechanism.anatomy if a.dim == dim and a.role == "birth"), None)
+    routed = next((e for e in report.mechanism.experts if e.dim == dim and e.role == "birth"), None)
+    if birth.mlp_dense is not None and birth.writer == "mlp":
+        out += [("norm", s) for s in _beside_words(birth, attribution.norm if attribution else routed.norm if routed else None,
+                                                    "dense MLP's" if attribution else "routed experts'")]
     if attribution and anatomy:
         top, weight, count = attribution.neurons[0], attribution.super_weight, attribution.neurons_for_90pct
         of = " of the raw MLP output" if attribution.landed is not None else ""
@@ -200,10 +204,21 @@ def _mechanism_words(report: Report, dim: int) -> list[tuple[str, str]]:
             ("super weight", f"Its super weight is {weight.matrix}[{weight.row}, {weight.col}] = {weight.value:+.4f}, "
                              f"{_rank(weight.rank, weight.entries)}."),
         ]
-    elif split := next((e.moe for e in report.mechanism.experts if e.dim == dim and e.role == "birth"), None):
-        out += [("experts", s) for s in _expert_words(split)]
+    elif routed is not None:
+        out += [("experts", s) for s in _expert_words(routed.moe)]
     elif birth.heads:
         out.append(("heads", f"Head {birth.heads[0].head} gives {birth.heads[0].share:.0%} of the attention output."))
+    return out
+
+
+def _beside_words(birth: Origin, own: NormFactors | None, whose: str) -> list[str]:
+    """Experts beside the dense MLP: the two parts of the branch norm's input, and the writing part's own norm (``own``,
+    ``whose``: the writing part's name, possessive)."""
+    out = [f"The norm's input {short(birth.mlp_raw, True)} is the dense MLP's part {short(birth.mlp_dense, True)} plus the routed "
+           f"experts' {short(birth.mlp_routed, True)}, each after its own norm."]
+    if own is not None:
+        out.append(f"The {whose} own norm {own.parameter.removesuffix('.weight')}: raw {short(own.raw, True)} x normalisation "
+                   f"{own.normalization:.3g} x gain {own.gain:.4g} = {short(own.landed, True)}.")
     return out
 
 

@@ -214,17 +214,18 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
                  ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
 }
 
-# Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer
-# picks, the checks an inferred adapter passed, hyper-connections' streams): the writer leaves one out where it holds
-# its default (None, or empty), and the reader gives the default where it is absent, so that the other models' files
-# do not carry them.
+# Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, the two parts of experts beside a
+# dense MLP and their norms, a sparse attention's indexer picks, the checks an inferred adapter passed,
+# hyper-connections' streams): the writer leaves one out where it holds its default (None, or empty), and the reader
+# gives the default where it is absent, so that the other models' files do not carry them.
 OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
     (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
     (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
     (LifelineStep, "mix"), (Mechanism, "streams"), (Attribution, "stream"), (Attribution, "write"), (ExpertAttribution, "stream"),
     (ExpertAttribution, "write"), (ExpertAttribution, "landed"), (MoeAttribution, "gated"),
-    (MoeAttribution, "bias"),
+    (MoeAttribution, "bias"), (Origin, "mlp_dense"), (Origin, "mlp_routed"), (Attribution, "norm"),
+    (ExpertAttribution, "norm"),
 })
 
 

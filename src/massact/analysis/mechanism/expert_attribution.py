@@ -17,6 +17,7 @@ from ...capture.routing import (
     route,
     shared_down_bias,
 )
+from .norms import centers, gain_and_bias, scale
 from .results import ExpertContribution, ExpertNeuron, ExpertSuperWeight, MoeAttribution
 
 
@@ -60,11 +61,23 @@ def _super_weight(moe: MoeBlock, expert: int | None, dim: int, neuron: int) -> E
                              rank=_rank(param, value), entries=param.numel())
 
 
+def routed_input(moe: MoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """What the routed experts read of the block's input ``x`` [d_model] (float64): ``x`` itself, or where they sit
+    beside a dense MLP, their own norm of it (linear in ``x`` given its normalisation factor, from its gain and bias)."""
+    norm = moe.expert_norm
+    if norm is None:
+        return x
+    gain, bias = gain_and_bias(norm, x.numel())
+    centered = x - x.mean() if centers(norm) else x
+    return float(scale(norm, x)) * centered * gain + bias
+
+
 def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: int = 10, token_id: int | None = None) -> MoeAttribution:
     """Split the MoE block's output at residual ``dim`` for one token into experts and neurons.
 
-    ``x`` is the block's input at that token, [d_model]. Experts are the ones the block's routing selects; every number
-    is recomputed in float64 from the weights and the sum is checked against the block itself (``error``). ``top``
+    ``x`` is the block's input at that token, [d_model] (the router's: beside a dense MLP the experts read their norm
+    of it). Experts are the ones the block's routing selects; every number is recomputed in float64 from the weights
+    and the sum is checked against the block itself (``error``; beside a dense MLP, the experts' weighted sum). ``top``
     neurons are kept per expert. A hash-routed block (``Router.table``) chooses by the token's id ``token_id``, which
     it then needs.
     """
@@ -73,7 +86,7 @@ def attribute_moe(moe: MoeBlock, family: str, x: torch.Tensor, dim: int, top: in
     x64 = x.detach().double().cpu()
     routing = route(moe, x64.unsqueeze(0), token_ids=None if token_id is None else torch.tensor([token_id]))
     on_input = moe.spec.router.on_input
-    z = expert_input(moe, x64)  # the block's input, or latent experts' latent
+    z = expert_input(moe, routed_input(moe, x64))  # the block's input (normed where beside a dense MLP), or a latent
     latent_row, latent_bias = landing(moe, dim)
     parts: list[tuple[ExpertContribution, tuple[torch.Tensor, ...]]] = []
     for expert, weight in zip(routing.indices[0].tolist(), routing.weights[0].tolist()):

@@ -105,18 +105,31 @@ def _tolerance(lm: LoadedModel) -> float:
 def _open_writer(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens: list[list[str]], top: int, tolerance: float,
                  warnings: list[str], token_id: int | None = None) -> tuple[Attribution | ExpertAttribution, Anatomy | None]:
     """The MLP that wrote ``event``, opened: its experts and their neurons (a mixture: anatomy None; ``token_id`` for a
-    hash router), or its neurons and anatomy (dense). A split that misses the output by more than ``tolerance``
-    appends a warning."""
-    moe = MoeBlock.at(lm, event.layer)
-    if moe is not None:
-        split = attribute_moe(moe, lm.adapter.family, at["mlp_in"], event.dim, top, token_id=token_id)
+    hash router), or its neurons and anatomy (dense). Where experts sit beside the dense MLP, the part that pushed
+    hardest in the event's direction is opened, with its own norm's factors. A split that misses the output by more
+    than ``tolerance`` appends a warning."""
+    here, moe = lm.at(event.layer), MoeBlock.at(lm, event.layer)
+    beside = here.beside
+    if moe is not None and (beside is None or _routed_wrote(event, at)):
+        split = attribute_moe(moe, lm.adapter.family, at[here.router_site], event.dim, top, token_id=token_id)
         if split.error > tolerance:
             warnings.append(f"block {event.layer} dim {event.dim}: the experts' contributions miss the output by {split.error:.1e}")
-        return ExpertAttribution(**_place(event, tokens), moe=split), None
+        found = ExpertAttribution(**_place(event, tokens), moe=split)
+        if beside is not None:
+            found.norm = _norm_factors(lm, event.layer, beside.routed_norm, at["moe_raw"], at["moe_out"], event.dim)
+        return found, None
     attribution = attribute(lm, event, at, tokens, top)
     if attribution.error > tolerance:
         warnings.append(f"block {event.layer} dim {event.dim}: neuron contributions miss the output by {attribution.error:.1e}")
+    if beside is not None:
+        attribution.norm = _norm_factors(lm, event.layer, beside.dense_norm, at["dense_raw"], at["dense_out"], event.dim)
     return attribution, open_mlp(lm, event, at, tokens, [n.neuron for n in attribution.neurons])
+
+
+def _routed_wrote(event: Event, at: dict[str, torch.Tensor]) -> bool:
+    """Beside a dense MLP: whether the experts' part of mlp_raw (moe_out) pushes harder in the event's direction than
+    the dense MLP's (dense_out)."""
+    return float(at["moe_out"][event.dim]) * event.direction > float(at["dense_out"][event.dim]) * event.direction
 
 
 def explain_streams(
@@ -180,9 +193,11 @@ def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], t
     # (a convolution or a linear attention has no heads whose outputs sum like softmax heads: not split)
     split_heads = who == "attn" and cause != "median" and adapter.mixer == "attention"
     heads = head_split(lm, event.layer, at[ATTN_Z], dim) if split_heads else None
+    parts = {site: float(at[site][dim]) if adapter.beside is not None else None for site in ("dense_out", "moe_out")}
     return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause,
                   heads=heads, attn_raw=raw["attn_out"], mlp_raw=raw["mlp_out"], resid_mid=resid_mid, norm=norm, ple=ple,
-                  ple_raw=float(at["ple_raw"][dim]) if "ple_raw" in adapter.sites else None, scale=scale)
+                  ple_raw=float(at["ple_raw"][dim]) if "ple_raw" in adapter.sites else None, scale=scale,
+                  mlp_dense=parts["dense_out"], mlp_routed=parts["moe_out"])
 
 
 def _norm_factors(lm: LoadedModel, layer: int, path: str, raw: torch.Tensor, landed: torch.Tensor, dim: int) -> NormFactors:
@@ -235,7 +250,7 @@ def _place(event: Event, tokens: list[list[str]]) -> dict:
 def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, top: int) -> Attribution:
     here = lm.at(event.layer)
     weight_row, bias = down_row(here, lm.model, event.layer, event.dim)
-    output = float(at[here.raw("mlp_out")][event.dim])  # the neurons make the raw output; a norm or a scale may follow
+    output = float(at[here.dense_site][event.dim])  # the neurons make the raw output; a norm or a scale may follow
     neurons, error, for_90 = contributions(at["mlp_act"], weight_row, bias, output, top)
     return Attribution(
         **_place(event, tokens),
@@ -252,7 +267,7 @@ def attribute(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens
 
 def open_mlp(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, neurons: list[int]) -> Anatomy:
     here = lm.at(event.layer)
-    points = anatomy_step.checkpoints({**at, "mlp_out": at[here.raw("mlp_out")]}, here.gated)
+    points = anatomy_step.checkpoints({**at, "mlp_out": at[here.dense_site]}, here.gated)
     function = lm.adapter.activation(lm.model, event.layer)
     pre = at["mlp_gate"] if here.gated else at["mlp_up"]
     impact = anatomy_step.activation_impact(function, pre, at["mlp_up"] if here.gated else None, neurons)

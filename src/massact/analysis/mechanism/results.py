@@ -83,6 +83,10 @@ class Origin(Place):
     Where a per-layer input writes the stream after the MLP (Gemma-4): ``ple`` is what it lands (``ple_raw`` before its
     norm), a third writer (writer "ple"), and ``scale`` the block's output scale: resid_out = scale x (resid_in + attn
     + mlp + ple).
+
+    Where routed experts sit beside the dense MLP (Gemma-4's MoE block), mlp_raw is the sum of the two parts, each
+    after its own norm: ``mlp_dense`` (the dense MLP's) and ``mlp_routed`` (the experts'); ``norm`` is then the norm of
+    that sum.
     """
 
     writer: str
@@ -99,6 +103,8 @@ class Origin(Place):
     ple: float | None = None
     ple_raw: float | None = None
     scale: float | None = None
+    mlp_dense: float | None = None
+    mlp_routed: float | None = None
 
 
 
@@ -203,7 +209,8 @@ class Attribution(Place):
     ``output`` is the MLP's own (raw) output; ``landed`` what reaches the residual when a norm or a branch scale sits
     between. With hyper-connections, ``stream`` is the stream the value is followed in and ``write`` the MLP's write
     weight into it (w_mlp[stream]): the stream gets ``landed`` = write x output, the write weight the amplifier between
-    the neurons' sum and the stream, as a norm's gain is."""
+    the neurons' sum and the stream, as a norm's gain is. Beside routed experts, ``norm`` splits the dense MLP's own norm
+    (output -> its part of mlp_raw) into its factors; the branch norm of the sum is the origin's."""
 
     output: float
     bias: float
@@ -215,6 +222,7 @@ class Attribution(Place):
     landed: float | None = None
     stream: str = ""
     write: float | None = None
+    norm: NormFactors | None = None
 
 
 
@@ -224,12 +232,14 @@ class ExpertAttribution(Place):
     output) and the neurons of the strongest expert; ``moe`` holds the numbers (see ``massact.capture.routing``). With
     hyper-connections, ``stream`` is the stream the value is followed in, ``write`` the MLP's write weight into it
     (w_mlp[stream]) and ``landed`` = write x the block's output at the dim: what the stream gets (the experts' shares
-    are of the output)."""
+    are of the output). Experts beside a dense MLP: ``norm`` splits their own norm (their weighted sum -> its part of
+    mlp_raw) into its factors; the branch norm of the sum is the origin's."""
 
     moe: MoeAttribution
     stream: str = ""
     write: float | None = None
     landed: float | None = None
+    norm: NormFactors | None = None
 
 
 

@@ -93,12 +93,15 @@ class Walk:
         reader = gain * reader
         return (reader - reader.mean() if centering else reader), norms + (key,)
 
-    def terms(self, layer: int, row: torch.Tensor, bias: float) -> tuple[list[Term], list[tuple[tuple, float]], NormKey | None]:
-        """Every source feeding block ``layer``'s MLP input along ``row``, the constant parts (norms the constant
-        crossed, value), and the MLP's own input norm (None in post-LN blocks)."""
+    def terms(self, layer: int, row: torch.Tensor, bias: float,
+              expert: bool = False) -> tuple[list[Term], list[tuple[tuple, float]], NormKey | None]:
+        """Every source feeding block ``layer``'s MLP input (its routed experts' where ``expert``) along ``row``, the
+        constant parts (norms the constant crossed, value), and the MLP's own input norm (None in post-LN blocks;
+        beside a dense MLP, the experts have their own)."""
         adapter = self.lm.adapter
         reader, norms, constants = row, (), [((), bias)]
-        found = adapter.mlp_norm_module(self.lm.model, layer)
+        beside = self.lm.at(layer).beside
+        found = (beside.norm,) if expert and beside is not None else adapter.mlp_norm_module(self.lm.model, layer)
         input_norm = (layer, found[0]) if found else None
         if input_norm:
             reader, norms = self.through(input_norm, reader, norms, constants)
@@ -200,7 +203,7 @@ class ReadPlan:
 
 
 def plan_reads(lm: LoadedModel, walk: Walk, targets: list[Target]) -> ReadPlan:
-    planned = [(target, *walk.terms(target.layer, *input_row(lm, target))) for target in targets]
+    planned = [(target, *walk.terms(target.layer, *input_row(lm, target), expert=target.expert is not None)) for target in targets]
     wanted: dict[tuple[int, str], list[Term]] = {}
     column: dict[int, tuple[tuple[int, str], int]] = {}
     norm_keys: set[NormKey] = set()
@@ -244,14 +247,15 @@ def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor,
             seen.embedded = hidden.double().cpu()
         if site in ("mlp_gate", "mlp_up"):
             seen.values[layer, site] = hidden.double()
-        if site == "mlp_in":  # an expert's neurons read the block's input: their values are computed from it
+        if site == lm.at(layer).expert_site:  # an expert's neurons read the block's input: their values are computed from it
             for target in (t for t in targets if t.layer == layer and t.expert is not None):
                 row, bias = input_row(lm, target)
                 seen.values[target.key] = (hidden.double() @ row.to(hidden.device) + bias).unsqueeze(1)
         if site in ("mlp_act", "attn_raw", "mlp_raw"):
             seen.at[layer, site] = hidden[position].double().cpu()
 
-    sites = set(plan.readers) | {(t.layer, t.site) if t.expert is None else (t.layer, "mlp_in") for t in targets} | {(0, "resid_in")}
+    sites = set(plan.readers) | {(t.layer, t.site) if t.expert is None else (t.layer, lm.at(t.layer).expert_site) for t in targets}
+    sites |= {(0, "resid_in")}
     sites |= {(layer, site) for layer in range(min(last + 1, n_layers)) for site in ("mlp_act", "attn_raw", "mlp_raw")
               if site in lm.at(layer).sites}
     with ExitStack() as stack:

@@ -40,21 +40,22 @@ def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
                               scale=float(piece.scale[position]), scale_others=scale_mean, sources=parts, error=piece.error)
 
 
-def neuron_site(lm: LoadedModel, layer: int) -> str:
-    """The pre-activation that decides whether a neuron of block ``layer`` (of its MLP, or of its experts) fires: the
-    gate in a gated MLP, else the one pre-activation."""
-    return "mlp_gate" if _gated(lm, layer) else "mlp_up"
+def neuron_site(lm: LoadedModel, layer: int, expert: bool = False) -> str:
+    """The pre-activation that decides whether a neuron of block ``layer`` (of its MLP, or of its experts: ``expert``)
+    fires: the gate in a gated MLP, else the one pre-activation."""
+    return "mlp_gate" if _gated(lm, layer, expert) else "mlp_up"
 
 
-def _gated(lm: LoadedModel, layer: int) -> bool:
-    """Whether block ``layer``'s neurons are gated: its dense MLP's, or its routed experts'."""
+def _gated(lm: LoadedModel, layer: int, expert: bool) -> bool:
+    """Whether block ``layer``'s neurons are gated: its routed experts' (``expert``), else its dense MLP's."""
     here = lm.at(layer)
-    return here.moe.experts.gated if here.moe is not None else here.gated
+    return here.moe.experts.gated if expert else here.gated
 
 
-def _pre_activations(lm: LoadedModel, layer: int) -> tuple[str, ...]:
-    """The pre-activation sites of block ``layer``'s neurons: gate and up where gated, else up."""
-    return ("mlp_gate", "mlp_up") if _gated(lm, layer) else ("mlp_up",)
+def _pre_activations(lm: LoadedModel, layer: int, expert: bool = False) -> tuple[str, ...]:
+    """The pre-activation sites of block ``layer``'s neurons (of its experts: ``expert``): gate and up where gated,
+    else up."""
+    return ("mlp_gate", "mlp_up") if _gated(lm, layer, expert) else ("mlp_up",)
 
 
 def _link(depth: int, kind: str, layer, index, piece: Split | None, position: int, source: str | None, feeds: float | None,
@@ -171,7 +172,7 @@ def trigger(
         toward = [n for n in e.moe.neurons if n.contribution * e.moe.output > 0][:TOP_NEURONS]
         for n in toward:
             roles[e.layer, n.neuron, e.moe.top_expert] = e.role
-            targets += [Target(e.layer, n.neuron, site, e.moe.top_expert) for site in _pre_activations(lm, e.layer)]
+            targets += [Target(e.layer, n.neuron, site, e.moe.top_expert) for site in _pre_activations(lm, e.layer, expert=True)]
         router = router or router_trigger(lm, input_ids, e.layer, e.moe.top_expert, p)
     warnings = []
     neurons: list[NeuronTrigger] = []
@@ -185,7 +186,7 @@ def trigger(
             neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits, expert=expert))
             where = f"block {layer}{'' if expert is None else f' expert {expert}'} neuron {neuron}"
             warnings += [f"{where} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
-        first = next(x for x in pieces if x.target.site == neuron_site(lm, x.target.layer))
+        first = next(x for x in pieces if x.target.site == neuron_site(lm, x.target.layer, x.target.expert is not None))
         chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
         patches = patch_sources(lm, input_ids, first, line, medians, criterion) if patch else []
     elif heads:  # attention writes it: the chain starts, and ends, at the writing head
@@ -203,7 +204,7 @@ def router_trigger(lm: LoadedModel, input_ids: torch.Tensor, layer: int, expert:
     """The writing expert's router logit at the massive position against the text's other tokens, from the block's
     input at every position (one pass up to the block), routed as the model routes."""
     kept = {}
-    with tap(lm.model, lm.adapter, [(layer, "mlp_in")], lambda _, __, hidden: kept.update(x=hidden[0].detach())):
+    with tap(lm.model, lm.adapter, [(layer, lm.at(layer).router_site)], lambda _, __, hidden: kept.update(x=hidden[0].detach())):
         forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     routing = route(MoeBlock.at(lm, layer), kept["x"])
     logits = routing.logits[:, expert].cpu()

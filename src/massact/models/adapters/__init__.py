@@ -76,6 +76,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     moe.QWEN3_5_MOE_MULTIMODAL,
     gemma2.GEMMA3_MULTIMODAL,
     gemma4.ADAPTER,
+    gemma4.MOE,
     dsa.GLM_MOE_DSA,
     dsa.DEEPSEEK_V32,
     *moe_recent.ADAPTERS,

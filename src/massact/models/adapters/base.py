@@ -148,6 +148,11 @@ class Router:
 
     ``score`` may also be "sqrtsoftplus" (sqrt(softplus(logit)) per expert, DeepSeek-V4).
 
+    A router that prepares its own input (Gemma-4's reads the unnormed stream): ``norm``, the router's gainless RMS
+    norm (its module path: x / sqrt(mean x^2 + its ``eps``)), then ``input_scales``, the router's attributes (a per-dim
+    parameter or a number) that multiply the normed input before the linear; ``expert_scale``, the router's per-expert
+    parameter that multiplies each chosen expert's weight after the renormalisation.
+
     ``top_k``, ``n_group``, ``topk_group`` and the flags are read from the router module, else from the config.
 
     Where routers differ in how they are laid out or called:
@@ -177,6 +182,9 @@ class Router:
     softcap: str | None = None
     scaled_after: bool = False
     table: str | None = None
+    norm: str | None = None
+    input_scales: tuple[str, ...] = ()
+    expert_scale: str | None = None
 
     def linear(self, router: nn.Module) -> nn.Module:
         """The module of ``router`` (the router module) that holds its weight."""
@@ -318,11 +326,30 @@ class Mlp:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Beside:
+    """Routed experts beside the dense MLP in one block, each part behind its own norms, summed before the branch norm
+    (Gemma-4's MoE block): the router reads resid_mid itself, the experts read ``norm`` of it, and
+
+        mlp_raw = dense_norm(mlp(mlp_norm(resid_mid))) + routed_norm(experts(norm(resid_mid), router(resid_mid)))
+
+    with mlp_out the branch norm of mlp_raw. The sites of the two parts: dense_raw (the dense MLP's output) and
+    dense_out (its ``dense_norm``), moe_in (the experts' input), moe_raw (their weighted sum) and moe_out (its
+    ``routed_norm``): mlp_raw = dense_out + moe_out."""
+
+    norm: str
+    dense_norm: str
+    routed_norm: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Moe:
-    """A sparse mixture-of-experts MLP: the block at ``block`` (in the decoder layer), its ``router`` and ``experts``,
-    and a dense ``shared`` expert every token also goes through (its MLP, whose path is in the block;
-    ``shared_gate``: a 1-output linear whose sigmoid scales it, Qwen's ``shared_expert_gate``; None: added as it is,
-    times ``shared_scale``: Cohere-2-MoE averages the routed and the shared experts' outputs, 0.5 each).
+    """A sparse mixture-of-experts MLP: the block at ``block`` (in the decoder layer; "": the decoder layer holds the
+    router and experts itself), its ``router`` and ``experts``, and a dense ``shared`` expert every token also goes
+    through (its MLP, whose path is in the block; ``shared_gate``: a 1-output linear whose sigmoid scales it, Qwen's
+    ``shared_expert_gate``; None: added as it is, times ``shared_scale``: Cohere-2-MoE averages the routed and the shared
+    experts' outputs, 0.5 each). ``beside``: the experts sit beside the adapter's dense ``mlp``, each behind its own norms
+    (``Beside``); the block is then the decoder layer ("").
+
     ``shared_beside``: the shared expert is no module of the block but its sibling in the decoder layer (its path is in
     the layer), and the MLP's output is the block's plus the shared expert's, a sum no module returns (Granite-4.0-H's
     ``shared_mlp`` beside ``block_sparse_moe``): mlp_out is then ``Summed``.
@@ -340,10 +367,15 @@ class Moe:
     shared_scale: float = 1.0
     shared_beside: bool = False
     latent: tuple[str, str] | None = None
+    beside: Beside | None = None
 
     def __post_init__(self):
         if self.shared_beside and self.shared is None:
             raise ValueError("a shared expert beside the mixture of experts needs its MLP (shared)")
+
+    def part(self, name: str) -> str:
+        """The path in the decoder layer of the mixture's module ``name`` (a path in its block)."""
+        return _join(self.block, name)
 
     def shared_part(self, name: str = "") -> str:
         """The path in the decoder layer of the shared expert's module ``name`` (a path in the shared MLP; "": the
@@ -403,7 +435,9 @@ class Adapter:
     # (its probabilities, values and heads are read there). Empty: attn_out is ``attention``'s output alone.
     mixer_parts: tuple[Part, ...] = ()
     mlp: Mlp | None = None  # the dense MLP; None where the block's MLP is a mixture of experts (``moe``)
-    moe: Moe | None = None  # the MLP is a sparse mixture of experts (a variant gives the dense blocks their ``mlp``)
+    # The MLP is a sparse mixture of experts (a variant gives the dense blocks their ``mlp``), or, with ``Moe.beside``,
+    # experts beside the dense ``mlp``.
+    moe: Moe | None = None
     # The block is its token mixer alone, with one norm and one residual add (Nemotron-H's Mamba and attention
     # blocks): it has neither ``mlp`` nor ``moe``, and no MLP sites. A block that is its MLP alone has ``mixer`` None.
     no_mlp: bool = False
@@ -464,10 +498,14 @@ class Adapter:
         if self.no_mlp:
             if self.mlp is not None or self.moe is not None or self.mixer is None:
                 raise ValueError(f"{self.family}: a block without an MLP (no_mlp) has a token mixer and neither mlp nor moe")
+        elif self.beside is not None:
+            if self.mlp is None or "mlp_out" not in self.branch_norms:
+                raise ValueError(f"{self.family}: experts beside the MLP (Moe.beside) need the dense mlp and the norm of "
+                                 "their sum (branch_norms['mlp_out'])")
         elif (self.mlp is None) == (self.moe is None):
             which = "both" if self.mlp is not None else "neither"
             raise ValueError(f"{self.family}: a block has either a dense mlp or a mixture of experts (moe), not {which} "
-                             "(a block that is its token mixer alone says no_mlp)")
+                             "(a block that is its token mixer alone says no_mlp; experts beside the MLP, Moe.beside)")
         if self.branch_norms and self.branch_scale is not None:
             raise ValueError(f"{self.family}: a branch lands through its norm or times a scale, not both")
         if self.mixer is not None and self.mixer not in MIXERS:
@@ -504,7 +542,27 @@ class Adapter:
         no block projection: a quantization engine leaves them as they are (Llama-4's router is an ``nn.Linear`` whose
         forward returns scores and logits, which an engine's quantized linear would not)."""
         moe = self.at(config, layer).moe
-        return (f"{moe.block}.{moe.router.path}",) if moe is not None else ()
+        return (moe.part(moe.router.path),) if moe is not None else ()
+
+    @property
+    def beside(self) -> Beside | None:
+        """How the experts sit beside the dense MLP (``Moe.beside``); None in every other block."""
+        return self.moe.beside if self.moe is not None else None
+
+    @property
+    def router_site(self) -> str:
+        """The site the router reads: the mixture's input (mlp_in), or resid_mid where the experts sit beside the MLP."""
+        return "resid_mid" if self.beside is not None else "mlp_in"
+
+    @property
+    def expert_site(self) -> str:
+        """The site the routed experts read: the mixture's input (mlp_in), or moe_in beside the MLP."""
+        return "moe_in" if self.beside is not None else "mlp_in"
+
+    @property
+    def dense_site(self) -> str:
+        """The site holding the dense MLP's own output, down(mlp_act): dense_raw beside experts, else mlp_out's raw."""
+        return "dense_raw" if self.beside is not None else self.raw("mlp_out")
 
     @property
     def has_mlp(self) -> bool:
@@ -707,6 +765,8 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
       mlp_out behind a branch norm or times a branch scale as attn_out is (mlp_raw before it); none in a block without
       an MLP;
     - resid_sum in post-LN blocks: the input of the block's last norm;
+    - with experts beside the dense MLP (``Beside``): the MLP's sites are the dense MLP's, mlp_raw the input of the
+      branch norm (the sum of the two parts), and dense_raw, dense_out, moe_in, moe_raw, moe_out the parts';
     - ple_in, ple_raw and ple_out where a per-layer input writes the stream after the MLP (``PerLayerInput``);
     - with hyper-connections: resid_mid is the streams the MLP's connection reads, and attn_read and mlp_read the
       combinations of the streams the two sublayers read (before their own norms)."""
@@ -728,7 +788,10 @@ def block_sites(adapter: Adapter) -> dict[str, SiteSpec]:
         sites["resid_mid"] = (adapter.mlp_norm[0], "in") if adapter.mlp_norm else mlp["mlp_in"]
     if mlp:
         mlp_out = mlp.pop("mlp_out")
-        sites |= mlp | _landed(adapter, "mlp_out", mlp_out)
+        if adapter.beside is not None:
+            sites |= mlp | _beside(adapter, mlp_out)
+        else:
+            sites |= mlp | _landed(adapter, "mlp_out", mlp_out)
     if adapter.post_norms is not None:
         sites["resid_sum"] = (adapter.post_norms[1], "in")
     if adapter.per_layer_input is not None:
@@ -746,6 +809,15 @@ def _landed(adapter: Adapter, branch: str, raw: SiteSpec) -> dict[str, SiteSpec]
     if adapter.reshapes(branch):
         return {adapter.raw(branch): raw, branch: raw}
     return {branch: raw}
+
+
+def _beside(adapter: Adapter, dense: SiteSpec) -> dict[str, SiteSpec]:
+    """The sites of experts beside the dense MLP (``Beside``), whose output is ``dense``: each part before and after its
+    own norm, the experts' input, and the branch norm's input (their sum, mlp_raw) and output (mlp_out)."""
+    beside, experts, norm = adapter.beside, adapter.moe.part(adapter.moe.experts.path), adapter.branch_norms["mlp_out"]
+    return {"dense_raw": dense, "dense_out": (beside.dense_norm, "out"), "moe_in": (beside.norm, "out"),
+            "moe_raw": (experts, "out"), "moe_out": (beside.routed_norm, "out"), "mlp_raw": (norm, "in"),
+            "mlp_out": (norm, "out")}
 
 
 def text_config(model: nn.Module):
