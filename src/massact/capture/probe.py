@@ -30,11 +30,12 @@ def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions:
     return kept
 
 
-def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int, stream: str = "") -> torch.Tensor:
     """One block's output (the residual sum before the last LayerNorm in post-LN blocks) for a whole text:
-    [positions, d_model] float32 on CPU."""
+    [positions, d_model] float32 on CPU; with hyper-connections, of ``stream`` ("s0", ...)."""
     kept: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)],
+    site = f"{lm.adapter.stream}.{stream}" if stream else lm.adapter.stream
+    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, site)],
                               lambda _, __, t: kept.update(out=t[0].detach().float().cpu())):
         forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     return kept["out"]

@@ -198,10 +198,27 @@ def birth_state(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[
         return None
     strongest = max(dims, key=lambda d: abs(d.max_value))
     birth = next(o for o in origin if o.dim == strongest.dim and o.role == "birth")
-    magnitude = block_output(lm, inputs[birth.text], birth.layer).abs()
-    there = sorted({m.dim for m in massive if m.layer == birth.layer and m.text == birth.text})
+    return _state(lm, inputs, birth.layer, birth.text, "", massive, tokens)
+
+
+def stream_birth_state(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[DimSummary], lifelines: list[Lifeline],
+                       massive: list[Massive], tokens: dict[int, list[str]]) -> BirthState | None:
+    """With hyper-connections: the stream the strongest massive dim's lifeline follows, at its birth block on its
+    carrier's text, with the dims ``massive`` in that stream there."""
+    if not dims:
+        return None
+    strongest = max(dims, key=lambda d: abs(d.max_value))
+    line = next(line for line in lifelines if line.dim == strongest.dim)
+    return _state(lm, inputs, line.born_at, line.text, line.stream, massive, tokens)
+
+
+def _state(lm: LoadedModel, inputs: dict[int, torch.Tensor], layer: int, text: int, stream: str, massive: list[Massive],
+           tokens: dict[int, list[str]]) -> BirthState:
+    """|a| of block ``layer``'s output on ``text`` (in ``stream``, with hyper-connections), and the dims massive there."""
+    magnitude = block_output(lm, inputs[text], layer, stream).abs()
+    there = sorted({m.dim for m in massive if m.layer == layer and m.text == text and m.stream == stream})
     rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
-    return BirthState(layer=birth.layer, text=birth.text, tokens=tokens[birth.text], dims=there, magnitude=rows)
+    return BirthState(layer=layer, text=text, tokens=tokens[text], dims=there, magnitude=rows)
 
 
 TOKEN_TEXTS = 6  # texts in the token view: the carriers of the dims first, then the first ones

@@ -31,17 +31,26 @@ MIXER_NAMES = {"attention": "attention", "linear": "linear attention", "conv": "
 @dataclass
 class Target:
     """A pre-activation to split: ``site`` (mlp_gate or mlp_up) of ``neuron`` in block ``layer``; in a mixture of
-    experts, of that neuron in ``expert`` (read from the fused expert weights, as the expert reads the block's input)."""
+    experts, of that neuron in ``expert`` (read from the fused expert weights, as the expert reads the block's input),
+    or with ``shared`` in the shared expert (read from its projection's rows)."""
 
     layer: int
     neuron: int
     site: str
     expert: int | None = None
+    shared: bool = False
+
+    @property
+    def computed(self) -> bool:
+        """Whether its values are computed from the block's input (an expert's neuron), not read at a site."""
+        return self.expert is not None or self.shared
 
     @property
     def key(self) -> tuple:
         """Where its values are kept: the site's (a module computes them), or the expert's (computed from the input)."""
-        return (self.layer, self.site) if self.expert is None else (self.layer, self.site, self.expert, self.neuron)
+        if not self.computed:
+            return (self.layer, self.site)
+        return (self.layer, self.site, "shared" if self.shared else self.expert, self.neuron)
 
 
 @dataclass
@@ -137,6 +146,13 @@ def input_row(lm: LoadedModel, target: Target) -> tuple[torch.Tensor, float]:
     without): a dense MLP's projection, or the expert's rows of the fused expert weights."""
     if target.expert is not None:
         return expert_input_row(MoeBlock.at(lm, target.layer), target.expert, target.neuron, target.site)
+    if target.shared:
+        moe = MoeBlock.at(lm, target.layer)
+        parts = moe.spec.shared
+        module = moe.shared.get_submodule(parts.gate if target.site == "mlp_gate" else parts.up)
+        bias = bias_of(module)
+        return (lm.adapter.weight_out_in(module)[target.neuron].detach().double().cpu(),
+                float(bias[target.neuron]) if bias is not None else 0.0)
     weight, bias = lm.adapter.input_rows(lm.model, target.layer, target.site)
     return weight[target.neuron].detach().double().cpu(), float(bias[target.neuron]) if bias is not None else 0.0
 
@@ -245,13 +261,13 @@ def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor,
         if site in ("mlp_gate", "mlp_up"):
             seen.values[layer, site] = hidden.double()
         if site == "mlp_in":  # an expert's neurons read the block's input: their values are computed from it
-            for target in (t for t in targets if t.layer == layer and t.expert is not None):
+            for target in (t for t in targets if t.layer == layer and t.computed):
                 row, bias = input_row(lm, target)
                 seen.values[target.key] = (hidden.double() @ row.to(hidden.device) + bias).unsqueeze(1)
         if site in ("mlp_act", "attn_raw", "mlp_raw"):
             seen.at[layer, site] = hidden[position].double().cpu()
 
-    sites = set(plan.readers) | {(t.layer, t.site) if t.expert is None else (t.layer, "mlp_in") for t in targets} | {(0, "resid_in")}
+    sites = set(plan.readers) | {(t.layer, "mlp_in") if t.computed else (t.layer, t.site) for t in targets} | {(0, "resid_in")}
     sites |= {(layer, site) for layer in range(min(last + 1, n_layers)) for site in ("mlp_act", "attn_raw", "mlp_raw")
               if site in lm.at(layer).sites}
     with ExitStack() as stack:
@@ -296,7 +312,7 @@ def assemble(target: Target, terms: list[Term], constants: list, input_norm: Nor
     constant = sum(factor(norms) * value for norms, value in constants)
     if bool((constant != 0).any()):  # the projection's bias and the norms' biases, as far as they reach the neuron
         parts["biases"] = constant
-    value = seen.values[target.key][:, 0 if target.expert is not None else target.neuron].cpu()
+    value = seen.values[target.key][:, 0 if target.computed else target.neuron].cpu()
     error = float((sum(parts.values()) - value).abs().max() / max(float(value.abs().max()), 1e-12))
     input_scale = factor((input_norm,)) if input_norm else torch.ones(n_positions, dtype=torch.float64)
     return Split(target, value, parts, named, factors, input_scale, error)
