@@ -207,6 +207,59 @@ def test_a_neuron_planted_in_block_0(family, tokenizer):
         assert (abs(value) < 1e-3 * abs(birth.value)) == (name != "other"), name
 
 
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_the_trigger_split_adds_up_through_the_streams(family, tokenizer):
+    """Untrained weights (the read, write and mixing weights all in play): neurons of block 3's shared expert, of a
+    routed expert of block 2 and (HY-V4) of block 0's dense MLP, each pre-activation split into the embedding and every
+    sublayer before it. The parts add up, at every position, to what hooks on the gate and up projections see (for the
+    routed expert: the MoE block's input through the expert's rows of gate_up_proj); and each term's reader, dotted with
+    its source as a hook reads it, gives the source's part at the position."""
+    from massact.analysis.trigger.decompose import Target
+    from massact.analysis.trigger.streams import stream_split
+
+    lm = _lm(family, tokenizer, tiny_model(family, len(tokenizer), seed=1))
+    config, position, neuron, expert = lm.config, 3, 5, 1
+    ids = tokenizer(TEXTS[1], return_tensors="pt").input_ids
+    targets = [Target(3, neuron, site, shared=True) for site in ("mlp_gate", "mlp_up")]
+    targets += [Target(2, neuron, site, expert) for site in ("mlp_gate", "mlp_up")]
+    dense = lm.adapter.at(config, 0).moe is None  # HY-V4's first block
+    if dense:
+        targets += [Target(0, neuron, site) for site in ("mlp_gate", "mlp_up")]
+    pieces, _ = stream_split(lm, ids, targets, position)
+    seen, handles = {}, []
+
+    def keep(name):  # [positions, width]: Qwen4-exp's MoE block hands its experts flat rows
+        return lambda _module, _args, output: seen.__setitem__(name, output.detach().reshape(-1, output.shape[-1]).double())
+
+    block = lambda layer: lm.adapter.blocks(lm.model)[layer]
+    for site, projection in (("mlp_gate", "gate_proj"), ("mlp_up", "up_proj")):
+        moe = lm.adapter.at(config, 3).moe
+        handles.append(block(3).get_submodule(f"{moe.block}.{moe.shared.part(projection)}").register_forward_hook(keep((3, site))))
+        if dense:
+            handles.append(block(0).get_submodule(f"mlp.{projection}").register_forward_hook(keep((0, site))))
+    handles.append(block(2).mlp.register_forward_pre_hook(lambda _module, args: seen.__setitem__("moe_in", args[0].reshape(-1, args[0].shape[-1]).double())))
+    sources = [(layer, site) for layer in range(4) for site in ("attn_out", "mlp_out")]
+    try:
+        with torch.no_grad(), Trace(lm.model, lm.adapter, sources) as trace:
+            lm.model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    fused = block(2).mlp.experts.gate_up_proj[expert].detach().double()  # [gate; up] rows of the expert
+    seen[2, "mlp_gate"], seen[2, "mlp_up"] = (seen["moe_in"] @ fused.T).split(fused.shape[0] // 2, dim=-1)
+    for piece in pieces:
+        target = piece.target
+        hooked = seen[target.layer, target.site][:, target.neuron]
+        total = sum(piece.parts.values())
+        assert piece.error < 1e-5 and _close(total, hooked), target
+        for label, term in piece.terms.items():
+            if term.layer is None:
+                continue
+            source = trace[term.layer, term.site][0, position].double()
+            assert float(piece.factors[label][position] * (term.reader @ source)) == pytest.approx(
+                float(piece.parts[label][position]), rel=1e-6, abs=1e-9), (target, label)
+
+
 def test_the_hash_router_is_recomputed_from_the_token_ids(tokenizer):
     """DeepSeek-V4's block 0 routes by its token-id table: the recomputed choice is the table's, its weights
     (sqrt-softplus scores, renormalised and scaled) the router module's; block 1 routes by top-k as the module does."""
