@@ -125,7 +125,7 @@ def test_a_value_planted_in_one_stream(family, tokenizer):
 
     model = tiny_model(family, len(tokenizer))
     _plant(model, tokenizer.bos_token_id)
-    report = massact.scan(model, tokenizer=tokenizer, texts=TEXTS, verify=False)
+    report = massact.scan(_lm(family, tokenizer, model), texts=TEXTS, verify=False)
     (summary,) = report.findings.dims
     # Qwen4-exp's sublayers read the streams each RMS-normed: what they read holds no massive value
     streams = ["s2"] if family == "qwen4_exp" else ["s2", "read"]
@@ -159,6 +159,53 @@ def test_a_value_planted_in_one_stream(family, tokenizer):
     assert float(model.get_parameter(weight.matrix)[DIM, NEURON]) == 100.0  # the name and index as the model stores them
     assert expert.write == pytest.approx(2.0, rel=1e-5)
     assert expert.landed == pytest.approx(next(t.value for t in birth.terms if t.source == "mlp"), rel=1e-5)
+    # the birth state: |a| of block LAYER's output in stream s2 on the carrier's text, the massive entry's value at BOS
+    state = report.mechanism.birth_state
+    assert (state.layer, state.text, state.dims) == (LAYER, 0, [DIM])
+    assert state.magnitude[0][DIM] == pytest.approx(abs(entry.value), rel=1e-3)
+
+
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_the_trigger_through_the_streams_names_the_planted_token(family, tokenizer):
+    """The trigger of the planted value: the shared expert's neuron NEURON, its gate read from the BOS token's
+    embedding (dim TRIGGER) through the read weights, the chain ending there; BOS moved one position on keeps the value
+    massive in s2, another token at position 0 does not (a token); patching the embedding at BOS (in every stream of
+    block 0's input) takes the value off, patching a source with no part in the gate leaves it."""
+    import massact
+    from massact.analysis.trigger.decompose import Target
+    from massact.analysis.trigger.patching import patch_sources
+    from massact.analysis.trigger.streams import stream_split
+
+    model = tiny_model(family, len(tokenizer))
+    _plant(model, tokenizer.bos_token_id)
+    lm = _lm(family, tokenizer, model)
+    report = massact.scan(lm, texts=TEXTS, verify=False)
+    (trigger,) = report.trigger
+    neuron = trigger.neurons[0]
+    assert (neuron.layer, neuron.neuron, neuron.expert, neuron.shared) == (LAYER, NEURON, None, True)
+    gate = neuron.splits[0]
+    assert gate.site == "mlp_gate" and gate.error < 1e-5 and gate.value > 1.0
+    assert sum(s.here for s in gate.sources) == pytest.approx(gate.value, rel=1e-5)
+    assert gate.sources[0].source == "token embedding" and gate.sources[0].here == pytest.approx(gate.value, rel=1e-3)
+    assert [(link.kind, link.layer, link.index) for link in trigger.chain] == [("neuron", LAYER, NEURON),
+                                                                              ("token embedding", None, None)]
+    assert trigger.chain[0].shared and trigger.chain[1].feeds == pytest.approx(gate.sources[0].here)
+    carriers = trigger.carriers
+    assert carriers.verdict == "token" and carriers.moved_massive and not carriers.swapped_massive
+    assert carriers.first_tokens == [["<s>", len(TEXTS)]]
+    # the embedding's part of the gate at BOS, dim by dim: TRIGGER's (the planted 0.5 x 10, through the read weights)
+    (line,) = report.mechanism.lifelines
+    ids = tokenizer(TEXTS[line.text], return_tensors="pt").input_ids
+    (piece,), _ = stream_split(lm, ids, [Target(LAYER, NEURON, "mlp_gate", shared=True)], line.position)
+    embedding = model.get_input_embeddings().weight[ids[0, line.position]].detach().double()
+    by_dim = piece.factors["token embedding"][line.position] * piece.terms["token embedding"].reader * embedding
+    assert int(by_dim.abs().argmax()) == TRIGGER and float(by_dim.sum()) == pytest.approx(gate.value, rel=1e-3)
+    patches = patch_sources(lm, ids, piece, line, report.findings.stream_medians("s2"), report.findings.criterion)
+    embedded = [p for p in patches if p.source == "embedding (block 0 input)"]
+    assert {p.replacement for p in embedded} == {"mean of the other positions", "zero"}
+    assert all(not p.still_massive and p.direct == pytest.approx(p.total, rel=1e-3) for p in embedded)
+    idle = [p for p in patches if p.source != "embedding (block 0 input)"]
+    assert idle and all(p.still_massive and abs(p.direct) < 1e-3 * gate.value for p in idle)
 
 
 @pytest.mark.parametrize("family", ["hy_v4", "deepseek_v4"])
@@ -237,7 +284,8 @@ def test_the_trigger_split_adds_up_through_the_streams(family, tokenizer):
         handles.append(block(3).get_submodule(f"{moe.block}.{moe.shared.part(projection)}").register_forward_hook(keep((3, site))))
         if dense:
             handles.append(block(0).get_submodule(f"mlp.{projection}").register_forward_hook(keep((0, site))))
-    handles.append(block(2).mlp.register_forward_pre_hook(lambda _module, args: seen.__setitem__("moe_in", args[0].reshape(-1, args[0].shape[-1]).double())))
+    moe_input = lambda _module, args: seen.__setitem__("moe_in", args[0].reshape(-1, args[0].shape[-1]).double())
+    handles.append(block(2).get_submodule(lm.adapter.at(config, 2).moe.block).register_forward_pre_hook(moe_input))
     sources = [(layer, site) for layer in range(4) for site in ("attn_out", "mlp_out")]
     try:
         with torch.no_grad(), Trace(lm.model, lm.adapter, sources) as trace:
