@@ -19,7 +19,7 @@ from massact.capture.streams import probe_streams
 from massact.cli import main
 from massact.models.adapters import adapter_for
 from massact.models.loading import wrap
-from massact.report.schema import load_report
+from massact.report.schema import load_profile, load_report
 
 STREAMS, LAYER, NEURON, DIM, STREAM = 4, 1, 7, 20, 2  # the planted value: block 1's MLP writes dim 20 into stream 2 only
 TEXTS = ["The sun rose over the hills.", "Rain fell all day long and the river rose high."]
@@ -331,9 +331,10 @@ def test_the_hash_router_is_recomputed_from_the_token_ids(tokenizer):
 
 
 @pytest.mark.parametrize("family", HYPER_FAMILIES)
-def test_the_chain_on_deepseek_v4(family, tokenizer, tmp_path, capsys, monkeypatch):
-    """scan -> verify DIR -> quant DIR -> compare on the planted DeepSeek-V4; the streams read back through the
-    schema, and the verification's zeroing in stream s2 takes the value off."""
+def test_the_chain_on_hyper_connections(family, tokenizer, tmp_path, capsys, monkeypatch):
+    """scan -> verify DIR -> quant DIR -> compare -> profile DIR on the planted model; the streams and the trigger read
+    back through the schema, the verification's zeroing in stream s2 takes the value off, and the profile finds DIM
+    massive from block LAYER on, at position 0."""
     monkeypatch.setattr(quant, "grid", lambda name="default", block=quant.DEFAULT_BLOCK: [Setting("rtn", 8, "tensor", "plain")])
     model = tiny_model(family, len(tokenizer))
     _plant(model, tokenizer.bos_token_id)
@@ -346,7 +347,7 @@ def test_the_chain_on_deepseek_v4(family, tokenizer, tmp_path, capsys, monkeypat
     capsys.readouterr()  # what saving the model printed
     for step in (["scan", tmp_path / "model", "--text", TEXTS[0], "--no-verify", "--out", out, *quiet],
                  ["verify", out, "--eval-file", eval_file, *quiet], ["quant", out, "--eval-file", eval_file, *quiet],
-                 ["compare", out, out, "--out", tmp_path / "compare"]):
+                 ["compare", out, out, "--out", tmp_path / "compare"], ["profile", out, "--quiet"]):
         code = main([str(part) for part in step])
         assert code == 0 and capsys.readouterr().err == "", step[0]
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -364,6 +365,14 @@ def test_the_chain_on_deepseek_v4(family, tokenizer, tmp_path, capsys, monkeypat
     for name in (f"ablate neuron {NEURON} of the shared expert", f"zero expert super weight {weight.index}"):
         assert rows[name].confirms and abs(rows[name].value_birth) < 1e-3 * abs(baseline.value_birth), name
     assert next(row for name, row in rows.items() if name.startswith("control: zero weight")).still_massive
+    (trigger,) = report.trigger  # the shared expert's neuron, read from the BOS token's embedding
+    assert (trigger.neurons[0].layer, trigger.neurons[0].neuron, trigger.neurons[0].shared) == (LAYER, NEURON, True)
+    assert trigger.chain[-1].kind == "token embedding" and trigger.carriers.verdict == "token"
+    assert f"block {LAYER} shared expert neuron {NEURON}" in (out / "report.txt").read_text(encoding="utf-8")
+    profile = load_profile(out / "profile.json")
+    born = profile.blocks[LAYER]
+    assert DIM in born.dims and born.massive_tokens > 0 and "position 0" in born.carriers
+    assert [b.layer for b in profile.massive_blocks()][0] == LAYER
 
 
 def test_stream_fields_are_optional_in_the_json():

@@ -193,9 +193,12 @@ def profile(
     else:
         findings = report.findings
     medians, criterion = findings.medians, findings.criterion
+    # each block's median per stream of its output: with hyper-connections each stream's own, as the scan judged them
+    names = [f"s{k}" for k in range(lm.adapter.streams(lm.config))] if lm.adapter.hyper is not None else [""]
+    per_stream = [list(block) for block in zip(*(findings.stream_medians(name) for name in names))]
     advance = progress("profile: forward passes over the texts", total if settings.max_length is None else None)
     stream = (window.ids for window in windows(lm, corpus, settings.max_length))
-    counts = count_carriers(lm, stream, medians, criterion, settings.batch_size, advance)
+    counts = count_carriers(lm, stream, per_stream, criterion, settings.batch_size, advance)
     return build_profile(lm, counts, medians, criterion, corpus.describe())
 
 

@@ -215,16 +215,16 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
 }
 
 # Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, a sparse attention's indexer
-# picks, the checks an inferred adapter passed, hyper-connections' streams, a trigger's shared-expert neuron): the
-# writer leaves one out where it holds its default (None, or empty), and the reader gives the default where it is
-# absent, so that the other models' files do not carry them.
+# picks, the checks an inferred adapter passed, hyper-connections' streams and their profile thresholds, a trigger's
+# shared-expert neuron): the writer leaves one out where it holds its default (None, or empty), and the reader gives
+# the default where it is absent, so that the other models' files do not carry them.
 OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
     (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
     (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
     (LifelineStep, "mix"), (Mechanism, "streams"), (Attribution, "stream"), (Attribution, "write"), (ExpertAttribution, "stream"),
     (ExpertAttribution, "write"), (ExpertAttribution, "landed"), (MoeAttribution, "gated"), (NeuronTrigger, "shared"),
-    (ChainLink, "shared"),
+    (ChainLink, "shared"), (BlockProfile, "stream_thresholds"),
 })
 
 
