@@ -77,10 +77,8 @@ def test_streams_add_up_against_transformers(family, tokenizer):
 
 
 @torch.no_grad()
-def _plant(model, bos: int, at: int = LAYER) -> None:
-    """Only BOS carries TRIGGER (10 in its embedding, in every stream) and nothing writes it; neuron NEURON of block
-    ``at``'s MLP (its shared expert in a mixture) fires on it and writes DIM; block ``at``'s MLP connection writes into
-    stream STREAM only, and from there on each stream carries itself (DeepSeek-V4's mixing made the identity)."""
+def _isolate(model, bos: int) -> None:
+    """Only BOS carries TRIGGER (10 in its embedding, in every stream) and no sublayer writes it."""
     adapter, config = adapter_for(model.config), model.config
     base = adapter.base(model)
     base.embed_tokens.weight[:, TRIGGER] = 0.0
@@ -94,6 +92,15 @@ def _plant(model, bos: int, at: int = LAYER) -> None:
         moe = block.get_submodule(here.moe.block)
         moe.experts.down_proj[:, TRIGGER, :] = 0.0
         moe.get_submodule(here.moe.shared.path).down_proj.weight[TRIGGER] = 0.0
+
+
+@torch.no_grad()
+def _plant(model, bos: int, at: int = LAYER) -> None:
+    """Only BOS carries TRIGGER and nothing writes it (``_isolate``); neuron NEURON of block ``at``'s MLP (its shared
+    expert in a mixture) fires on it and writes DIM; block ``at``'s MLP connection writes into stream STREAM only, and
+    from there on each stream carries itself (DeepSeek-V4's mixing made the identity)."""
+    adapter, config = adapter_for(model.config), model.config
+    _isolate(model, bos)
     here = adapter.at(config, at)
     mlp = adapter.module(model, at, here.mlp.path if here.moe is None else f"{here.moe.block}.{here.moe.shared.path}")
     for projection in (mlp.gate_proj, mlp.up_proj):
@@ -254,14 +261,41 @@ def test_a_neuron_planted_in_block_0(family, tokenizer):
         assert (abs(value) < 1e-3 * abs(birth.value)) == (name != "other"), name
 
 
+def test_a_head_planted_in_a_stream_block(tokenizer):
+    """Qwen4-exp's softmax block 3: head HEAD reads TRIGGER into its value and writes it, x 50, into DIM; at BOS it
+    attends to itself. The stream origin at birth names the attention and splits its output into heads, which add up
+    to the attention's output at DIM (the "attn" term's input) and give HEAD all of it."""
+    import massact
+
+    head, layer = 1, 3
+    model = tiny_model("qwen4_exp", len(tokenizer))
+    _isolate(model, tokenizer.bos_token_id)
+    config = model.config
+    attention = model.model.layers[layer].self_attn
+    kv_head = head // (config.num_attention_heads // config.num_key_value_heads)
+    with torch.no_grad():
+        attention.v_proj.weight[kv_head * config.head_dim, TRIGGER] = 5.0
+        attention.o_proj.weight[DIM, head * config.head_dim] = 50.0
+    report = massact.scan(_lm("qwen4_exp", tokenizer, model), texts=TEXTS, verify=False)
+    (summary,) = report.findings.dims
+    assert (summary.dim, summary.born_at) == (DIM, layer)
+    birth = next(o for o in report.mechanism.streams if o.layer == layer)
+    assert (birth.carrier, birth.role) == ("attn", "write") and birth.error < 1e-5
+    attn = next(t for t in birth.terms if t.source == "attn")
+    assert sum(h.contribution for h in birth.heads) == pytest.approx(attn.input, rel=1e-5)
+    assert birth.heads[0].head == head and birth.heads[0].share == pytest.approx(1.0, abs=1e-3)
+    assert any(f"head {head} gives 100% of the attention output" in sentence for sentence in report.conclusion)
+
+
 @pytest.mark.parametrize("family", HYPER_FAMILIES)
 def test_the_trigger_split_adds_up_through_the_streams(family, tokenizer):
     """Untrained weights (the read, write and mixing weights all in play): neurons of block 3's shared expert, of a
     routed expert of block 2 and (HY-V4) of block 0's dense MLP, each pre-activation split into the embedding and every
     sublayer before it. The parts add up, at every position, to what hooks on the gate and up projections see (for the
     routed expert: the MoE block's input through the expert's rows of gate_up_proj); and each term's reader, dotted with
-    its source as a hook reads it, gives the source's part at the position."""
-    from massact.analysis.trigger.decompose import Target
+    its source as a hook reads it, gives the source's part at the position. A softmax attention's part splits into
+    heads that add up to it (the chain's next link); DeepSeek-V4's grouped output projection does not split."""
+    from massact.analysis.trigger.decompose import Target, units
     from massact.analysis.trigger.streams import stream_split
 
     lm = _lm(family, tokenizer, tiny_model(family, len(tokenizer), seed=1))
@@ -272,7 +306,7 @@ def test_the_trigger_split_adds_up_through_the_streams(family, tokenizer):
     dense = lm.adapter.at(config, 0).moe is None  # HY-V4's first block
     if dense:
         targets += [Target(0, neuron, site) for site in ("mlp_gate", "mlp_up")]
-    pieces, _ = stream_split(lm, ids, targets, position)
+    pieces, at = stream_split(lm, ids, targets, position)
     seen, handles = {}, []
 
     def keep(name):  # [positions, width]: Qwen4-exp's MoE block hands its experts flat rows
@@ -304,8 +338,14 @@ def test_the_trigger_split_adds_up_through_the_streams(family, tokenizer):
             if term.layer is None:
                 continue
             source = trace[term.layer, term.site][0, position].double()
-            assert float(piece.factors[label][position] * (term.reader @ source)) == pytest.approx(
-                float(piece.parts[label][position]), rel=1e-6, abs=1e-9), (target, label)
+            part, factor = float(piece.parts[label][position]), float(piece.factors[label][position])
+            assert factor * float(term.reader @ source) == pytest.approx(part, rel=1e-6, abs=1e-9), (target, label)
+            here = lm.at(term.layer)
+            if term.site == "attn_out" and here.mixer == "attention":
+                found, total = units(lm, term, factor, at)
+                assert [u.kind for u in found] == (["head"] * config.num_attention_heads if here.heads_at_out else [])
+                if found:
+                    assert total == pytest.approx(part, rel=1e-5, abs=1e-9), (target, label)
 
 
 def test_the_hash_router_is_recomputed_from_the_token_ids(tokenizer):

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
 from ..models.adapters.base import Connection
 from ..models.loading import LoadedModel
-from .hooks import forward_until, tap, tap_final
+from .hooks import forward_until, tap, tap_final, tap_module_input
+from .probe import ATTN_Z
 
 PARTS = ("attn", "mlp")  # the sublayers, in block order
 
@@ -29,7 +30,8 @@ PARTS = ("attn", "mlp")  # the sublayers, in block order
 def probe_streams(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], positions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Blocks ``layers`` on one text (``input_ids`` [1, n]) at ``positions``, in one forward pass, float64 on CPU; per
     block: resid_in, resid_mid and resid_out [P, N, d_model]; attn_read, attn_out, mlp_read, mlp_out [P, d_model];
-    attn_write and mlp_write [P, N]; attn_mix and mlp_mix [P, N, N] (the identity where the family does not mix)."""
+    attn_write and mlp_write [P, N]; attn_mix and mlp_mix [P, N, N] (the identity where the family does not mix);
+    and ``attn_z`` [P, width], the attention output projection's input, where the block has a token mixer."""
     index = torch.tensor(positions)
     kept: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
 
@@ -38,7 +40,10 @@ def probe_streams(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], p
 
     sites = [(layer, site) for layer in layers
              for site in ("resid_in", "attn_read", "attn_out", "resid_mid", "mlp_read", "mlp_out", "resid_out")]
-    with torch.no_grad(), tap(lm.model, lm.adapter, sites, keep), _weights(lm, layers, set(), keep):
+    with torch.no_grad(), tap(lm.model, lm.adapter, sites, keep), _weights(lm, layers, set(), keep), ExitStack() as stack:
+        for layer in (layer for layer in layers if lm.at(layer).attn_proj is not None):
+            projection = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
+            stack.enter_context(tap_module_input(projection, lambda z, layer=layer: keep(layer, ATTN_Z, z)))
         forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)
     return _with_identity(lm, kept, len(positions))
 

@@ -39,6 +39,7 @@ from ..analysis.mechanism.results import (
     Origin,
     Phase,
     Place,
+    StreamOrigin,
 )
 from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.results import Report
@@ -224,7 +225,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
     (LifelineStep, "mix"), (Mechanism, "streams"), (Attribution, "stream"), (Attribution, "write"), (ExpertAttribution, "stream"),
     (ExpertAttribution, "write"), (ExpertAttribution, "landed"), (MoeAttribution, "gated"), (NeuronTrigger, "shared"),
-    (ChainLink, "shared"), (BlockProfile, "stream_thresholds"),
+    (ChainLink, "shared"), (BlockProfile, "stream_thresholds"), (StreamOrigin, "heads"),
 })
 
 

@@ -177,8 +177,9 @@ def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], t
         branch = f"{who}_out"
         norm = _norm_factors(lm, event.layer, adapter.branch_norms[branch], at[adapter.raw(branch)], at[branch], dim)
     # Heads are split only where attention really wrote the change: not when the median grew past the value.
-    # (a convolution or a linear attention has no heads whose outputs sum like softmax heads: not split)
-    split_heads = who == "attn" and cause != "median" and adapter.mixer == "attention"
+    # (a convolution or a linear attention has no heads whose outputs sum like softmax heads, and a grouped output
+    # projection does not read the heads side by side: not split)
+    split_heads = who == "attn" and cause != "median" and adapter.mixer == "attention" and adapter.heads_at_out
     heads = head_split(lm, event.layer, at[ATTN_Z], dim) if split_heads else None
     return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause,
                   heads=heads, attn_raw=raw["attn_out"], mlp_raw=raw["mlp_out"], resid_mid=resid_mid, norm=norm, ple=ple,

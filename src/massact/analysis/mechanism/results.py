@@ -516,7 +516,9 @@ class StreamOrigin:
     add up to it (``error``: their relative gap). ``carrier``: the term with the largest share in the value's
     direction; ``role``: "carry" (the mixing weight keeps the stream's own value), "move" (it brings the value in from
     another stream), "write" (a sublayer writes it) or "amplifier" (a sublayer writes it through a write weight far
-    above the block's typical one)."""
+    above the block's typical one). ``heads``: where the attention writes it, its output at the dim (the "attn" term's
+    input, before the write weight) split over its heads, largest |contribution| first (None where it does not, or
+    where its output projection does not read the heads side by side)."""
 
     layer: int
     dim: int
@@ -528,3 +530,4 @@ class StreamOrigin:
     carrier: str
     role: str
     error: float
+    heads: list[HeadShare] | None = None

@@ -355,13 +355,13 @@ def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[l
     """A term's part at the massive position split over its block's neurons (an MLP source) or heads (attention):
     the units, largest |contribution| first, and the sum of every unit and bias (equal to the term's part). A source
     behind a sandwich norm is carried back through that norm first, one times a branch scale by that scale.
-    Mixture-of-experts MLPs, convolutions and linear attentions (no heads that sum like softmax heads) are not
-    split: []."""
+    Mixture-of-experts MLPs, convolutions and linear attentions (no heads that sum like softmax heads) and an
+    attention whose output projection does not read the heads side by side are not split: []."""
     model = lm.model
     if term.site not in ("mlp_out", "attn_out"):
         return [], float("nan")
     adapter = lm.at(term.layer)
-    if (term.site == "mlp_out" and adapter.moe) or (term.site == "attn_out" and adapter.mixer != "attention"):
+    if (term.site == "mlp_out" and adapter.moe) or (term.site == "attn_out" and (adapter.mixer != "attention" or not adapter.heads_at_out)):
         return [], float("nan")
     reader, constant = term.reader, 0.0
     if term.site in adapter.branch_norms:  # what landed is the branch norm of the raw output

@@ -338,6 +338,9 @@ class Adapter:
     # a config-dependent layout); an output gate per head (gated attention: out = attention x sigmoid(gate));
     # a learned sink logit per head that joins the softmax (the parameter's path in the block).
     mixer: str | None = "attention"
+    # Whether the output projection reads every head's output side by side, so that attn_out splits over the heads
+    # (False: DeepSeek-V4's o_b_proj reads o_a_proj's projections of groups of heads).
+    heads_at_out: bool = True
     values: Cut | None = None
     gate: Cut | None = None
     sinks: str | None = None

@@ -92,6 +92,7 @@ DEEPSEEK_V4 = dataclasses.replace(
     family="DeepSeek-V4",
     model_types=("deepseek_v4",),
     attention_out="o_b_proj",
+    heads_at_out=False,
     mlp=None,
     moe=Moe(router=Router(correction="e_score_correction_bias", **_SQRT_SOFTPLUS), shared=_DEEPSEEK_V4_SHARED),
     mlp_norm=(),
