@@ -170,6 +170,17 @@ def test_a_value_planted_in_one_stream(family, tokenizer):
     state = report.mechanism.birth_state
     assert (state.layer, state.text, state.dims) == (LAYER, 0, [DIM])
     assert state.magnitude[0][DIM] == pytest.approx(abs(entry.value), rel=1e-3)
+    # the token view: DIM in stream s2 at every block and token, transformers' hidden states (block outputs before
+    # the last, whose hidden state is after the final read), to 3 significant digits
+    view = report.mechanism.token_values
+    assert (view.dims, view.streams) == ([DIM], ["s2"])
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    values = view.values[view.texts.index(0)][0]
+    for layer in range(3):
+        real = hidden[layer + 1][0].view(ids.shape[1], STREAMS, -1)[:, STREAM, DIM]
+        assert values[layer] == pytest.approx(real.tolist(), rel=5e-3, abs=1e-6)
 
 
 @pytest.mark.parametrize("family", HYPER_FAMILIES)

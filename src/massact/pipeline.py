@@ -279,8 +279,8 @@ def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, tor
     """With hyper-connections: each dim's lifeline in its main carrier's stream, and that stream's origin (the terms
     through the write and mixing weights) at every block the lifeline names as a writer and at the block after birth
     (where the mixing carries it on); where that origin's carrier is the MLP, its anatomy and neurons (dense) or its
-    experts and their neurons (a mixture), with the write weight into the stream; the birth block's state in that
-    stream. The attention's heads and the token view are not computed through the streams yet."""
+    experts and their neurons (a mixture), with the write weight into the stream, or the attention's heads; the birth
+    block's state and the token view in that stream."""
     lines = stream_lifelines(lm, findings, inputs)
     origins = []
     for line in lines:
@@ -290,13 +290,9 @@ def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, tor
         origins += stream_origins(lm, inputs[line.text], line.text, line.position, [(layer, stream, line.dim) for layer in layers])
     anatomies, attributions, experts, failed = explain_streams(lm, lines, origins, inputs, findings, settings)
     warnings += failed
-    if findings.dims:
-        warnings.append("hyper-connections: the origin is split through the streams' write and mixing weights "
-                        "(mechanism.streams) and an MLP writer into its neurons or experts; the attention's heads and the "
-                        "token view are not traced through the streams yet")
     state = stream_birth_state(lm, inputs, dims=findings.dims, lifelines=lines, massive=findings.massive, tokens=findings.tokens)
     return Mechanism(lifelines=lines, origin=[], anatomy=anatomies, attribution=attributions, experts=experts, super_experts=supers,
-                     birth_state=state, token_values=None, streams=origins)
+                     birth_state=state, token_values=token_values(lm, inputs, dims=findings.dims, lifelines=lines), streams=origins)
 
 
 def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settings: ScanSettings, eval_text: str | None,

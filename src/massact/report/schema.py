@@ -40,6 +40,7 @@ from ..analysis.mechanism.results import (
     Phase,
     Place,
     StreamOrigin,
+    TokenValues,
 )
 from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.results import Report
@@ -225,7 +226,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Entry, "stream"), (Massive, "stream"), (LayerStats, "streams"), (DimSummary, "streams"), (Lifeline, "stream"),
     (LifelineStep, "mix"), (Mechanism, "streams"), (Attribution, "stream"), (Attribution, "write"), (ExpertAttribution, "stream"),
     (ExpertAttribution, "write"), (ExpertAttribution, "landed"), (MoeAttribution, "gated"), (NeuronTrigger, "shared"),
-    (ChainLink, "shared"), (BlockProfile, "stream_thresholds"), (StreamOrigin, "heads"),
+    (ChainLink, "shared"), (BlockProfile, "stream_thresholds"), (StreamOrigin, "heads"), (TokenValues, "streams"),
 })
 
 

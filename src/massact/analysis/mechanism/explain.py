@@ -237,12 +237,15 @@ def token_values(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list
     strongest = [d.dim for d in sorted(dims, key=lambda d: -abs(d.max_value))[:TOKEN_DIMS]]
     carriers = [line.text for line in lifelines if line.dim in strongest]
     texts = list(dict.fromkeys(carriers + sorted(inputs)))[:TOKEN_TEXTS]
+    # with hyper-connections each dim in the stream its lifeline follows
+    streams = [next(line.stream for line in lifelines if line.dim == dim) for dim in strongest] if lm.adapter.hyper is not None else []
     values = []
     for text in texts:
         # The whole text runs (a bidirectional model's first tokens see the rest); its first tokens are kept.
-        stream = stream_dims(lm, inputs[text], strongest)[:, :TOKEN_POSITIONS]  # [blocks, positions, dims]
+        stream = stream_dims(lm, inputs[text], strongest, [int(s[1:]) for s in streams] if streams else None)
+        stream = stream[:, :TOKEN_POSITIONS]  # [blocks, positions, dims]
         values.append([[[float(f"{v:.3g}") for v in row] for row in stream[:, :, d].tolist()] for d in range(len(strongest))])
-    return TokenValues(dims=strongest, texts=texts, values=values)
+    return TokenValues(dims=strongest, texts=texts, values=values, streams=streams)
 
 
 def _place(event: Event, tokens: list[list[str]]) -> dict:

@@ -250,11 +250,13 @@ class BirthState:
 class TokenValues:
     """The token view's numbers: each massive dim's value in the detection stream at every block and every token of
     a few of the report's texts (3 significant digits). ``values[t][d][block][position]`` is dim ``dims[d]`` in text
-    ``texts[t]`` (its tokens are the report's ``tokens[texts[t]]``, cut to ``len(values[t][d][0])``)."""
+    ``texts[t]`` (its tokens are the report's ``tokens[texts[t]]``, cut to ``len(values[t][d][0])``). With
+    hyper-connections dim ``dims[d]`` is read in stream ``streams[d]`` of the block output, the one its lifeline follows."""
 
     dims: list[int]
     texts: list[int]
     values: list[list[list[list[float]]]]
+    streams: list[str] = field(default_factory=list)
 
 
 
