@@ -19,7 +19,7 @@ from massact.capture.streams import probe_streams
 from massact.cli import main
 from massact.models.adapters import adapter_for
 from massact.models.loading import wrap
-from massact.report.schema import load_report
+from massact.report.schema import load_profile, load_report
 
 STREAMS, LAYER, NEURON, DIM, STREAM = 4, 1, 7, 20, 2  # the planted value: block 1's MLP writes dim 20 into stream 2 only
 TEXTS = ["The sun rose over the hills.", "Rain fell all day long and the river rose high."]
@@ -77,10 +77,8 @@ def test_streams_add_up_against_transformers(family, tokenizer):
 
 
 @torch.no_grad()
-def _plant(model, bos: int, at: int = LAYER) -> None:
-    """Only BOS carries TRIGGER (10 in its embedding, in every stream) and nothing writes it; neuron NEURON of block
-    ``at``'s MLP (its shared expert in a mixture) fires on it and writes DIM; block ``at``'s MLP connection writes into
-    stream STREAM only, and from there on each stream carries itself (DeepSeek-V4's mixing made the identity)."""
+def _isolate(model, bos: int) -> None:
+    """Only BOS carries TRIGGER (10 in its embedding, in every stream) and no sublayer writes it."""
     adapter, config = adapter_for(model.config), model.config
     base = adapter.base(model)
     base.embed_tokens.weight[:, TRIGGER] = 0.0
@@ -94,6 +92,15 @@ def _plant(model, bos: int, at: int = LAYER) -> None:
         moe = block.get_submodule(here.moe.block)
         moe.experts.down_proj[:, TRIGGER, :] = 0.0
         moe.get_submodule(here.moe.shared.path).down_proj.weight[TRIGGER] = 0.0
+
+
+@torch.no_grad()
+def _plant(model, bos: int, at: int = LAYER) -> None:
+    """Only BOS carries TRIGGER and nothing writes it (``_isolate``); neuron NEURON of block ``at``'s MLP (its shared
+    expert in a mixture) fires on it and writes DIM; block ``at``'s MLP connection writes into stream STREAM only, and
+    from there on each stream carries itself (DeepSeek-V4's mixing made the identity)."""
+    adapter, config = adapter_for(model.config), model.config
+    _isolate(model, bos)
     here = adapter.at(config, at)
     mlp = adapter.module(model, at, here.mlp.path if here.moe is None else f"{here.moe.block}.{here.moe.shared.path}")
     for projection in (mlp.gate_proj, mlp.up_proj):
@@ -125,7 +132,7 @@ def test_a_value_planted_in_one_stream(family, tokenizer):
 
     model = tiny_model(family, len(tokenizer))
     _plant(model, tokenizer.bos_token_id)
-    report = massact.scan(model, tokenizer=tokenizer, texts=TEXTS, verify=False)
+    report = massact.scan(_lm(family, tokenizer, model), texts=TEXTS, verify=False)
     (summary,) = report.findings.dims
     # Qwen4-exp's sublayers read the streams each RMS-normed: what they read holds no massive value
     streams = ["s2"] if family == "qwen4_exp" else ["s2", "read"]
@@ -159,6 +166,64 @@ def test_a_value_planted_in_one_stream(family, tokenizer):
     assert float(model.get_parameter(weight.matrix)[DIM, NEURON]) == 100.0  # the name and index as the model stores them
     assert expert.write == pytest.approx(2.0, rel=1e-5)
     assert expert.landed == pytest.approx(next(t.value for t in birth.terms if t.source == "mlp"), rel=1e-5)
+    # the birth state: |a| of block LAYER's output in stream s2 on the carrier's text, the massive entry's value at BOS
+    state = report.mechanism.birth_state
+    assert (state.layer, state.text, state.dims) == (LAYER, 0, [DIM])
+    assert state.magnitude[0][DIM] == pytest.approx(abs(entry.value), rel=1e-3)
+    # the token view: DIM in stream s2 at every block and token, transformers' hidden states (block outputs before
+    # the last, whose hidden state is after the final read), to 3 significant digits
+    view = report.mechanism.token_values
+    assert (view.dims, view.streams) == ([DIM], ["s2"])
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    values = view.values[view.texts.index(0)][0]
+    for layer in range(3):
+        real = hidden[layer + 1][0].view(ids.shape[1], STREAMS, -1)[:, STREAM, DIM]
+        assert values[layer] == pytest.approx(real.tolist(), rel=5e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_the_trigger_through_the_streams_names_the_planted_token(family, tokenizer):
+    """The trigger of the planted value: the shared expert's neuron NEURON, its gate read from the BOS token's
+    embedding (dim TRIGGER) through the read weights, the chain ending there; BOS moved one position on keeps the value
+    massive in s2, another token at position 0 does not (a token); patching the embedding at BOS (in every stream of
+    block 0's input) takes the value off, patching a source with no part in the gate leaves it."""
+    import massact
+    from massact.analysis.trigger.decompose import Target
+    from massact.analysis.trigger.patching import patch_sources
+    from massact.analysis.trigger.streams import stream_split
+
+    model = tiny_model(family, len(tokenizer))
+    _plant(model, tokenizer.bos_token_id)
+    lm = _lm(family, tokenizer, model)
+    report = massact.scan(lm, texts=TEXTS, verify=False)
+    (trigger,) = report.trigger
+    neuron = trigger.neurons[0]
+    assert (neuron.layer, neuron.neuron, neuron.expert, neuron.shared) == (LAYER, NEURON, None, True)
+    gate = neuron.splits[0]
+    assert gate.site == "mlp_gate" and gate.error < 1e-5 and gate.value > 1.0
+    assert sum(s.here for s in gate.sources) == pytest.approx(gate.value, rel=1e-5)
+    assert gate.sources[0].source == "token embedding" and gate.sources[0].here == pytest.approx(gate.value, rel=1e-3)
+    assert [(link.kind, link.layer, link.index) for link in trigger.chain] == [("neuron", LAYER, NEURON),
+                                                                              ("token embedding", None, None)]
+    assert trigger.chain[0].shared and trigger.chain[1].feeds == pytest.approx(gate.sources[0].here)
+    carriers = trigger.carriers
+    assert carriers.verdict == "token" and carriers.moved_massive and not carriers.swapped_massive
+    assert carriers.first_tokens == [["<s>", len(TEXTS)]]
+    # the embedding's part of the gate at BOS, dim by dim: TRIGGER's (the planted 0.5 x 10, through the read weights)
+    (line,) = report.mechanism.lifelines
+    ids = tokenizer(TEXTS[line.text], return_tensors="pt").input_ids
+    (piece,), _ = stream_split(lm, ids, [Target(LAYER, NEURON, "mlp_gate", shared=True)], line.position)
+    embedding = model.get_input_embeddings().weight[ids[0, line.position]].detach().double()
+    by_dim = piece.factors["token embedding"][line.position] * piece.terms["token embedding"].reader * embedding
+    assert int(by_dim.abs().argmax()) == TRIGGER and float(by_dim.sum()) == pytest.approx(gate.value, rel=1e-3)
+    patches = patch_sources(lm, ids, piece, line, report.findings.stream_medians("s2"), report.findings.criterion)
+    embedded = [p for p in patches if p.source == "embedding (block 0 input)"]
+    assert {p.replacement for p in embedded} == {"mean of the other positions", "zero"}
+    assert all(not p.still_massive and p.direct == pytest.approx(p.total, rel=1e-3) for p in embedded)
+    idle = [p for p in patches if p.source != "embedding (block 0 input)"]
+    assert idle and all(p.still_massive and abs(p.direct) < 1e-3 * gate.value for p in idle)
 
 
 @pytest.mark.parametrize("family", ["hy_v4", "deepseek_v4"])
@@ -207,6 +272,93 @@ def test_a_neuron_planted_in_block_0(family, tokenizer):
         assert (abs(value) < 1e-3 * abs(birth.value)) == (name != "other"), name
 
 
+def test_a_head_planted_in_a_stream_block(tokenizer):
+    """Qwen4-exp's softmax block 3: head HEAD reads TRIGGER into its value and writes it, x 50, into DIM; at BOS it
+    attends to itself. The stream origin at birth names the attention and splits its output into heads, which add up
+    to the attention's output at DIM (the "attn" term's input) and give HEAD all of it."""
+    import massact
+
+    head, layer = 1, 3
+    model = tiny_model("qwen4_exp", len(tokenizer))
+    _isolate(model, tokenizer.bos_token_id)
+    config = model.config
+    attention = model.model.layers[layer].self_attn
+    kv_head = head // (config.num_attention_heads // config.num_key_value_heads)
+    with torch.no_grad():
+        attention.v_proj.weight[kv_head * config.head_dim, TRIGGER] = 5.0
+        attention.o_proj.weight[DIM, head * config.head_dim] = 50.0
+    report = massact.scan(_lm("qwen4_exp", tokenizer, model), texts=TEXTS, verify=False)
+    (summary,) = report.findings.dims
+    assert (summary.dim, summary.born_at) == (DIM, layer)
+    birth = next(o for o in report.mechanism.streams if o.layer == layer)
+    assert (birth.carrier, birth.role) == ("attn", "write") and birth.error < 1e-5
+    attn = next(t for t in birth.terms if t.source == "attn")
+    assert sum(h.contribution for h in birth.heads) == pytest.approx(attn.input, rel=1e-5)
+    assert birth.heads[0].head == head and birth.heads[0].share == pytest.approx(1.0, abs=1e-3)
+    assert any(f"head {head} gives 100% of the attention output" in sentence for sentence in report.conclusion)
+
+
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_the_trigger_split_adds_up_through_the_streams(family, tokenizer):
+    """Untrained weights (the read, write and mixing weights all in play): neurons of block 3's shared expert, of a
+    routed expert of block 2 and (HY-V4) of block 0's dense MLP, each pre-activation split into the embedding and every
+    sublayer before it. The parts add up, at every position, to what hooks on the gate and up projections see (for the
+    routed expert: the MoE block's input through the expert's rows of gate_up_proj); and each term's reader, dotted with
+    its source as a hook reads it, gives the source's part at the position. A softmax attention's part splits into
+    heads that add up to it (the chain's next link); DeepSeek-V4's grouped output projection does not split."""
+    from massact.analysis.trigger.decompose import Target, units
+    from massact.analysis.trigger.streams import stream_split
+
+    lm = _lm(family, tokenizer, tiny_model(family, len(tokenizer), seed=1))
+    config, position, neuron, expert = lm.config, 3, 5, 1
+    ids = tokenizer(TEXTS[1], return_tensors="pt").input_ids
+    targets = [Target(3, neuron, site, shared=True) for site in ("mlp_gate", "mlp_up")]
+    targets += [Target(2, neuron, site, expert) for site in ("mlp_gate", "mlp_up")]
+    dense = lm.adapter.at(config, 0).moe is None  # HY-V4's first block
+    if dense:
+        targets += [Target(0, neuron, site) for site in ("mlp_gate", "mlp_up")]
+    pieces, at = stream_split(lm, ids, targets, position)
+    seen, handles = {}, []
+
+    def keep(name):  # [positions, width]: Qwen4-exp's MoE block hands its experts flat rows
+        return lambda _module, _args, output: seen.__setitem__(name, output.detach().reshape(-1, output.shape[-1]).double())
+
+    block = lambda layer: lm.adapter.blocks(lm.model)[layer]
+    for site, projection in (("mlp_gate", "gate_proj"), ("mlp_up", "up_proj")):
+        moe = lm.adapter.at(config, 3).moe
+        handles.append(block(3).get_submodule(f"{moe.block}.{moe.shared.part(projection)}").register_forward_hook(keep((3, site))))
+        if dense:
+            handles.append(block(0).get_submodule(f"mlp.{projection}").register_forward_hook(keep((0, site))))
+    moe_input = lambda _module, args: seen.__setitem__("moe_in", args[0].reshape(-1, args[0].shape[-1]).double())
+    handles.append(block(2).get_submodule(lm.adapter.at(config, 2).moe.block).register_forward_pre_hook(moe_input))
+    sources = [(layer, site) for layer in range(4) for site in ("attn_out", "mlp_out")]
+    try:
+        with torch.no_grad(), Trace(lm.model, lm.adapter, sources) as trace:
+            lm.model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    fused = block(2).mlp.experts.gate_up_proj[expert].detach().double()  # [gate; up] rows of the expert
+    seen[2, "mlp_gate"], seen[2, "mlp_up"] = (seen["moe_in"] @ fused.T).split(fused.shape[0] // 2, dim=-1)
+    for piece in pieces:
+        target = piece.target
+        hooked = seen[target.layer, target.site][:, target.neuron]
+        total = sum(piece.parts.values())
+        assert piece.error < 1e-5 and _close(total, hooked), target
+        for label, term in piece.terms.items():
+            if term.layer is None:
+                continue
+            source = trace[term.layer, term.site][0, position].double()
+            part, factor = float(piece.parts[label][position]), float(piece.factors[label][position])
+            assert factor * float(term.reader @ source) == pytest.approx(part, rel=1e-6, abs=1e-9), (target, label)
+            here = lm.at(term.layer)
+            if term.site == "attn_out" and here.mixer == "attention":
+                found, total = units(lm, term, factor, at)
+                assert [u.kind for u in found] == (["head"] * config.num_attention_heads if here.heads_at_out else [])
+                if found:
+                    assert total == pytest.approx(part, rel=1e-5, abs=1e-9), (target, label)
+
+
 def test_the_hash_router_is_recomputed_from_the_token_ids(tokenizer):
     """DeepSeek-V4's block 0 routes by its token-id table: the recomputed choice is the table's, its weights
     (sqrt-softplus scores, renormalised and scaled) the router module's; block 1 routes by top-k as the module does."""
@@ -229,11 +381,13 @@ def test_the_hash_router_is_recomputed_from_the_token_ids(tokenizer):
         route(MoeBlock.at(lm, 0), x)
 
 
-def test_the_chain_on_deepseek_v4(tokenizer, tmp_path, capsys, monkeypatch):
-    """scan -> verify DIR -> quant DIR -> compare on the planted DeepSeek-V4; the streams read back through the
-    schema, and the verification's zeroing in stream s2 takes the value off."""
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_the_chain_on_hyper_connections(family, tokenizer, tmp_path, capsys, monkeypatch):
+    """scan -> verify DIR -> quant DIR -> compare -> profile DIR on the planted model; the streams and the trigger read
+    back through the schema, the verification's zeroing in stream s2 takes the value off, and the profile finds DIM
+    massive from block LAYER on, at position 0."""
     monkeypatch.setattr(quant, "grid", lambda name="default", block=quant.DEFAULT_BLOCK: [Setting("rtn", 8, "tensor", "plain")])
-    model = tiny_model("deepseek_v4", len(tokenizer))
+    model = tiny_model(family, len(tokenizer))
     _plant(model, tokenizer.bos_token_id)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -244,11 +398,12 @@ def test_the_chain_on_deepseek_v4(tokenizer, tmp_path, capsys, monkeypatch):
     capsys.readouterr()  # what saving the model printed
     for step in (["scan", tmp_path / "model", "--text", TEXTS[0], "--no-verify", "--out", out, *quiet],
                  ["verify", out, "--eval-file", eval_file, *quiet], ["quant", out, "--eval-file", eval_file, *quiet],
-                 ["compare", out, out, "--out", tmp_path / "compare"]):
+                 ["compare", out, out, "--out", tmp_path / "compare"], ["profile", out, "--quiet"]):
         code = main([str(part) for part in step])
         assert code == 0 and capsys.readouterr().err == "", step[0]
     data = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert data["findings"]["dims"][0]["streams"] == ["s2", "read"] and data["mechanism"]["streams"][0]["stream"] == "s2"
+    streams = ["s2"] if family == "qwen4_exp" else ["s2", "read"]  # Qwen4-exp reads each stream RMS-normed
+    assert data["findings"]["dims"][0]["streams"] == streams and data["mechanism"]["streams"][0]["stream"] == "s2"
     report = load_report(out)
     assert report.findings.massive[0].stream == "s2" and report.deploy.quantization.dim == DIM
     rows = {row.name: row for row in report.causal.verification.interventions}
@@ -261,6 +416,14 @@ def test_the_chain_on_deepseek_v4(tokenizer, tmp_path, capsys, monkeypatch):
     for name in (f"ablate neuron {NEURON} of the shared expert", f"zero expert super weight {weight.index}"):
         assert rows[name].confirms and abs(rows[name].value_birth) < 1e-3 * abs(baseline.value_birth), name
     assert next(row for name, row in rows.items() if name.startswith("control: zero weight")).still_massive
+    (trigger,) = report.trigger  # the shared expert's neuron, read from the BOS token's embedding
+    assert (trigger.neurons[0].layer, trigger.neurons[0].neuron, trigger.neurons[0].shared) == (LAYER, NEURON, True)
+    assert trigger.chain[-1].kind == "token embedding" and trigger.carriers.verdict == "token"
+    assert f"block {LAYER} shared expert neuron {NEURON}" in (out / "report.txt").read_text(encoding="utf-8")
+    profile = load_profile(out / "profile.json")
+    born = profile.blocks[LAYER]
+    assert DIM in born.dims and born.massive_tokens > 0 and "position 0" in born.carriers
+    assert [b.layer for b in profile.massive_blocks()][0] == LAYER
 
 
 def test_stream_fields_are_optional_in_the_json():

@@ -204,6 +204,31 @@ def test_sources_sum_to_the_pre_activation_on_every_block_kind(family, tokenizer
         assert "token embedding" in piece.parts and "position embedding" not in piece.parts
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_a_shared_expert_neuron_splits_against_its_projections(family, tokenizer):
+    """A shared expert's neuron (the trigger's target where the shared expert writes most): its gate and up
+    pre-activations, split into sources, add up at every position to what hooks on its gate and up projections see."""
+    lm = massact.wrap(tiny_model(family, len(tokenizer), seed=1), tokenizer)
+    ids = tokenizer(TEXTS[1], return_tensors="pt").input_ids
+    layer = next(layer for layer in range(lm.config.num_hidden_layers) if lm.at(layer).moe is not None and layer > 0)
+    moe = lm.at(layer).moe
+    seen = {}
+    handles = [lm.adapter.module(lm.model, layer, f"{moe.block}.{moe.shared.part(name)}").register_forward_hook(
+        lambda _module, _args, output, site=site: seen.__setitem__(site, output.detach().reshape(-1, output.shape[-1]).double()))
+        for site, name in (("mlp_gate", moe.shared.gate), ("mlp_up", moe.shared.up))]
+    try:
+        pieces, _ = split(lm, ids, [Target(layer, 5, site, shared=True) for site in ("mlp_gate", "mlp_up")], 2)
+        with torch.no_grad():
+            lm.model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for piece in pieces:
+        hooked = seen[piece.target.site][:, 5]
+        assert piece.error < 1e-5 and piece.target.key == (layer, piece.target.site, "shared", 5)
+        assert float((sum(piece.parts.values()) - hooked).abs().max()) < 1e-5 * float(hooked.abs().max())
+
+
 @pytest.mark.parametrize("family", ["gemma2", "bert", "neox", "olmo2", "lfm2", "qwen3_next"])
 def test_lifeline_adds_up_on_every_block_kind(family, tokenizer):
     """Sandwich, post-LN and parallel blocks, planted as in test_families: the terms add up at every block; in a

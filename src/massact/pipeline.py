@@ -35,7 +35,7 @@ from .analysis.evaluation.embeddings import headless
 from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
 from .analysis.evaluation.windows import evaluation_for
 from .analysis.function.sinks import sink_analysis
-from .analysis.mechanism.explain import birth_state, explain, explain_streams, pick_events, token_values
+from .analysis.mechanism.explain import birth_state, explain, explain_streams, pick_events, stream_birth_state, token_values
 from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
 from .analysis.mechanism.results import Mechanism
 from .analysis.mechanism.streams import stream_origins
@@ -123,8 +123,7 @@ def scan(
         return None  # launched as several processes: they shared the scan, the first one explains and reports
     findings, warnings = found.findings, list(found.warnings)
     mechanism = mechanism_stage(lm, found, settings, warnings)
-    # The trigger's positional and token swaps read one stream: not traced through hyper-connections yet.
-    trigger = [] if lm.adapter.hyper is not None else triggers(lm, found.inputs, findings, mechanism, settings, found.corpus.windows)
+    trigger = triggers(lm, found.inputs, findings, mechanism, settings, found.corpus.windows)
     causal, causal_warnings = causal_stage(lm, found, mechanism, settings, eval_text, progress)
     report = Report(model=model_info(lm), corpus=found.corpus, settings=settings, findings=findings, mechanism=mechanism,
                     trigger=trigger, causal=causal, deploy=Deploy(), conclusion=[], warnings=warnings + causal_warnings,
@@ -194,9 +193,12 @@ def profile(
     else:
         findings = report.findings
     medians, criterion = findings.medians, findings.criterion
+    # each block's median per stream of its output: with hyper-connections each stream's own, as the scan judged them
+    names = [f"s{k}" for k in range(lm.adapter.streams(lm.config))] if lm.adapter.hyper is not None else [""]
+    per_stream = [list(block) for block in zip(*(findings.stream_medians(name) for name in names))]
     advance = progress("profile: forward passes over the texts", total if settings.max_length is None else None)
     stream = (window.ids for window in windows(lm, corpus, settings.max_length))
-    counts = count_carriers(lm, stream, medians, criterion, settings.batch_size, advance)
+    counts = count_carriers(lm, stream, per_stream, criterion, settings.batch_size, advance)
     return build_profile(lm, counts, medians, criterion, corpus.describe())
 
 
@@ -277,8 +279,8 @@ def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, tor
     """With hyper-connections: each dim's lifeline in its main carrier's stream, and that stream's origin (the terms
     through the write and mixing weights) at every block the lifeline names as a writer and at the block after birth
     (where the mixing carries it on); where that origin's carrier is the MLP, its anatomy and neurons (dense) or its
-    experts and their neurons (a mixture), with the write weight into the stream. The attention's heads, the birth
-    state and the token view are not computed through the streams yet."""
+    experts and their neurons (a mixture), with the write weight into the stream, or the attention's heads; the birth
+    block's state and the token view in that stream."""
     lines = stream_lifelines(lm, findings, inputs)
     origins = []
     for line in lines:
@@ -288,12 +290,9 @@ def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, tor
         origins += stream_origins(lm, inputs[line.text], line.text, line.position, [(layer, stream, line.dim) for layer in layers])
     anatomies, attributions, experts, failed = explain_streams(lm, lines, origins, inputs, findings, settings)
     warnings += failed
-    if findings.dims:
-        warnings.append("hyper-connections: the origin is split through the streams' write and mixing weights "
-                        "(mechanism.streams) and an MLP writer into its neurons or experts; the attention's heads, the "
-                        "birth state, the token view and the trigger are not traced through the streams yet")
+    state = stream_birth_state(lm, inputs, dims=findings.dims, lifelines=lines, massive=findings.massive, tokens=findings.tokens)
     return Mechanism(lifelines=lines, origin=[], anatomy=anatomies, attribution=attributions, experts=experts, super_experts=supers,
-                     birth_state=None, token_values=None, streams=origins)
+                     birth_state=state, token_values=token_values(lm, inputs, dims=findings.dims, lifelines=lines), streams=origins)
 
 
 def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settings: ScanSettings, eval_text: str | None,

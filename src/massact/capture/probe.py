@@ -30,25 +30,31 @@ def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions:
     return kept
 
 
-def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int, stream: str = "") -> torch.Tensor:
     """One block's output (the residual sum before the last LayerNorm in post-LN blocks) for a whole text:
-    [positions, d_model] float32 on CPU."""
+    [positions, d_model] float32 on CPU; with hyper-connections, of ``stream`` ("s0", ...)."""
     kept: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)],
+    site = f"{lm.adapter.stream}.{stream}" if stream else lm.adapter.stream
+    with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, site)],
                               lambda _, __, t: kept.update(out=t[0].detach().float().cpu())):
         forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     return kept["out"]
 
 
-def stream_dims(lm: LoadedModel, input_ids: torch.Tensor, dims: list[int]) -> torch.Tensor:
+def stream_dims(lm: LoadedModel, input_ids: torch.Tensor, dims: list[int], streams: list[int] | None = None) -> torch.Tensor:
     """The detection stream (block output, or the residual sum before the last LayerNorm in post-LN blocks) of every
-    block at every position, only at ``dims``: [n_layers, positions, len(dims)] float32 on CPU, in one forward pass."""
+    block at every position, only at ``dims``: [n_layers, positions, len(dims)] float32 on CPU, in one forward pass.
+    With hyper-connections dim ``dims[i]`` is read in stream ``streams[i]`` of the block output."""
     n_layers = len(lm.adapter.blocks(lm.model))
     kept: dict[int, torch.Tensor] = {}
     index = torch.tensor(dims)
 
     def keep(layer: int, _, hidden: torch.Tensor) -> None:
-        kept[layer] = hidden[0].detach().index_select(-1, index.to(hidden.device)).float().cpu()
+        state = hidden[0].detach()  # [positions, width], or [positions, N, width] with hyper-connections
+        if streams is not None:
+            kept[layer] = state[:, torch.tensor(streams, device=state.device), index.to(state.device)].float().cpu()
+            return
+        kept[layer] = state.index_select(-1, index.to(hidden.device)).float().cpu()
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in range(n_layers)], keep):
         lm.model(input_ids=input_ids.to(lm.device), use_cache=False)

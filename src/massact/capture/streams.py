@@ -13,10 +13,16 @@ from the streams is the one the model used.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
 import torch
 
+from ..models.adapters.base import Connection
 from ..models.loading import LoadedModel
-from .hooks import forward_until, tap, tap_final
+from .hooks import forward_until, tap, tap_final, tap_module_input
+from .probe import ATTN_Z
 
 PARTS = ("attn", "mlp")  # the sublayers, in block order
 
@@ -24,9 +30,9 @@ PARTS = ("attn", "mlp")  # the sublayers, in block order
 def probe_streams(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], positions: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Blocks ``layers`` on one text (``input_ids`` [1, n]) at ``positions``, in one forward pass, float64 on CPU; per
     block: resid_in, resid_mid and resid_out [P, N, d_model]; attn_read, attn_out, mlp_read, mlp_out [P, d_model];
-    attn_write and mlp_write [P, N]; attn_mix and mlp_mix [P, N, N] (the identity where the family does not mix)."""
-    hyper, index = lm.adapter.hyper, torch.tensor(positions)
-    count = lm.adapter.streams(lm.config)
+    attn_write and mlp_write [P, N]; attn_mix and mlp_mix [P, N, N] (the identity where the family does not mix);
+    and ``attn_z`` [P, width], the attention output projection's input, where the block has a token mixer."""
+    index = torch.tensor(positions)
     kept: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
 
     def keep(layer: int, name: str, tensor: torch.Tensor) -> None:
@@ -34,24 +40,63 @@ def probe_streams(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], p
 
     sites = [(layer, site) for layer in layers
              for site in ("resid_in", "attn_read", "attn_out", "resid_mid", "mlp_read", "mlp_out", "resid_out")]
-    handles = []
-    for layer in layers:
-        for part in PARTS:
-            connection = getattr(hyper, part)
+    with torch.no_grad(), tap(lm.model, lm.adapter, sites, keep), _weights(lm, layers, set(), keep), ExitStack() as stack:
+        for layer in (layer for layer in layers if lm.at(layer).attn_proj is not None):
+            projection = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
+            stack.enter_context(tap_module_input(projection, lambda z, layer=layer: keep(layer, ATTN_Z, z)))
+        forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)
+    return _with_identity(lm, kept, len(positions))
 
-            def weights(_module, _args, output, layer=layer, part=part, connection=connection) -> None:
-                keep(layer, f"{part}_write", output[connection.write])
-                if connection.mix is not None:
-                    keep(layer, f"{part}_mix", output[connection.mix])
 
-            handles.append(lm.adapter.module(lm.model, layer, connection.path).register_forward_hook(weights))
+def stream_weights(lm: LoadedModel, input_ids: torch.Tensor, last: int, reads: set[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """The weights of blocks 0..``last`` at every position of one text, in one forward pass that stops there, float64
+    on CPU: attn_write and mlp_write [n, N], attn_mix and mlp_mix [n, N, N] (the identity where the family does not
+    mix), and at the blocks ``reads`` the MLP's read weights ``mlp_weights`` [n, N, 1] (one number per stream) or
+    [n, N, d_model] (per stream and dim), with mlp_read = sum_j mlp_weights[j] x resid_mid[j]."""
+    layers = list(range(last + 1))
+    kept: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
+
+    def keep(layer: int, name: str, tensor: torch.Tensor) -> None:
+        kept[layer][name] = tensor[0].detach().double().cpu()
+
+    with torch.no_grad(), _weights(lm, layers, reads, keep):
+        forward_until(lm.model, lm.adapter, last, input_ids=input_ids.to(lm.device), use_cache=False)
+    return _with_identity(lm, kept, input_ids.shape[1])
+
+
+@contextmanager
+def _weights(lm: LoadedModel, layers: list[int], reads: set[int], keep: Callable[[int, str, torch.Tensor], None]) -> Iterator[None]:
+    """While open, each connection of ``layers`` passes ``keep(layer, name, [batch, positions, ...])`` its write
+    weights (``{part}_write``) and mixing matrix (``{part}_mix``), and the MLP's at ``reads`` its read weights
+    (``mlp_weights``, recomputed from the connection's input by the adapter's ``read_weights``)."""
+    hyper, handles = lm.adapter.hyper, []
+
+    def hook(module, args, kwargs, output, layer: int, part: str, connection: Connection) -> None:
+        keep(layer, f"{part}_write", output[connection.write])
+        if connection.mix is not None:
+            keep(layer, f"{part}_mix", output[connection.mix])
+        if part == "mlp" and layer in reads:
+            streams = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            weights = connection.read_weights(module, streams)
+            keep(layer, "mlp_weights", weights if weights.dim() == 4 else weights.unsqueeze(-1))
+
     try:
-        with torch.no_grad(), tap(lm.model, lm.adapter, sites, keep):
-            forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)
+        for layer in layers:
+            for part in PARTS:
+                connection = getattr(hyper, part)
+                module = lm.adapter.module(lm.model, layer, connection.path)
+                handles.append(module.register_forward_hook(
+                    functools.partial(hook, layer=layer, part=part, connection=connection), with_kwargs=True))
+        yield
     finally:
         for handle in handles:
             handle.remove()
-    identity = torch.eye(count, dtype=torch.float64).expand(len(positions), count, count)
+
+
+def _with_identity(lm: LoadedModel, kept: dict[int, dict[str, torch.Tensor]], rows: int) -> dict[int, dict[str, torch.Tensor]]:
+    """``kept`` with each part's mixing matrix the identity [rows, N, N] where the family does not mix."""
+    count = lm.adapter.streams(lm.config)
+    identity = torch.eye(count, dtype=torch.float64).expand(rows, count, count)
     for values in kept.values():
         for part in PARTS:
             values.setdefault(f"{part}_mix", identity.clone())

@@ -153,8 +153,9 @@ def _stream_words(report: Report, summary: DimSummary, line: Lifeline) -> list[s
     for origin in (o for o in report.mechanism.streams if o.dim == line.dim):
         term = next(t for t in origin.terms if t.source == origin.carrier)
         if origin.carrier in who:
+            head = f"; head {origin.heads[0].head} gives {origin.heads[0].share:.0%} of the attention output" if origin.heads else ""
             out.append(f"Block {origin.layer}'s {who[origin.carrier]} writes it into stream {origin.stream} with weight "
-                       f"{term.weight:.3g}: {short(term.value, True)} of {short(origin.value, True)}.")
+                       f"{term.weight:.3g}: {short(term.value, True)} of {short(origin.value, True)}{head}.")
         else:
             moved = "" if origin.role == "carry" else f", moved in from stream {origin.carrier}"
             out.append(f"Block {origin.layer}'s stream mixing carries it in stream {origin.stream} with weight {term.weight:.3g}"

@@ -95,7 +95,7 @@ def chain_words(chain: list[ChainLink], dim: int) -> list[str]:
         site = {"mlp_gate": "gate", "mlp_up": "pre-activation"}.get(link.site or "", link.site)
         before, previous = previous, site
         if link.depth == 0 and link.kind == "neuron":
-            expert = f"expert {link.expert} " if link.expert is not None else ""
+            expert = "shared expert " if link.shared else f"expert {link.expert} " if link.expert is not None else ""
             lines.append(f"  block {link.layer} {expert}neuron {link.index} writes dim {dim}; its {site} is {num(link.value, True)} here, "
                          f"{num(link.value_others, True)} on average at the other positions")
             continue
@@ -175,7 +175,7 @@ def _split_tables(style: Style, t: Trigger, dims: list[int]) -> list:
     for n in t.neurons:
         for s in n.splits:
             name = {"mlp_gate": "gate", "mlp_up": "up" if len(n.splits) > 1 else "pre-activation"}[s.site]
-            expert = f" expert {n.expert}" if n.expert is not None else ""
+            expert = " shared expert" if n.shared else f" expert {n.expert}" if n.expert is not None else ""
             out.append(Text(
                 f"Block {n.layer}{expert} neuron {n.neuron} {name} ({n.role} of dim{'s' if len(dims) > 1 else ''} "
                 f"{', '.join(map(str, dims))}) at "

@@ -39,11 +39,13 @@ from ..analysis.mechanism.results import (
     Origin,
     Phase,
     Place,
+    StreamOrigin,
+    TokenValues,
 )
 from ..analysis.profile.results import BlockProfile, Profile, Rule
 from ..analysis.results import Report
 from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
-from ..analysis.trigger.results import VERDICTS, Carriers, PreActivationSplit
+from ..analysis.trigger.results import VERDICTS, Carriers, ChainLink, NeuronTrigger, PreActivationSplit
 from ..errors import UsageError
 from ..models.info import ModelInfo
 from ..settings import DTYPES, MAX_COUNT, Criterion, ScanSettings
@@ -216,8 +218,9 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
 
 # Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, the two parts of experts beside a
 # dense MLP and their norms, a sparse attention's indexer picks, the checks an inferred adapter passed,
-# hyper-connections' streams): the writer leaves one out where it holds its default (None, or empty), and the reader
-# gives the default where it is absent, so that the other models' files do not carry them.
+# hyper-connections' streams and their profile thresholds, a trigger's shared-expert neuron): the writer leaves one
+# out where it holds its default (None, or empty), and the reader gives the default where it is absent, so that the
+# other models' files do not carry them.
 OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (Origin, "ple"), (Origin, "ple_raw"), (Origin, "scale"), (LifelineStep, "ple"), (LifelineStep, "scale"),
     (AttentionSinks, "indexer_selected"), (ModelInfo, "inferred"),
@@ -225,7 +228,8 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (LifelineStep, "mix"), (Mechanism, "streams"), (Attribution, "stream"), (Attribution, "write"), (ExpertAttribution, "stream"),
     (ExpertAttribution, "write"), (ExpertAttribution, "landed"), (MoeAttribution, "gated"),
     (MoeAttribution, "bias"), (Origin, "mlp_dense"), (Origin, "mlp_routed"), (Attribution, "norm"),
-    (ExpertAttribution, "norm"),
+    (ExpertAttribution, "norm"), (NeuronTrigger, "shared"), (ChainLink, "shared"), (BlockProfile, "stream_thresholds"),
+    (StreamOrigin, "heads"), (TokenValues, "streams"),
 })
 
 

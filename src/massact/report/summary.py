@@ -100,6 +100,8 @@ def _row(report: Report, dim: int) -> list[str]:
         weight = f"{_matrix(w.matrix)}[{', '.join(map(str, w.index))}]"
     elif birth is not None and birth.heads:
         neuron = f"head {birth.heads[0].head} ({birth.heads[0].share:.0%})"
+    elif birth is None and origin is not None and origin.heads:  # hyper-connections: the heads of the stream origin
+        neuron = f"head {origin.heads[0].head} ({origin.heads[0].share:.0%})"
     ratio = max((e.ratio for e in report.findings.massive if e.dim == dim), default=float("nan"))
     tokens = repr(summary.tokens[0]) + (f" +{len(summary.tokens) - 1} more" if len(summary.tokens) > 1 else "")
     return [str(dim), tokens, str(summary.born_at), writer, neuron, weight,

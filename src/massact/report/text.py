@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..analysis.deploy.results import Precision, Quantization
-from ..analysis.mechanism.results import Anatomy, Attribution, ExpertAttribution
+from ..analysis.mechanism.results import Anatomy, Attribution, ExpertAttribution, HeadShare
 from ..analysis.results import Report
 from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_expert_tables, super_weight_tables, trigger_tables
 from .sections import SECTIONS, section
@@ -176,7 +176,8 @@ def _stream_origin_table(style: Style, report: Report) -> Table:
 
 def _origin_tables(style: Style, report: Report) -> list:
     if report.mechanism.streams:
-        return [_stream_origin_table(style, report)]
+        return [_stream_origin_table(style, report), *(_heads_table(style, o.layer, o.dim, o.heads, o.stream)
+                                                      for o in report.mechanism.streams if o.heads)]
     if not report.mechanism.origin:
         return [Text("Nothing to trace.")]
     post_ln = report.model.stream == "resid_sum"
@@ -208,11 +209,17 @@ def _origin_tables(style: Style, report: Report) -> list:
                     f"{n.bias:.3g}", num(n.landed, True), f"{n.typical_gain:.3g}", f"{n.gain_ratio:.1f}x", "yes" if n.amplifier else "no")
             out.append(norm)
         if o.heads:
-            heads = style.table(f"Attention heads of block {o.layer} into dim {o.dim}", "head", "contribution", "share", right=(0, 1, 2))
-            for h in o.heads[:8]:
-                add_row(heads, str(h.head), num(h.contribution, True), f"{h.share:.1%}")
-            out.append(heads)
+            out.append(_heads_table(style, o.layer, o.dim, o.heads, ""))
     return out
+
+
+def _heads_table(style: Style, layer: int, dim: int, heads: list[HeadShare], stream: str) -> Table:
+    """The top heads of block ``layer``'s attention output at ``dim`` (written into ``stream``, with hyper-connections)."""
+    into = f", written into stream {stream}" if stream else ""
+    table = style.table(f"Attention heads of block {layer} into dim {dim}{into}", "head", "contribution", "share", right=(0, 1, 2))
+    for h in heads[:8]:
+        add_row(table, str(h.head), num(h.contribution, True), f"{h.share:.1%}")
+    return table
 
 
 def _anatomy_tables(style: Style, a: Anatomy, gated: bool, dims: list[int]) -> list:

@@ -190,8 +190,9 @@ def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], t
         branch = f"{who}_out"
         norm = _norm_factors(lm, event.layer, adapter.branch_norms[branch], at[adapter.raw(branch)], at[branch], dim)
     # Heads are split only where attention really wrote the change: not when the median grew past the value.
-    # (a convolution or a linear attention has no heads whose outputs sum like softmax heads: not split)
-    split_heads = who == "attn" and cause != "median" and adapter.mixer == "attention"
+    # (a convolution or a linear attention has no heads whose outputs sum like softmax heads, and a grouped output
+    # projection does not read the heads side by side: not split)
+    split_heads = who == "attn" and cause != "median" and adapter.mixer == "attention" and adapter.heads_at_out
     heads = head_split(lm, event.layer, at[ATTN_Z], dim) if split_heads else None
     parts = {site: float(at[site][dim]) if adapter.beside is not None else None for site in ("dense_out", "moe_out")}
     return Origin(**_place(event, tokens), writer=who, resid_in=resid_in, attn=attn, mlp=mlp, resid_out=resid_out, cause=cause,
@@ -213,10 +214,27 @@ def birth_state(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[
         return None
     strongest = max(dims, key=lambda d: abs(d.max_value))
     birth = next(o for o in origin if o.dim == strongest.dim and o.role == "birth")
-    magnitude = block_output(lm, inputs[birth.text], birth.layer).abs()
-    there = sorted({m.dim for m in massive if m.layer == birth.layer and m.text == birth.text})
+    return _state(lm, inputs, birth.layer, birth.text, "", massive, tokens)
+
+
+def stream_birth_state(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[DimSummary], lifelines: list[Lifeline],
+                       massive: list[Massive], tokens: dict[int, list[str]]) -> BirthState | None:
+    """With hyper-connections: the stream the strongest massive dim's lifeline follows, at its birth block on its
+    carrier's text, with the dims ``massive`` in that stream there."""
+    if not dims:
+        return None
+    strongest = max(dims, key=lambda d: abs(d.max_value))
+    line = next(line for line in lifelines if line.dim == strongest.dim)
+    return _state(lm, inputs, line.born_at, line.text, line.stream, massive, tokens)
+
+
+def _state(lm: LoadedModel, inputs: dict[int, torch.Tensor], layer: int, text: int, stream: str, massive: list[Massive],
+           tokens: dict[int, list[str]]) -> BirthState:
+    """|a| of block ``layer``'s output on ``text`` (in ``stream``, with hyper-connections), and the dims massive there."""
+    magnitude = block_output(lm, inputs[text], layer, stream).abs()
+    there = sorted({m.dim for m in massive if m.layer == layer and m.text == text and m.stream == stream})
     rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
-    return BirthState(layer=birth.layer, text=birth.text, tokens=tokens[birth.text], dims=there, magnitude=rows)
+    return BirthState(layer=layer, text=text, tokens=tokens[text], dims=there, magnitude=rows)
 
 
 TOKEN_TEXTS = 6  # texts in the token view: the carriers of the dims first, then the first ones
@@ -234,12 +252,15 @@ def token_values(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list
     strongest = [d.dim for d in sorted(dims, key=lambda d: -abs(d.max_value))[:TOKEN_DIMS]]
     carriers = [line.text for line in lifelines if line.dim in strongest]
     texts = list(dict.fromkeys(carriers + sorted(inputs)))[:TOKEN_TEXTS]
+    # with hyper-connections each dim in the stream its lifeline follows
+    streams = [next(line.stream for line in lifelines if line.dim == dim) for dim in strongest] if lm.adapter.hyper is not None else []
     values = []
     for text in texts:
         # The whole text runs (a bidirectional model's first tokens see the rest); its first tokens are kept.
-        stream = stream_dims(lm, inputs[text], strongest)[:, :TOKEN_POSITIONS]  # [blocks, positions, dims]
+        stream = stream_dims(lm, inputs[text], strongest, [int(s[1:]) for s in streams] if streams else None)
+        stream = stream[:, :TOKEN_POSITIONS]  # [blocks, positions, dims]
         values.append([[[float(f"{v:.3g}") for v in row] for row in stream[:, :, d].tolist()] for d in range(len(strongest))])
-    return TokenValues(dims=strongest, texts=texts, values=values)
+    return TokenValues(dims=strongest, texts=texts, values=values, streams=streams)
 
 
 def _place(event: Event, tokens: list[list[str]]) -> dict:

@@ -260,11 +260,13 @@ class BirthState:
 class TokenValues:
     """The token view's numbers: each massive dim's value in the detection stream at every block and every token of
     a few of the report's texts (3 significant digits). ``values[t][d][block][position]`` is dim ``dims[d]`` in text
-    ``texts[t]`` (its tokens are the report's ``tokens[texts[t]]``, cut to ``len(values[t][d][0])``)."""
+    ``texts[t]`` (its tokens are the report's ``tokens[texts[t]]``, cut to ``len(values[t][d][0])``). With
+    hyper-connections dim ``dims[d]`` is read in stream ``streams[d]`` of the block output, the one its lifeline follows."""
 
     dims: list[int]
     texts: list[int]
     values: list[list[list[list[float]]]]
+    streams: list[str] = field(default_factory=list)
 
 
 
@@ -531,7 +533,9 @@ class StreamOrigin:
     add up to it (``error``: their relative gap). ``carrier``: the term with the largest share in the value's
     direction; ``role``: "carry" (the mixing weight keeps the stream's own value), "move" (it brings the value in from
     another stream), "write" (a sublayer writes it) or "amplifier" (a sublayer writes it through a write weight far
-    above the block's typical one)."""
+    above the block's typical one). ``heads``: where the attention writes it, its output at the dim (the "attn" term's
+    input, before the write weight) split over its heads, largest |contribution| first (None where it does not, or
+    where its output projection does not read the heads side by side)."""
 
     layer: int
     dim: int
@@ -543,3 +547,4 @@ class StreamOrigin:
     carrier: str
     role: str
     error: float
+    heads: list[HeadShare] | None = None

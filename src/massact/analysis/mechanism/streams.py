@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from ...capture.probe import ATTN_Z
 from ...capture.streams import probe_streams
 from ...models.loading import LoadedModel
 from .norms import AMPLIFIER
+from .origin import head_split
 from .results import StreamOrigin, StreamTerm
 
 
@@ -60,6 +62,15 @@ def stream_origin(probe: dict[str, torch.Tensor], layer: int, dim: int, text: in
 
 def stream_origins(lm: LoadedModel, input_ids: torch.Tensor, text: int, position: int,
                    events: list[tuple[int, int, int]]) -> list[StreamOrigin]:
-    """The origin of each (layer, stream, dim) of ``events`` at one text's ``position``, one forward pass for all."""
+    """The origin of each (layer, stream, dim) of ``events`` at one text's ``position``, one forward pass for all;
+    where the attention writes it (a softmax attention whose output projection reads the heads side by side), its
+    output at the dim split over the heads."""
     probes = probe_streams(lm, input_ids, sorted({layer for layer, _, _ in events}), [position])
-    return [stream_origin(probes[layer], layer, dim, text, position, stream) for layer, stream, dim in events]
+    found = []
+    for layer, stream, dim in events:
+        origin = stream_origin(probes[layer], layer, dim, text, position, stream)
+        here = lm.at(layer)
+        if origin.carrier == "attn" and here.mixer == "attention" and here.heads_at_out:
+            origin.heads = head_split(lm, layer, probes[layer][ATTN_Z][0], dim)
+        found.append(origin)
+    return found

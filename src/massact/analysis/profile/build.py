@@ -24,17 +24,21 @@ EXPLAINED = 0.9  # the rules name the carriers when they find at least this shar
 
 class Counts:
     """Per block, on the model's device: massive tokens at the first position and by token id after it, the dims seen
-    massive, and float64 sums of the hidden state and its square over all real tokens and over the non-massive ones."""
+    massive, and float64 sums of the hidden state and its square over all real tokens and over the non-massive ones.
+    ``thresholds`` [n_layers, N]: one per stream of the block's output (N = 1 but with hyper-connections, where a
+    token is massive when some dim of some stream reaches that stream's threshold, and the sums are of the streams
+    side by side, the state as one vector of N x width)."""
 
     def __init__(self, n_layers: int, width: int, vocab: int, thresholds: torch.Tensor, device: torch.device):
         self.thresholds = thresholds.to(device)
+        width_all = width * thresholds.shape[1]
         self.windows = 0
         self.first = torch.zeros(n_layers, dtype=torch.long, device=device)  # massive at the first position
         self.massive = torch.zeros(n_layers, dtype=torch.long, device=device)
         self.by_id = torch.zeros(n_layers, vocab, dtype=torch.long, device=device)  # massive, after the first position
         self.occurrences = torch.zeros(vocab, dtype=torch.long, device=device)  # every id after the first position
         self.dims = torch.zeros(n_layers, width, dtype=torch.bool, device=device)
-        self.sums = torch.zeros(n_layers, 2, width, dtype=torch.float64, device=device)  # [all, without massive]
+        self.sums = torch.zeros(n_layers, 2, width_all, dtype=torch.float64, device=device)  # [all, without massive]
         self.squares = torch.zeros_like(self.sums)
         self.counts = torch.zeros(n_layers, 2, dtype=torch.float64, device=device)
         self.ids = self.real = None
@@ -47,7 +51,11 @@ class Counts:
         self.occurrences.index_add_(0, ids[:, 1:][later], torch.ones_like(ids[:, 1:][later]))
 
     def add(self, layer: int, hidden: torch.Tensor) -> None:
-        over = (hidden.abs() >= self.thresholds[layer]) & self.real.unsqueeze(-1)
+        """Block ``layer``'s output on the batch: [batch, positions, width], or [batch, positions, N, width]."""
+        if hidden.dim() == 3:
+            hidden = hidden.unsqueeze(-2)
+        over = (hidden.abs() >= self.thresholds[layer][:, None]).any(-2) & self.real.unsqueeze(-1)
+        hidden = hidden.flatten(-2)
         massive = over.any(-1)
         self.dims[layer] |= over.flatten(0, 1).any(0)
         self.massive[layer] += massive.sum()
@@ -71,13 +79,14 @@ def gamma(sums: torch.Tensor, squares: torch.Tensor, count: float) -> float:
     return float(mean.norm() / std.norm())
 
 
-def count_carriers(lm: LoadedModel, windows: Iterable[torch.Tensor], medians: list[float], criterion: Criterion,
+def count_carriers(lm: LoadedModel, windows: Iterable[torch.Tensor], medians: list[list[float]], criterion: Criterion,
           batch_size: int = 8, on_window: Callable[[], None] = lambda: None) -> Counts:
     """The batched pass over ``windows`` (token ids [1, n] each, read lazily), every block's tokens counted against
-    max(min_abs, min_ratio x that block's median)."""
+    max(min_abs, min_ratio x that block's median): ``medians[layer]``, one per stream of its output (with
+    hyper-connections each stream's own, as the scan judges it)."""
     n_layers = len(lm.adapter.blocks(lm.model))
     vocab = max(len(lm.tokenizer), lm.config.vocab_size)
-    thresholds = torch.tensor([criterion.threshold(m) for m in medians])
+    thresholds = torch.tensor([[criterion.threshold(m) for m in streams] for streams in medians])
     counts = Counts(n_layers, lm.config.hidden_size, vocab, thresholds, lm.device)
     sites = [(layer, lm.adapter.stream) for layer in range(n_layers)]
     pending: list[torch.Tensor] = []
@@ -134,14 +143,15 @@ def block_rules(counts: Counts, layer: int, decode: Callable[[int], str]) -> tup
 
 
 def build_profile(lm: LoadedModel, counts: Counts, medians: list[float], criterion: Criterion, corpus: str) -> Profile:
-    """The profile of ``lm`` from the pass's counts (each block's ``medians`` and the ``criterion`` the thresholds came
-    from), on the ``corpus`` described in words."""
+    """The profile of ``lm`` from the pass's counts (each block's ``medians`` over its whole output and the
+    ``criterion`` the thresholds came from), on the ``corpus`` described in words."""
     blocks = []
     decode = lambda token_id: lm.tokenizer.decode([token_id])
     for layer, median in enumerate(medians):
         rules, carriers, precision, recall = block_rules(counts, layer, decode)
+        streams = counts.thresholds[layer].tolist()
         blocks.append(BlockProfile(
-            layer=layer, median=median, threshold=float(counts.thresholds[layer]),
+            layer=layer, median=median, threshold=criterion.threshold(median), stream_thresholds=streams if len(streams) > 1 else [],
             dims=counts.dims[layer].nonzero().flatten().tolist(), massive_tokens=int(counts.massive[layer]),
             tokens=int(counts.counts[layer, 0]), carriers=carriers, rules=rules, precision=precision, recall=recall,
             gamma=gamma(counts.sums[layer, 0], counts.squares[layer, 0], float(counts.counts[layer, 0])),

@@ -35,11 +35,15 @@ class BlockProfile:
     "token ids", "position 0 + token ids" (the rules find at least ``EXPLAINED`` of them), "content-dependent" (no
     rule does), or "none"; ``rules`` are the rules ``Profile.mask`` applies, ``precision`` and ``recall`` theirs
     together. ``gamma`` = ||mean|| / ||std|| of the hidden state over the real tokens (Simon et al. 2026's outlier
-    severity; std per dim, population), ``gamma_without`` the same without this block's massive tokens."""
+    severity; std per dim, population), ``gamma_without`` the same without this block's massive tokens. With
+    hyper-connections the output is N streams: ``median`` and ``threshold`` are over all of them, a token is massive
+    when some dim of some stream reaches that stream's own threshold (``stream_thresholds``, from the scan's median in
+    each stream), and gamma is of the streams side by side (one vector of N x d_model)."""
 
     layer: int
     median: float
     threshold: float
+    stream_thresholds: list[float] = field(default_factory=list)
     dims: list[int]
     massive_tokens: int
     tokens: int

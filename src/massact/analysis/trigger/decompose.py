@@ -31,17 +31,26 @@ MIXER_NAMES = {"attention": "attention", "linear": "linear attention", "conv": "
 @dataclass
 class Target:
     """A pre-activation to split: ``site`` (mlp_gate or mlp_up) of ``neuron`` in block ``layer``; in a mixture of
-    experts, of that neuron in ``expert`` (read from the fused expert weights, as the expert reads the block's input)."""
+    experts, of that neuron in ``expert`` (read from the fused expert weights, as the expert reads the block's input),
+    or with ``shared`` in the shared expert (read from its projection's rows)."""
 
     layer: int
     neuron: int
     site: str
     expert: int | None = None
+    shared: bool = False
+
+    @property
+    def computed(self) -> bool:
+        """Whether its values are computed from the block's input (an expert's neuron), not read at a site."""
+        return self.expert is not None or self.shared
 
     @property
     def key(self) -> tuple:
         """Where its values are kept: the site's (a module computes them), or the expert's (computed from the input)."""
-        return (self.layer, self.site) if self.expert is None else (self.layer, self.site, self.expert, self.neuron)
+        if not self.computed:
+            return (self.layer, self.site)
+        return (self.layer, self.site, "shared" if self.shared else self.expert, self.neuron)
 
 
 @dataclass
@@ -140,6 +149,16 @@ def input_row(lm: LoadedModel, target: Target) -> tuple[torch.Tensor, float]:
     without): a dense MLP's projection, or the expert's rows of the fused expert weights."""
     if target.expert is not None:
         return expert_input_row(MoeBlock.at(lm, target.layer), target.expert, target.neuron, target.site)
+    if target.shared:
+        moe = MoeBlock.at(lm, target.layer)
+        parts = moe.spec.shared
+        module = moe.shared.get_submodule(parts.gate if target.site == "mlp_gate" and not parts.fused else parts.up)
+        # A fused gate-and-up projection holds the gate's rows first, then up's.
+        row = target.neuron + (moe.shared.get_submodule(parts.down).in_features
+                               if parts.fused and target.site == "mlp_up" else 0)
+        bias = bias_of(module)
+        return (lm.adapter.weight_out_in(module)[row].detach().double().cpu(),
+                float(bias[row]) if bias is not None else 0.0)
     weight, bias = lm.adapter.input_rows(lm.model, target.layer, target.site)
     return weight[target.neuron].detach().double().cpu(), float(bias[target.neuron]) if bias is not None else 0.0
 
@@ -248,13 +267,13 @@ def record(lm: LoadedModel, walk: Walk, plan: ReadPlan, input_ids: torch.Tensor,
         if site in ("mlp_gate", "mlp_up"):
             seen.values[layer, site] = hidden.double()
         if site == lm.at(layer).expert_site:  # an expert's neurons read the block's input: their values are computed from it
-            for target in (t for t in targets if t.layer == layer and t.expert is not None):
+            for target in (t for t in targets if t.layer == layer and t.computed):
                 row, bias = input_row(lm, target)
                 seen.values[target.key] = (hidden.double() @ row.to(hidden.device) + bias).unsqueeze(1)
         if site in ("mlp_act", "attn_raw", "mlp_raw"):
             seen.at[layer, site] = hidden[position].double().cpu()
 
-    sites = set(plan.readers) | {(t.layer, t.site) if t.expert is None else (t.layer, lm.at(t.layer).expert_site) for t in targets}
+    sites = set(plan.readers) | {(t.layer, lm.at(t.layer).expert_site) if t.computed else (t.layer, t.site) for t in targets}
     sites |= {(0, "resid_in")}
     sites |= {(layer, site) for layer in range(min(last + 1, n_layers)) for site in ("mlp_act", "attn_raw", "mlp_raw")
               if site in lm.at(layer).sites}
@@ -300,7 +319,7 @@ def assemble(target: Target, terms: list[Term], constants: list, input_norm: Nor
     constant = sum(factor(norms) * value for norms, value in constants)
     if bool((constant != 0).any()):  # the projection's bias and the norms' biases, as far as they reach the neuron
         parts["biases"] = constant
-    value = seen.values[target.key][:, 0 if target.expert is not None else target.neuron].cpu()
+    value = seen.values[target.key][:, 0 if target.computed else target.neuron].cpu()
     error = float((sum(parts.values()) - value).abs().max() / max(float(value.abs().max()), 1e-12))
     input_scale = factor((input_norm,)) if input_norm else torch.ones(n_positions, dtype=torch.float64)
     return Split(target, value, parts, named, factors, input_scale, error)
@@ -344,13 +363,13 @@ def units(lm: LoadedModel, term: Term, factor: float, at: AtPosition) -> tuple[l
     the units, largest |contribution| first, and the sum of every unit and bias (equal to the term's part, or where
     the branch is a sum of mixers to the attention's part of it). A source behind a sandwich norm is carried back
     through that norm first, one times a branch scale by that scale.
-    Mixture-of-experts MLPs, convolutions and linear attentions (no heads that sum like softmax heads) are not
-    split: []."""
+    Mixture-of-experts MLPs, convolutions and linear attentions (no heads that sum like softmax heads) and an
+    attention whose output projection does not read the heads side by side are not split: []."""
     model = lm.model
     if term.site not in ("mlp_out", "attn_out"):
         return [], float("nan")
     adapter = lm.at(term.layer)
-    if (term.site == "mlp_out" and adapter.moe) or (term.site == "attn_out" and adapter.mixer != "attention"):
+    if (term.site == "mlp_out" and adapter.moe) or (term.site == "attn_out" and (adapter.mixer != "attention" or not adapter.heads_at_out)):
         return [], float("nan")
     reader, constant = term.reader, 0.0
     if term.site in adapter.branch_norms:  # what landed is the branch norm of the raw output

@@ -54,6 +54,7 @@ class NeuronTrigger:
     role: str
     splits: list[PreActivationSplit]
     expert: int | None = None
+    shared: bool = False  # the neuron is the shared expert's
 
 
 @dataclass(kw_only=True)
@@ -94,6 +95,7 @@ class ChainLink:
     source_others: float | None
     attends: list[list] | None = None
     expert: int | None = None  # the neuron's expert, in a mixture of experts
+    shared: bool = False  # the neuron is the shared expert's
 
 
 

@@ -18,6 +18,7 @@ from ..mechanism.results import Attribution, ExpertAttribution, HeadShare, Lifel
 from .decompose import AtPosition, Split, Target, mean_max, ranked_sources, split, units
 from .patching import patch_sources
 from .results import Carriers, ChainLink, NeuronTrigger, PreActivationSplit, RouterTrigger, SourcePart, Trigger
+from .streams import stream_split
 
 CHAIN_DEPTH = 3  # links followed back from the writing neuron (an option of scan)
 TOP_NEURONS = 3  # neurons split per writing block: those that give 90% of its output, at most this many
@@ -40,22 +41,25 @@ def pre_activation_split(piece: Split, position: int) -> PreActivationSplit:
                               scale=float(piece.scale[position]), scale_others=scale_mean, sources=parts, error=piece.error)
 
 
-def neuron_site(lm: LoadedModel, layer: int, expert: bool = False) -> str:
-    """The pre-activation that decides whether a neuron of block ``layer`` (of its MLP, or of its experts: ``expert``)
-    fires: the gate in a gated MLP, else the one pre-activation."""
-    return "mlp_gate" if _gated(lm, layer, expert) else "mlp_up"
+def neuron_site(lm: LoadedModel, layer: int, expert: bool = False, shared: bool = False) -> str:
+    """The pre-activation that decides whether a neuron of block ``layer`` (of its MLP, of its routed experts:
+    ``expert``, or of its shared expert: ``shared``) fires: the gate in a gated MLP, else the one pre-activation."""
+    return "mlp_gate" if _gated(lm, layer, expert, shared) else "mlp_up"
 
 
-def _gated(lm: LoadedModel, layer: int, expert: bool) -> bool:
-    """Whether block ``layer``'s neurons are gated: its routed experts' (``expert``), else its dense MLP's."""
+def _gated(lm: LoadedModel, layer: int, expert: bool = False, shared: bool = False) -> bool:
+    """Whether block ``layer``'s neurons are gated: its shared expert's (``shared``), its routed experts'
+    (``expert``), else its dense MLP's (in a dense block, or beside the experts)."""
     here = lm.at(layer)
+    if shared:
+        return here.moe.shared.gated
     return here.moe.experts.gated if expert else here.gated
 
 
-def _pre_activations(lm: LoadedModel, layer: int, expert: bool = False) -> tuple[str, ...]:
-    """The pre-activation sites of block ``layer``'s neurons (of its experts: ``expert``): gate and up where gated,
-    else up."""
-    return ("mlp_gate", "mlp_up") if _gated(lm, layer, expert) else ("mlp_up",)
+def _pre_activations(lm: LoadedModel, layer: int, expert: bool = False, shared: bool = False) -> tuple[str, ...]:
+    """The pre-activation sites of block ``layer``'s neurons (of its routed experts: ``expert``, of its shared
+    expert: ``shared``): gate and up where gated, else up."""
+    return ("mlp_gate", "mlp_up") if _gated(lm, layer, expert, shared) else ("mlp_up",)
 
 
 def _link(depth: int, kind: str, layer, index, piece: Split | None, position: int, source: str | None, feeds: float | None,
@@ -76,7 +80,7 @@ def follow(lm: LoadedModel, input_ids: torch.Tensor, position: int, first: Split
     pre-activation, then that source's own top neuron (or head, with where it attends), whose pre-activation is split
     in turn, up to ``depth`` steps. Ends at the embedding, at a head, or at an MLP that is not split."""
     chain = [_link(0, "neuron", first.target.layer, first.target.neuron, first, position, None, None, None)]
-    chain[0].expert = first.target.expert
+    chain[0].expert, chain[0].shared = first.target.expert, first.target.shared
     current = first
     for step in range(1, depth + 1):
         label = ranked_sources(current, position)[0]
@@ -108,7 +112,7 @@ def cached_split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target]
     text_key = (tuple(input_ids[0].tolist()), position)
     missing = [t for t in targets if (text_key, t.neuron, *t.key) not in cache]
     if missing:
-        pieces, at = split(lm, input_ids, missing, position)
+        pieces, at = (stream_split if lm.adapter.hyper is not None else split)(lm, input_ids, missing, position)
         for piece in pieces:
             cache[(text_key, piece.target.neuron, *piece.target.key)] = (piece, at)
     found = [cache[(text_key, t.neuron, *t.key)] for t in targets]
@@ -128,7 +132,8 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
              medians: list[float], criterion: Criterion) -> Carriers | None:
     """Token or position: the scan's places for the dim, and two probes at the peak block on the carrier's text with
     another token put in the carrier's place (the next token of the text; the one before at its end), which moves the
-    carrier token one position on."""
+    carrier token one position on. With hyper-connections the probes read the lifeline's stream, against ``medians``
+    of that stream."""
     ids = input_ids[0]
     if len(ids) < 2:
         return None
@@ -140,7 +145,7 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
     layer = max(range(len(line.steps)), key=lambda at: abs(line.steps[at].value) / criterion.threshold(medians[at]))
     other_token = ids[p + 1] if p + 1 < len(ids) else ids[p - 1]
     probe = torch.cat([ids[:p], other_token.view(1), ids[p:]]).unsqueeze(0)
-    hidden = block_output(lm, probe, layer)
+    hidden = block_output(lm, probe, layer, line.stream)
     swapped, moved = float(hidden[p, line.dim]), float(hidden[p + 1, line.dim])
     swapped_massive, moved_massive = criterion.is_massive(swapped, medians[layer]), criterion.is_massive(moved, medians[layer])
     verdict = {(True, False): "position", (False, True): "token", (True, True): "both",
@@ -165,28 +170,33 @@ def trigger(
     for a in writers:
         toward = [n for n in a.neurons if n.contribution * a.output > 0][: min(max(a.neurons_for_90pct, 1), TOP_NEURONS)]
         for n in toward:
-            roles[a.layer, n.neuron, None] = a.role
+            roles[a.layer, n.neuron, None, False] = a.role
             targets += [Target(a.layer, n.neuron, site) for site in _pre_activations(lm, a.layer)]
     router = None
-    for e in (e for e in experts if e.moe.top_expert is not None):  # a routed expert's neurons (a shared expert's: not split)
+    for e in experts:  # the top expert's neurons: a routed expert's, or the shared expert's where it writes most
+        expert, shared = e.moe.top_expert, e.moe.top_expert is None
         toward = [n for n in e.moe.neurons if n.contribution * e.moe.output > 0][:TOP_NEURONS]
         for n in toward:
-            roles[e.layer, n.neuron, e.moe.top_expert] = e.role
-            targets += [Target(e.layer, n.neuron, site, e.moe.top_expert) for site in _pre_activations(lm, e.layer, expert=True)]
-        router = router or router_trigger(lm, input_ids, e.layer, e.moe.top_expert, p)
+            roles[e.layer, n.neuron, expert, shared] = e.role
+            targets += [Target(e.layer, n.neuron, site, expert, shared)
+                        for site in _pre_activations(lm, e.layer, expert=not shared, shared=shared)]
+        if not shared:
+            router = router or router_trigger(lm, input_ids, e.layer, expert, p)
     warnings = []
     neurons: list[NeuronTrigger] = []
     chain: list[ChainLink] = []
     patches = []
     if targets:
         pieces, at = cached_split(lm, input_ids, targets, p, cache)
-        for (layer, neuron, expert), role in roles.items():
+        for (layer, neuron, expert, shared), role in roles.items():
             splits = [pre_activation_split(x, p) for x in pieces
-                      if (x.target.layer, x.target.neuron, x.target.expert) == (layer, neuron, expert)]
-            neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits, expert=expert))
-            where = f"block {layer}{'' if expert is None else f' expert {expert}'} neuron {neuron}"
+                      if (x.target.layer, x.target.neuron, x.target.expert, x.target.shared) == (layer, neuron, expert, shared)]
+            neurons.append(NeuronTrigger(layer=layer, neuron=neuron, role=role, splits=splits, expert=expert, shared=shared))
+            inside = " shared expert" if shared else "" if expert is None else f" expert {expert}"
+            where = f"block {layer}{inside} neuron {neuron}"
             warnings += [f"{where} {s.site}: its sources miss it by {s.error:.1e}" for s in splits if s.error > 1e-4]
-        first = next(x for x in pieces if x.target.site == neuron_site(lm, x.target.layer, x.target.expert is not None))
+        first = next(x for x in pieces
+                     if x.target.site == neuron_site(lm, x.target.layer, x.target.expert is not None, x.target.shared))
         chain = follow(lm, input_ids, p, first, at, depth, tokens, cache)
         patches = patch_sources(lm, input_ids, first, line, medians, criterion) if patch else []
     elif heads:  # attention writes it: the chain starts, and ends, at the writing head
@@ -224,7 +234,7 @@ def triggers(lm: LoadedModel, inputs: dict[int, torch.Tensor], findings: Finding
     experts), each chain followed ``settings.chain_depth`` links back; dims written by the same neurons at the same
     place share their splits. The carriers' probes read the scan's massive entries over its ``windows`` (the number of
     windows scanned). With ``settings.verify``, each trigger's top sources are patched."""
-    tokens, massive, medians, criterion = findings.tokens, findings.massive, findings.medians, findings.criterion
+    tokens, massive, criterion = findings.tokens, findings.massive, findings.criterion
     origin, attribution, experts = mechanism.origin, mechanism.attribution, mechanism.experts
     depth, patch = settings.chain_depth, settings.verify
     cache: dict = {}
@@ -235,6 +245,7 @@ def triggers(lm: LoadedModel, inputs: dict[int, torch.Tensor], findings: Finding
         routed = [e for e in experts if at_carrier(e) and e.role in WRITING]
         birth = next((o for o in origin if at_carrier(o) and o.role == "birth"), None)
         heads = birth.heads if birth is not None and birth.writer == "attn" else None
+        medians = findings.stream_medians(line.stream)  # with hyper-connections, the followed stream's
         found.append(trigger(lm, line, writers, routed, heads, inputs[line.text], tokens[line.text], massive,
                              windows, medians, criterion, depth, cache, patch))
     return found

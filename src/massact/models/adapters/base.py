@@ -197,11 +197,15 @@ class Connection:
     weights around the sublayer, and where its output tuple holds them: ``write`` [batch, positions, N], the weight
     with which the sublayer's output is added to each stream; ``mix`` [batch, positions, N, N], the stream-mixing
     matrix m with new stream k = sum_j m[j, k] x stream j + write[k] x output (None: each stream carries itself over,
-    m the identity). The combination the sublayer reads is the adapter's ``attn_read`` or ``mlp_read`` site."""
+    m the identity). The combination the sublayer reads is the adapter's ``attn_read`` or ``mlp_read`` site;
+    ``read_weights(module, streams)`` recomputes the weights it is made with from the module and its input, as
+    [batch, positions, N] (one number per stream) or [batch, positions, N, width] (per stream and dim), so that
+    read = sum_j weights[j] x stream j (the per-token weights held at their values, as a norm's factor is)."""
 
     path: str
     write: int
     mix: int | None = None
+    read_weights: Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -470,6 +474,9 @@ class Adapter:
     # a config-dependent layout); an output gate per head (gated attention: out = attention x sigmoid(gate));
     # a learned sink logit per head that joins the softmax (the parameter's path in the block).
     mixer: str | None = "attention"
+    # Whether the output projection reads every head's output side by side, so that attn_out splits over the heads
+    # (False: DeepSeek-V4's o_b_proj reads o_a_proj's projections of groups of heads).
+    heads_at_out: bool = True
     values: Cut | None = None
     gate: Cut | None = None
     sinks: str | None = None

@@ -30,16 +30,50 @@ Qwen4-exp (``attn_hyper_connection`` and ``mlp_hyper_connection``, a gated resid
 
 import dataclasses
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from . import hybrid, llama, moe
 from .base import Connection, Experts, HyperConnections, Mlp, Moe, Router, Variant, layer_types
 
 _HC_NOTE = ("hyper-connections: the residual is N streams; each sublayer reads a learned, input-dependent combination of "
             "them and writes its output into every stream with a weight")
 
+def _deepseek_v4_pre(module: nn.Module, streams: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4's read weights, [batch, positions, N]: pre = sigmoid(scale_pre (fn_pre . RMS-normed streams) +
+    base_pre) + eps, as ``DeepseekV4HyperConnection.forward`` computes them (and consumes them)."""
+    count = module.hc_mult
+    flat = module.input_norm(streams.flatten(2).float())
+    logits = F.linear(flat, module.fn.float()[:count])
+    return torch.sigmoid(logits * module.scale.float()[0] + module.base.float()[:count]) + module.hc_eps
+
+
+def _hy_v4_pre(module: nn.Module, streams: torch.Tensor) -> torch.Tensor:
+    """HY-V4's read weights, [batch, positions, N]: pre = sigmoid(scale_pre (fn_pre . streams) / RMS(streams) +
+    base_pre) + eps (its ``input_norm`` returns the inverse RMS), as ``HYV4HyperConnection.forward`` computes them."""
+    count = module.hc_mult
+    flat = streams.flatten(2).float()
+    logits = F.linear(flat, module.fn.float()[:count]) * module.input_norm(flat)
+    return torch.sigmoid(logits * module.scale.float()[0] + module.base.float()[:count]) + module.hc_eps
+
+
+def _qwen4_exp_read(module: nn.Module, streams: torch.Tensor) -> torch.Tensor:
+    """Qwen4-exp's read weights, [batch, positions, N, d]: the read is the mean over streams of gate x normed, normed
+    = stream x (1 + w) / RMS(stream) (``hc_norm``, each stream on its own) and gate = sigmoid(up(silu(down(normed) /
+    N))); so stream j's weight at dim d is gate[j, d] (1 + w[j, d]) / (N RMS(stream j))."""
+    norm, count = module.hc_norm, module.hc_count
+    grouped = streams.float().unflatten(-1, (count, -1))
+    inverse = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + norm.eps)
+    gain = (1.0 + norm.weight.float()).view(count, -1)
+    gate = torch.sigmoid(module.input_mix_weight_up(F.silu(module.input_mix_weight_down(norm(streams)) / count)))
+    return gate.float().unflatten(-1, (count, -1)) * gain * inverse / count
+
+
 _DEEPSEEK_V4_HC = HyperConnections(
     streams="hc_mult",
-    attn=Connection(path="attn_hc", write=0, mix=1),
-    mlp=Connection(path="ffn_hc", write=0, mix=1),
+    attn=Connection(path="attn_hc", write=0, mix=1, read_weights=_deepseek_v4_pre),
+    mlp=Connection(path="ffn_hc", write=0, mix=1, read_weights=_deepseek_v4_pre),
     read="sum_j sigmoid-weight[j] x stream_j, then the sublayer's RMSNorm",
     final=("norm", "in"),
     final_norm="norm",
@@ -58,6 +92,7 @@ DEEPSEEK_V4 = dataclasses.replace(
     family="DeepSeek-V4",
     model_types=("deepseek_v4",),
     attention_out="o_b_proj",
+    heads_at_out=False,
     mlp=None,
     moe=Moe(router=Router(correction="e_score_correction_bias", **_SQRT_SOFTPLUS), shared=_DEEPSEEK_V4_SHARED),
     mlp_norm=(),
@@ -72,7 +107,8 @@ DEEPSEEK_V4 = dataclasses.replace(
       "projection (o_a_proj per group of heads, then o_b_proj)",
 )
 
-_HY_V4_HC = dataclasses.replace(_DEEPSEEK_V4_HC, attn=Connection(path="attn_hc", write=0), mlp=Connection(path="ffn_hc", write=0))
+_HY_V4_HC = dataclasses.replace(_DEEPSEEK_V4_HC, attn=Connection(path="attn_hc", write=0, read_weights=_hy_v4_pre),
+                                mlp=Connection(path="ffn_hc", write=0, read_weights=_hy_v4_pre))
 
 
 HY_V4 = dataclasses.replace(
@@ -101,8 +137,8 @@ QWEN4_EXP = dataclasses.replace(
     hyper=HyperConnections(
         streams="hc_count",
         flat=True,
-        attn=Connection(path="attn_hyper_connection", write=2),
-        mlp=Connection(path="mlp_hyper_connection", write=2),
+        attn=Connection(path="attn_hyper_connection", write=2, read_weights=_qwen4_exp_read),
+        mlp=Connection(path="mlp_hyper_connection", write=2, read_weights=_qwen4_exp_read),
         read="mean over streams of a per-dim sigmoid gate x the stream RMS-normed on its own (the sublayer's only norm)",
         final=("hyper_connection_mixer", "out"),
     ),
