@@ -7,7 +7,18 @@ import pytest
 import torch
 
 import massact
-from conftest import BESIDE_FAMILIES, D_MODEL, FAMILIES, MOE_FAMILIES, TRIGGER, _isolate_experts, _isolate_trigger, plant_mlp, run_massact, tiny_model
+from conftest import (
+    BESIDE_FAMILIES,
+    D_MODEL,
+    FAMILIES,
+    MOE_FAMILIES,
+    TRIGGER,
+    _isolate_experts,
+    _isolate_trigger,
+    plant_mlp,
+    run_massact,
+    tiny_model,
+)
 from massact.analysis.mechanism.norms import gain_and_bias
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
