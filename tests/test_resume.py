@@ -12,7 +12,7 @@ import torch
 
 import massact
 from conftest import PLANTED, TINY, one_line_error, run_massact, save_planted
-from massact.analysis.detect.scan import _load_state
+from massact.analysis.detect.scan import restore_state
 from massact.capture.blocks import BlockRecorder
 from massact.capture.stats import LogHistogram, TopK
 from massact.errors import UsageError
@@ -172,7 +172,7 @@ def _states(tmp_path: Path) -> dict[str, Path]:
 def test_a_damaged_or_foreign_scan_state_is_one_line(tmp_path):
     for name, path in _states(tmp_path).items():
         with pytest.raises(UsageError) as caught:
-            _load_state(path, BlockRecorder(2, 512, "cpu"), identity="")
+            restore_state(path, BlockRecorder(2, 512, "cpu"), identity="")
         message = str(caught.value)
         assert "\n" not in message and message.startswith(f"cannot read the scan state {path}"), (name, message)
         assert "weights_only" not in message and "unsafe" not in message.lower(), (name, message)
@@ -192,12 +192,12 @@ def test_a_damaged_or_foreign_scan_state_is_one_line(tmp_path):
 
 def _message(path: Path) -> str:
     with pytest.raises(UsageError) as caught:
-        _load_state(path, BlockRecorder(2, 512, "cpu"), identity="")
+        restore_state(path, BlockRecorder(2, 512, "cpu"), identity="")
     return str(caught.value)
 
 
 def test_a_saved_scan_state_loads_back_into_the_recorder_exactly(tmp_path):
-    """What ``_save_state`` writes, ``_load_state`` reads back: every block's counts and kept entries, and the count
+    """What ``save_state`` writes, ``restore_state`` reads back: every block's counts and kept entries, and the count
     of windows and the fingerprint."""
     from massact.analysis.detect import scan
 
@@ -209,9 +209,10 @@ def test_a_saved_scan_state_loads_back_into_the_recorder_exactly(tmp_path):
         hidden[1, 2, layer] = float("nan")
         saved.add(layer, hidden)
     saved.finish()
-    scan._save_state(tmp_path / "scan-state.pt", 3, "f", saved)
+    scan.save_state(tmp_path / "scan-state.pt", 3, "f", saved)
     loaded = BlockRecorder(2, 6, "cpu")
-    assert _load_state(tmp_path / "scan-state.pt", loaded, identity="") == (3, "f")
+    state = restore_state(tmp_path / "scan-state.pt", loaded, identity="")
+    assert (state["done"], state["fingerprint"]) == (3, "f")
     for (h1, t1), (h2, t2) in zip(zip(*saved.sync()), zip(*loaded.sync())):
         assert torch.equal(h1.counts, h2.counts) and repr(t1.items()) == repr(t2.items()) and len(t1.items()) == 6
 
@@ -234,7 +235,7 @@ def test_a_full_disk_while_saving_the_scan_state_leaves_no_partial(tmp_path, mon
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(UsageError, match="cannot write the scan state .* No space left on device"):
-        scan._save_state(tmp_path / "scan-state.pt", 1, "f", BlockRecorder(1, 4, "cpu"))
+        scan.save_state(tmp_path / "scan-state.pt", 1, "f", BlockRecorder(1, 4, "cpu"))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -147,7 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     scale = _group(scan, "scale")
     scale.add_argument("--checkpoint-every", type=int, help="write the scan's merged state to OUT/scan-state.pt every N batches "
                                                             f"(removed when the scan ends; {_default('checkpoint_every')})")
-    scale.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT/scan-state.pt")
+    scale.add_argument("--resume", action="store_true", help="continue an interrupted scan from OUT/scan-state.pt (a streamed "
+                                                             "one from OUT/stream-state.pt, at the next block)")
+    scale.add_argument("--stream", action="store_true", help="read the model directory's safetensors block by block: each "
+                                                             "block's weights once per pass, memory flat in depth (default: "
+                                                             "when its weights exceed the memory limit)")
+    scale.add_argument("--memory", help="host memory the scan may use, e.g. 1.5GB (default: the memory available): a model "
+                                        "whose weights exceed it is streamed, and the corpus's hidden states beyond it go "
+                                        "to a file in OUT")
     quant = commands.add_parser("quant", parents=[o["model"], o["evaluation"], o["deployment"], o["output"]],
                                 help="quantization sweep and precision headroom, on a model or a saved report")
     quant.add_argument("target", nargs="?", help="a report directory (report.json), or a model as for scan "
@@ -311,8 +318,77 @@ def _scan(args) -> int:
     texts.check()  # read input before the slow model load, so bad input fails fast
     out = args.out or Path("massact-report") / slug(args.model or DEFAULT_NAME)
     check_writable(out)  # before the slow model load and scan
+    from .models.checkpoint import parse_size
+
+    memory = parse_size(args.memory) if args.memory is not None else None
+    if _streams(args.model, settings.dtype, args.stream, memory, _log(args.quiet)):
+        if args.verify or args.quant or args.device_map:
+            given = "--verify" if args.verify else "--quant" if args.quant else "--device-map"
+            raise UsageError(f"{given} is not measured on a streamed model yet: drop it, or scan the model in memory")
+        return _run_streamed(args.model, texts, settings, out, formats, args.quiet, memory, resume=args.resume, full=args.full)
     return _run(args.model, texts, settings, out, formats, args.quiet, verify=args.verify, resume=args.resume, full=args.full,
                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+
+
+def _streams(model: str | None, dtype: str, stream: bool, memory: int | None, log) -> bool:
+    """Whether the scan streams the model: with ``stream`` (a model directory of safetensors, else a UsageError line),
+    or, said in one line, when the directory's weights in ``dtype`` exceed ``memory`` (None: the memory available)."""
+    from .models.checkpoint import available_memory, weights_bytes
+    from .models.loading import DTYPES
+
+    directory = model is not None and Path(model).expanduser().is_dir()
+    size = weights_bytes(Path(model).expanduser(), DTYPES[dtype]) if directory else None
+    if stream:
+        if size is None:
+            raise UsageError(f"--stream reads a model directory of safetensors files; {model or 'the default model'} is not one")
+        return True
+    limit = memory if memory is not None else available_memory()
+    if size is None or limit is None or size <= limit:
+        return False
+    where = "--memory" if memory is not None else "the memory available; --memory sets it"
+    log(f"streaming the model block by block: its weights ({size / 1e9:.2f} GB in {dtype}) exceed the memory limit "
+        f"({limit / 1e9:.2f} GB, {where})")
+    return True
+
+
+def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, memory: int | None,
+                  *, resume: bool = False, full: bool = False) -> int:
+    """Scan the model directory ``model`` block by block and write the report (see ``massact.scan_streamed``): the
+    corpus's hidden states kept on the device and in host memory within ``memory`` (None: the memory available),
+    beyond it in a file in ``out``."""
+    import torch
+
+    from .analysis.detect.resume import scan_identity
+    from .analysis.detect.stream import StreamPlace
+    from .models.checkpoint import available_memory, load_streamed
+    from .models.loading import DTYPES, resolve_device
+    from .pipeline import scan_streamed
+    from .report import summary
+    from .report.files import write_report
+    from .report.text import print_report, terminal
+
+    streamed = load_streamed(str(Path(model).expanduser()), DTYPES[settings.dtype], resolve_device(settings.device))
+    checkpoint = streamed.checkpoint
+    held = checkpoint.size - sum(checkpoint.sizes[name] for names in checkpoint.blocks for name in names)
+    largest = max((sum(checkpoint.sizes[name] for name in names) for names in checkpoint.blocks), default=0)
+    limit = memory if memory is not None else available_memory() or 0
+    # Two blocks are held at once (the one computing and the one read ahead), besides what is always loaded.
+    host = max(0, int(0.8 * limit) - held - 2 * largest)
+    device = streamed.lm.device
+    on_device = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
+    identity = scan_identity(streamed.lm, top_k=settings.top_k, max_length=settings.max_length, batch_size=settings.batch_size,
+                             shards=sorted(checkpoint.sizes.items()))
+    place = StreamPlace(folder=out, device_bytes=on_device, host_bytes=host, resume=resume, identity=identity)
+    with _progress(_bars(quiet)) as progress:
+        report = scan_streamed(streamed, texts, settings, place=place, progress=progress)
+    written = write_report(report, out, formats)
+    if full and not quiet:
+        print_report(report, terminal())
+    elif not quiet:
+        summary.show(report, terminal())
+    for line in summary.written_lines(written):
+        print(line)
+    return 0
 
 
 def _track(args) -> int:
@@ -664,12 +740,21 @@ def _progress(show: bool):
         yield None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bars:
         def stage(description: str, total: int | None):
             task = bars.add_task(description, total=total)
-            return lambda: bars.advance(task)
+            return lambda description=None: bars.update(task, advance=1, **({"description": description} if description else {}))
 
         yield stage

@@ -22,6 +22,7 @@ from .analysis.detect.results import Findings
 from .analysis.detect.resume import scan_identity
 from .analysis.detect.scan import (
     Checkpointing,
+    LayerScan,
     detect,
     distributed_rank,
     group_dims,
@@ -30,6 +31,7 @@ from .analysis.detect.scan import (
     scan_layers,
     scan_warnings,
 )
+from .analysis.detect.stream import StreamPlace, stream_layers
 from .analysis.detect.windows import Counts, collect, windows
 from .analysis.evaluation.embeddings import headless
 from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
@@ -38,6 +40,7 @@ from .analysis.function.sinks import sink_analysis
 from .analysis.mechanism.explain import birth_state, explain, explain_streams, pick_events, stream_birth_state, token_values
 from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
 from .analysis.mechanism.results import Mechanism
+from .analysis.mechanism.stream import streamed_mechanism
 from .analysis.mechanism.streams import stream_origins
 from .analysis.mechanism.super_experts import find_super_experts
 from .analysis.profile.build import build_profile, count_carriers
@@ -46,6 +49,7 @@ from .analysis.results import CorpusInfo, Report, build_protect, check_report_mo
 from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
 from .errors import UsageError
+from .models.checkpoint import StreamedModel
 from .models.failures import guarded
 from .models.info import model_info
 from .models.loading import LoadedModel, load, wrap
@@ -53,12 +57,13 @@ from .report.conclusion import NO_MASK_TOKEN, conclude
 from .settings import ScanSettings
 from .texts import Corpus, read_eval_file
 
-# progress(stage, total or None) returns the function to call after each step of that stage.
-Progress = Callable[[str, "int | None"], Callable[[], None]]
+# progress(stage, total or None) returns the function to call after each step of that stage (with a new description
+# of the stage, or none).
+Progress = Callable[[str, "int | None"], Callable[..., None]]
 
 
-def _silent(stage: str, total: int | None) -> Callable[[], None]:
-    return lambda: None
+def _silent(stage: str, total: int | None) -> Callable[..., None]:
+    return lambda description=None: None
 
 
 @guarded
@@ -131,6 +136,63 @@ def scan(
     report.deploy = deploy_stage(lm, report, settings, eval_text, progress, quantization)
     report.conclusion = conclude(report)
     return report
+
+
+# What a streamed scan does not measure yet: the stages that run the model again on the kept texts.
+STREAMED_SECTIONS = ("trigger", "verification", "attention sinks", "super weights",
+                     "quantization")
+
+
+@guarded
+@torch.no_grad()
+def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None = None, settings: ScanSettings | None = None,
+                  *, place: StreamPlace | None = None, progress: Progress | None = None, **options) -> Report:
+    """``scan`` of a model read block by block from its checkpoint (``models.checkpoint.load_streamed``): the corpus
+    pass with each block's weights read once, the massive entries and dims, the super experts of a mixture of experts
+    and the float16 headroom. ``place``: where the hidden states go beyond memory and the resumable state (see
+    ``StreamPlace``). The stages that run the model again (``STREAMED_SECTIONS``) are not measured, which the
+    report's warnings say."""
+    settings = (settings or ScanSettings()).replace(**options).check()
+    lm = streamed.lm
+    corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
+    corpus.check()
+    n_layers = len(lm.adapter.blocks(lm.model))
+    size = streamed.checkpoint.size
+    advance = (progress or _silent)(f"streamed pass: {n_layers} blocks, {_gigabytes(size)} to read", n_layers)
+    counts = Counts()
+    stream = [window.ids for window in windows(lm, corpus, settings.max_length, counts)]
+    start = streamed.checkpoint.bytes_read
+
+    def on_block(layer: int) -> None:
+        read = streamed.checkpoint.bytes_read - start
+        advance(f"streamed pass: block {layer + 1} of {n_layers}, {_gigabytes(read)} of {_gigabytes(size)} read")
+
+    layer_scan = stream_layers(streamed, stream, batch_size=settings.batch_size, on_block=on_block, place=place)
+    found = detection(lm, corpus, counts, layer_scan, settings)
+    supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
+                                                                   settings.super_expert_fraction, settings.super_expert_depth)
+    warnings = list(found.warnings)
+    if found.findings.dims and lm.adapter.hyper is None:  # two more passes, over the kept texts alone
+        mechanism = streamed_mechanism(streamed, found.findings, found.inputs, settings, warnings,
+                                       place.folder if place is not None else Path("."), supers)
+    else:
+        mechanism = Mechanism(lifelines=[], origin=[], anatomy=[], attribution=[], experts=[], super_experts=supers,
+                              birth_state=None, token_values=None)
+    lines = mechanism.lifelines
+    reads = streamed.checkpoint.bytes_read / max(size, 1)
+    skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({_gigabytes(streamed.checkpoint.bytes_read)}: the "
+               f"corpus pass{', the lifelines and the mechanism' if lines else ''}); not measured on a streamed model yet: "
+               f"{', '.join(STREAMED_SECTIONS)}")
+    report = Report(model=model_info(lm), corpus=found.corpus, settings=settings.replace(verify=False, quant=False),
+                    findings=found.findings, mechanism=mechanism, trigger=[], causal=Causal(),
+                    deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],
+                    warnings=warnings + [skipped], versions=_versions())
+    report.conclusion = conclude(report)
+    return report
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 @guarded
@@ -237,6 +299,12 @@ def detect_stage(lm: LoadedModel, corpus: Corpus, total: int, settings: ScanSett
         release_processes()  # the statistics are merged and no collective follows: a process may now end cleanly
     if rank != 0:
         return None
+    return detection(lm, corpus, counts, layer_scan, settings)
+
+
+def detection(lm: LoadedModel, corpus: Corpus, counts: Counts, layer_scan: LayerScan, settings: ScanSettings) -> Detection:
+    """The massive entries and dims of a finished corpus pass ``layer_scan`` (``counts``: the texts and windows it
+    read), and the windows its statistics point at."""
     # Keep only the windows the statistics point at (and the first few, for the input-dependence check).
     wanted = {int(t) for top in layer_scan.tops if top.labels is not None for t in top.labels[:, 0].tolist()}
     texts, inputs, tokens = collect(lm, corpus, settings.max_length, wanted | set(range(MAX_INPUTS)))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -15,19 +16,28 @@ ATTN_Z = "attn_z"  # the attention output projection's input: every head's outpu
 def probe_block(lm: LoadedModel, input_ids: torch.Tensor, layer: int, positions: list[int]) -> dict[str, torch.Tensor]:
     """{site: [len(positions), width] float32 on CPU} for every site of the block, plus ``attn_z`` where it has a token
     mixer."""
-    index = torch.tensor(positions)
     kept: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, tensor: torch.Tensor) -> None:  # on the tensor's own device: blocks may be spread by a device map
-        kept[name] = tensor[0].detach().index_select(0, index.to(tensor.device)).float().cpu()
-
-    here = lm.at(layer)
-    sites = [(layer, site) for site in here.sites]
-    with torch.no_grad(), tap(lm.model, lm.adapter, sites, lambda _, site, t: keep(site, t)), ExitStack() as stack:
-        if here.attn_proj is not None:
-            stack.enter_context(tap_module_input(lm.adapter.module(lm.model, layer, here.attn_proj), lambda t: keep(ATTN_Z, t)))
+    with torch.no_grad(), probing(lm, layer, lambda name, tensor: kept.__setitem__(name, at_positions(tensor, positions))):
         forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
     return kept
+
+
+def at_positions(tensor: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """A probed site [1, positions, width] at ``positions``: [len(positions), width] float32 on CPU (indexed on the
+    tensor's own device: blocks may be spread by a device map)."""
+    return tensor[0].detach().index_select(0, torch.tensor(positions, device=tensor.device)).float().cpu()
+
+
+@contextmanager
+def probing(lm: LoadedModel, layer: int, keep: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, each pass through block ``layer`` calls ``keep(site, tensor)`` for every site of the block,
+    and for ``attn_z`` where it has a token mixer (the tensors as ``tap`` gives them)."""
+    here = lm.at(layer)
+    sites = [(layer, site) for site in here.sites]
+    with tap(lm.model, lm.adapter, sites, lambda _, site, t: keep(site, t)), ExitStack() as stack:
+        if here.attn_proj is not None:
+            stack.enter_context(tap_module_input(lm.adapter.module(lm.model, layer, here.attn_proj), lambda t: keep(ATTN_Z, t)))
+        yield
 
 
 def block_output(lm: LoadedModel, input_ids: torch.Tensor, layer: int, stream: str = "") -> torch.Tensor:

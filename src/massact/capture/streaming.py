@@ -9,10 +9,12 @@ per-layer inputs); hooks on the block's sites see what they see in memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,114 @@ class Batch:
     ids: torch.Tensor
     mask: torch.Tensor
     texts: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class HiddenStates:
+    """The corpus's hidden states between two blocks, one entry per batch (a block's output: its leading tensor, and
+    what else the block returns, kept as it is). Entries stay on the model's device while ``device_bytes`` allows,
+    then in host memory while ``host_bytes`` allows, then in one memory-mapped file at ``path``: each entry's place is
+    fixed when it is first put (a batch's state has the same shape after every block), so the file is written in
+    place block after block and, after an interruption, holds the states of the last finished block.
+
+    On a CPU model the device is the host: ``device_bytes`` is then 0 and ``host_bytes`` the whole allowance."""
+
+    device: torch.device
+    device_bytes: int
+    host_bytes: int
+    path: Path
+    places: dict[int, str] = field(default_factory=dict)  # batch -> "device", "host" or "file"
+    used: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "file": 0})
+    _values: dict[int, Any] = field(default_factory=dict, repr=False)
+    _offsets: dict[int, tuple[int, torch.Size, torch.dtype]] = field(default_factory=dict, repr=False)
+    _file: torch.Tensor | None = field(default=None, repr=False)
+
+    def reserve(self, index: int, like: torch.Tensor) -> str:
+        """Fix where batch ``index``'s state lives, for a leading tensor like ``like``; returns the place."""
+        size = like.numel() * like.element_size()
+        for place, allowed in (("device", self.device_bytes), ("host", self.host_bytes)):
+            if self.used[place] + size <= allowed:
+                break
+        else:
+            place = "file"
+            self._offsets[index] = (self.used["file"], like.shape, like.dtype)
+        self.used[place] += size
+        self.places[index] = place
+        return place
+
+    def put(self, index: int, value: Any) -> None:
+        """Keep ``value`` (a block's output on batch ``index``) as that batch's state."""
+        head, rest = (value, None) if isinstance(value, torch.Tensor) else (value[0], tuple(value[1:]))
+        place = self.places.get(index) or self.reserve(index, head)
+        if place == "file":
+            self._slot(index).copy_(head)
+            self._values[index] = (None, rest)
+        else:
+            self._values[index] = (head.to("cpu") if place == "host" and self.device.type != "cpu" else head, rest)
+
+    def get(self, index: int) -> Any:
+        """Batch ``index``'s state on the model's device (None before the first block)."""
+        if index not in self._values:
+            return None
+        head, rest = self._values[index]
+        head = (self._slot(index) if head is None else head).to(self.device)
+        return head if rest is None else (head, *rest)
+
+    def _slot(self, index: int) -> torch.Tensor:
+        """Batch ``index``'s view of the memory-mapped file, the file grown to every reserved entry when first used."""
+        if self._file is None or self._file.numel() < self.used["file"]:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as handle:
+                handle.truncate(self.used["file"])
+            self._file = torch.from_file(str(self.path), shared=True, size=self.used["file"], dtype=torch.uint8)
+        start, shape, dtype = self._offsets[index]
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return self._file[start:start + size].view(dtype).view(shape)
+
+    def in_file(self) -> bool:
+        """Whether every state is in the file (a state saved now needs nothing written but itself)."""
+        return bool(self.places) and all(place == "file" for place in self.places.values())
+
+    def persist(self) -> dict:
+        """Move every state into the file and return what finds them there again (``restore``): each batch's place in
+        the file, shape and dtype, and the rest of its block output (None or tensors, on the host)."""
+        for index in sorted(self._values):
+            head, rest = self._values[index]
+            if head is not None:
+                self.used[self.places[index]] -= head.numel() * head.element_size()
+                self.places[index] = "file"
+                self._offsets[index] = (self.used["file"], head.shape, head.dtype)
+                self.used["file"] += head.numel() * head.element_size()
+                self._slot(index).copy_(head)
+                self._values[index] = (None, rest)
+        if self._file is not None:
+            self._file = None  # its pages are written back when the mapping goes
+        return {"size": self.used["file"],
+                "entries": {index: [start, list(shape), str(dtype).removeprefix("torch.")]
+                            for index, (start, shape, dtype) in self._offsets.items()},
+                "rest": {index: None if rest is None else [_on_host(part) for part in rest]
+                         for index, (_, rest) in self._values.items()}}
+
+    def restore(self, saved: dict) -> None:
+        """Find the states ``persist`` left in the file again (a resumed pass); the file must hold them."""
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        if size < saved["size"]:
+            raise ValueError(f"{self.path} holds {size} bytes, the saved states need {saved['size']}")
+        self.used["file"] = saved["size"]
+        for index, (start, shape, dtype) in saved["entries"].items():
+            self._offsets[index] = (start, torch.Size(shape), getattr(torch, dtype))
+            self.places[index] = "file"
+            rest = saved["rest"].get(index)
+            self._values[index] = (None, None if rest is None else tuple(rest))
+
+    def remove(self) -> None:
+        """Delete the file (at the end of a finished pass)."""
+        self._file = None
+        self.path.unlink(missing_ok=True)
+
+
+def _on_host(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def blocks(streamed: StreamedModel, layers: Sequence[int]) -> Iterator[int]:
@@ -99,26 +209,27 @@ def run_head(lm: LoadedModel, batch: Batch, last: Any) -> Any:
 
 
 def carry(streamed: StreamedModel, batches: Sequence[Batch], at_block: Callable[[int], AbstractContextManager],
-          on_batch: Callable[[int, Batch], None] | None = None, head: bool = False) -> list[Any]:
-    """One pass of ``batches`` through every block, block by block: around each block's batches the context
-    ``at_block(layer)`` is open (the hooks that read the block's sites), and ``on_batch(layer, batch)`` is called before
-    each batch goes through it. With ``head``, the batches then go through the final norm and head, inside
-    ``at_block(n_layers)``. Returns the last block's outputs, one per batch (each batch's hidden states are kept, on the
-    model's device, from one block to the next)."""
+          states: HiddenStates, on_batch: Callable[[int, Batch], None] | None = None, head: bool = False, first: int = 0,
+          finished: Callable[[int], None] | None = None) -> None:
+    """One pass of ``batches`` through the blocks from ``first`` on (``states`` holding each batch's output of block
+    ``first - 1``), block by block: around each block's batches the context ``at_block(layer)`` is open (the hooks that
+    read the block's sites), ``on_batch(layer, batch)`` is called before each batch goes through it, and
+    ``finished(layer)`` after the block (``states`` then hold its outputs). With ``head``, the batches then go through
+    the final norm and head, inside ``at_block(n_layers)``."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
-    outputs: list[Any] = [None] * len(batches)
     with torch.no_grad():
-        for layer in blocks(streamed, range(n_layers)):
+        for layer in blocks(streamed, range(first, n_layers)):
             with at_block(layer):
                 for index, batch in enumerate(batches):
                     if on_batch is not None:
                         on_batch(layer, batch)
-                    outputs[index] = run_block(lm, layer, batch, outputs[index])
+                    states.put(index, run_block(lm, layer, batch, states.get(index)))
+            if finished is not None:
+                finished(layer)
         if head:
             with at_block(n_layers):
                 for index, batch in enumerate(batches):
                     if on_batch is not None:
                         on_batch(n_layers, batch)
-                    run_head(lm, batch, outputs[index])
-    return outputs
+                    run_head(lm, batch, states.get(index))

@@ -127,6 +127,55 @@ def stored_sizes(root: Path, files: Mapping[str, str]) -> dict[str, int]:
     return sizes
 
 
+def weights_bytes(root: Path, dtype: torch.dtype) -> int | None:
+    """The bytes the safetensors checkpoint at ``root`` takes once loaded in ``dtype`` (its floating-point tensors
+    in ``dtype``, the others as stored), from the files' headers alone; None where ``root`` holds no safetensors
+    checkpoint."""
+    from safetensors import safe_open
+
+    try:
+        files = stored_names(root)
+    except UsageError:
+        return None
+    width = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(root / file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    kind = piece.get_dtype()
+                    total += math.prod(piece.get_shape()) * (width if kind.startswith(("F", "BF")) else _BYTES[kind])
+        except Exception:  # a missing or damaged shard: said when the model is read
+            return None
+    return total
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """A memory size in bytes from ``text``: a number and a unit (``1.5GB``, ``800MB``, ``2GiB``; none: bytes). A text
+    that is not one is a UsageError line."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = found.group(2).upper() if found else ""
+    if found is None or unit not in _UNITS or float(found.group(1)) <= 0:
+        raise UsageError(f"--memory {text!r}: give a size such as 1.5GB, 800MB or 2GiB")
+    return int(float(found.group(1)) * _UNITS[unit])
+
+
+def available_memory() -> int | None:
+    """The host memory available now (MemAvailable in /proc/meminfo), in bytes; None where that is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def empty_model(config, dtype: torch.dtype, auto=None) -> nn.Module:
     """The model of ``config`` in ``dtype``, in eval mode with eager attention (the attention probabilities are read),
     built on the meta device: no parameter or stored buffer holds memory until it is loaded. The buffers the model

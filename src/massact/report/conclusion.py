@@ -112,7 +112,9 @@ def story(report: Report, dim: int) -> list[tuple[str, str]]:
     super weight, experts, heads, trigger, chain, carriers, patching, fate, erasure, super weights. The terminal summary
     picks a few kinds."""
     summary = next(d for d in report.findings.dims if d.dim == dim)
-    line = next(x for x in report.mechanism.lifelines if x.dim == dim)  # the scan makes one per dim
+    line = next((x for x in report.mechanism.lifelines if x.dim == dim), None)  # the scan makes one per dim
+    if line is None:  # a streamed scan: the detection's facts alone
+        return _detected_words(summary)
     if line.stream:  # hyper-connections: the origin is split through the streams' weights
         out = [("birth", s) for s in _stream_words(report, summary, line)]
     else:
@@ -128,6 +130,18 @@ def story(report: Report, dim: int) -> list[tuple[str, str]]:
     if steps:
         out += [("super weights", s) for s in _super_weight_words(steps)]
     return out
+
+
+def _detected_words(summary: DimSummary) -> list[tuple[str, str]]:
+    """What the corpus pass alone says of a dim (no lifeline: the stages after detection did not run)."""
+    last, count = summary.persists[-1], len(summary.persists)
+    tokens = ", ".join(repr(t) for t in summary.tokens[:3])
+    return [("birth", f"Dim {summary.dim} becomes massive at block {summary.born_at} (largest |a| {short(abs(summary.max_value))}, "
+                      f"on {tokens})."),
+            ("fate", f"It is massive in block {last} only." if count == 1 else
+             f"It is massive in {count} blocks, {summary.born_at} to {last}."),
+            ("fate", "What writes it is not measured: the model was streamed, and the stages after the corpus pass do not "
+                     "run on a streamed model yet.")]
 
 
 def _birth_words(report: Report, dim: int) -> list[str]:

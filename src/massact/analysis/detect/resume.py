@@ -35,7 +35,7 @@ def state_refused(path: Path, why: str) -> UsageError:
 
 
 def read_state(path: Path) -> dict:
-    """The saved state at ``path``, checked to have the structure ``_save_state`` writes: done (int >= 0), fingerprint
+    """The saved state at ``path``, checked to have the structure ``save_state`` writes: done (int >= 0), fingerprint
     and identity (str), blocks (a dict: the recorder's ``state_dict()``) and experts (a dict, the experts' maxima's,
     or None). What the statistics hold is checked by their ``load_state_dict``. torch.load runs with
     weights_only=True: a pickle that would run code is refused."""

@@ -126,7 +126,8 @@ def scan_layers(
         checkpoint = checkpoint.with_name(f"{checkpoint.name}.rank{rank}-of-{world}")
     start, saved_fingerprint = 0, None
     if checkpoint is not None and resume and checkpoint.is_file():
-        start, saved_fingerprint = _load_state(checkpoint, recorder, identity, maxima)
+        saved = restore_state(checkpoint, recorder, identity, maxima)
+        start, saved_fingerprint = saved["done"], saved["fingerprint"]
     # Of the identity, the top-k size and every window this process scans.
     digest = hashlib.sha256(f"{identity}|{candidates}|{batch_size}|".encode())
 
@@ -158,7 +159,7 @@ def scan_layers(
                 forward(pending)
                 pending, batches = [], batches + 1
                 if checkpoint is not None and batches % every == 0:
-                    _save_state(checkpoint, seen, digest.hexdigest(), recorder, identity, maxima)
+                    save_state(checkpoint, seen, digest.hexdigest(), recorder, identity, maxima)
         if pending:
             forward(pending)
     if seen < start:
@@ -278,12 +279,13 @@ def merge_across_processes(histograms: list[LogHistogram], tops: list[TopK], max
         top.update(gathered[real], tags[real])
 
 
-def _save_state(path: Path, done: int, fingerprint: str, recorder: BlockRecorder, identity: str = "",
-                maxima: ExpertMaxima | None = None) -> None:
+def save_state(path: Path, done: int, fingerprint: str, recorder: BlockRecorder, identity: str = "",
+                maxima: ExpertMaxima | None = None, **more) -> None:
     """Write the scan state atomically: ``done`` (windows it covers), their ``fingerprint``, the scan's ``identity``,
     and the statistics' own ``state_dict()``: the recorder's (``blocks``) and the experts' maxima's (``experts``, None
-    for a model without a mixture of experts). ``read_state`` and ``_load_state`` read it back."""
-    state = {
+    for a model without a mixture of experts), and ``more`` entries as they are. ``read_state`` and ``restore_state``
+    read it back."""
+    state = {**more,
         "done": done,
         "fingerprint": fingerprint,
         "identity": identity,
@@ -298,10 +300,11 @@ def _save_state(path: Path, done: int, fingerprint: str, recorder: BlockRecorder
         raise UsageError(f"cannot write the scan state {path}: {error.strerror or error}") from None
 
 
-def _load_state(path: Path, recorder: BlockRecorder, identity: str = "", maxima: ExpertMaxima | None = None) -> tuple[int, str]:
-    """Restore the merged statistics into ``recorder`` and ``maxima`` (their ``load_state_dict``); returns how many
-    windows they cover and the fingerprint of those windows. A file that is not a whole state of this scan is
-    refused in one line (see ``read_state``; a statistic's field that does not fit is named)."""
+def restore_state(path: Path, recorder: BlockRecorder, identity: str = "", maxima: ExpertMaxima | None = None) -> dict:
+    """Restore the merged statistics into ``recorder`` and ``maxima`` (their ``load_state_dict``); returns the state
+    read (``done``: how many windows, or blocks of a streamed pass, they cover; ``fingerprint``: of those windows). A
+    file that is not a whole state of this scan is refused in one line (see ``read_state``; a statistic's field that
+    does not fit is named)."""
     state = read_state(path)
     if state["identity"] != identity:
         raise _other_scan(path)
@@ -315,7 +318,7 @@ def _load_state(path: Path, recorder: BlockRecorder, identity: str = "", maxima:
                 statistic.load_state_dict(state[name])
             except ValueError as error:  # names the field: "blocks: tops[3]: k: ..."
                 raise state_refused(path, f"{name}: {error}") from None
-    return state["done"], state["fingerprint"]
+    return state
 
 
 def _other_scan(path: Path | None) -> UsageError:

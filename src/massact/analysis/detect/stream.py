@@ -1,19 +1,44 @@
 """The layer scan of a streamed model: the corpus carried block by block (``capture.streaming``), each block's output
-fed to the same recorder as the in-memory scan, so that the statistics are the same ones."""
+fed to the same recorder as the in-memory scan, so that the statistics are the same ones.
+
+A streamed pass is resumable at the last finished block: its state (the statistics, and where each batch's hidden
+states are in the memory-mapped file) is written after every block whose states are all in that file, and on an
+interruption, after the states held in memory are written to the file."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ...capture.batches import pad_batch
 from ...capture.blocks import BlockRecorder
 from ...capture.expert_maxima import ExpertMaxima
-from ...capture.streaming import Batch, carry
+from ...capture.streaming import Batch, HiddenStates, carry
 from ...models.checkpoint import StreamedModel
-from .scan import CANDIDATES, LayerScan, block_recording, layer_scan, stream_slots
+from .resume import state_refused
+from .scan import CANDIDATES, LayerScan, block_recording, layer_scan, restore_state, save_state, stream_slots
+
+STATE = "stream-state.pt"
+STATES = "stream-hidden.bin"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamPlace:
+    """Where a streamed pass keeps the corpus's hidden states and its resumable state: ``folder`` (the output
+    folder: the memory-mapped file and the state file, removed when the pass ends), ``device_bytes`` and
+    ``host_bytes`` (what the hidden states may take on the model's device and in host memory before the file),
+    ``resume`` (continue a pass whose state is in ``folder``) and ``identity`` (what that state must be of)."""
+
+    folder: Path
+    device_bytes: int = 0
+    host_bytes: int = 2**62
+    resume: bool = False
+    identity: str = ""
 
 
 def corpus_batches(windows: Iterable[torch.Tensor], batch_size: int) -> list[Batch]:
@@ -36,16 +61,35 @@ def _batch(chosen: list[tuple[int, torch.Tensor]]) -> Batch:
 
 
 def stream_layers(streamed: StreamedModel, windows: Iterable[torch.Tensor], candidates: int = CANDIDATES,
-                  batch_size: int = 8, on_block: Callable[[int], None] | None = None) -> LayerScan:
+                  batch_size: int = 8, on_block: Callable[[int], None] | None = None,
+                  place: StreamPlace | None = None) -> LayerScan:
     """``scan_layers`` on a streamed model: every block's output (with hyper-connections each stream, and the
     combination the next sublayer reads) in the same ``BlockRecorder``, a block's batches in corpus order, each
-    block's weights read once. ``on_block(layer)`` is called as each block is done."""
+    block's weights read once. ``on_block(layer)`` is called as each block is done. ``place``: where the hidden
+    states go beyond the allowances and the pass's resumable state (None: in memory, not resumable)."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
     slots = stream_slots(lm)
     recorder = BlockRecorder(n_layers * max(1, len(slots)), candidates, lm.device)
     maxima = ExpertMaxima(lm) if any(lm.at(layer).moe is not None for layer in range(n_layers)) else None
     batches = corpus_batches(windows, batch_size)
+    place = place or StreamPlace(folder=Path("."))
+    states = HiddenStates(device=lm.device, device_bytes=place.device_bytes if lm.device.type != "cpu" else 0,
+                          host_bytes=place.host_bytes, path=place.folder / STATES)
+    digest = hashlib.sha256(f"{place.identity}|{candidates}|{batch_size}|".encode())
+    for batch in batches:
+        digest.update(batch.ids.numpy().tobytes())
+    fingerprint, path = digest.hexdigest(), place.folder / STATE
+    first = 0
+    if place.resume and path.is_file():
+        saved = restore_state(path, recorder, place.identity, maxima)
+        if saved["fingerprint"] != fingerprint or not isinstance(saved.get("states"), dict):
+            raise state_refused(path, "it is of other texts or settings")
+        try:
+            states.restore(saved["states"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise state_refused(path, f"its hidden states are not whole ({error})") from None
+        first = saved["done"]
 
     def start(layer: int, batch: Batch) -> None:
         recorder.finish()
@@ -58,10 +102,31 @@ def stream_layers(streamed: StreamedModel, windows: Iterable[torch.Tensor], cand
         with block_recording(lm, recorder, [layer] if layer < n_layers else [], layer == n_layers, slots):
             yield
             recorder.finish()
-        if on_block is not None and layer < n_layers:
+
+    done = first
+
+    def finished(layer: int) -> None:
+        nonlocal done
+        done = layer + 1
+        if states.in_file():  # saving costs nothing more than the statistics: a kill then loses no block
+            _save(path, done, fingerprint, recorder, place.identity, maxima, states)
+        if on_block is not None:
             on_block(layer)
 
-    with maxima.recording() if maxima is not None else nullcontext():
-        carry(streamed, batches, at_block, on_batch=start, head=bool(slots))
+    try:
+        with maxima.recording() if maxima is not None else nullcontext():
+            carry(streamed, batches, at_block, states, on_batch=start, head=bool(slots), first=first, finished=finished)
+    except KeyboardInterrupt:
+        if done > first and not states.in_file():
+            _save(path, done, fingerprint, recorder, place.identity, maxima, states)
+        raise
+    states.remove()
+    path.unlink(missing_ok=True)
     histograms, tops = recorder.sync()
     return layer_scan(lm, histograms, tops, maxima, streamed.dtype, slots)
+
+
+def _save(path: Path, done: int, fingerprint: str, recorder: BlockRecorder, identity: str, maxima: ExpertMaxima | None,
+          states: HiddenStates) -> None:
+    """The resumable state after ``done`` blocks: the statistics and the hidden states, all in their file."""
+    save_state(path, done, fingerprint, recorder, identity, maxima, states=states.persist())

@@ -57,17 +57,17 @@ def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Life
 
 def explain(
     lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor], findings: Findings, settings: ScanSettings,
-    warnings: list[str],
+    warnings: list[str], probes: Probes | None = None,
 ) -> tuple[list[Origin], list[Anatomy], list[Attribution], list[ExpertAttribution]]:
     """The mechanism at each event: the writer, and for an MLP writer its anatomy and neurons (or experts). One probe
     pass per (text, block), the ``settings.top_neurons`` largest neurons kept; checks that fail their second computation
-    are appended to ``warnings``."""
+    are appended to ``warnings``. ``probes``: the events' blocks already probed (see ``event_positions``), e.g. by a
+    streamed pass; None: probed here. Only the weights of the events' blocks are read."""
     tokens, layers, criterion, top_neurons = findings.tokens, findings.layers, findings.criterion, settings.top_neurons
     origins, anatomies, attributions, experts = [], [], [], []
-    probes = {}
-    for text, layer in dict.fromkeys((e.text, e.layer) for e in events):
-        positions = sorted({e.position for e in events if (e.text, e.layer) == (text, layer)})
-        probes[text, layer] = (positions, probe_block(lm, inputs[text], layer, positions))
+    if probes is None:
+        probes = {(text, layer): (positions, probe_block(lm, inputs[text], layer, positions))
+                  for (text, layer), positions in event_positions(events).items()}
     tolerance = _tolerance(lm)
     for event in events:
         positions, vectors = probes[event.text, event.layer]
@@ -95,6 +95,16 @@ def explain(
                 anatomies.append(anatomy)
 
     return origins, anatomies, attributions, experts
+
+
+# (text, block) -> (the positions probed, {site: [len(positions), width]}): what ``probe_block`` reads for the events.
+Probes = dict[tuple[int, int], tuple[list[int], dict[str, torch.Tensor]]]
+
+
+def event_positions(events: list[Event]) -> dict[tuple[int, int], list[int]]:
+    """(text, block) -> the positions its events are at, sorted: one probe each."""
+    return {(text, layer): sorted({e.position for e in events if (e.text, e.layer) == (text, layer)})
+            for text, layer in dict.fromkeys((e.text, e.layer) for e in events)}
 
 
 def _tolerance(lm: LoadedModel) -> float:
@@ -231,9 +241,15 @@ def stream_birth_state(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims
 def _state(lm: LoadedModel, inputs: dict[int, torch.Tensor], layer: int, text: int, stream: str, massive: list[Massive],
            tokens: dict[int, list[str]]) -> BirthState:
     """|a| of block ``layer``'s output on ``text`` (in ``stream``, with hyper-connections), and the dims massive there."""
-    magnitude = block_output(lm, inputs[text], layer, stream).abs()
+    return state_of(block_output(lm, inputs[text], layer, stream), layer, text, stream, massive, tokens)
+
+
+def state_of(output: torch.Tensor, layer: int, text: int, stream: str, massive: list[Massive],
+             tokens: dict[int, list[str]]) -> BirthState:
+    """The birth state from block ``layer``'s ``output`` on ``text`` ([positions, d_model], as ``block_output`` reads
+    it): its |a|, and the dims massive there."""
     there = sorted({m.dim for m in massive if m.layer == layer and m.text == text and m.stream == stream})
-    rows = [[float(f"{v:.4g}") for v in row] for row in magnitude.tolist()]
+    rows = [[float(f"{v:.4g}") for v in row] for row in output.abs().tolist()]
     return BirthState(layer=layer, text=text, tokens=tokens[text], dims=there, magnitude=rows)
 
 
@@ -243,24 +259,32 @@ TOKEN_POSITIONS = 64  # the first tokens of each text
 
 
 def token_values(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[DimSummary],
-                 lifelines: list[Lifeline]) -> TokenValues | None:
+                 lifelines: list[Lifeline], read: dict[int, torch.Tensor] | None = None) -> TokenValues | None:
     """Each of the strongest massive dims at every block and token of a few texts (their carriers' first, from
     ``lifelines``), one forward pass per text: what the HTML page colours its tokens by. About TOKEN_TEXTS x TOKEN_DIMS
-    x blocks x TOKEN_POSITIONS numbers."""
+    x blocks x TOKEN_POSITIONS numbers. ``read``: each text's ``stream_dims`` read elsewhere (a streamed pass, for
+    the texts and dims ``token_view``'s plan names); None: read here."""
     if not dims:
         return None
-    strongest = [d.dim for d in sorted(dims, key=lambda d: -abs(d.max_value))[:TOKEN_DIMS]]
-    carriers = [line.text for line in lifelines if line.dim in strongest]
-    texts = list(dict.fromkeys(carriers + sorted(inputs)))[:TOKEN_TEXTS]
+    strongest, texts = token_view(dims, [(line.dim, line.text) for line in lifelines], inputs)
     # with hyper-connections each dim in the stream its lifeline follows
     streams = [next(line.stream for line in lifelines if line.dim == dim) for dim in strongest] if lm.adapter.hyper is not None else []
     values = []
     for text in texts:
         # The whole text runs (a bidirectional model's first tokens see the rest); its first tokens are kept.
-        stream = stream_dims(lm, inputs[text], strongest, [int(s[1:]) for s in streams] if streams else None)
+        stream = read[text] if read is not None else stream_dims(lm, inputs[text], strongest,
+                                                                 [int(s[1:]) for s in streams] if streams else None)
         stream = stream[:, :TOKEN_POSITIONS]  # [blocks, positions, dims]
         values.append([[[float(f"{v:.3g}") for v in row] for row in stream[:, :, d].tolist()] for d in range(len(strongest))])
     return TokenValues(dims=strongest, texts=texts, values=values, streams=streams)
+
+
+def token_view(dims: list[DimSummary], carriers: list[tuple[int, int]], inputs: dict[int, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """The token view's dims (the TOKEN_DIMS strongest) and texts (their carriers' first, then the first kept ones,
+    TOKEN_TEXTS in all), from each dim's main carrier text (``carriers``: (dim, text) in the dims' order)."""
+    strongest = [d.dim for d in sorted(dims, key=lambda d: -abs(d.max_value))[:TOKEN_DIMS]]
+    first = [text for dim, text in carriers if dim in strongest]
+    return strongest, list(dict.fromkeys(first + sorted(inputs)))[:TOKEN_TEXTS]
 
 
 def _place(event: Event, tokens: list[list[str]]) -> dict:

@@ -3,6 +3,8 @@ makes (precursor, birth, growth, hold, erasure), each with the sublayer responsi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ...capture.hooks import tap
@@ -196,20 +198,31 @@ def stream_lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torc
     return found
 
 
-def lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor]) -> list[Lifeline]:
+def carrier_groups(findings: Findings) -> dict[tuple[int, int], list[int]]:
+    """(text, position) of each main carrier -> the massive dims it carries: the lifelines read in one pass each."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for summary in findings.dims:
+        carrier = main_carrier(findings.massive, summary.dim)
+        groups.setdefault((carrier.text, carrier.position), []).append(summary.dim)
+    return groups
+
+
+def lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor],
+              reads: Mapping[tuple[int, int], dict[str, torch.Tensor]] | None = None) -> list[Lifeline]:
     """One lifeline per massive dim of ``findings``; dims that share a main carrier share its forward pass (``inputs``:
-    the kept windows' token ids)."""
+    the kept windows' token ids). ``reads``: each carrier group's site values (``carrier_groups``, as
+    ``read_lifelines`` gives them) read elsewhere, e.g. by a streamed pass; None: read here."""
     dims, massive, medians, criterion = findings.dims, findings.massive, findings.medians, findings.criterion
     carriers = {summary.dim: main_carrier(massive, summary.dim) for summary in dims}
     n_layers = len(lm.adapter.blocks(lm.model))
     scaled = any(lm.at(layer).output_scale is not None for layer in range(n_layers))
     scales = [lm.adapter.scale_of(lm.model, layer) for layer in range(n_layers)] if scaled else None
     found: dict[int, Lifeline] = {}
-    for text, position in dict.fromkeys((c.text, c.position) for c in carriers.values()):
-        group = [s for s in dims if (carriers[s.dim].text, carriers[s.dim].position) == (text, position)]
-        read = read_lifelines(lm, inputs[text], position, [s.dim for s in group])
-        for column, summary in enumerate(group):
+    for (text, position), group in carrier_groups(findings).items():
+        read = reads[text, position] if reads is not None else read_lifelines(lm, inputs[text], position, group)
+        for column, dim in enumerate(group):
+            summary = next(s for s in dims if s.dim == dim)
             values = {site: tensor[:, column].tolist() for site, tensor in read.items()}
-            found[summary.dim] = build_lifeline(values, lm.adapter.stream, medians, criterion, summary, carriers[summary.dim],
-                                                lm.adapter.post_ln, scales)
+            found[dim] = build_lifeline(values, lm.adapter.stream, medians, criterion, summary, carriers[dim],
+                                        lm.adapter.post_ln, scales)
     return [found[summary.dim] for summary in dims]
