@@ -145,3 +145,170 @@ def test_a_missing_shard_or_a_tensor_of_the_wrong_shape_is_one_line_naming_it(to
     streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
     with pytest.raises(UsageError, match=rf"cannot load tensor {name}: shape \[3, 5\] in {moved}, the model needs"):
         stream_layers(streamed, _windows(tokenizer)[:2])
+
+
+def _report_dir(tmp_path: Path, family: str, tokenizer) -> tuple[torch.nn.Module, Path]:
+    """A tiny model of ``family`` with a planted truth (a dense neuron, or an expert's the router sends BOS to),
+    saved in shards of at most 100 kB."""
+    from conftest import MOE_FAMILIES
+    from test_families import planted, planted_moe
+
+    model = planted_moe(family, tokenizer) if family in MOE_FAMILIES else planted(family, tokenizer)
+    path = tmp_path / family
+    model.save_pretrained(path, max_shard_size="100KB")
+    tokenizer.save_pretrained(path)
+    return model, path
+
+
+def _comparable(report) -> dict:
+    """A report's JSON without what a streamed scan does not measure (trigger, verification, quantization: the stages
+    that run the model again), nor its warnings."""
+    from massact.report.schema import write_report
+
+    data = json.loads(write_report(report))
+    for key in ("trigger", "warnings", "conclusion"):
+        data.pop(key)
+    data["settings"].pop("verify")
+    return data
+
+
+def _close(ours, theirs, where: str = "") -> None:
+    """Equal structure, strings and integers; floats to within float32 summation order (1e-5 relative; what is stored
+    rounded, to within its last digit)."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict) and ours.keys() == theirs.keys(), where
+        for key in theirs:
+            _close(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(theirs, list):
+        assert isinstance(ours, list) and len(ours) == len(theirs), where
+        for index, (one, other) in enumerate(zip(ours, theirs)):
+            _close(one, other, f"{where}[{index}]")
+    elif isinstance(theirs, float) and not isinstance(ours, bool):
+        # The birth state and the token view are stored to 4 and 3 significant digits: an order-of-summation
+        # difference at a rounding boundary moves the last one.
+        rounded = ".magnitude" in where or ".token_values.values" in where
+        assert ours == pytest.approx(theirs, rel=2e-3 if rounded else 1e-5, abs=1e-5), where
+    else:
+        assert ours == theirs, where
+
+
+# A dense model, a mixture of experts (the planted truth in an expert) and a convolution hybrid.
+@pytest.mark.parametrize("family", ["llama", "mixtral", "lfm2"])
+def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_path):
+    """Every section a streamed scan measures (the detection, lifelines, origins, neurons and super weights, experts,
+    super experts, birth state, token view, headroom) is the in-memory scan's, the planted truth found; the checkpoint
+    is read once per pass (the corpus, the lifelines, the mechanism) and the model's weights digest is the in-memory
+    one."""
+    import massact
+    from massact.analysis.detect.stream import StreamPlace
+    from massact.pipeline import scan_streamed
+
+    _, path = _report_dir(tmp_path, family, tokenizer)
+    memory = massact.scan(str(path), verify=False, device="cpu")
+    streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
+    got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out"), device="cpu")
+    assert [d.dim for d in got.findings.dims] == [d.dim for d in memory.findings.dims] == [20]
+    found = got.mechanism.experts[0].moe if family == "mixtral" else got.mechanism.attribution[0]
+    assert found.neurons[0].neuron == 37
+    _close(_comparable(got), _comparable(memory))
+    blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
+    assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
+    assert any("read 3 times" in w or "read 2.9 times" in w or "times (" in w for w in got.warnings)
+    assert not any((tmp_path / "out").glob("*.bin")) and not (tmp_path / "out" / "stream-state.pt").exists()
+
+
+def test_hidden_states_beyond_memory_go_to_a_mapped_file_and_give_the_same_scan(tokenizer, tmp_path):
+    """With no host memory allowed, every batch's hidden states live in the memory-mapped file in the output
+    folder, which the pass writes in place block after block: the statistics are those held in memory, exactly; the
+    file is removed at the end."""
+    from massact.analysis.detect.stream import StreamPlace
+    from massact.capture.streaming import HiddenStates
+
+    _, path = _saved(tmp_path, "llama", tokenizer, plant=True)
+    windows = _windows(tokenizer)
+    held = stream_layers(load_streamed(str(path), torch.float32, torch.device("cpu")), windows, batch_size=4)
+    seen: list[int] = []
+    spilled = stream_layers(load_streamed(str(path), torch.float32, torch.device("cpu")), windows, batch_size=4,
+                            on_block=lambda layer: seen.append((tmp_path / "out" / "stream-hidden.bin").stat().st_size),
+                            place=StreamPlace(folder=tmp_path / "out", host_bytes=0))
+    widths = [ids.shape[1] for ids in windows]
+    batches = [max(widths[i:i + 4]) * len(widths[i:i + 4]) for i in range(0, len(widths), 4)]
+    assert seen == [sum(batches) * 64 * 4] * 4  # [batch, positions, d_model] float32 per batch, the same file each block
+    for ours, theirs in zip(spilled.tops, held.tops):
+        assert torch.equal(ours.values, theirs.values) and torch.equal(ours.labels, theirs.labels)
+    assert not (tmp_path / "out" / "stream-hidden.bin").exists()
+
+    states = HiddenStates(device=torch.device("cpu"), device_bytes=0, host_bytes=2 * 4 * 3, path=tmp_path / "s.bin")
+    values = [torch.randn(2, 3), torch.randn(2, 3), (torch.randn(1, 3), None)]
+    for index, value in enumerate(values):
+        states.put(index, value)
+    assert states.places == {0: "host", 1: "file", 2: "file"}
+    saved = states.persist()
+    again = HiddenStates(device=torch.device("cpu"), device_bytes=0, host_bytes=0, path=tmp_path / "s.bin")
+    again.restore(saved)
+    assert torch.equal(again.get(0), values[0]) and torch.equal(again.get(1), values[1])
+    assert torch.equal(again.get(2)[0], values[2][0]) and again.get(2)[1] is None
+
+
+def test_an_interrupted_streamed_scan_resumes_at_the_next_block_to_the_same_statistics(tokenizer, tmp_path):
+    """Stopped after block 2 (Ctrl-C, or a SIGTERM the command line turns into one), the pass leaves its statistics
+    and the hidden states after block 2 in the output folder; resumed, it reads blocks 3 on alone and gives the
+    uninterrupted statistics exactly. Another corpus is refused in one line."""
+    from massact.analysis.detect.stream import StreamPlace
+
+    _, path = _saved(tmp_path, "llama", tokenizer, plant=True)
+    windows = _windows(tokenizer)
+    whole = stream_layers(load_streamed(str(path), torch.float32, torch.device("cpu")), windows, batch_size=4)
+
+    def stop(layer: int) -> None:
+        if layer == 2:
+            raise KeyboardInterrupt
+
+    place = StreamPlace(folder=tmp_path / "out", identity="x")
+    with pytest.raises(KeyboardInterrupt):
+        stream_layers(load_streamed(str(path), torch.float32, torch.device("cpu")), windows, batch_size=4, on_block=stop,
+                      place=place)
+    assert (tmp_path / "out" / "stream-state.pt").is_file() and (tmp_path / "out" / "stream-hidden.bin").is_file()
+    with pytest.raises(UsageError, match="stream-state.pt: it is of other texts or settings"):
+        stream_layers(load_streamed(str(path), torch.float32, torch.device("cpu")), windows[:3], batch_size=4,
+                      place=StreamPlace(folder=tmp_path / "out", identity="x", resume=True))
+    streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
+    before = streamed.checkpoint.bytes_read
+    resumed = stream_layers(streamed, windows, batch_size=4, place=StreamPlace(folder=tmp_path / "out", identity="x", resume=True))
+    assert streamed.checkpoint.bytes_read - before == sum(streamed.checkpoint.sizes[name] for name in streamed.checkpoint.blocks[3])
+    for ours, theirs in zip(resumed.tops, whole.tops):
+        assert torch.equal(ours.values, theirs.values) and torch.equal(ours.labels, theirs.labels)
+    assert resumed.medians() == whole.medians()
+    assert not (tmp_path / "out" / "stream-state.pt").exists()
+
+
+def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path, capsys):
+    """``scan DIR --stream`` writes a report that ``verify`` completes in memory (the weights digest is the in-memory
+    model's) and ``compare`` reads; a model larger than ``--memory`` is streamed with a line saying so; bad input is
+    one line."""
+    from conftest import run_massact
+    from test_bad_input import run_main
+
+    _, path = _report_dir(tmp_path, "llama", tokenizer)
+    out = tmp_path / "report"
+    run = run_massact("scan", str(path), "--stream", "--out", str(out), "--format", "json", "--quiet")
+    assert run.returncode == 0, run.stderr
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["findings"]["dims"][0]["dim"] == 20 and saved["mechanism"]["attribution"][0]["neurons"][0]["neuron"] == 37
+    assert any("streamed model" in w for w in saved["warnings"])
+    run = run_massact("verify", str(out), "--quiet", "--format", "json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "report.json").read_text())["causal"]["verification"]
+    from safetensors.torch import load_file
+
+    size = sum(t.numel() * 4 for shard in path.glob("*.safetensors") for t in load_file(shard).values())  # float32
+    code, err = run_main(capsys, "scan", path, "--memory", "100kB", "--out", tmp_path / "auto", "--format", "json")
+    assert code == 0, err
+    assert (f"streaming the model block by block: its weights ({size / 1e6:.1f} MB in float32) exceed the memory limit "
+            "(100.0 kB, --memory)") in err
+    assert run_main(capsys, "compare", out, tmp_path / "auto", "--out", tmp_path / "cmp")[0] == 0
+    for args, fragments in ((("--memory", "lots"), ["--memory 'lots'"]), (("--stream", "--verify"), ["--verify", "streamed model"])):
+        code, err = run_main(capsys, "scan", path, *args, "--out", tmp_path / "x")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and all(f in err for f in fragments), err
+    code, err = run_main(capsys, "scan", tmp_path / "nowhere", "--stream", "--out", tmp_path / "x")
+    assert code == 2 and "--stream reads a model directory of safetensors files" in err, err

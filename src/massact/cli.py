@@ -346,8 +346,10 @@ def _streams(model: str | None, dtype: str, stream: bool, memory: int | None, lo
     if size is None or limit is None or size <= limit:
         return False
     where = "--memory" if memory is not None else "the memory available; --memory sets it"
-    log(f"streaming the model block by block: its weights ({size / 1e9:.2f} GB in {dtype}) exceed the memory limit "
-        f"({limit / 1e9:.2f} GB, {where})")
+    from .numbers import size as in_bytes
+
+    log(f"streaming the model block by block: its weights ({in_bytes(size)} in {dtype}) exceed the memory limit "
+        f"({in_bytes(limit)}, {where})")
     return True
 
 

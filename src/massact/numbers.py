@@ -15,3 +15,11 @@ def short(x: float | None, signed: bool = False) -> str:
         if abs(x) >= scale * 0.9995:  # 999.96 reads '1.0k', not '1000'
             return f"{sign}{x / scale:.3g}{suffix}" if abs(x) < scale * 100 else f"{sign}{x / scale:.0f}{suffix}"
     return f"{sign}{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{sign}{x:.1e}"
+
+
+def size(count: int) -> str:
+    """A number of bytes for reading: 1,234 -> '1.2 kB', 52,000,000 -> '52.0 MB', 6.4e9 -> '6.40 GB'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}" if unit in ("TB", "GB") else f"{count / scale:.1f} {unit}"
+    return f"{count} B"

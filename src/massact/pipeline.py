@@ -51,8 +51,10 @@ from .capture.stats import LogHistogram
 from .errors import UsageError
 from .models.checkpoint import StreamedModel
 from .models.failures import guarded
+from .models.identity import weights_sha256
 from .models.info import model_info
 from .models.loading import LoadedModel, load, wrap
+from .numbers import size as in_bytes
 from .report.conclusion import NO_MASK_TOKEN, conclude
 from .settings import ScanSettings
 from .texts import Corpus, read_eval_file
@@ -158,14 +160,14 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     corpus.check()
     n_layers = len(lm.adapter.blocks(lm.model))
     size = streamed.checkpoint.size
-    advance = (progress or _silent)(f"streamed pass: {n_layers} blocks, {_gigabytes(size)} to read", n_layers)
+    advance = (progress or _silent)(f"streamed pass: {n_layers} blocks, {in_bytes(size)} to read", n_layers)
     counts = Counts()
     stream = [window.ids for window in windows(lm, corpus, settings.max_length, counts)]
     start = streamed.checkpoint.bytes_read
 
     def on_block(layer: int) -> None:
         read = streamed.checkpoint.bytes_read - start
-        advance(f"streamed pass: block {layer + 1} of {n_layers}, {_gigabytes(read)} of {_gigabytes(size)} read")
+        advance(f"streamed pass: block {layer + 1} of {n_layers}, {in_bytes(read)} of {in_bytes(size)} read")
 
     layer_scan = stream_layers(streamed, stream, batch_size=settings.batch_size, on_block=on_block, place=place)
     found = detection(lm, corpus, counts, layer_scan, settings)
@@ -180,19 +182,17 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                               birth_state=None, token_values=None)
     lines = mechanism.lifelines
     reads = streamed.checkpoint.bytes_read / max(size, 1)
-    skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({_gigabytes(streamed.checkpoint.bytes_read)}: the "
+    skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: the "
                f"corpus pass{', the lifelines and the mechanism' if lines else ''}); not measured on a streamed model yet: "
                f"{', '.join(STREAMED_SECTIONS)}")
-    report = Report(model=model_info(lm), corpus=found.corpus, settings=settings.replace(verify=False, quant=False),
+    info = model_info(lm)
+    info.weights_sha256 = weights_sha256(lm.model, streamed.samples)  # every block's sample, taken as it was loaded
+    report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=False, quant=False),
                     findings=found.findings, mechanism=mechanism, trigger=[], causal=Causal(),
                     deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],
                     warnings=warnings + [skipped], versions=_versions())
     report.conclusion = conclude(report)
     return report
-
-
-def _gigabytes(size: int) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 @guarded

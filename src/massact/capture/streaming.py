@@ -154,6 +154,7 @@ def blocks(streamed: StreamedModel, layers: Sequence[int]) -> Iterator[int]:
                 pending = reader.submit(checkpoint.read, checkpoint.blocks[layers[step + 1]])
             checkpoint.load(lm.model, tensors, streamed.dtype, lm.device)
             del tensors
+            streamed.loaded(layer)
             try:
                 yield layer
             finally:

@@ -232,11 +232,22 @@ def release(module: nn.Module) -> None:
 @dataclass(kw_only=True)
 class StreamedModel:
     """A model built on the meta device (``lm``: its embeddings, final norm and head are loaded, its blocks are not)
-    and its ``checkpoint``, from which a pass reads each block; ``dtype`` is the one the blocks are read in."""
+    and its ``checkpoint``, from which a pass reads each block; ``dtype`` is the one the blocks are read in.
+    ``samples``: each block parameter's ``identity.weights_sample``, taken when a pass loads it (the model's
+    ``weights_sha256`` is then the one it has in memory)."""
 
     lm: LoadedModel
     checkpoint: Checkpoint
     dtype: torch.dtype
+    samples: dict[str, bytes] = field(default_factory=dict)
+
+    def loaded(self, layer: int) -> None:
+        """Note block ``layer``'s parameters' samples, as it is loaded."""
+        from .identity import weights_sample
+
+        prefix = f"{self.lm.adapter.layers_path(self.lm.model)}.{layer}."
+        for name, parameter in self.lm.adapter.blocks(self.lm.model)[layer].named_parameters():
+            self.samples.setdefault(prefix + name, weights_sample(parameter))
 
 
 def load_streamed(source: str, dtype: torch.dtype, device: torch.device, name: str | None = None) -> StreamedModel:

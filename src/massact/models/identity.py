@@ -25,14 +25,17 @@ def weights_sample(tensor: torch.Tensor, size: int = SAMPLE) -> bytes:
     return flat.contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
-def weights_sha256(model: nn.Module) -> str:
+def weights_sha256(model: nn.Module, samples: dict[str, bytes] | None = None) -> str:
     """sha256 of every parameter's name, shape, dtype and sampled bytes (``weights_sample``; a parameter still on the
-    meta device: name and shape only). It depends on the dtype the model is loaded in."""
+    meta device: its sample in ``samples``, taken while it was loaded (a streamed model's blocks), else name and shape
+    only). It depends on the dtype the model is loaded in."""
     digest = hashlib.sha256()
     for name, parameter in model.named_parameters():
         digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}|".encode())
         if parameter.device.type != "meta":
             digest.update(weights_sample(parameter))
+        elif samples is not None and name in samples:
+            digest.update(samples[name])
     return digest.hexdigest()
 
 
