@@ -278,3 +278,47 @@ def test_a_quantized_checkpoint_streams_its_dequantized_weights_and_their_scan(f
     # DeepSeek-V3: 5 attention linears a block, 3 in the dense MLP of block 0, 3 shared and 2 fused experts after it
     assert dequantized == (4 * 5 + 3 + 3 * 5 if form == "fp8" else 4 * 2)
     assert streamed.checkpoint.bytes_read == stored_bytes
+
+
+def _replace(path: Path, name: str, tensor: torch.Tensor | None) -> Path:
+    """Store ``tensor`` as ``name`` in its shard, or remove it (None); the shard's path."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = path / index["weight_map"][name]
+    tensors = load_file(shard)
+    if tensor is None:
+        del tensors[name], index["weight_map"][name]
+        index_path.write_text(json.dumps(index))
+    else:
+        tensors[name] = tensor
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard
+
+
+def test_a_quantized_checkpoint_without_its_scales_or_its_config_is_one_line_naming_it(tokenizer, tmp_path):
+    path, _, _ = _quantized(tmp_path, "fp8", tokenizer)
+    weight = "model.layers.2.self_attn.kv_a_proj_with_mqa.weight"
+    shard = _replace(path, weight + "_scale_inv", torch.ones(3, 2))  # its grid is [2, 2]: 24 rows in blocks of 16
+    streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
+    with pytest.raises(UsageError, match=rf"cannot load tensor {weight} from {shard}: scale grid \[3, 2\] does not cover"):
+        stream_layers(streamed, _windows(tokenizer)[:2])
+    _replace(path, weight + "_scale_inv", None)
+    with pytest.raises(UsageError, match=rf"^cannot dequantize {weight} \({shard}\): its scale {weight}_scale_inv is not in"):
+        load_streamed(str(path), torch.float32, torch.device("cpu"))
+    config = json.loads((path / "config.json").read_text())
+    settings = config.pop("quantization_config")
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="stores quantized tensors .* but config.json has no quantization_config"):
+        load_streamed(str(path), torch.float32, torch.device("cpu"))
+    (path / "config.json").write_text(json.dumps(dict(config, quantization_config=dict(settings, quant_method="awq"))))
+    with pytest.raises(UsageError, match="a streamed model reads fp8 and mxfp4 checkpoints; its quantization_config says 'awq'"):
+        load_streamed(str(path), torch.float32, torch.device("cpu"))
+
+    path, _, _ = _quantized(tmp_path, "mxfp4", tokenizer)
+    blocks = "model.layers.1.mlp.experts.down_proj_blocks"
+    shard = _replace(path, "model.layers.1.mlp.experts.down_proj_scales", None)
+    with pytest.raises(UsageError, match=rf"^cannot dequantize {blocks} \({shard}\): its scales "
+                                         r"model.layers.1.mlp.experts.down_proj_scales are not in the checkpoint$"):
+        load_streamed(str(path), torch.float32, torch.device("cpu"))
