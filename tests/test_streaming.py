@@ -260,7 +260,12 @@ def test_a_quantized_checkpoint_streams_its_dequantized_weights_and_their_scan(f
     memory = scan_layers(wrap(reference, tokenizer), windows, batch_size=4)
     streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
     got = stream_layers(streamed, windows, batch_size=4)
-    assert streamed.checkpoint.size == stored_bytes and streamed.checkpoint.bytes_read == stored_bytes
+    checkpoint = streamed.checkpoint
+    assert checkpoint.size == stored_bytes and checkpoint.bytes_read == stored_bytes
+    # Every block's tensors, its scales included, read with that block; nothing of a block read before the pass
+    assert all(name.startswith(f"model.layers.{layer}.") for layer, names in enumerate(checkpoint.blocks) for name in names)
+    assert not any(name.startswith("model.layers.") for name in checkpoint.rest)
+    assert sum(map(len, checkpoint.blocks)) + len(checkpoint.rest) == len(checkpoint.files)
     _assert_same_scan(got, memory)
 
     streamed = load_streamed(str(path), torch.bfloat16, torch.device("cpu"))
