@@ -327,3 +327,8 @@ def test_a_quantized_checkpoint_without_its_scales_or_its_config_is_one_line_nam
     with pytest.raises(UsageError, match=rf"^cannot dequantize {blocks} \({shard}\): its scales "
                                          r"model.layers.1.mlp.experts.down_proj_scales are not in the checkpoint$"):
         load_streamed(str(path), torch.float32, torch.device("cpu"))
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization_config"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=r"stores quantized tensors \(model.layers.0.mlp.experts.gate_up_proj_blocks\) but"):
+        load_streamed(str(path), torch.float32, torch.device("cpu"))

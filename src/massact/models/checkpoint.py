@@ -218,8 +218,8 @@ class StreamedModel:
 def load_streamed(source: str, dtype: torch.dtype, device: torch.device, name: str | None = None) -> StreamedModel:
     """The model directory ``source`` built empty, with everything but its blocks read (embeddings, final norm, head):
     each block is read when a pass reaches it (``capture.streaming``), a quantized checkpoint's (block-scaled FP8,
-    MXFP4 experts) dequantized to ``dtype``. Its architecture needs a written adapter (an
-    inferred one is checked on a probe batch, which a model without its blocks cannot run)."""
+    MXFP4 experts) dequantized to ``dtype``. Its architecture needs a written adapter (an inferred one is checked on a
+    probe batch, which a model without its blocks cannot run)."""
     from transformers import AutoTokenizer
 
     from .adapters import adapter_for, claimed

@@ -108,7 +108,8 @@ def check_scales(root: Path, method: str | None, files: Mapping[str, str], dtype
     its safetensors dtype, ``renamed`` to its name after transformers' renamings (some checkpoints call the FP8 scale
     ``.scale``)."""
     if method is None:
-        scale = next((name for name in files if name.endswith(("weight_scale_inv", "_blocks"))), None)
+        scale = next((name for name in files if name.endswith("weight_scale_inv")
+                      or name.endswith("_blocks") and name.removesuffix("_blocks") + "_scales" in files), None)
         if scale is not None:
             raise UsageError(f"{root}: the checkpoint stores quantized tensors ({scale}) but config.json has no "
                              f"quantization_config")
