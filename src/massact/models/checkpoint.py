@@ -5,7 +5,9 @@ The tensors go through transformers' own loading (``convert_and_load_state_dict_
 and conversions its ``from_pretrained`` applies (per-expert tensors fused into 3-D parameters, for example) and the
 dtype conversion: a streamed block holds exactly what the model loaded in memory holds. The model is built on the
 meta device; the buffers it computes rather than stores (rotary frequencies) are then computed as transformers'
-loading computes them, and those that the checkpoint stores are read with their block.
+loading computes them, and those that the checkpoint stores are read with their block. A quantized checkpoint (block-
+scaled FP8, MXFP4 experts: ``models.quantized``) is dequantized to the dtype asked for as each block is read, its
+scales read with their weights.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ _BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2,
 class Checkpoint:
     """A safetensors checkpoint (one file, or shards with an index) of a model built empty: ``files`` maps each
     stored tensor's name to its file and ``sizes`` to its bytes as stored; ``blocks`` lists, per block, the stored
-    names whose loaded parameter is in that block (after transformers' renamings), ``rest`` the others (embeddings,
-    final norm, head). ``bytes_read`` counts the bytes read from the files."""
+    names whose loaded parameter is in that block (after transformers' renamings; a quantized weight's scales go with
+    it), ``rest`` the others (embeddings, final norm, head). ``quantizer`` is transformers' quantizer of a quantized
+    checkpoint, in its dequantizing mode (None otherwise). ``bytes_read`` counts the bytes read from the files, as
+    stored (quantized)."""
 
     root: Path
     files: dict[str, str]
@@ -42,6 +46,7 @@ class Checkpoint:
     blocks: list[list[str]]
     rest: list[str]
     mapping: list = field(default_factory=list, repr=False)  # transformers' weight conversions for this model
+    quantizer: object | None = field(default=None, repr=False)
     bytes_read: int = 0
 
     @property
@@ -72,14 +77,14 @@ class Checkpoint:
 
     def load(self, model: nn.Module, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
         """Put ``tensors`` (stored names, as ``read`` gives them) into ``model``'s parameters on ``device`` in ``dtype``,
-        converted as transformers' loading converts them; a tensor whose shape is not the parameter's is one
-        UsageError line naming it and its file."""
+        converted (and dequantized) as transformers' loading converts them; a tensor whose shape is not the
+        parameter's, or one its conversion refuses, is one UsageError line naming it and its file."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
         from transformers.utils import logging as hf_logging
 
         config = LoadStateDictConfig(dtype=dtype, dtype_plan=model._get_dtype_plan(dtype), weight_mapping=self.mapping,
-                                     device_map={"": device}, ignore_mismatched_sizes=True)
+                                     device_map={"": device}, ignore_mismatched_sizes=True, hf_quantizer=self.quantizer)
         shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one bar per block would flood the pass's own progress
         try:
@@ -88,9 +93,21 @@ class Checkpoint:
             if shown:
                 hf_logging.enable_progress_bar()
         for key, stored, expected in sorted(info.mismatched_keys):
-            file = self.files.get(key) or next((self.files[name] for name in tensors if key.endswith(name.split(".", 1)[-1])), "?")
-            raise UsageError(f"cannot load tensor {key}: shape {list(stored)} in {self.root / file}, the model needs "
-                             f"{list(expected)}")
+            raise UsageError(f"cannot load tensor {key}: shape {list(stored)} in {self.root / self._file(key, tensors)}, "
+                             f"the model needs {list(expected)}")
+        for key, message in sorted(info.conversion_errors.items()):  # transformers logs these and leaves the parameter empty
+            raise UsageError(f"cannot load tensor {key} from {self.root / self._file(key, tensors)}: {_reason(message)}")
+
+    def _file(self, key: str, tensors: Mapping[str, torch.Tensor]) -> str:
+        """The file of the stored tensor that loads into parameter ``key`` (its name, or one that ends as it does)."""
+        return self.files.get(key) or next((self.files[name] for name in tensors if key.endswith(name.split(".", 1)[-1])), "?")
+
+
+def _reason(message: str) -> str:
+    """The error's own words in transformers' record of a failed conversion: a traceback, the error's message, then
+    a line beginning "Error:" that names the conversion."""
+    lines = [line for line in message.splitlines() if line.strip() and not line.startswith("Error:")]
+    return lines[-1] if lines else message
 
 
 def stored_names(root: Path) -> dict[str, str]:
@@ -109,22 +126,23 @@ def stored_names(root: Path) -> dict[str, str]:
     raise UsageError(f"{root} has no {SINGLE} and no {INDEX}: a streamed model is read from safetensors")
 
 
-def stored_sizes(root: Path, files: Mapping[str, str]) -> dict[str, int]:
-    """Each stored tensor's bytes, from its file's header (no tensor is read); a missing shard is one UsageError line."""
+def stored_headers(root: Path, files: Mapping[str, str]) -> dict[str, tuple[str, int]]:
+    """Each stored tensor's (safetensors dtype, bytes), from its file's header (no tensor is read); a missing shard is
+    one UsageError line."""
     from safetensors import safe_open
 
-    sizes = {}
+    headers = {}
     for file in sorted(set(files.values())):
         try:
             with safe_open(root / file, framework="pt", device="cpu") as handle:
                 for name in (name for name in files if files[name] == file):
                     piece = handle.get_slice(name)
-                    sizes[name] = math.prod(piece.get_shape()) * _BYTES[piece.get_dtype()]
+                    headers[name] = piece.get_dtype(), math.prod(piece.get_shape()) * _BYTES[piece.get_dtype()]
         except FileNotFoundError:
             raise UsageError(f"cannot read {root / file}: the shard is missing (named by {INDEX})") from None
         except Exception as error:
             raise UsageError(f"cannot read {root / file}: {first_line(error)}") from None
-    return sizes
+    return headers
 
 
 def weights_bytes(root: Path, dtype: torch.dtype) -> int | None:
@@ -197,18 +215,24 @@ def empty_model(config, dtype: torch.dtype, auto=None) -> nn.Module:
     return model.eval()
 
 
-def open_checkpoint(root: Path, model: nn.Module, layers: str, n_layers: int) -> Checkpoint:
+def open_checkpoint(root: Path, model: nn.Module, layers: str, n_layers: int, quantizer=None) -> Checkpoint:
     """The checkpoint at ``root`` of ``model`` (built empty), its stored tensors grouped by the block that holds
-    their loaded parameter: ``layers`` is the block list's path in ``model`` (e.g. "model.layers")."""
+    their loaded parameter: ``layers`` is the block list's path in ``model`` (e.g. "model.layers"). ``quantizer``
+    (``quantized.dequantizer``) adds the conversions that dequantize a quantized checkpoint, which take each scale to
+    its weight's parameter; a quantized tensor stored without its scales is one UsageError line naming them."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
+    from .quantized import check_scales, quant_method
+
     files = stored_names(root)
-    sizes = stored_sizes(root, files)
-    mapping = get_model_conversion_mapping(model)
+    headers = stored_headers(root, files)
+    mapping = get_model_conversion_mapping(model, hf_quantizer=quantizer)
     renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     meta = model.state_dict()
+    renamed = {name: rename_source_key(name, renamings, [], model.base_model_prefix, meta)[0] for name in files}
+    check_scales(root, quant_method(model.config), files, {name: dtype for name, (dtype, _) in headers.items()}, renamed)
     block = re.compile(rf"^{re.escape(layers)}\.(\d+)\.")
     blocks: list[list[str]] = [[] for _ in range(n_layers)]
     rest = []
@@ -219,7 +243,8 @@ def open_checkpoint(root: Path, model: nn.Module, layers: str, n_layers: int) ->
             blocks[int(found.group(1))].append(name)
         else:
             rest.append(name)
-    return Checkpoint(root=root, files=files, sizes=sizes, blocks=blocks, rest=rest, mapping=mapping)
+    return Checkpoint(root=root, files=files, sizes={name: size for name, (_, size) in headers.items()}, blocks=blocks,
+                      rest=rest, mapping=mapping, quantizer=quantizer)
 
 
 def release(module: nn.Module) -> None:
@@ -252,20 +277,23 @@ class StreamedModel:
 
 def load_streamed(source: str, dtype: torch.dtype, device: torch.device, name: str | None = None) -> StreamedModel:
     """The model directory ``source`` built empty, with everything but its blocks read (embeddings, final norm, head):
-    each block is read when a pass reaches it (``capture.streaming``). Its architecture needs a written adapter (an
-    inferred one is checked on a probe batch, which a model without its blocks cannot run)."""
+    each block is read when a pass reaches it (``capture.streaming``), a quantized checkpoint's (block-scaled FP8,
+    MXFP4 experts) dequantized to ``dtype``. Its architecture needs a written adapter (an inferred one is checked on a
+    probe batch, which a model without its blocks cannot run)."""
     from transformers import AutoTokenizer
 
     from .adapters import adapter_for, claimed
     from .loading import read_config
+    from .quantized import dequantizer
 
     name = name or source.rstrip("/")
     config = read_config(source, name)
     if not claimed(config):
         raise UsageError(f"{name}: a streamed model needs a written adapter; {config.model_type!r} has none")
     adapter = adapter_for(config)
+    quantizer = dequantizer(config, name)
     model = empty_model(config, dtype)
-    checkpoint = open_checkpoint(Path(source), model, adapter.layers_path(model), config.num_hidden_layers)
+    checkpoint = open_checkpoint(Path(source), model, adapter.layers_path(model), config.num_hidden_layers, quantizer)
     checkpoint.load(model, checkpoint.read(checkpoint.rest), dtype, device)
     model.tie_weights()
     for owner in model.modules():  # the computed buffers on the blocks' device
