@@ -287,7 +287,7 @@ def test_an_interrupted_streamed_scan_resumes_at_the_next_block_to_the_same_stat
     assert not (tmp_path / "out" / "stream-state.pt").exists()
 
 
-def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path, capsys):
+def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path, capsys, monkeypatch):
     """``scan DIR --stream`` writes a report that ``verify`` completes in memory (the weights digest is the in-memory
     model's) and ``compare`` reads; a model larger than ``--memory`` is streamed with a line saying so; bad input is
     one line."""
@@ -317,6 +317,10 @@ def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path,
         assert code == 2 and len(err.strip().splitlines()) == 1 and all(f in err for f in fragments), err
     code, err = run_main(capsys, "scan", tmp_path / "nowhere", "--stream", "--out", tmp_path / "x")
     assert code == 2 and "--stream reads a model directory of safetensors files" in err, err
+    monkeypatch.setattr("massact.models.checkpoint.available_memory", lambda: 1000)  # the model no longer fits
+    for command in ("verify", "quant"):
+        code, err = run_main(capsys, command, out)
+        assert code == 2 and f"{command} runs the model in memory, and its weights" in err and "(1.0 kB)" in err, err
 # Quantized checkpoints, written here as the big models ship them. FP8: DeepSeek-V3's layout (each linear's float8
 # weight with its weight_scale_inv, the experts apart), in blocks of 16 rows x 32 columns, so that kv_a_proj_with_mqa
 # (24 rows) ends in a short row of blocks and kv_b_proj (16 columns) is one short column. MXFP4: gpt-oss's experts.

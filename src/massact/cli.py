@@ -551,6 +551,7 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
     protect = load_protect(args.protect) if args.protect else build_protect(report)
     if not protect.massive_dims:  # said now, before the model loads and an engine's library is imported
         raise UsageError("nothing to measure: the model has no massive activations under the criterion")
+    _fits(report.model.source, run.dtype, "quant")
     lm = load(report.model.source, dtype=run.dtype, device=run.device, log=_log(args.quiet))
     # The model at the report's source must still be the one it was made with: its weights and super weights, as saved.
     check_report_model(report, lm, str(directory / "report.json"))
@@ -642,8 +643,24 @@ def _verify(args) -> int:
     check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)
+    _fits(saved.model.source, settings.dtype, "verify")
     return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True, full=args.full,
                 saved=saved)
+
+
+def _fits(model: str | None, dtype: str, command: str) -> None:
+    """Refuse, in one line, to load a model directory whose weights exceed the memory available: ``command`` runs the
+    model in memory, which a streamed model does not fit."""
+    from .models.checkpoint import available_memory, weights_bytes
+    from .models.loading import DTYPES
+    from .numbers import size as in_bytes
+
+    if model is None or not Path(model).is_dir():
+        return
+    size, limit = weights_bytes(Path(model), DTYPES[dtype]), available_memory()
+    if size is not None and limit is not None and size > limit:
+        raise UsageError(f"{command} runs the model in memory, and its weights ({in_bytes(size)} in {dtype}) exceed the "
+                         f"memory available ({in_bytes(limit)}): {command} is not measured on a streamed model yet")
 
 
 def _show(args) -> int:
