@@ -141,8 +141,7 @@ def scan(
 
 
 # What a streamed scan does not measure yet: the stages that run the model again on the kept texts.
-STREAMED_SECTIONS = ("trigger", "verification", "attention sinks", "super weights",
-                     "quantization")
+STREAMED_SECTIONS = ("trigger", "verification", "attention sinks", "super weights zeroed one by one", "quantization")
 
 
 @guarded
@@ -184,7 +183,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     reads = streamed.checkpoint.bytes_read / max(size, 1)
     skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: the "
                f"corpus pass{', the lifelines and the mechanism' if lines else ''}); not measured on a streamed model yet: "
-               f"{', '.join(STREAMED_SECTIONS)}")
+               f"{', '.join((('the mechanism (hyper-connections)',) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS)}")
     info = model_info(lm)
     info.weights_sha256 = weights_sha256(lm.model, streamed.samples)  # every block's sample, taken as it was loaded
     report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=False, quant=False),
