@@ -218,7 +218,8 @@ def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_pa
     _close(_comparable(got), _comparable(memory))
     blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
     assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
-    assert any("read 3 times" in w or "read 2.9 times" in w or "times (" in w for w in got.warnings)
+    ratio = streamed.checkpoint.bytes_read / streamed.checkpoint.size  # blocks 3 times, embeddings and head once
+    assert 2 < ratio < 3 and any(f"the checkpoint was read {ratio:.2g} times" in w for w in got.warnings), got.warnings
     assert not any((tmp_path / "out").glob("*.bin")) and not (tmp_path / "out" / "stream-state.pt").exists()
 
 
