@@ -37,7 +37,15 @@ from .analysis.evaluation.embeddings import headless
 from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
 from .analysis.evaluation.windows import evaluation_for
 from .analysis.function.sinks import sink_analysis
-from .analysis.mechanism.explain import birth_state, explain, explain_streams, pick_events, stream_birth_state, token_values
+from .analysis.mechanism.explain import (
+    birth_state,
+    explain,
+    explain_streams,
+    pick_events,
+    probe_events,
+    stream_birth_state,
+    token_values,
+)
 from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
 from .analysis.mechanism.results import Mechanism
 from .analysis.mechanism.stream import streamed_mechanism
@@ -175,7 +183,8 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     warnings = list(found.warnings)
     if found.findings.dims and lm.adapter.hyper is None:  # two more passes, over the kept texts alone
         mechanism = streamed_mechanism(streamed, found.findings, found.inputs, settings, warnings,
-                                       place.folder if place is not None else Path("."), supers)
+                                       place.folder if place is not None else Path("."))
+        mechanism.super_experts = supers
     else:
         mechanism = Mechanism(lifelines=[], origin=[], anatomy=[], attribution=[], experts=[], super_experts=supers,
                               birth_state=None, token_values=None)
@@ -332,8 +341,8 @@ def mechanism_stage(lm: LoadedModel, found: Detection, settings: ScanSettings, w
     if lm.adapter.hyper is not None:
         return _stream_mechanism(lm, findings, inputs, settings, supers, warnings)
     lines = lifelines(lm, findings, inputs)
-    origins, anatomies, attributions, experts = explain(lm, pick_events(findings.dims, findings.massive, lines), inputs, findings,
-                                                        settings, warnings)
+    events = pick_events(findings.dims, findings.massive, lines)
+    origins, anatomies, attributions, experts = explain(lm, events, probe_events(lm, events, inputs), findings, settings, warnings)
     return Mechanism(lifelines=lines, origin=origins, anatomy=anatomies, attribution=attributions, experts=experts,
                      super_experts=supers,
                      birth_state=birth_state(lm, inputs, dims=findings.dims, origin=origins, massive=findings.massive,

@@ -153,7 +153,7 @@ def weights_bytes(root: Path, dtype: torch.dtype) -> int | None:
 
     try:
         files = stored_names(root)
-    except UsageError:
+    except Exception:  # no checkpoint, or a damaged one: said when the model is read
         return None
     width = torch.empty((), dtype=dtype).element_size()
     total = 0

@@ -56,18 +56,14 @@ def pick_events(dims: list[DimSummary], massive: list[Massive], lines: list[Life
 
 
 def explain(
-    lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor], findings: Findings, settings: ScanSettings,
-    warnings: list[str], probes: Probes | None = None,
+    lm: LoadedModel, events: list[Event], probes: Probes, findings: Findings, settings: ScanSettings, warnings: list[str],
 ) -> tuple[list[Origin], list[Anatomy], list[Attribution], list[ExpertAttribution]]:
-    """The mechanism at each event: the writer, and for an MLP writer its anatomy and neurons (or experts). One probe
-    pass per (text, block), the ``settings.top_neurons`` largest neurons kept; checks that fail their second computation
-    are appended to ``warnings``. ``probes``: the events' blocks already probed (see ``event_positions``), e.g. by a
-    streamed pass; None: probed here. Only the weights of the events' blocks are read."""
+    """The mechanism at each event: the writer, and for an MLP writer its anatomy and neurons (or experts), from the
+    events' blocks probed (``probe_events``, or a streamed pass), the ``settings.top_neurons`` largest neurons kept;
+    checks that fail their second computation are appended to ``warnings``. Only the weights of the events' blocks
+    are read."""
     tokens, layers, criterion, top_neurons = findings.tokens, findings.layers, findings.criterion, settings.top_neurons
     origins, anatomies, attributions, experts = [], [], [], []
-    if probes is None:
-        probes = {(text, layer): (positions, probe_block(lm, inputs[text], layer, positions))
-                  for (text, layer), positions in event_positions(events).items()}
     tolerance = _tolerance(lm)
     for event in events:
         positions, vectors = probes[event.text, event.layer]
@@ -99,6 +95,13 @@ def explain(
 
 # (text, block) -> (the positions probed, {site: [len(positions), width]}): what ``probe_block`` reads for the events.
 Probes = dict[tuple[int, int], tuple[list[int], dict[str, torch.Tensor]]]
+
+
+def probe_events(lm: LoadedModel, events: list[Event], inputs: dict[int, torch.Tensor]) -> Probes:
+    """Every (text, block) of ``events`` probed at its events' positions: one forward pass each (``inputs``: the kept
+    windows' token ids)."""
+    return {(text, layer): (positions, probe_block(lm, inputs[text], layer, positions))
+            for (text, layer), positions in event_positions(events).items()}
 
 
 def event_positions(events: list[Event]) -> dict[tuple[int, int], list[int]]:

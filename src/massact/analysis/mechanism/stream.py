@@ -56,9 +56,10 @@ class _Pass:
 
 @torch.no_grad()
 def streamed_mechanism(streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor], settings: ScanSettings,
-                       warnings: list[str], folder: Path, supers=None) -> Mechanism:
-    """``pipeline.mechanism_stage`` on a streamed model (one residual stream), in two passes over the kept texts;
-    checks that fail their second computation are appended to ``warnings``."""
+                       warnings: list[str], folder: Path) -> Mechanism:
+    """``pipeline.mechanism_stage`` on a streamed model (one residual stream), in two passes over the kept texts,
+    without the super experts (the corpus pass's); checks that fail their second computation are appended to
+    ``warnings``."""
     lm = streamed.lm
     groups = carrier_groups(findings)
     strongest, texts = token_view(findings.dims, [(d.dim, main_carrier(findings.massive, d.dim).text) for d in findings.dims],
@@ -72,7 +73,7 @@ def streamed_mechanism(streamed: StreamedModel, findings: Findings, inputs: dict
                                                                  folder)
     state = state_of(output, birth.layer, birth.text, "", findings.massive, findings.tokens) if birth is not None else None
     return Mechanism(lifelines=lines, origin=origins, anatomy=anatomies, attribution=attributions, experts=experts,
-                     super_experts=supers, birth_state=state,
+                     super_experts=None, birth_state=state,
                      token_values=token_values(lm, inputs, dims=findings.dims, lifelines=lines, read=view))
 
 
@@ -137,7 +138,7 @@ def _explain(streamed: StreamedModel, events: list[Event], birth: Event | None, 
 
     def finished(layer: int) -> None:
         for number in (number for number, event in enumerate(events) if event.layer == layer):
-            found[number] = explain(lm, [events[number]], inputs, findings, settings, warnings, probes)
+            found[number] = explain(lm, [events[number]], probes, findings, settings, warnings)
 
     run.run(at_block, finished)
     out: tuple[list, list, list, list] = ([], [], [], [])
