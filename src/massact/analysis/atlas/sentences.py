@@ -44,9 +44,14 @@ def _mean_rate(rows: Sequence[Row]) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
+def _of(count: int, total: int, noun: str = "model") -> str:
+    """'1 of 1 model', '0 of 2 models'."""
+    return f"{count} of {total} {noun}{'s' if total != 1 else ''}"
+
+
 def feature(rows: Sequence[Row]) -> list[Sentence]:
-    """Per feature that some models have and others do not: "<feature>: k of n models without a massive value,
-    against k' of n' of the others", and where both sides measured the sink, their mean sink rates."""
+    """Per feature that some models have and others do not: "<feature>: k of n models without a massive value, against
+    k' of n' of the others", and where both sides measured the sink, their mean sink rates."""
     found = []
     for name, has in FEATURES:
         with_it = [r for r in rows if has(r.architecture)]
@@ -54,11 +59,10 @@ def feature(rows: Sequence[Row]) -> list[Sentence]:
         if not with_it or not others:
             continue
         none = lambda group: sum(not r.dims for r in group)
-        text = (f"{name}: {none(with_it)} of {len(with_it)} model{'s' if len(with_it) > 1 else ''} without a massive value, "
-                f"against {none(others)} of {len(others)} of the others")
+        text = f"{name}: {_of(none(with_it), len(with_it))} without a massive value, against {none(others)} of {len(others)} of the others"
         rate, other_rate = _mean_rate(with_it), _mean_rate(others)
         if rate is not None and other_rate is not None:
-            text += f"; their sink rate is {rate:.2f} against {other_rate:.2f} in the others"
+            text += f"; mean sink rate {rate:.2f} against {other_rate:.2f}"
         found.append(Sentence(rule="feature", text=text + ".", rows=_models(with_it + others)))
     return found
 
@@ -83,8 +87,9 @@ def apart(rows: Sequence[Row]) -> list[Sentence]:
                        ("a massive value without a sink", lambda r: not r.has_sink and bool(r.dims))):
         which = [r for r in measured if test(r)]
         if which:
-            found.append(Sentence(rule="apart", text=f"{len(which)} of the {len(measured)} models whose sink was measured have {text} "
-                                                     f"({', '.join(_models(which))}).", rows=_models(measured)))
+            found.append(Sentence(rule="apart", text=f"{_of(len(which), len(measured))} whose sink was measured "
+                                                     f"{'has' if len(which) == 1 else 'have'} {text} ({', '.join(_models(which))}).",
+                                  rows=_models(measured)))
     return found
 
 
@@ -94,8 +99,8 @@ def survival(rows: Sequence[Row]) -> list[Sentence]:
     if not measured:
         return []
     kept = [r for r in measured if r.sink_survives]
-    return [Sentence(rule="survival", text=f"The sink survives the massive values set to zero in {len(kept)} of the {len(measured)} "
-                                           f"models where that was measured"
+    return [Sentence(rule="survival", text=f"The sink survives the massive values set to zero in {_of(len(kept), len(measured))} "
+                                           "where that was measured"
                                            + (f" ({', '.join(_models(kept))})." if kept else "."), rows=_models(measured))]
 
 
