@@ -171,6 +171,27 @@ def test_a_resumed_atlas_equals_an_uninterrupted_one(models, atlas, tmp_path, ca
     assert "holds a report made with other texts or settings" in capsys.readouterr().err
 
 
+def test_two_processes_share_the_models(models, atlas, monkeypatch):
+    """Under torchrun process r of n surveys models r, r + n, ...; every process waits for the others, then the first
+    reads every folder back: here the fixture's folders, so its atlas is the fixture's."""
+    _, specs = models
+    surveyed, waits = [], []
+    monkeypatch.setattr(atlas_run, "survey", lambda job, progress=None: surveyed.append(job.model.spec))
+    monkeypatch.setattr(atlas_run, "wait_for_all", lambda: waits.append(True))
+    report = load_report(atlas / "llama")
+    checkpoints = atlas_run.models(specs)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        surveyed.clear()
+        shares[rank] = (atlas_run.run(checkpoints, report.corpus.spec, report.settings, atlas, lambda m: None, isolate=False),
+                        list(surveyed))
+    assert shares["1"] == (None, [specs[1]]) and shares["0"][1] == [specs[0], specs[2]] and waits == [True, True]
+    saved = load_atlas(atlas / "atlas.json")
+    assert (shares["0"][0].rows, shares["0"][0].sentences) == (saved.rows, saved.sentences)
+
+
 def test_a_model_in_a_process_of_its_own(models, atlas, tmp_path):
     """The default: the model's survey runs in a spawned interpreter; its report kept, its architecture.json written."""
     root, specs = models
