@@ -15,6 +15,7 @@ import pytest
 import massact
 from conftest import D_MLP, D_MODEL, MIXERS, N_LAYERS, save_planted, tiny_model
 from massact.analysis.atlas.results import AtlasDim, Row
+from massact.analysis.atlas.rows import row as atlas_row
 from massact.analysis.atlas.sentences import apart, birth, feature, survival
 from massact.atlas import run as atlas_run
 from massact.cli import main
@@ -142,6 +143,25 @@ def test_architecture_of_tiny_families(family):
     assert found.positions.get("NoPE", 0.0) == pytest.approx(sum(not b.positions for b in softmax) / len(softmax)) or \
         found.positions == {"NoPE": 1.0}  # no rotary and no learned positions at all
     assert found.parameters == sum(p.numel() for p in model.parameters()) and found.blocks == N_LAYERS
+
+
+def test_a_mixture_of_experts_row_names_the_expert_and_its_super_weight(tokenizer):
+    """A planted expert neuron (test_families: expert 2's neuron 37 of block 1 writes dim 20 on BOS): the row takes the
+    expert, the neuron and its share, the super weight at its index in the fused experts, and the super experts, as
+    the report has them; the architecture its 4 routed experts, 2 per token."""
+    from test_families import EXPERT, TEXTS, planted_moe
+
+    model = planted_moe("mixtral", tokenizer)
+    report = massact.scan(model, TEXTS, tokenizer=tokenizer, verify=False)
+    found = atlas_row("mixtral", architecture(adapter_for(model.config), model), report.findings, report.mechanism, report.causal.attention,
+                report.deploy.precision)
+    split = report.mechanism.experts[0].moe
+    assert (found.lead, found.birth, found.writer, found.expert, found.neuron) == (DIM, 1, "mlp", EXPERT, NEURON)
+    assert found.neuron_share == split.neurons[0].share > 0.9 and found.super_weight_value == 100.0
+    assert found.super_weight == f"{split.super_weight.matrix}[{', '.join(map(str, split.super_weight.index))}]"
+    assert found.super_experts == [[x.layer, x.expert] for x in report.mechanism.super_experts.found]
+    assert (found.architecture.experts, found.architecture.top_k, found.architecture.shared) == (4, 2, 0)
+    assert not found.verified and found.sink_rate is None and found.sink_rates is None  # not verified: no sink columns
 
 
 def test_exaone4_nope_blocks_are_its_full_attention_blocks():
