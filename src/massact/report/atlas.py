@@ -199,12 +199,14 @@ massive).</p>{_table(atlas.rows, tuple(name for name, _ in COLUMNS))}</section>
 
 
 def write_atlas(atlas: Atlas, out: Path, formats: set[str]) -> list[Path]:
-    """atlas.json, atlas.csv, atlas.html and the curves in ``out`` (beside the models' report folders); the CSV goes with
-    the JSON."""
+    """atlas.json, atlas.csv, atlas.html and the curves in ``out`` (beside the models' report folders); the CSV is the
+    atlas's text, written with the JSON or the text."""
     pngs = figures(atlas) if formats & {"html", "png"} else {}
     contents: dict[str, str | bytes] = {}
     if "json" in formats:
-        contents |= {"atlas.json": to_json(atlas), "atlas.csv": to_csv(atlas)}
+        contents["atlas.json"] = to_json(atlas)
+    if formats & {"json", "txt"}:
+        contents["atlas.csv"] = to_csv(atlas)
     if "html" in formats:
         contents["atlas.html"] = to_html(atlas, pngs)
     if "png" in formats:
