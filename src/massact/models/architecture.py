@@ -61,11 +61,6 @@ class Architecture:
     expert_blocks: float
     streams: int
 
-    @property
-    def norm(self) -> str:
-        """The norm placement of most blocks."""
-        return max(self.norms, key=self.norms.get)
-
 
 def architecture(adapter: Adapter, model: nn.Module) -> Architecture:
     """The architecture of ``model`` (a transformers model) as its ``adapter`` declares each block."""
@@ -75,7 +70,7 @@ def architecture(adapter: Adapter, model: nn.Module) -> Architecture:
     n_layers = len(adapter.blocks(model))
     blocks = [adapter.at(config, layer) for layer in range(n_layers)]
     softmax = [layer for layer, here in enumerate(blocks) if mixer(here) in SOFTMAX]
-    rotary = _rotary(model)
+    rotary, learned = _rotary(model), _learned(model, config)
     turned = [rotary_share(config, layer) for layer in softmax if blocks[layer].positions] if rotary else []
     sparse = next((layer for layer, here in enumerate(blocks) if here.moe is not None), None)
     experts = None if sparse is None else _experts(adapter, model, config, sparse)
@@ -85,8 +80,7 @@ def architecture(adapter: Adapter, model: nn.Module) -> Architecture:
         norms=shares([norm(here) for here in blocks], NORMS),
         parallel=sum(here.parallel for here in blocks) / n_layers,
         mixers=shares([mixer(here) for here in blocks], MIXERS),
-        positions=shares([position(blocks[layer], config, layer, rotary, _learned(model, config)) for layer in softmax],
-                         POSITIONS),
+        positions=shares([position(blocks[layer], config, layer, rotary, learned) for layer in softmax], POSITIONS),
         rotary=min(turned) if turned else None,
         experts=None if experts is None else experts[0], top_k=None if experts is None else experts[1],
         shared=0 if experts is None else experts[2],
