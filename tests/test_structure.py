@@ -1,5 +1,5 @@
 """The layout's rules, read from the source's own imports: data flows one way (models -> capture -> analysis ->
-report -> pipeline -> track -> cli), no stage module imports the Report, and the files' reader needs no torch."""
+report -> pipeline -> track -> atlas -> cli), no stage module imports the Report, and the files' reader needs no torch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import massact
 
 SRC = Path(massact.__file__).parent
 # Each layer may import the layers before it, never one after it.
-ORDER = ["settings", "models", "capture", "analysis", "report", "pipeline", "track", "cli"]
+ORDER = ["settings", "models", "capture", "analysis", "report", "pipeline", "track", "atlas", "cli"]
 BASE = {"errors", "sites", "numbers", "launch", "texts", "writes", "__init__", "__main__", "masks", "data"}  # shared by every layer
 # Jupyter's view of a Report renders the page's summary card: imported inside ``_repr_html_`` only when it is called.
 ALLOWED_UP = {("analysis/results.py", "report.html")}

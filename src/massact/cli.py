@@ -181,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
                                          help="output directory: track.json/.txt/.html and the figures, one report folder per checkpoint")
     _group(track, "verification").add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                                                help="verify each checkpoint by intervention and measure its attention sink (default: off)")
+    atlas = commands.add_parser("atlas", parents=[o["model"], o["corpus"], o["criterion"], o["analysis"], o["verification"],
+                                                  o["evaluation"], o["output"], o["scale"]],
+                                help="scan several models with the same texts and settings: a row each, the architecture beside "
+                                     "what is measured, the curves, the sentences the rows support")
+    atlas.add_argument("models", nargs="*", metavar="MODEL", help="a model directory, a .gguf file or a hub ID[@REVISION]")
+    atlas.add_argument("--list", type=Path, dest="model_list", help="a file of models, one per line (# comments and blank lines skipped)")
+    _group(atlas, "output").add_argument("--out", type=Path, default=Path("massact-report") / "atlas",
+                                         help="output directory: atlas.json/.csv/.html and the curves, one report folder per model")
+    _group(atlas, "verification").add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
+                                               help="verify each model by intervention and measure its attention sink (default: off)")
+    _group(atlas, "scale").add_argument("--in-process", action="store_true",
+                                        help="scan the models one after another in this process, not each in a process of its own "
+                                             "(quicker to start for small models)")
     profile = commands.add_parser("profile", parents=[o["model"], o["corpus"], o["criterion"], o["scale"]],
                                   help="profile.json: per block the massive dims, the rules that predict their carriers, "
                                        "the outlier severity")
@@ -211,7 +224,7 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
     try:
         args = build_parser().parse_args(argv)
         code = {"scan": _scan, "verify": _verify, "compare": _compare, "quant": _quant, "show": _show,
-                "track": _track, "protect": _protect,
+                "track": _track, "atlas": _atlas, "protect": _protect,
                 "profile": _profile}[args.command](args)
     except UsageError as error:
         print(f"massact: error: {error}", file=sys.stderr)
@@ -427,6 +440,34 @@ def _track(args) -> int:
     written = write_track(track, args.out, formats)
     if not args.quiet:
         terminal().print(Group(*renderables(track, plain=False)))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _atlas(args) -> int:
+    """massact atlas: every model scanned with the same texts and settings (``massact.atlas.run``), then a row each."""
+    from .atlas.run import models, run
+    from .report.atlas import write_atlas
+    from .report.atomic import check_writable
+    from .report.files import parse_formats
+
+    settings = ScanSettings(verify=args.verify, eval_file=_eval_file(args.eval_file),
+                            **_given(args, *_SCAN_OPTIONS, "chain_depth", "super_expert_quantile", "super_expert_fraction",
+                                     "super_expert_depth", "sink_epsilon")).check()
+    formats = parse_formats(args.format)
+    check_writable(args.out)
+    log = _log(args.quiet)  # before any MODEL is read: it also quiets transformers
+    listed = models(args.models, args.model_list)  # every MODEL checked before any loads
+    texts = _corpus(args)
+    texts.check()
+    with _progress(_bars(args.quiet) and args.in_process) as progress:
+        atlas = run(listed, texts, settings, args.out, log, progress, formats, isolate=not args.in_process)
+    if atlas is None:  # another process of a multi-process launch writes the atlas
+        return 0
+    written = write_atlas(atlas, args.out, formats)
+    if not args.quiet:
+        print("\n".join(sentence.text for sentence in atlas.sentences) or "The rows support no sentence across models.")
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -30,7 +30,7 @@ _STAGING = re.compile(r"^\.(?P<name>.+)\.massact-(?P<pid>\d+)$")  # a staging di
 # Files massact writes in an output directory (with their hidden partials): replaced by a new set, never carried.
 _PARTIAL = re.compile(r"^\..*\.partial(-\d+)?$")
 _OWN = re.compile(r"^(report\.(txt|json|html)|protect\.json|profile\.json|quantization\.(json|txt)|compare\.html|compare_profiles\.png|"
-                  r"track\.(json|txt|html)|track_\w+\.png|scan-state\.pt.*)$")
+                  r"track\.(json|txt|html)|track_\w+\.png|atlas\.(json|csv|html)|atlas_\w+\.png|scan-state\.pt.*)$")
 
 
 def _own(name: str) -> bool:

@@ -1,6 +1,7 @@
 """The one schema of every file massact writes and reads back (report.json, protect.json, profile.json,
-quantization.json, track.json, and an engine's configuration from ``massact protect export``): the dataclasses' own
-type hints, plus the constraints types cannot say, declared once in ``CHECKS`` from the writers' own constants.
+quantization.json, track.json, atlas.json and an atlas model's architecture.json, and an engine's configuration from
+``massact protect export``): the dataclasses' own type hints, plus the constraints types cannot say, declared once in
+``CHECKS`` from the writers' own constants.
 
 ``read(kind, data, where)`` checks parsed JSON against the dataclass ``kind`` and builds it in one pass; the first
 problem is one ``UsageError`` line that names the field (``report.json: field origin[0].role must be ...``).
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..analysis.atlas.results import Atlas, AtlasDim, Row, Sentence
+from ..analysis.atlas.sentences import RULES
 from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
@@ -47,6 +50,7 @@ from ..analysis.results import Report
 from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
 from ..analysis.trigger.results import VERDICTS, Carriers, ChainLink, NeuronTrigger, PreActivationSplit
 from ..errors import UsageError
+from ..models.architecture import MIXERS, NORMS, POSITIONS, Architecture
 from ..models.info import ModelInfo
 from ..settings import DTYPES, MAX_COUNT, Criterion, ScanSettings
 from ..sites import STREAMS
@@ -54,6 +58,8 @@ from ..texts import Corpus
 
 PROFILE_FORMAT, PROFILE_VERSION = "massact-profile", 1
 TRACK_FORMAT, TRACK_VERSION = "massact-track", 1
+ATLAS_FORMAT, ATLAS_VERSION = "massact-atlas", 1
+ARCHITECTURE_FORMAT, ARCHITECTURE_VERSION = "massact-architecture", 1
 QUANTIZATION_FORMAT, QUANTIZATION_VERSION = "massact-quantization", 1
 REPORT_FORMAT = "massact-report"
 REPORT_VERSION = 2  # nested by stage; version 1 (flat, or without the version field) is read and converted
@@ -189,7 +195,34 @@ CHECKS: dict[tuple[type, str], Check] = {
     (ProtectedWeight, "row"): _at_least(0),
     (ProtectedWeight, "col"): _at_least(0),
     (ProtectedWeight, "index"): _at_least(0),
+    (Architecture, "blocks"): _at_least(1),
+    (Architecture, "d_model"): _at_least(1),
+    (Architecture, "parameters"): _at_least(0),
+    (Architecture, "parallel"): _share(),
+    (Architecture, "rotary"): _share(),
+    (Architecture, "experts"): _at_least(1),
+    (Architecture, "top_k"): _at_least(1),
+    (Architecture, "shared"): _at_least(0),
+    (Architecture, "expert_blocks"): _share(),
+    (Architecture, "streams"): _at_least(1),
+    (AtlasDim, "dim"): _at_least(0),
+    (AtlasDim, "born_at"): _at_least(0),
+    (Row, "top_block"): _at_least(0),
+    (Row, "birth"): _at_least(0),
+    (Row, "birth_depth"): _share(),
+    (Row, "writer"): _one_of(BRANCHES),
+    (Row, "sink_rate"): _share(),
+    (Row, "sink_share"): _share(),
+    (Row, "learned_sink"): _share(),
+    (Row, "sink_kept"): _at_least(0),
+    (Row, "sink_reached"): _at_least(1),
+    (Sentence, "rule"): _one_of(tuple(rule.__name__ for rule in RULES)),
 }
+
+def _shares_of(shares: dict[str, float], kinds: tuple[str, ...]) -> bool:
+    """Shares of some of ``kinds``, each in (0, 1], that sum to 1."""
+    return set(shares) <= set(kinds) and all(0 < v <= 1 for v in shares.values()) and abs(sum(shares.values()) - 1) < 1e-6
+
 
 # Constraints between fields of one object: (field named in the message, test, what it must be).
 AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
@@ -212,6 +245,18 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
            ("carriers", lambda r: r.carriers <= r.predicted, "a count of at most predicted (the tokens the rule flags)")],
     # The first checkpoint has no previous one and no change; null stands for nan too (a float16 overflow), so a later
     # checkpoint may have a null change, but then its percentage is null with it.
+    # An architecture's shares are of its own kinds and sum to 1; a row's curve has a point per block; a sentence
+    # rests on rows of the atlas, each model once.
+    Architecture: [("norms", lambda a: _shares_of(a.norms, NORMS), "shares of " + ", ".join(NORMS) + " that sum to 1"),
+                   ("mixers", lambda a: _shares_of(a.mixers, MIXERS), "shares of " + ", ".join(MIXERS) + " that sum to 1"),
+                   ("positions", lambda a: not a.positions or _shares_of(a.positions, POSITIONS),
+                    "shares of " + ", ".join(POSITIONS) + " that sum to 1, or nothing")],
+    Row: [("ratios", lambda r: len(r.ratios) == r.architecture.blocks, "one ratio per block (architecture.blocks)"),
+          ("sink_rates", lambda r: r.sink_rates is None or len(r.sink_rates) == r.architecture.blocks, "one rate per block, or null"),
+          ("sink_kept", lambda r: (r.sink_kept is None) == (r.sink_reached is None) and (r.sink_kept or 0) <= (r.sink_reached or 0),
+           "a count of at most sink_reached, null exactly where sink_reached is")],
+    Atlas: [("rows", lambda a: len({r.model for r in a.rows}) == len(a.rows), "each model once"),
+            ("sentences", lambda a: all(set(s.rows) <= {r.model for r in a.rows} for s in a.sentences), "rows of models in the atlas")],
     Checkpoint: [("change", lambda c: c.previous is not None or c.change is None, "null at the first checkpoint (no previous)"),
                  ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
 }
@@ -574,6 +619,26 @@ def write_track(track: Track) -> str:
 def load_track(path: Path) -> Track:
     """A track.json, checked and built; a wrong format, version or field is one UsageError line."""
     return _load_headed(path, Track, TRACK_FORMAT, TRACK_VERSION, "a massact track")
+
+
+def write_atlas(atlas: Atlas) -> str:
+    """atlas.json's text: its format and version, then the atlas."""
+    return write(atlas, {"format": ATLAS_FORMAT, "version": ATLAS_VERSION})
+
+
+def load_atlas(path: Path) -> Atlas:
+    """An atlas.json, checked and built; a wrong format, version or field is one UsageError line."""
+    return _load_headed(path, Atlas, ATLAS_FORMAT, ATLAS_VERSION, "a massact atlas")
+
+
+def write_architecture(architecture: Architecture) -> str:
+    """An atlas model's architecture.json (beside its report.json): its format and version, then the architecture."""
+    return write(architecture, {"format": ARCHITECTURE_FORMAT, "version": ARCHITECTURE_VERSION})
+
+
+def load_architecture(path: Path) -> Architecture:
+    """An architecture.json, checked and built; a wrong format, version or field is one UsageError line."""
+    return _load_headed(path, Architecture, ARCHITECTURE_FORMAT, ARCHITECTURE_VERSION, "a massact architecture")
 
 
 def write_quantization(quantization: Quantization) -> str:

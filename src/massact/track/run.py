@@ -64,7 +64,7 @@ def run(checkpoints: Sequence[Checkpoint], texts: Corpus, settings: ScanSettings
         log(f"{where}: scanning")
         scanned[folder] = _scan_one(checkpoint, texts, settings, folder, progress, (formats or set(FORMATS)) | {"json"})
     if world > 1:
-        _wait_for_all()
+        wait_for_all()
     if rank != 0:
         return None
     reports = [scanned[folder] if folder in scanned else read_report(folder) for folder in places]
@@ -87,21 +87,32 @@ def _state(report: Report, checkpoint: Checkpoint, folder: Path) -> CheckpointSt
 
 def _scan_one(checkpoint: Checkpoint, texts: Corpus, settings: ScanSettings, folder: Path, progress, formats: set[str]) -> Report:
     from ..models.loading import load
-    from ..pipeline import scan
-    from ..report.files import write_report
 
     lm = load(checkpoint.target, dtype=settings.dtype, device=settings.device, log=lambda _: None)
     lm.name = checkpoint.spec
     try:
-        with single_process():
-            report = scan(lm, texts, settings, progress=progress)
-        write_report(report, folder, formats)
-        return report
+        return scan_into(lm, texts, settings, folder, progress, formats)
     finally:  # one model in memory at a time
         del lm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free()
+
+
+def scan_into(lm, texts: Corpus, settings: ScanSettings, folder: Path, progress, formats: set[str]) -> Report:
+    """The loaded model scanned as one process (whatever the launch), its report written in ``folder``."""
+    from ..pipeline import scan
+    from ..report.files import write_report
+
+    with single_process():
+        report = scan(lm, texts, settings, progress=progress)
+    write_report(report, folder, formats)
+    return report
+
+
+def free() -> None:
+    """Give back the memory of a model just dropped (one model in memory at a time)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def read_report(folder: Path) -> Report:
@@ -119,17 +130,22 @@ def check_done(folder: Path, checkpoint: Checkpoint, texts: Corpus, settings: Sc
     from ..models.loading import load
 
     saved = read_report(folder)
-    made = {key: value for key, value in asdict(saved.settings).items() if key != "device"}
-    wanted = {key: value for key, value in asdict(settings).items() if key != "device"}
-    same = saved.corpus.spec == texts and made == wanted
-    if not same:
-        raise UsageError(f"{folder} holds a report made with other texts or settings; remove it or choose another --out")
+    check_inputs(saved, folder, texts, settings)
     lm = load(checkpoint.target, dtype=settings.dtype, device=settings.device, log=lambda _: None)
     try:
         check_report_model(saved, lm, str(folder / "report.json"))
     finally:
         del lm
         gc.collect()
+
+
+def check_inputs(saved: Report, folder: Path, texts: Corpus, settings: ScanSettings) -> None:
+    """Refuse, in one line, a saved report made with other texts or settings than ``texts`` and ``settings`` (the
+    device aside)."""
+    made = {key: value for key, value in asdict(saved.settings).items() if key != "device"}
+    wanted = {key: value for key, value in asdict(settings).items() if key != "device"}
+    if saved.corpus.spec != texts or made != wanted:
+        raise UsageError(f"{folder} holds a report made with other texts or settings; remove it or choose another --out")
 
 
 def _check_shapes(checkpoints: Sequence[Checkpoint], reports: Sequence[Report]) -> None:
@@ -193,7 +209,7 @@ def single_process():
                 os.environ[key] = value
 
 
-def _wait_for_all() -> None:
+def wait_for_all() -> None:
     """Every process of the launch has written its reports: a barrier (gloo, so no device is needed), with a timeout
     long enough for a large model's scan."""
     import torch.distributed as dist

@@ -65,6 +65,15 @@ def _one(spec: str) -> list[Checkpoint]:
     return [Checkpoint(spec=spec, target=spec, step=None if revision is None else _revision_step(revision))]
 
 
+def single(spec: str) -> Checkpoint:
+    """One model, not a series: a model directory, a .gguf file or a hub id (``ID@REVISION``), checked as a SPEC is
+    (before any model loads); a directory without config.json is refused, not read as Trainer checkpoints."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(f"{spec} is a directory but not a Hugging Face model (no config.json)")
+    return _one(spec)[0]
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not hub_reachable()
 

@@ -1,0 +1,112 @@
+"""Pure functions: the sentences the atlas's rows support, each with the rows it rests on. A rule writes nothing
+where its rows cannot carry it (one model, nothing measured, no model on one side of a comparison).
+
+The rules (``RULES``), each answering one of the questions across models:
+
+- ``feature``: per architecture feature (gated attention, learned sinks, reordered norms, hyper-connections, ...), the
+  models with it against the others: how many have no massive value, and their mean sink rate where both sides
+  measured it;
+- ``birth``: where in depth the massive value is born, across the models that have one;
+- ``apart``: massive values and sinks coming apart: a sink without a massive value, or a massive value without a sink;
+- ``survival``: whether the sink survives the massive values set to zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from ...models.architecture import Architecture
+from .results import Row, Sentence
+
+# An architecture feature, as the sentences name it, and whether a model has it (in at least one block).
+FEATURES: tuple[tuple[str, Callable[[Architecture], bool]], ...] = (
+    ("gated attention", lambda a: "gated" in a.mixers),
+    ("learned sinks", lambda a: "learned sink" in a.mixers),
+    ("sparse attention", lambda a: "sparse" in a.mixers),
+    ("linear attention", lambda a: "linear" in a.mixers),
+    ("state-space mixers", lambda a: "state space" in a.mixers),
+    ("convolution mixers", lambda a: "convolution" in a.mixers),
+    ("reordered norms", lambda a: "reordered" in a.norms),
+    ("sandwich norms", lambda a: "sandwich" in a.norms),
+    ("post-norm blocks", lambda a: "post" in a.norms),
+    ("NoPE blocks", lambda a: "NoPE" in a.positions),
+    ("hyper-connections", lambda a: a.streams > 1),
+    ("mixture of experts", lambda a: a.experts is not None),
+)
+
+
+def _models(rows: Sequence[Row]) -> list[str]:
+    return [r.model for r in rows]
+
+
+def _mean_rate(rows: Sequence[Row]) -> float | None:
+    rates = [r.sink_rate for r in rows if r.sink_rate is not None]
+    return sum(rates) / len(rates) if rates else None
+
+
+def _of(count: int, total: int, noun: str = "model") -> str:
+    """'1 of 1 model', '0 of 2 models'."""
+    return f"{count} of {total} {noun}{'s' if total != 1 else ''}"
+
+
+def feature(rows: Sequence[Row]) -> list[Sentence]:
+    """Per feature that some models have and others do not: "<feature>: k of n models without a massive value, against
+    k' of n' of the others", and where both sides measured the sink, their mean sink rates."""
+    found = []
+    for name, has in FEATURES:
+        with_it = [r for r in rows if has(r.architecture)]
+        others = [r for r in rows if not has(r.architecture)]
+        if not with_it or not others:
+            continue
+        none = lambda group: sum(not r.dims for r in group)
+        text = f"{name}: {_of(none(with_it), len(with_it))} without a massive value, against {none(others)} of {len(others)} of the others"
+        rate, other_rate = _mean_rate(with_it), _mean_rate(others)
+        if rate is not None and other_rate is not None:
+            text += f"; mean sink rate {rate:.2f} against {other_rate:.2f}"
+        found.append(Sentence(rule="feature", text=text + ".", rows=_models(with_it + others)))
+    return found
+
+
+def birth(rows: Sequence[Row]) -> list[Sentence]:
+    """Where the lead massive value is born, as a share of the depth, across the models that have one (two at least)."""
+    born = [r for r in rows if r.birth is not None]
+    if len(born) < 2:
+        return []
+    depths = [r.birth_depth for r in born]
+    where = ", ".join(f"{r.model} block {r.birth} of {r.architecture.blocks}" for r in born)
+    return [Sentence(rule="birth", text=f"The massive value is born between {min(depths):.0%} and {max(depths):.0%} of the depth "
+                                        f"in the {len(born)} models that have one ({where}).", rows=_models(born))]
+
+
+def apart(rows: Sequence[Row]) -> list[Sentence]:
+    """Where the sink was measured: the models with a sink and no massive value, and those with a massive value and no
+    sink (each sentence only where some model is so)."""
+    measured = [r for r in rows if r.has_sink is not None]
+    found = []
+    for text, test in (("a sink without a massive value", lambda r: r.has_sink and not r.dims),
+                       ("a massive value without a sink", lambda r: not r.has_sink and bool(r.dims))):
+        which = [r for r in measured if test(r)]
+        if which:
+            found.append(Sentence(rule="apart", text=f"{_of(len(which), len(measured))} whose sink was measured "
+                                                     f"{'has' if len(which) == 1 else 'have'} {text} ({', '.join(_models(which))}).",
+                                  rows=_models(measured)))
+    return found
+
+
+def survival(rows: Sequence[Row]) -> list[Sentence]:
+    """In how many of the models where it was measured the sink survives the massive values set to zero."""
+    measured = [r for r in rows if r.sink_survives is not None]
+    if not measured:
+        return []
+    kept = [r for r in measured if r.sink_survives]
+    return [Sentence(rule="survival", text=f"The sink survives the massive values set to zero in {_of(len(kept), len(measured))} "
+                                           "where that was measured"
+                                           + (f" ({', '.join(_models(kept))})." if kept else "."), rows=_models(measured))]
+
+
+RULES: tuple[Callable[[Sequence[Row]], list[Sentence]], ...] = (feature, birth, apart, survival)
+
+
+def sentences(rows: Sequence[Row]) -> list[Sentence]:
+    """Every rule's sentences, in ``RULES`` order."""
+    return [sentence for rule in RULES for sentence in rule(rows)]
