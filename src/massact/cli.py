@@ -378,9 +378,6 @@ def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats:
     from .models.checkpoint import available_memory, load_streamed
     from .models.loading import DTYPES, resolve_device
     from .pipeline import scan_streamed
-    from .report import summary
-    from .report.files import write_report
-    from .report.text import print_report, terminal
 
     streamed = load_streamed(str(Path(model).expanduser()), DTYPES[settings.dtype], resolve_device(settings.device))
     checkpoint = streamed.checkpoint
@@ -396,14 +393,7 @@ def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats:
     place = StreamPlace(folder=out, device_bytes=on_device, host_bytes=host, resume=resume, identity=identity)
     with _progress(_bars(quiet)) as progress:
         report = scan_streamed(streamed, texts, settings, place=place, progress=progress)
-    written = write_report(report, out, formats)
-    if full and not quiet:
-        print_report(report, terminal())
-    elif not quiet:
-        summary.show(report, terminal())
-    for line in summary.written_lines(written):
-        print(line)
-    return 0
+    return _write(report, out, formats, quiet, full)
 
 
 def _track(args) -> int:
@@ -759,9 +749,6 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
     the same inputs."""
     from .models.loading import load
     from .pipeline import scan
-    from .report import summary
-    from .report.files import write_report
-    from .report.text import print_report, terminal
 
     log = _log(quiet)
     lm = load(model, dtype=settings.dtype, device=settings.device, log=log, device_map=device_map,
@@ -783,6 +770,15 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
         return 0
     if quantization is not None and report.deploy.quantization is quantization:
         log("kept the saved quantization sweep: the same protect list, evaluation text, dtype, device and grid")
+    return _write(report, out, formats, quiet, full)
+
+
+def _write(report: Report, out: Path, formats: set[str], quiet: bool, full: bool) -> int:
+    """Write ``report``'s files into ``out``, show one screen (or with ``full`` the whole report) and list the paths."""
+    from .report import summary
+    from .report.files import write_report
+    from .report.text import print_report, terminal
+
     written = write_report(report, out, formats)
     if full and not quiet:
         print_report(report, terminal())
