@@ -112,8 +112,7 @@ class HiddenStates:
                 self.used["file"] += head.numel() * head.element_size()
                 self._slot(index).copy_(head)
                 self._values[index] = (None, rest)
-        if self._file is not None:
-            self._file = None  # its pages are written back when the mapping goes
+        self._file = None  # its pages are written back when the mapping goes
         return {"size": self.used["file"],
                 "entries": {index: [start, list(shape), str(dtype).removeprefix("torch.")]
                             for index, (start, shape, dtype) in self._offsets.items()},

@@ -148,25 +148,13 @@ def stored_headers(root: Path, files: Mapping[str, str]) -> dict[str, tuple[str,
 def weights_bytes(root: Path, dtype: torch.dtype) -> int | None:
     """The bytes the safetensors checkpoint at ``root`` takes once loaded in ``dtype`` (its floating-point tensors
     in ``dtype``, the others as stored), from the files' headers alone; None where ``root`` holds no safetensors
-    checkpoint."""
-    from safetensors import safe_open
-
+    checkpoint, or a damaged one (said when the model is read)."""
     try:
-        files = stored_names(root)
-    except Exception:  # no checkpoint, or a damaged one: said when the model is read
+        headers = stored_headers(root, stored_names(root))
+    except Exception:
         return None
     width = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for file in sorted(set(files.values())):
-        try:
-            with safe_open(root / file, framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    piece = handle.get_slice(name)
-                    kind = piece.get_dtype()
-                    total += math.prod(piece.get_shape()) * (width if kind.startswith(("F", "BF")) else _BYTES[kind])
-        except Exception:  # a missing or damaged shard: said when the model is read
-            return None
-    return total
+    return sum(size // _BYTES[kind] * width if kind.startswith(("F", "BF")) else size for kind, size in headers.values())
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
