@@ -13,6 +13,7 @@ from torch import nn
 from . import __version__
 from .analysis.causal.expert_pruning import prune_super_experts
 from .analysis.causal.results import Causal
+from .analysis.causal.stream import streamed_causal
 from .analysis.causal.superweights import all_super_weights
 from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify_by_intervention
 from .analysis.deploy.precision import headroom
@@ -148,8 +149,8 @@ def scan(
     return report
 
 
-# What a streamed scan does not measure yet: the stages that run the model again on the kept texts.
-STREAMED_SECTIONS = ("trigger", "verification", "attention sinks", "super weights zeroed one by one", "quantization")
+# What a streamed scan does not measure yet.
+STREAMED_SECTIONS = ("trigger", "attention sinks", "quantization")
 
 
 @guarded
@@ -158,9 +159,9 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                   *, place: StreamPlace | None = None, progress: Progress | None = None, **options) -> Report:
     """``scan`` of a model read block by block from its checkpoint (``models.checkpoint.load_streamed``): the corpus
     pass with each block's weights read once, the massive entries and dims, the super experts of a mixture of experts
-    and the float16 headroom. ``place``: where the hidden states go beyond memory and the resumable state (see
-    ``StreamPlace``). The stages that run the model again (``STREAMED_SECTIONS``) are not measured, which the
-    report's warnings say."""
+    and the float16 headroom; two more passes over the kept texts for the mechanism; with ``settings.verify``, one
+    more for the causal stage (``analysis.causal.stream``). ``place``: where the hidden states go beyond memory and the
+    resumable state (see ``StreamPlace``). ``STREAMED_SECTIONS`` are not measured, which the report's warnings say."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -189,14 +190,25 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
         mechanism = Mechanism(lifelines=[], origin=[], anatomy=[], attribution=[], experts=[], super_experts=supers,
                               birth_state=None, token_values=None)
     lines = mechanism.lifelines
+    causal = Causal()
+    verified = settings.verify and bool(lines) and not lm.adapter.encoder
+    if verified:
+        advance = (progress or _silent)(f"streamed causal pass: {n_layers} blocks", n_layers)
+        causal = streamed_causal(streamed, found.findings, found.inputs, mechanism, settings, _eval_text(settings),
+                                 place.folder if place is not None else Path("."),
+                                 device_bytes=place.device_bytes if place is not None else 0,
+                                 host_bytes=place.host_bytes if place is not None else 2**62,
+                                 on_block=lambda layer: advance(f"streamed causal pass: block {layer + 1} of {n_layers}"))
+    passes = ["the corpus pass"] + (["the lifelines", "the mechanism"] if lines else []) + (["the interventions"] if verified else [])
     reads = streamed.checkpoint.bytes_read / max(size, 1)
-    skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: the "
-               f"corpus pass{', the lifelines and the mechanism' if lines else ''}); not measured on a streamed model yet: "
-               f"{', '.join((('the mechanism (hyper-connections)',) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS)}")
+    missing = (("the mechanism (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
+    missing += ("the super experts' pruning's attention on the sinks",) if causal.expert_pruning else ()
+    skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: "
+               f"{', '.join(passes)}); not measured on a streamed model yet: {', '.join(missing)}")
     info = model_info(lm)
     info.weights_sha256 = weights_sha256(lm.model, streamed.samples)  # every block's sample, taken as it was loaded
-    report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=False, quant=False),
-                    findings=found.findings, mechanism=mechanism, trigger=[], causal=Causal(),
+    report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=verified, quant=False),
+                    findings=found.findings, mechanism=mechanism, trigger=[], causal=causal,
                     deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],
                     warnings=warnings + [skipped], versions=_versions())
     report.conclusion = conclude(report)
@@ -380,9 +392,7 @@ def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settin
     findings, inputs = found.findings, found.inputs
     if not settings.verify:
         return Causal(), []
-    text = EvalText(text=eval_text or default_eval_text(),
-                    source="massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None
-                    else "--eval-file")
+    text = _eval_text(settings, eval_text)
     if not findings.dims:
         causal = Causal(attention=sink_analysis(lm, inputs, findings, settings.sink_epsilon))
         if mechanism.super_experts is not None and mechanism.super_experts.found:
@@ -452,6 +462,15 @@ def _as_loaded(model, tokenizer, dtype: str, device: str) -> LoadedModel:
             raise UsageError("a model object needs its tokenizer: scan(model, texts, tokenizer=...)")
         return wrap(model, tokenizer)
     return load(None if model is None else str(model), dtype=dtype, device=device)
+
+
+def _eval_text(settings: ScanSettings, eval_text: str | None = None) -> EvalText:
+    """The text the causal stage scores on: ``eval_text``, else ``settings.eval_file``, else the shipped sample."""
+    if eval_text is None and settings.eval_file is not None:
+        eval_text = read_eval_file(settings.eval_file)
+    return EvalText(text=eval_text or default_eval_text(),
+                    source="massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None
+                    else "--eval-file")
 
 
 def _versions() -> dict[str, str]:

@@ -194,8 +194,14 @@ def read_coordinate(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int],
     values: dict[int, float] = {}
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
-        values[layer] = float(hidden[0, position, int(stream[1:]), dim] if stream else at_dim(hidden, dim)[0, position])
+        values[layer] = coordinate(hidden, position, dim, stream)
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in layers], keep):
         forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)
     return values
+
+
+def coordinate(hidden: torch.Tensor, position: int, dim: int, stream: str = "") -> float:
+    """A one-text batch's detection stream at [position, dim]: in ``stream`` ("s0", ...) of a hyper-connection block's
+    state, or without one in the stream where it is largest in magnitude."""
+    return float(hidden[0, position, int(stream[1:]), dim] if stream else at_dim(hidden, dim)[0, position])

@@ -42,7 +42,9 @@ class HiddenStates:
     fixed when it is first put (a batch's state has the same shape after every block), so the file is written in
     place block after block and, after an interruption, holds the states of the last finished block.
 
-    On a CPU model the device is the host: ``device_bytes`` is then 0 and ``host_bytes`` the whole allowance."""
+    On a CPU model the device is the host: ``device_bytes`` is then 0 and ``host_bytes`` the whole allowance.
+    ``pool``: what the device and host memory hold of the states of every ``HiddenStates`` that shares it (the
+    allowances are for all of them); by default its own."""
 
     device: torch.device
     device_bytes: int
@@ -50,6 +52,7 @@ class HiddenStates:
     path: Path
     places: dict[int, str] = field(default_factory=dict)  # batch -> "device", "host" or "file"
     used: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "file": 0})
+    pool: dict[str, int] | None = None
     _values: dict[int, Any] = field(default_factory=dict, repr=False)
     _offsets: dict[int, tuple[int, torch.Size, torch.dtype]] = field(default_factory=dict, repr=False)
     _file: torch.Tensor | None = field(default=None, repr=False)
@@ -57,13 +60,15 @@ class HiddenStates:
     def reserve(self, index: int, like: torch.Tensor) -> str:
         """Fix where batch ``index``'s state lives, for a leading tensor like ``like``; returns the place."""
         size = like.numel() * like.element_size()
+        pool = self.used if self.pool is None else self.pool
         for place, allowed in (("device", self.device_bytes), ("host", self.host_bytes)):
-            if self.used[place] + size <= allowed:
+            if pool[place] + size <= allowed:
+                pool[place] += size
                 break
         else:
             place = "file"
             self._offsets[index] = (self.used["file"], like.shape, like.dtype)
-        self.used[place] += size
+            self.used[place] += size
         self.places[index] = place
         return place
 
@@ -106,7 +111,7 @@ class HiddenStates:
         for index in sorted(self._values):
             head, rest = self._values[index]
             if head is not None:
-                self.used[self.places[index]] -= head.numel() * head.element_size()
+                (self.used if self.pool is None else self.pool)[self.places[index]] -= head.numel() * head.element_size()
                 self.places[index] = "file"
                 self._offsets[index] = (self.used["file"], head.shape, head.dtype)
                 self.used["file"] += head.numel() * head.element_size()
@@ -233,3 +238,53 @@ def carry(streamed: StreamedModel, batches: Sequence[Batch], at_block: Callable[
                     if on_batch is not None:
                         on_batch(n_layers, batch)
                     run_head(lm, batch, states.get(index))
+
+
+@dataclass(kw_only=True)
+class Carried:
+    """One stream of a lane pass: its ``key``, the ``context`` that makes its intervention while it goes through a
+    block (nothing, for the unmodified model's), the block it starts at, the batches it carries (indices), the last
+    block it needs, and those batches' states."""
+
+    key: str
+    context: Callable[[], AbstractContextManager]
+    start: int
+    batches: list[int]
+    last: int
+    states: HiddenStates
+
+
+def carry_lanes(streamed: StreamedModel, batches: Sequence[Batch], until: Sequence[int],
+                plan: Callable[[int, Callable[[int], Any]], list[Carried]], at_block: Callable[[int, Carried], AbstractContextManager],
+                base: HiddenStates, on_batch: Callable[[Carried, int], None] | None = None,
+                finished: Callable[[int], None] | None = None) -> list[Carried]:
+    """Interventions as lanes of one pass: each block's weights read once, for the unmodified model's batches and for
+    every lane that has started. The unmodified lane (key "baseline", states ``base``) carries every batch, batch i
+    to block ``until[i]``. As each block is loaded, ``plan(layer, block_input)`` gives the lanes that start there
+    (``block_input(i)``: batch i's unmodified output of the block before, None at block 0); each begins from those
+    states. Around each lane's batches in a block, ``context()`` and ``at_block(layer, lane)`` are open and
+    ``on_batch(lane, i)`` is called before batch i goes through. A lane stops after its block ``last``. Returns every
+    lane, the unmodified one first, with the states of the last block each went through."""
+    lm = streamed.lm
+    n_layers = len(lm.adapter.blocks(lm.model))
+    lanes = [Carried(key="baseline", context=nullcontext, start=0, batches=list(range(len(batches))), last=n_layers - 1, states=base)]
+    with torch.no_grad():
+        for layer in blocks(streamed, range(n_layers)):
+            for lane in plan(layer, base.get):
+                for index in lane.batches:  # the unmodified output of the block before: before the baseline runs this block
+                    if layer > 0:
+                        lane.states.put(index, base.get(index))
+                lanes.append(lane)
+            for lane in lanes:
+                if not lane.start <= layer <= lane.last:
+                    continue
+                with lane.context(), at_block(layer, lane):
+                    for index in lane.batches:
+                        if until[index] < layer:
+                            continue
+                        if on_batch is not None:
+                            on_batch(lane, index)
+                        lane.states.put(index, run_block(lm, layer, batches[index], lane.states.get(index)))
+            if finished is not None:
+                finished(layer)
+    return lanes
