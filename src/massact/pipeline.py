@@ -49,7 +49,7 @@ from .analysis.mechanism.explain import (
 )
 from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
 from .analysis.mechanism.results import Mechanism
-from .analysis.mechanism.stream import streamed_mechanism
+from .analysis.mechanism.stream import explain_streamed, streamed_lifelines
 from .analysis.mechanism.streams import stream_origins
 from .analysis.mechanism.super_experts import find_super_experts
 from .analysis.profile.build import build_profile, count_carriers
@@ -182,24 +182,25 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
                                                                    settings.super_expert_fraction, settings.super_expert_depth)
     warnings = list(found.warnings)
-    if found.findings.dims and lm.adapter.hyper is None:  # two more passes, over the kept texts alone
-        mechanism = streamed_mechanism(streamed, found.findings, found.inputs, settings, warnings,
-                                       place.folder if place is not None else Path("."))
-        mechanism.super_experts = supers
-    else:
-        mechanism = Mechanism(lifelines=[], origin=[], anatomy=[], attribution=[], experts=[], super_experts=supers,
-                              birth_state=None, token_values=None)
-    lines = mechanism.lifelines
+    mechanism = Mechanism(lifelines=[], origin=[], anatomy=[], attribution=[], experts=[], super_experts=supers,
+                          birth_state=None, token_values=None)
     causal = Causal()
-    verified = settings.verify and bool(lines) and not lm.adapter.encoder
-    if verified:
-        advance = (progress or _silent)(f"streamed causal pass: {n_layers} blocks", n_layers)
-        causal = streamed_causal(streamed, found.findings, found.inputs, mechanism, settings, _eval_text(settings),
-                                 place.folder if place is not None else Path("."),
-                                 device_bytes=place.device_bytes if place is not None else 0,
-                                 host_bytes=place.host_bytes if place is not None else 2**62,
-                                 on_block=lambda layer: advance(f"streamed causal pass: block {layer + 1} of {n_layers}"))
-    passes = ["the corpus pass"] + (["the lifelines", "the mechanism"] if lines else []) + (["the interventions"] if verified else [])
+    folder = place.folder if place is not None else Path(".")
+    verified = False
+    if found.findings.dims and lm.adapter.hyper is None:  # two more passes, over the kept texts (and the evaluation text)
+        events = streamed_lifelines(streamed, found.findings, found.inputs, settings, warnings, folder)
+        events.super_experts = supers
+        verified = settings.verify and not lm.adapter.encoder
+        if verified:
+            advance = (progress or _silent)(f"streamed mechanism and interventions: {n_layers} blocks", n_layers)
+            mechanism, causal = streamed_causal(
+                streamed, events, settings, _eval_text(settings), folder, device_bytes=place.device_bytes if place else 0,
+                host_bytes=place.host_bytes if place else 2**62,
+                on_block=lambda layer: advance(f"streamed mechanism and interventions: block {layer + 1} of {n_layers}"))
+        else:
+            mechanism = explain_streamed(streamed, events, folder)
+    lines = mechanism.lifelines
+    passes = ["the corpus pass"] + (["the lifelines", "the mechanism" + (" and the interventions" if verified else "")] if lines else [])
     reads = streamed.checkpoint.bytes_read / max(size, 1)
     missing = (("the mechanism (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
     missing += ("the super experts' pruning's attention on the sinks",) if causal.expert_pruning else ()

@@ -90,6 +90,15 @@ class HiddenStates:
         head = (self._slot(index) if head is None else head).to(self.device)
         return head if rest is None else (head, *rest)
 
+    def held(self, index: int) -> Any:
+        """Batch ``index``'s state where it is held (None before the first block), unchanged by a later ``put``: a
+        state in memory is replaced by the next, one in the file written over, so that one is copied out."""
+        if index not in self._values:
+            return None
+        head, rest = self._values[index]
+        head = self._slot(index).clone() if head is None else head
+        return head if rest is None else (head, *rest)
+
     def _slot(self, index: int) -> torch.Tensor:
         """Batch ``index``'s view of the memory-mapped file, the file grown to every reserved entry when first used."""
         if self._file is None or self._file.numel() < self.used["file"]:
@@ -257,34 +266,50 @@ class Carried:
 def carry_lanes(streamed: StreamedModel, batches: Sequence[Batch], until: Sequence[int],
                 plan: Callable[[int, Callable[[int], Any]], list[Carried]], at_block: Callable[[int, Carried], AbstractContextManager],
                 base: HiddenStates, on_batch: Callable[[Carried, int], None] | None = None,
-                finished: Callable[[int], None] | None = None) -> list[Carried]:
+                explained: Callable[[int], None] | None = None, finished: Callable[[int], None] | None = None) -> list[Carried]:
     """Interventions as lanes of one pass: each block's weights read once, for the unmodified model's batches and for
     every lane that has started. The unmodified lane (key "baseline", states ``base``) carries every batch, batch i
-    to block ``until[i]``. As each block is loaded, ``plan(layer, block_input)`` gives the lanes that start there
-    (``block_input(i)``: batch i's unmodified output of the block before, None at block 0); each begins from those
-    states. Around each lane's batches in a block, ``context()`` and ``at_block(layer, lane)`` are open and
-    ``on_batch(lane, i)`` is called before batch i goes through. A lane stops after its block ``last``. Returns every
-    lane, the unmodified one first, with the states of the last block each went through."""
+    to block ``until[i]``, and goes through each block first; then ``explained(layer)`` is called, then
+    ``plan(layer, block_input)`` gives the lanes that start at this block (``block_input(i)``: batch i's unmodified
+    output of the block before, None at block 0), which begin from those states. Around each lane's batches in a
+    block, ``context()`` and ``at_block(layer, lane)`` are open and ``on_batch(lane, i)`` is called before batch i goes
+    through; ``finished(layer)`` after the block. A lane stops after its block ``last``. Returns every lane, the
+    unmodified one first, with the states of the last block each went through."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
-    lanes = [Carried(key="baseline", context=nullcontext, start=0, batches=list(range(len(batches))), last=n_layers - 1, states=base)]
+    lanes = [Carried(key="baseline", context=nullcontext, start=0, batches=list(range(len(batches))), last=n_layers - 1,
+                     states=base)]
+
+    def through(lane: Carried, layer: int) -> None:
+        with lane.context(), at_block(layer, lane):
+            for index in lane.batches:
+                if until[index] < layer:
+                    continue
+                if on_batch is not None:
+                    on_batch(lane, index)
+                lane.states.put(index, run_block(lm, layer, batches[index], lane.states.get(index)))
+
     with torch.no_grad():
         for layer in blocks(streamed, range(n_layers)):
-            for lane in plan(layer, base.get):
-                for index in lane.batches:  # the unmodified output of the block before: before the baseline runs this block
+            # The unmodified inputs of this block, for the lanes that start here, as the baseline goes through it.
+            inputs = {index: base.held(index) for index in range(len(batches)) if layer > 0 and until[index] >= layer}
+            through(lanes[0], layer)
+            if explained is not None:
+                explained(layer)
+            on_device = lambda index, inputs=inputs: None if inputs.get(index) is None else _to(inputs[index], lm.device)
+            for lane in plan(layer, on_device):
+                for index in lane.batches:
                     if layer > 0:
-                        lane.states.put(index, base.get(index))
+                        lane.states.put(index, inputs[index])
                 lanes.append(lane)
-            for lane in lanes:
-                if not lane.start <= layer <= lane.last:
-                    continue
-                with lane.context(), at_block(layer, lane):
-                    for index in lane.batches:
-                        if until[index] < layer:
-                            continue
-                        if on_batch is not None:
-                            on_batch(lane, index)
-                        lane.states.put(index, run_block(lm, layer, batches[index], lane.states.get(index)))
+            for lane in lanes[1:]:
+                if lane.start <= layer <= lane.last:
+                    through(lane, layer)
             if finished is not None:
                 finished(layer)
     return lanes
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """A block output (its leading tensor, or a tuple led by one) with the tensor on ``device``."""
+    return value.to(device) if isinstance(value, torch.Tensor) else (value[0].to(device), *value[1:])

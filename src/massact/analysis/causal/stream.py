@@ -1,9 +1,10 @@
-"""The causal stage of a streamed model (``models.checkpoint``) in one pass, each block's weights read once: the
-interventions are lanes of that pass (``capture.streaming.carry_lanes``). The unmodified lane carries the evaluation
-windows, the carriers' texts and the input dependence's texts; as the pass loads a block, the interventions that start
-there are planned from its weights (the same ``plan_verification``, super-weight ``search`` and ``pruning_lanes`` as in
-memory) and each becomes a lane that carries, from that block on, the windows it is scored on and the texts it reads.
-After the last block every scored lane goes through the final norm and head.
+"""The causal stage of a streamed model (``models.checkpoint``), in the pass that explains the mechanism's events, each
+block's weights read once: the interventions are lanes of that pass (``capture.streaming.carry_lanes``). The
+unmodified lane carries the evaluation windows, the carriers' texts and the input dependence's texts, and explains each
+block's events as it goes through the block; then the interventions that start there are planned from the block's
+weights and events (the same ``plan_verification``, super-weight ``search`` and ``pruning_lanes`` as in memory), and
+each becomes a lane that carries, from that block on, the windows it is scored on and the texts it reads. After the
+last block every scored lane goes through the final norm and head.
 
 The rows, claims and steps are then built from the lanes' results by the functions that build them in memory, so each
 number is the one the in-memory stage computes. Not measured here: the attention sinks, which the report says."""
@@ -11,7 +12,7 @@ number is the one the in-memory stage computes. Not measured here: the attention
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,11 @@ from ...capture.streaming import Batch, Carried, HiddenStates, carry_lanes
 from ...models.checkpoint import StreamedModel
 from ...models.loading import LoadedModel
 from ...settings import ScanSettings
-from ..detect.results import Findings
 from ..evaluation.mlm import masked_windows, next_token_windows
 from ..evaluation.perplexity import EvalText, eval_windows
 from ..evaluation.windows import Evaluation
 from ..mechanism.results import Mechanism, SuperWeight
+from ..mechanism.stream import EventPass
 from .expert_pruning import pruning_from, pruning_lanes
 from .output_effects import Edit, output_effects
 from .results import Causal, EmbeddingChange, InputDependence, OutputEffect
@@ -104,13 +105,14 @@ class _Results:
     evaluation: LaneEvaluation
     values: dict[tuple[str, Read], dict[int, float]]
     dependence_rows: list[InputDependence]
+    unmodified: Callable[[Read], dict[int, float]]  # the unmodified lane's reads
 
     @property
     def baseline(self) -> float:
         return self.evaluation.baseline
 
     def measure(self, lane: Lane) -> Measured:
-        values = {read: self.values[lane.target, read] for read in lane.reads}
+        values = {read: self.unmodified(read) if lane.target == "baseline" else self.values[lane.target, read] for read in lane.reads}
         ppl = None
         if lane.scored:
             with self.evaluation.lane(lane.target):
@@ -127,25 +129,27 @@ class _Results:
 
 
 @torch.no_grad()
-def streamed_causal(streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor], mechanism: Mechanism,
-                    settings: ScanSettings, text: EvalText, folder: Path, device_bytes: int = 0, host_bytes: int = 2**62,
-                    on_block: Callable[[int], None] | None = None) -> Causal:
-    """``pipeline.causal_stage`` of a streamed model with massive dims, in one pass (``on_block(layer)`` as each block
+def streamed_causal(streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, folder: Path,
+                    device_bytes: int = 0, host_bytes: int = 2**62,
+                    on_block: Callable[[int], None] | None = None) -> tuple[Mechanism, Causal]:
+    """The mechanism's second pass (``events``: the events the lifelines name, explained as the pass reaches them) and
+    ``pipeline.causal_stage`` of a streamed model with massive dims, in one pass (``on_block(layer)`` as each block
     is done): the interventions with their output effects and the input dependence, the super weights zeroed one by
     one and a mixture's super experts pruned against a random control (without their attention on the sink tokens).
+    A block's interventions are planned from its events, explained as the unmodified lane has gone through it.
     ``device_bytes``, ``host_bytes``: what the lanes' hidden states may take, all together, on the model's device and
     in host memory before their files in ``folder``."""
-    lm = streamed.lm
+    lm, findings, inputs = streamed.lm, events.findings, events.inputs
+    mechanism = events.mechanism(whole=False)
     n_layers = len(lm.adapter.blocks(lm.model))
     scored = masked_windows(lm, text.text) if lm.adapter.encoder else next_token_windows(eval_windows(lm, text.text))
     evaluation = LaneEvaluation(lm, scored, text)
     batches = [Batch(ids=b.ids, mask=b.mask, texts=torch.tensor([-1])) for b in evaluation.batches]
     windows = list(range(len(batches)))
-    carriers = sorted({line.text for line in mechanism.lifelines} | {a.text for a in mechanism.attribution}
-                      | {e.text for e in mechanism.experts})
-    carrier_batch = {}
+    carriers = sorted({line.text for line in mechanism.lifelines} | set(events.texts))
+    carrier_batch, text_of = {}, {}
     for number in carriers:
-        carrier_batch[number] = len(batches)
+        carrier_batch[number], text_of[len(batches)] = len(batches), number
         batches.append(Batch(ids=inputs[number], mask=torch.ones_like(inputs[number]), texts=torch.tensor([number])))
     births = sorted({d.born_at for d in findings.dims})
     ids = dependence_inputs(lm, text.text, findings.texts)
@@ -173,8 +177,9 @@ def streamed_causal(streamed: StreamedModel, findings: Findings, inputs: dict[in
         entry.scored = entry.scored or scored
 
     def plan_block(layer: int, block_input: Callable[[int], Any]) -> list[Carried]:
-        """The lanes that start at ``layer``, planned from its weights (loaded now)."""
+        """The lanes that start at ``layer``, planned from its weights (loaded now) and its events, explained now."""
         before = set(wanted)
+        mechanism = events.mechanism(whole=False)
         here = plan_verification(lm, findings, mechanism, {layer})
         plan.effects += here.effects
         plan.births += here.births
@@ -212,6 +217,11 @@ def streamed_causal(streamed: StreamedModel, findings: Findings, inputs: dict[in
         return lanes
 
     values: dict[tuple[str, Read], dict[int, float]] = {}
+    # The unmodified lane's detection stream at the massive dims, every block, on each carrier's text: its reads at a
+    # block are planned only once it has gone through that block.
+    columns = {d.dim: column for column, d in enumerate(findings.dims)}
+    dims = torch.tensor(list(columns), device=lm.device)
+    unmodified: dict[tuple[int, int], torch.Tensor] = {}
     read_texts: list[dict[int, tuple[float, list[int]]]] = [{} for _ in ids]
     running = [-1]
 
@@ -225,6 +235,8 @@ def streamed_causal(streamed: StreamedModel, findings: Findings, inputs: dict[in
 
         def keep(_, __, hidden: torch.Tensor) -> None:
             index = running[0]
+            if lane.key == "baseline" and index in text_of:
+                unmodified[text_of[index], layer] = hidden[:1].index_select(-1, dims).detach().cpu()
             for read in reads:
                 if carrier_batch[read.text] == index:
                     values.setdefault((lane.key, read), {})[layer] = coordinate(hidden, read.position, read.dim, read.stream)
@@ -233,19 +245,27 @@ def streamed_causal(streamed: StreamedModel, findings: Findings, inputs: dict[in
                 if layer == births[-1]:
                     read_group(dependence_hidden.pop(index), grouped[index], ids, findings.dims, findings.criterion, read_texts)
 
-        if not reads and not dependence:
-            return nullcontext()
-        return tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], keep)
+        stack = ExitStack()
+        if lane.key == "baseline":
+            stack.enter_context(events.at_block(layer))
+        if reads or dependence or lane.key == "baseline":
+            stack.enter_context(tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], keep))
+        return stack
 
     def on_batch(lane: Carried, index: int) -> None:
         running[0] = index
+        events.running = text_of.get(index, -1)
 
-    lanes = carry_lanes(streamed, batches, until, plan_block, at_block, states("baseline"), on_batch, on_block)
+    lanes = carry_lanes(streamed, batches, until, plan_block, at_block, states("baseline"), on_batch, events.finished, on_block)
+    mechanism = events.mechanism()
     by_key = {lane.key: lane for lane in lanes}
     for key, lane in by_key.items():
         evaluation.finals[key] = lane.states.get
     try:
-        results = _Results(evaluation=evaluation, values=values, dependence_rows=dependence_from(lm, ids, read_texts, findings.dims))
+        read_unmodified = lambda read: {layer: coordinate(unmodified[read.text, layer], read.position, columns[read.dim], read.stream)
+                                        for layer in read.layers}
+        results = _Results(evaluation=evaluation, values=values, dependence_rows=dependence_from(lm, ids, read_texts, findings.dims),
+                           unmodified=read_unmodified)
         causal = Causal(verification=verification_from(lm, plan, results, findings, evaluation))
         for line, found in steps:
             medians = findings.stream_medians(line.stream)
@@ -264,7 +284,7 @@ def streamed_causal(streamed: StreamedModel, findings: Findings, inputs: dict[in
     finally:
         for lane in lanes:
             lane.states.remove()
-    return causal
+    return mechanism, causal
 
 
 @contextmanager

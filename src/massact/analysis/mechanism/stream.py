@@ -4,7 +4,8 @@ block's weights read once per pass:
 1. the lifelines (every block's sites at each dim's main carrier) and the token view (every block's stream at the
    strongest dims, on a few texts);
 2. the events the lifelines name, each explained as the pass reaches its block, while that block's weights are
-   loaded, and the birth block's state.
+   loaded, and the birth block's state (``EventPass``; with verification, this pass also carries the causal stage's
+   lanes: ``analysis.causal.stream``).
 
 Each number is the one the in-memory mechanism computes: the same reads, through the same hooks, of the same block
 outputs, and the same functions build the results from them.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,12 +43,16 @@ class _Pass:
     folder: Path
     running: int = -1
 
-    def run(self, at_block: Callable[[int], AbstractContextManager], finished: Callable[[int], None] | None = None) -> None:
+    def run(self, at_block: Callable[[int], AbstractContextManager], finished: Callable[[int], None] | None = None,
+            reader: EventPass | None = None) -> None:
+        """The pass, ``reader.running`` (where given) kept to the text going through as ``running`` is."""
         lm = self.streamed.lm
         batches = [Batch(ids=self.inputs[t], mask=torch.ones_like(self.inputs[t]), texts=torch.tensor([t])) for t in self.texts]
 
         def on_batch(layer: int, batch: Batch) -> None:
             self.running = int(batch.texts[0])
+            if reader is not None:
+                reader.running = self.running
 
         # A few texts: their hidden states stay in memory (the file is only named).
         states = HiddenStates(device=lm.device, device_bytes=2**62, host_bytes=2**62, path=self.folder / "mechanism-hidden.bin")
@@ -55,11 +60,20 @@ class _Pass:
 
 
 @torch.no_grad()
-def streamed_mechanism(streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor], settings: ScanSettings,
-                       warnings: list[str], folder: Path) -> Mechanism:
-    """``pipeline.mechanism_stage`` on a streamed model (one residual stream), in two passes over the kept texts,
-    without the super experts (the corpus pass's); checks that fail their second computation are appended to
-    ``warnings``."""
+def explain_streamed(streamed: StreamedModel, events: EventPass, folder: Path) -> Mechanism:
+    """The second of the streamed mechanism's passes, on its own: ``events`` explained (see ``streamed_lifelines``)."""
+    run = _Pass(streamed=streamed, texts=events.texts, inputs=events.inputs, folder=folder)
+    run.run(events.at_block, events.finished, events)
+    return events.mechanism()
+
+
+@torch.no_grad()
+def streamed_lifelines(streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor], settings: ScanSettings,
+                       warnings: list[str], folder: Path) -> EventPass:
+    """``pipeline.mechanism_stage`` on a streamed model (one residual stream), without the super experts (the corpus
+    pass's): its first pass (the lifelines and the token view), and what the second reads (``EventPass``: a pass of
+    its own, ``explain_streamed``, or along the causal stage's). Checks that fail their second computation are
+    appended to ``warnings``."""
     lm = streamed.lm
     groups = carrier_groups(findings)
     strongest, texts = token_view(findings.dims, [(d.dim, main_carrier(findings.massive, d.dim).text) for d in findings.dims],
@@ -69,12 +83,8 @@ def streamed_mechanism(streamed: StreamedModel, findings: Findings, inputs: dict
     events = pick_events(findings.dims, findings.massive, lines)
     strongest_dim = max(findings.dims, key=lambda d: abs(d.max_value)).dim
     birth = next((e for e in events if e.dim == strongest_dim and e.role == "birth"), None)
-    origins, anatomies, attributions, experts, output = _explain(streamed, events, birth, inputs, findings, settings, warnings,
-                                                                 folder)
-    state = state_of(output, birth.layer, birth.text, "", findings.massive, findings.tokens) if birth is not None else None
-    return Mechanism(lifelines=lines, origin=origins, anatomy=anatomies, attribution=attributions, experts=experts,
-                     super_experts=None, birth_state=state,
-                     token_values=token_values(lm, inputs, dims=findings.dims, lifelines=lines, read=view))
+    return EventPass(lm=lm, findings=findings, inputs=inputs, settings=settings, warnings=warnings, lines=lines, view=view,
+                     events=events, birth=birth)
 
 
 def _read_lifelines(streamed: StreamedModel, groups: dict[tuple[int, int], list[int]], strongest: list[int], texts: list[int],
@@ -106,43 +116,66 @@ def _read_lifelines(streamed: StreamedModel, groups: dict[tuple[int, int], list[
     return reads, {text: torch.stack([kept[text, layer] for layer in range(n_layers)]) for text in texts}
 
 
-def _explain(streamed: StreamedModel, events: list[Event], birth: Event | None, inputs: dict[int, torch.Tensor],
-             findings: Findings, settings: ScanSettings, warnings: list[str], folder: Path) -> tuple:
-    """``explain`` of ``events`` in one pass: each block with events probed as the pass reaches it, its events explained
-    right after, while its weights are loaded (the results in the events' order); and the detection stream of the
-    ``birth`` event's block on its text, [positions, d_model] (None without one)."""
-    lm: LoadedModel = streamed.lm
-    wanted = event_positions(events)
-    probes: Probes = {}
-    found: dict[int, tuple] = {}
-    output: list[torch.Tensor] = []
-    run = _Pass(streamed=streamed, texts=list(dict.fromkeys([e.text for e in events] + ([birth.text] if birth else []))),
-                inputs=inputs, folder=folder)
+@dataclass(kw_only=True)
+class EventPass:
+    """The events the lifelines name, each explained as a pass reaches its block, while that block's weights are
+    loaded: the pass carries ``texts`` (the events' and the birth's, each a batch of its own), opens
+    ``at_block(layer)`` around a block's batches, sets ``running`` to the text going through, and calls
+    ``finished(layer)`` after the block. ``mechanism()`` is the mechanism explained so far: after the pass, all of it.
+    The ``birth`` event's block output on its text [positions, d_model] gives the birth state."""
 
-    def at_block(layer: int) -> AbstractContextManager:
+    lm: LoadedModel
+    findings: Findings
+    inputs: dict[int, torch.Tensor]
+    settings: ScanSettings
+    warnings: list[str]
+    lines: list
+    view: dict[int, torch.Tensor]
+    events: list[Event]
+    birth: Event | None
+    running: int = -1
+    super_experts: object = None  # the corpus pass's, set by the caller
+    probes: Probes = field(default_factory=dict)
+    found: dict[int, tuple] = field(default_factory=dict)
+    output: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def texts(self) -> list[int]:
+        return list(dict.fromkeys([e.text for e in self.events] + ([self.birth.text] if self.birth else [])))
+
+    def at_block(self, layer: int) -> AbstractContextManager:
+        lm, birth, wanted = self.lm, self.birth, event_positions(self.events)
         stack = ExitStack()
         if any(key[1] == layer for key in wanted):
             def keep(site: str, tensor: torch.Tensor) -> None:
-                positions = wanted.get((run.running, layer))
+                positions = wanted.get((self.running, layer))
                 if positions is not None:
-                    probes.setdefault((run.running, layer), (positions, {}))[1][site] = at_positions(tensor, positions)
+                    self.probes.setdefault((self.running, layer), (positions, {}))[1][site] = at_positions(tensor, positions)
 
             stack.enter_context(probing(lm, layer, keep))
         if birth is not None and layer == birth.layer:
             def whole(_, __, hidden: torch.Tensor) -> None:
-                if run.running == birth.text:
-                    output.append(hidden[0].detach().float().cpu())
+                if self.running == birth.text:
+                    self.output.append(hidden[0].detach().float().cpu())
 
             stack.enter_context(tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], whole))
         return stack
 
-    def finished(layer: int) -> None:
-        for number in (number for number, event in enumerate(events) if event.layer == layer):
-            found[number] = explain(lm, [events[number]], probes, findings, settings, warnings)
+    def finished(self, layer: int) -> None:
+        for number in (number for number, event in enumerate(self.events) if event.layer == layer):
+            self.found[number] = explain(self.lm, [self.events[number]], self.probes, self.findings, self.settings, self.warnings)
 
-    run.run(at_block, finished)
-    out: tuple[list, list, list, list] = ([], [], [], [])
-    for number in range(len(events)):
-        for kept, made in zip(out, found.get(number, ([], [], [], []))):
-            kept.extend(made)
-    return (*out, output[0] if output else None)
+    def mechanism(self, whole: bool = True) -> Mechanism:
+        """The mechanism explained so far; without ``whole``, not its birth state and token view (what a pass under
+        way reads of it)."""
+        lm, findings, birth = self.lm, self.findings, self.birth
+        out: tuple[list, list, list, list] = ([], [], [], [])
+        for number in range(len(self.events)):  # the results in the events' order
+            for kept, made in zip(out, self.found.get(number, ([], [], [], []))):
+                kept.extend(made)
+        origins, anatomies, attributions, experts = out
+        state = (state_of(self.output[0], birth.layer, birth.text, "", findings.massive, findings.tokens)
+                 if whole and birth is not None and self.output else None)
+        view = token_values(lm, self.inputs, dims=findings.dims, lifelines=self.lines, read=self.view) if whole else None
+        return Mechanism(lifelines=self.lines, origin=origins, anatomy=anatomies, attribution=attributions, experts=experts,
+                         super_experts=self.super_experts, birth_state=state, token_values=view)
