@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...capture.attention import attention_pass, softmax_layers
+from ...capture.attention import AttentionPass, attention_pass, softmax_layers
 from ...capture.batches import pad_batch
 from ...capture.edits import replace_massive
 from ...models.loading import LoadedModel
@@ -172,6 +172,81 @@ def _gate_means(gate: torch.Tensor, sinks: list[int]) -> tuple[torch.Tensor, tor
     return gate[sinks].mean(0).cpu(), gate[others].mean(0).cpu() if others.any() else nan
 
 
+def text_metrics(found: AttentionPass, layer: int, row: int, n: int, sinks: list[int], causal: bool,
+                 learned: bool) -> dict[str, torch.Tensor | float]:
+    """One softmax block of one text of a batch (row ``row``, its first ``n`` positions real; ``sinks``: its sink
+    positions): the ``head_metrics``, and where the family has them, the mean output gate at the sink and at the
+    other tokens (``gate_sink``, ``gate_other``), the learned sink's mass and the first token's beside it, and the
+    share of the (query, sink token) pairs its indexer picked (``indexed``)."""
+    maps = found.maps[layer][row, :, :n, :n]
+    metrics: dict[str, torch.Tensor | float] = dict(head_metrics(maps, found.values[layer][row, :n] if layer in found.values else None,
+                                                                 sinks, causal))
+    if layer in found.gates:
+        metrics["gate_sink"], metrics["gate_other"] = _gate_means(found.gates[layer][row, :n], sinks)
+    if learned:  # each query's probabilities sum to 1 minus what the learned sink took
+        probabilities = maps.float()
+        metrics["learned_sink"] = 1 - probabilities.sum(-1).mean(-1)
+        metrics["first_token"] = probabilities[:, 1:, 0].mean(-1)
+    if layer in found.selected:
+        metrics["indexed"] = indexed_share(found.selected[layer][row, :n, :n], sinks, causal)
+    return metrics
+
+
+class SinkSums:
+    """The texts' ``text_metrics`` summed into a ``SinkPass``: ``add`` one text's (softmax block -> metrics), in the
+    texts' order; a text with a block where no query sees a sink is left out."""
+
+    def __init__(self, lm: LoadedModel, epsilon: float):
+        self.n_layers, self.heads = len(lm.adapter.blocks(lm.model)), lm.config.num_attention_heads
+        self.softmax = softmax_layers(lm)
+        self.epsilon = epsilon
+        self.means = _Means()
+        self.above: torch.Tensor | None = None
+        self.counted = 0
+
+    def _per_block(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:
+        out = torch.full((self.n_layers, self.heads), float("nan"))
+        for layer, row in rows.items():
+            out[layer] = row.float().cpu() if isinstance(row, torch.Tensor) else row
+        return out
+
+    def add(self, metrics: dict[int, dict[str, torch.Tensor | float]]) -> None:
+        share = self._per_block({layer: m["share"] for layer, m in metrics.items()})
+        if torch.isnan(share[self.softmax]).any():
+            return
+        self.counted += 1
+        above = (share > self.epsilon).float()
+        self.above = above if self.above is None else self.above + above
+        for key in ("share", "uniform", "value_ratio", "output_share"):
+            self.means.add(key, self._per_block({layer: m[key] for layer, m in metrics.items()}))
+        for key in ("gate_sink", "gate_other", "learned_sink", "first_token"):
+            present = {layer: m[key] for layer, m in metrics.items() if key in m}
+            if present:
+                self.means.add(key, self._per_block(present))
+        indexed = {layer: m["indexed"] for layer, m in metrics.items() if "indexed" in m}
+        if indexed:
+            picked = torch.full((self.n_layers,), float("nan"))
+            for layer, value in indexed.items():
+                picked[layer] = value
+            self.means.add("indexed", picked)
+
+    def result(self) -> SinkPass | None:
+        """The pass; None when no text had a query that sees a sink."""
+        if not self.counted:
+            return None
+        rate = (self.above / self.counted).mean(dim=1)
+        rate[[layer for layer in range(self.n_layers) if layer not in self.softmax]] = float("nan")
+        mean = self.means.mean
+        return SinkPass(self.counted, mean("share"), mean("uniform"), rate, mean("value_ratio"), mean("output_share"),
+                        mean("gate_sink"), mean("gate_other"), mean("learned_sink"), mean("first_token"), mean("indexed"))
+
+
+def sink_groups(sinks: dict[int, list[int]]) -> list[list[int]]:
+    """The sink texts (text -> its sink positions) in the batches of SINK_BATCH texts a pass reads them in."""
+    texts = list(sinks)
+    return [texts[start:start + SINK_BATCH] for start in range(0, len(texts), SINK_BATCH)]
+
+
 @torch.no_grad()
 def sink_pass(
     lm: LoadedModel, inputs: dict[int, torch.Tensor], sinks: dict[int, list[int]], epsilon: float,
@@ -181,56 +256,17 @@ def sink_pass(
     texts per forward pass (``context(attention mask)``: the intervention for one such pass), and the gates and
     learned sinks where the family has them. None when no text has a query that sees a sink."""
     causal = not lm.adapter.encoder
-    n_layers, heads = len(lm.adapter.blocks(lm.model)), lm.config.num_attention_heads
     softmax = softmax_layers(lm)
     learned = any(lm.at(layer).sinks for layer in softmax)
-    means = _Means()
-    above, counted = None, 0
-    texts = list(sinks)
-
-    def per_block(rows: dict[int, torch.Tensor]) -> torch.Tensor:
-        out = torch.full((n_layers, heads), float("nan"))
-        for layer, row in rows.items():
-            out[layer] = row.float().cpu()
-        return out
-
-    for start in range(0, len(texts), SINK_BATCH):
-        group = texts[start:start + SINK_BATCH]
+    sums = SinkSums(lm, epsilon)
+    for group in sink_groups(sinks):
         ids, mask = pad_batch([inputs[text] for text in group])
         valid = mask if len(group) > 1 else None
         found = attention_pass(lm, ids, lambda valid=valid: context(valid), valid)
         for row, text in enumerate(group):
             n = inputs[text].shape[1]
-            metrics = {layer: head_metrics(found.maps[layer][row, :, :n, :n],
-                                           found.values[layer][row, :n] if layer in found.values else None, sinks[text], causal)
-                       for layer in softmax}
-            share = per_block({layer: m["share"] for layer, m in metrics.items()})
-            if torch.isnan(share[softmax]).any():
-                continue
-            counted += 1
-            above = (share > epsilon).float() if above is None else above + (share > epsilon).float()
-            for key in ("share", "uniform", "value_ratio", "output_share"):
-                means.add(key, per_block({layer: m[key] for layer, m in metrics.items()}))
-            gates = {layer: _gate_means(gate[row, :n], sinks[text]) for layer, gate in found.gates.items()}
-            if gates:
-                means.add("gate_sink", per_block({layer: g[0] for layer, g in gates.items()}))
-                means.add("gate_other", per_block({layer: g[1] for layer, g in gates.items()}))
-            if learned:  # each query's probabilities sum to 1 minus what the learned sink took
-                maps = {layer: found.maps[layer][row, :, :n, :n].float() for layer in softmax}
-                means.add("learned_sink", per_block({layer: 1 - m.sum(-1).mean(-1) for layer, m in maps.items()}))
-                means.add("first_token", per_block({layer: m[:, 1:, 0].mean(-1) for layer, m in maps.items()}))
-            if found.selected:
-                picked = torch.full((n_layers,), float("nan"))
-                for layer, mask in found.selected.items():
-                    picked[layer] = indexed_share(mask[row, :n, :n], sinks[text], causal)
-                means.add("indexed", picked)
-    if not counted:
-        return None
-    rate = (above / counted).mean(dim=1)
-    rate[[layer for layer in range(n_layers) if layer not in softmax]] = float("nan")
-    return SinkPass(counted, means.mean("share"), means.mean("uniform"), rate, means.mean("value_ratio"), means.mean("output_share"),
-                    means.mean("gate_sink"), means.mean("gate_other"), means.mean("learned_sink"), means.mean("first_token"),
-                    means.mean("indexed"))
+            sums.add({layer: text_metrics(found, layer, row, n, sinks[text], causal, learned) for layer in softmax})
+    return sums.result()
 
 
 def sink_blocks(rate: torch.Tensor) -> list[int]:
