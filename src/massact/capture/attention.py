@@ -55,6 +55,56 @@ def _picked(indices: torch.Tensor, keys: int) -> torch.Tensor:
     return mask.scatter(-1, indices.long(), True)
 
 
+@contextmanager
+def _reading(lm: LoadedModel, layers: list[int], found: AttentionPass, maps: bool = False) -> Iterator[None]:
+    """While open, each pass through the ``layers`` fills ``found``: the value vectors, gates and indexer picks where
+    the family has them, and with ``maps`` the attention probabilities, read at the module transformers records them
+    from (``_can_record_outputs["attentions"]``)."""
+    config = lm.config
+    handles = []
+    recorded = getattr(lm.model, "_can_record_outputs", {}).get("attentions")
+    if isinstance(recorded, type):  # a bare class: transformers reads the probabilities at its output's index 1
+        target, index = recorded, 1
+    else:
+        target, index = getattr(recorded, "target_class", None), getattr(recorded, "index", 1)
+    for layer in layers:
+        here = lm.at(layer)
+        if here.values is not None:
+            module = lm.adapter.module(lm.model, layer, here.values.path)
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, layer=layer, cut=here.values: found.values.__setitem__(layer, cut.take(output.detach(), config))))
+        if here.gate is not None:
+            module = lm.adapter.module(lm.model, layer, here.gate.path)
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, layer=layer, cut=here.gate:
+                    found.gates.__setitem__(layer, torch.sigmoid(cut.take(output.detach(), config).float()).mean(-1))))
+        if here.indexer is not None:
+            module = lm.adapter.module(lm.model, layer, here.indexer)
+            # no cache: the keys are the text's own positions, as many as the queries
+            handles.append(module.register_forward_hook(
+                lambda m, args, output, layer=layer: found.selected.__setitem__(layer, _picked(output.detach(), output.shape[-2]))))
+        if maps:
+            if target is None:
+                raise RuntimeError(f"{type(lm.model).__name__} records no attention probabilities")
+            block = lm.adapter.blocks(lm.model)[layer]
+            for module in (m for m in block.modules() if isinstance(m, target)):
+                handles.append(module.register_forward_hook(
+                    lambda m, args, output, layer=layer: found.maps.__setitem__(layer, output[index].detach())))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _per_query_head(found: AttentionPass, heads: int) -> AttentionPass:
+    """Grouped-query attention: each query head gets its key/value head's values ([batch, positions, kv, head_dim]
+    -> [batch, positions, query heads, head_dim])."""
+    for layer, grouped in found.values.items():
+        found.values[layer] = grouped.repeat_interleave(heads // grouped.shape[2], dim=2)
+    return found
+
+
 @torch.no_grad()
 def attention_pass(
     lm: LoadedModel, input_ids: torch.Tensor, context: Callable[[], AbstractContextManager] = nullcontext,
@@ -63,38 +113,31 @@ def attention_pass(
     """One forward pass over ``input_ids`` [batch, positions] with eager attention (under ``context``, e.g. an
     intervention). With right padding (``attention_mask``) each text's rows and columns up to its length are what it
     gives alone. Grouped-query attention: each query head gets its key/value head's values."""
-    config = lm.config
-    heads = config.num_attention_heads
     layers = softmax_layers(lm)
-    values: dict[int, torch.Tensor] = {}
-    gates: dict[int, torch.Tensor] = {}
-    selected: dict[int, torch.Tensor] = {}
-    keys = input_ids.shape[1]  # no cache: the keys are the text's own positions
-    handles = []
-    for layer in layers:
-        here = lm.at(layer)
-        if here.values is not None:
-            module = lm.adapter.module(lm.model, layer, here.values.path)
-            handles.append(module.register_forward_hook(
-                lambda m, args, output, layer=layer, cut=here.values: values.__setitem__(layer, cut.take(output.detach(), config))))
-        if here.gate is not None:
-            module = lm.adapter.module(lm.model, layer, here.gate.path)
-            handles.append(module.register_forward_hook(
-                lambda m, args, output, layer=layer, cut=here.gate:
-                    gates.__setitem__(layer, torch.sigmoid(cut.take(output.detach(), config).float()).mean(-1))))
-        if here.indexer is not None:
-            module = lm.adapter.module(lm.model, layer, here.indexer)
-            handles.append(module.register_forward_hook(
-                lambda m, args, output, layer=layer: selected.__setitem__(layer, _picked(output.detach(), keys))))
+    found = AttentionPass(maps={}, values={}, gates={})
     mask = None if attention_mask is None else attention_mask.to(lm.device)
+    with _reading(lm, layers, found), eager_attention(lm), context():
+        maps = lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask, output_attentions=True, use_cache=False).attentions
+    if len(maps) != len(layers):
+        raise RuntimeError(f"{len(maps)} attention maps for the {len(layers)} softmax blocks {layers}: the adapter's mixers are wrong")
+    found.maps = dict(zip(layers, maps))
+    return _per_query_head(found, lm.config.num_attention_heads)
+
+
+@contextmanager
+def block_attention(lm: LoadedModel, layer: int, keep: Callable[[AttentionPass], None]) -> Iterator[None]:
+    """While open, each pass through softmax block ``layer`` (eager attention, as a streamed model runs) calls
+    ``keep`` with that block's ``AttentionPass`` (its maps, values, gates and indexer picks, as ``attention_pass``
+    gives them), once the block is done."""
+    found = AttentionPass(maps={}, values={}, gates={})
+
+    def done(module, args, output) -> None:
+        keep(_per_query_head(found, lm.config.num_attention_heads))
+        found.maps, found.values, found.gates, found.selected = {}, {}, {}, {}
+
+    handle = lm.adapter.blocks(lm.model)[layer].register_forward_hook(done)
     try:
-        with eager_attention(lm), context():
-            found = lm.model(input_ids=input_ids.to(lm.device), attention_mask=mask, output_attentions=True, use_cache=False).attentions
+        with _reading(lm, [layer], found, maps=True):
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
-    if len(found) != len(layers):
-        raise RuntimeError(f"{len(found)} attention maps for the {len(layers)} softmax blocks {layers}: the adapter's mixers are wrong")
-    for layer, grouped in values.items():  # [batch, positions, kv, head_dim] -> [batch, positions, query heads, head_dim]
-        values[layer] = grouped.repeat_interleave(heads // grouped.shape[2], dim=2)
-    return AttentionPass(maps=dict(zip(layers, found)), values=values, gates=gates, selected=selected)
+        handle.remove()

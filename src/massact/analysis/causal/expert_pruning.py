@@ -15,7 +15,7 @@ from ...settings import ScanSettings
 from ..detect.results import Findings
 from ..evaluation.embeddings import EmbeddingEvaluation
 from ..evaluation.windows import Evaluation
-from ..function.sinks import SINK_TEXTS, SinkPass, sink_blocks, sink_pass, sink_tokens
+from ..function.sinks import SinkPass, sink_blocks, sink_pass, sink_texts
 from ..mechanism.results import ExpertPruning, Mechanism
 from ..mechanism.super_experts import control
 from .verification import InMemory, Lane, Measured, Read
@@ -31,7 +31,7 @@ def prune_super_experts(lm: LoadedModel, inputs: dict[int, torch.Tensor], evalua
     if not lanes:
         return []
     epsilon = settings.sink_epsilon
-    sinks = prune_sinks(findings)
+    sinks = sink_texts(findings)[0]
     before = sink_pass(lm, inputs, sinks, epsilon) if sinks else None
     measure = InMemory(lm, inputs, evaluation, findings, "")
     rows = []
@@ -62,14 +62,6 @@ def pruning_lanes(lm: LoadedModel, findings: Findings, mechanism: Mechanism, sco
         lanes.append((pairs, Lane(role=kind, name=f"prune {kind} experts {pairs}", target=f"prune {sorted(by_layer.items())}",
                           context=partial(pruned_experts, lm, by_layer), start=min(by_layer), reads=reads, scored=scored)))
     return lanes
-
-
-def prune_sinks(findings: Findings) -> dict[int, list[int]]:
-    """The sink positions per text, as the sink section measures them (up to SINK_TEXTS texts)."""
-    found: dict[int, list[int]] = {}
-    for token in sink_tokens(findings.massive, findings.tokens)[0]:
-        found.setdefault(token.text, []).append(token.position)
-    return dict(sorted(found.items())[:SINK_TEXTS])
 
 
 def pruning_from(lane: Lane, pairs: list[list[int]], measured: Measured, baseline: float | None, findings: Findings,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -291,14 +292,42 @@ def sink_analysis(
     (up to SINK_TEXTS of) their texts, a head attending to a sink above ``epsilon``, and the same metrics with the
     massive activations replaced at their birth blocks (``replacements``: label -> block -> dim -> value, written where
     the findings' criterion calls a value massive)."""
-    dims, massive, tokens, criterion = findings.dims, findings.massive, findings.tokens, findings.criterion
-    birth = min((d.born_at for d in dims), default=None)
-    sink_list, rule = sink_tokens(massive, tokens)
+    sinks = sink_texts(findings)[0]
+    base = sink_pass(lm, inputs, sinks, epsilon) if softmax_layers(lm) else None
+    under = {}
+    for label, by_block in (replacements or {}).items() if base is not None else ():
+        under[label] = sink_pass(lm, inputs, sinks, epsilon, partial(replaced_massive, lm, by_block, findings.criterion))
+    return sinks_from(lm, findings, epsilon, base, replacements or {}, under)
+
+
+def sink_texts(findings: Findings) -> tuple[dict[int, list[int]], list[SinkToken], str]:
+    """The sink positions per text (up to SINK_TEXTS texts, the first ones), those texts' sink tokens, and the rule
+    that picked them (``sink_tokens``)."""
+    sink_list, rule = sink_tokens(findings.massive, findings.tokens)
     sinks: dict[int, list[int]] = {}
     for token in sink_list:
         sinks.setdefault(token.text, []).append(token.position)
     sinks = dict(sorted(sinks.items())[:SINK_TEXTS])
-    sink_list = [t for t in sink_list if t.text in sinks]
+    return sinks, [t for t in sink_list if t.text in sinks], rule
+
+
+def replaced_massive(lm: LoadedModel, by_block: dict[int, dict[int, float]], criterion, valid: torch.Tensor | None
+                     ) -> AbstractContextManager:
+    """The massive values replaced at each block of ``by_block`` (block -> dim -> value), each text of a padded batch
+    judged on its own positions (``valid``: the attention mask, or None)."""
+    stack = ExitStack()
+    for layer, by_dim in by_block.items():
+        stack.enter_context(replace_massive(lm, layer, by_dim, criterion, valid))
+    return stack
+
+
+def sinks_from(lm: LoadedModel, findings: Findings, epsilon: float, base: SinkPass | None,
+               replacements: dict[str, dict[int, dict[int, float]]], under: dict[str, SinkPass | None]) -> AttentionSinks:
+    """The sink section from the unmodified pass ``base`` (None: none measured) and the passes ``under`` each
+    replacement (label -> its pass)."""
+    dims = findings.dims
+    birth = min((d.born_at for d in dims), default=None)
+    _, sink_list, rule = sink_texts(findings)
     causal = not lm.adapter.encoder
     softmax = softmax_layers(lm)
     source = next((lm.at(layer).values.path for layer in softmax if lm.at(layer).values is not None), None)
@@ -308,28 +337,21 @@ def sink_analysis(
     layout = dict(softmax_layers=softmax if len(softmax) < n_layers else [],
                   positions=[lm.at(layer).positions for layer in range(n_layers)] if not all(
                       lm.at(layer).positions for layer in range(n_layers)) else [])
-    base = sink_pass(lm, inputs, sinks, epsilon) if softmax else None
     if base is None:
         why = "no block mixes tokens by softmax attention" if not softmax else "no text has a sink token with later tokens to attend to it"
         return AttentionSinks(texts=0, share=[], uniform=[], sink_layers=[], first_sink_layer=None, birth_layer=birth, summary=why,
                               epsilon=epsilon, causal=causal, rule=rule, tokens=sink_list, values=values, **layout)
     found_blocks = sink_blocks(base.rate)
     changed = []
-    for label, by_block in (replacements or {}).items():
-        def context(valid: torch.Tensor | None, by_block=by_block) -> AbstractContextManager:
-            stack = ExitStack()
-            for layer, by_dim in by_block.items():
-                stack.enter_context(replace_massive(lm, layer, by_dim, criterion, valid))
-            return stack
-
-        under = sink_pass(lm, inputs, sinks, epsilon, context)
-        if under is None:
+    for label, by_block in replacements.items():
+        if under.get(label) is None:
             continue
-        rate = under.rate.tolist()
+        rate = under[label].rate.tolist()
         survives = [rate[layer] >= SINK_SHARE if layer in found_blocks else None for layer in range(len(rate))]
         replaced = sorted({dim for by_dim in by_block.values() for dim in by_dim})
         changed.append(SinkIntervention(name=f"set massive dims {replaced} to {label} at block(s) {sorted(by_block)}", label=label,
-                                        blocks=sorted(by_block), rate=rate, share=under.share.mean(dim=1).tolist(), survives=survives))
+                                        blocks=sorted(by_block), rate=rate, share=under[label].share.mean(dim=1).tolist(),
+                                        survives=survives))
     summary = _summary(base, found_blocks, birth, epsilon)
     listed = lambda tensor: tensor.tolist() if tensor is not None else None
     return AttentionSinks(
