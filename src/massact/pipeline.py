@@ -150,7 +150,7 @@ def scan(
 
 
 # What a streamed scan does not measure yet.
-STREAMED_SECTIONS = ("trigger", "attention sinks", "quantization")
+STREAMED_SECTIONS = ("trigger", "quantization")
 
 
 @guarded
@@ -186,24 +186,26 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                           birth_state=None, token_values=None)
     causal = Causal()
     folder = place.folder if place is not None else Path(".")
-    verified = False
-    if found.findings.dims and lm.adapter.hyper is None:  # two more passes, over the kept texts (and the evaluation text)
+    explained = bool(found.findings.dims) and lm.adapter.hyper is None
+    verified = settings.verify and not lm.adapter.encoder and lm.adapter.hyper is None
+    events = None
+    if explained:  # two more passes, over the kept texts (and with verification the evaluation text)
         events = streamed_lifelines(streamed, found.findings, found.inputs, settings, warnings, folder)
         events.super_experts = supers
-        verified = settings.verify and not lm.adapter.encoder
-        if verified:
-            advance = (progress or _silent)(f"streamed mechanism and interventions: {n_layers} blocks", n_layers)
-            mechanism, causal = streamed_causal(
-                streamed, events, settings, _eval_text(settings), folder, device_bytes=place.device_bytes if place else 0,
-                host_bytes=place.host_bytes if place else 2**62,
-                on_block=lambda layer: advance(f"streamed mechanism and interventions: block {layer + 1} of {n_layers}"))
-        else:
+        if not verified:
             mechanism = explain_streamed(streamed, events, folder)
-    lines = mechanism.lifelines
-    passes = ["the corpus pass"] + (["the lifelines", "the mechanism" + (" and the interventions" if verified else "")] if lines else [])
+    if verified:
+        what = "mechanism and interventions" if explained else "interventions"
+        advance = (progress or _silent)(f"streamed {what}: {n_layers} blocks", n_layers)
+        mechanism, causal = streamed_causal(
+            streamed, found.findings, found.inputs, events, supers, settings, _eval_text(settings), folder,
+            device_bytes=place.device_bytes if place else 0, host_bytes=place.host_bytes if place else 2**62,
+            on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"))
+    passes = ["the corpus pass"] + (["the lifelines"] if explained else [])
+    passes += [" and ".join((["the mechanism"] if explained else []) + (["the interventions"] if verified else []))]
+    passes = [p for p in passes if p]
     reads = streamed.checkpoint.bytes_read / max(size, 1)
-    missing = (("the mechanism (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
-    missing += ("the super experts' pruning's attention on the sinks",) if causal.expert_pruning else ()
+    missing = (("the mechanism and verification (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
     skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: "
                f"{', '.join(passes)}); not measured on a streamed model yet: {', '.join(missing)}")
     info = model_info(lm)

@@ -251,12 +251,12 @@ def carry(streamed: StreamedModel, batches: Sequence[Batch], at_block: Callable[
 
 @dataclass(kw_only=True)
 class Carried:
-    """One stream of a lane pass: its ``key``, the ``context`` that makes its intervention while it goes through a
-    block (nothing, for the unmodified model's), the block it starts at, the batches it carries (indices), the last
-    block it needs, and those batches' states."""
+    """One stream of a lane pass: its ``key``, the ``context`` that makes its intervention while a batch goes through
+    a block (given the batch: nothing, for the unmodified model's), the block it starts at, the batches it carries
+    (indices), the last block it needs, and those batches' states."""
 
     key: str
-    context: Callable[[], AbstractContextManager]
+    context: Callable[[Batch], AbstractContextManager]
     start: int
     batches: list[int]
     last: int
@@ -272,22 +272,23 @@ def carry_lanes(streamed: StreamedModel, batches: Sequence[Batch], until: Sequen
     to block ``until[i]``, and goes through each block first; then ``explained(layer)`` is called, then
     ``plan(layer, block_input)`` gives the lanes that start at this block (``block_input(i)``: batch i's unmodified
     output of the block before, None at block 0), which begin from those states. Around each lane's batches in a
-    block, ``context()`` and ``at_block(layer, lane)`` are open and ``on_batch(lane, i)`` is called before batch i goes
-    through; ``finished(layer)`` after the block. A lane stops after its block ``last``. Returns every lane, the
+    block, ``at_block(layer, lane)`` is open, ``on_batch(lane, i)`` is called before batch i goes through and
+    ``context(batch)`` is open while it does; ``finished(layer)`` after the block. A lane stops after its block ``last``. Returns every lane, the
     unmodified one first, with the states of the last block each went through."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
-    lanes = [Carried(key="baseline", context=nullcontext, start=0, batches=list(range(len(batches))), last=n_layers - 1,
+    lanes = [Carried(key="baseline", context=lambda batch: nullcontext(), start=0, batches=list(range(len(batches))), last=n_layers - 1,
                      states=base)]
 
     def through(lane: Carried, layer: int) -> None:
-        with lane.context(), at_block(layer, lane):
+        with at_block(layer, lane):
             for index in lane.batches:
                 if until[index] < layer:
                     continue
                 if on_batch is not None:
                     on_batch(lane, index)
-                lane.states.put(index, run_block(lm, layer, batches[index], lane.states.get(index)))
+                with lane.context(batches[index]):
+                    lane.states.put(index, run_block(lm, layer, batches[index], lane.states.get(index)))
 
     with torch.no_grad():
         for layer in blocks(streamed, range(n_layers)):

@@ -7,18 +7,19 @@ each becomes a lane that carries, from that block on, the windows it is scored o
 last block every scored lane goes through the final norm and head.
 
 The rows, claims and steps are then built from the lanes' results by the functions that build them in memory, so each
-number is the one the in-memory stage computes. Not measured here: the attention sinks, which the report says."""
+number is the one the in-memory stage computes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ...capture.attention import block_attention, softmax_layers
 from ...capture.batches import pad_batch
 from ...capture.edits import coordinate, set_weight
 from ...capture.hooks import tap
@@ -28,9 +29,11 @@ from ...capture.streaming import Batch, Carried, HiddenStates, carry_lanes
 from ...models.checkpoint import StreamedModel
 from ...models.loading import LoadedModel
 from ...settings import ScanSettings
+from ..detect.results import Findings
 from ..evaluation.mlm import masked_windows, next_token_windows
 from ..evaluation.perplexity import EvalText, eval_windows
 from ..evaluation.windows import Evaluation
+from ..function.sinks import SinkPass, SinkSums, replaced_massive, sink_groups, sink_texts, sinks_from, text_metrics
 from ..mechanism.results import Mechanism, SuperWeight
 from ..mechanism.stream import EventPass
 from .expert_pruning import pruning_from, pruning_lanes
@@ -47,6 +50,7 @@ from .verification import (
     dependence_inputs,
     plan_verification,
     read_group,
+    replacement_values,
     verification_from,
 )
 
@@ -88,13 +92,14 @@ class LaneEvaluation(Evaluation):
 
 @dataclass(kw_only=True)
 class _Wanted:
-    """What one lane measures, merged over every planned lane with its target: the context, start block, reads,
-    whether it is scored, and whether its output effects are measured."""
+    """What one lane measures, merged over every planned lane with its target: the context (given the batch going
+    through), start block, reads, whether it is scored and whether it carries the sink texts."""
 
-    context: Callable[[], AbstractContextManager]
+    context: Callable[[Batch], AbstractContextManager]
     start: int
     reads: set[Read] = field(default_factory=set)
     scored: bool = False
+    sinks: bool = False
 
 
 @dataclass(kw_only=True)
@@ -128,163 +133,252 @@ class _Results:
         return self.dependence_rows
 
 
+def _each_batch(context: Callable[[], AbstractContextManager]) -> Callable[[Batch], AbstractContextManager]:
+    """A lane's context for every batch alike."""
+    return lambda batch: context()
+
+
+def _valid(batch: Batch) -> torch.Tensor | None:
+    """A padded batch's attention mask, each text judged on its own positions (None for one text, as in memory)."""
+    return batch.mask if batch.ids.shape[0] > 1 else None
+
+
 @torch.no_grad()
-def streamed_causal(streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, folder: Path,
-                    device_bytes: int = 0, host_bytes: int = 2**62,
-                    on_block: Callable[[int], None] | None = None) -> tuple[Mechanism, Causal]:
-    """The mechanism's second pass (``events``: the events the lifelines name, explained as the pass reaches them) and
-    ``pipeline.causal_stage`` of a streamed model with massive dims, in one pass (``on_block(layer)`` as each block
-    is done): the interventions with their output effects and the input dependence, the super weights zeroed one by
-    one and a mixture's super experts pruned against a random control (without their attention on the sink tokens).
-    A block's interventions are planned from its events, explained as the unmodified lane has gone through it.
-    ``device_bytes``, ``host_bytes``: what the lanes' hidden states may take, all together, on the model's device and
-    in host memory before their files in ``folder``."""
-    lm, findings, inputs = streamed.lm, events.findings, events.inputs
-    mechanism = events.mechanism(whole=False)
-    n_layers = len(lm.adapter.blocks(lm.model))
-    scored = masked_windows(lm, text.text) if lm.adapter.encoder else next_token_windows(eval_windows(lm, text.text))
-    evaluation = LaneEvaluation(lm, scored, text)
-    batches = [Batch(ids=b.ids, mask=b.mask, texts=torch.tensor([-1])) for b in evaluation.batches]
-    windows = list(range(len(batches)))
-    carriers = sorted({line.text for line in mechanism.lifelines} | set(events.texts))
-    carrier_batch, text_of = {}, {}
-    for number in carriers:
-        carrier_batch[number], text_of[len(batches)] = len(batches), number
-        batches.append(Batch(ids=inputs[number], mask=torch.ones_like(inputs[number]), texts=torch.tensor([number])))
-    births = sorted({d.born_at for d in findings.dims})
-    ids = dependence_inputs(lm, text.text, findings.texts)
-    groups = dependence_groups(ids)
-    grouped = {}
-    for group in groups:
-        grouped[len(batches)] = group
-        padded, mask = pad_batch([ids[i] for i in group])  # right padding: every real token is computed as alone
-        batches.append(Batch(ids=padded, mask=mask, texts=torch.tensor(group)))
-    until = [n_layers - 1] * len(windows) + [n_layers - 1] * len(carriers) + [max(births)] * len(groups)
+def streamed_causal(streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor], events: EventPass | None,
+                    super_experts, settings: ScanSettings, text: EvalText, folder: Path, device_bytes: int = 0,
+                    host_bytes: int = 2**62, on_block: Callable[[int], None] | None = None) -> tuple[Mechanism, Causal]:
+    """The mechanism's second pass (``events``: the events the lifelines name, explained as the pass reaches them;
+    None where nothing is massive) and ``pipeline.causal_stage`` of a streamed model, in one pass (``on_block(layer)``
+    as each block is done): the interventions with their output effects and the input dependence, the attention sinks
+    with the massive values replaced, the super weights zeroed one by one, and a mixture's super experts
+    (``super_experts``, the corpus pass's) pruned against a random control. A block's interventions are planned from its
+    events, explained as the unmodified lane has gone through it. ``device_bytes``, ``host_bytes``: what the lanes'
+    hidden states may take, all together, on the model's device and in host memory before their files in
+    ``folder``."""
+    return _LanePass(streamed, findings, inputs, events, super_experts, settings, text, folder, device_bytes, host_bytes).run(on_block)
 
-    pool = {"device": 0, "host": 0, "file": 0}
-    states = lambda name: HiddenStates(device=lm.device, device_bytes=device_bytes if lm.device.type != "cpu" else 0,
-                                       host_bytes=host_bytes, path=folder / f"{HIDDEN}-{name}.bin",
-                                       pool=pool)
-    plan = Plan()
-    wanted: dict[str, _Wanted] = {}
-    steps: list[tuple[Any, list[tuple[int, SuperWeight]]]] = []  # per lifeline searched: the weights its search found
-    pruning: list[tuple[list[list[int]], Lane]] = []
-    keys: dict[str, int] = {}
 
-    def want(target: str, context: Callable[[], AbstractContextManager], start: int, reads, scored: bool) -> None:
-        entry = wanted.setdefault(target, _Wanted(context=context, start=start))
+class _LanePass:
+    """``streamed_causal``'s pass: its batches (the evaluation windows, the carriers' texts, the input dependence's and
+    the sinks' texts), the lanes planned as the blocks load, what they read, and the report's sections from them."""
+
+    def __init__(self, streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor], events: EventPass | None,
+                 super_experts, settings: ScanSettings, text: EvalText, folder: Path, device_bytes: int, host_bytes: int):
+        lm = self.lm = streamed.lm
+        self.streamed, self.findings, self.inputs, self.events, self.settings = streamed, findings, inputs, events, settings
+        self.n_layers = len(lm.adapter.blocks(lm.model))
+        self.empty = Mechanism(lifelines=[], origin=[], anatomy=[], attribution=[], experts=[], super_experts=super_experts,
+                               birth_state=None, token_values=None)
+        scored = masked_windows(lm, text.text) if lm.adapter.encoder else next_token_windows(eval_windows(lm, text.text))
+        self.evaluation = LaneEvaluation(lm, scored, text)
+        self.batches = [Batch(ids=b.ids, mask=b.mask, texts=torch.tensor([-1])) for b in self.evaluation.batches]
+        self.windows = list(range(len(self.batches)))
+        until = [self.n_layers - 1] * len(self.batches)
+        mechanism = self.mechanism(whole=False)
+        self.carrier_batch, self.text_of = {}, {}
+        for number in sorted({line.text for line in mechanism.lifelines} | set(events.texts if events else ())):
+            self.carrier_batch[number], self.text_of[len(self.batches)] = len(self.batches), number
+            self.batches.append(Batch(ids=inputs[number], mask=torch.ones_like(inputs[number]), texts=torch.tensor([number])))
+            until.append(self.n_layers - 1)
+        self.births = sorted({d.born_at for d in findings.dims})
+        self.ids = dependence_inputs(lm, text.text, findings.texts) if findings.dims else []
+        self.grouped: dict[int, list[int]] = {}
+        for group in dependence_groups(self.ids):
+            self.grouped[len(self.batches)] = group
+            padded, mask = pad_batch([self.ids[i] for i in group])  # right padding: every real token is computed as alone
+            self.batches.append(Batch(ids=padded, mask=mask, texts=torch.tensor(group)))
+            until.append(self.births[-1])
+        self.softmax = softmax_layers(lm)
+        self.sinks = sink_texts(findings)[0] if self.softmax else {}
+        self.sink_batch: dict[int, list[int]] = {}
+        for group in sink_groups(self.sinks):
+            self.sink_batch[len(self.batches)] = group
+            padded, mask = pad_batch([inputs[number] for number in group])
+            self.batches.append(Batch(ids=padded, mask=mask, texts=torch.tensor(group)))
+            until.append(self.softmax[-1])
+        self.until = until
+        self.pool = {"device": 0, "host": 0, "file": 0}
+        self.device_bytes = device_bytes if lm.device.type != "cpu" else 0
+        self.host_bytes, self.folder = host_bytes, folder
+        self.plan = Plan()
+        self.wanted: dict[str, _Wanted] = {"baseline": _Wanted(context=_each_batch(nullcontext), start=0, sinks=True)}
+        self.steps: list[tuple[Any, list[tuple[int, SuperWeight]]]] = []  # per lifeline searched: the weights found
+        self.pruning: list[tuple[list[list[int]], Lane]] = []
+        self.replaced = replacement_values(findings.dims, findings.massive) if self.sinks else {}
+        self.values: dict[tuple[str, Read], dict[int, float]] = {}
+        # The unmodified lane's detection stream at the massive dims, every block, on each carrier's text: its reads at
+        # a block are planned only once it has gone through that block.
+        self.columns = {d.dim: column for column, d in enumerate(findings.dims)}
+        self.dims = torch.tensor(list(self.columns), device=lm.device, dtype=torch.long)
+        self.unmodified: dict[tuple[int, int], torch.Tensor] = {}
+        self.read_texts: list[dict[int, tuple[float, list[int]]]] = [{} for _ in self.ids]
+        self.dependence_hidden: dict[int, dict[int, torch.Tensor]] = {}  # a dependence batch's stream at the births so far
+        self.attention: dict[str, dict[int, dict[int, dict]]] = {}  # lane -> sink text -> block -> its text_metrics
+        self.running = -1
+        self.count = 0  # lanes started, which names their files
+
+    def mechanism(self, whole: bool = True) -> Mechanism:
+        return self.events.mechanism(whole) if self.events is not None else self.empty
+
+    def states(self, name: str) -> HiddenStates:
+        return HiddenStates(device=self.lm.device, device_bytes=self.device_bytes, host_bytes=self.host_bytes,
+                            path=self.folder / f"{HIDDEN}-{name}.bin", pool=self.pool)
+
+    def want(self, target: str, context: Callable[[Batch], AbstractContextManager], start: int, reads, scored: bool,
+             sinks: bool = False) -> None:
+        entry = self.wanted.setdefault(target, _Wanted(context=context, start=start))
         entry.reads.update(reads)
         entry.scored = entry.scored or scored
+        entry.sinks = entry.sinks or sinks
 
-    def plan_block(layer: int, block_input: Callable[[int], Any]) -> list[Carried]:
+    def plan_block(self, layer: int, block_input: Callable[[int], Any]) -> list[Carried]:
         """The lanes that start at ``layer``, planned from its weights (loaded now) and its events, explained now."""
-        before = set(wanted)
-        mechanism = events.mechanism(whole=False)
+        lm, findings, before = self.lm, self.findings, set(self.wanted)
+        mechanism = self.mechanism(whole=False)
         here = plan_verification(lm, findings, mechanism, {layer})
-        plan.effects += here.effects
-        plan.births += here.births
+        self.plan.effects += here.effects
+        self.plan.births += here.births
         for key in ("zero", "mean"):
-            plan.replaced[key].update(here.replaced[key])
+            self.plan.replaced[key].update(here.replaced[key])
         for lane in here.lanes():
-            want(lane.target, lane.context, lane.start, lane.reads, lane.scored)
+            self.want(lane.target, _each_batch(lane.context), lane.start, lane.reads, lane.scored)
         for edit in here.effects:
-            want(edit.target, edit.context, edit.start, (), True)
+            self.want(edit.target, _each_batch(edit.context), edit.start, (), True)
         for line in mechanism.lifelines:
-            if line.born_at != layer or not any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position)
-                                                for a in mechanism.attribution):
-                continue
-            with run_from(lm, layer, block_input(carrier_batch[line.text])):
-                activations = probe_block(lm, inputs[line.text], layer, [line.position])["mlp_act"][0].double()
-            found = list(search(lm, line, activations, settings.super_weight_steps))
-            steps.append((line, found))
-            read = Read(text=line.text, layers=tuple(sorted({layer, line.peak_layer})), position=line.position, dim=line.dim,
-                        stream=line.stream)
-            for count in range(1, len(found) + 1):
-                zeroed = [weight for _, weight in found[:count]]
-                want(step_target(zeroed), lambda zeroed=zeroed: _zeroed(lm, zeroed), layer, (read,), True)
+            if line.born_at == layer and any((a.dim, a.role, a.text, a.position) == (line.dim, "birth", line.text, line.position)
+                                             for a in mechanism.attribution):
+                self._search(layer, line, block_input)
+        for label, by_block in self.replaced.items():  # the sinks with the massive values replaced at every birth
+            if by_block and min(by_block) == layer:
+                self.want(f"sinks: {label}", lambda batch, by_block=by_block: replaced_massive(lm, by_block, findings.criterion,
+                                                                                             _valid(batch)),
+                          layer, (), False, sinks=True)
         for pairs, lane in pruning_lanes(lm, findings, mechanism, scored=True):
             if lane.start == layer:
-                pruning.append((pairs, lane))
-                want(lane.target, lane.context, lane.start, lane.reads, lane.scored)
+                self.pruning.append((pairs, lane))
+                self.want(lane.target, _each_batch(lane.context), lane.start, lane.reads, lane.scored, sinks=True)
         lanes = []
-        for target in [t for t in wanted if t not in before and t != "baseline"]:
-            entry = wanted[target]
-            keys[target] = len(keys)
-            carried = sorted({carrier_batch[read.text] for read in entry.reads}) + (windows if entry.scored else [])
-            last = n_layers - 1 if entry.scored else max(block for read in entry.reads for block in read.layers)
+        for target in [t for t in self.wanted if t not in before]:
+            entry = self.wanted[target]
+            carried = (sorted({self.carrier_batch[read.text] for read in entry.reads}) + (self.windows if entry.scored else [])
+                       + (list(self.sink_batch) if entry.sinks else []))
+            last = (self.n_layers - 1 if entry.scored or entry.sinks
+                    else max(block for read in entry.reads for block in read.layers))
+            self.count += 1
             lanes.append(Carried(key=target, context=entry.context, start=entry.start, batches=carried, last=last,
-                              states=states(str(keys[target]))))
+                                 states=self.states(str(self.count))))
         return lanes
 
-    values: dict[tuple[str, Read], dict[int, float]] = {}
-    # The unmodified lane's detection stream at the massive dims, every block, on each carrier's text: its reads at a
-    # block are planned only once it has gone through that block.
-    columns = {d.dim: column for column, d in enumerate(findings.dims)}
-    dims = torch.tensor(list(columns), device=lm.device)
-    unmodified: dict[tuple[int, int], torch.Tensor] = {}
-    read_texts: list[dict[int, tuple[float, list[int]]]] = [{} for _ in ids]
-    running = [-1]
+    def _search(self, layer: int, line, block_input: Callable[[int], Any]) -> None:
+        """The lifeline's super weights searched at its birth block (its MLP activations probed from the unmodified
+        input), a lane for the first k of them zeroed together for each k."""
+        lm = self.lm
+        with run_from(lm, layer, block_input(self.carrier_batch[line.text])):
+            activations = probe_block(lm, self.inputs[line.text], layer, [line.position])["mlp_act"][0].double()
+        found = list(search(lm, line, activations, self.settings.super_weight_steps))
+        self.steps.append((line, found))
+        read = Read(text=line.text, layers=tuple(sorted({layer, line.peak_layer})), position=line.position, dim=line.dim,
+                    stream=line.stream)
+        for count in range(1, len(found) + 1):
+            zeroed = [weight for _, weight in found[:count]]
+            self.want(step_target(zeroed), lambda batch, zeroed=zeroed: _zeroed(lm, zeroed), layer, (read,), True)
 
-    dependence_hidden: dict[int, dict[int, torch.Tensor]] = {}  # a dependence batch's stream at the births so far
-
-    def at_block(layer: int, lane: Carried) -> AbstractContextManager:
-        """The lane's reads at this block, and the unmodified lane's input-dependence batches at a birth block."""
-        entry = wanted.get(lane.key)
-        reads = [read for read in (entry.reads if entry is not None else ()) if layer in read.layers]
-        dependence = lane.key == "baseline" and layer in births
+    def at_block(self, layer: int, lane: Carried) -> AbstractContextManager:
+        """The lane's reads at this block; the unmodified lane's carrier stream, its events and its input-dependence
+        batches at a birth block; the sink texts' attention at a softmax block."""
+        lm, entry = self.lm, self.wanted[lane.key]
+        reads = [read for read in entry.reads if layer in read.layers]
+        base = lane.key == "baseline"
+        dependence = base and layer in self.births
 
         def keep(_, __, hidden: torch.Tensor) -> None:
-            index = running[0]
-            if lane.key == "baseline" and index in text_of:
-                unmodified[text_of[index], layer] = hidden[:1].index_select(-1, dims).detach().cpu()
+            index = self.running
+            if base and index in self.text_of and len(self.dims):
+                self.unmodified[self.text_of[index], layer] = hidden[:1].index_select(-1, self.dims).detach().cpu()
             for read in reads:
-                if carrier_batch[read.text] == index:
-                    values.setdefault((lane.key, read), {})[layer] = coordinate(hidden, read.position, read.dim, read.stream)
-            if dependence and index in grouped:
-                dependence_hidden.setdefault(index, {})[layer] = hidden.detach().float()
-                if layer == births[-1]:
-                    read_group(dependence_hidden.pop(index), grouped[index], ids, findings.dims, findings.criterion, read_texts)
+                if self.carrier_batch[read.text] == index:
+                    self.values.setdefault((lane.key, read), {})[layer] = coordinate(hidden, read.position, read.dim, read.stream)
+            if dependence and index in self.grouped:
+                self.dependence_hidden.setdefault(index, {})[layer] = hidden.detach().float()
+                if layer == self.births[-1]:
+                    read_group(self.dependence_hidden.pop(index), self.grouped[index], self.ids, self.findings.dims,
+                               self.findings.criterion, self.read_texts)
+
+        def attention(found) -> None:
+            group = self.sink_batch.get(self.running)
+            causal, learned = not lm.adapter.encoder, any(lm.at(block).sinks for block in self.softmax)
+            for row, number in enumerate(group or ()):
+                n = self.inputs[number].shape[1]
+                self.attention.setdefault(lane.key, {}).setdefault(number, {})[layer] = text_metrics(
+                    found, layer, row, n, self.sinks[number], causal, learned)
 
         stack = ExitStack()
-        if lane.key == "baseline":
-            stack.enter_context(events.at_block(layer))
-        if reads or dependence or lane.key == "baseline":
+        if base and self.events is not None:
+            stack.enter_context(self.events.at_block(layer))
+        if reads or dependence or base:
             stack.enter_context(tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], keep))
+        if entry.sinks and self.sink_batch and layer in self.softmax:
+            stack.enter_context(block_attention(lm, layer, attention))
         return stack
 
-    def on_batch(lane: Carried, index: int) -> None:
-        running[0] = index
-        events.running = text_of.get(index, -1)
+    def on_batch(self, lane: Carried, index: int) -> None:
+        self.running = index
+        if self.events is not None:
+            self.events.running = self.text_of.get(index, -1)
 
-    lanes = carry_lanes(streamed, batches, until, plan_block, at_block, states("baseline"), on_batch, events.finished, on_block)
-    mechanism = events.mechanism()
-    by_key = {lane.key: lane for lane in lanes}
-    for key, lane in by_key.items():
-        evaluation.finals[key] = lane.states.get
-    try:
-        read_unmodified = lambda read: {layer: coordinate(unmodified[read.text, layer], read.position, columns[read.dim], read.stream)
-                                        for layer in read.layers}
-        results = _Results(evaluation=evaluation, values=values, dependence_rows=dependence_from(lm, ids, read_texts, findings.dims),
+    def sink_pass(self, key: str, start: int) -> SinkPass | None:
+        """The lane's ``SinkPass``: the unmodified lane's metrics at the blocks before ``start``, which it leaves as
+        they are."""
+        sums = SinkSums(self.lm, self.settings.sink_epsilon)
+        base, lane = self.attention.get("baseline", {}), self.attention.get(key, {})
+        for number in self.sinks:
+            sums.add({**{layer: m for layer, m in base.get(number, {}).items() if layer < start}, **lane.get(number, {})})
+        return sums.result()
+
+    def run(self, on_block: Callable[[int], None] | None) -> tuple[Mechanism, Causal]:
+        evaluation = self.evaluation
+        explained = self.events.finished if self.events is not None else None
+        lanes = carry_lanes(self.streamed, self.batches, self.until, self.plan_block, self.at_block, self.states("baseline"),
+                            self.on_batch, explained, on_block)
+        try:
+            for lane in lanes:
+                evaluation.finals[lane.key] = lane.states.get
+            return self.mechanism(), self._causal({lane.key: lane.start for lane in lanes})
+        finally:
+            for lane in lanes:
+                lane.states.remove()
+
+    def _causal(self, starts: dict[str, int]) -> Causal:
+        """The causal sections from the finished lanes (``starts``: each lane's first block)."""
+        lm, findings, evaluation, epsilon = self.lm, self.findings, self.evaluation, self.settings.sink_epsilon
+        base = self.sink_pass("baseline", 0) if self.sinks else None
+        under = {label: self.sink_pass(f"sinks: {label}", starts[f"sinks: {label}"]) for label in self.replaced
+                 if base is not None and f"sinks: {label}" in starts}
+        causal = Causal(attention=sinks_from(lm, findings, epsilon, base, self.replaced if base is not None else {}, under))
+        read_unmodified = lambda read: {layer: coordinate(self.unmodified[read.text, layer], read.position, self.columns[read.dim],
+                                                          read.stream) for layer in read.layers}
+        results = _Results(evaluation=evaluation, values=self.values, dependence_rows=dependence_from(lm, self.ids, self.read_texts,
+                                                                                                      findings.dims),
                            unmodified=read_unmodified)
-        causal = Causal(verification=verification_from(lm, plan, results, findings, evaluation))
-        for line, found in steps:
+        if findings.dims:
+            causal.verification = verification_from(lm, self.plan, results, findings, evaluation)
+        for line, found in self.steps:
             medians = findings.stream_medians(line.stream)
             read = Read(text=line.text, layers=tuple(sorted({line.born_at, line.peak_layer})), position=line.position, dim=line.dim,
                         stream=line.stream)
             for count, (neuron, weight) in enumerate(found, start=1):
                 target = step_target([w for _, w in found[:count]])
                 with evaluation.lane(target):
-                    ppl = evaluation.score(n_layers, key=target)
-                step = step_from(line, count, neuron, weight, values[target, read], medians, findings.criterion, ppl, evaluation.baseline)
+                    ppl = evaluation.score(self.n_layers, key=target)
+                step = step_from(line, count, neuron, weight, self.values[target, read], medians, findings.criterion, ppl,
+                                 evaluation.baseline)
                 causal.super_weights.append(step)
                 if not step.still_massive:
                     break
-        causal.expert_pruning = [pruning_from(lane, pairs, results.measure(lane), evaluation.baseline, findings, None, None)
-                                 for pairs, lane in pruning]
-    finally:
-        for lane in lanes:
-            lane.states.remove()
-    return mechanism, causal
+        causal.expert_pruning = [pruning_from(lane, pairs, results.measure(lane), evaluation.baseline, findings, base,
+                                              self.sink_pass(lane.target, lane.start) if base is not None else None)
+                                 for pairs, lane in self.pruning]
+        return causal
 
 
 @contextmanager
