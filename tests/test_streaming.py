@@ -166,14 +166,12 @@ def _report_dir(tmp_path: Path, family: str, tokenizer) -> tuple[torch.nn.Module
 
 
 def _comparable(report) -> dict:
-    """A report's JSON without what a streamed scan does not measure (trigger, verification, quantization: the stages
-    that run the model again), nor its warnings."""
+    """A report's JSON without what a streamed scan does not measure (the trigger, quantization), nor its warnings."""
     from massact.report.schema import write_report
 
     data = json.loads(write_report(report))
     for key in ("trigger", "warnings", "conclusion"):
         data.pop(key)
-    data["settings"].pop("verify")
     return data
 
 
@@ -197,24 +195,31 @@ def _close(ours, theirs, where: str = "") -> None:
         assert ours == theirs, where
 
 
-# A dense model, a mixture of experts (the planted truth in an expert) and a convolution hybrid.
+# A dense model, a mixture of experts (the planted truth in an expert) and a convolution hybrid; the hybrid's lanes with
+# no memory allowed, in their files.
 @pytest.mark.parametrize("family", ["llama", "mixtral", "lfm2"])
 def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_path):
     """Every section a streamed scan measures (the detection, lifelines, origins, neurons and super weights, experts,
-    super experts, birth state, token view, headroom) is the in-memory scan's, the planted truth found; the checkpoint
-    is read once per pass (the corpus, the lifelines, the mechanism) and the model's weights digest is the in-memory
-    one."""
+    super experts, birth state, token view, headroom, and the verification: interventions, output effects, input
+    dependence, attention sinks with the massive values replaced, super weights zeroed one by one, super experts
+    pruned) is the in-memory scan's, the planted truth found and confirmed by intervention; the checkpoint's blocks are
+    read once per pass (the corpus, the lifelines, the mechanism and the interventions in one) and the model's weights
+    digest is the in-memory one."""
     import massact
     from massact.analysis.detect.stream import StreamPlace
     from massact.pipeline import scan_streamed
 
     _, path = _report_dir(tmp_path, family, tokenizer)
-    memory = massact.scan(str(path), verify=False, device="cpu")
+    memory = massact.scan(str(path), verify=True, device="cpu")
     streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
-    got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out"), device="cpu")
+    place = StreamPlace(folder=tmp_path / "out", host_bytes=0 if family == "lfm2" else 2**62)
+    got = scan_streamed(streamed, place=place, device="cpu", verify=True)
     assert [d.dim for d in got.findings.dims] == [d.dim for d in memory.findings.dims] == [20]
     found = got.mechanism.experts[0].moe if family == "mixtral" else got.mechanism.attribution[0]
     assert found.neurons[0].neuron == 37
+    verification = got.causal.verification
+    assert any(row.confirms for row in verification.interventions) and got.causal.attention.texts > 0
+    assert bool(got.causal.expert_pruning) == (family == "mixtral") and bool(got.causal.super_weights) == (family != "mixtral")
     _close(_comparable(got), _comparable(memory))
     blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
     assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
