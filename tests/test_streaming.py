@@ -313,20 +313,26 @@ def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path,
     from safetensors.torch import load_file
 
     size = sum(t.numel() * 4 for shard in path.glob("*.safetensors") for t in load_file(shard).values())  # float32
-    code, err = run_main(capsys, "scan", path, "--memory", "100kB", "--out", tmp_path / "auto", "--format", "json")
+    auto = tmp_path / "auto"
+    code, err = run_main(capsys, "scan", path, "--memory", "100kB", "--out", auto, "--format", "json")
     assert code == 0, err
+    assert json.loads((auto / "report.json").read_text())["causal"]["default"].startswith(
+        "verified by default: the interventions were estimated at")
     assert (f"streaming the model block by block: its weights ({size / 1e6:.1f} MB in float32) exceed the memory limit "
             "(100.0 kB, --memory)") in err
     assert run_main(capsys, "compare", out, tmp_path / "auto", "--out", tmp_path / "cmp")[0] == 0
-    for args, fragments in ((("--memory", "lots"), ["--memory 'lots'"]), (("--stream", "--verify"), ["--verify", "streamed model"])):
+    for args, fragments in ((("--memory", "lots"), ["--memory 'lots'"]), (("--stream", "--quant"), ["--quant", "streamed model"])):
         code, err = run_main(capsys, "scan", path, *args, "--out", tmp_path / "x")
         assert code == 2 and len(err.strip().splitlines()) == 1 and all(f in err for f in fragments), err
     code, err = run_main(capsys, "scan", tmp_path / "nowhere", "--stream", "--out", tmp_path / "x")
     assert code == 2 and "--stream reads a model directory of safetensors files" in err, err
     monkeypatch.setattr("massact.models.checkpoint.available_memory", lambda: 1000)  # the model no longer fits
-    for command in ("verify", "quant"):
-        code, err = run_main(capsys, command, out)
-        assert code == 2 and f"{command} runs the model in memory, and its weights" in err and "(1.0 kB)" in err, err
+    code, err = run_main(capsys, "quant", out)
+    assert code == 2 and "quant runs the model in memory, and its weights" in err and "(1.0 kB)" in err, err
+    code, err = run_main(capsys, "verify", auto, "--format", "json")  # streamed again, verified this time
+    verified = json.loads((auto / "report.json").read_text())
+    assert code == 0 and verified["settings"]["verify"] and verified["causal"]["verification"]["interventions"], err
+    assert any("the mechanism and the interventions" in w for w in verified["warnings"])
 # Quantized checkpoints, written here as the big models ship them. FP8: DeepSeek-V3's layout (each linear's float8
 # weight with its weight_scale_inv, the experts apart), in blocks of 16 rows x 32 columns, so that kv_a_proj_with_mqa
 # (24 rows) ends in a short row of blocks and kv_b_proj (16 columns) is one short column. MXFP4: gpt-oss's experts.

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("model", nargs="?", help="hub id, model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     checks = _group(scan, "verification")
     checks.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                        help="confirm by intervention and measure attention sinks (default: on for models up to 3B parameters)")
+                        help="confirm by intervention and measure attention sinks (default: on where their time, estimated from the "
+                             "corpus pass, is at most that pass's own or 10 minutes)")
     checks.add_argument("--super-weight-steps", type=int, help="super weights zeroed one after another per dim, at most "
                                                                 f"({_default('super_weight_steps')})")
     _group(scan, "deployment").add_argument("--quant", action="store_true",
@@ -314,9 +315,6 @@ def _on_interrupt(process: bool) -> tuple[list[int], dict[int, object]]:
     return seen, {signum: signal.signal(signum, handler) for signum in _STOPPED}
 
 
-VERIFY_MAX_PARAMETERS = 3_000_000_000  # interventions re-run the model a few dozen times: fine up to a few B
-
-
 def _scan(args) -> int:
     from .models.loading import DEFAULT_NAME
     from .report.atomic import check_writable
@@ -335,10 +333,11 @@ def _scan(args) -> int:
 
     memory = parse_size(args.memory) if args.memory is not None else None
     if _streams(args.model, settings.dtype, args.stream, memory, _log(args.quiet)):
-        if args.verify or args.quant or args.device_map:
-            given = "--verify" if args.verify else "--quant" if args.quant else "--device-map"
+        if args.quant or args.device_map:
+            given = "--quant" if args.quant else "--device-map"
             raise UsageError(f"{given} is not measured on a streamed model yet: drop it, or scan the model in memory")
-        return _run_streamed(args.model, texts, settings, out, formats, args.quiet, memory, resume=args.resume, full=args.full)
+        return _run_streamed(args.model, texts, settings, out, formats, args.quiet, memory, resume=args.resume, full=args.full,
+                             verify=args.verify)
     return _run(args.model, texts, settings, out, formats, args.quiet, verify=args.verify, resume=args.resume, full=args.full,
                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
@@ -367,10 +366,10 @@ def _streams(model: str | None, dtype: str, stream: bool, memory: int | None, lo
 
 
 def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, memory: int | None,
-                  *, resume: bool = False, full: bool = False) -> int:
+                  *, resume: bool = False, full: bool = False, verify: bool | None = None) -> int:
     """Scan the model directory ``model`` block by block and write the report (see ``massact.scan_streamed``): the
     corpus's hidden states kept on the device and in host memory within ``memory`` (None: the memory available),
-    beyond it in a file in ``out``."""
+    beyond it in a file in ``out``. ``verify`` None: verify where the estimate fits (``analysis.causal.budget``)."""
     import torch
 
     from .analysis.detect.resume import scan_identity
@@ -392,7 +391,8 @@ def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats:
                              shards=sorted(checkpoint.sizes.items()))
     place = StreamPlace(folder=out, device_bytes=on_device, host_bytes=host, resume=resume, identity=identity)
     with _progress(_bars(quiet)) as progress:
-        report = scan_streamed(streamed, texts, settings, place=place, progress=progress)
+        report = scan_streamed(streamed, texts, settings.replace(verify=bool(verify)), place=place, progress=progress,
+                               auto_verify=verify is None)
     return _write(report, out, formats, quiet, full)
 
 
@@ -582,7 +582,7 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
     protect = load_protect(args.protect) if args.protect else build_protect(report)
     if not protect.massive_dims:  # said now, before the model loads and an engine's library is imported
         raise UsageError("nothing to measure: the model has no massive activations under the criterion")
-    _fits(report.model.source, run.dtype, "quant")
+    _refuse_unless_fits(report.model.source, run.dtype, "quant")
     lm = load(report.model.source, dtype=run.dtype, device=run.device, log=_log(args.quiet))
     # The model at the report's source must still be the one it was made with: its weights and super weights, as saved.
     check_report_model(report, lm, str(directory / "report.json"))
@@ -674,22 +674,33 @@ def _verify(args) -> int:
     check_writable(args.report_dir)
     texts.check()
     formats = parse_formats(args.format)
-    _fits(saved.model.source, settings.dtype, "verify")
+    if not _fits(saved.model.source, settings.dtype):  # the scan again, streamed as it was made
+        return _run_streamed(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, None, full=args.full,
+                             verify=True)
     return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True, full=args.full,
                 saved=saved)
 
 
-def _fits(model: str | None, dtype: str, command: str) -> None:
-    """Refuse, in one line, to load a model directory whose weights exceed the memory available: ``command`` runs the
-    model in memory, which a streamed model does not fit."""
+def _fits(model: str | None, dtype: str) -> bool:
+    """Whether the model fits in the memory available: not a model directory whose weights in ``dtype`` exceed it."""
+    from .models.checkpoint import available_memory, weights_bytes
+    from .models.loading import DTYPES
+
+    if model is None or not Path(model).is_dir():
+        return True
+    size, limit = weights_bytes(Path(model), DTYPES[dtype]), available_memory()
+    return size is None or limit is None or size <= limit
+
+
+def _refuse_unless_fits(model: str | None, dtype: str, command: str) -> None:
+    """Refuse, in one line, a model directory whose weights exceed the memory available: ``command`` runs the model
+    in memory, which a streamed model does not fit."""
     from .models.checkpoint import available_memory, weights_bytes
     from .models.loading import DTYPES
     from .numbers import size as in_bytes
 
-    if model is None or not Path(model).is_dir():
-        return
-    size, limit = weights_bytes(Path(model), DTYPES[dtype]), available_memory()
-    if size is not None and limit is not None and size > limit:
+    if not _fits(model, dtype):
+        size, limit = weights_bytes(Path(model), DTYPES[dtype]), available_memory()
         raise UsageError(f"{command} runs the model in memory, and its weights ({in_bytes(size)} in {dtype}) exceed the "
                          f"memory available ({in_bytes(limit)}): {command} is not measured on a streamed model yet")
 
@@ -743,7 +754,8 @@ def _eval_file(path: str | None) -> str | None:
 def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, *, verify: bool | None,
          resume: bool = False, device_map: str | None = None, trust_remote_code: bool = False, full: bool = False,
          saved: Report | None = None) -> int:
-    """Load, scan with ``settings`` and write the report. ``verify`` None: verify models up to 3B parameters. The
+    """Load, scan with ``settings`` and write the report. ``verify`` None: verify where the interventions' estimated time fits
+    (``analysis.causal.budget``). The
     terminal gets one screen, or with ``full`` the whole report. ``saved``: the report this scan re-runs (``massact
     verify``), whose model the loaded one must be; its quantization sweep is kept if this scan would measure it on
     the same inputs."""
@@ -759,13 +771,9 @@ def _run(model, texts, settings: ScanSettings, out: Path, formats: set[str], qui
 
         check_report_model(saved, lm, str(out / "report.json"))
         quantization = saved.deploy.quantization
-    if verify is None:
-        verify = sum(p.numel() for p in lm.model.parameters()) <= VERIFY_MAX_PARAMETERS
-        if not verify:
-            log("skipping verification for a model this large; pass --verify to run it")
     with _progress(_bars(quiet)) as progress:
-        report = scan(lm, texts, settings.replace(verify=verify), checkpoint=out / "scan-state.pt", resume=resume,
-                      progress=progress, quantization=quantization)
+        report = scan(lm, texts, settings.replace(verify=bool(verify)), checkpoint=out / "scan-state.pt", resume=resume,
+                      progress=progress, quantization=quantization, auto_verify=verify is None)
     if report is None:  # another process of a multi-process launch writes the report
         return 0
     if quantization is not None and report.deploy.quantization is quantization:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .analysis.causal.budget import verification_seconds, verify_by_default
 from .analysis.causal.expert_pruning import prune_super_experts
 from .analysis.causal.results import Causal
 from .analysis.causal.stream import streamed_causal
@@ -37,7 +39,7 @@ from .analysis.detect.windows import Counts, collect, windows
 from .analysis.evaluation.embeddings import headless
 from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
 from .analysis.evaluation.windows import evaluation_for
-from .analysis.function.sinks import sink_analysis
+from .analysis.function.sinks import SINK_TEXTS, sink_analysis
 from .analysis.mechanism.explain import (
     birth_state,
     explain,
@@ -90,6 +92,7 @@ def scan(
     resume: bool = False,
     progress: Progress | None = None,
     quantization: Quantization | None = None,
+    auto_verify: bool = False,
     **options,
 ) -> Report | None:
     """Find the massive activations of ``model`` on ``texts`` and trace each to the block, sublayer, MLP checkpoint,
@@ -111,6 +114,8 @@ def scan(
         quantization: A saved report's sweep of this model, kept (with ``settings.quant``) instead of measured again
             when this scan would measure it on the same inputs (``Quantization.inputs_sha256``): the same protect
             list, evaluation text, dtype, device and grid.
+        auto_verify: Without ``verify``, verify where the interventions' time, estimated from the corpus pass's
+            (``analysis.causal.budget``), fits; the report's warnings say which and why.
         **options: Single fields of ``settings`` to change (``top_k=3, verify=True``).
 
     Returns:
@@ -131,16 +136,22 @@ def scan(
     lm = _as_loaded(model, tokenizer, settings.dtype, settings.device)
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
     total = corpus.check()
-    if settings.verify:  # an evaluation text too short for perplexity fails now, not after the scan
+    if settings.verify or auto_verify:  # an evaluation text too short for perplexity fails now, not after the scan
         eval_windows(lm, eval_text or default_eval_text())
     progress = progress or _silent
+    began = time.perf_counter()
     found = detect_stage(lm, corpus, total, settings, checkpointing(lm, settings, checkpoint, resume), progress)
     if found is None:
         return None  # launched as several processes: they shared the scan, the first one explains and reports
     findings, warnings = found.findings, list(found.warnings)
+    why = None
+    if auto_verify and not settings.verify:
+        verify, why = _by_estimate(lm, found, time.perf_counter() - began, eval_text or default_eval_text())
+        settings = settings.replace(verify=verify)
     mechanism = mechanism_stage(lm, found, settings, warnings)
     trigger = triggers(lm, found.inputs, findings, mechanism, settings, found.corpus.windows)
     causal, causal_warnings = causal_stage(lm, found, mechanism, settings, eval_text, progress)
+    causal.default = why
     report = Report(model=model_info(lm), corpus=found.corpus, settings=settings, findings=findings, mechanism=mechanism,
                     trigger=trigger, causal=causal, deploy=Deploy(), conclusion=[], warnings=warnings + causal_warnings,
                     versions=_versions())
@@ -153,15 +164,27 @@ def scan(
 STREAMED_SECTIONS = ("trigger", "quantization")
 
 
+def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str) -> tuple[bool, str]:
+    """Whether to verify by default, and why, from the corpus pass's time (``analysis.causal.budget``)."""
+    eval_tokens = sum(window.shape[1] for window in eval_windows(lm, eval_text))
+    other = sum(found.inputs[index].shape[1] for index in sorted(found.inputs)[:SINK_TEXTS])
+    estimate = verification_seconds(corpus_seconds=corpus_seconds, corpus_tokens=max(found.corpus.tokens, 1),
+                                    n_layers=len(lm.adapter.blocks(lm.model)), eval_tokens=eval_tokens,
+                                    births=[d.born_at for d in found.findings.dims], other_tokens=other)
+    return verify_by_default(estimate, corpus_seconds)
+
+
 @guarded
 @torch.no_grad()
 def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None = None, settings: ScanSettings | None = None,
-                  *, place: StreamPlace | None = None, progress: Progress | None = None, **options) -> Report:
+                  *, place: StreamPlace | None = None, progress: Progress | None = None, auto_verify: bool = False,
+                  **options) -> Report:
     """``scan`` of a model read block by block from its checkpoint (``models.checkpoint.load_streamed``): the corpus
     pass with each block's weights read once, the massive entries and dims, the super experts of a mixture of experts
     and the float16 headroom; two more passes over the kept texts for the mechanism; with ``settings.verify``, one
     more for the causal stage (``analysis.causal.stream``). ``place``: where the hidden states go beyond memory and the
-    resumable state (see ``StreamPlace``). ``STREAMED_SECTIONS`` are not measured, which the report's warnings say."""
+    resumable state (see ``StreamPlace``). ``auto_verify``: as for ``scan``. ``STREAMED_SECTIONS`` are not measured,
+    which the report's warnings say."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -177,8 +200,13 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
         read = streamed.checkpoint.bytes_read - start
         advance(f"streamed pass: block {layer + 1} of {n_layers}, {in_bytes(read)} of {in_bytes(size)} read")
 
+    began = time.perf_counter()
     layer_scan = stream_layers(streamed, stream, batch_size=settings.batch_size, on_block=on_block, place=place)
     found = detection(lm, corpus, counts, layer_scan, settings)
+    why = None
+    if auto_verify and not settings.verify:
+        verify, why = _by_estimate(lm, found, time.perf_counter() - began, _eval_text(settings).text)
+        settings = settings.replace(verify=verify)
     supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
                                                                    settings.super_expert_fraction, settings.super_expert_depth)
     warnings = list(found.warnings)
@@ -205,6 +233,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     passes += [" and ".join((["the mechanism"] if explained else []) + (["the interventions"] if verified else []))]
     passes = [p for p in passes if p]
     reads = streamed.checkpoint.bytes_read / max(size, 1)
+    causal.default = why
     missing = (("the mechanism and verification (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
     skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: "
                f"{', '.join(passes)}); not measured on a streamed model yet: {', '.join(missing)}")

@@ -273,12 +273,13 @@ def carry_lanes(streamed: StreamedModel, batches: Sequence[Batch], until: Sequen
     ``plan(layer, block_input)`` gives the lanes that start at this block (``block_input(i)``: batch i's unmodified
     output of the block before, None at block 0), which begin from those states. Around each lane's batches in a
     block, ``at_block(layer, lane)`` is open, ``on_batch(lane, i)`` is called before batch i goes through and
-    ``context(batch)`` is open while it does; ``finished(layer)`` after the block. A lane stops after its block ``last``. Returns every lane, the
-    unmodified one first, with the states of the last block each went through."""
+    ``context(batch)`` is open while it does; ``finished(layer)`` is called after the block. A lane stops after its
+    block ``last``. Returns every lane, the unmodified one first, with the states of the last block each went
+    through."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
-    lanes = [Carried(key="baseline", context=lambda batch: nullcontext(), start=0, batches=list(range(len(batches))), last=n_layers - 1,
-                     states=base)]
+    lanes = [Carried(key="baseline", context=lambda batch: nullcontext(), start=0, batches=list(range(len(batches))),
+                     last=n_layers - 1, states=base)]
 
     def through(lane: Carried, layer: int) -> None:
         with at_block(layer, lane):

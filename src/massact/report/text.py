@@ -64,7 +64,8 @@ def _why_empty(report: Report, key: str) -> str:
     if not report.findings.dims:
         return "Nothing massive under the criterion: nothing to trace."
     if key in ("verification", "sinks") or (key == "super-weights" and report.causal.verification is None):
-        return "Not run: pass --verify (on by default for models up to 3B parameters), or run `massact verify DIR`."
+        return (report.causal.default + "." if report.causal.default else
+                "Not run: pass --verify (on by default where the interventions' estimated time fits), or run `massact verify DIR`.")
     if key == "quantization":
         return "Not run: pass --quant, or run `massact quant DIR` on this report."
     return {
@@ -316,6 +317,8 @@ def _verification_tables(style: Style, report: Report) -> list:
                           f"{v.eval_source}: {v.masked_lm_loss:.3f} unmodified, exp {v.baseline_perplexity:.2f}.")]
     else:
         out = [Text(f"Perplexity on {v.eval_tokens} tokens of {v.eval_source}: {v.baseline_perplexity:.2f} unmodified.")]
+    if report.causal.default:
+        out.insert(0, Text(report.causal.default[0].upper() + report.causal.default[1:] + "."))
     table = style.table(None, "dim", "block", "intervention", "value at birth", "value at last block", "massive",
                         "exp(MLM loss)" if masked else "perplexity", "x baseline", "confirms", right=(0, 1, 3, 4, 6, 7))
     for r in v.interventions:

@@ -137,3 +137,4 @@ class Causal:
     attention: AttentionSinks | None = None
     super_weights: list[SuperWeightStep] = field(default_factory=list)
     expert_pruning: list[ExpertPruning] = field(default_factory=list)
+    default: str | None = None  # why the scan verified, or did not, by default (None: --verify or --no-verify given)
