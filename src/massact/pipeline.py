@@ -38,7 +38,7 @@ from .analysis.detect.stream import StreamPlace, stream_layers
 from .analysis.detect.windows import Counts, collect, windows
 from .analysis.evaluation.embeddings import headless
 from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
-from .analysis.evaluation.windows import evaluation_for
+from .analysis.evaluation.windows import EVAL_BATCH, evaluation_for
 from .analysis.function.sinks import SINK_TEXTS, sink_analysis
 from .analysis.mechanism.explain import (
     birth_state,
@@ -164,12 +164,19 @@ def scan(
 STREAMED_SECTIONS = ("trigger", "quantization")
 
 
-def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str) -> tuple[bool, str]:
-    """Whether to verify by default, and why, from the corpus pass's time (``analysis.causal.budget``)."""
-    eval_tokens = sum(window.shape[1] for window in eval_windows(lm, eval_text))
+def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str, rate: float | None = None
+                 ) -> tuple[bool, str]:
+    """Whether to verify by default, and why (``analysis.causal.budget``), at ``rate`` seconds per token and block
+    (None: timed now on the first evaluation batch, a forward pass of the whole model)."""
+    windows = eval_windows(lm, eval_text)
+    n_layers = len(lm.adapter.blocks(lm.model))
+    if rate is None:
+        first = torch.cat([w for w in windows if w.shape[1] == windows[0].shape[1]][:EVAL_BATCH])
+        began = time.perf_counter()
+        lm.model(input_ids=first.to(lm.device), use_cache=False)
+        rate = (time.perf_counter() - began) / (first.numel() * n_layers)
     other = sum(found.inputs[index].shape[1] for index in sorted(found.inputs)[:SINK_TEXTS])
-    estimate = verification_seconds(corpus_seconds=corpus_seconds, corpus_tokens=max(found.corpus.tokens, 1),
-                                    n_layers=len(lm.adapter.blocks(lm.model)), eval_tokens=eval_tokens,
+    estimate = verification_seconds(rate=rate, n_layers=n_layers, eval_tokens=sum(w.shape[1] for w in windows),
                                     births=[d.born_at for d in found.findings.dims], other_tokens=other)
     return verify_by_default(estimate, corpus_seconds)
 
@@ -204,8 +211,9 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     layer_scan = stream_layers(streamed, stream, batch_size=settings.batch_size, on_block=on_block, place=place)
     found = detection(lm, corpus, counts, layer_scan, settings)
     why = None
-    if auto_verify and not settings.verify:
-        verify, why = _by_estimate(lm, found, time.perf_counter() - began, _eval_text(settings).text)
+    if auto_verify and not settings.verify:  # at the pass's compute per token and block, its reads left out
+        rate = streamed.computing / max(found.corpus.tokens * n_layers, 1)
+        verify, why = _by_estimate(lm, found, time.perf_counter() - began, _eval_text(settings).text, rate)
         settings = settings.replace(verify=verify)
     supers = None if found.experts is None else find_super_experts(*found.experts, settings.super_expert_quantile,
                                                                    settings.super_expert_fraction, settings.super_expert_depth)

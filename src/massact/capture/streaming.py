@@ -10,6 +10,7 @@ per-layer inputs); hooks on the block's sites see what they see in memory.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -168,9 +169,11 @@ def blocks(streamed: StreamedModel, layers: Sequence[int]) -> Iterator[int]:
             checkpoint.load(lm.model, tensors, streamed.dtype, lm.device)
             del tensors
             streamed.loaded(layer)
+            began = time.perf_counter()
             try:
                 yield layer
             finally:
+                streamed.computing += time.perf_counter() - began
                 release(lm.adapter.blocks(lm.model)[layer])
                 _give_back_freed_memory()
 

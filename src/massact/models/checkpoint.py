@@ -253,6 +253,7 @@ class StreamedModel:
     checkpoint: Checkpoint
     dtype: torch.dtype
     samples: dict[str, bytes] = field(default_factory=dict)
+    computing: float = 0.0  # seconds the passes spent with a block loaded, computing (its reads apart)
 
     def loaded(self, layer: int) -> None:
         """Note block ``layer``'s parameters' samples, as it is loaded."""
