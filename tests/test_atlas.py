@@ -73,6 +73,10 @@ def test_rows_are_each_models_own_report(models, atlas):
         assert row.has_sink == bool(attention.sink_layers) and row.sink_positions == [0]  # the first token: BOS
         shares = [v for block in attention.share for v in block]
         assert row.sink_share == pytest.approx(sum(shares) / len(shares))
+        valley = report.valley  # the compression valley's columns and curve, as the report has them
+        assert (row.valley, row.valley_depth, row.valley_drop, row.valley_drop_without, row.entropies) == (
+            valley.valley, valley.valley / (N_LAYERS - 1), valley.drop, valley.drop_without, valley.entropy)
+        assert row.valley_from_birth == (None if valley.birth is None else valley.valley - valley.birth)
         # A dense model with no gate and no learned sink: those columns are empty, not 0.
         assert row.super_experts is None and row.gate_sink is None and row.learned_sink is None and row.expert is None
         if family == "olmo2":  # nothing massive: every column of the lead dim is empty

@@ -201,9 +201,9 @@ def _close(ours, theirs, where: str = "") -> None:
 @pytest.mark.parametrize("family", ["llama", "mixtral", "lfm2"])
 def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_path):
     """Every section a streamed scan measures (the detection, lifelines, origins, neurons and super weights, experts,
-    super experts, birth state, token view, headroom) is the in-memory scan's, the planted truth found; the checkpoint
-    is read once per pass (the corpus, the lifelines, the mechanism) and the model's weights digest is the in-memory
-    one."""
+    super experts, birth state, token view, headroom, compression valley) is the in-memory scan's, the planted truth
+    found; the checkpoint is read once per pass (the corpus, the lifelines with the valley, the mechanism) and the
+    model's weights digest is the in-memory one."""
     import massact
     from massact.analysis.detect.stream import StreamPlace
     from massact.pipeline import scan_streamed
@@ -215,6 +215,7 @@ def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_pa
     assert [d.dim for d in got.findings.dims] == [d.dim for d in memory.findings.dims] == [20]
     found = got.mechanism.experts[0].moe if family == "mixtral" else got.mechanism.attribution[0]
     assert found.neurons[0].neuron == 37
+    assert got.valley.valley == memory.valley.valley == 1 and got.valley.texts == memory.valley.texts  # the BOS row: born at 1
     _close(_comparable(got), _comparable(memory))
     blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
     assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks

@@ -221,6 +221,8 @@ CHECKS: dict[tuple[type, str], Check] = {
     (Row, "sink_kept"): _at_least(0),
     (Row, "sink_reached"): _at_least(1),
     (Sentence, "rule"): _one_of(tuple(rule.__name__ for rule in RULES)),
+    (Row, "valley"): _at_least(0),
+    (Row, "valley_depth"): _share(),
     (CompressionValley, "texts"): _window(),
     (CompressionValley, "first_share"): _share(),
     (CompressionValley, "first_share_without"): _share(),
@@ -269,6 +271,7 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
                     "shares of " + ", ".join(POSITIONS) + " that sum to 1, or nothing")],
     Row: [("ratios", lambda r: len(r.ratios) == r.architecture.blocks, "one ratio per block (architecture.blocks)"),
           ("sink_rates", lambda r: r.sink_rates is None or len(r.sink_rates) == r.architecture.blocks, "one rate per block, or null"),
+          ("entropies", lambda r: r.entropies is None or len(r.entropies) == r.architecture.blocks, "one entropy per block, or null"),
           ("sink_kept", lambda r: (r.sink_kept is None) == (r.sink_reached is None) and (r.sink_kept or 0) <= (r.sink_reached or 0),
            "a count of at most sink_reached, null exactly where sink_reached is")],
     Atlas: [("rows", lambda a: len({r.model for r in a.rows}) == len(a.rows), "each model once"),
@@ -282,7 +285,7 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
 # Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, the two parts of experts beside a
 # dense MLP and their norms, a sparse attention's indexer picks, the checks an inferred adapter passed,
 # hyper-connections' streams and their profile thresholds, a trigger's shared-expert neuron), and the compression
-# valley, which a report made before that section lacks: the writer leaves one
+# valley, which a report (and an atlas row) made before that section lacks: the writer leaves one
 # out where it holds its default (None, or empty), and the reader gives the default where it is absent, so that the
 # other models' files do not carry them.
 OPTIONAL: frozenset[tuple[type, str]] = frozenset({
@@ -294,6 +297,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (MoeAttribution, "bias"), (Origin, "mlp_dense"), (Origin, "mlp_routed"), (Attribution, "norm"),
     (ExpertAttribution, "norm"), (NeuronTrigger, "shared"), (ChainLink, "shared"), (BlockProfile, "stream_thresholds"),
     (StreamOrigin, "heads"), (TokenValues, "streams"), (Report, "valley"),
+    *((Row, name) for name in ("valley", "valley_depth", "valley_from_birth", "valley_drop", "valley_drop_without", "entropies")),
 })
 
 
