@@ -132,6 +132,6 @@ def test_the_atlas_sentence_counts_the_valleys_near_the_birth():
     rows = [_row("a", dims=1, valley_from_birth=1, valley_drop=0.5, valley_drop_without=0.1),
             _row("b", dims=1, valley_from_birth=-5, valley_drop=0.3, valley_drop_without=0.3), _row("c")]
     assert [(s.text, s.rows) for s in valley_sentence(rows)] == [
-        ("The compression valley lies within 2 blocks of the massive value's birth in 1 of 2 models with both (a); the entropy "
+        ("The compression valley lies within 2 blocks of the birth of the massive value in 1 of 2 models with both (a); the entropy "
          "falls by 0.40 into it on average, and by 0.20 with the massive tokens left out.", ["a", "b"])]
     assert valley_sentence(rows[:1] + rows[2:]) == []  # one model: nothing across models

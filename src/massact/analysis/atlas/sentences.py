@@ -117,7 +117,7 @@ def valley(rows: Sequence[Row]) -> list[Sentence]:
     if len(both) < 2:
         return []
     near = [r for r in both if abs(r.valley_from_birth) <= VALLEY_NEAR]
-    text = (f"The compression valley lies within {VALLEY_NEAR} blocks of the massive value's birth in {_of(len(near), len(both))} "
+    text = (f"The compression valley lies within {VALLEY_NEAR} blocks of the birth of the massive value in {_of(len(near), len(both))} "
             f"with both" + (f" ({', '.join(_models(near))})" if near else ""))
     drops = [(r.valley_drop, r.valley_drop_without) for r in both if r.valley_drop is not None and r.valley_drop_without is not None]
     if drops:
