@@ -86,7 +86,8 @@ def reading(x: torch.Tensor, massive: torch.Tensor) -> Reading:
     kept = ~massive
     kept_total = float(squares[kept].sum())
     share = lambda part, whole: part / whole if whole > 0 else math.nan
-    return Reading(entropy=matrix_entropy(x), entropy_without=matrix_entropy(x[kept]),
+    entropy = matrix_entropy(x)
+    return Reading(entropy=entropy, entropy_without=matrix_entropy(x[kept]) if bool(massive.any()) else entropy,
                    first_share=share(float(squares[0]), total),
                    first_share_without=share(float(squares[0]), kept_total) if bool(kept[0]) else math.nan,
                    massive=int(massive.sum()), massive_share=share(total - kept_total, total))
