@@ -73,6 +73,10 @@ def test_rows_are_each_models_own_report(models, atlas):
         assert row.has_sink == bool(attention.sink_layers) and row.sink_positions == [0]  # the first token: BOS
         shares = [v for block in attention.share for v in block]
         assert row.sink_share == pytest.approx(sum(shares) / len(shares))
+        valley = report.valley  # the compression valley's columns and curve, as the report has them
+        assert (row.valley, row.valley_depth, row.valley_drop, row.valley_drop_without, row.entropies) == (
+            valley.valley, valley.valley / (N_LAYERS - 1), valley.drop, valley.drop_without, valley.entropy)
+        assert row.valley_from_birth == (None if valley.birth is None else valley.valley - valley.birth)
         # A dense model with no gate and no learned sink: those columns are empty, not 0.
         assert row.super_experts is None and row.gate_sink is None and row.learned_sink is None and row.expert is None
         if family == "olmo2":  # nothing massive: every column of the lead dim is empty
@@ -248,10 +252,16 @@ def test_the_page_shows_each_sentence_with_its_rows(models, atlas):
         ("birth", f"The massive value is born between 33% and 67% of the depth in the 2 models that have one ({llama} block 1 of 4, "
                   f"{phi} block 2 of 4).", [llama, phi]),
         ("apart", f"2 of 3 models whose sink was measured have a massive value without a sink ({llama}, {phi}).", [llama, phi, olmo2]),
+        # The planted value on BOS holds nearly all of the norm from its birth on: each valley lies at its birth.
+        ("valley", f"The compression valley lies within 2 blocks of the birth of the massive value in 2 of 2 models with both ({llama}, "
+                   f"{phi}); the entropy falls by {(found.rows[0].valley_drop + found.rows[1].valley_drop) / 2:.2f} into it on "
+                   f"average, and by {(found.rows[0].valley_drop_without + found.rows[1].valley_drop_without) / 2:.2f} with the "
+                   "massive tokens left out.", [llama, phi]),
     ]
+    assert [row.valley_from_birth for row in found.rows[:2]] == [0, 0]
     page = (atlas / "atlas.html").read_text(encoding="utf-8")
     assert_policy(page)
-    assert page.count('src="data:image/png;base64,') == 2  # the two curves
+    assert page.count('src="data:image/png;base64,') == 3  # the three curves
     for sentence in found.sentences:
         section = page.split(sentence.text.replace("&", "&amp;"), 1)[1].split("</section>", 1)[0]
         assert [cell for cell in section.split("<tr>")[2:] if cell] and all(f"<td>{m}</td>" in section for m in sentence.rows)

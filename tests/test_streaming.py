@@ -200,11 +200,11 @@ def _close(ours, theirs, where: str = "") -> None:
 @pytest.mark.parametrize("family", ["llama", "mixtral", "lfm2"])
 def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_path):
     """Every section a streamed scan measures (the detection, lifelines, origins, neurons and super weights, experts,
-    super experts, birth state, token view, headroom, and the verification: interventions, output effects, input
-    dependence, attention sinks with the massive values replaced, super weights zeroed one by one, super experts
-    pruned) is the in-memory scan's, the planted truth found and confirmed by intervention; the checkpoint's blocks are
-    read once per pass (the corpus, the lifelines, the mechanism and the interventions in one) and the model's weights
-    digest is the in-memory one."""
+    super experts, birth state, token view, headroom, compression valley, and the verification: interventions,
+    output effects, input dependence, attention sinks with the massive values replaced, super weights zeroed one by
+    one, super experts pruned) is the in-memory scan's, the planted truth found and confirmed by intervention; the
+    checkpoint's blocks are read once per pass (the corpus, the lifelines with the valley, the mechanism and the
+    interventions in one) and the model's weights digest is the in-memory one."""
     import massact
     from massact.analysis.detect.stream import StreamPlace
     from massact.pipeline import scan_streamed
@@ -217,6 +217,7 @@ def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_pa
     assert [d.dim for d in got.findings.dims] == [d.dim for d in memory.findings.dims] == [20]
     found = got.mechanism.experts[0].moe if family == "mixtral" else got.mechanism.attribution[0]
     assert found.neurons[0].neuron == 37
+    assert got.valley.valley == memory.valley.valley == 1 and got.valley.texts == memory.valley.texts  # the BOS row: born at 1
     verification = got.causal.verification
     assert any(row.confirms for row in verification.interventions) and got.causal.attention.texts > 0
     assert bool(got.causal.expert_pruning) == (family == "mixtral") and bool(got.causal.super_weights) == (family != "mixtral")

@@ -39,7 +39,9 @@ from .analysis.detect.windows import Counts, collect, windows
 from .analysis.evaluation.embeddings import headless
 from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
 from .analysis.evaluation.windows import EVAL_BATCH, evaluation_for
+from .analysis.function.results import CompressionValley
 from .analysis.function.sinks import SINK_TEXTS, sink_analysis
+from .analysis.function.valley import compression_valley, read_valley, valley_texts
 from .analysis.mechanism.explain import (
     birth_state,
     explain,
@@ -51,7 +53,7 @@ from .analysis.mechanism.explain import (
 )
 from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
 from .analysis.mechanism.results import Mechanism
-from .analysis.mechanism.stream import explain_streamed, streamed_lifelines
+from .analysis.mechanism.stream import explain_streamed, streamed_lifelines, streamed_valley
 from .analysis.mechanism.streams import stream_origins
 from .analysis.mechanism.super_experts import find_super_experts
 from .analysis.profile.build import build_profile, count_carriers
@@ -154,7 +156,7 @@ def scan(
     causal.default = why
     report = Report(model=model_info(lm), corpus=found.corpus, settings=settings, findings=findings, mechanism=mechanism,
                     trigger=trigger, causal=causal, deploy=Deploy(), conclusion=[], warnings=warnings + causal_warnings,
-                    versions=_versions())
+                    versions=_versions(), valley=valley_stage(lm, found, causal))
     report.deploy = deploy_stage(lm, report, settings, eval_text, progress, quantization)
     report.conclusion = conclude(report)
     return report
@@ -190,8 +192,9 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     pass with each block's weights read once, the massive entries and dims, the super experts of a mixture of experts
     and the float16 headroom; two more passes over the kept texts for the mechanism; with ``settings.verify``, one
     more for the causal stage (``analysis.causal.stream``). ``place``: where the hidden states go beyond memory and the
-    resumable state (see ``StreamPlace``). ``auto_verify``: as for ``scan``. ``STREAMED_SECTIONS`` are not measured,
-    which the report's warnings say."""
+    resumable state (see ``StreamPlace``). ``auto_verify``: as for ``scan``. The compression valley is read in the
+    first mechanism pass (in a pass of its own where there is none). ``STREAMED_SECTIONS`` are not measured, which the
+    report's warnings say."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -237,7 +240,12 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
             streamed, found.findings, found.inputs, events, supers, settings, _eval_text(settings), folder,
             device_bytes=place.device_bytes if place else 0, host_bytes=place.host_bytes if place else 2**62,
             on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"))
-    passes = ["the corpus pass"] + (["the lifelines"] if explained else [])
+    # no mechanism pass to take the valley's readings from: one pass over its texts
+    readings = events.readings if events is not None else streamed_valley(streamed, found.findings, found.inputs, folder)
+    texts = valley_texts(found.findings, found.inputs)
+    rate = causal.attention.rate if causal.attention is not None else None
+    valley = compression_valley(readings, texts, n_layers, found.findings.dims, rate)
+    passes = ["the corpus pass", "the lifelines and the compression valley" if explained else "the compression valley"]
     passes += [" and ".join((["the mechanism"] if explained else []) + (["the interventions"] if verified else []))]
     passes = [p for p in passes if p]
     reads = streamed.checkpoint.bytes_read / max(size, 1)
@@ -250,7 +258,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=verified, quant=False),
                     findings=found.findings, mechanism=mechanism, trigger=[], causal=causal,
                     deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],
-                    warnings=warnings + [skipped], versions=_versions())
+                    warnings=warnings + [skipped], versions=_versions(), valley=valley)
     report.conclusion = conclude(report)
     return report
 
@@ -421,6 +429,15 @@ def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, tor
     state = stream_birth_state(lm, inputs, dims=findings.dims, lifelines=lines, massive=findings.massive, tokens=findings.tokens)
     return Mechanism(lifelines=lines, origin=[], anatomy=anatomies, attribution=attributions, experts=experts, super_experts=supers,
                      birth_state=state, token_values=token_values(lm, inputs, dims=findings.dims, lifelines=lines), streams=origins)
+
+
+def valley_stage(lm: LoadedModel, found: Detection, causal: Causal) -> CompressionValley:
+    """The compression valley on a few kept texts (one batched pass, every block's output tapped), against the birth
+    block and, where the causal stage measured it, the sink rate."""
+    texts = valley_texts(found.findings, found.inputs)
+    readings = read_valley(lm, found.inputs, texts, found.findings)
+    rate = causal.attention.rate if causal.attention is not None else None
+    return compression_valley(readings, texts, len(found.findings.layers), found.findings.dims, rate)
 
 
 def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settings: ScanSettings, eval_text: str | None,

@@ -12,6 +12,7 @@ from ..texts import Corpus
 from .causal.results import Causal
 from .deploy.results import Deploy, Protect
 from .detect.results import Findings
+from .function.results import CompressionValley
 from .mechanism.results import Mechanism
 from .trigger.results import Trigger
 
@@ -36,7 +37,8 @@ class CorpusInfo:
 class Report:
     """A scan, nested by stage (report.json's version 2): what was scanned and how (``model``, ``corpus``, every
     option in ``settings``), then each stage's results in the order they run, the conclusion's sentences, the
-    warnings raised on the way and the versions of massact, torch and transformers that made it."""
+    warnings raised on the way and the versions of massact, torch and transformers that made it; last, the compression
+    valley (the function stage's, measured in every scan)."""
 
     model: ModelInfo
     corpus: CorpusInfo
@@ -49,6 +51,7 @@ class Report:
     conclusion: list[str]
     warnings: list[str]
     versions: dict[str, str]
+    valley: CompressionValley | None = None  # None in a report made before the section existed
 
     @property
     def medians(self) -> list[float]:
@@ -63,7 +66,8 @@ class Report:
         present = [name for name, value in (("lifeline", self.mechanism.lifelines), ("trigger", self.trigger),
                                             ("verification", self.causal.verification), ("attention sinks", self.causal.attention),
                                             ("super experts", self.mechanism.super_experts),
-                                            ("quantization", self.deploy.quantization), ("precision", self.deploy.precision)) if value]
+                                            ("quantization", self.deploy.quantization), ("precision", self.deploy.precision),
+                                            ("compression valley", self.valley)) if value]
         return (f"Report({self.model.name}: {f'massive dims {dims}' if found else 'no massive activation'}; "
                 f"{self.corpus.windows} window(s), {self.corpus.tokens:,} tokens; sections: detection, mechanism"
                 + "".join(f", {name}" for name in present) + ")")

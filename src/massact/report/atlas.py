@@ -75,6 +75,11 @@ COLUMNS: tuple[tuple[str, Callable[[Row], object]], ...] = (
     ("learned sink share", lambda r: r.learned_sink),
     ("sink blocks kept, massive zeroed", lambda r: None if r.sink_kept is None else f"{r.sink_kept} of {r.sink_reached}"),
     ("sink survives zeroing", lambda r: r.sink_survives),
+    ("valley block", lambda r: r.valley),
+    ("valley depth", lambda r: r.valley_depth),
+    ("valley - birth", lambda r: r.valley_from_birth),
+    ("entropy drop into the valley", lambda r: r.valley_drop),
+    ("entropy drop, massive tokens left out", lambda r: r.valley_drop_without),
     ("float16 headroom", lambda r: r.headroom),
     ("super experts", lambda r: None if r.super_experts is None else "; ".join(f"block {b} expert {e}" for b, e in r.super_experts)),
 )
@@ -153,10 +158,30 @@ def sink_figure(atlas: Atlas) -> bytes:
     return png_bytes(fig)
 
 
+def entropy_figure(atlas: Atlas) -> bytes:
+    """Per block, the normalized entropy of the token representations by relative depth, every model whose report
+    measured it."""
+    fig, ax = _figure()
+    for row in atlas.rows:
+        if row.entropies is None:
+            continue
+        blocks = len(row.entropies)
+        ax.plot([depth(layer, blocks) for layer in range(blocks)], row.entropies, "-o", markersize=3, label=row.model)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("relative depth (block / last block)")
+    ax.set_ylabel("matrix entropy / log(tokens)")
+    ax.set_title("The entropy of the token representations per block (the compression valley), every model")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return png_bytes(fig)
+
+
 ATLAS_FIGURES = {
     "atlas_ratio.png": (ratio_figure, lambda a: bool(a.rows), "top1 / median |a| per block by relative depth, every model"),
     "atlas_sink.png": (sink_figure, lambda a: any(r.sink_rates is not None for r in a.rows),
                        "the sink rate per block by relative depth, every model whose sink was measured"),
+    "atlas_entropy.png": (entropy_figure, lambda a: any(r.entropies is not None for r in a.rows),
+                          "the entropy of the token representations per block by relative depth, every model that measured it"),
 }
 
 
@@ -166,7 +191,8 @@ def figures(atlas: Atlas) -> dict[str, bytes]:
 
 # The columns shown under a sentence beside the model: what the rules read.
 _BACKING = ("family", "mixers", "norms", "positions", "residual streams", "massive dims (tokens)", "top / median", "birth block",
-            "birth depth", "sink rate", "has a sink", "sink survives zeroing")
+            "birth depth", "sink rate", "has a sink", "sink survives zeroing", "valley block", "valley - birth",
+            "entropy drop into the valley", "entropy drop, massive tokens left out")
 
 
 def _table(rows: list[Row], names: tuple[str, ...]) -> str:

@@ -73,6 +73,8 @@ def conclude(report: Report) -> list[str]:
         found.append(" ".join(super_expert_words(report.mechanism.super_experts, report.causal.expert_pruning)))
     if report.causal.attention is not None and report.causal.attention.dependence:
         found.append(f"Attention sink: {report.causal.attention.dependence}.")
+    if report.valley is not None and report.valley.valley is not None:
+        found.append(f"Compression valley: {report.valley.summary}.")
     return found
 
 

@@ -220,6 +220,33 @@ def attention_sinks(report: Report) -> bytes:
     return png_bytes(fig)
 
 
+def valley(report: Report) -> bytes:
+    """Per block, the entropy of the token representations with and without the massive tokens (left axis) and the
+    first token's share of the norm (right axis); the valley and the birth block marked."""
+    v = report.valley
+    fig, ax = _figure()
+    blocks = np.arange(len(v.entropy))
+    ax.plot(blocks, v.entropy, "-o", color="tab:blue", label="entropy, every token")
+    ax.plot(blocks, v.entropy_without, "--s", color="tab:green", label="entropy, without the massive tokens")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("block (output)")
+    ax.set_ylabel("matrix entropy / log(tokens)")
+    share = ax.twinx()
+    share.plot(blocks, v.first_share, ":^", color="tab:orange", label="first token's share of ||X||^2")
+    share.set_ylim(-0.05, 1.05)
+    share.set_ylabel("first token's share of the squared norm", color="tab:orange")
+    if v.valley is not None:
+        ax.axvline(v.valley, color="tab:blue", alpha=0.4, linewidth=6, label=f"valley: block {v.valley}")
+    if v.birth is not None:
+        ax.axvline(v.birth, color="crimson", linewidth=2, label=f"birth block {v.birth}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [h for axis in (ax, share) for h in axis.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
+    ax.set_title(f"{report.model.name}: the compression valley ({len(v.texts)} texts)")
+    fig.subplots_adjust(bottom=0.22)
+    return png_bytes(fig)
+
+
 _PHASE_COLOURS = {"precursor": "#fde0c5", "precursor erasure": "#d9e8fb", "birth": "#f4a6a6", "growth": "#f9c7a8",
                   "hold": "#eeeeee", "erasure": "#a9c8f0", "reversal": "#c9a9f0", "after": "#f7f7f7"}
 
@@ -334,6 +361,9 @@ FIGURES: dict[str, tuple[Callable[[Report], bytes], Callable[[Report], bool], st
                           "Super experts: each expert's largest |output| per block"),
     "attention_sinks.png": (attention_sinks, lambda r: r.causal.attention is not None and bool(r.causal.attention.share),
                             "Attention on the sink tokens (block x head), the sink rate and value-norm ratio per block"),
+    "valley.png": (valley, lambda r: r.valley is not None and r.valley.valley is not None,
+                   "The compression valley: the entropy of the token representations per block, with and without the massive "
+                   "tokens, and the first token's share of the norm"),
     "quantization.png": (lambda r: quantization_figure(r.deploy.quantization),
                          lambda r: r.deploy.quantization is not None and bool(r.deploy.quantization.rows),
                          "Perplexity and the massive value under each quantization setting"),

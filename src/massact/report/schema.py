@@ -26,7 +26,7 @@ from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
-from ..analysis.function.results import AttentionSinks
+from ..analysis.function.results import AttentionSinks, CompressionValley
 from ..analysis.mechanism.results import (
     BRANCHES,
     PHASES,
@@ -93,6 +93,10 @@ def _at_least(least: int) -> Check:
 def _share() -> Check:
     """A fraction, or NaN (null in the file) where there was nothing to count."""
     return Check(lambda v, s: math.isnan(v) or 0 <= v <= 1, lambda s: "a number from 0 to 1, or null")
+
+
+def _correlation() -> Check:
+    return Check(lambda v, s: -1 - 1e-9 <= v <= 1 + 1e-9, lambda s: "a correlation from -1 to 1")
 
 
 def _one_of(options) -> Check:
@@ -217,6 +221,20 @@ CHECKS: dict[tuple[type, str], Check] = {
     (Row, "sink_kept"): _at_least(0),
     (Row, "sink_reached"): _at_least(1),
     (Sentence, "rule"): _one_of(tuple(rule.__name__ for rule in RULES)),
+    (Row, "valley"): _at_least(0),
+    (Row, "valley_depth"): _share(),
+    (CompressionValley, "texts"): _window(),
+    (CompressionValley, "first_share"): _share(),
+    (CompressionValley, "first_share_without"): _share(),
+    (CompressionValley, "massive_tokens"): _at_least(0),
+    (CompressionValley, "massive_share"): _share(),
+    (CompressionValley, "valley"): _LAYER,
+    (CompressionValley, "valley_depth"): _share(),
+    (CompressionValley, "valley_without"): _LAYER,
+    (CompressionValley, "valley_without_depth"): _share(),
+    (CompressionValley, "birth"): _LAYER,
+    (CompressionValley, "first_share_correlation"): _correlation(),
+    (CompressionValley, "sink_rate_correlation"): _correlation(),
 }
 
 def _shares_of(shares: dict[str, float], kinds: tuple[str, ...]) -> bool:
@@ -253,17 +271,21 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
                     "shares of " + ", ".join(POSITIONS) + " that sum to 1, or nothing")],
     Row: [("ratios", lambda r: len(r.ratios) == r.architecture.blocks, "one ratio per block (architecture.blocks)"),
           ("sink_rates", lambda r: r.sink_rates is None or len(r.sink_rates) == r.architecture.blocks, "one rate per block, or null"),
+          ("entropies", lambda r: r.entropies is None or len(r.entropies) == r.architecture.blocks, "one entropy per block, or null"),
           ("sink_kept", lambda r: (r.sink_kept is None) == (r.sink_reached is None) and (r.sink_kept or 0) <= (r.sink_reached or 0),
            "a count of at most sink_reached, null exactly where sink_reached is")],
     Atlas: [("rows", lambda a: len({r.model for r in a.rows}) == len(a.rows), "each model once"),
             ("sentences", lambda a: all(set(s.rows) <= {r.model for r in a.rows} for s in a.sentences), "rows of models in the atlas")],
+    CompressionValley: [(name, lambda v, name=name: len(getattr(v, name)) == len(v.entropy), "one value per block, as entropy")
+                        for name in ("entropy_without", "first_share", "first_share_without", "massive_tokens", "massive_share")],
     Checkpoint: [("change", lambda c: c.previous is not None or c.change is None, "null at the first checkpoint (no previous)"),
                  ("change_pct", lambda c: (c.change is None) == (c.change_pct is None), "null exactly where change is")],
 }
 
 # Fields only some models have (a Gemma-4 per-layer input's branch and layer scalar, the two parts of experts beside a
 # dense MLP and their norms, a sparse attention's indexer picks, the checks an inferred adapter passed,
-# hyper-connections' streams and their profile thresholds, a trigger's shared-expert neuron): the writer leaves one
+# hyper-connections' streams and their profile thresholds, a trigger's shared-expert neuron), and the compression
+# valley, which a report (and an atlas row) made before that section lacks: the writer leaves one
 # out where it holds its default (None, or empty), and the reader gives the default where it is absent, so that the
 # other models' files do not carry them.
 OPTIONAL: frozenset[tuple[type, str]] = frozenset({
@@ -274,7 +296,8 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (ExpertAttribution, "write"), (ExpertAttribution, "landed"), (MoeAttribution, "gated"),
     (MoeAttribution, "bias"), (Origin, "mlp_dense"), (Origin, "mlp_routed"), (Attribution, "norm"),
     (ExpertAttribution, "norm"), (NeuronTrigger, "shared"), (ChainLink, "shared"), (BlockProfile, "stream_thresholds"),
-    (StreamOrigin, "heads"), (TokenValues, "streams"),
+    (StreamOrigin, "heads"), (TokenValues, "streams"), (Report, "valley"),
+    *((Row, name) for name in ("valley", "valley_depth", "valley_from_birth", "valley_drop", "valley_drop_without", "entropies")),
 })
 
 

@@ -61,6 +61,8 @@ def section_renderables(report: Report, key: str, style: Style) -> list:
 
 
 def _why_empty(report: Report, key: str) -> str:
+    if key == "valley":  # measured with or without a massive activation: only a report from before it lacks it
+        return "Not in this report: it was written by a massact that did not measure the compression valley; scan again."
     if not report.findings.dims:
         return "Nothing massive under the criterion: nothing to trace."
     if key in ("verification", "sinks") or (key == "super-weights" and report.causal.verification is None):
@@ -536,6 +538,26 @@ def quantization_text(q: Quantization | None, p: Precision | None, width: int = 
     return plain_text(parts, width)
 
 
+def _valley_tables(style: Style, report: Report) -> list:
+    """Per block: the entropy of the token representations and the first token's share of the norm, with and without
+    the massive tokens; then what they say."""
+    v = report.valley
+    table = style.table(
+        f"Per block, the mean over {len(v.texts)} text(s) (windows {', '.join(map(str, v.texts))}) of the matrix-based entropy of "
+        "the block output's token rows (Shannon entropy of the eigenvalues of X X^T / tr, rows not centered, over log(tokens)) "
+        "and of the first token's share of ||X||^2, with all tokens and without the massive ones",
+        "block", "entropy", "without massive", "first token's share", "without massive", "massive tokens", "their share",
+        "mark", right=(0, 1, 2, 3, 4, 5, 6))
+    cell = lambda value, form: "-" if value != value else format(value, form)
+    for layer, entropy in enumerate(v.entropy):
+        marks = [word for word, at in (("valley", v.valley), ("valley without massive", v.valley_without), ("birth", v.birth))
+                 if at == layer]
+        add_row(table, str(layer), cell(entropy, ".3f"), cell(v.entropy_without[layer], ".3f"), cell(v.first_share[layer], ".1%"),
+                cell(v.first_share_without[layer], ".1%"), str(v.massive_tokens[layer]), cell(v.massive_share[layer], ".1%"),
+                ", ".join(marks))
+    return [table, Text(v.summary[0].upper() + v.summary[1:] + ".")]
+
+
 _BODIES = {
     "layers": lambda style, report: [_layer_table(style, report)],
     "massive": _massive_tables,
@@ -549,6 +571,7 @@ _BODIES = {
     "sinks": lambda style, report: _attention_tables(style, report) if report.causal.attention else [],
     "quantization": lambda style, report: _quantization_tables(style, report.deploy.quantization) if report.deploy.quantization else [],
     "precision": lambda style, report: _precision_tables(style, report.deploy.precision) if report.deploy.precision else [],
+    "valley": lambda style, report: _valley_tables(style, report) if report.valley is not None else [],
     "warnings": lambda style, report: [Text(f"- {w}", style="" if style.plain else "yellow") for w in report.warnings],
     "conclusion": lambda style, report: [Text(paragraph + "\n") for paragraph in report.conclusion],
 }

@@ -41,9 +41,15 @@ class Row:
     (``sink_survives``: at least half of them do).
 
     ``headroom``: float16's largest value over the largest |a| (below 1, float16 overflows). ``super_experts``:
-    [block, expert] of each super expert (None for a dense model). The curves: per block, top / median
-    (``ratios``) and the sink rate (``sink_rates``, NaN at a block without softmax attention; None where not
-    measured)."""
+    [block, expert] of each super expert (None for a dense model).
+
+    The compression valley (None where the report has none): ``valley``, the block where the entropy of the token
+    representations is lowest, ``valley_depth`` its relative depth, ``valley_from_birth`` = valley - birth (None
+    without a massive value); ``valley_drop``, how far the entropy falls into the valley from the highest block before
+    it, and ``valley_drop_without``, the same for the curve without the massive tokens.
+
+    The curves: per block, top / median (``ratios``), the sink rate (``sink_rates``, NaN at a block without softmax
+    attention; None where not measured) and the normalized entropy (``entropies``; None where not measured)."""
 
     model: str
     report: str
@@ -79,6 +85,12 @@ class Row:
     super_experts: list[list[int]] | None = None
     ratios: list[float] = field(default_factory=list)
     sink_rates: list[float] | None = None
+    valley: int | None = None
+    valley_depth: float | None = None
+    valley_from_birth: int | None = None
+    valley_drop: float | None = None
+    valley_drop_without: float | None = None
+    entropies: list[float] | None = None
 
 
 @dataclass(kw_only=True)

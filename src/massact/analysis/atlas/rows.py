@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from ...models.architecture import Architecture
 from ..deploy.results import Precision
 from ..detect.results import DimSummary, Findings
-from ..function.results import AttentionSinks
+from ..function.results import AttentionSinks, CompressionValley
 from ..mechanism.results import Mechanism
 from .results import AtlasDim, Row
 
@@ -30,9 +30,10 @@ def flat(rows: list[list[float]] | None) -> list[float]:
 
 
 def row(model: str, architecture: Architecture, findings: Findings, mechanism: Mechanism, attention: AttentionSinks | None,
-        precision: Precision | None) -> Row:
+        precision: Precision | None, valley: CompressionValley | None = None) -> Row:
     """The atlas row of ``model`` from its report's stages (``attention``: the causal stage's sinks, None without
-    verification); the caller names its report folder."""
+    verification; ``valley``: the compression valley, None in a report without it); the caller names its report
+    folder."""
     layers = findings.layers
     peak = max(layers, key=lambda layer: abs(layer.top[0].value) if layer.top and math.isfinite(layer.top[0].value) else -1.0)
     top = abs(peak.top[0].value) if peak.top else 0.0
@@ -48,6 +49,10 @@ def row(model: str, architecture: Architecture, findings: Findings, mechanism: M
         _lead(found, max(findings.dims, key=lambda d: abs(d.max_value)), mechanism, len(layers))
     if attention is not None and attention.texts:
         _sinks(found, attention)
+    if valley is not None:
+        found.valley, found.valley_depth, found.valley_from_birth = valley.valley, valley.valley_depth, valley.from_birth
+        found.valley_drop, found.valley_drop_without = valley.drop, valley.drop_without
+        found.entropies = list(valley.entropy)
     return found
 
 

@@ -8,7 +8,9 @@ The rules (``RULES``), each answering one of the questions across models:
   measured it;
 - ``birth``: where in depth the massive value is born, across the models that have one;
 - ``apart``: massive values and sinks coming apart: a sink without a massive value, or a massive value without a sink;
-- ``survival``: whether the sink survives the massive values set to zero.
+- ``survival``: whether the sink survives the massive values set to zero;
+- ``valley``: whether the compression valley (the block of lowest entropy) lies near the massive value's birth, and
+  how deep it is with and without the massive tokens.
 """
 
 from __future__ import annotations
@@ -104,7 +106,27 @@ def survival(rows: Sequence[Row]) -> list[Sentence]:
                                            + (f" ({', '.join(_models(kept))})." if kept else "."), rows=_models(measured))]
 
 
-RULES: tuple[Callable[[Sequence[Row]], list[Sentence]], ...] = (feature, birth, apart, survival)
+VALLEY_NEAR = 2  # blocks: a valley this close to the birth lies "at" it
+
+
+def valley(rows: Sequence[Row]) -> list[Sentence]:
+    """Across the models with both a compression valley and a massive value (two at least): in how many the valley
+    lies within VALLEY_NEAR blocks of the birth, and the mean drop into the valley with the massive tokens and
+    without them."""
+    both = [r for r in rows if r.valley_from_birth is not None]
+    if len(both) < 2:
+        return []
+    near = [r for r in both if abs(r.valley_from_birth) <= VALLEY_NEAR]
+    text = (f"The compression valley lies within {VALLEY_NEAR} blocks of the birth of the massive value in {_of(len(near), len(both))} "
+            f"with both" + (f" ({', '.join(_models(near))})" if near else ""))
+    drops = [(r.valley_drop, r.valley_drop_without) for r in both if r.valley_drop is not None and r.valley_drop_without is not None]
+    if drops:
+        text += (f"; the entropy falls by {sum(d for d, _ in drops) / len(drops):.2f} into it on average, and by "
+                 f"{sum(d for _, d in drops) / len(drops):.2f} with the massive tokens left out")
+    return [Sentence(rule="valley", text=text + ".", rows=_models(both))]
+
+
+RULES: tuple[Callable[[Sequence[Row]], list[Sentence]], ...] = (feature, birth, apart, survival, valley)
 
 
 def sentences(rows: Sequence[Row]) -> list[Sentence]:

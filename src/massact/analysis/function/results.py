@@ -1,4 +1,4 @@
-"""What the function stage finds: the attention sinks on the massive tokens."""
+"""What the function stage finds: the attention sinks on the massive tokens, and the compression valley."""
 
 from __future__ import annotations
 
@@ -81,3 +81,49 @@ class AttentionSinks:
     first_token: list[list[float]] | None = None
     indexer_selected: list[float] | None = None
     mixing: str = ""
+
+
+@dataclass(kw_only=True)
+class CompressionValley:
+    """The compression valley (Queipo-de-Llano et al. 2025) on a few kept ``texts`` (window indices): per block, the
+    means over the texts of what ``analysis.function.valley`` measures on the block's output (the detection stream, raw
+    values, rows not centered):
+
+    - ``entropy``: the matrix-based entropy of the token representations, the Shannon entropy (Renyi order 1) of the
+      eigenvalues of X X^T / tr(X X^T), over log(positions): 0 where one direction holds every token, 1 where the
+      tokens are orthogonal and of one norm; ``entropy_without``: the same without the rows that carry a massive
+      activation at that block (NaN where fewer than 2 rows remain in every text);
+    - ``first_share``: the first token's share of the squared Frobenius norm, ||x_0||^2 / ||X||_F^2;
+      ``first_share_without``: its share among the rows without a massive activation (NaN where it carries one in
+      every text);
+    - ``massive_tokens``: the rows (over the texts) where the scan's criterion calls some dim massive;
+      ``massive_share``: their share of ||X||_F^2.
+
+    The valley: ``valley``, the block of the lowest entropy (``valley_depth``: over the last block), ``drop``, the highest
+    entropy at or before it minus its own; the same for the curve without the massive tokens (``valley_without``,
+    ``valley_without_depth``, ``drop_without``; None where that curve has no value); ``gap``, the entropy without the
+    massive tokens minus with them at the valley. ``birth``: the birth block of the strongest massive dim (None where
+    nothing is massive), ``from_birth`` = valley - birth. Across blocks, the Pearson correlation of the entropy with
+    the first token's share (``first_share_correlation``) and with the sink rate (``sink_rate_correlation``, where the
+    sink section measured one); None for fewer than 3 blocks or a constant curve. ``summary``: what they say, in
+    words."""
+
+    texts: list[int]
+    entropy: list[float]
+    entropy_without: list[float]
+    first_share: list[float]
+    first_share_without: list[float]
+    massive_tokens: list[int]
+    massive_share: list[float]
+    valley: int | None
+    valley_depth: float | None
+    drop: float | None
+    valley_without: int | None
+    valley_without_depth: float | None
+    drop_without: float | None
+    gap: float
+    birth: int | None
+    from_birth: int | None
+    first_share_correlation: float | None
+    sink_rate_correlation: float | None
+    summary: str

@@ -1,8 +1,8 @@
 """The mechanism of a streamed model (``models.checkpoint``), in two more passes over the kept texts alone, each
 block's weights read once per pass:
 
-1. the lifelines (every block's sites at each dim's main carrier) and the token view (every block's stream at the
-   strongest dims, on a few texts);
+1. the lifelines (every block's sites at each dim's main carrier), the token view (every block's stream at the
+   strongest dims, on a few texts) and the compression valley's readings (every block's stream on a few texts);
 2. the events the lifelines name, each explained as the pass reaches its block, while that block's weights are
    loaded, and the birth block's state (``EventPass``; with verification, this pass also carries the causal stage's
    lanes: ``analysis.causal.stream``).
@@ -27,6 +27,7 @@ from ...models.checkpoint import StreamedModel
 from ...models.loading import LoadedModel
 from ...settings import ScanSettings
 from ..detect.results import Findings
+from ..function.valley import Reading, block_medians, read_block, valley_texts
 from .explain import Event, Probes, event_positions, explain, pick_events, state_of, token_values, token_view
 from .lifeline import carrier_groups, lifeline_sites, lifelines, main_carrier
 from .results import Mechanism
@@ -78,24 +79,37 @@ def streamed_lifelines(streamed: StreamedModel, findings: Findings, inputs: dict
     groups = carrier_groups(findings)
     strongest, texts = token_view(findings.dims, [(d.dim, main_carrier(findings.massive, d.dim).text) for d in findings.dims],
                                   inputs)
-    reads, view = _read_lifelines(streamed, groups, strongest, texts, inputs, folder)
+    reads, view, readings = _read_lifelines(streamed, groups, strongest, texts, inputs, folder, findings)
     lines = lifelines(lm, findings, inputs, reads)
     events = pick_events(findings.dims, findings.massive, lines)
     strongest_dim = max(findings.dims, key=lambda d: abs(d.max_value)).dim
     birth = next((e for e in events if e.dim == strongest_dim and e.role == "birth"), None)
     return EventPass(lm=lm, findings=findings, inputs=inputs, settings=settings, warnings=warnings, lines=lines, view=view,
-                     events=events, birth=birth)
+                     events=events, birth=birth, readings=readings)
+
+
+@torch.no_grad()
+def streamed_valley(streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor],
+                    folder: Path) -> dict[tuple[int, int], Reading]:
+    """The compression valley's readings alone, in one pass over its texts: where no mechanism pass runs (nothing
+    massive, or hyper-connections)."""
+    return _read_lifelines(streamed, {}, [], [], inputs, folder, findings)[2]
 
 
 def _read_lifelines(streamed: StreamedModel, groups: dict[tuple[int, int], list[int]], strongest: list[int], texts: list[int],
-                    inputs: dict[int, torch.Tensor], folder: Path) -> tuple[dict, dict[int, torch.Tensor]]:
-    """``read_lifelines`` of every carrier group ((text, position) -> dims) and ``stream_dims`` of the token view's
-    ``texts`` at its ``strongest`` dims, in one pass."""
+                    inputs: dict[int, torch.Tensor], folder: Path,
+                    findings: Findings) -> tuple[dict, dict[int, torch.Tensor], dict[tuple[int, int], Reading]]:
+    """``read_lifelines`` of every carrier group ((text, position) -> dims), ``stream_dims`` of the token view's
+    ``texts`` at its ``strongest`` dims and the compression valley's readings of its texts (``valley_texts`` of
+    ``findings``), in one pass."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
-    sites = lifeline_sites(lm)
+    sites = lifeline_sites(lm) if groups else (lm.adapter.stream,)
     kept: dict[tuple, torch.Tensor] = {}
-    run = _Pass(streamed=streamed, texts=list(dict.fromkeys([text for text, _ in groups] + texts)), inputs=inputs, folder=folder)
+    measured, medians = valley_texts(findings, inputs), block_medians(lm, findings)
+    readings: dict[tuple[int, int], Reading] = {}
+    run = _Pass(streamed=streamed, texts=list(dict.fromkeys([text for text, _ in groups] + texts + measured)), inputs=inputs,
+                folder=folder)
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
         for (text, position), dims in groups.items():
@@ -104,6 +118,8 @@ def _read_lifelines(streamed: StreamedModel, groups: dict[tuple[int, int], list[
                 kept[text, position, layer, site] = hidden[0, position].index_select(0, index).double().cpu()
         if site == lm.adapter.stream and run.running in texts:
             kept[run.running, layer] = hidden[0].detach().index_select(-1, torch.tensor(strongest, device=hidden.device)).float().cpu()
+        if site == lm.adapter.stream and run.running in measured:  # one text a batch: every position is real
+            readings[run.running, layer] = read_block(hidden[0].detach(), medians[layer], findings)
 
     # This block's sites alone: the blocks before it stand in for themselves (``prefix.run_from``), and hooks on them
     # would read the wrong input.
@@ -113,7 +129,7 @@ def _read_lifelines(streamed: StreamedModel, groups: dict[tuple[int, int], list[
         none = torch.zeros(len(dims), dtype=torch.float64)
         reads[text, position] = {site: torch.stack([kept.get((text, position, layer, site), none) for layer in range(n_layers)])
                                  for site in sites}
-    return reads, {text: torch.stack([kept[text, layer] for layer in range(n_layers)]) for text in texts}
+    return reads, {text: torch.stack([kept[text, layer] for layer in range(n_layers)]) for text in texts}, readings
 
 
 @dataclass(kw_only=True)
@@ -133,6 +149,7 @@ class EventPass:
     view: dict[int, torch.Tensor]
     events: list[Event]
     birth: Event | None
+    readings: dict = field(default_factory=dict)  # the compression valley's, taken in the first pass
     running: int = -1
     super_experts: object = None  # the corpus pass's, set by the caller
     probes: Probes = field(default_factory=dict)
