@@ -12,6 +12,7 @@ from ..texts import Corpus
 from .causal.results import Causal
 from .deploy.results import Deploy, Protect
 from .detect.results import Findings
+from .function.results import QkValues
 from .mechanism.results import Mechanism
 from .trigger.results import Trigger
 
@@ -49,6 +50,7 @@ class Report:
     conclusion: list[str]
     warnings: list[str]
     versions: dict[str, str]
+    qk: QkValues | None = None  # massive values in the queries and keys (None: not measured, a streamed scan or an older report)
 
     @property
     def medians(self) -> list[float]:
@@ -63,7 +65,8 @@ class Report:
         present = [name for name, value in (("lifeline", self.mechanism.lifelines), ("trigger", self.trigger),
                                             ("verification", self.causal.verification), ("attention sinks", self.causal.attention),
                                             ("super experts", self.mechanism.super_experts),
-                                            ("quantization", self.deploy.quantization), ("precision", self.deploy.precision)) if value]
+                                            ("quantization", self.deploy.quantization), ("precision", self.deploy.precision),
+                                            ("Q/K values", self.qk)) if value]
         return (f"Report({self.model.name}: {f'massive dims {dims}' if found else 'no massive activation'}; "
                 f"{self.corpus.windows} window(s), {self.corpus.tokens:,} tokens; sections: detection, mechanism"
                 + "".join(f", {name}" for name in present) + ")")

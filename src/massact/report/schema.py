@@ -26,7 +26,7 @@ from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
-from ..analysis.function.results import AttentionSinks
+from ..analysis.function.results import AttentionSinks, QkBlock
 from ..analysis.mechanism.results import (
     BRANCHES,
     PHASES,
@@ -51,6 +51,7 @@ from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
 from ..analysis.trigger.results import VERDICTS, Carriers, ChainLink, NeuronTrigger, PreActivationSplit
 from ..errors import UsageError
 from ..models.architecture import MIXERS, NORMS, POSITIONS, Architecture
+from ..models.heads import KINDS as QK_KINDS
 from ..models.info import ModelInfo
 from ..settings import DTYPES, MAX_COUNT, Criterion, ScanSettings
 from ..sites import STREAMS
@@ -217,6 +218,8 @@ CHECKS: dict[tuple[type, str], Check] = {
     (Row, "sink_kept"): _at_least(0),
     (Row, "sink_reached"): _at_least(1),
     (Sentence, "rule"): _one_of(tuple(rule.__name__ for rule in RULES)),
+    (QkBlock, "layer"): _LAYER,
+    (QkBlock, "kind"): _one_of(QK_KINDS),
 }
 
 def _shares_of(shares: dict[str, float], kinds: tuple[str, ...]) -> bool:
@@ -275,6 +278,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (MoeAttribution, "bias"), (Origin, "mlp_dense"), (Origin, "mlp_routed"), (Attribution, "norm"),
     (ExpertAttribution, "norm"), (NeuronTrigger, "shared"), (ChainLink, "shared"), (BlockProfile, "stream_thresholds"),
     (StreamOrigin, "heads"), (TokenValues, "streams"),
+    (Report, "qk"),  # a report of an older massact, or a streamed scan, has no Q/K section
 })
 
 

@@ -37,6 +37,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("sinks", "Attention sinks on the massive tokens"),
     Section("quantization", "Quantization: what it does to the massive activations"),
     Section("precision", "Precision headroom (float16, bfloat16)"),
+    Section("qk", "Massive values in the queries and keys"),
 )
 # Unnumbered parts after the sections: they are not measurements of their own.
 EXTRAS: tuple[Section, ...] = (Section("warnings", "Warnings"), Section("conclusion", "Conclusion"))
