@@ -16,7 +16,7 @@ import massact
 from conftest import D_MLP, D_MODEL, MIXERS, N_LAYERS, save_planted, tiny_model
 from massact.analysis.atlas.results import AtlasDim, Row
 from massact.analysis.atlas.rows import row as atlas_row
-from massact.analysis.atlas.sentences import apart, birth, feature, survival
+from massact.analysis.atlas.sentences import apart, birth, feature, qk_band, survival
 from massact.atlas import run as atlas_run
 from massact.cli import main
 from massact.errors import UsageError
@@ -73,6 +73,15 @@ def test_rows_are_each_models_own_report(models, atlas):
         assert row.has_sink == bool(attention.sink_layers) and row.sink_positions == [0]  # the first token: BOS
         shares = [v for block in attention.share for v in block]
         assert row.sink_share == pytest.approx(sum(shares) / len(shares))
+        # The Q/K columns: the largest max/mean of any query or key head, per block and over the model, and the
+        # disruption test's perplexity over the unmodified one (every tiny model here is verified and rotary).
+        qk = report.qk
+        per_block = [max(r for part in (b.queries, b.keys) for r in part.ratio) for b in qk.blocks]
+        assert row.qk_ratios == per_block and row.qk_ratio == max(per_block)
+        heads = [bool(d) for b in qk.blocks for part in (b.queries, b.keys) for d in part.dims]
+        assert row.qk_heads == sum(heads) / len(heads)
+        if qk.disruption is not None:
+            assert row.qk_perplexity == qk.disruption.massive.perplexity / qk.disruption.base.perplexity
         # A dense model with no gate and no learned sink: those columns are empty, not 0.
         assert row.super_experts is None and row.gate_sink is None and row.learned_sink is None and row.expert is None
         if family == "olmo2":  # nothing massive: every column of the lead dim is empty
@@ -251,7 +260,7 @@ def test_the_page_shows_each_sentence_with_its_rows(models, atlas):
     ]
     page = (atlas / "atlas.html").read_text(encoding="utf-8")
     assert_policy(page)
-    assert page.count('src="data:image/png;base64,') == 2  # the two curves
+    assert page.count('src="data:image/png;base64,') == 3  # the three curves: top / median, sink rate, Q/K
     for sentence in found.sentences:
         section = page.split(sentence.text.replace("&", "&amp;"), 1)[1].split("</section>", 1)[0]
         assert [cell for cell in section.split("<tr>")[2:] if cell] and all(f"<td>{m}</td>" in section for m in sentence.rows)
@@ -294,6 +303,12 @@ def test_sentence_rules():
     assert [(s.text, s.rows) for s in survival(zeroed)] == [
         ("The sink survives the massive values set to zero in 1 of 2 models where that was measured (k).", ["k", "l"])]
     assert survival(zeroed[2:]) == []
+    # Q/K: only rows whose top Q/K dim is massive (max/mean >= 5) and turned (a band) count.
+    qk = [_row("lo", qk_ratio=9.0, qk_band="low"), _row("hi", qk_ratio=6.0, qk_band="high"), _row("weak", qk_ratio=3.0, qk_band="low"),
+          _row("nope", qk_ratio=8.0)]
+    assert [(s.text, s.rows) for s in qk_band(qk)] == [
+        ("Rotary models: the top massive Q/K dim in the low-frequency band in 1 of 2 models (lo).", ["lo", "hi"])]
+    assert qk_band(qk[2:]) == []
 
 
 def test_atlas_json_is_read_back_strictly(atlas, tmp_path):

@@ -11,13 +11,14 @@ from massact.report.sections import EXTRAS, SECTIONS, names, section
 
 
 def test_sections_are_numbered_in_order_from_one_list():
-    assert [s.number for s in SECTIONS] == list(range(1, 13))
+    assert [s.number for s in SECTIONS] == list(range(1, 14))
     assert len({s.key for s in SECTIONS + EXTRAS}) == len(SECTIONS) + len(EXTRAS)
     assert section("trigger").heading == "7. Trigger: why the writing neurons fire there"
     assert section("11") is section("quantization") and section("conclusion").title == "Conclusion"
     assert "super-weights (8)" in names() and names().endswith("warnings, conclusion")
+    assert section("13") is section("qk")
     with pytest.raises(KeyError):
-        section("13")
+        section("14")
 
 
 @pytest.mark.parametrize("value, text", [(24494.1, "24.5k"), (-24494.1, "-24.5k"), (1_234_567, "1.23M"), (123_456, "123k"),

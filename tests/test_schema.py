@@ -322,6 +322,8 @@ def test_a_version_1_report_reads_back_as_the_same_scan_made_now(model_dir, tmp_
     assert (written["format"], written["version"]) == ("massact-report", REPORT_VERSION) == ("massact-report", 2)
     new = load_report(tmp_path / "v2")
     old.versions, new.versions = {}, {}  # the libraries that made each, not what they found
+    assert old.qk is None and new.qk is not None  # version 1 had no Q/K section: it reads as not measured
+    new.qk = None
     _same(old, new)
     assert old.findings.dims[0].dim == DIM and old.mechanism.lifelines and old.causal == Causal()
     # Version 1 stored the token-or-position words; the report words them now from the verdict and the probes.

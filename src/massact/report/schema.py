@@ -217,6 +217,8 @@ CHECKS: dict[tuple[type, str], Check] = {
     (Row, "learned_sink"): _share(),
     (Row, "sink_kept"): _at_least(0),
     (Row, "sink_reached"): _at_least(1),
+    (Row, "qk_band"): _one_of(("high", "mid", "low")),
+    (Row, "qk_heads"): _share(),
     (Sentence, "rule"): _one_of(tuple(rule.__name__ for rule in RULES)),
     (QkBlock, "layer"): _LAYER,
     (QkBlock, "kind"): _one_of(QK_KINDS),
@@ -256,6 +258,7 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
                     "shares of " + ", ".join(POSITIONS) + " that sum to 1, or nothing")],
     Row: [("ratios", lambda r: len(r.ratios) == r.architecture.blocks, "one ratio per block (architecture.blocks)"),
           ("sink_rates", lambda r: r.sink_rates is None or len(r.sink_rates) == r.architecture.blocks, "one rate per block, or null"),
+          ("qk_ratios", lambda r: r.qk_ratios is None or len(r.qk_ratios) == r.architecture.blocks, "one ratio per block, or null"),
           ("sink_kept", lambda r: (r.sink_kept is None) == (r.sink_reached is None) and (r.sink_kept or 0) <= (r.sink_reached or 0),
            "a count of at most sink_reached, null exactly where sink_reached is")],
     Atlas: [("rows", lambda a: len({r.model for r in a.rows}) == len(a.rows), "each model once"),
@@ -278,6 +281,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (MoeAttribution, "bias"), (Origin, "mlp_dense"), (Origin, "mlp_routed"), (Attribution, "norm"),
     (ExpertAttribution, "norm"), (NeuronTrigger, "shared"), (ChainLink, "shared"), (BlockProfile, "stream_thresholds"),
     (StreamOrigin, "heads"), (TokenValues, "streams"),
+    (Row, "qk_ratio"), (Row, "qk_band"), (Row, "qk_heads"), (Row, "qk_perplexity"), (Row, "qk_control"), (Row, "qk_ratios"),
     (Report, "qk"),  # a report of an older massact, or a streamed scan, has no Q/K section
 })
 

@@ -43,7 +43,14 @@ class Row:
     ``headroom``: float16's largest value over the largest |a| (below 1, float16 overflows). ``super_experts``:
     [block, expert] of each super expert (None for a dense model). The curves: per block, top / median
     (``ratios``) and the sink rate (``sink_rates``, NaN at a block without softmax attention; None where not
-    measured)."""
+    measured).
+
+    The queries and keys (the report's Q/K section; None where it has none): ``qk_ratio``, the largest max/mean L2
+    norm of a dim over any query or key head (a dim is massive at 5); ``qk_band``, that head's top dim's rotary band
+    (None where it is not turned); ``qk_heads``, the share of the query and key heads with a massive dim; with the
+    disruption test, perplexity with the massive Q/K dims zeroed over the unmodified one (``qk_perplexity``) and the
+    same for the control (``qk_control``). The curve: per block, the largest max/mean over its query and key heads
+    (``qk_ratios``, NaN at a block not measured)."""
 
     model: str
     report: str
@@ -79,6 +86,12 @@ class Row:
     super_experts: list[list[int]] | None = None
     ratios: list[float] = field(default_factory=list)
     sink_rates: list[float] | None = None
+    qk_ratio: float | None = None
+    qk_band: str | None = None
+    qk_heads: float | None = None
+    qk_perplexity: float | None = None
+    qk_control: float | None = None
+    qk_ratios: list[float] | None = None
 
 
 @dataclass(kw_only=True)

@@ -20,12 +20,12 @@ from ...capture.qk import qk_energy, zero_head_dims
 from ...models.heads import QkLayout, qk_layout
 from ...models.loading import LoadedModel
 from ..evaluation.perplexity import EvalText, eval_windows, perplexity
-from .results import QkBlock, QkDisruption, QkHeads, QkScore, QkValues
+from .results import QK_THRESHOLD, QkBlock, QkDisruption, QkHeads, QkScore, QkValues
 
 QK_TEXTS = 8  # kept texts read
 QK_BATCH = 4  # of those per forward pass
 TOP = 2  # dims in a head's share: one rotary pair's worth
-THRESHOLD = 5.0  # Jin et al.'s lambda: a dim is massive where its L2 norm over the tokens is >= 5 x the head's mean
+THRESHOLD = QK_THRESHOLD
 LISTED = 4  # massive dims kept per head, largest first
 SEED = 0  # the control's draw and the passkeys
 TRIALS = 5  # passkey prompts
@@ -150,7 +150,7 @@ def passkey_prompts(lm: LoadedModel, text: str, trials: int = TRIALS, seed: int 
         while True:
             filler = words[start:start + count]
             cut = int(place * len(filler))
-            prompt = (" ".join(filler[:cut]) + f" The pass key is {number}. Remember it. {number} is the pass key. "
+            prompt = (" ".join(filler[:cut]) + f" The pass key is {number}. Remember it. "
                       + " ".join(filler[cut:]) + " What is the pass key? The pass key is")
             ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
             if ids.shape[1] + len(answer) <= budget or count == 0:

@@ -82,6 +82,9 @@ class AttentionSinks:
     indexer_selected: list[float] | None = None
     mixing: str = ""
 
+# Jin et al. 2025's lambda: a query or key dim is massive where its L2 norm over the tokens is >= 5 x its head's mean.
+QK_THRESHOLD = 5.0
+
 
 @dataclass(kw_only=True)
 class QkHeads:
