@@ -16,7 +16,7 @@ import massact
 from conftest import D_MLP, D_MODEL, MIXERS, N_LAYERS, save_planted, tiny_model
 from massact.analysis.atlas.results import AtlasDim, Row
 from massact.analysis.atlas.rows import row as atlas_row
-from massact.analysis.atlas.sentences import apart, birth, feature, survival
+from massact.analysis.atlas.sentences import apart, birth, feature, qk_band, survival
 from massact.atlas import run as atlas_run
 from massact.cli import main
 from massact.errors import UsageError
@@ -77,6 +77,15 @@ def test_rows_are_each_models_own_report(models, atlas):
         assert (row.valley, row.valley_depth, row.valley_drop, row.valley_drop_without, row.entropies) == (
             valley.valley, valley.valley / (N_LAYERS - 1), valley.drop, valley.drop_without, valley.entropy)
         assert row.valley_from_birth == (None if valley.birth is None else valley.valley - valley.birth)
+        # The Q/K columns: the largest max/mean of any query or key head, per block and over the model, and the
+        # disruption test's perplexity over the unmodified one (every tiny model here is verified and rotary).
+        qk = report.qk
+        per_block = [max(r for part in (b.queries, b.keys) for r in part.ratio) for b in qk.blocks]
+        assert row.qk_ratios == per_block and row.qk_ratio == max(per_block)
+        heads = [bool(d) for b in qk.blocks for part in (b.queries, b.keys) for d in part.dims]
+        assert row.qk_heads == sum(heads) / len(heads)
+        if qk.disruption is not None:
+            assert row.qk_perplexity == qk.disruption.massive.perplexity / qk.disruption.base.perplexity
         # A dense model with no gate and no learned sink: those columns are empty, not 0.
         assert row.super_experts is None and row.gate_sink is None and row.learned_sink is None and row.expert is None
         if family == "olmo2":  # nothing massive: every column of the lead dim is empty
@@ -261,7 +270,7 @@ def test_the_page_shows_each_sentence_with_its_rows(models, atlas):
     assert [row.valley_from_birth for row in found.rows[:2]] == [0, 0]
     page = (atlas / "atlas.html").read_text(encoding="utf-8")
     assert_policy(page)
-    assert page.count('src="data:image/png;base64,') == 3  # the three curves
+    assert page.count('src="data:image/png;base64,') == 4  # the four curves: top / median, sink rate, entropy, Q/K
     for sentence in found.sentences:
         section = page.split(sentence.text.replace("&", "&amp;"), 1)[1].split("</section>", 1)[0]
         assert [cell for cell in section.split("<tr>")[2:] if cell] and all(f"<td>{m}</td>" in section for m in sentence.rows)
@@ -304,6 +313,12 @@ def test_sentence_rules():
     assert [(s.text, s.rows) for s in survival(zeroed)] == [
         ("The sink survives the massive values set to zero in 1 of 2 models where that was measured (k).", ["k", "l"])]
     assert survival(zeroed[2:]) == []
+    # Q/K: only rows whose top Q/K dim is massive (max/mean >= 5) and turned (a band) count.
+    qk = [_row("lo", qk_ratio=9.0, qk_band="low"), _row("hi", qk_ratio=6.0, qk_band="high"), _row("weak", qk_ratio=3.0, qk_band="low"),
+          _row("nope", qk_ratio=8.0)]
+    assert [(s.text, s.rows) for s in qk_band(qk)] == [
+        ("Rotary models: the top massive Q/K dim in the low-frequency band in 1 of 2 models (lo).", ["lo", "hi"])]
+    assert qk_band(qk[2:]) == []
 
 
 def test_atlas_json_is_read_back_strictly(atlas, tmp_path):

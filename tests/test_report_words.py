@@ -17,6 +17,7 @@ def test_sections_are_numbered_in_order_from_one_list():
     assert section("11") is section("quantization") and section("conclusion").title == "Conclusion"
     assert "super-weights (8)" in names() and names().endswith("warnings, conclusion")
     assert section("13") is section("valley")
+    assert section("14") is section("qk")
     with pytest.raises(KeyError):
         section("14")
 

@@ -325,6 +325,8 @@ def test_a_version_1_report_reads_back_as_the_same_scan_made_now(model_dir, tmp_
     # Version 1 came before the compression valley: its report has neither the section nor its conclusion line.
     assert old.valley is None and new.valley is not None and new.conclusion[-1].startswith("Compression valley: ")
     new.valley, new.conclusion = None, new.conclusion[:-1]
+    assert old.qk is None and new.qk is not None  # version 1 had no Q/K section: it reads as not measured
+    new.qk = None
     _same(old, new)
     assert old.findings.dims[0].dim == DIM and old.mechanism.lifelines and old.causal == Causal()
     # Version 1 stored the token-or-position words; the report words them now from the verdict and the probes.

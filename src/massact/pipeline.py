@@ -39,7 +39,8 @@ from .analysis.detect.windows import Counts, collect, windows
 from .analysis.evaluation.embeddings import headless
 from .analysis.evaluation.perplexity import EvalText, default_eval_text, eval_windows
 from .analysis.evaluation.windows import EVAL_BATCH, evaluation_for
-from .analysis.function.results import CompressionValley
+from .analysis.function.qk import qk_values
+from .analysis.function.results import CompressionValley, QkValues
 from .analysis.function.sinks import SINK_TEXTS, sink_analysis
 from .analysis.function.valley import compression_valley, read_valley, valley_texts
 from .analysis.mechanism.explain import (
@@ -154,16 +155,17 @@ def scan(
     trigger = triggers(lm, found.inputs, findings, mechanism, settings, found.corpus.windows)
     causal, causal_warnings = causal_stage(lm, found, mechanism, settings, eval_text, progress)
     causal.default = why
+    qk = qk_stage(lm, found, settings, eval_text)
     report = Report(model=model_info(lm), corpus=found.corpus, settings=settings, findings=findings, mechanism=mechanism,
                     trigger=trigger, causal=causal, deploy=Deploy(), conclusion=[], warnings=warnings + causal_warnings,
-                    versions=_versions(), valley=valley_stage(lm, found, causal))
+                    versions=_versions(), valley=valley_stage(lm, found, causal), qk=qk)
     report.deploy = deploy_stage(lm, report, settings, eval_text, progress, quantization)
     report.conclusion = conclude(report)
     return report
 
 
 # What a streamed scan does not measure yet.
-STREAMED_SECTIONS = ("trigger", "quantization")
+STREAMED_SECTIONS = ("trigger", "quantization", "Q/K massive values")
 
 
 def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str, rate: float | None = None
@@ -469,6 +471,13 @@ def causal_stage(lm: LoadedModel, found: Detection, mechanism: Mechanism, settin
     if mechanism.super_experts is not None:  # a mixture of experts: its super experts pruned, against a random control
         causal.expert_pruning = prune_super_experts(lm, inputs, evaluation, findings, mechanism, settings)
     return causal, []
+
+
+def qk_stage(lm: LoadedModel, found: Detection, settings: ScanSettings, eval_text: str | None) -> QkValues:
+    """Massive values in the queries and keys, on the kept texts; with ``settings.verify`` (a causal LM with its
+    head), the disruption test on the evaluation text too."""
+    scored = settings.verify and not lm.adapter.encoder and not headless(lm)
+    return qk_values(lm, found.inputs, _eval_text(settings, eval_text) if scored else None)
 
 
 @guarded

@@ -12,7 +12,7 @@ from ..texts import Corpus
 from .causal.results import Causal
 from .deploy.results import Deploy, Protect
 from .detect.results import Findings
-from .function.results import CompressionValley
+from .function.results import CompressionValley, QkValues
 from .mechanism.results import Mechanism
 from .trigger.results import Trigger
 
@@ -52,6 +52,7 @@ class Report:
     warnings: list[str]
     versions: dict[str, str]
     valley: CompressionValley | None = None  # None in a report made before the section existed
+    qk: QkValues | None = None  # massive values in the queries and keys (None: not measured, a streamed scan or an older report)
 
     @property
     def medians(self) -> list[float]:
@@ -67,7 +68,8 @@ class Report:
                                             ("verification", self.causal.verification), ("attention sinks", self.causal.attention),
                                             ("super experts", self.mechanism.super_experts),
                                             ("quantization", self.deploy.quantization), ("precision", self.deploy.precision),
-                                            ("compression valley", self.valley)) if value]
+                                            ("compression valley", self.valley),
+                                            ("Q/K values", self.qk)) if value]
         return (f"Report({self.model.name}: {f'massive dims {dims}' if found else 'no massive activation'}; "
                 f"{self.corpus.windows} window(s), {self.corpus.tokens:,} tokens; sections: detection, mechanism"
                 + "".join(f", {name}" for name in present) + ")")

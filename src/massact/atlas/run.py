@@ -191,7 +191,7 @@ def collect(models: Sequence[Checkpoint], places: Sequence[Path], settings: dict
     for model, folder in zip(models, places):
         report = read_report(folder)
         found = row(model.spec, load_architecture(folder / ARCHITECTURE), report.findings, report.mechanism, report.causal.attention,
-                    report.deploy.precision, report.valley)
+                    report.deploy.precision, report.valley, report.qk)
         found.report = folder.name
         rows.append(found)
     return Atlas(rows=rows, sentences=sentences(rows), settings=settings)

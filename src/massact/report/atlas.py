@@ -14,6 +14,7 @@ import numpy as np
 
 from ..analysis.atlas.results import Atlas, Row
 from ..analysis.atlas.rows import depth
+from ..analysis.function.results import QK_THRESHOLD
 from ..numbers import short
 from . import schema
 from .atomic import write_set
@@ -82,6 +83,11 @@ COLUMNS: tuple[tuple[str, Callable[[Row], object]], ...] = (
     ("entropy drop, massive tokens left out", lambda r: r.valley_drop_without),
     ("float16 headroom", lambda r: r.headroom),
     ("super experts", lambda r: None if r.super_experts is None else "; ".join(f"block {b} expert {e}" for b, e in r.super_experts)),
+    ("Q/K top max/mean", lambda r: r.qk_ratio),
+    ("Q/K top dim's band", lambda r: r.qk_band),
+    ("Q/K heads with a massive dim", lambda r: r.qk_heads),
+    ("perplexity x, Q/K massive zeroed", lambda r: r.qk_perplexity),
+    ("perplexity x, control", lambda r: r.qk_control),
 )
 
 
@@ -171,6 +177,19 @@ def entropy_figure(atlas: Atlas) -> bytes:
     ax.set_xlabel("relative depth (block / last block)")
     ax.set_ylabel("matrix entropy / log(tokens)")
     ax.set_title("The entropy of the token representations per block (the compression valley), every model")
+def qk_figure(atlas: Atlas) -> bytes:
+    """Per block, the largest max/mean L2 norm of a query or key dim by relative depth, every model with a Q/K section
+    (gaps: blocks not measured)."""
+    fig, ax = _figure()
+    for row in atlas.rows:
+        if row.qk_ratios is None:
+            continue
+        blocks = len(row.qk_ratios)
+        ax.plot([depth(layer, blocks) for layer in range(blocks)], row.qk_ratios, "-o", markersize=3, label=row.model)
+    ax.axhline(QK_THRESHOLD, color="grey", linestyle="--", linewidth=1)  # the massive threshold
+    ax.set_xlabel("relative depth (block / last block)")
+    ax.set_ylabel("largest max/mean of a Q/K dim")
+    ax.set_title("Q/K concentration per block, every model with a Q/K section")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return png_bytes(fig)
@@ -182,6 +201,8 @@ ATLAS_FIGURES = {
                        "the sink rate per block by relative depth, every model whose sink was measured"),
     "atlas_entropy.png": (entropy_figure, lambda a: any(r.entropies is not None for r in a.rows),
                           "the entropy of the token representations per block by relative depth, every model that measured it"),
+    "atlas_qk.png": (qk_figure, lambda a: any(r.qk_ratios is not None for r in a.rows),
+                     "the largest max/mean L2 norm of a query or key dim per block by relative depth (dashed: the massive threshold)"),
 }
 
 

@@ -9,6 +9,7 @@ from ..analysis.results import Report
 from ..analysis.trigger.results import Trigger
 from ..numbers import short
 from .mechanism import CARRIER_VERDICTS
+from .qk import qk_words
 
 # Said in the warnings where a scan cannot verify: an encoder whose tokenizer has no mask token to score with.
 NO_MASK_TOKEN = "verification skipped: the tokenizer has no mask token, so the masked-LM loss cannot be measured"
@@ -73,6 +74,8 @@ def conclude(report: Report) -> list[str]:
         found.append(" ".join(super_expert_words(report.mechanism.super_experts, report.causal.expert_pruning)))
     if report.causal.attention is not None and report.causal.attention.dependence:
         found.append(f"Attention sink: {report.causal.attention.dependence}.")
+    if qk_words(report.qk):
+        found.append(qk_words(report.qk))
     if report.valley is not None and report.valley.valley is not None:
         found.append(f"Compression valley: {report.valley.summary}.")
     return found

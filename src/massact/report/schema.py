@@ -26,7 +26,7 @@ from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
 from ..analysis.detect.results import DimSummary, Entry, Findings, LayerStats, Massive
-from ..analysis.function.results import AttentionSinks, CompressionValley
+from ..analysis.function.results import AttentionSinks, CompressionValley, QkBlock
 from ..analysis.mechanism.results import (
     BRANCHES,
     PHASES,
@@ -51,6 +51,7 @@ from ..analysis.track.results import MonitorBlock, MonitorRecord, Track
 from ..analysis.trigger.results import VERDICTS, Carriers, ChainLink, NeuronTrigger, PreActivationSplit
 from ..errors import UsageError
 from ..models.architecture import MIXERS, NORMS, POSITIONS, Architecture
+from ..models.heads import KINDS as QK_KINDS
 from ..models.info import ModelInfo
 from ..settings import DTYPES, MAX_COUNT, Criterion, ScanSettings
 from ..sites import STREAMS
@@ -220,6 +221,8 @@ CHECKS: dict[tuple[type, str], Check] = {
     (Row, "learned_sink"): _share(),
     (Row, "sink_kept"): _at_least(0),
     (Row, "sink_reached"): _at_least(1),
+    (Row, "qk_band"): _one_of(("high", "mid", "low")),
+    (Row, "qk_heads"): _share(),
     (Sentence, "rule"): _one_of(tuple(rule.__name__ for rule in RULES)),
     (Row, "valley"): _at_least(0),
     (Row, "valley_depth"): _share(),
@@ -235,6 +238,8 @@ CHECKS: dict[tuple[type, str], Check] = {
     (CompressionValley, "birth"): _LAYER,
     (CompressionValley, "first_share_correlation"): _correlation(),
     (CompressionValley, "sink_rate_correlation"): _correlation(),
+    (QkBlock, "layer"): _LAYER,
+    (QkBlock, "kind"): _one_of(QK_KINDS),
 }
 
 def _shares_of(shares: dict[str, float], kinds: tuple[str, ...]) -> bool:
@@ -272,6 +277,7 @@ AGREES: dict[type, list[tuple[str, Callable[[typing.Any], bool], str]]] = {
     Row: [("ratios", lambda r: len(r.ratios) == r.architecture.blocks, "one ratio per block (architecture.blocks)"),
           ("sink_rates", lambda r: r.sink_rates is None or len(r.sink_rates) == r.architecture.blocks, "one rate per block, or null"),
           ("entropies", lambda r: r.entropies is None or len(r.entropies) == r.architecture.blocks, "one entropy per block, or null"),
+          ("qk_ratios", lambda r: r.qk_ratios is None or len(r.qk_ratios) == r.architecture.blocks, "one ratio per block, or null"),
           ("sink_kept", lambda r: (r.sink_kept is None) == (r.sink_reached is None) and (r.sink_kept or 0) <= (r.sink_reached or 0),
            "a count of at most sink_reached, null exactly where sink_reached is")],
     Atlas: [("rows", lambda a: len({r.model for r in a.rows}) == len(a.rows), "each model once"),
@@ -298,6 +304,8 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (ExpertAttribution, "norm"), (NeuronTrigger, "shared"), (ChainLink, "shared"), (BlockProfile, "stream_thresholds"),
     (StreamOrigin, "heads"), (TokenValues, "streams"), (Report, "valley"),
     *((Row, name) for name in ("valley", "valley_depth", "valley_from_birth", "valley_drop", "valley_drop_without", "entropies")),
+    (Row, "qk_ratio"), (Row, "qk_band"), (Row, "qk_heads"), (Row, "qk_perplexity"), (Row, "qk_control"), (Row, "qk_ratios"),
+    (Report, "qk"),  # a report of an older massact, or a streamed scan, has no Q/K section
 })
 
 

@@ -38,6 +38,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("quantization", "Quantization: what it does to the massive activations"),
     Section("precision", "Precision headroom (float16, bfloat16)"),
     Section("valley", "Compression valley: the entropy of the token representations per block"),
+    Section("qk", "Massive values in the queries and keys"),
 )
 # Unnumbered parts after the sections: they are not measurements of their own.
 EXTRAS: tuple[Section, ...] = (Section("warnings", "Warnings"), Section("conclusion", "Conclusion"))

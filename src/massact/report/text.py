@@ -10,6 +10,7 @@ from ..analysis.deploy.results import Precision, Quantization
 from ..analysis.mechanism.results import Anatomy, Attribution, ExpertAttribution, HeadShare
 from ..analysis.results import Report
 from .mechanism import anatomy_summary, attribution_summary, lifeline_tables, super_expert_tables, super_weight_tables, trigger_tables
+from .qk import qk_tables
 from .sections import SECTIONS, section
 from .tables import Style, add_row, num, plain_text, ratio, spans, where
 
@@ -572,6 +573,7 @@ _BODIES = {
     "quantization": lambda style, report: _quantization_tables(style, report.deploy.quantization) if report.deploy.quantization else [],
     "precision": lambda style, report: _precision_tables(style, report.deploy.precision) if report.deploy.precision else [],
     "valley": lambda style, report: _valley_tables(style, report) if report.valley is not None else [],
+    "qk": lambda style, report: qk_tables(style, report.qk),
     "warnings": lambda style, report: [Text(f"- {w}", style="" if style.plain else "yellow") for w in report.warnings],
     "conclusion": lambda style, report: [Text(paragraph + "\n") for paragraph in report.conclusion],
 }

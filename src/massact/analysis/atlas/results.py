@@ -48,8 +48,15 @@ class Row:
     without a massive value); ``valley_drop``, how far the entropy falls into the valley from the highest block before
     it, and ``valley_drop_without``, the same for the curve without the massive tokens.
 
+    The queries and keys (the report's Q/K section; None where it has none): ``qk_ratio``, the largest max/mean L2
+    norm of a dim over any query or key head (a dim is massive at 5); ``qk_band``, that head's top dim's rotary band
+    (None where it is not turned); ``qk_heads``, the share of the query and key heads with a massive dim; with the
+    disruption test, perplexity with the massive Q/K dims zeroed over the unmodified one (``qk_perplexity``) and the
+    same for the control (``qk_control``).
+
     The curves: per block, top / median (``ratios``), the sink rate (``sink_rates``, NaN at a block without softmax
-    attention; None where not measured) and the normalized entropy (``entropies``; None where not measured)."""
+    attention; None where not measured), the normalized entropy (``entropies``; None where not measured) and the
+    largest max/mean over its query and key heads (``qk_ratios``, NaN at a block not measured)."""
 
     model: str
     report: str
@@ -91,6 +98,12 @@ class Row:
     valley_drop: float | None = None
     valley_drop_without: float | None = None
     entropies: list[float] | None = None
+    qk_ratio: float | None = None
+    qk_band: str | None = None
+    qk_heads: float | None = None
+    qk_perplexity: float | None = None
+    qk_control: float | None = None
+    qk_ratios: list[float] | None = None
 
 
 @dataclass(kw_only=True)

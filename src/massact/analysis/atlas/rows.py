@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from ...models.architecture import Architecture
 from ..deploy.results import Precision
 from ..detect.results import DimSummary, Findings
-from ..function.results import AttentionSinks, CompressionValley
+from ..function.results import AttentionSinks, CompressionValley, QkValues
 from ..mechanism.results import Mechanism
 from .results import AtlasDim, Row
 
@@ -30,10 +30,10 @@ def flat(rows: list[list[float]] | None) -> list[float]:
 
 
 def row(model: str, architecture: Architecture, findings: Findings, mechanism: Mechanism, attention: AttentionSinks | None,
-        precision: Precision | None, valley: CompressionValley | None = None) -> Row:
+        precision: Precision | None, valley: CompressionValley | None = None, qk: QkValues | None = None) -> Row:
     """The atlas row of ``model`` from its report's stages (``attention``: the causal stage's sinks, None without
-    verification; ``valley``: the compression valley, None in a report without it); the caller names its report
-    folder."""
+    verification; ``valley``: the compression valley, None in a report without it; ``qk``: its Q/K section, None where
+    it has none); the caller names its report folder."""
     layers = findings.layers
     peak = max(layers, key=lambda layer: abs(layer.top[0].value) if layer.top and math.isfinite(layer.top[0].value) else -1.0)
     top = abs(peak.top[0].value) if peak.top else 0.0
@@ -53,7 +53,29 @@ def row(model: str, architecture: Architecture, findings: Findings, mechanism: M
         found.valley, found.valley_depth, found.valley_from_birth = valley.valley, valley.valley_depth, valley.from_birth
         found.valley_drop, found.valley_drop_without = valley.drop, valley.drop_without
         found.entropies = list(valley.entropy)
+    if qk is not None:
+        _qk(found, qk)
     return found
+
+
+def _qk(found: Row, qk: QkValues) -> None:
+    """The Q/K columns and curve: the head with the largest max/mean over every query and key head, its top dim's
+    band, the share of heads with a massive dim, and the disruption test's perplexity ratios."""
+    finite = lambda v: v if math.isfinite(v) else -1.0
+    heads = [(block.layer, part, h) for block in qk.blocks for part in (block.queries, block.keys) if part is not None
+             for h in range(len(part.ratio))]
+    curve = [max((finite(r) for part in (b.queries, b.keys) if part is not None for r in part.ratio), default=-1.0) for b in qk.blocks]
+    found.qk_ratios = [v if v >= 0 else math.nan for v in curve]
+    if not heads:
+        return
+    _, part, head = max(heads, key=lambda lph: finite(lph[1].ratio[lph[2]]))
+    found.qk_ratio = part.ratio[head]
+    found.qk_band = (part.bands[head][0] or None) if part.bands and part.bands[head] else None
+    found.qk_heads = sum(bool(part.dims[h]) for _, part, h in heads) / len(heads)
+    if qk.disruption is not None:
+        base = qk.disruption.base.perplexity
+        found.qk_perplexity = qk.disruption.massive.perplexity / base
+        found.qk_control = qk.disruption.control.perplexity / base
 
 
 def _lead(found: Row, lead: DimSummary, mechanism: Mechanism, n_layers: int) -> None:

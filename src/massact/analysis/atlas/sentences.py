@@ -11,6 +11,7 @@ The rules (``RULES``), each answering one of the questions across models:
 - ``survival``: whether the sink survives the massive values set to zero;
 - ``valley``: whether the compression valley (the block of lowest entropy) lies near the massive value's birth, and
   how deep it is with and without the massive tokens.
+- ``qk_band``: whether the massive Q/K dims of the rotary models lie in the low-frequency band (Jin et al. 2025).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ...models.architecture import Architecture
+from ..function.results import QK_THRESHOLD
 from .results import Row, Sentence
 
 # An architecture feature, as the sentences name it, and whether a model has it (in at least one block).
@@ -126,7 +128,21 @@ def valley(rows: Sequence[Row]) -> list[Sentence]:
     return [Sentence(rule="valley", text=text + ".", rows=_models(both))]
 
 
-RULES: tuple[Callable[[Sequence[Row]], list[Sentence]], ...] = (feature, birth, apart, survival, valley)
+
+
+def qk_band(rows: Sequence[Row]) -> list[Sentence]:
+    """Among the models whose top Q/K head's top dim is massive and turned by rotary positions, in how many it lies in
+    the low-frequency band."""
+    rotary = [r for r in rows if r.qk_band is not None and r.qk_ratio is not None and r.qk_ratio >= QK_THRESHOLD]
+    if not rotary:
+        return []
+    low = [r for r in rotary if r.qk_band == "low"]
+    return [Sentence(rule="qk_band", text=f"Rotary models: the top massive Q/K dim in the low-frequency band in "
+                                          f"{_of(len(low), len(rotary))}" + (f" ({', '.join(_models(low))})." if low else "."),
+                     rows=_models(rotary))]
+
+
+RULES: tuple[Callable[[Sequence[Row]], list[Sentence]], ...] = (feature, birth, apart, survival, valley, qk_band)
 
 
 def sentences(rows: Sequence[Row]) -> list[Sentence]:

@@ -127,3 +127,87 @@ class CompressionValley:
     first_share_correlation: float | None
     sink_rate_correlation: float | None
     summary: str
+
+
+# Jin et al. 2025's lambda: a query or key dim is massive where its L2 norm over the tokens is >= 5 x its head's mean.
+QK_THRESHOLD = 5.0
+
+
+@dataclass(kw_only=True)
+class QkHeads:
+    """One of a block's queries, keys or values, per head (keys and values per key/value head). With M_d the L2 norm
+    over the measured tokens of a head's dim d: ``share``, the share of the head's sum of M_d^2 held by its ``top``
+    largest dims (scale-free; a spread over every dim gives top / head_dim); ``ratio``, max M_d / mean M_d; ``dims``,
+    the head's massive dims (M_d at least the threshold x mean M_d, Jin et al. 2025), largest first; for each of them
+    ``pairs``, its rotary pair (the index of its frequency in the rotary embedding's inv_freq; None where the dim is
+    not turned) and ``bands``, that pair's frequency band ("high", "mid", "low"; "" where not turned)."""
+
+    share: list[float]
+    ratio: list[float]
+    dims: list[list[int]]
+    pairs: list[list[int | None]] = field(default_factory=list)
+    bands: list[list[str]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class QkBlock:
+    """One block: ``kind`` (RoPE, partial RoPE, learned, NoPE, latent, not read, linear, conv, ssm, none) and ``note``
+    (why it is not measured); where its queries and keys are read: ``head_dim``, ``rotary_dims`` (how many of a head's
+    dims the rotary positions turn: 0 without them) and the three ``QkHeads``."""
+
+    layer: int
+    kind: str
+    note: str = ""
+    head_dim: int = 0
+    rotary_dims: int = 0
+    queries: QkHeads | None = None
+    keys: QkHeads | None = None
+    values: QkHeads | None = None
+
+
+@dataclass(kw_only=True)
+class QkScore:
+    """The model scored under one condition: ``perplexity`` on the evaluation text, and over the passkey trials the
+    mean log-probability of the hidden number's tokens (``passkey_logprob``, summed over its tokens) and the share of
+    trials whose greedy continuation is the number (``passkey_match``)."""
+
+    label: str
+    perplexity: float
+    passkey_logprob: float
+    passkey_match: float
+
+
+@dataclass(kw_only=True)
+class QkDisruption:
+    """Jin et al.'s disruption test: the massive Q/K dims zeroed in the queries and keys at every position
+    (``massive``), against as many other dims of the same heads (``control``, drawn with ``seed``), beside the model
+    as it is (``base``). ``zeroed``: the (head, dim) entries zeroed, over the ``blocks``; ``trials`` passkey prompts of
+    up to ``passkey_tokens`` tokens, perplexity over ``tokens`` tokens of the evaluation text."""
+
+    blocks: list[int]
+    zeroed: int
+    seed: int
+    trials: int
+    passkey_tokens: int
+    tokens: int
+    base: QkScore
+    massive: QkScore
+    control: QkScore
+    summary: str
+
+
+@dataclass(kw_only=True)
+class QkValues:
+    """Massive values in the queries and keys (Jin et al. 2025), per block (``blocks``: every block, each with its
+    kind) over ``texts`` texts and ``tokens`` tokens; ``top`` and ``threshold`` as ``QkHeads`` uses them; ``rule``: how
+    the frequency bands are cut, in words; ``summary``: what they say. ``disruption``: the test, where the scan was
+    verified and some dim is massive."""
+
+    texts: int
+    tokens: int
+    top: int
+    threshold: float
+    rule: str
+    blocks: list[QkBlock]
+    summary: str
+    disruption: QkDisruption | None = None

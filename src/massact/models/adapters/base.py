@@ -478,6 +478,12 @@ class Adapter:
     # (False: DeepSeek-V4's o_b_proj reads o_a_proj's projections of groups of heads).
     heads_at_out: bool = True
     values: Cut | None = None
+    # Where each head's queries and keys are read, before the rotary positions turn them: the first of these paths the
+    # block has (the output of a q/k norm where the family norms them per head or per projection, else of the
+    # projection itself: [batch, positions, heads x head_dim] or [batch, positions, heads, head_dim]); () where they
+    # are not read (q, k and v fused in one projection, latent attention).
+    queries: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
     gate: Cut | None = None
     sinks: str | None = None
     positions: bool = True  # whether the mixer sees positions (rotary or learned); a NoPE layer does not
@@ -644,6 +650,15 @@ class Adapter:
         block = self.module(model, layer, "")
         path = next((p for p in self.at(text_config(model), layer).mlp_norm if _has_submodule(block, p)), None)
         return (path, block.get_submodule(path)) if path is not None else None
+
+    def query_key_paths(self, model: nn.Module, layer: int) -> tuple[str, str] | None:
+        """The paths in block ``layer`` of the modules whose outputs hold its queries and its keys (the first of
+        ``queries`` and of ``keys`` the block has), or None where the adapter reads neither."""
+        here = self.at(text_config(model), layer)
+        block = self.module(model, layer, "")
+        query = next((p for p in here.queries if _has_submodule(block, p)), None)
+        key = next((p for p in here.keys if _has_submodule(block, p)), None)
+        return (query, key) if query is not None and key is not None else None
 
     def activation(self, model: nn.Module, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """The MLP's activation function at block ``layer`` (its module, or the function the MLP calls), as it acts

@@ -25,6 +25,8 @@ LFM2 = dataclasses.replace(
     attention_out="out_proj",
     mlp=Mlp(path="feed_forward", up="w3", gate="w1", down="w2", act=F.silu),  # the MLP calls silu: w2(silu(w1 x) x w3 x)
     mlp_norm=("ffn_norm",),
+    queries=("self_attn.q_layernorm", "self_attn.q_proj"),
+    keys=("self_attn.k_layernorm", "self_attn.k_proj"),
     variants=(Variant(when=lambda config, layer: layer_types(config, layer) == "conv",
                       changes={"mixer": "conv", "attention": "conv", "values": None}),),
     notes="hybrid: short gated convolutions (conv) in most blocks, softmax attention (self_attn) in the others",

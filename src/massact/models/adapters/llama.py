@@ -23,6 +23,8 @@ ADAPTER = Adapter(
     mlp=Mlp(),
     mlp_norm=("post_attention_layernorm",),
     values=Cut("self_attn.v_proj"),
+    queries=("self_attn.q_norm", "self_attn.q_proj"),  # Qwen3 and Gemma-3 norm each head's query and key
+    keys=("self_attn.k_norm", "self_attn.k_proj"),
 )
 
 SMOLLM3 = dataclasses.replace(

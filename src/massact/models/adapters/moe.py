@@ -80,7 +80,8 @@ def _mla_values(kv_b_proj, config):
 
 _DEEPSEEK_NOTE = (_NOTE + "; multi-head latent attention: keys and values come from one latent per token (kv_b_proj); "
                   "shared experts added as they are")
-_MLA = dataclasses.replace(llama.ADAPTER, values=Cut("self_attn.kv_b_proj", _mla_values))
+# Latent attention's queries and keys are a latent's up-projections beside the decoupled rope dims: not read per head.
+_MLA = dataclasses.replace(llama.ADAPTER, values=Cut("self_attn.kv_b_proj", _mla_values), queries=(), keys=())
 # Softmax, top-k within the best groups (scored by their best expert) where topk_method says so, no renormalisation.
 _DEEPSEEK_V2_ROUTER = Router(scale="routed_scaling_factor")
 

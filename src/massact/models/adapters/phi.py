@@ -17,6 +17,8 @@ PHI2 = Adapter(
     parallel=True,
     mlp_norm=("input_layernorm",),
     values=Cut("self_attn.v_proj"),
+    queries=("self_attn.q_layernorm", "self_attn.q_proj"),  # the norms where qk_layernorm is set
+    keys=("self_attn.k_layernorm", "self_attn.k_proj"),
     notes="parallel block: attention and MLP read the same normed input (one shared input_layernorm)",
 )
 
@@ -35,5 +37,6 @@ PHI3 = dataclasses.replace(
     model_types=("phi3",),
     mlp=Mlp(up="gate_up_proj", gate=None, fused=True, act="activation_fn"),
     values=Cut("self_attn.qkv_proj", _fused_values),
+    queries=(), keys=(),  # fused in qkv_proj
     notes="gate and up projections fused in gate_up_proj (gate: first half of its rows, up: second half)",
 )

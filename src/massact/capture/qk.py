@@ -1,0 +1,111 @@
+"""Each softmax head's queries, keys and values read where the model computes them, per head and dim, reduced where
+they are: the sum over a batch's real positions of each entry squared (``qk_energy``); and the edit that zeroes some of
+a head's query or key dims at every position (``zero_head_dims``).
+
+The queries and keys are read at the module the adapter names (a q/k norm's output where the family has one, else the
+projection's): raw HF values, before the rotary positions turn them. Grouped-query attention: the keys and values per
+key/value head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..models.heads import QkLayout
+from ..models.loading import LoadedModel
+
+
+def by_head(output: torch.Tensor, heads: int | None, head_dim: int | None = None) -> torch.Tensor | None:
+    """A module's output as [batch, positions, heads, head_dim]: as it is where it is already per head, else its last
+    dim cut into ``heads`` equal heads (or heads of ``head_dim``); None where the output is not of that shape."""
+    if output.dim() == 4:
+        return output if heads is None or output.shape[2] == heads else None
+    if output.dim() != 3:
+        return None
+    width = output.shape[-1]
+    size = head_dim if head_dim is not None else (width // heads if heads and width % heads == 0 else None)
+    if not size or width % size or (heads is not None and width // size != heads):
+        return None
+    return output.view(*output.shape[:2], width // size, size)
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def qk_energy(lm: LoadedModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], layouts: dict[int, QkLayout],
+              ) -> tuple[dict[int, dict[str, torch.Tensor]], int]:
+    """Per block of ``layouts`` (the blocks whose queries and keys are read) and per "q", "k", "v": the sum over every
+    real position of the batches (ids, attention mask) of each entry squared, [heads, head_dim] (float32, on the
+    model's device: queries per query head, keys and values per key/value head); and the number of real positions.
+    A block whose outputs do not cut into the config's heads is left out of the result."""
+    heads = lm.config.num_attention_heads
+    sums: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layouts}
+    bad: set[int] = set()
+    valid: list[torch.Tensor] = []
+    shapes: dict[int, int] = {}  # block -> its query head_dim: the keys are cut into heads of it
+
+    def add(layer: int, name: str, per_head: torch.Tensor | None) -> None:
+        if per_head is None:
+            bad.add(layer)
+            return
+        mask = valid[0].to(per_head.device).float()[:, :, None, None]  # padded positions count nothing
+        squared = (per_head.float() ** 2 * mask).sum((0, 1))
+        sums[layer][name] = sums[layer][name] + squared if name in sums[layer] else squared
+
+    def on_query(layer: int):
+        def hook(module, args, output):
+            found = by_head(_first(output), heads)
+            if found is not None:
+                shapes[layer] = found.shape[-1]
+            add(layer, "q", found)
+        return hook
+
+    def on_key(layer: int):
+        return lambda module, args, output: add(layer, "k", by_head(_first(output), None, shapes.get(layer)))
+
+    def on_value(layer: int, layout: QkLayout):
+        return lambda module, args, output: add(layer, "v", layout.values.take(_first(output).detach(), lm.config))
+
+    handles = []
+    for layer, layout in layouts.items():
+        handles.append(lm.adapter.module(lm.model, layer, layout.queries).register_forward_hook(on_query(layer)))
+        handles.append(lm.adapter.module(lm.model, layer, layout.keys).register_forward_hook(on_key(layer)))
+        if layout.values is not None:
+            handles.append(lm.adapter.module(lm.model, layer, layout.values.path).register_forward_hook(on_value(layer, layout)))
+    tokens = 0
+    try:
+        for ids, mask in batches:
+            valid[:] = [mask]
+            tokens += int(mask.sum())
+            lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: found for layer, found in sums.items() if layer not in bad and "q" in found and "k" in found}, tokens
+
+
+@contextmanager
+def zero_head_dims(lm: LoadedModel, layer: int, path: str, heads: int | None, head_dim: int,
+                   dims: dict[int, list[int]]) -> Iterator[None]:
+    """While open, block ``layer``'s module ``path`` (its queries or keys, as ``qk_energy`` reads them) outputs 0 at
+    ``dims[head]`` of each head (heads of ``head_dim``), at every position; the model is left as found."""
+    index = [(head, dim) for head, listed in dims.items() for dim in listed]
+    heads_at = torch.tensor([h for h, _ in index], dtype=torch.long)
+    dims_at = torch.tensor([d for _, d in index], dtype=torch.long)
+
+    def hook(module, args, output):
+        first = _first(output)
+        per_head = by_head(first, heads, head_dim).clone()
+        per_head[:, :, heads_at.to(first.device), dims_at.to(first.device)] = 0.0
+        edited = per_head.view(first.shape)
+        return (edited, *output[1:]) if isinstance(output, (tuple, list)) else edited
+
+    handle = lm.adapter.module(lm.model, layer, path).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
