@@ -167,13 +167,14 @@ def _report_dir(tmp_path: Path, family: str, tokenizer) -> tuple[torch.nn.Module
 
 def _comparable(report) -> dict:
     """A report's JSON without what a streamed scan does not measure (trigger, verification, quantization: the stages
-    that run the model again), nor its warnings."""
+    that run the model again), nor its warnings, nor whether it was streamed."""
     from massact.report.schema import write_report
 
     data = json.loads(write_report(report))
     for key in ("trigger", "warnings", "conclusion"):
         data.pop(key)
     data["settings"].pop("verify")
+    data["model"].pop("streamed")
     return data
 
 
@@ -213,6 +214,7 @@ def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_pa
     streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
     got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out"), device="cpu")
     assert [d.dim for d in got.findings.dims] == [d.dim for d in memory.findings.dims] == [20]
+    assert (got.model.streamed, memory.model.streamed) == (True, False)
     found = got.mechanism.experts[0].moe if family == "mixtral" else got.mechanism.attribution[0]
     assert found.neurons[0].neuron == 37
     _close(_comparable(got), _comparable(memory))

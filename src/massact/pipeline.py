@@ -195,6 +195,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                f"{', '.join((('the mechanism (hyper-connections)',) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS)}")
     info = model_info(lm)
     info.weights_sha256 = weights_sha256(lm.model, streamed.samples)  # every block's sample, taken as it was loaded
+    info.streamed = True
     report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=False, quant=False),
                     findings=found.findings, mechanism=mechanism, trigger=[], causal=Causal(),
                     deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],
