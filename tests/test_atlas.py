@@ -238,6 +238,41 @@ def test_what_a_models_process_raises_comes_back(models, atlas, tmp_path):
     assert kind == "done" and isinstance(raised, UsageError) and "holds a report made with other texts or settings" in str(raised)
 
 
+def test_the_default_model_by_name(models, tmp_path):
+    """MODEL ``default`` is the embedded default model (what ``massact scan`` scans without a MODEL), named as its
+    report names it; the same file given by its path is the same model twice. Its row's top |a|, block and lead dim are
+    those of plain forward passes (each block's output by a hook), and its report's weights are those of
+    ``massact.load(None)``."""
+    import torch
+
+    from massact.models.identity import weights_sha256
+    from massact.models.loading import DEFAULT_NAME, default_gguf
+
+    assert atlas_run.models(["default"]) == [atlas_run.Checkpoint(spec=DEFAULT_NAME, target=str(default_gguf()))]
+    with pytest.raises(UsageError, match=f"{re.escape(str(default_gguf()))} is in the atlas twice"):
+        atlas_run.models(["default", str(default_gguf())])
+    texts = ["The cat sat on the mat.", "Paris is the capital of France."]
+    out = tmp_path / "out"
+    assert main(["atlas", "default", models[1][0], "--out", str(out), *[a for t in texts for a in ("--text", t)], "--in-process", "--quiet",
+                 "--format", "json"]) == 0
+    found = load_atlas(out / "atlas.json").rows[0]
+    assert (found.model, found.report, found.architecture.blocks) == (DEFAULT_NAME, DEFAULT_NAME, 30)
+    lm = massact.load(None, device="cpu", log=lambda m: None)
+    assert load_report(out / DEFAULT_NAME).model.weights_sha256 == weights_sha256(lm.model)
+    outputs: list[list[torch.Tensor]] = [[] for _ in lm.model.model.layers]
+    hooks = [layer.register_forward_hook(lambda _m, _a, o, i=i: outputs[i].append((o[0] if isinstance(o, tuple) else o)[0].abs()))
+             for i, layer in enumerate(lm.model.model.layers)]
+    with torch.no_grad():
+        for text in texts:
+            lm.model(input_ids=lm.tokenizer(text, return_tensors="pt").input_ids)
+    for hook in hooks:
+        hook.remove()
+    blocks = [torch.cat(parts) for parts in outputs]  # [tokens, d_model] per block
+    top_block = max(range(len(blocks)), key=lambda layer: float(blocks[layer].max()))
+    assert found.top_block == top_block and found.top == pytest.approx(float(blocks[top_block].max()), rel=1e-5)
+    assert found.lead == int(blocks[top_block].max(dim=0).values.argmax())
+
+
 # The row's columns that a streamed scan does not measure (the attention pass runs the model again): empty.
 NOT_STREAMED = {"sink_rate": None, "has_sink": None, "first_sink": None, "sink_share": None, "sink_positions": [], "gate_sink": None,
                 "gate_other": None, "learned_sink": None, "sink_kept": None, "sink_reached": None, "sink_survives": None,
