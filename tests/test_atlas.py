@@ -209,7 +209,7 @@ def test_two_processes_share_the_models(models, atlas, monkeypatch):
     reads every folder back: here the fixture's folders, so its atlas is the fixture's."""
     _, specs = models
     surveyed, waits = [], []
-    monkeypatch.setattr(atlas_run, "survey", lambda job, progress=None: surveyed.append(job.model.spec))
+    monkeypatch.setattr(atlas_run, "survey", lambda job, progress=None, log=None: surveyed.append(job.model.spec))
     monkeypatch.setattr(atlas_run, "wait_for_all", lambda: waits.append(True))
     report = load_report(atlas / "llama")
     checkpoints = atlas_run.models(specs)
@@ -247,8 +247,103 @@ def test_what_a_models_process_raises_comes_back(models, atlas, tmp_path):
                         folder=tmp_path / "llama", formats=frozenset({"json"}))
     receive, send = multiprocessing.Pipe(duplex=False)
     atlas_run._child(send, job)
-    raised = receive.recv()
-    assert isinstance(raised, UsageError) and "holds a report made with other texts or settings" in str(raised)
+    kind, raised = receive.recv()
+    assert kind == "done" and isinstance(raised, UsageError) and "holds a report made with other texts or settings" in str(raised)
+
+
+def test_the_default_model_by_name(models, tmp_path):
+    """MODEL ``default`` is the embedded default model (what ``massact scan`` scans without a MODEL), named as its
+    report names it; the same file given by its path is the same model twice. Its row's top |a|, block and lead dim are
+    those of plain forward passes (each block's output by a hook), and its report's weights are those of
+    ``massact.load(None)``."""
+    import torch
+
+    from massact.models.identity import weights_sha256
+    from massact.models.loading import DEFAULT_NAME, default_gguf
+
+    assert atlas_run.models(["default"]) == [atlas_run.Checkpoint(spec=DEFAULT_NAME, target=str(default_gguf()))]
+    with pytest.raises(UsageError, match=f"{re.escape(str(default_gguf()))} is in the atlas twice"):
+        atlas_run.models(["default", str(default_gguf())])
+    texts = ["The cat sat on the mat.", "Paris is the capital of France."]
+    out = tmp_path / "out"
+    assert main(["atlas", "default", models[1][0], "--out", str(out), *[a for t in texts for a in ("--text", t)], "--in-process", "--quiet",
+                 "--format", "json"]) == 0
+    found = load_atlas(out / "atlas.json").rows[0]
+    assert (found.model, found.report, found.architecture.blocks) == (DEFAULT_NAME, DEFAULT_NAME, 30)
+    lm = massact.load(None, device="cpu", log=lambda m: None)
+    assert load_report(out / DEFAULT_NAME).model.weights_sha256 == weights_sha256(lm.model)
+    outputs: list[list[torch.Tensor]] = [[] for _ in lm.model.model.layers]
+    hooks = [layer.register_forward_hook(lambda _m, _a, o, i=i: outputs[i].append((o[0] if isinstance(o, tuple) else o)[0].abs()))
+             for i, layer in enumerate(lm.model.model.layers)]
+    with torch.no_grad():
+        for text in texts:
+            lm.model(input_ids=lm.tokenizer(text, return_tensors="pt").input_ids)
+    for hook in hooks:
+        hook.remove()
+    blocks = [torch.cat(parts) for parts in outputs]  # [tokens, d_model] per block
+    top_block = max(range(len(blocks)), key=lambda layer: float(blocks[layer].max()))
+    assert found.top_block == top_block and found.top == pytest.approx(float(blocks[top_block].max()), rel=1e-5)
+    assert found.lead == int(blocks[top_block].max(dim=0).values.argmax())
+
+
+# The row's columns that a streamed scan does not measure (the queries and keys): empty.
+NOT_STREAMED = {"qk_ratio": None, "qk_band": None, "qk_heads": None, "qk_perplexity": None, "qk_control": None, "qk_ratios": None}
+
+
+def test_a_model_over_the_memory_limit_is_streamed_and_its_row_is_its_report(models, atlas, tmp_path, capsys):
+    """--memory below the Llama's weights: the atlas reads it block by block (a line says so) and verifies it; its row
+    is its streamed report's, and the in-memory row's in every column a streamed scan measures (the sinks included),
+    to float32 summation order; the Q/K columns, which it does not measure, are empty, not 0. Run again, the
+    report is kept, its model checked in one pass over the blocks; weights changed since are refused in one line."""
+    from dataclasses import asdict
+
+    from safetensors.torch import load_file, save_file
+
+    from test_streaming import _close
+
+    root, specs = models
+    model = shutil.copytree(specs[0], tmp_path / "llama")
+    out = tmp_path / "out"
+    size = sum(t.numel() * 4 for t in load_file(model / "model.safetensors").values())  # float32, as the scan loads it
+    capsys.readouterr()
+    assert main(atlas_args(root, [str(model)], out, "--in-process", "--memory", "100kB", quiet=False)) == 0
+    err = capsys.readouterr().err
+    assert (f"{model}: streaming the model block by block: its weights ({size / 1e6:.1f} MB in float32) exceed the memory "
+            "limit (100.0 kB, --memory)") in err, err
+    found = load_atlas(out / "atlas.json").rows[0]
+    report = load_report(out / "llama")
+    assert report.model.streamed and report.causal.attention is not None and report.settings.verify and report.qk is None
+    assert (found.streamed, found.verified) == (True, True) and found.dims and found.erased_at is not None
+    assert found.dims == [AtlasDim(dim=d.dim, value=d.max_value, born_at=d.born_at, tokens=d.tokens) for d in report.findings.dims]
+    assert (found.lead, found.birth, found.writer, found.neuron) == (DIM, 1, "mlp", NEURON) and found.super_weight_value == 100.0
+    assert found.headroom == report.deploy.precision.headroom and found.erased_at == report.mechanism.lifelines[0].erased_at
+    assert found.architecture == load_atlas(atlas / "atlas.json").rows[0].architecture
+    ours, theirs = asdict(found), asdict(load_atlas(atlas / "atlas.json").rows[0])
+    assert {key: ours.pop(key) for key in NOT_STREAMED} == NOT_STREAMED and theirs["qk_ratio"] is not None
+    for key in ("model", "streamed", "verified"):
+        ours.pop(key), theirs.pop(key)
+    _close(ours, {key: value for key, value in theirs.items() if key not in NOT_STREAMED})
+    line = next(csv.DictReader(io.StringIO((out / "atlas.csv").read_text(encoding="utf-8"))))
+    assert (line["streamed"], line["verified"]) == ("yes", "yes") and float(line["sink rate"]) == pytest.approx(found.sink_rate, abs=1e-3)
+    assert float(line["top |a|"]) == found.top and line["erased at"] == (", ".join(map(str, found.erased_at)) or "never")
+
+    kept = (out / "llama" / "report.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(atlas_args(root, [str(model)], out, "--memory", "100kB", quiet=False)) == 0  # in a process of its own
+    assert f"{model}: streaming the model block by block" in capsys.readouterr().err  # its line, sent back to the atlas
+    assert (out / "llama" / "report.json").stat().st_mtime_ns == kept and load_atlas(out / "atlas.json").rows[0] == found
+    # A report made in memory, now over the limit: kept, its model checked block by block.
+    shutil.copytree(atlas / "llama", tmp_path / "mixed" / "llama")
+    assert main(atlas_args(root, [specs[0]], tmp_path / "mixed", "--in-process", "--memory", "100kB")) == 0
+    assert load_atlas(tmp_path / "mixed" / "atlas.json").rows[0] == load_atlas(atlas / "atlas.json").rows[0]
+    # The super weight changed on disk: the pass that checks the saved report finds it in its block.
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][DIM, NEURON] = 7.0
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(atlas_args(root, [str(model)], out, "--in-process", "--memory", "100kB")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "super_weights[0]: model.layers.1.mlp.down_proj.weight[20, 37] is +7 in the model" in err, err
 
 
 def test_the_page_shows_each_sentence_with_its_rows(models, atlas):
@@ -336,7 +431,8 @@ def test_atlas_json_is_read_back_strictly(atlas, tmp_path):
             load_atlas(path)
 
 
-@pytest.mark.parametrize("case", ["missing model", "unreadable list", "empty list", "not a model directory", "twice"])
+@pytest.mark.parametrize("case", ["missing model", "unreadable list", "empty list", "not a model directory", "twice",
+                                  "stream a gguf", "memory"])
 def test_bad_input_is_one_line_and_exit_2(case, models, tmp_path, capsys):
     root, specs = models
     if case == "missing model":
@@ -348,9 +444,15 @@ def test_bad_input_is_one_line_and_exit_2(case, models, tmp_path, capsys):
         args, expected = ["--list", str(tmp_path / "models.txt")], "atlas needs at least one MODEL (or --list FILE)"
     elif case == "not a model directory":
         args, expected = [str(root)], "is a directory but not a Hugging Face model (no config.json)"
-    else:
+    elif case == "twice":
         (tmp_path / "models.txt").write_text(f"{specs[0]}\n", encoding="utf-8")
         args, expected = [specs[0], "--list", str(tmp_path / "models.txt")], "is in the atlas twice"
+    elif case == "stream a gguf":  # refused before any model loads: a .gguf file has no safetensors blocks
+        (tmp_path / "m.gguf").write_bytes(b"")
+        args = [specs[0], str(tmp_path / "m.gguf"), "--stream"]
+        expected = f"--stream reads a model directory of safetensors files; {tmp_path / 'm.gguf'} is not one"
+    else:
+        args, expected = [specs[0], "--memory", "lots"], "--memory 'lots': give a size such as 1.5GB"
     assert main(["atlas", *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("massact: error: ") and expected in err, err

@@ -166,12 +166,14 @@ def _report_dir(tmp_path: Path, family: str, tokenizer) -> tuple[torch.nn.Module
 
 
 def _comparable(report) -> dict:
-    """A report's JSON without what a streamed scan does not measure (the trigger, quantization), nor its warnings."""
+    """A report's JSON without what a streamed scan does not measure (the trigger, quantization), nor its warnings, nor
+    whether it was streamed."""
     from massact.report.schema import write_report
 
     data = json.loads(write_report(report))
     for key in ("trigger", "warnings", "conclusion"):
         data.pop(key)
+    data["model"].pop("streamed")
     return data
 
 
@@ -215,6 +217,7 @@ def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_pa
     place = StreamPlace(folder=tmp_path / "out", host_bytes=0 if family == "lfm2" else 2**62)
     got = scan_streamed(streamed, place=place, device="cpu", verify=True)
     assert [d.dim for d in got.findings.dims] == [d.dim for d in memory.findings.dims] == [20]
+    assert (got.model.streamed, memory.model.streamed) == (True, False)
     found = got.mechanism.experts[0].moe if family == "mixtral" else got.mechanism.attribution[0]
     assert found.neurons[0].neuron == 37
     assert got.valley.valley == memory.valley.valley == 1 and got.valley.texts == memory.valley.texts  # the BOS row: born at 1

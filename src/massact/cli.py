@@ -192,9 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
                                          help="output directory: atlas.json/.csv/.html and the curves, one report folder per model")
     _group(atlas, "verification").add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                                                help="verify each model by intervention and measure its attention sink (default: off)")
-    _group(atlas, "scale").add_argument("--in-process", action="store_true",
-                                        help="scan the models one after another in this process, not each in a process of its own "
-                                             "(quicker to start for small models)")
+    atlas_scale = _group(atlas, "scale")
+    atlas_scale.add_argument("--in-process", action="store_true",
+                             help="scan the models one after another in this process, not each in a process of its own "
+                                  "(quicker to start for small models)")
+    atlas_scale.add_argument("--stream", action="store_true", help="read every model's safetensors block by block, as scan "
+                                                                   "--stream does (default: each model whose weights exceed "
+                                                                   "the memory limit; a streamed model is not verified)")
+    atlas_scale.add_argument("--memory", help="host memory each model's scan may use, e.g. 1.5GB (default: the memory "
+                                              "available): a model whose weights exceed it is streamed")
     profile = commands.add_parser("profile", parents=[o["model"], o["corpus"], o["criterion"], o["scale"]],
                                   help="profile.json: per block the massive dims, the rules that predict their carriers, "
                                        "the outlier severity")
@@ -343,26 +349,15 @@ def _scan(args) -> int:
 
 
 def _streams(model: str | None, dtype: str, stream: bool, memory: int | None, log) -> bool:
-    """Whether the scan streams the model: with ``stream`` (a model directory of safetensors, else a UsageError line),
-    or, said in one line, when the directory's weights in ``dtype`` exceed ``memory`` (None: the memory available)."""
-    from .models.checkpoint import available_memory, weights_bytes
-    from .models.loading import DTYPES
+    """Whether the scan streams the model (``models.checkpoint.streams``), the reason said in one line where it was
+    not asked for."""
+    from .models.checkpoint import streams
 
-    directory = model is not None and Path(model).expanduser().is_dir()
-    size = weights_bytes(Path(model).expanduser(), DTYPES[dtype]) if directory else None
-    if stream:
-        if size is None:
-            raise UsageError(f"--stream reads a model directory of safetensors files; {model or 'the default model'} is not one")
-        return True
-    limit = memory if memory is not None else available_memory()
-    if size is None or limit is None or size <= limit:
-        return False
-    where = "--memory" if memory is not None else "the memory available; --memory sets it"
-    from .numbers import size as in_bytes
-
-    log(f"streaming the model block by block: its weights ({in_bytes(size)} in {dtype}) exceed the memory limit "
-        f"({in_bytes(limit)}, {where})")
-    return True
+    streamed, reason = streams(Path(model).expanduser() if model is not None else None, dtype, stream, memory,
+                               model or "the default model")
+    if reason:
+        log(reason)
+    return streamed
 
 
 def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, memory: int | None,
@@ -370,26 +365,13 @@ def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats:
     """Scan the model directory ``model`` block by block and write the report (see ``massact.scan_streamed``): the
     corpus's hidden states kept on the device and in host memory within ``memory`` (None: the memory available),
     beyond it in a file in ``out``. ``verify`` None: verify where the estimate fits (``analysis.causal.budget``)."""
-    import torch
-
-    from .analysis.detect.resume import scan_identity
-    from .analysis.detect.stream import StreamPlace
-    from .models.checkpoint import available_memory, load_streamed
+    from .analysis.detect.stream import stream_place
+    from .models.checkpoint import load_streamed
     from .models.loading import DTYPES, resolve_device
     from .pipeline import scan_streamed
 
     streamed = load_streamed(str(Path(model).expanduser()), DTYPES[settings.dtype], resolve_device(settings.device))
-    checkpoint = streamed.checkpoint
-    held = checkpoint.size - sum(checkpoint.sizes[name] for names in checkpoint.blocks for name in names)
-    largest = max((sum(checkpoint.sizes[name] for name in names) for names in checkpoint.blocks), default=0)
-    limit = memory if memory is not None else available_memory() or 0
-    # Two blocks are held at once (the one computing and the one read ahead), besides what is always loaded.
-    host = max(0, int(0.8 * limit) - held - 2 * largest)
-    device = streamed.lm.device
-    on_device = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
-    identity = scan_identity(streamed.lm, top_k=settings.top_k, max_length=settings.max_length, batch_size=settings.batch_size,
-                             shards=sorted(checkpoint.sizes.items()))
-    place = StreamPlace(folder=out, device_bytes=on_device, host_bytes=host, resume=resume, identity=identity)
+    place = stream_place(streamed, settings, out, memory, resume)
     with _progress(_bars(quiet)) as progress:
         report = scan_streamed(streamed, texts, settings.replace(verify=bool(verify)), place=place, progress=progress,
                                auto_verify=verify is None)
@@ -445,14 +427,18 @@ def _atlas(args) -> int:
     settings = ScanSettings(verify=args.verify, eval_file=_eval_file(args.eval_file),
                             **_given(args, *_SCAN_OPTIONS, "chain_depth", "super_expert_quantile", "super_expert_fraction",
                                      "super_expert_depth", "sink_epsilon")).check()
+    from .models.checkpoint import parse_size
+
     formats = parse_formats(args.format)
+    memory = parse_size(args.memory) if args.memory is not None else None
     check_writable(args.out)
     log = _log(args.quiet)  # before any MODEL is read: it also quiets transformers
     listed = models(args.models, args.model_list)  # every MODEL checked before any loads
     texts = _corpus(args)
     texts.check()
     with _progress(_bars(args.quiet) and args.in_process) as progress:
-        atlas = run(listed, texts, settings, args.out, log, progress, formats, isolate=not args.in_process)
+        atlas = run(listed, texts, settings, args.out, log, progress, formats, isolate=not args.in_process, stream=args.stream,
+                    memory=memory)
     if atlas is None:  # another process of a multi-process launch writes the atlas
         return 0
     written = write_atlas(atlas, args.out, formats)

@@ -257,6 +257,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                f"{', '.join(passes)}); not measured on a streamed model yet: {', '.join(missing)}")
     info = model_info(lm)
     info.weights_sha256 = weights_sha256(lm.model, streamed.samples)  # every block's sample, taken as it was loaded
+    info.streamed = True
     report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=verified, quant=False),
                     findings=found.findings, mechanism=mechanism, trigger=[], causal=causal,
                     deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],

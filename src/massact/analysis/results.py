@@ -17,6 +17,7 @@ from .mechanism.results import Mechanism
 from .trigger.results import Trigger
 
 if TYPE_CHECKING:
+    from ..models.checkpoint import StreamedModel
     from ..models.loading import LoadedModel
 
 
@@ -95,3 +96,11 @@ def check_report_model(report: Report, lm: LoadedModel, where: str) -> None:
     from .deploy.protect import check_saved_model
 
     check_saved_model(lm, report.model, build_protect(report), where)
+
+
+def check_streamed_report_model(report: Report, streamed: StreamedModel, where: str) -> None:
+    """``check_report_model`` on a model read block by block (``massact.analysis.deploy.protect.check_saved_streamed``:
+    one pass over its blocks)."""
+    from .deploy.protect import check_saved_streamed
+
+    check_saved_streamed(streamed, report.model, build_protect(report), where)

@@ -182,6 +182,27 @@ def available_memory() -> int | None:
     return None
 
 
+def streams(directory: Path | None, dtype: str, stream: bool, memory: int | None, name: str) -> tuple[bool, str | None]:
+    """Whether a scan reads the model ``name`` block by block, and the line that says why where it was not asked
+    for. ``directory``: the model's files on disk (None: a .gguf file or the default model). With ``stream`` it must
+    hold safetensors (else a UsageError line); without, the model streams where its weights in ``dtype`` exceed
+    ``memory`` (None: the memory available)."""
+    from ..numbers import size as in_bytes
+    from .loading import DTYPES
+
+    size = weights_bytes(directory, DTYPES[dtype]) if directory is not None and directory.is_dir() else None
+    if stream:
+        if size is None:
+            raise UsageError(f"--stream reads a model directory of safetensors files; {name} is not one")
+        return True, None
+    limit = memory if memory is not None else available_memory()
+    if size is None or limit is None or size <= limit:
+        return False, None
+    where = "--memory" if memory is not None else "the memory available; --memory sets it"
+    return True, (f"streaming the model block by block: its weights ({in_bytes(size)} in {dtype}) exceed the memory "
+                  f"limit ({in_bytes(limit)}, {where})")
+
+
 def empty_model(config, dtype: torch.dtype, auto=None) -> nn.Module:
     """The model of ``config`` in ``dtype``, in eval mode with eager attention (the attention probabilities are read),
     built on the meta device: no parameter or stored buffer holds memory until it is loaded. The buffers the model

@@ -39,11 +39,13 @@ def weights_sha256(model: nn.Module, samples: dict[str, bytes] | None = None) ->
     return digest.hexdigest()
 
 
-def check_same_weights(saved: str | None, saved_dtype: str, model: nn.Module, where: str) -> None:
+def check_same_weights(saved: str | None, saved_dtype: str, model: nn.Module, where: str,
+                       samples: dict[str, bytes] | None = None) -> None:
     """Refuse, in one line, a model whose weights are not those a saved file was made from (``saved``: its
-    ``weights_sha256``, made in ``saved_dtype``). Files made before the identity was saved (None) and a model loaded
-    in another dtype, whose bytes differ by rounding, are not checked here."""
+    ``weights_sha256``, made in ``saved_dtype``; ``samples``: those of a streamed model's blocks, as
+    ``weights_sha256`` takes them). Files made before the identity was saved (None) and a model loaded in another
+    dtype, whose bytes differ by rounding, are not checked here."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    if saved is not None and dtype == saved_dtype and weights_sha256(model) != saved:
+    if saved is not None and dtype == saved_dtype and weights_sha256(model, samples) != saved:
         raise UsageError(f"{where} was made from other weights than the model loaded now (its weights changed on disk, or "
                          "this is another model); scan it again, or use another output directory")

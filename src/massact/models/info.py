@@ -38,6 +38,9 @@ class ModelInfo:
     # before anything was measured, each with its largest relative error (models.inference); empty for a hand-written
     # adapter. Reports written before this field lack it: read as empty.
     inferred: list[str] = field(default_factory=list)
+    # Whether the scan read the weights block by block (``massact.scan_streamed``): the stages that run the model
+    # again are then not in the report. Reports written before this field lack it: read as False.
+    streamed: bool = False
 
 
 def model_info(lm: LoadedModel) -> ModelInfo:

@@ -31,7 +31,7 @@ def _dims(row: Row) -> str:
 
 
 # The columns of atlas.csv and of the page's table: (name, the row's value). None is an empty cell: the report has no
-# such number (not verified, a dense model, nothing massive), never a 0.
+# such number (not verified, streamed, a dense model, nothing massive), never a 0.
 COLUMNS: tuple[tuple[str, Callable[[Row], object]], ...] = (
     ("model", lambda r: r.model),
     ("report", lambda r: r.report),
@@ -50,6 +50,7 @@ COLUMNS: tuple[tuple[str, Callable[[Row], object]], ...] = (
     ("shared experts", lambda r: r.architecture.shared if r.architecture.experts is not None else None),
     ("expert blocks", lambda r: r.architecture.expert_blocks if r.architecture.experts is not None else None),
     ("residual streams", lambda r: r.architecture.streams),
+    ("streamed", lambda r: r.streamed),
     ("verified", lambda r: r.verified),
     ("massive dims (tokens)", lambda r: _dims(r) or None),
     ("top |a|", lambda r: r.top),
@@ -65,7 +66,7 @@ COLUMNS: tuple[tuple[str, Callable[[Row], object]], ...] = (
     ("top neuron share", lambda r: r.neuron_share),
     ("super weight", lambda r: r.super_weight),
     ("super weight value", lambda r: r.super_weight_value),
-    ("erased at", lambda r: (", ".join(map(str, r.erased_at)) or "never") if r.lead is not None else None),
+    ("erased at", lambda r: (", ".join(map(str, r.erased_at)) or "never") if r.erased_at is not None else None),
     ("sink rate", lambda r: r.sink_rate),
     ("has a sink", lambda r: r.has_sink),
     ("first sink block", lambda r: r.first_sink),
@@ -237,8 +238,8 @@ def to_html(atlas: Atlas, pngs: dict[str, bytes]) -> str:
 <h1>{html.escape(title)}</h1>
 <p>Every model scanned with the same texts and settings: {html.escape(settings)}</p>
 <section><h2>What the rows say</h2>{said}</section>
-<section><h2>Every model</h2><p>An empty cell (-): the report has no such number (not verified, a dense model, nothing
-massive).</p>{_table(atlas.rows, tuple(name for name, _ in COLUMNS))}</section>
+<section><h2>Every model</h2><p>An empty cell (-): the report has no such number (not verified, streamed, a dense model,
+nothing massive).</p>{_table(atlas.rows, tuple(name for name, _ in COLUMNS))}</section>
 <section><h2>Curves by relative depth</h2>{''.join(shown) or '<p>No figures.</p>'}</section>
 {f'<section><h2>Warnings</h2><ul>{warnings}</ul></section>' if warnings else ''}
 </main></body></html>

@@ -22,14 +22,17 @@ class AtlasDim:
 @dataclass(kw_only=True)
 class Row:
     """One model of the atlas: ``model`` as the atlas was given it, ``report`` its report's folder (in the atlas's
-    folder), its ``architecture`` (read from the adapter), and what its report measured.
+    folder), its ``architecture`` (read from the adapter), whether its scan read the weights block by block
+    (``streamed``: a model larger than the memory limit, not verified, its attention columns None), and what its
+    report measured.
 
     Detection: the massive ``dims``; ``top``, the largest |a| of any block's output, at block ``top_block``, whose
     median |a| is ``median`` (``ratio`` = top / median). The lead dim (the dim of the largest massive value): where it
     is born (``birth``, and ``birth_depth``, the block over the last block: 0 the first, 1 the last), the branch that
     writes it there (``writer``), its top neuron (``expert``: the expert that neuron is in, in a mixture of experts)
     and that neuron's share of the write, the super weight (``matrix[index]`` as stored) and its value, and the blocks
-    that erase it (``erased_at``: empty where none does). These are None (empty lists) where nothing is massive.
+    that erase it (``erased_at``: empty where none does, None where the lead dim's lifeline was not measured). These
+    are None where nothing is massive.
 
     Attention, measured only where the scan was verified (None where it was not, or where the model has no softmax
     attention): ``sink_rate``, the share of (text, head) pairs over every block whose attention on the sink tokens
@@ -62,6 +65,7 @@ class Row:
     report: str
     architecture: Architecture
     verified: bool
+    streamed: bool = False
     dims: list[AtlasDim]
     top: float
     top_block: int
@@ -76,7 +80,7 @@ class Row:
     neuron_share: float | None = None
     super_weight: str | None = None
     super_weight_value: float | None = None
-    erased_at: list[int] = field(default_factory=list)
+    erased_at: list[int] | None = None
     sink_rate: float | None = None
     has_sink: bool | None = None
     first_sink: int | None = None

@@ -30,15 +30,17 @@ def flat(rows: list[list[float]] | None) -> list[float]:
 
 
 def row(model: str, architecture: Architecture, findings: Findings, mechanism: Mechanism, attention: AttentionSinks | None,
-        precision: Precision | None, valley: CompressionValley | None = None, qk: QkValues | None = None) -> Row:
+        precision: Precision | None, valley: CompressionValley | None = None, qk: QkValues | None = None,
+        streamed: bool = False) -> Row:
     """The atlas row of ``model`` from its report's stages (``attention``: the causal stage's sinks, None without
     verification; ``valley``: the compression valley, None in a report without it; ``qk``: its Q/K section, None where
-    it has none); the caller names its report folder."""
+    it has none; ``streamed``: whether the report's scan read the weights block by block); the caller names its
+    report folder."""
     layers = findings.layers
     peak = max(layers, key=lambda layer: abs(layer.top[0].value) if layer.top and math.isfinite(layer.top[0].value) else -1.0)
     top = abs(peak.top[0].value) if peak.top else 0.0
     found = Row(
-        model=model, report="", architecture=architecture, verified=attention is not None,
+        model=model, report="", architecture=architecture, streamed=streamed, verified=attention is not None,
         dims=[AtlasDim(dim=d.dim, value=d.max_value, born_at=d.born_at, tokens=list(d.tokens)) for d in findings.dims],
         top=top, top_block=peak.layer, median=peak.median, ratio=top / peak.median if peak.median > 0 else math.nan,
         headroom=None if precision is None else precision.headroom,
@@ -98,7 +100,7 @@ def _lead(found: Row, lead: DimSummary, mechanism: Mechanism, n_layers: int) -> 
         if routed.moe.neurons:
             found.neuron, found.neuron_share = routed.moe.neurons[0].neuron, routed.moe.neurons[0].share
     lifeline = next((line for line in mechanism.lifelines if line.dim == lead.dim), None)
-    found.erased_at = [] if lifeline is None else list(lifeline.erased_at)
+    found.erased_at = None if lifeline is None else list(lifeline.erased_at)
 
 
 def _sinks(found: Row, attention: AttentionSinks) -> None:

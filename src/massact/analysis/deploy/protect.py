@@ -9,11 +9,13 @@ where the dim is strongest) on which the quantized model's massive value is read
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from ...capture.routing import expert_matrix
 from ...errors import UsageError
+from ...models.checkpoint import StreamedModel
 from ...models.identity import check_same_weights
 from ...models.info import ModelInfo
 from ...models.loading import LoadedModel
@@ -48,19 +50,25 @@ def check_model(protect: Protect, lm: LoadedModel, where: str) -> None:
         if not d.probe_position < tokens:
             raise UsageError(f"{here}.probe_position is {d.probe_position}; the probe text has {tokens} tokens")
     for i, w in enumerate(protect.super_weights):
-        here = f"{where}: super_weights[{i}]"
-        try:
-            parameter = lm.model.get_parameter(w.parameter)
-        except AttributeError:
-            raise UsageError(f"{here}.parameter {w.parameter!r} is not a parameter of the model") from None
-        shape = list(parameter.shape)
-        if len(w.index) != len(shape) or any(not 0 <= k < n for k, n in zip(w.index, shape)) or w.index[-2:] != [w.row, w.col]:
-            raise UsageError(f"{here}.index {w.index} (row {w.row}, col {w.col}) is not an entry of {w.parameter}, shape {shape}")
-        stored = float(parameter.detach()[tuple(w.index)])
-        # A list made in float32 and read in bfloat16 differs by the rounding: half a step of the model's dtype.
-        if not math.isclose(stored, w.value, rel_tol=torch.finfo(parameter.dtype).eps, abs_tol=1e-6):
-            raise UsageError(f"{here}: {w.parameter}{w.index} is {stored:+.6g} in the model, the list says {w.value:+.6g}; "
-                             "is this the model the list was made for?")
+        check_super_weight(lm, i, w, where)
+
+
+def check_super_weight(lm: LoadedModel, i: int, w: ProtectedWeight, where: str) -> None:
+    """Refuse super weight ``i`` of a protect list (read from ``where``) whose index is not an entry of its parameter
+    in ``lm``, or whose stored value is not the model's: one UsageError line naming it."""
+    here = f"{where}: super_weights[{i}]"
+    try:
+        parameter = lm.model.get_parameter(w.parameter)
+    except AttributeError:
+        raise UsageError(f"{here}.parameter {w.parameter!r} is not a parameter of the model") from None
+    shape = list(parameter.shape)
+    if len(w.index) != len(shape) or any(not 0 <= k < n for k, n in zip(w.index, shape)) or w.index[-2:] != [w.row, w.col]:
+        raise UsageError(f"{here}.index {w.index} (row {w.row}, col {w.col}) is not an entry of {w.parameter}, shape {shape}")
+    stored = float(parameter.detach()[tuple(w.index)])
+    # A list made in float32 and read in bfloat16 differs by the rounding: half a step of the model's dtype.
+    if not math.isclose(stored, w.value, rel_tol=torch.finfo(parameter.dtype).eps, abs_tol=1e-6):
+        raise UsageError(f"{here}: {w.parameter}{w.index} is {stored:+.6g} in the model, the list says {w.value:+.6g}; "
+                         "is this the model the list was made for?")
 
 
 WRITES = ("birth", "growth", "reversal")  # the phases whose writing weights are super weights (they write a massive value)
@@ -126,3 +134,24 @@ def check_saved_model(lm: LoadedModel, model: ModelInfo, protect: Protect, where
     same) and every super weight its ``protect`` list names, at the value it saved (``check_model``)."""
     check_same_weights(model.weights_sha256, model.dtype, lm.model, where)
     check_model(protect, lm, where)
+
+
+def check_saved_streamed(streamed: StreamedModel, model: ModelInfo, protect: Protect, where: str) -> None:
+    """``check_saved_model`` on a model read block by block, in one pass that reads every block once: each super
+    weight is checked while its block is loaded, and the weights' identity from the samples taken then (the digest
+    the streamed scan saved, and the one of the model in memory)."""
+    from ...capture.streaming import blocks
+
+    lm = streamed.lm
+    check_model(replace(protect, super_weights=[]), lm, where)
+    prefix = f"{lm.adapter.layers_path(lm.model)}."
+    block_of = {i: int(w.parameter[len(prefix):].split(".", 1)[0]) for i, w in enumerate(protect.super_weights)
+                if w.parameter.startswith(prefix)}
+    for i, w in enumerate(protect.super_weights):
+        if i not in block_of:  # the embeddings, final norm and head stay loaded
+            check_super_weight(lm, i, w, where)
+    for layer in blocks(streamed, range(len(lm.adapter.blocks(lm.model)))):
+        for i, w in enumerate(protect.super_weights):
+            if block_of.get(i) == layer:
+                check_super_weight(lm, i, w, where)
+    check_same_weights(model.weights_sha256, model.dtype, lm.model, where, streamed.samples)

@@ -19,8 +19,9 @@ from ...capture.batches import pad_batch
 from ...capture.blocks import BlockRecorder
 from ...capture.expert_maxima import ExpertMaxima
 from ...capture.streaming import Batch, HiddenStates, carry
-from ...models.checkpoint import StreamedModel
-from .resume import state_refused
+from ...models.checkpoint import StreamedModel, available_memory
+from ...settings import ScanSettings
+from .resume import scan_identity, state_refused
 from .scan import CANDIDATES, LayerScan, block_recording, layer_scan, restore_state, save_state, stream_slots
 
 STATE = "stream-state.pt"
@@ -39,6 +40,24 @@ class StreamPlace:
     host_bytes: int = 2**62
     resume: bool = False
     identity: str = ""
+
+
+def stream_place(streamed: StreamedModel, settings: ScanSettings, folder: Path, memory: int | None, resume: bool = False) -> StreamPlace:
+    """Where a streamed scan of ``settings`` writing into ``folder`` keeps the corpus's hidden states: on a GPU while
+    half its free memory allows, in host memory within ``memory`` (None: the memory available), beyond both in
+    ``folder``; its ``identity`` (the model, its shards and the settings the statistics depend on) is what a resumed
+    pass checks."""
+    checkpoint = streamed.checkpoint
+    held = checkpoint.size - sum(checkpoint.sizes[name] for names in checkpoint.blocks for name in names)
+    largest = max((sum(checkpoint.sizes[name] for name in names) for names in checkpoint.blocks), default=0)
+    limit = memory if memory is not None else available_memory() or 0
+    # Two blocks are held at once (the one computing and the one read ahead), besides what is always loaded.
+    host = max(0, int(0.8 * limit) - held - 2 * largest)
+    device = streamed.lm.device
+    on_device = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
+    identity = scan_identity(streamed.lm, top_k=settings.top_k, max_length=settings.max_length, batch_size=settings.batch_size,
+                             shards=sorted(checkpoint.sizes.items()))
+    return StreamPlace(folder=folder, device_bytes=on_device, host_bytes=host, resume=resume, identity=identity)
 
 
 def corpus_batches(windows: Iterable[torch.Tensor], batch_size: int) -> list[Batch]:
