@@ -54,7 +54,7 @@ from .analysis.mechanism.explain import (
 )
 from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
 from .analysis.mechanism.results import Mechanism
-from .analysis.mechanism.stream import explain_streamed, streamed_lifelines, streamed_valley
+from .analysis.mechanism.stream import EventPass, explain_streamed, streamed_lifelines, streamed_valley
 from .analysis.mechanism.streams import stream_origins
 from .analysis.mechanism.super_experts import find_super_experts
 from .analysis.profile.build import build_profile, count_carriers
@@ -229,21 +229,22 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     folder = place.folder if place is not None else Path(".")
     explained = bool(found.findings.dims) and lm.adapter.hyper is None
     verified = settings.verify and not lm.adapter.encoder and lm.adapter.hyper is None
-    events = None
+    events = EventPass(lm=lm, findings=found.findings, inputs=found.inputs, settings=settings, warnings=warnings, lines=[],
+                       view={}, events=[], birth=None)  # nothing to explain, where nothing is massive
     if explained:  # two more passes, over the kept texts (and with verification the evaluation text)
         events = streamed_lifelines(streamed, found.findings, found.inputs, settings, warnings, folder)
-        events.super_experts = supers
         if not verified:
+            events.super_experts = supers
             mechanism = explain_streamed(streamed, events, folder)
+    events.super_experts = supers
     if verified:
         what = "mechanism and interventions" if explained else "interventions"
         advance = (progress or _silent)(f"streamed {what}: {n_layers} blocks", n_layers)
         mechanism, causal = streamed_causal(
-            streamed, found.findings, found.inputs, events, supers, settings, _eval_text(settings), folder,
-            device_bytes=place.device_bytes if place else 0, host_bytes=place.host_bytes if place else 2**62,
+            streamed, events, settings, _eval_text(settings), place or StreamPlace(folder=folder),
             on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"))
     # no mechanism pass to take the valley's readings from: one pass over its texts
-    readings = events.readings if events is not None else streamed_valley(streamed, found.findings, found.inputs, folder)
+    readings = events.readings if explained else streamed_valley(streamed, found.findings, found.inputs, folder)
     texts = valley_texts(found.findings, found.inputs)
     rate = causal.attention.rate if causal.attention is not None else None
     valley = compression_valley(readings, texts, n_layers, found.findings.dims, rate)

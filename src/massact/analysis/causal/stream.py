@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from ...capture.streaming import Batch, Carried, HiddenStates, carry_lanes
 from ...models.checkpoint import StreamedModel
 from ...models.loading import LoadedModel
 from ...settings import ScanSettings
-from ..detect.results import Findings
+from ..detect.stream import StreamPlace
 from ..evaluation.mlm import masked_windows, next_token_windows
 from ..evaluation.perplexity import EvalText, eval_windows
 from ..evaluation.windows import Evaluation
@@ -144,39 +143,35 @@ def _valid(batch: Batch) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def streamed_causal(streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor], events: EventPass | None,
-                    super_experts, settings: ScanSettings, text: EvalText, folder: Path, device_bytes: int = 0,
-                    host_bytes: int = 2**62, on_block: Callable[[int], None] | None = None) -> tuple[Mechanism, Causal]:
-    """The mechanism's second pass (``events``: the events the lifelines name, explained as the pass reaches them;
-    None where nothing is massive) and ``pipeline.causal_stage`` of a streamed model, in one pass (``on_block(layer)``
-    as each block is done): the interventions with their output effects and the input dependence, the attention sinks
-    with the massive values replaced, the super weights zeroed one by one, and a mixture's super experts
-    (``super_experts``, the corpus pass's) pruned against a random control. A block's interventions are planned from its
-    events, explained as the unmodified lane has gone through it. ``device_bytes``, ``host_bytes``: what the lanes'
-    hidden states may take, all together, on the model's device and in host memory before their files in
-    ``folder``."""
-    return _LanePass(streamed, findings, inputs, events, super_experts, settings, text, folder, device_bytes, host_bytes).run(on_block)
+def streamed_causal(streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace,
+                    on_block: Callable[[int], None] | None = None) -> tuple[Mechanism, Causal]:
+    """The mechanism's second pass (``events``: the events the lifelines name, explained as the pass reaches them, with
+    the findings and kept texts they come from; none where nothing is massive) and ``pipeline.causal_stage`` of a
+    streamed model, in one pass (``on_block(layer)`` as each block is done): the interventions with their output
+    effects and the input dependence, the attention sinks with the massive values replaced, the super weights zeroed
+    one by one, and a mixture's super experts (``events.super_experts``, the corpus pass's) pruned against a random
+    control. A block's interventions are planned from its events, explained as the unmodified lane has gone through
+    it. ``place``: where the lanes' hidden states go, all together, beyond its device and host allowances (files in its
+    folder)."""
+    return _LanePass(streamed, events, settings, text, place).run(on_block)
 
 
 class _LanePass:
     """``streamed_causal``'s pass: its batches (the evaluation windows, the carriers' texts, the input dependence's and
     the sinks' texts), the lanes planned as the blocks load, what they read, and the report's sections from them."""
 
-    def __init__(self, streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor], events: EventPass | None,
-                 super_experts, settings: ScanSettings, text: EvalText, folder: Path, device_bytes: int, host_bytes: int):
+    def __init__(self, streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace):
         lm = self.lm = streamed.lm
+        findings, inputs = events.findings, events.inputs
         self.streamed, self.findings, self.inputs, self.events, self.settings = streamed, findings, inputs, events, settings
         self.n_layers = len(lm.adapter.blocks(lm.model))
-        self.empty = Mechanism(lifelines=[], origin=[], anatomy=[], attribution=[], experts=[], super_experts=super_experts,
-                               birth_state=None, token_values=None)
         scored = masked_windows(lm, text.text) if lm.adapter.encoder else next_token_windows(eval_windows(lm, text.text))
         self.evaluation = LaneEvaluation(lm, scored, text)
         self.batches = [Batch(ids=b.ids, mask=b.mask, texts=torch.tensor([-1])) for b in self.evaluation.batches]
         self.windows = list(range(len(self.batches)))
         until = [self.n_layers - 1] * len(self.batches)
-        mechanism = self.mechanism(whole=False)
         self.carrier_batch, self.text_of = {}, {}
-        for number in sorted({line.text for line in mechanism.lifelines} | set(events.texts if events else ())):
+        for number in sorted({line.text for line in events.lines} | set(events.texts)):
             self.carrier_batch[number], self.text_of[len(self.batches)] = len(self.batches), number
             self.batches.append(Batch(ids=inputs[number], mask=torch.ones_like(inputs[number]), texts=torch.tensor([number])))
             until.append(self.n_layers - 1)
@@ -198,8 +193,8 @@ class _LanePass:
             until.append(self.softmax[-1])
         self.until = until
         self.pool = {"device": 0, "host": 0, "file": 0}
-        self.device_bytes = device_bytes if lm.device.type != "cpu" else 0
-        self.host_bytes, self.folder = host_bytes, folder
+        self.device_bytes = place.device_bytes if lm.device.type != "cpu" else 0
+        self.host_bytes, self.folder = place.host_bytes, place.folder
         self.plan = Plan()
         self.wanted: dict[str, _Wanted] = {"baseline": _Wanted(context=_each_batch(nullcontext), start=0, sinks=True)}
         self.steps: list[tuple[Any, list[tuple[int, SuperWeight]]]] = []  # per lifeline searched: the weights found
@@ -217,9 +212,6 @@ class _LanePass:
         self.running = -1
         self.count = 0  # lanes started, which names their files
 
-    def mechanism(self, whole: bool = True) -> Mechanism:
-        return self.events.mechanism(whole) if self.events is not None else self.empty
-
     def states(self, name: str) -> HiddenStates:
         return HiddenStates(device=self.lm.device, device_bytes=self.device_bytes, host_bytes=self.host_bytes,
                             path=self.folder / f"{HIDDEN}-{name}.bin", pool=self.pool)
@@ -234,7 +226,7 @@ class _LanePass:
     def plan_block(self, layer: int, block_input: Callable[[int], Any]) -> list[Carried]:
         """The lanes that start at ``layer``, planned from its weights (loaded now) and its events, explained now."""
         lm, findings, before = self.lm, self.findings, set(self.wanted)
-        mechanism = self.mechanism(whole=False)
+        mechanism = self.events.mechanism(whole=False)
         here = plan_verification(lm, findings, mechanism, {layer})
         self.plan.effects += here.effects
         self.plan.births += here.births
@@ -313,7 +305,7 @@ class _LanePass:
                     found, layer, row, n, self.sinks[number], causal, learned)
 
         stack = ExitStack()
-        if base and self.events is not None:
+        if base:
             stack.enter_context(self.events.at_block(layer))
         if reads or dependence or base:
             stack.enter_context(tap(lm.model, lm.adapter, [(layer, lm.adapter.stream)], keep))
@@ -323,8 +315,7 @@ class _LanePass:
 
     def on_batch(self, lane: Carried, index: int) -> None:
         self.running = index
-        if self.events is not None:
-            self.events.running = self.text_of.get(index, -1)
+        self.events.running = self.text_of.get(index, -1)
 
     def sink_pass(self, key: str, start: int) -> SinkPass | None:
         """The lane's ``SinkPass``: the unmodified lane's metrics at the blocks before ``start``, which it leaves as
@@ -337,13 +328,12 @@ class _LanePass:
 
     def run(self, on_block: Callable[[int], None] | None) -> tuple[Mechanism, Causal]:
         evaluation = self.evaluation
-        explained = self.events.finished if self.events is not None else None
         lanes = carry_lanes(self.streamed, self.batches, self.until, self.plan_block, self.at_block, self.states("baseline"),
-                            self.on_batch, explained, on_block)
+                            self.on_batch, self.events.finished, on_block)
         try:
             for lane in lanes:
                 evaluation.finals[lane.key] = lane.states.get
-            return self.mechanism(), self._causal({lane.key: lane.start for lane in lanes})
+            return self.events.mechanism(), self._causal({lane.key: lane.start for lane in lanes})
         finally:
             for lane in lanes:
                 lane.states.remove()

@@ -193,6 +193,6 @@ class EventPass:
         origins, anatomies, attributions, experts = out
         state = (state_of(self.output[0], birth.layer, birth.text, "", findings.massive, findings.tokens)
                  if whole and birth is not None and self.output else None)
-        view = token_values(lm, self.inputs, dims=findings.dims, lifelines=self.lines, read=self.view) if whole else None
+        view = token_values(lm, self.inputs, dims=findings.dims, lifelines=self.lines, read=self.view) if whole and self.lines else None
         return Mechanism(lifelines=self.lines, origin=origins, anatomy=anatomies, attribution=attributions, experts=experts,
                          super_experts=self.super_experts, birth_state=state, token_values=view)
