@@ -11,7 +11,7 @@ from massact.report.sections import EXTRAS, SECTIONS, names, section
 
 
 def test_sections_are_numbered_in_order_from_one_list():
-    assert [s.number for s in SECTIONS] == list(range(1, 14))
+    assert [s.number for s in SECTIONS] == list(range(1, 15))
     assert len({s.key for s in SECTIONS + EXTRAS}) == len(SECTIONS) + len(EXTRAS)
     assert section("trigger").heading == "7. Trigger: why the writing neurons fire there"
     assert section("11") is section("quantization") and section("conclusion").title == "Conclusion"

@@ -178,6 +178,11 @@ def entropy_figure(atlas: Atlas) -> bytes:
     ax.set_xlabel("relative depth (block / last block)")
     ax.set_ylabel("matrix entropy / log(tokens)")
     ax.set_title("The entropy of the token representations per block (the compression valley), every model")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return png_bytes(fig)
+
+
 def qk_figure(atlas: Atlas) -> bytes:
     """Per block, the largest max/mean L2 norm of a query or key dim by relative depth, every model with a Q/K section
     (gaps: blocks not measured)."""

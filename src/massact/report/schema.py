@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..analysis.atlas.results import Atlas, AtlasDim, Row, Sentence
 from ..analysis.atlas.sentences import RULES
+from ..analysis.causal.results import Causal
 from ..analysis.deploy.results import FORMAT as PROTECT_FORMAT
 from ..analysis.deploy.results import VERSION as PROTECT_VERSION
 from ..analysis.deploy.results import Carrier, Protect, ProtectedDim, ProtectedWeight, Quantization, SinkPosition
@@ -306,6 +307,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     *((Row, name) for name in ("valley", "valley_depth", "valley_from_birth", "valley_drop", "valley_drop_without", "entropies")),
     (Row, "qk_ratio"), (Row, "qk_band"), (Row, "qk_heads"), (Row, "qk_perplexity"), (Row, "qk_control"), (Row, "qk_ratios"),
     (Report, "qk"),  # a report of an older massact, or a streamed scan, has no Q/K section
+    (ModelInfo, "streamed"), (Causal, "default"),
 })
 
 
