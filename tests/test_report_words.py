@@ -19,7 +19,7 @@ def test_sections_are_numbered_in_order_from_one_list():
     assert section("13") is section("valley")
     assert section("14") is section("qk")
     with pytest.raises(KeyError):
-        section("14")
+        section("15")
 
 
 @pytest.mark.parametrize("value, text", [(24494.1, "24.5k"), (-24494.1, "-24.5k"), (1_234_567, "1.23M"), (123_456, "123k"),
