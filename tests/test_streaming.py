@@ -166,13 +166,14 @@ def _report_dir(tmp_path: Path, family: str, tokenizer) -> tuple[torch.nn.Module
 
 
 def _comparable(report) -> dict:
-    """A report's JSON without what a streamed scan does not measure (the trigger, quantization), nor its warnings, nor
-    whether it was streamed."""
+    """A report's JSON without what a streamed scan does not measure (the trigger, quantization, the Q/K disruption
+    test), nor its warnings, nor whether it was streamed."""
     from massact.report.schema import write_report
 
     data = json.loads(write_report(report))
     for key in ("trigger", "warnings", "conclusion"):
         data.pop(key)
+    data["qk"]["disruption"] = None
     data["model"].pop("streamed")
     return data
 

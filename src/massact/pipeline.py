@@ -165,7 +165,7 @@ def scan(
 
 
 # What a streamed scan does not measure yet.
-STREAMED_SECTIONS = ("trigger", "quantization", "Q/K massive values")
+STREAMED_SECTIONS = ("trigger", "quantization", "the Q/K disruption test")
 
 
 def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str, rate: float | None = None
@@ -244,7 +244,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
             streamed, events, settings, _eval_text(settings), place or StreamPlace(folder=folder),
             on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"))
     # no mechanism pass to take the valley's readings from: one pass over its texts
-    readings = events.readings if explained else streamed_valley(streamed, found.findings, found.inputs, folder)
+    readings, qk = (events.readings, events.qk) if explained else streamed_valley(streamed, found.findings, found.inputs, folder)
     texts = valley_texts(found.findings, found.inputs)
     rate = causal.attention.rate if causal.attention is not None else None
     valley = compression_valley(readings, texts, n_layers, found.findings.dims, rate)
@@ -262,7 +262,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=verified, quant=False),
                     findings=found.findings, mechanism=mechanism, trigger=[], causal=causal,
                     deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],
-                    warnings=warnings + [skipped], versions=_versions(), valley=valley)
+                    warnings=warnings + [skipped], versions=_versions(), valley=valley, qk=qk)
     report.conclusion = conclude(report)
     return report
 

@@ -53,7 +53,7 @@ class Report:
     warnings: list[str]
     versions: dict[str, str]
     valley: CompressionValley | None = None  # None in a report made before the section existed
-    qk: QkValues | None = None  # massive values in the queries and keys (None: not measured, a streamed scan or an older report)
+    qk: QkValues | None = None  # massive values in the queries and keys (None: an older report)
 
     @property
     def medians(self) -> list[float]:

@@ -36,56 +36,80 @@ def _first(output):
 
 
 @torch.no_grad()
+class QkEnergy:
+    """Per block of ``layouts`` (the blocks whose queries and keys are read) and per "q", "k", "v": the sum over every
+    real position of each entry squared, [heads, head_dim] (float32, on the model's device: queries per query head,
+    keys and values per key/value head), of each pass through a block while ``reading`` it, over the positions
+    ``valid`` marks ([batch, positions], 1 where real; None: the pass counts nothing). A block whose outputs do not
+    cut into the config's heads is left out of ``result``."""
+
+    def __init__(self, lm: LoadedModel, layouts: dict[int, QkLayout]):
+        self.lm, self.layouts = lm, layouts
+        self.sums: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layouts}
+        self.bad: set[int] = set()
+        self.shapes: dict[int, int] = {}  # block -> its query head_dim: the keys are cut into heads of it
+        self.valid: torch.Tensor | None = None
+
+    def _add(self, layer: int, name: str, per_head: torch.Tensor | None) -> None:
+        if self.valid is None:
+            return
+        if per_head is None:
+            self.bad.add(layer)
+            return
+        mask = self.valid.to(per_head.device).float()[:, :, None, None]  # padded positions count nothing
+        squared = (per_head.float() ** 2 * mask).sum((0, 1))
+        found = self.sums[layer]
+        found[name] = found[name] + squared if name in found else squared
+
+    @contextmanager
+    def reading(self, layers: Iterable[int] | None = None) -> Iterator[None]:
+        """While open, the passes through ``layers`` (None: every block of the layouts) are summed."""
+        lm, heads = self.lm, self.lm.config.num_attention_heads
+
+        def on_query(layer: int):
+            def hook(module, args, output):
+                found = by_head(_first(output), heads)
+                if found is not None:
+                    self.shapes[layer] = found.shape[-1]
+                self._add(layer, "q", found)
+            return hook
+
+        def on_key(layer: int):
+            return lambda module, args, output: self._add(layer, "k", by_head(_first(output), None, self.shapes.get(layer)))
+
+        def on_value(layer: int, layout: QkLayout):
+            return lambda module, args, output: self._add(layer, "v", layout.values.take(_first(output).detach(), lm.config))
+
+        handles = []
+        for layer, layout in self.layouts.items():
+            if layers is not None and layer not in layers:
+                continue
+            handles.append(lm.adapter.module(lm.model, layer, layout.queries).register_forward_hook(on_query(layer)))
+            handles.append(lm.adapter.module(lm.model, layer, layout.keys).register_forward_hook(on_key(layer)))
+            if layout.values is not None:
+                handles.append(lm.adapter.module(lm.model, layer, layout.values.path).register_forward_hook(on_value(layer, layout)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def result(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {layer: found for layer, found in self.sums.items() if layer not in self.bad and "q" in found and "k" in found}
+
+
 def qk_energy(lm: LoadedModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], layouts: dict[int, QkLayout],
               ) -> tuple[dict[int, dict[str, torch.Tensor]], int]:
-    """Per block of ``layouts`` (the blocks whose queries and keys are read) and per "q", "k", "v": the sum over every
-    real position of the batches (ids, attention mask) of each entry squared, [heads, head_dim] (float32, on the
-    model's device: queries per query head, keys and values per key/value head); and the number of real positions.
-    A block whose outputs do not cut into the config's heads is left out of the result."""
-    heads = lm.config.num_attention_heads
-    sums: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layouts}
-    bad: set[int] = set()
-    valid: list[torch.Tensor] = []
-    shapes: dict[int, int] = {}  # block -> its query head_dim: the keys are cut into heads of it
-
-    def add(layer: int, name: str, per_head: torch.Tensor | None) -> None:
-        if per_head is None:
-            bad.add(layer)
-            return
-        mask = valid[0].to(per_head.device).float()[:, :, None, None]  # padded positions count nothing
-        squared = (per_head.float() ** 2 * mask).sum((0, 1))
-        sums[layer][name] = sums[layer][name] + squared if name in sums[layer] else squared
-
-    def on_query(layer: int):
-        def hook(module, args, output):
-            found = by_head(_first(output), heads)
-            if found is not None:
-                shapes[layer] = found.shape[-1]
-            add(layer, "q", found)
-        return hook
-
-    def on_key(layer: int):
-        return lambda module, args, output: add(layer, "k", by_head(_first(output), None, shapes.get(layer)))
-
-    def on_value(layer: int, layout: QkLayout):
-        return lambda module, args, output: add(layer, "v", layout.values.take(_first(output).detach(), lm.config))
-
-    handles = []
-    for layer, layout in layouts.items():
-        handles.append(lm.adapter.module(lm.model, layer, layout.queries).register_forward_hook(on_query(layer)))
-        handles.append(lm.adapter.module(lm.model, layer, layout.keys).register_forward_hook(on_key(layer)))
-        if layout.values is not None:
-            handles.append(lm.adapter.module(lm.model, layer, layout.values.path).register_forward_hook(on_value(layer, layout)))
+    """``QkEnergy``'s sums over ``batches`` (ids, attention mask), one forward pass each, and the number of real
+    positions."""
+    energy = QkEnergy(lm, layouts)
     tokens = 0
-    try:
+    with energy.reading():
         for ids, mask in batches:
-            valid[:] = [mask]
+            energy.valid = mask
             tokens += int(mask.sum())
             lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: found for layer, found in sums.items() if layer not in bad and "q" in found and "k" in found}, tokens
+    return energy.result(), tokens
 
 
 @contextmanager

@@ -306,7 +306,7 @@ OPTIONAL: frozenset[tuple[type, str]] = frozenset({
     (StreamOrigin, "heads"), (TokenValues, "streams"), (Report, "valley"),
     *((Row, name) for name in ("valley", "valley_depth", "valley_from_birth", "valley_drop", "valley_drop_without", "entropies")),
     (Row, "qk_ratio"), (Row, "qk_band"), (Row, "qk_heads"), (Row, "qk_perplexity"), (Row, "qk_control"), (Row, "qk_ratios"),
-    (Report, "qk"),  # a report of an older massact, or a streamed scan, has no Q/K section
+    (Report, "qk"),  # a report of an older massact has no Q/K section
     (ModelInfo, "streamed"), (Causal, "default"),
 })
 

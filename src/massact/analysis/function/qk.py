@@ -77,17 +77,33 @@ def _heads(squares: torch.Tensor, frequencies: torch.Tensor | None, rotated: boo
 def measure(lm: LoadedModel, inputs: dict[int, torch.Tensor]) -> tuple[QkValues, dict[int, QkLayout]]:
     """The concentration of every softmax block's queries, keys and values over the first QK_TEXTS of ``inputs``
     (window -> [1, n] ids), QK_BATCH texts per pass; and the layouts of the blocks measured."""
-    n_layers = len(lm.adapter.blocks(lm.model))
-    layouts = {layer: qk_layout(lm.adapter, lm.model, layer) for layer in range(n_layers)}
+    layouts = qk_layouts(lm)
     read = {layer: layout for layer, layout in layouts.items() if layout.queries is not None}
-    texts = [inputs[window] for window in sorted(inputs)[:QK_TEXTS]]
+    texts = [inputs[window] for window in qk_texts(inputs)]
     batches = [pad_batch(texts[start:start + QK_BATCH]) for start in range(0, len(texts), QK_BATCH)]
     sums, tokens = qk_energy(lm, batches, read) if read and texts else ({}, 0)
+    return qk_from(layouts, sums, len(texts), tokens)
+
+
+def qk_texts(inputs: dict[int, torch.Tensor]) -> list[int]:
+    """The kept windows the section reads: the first QK_TEXTS."""
+    return sorted(inputs)[:QK_TEXTS]
+
+
+def qk_layouts(lm: LoadedModel) -> dict[int, QkLayout]:
+    """Every block's ``QkLayout``; those with ``queries`` are read."""
+    return {layer: qk_layout(lm.adapter, lm.model, layer) for layer in range(len(lm.adapter.blocks(lm.model)))}
+
+
+def qk_from(layouts: dict[int, QkLayout], sums: dict[int, dict[str, torch.Tensor]], texts: int, tokens: int
+            ) -> tuple[QkValues, dict[int, QkLayout]]:
+    """The section from ``QkEnergy``'s sums over ``texts`` texts of ``tokens`` tokens, and the measured blocks' layouts."""
     blocks = []
     for layer, layout in layouts.items():
         if layer not in sums:
-            note = layout.note or ("its queries and keys do not cut into the config's heads" if layer in read else "")
-            blocks.append(QkBlock(layer=layer, kind=layout.kind if layer not in read else "not read", note=note))
+            read = layout.queries is not None
+            note = layout.note or ("its queries and keys do not cut into the config's heads" if read else "")
+            blocks.append(QkBlock(layer=layer, kind=layout.kind if not read else "not read", note=note))
             continue
         found = sums[layer]
         head_dim = found["q"].shape[1]
@@ -98,7 +114,7 @@ def measure(lm: LoadedModel, inputs: dict[int, torch.Tensor]) -> tuple[QkValues,
             queries=_heads(found["q"], frequencies, rotated), keys=_heads(found["k"], frequencies, rotated),
             values=_heads(found["v"], None, False) if "v" in found else None))
     measured = {layer: layouts[layer] for layer in sums}
-    return QkValues(texts=len(texts), tokens=tokens, top=TOP, threshold=THRESHOLD, rule=BAND_RULE, blocks=blocks,
+    return QkValues(texts=texts, tokens=tokens, top=TOP, threshold=THRESHOLD, rule=BAND_RULE, blocks=blocks,
                     summary=summary(blocks)), measured
 
 

@@ -22,11 +22,14 @@ import torch
 
 from ...capture.hooks import tap
 from ...capture.probe import at_positions, probing
+from ...capture.qk import QkEnergy
 from ...capture.streaming import Batch, HiddenStates, carry
 from ...models.checkpoint import StreamedModel
 from ...models.loading import LoadedModel
 from ...settings import ScanSettings
 from ..detect.results import Findings
+from ..function.qk import qk_from, qk_layouts, qk_texts
+from ..function.results import QkValues
 from ..function.valley import Reading, block_medians, read_block, valley_texts
 from .explain import Event, Probes, event_positions, explain, pick_events, state_of, token_values, token_view
 from .lifeline import carrier_groups, lifeline_sites, lifelines, main_carrier
@@ -79,37 +82,41 @@ def streamed_lifelines(streamed: StreamedModel, findings: Findings, inputs: dict
     groups = carrier_groups(findings)
     strongest, texts = token_view(findings.dims, [(d.dim, main_carrier(findings.massive, d.dim).text) for d in findings.dims],
                                   inputs)
-    reads, view, readings = _read_lifelines(streamed, groups, strongest, texts, inputs, folder, findings)
+    reads, view, readings, qk = _read_lifelines(streamed, groups, strongest, texts, inputs, folder, findings)
     lines = lifelines(lm, findings, inputs, reads)
     events = pick_events(findings.dims, findings.massive, lines)
     strongest_dim = max(findings.dims, key=lambda d: abs(d.max_value)).dim
     birth = next((e for e in events if e.dim == strongest_dim and e.role == "birth"), None)
     return EventPass(lm=lm, findings=findings, inputs=inputs, settings=settings, warnings=warnings, lines=lines, view=view,
-                     events=events, birth=birth, readings=readings)
+                     events=events, birth=birth, readings=readings, qk=qk)
 
 
 @torch.no_grad()
 def streamed_valley(streamed: StreamedModel, findings: Findings, inputs: dict[int, torch.Tensor],
-                    folder: Path) -> dict[tuple[int, int], Reading]:
-    """The compression valley's readings alone, in one pass over its texts: where no mechanism pass runs (nothing
-    massive, or hyper-connections)."""
-    return _read_lifelines(streamed, {}, [], [], inputs, folder, findings)[2]
+                    folder: Path) -> tuple[dict[tuple[int, int], Reading], QkValues]:
+    """The compression valley's readings and the Q/K section alone, in one pass over their texts: where no mechanism
+    pass runs (nothing massive, or hyper-connections)."""
+    return _read_lifelines(streamed, {}, [], [], inputs, folder, findings)[2:]
 
 
 def _read_lifelines(streamed: StreamedModel, groups: dict[tuple[int, int], list[int]], strongest: list[int], texts: list[int],
                     inputs: dict[int, torch.Tensor], folder: Path,
-                    findings: Findings) -> tuple[dict, dict[int, torch.Tensor], dict[tuple[int, int], Reading]]:
+                    findings: Findings) -> tuple[dict, dict[int, torch.Tensor], dict[tuple[int, int], Reading], QkValues]:
     """``read_lifelines`` of every carrier group ((text, position) -> dims), ``stream_dims`` of the token view's
-    ``texts`` at its ``strongest`` dims and the compression valley's readings of its texts (``valley_texts`` of
-    ``findings``), in one pass."""
+    ``texts`` at its ``strongest`` dims, the compression valley's readings of its texts (``valley_texts`` of
+    ``findings``) and the Q/K section's concentration on its texts (``qk_texts``, each a batch of its own), in one
+    pass."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
     sites = lifeline_sites(lm) if groups else (lm.adapter.stream,)
     kept: dict[tuple, torch.Tensor] = {}
     measured, medians = valley_texts(findings, inputs), block_medians(lm, findings)
     readings: dict[tuple[int, int], Reading] = {}
-    run = _Pass(streamed=streamed, texts=list(dict.fromkeys([text for text, _ in groups] + texts + measured)), inputs=inputs,
-                folder=folder)
+    layouts = qk_layouts(lm)
+    energy = QkEnergy(lm, {layer: layout for layer, layout in layouts.items() if layout.queries is not None})
+    queried = qk_texts(inputs)
+    run = _Pass(streamed=streamed, texts=list(dict.fromkeys([text for text, _ in groups] + texts + measured + queried)),
+                inputs=inputs, folder=folder)
 
     def keep(layer: int, site: str, hidden: torch.Tensor) -> None:
         for (text, position), dims in groups.items():
@@ -123,13 +130,37 @@ def _read_lifelines(streamed: StreamedModel, groups: dict[tuple[int, int], list[
 
     # This block's sites alone: the blocks before it stand in for themselves (``prefix.run_from``), and hooks on them
     # would read the wrong input.
-    run.run(lambda layer: tap(lm.model, lm.adapter, [(layer, site) for site in sites if site in lm.at(layer).sites], keep))
+    def at_block(layer: int) -> AbstractContextManager:
+        stack = ExitStack()
+        stack.enter_context(tap(lm.model, lm.adapter, [(layer, site) for site in sites if site in lm.at(layer).sites], keep))
+        stack.enter_context(energy.reading([layer]))
+        return stack
+
+    run.run(at_block, reader=_Queried(energy=energy, inputs={text: inputs[text] for text in queried}))
+    qk = qk_from(layouts, energy.result(), len(queried), sum(inputs[text].shape[1] for text in queried))[0]
     reads = {}
     for (text, position), dims in groups.items():
         none = torch.zeros(len(dims), dtype=torch.float64)
         reads[text, position] = {site: torch.stack([kept.get((text, position, layer, site), none) for layer in range(n_layers)])
                                  for site in sites}
-    return reads, {text: torch.stack([kept[text, layer] for layer in range(n_layers)]) for text in texts}, readings
+    return reads, {text: torch.stack([kept[text, layer] for layer in range(n_layers)]) for text in texts}, readings, qk
+
+
+@dataclass(kw_only=True)
+class _Queried:
+    """The pass's Q/K sums counting only the texts the section reads: each of them a batch of its own, every position
+    real."""
+
+    energy: QkEnergy
+    inputs: dict[int, torch.Tensor]
+
+    @property
+    def running(self) -> int:
+        return -1
+
+    @running.setter
+    def running(self, text: int) -> None:
+        self.energy.valid = torch.ones_like(self.inputs[text]) if text in self.inputs else None
 
 
 @dataclass(kw_only=True)
@@ -150,6 +181,7 @@ class EventPass:
     events: list[Event]
     birth: Event | None
     readings: dict = field(default_factory=dict)  # the compression valley's, taken in the first pass
+    qk: QkValues | None = None  # the Q/K section's concentration, taken in the first pass
     running: int = -1
     super_experts: object = None  # the corpus pass's, set by the caller
     probes: Probes = field(default_factory=dict)
