@@ -35,7 +35,6 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-@torch.no_grad()
 class QkEnergy:
     """Per block of ``layouts`` (the blocks whose queries and keys are read) and per "q", "k", "v": the sum over every
     real position of each entry squared, [heads, head_dim] (float32, on the model's device: queries per query head,
@@ -98,6 +97,7 @@ class QkEnergy:
         return {layer: found for layer, found in self.sums.items() if layer not in self.bad and "q" in found and "k" in found}
 
 
+@torch.no_grad()
 def qk_energy(lm: LoadedModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], layouts: dict[int, QkLayout],
               ) -> tuple[dict[int, dict[str, torch.Tensor]], int]:
     """``QkEnergy``'s sums over ``batches`` (ids, attention mask), one forward pass each, and the number of real
