@@ -62,7 +62,7 @@ def _reading(lm: LoadedModel, layers: list[int], found: AttentionPass, maps: boo
     from (``_can_record_outputs["attentions"]``)."""
     config = lm.config
     handles = []
-    recorded = getattr(lm.model, "_can_record_outputs", {}).get("attentions")
+    recorded = (getattr(lm.model, "_can_record_outputs", None) or {}).get("attentions")
     if isinstance(recorded, type):  # a bare class: transformers reads the probabilities at its output's index 1
         target, index = recorded, 1
     else:

@@ -17,10 +17,15 @@ from ..models.heads import QkLayout
 from ..models.loading import LoadedModel
 
 
-def by_head(output: torch.Tensor, heads: int | None, head_dim: int | None = None) -> torch.Tensor | None:
-    """A module's output as [batch, positions, heads, head_dim]: as it is where it is already per head, else its last
-    dim cut into ``heads`` equal heads (or heads of ``head_dim``); None where the output is not of that shape."""
+def by_head(output: torch.Tensor, heads: int | None, head_dim: int | None = None, positions: int | None = None
+            ) -> torch.Tensor | None:
+    """A module's output as [batch, positions, heads, head_dim]: as it is where it is already per head (or
+    [batch, heads, positions, head_dim], a norm applied after the heads are moved forward, as EXAONE's q_norm: told
+    apart by ``positions``), else its last dim cut into ``heads`` equal heads (or heads of ``head_dim``); None where
+    the output is not of that shape."""
     if output.dim() == 4:
+        if positions is not None and output.shape[1] != positions and output.shape[2] == positions:
+            output = output.transpose(1, 2)
         return output if heads is None or output.shape[2] == heads else None
     if output.dim() != 3:
         return None
@@ -67,14 +72,17 @@ class QkEnergy:
 
         def on_query(layer: int):
             def hook(module, args, output):
-                found = by_head(_first(output), heads)
+                if self.valid is None:
+                    return
+                found = by_head(_first(output), heads, positions=self.valid.shape[1])
                 if found is not None:
                     self.shapes[layer] = found.shape[-1]
                 self._add(layer, "q", found)
             return hook
 
         def on_key(layer: int):
-            return lambda module, args, output: self._add(layer, "k", by_head(_first(output), None, self.shapes.get(layer)))
+            return lambda module, args, output: self.valid is not None and self._add(
+                layer, "k", by_head(_first(output), None, self.shapes.get(layer), self.valid.shape[1]))
 
         def on_value(layer: int, layout: QkLayout):
             return lambda module, args, output: self._add(layer, "v", layout.values.take(_first(output).detach(), lm.config))
@@ -121,11 +129,17 @@ def zero_head_dims(lm: LoadedModel, layer: int, path: str, heads: int | None, he
     heads_at = torch.tensor([h for h, _ in index], dtype=torch.long)
     dims_at = torch.tensor([d for _, d in index], dtype=torch.long)
 
+    count = heads if heads is not None else getattr(lm.config, "num_key_value_heads", None) or lm.config.num_attention_heads
+
     def hook(module, args, output):
         first = _first(output)
-        per_head = by_head(first, heads, head_dim).clone()
-        per_head[:, :, heads_at.to(first.device), dims_at.to(first.device)] = 0.0
-        edited = per_head.view(first.shape)
+        if first.dim() == 4 and first.shape[2] != count and first.shape[1] == count:  # [batch, heads, positions, head_dim]
+            edited = first.clone()
+            edited[:, heads_at.to(first.device), :, dims_at.to(first.device)] = 0.0
+        else:
+            per_head = by_head(first, heads, head_dim).clone()
+            per_head[:, :, heads_at.to(first.device), dims_at.to(first.device)] = 0.0
+            edited = per_head.view(first.shape)
         return (edited, *output[1:]) if isinstance(output, (tuple, list)) else edited
 
     handle = lm.adapter.module(lm.model, layer, path).register_forward_hook(hook)
