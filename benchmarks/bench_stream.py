@@ -1,0 +1,333 @@
+"""Block streaming against accelerate's big-model offload: the layer scan of a Llama whose weights are several times
+the memory limit.
+
+    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-6g             # 6 GB of weights, 1.5 GB limit
+    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-600m --size 600MB --limit 150MB   # a quick run
+
+The model: transformers' LlamaConfig with random weights (normal with std 0.02, norms 1), float32, grouped-query
+attention (4 query heads a key head, heads of 64), d_mlp 3.5 x d_model, shaped so that a block is at most a sixth of the
+limit and the blocks add up to ``--size``. It is written tensor by tensor into safetensors shards of an eighth of the
+size, with transformers' ``model.safetensors.index.json``, ``config.json`` and the byte-level BPE tokenizer of
+``train_from_scratch.py`` (1,024 tokens): at most one shard is ever in memory. ``--dir`` keeps it; a rerun with the
+same shapes skips the build.
+
+The corpus: ``--batches`` batches of ``--batch-size`` windows of ``--window`` tokens of the Python documentation that
+ships with CPython, each window starting with <s>; all windows are equally long, so no position is padding.
+
+Each measurement runs in a fresh subprocess: its peak memory is its own VmHWM (/proc/self/status), reported beside its
+resident memory once torch, transformers, accelerate and massact are imported, which no weight limit can cover.
+
+  read       every stored tensor read once through safetensors (safe_open, get_tensor) and copied into the process's
+             memory, then dropped: the streamed pass's reads without its compute
+  compute    the in-memory layer scan (scan_layers) of models of the same shapes with 1 and 4 blocks, random weights
+             in memory, over the same corpus, extrapolated linearly to every block: the least the blocks' compute costs
+  stream     load_streamed + stream_layers: each block read once while the one before computes, every batch through it
+  offload    AutoModelForCausalLM.from_pretrained(DIR, device_map="auto", max_memory={"cpu": LIMIT}, offload_folder=...)
+             + scan_layers, as a user runs a model larger than memory today: accelerate keeps the first blocks in
+             memory and reads each later block from the checkpoint again for every batch. With ``--offload-batches``
+             it runs on the first N batches only and its pass time is scaled to the whole corpus (said in the table).
+
+All four use eager attention (the streamed model's), float32 and ``--threads`` torch threads. The checkpoint's files stay in the
+page cache between runs when the machine's memory allows it (it does at the default size on a 24 GiB machine): the
+reads are then copies from memory, the best case for the offload, which reads again per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HEAD_DIM, KEY_HEAD_SHARE, MLP_RATIO, BYTES = 64, 4, 3.5, 4  # float32
+BLOCK_SHARE = 6  # a block is about limit / 6: the pass holds one block, the next one read meanwhile, and the loading copy
+SHARDS = 8
+INDEX = "model.safetensors.index.json"
+MARKER = "bench_stream.json"  # written last: a build cut short is built again
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 6GB, 1.5GB, 600MB or 150MiB (GB and MB are powers of 10, GiB and MiB of 2)."""
+    found = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not found:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 6GB, 600MB)")
+    number, unit, binary = float(found.group(1)), found.group(2).upper(), bool(found.group(3))
+    return int(number * (1024 if binary else 1000) ** "_KMGT".index(unit or "_"))
+
+
+def shapes(size: int, limit: int) -> dict:
+    """The Llama's widths and depth: the largest d_model, a multiple of 256, whose block is at most limit / BLOCK_SHARE, and as
+    many blocks as make ``size``. A block holds 2.5 d^2 attention weights (4 query heads a key head) and
+    3 x 3.5 d^2 MLP weights."""
+    per_d2 = 2 + 2 / KEY_HEAD_SHARE + 3 * MLP_RATIO
+    d_model = max(256, math.floor(math.sqrt(limit / BLOCK_SHARE / (per_d2 * BYTES)) / 256) * 256)
+    d_mlp = int(MLP_RATIO * d_model)
+    heads = d_model // HEAD_DIM
+    block = (2 * d_model * d_model + 2 * d_model * d_model // KEY_HEAD_SHARE + 3 * d_model * d_mlp + 2 * d_model) * BYTES
+    return {"hidden_size": d_model, "intermediate_size": d_mlp, "num_attention_heads": heads,
+            "num_key_value_heads": heads // KEY_HEAD_SHARE, "num_hidden_layers": max(2, round(size / block)), "block_bytes": block}
+
+
+def _tokenizer():
+    from train_from_scratch import documentation, train_tokenizer
+
+    return train_tokenizer(documentation())
+
+
+def build(root: Path, size: int, limit: int, log) -> dict:
+    """The checkpoint in ``root`` (built unless a finished build of the same shapes is there): its shapes and bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    wanted = shapes(size, limit)
+    marker = root / MARKER
+    if marker.is_file() and json.loads(marker.read_text())["shapes"] == wanted:
+        return json.loads(marker.read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("model-*.safetensors"):
+        old.unlink()
+    tokenizer = _tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+                         **{key: value for key, value in wanted.items() if key != "block_bytes"})
+    with torch.device("meta"):  # names and shapes only: no weight is allocated
+        layout = [(name, tuple(tensor.shape)) for name, tensor in AutoModelForCausalLM.from_config(config).state_dict().items()]
+    total = sum(math.prod(shape) for _, shape in layout) * BYTES
+    limit_per_shard = math.ceil(total / SHARDS)
+    groups, current, held = [], [], 0
+    for name, shape in layout:  # transformers' order: embeddings, block by block, final norm, head
+        if current and held + math.prod(shape) * BYTES > limit_per_shard:
+            groups.append(current)
+            current, held = [], 0
+        current.append((name, shape))
+        held += math.prod(shape) * BYTES
+    groups.append(current)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, start = {}, time.perf_counter()
+    for number, group in enumerate(groups, 1):
+        file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: (torch.ones(shape) if name.endswith("norm.weight") else torch.empty(shape).normal_(0, 0.02, generator=generator))
+                   for name, shape in group}
+        save_file(tensors, root / file, metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys((name for name, _ in group), file))
+        log(f"built {file} ({time.perf_counter() - start:.0f} s)")
+    (root / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    built = {"shapes": wanted, "bytes": total, "shards": len(groups), "vocab": len(tokenizer),
+             "build_seconds": time.perf_counter() - start}
+    marker.write_text(json.dumps(built, indent=2))
+    return built
+
+
+def windows(root: Path, n_windows: int, length: int) -> list:
+    """``n_windows`` windows of ``length`` tokens of the documentation, each starting with <s> (the text repeated if
+    it is too short)."""
+    import torch
+    from train_from_scratch import documentation
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    step = length - 1
+    text = documentation()[: n_windows * step * 8]  # about 4 characters a token: enough text, not all of it tokenized
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    while len(ids) < n_windows * step:
+        ids = ids + ids
+    return [torch.tensor([[tokenizer.bos_token_id, *ids[i * step:(i + 1) * step]]]) for i in range(n_windows)]
+
+
+def _rss(field: str) -> int:
+    """This process's ``field`` of /proc/self/status (VmRSS now, VmHWM its peak), in bytes: its own memory only, unlike
+    ru_maxrss, which also counts what the parent held when it forked this process."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def one(mode: str, root: Path, options: dict) -> dict:
+    """One measurement, in this (fresh) process."""
+    import accelerate  # noqa: F401  (every mode's imports come before the floor is read)
+    import torch
+    import transformers.core_model_loading  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from massact.analysis.detect.scan import scan_layers
+    from massact.analysis.detect.stream import stream_layers
+    from massact.models.checkpoint import load_streamed
+    from massact.models.loading import wrap
+
+    torch.set_num_threads(options["threads"])
+    batch_size = options["batch_size"]
+    corpus = windows(root, options["batches"] * batch_size, options["window"])
+    floor = _rss("VmRSS")
+    result: dict = {}
+    start = time.perf_counter()
+    if mode == "read":
+        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        read = 0
+        for file in sorted(set(weight_map.values())):
+            with safe_open(root / file, framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    # get_tensor maps the file; the copy brings every byte into this process's memory, as a load does
+                    # (and as the streamed pass's own reads do).
+                    tensor = handle.get_tensor(name).clone()
+                    read += tensor.numel() * tensor.element_size()
+                    del tensor
+        result["bytes_read"] = read
+    elif mode.startswith("compute"):
+        blocks = int(mode.removeprefix("compute"))
+        config = AutoConfig.from_pretrained(root, num_hidden_layers=blocks)
+        torch.manual_seed(0)
+        lm = wrap(AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32),
+                  AutoTokenizer.from_pretrained(root))
+        start = time.perf_counter()  # the pass alone: random weights are made, not read
+        scan_layers(lm, corpus, batch_size=batch_size)
+    elif mode == "stream":
+        streamed = load_streamed(str(root), torch.float32, torch.device("cpu"))
+        result["load_seconds"] = time.perf_counter() - start
+        stream_layers(streamed, corpus, batch_size=batch_size)
+        result["bytes_read"], result["checkpoint_bytes"] = streamed.checkpoint.bytes_read, streamed.checkpoint.size
+    elif mode == "offload":
+        model = AutoModelForCausalLM.from_pretrained(root, device_map="auto", max_memory={"cpu": options["limit"]},
+                                                     offload_folder=str(options["offload_folder"]), dtype=torch.float32,
+                                                     attn_implementation="eager")
+        result["load_seconds"] = time.perf_counter() - start
+        placed = list(getattr(model, "hf_device_map", {}).values())
+        result["modules_on_disk"], result["modules_in_memory"] = placed.count("disk"), len(placed) - placed.count("disk")
+        run = options["offload_batches"] or options["batches"]
+        result["batches_run"] = run
+        scan_layers(wrap(model, AutoTokenizer.from_pretrained(root)), corpus[: run * batch_size], batch_size=batch_size)
+    result.update(seconds=time.perf_counter() - start, peak=_rss("VmHWM"), floor=floor)
+    return result
+
+
+def measure(mode: str, root: Path, options: dict) -> dict:
+    """``one(mode)`` in a fresh subprocess."""
+    command = [sys.executable, __file__, "--one", mode, "--dir", str(root), "--batches", str(options["batches"]),
+               "--batch-size", str(options["batch_size"]), "--window", str(options["window"]), "--limit", str(options["limit"]),
+               "--threads", str(options["threads"]), "--offload-batches", str(options["offload_batches"] or 0)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    """CPU count, memory and device, in words."""
+    with open("/proc/meminfo") as meminfo:
+        ram = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:"))
+    cpu = platform.processor() or platform.machine()
+    return f"{os.cpu_count()} CPUs ({cpu}), {ram / 2**30:.1f} GiB RAM, device cpu"
+
+
+def gb(value: float) -> str:
+    return f"{value / 1e9:.2f} GB"
+
+
+def table(built: dict, runs: dict, options: dict) -> tuple[str, dict]:
+    """The Markdown table of ``runs`` and the figures it shows."""
+    shape, blocks = built["shapes"], built["shapes"]["num_hidden_layers"]
+    limit, size = options["limit"], built["bytes"]
+    one_block, four = runs["compute1"]["seconds"], runs["compute4"]["seconds"]
+    per_block = (four - one_block) / 3
+    compute = one_block + (blocks - 1) * per_block
+    floor = runs["read"]["seconds"] + compute
+    stream, offload = runs["stream"], runs["offload"]
+    stream_seconds = stream["seconds"]
+    ran = offload["batches_run"]
+    offload_pass = (offload["seconds"] - offload["load_seconds"]) * options["batches"] / ran
+    offload_seconds = offload["load_seconds"] + offload_pass
+    scaled = ran < options["batches"]
+    tokens = options["batches"] * options["batch_size"] * options["window"]
+    figures = {
+        "machine": machine(), "checkpoint_bytes": size, "limit_bytes": limit, "blocks": blocks, "block_bytes": shape["block_bytes"],
+        "d_model": shape["hidden_size"], "d_mlp": shape["intermediate_size"], "shards": built["shards"], "tokens": tokens,
+        "batches": options["batches"], "batch_size": options["batch_size"], "window": options["window"],
+        "read_seconds": runs["read"]["seconds"], "compute_seconds": compute, "compute_per_block_seconds": per_block,
+        "floor_seconds": floor, "stream_seconds": stream_seconds, "stream_load_seconds": stream["load_seconds"],
+        "stream_over_floor": stream_seconds / floor, "stream_peak_bytes": stream["peak"], "stream_floor_bytes": stream["floor"],
+        "bytes_read_over_checkpoint": stream["bytes_read"] / stream["checkpoint_bytes"],
+        "offload_seconds": offload_seconds, "offload_measured_seconds": offload["seconds"], "offload_batches_run": ran,
+        "offload_load_seconds": offload["load_seconds"], "offload_peak_bytes": offload["peak"], "offload_floor_bytes": offload["floor"],
+        "offload_modules_on_disk": offload["modules_on_disk"], "offload_over_stream": offload_seconds / stream_seconds,
+        "runs": runs,
+    }
+
+    def held(run: dict) -> str:
+        return f"{gb(run['peak'])} ({gb(run['peak'] - run['floor'])} above the imports' {gb(run['floor'])})"
+
+    offload_note = (f"{offload_seconds:.1f} (measured on {ran} of {options['batches']} batches: {offload['seconds']:.1f} s, the pass "
+                    f"scaled linearly)" if scaled else f"{offload_seconds:.1f}")
+    rows = [
+        f"machine: {figures['machine']}; torch threads {options['threads']}",
+        f"model: Llama, random weights, float32, {blocks} blocks of {gb(shape['block_bytes'])} (d_model {shape['hidden_size']}, "
+        f"d_mlp {shape['intermediate_size']}), {gb(size)} in {built['shards']} shards; limit {gb(limit)} "
+        f"({size / limit:.1f}x smaller)",
+        f"corpus: {options['batches']} batches of {options['batch_size']} windows of {options['window']} tokens ({tokens} tokens)",
+        "",
+        "| what | figure | target |",
+        "|---|---|---|",
+        f"| read the checkpoint once (safetensors) | {runs['read']['seconds']:.1f} s | - |",
+        f"| the blocks' compute in memory ({per_block:.2f} s a block, from 1 and 4 blocks) | {compute:.1f} s | - |",
+        f"| streamed scan (load_streamed + stream_layers) | {stream_seconds:.1f} s (load {stream['load_seconds']:.1f} s) | - |",
+        f"| streamed / (read once + compute) | **{stream_seconds / floor:.2f}x** of {floor:.1f} s | <= 1.2x |",
+        f"| bytes read / checkpoint size | **{figures['bytes_read_over_checkpoint']:.3f}** | 1.0 |",
+        f"| streamed peak memory (VmHWM) | **{held(stream)}**; weights {gb(size)}, limit {gb(limit)} | under the limit |",
+        f"| offloaded scan (accelerate, max_memory cpu {gb(limit)}; {offload['modules_on_disk']} modules on disk) | "
+        f"{offload_note} s (load {offload['load_seconds']:.1f} s) | - |",
+        f"| offloaded peak memory (VmHWM) | {held(offload)} | - |",
+        f"| offloaded / streamed time | **{offload_seconds / stream_seconds:.1f}x** | >= 10x |",
+    ]
+    return "\n".join(rows), figures
+
+
+def main(args: argparse.Namespace) -> None:
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    root = args.dir.resolve()
+    built = build(root, args.size, args.limit, log)
+    options = {"batches": args.batches, "batch_size": args.batch_size, "window": args.window, "limit": args.limit,
+               "threads": args.threads, "offload_batches": args.offload_batches}
+    runs = {}
+    # The read first: it also brings the files into the page cache, where the runs after it find them.
+    for mode in ("read", "compute1", "compute4", "stream", "offload"):
+        runs[mode] = measure(mode, root, options)
+        log(f"{mode}: {runs[mode]['seconds']:.1f} s, peak {gb(runs[mode]['peak'])}")
+    text, figures = table(built, runs, options)
+    print(text)
+    out = args.json or root / "bench_stream_result.json"
+    out.write_text(json.dumps({"table": text, **figures}, indent=2))
+    log(f"written {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, required=True, help="where the checkpoint is built and kept")
+    parser.add_argument("--size", type=parse_size, default=parse_size("6GB"), help="the blocks' weights (default 6GB)")
+    parser.add_argument("--limit", type=parse_size, default=parse_size("1.5GB"), help="the memory limit (default 1.5GB)")
+    parser.add_argument("--batches", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--window", type=int, default=32, help="tokens a window, <s> included")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared CPU, 2 threads wait on each other whenever another "
+                             "process holds a core; measured 17x slower then)")
+    parser.add_argument("--offload-batches", type=int, default=0,
+                        help="run the offloaded scan on this many batches only and scale its time (default: all)")
+    parser.add_argument("--json", type=Path, help="where the figures go (default DIR/bench_stream_result.json)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        options = {"batches": args.batches, "batch_size": args.batch_size, "window": args.window, "limit": args.limit,
+                   "threads": args.threads, "offload_batches": args.offload_batches,
+                   "offload_folder": args.dir.resolve() / "offload"}
+        print(json.dumps(one(args.one, args.dir.resolve(), options)))
+    else:
+        main(args)
