@@ -91,8 +91,9 @@ def _tokenizer():
     return train_tokenizer(documentation())
 
 
-def build(root: Path, size: int, limit: int, log) -> dict:
-    """The checkpoint in ``root`` (built unless a finished build of the same shapes is there): its shapes and bytes."""
+def build(root: Path, size: int, limit: int, log, tokenizer=None) -> dict:
+    """The checkpoint in ``root`` (built unless a finished build of the same shapes is there): its shapes and bytes.
+    ``tokenizer`` defaults to the BPE of ``train_from_scratch.py``."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -104,7 +105,8 @@ def build(root: Path, size: int, limit: int, log) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob("model-*.safetensors"):
         old.unlink()
-    tokenizer = _tokenizer()
+    start = time.perf_counter()
+    tokenizer = tokenizer or _tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
                          **{key: value for key, value in wanted.items() if key != "block_bytes"})
@@ -121,7 +123,7 @@ def build(root: Path, size: int, limit: int, log) -> dict:
         held += math.prod(shape) * BYTES
     groups.append(current)
     generator = torch.Generator().manual_seed(0)
-    weight_map, start = {}, time.perf_counter()
+    weight_map = {}
     for number, group in enumerate(groups, 1):
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         tensors = {name: (torch.ones(shape) if name.endswith("norm.weight") else torch.empty(shape).normal_(0, 0.02, generator=generator))
