@@ -2,7 +2,8 @@
 the memory limit.
 
     .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-6g             # 6 GB of weights, 1.5 GB limit
-    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-600m --size 600MB --limit 150MB   # a quick run
+    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-600m --size 600MB --limit 150MB   # a quicker run
+    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-600m --quick   # checks the script in a minute
 
 The model: transformers' LlamaConfig with random weights (normal with std 0.02, norms 1), float32, grouped-query
 attention (4 query heads a key head, heads of 64), d_mlp 3.5 x d_model, shaped so that a block is at most a sixth of the
@@ -392,8 +393,12 @@ if __name__ == "__main__":
     parser.add_argument("--offload-batches", type=int, default=0,
                         help="run the offloaded scan on this many batches only and scale its time (default: all)")
     parser.add_argument("--json", type=Path, help="where the figures go (default DIR/bench_stream_result.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="checks the script: 600MB under 150MB, 8 batches (sets --size, --limit and --batches)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:
+        args.size, args.limit, args.batches = parse_size("600MB"), parse_size("150MB"), 8
     if args.one:
         options = {"batches": args.batches, "batch_size": args.batch_size, "window": args.window, "limit": args.limit,
                    "threads": args.threads, "offload_batches": args.offload_batches,
