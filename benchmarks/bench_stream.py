@@ -1,9 +1,9 @@
 """Block streaming against accelerate's big-model offload: the layer scan of a Llama whose weights are several times
 the memory limit.
 
-    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-6g             # 6 GB of weights, 1.5 GB limit
-    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-600m --size 600MB --limit 150MB   # a quicker run
-    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-600m --quick   # checks the script in a minute
+    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-6g --size 6GB --memory 1.5GB   # the defaults
+    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-600m --size 600MB --memory 150MB  # a quicker run
+    .venv/bin/python benchmarks/bench_stream.py --dir /tmp/massact-stream-600m --quick   # checks the script in 2 minutes
 
 The model: transformers' LlamaConfig with random weights (normal with std 0.02, norms 1), float32, grouped-query
 attention (4 query heads a key head, heads of 64), d_mlp 3.5 x d_model, shaped so that a block is at most a sixth of the
@@ -41,9 +41,11 @@ from the disk again; it is run both ways:
 
 With ``--offload-batches N`` the offloaded scans run on the first N batches only and their pass time is scaled
 linearly to the whole corpus (the table says so). All runs use eager attention (the streamed model's), float32 and
-``--threads`` torch threads. Each run also measures the rate of a float32 matrix product of the blocks' sizes before
-and after itself, printed under the table: on a shared host the speed drifts by half within minutes, so compare two
-runs' seconds only at like rates; ``--repeats N`` interleaves N rounds and keeps each run's fastest.
+``--threads`` torch threads. Each time is given twice: by the wall clock, and as the process's CPU time (all its
+threads), which leaves out the time it waited, for the disk or for a core that another process held. Each run also
+measures the rate of a float32 matrix product of the blocks' sizes before and after itself, printed under the table:
+on a shared host the wall-clock speed drifts by half within minutes, so compare two runs' wall-clock seconds only at
+like rates; ``--repeats N`` interleaves N rounds and keeps each run's fastest.
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def one(mode: str, root: Path, options: dict) -> dict:
     rate = product_rate(root, batch_size * options["window"])
     floor, disk = _rss("VmRSS"), disk_reads()
     result: dict = {}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if mode == "read":
         weight_map = json.loads((root / INDEX).read_text())["weight_map"]
         read = 0
@@ -250,11 +252,11 @@ def one(mode: str, root: Path, options: dict) -> dict:
         torch.manual_seed(0)
         lm = wrap(AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32),
                   AutoTokenizer.from_pretrained(root))
-        start = time.perf_counter()  # the pass alone: random weights are made, not read
+        start, cpu = time.perf_counter(), time.process_time()  # the pass alone: random weights are made, not read
         scan_layers(lm, corpus, batch_size=batch_size)
     elif mode == "stream":
         streamed = load_streamed(str(root), torch.float32, torch.device("cpu"))
-        result["load_seconds"] = time.perf_counter() - start
+        result["load_seconds"], result["load_cpu_seconds"] = time.perf_counter() - start, time.process_time() - cpu
         stream_layers(streamed, corpus, batch_size=batch_size)
         result["bytes_read"], result["checkpoint_bytes"] = streamed.checkpoint.bytes_read, streamed.checkpoint.size
     elif mode.startswith("offload"):
@@ -262,6 +264,7 @@ def one(mode: str, root: Path, options: dict) -> dict:
                                                      offload_folder=str(options["offload_folder"]), dtype=torch.float32,
                                                      attn_implementation="eager")
         result["load_seconds"], result["load_disk_bytes"] = time.perf_counter() - start, disk_reads() - disk
+        result["load_cpu_seconds"] = time.process_time() - cpu
         placed = list(getattr(model, "hf_device_map", {}).values())
         result["modules_on_disk"], result["modules_in_memory"] = placed.count("disk"), len(placed) - placed.count("disk")
         run = options["offload_batches"] or options["batches"]
@@ -270,7 +273,8 @@ def one(mode: str, root: Path, options: dict) -> dict:
         if mode == "offload-cold":
             chosen = _evicting(chosen, root, batch_size)
         scan_layers(wrap(model, AutoTokenizer.from_pretrained(root)), chosen, batch_size=batch_size)
-    result.update(seconds=time.perf_counter() - start, peak=_rss("VmHWM"), floor=floor, disk_bytes=disk_reads() - disk)
+    result.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu, peak=_rss("VmHWM"), floor=floor,
+                  disk_bytes=disk_reads() - disk)
     result["gflops"] = [rate, product_rate(root, batch_size * options["window"])]  # before and after the run
     return result
 
@@ -287,7 +291,7 @@ def _evicting(corpus: list, root: Path, batch_size: int):
 def measure(mode: str, root: Path, options: dict) -> dict:
     """``one(mode)`` in a fresh subprocess."""
     command = [sys.executable, __file__, "--one", mode, "--dir", str(root), "--batches", str(options["batches"]),
-               "--batch-size", str(options["batch_size"]), "--window", str(options["window"]), "--limit", str(options["limit"]),
+               "--batch-size", str(options["batch_size"]), "--window", str(options["window"]), "--memory", str(options["limit"]),
                "--threads", str(options["threads"]), "--offload-batches", str(options["offload_batches"] or 0)]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
@@ -315,41 +319,53 @@ def scaled(run: dict, batches: int, key: str = "seconds") -> float:
     return load + (run[key] - load) * batches / run["batches_run"]
 
 
+def timings(built: dict, runs: dict, batches: int, key: str) -> dict:
+    """The table's times, by ``key``: "seconds" (wall clock) or "cpu_seconds" (the process's CPU time, all its
+    threads: what the run computed and copied, without the time it waited for the disk or for a core another process
+    held)."""
+    blocks = built["shapes"]["num_hidden_layers"]
+    one_block, four = runs["compute1"][key], runs["compute4"][key]
+    per_block = (four - one_block) / 3
+    compute = one_block + (blocks - 1) * per_block
+    floor = runs["read"][key] + compute
+    stream = runs["stream"][key]
+    cold, warm = scaled(runs["offload-cold"], batches, key), scaled(runs["offload-warm"], batches, key)
+    return {"read": runs["read"][key], "compute": compute, "per_block": per_block, "floor": floor, "stream": stream,
+            "stream_load": runs["stream"]["load_" + key], "stream_over_floor": stream / floor, "offload_cold": cold,
+            "offload_warm": warm, "cold_over_stream": cold / stream, "warm_over_stream": warm / stream}
+
+
 def table(built: dict, runs: dict, options: dict) -> tuple[str, dict]:
     """The Markdown table of ``runs`` (with the machine, model and corpus above it) and the figures it shows."""
     shape, blocks = built["shapes"], built["shapes"]["num_hidden_layers"]
     limit, size, batches = options["limit"], built["bytes"], options["batches"]
-    one_block, four = runs["compute1"]["seconds"], runs["compute4"]["seconds"]
-    per_block = (four - one_block) / 3
-    compute = one_block + (blocks - 1) * per_block
-    floor = runs["read"]["seconds"] + compute
+    wall, cpu = timings(built, runs, batches, "seconds"), timings(built, runs, batches, "cpu_seconds")
     stream, cold, warm = runs["stream"], runs["offload-cold"], runs["offload-warm"]
-    cold_seconds, warm_seconds = scaled(cold, batches), scaled(warm, batches)
     cold_disk = scaled(cold, batches, "disk_bytes")
     tokens = batches * options["batch_size"] * options["window"]
     figures = {
         "machine": machine(), "threads": options["threads"], "checkpoint_bytes": size, "limit_bytes": limit, "blocks": blocks,
         "block_bytes": shape["block_bytes"], "d_model": shape["hidden_size"], "d_mlp": shape["intermediate_size"],
         "shards": built["shards"], "batches": batches, "batch_size": options["batch_size"], "window": options["window"],
-        "tokens": tokens, "read_seconds": runs["read"]["seconds"], "compute_seconds": compute,
-        "compute_per_block_seconds": per_block, "floor_seconds": floor, "stream_seconds": stream["seconds"],
-        "stream_load_seconds": stream["load_seconds"], "stream_over_floor": stream["seconds"] / floor,
+        "tokens": tokens, "wall": wall, "cpu": cpu,
         "bytes_read_over_checkpoint": stream["bytes_read"] / stream["checkpoint_bytes"], "stream_peak_bytes": stream["peak"],
-        "stream_floor_bytes": stream["floor"], "offload_cold_seconds": cold_seconds, "offload_warm_seconds": warm_seconds,
-        "offload_batches_run": cold["batches_run"], "offload_cold_over_stream": cold_seconds / stream["seconds"],
-        "offload_warm_over_stream": warm_seconds / stream["seconds"], "offload_modules_on_disk": cold["modules_on_disk"],
-        "offload_modules_in_memory": cold["modules_in_memory"], "stream_disk_bytes": stream["disk_bytes"],
-        "offload_cold_disk_bytes": cold_disk, "runs": runs,
+        "stream_floor_bytes": stream["floor"], "offload_batches_run": cold["batches_run"],
+        "offload_modules_on_disk": cold["modules_on_disk"], "offload_modules_in_memory": cold["modules_in_memory"],
+        "stream_disk_bytes": stream["disk_bytes"], "offload_cold_disk_bytes": cold_disk, "runs": runs,
     }
 
     def held(run: dict) -> str:
         return f"{gb(run['peak'])} ({gb(run['peak'] - run['floor'])} above the imports' {gb(run['floor'])})"
 
-    def offloaded(run: dict, seconds: float) -> str:
+    def offloaded(run: dict, times: dict, name: str, key: str) -> str:
         if run["batches_run"] == batches:
-            return f"{seconds:.1f} s (load {run['load_seconds']:.1f} s)"
-        return (f"{seconds:.1f} s: {run['seconds']:.1f} s measured on {run['batches_run']} of {batches} batches (load "
-                f"{run['load_seconds']:.1f} s), the pass scaled linearly")
+            return f"{times[name]:.1f} s (load {run['load_' + key]:.1f} s)"
+        return (f"{times[name]:.1f} s: {run[key]:.1f} s measured on {run['batches_run']} of {batches} batches (load "
+                f"{run['load_' + key]:.1f} s), the pass scaled linearly")
+
+    def both(text) -> str:
+        """A row's two cells, wall clock and CPU time, from ``text(times, key)``."""
+        return f"{text(wall, 'seconds')} | {text(cpu, 'cpu_seconds')}"
 
     rows = [
         f"machine: {figures['machine']}; torch threads {options['threads']}",
@@ -359,24 +375,28 @@ def table(built: dict, runs: dict, options: dict) -> tuple[str, dict]:
         f"corpus: {batches} batches of {options['batch_size']} windows of {options['window']} tokens ({tokens} tokens); "
         f"the fastest of {options['repeats']} interleaved run(s) of each",
         "",
-        "| what | figure | target |",
-        "|---|---|---|",
-        f"| read the checkpoint once from the disk (safetensors, copied into memory) | {runs['read']['seconds']:.1f} s | - |",
-        f"| the blocks' scan in memory ({per_block:.2f} s a block, from 1 and 4 blocks) | {compute:.1f} s | - |",
-        f"| streamed scan, from the disk (load_streamed + stream_layers) | {stream['seconds']:.1f} s (load "
-        f"{stream['load_seconds']:.1f} s) | - |",
-        f"| streamed / (read once + scan in memory) | **{stream['seconds'] / floor:.2f}x** of {floor:.1f} s | <= 1.2x |",
+        "| what | wall clock | CPU time | target |",
+        "|---|---|---|---|",
+        "| read the checkpoint once from the disk (safetensors, copied into memory) | "
+        + both(lambda t, k: f"{t['read']:.1f} s") + " | - |",
+        "| the blocks' scan in memory (a block's time from 1 and 4 blocks) | "
+        + both(lambda t, k: f"{t['compute']:.1f} s ({t['per_block']:.2f} s a block)") + " | - |",
+        "| streamed scan, from the disk (load_streamed + stream_layers) | "
+        + both(lambda t, k: f"{t['stream']:.1f} s (load {t['stream_load']:.1f} s)") + " | - |",
+        "| streamed / (read once + scan in memory) | "
+        + both(lambda t, k: f"**{t['stream_over_floor']:.2f}x** of {t['floor']:.1f} s") + " | <= 1.2x |",
         f"| bytes read / checkpoint size | **{figures['bytes_read_over_checkpoint']:.3f}** (from the disk: "
-        f"{stream['disk_bytes'] / size:.2f}x) | 1.0 |",
-        f"| streamed peak memory (VmHWM) | **{held(stream)}**; weights {gb(size)}, limit {gb(limit)} | under the limit |",
+        f"{stream['disk_bytes'] / size:.2f}x) | | 1.0 |",
+        f"| streamed peak memory (VmHWM) | **{held(stream)}**; weights {gb(size)}, limit {gb(limit)} | | under the limit |",
         f"| offloaded scan, every batch from the disk (accelerate, max_memory cpu {gb(limit)}: {cold['modules_in_memory']} "
-        f"modules in memory, {cold['modules_on_disk']} on disk) | {offloaded(cold, cold_seconds)} | - |",
-        f"| offloaded peak memory (VmHWM) | {held(cold)} | - |",
-        f"| offloaded, read from the disk / checkpoint size | {cold_disk / size:.2f}x | - |",
-        f"| offloaded / streamed, every batch from the disk (as under the limit) | **{cold_seconds / stream['seconds']:.1f}x** | "
-        f">= 10x |",
-        f"| offloaded scan, the checkpoint in the page cache (not under the limit) | {offloaded(warm, warm_seconds)}: "
-        f"{warm_seconds / stream['seconds']:.1f}x the streamed | - |",
+        f"modules in memory, {cold['modules_on_disk']} on disk) | "
+        + both(lambda t, k: offloaded(cold, t, "offload_cold", k)) + " | - |",
+        f"| offloaded peak memory (VmHWM) | {held(cold)} | | - |",
+        f"| offloaded, read from the disk / checkpoint size | {cold_disk / size:.2f}x | | - |",
+        "| offloaded / streamed, every batch from the disk (as under the limit) | "
+        + both(lambda t, k: f"**{t['cold_over_stream']:.1f}x**") + " | >= 10x |",
+        "| offloaded scan, the checkpoint in the page cache (not under the limit) | "
+        + both(lambda t, k: f"{offloaded(warm, t, 'offload_warm', k)}: {t['warm_over_stream']:.1f}x the streamed") + " | - |",
         "",
         "the machine's rate in each run, before / after (GFLOPS of a float32 product of the blocks' sizes): "
         + ", ".join(f"{mode} {run['gflops'][0]:.0f} / {run['gflops'][1]:.0f}" for mode, run in runs.items()),
@@ -387,8 +407,8 @@ def table(built: dict, runs: dict, options: dict) -> tuple[str, dict]:
 def main(args: argparse.Namespace) -> None:
     log = lambda message: print(message, file=sys.stderr, flush=True)
     root = args.dir.resolve()
-    built = build(root, args.size, args.limit, log)
-    options = {"batches": args.batches, "batch_size": args.batch_size, "window": args.window, "limit": args.limit,
+    built = build(root, args.size, args.memory, log)
+    options = {"batches": args.batches, "batch_size": args.batch_size, "window": args.window, "limit": args.memory,
                "threads": args.threads, "offload_batches": args.offload_batches, "repeats": args.repeats}
     runs: dict = {}
     # Interleaved repeats, the fastest of each kept: on a shared machine the speed changes during a run.
@@ -396,7 +416,7 @@ def main(args: argparse.Namespace) -> None:
         for mode in ("read", "compute1", "compute4", "stream", "offload-cold", "offload-warm"):
             (cache if mode == "offload-warm" else evict)(root)
             run = measure(mode, root, options)
-            log(f"{mode}: {run['seconds']:.1f} s, peak {gb(run['peak'])}")
+            log(f"{mode}: {run['seconds']:.1f} s (CPU {run['cpu_seconds']:.1f} s), peak {gb(run['peak'])}")
             if mode not in runs or run["seconds"] < runs[mode]["seconds"]:
                 runs[mode] = run
     text, figures = table(built, runs, options)
@@ -410,7 +430,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, required=True, help="where the checkpoint is built and kept")
     parser.add_argument("--size", type=parse_size, default=parse_size("6GB"), help="the blocks' weights (default 6GB)")
-    parser.add_argument("--limit", type=parse_size, default=parse_size("1.5GB"), help="the memory limit (default 1.5GB)")
+    parser.add_argument("--memory", type=parse_size, default=parse_size("1.5GB"),
+                        help="the memory limit, as massact scan --memory takes it (default 1.5GB)")
     parser.add_argument("--batches", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--window", type=int, default=32, help="tokens a window, <s> included")
@@ -422,13 +443,13 @@ if __name__ == "__main__":
                         help="run the offloaded scan on this many batches only and scale its time (default: all)")
     parser.add_argument("--json", type=Path, help="where the figures go (default DIR/bench_stream_result.json)")
     parser.add_argument("--quick", action="store_true",
-                        help="checks the script: 600MB under 150MB, 8 batches (sets --size, --limit and --batches)")
+                        help="checks the script: 600MB under 150MB, 8 batches (sets --size, --memory and --batches)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.size, args.limit, args.batches = parse_size("600MB"), parse_size("150MB"), 8
+        args.size, args.memory, args.batches = parse_size("600MB"), parse_size("150MB"), 8
     if args.one:
-        options = {"batches": args.batches, "batch_size": args.batch_size, "window": args.window, "limit": args.limit,
+        options = {"batches": args.batches, "batch_size": args.batch_size, "window": args.window, "limit": args.memory,
                    "threads": args.threads, "offload_batches": args.offload_batches,
                    "offload_folder": args.dir.resolve() / "offload"}
         print(json.dumps(one(args.one, args.dir.resolve(), options)))
