@@ -518,3 +518,27 @@ def test_a_quantized_checkpoint_without_its_scales_or_its_config_is_one_line_nam
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match=r"stores quantized tensors \(model.layers.0.mlp.experts.gate_up_proj_blocks\) but"):
         load_streamed(str(path), torch.float32, torch.device("cpu"))
+
+
+def test_the_streaming_benchmark_writes_a_checkpoint_that_transformers_loads_whole(tokenizer, tmp_path):
+    """benchmarks/bench_stream.py's builder, which writes the shards and index by hand: transformers loads every
+    parameter from them (none missing, none left over), the index's total and the block size it planned are the loaded
+    model's own bytes, and a block is at most a sixth of the limit."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_stream.py"
+    spec = importlib.util.spec_from_file_location("bench_stream", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    limit = bench.parse_size("24MB")
+    built = bench.build(tmp_path, bench.parse_size("10MB"), limit, lambda message: None, tokenizer)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert built["bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    assert built["shapes"]["block_bytes"] == block <= limit / 6 and len(model.model.layers) == 3
+    assert built["shards"] > 1 and float(model.model.layers[1].input_layernorm.weight.mean()) == 1.0
+    assert abs(float(model.model.layers[1].mlp.down_proj.weight.std()) - 0.02) < 1e-3
+    assert bench.build(tmp_path, bench.parse_size("10MB"), limit, lambda message: None, tokenizer) == built  # kept, not rebuilt
