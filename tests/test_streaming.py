@@ -174,7 +174,7 @@ def _comparable(report) -> dict:
     for key in ("trigger", "warnings", "conclusion"):
         data.pop(key)
     data["qk"]["disruption"] = None
-    data["model"].pop("streamed")
+    data["model"].pop("streamed", None)
     return data
 
 
