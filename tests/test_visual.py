@@ -54,7 +54,8 @@ def test_figures_without_an_mlp_writer_leave_out_the_mlp_figures(tokenizer):
     model = tiny_model("gpt2", len(tokenizer))
     plant_attention(model, tokenizer.bos_token_id, LAYER, 2, DIM)
     pngs = figures(massact.scan(model, TEXTS, tokenizer=tokenizer))
-    assert set(pngs) == {"layer_profile.png", "massive_heatmap.png", "lifeline.png"}  # no neuron writes: no trigger figure
+    # no neuron writes: no trigger figure
+    assert set(pngs) == {"layer_profile.png", "massive_heatmap.png", "lifeline.png", "valley.png"}
 
 
 def test_html_has_every_section_and_its_images(verified):

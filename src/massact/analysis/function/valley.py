@@ -57,9 +57,14 @@ def spectrum_entropy(eigenvalues: torch.Tensor) -> float:
 
 def matrix_entropy(x: torch.Tensor) -> float:
     """The normalized matrix-based entropy of the rows of ``x`` [rows, width]: the entropy of the eigenvalues of
-    X X^T / tr(X X^T), over log(rows); 0 for rank one, 1 for orthonormal rows. NaN for fewer than 2 rows."""
+    X X^T / tr(X X^T), over log(rows); 0 for rank one, 1 for orthonormal rows. NaN for fewer than 2 rows, or where
+    some value is not finite."""
     rows = x.shape[0]
-    return spectrum_entropy(gram_spectrum(x)) / math.log(rows) if rows >= 2 else math.nan
+    if rows < 2 or not bool(torch.isfinite(x).all()):  # an overflowed or NaN block has no spectrum
+        return math.nan
+    scale = x.abs().max()
+    # The entropy does not depend on the scale; dividing by the largest |x| keeps the Gram matrix far from overflow.
+    return spectrum_entropy(gram_spectrum(x / scale if scale > 0 else x)) / math.log(rows)
 
 
 @dataclass(kw_only=True)
