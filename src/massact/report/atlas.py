@@ -129,76 +129,60 @@ def to_json(atlas: Atlas) -> str:
     return schema.write_atlas(atlas) + "\n"
 
 
-def ratio_figure(atlas: Atlas) -> bytes:
-    """Per block, top1 / median |a| by relative depth (0 the first block, 1 the last), every model overlaid."""
+def _curves(atlas: Atlas, curve: Callable[[Row], list[float] | None], ylabel: str, title: str):
+    """A figure of each model's per-block ``curve`` by relative depth (0 the first block, 1 the last), the models
+    without one left out; the caller adds what is its own and finishes it with ``_finished``."""
     fig, ax = _figure()
     for row in atlas.rows:
-        blocks = len(row.ratios)
-        ax.plot([depth(layer, blocks) for layer in range(blocks)], [v if v == v and v > 0 else np.nan for v in row.ratios], "-o",
-                markersize=3, label=row.model)
+        values = curve(row)
+        if values is not None:
+            ax.plot([depth(layer, len(values)) for layer in range(len(values))], values, "-o", markersize=3, label=row.model)
+    ax.set_xlabel("relative depth (block / last block)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig, ax
+
+
+def _finished(fig, ax) -> bytes:
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return png_bytes(fig)
+
+
+def ratio_figure(atlas: Atlas) -> bytes:
+    """Per block, top1 / median |a| by relative depth, every model overlaid."""
+    fig, ax = _curves(atlas, lambda row: [v if v == v and v > 0 else np.nan for v in row.ratios], "top1 / median |a|",
+                      "Largest |a| over the median |a|, per block, every model")
     ratio_line = atlas.settings.get("min_ratio")
     if ratio_line:
         ax.axhline(ratio_line, color="crimson", alpha=0.4, linewidth=4, label=f"massive: {ratio_line:g}x the median")
     ax.set_yscale("log")
-    ax.set_xlabel("relative depth (block / last block)")
-    ax.set_ylabel("top1 / median |a|")
-    ax.set_title("Largest |a| over the median |a|, per block, every model")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return png_bytes(fig)
+    return _finished(fig, ax)
 
 
 def sink_figure(atlas: Atlas) -> bytes:
     """Per block, the sink rate by relative depth, every model whose sink was measured (gaps: no softmax attention)."""
-    fig, ax = _figure()
-    for row in atlas.rows:
-        if row.sink_rates is None:
-            continue
-        blocks = len(row.sink_rates)
-        ax.plot([depth(layer, blocks) for layer in range(blocks)], row.sink_rates, "-o", markersize=3, label=row.model)
+    fig, ax = _curves(atlas, lambda row: row.sink_rates, "sink rate", "Attention sink rate per block, every model whose sink was measured")
     ax.set_ylim(0, 1)
-    ax.set_xlabel("relative depth (block / last block)")
-    ax.set_ylabel("sink rate")
-    ax.set_title("Attention sink rate per block, every model whose sink was measured")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return png_bytes(fig)
+    return _finished(fig, ax)
 
 
 def entropy_figure(atlas: Atlas) -> bytes:
     """Per block, the normalized entropy of the token representations by relative depth, every model whose report
     measured it."""
-    fig, ax = _figure()
-    for row in atlas.rows:
-        if row.entropies is None:
-            continue
-        blocks = len(row.entropies)
-        ax.plot([depth(layer, blocks) for layer in range(blocks)], row.entropies, "-o", markersize=3, label=row.model)
+    fig, ax = _curves(atlas, lambda row: row.entropies, "matrix entropy / log(tokens)",
+                      "The entropy of the token representations per block (the compression valley), every model")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("relative depth (block / last block)")
-    ax.set_ylabel("matrix entropy / log(tokens)")
-    ax.set_title("The entropy of the token representations per block (the compression valley), every model")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return png_bytes(fig)
+    return _finished(fig, ax)
 
 
 def qk_figure(atlas: Atlas) -> bytes:
     """Per block, the largest max/mean L2 norm of a query or key dim by relative depth, every model with a Q/K section
     (gaps: blocks not measured)."""
-    fig, ax = _figure()
-    for row in atlas.rows:
-        if row.qk_ratios is None:
-            continue
-        blocks = len(row.qk_ratios)
-        ax.plot([depth(layer, blocks) for layer in range(blocks)], row.qk_ratios, "-o", markersize=3, label=row.model)
+    fig, ax = _curves(atlas, lambda row: row.qk_ratios, "largest max/mean of a Q/K dim",
+                      "Q/K concentration per block, every model with a Q/K section")
     ax.axhline(QK_THRESHOLD, color="grey", linestyle="--", linewidth=1)  # the massive threshold
-    ax.set_xlabel("relative depth (block / last block)")
-    ax.set_ylabel("largest max/mean of a Q/K dim")
-    ax.set_title("Q/K concentration per block, every model with a Q/K section")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return png_bytes(fig)
+    return _finished(fig, ax)
 
 
 ATLAS_FIGURES = {
