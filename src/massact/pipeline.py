@@ -233,10 +233,9 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                        view={}, events=[], birth=None)  # nothing to explain, where nothing is massive
     if explained:  # two more passes, over the kept texts (and with verification the evaluation text)
         events = streamed_lifelines(streamed, found.findings, found.inputs, settings, warnings, folder)
-        if not verified:
-            events.super_experts = supers
-            mechanism = explain_streamed(streamed, events, folder)
     events.super_experts = supers
+    if explained and not verified:
+        mechanism = explain_streamed(streamed, events, folder)
     if verified:
         what = "mechanism and interventions" if explained else "interventions"
         advance = (progress or _silent)(f"streamed {what}: {n_layers} blocks", n_layers)

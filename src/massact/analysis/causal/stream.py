@@ -184,6 +184,7 @@ class _LanePass:
             self.batches.append(Batch(ids=padded, mask=mask, texts=torch.tensor(group)))
             until.append(self.births[-1])
         self.softmax = softmax_layers(lm)
+        self.learned = any(lm.at(layer).sinks for layer in self.softmax)  # learned sink logits (gpt-oss)
         self.sinks = sink_texts(findings)[0] if self.softmax else {}
         self.sink_batch: dict[int, list[int]] = {}
         for group in sink_groups(self.sinks):
@@ -198,7 +199,8 @@ class _LanePass:
         self.plan = Plan()
         self.wanted: dict[str, _Wanted] = {"baseline": _Wanted(context=_each_batch(nullcontext), start=0, sinks=True)}
         self.steps: list[tuple[Any, list[tuple[int, SuperWeight]]]] = []  # per lifeline searched: the weights found
-        self.pruning: list[tuple[list[list[int]], Lane]] = []
+        # the super experts and the lifelines are known before the pass: the pruning lanes are planned once
+        self.pruning = pruning_lanes(lm, findings, events.mechanism(whole=False), scored=True)
         self.replaced = replacement_values(findings.dims, findings.massive) if self.sinks else {}
         self.values: dict[tuple[str, Read], dict[int, float]] = {}
         # The unmodified lane's detection stream at the massive dims, every block, on each carrier's text: its reads at
@@ -245,9 +247,8 @@ class _LanePass:
                 self.want(f"sinks: {label}", lambda batch, by_block=by_block: replaced_massive(lm, by_block, findings.criterion,
                                                                                              _valid(batch)),
                           layer, (), False, sinks=True)
-        for pairs, lane in pruning_lanes(lm, findings, mechanism, scored=True):
+        for _, lane in self.pruning:
             if lane.start == layer:
-                self.pruning.append((pairs, lane))
                 self.want(lane.target, _each_batch(lane.context), lane.start, lane.reads, lane.scored, sinks=True)
         lanes = []
         for target in [t for t in self.wanted if t not in before]:
@@ -298,11 +299,10 @@ class _LanePass:
 
         def attention(found) -> None:
             group = self.sink_batch.get(self.running)
-            causal, learned = not lm.adapter.encoder, any(lm.at(block).sinks for block in self.softmax)
             for row, number in enumerate(group or ()):
                 n = self.inputs[number].shape[1]
                 self.attention.setdefault(lane.key, {}).setdefault(number, {})[layer] = text_metrics(
-                    found, layer, row, n, self.sinks[number], causal, learned)
+                    found, layer, row, n, self.sinks[number], not lm.adapter.encoder, self.learned)
 
         stack = ExitStack()
         if base:
