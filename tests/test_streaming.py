@@ -3,6 +3,7 @@ against the in-memory one, what the pass reads, memory flat in depth, and damage
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -178,22 +179,22 @@ def _comparable(report) -> dict:
     return data
 
 
-def _close(ours, theirs, where: str = "") -> None:
-    """Equal structure, strings and integers; floats to within float32 summation order (1e-5 relative; what is stored
-    rounded, to within its last digit)."""
+def _close(ours, theirs, where: str = "", rel: float = 1e-5) -> None:
+    """Equal structure, strings and integers; floats to within float32 summation order (``rel``, 1e-5 relative; what
+    is stored rounded, to within its last digit)."""
     if isinstance(theirs, dict):
         assert isinstance(ours, dict) and ours.keys() == theirs.keys(), where
         for key in theirs:
-            _close(ours[key], theirs[key], f"{where}.{key}")
+            _close(ours[key], theirs[key], f"{where}.{key}", rel)
     elif isinstance(theirs, list):
         assert isinstance(ours, list) and len(ours) == len(theirs), where
         for index, (one, other) in enumerate(zip(ours, theirs)):
-            _close(one, other, f"{where}[{index}]")
+            _close(one, other, f"{where}[{index}]", rel)
     elif isinstance(theirs, float) and not isinstance(ours, bool):
         # The birth state and the token view are stored to 4 and 3 significant digits: an order-of-summation
         # difference at a rounding boundary moves the last one.
         rounded = ".magnitude" in where or ".token_values.values" in where
-        assert ours == pytest.approx(theirs, rel=2e-3 if rounded else 1e-5, abs=1e-5), where
+        assert ours == pytest.approx(theirs, rel=2e-3 if rounded else rel, abs=rel), where
     else:
         assert ours == theirs, where
 
@@ -231,6 +232,45 @@ def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_pa
     ratio = streamed.checkpoint.bytes_read / streamed.checkpoint.size  # blocks 3 times, embeddings and head once
     assert 2 < ratio < 3 and any(f"the checkpoint was read {ratio:.2g} times" in w for w in got.warnings), got.warnings
     assert not any((tmp_path / "out").glob("*.bin")) and not (tmp_path / "out" / "stream-state.pt").exists()
+
+
+# A dense model with two real engines, a mixture of experts (its fused experts quantized by the grid, not by hqq) and a
+# convolution hybrid; each on the first 300 characters of the evaluation sample (6 windows of the tiny context).
+@pytest.mark.parametrize("family, engines", [("llama", ("bnb", "quanto")), ("mixtral", ("hqq",)), ("lfm2", ())])
+def test_a_streamed_model_is_quantized_as_in_memory(family, engines, tokenizer, tmp_path):
+    """``scan --stream --quant``: every setting of the default grid and every way of each engine, as lanes of one pass
+    after the massive tokens' pass, gives the in-memory sweep's rows (perplexity, the massive value at birth and peak,
+    the massive tokens' error share, the engines' bytes and corrections); the massive tokens' pass reads the blocks to
+    the last one a protected dim is massive in, and the settings' pass every block once."""
+    import massact
+    from massact.analysis.detect.stream import StreamPlace
+    from massact.analysis.evaluation.perplexity import default_eval_text
+    from massact.pipeline import scan_streamed
+
+    _, path = _report_dir(tmp_path, family, tokenizer)
+    text = tmp_path / "eval.txt"
+    text.write_text(default_eval_text()[:300])
+    options = {"quant": True, "engines": engines, "eval_file": str(text), "device": "cpu"}
+    memory = massact.scan(str(path), **options)
+    streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
+    got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out"), **options)
+    ours, theirs = (dataclasses.asdict(report.deploy.quantization) for report in (got, memory))
+    for sweep in (ours, theirs):  # timings differ, and nothing else may
+        sweep.pop("seconds")
+        for row in sweep["rows"] + sweep["engines"]:
+            row.pop("seconds")
+    # A quantizer rounds: an input whose last bit the order of summation moves can land one step of the quantizer
+    # away (int8 of an activation: 1/127 of its row's largest), which moves a window's perplexity by about 1e-5.
+    _close(ours, theirs, rel=1e-4)
+    rows = memory.deploy.quantization.rows
+    assert len(rows) == 20 and {r.method for r in rows} == {"rtn", "gguf", "activation"}
+    assert [r.engine for r in memory.deploy.quantization.engines] == [e for e in engines for _ in range(4 if family == "llama" else 1)]
+    assert memory.deploy.quantization.massive_tokens > 0 and any(r.kept_birth < 0.5 for r in rows)  # 3-bit loses the value
+    sizes = [sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks]
+    last = max(b for d in got.findings.dims for b in d.persists)
+    assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 3 * sum(sizes) + sum(sizes[:last + 1])
+    assert any("the quantization's massive tokens and settings" in w for w in got.warnings)
+    assert not any((tmp_path / "out").glob("*.bin"))
 
 
 def test_hidden_states_beyond_memory_go_to_a_mapped_file_and_give_the_same_scan(tokenizer, tmp_path):
@@ -303,6 +343,7 @@ def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path,
     model's) and ``compare`` reads; a model larger than ``--memory`` is streamed with a line saying so; bad input is
     one line."""
     from conftest import run_massact
+    from massact.analysis.evaluation.perplexity import default_eval_text
     from test_bad_input import run_main
 
     _, path = _report_dir(tmp_path, "llama", tokenizer)
@@ -326,14 +367,21 @@ def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path,
     assert (f"streaming the model block by block: its weights ({size / 1e6:.1f} MB in float32) exceed the memory limit "
             "(100.0 kB, --memory)") in err
     assert run_main(capsys, "compare", out, tmp_path / "auto", "--out", tmp_path / "cmp")[0] == 0
-    for args, fragments in ((("--memory", "lots"), ["--memory 'lots'"]), (("--stream", "--quant"), ["--quant", "streamed model"])):
+    for args, fragments in ((("--memory", "lots"), ["--memory 'lots'"]),
+                            (("--stream", "--device-map", "auto"), ["--device-map", "streamed"])):
         code, err = run_main(capsys, "scan", path, *args, "--out", tmp_path / "x")
         assert code == 2 and len(err.strip().splitlines()) == 1 and all(f in err for f in fragments), err
     code, err = run_main(capsys, "scan", tmp_path / "nowhere", "--stream", "--out", tmp_path / "x")
     assert code == 2 and "--stream reads a model directory of safetensors files" in err, err
     monkeypatch.setattr("massact.models.checkpoint.available_memory", lambda: 1000)  # the model no longer fits
-    code, err = run_main(capsys, "quant", out)
-    assert code == 2 and "quant runs the model in memory, and its weights" in err and "(1.0 kB)" in err, err
+    text = tmp_path / "eval.txt"
+    text.write_text(default_eval_text()[:300])
+    code, err = run_main(capsys, "quant", out, "--quant-grid", "none", "--engine", "bnb", "--eval-file", text)  # streamed
+    swept = json.loads((out / "report.json").read_text())["deploy"]["quantization"]
+    assert code == 0 and [row["kind"] for row in swept["engines"]] == ["all", "protected", "control", "sparse"], err
+    assert swept["engines"][1]["modules_in_float"] == ["model.layers.1.mlp.down_proj"]  # the planted super weight's
+    code, err = run_main(capsys, "quant", path, "--protect", out / "protect.json", "--out", tmp_path / "x")
+    assert code == 2 and "quant --protect runs the model in memory, and its weights" in err and "(1.0 kB)" in err, err
     code, err = run_main(capsys, "verify", auto, "--format", "json")  # streamed again, verified this time
     verified = json.loads((auto / "report.json").read_text())
     assert code == 0 and verified["settings"]["verify"] and verified["causal"]["verification"]["interventions"], err

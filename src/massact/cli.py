@@ -339,9 +339,8 @@ def _scan(args) -> int:
 
     memory = parse_size(args.memory) if args.memory is not None else None
     if _streams(args.model, settings.dtype, args.stream, memory, _log(args.quiet)):
-        if args.quant or args.device_map:
-            given = "--quant" if args.quant else "--device-map"
-            raise UsageError(f"{given} is not measured on a streamed model yet: drop it, or scan the model in memory")
+        if args.device_map:
+            raise UsageError("--device-map places a model in memory, and this one is streamed: drop one of them")
         return _run_streamed(args.model, texts, settings, out, formats, args.quiet, memory, resume=args.resume, full=args.full,
                              verify=args.verify)
     return _run(args.model, texts, settings, out, formats, args.quiet, verify=args.verify, resume=args.resume, full=args.full,
@@ -545,6 +544,8 @@ def _quant(args) -> int:
     check_writable(out)  # before the slow model load and sweep
     if args.protect is not None:
         return _quant_protect(args, asked, out, formats)
+    if not _fits(args.target, asked.dtype):  # the scan and the sweep, streamed
+        return _run_streamed(args.target, Corpus(), asked, out, formats, args.quiet, None, verify=False)
     return _run(args.target, Corpus(), asked, out, formats, args.quiet, verify=False)
 
 
@@ -568,15 +569,17 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
     protect = load_protect(args.protect) if args.protect else build_protect(report)
     if not protect.massive_dims:  # said now, before the model loads and an engine's library is imported
         raise UsageError("nothing to measure: the model has no massive activations under the criterion")
-    _refuse_unless_fits(report.model.source, run.dtype, "quant")
-    lm = load(report.model.source, dtype=run.dtype, device=run.device, log=_log(args.quiet))
-    # The model at the report's source must still be the one it was made with: its weights and super weights, as saved.
-    check_report_model(report, lm, str(directory / "report.json"))
-    if args.protect:
-        check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
-    with _progress(_bars(args.quiet)) as progress:
-        report.deploy.quantization = quantize(lm, protect, run, eval_text, progress)
+    if not _fits(report.model.source, run.dtype):  # read block by block, as it was scanned
+        report.deploy.quantization = _quant_streamed(report, protect, run, eval_text, directory, args)
+    else:
+        lm = load(report.model.source, dtype=run.dtype, device=run.device, log=_log(args.quiet))
+        # The model at the report's source must still be the one it was made with: its weights and super weights, as saved.
+        check_report_model(report, lm, str(directory / "report.json"))
+        if args.protect:
+            check_model(protect, lm, str(args.protect))
+        with _progress(_bars(args.quiet)) as progress:
+            report.deploy.quantization = quantize(lm, protect, run, eval_text, progress)
     note = (f"measured with the weights in {run.dtype} (massact quant --dtype); the rest of the report is the scan's, in "
             f"{settings.dtype}, and a later massact verify runs {settings.dtype} again")
     if run.dtype != settings.dtype and report.deploy.quantization is not None and note not in report.deploy.quantization.notes:
@@ -590,6 +593,22 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
     return 0
 
 
+def _quant_streamed(report, protect, run: ScanSettings, eval_text: str | None, directory: Path, args):
+    """The sweep of ``protect`` on a saved report's model that does not fit in memory, read block by block: the model
+    checked first, in one pass over its blocks, to be the report's (its weights' identity) and to hold the list's super
+    weights (``check_saved_streamed``); its lanes' hidden states beyond memory in ``directory``."""
+    from .analysis.deploy.protect import check_saved_streamed
+    from .analysis.detect.stream import stream_place
+    from .models.checkpoint import load_streamed
+    from .models.loading import DTYPES, resolve_device
+    from .pipeline import quantize_streamed
+
+    streamed = load_streamed(report.model.source, DTYPES[run.dtype], resolve_device(run.device))
+    check_saved_streamed(streamed, report.model, protect, str(args.protect or directory / "report.json"))
+    with _progress(_bars(args.quiet)) as progress:
+        return quantize_streamed(streamed, protect, run, stream_place(streamed, run, directory, None), eval_text, progress)
+
+
 def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -> int:
     """A model and its protect.json: the sweep alone, written as quantization.json / .txt / .png (no whole report)."""
     from .analysis.deploy.protect import check_model
@@ -601,6 +620,7 @@ def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -
     from .report.text import quantization_text
 
     protect = load_protect(args.protect)
+    _refuse_unless_fits(args.target, settings.dtype, "quant --protect")
     lm = load(args.target, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
     check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
@@ -688,7 +708,8 @@ def _refuse_unless_fits(model: str | None, dtype: str, command: str) -> None:
     if not _fits(model, dtype):
         size, limit = weights_bytes(Path(model), DTYPES[dtype]), available_memory()
         raise UsageError(f"{command} runs the model in memory, and its weights ({in_bytes(size)} in {dtype}) exceed the "
-                         f"memory available ({in_bytes(limit)}): {command} is not measured on a streamed model yet")
+                         f"memory available ({in_bytes(limit)}): scan it first (massact scan, which streams it), then run "
+                         f"massact quant on the report's folder")
 
 
 def _show(args) -> int:

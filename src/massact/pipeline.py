@@ -21,6 +21,7 @@ from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify
 from .analysis.deploy.precision import headroom
 from .analysis.deploy.quant import measure_quantization
 from .analysis.deploy.results import Deploy, Protect, Quantization
+from .analysis.deploy.stream import streamed_quantization
 from .analysis.detect.results import Findings
 from .analysis.detect.resume import scan_identity
 from .analysis.detect.scan import (
@@ -165,7 +166,7 @@ def scan(
 
 
 # What a streamed scan does not measure yet.
-STREAMED_SECTIONS = ("trigger", "quantization", "the Q/K disruption test")
+STREAMED_SECTIONS = ("trigger", "the Q/K disruption test")
 
 
 def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str, rate: float | None = None
@@ -193,10 +194,10 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     """``scan`` of a model read block by block from its checkpoint (``models.checkpoint.load_streamed``): the corpus
     pass with each block's weights read once, the massive entries and dims, the super experts of a mixture of experts
     and the float16 headroom; two more passes over the kept texts for the mechanism; with ``settings.verify``, one
-    more for the causal stage (``analysis.causal.stream``). ``place``: where the hidden states go beyond memory and the
-    resumable state (see ``StreamPlace``). ``auto_verify``: as for ``scan``. The compression valley is read in the
-    first mechanism pass (in a pass of its own where there is none). ``STREAMED_SECTIONS`` are not measured, which the
-    report's warnings say."""
+    more for the causal stage (``analysis.causal.stream``); with ``settings.quant``, the quantization sweep in two more
+    (``quantize_streamed``). ``place``: where the hidden states go beyond memory and the resumable state (see
+    ``StreamPlace``). ``auto_verify``: as for ``scan``. The compression valley is read in the first mechanism pass (in
+    a pass of its own where there is none). ``STREAMED_SECTIONS`` are not measured, which the report's warnings say."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -250,20 +251,42 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     passes = ["the corpus pass", "the lifelines and the compression valley" if explained else "the compression valley"]
     passes += [" and ".join((["the mechanism"] if explained else []) + (["the interventions"] if verified else []))]
     passes = [p for p in passes if p]
-    reads = streamed.checkpoint.bytes_read / max(size, 1)
     causal.default = why
-    missing = (("the mechanism and verification (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
-    skipped = (f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: "
-               f"{', '.join(passes)}); not measured on a streamed model yet: {', '.join(missing)}")
     info = model_info(lm)
     info.weights_sha256 = weights_sha256(lm.model, streamed.samples)  # every block's sample, taken as it was loaded
     info.streamed = True
-    report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=verified, quant=False),
+    report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=verified),
                     findings=found.findings, mechanism=mechanism, trigger=[], causal=causal,
                     deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],
-                    warnings=warnings + [skipped], versions=_versions(), valley=valley, qk=qk)
+                    warnings=warnings, versions=_versions(), valley=valley, qk=qk)
+    if settings.quant and found.findings.dims:
+        report.deploy.quantization = quantize_streamed(streamed, build_protect(report), settings, place or StreamPlace(folder=folder),
+                                                       progress=progress)
+        passes.append("the quantization's massive tokens and settings")
+    reads = streamed.checkpoint.bytes_read / max(size, 1)
+    missing = (("the mechanism and verification (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
+    report.warnings.append(f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: "
+                           f"{', '.join(passes)}); not measured on a streamed model yet: {', '.join(missing)}")
     report.conclusion = conclude(report)
     return report
+
+
+@guarded
+def quantize_streamed(streamed: StreamedModel, protect: Protect, settings: ScanSettings, place: StreamPlace,
+                      eval_text: str | None = None, progress: Progress | None = None) -> Quantization:
+    """``quantize`` of a model read block by block (``analysis.deploy.stream``): the same sweep, every setting a lane
+    of one pass over the blocks, after a pass to the last protected block that marks the massive tokens."""
+    if eval_text is None and settings.eval_file is not None:
+        eval_text = read_eval_file(settings.eval_file)
+    n_layers = len(streamed.lm.adapter.blocks(streamed.lm.model))
+    bars: dict[str, Callable[..., None]] = {}
+
+    def on_block(name: str, layer: int) -> None:
+        if name not in bars:
+            bars[name] = (progress or _silent)(f"streamed quantization, {name}: {n_layers} blocks", n_layers)
+        bars[name](f"streamed quantization, {name}: block {layer + 1} of {n_layers}")
+
+    return streamed_quantization(streamed, protect, settings, eval_text, place, on_block)
 
 
 @guarded

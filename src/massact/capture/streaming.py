@@ -227,16 +227,16 @@ def run_head(lm: LoadedModel, batch: Batch, last: Any) -> Any:
 
 def carry(streamed: StreamedModel, batches: Sequence[Batch], at_block: Callable[[int], AbstractContextManager],
           states: HiddenStates, on_batch: Callable[[int, Batch], None] | None = None, head: bool = False, first: int = 0,
-          finished: Callable[[int], None] | None = None) -> None:
-    """One pass of ``batches`` through the blocks from ``first`` on (``states`` holding each batch's output of block
-    ``first - 1``), block by block: around each block's batches the context ``at_block(layer)`` is open (the hooks that
-    read the block's sites), ``on_batch(layer, batch)`` is called before each batch goes through it, and
-    ``finished(layer)`` after the block (``states`` then hold its outputs). With ``head``, the batches then go through
-    the final norm and head, inside ``at_block(n_layers)``."""
+          finished: Callable[[int], None] | None = None, last: int | None = None) -> None:
+    """One pass of ``batches`` through the blocks from ``first`` on, to block ``last`` (None: the last one; ``states``
+    holding each batch's output of block ``first - 1``), block by block: around each block's batches the context
+    ``at_block(layer)`` is open (the hooks that read the block's sites), ``on_batch(layer, batch)`` is called before
+    each batch goes through it, and ``finished(layer)`` after the block (``states`` then hold its outputs). With
+    ``head`` (and no ``last``), the batches then go through the final norm and head, inside ``at_block(n_layers)``."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
     with torch.no_grad():
-        for layer in blocks(streamed, range(first, n_layers)):
+        for layer in blocks(streamed, range(first, n_layers if last is None else last + 1)):
             with at_block(layer):
                 for index, batch in enumerate(batches):
                     if on_batch is not None:

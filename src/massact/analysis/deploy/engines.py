@@ -299,56 +299,109 @@ def sparse_corrections(quantized: dict[str, nn.Module], engine_: Engine, origina
             handle.remove()
 
 
-def engine_rows(lm: LoadedModel, protect: Protect, name: str, score: Callable[[], float], read: Callable[[], float],
-                baseline: float, float_value: float) -> list[EngineRow]:
-    """The rows of one engine (see the module's docstring): ``score`` is the perplexity of the model as it is now,
-    ``read`` the massive value at its birth block on its probe (``float_value`` in the float model). Four rows, or the
-    ``all`` row alone where no super weight of the protect list is in a module the engine quantizes."""
-    the_engine = engine(name)
-    originals = projections(lm)
-    if not originals:
-        raise UsageError(f"the {name} engine quantizes nn.Linear modules, and this model's blocks have none (Conv1D weights)")
-    refused = refused_modules(the_engine, originals)
-    started = time.perf_counter()
+@dataclass(kw_only=True)
+class EngineWays:
+    """One engine's ways of running the model (see the module's docstring), fixed once the modules it quantizes are
+    known: ``refused`` (module -> why it stays in float), the ``protected`` modules and the ``control``'s, the protect
+    list's super weights no quantized module holds (``outside``) and the ``coordinates`` the sparse way corrects
+    (module, row, col); ``float_bytes`` each projection's weight in float."""
+
+    name: str
+    engine: Engine
+    refused: dict[str, str]
+    protected: list[str]
+    control: list[str]
+    outside: dict[str, str]
+    coordinates: list[tuple[str, int, int]]
+    float_bytes: dict[str, int]
+
+    def ways(self) -> list[tuple[str, list[str]]]:
+        """(kind, modules kept in float) of each way but the sparse one, which keeps none. With nothing of the protect
+        list in a quantized module, keeping it out and the control would both keep 0 modules and restoring would
+        correct 0 entries: three copies of the "all" row, so it is measured alone."""
+        return [("all", []), ("protected", self.protected), ("control", self.control)] if self.protected else [("all", [])]
+
+    def row(self, kind: str, in_float: list[str], perplexity: float, value: float, baseline: float, float_value: float,
+            nbytes: dict[str, int], seconds: float, corrected: int = 0, largest: float = 0.0) -> EngineRow:
+        """The way's row: its perplexity (against the float model's ``baseline``) and massive value at its birth block
+        (against ``float_value``); ``nbytes``: each quantized module's stored bytes."""
+        stored = sum(self.float_bytes[m] if m in in_float or m not in nbytes else nbytes[m] for m in self.float_bytes)
+        return EngineRow(engine=self.name, kind=kind, settings=self.engine.settings, modules_in_float=in_float, perplexity=perplexity,
+                         perplexity_ratio=perplexity / baseline, value_birth=value,
+                         kept_birth=value / float_value if float_value else float("nan"), weight_bytes=int(stored + corrected * 12),
+                         float_bytes=int(sum(self.float_bytes.values())), corrections=corrected, largest_error=largest,
+                         seconds=round(seconds, 2), refused=dict(self.refused), not_kept=dict(self.outside))
+
+
+def engine_ways(lm: LoadedModel, protect: Protect, name: str, the_engine: Engine, originals: dict[str, nn.Linear],
+                quantized: Collection[str], refused: dict[str, str]) -> EngineWays:
+    """The ways of engine ``name`` once ``quantized`` (the module names it quantizes) is known. Reads the modules'
+    shapes and names only."""
+    protected = [module for module in protected_modules(lm, protect) if module in quantized]
+    return EngineWays(name=name, engine=the_engine, refused=refused, protected=protected,
+                      control=control_modules(lm, protected, among=quantized),
+                      outside=not_kept(protect, name, originals, quantized, refused),
+                      coordinates=[(w.parameter.removesuffix(".weight"), w.index[-2], w.index[-1]) for w in protect.super_weights
+                                   if len(w.index) == 2 and w.parameter.removesuffix(".weight") in quantized],
+                      float_bytes={module: linear.weight.nbytes for module, linear in originals.items()})
+
+
+def quantize_modules(the_engine: Engine, name: str, originals: dict[str, nn.Linear], refused: dict[str, str]) -> dict[str, nn.Module]:
+    """Each of ``originals`` but the ``refused`` quantized by the engine; one its library refuses when asked (a shape
+    or dtype rule ``refuses`` does not know) is added to ``refused``, with the library's reason."""
     quantized = {}
     for module, linear in originals.items():
         if module in refused:
             continue
         try:
             quantized[module] = the_engine.quantize(linear)
-        except (AssertionError, ValueError) as error:  # a library's own shape or dtype rule that ``refuses`` does not know
+        except (AssertionError, ValueError) as error:
             refused[module] = f"{name} refused it: " + (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return quantized
+
+
+def engine_modules(lm: LoadedModel, name: str) -> tuple[Engine, dict[str, nn.Linear], dict[str, str]]:
+    """Engine ``name``, the block projections it may quantize and those its rules refuse (with why); one UsageError
+    line where the blocks have no ``nn.Linear``."""
+    the_engine = engine(name)
+    originals = projections(lm)
+    if not originals:
+        raise UsageError(f"the {name} engine quantizes nn.Linear modules, and this model's blocks have none (Conv1D weights)")
+    return the_engine, originals, refused_modules(the_engine, originals)
+
+
+def no_module_taken(name: str, originals: dict[str, nn.Linear], refused: dict[str, str]) -> UsageError:
+    """The error where engine ``name`` takes none of the block projections."""
+    module, why = next(iter(refused.items()))
+    return UsageError(f"the {name} engine can take none of this model's {len(originals)} block projections ({module}: {why})")
+
+
+def engine_rows(lm: LoadedModel, protect: Protect, name: str, score: Callable[[], float], read: Callable[[], float],
+                baseline: float, float_value: float) -> list[EngineRow]:
+    """The rows of one engine (see the module's docstring): ``score`` is the perplexity of the model as it is now,
+    ``read`` the massive value at its birth block on its probe (``float_value`` in the float model). Four rows, or the
+    ``all`` row alone where no super weight of the protect list is in a module the engine quantizes."""
+    the_engine, originals, refused = engine_modules(lm, name)
+    started = time.perf_counter()
+    quantized = quantize_modules(the_engine, name, originals, refused)
     quantize_seconds = time.perf_counter() - started
     if not quantized:
-        module, why = next(iter(refused.items()))
-        raise UsageError(f"the {name} engine can take none of this model's {len(originals)} block projections ({module}: {why})")
-    protected = [module for module in protected_modules(lm, protect) if module in quantized]
-    outside = not_kept(protect, name, originals, quantized, refused)
-    control = control_modules(lm, protected, among=quantized)
-    float_bytes = {module: linear.weight.nbytes for module, linear in originals.items()}
-    coordinates = [(w.parameter.removesuffix(".weight"), w.index[-2], w.index[-1]) for w in protect.super_weights
-                   if len(w.index) == 2 and w.parameter.removesuffix(".weight") in quantized]
+        raise no_module_taken(name, originals, refused)
+    ways = engine_ways(lm, protect, name, the_engine, originals, quantized, refused)
+    nbytes = {module: the_engine.nbytes(q) for module, q in quantized.items()}
     rows = []
 
     def measure(kind: str, in_float: list[str], corrected: int = 0, largest: float = 0.0) -> EngineRow:
         began = time.perf_counter()
         ppl, value = score(), read()
-        stored = sum(float_bytes[m] if m in in_float or m not in quantized else the_engine.nbytes(quantized[m]) for m in originals)
-        return EngineRow(engine=name, kind=kind, settings=the_engine.settings, modules_in_float=in_float, perplexity=ppl,
-                         perplexity_ratio=ppl / baseline, value_birth=value,
-                         kept_birth=value / float_value if float_value else float("nan"), weight_bytes=int(stored + corrected * 12),
-                         float_bytes=int(sum(float_bytes.values())), corrections=corrected, largest_error=largest,
-                         seconds=round(time.perf_counter() - began + quantize_seconds / 4, 2), refused=dict(refused),
-                         not_kept=dict(outside))
+        return ways.row(kind, in_float, ppl, value, baseline, float_value, nbytes, time.perf_counter() - began + quantize_seconds / 4,
+                        corrected, largest)
 
-    # With nothing of the protect list in a quantized module, keeping it out and the control would both keep 0
-    # modules and restoring would correct 0 entries: three copies of the "all" row, so it is measured alone.
-    ways = (("all", []), ("protected", protected), ("control", control)) if protected else (("all", []),)
-    for kind, in_float in ways:
+    for kind, in_float in ways.ways():
         with swapped(lm, {m: module for m, module in quantized.items() if m not in in_float}):
             rows.append(measure(kind, in_float))
-    if protected:
-        with swapped(lm, quantized), sparse_corrections(quantized, the_engine, originals, coordinates) as (corrected, largest):
+    if ways.protected:
+        with swapped(lm, quantized), sparse_corrections(quantized, the_engine, originals, ways.coordinates) as (corrected, largest):
             rows.append(measure("sparse", [], corrected, largest))
     return rows
 

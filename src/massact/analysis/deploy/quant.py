@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -35,7 +35,7 @@ from ..evaluation.perplexity import default_eval_text, eval_windows, perplexity
 from ..evaluation.windows import Evaluation
 from .engines import engine, engine_rows, engine_words
 from .protect import Protect
-from .results import EngineRow, Quantization, QuantRow
+from .results import EngineRow, ProtectedDim, Quantization, QuantRow
 
 GGUF_FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 DEFAULT_BLOCK = QUANT_DEFAULTS["block_size"]  # entries per flat block
@@ -164,12 +164,15 @@ def int8_rows(x: torch.Tensor, scale_rows: torch.Tensor | None = None) -> torch.
 # ---- where the quantizers act ----
 
 
-def projections(lm: LoadedModel) -> list[tuple[str, nn.Parameter, bool]]:
-    """Every linear projection's weight inside the blocks: (name, parameter, stored transposed), the 2-D (and fused
-    3-D expert) weights. Norms and biases are 1-D; embeddings and the output head sit outside the blocks."""
+def projections(lm: LoadedModel, layers: Collection[int] | None = None) -> list[tuple[str, nn.Parameter, bool]]:
+    """Every linear projection's weight inside the blocks (of ``layers``; None: every block): (name, parameter,
+    stored transposed), the 2-D (and fused 3-D expert) weights. Norms and biases are 1-D; embeddings and the output
+    head sit outside the blocks."""
     found = []
     path = lm.adapter.layers_path(lm.model)
     for index, block in enumerate(lm.adapter.blocks(lm.model)):
+        if layers is not None and index not in layers:
+            continue
         owners = {name: module for name, module in block.named_modules()}
         for name, parameter in block.named_parameters():
             if parameter.ndim >= 2:
@@ -181,13 +184,14 @@ def projections(lm: LoadedModel) -> list[tuple[str, nn.Parameter, bool]]:
 @contextmanager
 def quantized_weights(
     lm: LoadedModel, quantize: Callable[[torch.Tensor], torch.Tensor], held_out: list[tuple[str, tuple[int, ...]]] = (),
-    clip_z: float | None = None, skip: Callable[[torch.Tensor], bool] = lambda w: False,
+    clip_z: float | None = None, skip: Callable[[torch.Tensor], bool] = lambda w: False, layers: Collection[int] | None = None,
 ) -> Iterator[Quantized]:
-    """Fake-quantize every block projection with ``quantize`` (given [..., in], returns float32 of that shape).
-    ``held_out`` entries (parameter name, index as stored) are set to 0 before (so they do not stretch the range)
-    and put back in full precision after; ``clip_z`` clips the rest at mean +/- z x std of each matrix first.
-    Matrices ``skip`` says no to stay in float (``Quantized.skipped``). Every weight is restored on exit."""
-    done = Quantized(lm, quantize, clip_z)
+    """Fake-quantize every block projection (of ``layers``; None: every block) with ``quantize`` (given [..., in],
+    returns float32 of that shape). ``held_out`` entries (parameter name, index as stored) are set to 0 before (so
+    they do not stretch the range) and put back in full precision after; ``clip_z`` clips the rest at mean +/- z x std
+    of each matrix first. Matrices ``skip`` says no to stay in float (``Quantized.skipped``). Every weight is restored
+    on exit."""
+    done = Quantized(lm, quantize, clip_z, layers)
     try:
         with torch.no_grad():
             done.apply(held_out, skip)
@@ -199,15 +203,16 @@ def quantized_weights(
 class Quantized:
     """The block projections as ``quantized_weights`` set them, with their originals to quantize from and restore."""
 
-    def __init__(self, lm: LoadedModel, quantize: Callable[[torch.Tensor], torch.Tensor], clip_z: float | None):
-        self.lm, self.quantize, self.clip_z = lm, quantize, clip_z
+    def __init__(self, lm: LoadedModel, quantize: Callable[[torch.Tensor], torch.Tensor], clip_z: float | None,
+                 layers: Collection[int] | None = None):
+        self.lm, self.quantize, self.clip_z, self.layers = lm, quantize, clip_z, layers
         self.skipped: list[str] = []
         self._saved: dict[str, tuple[nn.Parameter, bool, torch.Tensor]] = {}  # name -> (parameter, transposed, original)
 
     def apply(self, held_out: list[tuple[str, tuple[int, ...]]], skip: Callable[[torch.Tensor], bool]) -> None:
         """Quantize every block projection but those ``skip`` says no to, ``held_out`` entries held out."""
         held = _by_name(held_out)
-        for name, parameter, transposed in projections(self.lm):
+        for name, parameter, transposed in projections(self.lm, self.layers):
             if skip(parameter.data.transpose(-1, -2) if transposed else parameter.data):
                 self.skipped.append(name)
                 continue
@@ -256,11 +261,12 @@ class ActivationQuant:
     mixture of experts also every expert's input and its neurons' activations (the fused experts run instrumented,
     ``massact.capture.expert_maxima``). ``keep`` [positions] marks the massive tokens of the current input: kept in float
     when ``keep_massive``, and always used to split the squared error (summed over every input entry) into the
-    massive tokens' part."""
+    massive tokens' part (while ``counting``: the evaluation windows are, the probe is not)."""
 
     def __init__(self, lm: LoadedModel, per_token: bool, keep_massive: bool):
         self.lm, self.per_token, self.keep_massive = lm, per_token, keep_massive
         self.keep: torch.Tensor | None = None
+        self.counting = True
         self.error_total = 0.0
         self.error_massive = 0.0
 
@@ -280,10 +286,16 @@ class ActivationQuant:
             out = int8_rows(rows, ~keep if self.keep_massive else torch.ones_like(keep))
         if self.keep_massive:
             out = torch.where(keep.unsqueeze(1), rows, out)
-        error = (out.double() - rows.double()).pow(2).sum(-1)
-        self.error_total += float(error.sum())
-        self.error_massive += float(error[keep].sum())
+        if self.counting:
+            error = (out.double() - rows.double()).pow(2).sum(-1)
+            self.error_total += float(error.sum())
+            self.error_massive += float(error[keep].sum())
         return out.view(x.shape)
+
+    @property
+    def share(self) -> float:
+        """The massive tokens' share of the squared quantization error so far."""
+        return self.error_massive / self.error_total if self.error_total > 0 else 0.0
 
     @contextmanager
     def active(self) -> Iterator["ActivationQuant"]:
@@ -303,20 +315,55 @@ class ActivationQuant:
 def massive_positions(lm: LoadedModel, ids: torch.Tensor, protect: Protect) -> torch.Tensor:
     """[positions] True where any protected dim is massive (the protect list's criterion) at any block it lives in."""
     keep = torch.zeros(ids.shape[1], dtype=torch.bool)
-    blocks = sorted({b for d in protect.massive_dims for b in d.blocks})
-    dims = [d.dim for d in protect.massive_dims]
+    blocks = massive_blocks(protect)
 
     def mark(layer: int, site: str, hidden: torch.Tensor) -> None:
         nonlocal keep
-        for dim in dims:
-            keep |= massive_mask(hidden, dim, protect.criterion)[0].cpu()
+        keep |= massive_at(hidden, protect)
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(b, lm.adapter.stream) for b in blocks], mark):
         forward_until(lm.model, lm.adapter, blocks[-1], input_ids=ids.to(lm.device), use_cache=False)
     return keep
 
 
+def massive_blocks(protect: Protect) -> list[int]:
+    """Every block any protected dim is massive in, in order."""
+    return sorted({b for d in protect.massive_dims for b in d.blocks})
+
+
+def massive_at(hidden: torch.Tensor, protect: Protect) -> torch.Tensor:
+    """[positions] (on the host) True where any protected dim is massive in a one-text block output ``hidden``."""
+    found = torch.zeros(hidden.shape[1], dtype=torch.bool)
+    for d in protect.massive_dims:
+        found |= massive_mask(hidden, d.dim, protect.criterion)[0].cpu()
+    return found
+
+
 # ---- the sweep ----
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepOptions:
+    """A sweep's options as ``settings`` give them, the defaults filled in, and its evaluation text and source."""
+
+    grid: str
+    engines: tuple[str, ...]
+    block: int
+    clip_z: float
+    text: str
+    source: str
+
+
+def sweep_options(settings: ScanSettings, eval_text: str | None) -> SweepOptions:
+    """The options of ``settings``' sweep (``quant_grid``, ``engines``, ``block_size``, ``clip_z``) on ``eval_text``
+    (None: the shipped sample); one UsageError line now where an engine's library is missing, not after the sweep."""
+    for name in settings.engines:
+        engine(name)
+    return SweepOptions(grid=settings.quant_grid, engines=tuple(settings.engines),
+                        block=DEFAULT_BLOCK if settings.block_size is None else settings.block_size,
+                        clip_z=DEFAULT_CLIP_Z if settings.clip_z is None else settings.clip_z, text=eval_text or default_eval_text(),
+                        source="massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None
+                        else "--eval-file")
 
 
 def measure_quantization(
@@ -328,19 +375,19 @@ def measure_quantization(
     evaluation text unless ``eval_text`` is given; ``progress`` as in ``massact.scan`` (one step per setting).
     ``earlier`` (a saved report's sweep) is returned as it is when it was measured on the same inputs
     (``sweep_inputs``): the same sweep again would give the same numbers."""
-    grid_name, engines = settings.quant_grid, tuple(settings.engines)
-    block = DEFAULT_BLOCK if settings.block_size is None else settings.block_size
-    clip_z = DEFAULT_CLIP_Z if settings.clip_z is None else settings.clip_z
-    text = eval_text or default_eval_text()
-    inputs = sweep_inputs(lm, protect, text, grid_name, clip_z, block, engines)
+    options = sweep_options(settings, eval_text)
+    inputs = sweep_inputs(lm, protect, options.text, options.grid, options.clip_z, options.block, options.engines)
     if earlier is not None and earlier.inputs_sha256 == inputs:
         return earlier
-    for name in engines:  # a missing library fails now, in one line, not after the sweep
-        engine(name)
-    points = grid(grid_name, block)
-    step = progress("quantization settings", len(points) + len(engines)) if progress else (lambda: None)
-    source = "massact/data/eval.txt (Declaration of Independence, Gettysburg Address)" if eval_text is None else "--eval-file"
-    result = sweep(lm, protect, text, source, grid_name, clip_z, block, step, points, engines)
+    points = grid(options.grid, options.block)
+    step = progress("quantization settings", len(points) + len(options.engines)) if progress else (lambda: None)
+    result = sweep(lm, protect, options.text, options.source, options.grid, options.clip_z, options.block, step, points, options.engines)
+    return finished(lm, protect, result, inputs)
+
+
+def finished(lm: LoadedModel, protect: Protect, result: Quantization, inputs: str) -> Quantization:
+    """A measured sweep with its inputs' digest (``sweep_inputs``) and, for a model read from a GGUF file, the note
+    on the formats it was stored in."""
     note = gguf_source_note(lm, protect)
     if note:
         result.notes.insert(0, note)
@@ -379,6 +426,80 @@ def gguf_source_note(lm: LoadedModel, protect: Protect) -> str | None:
             "quantize those weights again")
 
 
+@dataclass(kw_only=True)
+class SweepPlan:
+    """What a sweep measures, fixed before any setting runs: the ``settings`` (the grid's), the strongest massive dim
+    (``target``), read on its probe's ids at ``layers`` (its birth and peak blocks), the super weights ``held`` out
+    (parameter name, index as stored), the block projections' ``names``, and the evaluation ``windows``."""
+
+    settings: list[Setting]
+    target: ProtectedDim
+    probe: torch.Tensor
+    layers: list[int]
+    held: list[tuple[str, tuple[int, ...]]]
+    names: set[str]
+    windows: list[torch.Tensor]
+    grid: str
+    clip_z: float
+    eval_source: str
+
+
+def sweep_plan(lm: LoadedModel, protect: Protect, eval_text: str, eval_source: str, grid_name: str = "default",
+               clip_z: float = DEFAULT_CLIP_Z, block: int = DEFAULT_BLOCK, settings: list[Setting] | None = None) -> SweepPlan:
+    """The sweep of ``protect`` on ``lm`` over the grid (or ``settings``) on ``eval_text``; one UsageError line where
+    there is nothing to measure, an option is out of range, or a super weight is no block projection of the model.
+    Reads the model's structure only: its blocks' weights may be on the meta device."""
+    if not protect.massive_dims:
+        raise UsageError("nothing to measure: the model has no massive activations under the criterion")
+    if block < 1 or not clip_z > 0:
+        raise UsageError("--block-size must be at least 1 and --clip-z above 0")
+    target = max(protect.massive_dims, key=lambda d: abs(d.peak_value))
+    held = [(w.parameter, tuple(w.index)) for w in protect.super_weights]
+    names = {name for name, _, _ in projections(lm)}
+    missing = [name for name, _ in held if name not in names]
+    if missing:
+        raise UsageError(f"super weight {missing[0]} is not a block projection of this model (a protect list of another model?)")
+    return SweepPlan(settings=settings if settings is not None else grid(grid_name, block), target=target,
+                     probe=lm.tokenizer(target.probe_text, return_tensors="pt").input_ids,
+                     layers=sorted({target.born_at, target.peak_block}), held=held, names=names,
+                     windows=eval_windows(lm, eval_text), grid=grid_name, clip_z=clip_z, eval_source=eval_source)
+
+
+def quant_row(plan: SweepPlan, setting: Setting, perplexity: float, baseline: float, values: dict[int, float],
+              base_values: dict[int, float], share: float | None, seconds: float) -> QuantRow:
+    """One setting's row: its perplexity against the float model's ``baseline``, the target's ``values`` at its birth
+    and peak blocks against the float model's ``base_values``, and (activations) the massive tokens' error share."""
+    birth, peak = plan.target.born_at, plan.target.peak_block
+    return QuantRow(method=setting.method, setting=setting.label, variant=_variant_words(setting, plan.clip_z), perplexity=perplexity,
+                    perplexity_ratio=perplexity / baseline, value_birth=values[birth], value_peak=values[peak],
+                    kept_birth=_kept(values[birth], base_values[birth]), kept_peak=_kept(values[peak], base_values[peak]),
+                    massive_error_share=share, seconds=round(seconds, 2))
+
+
+def skipped_note(fmt: str, skipped: int) -> str:
+    """Why ``skipped`` matrices stay in float under the llama.cpp format ``fmt``."""
+    return (f"{fmt}: {skipped} matrices whose input dim is not a multiple of {gguf_block_size(fmt)} stay in float (llama.cpp "
+            "falls back to another type for them)")
+
+
+def quantization_from(lm: LoadedModel, plan: SweepPlan, protect: Protect, baseline: float, base_values: dict[int, float],
+                      masks: list[torch.Tensor], rows: list[QuantRow], notes: list[str], engines: tuple[str, ...],
+                      found: list[EngineRow], seconds: float) -> Quantization:
+    """The sweep's result from its measured ``rows`` and engines' rows ``found`` (``masks``: each window's massive
+    tokens)."""
+    target = plan.target
+    return Quantization(
+        baseline_perplexity=baseline, eval_tokens=sum(w.shape[1] for w in plan.windows), eval_source=plan.eval_source, dim=target.dim,
+        birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
+        value_birth=base_values[target.born_at], value_peak=base_values[target.peak_block], matrices=len(plan.names),
+        parameters=sum(p.numel() for _, p, _ in projections(lm)),
+        super_weights=[[w.parameter, list(w.index), w.value] for w in protect.super_weights],
+        massive_tokens=int(sum(int(m.sum()) for m in masks)), grid=plan.grid, clip_z=plan.clip_z, rows=rows,
+        seconds=round(seconds, 1), notes=notes, engines=found,
+        engine_words=[words for name in engines if (words := engine_words([r for r in found if r.engine == name]))],
+    )
+
+
 def sweep(
     lm: LoadedModel, protect: Protect, eval_text: str, eval_source: str, grid_name: str = "default", clip_z: float = DEFAULT_CLIP_Z,
     block: int = DEFAULT_BLOCK, step: Callable[[], None] = lambda: None, settings: list[Setting] | None = None,
@@ -386,26 +507,14 @@ def sweep(
 ) -> Quantization:
     """Every setting of the grid (or ``settings``) on ``lm``: perplexity on ``eval_text``, and the strongest massive
     dim's value at its birth and peak block on its probe. ``step`` is called after each setting."""
-    if not protect.massive_dims:
-        raise UsageError("nothing to measure: the model has no massive activations under the criterion")
-    if block < 1 or not clip_z > 0:
-        raise UsageError("--block-size must be at least 1 and --clip-z above 0")
     started = time.perf_counter()
-    settings = settings if settings is not None else grid(grid_name, block)
-    target = max(protect.massive_dims, key=lambda d: abs(d.peak_value))
-    probe = lm.tokenizer(target.probe_text, return_tensors="pt").input_ids
-    layers = sorted({target.born_at, target.peak_block})
-    held = [(w.parameter, tuple(w.index)) for w in protect.super_weights]
-    names = {name for name, _, _ in projections(lm)}
-    missing = [name for name, _ in held if name not in names]
-    if missing:
-        raise UsageError(f"super weight {missing[0]} is not a block projection of this model (a protect list of another model?)")
-    windows = eval_windows(lm, eval_text)
+    plan = sweep_plan(lm, protect, eval_text, eval_source, grid_name, clip_z, block, settings)
+    target, windows = plan.target, plan.windows
     masks = [massive_positions(lm, w, protect) for w in windows]
-    probe_mask = massive_positions(lm, probe, protect)
+    probe_mask = massive_positions(lm, plan.probe, protect)
 
     def read() -> dict[int, float]:
-        return read_coordinate(lm, probe, layers, target.probe_position, target.dim)
+        return read_coordinate(lm, plan.probe, plan.layers, target.probe_position, target.dim)
 
     base_values = read()
     # Weight settings are scored on the windows in padded batches (one pass per few windows); activation settings
@@ -416,13 +525,9 @@ def sweep(
     notes: list[str] = []
 
     def add_row(setting: Setting, ppl: float, values: dict[int, float], share: float | None, began: float) -> None:
-        rows.append(QuantRow(method=setting.method, setting=setting.label, variant=_variant_words(setting, clip_z), perplexity=ppl,
-                             perplexity_ratio=ppl / baseline, value_birth=values[target.born_at], value_peak=values[target.peak_block],
-                             kept_birth=_kept(values[target.born_at], base_values[target.born_at]),
-                             kept_peak=_kept(values[target.peak_block], base_values[target.peak_block]), massive_error_share=share,
-                             seconds=round(time.perf_counter() - began, 2)))
+        rows.append(quant_row(plan, setting, ppl, baseline, values, base_values, share, time.perf_counter() - began))
 
-    for group in siblings(settings):
+    for group in siblings(plan.settings):
         first, began = group[0], time.perf_counter()
         if first.method == "activation":
             quant = ActivationQuant(lm, first.granularity == "token", first.variant == "massive in float")
@@ -431,33 +536,24 @@ def sweep(
                 quant.keep = probe_mask
                 add_row(first, ppl, read(), share, began)
         else:
-            quantize, skip = _weight_quantizer(first)
-            with quantized_weights(lm, quantize, held if first.variant != "plain" else [],
+            quantize, skip = weight_quantizer(first)
+            with quantized_weights(lm, quantize, plan.held if first.variant != "plain" else [],
                                    clip_z if first.variant == "held out + clip" else None, skip) as done:
                 add_row(first, evaluation.score(), read(), None, began)
                 for setting in group[1:]:  # the "held out" sibling of the plain setting
                     began = time.perf_counter()
-                    done.hold_out(held)
+                    done.hold_out(plan.held)
                     add_row(setting, evaluation.score(), read(), None, began)
             if done.skipped and not any(first.fmt in n for n in notes):
-                notes.append(f"{first.fmt}: {len(done.skipped)} matrices whose input dim is not a multiple of "
-                             f"{gguf_block_size(first.fmt)} stay in float (llama.cpp falls back to another type for them)")
+                notes.append(skipped_note(first.fmt, len(done.skipped)))
         for _ in group:  # after the weights are restored
             step()
     found: list[EngineRow] = []
     for name in engines:
         found += engine_rows(lm, protect, name, evaluation.score, lambda: read()[target.born_at], baseline, base_values[target.born_at])
         step()
-    params = sum(p.numel() for _, p, _ in projections(lm))
-    return Quantization(
-        baseline_perplexity=baseline, eval_tokens=sum(w.shape[1] for w in windows), eval_source=eval_source, dim=target.dim,
-        birth_layer=target.born_at, peak_layer=target.peak_block, position=target.probe_position,
-        value_birth=base_values[target.born_at], value_peak=base_values[target.peak_block], matrices=len(names), parameters=params,
-        super_weights=[[w.parameter, list(w.index), w.value] for w in protect.super_weights],
-        massive_tokens=int(sum(int(m.sum()) for m in masks)),
-        grid=grid_name, clip_z=clip_z, rows=rows, seconds=round(time.perf_counter() - started, 1), notes=notes,
-        engines=found, engine_words=[words for name in engines if (words := engine_words([r for r in found if r.engine == name]))],
-    )
+    return quantization_from(lm, plan, protect, baseline, base_values, masks, rows, notes, engines, found,
+                             time.perf_counter() - started)
 
 
 def siblings(settings: list[Setting]) -> list[list[Setting]]:
@@ -478,18 +574,21 @@ def _windowed_perplexity(
 ) -> tuple[float, float]:
     """perplexity() one window at a time, each with its own massive tokens marked, recombined token-weighted; and
     the massive tokens' share of the squared quantization error over the evaluation text."""
-    total, count = 0.0, 0
+    scores = []
     for ids, keep in zip(windows, masks):
         quant.keep = keep
-        ppl = perplexity(lm, [ids])
-        total += math.log(ppl) * (ids.shape[1] - 1) if math.isfinite(ppl) else float("inf")
-        count += ids.shape[1] - 1
-    share = quant.error_massive / quant.error_total if quant.error_total > 0 else 0.0
-    mean = total / count
-    return (math.exp(mean) if mean < 700 else float("inf")), share
+        scores.append(perplexity(lm, [ids]))
+    return windowed(windows, scores), quant.share
 
 
-def _weight_quantizer(setting: Setting) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], bool]]:
+def windowed(windows: list[torch.Tensor], scores: list[float]) -> float:
+    """Each window's own perplexity ``scores`` recombined token-weighted: exp of the mean next-token NLL over all."""
+    total = sum(math.log(ppl) * (ids.shape[1] - 1) if math.isfinite(ppl) else float("inf") for ids, ppl in zip(windows, scores))
+    mean = total / sum(ids.shape[1] - 1 for ids in windows)
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+def weight_quantizer(setting: Setting) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], bool]]:
     if setting.method == "gguf":
         size = gguf_block_size(setting.fmt)
         return (lambda w: gguf_roundtrip(w, setting.fmt)), (lambda w: w.shape[-1] % size != 0)

@@ -44,8 +44,12 @@ def perplexity(lm: LoadedModel, windows: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     for ids in windows:
         ids = ids.to(lm.device)
-        logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        total += next_token_nll(lm.model(input_ids=ids, use_cache=False).logits, ids)
         count += ids.shape[1] - 1
     mean = total / count
     return math.exp(mean) if mean < 700 else float("inf")
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """The summed next-token cross-entropy of one window ``ids`` [1, n] from its logits [1, n, vocab]."""
+    return float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum"))
