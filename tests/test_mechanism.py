@@ -245,3 +245,33 @@ def test_lifeline_adds_up_on_every_block_kind(family, tokenizer):
         assert line.erased_at == line.removed_at == [LAYER + 1]
     else:
         assert line.erased_at == [] and all(s.phase == "hold" for s in line.steps[LAYER + 1 :])
+
+
+@pytest.mark.parametrize("family", ["llama", "lfm2"])
+def test_a_heads_strongest_keys_come_from_a_pass_that_stops_at_its_block(family, tokenizer):
+    """The chain's head (``attends``) runs the model only to the head's block, whose attention is then the whole eager
+    pass's (``attention_pass``): the same keys, tokens and probabilities, and no later block runs; on a hybrid, at
+    each softmax block between its convolutions."""
+    from massact.analysis.trigger.trigger import attends
+    from massact.capture.attention import attention_pass, softmax_layers
+
+    lm = massact.wrap(tiny_model(family, len(tokenizer), seed=1), tokenizer)
+    ids = tokenizer(TEXTS[1], return_tensors="pt").input_ids
+    tokens = tokenizer.convert_ids_to_tokens(ids[0])
+    whole = attention_pass(lm, ids).maps
+    ran: list[int] = []
+    blocks = lm.adapter.blocks(lm.model)
+    handles = [block.register_forward_hook(lambda *_, layer=layer: ran.append(layer)) for layer, block in enumerate(blocks)]
+    try:
+        for layer in softmax_layers(lm):
+            ran.clear()
+            found = attends(lm, ids, layer, 1, 4, tokens)
+            row = whole[layer][0, 1, 4].float()
+            order = row.argsort(descending=True)[:3].tolist()
+            assert [key for key, _, _ in found] == order and [token for _, token, _ in found] == [tokens[k] for k in order]
+            assert [p for _, _, p in found] == pytest.approx(row[order].tolist(), rel=1e-6)
+            assert ran == list(range(layer + 1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(softmax_layers(lm)) == (len(blocks) if family == "llama" else 2)

@@ -167,12 +167,12 @@ def _report_dir(tmp_path: Path, family: str, tokenizer) -> tuple[torch.nn.Module
 
 
 def _comparable(report) -> dict:
-    """A report's JSON without what a streamed scan does not measure (the trigger, quantization, the Q/K disruption
-    test), nor its warnings, nor whether it was streamed."""
+    """A report's JSON without what a streamed scan does not measure (quantization, the Q/K disruption test), nor its
+    warnings, nor whether it was streamed."""
     from massact.report.schema import write_report
 
     data = json.loads(write_report(report))
-    for key in ("trigger", "warnings", "conclusion"):
+    for key in ("warnings", "conclusion"):
         data.pop(key)
     data["qk"]["disruption"] = None
     data["model"].pop("streamed", None)
@@ -199,25 +199,29 @@ def _close(ours, theirs, where: str = "", rel: float = 1e-5) -> None:
         assert ours == theirs, where
 
 
-# A dense model, a mixture of experts (the planted truth in an expert) and a convolution hybrid; the hybrid's lanes with
-# no memory allowed, in their files.
+# A dense model, a mixture of experts (the planted truth in an expert) and a convolution hybrid; the hybrid's host
+# allowance exactly its four blocks' bytes, which the trigger keeps (its carriers' probe reads block 3): the lanes'
+# states have nothing left and go to their files.
 @pytest.mark.parametrize("family", ["llama", "mixtral", "lfm2"])
 def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_path):
     """Every section a streamed scan measures (the detection, lifelines, origins, neurons and super weights, experts,
-    super experts, birth state, token view, headroom, compression valley, and the verification: interventions,
-    output effects, input dependence, attention sinks with the massive values replaced, super weights zeroed one by
-    one, super experts pruned) is the in-memory scan's, the planted truth found and confirmed by intervention; the
-    checkpoint's blocks are read once per pass (the corpus, the lifelines with the valley, the mechanism and the
-    interventions in one) and the model's weights digest is the in-memory one."""
+    super experts, birth state, token view, headroom, compression valley, the trigger with its patches, and the
+    verification: interventions, output effects, input dependence, attention sinks with the massive values replaced,
+    super weights zeroed one by one, super experts pruned) is the in-memory scan's, the planted truth found and
+    confirmed by intervention; the checkpoint's blocks are read once per pass (the corpus, the lifelines with the
+    valley, the mechanism, the trigger and the interventions in one) and the model's weights digest is the in-memory
+    one."""
     import massact
     from massact.analysis.detect.stream import StreamPlace
+    from massact.analysis.trigger.stream import block_bytes
     from massact.pipeline import scan_streamed
 
     _, path = _report_dir(tmp_path, family, tokenizer)
     memory = massact.scan(str(path), verify=True, device="cpu")
     streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
-    place = StreamPlace(folder=tmp_path / "out", host_bytes=0 if family == "lfm2" else 2**62)
+    place = StreamPlace(folder=tmp_path / "out", host_bytes=block_bytes(streamed.lm, range(4)) if family == "lfm2" else 2**62)
     got = scan_streamed(streamed, place=place, device="cpu", verify=True)
+    assert got.trigger[0].neurons[0].neuron == 37 and got.trigger[0].patching  # the planted neuron, patched
     assert [d.dim for d in got.findings.dims] == [d.dim for d in memory.findings.dims] == [20]
     assert (got.model.streamed, memory.model.streamed) == (True, False)
     found = got.mechanism.experts[0].moe if family == "mixtral" else got.mechanism.attribution[0]
@@ -271,6 +275,41 @@ def test_a_streamed_model_is_quantized_as_in_memory(family, engines, tokenizer, 
     assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 3 * sum(sizes) + sum(sizes[:last + 1])
     assert any("the quantization's massive tokens and settings" in w for w in got.warnings)
     assert not any((tmp_path / "out").glob("*.bin"))
+
+
+def test_the_streamed_trigger_in_the_mechanism_pass_and_beyond_the_memory_allowance(tokenizer, tmp_path, monkeypatch):
+    """Without verification the trigger runs in the mechanism's own pass on blocks 0 and 1 kept loaded (birth, peak
+    and the carriers' probe at block 1), blocks 2 and 3 empty, and equals the in-memory trigger; with a host
+    allowance smaller than those two blocks it is not measured, which the warnings say with both sizes. Either way
+    each block is read 3 times, and every block is released after the pass."""
+    import massact
+    from massact.analysis.detect.stream import StreamPlace
+    from massact.analysis.trigger import stream
+    from massact.numbers import size
+    from massact.pipeline import scan_streamed
+    from massact.report.schema import write_report
+
+    _, path = _report_dir(tmp_path, "llama", tokenizer)
+    memory = massact.scan(str(path), verify=False, device="cpu")
+    assert memory.trigger[0].carriers.probe_layer == memory.mechanism.lifelines[0].peak_layer == 1
+    loaded = lambda lm: [next(block.parameters()).device.type for block in lm.adapter.blocks(lm.model)]
+    seen, triggers = [], stream.triggers
+    monkeypatch.setattr(stream, "triggers", lambda lm, *rest: seen.append(loaded(lm)) or triggers(lm, *rest))
+    for allowance in (2**62, 400_000):
+        streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
+        prefix = stream.block_bytes(streamed.lm, range(2))
+        got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out", host_bytes=allowance), device="cpu", verify=False)
+        blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
+        assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
+        assert loaded(streamed.lm) == ["meta"] * 4
+        missed = [w for w in got.warnings if w.startswith("trigger not measured")]
+        if allowance > prefix:
+            assert missed == [] and got.trigger[0].neurons[0].neuron == 37 and seen == [["cpu", "cpu", "meta", "meta"]]
+            _close(json.loads(write_report(got))["trigger"], json.loads(write_report(memory))["trigger"])
+        else:
+            assert prefix == 2 * 246_272 and got.trigger == [] and len(seen) == 1
+            assert missed == [f"trigger not measured: blocks 0..1 ({size(prefix)}) exceed the memory allowance ({size(allowance)})"]
+    assert memory.trigger and got.mechanism.attribution[0].neurons[0].neuron == 37  # the mechanism is measured still
 
 
 def test_hidden_states_beyond_memory_go_to_a_mapped_file_and_give_the_same_scan(tokenizer, tmp_path):

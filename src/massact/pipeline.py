@@ -61,6 +61,7 @@ from .analysis.mechanism.super_experts import find_super_experts
 from .analysis.profile.build import build_profile, count_carriers
 from .analysis.profile.results import Profile
 from .analysis.results import CorpusInfo, Report, build_protect, check_report_model
+from .analysis.trigger.stream import streamed_trigger
 from .analysis.trigger.trigger import triggers
 from .capture.stats import LogHistogram
 from .errors import UsageError
@@ -166,7 +167,7 @@ def scan(
 
 
 # What a streamed scan does not measure yet.
-STREAMED_SECTIONS = ("trigger", "the Q/K disruption test")
+STREAMED_SECTIONS = ("the Q/K disruption test",)
 
 
 def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str, rate: float | None = None
@@ -197,7 +198,9 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     more for the causal stage (``analysis.causal.stream``); with ``settings.quant``, the quantization sweep in two more
     (``quantize_streamed``). ``place``: where the hidden states go beyond memory and the resumable state (see
     ``StreamPlace``). ``auto_verify``: as for ``scan``. The compression valley is read in the first mechanism pass (in
-    a pass of its own where there is none). ``STREAMED_SECTIONS`` are not measured, which the report's warnings say."""
+    a pass of its own where there is none). The trigger runs in the second, on the blocks up to the deepest its passes
+    reach, kept loaded where they fit ``place``'s allowance (``analysis.trigger.stream``; else the report's warnings
+    say it is not measured). ``STREAMED_SECTIONS`` are not measured, which the report's warnings say."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -235,14 +238,17 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     if explained:  # two more passes, over the kept texts (and with verification the evaluation text)
         events = streamed_lifelines(streamed, found.findings, found.inputs, settings, warnings, folder)
     events.super_experts = supers
+    # the trigger in the events' pass, on the blocks up to its last kept loaded where they fit
+    trigger = streamed_trigger(streamed, events, settings, found.corpus.windows, place or StreamPlace(folder=folder))
     if explained and not verified:
-        mechanism = explain_streamed(streamed, events, folder)
+        mechanism = explain_streamed(streamed, events, folder, trigger.keep, trigger.finished)
     if verified:
         what = "mechanism and interventions" if explained else "interventions"
         advance = (progress or _silent)(f"streamed {what}: {n_layers} blocks", n_layers)
         mechanism, causal = streamed_causal(
             streamed, events, settings, _eval_text(settings), place or StreamPlace(folder=folder),
-            on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"))
+            on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"), trigger=trigger)
+    warnings += trigger.warnings()
     # no mechanism pass to take the valley's readings from: one pass over its texts
     readings, qk = (events.readings, events.qk) if explained else streamed_valley(streamed, found.findings, found.inputs, folder)
     texts = valley_texts(found.findings, found.inputs)
@@ -256,7 +262,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     info.weights_sha256 = weights_sha256(lm.model, streamed.samples)  # every block's sample, taken as it was loaded
     info.streamed = True
     report = Report(model=info, corpus=found.corpus, settings=settings.replace(verify=verified),
-                    findings=found.findings, mechanism=mechanism, trigger=[], causal=causal,
+                    findings=found.findings, mechanism=mechanism, trigger=trigger.found, causal=causal,
                     deploy=Deploy(precision=headroom(found.findings.layers)), conclusion=[],
                     warnings=warnings, versions=_versions(), valley=valley, qk=qk)
     if settings.quant and found.findings.dims:
@@ -264,7 +270,7 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                                                        progress=progress)
         passes.append("the quantization's massive tokens and settings")
     reads = streamed.checkpoint.bytes_read / max(size, 1)
-    missing = (("the mechanism and verification (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
+    missing = (("the mechanism, trigger and verification (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
     report.warnings.append(f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: "
                            f"{', '.join(passes)}); not measured on a streamed model yet: {', '.join(missing)}")
     report.conclusion = conclude(report)

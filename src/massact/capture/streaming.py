@@ -156,10 +156,13 @@ def _on_host(value: Any) -> Any:
     return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
-def blocks(streamed: StreamedModel, layers: Sequence[int]) -> Iterator[int]:
+def blocks(streamed: StreamedModel, layers: Sequence[int], keep: int = -1) -> Iterator[int]:
     """Yield each block of ``layers`` with its weights loaded on the model's device, releasing it after the caller's
-    step; the next block's tensors are read in a thread meanwhile."""
+    step; the next block's tensors are read in a thread meanwhile. The blocks up to ``keep`` stay loaded until the
+    step of block ``keep`` is over (what the caller runs on them then sees blocks 0..keep as the model in memory),
+    then go together; a step that fails releases them too."""
     checkpoint, lm = streamed.checkpoint, streamed.lm
+    held: list[int] = []
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(checkpoint.read, checkpoint.blocks[layers[0]]) if layers else None
         for step, layer in enumerate(layers):
@@ -172,10 +175,23 @@ def blocks(streamed: StreamedModel, layers: Sequence[int]) -> Iterator[int]:
             began = time.perf_counter()
             try:
                 yield layer
+            except BaseException:  # the pass ends here (an error, an interruption): the kept blocks go with this one
+                keep = -1
+                raise
             finally:
                 streamed.computing += time.perf_counter() - began
-                release(lm.adapter.blocks(lm.model)[layer])
-                _give_back_freed_memory()
+                held.append(layer)
+                if layer >= keep:
+                    _release(lm, held)
+
+
+def _release(lm: LoadedModel, layers: list[int]) -> None:
+    """Release the blocks ``layers`` (emptying the list) and hand their memory back."""
+    if layers:
+        for layer in layers:
+            release(lm.adapter.blocks(lm.model)[layer])
+        layers.clear()
+        _give_back_freed_memory()
 
 
 def _give_back_freed_memory() -> None:
@@ -227,16 +243,17 @@ def run_head(lm: LoadedModel, batch: Batch, last: Any) -> Any:
 
 def carry(streamed: StreamedModel, batches: Sequence[Batch], at_block: Callable[[int], AbstractContextManager],
           states: HiddenStates, on_batch: Callable[[int, Batch], None] | None = None, head: bool = False, first: int = 0,
-          finished: Callable[[int], None] | None = None, last: int | None = None) -> None:
+          finished: Callable[[int], None] | None = None, keep: int = -1, last: int | None = None) -> None:
     """One pass of ``batches`` through the blocks from ``first`` on, to block ``last`` (None: the last one; ``states``
     holding each batch's output of block ``first - 1``), block by block: around each block's batches the context
     ``at_block(layer)`` is open (the hooks that read the block's sites), ``on_batch(layer, batch)`` is called before
     each batch goes through it, and ``finished(layer)`` after the block (``states`` then hold its outputs). With
-    ``head`` (and no ``last``), the batches then go through the final norm and head, inside ``at_block(n_layers)``."""
+    ``head`` (and no ``last``), the batches then go through the final norm and head, inside ``at_block(n_layers)``.
+    The blocks up to ``keep`` stay loaded until ``finished(keep)`` has returned (``blocks``)."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
     with torch.no_grad():
-        for layer in blocks(streamed, range(first, n_layers if last is None else last + 1)):
+        for layer in blocks(streamed, range(first, n_layers if last is None else last + 1), keep):
             with at_block(layer):
                 for index, batch in enumerate(batches):
                     if on_batch is not None:
@@ -269,7 +286,8 @@ class Carried:
 def carry_lanes(streamed: StreamedModel, batches: Sequence[Batch], until: Sequence[int],
                 plan: Callable[[int, Callable[[int], Any]], list[Carried]], at_block: Callable[[int, Carried], AbstractContextManager],
                 base: HiddenStates, on_batch: Callable[[Carried, int], None] | None = None,
-                explained: Callable[[int], None] | None = None, finished: Callable[[int], None] | None = None) -> list[Carried]:
+                explained: Callable[[int], None] | None = None, finished: Callable[[int], None] | None = None,
+                keep: int = -1) -> list[Carried]:
     """Interventions as lanes of one pass: each block's weights read once, for the unmodified model's batches and for
     every lane that has started. The unmodified lane (key "baseline", states ``base``) carries every batch, batch i
     to block ``until[i]``, and goes through each block first; then ``explained(layer)`` is called, then
@@ -277,8 +295,8 @@ def carry_lanes(streamed: StreamedModel, batches: Sequence[Batch], until: Sequen
     output of the block before, None at block 0), which begin from those states. Around each lane's batches in a
     block, ``at_block(layer, lane)`` is open, ``on_batch(lane, i)`` is called before batch i goes through and
     ``context(batch)`` is open while it does; ``finished(layer)`` is called after the block. A lane stops after its
-    block ``last``. Returns every lane, the unmodified one first, with the states of the last block each went
-    through."""
+    block ``last``. The blocks up to ``keep`` stay loaded until block ``keep`` is done (``blocks``). Returns every
+    lane, the unmodified one first, with the states of the last block each went through."""
     lm = streamed.lm
     n_layers = len(lm.adapter.blocks(lm.model))
     lanes = [Carried(key="baseline", context=lambda batch: nullcontext(), start=0, batches=list(range(len(batches))),
@@ -295,7 +313,7 @@ def carry_lanes(streamed: StreamedModel, batches: Sequence[Batch], until: Sequen
                     lane.states.put(index, run_block(lm, layer, batches[index], lane.states.get(index)))
 
     with torch.no_grad():
-        for layer in blocks(streamed, range(n_layers)):
+        for layer in blocks(streamed, range(n_layers), keep):
             # The unmodified inputs of this block, for the lanes that start here, as the baseline goes through it.
             inputs = {index: base.held(index) for index in range(len(batches)) if layer > 0 and until[index] >= layer}
             through(lanes[0], layer)

@@ -35,6 +35,7 @@ from ..evaluation.windows import Evaluation
 from ..function.sinks import SinkPass, SinkSums, replaced_massive, sink_groups, sink_texts, sinks_from, text_metrics
 from ..mechanism.results import Mechanism, SuperWeight
 from ..mechanism.stream import EventPass
+from ..trigger.stream import StreamedTrigger
 from .expert_pruning import pruning_from, pruning_lanes
 from .output_effects import Edit, output_effects
 from .results import Causal, EmbeddingChange, InputDependence, OutputEffect
@@ -144,7 +145,8 @@ def _valid(batch: Batch) -> torch.Tensor | None:
 
 @torch.no_grad()
 def streamed_causal(streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace,
-                    on_block: Callable[[int], None] | None = None) -> tuple[Mechanism, Causal]:
+                    on_block: Callable[[int], None] | None = None,
+                    trigger: StreamedTrigger | None = None) -> tuple[Mechanism, Causal]:
     """The mechanism's second pass (``events``: the events the lifelines name, explained as the pass reaches them, with
     the findings and kept texts they come from; none where nothing is massive) and ``pipeline.causal_stage`` of a
     streamed model, in one pass (``on_block(layer)`` as each block is done): the interventions with their output
@@ -152,15 +154,17 @@ def streamed_causal(streamed: StreamedModel, events: EventPass, settings: ScanSe
     one by one, and a mixture's super experts (``events.super_experts``, the corpus pass's) pruned against a random
     control. A block's interventions are planned from its events, explained as the unmodified lane has gone through
     it. ``place``: where the lanes' hidden states go, all together, beyond its device and host allowances (files in its
-    folder)."""
-    return _LanePass(streamed, events, settings, text, place).run(on_block)
+    folder). ``trigger``: run on the unmodified model once its last block's events are explained, the blocks up to
+    it kept loaded (``analysis.trigger.stream``)."""
+    return _LanePass(streamed, events, settings, text, place, trigger).run(on_block)
 
 
 class _LanePass:
     """``streamed_causal``'s pass: its batches (the evaluation windows, the carriers' texts, the input dependence's and
     the sinks' texts), the lanes planned as the blocks load, what they read, and the report's sections from them."""
 
-    def __init__(self, streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace):
+    def __init__(self, streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace,
+                 trigger: StreamedTrigger | None = None):
         lm = self.lm = streamed.lm
         findings, inputs = events.findings, events.inputs
         self.streamed, self.findings, self.inputs, self.events, self.settings = streamed, findings, inputs, events, settings
@@ -194,6 +198,9 @@ class _LanePass:
             until.append(self.softmax[-1])
         self.until = until
         self.pool = {"device": 0, "host": 0, "file": 0}
+        self.trigger = trigger
+        if trigger is not None:  # the blocks it keeps count in the lanes' memory
+            trigger.hold(self.pool)
         self.device_bytes = place.device_bytes if lm.device.type != "cpu" else 0
         self.host_bytes, self.folder = place.host_bytes, place.folder
         self.plan = Plan()
@@ -313,6 +320,13 @@ class _LanePass:
             stack.enter_context(block_attention(lm, layer, attention))
         return stack
 
+    def explained(self, layer: int) -> None:
+        """The block's events explained, then, at its last block, the trigger (the model unmodified: no lane's
+        intervention is open)."""
+        self.events.finished(layer)
+        if self.trigger is not None:
+            self.trigger.finished(layer)
+
     def on_batch(self, lane: Carried, index: int) -> None:
         self.running = index
         self.events.running = self.text_of.get(index, -1)
@@ -329,7 +343,7 @@ class _LanePass:
     def run(self, on_block: Callable[[int], None] | None) -> tuple[Mechanism, Causal]:
         evaluation = self.evaluation
         lanes = carry_lanes(self.streamed, self.batches, self.until, self.plan_block, self.at_block, self.states("baseline"),
-                            self.on_batch, self.events.finished, on_block)
+                            self.on_batch, self.explained, on_block, -1 if self.trigger is None else self.trigger.keep)
         try:
             for lane in lanes:
                 evaluation.finals[lane.key] = lane.states.get

@@ -48,8 +48,9 @@ class _Pass:
     running: int = -1
 
     def run(self, at_block: Callable[[int], AbstractContextManager], finished: Callable[[int], None] | None = None,
-            reader: EventPass | None = None) -> None:
-        """The pass, ``reader.running`` (where given) kept to the text going through as ``running`` is."""
+            reader: EventPass | None = None, keep: int = -1) -> None:
+        """The pass, ``reader.running`` (where given) kept to the text going through as ``running`` is; the blocks up
+        to ``keep`` stay loaded until ``finished(keep)`` has returned."""
         lm = self.streamed.lm
         batches = [Batch(ids=self.inputs[t], mask=torch.ones_like(self.inputs[t]), texts=torch.tensor([t])) for t in self.texts]
 
@@ -60,14 +61,23 @@ class _Pass:
 
         # A few texts: their hidden states stay in memory (the file is only named).
         states = HiddenStates(device=lm.device, device_bytes=2**62, host_bytes=2**62, path=self.folder / "mechanism-hidden.bin")
-        carry(self.streamed, batches, at_block, states, on_batch=on_batch, finished=finished)
+        carry(self.streamed, batches, at_block, states, on_batch=on_batch, finished=finished, keep=keep)
 
 
 @torch.no_grad()
-def explain_streamed(streamed: StreamedModel, events: EventPass, folder: Path) -> Mechanism:
-    """The second of the streamed mechanism's passes, on its own: ``events`` explained (see ``streamed_lifelines``)."""
+def explain_streamed(streamed: StreamedModel, events: EventPass, folder: Path, keep: int = -1,
+                     after: Callable[[int], None] | None = None) -> Mechanism:
+    """The second of the streamed mechanism's passes, on its own: ``events`` explained (see ``streamed_lifelines``).
+    ``after(layer)`` is called once the block's events are explained; the blocks up to ``keep`` stay loaded until
+    ``after(keep)`` has returned (what reads the model through them then, a later stage's passes)."""
     run = _Pass(streamed=streamed, texts=events.texts, inputs=events.inputs, folder=folder)
-    run.run(events.at_block, events.finished, events)
+
+    def finished(layer: int) -> None:
+        events.finished(layer)
+        if after is not None:
+            after(layer)
+
+    run.run(events.at_block, finished, events, keep)
     return events.mechanism()
 
 

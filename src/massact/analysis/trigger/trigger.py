@@ -7,7 +7,7 @@ from collections import Counter
 
 import torch
 
-from ...capture.attention import attention_pass
+from ...capture.attention import block_attention, eager_attention
 from ...capture.hooks import forward_until, tap
 from ...capture.probe import block_output
 from ...capture.routing import MoeBlock, route
@@ -122,10 +122,31 @@ def cached_split(lm: LoadedModel, input_ids: torch.Tensor, targets: list[Target]
 
 @torch.no_grad()
 def attends(lm: LoadedModel, input_ids: torch.Tensor, layer: int, head: int, position: int, tokens: list[str], top: int = 3) -> list[list]:
-    """[key position, token, probability] of the head's strongest keys from the query at ``position`` (eager pass)."""
-    row = attention_pass(lm, input_ids).maps[layer][0, head, position].float().cpu()
+    """[key position, token, probability] of the head's strongest keys from the query at ``position`` (an eager pass
+    up to the head's block: its probabilities are those of a whole pass, no block looking ahead)."""
+    kept = {}
+    with eager_attention(lm), block_attention(lm, layer, lambda found: kept.update(maps=found.maps[layer])):
+        forward_until(lm.model, lm.adapter, layer, input_ids=input_ids.to(lm.device), use_cache=False)
+    row = kept["maps"][0, head, position].float().cpu()
     order = row.argsort(descending=True)[:top].tolist()
     return [[key, tokens[key], float(row[key])] for key in order]
+
+
+def probe_layer(line: Lifeline, medians: list[float], criterion: Criterion) -> int:
+    """Where the carriers' probes read: the block where the carrier is most clearly massive, its value the most times
+    its threshold (``medians``: each block's, of the lifeline's stream)."""
+    return max(range(len(line.steps)), key=lambda at: abs(line.steps[at].value) / criterion.threshold(medians[at]))
+
+
+def last_block(line: Lifeline, input_ids: torch.Tensor, medians: list[float], criterion: Criterion) -> int:
+    """The deepest block any pass of the lifeline's trigger runs to, on its carrier's text ``input_ids``: its writing
+    blocks' (whose neurons are split and patched, whose router is read), its birth block's (where a head writes it),
+    its peak block's (the patches read the value there) and, on a text of two tokens or more, the carriers' probe
+    block. A chain goes back from a writing neuron to earlier blocks only."""
+    layers = [line.born_at, line.peak_layer] + [step.layer for step in line.steps if step.phase in WRITING]
+    if input_ids.shape[1] >= 2:
+        layers.append(probe_layer(line, medians, criterion))
+    return max(layers)
 
 
 def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: int, input_ids: torch.Tensor,
@@ -141,8 +162,7 @@ def carriers(lm: LoadedModel, line: Lifeline, massive: list[Massive], windows: i
     first = Counter(token for (_, position), token in places.items() if position == 0)
     other = Counter(token for (_, position), token in places.items() if position > 0)
     p = line.position
-    # Probe where the carrier is most clearly massive: the block where its value is the most times its threshold.
-    layer = max(range(len(line.steps)), key=lambda at: abs(line.steps[at].value) / criterion.threshold(medians[at]))
+    layer = probe_layer(line, medians, criterion)
     other_token = ids[p + 1] if p + 1 < len(ids) else ids[p - 1]
     probe = torch.cat([ids[:p], other_token.view(1), ids[p:]]).unsqueeze(0)
     hidden = block_output(lm, probe, layer, line.stream)
