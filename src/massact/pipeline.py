@@ -165,7 +165,7 @@ def scan(
 
 
 # What a streamed scan does not measure yet.
-STREAMED_SECTIONS = ("trigger", "quantization", "the Q/K disruption test")
+STREAMED_SECTIONS = ("trigger", "quantization")
 
 
 def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str, rate: float | None = None
@@ -193,10 +193,10 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     """``scan`` of a model read block by block from its checkpoint (``models.checkpoint.load_streamed``): the corpus
     pass with each block's weights read once, the massive entries and dims, the super experts of a mixture of experts
     and the float16 headroom; two more passes over the kept texts for the mechanism; with ``settings.verify``, one
-    more for the causal stage (``analysis.causal.stream``). ``place``: where the hidden states go beyond memory and the
-    resumable state (see ``StreamPlace``). ``auto_verify``: as for ``scan``. The compression valley is read in the
-    first mechanism pass (in a pass of its own where there is none). ``STREAMED_SECTIONS`` are not measured, which the
-    report's warnings say."""
+    more for the causal stage and the Q/K disruption test (``analysis.causal.stream``). ``place``: where the hidden
+    states go beyond memory and the resumable state (see ``StreamPlace``). ``auto_verify``: as for ``scan``. The
+    compression valley and the Q/K concentration are read in the first mechanism pass (in a pass of their own where
+    there is none). ``STREAMED_SECTIONS`` are not measured, which the report's warnings say."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -234,16 +234,17 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     if explained:  # two more passes, over the kept texts (and with verification the evaluation text)
         events = streamed_lifelines(streamed, found.findings, found.inputs, settings, warnings, folder)
     events.super_experts = supers
+    if not explained:  # no mechanism pass to take the valley's readings and the Q/K concentration from: one pass over their texts
+        events.readings, events.qk = streamed_valley(streamed, found.findings, found.inputs, folder)
+    readings, qk = events.readings, events.qk
     if explained and not verified:
         mechanism = explain_streamed(streamed, events, folder)
-    if verified:
+    if verified:  # the Q/K disruption test too, of the dims the concentration found massive
         what = "mechanism and interventions" if explained else "interventions"
         advance = (progress or _silent)(f"streamed {what}: {n_layers} blocks", n_layers)
-        mechanism, causal = streamed_causal(
+        mechanism, causal, qk.disruption = streamed_causal(
             streamed, events, settings, _eval_text(settings), place or StreamPlace(folder=folder),
             on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"))
-    # no mechanism pass to take the valley's readings from: one pass over its texts
-    readings, qk = (events.readings, events.qk) if explained else streamed_valley(streamed, found.findings, found.inputs, folder)
     texts = valley_texts(found.findings, found.inputs)
     rate = causal.attention.rate if causal.attention is not None else None
     valley = compression_valley(readings, texts, n_layers, found.findings.dims, rate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -40,12 +41,21 @@ def eval_windows(lm: LoadedModel, text: str, window: int = 256, max_tokens: int 
 
 @torch.no_grad()
 def perplexity(lm: LoadedModel, windows: list[torch.Tensor]) -> float:
-    """Token-weighted: exp(sum of next-token NLL / number of predicted tokens) over all windows."""
+    """Token-weighted: exp(sum of next-token NLL / number of predicted tokens) over all windows, each its own pass."""
+    return perplexity_of((lm.model(input_ids=ids.to(lm.device), use_cache=False).logits, ids) for ids in windows)
+
+
+def perplexity_of(scored: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """``perplexity`` from each window's logits [1, n, vocab] and its ids [1, n], however the logits were computed
+    (a whole-model pass, or a streamed model's last block through the head)."""
     total, count = 0.0, 0
-    for ids in windows:
-        ids = ids.to(lm.device)
-        logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+    for logits, ids in scored:
+        total += next_token_nll(logits, ids)
         count += ids.shape[1] - 1
     mean = total / count
     return math.exp(mean) if mean < 700 else float("inf")
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """The summed next-token cross-entropy of one window ``ids`` [1, n] from its logits [1, n, vocab]."""
+    return float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum"))
