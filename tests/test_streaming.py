@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -153,13 +154,30 @@ def test_a_missing_shard_or_a_tensor_of_the_wrong_shape_is_one_line_naming_it(to
         stream_layers(streamed, _windows(tokenizer)[:2])
 
 
+# Massive keys: one rotary pair (dims 7 and 15 of a 16-dim head turn together) made 50 times larger at every token in
+# both key heads of a softmax block, the first block of a Llama, the last of an LFM2 (where the keys are a norm's
+# output: its gain, the same in every head).
+QK_PLANTS = {"llama": (0, "k_proj"), "lfm2": (3, "k_layernorm")}
+QK_DIMS, KV_HEADS, HEAD_DIM = (7, 15), 2, 16
+
+
+@torch.no_grad()
+def _plant_keys(model, family: str) -> None:
+    layer, name = QK_PLANTS[family]
+    weight = getattr(model.model.layers[layer].self_attn, name).weight
+    rows = QK_DIMS if weight.dim() == 1 else [head * HEAD_DIM + dim for head in range(KV_HEADS) for dim in QK_DIMS]
+    weight[list(rows)] *= 50.0
+
+
 def _report_dir(tmp_path: Path, family: str, tokenizer) -> tuple[torch.nn.Module, Path]:
-    """A tiny model of ``family`` with a planted truth (a dense neuron, or an expert's the router sends BOS to),
-    saved in shards of at most 100 kB."""
+    """A tiny model of ``family`` with a planted truth (a dense neuron, or an expert's the router sends BOS to), and a
+    planted massive key where ``QK_PLANTS`` has one, saved in shards of at most 100 kB."""
     from conftest import MOE_FAMILIES
     from test_families import planted, planted_moe
 
     model = planted_moe(family, tokenizer) if family in MOE_FAMILIES else planted(family, tokenizer)
+    if family in QK_PLANTS:
+        _plant_keys(model, family)
     path = tmp_path / family
     model.save_pretrained(path, max_shard_size="100KB")
     tokenizer.save_pretrained(path)
@@ -167,14 +185,12 @@ def _report_dir(tmp_path: Path, family: str, tokenizer) -> tuple[torch.nn.Module
 
 
 def _comparable(report) -> dict:
-    """A report's JSON without what a streamed scan does not measure (quantization, the Q/K disruption test), nor its
-    warnings, nor whether it was streamed."""
+    """A report's JSON without its warnings and conclusion (which say how it was read), nor whether it was streamed."""
     from massact.report.schema import write_report
 
     data = json.loads(write_report(report))
     for key in ("warnings", "conclusion"):
         data.pop(key)
-    data["qk"]["disruption"] = None
     data["model"].pop("streamed", None)
     return data
 
@@ -207,10 +223,10 @@ def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_pa
     """Every section a streamed scan measures (the detection, lifelines, origins, neurons and super weights, experts,
     super experts, birth state, token view, headroom, compression valley, the trigger with its patches, and the
     verification: interventions, output effects, input dependence, attention sinks with the massive values replaced,
-    super weights zeroed one by one, super experts pruned) is the in-memory scan's, the planted truth found and
-    confirmed by intervention; the checkpoint's blocks are read once per pass (the corpus, the lifelines with the
-    valley, the mechanism, the trigger and the interventions in one) and the model's weights digest is the in-memory
-    one."""
+    super weights zeroed one by one, super experts pruned, the Q/K disruption test of planted massive keys) is the
+    in-memory scan's, the planted truth found and confirmed by intervention; the checkpoint's blocks are read once per
+    pass (the corpus, the lifelines with the valley, the mechanism, the trigger and the interventions in one) and the
+    model's weights digest is the in-memory one."""
     import massact
     from massact.analysis.detect.stream import StreamPlace
     from massact.analysis.trigger.stream import block_bytes
@@ -230,7 +246,20 @@ def test_a_streamed_report_equals_the_in_memory_report(family, tokenizer, tmp_pa
     verification = got.causal.verification
     assert any(row.confirms for row in verification.interventions) and got.causal.attention.texts > 0
     assert bool(got.causal.expert_pruning) == (family == "mixtral") and bool(got.causal.super_weights) == (family != "mixtral")
-    _close(_comparable(got), _comparable(memory))
+    _close(_comparable(got), _comparable(memory))  # the Q/K disruption test included
+    # Run where keys are planted; the mixture has no massive Q/K dim, so no test and no Q/K lanes.
+    assert (memory.qk.disruption is not None) == (family in QK_PLANTS)
+    if family in QK_PLANTS:  # the planted dims alone found massive, and zeroed at their block
+        layer, _ = QK_PLANTS[family]
+        massive = {(b.layer, name, head): sorted(dims) for b in memory.qk.blocks if b.keys is not None
+                   for name, heads in (("q", b.queries), ("k", b.keys)) for head, dims in enumerate(heads.dims) if dims}
+        assert massive == {(layer, "k", head): list(QK_DIMS) for head in range(KV_HEADS)}
+        qk_test = got.qk.disruption
+        assert qk_test.blocks == [layer] and qk_test.zeroed == sum(map(len, massive.values())) == 4
+        moved = lambda score: abs(math.log(score.perplexity / qk_test.base.perplexity))
+        # The control's lane moves perplexity beyond the comparison's tolerance (so the comparison sees it zeroed), and
+        # the massive dims' lane far more.
+        assert 3e-5 < moved(qk_test.control) < moved(qk_test.massive) / 5
     blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
     assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
     ratio = streamed.checkpoint.bytes_read / streamed.checkpoint.size  # blocks 3 times, embeddings and head once
@@ -310,6 +339,29 @@ def test_the_streamed_trigger_in_the_mechanism_pass_and_beyond_the_memory_allowa
             assert prefix == 2 * 246_272 and got.trigger == [] and len(seen) == 1
             assert missed == [f"trigger not measured: blocks 0..1 ({size(prefix)}) exceed the memory allowance ({size(allowance)})"]
     assert memory.trigger and got.mechanism.attribution[0].neurons[0].neuron == 37  # the mechanism is measured still
+
+
+def test_a_streamed_scan_with_nothing_massive_tests_the_massive_q_k_dims_as_in_memory(tokenizer, tmp_path):
+    """No massive activation, so no mechanism pass: the Q/K concentration's own pass comes before the interventions'
+    pass, which tests the planted keys; the Q/K section is the in-memory one, disruption test included, and the
+    blocks are read 3 times (the corpus, the valley and Q/K concentration, the interventions)."""
+    import massact
+    from massact.analysis.detect.stream import StreamPlace
+    from massact.pipeline import scan_streamed
+    from massact.report.schema import write_report
+
+    model = tiny_model("llama", len(tokenizer))
+    _plant_keys(model, "llama")
+    model.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path / "m")
+    memory = massact.scan(str(tmp_path / "m"), verify=True, device="cpu")
+    streamed = load_streamed(str(tmp_path / "m"), torch.float32, torch.device("cpu"))
+    got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out"), device="cpu", verify=True)
+    assert not got.findings.dims and not memory.findings.dims
+    assert got.qk.disruption.blocks == [QK_PLANTS["llama"][0]] and got.qk.disruption.zeroed == len(QK_DIMS) * KV_HEADS
+    _close(json.loads(write_report(got))["qk"], json.loads(write_report(memory))["qk"])
+    blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
+    assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
 
 
 def test_hidden_states_beyond_memory_go_to_a_mapped_file_and_give_the_same_scan(tokenizer, tmp_path):

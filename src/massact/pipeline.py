@@ -166,10 +166,6 @@ def scan(
     return report
 
 
-# What a streamed scan does not measure yet.
-STREAMED_SECTIONS = ("the Q/K disruption test",)
-
-
 def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_text: str, rate: float | None = None
                  ) -> tuple[bool, str]:
     """Whether to verify by default, and why (``analysis.causal.budget``), at ``rate`` seconds per token and block
@@ -195,12 +191,13 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     """``scan`` of a model read block by block from its checkpoint (``models.checkpoint.load_streamed``): the corpus
     pass with each block's weights read once, the massive entries and dims, the super experts of a mixture of experts
     and the float16 headroom; two more passes over the kept texts for the mechanism; with ``settings.verify``, one
-    more for the causal stage (``analysis.causal.stream``); with ``settings.quant``, the quantization sweep in two more
-    (``quantize_streamed``). ``place``: where the hidden states go beyond memory and the resumable state (see
-    ``StreamPlace``). ``auto_verify``: as for ``scan``. The compression valley is read in the first mechanism pass (in
-    a pass of its own where there is none). The trigger runs in the second, on the blocks up to the deepest its passes
-    reach, kept loaded where they fit ``place``'s allowance (``analysis.trigger.stream``; else the report's warnings
-    say it is not measured). ``STREAMED_SECTIONS`` are not measured, which the report's warnings say."""
+    more for the causal stage and the Q/K disruption test (``analysis.causal.stream``); with ``settings.quant``, the
+    quantization sweep in two more (``quantize_streamed``). ``place``: where the hidden states go beyond memory and the
+    resumable state (see ``StreamPlace``). ``auto_verify``: as for ``scan``. The compression valley and the Q/K
+    concentration are read in the first mechanism pass (in a pass of their own where there is none). The trigger runs
+    in the second, on the blocks up to the deepest its passes reach, kept loaded where they fit ``place``'s allowance
+    (``analysis.trigger.stream``; else the report's warnings say it is not measured). With hyper-connections the
+    mechanism, trigger and verification are not streamed yet, which the report's warnings say."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -238,19 +235,20 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     if explained:  # two more passes, over the kept texts (and with verification the evaluation text)
         events = streamed_lifelines(streamed, found.findings, found.inputs, settings, warnings, folder)
     events.super_experts = supers
+    if not explained:  # no mechanism pass to take the valley's readings and the Q/K concentration from: one pass over their texts
+        events.readings, events.qk = streamed_valley(streamed, found.findings, found.inputs, folder)
+    readings, qk = events.readings, events.qk
     # the trigger in the events' pass, on the blocks up to its last kept loaded where they fit
     trigger = streamed_trigger(streamed, events, settings, found.corpus.windows, place or StreamPlace(folder=folder))
     if explained and not verified:
         mechanism = explain_streamed(streamed, events, folder, trigger.keep, trigger.finished)
-    if verified:
+    if verified:  # the Q/K disruption test too, of the dims the concentration found massive
         what = "mechanism and interventions" if explained else "interventions"
         advance = (progress or _silent)(f"streamed {what}: {n_layers} blocks", n_layers)
-        mechanism, causal = streamed_causal(
+        mechanism, causal, qk.disruption = streamed_causal(
             streamed, events, settings, _eval_text(settings), place or StreamPlace(folder=folder),
             on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"), trigger=trigger)
     warnings += trigger.warnings()
-    # no mechanism pass to take the valley's readings from: one pass over its texts
-    readings, qk = (events.readings, events.qk) if explained else streamed_valley(streamed, found.findings, found.inputs, folder)
     texts = valley_texts(found.findings, found.inputs)
     rate = causal.attention.rate if causal.attention is not None else None
     valley = compression_valley(readings, texts, n_layers, found.findings.dims, rate)
@@ -270,9 +268,10 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                                                        progress=progress)
         passes.append("the quantization's massive tokens and settings")
     reads = streamed.checkpoint.bytes_read / max(size, 1)
-    missing = (("the mechanism, trigger and verification (hyper-connections)",) if lm.adapter.hyper is not None else ()) + STREAMED_SECTIONS
+    missing = ("; not measured on a streamed model yet: the mechanism, trigger and verification (hyper-connections)"
+               if lm.adapter.hyper is not None else "")
     report.warnings.append(f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: "
-                           f"{', '.join(passes)}); not measured on a streamed model yet: {', '.join(missing)}")
+                           f"{', '.join(passes)}){missing}")
     report.conclusion = conclude(report)
     return report
 

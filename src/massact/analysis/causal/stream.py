@@ -3,11 +3,14 @@ block's weights read once: the interventions are lanes of that pass (``capture.s
 unmodified lane carries the evaluation windows, the carriers' texts and the input dependence's texts, and explains each
 block's events as it goes through the block; then the interventions that start there are planned from the block's
 weights and events (the same ``plan_verification``, super-weight ``search`` and ``pruning_lanes`` as in memory), and
-each becomes a lane that carries, from that block on, the windows it is scored on and the texts it reads. After the
-last block every scored lane goes through the final norm and head.
+each becomes a lane that carries, from that block on, the windows it is scored on and the texts it reads. The Q/K
+disruption test (planned before the pass, from the concentration the lifeline pass read) adds its windows and passkey
+prompts to the unmodified lane, and two lanes that carry them from the first block whose queries or keys they zero:
+the massive dims zeroed, and the control's. After the last block every scored lane goes through the final norm and
+head.
 
-The rows, claims and steps are then built from the lanes' results by the functions that build them in memory, so each
-number is the one the in-memory stage computes."""
+The rows, claims, steps and the disruption test are then built from the lanes' results by the functions that build
+them in memory, so each number is the one the in-memory stage computes."""
 
 from __future__ import annotations
 
@@ -24,14 +27,16 @@ from ...capture.edits import coordinate, set_weight
 from ...capture.hooks import tap
 from ...capture.prefix import run_from
 from ...capture.probe import probe_block
-from ...capture.streaming import Batch, Carried, HiddenStates, carry_lanes
+from ...capture.streaming import Batch, Carried, HiddenStates, carry_lanes, run_head
 from ...models.checkpoint import StreamedModel
 from ...models.loading import LoadedModel
 from ...settings import ScanSettings
 from ..detect.stream import StreamPlace
 from ..evaluation.mlm import masked_windows, next_token_windows
-from ..evaluation.perplexity import EvalText, eval_windows
+from ..evaluation.perplexity import EvalText, eval_windows, perplexity_of
 from ..evaluation.windows import Evaluation
+from ..function.qk import Scored, disruption_from, disruption_test, passkey_batch, passkey_of, qk_layouts, zeroed_dims
+from ..function.results import QkDisruption
 from ..function.sinks import SinkPass, SinkSums, replaced_massive, sink_groups, sink_texts, sinks_from, text_metrics
 from ..mechanism.results import Mechanism, SuperWeight
 from ..mechanism.stream import EventPass
@@ -55,6 +60,7 @@ from .verification import (
 )
 
 HIDDEN = "causal-hidden"  # the lanes' memory-mapped files in the output folder, one per lane: NAME-<lane>.bin
+QK_LANES = ("qk: massive", "qk: control")  # the Q/K disruption test's zeroed settings, after the unmodified one
 
 
 class LaneEvaluation(Evaluation):
@@ -93,13 +99,15 @@ class LaneEvaluation(Evaluation):
 @dataclass(kw_only=True)
 class _Wanted:
     """What one lane measures, merged over every planned lane with its target: the context (given the batch going
-    through), start block, reads, whether it is scored and whether it carries the sink texts."""
+    through), start block, reads, whether it is scored, whether it carries the sink texts and whether the Q/K
+    disruption test's batches."""
 
     context: Callable[[Batch], AbstractContextManager]
     start: int
     reads: set[Read] = field(default_factory=set)
     scored: bool = False
     sinks: bool = False
+    qk: bool = False
 
 
 @dataclass(kw_only=True)
@@ -146,22 +154,24 @@ def _valid(batch: Batch) -> torch.Tensor | None:
 @torch.no_grad()
 def streamed_causal(streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace,
                     on_block: Callable[[int], None] | None = None,
-                    trigger: StreamedTrigger | None = None) -> tuple[Mechanism, Causal]:
+                    trigger: StreamedTrigger | None = None) -> tuple[Mechanism, Causal, QkDisruption | None]:
     """The mechanism's second pass (``events``: the events the lifelines name, explained as the pass reaches them, with
     the findings and kept texts they come from; none where nothing is massive) and ``pipeline.causal_stage`` of a
     streamed model, in one pass (``on_block(layer)`` as each block is done): the interventions with their output
     effects and the input dependence, the attention sinks with the massive values replaced, the super weights zeroed
-    one by one, and a mixture's super experts (``events.super_experts``, the corpus pass's) pruned against a random
-    control. A block's interventions are planned from its events, explained as the unmodified lane has gone through
-    it. ``place``: where the lanes' hidden states go, all together, beyond its device and host allowances (files in its
-    folder). ``trigger``: run on the unmodified model once its last block's events are explained, the blocks up to
-    it kept loaded (``analysis.trigger.stream``)."""
+    one by one, a mixture's super experts (``events.super_experts``, the corpus pass's) pruned against a random
+    control, and the Q/K disruption test of the dims ``events.qk`` finds massive (None where none is). A block's
+    interventions are planned from its events, explained as the unmodified lane has gone through it. ``place``: where
+    the lanes' hidden states go, all together, beyond its device and host allowances (files in its folder).
+    ``trigger``: run on the unmodified model once its last block's events are explained, the blocks up to it kept
+    loaded (``analysis.trigger.stream``)."""
     return _LanePass(streamed, events, settings, text, place, trigger).run(on_block)
 
 
 class _LanePass:
     """``streamed_causal``'s pass: its batches (the evaluation windows, the carriers' texts, the input dependence's and
-    the sinks' texts), the lanes planned as the blocks load, what they read, and the report's sections from them."""
+    the sinks' texts, the Q/K disruption test's windows and passkey prompts), the lanes planned as the blocks load,
+    what they read, and the report's sections from them."""
 
     def __init__(self, streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace,
                  trigger: StreamedTrigger | None = None):
@@ -196,6 +206,17 @@ class _LanePass:
             padded, mask = pad_batch([inputs[number] for number in group])
             self.batches.append(Batch(ids=padded, mask=mask, texts=torch.tensor(group)))
             until.append(self.softmax[-1])
+        # The Q/K disruption test, planned from pass 2's concentration: its windows one a batch, as perplexity() runs
+        # them, and its passkey prompts as one padded batch, scored after the last block in each of its settings.
+        self.qk = disruption_test(lm, events.qk, text) if events.qk is not None and not lm.adapter.encoder else None
+        self.qk_layouts = qk_layouts(lm) if self.qk is not None else {}
+        self.qk_batches: list[int] = []
+        if self.qk is not None:
+            passkey_ids, passkey_mask = passkey_batch(self.qk.prompts)
+            for ids, mask in [(ids, torch.ones_like(ids)) for ids in self.qk.windows] + [(passkey_ids, passkey_mask)]:
+                self.qk_batches.append(len(self.batches))
+                self.batches.append(Batch(ids=ids, mask=mask, texts=torch.tensor([-1])))
+                until.append(self.n_layers - 1)
         self.until = until
         self.pool = {"device": 0, "host": 0, "file": 0}
         self.trigger = trigger
@@ -226,11 +247,12 @@ class _LanePass:
                             path=self.folder / f"{HIDDEN}-{name}.bin", pool=self.pool)
 
     def want(self, target: str, context: Callable[[Batch], AbstractContextManager], start: int, reads, scored: bool,
-             sinks: bool = False) -> None:
+             sinks: bool = False, qk: bool = False) -> None:
         entry = self.wanted.setdefault(target, _Wanted(context=context, start=start))
         entry.reads.update(reads)
         entry.scored = entry.scored or scored
         entry.sinks = entry.sinks or sinks
+        entry.qk = entry.qk or qk
 
     def plan_block(self, layer: int, block_input: Callable[[int], Any]) -> list[Carried]:
         """The lanes that start at ``layer``, planned from its weights (loaded now) and its events, explained now."""
@@ -257,12 +279,16 @@ class _LanePass:
         for _, lane in self.pruning:
             if lane.start == layer:
                 self.want(lane.target, _each_batch(lane.context), lane.start, lane.reads, lane.scored, sinks=True)
+        for key, plan in zip(QK_LANES, (self.qk.massive, self.qk.control) if self.qk is not None else ()):
+            if min(plan) == layer:  # from the first block whose queries or keys it zeroes
+                self.want(key, lambda batch, plan=plan: zeroed_dims(lm, plan, self.qk_layouts, self.events.qk), layer, (), False,
+                          qk=True)
         lanes = []
         for target in [t for t in self.wanted if t not in before]:
             entry = self.wanted[target]
             carried = (sorted({self.carrier_batch[read.text] for read in entry.reads}) + (self.windows if entry.scored else [])
-                       + (list(self.sink_batch) if entry.sinks else []))
-            last = (self.n_layers - 1 if entry.scored or entry.sinks
+                       + (list(self.sink_batch) if entry.sinks else []) + (self.qk_batches if entry.qk else []))
+            last = (self.n_layers - 1 if entry.scored or entry.sinks or entry.qk
                     else max(block for read in entry.reads for block in read.layers))
             self.count += 1
             lanes.append(Carried(key=target, context=entry.context, start=entry.start, batches=carried, last=last,
@@ -340,14 +366,14 @@ class _LanePass:
             sums.add({**{layer: m for layer, m in base.get(number, {}).items() if layer < start}, **lane.get(number, {})})
         return sums.result()
 
-    def run(self, on_block: Callable[[int], None] | None) -> tuple[Mechanism, Causal]:
+    def run(self, on_block: Callable[[int], None] | None) -> tuple[Mechanism, Causal, QkDisruption | None]:
         evaluation = self.evaluation
         lanes = carry_lanes(self.streamed, self.batches, self.until, self.plan_block, self.at_block, self.states("baseline"),
                             self.on_batch, self.explained, on_block, -1 if self.trigger is None else self.trigger.keep)
         try:
             for lane in lanes:
                 evaluation.finals[lane.key] = lane.states.get
-            return self.events.mechanism(), self._causal({lane.key: lane.start for lane in lanes})
+            return self.events.mechanism(), self._causal({lane.key: lane.start for lane in lanes}), self._disruption()
         finally:
             for lane in lanes:
                 lane.states.remove()
@@ -383,6 +409,20 @@ class _LanePass:
                                               self.sink_pass(lane.target, lane.start) if base is not None else None)
                                  for pairs, lane in self.pruning]
         return causal
+
+    def _disruption(self) -> QkDisruption | None:
+        """The Q/K disruption test from its settings' lanes (the unmodified one, then ``QK_LANES``): each of their
+        batches' last-block states through the final norm and head, scored as in memory."""
+        if self.qk is None:
+            return None
+        *windows, passkey = self.qk_batches
+
+        def scored(key: str) -> Scored:
+            logits = lambda index: run_head(self.lm, self.batches[index], self.evaluation.finals[key](index)).logits
+            return (perplexity_of((logits(index), self.batches[index].ids) for index in windows),
+                    passkey_of(logits(passkey), self.qk.prompts))
+
+        return disruption_from(self.qk, (scored("baseline"), *(scored(key) for key in QK_LANES)))
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -40,11 +41,16 @@ def eval_windows(lm: LoadedModel, text: str, window: int = 256, max_tokens: int 
 
 @torch.no_grad()
 def perplexity(lm: LoadedModel, windows: list[torch.Tensor]) -> float:
-    """Token-weighted: exp(sum of next-token NLL / number of predicted tokens) over all windows."""
+    """Token-weighted: exp(sum of next-token NLL / number of predicted tokens) over all windows, each its own pass."""
+    return perplexity_of((lm.model(input_ids=ids.to(lm.device), use_cache=False).logits, ids) for ids in windows)
+
+
+def perplexity_of(scored: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """``perplexity`` from each window's logits [1, n, vocab] and its ids [1, n], however the logits were computed
+    (a whole-model pass, or a streamed model's last block through the head)."""
     total, count = 0.0, 0
-    for ids in windows:
-        ids = ids.to(lm.device)
-        total += next_token_nll(lm.model(input_ids=ids, use_cache=False).logits, ids)
+    for logits, ids in scored:
+        total += next_token_nll(logits, ids)
         count += ids.shape[1] - 1
     mean = total / count
     return math.exp(mean) if mean < 700 else float("inf")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 
@@ -176,13 +177,22 @@ def passkey_prompts(lm: LoadedModel, text: str, trials: int = TRIALS, seed: int 
     return prompts
 
 
+def passkey_batch(prompts: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as the one right-padded batch they are scored in: ids and attention mask."""
+    return pad_batch([ids for ids, _ in prompts])
+
+
 @torch.no_grad()
 def passkey_score(lm: LoadedModel, prompts: list[tuple[torch.Tensor, int]]) -> tuple[float, float]:
-    """Over the prompts (one right-padded pass): the mean log-probability of the number's tokens (summed over them,
-    each predicted from the prompt and the number's tokens before it) and the share whose greedy continuation is the
-    number (every one of its tokens the argmax there)."""
-    ids, mask = pad_batch([ids for ids, _ in prompts])
-    logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+    """Over the prompts (one right-padded pass, ``passkey_batch``): ``passkey_of`` the model's logits."""
+    ids, mask = passkey_batch(prompts)
+    return passkey_of(lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits, prompts)
+
+
+def passkey_of(logits: torch.Tensor, prompts: list[tuple[torch.Tensor, int]]) -> tuple[float, float]:
+    """From the logits [prompts, positions, vocab] of ``passkey_batch``: the mean log-probability of the number's
+    tokens (summed over them, each predicted from the prompt and the number's tokens before it) and the share whose
+    greedy continuation is the number (every one of its tokens the argmax there)."""
     logprob, matched = 0.0, 0
     for row, (prompt, n) in enumerate(prompts):
         end = prompt.shape[1]
@@ -212,7 +222,8 @@ def zero_plan(values: QkValues, seed: int = SEED) -> tuple[dict, dict]:
     return massive, control
 
 
-def _zeroed(lm: LoadedModel, plan: dict, layouts: dict[int, QkLayout], values: QkValues) -> ExitStack:
+def zeroed_dims(lm: LoadedModel, plan: dict, layouts: dict[int, QkLayout], values: QkValues) -> ExitStack:
+    """``plan``'s dims (a ``zero_plan``) zeroed in the queries and keys of its blocks until the stack is closed."""
     stack = ExitStack()
     dims_of = {b.layer: b.head_dim for b in values.blocks}
     for layer, by_name in plan.items():
@@ -223,33 +234,61 @@ def _zeroed(lm: LoadedModel, plan: dict, layouts: dict[int, QkLayout], values: Q
     return stack
 
 
-def disruption(lm: LoadedModel, values: QkValues, layouts: dict[int, QkLayout], text: EvalText, seed: int = SEED
-               ) -> QkDisruption | None:
-    """The disruption test (None where no Q/K dim is massive): perplexity on the first EVAL_WINDOWS windows of the
-    evaluation text and the passkey score, the model as it is, with the massive dims zeroed, and with the control's."""
+Scored = tuple[float, tuple[float, float]]  # a setting's perplexity and its passkey_of: (log-probability, share retrieved)
+SETTINGS = ("unmodified", "massive Q/K dims zeroed", "as many other dims zeroed (control)")  # the test's, in its order
+
+
+@dataclass(kw_only=True)
+class DisruptionTest:
+    """What the disruption test runs: the dims zeroed (``zero_plan``: the ``massive`` ones, the ``control``'s, drawn
+    with ``seed``), the evaluation ``windows`` perplexity is taken on ([1, n] ids, each its own pass) and the passkey
+    ``prompts``. Each of its ``SETTINGS`` is scored as ``Scored``: its perplexity and its ``passkey_of``."""
+
+    massive: dict
+    control: dict
+    seed: int
+    windows: list[torch.Tensor]
+    prompts: list[tuple[torch.Tensor, int]]
+
+
+def disruption_test(lm: LoadedModel, values: QkValues, text: EvalText, seed: int = SEED) -> DisruptionTest | None:
+    """The test on ``text`` of the dims ``values`` finds massive (None where none is): the first EVAL_WINDOWS windows
+    of the evaluation text and TRIALS passkey prompts made from it."""
     massive, control = zero_plan(values, seed)
     if not massive:
         return None
-    windows = eval_windows(lm, text.text)[:EVAL_WINDOWS]
-    prompts = passkey_prompts(lm, text.text, TRIALS, seed)
+    return DisruptionTest(massive=massive, control=control, seed=seed, windows=eval_windows(lm, text.text)[:EVAL_WINDOWS],
+                          prompts=passkey_prompts(lm, text.text, TRIALS, seed))
 
-    def score(label: str, plan: dict | None) -> QkScore:
-        with _zeroed(lm, plan or {}, layouts, values):
-            ppl = perplexity(lm, windows)
-            logprob, match = passkey_score(lm, prompts)
-        return QkScore(label=label, perplexity=ppl, passkey_logprob=logprob, passkey_match=match)
 
-    base = score("unmodified", None)
-    zeroed = score("massive Q/K dims zeroed", massive)
-    other = score("as many other dims zeroed (control)", control)
+def disruption_from(test: DisruptionTest, scored: tuple[Scored, Scored, Scored]) -> QkDisruption:
+    """The section's test from its three settings' scores, in ``SETTINGS``' order."""
+    base, zeroed, other = (QkScore(label=label, perplexity=ppl, passkey_logprob=logprob, passkey_match=match)
+                           for label, (ppl, (logprob, match)) in zip(SETTINGS, scored, strict=True))
+    massive, prompts = test.massive, test.prompts
     count = sum(len(dims) for by_name in massive.values() for heads in by_name.values() for dims in heads.values())
     words = (f"zeroing the {count} massive Q/K dims of blocks {', '.join(map(str, sorted(massive)))} takes perplexity from "
              f"{base.perplexity:.3g} to {zeroed.perplexity:.3g} (control: {other.perplexity:.3g}) and the passkey's log-probability "
              f"from {base.passkey_logprob:.2f} to {zeroed.passkey_logprob:.2f} (control: {other.passkey_logprob:.2f}); passkey "
              f"retrieved in {base.passkey_match:.0%}, {zeroed.passkey_match:.0%} and {other.passkey_match:.0%} of {len(prompts)} trials")
-    return QkDisruption(blocks=sorted(massive), zeroed=count, seed=seed, trials=len(prompts),
-                        passkey_tokens=max(ids.shape[1] for ids, _ in prompts), tokens=sum(w.shape[1] for w in windows),
+    return QkDisruption(blocks=sorted(massive), zeroed=count, seed=test.seed, trials=len(prompts),
+                        passkey_tokens=max(ids.shape[1] for ids, _ in prompts), tokens=sum(w.shape[1] for w in test.windows),
                         base=base, massive=zeroed, control=other, summary=words)
+
+
+def disruption(lm: LoadedModel, values: QkValues, layouts: dict[int, QkLayout], text: EvalText, seed: int = SEED
+               ) -> QkDisruption | None:
+    """The disruption test (None where no Q/K dim is massive): perplexity on the first EVAL_WINDOWS windows of the
+    evaluation text and the passkey score, the model as it is, with the massive dims zeroed, and with the control's."""
+    test = disruption_test(lm, values, text, seed)
+    if test is None:
+        return None
+
+    def score(plan: dict) -> Scored:
+        with zeroed_dims(lm, plan, layouts, values):
+            return perplexity(lm, test.windows), passkey_score(lm, test.prompts)
+
+    return disruption_from(test, (score({}), score(test.massive), score(test.control)))
 
 
 def qk_values(lm: LoadedModel, inputs: dict[int, torch.Tensor], text: EvalText | None = None) -> QkValues:
