@@ -239,15 +239,15 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
         events.readings, events.qk = streamed_valley(streamed, found.findings, found.inputs, folder)
     readings, qk = events.readings, events.qk
     # the trigger in the events' pass, on the blocks up to its last kept loaded where they fit
-    trigger = streamed_trigger(streamed, events, settings, found.corpus.windows, place or StreamPlace(folder=folder))
+    trigger = events.trigger = streamed_trigger(streamed, events, settings, found.corpus.windows, place or StreamPlace(folder=folder))
     if explained and not verified:
-        mechanism = explain_streamed(streamed, events, folder, trigger.keep, trigger.finished)
+        mechanism = explain_streamed(streamed, events, folder)
     if verified:  # the Q/K disruption test too, of the dims the concentration found massive
         what = "mechanism and interventions" if explained else "interventions"
         advance = (progress or _silent)(f"streamed {what}: {n_layers} blocks", n_layers)
         mechanism, causal, qk.disruption = streamed_causal(
             streamed, events, settings, _eval_text(settings), place or StreamPlace(folder=folder),
-            on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"), trigger=trigger)
+            on_block=lambda layer: advance(f"streamed {what}: block {layer + 1} of {n_layers}"))
     warnings += trigger.warnings()
     texts = valley_texts(found.findings, found.inputs)
     rate = causal.attention.rate if causal.attention is not None else None

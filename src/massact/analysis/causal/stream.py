@@ -40,7 +40,6 @@ from ..function.results import QkDisruption
 from ..function.sinks import SinkPass, SinkSums, replaced_massive, sink_groups, sink_texts, sinks_from, text_metrics
 from ..mechanism.results import Mechanism, SuperWeight
 from ..mechanism.stream import EventPass
-from ..trigger.stream import StreamedTrigger
 from .expert_pruning import pruning_from, pruning_lanes
 from .output_effects import Edit, output_effects
 from .results import Causal, EmbeddingChange, InputDependence, OutputEffect
@@ -153,8 +152,7 @@ def _valid(batch: Batch) -> torch.Tensor | None:
 
 @torch.no_grad()
 def streamed_causal(streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace,
-                    on_block: Callable[[int], None] | None = None,
-                    trigger: StreamedTrigger | None = None) -> tuple[Mechanism, Causal, QkDisruption | None]:
+                    on_block: Callable[[int], None] | None = None) -> tuple[Mechanism, Causal, QkDisruption | None]:
     """The mechanism's second pass (``events``: the events the lifelines name, explained as the pass reaches them, with
     the findings and kept texts they come from; none where nothing is massive) and ``pipeline.causal_stage`` of a
     streamed model, in one pass (``on_block(layer)`` as each block is done): the interventions with their output
@@ -163,9 +161,9 @@ def streamed_causal(streamed: StreamedModel, events: EventPass, settings: ScanSe
     control, and the Q/K disruption test of the dims ``events.qk`` finds massive (None where none is). A block's
     interventions are planned from its events, explained as the unmodified lane has gone through it. ``place``: where
     the lanes' hidden states go, all together, beyond its device and host allowances (files in its folder).
-    ``trigger``: run on the unmodified model once its last block's events are explained, the blocks up to it kept
-    loaded (``analysis.trigger.stream``)."""
-    return _LanePass(streamed, events, settings, text, place, trigger).run(on_block)
+    ``events.trigger``: run on the unmodified model once its last block's events are explained, the blocks up to it
+    kept loaded (``analysis.trigger.stream``)."""
+    return _LanePass(streamed, events, settings, text, place).run(on_block)
 
 
 class _LanePass:
@@ -173,8 +171,7 @@ class _LanePass:
     the sinks' texts, the Q/K disruption test's windows and passkey prompts), the lanes planned as the blocks load,
     what they read, and the report's sections from them."""
 
-    def __init__(self, streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace,
-                 trigger: StreamedTrigger | None = None):
+    def __init__(self, streamed: StreamedModel, events: EventPass, settings: ScanSettings, text: EvalText, place: StreamPlace):
         lm = self.lm = streamed.lm
         findings, inputs = events.findings, events.inputs
         self.streamed, self.findings, self.inputs, self.events, self.settings = streamed, findings, inputs, events, settings
@@ -219,7 +216,7 @@ class _LanePass:
                 until.append(self.n_layers - 1)
         self.until = until
         self.pool = {"device": 0, "host": 0, "file": 0}
-        self.trigger = trigger
+        self.trigger = trigger = events.trigger
         if trigger is not None:  # the blocks it keeps count in the lanes' memory
             trigger.hold(self.pool)
         self.device_bytes = place.device_bytes if lm.device.type != "cpu" else 0

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +35,9 @@ from ..function.valley import Reading, block_medians, read_block, valley_texts
 from .explain import Event, Probes, event_positions, explain, pick_events, state_of, token_values, token_view
 from .lifeline import carrier_groups, lifeline_sites, lifelines, main_carrier
 from .results import Mechanism
+
+if TYPE_CHECKING:  # the trigger reads the events' pass: only its type here
+    from ..trigger.stream import StreamedTrigger
 
 
 @dataclass(kw_only=True)
@@ -65,19 +69,18 @@ class _Pass:
 
 
 @torch.no_grad()
-def explain_streamed(streamed: StreamedModel, events: EventPass, folder: Path, keep: int = -1,
-                     after: Callable[[int], None] | None = None) -> Mechanism:
-    """The second of the streamed mechanism's passes, on its own: ``events`` explained (see ``streamed_lifelines``).
-    ``after(layer)`` is called once the block's events are explained; the blocks up to ``keep`` stay loaded until
-    ``after(keep)`` has returned (what reads the model through them then, a later stage's passes)."""
+def explain_streamed(streamed: StreamedModel, events: EventPass, folder: Path) -> Mechanism:
+    """The second of the streamed mechanism's passes, on its own: ``events`` explained (see ``streamed_lifelines``),
+    and its trigger run (``EventPass.trigger``), the blocks up to its last kept loaded until it has."""
     run = _Pass(streamed=streamed, texts=events.texts, inputs=events.inputs, folder=folder)
+    trigger = events.trigger
 
     def finished(layer: int) -> None:
         events.finished(layer)
-        if after is not None:
-            after(layer)
+        if trigger is not None:
+            trigger.finished(layer)
 
-    run.run(events.at_block, finished, events, keep)
+    run.run(events.at_block, finished, events, -1 if trigger is None else trigger.keep)
     return events.mechanism()
 
 
@@ -194,6 +197,8 @@ class EventPass:
     qk: QkValues | None = None  # the Q/K section's concentration, taken in the first pass
     running: int = -1
     super_experts: object = None  # the corpus pass's, set by the caller
+    # The trigger, run in this pass once its last block is done (``analysis.trigger.stream``), set by the caller.
+    trigger: StreamedTrigger | None = None
     probes: Probes = field(default_factory=dict)
     found: dict[int, tuple] = field(default_factory=dict)
     output: list[torch.Tensor] = field(default_factory=list)
