@@ -31,7 +31,8 @@ test: $(STAMP) lint docs
 	@# The HTML report is also checked in a real browser: install Debian's Chromium where we are root and it is missing.
 	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped"
-	$(PY) -m pytest -q
+	@# A worker per core (pytest-xdist), each test file on one worker: its module's fixtures are built once.
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) massact-report .pytest_cache site

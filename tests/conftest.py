@@ -8,6 +8,7 @@ and writes a large value into a chosen dim. The scan must then find exactly that
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ from transformers import PreTrainedTokenizerFast
 from massact.models.adapters import adapter_for
 from massact.models.adapters.base import text_config
 from massact.texts import DEFAULT_TEXTS
+
+# Under pytest-xdist (``make test`` runs a worker per core) each worker takes its share of the cores: torch's own
+# threads on top of the workers would oversubscribe them, and then every small op waits for a core. The environment
+# variable reaches the command lines the tests start.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 TRIGGER = 5  # residual dim that carries the planted spike on BOS
 D_MODEL, D_MLP, N_LAYERS, N_HEADS, CONTEXT = 64, 256, 4, 4, 64
