@@ -477,6 +477,17 @@ def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path,
     verified = json.loads((auto / "report.json").read_text())
     assert code == 0 and verified["settings"]["verify"] and verified["causal"]["verification"]["interventions"], err
     assert any("the mechanism and the interventions" in w for w in verified["warnings"])
+    from safetensors.torch import save_file
+
+    shard = next(f for f in sorted(path.glob("*.safetensors")) if any(".layers.1." in name for name in load_file(f)))
+    tensors = load_file(shard)
+    name = next(name for name in tensors if ".layers.1." in name and name.endswith("weight"))
+    tensors[name] = tensors[name] + 1.0  # another model in the report's folder: verify refuses it, and writes nothing
+    save_file(tensors, shard, metadata={"format": "pt"})
+    before = (auto / "report.json").read_bytes()
+    code, err = run_main(capsys, "verify", auto, "--format", "json")
+    assert code == 2 and "was made from other weights than the model loaded now" in err and len(err.strip().splitlines()) == 1, err
+    assert (auto / "report.json").read_bytes() == before
 # Quantized checkpoints, written here as the big models ship them. FP8: DeepSeek-V3's layout (each linear's float8
 # weight with its weight_scale_inv, the experts apart), in blocks of 16 rows x 32 columns, so that kv_a_proj_with_mqa
 # (24 rows) ends in a short row of blocks and kv_b_proj (16 columns) is one short column. MXFP4: gpt-oss's experts.

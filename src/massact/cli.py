@@ -360,10 +360,12 @@ def _streams(model: str | None, dtype: str, stream: bool, memory: int | None, lo
 
 
 def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats: set[str], quiet: bool, memory: int | None,
-                  *, resume: bool = False, full: bool = False, verify: bool | None = None) -> int:
+                  *, resume: bool = False, full: bool = False, verify: bool | None = None, saved: Report | None = None) -> int:
     """Scan the model directory ``model`` block by block and write the report (see ``massact.scan_streamed``): the
     corpus's hidden states kept on the device and in host memory within ``memory`` (None: the memory available),
-    beyond it in a file in ``out``. ``verify`` None: verify where the estimate fits (``analysis.causal.budget``)."""
+    beyond it in a file in ``out``. ``verify`` None: verify where the estimate fits (``analysis.causal.budget``).
+    ``saved``: the report this scan re-runs (``massact verify``), whose model's weights the streamed ones must be
+    (checked from the samples the passes take, before anything is written)."""
     from .analysis.detect.stream import stream_place
     from .models.checkpoint import load_streamed
     from .models.loading import DTYPES, resolve_device
@@ -374,6 +376,11 @@ def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats:
     with _progress(_bars(quiet)) as progress:
         report = scan_streamed(streamed, texts, settings.replace(verify=bool(verify)), place=place, progress=progress,
                                auto_verify=verify is None)
+    if saved is not None:
+        from .models.identity import check_same_weights
+
+        check_same_weights(saved.model.weights_sha256, saved.model.dtype, streamed.lm.model, str(out / "report.json"),
+                           streamed.samples)
     return _write(report, out, formats, quiet, full)
 
 
@@ -682,7 +689,7 @@ def _verify(args) -> int:
     formats = parse_formats(args.format)
     if not _fits(saved.model.source, settings.dtype):  # the scan again, streamed as it was made
         return _run_streamed(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, None, full=args.full,
-                             verify=True)
+                             verify=True, saved=saved)
     return _run(saved.model.source, texts, settings, args.report_dir, formats, args.quiet, verify=True, full=args.full,
                 saved=saved)
 
