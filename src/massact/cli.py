@@ -375,7 +375,7 @@ def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats:
     place = stream_place(streamed, settings, out, memory, resume)
     with _progress(_bars(quiet)) as progress:
         report = scan_streamed(streamed, texts, settings.replace(verify=bool(verify)), place=place, progress=progress,
-                               auto_verify=verify is None)
+                               auto_verify=verify is None, quantization=saved.deploy.quantization if saved else None)
     if saved is not None:
         from .models.identity import check_same_weights
 

@@ -19,7 +19,7 @@ from .analysis.causal.stream import streamed_causal
 from .analysis.causal.superweights import all_super_weights
 from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify_by_intervention
 from .analysis.deploy.precision import headroom
-from .analysis.deploy.quant import measure_quantization
+from .analysis.deploy.quant import measure_quantization, sweep_inputs, sweep_options
 from .analysis.deploy.results import Deploy, Protect, Quantization
 from .analysis.deploy.stream import streamed_quantization
 from .analysis.detect.results import Findings
@@ -187,7 +187,7 @@ def _by_estimate(lm: LoadedModel, found: Detection, corpus_seconds: float, eval_
 @torch.no_grad()
 def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None = None, settings: ScanSettings | None = None,
                   *, place: StreamPlace | None = None, progress: Progress | None = None, auto_verify: bool = False,
-                  **options) -> Report:
+                  quantization: Quantization | None = None, **options) -> Report:
     """``scan`` of a model read block by block from its checkpoint (``models.checkpoint.load_streamed``): the corpus
     pass with each block's weights read once, the massive entries and dims, the super experts of a mixture of experts
     and the float16 headroom; two more passes over the kept texts for the mechanism; with ``settings.verify``, one
@@ -197,7 +197,8 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     concentration are read in the first mechanism pass (in a pass of their own where there is none). The trigger runs
     in the second, on the blocks up to the deepest its passes reach, kept loaded where they fit ``place``'s allowance
     (``analysis.trigger.stream``; else the report's warnings say it is not measured). With hyper-connections the
-    mechanism, trigger and verification are not streamed yet, which the report's warnings say."""
+    mechanism, trigger and verification are not streamed yet, which the report's warnings say. ``quantization``: as
+    for ``scan``, a saved sweep kept where it was measured on the same inputs."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -265,8 +266,9 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                     warnings=warnings, versions=_versions(), valley=valley, qk=qk)
     if settings.quant and found.findings.dims:
         report.deploy.quantization = quantize_streamed(streamed, build_protect(report), settings, place or StreamPlace(folder=folder),
-                                                       progress=progress)
-        passes.append("the quantization's massive tokens and settings")
+                                                       progress=progress, earlier=quantization)
+        if report.deploy.quantization is not quantization:  # measured, not kept
+            passes.append("the quantization's massive tokens and settings")
     reads = streamed.checkpoint.bytes_read / max(size, 1)
     missing = ("; not measured on a streamed model yet: the mechanism, trigger and verification (hyper-connections)"
                if lm.adapter.hyper is not None else "")
@@ -278,11 +280,17 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
 
 @guarded
 def quantize_streamed(streamed: StreamedModel, protect: Protect, settings: ScanSettings, place: StreamPlace,
-                      eval_text: str | None = None, progress: Progress | None = None) -> Quantization:
+                      eval_text: str | None = None, progress: Progress | None = None,
+                      earlier: Quantization | None = None) -> Quantization:
     """``quantize`` of a model read block by block (``analysis.deploy.stream``): the same sweep, every setting a lane
-    of one pass over the blocks, after a pass to the last protected block that marks the massive tokens."""
+    of one pass over the blocks, after a pass to the last protected block that marks the massive tokens; ``earlier``
+    (a saved sweep) kept where it was measured on the same inputs, with no pass at all."""
     if eval_text is None and settings.eval_file is not None:
         eval_text = read_eval_file(settings.eval_file)
+    options = sweep_options(settings, eval_text)
+    inputs = sweep_inputs(streamed.lm, protect, options.text, options.grid, options.clip_z, options.block, options.engines)
+    if earlier is not None and earlier.inputs_sha256 == inputs:
+        return earlier
     n_layers = len(streamed.lm.adapter.blocks(streamed.lm.model))
     bars: dict[str, Callable[..., None]] = {}
 
