@@ -471,6 +471,9 @@ def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path,
     swept = json.loads((out / "report.json").read_text())["deploy"]["quantization"]
     assert code == 0 and [row["kind"] for row in swept["engines"]] == ["all", "protected", "control", "sparse"], err
     assert swept["engines"][1]["modules_in_float"] == ["model.layers.1.mlp.down_proj"]  # the planted super weight's
+    code, err = run_main(capsys, "verify", out, "--format", "json")  # streamed, the sweep kept: its inputs are the same
+    assert code == 0 and "kept the saved quantization sweep" in err, err
+    assert json.loads((out / "report.json").read_text())["deploy"]["quantization"] == swept
     code, err = run_main(capsys, "quant", path, "--protect", out / "protect.json", "--out", tmp_path / "x")
     assert code == 2 and "quant --protect runs the model in memory, and its weights" in err and "(1.0 kB)" in err, err
     code, err = run_main(capsys, "verify", auto, "--format", "json")  # streamed again, verified this time

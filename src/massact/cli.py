@@ -381,6 +381,8 @@ def _run_streamed(model: str, texts, settings: ScanSettings, out: Path, formats:
 
         check_same_weights(saved.model.weights_sha256, saved.model.dtype, streamed.lm.model, str(out / "report.json"),
                            streamed.samples)
+        if saved.deploy.quantization is not None and report.deploy.quantization is saved.deploy.quantization:
+            _log(quiet)("kept the saved quantization sweep: the same protect list, evaluation text, dtype, device and grid")
     return _write(report, out, formats, quiet, full)
 
 
