@@ -436,3 +436,49 @@ def test_stream_fields_are_optional_in_the_json():
     assert "stream" not in to_data(one) and read(Massive, to_data(one), "report.json").stream == ""
     several = Massive(layer=1, text=0, position=0, token="<s>", dim=20, value=300.0, ratio=5000.0, stream="s2")
     assert to_data(several)["stream"] == "s2" and read(Massive, to_data(several), "report.json") == several
+
+
+@pytest.mark.parametrize("family, at", [("hy_v4", 0), ("deepseek_v4", LAYER)])
+def test_a_streamed_report_equals_the_in_memory_report(family, at, tokenizer, tmp_path):
+    """Read block by block from its checkpoint, the planted model's report is the in-memory one: the lifeline in
+    stream s2, its stream origins (the MLP's write at birth, the mixing carrying it a block on), the MLP opened (HY-V4's
+    dense block 0: neurons, anatomy, super weight; DeepSeek-V4's shared expert), the birth state and token view in s2,
+    the trigger, and the verification (interventions in s2, output effects, input dependence, sinks, super weights or
+    experts pruned). The blocks are read 3 times: the corpus, the lifelines with the valley, the mechanism with the
+    trigger and the interventions; nothing is said not measured."""
+    import massact
+    from massact.analysis.detect.stream import StreamPlace
+    from massact.models.checkpoint import load_streamed
+    from massact.pipeline import scan_streamed
+    from test_streaming import _close as _same
+    from test_streaming import _comparable
+
+    model = tiny_model(family, len(tokenizer))
+    _plant(model, tokenizer.bos_token_id, at=at)
+    path = tmp_path / family
+    model.save_pretrained(path, max_shard_size="100KB")
+    tokenizer.save_pretrained(path)
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text(EVAL, encoding="utf-8")
+    options = {"texts": TEXTS, "verify": True, "device": "cpu", "eval_file": str(eval_file)}
+    memory = massact.scan(str(path), **options)
+    streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
+    got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out"), **options)
+    (line,) = got.mechanism.lifelines
+    assert (line.dim, line.stream, line.born_at) == (DIM, "s2", at)
+    birth, carried = got.mechanism.streams
+    assert (birth.layer, birth.carrier, birth.role, carried.layer, carried.carrier, carried.role) == (at, "mlp", "write", at + 1,
+                                                                                                     "s2", "carry")
+    opened = got.mechanism.attribution if family == "hy_v4" else [expert.moe for expert in got.mechanism.experts]
+    assert [split.neurons[0].neuron for split in opened] == [NEURON] and len(got.mechanism.anatomy) == (family == "hy_v4")
+    assert got.mechanism.birth_state.layer == at and got.mechanism.token_values.streams == ["s2"]
+    assert got.trigger[0].neurons[0].neuron == NEURON
+    rows = got.causal.verification.interventions
+    assert any(row.confirms for row in rows) and any(row.target == f"zero {at}:[{DIM}]" for row in rows)
+    assert got.causal.attention.texts > 0
+    _same(_comparable(got), _comparable(memory))
+    blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
+    assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
+    (said,) = [w for w in got.warnings if w.startswith("streamed model:")]
+    assert said.endswith("the corpus pass, the lifelines and the compression valley, the mechanism and the interventions)"), said
+    assert not any((tmp_path / "out").glob("*.bin"))
