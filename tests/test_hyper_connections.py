@@ -438,14 +438,18 @@ def test_stream_fields_are_optional_in_the_json():
     assert to_data(several)["stream"] == "s2" and read(Massive, to_data(several), "report.json") == several
 
 
+SECOND = 30  # HY-V4's dense block 0 also writes this dim, through neuron NEURON + 1, negative
+
+
 @pytest.mark.parametrize("family, at", [("hy_v4", 0), ("deepseek_v4", LAYER)])
 def test_a_streamed_report_equals_the_in_memory_report(family, at, tokenizer, tmp_path):
-    """Read block by block from its checkpoint, the planted model's report is the in-memory one: the lifeline in
-    stream s2, its stream origins (the MLP's write at birth, the mixing carrying it a block on), the MLP opened (HY-V4's
-    dense block 0: neurons, anatomy, super weight; DeepSeek-V4's shared expert), the birth state and token view in s2,
-    the trigger, and the verification (interventions in s2, output effects, input dependence, sinks, super weights or
-    experts pruned). The blocks are read 3 times: the corpus, the lifelines with the valley, the mechanism with the
-    trigger and the interventions; nothing is said not measured."""
+    """Read block by block from its checkpoint, the planted model's report is the in-memory one: each lifeline in
+    stream s2 (HY-V4: two dims at one carrier), its stream origins (the MLP's write at birth, the mixing carrying it a
+    block on), the MLP opened (HY-V4's dense block 0: neurons, anatomy, super weight; DeepSeek-V4's shared expert), the
+    birth state and token view in s2, the trigger, and the verification (interventions in s2, output effects, input
+    dependence, sinks, super weights zeroed; HY-V4's super expert of block 2 pruned, the dims read at blocks 0 and 1
+    before it unmodified). The blocks are read 3 times: the corpus, the lifelines with the valley, the mechanism with
+    the trigger and the interventions; nothing is said not measured."""
     import massact
     from massact.analysis.detect.stream import StreamPlace
     from massact.models.checkpoint import load_streamed
@@ -455,6 +459,14 @@ def test_a_streamed_report_equals_the_in_memory_report(family, at, tokenizer, tm
 
     model = tiny_model(family, len(tokenizer))
     _plant(model, tokenizer.bos_token_id, at=at)
+    dims = [DIM, SECOND] if family == "hy_v4" else [DIM]
+    if family == "hy_v4":
+        mlp = model.model.layers[at].mlp
+        with torch.no_grad():
+            for projection in (mlp.gate_proj, mlp.up_proj):
+                projection.weight[NEURON + 1] = 0.0
+                projection.weight[NEURON + 1, TRIGGER] = 0.5
+            mlp.down_proj.weight[SECOND, NEURON + 1] = -80.0
     path = tmp_path / family
     model.save_pretrained(path, max_shard_size="100KB")
     tokenizer.save_pretrained(path)
@@ -464,18 +476,20 @@ def test_a_streamed_report_equals_the_in_memory_report(family, at, tokenizer, tm
     memory = massact.scan(str(path), **options)
     streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
     got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out"), **options)
-    (line,) = got.mechanism.lifelines
-    assert (line.dim, line.stream, line.born_at) == (DIM, "s2", at)
-    birth, carried = got.mechanism.streams
-    assert (birth.layer, birth.carrier, birth.role, carried.layer, carried.carrier, carried.role) == (at, "mlp", "write", at + 1,
-                                                                                                     "s2", "carry")
+    lines = got.mechanism.lifelines
+    assert [(line.dim, line.text, line.position, line.stream, line.born_at) for line in lines] == [(dim, 0, 0, "s2", at) for dim in dims]
+    assert [(o.dim, o.layer, o.carrier, o.role) for o in got.mechanism.streams] == [
+        (dim, layer, carrier, role) for dim in dims for layer, carrier, role in ((at, "mlp", "write"), (at + 1, "s2", "carry"))]
     opened = got.mechanism.attribution if family == "hy_v4" else [expert.moe for expert in got.mechanism.experts]
-    assert [split.neurons[0].neuron for split in opened] == [NEURON] and len(got.mechanism.anatomy) == (family == "hy_v4")
-    assert got.mechanism.birth_state.layer == at and got.mechanism.token_values.streams == ["s2"]
-    assert got.trigger[0].neurons[0].neuron == NEURON
+    assert [split.neurons[0].neuron for split in opened] == [NEURON + k for k in range(len(dims))]
+    assert len(got.mechanism.anatomy) == (len(dims) if family == "hy_v4" else 0)
+    assert got.mechanism.birth_state.layer == at and got.mechanism.token_values.streams == ["s2"] * len(dims)
+    assert [trigger.neurons[0].neuron for trigger in got.trigger] == [NEURON + k for k in range(len(dims))]
     rows = got.causal.verification.interventions
-    assert any(row.confirms for row in rows) and any(row.target == f"zero {at}:[{DIM}]" for row in rows)
-    assert got.causal.attention.texts > 0
+    assert any(row.confirms for row in rows) and any(row.target == f"zero {at}:{dims}" for row in rows)
+    assert got.causal.attention.texts > 0 and bool(got.causal.super_weights) == (family == "hy_v4")
+    if family == "hy_v4":
+        assert [(row.kind, row.massive_dims) for row in got.causal.expert_pruning] == [("super", dims), ("random", dims)]
     _same(_comparable(got), _comparable(memory))
     blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
     assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
