@@ -496,3 +496,21 @@ def test_a_streamed_report_equals_the_in_memory_report(family, at, tokenizer, tm
     (said,) = [w for w in got.warnings if w.startswith("streamed model:")]
     assert said.endswith("the corpus pass, the lifelines and the compression valley, the mechanism and the interventions)"), said
     assert not any((tmp_path / "out").glob("*.bin"))
+
+
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_a_block_read_alone_gives_the_attention_of_the_whole_pass(family, tokenizer):
+    """What a streamed pass reads of one softmax block's attention (``block_attention``, found where the model or only
+    its base model declares the module transformers records it from: Qwen4-exp's text model) is what the eager pass
+    of the whole model returns for that block."""
+    from massact.capture.attention import attention_pass, block_attention, eager_attention, softmax_layers
+
+    lm = _lm(family, tokenizer)
+    ids = tokenizer(TEXTS[1], return_tensors="pt").input_ids
+    whole = attention_pass(lm, ids)
+    layer = softmax_layers(lm)[-1]
+    seen = []
+    with torch.no_grad(), eager_attention(lm), block_attention(lm, layer, lambda found: seen.append(found.maps[layer])):
+        lm.model(input_ids=ids, use_cache=False)
+    (maps,) = seen
+    assert maps.shape == whole.maps[layer].shape and _close(maps, whole.maps[layer])
