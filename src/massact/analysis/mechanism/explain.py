@@ -160,12 +160,12 @@ def explain_streams(
         if place not in probes:
             probes[place] = {site: v[0] for site, v in probe_block(lm, inputs[line.text], layer, [line.position]).items()}
         opened.append(open_stream(lm, line, layer, phase, origin, probes[place], inputs, findings, settings, warnings))
-    return *sort_opened(opened), warnings
+    return *split_opened(opened), warnings
 
 
-def sort_opened(opened: list[tuple[Attribution | ExpertAttribution, Anatomy | None]]
+def split_opened(opened: list[tuple[Attribution | ExpertAttribution, Anatomy | None]]
                 ) -> tuple[list[Anatomy], list[Attribution], list[ExpertAttribution]]:
-    """``open_stream``'s results, in their order, as the mechanism keeps them: the anatomies, the neuron
+    """``open_stream``'s results split as the mechanism keeps them, each in their order: the anatomies, the neuron
     attributions (dense MLPs) and the expert attributions (mixtures)."""
     anatomies = [anatomy for _, anatomy in opened if anatomy is not None]
     return anatomies, [f for f, anatomy in opened if anatomy is not None], [f for f, anatomy in opened if anatomy is None]

@@ -43,7 +43,7 @@ from .explain import (
     explain,
     open_stream,
     pick_events,
-    sort_opened,
+    split_opened,
     state_of,
     stream_birth,
     stream_openings,
@@ -373,7 +373,7 @@ class StreamEventPass(EventPass):
         origins = [self.origins[line.dim, layer] for line in self.lines for layer in origin_layers(line)
                    if (line.dim, layer) in self.origins]
         opened = [self.opened[line.dim, layer] for line, layer, _, _ in stream_openings(self.lines, origins)]
-        anatomies, attributions, experts = sort_opened(opened)
+        anatomies, attributions, experts = split_opened(opened)
         state = None
         if whole and self.lines and self.output:
             layer, text, stream = stream_birth(findings.dims, self.lines)
