@@ -436,3 +436,81 @@ def test_stream_fields_are_optional_in_the_json():
     assert "stream" not in to_data(one) and read(Massive, to_data(one), "report.json").stream == ""
     several = Massive(layer=1, text=0, position=0, token="<s>", dim=20, value=300.0, ratio=5000.0, stream="s2")
     assert to_data(several)["stream"] == "s2" and read(Massive, to_data(several), "report.json") == several
+
+
+SECOND = 30  # HY-V4's dense block 0 also writes this dim, through neuron NEURON + 1, negative
+
+
+@pytest.mark.parametrize("family, at", [("hy_v4", 0), ("deepseek_v4", LAYER)])
+def test_a_streamed_report_equals_the_in_memory_report(family, at, tokenizer, tmp_path):
+    """Read block by block from its checkpoint, the planted model's report is the in-memory one: each lifeline in
+    stream s2 (HY-V4: two dims at one carrier), its stream origins (the MLP's write at birth, the mixing carrying it a
+    block on), the MLP opened (HY-V4's dense block 0: neurons, anatomy, super weight; DeepSeek-V4's shared expert), the
+    birth state and token view in s2, the trigger, and the verification (interventions in s2, output effects, input
+    dependence, sinks, super weights zeroed; HY-V4's super expert of block 2 pruned, the dims read at blocks 0 and 1
+    before it unmodified). The blocks are read 3 times: the corpus, the lifelines with the valley, the mechanism with
+    the trigger and the interventions; nothing is said not measured."""
+    import massact
+    from massact.analysis.detect.stream import StreamPlace
+    from massact.models.checkpoint import load_streamed
+    from massact.pipeline import scan_streamed
+    from test_streaming import _close as _same
+    from test_streaming import _comparable
+
+    model = tiny_model(family, len(tokenizer))
+    _plant(model, tokenizer.bos_token_id, at=at)
+    dims = [DIM, SECOND] if family == "hy_v4" else [DIM]
+    if family == "hy_v4":
+        mlp = model.model.layers[at].mlp
+        with torch.no_grad():
+            for projection in (mlp.gate_proj, mlp.up_proj):
+                projection.weight[NEURON + 1] = 0.0
+                projection.weight[NEURON + 1, TRIGGER] = 0.5
+            mlp.down_proj.weight[SECOND, NEURON + 1] = -80.0
+    path = tmp_path / family
+    model.save_pretrained(path, max_shard_size="100KB")
+    tokenizer.save_pretrained(path)
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text(EVAL, encoding="utf-8")
+    options = {"texts": TEXTS, "verify": True, "device": "cpu", "eval_file": str(eval_file)}
+    memory = massact.scan(str(path), **options)
+    streamed = load_streamed(str(path), torch.float32, torch.device("cpu"))
+    got = scan_streamed(streamed, place=StreamPlace(folder=tmp_path / "out"), **options)
+    lines = got.mechanism.lifelines
+    assert [(line.dim, line.text, line.position, line.stream, line.born_at) for line in lines] == [(dim, 0, 0, "s2", at) for dim in dims]
+    assert [(o.dim, o.layer, o.carrier, o.role) for o in got.mechanism.streams] == [
+        (dim, layer, carrier, role) for dim in dims for layer, carrier, role in ((at, "mlp", "write"), (at + 1, "s2", "carry"))]
+    opened = got.mechanism.attribution if family == "hy_v4" else [expert.moe for expert in got.mechanism.experts]
+    assert [split.neurons[0].neuron for split in opened] == [NEURON + k for k in range(len(dims))]
+    assert len(got.mechanism.anatomy) == (len(dims) if family == "hy_v4" else 0)
+    assert got.mechanism.birth_state.layer == at and got.mechanism.token_values.streams == ["s2"] * len(dims)
+    assert [trigger.neurons[0].neuron for trigger in got.trigger] == [NEURON + k for k in range(len(dims))]
+    rows = got.causal.verification.interventions
+    assert any(row.confirms for row in rows) and any(row.target == f"zero {at}:{dims}" for row in rows)
+    assert got.causal.attention.texts > 0 and bool(got.causal.super_weights) == (family == "hy_v4")
+    if family == "hy_v4":
+        assert [(row.kind, row.massive_dims) for row in got.causal.expert_pruning] == [("super", dims), ("random", dims)]
+    _same(_comparable(got), _comparable(memory))
+    blocks = sum(sum(streamed.checkpoint.sizes[name] for name in names) for names in streamed.checkpoint.blocks)
+    assert streamed.checkpoint.bytes_read == streamed.checkpoint.size + 2 * blocks
+    (said,) = [w for w in got.warnings if w.startswith("streamed model:")]
+    assert said.endswith("the corpus pass, the lifelines and the compression valley, the mechanism and the interventions)"), said
+    assert not any((tmp_path / "out").glob("*.bin"))
+
+
+@pytest.mark.parametrize("family", HYPER_FAMILIES)
+def test_a_block_read_alone_gives_the_attention_of_the_whole_pass(family, tokenizer):
+    """What a streamed pass reads of one softmax block's attention (``block_attention``, found where the model or only
+    its base model declares the module transformers records it from: Qwen4-exp's text model) is what the eager pass
+    of the whole model returns for that block."""
+    from massact.capture.attention import attention_pass, block_attention, eager_attention, softmax_layers
+
+    lm = _lm(family, tokenizer)
+    ids = tokenizer(TEXTS[1], return_tensors="pt").input_ids
+    whole = attention_pass(lm, ids)
+    layer = softmax_layers(lm)[-1]
+    seen = []
+    with torch.no_grad(), eager_attention(lm), block_attention(lm, layer, lambda found: seen.append(found.maps[layer])):
+        lm.model(input_ids=ids, use_cache=False)
+    (maps,) = seen
+    assert maps.shape == whole.maps[layer].shape and _close(maps, whole.maps[layer])

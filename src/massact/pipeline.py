@@ -53,7 +53,7 @@ from .analysis.mechanism.explain import (
     stream_birth_state,
     token_values,
 )
-from .analysis.mechanism.lifeline import lifelines, stream_lifelines, writers
+from .analysis.mechanism.lifeline import lifelines, origin_layers, stream_lifelines
 from .analysis.mechanism.results import Mechanism
 from .analysis.mechanism.stream import EventPass, explain_streamed, streamed_lifelines, streamed_valley
 from .analysis.mechanism.streams import stream_origins
@@ -196,9 +196,8 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
     resumable state (see ``StreamPlace``). ``auto_verify``: as for ``scan``. The compression valley and the Q/K
     concentration are read in the first mechanism pass (in a pass of their own where there is none). The trigger runs
     in the second, on the blocks up to the deepest its passes reach, kept loaded where they fit ``place``'s allowance
-    (``analysis.trigger.stream``; else the report's warnings say it is not measured). With hyper-connections the
-    mechanism, trigger and verification are not streamed yet, which the report's warnings say. ``quantization``: as
-    for ``scan``, a saved sweep kept where it was measured on the same inputs."""
+    (``analysis.trigger.stream``; else the report's warnings say it is not measured). ``quantization``: as for
+    ``scan``, a saved sweep kept where it was measured on the same inputs."""
     settings = (settings or ScanSettings()).replace(**options).check()
     lm = streamed.lm
     corpus = texts if isinstance(texts, Corpus) else Corpus(texts=tuple(texts) if texts is not None else ())
@@ -229,8 +228,8 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
                           birth_state=None, token_values=None)
     causal = Causal()
     folder = place.folder if place is not None else Path(".")
-    explained = bool(found.findings.dims) and lm.adapter.hyper is None
-    verified = settings.verify and not lm.adapter.encoder and lm.adapter.hyper is None
+    explained = bool(found.findings.dims)
+    verified = settings.verify and not lm.adapter.encoder
     events = EventPass(lm=lm, findings=found.findings, inputs=found.inputs, settings=settings, warnings=warnings, lines=[],
                        view={}, events=[], birth=None)  # nothing to explain, where nothing is massive
     if explained:  # two more passes, over the kept texts (and with verification the evaluation text)
@@ -270,10 +269,8 @@ def scan_streamed(streamed: StreamedModel, texts: Sequence[str] | Corpus | None 
         if report.deploy.quantization is not quantization:  # measured, not kept
             passes.append("the quantization's massive tokens and settings")
     reads = streamed.checkpoint.bytes_read / max(size, 1)
-    missing = ("; not measured on a streamed model yet: the mechanism, trigger and verification (hyper-connections)"
-               if lm.adapter.hyper is not None else "")
     report.warnings.append(f"streamed model: the checkpoint was read {reads:.2g} times ({in_bytes(streamed.checkpoint.bytes_read)}: "
-                           f"{', '.join(passes)}){missing}")
+                           f"{', '.join(passes)})")
     report.conclusion = conclude(report)
     return report
 
@@ -459,10 +456,9 @@ def _stream_mechanism(lm: LoadedModel, findings: Findings, inputs: dict[int, tor
     lines = stream_lifelines(lm, findings, inputs)
     origins = []
     for line in lines:
-        after = {line.born_at + 1} if line.born_at + 1 < len(line.steps) else set()
-        layers = sorted({layer for layer, _ in writers(line)} | after)
         stream = int(line.stream[1:])
-        origins += stream_origins(lm, inputs[line.text], line.text, line.position, [(layer, stream, line.dim) for layer in layers])
+        origins += stream_origins(lm, inputs[line.text], line.text, line.position,
+                                  [(layer, stream, line.dim) for layer in origin_layers(line)])
     anatomies, attributions, experts, failed = explain_streams(lm, lines, origins, inputs, findings, settings)
     warnings += failed
     state = stream_birth_state(lm, inputs, dims=findings.dims, lifelines=lines, massive=findings.massive, tokens=findings.tokens)

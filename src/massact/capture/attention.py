@@ -62,7 +62,9 @@ def _reading(lm: LoadedModel, layers: list[int], found: AttentionPass, maps: boo
     from (``_can_record_outputs["attentions"]``)."""
     config = lm.config
     handles = []
-    recorded = (getattr(lm.model, "_can_record_outputs", None) or {}).get("attentions")
+    # declared on the model, or only on its base model (Qwen4-exp's text model under its causal LM)
+    records = getattr(lm.model, "_can_record_outputs", None) or getattr(lm.adapter.base(lm.model), "_can_record_outputs", None)
+    recorded = (records or {}).get("attentions")
     if isinstance(recorded, type):  # a bare class: transformers reads the probabilities at its output's index 1
         target, index = recorded, 1
     else:

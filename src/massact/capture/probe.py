@@ -57,15 +57,21 @@ def stream_dims(lm: LoadedModel, input_ids: torch.Tensor, dims: list[int], strea
     With hyper-connections dim ``dims[i]`` is read in stream ``streams[i]`` of the block output."""
     n_layers = len(lm.adapter.blocks(lm.model))
     kept: dict[int, torch.Tensor] = {}
-    index = torch.tensor(dims)
 
     def keep(layer: int, _, hidden: torch.Tensor) -> None:
-        state = hidden[0].detach()  # [positions, width], or [positions, N, width] with hyper-connections
-        if streams is not None:
-            kept[layer] = state[:, torch.tensor(streams, device=state.device), index.to(state.device)].float().cpu()
-            return
-        kept[layer] = state.index_select(-1, index.to(hidden.device)).float().cpu()
+        kept[layer] = at_dims(hidden[0], dims, streams)
 
     with torch.no_grad(), tap(lm.model, lm.adapter, [(layer, lm.adapter.stream) for layer in range(n_layers)], keep):
         lm.model(input_ids=input_ids.to(lm.device), use_cache=False)
     return torch.stack([kept[layer] for layer in range(n_layers)])
+
+
+def at_dims(state: torch.Tensor, dims: list[int], streams: list[int] | None = None) -> torch.Tensor:
+    """One text's detection stream at one block (``state``: [positions, width], or [positions, N, width] with
+    hyper-connections) at ``dims``: [positions, len(dims)] float32 on CPU, dim ``dims[i]`` in stream ``streams[i]``
+    where given."""
+    state = state.detach()
+    index = torch.tensor(dims, device=state.device)
+    if streams is not None:
+        return state[:, torch.tensor(streams, device=state.device), index].float().cpu()
+    return state.index_select(-1, index).float().cpu()

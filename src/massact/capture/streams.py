@@ -32,20 +32,34 @@ def probe_streams(lm: LoadedModel, input_ids: torch.Tensor, layers: list[int], p
     block: resid_in, resid_mid and resid_out [P, N, d_model]; attn_read, attn_out, mlp_read, mlp_out [P, d_model];
     attn_write and mlp_write [P, N]; attn_mix and mlp_mix [P, N, N] (the identity where the family does not mix);
     and ``attn_z`` [P, width], the attention output projection's input, where the block has a token mixer."""
-    index = torch.tensor(positions)
     kept: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
 
     def keep(layer: int, name: str, tensor: torch.Tensor) -> None:
-        kept[layer][name] = tensor[0].detach().index_select(0, index.to(tensor.device)).double().cpu()
+        kept[layer][name] = at_rows(tensor, positions)
 
+    with torch.no_grad(), streams_probing(lm, layers, keep):
+        forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)
+    return with_identity(lm, kept, len(positions))
+
+
+def at_rows(tensor: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """What ``streams_probing`` passes of one text ([1, positions, ...]) at ``positions``: [len(positions), ...]
+    float64 on CPU (indexed on the tensor's own device)."""
+    return tensor[0].detach().index_select(0, torch.tensor(positions, device=tensor.device)).double().cpu()
+
+
+@contextmanager
+def streams_probing(lm: LoadedModel, layers: list[int], keep: Callable[[int, str, torch.Tensor], None]) -> Iterator[None]:
+    """While open, each pass through the blocks ``layers`` calls ``keep(layer, name, [batch, positions, ...])`` with
+    what ``probe_streams`` reads of them (the tensors as the hooks give them; the mixing matrices only where the
+    family mixes)."""
     sites = [(layer, site) for layer in layers
              for site in ("resid_in", "attn_read", "attn_out", "resid_mid", "mlp_read", "mlp_out", "resid_out")]
-    with torch.no_grad(), tap(lm.model, lm.adapter, sites, keep), _weights(lm, layers, set(), keep), ExitStack() as stack:
+    with tap(lm.model, lm.adapter, sites, keep), _weights(lm, layers, set(), keep), ExitStack() as stack:
         for layer in (layer for layer in layers if lm.at(layer).attn_proj is not None):
             projection = lm.adapter.module(lm.model, layer, lm.at(layer).attn_proj)
             stack.enter_context(tap_module_input(projection, lambda z, layer=layer: keep(layer, ATTN_Z, z)))
-        forward_until(lm.model, lm.adapter, max(layers), input_ids=input_ids.to(lm.device), use_cache=False)
-    return _with_identity(lm, kept, len(positions))
+        yield
 
 
 def stream_weights(lm: LoadedModel, input_ids: torch.Tensor, last: int, reads: set[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -61,7 +75,7 @@ def stream_weights(lm: LoadedModel, input_ids: torch.Tensor, last: int, reads: s
 
     with torch.no_grad(), _weights(lm, layers, reads, keep):
         forward_until(lm.model, lm.adapter, last, input_ids=input_ids.to(lm.device), use_cache=False)
-    return _with_identity(lm, kept, input_ids.shape[1])
+    return with_identity(lm, kept, input_ids.shape[1])
 
 
 @contextmanager
@@ -93,7 +107,7 @@ def _weights(lm: LoadedModel, layers: list[int], reads: set[int], keep: Callable
             handle.remove()
 
 
-def _with_identity(lm: LoadedModel, kept: dict[int, dict[str, torch.Tensor]], rows: int) -> dict[int, dict[str, torch.Tensor]]:
+def with_identity(lm: LoadedModel, kept: dict[int, dict[str, torch.Tensor]], rows: int) -> dict[int, dict[str, torch.Tensor]]:
     """``kept`` with each part's mixing matrix the identity [rows, N, N] where the family does not mix."""
     count = lm.adapter.streams(lm.config)
     identity = torch.eye(count, dtype=torch.float64).expand(rows, count, count)

@@ -124,12 +124,18 @@ class _Results:
         return self.evaluation.baseline
 
     def measure(self, lane: Lane) -> Measured:
-        values = {read: self.unmodified(read) if lane.target == "baseline" else self.values[lane.target, read] for read in lane.reads}
+        values = {read: self.unmodified(read) if lane.target == "baseline" else self._lane(lane, read) for read in lane.reads}
         ppl = None
         if lane.scored:
             with self.evaluation.lane(lane.target):
                 ppl = self.evaluation.score(self.evaluation.layers, key=lane.target)
         return Measured(values=values, perplexity=ppl)
+
+    def _lane(self, lane: Lane, read: Read) -> dict[int, float]:
+        """What ``lane`` reads of ``read``: before its first block the model is unmodified, so there the unmodified
+        lane's values (a super expert pruned after a dense block where the dim is already massive)."""
+        before = {layer: value for layer, value in self.unmodified(read).items() if layer < lane.start}
+        return {**before, **self.values.get((lane.target, read), {})}
 
     def effects(self, edits: list[Edit]) -> tuple[list[OutputEffect], list[EmbeddingChange]]:
         evaluation = self.evaluation

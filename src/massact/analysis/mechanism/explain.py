@@ -150,37 +150,55 @@ def explain_streams(
     settings: ScanSettings,
 ) -> tuple[list[Anatomy], list[Attribution], list[ExpertAttribution], list[str]]:
     """With hyper-connections: at each block a lifeline names as a writer where the stream origin's carrier is the
-    MLP (its output through its write weight), the MLP's anatomy and neurons (dense) or its experts and their neurons
-    (a mixture), of the MLP's output; each carries the write weight into the followed stream (value in stream s =
-    ... + w_mlp[s] x mlp_out), the amplifier between the neurons' sum and the stream. One probe pass per (text,
-    block, position); last, a warning for each check that fails its second computation."""
-    tokens, top = findings.tokens, settings.top_neurons
-    tolerance = _tolerance(lm)
-    by_place = {(o.layer, o.stream, o.dim, o.text, o.position): o for o in origins}
-    anatomies, attributions, experts, warnings = [], [], [], []
+    MLP (its output through its write weight), the MLP opened (``open_stream``). One probe pass per (text, block,
+    position); last, a warning for each check that fails its second computation."""
+    warnings: list[str] = []
     probes: dict[tuple[int, int, int], dict[str, torch.Tensor]] = {}
+    opened = []
+    for line, layer, phase, origin in stream_openings(lines, origins):
+        place = (line.text, layer, line.position)
+        if place not in probes:
+            probes[place] = {site: v[0] for site, v in probe_block(lm, inputs[line.text], layer, [line.position]).items()}
+        opened.append(open_stream(lm, line, layer, phase, origin, probes[place], inputs, findings, settings, warnings))
+    return *split_opened(opened), warnings
+
+
+def split_opened(opened: list[tuple[Attribution | ExpertAttribution, Anatomy | None]]
+                ) -> tuple[list[Anatomy], list[Attribution], list[ExpertAttribution]]:
+    """``open_stream``'s results split as the mechanism keeps them, each in their order: the anatomies, the neuron
+    attributions (dense MLPs) and the expert attributions (mixtures)."""
+    anatomies = [anatomy for _, anatomy in opened if anatomy is not None]
+    return anatomies, [f for f, anatomy in opened if anatomy is not None], [f for f, anatomy in opened if anatomy is None]
+
+
+def stream_openings(lines: list[Lifeline], origins: list[StreamOrigin]) -> list[tuple[Lifeline, int, str, StreamOrigin]]:
+    """(lifeline, block, phase, origin) of each block a lifeline names as a writer where its stream origin's carrier
+    is the MLP, in the lifelines' order and each in depth order."""
+    by_place = {(o.layer, o.stream, o.dim, o.text, o.position): o for o in origins}
+    found = []
     for line in lines:
         for layer, phase in writers(line):
             origin = by_place.get((layer, line.stream, line.dim, line.text, line.position))
-            if origin is None or origin.carrier != "mlp":
-                continue
-            write = next(term.weight for term in origin.terms if term.source == "mlp")
-            event = Event(line.dim, line.text, line.position, layer, phase,
-                          phase_direction(phase, step_sign(line, layer), line.precursor))
-            place = (line.text, layer, line.position)
-            if place not in probes:
-                probes[place] = {site: v[0] for site, v in probe_block(lm, inputs[line.text], layer, [line.position]).items()}
-            found, anatomy = _open_writer(lm, event, probes[place], tokens, top, tolerance, warnings,
-                                          token_id=int(inputs[line.text][0, line.position]))
-            found.stream, found.write = line.stream, write
-            if anatomy is None:
-                found.landed = write * found.moe.actual
-                experts.append(found)
-            else:
-                found.landed = write * found.output
-                attributions.append(found)
-                anatomies.append(anatomy)
-    return anatomies, attributions, experts, warnings
+            if origin is not None and origin.carrier == "mlp":
+                found.append((line, layer, phase, origin))
+    return found
+
+
+def open_stream(lm: LoadedModel, line: Lifeline, layer: int, phase: str, origin: StreamOrigin, at: dict[str, torch.Tensor],
+                inputs: dict[int, torch.Tensor], findings: Findings, settings: ScanSettings,
+                warnings: list[str]) -> tuple[Attribution | ExpertAttribution, Anatomy | None]:
+    """With hyper-connections: the MLP that writes ``line``'s value at block ``layer`` (``at``: the block's sites at
+    the carrier, as ``probe_block`` reads them), opened: its anatomy and neurons (dense; anatomy None for a mixture:
+    its experts and their neurons), of the MLP's output; each carries the write weight into the followed stream
+    (value in stream s = ... + w_mlp[s] x mlp_out), the amplifier between the neurons' sum and the stream. A check
+    that fails its second computation appends a warning."""
+    write = next(term.weight for term in origin.terms if term.source == "mlp")
+    event = Event(line.dim, line.text, line.position, layer, phase, phase_direction(phase, step_sign(line, layer), line.precursor))
+    found, anatomy = _open_writer(lm, event, at, findings.tokens, settings.top_neurons, _tolerance(lm), warnings,
+                                  token_id=int(inputs[line.text][0, line.position]))
+    found.stream, found.write = line.stream, write
+    found.landed = write * (found.moe.actual if anatomy is None else found.output)
+    return found, anatomy
 
 
 def explain_origin(lm: LoadedModel, event: Event, at: dict[str, torch.Tensor], tokens, cause: str | None) -> Origin:
@@ -233,12 +251,19 @@ def birth_state(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[
 def stream_birth_state(lm: LoadedModel, inputs: dict[int, torch.Tensor], *, dims: list[DimSummary], lifelines: list[Lifeline],
                        massive: list[Massive], tokens: dict[int, list[str]]) -> BirthState | None:
     """With hyper-connections: the stream the strongest massive dim's lifeline follows, at its birth block on its
-    carrier's text, with the dims ``massive`` in that stream there."""
+    carrier's text (``stream_birth``), with the dims ``massive`` in that stream there."""
     if not dims:
         return None
+    layer, text, stream = stream_birth(dims, lifelines)
+    return _state(lm, inputs, layer, text, stream, massive, tokens)
+
+
+def stream_birth(dims: list[DimSummary], lifelines: list[Lifeline]) -> tuple[int, int, str]:
+    """With hyper-connections: (block, text, stream) of the birth state: the birth block of the strongest massive
+    dim's lifeline, on its carrier's text, in the stream it follows."""
     strongest = max(dims, key=lambda d: abs(d.max_value))
     line = next(line for line in lifelines if line.dim == strongest.dim)
-    return _state(lm, inputs, line.born_at, line.text, line.stream, massive, tokens)
+    return line.born_at, line.text, line.stream
 
 
 def _state(lm: LoadedModel, inputs: dict[int, torch.Tensor], layer: int, text: int, stream: str, massive: list[Massive],

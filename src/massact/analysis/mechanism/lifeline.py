@@ -171,31 +171,74 @@ def writers(line: Lifeline) -> list[tuple[int, str]]:
     return [(step.layer, step.phase) for step in line.steps if step.phase in WRITING]
 
 
-def stream_lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor]) -> list[Lifeline]:
+def origin_layers(line: Lifeline) -> list[int]:
+    """With hyper-connections: the blocks whose stream origin is read for ``line``: every block it names as a writer,
+    and the block after birth (where the mixing carries it on)."""
+    after = {line.born_at + 1} if line.born_at + 1 < len(line.steps) else set()
+    return sorted({layer for layer, _ in writers(line)} | after)
+
+
+def stream_carrier(findings: Findings, dim: int) -> tuple[Massive, int]:
+    """With hyper-connections: the entry ``dim``'s lifeline is followed at (where it is largest among the streams
+    themselves, else among every entry) and the stream it is followed in."""
+    carrier = main_carrier([m for m in findings.massive if m.stream != "read"] or findings.massive, dim)
+    return carrier, int(carrier.stream[1:]) if carrier.stream != "read" else 0
+
+
+def stream_carrier_groups(findings: Findings) -> dict[tuple[int, int], list[int]]:
+    """With hyper-connections: (text, position) of each dim's ``stream_carrier`` -> the dims it carries, each group
+    read in one pass."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for summary in findings.dims:
+        carrier, _ = stream_carrier(findings, summary.dim)
+        groups.setdefault((carrier.text, carrier.position), []).append(summary.dim)
+    return groups
+
+
+_STREAM_SITES = ("resid_in", "attn_out", "mlp_out", "resid_out")  # what a stream lifeline reads of a block, at its dims
+
+
+def stream_lifeline_reads(probe: dict[str, torch.Tensor], dims: list[int]) -> dict[str, torch.Tensor]:
+    """What the stream lifelines of ``dims`` read of one block's ``probe_streams``: its sites at ``dims`` (the last
+    axis narrowed to them, in that order: column i is ``dims[i]``) and its write and mixing weights."""
+    index = torch.tensor(dims)
+    return {name: value.index_select(-1, index) if name in _STREAM_SITES else value for name, value in probe.items()
+            if name in _STREAM_SITES or name.endswith(("_write", "_mix"))}
+
+
+def stream_lifelines(lm: LoadedModel, findings: Findings, inputs: dict[int, torch.Tensor],
+                     reads: Mapping[tuple[int, int], dict[int, dict[str, torch.Tensor]]] | None = None) -> list[Lifeline]:
     """With hyper-connections: one lifeline per massive dim, followed in the stream of its main carrier (the entry
     where it is largest among the streams themselves), against that stream's medians. Per block the stream's value is
     its input value + the mixing's change + the attention's and the MLP's writes into it
-    (``massact.analysis.mechanism.streams``)."""
+    (``massact.analysis.mechanism.streams``). Dims that share a carrier share its forward pass. ``reads``: each
+    carrier group's (``stream_carrier_groups``) ``stream_lifeline_reads`` of every block, read elsewhere, e.g. by a
+    streamed pass; None: read here."""
     n_layers = len(lm.adapter.blocks(lm.model))
-    found = []
-    for summary in findings.dims:
-        carrier = main_carrier([m for m in findings.massive if m.stream != "read"] or findings.massive, summary.dim)
-        stream = int(carrier.stream[1:]) if carrier.stream != "read" else 0
-        probes = probe_streams(lm, inputs[carrier.text], list(range(n_layers)), [carrier.position])
-        values: dict[str, list[float]] = {name: [] for name in ("resid_in", "attn_out", "mlp_out", "mix", "resid_out")}
-        for layer in range(n_layers):
-            terms = {term.source: term.value for term in stream_terms(probes[layer], stream, summary.dim)}
-            own = float(probes[layer]["resid_in"][0, stream, summary.dim])
-            values["resid_in"].append(own)
-            values["attn_out"].append(terms.pop("attn"))
-            values["mlp_out"].append(terms.pop("mlp"))
-            values["mix"].append(sum(terms.values()) - own)
-            values["resid_out"].append(float(probes[layer]["resid_out"][0, stream, summary.dim]))
-        line = build_lifeline(values, "resid_out", findings.stream_medians(f"s{stream}"), findings.criterion, summary, carrier,
-                              post_ln=False)
-        line.stream = f"s{stream}"
-        found.append(line)
-    return found
+    found: dict[int, Lifeline] = {}
+    for (text, position), group in stream_carrier_groups(findings).items():
+        if reads is not None:
+            read = reads[text, position]
+        else:
+            probes = probe_streams(lm, inputs[text], list(range(n_layers)), [position])
+            read = {layer: stream_lifeline_reads(probe, group) for layer, probe in probes.items()}
+        for column, dim in enumerate(group):
+            summary = next(s for s in findings.dims if s.dim == dim)
+            carrier, stream = stream_carrier(findings, dim)
+            values: dict[str, list[float]] = {name: [] for name in ("resid_in", "attn_out", "mlp_out", "mix", "resid_out")}
+            for layer in range(n_layers):
+                terms = {term.source: term.value for term in stream_terms(read[layer], stream, column)}
+                own = float(read[layer]["resid_in"][0, stream, column])
+                values["resid_in"].append(own)
+                values["attn_out"].append(terms.pop("attn"))
+                values["mlp_out"].append(terms.pop("mlp"))
+                values["mix"].append(sum(terms.values()) - own)
+                values["resid_out"].append(float(read[layer]["resid_out"][0, stream, column]))
+            line = build_lifeline(values, "resid_out", findings.stream_medians(f"s{stream}"), findings.criterion, summary, carrier,
+                                  post_ln=False)
+            line.stream = f"s{stream}"
+            found[dim] = line
+    return [found[summary.dim] for summary in findings.dims]
 
 
 def carrier_groups(findings: Findings) -> dict[tuple[int, int], list[int]]:

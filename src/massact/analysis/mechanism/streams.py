@@ -28,7 +28,8 @@ from .results import StreamOrigin, StreamTerm
 
 def stream_terms(probe: dict[str, torch.Tensor], stream: int, dim: int, row: int = 0) -> list[StreamTerm]:
     """The terms of ``resid_out[stream, dim]`` at probed position ``row`` (see the module's formula): one per input
-    stream ("s0", ...), then "attn" and "mlp"."""
+    stream ("s0", ...), then "attn" and "mlp". ``dim`` indexes the probe's last axis: the dim itself in a whole probe,
+    its column in one narrowed to a few dims (``lifeline.stream_lifeline_reads``)."""
     mix_attn, mix_mlp = probe["attn_mix"][row], probe["mlp_mix"][row]
     carried = (mix_attn @ mix_mlp)[:, stream]
     terms = [StreamTerm(source=f"s{i}", weight=float(carried[i]), input=float(probe["resid_in"][row, i, dim]),
@@ -62,15 +63,19 @@ def stream_origin(probe: dict[str, torch.Tensor], layer: int, dim: int, text: in
 
 def stream_origins(lm: LoadedModel, input_ids: torch.Tensor, text: int, position: int,
                    events: list[tuple[int, int, int]]) -> list[StreamOrigin]:
-    """The origin of each (layer, stream, dim) of ``events`` at one text's ``position``, one forward pass for all;
-    where the attention writes it (a softmax attention whose output projection reads the heads side by side), its
-    output at the dim split over the heads."""
+    """The origin of each (layer, stream, dim) of ``events`` at one text's ``position`` (``origin_at``), one forward
+    pass for all."""
     probes = probe_streams(lm, input_ids, sorted({layer for layer, _, _ in events}), [position])
-    found = []
-    for layer, stream, dim in events:
-        origin = stream_origin(probes[layer], layer, dim, text, position, stream)
-        here = lm.at(layer)
-        if origin.carrier == "attn" and here.mixer == "attention" and here.heads_at_out:
-            origin.heads = head_split(lm, layer, probes[layer][ATTN_Z][0], dim)
-        found.append(origin)
-    return found
+    return [origin_at(lm, probes[layer], layer, stream, dim, text, position) for layer, stream, dim in events]
+
+
+def origin_at(lm: LoadedModel, probe: dict[str, torch.Tensor], layer: int, stream: int, dim: int, text: int, position: int,
+              row: int = 0) -> StreamOrigin:
+    """``stream_origin`` of (layer, stream, dim) from block ``layer``'s ``probe_streams`` (``row``: the position's);
+    where the attention writes it (a softmax attention whose output projection reads the heads side by side), its
+    output at the dim split over the heads (which reads the block's weights: they must be loaded)."""
+    origin = stream_origin(probe, layer, dim, text, position, stream, row)
+    here = lm.at(layer)
+    if origin.carrier == "attn" and here.mixer == "attention" and here.heads_at_out:
+        origin.heads = head_split(lm, layer, probe[ATTN_Z][row], dim)
+    return origin
