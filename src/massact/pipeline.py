@@ -285,7 +285,7 @@ def quantize_streamed(streamed: StreamedModel, protect: Protect, settings: ScanS
     if eval_text is None and settings.eval_file is not None:
         eval_text = read_eval_file(settings.eval_file)
     options = sweep_options(settings, eval_text)
-    inputs = sweep_inputs(streamed.lm, protect, options.text, options.grid, options.clip_z, options.block, options.engines)
+    inputs = sweep_inputs(streamed.lm, protect, options)
     if earlier is not None and earlier.inputs_sha256 == inputs:
         return earlier
     n_layers = len(streamed.lm.adapter.blocks(streamed.lm.model))

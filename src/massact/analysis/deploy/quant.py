@@ -376,7 +376,7 @@ def measure_quantization(
     ``earlier`` (a saved report's sweep) is returned as it is when it was measured on the same inputs
     (``sweep_inputs``): the same sweep again would give the same numbers."""
     options = sweep_options(settings, eval_text)
-    inputs = sweep_inputs(lm, protect, options.text, options.grid, options.clip_z, options.block, options.engines)
+    inputs = sweep_inputs(lm, protect, options)
     if earlier is not None and earlier.inputs_sha256 == inputs:
         return earlier
     points = grid(options.grid, options.block)
@@ -395,14 +395,13 @@ def finished(lm: LoadedModel, protect: Protect, result: Quantization, inputs: st
     return result
 
 
-def sweep_inputs(lm: LoadedModel, protect: Protect, eval_text: str, grid_name: str, clip_z: float, block: int,
-                 engines: tuple[str, ...] = ()) -> str:
+def sweep_inputs(lm: LoadedModel, protect: Protect, options: SweepOptions) -> str:
     """The sha256 of everything a sweep's numbers depend on besides the weights, which the protect list's super
     weights and massive values stand for: the protect list, the evaluation text, dtype, device type, grid and engines."""
-    inputs = {"protect": dataclasses.asdict(protect), "eval_text": eval_text, "dtype": str(lm.dtype),
-              "device": lm.device.type, "grid": grid_name, "clip_z": clip_z, "block": block}
-    if engines:  # (a sweep without engines keeps the hash it always had)
-        inputs["engines"] = list(engines)
+    inputs = {"protect": dataclasses.asdict(protect), "eval_text": options.text, "dtype": str(lm.dtype),
+              "device": lm.device.type, "grid": options.grid, "clip_z": options.clip_z, "block": options.block}
+    if options.engines:  # (a sweep without engines keeps the hash it always had)
+        inputs["engines"] = list(options.engines)
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 

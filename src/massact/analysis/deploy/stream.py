@@ -76,7 +76,7 @@ def streamed_quantization(streamed: StreamedModel, protect: Protect, settings: S
                                         lambda layer: on_block("massive tokens", layer) if on_block else None)
     lanes = _SweepPass(streamed, plan, protect, options.engines, masks, probe_mask, place)
     result = lanes.run(lambda layer: on_block("settings", layer) if on_block else None, started)
-    inputs = sweep_inputs(lm, protect, options.text, options.grid, options.clip_z, options.block, options.engines)
+    inputs = sweep_inputs(lm, protect, options)
     return finished(lm, protect, result, inputs)
 
 
