@@ -96,17 +96,20 @@ def _tokenizer():
     return train_tokenizer(documentation())
 
 
-def build(root: Path, size: int, limit: int, log, tokenizer=None) -> dict:
-    """The checkpoint in ``root`` (built unless a finished build of the same shapes is there): its shapes and bytes.
-    ``tokenizer`` defaults to the BPE of ``train_from_scratch.py``."""
+def build(root: Path, size: int, limit: int, log, tokenizer=None, plant=None) -> dict:
+    """The checkpoint in ``root`` (built unless a finished build of the same shapes and planting is there): its shapes
+    and bytes. ``tokenizer`` defaults to the BPE of ``train_from_scratch.py``. ``plant(tensors, config)``, where given,
+    changes a shard's tensors (by name, in place) after they are drawn and before they are written; its ``repr`` names
+    it in the marker, so that a build with another planting is not taken for this one."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     wanted = shapes(size, limit)
     marker = root / MARKER
-    if marker.is_file() and json.loads(marker.read_text())["shapes"] == wanted:
-        return json.loads(marker.read_text())
+    planted = repr(plant) if plant is not None else None
+    if marker.is_file() and (kept := json.loads(marker.read_text()))["shapes"] == wanted and kept.get("plant") == planted:
+        return kept
     root.mkdir(parents=True, exist_ok=True)
     for old in [marker, *root.glob("model-*.safetensors")]:
         old.unlink(missing_ok=True)
@@ -133,6 +136,8 @@ def build(root: Path, size: int, limit: int, log, tokenizer=None) -> dict:
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         tensors = {name: (torch.ones(shape) if name.endswith("norm.weight") else torch.empty(shape).normal_(0, 0.02, generator=generator))
                    for name, shape in group}
+        if plant is not None:  # after the draws: the other weights are those of the unplanted build
+            plant(tensors, config)
         save_file(tensors, root / file, metadata={"format": "pt"})
         del tensors
         weight_map.update(dict.fromkeys((name for name, _ in group), file))
@@ -141,7 +146,7 @@ def build(root: Path, size: int, limit: int, log, tokenizer=None) -> dict:
     config.save_pretrained(root)
     tokenizer.save_pretrained(root)
     built = {"shapes": wanted, "bytes": total, "shards": len(groups), "vocab": len(tokenizer),
-             "build_seconds": time.perf_counter() - start}
+             "build_seconds": time.perf_counter() - start, "plant": planted}
     marker.write_text(json.dumps(built, indent=2))
     return built
 

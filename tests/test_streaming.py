@@ -695,3 +695,87 @@ def test_the_streaming_benchmark_writes_a_checkpoint_that_transformers_loads_who
     assert built["shards"] > 1 and float(model.model.layers[1].input_layernorm.weight.mean()) == 1.0
     assert abs(float(model.model.layers[1].mlp.down_proj.weight.std()) - 0.02) < 1e-3
     assert bench.build(tmp_path, bench.parse_size("10MB"), limit, lambda message: None, tokenizer) == built  # kept, not rebuilt
+
+
+def test_the_report_benchmark_plants_its_massive_activation_in_the_tensors_transformers_loads(tokenizer, tmp_path, monkeypatch):
+    """benchmarks/bench_stream_report.py's planting, done on each shard's tensors by name as they are drawn: the
+    checkpoint transformers loads is the unplanted build's bit for bit but at the planted entries, which hold what
+    conftest's plant_mlp sets in a model (the trigger dim on <s> alone, written by no block; the neuron reading it alone
+    and writing the planted dim, which no other weight writes) and the scaled key pair; and the loaded model's planted
+    dim is massive on <s> from its block on, and nowhere else."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    from bench_stream import build, parse_size
+    from bench_stream_report import Plant
+
+    limit, size, quiet = parse_size("24MB"), parse_size("10MB"), lambda message: None
+    plant = Plant()
+    built = build(tmp_path / "planted", size, limit, quiet, tokenizer, plant=plant)
+    plain = build(tmp_path / "plain", size, limit, quiet, tokenizer)
+    assert (built["plant"], plain["plant"]) == (repr(plant), None) and built["shapes"] == plain["shapes"]
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "planted", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    weights, unplanted = model.state_dict(), AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    bos, k, d, n, layer = tokenizer.bos_token_id, plant.trigger, plant.dim, plant.neuron, plant.layer
+    changed = {name: torch.zeros_like(tensor, dtype=torch.bool) for name, tensor in weights.items()}
+    embedding = weights["model.embed_tokens.weight"]
+    assert embedding[bos, k] == 10.0 and not embedding[:, k].clone().index_fill_(0, torch.tensor([bos]), 0).any()
+    changed["model.embed_tokens.weight"][:, k] = True
+    for block in range(model.config.num_hidden_layers):
+        for part in ("self_attn.o_proj", "mlp.down_proj"):
+            name = f"model.layers.{block}.{part}.weight"
+            writes = weights[name][[k, d]].clone()
+            if block == layer and part == "mlp.down_proj":
+                assert writes[1, n] == 100.0
+                writes[1, n] = 0.0
+            assert not writes.any()
+            changed[name][[k, d]] = True
+    for part in ("gate_proj", "up_proj"):
+        name = f"model.layers.{layer}.mlp.{part}.weight"
+        assert weights[name][n, k] == 2.0 and int((weights[name][n] != 0).sum()) == 1
+        changed[name][n] = True
+    name, rows = f"model.layers.{plant.key_layer}.self_attn.k_proj.weight", [7, 39]
+    assert plant.key_pair == (7, 39) and head_dim == 64 and model.config.num_key_value_heads == 1
+    assert torch.equal(weights[name][rows], unplanted[name][rows] * 50.0)
+    changed[name][rows] = True
+    for name, tensor in weights.items():  # every other entry is the unplanted build's, bit for bit
+        assert torch.equal(tensor[~changed[name]], unplanted[name][~changed[name]]), name
+    ids = tokenizer("The library opens at nine.", return_tensors="pt").input_ids
+    assert ids[0, 0] == bos
+    outputs = []  # each block's output (the model's last hidden state is the final norm's)
+    hooks = [block.register_forward_hook(lambda _, __, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for block in model.model.layers]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    values = torch.stack([out[0, :, d] for out in outputs])  # block x position
+    assert (values[layer:, 0] > 1e4).all() and float(values[:layer, 0].abs().max()) < 1.0
+    assert float(values[:, 1:].abs().max()) < 1.0
+    assert build(tmp_path / "plain", size, limit, quiet, tokenizer, plant=plant)["plant"] == repr(plant)  # built again, planted
+
+
+def test_the_report_benchmark_finds_every_section_of_a_streamed_report(tmp_path):
+    """benchmarks/bench_stream_report.py on a small model (40MB of weights under a 20MB limit, 12 blocks): it runs
+    massact scan as a user does, and its table has every section of the report, the planted dim born in block 1,
+    its neuron and super weight, and the checkpoint's reads from the report's own warning."""
+    script = Path(__file__).parent.parent / "benchmarks" / "bench_stream_report.py"
+    done = subprocess.run([sys.executable, str(script), "--dir", str(tmp_path), "--size", "40MB", "--memory", "20MB"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in done.stdout.splitlines() if line.startswith("| ")}
+    sections = ["detection", "mechanism", "trigger", "verification", "attention sinks", "super weights zeroed", "quantization",
+                "precision headroom", "compression valley", "Q/K"]
+    assert all(rows[name][0] == "yes" for name in sections), done.stdout
+    assert rows["detection"][1].startswith("massive dims [200] (planted [200]), born at block 1 (planted 1)")
+    assert "top neuron 700 (planted 700); super weight model.layers.1.mlp.down_proj.weight[200, 700] = +100" in rows["mechanism"][1]
+    assert "zero super weight [200, 700]" in rows["verification"][1] and "(verification's: the same)" in rows["quantization"][1]
+    assert rows["Q/K"][1].startswith("massive keys in 1 head(s) of block 0 (planted); disruption test: 2 dims zeroed in blocks [0]")
+    reads = float(rows["times the checkpoint was read (the report's warning)"][0].split("**")[1])
+    # Every block 5 times (the corpus, the lifelines, the mechanism and interventions, the quantization's massive tokens, to
+    # the last block, where the planted dim is still massive, and its settings); the embeddings and head once.
+    assert 4.5 < reads < 5
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["model"]["streamed"] and report["settings"]["verify"] and report["settings"]["quant"]
