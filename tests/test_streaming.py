@@ -464,10 +464,11 @@ def test_the_command_line_streams_and_the_report_reads_back(tokenizer, tmp_path,
         assert code == 2 and len(err.strip().splitlines()) == 1 and all(f in err for f in fragments), err
     code, err = run_main(capsys, "scan", tmp_path / "nowhere", "--stream", "--out", tmp_path / "x")
     assert code == 2 and "--stream reads a model directory of safetensors files" in err, err
-    monkeypatch.setattr("massact.models.checkpoint.available_memory", lambda: 1000)  # the model no longer fits
     text = tmp_path / "eval.txt"
     text.write_text(default_eval_text()[:300])
-    code, err = run_main(capsys, "quant", out, "--quant-grid", "none", "--engine", "bnb", "--eval-file", text)  # streamed
+    code, err = run_main(capsys, "quant", out, "--quant-grid", "none", "--engine", "bnb", "--eval-file", text, "--memory", "100kB")
+    assert "streaming the model block by block" in err and "(100.0 kB, --memory)" in err, err
+    monkeypatch.setattr("massact.models.checkpoint.available_memory", lambda: 1000)  # the model no longer fits
     swept = json.loads((out / "report.json").read_text())["deploy"]["quantization"]
     assert code == 0 and [row["kind"] for row in swept["engines"]] == ["all", "protected", "control", "sparse"], err
     assert swept["engines"][1]["modules_in_float"] == ["model.layers.1.mlp.down_proj"]  # the planted super weight's

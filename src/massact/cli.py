@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              help="a protect.json to use instead of scanning the model (with a MODEL)")
     _group(quant, "output").add_argument("--out", type=Path, help="output directory for a MODEL (default: ./massact-report/<model>/); "
                                                                   "a report directory is updated in place")
+    quant.add_argument("--memory", help="host memory the sweep may use, e.g. 1.5GB (default: the memory available): a model "
+                                        "directory whose weights exceed it is read block by block")
     verify = commands.add_parser("verify", parents=[o["model"], o["verification"], o["evaluation"], o["output"]],
                                  help="re-run a saved report with verification and its saved settings, writing it back in place")
     verify.add_argument("report_dir", type=Path, help="a directory holding report.json from massact scan")
@@ -553,8 +555,9 @@ def _quant(args) -> int:
     check_writable(out)  # before the slow model load and sweep
     if args.protect is not None:
         return _quant_protect(args, asked, out, formats)
-    if not _fits(args.target, asked.dtype):  # the scan and the sweep, streamed
-        return _run_streamed(args.target, Corpus(), asked, out, formats, args.quiet, None, verify=False)
+    memory = _memory(args)
+    if _streams(args.target, asked.dtype, False, memory, _log(args.quiet)):  # the scan and the sweep, streamed
+        return _run_streamed(args.target, Corpus(), asked, out, formats, args.quiet, memory, verify=False)
     return _run(args.target, Corpus(), asked, out, formats, args.quiet, verify=False)
 
 
@@ -579,7 +582,7 @@ def _quant_report(directory: Path, args, formats: set[str]) -> int:
     if not protect.massive_dims:  # said now, before the model loads and an engine's library is imported
         raise UsageError("nothing to measure: the model has no massive activations under the criterion")
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
-    if not _fits(report.model.source, run.dtype):  # read block by block, as it was scanned
+    if _streams(report.model.source, run.dtype, False, _memory(args), _log(args.quiet)):  # block by block, as it was scanned
         report.deploy.quantization = _quant_streamed(report, protect, run, eval_text, directory, args)
     else:
         lm = load(report.model.source, dtype=run.dtype, device=run.device, log=_log(args.quiet))
@@ -615,7 +618,7 @@ def _quant_streamed(report, protect, run: ScanSettings, eval_text: str | None, d
     streamed = load_streamed(report.model.source, DTYPES[run.dtype], resolve_device(run.device))
     check_saved_streamed(streamed, report.model, protect, str(args.protect or directory / "report.json"))
     with _progress(_bars(args.quiet)) as progress:
-        return quantize_streamed(streamed, protect, run, stream_place(streamed, run, directory, None), eval_text, progress)
+        return quantize_streamed(streamed, protect, run, stream_place(streamed, run, directory, _memory(args)), eval_text, progress)
 
 
 def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -> int:
@@ -629,7 +632,7 @@ def _quant_protect(args, settings: ScanSettings, out: Path, formats: set[str]) -
     from .report.text import quantization_text
 
     protect = load_protect(args.protect)
-    _refuse_unless_fits(args.target, settings.dtype, "quant --protect")
+    _refuse_unless_fits(args.target, settings.dtype, "quant --protect", _memory(args))
     lm = load(args.target, dtype=settings.dtype, device=settings.device, log=_log(args.quiet))
     check_model(protect, lm, str(args.protect))
     eval_text = read_eval_file(settings.eval_file) if settings.eval_file else None
@@ -696,28 +699,37 @@ def _verify(args) -> int:
                 saved=saved)
 
 
-def _fits(model: str | None, dtype: str) -> bool:
-    """Whether the model fits in the memory available: not a model directory whose weights in ``dtype`` exceed it."""
+def _memory(args) -> int | None:
+    """The ``--memory`` limit in bytes (None: not given, the memory available)."""
+    from .models.checkpoint import parse_size
+
+    return parse_size(args.memory) if getattr(args, "memory", None) is not None else None
+
+
+def _fits(model: str | None, dtype: str, memory: int | None = None) -> bool:
+    """Whether the model fits in ``memory`` (None: the memory available): not a model directory whose weights in
+    ``dtype`` exceed it."""
     from .models.checkpoint import available_memory, weights_bytes
     from .models.loading import DTYPES
 
     if model is None or not Path(model).is_dir():
         return True
-    size, limit = weights_bytes(Path(model), DTYPES[dtype]), available_memory()
+    size, limit = weights_bytes(Path(model), DTYPES[dtype]), memory if memory is not None else available_memory()
     return size is None or limit is None or size <= limit
 
 
-def _refuse_unless_fits(model: str | None, dtype: str, command: str) -> None:
-    """Refuse, in one line, a model directory whose weights exceed the memory available: ``command`` runs the model
-    in memory, which a streamed model does not fit."""
+def _refuse_unless_fits(model: str | None, dtype: str, command: str, memory: int | None = None) -> None:
+    """Refuse, in one line, a model directory whose weights exceed ``memory`` (None: the memory available):
+    ``command`` runs the model in memory, which a streamed model does not fit."""
     from .models.checkpoint import available_memory, weights_bytes
     from .models.loading import DTYPES
     from .numbers import size as in_bytes
 
-    if not _fits(model, dtype):
-        size, limit = weights_bytes(Path(model), DTYPES[dtype]), available_memory()
-        raise UsageError(f"{command} runs the model in memory, and its weights ({in_bytes(size)} in {dtype}) exceed the "
-                         f"memory available ({in_bytes(limit)}): scan it first (massact scan, which streams it), then run "
+    if not _fits(model, dtype, memory):
+        size, limit = weights_bytes(Path(model), DTYPES[dtype]), memory if memory is not None else available_memory()
+        where = "--memory" if memory is not None else "the memory available"
+        raise UsageError(f"{command} runs the model in memory, and its weights ({in_bytes(size)} in {dtype}) exceed "
+                         f"{where} ({in_bytes(limit)}): scan it first (massact scan, which streams it), then run "
                          f"massact quant on the report's folder")
 
 
