@@ -19,7 +19,7 @@ from .analysis.causal.stream import streamed_causal
 from .analysis.causal.superweights import all_super_weights
 from .analysis.causal.verification import MAX_INPUTS, replacement_values, verify_by_intervention
 from .analysis.deploy.precision import headroom
-from .analysis.deploy.quant import measure_quantization, sweep_inputs, sweep_options
+from .analysis.deploy.quant import measure_quantization, sweep_options
 from .analysis.deploy.results import Deploy, Protect, Quantization
 from .analysis.deploy.stream import streamed_quantization
 from .analysis.detect.results import Findings
@@ -284,10 +284,6 @@ def quantize_streamed(streamed: StreamedModel, protect: Protect, settings: ScanS
     (a saved sweep) kept where it was measured on the same inputs, with no pass at all."""
     if eval_text is None and settings.eval_file is not None:
         eval_text = read_eval_file(settings.eval_file)
-    options = sweep_options(settings, eval_text)
-    inputs = sweep_inputs(streamed.lm, protect, options)
-    if earlier is not None and earlier.inputs_sha256 == inputs:
-        return earlier
     n_layers = len(streamed.lm.adapter.blocks(streamed.lm.model))
     bars: dict[str, Callable[..., None]] = {}
 
@@ -296,7 +292,7 @@ def quantize_streamed(streamed: StreamedModel, protect: Protect, settings: ScanS
             bars[name] = (progress or _silent)(f"streamed quantization, {name}: {n_layers} blocks", n_layers)
         bars[name](f"streamed quantization, {name}: block {layer + 1} of {n_layers}")
 
-    return streamed_quantization(streamed, protect, settings, eval_text, place, on_block)
+    return streamed_quantization(streamed, protect, sweep_options(settings, eval_text), place, on_block, earlier)
 
 
 @guarded

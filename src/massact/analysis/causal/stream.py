@@ -34,7 +34,7 @@ from ...settings import ScanSettings
 from ..detect.stream import StreamPlace
 from ..evaluation.mlm import masked_windows, next_token_windows
 from ..evaluation.perplexity import EvalText, eval_windows, perplexity_of
-from ..evaluation.windows import Evaluation
+from ..evaluation.windows import LaneEvaluation
 from ..function.qk import Scored, disruption_from, disruption_test, passkey_batch, passkey_of, qk_layouts, zeroed_dims
 from ..function.results import QkDisruption
 from ..function.sinks import SinkPass, SinkSums, replaced_massive, sink_groups, sink_texts, sinks_from, text_metrics
@@ -60,39 +60,6 @@ from .verification import (
 
 HIDDEN = "causal-hidden"  # the lanes' memory-mapped files in the output folder, one per lane: NAME-<lane>.bin
 QK_LANES = ("qk: massive", "qk: control")  # the Q/K disruption test's zeroed settings, after the unmodified one
-
-
-class LaneEvaluation(Evaluation):
-    """The evaluation windows scored from a lane pass: a lane's score is the final norm and head on the states its
-    windows left the last block with (``finals``: lane key -> batch index -> that state). ``lane(key)`` picks the lane
-    that ``logits``, ``score`` and the output effects read; outside it, the unmodified one."""
-
-    def __init__(self, lm: LoadedModel, scored, text: EvalText):
-        super().__init__(lm, scored, (), text)
-        self.layers = len(lm.adapter.blocks(lm.model))
-        self.finals: dict[str, Callable[[int], Any]] = {}
-        self.selected = "baseline"
-        self._index = {id(batch): number for number, batch in enumerate(self.batches)}
-
-    @contextmanager
-    def lane(self, key: str) -> Iterator[None]:
-        before, self.selected = self.selected, key
-        try:
-            yield
-        finally:
-            self.selected = before
-
-    def block_input(self, batch, start: int) -> Any:
-        return self.finals[self.selected](self._index[id(batch)])
-
-    def unmodified(self):
-        total = 0.0
-        for batch in self.batches:
-            with self.lane("baseline"):
-                log_p, target = self.log_probs(batch, self.layers)
-            total += float(torch.nn.functional.nll_loss(log_p, target, reduction="sum"))
-            yield batch, log_p, target
-        self._baseline_nll = total
 
 
 @dataclass(kw_only=True)

@@ -31,16 +31,16 @@ from ...capture.edits import coordinate
 from ...capture.hooks import tap
 from ...capture.streaming import Batch, Carried, HiddenStates, carry, carry_lanes, run_head
 from ...models.checkpoint import StreamedModel
-from ...settings import ScanSettings
-from ..causal.stream import LaneEvaluation
 from ..detect.stream import StreamPlace
 from ..evaluation.mlm import next_token_windows
 from ..evaluation.perplexity import EvalText, next_token_nll
+from ..evaluation.windows import LaneEvaluation
 from .engines import Engine, EngineWays, engine_modules, engine_ways, no_module_taken, quantize_modules, sparse_corrections, swapped
 from .protect import Protect
 from .quant import (
     ActivationQuant,
     Setting,
+    SweepOptions,
     SweepPlan,
     finished,
     massive_at,
@@ -51,7 +51,6 @@ from .quant import (
     siblings,
     skipped_note,
     sweep_inputs,
-    sweep_options,
     sweep_plan,
     weight_quantizer,
     windowed,
@@ -62,21 +61,24 @@ HIDDEN = "quant-hidden"  # the lanes' memory-mapped files in the output folder, 
 
 
 @torch.no_grad()
-def streamed_quantization(streamed: StreamedModel, protect: Protect, settings: ScanSettings, eval_text: str | None,
-                          place: StreamPlace, on_block: Callable[[str, int], None] | None = None) -> Quantization:
-    """``quant.measure_quantization`` of a streamed model: the same grid, engines and evaluation text (None: the shipped
-    sample), in two passes (``on_block(pass, layer)`` as each block is done): the massive tokens' pass over the
-    blocks to the last protected one, then every setting and engine way as a lane of one pass over all blocks.
-    ``place``: where the lanes' hidden states go, all together, beyond its device and host allowances."""
+def streamed_quantization(streamed: StreamedModel, protect: Protect, options: SweepOptions, place: StreamPlace,
+                          on_block: Callable[[str, int], None] | None = None, earlier: Quantization | None = None) -> Quantization:
+    """``quant.measure_quantization`` of a streamed model: the same grid, engines and evaluation text (``options``,
+    from ``quant.sweep_options``), in two passes (``on_block(pass, layer)`` as each block is done): the massive
+    tokens' pass over the blocks to the last protected one, then every setting and engine way as a lane of one pass
+    over all blocks. ``place``: where the lanes' hidden states go, all together, beyond its device and host
+    allowances. ``earlier`` (a saved sweep) is returned as it is, with no pass, where it was measured on the same
+    inputs (``quant.sweep_inputs``)."""
     lm = streamed.lm
-    options = sweep_options(settings, eval_text)
+    inputs = sweep_inputs(lm, protect, options)
+    if earlier is not None and earlier.inputs_sha256 == inputs:
+        return earlier
     started = time.perf_counter()
     plan = sweep_plan(lm, protect, options.text, options.source, options.grid, options.clip_z, options.block)
     masks, probe_mask = _massive_tokens(streamed, plan, protect, place,
                                         lambda layer: on_block("massive tokens", layer) if on_block else None)
     lanes = _SweepPass(streamed, plan, protect, options.engines, masks, probe_mask, place)
     result = lanes.run(lambda layer: on_block("settings", layer) if on_block else None, started)
-    inputs = sweep_inputs(lm, protect, options)
     return finished(lm, protect, result, inputs)
 
 
@@ -254,7 +256,7 @@ class _SweepPass:
         self.running = index
         quant = self.lanes[carried.key].quant
         if quant is not None:  # the window's own massive tokens; the probe's, which no error share counts
-            quant.keep = self.probe_mask if index == self.probe else self.masks[self.alone.index(index)]
+            quant.keep = self.probe_mask if index == self.probe else self.masks[index - self.alone[0]]
             quant.counting = index != self.probe
 
     def finished(self, layer: int) -> None:

@@ -5,7 +5,8 @@ pass under an intervention at block L runs blocks L onward only (``massact.captu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,39 @@ class Evaluation:
         if key is not None:
             self.cache[key] = value
         return value
+
+
+class LaneEvaluation(Evaluation):
+    """The evaluation windows scored from a lane pass: a lane's score is the final norm and head on the states its
+    windows left the last block with (``finals``: lane key -> batch index -> that state). ``lane(key)`` picks the lane
+    that ``logits``, ``score`` and the output effects read; outside it, the unmodified one."""
+
+    def __init__(self, lm: LoadedModel, scored, text: EvalText):
+        super().__init__(lm, scored, (), text)
+        self.layers = len(lm.adapter.blocks(lm.model))
+        self.finals: dict[str, Callable[[int], Any]] = {}
+        self.selected = "baseline"
+        self._index = {id(batch): number for number, batch in enumerate(self.batches)}
+
+    @contextmanager
+    def lane(self, key: str) -> Iterator[None]:
+        before, self.selected = self.selected, key
+        try:
+            yield
+        finally:
+            self.selected = before
+
+    def block_input(self, batch, start: int) -> Any:
+        return self.finals[self.selected](self._index[id(batch)])
+
+    def unmodified(self):
+        total = 0.0
+        for batch in self.batches:
+            with self.lane("baseline"):
+                log_p, target = self.log_probs(batch, self.layers)
+            total += float(F.nll_loss(log_p, target, reduction="sum"))
+            yield batch, log_p, target
+        self._baseline_nll = total
 
 
 def _exp_mean(total: float, count: int) -> float:
