@@ -18,7 +18,6 @@ through the final norm and head. The rows are built by the functions that build 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -33,7 +32,7 @@ from ...capture.streaming import Batch, Carried, HiddenStates, carry, carry_lane
 from ...models.checkpoint import StreamedModel
 from ..detect.stream import StreamPlace
 from ..evaluation.mlm import next_token_windows
-from ..evaluation.perplexity import EvalText, next_token_nll
+from ..evaluation.perplexity import EvalText, perplexity_of
 from ..evaluation.windows import LaneEvaluation
 from .engines import Engine, EngineWays, engine_modules, engine_ways, no_module_taken, quantize_modules, sparse_corrections, swapped
 from .protect import Protect
@@ -282,12 +281,9 @@ class _SweepPass:
                 score = self.evaluation.score(self.n_layers, key=lane.key)
                 lane.seconds += time.perf_counter() - began
                 return score
-        scores = []
         began = time.perf_counter()
-        for index, ids in zip(self.alone, self.plan.windows):
-            logits = run_head(self.lm, self.batches[index], carried.states.get(index)).logits
-            mean = next_token_nll(logits, ids) / (ids.shape[1] - 1)
-            scores.append(math.exp(mean) if mean < 700 else float("inf"))  # as ``perplexity`` scores one window
+        scores = [perplexity_of([(run_head(self.lm, self.batches[index], carried.states.get(index)).logits, ids)])
+                  for index, ids in zip(self.alone, self.plan.windows)]  # each window's, as ``perplexity`` scores it alone
         lane.seconds += time.perf_counter() - began
         return windowed(self.plan.windows, scores)
 
