@@ -346,9 +346,8 @@ class StreamEventPass(EventPass):
                         at_positions(tensor, openings[self.running])
 
             stack.enter_context(probing(lm, layer, keep_block))
-        if self.lines and layer == stream_birth(self.findings.dims, self.lines)[0]:
-            _, text, stream = stream_birth(self.findings.dims, self.lines)
-
+        birth, text, stream = stream_birth(self.findings.dims, self.lines) if self.lines else (-1, -1, "")
+        if layer == birth:
             def whole(_, __, hidden: torch.Tensor) -> None:
                 if self.running == text:
                     self.output.append(hidden[0].detach().float().cpu())
