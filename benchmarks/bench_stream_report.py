@@ -194,22 +194,27 @@ def sections(report: dict, plant: Plant) -> tuple[list[tuple[str, bool, str]], l
         return ok
 
     rows: list[tuple[str, bool, str]] = []
+
+    def present(name: str, ok: bool, missing: str) -> bool:
+        """Whether section ``name`` is there; where not, its row says ``missing``, and so does the failures' list."""
+        if not need(ok, f"{name}: {missing}"):
+            rows.append((name, False, missing))
+        return ok
+
     findings, mechanism, causal, deploy = report["findings"], report["mechanism"], report["causal"], report["deploy"]
     matrix = f"model.layers.{plant.layer}.mlp.down_proj.weight"
 
     dims = findings["dims"]
-    if need(bool(dims), "detection: no massive dim"):
+    if present("detection", bool(dims), "no massive dim"):
         top = dims[0]
         need([d["dim"] for d in dims] == [plant.dim], f"detection: massive dims {[d['dim'] for d in dims]}, planted [{plant.dim}]")
         need(top["born_at"] == plant.layer, f"detection: dim {top['dim']} born at block {top['born_at']}, planted {plant.layer}")
         rows.append(("detection", True, f"massive dims {[d['dim'] for d in dims]} (planted [{plant.dim}]), born at block "
                                        f"{top['born_at']} (planted {plant.layer}), largest value {top['max_value']:,.0f}, "
                                        f"{len(findings['massive'])} massive entries"))
-    else:
-        rows.append(("detection", False, "no massive dim"))
 
     attribution = mechanism["attribution"]
-    if need(bool(attribution) and bool(mechanism["origin"]), "mechanism: no origin or neuron attribution"):
+    if present("mechanism", bool(attribution) and bool(mechanism["origin"]), "no origin or neuron attribution"):
         first, origin = attribution[0], mechanism["origin"][0]
         neuron, weight = first["neurons"][0], first["super_weight"]
         need(neuron["neuron"] == plant.neuron, f"mechanism: top neuron {neuron['neuron']}, planted {plant.neuron}")
@@ -221,11 +226,9 @@ def sections(report: dict, plant: Plant) -> tuple[list[tuple[str, bool, str]], l
                                        f"[{weight['row']}, {weight['col']}] = {weight['value']:+g} (planted "
                                        f"[{plant.dim}, {plant.neuron}] = {plant.write:+g}), rank {weight['rank']} of "
                                        f"{weight['entries']:,}"))
-    else:
-        rows.append(("mechanism", False, "no origin or attribution"))
 
     trigger = report["trigger"]
-    if need(bool(trigger) and bool(trigger[0]["neurons"]), "trigger: not measured (see the report's warnings)"):
+    if present("trigger", bool(trigger) and bool(trigger[0]["neurons"]), "not measured (see the report's warnings)"):
         first = trigger[0]
         neuron = first["neurons"][0]
         source = max(neuron["splits"][0]["sources"], key=lambda s: abs(s["difference"]))
@@ -237,11 +240,9 @@ def sections(report: dict, plant: Plant) -> tuple[list[tuple[str, bool, str]], l
         rows.append(("trigger", True, f"neuron {neuron['neuron']}'s {neuron['splits'][0]['site']} fed by the {source['source']} "
                                      f"({source['here']:+.1f} of {neuron['splits'][0]['value']:+.1f}); carried by the "
                                      f"{carriers.get('verdict')}; {removed} of {len(first['patching'])} patches remove it"))
-    else:
-        rows.append(("trigger", False, "not measured"))
 
     verification = causal["verification"]
-    if need(verification is not None, "verification: missing"):
+    if present("verification", verification is not None, "missing"):
         confirms = [row["name"] for row in verification["interventions"] if row["confirms"]]
         weight = next((row for row in verification["interventions"] if row["target"] == f"weight {matrix}[{plant.dim}, {plant.neuron}]"),
                       None)
@@ -250,17 +251,13 @@ def sections(report: dict, plant: Plant) -> tuple[list[tuple[str, bool, str]], l
         rows.append(("verification", True, f"{len(confirms)} of {len(verification['interventions'])} interventions confirm "
                                           f"({'; '.join(confirms)}); baseline perplexity "
                                           f"{verification['baseline_perplexity']:.2f} on {verification['eval_tokens']} tokens"))
-    else:
-        rows.append(("verification", False, "missing"))
 
     attention = causal["attention"]
-    if need(attention is not None, "attention sinks: missing"):
+    if present("attention sinks", attention is not None, "missing"):
         rows.append(("attention sinks", True, f"{attention['summary']}; {len(attention['interventions'])} interventions read"))
-    else:
-        rows.append(("attention sinks", False, "missing"))
 
     steps = causal["super_weights"]
-    if need(bool(steps), "super weights zeroed one after another: missing"):
+    if present("super weights zeroed", bool(steps), "missing"):
         first = steps[0]["weight"]
         need((first["matrix"], first["row"], first["col"]) == (matrix, plant.dim, plant.neuron),
              f"super weights: step 1 zeroes {first['matrix']}[{first['row']}, {first['col']}], planted "
@@ -270,11 +267,9 @@ def sections(report: dict, plant: Plant) -> tuple[list[tuple[str, bool, str]], l
                                                   f"{first['col']}]; after step {last['step']} "
                                                   f"{'still' if last['still_massive'] else 'no longer'} massive, perplexity "
                                                   f"x{last['perplexity_ratio']:.3f}"))
-    else:
-        rows.append(("super weights zeroed", False, "missing"))
 
     quantization = deploy["quantization"]
-    if need(quantization is not None and bool(quantization["rows"]), "quantization: missing"):
+    if present("quantization", quantization is not None and bool(quantization["rows"]), "missing"):
         quant_rows = quantization["rows"]
         same = verification is not None and abs(quantization["baseline_perplexity"] / verification["baseline_perplexity"] - 1) < 1e-5
         need(same, "quantization: its baseline perplexity is not verification's (the same model, text and windows)")
@@ -286,26 +281,20 @@ def sections(report: dict, plant: Plant) -> tuple[list[tuple[str, bool, str]], l
                                           f"x{max(ratios):.3f}; the massive value kept from {kept[0]['kept_birth']:.3f} "
                                           f"({kept[0]['method']} {kept[0]['setting']}, {kept[0]['variant']}) to "
                                           f"{kept[-1]['kept_birth']:.3f}"))
-    else:
-        rows.append(("quantization", False, "missing"))
 
     precision = deploy["precision"]
-    if need(precision is not None, "precision headroom: missing"):
+    if present("precision headroom", precision is not None, "missing"):
         rows.append(("precision headroom", True, precision["summary"]))
-    else:
-        rows.append(("precision headroom", False, "missing"))
 
     valley = report["valley"]
-    if need(valley is not None and valley["valley"] is not None, "compression valley: missing"):
+    if present("compression valley", valley is not None and valley["valley"] is not None, "missing"):
         rows.append(("compression valley", True, f"lowest entropy at block {valley['valley']} (the birth block: "
                                                 f"{valley['birth']}); without the massive tokens at block "
                                                 f"{valley['valley_without']}"))
-    else:
-        rows.append(("compression valley", False, "missing"))
 
     qk = report["qk"]
     disruption = qk["disruption"] if qk is not None else None
-    if need(disruption is not None, "Q/K: no disruption test"):
+    if present("Q/K", disruption is not None, "no disruption test"):
         heads = sum(bool(dims) for block in qk["blocks"] if block["keys"] is not None and block["layer"] == plant.key_layer
                     for dims in block["keys"]["dims"])
         need(disruption["blocks"] == [plant.key_layer] and heads > 0,
@@ -314,8 +303,6 @@ def sections(report: dict, plant: Plant) -> tuple[list[tuple[str, bool, str]], l
         rows.append(("Q/K", True, f"massive keys in {heads} head(s) of block {plant.key_layer} (planted); disruption test: "
                                  f"{disruption['zeroed']} dims zeroed in blocks {disruption['blocks']}, perplexity "
                                  f"{base:.2f} -> {massive:.2f} (control {control:.2f})"))
-    else:
-        rows.append(("Q/K", False, "no disruption test"))
     return rows, failed
 
 
